@@ -1,0 +1,224 @@
+"""`coordinator`: the researcher side. Thin over coordinator's modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from coordinator import runs
+from coordinator import spec as spec_mod
+from site_agent.errors import UserError, run_cli
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+HOME_ENV, URL_ENV, TOKEN_ENV = "FEDIMG_COORDINATOR_HOME", "FEDIMG_COORDINATOR_URL", "FEDIMG_API_TOKEN"
+DEFAULT_URL = "http://127.0.0.1:8750"
+
+home_option = click.option(
+    "--home", envvar=HOME_ENV, default="coordinator-home", show_default=True, type=click.Path(file_okay=False),
+    help=f"Coordinator home: researcher component, runs/ (env {HOME_ENV}).",
+)  # fmt: skip
+grpc_options = [
+    click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Address the Fed-BioMed server binds."),
+    click.option("--grpc-port", default=50051, show_default=True, type=int, help="Port sites connect to."),
+    click.option(
+        "--public-host", envvar="FEDIMG_PUBLIC_HOST", default=None,
+        help="Name sites dial (put in the TLS certificate; default: --grpc-host, or localhost).",
+    ),
+]
+url_option = click.option("--url", envvar=URL_ENV, default=None, help=f"Coordinator API URL (env {URL_ENV}); default: read --home.")
+token_option = click.option("--token", envvar=TOKEN_ENV, default=None, help=f"API token (env {TOKEN_ENV}; default: <home>/api-token).")
+
+
+def _with(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _log(msg: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Coordinate a fedimg federation: run experiment specs on Fed-BioMed, keep their results."""
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+def validate(spec_file) -> None:
+    """Check SPEC_FILE and print what it will run."""
+    s = spec_mod.load(spec_file)
+    sel = f"tags {s.site_tags}" if s.site_tags else f"ids {s.site_ids}"
+    click.echo(f"ok: {s.name}: plan {s.plan}, {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
+
+
+def _print_results(run_dir: Path) -> None:
+    info = runs.summary(run_dir)
+    metrics = runs.read_metrics(run_dir)
+    table = Table("round", "site", "samples", "train loss", "val loss (global)", "dice (global)", "dice (local)", "|update|")
+    for r in metrics.get("rounds", []):
+        for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+            vg, vl, tr = row.get("val_global", {}), row.get("val_local", {}), row.get("train", {})
+            fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+            table.add_row(
+                str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "Loss"),
+                fmt(vg, "loss"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), f"{r['update_norm']:.4f}",
+            )  # fmt: skip
+    console.print(table)
+    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
+    if info.get("error"):
+        click.echo(f"error: {info['error']}")
+
+
+def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, run_dir: Path, spec, resume: bool) -> None:
+    from coordinator.engine import Federation
+
+    fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=_log)
+    _log(f"run {run_dir.name}: sites connect to {fed.address}")
+    try:
+        fed.run(run_dir, spec, resume=resume)
+    except KeyboardInterrupt:
+        _log(f"interrupted; continue with `coordinator resume {run_dir.name} --home {home}`")
+        sys.exit(130)
+    _print_results(run_dir)
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@home_option
+@_with(grpc_options)
+def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
+    """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
+    s = spec_mod.load(spec_file)
+    run_dir = runs.new_run(Path(home), Path(spec_file).read_text(encoding="utf-8"), s.name)
+    _foreground(home, grpc_host, grpc_port, public_host, run_dir, s, resume=False)
+
+
+@cli.command()
+@click.argument("run_id")
+@home_option
+@_with(grpc_options)
+@url_option
+@token_option
+def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
+    """Continue an interrupted run from its last breakpoint (via --url: re-queue it on the service)."""
+    if url:
+        from coordinator.client import call
+        from coordinator.service import api_token
+
+        reply = call(url, "POST", f"/runs/{run_id}/resume", token or api_token(Path(home)))
+        click.echo(f"re-queued {reply['run_id']}")
+        return
+    run_dir = runs.find_run(Path(home), run_id)
+    state = runs.read_state(run_dir)
+    if state["status"] == "done":
+        raise UserError(f"run {run_dir.name} is already done")
+    if state["status"] == "running":
+        runs.recover_stale(Path(home))
+        if runs.read_state(run_dir)["status"] == "running":
+            raise UserError(f"run {run_dir.name} is running in process {state.get('pid')}")
+    s = spec_mod.load(run_dir / "spec.yaml")
+    _foreground(home, grpc_host, grpc_port, public_host, run_dir, s, resume=True)
+
+
+@cli.command()
+@home_option
+@_with(grpc_options)
+@click.option("--api-host", default="127.0.0.1", show_default=True, help="Address of the researcher API.")
+@click.option("--api-port", default=8750, show_default=True, type=int, help="Port of the researcher API.")
+def serve(home, grpc_host, grpc_port, public_host, api_host, api_port) -> None:
+    """Long-running coordinator: hosts the Fed-BioMed server, runs submitted specs in order."""
+    from coordinator.service import serve as _serve
+
+    _serve(Path(home), grpc_host, grpc_port, api_host, api_port, public_host=public_host, log=_log)
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path())
+@home_option
+@url_option
+@token_option
+def submit(spec_file, home, url, token) -> None:
+    """Submit SPEC_FILE to a running `coordinator serve`."""
+    from coordinator.client import call
+    from coordinator.service import api_token
+
+    s = spec_mod.load(spec_file)  # fail here, with the file name, before anything is sent
+    reply = call(url or DEFAULT_URL, "POST", "/runs", token or api_token(Path(home)), body=Path(spec_file).read_bytes())
+    click.echo(f"submitted {s.name}: run {reply['run_id']}")
+
+
+@cli.command()
+@home_option
+@url_option
+@token_option
+@click.option("--json", "as_json", is_flag=True)
+def status(home, url, token, as_json) -> None:
+    """List runs and their state."""
+    if url:
+        from coordinator.client import call
+        from coordinator.service import api_token
+
+        rows = call(url, "GET", "/runs", token or api_token(Path(home)))["runs"]
+    else:
+        rows = runs.list_runs(Path(home))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("run", "status", "rounds", "error")
+    for r in rows:
+        table.add_row(r["run_id"], r["status"], f"{r['rounds_done']}/{r.get('rounds_planned') or '?'}", (r.get("error") or "")[:80])
+    console.print(table if rows else "no runs yet")
+
+
+@cli.command()
+@click.argument("run_id")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
+def results(run_id, home, as_json) -> None:
+    """Per-round metrics of RUN_ID (id, id prefix or run directory)."""
+    run_dir = runs.find_run(Path(home), run_id)
+    if as_json:
+        click.echo(json.dumps({**runs.summary(run_dir), "metrics": runs.read_metrics(run_dir)}, indent=2, default=str))
+    else:
+        _print_results(run_dir)
+
+
+@cli.command()
+@click.option("--sites", "n_sites", default=3, show_default=True, help="Number of site nodes.")
+@click.option("--rounds", default=None, type=int, help="Override the spec's rounds.")
+@click.option("--spec", "spec_file", default=None, type=click.Path(), help="Spec to run (default: the built-in demo).")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Where the federation lives (default: .testbed/<time>).")
+@click.option("--port", default=0, type=int, help="gRPC port (default: a free one).")
+@click.option("--no-approve", is_flag=True, help="Sites do not approve plans (shows the refusal path).")
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve) -> None:
+    """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
+    from coordinator import testbed as tb
+
+    text = None
+    if spec_file:
+        spec_mod.load(spec_file)
+        text = Path(spec_file).read_text(encoding="utf-8")
+    wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
+    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log)
+    if code != 0:
+        sys.exit(code)
+
+
+def main() -> None:
+    run_cli(cli, "coordinator")
+
+
+if __name__ == "__main__":
+    main()

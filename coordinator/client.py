@@ -1,0 +1,29 @@
+"""Researcher-side client of the coordinator's HTTP API (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from site_agent.errors import UserError
+
+
+def call(url: str, method: str, path: str, token: str | None, body: bytes | None = None, timeout: float = 30.0) -> dict:
+    req = urllib.request.Request(url.rstrip("/") + path, data=body, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/yaml")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise UserError(f"coordinator at {url} refused: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot reach the coordinator at {url} ({reason}); is `coordinator serve` running?") from None

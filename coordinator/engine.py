@@ -1,0 +1,357 @@
+"""The researcher side on Fed-BioMed: one gRPC server per coordinator process, experiments
+built from specs, per-round metrics and checkpoints written to the run directory.
+
+Fed-BioMed is imported lazily: its researcher config is created at import time, so the
+component root and server address must be in the environment first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from coordinator import plans as plan_registry
+from coordinator import runs
+from coordinator.spec import Spec
+from preprocessing import atomic
+from site_agent.errors import UserError
+
+Log = Callable[[str], None]
+
+
+class RunError(UserError):
+    exit_code = 1
+
+
+class _NodeErrorCollector(logging.Handler):
+    """Keeps the errors nodes report (Fed-BioMed only logs them) so they reach the researcher."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "Error message received" in msg or "has returned error" in msg or "FB3" in msg:
+            self.messages.append(" ".join(msg.split()))
+
+
+class Federation:
+    """Owns the Fed-BioMed researcher component and its gRPC server for this process."""
+
+    def __init__(
+        self,
+        home: str | os.PathLike,
+        host: str = "0.0.0.0",
+        port: int = 50051,
+        public_host: str | None = None,
+        log: Log = print,
+    ):
+        """`host` is the address the server binds; `public_host` the name sites dial, which the
+        TLS certificate must carry (sites check it). Default: `host`, or localhost for a wildcard."""
+        self.home = Path(home).resolve()
+        self.log = log
+        self.home.mkdir(parents=True, exist_ok=True)
+        public_host = public_host or (host if host not in ("0.0.0.0", "::", "") else "localhost")
+        os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(self.home / "researcher")
+        os.environ["FBM_SERVER_HOST"] = public_host  # certificate CN when the component is created
+        os.environ["FBM_SERVER_PORT"] = str(port)
+        os.environ["FBM_DEBUG"] = "1"  # real exceptions instead of sys.exit() inside Experiment
+        from fedbiomed.common.logger import logger
+        from fedbiomed.researcher.config import config
+        from fedbiomed.researcher.requests import Requests
+
+        # Fed-BioMed's own messages go to each run's run.log, not to the console.
+        logger.setLevel(os.environ.get("FEDIMG_FBM_LOG_LEVEL", "WARNING"))
+        self._fbm_logger = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
+        for handler in list(self._fbm_logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                self._fbm_logger.removeHandler(handler)
+        self._collector = _NodeErrorCollector()
+        self._fbm_logger.addHandler(self._collector)
+        self.config = config
+        _ensure_certificate(config, public_host, log)
+        os.environ["FBM_SERVER_HOST"] = host  # Fed-BioMed reads env over its config: bind here
+        self.requests = Requests(config)
+        self.address = f"{public_host}:{port}"
+
+    # -- sites --------------------------------------------------------------------------
+
+    def online_nodes(self) -> list[str]:
+        return list(self.requests.ping_nodes())
+
+    def matching_sites(self, spec: Spec) -> dict[str, str]:
+        """node_id -> node name for sites holding data that the spec selects."""
+        if spec.site_tags:
+            from fedbiomed.common.message import SearchRequest
+            from fedbiomed.researcher.requests import DiscardOnTimeout
+
+            request = SearchRequest(researcher_id=self.requests._researcher_id, tags=spec.site_tags)
+            with self.requests.send(request, None, policies=[DiscardOnTimeout(5)]) as fed_req:
+                return {nid: (reply.node_name or nid) for nid, reply in fed_req.replies().items() if reply.databases}
+        online = set(self.online_nodes())
+        return {nid: nid for nid in spec.site_ids if nid in online}
+
+    def wait_for_sites(self, spec: Spec) -> dict[str, str]:
+        deadline = time.monotonic() + spec.wait_for_sites_s
+        last = -1
+        while True:
+            sites = self.matching_sites(spec)
+            if len(sites) != last:
+                self.log(f"sites ready: {len(sites)}/{spec.min_sites} ({', '.join(sorted(sites)) or 'none yet'})")
+                last = len(sites)
+            if len(sites) >= spec.min_sites:
+                return sites
+            if time.monotonic() >= deadline:
+                what = f"tags {spec.site_tags}" if spec.site_tags else f"ids {spec.site_ids}"
+                raise RunError(
+                    f"only {len(sites)} of the {spec.min_sites} required sites with {what} connected within "
+                    f"{spec.wait_for_sites_s:g}s (is each site's node started and pointed at {self.address}?)"
+                )
+            time.sleep(1.0)
+
+    # -- experiments --------------------------------------------------------------------
+
+    def _experiment(self, spec: Spec, run_dir: Path):
+        from fedbiomed.researcher.aggregators import FedAverage, Scaffold
+        from fedbiomed.researcher.federated_workflows import Experiment
+
+        self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)  # breakpoints land in the run dir
+        aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
+        return Experiment(
+            tags=spec.site_tags or None,
+            nodes=spec.site_ids or None,
+            training_plan_class=plan_registry.resolve(spec.plan),
+            model_args=dict(spec.plan_args),
+            training_args=spec.training_args(),
+            aggregator=aggregator,
+            agg_optimizer=_server_optimizer(spec),
+            round_limit=spec.rounds,
+            save_breakpoints=True,
+            experimentation_folder=run_dir.name,
+            tensorboard=False,
+        )
+
+    def _check_approval(self, exp, spec: Spec, sites: dict[str, str]) -> None:
+        """Make sure every selected site approved this exact plan source before round 1."""
+        if spec.request_approval:
+            exp.training_plan_approve(description=f"fedimg plan {spec.plan} for experiment {spec.name}")
+        deadline = time.monotonic() + spec.approval_wait_s
+        while True:
+            status = exp.check_training_plan_status()
+            missing = {
+                nid: (reply.get("status") if isinstance(reply, dict) else getattr(reply, "status", "?"))
+                for nid, reply in status.items()
+                if not _approved(reply)
+            }
+            missing.update({nid: "no answer" for nid in sites if nid not in status})
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                plan_hash = _plan_hash(exp)
+                detail = "; ".join(f"{sites.get(n, n)} ({n}): {s}" for n, s in sorted(missing.items()))
+                raise RunError(
+                    f"training plan {spec.plan!r} (sha256 {plan_hash[:16]}...) is not approved by "
+                    f"{len(missing)} site(s): {detail}. Each site reviews it with `site-agent plans list` "
+                    f"and approves with `site-agent plans approve ID`"
+                )
+            time.sleep(1.0)
+
+    def run(self, run_dir: Path, spec: Spec, resume: bool = False) -> dict:
+        """Run (or resume) the spec in `run_dir`; return the final metrics dict."""
+        run_dir = Path(run_dir).resolve()
+        file_handler = logging.FileHandler(run_dir / "run.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._fbm_logger.addHandler(file_handler)
+        console_log = self.log
+
+        def log(msg: str) -> None:
+            console_log(msg)
+            self._fbm_logger.log(logging.WARNING, "[fedimg] %s", msg)
+
+        self.log = log
+        try:
+            return self._run(run_dir, spec, resume)
+        finally:
+            self.log = console_log
+            self._fbm_logger.removeHandler(file_handler)
+            file_handler.close()
+
+    def _run(self, run_dir: Path, spec: Spec, resume: bool) -> dict:
+        self._collector.messages.clear()
+        metrics = runs.read_metrics(run_dir) if resume else {"rounds": []}
+        metrics["rounds_planned"] = spec.rounds
+        runs.mark(run_dir, "running", pid=os.getpid(), error=None)
+        try:
+            sites = self.wait_for_sites(spec)
+            if resume:
+                bkpt = runs.latest_breakpoint(run_dir)
+                if bkpt is None:
+                    raise RunError(f"{run_dir}: no breakpoint to resume from (the run never finished a round)")
+                from fedbiomed.researcher.federated_workflows import Experiment
+
+                self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)
+                exp = Experiment.load_breakpoint(str(bkpt))
+                metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= exp.round_current()]
+                self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
+            else:
+                exp = self._experiment(spec, run_dir)
+            self._check_approval(exp, spec, sites)
+            self._track(exp, metrics, sites)
+            params_before = _params(exp)
+            metrics["model"] = {
+                "parameters": int(sum(t.numel() for t in params_before.values())),
+                "bytes": int(sum(t.numel() * t.element_size() for t in params_before.values())),
+            }
+            while exp.round_current() < spec.rounds:
+                r = exp.round_current() + 1
+                t0 = time.monotonic()
+                exp.run_once()
+                elapsed = time.monotonic() - t0
+                params_after = _params(exp)
+                record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
+                metrics["rounds"].append(record)
+                _save_checkpoint(run_dir, r, params_after)
+                runs.write_metrics(run_dir, metrics)
+                self.log(_format_round(record, spec.rounds))
+                params_before = params_after
+            runs.write_metrics(run_dir, metrics)
+            runs.mark(run_dir, "done")
+            return metrics
+        except KeyboardInterrupt:
+            runs.mark(run_dir, "interrupted", error="interrupted by the user")
+            raise
+        except UserError as exc:
+            runs.mark(run_dir, "failed", error=str(exc))
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a clear message for the researcher
+            nodes = "; ".join(dict.fromkeys(self._collector.messages))
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            error = f"{msg}" + (f" | site errors: {nodes}" if nodes else "")
+            runs.mark(run_dir, "failed", error=error)
+            raise RunError(error) from exc
+        finally:
+            runs.write_metrics(run_dir, metrics)
+
+    def _track(self, exp, metrics: dict, sites: dict[str, str]) -> None:
+        """Record the scalars nodes stream during a round (validation metrics, training loss)."""
+        original = exp.monitor().on_message_handler
+        self._pending: list[dict] = []
+
+        def handler(msg):
+            original(msg)
+            self._pending.append(
+                {
+                    "node_id": msg["node_id"],
+                    "train": bool(msg["train"]),
+                    "global": bool(msg.get("test_on_global_updates")),
+                    "metric": {k: float(v) for k, v in msg["metric"].items()},
+                }
+            )
+
+        exp.requests.add_monitor_callback(exp.id, handler)
+
+    def _round_record(self, exp, r, elapsed, sites, before, after) -> dict:
+        replies = exp.training_replies().get(r - 1, {}) or {}
+        site_rows = {}
+        for nid, reply in replies.items():
+            timing = reply.get("timing", {}) or {}
+            site_rows[nid] = {
+                "name": sites.get(nid, nid),
+                "samples": int(reply.get("sample_size") or 0),
+                "train_s": round(float(timing.get("rtime_training", 0.0)), 3),
+                "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
+            }
+        for m in self._pending:
+            row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
+            key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
+            row[key] = m["metric"]  # the last value of the round wins (one validation per round)
+        self._pending.clear()
+        delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
+        return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
+
+
+def _ensure_certificate(config, public_host: str, log: Log) -> None:
+    """Regenerate the server certificate when its CN is not the name sites dial."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    from fedbiomed.common.certificate_manager import CertificateManager
+    from fedbiomed.common.constants import SERVER_certificate_prefix
+
+    etc = Path(config.root) / "etc"
+    pem = etc / config.get("certificate", "public_key")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    except (OSError, ValueError, IndexError):
+        cn = None
+    if cn == public_host:
+        return
+    CertificateManager.generate_self_signed_ssl_certificate(
+        certificate_folder=str(pem.parent),
+        certificate_name=SERVER_certificate_prefix,
+        component_id=config.get("default", "id"),
+        subject={"CommonName": public_host},
+    )
+    log(f"server certificate issued for {public_host!r} (was {cn!r})")
+
+
+def _approved(reply) -> bool:
+    status = reply.get("status") if isinstance(reply, dict) else getattr(reply, "status", None)
+    return str(status).lower() == "approved"
+
+
+def _plan_hash(exp) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(exp.training_plan().source().encode()).hexdigest()
+    except Exception:  # noqa: BLE001 - only for the message
+        return "unknown"
+
+
+def _params(exp) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in exp.training_plan().get_model_params().items()}
+
+
+def _save_checkpoint(run_dir: Path, r: int, params: dict) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    target = ckpt_dir / f"global_round_{r:04d}.pt"
+    tmp = ckpt_dir / f".{target.name}.tmp"
+    torch.save(params, tmp)
+    os.replace(tmp, target)
+    atomic.write_text(ckpt_dir / "latest.txt", target.name + "\n")
+
+
+def _server_optimizer(spec: Spec):
+    if spec.server_optimizer is None:
+        return None
+    from declearn.optimizer.modules import AdamModule, MomentumModule, YogiModule
+    from fedbiomed.common.optimizers import Optimizer
+
+    opt = dict(spec.server_optimizer)
+    name = opt.pop("name")
+    lr = float(opt.pop("lr", 1.0))
+    if name == "momentum":
+        module = MomentumModule(beta=float(opt.get("momentum", 0.9)))
+    elif name == "adam":
+        module = AdamModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99)))
+    else:
+        module = YogiModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99)))
+    return Optimizer(lr=lr, modules=[module])
+
+
+def _format_round(record: dict, total: int) -> str:
+    parts = []
+    for nid, row in sorted(record["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+        val = row.get("val_global", {})
+        dice = f" dice={val['dice_mean']:.3f}" if "dice_mean" in val else ""
+        loss = f" val_loss={val['loss']:.3f}" if "loss" in val else ""
+        parts.append(f"{row.get('name', nid)}: n={row.get('samples', '?')}{loss}{dice}")
+    return f"round {record['round']}/{total} ({record['wall_s']:.1f}s, |update|={record['update_norm']:.4f}) " + " | ".join(parts)

@@ -1,0 +1,143 @@
+"""Run directories: one per submitted spec, the single source of truth about a run.
+
+    <home>/runs/<run_id>/
+        spec.yaml              the spec exactly as submitted
+        state.json             status (queued|running|done|failed|interrupted), timestamps, error
+        metrics.json           per-round metrics (sites, samples, losses, validation, update norm)
+        checkpoints/           aggregated global parameters per round (torch state dicts)
+        breakpoint_NNNN/       Fed-BioMed breakpoints (`coordinator resume` continues from the last)
+        run.log                the run's log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+from preprocessing import atomic
+from site_agent.errors import UserError
+
+STATUSES = ("queued", "running", "done", "failed", "interrupted")
+
+
+def runs_dir(home: Path) -> Path:
+    return Path(home) / "runs"
+
+
+def new_run(home: Path, spec_text: str, spec_name: str) -> Path:
+    """Create a queued run directory holding the spec text; return its path."""
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec_name}-{secrets.token_hex(2)}"
+    run_dir = runs_dir(home) / run_id
+    run_dir.mkdir(parents=True)
+    atomic.write_text(run_dir / "spec.yaml", spec_text)
+    write_state(run_dir, {"run_id": run_id, "name": spec_name, "status": "queued", "created": _now()})
+    return run_dir
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_state(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "state.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{run_dir}: not a run directory (no readable state.json)") from None
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    atomic.write_json(Path(run_dir) / "state.json", state)
+
+
+def update_state(run_dir: Path, **changes) -> dict:
+    state = read_state(run_dir)
+    state.update(changes)
+    write_state(run_dir, state)
+    return state
+
+
+def mark(run_dir: Path, status: str, **extra) -> dict:
+    assert status in STATUSES
+    stamp = {"running": "started", "done": "finished", "failed": "finished", "interrupted": "finished"}.get(status)
+    if stamp:
+        extra.setdefault(stamp, _now())
+    return update_state(run_dir, status=status, **extra)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return {"rounds": []}
+    return json.loads(path.read_text())
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    atomic.write_json(Path(run_dir) / "metrics.json", metrics)
+
+
+def latest_breakpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in Path(run_dir).glob("breakpoint_*") if re.fullmatch(r"breakpoint_\d+", p.name) and p.is_dir())
+    return found[-1] if found else None
+
+
+def find_run(home: Path, run: str) -> Path:
+    """A run by directory path, full id, or unique id prefix."""
+    p = Path(run)
+    if (p / "state.json").is_file():
+        return p
+    base = runs_dir(home)
+    if (base / run / "state.json").is_file():
+        return base / run
+    matches = [d for d in base.glob(f"{run}*") if (d / "state.json").is_file()] if base.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UserError(f"no run {run!r} in {base}")
+    raise UserError(f"run {run!r} is ambiguous: {', '.join(m.name for m in matches)}")
+
+
+def list_runs(home: Path) -> list[dict]:
+    base = runs_dir(home)
+    out = []
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        if (d / "state.json").is_file():
+            out.append(summary(d))
+    return out
+
+
+def summary(run_dir: Path) -> dict:
+    state = read_state(run_dir)
+    metrics = read_metrics(run_dir)
+    rounds = metrics.get("rounds", [])
+    return {
+        **state,
+        "rounds_done": len(rounds),
+        "rounds_planned": metrics.get("rounds_planned"),
+        "run_dir": str(Path(run_dir).resolve()),
+        "last_round": rounds[-1] if rounds else None,
+    }
+
+
+def recover_stale(home: Path) -> list[str]:
+    """Runs left 'running' by a process that died are 'interrupted' (resumable)."""
+    stale = []
+    for info in list_runs(home):
+        if info["status"] == "running":
+            pid = info.get("pid")
+            alive = False
+            if pid:
+                try:
+                    os.kill(int(pid), 0)
+                    alive = int(pid) != os.getpid()
+                except (ProcessLookupError, ValueError):
+                    alive = False
+                except PermissionError:
+                    alive = True
+            if not alive:
+                mark(Path(info["run_dir"]), "interrupted", error="the coordinator stopped during the run")
+                stale.append(info["run_id"])
+    return stale

@@ -1,0 +1,195 @@
+"""`coordinator serve`: the long-running coordinator.
+
+One process owns the Fed-BioMed gRPC server (sites connect to it and stay connected
+between experiments) and runs submitted specs one after another. Researchers talk to it
+through a small HTTP API (bearer token; bound to loopback unless told otherwise):
+
+    GET  /health                 liveness (no token): status, current run, queue length
+    GET  /runs                   run summaries
+    GET  /runs/<id>              one run: state + metrics
+    POST /runs                   body = spec YAML -> 201 {"run_id": ...}; 400 with the validation error
+    POST /runs/<id>/resume       re-queue an interrupted/failed run from its last breakpoint
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import signal
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from coordinator import runs
+from coordinator import spec as spec_mod
+from preprocessing import atomic
+from site_agent.errors import UserError
+
+TOKEN_FILE = "api-token"
+MAX_SPEC_BYTES = 256 * 1024
+
+
+def api_token(home: Path) -> str:
+    """The API token: $FEDIMG_API_TOKEN, else <home>/api-token (created 0600 on first use)."""
+    env = os.environ.get("FEDIMG_API_TOKEN")
+    if env:
+        return env
+    path = Path(home) / TOKEN_FILE
+    if not path.is_file():
+        Path(home).mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, secrets.token_urlsafe(32) + "\n")
+        os.chmod(path, 0o600)
+    return path.read_text().strip()
+
+
+class Coordinator:
+    def __init__(self, home: Path, federation, log=print):
+        self.home = Path(home)
+        self.federation = federation
+        self.log = log
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.current: str | None = None
+        self.lock = threading.Lock()  # serialises queue changes (submit/resume vs. the runner)
+
+    # -- queue ---------------------------------------------------------------------------
+
+    def submit(self, text: str) -> str:
+        parsed = spec_mod.parse(text, "submitted spec")
+        with self.lock:
+            run_dir = runs.new_run(self.home, text, parsed.name)
+        self.wake.set()
+        return run_dir.name
+
+    def resume(self, run_id: str) -> str:
+        with self.lock:
+            run_dir = runs.find_run(self.home, run_id)
+            state = runs.read_state(run_dir)
+            if state["status"] not in ("interrupted", "failed"):
+                raise UserError(f"run {run_dir.name} is {state['status']}; only interrupted or failed runs resume")
+            if runs.latest_breakpoint(run_dir) is None:
+                raise UserError(f"run {run_dir.name} has no breakpoint (it never completed a round); submit it again")
+            runs.update_state(run_dir, status="queued", resume=True)
+        self.wake.set()
+        return run_dir.name
+
+    def _next_queued(self) -> Path | None:
+        with self.lock:
+            for info in runs.list_runs(self.home):
+                if info["status"] == "queued":
+                    return Path(info["run_dir"])
+        return None
+
+    def loop(self) -> None:
+        for run_id in runs.recover_stale(self.home):
+            self.log(f"run {run_id} was interrupted by a previous stop; `coordinator resume {run_id}` continues it")
+        self.log(f"coordinator ready: sites connect to {self.federation.address}")
+        while not self.stopping.is_set():
+            run_dir = self._next_queued()
+            if run_dir is None:
+                self.wake.wait(timeout=2.0)
+                self.wake.clear()
+                continue
+            self.run_one(run_dir)
+
+    def run_one(self, run_dir: Path) -> None:
+        state = runs.read_state(run_dir)
+        self.current = run_dir.name
+        try:
+            parsed = spec_mod.load(run_dir / "spec.yaml")
+            self.log(f"run {run_dir.name}: starting ({'resume' if state.get('resume') else 'new'})")
+            self.federation.run(run_dir, parsed, resume=bool(state.get("resume")))
+            self.log(f"run {run_dir.name}: done")
+        except UserError as exc:
+            runs.mark(run_dir, "failed", error=str(exc)) if runs.read_state(run_dir)["status"] != "failed" else None
+            self.log(f"run {run_dir.name}: failed: {exc}")
+        finally:
+            runs.update_state(run_dir, resume=False)
+            self.current = None
+
+
+def make_handler(coord: Coordinator, token: str):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "fedimg-coordinator"
+
+        def log_message(self, fmt, *args):  # keep request lines out of the run logs
+            pass
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body, default=str).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorised(self) -> bool:
+            given = self.headers.get("Authorization", "")
+            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), token):
+                return True
+            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
+            return False
+
+        def do_GET(self):  # noqa: N802
+            parts = [p for p in self.path.split("?")[0].split("/") if p]
+            if parts == ["health"]:
+                queued = sum(1 for r in runs.list_runs(coord.home) if r["status"] == "queued")
+                return self._send(200, {"status": "ok", "current_run": coord.current, "queued": queued})
+            if not self._authorised():
+                return
+            try:
+                if parts == ["runs"]:
+                    return self._send(200, {"runs": runs.list_runs(coord.home)})
+                if len(parts) == 2 and parts[0] == "runs":
+                    run_dir = runs.find_run(coord.home, parts[1])
+                    return self._send(200, {**runs.summary(run_dir), "metrics": runs.read_metrics(run_dir)})
+            except UserError as exc:
+                return self._send(HTTPStatus.NOT_FOUND, {"error": str(exc)})
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
+
+        def do_POST(self):  # noqa: N802
+            if not self._authorised():
+                return
+            parts = [p for p in self.path.split("?")[0].split("/") if p]
+            try:
+                if parts == ["runs"]:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if length > MAX_SPEC_BYTES:
+                        return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "spec too large"})
+                    text = self.rfile.read(length).decode("utf-8", "replace")
+                    return self._send(HTTPStatus.CREATED, {"run_id": coord.submit(text)})
+                if len(parts) == 3 and parts[0] == "runs" and parts[2] == "resume":
+                    return self._send(HTTPStatus.ACCEPTED, {"run_id": coord.resume(parts[1])})
+            except UserError as exc:
+                return self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
+
+    return Handler
+
+
+def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None, log=print) -> None:
+    from coordinator.engine import Federation
+
+    home = Path(home).resolve()
+    token = api_token(home)
+    federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=log)
+    coord = Coordinator(home, federation, log=log)
+    httpd = ThreadingHTTPServer((api_host, api_port), make_handler(coord, token))
+    threading.Thread(target=httpd.serve_forever, name="api", daemon=True).start()
+    log(f"API on http://{api_host}:{api_port} (token in {home / TOKEN_FILE} or $FEDIMG_API_TOKEN)")
+
+    def _stop(signum, frame):
+        coord.stopping.set()
+        coord.wake.set()
+        raise KeyboardInterrupt  # interrupts a running experiment; its run becomes 'interrupted'
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        coord.loop()
+    except KeyboardInterrupt:
+        log("coordinator stopping")
+    finally:
+        httpd.shutdown()

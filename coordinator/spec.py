@@ -1,0 +1,210 @@
+"""Experiment spec (YAML): what a researcher submits. Validated with clear messages.
+
+Example::
+
+    name: demo-fedavg
+    plan: fedavg_segmentation
+    sites: {tags: [fedimg-demo], min_sites: 2}     # or {ids: [NODE_...]}
+    rounds: 3
+    local_steps: 4          # optimizer updates per site per round
+    batch_size: 2
+    optimizer: {lr: 0.001}  # site-side optimizer arguments
+    aggregator: fedavg      # fedavg | scaffold
+    server_optimizer: null  # or {name: momentum, lr: 1.0, momentum: 0.6} | {name: adam, lr: 0.01}
+    fedprox_mu: null        # FedProx proximal term
+    test_ratio: 0.25        # share of each site's cases held out for validation
+    seed: 0
+    plan_args: {num_classes: 3, network: {name: basic_unet}}
+    approval: {request: true, wait_s: 0}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from coordinator.plans import PLANS
+from site_agent.errors import UserError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+AGGREGATORS = ("fedavg", "scaffold")
+SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "beta_2"}, "yogi": {"lr", "beta_1", "beta_2"}}
+
+
+class SpecError(UserError):
+    pass
+
+
+@dataclass
+class Spec:
+    name: str
+    plan: str
+    rounds: int
+    site_tags: list[str] = field(default_factory=list)
+    site_ids: list[str] = field(default_factory=list)
+    min_sites: int = 1
+    wait_for_sites_s: float = 120.0
+    local_steps: int = 4
+    batch_size: int = 2
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3})
+    aggregator: str = "fedavg"
+    server_optimizer: dict[str, Any] | None = None
+    fedprox_mu: float | None = None
+    test_ratio: float = 0.25
+    seed: int = 0
+    plan_args: dict[str, Any] = field(default_factory=dict)
+    request_approval: bool = True
+    approval_wait_s: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def training_args(self) -> dict[str, Any]:
+        """Fed-BioMed training_args (its schema is fixed; extra values travel in model_args)."""
+        args: dict[str, Any] = {
+            "loader_args": {"batch_size": self.batch_size, "shuffle": True},
+            "optimizer_args": dict(self.optimizer),
+            "num_updates": self.local_steps,
+            "test_ratio": self.test_ratio,
+            "test_on_global_updates": self.test_ratio > 0,
+            "test_on_local_updates": self.test_ratio > 0,
+            "test_batch_size": 0,
+            "shuffle_testing_dataset": False,
+            "random_seed": self.seed,
+            "log_interval": max(1, self.local_steps),
+        }
+        if self.fedprox_mu is not None:
+            args["fedprox_mu"] = float(self.fedprox_mu)
+        return args
+
+
+_TOP_KEYS = {
+    "name", "plan", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
+    "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval",
+}
+
+
+def _fail(where: str, key: str, problem: str) -> None:
+    raise SpecError(f"{where}: {key}: {problem}")
+
+
+def _pos_int(where, raw, key, default=None, minimum=1):
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(where, key, f"must be an integer >= {minimum} (got {value!r})")
+    return value
+
+
+def _number(where, raw, key, default=None, lo=None, hi=None, allow_none=False):
+    value = raw.get(key, default)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(where, key, f"must be a number (got {value!r})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        _fail(where, key, f"must be in [{lo}, {hi}] (got {value!r})")
+    return float(value)
+
+
+def validate(raw: Any, where: str) -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping at the top level")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(_TOP_KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(_TOP_KEYS))}"
+            _fail(where, str(key), f"unknown key{hint}")
+    for key in ("name", "plan", "sites", "rounds"):
+        if key not in raw:
+            _fail(where, key, "required")
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        _fail(where, "name", f"must be 1-64 of letters, digits, _ . - (got {name!r})")
+    plan = raw["plan"]
+    if plan not in PLANS:
+        close = difflib.get_close_matches(str(plan), sorted(PLANS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _fail(where, "plan", f"unknown plan {plan!r}{hint} (known: {', '.join(sorted(PLANS))})")
+
+    sites = raw["sites"]
+    if not isinstance(sites, dict) or set(sites) - {"tags", "ids", "min_sites", "wait_s"}:
+        _fail(where, "sites", "must be a mapping with 'tags' or 'ids' (and optional min_sites, wait_s)")
+    tags, ids = sites.get("tags") or [], sites.get("ids") or []
+    for key, values in (("sites.tags", tags), ("sites.ids", ids)):
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            _fail(where, key, "must be a list of non-empty strings")
+    if bool(tags) == bool(ids):
+        _fail(where, "sites", "give exactly one of 'tags' or 'ids'")
+    min_sites = _pos_int(where, sites, "min_sites", default=len(ids) or 1)
+
+    aggregator = raw.get("aggregator", "fedavg")
+    if aggregator not in AGGREGATORS:
+        _fail(where, "aggregator", f"must be one of {', '.join(AGGREGATORS)} (got {aggregator!r})")
+    server_opt = raw.get("server_optimizer")
+    if server_opt is not None:
+        if not isinstance(server_opt, dict) or server_opt.get("name") not in SERVER_OPTIMIZERS:
+            _fail(where, "server_optimizer", f"must be null or a mapping with name one of {', '.join(SERVER_OPTIMIZERS)}")
+        extra = set(server_opt) - {"name"} - SERVER_OPTIMIZERS[server_opt["name"]]
+        if extra:
+            _fail(where, "server_optimizer", f"unknown argument(s) {', '.join(sorted(extra))} for {server_opt['name']}")
+        for k, v in server_opt.items():
+            if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                _fail(where, f"server_optimizer.{k}", f"must be a number (got {v!r})")
+        if aggregator == "scaffold":
+            _fail(where, "server_optimizer", "cannot be combined with the scaffold aggregator")
+    optimizer = raw.get("optimizer", {"lr": 1e-3})
+    if not isinstance(optimizer, dict):
+        _fail(where, "optimizer", "must be a mapping (e.g. {lr: 0.001})")
+    plan_args = raw.get("plan_args", {})
+    if not isinstance(plan_args, dict):
+        _fail(where, "plan_args", "must be a mapping")
+    approval = raw.get("approval", {})
+    if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
+        _fail(where, "approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
+    if not isinstance(approval.get("request", True), bool):
+        _fail(where, "approval.request", "must be true or false")
+
+    return Spec(
+        name=name,
+        plan=plan,
+        rounds=_pos_int(where, raw, "rounds"),
+        site_tags=list(tags),
+        site_ids=list(ids),
+        min_sites=min_sites,
+        wait_for_sites_s=_number(where, sites, "wait_s", default=120.0, lo=0),
+        local_steps=_pos_int(where, raw, "local_steps", default=4),
+        batch_size=_pos_int(where, raw, "batch_size", default=2),
+        optimizer=dict(optimizer),
+        aggregator=aggregator,
+        server_optimizer=dict(server_opt) if server_opt else None,
+        fedprox_mu=_number(where, raw, "fedprox_mu", default=None, lo=0, allow_none=True),
+        test_ratio=_number(where, raw, "test_ratio", default=0.25, lo=0, hi=0.9),
+        seed=_pos_int(where, raw, "seed", default=0, minimum=0),
+        plan_args=dict(plan_args),
+        request_approval=approval.get("request", True),
+        approval_wait_s=_number(where, approval, "wait_s", default=0.0, lo=0),
+        raw=raw,
+    )
+
+
+def parse(text: str, where: str) -> Spec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+    return validate(raw, where)
+
+
+def load(path: str | os.PathLike) -> Spec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: spec file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{p}: cannot read ({exc})") from None
+    return parse(text, str(p))

@@ -1,0 +1,180 @@
+"""A whole federation on one machine: a coordinator and N site nodes as real processes on
+loopback, each site with its own config, node component and data.
+
+Teardown is guaranteed: every child runs in its own session (a terminal's Ctrl-C reaches
+only the testbed, which then stops them in order), and every child is tied to the testbed
+with PR_SET_PDEATHSIG, so even a SIGKILL of the testbed takes them down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from site_agent import config as site_config
+from site_agent.errors import UserError
+from site_agent.runtime import ProcessRuntime, _pid_alive, _signal_group, parent_death_signal
+
+TAG = "fedimg-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_spec_text() -> str:
+    return resources.files("coordinator").joinpath("examples/demo_fedavg.yaml").read_text()
+
+
+class Testbed:
+    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print):
+        if n_sites < 1:
+            raise UserError("a testbed needs at least one site")
+        self.workdir = Path(workdir).resolve()
+        self.n_sites = n_sites
+        self.port = port or free_port()
+        self.auto_approve = auto_approve
+        self.log = log
+        self.children: list[subprocess.Popen] = []
+        self.sites: list[site_config.SiteConfig] = []
+        self._stopped = False
+
+    # -- children ------------------------------------------------------------------------
+
+    def _spawn(self, cmd: list[str], log_path: Path | None = None, **kw) -> subprocess.Popen:
+        out = open(log_path, "ab") if log_path else subprocess.PIPE
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=parent_death_signal(os.getpid()),
+            **kw,
+        )
+        if log_path:
+            out.close()
+        self.children.append(proc)
+        return proc
+
+    def site_config_path(self, i: int) -> Path:
+        return self.workdir / "sites" / f"site-{i + 1}" / "site.yaml"
+
+    def setup_sites(self) -> None:
+        """Create each site (config, node, demo data, registration) in parallel processes."""
+
+        def one(i: int) -> None:
+            cfg = self.site_config_path(i)
+            cfg.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                sys.executable, "-m", "coordinator.testbed_site", "setup", "--config", str(cfg),
+                "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1),
+                "--shift", str(10.0 * i), "--tag", TAG,
+            ]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
+            if res.returncode != 0:
+                raise UserError(f"site-{i + 1} setup failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+
+        with ThreadPoolExecutor(max_workers=min(self.n_sites, os.cpu_count() or 2)) as pool:
+            list(pool.map(one, range(self.n_sites)))
+        self.sites = [site_config.load(self.site_config_path(i)) for i in range(self.n_sites)]
+        self.log(f"{self.n_sites} sites prepared under {self.workdir / 'sites'}")
+
+    def start_nodes(self) -> None:
+        for site in self.sites:
+            # Started from this (main) thread: PDEATHSIG follows the thread that forked.
+            st = ProcessRuntime(site).start(die_with_parent=True)
+            self.log(f"{site.site_name}: node started (pid {st.pid})")
+            if self.auto_approve:
+                self._spawn(
+                    [sys.executable, "-m", "coordinator.testbed_site", "approve", "--config", str(site.path)],
+                    log_path=site.work_dir / "approver.log",
+                )
+
+    def run_spec(self, spec_text: str, rounds: int | None = None) -> int:
+        raw = yaml.safe_load(spec_text)
+        if not isinstance(raw, dict):
+            raise UserError("testbed spec: expected a mapping")
+        raw.setdefault("sites", {})
+        raw["sites"] = {**raw["sites"], "tags": [TAG], "min_sites": self.n_sites}
+        raw["sites"].pop("ids", None)
+        if rounds:
+            raw["rounds"] = rounds
+        spec_path = self.workdir / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cmd = [
+            sys.executable, "-m", "coordinator.cli", "run", str(spec_path),
+            "--home", str(self.workdir / "coordinator"), "--grpc-host", "127.0.0.1", "--grpc-port", str(self.port), "--public-host", "localhost",
+        ]  # fmt: skip
+        self.log(f"coordinator: running {raw.get('name')} on localhost:{self.port}, waiting for {self.n_sites} sites")
+        proc = self._spawn(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            self.log(line.decode("utf-8", "replace").rstrip())
+        return proc.wait()
+
+    def pids(self) -> list[int]:
+        pids = [c.pid for c in self.children]
+        for site in self.sites:
+            st = ProcessRuntime(site).status()
+            if st.pid:
+                pids.append(st.pid)
+        return pids
+
+    def teardown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for child in self.children:
+            if child.poll() is None:
+                _signal_group(child.pid, signal.SIGTERM)
+        for site in self.sites:  # signal every node first, then wait: stops run in parallel
+            st = ProcessRuntime(site).status()
+            if st.running and st.pid:
+                _signal_group(st.pid, signal.SIGTERM)
+        for site in self.sites:
+            ProcessRuntime(site).stop(timeout=10)
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(child.pid, signal.SIGKILL)
+                child.wait()
+        left = [p for p in self.pids() if _pid_alive(p)]
+        self.log("testbed stopped: all processes ended" if not left else f"testbed stopped; still alive: {left}")
+
+
+def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
+        auto_approve: bool = True, log=print) -> int:  # fmt: skip
+    """Set up, run one spec, tear down. Returns the coordinator's exit code."""
+    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log)
+
+    def _on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_signal) if threading.current_thread() is threading.main_thread() else None
+    try:
+        bed.workdir.mkdir(parents=True, exist_ok=True)
+        (bed.workdir / "testbed.pid").write_text(f"{os.getpid()}\n")
+        bed.setup_sites()
+        bed.start_nodes()
+        return bed.run_spec(spec_text or default_spec_text(), rounds=rounds)
+    except KeyboardInterrupt:
+        log("testbed interrupted: stopping every process")
+        return 130
+    finally:
+        bed.teardown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,100 @@
+"""Data and metrics for supervised segmentation on prepared datasets (MONAI, no FL)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.data import CacheDataset
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    ScaleIntensityRanged,
+    SpatialPadd,
+)
+
+# CT window and normalisation of the ConDistFL paper: clip to [-54, 258] HU, then (x - 100) / 50.
+CT_CLIP = (-54.0, 258.0)
+CT_CENTRE, CT_SCALE = 100.0, 50.0
+
+
+def _ct_normalise() -> ScaleIntensityRanged:
+    lo, hi = CT_CLIP
+    return ScaleIntensityRanged(
+        keys="image", a_min=lo, a_max=hi, b_min=(lo - CT_CENTRE) / CT_SCALE, b_max=(hi - CT_CENTRE) / CT_SCALE, clip=True
+    )
+
+
+def segmentation_transforms(train: bool, roi_size: Sequence[int], num_samples: int = 2) -> Compose:
+    """Load -> channel first -> RAS -> CT normalisation; training adds balanced crops and flips."""
+    keys = ["image", "label"]
+    steps = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        _ct_normalise(),
+        EnsureTyped(keys="label", dtype=torch.long),
+    ]
+    if train:
+        steps += [
+            SpatialPadd(keys=keys, spatial_size=roi_size),
+            RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=roi_size, pos=1, neg=1, num_samples=num_samples, image_key="image"
+            ),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+        ]
+    return Compose(steps)
+
+
+def case_dicts(cases) -> list[dict]:
+    """MONAI data dicts from PreparedCase objects (labelled cases only)."""
+    return [{"image": str(c.image), "label": str(c.label)} for c in cases if c.label is not None]
+
+
+def make_dataset(cases, train: bool, roi_size: Sequence[int], num_samples: int = 2) -> CacheDataset:
+    """A MONAI CacheDataset: the deterministic transforms run once, random crops every epoch."""
+    return CacheDataset(
+        data=case_dicts(cases),
+        transform=segmentation_transforms(train, roi_size, num_samples),
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
+
+
+def dice_per_class(logits: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean Dice per foreground class over the batch (classes 1..C-1).
+
+    Empty-mask rule (MONAI's ignore_empty=True): a class absent from the reference of a
+    case is left out of that case's average; NaN if it is absent from every case.
+    """
+    pred = one_hot(torch.argmax(logits, dim=1, keepdim=True), num_classes=num_classes)
+    ref = one_hot(label if label.dim() == logits.dim() else label.unsqueeze(1), num_classes=num_classes)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric(y_pred=pred, y=ref)
+    return metric.aggregate()
+
+
+def preprocess_case(image_path: str, label_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic preprocessing of one prepared case: (1, X, Y, Z) float image, long label."""
+    out = segmentation_transforms(train=False, roi_size=())({"image": image_path, "label": label_path})
+    return out["image"].as_tensor().float(), out["label"].as_tensor().long()
+
+
+def random_flip_batch(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None):
+    """Flip image and label together along each spatial axis with probability 0.5.
+
+    Applied per batch inside the training step, so cached cases stay deterministic and
+    evaluation never sees augmented data.
+    """
+    dims = [d for d in range(2, image.dim()) if torch.rand((), generator=generator) < 0.5]
+    if dims:
+        image, label = torch.flip(image, dims), torch.flip(label, dims)
+    return image, label

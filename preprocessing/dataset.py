@@ -1,0 +1,227 @@
+"""The prepared-dataset format: what a site registers with its node and trains on.
+
+Layout (readable by MONAI's decathlon loader and by nnU-Net-style tools)::
+
+    <root>/dataset.json      name, labels, channel names, "training" list of image/label pairs
+    <root>/manifest.json     format version, per-case geometry and sha256 of every output
+    <root>/imagesTr/<case>.nii.gz
+    <root>/labelsTr/<case>.nii.gz
+
+Case ids are sequential (``case_0000``); nothing identifying a patient is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import nibabel as nib
+import numpy as np
+
+from preprocessing import atomic
+
+FORMAT_NAME = "fedimg-prepared-dataset"
+FORMAT_VERSION = 1
+CONVERTER_VERSION = "0.1.0"
+
+
+class DatasetError(Exception):
+    """A folder is not a valid prepared dataset. The message names the file and the problem."""
+
+
+@dataclass
+class PreparedCase:
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    name: str
+    modality: str
+    labels: dict[str, int]
+    cases: list[PreparedCase] = field(default_factory=list)
+
+    def description(self) -> str:
+        """A one-line description built only from allowlisted, non-identifying fields."""
+        classes = ", ".join(k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0)
+        return f"{self.name}: {len(self.cases)} {self.modality} cases, classes: {classes or 'none'}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header["descrip"] = b""  # nibabel writes its version here otherwise; keep it allowlisted (empty)
+    return img
+
+
+def _save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dataset(
+    root: str | os.PathLike,
+    name: str,
+    modality: str,
+    labels: dict[str, int],
+    cases: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
+) -> PreparedDataset:
+    """Write (image, label, affine) arrays as a prepared dataset.
+
+    The dataset is built in a sibling temporary folder and renamed into place, so an
+    interrupted run never leaves a half-written dataset at `root`. `root` must not exist.
+    """
+    root = Path(root)
+    if root.exists():
+        raise DatasetError(f"{root}: already exists; refusing to overwrite a prepared dataset")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        entries, manifest_cases = [], []
+        for i, (image, label, affine) in enumerate(cases):
+            case_id = f"case_{i:04d}"
+            img_rel = f"imagesTr/{case_id}.nii.gz"
+            _save_nifti_atomic(_nifti_bytes(image, affine, np.float32), staging / img_rel)
+            entry = {"image": img_rel}
+            sums = {"image": sha256_file(staging / img_rel)}
+            if label is not None:
+                if label.shape != image.shape:
+                    raise DatasetError(f"case {i}: label shape {label.shape} != image shape {image.shape}")
+                lab_rel = f"labelsTr/{case_id}.nii.gz"
+                _save_nifti_atomic(_nifti_bytes(label, affine, np.uint8), staging / lab_rel)
+                entry["label"] = lab_rel
+                sums["label"] = sha256_file(staging / lab_rel)
+            entries.append(entry)
+            manifest_cases.append(
+                {
+                    "case_id": case_id,
+                    **entry,
+                    "shape": list(image.shape),
+                    "spacing": [float(x) for x in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))],
+                    "affine": np.asarray(affine, dtype=float).round(6).tolist(),
+                    "intensity_range": [float(np.min(image)), float(np.max(image))],
+                    "sha256": sums,
+                    "qc_flags": [],
+                }
+            )
+        if not entries:
+            raise DatasetError(f"{root}: no cases to write")
+        atomic.write_json(
+            staging / "dataset.json",
+            {
+                "name": name,
+                "description": f"{name} (fedimg prepared dataset)",
+                "channel_names": {"0": modality},
+                "modality": {"0": modality},
+                "labels": labels,
+                "numTraining": len(entries),
+                "file_ending": ".nii.gz",
+                "training": entries,
+            },
+        )
+        atomic.write_json(
+            staging / "manifest.json",
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "converter_version": CONVERTER_VERSION,
+                "labeled_classes": sorted(v for v in labels.values() if v != 0),
+                "cases": manifest_cases,
+            },
+        )
+        os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_dataset(root)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (not a prepared dataset; run `site-agent prepare` first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> PreparedDataset:
+    """Read and check a prepared dataset; raise DatasetError naming the file and problem.
+
+    Always checks the structure and that every listed file exists; with
+    `verify_checksums` also re-hashes every file against the manifest (slower).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    manifest_path = root / "manifest.json"
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{manifest_path}: 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    desc_path = root / "dataset.json"
+    desc = _read_json(desc_path)
+    for key in ("name", "labels", "training"):
+        if key not in desc:
+            raise DatasetError(f"{desc_path}: missing key {key!r}")
+    labels = desc["labels"]
+    if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
+        raise DatasetError(f"{desc_path}: 'labels' must map class names to integer ids")
+    cases_meta = manifest.get("cases")
+    if not isinstance(cases_meta, list) or not cases_meta:
+        raise DatasetError(f"{manifest_path}: 'cases' must be a non-empty list")
+    cases = []
+    for i, meta in enumerate(cases_meta):
+        if not isinstance(meta, dict) or "image" not in meta or "case_id" not in meta:
+            raise DatasetError(f"{manifest_path}: case #{i} lacks 'case_id' or 'image'")
+        paths = {}
+        for kind in ("image", "label"):
+            rel = meta.get(kind)
+            if rel is None:
+                continue
+            p = (root / rel).resolve()
+            if root.resolve() not in p.parents:
+                raise DatasetError(f"{manifest_path}: case {meta['case_id']}: {kind} path {rel!r} leaves the dataset folder")
+            if not p.is_file():
+                raise DatasetError(f"{root / rel}: listed in manifest.json but missing")
+            if verify_checksums:
+                expected = (meta.get("sha256") or {}).get(kind)
+                if expected is None:
+                    raise DatasetError(f"{manifest_path}: case {meta['case_id']}: no sha256 for {kind}")
+                if sha256_file(p) != expected:
+                    raise DatasetError(f"{root / rel}: checksum does not match manifest.json (file changed or corrupt)")
+            paths[kind] = p
+        cases.append(PreparedCase(case_id=meta["case_id"], image=paths["image"], label=paths.get("label")))
+    modality = (desc.get("channel_names") or desc.get("modality") or {}).get("0", "unknown")
+    return PreparedDataset(root=root, name=str(desc["name"]), modality=str(modality), labels=labels, cases=cases)

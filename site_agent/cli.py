@@ -1,0 +1,270 @@
+"""`site-agent`: the hospital-side command line. Thin over site_agent's functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from site_agent import config as site_config
+from site_agent.errors import UserError, run_cli
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _site(ctx: click.Context) -> site_config.SiteConfig:
+    return site_config.load(ctx.obj["config_path"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    envvar=site_config.CONFIG_ENV,
+    default=site_config.DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help=f"Site config file (env {site_config.CONFIG_ENV}).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str) -> None:
+    """Run a hospital site of a fedimg federation: config, datasets, plan approvals, node."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+@cli.command()
+@click.option("--site-name", required=True, help="Short name of this site (a-z 0-9 _ -).")
+@click.option("--coordinator-host", required=True, help="Host name or address of the coordinator.")
+@click.option("--coordinator-port", default=50051, show_default=True, type=int, help="Coordinator's Fed-BioMed port.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Folder holding prepared datasets.")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False), help="Folder for the node, logs, pid file.")
+@click.option("--runtime", type=click.Choice(site_config.RUNTIMES), default="auto", show_default=True)
+@click.option("--image", default=site_config.DEFAULT_IMAGE, show_default=True, help="Site image for the docker runtime.")
+@click.option("--force", is_flag=True, help="Overwrite an existing site config (the node and its data are kept).")
+@click.pass_context
+def init(ctx, site_name, coordinator_host, coordinator_port, data_dir, work_dir, runtime, image, force) -> None:
+    """Write the site config and create the Fed-BioMed node (plan approval ON, default plans OFF)."""
+    from site_agent import node
+
+    path = Path(ctx.obj["config_path"])
+    if path.exists() and not force:
+        raise UserError(f"{path}: already exists (use --force to overwrite the config; the node is kept)")
+    raw = {
+        "site_name": site_name,
+        "coordinator": {"host": coordinator_host, "port": coordinator_port},
+        "data_dir": str(Path(data_dir).resolve()),
+        "work_dir": str(Path(work_dir).resolve()),
+        "runtime": runtime,
+        "docker": {"image": image},
+    }
+    site = site_config.validate(raw, "command line")
+    site.data_dir.mkdir(parents=True, exist_ok=True)
+    site.work_dir.mkdir(parents=True, exist_ok=True)
+    node_id = node.create_node(site)
+    site.save(path)
+    click.echo(f"site {site.site_name}: config {path}, node {node_id} in {site.node_dir}")
+
+
+# -- datasets ---------------------------------------------------------------------------
+
+
+@cli.group()
+def dataset() -> None:
+    """Register, list and remove prepared datasets with the node."""
+
+
+@dataset.command("add")
+@click.argument("path", type=click.Path())
+@click.option("--tag", "tags", multiple=True, required=True, help="Tag researchers select the dataset by (repeatable).")
+@click.option("--name", default=None, help="Name shown to researchers (default: the dataset's own name).")
+@click.pass_context
+def dataset_add(ctx, path, tags, name) -> None:
+    """Register the prepared dataset at PATH (checked: manifest, files, checksums)."""
+    from site_agent import node
+
+    entry = node.add_dataset(_site(ctx), path, list(tags), name=name)
+    click.echo(f"registered {entry.dataset_id}: {entry.description} [tags: {', '.join(entry.tags)}]")
+
+
+@dataset.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def dataset_list(ctx, as_json) -> None:
+    """List the datasets registered with the node."""
+    from site_agent import node
+
+    entries = node.list_datasets(_site(ctx))
+    if as_json:
+        click.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    table = Table("id", "name", "tags", "description", "path")
+    for e in entries:
+        table.add_row(e.dataset_id, e.name, ",".join(e.tags), e.description, e.path)
+    console.print(table if entries else "no dataset registered")
+
+
+@dataset.command("remove")
+@click.argument("dataset_id")
+@click.pass_context
+def dataset_remove(ctx, dataset_id) -> None:
+    """Unregister DATASET_ID (files on disk are kept)."""
+    from site_agent import node
+
+    node.remove_dataset(_site(ctx), dataset_id)
+    click.echo(f"removed {dataset_id}")
+
+
+# -- training plans ----------------------------------------------------------------------
+
+
+@cli.group()
+def plans() -> None:
+    """Review training plans researchers sent, and approve or reject them."""
+
+
+@plans.command("list")
+@click.option("--status", type=click.Choice(["Pending", "Approved", "Rejected"]), default=None, help="Filter by status.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plans_list(ctx, status, as_json) -> None:
+    """List plans with their status and hash."""
+    from site_agent import node
+
+    rows = node.list_plans(_site(ctx), status=status)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "name", "status", "hash (sha256 of minified source)", "registered")
+    for r in rows:
+        table.add_row(r["id"], r["name"], r["status"], r["hash"], str(r["date_registered"]))
+    console.print(table if rows else "no training plan received yet")
+
+
+@plans.command("show")
+@click.argument("plan_id")
+@click.pass_context
+def plans_show(ctx, plan_id) -> None:
+    """Show PLAN_ID's metadata, hash and full source code."""
+    from site_agent import node
+
+    full = node.show_plan(_site(ctx), plan_id)
+    for key in ("training_plan_id", "name", "training_plan_status", "hash", "algorithm", "researcher_id", "date_registered", "notes"):
+        click.echo(f"{key}: {full.get(key, '')}")
+    click.echo("--- source ---")
+    click.echo(full.get("training_plan", ""))
+
+
+@plans.command("approve")
+@click.argument("plan_id")
+@click.option("--note", default=None, help="Why it was approved (kept in the node's records).")
+@click.pass_context
+def plans_approve(ctx, plan_id, note) -> None:
+    """Approve PLAN_ID: the node will run it."""
+    from site_agent import node
+
+    node.set_plan_status(_site(ctx), plan_id, approve=True, note=note)
+    click.echo(f"approved {plan_id}")
+
+
+@plans.command("reject")
+@click.argument("plan_id")
+@click.option("--note", default=None, help="Why it was rejected.")
+@click.pass_context
+def plans_reject(ctx, plan_id, note) -> None:
+    """Reject PLAN_ID: the node will refuse it."""
+    from site_agent import node
+
+    node.set_plan_status(_site(ctx), plan_id, approve=False, note=note)
+    click.echo(f"rejected {plan_id}")
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+_runtime_option = click.option(
+    "--runtime", type=click.Choice(site_config.RUNTIMES), default=None, help="Override the config's runtime."
+)
+
+
+@cli.command()
+@_runtime_option
+@click.option("--foreground", is_flag=True, help="Run the node in this process (container entrypoint).")
+@click.pass_context
+def start(ctx, runtime, foreground) -> None:
+    """Start the node (it connects out to the coordinator; no inbound port)."""
+    from site_agent.runtime import ProcessRuntime, get_runtime
+
+    site = _site(ctx)
+    if foreground:
+        ProcessRuntime(site).run_foreground()
+        return
+    st = get_runtime(site, runtime).start()
+    click.echo(f"node {'running' if st.running else 'not running'} ({st.runtime}{f', pid {st.pid}' if st.pid else ''}): {st.detail}")
+
+
+@cli.command()
+@_runtime_option
+@click.pass_context
+def stop(ctx, runtime) -> None:
+    """Stop the node cleanly (SIGTERM, then SIGKILL after a timeout)."""
+    from site_agent.runtime import get_runtime
+
+    st = get_runtime(_site(ctx), runtime).stop()
+    click.echo(f"node stopped ({st.runtime})")
+
+
+@cli.command()
+@_runtime_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx, runtime, as_json) -> None:
+    """Show whether the node runs. Exit code 0 when running, 3 when not."""
+    from site_agent.runtime import get_runtime
+
+    st = get_runtime(_site(ctx), runtime).status()
+    if as_json:
+        click.echo(json.dumps(st.__dict__))
+    else:
+        click.echo(f"{'running' if st.running else 'stopped'} ({st.runtime}): {st.detail}")
+    sys.exit(0 if st.running else 3)
+
+
+@cli.command()
+@_runtime_option
+@click.option("-n", "--lines", default=50, show_default=True, help="How many lines from the end.")
+@click.pass_context
+def logs(ctx, runtime, lines) -> None:
+    """Print the end of the node's log."""
+    from site_agent.runtime import get_runtime
+
+    for line in get_runtime(_site(ctx), runtime).logs(lines):
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--min-free-gb", default=5.0, show_default=True, help="Disk space the work dir needs.")
+@click.pass_context
+def doctor(ctx, min_free_gb) -> None:
+    """Preflight checks with a pass/fail table; exit 1 when any check fails."""
+    from site_agent.doctor import run_checks
+
+    checks = run_checks(ctx.obj["config_path"], min_free_gb=min_free_gb)
+    table = Table("check", "result", "detail")
+    for c in checks:
+        table.add_row(c.name, "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    click.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+def main() -> None:
+    run_cli(cli, "site-agent")
+
+
+if __name__ == "__main__":
+    main()

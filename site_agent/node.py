@@ -1,0 +1,200 @@
+"""The site's Fed-BioMed node component: creation, dataset registry, plan approvals.
+
+Fed-BioMed is imported lazily so `site-agent --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocessing.dataset import DatasetError, load_dataset
+from site_agent.config import SiteConfig
+from site_agent.errors import UserError
+
+# Security settings every site runs with; also forced through the environment at start so
+# a stray FBM_SECURITY_* variable cannot switch approval off.
+SECURITY_SETTINGS = {
+    "training_plan_approval": "True",
+    "allow_default_training_plans": "False",
+}
+DATA_TYPE = "custom"  # prepared datasets are read by pipelines.plans.datasets.PreparedSegmentationDataset
+
+
+def _quiet_fedbiomed() -> None:
+    """Fed-BioMed logs INFO to the console; a CLI wants only its own output."""
+    from fedbiomed.common.logger import logger
+
+    logger.setLevel("WARNING")
+    logging.getLogger("fedbiomed").setLevel(logging.WARNING)
+
+
+def _scrubbed_env() -> None:
+    for key in [k for k in os.environ if k.startswith("FBM_SECURITY_")]:
+        del os.environ[key]
+
+
+def create_node(site: SiteConfig) -> str:
+    """Create (or re-open) the node component with approval ON and default plans OFF; return its id."""
+    _scrubbed_env()
+    from fedbiomed.node.config import NodeComponent
+
+    site.node_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = NodeComponent().initiate(root=str(site.node_dir), alias=site.site_name)
+    _quiet_fedbiomed()
+    for key, value in SECURITY_SETTINGS.items():
+        config.set("security", key, value)
+    config.set("default", "name", site.site_name)
+    config.set("researcher", "ip", site.coordinator_host)
+    config.set("researcher", "port", str(site.coordinator_port))
+    config.write()
+    return config.get("default", "id")
+
+
+def _config(site: SiteConfig):
+    if not (site.node_dir / "etc" / "config.ini").is_file():
+        raise UserError(f"{site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
+    _scrubbed_env()
+    from fedbiomed.node.config import NodeConfig
+
+    config = NodeConfig(root=str(site.node_dir))
+    _quiet_fedbiomed()
+    return config
+
+
+def node_settings(site: SiteConfig) -> dict:
+    """Identity and security settings as the node will read them."""
+    config = _config(site)
+    return {
+        "node_id": config.get("default", "id"),
+        "name": config.get("default", "name"),
+        "training_plan_approval": config.getbool("security", "training_plan_approval"),
+        "allow_default_training_plans": config.getbool("security", "allow_default_training_plans"),
+        "db": str(Path(config.root) / "etc" / config.get("default", "db")),
+    }
+
+
+def _dataset_manager(site: SiteConfig):
+    from fedbiomed.node.dataset_manager import DatasetManager
+
+    return DatasetManager(path=node_settings(site)["db"])
+
+
+@dataclass
+class DatasetEntry:
+    dataset_id: str
+    name: str
+    tags: list[str]
+    description: str
+    path: str
+    data_type: str
+
+
+def list_datasets(site: SiteConfig) -> list[DatasetEntry]:
+    rows = _dataset_manager(site).list_my_datasets(verbose=False)
+    return [
+        DatasetEntry(
+            dataset_id=r["dataset_id"],
+            name=r.get("name", ""),
+            tags=list(r.get("tags") or []),
+            description=r.get("description", ""),
+            path=r.get("path", ""),
+            data_type=r.get("data_type", ""),
+        )
+        for r in rows
+    ]
+
+
+def add_dataset(site: SiteConfig, path: str | os.PathLike, tags: list[str], name: str | None = None) -> DatasetEntry:
+    """Register a prepared dataset; refuse folders that are not valid prepared datasets.
+
+    The description stored with the node (and shown to researchers) is built from the
+    dataset's allowlisted fields only (name, case count, modality, class names).
+    """
+    path = Path(path).resolve()
+    try:
+        prepared = load_dataset(path, verify_checksums=True)
+    except DatasetError as exc:
+        raise UserError(f"refusing dataset: {exc}") from None
+    tags = [t.strip() for t in tags if t.strip()]
+    if not tags:
+        raise UserError("a dataset needs at least one tag (--tag), which researchers use to select it")
+    for t in tags:
+        if "," in t:
+            raise UserError(f"tag {t!r} contains a comma")
+    dm = _dataset_manager(site)
+    for existing in list_datasets(site):
+        if Path(existing.path).resolve() == path:
+            raise UserError(f"{path}: already registered as {existing.dataset_id} ({existing.name})")
+        if set(existing.tags) & set(tags):
+            raise UserError(
+                f"tag(s) {', '.join(sorted(set(existing.tags) & set(tags)))} already used by dataset {existing.name} "
+                f"({existing.dataset_id}); a tag must select one dataset per site"
+            )
+    dataset_id = dm.add_database(
+        name=name or prepared.name,
+        data_type=DATA_TYPE,
+        tags=tags,
+        description=prepared.description(),
+        path=str(path),
+    )
+    return next(d for d in list_datasets(site) if d.dataset_id == dataset_id)
+
+
+def remove_dataset(site: SiteConfig, dataset_id: str) -> None:
+    """Unregister a dataset. The files on disk are left untouched."""
+    if not any(d.dataset_id == dataset_id for d in list_datasets(site)):
+        raise UserError(f"no dataset with id {dataset_id!r} on this node (see `site-agent dataset list`)")
+    _dataset_manager(site).delete_dataset_by_id(dataset_id)
+
+
+def _plan_manager(site: SiteConfig):
+    from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
+
+    config = _config(site)
+    settings = node_settings(site)
+    return TrainingPlanSecurityManager(
+        db=settings["db"],
+        node_id=settings["node_id"],
+        node_name=settings["name"],
+        hashing=config.get("security", "hashing_algorithm"),
+        tp_approval=True,
+    )
+
+
+def list_plans(site: SiteConfig, status: str | None = None) -> list[dict]:
+    """Plans known to the node (sent by a researcher for approval, or registered)."""
+    mgr = _plan_manager(site)
+    out = []
+    for row in mgr.list_training_plans(verbose=False):
+        full = mgr.get_training_plan_by_id(row["training_plan_id"], secure=False) or {}
+        entry = {
+            "id": row["training_plan_id"],
+            "name": row.get("name", ""),
+            "status": row.get("training_plan_status", ""),
+            "type": row.get("training_plan_type", ""),
+            "hash": full.get("hash", ""),
+            "researcher_id": row.get("researcher_id", ""),
+            "date_registered": full.get("date_registered", ""),
+        }
+        if status is None or entry["status"] == status:
+            out.append(entry)
+    return out
+
+
+def show_plan(site: SiteConfig, plan_id: str) -> dict:
+    full = _plan_manager(site).get_training_plan_by_id(plan_id, secure=False)
+    if not full:
+        raise UserError(f"no training plan with id {plan_id!r} on this node (see `site-agent plans list`)")
+    return full
+
+
+def set_plan_status(site: SiteConfig, plan_id: str, approve: bool, note: str | None = None) -> None:
+    show_plan(site, plan_id)  # raises a clear error for an unknown id
+    mgr = _plan_manager(site)
+    if approve:
+        mgr.approve_training_plan(plan_id, extra_notes=note)
+    else:
+        mgr.reject_training_plan(plan_id, extra_notes=note)

@@ -1,0 +1,317 @@
+"""Node lifecycle behind one interface, two runtimes.
+
+- ``process``: the node runs as one local process (Fed-BioMed's single-process entry,
+  ``python -m fedbiomed.node.node_pm``) in its own session, with a pid file and a clean
+  SIGTERM -> SIGKILL stop. Used where no Docker engine exists (tests, testbed, laptops) and
+  inside the site container, where ``start --foreground`` execs the same command.
+- ``docker``: the site image runs the same entrypoint through the Docker SDK, with the
+  site's folders mounted at the same absolute paths (so dataset paths in the node's
+  registry mean the same thing inside and out), as the folder owner's uid:gid, with a
+  restart policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocessing import atomic
+from site_agent.config import SiteConfig
+from site_agent.errors import UserError
+from site_agent.node import SECURITY_SETTINGS
+
+NODE_ARGS = {"gpu": False, "gpu_num": 1, "gpu_only": False, "debug": False}
+CONTAINER_LABEL = "org.fedimg.site"
+
+
+def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "fedbiomed.node.node_pm", "--config", str(site.node_dir), "--node-args", json.dumps(NODE_ARGS)]
+
+
+def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, str]:
+    """Environment for the node: coordinator address from the site config, security forced on."""
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("FBM_SECURITY_")}
+    env["FBM_RESEARCHER_IP"] = site.coordinator_host
+    env["FBM_RESEARCHER_PORT"] = str(site.coordinator_port)
+    for key, value in SECURITY_SETTINGS.items():
+        env[f"FBM_SECURITY_{key.upper()}"] = value
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Status:
+    running: bool
+    runtime: str
+    pid: int | None = None
+    detail: str = ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return True
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self, site: SiteConfig):
+        self.site = site
+
+    def _read_pid(self) -> dict | None:
+        try:
+            return json.loads(self.site.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> Status:
+        info = self._read_pid()
+        if not info:
+            return Status(False, self.name, detail="not started")
+        pid = int(info["pid"])
+        if _pid_alive(pid):
+            return Status(True, self.name, pid=pid, detail=f"running since {info.get('started', '?')}")
+        return Status(False, self.name, pid=pid, detail="stopped (stale pid file)")
+
+    def _check_ready(self) -> None:
+        if not (self.site.node_dir / "etc" / "config.ini").is_file():
+            raise UserError(f"{self.site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
+
+    def start(self, die_with_parent: bool = False) -> Status:
+        """Start the node in the background; idempotent when it already runs.
+
+        `die_with_parent` ties the node to the calling process (testbeds): the kernel sends
+        it SIGTERM when the caller dies, even by SIGKILL.
+        """
+        self._check_ready()
+        current = self.status()
+        if current.running:
+            return current
+        self.site.work_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.site.log_file, "ab")
+        try:
+            proc = subprocess.Popen(
+                node_command(self.site),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=node_environment(self.site),
+                cwd=str(self.site.work_dir),
+                start_new_session=True,  # own process group: a stop reaches every child
+                preexec_fn=parent_death_signal(os.getpid()) if die_with_parent else None,
+            )
+        finally:
+            log.close()
+        atomic.write_json(self.site.pid_file, {"pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise UserError(f"node exited at once with code {proc.returncode}; see {self.site.log_file}")
+        return self.status()
+
+    def run_foreground(self) -> None:
+        """Replace this process with the node (container entrypoint: signals reach the node)."""
+        self._check_ready()
+        self.site.work_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.site.pid_file, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        cmd = node_command(self.site)
+        os.execve(cmd[0], cmd, node_environment(self.site))
+
+    def stop(self, timeout: float = 15.0) -> Status:
+        """SIGTERM the node's process group, wait, then SIGKILL what is left."""
+        info = self._read_pid()
+        if not info:
+            return Status(False, self.name, detail="not started")
+        pid = int(info["pid"])
+        if _pid_alive(pid):
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+                time.sleep(0.2)
+        self.site.pid_file.unlink(missing_ok=True)
+        return Status(False, self.name, pid=pid, detail="stopped")
+
+    def logs(self, lines: int = 50) -> list[str]:
+        if not self.site.log_file.is_file():
+            return []
+        with open(self.site.log_file, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            tail = fh.read().decode("utf-8", "replace").splitlines()
+        return tail[-lines:]
+
+
+def parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
+    """A preexec_fn asking Linux to send `sig` to the child when its parent dies."""
+
+    def _set() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return _set
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def container_name(site: SiteConfig) -> str:
+    return f"fedimg-site-{site.site_name}"
+
+
+def container_spec(site: SiteConfig) -> dict:
+    """Keyword arguments for ``docker.from_env().containers.run(**spec)``.
+
+    Pure function (no engine needed), so the spec is tested where no Docker engine runs.
+    """
+    config_path = Path(site.path) if site.path else site.work_dir / "site.yaml"
+    st = site.work_dir.stat() if site.work_dir.exists() else None
+    user = f"{st.st_uid}:{st.st_gid}" if st else "10001:10001"
+    if user.startswith("0:"):
+        user = "10001:10001"  # never run the node as root, even if root created the folder
+    volumes = {
+        str(site.work_dir): {"bind": str(site.work_dir), "mode": "rw"},
+        str(site.data_dir): {"bind": str(site.data_dir), "mode": "ro"},
+        str(config_path): {"bind": str(config_path), "mode": "ro"},
+    }
+    loopback = site.coordinator_host in ("localhost", "127.0.0.1", "::1") or site.coordinator_host.startswith("127.")
+    spec = {
+        "image": site.docker.image,
+        "command": ["start", "--foreground", "--runtime", "process", "--config", str(config_path)],
+        "name": container_name(site),
+        "detach": True,
+        "user": user,
+        "environment": {
+            "FEDIMG_SITE_CONFIG": str(config_path),
+            **{k: v for k, v in node_environment(site, base={}).items()},
+        },
+        "volumes": volumes,
+        "restart_policy": {"Name": site.docker.restart} if site.docker.restart != "no" else {"Name": ""},
+        "labels": {CONTAINER_LABEL: site.site_name},
+        "read_only": False,
+        "security_opt": ["no-new-privileges:true"],
+        "cap_drop": ["ALL"],
+    }
+    if site.docker.restart == "on-failure":
+        spec["restart_policy"]["MaximumRetryCount"] = 5
+    if loopback:
+        spec["network_mode"] = "host"  # a loopback coordinator is only reachable from the host network
+    elif site.docker.network:
+        spec["network"] = site.docker.network
+    return spec
+
+
+def docker_engine_available(timeout: float = 2.0) -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no engine answering"
+        return False
+
+
+class DockerRuntime:
+    name = "docker"
+
+    def __init__(self, site: SiteConfig, client=None):
+        self.site = site
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = docker.from_env(timeout=10)
+                self._client.ping()
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"no Docker engine answers ({exc.__class__.__name__}); use --runtime process") from None
+        return self._client
+
+    def _container(self):
+        import docker
+
+        try:
+            return self.client.containers.get(container_name(self.site))
+        except docker.errors.NotFound:
+            return None
+
+    def status(self) -> Status:
+        c = self._container()
+        if c is None:
+            return Status(False, self.name, detail="no container")
+        return Status(c.status == "running", self.name, detail=f"container {c.name}: {c.status}")
+
+    def start(self) -> Status:
+        c = self._container()
+        if c is not None:
+            if c.status != "running":
+                c.start()
+            return self.status()
+        self.client.containers.run(**container_spec(self.site))
+        return self.status()
+
+    def stop(self, timeout: float = 15.0) -> Status:
+        c = self._container()
+        if c is not None:
+            c.stop(timeout=int(timeout))
+            c.remove()
+        return Status(False, self.name, detail="stopped")
+
+    def logs(self, lines: int = 50) -> list[str]:
+        c = self._container()
+        if c is None:
+            return []
+        return c.logs(tail=lines).decode("utf-8", "replace").splitlines()
+
+    def run_foreground(self) -> None:
+        raise UserError("--foreground is for the process runtime (the container entrypoint)")
+
+
+def get_runtime(site: SiteConfig, override: str | None = None):
+    choice = override or site.runtime
+    if choice == "auto":
+        # A pid file means the process runtime started the node: keep talking to it.
+        choice = "process" if site.pid_file.exists() or not docker_engine_available() else "docker"
+    if choice == "docker":
+        return DockerRuntime(site)
+    if choice == "process":
+        return ProcessRuntime(site)
+    raise UserError(f"unknown runtime {choice!r}")
