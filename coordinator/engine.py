@@ -61,17 +61,18 @@ class Federation:
         os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(self.home / "researcher")
         os.environ["FBM_SERVER_HOST"] = public_host  # certificate CN when the component is created
         os.environ["FBM_SERVER_PORT"] = str(port)
-        os.environ["FBM_DEBUG"] = "1"  # real exceptions instead of sys.exit() inside Experiment
+        from site_agent.node import quiet_fedbiomed_console
+
+        quiet_fedbiomed_console()
         from fedbiomed.common.logger import logger
         from fedbiomed.researcher.config import config
         from fedbiomed.researcher.requests import Requests
 
+        os.environ["FBM_DEBUG"] = "1"  # real exceptions instead of sys.exit() inside Experiment (read per call)
+
         # Fed-BioMed's own messages go to each run's run.log, not to the console.
         logger.setLevel(os.environ.get("FEDIMG_FBM_LOG_LEVEL", "WARNING"))
         self._fbm_logger = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
-        for handler in list(self._fbm_logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                self._fbm_logger.removeHandler(handler)
         self._collector = _NodeErrorCollector()
         self._fbm_logger.addHandler(self._collector)
         self.config = config

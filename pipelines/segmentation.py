@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 from monai.data import CacheDataset
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
@@ -77,9 +77,8 @@ def dice_per_class(logits: torch.Tensor, label: torch.Tensor, num_classes: int) 
     """
     pred = one_hot(torch.argmax(logits, dim=1, keepdim=True), num_classes=num_classes)
     ref = one_hot(label if label.dim() == logits.dim() else label.unsqueeze(1), num_classes=num_classes)
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-    metric(y_pred=pred, y=ref)
-    return metric.aggregate()
+    per_case = compute_dice(y_pred=pred, y=ref, include_background=False, ignore_empty=True)  # (B, C-1), NaN = absent
+    return torch.nanmean(per_case, dim=0)  # MONAI's own reductions turn all-NaN into 0; keep NaN
 
 
 def preprocess_case(image_path: str, label_path: str) -> tuple[torch.Tensor, torch.Tensor]:

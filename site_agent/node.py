@@ -5,7 +5,6 @@ Fed-BioMed is imported lazily so `site-agent --help` stays fast.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ SECURITY_SETTINGS = {
 DATA_TYPE = "custom"  # prepared datasets are read by pipelines.plans.datasets.PreparedSegmentationDataset
 
 
-def _quiet_fedbiomed() -> None:
-    """Fed-BioMed logs INFO to the console; a CLI wants only its own output."""
+def quiet_fedbiomed_console() -> None:
+    """Fed-BioMed logs to the console from import time on; our CLIs print only their own
+    lines. Its file logs (in the component's log/ folder) are kept."""
     from fedbiomed.common.logger import logger
 
-    logger.setLevel("WARNING")
-    logging.getLogger("fedbiomed").setLevel(logging.WARNING)
+    logger._internal_add_handler("CONSOLE", None)  # its documented way to remove a handler
 
 
 def _scrubbed_env() -> None:
@@ -39,11 +38,12 @@ def _scrubbed_env() -> None:
 def create_node(site: SiteConfig) -> str:
     """Create (or re-open) the node component with approval ON and default plans OFF; return its id."""
     _scrubbed_env()
+    quiet_fedbiomed_console()
     from fedbiomed.node.config import NodeComponent
 
     site.node_dir.parent.mkdir(parents=True, exist_ok=True)
     config = NodeComponent().initiate(root=str(site.node_dir), alias=site.site_name)
-    _quiet_fedbiomed()
+    quiet_fedbiomed_console()
     for key, value in SECURITY_SETTINGS.items():
         config.set("security", key, value)
     config.set("default", "name", site.site_name)
@@ -57,10 +57,11 @@ def _config(site: SiteConfig):
     if not (site.node_dir / "etc" / "config.ini").is_file():
         raise UserError(f"{site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
     _scrubbed_env()
+    quiet_fedbiomed_console()
     from fedbiomed.node.config import NodeConfig
 
     config = NodeConfig(root=str(site.node_dir))
-    _quiet_fedbiomed()
+    quiet_fedbiomed_console()
     return config
 
 

@@ -211,7 +211,8 @@ def container_spec(site: SiteConfig) -> dict:
     loopback = site.coordinator_host in ("localhost", "127.0.0.1", "::1") or site.coordinator_host.startswith("127.")
     spec = {
         "image": site.docker.image,
-        "command": ["start", "--foreground", "--runtime", "process", "--config", str(config_path)],
+        # --config belongs to the `site-agent` group: it goes before the subcommand.
+        "command": ["--config", str(config_path), "start", "--foreground", "--runtime", "process"],
         "name": container_name(site),
         "detach": True,
         "user": user,

@@ -1,0 +1,77 @@
+import pytest
+
+from coordinator import spec as spec_mod
+from coordinator.testbed import default_spec_text
+
+GOOD = """
+name: t1
+plan: fedavg_segmentation
+sites: {tags: [demo], min_sites: 2}
+rounds: 2
+"""
+
+
+def test_builtin_demo_spec_is_valid():
+    s = spec_mod.parse(default_spec_text(), "demo")
+    assert s.plan == "fedavg_segmentation" and s.rounds >= 2
+
+
+def test_defaults_and_training_args():
+    s = spec_mod.parse(GOOD, "good.yaml")
+    assert s.site_tags == ["demo"] and s.min_sites == 2
+    args = s.training_args()
+    assert args["num_updates"] == s.local_steps
+    assert args["loader_args"]["batch_size"] == s.batch_size
+    assert "fedprox_mu" not in args
+    s2 = spec_mod.parse(GOOD + "fedprox_mu: 0.01\n", "x")
+    assert s2.training_args()["fedprox_mu"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("rounds: 0\n", "rounds: must be an integer >= 1"),
+        ("roundz: 3\n", "roundz: unknown key; did you mean 'rounds'"),
+        ("aggregator: median\n", "aggregator: must be one of"),
+        ("server_optimizer: {name: sgd}\n", "server_optimizer: must be null or a mapping"),
+        ("server_optimizer: {name: momentum, lr: 1.0, beta: 0.6}\n", "unknown argument"),
+        ("test_ratio: 2\n", r"test_ratio: must be in \[0, 0.9\]"),
+        ("approval: {request: maybe}\n", "approval.request"),
+    ],
+)
+def test_bad_values_name_file_and_key(extra, message):
+    text = "\n".join(line for line in GOOD.splitlines() if not line.startswith(extra.split(":")[0] + ":")) + "\n" + extra
+    with pytest.raises(spec_mod.SpecError, match=message):
+        spec_mod.parse(text, "exp.yaml")
+    try:
+        spec_mod.parse(text, "exp.yaml")
+    except spec_mod.SpecError as exc:
+        assert str(exc).startswith("exp.yaml: ")
+
+
+def test_unknown_plan_suggests_the_close_one():
+    with pytest.raises(spec_mod.SpecError, match="did you mean 'fedavg_segmentation'"):
+        spec_mod.parse(GOOD.replace("fedavg_segmentation", "fedavg_segmentaton"), "x")
+
+
+def test_sites_needs_exactly_one_selector():
+    with pytest.raises(spec_mod.SpecError, match="exactly one of 'tags' or 'ids'"):
+        spec_mod.parse(GOOD.replace("{tags: [demo], min_sites: 2}", "{tags: [a], ids: [b]}"), "x")
+    with pytest.raises(spec_mod.SpecError, match="required"):
+        spec_mod.parse("name: a\nplan: fedavg_segmentation\nrounds: 1\n", "x")
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(spec_mod.SpecError, match="not valid YAML"):
+        spec_mod.parse("name: [", "x")
+    with pytest.raises(spec_mod.SpecError, match="spec file not found"):
+        spec_mod.load(tmp_path / "missing.yaml")
+
+
+def test_server_optimizer_builds_fedopt_momentum():
+    from coordinator.engine import _server_optimizer
+
+    s = spec_mod.parse(GOOD + "server_optimizer: {name: momentum, lr: 1.0, momentum: 0.6}\n", "x")
+    opt = _server_optimizer(s)
+    assert opt is not None
+    assert spec_mod.parse(GOOD, "x").server_optimizer is None
