@@ -7,9 +7,12 @@ component root and server address must be in the environment first.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,10 @@ from preprocessing import atomic
 from site_agent.errors import UserError
 
 Log = Callable[[str], None]
+
+
+# Opacus (imported by Fed-BioMed) warns about its secure RNG on every import; DP is not used here.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
 class RunError(UserError):
@@ -141,7 +148,10 @@ class Federation:
     def _check_approval(self, exp, spec: Spec, sites: dict[str, str]) -> None:
         """Make sure every selected site approved this exact plan source before round 1."""
         if spec.request_approval:
-            exp.training_plan_approve(description=f"fedimg plan {spec.plan} for experiment {spec.name}")
+            sent = io.StringIO()
+            with contextlib.redirect_stdout(sent):  # Fed-BioMed prints the plan source; keep it in run.log
+                exp.training_plan_approve(description=f"fedimg plan {spec.plan} for experiment {spec.name}")
+            self._fbm_logger.warning("[fedimg] plan source sent to the sites for approval:\n%s", sent.getvalue())
         deadline = time.monotonic() + spec.approval_wait_s
         while True:
             status = exp.check_training_plan_status()

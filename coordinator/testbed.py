@@ -39,6 +39,7 @@ def default_spec_text() -> str:
 
 
 class Testbed:
+    __test__ = False  # not a pytest test class
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print):
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
