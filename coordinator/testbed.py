@@ -94,9 +94,13 @@ class Testbed:
         self.log(f"{self.n_sites} sites prepared under {self.workdir / 'sites'}")
 
     def start_nodes(self) -> None:
+        # All nodes share this machine's cores: without a thread budget each torch process
+        # starts one OpenMP thread per core and they spin against each other.
+        threads = str(max(1, (os.cpu_count() or 1) // self.n_sites))
+        budget = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         for site in self.sites:
             # Started from this (main) thread: PDEATHSIG follows the thread that forked.
-            st = ProcessRuntime(site).start(die_with_parent=True)
+            st = ProcessRuntime(site).start(die_with_parent=True, extra_env=budget)
             self.log(f"{site.site_name}: node started (pid {st.pid})")
             if self.auto_approve:
                 self._spawn(

@@ -38,7 +38,7 @@ def segmentation_transforms(train: bool, roi_size: Sequence[int], num_samples: i
     steps = [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # RAS+ world axes
         _ct_normalise(),
         EnsureTyped(keys="label", dtype=torch.long),
     ]

@@ -98,7 +98,7 @@ class ProcessRuntime:
         if not (self.site.node_dir / "etc" / "config.ini").is_file():
             raise UserError(f"{self.site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
 
-    def start(self, die_with_parent: bool = False) -> Status:
+    def start(self, die_with_parent: bool = False, extra_env: dict[str, str] | None = None) -> Status:
         """Start the node in the background; idempotent when it already runs.
 
         `die_with_parent` ties the node to the calling process (testbeds): the kernel sends
@@ -116,7 +116,7 @@ class ProcessRuntime:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=node_environment(self.site),
+                env={**node_environment(self.site), **(extra_env or {})},
                 cwd=str(self.site.work_dir),
                 start_new_session=True,  # own process group: a stop reaches every child
                 preexec_fn=parent_death_signal(os.getpid()) if die_with_parent else None,

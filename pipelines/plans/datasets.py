@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from fedbiomed.common.dataset import CustomDataset
 
 from pipelines.segmentation import preprocess_case
 from preprocessing.dataset import load_dataset
 
+# The node builds a new dataset object every round; the preprocessed cases are kept for the
+# life of the node process, keyed by the manifest's content, so a changed dataset is re-read.
+_CACHE: dict[tuple[str, str], list] = {}
+_CACHE_MAX_BYTES = 4 * 1024**3
+
+
+def _cached_items(path: str) -> list:
+    key = (str(Path(path).resolve()), hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest())
+    if key not in _CACHE:
+        prepared = load_dataset(path)
+        items = [preprocess_case(str(c.image), str(c.label)) for c in prepared.cases if c.label is not None]
+        if sum(t.element_size() * t.numel() for pair in items for t in pair) > _CACHE_MAX_BYTES:
+            return items  # too large to keep in memory: re-read next round
+        _CACHE.clear()  # one dataset per node process in practice; never grow without bound
+        _CACHE[key] = items
+    return _CACHE[key]
+
 
 class PreparedSegmentationDataset(CustomDataset):
-    """Labelled cases of a prepared dataset, preprocessed once and kept in memory.
+    """Labelled cases of a prepared dataset, preprocessed once per node process.
 
     `self.path` is set by the node from its dataset registry; the plan never sees it.
     """
 
     def read(self) -> None:
-        prepared = load_dataset(self.path)
-        self._items = [preprocess_case(str(c.image), str(c.label)) for c in prepared.cases if c.label is not None]
+        self._items = _cached_items(self.path)
 
     def get_item(self, index):
         return self._items[index]
