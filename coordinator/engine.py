@@ -111,7 +111,7 @@ class Federation:
         while True:
             sites = self.matching_sites(spec)
             if len(sites) != last:
-                self.log(f"sites ready: {len(sites)}/{spec.min_sites} ({', '.join(sorted(sites)) or 'none yet'})")
+                self.log(f"sites ready: {len(sites)}/{spec.min_sites} ({', '.join(sorted(sites.values())) or 'none yet'})")
                 last = len(sites)
             if len(sites) >= spec.min_sites:
                 return sites

@@ -40,7 +40,7 @@ def default_spec_text() -> str:
 
 class Testbed:
     __test__ = False  # not a pytest test class
-    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print):
+    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None):
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -48,6 +48,7 @@ class Testbed:
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.log = log
+        self.out = out or log  # where the coordinator's own (already timestamped) lines go
         self.children: list[subprocess.Popen] = []
         self.sites: list[site_config.SiteConfig] = []
         self._stopped = False
@@ -126,7 +127,7 @@ class Testbed:
         self.log(f"coordinator: running {raw.get('name')} on localhost:{self.port}, waiting for {self.n_sites} sites")
         proc = self._spawn(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
-            self.log(line.decode("utf-8", "replace").rstrip())
+            self.out(line.decode("utf-8", "replace").rstrip())
         return proc.wait()
 
     def pids(self) -> list[int]:
@@ -164,7 +165,7 @@ class Testbed:
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
         auto_approve: bool = True, log=print) -> int:  # fmt: skip
     """Set up, run one spec, tear down. Returns the coordinator's exit code."""
-    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log)
+    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True))
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

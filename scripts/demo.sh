@@ -7,4 +7,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/venv.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/coordinator" testbed --sites 3 --rounds 3 "$@"
+exec "$ROOT/.venv/bin/coordinator" testbed --sites 3 "$@"
