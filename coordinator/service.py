@@ -104,7 +104,8 @@ class Coordinator:
             self.federation.run(run_dir, parsed, resume=bool(state.get("resume")))
             self.log(f"run {run_dir.name}: done")
         except UserError as exc:
-            runs.mark(run_dir, "failed", error=str(exc)) if runs.read_state(run_dir)["status"] != "failed" else None
+            if runs.read_state(run_dir)["status"] != "failed":  # e.g. a spec that no longer validates
+                runs.mark(run_dir, "failed", error=str(exc))
             self.log(f"run {run_dir.name}: failed: {exc}")
         finally:
             runs.update_state(run_dir, resume=False)
