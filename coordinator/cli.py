@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import signal
+
 import click
 from rich.console import Console
 from rich.table import Table
 
 from coordinator import runs
+from coordinator.client import client_token
 from coordinator import spec as spec_mod
 from site_agent.errors import UserError, run_cli
 
@@ -59,13 +62,15 @@ def cli() -> None:
 def validate(spec_file) -> None:
     """Check SPEC_FILE and print what it will run."""
     s = spec_mod.load(spec_file)
-    sel = f"tags {s.site_tags}" if s.site_tags else f"ids {s.site_ids}"
+    sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
     click.echo(f"ok: {s.name}: plan {s.plan}, {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
 
 
 def _print_results(run_dir: Path) -> None:
     info = runs.summary(run_dir)
     metrics = runs.read_metrics(run_dir)
+    # "global" = the model the site received at the start of the round (validated before local
+    # training); "local" = the site's model after local training; "final" = after the last round.
     table = Table("round", "site", "samples", "train loss", "val loss (global)", "dice (global)", "dice (local)", "|update|")
     for r in metrics.get("rounds", []):
         for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
@@ -76,15 +81,24 @@ def _print_results(run_dir: Path) -> None:
                 fmt(vg, "loss"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), f"{r['update_norm']:.4f}",
             )  # fmt: skip
     console.print(table)
+    final = {row.get("name", n): row["val_final"] for r in metrics.get("rounds", [])[-1:] for n, row in r["sites"].items() if "val_final" in row}
+    if final:
+        click.echo("final global model: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}, loss {v.get('loss', float('nan')):.3f}" for k, v in sorted(final.items())))
     click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
     if info.get("error"):
         click.echo(f"error: {info['error']}")
 
 
-def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, run_dir: Path, spec, resume: bool) -> None:
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a stopped run is recorded as interrupted (resumable), not left "running"
+
+
+def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, resume: bool, make_run_dir) -> None:
     from coordinator.engine import Federation
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=_log)
+    run_dir = make_run_dir()  # only once the server runs: a failed start leaves no queued run behind
     _log(f"run {run_dir.name}: sites connect to {fed.address}")
     try:
         fed.run(run_dir, spec, resume=resume)
@@ -101,8 +115,8 @@ def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, run_dir:
 def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
     """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
     s = spec_mod.load(spec_file)
-    run_dir = runs.new_run(Path(home), Path(spec_file).read_text(encoding="utf-8"), s.name)
-    _foreground(home, grpc_host, grpc_port, public_host, run_dir, s, resume=False)
+    text = Path(spec_file).read_text(encoding="utf-8")
+    _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name))
 
 
 @cli.command()
@@ -115,9 +129,7 @@ def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
     """Continue an interrupted run from its last breakpoint (via --url: re-queue it on the service)."""
     if url:
         from coordinator.client import call
-        from coordinator.service import api_token
-
-        reply = call(url, "POST", f"/runs/{run_id}/resume", token or api_token(Path(home)))
+        reply = call(url, "POST", f"/runs/{run_id}/resume", client_token(Path(home), token))
         click.echo(f"re-queued {reply['run_id']}")
         return
     run_dir = runs.find_run(Path(home), run_id)
@@ -129,7 +141,7 @@ def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
         if runs.read_state(run_dir)["status"] == "running":
             raise UserError(f"run {run_dir.name} is running in process {state.get('pid')}")
     s = spec_mod.load(run_dir / "spec.yaml")
-    _foreground(home, grpc_host, grpc_port, public_host, run_dir, s, resume=True)
+    _foreground(home, grpc_host, grpc_port, public_host, s, True, lambda: run_dir)
 
 
 @cli.command()
@@ -152,10 +164,9 @@ def serve(home, grpc_host, grpc_port, public_host, api_host, api_port) -> None:
 def submit(spec_file, home, url, token) -> None:
     """Submit SPEC_FILE to a running `coordinator serve`."""
     from coordinator.client import call
-    from coordinator.service import api_token
 
     s = spec_mod.load(spec_file)  # fail here, with the file name, before anything is sent
-    reply = call(url or DEFAULT_URL, "POST", "/runs", token or api_token(Path(home)), body=Path(spec_file).read_bytes())
+    reply = call(url or DEFAULT_URL, "POST", "/runs", client_token(Path(home), token), body=Path(spec_file).read_bytes())
     click.echo(f"submitted {s.name}: run {reply['run_id']}")
 
 
@@ -168,10 +179,10 @@ def status(home, url, token, as_json) -> None:
     """List runs and their state."""
     if url:
         from coordinator.client import call
-        from coordinator.service import api_token
 
-        rows = call(url, "GET", "/runs", token or api_token(Path(home)))["runs"]
+        rows = call(url, "GET", "/runs", client_token(Path(home), token))["runs"]
     else:
+        runs.recover_stale(Path(home))  # runs whose process died show as interrupted, not running
         rows = runs.list_runs(Path(home))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
+from pathlib import Path
 import urllib.request
 
 from site_agent.errors import UserError
@@ -27,3 +29,21 @@ def call(url: str, method: str, path: str, token: str | None, body: bytes | None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"cannot reach the coordinator at {url} ({reason}); is `coordinator serve` running?") from None
+
+
+def client_token(home: Path, token: str | None) -> str:
+    """The researcher's API token: --token / $FEDIMG_API_TOKEN, else <home>/api-token if readable.
+
+    Never creates one: a client that invents a token only gets a confusing 401.
+    """
+    if token:
+        return token
+    if os.environ.get("FEDIMG_API_TOKEN"):
+        return os.environ["FEDIMG_API_TOKEN"]
+    path = Path(home) / "api-token"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise UserError(
+            f"no API token: pass --token or set FEDIMG_API_TOKEN (the coordinator keeps it in {path} on its host)"
+        ) from None

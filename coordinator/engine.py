@@ -11,6 +11,8 @@ import contextlib
 import io
 import logging
 import os
+import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,6 +67,7 @@ class Federation:
         self.log = log
         self.home.mkdir(parents=True, exist_ok=True)
         public_host = public_host or (host if host not in ("0.0.0.0", "::", "") else "localhost")
+        _check_port_free(host, port)
         os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(self.home / "researcher")
         os.environ["FBM_SERVER_HOST"] = public_host  # certificate CN when the component is created
         os.environ["FBM_SERVER_PORT"] = str(port)
@@ -94,16 +97,14 @@ class Federation:
         return list(self.requests.ping_nodes())
 
     def matching_sites(self, spec: Spec) -> dict[str, str]:
-        """node_id -> node name for sites holding data that the spec selects."""
-        if spec.site_tags:
-            from fedbiomed.common.message import SearchRequest
-            from fedbiomed.researcher.requests import DiscardOnTimeout
+        """node_id -> node name for connected sites holding data with the spec's tags."""
+        from fedbiomed.common.message import SearchRequest
+        from fedbiomed.researcher.requests import DiscardOnTimeout
 
-            request = SearchRequest(researcher_id=self.requests._researcher_id, tags=spec.site_tags)
-            with self.requests.send(request, None, policies=[DiscardOnTimeout(5)]) as fed_req:
-                return {nid: (reply.node_name or nid) for nid, reply in fed_req.replies().items() if reply.databases}
-        online = set(self.online_nodes())
-        return {nid: nid for nid in spec.site_ids if nid in online}
+        request = SearchRequest(researcher_id=self.requests._researcher_id, tags=spec.site_tags)
+        nodes = spec.site_ids or None
+        with self.requests.send(request, nodes, policies=[DiscardOnTimeout(5)]) as fed_req:
+            return {nid: (reply.node_name or nid) for nid, reply in fed_req.replies().items() if reply.databases}
 
     def wait_for_sites(self, spec: Spec) -> dict[str, str]:
         deadline = time.monotonic() + spec.wait_for_sites_s
@@ -116,7 +117,7 @@ class Federation:
             if len(sites) >= spec.min_sites:
                 return sites
             if time.monotonic() >= deadline:
-                what = f"tags {spec.site_tags}" if spec.site_tags else f"ids {spec.site_ids}"
+                what = f"tags {spec.site_tags}" + (f" among nodes {spec.site_ids}" if spec.site_ids else "")
                 raise RunError(
                     f"only {len(sites)} of the {spec.min_sites} required sites with {what} connected within "
                     f"{spec.wait_for_sites_s:g}s (is each site's node started and pointed at {self.address}?)"
@@ -132,7 +133,7 @@ class Federation:
         self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)  # breakpoints land in the run dir
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
         return Experiment(
-            tags=spec.site_tags or None,
+            tags=spec.site_tags,
             nodes=spec.site_ids or None,
             training_plan_class=plan_registry.resolve(spec.plan),
             model_args=dict(spec.plan_args),
@@ -208,7 +209,15 @@ class Federation:
 
                 self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)
                 exp = Experiment.load_breakpoint(str(bkpt))
-                metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= exp.round_current()]
+                done = exp.round_current()
+                metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
+                if done and not any(r["round"] == done for r in metrics["rounds"]):
+                    # Stopped after Fed-BioMed saved the breakpoint but before our record: the
+                    # round's model is in the breakpoint; its per-site metrics are gone.
+                    _save_checkpoint(run_dir, done, _params(exp))
+                    metrics["rounds"].append(
+                        {"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True}
+                    )
                 self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
             else:
                 exp = self._experiment(spec, run_dir)
@@ -222,7 +231,8 @@ class Federation:
             while exp.round_current() < spec.rounds:
                 r = exp.round_current() + 1
                 t0 = time.monotonic()
-                exp.run_once()
+                # After the last round the sites also validate the final aggregated model.
+                exp.run_once(test_after=(r == spec.rounds))
                 elapsed = time.monotonic() - t0
                 params_after = _params(exp)
                 record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
@@ -253,17 +263,19 @@ class Federation:
         """Record the scalars nodes stream during a round (validation metrics, training loss)."""
         original = exp.monitor().on_message_handler
         self._pending: list[dict] = []
+        self._pending_lock = threading.Lock()  # filled by gRPC threads, drained by the round loop
 
         def handler(msg):
             original(msg)
-            self._pending.append(
-                {
-                    "node_id": msg["node_id"],
-                    "train": bool(msg["train"]),
-                    "global": bool(msg.get("test_on_global_updates")),
-                    "metric": {k: float(v) for k, v in msg["metric"].items()},
-                }
-            )
+            with self._pending_lock:
+                self._pending.append(
+                    {
+                        "node_id": msg["node_id"],
+                        "train": bool(msg["train"]),
+                        "global": bool(msg.get("test_on_global_updates")),
+                        "metric": {k: float(v) for k, v in msg["metric"].items()},
+                    }
+                )
 
         exp.requests.add_monitor_callback(exp.id, handler)
 
@@ -278,13 +290,26 @@ class Federation:
                 "train_s": round(float(timing.get("rtime_training", 0.0)), 3),
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
-        for m in self._pending:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for m in pending:
             row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
             key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
-            row[key] = m["metric"]  # the last value of the round wins (one validation per round)
-        self._pending.clear()
+            if key == "val_global" and key in row:
+                key = "val_final"  # the second global validation: the final model, after the last round
+            row[key] = m["metric"]
         delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fed-BioMed only logs a failed bind; say it before anything else starts."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RunError(f"cannot listen on {host}:{port} for the sites ({exc.strerror}); is another coordinator running?") from None
 
 
 def _ensure_certificate(config, public_host: str, log: Log) -> None:

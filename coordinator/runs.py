@@ -80,8 +80,20 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 
 
 def latest_breakpoint(run_dir: Path) -> Path | None:
+    """The newest complete Fed-BioMed breakpoint.
+
+    Fed-BioMed creates the folder first and writes its state JSON last, not atomically: a
+    stop while it saves leaves a folder that cannot be loaded, so such folders are skipped.
+    """
     found = sorted(p for p in Path(run_dir).glob("breakpoint_*") if re.fullmatch(r"breakpoint_\d+", p.name) and p.is_dir())
-    return found[-1] if found else None
+    for folder in reversed(found):
+        try:
+            state = json.loads((folder / f"{folder.name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and "round_current" in state:
+            return folder
+    return None
 
 
 def find_run(home: Path, run: str) -> Path:

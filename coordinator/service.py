@@ -40,8 +40,7 @@ def api_token(home: Path) -> str:
     path = Path(home) / TOKEN_FILE
     if not path.is_file():
         Path(home).mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, secrets.token_urlsafe(32) + "\n")
-        os.chmod(path, 0o600)
+        atomic.write_bytes(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
     return path.read_text().strip()
 
 
@@ -108,7 +107,9 @@ class Coordinator:
                 runs.mark(run_dir, "failed", error=str(exc))
             self.log(f"run {run_dir.name}: failed: {exc}")
         finally:
-            runs.update_state(run_dir, resume=False)
+            with self.lock:  # a resume request may have re-queued the run meanwhile: keep its flag
+                if runs.read_state(run_dir)["status"] != "queued":
+                    runs.update_state(run_dir, resume=False)
             self.current = None
 
 
@@ -129,7 +130,7 @@ def make_handler(coord: Coordinator, token: str):
 
         def _authorised(self) -> bool:
             given = self.headers.get("Authorization", "")
-            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), token):
+            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode("utf-8", "replace"), token.encode()):
                 return True
             self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
             return False
@@ -157,7 +158,12 @@ def make_handler(coord: Coordinator, token: str):
             parts = [p for p in self.path.split("?")[0].split("/") if p]
             try:
                 if parts == ["runs"]:
-                    length = int(self.headers.get("Content-Length") or 0)
+                    try:
+                        length = int(self.headers.get("Content-Length") or 0)
+                    except ValueError:
+                        length = -1
+                    if length < 0:
+                        return self._send(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
                     if length > MAX_SPEC_BYTES:
                         return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "spec too large"})
                     text = self.rfile.read(length).decode("utf-8", "replace")

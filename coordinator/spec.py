@@ -4,7 +4,7 @@ Example::
 
     name: demo-fedavg
     plan: fedavg_segmentation
-    sites: {tags: [fedimg-demo], min_sites: 2}     # or {ids: [NODE_...]}
+    sites: {tags: [fedimg-demo], min_sites: 2}     # optional ids: [NODE_...] restricts to those nodes
     rounds: 3
     local_steps: 4          # optimizer updates per site per round
     batch_size: 2
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from coordinator.plans import PLANS
+from coordinator.plans import PLANS, check_plan_args
 from site_agent.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -72,7 +72,7 @@ class Spec:
             "test_ratio": self.test_ratio,
             "test_on_global_updates": self.test_ratio > 0,
             "test_on_local_updates": self.test_ratio > 0,
-            "test_batch_size": 0,
+            "test_batch_size": self.batch_size,
             "shuffle_testing_dataset": False,
             "random_seed": self.seed,
             "log_interval": max(1, self.local_steps),
@@ -132,13 +132,14 @@ def validate(raw: Any, where: str) -> Spec:
 
     sites = raw["sites"]
     if not isinstance(sites, dict) or set(sites) - {"tags", "ids", "min_sites", "wait_s"}:
-        _fail(where, "sites", "must be a mapping with 'tags' or 'ids' (and optional min_sites, wait_s)")
+        _fail(where, "sites", "must be a mapping with 'tags' (and optional ids, min_sites, wait_s)")
     tags, ids = sites.get("tags") or [], sites.get("ids") or []
     for key, values in (("sites.tags", tags), ("sites.ids", ids)):
         if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
             _fail(where, key, "must be a list of non-empty strings")
-    if bool(tags) == bool(ids):
-        _fail(where, "sites", "give exactly one of 'tags' or 'ids'")
+    if not tags:
+        # Fed-BioMed finds training data by dataset tags; node ids can only narrow that down.
+        _fail(where, "sites.tags", "required: the tags of the datasets to train on (sites.ids may restrict the nodes)")
     min_sites = _pos_int(where, sites, "min_sites", default=len(ids) or 1)
 
     aggregator = raw.get("aggregator", "fedavg")
@@ -162,6 +163,9 @@ def validate(raw: Any, where: str) -> Spec:
     plan_args = raw.get("plan_args", {})
     if not isinstance(plan_args, dict):
         _fail(where, "plan_args", "must be a mapping")
+    problem = check_plan_args(plan, plan_args)
+    if problem:
+        _fail(where, f"plan_args.{problem[0]}", problem[1])
     approval = raw.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
         _fail(where, "approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")

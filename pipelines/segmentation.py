@@ -14,7 +14,9 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     Orientationd,
+    RandCropByPosNegLabel,
     RandCropByPosNegLabeld,
+    SpatialPad,
     RandFlipd,
     ScaleIntensityRanged,
     SpatialPadd,
@@ -97,3 +99,20 @@ def random_flip_batch(image: torch.Tensor, label: torch.Tensor, generator: torch
     if dims:
         image, label = torch.flip(image, dims), torch.flip(label, dims)
     return image, label
+
+
+def random_patch(image: torch.Tensor, label: torch.Tensor, roi_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed-size patch, centred on foreground or background with equal odds.
+
+    Cases of a real dataset differ in shape; fixed-size patches let them share a batch.
+    Volumes smaller than `roi_size` are padded first.
+    """
+    pad = SpatialPad(spatial_size=list(roi_size))
+    image, label = pad(image), pad(label)
+    crop = RandCropByPosNegLabel(spatial_size=list(roi_size), pos=1, neg=1, num_samples=1)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows torch's seed (the plan's random_seed)
+    crop.set_random_state(seed)
+    img = crop(image, label=label)[0]
+    crop.set_random_state(seed)
+    lab = crop(label, label=label)[0]
+    return torch.as_tensor(img).float(), torch.as_tensor(lab).long()

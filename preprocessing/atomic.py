@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give: mkstemp/mkdtemp use 0600/0700, which
+    would hide outputs from a node or container running under another user."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -78,6 +78,7 @@ def _save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, atomic.default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -101,6 +102,7 @@ def write_dataset(
         raise DatasetError(f"{root}: already exists; refusing to overwrite a prepared dataset")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    os.chmod(staging, atomic.default_mode(directory=True))
     try:
         entries, manifest_cases = [], []
         for i, (image, label, affine) in enumerate(cases):
@@ -163,7 +165,7 @@ def write_dataset(
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise DatasetError(f"{path}: missing (not a prepared dataset; run `site-agent prepare` first)")
+        raise DatasetError(f"{path}: missing (this folder is not a prepared dataset)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -73,6 +73,33 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _create_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _pid_record(pid: int) -> dict:
+    return {"pid": pid, "create_time": _create_time(pid), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _is_our_node(info: dict) -> bool:
+    """The pid file names a live process that is the node it recorded.
+
+    A bare pid is not enough: after a reboot the pid may belong to anything, and a pid
+    file written inside the site container (pid 1 there) names the host's init outside.
+    The process's start time, recorded at launch, tells them apart.
+    """
+    pid, recorded = int(info["pid"]), info.get("create_time")
+    if recorded is None or not _pid_alive(pid):
+        return False
+    now = _create_time(pid)
+    return now is not None and abs(now - float(recorded)) < 0.05
+
+
 class ProcessRuntime:
     name = "process"
 
@@ -90,9 +117,13 @@ class ProcessRuntime:
         if not info:
             return Status(False, self.name, detail="not started")
         pid = int(info["pid"])
-        if _pid_alive(pid):
+        if _is_our_node(info):
             return Status(True, self.name, pid=pid, detail=f"running since {info.get('started', '?')}")
         return Status(False, self.name, pid=pid, detail="stopped (stale pid file)")
+
+    def owns_running_node(self) -> bool:
+        info = self._read_pid()
+        return bool(info) and _is_our_node(info)
 
     def _check_ready(self) -> None:
         if not (self.site.node_dir / "etc" / "config.ini").is_file():
@@ -123,7 +154,7 @@ class ProcessRuntime:
             )
         finally:
             log.close()
-        atomic.write_json(self.site.pid_file, {"pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        atomic.write_json(self.site.pid_file, _pid_record(proc.pid))
         time.sleep(0.5)
         if proc.poll() is not None:
             raise UserError(f"node exited at once with code {proc.returncode}; see {self.site.log_file}")
@@ -133,7 +164,7 @@ class ProcessRuntime:
         """Replace this process with the node (container entrypoint: signals reach the node)."""
         self._check_ready()
         self.site.work_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.site.pid_file, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        atomic.write_json(self.site.pid_file, _pid_record(os.getpid()))  # exec keeps pid and start time
         cmd = node_command(self.site)
         os.execve(cmd[0], cmd, node_environment(self.site))
 
@@ -143,7 +174,7 @@ class ProcessRuntime:
         if not info:
             return Status(False, self.name, detail="not started")
         pid = int(info["pid"])
-        if _pid_alive(pid):
+        if _is_our_node(info):  # never signal a process that merely reuses the pid
             _signal_group(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while _pid_alive(pid) and time.monotonic() < deadline:
@@ -180,13 +211,14 @@ def parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
 
 
 def _signal_group(pid: int, sig: int) -> None:
+    """Signal the process group `pid` leads (our children start their own session), else the process."""
     try:
-        os.killpg(os.getpgid(pid), sig)
-    except (ProcessLookupError, PermissionError):
-        try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def container_name(site: SiteConfig) -> str:
@@ -310,7 +342,7 @@ def get_runtime(site: SiteConfig, override: str | None = None):
     choice = override or site.runtime
     if choice == "auto":
         # A pid file means the process runtime started the node: keep talking to it.
-        choice = "process" if site.pid_file.exists() or not docker_engine_available() else "docker"
+        choice = "process" if ProcessRuntime(site).owns_running_node() or not docker_engine_available() else "docker"
     if choice == "docker":
         return DockerRuntime(site)
     if choice == "process":

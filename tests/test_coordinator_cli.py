@@ -6,7 +6,7 @@ import pytest
 
 from conftest import cli
 
-GOOD = "name: t\nplan: fedavg_segmentation\nsites: {tags: [nobody], min_sites: 1, wait_s: 1}\nrounds: 1\n"
+GOOD = "name: t\nplan: fedavg_segmentation\nsites: {tags: [nobody], min_sites: 1, wait_s: 1}\nrounds: 1\nplan_args: {num_classes: 3}\n"
 
 
 def _one_clear_line(res, *needles):
@@ -69,3 +69,29 @@ def test_unknown_run(tmp_path):
 def test_every_verb_has_help(verb):
     res = cli("coordinator", verb, "--help")
     assert res.returncode == 0 and "Usage:" in res.stdout
+
+
+def test_runs_module_skips_half_written_breakpoints(tmp_path):
+    from coordinator import runs
+
+    run = tmp_path / "r"
+    (run / "breakpoint_0000").mkdir(parents=True)
+    (run / "breakpoint_0000" / "breakpoint_0000.json").write_text('{"round_current": 1}')
+    (run / "breakpoint_0001").mkdir()  # a stop while Fed-BioMed saved it: no JSON yet
+    (run / "breakpoint_0002").mkdir()
+    (run / "breakpoint_0002" / "breakpoint_0002.json").write_text('{"round_cur')  # cut short
+    assert runs.latest_breakpoint(run).name == "breakpoint_0000"
+    assert runs.latest_breakpoint(tmp_path / "empty") is None
+
+
+def test_client_never_invents_a_token(tmp_path, monkeypatch):
+    from coordinator.client import client_token
+    from site_agent.errors import UserError
+
+    monkeypatch.delenv("FEDIMG_API_TOKEN", raising=False)
+    with pytest.raises(UserError, match="no API token"):
+        client_token(tmp_path, None)
+    assert not (tmp_path / "api-token").exists()
+    (tmp_path / "api-token").write_text("abc\n")
+    assert client_token(tmp_path, None) == "abc"
+    assert client_token(tmp_path, "given") == "given"

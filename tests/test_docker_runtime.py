@@ -7,6 +7,7 @@ show the SDK accepts them. `DockerRuntime` is driven with a small fake client.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -378,7 +379,9 @@ def test_auto_picks_docker_with_an_engine(tmp_path, monkeypatch):
     site = make_site(tmp_path, runtime="auto")
     monkeypatch.setattr(rt, "docker_engine_available", lambda *a, **k: True)
     assert isinstance(get_runtime(site, "auto"), DockerRuntime)
-    site.pid_file.write_text('{"pid": 1}')  # the process runtime started the node: keep it
+    site.pid_file.write_text('{"pid": 1, "create_time": 1.0}')  # written inside a container: not ours
+    assert isinstance(get_runtime(site, "auto"), DockerRuntime)
+    site.pid_file.write_text(json.dumps(rt._pid_record(os.getpid())))  # a live process-runtime node: keep it
     assert isinstance(get_runtime(site, "auto"), ProcessRuntime)
 
 

@@ -68,3 +68,18 @@ def test_never_overwrites_an_existing_dataset(tmp_path):
     with pytest.raises(DatasetError, match="already exists"):
         write_synthetic_dataset(tmp_path / "ds", seed=2, n_cases=1, shape=(12, 12, 12))
     assert (tmp_path / "ds" / "manifest.json").read_text() == before
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    """Temp-file helpers create 0600/0700; a node running as another user must still read the data."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_synthetic_dataset(tmp_path / "ds", seed=1, n_cases=1, shape=(12, 12, 12))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ds").stat().st_mode) == 0o755
+    for f in ("manifest.json", "dataset.json", "imagesTr/case_0000.nii.gz", "labelsTr/case_0000.nii.gz"):
+        assert stat.S_IMODE((tmp_path / "ds" / f).stat().st_mode) == 0o644, f

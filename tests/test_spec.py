@@ -8,6 +8,7 @@ name: t1
 plan: fedavg_segmentation
 sites: {tags: [demo], min_sites: 2}
 rounds: 2
+plan_args: {num_classes: 3}
 """
 
 
@@ -54,9 +55,11 @@ def test_unknown_plan_suggests_the_close_one():
         spec_mod.parse(GOOD.replace("fedavg_segmentation", "fedavg_segmentaton"), "x")
 
 
-def test_sites_needs_exactly_one_selector():
-    with pytest.raises(spec_mod.SpecError, match="exactly one of 'tags' or 'ids'"):
-        spec_mod.parse(GOOD.replace("{tags: [demo], min_sites: 2}", "{tags: [a], ids: [b]}"), "x")
+def test_sites_are_selected_by_tags_optionally_narrowed_by_ids():
+    s = spec_mod.parse(GOOD.replace("{tags: [demo], min_sites: 2}", "{tags: [a], ids: [NODE_1, NODE_2]}"), "x")
+    assert s.site_tags == ["a"] and s.site_ids == ["NODE_1", "NODE_2"] and s.min_sites == 2
+    with pytest.raises(spec_mod.SpecError, match="sites.tags: required"):
+        spec_mod.parse(GOOD.replace("{tags: [demo], min_sites: 2}", "{ids: [NODE_1]}"), "x")
     with pytest.raises(spec_mod.SpecError, match="required"):
         spec_mod.parse("name: a\nplan: fedavg_segmentation\nrounds: 1\n", "x")
 
@@ -75,3 +78,10 @@ def test_server_optimizer_builds_fedopt_momentum():
     opt = _server_optimizer(s)
     assert opt is not None
     assert spec_mod.parse(GOOD, "x").server_optimizer is None
+
+
+def test_plan_args_are_checked_before_anything_is_sent():
+    with pytest.raises(spec_mod.SpecError, match=r"x: plan_args.num_classes: required"):
+        spec_mod.parse(GOOD + "plan_args: {network: {name: basic_unet}}\n", "x")
+    with pytest.raises(spec_mod.SpecError, match="plan_args.roi_size: must be a list of 3 integers"):
+        spec_mod.parse(GOOD + "plan_args: {num_classes: 3, roi_size: [32, 32]}\n", "x")

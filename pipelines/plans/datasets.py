@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedbiomed.common.dataset import CustomDataset
 
-from pipelines.segmentation import preprocess_case
+from pipelines.segmentation import preprocess_case, random_patch
 from preprocessing.dataset import load_dataset
 
 # The node builds a new dataset object every round; the preprocessed cases are kept for the
@@ -32,13 +32,20 @@ class PreparedSegmentationDataset(CustomDataset):
     """Labelled cases of a prepared dataset, preprocessed once per node process.
 
     `self.path` is set by the node from its dataset registry; the plan never sees it.
+    `roi_size`, set by the plan before the node loads the dataset, makes every sample a
+    fixed-size random patch (cases of different shapes can then share a batch).
     """
+
+    roi_size = None
 
     def read(self) -> None:
         self._items = _cached_items(self.path)
 
     def get_item(self, index):
-        return self._items[index]
+        image, label = self._items[index]
+        if self.roi_size is not None:
+            return random_patch(image, label, self.roi_size)
+        return image, label
 
     def __len__(self) -> int:
         return len(self._items)

@@ -3,6 +3,7 @@
 Model arguments (from the experiment spec's `plan_args`):
   num_classes: int, including background
   network: dict for `pipelines.networks.build_network` (name, features, spatial_dims)
+  roi_size: patch size sampled from each case (default 32 per axis)
 """
 
 from fedbiomed.common.training_plans import TorchTrainingPlan
@@ -29,7 +30,9 @@ class FedAvgSegmentationPlan(TorchTrainingPlan):
         return torch.optim.Adam(self.model().parameters(), lr=optimizer_args.get("lr", 1e-3))
 
     def training_data(self):
-        return DataManager(dataset=PreparedSegmentationDataset(), shuffle=True)
+        dataset = PreparedSegmentationDataset()
+        dataset.roi_size = list(self.model_args().get("roi_size") or [32, 32, 32])
+        return DataManager(dataset=dataset, shuffle=True)
 
     def _loss(self):
         if not hasattr(self, "_loss_fn"):
