@@ -75,6 +75,9 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
             assert row["samples"] > 0 and "Loss" in row["train"]
             assert 0.0 <= row["val_global"]["dice_mean"] <= 1.0
         assert r["update_norm"] > 0
+    # after the last round every site also validated the final aggregated model
+    assert all("val_final" in row for row in metrics["rounds"][-1]["sites"].values())
+    assert "final global model:" in res.stdout
     # the aggregated parameters changed from round to round
     c1 = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
     c2 = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
@@ -161,3 +164,21 @@ def test_service_accepts_submissions_and_reports_status(bed):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+def test_node_ids_narrow_the_tagged_sites(bed):
+    """sites.ids restricts training to those nodes; the others sit the run out."""
+    home = bed.workdir / "coordinator"
+    from site_agent.node import node_settings
+
+    only = node_settings(bed.sites[0])["node_id"]
+    spec = _spec(bed, rounds=1, name="one-site")
+    raw = yaml.safe_load(spec.read_text())
+    raw["sites"] = {"tags": ["fedimg-demo"], "ids": [only], "min_sites": 1, "wait_s": 60}
+    spec.write_text(yaml.safe_dump(raw))
+    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
+              "--public-host", "localhost", timeout=400)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "one-site")
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert list(rounds[0]["sites"]) == [only]
