@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -51,9 +52,14 @@ class PreparedDataset:
     cases: list[PreparedCase] = field(default_factory=list)
 
     def description(self) -> str:
-        """A one-line description built only from allowlisted, non-identifying fields."""
-        classes = ", ".join(k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0)
-        return f"{self.name}: {len(self.cases)} {self.modality} cases, classes: {classes or 'none'}"
+        """A one-line description built only from allowlisted fields (name, count, modality,
+        class names), each reduced to a short safe token so free text cannot ride along."""
+        classes = ", ".join(_token(k) for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0)
+        return f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
+
+
+def _token(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_")[:limit] or "unnamed"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

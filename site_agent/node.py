@@ -18,6 +18,9 @@ from site_agent.errors import UserError
 SECURITY_SETTINGS = {
     "training_plan_approval": "True",
     "allow_default_training_plans": "False",
+    # Not used by fedimg: closed so that nothing runs on the site's data but approved plans.
+    "allow_federated_analytics": "False",
+    "allow_preproc": "False",
 }
 DATA_TYPE = "custom"  # prepared datasets are read by pipelines.plans.datasets.PreparedSegmentationDataset
 
@@ -31,7 +34,7 @@ def quiet_fedbiomed_console() -> None:
 
 
 def _scrubbed_env() -> None:
-    for key in [k for k in os.environ if k.startswith("FBM_SECURITY_")]:
+    for key in [k for k in os.environ if k.startswith("FBM_")]:  # Fed-BioMed reads FBM_* over its config
         del os.environ[key]
 
 

@@ -35,8 +35,12 @@ def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
 
 
 def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, str]:
-    """Environment for the node: coordinator address from the site config, security forced on."""
-    env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("FBM_SECURITY_")}
+    """Environment for the node: coordinator address from the site config, security forced on.
+
+    Every inherited FBM_* variable is dropped: Fed-BioMed reads FBM_<SECTION>_<KEY> over its
+    config file, so a stray one could switch approval off or point the node at another database.
+    """
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("FBM_")}
     env["FBM_RESEARCHER_IP"] = site.coordinator_host
     env["FBM_RESEARCHER_PORT"] = str(site.coordinator_port)
     for key, value in SECURITY_SETTINGS.items():

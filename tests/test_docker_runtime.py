@@ -143,6 +143,8 @@ def test_environment_coordinator_address_and_forced_security(tmp_path, monkeypat
     assert security == {
         "FBM_SECURITY_TRAINING_PLAN_APPROVAL": "True",
         "FBM_SECURITY_ALLOW_DEFAULT_TRAINING_PLANS": "False",
+        "FBM_SECURITY_ALLOW_FEDERATED_ANALYTICS": "False",
+        "FBM_SECURITY_ALLOW_PREPROC": "False",
     }
     assert env["FEDIMG_SITE_CONFIG"] == str(site.path)
     assert "FEDIMG_TEST_STRAY" not in env, "the host's environment does not leak into the container"

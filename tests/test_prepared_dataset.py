@@ -83,3 +83,13 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "ds").stat().st_mode) == 0o755
     for f in ("manifest.json", "dataset.json", "imagesTr/case_0000.nii.gz", "labelsTr/case_0000.nii.gz"):
         assert stat.S_IMODE((tmp_path / "ds" / f).stat().st_mode) == 0o644, f
+
+
+def test_description_carries_no_free_text(tmp_path):
+    ds = write_synthetic_dataset(tmp_path / "ds", seed=1, n_cases=1, shape=(12, 12, 12))
+    ds.name = "Liver study of John Smith, born 1960-01-02 (MRN 12345)"
+    ds.labels = {"background": 0, "liver; patient note: ALLERGIC": 1}
+    desc = ds.description()
+    assert " " not in desc.split(":")[0] and "," not in desc.split(":")[0]
+    assert len(desc.split(":")[0]) <= 48
+    assert "ALLERGIC" in desc and "note: " not in desc  # names kept as tokens, never as sentences

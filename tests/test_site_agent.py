@@ -30,6 +30,7 @@ def test_init_turns_plan_approval_on_and_default_plans_off(site):
     ini.read(base / "work" / "node" / "etc" / "config.ini")
     assert ini.getboolean("security", "training_plan_approval") is True
     assert ini.getboolean("security", "allow_default_training_plans") is False
+    assert ini.getboolean("security", "allow_federated_analytics") is False
     assert ini.get("default", "name") == "site-t"
     assert ini.get("researcher", "ip") == "127.0.0.1"
 
@@ -87,13 +88,14 @@ def test_doctor_reports_pass_and_fail(site):
 
 def test_process_runtime_start_status_stop_leaves_nothing(site):
     base, cfg = site
-    res = cli("site-agent", "--config", cfg, "start", "--runtime", "process")
+    res = cli("site-agent", "--config", cfg, "start", "--runtime", "process", env={"FBM_DEFAULT_DB": "/tmp/other.json"})
     assert res.returncode == 0, res.stderr
     pid = json.loads((base / "work" / "node.pid").read_text())["pid"]
     proc = psutil.Process(pid)
     assert "fedbiomed.node.node_pm" in " ".join(proc.cmdline())
     env = proc.environ()
     assert env["FBM_SECURITY_TRAINING_PLAN_APPROVAL"] == "True"
+    assert "FBM_DEFAULT_DB" not in env  # inherited FBM_* overrides never reach the node
     st = cli("site-agent", "--config", cfg, "status", "--json")
     assert st.returncode == 0 and json.loads(st.stdout)["running"] is True
     again = cli("site-agent", "--config", cfg, "start", "--runtime", "process")  # idempotent
