@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from monai.data import CacheDataset
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import (
@@ -15,11 +14,8 @@ from monai.transforms import (
     LoadImaged,
     Orientationd,
     RandCropByPosNegLabel,
-    RandCropByPosNegLabeld,
     SpatialPad,
-    RandFlipd,
     ScaleIntensityRanged,
-    SpatialPadd,
 )
 
 # CT window and normalisation of the ConDistFL paper: clip to [-54, 258] HU, then (x - 100) / 50.
@@ -34,40 +30,21 @@ def _ct_normalise() -> ScaleIntensityRanged:
     )
 
 
-def segmentation_transforms(train: bool, roi_size: Sequence[int], num_samples: int = 2) -> Compose:
-    """Load -> channel first -> RAS -> CT normalisation; training adds balanced crops and flips."""
+def segmentation_transforms() -> Compose:
+    """Deterministic preprocessing: load -> channel first -> RAS -> CT normalisation -> integer label.
+
+    Random patches and flips are applied per sample/batch at training time
+    (`random_patch`, `random_flip_batch`), so preprocessed cases can be cached.
+    """
     keys = ["image", "label"]
-    steps = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # RAS+ world axes
-        _ct_normalise(),
-        EnsureTyped(keys="label", dtype=torch.long),
-    ]
-    if train:
-        steps += [
-            SpatialPadd(keys=keys, spatial_size=roi_size),
-            RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=roi_size, pos=1, neg=1, num_samples=num_samples, image_key="image"
-            ),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+    return Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # RAS+ world axes
+            _ct_normalise(),
+            EnsureTyped(keys="label", dtype=torch.long),
         ]
-    return Compose(steps)
-
-
-def case_dicts(cases) -> list[dict]:
-    """MONAI data dicts from PreparedCase objects (labelled cases only)."""
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases if c.label is not None]
-
-
-def make_dataset(cases, train: bool, roi_size: Sequence[int], num_samples: int = 2) -> CacheDataset:
-    """A MONAI CacheDataset: the deterministic transforms run once, random crops every epoch."""
-    return CacheDataset(
-        data=case_dicts(cases),
-        transform=segmentation_transforms(train, roi_size, num_samples),
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
     )
 
 
@@ -85,7 +62,7 @@ def dice_per_class(logits: torch.Tensor, label: torch.Tensor, num_classes: int) 
 
 def preprocess_case(image_path: str, label_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic preprocessing of one prepared case: (1, X, Y, Z) float image, long label."""
-    out = segmentation_transforms(train=False, roi_size=())({"image": image_path, "label": label_path})
+    out = segmentation_transforms()({"image": image_path, "label": label_path})
     return out["image"].as_tensor().float(), out["label"].as_tensor().long()
 
 
