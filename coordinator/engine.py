@@ -343,10 +343,17 @@ def _approved(reply) -> bool:
 
 
 def _plan_hash(exp) -> str:
-    import hashlib
+    """The hash a site shows for this plan (`site-agent plans list`): Fed-BioMed's own
+    algorithm (sha256 of the minified source), so staff can match the two."""
+    from types import SimpleNamespace
+
+    from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
 
     try:
-        return hashlib.sha256(exp.training_plan().source().encode()).hexdigest()
+        digest, _, _ = TrainingPlanSecurityManager._create_hash(
+            SimpleNamespace(_hashing="SHA256"), exp.training_plan().source(), from_string=True
+        )
+        return digest
     except Exception:  # noqa: BLE001 - only for the message
         return "unknown"
 

@@ -23,7 +23,7 @@ import yaml
 
 from site_agent import config as site_config
 from site_agent.errors import UserError
-from site_agent.runtime import ProcessRuntime, _pid_alive, _signal_group, parent_death_signal
+from site_agent.runtime import ProcessRuntime, pid_alive, signal_group, parent_death_signal
 
 TAG = "fedimg-demo"
 
@@ -144,11 +144,11 @@ class Testbed:
         self._stopped = True
         for child in self.children:
             if child.poll() is None:
-                _signal_group(child.pid, signal.SIGTERM)
+                signal_group(child.pid, signal.SIGTERM)
         for site in self.sites:  # signal every node first, then wait: stops run in parallel
             st = ProcessRuntime(site).status()
             if st.running and st.pid:
-                _signal_group(st.pid, signal.SIGTERM)
+                signal_group(st.pid, signal.SIGTERM)
         for site in self.sites:
             ProcessRuntime(site).stop(timeout=10)
         deadline = time.monotonic() + 10
@@ -156,9 +156,9 @@ class Testbed:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(child.pid, signal.SIGKILL)
+                signal_group(child.pid, signal.SIGKILL)
                 child.wait()
-        left = [p for p in self.pids() if _pid_alive(p)]
+        left = [p for p in self.pids() if pid_alive(p)]
         self.log("testbed stopped: all processes ended" if not left else f"testbed stopped; still alive: {left}")
 
 

@@ -57,7 +57,7 @@ class Status:
     detail: str = ""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,7 +98,7 @@ def _is_our_node(info: dict) -> bool:
     The process's start time, recorded at launch, tells them apart.
     """
     pid, recorded = int(info["pid"]), info.get("create_time")
-    if recorded is None or not _pid_alive(pid):
+    if recorded is None or not pid_alive(pid):
         return False
     now = _create_time(pid)
     return now is not None and abs(now - float(recorded)) < 0.05
@@ -179,12 +179,12 @@ class ProcessRuntime:
             return Status(False, self.name, detail="not started")
         pid = int(info["pid"])
         if _is_our_node(info):  # never signal a process that merely reuses the pid
-            _signal_group(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive(pid):
-                _signal_group(pid, signal.SIGKILL)
+            if pid_alive(pid):
+                signal_group(pid, signal.SIGKILL)
                 time.sleep(0.2)
         self.site.pid_file.unlink(missing_ok=True)
         return Status(False, self.name, pid=pid, detail="stopped")
@@ -214,7 +214,7 @@ def parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
     return _set
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
     """Signal the process group `pid` leads (our children start their own session), else the process."""
     try:
         if os.getpgid(pid) == pid:

@@ -7,7 +7,6 @@ connected to, as in a real federation with one coordinator.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import yaml
 
 from conftest import cli
 from coordinator.testbed import Testbed, default_spec_text, free_port
+from site_agent.runtime import pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +31,7 @@ def bed(tmp_path_factory):
     bed.start_nodes()
     yield bed
     bed.teardown()
-    assert not [p for p in bed.pids() if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [p for p in bed.pids() if pid_alive(p)]
 
 
 def _spec(bed, rounds: int, **overrides) -> Path:

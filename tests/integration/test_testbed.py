@@ -53,6 +53,7 @@ def test_unapproved_plan_is_refused_and_the_researcher_is_told(tmp_path):
     cfg = tmp_path / "bed" / "sites" / "site-1" / "site.yaml"
     plans = json.loads(cli("site-agent", "--config", cfg, "plans", "list", "--json").stdout)
     assert len(plans) == 1 and plans[0]["status"] == "Pending" and len(plans[0]["hash"]) == 64
+    assert f"sha256 {plans[0]['hash'][:16]}..." in out  # the researcher sees the hash the site shows
     shown = cli("site-agent", "--config", cfg, "plans", "show", plans[0]["id"]).stdout
     assert "class FedAvgSegmentationPlan(TorchTrainingPlan)" in shown
     (run_dir,) = (tmp_path / "bed" / "coordinator" / "runs").iterdir()
