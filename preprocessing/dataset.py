@@ -28,8 +28,9 @@ import numpy as np
 from preprocessing import atomic
 
 FORMAT_NAME = "fedimg-prepared-dataset"
-FORMAT_VERSION = 1
-CONVERTER_VERSION = "0.1.0"
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # v1: before the DICOM converter (no schema block); read as-is
+CONVERTER_VERSION = "0.2.0"
 
 
 class DatasetError(Exception):
@@ -50,11 +51,17 @@ class PreparedDataset:
     modality: str
     labels: dict[str, int]
     cases: list[PreparedCase] = field(default_factory=list)
+    labeled_classes: list[int] | None = None  # schema ids this site labels (None: every class)
 
     def description(self) -> str:
         """A one-line description built only from allowlisted fields (name, count, modality,
-        class names), each reduced to a short safe token so free text cannot ride along."""
-        classes = ", ".join(_token(k) for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0)
+        labelled class names), each reduced to a short safe token so free text cannot ride along."""
+        labeled = set(self.labeled_classes) if self.labeled_classes is not None else None
+        classes = ", ".join(
+            _token(k)
+            for k, v in sorted(self.labels.items(), key=lambda kv: kv[1])
+            if v != 0 and (labeled is None or v in labeled)
+        )
         return f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
 
 
@@ -158,8 +165,11 @@ def write_dataset(
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
                 "converter_version": CONVERTER_VERSION,
+                "schema": None,
+                "modality": modality,
                 "labeled_classes": sorted(v for v in labels.values() if v != 0),
                 "cases": manifest_cases,
+                "refused": [],
             },
         )
         os.replace(staging, root)
@@ -194,9 +204,9 @@ def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> Pre
     manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{manifest_path}: 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in SUPPORTED_VERSIONS:
         raise DatasetError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported (expected one of {list(SUPPORTED_VERSIONS)})"
         )
     desc_path = root / "dataset.json"
     desc = _read_json(desc_path)
@@ -232,4 +242,12 @@ def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> Pre
             paths[kind] = p
         cases.append(PreparedCase(case_id=meta["case_id"], image=paths["image"], label=paths.get("label")))
     modality = (desc.get("channel_names") or desc.get("modality") or {}).get("0", "unknown")
-    return PreparedDataset(root=root, name=str(desc["name"]), modality=str(modality), labels=labels, cases=cases)
+    labeled = manifest.get("labeled_classes")
+    return PreparedDataset(
+        root=root,
+        name=str(desc["name"]),
+        modality=str(modality),
+        labels=labels,
+        cases=cases,
+        labeled_classes=[int(v) for v in labeled] if isinstance(labeled, list) else None,
+    )

@@ -119,6 +119,123 @@ def dataset_remove(ctx, dataset_id) -> None:
     click.echo(f"removed {dataset_id}")
 
 
+# -- preprocessing -----------------------------------------------------------------------
+
+
+class _StageProgress:
+    """Rich progress bars on stderr, one per stage (scan, convert, qc); silent when not a TTY."""
+
+    LABELS = {"scan": "reading headers", "convert": "converting cases", "qc": "QC report", "deidentify": "de-identifying"}
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=False, disable=not sys.stderr.isatty(),
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage), total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Prepared dataset folder (created or updated).")
+@click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path), help="Folder or file of label maps (NIfTI or DICOM SEG); repeatable.")
+@click.option("--label-map", required=True, type=click.Path(path_type=Path), help="Site label map: local value/segment name -> schema class.")
+@click.option("--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in abdominal-ct).")
+@click.option("--modality", default=None, help="CT, MR, ... (required for NIfTI inputs; filters DICOM series).")
+@click.option("--name", default="dataset", show_default=True, help="Dataset name shown to researchers (no patient data!).")
+@click.option("--tolerance-mm", default=0.01, show_default=True, type=float, help="Largest distance of a slice from its voxel plane.")
+@click.option("--allow-irregular", is_flag=True, help="Convert series with missing slices/irregular spacing with a QC flag instead of refusing.")
+@click.option("--unknown-labels", type=click.Choice(["error", "ignore"]), default="error", show_default=True, help="Local label values not in the label map: refuse the case, or map to the ignore label.")
+@click.option("--require-labels", is_flag=True, help="Refuse images that have no label.")
+@click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
+@click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
+@click.option("--salt-file", default=None, type=click.Path(path_type=Path), help="Secret salt for source hashes (default: <out>/.state/salt, created).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def prepare(images, out, labels, label_map, schema_path, modality, name, tolerance_mm, allow_irregular, unknown_labels, require_labels, prune, no_qc, salt_file, as_json) -> None:
+    """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
+
+    Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
+    reasons are printed); 2: nothing prepared (one error line).
+    """
+    from preprocessing.prepare import PrepareError, PrepareOptions
+    from preprocessing.prepare import prepare as run_prepare
+    from preprocessing.schema import SchemaError, load_label_map, load_schema
+
+    try:
+        schema = load_schema(schema_path)
+        lmap = load_label_map(label_map, schema)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    opts = PrepareOptions(
+        name=name, modality=modality.upper() if modality else None, tolerance_mm=tolerance_mm, allow_irregular=allow_irregular,
+        unknown_labels=unknown_labels, require_labels=require_labels, prune=prune, qc_report=not no_qc,
+    )
+    messages: list[str] = []
+    try:
+        with _StageProgress() as progress:
+            result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress, log=messages.append)
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    refused = [o for o in result.outcomes if o.status == "refused"]
+    if as_json:
+        click.echo(json.dumps({
+            "dataset": str(result.root), "report": str(result.report) if result.report else None,
+            "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
+        }, indent=2))
+    else:
+        table = Table("case", "status", "flags / reason")
+        for o in sorted(result.outcomes, key=lambda o: (o.case_id or "~", o.display)):
+            table.add_row(o.case_id or "-", o.status, ", ".join(o.flags) if o.status != "refused" else f"{o.code}: {o.message}")
+        console.print(table)
+        for note in result.grouping_notes:
+            click.echo(f"grouping: {note}")
+        if result.skipped_files:
+            codes: dict[str, int] = {}
+            for _, code, _ in result.skipped_files:
+                codes[code] = codes.get(code, 0) + 1
+            click.echo("skipped files: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))
+        ok, flagged, unchanged = result.count("ok"), result.count("flagged"), result.count("unchanged")
+        click.echo(f"{ok} ok, {flagged} flagged, {unchanged} unchanged, {len(refused)} refused -> {result.root}")
+        if result.report:
+            click.echo(f"QC report: {result.report}")
+    if refused:
+        click.echo(f"site-agent: {len(refused)} case(s) refused; see the reasons above", err=True)
+        sys.exit(3)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--secret-file", required=True, type=click.Path(path_type=Path), help="Site secret: UIDs and pseudonyms are derived from it.")
+def deidentify(src, dst, secret_file) -> None:
+    """Write de-identified copies of the DICOM files under SRC to DST (PS3.15 Annex E basic profile)."""
+    from preprocessing.deidentify import DeidentifyError, deidentify_tree, load_secret
+
+    try:
+        secret = load_secret(secret_file)
+        with _StageProgress() as progress:
+            report = deidentify_tree(src, dst, secret, progress=lambda d, t: progress("deidentify", d, t))
+    except DeidentifyError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"{report.files_out} of {report.files_in} files de-identified -> {dst}")
+    for rel, reason in report.skipped:
+        click.echo(f"skipped {rel}: {reason}")
+
+
 # -- training plans ----------------------------------------------------------------------
 
 

@@ -1,0 +1,470 @@
+"""DICOM discovery, series grouping and exact volume geometry.
+
+Geometry comes from the headers only (PS3.3 C.7.6.2): the in-plane axes from
+ImageOrientationPatient, the pixel size from PixelSpacing, and the slice order and spacing
+from ImagePositionPatient projected on the slice normal. SliceThickness and
+SpacingBetweenSlices are never used: they are often wrong or missing. Missing slices,
+irregular spacing, duplicate positions and gantry tilt are detected and reported; nothing
+is interpolated.
+
+Voxel (i, j, k) of a volume = (column, row, slice sorted along the normal); the affine
+returned is in RAS+ world millimetres (DICOM's LPS with x and y negated), as NIfTI wants.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+# SOP classes that hold images we convert; anything else (SR, RTSTRUCT, presentation states,
+# ...) is reported and skipped. SEG is collected separately as a label source.
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Default tolerances: a slice position must fall within this distance of its voxel plane
+# (the issue's 0.01 mm), and in-plane drift between slices beyond it means gantry tilt.
+POSITION_TOLERANCE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-4
+
+
+class SeriesError(Exception):
+    """A series cannot be converted exactly. `code` is a short reason (allowlisted)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SliceHeader:
+    path: Path
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    frame_uid: str
+    modality: str
+    series_number: str
+    acquisition_number: str
+    echo_number: str
+    image_type: tuple[str, ...]
+    rows: int
+    cols: int
+    position: np.ndarray | None  # IPP, LPS mm
+    orientation: np.ndarray | None  # IOP, 6 values
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns)
+    frames: int
+    transfer_syntax: str
+    bits_allocated: int
+    samples_per_pixel: int
+
+
+@dataclass
+class Series:
+    """Slices grouped as one volume candidate, plus how they were grouped (for the report)."""
+
+    slices: list[SliceHeader]
+    grouping: str  # "series_uid" | "series_uid+split" | "fallback"
+    note: str = ""
+
+    @property
+    def first(self) -> SliceHeader:
+        return self.slices[0]
+
+    @property
+    def modality(self) -> str:
+        return self.first.modality
+
+    @property
+    def folder(self) -> Path:
+        return self.first.path.parent
+
+    def source_identifiers(self) -> list[str]:
+        """What identifies this series at the site (hashed with a salt before it is stored)."""
+        return sorted({s.study_uid for s in self.slices} | {s.series_uid for s in self.slices}) + sorted(
+            s.sop_uid for s in self.slices
+        )
+
+
+@dataclass
+class Discovery:
+    series: list[Series] = field(default_factory=list)
+    segs: list[Path] = field(default_factory=list)
+    nifti: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, code, message)
+
+
+def _str(ds, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        arr = np.asarray([float(v) for v in (value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value])])
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: {keyword} is not numeric ({value!r})", "bad_geometry_tag") from None
+    if arr.size != n or not np.all(np.isfinite(arr)):
+        raise SeriesError(f"{path}: {keyword} must have {n} finite values, got {list(value)!r}", "bad_geometry_tag")
+    return arr
+
+
+def read_header(path: Path) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on every odd VR; errors are what we report
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _frame_geometry(ds, path: Path):
+    """IPP/IOP/PixelSpacing of a classic image, or of frame 1 of an enhanced multi-frame one."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        raise SeriesError(
+            f"{path}: enhanced multi-frame DICOM is not supported yet; export the series as classic single-frame images",
+            "multiframe_unsupported",
+        )
+    return (
+        _floats(ds, "ImagePositionPatient", 3, path),
+        _floats(ds, "ImageOrientationPatient", 6, path),
+        _floats(ds, "PixelSpacing", 2, path),
+    )
+
+
+def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
+    ipp, iop, ps = _frame_geometry(ds, path)
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/BitsAllocated are not integers", "bad_image_tag") from None
+    return SliceHeader(
+        path=path,
+        sop_uid=_str(ds, "SOPInstanceUID"),
+        series_uid=_str(ds, "SeriesInstanceUID"),
+        study_uid=_str(ds, "StudyInstanceUID"),
+        frame_uid=_str(ds, "FrameOfReferenceUID"),
+        modality=_str(ds, "Modality").upper() or "OT",
+        series_number=_str(ds, "SeriesNumber"),
+        acquisition_number=_str(ds, "AcquisitionNumber"),
+        echo_number=_str(ds, "EchoNumbers"),
+        image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
+        rows=rows,
+        cols=cols,
+        position=ipp,
+        orientation=iop,
+        pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
+        frames=frames,
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        bits_allocated=bits,
+        samples_per_pixel=spp,
+    )
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def iter_files(roots: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            files.append(root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such file or folder")
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None = None) -> Discovery:
+    """Find DICOM images, DICOM SEG files and NIfTI files under `roots` (any file names).
+
+    DICOM image files are grouped into series (see `group_series`); everything that is not
+    usable is listed in `skipped` with a reason code, never silently dropped.
+    """
+    out = Discovery()
+    headers: list[SliceHeader] = []
+    files = iter_files(roots)
+    for n, path in enumerate(files, 1):
+        if progress:
+            progress(n, len(files))
+        if _is_nifti(path):
+            out.nifti.append(path)
+            continue
+        if path.name.upper() == "DICOMDIR":
+            out.skipped.append((path, "dicomdir", f"{path}: DICOMDIR index file (not an image)"))
+            continue
+        try:
+            ds = read_header(path)
+        except InvalidDicomError:
+            out.skipped.append((path, "not_dicom", f"{path}: not a DICOM file (no DICM preamble)"))
+            continue
+        except PermissionError:
+            out.skipped.append((path, "unreadable", f"{path}: permission denied"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - truncated/garbled files raise many types
+            out.skipped.append((path, "corrupt_dicom", f"{path}: unreadable DICOM ({type(exc).__name__}: {_short(exc)})"))
+            continue
+        sop_class = _str(ds, "SOPClassUID")
+        if sop_class == SEG_SOP_CLASS:
+            out.segs.append(path)
+            continue
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            # stop_before_pixels keeps the tag out of ds; ask the file itself
+            if not _has_pixel_data(path):
+                out.skipped.append((path, "no_pixel_data", f"{path}: DICOM without pixel data ({_sop_name(sop_class)})"))
+                continue
+        try:
+            headers.append(slice_header(path, ds))
+        except SeriesError as exc:
+            out.skipped.append((path, exc.code, str(exc)))
+    out.series = group_series(headers)
+    return out
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+def _sop_name(uid: str) -> str:
+    try:
+        return UID(uid).name if uid else "no SOPClassUID"
+    except Exception:  # noqa: BLE001
+        return uid
+
+
+def _has_pixel_data(path: Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=64)
+    except Exception:  # noqa: BLE001
+        return False
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _geometry_key(s: SliceHeader) -> tuple:
+    iop = tuple(np.round(s.orientation, 4)) if s.orientation is not None else None
+    ps = tuple(round(v, 4) for v in s.pixel_spacing) if s.pixel_spacing else None
+    return (s.frame_uid, iop, s.rows, s.cols, ps, s.samples_per_pixel)
+
+
+def group_series(headers: list[SliceHeader]) -> list[Series]:
+    """Group slices into volumes.
+
+    Primary key: SeriesInstanceUID. A UID shared by slices of different geometry, echo or
+    acquisition (a duplicated UID, or a multi-echo series) is split on those attributes.
+    Slices with an empty SeriesInstanceUID fall back to study + frame of reference +
+    geometry + series/acquisition/echo numbers. Every group records how it was made.
+    """
+    by_uid: dict[str, list[SliceHeader]] = defaultdict(list)
+    fallback: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    for s in headers:
+        if s.series_uid:
+            by_uid[s.series_uid].append(s)
+        else:
+            key = (s.study_uid, s.modality, s.series_number, s.acquisition_number, s.echo_number, *_geometry_key(s))
+            fallback[key].append(s)
+    result: list[Series] = []
+    for uid, slices in by_uid.items():
+        parts: dict[tuple, list[SliceHeader]] = defaultdict(list)
+        for s in slices:
+            parts[(s.study_uid, *_geometry_key(s), s.echo_number)].append(s)
+        if len(parts) == 1:
+            # Same UID, same geometry: split by acquisition only when that resolves duplicate positions.
+            result.extend(_split_acquisitions(slices, "series_uid"))
+        else:
+            for sub in parts.values():
+                result.extend(_split_acquisitions(sub, "series_uid+split", f"SeriesInstanceUID shared by {len(parts)} geometries/echoes/studies"))
+    for slices in fallback.values():
+        result.extend(_split_acquisitions(slices, "fallback", "SeriesInstanceUID empty: grouped by study, frame of reference, geometry, series/acquisition/echo numbers"))
+    for series in result:
+        series.slices.sort(key=lambda s: (str(s.path)))
+    result.sort(key=lambda se: (str(se.folder), se.first.series_number, str(se.first.path)))
+    return result
+
+
+def _split_acquisitions(slices: list[SliceHeader], grouping: str, note: str = "") -> list[Series]:
+    positions = [tuple(np.round(s.position, 3)) if s.position is not None else None for s in slices]
+    has_dupes = len(set(positions)) < len(positions)
+    acqs = {s.acquisition_number for s in slices}
+    if has_dupes and len(acqs) > 1:
+        groups: dict[str, list[SliceHeader]] = defaultdict(list)
+        for s in slices:
+            groups[s.acquisition_number].append(s)
+        extra = f"split into {len(groups)} acquisitions (duplicate positions)"
+        return [Series(g, grouping + "+acquisition", "; ".join(x for x in (note, extra) if x)) for g in groups.values()]
+    return [Series(list(slices), grouping, note)]
+
+
+@dataclass
+class Geometry:
+    affine_ras: np.ndarray  # 4x4
+    order: list[int]  # slice index k -> index into series.slices
+    spacing: tuple[float, float, float]
+    max_position_error_mm: float
+    flags: list[str]
+
+
+def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Geometry:
+    """Slice order, spacing and RAS affine from IPP/IOP/PixelSpacing; refuse what is not exact."""
+    first = series.first
+    where = f"series in {series.folder} ({len(series.slices)} files)"
+    for s in series.slices:
+        if s.frames != 1:
+            raise SeriesError(f"{s.path}: multi-frame image ({s.frames} frames) in a series of single frames is not supported", "multiframe_unsupported")
+        if s.samples_per_pixel != 1:
+            raise SeriesError(f"{s.path}: colour image (SamplesPerPixel={s.samples_per_pixel}); only greyscale is supported", "colour_image")
+        if s.position is None or s.orientation is None or s.pixel_spacing is None:
+            missing = [k for k, v in (("ImagePositionPatient", s.position), ("ImageOrientationPatient", s.orientation), ("PixelSpacing", s.pixel_spacing)) if v is None]
+            raise SeriesError(f"{s.path}: missing {', '.join(missing)}: the slice cannot be placed in space", "missing_geometry")
+        if s.rows <= 0 or s.cols <= 0:
+            raise SeriesError(f"{s.path}: Rows/Columns missing or zero", "bad_image_tag")
+        if min(s.pixel_spacing) <= 0:
+            raise SeriesError(f"{s.path}: PixelSpacing must be positive, got {list(s.pixel_spacing)}", "bad_geometry_tag")
+    if len(series.slices) < 2:
+        raise SeriesError(f"{first.path}: single-slice series: no slice spacing can be derived from positions", "single_slice")
+    iop = first.orientation
+    row_dir, col_dir = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+        raise SeriesError(f"{first.path}: ImageOrientationPatient is not two orthogonal unit vectors ({list(iop)})", "bad_orientation")
+    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    for s in series.slices:
+        if np.max(np.abs(s.orientation - iop)) > ORIENTATION_TOLERANCE * 10:
+            raise SeriesError(f"{where}: slices have different ImageOrientationPatient (e.g. {s.path})", "mixed_orientation")
+    positions = np.stack([s.position for s in series.slices])
+    dist = positions @ normal
+    order = list(np.argsort(dist, kind="stable"))
+    d = dist[order]
+    gaps = np.diff(d)
+    if np.any(gaps < tolerance_mm):
+        k = int(np.argmin(gaps))
+        a, b = series.slices[order[k]].path, series.slices[order[k + 1]].path
+        raise SeriesError(f"{where}: duplicate slice position {d[k]:.3f} mm along the normal ({a.name} and {b.name})", "duplicate_position")
+    # In-plane drift of the slice origins: a sheared stack (gantry tilt) has no exact qform.
+    p0 = positions[order[0]]
+    inplane = (positions[order] - p0) - np.outer(d - d[0], normal)
+    drift = float(np.max(np.linalg.norm(inplane, axis=1)))
+    if drift > max(tolerance_mm, 1e-3) * 10:
+        raise SeriesError(
+            f"{where}: slice origins drift {drift:.2f} mm in-plane (gantry tilt or sheared stack); "
+            "an exact NIfTI with qform = sform cannot represent it. Resample it with a tilt-correcting tool first",
+            "gantry_tilt",
+        )
+    n = len(d)
+    dz = float((d[-1] - d[0]) / (n - 1))
+    expected = d[0] + dz * np.arange(n)
+    err = float(np.max(np.abs(d - expected)))
+    flags: list[str] = []
+    if err > tolerance_mm:
+        median = float(np.median(gaps))
+        big = np.nonzero(gaps > 1.5 * median)[0]
+        if len(big):
+            missing = int(round(float(np.sum(gaps[big] / median - 1))))
+            msg = f"{where}: about {missing} missing slice(s): gap of {gaps[big[0]]:.3f} mm after position {d[big[0]]:.3f} mm (typical spacing {median:.3f} mm)"
+            code = "missing_slices"
+        else:
+            msg = f"{where}: irregular slice spacing: positions deviate up to {err:.4f} mm from a regular grid (tolerance {tolerance_mm} mm)"
+            code = "irregular_spacing"
+        if not allow_irregular:
+            raise SeriesError(msg + "; refused (pass --allow-irregular to convert it with a flag)", code)
+        flags.append(code)
+    ps_row, ps_col = first.pixel_spacing  # DICOM: [between rows, between columns]
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps_col  # i: along a row (increasing column index)
+    lps[:3, 1] = col_dir * ps_row  # j: down a column (increasing row index)
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = p0
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return Geometry(affine_ras=ras, order=[int(o) for o in order], spacing=(ps_col, ps_row, dz), max_position_error_mm=err, flags=flags)
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # [i, j, k]; int16 when exact (CT in HU), else float32
+    affine_ras: np.ndarray
+    modality: str
+    flags: list[str]
+    geometry: Geometry
+
+
+def read_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise SeriesError(f"{path}: no pixel data", "no_pixel_data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        name = UID(str(ts)).name if ts != "?" else ts
+        raise SeriesError(f"{path}: pixel data cannot be decoded ({name}): {_short(exc)}", "undecodable_pixels") from None
+    return arr, ds
+
+
+def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Volume:
+    """Read a series into a volume on its exact grid, with rescale slope/intercept applied."""
+    geometry = series_geometry(series, tolerance_mm, allow_irregular)
+    first = series.first
+    n = len(series.slices)
+    slopes, intercepts = [], []
+    stored = None
+    for k, idx in enumerate(geometry.order):
+        s = series.slices[idx]
+        arr, ds = read_pixels(s.path)
+        if arr.shape != (first.rows, first.cols):
+            raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
+        if stored is None:
+            stored = np.empty((first.cols, first.rows, n), dtype=np.float64 if arr.dtype.kind == "f" else np.int32)
+        stored[:, :, k] = arr.T
+        slope, intercept = _rescale(ds, s.path)
+        slopes.append(slope)
+        intercepts.append(intercept)
+    slopes_a, inter_a = np.asarray(slopes), np.asarray(intercepts)
+    exact_int = stored.dtype.kind in "iu" and np.all(slopes_a == 1.0) and np.all(inter_a == np.round(inter_a))
+    if exact_int:
+        values = stored + inter_a.astype(np.int64)[None, None, :]
+        if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
+            array = values.astype(np.int16)
+        else:
+            array = values.astype(np.float32)
+    else:
+        array = (stored * slopes_a[None, None, :] + inter_a[None, None, :]).astype(np.float32)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise SeriesError(f"series in {series.folder}: pixel values are not finite after rescale", "non_finite")
+    return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)
+
+
+def _rescale(ds: pydicom.Dataset, path: Path) -> tuple[float, float]:
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: RescaleSlope/RescaleIntercept are not numeric", "bad_rescale") from None
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise SeriesError(f"{path}: RescaleSlope {slope} / RescaleIntercept {intercept} are not usable", "bad_rescale")
+    return slope, intercept

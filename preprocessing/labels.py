@@ -1,0 +1,96 @@
+"""Label sources (NIfTI label maps, DICOM SEG) remapped to the federation schema."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from preprocessing.dicom import SeriesError, Series
+from preprocessing.schema import IGNORE, LabelSchema, SchemaError, SiteLabelMap
+
+
+def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, source: str, unknown_to_ignore: bool = False) -> np.ndarray:
+    """Local integer labels -> schema ids (uint8). Non-integer values are refused."""
+    if local.dtype.kind == "f":
+        if not np.all(np.isfinite(local)):
+            raise SeriesError(f"{source}: label map contains NaN or infinite values", "non_finite")
+        if not np.all(local == np.round(local)):
+            raise SeriesError(f"{source}: label map has non-integer values (a probability map or an interpolated label?)", "label_not_integer")
+    values = np.unique(local)
+    if values.size and values.min() < 0:
+        raise SeriesError(f"{source}: negative label values {values[values < 0][:5].tolist()}", "label_outside_schema")
+    int_map = SiteLabelMap(label_map.schema_name, label_map.schema_version, {k: v for k, v in label_map.mapping.items() if isinstance(k, int)}, label_map.source)
+    try:
+        table = int_map.lookup_table(schema, values, source, unknown_to_ignore)
+    except SchemaError as exc:
+        raise SeriesError(str(exc), "label_outside_schema") from None
+    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.uint8)
+    for v, target in table.items():
+        lut[v] = target
+    return lut[local.astype(np.int64)]
+
+
+def seg_referenced_series(path: Path) -> str:
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    except (AttributeError, IndexError):
+        raise SeriesError(f"{path}: DICOM SEG does not reference a source series (ReferencedSeriesSequence)", "seg_unreferenced") from None
+
+
+def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelMap, schema: LabelSchema, unknown_to_ignore: bool = False) -> np.ndarray:
+    """A DICOM SEG on its source series' grid as schema ids, voxel order [i, j, k] like the image.
+
+    Segments are matched to the label map by their SegmentLabel (or, failing that, their
+    segment number). Frames are placed by the source SOP instances they reference, so the
+    label lands on exactly the image's slices.
+    """
+    import highdicom as hd
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg = hd.seg.segread(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesError(f"{path}: unreadable DICOM SEG ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})", "corrupt_seg") from None
+    numbers = list(seg.get_segment_numbers())
+    lut = np.zeros(max(numbers, default=0) + 1, dtype=np.uint8)
+    unknown = []
+    for number in numbers:
+        desc = seg.get_segment_description(number)
+        name = str(desc.segment_label)
+        target = label_map.mapping.get(name, label_map.mapping.get(number))
+        if target is None:
+            if unknown_to_ignore:
+                lut[number] = schema.ignore_label
+                continue
+            unknown.append(f"{number}:{name}")
+            continue
+        lut[number] = schema.ignore_label if target == IGNORE else schema.classes[target]
+    if unknown:
+        raise SeriesError(
+            f"{path}: segments {unknown} are not in the site label map {label_map.source} (map their names there)",
+            "label_outside_schema",
+        )
+    uids = [series.slices[i].sop_uid for i in order]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=uids, combine_segments=True, ignore_spatial_locations=True, dtype=np.uint16
+            )
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesError(
+            f"{path}: SEG frames do not match the slices of series {series.first.series_uid[-12:]}… "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})",
+            "seg_grid_mismatch",
+        ) from None
+    if pixels.shape[1:] != (series.first.rows, series.first.cols):
+        raise SeriesError(f"{path}: SEG frames are {pixels.shape[1:]} but the images are {(series.first.rows, series.first.cols)}", "seg_grid_mismatch")
+    return lut[np.transpose(pixels, (2, 1, 0))]

@@ -1,0 +1,99 @@
+"""NIfTI input and output: validated reads, canonical RAS+ orientation, PHI-free writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from preprocessing import atomic
+from preprocessing.dicom import SeriesError
+
+
+def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
+    """Read a NIfTI file and check it is a usable 3D volume; SeriesError names the problem."""
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise SeriesError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})", "not_nifti")
+        data = np.asanyarray(img.dataobj)
+    except SeriesError:
+        raise
+    except PermissionError:
+        raise SeriesError(f"{path}: permission denied", "unreadable") from None
+    except (ImageFileError, EOFError, zlib.error, OSError, ValueError, MemoryError) as exc:
+        msg = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise SeriesError(f"{path}: unreadable NIfTI ({msg})", "corrupt_nifti") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SeriesError(f"{path}: {kind} must be a 3D volume, got shape {tuple(data.shape)}", "wrong_dimensions")
+    if min(data.shape) < 1:
+        raise SeriesError(f"{path}: empty volume, shape {tuple(data.shape)}", "wrong_dimensions")
+    if data.dtype.kind not in "biuf":
+        raise SeriesError(f"{path}: unsupported voxel type {data.dtype} (complex or RGB)", "bad_dtype")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise SeriesError(f"{path}: the affine (sform/qform) is missing or singular", "bad_affine")
+    slope, inter = img.header.get_slope_inter()
+    if data.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        if data.ndim == 4:
+            data = data[..., 0]
+        if not np.all(np.isfinite(data)):
+            raise SeriesError(f"{path}: {kind} contains NaN or infinite values", "non_finite")
+    out = nib.Nifti1Image(np.asarray(data), affine)
+    return out
+
+
+def qform_sform_disagree(path: Path, tol_mm: float = 1e-3) -> bool:
+    img = nib.load(str(path))
+    hdr = img.header
+    q, qc = hdr.get_qform(coded=True)
+    s, sc = hdr.get_sform(coded=True)
+    if q is None or s is None or not qc or not sc:
+        return False
+    return bool(np.max(np.abs(q - s)) > tol_mm)
+
+
+def canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Reorder/flip voxel axes to the closest RAS+ orientation: exact, no resampling."""
+    return nib.as_closest_canonical(img)
+
+
+def grid_difference_mm(a_affine: np.ndarray, b_affine: np.ndarray, shape) -> float:
+    """Largest distance between where two affines put the corners of a grid of `shape`."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return float(np.max(np.linalg.norm((corners @ a_affine.T - corners @ b_affine.T)[:, :3], axis=1)))
+
+
+def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image with qform = sform (scanner space) and no free-text header fields."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    hdr = img.header
+    # Allowlist: every text field of the NIfTI-1 header is emptied (nibabel writes its own
+    # version into descrip otherwise; converters put patient or protocol names there).
+    for key in ("descrip", "aux_file", "intent_name", "db_name"):
+        hdr[key] = b""
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
+def save_atomic(img: nib.Nifti1Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.chmod(tmp, atomic.default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
