@@ -311,7 +311,7 @@ def _qc_flags(image_data: np.ndarray, label_data: np.ndarray | None, spacing, mo
         if not any(counts[i] for i in range(1, schema.num_classes)):
             flags.append("label_empty")
         else:
-            flags += [f"missing_class:{names[c]}" for c in labeled if counts[c] == 0 and names[c] not in {l for ls in schema.groups.values() for l in ls}]
+            flags += [f"missing_{names[c]}" for c in labeled if counts[c] == 0 and names[c] not in {l for ls in schema.groups.values() for l in ls}]
     if min(image_data.shape) < 16:
         flags.append("few_slices")
     if max(spacing) / min(spacing) > 4:
@@ -327,7 +327,7 @@ def prepare(
     images: list[Path],
     out: Path,
     schema: LabelSchema,
-    label_map: SiteLabelMap,
+    label_map: SiteLabelMap | None,
     labels: list[Path] | None = None,
     options: PrepareOptions | None = None,
     salt_file: Path | None = None,
@@ -369,6 +369,10 @@ def prepare(
         label_nifti = [p for p in label_disc.nifti]
         label_segs = disc.segs + label_disc.segs
         unmatched = pair_labels(sources, label_nifti, label_segs)
+        if label_map is None:
+            if any(s.label is not None for s in sources):
+                raise PrepareError("labels were found but no site label map was given (--label-map): their values cannot be mapped to the schema")
+            label_map = SiteLabelMap(schema.name, schema.version, {0: "background"}, "<none>")
         out.mkdir(parents=True, exist_ok=True)
         with _Lock(out):
             result = _run(sources, unmatched, skipped, disc, out, schema, label_map, modality, opts, salt_file, progress, log)

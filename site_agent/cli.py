@@ -153,7 +153,7 @@ class _StageProgress:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Prepared dataset folder (created or updated).")
 @click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path), help="Folder or file of label maps (NIfTI or DICOM SEG); repeatable.")
-@click.option("--label-map", required=True, type=click.Path(path_type=Path), help="Site label map: local value/segment name -> schema class.")
+@click.option("--label-map", default=None, type=click.Path(path_type=Path), help="Site label map: local value/segment name -> schema class (needed when there are labels).")
 @click.option("--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in abdominal-ct).")
 @click.option("--modality", default=None, help="CT, MR, ... (required for NIfTI inputs; filters DICOM series).")
 @click.option("--name", default="dataset", show_default=True, help="Dataset name shown to researchers (no patient data!).")
@@ -177,7 +177,7 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
 
     try:
         schema = load_schema(schema_path)
-        lmap = load_label_map(label_map, schema)
+        lmap = load_label_map(label_map, schema) if label_map is not None else None
     except SchemaError as exc:
         raise UserError(str(exc)) from None
     opts = PrepareOptions(
