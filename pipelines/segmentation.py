@@ -7,45 +7,21 @@ from typing import Sequence
 import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Orientationd,
-    RandCropByPosNegLabel,
-    SpatialPad,
-    ScaleIntensityRanged,
-)
+from monai.transforms import Compose, RandCropByPosNegLabel, SpatialPad
 
-# CT window and normalisation of the ConDistFL paper: clip to [-54, 258] HU, then (x - 100) / 50.
-CT_CLIP = (-54.0, 258.0)
-CT_CENTRE, CT_SCALE = 100.0, 50.0
-
-
-def _ct_normalise() -> ScaleIntensityRanged:
-    lo, hi = CT_CLIP
-    return ScaleIntensityRanged(
-        keys="image", a_min=lo, a_max=hi, b_min=(lo - CT_CENTRE) / CT_SCALE, b_max=(hi - CT_CENTRE) / CT_SCALE, clip=True
-    )
+from pipelines.transforms import default_schema, deterministic_transforms
 
 
 def segmentation_transforms() -> Compose:
     """Deterministic preprocessing: load -> channel first -> RAS -> CT normalisation -> integer label.
 
+    The default schema's CT rule (the ConDistFL paper's clip to [-54, 258] HU, then
+    (x - 100) / 50) on each case's native voxel grid (no resampling); see
+    `pipelines.transforms.deterministic_transforms` for the schema-driven chain with resampling.
     Random patches and flips are applied per sample/batch at training time
     (`random_patch`, `random_flip_batch`), so preprocessed cases can be cached.
     """
-    keys = ["image", "label"]
-    return Compose(
-        [
-            LoadImaged(keys=keys, image_only=True),
-            EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # RAS+ world axes
-            _ct_normalise(),
-            EnsureTyped(keys="label", dtype=torch.long),
-        ]
-    )
+    return deterministic_transforms(default_schema(), "CT", spacing=None, label_dtype=torch.long)
 
 
 def dice_per_class(logits: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
