@@ -349,7 +349,7 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
     iop = first.orientation
     row_dir, col_dir = iop[:3], iop[3:]
     if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
-        raise SeriesError(f"{first.path}: ImageOrientationPatient is not two orthogonal unit vectors ({list(iop)})", "bad_orientation")
+        raise SeriesError(f"{first.path}: ImageOrientationPatient is not two orthogonal unit vectors ({[float(v) for v in iop]})", "bad_orientation")
     row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
     for s in series.slices:
@@ -461,8 +461,9 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
 
 def _rescale(ds: pydicom.Dataset, path: Path) -> tuple[float, float]:
     try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        raw_slope, raw_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slope = 1.0 if raw_slope in (None, "") else float(raw_slope)
+        intercept = 0.0 if raw_intercept in (None, "") else float(raw_intercept)
     except (TypeError, ValueError):
         raise SeriesError(f"{path}: RescaleSlope/RescaleIntercept are not numeric", "bad_rescale") from None
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:

@@ -442,8 +442,9 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
         try:
             image, label, flags = convert_case(src, schema, label_map, opts)
         except SeriesError as exc:
-            outcomes.append(Outcome(source_hash, src.display, "refused", code=exc.code, message=str(exc)))
-            log(str(exc))
+            msg = str(exc) + _series_context(src, skipped)
+            outcomes.append(Outcome(source_hash, src.display, "refused", code=exc.code, message=msg))
+            log(msg)
             continue
         if rec:
             case_id = rec["case_id"]
@@ -466,7 +467,8 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
             (state / f"{h}.json").unlink(missing_ok=True)
     good = [o for o in outcomes if o.status in ("ok", "flagged", "unchanged")]
     if not kept:
-        refused = [o for o in outcomes if o.status == "refused"]
+        # image refusals first: an unpaired label is usually a consequence, not the cause
+        refused = sorted((o for o in outcomes if o.status == "refused"), key=lambda o: o.code in ("unpaired_label", "duplicate_label"))
         if len(refused) == 1:
             raise PrepareError(refused[0].message)
         first = refused[0].message if refused else "no inputs"
@@ -478,6 +480,20 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
         report = _qc_report(out, schema, progress)
     notes = sorted({f"{se.grouping}: {se.note}" for se in disc.series if se.note})
     return PrepareResult(root=out, outcomes=outcomes, skipped_files=skipped, grouping_notes=notes, report=report)
+
+
+def _series_context(src: CaseSource, skipped: list[tuple[Path, str, str]]) -> str:
+    """What else went wrong around a refused series: files of its folder that could not be
+    read (often the real cause of a "missing slice"), and how the series was grouped."""
+    if src.series is None:
+        return ""
+    extra = ""
+    near = [m for p, _, m in skipped if Path(p).parent == src.series.folder]
+    if near:
+        extra += f"; {len(near)} other file(s) in that folder were unusable (first: {near[0]})"
+    if src.series.note:
+        extra += f"; grouping: {src.series.note}"
+    return extra
 
 
 def _outputs_intact(out: Path, rec: dict) -> bool:
