@@ -64,6 +64,9 @@ class SliceHeader:
     transfer_syntax: str
     bits_allocated: int
     samples_per_pixel: int
+    # The parsed header, pixel data deferred (read from the file on first access), so each
+    # file is parsed once for discovery and conversion.
+    dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -124,9 +127,10 @@ def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
 
 
 def read_header(path: Path) -> pydicom.Dataset:
+    """Parse a file once; values over 4 KiB (pixel data) are read only when accessed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on every odd VR; errors are what we report
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, defer_size=4096)
 
 
 def _frame_geometry(ds, path: Path):
@@ -172,6 +176,7 @@ def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         bits_allocated=bits,
         samples_per_pixel=spp,
+        dataset=ds,
     )
 
 
@@ -232,10 +237,8 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             out.segs.append(path)
             continue
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            # stop_before_pixels keeps the tag out of ds; ask the file itself
-            if not _has_pixel_data(path):
-                out.skipped.append((path, "no_pixel_data", f"{path}: DICOM without pixel data ({_sop_name(sop_class)})"))
-                continue
+            out.skipped.append((path, "no_pixel_data", f"{path}: DICOM without pixel data ({_sop_name(sop_class)})"))
+            continue
         try:
             headers.append(slice_header(path, ds))
         except SeriesError as exc:
@@ -253,16 +256,6 @@ def _sop_name(uid: str) -> str:
         return UID(uid).name if uid else "no SOPClassUID"
     except Exception:  # noqa: BLE001
         return uid
-
-
-def _has_pixel_data(path: Path) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=64)
-    except Exception:  # noqa: BLE001
-        return False
-    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
 def _geometry_key(s: SliceHeader) -> tuple:
@@ -411,14 +404,17 @@ class Volume:
     geometry: Geometry
 
 
-def read_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
+def read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(path)
+        if ds is None:
+            ds = pydicom.dcmread(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SeriesError(f"{path}: no pixel data", "no_pixel_data")
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types
         ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
         name = UID(str(ts)).name if ts != "?" else ts
@@ -427,33 +423,36 @@ def read_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
 
 
 def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Volume:
-    """Read a series into a volume on its exact grid, with rescale slope/intercept applied."""
+    """Read a series into a volume on its exact grid, with rescale slope/intercept applied.
+
+    The volume is Fortran-ordered [i, j, k], the order NIfTI stores, so each slice is one
+    contiguous copy and writing needs no transpose. Integer pixels with slope 1 and an
+    integer intercept (CT) stay exact int16 HU; anything else becomes float32.
+    """
     geometry = series_geometry(series, tolerance_mm, allow_irregular)
     first = series.first
-    n = len(series.slices)
-    slopes, intercepts = [], []
-    stored = None
+    shape = (first.cols, first.rows, len(series.slices))
+    out16 = np.empty(shape, dtype=np.int16, order="F")
+    out32: np.ndarray | None = None  # switched to when a slice is not exact int16
     for k, idx in enumerate(geometry.order):
         s = series.slices[idx]
-        arr, ds = read_pixels(s.path)
+        arr, ds = read_pixels(s.path, s.dataset)
+        s.dataset = None  # pixel data cached on the dataset: drop it once copied
         if arr.shape != (first.rows, first.cols):
             raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
-        if stored is None:
-            stored = np.empty((first.cols, first.rows, n), dtype=np.float64 if arr.dtype.kind == "f" else np.int32)
-        stored[:, :, k] = arr.T
         slope, intercept = _rescale(ds, s.path)
-        slopes.append(slope)
-        intercepts.append(intercept)
-    slopes_a, inter_a = np.asarray(slopes), np.asarray(intercepts)
-    exact_int = stored.dtype.kind in "iu" and np.all(slopes_a == 1.0) and np.all(inter_a == np.round(inter_a))
-    if exact_int:
-        values = stored + inter_a.astype(np.int64)[None, None, :]
-        if values.min() >= np.iinfo(np.int16).min and values.max() <= np.iinfo(np.int16).max:
-            array = values.astype(np.int16)
-        else:
-            array = values.astype(np.float32)
-    else:
-        array = (stored * slopes_a[None, None, :] + inter_a[None, None, :]).astype(np.float32)
+        if out32 is None and arr.dtype.kind in "iu" and slope == 1.0 and intercept == round(intercept):
+            hu = arr.astype(np.int32)
+            hu += int(intercept)
+            if hu.size and (hu.min() < -32768 or hu.max() > 32767):
+                out32 = out16.astype(np.float32, order="F")
+            else:
+                out16[:, :, k] = hu.T
+                continue
+        if out32 is None:
+            out32 = out16.astype(np.float32, order="F")  # earlier slices were exact: same values
+        out32[:, :, k] = (arr.astype(np.float64) * slope + intercept).T
+    array = out16 if out32 is None else out32
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise SeriesError(f"series in {series.folder}: pixel values are not finite after rescale", "non_finite")
     return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)

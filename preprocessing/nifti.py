@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, igzip_threaded
 from nibabel.filebasedimages import ImageFileError
 
 from preprocessing import atomic
@@ -86,14 +88,25 @@ def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def save_atomic(img: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, atomic.default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_atomic(img: nib.Nifti1Image, path: Path) -> str:
+    """Write `img` as gzip'd NIfTI atomically; return the sha256 of the bytes written.
+
+    Serialised in memory and compressed with ISA-L (gzip level 1, as nibabel's default,
+    several times faster than zlib; two threads where there are two cores), mtime 0 so
+    identical volumes give identical files.
+    """
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = _gzip(data)
+    atomic.write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _gzip(data: bytes) -> bytes:
+    threads = min(2, os.cpu_count() or 1)
+    if threads < 2 or len(data) < (8 << 20):
+        return igzip.compress(data, compresslevel=1, mtime=0)
+    buf = io.BytesIO()
+    with igzip_threaded.open(buf, "wb", compresslevel=1, threads=threads) as fh:
+        fh.write(data)
+    return buf.getvalue()

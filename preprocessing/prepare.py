@@ -510,17 +510,17 @@ def _outputs_intact(out: Path, rec: dict) -> bool:
 def _write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled) -> dict:
     data = np.asanyarray(image.dataobj)
     if data.dtype.kind in "iu" and data.min() >= -32768 and data.max() <= 32767:
-        data = data.astype(np.int16)  # CT stays integer HU
+        data = data.astype(np.int16, copy=False)  # CT stays integer HU
     else:
-        data = data.astype(np.float32)
+        data = data.astype(np.float32, copy=False)
     img_rel = f"imagesTr/{case_id}.nii.gz"
-    save_atomic(clean_image(data, image.affine), out / img_rel)
+    sums = {"image": save_atomic(clean_image(data, image.affine), out / img_rel)}
     label_rel = None
     label_data = None
     if label is not None:
         label_data = np.asanyarray(label.dataobj).astype(np.uint8)
         label_rel = f"labelsTr/{case_id}.nii.gz"
-        save_atomic(clean_image(label_data, image.affine), out / label_rel)
+        sums["label"] = save_atomic(clean_image(label_data, image.affine), out / label_rel)
     spacing = _spacing(image.affine)
     qc, voxels = _qc_flags(data, label_data, spacing, modality, schema, labeled)
     flags = list(dict.fromkeys(flags + qc))
@@ -543,7 +543,7 @@ def _write_case(out, case_id, source_hash, src, image, label, flags, fingerprint
         "label_voxels": voxels,
         "converter_version": CONVERTER_VERSION,
         "input_sha256": fingerprint,
-        "sha256": {"image": sha256_file(out / img_rel), **({"label": sha256_file(out / label_rel)} if label_rel else {})},
+        "sha256": sums,
         "qc_flags": flags,
         "status": status,
     }
