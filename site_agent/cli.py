@@ -220,15 +220,25 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--secret-file", required=True, type=click.Path(path_type=Path), help="Site secret: UIDs and pseudonyms are derived from it.")
-def deidentify(src, dst, secret_file) -> None:
-    """Write de-identified copies of the DICOM files under SRC to DST (PS3.15 Annex E basic profile)."""
+@click.option("--secret-file", required=True, type=click.Path(path_type=Path), help="Site secret (>= 16 bytes, not world-readable): UIDs and pseudonyms are derived from it.")
+@click.option("--non-dicom", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="What to do with files that are not DICOM.")
+@click.option("--allow-burned-in", is_flag=True, help="Copy images marked BurnedInAnnotation=YES (their pixels may show names).")
+def deidentify(src, dst, secret_file, non_dicom, allow_burned_in) -> None:
+    """Write de-identified copies of the DICOM files under SRC to DST (PS3.15 Annex E basic profile).
+
+    UIDs are replaced consistently (same input + same secret -> same UID), patients get a
+    keyed pseudonym, folder and file names are pseudonymised; geometry and pixels are kept
+    byte for byte. DST must not exist (or be empty); it appears only when every file is done.
+    """
     from preprocessing.deidentify import DeidentifyError, deidentify_tree, load_secret
 
     try:
         secret = load_secret(secret_file)
         with _StageProgress() as progress:
-            report = deidentify_tree(src, dst, secret, progress=lambda d, t: progress("deidentify", d, t))
+            report = deidentify_tree(
+                src, dst, secret, progress=lambda d, t: progress("deidentify", d, t),
+                non_dicom=non_dicom, allow_burned_in_annotation=allow_burned_in,
+            )
     except DeidentifyError as exc:
         raise UserError(str(exc)) from None
     click.echo(f"{report.files_out} of {report.files_in} files de-identified -> {dst}")

@@ -280,3 +280,28 @@ def test_irregular_series_is_flagged_with_option(tmp_path):
     assert not out.exists()
     r = prepare([tmp_path / "s"], out, SCHEMA, None, options=PrepareOptions(qc_report=False, allow_irregular=True))
     assert "missing_slices" in r.outcomes[0].flags and r.outcomes[0].status == "flagged"
+
+
+def test_cli_deidentify_then_prepare_gives_the_same_volume(tmp_path):
+    site = write_phantom_site(tmp_path / "site", ["spleen"], n_cases=1, seed=6, shape=SHAPE)
+    secret = tmp_path / "secret"
+    secret.write_text("a-site-secret-of-enough-length\n")
+    secret.chmod(0o600)
+    r = cli("site-agent", "deidentify", site.dicom_dir, tmp_path / "deid", "--secret-file", secret)
+    assert r.returncode == 0, r.stderr
+    n_in = len([f for f in site.dicom_dir.rglob("*") if f.is_file()])
+    assert f"{n_in} of {n_in} files" in r.stdout
+    planted = [s.encode() for i in site.identifiers for s in i.strings()]
+    for f in (tmp_path / "deid").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert not [p for p in planted if p in data], f
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("site-agent", "prepare", site.dicom_dir, "--out", a, "--no-qc").returncode == 0
+    assert cli("site-agent", "prepare", tmp_path / "deid", "--out", b, "--no-qc").returncode == 0
+    ia, ib = nib.load(a / "imagesTr" / "case_0000.nii.gz"), nib.load(b / "imagesTr" / "case_0000.nii.gz")
+    assert np.array_equal(ia.affine, ib.affine)
+    assert np.array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+    # a second run with an existing destination is refused and changes nothing
+    r2 = cli("site-agent", "deidentify", site.dicom_dir, tmp_path / "deid", "--secret-file", secret)
+    assert r2.returncode != 0 and "Traceback" not in r2.stderr and len(r2.stderr.strip().splitlines()) == 1
