@@ -82,8 +82,7 @@ class Testbed:
             cfg.parent.mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "setup", "--config", str(cfg),
-                "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1),
-                "--shift", str(10.0 * i), "--tag", TAG,
+                "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1), "--tag", TAG,
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:

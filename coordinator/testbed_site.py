@@ -1,6 +1,6 @@
 """One testbed site's chores, run as its own process (as a hospital's staff would):
 
-    python -m coordinator.testbed_site setup   --config C --seed S [...]   # init + demo data + register
+    python -m coordinator.testbed_site setup   --config C --seed S [...]   # init + phantom DICOM + prepare + register
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
 
 The testbed runs these in separate processes so each site's Fed-BioMed state (its
@@ -10,6 +10,7 @@ logger, its database) stays in a process of its own, like on a real site.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ from site_agent import config as site_config
 
 
 def setup(args) -> None:
-    from preprocessing.synthetic import write_synthetic_dataset
+    """Create the site like its staff would: config + node, then the hospital's "own" data
+    (phantom DICOM series with planted identifiers, labels for this site's organs only),
+    `site-agent prepare` on it (the real CLI, in its own process), and registration."""
     from site_agent import node
 
     base = Path(args.config).resolve().parent
@@ -36,13 +39,30 @@ def setup(args) -> None:
     node.create_node(site)
     site.save(args.config)
     site = site_config.load(args.config)
-    dataset = site.data_dir / "demo"
-    if not dataset.exists():
-        write_synthetic_dataset(
-            dataset, seed=args.seed, n_cases=args.cases, shape=(args.size,) * 3, intensity_shift=args.shift, name=f"{args.name}-demo"
-        )
+    dataset = site.data_dir / "ct"
+    if not (dataset / "manifest.json").exists():
+        _prepare_phantom(args, base / "hospital", dataset)
     if not node.list_datasets(site):
         node.add_dataset(site, dataset, [args.tag])
+
+
+def _prepare_phantom(args, hospital: Path, dataset: Path) -> None:
+    from preprocessing.phantom import SITES, write_phantom_site
+
+    organs = SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)]
+    if not (hospital / "site-labels.yaml").exists():
+        write_phantom_site(
+            hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase,
+            shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0),
+        )  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"),
+        "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
+        "--out", str(dataset), "--name", f"{args.name}-{organs[0]}-ct", "--require-labels",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"site-agent prepare failed ({res.returncode}): {res.stderr.strip() or res.stdout[-500:]}")
 
 
 def approve(args) -> None:
@@ -66,8 +86,9 @@ def main(argv=None) -> int:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--cases", type=int, default=4)
-    s.add_argument("--size", type=int, default=32)
-    s.add_argument("--shift", type=float, default=0.0)
+    s.add_argument("--size", type=int, default=48, help="in-plane voxels of the phantom CT (slices: half)")
+    s.add_argument("--phase", default="portal_venous", help="contrast phase of the site's scanner protocol")
+    s.add_argument("--organs", default=None, help="organ group the site labels (default: by seed)")
     s.add_argument("--tag", default="fedimg-demo")
     a = sub.add_parser("approve")
     a.add_argument("--config", required=True)
