@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -305,3 +306,42 @@ def test_cli_deidentify_then_prepare_gives_the_same_volume(tmp_path):
     # a second run with an existing destination is refused and changes nothing
     r2 = cli("site-agent", "deidentify", site.dicom_dir, tmp_path / "deid", "--secret-file", secret)
     assert r2.returncode != 0 and "Traceback" not in r2.stderr and len(r2.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"]
+)
+def test_real_compressed_files_decode_like_the_uncompressed_original(name):
+    """Encodings made by other tools (shipped with pydicom) decode to the same pixels."""
+    from pydicom.data import get_testdata_file
+
+    from preprocessing.dicom import read_pixels
+
+    ref, _ = read_pixels(Path(get_testdata_file("MR_small.dcm")))
+    arr, ds = read_pixels(Path(get_testdata_file(name)))
+    assert np.array_equal(arr, ref), ds.file_meta.TransferSyntaxUID.name
+
+
+def test_lossless_jpeg_process14_decodes(tmp_path):
+    """Lossless JPEG (process 14, common in older CT archives) through the GDCM plugin."""
+    import gdcm
+    from pydicom.data import get_testdata_file
+
+    from preprocessing.dicom import read_pixels
+
+    src = get_testdata_file("CT_small.dcm")
+    reader = gdcm.ImageReader()
+    reader.SetFileName(src)
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(tmp_path / "ct.dcm"))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    arr, ds = read_pixels(tmp_path / "ct.dcm")
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    assert np.array_equal(arr, read_pixels(Path(src))[0])
