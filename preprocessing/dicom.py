@@ -67,6 +67,10 @@ class SliceHeader:
     # The parsed header, pixel data deferred (read from the file on first access), so each
     # file is parsed once for discovery and conversion.
     dataset: pydicom.Dataset | None = field(default=None, repr=False, compare=False)
+    # Enhanced multi-frame files give one header per frame: its 0-based index and the
+    # frame's own rescale (from the functional groups).
+    frame: int | None = None
+    rescale: tuple[float, float] | None = None
 
 
 @dataclass
@@ -133,22 +137,52 @@ def read_header(path: Path) -> pydicom.Dataset:
         return pydicom.dcmread(path, defer_size=4096)
 
 
-def _frame_geometry(ds, path: Path):
-    """IPP/IOP/PixelSpacing of a classic image, or of frame 1 of an enhanced multi-frame one."""
-    if "PerFrameFunctionalGroupsSequence" in ds:
-        raise SeriesError(
-            f"{path}: enhanced multi-frame DICOM is not supported yet; export the series as classic single-frame images",
-            "multiframe_unsupported",
+def _functional(ds, frame_item, sequence: str, keyword: str):
+    """A value from the per-frame functional group of a frame, else from the shared one."""
+    for groups in (frame_item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        if groups is None or sequence not in groups or not len(groups[sequence].value):
+            continue
+        item = groups[sequence].value[0]
+        if keyword in item:
+            return item
+    return None
+
+
+def _enhanced_headers(path: Path, ds: pydicom.Dataset, base: dict) -> list[SliceHeader]:
+    """One header per frame of an enhanced multi-frame image (PS3.3 C.7.6.16): position,
+    orientation, pixel spacing and rescale from the per-frame or shared functional groups."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != base["frames"]:
+        raise SeriesError(f"{path}: {len(per_frame)} per-frame functional groups for NumberOfFrames {base['frames']}", "bad_image_tag")
+    headers = []
+    for f, item in enumerate(per_frame):
+        geo = {}
+        for sequence, keyword, n in (
+            ("PlanePositionSequence", "ImagePositionPatient", 3),
+            ("PlaneOrientationSequence", "ImageOrientationPatient", 6),
+            ("PixelMeasuresSequence", "PixelSpacing", 2),
+        ):
+            holder = _functional(ds, item, sequence, keyword)
+            geo[keyword] = _floats(holder, keyword, n, path) if holder is not None else None
+        transform = _functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
+        rescale = _rescale(transform, path) if transform is not None else None
+        ps = geo["PixelSpacing"]
+        headers.append(
+            SliceHeader(
+                **{**base, "sop_uid": f"{base['sop_uid']}/{f + 1}", "frames": 1},
+                position=geo["ImagePositionPatient"],
+                orientation=geo["ImageOrientationPatient"],
+                pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
+                dataset=ds,
+                frame=f,
+                rescale=rescale,
+            )
         )
-    return (
-        _floats(ds, "ImagePositionPatient", 3, path),
-        _floats(ds, "ImageOrientationPatient", 6, path),
-        _floats(ds, "PixelSpacing", 2, path),
-    )
+    return headers
 
 
-def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
-    ipp, iop, ps = _frame_geometry(ds, path)
+def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
+    """The header of a classic single-frame image, or one per frame of an enhanced one."""
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -156,7 +190,7 @@ def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError):
         raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/BitsAllocated are not integers", "bad_image_tag") from None
-    return SliceHeader(
+    base = dict(
         path=path,
         sop_uid=_str(ds, "SOPInstanceUID"),
         series_uid=_str(ds, "SeriesInstanceUID"),
@@ -169,15 +203,25 @@ def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
         image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
         rows=rows,
         cols=cols,
-        position=ipp,
-        orientation=iop,
-        pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
         frames=frames,
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         bits_allocated=bits,
         samples_per_pixel=spp,
-        dataset=ds,
     )
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_headers(path, ds, base)
+    ipp = _floats(ds, "ImagePositionPatient", 3, path)
+    iop = _floats(ds, "ImageOrientationPatient", 6, path)
+    ps = _floats(ds, "PixelSpacing", 2, path)
+    return [
+        SliceHeader(
+            **base,
+            position=ipp,
+            orientation=iop,
+            pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
+            dataset=ds,
+        )
+    ]
 
 
 def _is_nifti(path: Path) -> bool:
@@ -240,7 +284,7 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             out.skipped.append((path, "no_pixel_data", f"{path}: DICOM without pixel data ({_sop_name(sop_class)})"))
             continue
         try:
-            headers.append(slice_header(path, ds))
+            headers.extend(slice_headers(path, ds))
         except SeriesError as exc:
             out.skipped.append((path, exc.code, str(exc)))
     out.series = group_series(headers)
@@ -434,13 +478,20 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     shape = (first.cols, first.rows, len(series.slices))
     out16 = np.empty(shape, dtype=np.int16, order="F")
     out32: np.ndarray | None = None  # switched to when a slice is not exact int16
+    frames: dict[Path, np.ndarray] = {}  # decoded enhanced multi-frame files
     for k, idx in enumerate(geometry.order):
         s = series.slices[idx]
-        arr, ds = read_pixels(s.path, s.dataset)
-        s.dataset = None  # pixel data cached on the dataset: drop it once copied
+        if s.frame is None:
+            arr, ds = read_pixels(s.path, s.dataset)
+            s.dataset = None  # pixel data cached on the dataset: drop it once copied
+        else:
+            if s.path not in frames:
+                whole, _ = read_pixels(s.path, s.dataset)
+                frames[s.path] = whole.reshape((-1, *whole.shape[-2:]))
+            arr, ds = frames[s.path][s.frame], s.dataset
         if arr.shape != (first.rows, first.cols):
             raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
-        slope, intercept = _rescale(ds, s.path)
+        slope, intercept = s.rescale or _rescale(ds, s.path)
         if out32 is None and arr.dtype.kind in "iu" and slope == 1.0 and intercept == round(intercept):
             hu = arr.astype(np.int32)
             hu += int(intercept)

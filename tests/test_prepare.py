@@ -345,3 +345,28 @@ def test_lossless_jpeg_process14_decodes(tmp_path):
     arr, ds = read_pixels(tmp_path / "ct.dcm")
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
     assert np.array_equal(arr, read_pixels(Path(src))[0])
+
+
+def test_enhanced_multiframe_equals_the_single_frame_series(tmp_path):
+    """A Legacy Converted Enhanced CT (one file, per-frame functional groups) made by
+    highdicom from a series converts to exactly the volume of the series itself."""
+    import warnings
+
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    vol = make_phantom(seed=4, shape=(40, 36, 8), spacing=(0.9, 0.8, 2.5))
+    files = write_dicom_series(vol, tmp_path / "single", PlantedIdentifiers.for_case(4, 0), orientation=(0.8660254, 0.5, 0, -0.5, 0.8660254, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mf = LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(f) for f in files], series_instance_uid=pydicom.uid.generate_uid(), series_number=9,
+            sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        )  # fmt: skip
+    (tmp_path / "multi").mkdir()
+    mf.save_as(tmp_path / "multi" / "enhanced.dcm")
+    single = load_series(discover([tmp_path / "single"]).series[0])
+    disc = discover([tmp_path / "multi"])
+    assert len(disc.series) == 1 and len(disc.series[0].slices) == 8 and not disc.skipped
+    multi = load_series(disc.series[0])
+    assert np.array_equal(multi.array, single.array) and np.array_equal(multi.array, vol.hu)
+    assert np.allclose(multi.affine_ras, single.affine_ras, atol=1e-6)

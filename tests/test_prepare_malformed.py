@@ -171,6 +171,7 @@ def _garbage_compressed(ds):
 
 
 def _enhanced(ds):
+    # claims to be enhanced multi-frame but its functional groups place nothing
     ds.NumberOfFrames = 1
     ds.PerFrameFunctionalGroupsSequence = [pydicom.Dataset()]
 
@@ -287,7 +288,7 @@ EXPECTED = {
     'rescale-slope-zero': 'RescaleSlope 0.0',
     'rescale-not-numeric': 'not numeric',
     'colour-image': 'colour image',
-    'enhanced-multiframe': 'enhanced multi-frame',
+    'enhanced-multiframe': 'missing ImagePositionPatient',
     'single-slice': 'single-slice series',
     'localizer-only': 'localizer',
     'wrong-modality-filter': 'modality CT, not MR',
