@@ -14,6 +14,7 @@ returned is in RAS+ world millimetres (DICOM's LPS with x and y negated), as NIf
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
 # SOP classes that hold images we convert; anything else (SR, RTSTRUCT, presentation states,
@@ -71,6 +73,7 @@ class SliceHeader:
     # frame's own rescale (from the functional groups).
     frame: int | None = None
     rescale: tuple[float, float] | None = None
+    localizer: bool = False  # ImageType LOCALIZER, or a scout-like series/protocol name
 
 
 @dataclass
@@ -130,11 +133,29 @@ def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
     return arr
 
 
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
 def read_header(path: Path) -> pydicom.Dataset:
-    """Parse a file once; values over 4 KiB (pixel data) are read only when accessed."""
+    """Parse a file once; values over 4 KiB (pixel data) are read only when accessed.
+
+    Parsing stops at the first top-level element after the pixel data: some exporters pad
+    files with megabytes of zeros there, which pydicom would otherwise read as hundreds of
+    thousands of empty elements (seconds per file).
+    """
+    seen_pixels = False
+
+    def after_pixel_data(tag, vr, length) -> bool:
+        nonlocal seen_pixels
+        if seen_pixels:
+            return True
+        seen_pixels = tag in _PIXEL_TAGS
+        return False
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on every odd VR; errors are what we report
-        return pydicom.dcmread(path, defer_size=4096)
+        with open(path, "rb") as fh:
+            return read_partial(fh, after_pixel_data, defer_size=4096)
 
 
 def _functional(ds, frame_item, sequence: str, keyword: str):
@@ -181,6 +202,18 @@ def _enhanced_headers(path: Path, ds: pydicom.Dataset, base: dict) -> list[Slice
     return headers
 
 
+# Vendors name planning scans differently and do not all set ImageType LOCALIZER (Siemens
+# 3-plane localizers say ORIGINAL\PRIMARY\M\NORM\DIS2D). The names are only matched here,
+# never stored.
+_LOCALIZER_NAMES = re.compile(r"locali[sz]er|scout|survey|surview|topogram|scanogram|scanoscope|planning", re.I)
+
+
+def _is_localizer(ds: pydicom.Dataset) -> bool:
+    if "LOCALIZER" in _str(ds, "ImageType").upper():
+        return True
+    return any(_LOCALIZER_NAMES.search(_str(ds, k)) for k in ("SeriesDescription", "ProtocolName"))
+
+
 def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
     """The header of a classic single-frame image, or one per frame of an enhanced one."""
     try:
@@ -207,6 +240,7 @@ def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         bits_allocated=bits,
         samples_per_pixel=spp,
+        localizer=_is_localizer(ds),
     )
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_headers(path, ds, base)
@@ -401,20 +435,23 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
         k = int(np.argmin(gaps))
         a, b = series.slices[order[k]].path, series.slices[order[k + 1]].path
         raise SeriesError(f"{where}: duplicate slice position {d[k]:.3f} mm along the normal ({a.name} and {b.name})", "duplicate_position")
-    # In-plane drift of the slice origins: a sheared stack (gantry tilt) has no exact qform.
+    # Residual of every slice origin from a regular grid along the normal, in 3D: along the
+    # normal it is irregular spacing or missing slices; in-plane it is drift (jitter, or a
+    # sheared stack from gantry tilt, which no exact qform can represent).
     p0 = positions[order[0]]
-    inplane = (positions[order] - p0) - np.outer(d - d[0], normal)
-    drift = float(np.max(np.linalg.norm(inplane, axis=1)))
-    if drift > max(tolerance_mm, 1e-3) * 10:
+    n = len(d)
+    dz = float((d[-1] - d[0]) / (n - 1))
+    resid = positions[order] - (p0 + np.outer(dz * np.arange(n), normal))
+    along = np.abs(resid @ normal)
+    drift_k = np.linalg.norm(resid - np.outer(resid @ normal, normal), axis=1)
+    drift = float(np.max(drift_k))
+    err = float(np.max(np.linalg.norm(resid, axis=1)))
+    if drift > max(0.1, 10 * tolerance_mm) and drift_k[-1] >= 0.5 * drift:
         raise SeriesError(
-            f"{where}: slice origins drift {drift:.2f} mm in-plane (gantry tilt or sheared stack); "
+            f"{where}: slice origins drift {drift:.2f} mm in-plane, growing along the stack (gantry tilt or sheared stack); "
             "an exact NIfTI with qform = sform cannot represent it. Resample it with a tilt-correcting tool first",
             "gantry_tilt",
         )
-    n = len(d)
-    dz = float((d[-1] - d[0]) / (n - 1))
-    expected = d[0] + dz * np.arange(n)
-    err = float(np.max(np.abs(d - expected)))
     flags: list[str] = []
     if err > tolerance_mm:
         median = float(np.median(gaps))
@@ -423,9 +460,12 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
             missing = int(round(float(np.sum(gaps[big] / median - 1))))
             msg = f"{where}: about {missing} missing slice(s): gap of {gaps[big[0]]:.3f} mm after position {d[big[0]]:.3f} mm (typical spacing {median:.3f} mm)"
             code = "missing_slices"
-        else:
+        elif float(np.max(along)) > tolerance_mm:
             msg = f"{where}: irregular slice spacing: positions deviate up to {err:.4f} mm from a regular grid (tolerance {tolerance_mm} mm)"
             code = "irregular_spacing"
+        else:
+            msg = f"{where}: slice origins drift up to {drift:.4f} mm in-plane from a regular grid (tolerance {tolerance_mm} mm)"
+            code = "inplane_drift"
         if not allow_irregular:
             raise SeriesError(msg + "; refused (pass --allow-irregular to convert it with a flag)", code)
         flags.append(code)

@@ -42,6 +42,7 @@ from preprocessing.schema import LabelSchema, SiteLabelMap
 STATE_DIR = ".state"
 GRID_TOLERANCE_MM = 0.01
 MODALITIES = ("CT", "MR", "PT", "CR", "DX", "US", "OT")
+MIN_SLICES_MULTI_ORIENTATION = 16
 
 
 class PrepareError(Exception):
@@ -218,11 +219,20 @@ class _Lock:
 def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[CaseSource], list[tuple[Path, str, str]]]:
     sources: list[CaseSource] = []
     skipped: list[tuple[Path, str, str]] = []
+    orientations: dict[str, set] = {}
+    for series in discovery.series:
+        if series.grouping.startswith("series_uid+split") and series.first.orientation is not None:
+            orientations.setdefault(series.first.series_uid, set()).add(tuple(np.round(series.first.orientation, 3)))
     for series in discovery.series:
         first = series.first
         display = f"series in {series.folder} ({len(series.slices)} files)"
-        if "LOCALIZER" in first.image_type:
+        if first.localizer or any(s.localizer for s in series.slices):
             skipped.append((series.folder, "localizer", f"{display}: localizer/scout images, skipped"))
+            continue
+        if len(orientations.get(first.series_uid, ())) > 1 and 2 <= len(series.slices) < MIN_SLICES_MULTI_ORIENTATION:
+            # a few slices per plane in one series: a multi-plane localizer even when its
+            # name and ImageType do not say so (de-identification removes the name)
+            skipped.append((series.folder, "localizer", f"{display}: part of a multi-orientation series with few slices per plane (a localizer?), skipped"))
             continue
         if modality and first.modality != modality:
             skipped.append((series.folder, "other_modality", f"{display}: modality {first.modality}, not {modality}; skipped"))

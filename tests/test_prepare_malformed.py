@@ -132,6 +132,11 @@ def _shift_one(site: Path, dz: float) -> None:
     edit(f, lambda ds: setattr(ds, "ImagePositionPatient", [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], float(ds.ImagePositionPatient[2]) + dz]))
 
 
+def _shift_x(site: Path, dx: float) -> None:
+    f = by_position(site)[4]
+    edit(f, lambda ds: setattr(ds, "ImagePositionPatient", [float(ds.ImagePositionPatient[0]) + dx, ds.ImagePositionPatient[1], ds.ImagePositionPatient[2]]))
+
+
 def _shear(site: Path) -> None:
     for k, f in enumerate(by_position(site)):
         edit(f, lambda ds, k=k: setattr(ds, "ImagePositionPatient", [ORIGIN[0], ORIGIN[1] + 0.5 * k, float(ds.ImagePositionPatient[2])]))
@@ -217,6 +222,8 @@ CASES = [
     ("enhanced-multiframe", lambda s: edit_all(s, _enhanced), [], "dicom"),
     ("single-slice", lambda s: [f.unlink() for f in by_position(s)[1:]], [], "dicom"),
     ("localizer-only", lambda s: edit_all(s, _localizer), [], "dicom"),
+    ("localizer-by-name", lambda s: edit_all(s, _set(SeriesDescription="3-plane Localizer", ImageType=["ORIGINAL", "PRIMARY", "M"])), [], "dicom"),
+    ("inplane-jitter", lambda s: _shift_x(s, 0.05), [], "dicom"),
     ("wrong-modality-filter", lambda s: None, ["--modality", "MR"], "dicom"),
     ("not-dicom-files", lambda s: [f.write_text("hello, not an image\n") for f in dicom_files(s)], [], "dicom"),
     ("empty-input-folder", lambda s: [f.unlink() for f in dicom_files(s)], [], "dicom"),
@@ -291,6 +298,8 @@ EXPECTED = {
     'enhanced-multiframe': 'missing ImagePositionPatient',
     'single-slice': 'single-slice series',
     'localizer-only': 'localizer',
+    'localizer-by-name': 'localizer',
+    'inplane-jitter': 'drift up to 0.0500 mm in-plane',
     'wrong-modality-filter': 'modality CT, not MR',
     'not-dicom-files': 'not a DICOM file',
     'empty-input-folder': 'no image series',
