@@ -68,6 +68,9 @@ def _start_testbed(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Proces
     proc = subprocess.Popen(
         [COORDINATOR, "testbed", "--sites", "2", "--spec", str(spec), "--workdir", str(tmp_path / "bed")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # as from a terminal: a suite started in the background (`cmd &`, nohup) inherits an
+        # ignored SIGINT, and Python keeps it ignored, so Ctrl-C could not be simulated
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in proc.stdout:
@@ -94,6 +97,6 @@ def test_ctrl_c_of_the_testbed_tears_everything_down(tmp_path):
     proc, kids = _start_testbed(tmp_path)
     os.kill(proc.pid, signal.SIGINT)
     rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == 130, rest[-3000:]
     assert "testbed interrupted" in rest and "all processes ended" in rest
     assert _wait_gone(kids, timeout=10) == []
