@@ -1,0 +1,95 @@
+"""Whole-volume evaluation: sliding-window inference and per-class Dice (no FL imports).
+
+Empty-mask rule (stated once, used everywhere):
+  * a class the site does not label is not scored for that site's cases (NaN): its
+    reference cannot tell a right prediction from a wrong one;
+  * a labelled class absent from a case's reference: Dice is NaN (excluded from means)
+    when the prediction is empty too, and 0.0 when the model predicts it anyway (a false
+    positive is an error, not a free pass);
+  * voxels with the ignore label (255) are left out of both prediction and reference.
+Out-of-federation test sets that label organs but not lesions are scored with every
+lesion merged into its organ, in both prediction and reference (`merge_lesions`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+IGNORE_LABEL = 255
+
+
+def predict_volume(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    mode: str = "gaussian",
+    head: Callable[[object], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Argmax label map (spatial only) of one image (C, *spatial) by sliding-window inference.
+
+    `head` picks the main output when the network returns several (deep supervision).
+    """
+    was_training = model.training
+    model.eval()
+
+    def forward(x):
+        out = model(x)
+        return head(out) if head is not None else out
+
+    try:
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                image.unsqueeze(0).float(), roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=forward,
+                overlap=overlap, mode=mode, padding_mode="constant",
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+    return torch.argmax(logits, dim=1)[0]
+
+
+def merge_lesions(label: np.ndarray | torch.Tensor, merge_table: np.ndarray) -> np.ndarray:
+    """Map every lesion id to its organ id (table from `LabelSchema.lesion_merge_table()`)."""
+    arr = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    return np.asarray(merge_table)[arr.astype(np.int64)]
+
+
+def dice_per_class(
+    pred: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    classes: Iterable[int],
+    ignore_label: int = IGNORE_LABEL,
+) -> dict[int, float]:
+    """Dice of each class in `classes` for one case, with the empty-mask rule above."""
+    p = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    r = ref.cpu().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
+    valid = r != ignore_label
+    scores: dict[int, float] = {}
+    for c in classes:
+        pc, rc = (p == c) & valid, (r == c) & valid
+        n_ref, n_pred = int(rc.sum()), int(pc.sum())
+        if n_ref == 0:
+            scores[c] = float("nan") if n_pred == 0 else 0.0
+        else:
+            scores[c] = 2.0 * int((pc & rc).sum()) / (n_ref + n_pred)
+    return scores
+
+
+def summarise(per_case: list[dict[int, float]], classes: Sequence[int]) -> dict[str, float]:
+    """Mean (NaN-excluded) Dice per class over cases, plus their mean over scored classes."""
+    out: dict[str, float] = {}
+    means = []
+    for c in classes:
+        vals = [case[c] for case in per_case if c in case and not np.isnan(case[c])]
+        out[str(c)] = float(np.mean(vals)) if vals else float("nan")
+        if vals:
+            means.append(out[str(c)])
+    out["mean"] = float(np.mean(means)) if means else float("nan")
+    return out
