@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import nibabel as nib
 import numpy as np
 
 from preprocessing import atomic
+from preprocessing.nifti import clean_image, save_atomic
 
 FORMAT_NAME = "fedimg-prepared-dataset"
 FORMAT_VERSION = 2
@@ -77,27 +77,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = b""  # nibabel writes its version here otherwise; keep it allowlisted (empty)
-    return img
-
-
-def _save_nifti_atomic(img: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, atomic.default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(
     root: str | os.PathLike,
     name: str,
@@ -121,14 +100,14 @@ def write_dataset(
         for i, (image, label, affine) in enumerate(cases):
             case_id = f"case_{i:04d}"
             img_rel = f"imagesTr/{case_id}.nii.gz"
-            _save_nifti_atomic(_nifti_bytes(image, affine, np.float32), staging / img_rel)
+            save_atomic(clean_image(np.asarray(image, dtype=np.float32), affine), staging / img_rel)
             entry = {"image": img_rel}
             sums = {"image": sha256_file(staging / img_rel)}
             if label is not None:
                 if label.shape != image.shape:
                     raise DatasetError(f"case {i}: label shape {label.shape} != image shape {image.shape}")
                 lab_rel = f"labelsTr/{case_id}.nii.gz"
-                _save_nifti_atomic(_nifti_bytes(label, affine, np.uint8), staging / lab_rel)
+                save_atomic(clean_image(np.asarray(label, dtype=np.uint8), affine), staging / lab_rel)
                 entry["label"] = lab_rel
                 sums["label"] = sha256_file(staging / lab_rel)
             entries.append(entry)

@@ -28,14 +28,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import yaml
@@ -56,6 +54,7 @@ from pydicom.valuerep import DSfloat
 from scipy import ndimage
 
 from preprocessing import atomic
+from preprocessing.nifti import clean_image, save_atomic
 from preprocessing.schema import LABEL_MAP_FORMAT, LabelSchema, load_schema
 
 __all__ = [
@@ -872,24 +871,6 @@ def site_label_volume(label: np.ndarray, classes: Sequence[str], local_values: d
     return out.astype(np.uint8 if out.max() <= 255 else np.uint16)
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header["descrip"] = b""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, atomic.default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _seg_codes(name: str, schema: LabelSchema):
     from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes
@@ -1035,7 +1016,7 @@ def write_phantom_site(
         if label_format == "nifti":
             local = site_label_volume(vol.label, classes, values, schema)
             label_path = labels_dir / f"{case}.nii.gz"
-            _save_nifti(local, volume_affine_ras(vol, origin, orientation), label_path)
+            save_atomic(clean_image(local, volume_affine_ras(vol, origin, orientation)), label_path)
         else:
             seg_numbers = {c: n for n, c in enumerate(classes, start=1)}
             local = site_label_volume(vol.label, classes, seg_numbers, schema)
