@@ -85,72 +85,34 @@ NETWORKS = ("basic_unet", "dynunet", "mednext")
 SIZES = ("tiny", "small", "base", "medium", "large")
 DEFAULT_SIZE = "tiny"
 
+# MONAI's create_mednext builds its S/B/M/L variants inline (no table to import), so the
+# same settings are spelled out here, where `features` and the patch check can read them.
+_MEDNEXT_COMMON: dict[str, Any] = {"init_filters": 32, "kernel_size": 3, "use_residual_connection": True, "norm_type": "group"}
+
+
+def _mednext_blocks(down, bottleneck, up, enc_ratio, dec_ratio, bottleneck_ratio) -> dict[str, Any]:
+    as4 = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * 4  # noqa: E731
+    return {
+        "blocks_down": as4(down),
+        "blocks_bottleneck": bottleneck,
+        "blocks_up": as4(up),
+        "encoder_expansion_ratio": enc_ratio,
+        "decoder_expansion_ratio": dec_ratio,
+        "bottleneck_expansion_ratio": bottleneck_ratio,
+    }
+
+
 # Configurations per network and size: MONAI constructor arguments, except for DynUNet
 # where ``filters`` sets the number of levels and kernels/strides are derived (3x3(x3)
 # kernels, stride 1 then 2 per level) unless given explicitly.
 NETWORK_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "mednext": {
-        "tiny": {
-            "init_filters": 4,
-            "encoder_expansion_ratio": 2,
-            "decoder_expansion_ratio": 2,
-            "bottleneck_expansion_ratio": 2,
-            "blocks_down": (1, 1, 1, 1),
-            "blocks_bottleneck": 1,
-            "blocks_up": (1, 1, 1, 1),
-            "kernel_size": 3,
-            "use_residual_connection": True,
-            "norm_type": "group",
-        },
+        "tiny": {**_MEDNEXT_COMMON, "init_filters": 4, **_mednext_blocks(1, 1, 1, 2, 2, 2)},
         # small .. large: exactly MONAI's create_mednext("S"|"B"|"M"|"L") with kernel 3
-        "small": {
-            "init_filters": 32,
-            "encoder_expansion_ratio": 2,
-            "decoder_expansion_ratio": 2,
-            "bottleneck_expansion_ratio": 2,
-            "blocks_down": (2, 2, 2, 2),
-            "blocks_bottleneck": 2,
-            "blocks_up": (2, 2, 2, 2),
-            "kernel_size": 3,
-            "use_residual_connection": True,
-            "norm_type": "group",
-        },
-        "base": {
-            "init_filters": 32,
-            "encoder_expansion_ratio": (2, 3, 4, 4),
-            "decoder_expansion_ratio": (4, 4, 3, 2),
-            "bottleneck_expansion_ratio": 4,
-            "blocks_down": (2, 2, 2, 2),
-            "blocks_bottleneck": 2,
-            "blocks_up": (2, 2, 2, 2),
-            "kernel_size": 3,
-            "use_residual_connection": True,
-            "norm_type": "group",
-        },
-        "medium": {
-            "init_filters": 32,
-            "encoder_expansion_ratio": (2, 3, 4, 4),
-            "decoder_expansion_ratio": (4, 4, 3, 2),
-            "bottleneck_expansion_ratio": 4,
-            "blocks_down": (3, 4, 4, 4),
-            "blocks_bottleneck": 4,
-            "blocks_up": (4, 4, 4, 3),
-            "kernel_size": 3,
-            "use_residual_connection": True,
-            "norm_type": "group",
-        },
-        "large": {
-            "init_filters": 32,
-            "encoder_expansion_ratio": (3, 4, 8, 8),
-            "decoder_expansion_ratio": (8, 8, 4, 3),
-            "bottleneck_expansion_ratio": 8,
-            "blocks_down": (3, 4, 8, 8),
-            "blocks_bottleneck": 8,
-            "blocks_up": (8, 8, 4, 3),
-            "kernel_size": 3,
-            "use_residual_connection": True,
-            "norm_type": "group",
-        },
+        "small": {**_MEDNEXT_COMMON, **_mednext_blocks(2, 2, 2, 2, 2, 2)},
+        "base": {**_MEDNEXT_COMMON, **_mednext_blocks(2, 2, 2, (2, 3, 4, 4), (4, 4, 3, 2), 4)},
+        "medium": {**_MEDNEXT_COMMON, **_mednext_blocks((3, 4, 4, 4), 4, (4, 4, 4, 3), (2, 3, 4, 4), (4, 4, 3, 2), 4)},
+        "large": {**_MEDNEXT_COMMON, **_mednext_blocks((3, 4, 8, 8), 8, (8, 8, 4, 3), (3, 4, 8, 8), (8, 8, 4, 3), 8)},
     },
     "dynunet": {
         "tiny": {"filters": (8, 16, 32)},

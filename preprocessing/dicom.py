@@ -56,15 +56,12 @@ class SliceHeader:
     series_number: str
     acquisition_number: str
     echo_number: str
-    image_type: tuple[str, ...]
     rows: int
     cols: int
     position: np.ndarray | None  # IPP, LPS mm
     orientation: np.ndarray | None  # IOP, 6 values
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns)
     frames: int
-    transfer_syntax: str
-    bits_allocated: int
     samples_per_pixel: int
     # The parsed header, pixel data deferred (read from the file on first access), so each
     # file is parsed once for discovery and conversion.
@@ -219,10 +216,9 @@ def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 0) or 0)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError):
-        raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/BitsAllocated are not integers", "bad_image_tag") from None
+        raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel are not integers", "bad_image_tag") from None
     base = dict(
         path=path,
         sop_uid=_str(ds, "SOPInstanceUID"),
@@ -233,12 +229,9 @@ def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
         series_number=_str(ds, "SeriesNumber"),
         acquisition_number=_str(ds, "AcquisitionNumber"),
         echo_number=_str(ds, "EchoNumbers"),
-        image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
         rows=rows,
         cols=cols,
         frames=frames,
-        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
-        bits_allocated=bits,
         samples_per_pixel=spp,
         localizer=_is_localizer(ds),
     )

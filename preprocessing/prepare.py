@@ -475,7 +475,6 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
                 if rel:
                     (out / rel).unlink(missing_ok=True)
             (state / f"{h}.json").unlink(missing_ok=True)
-    good = [o for o in outcomes if o.status in ("ok", "flagged", "unchanged")]
     if not kept:
         # image refusals first: an unpaired label is usually a consequence, not the cause
         refused = sorted((o for o in outcomes if o.status == "refused"), key=lambda o: o.code in ("unpaired_label", "duplicate_label"))
@@ -483,7 +482,6 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
             raise PrepareError(refused[0].message)
         first = refused[0].message if refused else "no inputs"
         raise PrepareError(f"no case could be prepared: {len(refused)} refused (first: {first})")
-    del good
     _write_metadata(out, kept, outcomes, schema, modality, labeled, opts)
     report = None
     if opts.qc_report:
