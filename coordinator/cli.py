@@ -62,27 +62,41 @@ def validate(spec_file) -> None:
     """Check SPEC_FILE and print what it will run."""
     s = spec_mod.load(spec_file)
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
-    click.echo(f"ok: {s.name}: plan {s.plan}, {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
+    click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
 
 
 def _print_results(run_dir: Path) -> None:
+    from coordinator.results import class_dice, ordered_classes
+
     info = runs.summary(run_dir)
     metrics = runs.read_metrics(run_dir)
     # "global" = the model the site received at the start of the round (validated before local
     # training); "local" = the site's model after local training; "final" = after the last round.
-    table = Table("round", "site", "samples", "train loss", "val loss (global)", "dice (global)", "dice (local)", "|update|")
+    table = Table("round", "site", "samples", "train loss", "lambda", "dice (global)", "dice (local)", "MB sent+received")
+    fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
     for r in metrics.get("rounds", []):
+        mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.2f}" if r.get("bytes") else "-"
         for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
             vg, vl, tr = row.get("val_global", {}), row.get("val_local", {}), row.get("train", {})
-            fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
             table.add_row(
-                str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "Loss"),
-                fmt(vg, "loss"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), f"{r['update_norm']:.4f}",
+                str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "loss_mean" if "loss_mean" in tr else "Loss"),
+                fmt(tr, "lambda"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), mb,
             )  # fmt: skip
+            mb = ""
     console.print(table)
-    final = {row.get("name", n): row["val_final"] for r in metrics.get("rounds", [])[-1:] for n, row in r["sites"].items() if "val_final" in row}
+    last = metrics.get("rounds", [])[-1:]
+    final = {row.get("name", n): row.get("val_final") or row.get("val_global") or {} for r in last for n, row in r["sites"].items()}
     if final:
-        click.echo("final global model: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}, loss {v.get('loss', float('nan')):.3f}" for k, v in sorted(final.items())))
+        classes = ordered_classes({c for row in final.values() for c in class_dice(row)}, metrics.get("classes"))
+        dice_table = Table("site", *classes, "mean", title="final global model: Dice per class on each site's validation cases")
+        for site, row in sorted(final.items()):
+            d = class_dice(row)
+            dice_table.add_row(site, *[f"{d[c]:.3f}" if c in d else "" for c in classes], fmt(row, "dice_mean"))
+        console.print(dice_table)
+        click.echo("final global model: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}" for k, v in sorted(final.items())))
+    if metrics.get("best_global"):
+        b = metrics["best_global"]
+        click.echo(f"best global model: round {b['model_round']} (mean Dice over classes across sites {b['score']:.3f})")
     click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
     if info.get("error"):
         click.echo(f"error: {info['error']}")
@@ -115,7 +129,7 @@ def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
     """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
     s = spec_mod.load(spec_file)
     text = Path(spec_file).read_text(encoding="utf-8")
-    _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name))
+    _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name, resolved=s.resolved_raw()))
 
 
 @cli.command()
@@ -139,7 +153,7 @@ def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
         runs.recover_stale(Path(home))
         if runs.read_state(run_dir)["status"] == "running":
             raise UserError(f"run {run_dir.name} is running in process {state.get('pid')}")
-    s = spec_mod.load(run_dir / "spec.yaml")
+    s = spec_mod.load(runs.spec_file(run_dir))
     _foreground(home, grpc_host, grpc_port, public_host, s, True, lambda: run_dir)
 
 
@@ -165,7 +179,12 @@ def submit(spec_file, home, url, token) -> None:
     from coordinator.client import call
 
     s = spec_mod.load(spec_file)  # fail here, with the file name, before anything is sent
-    reply = call(url or DEFAULT_URL, "POST", "/runs", client_token(Path(home), token), body=Path(spec_file).read_bytes())
+    body = Path(spec_file).read_bytes()
+    if s.resolved_raw() != s.raw:  # a schema file on this machine: send its content along
+        import yaml
+
+        body = yaml.safe_dump(s.resolved_raw(), sort_keys=False).encode()
+    reply = call(url or DEFAULT_URL, "POST", "/runs", client_token(Path(home), token), body=body)
     click.echo(f"submitted {s.name}: run {reply['run_id']}")
 
 

@@ -50,6 +50,36 @@ class _NodeErrorCollector(logging.Handler):
             self.messages.append(" ".join(msg.split()))
 
 
+class _WireCounter(logging.Handler):
+    """Counts the bytes Fed-BioMed's gRPC server actually puts on the wire (its own debug
+    records '[WIRE][S->N][TX] ... bytes=N' and '[WIRE][N->S][RX] ... bytes=N')."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self._lock = threading.Lock()
+        self.take()
+
+    def emit(self, record):
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if not msg.startswith("[WIRE]") or not record.args or "bytes=" not in msg:
+            return
+        try:
+            n = int(record.args[-1])
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            if "[S->N][TX]" in msg:
+                self._sent += n
+            elif "[N->S][RX]" in msg:
+                self._received += n
+
+    def take(self) -> dict:
+        with self._lock:
+            out = {"to_sites": getattr(self, "_sent", 0), "from_sites": getattr(self, "_received", 0)}
+            self._sent = self._received = 0
+        return out
+
+
 class Federation:
     """Owns the Fed-BioMed researcher component and its gRPC server for this process."""
 
@@ -85,6 +115,9 @@ class Federation:
         self._fbm_logger = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
         self._collector = _NodeErrorCollector()
         self._fbm_logger.addHandler(self._collector)
+        self._wire = _WireCounter()
+        self._fbm_logger.addHandler(self._wire)
+        self._fbm_logger.setLevel(logging.DEBUG)  # Fed-BioMed's own handlers keep their level; the counter needs its debug records
         self.config = config
         _ensure_certificate(config, public_host, log)
         os.environ["FBM_SERVER_HOST"] = host  # Fed-BioMed reads env over its config: bind here
@@ -126,23 +159,24 @@ class Federation:
 
     # -- experiments --------------------------------------------------------------------
 
-    def _experiment(self, spec: Spec, run_dir: Path):
+    def _experiment(self, spec: Spec, run_dir: Path, nodes: list[str] | None = None, folder: Path | None = None):
         from fedbiomed.researcher.aggregators import FedAverage, Scaffold
         from fedbiomed.researcher.federated_workflows import Experiment
 
-        self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)  # breakpoints land in the run dir
+        folder = folder or run_dir
+        self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)  # breakpoints land in the run dir
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
         return Experiment(
             tags=spec.site_tags,
-            nodes=spec.site_ids or None,
+            nodes=nodes or spec.site_ids or None,
             training_plan_class=plan_registry.resolve(spec.plan),
-            model_args=dict(spec.plan_args),
+            model_args=spec.experiment_model_args(),
             training_args=spec.training_args(),
             aggregator=aggregator,
             agg_optimizer=_server_optimizer(spec),
             round_limit=spec.rounds,
             save_breakpoints=True,
-            experimentation_folder=run_dir.name,
+            experimentation_folder=folder.name,
             tensorboard=False,
         )
 
@@ -178,6 +212,7 @@ class Federation:
         """Run (or resume) the spec in `run_dir`; return the final metrics dict."""
         run_dir = Path(run_dir).resolve()
         file_handler = logging.FileHandler(run_dir / "run.log")
+        file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._fbm_logger.addHandler(file_handler)
         console_log = self.log
@@ -198,49 +233,21 @@ class Federation:
         self._collector.messages.clear()
         metrics = runs.read_metrics(run_dir) if resume else {"rounds": []}
         metrics["rounds_planned"] = spec.rounds
+        metrics["mode"] = spec.mode
+        metrics["plan"] = spec.plan
+        metrics["local_steps"] = spec.local_steps
+        schema = spec.model_args.get("schema_definition")
+        if isinstance(schema, dict):
+            metrics["classes"] = dict(schema.get("classes") or {})
         runs.mark(run_dir, "running", pid=os.getpid(), error=None)
         try:
             sites = self.wait_for_sites(spec)
-            if resume:
-                bkpt = runs.latest_breakpoint(run_dir)
-                if bkpt is None:
-                    raise RunError(f"{run_dir}: no breakpoint to resume from (the run never finished a round)")
-                from fedbiomed.researcher.federated_workflows import Experiment
-
-                self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)
-                exp = Experiment.load_breakpoint(str(bkpt))
-                done = exp.round_current()
-                metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
-                if done and not any(r["round"] == done for r in metrics["rounds"]):
-                    # Stopped after Fed-BioMed saved the breakpoint but before our record: the
-                    # round's model is in the breakpoint; its per-site metrics are gone.
-                    _save_checkpoint(run_dir, done, _params(exp))
-                    metrics["rounds"].append(
-                        {"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True}
-                    )
-                self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
+            if spec.mode == "standalone":
+                if resume:
+                    raise RunError(f"{run_dir}: standalone runs do not resume; submit the spec again")
+                self._standalone(run_dir, spec, sites, metrics)
             else:
-                exp = self._experiment(spec, run_dir)
-            self._check_approval(exp, spec, sites)
-            self._track(exp, metrics, sites)
-            params_before = _params(exp)
-            metrics["model"] = {
-                "parameters": int(sum(t.numel() for t in params_before.values())),
-                "bytes": int(sum(t.numel() * t.element_size() for t in params_before.values())),
-            }
-            while exp.round_current() < spec.rounds:
-                r = exp.round_current() + 1
-                t0 = time.monotonic()
-                # After the last round the sites also validate the final aggregated model.
-                exp.run_once(test_after=(r == spec.rounds))
-                elapsed = time.monotonic() - t0
-                params_after = _params(exp)
-                record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
-                metrics["rounds"].append(record)
-                _save_checkpoint(run_dir, r, params_after)
-                runs.write_metrics(run_dir, metrics)
-                self.log(_format_round(record, spec.rounds))
-                params_before = params_after
+                self._federated(run_dir, spec, sites, metrics, resume)
             runs.write_metrics(run_dir, metrics)
             runs.mark(run_dir, "done")
             return metrics
@@ -259,11 +266,88 @@ class Federation:
         finally:
             runs.write_metrics(run_dir, metrics)
 
+    def _federated(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict, resume: bool) -> None:
+        if resume:
+            bkpt = runs.latest_breakpoint(run_dir)
+            if bkpt is None:
+                raise RunError(f"{run_dir}: no breakpoint to resume from (the run never finished a round)")
+            from fedbiomed.researcher.federated_workflows import Experiment
+
+            self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)
+            exp = Experiment.load_breakpoint(str(bkpt))
+            done = exp.round_current()
+            metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
+            if done and not any(r["round"] == done for r in metrics["rounds"]):
+                # Stopped after Fed-BioMed saved the breakpoint but before our record: the
+                # round's model is in the breakpoint; its per-site metrics are gone.
+                _save_checkpoint(run_dir, done, _params(exp))
+                metrics["rounds"].append(
+                    {"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True}
+                )
+            self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
+        else:
+            exp = self._experiment(spec, run_dir)
+        self._check_approval(exp, spec, sites)
+        self._track(exp, metrics, sites)
+        params_before = _params(exp)
+        if exp.round_current() == 0:
+            _save_checkpoint(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
+        metrics["model"] = _model_size(params_before)
+        self._wire.take()
+        while exp.round_current() < spec.rounds:
+            r = exp.round_current() + 1
+            t0 = time.monotonic()
+            # After the last round the sites also validate the final aggregated model.
+            exp.run_once(test_after=(r == spec.rounds))
+            elapsed = time.monotonic() - t0
+            params_after = _params(exp)
+            record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
+            record["bytes"] = self._wire.take()
+            metrics["rounds"].append(record)
+            _save_checkpoint(run_dir, r, params_after)
+            _select_best(run_dir, metrics, record, _local_params(exp, r), sites)
+            runs.write_metrics(run_dir, metrics)
+            self.log(_format_round(record, spec.rounds))
+            params_before = params_after
+
+    def _standalone(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict) -> None:
+        """Each site trains alone: one single-node Fed-BioMed experiment per site (its
+        "aggregate" is its own model), advanced round by round side by side."""
+        exps = {}
+        for nid, name in sorted(sites.items(), key=lambda kv: kv[1]):
+            folder = run_dir / "standalone" / _safe(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            exps[nid] = self._experiment(spec, run_dir, nodes=[nid], folder=folder)
+        for nid, exp in exps.items():
+            self._check_approval(exp, spec, {nid: sites[nid]})
+            self._track(exp, metrics, sites)
+        first = next(iter(exps.values()))
+        metrics["model"] = _model_size(_params(first))
+        self._wire.take()
+        for r in range(1, spec.rounds + 1):
+            record = {"round": r, "wall_s": 0.0, "update_norm": 0.0, "sites": {}}
+            for nid, exp in exps.items():
+                before = _params(exp)
+                t0 = time.monotonic()
+                exp.run_once(test_after=(r == spec.rounds))
+                sub = self._round_record(exp, r, time.monotonic() - t0, sites, before, _params(exp))
+                record["wall_s"] += sub["wall_s"]
+                record["sites"].update(sub["sites"])
+                ckpt = run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt"
+                _save_tensor_file(ckpt, _params(exp))
+            record["bytes"] = self._wire.take()
+            metrics["rounds"].append(record)
+            for nid, row in record["sites"].items():
+                _select_best_local(run_dir, metrics, nid, row, run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt", r)
+            runs.write_metrics(run_dir, metrics)
+            self.log(_format_round(record, spec.rounds))
+
     def _track(self, exp, metrics: dict, sites: dict[str, str]) -> None:
         """Record the scalars nodes stream during a round (validation metrics, training loss)."""
         original = exp.monitor().on_message_handler
-        self._pending: list[dict] = []
-        self._pending_lock = threading.Lock()  # filled by gRPC threads, drained by the round loop
+        if not hasattr(self, "_pending"):
+            self._pending: list[dict] = []
+            self._pending_lock = threading.Lock()  # filled by gRPC threads, drained by the round loop
 
         def handler(msg):
             original(msg)
@@ -291,15 +375,80 @@ class Federation:
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
         with self._pending_lock:
-            pending, self._pending = self._pending, []
-        for m in pending:
+            mine = [m for m in self._pending if m["node_id"] in replies]
+            self._pending = [m for m in self._pending if m["node_id"] not in replies]
+        for m in mine:
             row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
             key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
             if key == "val_global" and key in row:
                 key = "val_final"  # the second global validation: the final model, after the last round
-            row[key] = m["metric"]
+            row[key] = {**row.get(key, {}), **m["metric"]} if key == "train" else m["metric"]
         delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "site"
+
+
+def _model_size(params: dict) -> dict:
+    return {
+        "parameters": int(sum(t.numel() for t in params.values())),
+        "bytes": int(sum(t.numel() * t.element_size() for t in params.values())),
+    }
+
+
+def _local_params(exp, r: int) -> dict[str, dict]:
+    """node id -> the parameters the site sent after local training in round r."""
+    out = {}
+    for nid, reply in (exp.training_replies().get(r - 1, {}) or {}).items():
+        params = reply.get("params")
+        if params is None and reply.get("params_path"):
+            from fedbiomed.common.serializer import Serializer
+
+            params = Serializer.load(reply["params_path"])
+        if params is not None:
+            out[nid] = {k: torch.as_tensor(v) for k, v in params.items()}
+    return out
+
+
+def _save_tensor_file(target: Path, params: dict) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(params, tmp)
+    os.replace(tmp, target)
+
+
+def _select_best(run_dir: Path, metrics: dict, record: dict, local: dict[str, dict], sites: dict[str, str]) -> None:
+    """Best global model: the highest mean Dice over all classes across sites (the global
+    model of round r-1 is what the sites scored at the start of round r; the final model is
+    scored after the last round). Best local model per site: its own validation Dice."""
+    from coordinator.results import selection_score
+
+    ckpt = run_dir / "checkpoints"
+    rows = list(record["sites"].values())
+    for key, model_round in (("val_global", record["round"] - 1), ("val_final", record["round"])):
+        score = selection_score(rows, key)
+        best = metrics.get("best_global") or {}
+        if score is not None and score > best.get("score", -1.0):
+            metrics["best_global"] = {"model_round": model_round, "score": score}
+            src = ckpt / f"global_round_{model_round:04d}.pt"
+            if src.is_file():
+                _save_tensor_file(ckpt / "best_global.pt", torch.load(src))
+    for nid, row in record["sites"].items():
+        if nid in local:
+            last = ckpt / "local" / f"{_safe(sites.get(nid, nid))}_last.pt"
+            _save_tensor_file(last, local[nid])
+            _select_best_local(run_dir, metrics, nid, row, last, record["round"])
+
+
+def _select_best_local(run_dir: Path, metrics: dict, nid: str, row: dict, last: Path, r: int) -> None:
+    score = (row.get("val_local") or {}).get("dice_mean")
+    best = metrics.setdefault("best_local", {})
+    name = row.get("name", nid)
+    if score is not None and score > best.get(name, {}).get("score", -1.0) and last.is_file():
+        best[name] = {"round": r, "score": score}
+        _save_tensor_file(last.with_name(f"{_safe(name)}_best.pt"), torch.load(last))
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -393,8 +542,14 @@ def _server_optimizer(spec: Spec):
 def _format_round(record: dict, total: int) -> str:
     parts = []
     for nid, row in sorted(record["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
-        val = row.get("val_global", {})
-        dice = f" dice={val['dice_mean']:.3f}" if "dice_mean" in val else ""
-        loss = f" val_loss={val['loss']:.3f}" if "loss" in val else ""
-        parts.append(f"{row.get('name', nid)}: n={row.get('samples', '?')}{loss}{dice}")
-    return f"round {record['round']}/{total} ({record['wall_s']:.1f}s, |update|={record['update_norm']:.4f}) " + " | ".join(parts)
+        bits = [f"{row.get('name', nid)}: n={row.get('samples', '?')}"]
+        for label, key in (("global", "val_global"), ("local", "val_local")):
+            if "dice_mean" in row.get(key, {}):
+                bits.append(f"{label} dice={row[key]['dice_mean']:.3f}")
+        train = row.get("train", {})
+        loss = train.get("loss_mean", train.get("Loss"))
+        if loss is not None:
+            bits.append(f"loss={loss:.3f}")
+        parts.append(" ".join(bits))
+    mb = sum((record.get("bytes") or {}).values()) / 1e6
+    return f"round {record['round']}/{total} ({record['wall_s']:.1f}s, {mb:.1f} MB, |update|={record['update_norm']:.4f}) " + " | ".join(parts)

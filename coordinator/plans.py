@@ -1,12 +1,34 @@
-"""Registry of training plans a spec can name. Values are import paths, resolved lazily."""
+"""Registry of training plans a spec can name, and the check of their arguments.
+
+Values are import paths, resolved lazily (importing a plan imports Fed-BioMed).
+
+Segmentation plans take the federation label schema from ``plan_args.schema``: a built-in
+name (``abdominal-ct``: preprocessing/schemas/<name>.yaml), a path to a schema file
+(relative to the spec file), or the schema itself as a mapping. The coordinator embeds the
+schema's content in the model arguments it sends (``schema_definition``), so every site
+uses exactly the researcher's class ids, groups, spacing and intensity rules.
+"""
 
 from __future__ import annotations
 
 import importlib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 PLANS: dict[str, str] = {
-    "fedavg_segmentation": "pipelines.plans.fedavg_segmentation:FedAvgSegmentationPlan",
+    "condistfl": "pipelines.plans.condistfl:ConDistFLPlan",
+    "marginal": "pipelines.plans.marginal:MarginalSegmentationPlan",
 }
+SEGMENTATION_PLANS = ("condistfl", "marginal")
+
+
+class PlanArgsError(ValueError):
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
 
 
 def resolve(name: str):
@@ -14,19 +36,61 @@ def resolve(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def check_plan_args(name: str, args: dict) -> tuple[str, str] | None:
-    """(key, problem) when a plan's arguments are wrong, checked before anything is sent."""
-    if name == "fedavg_segmentation":
-        n = args.get("num_classes")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            return "num_classes", f"required: an integer >= 2, background included (got {n!r})"
-        network = args.get("network", {})
-        if not isinstance(network, dict):
-            return "network", "must be a mapping (name, spatial_dims, features)"
-        dims = network.get("spatial_dims", 3)
-        roi = args.get("roi_size")
-        if roi is not None and (
-            not isinstance(roi, list) or len(roi) != dims or not all(isinstance(v, int) and v >= 8 for v in roi)
-        ):
-            return "roi_size", f"must be a list of {dims} integers >= 8 (got {roi!r})"
-    return None
+def builtin_schemas() -> list[str]:
+    folder = resources.files("preprocessing").joinpath("schemas")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_schema(value: Any, base_dir: Path | None) -> tuple[dict, str]:
+    """(raw schema mapping, where it came from) for ``plan_args.schema``."""
+    from preprocessing.schema import SchemaError, parse_schema
+
+    if isinstance(value, dict):
+        raw, source = value, "plan_args.schema (inline)"
+    elif isinstance(value, str) and value:
+        if value in builtin_schemas():
+            path = Path(str(resources.files("preprocessing").joinpath("schemas", f"{value}.yaml")))
+        else:
+            path = Path(value).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if not path.is_file():
+                raise PlanArgsError(
+                    "schema", f"{value!r} is neither a built-in schema ({', '.join(builtin_schemas())}) nor a schema file"
+                )
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise PlanArgsError("schema", f"{path}: cannot read ({' '.join(str(exc).split())})") from None
+        source = str(path)
+    else:
+        raise PlanArgsError("schema", f"required: a built-in schema name ({', '.join(builtin_schemas())}), a file or a mapping")
+    try:
+        parse_schema(raw, source)
+    except SchemaError as exc:
+        raise PlanArgsError("schema", str(exc)) from None
+    return raw, source
+
+
+def model_args_for(name: str, args: dict, base_dir: Path | None = None) -> dict:
+    """The model arguments sent to the sites, checked before anything is sent.
+
+    Raises PlanArgsError(key, problem) naming the plan_args key."""
+    if name not in SEGMENTATION_PLANS:
+        return dict(args)
+    from pipelines.training import parse_plan_args
+    from preprocessing.schema import parse_schema
+
+    if "schema_definition" in args:
+        raise PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema")
+    raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir)
+    schema = parse_schema(raw, source)
+    out = {k: v for k, v in args.items() if k != "schema"}
+    try:
+        parse_plan_args(out, schema)
+    except ValueError as exc:
+        msg = str(exc)
+        key, _, problem = msg.partition(": ")
+        raise PlanArgsError(key.removeprefix("plan_args."), problem or msg) from None
+    out["schema_definition"] = raw
+    return out

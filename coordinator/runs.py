@@ -2,6 +2,7 @@
 
     <home>/runs/<run_id>/
         spec.yaml              the spec exactly as submitted
+        spec.resolved.yaml     the same with its label schema inlined (what resume and serve read)
         state.json             status (queued|running|done|failed|interrupted), timestamps, error
         metrics.json           per-round metrics (sites, samples, losses, validation, update norm)
         checkpoints/           aggregated global parameters per round (torch state dicts)
@@ -28,14 +29,25 @@ def runs_dir(home: Path) -> Path:
     return Path(home) / "runs"
 
 
-def new_run(home: Path, spec_text: str, spec_name: str) -> Path:
-    """Create a queued run directory holding the spec text; return its path."""
+def new_run(home: Path, spec_text: str, spec_name: str, resolved: dict | None = None) -> Path:
+    """Create a queued run directory holding the spec text (and `resolved`, the spec with
+    files it names inlined); return its path."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec_name}-{secrets.token_hex(2)}"
     run_dir = runs_dir(home) / run_id
     run_dir.mkdir(parents=True)
     atomic.write_text(run_dir / "spec.yaml", spec_text)
+    if resolved is not None:
+        import yaml
+
+        atomic.write_text(run_dir / "spec.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     write_state(run_dir, {"run_id": run_id, "name": spec_name, "status": "queued", "created": _now()})
     return run_dir
+
+
+def spec_file(run_dir: Path) -> Path:
+    """The spec a run executes: the resolved copy when there is one."""
+    resolved = Path(run_dir) / "spec.resolved.yaml"
+    return resolved if resolved.is_file() else Path(run_dir) / "spec.yaml"
 
 
 def _now() -> str:

@@ -59,7 +59,7 @@ class Coordinator:
     def submit(self, text: str) -> str:
         parsed = spec_mod.parse(text, "submitted spec")
         with self.lock:
-            run_dir = runs.new_run(self.home, text, parsed.name)
+            run_dir = runs.new_run(self.home, text, parsed.name, resolved=parsed.resolved_raw())
         self.wake.set()
         return run_dir.name
 
@@ -98,7 +98,7 @@ class Coordinator:
         state = runs.read_state(run_dir)
         self.current = run_dir.name
         try:
-            parsed = spec_mod.load(run_dir / "spec.yaml")
+            parsed = spec_mod.load(runs.spec_file(run_dir))
             self.log(f"run {run_dir.name}: starting ({'resume' if state.get('resume') else 'new'})")
             self.federation.run(run_dir, parsed, resume=bool(state.get("resume")))
             self.log(f"run {run_dir.name}: done")

@@ -2,19 +2,20 @@
 
 Example::
 
-    name: demo-fedavg
-    plan: fedavg_segmentation
+    name: demo-condistfl
+    plan: condistfl         # condistfl | marginal (FedAvg, FedProx, FedOpt, standalone baselines)
+    mode: federated         # or standalone: each site trains alone (same plan, no aggregation)
     sites: {tags: [fedimg-demo], min_sites: 2}     # optional ids: [NODE_...] restricts to those nodes
     rounds: 3
     local_steps: 4          # optimizer updates per site per round
-    batch_size: 2
-    optimizer: {lr: 0.001}  # site-side optimizer arguments
+    batch_size: 1           # volumes per step (segmentation plans draw plan_args.patches_per_volume patches from each)
+    optimizer: {lr: 0.001}  # site-side optimizer arguments (AdamW: lr, weight_decay)
     aggregator: fedavg      # fedavg | scaffold
     server_optimizer: null  # or {name: momentum, lr: 1.0, momentum: 0.6} | {name: adam, lr: 0.01}
     fedprox_mu: null        # FedProx proximal term
     test_ratio: 0.25        # share of each site's cases held out for validation
     seed: 0
-    plan_args: {num_classes: 3, network: {name: basic_unet}}
+    plan_args: {schema: abdominal-ct, network: {name: mednext, size: tiny}, roi_size: [32, 32, 32]}
     approval: {request: true, wait_s: 0}
 """
 
@@ -29,11 +30,12 @@ from typing import Any
 
 import yaml
 
-from coordinator.plans import PLANS, check_plan_args
+from coordinator.plans import PLANS, SEGMENTATION_PLANS, PlanArgsError, model_args_for
 from site_agent.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AGGREGATORS = ("fedavg", "scaffold")
+MODES = ("federated", "standalone")
 SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "beta_2"}, "yogi": {"lr", "beta_1", "beta_2"}}
 
 
@@ -59,6 +61,8 @@ class Spec:
     test_ratio: float = 0.25
     seed: int = 0
     plan_args: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)  # what the sites receive (schema embedded)
+    mode: str = "federated"
     request_approval: bool = True
     approval_wait_s: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +76,7 @@ class Spec:
             "test_ratio": self.test_ratio,
             "test_on_global_updates": self.test_ratio > 0,
             "test_on_local_updates": self.test_ratio > 0,
-            "test_batch_size": self.batch_size,
+            "test_batch_size": 1 if self.plan in SEGMENTATION_PLANS else self.batch_size,  # whole volumes
             "shuffle_testing_dataset": False,
             "random_seed": self.seed,
             "log_interval": max(1, self.local_steps),
@@ -81,9 +85,24 @@ class Spec:
             args["fedprox_mu"] = float(self.fedprox_mu)
         return args
 
+    def experiment_model_args(self) -> dict[str, Any]:
+        """model_args for Fed-BioMed: the checked plan arguments plus the run's length, which
+        the plans need for the lambda and learning-rate schedules."""
+        args = dict(self.model_args)
+        if self.plan in SEGMENTATION_PLANS:
+            args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
+        return args
+
+    def resolved_raw(self) -> dict[str, Any]:
+        """The spec with a schema file inlined (what a remote coordinator needs)."""
+        raw = dict(self.raw)
+        if self.plan in SEGMENTATION_PLANS:
+            raw["plan_args"] = {**self.plan_args, "schema": self.model_args["schema_definition"]}
+        return raw
+
 
 _TOP_KEYS = {
-    "name", "plan", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
+    "name", "plan", "mode", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
     "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval",
 }
 
@@ -110,7 +129,7 @@ def _number(where, raw, key, default=None, lo=None, hi=None, allow_none=False):
     return float(value)
 
 
-def validate(raw: Any, where: str) -> Spec:
+def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: expected a mapping at the top level")
     for key in raw:
@@ -163,9 +182,19 @@ def validate(raw: Any, where: str) -> Spec:
     plan_args = raw.get("plan_args", {})
     if not isinstance(plan_args, dict):
         _fail(where, "plan_args", "must be a mapping")
-    problem = check_plan_args(plan, plan_args)
-    if problem:
-        _fail(where, f"plan_args.{problem[0]}", problem[1])
+    try:
+        model_args = model_args_for(plan, plan_args, base_dir)
+    except PlanArgsError as exc:
+        _fail(where, f"plan_args.{exc.key}", exc.problem)
+    mode = raw.get("mode", "federated")
+    if mode not in MODES:
+        _fail(where, "mode", f"must be one of {', '.join(MODES)} (got {mode!r})")
+    segmentation = plan in SEGMENTATION_PLANS
+    batch_size = _pos_int(where, raw, "batch_size", default=1 if segmentation else 2)
+    if segmentation and batch_size != 1:
+        _fail(where, "batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it (got {batch_size})")
+    if mode == "standalone" and (server_opt or aggregator != "fedavg"):
+        _fail(where, "mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
     approval = raw.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
         _fail(where, "approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
@@ -181,7 +210,7 @@ def validate(raw: Any, where: str) -> Spec:
         min_sites=min_sites,
         wait_for_sites_s=_number(where, sites, "wait_s", default=120.0, lo=0),
         local_steps=_pos_int(where, raw, "local_steps", default=4),
-        batch_size=_pos_int(where, raw, "batch_size", default=2),
+        batch_size=batch_size,
         optimizer=dict(optimizer),
         aggregator=aggregator,
         server_optimizer=dict(server_opt) if server_opt else None,
@@ -189,18 +218,20 @@ def validate(raw: Any, where: str) -> Spec:
         test_ratio=_number(where, raw, "test_ratio", default=0.25, lo=0, hi=0.9),
         seed=_pos_int(where, raw, "seed", default=0, minimum=0),
         plan_args=dict(plan_args),
+        model_args=model_args,
+        mode=mode,
         request_approval=approval.get("request", True),
         approval_wait_s=_number(where, approval, "wait_s", default=0.0, lo=0),
         raw=raw,
     )
 
 
-def parse(text: str, where: str) -> Spec:
+def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
-    return validate(raw, where)
+    return validate(raw, where, base_dir)
 
 
 def load(path: str | os.PathLike) -> Spec:
@@ -211,4 +242,4 @@ def load(path: str | os.PathLike) -> Spec:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{p}: cannot read ({exc})") from None
-    return parse(text, str(p))
+    return parse(text, str(p), base_dir=p.resolve().parent)

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def default_spec_text() -> str:
-    return resources.files("coordinator").joinpath("examples/demo_fedavg.yaml").read_text()
+    return resources.files("coordinator").joinpath("examples/phantom_condistfl.yaml").read_text()
 
 
 class Testbed:

@@ -46,6 +46,7 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
     for key, value in SECURITY_SETTINGS.items():
         env[f"FBM_SECURITY_{key.upper()}"] = value
     env["PYTHONUNBUFFERED"] = "1"
+    env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
     return env
 
 

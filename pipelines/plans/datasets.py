@@ -1,51 +1,107 @@
-"""Fed-BioMed dataset adapter for prepared datasets (the node registers them as 'custom')."""
+"""Fed-BioMed dataset adapter for prepared datasets (the node registers them as 'custom').
+
+Each sample is one whole preprocessed volume (schema-driven MONAI chain of
+`pipelines.transforms`): training steps draw their patches from it, validation slides a
+window over all of it. The deterministic preprocessing runs once: on disk in
+``$FEDIMG_CACHE_DIR`` (the site's work folder, set by the site agent) and in memory for the
+life of the node process.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
+import torch
 from fedbiomed.common.dataset import CustomDataset
 
-from pipelines.segmentation import preprocess_case, random_patch
+from pipelines.transforms import cached_dataset, deterministic_transforms
 from preprocessing.dataset import load_dataset
+from preprocessing.schema import LabelSchema
 
-# The node builds a new dataset object every round; the preprocessed cases are kept for the
-# life of the node process, keyed by the manifest's content, so a changed dataset is re-read.
-_CACHE: dict[tuple[str, str], list] = {}
-_CACHE_MAX_BYTES = 4 * 1024**3
+_CACHE: dict[tuple, list] = {}
+_CACHE_MAX_BYTES = 6 * 1024**3
 
 
-def _cached_items(path: str) -> list:
-    key = (str(Path(path).resolve()), hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest())
-    if key not in _CACHE:
-        prepared = load_dataset(path)
-        items = [preprocess_case(str(c.image), str(c.label)) for c in prepared.cases if c.label is not None]
-        if sum(t.element_size() * t.numel() for pair in items for t in pair) > _CACHE_MAX_BYTES:
-            return items  # too large to keep in memory: re-read next round
+class DatasetSchemaError(ValueError):
+    pass
+
+
+def check_schema(prepared_manifest: dict, schema: LabelSchema, where: str) -> None:
+    """A dataset prepared with another schema (or another major version) cannot join."""
+    used = prepared_manifest.get("schema")
+    if not used:  # format v1 (before schemas): class ids are checked against num_classes instead
+        return
+    name, version = used.get("name"), str(used.get("version", "0"))
+    if name != schema.name or version.split(".")[0] != str(schema.major):
+        raise DatasetSchemaError(
+            f"{where}: prepared with label schema {name} {version}, but the experiment uses {schema.name} "
+            f"{schema.version}; re-run `site-agent prepare` with the federation's schema"
+        )
+
+
+def _volumes(path: str, schema: LabelSchema, modality: str, spacing) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    prepared = load_dataset(path)
+    chain = deterministic_transforms(schema, modality, spacing=spacing, label_dtype=torch.uint8)
+    manifest = Path(path) / "manifest.json"
+    key = (str(Path(path).resolve()), hashlib.sha256(manifest.read_bytes()).hexdigest(), chain.fingerprint)
+    if key in _CACHE:
+        return _CACHE[key]
+    items = [{"image": str(c.image), "label": str(c.label)} for c in prepared.cases if c.label is not None]
+    cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
+    source = cached_dataset(items, chain, cache_dir) if cache_dir else [chain(item) for item in items]
+    volumes = []
+    for out in source:
+        image, label = out["image"], out["label"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        volumes.append((image.float().contiguous(), label.to(torch.uint8).contiguous()))
+    if sum(i.numel() * 4 + l.numel() for i, l in volumes) <= _CACHE_MAX_BYTES:
         _CACHE.clear()  # one dataset per node process in practice; never grow without bound
-        _CACHE[key] = items
-    return _CACHE[key]
+        _CACHE[key] = volumes
+    return volumes
 
 
 class PreparedSegmentationDataset(CustomDataset):
-    """Labelled cases of a prepared dataset, preprocessed once per node process.
+    """Labelled cases of a prepared dataset as whole preprocessed volumes.
 
-    `self.path` is set by the node from its dataset registry; the plan never sees it.
-    `roi_size`, set by the plan before the node loads the dataset, makes every sample a
-    fixed-size random patch (cases of different shapes can then share a batch).
+    The plan sets `schema` (the federation's) and `spacing` before the node loads it;
+    `self.path` is set by the node from its dataset registry (the plan never sees it).
+    After loading, `labeled_classes` holds the schema ids this site labels.
     """
 
-    roi_size = None
+    schema: LabelSchema | None = None
+    spacing = "schema"
+    labeled_classes: list[int] = []
+    modality: str = "CT"
 
     def read(self) -> None:
-        self._items = _cached_items(self.path)
+        import json
+
+        if self.schema is None:
+            raise DatasetSchemaError("the training plan did not set the federation schema")
+        prepared = load_dataset(self.path)
+        manifest = json.loads((Path(self.path) / "manifest.json").read_text())
+        where = f"dataset {prepared.name!r}"
+        check_schema(manifest, self.schema, where)
+        labeled = prepared.labeled_classes
+        if labeled is None:
+            labeled = sorted(v for v in prepared.labels.values() if v != 0)
+        bad = [c for c in labeled if not 0 < c < self.schema.num_classes]
+        if bad:
+            raise DatasetSchemaError(f"{where}: labels {bad} are not classes of schema {self.schema.name}")
+        self.labeled_classes = sorted(int(c) for c in labeled)
+        if prepared.modality not in self.schema.modalities:
+            raise DatasetSchemaError(
+                f"{where}: modality {prepared.modality!r} has no rule in schema {self.schema.name} "
+                f"(modalities: {', '.join(self.schema.modalities)})"
+            )
+        self.modality = prepared.modality
+        self._items = _volumes(self.path, self.schema, self.modality, self.spacing)
 
     def get_item(self, index):
-        image, label = self._items[index]
-        if self.roi_size is not None:
-            return random_patch(image, label, self.roi_size)
-        return image, label
+        return self._items[index]
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,0 +1,58 @@
+"""Reading a run's metrics: per-class Dice tables, model selection scores (no FL imports).
+
+Validation rows per site and round (written by the engine from what the sites report):
+``val_global`` (the model the site received, scored before local training), ``val_local``
+(the site's model after local training), ``val_final`` (the final global model, after the
+last round). Each holds ``dice_<class>`` means over the site's validation cases, for the
+classes that site labels, and ``case<j>_dice_<class>`` per case.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Mapping
+
+_CASE = re.compile(r"^case(\d+)_dice_(.+)$")
+
+
+def class_dice(row: Mapping[str, float]) -> dict[str, float]:
+    """{class name: mean Dice} of one validation row."""
+    return {k[5:]: float(v) for k, v in row.items() if k.startswith("dice_") and k != "dice_mean" and _finite(v)}
+
+
+def case_dice(row: Mapping[str, float]) -> dict[str, list[float]]:
+    """{class name: [Dice per case]} of one validation row."""
+    out: dict[str, list[float]] = {}
+    for k, v in row.items():
+        m = _CASE.match(k)
+        if m and _finite(v):
+            out.setdefault(m.group(2), []).append(float(v))
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def per_class_across_sites(site_rows: Iterable[Mapping], key: str) -> dict[str, float]:
+    """Mean over the sites that score a class (each site scores the classes it labels)."""
+    acc: dict[str, list[float]] = {}
+    for row in site_rows:
+        for cls, v in class_dice(row.get(key, {}) or {}).items():
+            acc.setdefault(cls, []).append(v)
+    return {c: sum(v) / len(v) for c, v in acc.items()}
+
+
+def selection_score(site_rows: Iterable[Mapping], key: str) -> float | None:
+    """The paper's model-selection score: mean Dice over all classes across sites."""
+    per_class = per_class_across_sites(site_rows, key)
+    return sum(per_class.values()) / len(per_class) if per_class else None
+
+
+def ordered_classes(names: Iterable[str], schema_classes: Mapping[str, int] | None = None) -> list[str]:
+    names = set(names)
+    if schema_classes:
+        known = [c for c, _ in sorted(schema_classes.items(), key=lambda kv: kv[1]) if c in names]
+        return known + sorted(names - set(known))
+    return sorted(names)
