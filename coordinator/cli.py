@@ -225,13 +225,66 @@ def results(run_id, home, as_json) -> None:
 
 
 @cli.command()
-@click.option("--sites", "n_sites", default=3, show_default=True, help="Number of site nodes.")
+@click.argument("run_id")
+@click.option("--data", "dataset", required=True, type=click.Path(), help="A prepared dataset (site-agent prepare) that took no part in training.")
+@click.option("--merge-lesions", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Score lesions as their organ (auto: when the dataset labels an organ but not its lesions).")  # fmt: skip
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
+def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
+    """Score RUN_ID's best global model and last local models on an out-of-federation dataset."""
+    from rich.progress import Progress
+
+    from coordinator.evaluate import evaluate_run
+
+    run_dir = runs.find_run(Path(home), run_id)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def progress(model, done, total):
+            bar.update(task, description=f"evaluating {model}", completed=done, total=total)
+
+        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    _print_evaluation(record)
+
+
+def _print_evaluation(record: dict) -> None:
+    classes = record["classes"]
+    title = f"out-of-federation: {record['dataset']} ({record['cases']} cases{', lesions merged into organs' if record['merge_lesions'] else ''})"
+    table = Table("model", *classes, "mean", title=title)
+    for key, m in record["models"].items():
+        table.add_row(m["label"], *[f"{m['mean'][c]:.3f}" if c in m["mean"] else "" for c in classes],
+                      f"{m['mean_all']:.3f}" if m.get("mean_all") is not None else "")  # fmt: skip
+    console.print(table)
+    click.echo(f"written: {record['path']}")
+
+
+@cli.command()
+@click.argument("run_id")
+@home_option
+def report(run_id, home) -> None:
+    """Write RUN_ID's report (Dice tables, boxplots, learning curves, cost): report/index.html."""
+    from coordinator.report import write_report
+
+    run_dir = runs.find_run(Path(home), run_id)
+    path = write_report(run_dir, log=_log)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.option("--sites", "n_sites", default=4, show_default=True, help="Number of site nodes (site i labels organ group i: kidney, liver, pancreas, spleen).")
 @click.option("--rounds", default=None, type=int, help="Override the spec's rounds.")
 @click.option("--spec", "spec_file", default=None, type=click.Path(), help="Spec to run (default: the built-in demo).")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Where the federation lives (default: .testbed/<time>).")
 @click.option("--port", default=0, type=int, help="gRPC port (default: a free one).")
 @click.option("--no-approve", is_flag=True, help="Sites do not approve plans (shows the refusal path).")
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve) -> None:
+@click.option("--oof-phase", default="non_contrast", show_default=True,
+              type=click.Choice(["non_contrast", "arterial", "portal_venous", "delayed", "none"]),
+              help="Contrast phase of the out-of-federation test set scored after the run (none: skip).")  # fmt: skip
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb
 
@@ -240,7 +293,8 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve) -> None:
         spec_mod.load(spec_file)
         text = Path(spec_file).read_text(encoding="utf-8")
     wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
-    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log)
+    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log,
+                  oof_phase=None if oof_phase == "none" else oof_phase)  # fmt: skip
     if code != 0:
         sys.exit(code)
 

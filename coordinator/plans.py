@@ -60,11 +60,13 @@ def resolve_schema(value: Any, base_dir: Path | None) -> tuple[dict, str]:
                 )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise PlanArgsError("schema", f"{path}: cannot read ({' '.join(str(exc).split())})") from None
         source = str(path)
     else:
         raise PlanArgsError("schema", f"required: a built-in schema name ({', '.join(builtin_schemas())}), a file or a mapping")
+    if not isinstance(raw, dict):
+        raise PlanArgsError("schema", f"{source}: expected a schema mapping at the top level (got {type(raw).__name__})")
     try:
         parse_schema(raw, source)
     except SchemaError as exc:

@@ -40,11 +40,13 @@ def default_spec_text() -> str:
 
 class Testbed:
     __test__ = False  # not a pytest test class
-    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None):
+    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None,
+                 oof_phase: str | None = None):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
         self.n_sites = n_sites
+        self.oof_phase = oof_phase  # contrast phase of the out-of-federation test set (None: none)
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.log = log
@@ -88,10 +90,51 @@ class Testbed:
             if res.returncode != 0:
                 raise UserError(f"site-{i + 1} setup failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
 
-        with ThreadPoolExecutor(max_workers=min(self.n_sites, os.cpu_count() or 2)) as pool:
-            list(pool.map(one, range(self.n_sites)))
+        def oof() -> None:
+            cmd = [
+                sys.executable, "-m", "coordinator.testbed_site", "data", "--out", str(self.oof_dataset),
+                "--seed", "99", "--phase", self.oof_phase, "--name", "out-of-federation",
+            ]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
+            if res.returncode != 0:
+                raise UserError(f"out-of-federation test set failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+
+        with ThreadPoolExecutor(max_workers=min(self.n_sites + 1, os.cpu_count() or 2)) as pool:
+            jobs = [pool.submit(one, i) for i in range(self.n_sites)]
+            if self.oof_phase:
+                jobs.append(pool.submit(oof))
+            for job in jobs:
+                job.result()
         self.sites = [site_config.load(self.site_config_path(i)) for i in range(self.n_sites)]
         self.log(f"{self.n_sites} sites prepared under {self.workdir / 'sites'}")
+
+    @property
+    def oof_dataset(self) -> Path:
+        return self.workdir / "out-of-federation" / "ct"
+
+    @property
+    def home(self) -> Path:
+        return self.workdir / "coordinator"
+
+    def evaluate_and_report(self) -> int:
+        """After a run: score it on the out-of-federation set, then write its report."""
+        from coordinator import runs
+
+        done = [r for r in runs.list_runs(self.home) if r["status"] == "done"]
+        if not done:
+            return 1
+        run_id = done[-1]["run_id"]
+        steps = []
+        if self.oof_phase and (self.oof_dataset / "manifest.json").is_file():
+            steps.append(["evaluate", run_id, "--home", str(self.home), "--data", str(self.oof_dataset)])
+        steps.append(["report", run_id, "--home", str(self.home)])
+        for args in steps:
+            proc = self._spawn([sys.executable, "-m", "coordinator.cli", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for line in proc.stdout:
+                self.out(line.decode("utf-8", "replace").rstrip())
+            if proc.wait() != 0:
+                return proc.returncode
+        return 0
 
     def start_nodes(self) -> None:
         # All nodes share this machine's cores: without a thread budget each torch process
@@ -121,7 +164,7 @@ class Testbed:
         spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
         cmd = [
             sys.executable, "-m", "coordinator.cli", "run", str(spec_path),
-            "--home", str(self.workdir / "coordinator"), "--grpc-host", "127.0.0.1", "--grpc-port", str(self.port), "--public-host", "localhost",
+            "--home", str(self.home), "--grpc-host", "127.0.0.1", "--grpc-port", str(self.port), "--public-host", "localhost",
         ]  # fmt: skip
         self.log(f"coordinator: running {raw.get('name')} on localhost:{self.port}, waiting for {self.n_sites} sites")
         proc = self._spawn(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -162,9 +205,11 @@ class Testbed:
 
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
-        auto_approve: bool = True, log=print) -> int:  # fmt: skip
-    """Set up, run one spec, tear down. Returns the coordinator's exit code."""
-    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True))
+        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast") -> int:  # fmt: skip
+    """Set up, run one spec, score it out of federation, report, tear down. Returns the
+    coordinator's exit code."""
+    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True),
+                  oof_phase=oof_phase)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -175,7 +220,10 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         (bed.workdir / "testbed.pid").write_text(f"{os.getpid()}\n")
         bed.setup_sites()
         bed.start_nodes()
-        return bed.run_spec(spec_text or default_spec_text(), rounds=rounds)
+        code = bed.run_spec(spec_text or default_spec_text(), rounds=rounds)
+        if code == 0:
+            code = bed.evaluate_and_report()
+        return code
     except KeyboardInterrupt:
         log("testbed interrupted: stopping every process")
         return 130

@@ -2,6 +2,7 @@
 
     python -m coordinator.testbed_site setup   --config C --seed S [...]   # init + phantom DICOM + prepare + register
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
+    python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P  # a test set only
 
 The testbed runs these in separate processes so each site's Fed-BioMed state (its
 logger, its database) stays in a process of its own, like on a real site.
@@ -46,10 +47,10 @@ def setup(args) -> None:
         node.add_dataset(site, dataset, [args.tag])
 
 
-def _prepare_phantom(args, hospital: Path, dataset: Path) -> None:
+def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | None = None) -> None:
     from preprocessing.phantom import SITES, write_phantom_site
 
-    organs = SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)]
+    organs = classes or (SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)])
     if not (hospital / "site-labels.yaml").exists():
         write_phantom_site(
             hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase,
@@ -58,11 +59,18 @@ def _prepare_phantom(args, hospital: Path, dataset: Path) -> None:
     cmd = [
         str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"),
         "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
-        "--out", str(dataset), "--name", f"{args.name}-{organs[0]}-ct", "--require-labels",
+        "--out", str(dataset), "--name", f"{args.name}-{organs[0]}-ct" if classes is None else f"{args.name}-{args.phase}-ct", "--require-labels",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"site-agent prepare failed ({res.returncode}): {res.stderr.strip() or res.stdout[-500:]}")
+
+
+def data(args) -> None:
+    """A labelled dataset that belongs to no node: the out-of-federation test set."""
+    out = Path(args.out).resolve()
+    if not (out / "manifest.json").exists():
+        _prepare_phantom(args, out.parent / f"{out.name}-hospital", out, classes=args.classes.split(","))
 
 
 def approve(args) -> None:
@@ -92,9 +100,18 @@ def main(argv=None) -> int:
     s.add_argument("--tag", default="fedimg-demo")
     a = sub.add_parser("approve")
     a.add_argument("--config", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", required=True)
+    d.add_argument("--name", default="oof")
+    d.add_argument("--seed", type=int, required=True)
+    d.add_argument("--cases", type=int, default=4)
+    d.add_argument("--size", type=int, default=48)
+    d.add_argument("--phase", default="non_contrast")
+    d.add_argument("--classes", default="kidney,liver,pancreas,spleen", help="classes the test set labels (comma-separated)")
+    d.set_defaults(organs=None)
     args = p.parse_args(argv)
     try:
-        setup(args) if args.cmd == "setup" else approve(args)
+        {"setup": setup, "approve": approve, "data": data}[args.cmd](args)
     except KeyboardInterrupt:
         return 0
     return 0

@@ -87,7 +87,7 @@ class PatchSampler:
             self._augment.set_random_state(seed + 1)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.dim() != 4 or label.dim() != 4 or image.shape[1:] != label.shape[1:]:
+        if image.dim() != 4 or label.dim() != 4 or label.shape[0] != 1 or image.shape[1:] != label.shape[1:]:
             raise ValueError(f"expected image (C, X, Y, Z) and label (1, X, Y, Z) on one grid, got {tuple(image.shape)} and {tuple(label.shape)}")
         self._reseed()
         label = label.long()

@@ -93,6 +93,8 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
     """Validate the segmentation plans' arguments against the federation `schema`."""
     if not isinstance(args, Mapping):
         raise ValueError("plan_args: must be a mapping")
+    if "num_classes" in args:
+        raise _bad("num_classes", "comes from the schema")
     unknown = [k for k in args if k not in PLAN_ARG_KEYS]
     if unknown:
         import difflib
@@ -100,21 +102,21 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         close = difflib.get_close_matches(str(unknown[0]), PLAN_ARG_KEYS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(k for k in PLAN_ARG_KEYS if k != 'schema_definition')})"
         raise _bad(str(unknown[0]), f"unknown key{hint}")
-    if "num_classes" in args:
-        raise _bad("num_classes", "comes from the schema")
-    network = args.get("network") or {"name": "mednext", "size": "tiny"}
+    network = args.get("network") or {}
+    if isinstance(network, Mapping):
+        network = {"name": "mednext", "size": "tiny", **network}  # the paper's backbone unless named
     dims = network.get("spatial_dims", 3) if isinstance(network, Mapping) else 3
     roi = args.get("roi_size", DEFAULTS["roi_size"])
     if isinstance(roi, int) and not isinstance(roi, bool):
         roi = [roi] * (dims if dims in (2, 3) else 3)
     if not isinstance(roi, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in roi):
         raise _bad("roi_size", f"must be an integer or a list of integers >= 8 (got {roi!r})")
+    if dims in (2, 3) and len(roi) != dims:
+        raise _bad("roi_size", f"must have {dims} entries for a {dims}D network (got {roi!r})")
     try:
         net = network_config_from_spec(network, roi_size=list(roi))
     except ValueError as exc:
         raise ValueError(f"plan_args.network: {exc}") from None
-    if len(roi) != net["spatial_dims"]:
-        raise _bad("roi_size", f"must have {net['spatial_dims']} entries for a {net['spatial_dims']}D network (got {roi!r})")
 
     spacing = args.get("spacing", DEFAULTS["spacing"])
     if spacing == "native":
@@ -136,11 +138,15 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
     augment = args.get("augment", DEFAULTS["augment"])
     if not isinstance(augment, bool):
         raise _bad("augment", f"must be true or false (got {augment!r})")
-    inference = {**DEFAULTS["inference"], **(args.get("inference") or {})}
-    if set(inference) - {"overlap", "sw_batch_size"}:
-        raise _bad("inference", "allowed keys: overlap, sw_batch_size")
-    overlap = _number(inference, "overlap", lo=0.0, hi=0.9)
-    sw_batch = _number(inference, "sw_batch_size", lo=1, integer=True)
+    given = args.get("inference") or {}
+    if not isinstance(given, Mapping) or set(given) - {"overlap", "sw_batch_size"}:
+        raise _bad("inference", f"must be a mapping with overlap and/or sw_batch_size (got {given!r})")
+    inference = {**DEFAULTS["inference"], **given}
+    try:
+        overlap = _number(inference, "overlap", lo=0.0, hi=0.9)
+        sw_batch = _number(inference, "sw_batch_size", lo=1, integer=True)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("plan_args.", "plan_args.inference.", 1)) from None
     rounds = args.get("rounds_total")
     steps = args.get("local_steps")
     for key, v in (("rounds_total", rounds), ("local_steps", steps)):
@@ -244,7 +250,8 @@ class _SliceWise(torch.nn.Module):
 def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationSettings) -> torch.Tensor:
     """Argmax label map (X, Y, Z) of a preprocessed volume (C, X, Y, Z)."""
     if settings.spatial_dims == 2:
-        return predict_volume(_SliceWise(model), image, settings.inference_roi, settings.sw_batch_size, settings.overlap)
+        wrapper = _SliceWise(model).train(model.training)  # predict_volume restores the wrapper's mode
+        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap)
     return predict_volume(
         model, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3)
     )

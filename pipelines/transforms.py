@@ -20,7 +20,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +44,11 @@ from monai.transforms import (
 from monai.transforms.transform import RandomizableTrait
 
 from preprocessing.schema import LabelSchema, ModalityRule, load_schema
+
+# MONAI 1.6's LoadImage instantiates every reader it knows, including the GPU DICOM reader,
+# which warns on each construction on a CPU-only machine; we read NIfTI with nibabel only.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 # Bump whenever the chain built by `deterministic_transforms` changes in a way its arguments
 # do not show (a new step, another interpolation, another dtype): it is part of the cache key.

@@ -158,6 +158,23 @@ def write_dataset(
     return load_dataset(root)
 
 
+class DatasetSchemaError(ValueError):
+    """A prepared dataset does not fit the federation's label schema."""
+
+
+def check_schema(manifest: dict, schema, where: str) -> None:
+    """A dataset prepared with another schema (or another major version) cannot join."""
+    used = manifest.get("schema")
+    if not used:  # format v1 (before schemas): class ids are checked against the schema's classes instead
+        return
+    name, version = used.get("name"), str(used.get("version", "0"))
+    if name != schema.name or version.split(".")[0] != str(schema.major):
+        raise DatasetSchemaError(
+            f"{where}: prepared with label schema {name} {version}, but the experiment uses {schema.name} "
+            f"{schema.version}; re-run `site-agent prepare` with the federation's schema"
+        )
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"{path}: missing (this folder is not a prepared dataset)")

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import cli
 
-GOOD = "name: t\nplan: fedavg_segmentation\nsites: {tags: [nobody], min_sites: 1, wait_s: 1}\nrounds: 1\nplan_args: {num_classes: 3}\n"
+GOOD = "name: t\nplan: marginal\nsites: {tags: [nobody], min_sites: 1, wait_s: 1}\nrounds: 1\nplan_args: {schema: abdominal-ct}\n"
 
 
 def _one_clear_line(res, *needles):
@@ -34,7 +34,7 @@ def test_broken_spec(tmp_path):
 
 def test_unknown_plan(tmp_path):
     p = tmp_path / "exp.yaml"
-    p.write_text(GOOD.replace("fedavg_segmentation", "condistfl_v9"))
+    p.write_text(GOOD.replace("marginal", "condistfl_v9"))
     _one_clear_line(cli("coordinator", "validate", p), "exp.yaml: plan: unknown plan 'condistfl_v9'")
 
 

@@ -17,28 +17,11 @@ import torch
 from fedbiomed.common.dataset import CustomDataset
 
 from pipelines.transforms import cached_dataset, deterministic_transforms
-from preprocessing.dataset import load_dataset
+from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import LabelSchema
 
 _CACHE: dict[tuple, list] = {}
 _CACHE_MAX_BYTES = 6 * 1024**3
-
-
-class DatasetSchemaError(ValueError):
-    pass
-
-
-def check_schema(prepared_manifest: dict, schema: LabelSchema, where: str) -> None:
-    """A dataset prepared with another schema (or another major version) cannot join."""
-    used = prepared_manifest.get("schema")
-    if not used:  # format v1 (before schemas): class ids are checked against num_classes instead
-        return
-    name, version = used.get("name"), str(used.get("version", "0"))
-    if name != schema.name or version.split(".")[0] != str(schema.major):
-        raise DatasetSchemaError(
-            f"{where}: prepared with label schema {name} {version}, but the experiment uses {schema.name} "
-            f"{schema.version}; re-run `site-agent prepare` with the federation's schema"
-        )
 
 
 def _volumes(path: str, schema: LabelSchema, modality: str, spacing) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -35,7 +35,9 @@ def bed(tmp_path_factory):
 
 
 def _spec(bed, rounds: int, **overrides) -> Path:
-    raw = yaml.safe_load(default_spec_text())
+    raw = yaml.safe_load(default_spec_text())  # ConDistFL, MedNeXt with deep supervision
+    # small patches on the native 2 x 2 x 3 mm grid keep a round at a few seconds
+    raw["plan_args"].update({"roi_size": [16, 16, 16], "spacing": "native", "patches_per_volume": 2})
     raw.update({"rounds": rounds, "local_steps": 2, **overrides})
     raw["sites"] = {"tags": ["fedimg-demo"], "min_sites": 2, "wait_s": 90}
     path = bed.workdir / f"spec-{raw['name']}.yaml"
@@ -61,7 +63,7 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     for r in metrics["rounds"]:
         assert {row["name"] for row in r["sites"].values()} == node_names  # every site, every round
         for row in r["sites"].values():
-            assert row["samples"] > 0 and "Loss" in row["train"]
+            assert row["samples"] > 0 and "Loss" in row["train"] and "condist_loss" in row["train"]
             assert 0.0 <= row["val_global"]["dice_mean"] <= 1.0
         assert r["update_norm"] > 0
     # after the last round every site also validated the final aggregated model
@@ -171,3 +173,70 @@ def test_node_ids_narrow_the_tagged_sites(bed):
     (run_dir,) = _run_dirs(home, "one-site")
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert list(rounds[0]["sites"]) == [only]
+
+
+def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_schedule(bed):
+    """Two sites labelling different organs (kidney group / liver group), ConDistFL, 2 rounds."""
+    from pipelines.losses import lambda_schedule
+    from pipelines.training import parameter_checksum
+
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=2, name="condist-teacher")
+    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
+              "--public-host", "localhost", timeout=400)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "condist-teacher")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scored = {}
+    for r in metrics["rounds"]:
+        # the global model the sites received this round: saved by the coordinator after round r-1
+        received = torch.load(run_dir / "checkpoints" / f"global_round_{r['round'] - 1:04d}.pt")
+        want_sum, want_sq = parameter_checksum(received)
+        assert len(r["sites"]) == 2
+        for row in r["sites"].values():
+            t = row["train"]
+            assert t["lambda"] == pytest.approx(lambda_schedule(r["round"] - 1, 2), rel=1e-6)  # 0.01 then 1.0
+            assert t["teacher_max_abs_diff"] == 0.0  # still the received parameters after the last step
+            assert t["teacher_vs_fedbiomed_initial"] == 0.0  # == Fed-BioMed's own snapshot of the round start
+            assert t["teacher_params"] == len(received)
+            assert t["teacher_sum"] == pytest.approx(want_sum, rel=1e-6, abs=1e-3)
+            assert t["teacher_sumsq"] == pytest.approx(want_sq, rel=1e-6)
+            assert t["condist_loss"] > 0 and t["teacher_s"] > 0
+            scored[row["name"]] = {k for k in row["val_global"] if k.startswith("dice_") and k != "dice_mean"}
+        assert r["bytes"]["to_sites"] > 2 * metrics["model"]["bytes"]  # the model went to both sites
+        assert r["bytes"]["from_sites"] > 2 * metrics["model"]["bytes"]  # and came back from both
+    # each site scores only the organs it labels
+    assert scored == {"site-1": {"dice_kidney", "dice_kidney_tumor"}, "site-2": {"dice_liver", "dice_liver_tumor"}}
+    assert (run_dir / "checkpoints" / "best_global.pt").is_file()
+    assert {p.name for p in (run_dir / "checkpoints" / "local").iterdir()} == {
+        "site-1_last.pt", "site-1_best.pt", "site-2_last.pt", "site-2_best.pt"}  # fmt: skip
+
+    # out-of-federation scoring on a dataset labelled differently (site-2's liver cases,
+    # scored with the lesion merged into the organ), and the run report
+    res = cli("coordinator", "evaluate", run_dir.name, "--home", home, "--data", bed.sites[1].data_dir / "ct",
+              "--merge-lesions", "yes", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads(res.stdout)
+    assert record["classes"] == ["liver"] and record["merge_lesions"] is True
+    assert set(record["models"]) == {"global", "local:site-1", "local:site-2"}
+    assert all(0.0 <= m["mean"]["liver"] <= 1.0 for m in record["models"].values())
+    res = cli("coordinator", "report", run_dir.name, "--home", home)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "boxplots.png").is_file()
+
+
+def test_standalone_sites_train_alone(bed):
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=2, name="standalone", plan="marginal", mode="standalone")
+    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
+              "--public-host", "localhost", timeout=400)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "standalone")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mode"] == "standalone" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for r in metrics["rounds"]:
+        assert {row["name"] for row in r["sites"].values()} == {"site-1", "site-2"}
+        assert all("condist_loss" not in row["train"] and "val_local" in row for row in r["sites"].values())
+    a = torch.load(run_dir / "checkpoints" / "local" / "site-1_last.pt")
+    b = torch.load(run_dir / "checkpoints" / "local" / "site-2_last.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # never averaged: two different models

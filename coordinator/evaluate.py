@@ -1,0 +1,131 @@
+"""`coordinator evaluate RUN --data DATASET`: score a run's models on a prepared dataset
+that never took part in training (out-of-federation test).
+
+Models scored: the best global model (the paper's selection: best mean Dice over all
+classes across sites; `checkpoints/best_global.pt`, else the last round's), and each site's
+last local model (`checkpoints/local/<site>_last.pt`). The dataset is preprocessed with the
+run's own schema, spacing and intensity rules and scored on that grid, whole volumes by
+sliding window. When it labels an organ but none of its lesion classes, lesions are merged
+into their organ in prediction and reference (``merge_lesions="auto"``).
+
+Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per class, per model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from coordinator import runs
+from coordinator import spec as spec_mod
+from preprocessing import atomic
+from site_agent.errors import UserError
+
+
+def _settings(run_dir: Path):
+    from pipelines.training import parse_plan_args
+    from preprocessing.schema import parse_schema
+
+    spec = spec_mod.load(runs.spec_file(run_dir))
+    args = spec.experiment_model_args()
+    raw = args.get("schema_definition")
+    if not isinstance(raw, dict):
+        raise UserError(f"{run_dir}: plan {spec.plan} is not a segmentation plan; nothing to evaluate")
+    return parse_plan_args(args, parse_schema(raw, f"{run_dir}/spec"))
+
+
+def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
+    ckpt = run_dir / "checkpoints"
+    models: dict[str, tuple[str, Path]] = {}
+    best = metrics.get("best_global") or {}
+    if (ckpt / "best_global.pt").is_file():
+        models["global"] = (f"global (best, round {best.get('model_round', '?')})", ckpt / "best_global.pt")
+    else:
+        rounds = sorted(ckpt.glob("global_round_*.pt"))
+        if rounds:
+            models["global"] = (f"global (round {int(rounds[-1].stem.rsplit('_', 1)[1])})", rounds[-1])
+    for path in sorted((ckpt / "local").glob("*_last.pt")):
+        site = path.name[: -len("_last.pt")]
+        models[f"local:{site}"] = (f"local {site} (last round)", path)
+    return models
+
+
+def evaluate_run(
+    run_dir: Path,
+    dataset: Path,
+    merge_lesions: str = "auto",
+    log: Callable[[str], None] = print,
+    progress: Callable | None = None,
+) -> dict:
+    """Score the run's models on `dataset`; write and return the evaluation record."""
+    from pipelines.networks import build_network
+    from pipelines.training import class_means, evaluate_case
+    from pipelines.transforms import deterministic_transforms
+    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
+
+    run_dir = Path(run_dir)
+    settings = _settings(run_dir)
+    schema = settings.schema
+    try:
+        prepared = load_dataset(dataset)
+        check_schema(json.loads((Path(dataset) / "manifest.json").read_text()), schema, str(dataset))
+    except (DatasetError, DatasetSchemaError) as exc:
+        raise UserError(str(exc)) from None
+    labeled = prepared.labeled_classes or sorted(v for v in prepared.labels.values() if v != 0)
+    if prepared.modality not in schema.modalities:
+        raise UserError(f"{dataset}: modality {prepared.modality!r} has no rule in schema {schema.name}")
+    names = {v: k for k, v in schema.classes.items()}
+    organs_only = [o for o, lesions in schema.groups.items() if schema.classes[o] in labeled and lesions and not any(schema.classes[l] in labeled for l in lesions)]
+    if merge_lesions not in ("auto", "yes", "no"):
+        raise UserError(f"merge_lesions must be auto, yes or no (got {merge_lesions!r})")
+    merge = bool(organs_only) if merge_lesions == "auto" else merge_lesions == "yes"
+    classes = [c for c in labeled if not (merge and schema.organ_of(names[c]) != names[c])]
+    metrics = runs.read_metrics(run_dir)
+    models = _models(run_dir, metrics)
+    if not models:
+        raise UserError(f"{run_dir}: no checkpoints to evaluate")
+
+    chain = deterministic_transforms(schema, prepared.modality, spacing=settings.spacing, label_dtype=torch.uint8)
+    cases = [c for c in prepared.cases if c.label is not None]
+    if not cases:
+        raise UserError(f"{dataset}: no labelled cases to score")
+    volumes = []
+    for c in cases:
+        out = chain({"image": str(c.image), "label": str(c.label)})
+        volumes.append((torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"])))
+
+    record = {
+        "dataset": prepared.name,
+        "cases": len(volumes),
+        "merge_lesions": merge,
+        "classes": [names[c] for c in classes],
+        "spacing": "schema" if settings.spacing == "schema" else settings.spacing,
+        "models": {},
+    }
+    net = build_network(out_channels=schema.num_classes, **settings.network)
+    for key, (label, path) in models.items():
+        state = torch.load(path, map_location="cpu")
+        net.load_state_dict(state)
+        per_case = []
+        for i, (image, lab) in enumerate(volumes):
+            per_case.append(evaluate_case(net, image, lab, settings, classes, merge_lesion_classes=merge))
+            if progress:
+                progress(key, i + 1, len(volumes))
+        means = class_means(per_case, classes)
+        record["models"][key] = {
+            "label": label,
+            "checkpoint": str(path.relative_to(run_dir)),
+            "per_case": [{names[c]: v for c, v in case.items() if not math.isnan(v)} for case in per_case],
+            "mean": {names[c]: v for c, v in means.items()},
+            "mean_all": sum(means.values()) / len(means) if means else None,
+        }
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prepared.name) or "dataset"
+    out = run_dir / "evaluations" / f"{safe}.json"
+    out.parent.mkdir(exist_ok=True)
+    atomic.write_json(out, record)
+    record["path"] = str(out)
+    return record
