@@ -21,37 +21,45 @@ from pathlib import Path
 
 import torch
 import yaml
-from monai.losses import DiceCELoss
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coordinator.plans import model_args_for  # noqa: E402
 from coordinator.testbed import Testbed, default_spec_text  # noqa: E402
+from pipelines.augment import PatchSampler  # noqa: E402
 from pipelines.networks import build_network  # noqa: E402
-from pipelines.segmentation import preprocess_case, random_flip_batch  # noqa: E402
+from pipelines.training import PartialLabelObjective, parse_plan_args  # noqa: E402
+from pipelines.transforms import deterministic_transforms  # noqa: E402
 from preprocessing.dataset import load_dataset  # noqa: E402
+from preprocessing.schema import parse_schema  # noqa: E402
 
 
 def local_round_seconds(bed: Testbed, spec: dict) -> list[float]:
-    """Per site: seconds for `local_steps` optimizer steps of the same network, in-process."""
+    """Per site: seconds for `local_steps` steps of the same plan (marginal loss, same
+    patches and augmentation), in-process, no FL."""
+    margs = model_args_for(spec["plan"], spec["plan_args"])
+    schema = parse_schema(margs["schema_definition"], "spec")
+    settings = parse_plan_args(margs, schema)
     out = []
     for site in bed.sites:
-        ds = load_dataset(site.data_dir / "demo")
-        items = [preprocess_case(str(c.image), str(c.label)) for c in ds.cases]
+        ds = load_dataset(site.data_dir / "ct")
+        chain = deterministic_transforms(schema, ds.modality, spacing=settings.spacing)
+        volumes = [chain({"image": str(c.image), "label": str(c.label)}) for c in ds.cases]
+        volumes = [(v["image"].as_tensor().float(), v["label"].as_tensor()) for v in volumes]
         torch.manual_seed(0)
-        net = build_network(out_channels=spec["plan_args"]["num_classes"], **spec["plan_args"]["network"])
-        opt = torch.optim.Adam(net.parameters(), lr=spec["optimizer"]["lr"])
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        bs = spec["batch_size"]
+        net = build_network(out_channels=schema.num_classes, **settings.network)
+        opt = torch.optim.AdamW(net.parameters(), lr=spec["optimizer"]["lr"])
+        objective = PartialLabelObjective(schema, ds.labeled_classes, settings.temperature, settings.spatial_dims)
+        sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, settings.augment)
         t0 = time.perf_counter()
         for step in range(spec["local_steps"]):
-            batch = [items[(step * bs + j) % len(items)] for j in range(bs)]
-            x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-            x, y = random_flip_batch(x, y)
+            x, y = sampler(*volumes[step % len(volumes)])
+            loss, _ = objective(net(x), y)
             opt.zero_grad()
-            loss_fn(net(x), y).backward()
+            loss.backward()
             opt.step()
         out.append(time.perf_counter() - t0)
     return out
@@ -67,7 +75,7 @@ def main() -> int:
     console = Console()
 
     spec = yaml.safe_load(default_spec_text())
-    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", test_ratio=0.0)
+    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", test_ratio=0.0, plan="marginal")
     spec["sites"] = {"tags": ["fedimg-demo"], "min_sites": args.sites, "wait_s": 180}
 
     with tempfile.TemporaryDirectory(prefix="fedimg-bench-") as tmp:

@@ -1,0 +1,118 @@
+"""`coordinator evaluate`: out-of-federation scoring of a run's checkpoints (no FL processes)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli
+from coordinator import runs
+from coordinator.evaluate import evaluate_run
+from coordinator.spec import parse
+from pipelines.networks import build_network
+from preprocessing.phantom import write_phantom_site
+from preprocessing.prepare import PrepareOptions, prepare
+from preprocessing.schema import load_label_map, load_schema
+from site_agent.errors import UserError
+
+SCHEMA = load_schema()
+SPEC = """
+name: oof
+plan: marginal
+sites: {tags: [x]}
+rounds: 2
+plan_args:
+  schema: abdominal-ct
+  network: {name: basic_unet, features: [4, 4, 8, 8, 16, 4]}
+  roi_size: [32, 32, 32]
+  spacing: native
+"""
+
+
+def _dataset(tmp, classes, name, phase="non_contrast"):
+    site = write_phantom_site(tmp / f"{name}-src", classes, n_cases=2, seed=21, phase=phase, shape=(32, 32, 16))
+    out = tmp / name
+    prepare([site.dicom_dir], out, SCHEMA, load_label_map(site.label_map, SCHEMA), labels=[site.labels_dir],
+            options=PrepareOptions(name=name, qc_report=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    spec = parse(SPEC, "spec")
+    run = runs.new_run(home, SPEC, "oof", resolved=spec.resolved_raw())
+    torch.manual_seed(0)
+    net = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+    (run / "checkpoints" / "local").mkdir(parents=True)
+    torch.save(net.state_dict(), run / "checkpoints" / "best_global.pt")
+    torch.save(net.state_dict(), run / "checkpoints" / "local" / "site-a_last.pt")
+    runs.write_metrics(run, {"rounds": [], "best_global": {"model_round": 1, "score": 0.5}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def organs_only(tmp_path_factory):
+    return _dataset(tmp_path_factory.mktemp("oof"), ["kidney", "liver", "spleen"], "organs-only")
+
+
+def test_organs_only_dataset_is_scored_with_lesions_merged(run_dir, organs_only):
+    record = evaluate_run(run_dir, organs_only)
+    assert record["merge_lesions"] is True and record["classes"] == ["kidney", "liver", "spleen"]
+    assert set(record["models"]) == {"global", "local:site-a"}
+    assert record["models"]["global"]["label"] == "global (best, round 1)"
+    for m in record["models"].values():
+        assert len(m["per_case"]) == 2
+        assert all(0.0 <= v <= 1.0 for case in m["per_case"] for v in case.values())
+        assert set(m["mean"]) <= {"kidney", "liver", "spleen"}
+    # same weights in both checkpoints: same scores
+    assert record["models"]["global"]["per_case"] == record["models"]["local:site-a"]["per_case"]
+    saved = json.loads((run_dir / "evaluations" / "organs-only.json").read_text())
+    assert saved["classes"] == record["classes"] and saved["cases"] == 2
+
+
+def test_a_perfect_model_scores_one(run_dir, organs_only, tmp_path, monkeypatch):
+    """Replace the network's prediction by the reference itself: every scored Dice is 1."""
+    import coordinator.evaluate as ev
+    import pipelines.training as tr
+
+    def oracle(model, image, label, settings, classes, merge_lesion_classes=False):
+        ref = label[0].numpy() if label.dim() == 4 else label.numpy()
+        table = settings.schema.lesion_merge_table()
+        ref = table[ref] if merge_lesion_classes else ref
+        return tr.dice_per_class(ref, ref, classes)
+
+    monkeypatch.setattr(tr, "evaluate_case", oracle)
+    record = ev.evaluate_run(run_dir, organs_only)
+    for m in record["models"].values():
+        assert m["mean"] == {"kidney": 1.0, "liver": 1.0, "spleen": 1.0} and m["mean_all"] == 1.0
+
+
+def test_lesion_labelling_dataset_is_not_merged_unless_asked(run_dir, tmp_path):
+    ds = _dataset(tmp_path, ["liver", "liver_tumor"], "liver-lesions")
+    assert evaluate_run(run_dir, ds)["classes"] == ["liver", "liver_tumor"]
+    forced = evaluate_run(run_dir, ds, merge_lesions="yes")
+    assert forced["merge_lesions"] is True and forced["classes"] == ["liver"]
+
+
+def test_dataset_of_another_schema_is_refused(run_dir, organs_only, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(organs_only, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["schema"] = {"name": "thorax-ct", "version": "1.0.0"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="prepared with label schema thorax-ct 1.0.0, but the experiment uses abdominal-ct"):
+        evaluate_run(run_dir, other)
+
+
+def test_cli_prints_the_table_and_fails_cleanly(run_dir, organs_only, tmp_path):
+    home = run_dir.parent.parent
+    res = cli("coordinator", "evaluate", run_dir.name, "--home", home, "--data", organs_only)
+    assert res.returncode == 0, res.stderr
+    assert "out-of-federation: organs-only (2 cases, lesions merged into organs)" in " ".join(res.stdout.split())
+    assert "global (best, round 1)" in res.stdout
+    res = cli("coordinator", "evaluate", run_dir.name, "--home", home, "--data", tmp_path / "missing")
+    assert res.returncode != 0 and "missing: not a folder" in res.stderr
