@@ -170,7 +170,7 @@ class Federation:
             tags=spec.site_tags,
             nodes=nodes or spec.site_ids or None,
             training_plan_class=plan_registry.resolve(spec.plan),
-            model_args=spec.experiment_model_args(),
+            model_args=spec.experiment_model_args(run_id=run_dir.name),
             training_args=spec.training_args(),
             aggregator=aggregator,
             agg_optimizer=_server_optimizer(spec),

@@ -85,6 +85,9 @@ def model_args_for(name: str, args: dict, base_dir: Path | None = None) -> dict:
 
     if "schema_definition" in args:
         raise PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema")
+    for key in ("rounds_total", "local_steps", "run_id"):
+        if key in args:
+            raise PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps) and the run")
     raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir)
     schema = parse_schema(raw, source)
     out = {k: v for k, v in args.items() if k != "schema"}

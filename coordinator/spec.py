@@ -85,12 +85,15 @@ class Spec:
             args["fedprox_mu"] = float(self.fedprox_mu)
         return args
 
-    def experiment_model_args(self) -> dict[str, Any]:
+    def experiment_model_args(self, run_id: str | None = None) -> dict[str, Any]:
         """model_args for Fed-BioMed: the checked plan arguments plus the run's length, which
-        the plans need for the lambda and learning-rate schedules."""
+        the plans need for the lambda and learning-rate schedules, and the run id, which
+        keys what a site keeps between rounds (its optimizer state)."""
         args = dict(self.model_args)
         if self.plan in SEGMENTATION_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
+            if run_id:
+                args["run_id"] = run_id
         return args
 
     def resolved_raw(self) -> dict[str, Any]:

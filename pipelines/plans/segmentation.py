@@ -20,6 +20,7 @@ Per round on a site:
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -31,6 +32,7 @@ from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.training import (
+    OptimizerStateStore,
     PartialLabelObjective,
     class_means,
     cosine_lr,
@@ -73,6 +75,11 @@ class PartialLabelSegmentationPlan(TorchTrainingPlan):
         self._adamw = torch.optim.AdamW(
             self.model().parameters(), lr=self._base_lr, weight_decay=float(optimizer_args.get("weight_decay", 1e-5))
         )
+        s = self._settings
+        self._opt_store = OptimizerStateStore(
+            os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None, s.run_id, type(self).__name__
+        )
+        self._opt_restored = False
         return self._adamw
 
     def training_data(self):
@@ -100,7 +107,10 @@ class PartialLabelSegmentationPlan(TorchTrainingPlan):
         received = {k: v.detach().clone() for k, v in self.model().named_parameters()}
         self._teacher = frozen_teacher(self.model()) if self.distill else None
         self.model().train()
+        # moments from this site's previous round of the same run (lr is set per step below)
+        self._opt_restored = self._round_index() > 0 and self._opt_store.load_into(self._adamw)
         samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        self._opt_store.save(self._adamw)
         self._report_round(history_monitor, received, samples)
         self._teacher = None
         return samples
@@ -142,6 +152,7 @@ class PartialLabelSegmentationPlan(TorchTrainingPlan):
             "steps": float(self._step_in_round),
             "step_s": self._sums["step_s"] / n,
             "lr_last": float(self._adamw.param_groups[0]["lr"]),
+            "optimizer_state_restored": float(self._opt_restored),
         }
         if self.distill:
             teacher = dict(self._teacher.named_parameters())

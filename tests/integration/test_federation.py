@@ -202,6 +202,8 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
             assert t["teacher_sum"] == pytest.approx(want_sum, rel=1e-6, abs=1e-3)
             assert t["teacher_sumsq"] == pytest.approx(want_sq, rel=1e-6)
             assert t["condist_loss"] > 0 and t["teacher_s"] > 0
+            # the site's AdamW moments carry over from its previous round of this run
+            assert t["optimizer_state_restored"] == (1.0 if r["round"] > 1 else 0.0)
             scored[row["name"]] = {k for k in row["val_global"] if k.startswith("dice_") and k != "dice_mean"}
         assert r["bytes"]["to_sites"] > 2 * metrics["model"]["bytes"]  # the model went to both sites
         assert r["bytes"]["from_sites"] > 2 * metrics["model"]["bytes"]  # and came back from both

@@ -41,7 +41,8 @@ def _spec(tmp_path: Path, **overrides) -> Path:
 
 def test_unapproved_plan_is_refused_and_the_researcher_is_told(tmp_path):
     spec = _spec(tmp_path, rounds=1, approval={"request": True, "wait_s": 3})
-    res = cli("coordinator", "testbed", "--sites", "2", "--no-approve", "--spec", spec, "--workdir", tmp_path / "bed", timeout=400)
+    res = cli("coordinator", "testbed", "--sites", "2", "--no-approve", "--spec", spec, "--workdir", tmp_path / "bed",
+              "--oof-phase", "none", timeout=400)  # fmt: skip
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "is not approved by 2 site(s)" in out, out[-3000:]
@@ -54,7 +55,7 @@ def test_unapproved_plan_is_refused_and_the_researcher_is_told(tmp_path):
     assert len(plans) == 1 and plans[0]["status"] == "Pending" and len(plans[0]["hash"]) == 64
     assert f"sha256 {plans[0]['hash'][:16]}..." in out  # the researcher sees the hash the site shows
     shown = cli("site-agent", "--config", cfg, "plans", "show", plans[0]["id"]).stdout
-    assert "class FedAvgSegmentationPlan(TorchTrainingPlan)" in shown
+    assert "class ConDistFLPlan(PartialLabelSegmentationPlan)" in shown
     (run_dir,) = (tmp_path / "bed" / "coordinator" / "runs").iterdir()
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "failed" and "not approved" in state["error"]
@@ -65,7 +66,7 @@ def _start_testbed(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Proces
     """Start a long testbed; return it once its nodes and coordinator are all up."""
     spec = _spec(tmp_path, rounds=200, local_steps=1)
     proc = subprocess.Popen(
-        [COORDINATOR, "testbed", "--sites", "2", "--spec", str(spec), "--workdir", str(tmp_path / "bed")],
+        [COORDINATOR, "testbed", "--sites", "2", "--spec", str(spec), "--workdir", str(tmp_path / "bed"), "--oof-phase", "none"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         # as from a terminal: a suite started in the background (`cmd &`, nohup) inherits an
         # ignored SIGINT, and Python keeps it ignored, so Ctrl-C could not be simulated
