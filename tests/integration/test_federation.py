@@ -36,8 +36,8 @@ def bed(tmp_path_factory):
 
 def _spec(bed, rounds: int, **overrides) -> Path:
     raw = yaml.safe_load(default_spec_text())  # ConDistFL, MedNeXt with deep supervision
-    # small patches on the native 2 x 2 x 3 mm grid keep a round at a few seconds
-    raw["plan_args"].update({"roi_size": [16, 16, 16], "spacing": "native", "patches_per_volume": 2})
+    # the native 2 x 2 x 3 mm grid (48 x 48 x 24 voxels) keeps a round at a few seconds
+    raw["plan_args"].update({"roi_size": [32, 32, 32], "spacing": "native", "patches_per_volume": 2})
     raw.update({"rounds": rounds, "local_steps": 2, **overrides})
     raw["sites"] = {"tags": ["fedimg-demo"], "min_sites": 2, "wait_s": 90}
     path = bed.workdir / f"spec-{raw['name']}.yaml"
