@@ -216,6 +216,8 @@ def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
     teacher = copy.deepcopy(model)
     teacher.eval()
     teacher.requires_grad_(False)
+    if getattr(teacher, "do_ds", False):
+        teacher.do_ds = False  # MONAI's MedNeXt computes its deep-supervision heads even in eval mode
     return teacher
 
 

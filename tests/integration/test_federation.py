@@ -242,3 +242,23 @@ def test_standalone_sites_train_alone(bed):
     a = torch.load(run_dir / "checkpoints" / "local" / "site-1_last.pt")
     b = torch.load(run_dir / "checkpoints" / "local" / "site-2_last.pt")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # never averaged: two different models
+
+
+def test_condistfl_2d_network_trains_on_axial_slices(bed):
+    """spatial_dims 2 from the spec: 2D patches from the prepared 3D volumes, slice-wise validation."""
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=1, name="condist-2d")
+    raw = yaml.safe_load(spec.read_text())
+    raw["plan_args"].update({"network": {"name": "mednext", "size": "tiny", "spatial_dims": 2, "deep_supervision": True},
+                             "roi_size": [32, 32], "patches_per_volume": 4})  # fmt: skip
+    spec.write_text(yaml.safe_dump(raw))
+    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
+              "--public-host", "localhost", timeout=400)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "condist-2d")
+    (r,) = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    for row in r["sites"].values():
+        assert row["train"]["condist_loss"] > 0 and row["train"]["teacher_max_abs_diff"] == 0.0
+        assert 0.0 <= row["val_global"]["dice_mean"] <= 1.0 and row["val_global"]["cases"] >= 1
+    weights = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
+    assert all(w.dim() in (1, 4) for w in weights.values())  # 2D convolutions: (out, in, kx, ky)
