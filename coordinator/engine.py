@@ -57,7 +57,7 @@ class _WireCounter(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.DEBUG)
         self._lock = threading.Lock()
-        self.take()
+        self._sent = self._received = 0
 
     def emit(self, record):
         msg = record.msg if isinstance(record.msg, str) else ""
@@ -75,7 +75,7 @@ class _WireCounter(logging.Handler):
 
     def take(self) -> dict:
         with self._lock:
-            out = {"to_sites": getattr(self, "_sent", 0), "from_sites": getattr(self, "_received", 0)}
+            out = {"to_sites": self._sent, "from_sites": self._received}
             self._sent = self._received = 0
         return out
 
@@ -115,6 +115,8 @@ class Federation:
         self._fbm_logger = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
         self._collector = _NodeErrorCollector()
         self._fbm_logger.addHandler(self._collector)
+        self._pending: list[dict] = []  # metrics streamed by the sites, filled by gRPC threads
+        self._pending_lock = threading.Lock()
         self._wire = _WireCounter()
         self._fbm_logger.addHandler(self._wire)
         self._fbm_logger.setLevel(logging.DEBUG)  # Fed-BioMed's own handlers keep their level; the counter needs its debug records
@@ -231,6 +233,9 @@ class Federation:
 
     def _run(self, run_dir: Path, spec: Spec, resume: bool) -> dict:
         self._collector.messages.clear()
+        with self._pending_lock:
+            self._pending = []  # nothing from an earlier run of this process may land in this one
+        self._tracked: list = []
         metrics = runs.read_metrics(run_dir) if resume else {"rounds": []}
         metrics["rounds_planned"] = spec.rounds
         metrics["mode"] = spec.mode
@@ -264,6 +269,9 @@ class Federation:
             runs.mark(run_dir, "failed", error=error)
             raise RunError(error) from exc
         finally:
+            for exp in self._tracked:  # late messages of this run must not reach the next one
+                with contextlib.suppress(KeyError):
+                    exp.requests.remove_monitor_callback(exp.id)
             runs.write_metrics(run_dir, metrics)
 
     def _federated(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict, resume: bool) -> None:
@@ -288,7 +296,7 @@ class Federation:
         else:
             exp = self._experiment(spec, run_dir)
         self._check_approval(exp, spec, sites)
-        self._track(exp, metrics, sites)
+        self._track(exp)
         params_before = _params(exp)
         if exp.round_current() == 0:
             _save_checkpoint(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
@@ -320,40 +328,41 @@ class Federation:
             exps[nid] = self._experiment(spec, run_dir, nodes=[nid], folder=folder)
         for nid, exp in exps.items():
             self._check_approval(exp, spec, {nid: sites[nid]})
-            self._track(exp, metrics, sites)
+            self._track(exp)
         first = next(iter(exps.values()))
         metrics["model"] = _model_size(_params(first))
         self._wire.take()
         for r in range(1, spec.rounds + 1):
             record = {"round": r, "wall_s": 0.0, "update_norm": 0.0, "sites": {}}
+            squared = 0.0
             for nid, exp in exps.items():
                 before = _params(exp)
                 t0 = time.monotonic()
                 exp.run_once(test_after=(r == spec.rounds))
-                sub = self._round_record(exp, r, time.monotonic() - t0, sites, before, _params(exp))
+                after = _params(exp)
+                sub = self._round_record(exp, r, time.monotonic() - t0, sites, before, after)
                 record["wall_s"] += sub["wall_s"]
                 record["sites"].update(sub["sites"])
-                ckpt = run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt"
-                _save_tensor_file(ckpt, _params(exp))
+                squared += sub["update_norm"] ** 2
+                last = run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt"
+                _save_tensor_file(last, after)
+                _select_best_local(run_dir, metrics, nid, record["sites"].get(nid, {}), last, r)
+            record["update_norm"] = squared**0.5  # the sites' updates taken together
             record["bytes"] = self._wire.take()
             metrics["rounds"].append(record)
-            for nid, row in record["sites"].items():
-                _select_best_local(run_dir, metrics, nid, row, run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt", r)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
 
-    def _track(self, exp, metrics: dict, sites: dict[str, str]) -> None:
+    def _track(self, exp) -> None:
         """Record the scalars nodes stream during a round (validation metrics, training loss)."""
         original = exp.monitor().on_message_handler
-        if not hasattr(self, "_pending"):
-            self._pending: list[dict] = []
-            self._pending_lock = threading.Lock()  # filled by gRPC threads, drained by the round loop
 
         def handler(msg):
             original(msg)
             with self._pending_lock:
                 self._pending.append(
                     {
+                        "experiment": exp.id,
                         "node_id": msg["node_id"],
                         "train": bool(msg["train"]),
                         "global": bool(msg.get("test_on_global_updates")),
@@ -362,6 +371,7 @@ class Federation:
                 )
 
         exp.requests.add_monitor_callback(exp.id, handler)
+        self._tracked.append(exp)
 
     def _round_record(self, exp, r, elapsed, sites, before, after) -> dict:
         replies = exp.training_replies().get(r - 1, {}) or {}
@@ -375,8 +385,8 @@ class Federation:
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
         with self._pending_lock:
-            mine = [m for m in self._pending if m["node_id"] in replies]
-            self._pending = [m for m in self._pending if m["node_id"] not in replies]
+            mine = [m for m in self._pending if m["experiment"] == exp.id]
+            self._pending = [m for m in self._pending if m["experiment"] != exp.id]
         for m in mine:
             row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
             key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
@@ -430,11 +440,10 @@ def _select_best(run_dir: Path, metrics: dict, record: dict, local: dict[str, di
     for key, model_round in (("val_global", record["round"] - 1), ("val_final", record["round"])):
         score = selection_score(rows, key)
         best = metrics.get("best_global") or {}
-        if score is not None and score > best.get("score", -1.0):
+        src = ckpt / f"global_round_{model_round:04d}.pt"
+        if score is not None and score > best.get("score", -1.0) and src.is_file():
             metrics["best_global"] = {"model_round": model_round, "score": score}
-            src = ckpt / f"global_round_{model_round:04d}.pt"
-            if src.is_file():
-                _save_tensor_file(ckpt / "best_global.pt", torch.load(src))
+            _save_tensor_file(ckpt / "best_global.pt", torch.load(src))
     for nid, row in record["sites"].items():
         if nid in local:
             last = ckpt / "local" / f"{_safe(sites.get(nid, nid))}_last.pt"

@@ -75,7 +75,12 @@ def evaluate_run(
         check_schema(json.loads((Path(dataset) / "manifest.json").read_text()), schema, str(dataset))
     except (DatasetError, DatasetSchemaError) as exc:
         raise UserError(str(exc)) from None
-    labeled = prepared.labeled_classes or sorted(v for v in prepared.labels.values() if v != 0)
+    labeled = prepared.labeled_classes
+    if labeled is None:  # format v1: every label of dataset.json
+        labeled = sorted(v for v in prepared.labels.values() if v != 0)
+    bad = [c for c in labeled if not 0 < c < schema.num_classes]
+    if bad or not labeled:
+        raise UserError(f"{dataset}: labels {bad or '(none)'} are not foreground classes of schema {schema.name}")
     if prepared.modality not in schema.modalities:
         raise UserError(f"{dataset}: modality {prepared.modality!r} has no rule in schema {schema.name}")
     names = {v: k for k, v in schema.classes.items()}

@@ -62,7 +62,9 @@ class PatchSampler:
     (image with its minimum, label with background). Labels come back as int64.
     """
 
-    def __init__(self, roi_size: Sequence[int], num_samples: int = 2, spatial_dims: int = 3, augment: bool = True):
+    def __init__(
+        self, roi_size: Sequence[int], num_samples: int = 2, spatial_dims: int = 3, augment: bool = True, ignore_label: int = IGNORE_LABEL
+    ):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if len(roi_size) != spatial_dims or not all(isinstance(v, int) and v >= 1 for v in roi_size):
@@ -72,6 +74,7 @@ class PatchSampler:
         self.spatial_dims = spatial_dims
         self.roi_size = tuple(roi_size)
         self.num_samples = num_samples
+        self.ignore_label = int(ignore_label)
         crop_roi = list(roi_size) + ([1] if spatial_dims == 2 else [])
         self._pad = SpatialPadd(keys=["image", "label", "fg"], spatial_size=crop_roi, mode="constant")
         self._crop = RandCropByPosNegLabeld(
@@ -91,7 +94,7 @@ class PatchSampler:
             raise ValueError(f"expected image (C, X, Y, Z) and label (1, X, Y, Z) on one grid, got {tuple(image.shape)} and {tuple(label.shape)}")
         self._reseed()
         label = label.long()
-        fg = ((label > 0) & (label != IGNORE_LABEL)).to(torch.uint8)
+        fg = ((label > 0) & (label != self.ignore_label)).to(torch.uint8)
         lo = float(image.min())
         data = {"image": image.float() - lo, "label": label, "fg": fg}  # pad value 0 == the image minimum
         data = self._pad(data)

@@ -246,6 +246,26 @@ def test_ignore_label_alone_gives_only_background_centres():
     assert on_ignore / total < 0.15
 
 
+def test_the_schema_ignore_label_is_the_one_left_out():
+    """A schema may pick another ignore value than 255: the sampler takes it from the plan."""
+    image = coord_image()
+    label = torch.zeros(1, *SHAPE, dtype=torch.long)
+    label[0, 16:24, 14:22, 6:14] = 9
+    roi = (8, 8, 4)
+    on_cube = {}
+    for ignore in (9, 255):
+        sampler = PatchSampler(roi, num_samples=4, augment=False, ignore_label=ignore)
+        hits = total = 0
+        for _ in range(40):
+            images, _ = sampler(image, label)
+            for x, y, z in _centres(images, roi):
+                total += 1
+                hits += int(label[0, x, y, z]) == 9
+        on_cube[ignore] = hits / total
+    assert on_cube[9] < 0.15  # ignored: only background centres
+    assert on_cube[255] > 0.35  # 9 is a class then: half the patches centre on it
+
+
 def test_label_without_foreground_still_gives_patches():
     images, labels = PatchSampler((16, 16, 8), num_samples=2, augment=False)(coord_image(), torch.zeros(1, *SHAPE))
     assert images.shape == (2, 1, 16, 16, 8)

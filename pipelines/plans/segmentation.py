@@ -98,7 +98,7 @@ class PartialLabelSegmentationPlan(TorchTrainingPlan):
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
         self._objective = PartialLabelObjective(s.schema, self._dataset.labeled_classes, s.temperature, s.spatial_dims)
-        self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment)
+        self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment, ignore_label=s.schema.ignore_label)
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)
         self._step_in_round = 0
         self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
