@@ -521,13 +521,9 @@ def _params(exp) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(run_dir: Path, r: int, params: dict) -> None:
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    target = ckpt_dir / f"global_round_{r:04d}.pt"
-    tmp = ckpt_dir / f".{target.name}.tmp"
-    torch.save(params, tmp)
-    os.replace(tmp, target)
-    atomic.write_text(ckpt_dir / "latest.txt", target.name + "\n")
+    target = run_dir / "checkpoints" / f"global_round_{r:04d}.pt"
+    _save_tensor_file(target, params)
+    atomic.write_text(target.parent / "latest.txt", target.name + "\n")
 
 
 def _server_optimizer(spec: Spec):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -62,7 +62,6 @@ class SegmentationSettings:
     rounds_total: int | None = None  # filled in by the coordinator
     local_steps: int | None = None
     run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -50,7 +50,7 @@ def settings_from_model_args(model_args: dict):
     if not isinstance(raw, dict):
         raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
     schema = parse_schema(raw, "the experiment's label schema")
-    return parse_plan_args({k: v for k, v in model_args.items() if k != "schema"}, schema)
+    return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
 class PartialLabelSegmentationPlan(TorchTrainingPlan):
