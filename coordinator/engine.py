@@ -398,7 +398,7 @@ class Federation:
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "site"
+    return runs.safe_name(name, "site")
 
 
 def _model_size(params: dict) -> dict:

@@ -128,8 +128,7 @@ def evaluate_run(
             "mean": {names[c]: v for c, v in means.items()},
             "mean_all": sum(means.values()) / len(means) if means else None,
         }
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prepared.name) or "dataset"
-    out = run_dir / "evaluations" / f"{safe}.json"
+    out = run_dir / "evaluations" / f"{runs.safe_name(prepared.name, 'dataset')}.json"
     out.parent.mkdir(exist_ok=True)
     atomic.write_json(out, record)
     record["path"] = str(out)

@@ -44,6 +44,11 @@ def new_run(home: Path, spec_text: str, spec_name: str, resolved: dict | None = 
     return run_dir
 
 
+def safe_name(name: str, fallback: str = "item") -> str:
+    """A site or dataset name as a plain file name (letters, digits, - _ . kept)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or fallback
+
+
 def spec_file(run_dir: Path) -> Path:
     """The spec a run executes: the resolved copy when there is one."""
     resolved = Path(run_dir) / "spec.resolved.yaml"

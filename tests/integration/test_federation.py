@@ -45,6 +45,12 @@ def _spec(bed, rounds: int, **overrides) -> Path:
     return path
 
 
+def _run(bed, spec: Path, home: Path):
+    """`coordinator run SPEC` against the module's sites, as a researcher runs it."""
+    return cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
+               "--public-host", "localhost", timeout=400)  # fmt: skip
+
+
 def _run_dirs(home: Path, name: str) -> list[Path]:
     return sorted(p for p in (home / "runs").iterdir() if f"-{name}-" in p.name) if (home / "runs").is_dir() else []
 
@@ -52,8 +58,7 @@ def _run_dirs(home: Path, name: str) -> list[Path]:
 def test_two_rounds_every_site_trains_and_params_change(bed):
     home = bed.workdir / "coordinator"
     spec = _spec(bed, rounds=2, name="two-rounds")
-    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
-              "--public-host", "localhost", timeout=400)  # fmt: skip
+    res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "round 1/2" in res.stdout and "round 2/2" in res.stdout
     (run_dir,) = _run_dirs(home, "two-rounds")
@@ -167,8 +172,7 @@ def test_node_ids_narrow_the_tagged_sites(bed):
     raw = yaml.safe_load(spec.read_text())
     raw["sites"] = {"tags": ["fedimg-demo"], "ids": [only], "min_sites": 1, "wait_s": 60}
     spec.write_text(yaml.safe_dump(raw))
-    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
-              "--public-host", "localhost", timeout=400)  # fmt: skip
+    res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "one-site")
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
@@ -182,8 +186,7 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
 
     home = bed.workdir / "coordinator"
     spec = _spec(bed, rounds=2, name="condist-teacher")
-    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
-              "--public-host", "localhost", timeout=400)  # fmt: skip
+    res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "condist-teacher")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -230,8 +233,7 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
 def test_standalone_sites_train_alone(bed):
     home = bed.workdir / "coordinator"
     spec = _spec(bed, rounds=2, name="standalone", plan="marginal", mode="standalone")
-    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
-              "--public-host", "localhost", timeout=400)  # fmt: skip
+    res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "standalone")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -252,8 +254,7 @@ def test_condistfl_2d_network_trains_on_axial_slices(bed):
     raw["plan_args"].update({"network": {"name": "mednext", "size": "tiny", "spatial_dims": 2, "deep_supervision": True},
                              "roi_size": [32, 32], "patches_per_volume": 4})  # fmt: skip
     spec.write_text(yaml.safe_dump(raw))
-    res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
-              "--public-host", "localhost", timeout=400)  # fmt: skip
+    res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "condist-2d")
     (r,) = json.loads((run_dir / "metrics.json").read_text())["rounds"]
