@@ -65,11 +65,36 @@ def validate(spec_file) -> None:
     click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
 
 
+def _print_factory_results(info: dict, metrics: dict) -> None:
+    table = Table("round", "sampled", "site", "client", "D loss", "G loss", "R1", "path length", "key used", "s/update", "MB")
+    fmt = lambda d, k, f=".3f": format(d[k], f) if k in d else "-"  # noqa: E731
+    for r in metrics.get("rounds", []):
+        mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.1f}" if r.get("bytes") else "-"
+        for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+            t = row.get("train", {})
+            table.add_row(str(r["round"]), ", ".join(r.get("sampled", [])) if mb else "", row.get("name", "?"),
+                          fmt(t, "client_id", ".0f"), fmt(t, "d_loss"), fmt(t, "g_loss"), fmt(t, "r1"), fmt(t, "path_length"),
+                          fmt(t, "key_used", ".2f"), fmt(t, "update_s"), mb)  # fmt: skip
+            mb = ""
+    console.print(table)
+    for sample in metrics.get("samples", [])[-1:]:
+        click.echo(f"latest samples: {Path(info['run_dir']) / sample}")
+    if metrics.get("published"):
+        p = metrics["published"]
+        click.echo(f"published: {p['kind']}/{p['name']} {p['version']} (coordinator registry)")
+    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
+    if info.get("error"):
+        click.echo(f"error: {info['error']}")
+
+
 def _print_results(run_dir: Path) -> None:
     from coordinator.results import class_dice, ordered_classes
 
     info = runs.summary(run_dir)
     metrics = runs.read_metrics(run_dir)
+    if metrics.get("plan") == "data_factory":
+        _print_factory_results(info, metrics)
+        return
     # "global" = the model the site received at the start of the round (validated before local
     # training); "local" = the site's model after local training; "final" = after the last round.
     table = Table("round", "site", "samples", "train loss", "lambda", "dice (global)", "dice (local)", "MB sent+received")
@@ -225,6 +250,29 @@ def results(run_id, home, as_json) -> None:
 
 
 @cli.command()
+@home_option
+@click.option("--kind", default=None, help="Only artifacts of this kind (factory, segmentation-branch).")
+@click.option("--verify", is_flag=True, help="Recompute every file's checksum.")
+@click.option("--json", "as_json", is_flag=True)
+def registry(home, kind, verify, as_json) -> None:
+    """Artifacts published to this coordinator's registry (weights and configs only)."""
+    from coordinator.registry import Registry
+
+    reg = Registry(Path(home))
+    rows = reg.list(kind)
+    if verify:
+        rows = [reg.verify(r["kind"], r["name"], r["version"]) for r in rows]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("kind", "name", "version", "created", "files", "MB")
+    for r in rows:
+        size = sum(f["bytes"] for f in r["files"].values()) / 1e6
+        table.add_row(r["kind"], r["name"], r["version"], r["created"], ", ".join(sorted(r["files"])), f"{size:.1f}")
+    console.print(table if rows else "the registry is empty")
+
+
+@cli.command()
 @click.argument("run_id")
 @click.option("--data", "dataset", required=True, type=click.Path(), help="A prepared dataset (site-agent prepare) that took no part in training.")
 @click.option("--merge-lesions", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -267,10 +315,12 @@ def _print_evaluation(record: dict) -> None:
 @home_option
 def report(run_id, home) -> None:
     """Write RUN_ID's report (Dice tables, boxplots, learning curves, cost): report/index.html."""
+    from coordinator import factory
     from coordinator.report import write_report
 
     run_dir = runs.find_run(Path(home), run_id)
-    path = write_report(run_dir, log=_log)
+    factory_run = runs.read_metrics(run_dir).get("plan") == "data_factory"
+    path = (factory.write_report if factory_run else write_report)(run_dir, log=_log)
     click.echo(f"report: {path}")
 
 
@@ -283,8 +333,11 @@ def report(run_id, home) -> None:
 @click.option("--no-approve", is_flag=True, help="Sites do not approve plans (shows the refusal path).")
 @click.option("--oof-phase", default="non_contrast", show_default=True,
               type=click.Choice(["non_contrast", "arterial", "portal_venous", "delayed", "none"]),
-              help="Contrast phase of the out-of-federation test set scored after the run (none: skip).")  # fmt: skip
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase) -> None:
+              help="Contrast phase of the out-of-federation test set scored after the run (none: skip).")
+@click.option("--phases", default="portal_venous", show_default=True,
+              help="Contrast phase of each site's scanner, comma-separated, cycled over the sites "
+                   "(e.g. arterial,portal_venous,delayed: a domain shift between sites).")  # fmt: skip
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb
 
@@ -293,8 +346,14 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase) ->
         spec_mod.load(spec_file)
         text = Path(spec_file).read_text(encoding="utf-8")
     wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
+    phase_list = [p.strip() for p in phases.split(",") if p.strip()]
+    from preprocessing.phantom import PHASES
+
+    bad = [p for p in phase_list if p not in PHASES]
+    if bad or not phase_list:
+        raise click.BadParameter(f"unknown phase(s) {bad or phases!r}; known: {', '.join(PHASES)}", param_hint="--phases")
     code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log,
-                  oof_phase=None if oof_phase == "none" else oof_phase)  # fmt: skip
+                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list)  # fmt: skip
     if code != 0:
         sys.exit(code)
 

@@ -161,21 +161,29 @@ class Federation:
 
     # -- experiments --------------------------------------------------------------------
 
-    def _experiment(self, spec: Spec, run_dir: Path, nodes: list[str] | None = None, folder: Path | None = None):
+    def _experiment(self, spec: Spec, run_dir: Path, nodes: list[str] | None = None, folder: Path | None = None,
+                    sites: dict[str, str] | None = None):  # fmt: skip
         from fedbiomed.researcher.aggregators import FedAverage, Scaffold
         from fedbiomed.researcher.federated_workflows import Experiment
+
+        from coordinator.strategy import SampledSitesStrategy
 
         folder = folder or run_dir
         self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)  # breakpoints land in the run dir
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
+        strategy = None
+        if spec.clients_per_round is not None or spec.is_factory:
+            # the factory weights sites uniformly (the method); segmentation by sample counts
+            strategy = SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=spec.is_factory)
         return Experiment(
             tags=spec.site_tags,
             nodes=nodes or spec.site_ids or None,
             training_plan_class=plan_registry.resolve(spec.plan),
-            model_args=spec.experiment_model_args(run_id=run_dir.name),
+            model_args=spec.experiment_model_args(run_id=run_dir.name, client_ids=client_ids(sites or {})),
             training_args=spec.training_args(),
             aggregator=aggregator,
             agg_optimizer=_server_optimizer(spec),
+            node_selection_strategy=strategy,
             round_limit=spec.rounds,
             save_breakpoints=True,
             experimentation_folder=folder.name,
@@ -294,13 +302,18 @@ class Federation:
                 )
             self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
         else:
-            exp = self._experiment(spec, run_dir)
+            exp = self._experiment(spec, run_dir, sites=sites)
         self._check_approval(exp, spec, sites)
         self._track(exp)
         params_before = _params(exp)
         if exp.round_current() == 0:
             _save_checkpoint(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
         metrics["model"] = _model_size(params_before)
+        if spec.is_factory:
+            from coordinator import factory
+
+            ids = exp.model_args().get("client_ids", {})
+            metrics["clients"] = {sites.get(nid, nid): cid for nid, cid in sorted(ids.items(), key=lambda kv: kv[1])}
         self._wire.take()
         while exp.round_current() < spec.rounds:
             r = exp.round_current() + 1
@@ -311,12 +324,23 @@ class Federation:
             params_after = _params(exp)
             record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
             record["bytes"] = self._wire.take()
+            sampled = getattr(exp.strategy(), "history", {}).get(r - 1)
+            if sampled is not None:
+                record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
             metrics["rounds"].append(record)
             _save_checkpoint(run_dir, r, params_after)
-            _select_best(run_dir, metrics, record, _local_params(exp, r), sites)
+            if spec.is_factory:
+                factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
+            else:
+                _select_best(run_dir, metrics, record, _local_params(exp, r), sites)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
             params_before = params_after
+        if spec.is_factory:
+            metrics["published"] = factory.publish(self.home, run_dir, spec, exp, metrics)
+            self.log(f"factory published to the registry: {metrics['published']['kind']}/{metrics['published']['name']} {metrics['published']['version']}")
+            runs.write_metrics(run_dir, metrics)
+            factory.write_report(run_dir, log=self.log)
 
     def _standalone(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict) -> None:
         """Each site trains alone: one single-node Fed-BioMed experiment per site (its
@@ -395,6 +419,11 @@ class Federation:
             row[key] = {**row.get(key, {}), **m["metric"]} if key == "train" else m["metric"]
         delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
+
+
+def client_ids(sites: dict[str, str]) -> dict[str, int]:
+    """node id -> client id (0..K-1), in the order of the site names: stable for a federation."""
+    return {nid: i for i, (nid, _) in enumerate(sorted(sites.items(), key=lambda kv: (kv[1], kv[0])))}
 
 
 def _safe(name: str) -> str:
@@ -553,7 +582,9 @@ def _format_round(record: dict, total: int) -> str:
                 bits.append(f"{label} dice={row[key]['dice_mean']:.3f}")
         train = row.get("train", {})
         loss = train.get("loss_mean", train.get("Loss"))
-        if loss is not None:
+        if "d_loss" in train or "g_loss" in train:
+            bits.append(f"D={train.get('d_loss', float('nan')):.3f} G={train.get('g_loss', float('nan')):.3f}")
+        elif loss is not None:
             bits.append(f"loss={loss:.3f}")
         parts.append(" ".join(bits))
     mb = sum((record.get("bytes") or {}).values()) / 1e6

@@ -21,8 +21,12 @@ import yaml
 PLANS: dict[str, str] = {
     "condistfl": "pipelines.plans.condistfl:ConDistFLPlan",
     "marginal": "pipelines.plans.marginal:MarginalSegmentationPlan",
+    "data_factory": "pipelines.plans.data_factory:DataFactoryPlan",
 }
 SEGMENTATION_PLANS = ("condistfl", "marginal")
+FACTORY_PLANS = ("data_factory",)
+# filled in by the coordinator from the spec, the run and the connected sites
+FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids")
 
 
 class PlanArgsError(ValueError):
@@ -78,21 +82,25 @@ def model_args_for(name: str, args: dict, base_dir: Path | None = None) -> dict:
     """The model arguments sent to the sites, checked before anything is sent.
 
     Raises PlanArgsError(key, problem) naming the plan_args key."""
-    if name not in SEGMENTATION_PLANS:
+    if name not in SEGMENTATION_PLANS + FACTORY_PLANS:
         return dict(args)
+    from pipelines.factory.training import parse_factory_args
     from pipelines.training import parse_plan_args
     from preprocessing.schema import parse_schema
 
     if "schema_definition" in args:
         raise PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema")
-    for key in ("rounds_total", "local_steps", "run_id"):
+    for key in FILLED_ARGS:
         if key in args:
-            raise PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps) and the run")
+            raise PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps), the run and the sites")
     raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir)
     schema = parse_schema(raw, source)
     out = {k: v for k, v in args.items() if k != "schema"}
     try:
-        parse_plan_args(out, schema)
+        if name in FACTORY_PLANS:
+            parse_factory_args(out)
+        else:
+            parse_plan_args(out, schema)
     except ValueError as exc:
         msg = str(exc)
         key, _, problem = msg.partition(": ")

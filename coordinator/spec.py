@@ -3,7 +3,7 @@
 Example::
 
     name: demo-condistfl
-    plan: condistfl         # condistfl | marginal (FedAvg, FedProx, FedOpt, standalone baselines)
+    plan: condistfl         # condistfl | marginal (FedAvg, FedProx, FedOpt, standalone baselines) | data_factory
     mode: federated         # or standalone: each site trains alone (same plan, no aggregation)
     sites: {tags: [fedimg-demo], min_sites: 2}     # optional ids: [NODE_...] restricts to those nodes
     rounds: 3
@@ -14,7 +14,8 @@ Example::
     server_optimizer: null  # or {name: momentum, lr: 1.0, momentum: 0.6} | {name: adam, lr: 0.01}
     fedprox_mu: null        # FedProx proximal term
     test_ratio: 0.25        # share of each site's cases held out for validation
-    seed: 0
+    seed: 0                 # also seeds which sites a round samples
+    clients_per_round: null # sites sampled per round (seeded, logged); null = all (data_factory default: 2)
     plan_args: {schema: abdominal-ct, network: {name: mednext, size: tiny}, roi_size: [32, 32, 32]}
     approval: {request: true, wait_s: 0}
 """
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from coordinator.plans import PLANS, SEGMENTATION_PLANS, PlanArgsError, model_args_for
+from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, PlanArgsError, model_args_for
 from site_agent.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,6 +64,7 @@ class Spec:
     plan_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)  # what the sites receive (schema embedded)
     mode: str = "federated"
+    clients_per_round: int | None = None  # None: every site every round
     request_approval: bool = True
     approval_wait_s: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict)
@@ -85,28 +87,34 @@ class Spec:
             args["fedprox_mu"] = float(self.fedprox_mu)
         return args
 
-    def experiment_model_args(self, run_id: str | None = None) -> dict[str, Any]:
+    @property
+    def is_factory(self) -> bool:
+        return self.plan in FACTORY_PLANS
+
+    def experiment_model_args(self, run_id: str | None = None, client_ids: dict[str, int] | None = None) -> dict[str, Any]:
         """model_args for Fed-BioMed: the checked plan arguments plus the run's length, which
-        the plans need for the lambda and learning-rate schedules, and the run id, which
-        keys what a site keeps between rounds (its optimizer state)."""
+        the plans need for their schedules, the run id, which keys what a site keeps between
+        rounds (its optimizer state), and (data factory) each site's client id."""
         args = dict(self.model_args)
-        if self.plan in SEGMENTATION_PLANS:
+        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
             if run_id:
                 args["run_id"] = run_id
+        if self.is_factory:
+            args["client_ids"] = dict(client_ids or {})
         return args
 
     def resolved_raw(self) -> dict[str, Any]:
         """The spec with a schema file inlined (what a remote coordinator needs)."""
         raw = dict(self.raw)
-        if self.plan in SEGMENTATION_PLANS:
+        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
             raw["plan_args"] = {**self.plan_args, "schema": self.model_args["schema_definition"]}
         return raw
 
 
 _TOP_KEYS = {
     "name", "plan", "mode", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
-    "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval",
+    "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval", "clients_per_round",
 }
 
 
@@ -193,11 +201,21 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
     if mode not in MODES:
         _fail(where, "mode", f"must be one of {', '.join(MODES)} (got {mode!r})")
     segmentation = plan in SEGMENTATION_PLANS
-    batch_size = _pos_int(where, raw, "batch_size", default=1 if segmentation else 2)
+    factory = plan in FACTORY_PLANS
+    batch_size = _pos_int(where, raw, "batch_size", default=1 if segmentation else (8 if factory else 2))
     if segmentation and batch_size != 1:
         _fail(where, "batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it (got {batch_size})")
     if mode == "standalone" and (server_opt or aggregator != "fedavg"):
         _fail(where, "mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
+    clients_per_round = raw.get("clients_per_round", 2 if factory else None)
+    if clients_per_round is not None:
+        clients_per_round = _pos_int(where, raw, "clients_per_round", default=clients_per_round)
+    test_ratio = _number(where, raw, "test_ratio", default=0.0 if factory else 0.25, lo=0, hi=0.9)
+    if factory:
+        if test_ratio:
+            _fail(where, "test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})")
+        if mode != "federated" or aggregator != "fedavg" or server_opt or raw.get("fedprox_mu") is not None:
+            _fail(where, "plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu")
     approval = raw.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
         _fail(where, "approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
@@ -218,11 +236,12 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
         aggregator=aggregator,
         server_optimizer=dict(server_opt) if server_opt else None,
         fedprox_mu=_number(where, raw, "fedprox_mu", default=None, lo=0, allow_none=True),
-        test_ratio=_number(where, raw, "test_ratio", default=0.25, lo=0, hi=0.9),
+        test_ratio=test_ratio,
         seed=_pos_int(where, raw, "seed", default=0, minimum=0),
         plan_args=dict(plan_args),
         model_args=model_args,
         mode=mode,
+        clients_per_round=clients_per_round,
         request_approval=approval.get("request", True),
         approval_wait_s=_number(where, approval, "wait_s", default=0.0, lo=0),
         raw=raw,

@@ -41,12 +41,13 @@ def default_spec_text() -> str:
 class Testbed:
     __test__ = False  # not a pytest test class
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None,
-                 oof_phase: str | None = None):  # fmt: skip
+                 oof_phase: str | None = None, phases: list[str] | None = None):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
         self.n_sites = n_sites
         self.oof_phase = oof_phase  # contrast phase of the out-of-federation test set (None: none)
+        self.phases = list(phases or ["portal_venous"])  # each site's scanner phase, cycled over the sites
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.log = log
@@ -85,6 +86,7 @@ class Testbed:
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "setup", "--config", str(cfg),
                 "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1), "--tag", TAG,
+                "--phase", self.phases[i % len(self.phases)],
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:
@@ -124,6 +126,8 @@ class Testbed:
         if not done:
             return 1
         run_id = done[-1]["run_id"]
+        if runs.read_metrics(runs.find_run(self.home, run_id)).get("plan") == "data_factory":
+            return 0  # no segmentation to score: its samples and registry entry are written by the run
         steps = []
         if self.oof_phase and (self.oof_dataset / "manifest.json").is_file():
             steps.append(["evaluate", run_id, "--home", str(self.home), "--data", str(self.oof_dataset)])
@@ -205,11 +209,11 @@ class Testbed:
 
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
-        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast") -> int:  # fmt: skip
+        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast", phases: list[str] | None = None) -> int:  # fmt: skip
     """Set up, run one spec, score it out of federation, report, tear down. Returns the
     coordinator's exit code."""
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True),
-                  oof_phase=oof_phase)  # fmt: skip
+                  oof_phase=oof_phase, phases=phases)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -26,6 +26,7 @@ import torch
 from pipelines.evaluation import dice_per_class, merge_lesions, predict_volume
 from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_loss
 from pipelines.networks import all_heads, main_output, network_config_from_spec
+from pipelines.site_state import SiteStateStore
 from preprocessing.schema import LabelSchema
 
 PLAN_ARG_KEYS = (
@@ -303,37 +304,21 @@ def class_means(per_case: Sequence[Mapping[int, float]], classes: Sequence[int])
     return out
 
 
-class OptimizerStateStore:
-    """A site's optimizer state kept between rounds of one run, in the site's own work
-    folder (never sent anywhere): the ConDistFL reference implementation keeps its AdamW
-    moments for the whole training, as a client process that lives across rounds does.
-
-    One file per run and plan, written atomically; a state that does not fit the optimizer
-    (another network) is ignored and training starts with fresh moments.
-    """
-
-    def __init__(self, root: str | None, run_id: str | None, name: str):
-        self.path = None
-        if root and run_id:
-            from pathlib import Path
-
-            self.path = Path(root) / "optimizer-state" / f"{run_id}-{name}.pt"
+class OptimizerStateStore(SiteStateStore):
+    """A site's optimizer state kept between rounds of one run (`pipelines.site_state`): the
+    ConDistFL reference implementation keeps its AdamW moments for the whole training, as
+    a client process that lives across rounds does. A state that does not fit the
+    optimizer (another network) is ignored and training starts with fresh moments."""
 
     def load_into(self, optimizer: torch.optim.Optimizer) -> bool:
-        if self.path is None or not self.path.is_file():
+        state = self.read()
+        if state is None:
             return False
         try:
-            optimizer.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
-        except (RuntimeError, ValueError, KeyError, OSError):
+            optimizer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError):
             return False
         return True
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.path is None:
-            return
-        import os
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(optimizer.state_dict(), tmp)
-        os.replace(tmp, self.path)
+        self.write(optimizer.state_dict())

@@ -47,6 +47,8 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
         env[f"FBM_SECURITY_{key.upper()}"] = value
     env["PYTHONUNBUFFERED"] = "1"
     env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
+    # pretrained encoder weights for the data factory's domain key, where the site has them
+    env["FEDIMG_MODELS_DIR"] = str(site.work_dir / "models")
     return env
 
 

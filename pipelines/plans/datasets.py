@@ -10,6 +10,7 @@ life of the node process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -60,8 +61,6 @@ class PreparedSegmentationDataset(CustomDataset):
     modality: str = "CT"
 
     def read(self) -> None:
-        import json
-
         if self.schema is None:
             raise DatasetSchemaError("the training plan did not set the federation schema")
         prepared = load_dataset(self.path)
@@ -88,3 +87,39 @@ class PreparedSegmentationDataset(CustomDataset):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class PreparedSliceDataset(CustomDataset):
+    """Every case of a prepared dataset (labels not needed) as 2D axial slices in [-1, 1]
+    with their slice-position bins (`pipelines.factory.slices`), for the data factory.
+
+    The plan sets `schema`, `size`, `n_bins`, `spacing` and `min_foreground`; items are
+    (image (1, size, size), bin)."""
+
+    schema: LabelSchema | None = None
+    size: int = 64
+    n_bins: int = 29
+    spacing = "schema"
+    min_foreground: float = 0.0
+
+    def read(self) -> None:
+        from pipelines.factory.slices import SliceSettings, dataset_slices
+
+        if self.schema is None:
+            raise DatasetSchemaError("the training plan did not set the federation schema")
+        prepared = load_dataset(self.path)
+        manifest = json.loads((Path(self.path) / "manifest.json").read_text())
+        check_schema(manifest, self.schema, f"dataset {prepared.name!r}")
+        settings = SliceSettings(size=self.size, n_bins=self.n_bins, spacing=self.spacing, min_foreground=self.min_foreground)
+        self.images, self.bins = dataset_slices(self.path, self.schema, settings, os.environ.get("FEDIMG_CACHE_DIR"))
+        if len(self.images) == 0:
+            raise DatasetSchemaError(f"dataset {prepared.name!r}: no slices left (min_foreground {self.min_foreground})")
+        digest = hashlib.sha256((Path(self.path) / "manifest.json").read_bytes())
+        digest.update(repr(settings).encode())
+        self.fingerprint = digest.hexdigest()
+
+    def get_item(self, index):
+        return self.images[index], self.bins[index]
+
+    def __len__(self) -> int:
+        return len(self.images)

@@ -31,6 +31,7 @@ from pipelines.augment import PatchSampler
 from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
 from pipelines.plans.datasets import PreparedSegmentationDataset
+from pipelines.plans.seeding import PerRoundSeed
 from pipelines.training import (
     OptimizerStateStore,
     PartialLabelObjective,
@@ -53,7 +54,7 @@ def settings_from_model_args(model_args: dict):
     return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
-class PartialLabelSegmentationPlan(TorchTrainingPlan):
+class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
     """Marginal loss on the classes the site labels; with `distill = True`, ConDistFL."""
 
     distill = False
@@ -97,6 +98,7 @@ class PartialLabelSegmentationPlan(TorchTrainingPlan):
 
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
+        self.reseed_for_round(self._round_index())
         self._objective = PartialLabelObjective(s.schema, self._dataset.labeled_classes, s.temperature, s.spatial_dims)
         self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment, ignore_label=s.schema.ignore_label)
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)

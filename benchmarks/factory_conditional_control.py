@@ -1,0 +1,281 @@
+"""Does the federated data factory learn each site's domain? Conditional control, measured.
+
+1. Update time of the tiny configuration in this process (2 threads by default), per kind
+   of update (D, D + lazy R1, G, G + lazy path length) and amortised, with and without the
+   domain key, side by side (a ratio). The method note's reference: ~0.06 s per update at
+   batch 4 on 2 threads.
+2. A phantom federation of K sites scanned in different contrast phases (real Fed-BioMed
+   nodes on loopback) trains the factory (`coordinator/examples/phantom_factory.yaml`,
+   2 of K sites per round), which is published to the coordinator's registry.
+3. A small CNN is trained to tell the sites apart on REAL slices (80/20 split by slice;
+   its held-out accuracy is printed). It then classifies GENERATED slices, conditioned on
+   each site's client id (key dropped, as the coordinator and other sites would sample;
+   and with the site's own key, read from that site's work folder since everything runs on
+   this machine). Conditional control means accuracy well above chance (1/K).
+
+    .venv/bin/python benchmarks/factory_conditional_control.py                       # ~20 min on 2 cores
+    .venv/bin/python benchmarks/factory_conditional_control.py --rounds 4 --steps 40   # quick look
+
+Writes <workdir>/report/ (real vs generated grid, confusion matrices, summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator import runs  # noqa: E402
+from coordinator.registry import Registry  # noqa: E402
+from coordinator.testbed import Testbed  # noqa: E402
+from pipelines.factory.domain_key import build_domain_key  # noqa: E402
+from pipelines.factory.networks import FactoryConfig, Generator  # noqa: E402
+from pipelines.factory.slices import SliceSettings, dataset_slices  # noqa: E402
+from pipelines.factory.training import FactoryModel, FactoryUpdater, make_optimizer, parse_factory_args  # noqa: E402
+from preprocessing.schema import load_schema  # noqa: E402
+
+NOTE_REFERENCE_S = 0.06  # ../shared/notes/data-factory-method.md: tiny, batch 4, 2 threads
+
+
+def update_times(batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds per update kind for the tiny configuration (3 clients), with and
+    without the domain key, the two interleaved update by update (same machine state)."""
+    real, bins = torch.rand(batch, 1, 64, 64) * 2 - 1, torch.randint(0, 29, (batch,))
+    runs_ = {}
+    for with_key in (False, True):
+        s = parse_factory_args({"client_ids": {"a": 0, "b": 1, "c": 2}, "key": {} if with_key else None,
+                                "r1_interval": 2, "pl_interval": 2})  # fmt: skip
+        torch.manual_seed(0)
+        model = FactoryModel(s.config)
+        key = torch.nn.functional.normalize(torch.randn(s.config.key_dim), dim=0) if with_key else None
+        runs_[with_key] = (FactoryUpdater(model, s, 0, key=key), make_optimizer(model))
+    times = {w: {"D": [], "D+R1": [], "G": [], "G+PL": []} for w in runs_}
+    for i in range(4 * repeats + 4):
+        for with_key, (up, opt) in runs_.items():
+            kind = ("D+R1" if up.d_steps % 2 == 0 else "D") if up.next_phase == "D" else ("G+PL" if up.g_steps % 2 == 0 else "G")
+            t0 = time.perf_counter()
+            up.train_step(opt, real, bins)
+            if i >= 4:  # warm-up
+                times[with_key][kind].append(time.perf_counter() - t0)
+    out = {}
+    for with_key, per_kind in times.items():
+        m = {k: statistics.median(v) for k, v in per_kind.items()}
+        # amortised at the paper's intervals: R1 every 16 D updates, path length every 4 G updates
+        m["amortised"] = 0.5 * ((15 * m["D"] + m["D+R1"]) / 16 + (3 * m["G"] + m["G+PL"]) / 4)
+        out["key" if with_key else "nokey"] = m
+    return out
+
+
+class SiteClassifier(torch.nn.Module):
+    def __init__(self, k: int):
+        super().__init__()
+        c = 16
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c, 3, 2, 1), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(c, 2 * c, 3, 2, 1), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(2 * c, 4 * c, 3, 2, 1), torch.nn.LeakyReLU(0.2),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4 * c, k),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_classifier(images, labels, k: int, steps: int = 600, seed: int = 0):
+    torch.manual_seed(seed)
+    perm = torch.randperm(len(images))
+    n_test = max(1, len(images) // 5)
+    test, train = perm[:n_test], perm[n_test:]
+    clf = SiteClassifier(k)
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    for _ in range(steps):
+        idx = train[torch.randint(len(train), (32,))]
+        x = images[idx]
+        x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x, x.flip(-1))  # left-right flips
+        loss = torch.nn.functional.cross_entropy(clf(x), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.eval()
+    with torch.no_grad():
+        acc = float((clf(images[test]).argmax(1) == labels[test]).float().mean())
+    return clf, acc
+
+
+def confusion(pred, labels, k):
+    m = torch.zeros(k, k, dtype=torch.long)
+    for p, t in zip(pred.tolist(), labels.tolist()):
+        m[t, p] += 1
+    return m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--phases", default="arterial,portal_venous,delayed")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=200, help="updates per sampled site per round")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=300, help="generated slices per site")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
+    ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
+    ap.add_argument("--timing-only", action="store_true", help="only the update-time table")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
+    args = ap.parse_args()
+    console = Console()
+    workdir = (args.workdir or ROOT / ".benchmarks" / f"factory-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    report = workdir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+    # 1. update time, side by side
+    torch.set_num_threads(args.threads)
+    t = Table(title=f"tiny factory update time (s), {args.threads} threads")
+    for col in ("batch", "key", "D", "D+R1", "G", "G+PL", "amortised", "vs note 0.06 s"):
+        t.add_column(col, justify="right")
+    summary["update_s"] = {}
+    for batch in (4, 8):
+        for variant, m in update_times(batch, repeats=args.repeats).items():
+            summary["update_s"][f"batch{batch}_{variant}"] = m
+            t.add_row(str(batch), "yes" if variant == "key" else "no", *(f"{m[k]:.3f}" for k in ("D", "D+R1", "G", "G+PL", "amortised")),
+                      f"{m['amortised'] / NOTE_REFERENCE_S:.2f}x" if batch == 4 else "-")  # fmt: skip
+    console.print(t)
+    k4 = summary["update_s"]
+    console.print(f"key conditioning cost (same run, batch 4, interleaved): {k4['batch4_key']['amortised'] / k4['batch4_nokey']['amortised']:.2f}x")
+    if args.timing_only:
+        (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return 0
+
+    # 2. the federation
+    phases = [p for p in args.phases.split(",") if p]
+    bed = Testbed(workdir, n_sites=args.sites, phases=phases, log=lambda m: console.log(m),
+                  out=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
+    spec = yaml.safe_load((ROOT / "coordinator" / "examples" / "phantom_factory.yaml").read_text())
+    spec.update({"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.batch, "name": "bench-factory"})
+    spec["plan_args"]["sample_every"] = max(1, args.rounds // 6)
+    spec["plan_args"]["refine_rounds"] = max(1, args.rounds // 10)
+    t0 = time.monotonic()
+    try:
+        with console.status(f"setting up {args.sites} phantom sites ({', '.join(phases)}) and their nodes"):
+            bed.setup_sites()
+            bed.start_nodes()
+        code = bed.run_spec(yaml.safe_dump(spec, sort_keys=False))
+    finally:
+        bed.teardown()
+    if code != 0:
+        console.print(f"[red]the factory run failed ({code})")
+        return 1
+    summary["federation_wall_s"] = time.monotonic() - t0
+    run_dir = Path(runs.list_runs(bed.home)[-1]["run_dir"])
+    metrics = runs.read_metrics(run_dir)
+
+    # 3. conditional control
+    reg = Registry(bed.home)
+    config = json.loads(reg.load("factory", "bench-factory", "factory.json").read_text())
+    cfg = FactoryConfig.from_dict(config["factory"])
+    g = Generator(cfg)
+    g.load_state_dict(torch.load(reg.load("factory", "bench-factory", "generator.pt")))
+    g.eval()
+    schema = load_schema()
+    sl = config["slices"]
+    settings = SliceSettings(size=sl["size"], n_bins=sl["n_bins"], spacing=tuple(sl["spacing"]) if isinstance(sl["spacing"], list) else sl["spacing"],
+                             min_foreground=sl["min_foreground"])  # fmt: skip
+    k = len(config["clients"])
+    real_x, real_y, real_bins, keys = [], [], {}, {}
+    site_by_name = {s.site_name: s for s in bed.sites}
+    for name, cid in config["clients"].items():
+        x, b = dataset_slices(site_by_name[name].data_dir / "ct", schema, settings)
+        real_x.append(x.float())
+        real_y.append(torch.full((len(x),), cid))
+        real_bins[cid] = b
+        key_files = sorted((site_by_name[name].work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-*.pt"))
+        if key_files:
+            keys[cid] = torch.load(key_files[0])["key"].float()
+    real_x, real_y = torch.cat(real_x), torch.cat(real_y)
+    clf, real_acc = train_classifier(real_x, real_y, k)
+    rows = {}
+    gen_examples = {}
+    for mode in ("client id only", "client id + own key"):
+        xs, ys = [], []
+        for cid in range(k):
+            if mode.endswith("key") and cid not in keys:
+                continue
+            gen = torch.Generator().manual_seed(100 + cid)
+            z = torch.randn(args.samples, cfg.z_dim, generator=gen)
+            bins = real_bins[cid][torch.randint(len(real_bins[cid]), (args.samples,), generator=gen)]
+            with torch.no_grad():
+                key = keys[cid] if mode.endswith("key") else None
+                img = torch.cat([g(z[i : i + 50], torch.full((len(z[i : i + 50]),), cid), bins[i : i + 50], key)
+                                 for i in range(0, args.samples, 50)]).clamp(-1, 1)  # fmt: skip
+            xs.append(img)
+            ys.append(torch.full((args.samples,), cid))
+            gen_examples.setdefault(mode, {})[cid] = img[:6]
+        if not xs:
+            continue
+        xs, ys = torch.cat(xs), torch.cat(ys)
+        with torch.no_grad():
+            pred = clf(xs).argmax(1)
+        rows[mode] = {
+            "accuracy": float((pred == ys).float().mean()),
+            "per_site": {name: float((pred[ys == cid] == cid).float().mean()) for name, cid in config["clients"].items() if (ys == cid).any()},
+            "confusion": confusion(pred, ys, k).tolist(),
+        }
+    t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
+    for col in ("conditioning", "accuracy", *config["clients"]):
+        t.add_column(col, justify="right")
+    t.add_row("real slices (held out)", f"{real_acc:.3f}", *["-"] * k)
+    for mode, r in rows.items():
+        t.add_row(mode, f"{r['accuracy']:.3f}", *(f"{r['per_site'].get(n, float('nan')):.3f}" for n in config["clients"]))
+    console.print(t)
+    summary.update({
+        "run_dir": str(run_dir), "clients": config["clients"], "phases": {s.site_name: phases[i % len(phases)] for i, s in enumerate(bed.sites)},
+        "real_heldout_accuracy": real_acc, "generated": rows, "chance": 1 / k,
+        "rounds": len(metrics["rounds"]), "sampled": [r.get("sampled") for r in metrics["rounds"]],
+    })  # fmt: skip
+    _plot(report, real_x, real_y, gen_examples, config["clients"])
+    (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"report: {report}  (samples per round: {run_dir / 'samples'})")
+    return 0
+
+
+def _plot(report: Path, real_x, real_y, gen_examples, clients: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {cid: n for n, cid in clients.items()}
+    cols = 6
+    blocks = [("real", {cid: real_x[real_y == cid][torch.linspace(0, int((real_y == cid).sum()) - 1, cols).long()] for cid in names})]
+    blocks += list(gen_examples.items())
+    fig, axes = plt.subplots(len(names), cols * len(blocks), figsize=(1.1 * cols * len(blocks), 1.2 * len(names) + 0.6), squeeze=False)
+    for bi, (title, imgs) in enumerate(blocks):
+        for cid in names:
+            for j in range(cols):
+                ax = axes[cid][bi * cols + j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if cid in imgs and j < len(imgs[cid]):
+                    ax.imshow(imgs[cid][j, 0].T.flip(0).numpy(), cmap="gray", vmin=-1, vmax=1)
+                if bi == 0 and j == 0:
+                    ax.set_ylabel(names[cid], fontsize=8)
+                if cid == 0 and j == 0:
+                    ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(report / "real_vs_generated.png", dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Node selection on stock Fed-BioMed: a seeded random sample of the sites each round.
+
+Fed-BioMed's `DefaultStrategy` trains every node every round and weights the aggregate
+by sample counts. `SampledSitesStrategy` samples ``clients_per_round`` of the K sites
+(seeded by (seed, round): the same run draws the same sites, also after a resume) and
+can weight the sampled sites uniformly (the data factory: every site's generator counts
+the same, whatever its number of slices). The draw is logged and kept in `history`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from fedbiomed.common.logger import logger
+from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
+
+
+def sample_sites(node_ids: list[str], k: int | None, seed: int, round_i: int) -> list[str]:
+    """The sites a round trains: ``k`` of ``node_ids`` (all when k is None or >= K)."""
+    nodes = sorted(node_ids)
+    if k is None or k >= len(nodes):
+        return nodes
+    return sorted(random.Random(f"fedimg-sampling:{seed}:{round_i}").sample(nodes, k))
+
+
+class SampledSitesStrategy(DefaultStrategy):
+    def __init__(self, clients_per_round: int | None = None, seed: int = 0, uniform: bool = False):
+        super().__init__()
+        self._parameters = {"clients_per_round": clients_per_round, "seed": int(seed), "uniform": bool(uniform)}
+        self.history: dict[int, list[str]] = {}
+
+    def sample_nodes(self, from_nodes: list[str], round_i: int) -> list[str]:
+        p = self._parameters
+        chosen = sample_sites(list(from_nodes), p["clients_per_round"], p["seed"], round_i)
+        self._sampling_node_history[round_i] = list(chosen)
+        self.history[round_i] = list(chosen)
+        logger.info(f"[fedimg] round {round_i + 1}: sampled {len(chosen)} of {len(from_nodes)} sites: {', '.join(chosen)}")
+        return chosen
+
+    def refine(self, training_replies, round_i):
+        params, weights, total, factors = super().refine(training_replies, round_i)
+        if self._parameters["uniform"] and weights:
+            weights = {nid: 1.0 / len(weights) for nid in weights}
+        return params, weights, total, factors
+
+    def save_state_breakpoint(self) -> dict[str, Any]:
+        state = super().save_state_breakpoint()
+        state["history"] = {str(k): v for k, v in self.history.items()}
+        return state
+
+    def load_state_breakpoint(self, state: dict[str, Any]) -> None:
+        super().load_state_breakpoint(state)
+        self._parameters = {"clients_per_round": None, "seed": 0, "uniform": False, **(self._parameters or {})}
+        self.history = {int(k): list(v) for k, v in (state.get("history") or {}).items()}

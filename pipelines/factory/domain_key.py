@@ -1,0 +1,584 @@
+"""The domain key: a site's mean image embedding, the condition of the data factory.
+
+Each site embeds ALL of its 2D slices (single channel, intensities in [-1, 1], R x R) with
+a key function that is identical at every site, averages the embeddings locally and never
+transmits the result. The conditional generator is conditioned on it, and a key-alignment
+loss backpropagates through the embedding of generated images, so every key function is
+differentiable with respect to its input.
+
+The paper's key uses CLIP, whose weights cannot be downloaded on these machines, so the
+offline options are:
+
+- `RandomCNNKey`: a frozen, seeded, randomly initialised CNN (per-stage channel mean and
+  std, a fixed random projection, L2-normalised);
+- `SoftHistogramKey`: a differentiable soft intensity histogram (Hellinger embedding);
+- `ConcatKey`: several of the above side by side (the default: random CNN + histogram);
+- `TorchScriptKey`: a real pretrained encoder, where its TorchScript file is on disk.
+
+Raw keys of a random network are nearly identical across domains: most of the embedding is
+what all images have in common. `DomainKey` therefore subtracts a site-independent
+reference key (the mean embedding of seeded synthetic smooth random fields) and
+re-normalises; after centring, domains separate well.
+
+Every key function has a `checksum()` over its weights and configuration so a federation
+can verify that all sites use the same one. Nothing here imports an FL engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConcatKey",
+    "DomainKey",
+    "KeyConfigError",
+    "KeyFunction",
+    "RandomCNNKey",
+    "SoftHistogramKey",
+    "TorchScriptKey",
+    "build_domain_key",
+    "validate_key_config",
+]
+
+_EPS = 1e-8
+
+
+class KeyConfigError(ValueError):
+    """A key configuration (or the encoder file it names) is unusable."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _check_images(images: Tensor) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be (B, 1, H, W), got shape {tuple(images.shape)}")
+    return images if images.dtype == torch.float32 else images.float()
+
+
+# --------------------------------------------------------------------------- key functions
+
+
+class KeyFunction(nn.Module):
+    """Base of all key functions: frozen (no parameter requires grad) and always in eval mode.
+
+    `embed` maps (B, 1, H, W) images in [-1, 1] to (B, dim) unit vectors and is
+    differentiable with respect to the images.
+    """
+
+    dim: int
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> KeyFunction:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.embed(images)
+
+    def embed(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def checksum(self) -> str:
+        """sha256 over the configuration and every weight (name, shape, float32 bytes, in order)."""
+        h = hashlib.sha256()
+        h.update(_canonical_json(self.describe()))
+        for name, t in self.state_dict().items():
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(name.encode() + b"\0")
+            h.update(_canonical_json(list(t.shape)))
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+class RandomCNNKey(KeyFunction):
+    """A frozen, seeded, randomly initialised CNN shared by all sites.
+
+    Each stage is a 3x3 stride-2 convolution followed by a leaky ReLU. The features are the
+    per-channel spatial mean and std of every stage, concatenated, then mapped by a fixed
+    seeded random projection to `proj_dim` and L2-normalised. All randomness comes from a
+    local `torch.Generator(seed)`: building one never touches the global RNG.
+    """
+
+    _SLOPE = 0.2
+
+    def __init__(self, seed: int = 0, widths: Sequence[int] = (16, 32, 64), proj_dim: int = 64):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths}")
+        if int(proj_dim) < 1:
+            raise ValueError(f"proj_dim must be positive, got {proj_dim}")
+        self.seed = int(seed)
+        self.widths = widths
+        self.proj_dim = self.dim = int(proj_dim)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        gain = math.sqrt(2.0 / (1.0 + self._SLOPE**2))
+        convs = []
+        c_in = 1
+        for w in widths:
+            # skip_init: nn.Conv2d's own initialisation would draw from the global RNG.
+            conv = nn.utils.skip_init(nn.Conv2d, c_in, w, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (gain / math.sqrt(c_in * 9)))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+            convs.append(conv)
+            c_in = w
+        self.convs = nn.ModuleList(convs)
+        feat_dim = 2 * sum(widths)
+        self.register_buffer("projection", torch.randn(feat_dim, self.dim, generator=g) / math.sqrt(feat_dim))
+        self._freeze()
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, 2 * sum(widths)) per-stage channel means and stds, before the projection."""
+        x = _check_images(images)
+        feats = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), self._SLOPE)
+            mean = x.mean(dim=(2, 3))
+            var = x.var(dim=(2, 3), unbiased=False) if x.shape[2] * x.shape[3] > 1 else torch.zeros_like(mean)
+            feats += [mean, torch.sqrt(var + _EPS)]  # eps: finite gradient where a channel is flat
+        return torch.cat(feats, dim=1)
+
+    def embed(self, images: Tensor) -> Tensor:
+        return F.normalize(self.features(images) @ self.projection, dim=1, eps=_EPS)
+
+    def describe(self) -> dict:
+        return {"kind": "random_cnn", "seed": self.seed, "widths": list(self.widths), "proj_dim": self.proj_dim}
+
+
+class SoftHistogramKey(KeyFunction):
+    """A differentiable intensity histogram.
+
+    Each pixel is softly assigned to `bins` Gaussian bins centred evenly on [lo, hi]
+    (bandwidth defaults to the bin spacing; the assignment sums to one per pixel, so values
+    outside [lo, hi] go to the edge bins). The per-image histogram sums to one; the
+    embedding is its square root (Hellinger), L2-normalised.
+    """
+
+    def __init__(self, bins: int = 32, lo: float = -1.0, hi: float = 1.0, bandwidth: float | None = None):
+        super().__init__()
+        bins = int(bins)
+        if bins < 2:
+            raise ValueError(f"bins must be >= 2, got {bins}")
+        if not float(lo) < float(hi):
+            raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
+        if bandwidth is not None and not float(bandwidth) > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        self.bins = self.dim = bins
+        self.lo, self.hi = float(lo), float(hi)
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
+        self._bw = self.bandwidth if self.bandwidth is not None else (self.hi - self.lo) / (bins - 1)
+        self.register_buffer("centres", torch.linspace(self.lo, self.hi, bins))
+        self._freeze()
+
+    def histogram(self, images: Tensor) -> Tensor:
+        """(B, bins) soft histograms, each summing to one."""
+        x = _check_images(images).flatten(1)  # (B, N)
+        n = x.shape[1]
+        out = torch.zeros(x.shape[0], self.bins, dtype=x.dtype, device=x.device)
+        step = max(1, (1 << 20) // (self.bins * max(1, x.shape[0])))  # bound the (B, n, bins) temporary
+        for i in range(0, n, step):
+            d = (x[:, i : i + step, None] - self.centres) / self._bw
+            out = out + torch.softmax(-0.5 * d * d, dim=2).sum(dim=1)
+        return out / n
+
+    def embed(self, images: Tensor) -> Tensor:
+        return F.normalize(torch.sqrt(self.histogram(images) + _EPS), dim=1, eps=_EPS)
+
+    def describe(self) -> dict:
+        return {"kind": "histogram", "bins": self.bins, "lo": self.lo, "hi": self.hi, "bandwidth": self.bandwidth}
+
+
+class ConcatKey(KeyFunction):
+    """Several key functions side by side: each part L2-normalised and scaled by 1/sqrt(n)."""
+
+    def __init__(self, fns: Sequence[KeyFunction]):
+        super().__init__()
+        fns = list(fns)
+        if not fns:
+            raise ValueError("ConcatKey needs at least one key function")
+        for f in fns:
+            if not isinstance(f, KeyFunction):
+                raise TypeError(f"ConcatKey parts must be KeyFunction, got {type(f).__name__}")
+        self.parts = nn.ModuleList(fns)
+        self.dim = sum(f.dim for f in fns)
+        self._freeze()
+
+    def embed(self, images: Tensor) -> Tensor:
+        scale = 1.0 / math.sqrt(len(self.parts))
+        return torch.cat([F.normalize(f.embed(images), dim=1, eps=_EPS) * scale for f in self.parts], dim=1)
+
+    def describe(self) -> dict:
+        return {"kind": "concat", "parts": [f.describe() for f in self.parts]}
+
+    def checksum(self) -> str:
+        # The parts' own checksums (a TorchScript part's is over its file, not its state dict).
+        return hashlib.sha256(_canonical_json({"kind": "concat", "parts": [f.checksum() for f in self.parts]})).hexdigest()
+
+
+class TorchScriptKey(KeyFunction):
+    """A real pretrained encoder saved as TorchScript, where its weights exist on disk.
+
+    The file's sha256 is verified when `sha256` is given. `embed` resizes (bilinear) to
+    `input_size` when given, repeats the single channel to 3 when `channels == 3`, flattens
+    the output to (B, dim) and L2-normalises it. The checksum covers the file's sha256 and
+    the configuration (not the path, which differs between sites).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        sha256: str | None = None,
+        input_size: int | None = None,
+        dim: int | None = None,
+        channels: int = 1,
+        probe_size: int = 64,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KeyConfigError(
+                f"encoder file {self.path} does not exist: a real encoder needs its weights on disk"
+            )
+        if channels not in (1, 3):
+            raise KeyConfigError(f"channels must be 1 or 3, got {channels!r}")
+        self.file_sha256 = _sha256_file(self.path)
+        if sha256 is not None and sha256.lower() != self.file_sha256:
+            raise KeyConfigError(
+                f"encoder file {self.path}: sha256 mismatch: expected {sha256.lower()}, got {self.file_sha256}"
+            )
+        try:
+            module = torch.jit.load(str(self.path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any load failure is a config problem
+            raise KeyConfigError(f"encoder file {self.path} is not a loadable TorchScript module: {e}") from e
+        self.module = module
+        self.input_size = None if input_size is None else int(input_size)
+        self.channels = int(channels)
+        self._freeze()
+        self.module.eval()
+        s = self.input_size or int(probe_size)
+        with torch.no_grad():
+            probed = self._raw(torch.zeros(1, 1, s, s)).shape[1]
+        if dim is not None and int(dim) != probed:
+            raise KeyConfigError(f"encoder file {self.path}: configured dim {dim} but the module outputs {probed}")
+        self.dim = int(probed)
+
+    def _raw(self, images: Tensor) -> Tensor:
+        x = _check_images(images)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        if self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.flatten(1).float()
+
+    def embed(self, images: Tensor) -> Tensor:
+        return F.normalize(self._raw(images), dim=1, eps=_EPS)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "encoder",
+            "file": self.path.name,
+            "sha256": self.file_sha256,
+            "input_size": self.input_size,
+            "channels": self.channels,
+            "dim": self.dim,
+        }
+
+    def checksum(self) -> str:
+        return hashlib.sha256(_canonical_json(self.describe())).hexdigest()
+
+
+# --------------------------------------------------------------------------- reference and domain key
+
+
+def smooth_random_fields(count: int, size: int, seed: int) -> Tensor:
+    """(count, 1, size, size) site-independent smooth random images in [-1, 1].
+
+    Gaussian-blurred white noise at three scales, summed and min-max rescaled per image.
+    Deterministic for a given seed (a local generator; the global RNG is not touched).
+    """
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    total = torch.zeros(count, 1, size, size)
+    for sigma, weight in ((size / 32, 0.25), (size / 16, 0.5), (size / 8, 1.0)):
+        noise = torch.randn(count, 1, size, size, generator=g)
+        total += weight * _gaussian_blur(noise, max(sigma, 0.5))
+    lo = total.amin(dim=(2, 3), keepdim=True)
+    hi = total.amax(dim=(2, 3), keepdim=True)
+    return (total - lo) / (hi - lo).clamp_min(_EPS) * 2.0 - 1.0
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    # Circular padding: the fields have no border artefacts and any radius works at any size.
+    pad_h, pad_w = min(radius, x.shape[2] - 1), min(radius, x.shape[3] - 1)
+    kh, kw = k[radius - pad_h : radius + pad_h + 1], k[radius - pad_w : radius + pad_w + 1]
+    x = F.conv2d(F.pad(x, (0, 0, pad_h, pad_h), mode="circular"), (kh / kh.sum()).view(1, 1, -1, 1))
+    return F.conv2d(F.pad(x, (pad_w, pad_w, 0, 0), mode="circular"), (kw / kw.sum()).view(1, 1, 1, -1))
+
+
+class DomainKey:
+    """A key function plus its site-independent reference key; what a site uses.
+
+    `reference` is the mean embedding of `reference_count` seeded synthetic smooth random
+    fields of size `reference_size`; it is identical at every site. Images given to
+    `site_key` and `centred` must be (B, 1, reference_size, reference_size).
+    """
+
+    def __init__(self, fn: KeyFunction, reference_seed: int = 0, reference_size: int = 64, reference_count: int = 64):
+        if not isinstance(fn, KeyFunction):
+            raise TypeError(f"fn must be a KeyFunction, got {type(fn).__name__}")
+        if int(reference_size) < 2 or int(reference_count) < 1:
+            raise ValueError(f"reference_size must be >= 2 and reference_count >= 1, got {reference_size}, {reference_count}")
+        self.fn = fn
+        self.reference_seed = int(reference_seed)
+        self.reference_size = int(reference_size)
+        self.reference_count = int(reference_count)
+        self.dim = fn.dim
+        fields = smooth_random_fields(self.reference_count, self.reference_size, self.reference_seed)
+        device = next((t.device for t in fn.state_dict().values()), torch.device("cpu"))
+        with torch.no_grad():
+            total = torch.zeros(fn.dim, device=device)
+            for i in range(0, self.reference_count, 16):
+                total += fn.embed(fields[i : i + 16].to(device)).sum(dim=0)
+        self.reference = total / self.reference_count
+
+    def to(self, device: str | torch.device) -> DomainKey:
+        """Move the key function and the reference (e.g. to the generator's device)."""
+        self.fn.to(device)
+        self.reference = self.reference.to(device)
+        return self
+
+    def _check(self, images: Tensor) -> Tensor:
+        images = _check_images(images)
+        if tuple(images.shape[-2:]) != (self.reference_size, self.reference_size):
+            raise ValueError(
+                f"images must be {self.reference_size}x{self.reference_size} (the reference size), "
+                f"got {tuple(images.shape[-2:])}"
+            )
+        return images
+
+    def site_key(self, batches: Iterable[Tensor]) -> Tensor:
+        """(dim,) the mean embedding over ALL images of all batches, minus the reference, L2-normalised.
+
+        Streamed (one batch in memory at a time), without gradients; any batch sizes.
+        """
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.reference.device)
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                batch = self._check(batch)
+                if batch.shape[0] == 0:
+                    continue
+                total += self.fn.embed(batch.to(self.reference.device)).sum(dim=0).double()
+                count += batch.shape[0]
+        if count == 0:
+            raise ValueError("site_key needs at least one image")
+        mean = (total / count).float()
+        return F.normalize(mean - self.reference, dim=0, eps=_EPS)
+
+    def centred(self, images: Tensor) -> Tensor:
+        """(B, dim) per-image normalize(embed(images) - reference); differentiable (key-alignment loss)."""
+        images = self._check(images)
+        return F.normalize(self.fn.embed(images) - self.reference, dim=1, eps=_EPS)
+
+    def describe(self) -> dict:
+        return {
+            "fn": self.fn.describe(),
+            "reference_seed": self.reference_seed,
+            "reference_size": self.reference_size,
+            "reference_count": self.reference_count,
+        }
+
+    def checksum(self) -> str:
+        """sha256 over the key function's checksum and the reference settings."""
+        payload = {
+            "fn": self.fn.checksum(),
+            "reference_seed": self.reference_seed,
+            "reference_size": self.reference_size,
+            "reference_count": self.reference_count,
+        }
+        return hashlib.sha256(_canonical_json(payload)).hexdigest()
+
+
+# --------------------------------------------------------------------------- configuration
+
+_KINDS = ("none", "random_cnn", "histogram", "random_cnn+histogram", "encoder")
+_DEFAULT_KIND = "random_cnn+histogram"
+_COMMON = {"reference_seed": 0, "reference_count": 64}
+_CNN = {"seed": 0, "widths": [16, 32, 64], "proj_dim": 64}
+_HIST = {"bins": 32, "lo": -1.0, "hi": 1.0, "bandwidth": None}
+_ENCODER = {"file": None, "sha256": None, "input_size": None, "channels": 1, "dim": None}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "random_cnn": {**_COMMON, **_CNN},
+    "histogram": {**_COMMON, **_HIST},
+    "random_cnn+histogram": {**_COMMON, **_CNN, **_HIST},
+    "encoder": {**_COMMON, **_ENCODER},
+}
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _int(where: str, k: str, v: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise KeyConfigError(f"{where}.{k}: must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise KeyConfigError(f"{where}.{k}: must be {bound}, got {v}")
+    return v
+
+
+def _float(where: str, k: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise KeyConfigError(f"{where}.{k}: must be a finite number, got {v!r}")
+    return float(v)
+
+
+def validate_key_config(raw: Mapping | None, where: str = "key") -> dict:
+    """Check a key configuration without building it; return it normalised (defaults filled in).
+
+    `None` and `{"kind": "none"}` give `{"kind": "none"}` (no key); `{}` gives the default
+    random CNN + histogram key. Errors are `KeyConfigError("<where>.<field>: ...")`.
+    """
+    if raw is None:
+        return {"kind": "none"}
+    if not isinstance(raw, Mapping):
+        raise KeyConfigError(f"{where}: must be a mapping or null, got {type(raw).__name__}")
+    for k in raw:
+        if not isinstance(k, str):
+            raise KeyConfigError(f"{where}.{k}: option names must be strings")
+    kind = raw.get("kind", _DEFAULT_KIND)
+    if kind not in _KINDS:
+        raise KeyConfigError(f"{where}.kind: must be one of {', '.join(_KINDS)}; got {kind!r}")
+    allowed = _OPTIONS[kind]
+    for k in raw:
+        if k != "kind" and k not in allowed:
+            names = ", ".join(sorted(allowed)) or "none"
+            raise KeyConfigError(f"{where}.{k}: unknown option for kind {kind!r} (allowed: {names})")
+    out: dict[str, Any] = {"kind": kind}
+    for k, default in allowed.items():
+        v = raw.get(k, default)
+        if k in ("reference_seed", "seed"):
+            v = _int(where, k, v, 0)
+        elif k == "reference_count":
+            v = _int(where, k, v, 1, 4096)
+        elif k == "proj_dim":
+            v = _int(where, k, v, 1, 4096)
+        elif k == "widths":
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not 1 <= len(v) <= 8:
+                raise KeyConfigError(f"{where}.widths: must be a list of 1 to 8 positive integers, got {v!r}")
+            v = [_int(where, f"widths[{i}]", w, 1, 1024) for i, w in enumerate(v)]
+        elif k == "bins":
+            v = _int(where, k, v, 2, 1024)
+        elif k in ("lo", "hi"):
+            v = _float(where, k, v)
+        elif k == "bandwidth":
+            if v is not None:
+                v = _float(where, k, v)
+                if v <= 0:
+                    raise KeyConfigError(f"{where}.bandwidth: must be positive, got {v}")
+        elif k == "file":
+            if not isinstance(v, str) or not v.strip():
+                raise KeyConfigError(f"{where}.file: an encoder needs the name of its TorchScript file, got {v!r}")
+            p = Path(v)
+            if p.is_absolute() or ".." in p.parts:
+                raise KeyConfigError(f"{where}.file: must be a path relative to the models directory, got {v!r}")
+        elif k == "sha256":
+            if v is not None:
+                if not isinstance(v, str) or not _HEX64.match(v):
+                    raise KeyConfigError(f"{where}.sha256: must be 64 hex digits, got {v!r}")
+                v = v.lower()
+        elif k in ("input_size", "dim"):
+            if v is not None:
+                v = _int(where, k, v, 1, 4096)
+        elif k == "channels":
+            if isinstance(v, bool) or v not in (1, 3):
+                raise KeyConfigError(f"{where}.channels: must be 1 or 3, got {v!r}")
+        out[k] = v
+    if "lo" in out and not out["lo"] < out["hi"]:
+        raise KeyConfigError(f"{where}.hi: must be greater than {where}.lo, got lo={out['lo']}, hi={out['hi']}")
+    return out
+
+
+def build_domain_key(
+    raw: Mapping | None, image_size: int, models_dir: str | os.PathLike | None = None, where: str = "key"
+) -> DomainKey | None:
+    """Build the domain key a configuration describes; `None` for the no-key ablation.
+
+    The reference is computed at `image_size`. An encoder's file is looked up in
+    `models_dir` (default: the FEDIMG_MODELS_DIR environment variable).
+    """
+    cfg = validate_key_config(raw, where)
+    kind = cfg["kind"]
+    if kind == "none":
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 2:
+        raise KeyConfigError(f"{where}: image_size must be an integer >= 2, got {image_size!r}")
+    fn: KeyFunction
+    if kind == "encoder":
+        mdir = models_dir if models_dir is not None else os.environ.get("FEDIMG_MODELS_DIR")
+        if not mdir:
+            raise KeyConfigError(
+                f"{where}.file: no models directory (pass models_dir or set FEDIMG_MODELS_DIR): "
+                f"a real encoder needs its weights on disk"
+            )
+        mdir = Path(mdir)
+        if not mdir.is_dir():
+            raise KeyConfigError(
+                f"{where}.file: models directory {mdir} does not exist: a real encoder needs its weights on disk"
+            )
+        path = mdir / cfg["file"]
+        if not path.is_file():
+            raise KeyConfigError(
+                f"{where}.file: encoder file {path} does not exist: a real encoder needs its weights on disk"
+            )
+        try:
+            fn = TorchScriptKey(
+                path, sha256=cfg["sha256"], input_size=cfg["input_size"], dim=cfg["dim"],
+                channels=cfg["channels"], probe_size=image_size,
+            )
+        except KeyConfigError as e:
+            raise KeyConfigError(f"{where}: {e}") from e
+    else:
+        parts: list[KeyFunction] = []
+        if kind in ("random_cnn", "random_cnn+histogram"):
+            parts.append(RandomCNNKey(seed=cfg["seed"], widths=cfg["widths"], proj_dim=cfg["proj_dim"]))
+        if kind in ("histogram", "random_cnn+histogram"):
+            parts.append(SoftHistogramKey(bins=cfg["bins"], lo=cfg["lo"], hi=cfg["hi"], bandwidth=cfg["bandwidth"]))
+        fn = parts[0] if len(parts) == 1 else ConcatKey(parts)
+    return DomainKey(fn, reference_seed=cfg["reference_seed"], reference_size=image_size,
+                     reference_count=cfg["reference_count"])

@@ -1,0 +1,910 @@
+"""Conditional StyleGAN2-style generator and projection discriminator, single channel, pure PyTorch.
+
+The factory F of the federated data-factory method (shared/notes/data-factory-method.md):
+
+- ``Generator``: mapping network ``[PixelNorm(z) || condition] -> w`` (equalized linear layers,
+  lr multiplier 0.01), synthesis network from a learned constant 4x4 input through modulated
+  3x3 convolutions with weight demodulation, per-layer noise with a learned strength, and
+  skip ToRGB outputs (the previous image is upsampled and the new ToRGB added).
+- ``Discriminator``: residual (FromRGB at full resolution, blocks with blur-downsampling and a
+  1x1 skip, summed and scaled by 1/sqrt(2)), minibatch-stddev at 4x4, conv, fc -> phi, and a
+  projection score ``out(phi) + <phi, PixelNorm(E_label(c)) * key_mod> / sqrt(cmap_dim)``.
+
+Conditioning (identical in form for every site)::
+
+    label     = onehot(client_id, n_clients) || onehot(slice_bin, n_bins)   (bin part zeros
+                                                                             when absent)
+    label_emb = PixelNorm(Linear(label))
+    key_emb   = PixelNorm(MLP_no_bias(key))        (0 when key is None; exactly 0 for key == 0)
+    condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
+
+and in the discriminator ``key_mod = 1 + Linear_no_bias(key)`` (1 when key is None). A missing
+key therefore behaves exactly like an all-zero key in both networks.
+
+Resampling uses the separable, normalised [1, 3, 3, 1] FIR kernel applied as a depthwise
+convolution (no custom CUDA ops). Upsampling by 2 is a stride-2 transposed depthwise
+convolution with the kernel scaled by 4, which is exactly zero-insertion followed by the blur
+(see ``upsample2d``); downsampling is blur then stride-2 subsampling (``downsample2d``).
+
+Every module here keeps its constants (blur kernels, the fixed "const" noise maps) in
+non-persistent buffers: ``state_dict()`` holds parameters only, which is what the federation
+averages.
+
+Sizes (``count_parameters``, measured; ``+key``: n_clients 3, key_dim 64, as in the method's
+three-site setting; ``defaults``: the preset as it is, n_clients 2, key_dim 0)::
+
+    preset  resolution  channels 4..res                z/w  mapping  G (+key)    D (+key)    G (defaults)  D (defaults)
+    tiny    64          64, 64, 64, 32, 16             64   2           289,054     302,577       280,798       298,417
+    small   128         128, 128, 128, 64, 32, 16      128  4         1,186,977   1,202,929     1,162,273     1,194,609
+    paper   512         512 x5, 256, 128, 64           512  8        30,844,503  29,032,385    30,549,079    28,999,105
+
+(the paper reports G ~30.6M, D ~29.7M). CPU cost (2 threads, oneDNN on): one tiny D or G
+update at batch 4 takes ~0.06-0.08 s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FactoryConfig",
+    "PRESETS",
+    "Generator",
+    "Discriminator",
+    "MappingNetwork",
+    "SynthesisNetwork",
+    "ConditionEmbedding",
+    "EqualLinear",
+    "EqualConv2d",
+    "ModulatedConv2d",
+    "Blur",
+    "Upsample",
+    "Downsample",
+    "upsample2d",
+    "downsample2d",
+    "blur_kernel",
+    "blur2d",
+    "pixel_norm",
+    "PixelNorm",
+    "lrelu",
+    "minibatch_stddev",
+    "label_onehot",
+    "requires_grad",
+    "count_parameters",
+]
+
+NOISE_SEED = 1234
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "small": {
+        "resolution": 128,
+        "channels": (128, 128, 128, 64, 32, 16),
+        "z_dim": 128,
+        "w_dim": 128,
+        "mapping_layers": 4,
+    },
+    "paper": {
+        "resolution": 512,
+        "channels": (512, 512, 512, 512, 512, 256, 128, 64),
+        "z_dim": 512,
+        "w_dim": 512,
+        "mapping_layers": 8,
+    },
+}
+
+
+def _fmt(value: Any) -> str:
+    return repr(value)
+
+
+def _int(where: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}.{key}: must be an integer >= {minimum} (got {_fmt(value)})")
+    return int(value)
+
+
+def _float(where: str, key: str, value: Any, low: float, high: float | None, low_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{where}.{key}: must be a finite number {bound} (got {_fmt(value)})")
+    return float(value)
+
+
+def _check_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate and normalise every field; errors name ``{where}.{key}``."""
+    out: dict[str, Any] = {}
+    res = values["resolution"]
+    if isinstance(res, bool) or not isinstance(res, int) or res < 8 or res & (res - 1):
+        raise ValueError(f"{where}.resolution: must be a power of two >= 8 (got {_fmt(res)})")
+    out["resolution"] = int(res)
+    n_levels = int(math.log2(res)) - 1
+    ch = values["channels"]
+    if isinstance(ch, (str, bytes)) or not isinstance(ch, Sequence):
+        raise ValueError(f"{where}.channels: must be a list of positive integers (got {_fmt(ch)})")
+    for c in ch:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"{where}.channels: must be a list of positive integers (got {_fmt(ch)})")
+    if len(ch) != n_levels:
+        raise ValueError(
+            f"{where}.channels: must have log2(resolution) - 1 = {n_levels} entries, one per "
+            f"resolution 4..{res} (got {len(ch)}: {_fmt(list(ch))})"
+        )
+    out["channels"] = tuple(int(c) for c in ch)
+    out["z_dim"] = _int(where, "z_dim", values["z_dim"], 1)
+    out["w_dim"] = _int(where, "w_dim", values["w_dim"], 1)
+    out["mapping_layers"] = _int(where, "mapping_layers", values["mapping_layers"], 1)
+    out["mapping_lr_mul"] = _float(where, "mapping_lr_mul", values["mapping_lr_mul"], 0.0, None, low_open=True)
+    out["n_clients"] = _int(where, "n_clients", values["n_clients"], 1)
+    out["n_bins"] = _int(where, "n_bins", values["n_bins"], 0)
+    out["key_dim"] = _int(where, "key_dim", values["key_dim"], 0)
+    out["key_mix"] = _float(where, "key_mix", values["key_mix"], 0.0, 1.0)
+    out["style_mixing_prob"] = _float(where, "style_mixing_prob", values["style_mixing_prob"], 0.0, 1.0)
+    out["mbstd_group"] = _int(where, "mbstd_group", values["mbstd_group"], 1)
+    return out
+
+
+@dataclass(frozen=True)
+class FactoryConfig:
+    """Sizes of the factory's generator and discriminator (validated on construction)."""
+
+    resolution: int = 64  # power of two >= 8; images are (1, resolution, resolution)
+    channels: tuple[int, ...] = (64, 64, 64, 32, 16)  # at 4, 8, ..., resolution
+    z_dim: int = 64
+    w_dim: int = 64  # also the condition embedding width and the D projection width
+    mapping_layers: int = 2
+    mapping_lr_mul: float = 0.01
+    n_clients: int = 2  # client-id one-hot size
+    n_bins: int = 29  # slice-position bins (0: no bin conditioning)
+    key_dim: int = 0  # domain-key width (0: no key conditioning)
+    key_mix: float = 0.8  # condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
+    style_mixing_prob: float = 0.9
+    mbstd_group: int = 4
+
+    def __post_init__(self) -> None:
+        checked = _check_fields({f.name: getattr(self, f.name) for f in fields(self)}, "factory")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def log2_resolution(self) -> int:
+        return int(math.log2(self.resolution))
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """The synthesis resolutions 4, 8, ..., resolution."""
+        return tuple(2**i for i in range(2, self.log2_resolution + 1))
+
+    @property
+    def label_dim(self) -> int:
+        return self.n_clients + self.n_bins
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "FactoryConfig":
+        """A named preset ("tiny", "small", "paper") with field overrides."""
+        return cls.from_dict({"preset": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None, where: str = "factory") -> "FactoryConfig":
+        """Build from a plain dict (e.g. from YAML/JSON): optional ``preset`` plus field overrides."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}: must be a mapping of factory settings (got {type(raw).__name__})")
+        names = [f.name for f in fields(cls)]
+        allowed = ["preset", *names]
+        for key in raw:
+            if key not in allowed:
+                raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
+        preset = raw.get("preset", "tiny")
+        if preset not in PRESETS:
+            raise ValueError(f"{where}.preset: must be one of {', '.join(PRESETS)} (got {_fmt(preset)})")
+        defaults = {f.name: f.default for f in fields(cls)}
+        values = {**defaults, **PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}}
+        return cls(**_check_fields(values, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field; ``FactoryConfig.from_dict(cfg.to_dict()) == cfg``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["channels"] = list(self.channels)
+        return out
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def requires_grad(module: nn.Module, flag: bool) -> None:
+    """Set ``requires_grad`` on every parameter of ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lrelu(x: torch.Tensor, gain: float = LRELU_GAIN) -> torch.Tensor:
+    """Leaky ReLU (slope 0.2) times sqrt(2), StyleGAN2's activation."""
+    return F.leaky_relu(x, LRELU_SLOPE) * gain
+
+
+def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) along ``dim``; exactly 0 for x == 0."""
+    return x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + eps)
+
+
+class PixelNorm(nn.Module):
+    def __init__(self, dim: int = 1, eps: float = 1e-8):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_norm(x, self.dim, self.eps)
+
+
+# -- FIR resampling as depthwise convolutions -------------------------------------------------
+
+
+def blur_kernel(taps: Sequence[float] = (1, 3, 3, 1), scale: float = 1.0) -> torch.Tensor:
+    """Normalised separable 2D kernel (outer product of ``taps``), times ``scale``: (k, k)."""
+    k = torch.tensor(taps, dtype=torch.float32)
+    k2 = torch.outer(k, k)
+    return k2 / k2.sum() * scale
+
+
+def _depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    return kernel.to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
+
+
+def blur2d(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """Depthwise FIR filter: pad (before, after) on both spatial axes, then ``kernel``."""
+    p0, p1 = pad
+    if p0 or p1:
+        x = F.pad(x, (p0, p1, p0, p1))
+    return F.conv2d(x, _depthwise(x, kernel), groups=x.shape[1])
+
+
+def upsample2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """2x upsampling: zero insertion + blur with ``kernel`` (already scaled by 4), as one
+    stride-2 transposed depthwise convolution. (B, C, H, W) -> (B, C, 2H, 2W) for a 4-tap kernel."""
+    k = kernel.shape[-1]
+    # transposed conv pads (k - 1 - padding) on each side of the zero-inserted (2H - 1) signal;
+    # upfirdn2d(up=2) pads (k//2, k//2 - 1) around the 2H signal whose last sample is a zero.
+    return F.conv_transpose2d(x, _depthwise(x, kernel), stride=2, padding=k // 2 - 1, groups=x.shape[1])
+
+
+def downsample2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """2x downsampling: blur (pad (k-2+1)//2, (k-2)//2) then keep every second sample."""
+    p = kernel.shape[-1] - 2
+    return blur2d(x, kernel, ((p + 1) // 2, p // 2))[:, :, ::2, ::2]
+
+
+class Blur(nn.Module):
+    """Depthwise [1,3,3,1] blur with explicit padding; kernel in a non-persistent buffer."""
+
+    def __init__(self, pad: tuple[int, int], scale: float = 1.0, taps: Sequence[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.pad = (int(pad[0]), int(pad[1]))
+        self.register_buffer("kernel", blur_kernel(taps, scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blur2d(x, self.kernel, self.pad)
+
+
+class Upsample(nn.Module):
+    """2x FIR upsampling (used for the skip images)."""
+
+    def __init__(self, taps: Sequence[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.register_buffer("kernel", blur_kernel(taps, 4.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample2d(x, self.kernel)
+
+
+class Downsample(nn.Module):
+    """2x FIR downsampling."""
+
+    def __init__(self, taps: Sequence[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.register_buffer("kernel", blur_kernel(taps), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return downsample2d(x, self.kernel)
+
+
+# -- equalized learning-rate layers -----------------------------------------------------------
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate: weight * lr_mul / sqrt(fan_in), bias * lr_mul."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        activation: str | None = None,
+    ):
+        super().__init__()
+        if activation not in (None, "lrelu"):
+            raise ValueError(f"activation must be None or 'lrelu' (got {activation!r})")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.weight_gain = lr_mul / math.sqrt(in_features)
+        self.lr_mul = lr_mul
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias * self.lr_mul if self.bias is not None else None
+        x = F.linear(x, self.weight * self.weight_gain, b)
+        return lrelu(x) if self.activation == "lrelu" else x
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+            f"lr_mul={self.lr_mul}, activation={self.activation}"
+        )
+
+
+class EqualConv2d(nn.Module):
+    """Conv2d with equalized learning rate; ``down=True`` blurs then convolves with stride 2."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        activation: str | None = "lrelu",
+        down: bool = False,
+    ):
+        super().__init__()
+        if activation not in (None, "lrelu"):
+            raise ValueError(f"activation must be None or 'lrelu' (got {activation!r})")
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.activation = activation
+        self.down = down
+        if down:
+            p = (4 - 2) + (kernel_size - 1)
+            self.blur = Blur(((p + 1) // 2, p // 2))
+            self.stride, self.padding = 2, 0
+        else:
+            self.blur = None
+            self.stride, self.padding = 1, kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blur is not None:
+            x = self.blur(x)
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, stride=self.stride, padding=self.padding)
+        return lrelu(x) if self.activation == "lrelu" else x
+
+
+# -- synthesis layers ---------------------------------------------------------------------------
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution with optional demodulation and 2x upsampling.
+
+    ``fused=True`` folds the per-sample styles into the weights and runs one grouped
+    convolution over the batch (StyleGAN2's formulation); ``fused=False`` scales the
+    activations instead (same result up to rounding; StyleGAN2-ADA also trains this way).
+    ``fused=None`` (default) picks per call: fused for batch 1, activation scaling otherwise
+    (measured on CPU: as fast or faster, and without oneDNN's per-shape warm-up for grouped
+    convolutions whose weights change every call).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        w_dim: int,
+        demodulate: bool = True,
+        up: bool = False,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.demodulate = demodulate
+        self.up = up
+        if up:
+            # transposed conv (k = 3) gives 2H + 1; the blur (pad 1, 1) brings it back to 2H.
+            p = (4 - 2) - (kernel_size - 1)
+            self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), scale=4.0)
+        else:
+            self.blur = None
+        self.fused: bool | None = None  # None: automatic
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        styles = self.affine(w)  # (B, in)
+        weight = self.weight * self.weight_gain
+        fused = self.fused if self.fused is not None else b == 1
+        if fused:
+            wb = weight[None] * styles[:, None, :, None, None]  # (B, out, in, k, k)
+            if self.demodulate:
+                wb = wb * torch.rsqrt(wb.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+            h, wd = x.shape[2:]
+            x = x.reshape(1, b * self.in_channels, h, wd)
+            k = self.kernel_size
+            if self.up:
+                wt = wb.transpose(1, 2).reshape(b * self.in_channels, self.out_channels, k, k)
+                x = F.conv_transpose2d(x, wt, stride=2, padding=0, groups=b)
+            else:
+                x = F.conv2d(x, wb.reshape(b * self.out_channels, self.in_channels, k, k), padding=k // 2, groups=b)
+            x = x.reshape(b, self.out_channels, *x.shape[2:])
+            if self.blur is not None:
+                x = self.blur(x)
+            return x
+        x = x * styles[:, :, None, None]
+        if self.up:
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0)
+            x = self.blur(x)
+        else:
+            x = F.conv2d(x, weight, padding=self.kernel_size // 2)
+        if self.demodulate:
+            dcoefs = torch.rsqrt(styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8)  # (B, out)
+            x = x * dcoefs[:, :, None, None]
+        return x
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv -> noise * learned strength (init 0) -> bias -> lrelu."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool = False):
+        super().__init__()
+        self.resolution = resolution
+        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, up=up)
+        self.noise_strength = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        x = self.conv(x, w)
+        if noise is not None:
+            x = x + noise * self.noise_strength
+        return lrelu(x + self.bias[None, :, None, None])
+
+
+class ToRGB(nn.Module):
+    """Modulated 1x1 conv (no demodulation) to one channel, plus bias."""
+
+    def __init__(self, in_channels: int, w_dim: int):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, 1, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, w) + self.bias[None, :, None, None]
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution: (upsampling conv0,) conv1, ToRGB added to the upsampled skip image."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, first: bool):
+        super().__init__()
+        self.resolution, self.first = resolution, first
+        self.conv0 = None if first else SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True)
+        self.conv1 = SynthesisLayer(out_channels if not first else in_channels, out_channels, w_dim, resolution)
+        self.torgb = ToRGB(out_channels, w_dim)
+        self.upsample = None if first else Upsample()
+        self.num_conv = 1 if first else 2
+
+    def forward(self, x, img, ws: Sequence[torch.Tensor], noises: Sequence[torch.Tensor | None]):
+        """``ws``: the num_conv + 1 style vectors (convs, then ToRGB); ``noises``: num_conv maps."""
+        if self.conv0 is not None:
+            x = self.conv0(x, ws[0], noises[0])
+        x = self.conv1(x, ws[self.num_conv - 1], noises[self.num_conv - 1])
+        rgb = self.torgb(x, ws[self.num_conv])
+        img = rgb if img is None else self.upsample(img) + rgb
+        return x, img
+
+
+class SynthesisNetwork(nn.Module):
+    """Constant 4x4 input -> blocks at 4, 8, ..., resolution -> (B, 1, R, R).
+
+    Style indices: block 4 uses ws[0] (conv) and ws[1] (ToRGB); block i >= 1 uses
+    ws[2i - 1] (upsampling conv), ws[2i] (conv) and ws[2i + 1] (ToRGB), so the ToRGB of one
+    block shares its index with the next block's first conv (StyleGAN2's layout):
+    num_ws = 2 * number of blocks. One noise input per conv: num_noise = num_ws - 1.
+    """
+
+    def __init__(self, cfg: FactoryConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        self.const = nn.Parameter(torch.randn(ch[0], 4, 4))
+        blocks = []
+        for i, res in enumerate(cfg.resolutions):
+            blocks.append(SynthesisBlock(ch[max(i - 1, 0)], ch[i], cfg.w_dim, res, first=(i == 0)))
+        self.blocks = nn.ModuleList(blocks)
+        self.num_ws = 2 * len(blocks)
+        self.noise_resolutions: list[int] = []
+        for block in blocks:
+            self.noise_resolutions += [block.resolution] * block.num_conv
+        self.num_noise = len(self.noise_resolutions)
+        gen = torch.Generator().manual_seed(NOISE_SEED)
+        for j, res in enumerate(self.noise_resolutions):
+            self.register_buffer(f"noise_const_{j}", torch.randn(1, 1, res, res, generator=gen), persistent=False)
+
+    def noise_shapes(self, batch: int) -> list[tuple[int, int, int, int]]:
+        return [(batch, 1, r, r) for r in self.noise_resolutions]
+
+    def const_noise(self) -> list[torch.Tensor]:
+        return [getattr(self, f"noise_const_{j}") for j in range(self.num_noise)]
+
+    def _noises(self, batch: int, like: torch.Tensor, noise_mode: str, noise) -> list[torch.Tensor | None]:
+        if noise_mode not in ("random", "const", "none"):
+            raise ValueError(f"noise_mode must be 'random', 'const' or 'none' (got {noise_mode!r})")
+        if noise is not None:
+            noise = list(noise)
+            if len(noise) != self.num_noise:
+                raise ValueError(f"noise: expected a list of {self.num_noise} tensors (got {len(noise)})")
+        out: list[torch.Tensor | None] = []
+        for j, res in enumerate(self.noise_resolutions):
+            given = noise[j] if noise is not None else None
+            if given is not None:
+                if given.shape[-2:] != (res, res) or given.ndim != 4 or given.shape[1] != 1:
+                    raise ValueError(f"noise[{j}]: expected shape (B or 1, 1, {res}, {res}) (got {tuple(given.shape)})")
+                out.append(given.to(device=like.device, dtype=like.dtype))
+            elif noise_mode == "random":
+                out.append(torch.randn(batch, 1, res, res, device=like.device, dtype=like.dtype))
+            elif noise_mode == "const":
+                out.append(getattr(self, f"noise_const_{j}").to(like.dtype))
+            else:
+                out.append(None)
+        return out
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random", noise=None, return_features: bool = False):
+        if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.cfg.w_dim:
+            raise ValueError(f"ws: expected shape (B, {self.num_ws}, {self.cfg.w_dim}) (got {tuple(ws.shape)})")
+        b = ws.shape[0]
+        noises = self._noises(b, ws, noise_mode, noise)
+        x = self.const[None].expand(b, -1, -1, -1).to(ws.dtype)
+        img = None
+        features = []
+        wi = ni = 0
+        for block in self.blocks:
+            n = block.num_conv
+            x, img = block(x, img, [ws[:, wi + k] for k in range(n + 1)], noises[ni : ni + n])
+            wi += n
+            ni += n
+            features.append(x)
+        return (img, features) if return_features else img
+
+
+# -- conditioning and mapping ------------------------------------------------------------------
+
+
+def _as_index(value, name: str, batch: int, n: int, device) -> torch.Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name}: must be integer(s) (got dtype {t.dtype})")
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(batch)
+    elif t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: expected an int or shape ({batch},) (got {tuple(t.shape)})")
+    elif t.shape[0] == 1:
+        t = t.expand(batch)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"{name}: values must be in [0, {n - 1}] (got {t.tolist()})")
+    return t
+
+
+def _batch_of(client_id, slice_bin, key, batch: int | None) -> int:
+    sizes = set()
+    for v in (client_id, slice_bin):
+        if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] != 1:
+            sizes.add(int(v.shape[0]))
+        elif isinstance(v, (list, tuple)) and len(v) != 1:
+            sizes.add(len(v))
+    if isinstance(key, torch.Tensor) and key.ndim == 2 and key.shape[0] != 1:
+        sizes.add(int(key.shape[0]))
+    if batch is not None:
+        sizes.add(int(batch))
+    if len(sizes) > 1:
+        raise ValueError(f"inconsistent batch sizes in client_id / slice_bin / key / z: {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
+
+
+def label_onehot(client_id, slice_bin, batch: int, n_clients: int, n_bins: int, device) -> torch.Tensor:
+    """onehot(client_id, n_clients) || onehot(slice_bin, n_bins) as (B, n_clients + n_bins) float.
+
+    The bin part is zeros when ``n_bins == 0`` or ``slice_bin is None``."""
+    ids = _as_index(client_id, "client_id", batch, n_clients, device)
+    out = torch.zeros(batch, n_clients + n_bins, device=device)
+    out[torch.arange(batch, device=device), ids] = 1.0
+    if n_bins > 0 and slice_bin is not None:
+        bins = _as_index(slice_bin, "slice_bin", batch, n_bins, device)
+        out[torch.arange(batch, device=device), n_clients + bins] = 1.0
+    return out
+
+
+def _as_key(key, batch: int, key_dim: int, like: torch.Tensor) -> torch.Tensor | None:
+    if key is None:
+        return None
+    if key_dim == 0:
+        raise ValueError("key: this factory has no key conditioning (key_dim = 0); pass key=None")
+    k = torch.as_tensor(key).to(device=like.device, dtype=like.dtype)
+    given = tuple(k.shape)
+    if k.ndim == 1:
+        k = k[None]
+    if k.ndim != 2 or k.shape[1] != key_dim or k.shape[0] not in (1, batch):
+        raise ValueError(f"key: expected shape ({key_dim},) or ({batch}, {key_dim}) (got {given})")
+    return k.expand(batch, key_dim)
+
+
+class ConditionEmbedding(nn.Module):
+    """condition = PixelNorm(key_mix * PixelNorm(MLP_no_bias(key)) + (1 - key_mix) * PixelNorm(Linear(label)))."""
+
+    def __init__(self, cfg: FactoryConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.label_embed = EqualLinear(cfg.label_dim, cfg.w_dim)
+        if cfg.key_dim > 0:
+            self.key_embed = nn.Sequential(
+                EqualLinear(cfg.key_dim, cfg.w_dim, bias=False, activation="lrelu"),
+                EqualLinear(cfg.w_dim, cfg.w_dim, bias=False),
+            )
+        else:
+            self.key_embed = None
+
+    def forward(self, client_id, slice_bin=None, key=None, batch: int | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        like = self.label_embed.weight
+        b = _batch_of(client_id, slice_bin, key, batch)
+        label = label_onehot(client_id, slice_bin, b, cfg.n_clients, cfg.n_bins, like.device).to(like.dtype)
+        label_emb = pixel_norm(self.label_embed(label))
+        k = _as_key(key, b, cfg.key_dim, like)
+        key_emb = pixel_norm(self.key_embed(k)) if k is not None else torch.zeros_like(label_emb)
+        return pixel_norm(cfg.key_mix * key_emb + (1.0 - cfg.key_mix) * label_emb)
+
+
+class MappingNetwork(nn.Module):
+    """[PixelNorm(z) || condition] -> mapping_layers equalized linear layers (lr_mul, lrelu) -> w."""
+
+    def __init__(self, cfg: FactoryConfig):
+        super().__init__()
+        dims = [cfg.z_dim + cfg.w_dim] + [cfg.w_dim] * cfg.mapping_layers
+        self.layers = nn.ModuleList(
+            EqualLinear(dims[i], dims[i + 1], lr_mul=cfg.mapping_lr_mul, activation="lrelu")
+            for i in range(cfg.mapping_layers)
+        )
+
+    def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([pixel_norm(z), condition], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# -- generator ------------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    """Conditional StyleGAN2-style generator: (z, client_id, slice_bin, key) -> (B, 1, R, R)."""
+
+    def __init__(self, cfg: FactoryConfig | None = None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else FactoryConfig()
+        self.embed = ConditionEmbedding(self.cfg)
+        self.mapping_network = MappingNetwork(self.cfg)
+        self.synthesis_network = SynthesisNetwork(self.cfg)
+        self.num_ws = self.synthesis_network.num_ws
+        self.num_noise = self.synthesis_network.num_noise
+
+    # conditioning / mapping
+
+    def condition(self, client_id, slice_bin=None, key=None, *, batch: int | None = None) -> torch.Tensor:
+        """The (B, w_dim) condition vector. ``client_id`` / ``slice_bin``: int or (B,) ints;
+        ``key``: (key_dim,) or (B, key_dim). ``batch`` broadcasts scalars to a batch size."""
+        return self.embed(client_id, slice_bin, key, batch=batch)
+
+    def _map(self, z: torch.Tensor, cond: torch.Tensor, truncation_psi: float, w_avg: torch.Tensor | None):
+        if z.ndim != 2 or z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"z: expected shape (B, {self.cfg.z_dim}) (got {tuple(z.shape)})")
+        w = self.mapping_network(z.to(cond.dtype), cond)
+        if truncation_psi != 1.0:
+            w = w_avg + truncation_psi * (w - w_avg)
+        return w
+
+    def _w_avg(self, cond: torch.Tensor, truncation_psi: float, w_avg, n: int = 1024) -> torch.Tensor | None:
+        if truncation_psi == 1.0:
+            return None
+        if w_avg is not None:
+            return torch.as_tensor(w_avg, device=cond.device, dtype=cond.dtype)
+        return self._mean_w_for(cond, n=n, seed=0)
+
+    @torch.no_grad()
+    def _mean_w_for(self, cond: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.cfg.z_dim, generator=gen).to(device=cond.device, dtype=cond.dtype)
+        out = []
+        for c in cond:  # one condition at a time keeps memory at n x w_dim
+            out.append(self.mapping_network(z, c[None].expand(n, -1)).mean(0))
+        return torch.stack(out)
+
+    def mean_w(self, client_id, slice_bin=None, key=None, n: int = 1024, seed: int = 0, *, batch=None) -> torch.Tensor:
+        """Per-condition average w over ``n`` seeded z: (B, w_dim), for truncation."""
+        cond = self.condition(client_id, slice_bin, key, batch=batch).detach()
+        return self._mean_w_for(cond, n=n, seed=seed)
+
+    def mapping(
+        self,
+        z: torch.Tensor,
+        client_id,
+        slice_bin=None,
+        key=None,
+        truncation_psi: float = 1.0,
+        w_avg: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """w (B, w_dim). With ``truncation_psi != 1`` w is pulled towards ``w_avg`` (default: the
+        per-condition ``mean_w``)."""
+        cond = self.condition(client_id, slice_bin, key, batch=z.shape[0])
+        return self._map(z, cond, truncation_psi, self._w_avg(cond, truncation_psi, w_avg))
+
+    # synthesis
+
+    def synthesis(self, ws: torch.Tensor, noise_mode: str = "random", noise=None, return_features: bool = False):
+        """ws (B, num_ws, w_dim) -> img (B, 1, R, R), or (img, features) with one feature map per
+        resolution 4..R (channels ``cfg.channels``). ``noise``: list of ``num_noise`` tensors
+        (B or 1, 1, r, r), entries None fall back to ``noise_mode``."""
+        return self.synthesis_network(ws, noise_mode=noise_mode, noise=noise, return_features=return_features)
+
+    def noise_shapes(self, batch: int) -> list[tuple[int, int, int, int]]:
+        return self.synthesis_network.noise_shapes(batch)
+
+    def const_noise(self) -> list[torch.Tensor]:
+        """The fixed noise maps used by ``noise_mode='const'`` (seeded with 1234), (1, 1, r, r)."""
+        return self.synthesis_network.const_noise()
+
+    # full pass
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        client_id,
+        slice_bin=None,
+        key=None,
+        noise_mode: str = "random",
+        noise=None,
+        mix_z: torch.Tensor | None = None,
+        return_features: bool = False,
+        return_ws: bool = False,
+        truncation_psi: float = 1.0,
+        w_avg: torch.Tensor | None = None,
+    ):
+        """img (B, 1, R, R); with ``return_ws`` and/or ``return_features`` a tuple
+        ``(img, ws)``, ``(img, features)`` or ``(img, ws, features)``.
+
+        In training mode, with probability ``style_mixing_prob`` (one draw from torch's global
+        RNG per call), the styles from a random crossover index on come from a second latent
+        (``mix_z`` or fresh ``randn``) with the same condition. Never in eval mode."""
+        cond = self.condition(client_id, slice_bin, key, batch=z.shape[0])
+        avg = self._w_avg(cond, truncation_psi, w_avg)
+        w = self._map(z, cond, truncation_psi, avg)
+        ws = w[:, None].expand(-1, self.num_ws, -1)
+        p = self.cfg.style_mixing_prob
+        if self.training and p > 0 and self.num_ws > 1 and float(torch.rand(())) < p:
+            cutoff = int(torch.randint(1, self.num_ws, ()))
+            z2 = mix_z if mix_z is not None else torch.randn_like(z)
+            w2 = self._map(z2, cond, truncation_psi, avg)
+            ws = torch.cat([ws[:, :cutoff], w2[:, None].expand(-1, self.num_ws - cutoff, -1)], dim=1)
+        out = self.synthesis(ws, noise_mode=noise_mode, noise=noise, return_features=return_features)
+        img, features = out if return_features else (out, None)
+        if not (return_ws or return_features):
+            return img
+        result = [img]
+        if return_ws:
+            result.append(ws)
+        if return_features:
+            result.append(features)
+        return tuple(result)
+
+
+# -- discriminator --------------------------------------------------------------------------------
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int, num_channels: int = 1) -> torch.Tensor:
+    """Append the mean within-group standard deviation as ``num_channels`` extra channels.
+
+    Group size min(group_size, B), reduced to the largest divisor of B when B is not a
+    multiple (so any batch size works). Sample i belongs to group i mod (B / G)."""
+    b, c, h, w = x.shape
+    g = min(group_size, b)
+    while b % g:
+        g -= 1
+    f = num_channels
+    y = x.reshape(g, -1, f, c // f, h, w)
+    y = y - y.mean(dim=0)
+    y = (y.square().mean(dim=0) + 1e-8).sqrt()
+    y = y.mean(dim=(2, 3, 4))  # (B/G, F)
+    y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+    return torch.cat([x, y], dim=1)
+
+
+class DiscriminatorBlock(nn.Module):
+    """conv3x3 -> conv3x3 (blur, stride 2); skip: blur, 1x1 stride 2, no bias; sum / sqrt(2)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv0 = EqualConv2d(in_channels, in_channels, 3)
+        self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False, activation=None, down=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.skip(x)
+        x = self.conv1(self.conv0(x))
+        return (x + y) * (1.0 / math.sqrt(2.0))
+
+
+class Discriminator(nn.Module):
+    """Residual projection discriminator: (img, client_id, slice_bin, key) -> score (B,).
+
+    score = out(phi) + sum(phi * PixelNorm(E_label(label)) * key_mod, 1) / sqrt(cmap_dim),
+    key_mod = 1 + Linear_no_bias(key) (1 when key is None), cmap_dim = w_dim."""
+
+    def __init__(self, cfg: FactoryConfig | None = None):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else FactoryConfig()
+        cfg = self.cfg
+        ch = {res: c for res, c in zip(cfg.resolutions, cfg.channels)}
+        self.cmap_dim = cfg.w_dim
+        self.from_rgb = EqualConv2d(1, ch[cfg.resolution], 1)
+        self.blocks = nn.ModuleList(
+            DiscriminatorBlock(ch[res], ch[res // 2]) for res in reversed(cfg.resolutions[1:])
+        )
+        c4 = ch[4]
+        self.conv = EqualConv2d(c4 + 1, c4, 3)
+        self.fc = EqualLinear(c4 * 16, self.cmap_dim, activation="lrelu")
+        self.out = EqualLinear(self.cmap_dim, 1)
+        self.label_embed = EqualLinear(cfg.label_dim, self.cmap_dim)
+        self.key_embed = EqualLinear(cfg.key_dim, self.cmap_dim, bias=False) if cfg.key_dim > 0 else None
+
+    def features(self, img: torch.Tensor) -> torch.Tensor:
+        """phi (B, cmap_dim): the unconditional image features."""
+        r = self.cfg.resolution
+        if img.ndim != 4 or img.shape[1:] != (1, r, r):
+            raise ValueError(f"img: expected shape (B, 1, {r}, {r}) (got {tuple(img.shape)})")
+        x = self.from_rgb(img)
+        for block in self.blocks:
+            x = block(x)
+        x = minibatch_stddev(x, self.cfg.mbstd_group)
+        x = self.conv(x)
+        return self.fc(x.flatten(1))
+
+    def forward(self, img: torch.Tensor, client_id, slice_bin=None, key=None) -> torch.Tensor:
+        cfg = self.cfg
+        b = _batch_of(client_id, slice_bin, key, img.shape[0])
+        phi = self.features(img)
+        like = self.label_embed.weight
+        label = label_onehot(client_id, slice_bin, b, cfg.n_clients, cfg.n_bins, like.device).to(phi.dtype)
+        cmap = pixel_norm(self.label_embed(label))
+        k = _as_key(key, b, cfg.key_dim, phi)
+        key_mod = 1.0 + self.key_embed(k) if k is not None else torch.ones_like(cmap)
+        proj = (phi * cmap * key_mod).sum(dim=1) / math.sqrt(self.cmap_dim)
+        return self.out(phi).squeeze(1) + proj

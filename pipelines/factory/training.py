@@ -1,0 +1,383 @@
+"""Training the data factory: losses, lazy regularisation and the alternating update (no FL).
+
+The method (../shared/notes/data-factory-method.md, StyleGAN2):
+
+* non-saturating logistic adversarial loss;
+* R1 on real images (gamma 10) lazily, every 16th D update, and path-length
+  regularisation (weight 2, EMA decay 0.01, half the batch) every 4th G update; a lazy
+  update replaces the ordinary one at its interval and is scaled by the interval;
+* Adam with the lazy-regularisation corrected settings: lr * k/(k+1),
+  betas (0, 0.99 ** (k/(k+1))), k = 16 for D and 4 for G;
+* G_ema, the exponential moving average of G (decay 0.9978 by default);
+* conditioning on the site's own client id, the slice-position bin of a real slice and
+  the site's domain key, which is dropped (key None) for half of the updates;
+* a refinement stage that adds the key-alignment loss
+  ``w * arccos(cos(key(fake), key)) ** 2`` on G updates that use the key.
+
+One update is one D or one G step, alternating (D first), which is what a federation round
+of ``local_steps`` updates counts. `FactoryUpdater.loss` returns the loss of the next
+update with the other network frozen; whoever owns the optimizer runs backward and step
+(`train_step` here, Fed-BioMed's training loop in the plan) and then calls `after_step`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.factory.networks import Discriminator, FactoryConfig, Generator, requires_grad
+
+# -- losses ------------------------------------------------------------------------------
+
+
+def d_logistic_loss(real_pred: torch.Tensor, fake_pred: torch.Tensor) -> torch.Tensor:
+    return F.softplus(fake_pred).mean() + F.softplus(-real_pred).mean()
+
+
+def g_nonsaturating_loss(fake_pred: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-fake_pred).mean()
+
+
+def r1_penalty(real_pred: torch.Tensor, real_img: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||d D(x) / d x||^2 on real images (``real_img`` must require grad)."""
+    (grad,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def path_length_penalty(fake_img: torch.Tensor, ws: torch.Tensor, mean_length: float, decay: float = 0.01):
+    """StyleGAN2 path-length regulariser. Returns (penalty, new running mean, mean length).
+
+    ``ws`` (B, num_ws, w_dim) must be part of the graph that produced ``fake_img``."""
+    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    (grad,) = torch.autograd.grad((fake_img * noise).sum(), ws, create_graph=True)
+    lengths = grad.pow(2).sum(2).mean(1).sqrt()
+    new_mean = mean_length + decay * (float(lengths.mean().detach()) - mean_length)
+    penalty = (lengths - new_mean).pow(2).mean()
+    return penalty, new_mean, float(lengths.mean().detach())
+
+
+def key_alignment_loss(centred_fake: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Mean squared angle between each fake's (centred) key embedding and the site key."""
+    cos = F.cosine_similarity(centred_fake, key.reshape(1, -1).expand_as(centred_fake), dim=1)
+    return torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
+
+
+def lazy_adam_settings(lr: float, interval: int, beta2: float = 0.99) -> tuple[float, tuple[float, float]]:
+    """Adam lr and betas corrected for a regulariser applied every ``interval`` updates."""
+    ratio = interval / (interval + 1) if interval > 0 else 1.0
+    return lr * ratio, (0.0, beta2**ratio)
+
+
+@torch.no_grad()
+def accumulate(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactorySettings:
+    config: FactoryConfig
+    key: dict[str, Any] | None = field(default_factory=dict)  # key-function config; None: no key (ablation)
+    r1_gamma: float = 10.0
+    r1_interval: int = 16
+    pl_weight: float = 2.0
+    pl_interval: int = 4
+    pl_decay: float = 0.01
+    pl_batch_shrink: int = 2
+    ema_decay: float = 0.9978
+    key_drop: float = 0.5
+    key_align_weight: float = 50.0
+    refine_rounds: int = 0  # the last N rounds of the run add the key-alignment loss
+    spacing: Any = "schema"
+    min_foreground: float = 0.05
+    sample_every: int = 5  # sample grids and kept checkpoints every N rounds (coordinator side)
+    keep_optimizer_state: bool = True
+    rounds_total: int | None = None  # filled in by the coordinator
+    local_steps: int | None = None
+    run_id: str | None = None
+    client_ids: dict[str, int] = field(default_factory=dict)  # node id -> client id (coordinator)
+
+    def refining(self, round_index: int) -> bool:
+        total = self.rounds_total or 1
+        return self.refine_rounds > 0 and round_index >= total - self.refine_rounds
+
+
+FACTORY_ARG_KEYS = (
+    "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
+    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "key_align_weight", "refine_rounds", "spacing",
+    "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids",
+)  # fmt: skip
+
+
+def _bad(key: str, problem: str) -> ValueError:
+    return ValueError(f"plan_args.{key}: {problem}")
+
+
+def _num(args, key, default, lo=None, hi=None, integer=False):
+    value = args.get(key, default)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise _bad(key, f"must be {'an integer' if integer else 'a number'} (got {value!r})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(key, f"must be in [{lo}, {hi}] (got {value!r})")
+    return value
+
+
+def key_dim_of(key: dict[str, Any] | None) -> int:
+    """Width of the key a key-function config produces (known without building it)."""
+    from pipelines.factory.domain_key import validate_key_config
+
+    if key is None:
+        return 0
+    cfg = validate_key_config(key, where="plan_args.key")
+    kind = cfg["kind"]
+    if kind == "none":
+        return 0
+    dim = 0
+    if "random_cnn" in kind:
+        dim += int(cfg.get("proj_dim", 64))
+    if "histogram" in kind:
+        dim += int(cfg.get("bins", 32))
+    if kind == "encoder":
+        if not isinstance(cfg.get("dim"), int):
+            raise _bad("key.dim", "required for an encoder key: the width of the encoder's output")
+        dim = int(cfg["dim"])
+    return dim
+
+
+def parse_factory_args(args: dict[str, Any]) -> FactorySettings:
+    """``plan_args`` of the data-factory plan, validated (messages name the key)."""
+    if not isinstance(args, dict):
+        raise _bad("", "must be a mapping")
+    unknown = sorted(set(args) - set(FACTORY_ARG_KEYS))
+    if unknown:
+        raise _bad(unknown[0], f"unknown key; allowed: {', '.join(k for k in FACTORY_ARG_KEYS if k != 'schema_definition')}")
+    key = args.get("key", {})
+    if key is not None and not isinstance(key, dict):
+        raise _bad("key", "must be a mapping (e.g. {kind: random_cnn+histogram}) or null for no key")
+    try:
+        key_dim = key_dim_of(key)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if msg.startswith("plan_args.") else f"plan_args.key: {msg}") from None
+    raw_cfg = args.get("factory", {"preset": "tiny"})
+    if not isinstance(raw_cfg, dict):
+        raise _bad("factory", "must be a mapping (e.g. {preset: tiny})")
+    for filled in ("n_clients", "key_dim"):
+        if filled in raw_cfg:
+            raise _bad(f"factory.{filled}", "is filled in from the federation (sites) and the key function")
+    client_ids = args.get("client_ids", {}) or {}
+    if not isinstance(client_ids, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in client_ids.values()):
+        raise _bad("client_ids", "must map node ids to client ids >= 0 (filled in by the coordinator)")
+    n_clients = max(client_ids.values()) + 1 if client_ids else 1
+    try:
+        config = FactoryConfig.from_dict(
+            {"preset": "tiny", **raw_cfg, "n_clients": n_clients, "key_dim": key_dim}, where="plan_args.factory"
+        )
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    spacing = args.get("spacing", "schema")
+    if not (spacing in ("schema", "native") or (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in spacing))):
+        raise _bad("spacing", f"must be 'schema', 'native' or three positive numbers in mm (got {spacing!r})")
+    keep = args.get("keep_optimizer_state", True)
+    if not isinstance(keep, bool):
+        raise _bad("keep_optimizer_state", f"must be true or false (got {keep!r})")
+    run_id = args.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise _bad("run_id", "must be a string")
+    return FactorySettings(
+        config=config,
+        key=key,
+        r1_gamma=float(_num(args, "r1_gamma", 10.0, lo=0)),
+        r1_interval=_num(args, "r1_interval", 16, lo=1, integer=True),
+        pl_weight=float(_num(args, "pl_weight", 2.0, lo=0)),
+        pl_interval=_num(args, "pl_interval", 4, lo=1, integer=True),
+        pl_decay=float(_num(args, "pl_decay", 0.01, lo=0, hi=1)),
+        pl_batch_shrink=_num(args, "pl_batch_shrink", 2, lo=1, integer=True),
+        ema_decay=float(_num(args, "ema_decay", 0.9978, lo=0, hi=1)),
+        key_drop=float(_num(args, "key_drop", 0.5, lo=0, hi=1)),
+        key_align_weight=float(_num(args, "key_align_weight", 50.0, lo=0)),
+        refine_rounds=_num(args, "refine_rounds", 0, lo=0, integer=True),
+        spacing=None if spacing == "native" else (tuple(float(v) for v in spacing) if isinstance(spacing, list) else spacing),
+        min_foreground=float(_num(args, "min_foreground", 0.05, lo=0, hi=1)),
+        sample_every=_num(args, "sample_every", 5, lo=1, integer=True),
+        keep_optimizer_state=keep,
+        rounds_total=args.get("rounds_total"),
+        local_steps=args.get("local_steps"),
+        run_id=run_id,
+        client_ids={str(k): int(v) for k, v in client_ids.items()},
+    )
+
+
+# -- the model Fed-BioMed aggregates and its optimizer -------------------------------------
+
+
+class FactoryModel(torch.nn.Module):
+    """G, D and G_ema in one module: the federation averages all their parameters (there
+    are no persistent buffers). G_ema never receives gradients."""
+
+    def __init__(self, config: FactoryConfig):
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        self.g_ema = copy.deepcopy(self.generator).eval()
+        requires_grad(self.g_ema, False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.g_ema.eval()  # G_ema is only ever sampled
+        return self
+
+
+def make_optimizer(model: FactoryModel, lr: float = 0.002, r1_interval: int = 16, pl_interval: int = 4) -> torch.optim.Adam:
+    """One Adam with a G group and a D group, each with its lazy-regularisation corrected lr
+    and betas. Adam keeps per-parameter state, so this is exactly two Adams; a frozen
+    network has no gradients in an update and Adam skips it (no moment decay, no step)."""
+    g_lr, g_betas = lazy_adam_settings(lr, pl_interval)
+    d_lr, d_betas = lazy_adam_settings(lr, r1_interval)
+    return torch.optim.Adam(
+        [
+            {"params": list(model.generator.parameters()), "lr": g_lr, "betas": g_betas, "name": "generator"},
+            {"params": list(model.discriminator.parameters()), "lr": d_lr, "betas": d_betas, "name": "discriminator"},
+        ],
+        eps=1e-8,
+    )
+
+
+# -- the alternating update ----------------------------------------------------------------
+
+
+class FactoryUpdater:
+    """The site's training state and its next update.
+
+    ``key``: the site's domain key (dim,) or None; ``domain_key``: the key function (needed
+    only for the key-alignment loss of the refinement stage)."""
+
+    def __init__(self, model: FactoryModel, settings: FactorySettings, client_id: int, key: torch.Tensor | None = None,
+                 domain_key=None, refine: bool = False):  # fmt: skip
+        self.model = model
+        self.s = settings
+        self.client_id = int(client_id)
+        self.key = key
+        self.domain_key = domain_key
+        self.refine = bool(refine and key is not None and domain_key is not None and settings.key_align_weight > 0)
+        self.updates = 0
+        self.d_steps = 0
+        self.g_steps = 0
+        self.pl_mean = 0.0
+        self._ema_pending = False
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    # state that a long-lived client would keep across rounds (with the optimizer's)
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "d_steps": self.d_steps, "g_steps": self.g_steps, "pl_mean": self.pl_mean}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.d_steps = int(state["d_steps"])
+        self.g_steps = int(state["g_steps"])
+        self.pl_mean = float(state["pl_mean"])
+
+    @property
+    def next_phase(self) -> str:
+        return "D" if self.updates % 2 == 0 else "G"
+
+    def _track(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def _condition(self, batch: int, bins: torch.Tensor | None, use_key: bool):
+        cid = torch.full((batch,), self.client_id, dtype=torch.long, device=self._device)
+        key = self.key.to(self._device) if (use_key and self.key is not None) else None
+        return cid, bins, key
+
+    def _fake_bins(self, bins: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        # fakes take slice positions drawn from the real batch: the site's own distribution
+        if bins is None:
+            return None
+        return bins[torch.randint(len(bins), (n,), device=bins.device)]
+
+    def loss(self, real: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of the next update; the other network is frozen (requires_grad False)."""
+        if self._ema_pending:
+            self.after_step()
+        self._device = real.device
+        G, D = self.model.generator, self.model.discriminator
+        use_key = self.key is not None and float(torch.rand(())) >= self.s.key_drop
+        batch = real.shape[0]
+        z_dim = self.model.config.z_dim
+        t0 = time.perf_counter()
+        if self.next_phase == "D":
+            requires_grad(G, False)
+            requires_grad(D, True)
+            if self.s.r1_gamma > 0 and self.d_steps % self.s.r1_interval == 0:
+                real = real.detach().requires_grad_(True)
+                cid, b, key = self._condition(batch, bins, use_key)
+                pred = D(real, cid, b, key)
+                r1 = r1_penalty(pred, real)
+                loss = self.s.r1_gamma / 2 * r1 * self.s.r1_interval + 0 * pred.sum()
+                self._track(r1=r1.detach())
+            else:
+                cid, b, key = self._condition(batch, bins, use_key)
+                fb = self._fake_bins(bins, batch)
+                with torch.no_grad():
+                    fake = G(torch.randn(batch, z_dim, device=self._device), cid, fb, key)
+                real_pred, fake_pred = D(real, cid, b, key), D(fake, cid, fb, key)
+                loss = d_logistic_loss(real_pred, fake_pred)
+                self._track(d_loss=loss.detach(), d_real=real_pred.detach().mean(), d_fake=fake_pred.detach().mean())
+            self.d_steps += 1
+        else:
+            requires_grad(G, True)
+            requires_grad(D, False)
+            if self.s.pl_weight > 0 and self.g_steps % self.s.pl_interval == 0:
+                n = max(1, batch // self.s.pl_batch_shrink)
+                cid, _, key = self._condition(n, bins, use_key)
+                fake, ws = G(torch.randn(n, z_dim, device=self._device), cid, self._fake_bins(bins, n), key, return_ws=True)
+                penalty, self.pl_mean, length = path_length_penalty(fake, ws, self.pl_mean, self.s.pl_decay)
+                loss = self.s.pl_weight * self.s.pl_interval * penalty + 0 * fake[:, 0, 0, 0].sum()
+                self._track(pl_penalty=penalty.detach(), path_length=length)
+            else:
+                cid, _, key = self._condition(batch, bins, use_key)
+                fb = self._fake_bins(bins, batch)
+                fake = G(torch.randn(batch, z_dim, device=self._device), cid, fb, key)
+                loss = g_nonsaturating_loss(D(fake, cid, fb, key))
+                self._track(g_loss=loss.detach())
+                if self.refine and key is not None:
+                    align = key_alignment_loss(self.domain_key.centred(fake), key)
+                    loss = loss + self.s.key_align_weight * align
+                    self._track(key_align=align.detach())
+            self.g_steps += 1
+            self._ema_pending = True
+        self.updates += 1
+        self._track(key_used=float(use_key), update_s=time.perf_counter() - t0)
+        return loss
+
+    def after_step(self) -> None:
+        """After the optimizer step of a G update: move G_ema towards G."""
+        if self._ema_pending:
+            accumulate(self.model.g_ema, self.model.generator, self.s.ema_decay)
+            self._ema_pending = False
+
+    def train_step(self, optimizer: torch.optim.Optimizer, real: torch.Tensor, bins: torch.Tensor | None = None) -> float:
+        """One whole update outside Fed-BioMed (benchmarks, tests)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(real, bins)
+        loss.backward()
+        optimizer.step()
+        self.after_step()
+        return float(loss.detach())

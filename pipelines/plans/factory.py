@@ -1,0 +1,151 @@
+"""Fed-BioMed plumbing of the data-factory plan (the science: `pipelines.factory`).
+
+The registered plan (`pipelines.plans.data_factory.DataFactoryPlan`) is a thin subclass;
+only its source is shipped and hashed for approval, this module is part of the site image.
+
+Per round on a sampled site:
+  1. Fed-BioMed loads the averaged G, D and G_ema.
+  2. `training_routine`: the site's domain key is computed from ALL its slices with the
+     federation's key function (kept in this process and in the site's work folder, never
+     sent); the site's optimizer moments, step counters and path-length mean of this run
+     are restored; then `local_steps` updates, alternating D and G (one Adam with a G and a
+     D parameter group, so the framework's single optimizer steps whichever network is
+     not frozen).
+  3. Mean losses, regulariser values, the key function's checksum (all sites must show
+     the same) and timings are reported; Fed-BioMed sends G, D and G_ema back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from fedbiomed.common.datamanager import DataManager
+from fedbiomed.common.training_plans import TorchTrainingPlan
+
+from pipelines.factory.domain_key import build_domain_key
+from pipelines.factory.training import FactoryModel, FactoryUpdater, make_optimizer, parse_factory_args
+from pipelines.plans.datasets import PreparedSliceDataset
+from pipelines.plans.seeding import PerRoundSeed
+from pipelines.site_state import SiteStateStore
+from preprocessing.schema import parse_schema
+
+_KEYS: dict[tuple, tuple] = {}  # (dataset fingerprint, key checksum) -> (DomainKey, key); one node process
+
+
+def _checksum_float(hexdigest: str) -> float:
+    """The first 32 bits of a sha256 as a float (metrics are floats), to compare sites."""
+    return float(int(hexdigest[:8], 16))
+
+
+class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
+    def init_dependencies(self):
+        return ["from pipelines.plans.factory import DataFactoryPlanBase"]
+
+    def init_model(self, model_args):
+        raw = model_args.get("schema_definition")
+        if not isinstance(raw, dict):
+            raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
+        self._schema = parse_schema(raw, "the experiment's label schema")
+        self._settings = parse_factory_args({k: v for k, v in model_args.items() if k != "schema_definition"})
+        return FactoryModel(self._settings.config)
+
+    def init_optimizer(self, optimizer_args):
+        s = self._settings
+        self._optimizer_obj = make_optimizer(self.model(), float(optimizer_args.get("lr", 0.002)), s.r1_interval, s.pl_interval)
+        root = os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None
+        self._state_store = SiteStateStore(root, s.run_id, type(self).__name__)
+        return self._optimizer_obj
+
+    def training_data(self):
+        dataset = PreparedSliceDataset()
+        dataset.schema = self._schema
+        dataset.size = self._settings.config.resolution
+        dataset.n_bins = self._settings.config.n_bins
+        dataset.spacing = self._settings.spacing
+        dataset.min_foreground = self._settings.min_foreground
+        self._dataset = dataset
+        return DataManager(dataset=dataset, shuffle=True)
+
+    # -- training ------------------------------------------------------------------------
+
+    def _round_index(self) -> int:
+        total = self._settings.rounds_total or 1
+        return min(max(int(self.round() or 0), 0), total - 1)
+
+    def _site_key(self):
+        """The site's domain key from all its slices (this process caches it per dataset)."""
+        s = self._settings
+        domain_key = build_domain_key(s.key, s.config.resolution, models_dir=os.environ.get("FEDIMG_MODELS_DIR"))
+        if domain_key is None:
+            return None, None
+        cache_id = (self._dataset.fingerprint, domain_key.checksum())
+        if cache_id not in _KEYS:
+            images = self._dataset.images
+            key = domain_key.site_key(images[i : i + 64] for i in range(0, len(images), 64))
+            _KEYS.clear()
+            _KEYS[cache_id] = (domain_key, key)
+            self._store_key(key, domain_key)
+        return _KEYS[cache_id]
+
+    def _store_key(self, key: torch.Tensor, domain_key) -> None:
+        """The key stays at the site: its work folder keeps it for local jobs (adaptation)."""
+        root = os.environ.get("FEDIMG_CACHE_DIR")
+        if root:
+            SiteStateStore(root, self._settings.run_id or "no-run", "domain-key", folder="factory-keys").write(
+                {"key": key, "key_checksum": domain_key.checksum(), "describe": domain_key.describe()}
+            )
+
+    def training_routine(self, history_monitor=None, node_args=None):
+        s = self._settings
+        node = self.node_id()
+        if node not in s.client_ids:
+            raise ValueError(f"this site ({node}) has no client id in the experiment (client_ids: {sorted(s.client_ids)})")
+        self.reseed_for_round(self._round_index())
+        t0 = time.perf_counter()
+        domain_key, key = self._site_key()
+        key_s = time.perf_counter() - t0
+        refine = s.refining(self._round_index())
+        self._updater = FactoryUpdater(self.model(), s, s.client_ids[node], key=key, domain_key=domain_key, refine=refine)
+        restored = False
+        state = self._state_store.read() if self._round_index() > 0 else None
+        if state is not None:
+            try:
+                self._optimizer_obj.load_state_dict(state["optimizer"])
+                self._updater.load_state_dict(state["updater"])
+                restored = True
+            except (KeyError, ValueError, RuntimeError):
+                restored = False
+        self.model().train()
+        samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        self._updater.after_step()  # G_ema follows the last G update before the weights are sent
+        self._state_store.write({"optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()})
+        metric = {
+            **self._updater.means(),
+            "updates": float(self._updater.updates),
+            "d_steps": float(self._updater.d_steps),
+            "g_steps": float(self._updater.g_steps),
+            "pl_mean": float(self._updater.pl_mean),
+            "client_id": float(s.client_ids[node]),
+            "round_index": float(self._round_index()),
+            "refine": float(refine),
+            "slices": float(len(self._dataset)),
+            "state_restored": float(restored),
+            "key_s": key_s,
+            "key_checksum32": _checksum_float(domain_key.checksum()) if domain_key is not None else -1.0,
+        }
+        if history_monitor is not None:
+            n = int(metric.get("updates", 0))
+            history_monitor.add_scalar(
+                metric=metric, iteration=n, epoch=None, total_samples=samples, batch_samples=samples,
+                num_batches=n, num_samples_trained=samples, train=True,
+            )  # fmt: skip
+        return samples
+
+    def training_step(self, data, target):
+        return self._updater.loss(data, target)
+
+    def testing_routine(self, metric, metric_args, history_monitor, before_train):
+        """The factory has no validation split (spec test_ratio is 0)."""
+        return

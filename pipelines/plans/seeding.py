@@ -1,0 +1,21 @@
+"""Per-round, per-site seeding for the training plans (see `pipelines.site_state.round_seed`)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.site_state import round_seed
+
+
+class PerRoundSeed:
+    """Mixin for a TorchTrainingPlan: keeps the experiment's random_seed (Fed-BioMed uses it
+    only to seed torch identically at every round) and reseeds torch per round and site."""
+
+    _random_seed = None
+
+    def post_init(self, model_args, training_args, *args, **kwargs):
+        self._random_seed = training_args.get("random_seed") if hasattr(training_args, "get") else None
+        return super().post_init(model_args, training_args, *args, **kwargs)
+
+    def reseed_for_round(self, round_index: int) -> None:
+        torch.manual_seed(round_seed(self._random_seed, round_index, str(self.node_id())))

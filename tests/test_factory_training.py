@@ -1,0 +1,200 @@
+"""The data factory's losses and alternating update (pipelines.factory.training)."""
+
+import math
+
+import pytest
+import torch
+
+from pipelines.factory.networks import FactoryConfig
+from pipelines.factory.training import (
+    FactoryModel,
+    FactoryUpdater,
+    key_alignment_loss,
+    lazy_adam_settings,
+    make_optimizer,
+    parse_factory_args,
+    path_length_penalty,
+    r1_penalty,
+)
+
+CFG = dict(resolution=16, channels=(16, 16, 8), z_dim=16, w_dim=16, mapping_layers=1, n_clients=3, n_bins=4, key_dim=8)
+
+
+def _settings(**over):
+    args = {"factory": {"preset": "tiny", **{k: v for k, v in CFG.items() if k not in ("n_clients", "key_dim")}},
+            "key": {"kind": "histogram", "bins": 8}, "client_ids": {"a": 0, "b": 1, "c": 2}, **over}  # fmt: skip
+    return parse_factory_args(args)
+
+
+def _updater(s=None, key=True, refine=False, client=1):
+    torch.manual_seed(0)
+    s = s or _settings()
+    model = FactoryModel(s.config)
+    k = torch.nn.functional.normalize(torch.randn(s.config.key_dim), dim=0) if key else None
+    dk = None
+    if refine:
+        from pipelines.factory.domain_key import build_domain_key
+
+        dk = build_domain_key(s.key, s.config.resolution)
+    return model, FactoryUpdater(model, s, client, key=k, domain_key=dk, refine=refine), make_optimizer(model, 0.002, s.r1_interval, s.pl_interval)
+
+
+def _batch(n=4):
+    return torch.rand(n, 1, 16, 16) * 2 - 1, torch.randint(0, 4, (n,))
+
+
+def test_settings_fill_clients_and_key_width_and_name_bad_keys():
+    s = _settings()
+    assert s.config.n_clients == 3 and s.config.key_dim == 8 and s.config.resolution == 16
+    assert parse_factory_args({"key": None}).config.key_dim == 0
+    with pytest.raises(ValueError, match="plan_args.r1_gamma"):
+        parse_factory_args({"r1_gamma": "x"})
+    with pytest.raises(ValueError, match="plan_args.factory.n_clients"):
+        parse_factory_args({"factory": {"n_clients": 4}})
+    with pytest.raises(ValueError, match="plan_args.bogus"):
+        parse_factory_args({"bogus": 1})
+    with pytest.raises(ValueError, match="plan_args.factory.resolution"):
+        parse_factory_args({"factory": {"resolution": 48}})
+
+
+def test_lazy_adam_settings_follow_the_interval():
+    lr, betas = lazy_adam_settings(0.002, 16)
+    assert lr == pytest.approx(0.002 * 16 / 17) and betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
+    model, _, opt = _updater()
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["generator"]["lr"] == pytest.approx(0.002 * 4 / 5)
+    assert groups["discriminator"]["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups["generator"]["params"]) == ids(model.generator.parameters())
+    assert ids(groups["discriminator"]["params"]) == ids(model.discriminator.parameters())
+    assert not ids(model.g_ema.parameters()) & (ids(groups["generator"]["params"]) | ids(groups["discriminator"]["params"]))
+
+
+def test_updates_alternate_and_the_other_network_is_frozen_and_unchanged():
+    model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0))
+    for i in range(6):
+        g0 = [p.detach().clone() for p in model.generator.parameters()]
+        d0 = [p.detach().clone() for p in model.discriminator.parameters()]
+        phase = up.next_phase
+        assert phase == ("D" if i % 2 == 0 else "G")
+        opt.zero_grad(set_to_none=True)
+        loss = up.loss(*_batch())
+        frozen, trained = (model.generator, model.discriminator) if phase == "D" else (model.discriminator, model.generator)
+        assert all(not p.requires_grad for p in frozen.parameters())
+        assert all(p.requires_grad for p in trained.parameters())
+        loss.backward()
+        assert all(p.grad is None for p in frozen.parameters())
+        opt.step()
+        up.after_step()
+        g1, d1 = list(model.generator.parameters()), list(model.discriminator.parameters())
+        same_g = all(torch.equal(a, b) for a, b in zip(g0, g1))
+        same_d = all(torch.equal(a, b) for a, b in zip(d0, d1))
+        assert (same_g, same_d) == ((True, False) if phase == "D" else (False, True))
+    assert up.d_steps == 3 and up.g_steps == 3
+
+
+def test_r1_and_path_length_run_at_their_intervals():
+    model, up, opt = _updater(_settings(r1_interval=4, pl_interval=2))
+    kinds = []
+    for _ in range(16):  # 8 D and 8 G updates
+        before = dict(up.counts)
+        up.train_step(opt, *_batch())
+        new = {k for k in up.counts if up.counts[k] != before.get(k, 0)} - {"key_used", "update_s", "d_real", "d_fake"}
+        kinds.append(sorted(new))
+    d_kinds, g_kinds = kinds[0::2], kinds[1::2]
+    assert [k == ["r1"] for k in d_kinds] == [i % 4 == 0 for i in range(8)]
+    assert [k == ["path_length", "pl_penalty"] for k in g_kinds] == [i % 2 == 0 for i in range(8)]
+    assert all(k == ["d_loss"] for i, k in enumerate(d_kinds) if i % 4)
+    assert all(k == ["g_loss"] for i, k in enumerate(g_kinds) if i % 2)
+    assert up.counts["r1"] == 2 and up.counts["pl_penalty"] == 4
+    assert up.pl_mean > 0  # the running mean moved
+
+
+def test_g_ema_follows_g_only_after_g_updates():
+    model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0, ema_decay=0.5))
+    e0 = [p.detach().clone() for p in model.g_ema.parameters()]
+    up.train_step(opt, *_batch())  # D update: G and G_ema unchanged
+    assert all(torch.equal(a, b) for a, b in zip(e0, model.g_ema.parameters()))
+    up.train_step(opt, *_batch())  # G update: G_ema = 0.5 * old + 0.5 * G
+    for old, ema, g in zip(e0, model.g_ema.parameters(), model.generator.parameters()):
+        assert torch.allclose(ema, 0.5 * old + 0.5 * g.detach(), atol=1e-6)
+    assert all(not p.requires_grad for p in model.g_ema.parameters())
+
+
+def test_key_is_dropped_for_about_half_of_the_updates():
+    model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0))
+    torch.manual_seed(1)
+    for _ in range(60):
+        up.loss(*_batch(2)).detach()
+    assert 0.3 < up.means()["key_used"] < 0.7
+    _, up_none, _ = _updater(key=False)
+    up_none.loss(*_batch(2))
+    assert up_none.means()["key_used"] == 0.0
+
+
+def test_refinement_adds_the_key_alignment_loss_on_key_updates():
+    model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0, key_drop=0.0), refine=True)
+    up.train_step(opt, *_batch())
+    up.train_step(opt, *_batch())
+    assert "key_align" in up.means() and 0 <= up.means()["key_align"] <= math.pi**2
+    _, plain, opt2 = _updater(_settings(r1_gamma=0, pl_weight=0, key_drop=0.0))
+    plain.train_step(opt2, *_batch())
+    plain.train_step(opt2, *_batch())
+    assert "key_align" not in plain.means()
+
+
+def test_state_round_trip_restores_counters_and_path_length_mean():
+    model, up, opt = _updater()
+    for _ in range(5):
+        up.train_step(opt, *_batch())
+    _, fresh, _ = _updater()
+    fresh.load_state_dict(up.state_dict())
+    assert fresh.state_dict() == up.state_dict() and fresh.next_phase == up.next_phase == "G"
+
+
+def test_penalties_on_known_functions():
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    pred = (2 * x).flatten(1).sum(1)  # gradient 2 everywhere: ||g||^2 = 4 * 16
+    assert float(r1_penalty(pred, x)) == pytest.approx(64.0)
+    ws = torch.randn(2, 3, 5, requires_grad=True)
+    img = ws.sum(2, keepdim=True).unsqueeze(-1).expand(2, 3, 1, 1).reshape(2, 1, 3, 1) * 1.0
+    penalty, new_mean, length = path_length_penalty(img, ws, mean_length=0.0, decay=0.5)
+    assert length > 0 and new_mean == pytest.approx(0.5 * length, rel=1e-5) and float(penalty) >= 0
+    key = torch.nn.functional.normalize(torch.randn(6), dim=0)
+    assert float(key_alignment_loss(key.expand(3, 6), key)) < 1e-4
+    assert float(key_alignment_loss(-key.expand(3, 6), key)) == pytest.approx(math.pi**2, rel=1e-2)
+
+
+def test_factory_model_has_parameters_only():
+    s = _settings()
+    model = FactoryModel(s.config)
+    names = set(model.state_dict())
+    assert names == {n for n, _ in model.named_parameters()}  # nothing else is ever sent
+    assert {n.split(".")[0] for n in names} == {"generator", "discriminator", "g_ema"}
+    assert FactoryConfig.preset("tiny").resolution == 64
+
+
+def test_round_seed_differs_per_round_and_site_and_the_mixin_uses_the_experiment_seed():
+    from pipelines.plans.seeding import PerRoundSeed
+    from pipelines.site_state import round_seed
+
+    assert round_seed(0, 1, "A") == round_seed(0, 1, "A")
+    assert len({round_seed(0, r, s) for r in range(5) for s in "AB"} | {round_seed(1, 0, "A")}) == 11
+
+    class Base:
+        def post_init(self, model_args, training_args):
+            self.seen = training_args
+
+        def node_id(self):
+            return "NODE_A"
+
+    class Plan(PerRoundSeed, Base):
+        pass
+
+    plan = Plan()
+    plan.post_init({}, {"random_seed": 7})
+    draws = []
+    for r in (0, 1, 0):
+        plan.reseed_for_round(r)
+        draws.append(float(torch.rand(())))
+    assert draws[0] == draws[2] != draws[1]
