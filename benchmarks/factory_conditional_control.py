@@ -10,8 +10,8 @@
 3. A small CNN is trained to tell the sites apart on REAL slices (80/20 split by slice;
    its held-out accuracy is printed). It then classifies GENERATED slices, conditioned on
    each site's client id (key dropped, as the coordinator and other sites would sample;
-   and with the site's own key, read from that site's work folder since everything runs on
-   this machine). Conditional control means accuracy well above chance (1/K).
+   and with the site's own key and its own key layers, read from that site's work folder
+   since everything runs on this machine: both never leave a site). Conditional control means accuracy well above chance (1/K).
 
     .venv/bin/python benchmarks/factory_conditional_control.py                       # ~20 min on 2 cores
     .venv/bin/python benchmarks/factory_conditional_control.py --rounds 4 --steps 40   # quick look
@@ -22,6 +22,7 @@ Writes <workdir>/report/ (real vs generated grid, confusion matrices, summary.js
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -192,16 +193,20 @@ def main() -> int:
     settings = SliceSettings(size=sl["size"], n_bins=sl["n_bins"], spacing=tuple(sl["spacing"]) if isinstance(sl["spacing"], list) else sl["spacing"],
                              min_foreground=sl["min_foreground"])  # fmt: skip
     k = len(config["clients"])
-    real_x, real_y, real_bins, keys = [], [], {}, {}
+    real_x, real_y, real_bins, keys, site_g = [], [], {}, {}, {}
     site_by_name = {s.site_name: s for s in bed.sites}
     for name, cid in config["clients"].items():
         x, b = dataset_slices(site_by_name[name].data_dir / "ct", schema, settings)
         real_x.append(x.float())
         real_y.append(torch.full((len(x),), cid))
         real_bins[cid] = b
-        key_files = sorted((site_by_name[name].work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-*.pt"))
-        if key_files:
-            keys[cid] = torch.load(key_files[0])["key"].float()
+        folder = site_by_name[name].work_dir / "cache" / "factory-keys"
+        if (folder / f"{run_dir.name}-domain-key.pt").is_file() and (folder / f"{run_dir.name}-key-layers.pt").is_file():
+            # the site's key and its own key layers (they never leave the site)
+            keys[cid] = torch.load(folder / f"{run_dir.name}-domain-key.pt")["key"].float()
+            layers = torch.load(folder / f"{run_dir.name}-key-layers.pt")
+            site_g[cid] = copy.deepcopy(g)
+            site_g[cid].load_state_dict({n[len("g_ema."):]: v for n, v in layers.items() if n.startswith("g_ema.")}, strict=False)
     real_x, real_y = torch.cat(real_x), torch.cat(real_y)
     clf, real_acc = train_classifier(real_x, real_y, k)
     rows = {}
@@ -216,7 +221,8 @@ def main() -> int:
             bins = real_bins[cid][torch.randint(len(real_bins[cid]), (args.samples,), generator=gen)]
             with torch.no_grad():
                 key = keys[cid] if mode.endswith("key") else None
-                img = torch.cat([g(z[i : i + 50], torch.full((len(z[i : i + 50]),), cid), bins[i : i + 50], key)
+                gen_net = site_g[cid] if mode.endswith("key") else g
+                img = torch.cat([gen_net(z[i : i + 50], torch.full((len(z[i : i + 50]),), cid), bins[i : i + 50], key)
                                  for i in range(0, args.samples, 50)]).clamp(-1, 1)  # fmt: skip
             xs.append(img)
             ys.append(torch.full((args.samples,), cid))

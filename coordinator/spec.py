@@ -209,7 +209,17 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
         _fail(where, "mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
     clients_per_round = raw.get("clients_per_round", 2 if factory else None)
     if clients_per_round is not None:
+        if not factory:
+            # segmentation runs select the best model on every site's validation each round
+            _fail(where, "clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round")
         clients_per_round = _pos_int(where, raw, "clients_per_round", default=clients_per_round)
+    if factory:
+        optimizer = {"lr": 0.002, **(raw.get("optimizer") or {})}
+        if set(optimizer) != {"lr"} or isinstance(optimizer["lr"], bool) or not isinstance(optimizer["lr"], (int, float)) or optimizer["lr"] <= 0:
+            _fail(where, "optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {raw.get('optimizer')!r}")
+        refine = plan_args.get("refine_rounds", 0)
+        if isinstance(refine, int) and isinstance(raw.get("rounds"), int) and refine > raw["rounds"]:
+            _fail(where, "plan_args.refine_rounds", f"must be at most rounds ({raw['rounds']}); got {refine}")
     test_ratio = _number(where, raw, "test_ratio", default=0.0 if factory else 0.25, lo=0, hi=0.9)
     if factory:
         if test_ratio:

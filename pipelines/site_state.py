@@ -9,6 +9,7 @@ that cannot be read (other format, other network) is ignored and training starts
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ class SiteStateStore:
             return None
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError):
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError):
             return None
 
     def write(self, state: Any) -> None:

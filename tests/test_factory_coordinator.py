@@ -33,6 +33,9 @@ def test_factory_spec_defaults_and_model_args():
     # segmentation plans keep every site every round unless asked
     seg = spec_mod.validate({**BASE, "plan": "condistfl", "plan_args": {}}, "spec.yaml")
     assert seg.clients_per_round is None and "client_ids" not in seg.experiment_model_args("r")
+    with pytest.raises(spec_mod.SpecError, match="clients_per_round: is only for the data_factory plan"):
+        spec_mod.validate({**BASE, "plan": "condistfl", "plan_args": {}, "clients_per_round": 2}, "spec.yaml")
+    assert s.optimizer == {"lr": 0.002} and _spec(optimizer={"lr": 0.001}).optimizer == {"lr": 0.001}
 
 
 @pytest.mark.parametrize(
@@ -42,6 +45,9 @@ def test_factory_spec_defaults_and_model_args():
         ({"server_optimizer": {"name": "adam"}}, "plan"),
         ({"mode": "standalone"}, "plan"),
         ({"clients_per_round": 0}, "clients_per_round"),
+        ({"optimizer": {"lr": "fast"}}, "optimizer"),
+        ({"optimizer": {"lr": 0.002, "betas": [0, 0.99]}}, "optimizer"),
+        ({"plan_args": {"refine_rounds": 9}}, "plan_args.refine_rounds"),
         ({"plan_args": {"factory": {"n_clients": 3}}}, "plan_args.factory.n_clients"),
         ({"plan_args": {"client_ids": {"x": 0}}}, "plan_args.client_ids"),
         ({"plan_args": {"key": {"kind": "clip"}}}, "plan_args.key"),

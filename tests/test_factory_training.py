@@ -198,3 +198,34 @@ def test_round_seed_differs_per_round_and_site_and_the_mixin_uses_the_experiment
         plan.reseed_for_round(r)
         draws.append(float(torch.rand(())))
     assert draws[0] == draws[2] != draws[1]
+
+
+def test_key_layers_would_leak_the_key_so_they_are_site_local():
+    from pipelines.factory.training import KEY_PATHWAY, is_key_pathway, key_pathway_state, load_key_pathway, reinit_key_pathway
+
+    s = _settings(r1_gamma=0, pl_weight=0, key_drop=0.0)
+    model, up, opt = _updater(s)
+    before = key_pathway_state(model)
+    for _ in range(6):
+        up.train_step(opt, *_batch())
+    # the threat: with a constant key, the first key layer's update is rank one and its
+    # input-side factor has the key's sign pattern
+    delta = model.generator.embed.key_embed[0].weight.detach() - before["generator.embed.key_embed.0.weight"]
+    _, sv, vh = torch.linalg.svd(delta)
+    assert sv[1] / sv[0] < 1e-2
+    agree = (torch.sign(vh[0]) == torch.sign(up.key)).float().mean()
+    assert max(agree, 1 - agree) == 1.0
+    # so exactly the layers that read the key are local
+    names = {n for n, _ in model.named_parameters() if is_key_pathway(n)}
+    expected = {f"generator.embed.key_embed.{n}" for n, _ in model.generator.embed.key_embed.named_parameters()}
+    expected |= {f"g_ema.embed.key_embed.{n}" for n, _ in model.g_ema.embed.key_embed.named_parameters()}
+    expected |= {f"discriminator.key_embed.{n}" for n, _ in model.discriminator.key_embed.named_parameters()}
+    assert names == expected and all(n.startswith(KEY_PATHWAY) for n in names)
+    # a site's own layers: secret init (G_ema starts as G), saved and loaded back
+    reinit_key_pathway(model, torch.Generator().manual_seed(123))
+    state = key_pathway_state(model)
+    assert torch.equal(state["g_ema.embed.key_embed.0.weight"], state["generator.embed.key_embed.0.weight"])
+    assert not torch.equal(state["generator.embed.key_embed.0.weight"], before["generator.embed.key_embed.0.weight"])
+    other = FactoryModel(s.config)
+    assert load_key_pathway(other, state) and all(torch.equal(v, key_pathway_state(other)[k]) for k, v in state.items())
+    assert not load_key_pathway(other, {"generator.embed.key_embed.0.weight": torch.zeros(1)})

@@ -239,6 +239,47 @@ class FactoryModel(torch.nn.Module):
         return self
 
 
+# The layers that read the domain key. A site's key is constant, so the gradient of the
+# first of them is outer(delta, key): its update would show the coordinator the key's sign
+# pattern (Adam with beta1 = 0 makes it exact). These layers are therefore site-local: never
+# sent, never averaged, initialised from site-secret randomness and kept in the site's work
+# folder. Everything downstream only ever sees the key through them.
+KEY_PATHWAY = ("generator.embed.key_embed.", "g_ema.embed.key_embed.", "discriminator.key_embed.")
+
+
+def is_key_pathway(name: str) -> bool:
+    return name.startswith(KEY_PATHWAY)
+
+
+def key_pathway_state(model: FactoryModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_key_pathway(n)}
+
+
+@torch.no_grad()
+def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor]) -> bool:
+    """Load a site's key layers; False (nothing changed) when they do not fit this model."""
+    params = dict(model.named_parameters())
+    mine = {n for n in params if is_key_pathway(n)}
+    if set(state) != mine or any(params[n].shape != state[n].shape for n in mine):
+        return False
+    for n in mine:
+        params[n].copy_(state[n])
+    return True
+
+
+@torch.no_grad()
+def reinit_key_pathway(model: FactoryModel, generator: torch.Generator) -> None:
+    """Fresh key layers from ``generator`` (equalized-lr init: standard normal); G_ema's
+    start as a copy of G's."""
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if is_key_pathway(n) and not n.startswith("g_ema."):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    for n, p in params.items():
+        if n.startswith("g_ema.") and is_key_pathway(n):
+            p.copy_(params["generator." + n[len("g_ema."):]])
+
+
 def make_optimizer(model: FactoryModel, lr: float = 0.002, r1_interval: int = 16, pl_interval: int = 4) -> torch.optim.Adam:
     """One Adam with a G group and a D group, each with its lazy-regularisation corrected lr
     and betas. Adam keeps per-parameter state, so this is exactly two Adams; a frozen

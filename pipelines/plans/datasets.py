@@ -111,15 +111,16 @@ class PreparedSliceDataset(CustomDataset):
         manifest = json.loads((Path(self.path) / "manifest.json").read_text())
         check_schema(manifest, self.schema, f"dataset {prepared.name!r}")
         settings = SliceSettings(size=self.size, n_bins=self.n_bins, spacing=self.spacing, min_foreground=self.min_foreground)
-        self.images, self.bins = dataset_slices(self.path, self.schema, settings, os.environ.get("FEDIMG_CACHE_DIR"))
+        images, self.bins = dataset_slices(self.path, self.schema, settings, os.environ.get("FEDIMG_CACHE_DIR"))
+        self.images = images.half()  # half the memory; items are float32
         if len(self.images) == 0:
             raise DatasetSchemaError(f"dataset {prepared.name!r}: no slices left (min_foreground {self.min_foreground})")
         digest = hashlib.sha256((Path(self.path) / "manifest.json").read_bytes())
-        digest.update(repr(settings).encode())
+        digest.update(repr((settings, self.schema.name, self.schema.version, self.schema.modalities, self.schema.target_spacing)).encode())
         self.fingerprint = digest.hexdigest()
 
     def get_item(self, index):
-        return self.images[index], self.bins[index]
+        return self.images[index].float(), self.bins[index]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -25,7 +25,16 @@ from fedbiomed.common.datamanager import DataManager
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
 from pipelines.factory.domain_key import build_domain_key
-from pipelines.factory.training import FactoryModel, FactoryUpdater, make_optimizer, parse_factory_args
+from pipelines.factory.training import (
+    FactoryModel,
+    FactoryUpdater,
+    is_key_pathway,
+    key_pathway_state,
+    load_key_pathway,
+    make_optimizer,
+    parse_factory_args,
+    reinit_key_pathway,
+)
 from pipelines.plans.datasets import PreparedSliceDataset
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.site_state import SiteStateStore
@@ -42,6 +51,10 @@ def _checksum_float(hexdigest: str) -> float:
 class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
     def init_dependencies(self):
         return ["from pipelines.plans.factory import DataFactoryPlanBase"]
+
+    def tag_parameters(self, name):
+        """The layers that read the domain key stay at the site (see KEY_PATHWAY)."""
+        return {"local"} if is_key_pathway(name) else set()
 
     def init_model(self, model_args):
         raw = model_args.get("schema_definition")
@@ -83,19 +96,15 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         cache_id = (self._dataset.fingerprint, domain_key.checksum())
         if cache_id not in _KEYS:
             images = self._dataset.images
-            key = domain_key.site_key(images[i : i + 64] for i in range(0, len(images), 64))
+            key = domain_key.site_key(images[i : i + 64].float() for i in range(0, len(images), 64))
             _KEYS.clear()
             _KEYS[cache_id] = (domain_key, key)
-            self._store_key(key, domain_key)
-        return _KEYS[cache_id]
-
-    def _store_key(self, key: torch.Tensor, domain_key) -> None:
-        """The key stays at the site: its work folder keeps it for local jobs (adaptation)."""
-        root = os.environ.get("FEDIMG_CACHE_DIR")
-        if root:
-            SiteStateStore(root, self._settings.run_id or "no-run", "domain-key", folder="factory-keys").write(
-                {"key": key, "key_checksum": domain_key.checksum(), "describe": domain_key.describe()}
-            )
+        domain_key, key = _KEYS[cache_id]
+        # The key stays at the site: its work folder keeps it for local jobs (adaptation).
+        store = SiteStateStore(os.environ.get("FEDIMG_CACHE_DIR"), self._settings.run_id or "no-run", "domain-key", folder="factory-keys")
+        if store.path is not None and not store.path.is_file():
+            store.write({"key": key, "key_checksum": domain_key.checksum(), "describe": domain_key.describe()})
+        return domain_key, key
 
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
@@ -108,19 +117,15 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         key_s = time.perf_counter() - t0
         refine = s.refining(self._round_index())
         self._updater = FactoryUpdater(self.model(), s, s.client_ids[node], key=key, domain_key=domain_key, refine=refine)
-        restored = False
-        state = self._state_store.read() if self._round_index() > 0 else None
-        if state is not None:
-            try:
-                self._optimizer_obj.load_state_dict(state["optimizer"])
-                self._updater.load_state_dict(state["updater"])
-                restored = True
-            except (KeyError, ValueError, RuntimeError):
-                restored = False
+        restored = self._restore_site_state()
+        key_layers = self._restore_key_pathway()
         self.model().train()
         samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         self._updater.after_step()  # G_ema follows the last G update before the weights are sent
-        self._state_store.write({"optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()})
+        self._state_store.write(
+            {"round": self._round_index(), "optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()}
+        )
+        self._key_layer_store().write(key_pathway_state(self.model()))
         metric = {
             **self._updater.means(),
             "updates": float(self._updater.updates),
@@ -130,9 +135,9 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
             "client_id": float(s.client_ids[node]),
             "round_index": float(self._round_index()),
             "refine": float(refine),
-            "slices": float(len(self._dataset)),
             "state_restored": float(restored),
             "key_s": key_s,
+            "key_layers_restored": float(key_layers),
             "key_checksum32": _checksum_float(domain_key.checksum()) if domain_key is not None else -1.0,
         }
         if history_monitor is not None:
@@ -142,6 +147,43 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
                 num_batches=n, num_samples_trained=samples, train=True,
             )  # fmt: skip
         return samples
+
+    def _restore_site_state(self) -> bool:
+        """Adam moments, step counters and path-length mean from this site's last round of
+        this run. A state from this round or later (a round replayed after a coordinator
+        restart) or one that does not fit is not used, and the reason is logged."""
+        state = self._state_store.read()
+        if state is None:
+            return False
+        from fedbiomed.common.logger import logger
+
+        where = self._state_store.path
+        if not isinstance(state, dict) or not isinstance(state.get("round"), int) or state["round"] >= self._round_index():
+            logger.warning(f"[fedimg] {where}: not from an earlier round of this run; starting with fresh optimizer state")
+            return False
+        updater = FactoryUpdater(self.model(), self._settings, 0)
+        try:
+            updater.load_state_dict(state["updater"])
+            optimizer = make_optimizer(self.model())
+            optimizer.load_state_dict(state["optimizer"])  # checked on a scratch optimizer first
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            logger.warning(f"[fedimg] {where}: does not fit this model ({exc}); starting with fresh optimizer state")
+            return False
+        self._optimizer_obj.load_state_dict(state["optimizer"])
+        self._updater.load_state_dict(state["updater"])
+        return True
+
+    def _key_layer_store(self) -> SiteStateStore:
+        return SiteStateStore(os.environ.get("FEDIMG_CACHE_DIR"), self._settings.run_id or "no-run", "key-layers", folder="factory-keys")
+
+    def _restore_key_pathway(self) -> bool:
+        """This site's own key layers from its work folder; the first time in a run, fresh
+        ones from site-secret randomness (nobody else can know their starting point)."""
+        saved = self._key_layer_store().read()
+        if isinstance(saved, dict) and load_key_pathway(self.model(), saved):
+            return True
+        reinit_key_pathway(self.model(), torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")))
+        return False
 
     def training_step(self, data, target):
         return self._updater.loss(data, target)

@@ -69,7 +69,7 @@ def test_factory_rounds_sample_two_of_three_sites(factory_run):
         for row in r["sites"].values():
             t = row["train"]
             assert t["client_id"] == metrics["clients"][row["name"]]
-            assert t["updates"] > 0 and t["slices"] > 0
+            assert t["updates"] > 0
             for key in ("d_loss", "g_loss", "r1", "pl_penalty"):
                 assert key in t and t[key] == t[key], key
         assert f"sampled 2 of 3 sites" in log
@@ -102,6 +102,7 @@ def test_site_state_persists_between_the_rounds_a_site_is_sampled(factory_run):
             else:
                 assert t["state_restored"] == 0.0 and t["updates"] == 8
             seen[row["name"]] = int(t["updates"])
+            assert t["key_layers_restored"] == t["state_restored"]
     assert restored_checked >= 1  # 3 rounds x 2 of 3 sites: some site is sampled twice
 
 
@@ -109,7 +110,7 @@ def test_key_never_leaves_the_site(factory_run):
     bed, home, run_dir, res = factory_run
     keys = []
     for site in bed.sites:
-        files = list((site.work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-*.pt"))
+        files = list((site.work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-domain-key.pt"))
         if files:
             keys.append(torch.load(files[0])["key"].float().contiguous())
     assert len(keys) >= 2  # every sampled site computed its key
@@ -118,6 +119,25 @@ def test_key_never_leaves_the_site(factory_run):
     # what came back is G, D and G_ema parameters and nothing else
     assert {k.split(".")[0] for k in ckpt} == {"generator", "discriminator", "g_ema"}
     assert metrics_model(run_dir)["parameters"] == n_params
+    # the layers that read the key (their updates would carry its sign pattern) never left a
+    # site: no reply holds them, and the coordinator's copy is still the round-0 one
+    from fedbiomed.common.serializer import Serializer
+
+    from pipelines.factory.training import is_key_pathway
+
+    replies = [r for r in map(Serializer.load, sorted(run_dir.glob("params_NODE_*.mpk"))) if r is not None]
+    assert len(replies) == 2 * ROUNDS  # the parameters each sampled site sent, kept by Fed-BioMed
+    for reply in replies:
+        names = set(reply)
+        assert names and not any(is_key_pathway(n) for n in names)
+        assert any(n.startswith("generator.") for n in names) and any(n.startswith("g_ema.") for n in names)
+    c0 = torch.load(run_dir / "checkpoints" / "global_round_0000.pt")
+    local_names = [n for n in ckpt if is_key_pathway(n)]
+    assert local_names and all(torch.equal(c0[n], ckpt[n]) for n in local_names)
+    site_layers = [torch.load(p) for s in bed.sites for p in (s.work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-key-layers.pt")]
+    assert len(site_layers) >= 2
+    for layers in site_layers:  # each site's own, trained, from a secret start
+        assert set(layers) == set(local_names) and any(not torch.equal(layers[n], c0[n]) for n in local_names)
     # no stored byte on the coordinator side (breakpoints with the sites' replies, logs,
     # metrics, checkpoints, the registry) holds a site's key
     stored = [p for p in home.rglob("*") if p.is_file()]
