@@ -43,7 +43,7 @@ from coordinator.testbed import Testbed  # noqa: E402
 from pipelines.factory.domain_key import build_domain_key  # noqa: E402
 from pipelines.factory.networks import FactoryConfig, Generator  # noqa: E402
 from pipelines.factory.slices import SliceSettings, dataset_slices  # noqa: E402
-from pipelines.factory.training import FactoryModel, FactoryUpdater, make_optimizer, parse_factory_args  # noqa: E402
+from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, make_optimizer, parse_factory_args  # noqa: E402
 from preprocessing.schema import load_schema  # noqa: E402
 
 NOTE_REFERENCE_S = 0.06  # ../shared/notes/data-factory-method.md: tiny, batch 4, 2 threads
@@ -114,6 +114,32 @@ def train_classifier(images, labels, k: int, steps: int = 600, seed: int = 0):
     return clf, acc
 
 
+def score(clf, xs, ys, clients: dict, k: int) -> dict:
+    with torch.no_grad():
+        pred = clf(xs).argmax(1)
+    return {
+        "accuracy": float((pred == ys).float().mean()),
+        "per_site": {name: float((pred[ys == cid] == cid).float().mean()) for name, cid in clients.items() if (ys == cid).any()},
+        "confusion": confusion(pred, ys, k).tolist(),
+    }
+
+
+def train_centralised(cfg: FactoryConfig, images, ids, bins, args) -> Generator:
+    """The same factory trained on all sites' slices pooled in one place, every batch
+    mixing client ids (no key): what the federation would reach without its constraint
+    that a site only ever sees its own client id."""
+    torch.manual_seed(0)
+    cfg = FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0})
+    s = FactorySettings(config=cfg, key=None)
+    model = FactoryModel(cfg)
+    up = FactoryUpdater(model, s, 0)
+    opt = make_optimizer(model)
+    for _ in range(args.centralised_updates):
+        idx = torch.randint(len(images), (args.batch,))
+        up.train_step(opt, images[idx], bins[idx], ids[idx])
+    return model.g_ema.eval()
+
+
 def confusion(pred, labels, k):
     m = torch.zeros(k, k, dtype=torch.long)
     for p, t in zip(pred.tolist(), labels.tolist()):
@@ -132,6 +158,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
     ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
     ap.add_argument("--timing-only", action="store_true", help="only the update-time table")
+    ap.add_argument("--centralised-updates", type=int, default=3000,
+                    help="updates of the centralised baseline: the same factory trained in this process on all sites' "
+                         "slices pooled, every batch mixing client ids (0: skip)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the federation already trained in --workdir")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
     args = ap.parse_args()
     console = Console()
@@ -139,6 +169,10 @@ def main() -> int:
     report = workdir / "report"
     report.mkdir(parents=True, exist_ok=True)
     summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+    if args.reuse:  # score the factory already trained in --workdir
+        phases = [p for p in args.phases.split(",") if p]
+        return control(args, console, workdir, report, summary, phases, Testbed(workdir, n_sites=args.sites, phases=phases))
 
     # 1. update time, side by side
     torch.set_num_threads(args.threads)
@@ -178,6 +212,13 @@ def main() -> int:
         console.print(f"[red]the factory run failed ({code})")
         return 1
     summary["federation_wall_s"] = time.monotonic() - t0
+    return control(args, console, workdir, report, summary, phases, bed)
+
+
+def control(args, console, workdir, report, summary, phases, bed) -> int:
+    from site_agent import config as site_config
+
+    bed.sites = [site_config.load(bed.site_config_path(i)) for i in range(bed.n_sites)]
     run_dir = Path(runs.list_runs(bed.home)[-1]["run_dir"])
     metrics = runs.read_metrics(run_dir)
 
@@ -229,14 +270,21 @@ def main() -> int:
             gen_examples.setdefault(mode, {})[cid] = img[:6]
         if not xs:
             continue
-        xs, ys = torch.cat(xs), torch.cat(ys)
-        with torch.no_grad():
-            pred = clf(xs).argmax(1)
-        rows[mode] = {
-            "accuracy": float((pred == ys).float().mean()),
-            "per_site": {name: float((pred[ys == cid] == cid).float().mean()) for name, cid in config["clients"].items() if (ys == cid).any()},
-            "confusion": confusion(pred, ys, k).tolist(),
-        }
+        rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), config["clients"], k)
+    if args.centralised_updates:
+        mode = f"centralised, pooled, {args.centralised_updates} updates"
+        with console.status(f"centralised baseline: {args.centralised_updates} updates on the pooled slices"):
+            g_central = train_centralised(cfg, real_x, real_y, torch.cat([real_bins[c] for c in sorted(real_bins)]), args)
+        xs, ys = [], []
+        for cid in range(k):
+            gen = torch.Generator().manual_seed(100 + cid)
+            z = torch.randn(args.samples, cfg.z_dim, generator=gen)
+            bins = real_bins[cid][torch.randint(len(real_bins[cid]), (args.samples,), generator=gen)]
+            with torch.no_grad():
+                xs.append(g_central(z, torch.full((args.samples,), cid), bins, None).clamp(-1, 1))
+            ys.append(torch.full((args.samples,), cid))
+            gen_examples.setdefault("centralised", {})[cid] = xs[-1][:6]
+        rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), config["clients"], k)
     t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
     for col in ("conditioning", "accuracy", *config["clients"]):
         t.add_column(col, justify="right")

@@ -108,6 +108,13 @@ def after_round(run_dir: Path, exp, r: int, total: int, metrics: dict, log) -> N
     loss curves. Round checkpoints are kept at the same rounds (a paper-size factory is
     ~360 MB per checkpoint); the latest is always kept."""
     s = settings_of(exp)
+    sums = {row["train"]["key_checksum32"] for row in metrics["rounds"][-1]["sites"].values() if "key_checksum32" in row.get("train", {})}
+    seen = set(metrics.setdefault("key_checksums32", []))
+    if sums - seen:
+        metrics["key_checksums32"] = sorted(seen | sums)
+        if len(metrics["key_checksums32"]) > 1:
+            log(f"WARNING: sites computed their domain keys with different key functions (checksums {metrics['key_checksums32']}): "
+                "their keys are not comparable; check each site's image version and encoder file")  # fmt: skip
     ckpt = run_dir / "checkpoints"
     if r - 1 >= 1 and not _kept(r - 1, s.sample_every, total):
         (ckpt / f"global_round_{r - 1:04d}.pt").unlink(missing_ok=True)

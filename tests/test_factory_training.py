@@ -229,3 +229,25 @@ def test_key_layers_would_leak_the_key_so_they_are_site_local():
     other = FactoryModel(s.config)
     assert load_key_pathway(other, state) and all(torch.equal(v, key_pathway_state(other)[k]) for k, v in state.items())
     assert not load_key_pathway(other, {"generator.embed.key_embed.0.weight": torch.zeros(1)})
+
+
+def test_pooled_batches_condition_each_fake_on_a_client_id_of_the_batch():
+    model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0), key=False)
+    seen = []
+    forward = model.generator.forward
+
+    def spy(z, client_id, *a, **kw):
+        seen.append(client_id.clone())
+        return forward(z, client_id, *a, **kw)
+
+    model.generator.forward = spy
+    real, bins = _batch(6)
+    ids = torch.tensor([0, 0, 0, 2, 2, 2])
+    for _ in range(4):
+        up.train_step(opt, real, bins, ids)
+    assert seen and all(set(c.tolist()) <= {0, 2} for c in seen)
+    assert any(len(set(c.tolist())) == 2 for c in seen)  # mixed ids within one batch
+    seen.clear()
+    up.train_step(opt, real, bins)  # a site's own update: its client id only
+    up.train_step(opt, real, bins)
+    assert seen and all(set(c.tolist()) == {1} for c in seen)

@@ -342,22 +342,27 @@ class FactoryUpdater:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
-    def _condition(self, batch: int, bins: torch.Tensor | None, use_key: bool):
-        cid = torch.full((batch,), self.client_id, dtype=torch.long, device=self._device)
-        key = self.key.to(self._device) if (use_key and self.key is not None) else None
-        return cid, bins, key
+    def _ids(self, n: int, ids: torch.Tensor | None) -> torch.Tensor:
+        return ids if ids is not None else torch.full((n,), self.client_id, dtype=torch.long, device=self._device)
 
-    def _fake_bins(self, bins: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        # fakes take slice positions drawn from the real batch: the site's own distribution
-        if bins is None:
-            return None
-        return bins[torch.randint(len(bins), (n,), device=bins.device)]
+    def _key(self, use_key: bool) -> torch.Tensor | None:
+        return self.key.to(self._device) if (use_key and self.key is not None) else None
 
-    def loss(self, real: torch.Tensor, bins: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of the next update; the other network is frozen (requires_grad False)."""
+    def _fake_condition(self, n: int, bins: torch.Tensor | None, ids: torch.Tensor | None):
+        """Conditions for ``n`` fakes drawn from the real batch's (the site's own slice
+        positions; with per-sample client ids, their ids too)."""
+        pick = torch.randint(self._batch, (n,), device=self._device)
+        return self._ids(n, None if ids is None else ids[pick]), None if bins is None else bins[pick]
+
+    def loss(self, real: torch.Tensor, bins: torch.Tensor | None = None, client_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of the next update; the other network is frozen (requires_grad False).
+
+        ``client_ids`` (B,): per-sample client ids of a pooled batch (the centralised
+        baseline); a site's own updates leave it None (every slice is its own id)."""
         if self._ema_pending:
             self.after_step()
         self._device = real.device
+        self._batch = real.shape[0]
         G, D = self.model.generator, self.model.discriminator
         use_key = self.key is not None and float(torch.rand(())) >= self.s.key_drop
         batch = real.shape[0]
@@ -368,17 +373,17 @@ class FactoryUpdater:
             requires_grad(D, True)
             if self.s.r1_gamma > 0 and self.d_steps % self.s.r1_interval == 0:
                 real = real.detach().requires_grad_(True)
-                cid, b, key = self._condition(batch, bins, use_key)
-                pred = D(real, cid, b, key)
+                key = self._key(use_key)
+                pred = D(real, self._ids(batch, client_ids), bins, key)
                 r1 = r1_penalty(pred, real)
                 loss = self.s.r1_gamma / 2 * r1 * self.s.r1_interval + 0 * pred.sum()
                 self._track(r1=r1.detach())
             else:
-                cid, b, key = self._condition(batch, bins, use_key)
-                fb = self._fake_bins(bins, batch)
+                key = self._key(use_key)
+                fc, fb = self._fake_condition(batch, bins, client_ids)
                 with torch.no_grad():
-                    fake = G(torch.randn(batch, z_dim, device=self._device), cid, fb, key)
-                real_pred, fake_pred = D(real, cid, b, key), D(fake, cid, fb, key)
+                    fake = G(torch.randn(batch, z_dim, device=self._device), fc, fb, key)
+                real_pred, fake_pred = D(real, self._ids(batch, client_ids), bins, key), D(fake, fc, fb, key)
                 loss = d_logistic_loss(real_pred, fake_pred)
                 self._track(d_loss=loss.detach(), d_real=real_pred.detach().mean(), d_fake=fake_pred.detach().mean())
             self.d_steps += 1
@@ -387,16 +392,17 @@ class FactoryUpdater:
             requires_grad(D, False)
             if self.s.pl_weight > 0 and self.g_steps % self.s.pl_interval == 0:
                 n = max(1, batch // self.s.pl_batch_shrink)
-                cid, _, key = self._condition(n, bins, use_key)
-                fake, ws = G(torch.randn(n, z_dim, device=self._device), cid, self._fake_bins(bins, n), key, return_ws=True)
+                key = self._key(use_key)
+                fc, fb = self._fake_condition(n, bins, client_ids)
+                fake, ws = G(torch.randn(n, z_dim, device=self._device), fc, fb, key, return_ws=True)
                 penalty, self.pl_mean, length = path_length_penalty(fake, ws, self.pl_mean, self.s.pl_decay)
                 loss = self.s.pl_weight * self.s.pl_interval * penalty + 0 * fake[:, 0, 0, 0].sum()
                 self._track(pl_penalty=penalty.detach(), path_length=length)
             else:
-                cid, _, key = self._condition(batch, bins, use_key)
-                fb = self._fake_bins(bins, batch)
-                fake = G(torch.randn(batch, z_dim, device=self._device), cid, fb, key)
-                loss = g_nonsaturating_loss(D(fake, cid, fb, key))
+                key = self._key(use_key)
+                fc, fb = self._fake_condition(batch, bins, client_ids)
+                fake = G(torch.randn(batch, z_dim, device=self._device), fc, fb, key)
+                loss = g_nonsaturating_loss(D(fake, fc, fb, key))
                 self._track(g_loss=loss.detach())
                 if self.refine and key is not None:
                     align = key_alignment_loss(self.domain_key.centred(fake), key)
@@ -414,10 +420,11 @@ class FactoryUpdater:
             accumulate(self.model.g_ema, self.model.generator, self.s.ema_decay)
             self._ema_pending = False
 
-    def train_step(self, optimizer: torch.optim.Optimizer, real: torch.Tensor, bins: torch.Tensor | None = None) -> float:
+    def train_step(self, optimizer: torch.optim.Optimizer, real: torch.Tensor, bins: torch.Tensor | None = None,
+                   client_ids: torch.Tensor | None = None) -> float:  # fmt: skip
         """One whole update outside Fed-BioMed (benchmarks, tests)."""
         optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(real, bins)
+        loss = self.loss(real, bins, client_ids)
         loss.backward()
         optimizer.step()
         self.after_step()
