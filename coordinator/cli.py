@@ -65,6 +65,12 @@ def validate(spec_file) -> None:
     click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
 
 
+def _print_run_footer(info: dict) -> None:
+    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
+    if info.get("error"):
+        click.echo(f"error: {info['error']}")
+
+
 def _print_factory_results(info: dict, metrics: dict) -> None:
     table = Table("round", "sampled", "site", "client", "D loss", "G loss", "R1", "path length", "key used", "s/update", "MB")
     fmt = lambda d, k, f=".3f": format(d[k], f) if k in d else "-"  # noqa: E731
@@ -82,9 +88,7 @@ def _print_factory_results(info: dict, metrics: dict) -> None:
     if metrics.get("published"):
         p = metrics["published"]
         click.echo(f"published: {p['kind']}/{p['name']} {p['version']} (coordinator registry)")
-    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
-    if info.get("error"):
-        click.echo(f"error: {info['error']}")
+    _print_run_footer(info)
 
 
 def _print_results(run_dir: Path) -> None:
@@ -122,9 +126,7 @@ def _print_results(run_dir: Path) -> None:
     if metrics.get("best_global"):
         b = metrics["best_global"]
         click.echo(f"best global model: round {b['model_round']} (mean Dice over classes across sites {b['score']:.3f})")
-    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
-    if info.get("error"):
-        click.echo(f"error: {info['error']}")
+    _print_run_footer(info)
 
 
 def _on_sigterm(signum, frame):

@@ -83,10 +83,6 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
 
     # -- training ------------------------------------------------------------------------
 
-    def _round_index(self) -> int:
-        total = self._settings.rounds_total or 1
-        return min(max(int(self.round() or 0), 0), total - 1)
-
     def _site_key(self):
         """The site's domain key from all its slices (this process caches it per dataset)."""
         s = self._settings

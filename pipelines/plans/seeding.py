@@ -1,4 +1,5 @@
-"""Per-round, per-site seeding for the training plans (see `pipelines.site_state.round_seed`)."""
+"""Round bookkeeping shared by the training plans: the round index within the run and
+per-round, per-site seeding (see `pipelines.site_state.round_seed`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ class PerRoundSeed:
     def post_init(self, model_args, training_args, *args, **kwargs):
         self._random_seed = training_args.get("random_seed") if hasattr(training_args, "get") else None
         return super().post_init(model_args, training_args, *args, **kwargs)
+
+    def _round_index(self) -> int:
+        """0-based round of the run, clamped to the run's length (plans' settings carry it)."""
+        total = self._settings.rounds_total or 1
+        return min(max(int(self.round() or 0), 0), total - 1)
 
     def reseed_for_round(self, round_index: int) -> None:
         torch.manual_seed(round_seed(self._random_seed, round_index, str(self.node_id())))

@@ -92,10 +92,6 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
 
     # -- training ------------------------------------------------------------------------
 
-    def _round_index(self) -> int:
-        total = self._settings.rounds_total or 1
-        return min(max(int(self.round() or 0), 0), total - 1)
-
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
         self.reseed_for_round(self._round_index())
