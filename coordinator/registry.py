@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from preprocessing import atomic
+from preprocessing.dataset import sha256_file
 from site_agent.errors import UserError
 
 KINDS = ("factory", "segmentation-branch")
@@ -129,15 +130,6 @@ def _copy_into(source: bytes | os.PathLike, dest: Path, chunk: int = 1 << 20) ->
                     size += len(block)
         out.flush()
         os.fsync(out.fileno())
-    return h.hexdigest(), size
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-            size += len(block)
     return h.hexdigest(), size
 
 
@@ -282,7 +274,7 @@ class Registry:
         path = folder / filename
         if not path.is_file():
             raise RegistryError(f"{path}: missing ({where} lists it)")
-        digest, size = _sha256_file(path)
+        digest, size = sha256_file(path), path.stat().st_size
         if digest != expected.get("sha256") or size != expected.get("bytes"):
             raise RegistryError(
                 f"{path}: checksum does not match the published record of {where} "

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from preprocessing.dataset import sha256_file
+
 __all__ = [
     "ConcatKey",
     "DomainKey",
@@ -56,14 +58,6 @@ _EPS = 1e-8
 
 class KeyConfigError(ValueError):
     """A key configuration (or the encoder file it names) is unusable."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical_json(obj: Any) -> bytes:
@@ -271,7 +265,7 @@ class TorchScriptKey(KeyFunction):
             )
         if channels not in (1, 3):
             raise KeyConfigError(f"channels must be 1 or 3, got {channels!r}")
-        self.file_sha256 = _sha256_file(self.path)
+        self.file_sha256 = sha256_file(self.path)
         if sha256 is not None and sha256.lower() != self.file_sha256:
             raise KeyConfigError(
                 f"encoder file {self.path}: sha256 mismatch: expected {sha256.lower()}, got {self.file_sha256}"
