@@ -148,6 +148,8 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
         "key_checksum32_reported_by_sites": sites_key,
         "slices": {"size": s.config.resolution, "n_bins": s.config.n_bins, "spacing": s.spacing, "min_foreground": s.min_foreground},
         "schema": {"name": schema.get("name"), "version": schema.get("version")},
+        # the whole label schema (no patient data): adaptation jobs slice and label with it
+        "schema_definition": schema,
         "run_id": run_dir.name,
         "rounds": len(metrics.get("rounds", [])),
         "local_steps": spec.local_steps,

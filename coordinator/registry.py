@@ -21,7 +21,12 @@ Layout under the coordinator home::
 Versions are ``v0001``, ``v0002``, ... assigned on publish. A version is written in a
 staging folder and renamed into place in one step, then ``latest`` is replaced atomically,
 so a reader never sees a half-written version and a failed publish leaves nothing behind.
-Serving over HTTP comes later; this module is the storage.
+This module is the storage; ``coordinator.registry_http`` serves it over HTTP.
+
+Per-kind validators: ``register_validator(kind, fn)`` installs ``fn(files: dict[str, bytes])``
+that raises (RegistryError/UserError/ValueError, the message says why) when the files are not
+an acceptable artifact of that kind. ``publish`` runs it before anything is written; the HTTP
+push refuses any kind without one, so nothing unvalidated can be pushed by a site.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from preprocessing import atomic
 from preprocessing.dataset import sha256_file
@@ -57,6 +62,67 @@ _STALE_STAGING_S = 24 * 3600
 
 class RegistryError(UserError):
     """A registry operation failed; the message names the artifact or file and the problem."""
+
+
+class ArtifactNotFound(RegistryError):
+    """The artifact, version or file asked for is not published (not a storage problem)."""
+
+
+Validator = Callable[[dict[str, bytes]], None]
+VALIDATORS: dict[str, Validator] = {}
+
+
+def register_validator(kind: str, fn: Validator) -> None:
+    """Install the validator of `kind`: ``fn(files)`` (file name -> content) raises when the
+    files are not an acceptable artifact of that kind. Replaces a previous one."""
+    _check_kind(kind)
+    if not callable(fn):
+        raise TypeError(f"validator for {kind!r} must be callable, got {type(fn).__name__}")
+    VALIDATORS[kind] = fn
+
+
+def run_validator(kind: str, files: Mapping[str, bytes], required: bool = False) -> None:
+    """Run the validator of `kind` on `files`; RegistryError carries its message.
+
+    ``required``: a kind without a validator is refused (the HTTP push)."""
+    fn = VALIDATORS.get(_check_kind(kind))
+    if fn is None:
+        if required:
+            raise RegistryError(
+                f"{kind} artifacts cannot be pushed: this coordinator has no validator for that kind, "
+                "so it refuses them (nothing unvalidated enters the registry)"
+            )
+        return
+    try:
+        fn(dict(files))
+    except RegistryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure refuses the artifact (fails closed)
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise RegistryError(f"{kind}: refused by the {kind} validator: {msg}") from None
+
+
+def check_flat_state_dict(filename: str, data: bytes) -> None:
+    """`data` must be what ``torch.save(state_dict)`` writes: ``torch.load(weights_only=True)``
+    reads it as a flat ``dict[str, Tensor]`` (no numbers, strings or nested containers)."""
+    import io
+
+    import torch
+
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is a refusal
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RegistryError(f"{filename}: not a weights file that torch.load(weights_only=True) reads: {first}") from None
+    if not isinstance(obj, dict) or not obj:
+        raise RegistryError(f"{filename}: must hold a non-empty flat dict of tensor names to tensors, got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise RegistryError(f"{filename}: key {key!r} is not a string; only a flat dict[str, Tensor] is accepted")
+        if not isinstance(value, torch.Tensor):
+            raise RegistryError(
+                f"{filename}: entry {key!r} is a {type(value).__name__}, not a tensor; only a flat dict[str, Tensor] is accepted"
+            )
 
 
 def _now_utc() -> str:
@@ -203,7 +269,7 @@ class Registry:
         versions = self._versions(kind, name)
         where = f"{kind} artifact {name!r}"
         if not versions:
-            raise RegistryError(f"no {where} in the registry ({self.root}); publish it first")
+            raise ArtifactNotFound(f"no {where} in the registry ({self.root}); publish it first")
         if version is None:
             latest_file = self._name_dir(kind, name) / LATEST_FILE
             try:
@@ -215,8 +281,16 @@ class Registry:
             return latest if latest in versions else versions[-1]
         _check_version(version)
         if version not in versions:
-            raise RegistryError(f"{where} has no version {version}; published versions: {', '.join(versions)}")
+            raise ArtifactNotFound(f"{where} has no version {version}; published versions: {', '.join(versions)}")
         return version
+
+    def versions(self, kind: str, name: str) -> builtins.list[str]:
+        """Published versions of ``<kind>/<name>``, oldest first (empty when none)."""
+        return self._versions(kind, name)
+
+    def latest(self, kind: str, name: str) -> str:
+        """The latest version of ``<kind>/<name>``; RegistryError when there is none."""
+        return self._resolve(kind, name, None)
 
     def path(self, kind: str, name: str, version: str | None = None) -> Path:
         """The folder of a published version (the latest when `version` is None)."""
@@ -270,7 +344,7 @@ class Registry:
         where = f"{record.get('kind')} {record.get('name')} {record.get('version')}"
         expected = record["files"].get(filename)
         if not isinstance(expected, dict):
-            raise RegistryError(f"{where}: no file {filename!r}; it has {', '.join(sorted(record['files'])) or 'none'}")
+            raise ArtifactNotFound(f"{where}: no file {filename!r}; it has {', '.join(sorted(record['files'])) or 'none'}")
         path = folder / filename
         if not path.is_file():
             raise RegistryError(f"{path}: missing ({where} lists it)")
@@ -311,12 +385,22 @@ class Registry:
             except OSError:
                 pass
 
-    def publish(self, kind: str, name: str, files: Mapping[str, bytes | os.PathLike], meta: Mapping[str, Any] | None = None) -> dict:
+    def publish(
+        self,
+        kind: str,
+        name: str,
+        files: Mapping[str, bytes | os.PathLike],
+        meta: Mapping[str, Any] | None = None,
+        require_validator: bool = False,
+    ) -> dict:
         """Publish a new version of ``<kind>/<name>``; return its artifact record.
 
         ``files`` maps plain file names (``.pt``, ``.json`` or ``.yaml``) to their content
         (bytes) or to a file to copy. ``meta`` is any JSON-serialisable mapping, stored as is.
-        Nothing is left behind when a step fails; ``latest`` moves to the new version."""
+        The validator of `kind` (``register_validator``), when there is one, sees the files'
+        content before anything is written (``require_validator``: a kind without one is
+        refused, as for pushes from sites). Nothing is left behind when a step fails;
+        ``latest`` moves to the new version."""
         _check_kind(kind)
         _check_name(name)
         if not isinstance(files, Mapping) or not files:
@@ -335,6 +419,10 @@ class Registry:
             meta = json.loads(json.dumps(dict(meta), allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"{kind} {name}: meta must be JSON-serialisable ({exc})") from None
+        if require_validator or VALIDATORS.get(kind) is not None:
+            # The validator and the writer see the same bytes (a file could change in between).
+            files = {f: bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes() for f, src in files.items()}
+            run_validator(kind, files, required=require_validator)
 
         staging_root = self.root / _STAGING
         staging_root.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,19 @@ through a small HTTP API (bearer token; bound to loopback unless told otherwise)
     GET  /runs/<id>              one run: state + metrics
     POST /runs                   body = spec YAML -> 201 {"run_id": ...}; 400 with the validation error
     POST /runs/<id>/resume       re-queue an interrupted/failed run from its last breakpoint
+
+The same port serves the artifact registry (``coordinator.registry_http``) to sites and
+researchers; these routes also accept a site token (``coordinator site-token issue``), which
+opens nothing else:
+
+    GET  /registry[?kind=K]                         published artifacts (their records)
+    GET  /registry/<kind>/<name>                    versions and latest
+    GET  /registry/<kind>/<name>/<version>          one record (version may be "latest")
+    GET  /registry/<kind>/<name>/<version>/<file>   the file, checksum-verified, header X-Content-SHA256
+    POST /registry/<kind>/<name>                    a site pushes a new version (site token only;
+                                                    validated kinds only, weights and configs only)
+
+Sites on other hosts need ``--api-host`` on an address they can reach.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from pathlib import Path
 
 from coordinator import runs
 from coordinator import spec as spec_mod
+from coordinator.registry_http import RegistryRoutes, is_registry_path
 from preprocessing import atomic
 from site_agent.errors import UserError
 
@@ -114,8 +128,10 @@ class Coordinator:
 
 
 def make_handler(coord: Coordinator, token: str):
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(RegistryRoutes, BaseHTTPRequestHandler):
         server_version = "fedimg-coordinator"
+        registry_home = coord.home
+        registry_api_token = token
 
         def log_message(self, fmt, *args):  # keep request lines out of the run logs
             pass
@@ -136,6 +152,8 @@ def make_handler(coord: Coordinator, token: str):
             return False
 
         def do_GET(self):  # noqa: N802
+            if is_registry_path(self.path):  # site tokens or the API token; checked there
+                return self.handle_registry("GET")
             parts = [p for p in self.path.split("?")[0].split("/") if p]
             if parts == ["health"]:
                 queued = sum(1 for r in runs.list_runs(coord.home) if r["status"] == "queued")
@@ -153,6 +171,8 @@ def make_handler(coord: Coordinator, token: str):
             self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
 
         def do_POST(self):  # noqa: N802
+            if is_registry_path(self.path):
+                return self.handle_registry("POST")
             if not self._authorised():
                 return
             parts = [p for p in self.path.split("?")[0].split("/") if p]
@@ -187,6 +207,7 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
     httpd = ThreadingHTTPServer((api_host, api_port), make_handler(coord, token))
     threading.Thread(target=httpd.serve_forever, name="api", daemon=True).start()
     log(f"API on http://{api_host}:{api_port} (token in {home / TOKEN_FILE} or $FEDIMG_API_TOKEN)")
+    log(f"registry on http://{api_host}:{api_port}/registry (sites use a token from `coordinator site-token issue SITE`)")
 
     def _stop(signum, frame):
         coord.stopping.set()

@@ -56,6 +56,7 @@ from scipy import ndimage
 from preprocessing import atomic
 from preprocessing.nifti import clean_image, save_atomic
 from preprocessing.schema import LABEL_MAP_FORMAT, LabelSchema, load_schema
+from preprocessing.seg import segment_codes as _seg_codes, write_seg  # noqa: F401 (_seg_codes: former home)
 
 __all__ = [
     "PHASES",
@@ -65,6 +66,7 @@ __all__ = [
     "PlantedIdentifiers",
     "PhantomSite",
     "make_phantom",
+    "mr_like",
     "write_dicom_series",
     "volume_affine_lps",
     "volume_affine_ras",
@@ -440,6 +442,33 @@ def _rasterise(anat: _Anatomy, shape, spacing) -> np.ndarray:
             hit = ndimage.binary_dilation(seed_vox) & host
         t[hit] = tumour[organ]
     return t
+
+
+# T1-weighted-like MR signal as a function of the CT value, piecewise linear between knots:
+# fat brightest, fluid dark, liver brighter than spleen, cortical bone a signal void,
+# marrow bright. Not monotonic, so no window of the CT maps onto it: a real modality gap.
+_MR_KNOTS_HU = (-1000.0, -500.0, -150.0, -100.0, -50.0, 0.0, 10.0, 60.0, 110.0, 120.0, 165.0, 320.0, 700.0)
+_MR_KNOTS_SIGNAL = (0.0, 0.0, 700.0, 900.0, 600.0, 150.0, 120.0, 300.0, 520.0, 380.0, 250.0, 650.0, 40.0)
+
+
+def mr_like(volume: PhantomVolume, seed: int = 0, noise_sd: float = 12.0, bias: float = 0.15) -> np.ndarray:
+    """An MR-like image (float32, arbitrary units >= 0) of a phantom's anatomy: its CT values
+    through the non-monotonic T1-like curve above, times a smooth multiplicative bias field
+    (+-``bias``), plus Gaussian noise; air and gas (< -500 HU) stay exactly 0, the masked
+    background that the schema's MR rule (z-score over non-zero voxels) expects. The
+    labels of `volume` still apply voxel for voxel (same anatomy, same grid)."""
+    rng = np.random.default_rng(seed)
+    hu = volume.hu.astype(np.float32)
+    signal = np.interp(hu, _MR_KNOTS_HU, _MR_KNOTS_SIGNAL).astype(np.float32)
+    shape = hu.shape
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    gx, gy, gz = np.meshgrid(*axes, indexing="ij")
+    c = rng.uniform(-1.0, 1.0, size=4).astype(np.float32)
+    field = 1.0 + bias * np.tanh(c[0] * gx + c[1] * gy + 0.5 * c[2] * gz + c[3] * gx * gy)
+    out = signal * field + rng.normal(0.0, noise_sd, size=shape).astype(np.float32)
+    out = np.clip(out, 1.0, None)  # tissue never reads exactly 0 (0 marks background)
+    out[hu < -500] = 0.0
+    return out.astype(np.float32)
 
 
 def make_phantom(
@@ -871,57 +900,27 @@ def site_label_volume(label: np.ndarray, classes: Sequence[str], local_values: d
     return out.astype(np.uint8 if out.max() <= 255 else np.uint16)
 
 
-def _seg_codes(name: str, schema: LabelSchema):
-    from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
-
-    organ = schema.organ_of(name) or name
-    organ_code = {"liver": codes.SCT.Liver, "kidney": codes.SCT.Kidney, "pancreas": codes.SCT.Pancreas, "spleen": codes.SCT.Spleen}.get(organ)
-    if name != organ:  # a lesion class
-        return CodedConcept("49755003", "SCT", "Morphologically Altered Structure"), codes.SCT.Neoplasm, organ_code
-    if organ_code is None:
-        return codes.SCT.AnatomicalStructure, codes.SCT.Organ, None
-    return codes.SCT.AnatomicalStructure, organ_code, None
-
-
 def _write_seg(series: list[Path], local: np.ndarray, segment_names: list[str], classes: list[str], out: Path,
                identifiers: PlantedIdentifiers, schema: LabelSchema, uid_seed: str) -> None:
     """A BINARY DICOM SEG of the series, one segment per labelled class (``local`` holds
-    segment numbers 1..n on the image grid)."""
-    import highdicom as hd
-
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in series]  # slice order
-    descriptions = []
-    for number, (cls, label) in enumerate(zip(classes, segment_names), start=1):
-        category, prop, region = _seg_codes(cls, schema)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=label,
-                segmented_property_category=category,
-                segmented_property_type=prop,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-                anatomic_regions=[region] if region is not None else None,
-            )
-        )
+    segment numbers 1..n on the image grid); UIDs deterministic and free of planted strings."""
     avoid = identifiers.strings()
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=np.ascontiguousarray(local.transpose(2, 1, 0)),  # [slice, row, column]
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+    write_seg(
+        series,  # slice order
+        local,
+        segment_names,
+        classes,
+        out,
+        schema,
         series_instance_uid=_uid("seg-series", uid_seed, avoid=avoid),
-        series_number=300,
         sop_instance_uid=_uid("seg-sop", uid_seed, avoid=avoid),
+        series_number=300,
         instance_number=1,
         manufacturer="FEDIMG",
         manufacturer_model_name="Phantom SEG",
         software_versions="fedimg-phantom 1",
         device_serial_number=identifiers.device_serial,
     )
-    buf = io.BytesIO()
-    seg.save_as(buf, enforce_file_format=True)
-    atomic.write_bytes(out, buf.getvalue())
 
 
 def write_phantom_site(

@@ -8,12 +8,16 @@ Example::
     work_dir: /srv/fedimg/work        # Fed-BioMed node component, pid file, logs
     runtime: auto                     # auto | process | docker
     docker: {image: fedimg-site:0.1.0}
+    registry:                         # optional: the coordinator's artifact registry
+      url: http://coordinator.example.org:8750
+      token_file: /srv/fedimg/site-token   # optional; else $FEDIMG_SITE_TOKEN
 """
 
 from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +31,8 @@ DEFAULT_CONFIG = "site.yaml"
 RUNTIMES = ("auto", "process", "docker")
 DEFAULT_IMAGE = "fedimg-site:0.1.0"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_KEYS = {"site_name", "coordinator", "data_dir", "work_dir", "runtime", "docker", "config_version"}
+_KEYS = {"site_name", "coordinator", "data_dir", "work_dir", "runtime", "docker", "registry", "config_version"}
+_REGISTRY_KEYS = {"url", "token_file"}
 
 
 @dataclass
@@ -35,6 +40,15 @@ class DockerSettings:
     image: str = DEFAULT_IMAGE
     restart: str = "unless-stopped"
     network: str | None = None
+
+
+@dataclass
+class RegistrySettings:
+    """Where the coordinator's artifact registry is, and the file holding this site's token
+    (None: the token comes from $FEDIMG_SITE_TOKEN)."""
+
+    url: str
+    token_file: Path | None = None
 
 
 @dataclass
@@ -47,6 +61,7 @@ class SiteConfig:
     runtime: str = "auto"
     docker: DockerSettings = field(default_factory=DockerSettings)
     path: Path | None = None  # where it was loaded from
+    registry: RegistrySettings | None = None
 
     @property
     def node_dir(self) -> Path:
@@ -62,7 +77,7 @@ class SiteConfig:
         return self.work_dir / "node.log"
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "config_version": 1,
             "site_name": self.site_name,
             "coordinator": {"host": self.coordinator_host, "port": self.coordinator_port},
@@ -71,6 +86,12 @@ class SiteConfig:
             "runtime": self.runtime,
             "docker": asdict(self.docker),
         }
+        if self.registry is not None:
+            reg = {"url": self.registry.url}
+            if self.registry.token_file is not None:
+                reg["token_file"] = str(self.registry.token_file)
+            out["registry"] = reg
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -116,6 +137,7 @@ def validate(raw: object, where: str) -> SiteConfig:
     docker = DockerSettings(**docker_raw)
     if docker.restart not in ("no", "always", "unless-stopped", "on-failure"):
         raise ConfigError(f"{where}: docker.restart must be no, always, unless-stopped or on-failure")
+    registry = _validate_registry(raw.get("registry"), where) if raw.get("registry") is not None else None
     return SiteConfig(
         site_name=name,
         coordinator_host=host.strip(),
@@ -124,7 +146,34 @@ def validate(raw: object, where: str) -> SiteConfig:
         work_dir=dirs["work_dir"],
         runtime=runtime,
         docker=docker,
+        registry=registry,
     )
+
+
+def _validate_registry(reg: object, where: str) -> RegistrySettings:
+    if not isinstance(reg, dict) or set(reg) - _REGISTRY_KEYS or "url" not in reg:
+        raise ConfigError(f"{where}: registry must be a mapping with url and optionally token_file")
+    url = reg["url"]
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: registry.url must be an http:// or https:// URL (got {url!r})")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: registry.url {url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: registry.url must be an http:// or https:// URL with a host (got {url!r})")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{where}: registry.url must be plain scheme://host[:port][/path], no credentials, query or fragment "
+            "(the token goes in registry.token_file)"
+        )
+    token_file = reg.get("token_file")
+    if token_file is not None:
+        if not isinstance(token_file, str) or not token_file or not Path(token_file).is_absolute():
+            raise ConfigError(f"{where}: registry.token_file must be an absolute path (got {token_file!r})")
+        token_file = Path(token_file)
+    return RegistrySettings(url=url.strip().rstrip("/"), token_file=token_file)
 
 
 def load(path: str | os.PathLike | None = None) -> SiteConfig:

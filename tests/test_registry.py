@@ -24,7 +24,10 @@ def listing(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def test_publish_versions_get_list_verify(tmp_path):
+def test_publish_versions_get_list_verify(tmp_path, monkeypatch):
+    # storage mechanics with a stand-in branch file: the real branch validator (registered
+    # when coordinator.branches is imported) is tested in test_branch_push.py
+    monkeypatch.delitem(R.VALIDATORS, "segmentation-branch", raising=False)
     reg = Registry(tmp_path)
     cfg = tmp_path / "config.yaml"
     cfg.write_text("size: 64\nn_bins: 29\n")

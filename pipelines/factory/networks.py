@@ -578,7 +578,17 @@ class SynthesisNetwork(nn.Module):
                 out.append(None)
         return out
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "random", noise=None, return_features: bool = False):
+    def forward(
+        self,
+        ws: torch.Tensor,
+        noise_mode: str = "random",
+        noise=None,
+        return_features: bool = False,
+        feature_hook=None,
+    ):
+        """``feature_hook(resolution, x) -> x``, when given, replaces each block's output feature
+        (after that block's ToRGB, before the next block upsamples it); returned features are the
+        hooked ones. None leaves the pass unchanged."""
         if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.cfg.w_dim:
             raise ValueError(f"ws: expected shape (B, {self.num_ws}, {self.cfg.w_dim}) (got {tuple(ws.shape)})")
         b = ws.shape[0]
@@ -592,6 +602,15 @@ class SynthesisNetwork(nn.Module):
             x, img = block(x, img, [ws[:, wi + k] for k in range(n + 1)], noises[ni : ni + n])
             wi += n
             ni += n
+            if feature_hook is not None:
+                hooked = feature_hook(block.resolution, x)
+                if not isinstance(hooked, torch.Tensor) or hooked.shape != x.shape:
+                    got = tuple(hooked.shape) if isinstance(hooked, torch.Tensor) else type(hooked).__name__
+                    raise ValueError(
+                        f"feature_hook at resolution {block.resolution}: must return a tensor of shape "
+                        f"{tuple(x.shape)} (got {got})"
+                    )
+                x = hooked
             features.append(x)
         return (img, features) if return_features else img
 
@@ -769,11 +788,23 @@ class Generator(nn.Module):
 
     # synthesis
 
-    def synthesis(self, ws: torch.Tensor, noise_mode: str = "random", noise=None, return_features: bool = False):
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        noise_mode: str = "random",
+        noise=None,
+        return_features: bool = False,
+        feature_hook=None,
+    ):
         """ws (B, num_ws, w_dim) -> img (B, 1, R, R), or (img, features) with one feature map per
         resolution 4..R (channels ``cfg.channels``). ``noise``: list of ``num_noise`` tensors
-        (B or 1, 1, r, r), entries None fall back to ``noise_mode``."""
-        return self.synthesis_network(ws, noise_mode=noise_mode, noise=noise, return_features=return_features)
+        (B or 1, 1, r, r), entries None fall back to ``noise_mode``. ``feature_hook``: optional
+        ``callable(resolution: int, x: Tensor) -> Tensor`` applied to each block's output feature
+        (after its ToRGB, before the next block); the returned features are the hooked ones
+        (phase-2 encoders inject their residual features this way)."""
+        return self.synthesis_network(
+            ws, noise_mode=noise_mode, noise=noise, return_features=return_features, feature_hook=feature_hook
+        )
 
     def noise_shapes(self, batch: int) -> list[tuple[int, int, int, int]]:
         return self.synthesis_network.noise_shapes(batch)

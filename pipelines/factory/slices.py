@@ -168,21 +168,33 @@ def volume_slices(image: torch.Tensor, rule: ModalityRule, settings: SliceSettin
     bins = slice_bins(depth, settings.n_bins)
     stack = unit.permute(2, 0, 1).contiguous()  # (Z, X, Y): slices as channels, one 2D resize for all
     if settings.min_foreground > 0 and depth:
-        fraction = (stack > FOREGROUND_LEVEL).flatten(1).float().mean(1)
-        keep = fraction >= settings.min_foreground
+        keep = foreground_keep(stack, settings.min_foreground)
         stack, bins = stack[keep], bins[keep]
+    return square_slices(stack, settings.size), bins
+
+
+def foreground_keep(stack: torch.Tensor, min_foreground: float) -> torch.Tensor:
+    """Which slices of a ``(N, X, Y)`` stack in [-1, 1] `volume_slices` keeps for
+    ``min_foreground``: a bool mask ``(N,)``, True where the fraction of voxels above
+    ``FOREGROUND_LEVEL`` is at least ``min_foreground``."""
+    fraction = (stack > FOREGROUND_LEVEL).flatten(1).float().mean(1)
+    return fraction >= min_foreground
+
+
+def square_slices(stack: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices ``(N, X, Y)`` in [-1, 1] -> ``(N, 1, size, size)`` float32: padded to a square
+    with -1, then resized, exactly as described in `volume_slices`."""
     if stack.shape[0] == 0:
-        return torch.zeros((0, 1, settings.size, settings.size), dtype=torch.float32), bins
+        return torch.zeros((0, 1, size, size), dtype=torch.float32)
     side = max(stack.shape[1], stack.shape[2])
     # Pad/resize x + 1 (background 0): SpatialPad's constant and the anti-aliasing filter's
     # zero padding then both mean "background".
     shifted = stack + 1.0
     if stack.shape[1] != stack.shape[2]:
         shifted = SpatialPad(spatial_size=(side, side), method="symmetric", mode="constant", value=0.0)(shifted)
-    resized = Resize(spatial_size=(settings.size, settings.size), mode="bilinear", align_corners=False, anti_aliasing=True)(shifted)
+    resized = Resize(spatial_size=(size, size), mode="bilinear", align_corners=False, anti_aliasing=True)(shifted)
     resized = resized.as_tensor() if hasattr(resized, "as_tensor") else torch.as_tensor(resized)
-    out = (resized.float() - 1.0).clamp_(-1.0, 1.0).unsqueeze(1).contiguous()
-    return out, bins
+    return (resized.float() - 1.0).clamp_(-1.0, 1.0).unsqueeze(1).contiguous()
 
 
 # ------------------------------------------------------------------------------- dataset
@@ -305,7 +317,9 @@ __all__: Sequence[str] = (
     "SliceSettings",
     "clear_memory_cache",
     "dataset_slices",
+    "foreground_keep",
     "intensity_to_unit",
     "slice_bins",
+    "square_slices",
     "volume_slices",
 )

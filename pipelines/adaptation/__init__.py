@@ -1,0 +1,1 @@
+"""Phase 2 of the data-factory method: local domain adaptation (encoder, branch, jobs, volumes)."""

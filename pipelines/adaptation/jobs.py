@@ -1,0 +1,179 @@
+"""A resumable adaptation job's folder: configuration, checkpoints, metrics, outputs.
+
+Layout (one folder per job, ``<site work_dir>/adapt/<job>/`` when run by site-agent)::
+
+    job.json          kind, the resolved configuration and its sha256, status, step, times
+    checkpoint.pt     the latest training state (networks, optimizers, RNG, step), atomic
+    metrics.jsonl     one JSON line per logged step (losses only; no image content)
+    model.pt          the finished job's model (what `site-agent infer` loads)
+    branch/           a source job's published segmentation branch (branch.pt, branch.json)
+    report/           index.html + PNGs
+
+A job started again with the same configuration continues from its checkpoint; with a
+different configuration it is refused (nothing trained is overwritten) unless the caller
+asks for a restart, which first moves the old folder aside as ``<job>.replaced-<time>``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preprocessing import atomic
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STATES = ("running", "done", "failed")
+
+
+class JobError(ValueError):
+    """A job cannot start or continue; the message names the folder and the problem."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def tensor_blob(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+class JobDir:
+    """One job's folder. ``open`` checks it against the configuration and says whether to
+    resume; every write is atomic."""
+
+    def __init__(self, root: str | Path, kind: str, config: dict):
+        self.root = Path(root)
+        if not _NAME.match(self.root.name):
+            raise JobError(f"{self.root}: a job name is 1-64 of A-Z a-z 0-9 _ . - (got {self.root.name!r})")
+        self.kind = kind
+        self.config = config
+        self.digest = config_digest(config)
+
+    # -- paths ----------------------------------------------------------------------------
+
+    @property
+    def record_file(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def model_file(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def record(self) -> dict | None:
+        try:
+            return json.loads(self.record_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise JobError(f"{self.record_file}: unreadable ({exc}); move the folder aside or use another job name") from None
+
+    def open(self, restart: bool = False) -> bool:
+        """Prepare the folder. Returns True when a checkpoint of this configuration exists
+        (resume). Refuses a folder holding another configuration or kind, or a finished
+        job, unless ``restart`` (then the old folder is renamed, not deleted)."""
+        old = self.record()
+        if old is not None:
+            same = old.get("kind") == self.kind and old.get("config_sha256") == self.digest
+            if restart:
+                aside = self.root.with_name(f"{self.root.name}.replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.root, aside)
+                old = None
+            elif not same:
+                changed = sorted(k for k in set(old.get("config", {})) | set(self.config) if old.get("config", {}).get(k) != self.config.get(k))
+                raise JobError(
+                    f"{self.root}: holds a {old.get('kind')} job with another configuration (differs in: {', '.join(changed) or 'kind'}); "
+                    "use another job name, or restart it (the old folder is kept aside)"
+                )
+            elif old.get("status") == "done":
+                raise JobError(f"{self.root}: this job is already done (model in {self.model_file.name}); restart it to train again")
+        self.root.mkdir(parents=True, exist_ok=True)
+        resume = old is not None and self.checkpoint_file.is_file()
+        created = old.get("created") if old else _now()
+        self.write_record(status="running", step=(old or {}).get("step", 0) if resume else 0, created=created)
+        if not resume and self.metrics_file.exists():
+            self.metrics_file.unlink()  # metrics of a run that never checkpointed
+        return resume
+
+    def write_record(self, **fields: Any) -> None:
+        current = self.record() or {}
+        current.update({"kind": self.kind, "config": self.config, "config_sha256": self.digest, "updated": _now(), **fields})
+        atomic.write_json(self.record_file, current)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, state: dict, step: int) -> None:
+        atomic.write_bytes(self.checkpoint_file, tensor_blob({**state, "step": step, "config_sha256": self.digest}))
+        self.write_record(step=step)
+
+    def load_checkpoint(self) -> dict:
+        try:
+            state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # our own file: a torn write is impossible (atomic), corruption is not
+            raise JobError(f"{self.checkpoint_file}: unreadable ({exc}); restart the job") from None
+        if state.get("config_sha256") != self.digest:
+            raise JobError(f"{self.checkpoint_file}: written by another configuration; restart the job")
+        return state
+
+    def log_metrics(self, row: dict) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        rows = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric rows after ``step`` (logged after the checkpoint a resume restarts from)."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= step]
+        atomic.write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def finish(self, **fields: Any) -> None:
+        self.write_record(status="done", finished=_now(), **fields)
+
+    def fail(self, error: str) -> None:
+        self.write_record(status="failed", error=error)

@@ -1,0 +1,157 @@
+"""Losses of the local domain adaptation (phase 2 of the data-factory method; no FL code).
+
+* `ReconstructionLoss` -- image fidelity of an inversion or a cycle: MSE + MS-SSIM by
+  default; a perceptual (LPIPS-like) term only when its network is present on disk as a
+  TorchScript file, because these machines cannot download AlexNet/VGG weights.
+* `ms_ssim` -- multi-scale SSIM built on MONAI's per-scale `compute_ssim_and_cs`, with
+  the number of scales chosen so the Gaussian window fits the coarsest scale (5 scales
+  need images larger than 160 px with the 11-px window; a 64 px slice gets 3) and with the
+  per-scale terms clamped away from zero before the fractional powers, so the gradient
+  stays finite where MONAI's metric (ReLU then power) would give NaN.
+* `segmentation_loss` -- Dice + cross-entropy (the authors' Ls) as the project's
+  `MarginalDiceCELoss`: with a branch's classes all labelled it is plain softmax Dice + CE;
+  when a target site labels only some of the branch's classes, the others are merged
+  with the background instead of being taught as background.
+* `cycle_consistency` -- ``Lr(x, x_cycled)`` summed over the two domains.
+
+Images are single-channel in [-1, 1], ``(B, 1, H, W)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.metrics.regression import compute_ssim_and_cs
+
+from pipelines.losses import IGNORE_INDEX, MarginalDiceCELoss
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in MONAI
+_WINDOW = 11
+_SIGMA = 1.5
+
+
+def ms_ssim_scales(size: int, window: int = _WINDOW) -> int:
+    """How many MS-SSIM scales an image of ``size`` px supports (1..5): the window must fit
+    the coarsest scale, ``size / 2**(scales-1) > window - 1``."""
+    scales = 1
+    while scales < len(MS_SSIM_WEIGHTS) and size / 2**scales > window - 1:
+        scales += 1
+    return scales
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, eps: float = 1e-4) -> torch.Tensor:
+    """Per-sample multi-scale SSIM ``(B,)`` of 2D images ``(B, C, H, W)`` (1 = identical).
+
+    The scale weights are the first ``n`` of `MS_SSIM_WEIGHTS`, renormalised to sum to 1;
+    each scale's contrast-structure term (and the last scale's SSIM) is clamped to
+    ``[eps, 1]`` before its power."""
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ms_ssim: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    n = ms_ssim_scales(min(x.shape[-2:]))
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:n], dtype=torch.float32, device=x.device)
+    weights = weights / weights.sum()
+    terms = []
+    a, b = x.float(), y.float()
+    for i in range(n):
+        ssim, cs = compute_ssim_and_cs(a, b, spatial_dims=2, kernel_size=[_WINDOW] * 2, kernel_sigma=[_SIGMA] * 2, data_range=data_range)
+        value = ssim if i == n - 1 else cs
+        terms.append(value.flatten(1).mean(1).clamp(eps, 1.0))
+        if i < n - 1:
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    stacked = torch.stack(terms, dim=1)  # (B, n)
+    return torch.exp((weights * stacked.log()).sum(1))
+
+
+class PerceptualDistance(torch.nn.Module):
+    """A perceptual distance loaded from a TorchScript file: ``module(x, y) -> (B,)`` or a
+    scalar, inputs in [-1, 1] (LPIPS's convention). The file's sha256 is recorded so a run
+    says exactly which network it used."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: perceptual network not found")
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        try:
+            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except Exception as exc:  # a broken or non-TorchScript file
+            raise ValueError(f"{self.path}: not a TorchScript perceptual network ({exc})") from None
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.net(x, y)
+        return out.float().mean()
+
+
+class ReconstructionLoss(torch.nn.Module):
+    """``mse * MSE + ms_ssim * (1 - MS-SSIM) [+ perceptual * P]`` for images in [-1, 1].
+
+    The authors use MSE (weight 1) + LPIPS (weight 0.8); without LPIPS weights on disk the
+    structural term is MS-SSIM with the same weight. ``perceptual`` is a path to a
+    TorchScript distance (see `PerceptualDistance`); None leaves the term out."""
+
+    def __init__(self, mse: float = 1.0, ms_ssim_weight: float = 0.8, perceptual: str | Path | None = None, perceptual_weight: float = 0.8):
+        super().__init__()
+        for name, value in (("mse", mse), ("ms_ssim_weight", ms_ssim_weight), ("perceptual_weight", perceptual_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.mse = float(mse)
+        self.ms_ssim_weight = float(ms_ssim_weight)
+        self.perceptual = PerceptualDistance(perceptual) if perceptual is not None else None
+        self.perceptual_weight = float(perceptual_weight) if perceptual is not None else 0.0
+
+    def describe(self) -> dict:
+        out = {"mse": self.mse, "ms_ssim": self.ms_ssim_weight}
+        if self.perceptual is not None:
+            out["perceptual"] = {"weight": self.perceptual_weight, "file": self.perceptual.path.name, "sha256": self.perceptual.sha256}
+        return out
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if x.shape != target.shape:
+            raise ValueError(f"reconstruction: shapes differ {tuple(x.shape)} vs {tuple(target.shape)}")
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self.mse:
+            loss = loss + self.mse * F.mse_loss(x.float(), target.float())
+        if self.ms_ssim_weight:
+            loss = loss + self.ms_ssim_weight * (1.0 - ms_ssim(x, target)).mean()
+        if self.perceptual is not None and self.perceptual_weight:
+            loss = loss + self.perceptual_weight * self.perceptual(x, target)
+        return loss
+
+
+def cycle_consistency(loss: ReconstructionLoss, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``sum Lr(x, x_cycled)`` over (original, cycled) pairs, e.g. source and target."""
+    total = None
+    for original, cycled in pairs:
+        term = loss(cycled, original)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("cycle_consistency: no pairs")
+    return total
+
+
+def segmentation_loss(n_classes: int, labelled: Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX) -> MarginalDiceCELoss:
+    """Dice + CE over a branch's ``n_classes`` (background 0 first). ``labelled``: the
+    branch classes the labels actually mark (default every foreground class)."""
+    foreground = list(range(1, n_classes)) if labelled is None else sorted(int(c) for c in labelled)
+    if not foreground:
+        raise ValueError("segmentation_loss: no labelled foreground class")
+    return MarginalDiceCELoss(foreground, n_classes, ignore_index=ignore_index)
+
+
+__all__ = [
+    "MS_SSIM_WEIGHTS",
+    "PerceptualDistance",
+    "ReconstructionLoss",
+    "cycle_consistency",
+    "ms_ssim",
+    "ms_ssim_scales",
+    "segmentation_loss",
+]
