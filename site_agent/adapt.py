@@ -103,6 +103,7 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
     from preprocessing.dataset import DatasetSchemaError, check_schema
 
     parse_ref(branch_name, "branch")
+    parse_ref(factory_ref, "factory")
     settings = _settings(settings_raw)
     factory, folder = pull_factory(site, factory_ref)
     path = _dataset_path(site, dataset)
@@ -166,6 +167,8 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     from preprocessing.dataset import DatasetSchemaError, check_schema
 
     settings = _settings(settings_raw)
+    parse_ref(factory_ref, "factory")
+    parse_ref(branch_ref, "branch")
     factory, _ = pull_factory(site, factory_ref)
     branch, meta, folder = pull_branch(site, branch_ref)
     bf = branch.config()["factory"]

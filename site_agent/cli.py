@@ -45,9 +45,11 @@ def cli(ctx: click.Context, config_path: str) -> None:
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False), help="Folder for the node, logs, pid file.")
 @click.option("--runtime", type=click.Choice(site_config.RUNTIMES), default="auto", show_default=True)
 @click.option("--image", default=site_config.DEFAULT_IMAGE, show_default=True, help="Site image for the docker runtime.")
+@click.option("--registry-url", default=None, help="The coordinator's artifact registry, e.g. http://coordinator:8750 (for `adapt`).")
+@click.option("--registry-token-file", default=None, type=click.Path(dir_okay=False), help="File holding this site's registry token.")
 @click.option("--force", is_flag=True, help="Overwrite an existing site config (the node and its data are kept).")
 @click.pass_context
-def init(ctx, site_name, coordinator_host, coordinator_port, data_dir, work_dir, runtime, image, force) -> None:
+def init(ctx, site_name, coordinator_host, coordinator_port, data_dir, work_dir, runtime, image, registry_url, registry_token_file, force) -> None:
     """Write the site config and create the Fed-BioMed node (plan approval ON, default plans OFF)."""
     from site_agent import node
 
@@ -62,6 +64,12 @@ def init(ctx, site_name, coordinator_host, coordinator_port, data_dir, work_dir,
         "runtime": runtime,
         "docker": {"image": image},
     }
+    if registry_url:
+        raw["registry"] = {"url": registry_url}
+        if registry_token_file:
+            raw["registry"]["token_file"] = str(Path(registry_token_file).resolve())
+    elif registry_token_file:
+        raise UserError("--registry-token-file needs --registry-url")
     site = site_config.validate(raw, "command line")
     site.data_dir.mkdir(parents=True, exist_ok=True)
     site.work_dir.mkdir(parents=True, exist_ok=True)
