@@ -96,11 +96,10 @@ def _finite(d: dict) -> dict:
 def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None = None,
                publish: bool = True, restart: bool = False, progress: Callable | None = None, log=print) -> dict:  # fmt: skip
     """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``."""
-    from pipelines.adaptation import report
     from pipelines.adaptation.networks import branch_files
     from pipelines.adaptation.training import train_source
     from pipelines.adaptation.volumes import labelled_slices
-    from preprocessing.dataset import DatasetSchemaError, check_schema
+    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema
 
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
@@ -115,10 +114,13 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
     config = {"dataset": str(path), "factory": factory.identity, "branch": branch_name, "settings": settings.to_dict(), "site_client_id": client_id}
     jd, resume = _open_job(_job_dir(site, job or f"source-{branch_name}"), "source", config, restart)
     try:
-        data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=True)
         if client_id is None:
             log(f"note: site {site.site_name} did not train factory {factory.identity['name']}; its domain is the mean over all client ids")
-        model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
+        try:
+            data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=True)
+            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
+        except (ValueError, DatasetError) as exc:
+            raise UserError(f"{path}: {exc}") from None
         from preprocessing import atomic
         from pipelines.adaptation.jobs import tensor_blob
 
@@ -164,7 +166,7 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     from pipelines.adaptation.volumes import labelled_slices
     from preprocessing import atomic
     from pipelines.adaptation.jobs import tensor_blob
-    from preprocessing.dataset import DatasetSchemaError, check_schema
+    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema
 
     settings = _settings(settings_raw)
     parse_ref(factory_ref, "factory")
@@ -188,11 +190,11 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
               "settings": settings.to_dict(), "source_client_id": source_client, "target_client_id": target_client}  # fmt: skip
     jd, resume = _open_job(_job_dir(site, job or f"target-{folder.parent.name}"), "target", config, restart)
     try:
-        data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=False)
         try:
+            data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=False)
             model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress, log=log)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        except (ValueError, DatasetError) as exc:
+            raise UserError(f"{path}: {exc}") from None
         atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
         _target_report(jd, model, data, summary, factory)
         ev = summary.get("evaluation", {})
