@@ -9,24 +9,24 @@ A branch is exactly two files (see pipelines/adaptation/networks.py):
   the network that configuration builds, all finite.
 
 The coordinator rebuilds the branch from the configuration and loads the weights strictly;
-any other file, key, shape or value is refused before anything is written. The branch must
-name a factory version this registry holds, with the same generator checksum. The push's
-``meta`` is limited to the keys below (numbers, names and class names, nothing free-form
-about patients). A branch is a small per-pixel classifier over generator features; like
+any other file, key, shape, dtype or value is refused before anything is written, and what
+is stored is the rebuilt branch serialised afresh, never the pushed bytes. The branch must
+name a factory version this registry holds (same generator checksum, feature channels and
+resolution) and segment classes of its schema. The record's ``meta`` is built by the
+coordinator (who pushed, that site's client id, the factory and classes from the validated
+configuration); the site contributes only per-class validation Dice and a step count. A branch is a small per-pixel classifier over generator features; like
 any trained weights it is a function of its training data, and that is all it carries.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Mapping
 
 from coordinator import registry as R
 
 KIND = "segmentation-branch"
 META_KEYS = {"source_site", "source_client_id", "factory", "classes", "validation_dice", "steps", "published_by"}
-_MAX_META_BYTES = 16 * 1024
 
 
 def validate_files(files: Mapping[str, bytes]) -> None:
@@ -38,44 +38,99 @@ def validate_files(files: Mapping[str, bytes]) -> None:
         raise R.RegistryError(f"not a segmentation branch: {exc}") from None
 
 
-def check_factory(reg: R.Registry, files: Mapping[str, bytes]) -> None:
-    """The branch's factory must be a version of this registry with the same generator."""
-    factory = json.loads(files["branch.json"])["factory"]
-    name, version, sha = factory.get("name"), factory.get("version"), factory.get("sha256")
+def canonical_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The branch as the coordinator rebuilds it, serialised afresh: what is stored is never
+    the pushed bytes, so nothing outside the validated configuration and weights (an extra
+    zip member, a tensor's hidden storage, duplicate JSON keys, padding) survives. Weights
+    must be float32 (int64 for batch-norm counters)."""
+    import io
+
+    import torch
+
+    from pipelines.adaptation.networks import branch_files, validate_branch_files
+
+    try:
+        branch = validate_branch_files(dict(files))
+        state = torch.load(io.BytesIO(files["branch.pt"]), map_location="cpu", weights_only=True)
+    except ValueError as exc:
+        raise R.RegistryError(f"not a segmentation branch: {exc}") from None
+    for key, value in state.items():
+        want = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        if value.dtype != want:
+            raise R.RegistryError(f"not a segmentation branch: branch.pt: {key} is {value.dtype}, expected {want}")
+    return branch_files(branch)
+
+
+def _factory_json(reg: R.Registry, name: str, version: str) -> tuple[dict, dict]:
     try:
         record = reg.get("factory", name, version)
+        folder = reg.path("factory", name, record["version"])
     except R.RegistryError:
         raise R.RegistryError(f"branch.json names factory {name} {version}, which this registry does not hold") from None
+    try:
+        meta = json.loads((folder / "factory.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    return record, meta
+
+
+def check_factory(reg: R.Registry, files: Mapping[str, bytes]) -> dict:
+    """The branch must read a factory version this registry holds (same generator checksum,
+    same feature channels and resolution) and segment classes of that factory's schema,
+    background first. Returns the factory's description (factory.json)."""
+    config = json.loads(files["branch.json"])
+    factory = config["factory"]
+    name, version, sha = factory.get("name"), factory.get("version"), factory.get("sha256")
+    if not R._VERSION.match(version or ""):
+        raise R.RegistryError(f"branch.json: factory.version must be an explicit version like v0001 (got {version!r})")
+    record, meta = _factory_json(reg, name, version)
     held = (record.get("files") or {}).get("generator.pt", {}).get("sha256")
     if held != sha:
         raise R.RegistryError(f"branch.json names factory {name} {version} with generator sha256 {str(sha)[:12]}..., but the registry's is {str(held)[:12]}...")
+    fcfg = meta.get("factory") or {}
+    if fcfg and (list(fcfg.get("channels", [])) != config["feature_channels"] or fcfg.get("resolution") != config["resolution"]):
+        raise R.RegistryError(
+            f"branch.json: feature_channels {config['feature_channels']} / resolution {config['resolution']} do not match "
+            f"factory {name} {version} ({fcfg.get('channels')} / {fcfg.get('resolution')})"
+        )
+    names = config["class_names"]
+    if names[0] != "background":
+        raise R.RegistryError(f"branch.json: class_names must start with background (got {names[0]!r})")
+    schema = meta.get("schema_definition") or {}
+    known = set((schema.get("classes") or {}).keys())
+    unknown = [n for n in names[1:] if n not in known or n == "background"]
+    if known and unknown:
+        raise R.RegistryError(f"branch.json: class(es) {', '.join(unknown)} are not foreground classes of factory {name} {version}'s label schema")
+    return meta
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    if depth > 3:
-        return False
-    if value is None or isinstance(value, (bool, int, str)):
-        return not isinstance(value, str) or len(value) <= 256
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return len(value) <= 64 and all(isinstance(k, str) and len(k) <= 64 and _plain(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def check_meta(meta: Mapping[str, Any]) -> dict:
-    """Allowlisted keys with small plain JSON values; raises RegistryError naming the key."""
+def server_meta(meta: Mapping[str, Any], files: Mapping[str, bytes], factory_meta: dict, site: str) -> dict:
+    """The record's meta, built by the coordinator: who pushed it, that site's client id in
+    the factory, the factory and classes from the validated branch.json; from the pushing
+    site only ``validation_dice`` ({class: number in [0, 1] or null}) and ``steps`` (int)."""
     unknown = sorted(set(meta) - META_KEYS)
     if unknown:
         raise R.RegistryError(f"meta: key(s) {', '.join(unknown)} not allowed for a {KIND}; allowed: {', '.join(sorted(META_KEYS))}")
-    for key, value in meta.items():
-        if not _plain(value):
-            raise R.RegistryError(f"meta.{key}: must be a small plain JSON value (strings <= 256 characters, lists/objects <= 64 entries)")
-    if len(json.dumps(meta)) > _MAX_META_BYTES:
-        raise R.RegistryError(f"meta: larger than {_MAX_META_BYTES} bytes")
-    return dict(meta)
+    config = json.loads(files["branch.json"])
+    dice = meta.get("validation_dice") or {}
+    if not isinstance(dice, dict):
+        raise R.RegistryError("meta.validation_dice: must map class names to numbers in [0, 1] or null")
+    for k, v in dice.items():
+        if k not in config["class_names"][1:] or not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)):
+            raise R.RegistryError(f"meta.validation_dice: {k!r}: keys must be the branch's classes, values numbers in [0, 1] or null")
+    steps = meta.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps < 10**9):
+        raise R.RegistryError("meta.steps: must be a positive integer")
+    clients = factory_meta.get("clients") or {}
+    return {
+        "source_site": site,
+        "source_client_id": clients.get(site) if isinstance(clients.get(site), int) else None,
+        "factory": dict(config["factory"]),
+        "classes": list(config["class_names"]),
+        "validation_dice": dict(dice),
+        "steps": steps,
+        "published_by": site,
+    }
 
 
 R.register_validator(KIND, validate_files)

@@ -266,10 +266,11 @@ class RegistryRoutes:
             for filename, data in files.items():
                 if filename.endswith(".pt"):
                     R.check_flat_state_dict(filename, data)
-            if kind == branches.KIND:
-                meta = branches.check_meta(meta)
+            if kind == branches.KIND:  # store the rebuilt branch and a meta the server builds
                 R.run_validator(kind, files, required=True)
-                branches.check_factory(reg, files)
+                files = branches.canonical_files(files)
+                factory_meta = branches.check_factory(reg, files)
+                meta = branches.server_meta(meta, files, factory_meta, site)
             with _push_lock(reg.root):
                 self._reg_check_owner(reg, kind, name, site)  # again, now that pushes are serialised
                 record = reg.publish(kind, name, files, meta, require_validator=True)

@@ -118,9 +118,12 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
             log(f"note: site {site.site_name} did not train factory {factory.identity['name']}; its domain is the mean over all client ids")
         try:
             data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=True)
-            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
+        try:
+            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
+        except ValueError as exc:
+            raise UserError(f"source job {jd.root}: {exc}") from None
         from preprocessing import atomic
         from pipelines.adaptation.jobs import tensor_blob
 
@@ -179,12 +182,20 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
             f"branch {branch_ref} was trained on factory {bf.get('name')} {bf.get('version')} (generator sha256 {bf['sha256'][:12]}...), "
             f"not on {factory.identity['name']} {factory.identity['version']}; pull the factory it names"
         )
+    cfg = branch.config()
+    if tuple(cfg["feature_channels"]) != tuple(factory.config.channels) or cfg["resolution"] != factory.config.resolution:
+        raise UserError(f"{folder}: the branch reads features {cfg['feature_channels']} at {cfg['resolution']} px, the factory has {list(factory.config.channels)} at {factory.config.resolution}")
+    unknown = [n for n in cfg["class_names"][1:] if n not in factory.schema.classes]
+    if unknown:
+        raise UserError(f"{folder}: the branch segments {', '.join(unknown)}, which the factory's label schema does not have")
+    source_client = meta.get("source_client_id")
+    if source_client is not None and not (isinstance(source_client, int) and 0 <= source_client < factory.config.n_clients):
+        raise UserError(f"{folder}: artifact.json: source_client_id {source_client!r} is not a client id of the factory")
     path = _dataset_path(site, dataset)
     try:
         check_schema(json.loads((path / "manifest.json").read_text()), factory.schema, str(path))
     except DatasetSchemaError as exc:
         raise UserError(str(exc)) from None
-    source_client = meta.get("source_client_id")
     target_client = factory.client_id(site.site_name)
     config = {"dataset": str(path), "factory": factory.identity, "branch": {"name": folder.parent.name, "version": folder.name},
               "settings": settings.to_dict(), "source_client_id": source_client, "target_client_id": target_client}  # fmt: skip
@@ -192,9 +203,12 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     try:
         try:
             data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=False)
-            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress, log=log)
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
+        try:  # messages of training name the job folder, the branch or the dataset themselves
+            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress, log=log)
+        except ValueError as exc:
+            raise UserError(f"target job {jd.root}: {exc}") from None
         atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
         _target_report(jd, model, data, summary, factory)
         ev = summary.get("evaluation", {})
@@ -289,7 +303,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
     from pipelines.adaptation.training import AdaptedModel
     from pipelines.adaptation import volumes as V
     from pipelines.factory.slices import SliceSettings
-    from preprocessing.dataset import load_dataset
+    from preprocessing.dataset import DatasetError, load_dataset
     from preprocessing.schema import parse_schema
 
     try:
@@ -312,7 +326,10 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
     for item in inputs:
         p = Path(item)
         if (p / "manifest.json").is_file():
-            ds = load_dataset(p)
+            try:
+                ds = load_dataset(p)
+            except DatasetError as exc:
+                raise UserError(f"{p}: {exc}") from None
             jobs += [(c.case_id, "nifti", c.image, ds.modality) for c in ds.cases]
         elif p.is_dir():
             jobs.append((p.name, "dicom", p, modality))

@@ -79,6 +79,17 @@ def test_infer_and_adapt_refuse_bad_input_clearly(model_file, tmp_path, site_yam
     assert res.returncode == 0, res.stderr
     assert nib.load(json.loads(res.stdout)[0]["label"]).shape == (32, 32, 8)
 
+    # a prepared dataset: one label volume per case, on each case's grid
+    from preprocessing.dataset import load_dataset, write_dataset
+
+    write_dataset(tmp_path / "ds", "ds", "CT", {"background": 0, "liver": 3},
+                  [(vol.hu.astype(np.float32), None, np.diag([6.0, 6.0, 10.0, 1.0])) for _ in range(2)])  # fmt: skip
+    rows = run_infer(model_file, [str(tmp_path / "ds")], tmp_path / "ds-labels", log=quiet)
+    cases = load_dataset(tmp_path / "ds").cases
+    assert [r["input"] for r in rows] == [str(c.image) for c in cases]
+    for r in rows:
+        assert nib.load(r["label"]).shape == (32, 32, 8)
+
     site = site_config.validate(site_yaml, "site.yaml")  # no registry section
     with pytest.raises(UserError, match="no registry section"):
         run_source(site, "x", "f", "b", {}, log=quiet)

@@ -271,3 +271,26 @@ def test_synthetic_source_samples_are_labelled_by_the_source_branch(factory):
     x2, y2 = synthetic_source(factory.generator, branch, 0, 5, seed=3)
     assert torch.allclose(x, x2, atol=1e-5) and (y == y2).float().mean() > 0.99  # seeded; chunking changes only float rounding
     assert not torch.equal(synthetic_source(factory.generator, branch, 1, 5, seed=3)[0], x)  # the client id matters
+
+
+def test_target_training_resumes_exactly(tmp_path, factory, source_data, target_data):
+    job = JobDir(tmp_path / "src", "source", {})
+    source, _ = train_source(factory, source_data, settings(steps=2), job, 0, resume=job.open(), log=lambda m: None)
+    s = settings(steps=4)
+    job = JobDir(tmp_path / "full", "target", {})
+    full, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open(), log=lambda m: None)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(done, total, row):
+        if done == 3:
+            raise Stop
+
+    job = JobDir(tmp_path / "cut", "target", {})
+    with pytest.raises(Stop):
+        train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open(), progress=interrupt, log=lambda m: None)
+    job = JobDir(tmp_path / "cut", "target", {})
+    assert job.open() is True
+    resumed, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=True, log=lambda m: None)
+    assert _equal(_state(resumed.encoder), _state(full.encoder)) and _equal(_state(resumed.branch_target), _state(full.branch_target))

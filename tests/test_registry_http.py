@@ -44,8 +44,9 @@ def validator(monkeypatch):
     from coordinator import branches
 
     monkeypatch.setitem(R.VALIDATORS, "segmentation-branch", accept_all)
-    monkeypatch.setattr(branches, "check_meta", dict)
-    monkeypatch.setattr(branches, "check_factory", lambda reg, files: None)
+    monkeypatch.setattr(branches, "canonical_files", dict)
+    monkeypatch.setattr(branches, "check_factory", lambda reg, files: {})
+    monkeypatch.setattr(branches, "server_meta", lambda meta, files, factory_meta, site: {**meta, "published_by": site})
 
 
 @pytest.fixture

@@ -110,6 +110,8 @@ class JobDir:
         (resume). Refuses a folder holding another configuration or kind, or a finished
         job, unless ``restart`` (then the old folder is renamed, not deleted)."""
         old = self.record()
+        if old is None and restart and self.root.exists():  # leftovers without a record: keep them aside too
+            os.replace(self.root, self.root.with_name(f"{self.root.name}.replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
         if old is not None:
             same = old.get("kind") == self.kind and old.get("config_sha256") == self.digest
             if restart:
@@ -127,7 +129,7 @@ class JobDir:
         self.root.mkdir(parents=True, exist_ok=True)
         resume = old is not None and self.checkpoint_file.is_file()
         created = old.get("created") if old else _now()
-        self.write_record(status="running", step=(old or {}).get("step", 0) if resume else 0, created=created)
+        self.write_record(status="running", step=(old or {}).get("step", 0) if resume else 0, created=created, error=None)
         if not resume and self.metrics_file.exists():
             self.metrics_file.unlink()  # metrics of a run that never checkpointed
         return resume

@@ -165,6 +165,36 @@ def label_table(schema_ids: Mapping[str, int], class_names: list[str], ignore_la
     return table
 
 
+class PartialLabelLoss:
+    """Dice + CE where each sample carries the branch classes its labels mark: samples are
+    grouped by that set and each group gets the marginal loss over its own classes (the
+    others merged with the background, not taught as background); groups are weighted by
+    size. A sample whose set is empty gives no supervision."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+        self._losses: dict[tuple[int, ...], torch.nn.Module] = {}
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, sets: list[tuple[int, ...]]) -> torch.Tensor:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, key in enumerate(sets):
+            if key:
+                groups.setdefault(key, []).append(i)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for key, idx in groups.items():
+            if key not in self._losses:
+                self._losses[key] = segmentation_loss(self.n_classes, list(key))
+            ix = torch.tensor(idx, dtype=torch.long)
+            total = total + self._losses[key](logits[ix], labels[ix]) * (len(idx) / len(sets))
+        return total
+
+
+def case_branch_sets(data: LabelledSlices, names: list[str], schema_ids: Mapping[str, int]) -> list[tuple[int, ...]]:
+    """Per case of ``data``: the branch class indices its labels mark."""
+    index = {schema_ids[n]: i for i, n in enumerate(names) if i}
+    return [tuple(sorted(index[c] for c in classes if c in index)) for classes in data.labeled_classes]
+
+
 # -- models -----------------------------------------------------------------------------------
 
 
@@ -358,7 +388,8 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     branch = SegmentationBranch.for_factory(factory.config, names, cfg, identity)
     opt = _optimizer(encoder, [branch], s)
     rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual)
-    seg = segmentation_loss(len(names))
+    seg = PartialLabelLoss(len(names))
+    case_sets = case_branch_sets(data, names, schema_ids)
     gen = torch.Generator().manual_seed(s.seed + 1)
     start = 0
     if resume:
@@ -385,7 +416,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
         fs = s.feature_scale(step)
         img, feats, _ = invert(g, encoder, x, SOURCE, fs)
         l_rec = rec(img, x)
-        l_seg = seg(branch(feats), y)
+        l_seg = seg(branch(feats), y, [case_sets[int(c)] for c in data.case_index[idx]])
         loss = l_rec + l_seg
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -475,9 +506,11 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         raise ValueError(f"{job.root}: the few target labels show none of the branch's classes ({', '.join(names[1:])})")
     in_train = torch.isin(data.case_index, torch.tensor(train_cases, dtype=torch.long))
     train_idx = torch.nonzero(in_train).flatten()
-    target_classes = sorted({schema_ids[n] for n in names[1:]} & set(data.dataset_labeled_classes))
-    seg_tgt = segmentation_loss(len(names), [i for i, n in enumerate(names) if i and schema_ids[n] in target_classes] or None)
-    seg_src = segmentation_loss(len(names))
+    # losses against S_s's labels of synthetic source slices: every branch class; against
+    # the few target labels: the classes the labelled slice's case marks (the others merged)
+    seg_full = segmentation_loss(len(names))
+    seg_few = PartialLabelLoss(len(names))
+    case_sets = case_branch_sets(data, names, schema_ids)
 
     torch.manual_seed(s.seed)
     encoder = InversionEncoder(factory.config, cfg, latent_avgs(g, [source_client, target_client], n=s.latent_samples, seed=s.seed))
@@ -509,8 +542,7 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
                              "sampler": gen.get_state(), "rng": rng_state(), "synthetic_images": syn_x.half(),
                              "synthetic_labels": syn_y.to(torch.uint8)}, step)  # fmt: skip
 
-    if not resume:
-        syn_x = syn_x.half().float()  # what a checkpoint holds, so a resumed job sees the same pool
+    syn_x = syn_x.half().float()  # what a checkpoint holds (float16), so a resumed job sees the same pool
     syn_y = syn_y.long()
     syn_idx = torch.arange(syn_x.shape[0])
     n_t = max(1, s.batch - 1)
@@ -527,19 +559,27 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         sl = slice(n_t, n_t + 1)  # the labelled target slice's position in the target batch
         fsc = s.feature_scale(step)
 
+        few_set = [case_sets[int(data.case_index[li[0]])]]
+
         rs, fs_, _ = invert(g, encoder, xs, SOURCE, fsc)
         rt, ft, _ = invert(g, encoder, xt, TARGET, fsc)
         l_rec = rec(rs, xs) + rec(rt, xt)
-        l_seg = seg_src(s_src(fs_), ys) + seg_tgt(s_tgt([f[sl].detach() for f in ft]), yt)
 
         ts, fts, _ = invert(g, encoder, xs, TARGET, fsc)  # source -> target
         tt, ftt, _ = invert(g, encoder, xt, SOURCE, fsc)  # target -> source
-        l_tr = seg_tgt(s_tgt([f.detach() for f in fts]), ys) + seg_src(s_src([f[sl] for f in ftt]), yt)
 
         cs, fcs, _ = invert(g, encoder, ts.clamp(-1, 1), SOURCE, fsc)  # and back
         ct, fct, _ = invert(g, encoder, tt.clamp(-1, 1), TARGET, fsc)
         l_cyc = rec(cs, xs) + rec(ct, xt)
-        l_cs = seg_src(s_src(fcs), ys) + seg_tgt(s_tgt([f[sl].detach() for f in fct]), yt)
+
+        # S_t (training) reads detached features, in ONE batch so its batch norm never sees
+        # a single slice: [target recon (labelled slice), source -> target, cycled target]
+        st_in = [torch.cat([a[sl], b, c[sl]]).detach() for a, b, c in zip(ft, fts, fct)]
+        st_out = s_tgt(st_in)
+        b = xs.shape[0]
+        l_seg = seg_full(s_src(fs_), ys) + seg_few(st_out[:1], yt, few_set)
+        l_tr = seg_full(st_out[1 : 1 + b], ys) + seg_few(s_src([f[sl] for f in ftt]), yt, few_set)
+        l_cs = seg_full(s_src(fcs), ys) + seg_few(st_out[1 + b :], yt, few_set)
 
         loss = l_rec + l_cyc + l_seg + l_tr + l_cs
         opt.zero_grad(set_to_none=True)
