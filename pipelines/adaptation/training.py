@@ -360,6 +360,32 @@ def _optimizer(encoder: torch.nn.Module, branches: list[torch.nn.Module], s: Ada
     return torch.optim.Adam(groups, betas=(0.9, 0.999))
 
 
+class _StepLog:
+    """Optimizer step, loss averaging, metric rows every ``log_every`` steps and checkpoints
+    every ``checkpoint_every`` steps: the bookkeeping both training loops share."""
+
+    def __init__(self, s: AdaptSettings, job: JobDir, progress: Progress | None, checkpoint: Callable[[int], None]):
+        self.s, self.job, self.progress, self.checkpoint = s, job, progress, checkpoint
+        self.t0, self.acc = time.perf_counter(), {}
+
+    def step(self, opt: torch.optim.Optimizer, step: int, feature_scale: float, losses: dict[str, torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        for k, v in losses.items():
+            self.acc.setdefault(k, []).append(float(v.detach()))
+        done, s = step + 1, self.s
+        if done % s.log_every == 0 or done == s.steps:
+            row = {"step": done, "feature_scale": feature_scale, "step_s": (time.perf_counter() - self.t0) / len(self.acc["loss"]),
+                   **{k: float(np.mean(v)) for k, v in self.acc.items()}}  # fmt: skip
+            self.job.log_metrics(row)
+            if self.progress:
+                self.progress(done, s.steps, row)
+            self.t0, self.acc = time.perf_counter(), {}
+        if done % s.checkpoint_every == 0 and done < s.steps:
+            self.checkpoint(done)
+
+
 def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings, job: JobDir, site_client: int | None,
                  resume: bool = False, progress: Progress | None = None, log=print) -> tuple[AdaptedModel, dict]:  # fmt: skip
     """Train E_s and S_s on a labelled dataset's slices. Returns (model, summary)."""
@@ -409,7 +435,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
 
     encoder.train()
     branch.train()
-    t0, acc = time.perf_counter(), {}
+    book = _StepLog(s, job, progress, checkpoint)
     for step in range(start, s.steps):
         idx = source_batch_indices(train_idx, fg_idx, s.batch, s.foreground_fraction, gen)
         x, y = data.images[idx], labels[idx]
@@ -417,21 +443,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
         img, feats, _ = invert(g, encoder, x, SOURCE, fs)
         l_rec = rec(img, x)
         l_seg = seg(branch(feats), y, [case_sets[int(c)] for c in data.case_index[idx]])
-        loss = l_rec + l_seg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for k, v in (("loss", loss), ("loss_rec", l_rec), ("loss_seg", l_seg)):
-            acc.setdefault(k, []).append(float(v.detach()))
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            row = {"step": done, "feature_scale": fs, "step_s": (time.perf_counter() - t0) / len(acc["loss"]), **{k: float(np.mean(v)) for k, v in acc.items()}}
-            job.log_metrics(row)
-            if progress:
-                progress(done, s.steps, row)
-            t0, acc = time.perf_counter(), {}
-        if done % s.checkpoint_every == 0 and done < s.steps:
-            checkpoint(done)
+        book.step(opt, step, fs, {"loss": l_rec + l_seg, "loss_rec": l_rec, "loss_seg": l_seg})
     checkpoint(s.steps)
 
     meta = {"factory": identity, "schema_definition": factory.meta.get("schema_definition"), "slices": factory.slices.key(),
@@ -548,7 +560,7 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     n_t = max(1, s.batch - 1)
     encoder.train()
     s_tgt.train()
-    t0, acc = time.perf_counter(), {}
+    book = _StepLog(s, job, progress, checkpoint)
     for step in range(start, s.steps):
         si = _draw(syn_idx, s.batch, gen)
         ti = _draw(train_idx, n_t, gen)
@@ -581,21 +593,9 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         l_tr = seg_full(st_out[1 : 1 + b], ys) + seg_few(s_src([f[sl] for f in ftt]), yt, few_set)
         l_cs = seg_full(s_src(fcs), ys) + seg_few(st_out[1 + b :], yt, few_set)
 
-        loss = l_rec + l_cyc + l_seg + l_tr + l_cs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for k, v in (("loss", loss), ("loss_rec", l_rec), ("loss_cycle", l_cyc), ("loss_seg", l_seg), ("loss_translate_seg", l_tr), ("loss_cycle_seg", l_cs)):
-            acc.setdefault(k, []).append(float(v.detach()))
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            row = {"step": done, "feature_scale": fsc, "step_s": (time.perf_counter() - t0) / len(acc["loss"]), **{k: float(np.mean(v)) for k, v in acc.items()}}
-            job.log_metrics(row)
-            if progress:
-                progress(done, s.steps, row)
-            t0, acc = time.perf_counter(), {}
-        if done % s.checkpoint_every == 0 and done < s.steps:
-            checkpoint(done)
+        losses = {"loss": l_rec + l_cyc + l_seg + l_tr + l_cs, "loss_rec": l_rec, "loss_cycle": l_cyc, "loss_seg": l_seg,
+                  "loss_translate_seg": l_tr, "loss_cycle_seg": l_cs}  # fmt: skip
+        book.step(opt, step, fsc, losses)
     checkpoint(s.steps)
 
     identity = {k: factory.identity.get(k, "") for k in ("name", "version", "sha256")}
