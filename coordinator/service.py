@@ -27,7 +27,6 @@ Sites on other hosts need ``--api-host`` on an address they can reach.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import secrets
 import signal
@@ -137,12 +136,7 @@ def make_handler(coord: Coordinator, token: str):
             pass
 
         def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body, default=str).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._reg_json(status, body)  # the registry mixin's JSON reply
 
         def _authorised(self) -> bool:
             given = self.headers.get("Authorization", "")

@@ -31,7 +31,6 @@ import torch
 from preprocessing import atomic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-STATES = ("running", "done", "failed")
 
 
 class JobError(ValueError):

@@ -85,6 +85,7 @@ from pipelines.factory.networks import (
     Generator,
     count_parameters,
     pixel_norm,
+    preset_values,
     requires_grad,
 )
 
@@ -230,21 +231,7 @@ class AdaptConfig:
     def from_dict(cls, raw: Mapping[str, Any] | None, where: str = "adaptation") -> "AdaptConfig":
         """Build from a plain dict (YAML/JSON): optional ``preset`` plus field overrides; errors
         name ``{where}.{key}``."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{where}: must be a mapping of adaptation network settings (got {type(raw).__name__})")
-        names = [f.name for f in fields(cls)]
-        allowed = ["preset", *names]
-        for key in raw:
-            if key not in allowed:
-                raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
-        preset = raw.get("preset", "tiny")
-        if not isinstance(preset, str) or preset not in ADAPT_PRESETS:
-            raise ValueError(f"{where}.preset: must be one of {', '.join(ADAPT_PRESETS)} (got {_fmt(preset)})")
-        defaults = {f.name: f.default for f in fields(cls)}
-        values = {**defaults, **ADAPT_PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}}
-        return cls(**_check_adapt(values, where))
+        return cls(**_check_adapt(preset_values(cls, raw, where, ADAPT_PRESETS, "adaptation network settings"), where))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field; ``AdaptConfig.from_dict(cfg.to_dict()) == cfg``."""

@@ -48,7 +48,7 @@ import torch
 
 from pipelines.adaptation.factory import Factory
 from pipelines.adaptation.jobs import JobDir, rng_state, set_rng_state
-from pipelines.adaptation.losses import ReconstructionLoss, segmentation_loss
+from pipelines.adaptation.losses import ReconstructionLoss, cycle_consistency, segmentation_loss
 from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch, invert, latent_avgs, load_branch, requires_grad
 from pipelines.adaptation.volumes import LabelledSlices
 from pipelines.evaluation import dice_per_class
@@ -360,18 +360,40 @@ def _optimizer(encoder: torch.nn.Module, branches: list[torch.nn.Module], s: Ada
     return torch.optim.Adam(groups, betas=(0.9, 0.999))
 
 
-class _StepLog:
-    """Optimizer step, loss averaging, metric rows every ``log_every`` steps and checkpoints
-    every ``checkpoint_every`` steps: the bookkeeping both training loops share."""
+class _TrainingLoop:
+    """The bookkeeping both training loops share: resume from and write checkpoints (the
+    named modules, the optimizer, the batch sampler, the RNG and any ``extra`` tensors), the
+    optimizer step, loss averaging, and a metric row every ``log_every`` steps."""
 
-    def __init__(self, s: AdaptSettings, job: JobDir, progress: Progress | None, checkpoint: Callable[[int], None]):
-        self.s, self.job, self.progress, self.checkpoint = s, job, progress, checkpoint
+    def __init__(self, s: AdaptSettings, job: JobDir, progress: Progress | None, modules: dict[str, torch.nn.Module],
+                 opt: torch.optim.Optimizer, sampler: torch.Generator):  # fmt: skip
+        self.s, self.job, self.progress = s, job, progress
+        self.modules, self.opt, self.sampler = modules, opt, sampler
+        self.extra: Callable[[], dict] = dict
         self.t0, self.acc = time.perf_counter(), {}
 
-    def step(self, opt: torch.optim.Optimizer, step: int, feature_scale: float, losses: dict[str, torch.Tensor]) -> None:
-        opt.zero_grad(set_to_none=True)
+    def resume(self, log) -> tuple[int, dict]:
+        """Load the job's checkpoint; returns (step to continue from, the checkpoint)."""
+        ck = self.job.load_checkpoint()
+        for name, module in self.modules.items():
+            module.load_state_dict(ck[name])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sampler.set_state(ck["sampler"])
+        set_rng_state(ck["rng"])
+        start = int(ck["step"])
+        self.job.truncate_metrics(start)
+        log(f"resuming {self.job.root.name} at step {start}/{self.s.steps}")
+        return start, ck
+
+    def checkpoint(self, step: int) -> None:
+        state = {name: module.state_dict() for name, module in self.modules.items()}
+        state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.get_state(), rng=rng_state(), **self.extra())
+        self.job.save_checkpoint(state, step)
+
+    def step(self, step: int, feature_scale: float, losses: dict[str, torch.Tensor]) -> None:
+        self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        opt.step()
+        self.opt.step()
         for k, v in losses.items():
             self.acc.setdefault(k, []).append(float(v.detach()))
         done, s = step + 1, self.s
@@ -417,25 +439,10 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     seg = PartialLabelLoss(len(names))
     case_sets = case_branch_sets(data, names, schema_ids)
     gen = torch.Generator().manual_seed(s.seed + 1)
-    start = 0
-    if resume:
-        ck = job.load_checkpoint()
-        encoder.load_state_dict(ck["encoder"])
-        branch.load_state_dict(ck["branch"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["sampler"])
-        set_rng_state(ck["rng"])
-        start = int(ck["step"])
-        job.truncate_metrics(start)
-        log(f"resuming {job.root.name} at step {start}/{s.steps}")
-
-    def checkpoint(step: int) -> None:
-        job.save_checkpoint({"encoder": encoder.state_dict(), "branch": branch.state_dict(), "optimizer": opt.state_dict(),
-                             "sampler": gen.get_state(), "rng": rng_state()}, step)  # fmt: skip
-
+    loop = _TrainingLoop(s, job, progress, {"encoder": encoder, "branch": branch}, opt, gen)
+    start = loop.resume(log)[0] if resume else 0
     encoder.train()
     branch.train()
-    book = _StepLog(s, job, progress, checkpoint)
     for step in range(start, s.steps):
         idx = source_batch_indices(train_idx, fg_idx, s.batch, s.foreground_fraction, gen)
         x, y = data.images[idx], labels[idx]
@@ -443,8 +450,8 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
         img, feats, _ = invert(g, encoder, x, SOURCE, fs)
         l_rec = rec(img, x)
         l_seg = seg(branch(feats), y, [case_sets[int(c)] for c in data.case_index[idx]])
-        book.step(opt, step, fs, {"loss": l_rec + l_seg, "loss_rec": l_rec, "loss_seg": l_seg})
-    checkpoint(s.steps)
+        loop.step(step, fs, {"loss": l_rec + l_seg, "loss_rec": l_rec, "loss_seg": l_seg})
+    loop.checkpoint(s.steps)
 
     meta = {"factory": identity, "schema_definition": factory.meta.get("schema_definition"), "slices": factory.slices.key(),
             "class_ids": [0] + sorted(class_ids), "domains": {"source_client_id": src_id}}  # fmt: skip
@@ -533,34 +540,21 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     opt = _optimizer(encoder, [s_tgt], s)
     rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual)
     gen = torch.Generator().manual_seed(s.seed + 1)
-    start = 0
+    loop = _TrainingLoop(s, job, progress, {"encoder": encoder, "branch_target": s_tgt}, opt, gen)
     if resume:
-        ck = job.load_checkpoint()
+        start, ck = loop.resume(log)
         syn_x, syn_y = ck["synthetic_images"], ck["synthetic_labels"]
-        encoder.load_state_dict(ck["encoder"])
-        s_tgt.load_state_dict(ck["branch_target"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["sampler"])
-        set_rng_state(ck["rng"])
-        start = int(ck["step"])
-        job.truncate_metrics(start)
-        log(f"resuming {job.root.name} at step {start}/{s.steps}")
     else:
+        start = 0
         log(f"labelling {s.n_synthetic} synthetic source slices with the source branch")
         syn_x, syn_y = synthetic_source(g, s_src, source_client, s.n_synthetic, s.seed)
-
-    def checkpoint(step: int) -> None:
-        job.save_checkpoint({"encoder": encoder.state_dict(), "branch_target": s_tgt.state_dict(), "optimizer": opt.state_dict(),
-                             "sampler": gen.get_state(), "rng": rng_state(), "synthetic_images": syn_x.half(),
-                             "synthetic_labels": syn_y.to(torch.uint8)}, step)  # fmt: skip
-
+    loop.extra = lambda: {"synthetic_images": syn_x.half(), "synthetic_labels": syn_y.to(torch.uint8)}
     syn_x = syn_x.half().float()  # what a checkpoint holds (float16), so a resumed job sees the same pool
     syn_y = syn_y.long()
     syn_idx = torch.arange(syn_x.shape[0])
     n_t = max(1, s.batch - 1)
     encoder.train()
     s_tgt.train()
-    book = _StepLog(s, job, progress, checkpoint)
     for step in range(start, s.steps):
         si = _draw(syn_idx, s.batch, gen)
         ti = _draw(train_idx, n_t, gen)
@@ -582,7 +576,7 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
 
         cs, fcs, _ = invert(g, encoder, ts.clamp(-1, 1), SOURCE, fsc)  # and back
         ct, fct, _ = invert(g, encoder, tt.clamp(-1, 1), TARGET, fsc)
-        l_cyc = rec(cs, xs) + rec(ct, xt)
+        l_cyc = cycle_consistency(rec, [(xs, cs), (xt, ct)])
 
         # S_t (training) reads detached features, in ONE batch so its batch norm never sees
         # a single slice: [target recon (labelled slice), source -> target, cycled target]
@@ -595,8 +589,8 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
 
         losses = {"loss": l_rec + l_cyc + l_seg + l_tr + l_cs, "loss_rec": l_rec, "loss_cycle": l_cyc, "loss_seg": l_seg,
                   "loss_translate_seg": l_tr, "loss_cycle_seg": l_cs}  # fmt: skip
-        book.step(opt, step, fsc, losses)
-    checkpoint(s.steps)
+        loop.step(step, fsc, losses)
+    loop.checkpoint(s.steps)
 
     identity = {k: factory.identity.get(k, "") for k in ("name", "version", "sha256")}
     class_ids = [0] + [schema_ids[n] for n in names[1:]]

@@ -159,6 +159,26 @@ def _check_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def preset_values(cls, raw: Mapping[str, Any] | None, where: str, presets: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, Any]:
+    """A config dataclass's field values from ``{preset: NAME, field: value, ...}``: the
+    dataclass defaults, then the preset's (default ``tiny``), then the overrides. Unknown keys
+    and presets raise ValueError naming ``{where}.{key}``; values are checked by the caller."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: must be a mapping of {what} (got {type(raw).__name__})")
+    names = [f.name for f in fields(cls)]
+    allowed = ["preset", *names]
+    for key in raw:
+        if key not in allowed:
+            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
+    preset = raw.get("preset", "tiny")
+    if not isinstance(preset, str) or preset not in presets:
+        raise ValueError(f"{where}.preset: must be one of {', '.join(presets)} (got {_fmt(preset)})")
+    defaults = {f.name: f.default for f in fields(cls)}
+    return {**defaults, **presets[preset], **{k: v for k, v in raw.items() if k != "preset"}}
+
+
 @dataclass(frozen=True)
 class FactoryConfig:
     """Sizes of the factory's generator and discriminator (validated on construction)."""
@@ -202,21 +222,7 @@ class FactoryConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None, where: str = "factory") -> "FactoryConfig":
         """Build from a plain dict (e.g. from YAML/JSON): optional ``preset`` plus field overrides."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{where}: must be a mapping of factory settings (got {type(raw).__name__})")
-        names = [f.name for f in fields(cls)]
-        allowed = ["preset", *names]
-        for key in raw:
-            if key not in allowed:
-                raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
-        preset = raw.get("preset", "tiny")
-        if preset not in PRESETS:
-            raise ValueError(f"{where}.preset: must be one of {', '.join(PRESETS)} (got {_fmt(preset)})")
-        defaults = {f.name: f.default for f in fields(cls)}
-        values = {**defaults, **PRESETS[preset], **{k: v for k, v in raw.items() if k != "preset"}}
-        return cls(**_check_fields(values, where))
+        return cls(**_check_fields(preset_values(cls, raw, where, PRESETS, "factory settings"), where))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field; ``FactoryConfig.from_dict(cfg.to_dict()) == cfg``."""
