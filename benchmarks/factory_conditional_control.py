@@ -16,6 +16,14 @@
     .venv/bin/python benchmarks/factory_conditional_control.py                       # ~20 min on 2 cores
     .venv/bin/python benchmarks/factory_conditional_control.py --rounds 4 --steps 40   # quick look
 
+The same algorithm at a budget no CPU federation reaches (`--engine inprocess`,
+`pipelines.factory.simulate`: same updates, 2-of-K draw and uniform averaging, no
+transport), e.g. on a GPU machine that has torch but not the site stack:
+
+    .venv/bin/python benchmarks/factory_conditional_control.py --export-slices slices.pt   # here
+    python3 benchmarks/factory_conditional_control.py --engine inprocess --slices slices.pt \
+        --device cuda --budget-s 420 --steps 250 --batch 16 --centralised-updates -1      # there
+
 Writes <workdir>/report/ (real vs generated grid, confusion matrices, summary.json).
 """
 
@@ -37,14 +45,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator import runs  # noqa: E402
-from coordinator.registry import Registry  # noqa: E402
-from coordinator.testbed import Testbed  # noqa: E402
-from pipelines.factory.domain_key import build_domain_key  # noqa: E402
 from pipelines.factory.networks import FactoryConfig, Generator  # noqa: E402
-from pipelines.factory.slices import SliceSettings, dataset_slices  # noqa: E402
+from pipelines.factory.simulate import simulate_federation, sites_from_slices, train_pooled  # noqa: E402
 from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, make_optimizer, parse_factory_args  # noqa: E402
-from preprocessing.schema import load_schema  # noqa: E402
 
 NOTE_REFERENCE_S = 0.06  # ../shared/notes/data-factory-method.md: tiny, batch 4, 2 threads
 
@@ -124,22 +127,6 @@ def score(clf, xs, ys, clients: dict, k: int) -> dict:
     }
 
 
-def train_centralised(cfg: FactoryConfig, images, ids, bins, args) -> Generator:
-    """The same factory trained on all sites' slices pooled in one place, every batch
-    mixing client ids (no key): what the federation would reach without its constraint
-    that a site only ever sees its own client id."""
-    torch.manual_seed(0)
-    cfg = FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0})
-    s = FactorySettings(config=cfg, key=None)
-    model = FactoryModel(cfg)
-    up = FactoryUpdater(model, s, 0)
-    opt = make_optimizer(model)
-    for _ in range(args.centralised_updates):
-        idx = torch.randint(len(images), (args.batch,))
-        up.train_step(opt, images[idx], bins[idx], ids[idx])
-    return model.g_ema.eval()
-
-
 def confusion(pred, labels, k):
     m = torch.zeros(k, k, dtype=torch.long)
     for p, t in zip(pred.tolist(), labels.tolist()):
@@ -147,21 +134,95 @@ def confusion(pred, labels, k):
     return m
 
 
+def generate(g, cid: int, real_bins, n: int, z_dim: int, key=None, chunk: int = 50) -> torch.Tensor:
+    """n slices conditioned on client id ``cid``, at slice positions drawn from the site's
+    real ones (seeded per site: every factory scored sees the same z and bins)."""
+    gen = torch.Generator().manual_seed(100 + cid)
+    z = torch.randn(n, z_dim, generator=gen)
+    bins = real_bins[torch.randint(len(real_bins), (n,), generator=gen)]
+    device = next(g.parameters()).device
+    with torch.no_grad():
+        out = [g(z[i : i + chunk].to(device), torch.full((len(z[i : i + chunk]),), cid, device=device), bins[i : i + chunk].to(device), key)
+               for i in range(0, n, chunk)]  # fmt: skip
+    return torch.cat(out).clamp(-1, 1).cpu()
+
+
+def score_generators(console, report, summary, generators: dict, real_x, real_y, real_bins, clients: dict, samples: int, z_dim: int) -> dict:
+    """Train the site classifier on real slices, then classify each factory's generated
+    slices per client id. ``generators``: {mode: {cid: (generator, key or None)}}."""
+    k = len(clients)
+    clf, real_acc = train_classifier(real_x, real_y, k)
+    rows, gen_examples = {}, {}
+    for mode, per_site in generators.items():
+        xs, ys = [], []
+        for cid, (g, key) in sorted(per_site.items()):
+            img = generate(g, cid, real_bins[cid], samples, z_dim, key)
+            xs.append(img)
+            ys.append(torch.full((samples,), cid))
+            gen_examples.setdefault(mode, {})[cid] = img[:6]
+        rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), clients, k)
+        # the contrast differences the classifier reads: fraction of bright (enhancing) pixels
+        rows[mode]["bright_fraction"] = {n: float((xs[i] > 0).float().mean()) for i, n in enumerate(sorted(clients, key=clients.get))}
+    t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
+    for col in ("conditioning", "accuracy", *clients):
+        t.add_column(col, justify="right")
+    t.add_row("real slices (held out)", f"{real_acc:.3f}", *["-"] * k)
+    for mode, r in rows.items():
+        t.add_row(mode, f"{r['accuracy']:.3f}", *(f"{r['per_site'].get(n, float('nan')):.3f}" for n in clients))
+    console.print(t)
+    summary.update({"clients": clients, "real_heldout_accuracy": real_acc, "generated": rows, "chance": 1 / k,
+                    "real_bright_fraction": {n: float((real_x[real_y == c] > 0).float().mean()) for n, c in clients.items()}})  # fmt: skip
+    _plot(report, real_x, real_y, gen_examples, clients)
+    return rows
+
+
+def slice_settings_of(spec: dict):
+    """The slice settings a factory spec trains on (as the plan derives them)."""
+    from pipelines.factory.slices import SliceSettings
+
+    s = parse_factory_args({k: v for k, v in spec["plan_args"].items() if k != "schema"})
+    return SliceSettings(size=s.config.resolution, n_bins=s.config.n_bins, spacing=s.spacing, min_foreground=s.min_foreground)
+
+
+def phantom_slices(bed, spec: dict) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+    """{site name: (client id, images, bins)} of the testbed's prepared sites (client ids
+    in site order, as the coordinator assigns them)."""
+    from pipelines.factory.slices import dataset_slices
+    from preprocessing.schema import load_schema
+
+    schema, settings = load_schema(), slice_settings_of(spec)
+    out = {}
+    for cid, site in enumerate(sorted(bed.sites, key=lambda s: s.site_name)):
+        x, b = dataset_slices(site.data_dir / "ct", schema, settings)
+        out[site.site_name] = (cid, x, b)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--phases", default="arterial,portal_venous,delayed")
+    ap.add_argument("--engine", choices=("fedbiomed", "inprocess"), default="fedbiomed",
+                    help="fedbiomed: real nodes on loopback; inprocess: pipelines.factory.simulate (same algorithm, no transport)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=200, help="updates per sampled site per round")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--clients-per-round", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=None, help="inprocess: train for this long instead of --rounds")
+    ap.add_argument("--device", default="cpu", help="inprocess: torch device (e.g. cuda)")
     ap.add_argument("--samples", type=int, default=300, help="generated slices per site")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
     ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
     ap.add_argument("--timing-only", action="store_true", help="only the update-time table")
+    ap.add_argument("--skip-timing", action="store_true", help="skip the update-time table")
     ap.add_argument("--centralised-updates", type=int, default=3000,
                     help="updates of the centralised baseline: the same factory trained in this process on all sites' "
-                         "slices pooled, every batch mixing client ids (0: skip)")
+                         "slices pooled, every batch mixing client ids (0: skip; -1: as many as the federation ran in all)")
+    ap.add_argument("--only", choices=("both", "federated", "centralised"), default="both",
+                    help="inprocess: train only one of the two (e.g. one process each on a GPU)")
     ap.add_argument("--reuse", action="store_true", help="reuse the federation already trained in --workdir")
+    ap.add_argument("--slices", type=Path, default=None, help="inprocess: real slices from --export-slices (no site setup)")
+    ap.add_argument("--export-slices", type=Path, default=None, help="set up the phantom sites, save their slices there, stop")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
     args = ap.parse_args()
     console = Console()
@@ -169,35 +230,58 @@ def main() -> int:
     report = workdir / "report"
     report.mkdir(parents=True, exist_ok=True)
     summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    phases = [p for p in args.phases.split(",") if p]
+    spec = yaml.safe_load((ROOT / "coordinator" / "examples" / "phantom_factory.yaml").read_text())
 
     if args.reuse:  # score the factory already trained in --workdir
-        phases = [p for p in args.phases.split(",") if p]
+        from coordinator.testbed import Testbed
+
         return control(args, console, workdir, report, summary, phases, Testbed(workdir, n_sites=args.sites, phases=phases))
 
+    if args.export_slices or (args.engine == "inprocess" and args.slices is None):
+        from coordinator.testbed import Testbed
+
+        bed = Testbed(workdir, n_sites=args.sites, phases=phases, log=lambda m: console.log(m))
+        with console.status(f"setting up {args.sites} phantom sites ({', '.join(phases)})"):
+            bed.setup_sites()
+        per_site = phantom_slices(bed, spec)
+        if args.export_slices:
+            torch.save({"phases": {n: phases[i % len(phases)] for i, n in enumerate(sorted(per_site))},
+                        "slices": {n: (cid, x.half(), b) for n, (cid, x, b) in per_site.items()}}, args.export_slices)  # fmt: skip
+            console.print(f"slices of {len(per_site)} sites: {args.export_slices} ({', '.join(f'{n}: {len(v[1])}' for n, v in per_site.items())})")
+            return 0
+    else:
+        per_site = torch.load(args.slices)["slices"] if args.slices else None
+
     # 1. update time, side by side
-    torch.set_num_threads(args.threads)
-    t = Table(title=f"tiny factory update time (s), {args.threads} threads")
-    for col in ("batch", "key", "D", "D+R1", "G", "G+PL", "amortised", "vs note 0.06 s"):
-        t.add_column(col, justify="right")
-    summary["update_s"] = {}
-    for batch in (4, 8):
-        for variant, m in update_times(batch, repeats=args.repeats).items():
-            summary["update_s"][f"batch{batch}_{variant}"] = m
-            t.add_row(str(batch), "yes" if variant == "key" else "no", *(f"{m[k]:.3f}" for k in ("D", "D+R1", "G", "G+PL", "amortised")),
-                      f"{m['amortised'] / NOTE_REFERENCE_S:.2f}x" if batch == 4 else "-")  # fmt: skip
-    console.print(t)
-    k4 = summary["update_s"]
-    console.print(f"key conditioning cost (same run, batch 4, interleaved): {k4['batch4_key']['amortised'] / k4['batch4_nokey']['amortised']:.2f}x")
-    if args.timing_only:
-        (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        return 0
+    if not args.skip_timing:
+        torch.set_num_threads(args.threads)
+        t = Table(title=f"tiny factory update time (s), {args.threads} threads")
+        for col in ("batch", "key", "D", "D+R1", "G", "G+PL", "amortised", "vs note 0.06 s"):
+            t.add_column(col, justify="right")
+        summary["update_s"] = {}
+        for batch in (4, 8):
+            for variant, m in update_times(batch, repeats=args.repeats).items():
+                summary["update_s"][f"batch{batch}_{variant}"] = m
+                t.add_row(str(batch), "yes" if variant == "key" else "no", *(f"{m[k]:.3f}" for k in ("D", "D+R1", "G", "G+PL", "amortised")),
+                          f"{m['amortised'] / NOTE_REFERENCE_S:.2f}x" if batch == 4 else "-")  # fmt: skip
+        console.print(t)
+        k4 = summary["update_s"]
+        console.print(f"key conditioning cost (same run, batch 4, interleaved): {k4['batch4_key']['amortised'] / k4['batch4_nokey']['amortised']:.2f}x")
+        if args.timing_only:
+            (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            return 0
+
+    if args.engine == "inprocess":
+        return inprocess(args, console, report, summary, spec, per_site)
 
     # 2. the federation
-    phases = [p for p in args.phases.split(",") if p]
+    from coordinator.testbed import Testbed
+
     bed = Testbed(workdir, n_sites=args.sites, phases=phases, log=lambda m: console.log(m),
                   out=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
-    spec = yaml.safe_load((ROOT / "coordinator" / "examples" / "phantom_factory.yaml").read_text())
-    spec.update({"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.batch, "name": "bench-factory"})
+    spec.update({"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.batch, "name": "bench-factory",
+                 "clients_per_round": args.clients_per_round})  # fmt: skip
     spec["plan_args"]["sample_every"] = max(1, args.rounds // 6)
     spec["plan_args"]["refine_rounds"] = max(1, args.rounds // 10)
     t0 = time.monotonic()
@@ -215,7 +299,64 @@ def main() -> int:
     return control(args, console, workdir, report, summary, phases, bed)
 
 
+def inprocess(args, console, report, summary, spec, per_site) -> int:
+    """Train the factory with `pipelines.factory.simulate` (and/or the pooled reference)
+    on ``args.device``, then score conditional control."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = torch.device(args.device)
+    plan_args = {k: v for k, v in spec["plan_args"].items() if k not in ("schema", "refine_rounds", "sample_every")}
+    plan_args.update({"key": None, "client_ids": {n: cid for n, (cid, _, _) in per_site.items()}})
+    settings = parse_factory_args(plan_args)  # client id only: the control the issue asks for
+    cfg = settings.config
+    clients = {n: cid for n, (cid, _, _) in sorted(per_site.items(), key=lambda kv: kv[1][0])}
+    real_x = torch.cat([per_site[n][1].float() for n in clients])
+    real_y = torch.cat([torch.full((len(per_site[n][1]),), cid) for n, cid in clients.items()])
+    real_bins = {cid: per_site[n][2].long() for n, cid in clients.items()}
+    generators, fed_updates = {}, None
+    summary.update({"engine": "inprocess", "device": str(device), "factory": cfg.to_dict()})
+    if args.only in ("both", "federated"):
+        sites = sites_from_slices(per_site, device)
+        total = args.rounds if args.budget_s is None else None
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rounds"), TimeElapsedColumn(),
+                      console=console) as bar:  # fmt: skip
+            task = bar.add_task("federated (in process)", total=total)
+
+            def on_round(i, sampled, row):
+                bar.update(task, completed=i + 1, description=f"federated: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
+                if not console.is_terminal and i % 10 == 0:  # a log file gets a line now and then
+                    console.log(f"round {i + 1}: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
+
+            t0 = time.monotonic()
+            model, history = simulate_federation(sites, settings, total, args.steps, args.batch, args.clients_per_round, seed=0,
+                                                 device=device, budget_s=args.budget_s, on_round=on_round)  # fmt: skip
+        fed_updates = sum(r["updates"] for r in history)
+        summary["federated"] = {"rounds": len(history), "updates_total": fed_updates, "updates_per_site": {
+            n: sum(s.updater_state["updates"] if s.updater_state else 0 for s in sites if s.name == n) for n in clients}, "wall_s": time.monotonic() - t0,
+            "updates_per_s": fed_updates / (time.monotonic() - t0), "last_rounds": history[-3:]}  # fmt: skip
+        generators[f"federated, client id only ({len(history)} rounds x {args.steps})"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
+        torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_federated.pt")
+    if args.only in ("both", "centralised") and args.centralised_updates:
+        n = None if args.centralised_updates < 0 else args.centralised_updates
+        if n is None and fed_updates is not None:
+            n = fed_updates  # the same number of updates as the federation ran in all
+        budget = args.budget_s if n is None else None
+        with console.status("centralised reference: pooled slices, batches mixing client ids") as st:
+            t0 = time.monotonic()
+            model, done = train_pooled(real_x.to(device), torch.cat([real_bins[c] for c in clients.values()]).to(device), real_y.to(device),
+                                       settings, n, args.batch, budget_s=budget, on_progress=lambda d: st.update(f"centralised: {d} updates") if console.is_terminal else console.log(f"centralised: {d} updates"))  # fmt: skip
+        summary["centralised"] = {"updates": done, "wall_s": time.monotonic() - t0, "updates_per_s": done / (time.monotonic() - t0)}
+        generators[f"centralised, pooled ({done} updates)"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
+        torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_centralised.pt")
+    score_generators(console, report, summary, generators, real_x, real_y, real_bins, clients, args.samples, cfg.z_dim)
+    (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"report: {report}")
+    return 0
+
+
 def control(args, console, workdir, report, summary, phases, bed) -> int:
+    from coordinator import runs
+    from coordinator.registry import Registry
     from site_agent import config as site_config
 
     bed.sites = [site_config.load(bed.site_config_path(i)) for i in range(bed.n_sites)]
@@ -229,6 +370,9 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
     g = Generator(cfg)
     g.load_state_dict(torch.load(reg.load("factory", "bench-factory", "generator.pt")))
     g.eval()
+    from pipelines.factory.slices import SliceSettings, dataset_slices
+    from preprocessing.schema import load_schema
+
     schema = load_schema()
     sl = config["slices"]
     settings = SliceSettings(size=sl["size"], n_bins=sl["n_bins"], spacing=tuple(sl["spacing"]) if isinstance(sl["spacing"], list) else sl["spacing"],
@@ -249,55 +393,18 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
             site_g[cid] = copy.deepcopy(g)
             site_g[cid].load_state_dict({n[len("g_ema."):]: v for n, v in layers.items() if n.startswith("g_ema.")}, strict=False)
     real_x, real_y = torch.cat(real_x), torch.cat(real_y)
-    clf, real_acc = train_classifier(real_x, real_y, k)
-    rows = {}
-    gen_examples = {}
-    for mode in ("client id only", "client id + own key"):
-        xs, ys = [], []
-        for cid in range(k):
-            if mode.endswith("key") and cid not in keys:
-                continue
-            gen = torch.Generator().manual_seed(100 + cid)
-            z = torch.randn(args.samples, cfg.z_dim, generator=gen)
-            bins = real_bins[cid][torch.randint(len(real_bins[cid]), (args.samples,), generator=gen)]
-            with torch.no_grad():
-                key = keys[cid] if mode.endswith("key") else None
-                gen_net = site_g[cid] if mode.endswith("key") else g
-                img = torch.cat([gen_net(z[i : i + 50], torch.full((len(z[i : i + 50]),), cid), bins[i : i + 50], key)
-                                 for i in range(0, args.samples, 50)]).clamp(-1, 1)  # fmt: skip
-            xs.append(img)
-            ys.append(torch.full((args.samples,), cid))
-            gen_examples.setdefault(mode, {})[cid] = img[:6]
-        if not xs:
-            continue
-        rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), config["clients"], k)
+    generators = {"client id only": {cid: (g, None) for cid in range(k)}}
+    if keys:
+        generators["client id + own key"] = {cid: (site_g[cid], keys[cid]) for cid in keys}
     if args.centralised_updates:
-        mode = f"centralised, pooled, {args.centralised_updates} updates"
-        with console.status(f"centralised baseline: {args.centralised_updates} updates on the pooled slices"):
-            g_central = train_centralised(cfg, real_x, real_y, torch.cat([real_bins[c] for c in sorted(real_bins)]), args)
-        xs, ys = [], []
-        for cid in range(k):
-            gen = torch.Generator().manual_seed(100 + cid)
-            z = torch.randn(args.samples, cfg.z_dim, generator=gen)
-            bins = real_bins[cid][torch.randint(len(real_bins[cid]), (args.samples,), generator=gen)]
-            with torch.no_grad():
-                xs.append(g_central(z, torch.full((args.samples,), cid), bins, None).clamp(-1, 1))
-            ys.append(torch.full((args.samples,), cid))
-            gen_examples.setdefault("centralised", {})[cid] = xs[-1][:6]
-        rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), config["clients"], k)
-    t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
-    for col in ("conditioning", "accuracy", *config["clients"]):
-        t.add_column(col, justify="right")
-    t.add_row("real slices (held out)", f"{real_acc:.3f}", *["-"] * k)
-    for mode, r in rows.items():
-        t.add_row(mode, f"{r['accuracy']:.3f}", *(f"{r['per_site'].get(n, float('nan')):.3f}" for n in config["clients"]))
-    console.print(t)
-    summary.update({
-        "run_dir": str(run_dir), "clients": config["clients"], "phases": {s.site_name: phases[i % len(phases)] for i, s in enumerate(bed.sites)},
-        "real_heldout_accuracy": real_acc, "generated": rows, "chance": 1 / k,
-        "rounds": len(metrics["rounds"]), "sampled": [r.get("sampled") for r in metrics["rounds"]],
-    })  # fmt: skip
-    _plot(report, real_x, real_y, gen_examples, config["clients"])
+        updates = args.centralised_updates if args.centralised_updates > 0 else 3000
+        with console.status(f"centralised baseline: {updates} updates on the pooled slices"):
+            s = FactorySettings(config=FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0}), key=None)
+            model, _ = train_pooled(real_x, torch.cat([real_bins[c] for c in sorted(real_bins)]), real_y, s, updates, args.batch)
+        generators[f"centralised, pooled, {updates} updates"] = {cid: (model.g_ema.eval(), None) for cid in range(k)}
+    score_generators(console, report, summary, generators, real_x, real_y, real_bins, config["clients"], args.samples, cfg.z_dim)
+    summary.update({"run_dir": str(run_dir), "phases": {s.site_name: phases[i % len(phases)] for i, s in enumerate(bed.sites)},
+                    "rounds": len(metrics["rounds"]), "sampled": [r.get("sampled") for r in metrics["rounds"]]})  # fmt: skip
     (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"report: {report}  (samples per round: {run_dir / 'samples'})")
     return 0

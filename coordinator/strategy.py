@@ -9,19 +9,12 @@ the same, whatever its number of slices). The draw is logged and kept in `histor
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from fedbiomed.common.logger import logger
 from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
 
-
-def sample_sites(node_ids: list[str], k: int | None, seed: int, round_i: int) -> list[str]:
-    """The sites a round trains: ``k`` of ``node_ids`` (all when k is None or >= K)."""
-    nodes = sorted(node_ids)
-    if k is None or k >= len(nodes):
-        return nodes
-    return sorted(random.Random(f"fedimg-sampling:{seed}:{round_i}").sample(nodes, k))
+from pipelines.sampling import sample_sites
 
 
 class SampledSitesStrategy(DefaultStrategy):

@@ -8,7 +8,8 @@ import yaml
 
 from coordinator import spec as spec_mod
 from coordinator.engine import client_ids
-from coordinator.strategy import SampledSitesStrategy, sample_sites
+from coordinator.strategy import SampledSitesStrategy
+from pipelines.sampling import sample_sites
 
 BASE = {
     "name": "fac",

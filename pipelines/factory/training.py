@@ -134,10 +134,10 @@ def _num(args, key, default, lo=None, hi=None, integer=False):
 
 def key_dim_of(key: dict[str, Any] | None) -> int:
     """Width of the key a key-function config produces (known without building it)."""
-    from pipelines.factory.domain_key import validate_key_config
-
     if key is None:
         return 0
+    from pipelines.factory.domain_key import validate_key_config  # here: it needs the site stack
+
     cfg = validate_key_config(key, where="plan_args.key")
     kind = cfg["kind"]
     if kind == "none":

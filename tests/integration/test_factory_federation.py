@@ -9,7 +9,7 @@ import yaml
 
 from conftest import cli
 from coordinator.registry import Registry
-from coordinator.strategy import sample_sites
+from pipelines.sampling import sample_sites
 from coordinator.testbed import Testbed
 from site_agent.runtime import pid_alive
 

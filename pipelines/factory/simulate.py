@@ -1,0 +1,159 @@
+"""The data-factory federation simulated in one process (no FL engine).
+
+Fed-BioMed runs the real thing (`pipelines.plans.factory`); this module replays the same
+algorithm where no nodes can run, e.g. on a GPU machine without the site stack, to study
+the method at a budget a CPU federation cannot reach. Per round it does what a Fed-BioMed
+round of the data-factory plan does:
+
+* ``clients_per_round`` of the K sites are drawn with the coordinator's seeded draw
+  (`pipelines.sampling.sample_sites`);
+* each sampled site loads the global G, D and G_ema (not its key layers, which stay
+  local), restores its own Adam moments, step counters and path-length mean (the plan's
+  ``keep_optimizer_state``), and runs ``local_steps`` alternating updates on its own slices,
+  every fake conditioned on its own client id;
+* the global model becomes the uniform average of the sampled sites' parameters.
+
+What it leaves out is the transport (messages, approval, secure storage) and Fed-BioMed's
+data loader: batches are drawn uniformly with replacement from the site's slices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, is_key_pathway, make_optimizer
+from pipelines.sampling import sample_sites
+
+
+@dataclass
+class SimulatedSite:
+    """One site's private state: its slices, model copy (with its own key layers),
+    optimizer and updater counters."""
+
+    name: str
+    client_id: int
+    images: torch.Tensor  # (N, 1, R, R) in [-1, 1], on the training device
+    bins: torch.Tensor  # (N,) long
+    key: torch.Tensor | None = None
+    model: FactoryModel | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    updater_state: dict | None = None
+    means: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def load_shared(dst: FactoryModel, src: FactoryModel) -> None:
+    """Copy every parameter the federation exchanges (all but the key layers) from src."""
+    src_params = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        if not is_key_pathway(name):
+            p.copy_(src_params[name])
+
+
+@torch.no_grad()
+def average_into(dst: FactoryModel, sources: list[FactoryModel]) -> None:
+    """dst's exchanged parameters := uniform mean of the sources' (the factory's weighting:
+    every sampled site counts the same, whatever its number of slices)."""
+    params = [dict(m.named_parameters()) for m in sources]
+    for name, p in dst.named_parameters():
+        if not is_key_pathway(name):
+            p.copy_(torch.stack([ps[name] for ps in params]).mean(0))
+
+
+def simulate_federation(
+    sites: list[SimulatedSite],
+    settings: FactorySettings,
+    rounds: int | None,
+    local_steps: int,
+    batch_size: int,
+    clients_per_round: int | None = 2,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    budget_s: float | None = None,
+    on_round: Callable[[int, list[str], dict[str, dict]], None] | None = None,
+) -> tuple[FactoryModel, list[dict]]:
+    """Train the factory over ``rounds`` rounds (or until ``budget_s`` seconds have passed:
+    the round in progress is then cut short, its sites' updates so far averaged). Returns the global model and one history row per
+    round: ``{"round", "sampled", "updates", "updates_per_s", "<site>": mean losses}``."""
+    if rounds is None and budget_s is None:
+        raise ValueError("give rounds or budget_s")
+    if not sites or len({s.client_id for s in sites}) != len(sites):
+        raise ValueError("sites: need at least one, with distinct client ids")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    global_model = FactoryModel(settings.config).to(device)
+    for site in sites:
+        site.model = FactoryModel(settings.config).to(device)
+        site.model.load_state_dict(global_model.state_dict())
+        site.optimizer = make_optimizer(site.model, r1_interval=settings.r1_interval, pl_interval=settings.pl_interval)
+    by_name = {s.name: s for s in sites}
+    history: list[dict] = []
+    t_start = time.monotonic()
+    round_i = 0
+    while (rounds is None or round_i < rounds) and (budget_s is None or time.monotonic() - t_start < budget_s):
+        sampled = sample_sites(list(by_name), clients_per_round, seed, round_i)
+        t0 = time.monotonic()
+        row: dict = {"round": round_i, "sampled": sampled, "updates": 0}
+        for name in sampled:
+            site = by_name[name]
+            load_shared(site.model, global_model)
+            if not settings.keep_optimizer_state or site.updater_state is None:
+                site.optimizer = make_optimizer(site.model, r1_interval=settings.r1_interval, pl_interval=settings.pl_interval)
+            updater = FactoryUpdater(site.model, settings, site.client_id, key=site.key)
+            if settings.keep_optimizer_state and site.updater_state is not None:
+                updater.load_state_dict(site.updater_state)
+            site.model.train()
+            for step in range(local_steps):
+                if budget_s is not None and step % 50 == 0 and time.monotonic() - t_start >= budget_s:
+                    break
+                idx = torch.randint(len(site.images), (batch_size,), device=site.images.device)
+                updater.train_step(site.optimizer, site.images[idx], site.bins[idx])
+                row["updates"] += 1
+            site.updater_state = updater.state_dict()
+            row[name] = {k: v for k, v in updater.means().items() if k != "update_s"}
+        average_into(global_model, [by_name[n].model for n in sampled])
+        row["updates_per_s"] = row["updates"] / max(time.monotonic() - t0, 1e-9)
+        history.append(row)
+        if on_round is not None:
+            on_round(round_i, sampled, row)
+        round_i += 1
+    return global_model, history
+
+
+def train_pooled(
+    images: torch.Tensor,
+    bins: torch.Tensor,
+    client_ids: torch.Tensor,
+    settings: FactorySettings,
+    updates: int | None,
+    batch_size: int,
+    seed: int = 0,
+    budget_s: float | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[FactoryModel, int]:
+    """The centralised reference: the same factory and updates on every site's slices
+    pooled in one place, each batch mixing client ids. Returns (model, updates done)."""
+    if updates is None and budget_s is None:
+        raise ValueError("give updates or budget_s")
+    torch.manual_seed(seed)
+    model = FactoryModel(settings.config).to(images.device)
+    opt = make_optimizer(model, r1_interval=settings.r1_interval, pl_interval=settings.pl_interval)
+    up = FactoryUpdater(model, settings, 0)
+    model.train()
+    t0, done = time.monotonic(), 0
+    while (updates is None or done < updates) and (budget_s is None or time.monotonic() - t0 < budget_s):
+        idx = torch.randint(len(images), (batch_size,), device=images.device)
+        up.train_step(opt, images[idx], bins[idx], client_ids[idx])
+        done += 1
+        if on_progress is not None and done % 500 == 0:
+            on_progress(done)
+    return model, done
+
+
+def sites_from_slices(per_site: Mapping[str, tuple[int, torch.Tensor, torch.Tensor]], device="cpu") -> list[SimulatedSite]:
+    """``{name: (client_id, images, bins)}`` -> sites with their slices on ``device``."""
+    return [SimulatedSite(name, int(cid), x.float().to(device), b.long().to(device)) for name, (cid, x, b) in per_site.items()]

@@ -1,0 +1,15 @@
+"""Which sites train in a round: a seeded draw shared by the Fed-BioMed strategy
+(`coordinator.strategy`) and the in-process factory simulation (no FL imports)."""
+
+from __future__ import annotations
+
+import random
+
+
+def sample_sites(node_ids: list[str], k: int | None, seed: int, round_i: int) -> list[str]:
+    """The sites a round trains: ``k`` of ``node_ids`` (all when k is None or >= K),
+    seeded by (seed, round) so a resumed run draws the same sites."""
+    nodes = sorted(node_ids)
+    if k is None or k >= len(nodes):
+        return nodes
+    return sorted(random.Random(f"fedimg-sampling:{seed}:{round_i}").sample(nodes, k))
