@@ -14,14 +14,21 @@ Spatial steps move image and label together (label: nearest neighbour); intensit
 touch the image only. The student and the teacher see the same augmented batch, so
 augmentation happens here, before either forward pass.
 
+Optionally (``gin``, keyword arguments from ``pipelines.gin.parse_gin_args``), each patch
+image then goes through GIN (``pipelines.gin.GINAugmentation``): a fresh random shallow
+conv network remaps its intensities, simulating another scanner or modality while the
+anatomy, and so the label, stays as it is. GIN applies whether or not ``augment`` is set
+(asking for it is explicit) and never touches the label.
+
 2D training (``spatial_dims=2``) samples ``(X, Y, 1)`` patches from the 3D volume (axial
 slices) and squeezes the last axis. Randomness follows torch's global generator (the
-plan's seed): every draw seeds MONAI from it.
+plan's seed): every draw seeds MONAI from it (crop, augmentations and GIN each get their
+own stream, so switching GIN on changes no crop, flip or label).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from monai.transforms import (
@@ -36,6 +43,8 @@ from monai.transforms import (
     RandZoomd,
     SpatialPadd,
 )
+
+from pipelines.gin import GINAugmentation
 
 IGNORE_LABEL = 255
 
@@ -60,10 +69,18 @@ class PatchSampler:
 
     ``roi_size`` has ``spatial_dims`` entries. Volumes smaller than the patch are padded
     (image with its minimum, label with background). Labels come back as int64.
+    ``gin``: keyword arguments for `GINAugmentation` (image only, after the augmentations);
+    ``None`` leaves it off.
     """
 
     def __init__(
-        self, roi_size: Sequence[int], num_samples: int = 2, spatial_dims: int = 3, augment: bool = True, ignore_label: int = IGNORE_LABEL
+        self,
+        roi_size: Sequence[int],
+        num_samples: int = 2,
+        spatial_dims: int = 3,
+        augment: bool = True,
+        ignore_label: int = IGNORE_LABEL,
+        gin: Mapping[str, Any] | None = None,
     ):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -82,12 +99,15 @@ class PatchSampler:
             allow_smaller=False,
         )  # fmt: skip
         self._augment = _augmentations(spatial_dims) if augment else None
+        self._gin = GINAugmentation(**gin) if gin is not None else None
 
     def _reseed(self) -> None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self._crop.set_random_state(seed)
         if self._augment is not None:
             self._augment.set_random_state(seed + 1)
+        if self._gin is not None:
+            self._gin.set_random_state(seed + 2)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if image.dim() != 4 or label.dim() != 4 or label.shape[0] != 1 or image.shape[1:] != label.shape[1:]:
@@ -107,6 +127,8 @@ class PatchSampler:
             if self._augment is not None:
                 out = self._augment({"image": img, "label": lab.float()})
                 img, lab = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+            if self._gin is not None:
+                img = self._gin(img.float())
             images.append(img.float())
             labels.append(lab.round().long())
         return torch.stack(images), torch.stack(labels)

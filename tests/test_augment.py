@@ -1,5 +1,6 @@
 """Training patches (pipelines.augment.PatchSampler): shapes, crop content, padding, label
-integrity under augmentation, positive/negative balance, determinism, input checks."""
+integrity under augmentation, GIN on the image only, positive/negative balance,
+determinism, input checks."""
 
 from __future__ import annotations
 
@@ -204,6 +205,62 @@ def test_augment_false_never_alters_patches():
         images, _ = sampler(image, label)
         for img in images:
             assert torch.equal(img, crop3d(image, origin_of(img), (16, 12, 8)))
+
+
+# --------------------------------------------------------------------------- GIN
+
+
+GIN_ON = {"prob": 1.0, "alpha": (0.5, 1.0)}
+
+
+@pytest.mark.parametrize("dims,roi,augment", [(3, (16, 16, 8), True), (2, (16, 16), True), (3, (16, 12, 8), False)])
+def test_gin_changes_images_not_labels(dims, roi, augment):
+    """Same seed with and without GIN: the same crops, flips and labels; only the image
+    intensities differ (GIN has its own random stream and never sees the label)."""
+    image, label = coord_image(), blob_label(ignore_rows=8)
+    plain = PatchSampler(roi, num_samples=4, spatial_dims=dims, augment=augment)
+    with_gin = PatchSampler(roi, num_samples=4, spatial_dims=dims, augment=augment, gin=GIN_ON)
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        a_img, a_lab = plain(image, label)
+        torch.manual_seed(seed)
+        b_img, b_lab = with_gin(image, label)
+        assert torch.equal(a_lab, b_lab)
+        assert b_img.shape == a_img.shape and b_img.dtype == torch.float32
+        for a, b in zip(a_img, b_img):
+            assert not torch.allclose(a, b, atol=1e-3), "every patch goes through GIN at prob 1"
+            assert float(torch.linalg.vector_norm(b)) == pytest.approx(float(torch.linalg.vector_norm(a)), rel=1e-4)
+
+
+def test_gin_off_by_probability_leaves_the_sampler_unchanged():
+    image, label = coord_image(), blob_label()
+    plain = PatchSampler((16, 16, 8), num_samples=4)
+    never = PatchSampler((16, 16, 8), num_samples=4, gin={"prob": 0.0})
+    torch.manual_seed(7)
+    a_img, a_lab = plain(image, label)
+    torch.manual_seed(7)
+    b_img, b_lab = never(image, label)
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+
+
+def test_gin_follows_the_global_seed():
+    image, label = coord_image(), blob_label()
+    sampler = PatchSampler((16, 16, 8), num_samples=2, gin=GIN_ON)
+    torch.manual_seed(5)
+    first, _ = sampler(image, label)
+    torch.manual_seed(5)
+    again, _ = PatchSampler((16, 16, 8), num_samples=2, gin=GIN_ON)(image, label)
+    assert torch.equal(first, again)
+    torch.manual_seed(6)
+    other, _ = sampler(image, label)
+    assert not torch.equal(first, other)
+
+
+def test_bad_gin_arguments_raise():
+    with pytest.raises(ValueError, match=r"prob: must be within \[0, 1\]"):
+        PatchSampler((16, 16, 8), gin={"prob": 3})
+    with pytest.raises(TypeError):
+        PatchSampler((16, 16, 8), gin={"strength": 0.5})
 
 
 # --------------------------------------------------------------------------- pos / neg balance

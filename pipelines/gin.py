@@ -1,0 +1,297 @@
+"""Global Intensity Non-linear augmentation (GIN; MONAI transforms, no FL imports).
+
+Ouyang et al., "Causality-inspired single-source domain generalization for medical image
+segmentation" (IEEE TMI 2022). A model trained on one scanner / protocol / modality learns
+its intensity statistics and fails on another site's. GIN simulates such appearance
+shifts: every call draws a fresh, untrained, shallow convolutional network and passes the
+image through it,
+
+    conv -> leaky ReLU -> conv -> ... -> conv      (n_layers convs, no activation at the end)
+
+with ``channels`` intermediate channels, each kernel 1x1(x1) or 3x3(x3) (drawn per layer),
+weights and biases ~ N(0, 1), and as many output channels as the image has. The result is
+blended with the input, ``mixed = alpha * gin(x) + (1 - alpha) * x`` with
+``alpha ~ U(alpha)``, and rescaled so that its Frobenius norm equals the input's (keeps the
+intensity scale the network expects; a zero image comes back unchanged).
+
+Why it keeps anatomy: the network only remaps intensities. Its kernels are spatially local
+(a voxel's output depends on its neighbourhood of radius ``n_layers`` at most, radius 0
+with 1x1 kernels), and nothing moves or resamples voxels, so shapes and boundaries stay
+where they are while their grey values, contrast and texture change in a random,
+non-linear, possibly non-monotonic way (tissues may swap brightness order, as between T1
+and T2 MRI or CT and MR). Hence labels stay valid as they are: GIN never touches them, and
+the dictionary form must list image keys only.
+
+Randomness comes from MONAI's ``self.R`` only (``set_random_state`` makes a transform
+reproducible); the network weights come from a ``torch.Generator`` seeded from ``self.R``,
+so torch's global generator is neither read nor advanced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import TransformBackends, convert_to_dst_type
+
+DEFAULTS: dict[str, Any] = {
+    "prob": 0.5,
+    "alpha": (0.0, 1.0),
+    "n_layers": 4,
+    "channels": 2,
+    "kernel_sizes": (1, 3),
+    "negative_slope": 0.2,
+}
+
+
+# --------------------------------------------------------------------------- validation
+# One checker per argument, shared by the constructors and parse_gin_args: ``name`` starts
+# the message ("prob" in the constructor, "plan_args.gin.prob" in an experiment spec).
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+
+
+def _check_prob(value: Any, name: str) -> float:
+    if not _is_number(value):
+        raise ValueError(f"{name}: must be a number within [0, 1] (got {value!r})")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: must be within [0, 1] (got {value!r})")
+    return float(value)
+
+
+def _check_alpha(value: Any, name: str) -> tuple[float, float]:
+    # a pair only: a lone number would be ambiguous (fixed alpha, or an upper bound?)
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(_is_number(v) for v in value)
+        or not 0.0 <= value[0] <= value[1] <= 1.0
+    ):
+        raise ValueError(f"{name}: must be [low, high] with 0 <= low <= high <= 1 (got {value!r})")
+    return float(value[0]), float(value[1])
+
+
+def _check_n_layers(value: Any, name: str) -> int | tuple[int, int]:
+    if _is_int(value):
+        if value < 1:
+            raise ValueError(f"{name}: must be a positive integer or [min, max] (got {value!r})")
+        return int(value)
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value) or not 1 <= value[0] <= value[1]:
+        raise ValueError(f"{name}: must be a positive integer or [min, max] with 1 <= min <= max (got {value!r})")
+    return int(value[0]), int(value[1])
+
+
+def _check_channels(value: Any, name: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer (got {value!r})")
+    return int(value)
+
+
+def _check_kernel_sizes(value: Any, name: str) -> tuple[int, ...]:
+    sizes = [value] if _is_int(value) else value
+    # odd sizes only: padding k // 2 on each side then keeps the shape
+    if not isinstance(sizes, (list, tuple)) or not sizes or not all(_is_int(k) and k >= 1 and k % 2 == 1 for k in sizes):
+        raise ValueError(f"{name}: must be a non-empty list of positive odd integers, e.g. [1, 3] (got {value!r})")
+    return tuple(int(k) for k in sizes)
+
+
+def _check_slope(value: Any, name: str) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: must be a number within [0, 1] (got {value!r})")
+    return float(value)
+
+
+_CHECKS = {
+    "prob": _check_prob,
+    "alpha": _check_alpha,
+    "n_layers": _check_n_layers,
+    "channels": _check_channels,
+    "kernel_sizes": _check_kernel_sizes,
+    "negative_slope": _check_slope,
+}
+
+
+def parse_gin_args(raw: Any, where: str) -> dict[str, Any] | None:
+    """Validate the experiment-spec form of GIN and return keyword arguments for
+    `GINAugmentation` / `GINAugmentationd` (all of them, defaults filled in).
+
+    ``raw``: ``None`` or ``false`` -> ``None`` (GIN off); ``true`` -> the defaults; or a
+    mapping with any of ``prob``, ``alpha`` ([low, high]), ``n_layers`` (int or [min, max]),
+    ``channels``, ``kernel_sizes`` and ``negative_slope``. Unknown keys are refused. Error
+    messages start with ``where``, e.g. ``"plan_args.gin.prob: must be within [0, 1] (got 2)"``.
+    """
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: must be a mapping ({', '.join(_CHECKS)}), true or false (got {raw!r})")
+    unknown = [k for k in raw if k not in _CHECKS]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), list(_CHECKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(_CHECKS)})"
+        raise ValueError(f"{where}.{unknown[0]}: unknown key{hint}")
+    return {key: check(raw.get(key, DEFAULTS[key]), f"{where}.{key}") for key, check in _CHECKS.items()}
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class GINAugmentation(RandomizableTransform):
+    """GIN on one channel-first image ``(C, X, Y)`` or ``(C, X, Y, Z)``.
+
+    Accepts a torch tensor, a MONAI MetaTensor (meta data and affine kept) or a numpy array
+    of a floating dtype, and returns the same type, shape and dtype (computation in float32).
+
+    Args:
+        prob: probability of applying GIN on a call (MONAI-style default 0.5; the paper
+            augments every image, i.e. ``prob=1``).
+        alpha: ``(low, high)`` within [0, 1]: the blend weight of the network output is drawn
+            uniformly from it per call (the augmentation strength; 0 = the input).
+        n_layers: number of convolutions, an int or an inclusive ``(min, max)`` range drawn per
+            call. 1 gives a single random local affine map (no non-linearity).
+        channels: intermediate channels of the random network.
+        kernel_sizes: odd kernel sizes, one drawn per layer and call.
+        negative_slope: leaky ReLU slope between layers.
+
+    ``randomize=False`` in ``__call__`` reuses the last drawn network and alpha.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        prob: float = DEFAULTS["prob"],
+        alpha: Sequence[float] = DEFAULTS["alpha"],
+        n_layers: int | Sequence[int] = DEFAULTS["n_layers"],
+        channels: int = DEFAULTS["channels"],
+        kernel_sizes: Sequence[int] = DEFAULTS["kernel_sizes"],
+        negative_slope: float = DEFAULTS["negative_slope"],
+    ):
+        RandomizableTransform.__init__(self, _check_prob(prob, "prob"))
+        self.alpha = _check_alpha(alpha, "alpha")
+        layers = _check_n_layers(n_layers, "n_layers")
+        self.n_layers = (layers, layers) if isinstance(layers, int) else layers
+        self.channels = _check_channels(channels, "channels")
+        self.kernel_sizes = _check_kernel_sizes(kernel_sizes, "kernel_sizes")
+        self.negative_slope = _check_slope(negative_slope, "negative_slope")
+        self._alpha: float | None = None
+        self._kernels: tuple[int, ...] = ()
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        n = int(self.R.randint(self.n_layers[0], self.n_layers[1] + 1))
+        self._kernels = tuple(int(k) for k in self.R.choice(self.kernel_sizes, size=n))
+        self._alpha = float(self.R.uniform(self.alpha[0], self.alpha[1]))
+        self._seed = int(self.R.randint(0, 2**31 - 1))  # for the weights (torch.Generator)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """The random network on ``x`` (1, C, *spatial), float32."""
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        spatial = x.dim() - 2
+        gen = torch.Generator().manual_seed(self._seed)  # CPU draws: same weights on any device
+        c_in = c_image = x.shape[1]
+        for i, k in enumerate(self._kernels):
+            last = i == len(self._kernels) - 1
+            c_out = c_image if last else self.channels
+            weight = torch.randn((c_out, c_in, *([k] * spatial)), generator=gen).to(x.device)
+            bias = torch.randn((c_out,), generator=gen).to(x.device)
+            if k > 1:
+                # replicate, not zeros: a zero frame would paint a fake edge along the patch border
+                x = F.pad(x, [k // 2] * (2 * spatial), mode="replicate")
+            x = conv(x, weight, bias)
+            if not last:
+                x = F.leaky_relu(x, self.negative_slope)
+            c_in = c_out
+        return x
+
+    def __call__(self, img: Any, randomize: bool = True) -> Any:
+        if randomize:
+            self.randomize(None)
+        if not self._do_transform:
+            return img
+        if self._alpha is None:
+            raise RuntimeError("GINAugmentation: randomize=False before any network was drawn")
+        if img.ndim not in (3, 4):
+            raise ValueError(f"GINAugmentation: expected a channel-first image (C, X, Y) or (C, X, Y, Z), got shape {tuple(img.shape)}")
+        floating = img.dtype.is_floating_point if isinstance(img, torch.Tensor) else np.issubdtype(img.dtype, np.floating)
+        if not floating:
+            # remapped intensities are real numbers; rounding them back would be a silent loss
+            raise ValueError(f"GINAugmentation: needs a floating-point image, got {img.dtype} (labels must not go through GIN)")
+        x = torch.as_tensor(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
+        x = (x.as_tensor() if isinstance(x, MetaTensor) else x).detach().to(torch.float32)
+        in_norm = torch.linalg.vector_norm(x)
+        if not in_norm > 0:  # zero (or empty) image: nothing to rescale to
+            return img
+        with torch.no_grad():
+            out = self._network(x.unsqueeze(0))[0]
+            mixed = self._alpha * out + (1.0 - self._alpha) * x
+            mixed_norm = torch.linalg.vector_norm(mixed)
+            if not mixed_norm > 0:  # degenerate draw (all zero): keep the image
+                return img
+            mixed = mixed * (in_norm / mixed_norm)
+        return convert_to_dst_type(mixed, dst=img, dtype=img.dtype)[0]
+
+
+class GINAugmentationd(MapTransform, RandomizableTransform):
+    """Dictionary form of `GINAugmentation`: one network and alpha drawn per call, applied to
+    every key in ``keys`` (several images of one case get the same intensity mapping, when
+    they have the same number of channels). ``keys`` must name images only, never labels:
+    GIN remaps values. Other keys pass through as the same objects.
+    """
+
+    backend = GINAugmentation.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = DEFAULTS["prob"],
+        alpha: Sequence[float] = DEFAULTS["alpha"],
+        n_layers: int | Sequence[int] = DEFAULTS["n_layers"],
+        channels: int = DEFAULTS["channels"],
+        kernel_sizes: Sequence[int] = DEFAULTS["kernel_sizes"],
+        negative_slope: float = DEFAULTS["negative_slope"],
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, _check_prob(prob, "prob"))
+        # the prob draw happens here, so the inner transform always applies
+        self.gin = GINAugmentation(1.0, alpha, n_layers, channels, kernel_sizes, negative_slope)
+        self.gin.set_random_state(state=self.R)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> GINAugmentationd:
+        super().set_random_state(seed, state)
+        # one shared stream: the prob draw and the network draws do not repeat each other
+        self.gin.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.gin.randomize(None)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.gin(d[key], randomize=False)
+        return d
