@@ -391,8 +391,12 @@ def report(run_id, home) -> None:
               help="Contrast phase of the out-of-federation test set scored after the run (none: skip).")
 @click.option("--phases", default="portal_venous", show_default=True,
               help="Contrast phase of each site's scanner, comma-separated, cycled over the sites "
-                   "(e.g. arterial,portal_venous,delayed: a domain shift between sites).")  # fmt: skip
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases) -> None:
+                   "(e.g. arterial,portal_venous,delayed: a domain shift between sites).")
+@click.option("--modalities", default="CT", show_default=True,
+              help="Each site's scanner, CT or MR (MR-like intensities of the same anatomy), comma-separated, "
+                   "cycled over the sites (e.g. CT,MR: a cross-modality federation).")
+@click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb
 
@@ -407,8 +411,18 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
     bad = [p for p in phase_list if p not in PHASES]
     if bad or not phase_list:
         raise click.BadParameter(f"unknown phase(s) {bad or phases!r}; known: {', '.join(PHASES)}", param_hint="--phases")
+    mods = [m.strip().upper() for m in modalities.split(",") if m.strip()]
+    if not mods or set(mods) - {"CT", "MR"}:
+        raise click.BadParameter(f"must be CT and/or MR, comma-separated (got {modalities!r})", param_hint="--modalities")
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if class_list:
+        from preprocessing.schema import load_schema
+
+        unknown = [c for c in class_list if c not in load_schema().classes or c == "background"]
+        if unknown:
+            raise click.BadParameter(f"not foreground classes of the built-in schema: {', '.join(unknown)}", param_hint="--classes")
     code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log,
-                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list)  # fmt: skip
+                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list)  # fmt: skip
     if code != 0:
         sys.exit(code)
 

@@ -41,13 +41,16 @@ def default_spec_text() -> str:
 class Testbed:
     __test__ = False  # not a pytest test class
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None,
-                 oof_phase: str | None = None, phases: list[str] | None = None):  # fmt: skip
+                 oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
+                 classes: list[str] | None = None):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
         self.n_sites = n_sites
         self.oof_phase = oof_phase  # contrast phase of the out-of-federation test set (None: none)
         self.phases = list(phases or ["portal_venous"])  # each site's scanner phase, cycled over the sites
+        self.modalities = list(modalities or ["CT"])  # each site's scanner (CT or MR-like), cycled over the sites
+        self.classes = list(classes) if classes else None  # every site labels these (None: an organ group by seed)
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.log = log
@@ -74,6 +77,13 @@ class Testbed:
         self.children.append(proc)
         return proc
 
+    def modality(self, i: int) -> str:
+        return self.modalities[i % len(self.modalities)]
+
+    def dataset_dir(self, i: int) -> Path:
+        """Site i's prepared dataset (named after its modality)."""
+        return self.sites[i].data_dir / self.modality(i).lower()
+
     def site_config_path(self, i: int) -> Path:
         return self.workdir / "sites" / f"site-{i + 1}" / "site.yaml"
 
@@ -86,7 +96,8 @@ class Testbed:
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "setup", "--config", str(cfg),
                 "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1), "--tag", TAG,
-                "--phase", self.phases[i % len(self.phases)],
+                "--phase", self.phases[i % len(self.phases)], "--modality", self.modality(i),
+                *(["--classes", ",".join(self.classes)] if self.classes else []),
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:
@@ -209,11 +220,12 @@ class Testbed:
 
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
-        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast", phases: list[str] | None = None) -> int:  # fmt: skip
+        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
+        modalities: list[str] | None = None, classes: list[str] | None = None) -> int:  # fmt: skip
     """Set up, run one spec, score it out of federation, report, tear down. Returns the
     coordinator's exit code."""
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True),
-                  oof_phase=oof_phase, phases=phases)  # fmt: skip
+                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -2,7 +2,7 @@
 
     python -m coordinator.testbed_site setup   --config C --seed S [...]   # init + phantom DICOM + prepare + register
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
-    python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P  # a test set only
+    python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P [--modality MR]  # a test set only
 
 The testbed runs these in separate processes so each site's Fed-BioMed state (its
 logger, its database) stays in a process of its own, like on a real site.
@@ -40,9 +40,9 @@ def setup(args) -> None:
     node.create_node(site)
     site.save(args.config)
     site = site_config.load(args.config)
-    dataset = site.data_dir / "ct"
+    dataset = site.data_dir / args.modality.lower()
     if not (dataset / "manifest.json").exists():
-        _prepare_phantom(args, base / "hospital", dataset)
+        _prepare_phantom(args, base / "hospital", dataset, classes=args.classes.split(",") if args.classes else None)
     if not node.list_datasets(site):
         node.add_dataset(site, dataset, [args.tag])
 
@@ -53,13 +53,13 @@ def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | N
     organs = classes or (SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)])
     if not (hospital / "site-labels.yaml").exists():
         write_phantom_site(
-            hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase,
+            hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase, modality=args.modality,
             shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0),
         )  # fmt: skip
     cmd = [
         str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"),
         "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
-        "--out", str(dataset), "--name", f"{args.name}-{organs[0]}-ct" if classes is None else f"{args.name}-{args.phase}-ct", "--require-labels",
+        "--out", str(dataset), "--name", f"{args.name}-{organs[0] if classes is None else args.phase}-{args.modality.lower()}", "--require-labels",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     s.add_argument("--size", type=int, default=48, help="in-plane voxels of the phantom CT (slices: half)")
     s.add_argument("--phase", default="portal_venous", help="contrast phase of the site's scanner protocol")
     s.add_argument("--organs", default=None, help="organ group the site labels (default: by seed)")
+    s.add_argument("--classes", default=None, help="classes the site labels, comma-separated (instead of an organ group)")
+    s.add_argument("--modality", default="CT", choices=("CT", "MR"), help="the site's scanner: CT, or MR (same anatomy, MR-like intensities)")
     s.add_argument("--tag", default="fedimg-demo")
     a = sub.add_parser("approve")
     a.add_argument("--config", required=True)
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
     d.add_argument("--size", type=int, default=48)
     d.add_argument("--phase", default="non_contrast")
     d.add_argument("--classes", default="kidney,liver,pancreas,spleen", help="classes the test set labels (comma-separated)")
+    d.add_argument("--modality", default="CT", choices=("CT", "MR"))
     d.set_defaults(organs=None)
     args = p.parse_args(argv)
     try:

@@ -25,13 +25,14 @@ import torch
 
 from pipelines.evaluation import dice_per_class, merge_lesions, predict_volume
 from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_loss
+from pipelines.gin import parse_gin_args
 from pipelines.networks import all_heads, main_output, network_config_from_spec
 from pipelines.site_state import SiteStateStore
 from preprocessing.schema import LabelSchema
 
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
-    "lr_schedule", "augment", "inference", "keep_optimizer_state", "rounds_total", "local_steps", "run_id",
+    "lr_schedule", "augment", "gin", "inference", "keep_optimizer_state", "rounds_total", "local_steps", "run_id",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -57,6 +58,7 @@ class SegmentationSettings:
     lambda_range: tuple[float, float] = (0.01, 1.0)
     lr_schedule: str = "cosine"
     augment: bool = True
+    gin: dict[str, Any] | None = None  # GINAugmentation kwargs (pipelines.gin); None: off
     overlap: float = 0.25
     sw_batch_size: int = 2
     keep_optimizer_state: bool = True
@@ -141,6 +143,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
     augment = args.get("augment", DEFAULTS["augment"])
     if not isinstance(augment, bool):
         raise _bad("augment", f"must be true or false (got {augment!r})")
+    gin = parse_gin_args(args.get("gin"), "plan_args.gin")
     keep_opt = args.get("keep_optimizer_state", DEFAULTS["keep_optimizer_state"])
     if not isinstance(keep_opt, bool):
         raise _bad("keep_optimizer_state", f"must be true or false (got {keep_opt!r})")
@@ -171,6 +174,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         lambda_range=(float(lam[0]), float(lam[1])),
         lr_schedule=schedule,
         augment=augment,
+        gin=gin,
         keep_optimizer_state=keep_opt,
         run_id=run_id,
         overlap=float(overlap),

@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
+    MRImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -689,8 +690,14 @@ def write_dicom_series(
     seed: int = 0,
     series_number: int = 2,
     instance_order: str = "shuffled",
+    modality: str = "CT",
 ) -> list[Path]:
     """Write `volume` as a CT Image Storage series, one file per slice, into `out_dir`.
+
+    ``modality="MR"`` writes an MR Image Storage series of the same anatomy instead: the
+    pixel values are :func:`mr_like` of the volume (seeded by `seed`), stored as unsigned
+    integers without a rescale (MR has no Hounsfield scale), with MR acquisition attributes
+    in place of the CT ones.
 
     Slice ``k`` (``volume.hu[:, :, k]``, transposed to DICOM's [row, column]) is at
     ``ImagePositionPatient = origin + k * slice_spacing * normal``. Stored values are
@@ -723,7 +730,14 @@ def write_dicom_series(
     study_uid = study_uid or _uid("study", ids.patient_id, ids.accession, seed, avoid=avoid)
     series_uid = series_uid or _uid("series", study_uid, volume.phase, series_number, seed, avoid=avoid)
     frame_of_reference_uid = frame_of_reference_uid or _uid("for", series_uid, avoid=avoid)
-    stored, pixel_rep = _stored_values(volume.hu, rescale)
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
+    mr = modality == "MR"
+    if mr:
+        stored, pixel_rep = np.rint(mr_like(volume, seed)).astype(np.uint16), 0
+    else:
+        stored, pixel_rep = _stored_values(volume.hu, rescale)
+    sop_class = MRImageStorage if mr else CTImageStorage
 
     rng = np.random.default_rng([int(seed), zlib.crc32(series_uid.encode())])
     if instance_order == "shuffled":
@@ -749,7 +763,7 @@ def write_dicom_series(
         ipp = origin + k * dz * n
         sop_uid = _uid("sop", series_uid, k, avoid=avoid)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ts
         meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
@@ -758,13 +772,13 @@ def write_dicom_series(
         ds.file_meta = meta
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
+        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
         ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ids.study_date
         ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ids.study_time
         ds.AcquisitionDateTime = ids.study_date + ids.study_time
         ds.AccessionNumber = ids.accession
-        ds.Modality = "CT"
+        ds.Modality = modality
         ds.Manufacturer = "FEDIMG"
         ds.InstitutionName = ids.institution
         ds.InstitutionAddress = ids.institution_address
@@ -775,7 +789,7 @@ def write_dicom_series(
         ds.InstitutionalDepartmentName = ids.department
         ds.PerformingPhysicianName = ids.performing_physician
         ds.OperatorsName = ids.operator
-        ds.ManufacturerModelName = "Phantom CT"
+        ds.ManufacturerModelName = f"Phantom {modality}"
         ds.PatientName = ids.patient_name
         ds.PatientID = ids.patient_id
         ds.PatientBirthDate = ids.birth_date
@@ -789,23 +803,36 @@ def write_dicom_series(
         ds.PatientAddress = ids.patient_address
         ds.BodyPartExamined = "ABDOMEN"
         if contrast:
-            ds.ContrastBolusAgent = "IOHEXOL 350"
+            ds.ContrastBolusAgent = "GADOTERATE" if mr else "IOHEXOL 350"
             ds.ContrastBolusRoute = "IV"
-            ds.ContrastBolusVolume = 100
-        ds.ScanOptions = "HELICAL MODE"
+            ds.ContrastBolusVolume = 15 if mr else 100
         ds.SliceThickness = _ds([dz])[0]
-        ds.KVP = 120
-        ds.DataCollectionDiameter = 500
         ds.DeviceSerialNumber = ids.device_serial
         ds.SoftwareVersions = "fedimg-phantom 1"
-        ds.ReconstructionDiameter = _ds([max(nx * dx, ny * dy)])[0]
-        ds.GantryDetectorTilt = 0
-        ds.TableHeight = 150
-        ds.RotationDirection = "CW"
-        ds.ExposureTime = 500
-        ds.XRayTubeCurrent = 250
-        ds.Exposure = 125
-        ds.ConvolutionKernel = "STANDARD"
+        if mr:  # a T1-weighted 3D gradient echo
+            ds.ScanningSequence = "GR"
+            ds.SequenceVariant = "SP"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "3D"
+            ds.RepetitionTime = 4.0
+            ds.EchoTime = 1.9
+            ds.EchoTrainLength = 1
+            ds.FlipAngle = 10
+            ds.MagneticFieldStrength = 1.5
+            ds.ImagingFrequency = 63.87
+            ds.ImagedNucleus = "1H"
+        else:
+            ds.ScanOptions = "HELICAL MODE"
+            ds.KVP = 120
+            ds.DataCollectionDiameter = 500
+            ds.ReconstructionDiameter = _ds([max(nx * dx, ny * dy)])[0]
+            ds.GantryDetectorTilt = 0
+            ds.TableHeight = 150
+            ds.RotationDirection = "CW"
+            ds.ExposureTime = 500
+            ds.XRayTubeCurrent = 250
+            ds.Exposure = 125
+            ds.ConvolutionKernel = "STANDARD"
         ds.PatientPosition = "HFS"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
@@ -832,11 +859,14 @@ def write_dicom_series(
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = pixel_rep
-        ds.WindowCenter = 40
-        ds.WindowWidth = 400
-        ds.RescaleIntercept = _ds([rescale[1]])[0]
-        ds.RescaleSlope = _ds([rescale[0]])[0]
-        ds.RescaleType = "HU"
+        if mr:
+            ds.WindowCenter, ds.WindowWidth = 400, 800
+        else:
+            ds.WindowCenter = 40
+            ds.WindowWidth = 400
+            ds.RescaleIntercept = _ds([rescale[1]])[0]
+            ds.RescaleSlope = _ds([rescale[0]])[0]
+            ds.RescaleType = "HU"
         block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
         block.add_new(0x10, "LO", ids.private_text)
         block.add_new(0x11, "LO", ids.patient_id)  # vendors copy IDs into private tags
@@ -939,8 +969,12 @@ def write_phantom_site(
     segment_labels: dict[str, str] | None = None,
     file_names: str = "random",
     schema: LabelSchema | None = None,
+    modality: str = "CT",
 ) -> PhantomSite:
     """Write a phantom site under `root`, labelling only `classes`.
+
+    ``modality="MR"``: an MR scanner's site, the same kind of anatomy written as MR series
+    (:func:`mr_like` intensities; see :func:`write_dicom_series`).
 
     Layout::
 
@@ -1009,7 +1043,7 @@ def write_phantom_site(
         origin = tuple(float(v) for v in np.round(np.array([-150.0, -180.0, -300.0]) + jrng.uniform(-10, 10, 3), 2))
         paths = write_dicom_series(
             vol, dicom_dir / case, ids, origin=origin, orientation=orientation, transfer_syntax=transfer_syntax,
-            file_names=file_names, seed=case_seed,
+            file_names=file_names, seed=case_seed, modality=modality,
         )
         series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
         if label_format == "nifti":

@@ -95,3 +95,23 @@ def test_client_never_invents_a_token(tmp_path, monkeypatch):
     (tmp_path / "api-token").write_text("abc\n")
     assert client_token(tmp_path, None) == "abc"
     assert client_token(tmp_path, "given") == "given"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modalities", "CT,PET"], "must be CT and/or MR"),
+        (["--classes", "liver,brain"], "not foreground classes of the built-in schema: brain"),
+    ],
+)
+def test_testbed_refuses_bad_modalities_and_classes_before_starting(tmp_path, args, message):
+    res = cli("coordinator", "testbed", "--workdir", tmp_path / "bed", *args)
+    assert res.returncode != 0 and message in res.stderr
+    assert not (tmp_path / "bed").exists()  # nothing was set up
+
+
+def test_testbed_cycles_modalities_and_names_datasets_after_them(tmp_path):
+    from coordinator.testbed import Testbed
+
+    bed = Testbed(tmp_path, n_sites=3, modalities=["CT", "MR"], classes=["liver"])
+    assert [bed.modality(i) for i in range(3)] == ["CT", "MR", "CT"]

@@ -231,6 +231,32 @@ def test_series_headers_pixels_and_geometry(tmp_path, volume, ids):
     assert all(p.read_bytes() == q.read_bytes() for p, q in zip(paths, again))
 
 
+def test_mr_series_same_anatomy_mr_intensities(tmp_path, volume, ids):
+    from preprocessing.phantom import mr_like
+
+    paths = write_dicom_series(volume, tmp_path / "s", ids, seed=4, modality="MR")
+    dss = [pydicom.dcmread(p) for p in paths]
+    first = dss[0]
+    assert first.SOPClassUID == pydicom.uid.MRImageStorage and first.Modality == "MR"
+    assert "RescaleSlope" not in first and "KVP" not in first and float(first.MagneticFieldStrength) == 1.5
+    pixels = np.stack([d.pixel_array.T for d in dss], axis=-1)  # paths are in slice order
+    assert np.array_equal(pixels, np.rint(mr_like(volume, 4)).astype(np.uint16))
+    assert (pixels[volume.hu < -500] == 0).all() and (pixels[volume.hu > -100] > 0).all()
+    with pytest.raises(ValueError, match="modality"):
+        write_dicom_series(volume, tmp_path / "x", ids, modality="PT")
+
+
+def test_mr_site_prepares_as_an_mr_dataset(tmp_path):
+    from preprocessing.dataset import load_dataset
+    from preprocessing.prepare import PrepareOptions, prepare
+
+    site = write_phantom_site(tmp_path / "h", ["liver", "spleen"], n_cases=1, seed=2, modality="MR", shape=SMALL, spacing=SPACING)
+    prepare([site.dicom_dir], tmp_path / "ds", SCHEMA, load_label_map(site.label_map, SCHEMA), labels=[site.labels_dir],
+            options=PrepareOptions(name="mr", qc_report=False))  # fmt: skip
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.modality == "MR" and len(ds.cases) == 1
+
+
 def test_instance_file_names_and_signed_rescale(tmp_path, volume, ids):
     paths = write_dicom_series(volume, tmp_path / "s", ids, file_names="instance", rescale=(1.0, 0.0), instance_order="ascending")
     dss, hu = _read_series(paths)

@@ -413,3 +413,38 @@ def test_other_plans_pass_their_args_through():
     args = {"anything": [1, 2], "schema": 5, "schema_definition": "x"}
     out = model_args_for("some_other_plan", args)
     assert out == args and out is not args
+
+
+def test_gin_is_a_plan_option_for_every_segmentation_plan():
+    from pipelines.training import parse_plan_args
+    from preprocessing.schema import load_schema
+
+    schema = load_schema()
+    assert parse_plan_args({}, schema).gin is None
+    s = parse_plan_args({"gin": {"prob": 1.0, "alpha": [0.2, 0.9]}}, schema)
+    assert s.gin["prob"] == 1.0 and tuple(s.gin["alpha"]) == (0.2, 0.9) and s.gin["n_layers"] == 4
+    assert parse_plan_args({"gin": True}, schema).gin["prob"] == 0.5
+    with pytest.raises(ValueError, match=r"plan_args\.gin\.prob"):
+        parse_plan_args({"gin": {"prob": 2}}, schema)
+    with pytest.raises(ValueError, match=r"plan_args\.gin\.strength: unknown key"):
+        parse_plan_args({"gin": {"strength": 1}}, schema)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "coordinator" / "examples").glob("*.yaml")))
+def test_every_example_spec_is_valid(example):
+    from coordinator import spec as spec_mod
+
+    path = Path(__file__).resolve().parents[1] / "coordinator" / "examples" / example
+    s = spec_mod.load(path)
+    out = model_args_for(s.plan, dict(s.plan_args), path.parent)
+    assert "schema_definition" in out
+
+
+def test_cross_modality_example_turns_gin_on_and_the_schema_has_both_modalities():
+    from coordinator import spec as spec_mod
+
+    path = Path(__file__).resolve().parents[1] / "coordinator" / "examples" / "phantom_cross_modality.yaml"
+    s = spec_mod.load(path)
+    settings = parse_plan_args({k: v for k, v in s.plan_args.items() if k != "schema"}, load_schema())
+    assert settings.gin is not None and settings.gin["prob"] > 0
+    assert {"CT", "MR"} <= set(load_schema().modalities)

@@ -96,7 +96,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
         s = self._settings
         self.reseed_for_round(self._round_index())
         self._objective = PartialLabelObjective(s.schema, self._dataset.labeled_classes, s.temperature, s.spatial_dims)
-        self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment, ignore_label=s.schema.ignore_label)
+        self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment, ignore_label=s.schema.ignore_label, gin=s.gin)
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)
         self._step_in_round = 0
         self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
@@ -151,6 +151,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
             "step_s": self._sums["step_s"] / n,
             "lr_last": float(self._adamw.param_groups[0]["lr"]),
             "optimizer_state_restored": float(self._opt_restored),
+            "gin_prob": float(self._settings.gin["prob"]) if self._settings.gin else 0.0,  # GIN on (its probability) or off
         }
         if self.distill:
             teacher = dict(self._teacher.named_parameters())
