@@ -8,7 +8,7 @@ patients, one CT and one MR-like, are scored per class.
     fed            FedAvg (`plan: marginal`), the spec `coordinator/examples/phantom_cross_modality.yaml` without GIN
     fed + GIN      the same spec with `plan_args.gin` (the example's setting)
     centralised    the same network, objective, patches, optimizer and schedule in this process on every
-                   site's training cases pooled (the same 25 % of each site's cases held back), with GIN,
+                   site's cases pooled (the same share of each site's cases held back, other cases), with GIN,
                    for as many optimizer steps as the federation ran in all (rounds x local steps x sites)
 
 Federated models are the coordinator's best global model (selected on the sites'
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def train_centralised(train: list, settings, classes: list[int], steps: int, lr:
 
 
 def score(net, test: list, settings, classes: list[int]) -> dict[int, float]:
-    return class_means([evaluate_case(net, image, label, settings, classes) for image, label in test], classes)
+    """Scored as `coordinator evaluate` scores the federated models: the test sets label
+    organs but not their lesions, so lesion predictions are merged into their organ."""
+    return class_means([evaluate_case(net, image, label, settings, classes, merge_lesion_classes=True) for image, label in test], classes)
 
 
 def gin_examples(report: Path, volume: torch.Tensor, gin: dict, title: str) -> None:
@@ -152,6 +155,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=80, help="local steps per site per round")
     ap.add_argument("--test-cases", type=int, default=4, help="cases per modality's test set")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="score the federated runs already in --workdir; train only the centralised model")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/cross-modality-<time>")
     args = ap.parse_args()
     console = Console()
@@ -167,29 +171,43 @@ def main() -> int:
 
     bed = Testbed(workdir, n_sites=args.sites, modalities=modalities, classes=classes, log=lambda m: console.log(m),
                   out=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
-    tests: dict[str, Path] = {}
+    tests = {m: workdir / "test-sets" / m.lower() for m in sorted(set(modalities))}
     run_dirs: dict[str, Path] = {}
-    try:
-        with console.status(f"setting up {args.sites} sites ({', '.join(bed.modality(i) for i in range(args.sites))}), the test sets and the nodes"):
-            bed.setup_sites()
-            for k, modality in enumerate(sorted(set(modalities))):
-                tests[modality] = workdir / "test-sets" / modality.lower()
-                cmd = [sys.executable, "-m", "coordinator.testbed_site", "data", "--out", str(tests[modality]), "--seed", str(90 + k),
-                       "--phase", "portal_venous", "--modality", modality, "--classes", ",".join(classes),
-                       "--cases", str(args.test_cases), "--name", f"test-{modality.lower()}"]  # fmt: skip
-                subprocess.run(cmd, check=True, capture_output=True)
-            bed.start_nodes()
-        for variant, use_gin in (("fed", False), ("fed + GIN", True)):
-            spec = {**base, "name": "xmod-gin" if use_gin else "xmod-nogin", "rounds": args.rounds, "local_steps": args.steps, "seed": args.seed}
-            spec["plan_args"] = {**base["plan_args"], "gin": gin if use_gin else None}
-            console.rule(f"{variant}: {args.rounds} rounds x {args.steps} steps on {args.sites} sites")
-            code = bed.run_spec(yaml.safe_dump(spec, sort_keys=False))
-            if code != 0:
-                console.print(f"[red]{variant}: run failed ({code})")
+    names_of = {"fed": "xmod-nogin", "fed + GIN": "xmod-gin"}
+    if args.reuse:
+        from site_agent import config as site_config
+
+        bed.sites = [site_config.load(bed.site_config_path(i)) for i in range(args.sites)]
+        for variant, name in names_of.items():
+            done = [Path(r["run_dir"]) for r in runs.list_runs(bed.home) if f"-{name}-" in Path(r["run_dir"]).name]
+            if not done:
+                console.print(f"[red]--reuse: no {name} run under {bed.home}")
                 return 1
-            run_dirs[variant] = Path(runs.list_runs(bed.home)[-1]["run_dir"])
-    finally:
-        bed.teardown()
+            run_dirs[variant] = done[-1]
+    else:
+        try:
+            with console.status(f"setting up {args.sites} sites ({', '.join(bed.modality(i) for i in range(args.sites))}), the test sets and the nodes"):
+                bed.setup_sites()
+                for k, (modality, path) in enumerate(tests.items()):
+                    cmd = [sys.executable, "-m", "coordinator.testbed_site", "data", "--out", str(path), "--seed", str(90 + k),
+                           "--phase", "portal_venous", "--modality", modality, "--classes", ",".join(classes),
+                           "--cases", str(args.test_cases), "--name", f"test-{modality.lower()}"]  # fmt: skip
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        console.print(f"[red]{modality} test set failed: {res.stderr.strip()[-800:]}")
+                        return 1
+                bed.start_nodes()
+            for variant, use_gin in (("fed", False), ("fed + GIN", True)):
+                spec = {**base, "name": names_of[variant], "rounds": args.rounds, "local_steps": args.steps, "seed": args.seed}
+                spec["plan_args"] = {**base["plan_args"], "gin": gin if use_gin else None}
+                console.rule(f"{variant}: {args.rounds} rounds x {args.steps} steps on {args.sites} sites")
+                code = bed.run_spec(yaml.safe_dump(spec, sort_keys=False))
+                if code != 0:
+                    console.print(f"[red]{variant}: run failed ({code})")
+                    return 1
+                run_dirs[variant] = Path(runs.list_runs(bed.home)[-1]["run_dir"])
+        finally:
+            bed.teardown()
 
     settings = parse_plan_args({k: v for k, v in base["plan_args"].items() if k != "schema"}, schema)
     names = {v: k for k, v in schema.classes.items()}
@@ -207,7 +225,7 @@ def main() -> int:
     for i in range(args.sites):
         vols = volumes_of(bed.dataset_dir(i), settings)
         rng.shuffle(vols)
-        train += vols[max(1, round(len(vols) * base["test_ratio"])):]
+        train += vols[math.floor(len(vols) * base["test_ratio"]):]  # Fed-BioMed's split: floor(n * test_ratio) held back
     steps = args.rounds * args.steps * args.sites
     t0 = time.monotonic()
     net = train_centralised(train, settings, class_ids, steps, base["optimizer"]["lr"], base["optimizer"]["weight_decay"], args.seed, console)

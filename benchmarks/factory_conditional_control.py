@@ -162,7 +162,8 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
             gen_examples.setdefault(mode, {})[cid] = img[:6]
         rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), clients, k)
         # the contrast differences the classifier reads: fraction of bright (enhancing) pixels
-        rows[mode]["bright_fraction"] = {n: float((xs[i] > 0).float().mean()) for i, n in enumerate(sorted(clients, key=clients.get))}
+        names = {cid: n for n, cid in clients.items()}
+        rows[mode]["bright_fraction"] = {names[cid]: float((img > 0).float().mean()) for cid, img in gen_examples_all(xs, ys)}
     t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
     for col in ("conditioning", "accuracy", *clients):
         t.add_column(col, justify="right")
@@ -174,6 +175,11 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
                     "real_bright_fraction": {n: float((real_x[real_y == c] > 0).float().mean()) for n, c in clients.items()}})  # fmt: skip
     _plot(report, real_x, real_y, gen_examples, clients)
     return rows
+
+
+def gen_examples_all(xs, ys):
+    """(client id, that id's generated slices) for each block generated."""
+    return [(int(y[0]), x) for x, y in zip(xs, ys)]
 
 
 def slice_settings_of(spec: dict):
@@ -225,6 +231,8 @@ def main() -> int:
     ap.add_argument("--export-slices", type=Path, default=None, help="set up the phantom sites, save their slices there, stop")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
     args = ap.parse_args()
+    if args.engine == "inprocess" and args.only == "centralised" and args.centralised_updates < 0 and args.budget_s is None:
+        ap.error("--only centralised with --centralised-updates -1 needs --budget-s (there is no federation to match)")
     console = Console()
     workdir = (args.workdir or ROOT / ".benchmarks" / f"factory-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     report = workdir / "report"
@@ -397,7 +405,13 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
     if keys:
         generators["client id + own key"] = {cid: (site_g[cid], keys[cid]) for cid in keys}
     if args.centralised_updates:
-        updates = args.centralised_updates if args.centralised_updates > 0 else 3000
+        # -1: as many updates as the federation ran in all (every sampled site's, every round)
+        last: dict = {}  # a site's "updates" metric counts on across rounds (its state is kept): take its last
+        for r in metrics["rounds"]:
+            for node, row in r.get("sites", {}).items():
+                last[node] = int(row.get("train", {}).get("updates", 0))
+        fed_total = sum(last.values())
+        updates = args.centralised_updates if args.centralised_updates > 0 else (fed_total or 3000)
         with console.status(f"centralised baseline: {updates} updates on the pooled slices"):
             s = FactorySettings(config=FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0}), key=None)
             model, _ = train_pooled(real_x, torch.cat([real_bins[c] for c in sorted(real_bins)]), real_y, s, updates, args.batch)

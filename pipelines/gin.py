@@ -166,7 +166,8 @@ class GINAugmentation(RandomizableTransform):
             call. 1 gives a single random local affine map (no non-linearity).
         channels: intermediate channels of the random network.
         kernel_sizes: odd kernel sizes, one drawn per layer and call.
-        negative_slope: leaky ReLU slope between layers.
+        negative_slope: leaky ReLU slope between layers (0.2 here; the authors' code uses
+            torch's default 0.01, which bends the mapping more sharply).
 
     ``randomize=False`` in ``__call__`` reuses the last drawn network and alpha.
     """

@@ -696,8 +696,8 @@ def write_dicom_series(
 
     ``modality="MR"`` writes an MR Image Storage series of the same anatomy instead: the
     pixel values are :func:`mr_like` of the volume (seeded by `seed`), stored as unsigned
-    integers without a rescale (MR has no Hounsfield scale), with MR acquisition attributes
-    in place of the CT ones.
+    integers without a rescale (MR has no Hounsfield scale; `rescale` is not used), with MR
+    acquisition attributes in place of the CT ones.
 
     Slice ``k`` (``volume.hu[:, :, k]``, transposed to DICOM's [row, column]) is at
     ``ImagePositionPatient = origin + k * slice_spacing * normal``. Stored values are

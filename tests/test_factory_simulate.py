@@ -84,3 +84,15 @@ def test_pooled_reference_mixes_client_ids():
     x = torch.rand(10, 1, 16, 16) * 2 - 1
     model, done = train_pooled(x, torch.randint(0, 4, (10,)), torch.arange(10) % 3, s, updates=4, batch_size=4)
     assert done == 4 and isinstance(model, FactoryModel)
+
+
+def test_each_site_draws_its_own_key_layers_and_refinement_is_refused():
+    s = _settings(key={"kind": "histogram", "bins": 8})
+    sites = _sites(key_dim=s.config.key_dim)
+    simulate_federation(sites, s, rounds=1, local_steps=1, batch_size=4, clients_per_round=1)
+    layers = [{n: p for n, p in x.model.named_parameters() if is_key_pathway(n)} for x in sites]
+    untouched = [x for x in sites if x.updater_state is None]  # not sampled: still its initial draw
+    assert untouched and all(not torch.equal(layers[0][n], layers[1][n]) for n in layers[0] if not n.startswith("g_ema."))
+    with pytest.raises(ValueError, match="refine_rounds"):
+        simulate_federation(_sites(key_dim=s.config.key_dim), _settings(key={"kind": "histogram", "bins": 8}, refine_rounds=1),
+                            rounds=1, local_steps=1, batch_size=4)  # fmt: skip
