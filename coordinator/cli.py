@@ -347,7 +347,7 @@ def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
         def progress(model, done, total):
             bar.update(task, description=f"evaluating {model}", completed=done, total=total)
 
-        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress)
+        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress, log=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return

@@ -54,6 +54,19 @@ def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
     return models
 
 
+def trained_classes(metrics: dict, schema) -> list[int]:
+    """Schema ids of the classes some site validated during the run (= labels somewhere)."""
+    found = set()
+    for r in metrics.get("rounds", []):
+        for row in r.get("sites", {}).values():
+            for key in ("val_global", "val_local", "val_final"):
+                for k in row.get(key) or {}:
+                    name = k[len("dice_"):] if k.startswith("dice_") else None
+                    if name in schema.classes and name != "background":
+                        found.add(schema.classes[name])
+    return sorted(found)
+
+
 def evaluate_run(
     run_dir: Path,
     dataset: Path,
@@ -90,6 +103,14 @@ def evaluate_run(
     merge = bool(organs_only) if merge_lesions == "auto" else merge_lesions == "yes"
     classes = [c for c in labeled if not (merge and schema.organ_of(names[c]) != names[c])]
     metrics = runs.read_metrics(run_dir)
+    if settings.predict_classes is None:
+        trained = trained_classes(metrics, schema)
+        if trained and len(trained) < schema.num_classes - 1:
+            import dataclasses
+
+            # classes no site labels were never trained: fold them into background (as the loss did)
+            settings = dataclasses.replace(settings, predict_classes=tuple(trained))
+            log(f"predicting only the classes the sites label: {', '.join(names[c] for c in trained)}")
     models = _models(run_dir, metrics)
     if not models:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
@@ -109,6 +130,7 @@ def evaluate_run(
         "merge_lesions": merge,
         "classes": [names[c] for c in classes],
         "spacing": "schema" if settings.spacing == "schema" else settings.spacing,
+        "predicted_classes": [names[c] for c in settings.predict_classes] if settings.predict_classes else "all",
         "models": {},
     }
     net = build_network(out_channels=schema.num_classes, **settings.network)

@@ -30,10 +30,15 @@ def predict_volume(
     overlap: float = 0.25,
     mode: str = "gaussian",
     head: Callable[[object], torch.Tensor] | None = None,
+    allowed: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Argmax label map (spatial only) of one image (C, *spatial) by sliding-window inference.
 
     `head` picks the main output when the network returns several (deep supervision).
+    `allowed`: the foreground classes the model was trained to predict. The probability of
+    every other class is folded into background before the argmax, as the marginal loss
+    treats a class no site labels: its logits were never constrained, so letting it win
+    would paint the background (None: every class competes).
     """
     was_training = model.training
     model.eval()
@@ -50,7 +55,13 @@ def predict_volume(
             )  # fmt: skip
     finally:
         model.train(was_training)
-    return torch.argmax(logits, dim=1)[0]
+    if allowed is None:
+        return torch.argmax(logits, dim=1)[0]
+    keep = [0, *sorted({int(c) for c in allowed} - {0})]
+    probs = torch.softmax(logits[0].float(), dim=0)
+    folded = probs[keep]
+    folded[0] = folded[0] + probs.sum(0) - folded.sum(0)  # untrained classes count as background
+    return torch.as_tensor(keep, device=folded.device)[torch.argmax(folded, dim=0)]
 
 
 def merge_lesions(label: np.ndarray | torch.Tensor, merge_table: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from preprocessing.schema import LabelSchema
 
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
-    "lr_schedule", "augment", "gin", "inference", "keep_optimizer_state", "rounds_total", "local_steps", "run_id",
+    "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "rounds_total", "local_steps", "run_id",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -59,6 +59,7 @@ class SegmentationSettings:
     lr_schedule: str = "cosine"
     augment: bool = True
     gin: dict[str, Any] | None = None  # GINAugmentation kwargs (pipelines.gin); None: off
+    predict_classes: tuple[int, ...] | None = None  # classes inference may output (others fold into background); None: all
     overlap: float = 0.25
     sw_batch_size: int = 2
     keep_optimizer_state: bool = True
@@ -144,6 +145,15 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
     if not isinstance(augment, bool):
         raise _bad("augment", f"must be true or false (got {augment!r})")
     gin = parse_gin_args(args.get("gin"), "plan_args.gin")
+    predict_classes = args.get("predict_classes")
+    if predict_classes is not None:
+        names = [c for c in schema.classes if c != "background"]
+        if not isinstance(predict_classes, (list, tuple)) or not predict_classes or not all(isinstance(c, str) for c in predict_classes):
+            raise _bad("predict_classes", f"must be a non-empty list of class names of schema {schema.name} (got {predict_classes!r})")
+        unknown = [c for c in predict_classes if c not in names]
+        if unknown:
+            raise _bad("predict_classes", f"{', '.join(map(repr, unknown))} not foreground classes of schema {schema.name} ({', '.join(names)})")
+        predict_classes = tuple(sorted(schema.classes[c] for c in set(predict_classes)))
     keep_opt = args.get("keep_optimizer_state", DEFAULTS["keep_optimizer_state"])
     if not isinstance(keep_opt, bool):
         raise _bad("keep_optimizer_state", f"must be true or false (got {keep_opt!r})")
@@ -175,6 +185,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         lr_schedule=schedule,
         augment=augment,
         gin=gin,
+        predict_classes=predict_classes,
         keep_optimizer_state=keep_opt,
         run_id=run_id,
         overlap=float(overlap),
@@ -272,10 +283,11 @@ def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationS
     """Argmax label map (X, Y, Z) of a preprocessed volume (C, X, Y, Z)."""
     if settings.spatial_dims == 2:
         wrapper = _SliceWise(model).train(model.training)  # predict_volume restores the wrapper's mode
-        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap)
+        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes)
     return predict_volume(
-        model, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3)
-    )
+        model, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3),
+        allowed=settings.predict_classes,
+    )  # fmt: skip
 
 
 def evaluate_case(

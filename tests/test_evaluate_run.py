@@ -116,3 +116,36 @@ def test_cli_prints_the_table_and_fails_cleanly(run_dir, organs_only, tmp_path):
     assert "global (best, round 1)" in res.stdout
     res = cli("coordinator", "evaluate", run_dir.name, "--home", home, "--data", tmp_path / "missing")
     assert res.returncode != 0 and "missing: not a folder" in res.stderr
+
+
+def test_classes_no_site_labels_are_not_predicted(tmp_path_factory, organs_only):
+    """A federation whose sites label kidney, liver and spleen only never trained the lesion
+    and pancreas outputs: evaluate folds them into background (read from the run's
+    validation metrics) and says so in the record."""
+    from coordinator.evaluate import trained_classes
+
+    home = tmp_path_factory.mktemp("home2")
+    run = runs.new_run(home, SPEC, "oof2", resolved=parse(SPEC, "spec").resolved_raw())
+    torch.manual_seed(0)
+    net = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), run / "checkpoints" / "best_global.pt")
+    val = {"dice_kidney": 0.5, "dice_liver": 0.5, "dice_spleen": 0.4, "dice_mean": 0.47}
+    runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val}}}], "best_global": {"model_round": 1}})
+    metrics = runs.read_metrics(run)
+    assert trained_classes(metrics, SCHEMA) == sorted(SCHEMA.classes[c] for c in ("kidney", "liver", "spleen"))
+    record = evaluate_run(run, organs_only, log=lambda m: None)
+    assert record["predicted_classes"] == ["kidney", "liver", "spleen"]
+    # a run that validated every class predicts every class (nothing to fold)
+    assert evaluate_run(run_dir_all(tmp_path_factory), organs_only, log=lambda m: None)["predicted_classes"] == "all"
+
+
+def run_dir_all(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home3")
+    run = runs.new_run(home, SPEC, "oof3", resolved=parse(SPEC, "spec").resolved_raw())
+    net = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), run / "checkpoints" / "best_global.pt")
+    val = {f"dice_{c}": 0.5 for c in SCHEMA.classes if c != "background"}
+    runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val}}}], "best_global": {"model_round": 1}})
+    return run

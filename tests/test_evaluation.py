@@ -55,3 +55,25 @@ def test_predict_volume_picks_the_main_head():
 
     pred = predict_volume(TwoHeads(), torch.randn(1, 12, 12), roi_size=(8, 8), head=lambda out: out[0])
     assert pred.shape == (12, 12)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Per-voxel logits from the image's channels (C == classes): the test decides who wins."""
+
+    def forward(self, x):
+        return x
+
+
+def test_predict_volume_folds_untrained_classes_into_background():
+    # 4 classes; voxel A: untrained class 2 wins outright; voxel B: class 2 wins, but folding
+    # it into background makes background win; voxel C: class 1 wins either way
+    logits = torch.full((4, 3, 1, 1), -5.0)
+    logits[:, 0, 0, 0] = torch.tensor([0.0, -1.0, 3.0, -5.0])  # A: p2 dominant -> background after folding
+    logits[:, 1, 0, 0] = torch.tensor([1.0, 1.5, 1.6, -5.0])  # B: argmax 2; bg+2 beats 1
+    logits[:, 2, 0, 0] = torch.tensor([-5.0, 4.0, 0.0, -5.0])  # C: class 1
+    image = logits  # the model returns its input
+    plain = predict_volume(_FixedLogits(), image, roi_size=(3, 1, 1))
+    assert plain.flatten().tolist() == [2, 2, 1]
+    folded = predict_volume(_FixedLogits(), image, roi_size=(3, 1, 1), allowed=[1, 3])
+    assert folded.flatten().tolist() == [0, 0, 1]
+    assert predict_volume(_FixedLogits(), image, roi_size=(3, 1, 1), allowed=[1, 2, 3]).flatten().tolist() == [2, 2, 1]

@@ -448,3 +448,14 @@ def test_cross_modality_example_turns_gin_on_and_the_schema_has_both_modalities(
     settings = parse_plan_args({k: v for k, v in s.plan_args.items() if k != "schema"}, load_schema())
     assert settings.gin is not None and settings.gin["prob"] > 0
     assert {"CT", "MR"} <= set(load_schema().modalities)
+
+
+def test_predict_classes_are_schema_names():
+    schema = load_schema()
+    s = parse_plan_args({"predict_classes": ["spleen", "liver", "kidney"]}, schema)
+    assert s.predict_classes == tuple(sorted(schema.classes[c] for c in ("spleen", "liver", "kidney")))
+    assert parse_plan_args({}, schema).predict_classes is None
+    with pytest.raises(ValueError, match=r"plan_args\.predict_classes: 'brain' not foreground classes"):
+        parse_plan_args({"predict_classes": ["liver", "brain"]}, schema)
+    with pytest.raises(ValueError, match=r"plan_args\.predict_classes: must be a non-empty list"):
+        parse_plan_args({"predict_classes": []}, schema)
