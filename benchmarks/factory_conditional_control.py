@@ -163,7 +163,7 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
         rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), clients, k)
         # the contrast differences the classifier reads: fraction of bright (enhancing) pixels
         names = {cid: n for n, cid in clients.items()}
-        rows[mode]["bright_fraction"] = {names[cid]: float((img > 0).float().mean()) for cid, img in gen_examples_all(xs, ys)}
+        rows[mode]["bright_fraction"] = {names[cid]: float((img > 0).float().mean()) for cid, img in _by_client(xs, ys)}
     t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
     for col in ("conditioning", "accuracy", *clients):
         t.add_column(col, justify="right")
@@ -177,7 +177,7 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
     return rows
 
 
-def gen_examples_all(xs, ys):
+def _by_client(xs, ys):
     """(client id, that id's generated slices) for each block generated."""
     return [(int(y[0]), x) for x, y in zip(xs, ys)]
 
