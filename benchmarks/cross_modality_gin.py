@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator import runs  # noqa: E402
 from coordinator.evaluate import evaluate_run  # noqa: E402
 from coordinator.testbed import Testbed  # noqa: E402
-from pipelines.augment import PatchSampler  # noqa: E402
+from pipelines.augment import PatchSampler, patch_batch  # noqa: E402
 from pipelines.networks import build_network  # noqa: E402
 from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case, parse_plan_args  # noqa: E402
 from pipelines.transforms import deterministic_transforms  # noqa: E402
@@ -86,7 +86,7 @@ def train_centralised(train: list, settings, classes: list[int], steps: int, lr:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, step, steps)
             volume, label = train[rng.randrange(len(train))]
-            images, labels = sampler(volume, label)
+            images, labels = patch_batch(sampler, [volume], [label])  # one volume per step, as the plans' loader
             loss, _ = objective(net(images), labels, None, 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()

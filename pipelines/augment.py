@@ -132,3 +132,13 @@ class PatchSampler:
             images.append(img.float())
             labels.append(lab.round().long())
         return torch.stack(images), torch.stack(labels)
+
+
+def patch_batch(sampler: PatchSampler, volumes, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of one step: ``sampler``'s patches of each (volume, label), concatenated."""
+    images, targets = [], []
+    for volume, label in zip(volumes, labels):
+        i, t = sampler(volume, label)
+        images.append(i)
+        targets.append(t)
+    return torch.cat(images), torch.cat(targets)

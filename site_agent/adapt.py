@@ -45,6 +45,18 @@ def _client(site: SiteConfig):
     return RegistryClient.from_site_config(site)
 
 
+def _checked_dataset(site, dataset: str, schema) -> Path:
+    """The site's prepared dataset, refused unless it was prepared with the factory's schema."""
+    from preprocessing.dataset import DatasetSchemaError, check_schema
+
+    path = _dataset_path(site, dataset)
+    try:
+        check_schema(json.loads((path / "manifest.json").read_text()), schema, str(path))
+    except DatasetSchemaError as exc:
+        raise UserError(str(exc)) from None
+    return path
+
+
 def _dataset_path(site: SiteConfig, dataset: str) -> Path:
     p = Path(dataset)
     if not p.is_absolute():
@@ -99,17 +111,13 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
     from pipelines.adaptation.networks import branch_files
     from pipelines.adaptation.training import train_source
     from pipelines.adaptation.volumes import labelled_slices
-    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema
+    from preprocessing.dataset import DatasetError
 
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     settings = _settings(settings_raw)
     factory, folder = pull_factory(site, factory_ref)
-    path = _dataset_path(site, dataset)
-    try:
-        check_schema(json.loads((path / "manifest.json").read_text()), factory.schema, str(path))
-    except DatasetSchemaError as exc:
-        raise UserError(str(exc)) from None
+    path = _checked_dataset(site, dataset, factory.schema)
     client_id = factory.client_id(site.site_name)
     config = {"dataset": str(path), "factory": factory.identity, "branch": branch_name, "settings": settings.to_dict(), "site_client_id": client_id}
     jd, resume = _open_job(_job_dir(site, job or f"source-{branch_name}"), "source", config, restart)
@@ -169,7 +177,7 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     from pipelines.adaptation.volumes import labelled_slices
     from preprocessing import atomic
     from pipelines.adaptation.jobs import tensor_blob
-    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema
+    from preprocessing.dataset import DatasetError
 
     settings = _settings(settings_raw)
     parse_ref(factory_ref, "factory")
@@ -191,11 +199,7 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     source_client = meta.get("source_client_id")
     if source_client is not None and not (isinstance(source_client, int) and 0 <= source_client < factory.config.n_clients):
         raise UserError(f"{folder}: artifact.json: source_client_id {source_client!r} is not a client id of the factory")
-    path = _dataset_path(site, dataset)
-    try:
-        check_schema(json.loads((path / "manifest.json").read_text()), factory.schema, str(path))
-    except DatasetSchemaError as exc:
-        raise UserError(str(exc)) from None
+    path = _checked_dataset(site, dataset, factory.schema)
     target_client = factory.client_id(site.site_name)
     config = {"dataset": str(path), "factory": factory.identity, "branch": {"name": folder.parent.name, "version": folder.name},
               "settings": settings.to_dict(), "source_client_id": source_client, "target_client_id": target_client}  # fmt: skip

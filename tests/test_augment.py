@@ -401,3 +401,14 @@ def test_multichannel_label_raises():
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PatchSampler(**kwargs)
+
+
+def test_patch_batch_concatenates_each_volumes_patches():
+    from pipelines.augment import PatchSampler, patch_batch
+
+    torch.manual_seed(0)
+    sampler = PatchSampler((8, 8, 8), num_samples=2, augment=False)
+    vols = [torch.rand(1, 12, 12, 12) for _ in range(3)]
+    labs = [(torch.rand(1, 12, 12, 12) > 0.7).long() for _ in range(3)]
+    images, labels = patch_batch(sampler, vols, labs)
+    assert images.shape == (6, 1, 8, 8, 8) and labels.shape == (6, 1, 8, 8, 8) and labels.dtype == torch.int64

@@ -37,7 +37,6 @@ import copy
 import hashlib
 import io
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.nifti import save_atomic
 from preprocessing.schema import LabelSchema
 
-log = logging.getLogger(__name__)
 
 # Bump when the output of `labelled_slices` changes in a way its arguments do not show (it
 # is part of the disk cache key, with `pipelines.factory.slices.SLICES_VERSION`).
@@ -216,19 +214,7 @@ _TENSORS = ("images", "labels", "bins", "case_index", "slice_index", "depth")
 
 
 def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not all(isinstance(data.get(k), torch.Tensor) for k in _TENSORS):
-            raise ValueError("unexpected content")
-        n = data["images"].shape[0]
-        if not all(data[k].shape[0] == n for k in ("labels", "bins", "case_index", "slice_index")):
-            raise ValueError("inconsistent lengths")
-        return {k: data[k] for k in _TENSORS}
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # a damaged file is recomputed and overwritten
-        log.warning("%s: unreadable labelled-slice cache (%s); recomputing", path, exc)
-        return None
+    return _slices.read_tensor_cache(path, _TENSORS, ("images", "labels", "bins", "case_index", "slice_index"), "labelled-slice")
 
 
 def labelled_slices(

@@ -94,7 +94,7 @@ def simulate_federation(
         site.model.load_state_dict(global_model.state_dict())
         # each site's own key layers, as the plan draws them (there from site-secret randomness)
         reinit_key_pathway(site.model, torch.Generator().manual_seed(seed * 1009 + site.client_id))
-        site.optimizer = make_optimizer(site.model, lr, settings.r1_interval, settings.pl_interval)
+        site.optimizer, site.updater_state = None, None  # made at the site's first round
     by_name = {s.name: s for s in sites}
     history: list[dict] = []
     t_start = time.monotonic()

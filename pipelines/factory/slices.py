@@ -239,18 +239,27 @@ def _quantise(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float16)
 
 
-def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+def read_tensor_cache(path: Path, keys: Sequence[str], aligned: Sequence[str], what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors ``keys`` of a cache file written with torch.save, or None when it is
+    missing or damaged (logged; the caller recomputes and overwrites it). ``aligned``: keys
+    whose first dimension must agree."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        images, bins = data["images"], data["bins"]
-        if not (isinstance(images, torch.Tensor) and isinstance(bins, torch.Tensor) and images.shape[0] == bins.shape[0]):
+        if not all(isinstance(data.get(k), torch.Tensor) for k in keys):
             raise ValueError("unexpected content")
-        return images.to(torch.float16), bins.to(torch.long)
+        if len({data[k].shape[0] for k in aligned}) > 1:
+            raise ValueError("inconsistent lengths")
+        return {k: data[k] for k in keys}
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged file is recomputed and overwritten
-        log.warning("%s: unreadable slice cache (%s); recomputing", path, exc)
+        log.warning("%s: unreadable %s cache (%s); recomputing", path, what, exc)
         return None
+
+
+def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    data = read_tensor_cache(path, ("images", "bins"), ("images", "bins"), "slice")
+    return None if data is None else (data["images"].to(torch.float16), data["bins"].to(torch.long))
 
 
 def dataset_slices(

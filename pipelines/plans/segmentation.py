@@ -27,7 +27,7 @@ import torch
 from fedbiomed.common.datamanager import DataManager
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
-from pipelines.augment import PatchSampler
+from pipelines.augment import PatchSampler, patch_batch
 from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
 from pipelines.plans.datasets import PreparedSegmentationDataset
@@ -120,12 +120,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
             step = self._round_index() * s.local_steps + self._step_in_round
             for group in self._adamw.param_groups:
                 group["lr"] = cosine_lr(self._base_lr, step, s.rounds_total * s.local_steps)
-        images, labels = [], []
-        for volume, label in zip(data, target):  # loader batch: whole volumes, patches drawn here
-            i, l = self._sampler(volume, label)
-            images.append(i)
-            labels.append(l)
-        images, labels = torch.cat(images), torch.cat(labels)
+        images, labels = patch_batch(self._sampler, data, target)  # loader batch: whole volumes, patches drawn here
         outputs = self.model()(images)
         teacher = None
         if self._teacher is not None:
