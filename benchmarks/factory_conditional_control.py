@@ -147,6 +147,30 @@ def generate(g, cid: int, real_bins, n: int, z_dim: int, key=None, chunk: int = 
     return torch.cat(out).clamp(-1, 1).cpu()
 
 
+def condition_effect(g, n_clients: int, real_bins: dict, z_dim: int, n: int = 64) -> float:
+    """How much the client id moves a slice, relative to the latent: mean |G(z, i) - G(z, j)|
+    over id pairs divided by mean |G(z, i) - G(z', i)|, same bins and noise. Near 0: the id is
+    ignored; a ratio well above 0 with accuracy at chance: the id changes the slices, but not
+    towards its site's contrast."""
+    gen = torch.Generator().manual_seed(7)
+    z, z2 = torch.randn(n, z_dim, generator=gen), torch.randn(n, z_dim, generator=gen)
+    pool = torch.cat(list(real_bins.values()))
+    bins = pool[torch.randint(len(pool), (n,), generator=gen)]
+    device = next(g.parameters()).device
+
+    def run(zz, cid):
+        torch.manual_seed(1)  # the same noise inputs for every call
+        with torch.no_grad():
+            return g(zz.to(device), torch.full((n,), cid, device=device), bins.to(device), None).clamp(-1, 1)
+
+    outs = [run(z, c) for c in range(n_clients)]
+    pairs = [(a, b) for a in range(n_clients) for b in range(a + 1, n_clients)]
+    if not pairs:
+        return float("nan")
+    by_id = sum(float((outs[a] - outs[b]).abs().mean()) for a, b in pairs) / len(pairs)
+    return by_id / max(float((outs[0] - run(z2, 0)).abs().mean()), 1e-12)
+
+
 def score_generators(console, report, summary, generators: dict, real_x, real_y, real_bins, clients: dict, samples: int, z_dim: int) -> dict:
     """Train the site classifier on real slices, then classify each factory's generated
     slices per client id. ``generators``: {mode: {cid: (generator, key or None)}}."""
@@ -159,21 +183,27 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
             img = generate(g, cid, real_bins[cid], samples, z_dim, key)
             xs.append(img)
             ys.append(torch.full((samples,), cid))
-            gen_examples.setdefault(mode, {})[cid] = img[:6]
+            if " @ round " not in mode:  # snapshots go to the learning curve, not the grid
+                gen_examples.setdefault(mode, {})[cid] = img[:6]
         rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), clients, k)
+        keyless = {cid: g for cid, (g, key) in per_site.items() if key is None}
+        if len(keyless) == k and len({id(g) for g in keyless.values()}) == 1:  # one generator for every id
+            rows[mode]["id_effect"] = condition_effect(next(iter(keyless.values())), k, real_bins, z_dim)
         # the contrast differences the classifier reads: fraction of bright (enhancing) pixels
         names = {cid: n for n, cid in clients.items()}
         rows[mode]["bright_fraction"] = {names[cid]: float((img > 0).float().mean()) for cid, img in _by_client(xs, ys)}
     t = Table(title=f"site classifier (trained on real slices) on generated slices; chance = {1 / k:.2f}")
-    for col in ("conditioning", "accuracy", *clients):
+    for col in ("conditioning", "accuracy", *clients, "id effect"):
         t.add_column(col, justify="right")
-    t.add_row("real slices (held out)", f"{real_acc:.3f}", *["-"] * k)
+    t.add_row("real slices (held out)", f"{real_acc:.3f}", *["-"] * k, "-")
     for mode, r in rows.items():
-        t.add_row(mode, f"{r['accuracy']:.3f}", *(f"{r['per_site'].get(n, float('nan')):.3f}" for n in clients))
+        t.add_row(mode, f"{r['accuracy']:.3f}", *(f"{r['per_site'].get(n, float('nan')):.3f}" for n in clients),
+                  f"{r['id_effect']:.2f}" if "id_effect" in r else "-")  # fmt: skip
     console.print(t)
     summary.update({"clients": clients, "real_heldout_accuracy": real_acc, "generated": rows, "chance": 1 / k,
                     "real_bright_fraction": {n: float((real_x[real_y == c] > 0).float().mean()) for n, c in clients.items()}})  # fmt: skip
     _plot(report, real_x, real_y, gen_examples, clients)
+    _plot_curve(report, rows, 1 / k)
     return rows
 
 
@@ -217,6 +247,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="inprocess: train for this long instead of --rounds")
     ap.add_argument("--device", default="cpu", help="inprocess: torch device (e.g. cuda)")
     ap.add_argument("--samples", type=int, default=300, help="generated slices per site")
+    ap.add_argument("--score-every", type=int, default=None, metavar="N",
+                    help="inprocess: also score the federated G_ema every N rounds (a learning curve)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
     ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
     ap.add_argument("--timing-only", action="store_true", help="only the update-time table")
@@ -229,6 +261,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse the federation already trained in --workdir")
     ap.add_argument("--slices", type=Path, default=None, help="inprocess: real slices from --export-slices (no site setup)")
     ap.add_argument("--export-slices", type=Path, default=None, help="set up the phantom sites, save their slices there, stop")
+    ap.add_argument("--plan-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one of the spec's plan_args (VALUE is YAML), e.g. --plan-arg mismatch_weight=0")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
     args = ap.parse_args()
     if args.engine == "inprocess" and args.only == "centralised" and args.centralised_updates < 0 and args.budget_s is None:
@@ -240,6 +274,11 @@ def main() -> int:
     summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     phases = [p for p in args.phases.split(",") if p]
     spec = yaml.safe_load((ROOT / "coordinator" / "examples" / "phantom_factory.yaml").read_text())
+    for item in args.plan_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            ap.error(f"--plan-arg {item!r}: expected KEY=VALUE")
+        spec["plan_args"][name] = yaml.safe_load(value)
 
     if args.reuse:  # score the factory already trained in --workdir
         from coordinator.testbed import Testbed
@@ -325,12 +364,17 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
     summary.update({"engine": "inprocess", "device": str(device), "factory": cfg.to_dict()})
     if args.only in ("both", "federated"):
         sites = sites_from_slices(per_site, device)
+        snapshots, history_so_far = {}, []
         total = args.rounds if args.budget_s is None else None
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rounds"), TimeElapsedColumn(),
                       console=console) as bar:  # fmt: skip
             task = bar.add_task("federated (in process)", total=total)
 
-            def on_round(i, sampled, row):
+            def on_round(i, sampled, row, model):
+                if args.score_every and (i + 1) % args.score_every == 0 and (args.rounds is None or i + 1 < args.rounds):
+                    done = sum(r["updates"] for r in history_so_far) + row["updates"]
+                    snapshots[f"federated @ round {i + 1} ({done} updates)"] = copy.deepcopy(model.g_ema).eval()
+                history_so_far.append(row)
                 bar.update(task, completed=i + 1, description=f"federated: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
                 if not console.is_terminal and i % 10 == 0:  # a log file gets a line now and then
                     console.log(f"round {i + 1}: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
@@ -342,7 +386,9 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
         summary["federated"] = {"rounds": len(history), "updates_total": fed_updates, "updates_per_site": {
             n: sum(s.updater_state["updates"] if s.updater_state else 0 for s in sites if s.name == n) for n in clients}, "wall_s": time.monotonic() - t0,
             "updates_per_s": fed_updates / (time.monotonic() - t0), "last_rounds": history[-3:]}  # fmt: skip
-        generators[f"federated, client id only ({len(history)} rounds x {args.steps})"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
+        for mode, g in snapshots.items():
+            generators[mode] = {cid: (g, None) for cid in clients.values()}
+        generators[f"federated, client id only ({len(history)} rounds x {args.steps}, {fed_updates} updates)"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
         torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_federated.pt")
     if args.only in ("both", "centralised") and args.centralised_updates:
         n = None if args.centralised_updates < 0 else args.centralised_updates
@@ -413,7 +459,9 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
         fed_total = sum(last.values())
         updates = args.centralised_updates if args.centralised_updates > 0 else (fed_total or 3000)
         with console.status(f"centralised baseline: {updates} updates on the pooled slices"):
-            s = FactorySettings(config=FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0}), key=None)
+            trained = config.get("training", {})  # the federation's losses (key aside: client id only)
+            s = FactorySettings(config=FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0}), key=None,
+                                mismatch_weight=float(trained.get("mismatch_weight", 0.0)))  # fmt: skip
             model, _ = train_pooled(real_x, torch.cat([real_bins[c] for c in sorted(real_bins)]), real_y, s, updates, args.batch)
         generators[f"centralised, pooled, {updates} updates"] = {cid: (model.g_ema.eval(), None) for cid in range(k)}
     score_generators(console, report, summary, generators, real_x, real_y, real_bins, config["clients"], args.samples, cfg.z_dim)
@@ -449,6 +497,31 @@ def _plot(report: Path, real_x, real_y, gen_examples, clients: dict) -> None:
                     ax.set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(report / "real_vs_generated.png", dpi=80)
+    plt.close(fig)
+
+
+def _plot_curve(report: Path, rows: dict, chance: float) -> None:
+    """Accuracy against updates for the federated snapshots (--score-every), if any."""
+    import re
+
+    pts = sorted((int(m.group(1)), r["accuracy"]) for mode, r in rows.items()
+                 if mode.startswith("federated") and (m := re.search(r"(\d+) updates\)", mode)))  # fmt: skip
+    if len(pts) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="federated G_ema")
+    ax.axhline(chance, color="grey", ls="--", label="chance")
+    ax.set_xlabel("updates (all sites)")
+    ax.set_ylabel("site accuracy on generated slices")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report / "control_vs_updates.png", dpi=80)
     plt.close(fig)
 
 

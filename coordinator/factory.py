@@ -153,6 +153,9 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
         "run_id": run_dir.name,
         "rounds": len(metrics.get("rounds", [])),
         "local_steps": spec.local_steps,
+        # how it was trained (provenance; sampling needs only the network config)
+        "training": {k: getattr(s, k) for k in ("r1_gamma", "r1_interval", "pl_weight", "pl_interval", "ema_decay", "key_drop",
+                                                "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "keep_optimizer_state")},
     }
 
     def blob(obj) -> bytes:
@@ -192,7 +195,7 @@ def write_report(run_dir: Path, log=print) -> Path:
             for row in sorted(r.get("sites", {}).values(), key=lambda x: x.get("name", "")):
                 t = row.get("train", {})
                 cells = [r["round"], row.get("name", "?"), f"{t.get('client_id', float('nan')):.0f}"] + [
-                    f"{t[k]:.3f}" if k in t else "-" for k in ("d_loss", "g_loss", "d_real", "d_fake", "r1", "path_length", "key_used", "key_align", "update_s")
+                    f"{t[k]:.3f}" if k in t else "-" for k in ("d_loss", "g_loss", "d_real", "d_fake", "d_mismatch", "r1", "path_length", "key_used", "key_align", "update_s")
                 ]  # fmt: skip
                 rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         sums = sorted({t["key_checksum32"] for r in metrics.get("rounds", []) for row in r.get("sites", {}).values()
@@ -213,7 +216,7 @@ def write_report(run_dir: Path, log=print) -> Path:
         if "losses.png" in {p.name for p in images}:
             parts.append("<h2>Losses per site and round</h2><img src='losses.png'>")
         parts.append("<h2>Rounds</h2><table border=1 cellspacing=0 cellpadding=3><tr>" + "".join(
-            f"<th>{h}</th>" for h in ("round", "site", "client", "D loss", "G loss", "D(real)", "D(fake)", "R1", "path length", "key used", "key align", "s/update")
+            f"<th>{h}</th>" for h in ("round", "site", "client", "D loss", "G loss", "D(real)", "D(fake)", "D mismatch", "R1", "path length", "key used", "key align", "s/update")
         ) + "</tr>" + "".join(rows) + "</table>")  # fmt: skip
         if len(grids) > 1:
             parts.append("<h2>Earlier samples</h2>" + "".join(f"<p>{html.escape(g)}</p><img src='{g}'>" for g in reversed(grids[:-1])))

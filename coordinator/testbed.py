@@ -106,7 +106,7 @@ class Testbed:
         def oof() -> None:
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "data", "--out", str(self.oof_dataset),
-                "--seed", "99", "--phase", self.oof_phase, "--name", "out-of-federation",
+                "--seed", "99", "--phase", self.oof_phase, "--name", "out-of-federation", "--modality", self.oof_modality,
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:
@@ -122,8 +122,14 @@ class Testbed:
         self.log(f"{self.n_sites} sites prepared under {self.workdir / 'sites'}")
 
     @property
+    def oof_modality(self) -> str:
+        """The out-of-federation scanner is the first site's modality (an MR federation is
+        tested on MR; a mixed one on its first site's)."""
+        return self.modality(0)
+
+    @property
     def oof_dataset(self) -> Path:
-        return self.workdir / "out-of-federation" / "ct"
+        return self.workdir / "out-of-federation" / self.oof_modality.lower()
 
     @property
     def home(self) -> Path:

@@ -11,6 +11,8 @@ logger, its database) stays in a process of its own, like on a real site.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -41,10 +43,42 @@ def setup(args) -> None:
     site.save(args.config)
     site = site_config.load(args.config)
     dataset = site.data_dir / args.modality.lower()
+    classes = args.classes.split(",") if args.classes else None
+    _drop_stale(base / "hospital", dataset, _phantom_params(args, classes))
     if not (dataset / "manifest.json").exists():
-        _prepare_phantom(args, base / "hospital", dataset, classes=args.classes.split(",") if args.classes else None)
-    if not node.list_datasets(site):
+        _prepare_phantom(args, base / "hospital", dataset, classes=classes)
+    # a reused workdir may hold another modality's dataset registered: the node serves this one
+    registered = node.list_datasets(site)
+    for entry in registered:
+        if args.tag in entry.tags and Path(entry.path).resolve() != dataset.resolve():
+            node.remove_dataset(site, entry.dataset_id)
+    if not any(Path(e.path).resolve() == dataset.resolve() for e in node.list_datasets(site)):
         node.add_dataset(site, dataset, [args.tag])
+
+
+PARAMS_FILE = "testbed-phantom.json"
+
+
+def _phantom_params(args, classes: list[str] | None) -> dict:
+    """What the phantom hospital's content depends on."""
+    return {"modality": args.modality, "phase": args.phase, "seed": args.seed, "cases": args.cases, "size": args.size,
+            "organs": getattr(args, "organs", None), "classes": classes}  # fmt: skip
+
+
+def _drop_stale(hospital: Path, dataset: Path, params: dict) -> None:
+    """A testbed workdir reused with other settings (say CT then MR) must not serve the old
+    phantom: its hospital folder and prepared dataset (testbed-generated demo data, nothing
+    else) are removed when their recorded parameters differ, and written again."""
+    record = hospital / PARAMS_FILE
+    try:
+        old = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError):
+        old = {}
+    if old == params or (old is None and not hospital.exists()):
+        return
+    for folder in (hospital, dataset):
+        if folder.exists():
+            shutil.rmtree(folder)
 
 
 def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | None = None) -> None:
@@ -56,6 +90,7 @@ def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | N
             hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase, modality=args.modality,
             shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0),
         )  # fmt: skip
+        (hospital / PARAMS_FILE).write_text(json.dumps(_phantom_params(args, classes)))
     cmd = [
         str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"),
         "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
@@ -69,8 +104,11 @@ def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | N
 def data(args) -> None:
     """A labelled dataset that belongs to no node: the out-of-federation test set."""
     out = Path(args.out).resolve()
+    classes = args.classes.split(",")
+    hospital = out.parent / f"{out.name}-hospital"
+    _drop_stale(hospital, out, _phantom_params(args, classes))
     if not (out / "manifest.json").exists():
-        _prepare_phantom(args, out.parent / f"{out.name}-hospital", out, classes=args.classes.split(","))
+        _prepare_phantom(args, hospital, out, classes=classes)
 
 
 def approve(args) -> None:

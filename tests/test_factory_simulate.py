@@ -96,3 +96,18 @@ def test_each_site_draws_its_own_key_layers_and_refinement_is_refused():
     with pytest.raises(ValueError, match="refine_rounds"):
         simulate_federation(_sites(key_dim=s.config.key_dim), _settings(key={"kind": "histogram", "bins": 8}, refine_rounds=1),
                             rounds=1, local_steps=1, batch_size=4)  # fmt: skip
+
+
+def test_on_round_sees_each_rounds_aggregate():
+    s = _settings()
+    seen = []
+
+    def on_round(i, sampled, row, model):
+        seen.append((i, sampled, row["updates"], {k: v.clone() for k, v in model.g_ema.state_dict().items()}))
+
+    model, history = simulate_federation(_sites(), s, rounds=3, local_steps=2, batch_size=4, seed=1, on_round=on_round)
+    assert [x[0] for x in seen] == [0, 1, 2]
+    assert [x[1] for x in seen] == [r["sampled"] for r in history]
+    assert all(x[2] == 4 for x in seen)
+    assert any(not torch.equal(seen[0][3][k], seen[2][3][k]) for k in seen[0][3])  # the aggregate moves between rounds
+    assert all(torch.equal(v, model.g_ema.state_dict()[k]) for k, v in seen[-1][3].items())  # the last one is the result

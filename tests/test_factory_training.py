@@ -251,3 +251,98 @@ def test_pooled_batches_condition_each_fake_on_a_client_id_of_the_batch():
     up.train_step(opt, real, bins)  # a site's own update: its client id only
     up.train_step(opt, real, bins)
     assert seen and all(set(c.tolist()) == {1} for c in seen)
+
+
+def test_mismatch_term_teaches_d_the_other_client_ids_from_the_sites_own_slices():
+    # a site's batch carries only its own client id, so without the term D's embedding of
+    # the other ids never gets a gradient at that site; with it, they do (as negatives)
+    for weight in (0.0, 1.0):
+        model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0, mismatch_weight=weight), key=False, client=1)
+        opt.zero_grad(set_to_none=True)
+        up.loss(*_batch(8)).backward()
+        grad = model.discriminator.label_embed.weight.grad  # (cmap, n_clients + n_bins): ids first
+        assert grad[:, 1].abs().sum() > 0
+        assert bool(grad[:, [0, 2]].abs().sum() > 0) == (weight > 0)
+        assert ("d_mismatch" in up.counts) == (weight > 0)
+
+
+def test_mismatch_term_is_a_logistic_negative_on_real_slices_under_wrong_ids():
+    s = _settings(r1_gamma=0, pl_weight=0, mismatch_weight=0.5)
+    model, up, _ = _updater(s, key=False, client=1)
+    real, bins = _batch(8)
+    draws = []
+    randint = torch.randint
+
+    def spy(*a, **kw):
+        out = randint(*a, **kw)
+        if a[:2] == (1, 3):  # the offset that turns the own id into another one
+            draws.append(out.clone())
+        return out
+
+    torch.manual_seed(3)
+    torch.randint = spy
+    try:
+        loss = up.loss(real, bins)
+    finally:
+        torch.randint = randint
+    (offset,) = draws
+    wrong = (1 + offset) % 3
+    assert (wrong != 1).all() and set(wrong.tolist()) <= {0, 2}
+    with torch.no_grad():
+        expected = torch.nn.functional.softplus(model.discriminator(real, wrong, bins, None)).mean()
+    assert up.means()["d_mismatch"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(up.means()["d_loss"] + 0.5 * float(expected), rel=1e-5)
+
+
+def test_mismatch_term_needs_another_client_and_a_valid_weight():
+    args = {"factory": {"preset": "tiny", **{k: v for k, v in CFG.items() if k not in ("n_clients", "key_dim")}},
+            "key": None, "client_ids": {"a": 0}, "r1_gamma": 0, "pl_weight": 0, "mismatch_weight": 1.0}  # fmt: skip
+    s = parse_factory_args(args)
+    model = FactoryModel(s.config)
+    up = FactoryUpdater(model, s, 0)
+    up.train_step(make_optimizer(model), *_batch())
+    assert "d_mismatch" not in up.counts  # one site: there is no other id to mismatch
+    with pytest.raises(ValueError, match="plan_args.mismatch_weight"):
+        parse_factory_args({"mismatch_weight": -1})
+    with pytest.raises(ValueError, match="plan_args.mismatch_weight"):
+        parse_factory_args({"mismatch_weight": "high"})
+
+
+def test_diff_augment_shifts_and_cuts_but_never_changes_an_intensity():
+    from pipelines.factory.training import diff_augment
+
+    torch.manual_seed(0)
+    x = torch.full((16, 1, 32, 32), -1.0)
+    x[:, 0, 16, 16] = 0.75  # one bright pixel per image (exact in float32)
+    y = diff_augment(x, translation=0.125, cutout=0.0)
+    for img in y[:, 0]:
+        (pos,) = (img == 0.75).nonzero().tolist()  # still exactly one, same intensity
+        assert abs(pos[0] - 16) <= 4 and abs(pos[1] - 16) <= 4
+        assert set(img.unique().tolist()) == {-1.0, 0.75}
+    assert len({tuple((img == 0.75).nonzero()[0].tolist()) for img in y[:, 0]}) > 1  # shifts differ per image
+    z = torch.rand(16, 1, 32, 32) * 2 - 1
+    c = diff_augment(z, translation=0.0, cutout=0.5)
+    changed = c != z
+    assert (c[changed] == -1).all()  # cut pixels become background, the rest is untouched
+    frac = changed.float().mean(dim=(1, 2, 3))
+    assert (frac > 0).all() and (frac <= 0.25 + 1e-6).all()  # at most one 16 x 16 square
+    assert torch.equal(diff_augment(z), z)
+    z.requires_grad_(True)
+    diff_augment(z, 0.125, 0.5).sum().backward()
+    assert 0 < z.grad.sum() < z.numel()  # differentiable; cut-out pixels get no gradient
+
+
+def test_discriminator_sees_augmented_slices_when_diff_augment_is_on():
+    for aug in (None, {"translation": 0.25, "cutout": 0.5}):
+        model, up, opt = _updater(_settings(r1_gamma=0, pl_weight=0, diff_augment=aug), key=False)
+        seen = []
+        features = model.discriminator.features
+        model.discriminator.features = lambda img: seen.append(img.detach().clone()) or features(img)
+        real = torch.rand(4, 1, 16, 16) * 2 - 1
+        up.train_step(opt, real, torch.randint(0, 4, (4,)))  # D update: real batch first
+        assert torch.equal(seen[0], real) == (aug is None)
+    with pytest.raises(ValueError, match="plan_args.diff_augment.cutout"):
+        parse_factory_args({"diff_augment": {"cutout": 2}})
+    with pytest.raises(ValueError, match="plan_args.diff_augment.colour"):
+        parse_factory_args({"diff_augment": {"colour": 0.5}})
+    assert parse_factory_args({"diff_augment": True}).diff_augment == {"translation": 0.125, "cutout": 0.5}

@@ -150,6 +150,7 @@ def _check_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
     out["w_dim"] = _int(where, "w_dim", values["w_dim"], 1)
     out["mapping_layers"] = _int(where, "mapping_layers", values["mapping_layers"], 1)
     out["mapping_lr_mul"] = _float(where, "mapping_lr_mul", values["mapping_lr_mul"], 0.0, None, low_open=True)
+    out["label_lr_mul"] = _float(where, "label_lr_mul", values["label_lr_mul"], 0.0, None, low_open=True)
     out["n_clients"] = _int(where, "n_clients", values["n_clients"], 1)
     out["n_bins"] = _int(where, "n_bins", values["n_bins"], 0)
     out["key_dim"] = _int(where, "key_dim", values["key_dim"], 0)
@@ -189,6 +190,7 @@ class FactoryConfig:
     w_dim: int = 64  # also the condition embedding width and the D projection width
     mapping_layers: int = 2
     mapping_lr_mul: float = 0.01
+    label_lr_mul: float = 1.0  # learning-rate multiplier of the client-id / slice-bin embeddings (G and D)
     n_clients: int = 2  # client-id one-hot size
     n_bins: int = 29  # slice-position bins (0: no bin conditioning)
     key_dim: int = 0  # domain-key width (0: no key conditioning)
@@ -689,7 +691,7 @@ class ConditionEmbedding(nn.Module):
     def __init__(self, cfg: FactoryConfig):
         super().__init__()
         self.cfg = cfg
-        self.label_embed = EqualLinear(cfg.label_dim, cfg.w_dim)
+        self.label_embed = EqualLinear(cfg.label_dim, cfg.w_dim, lr_mul=cfg.label_lr_mul)
         if cfg.key_dim > 0:
             self.key_embed = nn.Sequential(
                 EqualLinear(cfg.key_dim, cfg.w_dim, bias=False, activation="lrelu"),
@@ -919,7 +921,7 @@ class Discriminator(nn.Module):
         self.conv = EqualConv2d(c4 + 1, c4, 3)
         self.fc = EqualLinear(c4 * 16, self.cmap_dim, activation="lrelu")
         self.out = EqualLinear(self.cmap_dim, 1)
-        self.label_embed = EqualLinear(cfg.label_dim, self.cmap_dim)
+        self.label_embed = EqualLinear(cfg.label_dim, self.cmap_dim, lr_mul=cfg.label_lr_mul)
         self.key_embed = EqualLinear(cfg.key_dim, self.cmap_dim, bias=False) if cfg.key_dim > 0 else None
 
     def features(self, img: torch.Tensor) -> torch.Tensor:
@@ -935,9 +937,13 @@ class Discriminator(nn.Module):
         return self.fc(x.flatten(1))
 
     def forward(self, img: torch.Tensor, client_id, slice_bin=None, key=None) -> torch.Tensor:
+        return self.score(self.features(img), client_id, slice_bin, key)
+
+    def score(self, phi: torch.Tensor, client_id, slice_bin=None, key=None) -> torch.Tensor:
+        """The score of images whose features are ``phi`` under a condition (one feature
+        pass can be scored under several conditions)."""
         cfg = self.cfg
-        b = _batch_of(client_id, slice_bin, key, img.shape[0])
-        phi = self.features(img)
+        b = _batch_of(client_id, slice_bin, key, phi.shape[0])
         like = self.label_embed.weight
         label = label_onehot(client_id, slice_bin, b, cfg.n_clients, cfg.n_bins, like.device).to(phi.dtype)
         cmap = pixel_norm(self.label_embed(label))

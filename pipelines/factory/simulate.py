@@ -74,11 +74,12 @@ def simulate_federation(
     device: str | torch.device = "cpu",
     budget_s: float | None = None,
     lr: float = 0.002,
-    on_round: Callable[[int, list[str], dict[str, dict]], None] | None = None,
+    on_round: Callable[[int, list[str], dict[str, dict], FactoryModel], None] | None = None,
 ) -> tuple[FactoryModel, list[dict]]:
     """Train the factory over ``rounds`` rounds (or until ``budget_s`` seconds have passed,
     checked between rounds: a round is never partial, as in Fed-BioMed). Returns the global model and one history row per
-    round: ``{"round", "sampled", "updates", "updates_per_s", "<site>": mean losses}``."""
+    round: ``{"round", "sampled", "updates", "updates_per_s", "<site>": mean losses}``.
+    ``on_round(round, sampled, row, global_model)`` runs after each round's aggregation."""
     if rounds is None and budget_s is None:
         raise ValueError("give rounds or budget_s")
     if not sites or len({s.client_id for s in sites}) != len(sites):
@@ -122,7 +123,7 @@ def simulate_federation(
         row["updates_per_s"] = row["updates"] / max(time.monotonic() - t0, 1e-9)
         history.append(row)
         if on_round is not None:
-            on_round(round_i, sampled, row)
+            on_round(round_i, sampled, row, global_model)
         round_i += 1
     return global_model, history
 

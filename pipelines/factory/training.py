@@ -68,6 +68,35 @@ def key_alignment_loss(centred_fake: torch.Tensor, key: torch.Tensor) -> torch.T
     return torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
 
 
+def diff_augment(x: torch.Tensor, translation: float = 0.0, cutout: float = 0.0, background: float = -1.0) -> torch.Tensor:
+    """DiffAugment's geometric policies (Zhao et al. 2020), differentiable in ``x`` (B, C, H, W),
+    for what the discriminator sees of real and fake slices alike: each image shifted by up
+    to ``translation`` of its size (the uncovered part filled with ``background``) and one
+    square of side ``cutout`` of its size set to ``background``. Intensities are never
+    changed: the sites' contrast is what the factory has to learn."""
+    b, _, h, w = x.shape
+    if translation > 0:
+        th, tw = int(h * translation + 0.5), int(w * translation + 0.5)
+        dy = torch.randint(-th, th + 1, (b, 1, 1), device=x.device)
+        dx = torch.randint(-tw, tw + 1, (b, 1, 1), device=x.device)
+        gb, gy, gx = torch.meshgrid(torch.arange(b, device=x.device), torch.arange(h, device=x.device),
+                                    torch.arange(w, device=x.device), indexing="ij")  # fmt: skip
+        # indices into the image padded by one background pixel; out-of-range reads land on the pad
+        gy = (gy + dy + 1).clamp(0, h + 1)
+        gx = (gx + dx + 1).clamp(0, w + 1)
+        padded = F.pad(x, (1, 1, 1, 1), value=background)
+        x = padded.permute(0, 2, 3, 1)[gb, gy, gx].permute(0, 3, 1, 2)
+    if cutout > 0:
+        ch, cw = int(h * cutout + 0.5), int(w * cutout + 0.5)
+        cy = torch.randint(0, h, (b, 1, 1), device=x.device)
+        cx = torch.randint(0, w, (b, 1, 1), device=x.device)
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
+        inside = ((ys - cy).abs() * 2 < ch) & ((xs - cx).abs() * 2 < cw)
+        x = torch.where(inside[:, None], torch.full_like(x, background), x)
+    return x
+
+
 def lazy_adam_settings(lr: float, interval: int, beta2: float = 0.99) -> tuple[float, tuple[float, float]]:
     """Adam lr and betas corrected for a regulariser applied every ``interval`` updates."""
     ratio = interval / (interval + 1) if interval > 0 else 1.0
@@ -95,6 +124,8 @@ class FactorySettings:
     pl_batch_shrink: int = 2
     ema_decay: float = 0.9978
     key_drop: float = 0.5
+    mismatch_weight: float = 0.0  # D also scores real slices under another client id as fake
+    diff_augment: dict[str, float] | None = None  # {translation, cutout}: DiffAugment for D's inputs
     key_align_weight: float = 50.0
     refine_rounds: int = 0  # the last N rounds of the run add the key-alignment loss
     spacing: Any = "schema"
@@ -113,7 +144,7 @@ class FactorySettings:
 
 FACTORY_ARG_KEYS = (
     "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
-    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "key_align_weight", "refine_rounds", "spacing",
+    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "spacing",
     "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids",
 )  # fmt: skip
 
@@ -152,6 +183,23 @@ def key_dim_of(key: dict[str, Any] | None) -> int:
             raise _bad("key.dim", "required for an encoder key: the width of the encoder's output")
         dim = int(cfg["dim"])
     return dim
+
+
+def _diff_augment_arg(raw) -> dict[str, float] | None:
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _bad("diff_augment", f"must be a mapping {{translation, cutout}}, true or null (got {raw!r})")
+    unknown = sorted(set(raw) - {"translation", "cutout"})
+    if unknown:
+        raise _bad(f"diff_augment.{unknown[0]}", "unknown key; allowed: translation, cutout")
+    out = {"translation": 0.125, "cutout": 0.5, **raw}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise _bad(f"diff_augment.{k}", f"must be a fraction of the image size in [0, 1] (got {v!r})")
+    return {k: float(v) for k, v in out.items()}
 
 
 def parse_factory_args(args: dict[str, Any]) -> FactorySettings:
@@ -205,6 +253,8 @@ def parse_factory_args(args: dict[str, Any]) -> FactorySettings:
         pl_batch_shrink=_num(args, "pl_batch_shrink", 2, lo=1, integer=True),
         ema_decay=float(_num(args, "ema_decay", 0.9978, lo=0, hi=1)),
         key_drop=float(_num(args, "key_drop", 0.5, lo=0, hi=1)),
+        mismatch_weight=float(_num(args, "mismatch_weight", 0.0, lo=0)),
+        diff_augment=_diff_augment_arg(args.get("diff_augment")),
         key_align_weight=float(_num(args, "key_align_weight", 50.0, lo=0)),
         refine_rounds=_num(args, "refine_rounds", 0, lo=0, integer=True),
         spacing=None if spacing == "native" else (tuple(float(v) for v in spacing) if isinstance(spacing, list) else spacing),
@@ -348,6 +398,10 @@ class FactoryUpdater:
     def _key(self, use_key: bool) -> torch.Tensor | None:
         return self.key.to(self._device) if (use_key and self.key is not None) else None
 
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of a real or fake batch (the same augmentation for both)."""
+        return diff_augment(x, **self.s.diff_augment) if self.s.diff_augment else x
+
     def _fake_condition(self, n: int, bins: torch.Tensor | None, ids: torch.Tensor | None):
         """Conditions for ``n`` fakes drawn from the real batch's (the site's own slice
         positions; with per-sample client ids, their ids too)."""
@@ -374,7 +428,7 @@ class FactoryUpdater:
             if self.s.r1_gamma > 0 and self.d_steps % self.s.r1_interval == 0:
                 real = real.detach().requires_grad_(True)
                 key = self._key(use_key)
-                pred = D(real, self._ids(batch, client_ids), bins, key)
+                pred = D(self._aug(real), self._ids(batch, client_ids), bins, key)  # R1 w.r.t. the slice itself
                 r1 = r1_penalty(pred, real)
                 loss = self.s.r1_gamma / 2 * r1 * self.s.r1_interval + 0 * pred.sum()
                 self._track(r1=r1.detach())
@@ -383,9 +437,21 @@ class FactoryUpdater:
                 fc, fb = self._fake_condition(batch, bins, client_ids)
                 with torch.no_grad():
                     fake = G(torch.randn(batch, z_dim, device=self._device), fc, fb, key)
-                real_pred, fake_pred = D(real, self._ids(batch, client_ids), bins, key), D(fake, fc, fb, key)
+                own = self._ids(batch, client_ids)
+                real_phi = D.features(self._aug(real))
+                real_pred, fake_pred = D.score(real_phi, own, bins, key), D(self._aug(fake), fc, fb, key)
                 loss = d_logistic_loss(real_pred, fake_pred)
                 self._track(d_loss=loss.detach(), d_real=real_pred.detach().mean(), d_fake=fake_pred.detach().mean())
+                n_clients = self.model.config.n_clients
+                if self.s.mismatch_weight > 0 and n_clients > 1:
+                    # matching-aware D (GAN-CLS): a real slice under another client id is a
+                    # negative, so D learns what the other ids must NOT look like from data
+                    # the site holds (a site only ever has its own id's real slices)
+                    wrong = (own + torch.randint(1, n_clients, (batch,), device=self._device)) % n_clients
+                    mis_pred = D.score(real_phi, wrong, bins, None)
+                    mismatch = F.softplus(mis_pred).mean()
+                    loss = loss + self.s.mismatch_weight * mismatch
+                    self._track(d_mismatch=mismatch.detach())
             self.d_steps += 1
         else:
             requires_grad(G, True)
@@ -402,7 +468,7 @@ class FactoryUpdater:
                 key = self._key(use_key)
                 fc, fb = self._fake_condition(batch, bins, client_ids)
                 fake = G(torch.randn(batch, z_dim, device=self._device), fc, fb, key)
-                loss = g_nonsaturating_loss(D(fake, fc, fb, key))
+                loss = g_nonsaturating_loss(D(self._aug(fake), fc, fb, key))
                 self._track(g_loss=loss.detach())
                 if self.refine and key is not None:
                     align = key_alignment_loss(self.domain_key.centred(fake), key)

@@ -35,7 +35,8 @@ def factory_run(tmp_path_factory):
             "batch_size": 4,
             "clients_per_round": 2,
             "seed": 3,
-            "plan_args": {"factory": {"preset": "tiny"}, "refine_rounds": 1, "sample_every": 2, "r1_interval": 2, "pl_interval": 2},
+            "plan_args": {"factory": {"preset": "tiny"}, "refine_rounds": 1, "sample_every": 2, "r1_interval": 2, "pl_interval": 2,
+                          "mismatch_weight": 0.5, "diff_augment": {"translation": 0.1}},
             "approval": {"request": True, "wait_s": 60},  # the testbed's sites approve automatically
         }
         spec = bed.workdir / "factory.yaml"
@@ -183,6 +184,9 @@ def test_outputs_samples_and_published_factory(factory_run):
     assert set(record["files"]) == {"generator.pt", "factory.pt", "factory.json"}
     config = json.loads(reg.load("factory", "factory-it", "factory.json").read_text())
     assert config["clients"] == metrics["clients"] and config["factory"]["n_clients"] == 3
+    # how it was trained travels with it; the matching-aware D term ran at every site
+    assert config["training"]["mismatch_weight"] == 0.5 and config["training"]["diff_augment"] == {"translation": 0.1, "cutout": 0.5}
+    assert all("d_mismatch" in row["train"] for r in metrics["rounds"] for row in r["sites"].values())
     gen = torch.load(reg.load("factory", "factory-it", "generator.pt"))
     assert all(torch.equal(gen[k], e[k]) for k in e)
     page = (run_dir / "report" / "index.html").read_text()
