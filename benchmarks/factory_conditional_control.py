@@ -461,7 +461,7 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
         with console.status(f"centralised baseline: {updates} updates on the pooled slices"):
             trained = config.get("training", {})  # the federation's losses (key aside: client id only)
             s = FactorySettings(config=FactoryConfig.from_dict({**cfg.to_dict(), "key_dim": 0}), key=None,
-                                mismatch_weight=float(trained.get("mismatch_weight", 0.0)))  # fmt: skip
+                                mismatch_weight=float(trained.get("mismatch_weight", 0.0)), diff_augment=trained.get("diff_augment"))  # fmt: skip
             model, _ = train_pooled(real_x, torch.cat([real_bins[c] for c in sorted(real_bins)]), real_y, s, updates, args.batch)
         generators[f"centralised, pooled, {updates} updates"] = {cid: (model.g_ema.eval(), None) for cid in range(k)}
     score_generators(console, report, summary, generators, real_x, real_y, real_bins, config["clients"], args.samples, cfg.z_dim)

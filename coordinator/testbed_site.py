@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from preprocessing import atomic
 from site_agent import config as site_config
 
 
@@ -48,8 +49,7 @@ def setup(args) -> None:
     if not (dataset / "manifest.json").exists():
         _prepare_phantom(args, base / "hospital", dataset, classes=classes)
     # a reused workdir may hold another modality's dataset registered: the node serves this one
-    registered = node.list_datasets(site)
-    for entry in registered:
+    for entry in node.list_datasets(site):
         if args.tag in entry.tags and Path(entry.path).resolve() != dataset.resolve():
             node.remove_dataset(site, entry.dataset_id)
     if not any(Path(e.path).resolve() == dataset.resolve() for e in node.list_datasets(site)):
@@ -90,7 +90,7 @@ def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | N
             hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase, modality=args.modality,
             shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0),
         )  # fmt: skip
-        (hospital / PARAMS_FILE).write_text(json.dumps(_phantom_params(args, classes)))
+        atomic.write_json(hospital / PARAMS_FILE, _phantom_params(args, classes))
     cmd = [
         str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"),
         "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
