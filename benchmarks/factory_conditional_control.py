@@ -516,6 +516,7 @@ def _plot_curve(report: Path, rows: dict, chance: float) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="federated G_ema")
     ax.axhline(chance, color="grey", ls="--", label="chance")
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}k")
     ax.set_xlabel("updates (all sites)")
     ax.set_ylabel("site accuracy on generated slices")
     ax.set_ylim(0, 1)

@@ -96,6 +96,20 @@ def test_discriminator_score_depends_on_condition(nets):
     assert a[0] != b[0] and torch.equal(a[1:], b[1:])
 
 
+def test_projection_only_discriminator(cfg):
+    torch.manual_seed(2)
+    full = Discriminator(cfg)
+    proj = Discriminator(FactoryConfig.from_dict({**cfg.to_dict(), "d_unconditional": False}))
+    assert not any(k.startswith("out.") for k in proj.state_dict())
+    proj.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("out.")})
+    img = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        phi = full.features(img)
+        # the full score is the unconditional head plus the projection; without the head, the projection alone
+        assert torch.allclose(full(img, 1, 3), full.out(phi).squeeze(1) + proj(img, 1, 3), atol=1e-5)
+        assert not torch.allclose(proj(img, 0, 3), proj(img, 1, 3), atol=1e-5)
+
+
 def test_key_none_equals_zero_key_exactly(nets, cfg):
     G, D = nets
     z = _z()
@@ -386,6 +400,8 @@ def test_config_presets_and_round_trip():
         ({"key_mix": 1.5}, "factory.key_mix"),
         ({"style_mixing_prob": float("nan")}, "factory.style_mixing_prob"),
         ({"mbstd_group": 0}, "factory.mbstd_group"),
+        ({"label_lr_mul": 0}, "factory.label_lr_mul"),
+        ({"d_unconditional": "no"}, "factory.d_unconditional"),
         ({"preset": "huge"}, "factory.preset"),
         ({"resolutoin": 64}, "factory.resolutoin: unknown key"),
     ],

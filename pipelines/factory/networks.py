@@ -157,6 +157,9 @@ def _check_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
     out["key_mix"] = _float(where, "key_mix", values["key_mix"], 0.0, 1.0)
     out["style_mixing_prob"] = _float(where, "style_mixing_prob", values["style_mixing_prob"], 0.0, 1.0)
     out["mbstd_group"] = _int(where, "mbstd_group", values["mbstd_group"], 1)
+    if not isinstance(values["d_unconditional"], bool):
+        raise ValueError(f"{where}.d_unconditional: must be true or false (got {_fmt(values['d_unconditional'])})")
+    out["d_unconditional"] = values["d_unconditional"]
     return out
 
 
@@ -197,6 +200,9 @@ class FactoryConfig:
     key_mix: float = 0.8  # condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
     style_mixing_prob: float = 0.9
     mbstd_group: int = 4
+    # D's score = unconditional head + projection on the condition; false: projection only, so
+    # everything D knows about a site has to go through its client-id embedding
+    d_unconditional: bool = True
 
     def __post_init__(self) -> None:
         checked = _check_fields({f.name: getattr(self, f.name) for f in fields(self)}, "factory")
@@ -920,7 +926,7 @@ class Discriminator(nn.Module):
         c4 = ch[4]
         self.conv = EqualConv2d(c4 + 1, c4, 3)
         self.fc = EqualLinear(c4 * 16, self.cmap_dim, activation="lrelu")
-        self.out = EqualLinear(self.cmap_dim, 1)
+        self.out = EqualLinear(self.cmap_dim, 1) if cfg.d_unconditional else None
         self.label_embed = EqualLinear(cfg.label_dim, self.cmap_dim, lr_mul=cfg.label_lr_mul)
         self.key_embed = EqualLinear(cfg.key_dim, self.cmap_dim, bias=False) if cfg.key_dim > 0 else None
 
@@ -950,4 +956,4 @@ class Discriminator(nn.Module):
         k = _as_key(key, b, cfg.key_dim, phi)
         key_mod = 1.0 + self.key_embed(k) if k is not None else torch.ones_like(cmap)
         proj = (phi * cmap * key_mod).sum(dim=1) / math.sqrt(self.cmap_dim)
-        return self.out(phi).squeeze(1) + proj
+        return proj if self.out is None else self.out(phi).squeeze(1) + proj
