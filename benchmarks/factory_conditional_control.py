@@ -171,9 +171,12 @@ def condition_effect(g, n_clients: int, real_bins: dict, z_dim: int, n: int = 64
     return by_id / max(float((outs[0] - run(z2, 0)).abs().mean()), 1e-12)
 
 
-def score_generators(console, report, summary, generators: dict, real_x, real_y, real_bins, clients: dict, samples: int, z_dim: int) -> dict:
+def score_generators(console, report, summary, generators: dict, real_x, real_y, real_bins, clients: dict, samples: int, z_dim: int,
+                     curve: dict[str, int] | None = None) -> dict:  # fmt: skip
     """Train the site classifier on real slices, then classify each factory's generated
-    slices per client id. ``generators``: {mode: {cid: (generator, key or None)}}."""
+    slices per client id. ``generators``: {mode: {cid: (generator, key or None)}};
+    ``curve``: {mode: updates} of the federated G_ema at several points (plotted, not gridded)."""
+    curve = curve or {}
     k = len(clients)
     clf, real_acc = train_classifier(real_x, real_y, k)
     rows, gen_examples = {}, {}
@@ -183,7 +186,7 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
             img = generate(g, cid, real_bins[cid], samples, z_dim, key)
             xs.append(img)
             ys.append(torch.full((samples,), cid))
-            if " @ round " not in mode:  # snapshots go to the learning curve, not the grid
+            if mode not in curve or mode == max(curve, key=curve.get):  # the grid shows the last point only
                 gen_examples.setdefault(mode, {})[cid] = img[:6]
         rows[mode] = score(clf, torch.cat(xs), torch.cat(ys), clients, k)
         keyless = {cid: g for cid, (g, key) in per_site.items() if key is None}
@@ -203,7 +206,7 @@ def score_generators(console, report, summary, generators: dict, real_x, real_y,
     summary.update({"clients": clients, "real_heldout_accuracy": real_acc, "generated": rows, "chance": 1 / k,
                     "real_bright_fraction": {n: float((real_x[real_y == c] > 0).float().mean()) for n, c in clients.items()}})  # fmt: skip
     _plot(report, real_x, real_y, gen_examples, clients)
-    _plot_curve(report, rows, 1 / k)
+    _plot_curve(report, sorted((u, rows[m]["accuracy"]) for m, u in curve.items()), 1 / k)
     return rows
 
 
@@ -360,21 +363,21 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
     real_x = torch.cat([per_site[n][1].float() for n in clients])
     real_y = torch.cat([torch.full((len(per_site[n][1]),), cid) for n, cid in clients.items()])
     real_bins = {cid: per_site[n][2].long() for n, cid in clients.items()}
-    generators, fed_updates = {}, None
+    generators, fed_updates, curve = {}, None, {}
     summary.update({"engine": "inprocess", "device": str(device), "factory": cfg.to_dict()})
     if args.only in ("both", "federated"):
         sites = sites_from_slices(per_site, device)
-        snapshots, history_so_far = {}, []
+        snapshots, done = {}, [0]  # done: updates so far (a cell the callback can bump)
         total = args.rounds if args.budget_s is None else None
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rounds"), TimeElapsedColumn(),
                       console=console) as bar:  # fmt: skip
             task = bar.add_task("federated (in process)", total=total)
 
             def on_round(i, sampled, row, model):
+                done[0] += row["updates"]
                 if args.score_every and (i + 1) % args.score_every == 0 and (args.rounds is None or i + 1 < args.rounds):
-                    done = sum(r["updates"] for r in history_so_far) + row["updates"]
-                    snapshots[f"federated @ round {i + 1} ({done} updates)"] = copy.deepcopy(model.g_ema).eval()
-                history_so_far.append(row)
+                    mode = f"federated @ round {i + 1} ({done[0]} updates)"
+                    snapshots[mode], curve[mode] = copy.deepcopy(model.g_ema).eval(), done[0]
                 bar.update(task, completed=i + 1, description=f"federated: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
                 if not console.is_terminal and i % 10 == 0:  # a log file gets a line now and then
                     console.log(f"round {i + 1}: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
@@ -388,7 +391,8 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
             "updates_per_s": fed_updates / (time.monotonic() - t0), "last_rounds": history[-3:]}  # fmt: skip
         for mode, g in snapshots.items():
             generators[mode] = {cid: (g, None) for cid in clients.values()}
-        generators[f"federated, client id only ({len(history)} rounds x {args.steps}, {fed_updates} updates)"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
+        final = f"federated, client id only ({len(history)} rounds x {args.steps}, {fed_updates} updates)"
+        generators[final], curve[final] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}, fed_updates
         torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_federated.pt")
     if args.only in ("both", "centralised") and args.centralised_updates:
         n = None if args.centralised_updates < 0 else args.centralised_updates
@@ -402,7 +406,7 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
         summary["centralised"] = {"updates": done, "wall_s": time.monotonic() - t0, "updates_per_s": done / (time.monotonic() - t0)}
         generators[f"centralised, pooled ({done} updates)"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
         torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_centralised.pt")
-    score_generators(console, report, summary, generators, real_x, real_y, real_bins, clients, args.samples, cfg.z_dim)
+    score_generators(console, report, summary, generators, real_x, real_y, real_bins, clients, args.samples, cfg.z_dim, curve)
     (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"report: {report}")
     return 0
@@ -500,12 +504,8 @@ def _plot(report: Path, real_x, real_y, gen_examples, clients: dict) -> None:
     plt.close(fig)
 
 
-def _plot_curve(report: Path, rows: dict, chance: float) -> None:
-    """Accuracy against updates for the federated snapshots (--score-every), if any."""
-    import re
-
-    pts = sorted((int(m.group(1)), r["accuracy"]) for mode, r in rows.items()
-                 if mode.startswith("federated") and (m := re.search(r"(\d+) updates\)", mode)))  # fmt: skip
+def _plot_curve(report: Path, pts: list[tuple[int, float]], chance: float) -> None:
+    """Accuracy against updates for the federated G_ema (--score-every), if more than one point."""
     if len(pts) < 2:
         return
     import matplotlib
