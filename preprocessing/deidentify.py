@@ -10,7 +10,24 @@ What the output looks like
   table ``dicomfields_2026c`` (the newest it ships); the code that applies them is ours (see
   "What dicom-anonymizer gets wrong" below).  Combined codes resolve as: X/Z -> Z;
   Z/D, X/D, X/Z/D -> D; X/Z/U* -> keep the sequence and clean its items (references stay
-  valid, their instance UIDs are replaced).
+  valid, their instance UIDs are replaced).  The table was checked complete against an
+  independent extraction of Table E.1-1 (innolitics/dicom-standard,
+  standard/confidentiality_profile_attributes.json at 7f4749d, 2025-01: its 617 attributes are
+  all there with the same actions; 2026c adds 38 newer ones), so no entry is added here.
+  The table is applied at every nesting level (sequence items at any depth, functional
+  groups of enhanced multi-frame images, a SEG's SegmentSequence).
+* Free text outside the table (VR LO, LT, ST, UT, SH, PN, UC, and AE titles and URLs) is
+  emptied (zero-length value: the content goes, the attribute stays, which keeps type 2 and
+  type 3 attributes legal where deleting a type 2 one would not), unless it is in
+  ``KEPT_TEXT``: SegmentLabel (prepare matches SEG segments by name) and RescaleType (pixel
+  units), each with its reason.  A few type 1 SEG/algorithm attributes (SegmentAlgorithmName,
+  AlgorithmName, AlgorithmVersion) get the dummy instead, so the SEG stays readable.
+  Coded entries (CodeValue, CodingSchemeDesignator, CodeMeaning...) anywhere: a code of the
+  standard's dictionary (pydicom.sr.codedict: DCM, SCT, LN, UCUM...) keeps its value and
+  scheme and gets a dictionary meaning (free text typed as a meaning goes); any other code
+  (local ``99*`` schemes...) gets the dummy in all three; CodingSchemeVersion and mapping
+  names are emptied like other free text.  ``tests/test_deidentify_coverage.py`` plants every
+  free-text attribute of the dictionary at seven places and counts what survives.
 * UIDs: every instance UID (table U plus every UI value outside the table that is not a
   SOP class / transfer syntax / coding scheme UID and not a UID of the DICOM registry
   ``1.2.840.10008.*``) is replaced by ``2.25.<int>`` where the integer is HMAC-SHA256(secret,
@@ -43,12 +60,14 @@ What the output looks like
 
 Decisions (the profile leaves these open)
 -----------------------------------------
-* Standard attributes that the table does not list are kept, as the basic profile says
-  (Manufacturer, BodyPartExamined, ImageType, coded values...), with these exceptions made
-  for safety: person names (PN) are emptied, dates/times emptied, instance UIDs replaced
+* Standard attributes that the table does not list are kept, as the basic profile says,
+  when they are not free text (BodyPartExamined, ImageType, Modality and other CS codes,
+  numbers, geometry), with these exceptions made for safety: free text is emptied unless
+  allowlisted and codes are checked (above), dates/times emptied, instance UIDs replaced
   (above), and public tags the data dictionary does not know are removed (nothing says
-  what they hold).  Residual risk: free text typed into a standard attribute outside the
-  table, and text burned into the pixels.
+  what they hold).  Manufacturer, model and software versions are free text: emptied.
+  Residual risk: what was typed as a SEG segment name, text typed into a CS attribute,
+  and text burned into the pixels.
 * Pixels are not inspected.  A file with BurnedInAnnotation = YES is refused (the basic
   profile needs the Clean Pixel Data option for it) unless ``allow_burned_in_annotation``.
 * Attributes inside sequences with a D action (Content Sequence, Operator/Person
@@ -56,7 +75,7 @@ Decisions (the profile leaves these open)
   string VRs except CS), person name, date and UID in them is replaced: Content Sequence's
   Text Value is not listed in the table because the whole sequence is D.  Coded concepts
   nested there (Concept Name / Concept Code Sequence... any "*CodeSequence" that is not
-  itself a table entry) keep their codes and meanings, so an SR stays interpretable; the
+  itself a table entry) follow the code rule above, so an SR keeps its standard codes; the
   identification code sequences (Person Identification, Institution, Verifying Observer
   Identification) are table entries and are replaced or emptied.
 * ``deidentify_tree``: a non-DICOM file (or a DICOM file that is not an instance: no SOP
@@ -117,6 +136,7 @@ exactly between two elements, or a deflated file cut short, cannot be told from 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -152,6 +172,7 @@ from preprocessing import atomic
 __all__ = [
     "DeidReport",
     "DeidentifyError",
+    "KEPT_TEXT",
     "deidentify_dataset",
     "deidentify_tree",
     "deidentify_uid",
@@ -173,7 +194,25 @@ KEPT_SUFFIXES = {".dcm", ".dicom", ".ima"}
 MAX_PROBLEMS = 50  # stop reading after this many bad files; they are all listed
 
 _STRING_VRS = {"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
-_TEXT_VRS = _STRING_VRS - {"CS", "AS"}  # free text: replaced inside D sequences
+# Free text: emptied outside the table unless in KEPT_TEXT, replaced inside D sequences.
+# (LO, LT, ST, UT, SH, PN, UC, and AE titles and URLs, which name hosts and sites.)
+_TEXT_VRS = _STRING_VRS - {"CS", "AS"}
+
+# The only free-text attributes outside Table E.1-1 kept as they are, each with the reason.
+# Everything else of a free-text VR that the table does not list is emptied (zero length).
+KEPT_TEXT = {
+    "SegmentLabel": "names a DICOM SEG segment ('liver'); prepare maps segments to classes by this name "
+    "through the site label map (preprocessing.labels.read_seg). Type 1. Residual risk: what an "
+    "annotator typed as a segment name",
+    "RescaleType": "the unit of the rescaled pixel values (defined terms HU, US, OD, MGML...): pixel "
+    "interpretation, not a description of the patient or the site",
+}
+# Type 1 text of SEG and algorithm identification that readers need present and non-empty:
+# replaced by the dummy rather than emptied (its content goes either way).
+_DUMMY_TEXT = {"SegmentAlgorithmName", "AlgorithmName", "AlgorithmVersion"}
+# Coded entries (Code Sequence Macro, PS3.3 Table 8.8-1): see _clean_code_item.
+_CODE_VALUE_KEYWORDS = ("CodeValue", "LongCodeValue", "URNCodeValue")
+_CODE_KEYWORDS = (*_CODE_VALUE_KEYWORDS, "CodingSchemeDesignator", "CodeMeaning")
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _DATE_VRS = {"DA", "DT", "TM"}
 
@@ -251,6 +290,7 @@ def _removed_group(tag: BaseTag) -> bool:
         or (0x7F00 <= group <= 0x7FFF and group != 0x7FE0)  # retired variable pixel data
         or group == 0xFFFC  # trailing padding
         or group == 0x0002  # file meta elements misplaced in the data set (the meta is rebuilt)
+        or group == 0x0000  # command elements (DIMSE messages) do not belong in a stored instance
     )
 
 
@@ -389,6 +429,47 @@ def _dummy(elem: DataElement, ctx: _Ctx) -> None:
         elem.value = 0
 
 
+@functools.lru_cache(maxsize=1)
+def _standard_codes() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(coding scheme designator, code value) -> meanings, for every code of pydicom's
+    dictionary of the codes the DICOM standard uses (PS3.16: DCM, SCT, LN, UCUM, FMA...)."""
+    from pydicom.sr.codedict import Collection, codes
+
+    index: dict[tuple[str, str], list[str]] = {}
+    for scheme in codes.schemes():
+        for code in Collection(scheme).concepts.values():
+            meanings = index.setdefault((code.scheme_designator, code.value), [])
+            if code.meaning not in meanings:
+                meanings.append(code.meaning)
+    return {key: tuple(meanings) for key, meanings in index.items()}
+
+
+def _clean_code_item(ds: Dataset) -> set[BaseTag]:
+    """Coded entry attributes (value, scheme, meaning) of `ds`; returns the tags handled here.
+
+    A code of the standard's dictionary keeps its value and scheme (they say nothing a
+    published code does not) and a meaning of the dictionary's (the one it had when it is
+    one of them, else the first): free text typed as a meaning does not survive.  Any other
+    code (a site's local scheme, a code pydicom does not list) gets the dummy in each of
+    them: local codes and their meanings are site vocabulary, possibly names.  Kept non-empty
+    because they are type 1 wherever a code is (SEG property codes, SR concept names)."""
+    present = [kw for kw in _CODE_KEYWORDS if kw in ds]
+    if not present:
+        return set()
+    value = next((str(ds[kw].value or "").strip() for kw in _CODE_VALUE_KEYWORDS if kw in ds), "")
+    scheme = str(ds.get("CodingSchemeDesignator", "") or "").strip()
+    meanings = _standard_codes().get((scheme, value)) if value and scheme else None
+    if meanings:
+        if "CodeMeaning" in ds:
+            meaning = str(ds.CodeMeaning or "").strip()
+            lowered = [m.lower() for m in meanings]
+            ds.CodeMeaning = meanings[lowered.index(meaning.lower())] if meaning.lower() in lowered else meanings[0]
+    else:
+        for kw in present:
+            ds[kw].value = "http://anonymized.invalid" if ds[kw].VR == "UR" else DUMMY_TEXT
+    return {Tag(kw) for kw in present}
+
+
 def _patient_key(ds: Dataset) -> str:
     pid = str(ds.get("PatientID", "") or "").strip()
     if pid:
@@ -400,6 +481,7 @@ def _clean(ds: Dataset, ctx: _Ctx, scrub: bool = False) -> None:
     """Apply the profile to every element of `ds`, recursing into sequences. `scrub` is set
     inside a sequence with a D action: free text, dates and UIDs there are replaced too."""
     local_pid = str(ds.get("PatientID", "") or "").strip()
+    coded = _clean_code_item(ds)
     for tag in list(ds.keys()):
         if _removed_group(tag) or tag in _EXTRA_REMOVE:
             del ds[tag]
@@ -439,13 +521,17 @@ def _clean(ds: Dataset, ctx: _Ctx, scrub: bool = False) -> None:
         elif elem.VR == "UI":
             if not _is_class_uid(tag):
                 _replace_uids(elem, ctx)
-        elif elem.VR == "PN" or elem.VR in _DATE_VRS:
+        elif elem.VR in _DATE_VRS:
             if scrub and not elem.is_empty:
                 _dummy(elem, ctx)
             else:
                 _empty(elem)
-        elif scrub and elem.VR in _TEXT_VRS and not elem.is_empty:
-            _dummy(elem, ctx)
+        elif elem.VR in _TEXT_VRS and tag not in coded:
+            if scrub or elem.keyword in _DUMMY_TEXT:
+                if not elem.is_empty:
+                    _dummy(elem, ctx)
+            elif elem.keyword not in KEPT_TEXT:
+                _empty(elem)  # the default for free text outside the table (see the module docstring)
 
 
 def _set_deid_attributes(ds: Dataset) -> None:
