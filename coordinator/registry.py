@@ -27,6 +27,12 @@ Per-kind validators: ``register_validator(kind, fn)`` installs ``fn(files: dict[
 that raises (RegistryError/UserError/ValueError, the message says why) when the files are not
 an acceptable artifact of that kind. ``publish`` runs it before anything is written; the HTTP
 push refuses any kind without one, so nothing unvalidated can be pushed by a site.
+
+A ``.pt`` must be the zip archive ``torch.save`` writes, entries stored uncompressed, the
+sizes its directory declares adding up to at most its own size (``pt_archive_problem``);
+this is checked before any ``torch.load``, so a small deflated file cannot inflate to
+hundreds of megabytes, and the legacy format (which allocates the storage sizes its pickle
+declares) is refused.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ _FILENAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING = ".staging"
 _STALE_STAGING_S = 24 * 3600
+MAX_PT_ENTRIES = 16384  # records in one .pt archive (one per tensor storage, plus a few)
 
 
 class RegistryError(UserError):
@@ -102,13 +109,67 @@ def run_validator(kind: str, files: Mapping[str, bytes], required: bool = False)
         raise RegistryError(f"{kind}: refused by the {kind} validator: {msg}") from None
 
 
+def pt_archive_problem(source: bytes | os.PathLike, max_entries: int = MAX_PT_ENTRIES) -> str | None:
+    """Why `source` is not a ``.pt`` archive as ``torch.save`` writes it, or None.
+
+    ``torch.save`` writes a zip archive whose entries are stored, not compressed. Anything
+    else is refused before ``torch.load`` sees it: a deflated entry can inflate a thousand
+    times (a 0.7 MB file became 525 MB of memory), and the legacy format allocates the
+    storage sizes its pickle declares. Only the zip's directory is read here.
+
+    Args:
+        source: the file's bytes, or its path.
+        max_entries: most entries (records) the archive may hold.
+
+    Returns:
+        A one-line problem, or None when the declared sizes add up to at most the file's size.
+    """
+    import io
+    import zipfile
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size, head, opened = len(source), bytes(source[:4]), io.BytesIO(source)
+    else:
+        size = os.path.getsize(source)
+        with open(source, "rb") as fh:
+            head = fh.read(4)
+        opened = source
+    if head != b"PK\x03\x04":
+        return "not the zip archive torch.save writes (other formats are refused)"
+    try:
+        with zipfile.ZipFile(opened) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        return f"not a readable zip archive ({exc})"
+    if len(entries) > max_entries:
+        return f"holds {len(entries)} entries; at most {max_entries}"
+    declared = 0
+    for info in entries:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            return f"entry {cap_name(info.filename)} is compressed; torch.save stores entries uncompressed (save it with torch.save)"
+        declared += info.file_size
+    if declared > size:
+        return f"its entries declare {declared} bytes, more than the file's {size} bytes"
+    return None
+
+
+def cap_name(text: str, limit: int = 80) -> str:
+    """`text` quoted, cut to `limit` characters (names from a file may be any length)."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
 def check_flat_state_dict(filename: str, data: bytes) -> None:
     """`data` must be what ``torch.save(state_dict)`` writes: ``torch.load(weights_only=True)``
-    reads it as a flat ``dict[str, Tensor]`` (no numbers, strings or nested containers)."""
+    reads it as a flat ``dict[str, Tensor]`` (no numbers, strings or nested containers).
+    The archive's declared sizes are checked first (``pt_archive_problem``), so nothing is
+    inflated beyond the bytes received."""
     import io
 
     import torch
 
+    problem = pt_archive_problem(data)
+    if problem:
+        raise RegistryError(f"{filename}: not a weights file that torch.load(weights_only=True) reads: {problem}")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to load is a refusal
@@ -217,10 +278,11 @@ def _check_content(path: Path, filename: str) -> None:
     elif filename.endswith(".pt"):
         import torch
 
-        with open(path, "rb") as fh:
-            is_zip = fh.read(4) == b"PK\x03\x04"
+        problem = pt_archive_problem(path)
+        if problem:
+            raise RegistryError(f"{filename}: not a PyTorch weights file that torch.load(weights_only=True) reads: {problem}")
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise RegistryError(
                 f"{filename}: not a PyTorch weights file that torch.load(weights_only=True) reads "
@@ -417,11 +479,14 @@ class Registry:
             raise RegistryError(f"{kind} {name}: meta must be a mapping, got {type(meta).__name__}")
         try:
             meta = json.loads(json.dumps(dict(meta), allow_nan=False))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise RegistryError(f"{kind} {name}: meta must be JSON-serialisable ({exc})") from None
         if require_validator or VALIDATORS.get(kind) is not None:
             # The validator and the writer see the same bytes (a file could change in between).
             files = {f: bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes() for f, src in files.items()}
+            for f, data in files.items():  # validators torch.load: nothing inflates past its bytes
+                if f.endswith(".pt") and (problem := pt_archive_problem(data)):
+                    raise RegistryError(f"{f}: not a PyTorch weights file that torch.load(weights_only=True) reads: {problem}")
             run_validator(kind, files, required=require_validator)
 
         staging_root = self.root / _STAGING

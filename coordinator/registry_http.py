@@ -19,11 +19,18 @@ published by the coordinator's own federation runs). The body is JSON
 pushed is fixed by construction, before anything is written:
 
 - file names and suffixes as the registry allows (``.pt``, ``.json``, ``.yaml``);
-- every ``.pt`` loads with ``torch.load(weights_only=True)`` as a flat ``dict[str, Tensor]``;
+- every ``.pt`` is the zip ``torch.save`` writes, its entries stored uncompressed with declared
+  sizes adding up to at most its own size (checked before anything is inflated), and loads
+  with ``torch.load(weights_only=True)`` as a flat ``dict[str, Tensor]``;
 - the kind's validator (``coordinator.registry.register_validator``) accepts the files; a
   kind without a validator is refused;
 - the server sets ``meta["published_by"]`` to the pushing site; a name belongs to the site
   that pushed it first (another site, or a name the coordinator published, gets 403).
+
+The body may nest at most ``MAX_JSON_DEPTH`` levels; at most ``MAX_CONCURRENT_PUSHES``
+pushes are read and validated at once (a push holds its body in memory), others wait up to
+``PUSH_WAIT_S`` and then get 503. Timeouts, the thread bound and capped error replies come
+from ``coordinator.http_limits``.
 
 ``RegistryRoutes`` is a mixin for a ``BaseHTTPRequestHandler`` (the coordinator service
 uses it); ``make_registry_handler`` and ``serve_registry`` run the routes on their own.
@@ -38,11 +45,12 @@ import json
 import threading
 import urllib.parse
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from coordinator import branches  # also registers the segmentation-branch validator
 from coordinator import registry as R
+from coordinator.http_limits import MAX_JSON_DEPTH, HTTPLimits, LimitedHTTPServer, LimitedRequestMixin, json_depth
 from coordinator.registry import ArtifactNotFound, Registry, RegistryError
 from coordinator.site_tokens import SiteTokens
 from site_agent.errors import UserError
@@ -54,6 +62,10 @@ SHA256_HEADER = "X-Content-SHA256"
 PUBLISHED_BY = "published_by"
 _DRAIN_BYTES = 1 << 20  # read (and drop) at most this much of a refused body before answering
 _PUSH_KEYS = {"files", "meta"}
+MAX_CONCURRENT_PUSHES = 2  # push bodies in memory at once (each up to MAX_PUSH_BYTES, plus decoding)
+PUSH_WAIT_S = 60.0
+
+_push_slots = threading.BoundedSemaphore(MAX_CONCURRENT_PUSHES)
 
 _push_locks: dict[str, threading.Lock] = {}
 _push_locks_guard = threading.Lock()
@@ -90,26 +102,21 @@ def owner(reg: Registry, kind: str, name: str) -> str | None:
     return by if isinstance(by, str) and by else ""
 
 
-class RegistryRoutes:
+class RegistryRoutes(LimitedRequestMixin):
     """Mixin: the ``/registry`` routes for a ``BaseHTTPRequestHandler``.
 
-    Set ``registry_home`` (the coordinator home) and ``registry_api_token`` (the researcher
-    token, or None) on the handler class; call ``handle_registry("GET" | "POST")``."""
+    Set ``registry_home`` (the coordinator home), ``registry_api_token`` (the researcher
+    token, or None) and optionally ``limits`` (``coordinator.http_limits.HTTPLimits``) on the
+    handler class; call ``handle_registry("GET" | "POST")``."""
 
     registry_home: Path
     registry_api_token: str | None = None
     registry_max_push_bytes: int = MAX_PUSH_BYTES
-    timeout = 120  # seconds a socket operation may stall (a stuck client frees its thread)
 
     # ------------------------------------------------------------------ plumbing
 
     def _reg_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body, default=str).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.json_reply(status, body)  # error messages capped (coordinator.http_limits)
 
     def _reg_drain(self) -> None:
         """Read what is left of a refused request body (up to a bound) so the client reads
@@ -122,9 +129,9 @@ class RegistryRoutes:
             length = 0
         if 0 < length <= _DRAIN_BYTES:
             try:
-                self.rfile.read(length)
+                self.read_body(length)
             except OSError:
-                pass
+                self.close_connection = True
         elif length > _DRAIN_BYTES:
             self.close_connection = True
 
@@ -162,8 +169,8 @@ class RegistryRoutes:
         except _Refusal as exc:
             self._reg_drain()
             self._reg_json(exc.status, {"error": exc.message})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away mid-answer
+        except (ConnectionError, TimeoutError):  # the client went away mid-answer, or stalled past its deadline
+            self.close_connection = True
         except UserError as exc:  # a storage problem on the coordinator (unreadable record, tokens file)
             self._reg_drain()
             self._reg_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
@@ -260,6 +267,16 @@ class RegistryRoutes:
             except RegistryError as exc:
                 raise _Refusal(HTTPStatus.BAD_REQUEST, str(exc)) from None
         self._reg_check_owner(reg, kind, name, site)
+        if not _push_slots.acquire(timeout=PUSH_WAIT_S):
+            raise _Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "the registry is busy with other pushes; push again in a minute")
+        try:
+            record = self._reg_push_validated(reg, kind, name, site)
+        finally:
+            _push_slots.release()
+        self._reg_json(HTTPStatus.CREATED, record)
+
+    def _reg_push_validated(self, reg: Registry, kind: str, name: str, site: str) -> dict:
+        """Read, validate and publish one push (a push slot is held); the new record."""
         files, meta = self._reg_read_push()
         meta[PUBLISHED_BY] = site  # set by the server: a client's own claim is overwritten
         try:
@@ -273,10 +290,9 @@ class RegistryRoutes:
                 meta = branches.server_meta(meta, files, factory_meta, site)
             with _push_lock(reg.root):
                 self._reg_check_owner(reg, kind, name, site)  # again, now that pushes are serialised
-                record = reg.publish(kind, name, files, meta, require_validator=True)
+                return reg.publish(kind, name, files, meta, require_validator=True)
         except RegistryError as exc:
             raise _Refusal(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        self._reg_json(HTTPStatus.CREATED, record)
 
     @staticmethod
     def _reg_check_owner(reg: Registry, kind: str, name: str, site: str) -> None:
@@ -302,16 +318,20 @@ class RegistryRoutes:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"push body of {length} bytes is over the limit of {self.registry_max_push_bytes} bytes",
             )
-        body = self.rfile.read(length)
-        self._reg_body_read = True  # from here refusals need no draining
+        self._reg_body_read = True  # from here refusals need no draining (a timeout closes)
+        body = self.read_body(length)
         if len(body) != length:
             raise _Refusal(HTTPStatus.BAD_REQUEST, f"push body cut short ({len(body)} of {length} bytes)")
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Refusal(HTTPStatus.BAD_REQUEST, f"push body is not JSON ({exc})") from None
+        except RecursionError:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, f"push body nests too deeply; at most {MAX_JSON_DEPTH} levels") from None
         finally:
             del body
+        if json_depth(doc) > MAX_JSON_DEPTH:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, f"push body nests more than {MAX_JSON_DEPTH} levels deep")
         if not isinstance(doc, dict) or set(doc) - _PUSH_KEYS or "files" not in doc:
             raise _Refusal(HTTPStatus.BAD_REQUEST, 'push body must be {"files": {name: base64, ...}, "meta": {...}}')
         raw_files, meta = doc["files"], doc.get("meta") or {}
@@ -336,7 +356,9 @@ class RegistryRoutes:
         return files, dict(meta)
 
 
-def make_registry_handler(home: str | Path, api_token: str | None = None, max_push_bytes: int = MAX_PUSH_BYTES):
+def make_registry_handler(
+    home: str | Path, api_token: str | None = None, max_push_bytes: int = MAX_PUSH_BYTES, limits: HTTPLimits | None = None
+):
     """A handler class serving only the registry routes of `home`."""
 
     class RegistryHandler(RegistryRoutes, BaseHTTPRequestHandler):
@@ -354,14 +376,22 @@ def make_registry_handler(home: str | Path, api_token: str | None = None, max_pu
         def do_POST(self):  # noqa: N802
             self.handle_registry("POST")
 
+    if limits is not None:
+        RegistryHandler.limits = limits
     return RegistryHandler
 
 
 def serve_registry(
-    home: str | Path, host: str = "127.0.0.1", port: int = 0, api_token: str | None = None, max_push_bytes: int = MAX_PUSH_BYTES
-) -> ThreadingHTTPServer:
+    home: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_token: str | None = None,
+    max_push_bytes: int = MAX_PUSH_BYTES,
+    limits: HTTPLimits | None = None,
+) -> LimitedHTTPServer:
     """Serve the registry routes of `home` in a background thread; return the server
-    (``server.server_address`` has the port; stop with ``shutdown()`` then ``server_close()``)."""
-    httpd = ThreadingHTTPServer((host, port), make_registry_handler(home, api_token, max_push_bytes))
+    (``server.server_address`` has the port; stop with ``shutdown()`` then ``server_close()``).
+    `limits`: timeouts, thread bound and backlog (``coordinator.http_limits``)."""
+    httpd = LimitedHTTPServer((host, port), make_registry_handler(home, api_token, max_push_bytes, limits), limits)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="registry", daemon=True).start()
     return httpd

@@ -22,27 +22,43 @@ opens nothing else:
                                                     validated kinds only, weights and configs only)
 
 Sites on other hosts need ``--api-host`` on an address they can reach.
+
+The server stays up under bad clients (``coordinator.http_limits``): a listen backlog of
+128 and a bounded number of handler threads, deadlines on every connection (headers, body,
+each socket operation), spec bodies of at most ``MAX_SPEC_BYTES`` nesting at most
+``MAX_YAML_DEPTH`` levels (checked before parsing), and every error reply one JSON line
+whose message is capped; an unexpected error answers 500 and is logged, never echoed.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 import signal
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from coordinator import runs
 from coordinator import spec as spec_mod
+from coordinator.http_limits import MAX_YAML_DEPTH, HTTPLimits, LimitedHTTPServer, yaml_depth_problem
 from coordinator.registry_http import RegistryRoutes, is_registry_path
 from preprocessing import atomic
 from site_agent.errors import UserError
 
 TOKEN_FILE = "api-token"
 MAX_SPEC_BYTES = 256 * 1024
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")  # an id or prefix from the URL, never a path or glob
+
+
+def _run_dir(home: Path, run_id: str) -> Path:
+    """The run a URL names (full id or unique prefix); UserError when there is none."""
+    if not _RUN_ID.match(run_id):
+        raise UserError(f"no run {run_id[:80]!r}: run ids are letters, digits, '-', '_' and '.'")
+    return runs.find_run(home, run_id)
 
 
 def api_token(home: Path) -> str:
@@ -78,7 +94,7 @@ class Coordinator:
 
     def resume(self, run_id: str) -> str:
         with self.lock:
-            run_dir = runs.find_run(self.home, run_id)
+            run_dir = _run_dir(self.home, run_id)
             state = runs.read_state(run_dir)
             if state["status"] not in ("interrupted", "failed"):
                 raise UserError(f"run {run_dir.name} is {state['status']}; only interrupted or failed runs resume")
@@ -126,7 +142,18 @@ class Coordinator:
             self.current = None
 
 
-def make_handler(coord: Coordinator, token: str):
+def make_handler(coord: Coordinator, token: str, limits: HTTPLimits | None = None):
+    """The request handler class of the API and registry routes (see the module docstring).
+
+    Args:
+        coord: the coordinator whose queue the API serves.
+        token: the researcher API token.
+        limits: timeouts and bounds (``coordinator.http_limits.DEFAULT_LIMITS`` when None).
+
+    Returns:
+        A ``BaseHTTPRequestHandler`` subclass.
+    """
+
     class Handler(RegistryRoutes, BaseHTTPRequestHandler):
         server_version = "fedimg-coordinator"
         registry_home = coord.home
@@ -158,7 +185,7 @@ def make_handler(coord: Coordinator, token: str):
                 if parts == ["runs"]:
                     return self._send(200, {"runs": runs.list_runs(coord.home)})
                 if len(parts) == 2 and parts[0] == "runs":
-                    run_dir = runs.find_run(coord.home, parts[1])
+                    run_dir = _run_dir(coord.home, parts[1])
                     return self._send(200, {**runs.summary(run_dir), "metrics": runs.read_metrics(run_dir)})
             except UserError as exc:
                 return self._send(HTTPStatus.NOT_FOUND, {"error": str(exc)})
@@ -179,16 +206,48 @@ def make_handler(coord: Coordinator, token: str):
                     if length < 0:
                         return self._send(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
                     if length > MAX_SPEC_BYTES:
-                        return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "spec too large"})
-                    text = self.rfile.read(length).decode("utf-8", "replace")
-                    return self._send(HTTPStatus.CREATED, {"run_id": coord.submit(text)})
+                        self.close_connection = True  # the body is not read
+                        return self._send(
+                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"spec of {length} bytes is over the limit of {MAX_SPEC_BYTES} bytes"}
+                        )
+                    data = self.read_body(length)
+                    if len(data) != length:
+                        return self._send(HTTPStatus.BAD_REQUEST, {"error": f"spec cut short ({len(data)} of {length} bytes)"})
+                    text = data.decode("utf-8", "replace")
+                    problem = yaml_depth_problem(text, MAX_YAML_DEPTH)
+                    if problem:
+                        return self._send(HTTPStatus.BAD_REQUEST, {"error": f"submitted spec: {problem}"})
+                    try:
+                        run_id = coord.submit(text)
+                    except RecursionError:  # nesting the scan above did not see (a parser's own recursion)
+                        return self._send(HTTPStatus.BAD_REQUEST, {"error": "submitted spec: nests too deeply to read; flatten it"})
+                    return self._send(HTTPStatus.CREATED, {"run_id": run_id})
                 if len(parts) == 3 and parts[0] == "runs" and parts[2] == "resume":
                     return self._send(HTTPStatus.ACCEPTED, {"run_id": coord.resume(parts[1])})
             except UserError as exc:
                 return self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
 
+    if limits is not None:
+        Handler.limits = limits
     return Handler
+
+
+def make_server(coord: Coordinator, token: str, host: str, port: int, limits: HTTPLimits | None = None) -> LimitedHTTPServer:
+    """The API's HTTP server, bound and listening but not yet serving.
+
+    Args:
+        coord: the coordinator whose queue the API serves.
+        token: the researcher API token.
+        host: address to bind.
+        port: port to bind (0 picks a free one; see ``server_address``).
+        limits: timeouts and bounds (``coordinator.http_limits.DEFAULT_LIMITS`` when None).
+
+    Returns:
+        The server; run ``serve_forever()`` in a thread, stop with ``shutdown()`` then
+        ``server_close()``.
+    """
+    return LimitedHTTPServer((host, port), make_handler(coord, token, limits), limits)
 
 
 def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None, log=print) -> None:
@@ -198,7 +257,7 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
     token = api_token(home)
     federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=log)
     coord = Coordinator(home, federation, log=log)
-    httpd = ThreadingHTTPServer((api_host, api_port), make_handler(coord, token))
+    httpd = make_server(coord, token, api_host, api_port)
     threading.Thread(target=httpd.serve_forever, name="api", daemon=True).start()
     log(f"API on http://{api_host}:{api_port} (token in {home / TOKEN_FILE} or $FEDIMG_API_TOKEN)")
     log(f"registry on http://{api_host}:{api_port}/registry (sites use a token from `coordinator site-token issue SITE`)")
@@ -215,3 +274,4 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
         log("coordinator stopping")
     finally:
         httpd.shutdown()
+        httpd.server_close()
