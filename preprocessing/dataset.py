@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import nibabel as nib
 import numpy as np
 
 from preprocessing import atomic
@@ -187,6 +188,31 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _finite_4x4(value) -> bool:
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return a.shape == (4, 4) and bool(np.all(np.isfinite(a)))
+
+
+def _check_grid(path: Path, shown: Path) -> None:
+    """A volume whose header places its voxels nowhere (NaN/infinite or singular affine, as a
+    float32 overflow of an absurd spacing leaves) cannot be trained on: refuse the dataset."""
+    try:
+        hdr = nib.load(str(path)).header
+        with np.errstate(all="ignore"):
+            forms = [(name, *getter(coded=True)) for name, getter in (("sform", hdr.get_sform), ("qform", hdr.get_qform))]
+            best = hdr.get_best_affine()
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on a damaged header
+        raise DatasetError(f"{shown}: not a readable NIfTI header ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+    for name, affine, code in forms:
+        if code and not _finite_4x4(affine):
+            raise DatasetError(f"{shown}: the {name} has non-finite values (NaN or infinite spacing or position); re-run `site-agent prepare`")
+    if not _finite_4x4(best) or abs(np.linalg.det(best[:3, :3])) < 1e-12:
+        raise DatasetError(f"{shown}: the voxel-to-world affine is non-finite or singular; re-run `site-agent prepare`")
+
+
 def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> PreparedDataset:
     """Read and check a prepared dataset; raise DatasetError naming the file and problem.
 
@@ -235,7 +261,11 @@ def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> Pre
                     raise DatasetError(f"{manifest_path}: case {meta['case_id']}: no sha256 for {kind}")
                 if sha256_file(p) != expected:
                     raise DatasetError(f"{root / rel}: checksum does not match manifest.json (file changed or corrupt)")
+            _check_grid(p, root / rel)
             paths[kind] = p
+        affine = meta.get("affine")
+        if affine is not None and not _finite_4x4(affine):
+            raise DatasetError(f"{manifest_path}: case {meta['case_id']}: 'affine' is not a 4x4 matrix of finite numbers (re-run `site-agent prepare`)")
         cases.append(PreparedCase(case_id=meta["case_id"], image=paths["image"], label=paths.get("label")))
     modality = (desc.get("channel_names") or desc.get("modality") or {}).get("0", "unknown")
     labeled = manifest.get("labeled_classes")

@@ -35,6 +35,16 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # (the issue's 0.01 mm), and in-plane drift between slices beyond it means gantry tilt.
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-4
+# What one volume (image or label) may declare, checked before a voxel is read or memory is
+# allocated: a header is cheap to forge (Rows 65535 over a few bytes, a gzip bomb), the
+# memory it asks for is not. 2**28 voxels is 512 x 512 x 1024; 512 MiB is that volume as int16.
+MAX_VOXELS = 2**28
+MAX_DATA_BYTES = 2**29
+# Geometry a scanner can produce: voxel spacing from 1 um to 1 m, every voxel within 100 m
+# of the scanner origin (NIfTI stores the affine as float32, whose step there is 0.008 mm,
+# still under the 0.01 mm tolerance). Anything else is a corrupt or forged header.
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_ABS_POSITION_MM = 1e5
 
 
 class SeriesError(Exception):
@@ -115,6 +125,67 @@ def _str(ds, keyword: str) -> str:
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
+
+
+def check_size(shape, bytes_per_voxel: float, where: str) -> None:
+    """Refuse a volume whose declared size is over the limits, before anything is read.
+
+    Args:
+        shape: the declared dimensions.
+        bytes_per_voxel: bytes each voxel takes as stored (or decoded).
+        where: the file or series, for the message.
+
+    Raises:
+        SeriesError: code ``too_large``, naming the declared size and the limits.
+    """
+    voxels = 1
+    for d in shape:
+        voxels *= int(d)
+    nbytes = int(voxels * bytes_per_voxel)
+    if voxels > MAX_VOXELS or nbytes > MAX_DATA_BYTES:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise SeriesError(
+            f"{where}: declares {dims} voxels ({_mib(nbytes)} of voxel data); the limit per volume is {MAX_VOXELS:,} voxels "
+            f"and {_mib(MAX_DATA_BYTES)} (a corrupt or forged header? otherwise crop the volume or store it as int16)",
+            "too_large",
+        )
+
+
+def check_affine(affine: np.ndarray, shape, where: str) -> None:
+    """Refuse a voxel-to-world affine no scanner makes: non-finite values, a voxel spacing
+    outside `SPACING_RANGE_MM`, or a voxel further than `MAX_ABS_POSITION_MM` from the origin.
+
+    Args:
+        affine: 4x4 voxel -> world (mm).
+        shape: the grid's dimensions (its corners are checked).
+        where: the file or series, for the message.
+
+    Raises:
+        SeriesError: code ``bad_geometry``.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise SeriesError(f"{where}: the voxel-to-world affine has non-finite values (NaN or infinite spacing or position)", "bad_geometry")
+    with np.errstate(over="ignore", invalid="ignore"):
+        spacing = np.sqrt((a[:3, :3] ** 2).sum(0))
+        lo, hi = SPACING_RANGE_MM
+        if not np.all((spacing >= lo) & (spacing <= hi)):
+            raise SeriesError(
+                f"{where}: voxel spacing {[float(f'{x:.6g}') for x in spacing]} mm is outside the plausible range [{lo:g}, {hi:g}] mm",
+                "bad_geometry",
+            )
+        ext = [max(int(d) - 1, 0) for d in tuple(shape)[:3]]
+        corners = np.array([[i, j, k, 1.0] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])]) @ a.T
+        far = float(np.max(np.abs(corners[:, :3])))
+    if not far <= MAX_ABS_POSITION_MM:
+        raise SeriesError(
+            f"{where}: voxels lie up to {far:.6g} mm from the scanner origin (plausible: within {MAX_ABS_POSITION_MM:g} mm)",
+            "bad_geometry",
+        )
 
 
 def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
@@ -314,6 +385,8 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             headers.extend(slice_headers(path, ds))
         except SeriesError as exc:
             out.skipped.append((path, exc.code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a header garbled in a way no check foresaw skips its file, not the run
+            out.skipped.append((path, "bad_header", f"{path}: unusable DICOM header ({type(exc).__name__}: {_short(exc)})"))
     out.series = group_series(headers)
     return out
 
@@ -408,6 +481,14 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
             raise SeriesError(f"{s.path}: Rows/Columns missing or zero", "bad_image_tag")
         if min(s.pixel_spacing) <= 0:
             raise SeriesError(f"{s.path}: PixelSpacing must be positive, got {list(s.pixel_spacing)}", "bad_geometry_tag")
+        lo, hi = SPACING_RANGE_MM
+        if not all(lo <= v <= hi for v in s.pixel_spacing):
+            raise SeriesError(f"{s.path}: PixelSpacing {list(s.pixel_spacing)} mm is outside the plausible range [{lo:g}, {hi:g}] mm", "bad_geometry_tag")
+        if not np.max(np.abs(s.position)) <= MAX_ABS_POSITION_MM:
+            raise SeriesError(
+                f"{s.path}: ImagePositionPatient {[float(v) for v in s.position]} mm is further than {MAX_ABS_POSITION_MM:g} mm from the scanner origin",
+                "bad_geometry_tag",
+            )
     if len(series.slices) < 2:
         raise SeriesError(f"{first.path}: single-slice series: no slice spacing can be derived from positions", "single_slice")
     iop = first.orientation
@@ -469,6 +550,7 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
     lps[:3, 2] = normal * dz
     lps[:3, 3] = p0
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    check_affine(ras, (first.cols, first.rows, n), where)
     return Geometry(affine_ras=ras, order=[int(o) for o in order], spacing=(ps_col, ps_row, dz), max_position_error_mm=err, flags=flags)
 
 
@@ -481,6 +563,40 @@ class Volume:
     geometry: Geometry
 
 
+def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse native pixel data shorter than Rows x Columns x frames x samples x
+    BitsAllocated, before decoding: a decoder allocates what the header declares (Rows 65535
+    over a few bytes). The length comes from the element's header, the value is not loaded.
+    Encapsulated (compressed) pixel data is left to its decoder: its size says nothing.
+
+    Raises:
+        SeriesError: code ``pixel_data_length`` (or ``bad_image_tag`` for non-integer tags).
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and (not UID(str(ts)).is_transfer_syntax or UID(str(ts)).is_encapsulated):
+        return  # an unknown transfer syntax is reported by the decoder
+    keyword, bits = next(((k, b) for k, b in (("PixelData", 0), ("FloatPixelData", 32), ("DoubleFloatPixelData", 64)) if k in ds), (None, 0))
+    if keyword is None:
+        return
+    try:
+        dims = [int(ds.get(k, d) or d) for k, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1))]
+        bits = bits or int(ds.get("BitsAllocated", 0) or 0)
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated are not integers", "bad_image_tag") from None
+    needed = (dims[0] * dims[1] * dims[2] * dims[3] * bits + 7) // 8
+    elem = ds.get_item(keyword)  # a raw element while deferred: its length without its value
+    value = elem.value
+    have = len(value) if isinstance(value, (bytes, bytearray)) else getattr(elem, "length", None)
+    if have is None or have == 0xFFFFFFFF:
+        return
+    if have < needed:
+        raise SeriesError(
+            f"{path}: pixel data cannot be decoded: it holds {have:,} bytes but Rows x Columns x frames x samples x "
+            f"BitsAllocated ({' x '.join(map(str, dims))} x {bits}) need {needed:,}",
+            "pixel_data_length",
+        )
+
+
 def read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -488,6 +604,7 @@ def read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarr
             ds = pydicom.dcmread(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SeriesError(f"{path}: no pixel data", "no_pixel_data")
+    check_pixel_length(path, ds)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -509,6 +626,10 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     geometry = series_geometry(series, tolerance_mm, allow_irregular)
     first = series.first
     shape = (first.cols, first.rows, len(series.slices))
+    for s in series.slices:
+        if s.dataset is not None:
+            check_pixel_length(s.path, s.dataset)  # every slice, before the volume is allocated
+    check_size(shape, 2, f"series in {series.folder} ({len(series.slices)} files)")
     out16 = np.empty(shape, dtype=np.int16, order="F")
     out32: np.ndarray | None = None  # switched to when a slice is not exact int16
     frames: dict[Path, np.ndarray] = {}  # decoded enhanced multi-frame files

@@ -11,6 +11,9 @@ from preprocessing.dicom import SeriesError, Series
 from preprocessing.schema import IGNORE, LabelSchema, SchemaError, SiteLabelMap
 
 
+_DENSE_LUT_MAX = 65535  # label values up to this map through a table indexed by value
+
+
 def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, source: str, unknown_to_ignore: bool = False) -> np.ndarray:
     """Local integer labels -> schema ids (uint8). Non-integer values are refused."""
     if local.dtype.kind == "f":
@@ -26,22 +29,48 @@ def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, sourc
         table = int_map.lookup_table(schema, values, source, unknown_to_ignore)
     except SchemaError as exc:
         raise SeriesError(str(exc), "label_outside_schema") from None
-    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.uint8)
-    for v, target in table.items():
-        lut[v] = target
-    return lut[local.astype(np.int64)]
+    if not values.size:
+        return np.zeros(local.shape, np.uint8)
+    if values.max() <= _DENSE_LUT_MAX:
+        lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+        for v, target in table.items():
+            lut[v] = target
+        return lut[local.astype(np.int64)]
+    # sparse huge values (1e20 in a float label): a table indexed by value cannot be built;
+    # index by rank among the distinct values instead
+    targets = np.array([table[int(v)] for v in values], dtype=np.uint8)
+    return targets[np.searchsorted(values, local)]
 
 
 def seg_referenced_series(path: Path) -> str:
+    return seg_references(path)[0]
+
+
+def seg_references(path: Path) -> tuple[str, set[str]]:
+    """The source series a DICOM SEG was drawn on: its SeriesInstanceUID and the SOP
+    instances it lists (empty when the SEG does not list them).
+
+    Args:
+        path: the SEG file.
+
+    Returns:
+        (series instance UID, referenced SOP instance UIDs).
+
+    Raises:
+        SeriesError: the SEG references no series (code ``seg_unreferenced``).
+    """
     import pydicom
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     try:
-        return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ref = ds.ReferencedSeriesSequence[0]
+        uid = str(ref.SeriesInstanceUID)
     except (AttributeError, IndexError):
         raise SeriesError(f"{path}: DICOM SEG does not reference a source series (ReferencedSeriesSequence)", "seg_unreferenced") from None
+    sops = {str(item.ReferencedSOPInstanceUID) for item in ref.get("ReferencedInstanceSequence") or [] if "ReferencedSOPInstanceUID" in item}
+    return uid, sops
 
 
 def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelMap, schema: LabelSchema, unknown_to_ignore: bool = False) -> np.ndarray:
@@ -59,6 +88,13 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
             seg = hd.seg.segread(str(path))
     except Exception as exc:  # noqa: BLE001
         raise SeriesError(f"{path}: unreadable DICOM SEG ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})", "corrupt_seg") from None
+    try:
+        seg_grid = (int(seg.Rows), int(seg.Columns))
+    except (AttributeError, TypeError, ValueError):
+        seg_grid = None
+    if seg_grid != (series.first.rows, series.first.cols):
+        # before decoding: frames are allocated as the SEG's header declares them
+        raise SeriesError(f"{path}: SEG frames are {seg_grid} but the images are {(series.first.rows, series.first.cols)}", "seg_grid_mismatch")
     numbers = list(seg.get_segment_numbers())
     lut = np.zeros(max(numbers, default=0) + 1, dtype=np.uint8)
     unknown = []

@@ -14,15 +14,57 @@ from isal import igzip, igzip_threaded
 from nibabel.filebasedimages import ImageFileError
 
 from preprocessing import atomic
-from preprocessing.dicom import SeriesError
+from preprocessing.dicom import SeriesError, check_affine, check_size
+
+# Deflate cannot shrink data more than 1032:1, so a .nii.gz declaring more voxel data than
+# that many times its own size is truncated or forged: refused before inflating anything.
+GZIP_MAX_RATIO = 1032
+_INT32 = np.iinfo(np.int32)
+
+
+def _check_declared(path: Path, img) -> None:
+    """Voxel type and data size from the header alone, against the limits and the file size."""
+    hdr = img.header
+    dtype = hdr.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise SeriesError(f"{path}: unsupported voxel type {dtype} (complex or RGB)", "bad_dtype")
+    shape = hdr.get_data_shape()
+    check_size(shape, dtype.itemsize, str(path))
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else 0
+    size = os.stat(path).st_size
+    if str(path).lower().endswith(".gz"):
+        if nbytes > size * GZIP_MAX_RATIO:
+            raise SeriesError(
+                f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, more than a {size:,}-byte gzip file can hold: truncated or forged)",
+                "corrupt_nifti",
+            )
+    elif nbytes > size - int(hdr.get_data_offset()):
+        raise SeriesError(f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, the file is {size:,} bytes: truncated)", "corrupt_nifti")
 
 
 def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
-    """Read a NIfTI file and check it is a usable 3D volume; SeriesError names the problem."""
+    """Read a NIfTI file and check it is a usable 3D volume on a plausible grid.
+
+    The declared size is checked against `preprocessing.dicom.MAX_VOXELS` /
+    `MAX_DATA_BYTES` and the file's size before any voxel is read (a gzip bomb inflates
+    nothing). 64-bit integer volumes are converted to int32 when their values fit.
+
+    Args:
+        path: a .nii or .nii.gz file.
+        kind: "image" or "label", for messages; labels keep 64-bit integers (their values
+            are checked against the label map).
+
+    Returns:
+        The volume (3D) with its affine.
+
+    Raises:
+        SeriesError: naming the file and the problem, with a reason code.
+    """
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise SeriesError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})", "not_nifti")
+        _check_declared(path, img)
         data = np.asanyarray(img.dataobj)
     except SeriesError:
         raise
@@ -40,17 +82,32 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
     if data.dtype.kind not in "biuf":
         raise SeriesError(f"{path}: unsupported voxel type {data.dtype} (complex or RGB)", "bad_dtype")
     affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise SeriesError(f"{path}: the affine (sform/qform) is missing or singular", "bad_affine")
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise SeriesError(f"{path}: the affine (sform/qform) is missing or has non-finite values", "bad_affine")
+    norms = np.prod(np.linalg.norm(affine[:3, :3], axis=0))
+    if norms == 0 or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * norms:  # relative: tiny voxels are checked below
+        raise SeriesError(f"{path}: the affine (sform/qform) is singular", "bad_affine")
+    check_affine(affine, data.shape, str(path))
+    if data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        # nibabel refuses to build an int64 image (other tools cannot read one); a legal
+        # type all the same: images become int32 when their values fit
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        if _INT32.min <= lo and hi <= _INT32.max:
+            data = data.astype(np.int32)
+        elif kind == "image":
+            raise SeriesError(f"{path}: {data.dtype} voxel values from {lo} to {hi} do not fit 32 bits; not an image's intensities", "values_out_of_range")
     slope, inter = img.header.get_slope_inter()
     if data.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, not as a warning line
+            data = np.asarray(img.get_fdata(dtype=np.float32))
         if data.ndim == 4:
             data = data[..., 0]
         if not np.all(np.isfinite(data)):
-            raise SeriesError(f"{path}: {kind} contains NaN or infinite values", "non_finite")
-    out = nib.Nifti1Image(np.asarray(data), affine)
-    return out
+            raise SeriesError(f"{path}: {kind} contains NaN or infinite values (or values beyond float32's range)", "non_finite")
+    data = np.asarray(data)
+    # a label whose values do not fit 32 bits stays int64 (an explicit type: nibabel
+    # refuses it otherwise); its values are checked against the label map
+    return nib.Nifti1Image(data, affine, dtype=data.dtype if data.dtype.itemsize == 8 and data.dtype.kind in "iu" else None)
 
 
 def qform_sform_disagree(path: Path, tol_mm: float = 1e-3) -> bool:
@@ -75,7 +132,15 @@ def grid_difference_mm(a_affine: np.ndarray, b_affine: np.ndarray, shape) -> flo
 
 
 def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A NIfTI image with qform = sform (scanner space) and no free-text header fields."""
+    """A NIfTI image with qform = sform (scanner space) and no free-text header fields.
+
+    Raises:
+        ValueError: the affine is not finite in float32, as NIfTI stores it (never write a
+            grid that places voxels nowhere).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.all(np.isfinite(np.asarray(affine, dtype=np.float64).astype(np.float32))):
+            raise ValueError("the voxel-to-world affine is not finite in float32 (absurd spacing or position)")
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
