@@ -1,11 +1,13 @@
 """The QC report of a prepared dataset: one PNG per case and one HTML summary page.
 
-* ``case_figure`` renders a case as three orthogonal slices (axial, coronal, sagittal)
-  through its label, in **radiological convention** (patient's right on the left of the
-  axial and coronal views, anterior on the left of the sagittal view), with the physical
-  aspect ratio of the voxel spacing, a display window (CT: soft tissue W400 L40; other
-  modalities: 1st-99th percentile) and the label overlaid in one fixed colour per schema
-  class.
+* ``case_figure`` renders a case as three large orthogonal slices (axial, coronal,
+  sagittal) through its label and, below them, a strip of ``STRIP_SLICES`` slices per view
+  spread over the label's extent (the middle 80% of the volume without a label), so a
+  label can be judged through its whole depth, not on one slice; all in **radiological
+  convention** (patient's right on the left of the axial and coronal views, anterior on
+  the left of the sagittal view), with the physical aspect ratio of the voxel spacing, a
+  display window (CT: soft tissue W400 L40; other modalities: 1st-99th percentile) and the
+  label overlaid in one fixed colour per schema class.
 * ``write_report`` writes ``<root>/qc/<case_id>.png`` for every case of the manifest and
   ``<root>/qc/index.html``: counts, the case table (geometry, flags, label volumes per class
   in mL, thumbnail) and the refused inputs (source hash and reason code).
@@ -46,6 +48,8 @@ OVERLAY_ALPHA = 0.4
 CT_WINDOW = (40.0, 400.0)  # level, width (HU): soft tissue
 PERCENTILES = (1.0, 99.0)  # display window of non-CT modalities
 VIEW_TITLES = ("axial (R on left)", "coronal (R on left)", "sagittal (A on left)")
+STRIP_SLICES = 7  # slices per view in the strips under the main views
+FIGURE_SIZE = (16.0, 13.0)  # inches at 100 dpi: 1600 px wide, the main views ~500 px each
 # Screen edges (left, right, top, bottom) of each view, drawn on the panels.
 _EDGES = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
 
@@ -121,13 +125,7 @@ def _slice_centre(label: np.ndarray | None, schema: LabelSchema, spacing, shape)
     """The labelled voxel nearest to the label's centre of mass (so that every view shows
     label even when the centre falls between two organs), or the volume centre."""
     if label is not None:
-        ids = [cid for cid in schema.classes.values() if cid != 0]
-        if label.dtype == np.uint8:  # a lookup table is ~10x faster than isin on a CT volume
-            lut = np.zeros(256, dtype=bool)
-            lut[ids] = True
-            fg = lut[label]
-        else:
-            fg = np.isin(label, ids)
+        fg = _foreground(label, schema)
         if fg.any():
             coords = np.nonzero(fg)
             com = [c.mean() for c in coords]
@@ -151,6 +149,52 @@ def _views(volume: np.ndarray, centre, spacing) -> list[tuple[np.ndarray, float]
     coronal = volume[:, j, :].T[::-1, ::-1]
     sagittal = volume[i, :, :].T[::-1, ::-1]
     return [(axial, sy / sx), (coronal, sz / sx), (sagittal, sz / sy)]
+
+
+def _foreground(label: np.ndarray, schema: LabelSchema) -> np.ndarray:
+    ids = [cid for cid in schema.classes.values() if cid != 0]
+    if label.dtype == np.uint8:  # a lookup table is ~10x faster than isin on a CT volume
+        lut = np.zeros(256, dtype=bool)
+        lut[ids] = True
+        return lut[label]
+    return np.isin(label, ids)
+
+
+def strip_positions(label: np.ndarray | None, schema: LabelSchema, shape, n: int = STRIP_SLICES) -> list[list[int]]:
+    """Slice indices of the axial (k), coronal (j) and sagittal (i) strips: ``n`` evenly
+    spread from the first to the last labelled slice along each view's axis, or over the
+    middle 80% of the volume when there is no (or an empty) label.
+
+    Args:
+        label: the label volume (RAS+ voxel axes) or None.
+        schema: gives the foreground class ids.
+        shape: the volume's shape (i, j, k).
+        n: slices per view (fewer when the extent is thinner).
+
+    Returns:
+        Three sorted lists of distinct indices: axial (along k), coronal (j), sagittal (i).
+    """
+    fg = _foreground(label, schema) if label is not None else None
+    out = []
+    for axis in (2, 1, 0):
+        size = int(shape[axis])
+        if fg is not None and fg.any():
+            other = tuple(a for a in range(3) if a != axis)
+            hits = np.nonzero(fg.any(axis=other))[0]
+            lo, hi = int(hits[0]), int(hits[-1])
+        else:
+            lo, hi = int(round(0.1 * (size - 1))), int(round(0.9 * (size - 1)))
+        out.append(sorted({int(v) for v in np.round(np.linspace(lo, hi, max(1, n)))}))
+    return out
+
+
+def _slice2d(volume: np.ndarray, view: int, index: int) -> np.ndarray:
+    """One display slice of a RAS+ volume, oriented as in ``_views`` (view 0 axial, 1 coronal, 2 sagittal)."""
+    if view == 0:
+        return volume[:, :, index].T[::-1, ::-1]
+    if view == 1:
+        return volume[:, index, :].T[::-1, ::-1]
+    return volume[index, :, :].T[::-1, ::-1]
 
 
 def _display_window(image: np.ndarray, modality: str) -> tuple[float, float]:
@@ -224,9 +268,12 @@ def case_figure(
     image_views = _views(image, centre, spacing)
     label_views = _views(label, centre, spacing) if label is not None else [None, None, None]
 
-    fig = Figure(figsize=(12, 5), dpi=100, facecolor="black", layout="constrained")
+    fig = Figure(figsize=FIGURE_SIZE, dpi=100, facecolor="black", layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    main_views, strips = fig.subfigures(2, 1, height_ratios=[5, 6])
+    main_views.set_facecolor("black")
+    strips.set_facecolor("black")
+    axes = main_views.subplots(1, 3)
     outline = [withStroke(linewidth=2, foreground="black")]  # edge letters readable on any grey, and colourless
     for n, (ax, (img2d, aspect), lab) in enumerate(zip(axes, image_views, label_views)):
         ax.set_facecolor("black")
@@ -245,6 +292,23 @@ def case_figure(
         ax.text(0.99, 0.5, right, ha="right", va="center", **style)
         ax.text(0.5, 0.99, top, ha="center", va="top", **style)
         ax.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
+
+    # One image per strip (slices side by side): three axes instead of 21 keep the layout fast.
+    strip_axes = strips.subplots(3, 1)
+    for view, (ax, indices) in enumerate(zip(strip_axes, strip_positions(label, schema, image.shape))):
+        tiles = [_slice2d(image, view, i).astype(np.float32) for i in indices]
+        gap = max(1, tiles[0].shape[1] // 20)
+        row = np.concatenate([np.pad(t, ((0, 0), (0, gap)), constant_values=vmin) for t in tiles], axis=1)
+        aspect = image_views[view][1]
+        ax.imshow(row, cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="antialiased")
+        if label is not None:
+            overlay = np.concatenate([np.pad(_overlay_rgba(_slice2d(label, view, i), schema), ((0, 0), (0, gap), (0, 0))) for i in indices], axis=1)
+            ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+        ax.set_axis_off()
+        width = tiles[0].shape[1] + gap
+        for n, index in enumerate(indices):
+            ax.text(n * width + 1, 1, f"{('k', 'j', 'i')[view]}={index}", color="white", fontsize=8, va="top", ha="left", path_effects=outline)
+        ax.set_title(f"{VIEW_TITLES[view]}: {len(indices)} slices across the label", color="white", fontsize=10)
 
     shape = "×".join(str(n) for n in image.shape)
     space = "×".join(_fmt(s) for s in spacing)
@@ -467,7 +531,8 @@ def _render_html(rows, refused, columns, labeled_ids, schema: LabelSchema, modal
         w("</table>\n")
 
     w("<h2>Cases</h2>\n<p>Views in radiological convention: patient's right on the left of the axial and coronal views, "
-      "anterior on the left of the sagittal view. Label volumes in mL. Overlay colours: ")
+      "anterior on the left of the sagittal view. Click a picture for its full size: the three views through the label, "
+      f"and under them {STRIP_SLICES} slices per view from the first to the last labelled slice. Label volumes in mL. Overlay colours: ")
     w(", ".join(
         f"<span class=\"swatch\" style=\"background:#{''.join(f'{round(c * 255):02x}' for c in class_colour(cid))}\"></span>{_e(name)}"
         for name, cid in sorted(schema.classes.items(), key=lambda kv: kv[1]) if cid != 0
@@ -492,7 +557,7 @@ def _render_html(rows, refused, columns, labeled_ids, schema: LabelSchema, modal
                 w("<td class=\"num\">&mdash;</td>")
         if r["png"]:
             href = _e(quote(r["png"]))
-            w(f"<td><a href=\"{href}\"><img src=\"{href}\" width=\"240\" loading=\"lazy\" alt=\"{_e(r['case_id'])}\"></a></td>")
+            w(f"<td><a href=\"{href}\"><img src=\"{href}\" width=\"480\" loading=\"lazy\" alt=\"{_e(r['case_id'])}\"></a></td>")
         else:
             detail = f" ({r['render_error']})" if r.get("render_error") else ""
             w(f"<td><code>{_e(r['render'])}</code>{_e(detail)}</td>")

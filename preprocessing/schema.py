@@ -118,8 +118,24 @@ class LabelSchema:
         return {"name": self.name, "version": self.version, "classes": dict(self.classes)}
 
 
+def builtin_schema_path(name: str) -> Path | None:
+    """``preprocessing/schemas/<name>.yaml`` when ``name`` is a built-in schema name (as
+    experiment specs name them, e.g. ``abdominal-ct``), else None."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", str(name)):
+        return None
+    path = DEFAULT_SCHEMA.parent / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
 def load_schema(path: str | os.PathLike | None = None) -> LabelSchema:
+    """Load and validate a label schema: a file, or a built-in name (``abdominal-ct``) when
+    no file of that name exists; None gives the default schema."""
     path = Path(path) if path is not None else DEFAULT_SCHEMA
+    if not path.exists() and (builtin := builtin_schema_path(str(path))) is not None:
+        path = builtin
+    elif not path.exists():
+        names = sorted(p.stem for p in DEFAULT_SCHEMA.parent.glob("*.yaml"))
+        raise SchemaError(f"{path}: no such schema file, and not a built-in schema name ({', '.join(names)})")
     raw = _read_yaml(path)
     return parse_schema(raw, str(path))
 

@@ -176,10 +176,22 @@ def _validate_registry(reg: object, where: str) -> RegistrySettings:
     return RegistrySettings(url=url.strip().rstrip("/"), token_file=token_file)
 
 
+def _where_from(p: Path) -> str:
+    """How the path was chosen, for the not-found message (staff often run from another folder)."""
+    if os.environ.get(CONFIG_ENV) and Path(os.environ[CONFIG_ENV]) == p:
+        how = f"from ${CONFIG_ENV}"
+    elif str(p) == DEFAULT_CONFIG:
+        how = "the default, in the current folder"
+    else:
+        how = "from --config"
+    return f" (looked for {p.absolute()}, {how})"
+
+
 def load(path: str | os.PathLike | None = None) -> SiteConfig:
     p = resolve_config_path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: site config not found (create one with `site-agent init`)")
+        raise ConfigError(f"{p}: site config not found{_where_from(p)}; pass the site's config with --config PATH "
+                          f"(before the command) or ${CONFIG_ENV}, or create one with `site-agent init`")  # fmt: skip
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

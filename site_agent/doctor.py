@@ -1,14 +1,15 @@
-"""Preflight checks a site runs before joining a federation."""
+"""Preflight checks a site runs before joining a federation, each failing one with a hint
+saying what to check or do."""
 
 from __future__ import annotations
 
 import shutil
-import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from preprocessing.dataset import DatasetError, load_dataset
 from site_agent import config as site_config
+from site_agent import connectivity
 from site_agent.errors import UserError
 
 MIN_FREE_GB = 5.0
@@ -16,57 +17,128 @@ MIN_FREE_GB = 5.0
 
 @dataclass
 class Check:
+    """One row of the doctor's table. ``ok`` None: not applicable now (not a failure)."""
+
     name: str
-    ok: bool
+    ok: bool | None
     detail: str
+    hint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def check_coordinator(host: str, port: int, timeout: float = 3.0) -> Check:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return Check("coordinator reachable", True, f"{host}:{port} accepts connections")
-    except OSError as exc:
-        return Check("coordinator reachable", False, f"{host}:{port}: {exc.strerror or exc}")
+def check_coordinator(host: str, port: int, timeout: float = 3.0, config_path: str = "the site config") -> list[Check]:
+    """Rows "coordinator reachable" and, when it is, "coordinator certificate" (the name
+    this site dials must be one the coordinator's TLS certificate is valid for)."""
+    pr = connectivity.probe(host, port, timeout=timeout)
+    if not pr.reachable:
+        hint = connectivity.hint_for(host, port, pr, False, connectivity.LogSummary(), config_path) or ""
+        return [Check("coordinator reachable", False, pr.detail, hint)]
+    rows = [Check("coordinator reachable", True, pr.detail)]
+    if pr.cert_matches:
+        rows.append(Check("coordinator certificate", True, f"valid for {host} ({', '.join(pr.cert_names or [])})"))
+    else:
+        rows.append(Check(
+            "coordinator certificate", False,
+            f"valid for {', '.join(pr.cert_names or []) or 'nothing readable'}, not for {host!r}",
+            connectivity.hint_for(host, port, pr, False, connectivity.LogSummary(), config_path) or "",
+        ))  # fmt: skip
+    return rows
+
+
+def _config_hint(path: str | None) -> str:
+    p = site_config.resolve_config_path(path)
+    if not p.is_file():
+        return (f"create it with `site-agent --config {p} init --site-name ... --coordinator-host ... --data-dir ... --work-dir ...`, "
+                f"or point --config / ${site_config.CONFIG_ENV} at the existing one")  # fmt: skip
+    return f"fix the key named in the detail in {p} (see the example in site_agent/config.py or the README)"
+
+
+def _node_connection(site) -> Check | None:
+    """The running node's link to the coordinator; None when it runs in a container (the
+    process is not ours to inspect) or cannot be told."""
+    from site_agent.runtime import ProcessRuntime
+
+    rt = ProcessRuntime(site)
+    st = rt.status()
+    if not st.running:
+        if site.runtime == "auto":
+            return None  # it may run in a container, which is not ours to inspect
+        return Check("node connected", None, "the node is not running (process runtime)", "start it with `site-agent start`")
+    conn = connectivity.assess(site.coordinator_host, site.coordinator_port, st.pid, rt.logs(5000),
+                               site.node_dir / "log" / "security_audit.log", str(site.path))  # fmt: skip
+    if conn.connected is None:
+        return None
+    detail = conn.evidence + (f"; last message from the coordinator {conn.last_contact}" if conn.last_contact else "")
+    return Check("node connected", conn.connected, detail, conn.hint or "")
 
 
 def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> list[Check]:
+    """Run every check; a failing check never stops the others.
+
+    Args:
+        config_path: the site config (None: $FEDIMG_SITE_CONFIG or ./site.yaml).
+        min_free_gb: free space the work folder needs.
+
+    Returns:
+        The rows, each failing one (``ok`` False) with a hint.
+    """
     from site_agent import node
 
     checks: list[Check] = []
     try:
         site = site_config.load(config_path)
     except UserError as exc:
-        return [Check("site config valid", False, str(exc))]
+        return [Check("site config valid", False, str(exc), _config_hint(config_path))]
     checks.append(Check("site config valid", True, str(site.path)))
+    cfg = str(site.path)
 
     try:
         settings = node.node_settings(site)
         checks.append(Check("node component", True, f"{settings['node_id']} in {site.node_dir}"))
-        checks.append(
-            Check(
-                "training-plan approval on",
-                settings["training_plan_approval"] and not settings["allow_default_training_plans"],
-                f"approval={settings['training_plan_approval']}, default plans={settings['allow_default_training_plans']}",
-            )
-        )
+        approval_ok = settings["training_plan_approval"] and not settings["allow_default_training_plans"]
+        checks.append(Check(
+            "training-plan approval on", approval_ok,
+            f"approval={settings['training_plan_approval']}, default plans={settings['allow_default_training_plans']}",
+            "" if approval_ok else f"rewrite the node's security settings with `site-agent --config {cfg} init ... --force` "
+            f"(the node and its data are kept); `site-agent start` forces approval on in any case",
+        ))  # fmt: skip
     except UserError as exc:
-        checks.append(Check("node component", False, str(exc)))
+        hint = f"create the node with `site-agent --config {cfg} init ... --force` (the config is rewritten)"
+        checks.append(Check("node component", False, str(exc), hint))
         settings = None
 
-    checks.append(check_coordinator(site.coordinator_host, site.coordinator_port))
+    checks.extend(check_coordinator(site.coordinator_host, site.coordinator_port, config_path=cfg))
+    if settings is not None and site.runtime != "docker":
+        row = _node_connection(site)
+        if row is not None:
+            checks.append(row)
 
     probe = site.work_dir if site.work_dir.exists() else Path(site.work_dir.anchor)
     free_gb = shutil.disk_usage(probe).free / 1e9
-    checks.append(Check("disk space", free_gb >= min_free_gb, f"{free_gb:.1f} GB free in {probe} (need {min_free_gb:g})"))
+    checks.append(Check(
+        "disk space", free_gb >= min_free_gb, f"{free_gb:.1f} GB free in {probe} (need {min_free_gb:g})",
+        "" if free_gb >= min_free_gb else f"free space under {probe} (old jobs in {site.work_dir / 'adapt'}, the volume cache in "
+        f"{site.work_dir / 'cache'} can go), or move work_dir in {cfg} to a larger disk",
+    ))  # fmt: skip
 
     if settings is not None:
         entries = node.list_datasets(site)
         if not entries:
-            checks.append(Check("datasets", False, "no dataset registered (`site-agent dataset add`)"))
+            checks.append(Check(
+                "datasets", False, "no dataset registered",
+                f"prepare one (`site-agent prepare INPUT --out {site.data_dir}/NAME ...`), then "
+                f"`site-agent dataset add {site.data_dir}/NAME --tag TAG` with the tag the researchers use",
+            ))  # fmt: skip
         for d in entries:
             try:
                 ds = load_dataset(d.path, verify_checksums=True)
                 checks.append(Check(f"dataset {d.name}", True, f"{len(ds.cases)} cases, checksums match"))
             except DatasetError as exc:
-                checks.append(Check(f"dataset {d.name}", False, str(exc)))
+                checks.append(Check(
+                    f"dataset {d.name}", False, str(exc),
+                    f"its files changed since it was registered: prepare it again (`site-agent prepare ... --out {d.path}`), "
+                    f"or unregister it with `site-agent dataset remove {d.dataset_id}`",
+                ))  # fmt: skip
     return checks

@@ -31,6 +31,9 @@ def run_cli(group: click.Group, prog_name: str) -> None:
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
+        if isinstance(exc, click.NoSuchOption) and exc.option_name == "--config" and any("--config" in p.opts for p in group.params):
+            # the most common slip: the group's option given after the command
+            click.echo(f"{prog_name}: --config belongs before the command: {prog_name} --config FILE COMMAND ...", err=True)
         sys.exit(exc.exit_code)
     except UserError as exc:
         if debug:
