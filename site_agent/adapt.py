@@ -7,12 +7,19 @@ which rebuilds the branch and refuses anything else); a target site pulls a bran
 labels, the encoders, the target branch, the reports and the models stay in the site's work
 folder. Jobs live in ``<work_dir>/adapt/<job>/`` (see pipelines/adaptation/jobs.py) and
 continue from their checkpoint when started again with the same settings.
+
+Pulls are staged (`site_agent.registry_client.StagedPulls`): they reach
+``<work_dir>/models/registry`` only when the command succeeds. A job loads executable
+artifacts (a TorchScript perceptual network) only when the site approved their sha256
+(``site-agent artifacts``; `pipelines.artifact_approval`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -70,12 +77,40 @@ def _job_dir(site: SiteConfig, job: str) -> Path:
     return site.work_dir / "adapt" / job
 
 
-def pull_factory(site: SiteConfig, ref: str):
-    """Pull (or reuse the verified cached copy of) a factory; returns (Factory, folder)."""
+def staged_pulls(site: SiteConfig):
+    """This command's registry pulls: staged under ``<work_dir>/staging`` (outside the models
+    folder), moved into ``<work_dir>/models/registry`` only if the command succeeds."""
+    from site_agent.registry_client import StagedPulls
+
+    return StagedPulls(_client(site), site.work_dir / "models" / "registry", site.work_dir / "staging")
+
+
+@contextlib.contextmanager
+def _command(site: SiteConfig):
+    """A job command: its pulls are staged, and what it loads is checked against the site's
+    artifact approvals (the same store the node uses)."""
+    from pipelines.artifact_approval import STORE_ENV, store_dir
+
+    previous = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = str(store_dir(site.work_dir))
+    try:
+        with staged_pulls(site) as pulls:
+            yield pulls
+    finally:
+        if previous is None:
+            os.environ.pop(STORE_ENV, None)
+        else:
+            os.environ[STORE_ENV] = previous
+
+
+def pull_factory(site: SiteConfig, ref: str, pulls=None):
+    """Pull (or reuse the verified cached copy of) a factory; returns (Factory, folder).
+
+    With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
     from pipelines.adaptation.factory import FactoryError, load_factory
 
     name, version = parse_ref(ref, "factory")
-    folder = _client(site).pull("factory", name, version)
+    folder = pulls.pull("factory", name, version) if pulls else _client(site).pull("factory", name, version)
     try:
         return load_factory(folder, name, folder.name), folder
     except FactoryError as exc:
@@ -107,7 +142,18 @@ def _finite(d: dict) -> dict:
 
 def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None = None,
                publish: bool = True, restart: bool = False, progress: Callable | None = None, log=print) -> dict:  # fmt: skip
-    """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``."""
+    """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``.
+
+    What it pulls reaches the site's registry folder only if it succeeds."""
+    parse_ref(branch_name, "branch")
+    parse_ref(factory_ref, "factory")
+    _settings(settings_raw)
+    with _command(site) as pulls:
+        return _run_source(pulls, site, dataset, factory_ref, branch_name, settings_raw, job, publish, restart, progress, log)
+
+
+def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None,
+                publish: bool, restart: bool, progress: Callable | None, log) -> dict:  # fmt: skip
     from pipelines.adaptation.networks import branch_files
     from pipelines.adaptation.training import train_source
     from pipelines.adaptation.volumes import labelled_slices
@@ -116,7 +162,7 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     settings = _settings(settings_raw)
-    factory, folder = pull_factory(site, factory_ref)
+    factory, folder = pull_factory(site, factory_ref, pulls)
     path = _checked_dataset(site, dataset, factory.schema)
     client_id = factory.client_id(site.site_name)
     config = {"dataset": str(path), "factory": factory.identity, "branch": branch_name, "settings": settings.to_dict(), "site_client_id": client_id}
@@ -155,12 +201,14 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
             "validation_dice": _finite(validation), "published": record["version"] if record else None}  # fmt: skip
 
 
-def pull_branch(site: SiteConfig, ref: str):
-    """Pull a published source branch; returns (branch, record meta, folder)."""
+def pull_branch(site: SiteConfig, ref: str, pulls=None):
+    """Pull a published source branch; returns (branch, record meta, folder).
+
+    With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
     from pipelines.adaptation.networks import validate_branch_files
 
     name, version = parse_ref(ref, "branch")
-    folder = _client(site).pull(BRANCH_KIND, name, version)
+    folder = pulls.pull(BRANCH_KIND, name, version) if pulls else _client(site).pull(BRANCH_KIND, name, version)
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name in ("branch.pt", "branch.json")}
     try:
         branch = validate_branch_files(files)
@@ -172,7 +220,18 @@ def pull_branch(site: SiteConfig, ref: str):
 
 def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None = None,
                restart: bool = False, progress: Callable | None = None, log=print) -> dict:  # fmt: skip
-    """Adapt to this site's domain with its few labels; no coordinator round, pulls only."""
+    """Adapt to this site's domain with its few labels; no coordinator round, pulls only.
+
+    What it pulls reaches the site's registry folder only if it succeeds."""
+    _settings(settings_raw)
+    parse_ref(factory_ref, "factory")
+    parse_ref(branch_ref, "branch")
+    with _command(site) as pulls:
+        return _run_target(pulls, site, dataset, factory_ref, branch_ref, settings_raw, job, restart, progress, log)
+
+
+def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None,
+                restart: bool, progress: Callable | None, log) -> dict:  # fmt: skip
     from pipelines.adaptation.training import train_target
     from pipelines.adaptation.volumes import labelled_slices
     from preprocessing import atomic
@@ -182,8 +241,8 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     settings = _settings(settings_raw)
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
-    factory, _ = pull_factory(site, factory_ref)
-    branch, meta, folder = pull_branch(site, branch_ref)
+    factory, _ = pull_factory(site, factory_ref, pulls)
+    branch, meta, folder = pull_branch(site, branch_ref, pulls)
     bf = branch.config()["factory"]
     if bf.get("sha256") and bf["sha256"] != factory.identity["sha256"]:
         raise UserError(
@@ -343,6 +402,11 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
             jobs.append((re.sub(r"\.nii(\.gz)?$", "", p.name), "nifti", p, modality))
         else:
             raise UserError(f"{p}: no such file or folder")
+    seen: dict[str, Any] = {}
+    for name, _, src, _ in jobs:  # one output per name: refuse before writing anything over another
+        if name in seen:
+            raise UserError(f"{seen[name]} and {src} would both write {out / name}.nii.gz; run them with separate --out folders (or rename one)")
+        seen[name] = src
     if dicom_seg and not any(k == "dicom" for _, k, _, _ in jobs):
         raise UserError("--dicom-seg needs a DICOM series folder as input")
     rows = []

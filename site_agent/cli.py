@@ -90,13 +90,51 @@ def dataset() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--tag", "tags", multiple=True, required=True, help="Tag researchers select the dataset by (repeatable).")
 @click.option("--name", default=None, help="Name shown to researchers (default: the dataset's own name).")
+@click.option("--allow-unlabelled", "--allow-unlabeled", "allow_unlabelled", is_flag=True,
+              help="Register even when some or all cases have no label (e.g. for the data factory, which trains on images only).")
+@click.option("--allow-suspect-images", is_flag=True,
+              help="Register even when cases are flagged as probably not images (looks_like_label, ct_values_not_hu; see the QC report).")
 @click.pass_context
-def dataset_add(ctx, path, tags, name) -> None:
-    """Register the prepared dataset at PATH (checked: manifest, files, checksums)."""
+def dataset_add(ctx, path, tags, name, allow_unlabelled, allow_suspect_images) -> None:
+    """Register the prepared dataset at PATH (checked: manifest, files, checksums).
+
+    Refused unless told otherwise: cases without a label (--allow-unlabelled) and cases
+    whose image QC says is probably not an image (--allow-suspect-images).
+    """
     from site_agent import node
 
-    entry = node.add_dataset(_site(ctx), path, list(tags), name=name)
+    entry = node.add_dataset(_site(ctx), path, list(tags), name=name, allow_unlabelled=allow_unlabelled, allow_suspect_images=allow_suspect_images)
     click.echo(f"registered {entry.dataset_id}: {entry.description} [tags: {', '.join(entry.tags)}]")
+
+
+@dataset.command("where")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("case_ids", nargs=-1)
+@click.option("--case-map", "case_map", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The case map, if prepare was given --case-map (default: <PATH>.case-map.json next to the dataset folder).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def dataset_where(path, case_ids, case_map, as_json) -> None:
+    """Show the source folder or file of CASE_IDS (all cases when none) of the dataset at PATH.
+
+    Reads the site-local case map `site-agent prepare` keeps next to the dataset folder
+    (never inside it, never sent anywhere).
+    """
+    from preprocessing.prepare import PrepareError, default_case_map, read_case_map
+
+    try:
+        cases = read_case_map(case_map or default_case_map(path))
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    unknown = [c for c in case_ids if c not in cases]
+    if unknown:
+        raise UserError(f"{case_map or default_case_map(path)}: no case {', '.join(unknown)} (cases: {', '.join(sorted(cases)) or 'none'})")
+    chosen = {c: cases[c] for c in (case_ids or sorted(cases))}
+    if as_json:
+        click.echo(json.dumps(chosen, indent=2))
+        return
+    for case_id, e in chosen.items():
+        what = f"DICOM series, {e.get('files')} files, SeriesInstanceUID {e.get('series_uid')}" if e.get("kind") == "dicom" else "NIfTI"
+        click.echo(f"{case_id}: {e.get('source')} ({what})" + (f"; label {e['label']}" if e.get("label") else "; no label"))
 
 
 @dataset.command("list")
@@ -172,8 +210,10 @@ class _StageProgress:
 @click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
 @click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
 @click.option("--salt-file", default=None, type=click.Path(path_type=Path), help="Secret salt for source hashes (default: <out>/.state/salt, created).")
+@click.option("--case-map", "case_map", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Site-local file mapping case ids to source folders (default: <out>.case-map.json, next to --out; never inside it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def prepare(images, out, labels, label_map, schema_path, modality, name, tolerance_mm, allow_irregular, unknown_labels, require_labels, prune, no_qc, salt_file, as_json) -> None:
+def prepare(images, out, labels, label_map, schema_path, modality, name, tolerance_mm, allow_irregular, unknown_labels, require_labels, prune, no_qc, salt_file, case_map, as_json) -> None:
     """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
 
     Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
@@ -195,13 +235,15 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
     messages: list[str] = []
     try:
         with _StageProgress() as progress:
-            result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress, log=messages.append)
+            result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress,
+                                 log=messages.append, case_map=case_map)  # fmt: skip
     except PrepareError as exc:
         raise UserError(str(exc)) from None
     refused = [o for o in result.outcomes if o.status == "refused"]
     if as_json:
         click.echo(json.dumps({
-            "dataset": str(result.root), "report": str(result.report) if result.report else None,
+            "dataset": str(result.root), "report": str(result.report) if result.report else None, "case_map": str(result.case_map),
+            "notes": result.notes,
             "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
         }, indent=2))
     else:
@@ -211,6 +253,8 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
         console.print(table)
         for note in result.grouping_notes:
             click.echo(f"grouping: {note}")
+        for note in result.notes:
+            click.echo(f"note: {note}")
         if result.skipped_files:
             codes: dict[str, int] = {}
             for _, code, _ in result.skipped_files:
@@ -220,6 +264,7 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
         click.echo(f"{ok} ok, {flagged} flagged, {unchanged} unchanged, {len(refused)} refused -> {result.root}")
         if result.report:
             click.echo(f"QC report: {result.report}")
+        click.echo(f"case map (site-local, never sent): {result.case_map}; `site-agent dataset where {result.root} CASE_ID`")
     if refused:
         click.echo(f"site-agent: {len(refused)} case(s) refused; see the reasons above", err=True)
         sys.exit(3)
@@ -263,35 +308,54 @@ def plans() -> None:
 
 
 @plans.command("list")
-@click.option("--status", type=click.Choice(["Pending", "Approved", "Rejected"]), default=None, help="Filter by status.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--status", type=click.Choice(["pending", "approved", "rejected"], case_sensitive=False), default=None,
+              help="Filter by status (any case).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (full ids, hashes, dates).")
 @click.pass_context
 def plans_list(ctx, status, as_json) -> None:
-    """List plans with their status and hash."""
-    from site_agent import node
+    """List plans: short id (any unique prefix works in show/approve/reject), name
+    (experiment/plan class), researcher, status, what changed since the last approved plan
+    of the same name, and when it arrived."""
+    from site_agent import plan_review
 
-    rows = node.list_plans(_site(ctx), status=status)
+    plans_all = plan_review.load_plans(_site(ctx))
+    wanted = plan_review.normalise_status(status)
+    rows = [p for p in plans_all if wanted is None or p.status == wanted]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([{**p.summary(), "changes": plan_review.change_summary(plans_all, p)} for p in rows], indent=2))
         return
-    table = Table("id", "name", "status", "hash (sha256 of minified source)", "registered")
-    for r in rows:
-        table.add_row(r["id"], r["name"], r["status"], r["hash"], str(r["date_registered"]))
-    console.print(table if rows else "no training plan received yet")
+    table = Table("id", "name", "researcher", "status", "changes since approved", "registered", "hash")
+    table.columns[0].no_wrap = True  # an id must never be cut: it is what staff type next
+    table.columns[0].min_width = plan_review.SHORT_ID_LEN
+    for column in (table.columns[1], table.columns[6]):
+        column.overflow = "fold"  # wrap a long name or hash in a narrow terminal rather than cut it
+    for p in rows:
+        table.add_row(p.short_id, p.name, plan_review.short_researcher(p.researcher_id), p.status,
+                      plan_review.change_summary(plans_all, p), plan_review.iso_date(p.date_registered), p.hash[:16])  # fmt: skip
+    if rows:
+        console.print(table)
+    else:
+        click.echo(f"no {wanted.lower()} training plan" if wanted else "no training plan received yet")
 
 
 @plans.command("show")
 @click.argument("plan_id")
+@click.option("--no-source", is_flag=True, help="Leave out the full source (the changes are still shown).")
 @click.pass_context
-def plans_show(ctx, plan_id) -> None:
-    """Show PLAN_ID's metadata, hash and full source code."""
-    from site_agent import node
+def plans_show(ctx, plan_id, no_source) -> None:
+    """Show PLAN_ID (a full id or a unique prefix): metadata, the changes since the last
+    approved plan of the same name (unified diff), and the full source code."""
+    from site_agent import node, plan_review
 
-    full = node.show_plan(_site(ctx), plan_id)
-    for key in ("training_plan_id", "name", "training_plan_status", "hash", "algorithm", "researcher_id", "date_registered", "notes"):
-        click.echo(f"{key}: {full.get(key, '')}")
-    click.echo("--- source ---")
-    click.echo(full.get("training_plan", ""))
+    site = _site(ctx)
+    plans_all = plan_review.load_plans(site)
+    plan = plan_review.resolve(plans_all, plan_id)
+    for line in plan_review.show_lines(plans_all, plan, with_source=not no_source):
+        click.echo(line)
+    full = node.show_plan(site, plan.id)
+    from site_agent.artifacts_cli import echo_plan_artifacts
+
+    echo_plan_artifacts(_site(ctx), full)
 
 
 @plans.command("approve")
@@ -299,11 +363,8 @@ def plans_show(ctx, plan_id) -> None:
 @click.option("--note", default=None, help="Why it was approved (kept in the node's records).")
 @click.pass_context
 def plans_approve(ctx, plan_id, note) -> None:
-    """Approve PLAN_ID: the node will run it."""
-    from site_agent import node
-
-    node.set_plan_status(_site(ctx), plan_id, approve=True, note=note)
-    click.echo(f"approved {plan_id}")
+    """Approve PLAN_ID (a full id or a unique prefix): the node will run it."""
+    _set_plan_status(ctx, plan_id, approve=True, note=note)
 
 
 @plans.command("reject")
@@ -311,11 +372,17 @@ def plans_approve(ctx, plan_id, note) -> None:
 @click.option("--note", default=None, help="Why it was rejected.")
 @click.pass_context
 def plans_reject(ctx, plan_id, note) -> None:
-    """Reject PLAN_ID: the node will refuse it."""
-    from site_agent import node
+    """Reject PLAN_ID (a full id or a unique prefix): the node will refuse it."""
+    _set_plan_status(ctx, plan_id, approve=False, note=note)
 
-    node.set_plan_status(_site(ctx), plan_id, approve=False, note=note)
-    click.echo(f"rejected {plan_id}")
+
+def _set_plan_status(ctx, plan_id: str, approve: bool, note: str | None) -> None:
+    from site_agent import node, plan_review
+
+    site = _site(ctx)
+    plan = plan_review.resolve(plan_review.load_plans(site), plan_id)
+    node.set_plan_status(site, plan.id, approve=approve, note=note)
+    click.echo(f"{'approved' if approve else 'rejected'} {plan.short_id} {plan.name} ({plan.id})")
 
 
 # -- lifecycle ---------------------------------------------------------------------------
@@ -339,6 +406,8 @@ def start(ctx, runtime, foreground) -> None:
         return
     st = get_runtime(site, runtime).start()
     click.echo(f"node {'running' if st.running else 'not running'} ({st.runtime}{f', pid {st.pid}' if st.pid else ''}): {st.detail}")
+    if st.running:
+        click.echo(f"it connects out to {site.coordinator_host}:{site.coordinator_port} within ~15 s; `site-agent status` shows whether it did")
 
 
 @cli.command()
@@ -355,17 +424,41 @@ def stop(ctx, runtime) -> None:
 @cli.command()
 @_runtime_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-connection", is_flag=True, help="Only whether the node process runs (skip the connection check).")
+@click.option("--require-connection", is_flag=True, help="Exit 4 when the node runs but is not connected to the coordinator.")
 @click.pass_context
-def status(ctx, runtime, as_json) -> None:
-    """Show whether the node runs. Exit code 0 when running, 3 when not."""
+def status(ctx, runtime, as_json, no_connection, require_connection) -> None:
+    """Show whether the node runs and whether it is connected to the coordinator (with the
+    last contact, the last connection error and a hint). Exit code 0 when running, 3 when
+    not (4 with --require-connection when running but not connected)."""
+    from site_agent.connectivity import assess
     from site_agent.runtime import get_runtime
 
-    st = get_runtime(_site(ctx), runtime).status()
+    site = _site(ctx)
+    rt = get_runtime(site, runtime)
+    st = rt.status()
+    conn = None
+    if st.running and not no_connection:
+        pid = st.pid if rt.name == "process" else None  # a container's process is not ours to inspect
+        conn = assess(site.coordinator_host, site.coordinator_port, pid, rt.logs(5000), site.node_dir / "log" / "security_audit.log", str(site.path))
     if as_json:
-        click.echo(json.dumps(st.__dict__))
+        click.echo(json.dumps({**st.__dict__, "connected": conn.connected if conn else None, "connection": conn.to_dict() if conn else None}))
     else:
         click.echo(f"{'running' if st.running else 'stopped'} ({st.runtime}): {st.detail}")
-    sys.exit(0 if st.running else 3)
+        if conn is not None:
+            state = {True: "connected", False: "NOT CONNECTED"}.get(conn.connected, "connection unknown")
+            click.echo(f"coordinator {conn.coordinator}: {state} ({conn.evidence})")
+            contact = conn.last_contact or ("none received yet" if conn.connected else "none since the node started")
+            click.echo(f"node started {conn.node_started or '?'}; last message from the coordinator: {contact}")
+            if conn.last_error:
+                click.echo(f"last connection error: {conn.last_error}")
+            if not conn.connected:
+                click.echo(f"from here: {conn.reach_detail}")
+            if conn.hint:
+                click.echo(f"hint: {conn.hint}")
+    if not st.running:
+        sys.exit(3)
+    sys.exit(4 if require_connection and not (conn and conn.connected) else 0)
 
 
 @cli.command()
@@ -382,18 +475,26 @@ def logs(ctx, runtime, lines) -> None:
 
 @cli.command()
 @click.option("--min-free-gb", default=5.0, show_default=True, help="Disk space the work dir needs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (each row with its hint).")
 @click.pass_context
-def doctor(ctx, min_free_gb) -> None:
-    """Preflight checks with a pass/fail table; exit 1 when any check fails."""
+def doctor(ctx, min_free_gb, as_json) -> None:
+    """Preflight checks with a pass/fail table and, for each failing row, what to check or
+    do; exit 1 when any check fails."""
     from site_agent.doctor import run_checks
 
     checks = run_checks(ctx.obj["config_path"], min_free_gb=min_free_gb)
+    failed = [c for c in checks if c.ok is False]
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in checks], indent=2))
+        sys.exit(1 if failed else 0)
     table = Table("check", "result", "detail")
     for c in checks:
-        table.add_row(c.name, "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+        table.add_row(c.name, {True: "[green]PASS[/green]", False: "[red]FAIL[/red]"}.get(c.ok, "SKIP"), c.detail)
     console.print(table)
-    failed = [c for c in checks if not c.ok]
-    click.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    for c in checks:
+        if c.ok is not True and c.hint:
+            click.echo(f"hint for {c.name}: {c.hint}")  # after the table: hints are sentences, too long for a cell
+    click.echo(f"{sum(1 for c in checks if c.ok)} passed, {len(failed)} failed")
     sys.exit(1 if failed else 0)
 
 
@@ -548,6 +649,11 @@ def infer(inputs, model_path, out, mode, modality, dicom_seg, as_json) -> None:
     else:
         for r in rows:
             click.echo(f"{r['label']}" + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""))
+
+
+from site_agent.artifacts_cli import artifacts as _artifacts  # noqa: E402 - the group lives in its own module
+
+cli.add_command(_artifacts)
 
 
 def main() -> None:

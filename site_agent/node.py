@@ -111,17 +111,38 @@ def list_datasets(site: SiteConfig) -> list[DatasetEntry]:
     ]
 
 
-def add_dataset(site: SiteConfig, path: str | os.PathLike, tags: list[str], name: str | None = None) -> DatasetEntry:
+def add_dataset(
+    site: SiteConfig, path: str | os.PathLike, tags: list[str], name: str | None = None,
+    allow_unlabelled: bool = False, allow_suspect_images: bool = False,
+) -> DatasetEntry:  # fmt: skip
     """Register a prepared dataset; refuse folders that are not valid prepared datasets.
 
     The description stored with the node (and shown to researchers) is built from the
     dataset's allowlisted fields only (name, case count, modality, class names).
+
+    Args:
+        site: the site.
+        path: the prepared dataset folder.
+        tags: tags researchers select it by.
+        name: name shown to researchers (default: the dataset's).
+        allow_unlabelled: register cases without a label too (refused by default: a
+            training federation would silently get fewer cases than the site meant).
+        allow_suspect_images: register cases flagged as probably not images
+            (`preprocessing.prepare.SUSPECT_IMAGE_FLAGS`; refused by default).
+
+    Returns:
+        The registered entry.
+
+    Raises:
+        UserError: the folder is not a valid prepared dataset, holds refused kinds of
+            cases, or the path or a tag is already registered.
     """
     path = Path(path).resolve()
     try:
         prepared = load_dataset(path, verify_checksums=True)
     except DatasetError as exc:
         raise UserError(f"refusing dataset: {exc}") from None
+    _check_cases(path, prepared, allow_unlabelled, allow_suspect_images)
     tags = [t.strip() for t in tags if t.strip()]
     if not tags:
         raise UserError("a dataset needs at least one tag (--tag), which researchers use to select it")
@@ -145,6 +166,34 @@ def add_dataset(site: SiteConfig, path: str | os.PathLike, tags: list[str], name
         path=str(path),
     )
     return next(d for d in list_datasets(site) if d.dataset_id == dataset_id)
+
+
+def _check_cases(path: Path, prepared, allow_unlabelled: bool, allow_suspect_images: bool) -> None:
+    """Refuse unlabelled cases and cases whose image is probably not an image, unless allowed."""
+    import json
+
+    from preprocessing.prepare import SUSPECT_IMAGE_FLAGS
+
+    def listed(ids: list[str]) -> str:
+        return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+    report = f"; see the QC report {path / 'qc' / 'index.html'}" if (path / "qc" / "index.html").is_file() else ""
+    if not allow_suspect_images:
+        flags = {c.get("case_id"): c.get("qc_flags") or [] for c in json.loads((path / "manifest.json").read_text()).get("cases", [])}
+        suspect = sorted((cid, f) for cid, fl in flags.items() for f in fl if f in SUSPECT_IMAGE_FLAGS)
+        if suspect:
+            raise UserError(
+                f"refusing dataset {path}: {len({c for c, _ in suspect})} case(s) are probably not images "
+                f"({listed([f'{c} {f}' for c, f in suspect])}: a label map or a non-HU volume taken for an image?){report}; "
+                "fix the inputs and prepare again, or register anyway with --allow-suspect-images"
+            )
+    unlabelled = [c.case_id for c in prepared.cases if c.label is None]
+    if unlabelled and not allow_unlabelled:
+        raise UserError(
+            f"refusing dataset {path}: {len(unlabelled)} of {len(prepared.cases)} case(s) have no label ({listed(unlabelled)}); "
+            "give their labels to `site-agent prepare` (--labels; --require-labels refuses images without one), "
+            "or register anyway with --allow-unlabelled (e.g. for the data factory, which trains on images only)"
+        )
 
 
 def remove_dataset(site: SiteConfig, dataset_id: str) -> None:

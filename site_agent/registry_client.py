@@ -12,6 +12,12 @@ Every file is checked against the record's SHA-256 and size, and against the ser
 files match: a version folder that exists is complete. A cached version is re-verified
 against the server's record and reused without downloading again. The token comes from
 $FEDIMG_SITE_TOKEN or the config's ``registry.token_file``, and is never printed or logged.
+
+Commands pull through `StagedPulls`: downloads land in ``<work_dir>/staging/`` (outside the
+models folder a plan can name files in) and move into the registry folder only when the
+command succeeds; a failed command leaves nothing there. Whatever is in the registry folder,
+a file whose loading runs code (TorchScript, pickles) still loads only with the site's
+approval of its sha256 (`pipelines.artifact_approval`).
 """
 
 from __future__ import annotations
@@ -249,9 +255,12 @@ class RegistryClient:
             if self.work_dir is None:
                 raise RegistryClientError("pull needs dest= (or a client made from the site config, which uses <work_dir>/models/registry)")
             dest = self.work_dir / "models" / "registry"
-        record = self.record(kind, name, version)
-        resolved = record["version"]
-        parent = Path(dest) / kind / name
+        return self._fetch(self.record(kind, name, version), Path(dest))
+
+    def _fetch(self, record: dict, dest: Path) -> Path:
+        """`record`'s files into ``<dest>/<kind>/<name>/<version>/`` (verified; reused when cached)."""
+        kind, name, resolved = record["kind"], record["name"], record["version"]
+        parent = dest / kind / name
         target = parent / resolved
         if self._cached(target, record):
             return target
@@ -364,3 +373,106 @@ class RegistryClient:
             if entry.get("sha256") != hashlib.sha256(bytes(data)).hexdigest():
                 raise RegistryClientError(f"{kind} {name} {record.get('version')}: {filename}: the registry recorded another checksum than was sent")
         return record
+
+
+STAGING_PREFIX = "pull-"
+
+
+def _pid_of(folder: Path) -> int | None:
+    try:
+        return int(folder.name[len(STAGING_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+class StagedPulls:
+    """The registry pulls of one command, kept out of the registry folder until it succeeds.
+
+    Downloads go to a folder of their own under `staging_root` (which must lie outside the
+    models folder plans can name files in); `commit` moves each verified version into
+    ``<registry_dir>/<kind>/<name>/<version>/``, `discard` deletes them. Used as a context
+    manager it commits when the block succeeds and discards when it raises::
+
+        with StagedPulls(client, work_dir / "models" / "registry", work_dir / "staging") as pulls:
+            folder = pulls.pull("factory", "abdomen-gan")
+            ...  # everything the command does with it
+
+    Args:
+        client: the `RegistryClient`.
+        registry_dir: the site's registry folder (a verified copy there is reused).
+        staging_root: where this command's downloads wait.
+    """
+
+    def __init__(self, client: RegistryClient, registry_dir: str | os.PathLike, staging_root: str | os.PathLike):
+        self.client = client
+        self.registry_dir = Path(registry_dir)
+        self.staging_root = Path(staging_root)
+        self._dir: Path | None = None
+        self._staged: list[tuple[Path, Path, dict]] = []
+
+    def _staging(self) -> Path:
+        if self._dir is None:
+            self.staging_root.mkdir(parents=True, exist_ok=True)
+            for old in self.staging_root.glob(f"{STAGING_PREFIX}*"):  # left by a command that was killed
+                pid = _pid_of(old)
+                if pid is not None and pid != os.getpid() and not _alive(pid):
+                    shutil.rmtree(old, ignore_errors=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.staging_root))
+        return self._dir
+
+    def pull(self, kind: str, name: str, version: str = "latest") -> Path:
+        """A verified folder of the version: the registry folder's copy when it still
+        verifies, else a staged download (moved into the registry folder by `commit`)."""
+        _check_kind(kind)
+        _check_name(name)
+        record = self.client.record(kind, name, version)
+        target = self.registry_dir / kind / name / record["version"]
+        if self.client._cached(target, record):
+            return target
+        folder = self.client._fetch(record, self._staging())
+        self._staged.append((folder, target, record))
+        return folder
+
+    def commit(self) -> list[Path]:
+        """Move every staged version into the registry folder; return their folders there."""
+        done = []
+        for folder, target, record in self._staged:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                if self.client._cached(target, record):  # a concurrent command put the same version there
+                    done.append(target)
+                    continue
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".stale", dir=target.parent))
+                os.rename(target, trash / target.name)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(folder, target)
+            done.append(target)
+        self._staged.clear()
+        self.discard()
+        return done
+
+    def discard(self) -> None:
+        """Delete this command's downloads that were not committed."""
+        self._staged.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "StagedPulls":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

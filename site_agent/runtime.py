@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.artifact_approval import STORE_ENV, store_dir
 from preprocessing import atomic
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
@@ -35,7 +36,8 @@ def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
 
 
 def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, str]:
-    """Environment for the node: coordinator address from the site config, security forced on.
+    """Environment for the node: coordinator address from the site config, security forced on,
+    the site's work folders (cache, models, artifact approvals).
 
     Every inherited FBM_* variable is dropped: Fed-BioMed reads FBM_<SECTION>_<KEY> over its
     config file, so a stray one could switch approval off or point the node at another database.
@@ -49,6 +51,8 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
     env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
     # pretrained encoder weights for the data factory's domain key, where the site has them
     env["FEDIMG_MODELS_DIR"] = str(site.work_dir / "models")
+    # the site's approvals of executable artifacts (TorchScript, pickles): nothing else loads
+    env[STORE_ENV] = str(store_dir(site.work_dir))
     return env
 
 

@@ -1,5 +1,6 @@
 """Local domain adaptation (pipelines/adaptation: losses, jobs, training loops, factory loading)."""
 
+import hashlib
 import json
 import math
 
@@ -106,13 +107,19 @@ def test_cycle_consistency_is_zero_for_an_identity_translation_only():
         cycle_consistency(loss, [])
 
 
-def test_perceptual_term_only_from_a_file_on_disk(tmp_path):
+def test_perceptual_term_only_from_a_file_on_disk(tmp_path, monkeypatch):
+    from pipelines.artifact_approval import STORE_ENV, ApprovalStore
+
     class L1(torch.nn.Module):
         def forward(self, x, y):
             return (x - y).abs().flatten(1).mean(1)
 
     path = tmp_path / "lpips.pt"
     torch.jit.script(L1()).save(str(path))
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "approvals"))  # TorchScript loads only with the site's approval
+    for f in (path, tmp_path / "bad.pt"):
+        ApprovalStore.from_env().decide(hashlib.sha256(f.read_bytes()).hexdigest(), True, kind="torchscript")
     x, y = torch.zeros(2, 1, 64, 64), torch.full((2, 1, 64, 64), 0.5)
     plain, with_p = ReconstructionLoss(), ReconstructionLoss(perceptual=path, perceptual_weight=2.0)
     assert float(with_p(x, y)) == pytest.approx(float(plain(x, y)) + 2.0 * 0.5, rel=1e-5)

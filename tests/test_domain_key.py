@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines.artifact_approval import STORE_ENV, ApprovalStore
 from pipelines.factory.domain_key import (
     ConcatKey,
     DomainKey,
@@ -233,10 +234,22 @@ class _TinyEncoder(torch.nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+@pytest.fixture(autouse=True)
+def _approvals(tmp_path, monkeypatch):
+    """TorchScript loads only with the site's approval: each test has its own store."""
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "approvals"))
+
+
+def _approve(path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ApprovalStore.from_env().decide(digest, True, kind="torchscript")
+    return digest
+
+
 def _save_encoder(path: Path, c_in: int = 3) -> str:
     torch.manual_seed(0)
     torch.jit.script(_TinyEncoder(c_in)).save(str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _approve(path)
 
 
 def test_torchscript_key_through_build(tmp_path):
@@ -291,6 +304,7 @@ def test_torchscript_key_errors(tmp_path, monkeypatch):
     with pytest.raises(KeyConfigError, match="dim 7"):
         TorchScriptKey(tmp_path / "tiny.pt", channels=3, dim=7)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
+    _approve(tmp_path / "junk.pt")
     with pytest.raises(KeyConfigError, match="TorchScript"):
         TorchScriptKey(tmp_path / "junk.pt")
     with pytest.raises(KeyConfigError, match="does not exist"):

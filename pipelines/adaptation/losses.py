@@ -19,7 +19,7 @@ Images are single-channel in [-1, 1], ``(B, 1, H, W)``.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -69,17 +69,21 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, eps: floa
 
 class PerceptualDistance(torch.nn.Module):
     """A perceptual distance loaded from a TorchScript file: ``module(x, y) -> (B,)`` or a
-    scalar, inputs in [-1, 1] (LPIPS's convention). The file's sha256 is recorded so a run
-    says exactly which network it used."""
+    scalar, inputs in [-1, 1] (LPIPS's convention). It loads only when the site approved the
+    file's sha256 (`pipelines.artifact_approval.ArtifactNotApproved` otherwise); the sha256
+    is recorded so a run says exactly which network it used."""
 
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: perceptual network not found")
-        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        # TorchScript runs code on load: only content the site approved (site-agent artifacts)
+        from pipelines.artifact_approval import load_approved_bytes
+
+        data, self.sha256 = load_approved_bytes(self.path, "torchscript", {"setting": "adaptation settings: perceptual"})
         try:
-            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+            self.net = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         except Exception as exc:  # a broken or non-TorchScript file
             raise ValueError(f"{self.path}: not a TorchScript perceptual network ({exc})") from None
         for p in self.net.parameters():

@@ -13,7 +13,9 @@ offline options are:
   std, a fixed random projection, L2-normalised);
 - `SoftHistogramKey`: a differentiable soft intensity histogram (Hellinger embedding);
 - `ConcatKey`: several of the above side by side (the default: random CNN + histogram);
-- `TorchScriptKey`: a real pretrained encoder, where its TorchScript file is on disk.
+- `TorchScriptKey`: a real pretrained encoder, where its TorchScript file is on disk and
+  the site approved its sha256 (`pipelines.artifact_approval`: loading TorchScript runs
+  code that can read the site's files).
 
 Raw keys of a random network are nearly identical across domains: most of the embedding is
 what all images have in common. `DomainKey` therefore subtracts a site-independent
@@ -27,6 +29,7 @@ can verify that all sites use the same one. Nothing here imports an FL engine.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from preprocessing.dataset import sha256_file
+from pipelines.artifact_approval import load_approved_bytes
 
 __all__ = [
     "ConcatKey",
@@ -242,10 +245,17 @@ class ConcatKey(KeyFunction):
 class TorchScriptKey(KeyFunction):
     """A real pretrained encoder saved as TorchScript, where its weights exist on disk.
 
-    The file's sha256 is verified when `sha256` is given. `embed` resizes (bilinear) to
-    `input_size` when given, repeats the single channel to 3 when `channels == 3`, flattens
-    the output to (B, dim) and L2-normalises it. The checksum covers the file's sha256 and
-    the configuration (not the path, which differs between sites).
+    The file is read once; its sha256 must be approved by the site (`load_approved_bytes`:
+    otherwise `ArtifactNotApproved` is raised and a pending request recorded with `origin`,
+    before any of it is deserialised) and must equal `sha256` when given. `embed` resizes
+    (bilinear) to `input_size` when given, repeats the single channel to 3 when
+    `channels == 3`, flattens the output to (B, dim) and L2-normalises it. The checksum
+    covers the file's sha256 and the configuration (not the path, which differs between
+    sites).
+
+    Raises:
+        KeyConfigError: missing or unloadable file, sha256 or dim mismatch.
+        ArtifactNotApproved: the site has not approved the file's content.
     """
 
     def __init__(
@@ -256,6 +266,8 @@ class TorchScriptKey(KeyFunction):
         dim: int | None = None,
         channels: int = 1,
         probe_size: int = 64,
+        origin: dict | None = None,
+        store=None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -265,13 +277,13 @@ class TorchScriptKey(KeyFunction):
             )
         if channels not in (1, 3):
             raise KeyConfigError(f"channels must be 1 or 3, got {channels!r}")
-        self.file_sha256 = sha256_file(self.path)
+        data, self.file_sha256 = load_approved_bytes(self.path, "torchscript", origin, store)
         if sha256 is not None and sha256.lower() != self.file_sha256:
             raise KeyConfigError(
                 f"encoder file {self.path}: sha256 mismatch: expected {sha256.lower()}, got {self.file_sha256}"
             )
-        try:
-            module = torch.jit.load(str(self.path), map_location="cpu")
+        try:  # from the approved bytes in memory, never the path again
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - any load failure is a config problem
             raise KeyConfigError(f"encoder file {self.path} is not a loadable TorchScript module: {e}") from e
         self.module = module
@@ -529,12 +541,19 @@ def validate_key_config(raw: Mapping | None, where: str = "key") -> dict:
 
 
 def build_domain_key(
-    raw: Mapping | None, image_size: int, models_dir: str | os.PathLike | None = None, where: str = "key"
+    raw: Mapping | None, image_size: int, models_dir: str | os.PathLike | None = None, where: str = "key",
+    origin: dict | None = None, store=None,
 ) -> DomainKey | None:
     """Build the domain key a configuration describes; `None` for the no-key ablation.
 
     The reference is computed at `image_size`. An encoder's file is looked up in
-    `models_dir` (default: the FEDIMG_MODELS_DIR environment variable).
+    `models_dir` (default: the FEDIMG_MODELS_DIR environment variable) and loads only when
+    the site approved its sha256 in `store` (default: $FEDIMG_ARTIFACT_STORE); `origin`
+    (plan, run, setting) is recorded with the request otherwise.
+
+    Raises:
+        KeyConfigError: an invalid configuration or encoder file.
+        ArtifactNotApproved: the encoder file's content is not approved by the site.
     """
     cfg = validate_key_config(raw, where)
     kind = cfg["kind"]
@@ -563,7 +582,8 @@ def build_domain_key(
         try:
             fn = TorchScriptKey(
                 path, sha256=cfg["sha256"], input_size=cfg["input_size"], dim=cfg["dim"],
-                channels=cfg["channels"], probe_size=image_size,
+                channels=cfg["channels"], probe_size=image_size, origin={"setting": f"{where}.file", **(origin or {})},
+                store=store,
             )
         except KeyConfigError as e:
             raise KeyConfigError(f"{where}: {e}") from e

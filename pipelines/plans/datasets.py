@@ -4,7 +4,8 @@ Each sample is one whole preprocessed volume (schema-driven MONAI chain of
 `pipelines.transforms`): training steps draw their patches from it, validation slides a
 window over all of it. The deterministic preprocessing runs once: on disk in
 ``$FEDIMG_CACHE_DIR`` (the site's work folder, set by the site agent) and in memory for the
-life of the node process.
+life of the node process. Reading failures leave as `pipelines.site_errors.SiteError`
+(their text, which names the site's files, stays in the site's log).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from fedbiomed.common.dataset import CustomDataset
 
+from pipelines.site_errors import site_boundary
 from pipelines.transforms import cached_dataset, deterministic_transforms
 from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import LabelSchema
@@ -60,6 +62,7 @@ class PreparedSegmentationDataset(CustomDataset):
     labeled_classes: list[int] = []
     modality: str = "CT"
 
+    @site_boundary("data")
     def read(self) -> None:
         if self.schema is None:
             raise DatasetSchemaError("the training plan did not set the federation schema")
@@ -102,6 +105,7 @@ class PreparedSliceDataset(CustomDataset):
     spacing = "schema"
     min_foreground: float = 0.0
 
+    @site_boundary("data")
     def read(self) -> None:
         from pipelines.factory.slices import SliceSettings, dataset_slices
 

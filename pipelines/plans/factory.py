@@ -13,6 +13,10 @@ Per round on a sampled site:
      not frozen).
   3. Mean losses, regulariser values, the key function's checksum (all sites must show
      the same) and timings are reported; Fed-BioMed sends G, D and G_ema back.
+
+A TorchScript key encoder (``plan_args.key.file``) loads only when the site approved its
+sha256 (`pipelines.artifact_approval`); failures reach the coordinator as a code and
+allowlisted fields (`pipelines.site_errors`), their text stays in the site's log.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from pipelines.factory.training import (
     reinit_key_pathway,
 )
 from pipelines.plans.datasets import PreparedSliceDataset
+from pipelines.plans.reporting import plan_origin
 from pipelines.plans.seeding import PerRoundSeed
+from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
 from preprocessing.schema import parse_schema
 
@@ -71,6 +77,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         self._state_store = SiteStateStore(root, s.run_id, type(self).__name__)
         return self._optimizer_obj
 
+    @site_boundary("data")
     def training_data(self):
         dataset = PreparedSliceDataset()
         dataset.schema = self._schema
@@ -86,7 +93,8 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
     def _site_key(self):
         """The site's domain key from all its slices (this process caches it per dataset)."""
         s = self._settings
-        domain_key = build_domain_key(s.key, s.config.resolution, models_dir=os.environ.get("FEDIMG_MODELS_DIR"))
+        domain_key = build_domain_key(s.key, s.config.resolution, models_dir=os.environ.get("FEDIMG_MODELS_DIR"),
+                                      origin=plan_origin(self, "plan_args.key.file"))  # fmt: skip
         if domain_key is None:
             return None, None
         cache_id = (self._dataset.fingerprint, domain_key.checksum())
@@ -102,6 +110,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
             store.write({"key": key, "key_checksum": domain_key.checksum(), "describe": domain_key.describe()})
         return domain_key, key
 
+    @site_boundary("training")
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
         node = self.node_id()
@@ -153,9 +162,11 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
             return False
         from fedbiomed.common.logger import logger
 
+        # Paths and exception text stay in the site's log; the coordinator gets a fixed line.
         where = self._state_store.path
         if not isinstance(state, dict) or not isinstance(state.get("round"), int) or state["round"] >= self._round_index():
-            logger.warning(f"[fedimg] {where}: not from an earlier round of this run; starting with fresh optimizer state")
+            site_logger().warning(f"{where}: not from an earlier round of this run; starting with fresh optimizer state")
+            logger.warning("[fedimg] saved site state is not from an earlier round of this run; starting with fresh optimizer state")
             return False
         updater = FactoryUpdater(self.model(), self._settings, 0)
         try:
@@ -163,7 +174,8 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
             optimizer = make_optimizer(self.model())
             optimizer.load_state_dict(state["optimizer"])  # checked on a scratch optimizer first
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            logger.warning(f"[fedimg] {where}: does not fit this model ({exc}); starting with fresh optimizer state")
+            site_logger().warning(f"{where}: does not fit this model ({exc}); starting with fresh optimizer state")
+            logger.warning("[fedimg] saved site state does not fit this model; starting with fresh optimizer state")
             return False
         self._optimizer_obj.load_state_dict(state["optimizer"])
         self._updater.load_state_dict(state["updater"])
@@ -184,6 +196,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
     def training_step(self, data, target):
         return self._updater.loss(data, target)
 
+    @site_boundary("testing")
     def testing_routine(self, metric, metric_args, history_monitor, before_train):
         """The factory has no validation split (spec test_ratio is 0)."""
         return

@@ -1,10 +1,12 @@
 """Round bookkeeping shared by the training plans: the round index within the run and
-per-round, per-site seeding (see `pipelines.site_state.round_seed`)."""
+per-round, per-site seeding (see `pipelines.site_state.round_seed`); initialisation
+failures leave as `pipelines.site_errors.SiteError` (code and allowlisted fields only)."""
 
 from __future__ import annotations
 
 import torch
 
+from pipelines.site_errors import site_boundary
 from pipelines.site_state import round_seed
 
 
@@ -14,6 +16,7 @@ class PerRoundSeed:
 
     _random_seed = None
 
+    @site_boundary("init")  # model, optimizer and settings: Fed-BioMed would send the exception text
     def post_init(self, model_args, training_args, *args, **kwargs):
         self._random_seed = training_args.get("random_seed") if hasattr(training_args, "get") else None
         return super().post_init(model_args, training_args, *args, **kwargs)

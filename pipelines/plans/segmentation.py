@@ -16,6 +16,9 @@ Per round on a site:
   3. After training: lambda, teacher checks (the teacher still equals the received
      parameters), loss parts and step timings are reported; Fed-BioMed then scores the
      local model (`testing_routine` after training) and sends the parameters.
+
+Failures reach the coordinator as a code and allowlisted fields (`pipelines.site_errors`);
+their text stays in the site's log.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.seeding import PerRoundSeed
+from pipelines.site_errors import site_boundary
 from pipelines.training import (
     OptimizerStateStore,
     PartialLabelObjective,
@@ -83,6 +87,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
         self._opt_restored = False
         return self._adamw
 
+    @site_boundary("data")
     def training_data(self):
         dataset = PreparedSegmentationDataset()
         dataset.schema = self._settings.schema
@@ -92,6 +97,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
 
     # -- training ------------------------------------------------------------------------
 
+    @site_boundary("training")
     def training_routine(self, history_monitor=None, node_args=None):
         s = self._settings
         self.reseed_for_round(self._round_index())
@@ -174,6 +180,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
 
     # -- validation ----------------------------------------------------------------------
 
+    @site_boundary("testing")
     def testing_routine(self, metric, metric_args, history_monitor, before_train):
         """Whole-volume validation of the current model on the site's validation cases."""
         if self.testing_data_loader is None:

@@ -1,0 +1,324 @@
+"""Site approval of executable artifacts: nothing beyond plain tensors loads without it.
+
+A plan's approval covers its source, not the files it is told to load. A TorchScript file
+(and any other format whose loading runs code: pickles, ``torch.load`` without
+``weights_only``) can read the site's files, so such an artifact loads only when the site
+itself has approved its sha256. The store lives in the site's work folder::
+
+    <work_dir>/artifacts/artifacts.json   {"version": 1, "artifacts": {sha256: record}}
+
+A record holds ``sha256``, ``kinds``, ``status`` (pending / approved / rejected), the
+``requests`` that asked for it (plan or job, run, path, registry entry it came from, time)
+and the ``decision`` (who, when, note). A loader meeting an artifact the site has not
+approved refuses it with `ArtifactNotApproved` and records a pending request (loads of
+approved ones are recorded too), which staff review with ``site-agent artifacts list|show|approve|reject`` and ``site-agent plans show``.
+
+The node (and every ``site-agent`` command that runs a job) finds the store through
+``$FEDIMG_ARTIFACT_STORE``, set by the site agent; without a store nothing executable
+loads. The bytes are read once, hashed and deserialised from memory, so the file checked is
+the file loaded. Standard library only: plan code imports this without the site agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from preprocessing import atomic
+
+STORE_ENV = "FEDIMG_ARTIFACT_STORE"
+STORE_FILE = "artifacts.json"
+KINDS = ("torchscript", "pickle")
+STATUSES = ("pending", "approved", "rejected")
+MAX_REQUESTS = 20  # per artifact: the newest requests are kept, the file stays small
+MAX_ARTIFACT_BYTES = 2 * 1024**3  # read into memory once; a bigger file is refused
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_ORIGIN_KEYS = ("setting", "plan_class", "plan_source_sha256", "run_id", "round", "job", "path", "registry")
+
+__all__ = [
+    "ApprovalStore",
+    "ArtifactNotApproved",
+    "ArtifactStoreError",
+    "KINDS",
+    "STORE_ENV",
+    "load_approved_bytes",
+    "registry_source",
+    "store_dir",
+]
+
+
+class ArtifactStoreError(RuntimeError):
+    """The approval store is unreadable or an argument is invalid; the message names the file."""
+
+
+class ArtifactNotApproved(PermissionError):
+    """An artifact the site has not approved (or has rejected) was about to be loaded.
+
+    Attributes: ``sha256``, ``kind``, ``status`` (``pending``, ``rejected`` or ``no_store``)
+    and ``path``; the message says how staff approve it.
+    """
+
+    code = "artifact_not_approved"
+
+    def __init__(self, sha256: str, kind: str, status: str, path: str | os.PathLike, store: Path | None):
+        self.sha256, self.kind, self.status, self.path = sha256, kind, status, str(path)
+        if status == "no_store":
+            msg = (f"{path}: {kind} artifact sha256 {sha256} cannot be loaded: no artifact approval store "
+                   f"(${STORE_ENV} is not set; the site agent sets it for the node and its jobs)")  # fmt: skip
+        elif status == "rejected":
+            msg = f"{path}: {kind} artifact sha256 {sha256} was rejected by this site ({store / STORE_FILE})"
+        else:
+            msg = (f"{path}: {kind} artifact sha256 {sha256} is not approved by this site; the request is recorded, "
+                   f"review it with `site-agent artifacts show {sha256[:12]}` and approve it with "
+                   f"`site-agent artifacts approve {sha256}`")  # fmt: skip
+        super().__init__(msg)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def store_dir(work_dir: str | os.PathLike) -> Path:
+    """Where a site keeps its approval store: ``<work_dir>/artifacts``."""
+    return Path(work_dir) / "artifacts"
+
+
+def _check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not _HEX64.match(sha256.lower()):
+        raise ArtifactStoreError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return sha256.lower()
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ArtifactStoreError(f"artifact kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def registry_source(path: str | os.PathLike) -> dict | None:
+    """The registry entry a pulled file came from (``kind``, ``name``, ``version``,
+    ``published_by``), read from the ``artifact.json`` next to it; None for other files."""
+    record_file = Path(path).parent / "artifact.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    out = {k: record.get(k) for k in ("kind", "name", "version", "published_by", "published_at") if record.get(k) is not None}
+    return {k: str(v)[:200] for k, v in out.items()} or None
+
+
+class ApprovalStore:
+    """The site's approved-artifacts store (one JSON file, written atomically under a lock).
+
+    Args:
+        root: the store's folder (created on first write), e.g. `store_dir(work_dir)`.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.path = self.root / STORE_FILE
+
+    def __repr__(self) -> str:
+        return f"ApprovalStore({str(self.root)!r})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ApprovalStore | None":
+        """The store named by ``$FEDIMG_ARTIFACT_STORE``; None when it is not set."""
+        value = (os.environ if env is None else env).get(STORE_ENV, "").strip()
+        return cls(value) if value else None
+
+    # -- file ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock across processes (the node records requests while staff decide)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"version": 1, "artifacts": {}}
+        except (OSError, ValueError) as exc:
+            raise ArtifactStoreError(f"{self.path}: unreadable approval store ({exc}); restore it from a backup or remove it "
+                                     "(every artifact is then unapproved)") from None  # fmt: skip
+        if not isinstance(doc, dict) or not isinstance(doc.get("artifacts"), dict):
+            raise ArtifactStoreError(f"{self.path}: not an approval store (no 'artifacts' mapping)")
+        return doc
+
+    def _write(self, doc: dict) -> None:
+        atomic.write_json(self.path, doc)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def records(self, status: str | None = None) -> list[dict]:
+        """Every artifact record (newest request first), optionally only those with `status`."""
+        if status is not None and status not in STATUSES:
+            raise ArtifactStoreError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        rows = [r for r in self._read()["artifacts"].values() if isinstance(r, dict)]
+        rows = [r for r in rows if status is None or r.get("status") == status]
+        return sorted(rows, key=lambda r: str(r.get("last_requested") or r.get("decision", {}).get("at") or ""), reverse=True)
+
+    def get(self, sha256: str) -> dict | None:
+        """The record of `sha256`, or None."""
+        return self._read()["artifacts"].get(_check_sha(sha256))
+
+    def resolve(self, prefix: str) -> str:
+        """The full sha256 a unique prefix (at least 6 hex digits) of a known artifact names.
+
+        Raises:
+            ArtifactStoreError: unknown, ambiguous or malformed prefix.
+        """
+        p = (prefix or "").strip().lower()
+        if _HEX64.match(p):
+            return p
+        if not re.fullmatch(r"[0-9a-f]{6,63}", p):
+            raise ArtifactStoreError(f"{prefix!r}: expected a sha256 or a prefix of at least 6 hex digits")
+        hits = [s for s in self._read()["artifacts"] if s.startswith(p)]
+        if not hits:
+            raise ArtifactStoreError(f"{prefix!r}: no artifact with this sha256 prefix in {self.path} (see `site-agent artifacts list`)")
+        if len(hits) > 1:
+            raise ArtifactStoreError(f"{prefix!r}: matches {len(hits)} artifacts ({', '.join(h[:12] for h in hits)}); give more digits")
+        return hits[0]
+
+    def status(self, sha256: str) -> str:
+        """``approved``, ``rejected``, ``pending`` or ``unknown``."""
+        record = self.get(sha256)
+        return record.get("status", "unknown") if record else "unknown"
+
+    def for_plan(self, source_sha256: str) -> list[dict]:
+        """Records requested by the plan whose shipped source has this sha256, each with only
+        that plan's requests."""
+        out = []
+        for r in self.records():
+            reqs = [q for q in r.get("requests", []) if q.get("origin", {}).get("plan_source_sha256") == source_sha256]
+            if reqs:
+                out.append({**r, "requests": reqs})
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def request(self, sha256: str, kind: str, origin: Mapping[str, Any] | None = None) -> dict:
+        """Record that something asked to load `sha256`; a new artifact becomes ``pending``.
+
+        A request equal to a recorded one (same origin) only updates its time and count."""
+        sha256, kind = _check_sha(sha256), _check_kind(kind)
+        clean = {k: origin[k] for k in _ORIGIN_KEYS if origin and origin.get(k) is not None}
+        now = _now()
+        with self._locked():
+            doc = self._read()
+            record = doc["artifacts"].setdefault(sha256, {"sha256": sha256, "kinds": [], "status": "pending", "requests": [], "first_requested": now})
+            if kind not in record["kinds"]:
+                record["kinds"].append(kind)
+            same = next((q for q in record["requests"] if q.get("origin") == clean and q.get("kind") == kind), None)
+            if same is None:
+                same = {"kind": kind, "origin": clean, "first": now, "count": 0}
+                record["requests"].append(same)
+            same["last"], same["count"] = now, int(same.get("count", 0)) + 1
+            record["requests"] = sorted(record["requests"], key=lambda q: q["last"])[-MAX_REQUESTS:]
+            record["last_requested"] = now
+            self._write(doc)
+            return record
+
+    def decide(self, sha256: str, approve: bool, note: str | None = None, by: str | None = None, kind: str | None = None) -> dict:
+        """Approve or reject `sha256` (an artifact not requested yet can be approved ahead).
+
+        Args:
+            sha256: the artifact's full sha256.
+            approve: True approves, False rejects.
+            note: why (kept in the record).
+            by: who decided (default: the user running the command).
+            kind: the artifact's kind when nothing has requested it yet.
+
+        Returns:
+            The updated record.
+        """
+        sha256 = _check_sha(sha256)
+        if kind is not None:
+            _check_kind(kind)
+        with self._locked():
+            doc = self._read()
+            record = doc["artifacts"].get(sha256)
+            if record is None:
+                record = doc["artifacts"][sha256] = {"sha256": sha256, "kinds": [], "requests": []}
+            if kind and kind not in record["kinds"]:
+                record["kinds"].append(kind)
+            record["status"] = "approved" if approve else "rejected"
+            record["decision"] = {"status": record["status"], "by": by or _user(), "at": _now(), "note": note or ""}
+            self._write(doc)
+            return record
+
+    def check(self, data: bytes, kind: str, path: str | os.PathLike, origin: Mapping[str, Any] | None = None) -> str:
+        """The sha256 of `data` when the site approved it; otherwise raise.
+
+        Every call is recorded as a request (who asked, where the file came from), so staff
+        see what each plan loaded, approved or not; a new artifact becomes pending.
+
+        Raises:
+            ArtifactNotApproved: pending or rejected.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        origin = {**(origin or {}), "path": str(path)}
+        source = registry_source(path)
+        if source:
+            origin["registry"] = source
+        try:
+            status = self.request(digest, kind, origin).get("status", "pending")
+        except OSError:  # a store the node cannot write to: the decision still counts
+            status = self.status(digest)
+        if status == "approved":
+            return digest
+        raise ArtifactNotApproved(digest, kind, "rejected" if status == "rejected" else "pending", path, self.root)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str, Any] | None = None,
+                        store: ApprovalStore | None = None) -> tuple[bytes, str]:  # fmt: skip
+    """Read `path` once and return ``(bytes, sha256)`` when the site approved that content.
+
+    Deserialise the returned bytes (e.g. ``torch.jit.load(io.BytesIO(data))``), never the
+    path again: the file checked is then the file loaded.
+
+    Args:
+        path: the artifact file.
+        kind: one of `KINDS`.
+        origin: who asks (plan class, run id, plan setting, job); recorded with a request.
+        store: the approval store; default ``$FEDIMG_ARTIFACT_STORE``.
+
+    Raises:
+        ArtifactNotApproved: not approved (a pending request is recorded), rejected, or no store.
+        OSError: the file cannot be read.
+    """
+    _check_kind(kind)
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_ARTIFACT_BYTES:
+        raise ArtifactStoreError(f"{path}: {size} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit of an executable artifact")
+    data = path.read_bytes()
+    store = store if store is not None else ApprovalStore.from_env()
+    if store is None:
+        raise ArtifactNotApproved(hashlib.sha256(data).hexdigest(), kind, "no_store", path, None)
+    return data, store.check(data, kind, path, origin)

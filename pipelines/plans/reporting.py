@@ -1,0 +1,40 @@
+"""What a plan running at a site tells the outside, and how it names itself to the site.
+
+Failures leave a plan as `pipelines.site_errors.SiteError` (a code and allowlisted fields;
+the full text stays in the site's log): the plans decorate their entry points (init in
+`pipelines.plans.seeding`, data, training, testing) with `site_boundary`.
+
+- `plan_origin`: who asks when a plan wants to load an artifact (plan class, sha256 of the
+  source the node received, run, round), recorded in the site's approval store so that
+  ``site-agent plans show`` lists what each plan asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+
+def plan_source_sha256(plan) -> str | None:
+    """sha256 of the source file the node wrote for this plan (the shipped source), or None."""
+    module = sys.modules.get(type(plan).__module__)
+    file = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else None
+    except OSError:
+        return None
+
+
+def plan_origin(plan, setting: str | None = None) -> dict:
+    """The origin recorded with an artifact request made by `plan`."""
+    settings = getattr(plan, "_settings", None)
+    origin = {"plan_class": type(plan).__name__, "plan_source_sha256": plan_source_sha256(plan),
+              "run_id": getattr(settings, "run_id", None)}  # fmt: skip
+    try:
+        origin["round"] = int(plan.round() or 0) + 1
+    except Exception:  # noqa: BLE001 - outside a node round there is no round number
+        pass
+    if setting:
+        origin["setting"] = setting
+    return {k: v for k, v in origin.items() if v is not None}

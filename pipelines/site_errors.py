@@ -1,0 +1,143 @@
+"""Errors a site reports to the coordinator: an error code and allowlisted fields only.
+
+Fed-BioMed sends a failed plan's exception text to the researcher (``repr(exc)`` in the
+round's reply and in the log records it forwards). Exception text can hold anything the
+site read, so the training plans wrap their entry points with `site_boundary`: a failure
+is logged in full to the site's own log (the node's stderr, i.e. ``<work_dir>/node.log``;
+never through Fed-BioMed's forwarding logger) under an incident id, and re-raised as a
+`SiteError` whose text is built from a fixed code and fields that each pass a format check::
+
+    fedimg site error artifact_not_approved [stage=training kind=torchscript sha256=0f3c...
+    incident=5d2e81aa]: details are in the site's log (site-agent logs)
+
+Standard library only (plans import it without the site agent).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import secrets
+import sys
+from typing import Any, Callable
+
+# The only text that leaves a site in an error: these codes, and these fields if they match.
+CODES = {
+    "artifact_not_approved": "the site refused an executable artifact it has not approved (its staff review it with `site-agent artifacts show SHA`)",
+    "key_config": "the data-factory key configuration cannot be used at this site",
+    "dataset": "the site's dataset does not fit the experiment",
+    "out_of_memory": "the site ran out of memory",
+    "site_error": "the plan failed at the site",
+}
+FIELDS = {
+    "stage": re.compile(r"^(init|data|training|testing)$"),
+    "kind": re.compile(r"^(torchscript|pickle)$"),
+    "status": re.compile(r"^(pending|rejected|no_store)$"),
+    "sha256": re.compile(r"^[0-9a-f]{64}$"),
+    "incident": re.compile(r"^[0-9a-f]{8}$"),
+}
+_PREFIX = "fedimg site error"
+
+_log = logging.getLogger("fedimg.site")
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (the node's log file; replaced under test capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def site_logger() -> logging.Logger:
+    """The site-local logger: to stderr (the node's log file), never to Fed-BioMed's handlers."""
+    if not _log.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s fedimg.site %(levelname)s - %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.INFO)
+        _log.propagate = False  # Fed-BioMed's remote handler sits on its own logger; keep it that way
+    return _log
+
+
+class SiteError(RuntimeError):
+    """What a site may report about a failure: `code` and allowlisted, format-checked `fields`.
+
+    Args:
+        code: one of `CODES` (anything else becomes ``site_error``).
+        **fields: candidate fields; those not in `FIELDS`, or not matching its pattern, are dropped.
+    """
+
+    def __init__(self, code: str, **fields: Any):
+        self.code = code if code in CODES else "site_error"
+        self.fields = {k: str(v) for k, v in fields.items() if k in FIELDS and FIELDS[k].match(str(v))}
+        detail = " ".join(f"{k}={v}" for k, v in self.fields.items())
+        super().__init__(f"{_PREFIX} {self.code} [{detail}]: {CODES[self.code]}; details are in the site's log (site-agent logs)")
+
+
+def _classify(exc: BaseException) -> tuple[str, dict]:
+    """Error code and candidate fields for an exception, by its type (never its text)."""
+    from pipelines.artifact_approval import ArtifactNotApproved
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the refusal may arrive wrapped by another error
+        seen.add(id(e))
+        if isinstance(e, ArtifactNotApproved):
+            return "artifact_not_approved", {"kind": e.kind, "sha256": e.sha256, "status": e.status}
+        e = e.__cause__ or e.__context__
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "KeyConfigError" in names:
+        return "key_config", {}
+    if names & {"DatasetError", "DatasetSchemaError"}:
+        return "dataset", {}
+    if isinstance(exc, MemoryError):
+        return "out_of_memory", {}
+    return "site_error", {}
+
+
+def sanitize(exc: BaseException, stage: str) -> SiteError:
+    """Log `exc` in full to the site's log and return the `SiteError` to raise instead."""
+    if isinstance(exc, SiteError):
+        return exc
+    incident = secrets.token_hex(4)
+    code, fields = _classify(exc)
+    site_logger().error("incident %s (%s, stage %s): the plan failed; this text stays at the site", incident, code, stage,
+                        exc_info=(type(exc), exc, exc.__traceback__))  # fmt: skip
+    return SiteError(code, stage=stage, incident=incident, **fields)
+
+
+def _researcher_process() -> bool:
+    """The coordinator also runs a plan's `post_init` (Fed-BioMed's researcher side): there
+    the researcher's own error text is theirs to see. Anywhere else (a node, a test) errors
+    are sanitised."""
+    return "fedbiomed.researcher" in sys.modules and "fedbiomed.node" not in sys.modules
+
+
+def site_boundary(stage: str) -> Callable:
+    """Decorate an entry point Fed-BioMed calls: any exception leaves it as a `SiteError`.
+
+    Args:
+        stage: ``init``, ``data``, ``training`` or ``testing`` (reported with the error).
+    """
+    if not FIELDS["stage"].match(stage):
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
+                if _researcher_process():
+                    raise
+                raise sanitize(exc, stage) from None
+
+        return inner
+
+    return wrap
