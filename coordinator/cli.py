@@ -56,11 +56,39 @@ def cli() -> None:
     """Coordinate a fedimg federation: run experiment specs on Fed-BioMed, keep their results."""
 
 
+def _load_spec(spec_file) -> spec_mod.Spec:
+    """Load and validate a spec file (every problem at once); print its warnings."""
+    s = spec_mod.load(spec_file)
+    for warning in s.warnings:
+        click.echo(f"warning: {warning}")
+    return s
+
+
+def _require_home(home) -> Path:
+    """The coordinator home, or a UserError saying where it was looked for and how to get one."""
+    path = Path(home)
+    if not path.is_dir():
+        raise UserError(
+            f"coordinator home {home} does not exist (looked in {path.resolve()}): pass --home DIR or set {HOME_ENV}; "
+            "`coordinator run` and `coordinator serve` create one, `coordinator testbed` uses <workdir>/coordinator "
+            "(e.g. --home .testbed/<time>/coordinator)"
+        )
+    return path
+
+
+def _find_run(home, run_id: str) -> Path:
+    """A run by directory, id or id prefix; the home must exist unless a directory is given."""
+    return runs.find_run(Path(home) if Path(run_id).is_dir() else _require_home(home), run_id)
+
+
 @cli.command()
 @click.argument("spec_file", type=click.Path())
 def validate(spec_file) -> None:
-    """Check SPEC_FILE and print what it will run."""
-    s = spec_mod.load(spec_file)
+    """Check SPEC_FILE and print what it will run.
+
+    Lists every problem at once (file, key, what is allowed) and warns about legal but
+    risky values (no validation split, very few updates, an unusual learning rate)."""
+    s = _load_spec(spec_file)
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
     click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
 
@@ -154,7 +182,7 @@ def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, re
 @_with(grpc_options)
 def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
     """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
-    s = spec_mod.load(spec_file)
+    s = _load_spec(spec_file)
     text = Path(spec_file).read_text(encoding="utf-8")
     _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name, resolved=s.resolved_raw()))
 
@@ -172,7 +200,7 @@ def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
         reply = call(url, "POST", f"/runs/{run_id}/resume", client_token(Path(home), token))
         click.echo(f"re-queued {reply['run_id']}")
         return
-    run_dir = runs.find_run(Path(home), run_id)
+    run_dir = _find_run(home, run_id)
     state = runs.read_state(run_dir)
     if state["status"] == "done":
         raise UserError(f"run {run_dir.name} is already done")
@@ -205,7 +233,7 @@ def submit(spec_file, home, url, token) -> None:
     """Submit SPEC_FILE to a running `coordinator serve`."""
     from coordinator.client import call
 
-    s = spec_mod.load(spec_file)  # fail here, with the file name, before anything is sent
+    s = _load_spec(spec_file)  # fail here, with the file name, before anything is sent
     body = Path(spec_file).read_bytes()
     if s.resolved_raw() != s.raw:  # a schema file on this machine: send its content along
         import yaml
@@ -227,6 +255,7 @@ def status(home, url, token, as_json) -> None:
 
         rows = call(url, "GET", "/runs", client_token(Path(home), token))["runs"]
     else:
+        _require_home(home)
         runs.recover_stale(Path(home))  # runs whose process died show as interrupted, not running
         rows = runs.list_runs(Path(home))
     if as_json:
@@ -244,7 +273,7 @@ def status(home, url, token, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 def results(run_id, home, as_json) -> None:
     """Per-round metrics of RUN_ID (id, id prefix or run directory)."""
-    run_dir = runs.find_run(Path(home), run_id)
+    run_dir = _find_run(home, run_id)
     if as_json:
         click.echo(json.dumps({**runs.summary(run_dir), "metrics": runs.read_metrics(run_dir)}, indent=2, default=str))
     else:
@@ -340,18 +369,39 @@ def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
 
     from coordinator.evaluate import evaluate_run
 
-    run_dir = runs.find_run(Path(home), run_id)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("evaluating", total=None)
+    run_dir = _find_run(home, run_id)
+    say = lambda m: click.echo(f"[{time.strftime('%H:%M:%S')}] {m}", err=True)  # noqa: E731
+    if not sys.stderr.isatty():  # a log file or a pipe: plain progress lines, at most every PROGRESS_EVERY_S
+        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=_plain_progress(say), log=say)
+    else:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("evaluating", total=None)
 
-        def progress(model, done, total):
-            bar.update(task, description=f"evaluating {model}", completed=done, total=total)
+            def progress(model, done, total):
+                bar.update(task, description=f"{model}" if model == "preprocessing" else f"scoring {model}", completed=done, total=total)
 
-        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress, log=lambda m: click.echo(m, err=True))
+            record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress, log=lambda m: bar.console.print(m, markup=False, highlight=False))
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
     _print_evaluation(record)
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+def _plain_progress(say, every_s: float = PROGRESS_EVERY_S):
+    """A progress callback printing plain lines: the first call, then at most every `every_s`
+    seconds, and each step's last case."""
+    last = {"at": None}
+
+    def progress(step: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if last["at"] is None or done == total or now - last["at"] >= every_s:
+            last["at"] = now
+            say(f"{step}: {done}/{total} cases" if step == "preprocessing" else f"scoring {step}: {done}/{total} cases")
+
+    return progress
 
 
 def _print_evaluation(record: dict) -> None:
@@ -373,7 +423,7 @@ def report(run_id, home) -> None:
     from coordinator import factory
     from coordinator.report import write_report
 
-    run_dir = runs.find_run(Path(home), run_id)
+    run_dir = _find_run(home, run_id)
     factory_run = runs.read_metrics(run_dir).get("plan") == "data_factory"
     path = (factory.write_report if factory_run else write_report)(run_dir, log=_log)
     click.echo(f"report: {path}")
@@ -402,7 +452,7 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
 
     text = None
     if spec_file:
-        spec_mod.load(spec_file)
+        spec_mod.load(spec_file)  # its warnings are printed by the run itself
         text = Path(spec_file).read_text(encoding="utf-8")
     wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
     phase_list = [p.strip() for p in phases.split(",") if p.strip()]

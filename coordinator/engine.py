@@ -221,9 +221,7 @@ class Federation:
     def run(self, run_dir: Path, spec: Spec, resume: bool = False) -> dict:
         """Run (or resume) the spec in `run_dir`; return the final metrics dict."""
         run_dir = Path(run_dir).resolve()
-        file_handler = logging.FileHandler(run_dir / "run.log")
-        file_handler.setLevel(logging.INFO)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        file_handler = runs.run_log_handler(run_dir)  # plain text: our lines, warnings and errors
         self._fbm_logger.addHandler(file_handler)
         console_log = self.log
 

@@ -74,7 +74,22 @@ def evaluate_run(
     log: Callable[[str], None] = print,
     progress: Callable | None = None,
 ) -> dict:
-    """Score the run's models on `dataset`; write and return the evaluation record."""
+    """Score the run's models on `dataset`; write and return the evaluation record.
+
+    Args:
+        run_dir: the run's directory.
+        dataset: a prepared dataset (site-agent prepare) that took no part in training.
+        merge_lesions: auto, yes or no (see the module docstring).
+        log: receives a line per stage (preprocessing, each model).
+        progress: called as progress(step, done, total) per case; step is "preprocessing"
+            or the model's key.
+
+    Returns:
+        The evaluation record (also written to ``<run>/evaluations/<dataset>.json``).
+
+    Raises:
+        UserError: a dataset or run that cannot be scored.
+    """
     from pipelines.networks import build_network
     from pipelines.training import class_means, evaluate_case
     from pipelines.transforms import deterministic_transforms
@@ -119,10 +134,13 @@ def evaluate_run(
     cases = [c for c in prepared.cases if c.label is not None]
     if not cases:
         raise UserError(f"{dataset}: no labelled cases to score")
+    log(f"{prepared.name}: preprocessing {len(cases)} labelled cases on the run's grid, then scoring {len(models)} model(s)")
     volumes = []
-    for c in cases:
+    for i, c in enumerate(cases):
         out = chain({"image": str(c.image), "label": str(c.label)})
         volumes.append((torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"])))
+        if progress:
+            progress("preprocessing", i + 1, len(cases))
 
     record = {
         "dataset": prepared.name,
@@ -134,7 +152,8 @@ def evaluate_run(
         "models": {},
     }
     net = build_network(out_channels=schema.num_classes, **settings.network)
-    for key, (label, path) in models.items():
+    for n, (key, (label, path)) in enumerate(models.items(), 1):
+        log(f"model {n}/{len(models)}: {label}")
         state = torch.load(path, map_location="cpu")
         net.load_state_dict(state)
         per_case = []

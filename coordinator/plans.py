@@ -4,13 +4,15 @@ Values are import paths, resolved lazily (importing a plan imports Fed-BioMed).
 
 Segmentation plans take the federation label schema from ``plan_args.schema``: a built-in
 name (``abdominal-ct``: preprocessing/schemas/<name>.yaml), a path to a schema file
-(relative to the spec file), or the schema itself as a mapping. The coordinator embeds the
+(relative to the spec file; only for a spec file read on this machine, never for a spec
+submitted to the service), or the schema itself as a mapping. The coordinator embeds the
 schema's content in the model arguments it sends (``schema_definition``), so every site
 uses exactly the researcher's class ids, groups, spacing and intensity rules.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from importlib import resources
 from pathlib import Path
@@ -45,22 +47,41 @@ def builtin_schemas() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def resolve_schema(value: Any, base_dir: Path | None) -> tuple[dict, str]:
-    """(raw schema mapping, where it came from) for ``plan_args.schema``."""
+def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) -> tuple[dict, str]:
+    """(raw schema mapping, where it came from) for ``plan_args.schema``.
+
+    Args:
+        value: a built-in schema name, a schema file path or the schema mapping itself.
+        base_dir: folder relative paths are resolved against (None: the working directory).
+        allow_files: False for a spec that came over the network: only built-in names and
+            inline mappings, so a submitted spec cannot make the coordinator read (and
+            quote back) a file of its own.
+
+    Raises:
+        PlanArgsError: key ``schema``, naming the problem.
+    """
     from preprocessing.schema import SchemaError, parse_schema
 
     if isinstance(value, dict):
         raw, source = value, "plan_args.schema (inline)"
     elif isinstance(value, str) and value:
+        shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
         if value in builtin_schemas():
             path = Path(str(resources.files("preprocessing").joinpath("schemas", f"{value}.yaml")))
+        elif not allow_files:
+            raise PlanArgsError(
+                "schema",
+                f"{shown} is neither a built-in schema ({', '.join(builtin_schemas())}) nor an inline schema mapping; "
+                "a submitted spec cannot name files: put the schema in the spec "
+                "(`coordinator submit FILE` does that for a schema file next to FILE)",
+            )
         else:
             path = Path(value).expanduser()
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
             if not path.is_file():
                 raise PlanArgsError(
-                    "schema", f"{value!r} is neither a built-in schema ({', '.join(builtin_schemas())}) nor a schema file"
+                    "schema", f"{shown} is neither a built-in schema ({', '.join(builtin_schemas())}) nor a schema file"
                 )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -78,32 +99,72 @@ def resolve_schema(value: Any, base_dir: Path | None) -> tuple[dict, str]:
     return raw, source
 
 
-def model_args_for(name: str, args: dict, base_dir: Path | None = None) -> dict:
+def model_args_for(name: str, args: dict, base_dir: Path | None = None, allow_files: bool = True) -> dict:
     """The model arguments sent to the sites, checked before anything is sent.
 
-    Raises PlanArgsError(key, problem) naming the plan_args key."""
-    if name not in SEGMENTATION_PLANS + FACTORY_PLANS:
-        return dict(args)
-    from pipelines.factory.training import parse_factory_args
-    from pipelines.training import parse_plan_args
-    from preprocessing.schema import parse_schema
+    Raises PlanArgsError(key, problem) naming the plan_args key (the first problem found)."""
+    out, problems = check_plan_args(name, args, base_dir, allow_files)
+    if problems:
+        raise problems[0]
+    return out
 
+
+def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_files: bool = True) -> tuple[dict, list[PlanArgsError]]:
+    """Check ``plan_args`` of plan ``name`` and build the model arguments sent to the sites.
+
+    The schema and every unknown key are reported together; the plan's own parser (which
+    stops at its first problem) runs once those are fine. Segmentation and factory plans
+    import torch and MONAI here (their network checks use MONAI's constructors); other
+    checks of a spec do not need them.
+
+    Args:
+        name: a plan of PLANS.
+        args: the spec's plan_args mapping (not modified).
+        base_dir: folder schema file paths are relative to.
+        allow_files: whether plan_args.schema may name a file (see resolve_schema).
+
+    Returns:
+        (model_args, problems): model_args is {} when there are problems.
+    """
+    if name not in SEGMENTATION_PLANS + FACTORY_PLANS:
+        return dict(args), []
+    problems: list[PlanArgsError] = []
     if "schema_definition" in args:
-        raise PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema")
+        problems.append(PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema"))
     for key in FILLED_ARGS:
         if key in args:
-            raise PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps), the run and the sites")
-    raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir)
-    schema = parse_schema(raw, source)
+            problems.append(PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps), the run and the sites"))
+    raw = None
+    try:
+        raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir, allow_files)
+    except PlanArgsError as exc:
+        problems.append(exc)
+    if name in FACTORY_PLANS:
+        from pipelines.factory.training import FACTORY_ARG_KEYS as allowed
+    else:
+        from pipelines.training import PLAN_ARG_KEYS as allowed
+    special = {"schema_definition", "num_classes", *FILLED_ARGS}  # the plan's parser explains these itself
+    for key in args:
+        if key not in allowed and key not in special:
+            close = difflib.get_close_matches(str(key)[:100], [k for k in allowed if k not in special], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(k for k in allowed if k not in special)})"
+            problems.append(PlanArgsError(str(key), f"unknown key{hint}"))
+    if problems:
+        return {}, problems
     out = {k: v for k, v in args.items() if k != "schema"}
     try:
         if name in FACTORY_PLANS:
+            from pipelines.factory.training import parse_factory_args
+
             parse_factory_args(out)
         else:
-            parse_plan_args(out, schema)
+            from pipelines.training import parse_plan_args
+            from preprocessing.schema import parse_schema
+
+            parse_plan_args(out, parse_schema(raw, source))
     except ValueError as exc:
         msg = str(exc)
         key, _, problem = msg.partition(": ")
-        raise PlanArgsError(key.removeprefix("plan_args."), problem or msg) from None
+        return {}, [PlanArgsError(key.removeprefix("plan_args."), problem or msg)]
     out["schema_definition"] = raw
-    return out
+    return out, []

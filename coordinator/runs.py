@@ -7,12 +7,14 @@
         metrics.json           per-round metrics (sites, samples, losses, validation, update norm)
         checkpoints/           aggregated global parameters per round (torch state dicts)
         breakpoint_NNNN/       Fed-BioMed breakpoints (`coordinator resume` continues from the last)
-        run.log                the run's log
+        run.log                the run's log: plain text, our own lines plus the warnings and
+                               errors of Fed-BioMed and the sites (see RunLogFilter)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -170,3 +172,93 @@ def recover_stale(home: Path) -> list[str]:
                 mark(Path(info["run_dir"]), "interrupted", error="the coordinator stopped during the run")
                 stale.append(info["run_id"])
     return stale
+
+
+# -- run.log ---------------------------------------------------------------------------------
+
+OWN_PREFIX = "[fedimg]"  # what the coordinator itself logs into run.log
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+# A site's log line as Fed-BioMed's researcher relays it (Requests._log_message): the site's
+# level, node id and message, bold-faced and spread over lines with tabs, then a dashed rule.
+_RELAYED = re.compile(r"^\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*\n\s*NODE\s+(\S+)\s*\n\s*MESSAGE:\s?(.*?)\s*(?:-{13,})?\s*$", re.S)
+_KEPT_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+# Fed-BioMed INFO lines worth keeping: a few per round, saying who took part and what was saved.
+_KEPT_INFO = ("Sampled nodes in round", "Nodes that successfully reply in round", "breakpoint number",
+              "Training plan has been approved by the node")  # fmt: skip
+
+
+def plain_text(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, bold)."""
+    return _ANSI.sub("", text)
+
+
+def _run_log_line(record: logging.LogRecord, keep_info: bool) -> str | None:
+    """The run.log text of a log record, or None to leave it out."""
+    msg = plain_text(record.getMessage())
+    if msg.startswith(OWN_PREFIX):
+        return msg
+    relayed = _RELAYED.match(msg)
+    if relayed:
+        level, node, text = relayed.groups()
+        if level not in _KEPT_LEVELS and not keep_info:
+            return None
+        return f"site {node}: {level}: " + "\n    ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    if record.levelno < logging.WARNING and not keep_info and not msg.startswith(_KEPT_INFO):
+        return None  # Fed-BioMed's per-iteration progress and request chatter
+    lines = [line.strip() for line in msg.splitlines() if line.strip(" \t-")]
+    return " ".join(lines)
+
+
+class RunLogFilter(logging.Filter):
+    """What run.log keeps: the coordinator's own lines ("[fedimg] ..."), and the warnings and
+    errors of Fed-BioMed and of the sites. Fed-BioMed's INFO records (each site's per-iteration
+    progress relayed to the researcher, request bookkeeping: thousands of lines for a tiny
+    run) are left out unless ``keep_info`` (env FEDIMG_RUN_LOG=all), and a Fed-BioMed line
+    repeated within ``repeat_s`` seconds (its approval poll warns every second per site) is
+    written once."""
+
+    def __init__(self, keep_info: bool = False, repeat_s: float = 60.0):
+        super().__init__()
+        self.keep_info = keep_info
+        self.repeat_s = repeat_s
+        self._last_written: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = _run_log_line(record, self.keep_info)
+        if line is None:
+            return False
+        if line.startswith(OWN_PREFIX):
+            return True
+        last = self._last_written.get(line)
+        if last is not None and record.created - last < self.repeat_s:
+            return False
+        if len(self._last_written) > 1000:  # bounded memory over a long run
+            self._last_written.clear()
+        self._last_written[line] = record.created
+        return True
+
+
+class RunLogFormatter(logging.Formatter):
+    """Plain text: time, level, the record's message without colour codes, one line per
+    record (continuation lines of a site's message indented)."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = _run_log_line(record, True)
+        copy = logging.makeLogRecord({**record.__dict__, "msg": line if line is not None else "", "args": None, "exc_info": None, "exc_text": None})
+        text = super().format(copy)
+        if record.exc_info:  # a traceback logged with the record: kept, as plain text
+            text += "\n" + plain_text(self.formatException(record.exc_info))
+        return text
+
+
+def run_log_handler(run_dir: Path) -> logging.Handler:
+    """The handler that appends to ``<run_dir>/run.log`` (plain text, filtered as RunLogFilter)."""
+    keep_info = os.environ.get("FEDIMG_RUN_LOG", "").lower() == "all"
+    handler = logging.FileHandler(Path(run_dir) / "run.log", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.addFilter(RunLogFilter(keep_info))
+    handler.setFormatter(RunLogFormatter())
+    return handler

@@ -18,6 +18,12 @@ Example::
     clients_per_round: null # sites sampled per round (seeded, logged); null = all (data_factory default: 2)
     plan_args: {schema: abdominal-ct, network: {name: mednext, size: tiny}, roi_size: [32, 32, 32]}
     approval: {request: true, wait_s: 0}
+
+Validation reports every problem at once (file, key path, problem, what is allowed) and
+lists legal but risky values as ``Spec.warnings``. A spec is at most MAX_SPEC_BYTES, its YAML
+aliases may expand to MAX_YAML_NODES values, and messages quote at most a few dozen
+characters of a value. A spec parsed without ``base_dir`` (one submitted over the network)
+may name only built-in schemas or carry one inline, never a file.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, PlanArgsError, model_args_for
+from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, check_plan_args
 from site_agent.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,7 +47,11 @@ SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "b
 
 
 class SpecError(UserError):
-    pass
+    """A spec that does not validate; ``problems`` holds every (key path, problem) found."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Spec:
     request_approval: bool = True
     approval_wait_s: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
     def training_args(self) -> dict[str, Any]:
         """Fed-BioMed training_args (its schema is fixed; extra values travel in model_args)."""
@@ -116,161 +127,332 @@ _TOP_KEYS = {
     "name", "plan", "mode", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
     "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval", "clients_per_round",
 }
+# A spec is a few hundred bytes (a few kB with an inline schema). The limits bound what a
+# submitted spec can cost the process hosting the federation: its size, how far YAML aliases
+# may expand it, and how much of it an error message repeats.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_YAML_NODES = 20_000  # after alias expansion
+MAX_YAML_DEPTH = 32  # nested mappings/lists (a spec needs 4-5)
+MAX_LISTED = 20  # problems listed in one error
+_SHOWN_CHARS = 60  # of a bad value quoted in a message
+_PROBLEM_CHARS = 300
 
 
-def _fail(where: str, key: str, problem: str) -> None:
-    raise SpecError(f"{where}: {key}: {problem}")
+def _short(value: Any) -> str:
+    """repr of a value from the spec, cut so an error never repeats the input whole."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
-def _pos_int(where, raw, key, default=None, minimum=1):
-    value = raw.get(key, default)
+class _Problems:
+    """Every problem found in one spec (validation goes on after the first)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, key: str, problem: str) -> None:
+        problem = " ".join(str(problem).split())
+        if len(problem) > _PROBLEM_CHARS:
+            problem = problem[: _PROBLEM_CHARS - 3] + "..."
+        self.items.append((key if isinstance(key, str) and len(key) <= _SHOWN_CHARS else _short(key), problem))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        lines = [f"{self.where}: {key}: {problem}" for key, problem in self.items[:MAX_LISTED]]
+        if len(self.items) > MAX_LISTED:
+            lines.append(f"{self.where}: ... and {len(self.items) - MAX_LISTED} more")
+        message = lines[0] if len(self.items) == 1 else f"{self.where}: {len(self.items)} problems:\n  " + "\n  ".join(lines)
+        raise SpecError(message, self.items)
+
+
+def _pos_int(p: _Problems, mapping: dict, key: str, default=None, minimum=1, path: str | None = None):
+    value = mapping.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(where, key, f"must be an integer >= {minimum} (got {value!r})")
+        p.add(path or key, f"must be an integer >= {minimum} (got {_short(value)})")
+        return None
     return value
 
 
-def _number(where, raw, key, default=None, lo=None, hi=None, allow_none=False):
-    value = raw.get(key, default)
+def _number(p: _Problems, mapping: dict, key: str, default=None, lo=None, hi=None, allow_none=False, path: str | None = None):
+    value = mapping.get(key, default)
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(where, key, f"must be a number (got {value!r})")
+        p.add(path or key, f"must be a number (got {_short(value)})")
+        return None
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        _fail(where, key, f"must be in [{lo}, {hi}] (got {value!r})")
+        p.add(path or key, f"must be in [{lo}, {hi}] (got {_short(value)})")
+        return None
     return float(value)
 
 
-def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a mapping at the top level")
-    for key in raw:
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(_TOP_KEYS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(_TOP_KEYS))}"
-            _fail(where, str(key), f"unknown key{hint}")
-    for key in ("name", "plan", "sites", "rounds"):
-        if key not in raw:
-            _fail(where, key, "required")
-    name = raw["name"]
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        _fail(where, "name", f"must be 1-64 of letters, digits, _ . - (got {name!r})")
-    plan = raw["plan"]
-    if plan not in PLANS:
-        close = difflib.get_close_matches(str(plan), sorted(PLANS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        _fail(where, "plan", f"unknown plan {plan!r}{hint} (known: {', '.join(sorted(PLANS))})")
+def _unknown_key(p: _Problems, key: Any, allowed, path: str = "") -> str | None:
+    """Report an unknown key; return the key it most likely meant (None: no close one)."""
+    close = difflib.get_close_matches(str(key)[:100], sorted(allowed), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(allowed))}"
+    p.add(f"{path}{_short(key) if not isinstance(key, str) else key}", f"unknown key{hint}")
+    return close[0] if close else None
 
-    sites = raw["sites"]
-    if not isinstance(sites, dict) or set(sites) - {"tags", "ids", "min_sites", "wait_s"}:
-        _fail(where, "sites", "must be a mapping with 'tags' (and optional ids, min_sites, wait_s)")
-    tags, ids = sites.get("tags") or [], sites.get("ids") or []
-    for key, values in (("sites.tags", tags), ("sites.ids", ids)):
-        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-            _fail(where, key, "must be a list of non-empty strings")
-    if not tags:
-        # Fed-BioMed finds training data by dataset tags; node ids can only narrow that down.
-        _fail(where, "sites.tags", "required: the tags of the datasets to train on (sites.ids may restrict the nodes)")
-    min_sites = _pos_int(where, sites, "min_sites", default=len(ids) or 1)
+
+def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
+    """Check a spec's mapping and return the Spec; every problem is reported at once.
+
+    Args:
+        raw: the spec as loaded from YAML.
+        where: what to call the spec in messages (its file name).
+        base_dir: folder that ``plan_args.schema`` file paths are relative to. None (a spec
+            that came over the network) refuses schema files: only built-in names or an
+            inline schema, so a submitted spec cannot make the coordinator read its files.
+
+    Returns:
+        The validated Spec; ``Spec.warnings`` lists risky but legal values.
+
+    Raises:
+        SpecError: listing every problem (file, key path, problem and what is allowed).
+    """
+    p = _Problems(where)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping at the top level (got {type(raw).__name__})")
+    suggested = {_unknown_key(p, key, _TOP_KEYS) for key in raw if key not in _TOP_KEYS}
+    for key in ("name", "plan", "sites", "rounds"):
+        if key not in raw and key not in suggested:  # a misspelt required key is reported once, as a typo
+            p.add(key, "required")
+    name = raw.get("name")
+    if "name" in raw and (not isinstance(name, str) or not _NAME_RE.match(name)):
+        p.add("name", f"must be 1-64 of letters, digits, _ . - (got {_short(name)})")
+    plan = raw.get("plan")
+    if "plan" in raw and (not isinstance(plan, str) or plan not in PLANS):
+        close = difflib.get_close_matches(str(plan)[:100], sorted(PLANS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        p.add("plan", f"unknown plan {_short(plan)}{hint} (known: {', '.join(sorted(PLANS))})")
+        plan = None
+    rounds = _pos_int(p, raw, "rounds") if "rounds" in raw else None
+
+    sites = raw.get("sites", {})
+    tags: list = []
+    ids: list = []
+    min_sites = wait_s = None
+    if not isinstance(sites, dict):
+        p.add("sites", "must be a mapping with 'tags' (and optional ids, min_sites, wait_s)")
+    else:
+        for key in sites:
+            if key not in ("tags", "ids", "min_sites", "wait_s"):
+                _unknown_key(p, key, ("tags", "ids", "min_sites", "wait_s"), "sites.")
+        tags, ids = sites.get("tags") or [], sites.get("ids") or []
+        for key, values in (("sites.tags", tags), ("sites.ids", ids)):
+            if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+                p.add(key, "must be a list of non-empty strings")
+        if not tags and "sites" in raw:
+            # Fed-BioMed finds training data by dataset tags; node ids can only narrow that down.
+            p.add("sites.tags", "required: the tags of the datasets to train on (sites.ids may restrict the nodes)")
+        min_sites = _pos_int(p, sites, "min_sites", default=len(ids) if isinstance(ids, list) and ids else 1, path="sites.min_sites")
+        wait_s = _number(p, sites, "wait_s", default=120.0, lo=0, path="sites.wait_s")
 
     aggregator = raw.get("aggregator", "fedavg")
     if aggregator not in AGGREGATORS:
-        _fail(where, "aggregator", f"must be one of {', '.join(AGGREGATORS)} (got {aggregator!r})")
+        p.add("aggregator", f"must be one of {', '.join(AGGREGATORS)} (got {_short(aggregator)})")
     server_opt = raw.get("server_optimizer")
     if server_opt is not None:
         if not isinstance(server_opt, dict) or server_opt.get("name") not in SERVER_OPTIMIZERS:
-            _fail(where, "server_optimizer", f"must be null or a mapping with name one of {', '.join(SERVER_OPTIMIZERS)}")
-        extra = set(server_opt) - {"name"} - SERVER_OPTIMIZERS[server_opt["name"]]
-        if extra:
-            _fail(where, "server_optimizer", f"unknown argument(s) {', '.join(sorted(extra))} for {server_opt['name']}")
-        for k, v in server_opt.items():
-            if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                _fail(where, f"server_optimizer.{k}", f"must be a number (got {v!r})")
+            p.add("server_optimizer", f"must be null or a mapping with name one of {', '.join(SERVER_OPTIMIZERS)}")
+        else:
+            extra = set(map(str, server_opt)) - {"name"} - SERVER_OPTIMIZERS[server_opt["name"]]
+            if extra:
+                p.add("server_optimizer", f"unknown argument(s) {', '.join(sorted(extra))} for {server_opt['name']}")
+            for k, v in server_opt.items():
+                if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    p.add(f"server_optimizer.{k}", f"must be a number (got {_short(v)})")
         if aggregator == "scaffold":
-            _fail(where, "server_optimizer", "cannot be combined with the scaffold aggregator")
+            p.add("server_optimizer", "cannot be combined with the scaffold aggregator")
     optimizer = raw.get("optimizer", {"lr": 1e-3})
     if not isinstance(optimizer, dict):
-        _fail(where, "optimizer", "must be a mapping (e.g. {lr: 0.001})")
+        p.add("optimizer", "must be a mapping (e.g. {lr: 0.001})")
+        optimizer = {}
     plan_args = raw.get("plan_args", {})
     if not isinstance(plan_args, dict):
-        _fail(where, "plan_args", "must be a mapping")
-    try:
-        model_args = model_args_for(plan, plan_args, base_dir)
-    except PlanArgsError as exc:
-        _fail(where, f"plan_args.{exc.key}", exc.problem)
+        p.add("plan_args", "must be a mapping")
+        plan_args = {}
+    model_args: dict[str, Any] = {}
+    if plan is not None:
+        model_args, plan_problems = check_plan_args(plan, plan_args, base_dir, allow_files=base_dir is not None)
+        for exc in plan_problems:
+            p.add(f"plan_args.{exc.key}", exc.problem)
     mode = raw.get("mode", "federated")
     if mode not in MODES:
-        _fail(where, "mode", f"must be one of {', '.join(MODES)} (got {mode!r})")
+        p.add("mode", f"must be one of {', '.join(MODES)} (got {_short(mode)})")
     segmentation = plan in SEGMENTATION_PLANS
     factory = plan in FACTORY_PLANS
-    batch_size = _pos_int(where, raw, "batch_size", default=1 if segmentation else (8 if factory else 2))
-    if segmentation and batch_size != 1:
-        _fail(where, "batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it (got {batch_size})")
+    batch_size = _pos_int(p, raw, "batch_size", default=1 if segmentation else (8 if factory else 2))
+    if segmentation and batch_size not in (None, 1):
+        p.add("batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it (got {batch_size})")
     if mode == "standalone" and (server_opt or aggregator != "fedavg"):
-        _fail(where, "mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
+        p.add("mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
     clients_per_round = raw.get("clients_per_round", 2 if factory else None)
     if clients_per_round is not None:
-        if not factory:
+        if plan is not None and not factory:
             # segmentation runs select the best model on every site's validation each round
-            _fail(where, "clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round")
-        clients_per_round = _pos_int(where, raw, "clients_per_round", default=clients_per_round)
+            p.add("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round")
+        clients_per_round = _pos_int(p, raw, "clients_per_round", default=clients_per_round)
     if factory:
-        optimizer = {"lr": 0.002, **(raw.get("optimizer") or {})}
+        optimizer = {"lr": 0.002, **(raw["optimizer"] if isinstance(raw.get("optimizer"), dict) else {})}
         if set(optimizer) != {"lr"} or isinstance(optimizer["lr"], bool) or not isinstance(optimizer["lr"], (int, float)) or optimizer["lr"] <= 0:
-            _fail(where, "optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {raw.get('optimizer')!r}")
+            p.add("optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {_short(raw.get('optimizer'))}")
         refine = plan_args.get("refine_rounds", 0)
-        if isinstance(refine, int) and isinstance(raw.get("rounds"), int) and refine > raw["rounds"]:
-            _fail(where, "plan_args.refine_rounds", f"must be at most rounds ({raw['rounds']}); got {refine}")
-    test_ratio = _number(where, raw, "test_ratio", default=0.0 if factory else 0.25, lo=0, hi=0.9)
+        if isinstance(refine, int) and isinstance(rounds, int) and refine > rounds:
+            p.add("plan_args.refine_rounds", f"must be at most rounds ({rounds}); got {refine}")
+    test_ratio = _number(p, raw, "test_ratio", default=0.0 if factory else 0.25, lo=0, hi=0.9)
     if factory:
         if test_ratio:
-            _fail(where, "test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})")
+            p.add("test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})")
         if mode != "federated" or aggregator != "fedavg" or server_opt or raw.get("fedprox_mu") is not None:
-            _fail(where, "plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu")
+            p.add("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu")
+    local_steps = _pos_int(p, raw, "local_steps", default=4)
+    fedprox_mu = _number(p, raw, "fedprox_mu", default=None, lo=0, allow_none=True)
+    seed = _pos_int(p, raw, "seed", default=0, minimum=0)
     approval = raw.get("approval", {})
+    approval_wait = 0.0
     if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
-        _fail(where, "approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
+        p.add("approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
+        approval = {}
     if not isinstance(approval.get("request", True), bool):
-        _fail(where, "approval.request", "must be true or false")
+        p.add("approval.request", "must be true or false")
+    approval_wait = _number(p, approval, "wait_s", default=0.0, lo=0, path="approval.wait_s")
+    p.raise_if_any()
 
-    return Spec(
+    spec = Spec(
         name=name,
         plan=plan,
-        rounds=_pos_int(where, raw, "rounds"),
+        rounds=rounds,
         site_tags=list(tags),
         site_ids=list(ids),
         min_sites=min_sites,
-        wait_for_sites_s=_number(where, sites, "wait_s", default=120.0, lo=0),
-        local_steps=_pos_int(where, raw, "local_steps", default=4),
+        wait_for_sites_s=wait_s,
+        local_steps=local_steps,
         batch_size=batch_size,
         optimizer=dict(optimizer),
         aggregator=aggregator,
         server_optimizer=dict(server_opt) if server_opt else None,
-        fedprox_mu=_number(where, raw, "fedprox_mu", default=None, lo=0, allow_none=True),
+        fedprox_mu=fedprox_mu,
         test_ratio=test_ratio,
-        seed=_pos_int(where, raw, "seed", default=0, minimum=0),
+        seed=seed,
         plan_args=dict(plan_args),
         model_args=model_args,
         mode=mode,
         clients_per_round=clients_per_round,
         request_approval=approval.get("request", True),
-        approval_wait_s=_number(where, approval, "wait_s", default=0.0, lo=0),
+        approval_wait_s=approval_wait,
         raw=raw,
     )
+    spec.warnings = [f"{where}: {key}: {problem}" for key, problem in risky_values(spec)]
+    return spec
+
+
+# Below / above these a run is legal but most likely not what was meant.
+MIN_UPDATES = 50  # rounds x local_steps of a segmentation run
+LR_RANGE = (1e-5, 0.1)
+
+
+def risky_values(spec: Spec) -> list[tuple[str, str]]:
+    """(key, warning) for legal values that most likely spoil a run (printed, not refused)."""
+    out = []
+    if spec.plan in SEGMENTATION_PLANS:
+        if spec.test_ratio == 0:
+            out.append(("test_ratio", "0 holds out no validation cases: no Dice per round and no best-model selection "
+                                      "(the last round's model is kept); use e.g. 0.25"))  # fmt: skip
+        elif spec.test_ratio > 0.5:
+            out.append(("test_ratio", f"{spec.test_ratio:g} trains on less than half of each site's cases"))
+        updates = spec.rounds * spec.local_steps
+        if updates < MIN_UPDATES:
+            out.append(("rounds", f"{spec.rounds} rounds x {spec.local_steps} local_steps = {updates} updates per site: "
+                                  f"too few to learn much (the examples use >= {MIN_UPDATES}; raise rounds or local_steps)"))  # fmt: skip
+    lr = spec.optimizer.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not LR_RANGE[0] <= lr <= LR_RANGE[1]:
+        out.append(("optimizer.lr", f"{lr:g} is outside the usual [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}] for AdamW/Adam"))
+    if spec.mode == "federated" and spec.min_sites == 1 and not spec.is_factory:
+        out.append(("sites.min_sites", "1: a federated run may start with a single site (no federation); "
+                                       "set it to the number of sites you expect"))  # fmt: skip
+    return out
+
+
+class _TooLarge(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents whose aliases expand past MAX_YAML_NODES nodes
+    (a "billion laughs" spec is a few hundred bytes and expands to gigabytes)."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node, depth: int = 1) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.YAMLError("a YAML alias refers to a node that contains it (recursive document)")
+        if depth > MAX_YAML_DEPTH:
+            raise _TooLarge(f"is nested more than {MAX_YAML_DEPTH} levels deep (a spec needs a few)")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        if total > MAX_YAML_NODES:
+            raise _TooLarge(f"has more than {MAX_YAML_NODES} values once YAML aliases are expanded (a spec has a few hundred)")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
+    """Parse and validate spec text.
+
+    Args:
+        text: the YAML text (at most MAX_SPEC_BYTES; aliases may expand to MAX_YAML_NODES values).
+        where: what to call the spec in messages.
+        base_dir: folder schema file paths are relative to; None refuses schema files
+            (see ``validate``).
+
+    Raises:
+        SpecError: too large, not YAML, or listing every problem of the spec.
+    """
+    size = len(text.encode("utf-8", "replace"))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{where}: {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes (a schema inlined in it is a few kB)")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except _TooLarge as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise SpecError(f"{where}: is nested more than {MAX_YAML_DEPTH} levels deep (a spec needs a few)") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+        detail = " ".join(str(exc).split())
+        if len(detail) > _PROBLEM_CHARS:
+            detail = detail[: _PROBLEM_CHARS - 3] + "..."
+        raise SpecError(f"{where}: not valid YAML ({detail})") from None
     return validate(raw, where, base_dir)
 
 
 def load(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec file; schema paths in it are relative to its folder."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: spec file not found")
     try:
+        if p.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{p}: {p.stat().st_size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{p}: cannot read ({exc})") from None

@@ -157,6 +157,30 @@ class Testbed:
                 return proc.returncode
         return 0
 
+    def next_steps(self) -> list[str]:
+        """How to look at what the testbed ran: the home, the run, `results`, the report."""
+        from coordinator import runs
+
+        found = runs.list_runs(self.home) if (self.home / "runs").is_dir() else []
+        if not found:
+            return [f"no run was recorded (coordinator home {self.home}); the logs are under {self.workdir}"]
+        info = found[-1]
+        run_dir = Path(info["run_dir"])
+        home = str(self.home)
+        lines = [
+            f"run {info['run_id']}: {info['status']} (coordinator home {home})",
+            f"  coordinator status --home {home}",
+            f"  coordinator results {info['run_id']} --home {home}",
+        ]
+        report = run_dir / "report" / "index.html"
+        if report.is_file():
+            lines.append(f"  report: {report}")
+        elif info["status"] == "done":
+            lines.append(f"  coordinator report {info['run_id']} --home {home}")
+        lines += [f"  evaluation: {path}" for path in sorted((run_dir / "evaluations").glob("*.json"))]
+        lines.append(f"  run log: {run_dir / 'run.log'}; site logs: {self.workdir / 'sites'}")
+        return lines
+
     def start_nodes(self) -> None:
         # All nodes share this machine's cores: without a thread budget each torch process
         # starts one OpenMP thread per core and they spin against each other.
@@ -253,3 +277,8 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         bed.teardown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        try:
+            for line in bed.next_steps():  # last on screen: where to look at the run
+                log(line)
+        except Exception as exc:  # noqa: BLE001 - a hint must never hide the run's own outcome
+            log(f"(cannot list the run: {exc})")
