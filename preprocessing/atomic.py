@@ -1,13 +1,16 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, rename.
+"""Atomic file writes, and bounded reads of small files an operator names.
 
-A reader never sees a half-written file, and an interrupted write leaves the previous
-version in place.
+Writes go to a temporary file in the same folder, fsync, rename: a reader never sees a
+half-written file, and an interrupted write leaves the previous version in place.
+`read_small_file` reads a configuration or secret file (label map, schema, salt) without
+blocking on a FIFO or reading /dev/zero without end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,3 +50,54 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# What a label map, a schema or a salt file can reasonably hold.
+SMALL_FILE_LIMIT = 1 << 20
+
+
+class FileReadError(ValueError):
+    """An operator-given file that is not a regular file, too large or unreadable; the
+    message names the file and the problem."""
+
+
+def read_small_file(path: str | os.PathLike, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of a small regular file, read without blocking or reading without bound.
+
+    A FIFO would block `open()` until a writer comes and a device such as /dev/zero never
+    ends: only regular files (or links to one) are read, at most `limit` bytes.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("label map", "salt file", ...).
+        limit: the largest size accepted, in bytes.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        FileNotFoundError: no such file (the caller words it).
+        FileReadError: not a regular file, larger than `limit`, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO with no writer opens at once
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FileReadError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        )  # fmt: skip
+        raise FileReadError(f"{path}: the {what} must be a regular file, this is {kind}")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise FileReadError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise FileReadError(f"{path}: the {what} is larger than {limit:,} bytes; is it the right file?")
+    return data

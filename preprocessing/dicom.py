@@ -13,19 +13,29 @@ returned is in RAS+ world millimetres (DICOM's LPS with x and y negated), as NIf
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.uid import UID
+
+log = logging.getLogger(__name__)
 
 # SOP classes that hold images we convert; anything else (SR, RTSTRUCT, presentation states,
 # ...) is reported and skipped. SEG is collected separately as a label source.
@@ -597,7 +607,202 @@ def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
         )
 
 
-def read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
+# Pixel-data decoding. pydicom 3 tries every installed plugin for a transfer syntax; GDCM
+# (C++) ends the process with abort() on some corrupt or crafted data (an uncaught C++
+# exception, e.g. in a JPEG 2000 codestream), which would stop the whole run with no
+# manifest. The other plugins report bad data as Python exceptions, so they run here, in
+# this order of preference; GDCM runs only in a child process (`preprocessing.decode_worker`),
+# for the syntaxes only it decodes (lossless JPEG, 12-bit JPEG) or when the others fail.
+ISOLATED_PLUGINS = ("gdcm",)
+_PLUGIN_PREFERENCE = ("pydicom", "pylibjpeg", "pyjpegls", "pillow")
+# A decoder stuck on one file (seconds per slice are normal) is killed after this long.
+DECODE_TIMEOUT_S = 300
+_WORKER = Path(__file__).with_name("decode_worker.py")
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return UID(str(ts)) if ts else None
+
+
+def _plugins_for(ds: pydicom.Dataset) -> tuple[list[str], bool]:
+    try:
+        bits = int(ds.get("BitsStored")) if ds.get("BitsStored") not in (None, "") else None
+    except (TypeError, ValueError):
+        bits = None
+    return decoding_plugins(_transfer_syntax(ds), bits)
+
+
+def decoding_plugins(ts: UID | None, bits_stored: int | None = None) -> tuple[list[str], bool]:
+    """The pydicom decoding plugins for a transfer syntax, split by where they may run.
+
+    Args:
+        ts: the file's transfer syntax (None: unknown).
+        bits_stored: the file's BitsStored, where known (Pillow decodes only 8-bit JPEG
+            Extended: a 12-bit series goes to GDCM at once instead of failing slice by slice).
+
+    Returns:
+        (plugins that run in this process, in order of preference; whether an isolated
+        plugin (GDCM) can decode it in a child process). ``([], False)`` for a native or
+        unknown syntax: pydicom's own decoder, or its error, applies as usual.
+    """
+    if ts is None or not ts.is_transfer_syntax or not ts.is_encapsulated:
+        return [], False
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        available = get_decoder(ts).available_plugins
+    except NotImplementedError:
+        return [], False
+    rank = {name: i for i, name in enumerate(_PLUGIN_PREFERENCE)}
+    in_process = sorted((p for p in available if p not in ISOLATED_PLUGINS), key=lambda p: (rank.get(p, len(rank)), p))
+    if ts == pydicom.uid.JPEGExtended12Bit and bits_stored not in (None, 8):
+        in_process = [p for p in in_process if p != "pillow"]
+    return in_process, any(p in ISOLATED_PLUGINS for p in available)
+
+
+class _NeedsIsolation(Exception):
+    """No in-process plugin decoded a file that GDCM may decode in a child process."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def _undecodable(path: Path, ds: pydicom.Dataset, detail: str) -> SeriesError:
+    ts = _transfer_syntax(ds)
+    return SeriesError(f"{path}: pixel data cannot be decoded ({ts.name if ts else '?'}): {detail}", "undecodable_pixels")
+
+
+def _decode_in_process(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """Decode with the plugins that run in this process; raise `_NeedsIsolation` when they
+    cannot and GDCM could (in a child), `SeriesError` when nothing can."""
+    in_process, isolated = _plugins_for(ds)
+    if not in_process and not isolated:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return ds.pixel_array  # native (uncompressed) data, or pydicom's own error
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types
+            raise _undecodable(path, ds, _short(exc)) from None
+    errors = []
+    for plugin in in_process:
+        ds.pixel_array_options(decoding_plugin=plugin)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types
+            errors.append(f"{plugin}: {_short(exc, 120)}")
+    if isolated:
+        raise _NeedsIsolation(errors)
+    raise _undecodable(path, ds, "; ".join(errors) or "no decoder installed")
+
+
+class IsolatedDecoder:
+    """Decode files with GDCM in one child process, in the order given; a file on which
+    the decoder crashes (or exceeds `DECODE_TIMEOUT_S`) is refused as ``decoder_crashed``.
+
+    Use as a context manager; `decode` must be called for the files in the order given.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        self._next = 0
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", str(_WORKER), str(DECODE_TIMEOUT_S)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        self._proc.stdin.write(json.dumps([str(p) for p in self.paths]).encode())
+        self._proc.stdin.close()
+
+    def __enter__(self) -> IsolatedDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._proc.stdout.close()
+        self._stderr.close()
+
+    def decode(self, path: Path, ds: pydicom.Dataset, earlier: list[str] = ()) -> np.ndarray:
+        """The next file's pixel array.
+
+        Args:
+            path: the file (must be the next one of the list given).
+            ds: its dataset (for the messages).
+            earlier: what the in-process decoders said about it, for the message.
+
+        Raises:
+            SeriesError: ``undecodable_pixels`` (GDCM refused it too) or ``decoder_crashed``.
+        """
+        if self._next >= len(self.paths) or Path(path) != self.paths[self._next]:
+            raise RuntimeError(f"IsolatedDecoder: {path} requested out of order")
+        self._next += 1
+        line = self._proc.stdout.readline()
+        record = json.loads(line) if line.endswith(b"\n") else None
+        if record is not None and not record["ok"]:
+            raise _undecodable(path, ds, "; ".join([*earlier, f"gdcm: {record['error'][:160]}"]))
+        if record is not None:
+            arr = np.empty(record["shape"], dtype=np.dtype(record["dtype"]))
+            view = memoryview(arr).cast("B")
+            got = 0
+            while got < len(view):
+                n = self._proc.stdout.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got == len(view):
+                return arr
+        raise self._crashed(path, ds)
+
+    def _crashed(self, path: Path, ds: pydicom.Dataset) -> SeriesError:
+        try:
+            rc = self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            rc = self._proc.wait()
+        if rc < 0:
+            try:
+                how = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"killed by signal {-rc}"
+            if -rc == signal.SIGALRM:
+                how += f": over {DECODE_TIMEOUT_S} s"
+        else:
+            how = f"exit status {rc}"
+        self._stderr.seek(0)
+        log.debug("%s: GDCM decoder process ended (%s); its stderr: %s", path, how, self._stderr.read()[-2000:].decode(errors="replace"))
+        ts = _transfer_syntax(ds)
+        return SeriesError(
+            f"{path}: the pixel-data decoder (GDCM, {ts.name if ts else '?'}) crashed on this file ({how}): "
+            "a corrupt or crafted file; the other cases are not affected",
+            "decoder_crashed",
+        )
+
+
+def read_pixels(path: Path, ds: pydicom.Dataset | None = None, isolated: IsolatedDecoder | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
+    """One file's pixel array, decoded without ever risking this process.
+
+    Args:
+        path: the DICOM file.
+        ds: its dataset, if already read (pixel data may be deferred).
+        isolated: a running `IsolatedDecoder` whose next file is `path`, for a file only
+            GDCM decodes (a series shares one child process). Without it, the plugins that
+            run in this process are tried first, then GDCM in a child for this file alone.
+
+    Returns:
+        (pixel array, dataset).
+
+    Raises:
+        SeriesError: ``no_pixel_data``, ``pixel_data_length``, ``undecodable_pixels`` or
+            ``decoder_crashed``, naming the file.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if ds is None:
@@ -605,15 +810,46 @@ def read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarr
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SeriesError(f"{path}: no pixel data", "no_pixel_data")
     check_pixel_length(path, ds)
+    if isolated is not None:
+        return isolated.decode(path, ds), ds  # only GDCM decodes it: straight to the child
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        name = UID(str(ts)).name if ts != "?" else ts
-        raise SeriesError(f"{path}: pixel data cannot be decoded ({name}): {_short(exc)}", "undecodable_pixels") from None
-    return arr, ds
+        return _decode_in_process(path, ds), ds
+    except _NeedsIsolation as exc:
+        with IsolatedDecoder([path]) as one:
+            return one.decode(path, ds, exc.errors), ds
+
+
+def _needs_gdcm(s: SliceHeader) -> bool:
+    in_process, isolated = _plugins_for(s.dataset) if s.dataset is not None else ([], False)
+    return isolated and not in_process
+
+
+_SAFE_PLUGINS_LOCK = threading.Lock()
+
+
+@contextmanager
+def in_process_plugins_only() -> Iterator[None]:
+    """Within the block, pydicom decodes with no isolated plugin (GDCM): for code that
+    decodes through pydicom without choosing a plugin (highdicom reading a DICOM SEG).
+    Data only GDCM decodes then fails with a Python exception instead of risking abort()."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    removed = []
+    with _SAFE_PLUGINS_LOCK:
+        try:
+            for uid in pydicom.uid.AllTransferSyntaxes:
+                try:
+                    decoder = get_decoder(uid)
+                except NotImplementedError:
+                    continue
+                for plugin in ISOLATED_PLUGINS:
+                    if plugin in decoder.available_plugins:
+                        decoder.remove_plugin(plugin)
+                        removed.append((decoder, plugin))
+            yield
+        finally:
+            for decoder, plugin in removed:
+                decoder.add_plugin(plugin, (f"pydicom.pixels.decoders.{plugin}", "_decode_frame"))
 
 
 def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Volume:
@@ -633,34 +869,51 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     out16 = np.empty(shape, dtype=np.int16, order="F")
     out32: np.ndarray | None = None  # switched to when a slice is not exact int16
     frames: dict[Path, np.ndarray] = {}  # decoded enhanced multi-frame files
-    for k, idx in enumerate(geometry.order):
-        s = series.slices[idx]
-        if s.frame is None:
-            arr, ds = read_pixels(s.path, s.dataset)
-            s.dataset = None  # pixel data cached on the dataset: drop it once copied
-        else:
-            if s.path not in frames:
-                whole, _ = read_pixels(s.path, s.dataset)
-                frames[s.path] = whole.reshape((-1, *whole.shape[-2:]))
-            arr, ds = frames[s.path][s.frame], s.dataset
-        if arr.shape != (first.rows, first.cols):
-            raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
-        slope, intercept = s.rescale or _rescale(ds, s.path)
-        if out32 is None and arr.dtype.kind in "iu" and slope == 1.0 and intercept == round(intercept):
-            hu = arr.astype(np.int32)
-            hu += int(intercept)
-            if hu.size and (hu.min() < -32768 or hu.max() > 32767):
-                out32 = out16.astype(np.float32, order="F")
+    # Files only GDCM decodes go through one child process for the whole series, in the
+    # order they are read here; uncompressed data never leaves this process.
+    ordered = list(dict.fromkeys(series.slices[idx].path for idx in geometry.order if _needs_gdcm(series.slices[idx])))
+    batch = set(ordered)
+    with IsolatedDecoder(ordered) if ordered else _no_decoder() as isolated:
+        for k, idx in enumerate(geometry.order):
+            s = series.slices[idx]
+            if s.frame is None:
+                arr, ds = read_pixels(s.path, s.dataset, isolated if s.path in batch else None)
+                s.dataset = None  # pixel data cached on the dataset: drop it once copied
             else:
-                out16[:, :, k] = hu.T
-                continue
-        if out32 is None:
-            out32 = out16.astype(np.float32, order="F")  # earlier slices were exact: same values
-        out32[:, :, k] = (arr.astype(np.float64) * slope + intercept).T
+                if s.path not in frames:
+                    whole, _ = read_pixels(s.path, s.dataset, isolated if s.path in batch else None)
+                    frames[s.path] = whole.reshape((-1, *whole.shape[-2:]))
+                arr, ds = frames[s.path][s.frame], s.dataset
+            out32 = _place_slice(series, first, s, k, arr, ds, out16, out32)
     array = out16 if out32 is None else out32
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise SeriesError(f"series in {series.folder}: pixel values are not finite after rescale", "non_finite")
     return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)
+
+
+@contextmanager
+def _no_decoder() -> Iterator[None]:
+    yield None
+
+
+def _place_slice(series: Series, first: SliceHeader, s: SliceHeader, k: int, arr, ds, out16: np.ndarray, out32: np.ndarray | None) -> np.ndarray | None:
+    """Write slice `k` (rescaled) into the volume; returns the float32 volume once a slice
+    is not exact int16 (None while every slice so far was)."""
+    if arr.shape != (first.rows, first.cols):
+        raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
+    slope, intercept = s.rescale or _rescale(ds, s.path)
+    if out32 is None and arr.dtype.kind in "iu" and slope == 1.0 and intercept == round(intercept):
+        hu = arr.astype(np.int32)
+        hu += int(intercept)
+        if hu.size and (hu.min() < -32768 or hu.max() > 32767):
+            out32 = out16.astype(np.float32, order="F")
+        else:
+            out16[:, :, k] = hu.T
+            return None
+    if out32 is None:
+        out32 = out16.astype(np.float32, order="F")  # earlier slices were exact: same values
+    out32[:, :, k] = (arr.astype(np.float64) * slope + intercept).T
+    return out32
 
 
 def _rescale(ds: pydicom.Dataset, path: Path) -> tuple[float, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.dicom import SeriesError, Series
+from preprocessing.dicom import Series, SeriesError, in_process_plugins_only
 from preprocessing.schema import IGNORE, LabelSchema, SchemaError, SiteLabelMap
 
 
@@ -116,7 +116,9 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
         )
     uids = [series.slices[i].sop_uid for i in order]
     try:
-        with warnings.catch_warnings():
+        # highdicom lets pydicom pick any plugin: keep GDCM (which may abort() on a crafted
+        # frame) out of this process
+        with warnings.catch_warnings(), in_process_plugins_only():
             warnings.simplefilter("ignore")
             pixels = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=uids, combine_segments=True, ignore_spatial_locations=True, dtype=np.uint16

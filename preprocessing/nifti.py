@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, igzip_threaded
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 
 from preprocessing import atomic
 from preprocessing.dicom import SeriesError, check_affine, check_size
@@ -42,6 +43,30 @@ def _check_declared(path: Path, img) -> None:
         raise SeriesError(f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, the file is {size:,} bytes: truncated)", "corrupt_nifti")
 
 
+def _check_pixdim(path: Path, img, kind: str) -> None:
+    """Refuse a voxel size of 0, negative or non-finite where the affine is built from it.
+
+    Without an sform the grid comes from the qform (or the header's fallback), whose voxel
+    sizes are pixdim[1..3]. nibabel repairs them silently while loading (0 becomes 1 mm, -3
+    becomes 3 mm), which would invent a spacing; the header is read again here unrepaired.
+    DICOM's PixelSpacing 0 or negative is refused the same way.
+    """
+    hdr = img.header
+    if int(hdr["sform_code"]) > 0:
+        return  # the sform gives the grid (checked with the affine); pixdim is not used
+    with ImageOpener(str(path)) as fh:
+        raw = type(hdr).from_fileobj(fh, check=False)
+    n = max(0, min(3, int(raw["dim"][0])))
+    zooms = np.asarray(raw["pixdim"][1 : 1 + n], dtype=np.float64)
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):
+        source = "qform" if int(hdr["qform_code"]) > 0 else "header (no qform or sform)"
+        raise SeriesError(
+            f"{path}: {kind} voxel size pixdim[1:{1 + n}] = {[float(f'{z:.6g}') for z in zooms]} mm must be positive and finite: "
+            f"the grid comes from the {source}, which takes its spacing from it (a corrupt header; rewrite it with the real voxel size)",
+            "bad_geometry",
+        )
+
+
 def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
     """Read a NIfTI file and check it is a usable 3D volume on a plausible grid.
 
@@ -61,10 +86,12 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
         SeriesError: naming the file and the problem, with a reason code.
     """
     try:
-        img = nib.load(str(path))
+        with nib.imageglobals.LoggingOutputSuppressor():  # its repairs of the header are checked below, not printed
+            img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise SeriesError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})", "not_nifti")
         _check_declared(path, img)
+        _check_pixdim(path, img, kind)
         data = np.asanyarray(img.dataobj)
     except SeriesError:
         raise

@@ -452,8 +452,13 @@ def read_case_map(path: Path) -> dict[str, dict]:
 
 def _salt(out: Path, salt_file: Path | None) -> bytes:
     path = salt_file or out / STATE_DIR / "salt"
-    if path.is_file():
-        data = path.read_bytes().strip()
+    try:
+        data = atomic.read_small_file(path, "salt file").strip()
+    except atomic.FileReadError as exc:
+        raise PrepareError(str(exc)) from None
+    except FileNotFoundError:
+        data = None
+    if data is not None:
         if len(data) < 16:
             raise PrepareError(f"{path}: salt file is shorter than 16 bytes")
         return data
@@ -544,8 +549,13 @@ def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
     if requested:
         return requested
     mods = sorted({s.modality for s in sources if s.kind == "dicom"})
-    if any(s.kind == "nifti" for s in sources):
-        raise PrepareError("NIfTI inputs carry no modality: pass --modality (e.g. --modality CT)")
+    nifti = [str(s.nifti) for s in sources if s.kind == "nifti"]
+    if nifti:
+        found = ", ".join(nifti[:3]) + (f" and {len(nifti) - 3} more" if len(nifti) > 3 else "")
+        raise PrepareError(
+            f"NIfTI inputs carry no modality: pass --modality (e.g. --modality CT); found {found} "
+            "(label maps belong in the folder given with --labels)"
+        )
     if len(mods) > 1:
         raise PrepareError(f"the inputs mix modalities {mods}: prepare one per dataset with --modality")
     return mods[0] if mods else "OT"

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
+from preprocessing.atomic import FileReadError, read_small_file
+
 SCHEMA_FORMAT = "fedimg-label-schema"
 LABEL_MAP_FORMAT = "fedimg-site-labels"
 DEFAULT_SCHEMA = Path(__file__).with_name("schemas") / "abdominal-ct.yaml"
@@ -39,9 +41,11 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, what: str) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_file(path, what).decode("utf-8")
+    except FileReadError as exc:
+        raise SchemaError(str(exc)) from None
     except OSError as exc:
         raise SchemaError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
@@ -136,7 +140,7 @@ def load_schema(path: str | os.PathLike | None = None) -> LabelSchema:
     elif not path.exists():
         names = sorted(p.stem for p in DEFAULT_SCHEMA.parent.glob("*.yaml"))
         raise SchemaError(f"{path}: no such schema file, and not a built-in schema name ({', '.join(names)})")
-    raw = _read_yaml(path)
+    raw = _read_yaml(path, "schema")
     return parse_schema(raw, str(path))
 
 
@@ -270,7 +274,7 @@ class SiteLabelMap:
 
 def load_label_map(path: str | os.PathLike, schema: LabelSchema) -> SiteLabelMap:
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = _read_yaml(path, "label map")
     return parse_label_map(raw, schema, str(path))
 
 

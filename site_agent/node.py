@@ -178,22 +178,25 @@ def _check_cases(path: Path, prepared, allow_unlabelled: bool, allow_suspect_ima
         return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
     report = f"; see the QC report {path / 'qc' / 'index.html'}" if (path / "qc" / "index.html").is_file() else ""
+    problems = []  # every reason at once: a dataset both suspect and unlabelled names both
     if not allow_suspect_images:
         flags = {c.get("case_id"): c.get("qc_flags") or [] for c in json.loads((path / "manifest.json").read_text()).get("cases", [])}
         suspect = sorted((cid, f) for cid, fl in flags.items() for f in fl if f in SUSPECT_IMAGE_FLAGS)
         if suspect:
-            raise UserError(
-                f"refusing dataset {path}: {len({c for c, _ in suspect})} case(s) are probably not images "
+            problems.append(
+                f"{len({c for c, _ in suspect})} case(s) are probably not images "
                 f"({listed([f'{c} {f}' for c, f in suspect])}: a label map or a non-HU volume taken for an image?){report}; "
                 "fix the inputs and prepare again, or register anyway with --allow-suspect-images"
             )
     unlabelled = [c.case_id for c in prepared.cases if c.label is None]
     if unlabelled and not allow_unlabelled:
-        raise UserError(
-            f"refusing dataset {path}: {len(unlabelled)} of {len(prepared.cases)} case(s) have no label ({listed(unlabelled)}); "
+        problems.append(
+            f"{len(unlabelled)} of {len(prepared.cases)} case(s) have no label ({listed(unlabelled)}); "
             "give their labels to `site-agent prepare` (--labels; --require-labels refuses images without one), "
             "or register anyway with --allow-unlabelled (e.g. for the data factory, which trains on images only)"
         )
+    if problems:
+        raise UserError(f"refusing dataset {path}: " + "; and ".join(problems))
 
 
 def remove_dataset(site: SiteConfig, dataset_id: str) -> None:

@@ -188,6 +188,22 @@ def test_output_inside_the_input_is_not_ingested_on_rerun(docker_layout, tmp_pat
     assert any("prepared dataset" in n for n in json.loads(stdout)["notes"])
 
 
+def test_missing_modality_error_names_the_nifti_files_found(docker_layout, tmp_path):
+    """A stray label map outside --labels asks for --modality: the error names it."""
+    import shutil
+
+    root = tmp_path / "input"
+    shutil.copytree(docker_layout.root, root)
+    strays = sorted((root / "labels").iterdir())
+    for i, f in enumerate(strays * 2):  # four NIfTI files outside --labels
+        shutil.copy(f, root / "dicom" / f"stray{i}.nii.gz")
+    code, stdout, stderr = site_agent("prepare", root, "--labels", root / "labels", "--label-map", root / "site-labels.yaml", "--out", tmp_path / "ds")
+    assert code == 2, stdout + stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "--modality" in lines[0], lines
+    assert str(root / "dicom" / "stray0.nii.gz") in lines[0] and "and 1 more" in lines[0], lines[0]
+
+
 def test_labels_folder_given_as_images_too_is_refused(docker_layout, tmp_path):
     site = docker_layout
     code, stdout, stderr = site_agent("prepare", site.labels_dir, "--labels", site.labels_dir, "--label-map", site.label_map,
@@ -217,6 +233,8 @@ def test_dataset_add_refuses_label_maps_taken_for_images_and_unlabelled_cases(do
     assert {"looks_like_label", "ct_values_not_hu", "unlabeled"} <= flags
     code, _, stderr = site_agent("--config", site_node, "dataset", "add", wrong, "--tag", "wrong")
     assert code == 2 and "probably not images" in stderr and "--allow-suspect-images" in stderr, stderr
+    assert "have no label" in stderr and "--allow-unlabelled" in stderr, stderr  # both reasons at once
+    assert len([l for l in stderr.splitlines() if l.strip()]) == 1
     code, _, stderr = site_agent("--config", site_node, "dataset", "add", wrong, "--tag", "wrong", "--allow-suspect-images")
     assert code == 2 and "have no label" in stderr and "--allow-unlabelled" in stderr, stderr
 
@@ -270,6 +288,57 @@ def test_fifo_and_link_to_dev_zero_in_the_input_are_skipped(docker_layout, tmp_p
         assert any(f"{name}: not a regular file" in n for n in result["notes"]), name
     assert len(result["cases"]) == 2 and all(c["status"] in ("ok", "flagged") for c in result["cases"])
     assert stat.S_ISFIFO(os.lstat(root / "dicom" / "x.nii.gz").st_mode)  # left as it was
+
+
+def _limited_memory():  # in the child: reading /dev/zero without bound fails at 4 GiB, not the machine's RAM
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("option,what", [("--label-map", "label map"), ("--schema", "schema"), ("--salt-file", "salt file")])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder", "too-large"])
+def test_config_file_that_is_not_a_small_regular_file_is_one_error_line(docker_layout, tmp_path, option, what, kind):
+    """--label-map / --schema / --salt-file naming a FIFO (the old code blocked forever), a
+    device such as /dev/zero (read without bound: MemoryError), a folder or a 2 MB file:
+    exit 2, one error line naming the file, nothing written."""
+    import subprocess
+
+    site = docker_layout
+    bad = tmp_path / "cfg.yaml"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", bad)
+    elif kind == "folder":
+        bad.mkdir()
+    else:
+        bad.write_text("# padding\n" * 200_000)
+    args = {"--label-map": site.label_map, "--schema": None, "--salt-file": None, option: bad}
+    cmd = [str(Path(sys.executable).with_name("site-agent")), "prepare", str(site.root), "--labels", str(site.labels_dir), "--out", str(tmp_path / "ds"), "--no-qc"]
+    for opt, value in args.items():
+        if value is not None:
+            cmd += [opt, str(value)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limited_memory)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and f"the {what} " in lines[0] and "Traceback" not in res.stderr, lines
+    expected = {"fifo": "a FIFO", "dev-zero": "a device", "folder": "a folder", "too-large": "larger than 1,048,576 bytes"}[kind]
+    assert expected in lines[0]
+    assert not (tmp_path / "ds").exists()
+
+
+def test_read_small_file_reads_a_small_regular_file(tmp_path):
+    from preprocessing.atomic import FileReadError, read_small_file
+
+    (tmp_path / "a.yaml").write_bytes(b"x" * 1000)
+    os.symlink(tmp_path / "a.yaml", tmp_path / "link.yaml")
+    assert read_small_file(tmp_path / "link.yaml", "label map") == b"x" * 1000
+    with pytest.raises(FileReadError, match="larger than 999 bytes"):
+        read_small_file(tmp_path / "a.yaml", "label map", limit=999)
+    with pytest.raises(FileNotFoundError):
+        read_small_file(tmp_path / "missing.yaml")
 
 
 @pytest.fixture(scope="module")

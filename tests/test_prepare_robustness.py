@@ -15,12 +15,14 @@ import gzip
 import json
 import logging
 import shutil
+import struct
 import tracemalloc
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import yaml
 from rich.console import Console
@@ -108,6 +110,24 @@ def _forged_affine(site: Path, affine: np.ndarray) -> Path:
     return path
 
 
+def _qform_only_pixdim(site: Path, axis: int, value: float, kind: str = "image") -> Path:
+    """A NIfTI whose grid comes from its qform alone (sform_code 0), pixdim[axis] patched to
+    `value` in the written header (nibabel would repair it while writing)."""
+    hu, local, affine = _arrays(site)
+    data = hu.astype(np.int16) if kind == "image" else local
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=0)
+    block = bytearray(img.header.binaryblock)
+    struct.pack_into("<f", block, 76 + 4 * axis, value)  # pixdim is float32[8] at byte 76
+    path = site / "nifti" / "case_n.nii.gz" if kind == "image" else site / "labels" / "case_b.nii.gz"
+    path.unlink(missing_ok=True)
+    with gzip.open(path, "wb") as fh:
+        fh.write(bytes(block) + b"\0" * 4)
+        fh.write(data.tobytes(order="F"))
+    return path
+
+
 def _gzip_bomb(site: Path, shape=(1024, 1024, 512), dtype=np.int16) -> Path:
     """A ~1 MB .nii.gz inflating to 1 GiB of zeros: concatenated gzip members (gzip and
     nibabel read them as one stream) of one compressed 16 MiB block, built in milliseconds."""
@@ -169,6 +189,26 @@ def _break_series(fn):
     return breaker
 
 
+# A JPEG 2000 codestream GDCM cannot parse: its decoder throws a C++ exception it does not
+# catch, and abort() ends the process that runs it (SIGABRT).
+GDCM_ABORT_CODESTREAM = b"\xff\x4f\xff\x51garbage" * 10
+
+
+def _crafted_jpeg2000(ds) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([GDCM_ABORT_CODESTREAM])
+    ds["PixelData"].is_undefined_length = True
+
+
+def _crafted_first_slice(site: Path) -> Path:
+    bad = _series(site)[0]
+    edit(bad, _crafted_jpeg2000)
+    return bad
+
+
 def _spacing(scale: float) -> np.ndarray:
     return np.diag([1.5 * scale, 1.5 * scale, 2.5 * scale, 1.0])
 
@@ -183,6 +223,8 @@ def _shifted(offset: float) -> np.ndarray:
 BAD = [
     # --- case 5: a header that declares far more pixels than the file holds ---
     ("dicom-rows-65535", _break_series(_rows_65535), [], "pixel_data_length", "holds 16 bytes"),
+    # --- case 5: a slice on which a native decoder (GDCM) would abort() the whole process ---
+    ("dicom-jpeg2000-gdcm-abort", _crafted_first_slice, [], "decoder_crashed", "crashed on this file (killed by SIGABRT)"),
     # --- case 5/6: impossible DICOM geometry ---
     ("dicom-pixel-spacing-1e-40", _break_series(_set_tag("PixelSpacing", [1e-40, 1e-40])), [], "bad_geometry_tag", "outside the plausible range [0.001, 1000] mm"),
     ("dicom-pixel-spacing-1e39", _break_series(_set_tag("PixelSpacing", [1e39, 1e39])), [], "bad_geometry_tag", "outside the plausible range"),
@@ -197,6 +239,11 @@ BAD = [
     ("nifti-spacing-1e30", lambda s: _forged_affine(s, _spacing(1e30)), ["--modality", "CT"], "bad_geometry", "outside the plausible range [0.001, 1000] mm"),
     ("nifti-spacing-1e-6", lambda s: _forged_affine(s, _spacing(1e-6)), ["--modality", "CT"], "bad_geometry", "outside the plausible range"),
     ("nifti-position-1e30", lambda s: _forged_affine(s, _shifted(1e30)), ["--modality", "CT"], "bad_geometry", "from the scanner origin"),
+    # --- case 6: a qform voxel size nibabel would silently repair (0 -> 1 mm, -x -> x) ---
+    ("nifti-pixdim-0", lambda s: _qform_only_pixdim(s, 1, 0.0), ["--modality", "CT"], "bad_geometry", "pixdim[1:4] = [0.0, 1.5, 2.5] mm must be positive"),
+    ("nifti-pixdim-negative", lambda s: _qform_only_pixdim(s, 3, -2.5), ["--modality", "CT"], "bad_geometry", "[1.5, 1.5, -2.5] mm must be positive"),
+    ("nifti-pixdim-nan", lambda s: _qform_only_pixdim(s, 2, float("nan")), ["--modality", "CT"], "bad_geometry", "must be positive and finite"),
+    ("label-pixdim-negative", lambda s: _qform_only_pixdim(s, 1, -1.5, "label"), [], "bad_geometry", "label voxel size pixdim[1:4] = [-1.5, 1.5, 2.5] mm"),
     # --- case 7: a gzip bomb, a header declaring more than its file holds ---
     ("nifti-gzip-bomb-1gib", _gzip_bomb, ["--modality", "CT"], "too_large", "1.0 GiB of voxel data"),
     ("nifti-gzip-forged-size", _truncated_gzip, ["--modality", "CT"], "corrupt_nifti", "truncated or forged"),
@@ -431,3 +478,57 @@ def test_bad_case_as_a_real_process(site):
     assert "Traceback" not in r.stderr + r.stdout
     assert [l for l in r.stderr.splitlines() if l.strip()] == ["site-agent: 1 case(s) refused; see the reasons above"]
     assert [x["reason_code"] for x in json.loads((out / "manifest.json").read_text())["refused"]] == ["pixel_data_length"]
+
+
+def test_gdcm_abort_is_a_refusal_in_a_real_process(site):
+    """The crash is a real abort(): only a separate process shows that the run survives it."""
+    from tests.conftest import cli as run_console_script
+
+    bad = _crafted_first_slice(site)
+    out = site.parent / "out"
+    r = run_console_script("site-agent", "prepare", site / "dicom", "--labels", site / "labels", "--label-map", site / "map.yaml", "--out", out, "--no-qc")
+    assert r.returncode == 3, r.stderr
+    assert "terminate called" not in r.stderr and "Traceback" not in r.stderr + r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [x["reason_code"] for x in manifest["refused"]] == ["decoder_crashed"]
+    assert str(bad) in " ".join(r.stdout.split())  # named in the report (the table may wrap it)
+    assert len(load_dataset(out, verify_checksums=True).cases) == 2
+
+
+def test_series_only_gdcm_decodes_goes_through_one_child_that_names_the_crashing_file(site, monkeypatch):
+    """Syntaxes only GDCM decodes (lossless JPEG) are decoded for the whole series in one
+    child process: the good slices decode there, and a slice that kills it is named."""
+    import subprocess
+
+    import preprocessing.dicom as dicom
+
+    files = _series(site)
+    for f in files:  # valid JPEG-LS (which GDCM decodes too) everywhere
+        edit(f, lambda ds: ds.compress(pydicom.uid.JPEGLSLossless, encoding_plugin="pyjpegls"))
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(dicom.subprocess, "Popen", lambda *a, **k: started.append(a) or real_popen(*a, **k))
+    monkeypatch.setattr(dicom, "_needs_gdcm", lambda s: True)  # as if only GDCM decoded them
+    vol = dicom.load_series(dicom.discover([site / "dicom" / "case_b"]).series[0])
+    assert len(started) == 1 and np.array_equal(vol.array, _arrays(site)[0])
+    series = dicom.discover([site / "dicom" / "case_b"]).series[0]
+    bad = series.slices[dicom.series_geometry(series).order[3]].path  # the 4th slice decoded
+    edit(bad, _crafted_jpeg2000)
+    with pytest.raises(dicom.SeriesError, match="SIGABRT") as err:
+        dicom.load_series(dicom.discover([site / "dicom" / "case_b"]).series[0])
+    assert err.value.code == "decoder_crashed" and str(bad) in str(err.value) and len(started) == 2
+
+
+def test_uncompressed_and_in_process_decodable_data_start_no_child(site, monkeypatch):
+    import preprocessing.dicom as dicom
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a decoder child process was started")
+
+    monkeypatch.setattr(dicom.subprocess, "Popen", no_child)
+    for case in ("case_a", "case_b"):
+        if case == "case_b":
+            for f in _series(site):
+                edit(f, lambda ds: ds.compress(pydicom.uid.JPEGLSLossless, encoding_plugin="pyjpegls"))
+        vol = dicom.load_series(dicom.discover([site / "dicom" / case]).series[0])
+        assert np.array_equal(vol.array, _arrays(site)[0])
