@@ -247,7 +247,11 @@ class RunLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = _run_log_line(record, True)
-        copy = logging.makeLogRecord({**record.__dict__, "msg": line if line is not None else "", "args": None, "exc_info": None, "exc_text": None})
+        fields = {**record.__dict__, "msg": line if line is not None else "", "args": None, "exc_info": None, "exc_text": None}
+        if line is not None and line.startswith(OWN_PREFIX) and record.levelno == logging.WARNING:
+            # The engine logs its own lines at WARNING only to pass Fed-BioMed's console level.
+            fields["levelname"] = "INFO"
+        copy = logging.makeLogRecord(fields)
         text = super().format(copy)
         if record.exc_info:  # a traceback logged with the record: kept, as plain text
             text += "\n" + plain_text(self.formatException(record.exc_info))
