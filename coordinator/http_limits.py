@@ -5,12 +5,18 @@ need a valid token, but a token holder (or a broken client) must still not be ab
 the process that hosts the federation down. Everything here bounds one resource:
 
 - ``LimitedHTTPServer``: a listen backlog of ``queue_size`` (the standard library's 5 resets
-  connections under a burst of submits) and at most ``max_threads`` handler threads; further
-  connections wait in the backlog instead of each starting a thread;
-- ``LimitedRequestMixin`` (for a ``BaseHTTPRequestHandler``): every socket operation times
-  out after ``op_timeout`` seconds, the request line and headers must arrive within
-  ``header_timeout`` seconds in total and a body within ``body_timeout`` plus its size at
-  ``body_min_rate`` (a half-open or trickling connection frees its thread); every error reply
+  connections under a burst of submits); accepted connections wait in a gate (one thread, a
+  selector) until their request line, headers and a small body have arrived, holding no
+  handler thread: idle or trickling clients cannot starve the others (32 idle connections
+  used to block every route for 30 s). The gate holds at most ``max_waiting`` connections,
+  at most ``per_client_waiting`` from one address (a newcomer evicts that address's oldest
+  idle one, so a loopback testbed always gets in) and closes those whose request is not
+  there after ``header_timeout``. Complete requests run on at most ``max_threads`` handler
+  threads, at most ``per_client_threads`` for one address (the rest queue, never refused);
+- ``LimitedRequestMixin`` (for a ``BaseHTTPRequestHandler``): reads what the gate received
+  first; every socket operation times out after ``op_timeout`` seconds, the request line and
+  headers must arrive within ``header_timeout`` seconds in total and a larger body within
+  ``body_timeout`` plus its size at ``body_min_rate`` (a stalled upload frees its thread); every error reply
   is one JSON object whose message is cut to ``MAX_ERROR_CHARS`` (input is never echoed back
   whole); an unexpected exception answers 500 with a one-line error and is logged here, the
   server keeps serving;
@@ -20,10 +26,14 @@ the process that hosts the federation down. Everything here bounds one resource:
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import logging
+import re
+import selectors
 import socket
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +46,8 @@ MAX_ERROR_CHARS = 2000  # characters of an error message sent back
 MAX_ERROR_BYTES = 4096  # bytes of the JSON error reply (escapes included)
 MAX_JSON_DEPTH = 20
 MAX_YAML_DEPTH = 64
+MAX_HEAD_BYTES = 128 * 1024  # request line and headers the gate waits for (http.server allows 64 KiB a line)
+GATE_BODY_BYTES = 64 * 1024  # bodies up to this size arrive in the gate too, before a thread is used
 
 
 @dataclass(frozen=True)
@@ -44,19 +56,26 @@ class HTTPLimits:
 
     Args:
         op_timeout: seconds one socket read or write may stall.
-        header_timeout: seconds for the request line and headers, in total.
-        body_timeout: seconds for a request body, plus its size at ``body_min_rate``.
+        header_timeout: seconds from accepting a connection until its request line and headers
+            (and a body of up to ``GATE_BODY_BYTES``) have arrived; idle ones are then closed.
+        body_timeout: seconds for a larger request body, plus its size at ``body_min_rate``.
         body_min_rate: bytes per second a body upload must sustain.
-        max_threads: handler threads at once; more connections wait in the backlog.
+        max_threads: handler threads at once; more complete requests queue in the gate.
         queue_size: the listen backlog.
+        max_waiting: connections the gate holds while their requests arrive.
+        per_client_waiting: of those, from one client address (the oldest is closed first).
+        per_client_threads: handler threads one client address may hold at once.
     """
 
     op_timeout: float = 30.0
-    header_timeout: float = 30.0
+    header_timeout: float = 10.0
     body_timeout: float = 60.0
     body_min_rate: float = 256 * 1024
     max_threads: int = 32
     queue_size: int = 128
+    max_waiting: int = 256
+    per_client_waiting: int = 32
+    per_client_threads: int = 8
 
 
 DEFAULT_LIMITS = HTTPLimits()
@@ -138,17 +157,23 @@ def yaml_depth_problem(text: str, limit: int = MAX_YAML_DEPTH) -> str | None:
 class _DeadlineReader(io.RawIOBase):
     """A socket's reading side that gives up at the handler's deadline: each receive waits at
     most the time left (and at most ``op_timeout``), so a client trickling a byte at a time
-    cannot hold the thread past the deadline."""
+    cannot hold the thread past the deadline. Bytes the gate already received come first."""
 
-    def __init__(self, sock: socket.socket, handler: LimitedRequestMixin):
+    def __init__(self, sock: socket.socket, handler: LimitedRequestMixin, received: bytes = b""):
         super().__init__()
         self._sock = sock
         self._handler = handler
+        self._received = memoryview(received)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self._received:
+            n = min(len(buffer), len(self._received))
+            buffer[:n] = self._received[:n]
+            self._received = self._received[n:]
+            return n
         left = self._handler._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request did not arrive in time")
@@ -172,7 +197,9 @@ class LimitedRequestMixin:
         self._deadline = time.monotonic() + self.limits.header_timeout
         self._reply_started = False
         self.rfile.close()  # replaced by a reader that honours the deadline
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+        take = getattr(self.server, "take_received", None)
+        received = take(self.connection) if take else b""
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self, received))
 
     def read_body(self, length: int) -> bytes:
         """Read `length` bytes of request body within ``body_timeout`` plus the time the
@@ -232,9 +259,229 @@ class LimitedRequestMixin:
                     pass
 
 
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,15})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def request_arrived(data: bytes | bytearray) -> bool | None:
+    """Whether `data`, the start of a connection, holds a whole request head (and its body
+    when that declares at most ``GATE_BODY_BYTES``).
+
+    Args:
+        data: the bytes received so far.
+
+    Returns:
+        True when a handler can take it, False while more is to come, None when the head
+        is over ``MAX_HEAD_BYTES`` without ending.
+    """
+    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := data.find(sep, 0, MAX_HEAD_BYTES + 3)) >= 0]
+    if not ends:
+        return None if len(data) > MAX_HEAD_BYTES else False
+    end = min(ends)
+    match = _CONTENT_LENGTH.search(data, 0, end)
+    length = int(match.group(1)) if match else 0
+    return length > GATE_BODY_BYTES or len(data) - end >= length  # larger bodies are the handler's (body_timeout)
+
+
+class _Waiting:
+    """A connection in the gate: what it sent so far and when it must have sent its request."""
+
+    __slots__ = ("sock", "address", "client", "data", "deadline")
+
+    def __init__(self, sock: socket.socket, address, deadline: float):
+        self.sock = sock
+        self.address = address
+        self.client = address[0] if isinstance(address, tuple) and address else str(address)
+        self.data = bytearray()
+        self.deadline = deadline
+
+
+class _Gate:
+    """The waiting room of a ``LimitedHTTPServer``: one thread and a selector hold accepted
+    connections until their request has arrived, then hand them to handler threads. The
+    accept thread and finishing handler threads only queue work and wake it; everything else
+    runs on the gate's thread."""
+
+    def __init__(self, server: LimitedHTTPServer):
+        self._server = server
+        self._limits = server.limits
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._incoming: collections.deque[_Waiting] = collections.deque()  # from the accept thread
+        self._waiting: dict[socket.socket, _Waiting] = {}  # insertion order: oldest first
+        self._ready: collections.deque[_Waiting] = collections.deque()
+        self._threads_of: collections.Counter[str] = collections.Counter()  # guarded by _lock
+        self._dropped = 0  # idle connections closed since the last warning
+        self._warned = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http-gate", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads -------------------------------------------------------
+    def add(self, sock: socket.socket, address) -> None:
+        with self._lock:
+            self._incoming.append(_Waiting(sock, address, time.monotonic() + self._limits.header_timeout))
+        self._wake()
+
+    def handler_done(self, client: str) -> None:
+        with self._lock:
+            self._threads_of[client] -= 1
+            if self._threads_of[client] <= 0:
+                del self._threads_of[client]
+        self._wake()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the pipe is full (a wake-up is pending anyway) or closed
+            pass
+
+    # -- the gate's thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_incoming()
+                self._expire()
+                self._dispatch()
+                timeout = 1.0
+                if self._waiting:
+                    timeout = min(timeout, max(0.0, next(iter(self._waiting.values())).deadline - time.monotonic()))
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    else:
+                        self._receive(key.data)
+        except Exception:  # noqa: BLE001 - log it; the server's own accept loop keeps running
+            log.exception("the HTTP server's connection gate stopped")
+        finally:
+            with self._lock:
+                left = [*self._incoming, *self._waiting.values(), *self._ready]
+                self._incoming.clear()
+            self._waiting.clear()
+            self._ready.clear()
+            for entry in left:
+                self._server.shutdown_request(entry.sock)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            new = list(self._incoming)
+            self._incoming.clear()
+        for entry in new:
+            same = [w for w in self._waiting.values() if w.client == entry.client]
+            if len(same) >= self._limits.per_client_waiting:
+                self._drop(same[0])  # this client's oldest idle connection makes room
+            elif len(self._waiting) + len(self._ready) >= self._limits.max_waiting:
+                if not self._waiting:  # all complete requests waiting for a thread: no room
+                    self._server.shutdown_request(entry.sock)
+                    self._note_dropped()
+                    continue
+                self._drop(next(iter(self._waiting.values())))
+            try:
+                entry.sock.setblocking(False)
+                self._selector.register(entry.sock, selectors.EVENT_READ, entry)
+            except (OSError, ValueError):
+                self._server.shutdown_request(entry.sock)
+                continue
+            self._waiting[entry.sock] = entry
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._waiting:
+            entry = next(iter(self._waiting.values()))
+            if entry.deadline > now:
+                break
+            self._drop(entry)
+
+    def _receive(self, entry: _Waiting) -> None:
+        try:
+            chunk = entry.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client closed (or reset) before its request was complete
+            self._drop(entry, idle=False)
+            return
+        entry.data += chunk
+        arrived = request_arrived(entry.data)
+        if arrived is None:
+            self._refuse_large_head(entry)
+        elif arrived:
+            self._selector.unregister(entry.sock)
+            del self._waiting[entry.sock]
+            self._ready.append(entry)
+
+    def _dispatch(self) -> None:
+        held = collections.deque()
+        while self._ready:
+            entry = self._ready.popleft()
+            with self._lock:
+                busy = self._threads_of[entry.client] >= self._limits.per_client_threads
+            if busy:
+                held.append(entry)  # this client waits for one of its own requests to finish
+                continue
+            if not self._server.take_thread_slot():
+                held.append(entry)
+                held.extend(self._ready)
+                self._ready.clear()
+                break
+            with self._lock:
+                self._threads_of[entry.client] += 1
+            self._server.start_handler(entry)
+        self._ready = held
+
+    def _drop(self, entry: _Waiting, idle: bool = True) -> None:
+        self._selector.unregister(entry.sock)
+        del self._waiting[entry.sock]
+        self._server.shutdown_request(entry.sock)
+        if idle:
+            self._note_dropped()
+
+    def _note_dropped(self) -> None:
+        # One warning a minute at most: an attack must not also flood the log.
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._warned >= 60:
+            log.warning(
+                "closed %d HTTP connection(s) that sent no complete request within %.0f s or exceeded the waiting limits",
+                self._dropped,
+                self._limits.header_timeout,
+            )
+            self._dropped, self._warned = 0, now
+
+    def _refuse_large_head(self, entry: _Waiting) -> None:
+        body = json.dumps({"error": f"request line and headers are over {MAX_HEAD_BYTES} bytes"}).encode()
+        reply = (
+            b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        try:
+            entry.sock.send(reply)  # best effort: the socket's buffer takes a reply this small
+        except OSError:
+            pass
+        self._drop(entry, idle=False)
+
+
 class LimitedHTTPServer(ThreadingHTTPServer):
-    """A ``ThreadingHTTPServer`` with a listen backlog of ``limits.queue_size`` and at most
-    ``limits.max_threads`` handler threads at once.
+    """A ``ThreadingHTTPServer`` whose connections wait in a gate, holding no thread, until
+    their request has arrived, with a listen backlog of ``limits.queue_size`` and at most
+    ``limits.max_threads`` handler threads (see the module docstring).
 
     Args:
         address: (host, port); port 0 picks a free one.
@@ -249,26 +496,64 @@ class LimitedHTTPServer(ThreadingHTTPServer):
         self.request_queue_size = self.limits.queue_size  # read by server_activate (listen)
         self._slots = threading.BoundedSemaphore(self.limits.max_threads)
         self._closing = threading.Event()
+        self._received: dict[socket.socket, bytes] = {}
+        self._received_lock = threading.Lock()
         super().__init__(address, handler)
+        self._gate = _Gate(self)
 
     def process_request(self, request, client_address) -> None:
-        # Wait for a free thread; meanwhile new connections queue in the listen backlog.
-        while not self._slots.acquire(timeout=0.2):
-            if self._closing.is_set():
-                self.shutdown_request(request)
-                return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        # Called by the accept loop: hand the connection to the gate and accept the next one.
+        if self._closing.is_set():
+            self.shutdown_request(request)
+            return
+        self._gate.add(request, client_address)
 
-    def process_request_thread(self, request, client_address) -> None:
+    def take_thread_slot(self) -> bool:
+        """Reserve a handler thread if one is free (the gate calls this)."""
+        return self._slots.acquire(blocking=False)
+
+    def start_handler(self, entry: _Waiting) -> None:
+        """Run the handler for a connection whose request has arrived (the gate calls this,
+        holding a thread slot)."""
+        with self._received_lock:
+            self._received[entry.sock] = bytes(entry.data)
         try:
-            super().process_request_thread(request, client_address)
-        finally:
+            entry.sock.setblocking(True)
+            thread = threading.Thread(target=self._handle, args=(entry.sock, entry.address, entry.client), daemon=True)
+            thread.start()
+        except (OSError, RuntimeError):  # cannot start a thread: close this one, keep serving
+            log.exception("could not start a thread for an HTTP request")
+            with self._received_lock:
+                self._received.pop(entry.sock, None)
+            self.shutdown_request(entry.sock)
             self._slots.release()
+            self._gate.handler_done(entry.client)
+
+    def take_received(self, sock: socket.socket) -> bytes:
+        """The bytes the gate read from `sock` (the handler reads them first)."""
+        with self._received_lock:
+            return self._received.pop(sock, b"")
+
+    def _handle(self, request, client_address, client: str) -> None:
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            with self._received_lock:
+                self._received.pop(request, None)
+            self._slots.release()
+            self._gate.handler_done(client)
 
     def shutdown(self) -> None:
         self._closing.set()
         super().shutdown()
+        self._stop_gate()
+
+    def server_close(self) -> None:
+        self._closing.set()
+        self._stop_gate()
+        super().server_close()
+
+    def _stop_gate(self) -> None:
+        gate = getattr(self, "_gate", None)  # absent when binding failed (server_close runs then)
+        if gate is not None:
+            gate.stop()

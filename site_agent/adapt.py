@@ -359,10 +359,32 @@ def _target_report(jd, model, data, summary: dict, factory) -> None:
 
 
 def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = "average", dicom_seg: bool = False,
-              modality: str | None = None, log=print) -> list[dict]:  # fmt: skip
+              modality: str | None = None, log=print, overwrite: bool = False) -> list[dict]:  # fmt: skip
     """Segment NIfTI volumes, DICOM series folders or prepared datasets with an adapted model;
     writes ``<out>/<name>.nii.gz`` (label on the input grid) and, for DICOM input with
-    ``dicom_seg``, ``<out>/<name>.seg.dcm``. Returns one row per written volume."""
+    ``dicom_seg``, ``<out>/<name>.seg.dcm``. ``<name>`` is the input's name
+    (`pipelines.adaptation.volumes.output_stem`) or a dataset's case id.
+
+    Every output path is checked before anything is written: two inputs with the same name,
+    or an output file already there (an earlier run's label, perhaps of another patient)
+    without `overwrite`, refuse the whole run.
+
+    Args:
+        model_path: the adapted model's ``model.pt``.
+        inputs: NIfTI files, DICOM series folders or prepared dataset folders.
+        out: the output folder (created).
+        mode: which branch predicts (``average``, ``target``, ``source``).
+        dicom_seg: also write a DICOM SEG for DICOM series inputs.
+        modality: CT or MR, for NIfTI inputs.
+        log: where progress lines go.
+        overwrite: replace output files that already exist.
+
+    Returns:
+        One row per written volume (input, label path, voxels per class, DICOM SEG path).
+
+    Raises:
+        UserError: a bad model or input, clashing or existing outputs (nothing written then).
+    """
     from pipelines.adaptation.training import AdaptedModel
     from pipelines.adaptation import volumes as V
     from pipelines.factory.slices import SliceSettings
@@ -395,11 +417,11 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
                 raise UserError(f"{p}: {exc}") from None
             jobs += [(c.case_id, "nifti", c.image, ds.modality) for c in ds.cases]
         elif p.is_dir():
-            jobs.append((p.name, "dicom", p, modality))
+            jobs.append((_output_stem(V, p), "dicom", p, modality))
         elif p.is_file():
             if modality is None:
                 raise UserError(f"{p}: a NIfTI input needs --modality (CT or MR)")
-            jobs.append((re.sub(r"\.nii(\.gz)?$", "", p.name), "nifti", p, modality))
+            jobs.append((_output_stem(V, p), "nifti", p, modality))
         else:
             raise UserError(f"{p}: no such file or folder")
     seen: dict[str, Any] = {}
@@ -409,11 +431,21 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         seen[name] = src
     if dicom_seg and not any(k == "dicom" for _, k, _, _ in jobs):
         raise UserError("--dicom-seg needs a DICOM series folder as input")
+    for name, _, src, mod in jobs:
+        if mod is not None and mod not in schema.modalities:
+            raise UserError(f"{src}: modality {mod!r} has no intensity rule in schema {schema.name} ({', '.join(schema.modalities)})")
+    if not overwrite:
+        # An earlier run's label may be another patient's under the same name (case_a of
+        # another folder): never replace it silently. lexists: a dangling link counts too.
+        targets = [out / f"{name}.nii.gz" for name, _, _, _ in jobs]
+        targets += [out / f"{name}.seg.dcm" for name, kind, _, _ in jobs if kind == "dicom" and dicom_seg]
+        existing = [t for t in targets if os.path.lexists(t)]
+        if existing:
+            more = f" (and {len(existing) - 1} more output(s) of this run)" if len(existing) > 1 else ""
+            raise UserError(f"{existing[0]} already exists{more}; pass --overwrite to replace it, or choose another --out")
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for name, kind, src, mod in jobs:
-        if mod is not None and mod not in schema.modalities:
-            raise UserError(f"{src}: modality {mod!r} has no intensity rule in schema {schema.name} ({', '.join(schema.modalities)})")
         try:
             if kind == "dicom":
                 files = sorted(f for f in Path(src).rglob("*") if f.is_file() and not f.name.startswith("."))
@@ -432,6 +464,13 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         log(f"{name}: {target}")
         rows.append(row)
     return rows
+
+
+def _output_stem(volumes, path: Path) -> str:
+    try:
+        return volumes.output_stem(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def schema_name(schema, class_id: int) -> str:

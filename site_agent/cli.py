@@ -635,15 +635,21 @@ def adapt_target(ctx, dataset, factory_ref, branch_ref, few_shot_volumes, few_sh
               help="Target models: average of both branches, the target branch, or the source branch on the translation.")
 @click.option("--modality", default=None, help="CT or MR, for NIfTI inputs (DICOM and prepared datasets know theirs).")
 @click.option("--dicom-seg", is_flag=True, help="For DICOM series input, also write a DICOM SEG next to the NIfTI.")
+@click.option("--overwrite", is_flag=True, help="Replace output files already in --out (refused otherwise, before anything is written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def infer(inputs, model_path, out, mode, modality, dicom_seg, as_json) -> None:
-    """Segment volumes (NIfTI files, DICOM series folders, prepared datasets) with an adapted model."""
+def infer(inputs, model_path, out, mode, modality, dicom_seg, overwrite, as_json) -> None:
+    """Segment volumes (NIfTI files, DICOM series folders, prepared datasets) with an adapted model.
+
+    Each output is named after its input (<out>/<name>.nii.gz; '.' names the current folder).
+    Existing output files are never replaced unless --overwrite is given.
+    """
     from site_agent.adapt import run_infer
 
     p = Path(model_path)
     if p.is_dir():
         p = p / "model.pt"
-    rows = run_infer(p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, log=lambda m: click.echo(m, err=True))
+    rows = run_infer(p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, log=lambda m: click.echo(m, err=True),
+                     overwrite=overwrite)  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -325,3 +325,97 @@ def test_registry_alone_has_the_same_deadlines(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def _timed(port, method, path, token=None, body=None) -> tuple[int, float]:
+    start = time.monotonic()
+    status, _ = request(port, method, path, token, body, timeout=10)
+    return status, time.monotonic() - start
+
+
+def test_idle_connections_do_not_starve_the_api_or_the_registry(tmp_path):
+    # 200 connections that send nothing, 30 that stop inside their headers and 20 that stop
+    # inside a small body, all without a token (the default limits): every route must still
+    # answer at once (before: 32 idle connections blocked everything for 30 s).
+    spec_mod.parse(GOOD, "warm-up")  # the first parse imports the plans (seconds)
+    home = tmp_path / "coord"
+    httpd = start_service(home)
+    port = httpd.server_address[1]
+    registry = serve_registry(tmp_path / "reg", "127.0.0.1", 0, api_token=API)
+    idle = []
+    try:
+        for target in (port, registry.server_address[1]):
+            idle += [socket.create_connection(("127.0.0.1", target), timeout=5) for _ in range(200)]
+            for _ in range(30):
+                idle.append(socket.create_connection(("127.0.0.1", target), timeout=5))
+                idle[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(20):
+                idle.append(socket.create_connection(("127.0.0.1", target), timeout=5))
+                idle[-1].sendall(b"POST /registry/segmentation-branch/x HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.5)
+        for target, method, path, token, body, expected in [
+            (port, "GET", "/health", None, None, 200),
+            (port, "GET", "/runs", API, None, 200),
+            (port, "POST", "/runs", API, GOOD.encode(), 201),
+            (port, "GET", "/registry", API, None, 200),
+            (registry.server_address[1], "GET", "/registry", API, None, 200),
+        ]:
+            status, took = _timed(target, method, path, token, body)
+            assert status == expected and took < 3, (path, status, took)
+    finally:
+        for s in idle:
+            s.close()
+        for server in (httpd, registry):
+            server.shutdown()
+            server.server_close()
+
+
+def test_idle_connections_are_closed_oldest_first_per_client(tmp_path):
+    limits = HTTPLimits(header_timeout=30, per_client_waiting=8)
+    httpd = start_service(tmp_path / "coord", limits)
+    port = httpd.server_address[1]
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+    try:
+        # The 4 oldest made room for the newest; the 8 newest wait (their deadline is 30 s away).
+        assert all(_closed_within(s, 3) is not None for s in conns[:4])
+        assert all(_closed_within(s, 0.2) is None for s in conns[4:])
+        assert request(port, "GET", "/health", timeout=5)[0] == 200
+    finally:
+        for s in conns:
+            s.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_one_client_cannot_hold_every_handler_thread(tmp_path):
+    # Uploads stalled inside bodies too large for the gate hold handler threads; one client
+    # address gets at most per_client_threads of them, so another address is still served.
+    limits = HTTPLimits(max_threads=4, per_client_threads=2, body_timeout=30)
+    httpd = start_service(tmp_path / "coord", limits)
+    port = httpd.server_address[1]
+    stalled = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+            s.sendall(b"POST /runs HTTP/1.1\r\nAuthorization: Bearer " + API.encode() + b"\r\nContent-Length: 200000\r\n\r\nname: ")
+            stalled.append(s)
+        time.sleep(0.5)
+        for _ in range(3):  # more than max_threads minus the stalled client's two
+            status, took = _timed(port, "GET", "/runs", API)
+            assert status == 200 and took < 3, took
+    finally:
+        for s in stalled:
+            s.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_oversized_request_head_is_refused_in_the_gate(service):
+    home, port = service
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 60_000 + b"\r\n" + b"X-More: " + b"b" * 80_000 + b"\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.split(b" ", 2)[1] == b"431" and b"over" in reply
+    assert request(port, "GET", "/health")[0] == 200

@@ -572,6 +572,28 @@ def predict_volume_2d(
 # ------------------------------------------------------------------------------ NIfTI out
 
 
+def output_stem(source: str | os.PathLike) -> str:
+    """The name an inference output of `source` takes (``<out>/<name>.nii.gz``): the last part
+    of its absolute, normalised path, less ``.nii`` / ``.nii.gz``. Normalising first makes
+    ``.`` inside a series folder name that folder (``Path('.').name`` is empty, which wrote the
+    hidden file ``<out>/.nii.gz``); links are not followed, so the name is the one given.
+
+    Args:
+        source: a NIfTI file or DICOM series folder, as the user gave it.
+
+    Returns:
+        The output name, never empty.
+
+    Raises:
+        ValueError: nothing is left to name the output after (``/``, a file named ``.nii.gz``).
+    """
+    name = Path(os.path.normpath(os.path.abspath(source))).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else name
+    if not stem:
+        raise ValueError(f"{source}: no name to give its output (rename the file or folder, or give its parent folder)")
+    return stem
+
+
 def write_label_nifti(label: np.ndarray, reference: nib.spatialimages.SpatialImage | str | os.PathLike, path: str | os.PathLike) -> str:
     """Write ``label`` (X, Y, Z) integer on the grid of ``reference`` as a NIfTI-1 label map at
     ``path`` (``.nii.gz`` or ``.nii``), atomically; returns the sha256 of the bytes written.
