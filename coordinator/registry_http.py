@@ -50,7 +50,7 @@ from pathlib import Path
 
 from coordinator import branches  # also registers the segmentation-branch validator
 from coordinator import registry as R
-from coordinator.http_limits import MAX_JSON_DEPTH, HTTPLimits, LimitedHTTPServer, LimitedRequestMixin, json_depth
+from coordinator.http_limits import GATE_BODY_BYTES, MAX_JSON_DEPTH, HTTPLimits, LimitedHTTPServer, LimitedRequestMixin, json_depth
 from coordinator.registry import ArtifactNotFound, Registry, RegistryError
 from coordinator.site_tokens import SiteTokens
 from site_agent.errors import UserError
@@ -60,7 +60,9 @@ MAX_PUSH_FILES = 32
 PUSHABLE_KINDS = ("segmentation-branch",)
 SHA256_HEADER = "X-Content-SHA256"
 PUBLISHED_BY = "published_by"
-_DRAIN_BYTES = 1 << 20  # read (and drop) at most this much of a refused body before answering
+# Read (and drop) at most this much of a refused body before answering: what the connection
+# gate has already received, so a refusal never waits on a client that sends no body.
+_DRAIN_BYTES = GATE_BODY_BYTES
 _PUSH_KEYS = {"files", "meta"}
 MAX_CONCURRENT_PUSHES = 2  # push bodies in memory at once (each up to MAX_PUSH_BYTES, plus decoding)
 PUSH_WAIT_S = 60.0
