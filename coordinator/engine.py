@@ -167,7 +167,9 @@ class Federation:
         from fedbiomed.researcher.federated_workflows import Experiment
 
         from coordinator.strategy import SampledSitesStrategy
+        from pipelines.site_errors import mark_researcher_process
 
+        mark_researcher_process()  # the plan's post_init runs here: its errors are the researcher's own
         folder = folder or run_dir
         self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)  # breakpoints land in the run dir
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()

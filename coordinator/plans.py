@@ -113,9 +113,8 @@ def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_f
     """Check ``plan_args`` of plan ``name`` and build the model arguments sent to the sites.
 
     The schema and every unknown key are reported together; the plan's own parser (which
-    stops at its first problem) runs once those are fine. Segmentation and factory plans
-    import torch and MONAI here (their network checks use MONAI's constructors); other
-    checks of a spec do not need them.
+    stops at its first problem) runs once those are fine. Nothing here imports torch, MONAI
+    or Fed-BioMed (`pipelines.plan_args`, `pipelines.factory.plan_args`).
 
     Args:
         name: a plan of PLANS.
@@ -139,10 +138,11 @@ def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_f
         raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir, allow_files)
     except PlanArgsError as exc:
         problems.append(exc)
+    # the argument checks import neither torch nor MONAI: `coordinator validate` stays fast
     if name in FACTORY_PLANS:
-        from pipelines.factory.training import FACTORY_ARG_KEYS as allowed
+        from pipelines.factory.plan_args import FACTORY_ARG_KEYS as allowed
     else:
-        from pipelines.training import PLAN_ARG_KEYS as allowed
+        from pipelines.plan_args import PLAN_ARG_KEYS as allowed
     special = {"schema_definition", "num_classes", *FILLED_ARGS}  # the plan's parser explains these itself
     for key in args:
         if key not in allowed and key not in special:
@@ -154,11 +154,11 @@ def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_f
     out = {k: v for k, v in args.items() if k != "schema"}
     try:
         if name in FACTORY_PLANS:
-            from pipelines.factory.training import parse_factory_args
+            from pipelines.factory.plan_args import parse_factory_args
 
             parse_factory_args(out)
         else:
-            from pipelines.training import parse_plan_args
+            from pipelines.plan_args import parse_plan_args
             from preprocessing.schema import parse_schema
 
             parse_plan_args(out, parse_schema(raw, source))

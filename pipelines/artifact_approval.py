@@ -9,8 +9,10 @@ itself has approved its sha256. The store lives in the site's work folder::
 
 A record holds ``sha256``, ``kinds``, ``status`` (pending / approved / rejected), the
 ``requests`` that asked for it (plan or job, run, path, registry entry it came from, time)
-and the ``decision`` (who, when, note). A loader meeting an artifact the site has not
-approved refuses it with `ArtifactNotApproved` and records a pending request (loads of
+and the ``decision`` (who, when, note). Origin values come from plan arguments and the
+coordinator's registry records: identifiers are checked and free text is stored with its
+control characters escaped and cut (`pipelines.terminal_text`). A loader meeting an
+artifact the site has not approved refuses it with `ArtifactNotApproved` and records a pending request (loads of
 approved ones are recorded too), which staff review with ``site-agent artifacts list|show|approve|reject`` and ``site-agent plans show``.
 
 The node (and every ``site-agent`` command that runs a job) finds the store through
@@ -31,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from pipelines.terminal_text import escape_controls
 from preprocessing import atomic
 
 STORE_ENV = "FEDIMG_ARTIFACT_STORE"
@@ -41,11 +44,24 @@ MAX_REQUESTS = 20  # per artifact: the newest requests are kept, the file stays 
 MAX_ARTIFACT_BYTES = 2 * 1024**3  # read into memory once; a bigger file is refused
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ORIGIN_KEYS = ("setting", "plan_class", "plan_source_sha256", "run_id", "round", "job", "path", "registry")
+# What a recorded origin value may look like (it is printed to staff); a value that does not
+# fit is kept only as an escaped, cut "invalid: ..." so the record still shows something came.
+_ORIGIN_PATTERNS = {
+    "setting": re.compile(r"^[A-Za-z0-9_.:\- ]{1,120}$"),
+    "plan_class": re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"),
+    "plan_source_sha256": _HEX64,
+    "run_id": re.compile(r"^[A-Za-z0-9_.\-]{1,200}$"),
+    "round": re.compile(r"^[0-9]{1,9}$"),
+    "job": re.compile(r"^[A-Za-z0-9_.:\- ]{1,120}$"),
+}
+_REGISTRY_KEYS = ("kind", "name", "version", "published_by", "published_at")
+MAX_TEXT = 200  # characters kept of a free-text origin value (path, registry fields)
 
 __all__ = [
     "ApprovalStore",
     "ArtifactNotApproved",
     "ArtifactStoreError",
+    "ArtifactUnavailable",
     "KINDS",
     "STORE_ENV",
     "load_approved_bytes",
@@ -61,14 +77,17 @@ class ArtifactStoreError(RuntimeError):
 class ArtifactNotApproved(PermissionError):
     """An artifact the site has not approved (or has rejected) was about to be loaded.
 
-    Attributes: ``sha256``, ``kind``, ``status`` (``pending``, ``rejected`` or ``no_store``)
-    and ``path``; the message says how staff approve it.
+    Attributes: ``sha256``, ``kind``, ``status`` (``pending``, ``rejected`` or ``no_store``),
+    ``path`` and ``disclose``: whether the sha256 and status may be reported to the
+    coordinator (only when the requester declared that very sha256, so the report tells it
+    nothing it did not know about the site's files); the message says how staff approve it.
     """
 
     code = "artifact_not_approved"
 
     def __init__(self, sha256: str, kind: str, status: str, path: str | os.PathLike, store: Path | None):
         self.sha256, self.kind, self.status, self.path = sha256, kind, status, str(path)
+        self.disclose = False
         if status == "no_store":
             msg = (f"{path}: {kind} artifact sha256 {sha256} cannot be loaded: no artifact approval store "
                    f"(${STORE_ENV} is not set; the site agent sets it for the node and its jobs)")  # fmt: skip
@@ -79,6 +98,17 @@ class ArtifactNotApproved(PermissionError):
                    f"review it with `site-agent artifacts show {sha256[:12]}` and approve it with "
                    f"`site-agent artifacts approve {sha256}`")  # fmt: skip
         super().__init__(msg)
+
+
+class ArtifactUnavailable(ArtifactNotApproved):
+    """The artifact cannot be considered at all: the file is missing, too big, or its content
+    differs from the sha256 the requester declared. Reported to the coordinator exactly like
+    an unapproved artifact (same code, no sha256), so a request cannot probe which files a
+    site holds; the reason is in the message, which stays in the site's log."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, reason: str):
+        PermissionError.__init__(self, f"{path}: {kind} artifact cannot be loaded: {reason}")
+        self.sha256, self.kind, self.status, self.path, self.disclose = "", kind, "pending", str(path), False
 
 
 def _now() -> str:
@@ -112,8 +142,30 @@ def registry_source(path: str | os.PathLike) -> dict | None:
         return None
     if not isinstance(record, dict):
         return None
-    out = {k: record.get(k) for k in ("kind", "name", "version", "published_by", "published_at") if record.get(k) is not None}
-    return {k: str(v)[:200] for k, v in out.items()} or None
+    out = {k: record.get(k) for k in _REGISTRY_KEYS if record.get(k) is not None}
+    return {k: escape_controls(v, limit=MAX_TEXT) for k, v in out.items()} or None
+
+
+def _clean_origin(origin: Mapping[str, Any] | None) -> dict:
+    """The origin keys a request records, each checked (identifiers) or escaped and cut (text):
+    they come from plan arguments and registry records, and staff read them on a terminal."""
+    clean: dict[str, Any] = {}
+    for k in _ORIGIN_KEYS:
+        v = origin.get(k) if origin else None
+        if v is None:
+            continue
+        if k == "registry":
+            if isinstance(v, Mapping):
+                reg = {rk: escape_controls(v[rk], limit=MAX_TEXT) for rk in _REGISTRY_KEYS if v.get(rk) is not None}
+                if reg:
+                    clean[k] = reg
+        elif k == "path":
+            clean[k] = escape_controls(v, limit=MAX_TEXT * 2)
+        elif isinstance(v, (str, int)) and not isinstance(v, bool) and _ORIGIN_PATTERNS[k].match(str(v)):
+            clean[k] = v
+        else:
+            clean[k] = "invalid: " + escape_controls(v, limit=60)
+    return clean
 
 
 class ApprovalStore:
@@ -220,7 +272,7 @@ class ApprovalStore:
 
         A request equal to a recorded one (same origin) only updates its time and count."""
         sha256, kind = _check_sha(sha256), _check_kind(kind)
-        clean = {k: origin[k] for k in _ORIGIN_KEYS if origin and origin.get(k) is not None}
+        clean = _clean_origin(origin)
         now = _now()
         with self._locked():
             doc = self._read()
@@ -265,11 +317,19 @@ class ApprovalStore:
             self._write(doc)
             return record
 
-    def check(self, data: bytes, kind: str, path: str | os.PathLike, origin: Mapping[str, Any] | None = None) -> str:
+    def check(self, data: bytes, kind: str, path: str | os.PathLike, origin: Mapping[str, Any] | None = None,
+              disclose: bool = False) -> str:  # fmt: skip
         """The sha256 of `data` when the site approved it; otherwise raise.
 
         Every call is recorded as a request (who asked, where the file came from), so staff
         see what each plan loaded, approved or not; a new artifact becomes pending.
+
+        Args:
+            data: the artifact's bytes.
+            kind: one of `KINDS`.
+            path: where they were read (recorded).
+            origin: who asks (recorded, see `request`).
+            disclose: set on the refusal (see `ArtifactNotApproved`).
 
         Raises:
             ArtifactNotApproved: pending or rejected.
@@ -285,7 +345,9 @@ class ApprovalStore:
             status = self.status(digest)
         if status == "approved":
             return digest
-        raise ArtifactNotApproved(digest, kind, "rejected" if status == "rejected" else "pending", path, self.root)
+        refusal = ArtifactNotApproved(digest, kind, "rejected" if status == "rejected" else "pending", path, self.root)
+        refusal.disclose = disclose
+        raise refusal
 
 
 def _user() -> str:
@@ -296,7 +358,7 @@ def _user() -> str:
 
 
 def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str, Any] | None = None,
-                        store: ApprovalStore | None = None) -> tuple[bytes, str]:  # fmt: skip
+                        store: ApprovalStore | None = None, expected_sha256: str | None = None) -> tuple[bytes, str]:  # fmt: skip
     """Read `path` once and return ``(bytes, sha256)`` when the site approved that content.
 
     Deserialise the returned bytes (e.g. ``torch.jit.load(io.BytesIO(data))``), never the
@@ -307,18 +369,33 @@ def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str,
         kind: one of `KINDS`.
         origin: who asks (plan class, run id, plan setting, job); recorded with a request.
         store: the approval store; default ``$FEDIMG_ARTIFACT_STORE``.
+        expected_sha256: the sha256 the requester declared: content that differs is refused
+            before anything is recorded; a refusal of matching content may report its sha256
+            and status to the coordinator (``disclose``), no other refusal does.
 
     Raises:
+        ArtifactUnavailable: missing or unreadable file, over `MAX_ARTIFACT_BYTES`, or content
+            other than `expected_sha256` (nothing is recorded).
         ArtifactNotApproved: not approved (a pending request is recorded), rejected, or no store.
-        OSError: the file cannot be read.
     """
     _check_kind(kind)
+    expected = _check_sha(expected_sha256) if expected_sha256 is not None else None
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_ARTIFACT_BYTES:
-        raise ArtifactStoreError(f"{path}: {size} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit of an executable artifact")
-    data = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > MAX_ARTIFACT_BYTES:
+            raise ArtifactUnavailable(path, kind, f"{size} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit of an executable artifact")
+        data = path.read_bytes()
+    except OSError as exc:
+        if isinstance(exc, ArtifactNotApproved):
+            raise
+        raise ArtifactUnavailable(path, kind, f"the file cannot be read ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected is not None and digest != expected:
+        raise ArtifactUnavailable(path, kind, f"its sha256 {digest} differs from the declared {expected}")
     store = store if store is not None else ApprovalStore.from_env()
     if store is None:
-        raise ArtifactNotApproved(hashlib.sha256(data).hexdigest(), kind, "no_store", path, None)
-    return data, store.check(data, kind, path, origin)
+        refusal = ArtifactNotApproved(digest, kind, "no_store", path, None)
+        refusal.disclose = expected is not None
+        raise refusal
+    return data, store.check(data, kind, path, origin, disclose=expected is not None)

@@ -89,7 +89,10 @@ def _classify(exc: BaseException) -> tuple[str, dict]:
     while e is not None and id(e) not in seen:  # the refusal may arrive wrapped by another error
         seen.add(id(e))
         if isinstance(e, ArtifactNotApproved):
-            return "artifact_not_approved", {"kind": e.kind, "sha256": e.sha256, "status": e.status}
+            # sha256 and status only for content the requester named by its sha256: otherwise
+            # they would tell the coordinator which files the site holds and what they hash to
+            disclosed = {"sha256": e.sha256, "status": e.status} if getattr(e, "disclose", False) else {}
+            return "artifact_not_approved", {"kind": e.kind, **disclosed}
         e = e.__cause__ or e.__context__
     names = {c.__name__ for c in type(exc).__mro__}
     if "KeyConfigError" in names:
@@ -112,11 +115,28 @@ def sanitize(exc: BaseException, stage: str) -> SiteError:
     return SiteError(code, stage=stage, incident=incident, **fields)
 
 
+_RESEARCHER_PROCESS = False  # set only by `mark_researcher_process` (coordinator code)
+
+
+def mark_researcher_process() -> None:
+    """Mark this process as the coordinator's (Fed-BioMed's researcher side).
+
+    The coordinator also runs a plan's `post_init`: there the researcher's own error text is
+    theirs to see, so `site_boundary` lets it through. Everywhere else (a node, a site-agent
+    job, a test) errors are sanitised: that is the default, and nothing a site receives
+    (plan arguments, environment) can change it; only coordinator code calls this.
+
+    Raises:
+        RuntimeError: called in a Fed-BioMed node process.
+    """
+    global _RESEARCHER_PROCESS
+    if "fedbiomed.node.node" in sys.modules or "fedbiomed.node.round" in sys.modules:
+        raise RuntimeError("mark_researcher_process: this is a Fed-BioMed node process; its errors stay sanitised")
+    _RESEARCHER_PROCESS = True
+
+
 def _researcher_process() -> bool:
-    """The coordinator also runs a plan's `post_init` (Fed-BioMed's researcher side): there
-    the researcher's own error text is theirs to see. Anywhere else (a node, a test) errors
-    are sanitised."""
-    return "fedbiomed.researcher" in sys.modules and "fedbiomed.node" not in sys.modules
+    return _RESEARCHER_PROCESS
 
 
 def site_boundary(stage: str) -> Callable:

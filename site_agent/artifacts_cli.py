@@ -5,6 +5,11 @@ code (TorchScript key encoders and perceptual networks, pickles) need the site's
 of their content too: until then they are refused and listed here as pending, with who
 asked (plan, run, setting) and where the file came from (path, registry entry). The store
 is ``<work_dir>/artifacts/artifacts.json`` (`pipelines.artifact_approval`).
+
+Everything printed that others wrote (registry records, plan arguments, paths) goes
+through `pipelines.terminal_text.escape_controls`: a control character in it shows as an
+escape and cannot overwrite what staff read; provenance is labelled as the coordinator's
+account, which the site cannot verify.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import sys
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipelines.artifact_approval import KINDS, STATUSES, ApprovalStore, ArtifactStoreError, store_dir
+from pipelines.terminal_text import escape_controls as _safe
 from site_agent.errors import UserError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -30,16 +37,20 @@ def _store(ctx: click.Context) -> ApprovalStore:
 
 
 def _came_from(origin: dict) -> str:
+    """Where the file was and the registry entry it came from, escaped for the terminal."""
     reg = origin.get("registry")
+    path = _safe(origin.get("path", "?"))
     if isinstance(reg, dict) and reg.get("name"):
-        by = f", published by {reg['published_by']}" if reg.get("published_by") else ""
-        return f"registry {reg.get('kind', '?')}/{reg['name']} {reg.get('version', '?')}{by} ({origin.get('path', '?')})"
-    return str(origin.get("path", "?"))
+        by = f", published by {_safe(reg['published_by'])}" if reg.get("published_by") else ""
+        return (f"registry entry {_safe(reg.get('kind', '?'))}/{_safe(reg['name'])} {_safe(reg.get('version', '?'))}{by} "
+                f"(according to the coordinator) ({path})")  # fmt: skip
+    return path
 
 
 def _asked_by(origin: dict) -> str:
-    parts = [origin.get("plan_class") or "", f"run {origin['run_id']}" if origin.get("run_id") else "",
-             f"round {origin['round']}" if origin.get("round") else "", origin.get("setting") or ""]  # fmt: skip
+    """Plan, run, round and setting that asked (the run as the coordinator named it), escaped."""
+    parts = [_safe(origin.get("plan_class") or ""), f"run {_safe(origin['run_id'])}" if origin.get("run_id") else "",
+             f"round {_safe(origin['round'])}" if origin.get("round") else "", _safe(origin.get("setting") or "")]  # fmt: skip
     return ", ".join(p for p in parts if p) or "?"
 
 
@@ -47,8 +58,8 @@ def _decision(record: dict) -> str:
     d = record.get("decision") or {}
     if not d:
         return ""
-    note = f": {d['note']}" if d.get("note") else ""
-    return f"{d.get('status', '?')} by {d.get('by', '?')} at {d.get('at', '?')}{note}"
+    note = f": {_safe(d['note'])}" if d.get("note") else ""
+    return f"{_safe(d.get('status', '?'))} by {_safe(d.get('by', '?'))} at {_safe(d.get('at', '?'))}{note}"
 
 
 @click.group()
@@ -76,9 +87,10 @@ def artifacts_list(ctx, status, as_json) -> None:
     for r in rows:
         last = (r.get("requests") or [{}])[-1]
         origin = last.get("origin", {})
-        table.add_row(r["sha256"][:16], r.get("status", "?"), ",".join(r.get("kinds", [])), _asked_by(origin) if last else "",
-                      _came_from(origin) if last else "", str(sum(int(q.get("count", 1)) for q in r.get("requests", []))),
-                      str(r.get("last_requested", "")))  # fmt: skip
+        cells = [str(r.get("sha256", ""))[:16], r.get("status", "?"), ",".join(map(str, r.get("kinds", []))),
+                 _asked_by(origin) if last else "", _came_from(origin) if last else "",
+                 str(sum(int(q.get("count", 1)) for q in r.get("requests", []))), r.get("last_requested", "")]  # fmt: skip
+        table.add_row(*(Text(_safe(c)) for c in cells))  # Text: no rich markup is interpreted in others' text
     console.print(table)
     pending = sum(1 for r in rows if r.get("status") == "pending")
     if pending:
@@ -95,14 +107,15 @@ def artifacts_show(ctx, sha) -> None:
         record = store.get(store.resolve(sha))
     except ArtifactStoreError as exc:
         raise UserError(str(exc)) from None
-    click.echo(f"sha256: {record['sha256']}")
-    click.echo(f"status: {record.get('status', '?')}")
-    click.echo(f"kind: {', '.join(record.get('kinds', [])) or '?'}")
+    click.echo(f"sha256: {_safe(record['sha256'])}")
+    click.echo(f"status: {_safe(record.get('status', '?'))}")
+    click.echo(f"kind: {_safe(', '.join(map(str, record.get('kinds', [])))) or '?'}")
     if record.get("decision"):
         click.echo(f"decision: {_decision(record)}")
     for q in record.get("requests", []):
         origin = q.get("origin", {})
-        click.echo(f"- asked by {_asked_by(origin)}; file {_came_from(origin)}; {q.get('count', 1)}x, {q.get('first')} .. {q.get('last')}")
+        click.echo(f"- asked by {_asked_by(origin)}; file {_came_from(origin)}; "
+                   f"{_safe(q.get('count', 1))}x, {_safe(q.get('first'))} .. {_safe(q.get('last'))}")  # fmt: skip
     click.echo("Loading TorchScript or a pickle runs code with the node's rights (it can read this site's files): "
                "approve only a file whose origin you trust.")  # fmt: skip
 
@@ -145,7 +158,7 @@ def echo_plan_artifacts(site, plan: dict) -> None:
     try:
         rows = ApprovalStore(store_dir(site.work_dir)).for_plan(hashlib.sha256(source.encode("utf-8")).hexdigest())
     except ArtifactStoreError as exc:
-        click.echo(f"--- artifacts --- (unavailable: {exc})")
+        click.echo(f"--- artifacts --- (unavailable: {_safe(exc)})")
         return
     click.echo("--- artifacts this plan asked to load (executable content needs the site's own approval) ---")
     if not rows:
@@ -154,6 +167,7 @@ def echo_plan_artifacts(site, plan: dict) -> None:
     for r in rows:
         for q in r["requests"]:
             origin = q.get("origin", {})
-            click.echo(f"{r['sha256']}  {r.get('status', '?')}  {q.get('kind')}  {origin.get('setting', '')}  from {_came_from(origin)}")
+            click.echo(f"{_safe(r['sha256'])}  {_safe(r.get('status', '?'))}  {_safe(q.get('kind'))}  "
+                       f"{_safe(origin.get('setting', ''))}  from {_came_from(origin)}")  # fmt: skip
     if any(r.get("status") == "pending" for r in rows):
         click.echo("approve one with `site-agent artifacts approve SHA` (or reject it) after checking where it came from")

@@ -10,6 +10,12 @@ keep it unique on the node) that every command accepts, as does any unique prefi
 
 What changed since the site last approved a plan of the same name is a unified diff of
 the two sources (``difflib``), so staff review only the changed lines.
+
+Everything shown comes from the researcher: every field, source and diff line is printed
+through `pipelines.terminal_text.escape_controls` (a carriage return, an ANSI escape or a
+bidi override shows as ``\r``, ``\x1b``, ``\u202e`` and cannot hide or rewrite a line),
+and ``plans show`` opens with a WARNING when the source holds such a character. Source
+lines are split at ``\n`` only, so a lone ``\r`` (a line break to Python) stays visible.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
+from pipelines.terminal_text import escape_controls, has_controls
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 
@@ -72,20 +79,21 @@ def _parse_date(text: str) -> datetime:
 def iso_date(text: str) -> str:
     """Fed-BioMed's '05-12-2026 01:17:06.396650' as '2026-12-05 01:17' (the text as is when it does not parse)."""
     when = _parse_date(text)
-    return when.strftime("%Y-%m-%d %H:%M") if when != datetime.min else str(text or "")
+    return when.strftime("%Y-%m-%d %H:%M") if when != datetime.min else escape_controls(text or "", limit=40)
 
 
 def short_researcher(researcher_id: str) -> str:
     """``RESEARCHER_e2e83205-...`` -> ``e2e83205`` (enough to tell coordinators apart)."""
-    rid = str(researcher_id or "")
+    rid = escape_controls(researcher_id or "")
     return rid.split("_", 1)[1][:SHORT_ID_LEN] if rid.upper().startswith("RESEARCHER_") else rid[:SHORT_ID_LEN] or "?"
 
 
 def readable_name(description: str, source: str) -> tuple[str, str, str, str]:
-    """(name, experiment, plan key, plan class) derived from a plan's description and source."""
+    """(name, experiment, plan key, plan class) derived from a plan's description and source,
+    control characters escaped (they are printed)."""
     match = _DESCRIPTION.match(" ".join(str(description or "").split()))
-    experiment = match["experiment"] if match else (" ".join(str(description or "").split()) or "-")
-    key = match["key"] if match else ""
+    experiment = escape_controls(match["experiment"] if match else (" ".join(str(description or "").split()) or "-"), limit=200)
+    key = escape_controls(match["key"], limit=100) if match else ""
     classes = _CLASS.findall(source or "")
     plan_class = classes[-1] if classes else (key or "?")  # the plan class comes after its helpers
     return f"{experiment}/{plan_class}", experiment, key, plan_class
@@ -187,10 +195,18 @@ def approved_baseline(plans: list[PlanRecord], plan: PlanRecord) -> tuple[PlanRe
     return None, ""
 
 
+def source_lines(source: str) -> list[str]:
+    """The lines of a source, split at ``\n`` only (not at ``\r``, ``\f``, ``\u2028``... as
+    ``str.splitlines`` does), so every other control character stays inside its line."""
+    lines = str(source or "").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def source_diff(old: PlanRecord, new: PlanRecord, context: int = 3) -> list[str]:
-    """Unified diff lines (no trailing newlines) from ``old``'s source to ``new``'s."""
+    """Unified diff lines (no trailing newlines) from ``old``'s source to ``new``'s, raw (escape
+    them before printing)."""
     return list(difflib.unified_diff(
-        old.source.splitlines(), new.source.splitlines(),
+        source_lines(old.source), source_lines(new.source),
         fromfile=f"approved {old.short_id} ({old.name})", tofile=f"{new.status.lower() or 'plan'} {new.short_id} ({new.name})",
         n=context, lineterm="",
     ))  # fmt: skip
@@ -211,29 +227,38 @@ def change_summary(plans: list[PlanRecord], plan: PlanRecord) -> str:
 
 def show_lines(plans: list[PlanRecord], plan: PlanRecord, with_source: bool = True) -> list[str]:
     """What `site-agent plans show` prints: metadata, the changes since the last approved
-    plan of the same name, and the full source."""
-    lines = [
-        f"id: {plan.id}",
-        f"short id: {plan.short_id}",
-        f"name: {plan.name}",
-        f"experiment: {plan.experiment}",
-        f"plan class: {plan.plan_class}" + (f" (plan {plan.plan_key})" if plan.plan_key else ""),
-        f"researcher: {plan.researcher_id or '?'}",
-        f"status: {plan.status}",
-        f"registered: {plan.date_registered}",
-        f"last action: {plan.date_last_action or '-'}",
-        f"notes: {plan.notes or '-'}",
-        f"hash ({plan.algorithm or '?'} of the minified source): {plan.hash}",
+    plan of the same name, and the full source, every line escaped (`escape_controls`);
+    a WARNING first when the source holds control or bidi characters."""
+    e = escape_controls
+    lines = []
+    if any(has_controls(line) for line in source_lines(plan.source)):
+        warning = ("WARNING: this plan's source contains control or bidirectional characters (shown escaped as \\x.. / \\u....): "
+                   "they can hide or reorder code on a terminal or in an editor; review those lines with care")  # fmt: skip
+        lines.append(warning)
+    lines += [
+        f"id: {e(plan.id)}",
+        f"short id: {e(plan.short_id)}",
+        f"name: {e(plan.name)}",
+        f"experiment: {e(plan.experiment)}",
+        f"plan class: {e(plan.plan_class)}" + (f" (plan {e(plan.plan_key)})" if plan.plan_key else ""),
+        f"researcher: {e(plan.researcher_id or '?')}",
+        f"status: {e(plan.status)}",
+        f"registered: {e(plan.date_registered)}",
+        f"last action: {e(plan.date_last_action or '-')}",
+        f"notes: {e(plan.notes or '-')}",
+        f"hash ({e(plan.algorithm or '?')} of the minified source): {e(plan.hash)}",
     ]
     base, how = approved_baseline(plans, plan)
     if base is None:
         lines.append("--- changes: no approved plan of the same name or class on this node; review the whole source ---")
     elif base.source == plan.source:
-        lines.append(f"--- changes: source identical to approved plan {base.short_id} ({base.name}, {how}) ---")
+        lines.append(f"--- changes: source identical to approved plan {e(base.short_id)} ({e(base.name)}, {how}) ---")
     else:
-        lines.append(f"--- changes since approved plan {base.short_id} ({base.name}, {how}, registered {base.date_registered}) ---")
-        lines.extend(source_diff(base, plan))
+        lines.append(f"--- changes since approved plan {e(base.short_id)} ({e(base.name)}, {how}, registered {e(base.date_registered)}) ---")
+        lines.extend(e(d, keep_tabs=True) for d in source_diff(base, plan))
     if with_source:
         lines.append("--- source ---")
-        lines.extend(plan.source.splitlines())
+        lines.extend(e(line, keep_tabs=True) for line in source_lines(plan.source))
+    if lines[0].startswith("WARNING"):
+        lines.append(lines[0])  # again after a long source: the top may have scrolled away
     return lines

@@ -41,6 +41,7 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
 
     Every inherited FBM_* variable is dropped: Fed-BioMed reads FBM_<SECTION>_<KEY> over its
     config file, so a stray one could switch approval off or point the node at another database.
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``: no ``torch.load`` in the node unpickles code.
     """
     env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("FBM_")}
     env["FBM_RESEARCHER_IP"] = site.coordinator_host
@@ -53,6 +54,10 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
     env["FEDIMG_MODELS_DIR"] = str(site.work_dir / "models")
     # the site's approvals of executable artifacts (TorchScript, pickles): nothing else loads
     env[STORE_ENV] = str(store_dir(site.work_dir))
+    # defence in depth: every torch.load in the node (Fed-BioMed's, MONAI's, ours) reads plain
+    # tensors only, even one that asks for weights_only=False; the opposite switch is dropped
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     return env
 
 

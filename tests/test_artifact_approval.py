@@ -62,8 +62,22 @@ def site_files(tmp_path):
     version.mkdir(parents=True)
     torch.jit.script(_Reader(str(secret), len(SECRET))).save(str(version / "encoder.pt"))
     (version / "artifact.json").write_text(json.dumps({"kind": "factory", "name": "evil", "version": "v0001", "published_by": "researcher-x"}))
-    torch.jit.script(_Encoder()).save(str(work / "models" / "good.pt"))
+    good = work / "models" / "registry" / "factory" / "good" / "v0001"
+    good.mkdir(parents=True)
+    torch.jit.script(_Encoder()).save(str(good / "encoder.pt"))
     return work
+
+
+GOOD = "registry/factory/good/v0001/encoder.pt"
+
+
+@pytest.fixture(autouse=True)
+def _site_process(monkeypatch):
+    """These tests play the site: errors are sanitised (an earlier test in this process may
+    have run a coordinator experiment, which marks the process as the researcher's)."""
+    from pipelines import site_errors
+
+    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False)
 
 
 def test_store_records_requests_and_decisions(tmp_path):
@@ -135,11 +149,11 @@ def test_unapproved_torchscript_key_is_refused_before_loading(site_files, monkey
 def test_approved_encoder_loads_from_the_checked_bytes(site_files, monkeypatch):
     models = site_files / "models"
     monkeypatch.setenv(STORE_ENV, str(store_dir(site_files)))
-    good = models / "good.pt"
+    good = models / GOOD
     with pytest.raises(ArtifactNotApproved):
-        build_domain_key({"kind": "encoder", "file": "good.pt"}, 32, models_dir=models)
+        build_domain_key({"kind": "encoder", "file": GOOD}, 32, models_dir=models)
     ApprovalStore.from_env().decide(_sha(good), True)
-    dk = build_domain_key({"kind": "encoder", "file": "good.pt"}, 32, models_dir=models)
+    dk = build_domain_key({"kind": "encoder", "file": GOOD}, 32, models_dir=models)
     assert dk.dim == 4 and dk.fn.describe()["sha256"] == _sha(good)
     # loads of an approved artifact are recorded too (staff see what each plan loaded)
     (request,) = ApprovalStore.from_env().get(_sha(good))["requests"]
@@ -152,7 +166,7 @@ def test_approved_encoder_loads_from_the_checked_bytes(site_files, monkeypatch):
 def test_without_a_store_nothing_executable_loads(site_files, monkeypatch):
     monkeypatch.delenv(STORE_ENV, raising=False)
     with pytest.raises(ArtifactNotApproved, match=STORE_ENV) as e:
-        build_domain_key({"kind": "encoder", "file": "good.pt"}, 32, models_dir=site_files / "models")
+        build_domain_key({"kind": "encoder", "file": GOOD}, 32, models_dir=site_files / "models")
     assert e.value.status == "no_store"
 
 
@@ -177,10 +191,13 @@ def test_a_site_error_carries_a_code_and_allowlisted_fields_only(site_files, mon
     err = capsys.readouterr().err
     assert SECRET in err and f"incident {e.value.fields['incident']}" in err
 
-    # a refusal keeps its sha256 and kind, even wrapped in another error
+    # a refusal keeps its sha256 and kind, even wrapped in another error (the sha256 only
+    # for content the requester named by that sha256: disclose)
     try:
         try:
-            raise ArtifactNotApproved("ab" * 32, "torchscript", "pending", evil, None)
+            refusal = ArtifactNotApproved("ab" * 32, "torchscript", "pending", evil, None)
+            refusal.disclose = True
+            raise refusal
         except ArtifactNotApproved as inner:
             raise RuntimeError(f"wrapped: {SECRET}") from inner
     except RuntimeError as outer:
@@ -212,7 +229,7 @@ def test_site_agent_artifacts_commands(site_files, tmp_path, monkeypatch, capsys
     run = CliRunner().invoke
     sha = _sha(evil)
     res = run(cli, ["--config", str(cfg_path), "artifacts", "list"])
-    assert res.exit_code == 0 and sha[:16] in res.output and "pending" in res.output and "registry factory/evil v0001" in res.output
+    assert res.exit_code == 0 and sha[:16] in res.output and "pending" in res.output and "registry entry factory/evil v0001" in res.output
     res = run(cli, ["--config", str(cfg_path), "artifacts", "list", "--status", "PENDING", "--json"])
     assert [r["sha256"] for r in json.loads(res.output)] == [sha]
     res = run(cli, ["--config", str(cfg_path), "artifacts", "show", sha[:10]])
@@ -222,7 +239,7 @@ def test_site_agent_artifacts_commands(site_files, tmp_path, monkeypatch, capsys
     capsys.readouterr()
     echo_plan_artifacts(site, {"training_plan": source})
     block = capsys.readouterr().out
-    assert f"{sha}  pending  torchscript" in block and "registry factory/evil v0001" in block and "artifacts approve" in block
+    assert f"{sha}  pending  torchscript" in block and "registry entry factory/evil v0001" in block and "artifacts approve" in block
     echo_plan_artifacts(site, {"training_plan": "another plan"})
     assert "none so far" in capsys.readouterr().out
     res = run(cli, ["--config", str(cfg_path), "artifacts", "approve", sha[:12], "--note", "checked"])

@@ -247,14 +247,15 @@ def _approve(path: Path) -> str:
 
 
 def _save_encoder(path: Path, c_in: int = 3) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.jit.script(_TinyEncoder(c_in)).save(str(path))
     return _approve(path)
 
 
 def test_torchscript_key_through_build(tmp_path):
-    digest = _save_encoder(tmp_path / "tiny.pt")
-    raw = {"kind": "encoder", "file": "tiny.pt", "sha256": digest, "input_size": 40, "channels": 3}
+    digest = _save_encoder(tmp_path / "registry" / "tiny.pt")
+    raw = {"kind": "encoder", "file": "registry/tiny.pt", "sha256": digest, "input_size": 40, "channels": 3}
     dk = build_domain_key(raw, image_size=32, models_dir=tmp_path)
     fn = dk.fn
     assert isinstance(fn, TorchScriptKey) and fn.dim == 12 and dk.dim == 12
@@ -268,8 +269,8 @@ def test_torchscript_key_through_build(tmp_path):
     # The checksum is the file's digest plus the config, never the site-specific path.
     assert fn.describe()["sha256"] == digest and str(tmp_path) not in str(fn.describe())
     other = tmp_path / "elsewhere"
-    other.mkdir()
-    (other / "tiny.pt").write_bytes((tmp_path / "tiny.pt").read_bytes())
+    (other / "registry").mkdir(parents=True)
+    (other / "registry" / "tiny.pt").write_bytes((tmp_path / "registry" / "tiny.pt").read_bytes())
     assert build_domain_key(raw, image_size=32, models_dir=other).checksum() == dk.checksum()
     # models_dir defaults to FEDIMG_MODELS_DIR
     import os
@@ -286,23 +287,23 @@ def test_torchscript_key_through_build(tmp_path):
 
 
 def test_torchscript_key_errors(tmp_path, monkeypatch):
-    digest = _save_encoder(tmp_path / "tiny.pt")
+    digest = _save_encoder(tmp_path / "registry" / "tiny.pt")
     wrong = "0" * 64
     with pytest.raises(KeyConfigError) as e:
-        build_domain_key({"kind": "encoder", "file": "tiny.pt", "sha256": wrong, "channels": 3}, 32, models_dir=tmp_path)
+        build_domain_key({"kind": "encoder", "file": "registry/tiny.pt", "sha256": wrong, "channels": 3}, 32, models_dir=tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "tiny.pt") in msg and wrong in msg and digest in msg and msg.startswith("key")
+    assert str(tmp_path / "registry" / "tiny.pt") in msg and wrong in msg and digest in msg and msg.startswith("key")
     with pytest.raises(KeyConfigError, match="weights on disk") as e:
-        build_domain_key({"kind": "encoder", "file": "missing.pt"}, 32, models_dir=tmp_path)
-    assert str(tmp_path / "missing.pt") in str(e.value) and "key.file" in str(e.value)
+        build_domain_key({"kind": "encoder", "file": "registry/missing.pt"}, 32, models_dir=tmp_path)
+    assert str(tmp_path / "registry" / "missing.pt") in str(e.value) and "key.file" in str(e.value)
     with pytest.raises(KeyConfigError, match="weights on disk") as e:
-        build_domain_key({"kind": "encoder", "file": "tiny.pt"}, 32, models_dir=tmp_path / "nope")
+        build_domain_key({"kind": "encoder", "file": "registry/tiny.pt"}, 32, models_dir=tmp_path / "nope")
     assert str(tmp_path / "nope") in str(e.value)
     monkeypatch.delenv("FEDIMG_MODELS_DIR", raising=False)
     with pytest.raises(KeyConfigError, match="FEDIMG_MODELS_DIR"):
-        build_domain_key({"kind": "encoder", "file": "tiny.pt"}, 32)
+        build_domain_key({"kind": "encoder", "file": "registry/tiny.pt"}, 32)
     with pytest.raises(KeyConfigError, match="dim 7"):
-        TorchScriptKey(tmp_path / "tiny.pt", channels=3, dim=7)
+        TorchScriptKey(tmp_path / "registry" / "tiny.pt", channels=3, dim=7)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     _approve(tmp_path / "junk.pt")
     with pytest.raises(KeyConfigError, match="TorchScript"):
@@ -337,7 +338,7 @@ def test_validate_normalises():
     d = validate_key_config({})
     assert d["kind"] == "random_cnn+histogram" and d["seed"] == 0 and d["widths"] == [16, 32, 64]
     assert d["bins"] == 32 and d["reference_seed"] == 0
-    e = validate_key_config({"kind": "encoder", "file": "clip.pt", "sha256": "AB" * 32})
+    e = validate_key_config({"kind": "encoder", "file": "registry/clip.pt", "sha256": "AB" * 32})
     assert e["sha256"] == "ab" * 32 and e["channels"] == 1 and e["input_size"] is None
 
 
@@ -362,9 +363,9 @@ def test_validate_normalises():
         ({"kind": "encoder"}, "key.file"),
         ({"kind": "encoder", "file": "/abs/x.pt"}, "key.file"),
         ({"kind": "encoder", "file": "../x.pt"}, "key.file"),
-        ({"kind": "encoder", "file": "x.pt", "sha256": "abc"}, "key.sha256"),
-        ({"kind": "encoder", "file": "x.pt", "channels": 2}, "key.channels"),
-        ({"kind": "encoder", "file": "x.pt", "input_size": 0}, "key.input_size"),
+        ({"kind": "encoder", "file": "registry/x.pt", "sha256": "abc"}, "key.sha256"),
+        ({"kind": "encoder", "file": "registry/x.pt", "channels": 2}, "key.channels"),
+        ({"kind": "encoder", "file": "registry/x.pt", "input_size": 0}, "key.input_size"),
     ],
 )
 def test_config_errors_name_the_field(raw, field):

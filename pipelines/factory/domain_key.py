@@ -15,7 +15,12 @@ offline options are:
 - `ConcatKey`: several of the above side by side (the default: random CNN + histogram);
 - `TorchScriptKey`: a real pretrained encoder, where its TorchScript file is on disk and
   the site approved its sha256 (`pipelines.artifact_approval`: loading TorchScript runs
-  code that can read the site's files).
+  code that can read the site's files). Its ``file`` must lie in the ``registry/`` folder
+  of the site's models directory (where ``site-agent adapt`` puts registry entries), so a
+  plan cannot name any other file of the site; a declared ``sha256`` is checked before
+  anything is recorded, and a missing file, other content and an unapproved file are
+  reported to the coordinator alike (`pipelines.site_errors`), the details staying in the
+  site's log.
 
 Raw keys of a random network are nearly identical across domains: most of the embedding is
 what all images have in common. `DomainKey` therefore subtracts a site-independent
@@ -33,7 +38,6 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.artifact_approval import load_approved_bytes
+from pipelines.artifact_approval import ArtifactUnavailable, load_approved_bytes
+
+# The configuration check imports no torch (spec checks); its names stay importable from here.
+from pipelines.factory.key_config import REGISTRY_FOLDER, KeyConfigError, validate_key_config  # noqa: F401
 
 __all__ = [
     "ConcatKey",
@@ -57,10 +64,6 @@ __all__ = [
 ]
 
 _EPS = 1e-8
-
-
-class KeyConfigError(ValueError):
-    """A key configuration (or the encoder file it names) is unusable."""
 
 
 def _canonical_json(obj: Any) -> bytes:
@@ -271,17 +274,17 @@ class TorchScriptKey(KeyFunction):
     ):
         super().__init__()
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KeyConfigError(
-                f"encoder file {self.path} does not exist: a real encoder needs its weights on disk"
-            )
         if channels not in (1, 3):
             raise KeyConfigError(f"channels must be 1 or 3, got {channels!r}")
-        data, self.file_sha256 = load_approved_bytes(self.path, "torchscript", origin, store)
-        if sha256 is not None and sha256.lower() != self.file_sha256:
-            raise KeyConfigError(
-                f"encoder file {self.path}: sha256 mismatch: expected {sha256.lower()}, got {self.file_sha256}"
-            )
+        if not self.path.is_file():
+            # the refusal is the cause: the site reports it like an unapproved file
+            raise KeyConfigError(f"encoder file {self.path} does not exist: a real encoder needs its weights on disk") from (
+                ArtifactUnavailable(self.path, "torchscript", "no such file"))  # fmt: skip
+        try:  # a declared sha256 is checked before anything is recorded
+            data, self.file_sha256 = load_approved_bytes(self.path, "torchscript", origin, store,
+                                                         expected_sha256=None if sha256 is None else sha256.lower())  # fmt: skip
+        except ArtifactUnavailable as e:
+            raise KeyConfigError(f"encoder file {self.path}: {e}") from e
         try:  # from the approved bytes in memory, never the path again
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - any load failure is a config problem
@@ -441,105 +444,6 @@ class DomainKey:
         return hashlib.sha256(_canonical_json(payload)).hexdigest()
 
 
-# --------------------------------------------------------------------------- configuration
-
-_KINDS = ("none", "random_cnn", "histogram", "random_cnn+histogram", "encoder")
-_DEFAULT_KIND = "random_cnn+histogram"
-_COMMON = {"reference_seed": 0, "reference_count": 64}
-_CNN = {"seed": 0, "widths": [16, 32, 64], "proj_dim": 64}
-_HIST = {"bins": 32, "lo": -1.0, "hi": 1.0, "bandwidth": None}
-_ENCODER = {"file": None, "sha256": None, "input_size": None, "channels": 1, "dim": None}
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "random_cnn": {**_COMMON, **_CNN},
-    "histogram": {**_COMMON, **_HIST},
-    "random_cnn+histogram": {**_COMMON, **_CNN, **_HIST},
-    "encoder": {**_COMMON, **_ENCODER},
-}
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-def _int(where: str, k: str, v: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise KeyConfigError(f"{where}.{k}: must be an integer, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise KeyConfigError(f"{where}.{k}: must be {bound}, got {v}")
-    return v
-
-
-def _float(where: str, k: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise KeyConfigError(f"{where}.{k}: must be a finite number, got {v!r}")
-    return float(v)
-
-
-def validate_key_config(raw: Mapping | None, where: str = "key") -> dict:
-    """Check a key configuration without building it; return it normalised (defaults filled in).
-
-    `None` and `{"kind": "none"}` give `{"kind": "none"}` (no key); `{}` gives the default
-    random CNN + histogram key. Errors are `KeyConfigError("<where>.<field>: ...")`.
-    """
-    if raw is None:
-        return {"kind": "none"}
-    if not isinstance(raw, Mapping):
-        raise KeyConfigError(f"{where}: must be a mapping or null, got {type(raw).__name__}")
-    for k in raw:
-        if not isinstance(k, str):
-            raise KeyConfigError(f"{where}.{k}: option names must be strings")
-    kind = raw.get("kind", _DEFAULT_KIND)
-    if kind not in _KINDS:
-        raise KeyConfigError(f"{where}.kind: must be one of {', '.join(_KINDS)}; got {kind!r}")
-    allowed = _OPTIONS[kind]
-    for k in raw:
-        if k != "kind" and k not in allowed:
-            names = ", ".join(sorted(allowed)) or "none"
-            raise KeyConfigError(f"{where}.{k}: unknown option for kind {kind!r} (allowed: {names})")
-    out: dict[str, Any] = {"kind": kind}
-    for k, default in allowed.items():
-        v = raw.get(k, default)
-        if k in ("reference_seed", "seed"):
-            v = _int(where, k, v, 0)
-        elif k == "reference_count":
-            v = _int(where, k, v, 1, 4096)
-        elif k == "proj_dim":
-            v = _int(where, k, v, 1, 4096)
-        elif k == "widths":
-            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not 1 <= len(v) <= 8:
-                raise KeyConfigError(f"{where}.widths: must be a list of 1 to 8 positive integers, got {v!r}")
-            v = [_int(where, f"widths[{i}]", w, 1, 1024) for i, w in enumerate(v)]
-        elif k == "bins":
-            v = _int(where, k, v, 2, 1024)
-        elif k in ("lo", "hi"):
-            v = _float(where, k, v)
-        elif k == "bandwidth":
-            if v is not None:
-                v = _float(where, k, v)
-                if v <= 0:
-                    raise KeyConfigError(f"{where}.bandwidth: must be positive, got {v}")
-        elif k == "file":
-            if not isinstance(v, str) or not v.strip():
-                raise KeyConfigError(f"{where}.file: an encoder needs the name of its TorchScript file, got {v!r}")
-            p = Path(v)
-            if p.is_absolute() or ".." in p.parts:
-                raise KeyConfigError(f"{where}.file: must be a path relative to the models directory, got {v!r}")
-        elif k == "sha256":
-            if v is not None:
-                if not isinstance(v, str) or not _HEX64.match(v):
-                    raise KeyConfigError(f"{where}.sha256: must be 64 hex digits, got {v!r}")
-                v = v.lower()
-        elif k in ("input_size", "dim"):
-            if v is not None:
-                v = _int(where, k, v, 1, 4096)
-        elif k == "channels":
-            if isinstance(v, bool) or v not in (1, 3):
-                raise KeyConfigError(f"{where}.channels: must be 1 or 3, got {v!r}")
-        out[k] = v
-    if "lo" in out and not out["lo"] < out["hi"]:
-        raise KeyConfigError(f"{where}.hi: must be greater than {where}.lo, got lo={out['lo']}, hi={out['hi']}")
-    return out
-
-
 def build_domain_key(
     raw: Mapping | None, image_size: int, models_dir: str | os.PathLike | None = None, where: str = "key",
     origin: dict | None = None, store=None,
@@ -570,15 +474,17 @@ def build_domain_key(
                 f"a real encoder needs its weights on disk"
             )
         mdir = Path(mdir)
-        if not mdir.is_dir():
-            raise KeyConfigError(
-                f"{where}.file: models directory {mdir} does not exist: a real encoder needs its weights on disk"
-            )
         path = mdir / cfg["file"]
-        if not path.is_file():
-            raise KeyConfigError(
-                f"{where}.file: encoder file {path} does not exist: a real encoder needs its weights on disk"
-            )
+        missing = None
+        if not mdir.is_dir():
+            missing = f"models directory {mdir} does not exist"
+        elif not path.is_file():
+            missing = f"encoder file {path} does not exist"
+        elif not path.resolve().is_relative_to((mdir / REGISTRY_FOLDER).resolve()):
+            missing = f"encoder file {path} leads out of {mdir / REGISTRY_FOLDER} (a link)"
+        if missing:  # reported like an unapproved file: a plan cannot probe the site's files
+            raise KeyConfigError(f"{where}.file: {missing}: a real encoder needs its weights on disk") from (
+                ArtifactUnavailable(path, "torchscript", missing))  # fmt: skip
         try:
             fn = TorchScriptKey(
                 path, sha256=cfg["sha256"], input_size=cfg["input_size"], dim=cfg["dim"],

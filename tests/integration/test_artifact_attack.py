@@ -3,7 +3,8 @@ a researcher's TorchScript "key encoder" in the site's registry folder, named by
 approved data-factory plan's ``plan_args.key``, reads a secret file of the site and raises
 with its content. The site refuses to load it until its staff approve its sha256; even an
 approved module's error text never reaches the coordinator; an approved harmless encoder
-trains."""
+trains. The federation is shared (module scope); each test puts its own module in the
+registry folder and approves what it needs, so no test depends on another's records."""
 
 import hashlib
 import json
@@ -22,10 +23,11 @@ SECRET = "SITE-SECRET-4711 Doe^Jane MRN 99812"
 
 
 class _Reader(torch.nn.Module):
-    def __init__(self, path: str, n: int):
+    def __init__(self, path: str, n: int, tag: str):
         super().__init__()
         self.path = path
         self.n = n
+        self.tag = tag  # a different file (sha256) for each test
 
     def forward(self, x):
         data = torch.from_file(self.path, False, self.n, dtype=torch.uint8)
@@ -58,15 +60,19 @@ def bed(tmp_path_factory):
     secret = site.work_dir / "private" / "notes.txt"
     secret.parent.mkdir(parents=True)
     secret.write_text(SECRET)
-    bed.evil = _pulled(site, "evil", _Reader(str(secret), len(SECRET)))
-    bed.good = _pulled(site, "good", _Encoder())
+    bed.secret = secret
     bed.start_nodes()
     yield bed
     bed.teardown()
     assert not [p for p in bed.pids() if pid_alive(p)]
 
 
-def _run(bed, name: str, key_file: str):
+def _evil(bed, name: str) -> str:
+    """A reader module of this test's own in the site's registry folder; its sha256."""
+    return _pulled(bed.sites[0], name, _Reader(str(bed.secret), len(SECRET), name))
+
+
+def _run(bed, name: str, key_file: str, sha256: str | None = None):
     raw = {
         "name": name,
         "plan": "data_factory",
@@ -76,7 +82,8 @@ def _run(bed, name: str, key_file: str):
         "batch_size": 2,
         "clients_per_round": 1,
         "seed": 1,
-        "plan_args": {"factory": {"preset": "tiny"}, "key": {"kind": "encoder", "file": key_file, "dim": 4, "reference_count": 4}},
+        "plan_args": {"factory": {"preset": "tiny"},
+                      "key": {"kind": "encoder", "file": key_file, "dim": 4, "reference_count": 4, **({"sha256": sha256} if sha256 else {})}},
         "approval": {"request": True, "wait_s": 60},  # the testbed's site approves the plan (not the artifact)
     }
     spec = bed.workdir / f"{name}.yaml"
@@ -98,18 +105,20 @@ def _nowhere_on_the_coordinator(home, res) -> None:
 
 
 def test_the_plan_cannot_load_an_unapproved_module_and_the_site_sees_the_request(bed):
-    res, home = _run(bed, "attack", "registry/factory/evil/v0001/encoder.pt")
+    evil = _evil(bed, "evil")
+    # the researcher names the module by its sha256: the report may then say which one was refused
+    res, home = _run(bed, "attack", "registry/factory/evil/v0001/encoder.pt", sha256=evil)
     assert res.returncode != 0, res.stdout[-2000:]
     _nowhere_on_the_coordinator(home, res)
     (run_dir,) = [p for p in (home / "runs").iterdir() if "-attack-" in p.name]
     log = (run_dir / "run.log").read_text()
     # what the coordinator learns: the code, the artifact's sha256 and kind, nothing else
-    assert "fedimg site error artifact_not_approved" in log and bed.evil in log and "torchscript" in log
+    assert "fedimg site error artifact_not_approved" in log and evil in log and "torchscript" in log
     assert str(bed.sites[0].work_dir) not in log
     # the site sees the pending request, who asked and where the file came from
     res = _site_cli(bed, "artifacts", "list", "--json")
     assert res.returncode == 0, res.stderr
-    (row,) = [r for r in json.loads(res.stdout) if r["sha256"] == bed.evil]
+    (row,) = [r for r in json.loads(res.stdout) if r["sha256"] == evil]
     origin = row["requests"][-1]["origin"]
     assert row["status"] == "pending" and origin["plan_class"] == "DataFactoryPlan" and origin["setting"] == "plan_args.key.file"
     assert origin["registry"]["name"] == "evil" and origin["registry"]["published_by"] == "lab-x"
@@ -118,25 +127,26 @@ def test_the_plan_cannot_load_an_unapproved_module_and_the_site_sees_the_request
     res = _site_cli(bed, "plans", "show", plan["id"])
     assert res.returncode == 0, res.stderr
     block = res.stdout.split("--- artifacts", 1)[1]
-    assert bed.evil in block and "pending" in block and "registry factory/evil v0001" in block
+    assert evil in block and "pending" in block and "registry entry factory/evil v0001" in block
 
 
 def test_an_approved_modules_error_text_stays_at_the_site(bed):
     """Approved by mistake, the module runs and reads the file: the coordinator still gets
     only a code; the full text is in the site's own log."""
-    assert _site_cli(bed, "artifacts", "approve", bed.evil[:12], "--note", "by mistake").returncode == 0
-    res, home = _run(bed, "approved-evil", "registry/factory/evil/v0001/encoder.pt")
+    evil = _evil(bed, "evil-approved")
+    assert _site_cli(bed, "artifacts", "approve", evil, "--kind", "torchscript", "--note", "by mistake").returncode == 0
+    res, home = _run(bed, "approved-evil", "registry/factory/evil-approved/v0001/encoder.pt")
     assert res.returncode != 0
     _nowhere_on_the_coordinator(home, res)
     (run_dir,) = [p for p in (home / "runs").iterdir() if "-approved-evil-" in p.name]
     assert "fedimg site error site_error [stage=training" in (run_dir / "run.log").read_text()
     assert SECRET in bed.sites[0].log_file.read_text()  # the site's log keeps the full text
-    assert _site_cli(bed, "artifacts", "reject", bed.evil, "--note", "reads site files").returncode == 0
 
 
 def test_an_approved_encoder_trains(bed):
-    res = _site_cli(bed, "artifacts", "approve", bed.good, "--kind", "torchscript", "--note", "our encoder")
-    assert res.returncode == 0 and f"approved {bed.good}" in res.stdout, res.stderr
+    good = _pulled(bed.sites[0], "good", _Encoder())
+    res = _site_cli(bed, "artifacts", "approve", good, "--kind", "torchscript", "--note", "our encoder")
+    assert res.returncode == 0 and f"approved {good}" in res.stdout, res.stderr
     res, home = _run(bed, "good-key", "registry/factory/good/v0001/encoder.pt")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = [p for p in (home / "runs").iterdir() if "-good-key-" in p.name]
@@ -145,4 +155,4 @@ def test_an_approved_encoder_trains(bed):
     # plans show lists what the plan loaded, with its status and where it came from
     (plan,) = json.loads(_site_cli(bed, "plans", "list", "--json").stdout)
     block = _site_cli(bed, "plans", "show", plan["id"]).stdout.split("--- artifacts", 1)[1]
-    assert f"{bed.good}  approved" in block and "registry factory/good v0001" in block and f"{bed.evil}  rejected" in block
+    assert f"{good}  approved" in block and "registry entry factory/good v0001" in block

@@ -1,0 +1,347 @@
+"""Plain-argument side of the segmentation backbones: sizes, spec checks, patch checks.
+
+Checking an experiment spec's ``plan_args.network`` needs no network, so this module
+imports neither torch nor MONAI (``coordinator validate`` answers in a second);
+`pipelines.networks` builds the MONAI networks from what it returns and documents the
+sizes. Every name here is also importable from `pipelines.networks`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+NETWORKS = ("basic_unet", "dynunet", "mednext")
+SIZES = ("tiny", "small", "base", "medium", "large")
+DEFAULT_SIZE = "tiny"
+
+# MONAI's create_mednext builds its S/B/M/L variants inline (no table to import), so the
+# same settings are spelled out here, where `features` and the patch check can read them.
+_MEDNEXT_COMMON: dict[str, Any] = {"init_filters": 32, "kernel_size": 3, "use_residual_connection": True, "norm_type": "group"}
+
+
+def _mednext_blocks(down, bottleneck, up, enc_ratio, dec_ratio, bottleneck_ratio) -> dict[str, Any]:
+    as4 = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * 4  # noqa: E731
+    return {
+        "blocks_down": as4(down),
+        "blocks_bottleneck": bottleneck,
+        "blocks_up": as4(up),
+        "encoder_expansion_ratio": enc_ratio,
+        "decoder_expansion_ratio": dec_ratio,
+        "bottleneck_expansion_ratio": bottleneck_ratio,
+    }
+
+
+# Configurations per network and size: MONAI constructor arguments, except for DynUNet
+# where ``filters`` sets the number of levels and kernels/strides are derived (3x3(x3)
+# kernels, stride 1 then 2 per level) unless given explicitly.
+NETWORK_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "mednext": {
+        "tiny": {**_MEDNEXT_COMMON, "init_filters": 4, **_mednext_blocks(1, 1, 1, 2, 2, 2)},
+        # small .. large: exactly MONAI's create_mednext("S"|"B"|"M"|"L") with kernel 3
+        "small": {**_MEDNEXT_COMMON, **_mednext_blocks(2, 2, 2, 2, 2, 2)},
+        "base": {**_MEDNEXT_COMMON, **_mednext_blocks(2, 2, 2, (2, 3, 4, 4), (4, 4, 3, 2), 4)},
+        "medium": {**_MEDNEXT_COMMON, **_mednext_blocks((3, 4, 4, 4), 4, (4, 4, 4, 3), (2, 3, 4, 4), (4, 4, 3, 2), 4)},
+        "large": {**_MEDNEXT_COMMON, **_mednext_blocks((3, 4, 8, 8), 8, (8, 8, 4, 3), (3, 4, 8, 8), (8, 8, 4, 3), 8)},
+    },
+    "dynunet": {
+        "tiny": {"filters": (8, 16, 32)},
+        "small": {"filters": (16, 32, 64, 128, 256)},
+        # nnU-Net: 32 doubling per level, capped at 320 (3D) / 512 (2D); 6 levels
+        "base": {"filters": "nnunet", "levels": 6},
+        "medium": {"filters": "nnunet", "levels": 6, "res_block": True},
+        "large": {"filters": (64, 96, 128, 192, 256, 384), "res_block": True},
+    },
+    "basic_unet": {
+        "tiny": {"features": (4, 4, 8, 16, 32, 4)},
+        "small": {"features": (16, 16, 32, 64, 128, 16)},
+        "base": {"features": (32, 32, 64, 128, 256, 32)},
+        "medium": {"features": (48, 48, 96, 192, 384, 48)},
+        "large": {"features": (64, 64, 128, 256, 512, 64)},
+    },
+}
+
+# arguments build_network sets itself (not accepted as extra kwargs)
+_RESERVED = {"spatial_dims", "in_channels", "out_channels", "deep_supervision", "self", "dimensions"}
+# The other constructor arguments of MONAI 1.6.1's BasicUNet, DynUNet and MedNeXt, in
+# signature order: the extra options a spec may give. Spelled out so that checking a spec
+# does not import MONAI; tests/test_validate_light.py pins them to MONAI's real signatures.
+MONAI_OPTIONS: dict[str, tuple[str, ...]] = {
+    "basic_unet": ("features", "act", "norm", "bias", "dropout", "upsample"),
+    "dynunet": (
+        "kernel_size", "strides", "upsample_kernel_size", "filters", "dropout", "norm_name", "act_name",
+        "deep_supr_num", "res_block", "trans_bias",
+    ),
+    "mednext": (
+        "init_filters", "encoder_expansion_ratio", "decoder_expansion_ratio", "bottleneck_expansion_ratio",
+        "kernel_size", "use_residual_connection", "blocks_down", "blocks_bottleneck", "blocks_up", "norm_type",
+        "global_resp_norm",
+    ),
+}  # fmt: skip
+
+
+def _did_you_mean(value: Any, choices: Sequence[str], hint_first: bool = False) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+    if hint_first:  # a long list: a spec error quotes a few hundred characters, keep the hint in
+        return f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of {', '.join(choices)}"
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"choose one of {', '.join(choices)}{hint}"
+
+
+def _check_name(name: Any) -> str:
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; {_did_you_mean(name, NETWORKS)}")
+    return name
+
+
+def _check_size(name: str, size: Any) -> str:
+    if size not in NETWORK_SIZES[name]:
+        choices = _did_you_mean(size, tuple(NETWORK_SIZES[name]))
+        raise ValueError(f"unknown size {size!r} for network {name!r}; {choices}")
+    return size
+
+
+def _check_dims(spatial_dims: Any) -> int:
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def _monai_defaults(name: str) -> dict[str, Any]:
+    """MONAI's constructor defaults (for configs given as a partial mapping)."""
+    if name == "dynunet":
+        return {"filters": "nnunet", "levels": 6}
+    # only for a config given as a mapping (build_network, never a spec): MONAI is needed here
+    from monai.networks.nets import BasicUNet, MedNeXt
+
+    params = inspect.signature({"basic_unet": BasicUNet, "mednext": MedNeXt}[name].__init__).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k not in _RESERVED and p.default is not inspect.Parameter.empty
+    }
+
+
+def _nnunet_filters(levels: int, spatial_dims: int) -> tuple[int, ...]:
+    cap = 320 if spatial_dims == 3 else 512
+    return tuple(min(32 * 2**i, cap) for i in range(levels))
+
+
+def resolve_config(
+    name: str,
+    size: str | Mapping[str, Any] | None = None,
+    spatial_dims: int = 3,
+    features: Sequence[int] | int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The MONAI constructor arguments for ``name`` at ``size`` (a size name or a config dict),
+    with ``features`` and ``kwargs`` overriding the size's values. Does not include
+    spatial_dims / in_channels / out_channels / deep_supervision."""
+    _check_name(name)
+    _check_dims(spatial_dims)
+    if size is None:
+        size = DEFAULT_SIZE
+    if isinstance(size, str):
+        cfg = dict(NETWORK_SIZES[name][_check_size(name, size)])
+    elif isinstance(size, Mapping):
+        cfg = {**_monai_defaults(name), **size}
+    else:
+        raise ValueError(f"size must be one of {', '.join(SIZES)} or a mapping of arguments, got {size!r}")
+    cfg.update(kwargs)
+
+    if name == "basic_unet":
+        if features is not None:
+            cfg["features"] = features
+        feats = cfg["features"]
+        feats = (feats,) * 6 if isinstance(feats, int) else tuple(feats)
+        if len(feats) != 6:
+            raise ValueError(f"basic_unet needs 6 feature sizes, got {len(feats)}")
+        _check_positive_ints("features", feats)
+        cfg["features"] = feats
+    elif name == "dynunet":
+        if features is not None:
+            cfg["filters"] = features
+            cfg.pop("levels", None)
+        filters = cfg.pop("filters", "nnunet")
+        levels = cfg.pop("levels", None)
+        if filters == "nnunet" or filters is None:
+            if "strides" in cfg:
+                levels = len(cfg["strides"])
+            filters = _nnunet_filters(int(levels or 6), spatial_dims)
+        filters = tuple(filters)
+        _check_positive_ints("features", filters)
+        if len(filters) < 3:
+            raise ValueError(f"dynunet needs at least 3 levels (feature sizes), got {len(filters)}")
+        n = len(filters)
+        cfg["filters"] = filters
+        cfg.setdefault("kernel_size", [[3] * spatial_dims] * n)
+        cfg.setdefault("strides", [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1))
+        cfg.setdefault("upsample_kernel_size", list(cfg["strides"])[1:])
+    else:  # mednext
+        if features is not None:
+            feats = (features,) if isinstance(features, int) else tuple(features)
+            _check_positive_ints("features", feats)
+            if len(feats) > 1:
+                if any(f != feats[0] * 2**i for i, f in enumerate(feats)):
+                    raise ValueError(
+                        f"mednext doubles its width per level: features must be (f, 2f, 4f, ...), got {list(feats)}"
+                    )
+                depth = len(feats) - 1  # number of down/up stages
+                for key in ("blocks_down", "encoder_expansion_ratio"):  # listed fine -> coarse
+                    cfg[key] = _fit_stages(cfg[key], depth, keep="start")
+                for key in ("blocks_up", "decoder_expansion_ratio"):  # listed coarse -> fine
+                    cfg[key] = _fit_stages(cfg[key], depth, keep="end")
+            cfg["init_filters"] = feats[0]
+        if len(tuple(cfg["blocks_down"])) != len(tuple(cfg["blocks_up"])):
+            raise ValueError("mednext blocks_down and blocks_up must have the same length")
+    return cfg
+
+
+def _fit_stages(values: Sequence[int] | int, depth: int, keep: str) -> tuple[int, ...] | int:
+    """Per-stage values stretched or cut to ``depth`` stages, keeping the fine-resolution end."""
+    if isinstance(values, int):
+        return values
+    v = tuple(values)
+    if keep == "start":
+        return (v + (v[-1],) * depth)[:depth]
+    return ((v[0],) * depth + v)[-depth:]
+
+
+def _check_positive_ints(key: str, values: Sequence[Any]) -> None:
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{key} must be positive integers, got {list(values)!r}")
+
+
+def network_levels(name: str, config: Mapping[str, Any]) -> int:
+    """Number of resolution levels (full resolution included) of a resolved config."""
+    if name == "mednext":
+        return len(tuple(config["blocks_down"])) + 1
+    if name == "dynunet":
+        return len(tuple(config["strides"]))
+    return 5  # BasicUNet: 4 poolings
+
+
+def patch_divisors(name: str, config: Mapping[str, Any], spatial_dims: int) -> tuple[int, ...]:
+    """Per axis, what every side of the patch must be divisible by (total downsampling)."""
+    if name == "dynunet":
+        divs = [1] * spatial_dims
+        for s in config["strides"]:
+            s = [s] * spatial_dims if isinstance(s, int) else list(s)
+            divs = [d * int(v) for d, v in zip(divs, s)]
+        return tuple(divs)
+    return (2 ** (network_levels(name, config) - 1),) * spatial_dims
+
+
+def check_patch_size(
+    name: str,
+    size: str | Mapping[str, Any] | None,
+    roi_size: Sequence[int] | int,
+    spatial_dims: int | None = None,
+    **overrides: Any,
+) -> None:
+    """Raise ValueError unless ``roi_size`` fits network ``name`` at ``size`` (a size name or a
+    config such as ``resolve_config`` returns): every side divisible by the total downsampling,
+    and more than one voxel at the coarsest level."""
+    _check_name(name)
+    if isinstance(roi_size, int) and not isinstance(roi_size, bool):
+        roi = (roi_size,) * (spatial_dims or 3)
+    else:
+        roi = tuple(roi_size)
+    if spatial_dims is None:
+        spatial_dims = len(roi)
+    _check_dims(spatial_dims)
+    if len(roi) != spatial_dims or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in roi):
+        raise ValueError(
+            f"roi_size must be {spatial_dims} positive integers (spatial_dims={spatial_dims}), got {list(roi)!r}"
+        )
+    cfg = resolve_config(name, size, spatial_dims, **overrides)
+    divs = patch_divisors(name, cfg, spatial_dims)
+    levels = network_levels(name, cfg)
+    if isinstance(size, str) or size is None:
+        label = f"{name} size {size or DEFAULT_SIZE!r}"
+    else:
+        label = f"{name} (custom config)"
+    if overrides:
+        label += f" with {', '.join(sorted(overrides))}"
+    bad = [v for v, d in zip(roi, divs) if v % d]
+    if bad:
+        suggestion = tuple(max(d, round(v / d) * d) for v, d in zip(roi, divs))
+        raise ValueError(
+            f"roi_size {list(roi)} does not fit {label}: it has {levels} levels, so every side of the patch "
+            f"must be divisible by {list(divs) if len(set(divs)) > 1 else divs[0]} "
+            f"(nearest valid roi_size: {list(suggestion)})"
+        )
+    coarsest = [v // d for v, d in zip(roi, divs)]
+    if math.prod(coarsest) < 2:
+        raise ValueError(
+            f"roi_size {list(roi)} is too small for {label}: its coarsest level ({levels} levels) would be a single "
+            f"voxel, which instance/group normalisation cannot handle; use at least "
+            f"{[2 * d for d in divs] if len(set(divs)) > 1 else 2 * divs[0]} per side"
+        )
+
+
+# -- spec validation -----------------------------------------------------------------------
+
+_SPEC_KEYS = ("name", "size", "spatial_dims", "in_channels", "features", "deep_supervision")
+
+
+def _constructor_args(name: str) -> list[str]:
+    return list(MONAI_OPTIONS[name])
+
+
+def network_config_from_spec(
+    network: Mapping[str, Any] | None, roi_size: Sequence[int] | int | None = None
+) -> dict[str, Any]:
+    """Validate a spec's ``plan_args.network`` mapping and return keyword arguments for
+    ``build_network`` (``out_channels`` comes from ``plan_args.num_classes``, not from here).
+    With ``roi_size``, the patch is checked against the network too. Raises ValueError with a
+    message naming the offending key."""
+    if network is None:
+        network = {}
+    if not isinstance(network, Mapping):
+        raise ValueError(f"network must be a mapping (name, size, spatial_dims, ...), got {type(network).__name__}")
+    net = dict(network)
+    name = _check_name(net.pop("name", "basic_unet"))
+    out: dict[str, Any] = {"name": name}
+    out["spatial_dims"] = _check_dims(net.pop("spatial_dims", 3))
+    size = net.pop("size", DEFAULT_SIZE)
+    if not isinstance(size, str):
+        raise ValueError(f"network.size must be one of {', '.join(SIZES)}, got {size!r}")
+    out["size"] = _check_size(name, size)
+    in_ch = net.pop("in_channels", 1)
+    if isinstance(in_ch, bool) or not isinstance(in_ch, int) or in_ch < 1:
+        raise ValueError(f"network.in_channels must be a positive integer, got {in_ch!r}")
+    out["in_channels"] = in_ch
+    ds = net.pop("deep_supervision", False)
+    if not isinstance(ds, bool):
+        raise ValueError(f"network.deep_supervision must be true or false, got {ds!r}")
+    if ds and name == "basic_unet":
+        raise ValueError("network.deep_supervision: basic_unet has no deep supervision heads; use mednext or dynunet")
+    out["deep_supervision"] = ds
+    if "features" in net:
+        feats = net.pop("features")
+        if isinstance(feats, bool) or not (
+            isinstance(feats, int) or (isinstance(feats, (list, tuple)) and feats)
+        ):
+            raise ValueError(f"network.features must be a list of positive integers, got {feats!r}")
+        _check_positive_ints("network.features", [feats] if isinstance(feats, int) else list(feats))
+        out["features"] = list(feats) if isinstance(feats, (list, tuple)) else feats
+    if "out_channels" in net:
+        raise ValueError("network.out_channels is not allowed: it is set from plan_args.num_classes")
+    allowed = _constructor_args(name)
+    for key in net:
+        if key not in allowed:
+            options = list(_SPEC_KEYS) + [a for a in allowed if a not in ("features", "filters")]
+            raise ValueError(f"unknown network option {key!r} for {name}; {_did_you_mean(key, options, hint_first=True)}")
+    out.update(net)
+    # resolving catches inconsistent features/options before anything is sent
+    extra = {k: v for k, v in out.items() if k not in _SPEC_KEYS}
+    resolve_config(name, out["size"], out["spatial_dims"], out.get("features"), **extra)
+    if roi_size is not None:
+        overrides = dict(extra, **({"features": out["features"]} if "features" in out else {}))
+        check_patch_size(name, out["size"], roi_size, out["spatial_dims"], **overrides)
+    return out
