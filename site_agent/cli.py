@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from pipelines.terminal_text import escape_controls
 from site_agent import config as site_config
 from site_agent.errors import UserError, run_cli
 
@@ -330,8 +332,10 @@ def plans_list(ctx, status, as_json) -> None:
     for column in (table.columns[1], table.columns[6]):
         column.overflow = "fold"  # wrap a long name or hash in a narrow terminal rather than cut it
     for p in rows:
-        table.add_row(p.short_id, p.name, plan_review.short_researcher(p.researcher_id), p.status,
-                      plan_review.change_summary(plans_all, p), plan_review.iso_date(p.date_registered), p.hash[:16])  # fmt: skip
+        # Text cells: a researcher's plan name is shown as written, never read as rich markup.
+        cells = (p.short_id, p.name, plan_review.short_researcher(p.researcher_id), p.status,
+                 plan_review.change_summary(plans_all, p), plan_review.iso_date(p.date_registered), p.hash[:16])  # fmt: skip
+        table.add_row(*(Text(escape_controls(str(cell))) for cell in cells))
     if rows:
         console.print(table)
     else:

@@ -127,11 +127,14 @@ def test_plans_show_diffs_against_the_last_approved_plan_of_the_same_name(plan_s
 
 
 def test_plans_list_status_filter_ignores_case(plan_site):
+    everything = json.loads(cli("site-agent", "--config", plan_site, "plans", "list", "--json").stdout)
+    pending = sorted(r["short_id"] for r in everything if r["status"] == "Pending")  # bbbb3333 too, unless rejected by now
+    assert "aaaa2222" in pending and "aaaa1111" not in pending
     for word in ("pending", "PENDING", "Pending"):
         res = cli("site-agent", "--config", plan_site, "plans", "list", "--status", word, "--json")
         assert res.returncode == 0, (word, res.stderr)
         rows = json.loads(res.stdout)
-        assert [r["short_id"] for r in rows] == ["aaaa2222"]
+        assert sorted(r["short_id"] for r in rows) == pending
     res = cli("site-agent", "--config", plan_site, "plans", "list", "--status", "approved")
     assert res.returncode == 0 and "aaaa1111" in res.stdout and "aaaa2222" not in res.stdout
 
@@ -249,3 +252,12 @@ def test_qc_picture_is_large_and_shows_slices_across_the_whole_label(tmp_path):
     lower = png[png.shape[0] // 2:, :, :3].astype(np.float64)
     chroma = lower - lower.mean(axis=-1, keepdims=True)
     assert (np.abs(chroma - want).max(axis=-1) < 0.03).sum() > 2000
+
+
+def test_plans_list_shows_markup_in_a_plan_name_as_written(tmp_path):
+    """A researcher's experiment name is text: rich markup in it is printed, never applied."""
+    cfg = _init_site(tmp_path, free_port(), name="site-m")
+    _send_plans(cfg, [("cccc4444-0000-4000-8000-000000000004", "fedimg plan condistfl for experiment [black on black]x[/]", PLAN_V1)])
+    res = cli("site-agent", "--config", cfg, "plans", "list")
+    assert res.returncode == 0, res.stderr
+    assert "[black on black]x[/]/SegPlan" in res.stdout.replace("\n", "")
