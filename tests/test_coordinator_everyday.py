@@ -38,13 +38,13 @@ def fbm_logger(tmp_path, monkeypatch):
     from fedbiomed.common.logger import logger
 
     inner = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    handler = runs.run_log_handler(run_dir)
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    handler = runs.run_log_handler(log_dir)
     old_level = inner.level
     inner.setLevel(logging.DEBUG)
     inner.addHandler(handler)
-    yield inner, run_dir / "run.log"
+    yield inner, log_dir / "run.log"
     inner.removeHandler(handler)
     handler.close()
     inner.setLevel(old_level)
@@ -89,16 +89,16 @@ def test_run_log_keeps_everything_when_asked(fbm_logger, monkeypatch, tmp_path):
 
     monkeypatch.setenv("FEDIMG_RUN_LOG", "all")
     inner, _ = fbm_logger
-    run_dir = tmp_path / "verbose"
-    run_dir.mkdir()
-    handler = runs.run_log_handler(run_dir)
+    log_dir = tmp_path / "verbose"
+    log_dir.mkdir()
+    handler = runs.run_log_handler(log_dir)
     inner.addHandler(handler)
     try:
         Requests.print_node_log_message({"level": "DEBUG", "node_id": "NODE_b", "msg": '{"message": "batch done"}'})
     finally:
         inner.removeHandler(handler)
         handler.close()
-    text = (run_dir / "run.log").read_text()
+    text = (log_dir / "run.log").read_text()
     assert "site NODE_b: DEBUG: batch done" in text and not ANSI.search(text)
 
 
@@ -107,16 +107,16 @@ def test_testbed_ends_with_where_to_look(tmp_path):
 
     bed = Testbed(tmp_path / "bed", 2, port=1)
     assert "no run was recorded" in bed.next_steps()[0]
-    run_dir = runs.new_run(bed.home, "name: x\n", "x")
-    runs.mark(run_dir, "done")
-    (run_dir / "report").mkdir()
-    (run_dir / "report" / "index.html").write_text("<html></html>")
+    made_run = runs.new_run(bed.home, "name: x\n", "x")
+    runs.mark(made_run, "done")
+    (made_run / "report").mkdir()
+    (made_run / "report" / "index.html").write_text("<html></html>")
     lines = bed.next_steps()
     text = "\n".join(lines)
-    assert lines[0] == f"run {run_dir.name}: done (coordinator home {bed.home})"
-    assert f"coordinator results {run_dir.name} --home {bed.home}" in text
+    assert lines[0] == f"run {made_run.name}: done (coordinator home {bed.home})"
+    assert f"coordinator results {made_run.name} --home {bed.home}" in text
     assert f"coordinator status --home {bed.home}" in text
-    assert f"report: {run_dir / 'report' / 'index.html'}" in text
+    assert f"report: {made_run / 'report' / 'index.html'}" in text
 
 
 def test_plain_progress_prints_first_last_and_at_intervals(monkeypatch):

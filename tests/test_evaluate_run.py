@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from conftest import cli
 from coordinator import runs

@@ -4,7 +4,6 @@ import torch
 
 from pipelines.networks import build_network, count_parameters
 from pipelines.synthetic import make_case
-from preprocessing.synthetic import write_synthetic_dataset
 
 
 def test_synthetic_cases_are_deterministic_and_labelled():

@@ -154,7 +154,7 @@ def test_plans_show_escapes_the_source_and_warns():
     hidden = "    steal_files()"
     source = f"class P(TorchTrainingPlan):\n{hidden}\n    # {ESC}[1A{ESC}[2K{ESC}[1A\n    x = 1 # ok\rsecond_statement()\n\tpass\n"
     old = _plan_record("class P(TorchTrainingPlan):\n    pass\n", status="Approved", id="training_plan_bbbb", short_id="bbbb")
-    plan = _plan_record(source, notes=f"fine{ESC}[31m", researcher_id=f"R\u202eX")
+    plan = _plan_record(source, notes=f"fine{ESC}[31m", researcher_id="R\u202eX")
     lines = show_lines([old, plan], plan)
     text = "\n".join(lines)
     assert lines[0].startswith("WARNING") and lines[-1] == lines[0]

@@ -23,7 +23,6 @@ settings, written atomically) and in memory (the last dataset only). No Fed-BioM
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json

@@ -73,7 +73,7 @@ def test_factory_rounds_sample_two_of_three_sites(factory_run):
             assert t["updates"] > 0
             for key in ("d_loss", "g_loss", "r1", "pl_penalty"):
                 assert key in t and t[key] == t[key], key
-        assert f"sampled 2 of 3 sites" in log
+        assert "sampled 2 of 3 sites" in log
     # seeded: the draw is the one the strategy makes for this seed, round by round
     if len(node_of) == 3:
         for r in metrics["rounds"]:
