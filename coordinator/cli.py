@@ -16,7 +16,8 @@ from rich.table import Table
 from coordinator import runs
 from coordinator.client import client_token
 from coordinator import spec as spec_mod
-from site_agent.errors import UserError, run_cli
+from fedimg_core.cli import run_cli
+from fedimg_core.errors import UserError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 HOME_ENV, URL_ENV, TOKEN_ENV = "FEDIMG_COORDINATOR_HOME", "FEDIMG_COORDINATOR_URL", "FEDIMG_API_TOKEN"

@@ -8,7 +8,7 @@ import urllib.error
 from pathlib import Path
 import urllib.request
 
-from site_agent.errors import UserError
+from fedimg_core.errors import UserError
 
 
 def call(url: str, method: str, path: str, token: str | None, body: bytes | None = None, timeout: float = 30.0) -> dict:

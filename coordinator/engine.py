@@ -23,8 +23,8 @@ import torch
 from coordinator import plans as plan_registry
 from coordinator import runs
 from coordinator.spec import Spec
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
 
 Log = Callable[[str], None]
 
@@ -101,7 +101,7 @@ class Federation:
         os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(self.home / "researcher")
         os.environ["FBM_SERVER_HOST"] = public_host  # certificate CN when the component is created
         os.environ["FBM_SERVER_PORT"] = str(port)
-        from site_agent.node import quiet_fedbiomed_console
+        from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 
         quiet_fedbiomed_console()
         from fedbiomed.common.logger import logger

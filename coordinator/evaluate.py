@@ -22,8 +22,8 @@ import torch
 
 from coordinator import runs
 from coordinator import spec as spec_mod
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
 
 
 def _settings(run_dir: Path):

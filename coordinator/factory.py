@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from coordinator.registry import Registry
-from preprocessing import atomic
+from fedimg_core import atomic
 
 SAMPLE_BINS = 8  # columns of a sample grid: slice positions from top to bottom
 

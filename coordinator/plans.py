@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from fedimg_core.errors import FedimgError
+
 PLANS: dict[str, str] = {
     "condistfl": "pipelines.plans.condistfl:ConDistFLPlan",
     "marginal": "pipelines.plans.marginal:MarginalSegmentationPlan",
@@ -31,7 +33,7 @@ FACTORY_PLANS = ("data_factory",)
 FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids")
 
 
-class PlanArgsError(ValueError):
+class PlanArgsError(FedimgError, ValueError):
     def __init__(self, key: str, problem: str):
         super().__init__(f"{key}: {problem}")
         self.key, self.problem = key, problem

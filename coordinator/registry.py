@@ -50,17 +50,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from preprocessing import atomic
-from preprocessing.dataset import sha256_file
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
+from fedimg_core.hashing import sha256_file
+from fedimg_core.registry_wire import ALLOWED_SUFFIXES, KINDS, RECORD_FILE
+from fedimg_core.registry_wire import FILENAME as _FILENAME
+from fedimg_core.registry_wire import NAME as _NAME
 
-KINDS = ("factory", "segmentation-branch")
-ALLOWED_SUFFIXES = (".pt", ".json", ".yaml")
-RECORD_FILE = "artifact.json"
 LATEST_FILE = "latest"
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_FILENAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING = ".staging"
 _STALE_STAGING_S = 24 * 3600

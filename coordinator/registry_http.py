@@ -53,12 +53,11 @@ from coordinator import registry as R
 from coordinator.http_limits import GATE_BODY_BYTES, MAX_JSON_DEPTH, HTTPLimits, LimitedHTTPServer, LimitedRequestMixin, json_depth
 from coordinator.registry import ArtifactNotFound, Registry, RegistryError
 from coordinator.site_tokens import SiteTokens
-from site_agent.errors import UserError
+from fedimg_core.errors import UserError
+from fedimg_core.registry_wire import MAX_PUSH_BYTES, SHA256_HEADER
 
-MAX_PUSH_BYTES = 256 * 1024 * 1024
 MAX_PUSH_FILES = 32
 PUSHABLE_KINDS = ("segmentation-branch",)
-SHA256_HEADER = "X-Content-SHA256"
 PUBLISHED_BY = "published_by"
 # Read (and drop) at most this much of a refused body before answering: what the connection
 # gate has already received, so a refusal never waits on a client that sends no body.

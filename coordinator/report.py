@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from coordinator.results import case_dice, class_dice, ordered_classes, per_class_across_sites, selection_score
-from preprocessing import atomic
+from fedimg_core import atomic
 
 REPORT_DIR = "report"
 EVALUATIONS_DIR = "evaluations"

@@ -21,8 +21,8 @@ import secrets
 import time
 from pathlib import Path
 
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
 
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 

@@ -46,8 +46,8 @@ from coordinator import runs
 from coordinator import spec as spec_mod
 from coordinator.http_limits import MAX_YAML_DEPTH, HTTPLimits, LimitedHTTPServer, yaml_depth_problem
 from coordinator.registry_http import RegistryRoutes, is_registry_path
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
 
 TOKEN_FILE = "api-token"
 MAX_SPEC_BYTES = 256 * 1024

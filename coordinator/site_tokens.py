@@ -26,8 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
 
 TOKENS_FILE = "site-tokens.json"
 _SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as site_agent.config's site_name

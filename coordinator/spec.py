@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, check_plan_args
-from site_agent.errors import UserError
+from fedimg_core.errors import UserError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AGGREGATORS = ("fedavg", "scaffold")

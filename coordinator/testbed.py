@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from site_agent import config as site_config
-from site_agent.errors import UserError
+from fedimg_core.errors import UserError
 from site_agent.runtime import ProcessRuntime, pid_alive, signal_group, parent_death_signal
 
 TAG = "fedimg-demo"

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from site_agent import config as site_config
 
 

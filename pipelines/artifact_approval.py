@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipelines.terminal_text import escape_controls
-from preprocessing import atomic
+from fedimg_core import atomic
 
 STORE_ENV = "FEDIMG_ARTIFACT_STORE"
 STORE_FILE = "artifacts.json"

@@ -12,7 +12,6 @@ Case ids are sequential (``case_0000``); nothing identifying a patient is stored
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,9 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
-from preprocessing import atomic
+from fedimg_core import atomic
+from fedimg_core.errors import FedimgError
+from fedimg_core.hashing import sha256_file
 from preprocessing.nifti import clean_image, save_atomic
 
 FORMAT_NAME = "fedimg-prepared-dataset"
@@ -34,7 +35,7 @@ SUPPORTED_VERSIONS = (1, 2)  # v1: before the DICOM converter (no schema block);
 CONVERTER_VERSION = "0.2.0"
 
 
-class DatasetError(Exception):
+class DatasetError(FedimgError):
     """A folder is not a valid prepared dataset. The message names the file and the problem."""
 
 
@@ -68,14 +69,6 @@ class PreparedDataset:
 
 def _token(text: str, limit: int = 48) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_")[:limit] or "unnamed"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_dataset(
@@ -159,7 +152,7 @@ def write_dataset(
     return load_dataset(root)
 
 
-class DatasetSchemaError(ValueError):
+class DatasetSchemaError(FedimgError, ValueError):
     """A prepared dataset does not fit the federation's label schema."""
 
 

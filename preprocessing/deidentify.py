@@ -167,7 +167,8 @@ from pydicom.uid import (
     UID,
 )
 
-from preprocessing import atomic
+from fedimg_core import atomic
+from fedimg_core.errors import FedimgError
 
 __all__ = [
     "DeidReport",
@@ -233,7 +234,7 @@ _CATEGORY_ACTION = {
 }
 
 
-class DeidentifyError(Exception):
+class DeidentifyError(FedimgError):
     """A de-identification problem; the message names the file (when there is one) and why."""
 
 

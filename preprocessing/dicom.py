@@ -35,6 +35,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
+from fedimg_core.errors import FedimgError
+
 log = logging.getLogger(__name__)
 
 # SOP classes that hold images we convert; anything else (SR, RTSTRUCT, presentation states,
@@ -57,7 +59,7 @@ SPACING_RANGE_MM = (1e-3, 1e3)
 MAX_ABS_POSITION_MM = 1e5
 
 
-class SeriesError(Exception):
+class SeriesError(FedimgError):
     """A series cannot be converted exactly. `code` is a short reason (allowlisted)."""
 
     def __init__(self, message: str, code: str):

@@ -14,7 +14,7 @@ from isal import igzip, igzip_threaded
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.dicom import SeriesError, check_affine, check_size
 
 # Deflate cannot shrink data more than 1032:1, so a .nii.gz declaring more voxel data than

@@ -54,7 +54,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 from scipy import ndimage
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.nifti import clean_image, save_atomic
 from preprocessing.schema import LABEL_MAP_FORMAT, LabelSchema, load_schema
 from preprocessing.seg import segment_codes as _seg_codes, write_seg  # noqa: F401 (_seg_codes: former home)

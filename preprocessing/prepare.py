@@ -37,8 +37,10 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from preprocessing import atomic
-from preprocessing.dataset import CONVERTER_VERSION, FORMAT_NAME, FORMAT_VERSION, sha256_file
+from fedimg_core import atomic
+from fedimg_core.errors import FedimgError
+from fedimg_core.hashing import sha256_file
+from preprocessing.dataset import CONVERTER_VERSION, FORMAT_NAME, FORMAT_VERSION
 from preprocessing.dicom import Discovery, Series, SeriesError, discover, load_series, series_geometry
 from preprocessing.labels import read_seg, remap, seg_references
 from preprocessing.nifti import canonical, clean_image, grid_difference_mm, load_nifti, qform_sform_disagree, save_atomic
@@ -50,7 +52,7 @@ MODALITIES = ("CT", "MR", "PT", "CR", "DX", "US", "OT")
 MIN_SLICES_MULTI_ORIENTATION = 16
 
 
-class PrepareError(Exception):
+class PrepareError(FedimgError):
     """Nothing could be prepared, or the inputs/options are wrong. One line, names the file."""
 
 

@@ -32,7 +32,7 @@ from urllib.parse import quote
 import nibabel as nib
 import numpy as np
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.schema import LabelSchema
 
 # One fixed colour per schema class id (Trubetskoy's "20 distinct colours"), cycling

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from preprocessing.atomic import FileReadError, read_small_file
+from fedimg_core.atomic import FileReadError, read_small_file
+from fedimg_core.errors import FedimgError
 
 SCHEMA_FORMAT = "fedimg-label-schema"
 LABEL_MAP_FORMAT = "fedimg-site-labels"
@@ -32,7 +33,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
-class SchemaError(Exception):
+class SchemaError(FedimgError):
     """A schema or label-map file is invalid; the message names the file and the key."""
 
 

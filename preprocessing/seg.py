@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pydicom
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.schema import LabelSchema
 
 __all__ = ["segment_codes", "write_seg"]

@@ -178,7 +178,7 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
             model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
         except ValueError as exc:
             raise UserError(f"source job {jd.root}: {exc}") from None
-        from preprocessing import atomic
+        from fedimg_core import atomic
         from pipelines.adaptation.jobs import tensor_blob
 
         atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
@@ -234,7 +234,7 @@ def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
                 restart: bool, progress: Callable | None, log) -> dict:  # fmt: skip
     from pipelines.adaptation.training import train_target
     from pipelines.adaptation.volumes import labelled_slices
-    from preprocessing import atomic
+    from fedimg_core import atomic
     from pipelines.adaptation.jobs import tensor_blob
     from preprocessing.dataset import DatasetError
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from preprocessing import atomic
+from fedimg_core import atomic
 from site_agent.errors import ConfigError
 
 CONFIG_ENV = "FEDIMG_SITE_CONFIG"

@@ -1,53 +1,6 @@
-"""Errors a user can act on. CLIs print them as one line and exit non-zero, no traceback."""
+"""Errors a user can act on (former home; they live in `fedimg_core`). CLIs print them as one line."""
 
-from __future__ import annotations
+from fedimg_core.cli import run_cli
+from fedimg_core.errors import ConfigError, FedimgError, UserError
 
-import os
-import sys
-
-import click
-
-
-class UserError(Exception):
-    """Bad input or state the user can fix; the message names the file/thing and the problem."""
-
-    exit_code = 2
-
-
-class ConfigError(UserError):
-    pass
-
-
-def run_cli(group: click.Group, prog_name: str) -> None:
-    """Run a click group; turn expected failures into one clear line and a non-zero exit.
-
-    Set FEDIMG_DEBUG=1 to see full tracebacks instead.
-    """
-    debug = os.environ.get("FEDIMG_DEBUG", "").lower() in ("1", "true", "yes")
-    try:
-        group.main(prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo(f"{prog_name}: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        if isinstance(exc, click.NoSuchOption) and exc.option_name == "--config" and any("--config" in p.opts for p in group.params):
-            # the most common slip: the group's option given after the command
-            click.echo(f"{prog_name}: --config belongs before the command: {prog_name} --config FILE COMMAND ...", err=True)
-        sys.exit(exc.exit_code)
-    except UserError as exc:
-        if debug:
-            raise
-        click.echo(f"{prog_name}: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo(f"{prog_name}: interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
-        if debug:
-            raise
-        from_fedbiomed = type(exc).__module__.startswith("fedbiomed")
-        origin = "Fed-BioMed" if from_fedbiomed else type(exc).__name__
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        click.echo(f"{prog_name}: error ({origin}): {msg} (set FEDIMG_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+__all__ = ["ConfigError", "FedimgError", "UserError", "run_cli"]

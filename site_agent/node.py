@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 from preprocessing.dataset import DatasetError, load_dataset
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
@@ -23,14 +24,6 @@ SECURITY_SETTINGS = {
     "allow_preproc": "False",
 }
 DATA_TYPE = "custom"  # prepared datasets are read by pipelines.plans.datasets.PreparedSegmentationDataset
-
-
-def quiet_fedbiomed_console() -> None:
-    """Fed-BioMed logs to the console from import time on; our CLIs print only their own
-    lines. Its file logs (in the component's log/ folder) are kept."""
-    from fedbiomed.common.logger import logger
-
-    logger._internal_add_handler("CONSOLE", None)  # its documented way to remove a handler
 
 
 def _scrubbed_env() -> None:

@@ -36,17 +36,13 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping
 
-from preprocessing import atomic
-from site_agent.errors import UserError
+from fedimg_core import atomic
+from fedimg_core.errors import UserError
+from fedimg_core.hashing import sha256_file
+from fedimg_core.registry_wire import ALLOWED_SUFFIXES, KINDS, MAX_PUSH_BYTES, RECORD_FILE, SHA256_HEADER, TOKEN_ENV
+from fedimg_core.registry_wire import FILENAME as _FILENAME
+from fedimg_core.registry_wire import NAME as _NAME
 
-TOKEN_ENV = "FEDIMG_SITE_TOKEN"
-SHA256_HEADER = "X-Content-SHA256"
-RECORD_FILE = "artifact.json"
-KINDS = ("factory", "segmentation-branch")  # as coordinator.registry
-ALLOWED_SUFFIXES = (".pt", ".json", ".yaml")
-MAX_PUSH_BYTES = 256 * 1024 * 1024  # as coordinator.registry_http (the body, base64 included)
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_FILENAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _VERSION = re.compile(r"^v\d{4,}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -79,14 +75,6 @@ def _safe_filename(filename: object, where: str) -> str:
     ):
         raise RegistryClientError(f"{where}: the registry lists a file {filename!r} this site refuses to write")
     return filename
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_token(token_file: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> str:
@@ -293,7 +281,7 @@ class RegistryClient:
                 return False
             for filename, entry in record["files"].items():
                 path = folder / filename
-                if path.stat().st_size != entry["bytes"] or _sha256_file(path) != entry["sha256"]:
+                if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                     return False
         except OSError:
             return False

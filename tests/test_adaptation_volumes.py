@@ -19,7 +19,7 @@ from pipelines.adaptation.volumes import (
 )
 from pipelines.factory import slices as S
 from pipelines.factory.slices import SliceSettings, dataset_slices
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.dataset import DatasetSchemaError, write_dataset
 from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from preprocessing.schema import load_schema

@@ -330,7 +330,7 @@ def test_config_file_that_is_not_a_small_regular_file_is_one_error_line(docker_l
 
 
 def test_read_small_file_reads_a_small_regular_file(tmp_path):
-    from preprocessing.atomic import FileReadError, read_small_file
+    from fedimg_core.atomic import FileReadError, read_small_file
 
     (tmp_path / "a.yaml").write_bytes(b"x" * 1000)
     os.symlink(tmp_path / "a.yaml", tmp_path / "link.yaml")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedimg_core.errors import FedimgError
 from pipelines.factory.networks import FactoryConfig, Generator, requires_grad
 from pipelines.factory.slices import SliceSettings
 from preprocessing.schema import LabelSchema, parse_schema
@@ -28,7 +29,7 @@ GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "factory.json"
 
 
-class FactoryError(ValueError):
+class FactoryError(FedimgError, ValueError):
     """A factory folder is incomplete or inconsistent; the message names the file."""
 
 

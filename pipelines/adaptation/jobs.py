@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from preprocessing import atomic
+from fedimg_core import atomic
+from fedimg_core.errors import FedimgError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class JobError(ValueError):
+class JobError(FedimgError, ValueError):
     """A job cannot start or continue; the message names the folder and the problem."""
 
 

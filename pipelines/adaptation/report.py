@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from preprocessing import atomic
+from fedimg_core import atomic
 
 _LABEL_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]],

@@ -52,7 +52,7 @@ from monai.transforms import Resize, SpatialPad
 from pipelines import transforms as _transforms
 from pipelines.factory import slices as _slices
 from pipelines.factory.slices import SliceSettings, foreground_keep, intensity_to_unit, slice_bins, square_slices
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.nifti import save_atomic
 from preprocessing.schema import LabelSchema

@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedimg_core.errors import FedimgError
 
-class KeyConfigError(ValueError):
+
+class KeyConfigError(FedimgError, ValueError):
     """A key configuration (or the encoder file it names) is unusable."""
 
 

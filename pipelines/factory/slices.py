@@ -36,7 +36,7 @@ import torch
 from monai.transforms import Resize, SpatialPad
 
 from pipelines import transforms as _transforms
-from preprocessing import atomic
+from fedimg_core import atomic
 from preprocessing.dataset import load_dataset
 from preprocessing.schema import LabelSchema, ModalityRule
 

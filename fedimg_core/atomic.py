@@ -1,0 +1,105 @@
+"""Atomic file writes, and bounded reads of small files an operator names.
+
+Writes go to a temporary file in the same folder, fsync, rename: a reader never sees a
+half-written file, and an interrupted write leaves the previous version in place.
+`read_small_file` reads a configuration or secret file (label map, schema, salt) without
+blocking on a FIFO or reading /dev/zero without end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedimg_core.errors import FedimgError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give: mkstemp/mkdtemp use 0600/0700, which
+    would hide outputs from a node or container running under another user."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode() if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# What a label map, a schema or a salt file can reasonably hold.
+SMALL_FILE_LIMIT = 1 << 20
+
+
+class FileReadError(FedimgError, ValueError):
+    """An operator-given file that is not a regular file, too large or unreadable; the
+    message names the file and the problem."""
+
+
+def read_small_file(path: str | os.PathLike, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of a small regular file, read without blocking or reading without bound.
+
+    A FIFO would block `open()` until a writer comes and a device such as /dev/zero never
+    ends: only regular files (or links to one) are read, at most `limit` bytes.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("label map", "salt file", ...).
+        limit: the largest size accepted, in bytes.
+
+    Returns:
+        The file's content.
+
+    Raises:
+        FileNotFoundError: no such file (the caller words it).
+        FileReadError: not a regular file, larger than `limit`, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO with no writer opens at once
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FileReadError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        )  # fmt: skip
+        raise FileReadError(f"{path}: the {what} must be a regular file, this is {kind}")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise FileReadError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise FileReadError(f"{path}: the {what} is larger than {limit:,} bytes; is it the right file?")
+    return data
