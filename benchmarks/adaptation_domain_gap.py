@@ -1,7 +1,7 @@
 """Local domain adaptation across a modality gap: adapted model vs source-only, one run.
 
 A CT-like source site (portal-venous phantom CTs, liver / kidney / spleen labelled) and an
-MR-like target site (other patients' anatomy through `preprocessing.phantom.mr_like`: a
+MR-like target site (other patients' anatomy through `fedimg_testing.phantom.mr_like`: a
 non-monotonic T1-like intensity curve, a bias field, masked background). The target has
 labels for ``--few-volumes`` volumes (the middle labelled slice of each is all the
 adaptation may use); its other labelled volumes are held out entirely and scored.
@@ -59,7 +59,7 @@ from pipelines.factory.slices import SliceSettings  # noqa: E402
 from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, make_optimizer  # noqa: E402
 from pipelines.losses import IGNORE_INDEX, MarginalDiceCELoss  # noqa: E402
 from preprocessing.dataset import write_dataset  # noqa: E402
-from preprocessing.phantom import make_phantom, mr_like  # noqa: E402
+from fedimg_testing.phantom import make_phantom, mr_like  # noqa: E402
 from preprocessing.schema import load_schema  # noqa: E402
 
 CLASSES = {"background": 0, "kidney": 1, "liver": 3, "spleen": 7}

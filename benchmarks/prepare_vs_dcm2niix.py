@@ -25,7 +25,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series  # noqa: E402
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TRANSFER_SYNTAXES = {

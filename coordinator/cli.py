@@ -457,7 +457,7 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
         text = Path(spec_file).read_text(encoding="utf-8")
     wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
     phase_list = [p.strip() for p in phases.split(",") if p.strip()]
-    from preprocessing.phantom import PHASES
+    from fedimg_testing.phantom import PHASES
 
     bad = [p for p in phase_list if p not in PHASES]
     if bad or not phase_list:

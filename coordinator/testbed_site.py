@@ -82,7 +82,7 @@ def _drop_stale(hospital: Path, dataset: Path, params: dict) -> None:
 
 
 def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | None = None) -> None:
-    from preprocessing.phantom import SITES, write_phantom_site
+    from fedimg_testing.phantom import SITES, write_phantom_site
 
     organs = classes or (SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)])
     if not (hospital / "site-labels.yaml").exists():

@@ -30,7 +30,7 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,11 +46,11 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -63,7 +63,7 @@ class FileReadError(FedimgError, ValueError):
     message names the file and the problem."""
 
 
-def read_small_file(path: str | os.PathLike, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> bytes:
+def read_small_file(path: str | os.PathLike[str], what: str = "file", limit: int = SMALL_FILE_LIMIT) -> bytes:
     """The bytes of a small regular file, read without blocking or reading without bound.
 
     A FIFO would block `open()` until a writer comes and a device such as /dev/zero never

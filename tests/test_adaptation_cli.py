@@ -14,7 +14,7 @@ from conftest import cli
 from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch
 from pipelines.adaptation.training import AdaptedModel
 from pipelines.factory.networks import FactoryConfig, Generator
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 
 SCHEMA_FILE = "preprocessing/schemas/abdominal-ct.yaml"
 

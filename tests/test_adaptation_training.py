@@ -19,7 +19,7 @@ from pipelines.adaptation.volumes import labelled_slices
 from pipelines.factory.networks import FactoryConfig, Generator, requires_grad
 from pipelines.factory.slices import SliceSettings
 from preprocessing.dataset import write_dataset
-from preprocessing.phantom import make_phantom, mr_like
+from fedimg_testing.phantom import make_phantom, mr_like
 from preprocessing.schema import load_schema
 
 ORGANS = {"background": 0, "kidney": 1, "liver": 3}

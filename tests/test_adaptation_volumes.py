@@ -21,7 +21,7 @@ from pipelines.factory import slices as S
 from pipelines.factory.slices import SliceSettings, dataset_slices
 from fedimg_core import atomic
 from preprocessing.dataset import DatasetSchemaError, write_dataset
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from preprocessing.schema import load_schema
 
 LABELS = {"background": 0, "liver": 3, "liver_tumor": 4}

@@ -298,7 +298,7 @@ def test_every_table_entry_gets_its_action_at_every_level():
 def test_deidentified_phantom_with_seg_labels_prepares_identically(tmp_path):
     """Images and DICOM SEG labels (matched by SegmentLabel, placed by referenced UIDs) of a
     de-identified copy give the same NIfTI images and labels as the originals."""
-    from preprocessing.phantom import write_phantom_site
+    from fedimg_testing.phantom import write_phantom_site
     from preprocessing.prepare import PrepareOptions, prepare
     from preprocessing.schema import load_label_map, load_schema
 

@@ -10,7 +10,7 @@ from coordinator import runs
 from coordinator.evaluate import evaluate_run
 from coordinator.spec import parse
 from pipelines.networks import build_network
-from preprocessing.phantom import write_phantom_site
+from fedimg_testing.phantom import write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from site_agent.errors import UserError

@@ -10,7 +10,7 @@ from pipelines import transforms as T
 from pipelines.factory import slices as S
 from pipelines.factory.slices import SliceSettings, dataset_slices, intensity_to_unit, volume_slices
 from preprocessing.dataset import write_dataset
-from preprocessing.phantom import make_phantom
+from fedimg_testing.phantom import make_phantom
 from preprocessing.schema import ModalityRule, load_schema
 
 CT_LABELS = {"background": 0, "liver": 3}

@@ -4,7 +4,7 @@ output already in `--out` (an earlier run's label, perhaps of another patient) i
 replaced without `--overwrite`: one error line naming it, exit 2, nothing written.
 
 Inputs are built here: an untrained target model with every part a real one has (as in
-test_adaptation_cli) and phantom DICOM series from `preprocessing.phantom`.
+test_adaptation_cli) and phantom DICOM series from `fedimg_testing.phantom`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, Segment
 from pipelines.adaptation.training import AdaptedModel
 from pipelines.adaptation.volumes import output_stem
 from pipelines.factory.networks import FactoryConfig, Generator
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from site_agent.cli import cli as site_cli
 from site_agent.errors import run_cli
 

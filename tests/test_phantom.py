@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from preprocessing.phantom import (
+from fedimg_testing.phantom import (
     PHASES,
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
@@ -232,7 +232,7 @@ def test_series_headers_pixels_and_geometry(tmp_path, volume, ids):
 
 
 def test_mr_series_same_anatomy_mr_intensities(tmp_path, volume, ids):
-    from preprocessing.phantom import mr_like
+    from fedimg_testing.phantom import mr_like
 
     paths = write_dicom_series(volume, tmp_path / "s", ids, seed=4, modality="MR")
     dss = [pydicom.dcmread(p) for p in paths]
@@ -341,7 +341,9 @@ def test_planted_identifiers_in_raw_bytes(tmp_path, volume, ids, syntax):
         assert ids.ae_title.encode() in raw[132 : 144 + meta_len]
     ds = pydicom.dcmread(paths[0])
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-    text = lambda v: v.decode().rstrip() if isinstance(v, bytes) else v  # implicit VR: private tags read as UN
+    def text(v):  # implicit VR: private tags read as UN
+        return v.decode().rstrip() if isinstance(v, bytes) else v
+
     assert text(block[0x10].value) == ids.private_text and text(block[0x11].value) == ids.patient_id
     assert ds.RequestAttributesSequence[0].RequestedProcedureDescription == ids.requested_procedure_description
     assert ds.OtherPatientIDsSequence[0].PatientID == ids.other_patient_id

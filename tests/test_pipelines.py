@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipelines.networks import build_network, count_parameters
-from pipelines.synthetic import make_case
+from fedimg_testing.synthetic import make_case
 
 
 def test_synthetic_cases_are_deterministic_and_labelled():

@@ -16,7 +16,7 @@ import pytest
 from preprocessing import prepare as prepare_mod
 from preprocessing.dataset import load_dataset
 from preprocessing.dicom import discover, load_series
-from preprocessing.phantom import PhantomSite, PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
+from fedimg_testing.phantom import PhantomSite, PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from tests.conftest import BIN, cli

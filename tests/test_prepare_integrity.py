@@ -3,7 +3,7 @@ and the site-local case map of case 12): no label lands on the wrong patient, pa
 for something else are never read as images, other people's files are never written over,
 non-regular files never block a run, and staff can map a case id back to its source.
 
-Inputs are built here: phantom DICOM series and label maps from `preprocessing.phantom`.
+Inputs are built here: phantom DICOM series and label maps from `fedimg_testing.phantom`.
 The CLI runs in-process through the `run_cli` wrapper of the console script where nothing
 can hang, as a real subprocess (with a timeout) where something could.
 """
@@ -25,7 +25,7 @@ import yaml
 
 from preprocessing.dicom import discover, load_series
 from preprocessing.nifti import canonical, clean_image, save_atomic
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from site_agent.cli import cli as site_cli

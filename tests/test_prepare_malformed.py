@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import yaml
 
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from site_agent.cli import cli as site_cli
 from site_agent.errors import run_cli
 from tests.conftest import cli as run_console_script
@@ -39,7 +39,7 @@ def template(tmp_path_factory):
     vol = make_phantom(seed=7, shape=SHAPE, spacing=SPACING)
     files = write_dicom_series(vol, root / "dicom" / "case_a", PlantedIdentifiers.for_case(7, 0), origin=ORIGIN, file_names="instance")
     assert len(files) == SHAPE[2]
-    from preprocessing.phantom import volume_affine_ras
+    from fedimg_testing.phantom import volume_affine_ras
 
     affine = volume_affine_ras(vol, ORIGIN, (1, 0, 0, 0, 1, 0))
     local = np.zeros(SHAPE, np.uint8)

@@ -29,7 +29,7 @@ from rich.console import Console
 
 import site_agent.cli
 from preprocessing.dataset import DatasetError, load_dataset
-from preprocessing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series
 from tests.test_prepare_malformed import edit, run_prepare
 
 SHAPE = (24, 24, 10)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from preprocessing.dataset import DatasetError, load_dataset, write_dataset
-from preprocessing.synthetic import write_synthetic_dataset
+from fedimg_testing.synthetic import write_synthetic_dataset
 
 
 def test_synthetic_dataset_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from conftest import cli
-from preprocessing.synthetic import write_synthetic_dataset
+from fedimg_testing.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

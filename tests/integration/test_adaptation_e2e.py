@@ -18,7 +18,7 @@ from coordinator.registry_http import serve_registry
 from coordinator.site_tokens import SiteTokens
 from coordinator.testbed import Testbed
 from preprocessing.dataset import load_dataset, write_dataset
-from preprocessing.phantom import make_phantom, mr_like
+from fedimg_testing.phantom import make_phantom, mr_like
 from site_agent.runtime import pid_alive
 
 pytestmark = pytest.mark.integration

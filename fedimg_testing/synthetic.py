@@ -1,4 +1,5 @@
-"""Synthetic volumes for demos and tests: blobs ("organs") of known class in noise.
+"""Synthetic volumes for demos and tests: blobs ("organs") of known class in noise, and
+`write_synthetic_dataset`, which writes them as a prepared dataset.
 
 Nothing here imports an FL engine. The generator is deterministic for a given seed so a
 site's demo data and a test's expectations can be reproduced exactly.
@@ -6,9 +7,12 @@ site's demo data and a test's expectations can be reproduced exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from preprocessing.dataset import PreparedDataset, write_dataset
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,24 @@ def make_case(
         image[label == cls] = _CLASS_MEANS[cls]
     image += rng.normal(0.0, noise_std, size=shape).astype(np.float32) + intensity_shift
     return SyntheticCase(image=image.astype(np.float32), label=label, spacing=spacing)
+
+
+CLASS_NAMES = ("background", "organ_a", "organ_b", "organ_c", "organ_d", "organ_e", "organ_f", "organ_g")
+
+
+def write_synthetic_dataset(
+    root: str | os.PathLike,
+    seed: int,
+    n_cases: int = 4,
+    shape: tuple[int, int, int] = (32, 32, 32),
+    num_classes: int = 3,
+    intensity_shift: float = 0.0,
+    name: str = "synthetic",
+) -> PreparedDataset:
+    def cases():
+        for i in range(n_cases):
+            case = make_case(seed * 1000 + i, shape=shape, num_classes=num_classes, intensity_shift=intensity_shift)
+            yield case.image, case.label, np.diag([*case.spacing, 1.0])
+
+    labels = {CLASS_NAMES[c]: c for c in range(num_classes)}
+    return write_dataset(root, name=name, modality="CT", labels=labels, cases=cases())
