@@ -180,7 +180,6 @@ def write_report(run_dir: Path, log=print) -> Path:
     import shutil
 
     from coordinator import runs
-    from coordinator.report import _publish_dir
 
     metrics = runs.read_metrics(run_dir)
     info = runs.summary(run_dir)
@@ -224,6 +223,6 @@ def write_report(run_dir: Path, log=print) -> Path:
         atomic.write_text(folder / "index.html", page)
 
     target = run_dir / "report"
-    _publish_dir(target, build)
+    atomic.publish_dir(target, build)
     log(f"report: {target / 'index.html'}")
     return target

@@ -37,9 +37,6 @@ import html
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -707,7 +704,7 @@ def write_report(run_dir: Path, log: Log = print) -> Path:
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     run = load_run(run_dir, log)
     target = run_dir / REPORT_DIR
-    _publish_dir(target, lambda folder: build_report(run, folder))
+    atomic.publish_dir(target, lambda folder: build_report(run, folder))
     log(f"report: {target / 'index.html'}")
     return target
 
@@ -789,31 +786,7 @@ def report_sections(run: Run, glob: Scored, local: Scored, classes: list[str], f
     ]
 
 
-def _publish_dir(target: Path, build: Callable[[Path], Any]) -> None:
-    """Run ``build`` into a temporary sibling folder, then put it in place of ``target``.
-    On failure the temporary folder is removed and ``target`` stays as it was."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        os.chmod(tmp, atomic.default_mode(directory=True))
-        build(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = new.with_name(new.name + ".old")  # unique: new comes from mkdtemp
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+_publish_dir = atomic.publish_dir  # its former name
 
 
 # ---------------------------------------------------------------------------------------

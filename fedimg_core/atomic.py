@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedimg_core.errors import FedimgError
 
@@ -44,6 +45,42 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_dir(target: str | os.PathLike[str], build: Callable[[Path], object]) -> None:
+    """Build a folder in a temporary sibling, then put it in place of ``target``.
+
+    Args:
+        target: the folder to create or replace.
+        build: writes the folder's content into the folder it is given.
+
+    Raises:
+        BaseException: whatever ``build`` raises; the temporary folder is removed and
+            ``target`` stays as it was.
+    """
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        build(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = new.with_name(new.name + ".old")  # unique: new comes from mkdtemp
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
