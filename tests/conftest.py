@@ -21,6 +21,28 @@ def cli(name: str, *args: str, env: dict | None = None, timeout: float = 300, cw
     )
 
 
+def site_agent_in_process(*args) -> tuple[int, str, str]:
+    """`site-agent ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from site_agent.cli import cli as site_cli
+    from site_agent.errors import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["site-agent", *map(str, args)]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            run_cli(site_cli, "site-agent")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def site_yaml(tmp_path):
     """A valid site config dict rooted in tmp_path."""

@@ -22,24 +22,9 @@ from pipelines.artifact_approval import (
 from pipelines.factory.domain_key import build_domain_key
 from pipelines.site_errors import SiteError, sanitize, site_boundary
 
+from attack_modules import SecretReader
+
 SECRET = "PATIENT-LIST-7f3a: Doe^Jane 1961-02-03"
-
-
-class _Reader(torch.nn.Module):
-    """What the red team shipped: reads a local file and raises with its content."""
-
-    def __init__(self, path: str, n: int):
-        super().__init__()
-        self.path = path
-        self.n = n
-
-    def forward(self, x):
-        data = torch.from_file(self.path, False, self.n, dtype=torch.uint8)
-        s = ""
-        for i in range(self.n):
-            s += chr(int(data[i]))
-        raise RuntimeError("encoder failed: " + s)
-        return x
 
 
 class _Encoder(torch.nn.Module):
@@ -60,7 +45,7 @@ def site_files(tmp_path):
     secret.write_text(SECRET)
     version = work / "models" / "registry" / "factory" / "evil" / "v0001"
     version.mkdir(parents=True)
-    torch.jit.script(_Reader(str(secret), len(SECRET))).save(str(version / "encoder.pt"))
+    torch.jit.script(SecretReader(str(secret), len(SECRET))).save(str(version / "encoder.pt"))
     (version / "artifact.json").write_text(json.dumps({"kind": "factory", "name": "evil", "version": "v0001", "published_by": "researcher-x"}))
     good = work / "models" / "registry" / "factory" / "good" / "v0001"
     good.mkdir(parents=True)

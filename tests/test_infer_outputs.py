@@ -10,9 +10,6 @@ test_adaptation_cli) and phantom DICOM series from `fedimg_testing.phantom`.
 from __future__ import annotations
 
 import gzip
-import io
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import nibabel as nib
@@ -26,26 +23,9 @@ from pipelines.adaptation.training import AdaptedModel
 from pipelines.adaptation.volumes import output_stem
 from pipelines.factory.networks import FactoryConfig, Generator
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
-from site_agent.cli import cli as site_cli
-from site_agent.errors import run_cli
+from conftest import site_agent_in_process as site_agent
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "preprocessing" / "schemas" / "abdominal-ct.yaml"
-
-
-def site_agent(*args) -> tuple[int, str, str]:
-    """`site-agent ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["site-agent", *map(str, args)]
-    code = 0
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            run_cli(site_cli, "site-agent")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

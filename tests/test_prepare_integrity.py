@@ -10,12 +10,10 @@ can hang, as a real subprocess (with a timeout) where something could.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import nibabel as nib
@@ -28,8 +26,7 @@ from preprocessing.nifti import canonical, clean_image, save_atomic
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
-from site_agent.cli import cli as site_cli
-from site_agent.errors import run_cli
+from tests.conftest import site_agent_in_process as site_agent
 from tests.conftest import cli as run_console_script
 
 SHAPE = (24, 24, 10)
@@ -39,22 +36,6 @@ IDENTITY = (1, 0, 0, 0, 1, 0)
 SCHEMA = load_schema()
 LABEL_MAP = {"format": "fedimg-site-labels", "schema": "abdominal-ct", "schema_version": "1.0.0",
              "labels": {0: "background", 1: "liver", 2: "liver_tumor"}}  # fmt: skip
-
-
-def site_agent(*args) -> tuple[int, str, str]:
-    """`site-agent ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["site-agent", *map(str, args)]
-    code = 0
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            run_cli(site_cli, "site-agent")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def series_with_label(series_dir: Path, label_path: Path | None, seed: int, origin=ORIGIN):

@@ -9,11 +9,8 @@ a few cases also run as real subprocesses.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import nibabel as nib
@@ -23,9 +20,8 @@ import pytest
 import yaml
 
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
-from site_agent.cli import cli as site_cli
-from site_agent.errors import run_cli
 from tests.conftest import cli as run_console_script
+from tests.conftest import site_agent_in_process
 
 SHAPE = (24, 24, 10)
 SPACING = (1.5, 1.5, 2.5)
@@ -60,18 +56,8 @@ def template(tmp_path_factory):
 
 
 def run_prepare(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["site-agent", "prepare", *map(str, args)]
-    code = 0
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            run_cli(site_cli, "site-agent")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    """`site-agent prepare ARGS` in this process: (exit code, stdout, stderr)."""
+    return site_agent_in_process("prepare", *args)
 
 
 def dicom_files(site: Path) -> list[Path]:

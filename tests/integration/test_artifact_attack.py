@@ -13,29 +13,15 @@ import pytest
 import torch
 import yaml
 
+from attack_modules import SecretReader
 from conftest import cli
 from coordinator.testbed import Testbed
 from site_agent.runtime import pid_alive
 
 pytestmark = pytest.mark.integration
 
+
 SECRET = "SITE-SECRET-4711 Doe^Jane MRN 99812"
-
-
-class _Reader(torch.nn.Module):
-    def __init__(self, path: str, n: int, tag: str):
-        super().__init__()
-        self.path = path
-        self.n = n
-        self.tag = tag  # a different file (sha256) for each test
-
-    def forward(self, x):
-        data = torch.from_file(self.path, False, self.n, dtype=torch.uint8)
-        s = ""
-        for i in range(self.n):
-            s += chr(int(data[i]))
-        raise RuntimeError("encoder failed: " + s)
-        return x
 
 
 class _Encoder(torch.nn.Module):
@@ -69,7 +55,7 @@ def bed(tmp_path_factory):
 
 def _evil(bed, name: str) -> str:
     """A reader module of this test's own in the site's registry folder; its sha256."""
-    return _pulled(bed.sites[0], name, _Reader(str(bed.secret), len(SECRET), name))
+    return _pulled(bed.sites[0], name, SecretReader(str(bed.secret), len(SECRET), name))
 
 
 def _run(bed, name: str, key_file: str, sha256: str | None = None):
