@@ -73,10 +73,28 @@ def node_settings(site: SiteConfig) -> dict:
     }
 
 
+def _node_db(site: SiteConfig) -> str:
+    """The path of the site's node database, with Fed-BioMed's connector pointed at it.
+
+    Fed-BioMed 6.4.1's ``TinyDBConnector`` is a process-wide singleton that keeps the first
+    database path it was given and ignores every later one, so a process that touches two
+    sites' nodes (the testbed, tests) would read and write the first site's database.
+    """
+    from fedbiomed.common.db import TinyDBConnector
+
+    path = node_settings(site)["db"]
+    connector = TinyDBConnector._instance
+    if connector is not None and getattr(connector, "_fedimg_db_path", None) != path:
+        connector._db.close()
+        TinyDBConnector._instance = None
+    TinyDBConnector(path)._fedimg_db_path = path  # type: ignore[attr-defined]
+    return path
+
+
 def _dataset_manager(site: SiteConfig):
     from fedbiomed.node.dataset_manager import DatasetManager
 
-    return DatasetManager(path=node_settings(site)["db"])
+    return DatasetManager(path=_node_db(site))
 
 
 @dataclass
@@ -205,7 +223,7 @@ def _plan_manager(site: SiteConfig):
     config = _config(site)
     settings = node_settings(site)
     return TrainingPlanSecurityManager(
-        db=settings["db"],
+        db=_node_db(site),
         node_id=settings["node_id"],
         node_name=settings["name"],
         hashing=config.get("security", "hashing_algorithm"),

@@ -261,3 +261,19 @@ def test_plans_list_shows_markup_in_a_plan_name_as_written(tmp_path):
     res = cli("site-agent", "--config", cfg, "plans", "list")
     assert res.returncode == 0, res.stderr
     assert "[black on black]x[/]/SegPlan" in res.stdout.replace("\n", "")
+
+
+def test_one_process_reads_each_sites_own_node_database(tmp_path):
+    """Fed-BioMed's database connector is a process-wide singleton that keeps the first path
+    it is given; the site agent points it at the site asked about (the testbed and tests
+    touch several sites' nodes in one process)."""
+    from site_agent import config as site_config
+    from site_agent import node
+
+    first = site_config.load(_init_site(tmp_path, free_port(), name="site-x"))
+    second = site_config.load(_init_site(tmp_path, free_port(), name="site-y"))
+    for site, folder in ((first, "data-x"), (second, "data-y")):
+        (tmp_path / folder).mkdir()
+        node._dataset_manager(site).add_database(name=folder, data_type="custom", tags=[folder], description="d", path=str(tmp_path / folder))
+    assert [d.name for d in node.list_datasets(first)] == ["data-x"]
+    assert [d.name for d in node.list_datasets(second)] == ["data-y"]
