@@ -401,9 +401,11 @@ class StagedPulls:
     def _staging(self) -> Path:
         if self._dir is None:
             self.staging_root.mkdir(parents=True, exist_ok=True)
+            from site_agent.runtime import pid_alive
+
             for old in self.staging_root.glob(f"{STAGING_PREFIX}*"):  # left by a command that was killed
                 pid = _pid_of(old)
-                if pid is not None and pid != os.getpid() and not _alive(pid):
+                if pid is not None and pid != os.getpid() and not pid_alive(pid):
                     shutil.rmtree(old, ignore_errors=True)
             self._dir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.staging_root))
         return self._dir
@@ -454,13 +456,3 @@ class StagedPulls:
             self.commit()
         else:
             self.discard()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -43,6 +43,28 @@ def site_agent_in_process(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def write_untrained_target_model(path: Path) -> Path:
+    """An untrained adapted target model with every part a real one has (what `infer` loads), saved at `path`."""
+    import torch
+    import yaml
+
+    from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch
+    from pipelines.adaptation.training import AdaptedModel
+    from pipelines.factory.networks import FactoryConfig, Generator
+
+    torch.manual_seed(0)
+    cfg = FactoryConfig.preset("tiny", n_clients=2, key_dim=0, n_bins=0)
+    names = ["background", "kidney", "liver"]
+    meta = {"factory": {"name": "f", "version": "v0001", "sha256": ""},
+            "schema_definition": yaml.safe_load((ROOT / "preprocessing" / "schemas" / "abdominal-ct.yaml").read_text()),
+            "slices": {"size": 64, "n_bins": 0, "spacing": [6.0, 6.0, 10.0], "min_foreground": 0.0}, "class_ids": [0, 1, 3],
+            "domains": {"source_client_id": 0, "target_client_id": 1}}  # fmt: skip
+    model = AdaptedModel("target", Generator(cfg).eval(), InversionEncoder(cfg, AdaptConfig()),
+                         SegmentationBranch.for_factory(cfg, names).eval(), SegmentationBranch.for_factory(cfg, names).eval(), 1.0, meta)  # fmt: skip
+    torch.save(model.state(), path)
+    return path
+
+
 @pytest.fixture
 def site_yaml(tmp_path):
     """A valid site config dict rooted in tmp_path."""

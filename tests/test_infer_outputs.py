@@ -15,33 +15,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-import yaml
 
-from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch
-from pipelines.adaptation.training import AdaptedModel
 from pipelines.adaptation.volumes import output_stem
-from pipelines.factory.networks import FactoryConfig, Generator
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from conftest import site_agent_in_process as site_agent
+from conftest import write_untrained_target_model
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "preprocessing" / "schemas" / "abdominal-ct.yaml"
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """An untrained target model with every part a real one has: what infer loads."""
-    torch.manual_seed(0)
-    cfg = FactoryConfig.preset("tiny", n_clients=2, key_dim=0, n_bins=0)
-    names = ["background", "kidney", "liver"]
-    meta = {"factory": {"name": "f", "version": "v0001", "sha256": ""}, "schema_definition": yaml.safe_load(SCHEMA_FILE.read_text()),
-            "slices": {"size": 64, "n_bins": 0, "spacing": [6.0, 6.0, 10.0], "min_foreground": 0.0}, "class_ids": [0, 1, 3],
-            "domains": {"source_client_id": 0, "target_client_id": 1}}  # fmt: skip
-    model = AdaptedModel("target", Generator(cfg).eval(), InversionEncoder(cfg, AdaptConfig()),
-                         SegmentationBranch.for_factory(cfg, names).eval(), SegmentationBranch.for_factory(cfg, names).eval(), 1.0, meta)  # fmt: skip
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state(), path)
-    return path
+    return write_untrained_target_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def series(path: Path, seed: int, origin: tuple[float, float, float]) -> Path:

@@ -27,6 +27,7 @@ from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affi
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from tests.conftest import site_agent_in_process as site_agent
+from tests.conftest import write_untrained_target_model
 from tests.conftest import cli as run_console_script
 
 SHAPE = (24, 24, 10)
@@ -325,24 +326,7 @@ def test_read_small_file_reads_a_small_regular_file(tmp_path):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """An untrained target model with every part a real one has (as in test_adaptation_cli)."""
-    import torch
-
-    from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch
-    from pipelines.adaptation.training import AdaptedModel
-    from pipelines.factory.networks import FactoryConfig, Generator
-
-    torch.manual_seed(0)
-    cfg = FactoryConfig.preset("tiny", n_clients=2, key_dim=0, n_bins=0)
-    names = ["background", "kidney", "liver"]
-    meta = {"factory": {"name": "f", "version": "v0001", "sha256": ""},
-            "schema_definition": yaml.safe_load(open("preprocessing/schemas/abdominal-ct.yaml")),
-            "slices": {"size": 64, "n_bins": 0, "spacing": [6.0, 6.0, 10.0], "min_foreground": 0.0}, "class_ids": [0, 1, 3],
-            "domains": {"source_client_id": 0, "target_client_id": 1}}  # fmt: skip
-    model = AdaptedModel("target", Generator(cfg).eval(), InversionEncoder(cfg, AdaptConfig()),
-                         SegmentationBranch.for_factory(cfg, names).eval(), SegmentationBranch.for_factory(cfg, names).eval(), 1.0, meta)  # fmt: skip
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state(), path)
-    return path
+    return write_untrained_target_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def test_infer_refuses_two_inputs_that_would_write_the_same_output(model_file, tmp_path):
