@@ -318,7 +318,7 @@ class ApprovalStore:
             return record
 
     def check(self, data: bytes, kind: str, path: str | os.PathLike, origin: Mapping[str, Any] | None = None,
-              disclose: bool = False) -> str:  # fmt: skip
+              disclose: bool = False, digest: str | None = None) -> str:  # fmt: skip
         """The sha256 of `data` when the site approved it; otherwise raise.
 
         Every call is recorded as a request (who asked, where the file came from), so staff
@@ -330,11 +330,12 @@ class ApprovalStore:
             path: where they were read (recorded).
             origin: who asks (recorded, see `request`).
             disclose: set on the refusal (see `ArtifactNotApproved`).
+            digest: the sha256 of `data` when the caller has it already (artifacts reach 2 GiB).
 
         Raises:
             ArtifactNotApproved: pending or rejected.
         """
-        digest = hashlib.sha256(data).hexdigest()
+        digest = digest or hashlib.sha256(data).hexdigest()
         origin = {**(origin or {}), "path": str(path)}
         source = registry_source(path)
         if source:
@@ -383,12 +384,13 @@ def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str,
     path = Path(path)
     try:
         size = path.stat().st_size
-        if size > MAX_ARTIFACT_BYTES:
-            raise ArtifactUnavailable(path, kind, f"{size} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit of an executable artifact")
+    except OSError as exc:
+        raise ArtifactUnavailable(path, kind, f"the file cannot be read ({exc.strerror or exc})") from None
+    if size > MAX_ARTIFACT_BYTES:
+        raise ArtifactUnavailable(path, kind, f"{size} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit of an executable artifact")
+    try:
         data = path.read_bytes()
     except OSError as exc:
-        if isinstance(exc, ArtifactNotApproved):
-            raise
         raise ArtifactUnavailable(path, kind, f"the file cannot be read ({exc.strerror or exc})") from None
     digest = hashlib.sha256(data).hexdigest()
     if expected is not None and digest != expected:
@@ -398,4 +400,4 @@ def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str,
         refusal = ArtifactNotApproved(digest, kind, "no_store", path, None)
         refusal.disclose = expected is not None
         raise refusal
-    return data, store.check(data, kind, path, origin, disclose=expected is not None)
+    return data, store.check(data, kind, path, origin, disclose=expected is not None, digest=digest)

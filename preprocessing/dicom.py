@@ -24,6 +24,7 @@ import tempfile
 import threading
 import warnings
 from collections import defaultdict
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from fedimg_core.errors import FedimgError
@@ -596,6 +598,11 @@ def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
     except (TypeError, ValueError):
         raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated are not integers", "bad_image_tag") from None
     needed = (dims[0] * dims[1] * dims[2] * dims[3] * bits + 7) // 8
+    if keyword == "PixelData" and "PhotometricInterpretation" in ds:
+        try:  # pydicom's own rule also knows 1-bit packing and YBR_FULL_422's 2/3 length
+            needed = get_expected_length(ds)
+        except (AttributeError, TypeError, ValueError, KeyError):
+            pass  # a malformed tag: the plain product above still bounds what a decoder would allocate
     elem = ds.get_item(keyword)  # a raw element while deferred: its length without its value
     value = elem.value
     have = len(value) if isinstance(value, (bytes, bytearray)) else getattr(elem, "length", None)
@@ -875,7 +882,7 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     # order they are read here; uncompressed data never leaves this process.
     ordered = list(dict.fromkeys(series.slices[idx].path for idx in geometry.order if _needs_gdcm(series.slices[idx])))
     batch = set(ordered)
-    with IsolatedDecoder(ordered) if ordered else _no_decoder() as isolated:
+    with IsolatedDecoder(ordered) if ordered else contextlib.nullcontext() as isolated:
         for k, idx in enumerate(geometry.order):
             s = series.slices[idx]
             if s.frame is None:
@@ -892,10 +899,6 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
         raise SeriesError(f"series in {series.folder}: pixel values are not finite after rescale", "non_finite")
     return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)
 
-
-@contextmanager
-def _no_decoder() -> Iterator[None]:
-    yield None
 
 
 def _place_slice(series: Series, first: SliceHeader, s: SliceHeader, k: int, arr, ds, out16: np.ndarray, out32: np.ndarray | None) -> np.ndarray | None:

@@ -74,7 +74,7 @@ def artifacts() -> None:
 def artifacts_list(ctx, status, as_json) -> None:
     """List the artifacts plans and jobs asked to load, pending ones included."""
     try:
-        rows = _store(ctx).records(status.lower() if status else None)
+        rows = _store(ctx).records(status)  # click's Choice gives the canonical lower-case value
     except ArtifactStoreError as exc:
         raise UserError(str(exc)) from None
     if as_json:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from pipelines.terminal_text import escape_controls
 from site_agent import config as site_config
+from site_agent import plan_review
 from site_agent.errors import UserError, run_cli
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -310,7 +311,7 @@ def plans() -> None:
 
 
 @plans.command("list")
-@click.option("--status", type=click.Choice(["pending", "approved", "rejected"], case_sensitive=False), default=None,
+@click.option("--status", type=click.Choice(plan_review.STATUSES, case_sensitive=False), default=None,
               help="Filter by status (any case).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (full ids, hashes, dates).")
 @click.pass_context
@@ -318,10 +319,8 @@ def plans_list(ctx, status, as_json) -> None:
     """List plans: short id (any unique prefix works in show/approve/reject), name
     (experiment/plan class), researcher, status, what changed since the last approved plan
     of the same name, and when it arrived."""
-    from site_agent import plan_review
-
     plans_all = plan_review.load_plans(_site(ctx))
-    wanted = plan_review.normalise_status(status)
+    wanted = status  # click's Choice gives the canonical spelling ("Pending") whatever the case typed
     rows = [p for p in plans_all if wanted is None or p.status == wanted]
     if as_json:
         click.echo(json.dumps([{**p.summary(), "changes": plan_review.change_summary(plans_all, p)} for p in rows], indent=2))

@@ -141,16 +141,6 @@ def load_plans(site: SiteConfig) -> list[PlanRecord]:
     return out
 
 
-def normalise_status(status: str | None) -> str | None:
-    """'pending' / 'PENDING' -> 'Pending'; None stays None; anything else is refused."""
-    if status is None:
-        return None
-    for s in STATUSES:
-        if s.lower() == str(status).strip().lower():
-            return s
-    raise UserError(f"--status: {status!r} is not one of {', '.join(s.lower() for s in STATUSES)}")
-
-
 def resolve(plans: list[PlanRecord], ref: str) -> PlanRecord:
     """The plan ``ref`` names: a full id, a short id, or a unique prefix of either.
 

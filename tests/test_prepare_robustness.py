@@ -532,3 +532,24 @@ def test_uncompressed_and_in_process_decodable_data_start_no_child(site, monkeyp
                 edit(f, lambda ds: ds.compress(pydicom.uid.JPEGLSLossless, encoding_plugin="pyjpegls"))
         vol = dicom.load_series(dicom.discover([site / "dicom" / case]).series[0])
         assert np.array_equal(vol.array, _arrays(site)[0])
+
+
+def test_pixel_length_check_follows_pydicoms_expected_length():
+    """Uncompressed YBR_FULL_422 holds 2/3 of Rows x Columns x 3 samples (pydicom's rule): it
+    is not refused as short, while data shorter than that still is."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from preprocessing.dicom import SeriesError, check_pixel_length
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 4, 6, 3, 8
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = bytes(4 * 6 * 2)  # 2 bytes a pixel: Y Y Cb Cr for each pair
+    check_pixel_length(Path("ybr.dcm"), ds)
+    ds.PixelData = bytes(4 * 6 * 2 - 2)
+    with pytest.raises(SeriesError) as err:
+        check_pixel_length(Path("ybr.dcm"), ds)
+    assert err.value.code == "pixel_data_length"
