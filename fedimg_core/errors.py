@@ -39,4 +39,13 @@ class UserError(FedimgError):
 
 
 class ConfigError(UserError):
-    """A configuration file (site config, ...) is missing or invalid."""
+    """A configuration file (site config, spec, ...) is missing or invalid.
+
+    ``problems`` holds every (key path, problem) found, when validation listed several.
+    """
+
+    problems: list[tuple[str, str]]
+
+    def __init__(self, *args: object, file: str | os.PathLike[str] | None = None, key: str | None = None) -> None:
+        super().__init__(*args, file=file, key=key)
+        self.problems = []
