@@ -1,27 +1,7 @@
-"""Limits that keep the coordinator's HTTP servers up under bad or hostile clients.
+"""Limits that keep the coordinator's HTTP servers (API and registry) up under bad or hostile clients.
 
-The researcher API (``coordinator.service``) and the registry (``coordinator.registry_http``)
-need a valid token, but a token holder (or a broken client) must still not be able to take
-the process that hosts the federation down. Everything here bounds one resource:
-
-- ``LimitedHTTPServer``: a listen backlog of ``queue_size`` (the standard library's 5 resets
-  connections under a burst of submits); accepted connections wait in a gate (one thread, a
-  selector) until their request line, headers and a small body have arrived, holding no
-  handler thread: idle or trickling clients cannot starve the others (32 idle connections
-  used to block every route for 30 s). The gate holds at most ``max_waiting`` connections,
-  at most ``per_client_waiting`` from one address (a newcomer evicts that address's oldest
-  idle one, so a loopback testbed always gets in) and closes those whose request is not
-  there after ``header_timeout``. Complete requests run on at most ``max_threads`` handler
-  threads, at most ``per_client_threads`` for one address (the rest queue, never refused);
-- ``LimitedRequestMixin`` (for a ``BaseHTTPRequestHandler``): reads what the gate received
-  first; every socket operation times out after ``op_timeout`` seconds, the request line and
-  headers must arrive within ``header_timeout`` seconds in total and a larger body within
-  ``body_timeout`` plus its size at ``body_min_rate`` (a stalled upload frees its thread); every error reply
-  is one JSON object whose message is cut to ``MAX_ERROR_CHARS`` (input is never echoed back
-  whole); an unexpected exception answers 500 with a one-line error and is logged here, the
-  server keeps serving;
-- ``json_depth`` and ``yaml_depth_problem``: nesting bounds checked before anything recursive
-  walks the input (deeply nested JSON or YAML otherwise ends in a RecursionError).
+``LimitedHTTPServer`` (gated accept, bounded threads), ``LimitedRequestMixin`` (timeouts, capped JSON error
+replies), ``json_depth`` / ``yaml_depth_problem`` (nesting bounds). What each bounds and why: docs/design/http-service.md.
 """
 
 from __future__ import annotations

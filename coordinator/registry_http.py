@@ -1,39 +1,8 @@
-"""The artifact registry over HTTP: sites pull published weights and push their own.
+"""The artifact registry over HTTP: sites pull published weights and push their own (bearer tokens).
 
-Routes (all answer JSON ``{"error": ...}`` on failure; bearer token in ``Authorization``)::
-
-    GET  /registry[?kind=K]                         {"artifacts": [record, ...]}
-    GET  /registry/<kind>                           {"artifacts": [...]} of that kind
-    GET  /registry/<kind>/<name>                    {"kind", "name", "versions": [...], "latest"}
-    GET  /registry/<kind>/<name>/<version>          the artifact record (artifact.json); version may be "latest"
-    GET  /registry/<kind>/<name>/<version>/<file>   the file's bytes, header X-Content-SHA256
-    POST /registry/<kind>/<name>                    push a new version (site token only) -> 201 record
-
-Reading takes a site token (``coordinator.site_tokens``) or the researcher API token.
-Before a file is served its SHA-256 is checked against the record: a stored file that
-changed is refused with 500 naming it, never served.
-
-Pushing is for sites only, and only for kinds in ``PUSHABLE_KINDS`` (factories are
-published by the coordinator's own federation runs). The body is JSON
-``{"files": {filename: base64}, "meta": {...}}`` of at most ``MAX_PUSH_BYTES``. What can be
-pushed is fixed by construction, before anything is written:
-
-- file names and suffixes as the registry allows (``.pt``, ``.json``, ``.yaml``);
-- every ``.pt`` is the zip ``torch.save`` writes, its entries stored uncompressed with declared
-  sizes adding up to at most its own size (checked before anything is inflated), and loads
-  with ``torch.load(weights_only=True)`` as a flat ``dict[str, Tensor]``;
-- the kind's validator (``coordinator.registry.register_validator``) accepts the files; a
-  kind without a validator is refused;
-- the server sets ``meta["published_by"]`` to the pushing site; a name belongs to the site
-  that pushed it first (another site, or a name the coordinator published, gets 403).
-
-The body may nest at most ``MAX_JSON_DEPTH`` levels; at most ``MAX_CONCURRENT_PUSHES``
-pushes are read and validated at once (a push holds its body in memory), others wait up to
-``PUSH_WAIT_S`` and then get 503. Timeouts, the thread bound and capped error replies come
-from ``coordinator.http_limits``.
-
-``RegistryRoutes`` is a mixin for a ``BaseHTTPRequestHandler`` (the coordinator service
-uses it); ``make_registry_handler`` and ``serve_registry`` run the routes on their own.
+``RegistryRoutes`` is a mixin for a ``BaseHTTPRequestHandler`` (the coordinator service uses it);
+``make_registry_handler`` and ``serve_registry`` run the routes on their own. Routes and what a push may
+hold, by construction: docs/design/http-service.md.
 """
 
 from __future__ import annotations

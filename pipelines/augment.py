@@ -1,29 +1,7 @@
 """Training patches and augmentation for segmentation (MONAI, no FL imports).
 
-A training step gets one preprocessed volume and draws ``num_samples`` patches from it,
-half centred on labelled foreground and half on background (MONAI's
-``RandCropByPosNegLabeld``; the ignore label does not count as foreground), then
-augments each patch with an nnU-Net-style set of MONAI random transforms:
-
-    zoom 0.9-1.1 (p 0.2), flips on every axis (p 0.5 each), Gaussian noise (p 0.15),
-    Gaussian smoothing (p 0.1), intensity scale +-10 % (p 0.15) and shift +-0.1 (p 0.15),
-    contrast (gamma 0.7-1.5, p 0.15).
-
-The ConDistFL paper does not list its augmentations; this set is a documented choice.
-Spatial steps move image and label together (label: nearest neighbour); intensity steps
-touch the image only. The student and the teacher see the same augmented batch, so
-augmentation happens here, before either forward pass.
-
-Optionally (``gin``, keyword arguments from ``pipelines.gin.parse_gin_args``), each patch
-image then goes through GIN (``pipelines.gin.GINAugmentation``): a fresh random shallow
-conv network remaps its intensities, simulating another scanner or modality while the
-anatomy, and so the label, stays as it is. GIN applies whether or not ``augment`` is set
-(asking for it is explicit) and never touches the label.
-
-2D training (``spatial_dims=2``) samples ``(X, Y, 1)`` patches from the 3D volume (axial
-slices) and squeezes the last axis. Randomness follows torch's global generator (the
-plan's seed): every draw seeds MONAI from it (crop, augmentations and GIN each get their
-own stream, so switching GIN on changes no crop, flip or label).
+Balanced foreground/background patches, an nnU-Net-style random augmentation set and optional GIN, each
+with its own random stream. The set and its rules: docs/design/augmentation.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,7 @@
-"""Global Intensity Non-linear augmentation (GIN; MONAI transforms, no FL imports).
+"""Global Intensity Non-linear augmentation (GIN, Ouyang et al., IEEE TMI 2022) as MONAI transforms (no FL imports).
 
-Ouyang et al., "Causality-inspired single-source domain generalization for medical image
-segmentation" (IEEE TMI 2022). A model trained on one scanner / protocol / modality learns
-its intensity statistics and fails on another site's. GIN simulates such appearance
-shifts: every call draws a fresh, untrained, shallow convolutional network and passes the
-image through it,
-
-    conv -> leaky ReLU -> conv -> ... -> conv      (n_layers convs, no activation at the end)
-
-with ``channels`` intermediate channels, each kernel 1x1(x1) or 3x3(x3) (drawn per layer),
-weights and biases ~ N(0, 1), and as many output channels as the image has. The result is
-blended with the input, ``mixed = alpha * gin(x) + (1 - alpha) * x`` with
-``alpha ~ U(alpha)``, and rescaled so that its Frobenius norm equals the input's (keeps the
-intensity scale the network expects; a zero image comes back unchanged).
-
-Why it keeps anatomy: the network only remaps intensities. Its kernels are spatially local
-(a voxel's output depends on its neighbourhood of radius ``n_layers`` at most, radius 0
-with 1x1 kernels), and nothing moves or resamples voxels, so shapes and boundaries stay
-where they are while their grey values, contrast and texture change in a random,
-non-linear, possibly non-monotonic way (tissues may swap brightness order, as between T1
-and T2 MRI or CT and MR). Hence labels stay valid as they are: GIN never touches them, and
-the dictionary form must list image keys only.
-
-Randomness comes from MONAI's ``self.R`` only (``set_random_state`` makes a transform
-reproducible); the network weights come from a ``torch.Generator`` seeded from ``self.R``,
-so torch's global generator is neither read nor advanced.
+`GINAugmentation` (array) and `GINAugmentationd` (dictionary, image keys only) remap intensities through a
+fresh random shallow conv network, keeping the anatomy. How and why: docs/design/augmentation.md.
 """
 
 from __future__ import annotations

@@ -1,74 +1,9 @@
-"""Segmentation backbones from MONAI, built from a small dict of plain arguments.
+"""Segmentation backbones from MONAI (MedNeXt, DynUNet, BasicUNet), built from a small dict of plain arguments.
 
-The dict travels in the experiment spec (``plan_args.network``), so the researcher chooses
-the backbone and its size without touching plan code::
-
-    network: {name: mednext, size: base, spatial_dims: 3, deep_supervision: true}
-
-``network_config_from_spec`` validates such a dict (clear ``ValueError`` messages) and
-returns the keyword arguments for ``build_network``; ``check_patch_size`` tells whether a
-patch (``roi_size``) fits a network's downsampling. Both live in `pipelines.network_config`,
-which imports neither torch nor MONAI, and are importable from here too.
-
-Sizes (``NETWORK_SIZES``). Parameter counts measured with MONAI 1.6.1 / torch 2.13, 1 input
-channel, 8 output channels, ``deep_supervision=False`` (deep supervision adds one 1x1 conv
-per extra head: a few hundred to a few thousand parameters). MedNeXt's kernel-3 depthwise
-convolutions are small, so its 2D and 3D counts are close.
-
-==========  ======  =========================================================  ==========  ==========
-network     size    configuration                                              params 3D   params 2D
-==========  ======  =========================================================  ==========  ==========
-mednext     tiny    init_filters 4, blocks 1 per stage, expansion 2, k3, 5 lv     69,424      62,872
-mednext     small   MONAI MedNeXt-S, kernel 3                                   5,551,112   5,472,200
-mednext     base    MONAI MedNeXt-B, kernel 3 (the paper's backbone)           10,511,048  10,432,136
-mednext     medium  MONAI MedNeXt-M, kernel 3                                  17,533,704  17,402,952
-mednext     large   MONAI MedNeXt-L, kernel 3                                  61,726,952  61,504,040
-dynunet     tiny    filters (8, 16, 32), 3 levels                                  85,216      29,520
-dynunet     small   filters (16, 32, 64, 128, 256), 5 levels                    5,646,264   1,942,168
-dynunet     base    nnU-Net: 32..320 (3D) / 32..512 (2D), 6 levels             31,189,608  20,611,368
-dynunet     medium  base + residual conv blocks                                31,419,208  21,050,632
-dynunet     large   (64, 96, 128, 192, 256, 384) + residual (BraTS21), 6 lv    25,116,360   8,759,880
-basic_unet  tiny    features (4, 4, 8, 16, 32, 4)                                  90,500      31,516
-basic_unet  small   features (16, 16, 32, 64, 128, 16)                          1,438,904     496,024
-basic_unet  base    MONAI default (32, 32, 64, 128, 256, 32)                    5,749,608   1,978,664
-basic_unet  medium  features (48, 48, 96, 192, 384, 48)                        12,932,120   4,447,928
-basic_unet  large   features (64, 64, 128, 256, 512, 64)                       22,986,440   7,903,816
-==========  ======  =========================================================  ==========  ==========
-
-MedNeXt-S/B/M/L are exactly MONAI's ``MedNeXtS/B/M/L`` (init_filters 32, residual blocks,
-group norm; B: expansion (2,3,4,4) / bottleneck 4 / (4,4,3,2), 2 blocks per stage) with
-kernel 3. These agree with the sizes reported in the MedNeXt paper (Roy et al. 2023: about
-5.6 / 10.5 / 17.6 / 61.8 M for S/B/M/L at kernel 3; recalled, not re-checked against the
-PDF). "large" DynUNet is wider at the top but narrower at the bottom than nnU-Net, hence
-fewer parameters than "base" in 3D.
-
-Patch sizes: MedNeXt (5 levels at every size) needs every side of the patch divisible by 16, DynUNet by
-the product of its strides (2**(levels-1): 4 for tiny, 16 for small, 32 for base..large),
-BasicUNet by 16; in every case the coarsest level must hold more than one voxel
-(instance/group norms). The paper's 128^3 patches fit every size.
-
-Deep supervision (``deep_supervision=True``; not available for ``basic_unet``). What MONAI
-1.6.1 does, and what ``build_network`` returns:
-
-- MedNeXt: in training mode ``forward`` returns a tuple ``(main, 1/2, 1/4, 1/8, 1/16)``,
-  each head at its own resolution (``levels`` heads). We return it as MONAI gives it.
-- DynUNet: in training mode MONAI returns ONE stacked tensor ``(B, 1 + deep_supr_num, C,
-  *spatial)`` whose extra heads are nearest-neighbour interpolated up to full resolution.
-  ``build_network`` returns a thin subclass (same parameters and ``state_dict`` keys) whose
-  training forward returns the tuple ``(main, 1/2, 1/4, ...)`` at each head's own resolution
-  instead, like MedNeXt (``deep_supr_num`` defaults to ``levels - 2``, the most MONAI
-  allows), and which drops the intermediate head tensors MONAI keeps on the module after
-  each forward (so the module can be deep-copied, e.g. as a frozen teacher).
-- In eval mode every network returns only the main head as a plain tensor (sliding-window
-  inference works unchanged). Both MONAI networks still compute the extra heads in eval
-  mode; that is a small cost, not a different result.
-
-``main_output(outputs)`` gives the full-resolution main logits and ``all_heads(outputs)``
-the list of heads ordered from full resolution down, for any of these return forms,
-including MONAI's stacked DynUNet tensor (all heads at full resolution, returned as given).
-The supervised loss then needs the label resampled to each head's resolution (nearest /
-max-pool of the one-hot label), with weights halving per level, normalised
-(``deep_supervision_weights``); ConDist uses the main head only.
+The dict travels in the experiment spec (``plan_args.network``); ``network_config_from_spec`` (in
+`pipelines.network_config`, which imports neither torch nor MONAI) validates it, ``build_network`` builds the
+network, ``main_output`` / ``all_heads`` read its outputs. Sizes and parameter counts, patch-size rules and
+what deep supervision returns: docs/design/networks.md.
 """
 
 from __future__ import annotations

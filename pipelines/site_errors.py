@@ -1,16 +1,8 @@
-"""Errors a site reports to the coordinator: an error code and allowlisted fields only.
+"""Errors a site reports to the coordinator: an error code and allowlisted fields only, never exception text.
 
-Fed-BioMed sends a failed plan's exception text to the researcher (``repr(exc)`` in the
-round's reply and in the log records it forwards). Exception text can hold anything the
-site read, so the training plans wrap their entry points with `site_boundary`: a failure
-is logged in full to the site's own log (the node's stderr, i.e. ``<work_dir>/node.log``;
-never through Fed-BioMed's forwarding logger) under an incident id, and re-raised as a
-`SiteError` whose text is built from a fixed code and fields that each pass a format check::
-
-    fedimg site error artifact_not_approved [stage=training kind=torchscript sha256=0f3c...
-    incident=5d2e81aa]: details are in the site's log (site-agent logs)
-
-Standard library only (plans import it without the site agent).
+The plans wrap their entry points with `site_boundary`: the full failure goes to the site's own log under an
+incident id and leaves as a `SiteError` built from a fixed code and checked fields. Why and what it looks like:
+docs/design/site-boundary.md. Standard library only (plans import it without the site agent).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Text from others, made safe to print on a reviewer's terminal.
+"""Text from others (plan sources, registry records, artifact origins), made safe to print on a reviewer's terminal.
 
-Plan sources, registry records (``published_by``) and the origins recorded with an
-artifact request come from researchers or the coordinator. Printed raw, a carriage return,
-an ANSI escape (``ESC[1A ESC[2K`` moves up and erases a line) or a bidirectional override
-can make a pending artifact read "approved" or hide a line of a plan from the staff who
-approve it. `escape_controls` shows every such character visibly instead (``\\x1b``,
-``\\r``, ``\\u202e``); `has_controls` says whether a text holds any (``plans show`` warns).
-
-Escaped: C0 controls (U+0000-U+001F, ESC and CR included), DEL, C1 controls
-(U+0080-U+009F), the bidi embeddings, overrides and isolates (U+202A-U+202E,
-U+2066-U+2069), the marks U+200E/U+200F/U+061C, the zero-width characters U+200B-U+200D,
-U+2060, U+FEFF, and the line/paragraph separators U+2028/U+2029. A tab is kept where the
-caller allows it (source code). Standard library only (pipelines code imports this).
+`escape_controls` shows control, bidi and zero-width characters as visible escapes (``\\x1b``, ``\\r``,
+``\\u202e``); `has_controls` says whether a text holds any. Which characters, and why: docs/design/site-boundary.md.
+Standard library only (pipelines code imports this).
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """Segmentation training on partially labelled sites: the science the FL plans call (no FL imports).
 
-* `parse_plan_args`: the experiment spec's ``plan_args`` for the segmentation plans,
-  validated with messages naming the key (the coordinator checks them before sending; the
-  node checks them again on arrival). It lives in `pipelines.plan_args`, which imports
-  neither torch nor MONAI, with `SegmentationSettings`, `PLAN_ARG_KEYS` and `DEFAULTS`.
-* `PartialLabelObjective`: the ConDistFL loss, ``L = L_marginal + lambda * L_ConDist``;
-  marginal Dice+CE on every deep-supervision head (weights halving per level), ConDist on
-  the main head only, exactly as ../shared/notes/condistfl-method.md specifies. Without a
-  teacher it is the marginal loss the FedAvg/FedProx/FedOpt baselines use.
-* `frozen_teacher` / `teacher_logits`: the global model as received, frozen, evaluated
-  without an autograd graph on the student's augmented batch.
-* `cosine_lr`: the paper's cosine schedule over all steps of all rounds.
-* `evaluate_case`: sliding-window prediction of one whole volume and per-class Dice.
+The ConDistFL objective (`PartialLabelObjective`), the frozen teacher, the cosine schedule and whole-volume
+evaluation; what each part is: docs/design/segmentation-training.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
 """Is the site's node connected to the coordinator, and if not, why not.
 
-Fed-BioMed 6.4.1 exposes no connection state outside the node process and logs its
-connection attempts at DEBUG only; its INFO line "Successfully connected to researcher
-server" is written before any call, even when the TLS handshake then fails. So the
-evidence is taken where it is real:
-
-* the node process's own TCP connections (``psutil``): a node that is connected holds one
-  long-lived connection to the coordinator's port (its task long-poll); a node that cannot
-  connect holds none, or opens and drops one every ~2 s. The same connection seen in two
-  samples counts as connected.
-* the node's log: when it started, the last message it got from the coordinator (a task),
-  the last connection error (Fed-BioMed's and gRPC's own lines, with their time).
-* a TCP connection and TLS handshake from here to the coordinator's port, which tells a
-  stopped coordinator or a firewall from a certificate that names another host.
+Fed-BioMed reports no connection state, so the evidence is the node's own TCP connections, its log and a
+probe from here; why each: docs/design/site-boundary.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""Reviewing training plans at a site: short ids, readable names, changes since approval.
+"""Reviewing training plans at a site: short ids, readable names, changes since the last approval.
 
-Fed-BioMed stores each plan a researcher sends in the node's database under an id
-``training_plan_<uuid4>`` (also its ``name``), with the researcher's free-text
-``description``, ``researcher_id``, dates, status, hash and the full source. fedimg's
-coordinator sends the description ``fedimg plan <key> for experiment <name>``; the plan
-class is the ``class X(...)`` line of the source. From these a plan gets a readable name,
-``<experiment>/<PlanClass>``, and a short id (the first characters of the uuid, as many as
-keep it unique on the node) that every command accepts, as does any unique prefix.
-
-What changed since the site last approved a plan of the same name is a unified diff of
-the two sources (``difflib``), so staff review only the changed lines.
-
-Everything shown comes from the researcher: every field, source and diff line is printed
-through `pipelines.terminal_text.escape_controls` (a carriage return, an ANSI escape or a
-bidi override shows as ``\r``, ``\x1b``, ``\u202e`` and cannot hide or rewrite a line),
-and ``plans show`` opens with a WARNING when the source holds such a character. Source
-lines are split at ``\n`` only, so a lone ``\r`` (a line break to Python) stays visible.
+Everything shown comes from the researcher and is printed through `pipelines.terminal_text.escape_controls`.
+How names, ids and diffs are derived: docs/design/site-boundary.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
-"""Losses of the local domain adaptation (phase 2 of the data-factory method; no FL code).
+"""Losses of the local domain adaptation: reconstruction (MSE + MS-SSIM), segmentation, cycle consistency (no FL code).
 
-* `ReconstructionLoss` -- image fidelity of an inversion or a cycle: MSE + MS-SSIM by
-  default; a perceptual (LPIPS-like) term only when its network is present on disk as a
-  TorchScript file, because these machines cannot download AlexNet/VGG weights.
-* `ms_ssim` -- multi-scale SSIM built on MONAI's per-scale `compute_ssim_and_cs`, with
-  the number of scales chosen so the Gaussian window fits the coarsest scale (5 scales
-  need images larger than 160 px with the 11-px window; a 64 px slice gets 3) and with the
-  per-scale terms clamped away from zero before the fractional powers, so the gradient
-  stays finite where MONAI's metric (ReLU then power) would give NaN.
-* `segmentation_loss` -- Dice + cross-entropy (the authors' Ls) as the project's
-  `MarginalDiceCELoss`: with a branch's classes all labelled it is plain softmax Dice + CE;
-  when a target site labels only some of the branch's classes, the others are merged
-  with the background instead of being taught as background.
-* `cycle_consistency` -- ``Lr(x, x_cycled)`` summed over the two domains.
-
-Images are single-channel in [-1, 1], ``(B, 1, H, W)``.
+Images are single-channel in [-1, 1], ``(B, 1, H, W)``. Why each loss is built this way (finite MS-SSIM
+gradients, marginal segmentation loss, perceptual term only from a file): docs/design/adaptation.md.
 """
 
 from __future__ import annotations

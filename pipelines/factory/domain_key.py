@@ -1,34 +1,7 @@
-"""The domain key: a site's mean image embedding, the condition of the data factory.
+"""The domain key: a site's mean image embedding, the condition of the data factory (computed at the site, never sent).
 
-Each site embeds ALL of its 2D slices (single channel, intensities in [-1, 1], R x R) with
-a key function that is identical at every site, averages the embeddings locally and never
-transmits the result. The conditional generator is conditioned on it, and a key-alignment
-loss backpropagates through the embedding of generated images, so every key function is
-differentiable with respect to its input.
-
-The paper's key uses CLIP, whose weights cannot be downloaded on these machines, so the
-offline options are:
-
-- `RandomCNNKey`: a frozen, seeded, randomly initialised CNN (per-stage channel mean and
-  std, a fixed random projection, L2-normalised);
-- `SoftHistogramKey`: a differentiable soft intensity histogram (Hellinger embedding);
-- `ConcatKey`: several of the above side by side (the default: random CNN + histogram);
-- `TorchScriptKey`: a real pretrained encoder, where its TorchScript file is on disk and
-  the site approved its sha256 (`pipelines.artifact_approval`: loading TorchScript runs
-  code that can read the site's files). Its ``file`` must lie in the ``registry/`` folder
-  of the site's models directory (where ``site-agent adapt`` puts registry entries), so a
-  plan cannot name any other file of the site; a declared ``sha256`` is checked before
-  anything is recorded, and a missing file, other content and an unapproved file are
-  reported to the coordinator alike (`pipelines.site_errors`), the details staying in the
-  site's log.
-
-Raw keys of a random network are nearly identical across domains: most of the embedding is
-what all images have in common. `DomainKey` therefore subtracts a site-independent
-reference key (the mean embedding of seeded synthetic smooth random fields) and
-re-normalises; after centring, domains separate well.
-
-Every key function has a `checksum()` over its weights and configuration so a federation
-can verify that all sites use the same one. Nothing here imports an FL engine.
+Key functions (random CNN, soft histogram, their concatenation, an approved TorchScript encoder), the
+centring against a site-independent reference, and checksums: docs/design/data-factory.md.
 """
 
 from __future__ import annotations

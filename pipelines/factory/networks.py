@@ -1,45 +1,6 @@
-"""Conditional StyleGAN2-style generator and projection discriminator, single channel, pure PyTorch.
+"""Conditional StyleGAN2-style generator and projection discriminator of the data factory (single channel, pure PyTorch).
 
-The factory F of the federated data-factory method (shared/notes/data-factory-method.md):
-
-- ``Generator``: mapping network ``[PixelNorm(z) || condition] -> w`` (equalized linear layers,
-  lr multiplier 0.01), synthesis network from a learned constant 4x4 input through modulated
-  3x3 convolutions with weight demodulation, per-layer noise with a learned strength, and
-  skip ToRGB outputs (the previous image is upsampled and the new ToRGB added).
-- ``Discriminator``: residual (FromRGB at full resolution, blocks with blur-downsampling and a
-  1x1 skip, summed and scaled by 1/sqrt(2)), minibatch-stddev at 4x4, conv, fc -> phi, and a
-  projection score ``out(phi) + <phi, PixelNorm(E_label(c)) * key_mod> / sqrt(cmap_dim)``.
-
-Conditioning (identical in form for every site)::
-
-    label     = onehot(client_id, n_clients) || onehot(slice_bin, n_bins)   (bin part zeros
-                                                                             when absent)
-    label_emb = PixelNorm(Linear(label))
-    key_emb   = PixelNorm(MLP_no_bias(key))        (0 when key is None; exactly 0 for key == 0)
-    condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
-
-and in the discriminator ``key_mod = 1 + Linear_no_bias(key)`` (1 when key is None). A missing
-key therefore behaves exactly like an all-zero key in both networks.
-
-Resampling uses the separable, normalised [1, 3, 3, 1] FIR kernel applied as a depthwise
-convolution (no custom CUDA ops). Upsampling by 2 is a stride-2 transposed depthwise
-convolution with the kernel scaled by 4, which is exactly zero-insertion followed by the blur
-(see ``upsample2d``); downsampling is blur then stride-2 subsampling (``downsample2d``).
-
-Every module here keeps its constants (blur kernels, the fixed "const" noise maps) in
-non-persistent buffers: ``state_dict()`` holds parameters only, which is what the federation
-averages.
-
-Sizes (``count_parameters``, measured; ``+key``: n_clients 3, key_dim 64, as in the method's
-three-site setting; ``defaults``: the preset as it is, n_clients 2, key_dim 0)::
-
-    preset  resolution  channels 4..res                z/w  mapping  G (+key)    D (+key)    G (defaults)  D (defaults)
-    tiny    64          64, 64, 64, 32, 16             64   2           289,054     302,577       280,798       298,417
-    small   128         128, 128, 128, 64, 32, 16      128  4         1,186,977   1,202,929     1,162,273     1,194,609
-    paper   512         512 x5, 256, 128, 64           512  8        30,844,503  29,032,385    30,549,079    28,999,105
-
-(the paper reports G ~30.6M, D ~29.7M). CPU cost (2 threads, oneDNN on): one tiny D or G
-update at batch 4 takes ~0.06-0.08 s.
+Architecture, conditioning, resampling and measured sizes: docs/design/data-factory.md.
 """
 
 from __future__ import annotations

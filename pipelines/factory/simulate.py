@@ -1,20 +1,7 @@
-"""The data-factory federation simulated in one process (no FL engine).
+"""The data-factory federation replayed in one process (no FL engine), to study the method at larger budgets.
 
-Fed-BioMed runs the real thing (`pipelines.plans.factory`); this module replays the same
-algorithm where no nodes can run, e.g. on a GPU machine without the site stack, to study
-the method at a budget a CPU federation cannot reach. Per round it does what a Fed-BioMed
-round of the data-factory plan does:
-
-* ``clients_per_round`` of the K sites are drawn with the coordinator's seeded draw
-  (`pipelines.sampling.sample_sites`);
-* each sampled site loads the global G, D and G_ema (not its key layers, which stay
-  local), restores its own Adam moments, step counters and path-length mean (the plan's
-  ``keep_optimizer_state``), and runs ``local_steps`` alternating updates on its own slices,
-  every fake conditioned on its own client id;
-* the global model becomes the uniform average of the sampled sites' parameters.
-
-What it leaves out is the transport (messages, approval, secure storage) and Fed-BioMed's
-data loader: batches are drawn uniformly with replacement from the site's slices.
+Same updates, seeded 2-of-K draw and uniform averaging as the Fed-BioMed plan, without transport; what it
+does per round and leaves out: docs/design/data-factory.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
-"""2D axial slices of a prepared 3D dataset: what the data factory (the GAN) trains on.
+"""2D axial slices of a prepared 3D dataset (images only): what the data factory trains on, cached on disk.
 
-Images only: labels are neither needed nor read, so a site without any label (cases whose
-``label`` is None) contributes like any other. Every case of the dataset is used.
-
-Per case::
-
-    prepared NIfTI -> pipelines.transforms.deterministic_transforms(keys=("image",))
-      (RAS+, resampled to the schema spacing, schema intensity rule)
-    -> intensity_to_unit: schema-normalised values -> [-1, 1]
-    -> axial slices along the last axis (RAS: Z, inferior to superior)
-    -> each slice padded to a square with the background value -1 (aspect ratio kept),
-       then resized to size x size (bilinear, anti-aliased when downsampling)
-    -> slice-position bin = slice_index * n_bins // depth
-
-Slices keep the in-plane axes of the RAS+ volume: the row index is X (increasing towards
-the patient's right), the column index Y (increasing towards anterior). Every site goes
-through the same chain, so the layout is the same everywhere.
-
-The result of `dataset_slices` is cached on disk (one ``.pt`` per dataset content and
-settings, written atomically) and in memory (the last dataset only). No Fed-BioMed import.
+The per-case chain and the slice layout: docs/design/data-factory.md. No Fed-BioMed import.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
-"""Training the data factory: losses, lazy regularisation and the alternating update (no FL).
+"""Training the data factory: losses, lazy regularisation and the alternating D/G update (no FL).
 
-The method (../shared/notes/data-factory-method.md, StyleGAN2):
-
-* non-saturating logistic adversarial loss;
-* R1 on real images (gamma 10) lazily, every 16th D update, and path-length
-  regularisation (weight 2, EMA decay 0.01, half the batch) every 4th G update; a lazy
-  update replaces the ordinary one at its interval and is scaled by the interval;
-* Adam with the lazy-regularisation corrected settings: lr * k/(k+1),
-  betas (0, 0.99 ** (k/(k+1))), k = 16 for D and 4 for G;
-* G_ema, the exponential moving average of G (decay 0.9978 by default);
-* conditioning on the site's own client id, the slice-position bin of a real slice and
-  the site's domain key, which is dropped (key None) for half of the updates;
-* a refinement stage that adds the key-alignment loss
-  ``w * arccos(cos(key(fake), key)) ** 2`` on G updates that use the key.
-
-One update is one D or one G step, alternating (D first), which is what a federation round
-of ``local_steps`` updates counts. `FactoryUpdater.loss` returns the loss of the next
-update with the other network frozen; whoever owns the optimizer runs backward and step
-(`train_step` here, Fed-BioMed's training loop in the plan) and then calls `after_step`.
+`FactoryUpdater.loss` gives the next update's loss; the optimizer's owner steps and calls `after_step`.
+The method (StyleGAN2 losses, lazy R1 and path length, G_ema, key refinement): docs/design/data-factory.md.
 """
 
 from __future__ import annotations

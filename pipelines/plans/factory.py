@@ -1,22 +1,7 @@
-"""Fed-BioMed plumbing of the data-factory plan (the science: `pipelines.factory`).
+"""Fed-BioMed plumbing of the data-factory plan (the science: `pipelines.factory`); part of the site image.
 
-The registered plan (`pipelines.plans.data_factory.DataFactoryPlan`) is a thin subclass;
-only its source is shipped and hashed for approval, this module is part of the site image.
-
-Per round on a sampled site:
-  1. Fed-BioMed loads the averaged G, D and G_ema.
-  2. `training_routine`: the site's domain key is computed from ALL its slices with the
-     federation's key function (kept in this process and in the site's work folder, never
-     sent); the site's optimizer moments, step counters and path-length mean of this run
-     are restored; then `local_steps` updates, alternating D and G (one Adam with a G and a
-     D parameter group, so the framework's single optimizer steps whichever network is
-     not frozen).
-  3. Mean losses, regulariser values, the key function's checksum (all sites must show
-     the same) and timings are reported; Fed-BioMed sends G, D and G_ema back.
-
-A TorchScript key encoder (``plan_args.key.file``) loads only when the site approved its
-sha256 (`pipelines.artifact_approval`); failures reach the coordinator as a code and
-allowlisted fields (`pipelines.site_errors`), their text stays in the site's log.
+The registered plan (`pipelines.plans.data_factory.DataFactoryPlan`) is a thin subclass, the only source
+shipped and hashed for approval. What a sampled site does per round: docs/design/data-factory.md.
 """
 
 from __future__ import annotations

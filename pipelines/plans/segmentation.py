@@ -1,24 +1,8 @@
-"""Fed-BioMed training plans for multi-organ segmentation on partially labelled sites.
+"""Fed-BioMed training plans for multi-organ segmentation on partially labelled sites; part of the site image.
 
-`PartialLabelSegmentationPlan` holds the Fed-BioMed plumbing; the science is in
-`pipelines.training` (losses, teacher, schedule, evaluation). The registered plans are thin
-subclasses (`pipelines.plans.condistfl`, `pipelines.plans.marginal`): only their source is
-shipped to the sites and hashed for approval; this module is part of the site image.
-
-Per round on a site:
-  1. Fed-BioMed loads the global parameters; `testing_routine` (before training) scores
-     them on the site's validation cases: whole volumes, sliding window, Dice per class the
-     site labels. One message per evaluation: per-class means and per-case values.
-  2. `training_routine`: (ConDistFL) the teacher is frozen as an exact copy of the
-     received model; lambda from the round index; then `local_steps` steps. A step takes
-     one volume, draws `patches_per_volume` balanced patches, augments them, and trains the
-     student on the marginal loss (+ lambda * ConDist against the teacher on the same batch).
-  3. After training: lambda, teacher checks (the teacher still equals the received
-     parameters), loss parts and step timings are reported; Fed-BioMed then scores the
-     local model (`testing_routine` after training) and sends the parameters.
-
-Failures reach the coordinator as a code and allowlisted fields (`pipelines.site_errors`);
-their text stays in the site's log.
+`PartialLabelSegmentationPlan` holds the Fed-BioMed plumbing (the science: `pipelines.training`); the
+registered plans are thin subclasses (`pipelines.plans.condistfl`, `pipelines.plans.marginal`), the only
+source shipped and hashed for approval. A site's round step by step: docs/design/segmentation-training.md.
 """
 
 from __future__ import annotations
