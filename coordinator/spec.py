@@ -19,43 +19,198 @@ Example::
     plan_args: {schema: abdominal-ct, network: {name: mednext, size: tiny}, roi_size: [32, 32, 32]}
     approval: {request: true, wait_s: 0}
 
-Validation reports every problem at once (file, key path, problem, what is allowed) and
-lists legal but risky values as ``Spec.warnings``. A spec is at most MAX_SPEC_BYTES, its YAML
-aliases may expand to MAX_YAML_NODES values, and messages quote at most a few dozen
-characters of a value. A spec parsed without ``base_dir`` (one submitted over the network)
-may name only built-in schemas or carry one inline, never a file.
+The keys, their types, defaults and allowed values are the model `SpecFile` (JSON Schema:
+``coordinator schema spec``, docs/schemas/spec.schema.json). `validate` reports every problem
+at once (file, key path, problem, what is allowed): those of single keys (pydantic), those of
+``plan_args`` (the plan's own checks, `coordinator.plans.check_plan_args`) and the rules across
+keys (`plan_rules`), which run on the keys that validated. Legal but risky values are listed
+as ``Spec.warnings``. A spec is at most MAX_SPEC_BYTES, its YAML aliases may expand to
+MAX_YAML_NODES values, and messages quote at most a few dozen characters of a value. A spec
+parsed without ``base_dir`` (one submitted over the network) may name only built-in schemas
+or carry one inline, never a file.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import ConfigDict, Field, model_validator
 
 from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, check_plan_args
-from fedimg_core.errors import UserError
+from coordinator.spec_yaml import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_spec_yaml
+from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigModel, ConfigProblem, format_problems, short, validate_config
+from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
+from fedimg_core.errors import ConfigError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+__all__ = [
+    "AGGREGATORS",
+    "MAX_LISTED",
+    "MAX_SPEC_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "MODES",
+    "SERVER_OPTIMIZERS",
+    "Spec",
+    "SpecError",
+    "SpecFile",
+    "load",
+    "parse",
+    "plan_rules",
+    "risky_values",
+    "spec_json_schema",
+    "validate",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AGGREGATORS = ("fedavg", "scaffold")
 MODES = ("federated", "standalone")
 SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "beta_2"}, "yogi": {"lr", "beta_1", "beta_2"}}
+SCHEMA_ID = "urn:fedimg:schema:experiment-spec"
 
 
-class SpecError(UserError):
-    """A spec that does not validate; ``problems`` holds every (key path, problem) found."""
+class SpecError(ConfigError):
+    """A spec that does not validate; ``problems`` holds every (key path, problem) found.
 
-    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
-        super().__init__(message)
+    Args:
+        message: the whole message (``<file>: <key>: <problem>`` lines).
+        problems: the (key path, problem) pairs.
+        file: the spec file (or what the spec is called).
+        key: the first problem's key path.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None, *, file: str | os.PathLike[str] | None = None, key: str | None = None):
+        super().__init__(message, file=file, key=key)
         self.problems = list(problems or [])
+
+
+# -- the file's model -------------------------------------------------------------------
+
+
+class SitesSection(ConfigModel):
+    """Which sites train: the datasets' tags, optionally narrowed to some nodes."""
+
+    model_config = ConfigDict(json_schema_extra={"required": ["tags"]})
+
+    tags: Annotated[list[str], strings()] = Field(
+        default_factory=list,
+        description="Dataset tags to train on (the tags sites registered their prepared datasets with). Required.",
+        json_schema_extra={"minItems": 1},
+    )
+    ids: Annotated[list[str], strings()] | None = Field(
+        default=None, description="Node ids (NODE_...) to restrict the run to (default: every node with the tags)."
+    )
+    min_sites: Annotated[int, integer(1)] | None = Field(default=None, description="Sites needed to start (default: the number of ids, else 1).")
+    wait_s: Annotated[float, number(0)] = Field(default=120.0, description="Seconds to wait for min_sites sites to connect.")
+
+    @model_validator(mode="after")
+    def _tags_given(self) -> SitesSection:
+        if not self.tags:  # Fed-BioMed finds training data by dataset tags; node ids can only narrow that down
+            raise ConfigProblem("tags", "required: the tags of the datasets to train on (sites.ids may restrict the nodes)")
+        return self
+
+
+class OptimizerArgs(ConfigModel):
+    """The site-side optimizer's arguments (AdamW; data_factory: Adam, lr only)."""
+
+    model_config = ConfigDict(extra="allow")  # further AdamW arguments are passed on as they are
+
+    lr: Annotated[float, number(positive=True)] | None = Field(default=None, description="Learning rate (default 0.001; data_factory: 0.002).")
+    weight_decay: Annotated[float, number(0)] | None = Field(default=None, description="AdamW weight decay (default: AdamW's).")
+
+
+class ServerOptimizer(ConfigModel):
+    """FedOpt: an optimizer the coordinator applies to the averaged update."""
+
+    name: Annotated[str, one_of(*SERVER_OPTIMIZERS)] = Field(description="momentum (lr, momentum), adam or yogi (lr, beta_1, beta_2).")
+    lr: Annotated[float, number()] | None = Field(default=None, description="Server learning rate (default 1.0).")
+    momentum: Annotated[float, number()] | None = Field(default=None, description="momentum only (default 0.9).")
+    beta_1: Annotated[float, number()] | None = Field(default=None, description="adam and yogi only (default 0.9).")
+    beta_2: Annotated[float, number()] | None = Field(default=None, description="adam and yogi only (default 0.99).")
+
+    @model_validator(mode="after")
+    def _arguments_of_name(self) -> ServerOptimizer:
+        extra = sorted(k for k in ("lr", "momentum", "beta_1", "beta_2") if getattr(self, k) is not None and k not in SERVER_OPTIMIZERS[self.name])
+        if extra:
+            takes = ", ".join(sorted(SERVER_OPTIMIZERS[self.name]))
+            raise ConfigProblem("", f"unknown argument(s) {', '.join(extra)} for {self.name} (it takes {takes})")
+        return self
+
+
+class ApprovalSection(ConfigModel):
+    """Whether the plan is sent to the sites for review first, and how long to wait for them."""
+
+    request: Flag = Field(default=True, description="Send the plan to the sites for approval before round 1.")
+    wait_s: Annotated[float, number(0)] = Field(default=0.0, description="Seconds to wait for every site to approve.")
+
+
+class SpecFile(ConfigModel):
+    """An experiment spec, as a researcher writes it (plan-dependent defaults are left None)."""
+
+    name: Annotated[str, matches(NAME_PATTERN, "1-64 of letters, digits, _ . -")] = Field(description="Name of the experiment (runs are named after it).")
+    plan: Annotated[str, one_of(*sorted(PLANS), what="plan")] = Field(
+        description="Training plan: condistfl, marginal (FedAvg, FedProx, FedOpt, standalone baselines) or data_factory."
+    )
+    mode: Annotated[str, one_of(*MODES)] = Field(
+        default="federated", description="federated, or standalone: each site trains alone (same plan, no aggregation)."
+    )
+    sites: SitesSection = Field(description="Which sites train.")
+    rounds: Annotated[int, integer(1)] = Field(description="Federated rounds.")
+    local_steps: Annotated[int, integer(1)] = Field(default=4, description="Optimizer updates per site per round.")
+    batch_size: Annotated[int, integer(1)] | None = Field(
+        default=None,
+        description="Samples per step (default: 1 volume for condistfl/marginal, which draw plan_args.patches_per_volume patches from it and allow only 1; "
+        "8 slices for data_factory).",
+    )
+    optimizer: OptimizerArgs | None = Field(
+        default=None, description="Site-side optimizer arguments (default {lr: 0.001}; data_factory: {lr: 0.002}, lr only)."
+    )
+    aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(default="fedavg", description="How the coordinator combines the sites' updates.")
+    server_optimizer: ServerOptimizer | None = Field(default=None, description="FedOpt server optimizer (null: plain averaging; not with scaffold).")
+    fedprox_mu: Annotated[float, number(0)] | None = Field(default=None, description="FedProx proximal term (null: off).")
+    test_ratio: Annotated[float, number(0, 0.9)] | None = Field(
+        default=None, description="Share of each site's cases held out for validation (default 0.25; data_factory: 0, the only value it takes)."
+    )
+    seed: Annotated[int, integer(0)] = Field(default=0, description="Random seed (also seeds which sites a round samples).")
+    clients_per_round: Annotated[int, integer(1)] | None = Field(
+        default=None, description="data_factory only: sites sampled per round (seeded, logged; default 2; null: every site)."
+    )
+    plan_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The plan's arguments (schema: a built-in label schema name, a schema file next to the spec, or the schema inline; "
+        "network, roi_size, ...): checked by the plan's own rules, see the README.",
+    )
+    approval: ApprovalSection = Field(default_factory=ApprovalSection, description="Plan approval by the sites.")
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON Schema of an experiment spec (``coordinator schema spec``).
+
+    Returns:
+        The Draft 2020-12 schema as a dict.
+    """
+    return json_schema(
+        SpecFile,
+        schema_id=SCHEMA_ID,
+        title="fedimg experiment spec",
+        description="An experiment a researcher runs on a fedimg federation (`coordinator validate|run|submit SPEC`).",
+    )
+
+
+# -- the resolved spec ------------------------------------------------------------------
 
 
 @dataclass
 class Spec:
+    """A validated spec with the plan's defaults filled in: what the coordinator runs.
+
+    The attributes mirror the file's keys (``sites.tags`` -> ``site_tags``, ``approval.wait_s``
+    -> ``approval_wait_s``); ``model_args`` is what the sites receive (the label schema
+    embedded), ``raw`` the spec as written and ``warnings`` its risky but legal values.
+    """
+
     name: str
     plan: str
     rounds: int
@@ -81,7 +236,11 @@ class Spec:
     warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
     def training_args(self) -> dict[str, Any]:
-        """Fed-BioMed training_args (its schema is fixed; extra values travel in model_args)."""
+        """Fed-BioMed training_args (its schema is fixed; extra values travel in model_args).
+
+        Returns:
+            The training arguments of every round.
+        """
         args: dict[str, Any] = {
             "loader_args": {"batch_size": self.batch_size, "shuffle": True},
             "optimizer_args": dict(self.optimizer),
@@ -100,12 +259,23 @@ class Spec:
 
     @property
     def is_factory(self) -> bool:
+        """Whether the plan is the data factory (no labels, sampled sites, no validation split)."""
         return self.plan in FACTORY_PLANS
 
     def experiment_model_args(self, run_id: str | None = None, client_ids: dict[str, int] | None = None) -> dict[str, Any]:
-        """model_args for Fed-BioMed: the checked plan arguments plus the run's length, which
-        the plans need for their schedules, the run id, which keys what a site keeps between
-        rounds (its optimizer state), and (data factory) each site's client id."""
+        """model_args for Fed-BioMed.
+
+        The checked plan arguments plus the run's length, which the plans need for their
+        schedules, the run id, which keys what a site keeps between rounds (its optimizer
+        state), and (data factory) each site's client id.
+
+        Args:
+            run_id: the run's id.
+            client_ids: data factory: node id -> client id.
+
+        Returns:
+            The model arguments.
+        """
         args = dict(self.model_args)
         if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
@@ -116,88 +286,72 @@ class Spec:
         return args
 
     def resolved_raw(self) -> dict[str, Any]:
-        """The spec with a schema file inlined (what a remote coordinator needs)."""
+        """The spec with a schema file inlined (what a remote coordinator needs).
+
+        Returns:
+            The spec mapping, ``plan_args.schema`` replaced by the schema's content.
+        """
         raw = dict(self.raw)
         if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
             raw["plan_args"] = {**self.plan_args, "schema": self.model_args["schema_definition"]}
         return raw
 
 
-_TOP_KEYS = {
-    "name", "plan", "mode", "sites", "rounds", "local_steps", "batch_size", "optimizer", "aggregator",
-    "server_optimizer", "fedprox_mu", "test_ratio", "seed", "plan_args", "approval", "clients_per_round",
-}
-# A spec is a few hundred bytes (a few kB with an inline schema). The limits bound what a
-# submitted spec can cost the process hosting the federation: its size, how far YAML aliases
-# may expand it, and how much of it an error message repeats.
-MAX_SPEC_BYTES = 64 * 1024
-MAX_YAML_NODES = 20_000  # after alias expansion
-MAX_YAML_DEPTH = 32  # nested mappings/lists (a spec needs 4-5)
-MAX_LISTED = 20  # problems listed in one error
-_SHOWN_CHARS = 60  # of a bad value quoted in a message
-_PROBLEM_CHARS = 300
+def _clip(problem: str) -> str:
+    problem = " ".join(str(problem).split())
+    return problem if len(problem) <= PROBLEM_CHARS else problem[: PROBLEM_CHARS - 3] + "..."
 
 
-def _short(value: Any) -> str:
-    """repr of a value from the spec, cut so an error never repeats the input whole."""
-    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rules across keys of a spec: what the plan, mode and aggregator allow together.
 
+    Args:
+        values: the spec's top-level values that validated (a key missing here is absent
+            from the spec or invalid; every rule fires only on a value given, so an invalid
+            key keeps the rules that read it quiet).
 
-class _Problems:
-    """Every problem found in one spec (validation goes on after the first)."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, key: str, problem: str) -> None:
-        problem = " ".join(str(problem).split())
-        if len(problem) > _PROBLEM_CHARS:
-            problem = problem[: _PROBLEM_CHARS - 3] + "..."
-        self.items.append((key if isinstance(key, str) and len(key) <= _SHOWN_CHARS else _short(key), problem))
-
-    def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        lines = [f"{self.where}: {key}: {problem}" for key, problem in self.items[:MAX_LISTED]]
-        if len(self.items) > MAX_LISTED:
-            lines.append(f"{self.where}: ... and {len(self.items) - MAX_LISTED} more")
-        message = lines[0] if len(self.items) == 1 else f"{self.where}: {len(self.items)} problems:\n  " + "\n  ".join(lines)
-        raise SpecError(message, self.items)
-
-
-def _pos_int(p: _Problems, mapping: dict, key: str, default=None, minimum=1, path: str | None = None):
-    value = mapping.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        p.add(path or key, f"must be an integer >= {minimum} (got {_short(value)})")
-        return None
-    return value
-
-
-def _number(p: _Problems, mapping: dict, key: str, default=None, lo=None, hi=None, allow_none=False, path: str | None = None):
-    value = mapping.get(key, default)
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        p.add(path or key, f"must be a number (got {_short(value)})")
-        return None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        p.add(path or key, f"must be in [{lo}, {hi}] (got {_short(value)})")
-        return None
-    return float(value)
-
-
-def _unknown_key(p: _Problems, key: Any, allowed, path: str = "") -> str | None:
-    """Report an unknown key; return the key it most likely meant (None: no close one)."""
-    close = difflib.get_close_matches(str(key)[:100], sorted(allowed), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(allowed))}"
-    p.add(f"{path}{_short(key) if not isinstance(key, str) else key}", f"unknown key{hint}")
-    return close[0] if close else None
+    Returns:
+        (key path, problem) for each rule broken.
+    """
+    out: list[tuple[str, str]] = []
+    plan = values.get("plan")
+    factory = plan in FACTORY_PLANS
+    mode = values.get("mode", "federated")
+    aggregator = values.get("aggregator", "fedavg")
+    server_opt = values.get("server_optimizer")
+    if server_opt is not None and aggregator == "scaffold":
+        out.append(("server_optimizer", "cannot be combined with the scaffold aggregator"))
+    if plan in SEGMENTATION_PLANS and values.get("batch_size", 1) != 1:
+        out.append(("batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it "
+                                  f"(got {values['batch_size']})"))  # fmt: skip
+    if mode == "standalone" and (server_opt is not None or aggregator != "fedavg"):
+        out.append(("mode", "standalone runs have no aggregation: drop server_optimizer / aggregator"))
+    if values.get("clients_per_round") is not None and plan is not None and not factory:
+        # segmentation runs select the best model on every site's validation each round
+        out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
+    if not factory:
+        return out
+    optimizer = values.get("optimizer")
+    if isinstance(optimizer, dict) and set(optimizer) - {"lr"}:
+        out.append(("optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {short(optimizer)}"))
+    plan_args, rounds = values.get("plan_args"), values.get("rounds")
+    refine = plan_args.get("refine_rounds", 0) if isinstance(plan_args, dict) else 0
+    if isinstance(refine, int) and not isinstance(refine, bool) and isinstance(rounds, int) and refine > rounds:
+        out.append(("plan_args.refine_rounds", f"must be at most rounds ({rounds}); got {refine}"))
+    test_ratio = values.get("test_ratio")
+    if test_ratio:
+        out.append(("test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})"))
+    if mode != "federated" or aggregator != "fedavg" or server_opt is not None or values.get("fedprox_mu") is not None:
+        out.append(("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu"))
+    return out
 
 
 def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
     """Check a spec's mapping and return the Spec; every problem is reported at once.
+
+    The keys are checked by the model (`SpecFile`), ``plan_args`` by the plan's own checks
+    once ``plan`` and ``plan_args`` are valid, and the rules across keys (`plan_rules`) on the
+    keys that validated.
 
     Args:
         raw: the spec as loaded from YAML.
@@ -212,141 +366,68 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
     Raises:
         SpecError: listing every problem (file, key path, problem and what is allowed).
     """
-    p = _Problems(where)
     if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a mapping at the top level (got {type(raw).__name__})")
-    suggested = {_unknown_key(p, key, _TOP_KEYS) for key in raw if key not in _TOP_KEYS}
-    for key in ("name", "plan", "sites", "rounds"):
-        if key not in raw and key not in suggested:  # a misspelt required key is reported once, as a typo
-            p.add(key, "required")
-    name = raw.get("name")
-    if "name" in raw and (not isinstance(name, str) or not _NAME_RE.match(name)):
-        p.add("name", f"must be 1-64 of letters, digits, _ . - (got {_short(name)})")
-    plan = raw.get("plan")
-    if "plan" in raw and (not isinstance(plan, str) or plan not in PLANS):
-        close = difflib.get_close_matches(str(plan)[:100], sorted(PLANS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        p.add("plan", f"unknown plan {_short(plan)}{hint} (known: {', '.join(sorted(PLANS))})")
-        plan = None
-    rounds = _pos_int(p, raw, "rounds") if "rounds" in raw else None
-
-    sites = raw.get("sites", {})
-    tags: list = []
-    ids: list = []
-    min_sites = wait_s = None
-    if not isinstance(sites, dict):
-        p.add("sites", "must be a mapping with 'tags' (and optional ids, min_sites, wait_s)")
-    else:
-        for key in sites:
-            if key not in ("tags", "ids", "min_sites", "wait_s"):
-                _unknown_key(p, key, ("tags", "ids", "min_sites", "wait_s"), "sites.")
-        tags, ids = sites.get("tags") or [], sites.get("ids") or []
-        for key, values in (("sites.tags", tags), ("sites.ids", ids)):
-            if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-                p.add(key, "must be a list of non-empty strings")
-        if not tags and "sites" in raw:
-            # Fed-BioMed finds training data by dataset tags; node ids can only narrow that down.
-            p.add("sites.tags", "required: the tags of the datasets to train on (sites.ids may restrict the nodes)")
-        min_sites = _pos_int(p, sites, "min_sites", default=len(ids) if isinstance(ids, list) and ids else 1, path="sites.min_sites")
-        wait_s = _number(p, sites, "wait_s", default=120.0, lo=0, path="sites.wait_s")
-
-    aggregator = raw.get("aggregator", "fedavg")
-    if aggregator not in AGGREGATORS:
-        p.add("aggregator", f"must be one of {', '.join(AGGREGATORS)} (got {_short(aggregator)})")
-    server_opt = raw.get("server_optimizer")
-    if server_opt is not None:
-        if not isinstance(server_opt, dict) or server_opt.get("name") not in SERVER_OPTIMIZERS:
-            p.add("server_optimizer", f"must be null or a mapping with name one of {', '.join(SERVER_OPTIMIZERS)}")
-        else:
-            extra = set(map(str, server_opt)) - {"name"} - SERVER_OPTIMIZERS[server_opt["name"]]
-            if extra:
-                p.add("server_optimizer", f"unknown argument(s) {', '.join(sorted(extra))} for {server_opt['name']}")
-            for k, v in server_opt.items():
-                if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    p.add(f"server_optimizer.{k}", f"must be a number (got {_short(v)})")
-        if aggregator == "scaffold":
-            p.add("server_optimizer", "cannot be combined with the scaffold aggregator")
-    optimizer = raw.get("optimizer", {"lr": 1e-3})
-    if not isinstance(optimizer, dict):
-        p.add("optimizer", "must be a mapping (e.g. {lr: 0.001})")
-        optimizer = {}
-    plan_args = raw.get("plan_args", {})
-    if not isinstance(plan_args, dict):
-        p.add("plan_args", "must be a mapping")
-        plan_args = {}
+        raise SpecError(f"{where}: expected a mapping at the top level (got {type(raw).__name__})", file=where)
+    problems: list[tuple[str, str]] = []
+    model: SpecFile | None = None
+    try:
+        model = validate_config(SpecFile, raw, where=where, error=SpecError)
+    except SpecError as exc:
+        problems.extend(exc.problems)
+    invalid = {key.partition(".")[0].partition("[")[0] for key, _ in problems}
+    values = {k: raw[k] for k in SpecFile.model_fields if k in raw and k not in invalid}
     model_args: dict[str, Any] = {}
-    if plan is not None:
-        model_args, plan_problems = check_plan_args(plan, plan_args, base_dir, allow_files=base_dir is not None)
-        for exc in plan_problems:
-            p.add(f"plan_args.{exc.key}", exc.problem)
-    mode = raw.get("mode", "federated")
-    if mode not in MODES:
-        p.add("mode", f"must be one of {', '.join(MODES)} (got {_short(mode)})")
-    segmentation = plan in SEGMENTATION_PLANS
-    factory = plan in FACTORY_PLANS
-    batch_size = _pos_int(p, raw, "batch_size", default=1 if segmentation else (8 if factory else 2))
-    if segmentation and batch_size not in (None, 1):
-        p.add("batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it (got {batch_size})")
-    if mode == "standalone" and (server_opt or aggregator != "fedavg"):
-        p.add("mode", "standalone runs have no aggregation: drop server_optimizer / aggregator")
-    clients_per_round = raw.get("clients_per_round", 2 if factory else None)
-    if clients_per_round is not None:
-        if plan is not None and not factory:
-            # segmentation runs select the best model on every site's validation each round
-            p.add("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round")
-        clients_per_round = _pos_int(p, raw, "clients_per_round", default=clients_per_round)
-    if factory:
-        optimizer = {"lr": 0.002, **(raw["optimizer"] if isinstance(raw.get("optimizer"), dict) else {})}
-        if set(optimizer) != {"lr"} or isinstance(optimizer["lr"], bool) or not isinstance(optimizer["lr"], (int, float)) or optimizer["lr"] <= 0:
-            p.add("optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {_short(raw.get('optimizer'))}")
-        refine = plan_args.get("refine_rounds", 0)
-        if isinstance(refine, int) and isinstance(rounds, int) and refine > rounds:
-            p.add("plan_args.refine_rounds", f"must be at most rounds ({rounds}); got {refine}")
-    test_ratio = _number(p, raw, "test_ratio", default=0.0 if factory else 0.25, lo=0, hi=0.9)
-    if factory:
-        if test_ratio:
-            p.add("test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})")
-        if mode != "federated" or aggregator != "fedavg" or server_opt or raw.get("fedprox_mu") is not None:
-            p.add("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu")
-    local_steps = _pos_int(p, raw, "local_steps", default=4)
-    fedprox_mu = _number(p, raw, "fedprox_mu", default=None, lo=0, allow_none=True)
-    seed = _pos_int(p, raw, "seed", default=0, minimum=0)
-    approval = raw.get("approval", {})
-    approval_wait = 0.0
-    if not isinstance(approval, dict) or set(approval) - {"request", "wait_s"}:
-        p.add("approval", "must be a mapping with 'request' (bool) and 'wait_s' (seconds)")
-        approval = {}
-    if not isinstance(approval.get("request", True), bool):
-        p.add("approval.request", "must be true or false")
-    approval_wait = _number(p, approval, "wait_s", default=0.0, lo=0, path="approval.wait_s")
-    p.raise_if_any()
-
-    spec = Spec(
-        name=name,
-        plan=plan,
-        rounds=rounds,
-        site_tags=list(tags),
-        site_ids=list(ids),
-        min_sites=min_sites,
-        wait_for_sites_s=wait_s,
-        local_steps=local_steps,
-        batch_size=batch_size,
-        optimizer=dict(optimizer),
-        aggregator=aggregator,
-        server_optimizer=dict(server_opt) if server_opt else None,
-        fedprox_mu=fedprox_mu,
-        test_ratio=test_ratio,
-        seed=seed,
-        plan_args=dict(plan_args),
-        model_args=model_args,
-        mode=mode,
-        clients_per_round=clients_per_round,
-        request_approval=approval.get("request", True),
-        approval_wait_s=approval_wait,
-        raw=raw,
-    )
+    if "plan" in values and "plan_args" not in invalid:
+        model_args, plan_problems = check_plan_args(values["plan"], values.get("plan_args", {}), base_dir, allow_files=base_dir is not None)
+        for found in plan_problems:
+            key = found.key or ""
+            key = key if len(key) <= SHOWN_CHARS else short(key)
+            problems.append((f"plan_args.{key}", _clip(found.problem)))
+    problems.extend(plan_rules(values))
+    if problems or model is None:
+        order = list(SpecFile.model_fields)
+        rank = {key: i for i, key in enumerate(order)}
+        problems.sort(key=lambda kp: rank.get(kp[0].partition(".")[0].partition("[")[0], len(order)))
+        raise SpecError(format_problems(where, problems), problems, file=where, key=problems[0][0] if problems else None)
+    spec = _resolve(model, model_args, raw)
     spec.warnings = [f"{where}: {key}: {problem}" for key, problem in risky_values(spec)]
     return spec
+
+
+def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Spec:
+    """The Spec of a valid SpecFile: the plan's defaults filled in."""
+    segmentation, factory = m.plan in SEGMENTATION_PLANS, m.plan in FACTORY_PLANS
+    ids = list(m.sites.ids or [])
+    given = m.optimizer.model_dump(exclude_none=True) if m.optimizer is not None else None
+    if factory:
+        optimizer = {"lr": 0.002, **(given or {})}
+    else:
+        optimizer = given if given is not None else {"lr": 1e-3}
+    return Spec(
+        name=m.name,
+        plan=m.plan,
+        rounds=m.rounds,
+        site_tags=list(m.sites.tags),
+        site_ids=ids,
+        min_sites=m.sites.min_sites if m.sites.min_sites is not None else (len(ids) or 1),
+        wait_for_sites_s=m.sites.wait_s,
+        local_steps=m.local_steps,
+        batch_size=m.batch_size if m.batch_size is not None else (1 if segmentation else 8 if factory else 2),
+        optimizer=optimizer,
+        aggregator=m.aggregator,
+        server_optimizer=m.server_optimizer.model_dump(exclude_none=True) if m.server_optimizer is not None else None,
+        fedprox_mu=m.fedprox_mu,
+        test_ratio=m.test_ratio if m.test_ratio is not None else (0.0 if factory else 0.25),
+        seed=m.seed,
+        plan_args=dict(m.plan_args),
+        model_args=model_args,
+        mode=m.mode,
+        # data_factory samples 2 sites a round unless told otherwise; `clients_per_round: null` means all of them
+        clients_per_round=m.clients_per_round if "clients_per_round" in m.model_fields_set else (2 if factory else None),
+        request_approval=m.approval.request,
+        approval_wait_s=m.approval.wait_s,
+        raw=raw,
+    )
 
 
 # Below / above these a run is legal but most likely not what was meant.
@@ -355,7 +436,14 @@ LR_RANGE = (1e-5, 0.1)
 
 
 def risky_values(spec: Spec) -> list[tuple[str, str]]:
-    """(key, warning) for legal values that most likely spoil a run (printed, not refused)."""
+    """Legal values that most likely spoil a run (printed as warnings, not refused).
+
+    Args:
+        spec: the validated spec.
+
+    Returns:
+        (key path, warning) pairs.
+    """
     out = []
     if spec.plan in SEGMENTATION_PLANS:
         if spec.test_ratio == 0:
@@ -376,46 +464,6 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
-class _TooLarge(yaml.YAMLError):
-    pass
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents whose aliases expand past MAX_YAML_NODES nodes
-    (a "billion laughs" spec is a few hundred bytes and expands to gigabytes)."""
-
-    def construct_document(self, node):
-        _check_expansion(node)
-        return super().construct_document(node)
-
-
-def _check_expansion(root) -> None:
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node, depth: int = 1) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise yaml.YAMLError("a YAML alias refers to a node that contains it (recursive document)")
-        if depth > MAX_YAML_DEPTH:
-            raise _TooLarge(f"is nested more than {MAX_YAML_DEPTH} levels deep (a spec needs a few)")
-        open_nodes.add(key)
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        if total > MAX_YAML_NODES:
-            raise _TooLarge(f"has more than {MAX_YAML_NODES} values once YAML aliases are expanded (a spec has a few hundred)")
-        open_nodes.discard(key)
-        sizes[key] = total
-        return total
-
-    size(root)
-
-
 def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
     """Parse and validate spec text.
 
@@ -425,35 +473,35 @@ def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
         base_dir: folder schema file paths are relative to; None refuses schema files
             (see ``validate``).
 
+    Returns:
+        The validated Spec.
+
     Raises:
         SpecError: too large, not YAML, or listing every problem of the spec.
     """
-    size = len(text.encode("utf-8", "replace"))
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(f"{where}: {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes (a schema inlined in it is a few kB)")
-    try:
-        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except _TooLarge as exc:
-        raise SpecError(f"{where}: {exc}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise SpecError(f"{where}: is nested more than {MAX_YAML_DEPTH} levels deep (a spec needs a few)") from None
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        if len(detail) > _PROBLEM_CHARS:
-            detail = detail[: _PROBLEM_CHARS - 3] + "..."
-        raise SpecError(f"{where}: not valid YAML ({detail})") from None
+    raw = read_spec_yaml(text, where, error=SpecError)
     return validate(raw, where, base_dir)
 
 
-def load(path: str | os.PathLike) -> Spec:
-    """Read and validate a spec file; schema paths in it are relative to its folder."""
+def load(path: str | os.PathLike[str]) -> Spec:
+    """Read and validate a spec file; schema paths in it are relative to its folder.
+
+    Args:
+        path: the spec file.
+
+    Returns:
+        The validated Spec.
+
+    Raises:
+        SpecError: the file is missing, unreadable, too large, not YAML, or has problems.
+    """
     p = Path(path)
     if not p.is_file():
-        raise SpecError(f"{p}: spec file not found")
+        raise SpecError(f"{p}: spec file not found", file=p)
     try:
         if p.stat().st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"{p}: {p.stat().st_size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes")
+            raise SpecError(f"{p}: {p.stat().st_size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes", file=p)
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{p}: cannot read ({exc})") from None
+        raise SpecError(f"{p}: cannot read ({exc})", file=p) from None
     return parse(text, str(p), base_dir=p.resolve().parent)

@@ -26,6 +26,7 @@ from fedimg_core.errors import ConfigError
 __all__ = [
     "ConfigModel",
     "ConfigProblem",
+    "closest",
     "did_you_mean",
     "finite",
     "format_problems",
@@ -89,8 +90,23 @@ def did_you_mean(word: object, options: Iterable[object], cutoff: float = 0.6) -
     Returns:
         ``"; did you mean 'x'?"`` for the closest option, or ``""`` when none is close.
     """
+    close = closest(word, options, cutoff)
+    return f"; did you mean {close!r}?" if close is not None else ""
+
+
+def closest(word: object, options: Iterable[object], cutoff: float = 0.6) -> str | None:
+    """The option a misspelt name most likely meant.
+
+    Args:
+        word: what was written.
+        options: the names allowed there.
+        cutoff: difflib similarity below which no option counts as meant.
+
+    Returns:
+        The closest option, or None when none is close.
+    """
     close = difflib.get_close_matches(str(word)[:100], sorted(str(o) for o in options), n=1, cutoff=cutoff)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
 
 
 def key_path(loc: Sequence[int | str]) -> str:
@@ -156,7 +172,17 @@ def problems_of(exc: ValidationError, model: type[BaseModel], prefix: str = "") 
         One (key path, problem) per error, in the order pydantic found them.
     """
     out: list[tuple[str, str]] = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    # a misspelt required key is reported once, as the typo ("roundz: unknown key; did you
+    # mean 'rounds'?"), not also as a missing key
+    typos: set[tuple[tuple[int | str, ...], int | str]] = set()
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            parent = tuple(err["loc"][:-1])
+            meant = closest(err["loc"][-1], _allowed_keys(model, parent) or [])
+            if meant is not None:
+                typos.add((parent, meant))
+    for err in errors:
         loc = tuple(err["loc"])
         kind = err["type"]
         ctx = err.get("ctx") or {}
@@ -171,7 +197,12 @@ def problems_of(exc: ValidationError, model: type[BaseModel], prefix: str = "") 
             out.append((prefix + key_path(loc), f"unknown key{hint}"))
             continue
         if kind == "missing":
-            out.append((prefix + key_path(loc), "required"))
+            if (loc[:-1], loc[-1]) not in typos:
+                out.append((prefix + key_path(loc), "required"))
+            continue
+        if kind in ("model_type", "dict_type"):
+            keys = _allowed_keys(model, loc)
+            out.append((prefix + key_path(loc), f"must be a mapping{' with keys ' + ', '.join(keys) if keys else ''} (got {short(err.get('input'))})"))
             continue
         message = str(err["msg"])
         for lead in ("Value error, ", "Assertion failed, "):

@@ -1,6 +1,8 @@
-"""The site configuration file (YAML), validated at the boundary.
+"""The site configuration file (YAML): reading, validating and writing it.
 
-Example::
+Its keys, types and allowed values are the model `fedimg_core.site_config.SiteConfigFile`
+(JSON Schema: ``coordinator schema site``, docs/schemas/site.schema.json); every problem of
+a file is reported at once, as ``<file>: <key.path>: <problem>``. Example::
 
     site_name: hospital-a
     coordinator: {host: coordinator.example.org, port: 50051}
@@ -16,43 +18,52 @@ Example::
 from __future__ import annotations
 
 import os
-import re
-import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from fedimg_core import atomic
-from site_agent.errors import ConfigError
+from fedimg_core.config import validate_config
+from fedimg_core.errors import ConfigError
+from fedimg_core.site_config import DEFAULT_IMAGE, RUNTIMES, SiteConfigFile
+from fedimg_core.site_config import DockerSection as DockerSettings
+from fedimg_core.site_config import RegistrySection as RegistrySettings
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
+    "DEFAULT_IMAGE",
+    "RUNTIMES",
+    "DockerSettings",
+    "RegistrySettings",
+    "SiteConfig",
+    "load",
+    "resolve_config_path",
+    "validate",
+]
 
 CONFIG_ENV = "FEDIMG_SITE_CONFIG"
 DEFAULT_CONFIG = "site.yaml"
-RUNTIMES = ("auto", "process", "docker")
-DEFAULT_IMAGE = "fedimg-site:0.1.0"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_KEYS = {"site_name", "coordinator", "data_dir", "work_dir", "runtime", "docker", "registry", "config_version"}
-_REGISTRY_KEYS = {"url", "token_file"}
-
-
-@dataclass
-class DockerSettings:
-    image: str = DEFAULT_IMAGE
-    restart: str = "unless-stopped"
-    network: str | None = None
-
-
-@dataclass
-class RegistrySettings:
-    """Where the coordinator's artifact registry is, and the file holding this site's token
-    (None: the token comes from $FEDIMG_SITE_TOKEN)."""
-
-    url: str
-    token_file: Path | None = None
 
 
 @dataclass
 class SiteConfig:
+    """A validated site config, as the site agent uses it.
+
+    Args:
+        site_name: the site's name.
+        coordinator_host: where the coordinator's Fed-BioMed server listens.
+        coordinator_port: its gRPC port.
+        data_dir: folder the prepared datasets live below.
+        work_dir: folder of the node component, pid file and logs.
+        runtime: auto, process or docker.
+        docker: the docker runtime's settings.
+        path: the file it was loaded from (None: not loaded from a file).
+        registry: the coordinator's artifact registry, if configured.
+    """
+
     site_name: str
     coordinator_host: str
     coordinator_port: int
@@ -70,110 +81,74 @@ class SiteConfig:
 
     @property
     def pid_file(self) -> Path:
+        """The pid file of a node the process runtime started."""
         return self.work_dir / "node.pid"
 
     @property
     def log_file(self) -> Path:
+        """The node's log file."""
         return self.work_dir / "node.log"
 
-    def to_dict(self) -> dict:
-        out = {
+    def to_dict(self) -> dict[str, Any]:
+        """The config file's content (what `save` writes; `validate` reads it back unchanged)."""
+        out: dict[str, Any] = {
             "config_version": 1,
             "site_name": self.site_name,
             "coordinator": {"host": self.coordinator_host, "port": self.coordinator_port},
             "data_dir": str(self.data_dir),
             "work_dir": str(self.work_dir),
             "runtime": self.runtime,
-            "docker": asdict(self.docker),
+            "docker": self.docker.model_dump(),
         }
         if self.registry is not None:
-            reg = {"url": self.registry.url}
-            if self.registry.token_file is not None:
-                reg["token_file"] = str(self.registry.token_file)
-            out["registry"] = reg
+            out["registry"] = self.registry.model_dump(mode="json", exclude_none=True)
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config file atomically (a reader never sees half a file).
+
+        Args:
+            path: where to write it.
+        """
         atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def resolve_config_path(path: str | os.PathLike | None) -> Path:
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: ``path``, else $FEDIMG_SITE_CONFIG, else ./site.yaml.
+
+    Args:
+        path: the --config value, if given.
+
+    Returns:
+        The path (not checked to exist).
+    """
     return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 def validate(raw: object, where: str) -> SiteConfig:
-    """Build a SiteConfig from parsed YAML; raise ConfigError naming `where` and the field."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level")
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_KEYS))}")
-    name = raw.get("site_name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"{where}: site_name must be 1-63 of a-z 0-9 _ - starting with a letter or digit (got {name!r})")
-    coord = raw.get("coordinator")
-    if not isinstance(coord, dict):
-        raise ConfigError(f"{where}: coordinator must be a mapping with host and port")
-    host, port = coord.get("host"), coord.get("port")
-    if not isinstance(host, str) or not host.strip():
-        raise ConfigError(f"{where}: coordinator.host must be a non-empty string")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(f"{where}: coordinator.port must be an integer in 1..65535 (got {port!r})")
-    dirs = {}
-    for key in ("data_dir", "work_dir"):
-        value = raw.get(key)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: {key} must be a path")
-        p = Path(value)
-        if not p.is_absolute():
-            raise ConfigError(f"{where}: {key} must be an absolute path (got {value!r})")
-        dirs[key] = p
-    runtime = raw.get("runtime", "auto")
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"{where}: runtime must be one of {', '.join(RUNTIMES)} (got {runtime!r})")
-    docker_raw = raw.get("docker") or {}
-    if not isinstance(docker_raw, dict) or set(docker_raw) - {"image", "restart", "network"}:
-        raise ConfigError(f"{where}: docker must be a mapping with keys image, restart, network")
-    docker = DockerSettings(**docker_raw)
-    if docker.restart not in ("no", "always", "unless-stopped", "on-failure"):
-        raise ConfigError(f"{where}: docker.restart must be no, always, unless-stopped or on-failure")
-    registry = _validate_registry(raw.get("registry"), where) if raw.get("registry") is not None else None
+    """Build a SiteConfig from parsed YAML (model: `fedimg_core.site_config.SiteConfigFile`).
+
+    Args:
+        raw: the parsed file.
+        where: the file name (or what to call the config) used in messages.
+
+    Returns:
+        The validated SiteConfig.
+
+    Raises:
+        ConfigError: listing every problem as ``<where>: <key.path>: <problem>``.
+    """
+    model = validate_config(SiteConfigFile, raw, where=where)
     return SiteConfig(
-        site_name=name,
-        coordinator_host=host.strip(),
-        coordinator_port=port,
-        data_dir=dirs["data_dir"],
-        work_dir=dirs["work_dir"],
-        runtime=runtime,
-        docker=docker,
-        registry=registry,
+        site_name=model.site_name,
+        coordinator_host=model.coordinator.host,
+        coordinator_port=model.coordinator.port,
+        data_dir=model.data_dir,
+        work_dir=model.work_dir,
+        runtime=model.runtime,
+        docker=model.docker or DockerSettings(),
+        registry=model.registry,
     )
-
-
-def _validate_registry(reg: object, where: str) -> RegistrySettings:
-    if not isinstance(reg, dict) or set(reg) - _REGISTRY_KEYS or "url" not in reg:
-        raise ConfigError(f"{where}: registry must be a mapping with url and optionally token_file")
-    url = reg["url"]
-    if not isinstance(url, str):
-        raise ConfigError(f"{where}: registry.url must be an http:// or https:// URL (got {url!r})")
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"{where}: registry.url {url!r} is not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: registry.url must be an http:// or https:// URL with a host (got {url!r})")
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        raise ConfigError(
-            f"{where}: registry.url must be plain scheme://host[:port][/path], no credentials, query or fragment "
-            "(the token goes in registry.token_file)"
-        )
-    token_file = reg.get("token_file")
-    if token_file is not None:
-        if not isinstance(token_file, str) or not token_file or not Path(token_file).is_absolute():
-            raise ConfigError(f"{where}: registry.token_file must be an absolute path (got {token_file!r})")
-        token_file = Path(token_file)
-    return RegistrySettings(url=url.strip().rstrip("/"), token_file=token_file)
 
 
 def _where_from(p: Path) -> str:
@@ -187,15 +162,28 @@ def _where_from(p: Path) -> str:
     return f" (looked for {p.absolute()}, {how})"
 
 
-def load(path: str | os.PathLike | None = None) -> SiteConfig:
+def load(path: str | os.PathLike[str] | None = None) -> SiteConfig:
+    """Read and validate the site config file.
+
+    Args:
+        path: the file (None: $FEDIMG_SITE_CONFIG, else ./site.yaml).
+
+    Returns:
+        The SiteConfig, with ``path`` set to the file's resolved path.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or has problems (every one listed).
+    """
     p = resolve_config_path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: site config not found{_where_from(p)}; pass the site's config with --config PATH "
-                          f"(before the command) or ${CONFIG_ENV}, or create one with `site-agent init`")  # fmt: skip
+                          f"(before the command) or ${CONFIG_ENV}, or create one with `site-agent init`", file=p)  # fmt: skip
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(exc).split())})", file=p) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read ({exc})", file=p) from None
     cfg = validate(raw, str(p))
     cfg.path = p.resolve()
     return cfg

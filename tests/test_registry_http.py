@@ -381,7 +381,7 @@ def test_service_serves_the_registry_and_keeps_site_tokens_out_of_the_api(tmp_pa
     home = tmp_path / "coord"
     Registry(home).publish("factory", "gan", {"g.pt": weights()}, {})
     site = SiteTokens(home).issue("site-a")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Coordinator(home, federation=None, log=lambda m: None), API))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Coordinator(home, federation=None), API))
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
@@ -412,9 +412,10 @@ def test_site_config_registry_section(tmp_path, site_yaml, monkeypatch):
         ({"url": "coord:8750"}, "http:// or https://"),
         ({"url": "http://user:pw@coord"}, "no credentials"),
         ({"url": "http://coord:99999"}, "not a valid URL"),
-        ({"url": "http://coord", "token_file": "relative/token"}, "token_file must be an absolute path"),
-        ({"url": "http://coord", "token": "x"}, "registry must be a mapping with url"),
-        ("http://coord", "registry must be a mapping"),
+        ({"url": "http://coord", "token_file": "relative/token"}, "registry.token_file: must be an absolute path"),
+        ({"url": "http://coord", "token": "x"}, "registry.token: unknown key; did you mean 'token_file'"),
+        ("http://coord", "registry: must be a mapping with keys token_file, url"),
+        ({"token_file": "/t"}, "registry.url: required"),
     ]:
         with pytest.raises(UserError, match=needle):
             validate({**site_yaml, "registry": reg}, "site.yaml")

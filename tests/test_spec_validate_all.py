@@ -161,3 +161,40 @@ def test_submitted_spec_cannot_name_schema_files(tmp_path, monkeypatch):
     spec_file.write_text(GOOD + "plan_args: {schema: private/secret.yaml}\n")
     with pytest.raises(spec_mod.SpecError, match="exp.yaml: plan_args.schema: .*secret.yaml"):
         spec_mod.load(spec_file)  # read, and its problems shown, for the researcher's own file
+
+
+def test_rules_across_keys_run_beside_the_problems_of_other_keys():
+    # rounds is invalid, but the batch_size and clients_per_round rules read only plan and their own key
+    text = GOOD.replace("rounds: 10", "rounds: 0") + "batch_size: 3\nclients_per_round: 2\nplan_args: {roi_sise: [32, 32, 32]}\n"
+    with pytest.raises(spec_mod.SpecError) as info:
+        spec_mod.parse(text, "exp.yaml")
+    keys = [key for key, _ in info.value.problems]
+    assert keys == ["rounds", "batch_size", "clients_per_round", "plan_args.roi_sise"], info.value
+    # a rule whose key is invalid stays quiet: only the key's own problem is listed
+    with pytest.raises(spec_mod.SpecError) as info:
+        spec_mod.parse(GOOD + "batch_size: two\n", "exp.yaml")
+    assert info.value.problems == [("batch_size", "must be an integer >= 1 (got 'two')")]
+
+
+def test_spec_error_is_a_config_error_naming_file_and_first_key():
+    from fedimg_core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        spec_mod.parse(GOOD.replace("plan: marginal", "plan: marginl"), "exp.yaml")
+    assert isinstance(info.value, spec_mod.SpecError)
+    assert info.value.file == "exp.yaml" and info.value.key == "plan"
+    assert str(info.value) == "exp.yaml: plan: unknown plan 'marginl'; did you mean 'marginal'? (known: condistfl, data_factory, marginal)"
+
+
+def test_plan_dependent_defaults():
+    seg = spec_mod.parse(GOOD, "x")
+    assert (seg.batch_size, seg.test_ratio, seg.clients_per_round, seg.optimizer) == (1, 0.25, None, {"lr": 1e-3})
+    factory = "name: f\nplan: data_factory\nsites: {tags: [demo], ids: [N1, N2, N3]}\nrounds: 4\n"
+    s = spec_mod.parse(factory, "x")
+    assert (s.batch_size, s.test_ratio, s.clients_per_round, s.optimizer, s.min_sites) == (8, 0.0, 2, {"lr": 0.002}, 3)
+    assert spec_mod.parse(factory + "clients_per_round: null\n", "x").clients_per_round is None  # every site each round
+    assert spec_mod.parse(GOOD + "optimizer: {lr: 0.01, weight_decay: 0.1, amsgrad: true}\n", "x").optimizer == {
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "amsgrad": True,
+    }
