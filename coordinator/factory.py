@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 
+from coordinator import runs
 from coordinator.registry import Registry
+from coordinator.run_metrics import RunMetrics
 from fedimg_core import atomic
+from fedimg_core.reporting import Section, Table, figures, render_sections
 
+log = logging.getLogger(__name__)
 SAMPLE_BINS = 8  # columns of a sample grid: slice positions from top to bottom
 
 
 def settings_of(exp):
+    """The factory settings of an experiment, parsed from its model args (the schema left out)."""
     from pipelines.factory.training import parse_factory_args
 
     return parse_factory_args({k: v for k, v in exp.model_args().items() if k != "schema_definition"})
@@ -42,61 +49,92 @@ def sample_images(g_ema, n_clients: int, n_bins: int, columns: int = SAMPLE_BINS
 
 
 def write_sample_grid(path: Path, images: torch.Tensor, client_names: dict[int, str], title: str, n_bins: int) -> None:
-    import matplotlib
+    """Write a grid of samples as PNG: one row per client id, one column per slice bin.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Args:
+        path: the PNG file.
+        images: (rows, columns, H, W) in [-1, 1], RAS (x, y) slices.
+        client_names: client id -> site name (row labels).
+        title: the figure title.
+        n_bins: slice bins of the factory (column titles).
+    """
     rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows + 0.6), squeeze=False)
     bins = torch.linspace(0, max(n_bins - 1, 0), cols).round().long().tolist() if n_bins else [0] * cols
-    for i in range(rows):
-        for j in range(cols):
-            ax = axes[i][j]
-            ax.imshow(images[i, j].T.flip(0).numpy(), cmap="gray", vmin=-1, vmax=1)  # RAS x,y -> radiological view
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(client_names.get(i, f"client {i}"), fontsize=8)
-            if i == 0:
-                ax.set_title(f"bin {bins[j]}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    cells = [[images[i, j].T.flip(0).numpy() for j in range(cols)] for i in range(rows)]  # RAS x,y -> radiological view
+    names = [client_names.get(i, f"client {i}") for i in range(rows)]
+    fig = figures.grey_grid(cells, names, [f"bin {b}" for b in bins], title, cell_inches=1.3)
+    figures.write_png(path, fig, dpi=80, tight=False)
 
 
-def write_loss_plot(path: Path, metrics: dict) -> None:
-    import matplotlib
+def write_loss_plot(path: Path, metrics: dict | RunMetrics) -> None:
+    """Write the factory's losses (D, G, R1, path-length penalty) per site and round as PNG; nothing without any.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, dict[str, list]] = {}
-    for record in metrics.get("rounds", []):
-        for row in record.get("sites", {}).values():
-            train = row.get("train") or {}
+    Args:
+        path: the PNG file.
+        metrics: the run's metrics.
+    """
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for record in RunMetrics.of(metrics).rounds:
+        for row in record.sites.values():
             for key in ("d_loss", "g_loss", "r1", "pl_penalty"):
-                if key in train:
-                    s = series.setdefault(key, {}).setdefault(row.get("name", "?"), [[], []])
-                    s[0].append(record["round"])
-                    s[1].append(train[key])
+                if key in row.train:
+                    series.setdefault(key, {}).setdefault(row.name or "?", []).append((record.round, row.train[key]))
     if not series:
         return
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
-    for ax, (key, per_site) in zip(axes[0], sorted(series.items())):
-        for name, (xs, ys) in sorted(per_site.items()):
-            ax.plot(xs, ys, marker=".", label=name)
-        ax.set_title(key)
-        ax.set_xlabel("round")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    fig = figures.line_panels(sorted(series.items()), "round")
+    figures.write_png(path, fig, dpi=80, tight=False)
+
+
+def report_sections(metrics: RunMetrics, info: dict, images: list[str]) -> list[Section]:
+    """The factory report's sections: status, key checksums and publication, the latest sample
+    grid, the loss curves, a table of the sites' losses per round, the earlier sample grids.
+
+    Args:
+        metrics: the run's metrics.
+        info: the run's summary (`coordinator.runs.summary`).
+        images: the PNG files beside the page.
+
+    Returns:
+        The sections.
+    """
+    grids = [name for name in images if name.startswith("round_")]
+    losses = ("d_loss", "g_loss", "d_real", "d_fake", "d_mismatch", "r1", "path_length", "key_used", "key_align", "update_s")
+    rows: list[list[object]] = []
+    for r in metrics.rounds:
+        for row in sorted(r.sites.values(), key=lambda x: x.name or ""):
+            t = row.train
+            rows.append([r.round, row.name or "?", f"{t.get('client_id', float('nan')):.0f}"] + [f"{t[k]:.3f}" if k in t else "-" for k in losses])
+    sums = sorted({row.train["key_checksum32"] for r in metrics.rounds for row in r.sites.values() if "key_checksum32" in row.train})
+    key_line = (
+        "every site reported the same key-function checksum" if len(sums) == 1 and sums[0] >= 0
+        else "no key (ablation)" if sums == [-1.0]
+        else f"sites reported DIFFERENT key-function checksums: {sums}"
+    )  # fmt: skip
+    pub = metrics.published
+    clients = ", ".join(f"{n} = {c}" for n, c in metrics.clients.items())
+    sections = [
+        Section(
+            "",
+            [
+                f"status {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds; clients: {clients}",
+                f"{key_line}.",
+                f"published: factory/{pub.name} {pub.version}" if pub else "not published (run not finished)",
+            ],
+        )
+    ]
+    if grids:
+        sections.append(Section(
+            f"Samples of G_ema, {grids[-1]}",
+            ["one row per client id, one column per slice bin, the same latent down each column; no key (the coordinator never holds one)"],
+            images=[(grids[-1], f"G_ema samples, {grids[-1]}")],
+        ))  # fmt: skip
+    if "losses.png" in images:
+        sections.append(Section("Losses per site and round", images=[("losses.png", "losses per site and round")]))
+    header = ["round", "site", "client", "D loss", "G loss", "D(real)", "D(fake)", "D mismatch", "R1", "path length", "key used", "key align", "s/update"]
+    sections.append(Section("Rounds", tables=[Table(header, rows, "losses per site and round")]))
+    if len(grids) > 1:
+        sections.append(Section("Earlier samples", images=[(g, g) for g in reversed(grids[:-1])]))
+    return sections
 
 
 def _kept(r: int, every: int, last: int) -> bool:
@@ -154,8 +192,22 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
         "rounds": len(metrics.get("rounds", [])),
         "local_steps": spec.local_steps,
         # how it was trained (provenance; sampling needs only the network config)
-        "training": {k: getattr(s, k) for k in ("r1_gamma", "r1_interval", "pl_weight", "pl_interval", "ema_decay", "key_drop",
-                                                "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "keep_optimizer_state")},
+        "training": {
+            k: getattr(s, k)
+            for k in (
+                "r1_gamma",
+                "r1_interval",
+                "pl_weight",
+                "pl_interval",
+                "ema_decay",
+                "key_drop",
+                "mismatch_weight",
+                "diff_augment",
+                "key_align_weight",
+                "refine_rounds",
+                "keep_optimizer_state",
+            )
+        },
     }
 
     def blob(obj) -> bytes:
@@ -172,57 +224,22 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
     return {"kind": "factory", "name": spec.name, "version": record["version"]}
 
 
-def write_report(run_dir: Path, log=print) -> Path:
+def write_report(run_dir: Path) -> Path:
     """``<run_dir>/report/index.html`` for a factory run: the latest sample grid and the
     earlier ones, the loss curves, which sites each round sampled with their losses, the
     key-function checksums the sites reported, and where the factory was published."""
-    import html
-    import shutil
-
-    from coordinator import runs
-
-    metrics = runs.read_metrics(run_dir)
+    metrics = runs.load_metrics(run_dir)
     info = runs.summary(run_dir)
 
     def build(folder: Path) -> None:
         images = [p for p in sorted((run_dir / "samples").glob("*.png"))] if (run_dir / "samples").is_dir() else []
         for p in images:
             shutil.copy2(p, folder / p.name)
-        grids = [p.name for p in images if p.name.startswith("round_")]
-        rows = []
-        for r in metrics.get("rounds", []):
-            for row in sorted(r.get("sites", {}).values(), key=lambda x: x.get("name", "")):
-                t = row.get("train", {})
-                cells = [r["round"], row.get("name", "?"), f"{t.get('client_id', float('nan')):.0f}"] + [
-                    f"{t[k]:.3f}" if k in t else "-" for k in ("d_loss", "g_loss", "d_real", "d_fake", "d_mismatch", "r1", "path_length", "key_used", "key_align", "update_s")
-                ]  # fmt: skip
-                rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-        sums = sorted({t["key_checksum32"] for r in metrics.get("rounds", []) for row in r.get("sites", {}).values()
-                       if "key_checksum32" in (t := row.get("train", {}))})  # fmt: skip
-        key_line = ("every site reported the same key-function checksum" if len(sums) == 1 and sums[0] >= 0
-                    else "no key (ablation)" if sums == [-1.0] else f"sites reported DIFFERENT key-function checksums: {sums}")  # fmt: skip
-        pub = metrics.get("published")
-        parts = [
-            f"<h1>Data factory run {html.escape(info['run_id'])}</h1>",
-            f"<p>status {html.escape(str(info['status']))}, {info['rounds_done']}/{info.get('rounds_planned')} rounds; clients: "
-            + ", ".join(f"{html.escape(n)} = {c}" for n, c in (metrics.get("clients") or {}).items()) + "</p>",
-            f"<p>{html.escape(key_line)}.</p>",
-            f"<p>published: factory/{html.escape(pub['name'])} {html.escape(pub['version'])}</p>" if pub else "<p>not published (run not finished)</p>",
-        ]
-        if grids:
-            parts.append(f"<h2>Samples of G_ema, {html.escape(grids[-1])}</h2><p>one row per client id, one column per slice bin, "
-                         f"the same latent down each column; no key (the coordinator never holds one)</p><img src='{grids[-1]}'>")  # fmt: skip
-        if "losses.png" in {p.name for p in images}:
-            parts.append("<h2>Losses per site and round</h2><img src='losses.png'>")
-        parts.append("<h2>Rounds</h2><table border=1 cellspacing=0 cellpadding=3><tr>" + "".join(
-            f"<th>{h}</th>" for h in ("round", "site", "client", "D loss", "G loss", "D(real)", "D(fake)", "D mismatch", "R1", "path length", "key used", "key align", "s/update")
-        ) + "</tr>" + "".join(rows) + "</table>")  # fmt: skip
-        if len(grids) > 1:
-            parts.append("<h2>Earlier samples</h2>" + "".join(f"<p>{html.escape(g)}</p><img src='{g}'>" for g in reversed(grids[:-1])))
-        page = "<!doctype html><meta charset='utf-8'><title>factory report</title><body style='font-family:sans-serif'>" + "\n".join(parts)
-        atomic.write_text(folder / "index.html", page)
+        atomic.write_text(
+            folder / "index.html", render_sections(f"Data factory run {info['run_id']}", report_sections(metrics, info, [p.name for p in images]))
+        )
 
     target = run_dir / "report"
     atomic.publish_dir(target, build)
-    log(f"report: {target / 'index.html'}")
+    log.info("report: %s", target / "index.html")
     return target

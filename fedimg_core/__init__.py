@@ -7,8 +7,11 @@
 - `fedimg_core.hashing`: file hashing (`sha256_file`).
 - `fedimg_core.registry_wire`: the artifact registry's wire constants, shared by the
   coordinator's registry and the site's registry client.
+- `fedimg_core.reporting`: the reporting layer (Jinja2 page templates, one stylesheet, the
+  matplotlib figure toolkit) of the run, comparison, QC, factory and adaptation reports.
 
 Layering (checked by import-linter, see ``[tool.importlinter]`` in pyproject.toml):
 ``coordinator`` > ``site_agent`` > ``fedimg_testing`` > ``pipelines`` > ``preprocessing`` >
-``fedimg_core``. This package uses the standard library and click only.
+``fedimg_core``. Besides the standard library it uses click, pydantic (config models), and
+Jinja2 and matplotlib (reporting).
 """

@@ -119,3 +119,53 @@ def test_sample_grid_rows_are_client_conditions(tmp_path):
     assert not torch.allclose(imgs[0], imgs[1])
     write_sample_grid(tmp_path / "g.png", imgs, {0: "site-a"}, "t", 5)
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _factory_run(tmp_path, site="site-a"):
+    """A finished factory run directory: metrics of two rounds, two sample grids and the loss curves."""
+    import json
+
+    from coordinator import runs
+    from coordinator.factory import write_loss_plot, write_sample_grid
+
+    run_dir = tmp_path / "runs" / "20260101-000000-fac-abcd"
+    run_dir.mkdir(parents=True)
+    runs.write_state(run_dir, {"run_id": run_dir.name, "name": "fac", "status": "done"})
+    train = {"client_id": 0.0, "d_loss": 1.25, "g_loss": 0.5, "r1": 0.01, "key_checksum32": 12345.0}
+    metrics = {
+        "plan": "data_factory",
+        "rounds_planned": 2,
+        "clients": {site: 0},
+        "rounds": [{"round": r, "wall_s": 1.0, "update_norm": 0.1, "sites": {"N0": {"name": site, "train": train}}} for r in (1, 2)],
+        "published": {"kind": "factory", "name": "fac", "version": "v0001"},
+        "old_key": "kept",  # a key an older version wrote: still opens, kept as is
+    }
+    runs.write_metrics(run_dir, metrics)
+    assert json.loads((run_dir / "metrics.json").read_text())["old_key"] == "kept"
+    imgs = torch.zeros(1, 2, 8, 8)
+    for r in (1, 2):
+        write_sample_grid(run_dir / "samples" / f"round_{r:04d}.png", imgs, {0: site}, f"round {r}", 4)
+    write_loss_plot(run_dir / "samples" / "losses.png", metrics)
+    return run_dir
+
+
+def test_factory_report(tmp_path):
+    from coordinator.factory import write_report
+
+    run_dir = _factory_run(tmp_path)
+    out = write_report(run_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "losses.png", "round_0001.png", "round_0002.png"]
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "published: factory/fac v0001" in page and "every site reported the same key-function checksum" in page
+    assert "status done, 2/2 rounds; clients: site-a = 0" in page
+    assert '<img src="round_0002.png"' in page and '<img src="round_0001.png"' in page and '<img src="losses.png"' in page
+    assert '<tr><th scope="row">2</th><td>site-a</td><td>0</td><td>1.250</td><td>0.500</td><td>-</td>' in page
+
+
+def test_factory_report_escapes_site_names(tmp_path):
+    from coordinator.factory import write_report
+
+    evil = "<script>alert('x')</script>"
+    page = (write_report(_factory_run(tmp_path, site=evil)) / "index.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;" in page

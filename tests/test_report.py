@@ -123,9 +123,7 @@ EVALUATION = {
 }
 
 
-def make_run(
-    root: Path, name: str = "run", metrics: dict | None = None, state: dict | None = None, evaluation: dict | None = None
-) -> Path:
+def make_run(root: Path, name: str = "run", metrics: dict | None = None, state: dict | None = None, evaluation: dict | None = None) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     if metrics is not None:
@@ -241,9 +239,7 @@ def test_cost_table(built):
     assert html_row("sent to sites, total (MB)", "9.000") in page
     assert html_row("received from sites, total (MB)", "6.000") in page
     assert html_row("sent + received, total (MB)", "15.000") in page
-    assert html_row(
-        "paper&#x27;s estimate 2 × rounds × clients × model size (MB)", "18.000 (2 × 3 rounds × 3 clients × 1.000 MB)"
-    ) in page
+    assert html_row("paper&#x27;s estimate 2 × rounds × clients × model size (MB)", "18.000 (2 × 3 rounds × 3 clients × 1.000 MB)") in page
     assert html_row("wall time, sum of rounds (s)", "60.0") in page
     assert html_row("wall time, run start to finish (s)", "100.0") in page
     assert html_row("local step, mean (ms)", "100.0") in page
@@ -319,7 +315,7 @@ def test_existing_report_is_kept_when_building_fails(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(report, "plot_learning_curves", broken)
+    monkeypatch.setattr(report.run_report, "plot_learning_curves", broken)  # where build_report looks it up
     with pytest.raises(RuntimeError, match="plotting failed"):
         report.write_report(run_dir, log=lambda _m: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -402,3 +398,54 @@ def test_compare_runs_default_labels_and_missing_data(tmp_path):
     assert not any(isinstance(v, float) and math.isnan(v) for r in runs for v in r.values())
     with pytest.raises(ValueError):
         report.compare_runs([first], tmp_path / "cmp2", labels=["a", "b"])
+
+
+# --- metrics.json through its model -----------------------------------------------------------
+
+
+def test_metrics_json_round_trips_through_its_model_and_old_keys_stay(tmp_path):
+    from coordinator import runs
+
+    m = make_metrics()
+    m["rounds"][0]["update_norm"] = float("nan")  # a lost round's norm: kept as NaN
+    m["rounds"][0]["sites"]["NODE_0"]["legacy_field"] = {"any": "thing"}  # a key an older version wrote
+    m["legacy_top"] = [1, 2]
+    run_dir = make_run(tmp_path, metrics=m)
+    runs.write_metrics(run_dir, runs.read_metrics(run_dir))
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isnan(again["rounds"][0].pop("update_norm"))
+    del m["rounds"][0]["update_norm"]
+    assert again == json.loads(json.dumps(m))
+    assert (report.write_report(run_dir, log=lambda _m: None) / "index.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "not a readable JSON file"),
+        (json.dumps({"rounds": [{"round": "three", "sites": {}}]}), "rounds[0].round"),
+        (json.dumps({"rounds_planned": 3, "best_local": {"site-a": {"round": [1]}}}), "best_local.site-a.round"),
+    ],
+)
+def test_a_bad_metrics_json_is_one_clear_error(tmp_path, content, needle):
+    from coordinator import runs
+    from fedimg_core.errors import ConfigError
+
+    run_dir = make_run(tmp_path, metrics={})
+    (run_dir / "metrics.json").write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(needle)) as err:
+        runs.read_metrics(run_dir)
+    assert str(run_dir / "metrics.json") in str(err.value)
+    with pytest.raises(ConfigError):
+        report.write_report(run_dir, log=lambda _m: None)
+    assert not (run_dir / "report").exists()
+
+
+def test_writing_metrics_of_the_wrong_type_fails_where_they_are_written(tmp_path):
+    from pydantic import ValidationError
+
+    from coordinator import runs
+
+    with pytest.raises(ValidationError):
+        runs.write_metrics(tmp_path, {"rounds": [{"round": 1, "sites": {"N": {"train": {"loss_mean": "low"}}}}]})
+    assert not (tmp_path / "metrics.json").exists()

@@ -1,0 +1,46 @@
+"""Run reports: one self-contained page per run, and comparisons of runs (no FL imports).
+
+``write_report(run_dir)`` writes ``<run_dir>/report/``: ``index.html``, the same content as
+``report.md``, and the figures beside them (``dice_global.png``, ``boxplots.png``,
+``boxplots_oof.png``, ``learning_curves.png``). ``compare_runs(run_dirs, out_dir)`` puts
+several runs side by side (``index.html``, ``comparison.md``, ``comparison.json``,
+``methods_global.png``). What each section shows and why: docs/design/reports.md.
+
+Modules: `reading` (a run's metrics, state and evaluations), `numbers` (curves, per-case
+panels, cost), `tables`, `figures`, `run_report` (the run report), `compare` (comparisons).
+Pages and figures are drawn with the shared reporting layer, `fedimg_core.reporting`.
+"""
+
+from coordinator.report.compare import comparison_sections, comparison_table, compare_runs, method_record, oof_summary
+from coordinator.report.figures import plot_boxplots, plot_dice_global, plot_grouped_bars, plot_learning_curves
+from coordinator.report.numbers import MB, Curves, cost_summary, federation_box_panels, learning_curves, oof_box_panels
+from coordinator.report.reading import (
+    EVALUATIONS_DIR,
+    MEAN_ACROSS_SITES,
+    Evaluation,
+    Run,
+    Scored,
+    class_means,
+    foreground_classes,
+    global_rows,
+    load_run,
+    local_rows,
+    read_evaluations,
+    row_mean,
+    scored_mean,
+)
+from coordinator.report.run_report import REPORT_DIR, build_report, report_sections, write_report
+from coordinator.report.tables import best_local_table, cost_table, dice_table, evaluation_mean, evaluation_table, header_table
+from fedimg_core.reporting import Section, Table, cell, render_markdown
+from fedimg_core.reporting import render_sections as render_html
+from fedimg_core.reporting.figures import BoxPanel, Points
+
+__all__ = [
+    "EVALUATIONS_DIR", "MB", "MEAN_ACROSS_SITES", "REPORT_DIR", "BoxPanel", "Curves", "Evaluation", "Points", "Run", "Scored",
+    "Section", "Table", "best_local_table", "build_report", "cell", "class_means", "compare_runs", "comparison_sections",
+    "comparison_table", "cost_summary", "cost_table", "dice_table", "evaluation_mean", "evaluation_table",
+    "federation_box_panels", "foreground_classes", "global_rows", "header_table", "learning_curves", "load_run",
+    "local_rows", "method_record", "oof_box_panels", "oof_summary", "plot_boxplots", "plot_dice_global",
+    "plot_grouped_bars", "plot_learning_curves", "read_evaluations", "render_html", "render_markdown",
+    "report_sections", "row_mean", "scored_mean", "write_report",
+]  # fmt: skip

@@ -1,0 +1,114 @@
+"""The run report's tables: Dice per site and class, best local models, out-of-federation
+evaluations, cost, and the run's header."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from coordinator.report.numbers import model_order
+from coordinator.report.reading import MEAN_ACROSS_SITES, Evaluation, Metrics, Run, Scored, class_means, mapping, mean, num, row_mean, scored_mean
+from coordinator.results import class_dice
+from coordinator.run_metrics import RunMetrics
+from fedimg_core.reporting import Table, cell, fixed
+
+
+def dice_table(scored: Scored, classes: list[str], caption: str) -> Table:
+    """Rows: sites, then the mean across the sites that score each class; columns: classes, mean.
+
+    Args:
+        scored: the rows of one model kind.
+        classes: the columns.
+        caption: the table's caption.
+
+    Returns:
+        The table.
+    """
+    rows: list[list[Any]] = []
+    for site, row in sorted(scored.rows.items()):
+        d = class_dice(row)
+        rows.append([site, *[d.get(c) for c in classes], row_mean(row)])
+    if rows:
+        means = class_means(scored)
+        rows.append([MEAN_ACROSS_SITES, *[means.get(c) for c in classes], scored_mean(scored)])
+    return Table(["site", *classes, "mean"], rows, caption)
+
+
+def best_local_table(metrics: Metrics) -> Table:
+    """Each site's best local model: its round and its mean Dice on the site's validation cases."""
+    best = RunMetrics.of(metrics).best_local
+    rows: list[list[Any]] = [[site, b.round, num(b.score)] for site, b in sorted(best.items())]
+    return Table(["site", "best round", "Dice (mean over its classes)"], rows, "best local model per site (own validation cases)")
+
+
+def evaluation_table(ev: Evaluation) -> Table:
+    """One out-of-federation evaluation: rows models, columns classes and their mean."""
+    rows: list[list[Any]] = []
+    for key in model_order(ev.models):
+        model = ev.models[key]
+        means = mapping(model.get("mean"))
+        label = str(model.get("label") or key)
+        rows.append([label, *[num(means.get(c)) for c in ev.classes], evaluation_mean(model, ev.classes)])
+    details = [f"{ev.cases} cases"] if ev.cases is not None else []
+    details += ["lesions merged into their organs"] if ev.merge_lesions else []
+    caption = ev.dataset + (f" ({', '.join(details)})" if details else "")
+    return Table(["model", *ev.classes, "mean"], rows, caption)
+
+
+def evaluation_mean(model: Mapping[str, Any], classes: list[str]) -> float | None:
+    """The evaluation's own overall mean (``mean_all``), else the mean of its class means."""
+    v = num(model.get("mean_all"))
+    return v if v is not None else mean(mapping(model.get("mean")).get(c) for c in classes)
+
+
+def cost_table(cost: Mapping[str, Any]) -> Table:
+    """The cost summary (`cost_summary`) as a table of quantities."""
+    done, planned, lost = cost["rounds_done"], cost["rounds_planned"], cost["rounds_metrics_lost"]
+    rounds = f"{done} / {planned}" if planned is not None else str(done)
+    if lost:
+        rounds += f" ({lost} with metrics lost)"
+    estimate = fixed(cost["paper_estimate_mb"], 3)
+    if estimate:
+        estimate += f" (2 × {done} rounds × {cost['sites']} clients × {cost['model_mb']:.3f} MB)"
+    rows: list[list[Any]] = [
+        ["rounds done", rounds],
+        ["sites", str(cost["sites"])],
+        ["model parameters", f"{cost['parameters']:,}" if cost["parameters"] is not None else ""],
+        ["model size (MB)", fixed(cost["model_mb"], 3)],
+        ["sent to sites per round, mean (MB)", fixed(cost["mb_to_sites_mean"], 3)],
+        ["sent to sites, total (MB)", fixed(cost["mb_to_sites_total"], 3)],
+        ["received from sites per round, mean (MB)", fixed(cost["mb_from_sites_mean"], 3)],
+        ["received from sites, total (MB)", fixed(cost["mb_from_sites_total"], 3)],
+        ["sent + received, total (MB)", fixed(cost["mb_total"], 3)],
+        ["paper's estimate 2 × rounds × clients × model size (MB)", estimate],
+        ["wall time, sum of rounds (s)", fixed(cost["wall_s_rounds"], 1)],
+        ["wall time, run start to finish (s)", fixed(cost["run_s"], 1)],
+        ["local training per site and round, mean (s)", fixed(cost["train_s_mean"], 3)],
+        ["local step, mean (ms)", fixed(cost["step_ms_mean"], 1)],
+        ["teacher forward per step, mean (ms)", fixed(cost["teacher_ms_mean"], 1)],
+    ]
+    return Table(["quantity", "value"], rows, "communication and time (MB = 10^6 bytes)")
+
+
+def header_table(run: Run) -> Table:
+    """The run's id, name, plan, mode, status, rounds, times, best global model and error."""
+    m, s = run.metrics, run.state
+    rounds = len(m.rounds)
+    best = m.best_global
+    best_text = ""
+    if best is not None and best.model_round is not None:
+        best_text = f"after round {best.model_round} (selection score {cell(num(best.score))})"
+    rows: list[list[Any]] = [
+        ["run id", run.run_id],
+        ["name", str(s.get("name") or "")],
+        ["plan", m.plan or ""],
+        ["mode", m.mode or ""],
+        ["status", str(s.get("status") or "")],
+        ["rounds", f"{rounds} / {m.rounds_planned}" if m.rounds_planned is not None else str(rounds)],
+        ["local steps per round", str(m.local_steps) if m.local_steps is not None else ""],
+        ["started", str(s.get("started") or "")],
+        ["finished", str(s.get("finished") or "")],
+        ["best global model", best_text],
+    ]
+    if s.get("error"):
+        rows.append(["error", str(s["error"])])
+    return Table(["field", "value"], rows)

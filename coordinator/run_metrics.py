@@ -1,0 +1,184 @@
+"""The model of a run's ``metrics.json``: what the engine records per run, per round and per site.
+
+The engine fills a plain dict during a run and `coordinator.runs.write_metrics` writes it
+through `RunMetrics` (so a wrong type fails where it is written); readers get it back through
+the same model (`coordinator.runs.load_metrics`). Every field is optional and unknown keys are
+kept (``extra="allow"``): run directories written by older versions still open, and a file
+round-trips unchanged (dumped with ``exclude_unset``, NaN kept as JSON ``NaN``).
+
+Validation rows (``val_global``, ``val_local``, ``val_final``) are described in
+`coordinator.results`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SiteRound(_Record):
+    """One site's row of a round: training timings and scalars, and its validation rows.
+
+    Attributes:
+        name: the site's name (the key of its row is its Fed-BioMed node id).
+        samples: training samples the site reported.
+        train_s: local training time (s).
+        request_s: the site's whole request time (s).
+        train: training scalars (``loss_mean``, ``lambda``, ``step_s``, ...), merged over the round.
+        val_global: the received global model on the site's validation cases, before local training.
+        val_local: the site's model after local training.
+        val_final: the final global model (after the last round).
+    """
+
+    name: str | None = None
+    samples: int | None = None
+    train_s: float | None = None
+    request_s: float | None = None
+    train: dict[str, float] = Field(default_factory=dict)
+    val_global: dict[str, float] | None = None
+    val_local: dict[str, float] | None = None
+    val_final: dict[str, float] | None = None
+
+
+class WireBytes(_Record):
+    """Bytes the coordinator sent to and received from the sites in one round."""
+
+    to_sites: int | float | None = None  # int as counted today; a float from another counter is kept as it is
+    from_sites: int | float | None = None
+
+
+class RoundRecord(_Record):
+    """One round: its timing, the global update's norm, bytes on the wire and the sites' rows.
+
+    Attributes:
+        round: round number, from 1.
+        wall_s: wall time of the round (s).
+        update_norm: L2 norm of the global model's change (NaN where unknown).
+        sites: node id -> the site's row; empty for a round whose metrics were lost.
+        metrics_lost: the round ran (its model is in the breakpoint) but its per-site rows are gone.
+        bytes: wire bytes of the round.
+        sampled: names of the sites the strategy sampled.
+    """
+
+    round: int
+    wall_s: float | None = None
+    update_norm: float | None = None
+    sites: dict[str, SiteRound] = Field(default_factory=dict)
+    metrics_lost: bool = False
+    bytes: WireBytes | None = None
+    sampled: list[str] | None = None
+
+    def named_sites(self) -> list[tuple[str, SiteRound]]:
+        """(site name, row) of this round, sorted by name.
+
+        Returns:
+            The rows; a row without a name is named by its node id.
+        """
+        return sorted(((row.name or nid, row) for nid, row in self.sites.items()), key=lambda kv: kv[0])
+
+    def rows(self, key: str) -> dict[str, dict[str, float]]:
+        """site name -> validation row ``key`` (``val_global``, ``val_local``, ``val_final``) for the sites that have it.
+
+        Args:
+            key: the validation row's name.
+
+        Returns:
+            The non-empty rows by site name.
+        """
+        return {name: row for name, site in self.named_sites() if (row := getattr(site, key, None))}
+
+
+class ModelSize(_Record):
+    """The size of the trained model: parameter count and bytes."""
+
+    parameters: int | None = None
+    bytes: int | None = None
+
+
+class BestGlobal(_Record):
+    """The best global model so far: the round after which it was aggregated, and its selection score."""
+
+    model_round: int | None = None
+    score: float | None = None
+
+
+class BestLocal(_Record):
+    """A site's best local model: the round it was trained in and its mean Dice on the site's validation cases."""
+
+    round: int | None = None
+    score: float | None = None
+
+
+class Published(_Record):
+    """Where a factory run published its factory in the coordinator's registry."""
+
+    kind: str
+    name: str
+    version: str
+
+
+class RunMetrics(_Record):
+    """A run's ``metrics.json``.
+
+    Attributes:
+        rounds: one record per round done, in order.
+        rounds_planned: rounds of the spec.
+        mode: ``federated`` or ``standalone``.
+        plan: the training plan's name.
+        local_steps: local steps per round.
+        classes: the label schema's classes (name -> id).
+        model: model size.
+        best_global: the best global model (selection score over the sites' validation cases).
+        best_local: site name -> its best local model.
+        clients: factory runs: site name -> client id.
+        key_checksums32: factory runs: the key-function checksums the sites reported.
+        samples: factory runs: sample grids written (paths relative to the run directory).
+        published: factory runs: the published factory.
+    """
+
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    rounds_planned: int | None = None
+    mode: str | None = None
+    plan: str | None = None
+    local_steps: int | None = None
+    classes: dict[str, int] = Field(default_factory=dict)
+    model: ModelSize | None = None
+    best_global: BestGlobal | None = None
+    best_local: dict[str, BestLocal] = Field(default_factory=dict)
+    clients: dict[str, int] = Field(default_factory=dict)
+    key_checksums32: list[float] = Field(default_factory=list)
+    samples: list[str] = Field(default_factory=list)
+    published: Published | None = None
+
+    @classmethod
+    def of(cls, metrics: RunMetrics | Mapping[str, Any]) -> RunMetrics:
+        """``metrics`` as a model (a dict is validated).
+
+        Args:
+            metrics: the model or the parsed file.
+
+        Returns:
+            The model.
+
+        Raises:
+            pydantic.ValidationError: a dict that does not fit the model.
+        """
+        return metrics if isinstance(metrics, RunMetrics) else cls.model_validate(metrics)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """What ``metrics.json`` holds: the keys that were set, unknown keys included, NaN kept.
+
+        Returns:
+            The dict to write as JSON.
+        """
+        return self.model_dump(exclude_unset=True)
+
+    def scored_rounds(self) -> list[RoundRecord]:
+        """The rounds that have per-site rows (not lost)."""
+        return [r for r in self.rounds if r.sites]
