@@ -50,6 +50,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from filelock import FileLock
+
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
 from fedimg_core.hashing import sha256_file
@@ -426,15 +428,10 @@ class Registry:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        import fcntl
-
+        """Serialises publishers across processes (`filelock`: flock on ``<registry>/.lock``)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with FileLock(self.root / ".lock"):
+            yield
 
     def _clean_stale_staging(self, staging_root: Path) -> None:
         cutoff = time.time() - _STALE_STAGING_S

@@ -26,6 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock
+
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
 
@@ -35,6 +37,17 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_site_name(site: object) -> str:
+    """A valid site name, returned as given.
+
+    Args:
+        site: the name to check.
+
+    Returns:
+        ``site``.
+
+    Raises:
+        UserError: not 1-63 of a-z 0-9 _ - starting with a letter or digit.
+    """
     if not isinstance(site, str) or not _SITE_RE.match(site):
         raise UserError(f"site name must be 1-63 of a-z 0-9 _ - starting with a letter or digit (got {site!r})")
     return site
@@ -78,16 +91,10 @@ class SiteTokens:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        """Serialises read-modify-write of the file across processes (flock)."""
-        import fcntl
-
+        """Serialises read-modify-write of the file across processes (`filelock`: flock on Unix)."""
         self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / ".site-tokens.lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with FileLock(self.home / ".site-tokens.lock"):
+            yield
 
     # ------------------------------------------------------------------ operations
 

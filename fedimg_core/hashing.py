@@ -7,11 +7,12 @@ import os
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, read in chunks.
+    """The SHA-256 of a file's bytes (`hashlib.file_digest`, which reads it in blocks).
 
     Args:
         path: the file.
-        chunk: bytes read at a time.
+        chunk: unused; kept for callers that passed a block size (``hashlib.file_digest``
+            picks its own, or hashes the file without copying where the OS allows).
 
     Returns:
         The hex digest (64 lower-case hex characters).
@@ -19,8 +20,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     Raises:
         OSError: the file cannot be read.
     """
-    h = hashlib.sha256()
+    del chunk
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -33,6 +33,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from filelock import FileLock
+
 from pipelines.terminal_text import escape_controls
 from fedimg_core import atomic
 
@@ -192,16 +194,11 @@ class ApprovalStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """An exclusive lock across processes (the node records requests while staff decide)."""
-        import fcntl
-
+        """An exclusive lock across processes (the node records requests while staff decide);
+        `filelock` (flock on Unix) on ``<store>/.lock``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with FileLock(self.root / ".lock"):
+            yield
 
     def _read(self) -> dict:
         try:

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DeepSupervisionLoss
 
 EPS = 1e-5
 IGNORE_INDEX = 255
@@ -197,9 +198,11 @@ class MarginalDiceCELoss(torch.nn.Module):
         self.register_buffer("_fg_index", torch.tensor(self.foreground, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
+        """The loss's settings, for ``repr``."""
         return f"foreground={list(self.foreground)}, num_classes={self.num_classes}, lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}"
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` (B, C, *spatial) against ``label`` (see the class); ValueError for bad shapes or label values."""
         _check_logits(logits, self.num_classes)
         label = _index_label(label, logits, self.num_classes, self.ignore_index)
         device = logits.device
@@ -328,6 +331,7 @@ class ConDistDiceLoss(torch.nn.Module):
         self.register_buffer("_bg_index", torch.tensor([c for c in range(self.num_classes) if c not in self.foreground], dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
+        """The loss's settings, for ``repr``."""
         groups = [g[0] if len(g) == 1 else list(g) for g in self.groups]
         return f"num_classes={self.num_classes}, foreground={list(self.foreground)}, background={groups}, temperature={self.temperature}"
 
@@ -340,6 +344,7 @@ class ConDistDiceLoss(torch.nn.Module):
         return g / (not_fg + EPS)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+        """The distillation loss of the student against the teacher (see the class); ValueError for bad shapes."""
         _check_logits(student_logits, self.num_classes, "student_logits")
         _check_logits(teacher_logits, self.num_classes, "teacher_logits")
         if teacher_logits.shape != student_logits.shape:
@@ -407,6 +412,21 @@ def deep_supervision_loss(
     nearest-neighbour interpolation (``nearest-exact``, as nnU-Net and MONAI's
     DeepSupervisionLoss do: logits are not upsampled). Label values, including the ignore
     label, are preserved by nearest interpolation. ConDist applies to the main head only.
+
+    The weighting and resizing are MONAI's `DeepSupervisionLoss` (with these weights), which
+    hands ``loss_fn`` float32 heads; the losses here compute in float32 anyway.
+
+    Args:
+        outputs: the heads, as above.
+        label: ``(B, 1, *spatial)`` or ``(B, *spatial)`` integer label at full resolution.
+        loss_fn: the loss of one head, ``loss_fn(logits, label)``.
+
+    Returns:
+        The weighted sum, a scalar tensor.
+
+    Raises:
+        ValueError: heads or label of the wrong shape (stacked heads not at the label's size,
+            a head larger than the label).
     """
     if isinstance(outputs, torch.Tensor):
         if outputs.dim() < 4:
@@ -431,21 +451,31 @@ def deep_supervision_loss(
             f"label shape {tuple(label.shape)} does not fit heads with {n_sp} spatial dims: expected (B, 1, *spatial) or (B, *spatial)"
         )
     full = tuple(lab.shape[2:])
-    weights = [0.5**i for i in range(len(heads))]
-    total_w = sum(weights)
-    loss = None
-    for i, (head, w) in enumerate(zip(heads, weights)):
+    for i, head in enumerate(heads):
         if head.dim() != n_sp + 2 or head.shape[0] != lab.shape[0]:
             raise ValueError(f"head {i} has shape {tuple(head.shape)}; expected (B={lab.shape[0]}, C, {n_sp} spatial dims)")
         size = tuple(head.shape[2:])
-        if size == full:
-            target = lab
-        else:
+        if size != full:
             if stacked:
                 raise ValueError(f"stacked heads must match the label's spatial size {full}, got {size}")
             if any(s > f for s, f in zip(size, full)):
                 raise ValueError(f"head {i} spatial size {size} is larger than the label's {full}")
-            target = F.interpolate(lab.float(), size=size, mode="nearest-exact").to(lab.dtype)
-        term = loss_fn(head, target) * (w / total_w)
-        loss = term if loss is None else loss + term
-    return loss
+    weights = [0.5**i for i in range(len(heads))]
+    total_w = sum(weights)
+    # MONAI sums weight * loss(head, label resized "nearest-exact" to the head); it resizes a
+    # float target, so the label travels as float (ids <= 255 are exact) and goes back to its
+    # integer dtype before `loss_fn` sees it.
+    criterion = DeepSupervisionLoss(_IntegerLabel(loss_fn, lab.dtype), weights=[w / total_w for w in weights])
+    return criterion(heads, lab.float())
+
+
+class _IntegerLabel(torch.nn.Module):
+    """`loss_fn` with the label cast back to its integer dtype (for `DeepSupervisionLoss`)."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.dtype = dtype
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, label.to(self.dtype))

