@@ -189,11 +189,11 @@ def main() -> int:
     jobs = args.workdir / "jobs"
     t0 = time.perf_counter()
     job = JobDir(jobs / "source", "source", {"benchmark": s_src.to_dict(), "factory": factory.identity})
-    source_model, _ = train_source(factory, src, s_src, job, src_id, resume=job.open(restart=True), log=console.print)
+    source_model, _ = train_source(factory, src, s_src, job, src_id, resume=job.open(restart=True))
     t_source = time.perf_counter() - t0
     t0 = time.perf_counter()
     job = JobDir(jobs / "target", "target", {"benchmark": s_tgt.to_dict(), "factory": factory.identity})
-    adapted, summary = train_target(factory, source_model.branch_source, src_id, tgt_id, tgt, s_tgt, job, resume=job.open(restart=True), log=console.print)
+    adapted, summary = train_target(factory, source_model.branch_source, src_id, tgt_id, tgt, s_tgt, job, resume=job.open(restart=True))
     t_target = time.perf_counter() - t0
 
     names = adapted.class_names

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator import runs  # noqa: E402
 from coordinator.evaluate import evaluate_run  # noqa: E402
 from coordinator.testbed import Testbed  # noqa: E402
+from fedimg_core.logs import setup_logging  # noqa: E402
 from pipelines.augment import PatchSampler, patch_batch  # noqa: E402
 from pipelines.networks import build_network  # noqa: E402
 from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case, parse_plan_args  # noqa: E402
@@ -171,7 +172,8 @@ def main() -> int:
     schema = load_schema()
     t_start = time.monotonic()
 
-    bed = Testbed(workdir, n_sites=args.sites, modalities=modalities, classes=classes, log=lambda m: console.log(m),
+    setup_logging()  # the testbed's progress lines
+    bed = Testbed(workdir, n_sites=args.sites, modalities=modalities, classes=classes,
                   out=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
     tests = {m: workdir / "test-sets" / m.lower() for m in sorted(set(modalities))}
     run_dirs: dict[str, Path] = {}
@@ -217,7 +219,7 @@ def main() -> int:
     table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in tests}
     for variant, run_dir in run_dirs.items():
         for modality, path in tests.items():
-            record = evaluate_run(run_dir, path, log=lambda m: None)
+            record = evaluate_run(run_dir, path)
             mean = record["models"]["global"]["mean"]
             table[modality][variant] = {**mean, "mean": sum(mean.values()) / len(mean)}
 

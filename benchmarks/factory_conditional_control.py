@@ -45,6 +45,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedimg_core.logs import setup_logging  # noqa: E402
 from pipelines.factory.networks import FactoryConfig, Generator  # noqa: E402
 from pipelines.factory.simulate import simulate_federation, sites_from_slices, train_pooled  # noqa: E402
 from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, make_optimizer, parse_factory_args  # noqa: E402
@@ -291,7 +292,8 @@ def main() -> int:
     if args.export_slices or (args.engine == "inprocess" and args.slices is None):
         from coordinator.testbed import Testbed
 
-        bed = Testbed(workdir, n_sites=args.sites, phases=phases, log=lambda m: console.log(m))
+        setup_logging()  # the testbed's progress lines
+        bed = Testbed(workdir, n_sites=args.sites, phases=phases)
         with console.status(f"setting up {args.sites} phantom sites ({', '.join(phases)})"):
             bed.setup_sites()
         per_site = phantom_slices(bed, spec)
@@ -328,7 +330,8 @@ def main() -> int:
     # 2. the federation
     from coordinator.testbed import Testbed
 
-    bed = Testbed(workdir, n_sites=args.sites, phases=phases, log=lambda m: console.log(m),
+    setup_logging()  # the testbed's progress lines
+    bed = Testbed(workdir, n_sites=args.sites, phases=phases,
                   out=lambda line: console.print(line, markup=False, highlight=False))  # fmt: skip
     spec.update({"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.batch, "name": "bench-factory",
                  "clients_per_round": args.clients_per_round})  # fmt: skip

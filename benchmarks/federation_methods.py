@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator import runs  # noqa: E402
 from coordinator.report import compare_runs  # noqa: E402
 from coordinator.testbed import Testbed, default_spec_text  # noqa: E402
+from fedimg_core.logs import setup_logging  # noqa: E402
 
 METHODS = {
     "fedavg": {"plan": "marginal"},
@@ -81,7 +82,8 @@ def main() -> int:
         ap.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     console = Console()
     workdir = (args.workdir or ROOT / ".benchmarks" / f"federation-methods-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    bed = Testbed(workdir, n_sites=4, log=lambda m: console.log(m), out=lambda line: console.print(line, markup=False, highlight=False),
+    setup_logging()  # the testbed's progress lines
+    bed = Testbed(workdir, n_sites=4, out=lambda line: console.print(line, markup=False, highlight=False),
                   oof_phase="non_contrast")  # fmt: skip
     run_dirs: dict[str, Path] = {}
     t_start = time.monotonic()

@@ -79,7 +79,7 @@ def main() -> int:
     spec["sites"] = {"tags": ["fedimg-demo"], "min_sites": args.sites, "wait_s": 180}
 
     with tempfile.TemporaryDirectory(prefix="fedimg-bench-") as tmp:
-        bed = Testbed(Path(tmp), n_sites=args.sites, log=lambda m: console.log(m) if "round" in m or "ready" in m else None)
+        bed = Testbed(Path(tmp), n_sites=args.sites, out=lambda m: console.log(m) if "round" in m or "ready" in m else None)
         try:
             with console.status("setting up sites and nodes"):
                 bed.setup_sites()

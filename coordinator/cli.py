@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
-import signal
-
 import click
+import yaml
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from coordinator import runs
-from coordinator.client import client_token
 from coordinator import spec as spec_mod
+from coordinator.client import call, client_token
+from coordinator.registry import Registry
+from coordinator.results import class_dice, ordered_classes
+from coordinator.site_tokens import SiteTokens
 from fedimg_core.cli import run_cli
 from fedimg_core.errors import UserError
+from fedimg_core.site_config import site_json_schema
+from fedimg_core.logs import show_progress, stderr_console, verbosity_options
+
+# deferred: start-up time (`--help` stays fast): the engine, the service, evaluation, reports
+# and the testbed import Fed-BioMed, torch or MONAI, so the commands import them when run.
+log = logging.getLogger(__name__)
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 HOME_ENV, URL_ENV, TOKEN_ENV = "FEDIMG_COORDINATOR_HOME", "FEDIMG_COORDINATOR_URL", "FEDIMG_API_TOKEN"
@@ -48,13 +59,13 @@ def _with(options):
     return deco
 
 
-def _log(msg: str) -> None:
-    click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@verbosity_options
 def cli() -> None:
-    """Coordinate a fedimg federation: run experiment specs on Fed-BioMed, keep their results."""
+    """Coordinate a fedimg federation: run experiment specs on Fed-BioMed, keep their results.
+
+    Progress and log lines go to stderr (-v adds debug lines, -q keeps warnings and errors
+    only); results (tables, JSON, paths) go to stdout."""
 
 
 def _load_spec(spec_file) -> spec_mod.Spec:
@@ -74,6 +85,7 @@ def _require_home(home) -> Path:
             "`coordinator run` and `coordinator serve` create one, `coordinator testbed` uses <workdir>/coordinator "
             "(e.g. --home .testbed/<time>/coordinator)"
         )
+    log.debug("coordinator home: %s", path.resolve())
     return path
 
 
@@ -92,6 +104,19 @@ def validate(spec_file) -> None:
     s = _load_spec(spec_file)
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
     click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
+
+
+SCHEMAS = {"spec": spec_mod.spec_json_schema, "site": site_json_schema}
+
+
+@cli.command()
+@click.argument("which", type=click.Choice(sorted(SCHEMAS)))
+def schema(which) -> None:
+    """Print the JSON Schema of an experiment spec or a site config.
+
+    Editors check a YAML file against it as you type: save it (docs/schemas/ holds both)
+    and put `# yaml-language-server: $schema=<its path or URL>` on the file's first line."""
+    click.echo(json.dumps(SCHEMAS[which](), indent=2, ensure_ascii=False))
 
 
 def _print_run_footer(info: dict) -> None:
@@ -121,8 +146,6 @@ def _print_factory_results(info: dict, metrics: dict) -> None:
 
 
 def _print_results(run_dir: Path) -> None:
-    from coordinator.results import class_dice, ordered_classes
-
     info = runs.summary(run_dir)
     metrics = runs.read_metrics(run_dir)
     if metrics.get("plan") == "data_factory":
@@ -166,13 +189,13 @@ def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, re
     from coordinator.engine import Federation
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=_log)
+    fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
     run_dir = make_run_dir()  # only once the server runs: a failed start leaves no queued run behind
-    _log(f"run {run_dir.name}: sites connect to {fed.address}")
+    log.info("run %s: sites connect to %s", run_dir.name, fed.address)
     try:
         fed.run(run_dir, spec, resume=resume)
     except KeyboardInterrupt:
-        _log(f"interrupted; continue with `coordinator resume {run_dir.name} --home {home}`")
+        log.info("interrupted; continue with `coordinator resume %s --home %s`", run_dir.name, home)
         sys.exit(130)
     _print_results(run_dir)
 
@@ -197,7 +220,6 @@ def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
 def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
     """Continue an interrupted run from its last breakpoint (via --url: re-queue it on the service)."""
     if url:
-        from coordinator.client import call
         reply = call(url, "POST", f"/runs/{run_id}/resume", client_token(Path(home), token))
         click.echo(f"re-queued {reply['run_id']}")
         return
@@ -222,7 +244,7 @@ def serve(home, grpc_host, grpc_port, public_host, api_host, api_port) -> None:
     """Long-running coordinator: hosts the Fed-BioMed server, runs submitted specs in order."""
     from coordinator.service import serve as _serve
 
-    _serve(Path(home), grpc_host, grpc_port, api_host, api_port, public_host=public_host, log=_log)
+    _serve(Path(home), grpc_host, grpc_port, api_host, api_port, public_host=public_host)
 
 
 @cli.command()
@@ -232,13 +254,9 @@ def serve(home, grpc_host, grpc_port, public_host, api_host, api_port) -> None:
 @token_option
 def submit(spec_file, home, url, token) -> None:
     """Submit SPEC_FILE to a running `coordinator serve`."""
-    from coordinator.client import call
-
     s = _load_spec(spec_file)  # fail here, with the file name, before anything is sent
     body = Path(spec_file).read_bytes()
     if s.resolved_raw() != s.raw:  # a schema file on this machine: send its content along
-        import yaml
-
         body = yaml.safe_dump(s.resolved_raw(), sort_keys=False).encode()
     reply = call(url or DEFAULT_URL, "POST", "/runs", client_token(Path(home), token), body=body)
     click.echo(f"submitted {s.name}: run {reply['run_id']}")
@@ -252,12 +270,11 @@ def submit(spec_file, home, url, token) -> None:
 def status(home, url, token, as_json) -> None:
     """List runs and their state."""
     if url:
-        from coordinator.client import call
-
         rows = call(url, "GET", "/runs", client_token(Path(home), token))["runs"]
     else:
         _require_home(home)
-        runs.recover_stale(Path(home))  # runs whose process died show as interrupted, not running
+        for stale in runs.recover_stale(Path(home)):  # runs whose process died show as interrupted, not running
+            log.info("run %s: its coordinator process is gone; marked interrupted (`coordinator resume %s` continues it)", stale, stale)
         rows = runs.list_runs(Path(home))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -288,8 +305,6 @@ def results(run_id, home, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def registry(home, kind, verify, as_json) -> None:
     """Artifacts published to this coordinator's registry (weights and configs only)."""
-    from coordinator.registry import Registry
-
     reg = Registry(Path(home))
     rows = reg.list(kind)
     if verify:
@@ -314,8 +329,6 @@ def site_token() -> None:
 @home_option
 def site_token_issue(site, home) -> None:
     """Issue a token for SITE (replaces its previous one); printed once, only its hash is kept."""
-    from coordinator.site_tokens import SiteTokens
-
     store = SiteTokens(Path(home))
     token = store.issue(site)
     click.echo(token)  # alone on stdout: `coordinator site-token issue a > token-file` works
@@ -334,8 +347,6 @@ def site_token_issue(site, home) -> None:
 @home_option
 def site_token_revoke(site, home) -> None:
     """Revoke SITE's token (it stops working at once)."""
-    from coordinator.site_tokens import SiteTokens
-
     SiteTokens(Path(home)).revoke(site)
     click.echo(f"revoked the token of {site}")
 
@@ -345,8 +356,6 @@ def site_token_revoke(site, home) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def site_token_list(home, as_json) -> None:
     """Sites holding a token, and when it was issued (never the tokens)."""
-    from coordinator.site_tokens import SiteTokens
-
     rows = SiteTokens(Path(home)).list()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -366,22 +375,19 @@ def site_token_list(home, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
 def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
     """Score RUN_ID's best global model and last local models on an out-of-federation dataset."""
-    from rich.progress import Progress
-
     from coordinator.evaluate import evaluate_run
 
     run_dir = _find_run(home, run_id)
-    say = lambda m: click.echo(f"[{time.strftime('%H:%M:%S')}] {m}", err=True)  # noqa: E731
-    if not sys.stderr.isatty():  # a log file or a pipe: plain progress lines, at most every PROGRESS_EVERY_S
-        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=_plain_progress(say), log=say)
-    else:
-        with Progress(console=Console(stderr=True), transient=True) as bar:
+    if not sys.stderr.isatty():  # a log file or a pipe: plain progress lines (log records), at most every PROGRESS_EVERY_S
+        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=_plain_progress(log.info))
+    else:  # a bar on the console the log lines use: they scroll above it (--quiet: no bar)
+        with Progress(console=stderr_console(), transient=True, disable=not show_progress()) as bar:
             task = bar.add_task("evaluating", total=None)
 
             def progress(model, done, total):
                 bar.update(task, description=f"{model}" if model == "preprocessing" else f"scoring {model}", completed=done, total=total)
 
-            record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress, log=lambda m: bar.console.print(m, markup=False, highlight=False))
+            record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress)
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
@@ -426,7 +432,7 @@ def report(run_id, home) -> None:
 
     run_dir = _find_run(home, run_id)
     factory_run = runs.read_metrics(run_dir).get("plan") == "data_factory"
-    path = (factory.write_report if factory_run else write_report)(run_dir, log=_log)
+    path = factory.write_report(run_dir) if factory_run else write_report(run_dir, log=logging.getLogger("coordinator.report").info)
     click.echo(f"report: {path}")
 
 
@@ -472,7 +478,7 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
         unknown = [c for c in class_list if c not in load_schema().classes or c == "background"]
         if unknown:
             raise click.BadParameter(f"not foreground classes of the built-in schema: {', '.join(unknown)}", param_hint="--classes")
-    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve, log=_log,
+    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve,
                   oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list)  # fmt: skip
     if code != 0:
         sys.exit(code)

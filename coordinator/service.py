@@ -33,6 +33,7 @@ whose message is capped; an unexpected error answers 500 and is logged, never ec
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -49,6 +50,7 @@ from coordinator.registry_http import RegistryRoutes, is_registry_path
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
 
+log = logging.getLogger(__name__)
 TOKEN_FILE = "api-token"
 MAX_SPEC_BYTES = 256 * 1024
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")  # an id or prefix from the URL, never a path or glob
@@ -74,10 +76,9 @@ def api_token(home: Path) -> str:
 
 
 class Coordinator:
-    def __init__(self, home: Path, federation, log=print):
+    def __init__(self, home: Path, federation):
         self.home = Path(home)
         self.federation = federation
-        self.log = log
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.current: str | None = None
@@ -113,8 +114,8 @@ class Coordinator:
 
     def loop(self) -> None:
         for run_id in runs.recover_stale(self.home):
-            self.log(f"run {run_id} was interrupted by a previous stop; `coordinator resume {run_id}` continues it")
-        self.log(f"coordinator ready: sites connect to {self.federation.address}")
+            log.info("run %s was interrupted by a previous stop; `coordinator resume %s` continues it", run_id, run_id)
+        log.info("coordinator ready: sites connect to %s", self.federation.address)
         while not self.stopping.is_set():
             run_dir = self._next_queued()
             if run_dir is None:
@@ -128,13 +129,13 @@ class Coordinator:
         self.current = run_dir.name
         try:
             parsed = spec_mod.load(runs.spec_file(run_dir))
-            self.log(f"run {run_dir.name}: starting ({'resume' if state.get('resume') else 'new'})")
+            log.info("run %s: starting (%s)", run_dir.name, "resume" if state.get("resume") else "new")
             self.federation.run(run_dir, parsed, resume=bool(state.get("resume")))
-            self.log(f"run {run_dir.name}: done")
+            log.info("run %s: done", run_dir.name)
         except UserError as exc:
             if runs.read_state(run_dir)["status"] != "failed":  # e.g. a spec that no longer validates
                 runs.mark(run_dir, "failed", error=str(exc))
-            self.log(f"run {run_dir.name}: failed: {exc}")
+            log.error("run %s: failed: %s", run_dir.name, exc)
         finally:
             with self.lock:  # a resume request may have re-queued the run meanwhile: keep its flag
                 if runs.read_state(run_dir)["status"] != "queued":
@@ -250,17 +251,30 @@ def make_server(coord: Coordinator, token: str, host: str, port: int, limits: HT
     return LimitedHTTPServer((host, port), make_handler(coord, token, limits), limits)
 
 
-def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None, log=print) -> None:
-    from coordinator.engine import Federation
+def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None) -> None:
+    """Run the long-lived coordinator: the Fed-BioMed server, the API and registry, the run queue.
+
+    Progress lines go to this module's logger (and the engine's); returns after SIGTERM or
+    Ctrl-C, once the API is shut down.
+
+    Args:
+        home: the coordinator home (created).
+        grpc_host: address the Fed-BioMed server binds.
+        grpc_port: port sites connect to.
+        api_host: address of the researcher API.
+        api_port: port of the researcher API.
+        public_host: name sites dial (in the TLS certificate); None: derived from ``grpc_host``.
+    """
+    from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed and torch)
 
     home = Path(home).resolve()
     token = api_token(home)
-    federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=log)
-    coord = Coordinator(home, federation, log=log)
+    federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
+    coord = Coordinator(home, federation)
     httpd = make_server(coord, token, api_host, api_port)
     threading.Thread(target=httpd.serve_forever, name="api", daemon=True).start()
-    log(f"API on http://{api_host}:{api_port} (token in {home / TOKEN_FILE} or $FEDIMG_API_TOKEN)")
-    log(f"registry on http://{api_host}:{api_port}/registry (sites use a token from `coordinator site-token issue SITE`)")
+    log.info("API on http://%s:%s (token in %s or $FEDIMG_API_TOKEN)", api_host, api_port, home / TOKEN_FILE)
+    log.info("registry on http://%s:%s/registry (sites use a token from `coordinator site-token issue SITE`)", api_host, api_port)
 
     def _stop(signum, frame):
         coord.stopping.set()
@@ -271,7 +285,7 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
     try:
         coord.loop()
     except KeyboardInterrupt:
-        log("coordinator stopping")
+        log.info("coordinator stopping")
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -8,6 +8,7 @@ with PR_SET_PDEATHSIG, so even a SIGKILL of the testbed takes them down.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -18,13 +19,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from site_agent import config as site_config
+from coordinator import runs
 from fedimg_core.errors import UserError
-from site_agent.runtime import ProcessRuntime, pid_alive, signal_group, parent_death_signal
+from fedimg_core.logs import verbosity_args
+from site_agent import config as site_config
+from site_agent.runtime import ProcessRuntime, parent_death_signal, pid_alive, signal_group
 
+log = logging.getLogger(__name__)
 TAG = "fedimg-demo"
 
 
@@ -39,8 +44,30 @@ def default_spec_text() -> str:
 
 
 class Testbed:
+    """A coordinator and ``n_sites`` site nodes on loopback under ``workdir``.
+
+    Its own progress lines go to this module's logger; the coordinator CLI's output (its
+    log lines, already timestamped, and its tables) to ``out``, by default this module's
+    logger at DEBUG (a library user sees them with debug logging on).
+
+    Args:
+        workdir: where the sites, the coordinator home and the out-of-federation set live.
+        n_sites: number of site nodes (at least one).
+        port: gRPC port (0: a free one).
+        auto_approve: each site runs an approver that approves the plan.
+        out: receives each line the coordinator CLI prints.
+        oof_phase: contrast phase of the out-of-federation test set (None: none).
+        phases: each site's scanner phase, cycled over the sites.
+        modalities: each site's scanner (CT or MR-like), cycled over the sites.
+        classes: every site labels these (None: an organ group chosen by seed).
+
+    Raises:
+        UserError: fewer than one site.
+    """
+
     __test__ = False  # not a pytest test class
-    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, log=print, out=None,
+
+    def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
                  classes: list[str] | None = None):  # fmt: skip
         if n_sites < 1:
@@ -53,8 +80,7 @@ class Testbed:
         self.classes = list(classes) if classes else None  # every site labels these (None: an organ group by seed)
         self.port = port or free_port()
         self.auto_approve = auto_approve
-        self.log = log
-        self.out = out or log  # where the coordinator's own (already timestamped) lines go
+        self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
         self.children: list[subprocess.Popen] = []
         self.sites: list[site_config.SiteConfig] = []
         self._stopped = False
@@ -119,7 +145,7 @@ class Testbed:
             for job in jobs:
                 job.result()
         self.sites = [site_config.load(self.site_config_path(i)) for i in range(self.n_sites)]
-        self.log(f"{self.n_sites} sites prepared under {self.workdir / 'sites'}")
+        log.info("%d sites prepared under %s", self.n_sites, self.workdir / "sites")
 
     @property
     def oof_modality(self) -> str:
@@ -137,8 +163,6 @@ class Testbed:
 
     def evaluate_and_report(self) -> int:
         """After a run: score it on the out-of-federation set, then write its report."""
-        from coordinator import runs
-
         done = [r for r in runs.list_runs(self.home) if r["status"] == "done"]
         if not done:
             return 1
@@ -150,7 +174,7 @@ class Testbed:
             steps.append(["evaluate", run_id, "--home", str(self.home), "--data", str(self.oof_dataset)])
         steps.append(["report", run_id, "--home", str(self.home)])
         for args in steps:
-            proc = self._spawn([sys.executable, "-m", "coordinator.cli", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = self._spawn([sys.executable, "-m", "coordinator.cli", *verbosity_args(), *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
             for line in proc.stdout:
                 self.out(line.decode("utf-8", "replace").rstrip())
             if proc.wait() != 0:
@@ -159,8 +183,6 @@ class Testbed:
 
     def next_steps(self) -> list[str]:
         """How to look at what the testbed ran: the home, the run, `results`, the report."""
-        from coordinator import runs
-
         found = runs.list_runs(self.home) if (self.home / "runs").is_dir() else []
         if not found:
             return [f"no run was recorded (coordinator home {self.home}); the logs are under {self.workdir}"]
@@ -189,7 +211,7 @@ class Testbed:
         for site in self.sites:
             # Started from this (main) thread: PDEATHSIG follows the thread that forked.
             st = ProcessRuntime(site).start(die_with_parent=True, extra_env=budget)
-            self.log(f"{site.site_name}: node started (pid {st.pid})")
+            log.info("%s: node started (pid %s)", site.site_name, st.pid)
             if self.auto_approve:
                 self._spawn(
                     [sys.executable, "-m", "coordinator.testbed_site", "approve", "--config", str(site.path)],
@@ -208,10 +230,10 @@ class Testbed:
         spec_path = self.workdir / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
         cmd = [
-            sys.executable, "-m", "coordinator.cli", "run", str(spec_path),
+            sys.executable, "-m", "coordinator.cli", *verbosity_args(), "run", str(spec_path),
             "--home", str(self.home), "--grpc-host", "127.0.0.1", "--grpc-port", str(self.port), "--public-host", "localhost",
         ]  # fmt: skip
-        self.log(f"coordinator: running {raw.get('name')} on localhost:{self.port}, waiting for {self.n_sites} sites")
+        log.info("coordinator: running %s on localhost:%s, waiting for %d sites", raw.get("name"), self.port, self.n_sites)
         proc = self._spawn(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             self.out(line.decode("utf-8", "replace").rstrip())
@@ -246,15 +268,36 @@ class Testbed:
                 signal_group(child.pid, signal.SIGKILL)
                 child.wait()
         left = [p for p in self.pids() if pid_alive(p)]
-        self.log("testbed stopped: all processes ended" if not left else f"testbed stopped; still alive: {left}")
+        if left:
+            log.warning("testbed stopped; still alive: %s", left)
+        else:
+            log.info("testbed stopped: all processes ended")
 
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
-        auto_approve: bool = True, log=print, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
+        auto_approve: bool = True, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
         modalities: list[str] | None = None, classes: list[str] | None = None) -> int:  # fmt: skip
-    """Set up, run one spec, score it out of federation, report, tear down. Returns the
-    coordinator's exit code."""
-    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, log=log, out=lambda line: print(line, flush=True),
+    """Set up, run one spec, score it out of federation, report, tear down (`coordinator testbed`).
+
+    The coordinator CLI's output and, last, where to look at the run go to stdout; the
+    testbed's own progress lines to this module's logger.
+
+    Args:
+        workdir: where the federation lives (created).
+        n_sites: number of site nodes.
+        spec_text: the spec to run (None: the built-in demo).
+        rounds: overrides the spec's rounds.
+        port: gRPC port (0: a free one).
+        auto_approve: sites approve the plan.
+        oof_phase: contrast phase of the out-of-federation test set (None: none).
+        phases: each site's scanner phase, cycled over the sites.
+        modalities: each site's scanner, cycled over the sites.
+        classes: classes every site labels (None: organ group i at site i).
+
+    Returns:
+        The coordinator's exit code (130 when interrupted).
+    """
+    bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, out=lambda line: print(line, flush=True),
                   oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes)  # fmt: skip
 
     def _on_signal(signum, frame):
@@ -271,14 +314,14 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
             code = bed.evaluate_and_report()
         return code
     except KeyboardInterrupt:
-        log("testbed interrupted: stopping every process")
+        log.warning("testbed interrupted: stopping every process")
         return 130
     finally:
         bed.teardown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         try:
-            for line in bed.next_steps():  # last on screen: where to look at the run
-                log(line)
+            for line in bed.next_steps():  # last on screen: where to look at the run (the command's result: stdout)
+                bed.out(line)
         except Exception as exc:  # noqa: BLE001 - a hint must never hide the run's own outcome
-            log(f"(cannot list the run: {exc})")
+            log.warning("cannot list the run: %s", exc)

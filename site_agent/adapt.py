@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -26,9 +27,24 @@ from typing import Any, Callable
 
 import torch
 
+from fedimg_core import atomic
+from pipelines.adaptation import volumes as V
+from pipelines.adaptation.factory import FactoryError, load_factory
+from pipelines.adaptation.jobs import JobDir, JobError, tensor_blob
+from pipelines.adaptation.networks import branch_files, validate_branch_files
+from pipelines.adaptation.training import AdaptedModel, AdaptSettings, train_source, train_target
+from pipelines.adaptation.volumes import labelled_slices
+from pipelines.artifact_approval import STORE_ENV, store_dir
+from pipelines.factory.slices import SliceSettings
+from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
+from preprocessing.schema import parse_schema
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
+from site_agent.registry_client import RegistryClient, StagedPulls
 
+# This module is itself imported only when an adapt or infer command runs (site_agent.cli
+# defers it), so it imports torch and the adaptation library at the top.
+log = logging.getLogger(__name__)
 _REF = re.compile(r"^([A-Za-z0-9_.-]{1,64})(?:@(v\d{4,}|latest))?$")
 BRANCH_KIND = "segmentation-branch"
 
@@ -42,8 +58,6 @@ def parse_ref(ref: str, what: str) -> tuple[str, str]:
 
 
 def _client(site: SiteConfig):
-    from site_agent.registry_client import RegistryClient
-
     if site.registry is None:
         raise UserError(
             f"{site.path or 'site config'}: no registry section; add `registry: {{url: http://COORDINATOR:8750, token_file: /path/to/site-token}}` "
@@ -54,8 +68,6 @@ def _client(site: SiteConfig):
 
 def _checked_dataset(site, dataset: str, schema) -> Path:
     """The site's prepared dataset, refused unless it was prepared with the factory's schema."""
-    from preprocessing.dataset import DatasetSchemaError, check_schema
-
     path = _dataset_path(site, dataset)
     try:
         check_schema(json.loads((path / "manifest.json").read_text()), schema, str(path))
@@ -80,8 +92,6 @@ def _job_dir(site: SiteConfig, job: str) -> Path:
 def staged_pulls(site: SiteConfig):
     """This command's registry pulls: staged under ``<work_dir>/staging`` (outside the models
     folder), moved into ``<work_dir>/models/registry`` only if the command succeeds."""
-    from site_agent.registry_client import StagedPulls
-
     return StagedPulls(_client(site), site.work_dir / "models" / "registry", site.work_dir / "staging")
 
 
@@ -89,8 +99,6 @@ def staged_pulls(site: SiteConfig):
 def _command(site: SiteConfig):
     """A job command: its pulls are staged, and what it loads is checked against the site's
     artifact approvals (the same store the node uses)."""
-    from pipelines.artifact_approval import STORE_ENV, store_dir
-
     previous = os.environ.get(STORE_ENV)
     os.environ[STORE_ENV] = str(store_dir(site.work_dir))
     try:
@@ -107,8 +115,6 @@ def pull_factory(site: SiteConfig, ref: str, pulls=None):
     """Pull (or reuse the verified cached copy of) a factory; returns (Factory, folder).
 
     With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
-    from pipelines.adaptation.factory import FactoryError, load_factory
-
     name, version = parse_ref(ref, "factory")
     folder = pulls.pull("factory", name, version) if pulls else _client(site).pull("factory", name, version)
     try:
@@ -118,8 +124,6 @@ def pull_factory(site: SiteConfig, ref: str, pulls=None):
 
 
 def _settings(raw: dict):
-    from pipelines.adaptation.training import AdaptSettings
-
     try:
         return AdaptSettings.from_dict(raw, "adaptation settings")
     except ValueError as exc:
@@ -127,8 +131,6 @@ def _settings(raw: dict):
 
 
 def _open_job(root: Path, kind: str, config: dict, restart: bool):
-    from pipelines.adaptation.jobs import JobDir, JobError
-
     try:
         job = JobDir(root, kind, config)
         return job, job.open(restart=restart)
@@ -141,24 +143,20 @@ def _finite(d: dict) -> dict:
 
 
 def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None = None,
-               publish: bool = True, restart: bool = False, progress: Callable | None = None, log=print) -> dict:  # fmt: skip
+               publish: bool = True, restart: bool = False, progress: Callable | None = None) -> dict:  # fmt: skip
     """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``.
 
-    What it pulls reaches the site's registry folder only if it succeeds."""
+    What it pulls reaches the site's registry folder only if it succeeds. Notes and the
+    published version are logged at INFO."""
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     _settings(settings_raw)
     with _command(site) as pulls:
-        return _run_source(pulls, site, dataset, factory_ref, branch_name, settings_raw, job, publish, restart, progress, log)
+        return _run_source(pulls, site, dataset, factory_ref, branch_name, settings_raw, job, publish, restart, progress)
 
 
 def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None,
-                publish: bool, restart: bool, progress: Callable | None, log) -> dict:  # fmt: skip
-    from pipelines.adaptation.networks import branch_files
-    from pipelines.adaptation.training import train_source
-    from pipelines.adaptation.volumes import labelled_slices
-    from preprocessing.dataset import DatasetError
-
+                publish: bool, restart: bool, progress: Callable | None) -> dict:  # fmt: skip
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     settings = _settings(settings_raw)
@@ -169,18 +167,15 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
     jd, resume = _open_job(_job_dir(site, job or f"source-{branch_name}"), "source", config, restart)
     try:
         if client_id is None:
-            log(f"note: site {site.site_name} did not train factory {factory.identity['name']}; its domain is the mean over all client ids")
+            log.info("note: site %s did not train factory %s; its domain is the mean over all client ids", site.site_name, factory.identity["name"])
         try:
             data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=True)
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
         try:
-            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, log=log)
+            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress)
         except ValueError as exc:
             raise UserError(f"source job {jd.root}: {exc}") from None
-        from fedimg_core import atomic
-        from pipelines.adaptation.jobs import tensor_blob
-
         atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
         files = branch_files(model.branch_source)
         for name, blob in files.items():
@@ -192,7 +187,7 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
             meta = {"source_site": site.site_name, "source_client_id": client_id, "factory": factory.identity,
                     "classes": model.class_names, "validation_dice": _finite(validation), "steps": settings.steps}  # fmt: skip
             record = _client(site).push(BRANCH_KIND, branch_name, files, meta)
-            log(f"published {BRANCH_KIND} {branch_name} {record['version']}")
+            log.info("published %s %s %s", BRANCH_KIND, branch_name, record["version"])
         jd.finish(published=record["version"] if record else None, validation_dice=_finite(validation))
     except BaseException as exc:
         jd.fail(f"{type(exc).__name__}: {exc}")
@@ -205,8 +200,6 @@ def pull_branch(site: SiteConfig, ref: str, pulls=None):
     """Pull a published source branch; returns (branch, record meta, folder).
 
     With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
-    from pipelines.adaptation.networks import validate_branch_files
-
     name, version = parse_ref(ref, "branch")
     folder = pulls.pull(BRANCH_KIND, name, version) if pulls else _client(site).pull(BRANCH_KIND, name, version)
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name in ("branch.pt", "branch.json")}
@@ -219,7 +212,7 @@ def pull_branch(site: SiteConfig, ref: str, pulls=None):
 
 
 def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None = None,
-               restart: bool = False, progress: Callable | None = None, log=print) -> dict:  # fmt: skip
+               restart: bool = False, progress: Callable | None = None) -> dict:  # fmt: skip
     """Adapt to this site's domain with its few labels; no coordinator round, pulls only.
 
     What it pulls reaches the site's registry folder only if it succeeds."""
@@ -227,17 +220,11 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
     with _command(site) as pulls:
-        return _run_target(pulls, site, dataset, factory_ref, branch_ref, settings_raw, job, restart, progress, log)
+        return _run_target(pulls, site, dataset, factory_ref, branch_ref, settings_raw, job, restart, progress)
 
 
 def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None,
-                restart: bool, progress: Callable | None, log) -> dict:  # fmt: skip
-    from pipelines.adaptation.training import train_target
-    from pipelines.adaptation.volumes import labelled_slices
-    from fedimg_core import atomic
-    from pipelines.adaptation.jobs import tensor_blob
-    from preprocessing.dataset import DatasetError
-
+                restart: bool, progress: Callable | None) -> dict:  # fmt: skip
     settings = _settings(settings_raw)
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
@@ -269,7 +256,7 @@ def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
         try:  # messages of training name the job folder, the branch or the dataset themselves
-            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress, log=log)
+            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress)
         except ValueError as exc:
             raise UserError(f"target job {jd.root}: {exc}") from None
         atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
@@ -359,11 +346,12 @@ def _target_report(jd, model, data, summary: dict, factory) -> None:
 
 
 def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = "average", dicom_seg: bool = False,
-              modality: str | None = None, log=print, overwrite: bool = False) -> list[dict]:  # fmt: skip
+              modality: str | None = None, overwrite: bool = False) -> list[dict]:  # fmt: skip
     """Segment NIfTI volumes, DICOM series folders or prepared datasets with an adapted model;
     writes ``<out>/<name>.nii.gz`` (label on the input grid) and, for DICOM input with
     ``dicom_seg``, ``<out>/<name>.seg.dcm``. ``<name>`` is the input's name
-    (`pipelines.adaptation.volumes.output_stem`) or a dataset's case id.
+    (`pipelines.adaptation.volumes.output_stem`) or a dataset's case id. Each written
+    volume is logged at INFO.
 
     Every output path is checked before anything is written: two inputs with the same name,
     or an output file already there (an earlier run's label, perhaps of another patient)
@@ -376,7 +364,6 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         mode: which branch predicts (``average``, ``target``, ``source``).
         dicom_seg: also write a DICOM SEG for DICOM series inputs.
         modality: CT or MR, for NIfTI inputs.
-        log: where progress lines go.
         overwrite: replace output files that already exist.
 
     Returns:
@@ -385,17 +372,12 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
     Raises:
         UserError: a bad model or input, clashing or existing outputs (nothing written then).
     """
-    from pipelines.adaptation.training import AdaptedModel
-    from pipelines.adaptation import volumes as V
-    from pipelines.factory.slices import SliceSettings
-    from preprocessing.dataset import DatasetError, load_dataset
-    from preprocessing.schema import parse_schema
-
     try:
         model = AdaptedModel.load(model_path)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     schema = parse_schema(model.meta["schema_definition"], f"{model_path}: schema_definition")
+    log.debug("model %s: %s model of classes %s, predicting with mode %s", model_path, model.kind, ", ".join(model.class_names), mode)
     sk = model.meta["slices"]
     spacing = sk["spacing"]
     settings = SliceSettings(size=sk["size"], n_bins=sk["n_bins"], spacing=tuple(spacing) if isinstance(spacing, list) else spacing, min_foreground=0.0)
@@ -461,7 +443,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
             seg_path = out / f"{name}.seg.dcm"
             V.write_dicom_seg(pred.label, pred.sources, {c: schema_name(schema, c) for c in ids[1:]}, seg_path, schema)
             row["dicom_seg"] = str(seg_path)
-        log(f"{name}: {target}")
+        log.info("%s: %s", name, target)
         rows.append(row)
     return rows
 

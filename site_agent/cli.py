@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
+from fedimg_core.logs import show_progress, stderr_console, verbosity_options
 from pipelines.terminal_text import escape_controls
 from site_agent import config as site_config
 from site_agent import plan_review
+from site_agent.artifacts_cli import artifacts as _artifacts
+from site_agent.artifacts_cli import echo_plan_artifacts
+from site_agent.connectivity import assess
 from site_agent.errors import UserError, run_cli
 
+# deferred: start-up time (`--help` stays fast): the node, runtime, doctor, preprocessing and
+# adaptation modules import Fed-BioMed, torch, MONAI or nibabel, so the commands import them.
 console = Console(width=None if sys.stdout.isatty() else 160)
+log = logging.getLogger(__name__)
 
 
 def _site(ctx: click.Context) -> site_config.SiteConfig:
-    return site_config.load(ctx.obj["config_path"])
+    site = site_config.load(ctx.obj["config_path"])
+    log.debug("site config %s: site %s, work dir %s, runtime %s", ctx.obj["config_path"], site.site_name, site.work_dir, site.runtime)
+    return site
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,9 +45,13 @@ def _site(ctx: click.Context) -> site_config.SiteConfig:
     type=click.Path(dir_okay=False),
     help=f"Site config file (env {site_config.CONFIG_ENV}).",
 )
+@verbosity_options
 @click.pass_context
 def cli(ctx: click.Context, config_path: str) -> None:
-    """Run a hospital site of a fedimg federation: config, datasets, plan approvals, node."""
+    """Run a hospital site of a fedimg federation: config, datasets, plan approvals, node.
+
+    Progress and log lines go to stderr (-v adds debug lines, -q keeps warnings and errors
+    only); results (tables, JSON, paths) go to stdout."""
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
 
@@ -172,16 +188,15 @@ def dataset_remove(ctx, dataset_id) -> None:
 
 
 class _StageProgress:
-    """Rich progress bars on stderr, one per stage (scan, convert, qc); silent when not a TTY."""
+    """Rich progress bars on stderr, one per stage (scan, convert, qc); silent when not a TTY
+    and under --quiet."""
 
     LABELS = {"scan": "reading headers", "convert": "converting cases", "qc": "QC report", "deidentify": "de-identifying"}
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=False, disable=not sys.stderr.isatty(),
+            console=stderr_console(), transient=False, disable=not sys.stderr.isatty() or not show_progress(),
         )
         self.tasks: dict[str, int] = {}
 
@@ -235,11 +250,10 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
         name=name, modality=modality.upper() if modality else None, tolerance_mm=tolerance_mm, allow_irregular=allow_irregular,
         unknown_labels=unknown_labels, require_labels=require_labels, prune=prune, qc_report=not no_qc,
     )
-    messages: list[str] = []
     try:
-        with _StageProgress() as progress:
+        with _StageProgress() as progress:  # refusals are listed in the table below, with their reasons
             result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress,
-                                 log=messages.append, case_map=case_map)  # fmt: skip
+                                 case_map=case_map)  # fmt: skip
     except PrepareError as exc:
         raise UserError(str(exc)) from None
     refused = [o for o in result.outcomes if o.status == "refused"]
@@ -348,7 +362,7 @@ def plans_list(ctx, status, as_json) -> None:
 def plans_show(ctx, plan_id, no_source) -> None:
     """Show PLAN_ID (a full id or a unique prefix): metadata, the changes since the last
     approved plan of the same name (unified diff), and the full source code."""
-    from site_agent import node, plan_review
+    from site_agent import node
 
     site = _site(ctx)
     plans_all = plan_review.load_plans(site)
@@ -356,9 +370,7 @@ def plans_show(ctx, plan_id, no_source) -> None:
     for line in plan_review.show_lines(plans_all, plan, with_source=not no_source):
         click.echo(line)
     full = node.show_plan(site, plan.id)
-    from site_agent.artifacts_cli import echo_plan_artifacts
-
-    echo_plan_artifacts(_site(ctx), full)
+    echo_plan_artifacts(site, full)
 
 
 @plans.command("approve")
@@ -380,7 +392,7 @@ def plans_reject(ctx, plan_id, note) -> None:
 
 
 def _set_plan_status(ctx, plan_id: str, approve: bool, note: str | None) -> None:
-    from site_agent import node, plan_review
+    from site_agent import node
 
     site = _site(ctx)
     plan = plan_review.resolve(plan_review.load_plans(site), plan_id)
@@ -434,7 +446,6 @@ def status(ctx, runtime, as_json, no_connection, require_connection) -> None:
     """Show whether the node runs and whether it is connected to the coordinator (with the
     last contact, the last connection error and a hint). Exit code 0 when running, 3 when
     not (4 with --require-connection when running but not connected)."""
-    from site_agent.connectivity import assess
     from site_agent.runtime import get_runtime
 
     site = _site(ctx)
@@ -505,15 +516,14 @@ def doctor(ctx, min_free_gb, as_json) -> None:
 
 
 class _StepProgress:
-    """A rich progress bar for a training job (stderr; silent when not a TTY) that prints a
-    loss line every ``every`` logged rows when it is silent, so logs still show progress."""
+    """A rich progress bar for a training job (stderr; silent when not a TTY) that logs a
+    loss line every ``every`` logged rows when it is silent, so logs still show progress
+    (neither under --quiet)."""
 
     def __init__(self, title: str, every: int = 10):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.tty = sys.stderr.isatty()
         self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[loss]}"), console=Console(stderr=True), disable=not self.tty)  # fmt: skip
+                                 TextColumn("{task.fields[loss]}"), console=stderr_console(), disable=not self.tty or not show_progress())  # fmt: skip
         self.task = None
         self.every, self.count = every, 0
 
@@ -531,14 +541,12 @@ class _StepProgress:
         self.progress.update(self.task, completed=done, total=total, loss=text)
         self.count += 1
         if not self.tty and (self.count % self.every == 0 or done == total):
-            click.echo(f"step {done}/{total}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("loss")), err=True)
+            log.info("step %d/%d: %s", done, total, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("loss")))
 
 
 def _adapt_settings(settings_file, **flags) -> dict:
     raw: dict = {}
     if settings_file:
-        import yaml
-
         try:
             raw = yaml.safe_load(Path(settings_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
@@ -598,7 +606,7 @@ def adapt_source(ctx, dataset, factory_ref, branch_name, no_publish, steps, batc
     raw = _adapt_settings(settings_file, steps=steps, batch=batch, lr_encoder=lr_encoder, lr_branch=lr_branch, seed=seed, preset=preset)
     with _StepProgress("source branch") as progress:
         result = run_source(site, dataset, factory_ref, branch_name, raw, job=job, publish=not no_publish, restart=restart,
-                            progress=progress, log=lambda m: click.echo(m, err=True))  # fmt: skip
+                            progress=progress)  # fmt: skip
     _print_outcome(result, as_json)
 
 
@@ -626,7 +634,7 @@ def adapt_target(ctx, dataset, factory_ref, branch_ref, few_shot_volumes, few_sh
     raw = _adapt_settings(settings_file, steps=steps, batch=batch, lr_encoder=lr_encoder, lr_branch=lr_branch, seed=seed, preset=preset,
                           few_shot_volumes=few_shot_volumes, few_shot_slice=few_shot_slice, few_shot_seed=few_shot_seed, n_synthetic=synthetic)  # fmt: skip
     with _StepProgress("target adaptation") as progress:
-        result = run_target(site, dataset, factory_ref, branch_ref, raw, job=job, restart=restart, progress=progress, log=lambda m: click.echo(m, err=True))
+        result = run_target(site, dataset, factory_ref, branch_ref, raw, job=job, restart=restart, progress=progress)
     _print_outcome(result, as_json)
 
 
@@ -651,8 +659,7 @@ def infer(inputs, model_path, out, mode, modality, dicom_seg, overwrite, as_json
     p = Path(model_path)
     if p.is_dir():
         p = p / "model.pt"
-    rows = run_infer(p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, log=lambda m: click.echo(m, err=True),
-                     overwrite=overwrite)  # fmt: skip
+    rows = run_infer(p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -660,9 +667,7 @@ def infer(inputs, model_path, out, mode, modality, dicom_seg, overwrite, as_json
             click.echo(f"{r['label']}" + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""))
 
 
-from site_agent.artifacts_cli import artifacts as _artifacts  # noqa: E402 - the group lives in its own module
-
-cli.add_command(_artifacts)
+cli.add_command(_artifacts)  # the group lives in its own module
 
 
 def main() -> None:

@@ -63,17 +63,16 @@ def test_infer_and_adapt_refuse_bad_input_clearly(model_file, tmp_path, site_yam
     vol = make_phantom(5, "portal_venous", (32, 32, 8), (6.0, 6.0, 10.0))
     nifti = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(vol.hu.astype(np.float32), np.diag([6.0, 6.0, 10.0, 1.0])), nifti)
-    quiet = lambda m: None  # noqa: E731
     with pytest.raises(UserError, match="needs --modality"):
-        run_infer(model_file, [str(nifti)], tmp_path / "o", log=quiet)
+        run_infer(model_file, [str(nifti)], tmp_path / "o")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
     with pytest.raises(UserError, match=f"{bad}: not a model file"):
-        run_infer(bad, [str(nifti)], tmp_path / "o", modality="CT", log=quiet)
+        run_infer(bad, [str(nifti)], tmp_path / "o", modality="CT")
     with pytest.raises(UserError, match="--dicom-seg needs a DICOM series"):
-        run_infer(model_file, [str(nifti)], tmp_path / "o", modality="CT", dicom_seg=True, log=quiet)
+        run_infer(model_file, [str(nifti)], tmp_path / "o", modality="CT", dicom_seg=True)
     with pytest.raises(UserError, match="no such file or folder"):
-        run_infer(model_file, [str(tmp_path / "nope.nii.gz")], tmp_path / "o", modality="CT", log=quiet)
+        run_infer(model_file, [str(tmp_path / "nope.nii.gz")], tmp_path / "o", modality="CT")
     assert not (tmp_path / "o").exists()  # nothing written for refused input
     res = cli("site-agent", "infer", nifti, "--model", model_file, "--out", tmp_path / "o", "--modality", "CT", "--json")
     assert res.returncode == 0, res.stderr
@@ -84,7 +83,7 @@ def test_infer_and_adapt_refuse_bad_input_clearly(model_file, tmp_path, site_yam
 
     write_dataset(tmp_path / "ds", "ds", "CT", {"background": 0, "liver": 3},
                   [(vol.hu.astype(np.float32), None, np.diag([6.0, 6.0, 10.0, 1.0])) for _ in range(2)])  # fmt: skip
-    rows = run_infer(model_file, [str(tmp_path / "ds")], tmp_path / "ds-labels", log=quiet)
+    rows = run_infer(model_file, [str(tmp_path / "ds")], tmp_path / "ds-labels")
     cases = load_dataset(tmp_path / "ds").cases
     assert [r["input"] for r in rows] == [str(c.image) for c in cases]
     for r in rows:
@@ -92,8 +91,8 @@ def test_infer_and_adapt_refuse_bad_input_clearly(model_file, tmp_path, site_yam
 
     site = site_config.validate(site_yaml, "site.yaml")  # no registry section
     with pytest.raises(UserError, match="no registry section"):
-        run_source(site, "x", "f", "b", {}, log=quiet)
+        run_source(site, "x", "f", "b", {})
     with pytest.raises(UserError, match="expected NAME or NAME@vNNNN"):
-        run_target(site, "x", "f", "b@3", {}, log=quiet)
+        run_target(site, "x", "f", "b@3", {})
     with pytest.raises(UserError, match="steps: must be an integer"):
-        run_target(site, "x", "f", "b", {"steps": 0}, log=quiet)
+        run_target(site, "x", "f", "b", {"steps": 0})

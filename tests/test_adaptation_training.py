@@ -216,7 +216,7 @@ def test_source_training_learns_and_resumes_exactly(tmp_path, factory, source_da
     gen_before = _state(factory.generator)
     s = settings()
     job = JobDir(tmp_path / "full", "source", {"s": 1})
-    full, summary = train_source(factory, source_data, s, job, 0, resume=job.open(), log=lambda m: None)
+    full, summary = train_source(factory, source_data, s, job, 0, resume=job.open())
     assert summary["classes"] == ["background", "kidney", "liver"] and summary["val_cases"] == 1
     assert set(summary["validation"]["mean"]) == {1, 2}
     rows = job.metrics()
@@ -232,21 +232,21 @@ def test_source_training_learns_and_resumes_exactly(tmp_path, factory, source_da
 
     job = JobDir(tmp_path / "cut", "source", {"s": 1})
     with pytest.raises(Stop):
-        train_source(factory, source_data, s, job, 0, resume=job.open(), progress=interrupt, log=lambda m: None)
+        train_source(factory, source_data, s, job, 0, resume=job.open(), progress=interrupt)
     job = JobDir(tmp_path / "cut", "source", {"s": 1})
     assert job.open() is True  # the step-2 checkpoint
-    resumed, _ = train_source(factory, source_data, s, job, 0, resume=True, log=lambda m: None)
+    resumed, _ = train_source(factory, source_data, s, job, 0, resume=True)
     assert [r["step"] for r in job.metrics()] == [1, 2, 3, 4]
     assert _equal(_state(resumed.encoder), _state(full.encoder)) and _equal(_state(resumed.branch_source), _state(full.branch_source))
 
 
 def test_target_training_keeps_the_source_branch_and_generator_frozen(tmp_path, factory, source_data, target_data):
     job = JobDir(tmp_path / "src", "source", {})
-    source, _ = train_source(factory, source_data, settings(steps=2), job, 0, resume=job.open(), log=lambda m: None)
+    source, _ = train_source(factory, source_data, settings(steps=2), job, 0, resume=job.open())
     branch = source.branch_source
     before, gen_before = _state(branch), _state(factory.generator)
     job = JobDir(tmp_path / "tgt", "target", {})
-    model, summary = train_target(factory, branch, 0, 1, target_data, settings(steps=3), job, resume=job.open(), log=lambda m: None)
+    model, summary = train_target(factory, branch, 0, 1, target_data, settings(steps=3), job, resume=job.open())
     assert _equal(_state(branch), before) and _equal(_state(model.branch_source), before)  # S_s: frozen, no update
     assert all(p.grad is None for p in model.branch_source.parameters()) and not any(p.requires_grad for p in model.branch_source.parameters())
     assert _equal(_state(factory.generator), gen_before)
@@ -282,10 +282,10 @@ def test_synthetic_source_samples_are_labelled_by_the_source_branch(factory):
 
 def test_target_training_resumes_exactly(tmp_path, factory, source_data, target_data):
     job = JobDir(tmp_path / "src", "source", {})
-    source, _ = train_source(factory, source_data, settings(steps=2), job, 0, resume=job.open(), log=lambda m: None)
+    source, _ = train_source(factory, source_data, settings(steps=2), job, 0, resume=job.open())
     s = settings(steps=4)
     job = JobDir(tmp_path / "full", "target", {})
-    full, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open(), log=lambda m: None)
+    full, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open())
 
     class Stop(Exception):
         pass
@@ -296,8 +296,8 @@ def test_target_training_resumes_exactly(tmp_path, factory, source_data, target_
 
     job = JobDir(tmp_path / "cut", "target", {})
     with pytest.raises(Stop):
-        train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open(), progress=interrupt, log=lambda m: None)
+        train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=job.open(), progress=interrupt)
     job = JobDir(tmp_path / "cut", "target", {})
     assert job.open() is True
-    resumed, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=True, log=lambda m: None)
+    resumed, _ = train_target(factory, source.branch_source, 0, 1, target_data, s, job, resume=True)
     assert _equal(_state(resumed.encoder), _state(full.encoder)) and _equal(_state(resumed.branch_target), _state(full.branch_target))

@@ -284,7 +284,7 @@ def test_a_failed_adapt_leaves_nothing_in_the_registry_folder(registry, tmp_path
     site = validate({"site_name": "site-a", "coordinator": {"host": "localhost", "port": 50051}, "data_dir": str(tmp_path / "data"),
                      "work_dir": str(tmp_path / "work"), "runtime": "process", "registry": {"url": url}}, "site.yaml")  # fmt: skip
     with pytest.raises(UserError):
-        run_source(site, "missing", "gan", "branch", {}, log=lambda m: None)
+        run_source(site, "missing", "gan", "branch", {})
     registry_dir = site.work_dir / "models" / "registry"
     assert not registry_dir.exists() or not any(p.is_file() for p in registry_dir.rglob("*"))
     staging = site.work_dir / "staging"

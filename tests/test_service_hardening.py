@@ -81,7 +81,7 @@ def registry_server(tmp_path):
 
 
 def start_service(home, limits=None):
-    httpd = make_server(Coordinator(home, federation=None, log=lambda m: None), API, "127.0.0.1", 0, limits)
+    httpd = make_server(Coordinator(home, federation=None), API, "127.0.0.1", 0, limits)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return httpd
 
@@ -226,7 +226,7 @@ def test_error_replies_are_capped(service, monkeypatch):
 def test_sixteen_concurrent_submits_all_get_answers(tmp_path):
     spec_mod.parse(GOOD, "warm-up")  # the first parse imports the plans (seconds)
     home = tmp_path / "coord"
-    httpd = make_server(Coordinator(home, federation=None, log=lambda m: None), API, "127.0.0.1", 0)
+    httpd = make_server(Coordinator(home, federation=None), API, "127.0.0.1", 0)
     port = httpd.server_address[1]
     body = GOOD.encode()
     answers = []

@@ -12,8 +12,7 @@ def _manifest(path):
 
 
 def test_reused_workdir_follows_the_modality_and_phase(tmp_path):
-    quiet = lambda *a, **k: None  # noqa: E731
-    mr = Testbed(tmp_path, n_sites=1, modalities=["MR"], classes=["liver"], oof_phase="non_contrast", log=quiet)
+    mr = Testbed(tmp_path, n_sites=1, modalities=["MR"], classes=["liver"], oof_phase="non_contrast")
     mr.setup_sites()
     assert mr.oof_dataset == tmp_path / "out-of-federation" / "mr"
     assert _manifest(mr.oof_dataset)["modality"] == "MR"  # an MR federation is tested on MR
@@ -21,10 +20,10 @@ def test_reused_workdir_follows_the_modality_and_phase(tmp_path):
     mr_case = sorted((mr.oof_dataset / "imagesTr").iterdir())[0].stat().st_mtime_ns
 
     # the same settings again: nothing is rewritten
-    Testbed(tmp_path, n_sites=1, modalities=["MR"], classes=["liver"], oof_phase="non_contrast", log=quiet).setup_sites()
+    Testbed(tmp_path, n_sites=1, modalities=["MR"], classes=["liver"], oof_phase="non_contrast").setup_sites()
     assert sorted((mr.oof_dataset / "imagesTr").iterdir())[0].stat().st_mtime_ns == mr_case
 
-    ct = Testbed(tmp_path, n_sites=1, modalities=["CT"], classes=["liver"], oof_phase="arterial", log=quiet)
+    ct = Testbed(tmp_path, n_sites=1, modalities=["CT"], classes=["liver"], oof_phase="arterial")
     ct.setup_sites()
     assert _manifest(ct.dataset_dir(0))["modality"] == "CT"
     assert _manifest(ct.oof_dataset)["modality"] == "CT"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -50,11 +51,12 @@ from pipelines.adaptation.factory import Factory
 from pipelines.adaptation.jobs import JobDir, rng_state, set_rng_state
 from pipelines.adaptation.losses import ReconstructionLoss, cycle_consistency, segmentation_loss
 from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch, invert, latent_avgs, load_branch, requires_grad
-from pipelines.adaptation.volumes import LabelledSlices
+from pipelines.adaptation.volumes import LabelledSlices, few_shot_selection
 from pipelines.evaluation import dice_per_class
 from pipelines.factory.networks import FactoryConfig, Generator
 from pipelines.losses import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
 SOURCE, TARGET = 0, 1
 MODEL_FORMAT = "fedimg-adapted-model"
 Progress = Callable[[int, int, dict], None]
@@ -372,7 +374,7 @@ class _TrainingLoop:
         self.extra: Callable[[], dict] = dict
         self.t0, self.acc = time.perf_counter(), {}
 
-    def resume(self, log) -> tuple[int, dict]:
+    def resume(self) -> tuple[int, dict]:
         """Load the job's checkpoint; returns (step to continue from, the checkpoint)."""
         ck = self.job.load_checkpoint()
         for name, module in self.modules.items():
@@ -382,7 +384,7 @@ class _TrainingLoop:
         set_rng_state(ck["rng"])
         start = int(ck["step"])
         self.job.truncate_metrics(start)
-        log(f"resuming {self.job.root.name} at step {start}/{self.s.steps}")
+        log.info("resuming %s at step %d/%d", self.job.root.name, start, self.s.steps)
         return start, ck
 
     def checkpoint(self, step: int) -> None:
@@ -409,7 +411,7 @@ class _TrainingLoop:
 
 
 def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings, job: JobDir, site_client: int | None,
-                 resume: bool = False, progress: Progress | None = None, log=print) -> tuple[AdaptedModel, dict]:  # fmt: skip
+                 resume: bool = False, progress: Progress | None = None) -> tuple[AdaptedModel, dict]:  # fmt: skip
     """Train E_s and S_s on a labelled dataset's slices. Returns (model, summary)."""
     s = settings
     cfg = s.adapt_config()
@@ -440,7 +442,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     case_sets = case_branch_sets(data, names, schema_ids)
     gen = torch.Generator().manual_seed(s.seed + 1)
     loop = _TrainingLoop(s, job, progress, {"encoder": encoder, "branch": branch}, opt, gen)
-    start = loop.resume(log)[0] if resume else 0
+    start = loop.resume()[0] if resume else 0
     encoder.train()
     branch.train()
     for step in range(start, s.steps):
@@ -493,8 +495,6 @@ def target_split(data: LabelledSlices, settings: AdaptSettings) -> tuple[torch.T
     """(few-shot slice indices, training cases, evaluation cases) of a target dataset: the
     few-shot volumes train (their labels only on the chosen slices); other labelled cases
     are held out entirely for evaluation; unlabelled cases train (images only)."""
-    from pipelines.adaptation.volumes import few_shot_selection
-
     few = few_shot_selection(data, n_volumes=settings.few_shot_volumes, per_volume=settings.few_shot_slice, seed=settings.few_shot_seed)
     few_cases = sorted({int(c) for c in data.case_index[few].tolist()})
     eval_cases = [i for i, has in enumerate(data.has_label) if has and i not in few_cases]
@@ -504,7 +504,7 @@ def target_split(data: LabelledSlices, settings: AdaptSettings) -> tuple[torch.T
 
 def train_target(factory: Factory, source_branch: SegmentationBranch, source_client: int | None, target_client: int | None,
                  data: LabelledSlices, settings: AdaptSettings, job: JobDir, resume: bool = False,
-                 progress: Progress | None = None, log=print) -> tuple[AdaptedModel, dict]:  # fmt: skip
+                 progress: Progress | None = None) -> tuple[AdaptedModel, dict]:  # fmt: skip
     """Train E_t and S_t with the frozen G and S_s (see the module docstring)."""
     s = settings
     cfg = s.adapt_config()
@@ -542,11 +542,11 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     gen = torch.Generator().manual_seed(s.seed + 1)
     loop = _TrainingLoop(s, job, progress, {"encoder": encoder, "branch_target": s_tgt}, opt, gen)
     if resume:
-        start, ck = loop.resume(log)
+        start, ck = loop.resume()
         syn_x, syn_y = ck["synthetic_images"], ck["synthetic_labels"]
     else:
         start = 0
-        log(f"labelling {s.n_synthetic} synthetic source slices with the source branch")
+        log.info("labelling %d synthetic source slices with the source branch", s.n_synthetic)
         syn_x, syn_y = synthetic_source(g, s_src, source_client, s.n_synthetic, s.seed)
     loop.extra = lambda: {"synthetic_images": syn_x.half(), "synthetic_labels": syn_y.to(torch.uint8)}
     syn_x = syn_x.half().float()  # what a checkpoint holds (float16), so a resumed job sees the same pool

@@ -35,7 +35,7 @@ def _organs(label):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("adapt"), n_sites=2, log=lambda m: None, phases=["portal_venous", "arterial"])
+    bed = Testbed(tmp_path_factory.mktemp("adapt"), n_sites=2, phases=["portal_venous", "arterial"])
     bed.setup_sites()
     bed.start_nodes()
     try:

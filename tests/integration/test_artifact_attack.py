@@ -40,7 +40,7 @@ def _pulled(site, name: str, module: torch.nn.Module) -> str:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("attack"), n_sites=1, log=lambda m: None)
+    bed = Testbed(tmp_path_factory.mktemp("attack"), n_sites=1)
     bed.setup_sites()
     site = bed.sites[0]
     secret = site.work_dir / "private" / "notes.txt"

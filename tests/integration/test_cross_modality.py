@@ -17,7 +17,7 @@ SPEC = Path(__file__).resolve().parents[2] / "coordinator" / "examples" / "phant
 
 
 def test_ct_and_mr_sites_train_one_model_with_gin(tmp_path):
-    bed = Testbed(tmp_path / "bed", n_sites=2, modalities=["CT", "MR"], classes=["liver", "spleen"], log=lambda m: None)
+    bed = Testbed(tmp_path / "bed", n_sites=2, modalities=["CT", "MR"], classes=["liver", "spleen"])
     try:
         bed.setup_sites()
         manifests = [json.loads((bed.dataset_dir(i) / "manifest.json").read_text()) for i in range(2)]

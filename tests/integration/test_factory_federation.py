@@ -21,7 +21,7 @@ PHASES = ["arterial", "portal_venous", "delayed"]
 
 @pytest.fixture(scope="module")
 def factory_run(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("factory"), n_sites=3, log=lambda m: None, phases=PHASES)
+    bed = Testbed(tmp_path_factory.mktemp("factory"), n_sites=3, phases=PHASES)
     bed.setup_sites()
     bed.start_nodes()
     try:
@@ -126,7 +126,7 @@ def test_key_never_leaves_the_site(factory_run):
 
     from pipelines.factory.training import is_key_pathway
 
-    replies = [r for r in map(Serializer.load, sorted(run_dir.glob("params_NODE_*.mpk"))) if r is not None]
+    replies = [r for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
     assert len(replies) == 2 * ROUNDS  # the parameters each sampled site sent, kept by Fed-BioMed
     for reply in replies:
         names = set(reply)

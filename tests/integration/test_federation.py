@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2, log=lambda m: None)
+    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2)
     bed.setup_sites()
     bed.start_nodes()
     yield bed
@@ -79,45 +79,99 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     c2 = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
     assert any(not torch.equal(c1[k], c2[k]) for k in c1)
     assert (run_dir / "spec.yaml").read_text() == spec.read_text()
-    assert sorted(p.name for p in run_dir.glob("breakpoint_*")) == ["breakpoint_0000", "breakpoint_0001"]
+    # the run's own files at the top; Fed-BioMed's (breakpoints, replies, plan source) under fedbiomed/
+    top = {p.name for p in run_dir.iterdir()}
+    assert {"spec.yaml", "state.json", "metrics.json", "checkpoints", "run.log", "fedbiomed"} <= top, top
+    assert not [n for n in top if n.startswith(("breakpoint_", "params_", "model_", "runs"))], top  # runs/: its tensorboard folder
+    assert sorted(p.name for p in (run_dir / "fedbiomed").glob("breakpoint_*")) == ["breakpoint_0000", "breakpoint_0001"]
+    assert list((run_dir / "fedbiomed").glob("params_*.mpk")) and list((run_dir / "fedbiomed").glob("model_*.py"))
     assert json.loads((run_dir / "state.json").read_text())["status"] == "done"
     assert "[fedimg] round 2/2" in (run_dir / "run.log").read_text()
     res = cli("coordinator", "results", run_dir.name, "--home", home, "--json")
     assert json.loads(res.stdout)["rounds_done"] == 2
 
 
-def test_interrupted_run_resumes_from_its_last_breakpoint(bed):
-    home = bed.workdir / "coordinator"
-    spec = _spec(bed, rounds=3, name="resumable")
+def _killed_after_round_1(bed, spec: Path, home: Path, name: str) -> Path:
+    """`coordinator run SPEC`, killed as soon as round 1 is done; returns the run directory."""
     cmd = [str(Path(sys.executable).parent / "coordinator"), "run", str(spec), "--home", str(home),
            "--grpc-host", "127.0.0.1", "--grpc-port", str(bed.port), "--public-host", "localhost"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # kill the coordinator as soon as round 1 is done
-            if "round 1/3" in line:
+            if "round 1/" in line:
                 proc.kill()
                 break
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    (run_dir,) = _run_dirs(home, "resumable")
+    (run_dir,) = _run_dirs(home, name)
     assert proc.returncode == -signal.SIGKILL, f"coordinator ended by itself ({proc.returncode}): {(run_dir / 'run.log').read_text()[-2000:]}"
     assert len(json.loads((run_dir / "metrics.json").read_text())["rounds"]) == 1
     assert json.loads((run_dir / "state.json").read_text())["status"] == "running"  # died mid-run
-    round1 = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
+    return run_dir
+
+
+def _resume(bed, run_dir: Path, home: Path):
     time.sleep(3)  # let the sites notice the coordinator is gone
-    res = cli("coordinator", "resume", run_dir.name[:15], "--home", home, "--grpc-host", "127.0.0.1",
-              "--grpc-port", bed.port, "--public-host", "localhost", timeout=400)  # fmt: skip
+    return cli("coordinator", "resume", run_dir.name[:15], "--home", home, "--grpc-host", "127.0.0.1",
+               "--grpc-port", bed.port, "--public-host", "localhost", timeout=400)  # fmt: skip
+
+
+def test_interrupted_run_resumes_from_its_last_breakpoint(bed):
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=3, name="resumable")
+    run_dir = _killed_after_round_1(bed, spec, home, "resumable")
+    round1 = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
+    res = _resume(bed, run_dir, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "resuming" in res.stdout and "round 2/3" in res.stdout and "round 3/3" in res.stdout
-    assert "] round 1/3 (" not in res.stdout  # round 1 was not trained again
+    out = res.stdout + res.stderr  # progress lines are log records (stderr), the summary is the output
+    assert "resuming" in out and "round 2/3" in out and "round 3/3" in out
+    assert "] round 1/3 (" not in out  # round 1 was not trained again
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     after = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
     assert all(torch.equal(after[k], round1[k]) for k in round1)  # round 1's checkpoint is kept as it was
     final = torch.load(run_dir / "checkpoints" / "global_round_0003.pt")
     assert any(not torch.equal(final[k], round1[k]) for k in round1)  # and training went on from it
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "done"
+    assert sorted(p.name for p in (run_dir / "fedbiomed").glob("breakpoint_*")) == [f"breakpoint_{i:04d}" for i in range(3)]
+
+
+def _to_old_layout(run_dir: Path) -> None:
+    """Lay a run directory out as runs made before the fedbiomed/ folder: Fed-BioMed's files
+    at the top, in an experimentation folder named after the run (whose parent, the runs
+    folder, was Fed-BioMed's experiments dir); its breakpoints name their files by absolute path."""
+    run_dir = run_dir.resolve()
+    fbm = run_dir / "fedbiomed"
+    for p in list(fbm.iterdir()):
+        p.rename(run_dir / p.name)
+    fbm.rmdir()
+    for state_file in run_dir.glob("breakpoint_*/breakpoint_*.json"):
+        state = json.loads(state_file.read_text().replace(f"{fbm}/", f"{run_dir}/"))
+        state["experimentation_folder"] = run_dir.name
+        state_file.write_text(json.dumps(state))
+
+
+def test_a_run_of_the_old_layout_still_opens_and_resumes_in_place(bed):
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=2, name="old-layout")
+    run_dir = _killed_after_round_1(bed, spec, home, "old-layout")
+    _to_old_layout(run_dir)
+    assert (run_dir / "breakpoint_0000").is_dir() and list(run_dir.glob("params_*.mpk")) and not (run_dir / "fedbiomed").exists()
+    res = cli("coordinator", "results", run_dir.name, "--home", home, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["rounds_done"] == 1, res.stderr[-2000:]
+    res = cli("coordinator", "report", run_dir.name, "--home", home)
+    assert res.returncode == 0 and (run_dir / "report" / "index.html").is_file(), res.stderr[-2000:]
+    res = cli("coordinator", "evaluate", run_dir.name, "--home", home, "--data", bed.sites[1].data_dir / "ct", "--json")
+    assert res.returncode == 0 and "global" in json.loads(res.stdout)["models"], res.stderr[-2000:]
+    res = _resume(bed, run_dir, home)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming" in res.stdout + res.stderr and "round 2/2" in res.stdout + res.stderr
+    assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]] == [1, 2]
+    # resumed where its breakpoints are: the old layout stays one layout
+    assert sorted(p.name for p in run_dir.glob("breakpoint_*")) == ["breakpoint_0000", "breakpoint_0001"]
+    assert not (run_dir / "fedbiomed").exists()
     assert json.loads((run_dir / "state.json").read_text())["status"] == "done"
 
 

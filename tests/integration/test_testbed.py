@@ -59,7 +59,7 @@ def test_unapproved_plan_is_refused_and_the_researcher_is_told(tmp_path):
     (run_dir,) = (tmp_path / "bed" / "coordinator" / "runs").iterdir()
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "failed" and "not approved" in state["error"]
-    assert "testbed stopped: all processes ended" in res.stdout
+    assert "testbed stopped: all processes ended" in res.stderr  # a log line (stderr); the run's transcript and results are on stdout
 
 
 def _start_testbed(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
