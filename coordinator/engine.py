@@ -1,5 +1,7 @@
 """The researcher side on Fed-BioMed: one gRPC server per coordinator process, experiments
-built from specs, per-round metrics and checkpoints written to the run directory.
+built from specs, per-round metrics and checkpoints written to the run directory (Fed-BioMed's
+own files go to its ``fedbiomed/`` subfolder; what sites report is read through
+`coordinator.fedbiomed_hooks`).
 
 Fed-BioMed is imported lazily: its researcher config is created at import time, so the
 component root and server address must be in the environment first.
@@ -12,19 +14,22 @@ import io
 import logging
 import os
 import socket
-import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
+from coordinator import checkpoints, runs
 from coordinator import plans as plan_registry
-from coordinator import runs
+from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter
 from coordinator.spec import Spec
-from fedimg_core import atomic
 from fedimg_core.errors import UserError
+from pipelines.site_errors import mark_researcher_process
 
 Log = Callable[[str], None]
 
@@ -34,50 +39,9 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
 class RunError(UserError):
+    """A run that could not start or go on (sites missing, plan not approved, a site's error); exit code 1."""
+
     exit_code = 1
-
-
-class _NodeErrorCollector(logging.Handler):
-    """Keeps the errors nodes report (Fed-BioMed only logs them) so they reach the researcher."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "Error message received" in msg or "has returned error" in msg or "FB3" in msg:
-            self.messages.append(" ".join(msg.split()))
-
-
-class _WireCounter(logging.Handler):
-    """Counts the bytes Fed-BioMed's gRPC server actually puts on the wire (its own debug
-    records '[WIRE][S->N][TX] ... bytes=N' and '[WIRE][N->S][RX] ... bytes=N')."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self._lock = threading.Lock()
-        self._sent = self._received = 0
-
-    def emit(self, record):
-        msg = record.msg if isinstance(record.msg, str) else ""
-        if not msg.startswith("[WIRE]") or not record.args or "bytes=" not in msg:
-            return
-        try:
-            n = int(record.args[-1])
-        except (TypeError, ValueError):
-            return
-        with self._lock:
-            if "[S->N][TX]" in msg:
-                self._sent += n
-            elif "[N->S][RX]" in msg:
-                self._received += n
-
-    def take(self) -> dict:
-        with self._lock:
-            out = {"to_sites": self._sent, "from_sites": self._received}
-            self._sent = self._received = 0
-        return out
 
 
 class Federation:
@@ -113,22 +77,22 @@ class Federation:
         # Fed-BioMed's own messages go to each run's run.log, not to the console.
         logger.setLevel(os.environ.get("FEDIMG_FBM_LOG_LEVEL", "WARNING"))
         self._fbm_logger = getattr(logger, "_logger", logging.getLogger("fedbiomed"))
-        self._collector = _NodeErrorCollector()
-        self._fbm_logger.addHandler(self._collector)
-        self._pending: list[dict] = []  # metrics streamed by the sites, filled by gRPC threads
-        self._pending_lock = threading.Lock()
-        self._wire = _WireCounter()
+        self._scalars = ScalarFeed()  # metrics streamed by the sites, filled by gRPC threads
+        self._wire = WireCounter()  # the one reader of Fed-BioMed's log records (no API for wire sizes)
         self._fbm_logger.addHandler(self._wire)
         self._fbm_logger.setLevel(logging.DEBUG)  # Fed-BioMed's own handlers keep their level; the counter needs its debug records
         self.config = config
         _ensure_certificate(config, public_host, log)
         os.environ["FBM_SERVER_HOST"] = host  # Fed-BioMed reads env over its config: bind here
         self.requests = Requests(config)
+        self._site_errors = SiteErrors()  # what sites answer with errors (Fed-BioMed only logs them)
+        self._site_errors.watch(self.requests)
         self.address = f"{public_host}:{port}"
 
     # -- sites --------------------------------------------------------------------------
 
     def online_nodes(self) -> list[str]:
+        """The node ids of the sites connected now (they answered a ping within 5 s)."""
         return list(self.requests.ping_nodes())
 
     def matching_sites(self, spec: Spec) -> dict[str, str]:
@@ -142,6 +106,17 @@ class Federation:
             return {nid: (reply.node_name or nid) for nid, reply in fed_req.replies().items() if reply.databases}
 
     def wait_for_sites(self, spec: Spec) -> dict[str, str]:
+        """Wait until the spec's ``min_sites`` sites with its tags are connected.
+
+        Args:
+            spec: the experiment spec (site tags and ids, ``min_sites``, ``wait_for_sites_s``).
+
+        Returns:
+            node id -> site name of the matching sites.
+
+        Raises:
+            RunError: fewer sites than ``min_sites`` within ``wait_for_sites_s``.
+        """
         deadline = time.monotonic() + spec.wait_for_sites_s
         last = -1
         while True:
@@ -167,11 +142,12 @@ class Federation:
         from fedbiomed.researcher.federated_workflows import Experiment
 
         from coordinator.strategy import SampledSitesStrategy
-        from pipelines.site_errors import mark_researcher_process
 
         mark_researcher_process()  # the plan's post_init runs here: its errors are the researcher's own
-        folder = folder or run_dir
-        self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)  # breakpoints land in the run dir
+        # Fed-BioMed writes everything (breakpoints, the sites' replies, the plan source) into
+        # EXPERIMENTS_DIR/<experimentation_folder>: <run>/fedbiomed, away from the run's own files.
+        folder = folder or runs.fedbiomed_dir(run_dir)
+        self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
         strategy = None
         if spec.clients_per_round is not None or spec.is_factory:
@@ -240,10 +216,8 @@ class Federation:
             file_handler.close()
 
     def _run(self, run_dir: Path, spec: Spec, resume: bool) -> dict:
-        self._collector.messages.clear()
-        with self._pending_lock:
-            self._pending = []  # nothing from an earlier run of this process may land in this one
-        self._tracked: list = []
+        self._site_errors.clear()
+        self._scalars.reset()  # nothing from an earlier run of this process may land in this one
         metrics = runs.read_metrics(run_dir) if resume else {"rounds": []}
         metrics["rounds_planned"] = spec.rounds
         metrics["mode"] = spec.mode
@@ -271,15 +245,13 @@ class Federation:
             runs.mark(run_dir, "failed", error=str(exc))
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a clear message for the researcher
-            nodes = "; ".join(dict.fromkeys(self._collector.messages))
+            nodes = "; ".join(self._site_errors.lines())
             msg = " ".join(str(exc).split()) or type(exc).__name__
             error = f"{msg}" + (f" | site errors: {nodes}" if nodes else "")
             runs.mark(run_dir, "failed", error=error)
             raise RunError(error) from exc
         finally:
-            for exp in self._tracked:  # late messages of this run must not reach the next one
-                with contextlib.suppress(KeyError):
-                    exp.requests.remove_monitor_callback(exp.id)
+            self._scalars.reset()  # late messages of this run must not reach the next one
             runs.write_metrics(run_dir, metrics)
 
     def _federated(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict, resume: bool) -> None:
@@ -289,14 +261,16 @@ class Federation:
                 raise RunError(f"{run_dir}: no breakpoint to resume from (the run never finished a round)")
             from fedbiomed.researcher.federated_workflows import Experiment
 
-            self.config.vars["EXPERIMENTS_DIR"] = str(run_dir.parent)
+            # The breakpoint names its experimentation folder (bkpt.parent: <run>/fedbiomed, or
+            # the run directory itself for runs of the old layout): resume writes on there.
+            self.config.vars["EXPERIMENTS_DIR"] = str(bkpt.parent.parent)
             exp = Experiment.load_breakpoint(str(bkpt))
             done = exp.round_current()
             metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
             if done and not any(r["round"] == done for r in metrics["rounds"]):
                 # Stopped after Fed-BioMed saved the breakpoint but before our record: the
                 # round's model is in the breakpoint; its per-site metrics are gone.
-                _save_checkpoint(run_dir, done, _params(exp))
+                checkpoints.save_global(run_dir, done, _params(exp))
                 metrics["rounds"].append(
                     {"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True}
                 )
@@ -304,10 +278,10 @@ class Federation:
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
         self._check_approval(exp, spec, sites)
-        self._track(exp)
+        self._scalars.track(exp)
         params_before = _params(exp)
         if exp.round_current() == 0:
-            _save_checkpoint(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
+            checkpoints.save_global(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
         metrics["model"] = _model_size(params_before)
         if spec.is_factory:
             from coordinator import factory
@@ -328,11 +302,11 @@ class Federation:
             if sampled is not None:
                 record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
             metrics["rounds"].append(record)
-            _save_checkpoint(run_dir, r, params_after)
+            checkpoints.save_global(run_dir, r, params_after)
             if spec.is_factory:
                 factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
             else:
-                _select_best(run_dir, metrics, record, _local_params(exp, r), sites)
+                checkpoints.select_best(run_dir, metrics, record, _local_params(exp, r), sites)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
             params_before = params_after
@@ -340,19 +314,19 @@ class Federation:
             metrics["published"] = factory.publish(self.home, run_dir, spec, exp, metrics)
             self.log(f"factory published to the registry: {metrics['published']['kind']}/{metrics['published']['name']} {metrics['published']['version']}")
             runs.write_metrics(run_dir, metrics)
-            factory.write_report(run_dir, log=self.log)
+            factory.write_report(run_dir)
 
     def _standalone(self, run_dir: Path, spec: Spec, sites: dict[str, str], metrics: dict) -> None:
         """Each site trains alone: one single-node Fed-BioMed experiment per site (its
         "aggregate" is its own model), advanced round by round side by side."""
         exps = {}
         for nid, name in sorted(sites.items(), key=lambda kv: kv[1]):
-            folder = run_dir / "standalone" / _safe(name)
+            folder = runs.fedbiomed_dir(run_dir) / "standalone" / _safe(name)
             folder.mkdir(parents=True, exist_ok=True)
             exps[nid] = self._experiment(spec, run_dir, nodes=[nid], folder=folder)
         for nid, exp in exps.items():
             self._check_approval(exp, spec, {nid: sites[nid]})
-            self._track(exp)
+            self._scalars.track(exp)
         first = next(iter(exps.values()))
         metrics["model"] = _model_size(_params(first))
         self._wire.take()
@@ -368,34 +342,14 @@ class Federation:
                 record["wall_s"] += sub["wall_s"]
                 record["sites"].update(sub["sites"])
                 squared += sub["update_norm"] ** 2
-                last = run_dir / "checkpoints" / "local" / f"{_safe(sites[nid])}_last.pt"
-                _save_tensor_file(last, after)
-                _select_best_local(run_dir, metrics, nid, record["sites"].get(nid, {}), last, r)
+                last = checkpoints.local_last(run_dir, sites[nid])
+                checkpoints.save_tensors(last, after)
+                checkpoints.select_best_local(metrics, nid, record["sites"].get(nid, {}), last, r)
             record["update_norm"] = squared**0.5  # the sites' updates taken together
             record["bytes"] = self._wire.take()
             metrics["rounds"].append(record)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
-
-    def _track(self, exp) -> None:
-        """Record the scalars nodes stream during a round (validation metrics, training loss)."""
-        original = exp.monitor().on_message_handler
-
-        def handler(msg):
-            original(msg)
-            with self._pending_lock:
-                self._pending.append(
-                    {
-                        "experiment": exp.id,
-                        "node_id": msg["node_id"],
-                        "train": bool(msg["train"]),
-                        "global": bool(msg.get("test_on_global_updates")),
-                        "metric": {k: float(v) for k, v in msg["metric"].items()},
-                    }
-                )
-
-        exp.requests.add_monitor_callback(exp.id, handler)
-        self._tracked.append(exp)
 
     def _round_record(self, exp, r, elapsed, sites, before, after) -> dict:
         replies = exp.training_replies().get(r - 1, {}) or {}
@@ -408,10 +362,7 @@ class Federation:
                 "train_s": round(float(timing.get("rtime_training", 0.0)), 3),
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
-        with self._pending_lock:
-            mine = [m for m in self._pending if m["experiment"] == exp.id]
-            self._pending = [m for m in self._pending if m["experiment"] != exp.id]
-        for m in mine:
+        for m in self._scalars.take(exp.id):
             row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
             key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
             if key == "val_global" and key in row:
@@ -451,44 +402,6 @@ def _local_params(exp, r: int) -> dict[str, dict]:
     return out
 
 
-def _save_tensor_file(target: Path, params: dict) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(params, tmp)
-    os.replace(tmp, target)
-
-
-def _select_best(run_dir: Path, metrics: dict, record: dict, local: dict[str, dict], sites: dict[str, str]) -> None:
-    """Best global model: the highest mean Dice over all classes across sites (the global
-    model of round r-1 is what the sites scored at the start of round r; the final model is
-    scored after the last round). Best local model per site: its own validation Dice."""
-    from coordinator.results import selection_score
-
-    ckpt = run_dir / "checkpoints"
-    rows = list(record["sites"].values())
-    for key, model_round in (("val_global", record["round"] - 1), ("val_final", record["round"])):
-        score = selection_score(rows, key)
-        best = metrics.get("best_global") or {}
-        src = ckpt / f"global_round_{model_round:04d}.pt"
-        if score is not None and score > best.get("score", -1.0) and src.is_file():
-            metrics["best_global"] = {"model_round": model_round, "score": score}
-            _save_tensor_file(ckpt / "best_global.pt", torch.load(src))
-    for nid, row in record["sites"].items():
-        if nid in local:
-            last = ckpt / "local" / f"{_safe(sites.get(nid, nid))}_last.pt"
-            _save_tensor_file(last, local[nid])
-            _select_best_local(run_dir, metrics, nid, row, last, record["round"])
-
-
-def _select_best_local(run_dir: Path, metrics: dict, nid: str, row: dict, last: Path, r: int) -> None:
-    score = (row.get("val_local") or {}).get("dice_mean")
-    best = metrics.setdefault("best_local", {})
-    name = row.get("name", nid)
-    if score is not None and score > best.get(name, {}).get("score", -1.0) and last.is_file():
-        best[name] = {"round": r, "score": score}
-        _save_tensor_file(last.with_name(f"{_safe(name)}_best.pt"), torch.load(last))
-
-
 def _check_port_free(host: str, port: int) -> None:
     """Fed-BioMed only logs a failed bind; say it before anything else starts."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
@@ -501,8 +414,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _ensure_certificate(config, public_host: str, log: Log) -> None:
     """Regenerate the server certificate when its CN is not the name sites dial."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
     from fedbiomed.common.certificate_manager import CertificateManager
     from fedbiomed.common.constants import SERVER_certificate_prefix
 
@@ -532,8 +443,6 @@ def _approved(reply) -> bool:
 def _plan_hash(exp) -> str:
     """The hash a site shows for this plan (`site-agent plans list`): Fed-BioMed's own
     algorithm (sha256 of the minified source), so staff can match the two."""
-    from types import SimpleNamespace
-
     from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
 
     try:
@@ -547,12 +456,6 @@ def _plan_hash(exp) -> str:
 
 def _params(exp) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in exp.training_plan().get_model_params().items()}
-
-
-def _save_checkpoint(run_dir: Path, r: int, params: dict) -> None:
-    target = run_dir / "checkpoints" / f"global_round_{r:04d}.pt"
-    _save_tensor_file(target, params)
-    atomic.write_text(target.parent / "latest.txt", target.name + "\n")
 
 
 def _server_optimizer(spec: Spec):

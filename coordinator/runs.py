@@ -6,9 +6,17 @@
         state.json             status (queued|running|done|failed|interrupted), timestamps, error
         metrics.json           per-round metrics (sites, samples, losses, validation, update norm)
         checkpoints/           aggregated global parameters per round (torch state dicts)
-        breakpoint_NNNN/       Fed-BioMed breakpoints (`coordinator resume` continues from the last)
+        evaluations/           `coordinator evaluate` results, one JSON per dataset
+        report/                `coordinator report`
         run.log                the run's log: plain text, our own lines plus the warnings and
                                errors of Fed-BioMed and the sites (see RunLogFilter)
+        fedbiomed/             Fed-BioMed's experimentation folder: breakpoint_NNNN/ (what
+                               `coordinator resume` continues from), the sites' replies
+                               (params_*.mpk), the plan source (model_*.py), its tensorboard
+                               folder (runs/); standalone/<site>/ holds one per site in standalone mode
+
+Runs made before the fedbiomed/ folder existed keep Fed-BioMed's files at the top of the run
+directory; they still open, and resume there (`latest_breakpoint` looks in both places).
 """
 
 from __future__ import annotations
@@ -21,10 +29,15 @@ import secrets
 import time
 from pathlib import Path
 
+import yaml
+
+from coordinator.run_metrics import RunMetrics
 from fedimg_core import atomic
-from fedimg_core.errors import UserError
+from fedimg_core.config import validate_config
+from fedimg_core.errors import ConfigError, UserError
 
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
+FEDBIOMED_FOLDER = "fedbiomed"  # Fed-BioMed's experimentation folder inside a run directory
 
 
 def runs_dir(home: Path) -> Path:
@@ -39,8 +52,6 @@ def new_run(home: Path, spec_text: str, spec_name: str, resolved: dict | None = 
     run_dir.mkdir(parents=True)
     atomic.write_text(run_dir / "spec.yaml", spec_text)
     if resolved is not None:
-        import yaml
-
         atomic.write_text(run_dir / "spec.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     write_state(run_dir, {"run_id": run_id, "name": spec_name, "status": "queued", "created": _now()})
     return run_dir
@@ -87,24 +98,68 @@ def mark(run_dir: Path, status: str, **extra) -> dict:
     return update_state(run_dir, status=status, **extra)
 
 
-def read_metrics(run_dir: Path) -> dict:
+def load_metrics(run_dir: Path) -> RunMetrics:
+    """The run's ``metrics.json`` through its model (`RunMetrics`); an empty one without the file.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The metrics.
+
+    Raises:
+        ConfigError: (a UserError) the file is not JSON or does not fit the model; the message names the file and key path.
+    """
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        return {"rounds": []}
-    return json.loads(path.read_text())
+        return RunMetrics(rounds=[])
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON file ({exc})", file=str(path)) from None
+    return validate_config(RunMetrics, data, where=str(path))
 
 
-def write_metrics(run_dir: Path, metrics: dict) -> None:
-    atomic.write_json(Path(run_dir) / "metrics.json", metrics)
+def read_metrics(run_dir: Path) -> dict:
+    """The run's ``metrics.json`` as a dict, read through `RunMetrics` (see `load_metrics`)."""
+    return load_metrics(run_dir).to_json_dict()
+
+
+def write_metrics(run_dir: Path, metrics: dict | RunMetrics) -> None:
+    """Write ``metrics.json`` through `RunMetrics` (a value of the wrong type fails here, not in a later reader)."""
+    atomic.write_json(Path(run_dir) / "metrics.json", RunMetrics.of(metrics).to_json_dict())
+
+
+def fedbiomed_dir(run_dir: Path) -> Path:
+    """Where Fed-BioMed keeps its files for a run (its experimentation folder).
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        ``<run_dir>/fedbiomed`` (it may not exist yet, or ever, for a run of the old layout).
+    """
+    return Path(run_dir) / FEDBIOMED_FOLDER
 
 
 def latest_breakpoint(run_dir: Path) -> Path | None:
-    """The newest complete Fed-BioMed breakpoint.
+    """The newest complete Fed-BioMed breakpoint of a run, in either layout.
 
-    Fed-BioMed creates the folder first and writes its state JSON last, not atomically: a
-    stop while it saves leaves a folder that cannot be loaded, so such folders are skipped.
+    Breakpoints are in ``<run>/fedbiomed/``, or at the top of runs made before that folder
+    existed. Fed-BioMed creates the folder first and writes its state JSON last, not
+    atomically: a stop while it saves leaves a folder that cannot be loaded, so such folders
+    are skipped.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The breakpoint folder (``.../breakpoint_NNNN``), or None if the run has none. Its
+        parent is Fed-BioMed's experimentation folder, whose parent its experiments dir.
     """
-    found = sorted(p for p in Path(run_dir).glob("breakpoint_*") if re.fullmatch(r"breakpoint_\d+", p.name) and p.is_dir())
+    found = [p for base in (fedbiomed_dir(run_dir), Path(run_dir)) for p in base.glob("breakpoint_*")
+             if re.fullmatch(r"breakpoint_\d+", p.name) and p.is_dir()]  # fmt: skip
+    found.sort(key=lambda p: int(p.name.split("_")[1]))
     for folder in reversed(found):
         try:
             state = json.loads((folder / f"{folder.name}.json").read_text())

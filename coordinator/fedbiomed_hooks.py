@@ -1,0 +1,212 @@
+"""What the coordinator learns from Fed-BioMed while a run goes on, through its own objects.
+
+- `SiteErrors`: the errors sites answer to the researcher's requests, read from Fed-BioMed's
+  request objects (``FederatedRequest.errors()``, unsuccessful replies): its training job only
+  logs them.
+- `ScalarFeed`: the scalars sites stream during a round (validation metrics, training loss),
+  through the experiment's monitor callback.
+- `WireCounter`: the bytes Fed-BioMed's gRPC server puts on the wire. Fed-BioMed 6.4.1 has no
+  API for these: they exist only in its transport's debug log records, so this is the one place
+  where the coordinator reads Fed-BioMed's logging (see `wire_bytes`).
+
+No Fed-BioMed import here: the hooks work on the objects Fed-BioMed hands them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Iterator
+
+__all__ = ["ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
+
+
+class SiteErrors:
+    """Keeps the errors sites answer to the requests of this process, as one line per error.
+
+    Fed-BioMed's `Requests.send` returns a `FederatedRequest` whose ``errors()`` (error
+    messages) and ``replies()`` (some with ``success`` False and a ``msg``) say what each site
+    answered; its training job and strategy only log them. `watch` wraps ``send`` on the
+    `Requests` singleton so every request's answers are read when its context ends.
+
+    Args:
+        limit: at most this many distinct lines are kept (a site polled every second repeats itself).
+    """
+
+    def __init__(self, limit: int = 50):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._lines: dict[str, None] = {}  # ordered set
+
+    def watch(self, requests: Any) -> None:
+        """Read the answers of every request sent through ``requests`` (a Fed-BioMed `Requests`).
+
+        Args:
+            requests: the researcher's `Requests` singleton; its ``send`` is wrapped once.
+        """
+        send = getattr(requests.send, "fedimg_original", requests.send)
+
+        @contextlib.contextmanager
+        def send_and_read_errors(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            with send(*args, **kwargs) as federated_request:
+                try:
+                    yield federated_request
+                finally:
+                    try:
+                        self.read(federated_request)
+                    except (AttributeError, TypeError):  # an answer of a shape we do not know: the run goes on
+                        logging.getLogger(__name__).debug("unreadable request answers", exc_info=True)
+
+        send_and_read_errors.fedimg_original = send  # type: ignore[attr-defined]  # watching twice wraps once
+        requests.send = send_and_read_errors
+
+    def read(self, federated_request: Any) -> None:
+        """Keep the errors of one answered request.
+
+        Args:
+            federated_request: a Fed-BioMed `FederatedRequest` (``errors()``, ``replies()``).
+        """
+        for node_id, error in federated_request.errors().items():
+            code = f"{error.errnum}: " if getattr(error, "errnum", None) else ""
+            self._add(node_id, getattr(error, "node_name", None), code + str(error.extra_msg))
+        for node_id, reply in federated_request.replies().items():
+            if getattr(reply, "success", True) is False:  # TrainReply, TrainingPlanStatusReply, ApprovalReply
+                text = getattr(reply, "msg", None) or getattr(reply, "message", None) or "failed without a message"
+                self._add(node_id, getattr(reply, "node_name", None), str(text))
+
+    def _add(self, node_id: str, node_name: str | None, text: str) -> None:
+        who = f"{node_name} ({node_id})" if node_name and node_name != node_id else node_id
+        line = f"{who}: " + " ".join(text.split())
+        with self._lock:
+            if len(self._lines) < self.limit:
+                self._lines[line] = None
+
+    def lines(self) -> list[str]:
+        """The distinct error lines kept since the last `clear`, oldest first."""
+        with self._lock:
+            return list(self._lines)
+
+    def clear(self) -> None:
+        """Forget the lines kept so far (a new run starts)."""
+        with self._lock:
+            self._lines.clear()
+
+
+class ScalarFeed:
+    """Collects the scalars sites stream during a round, per experiment.
+
+    Fed-BioMed hands each node's `Scalar` feedback to the callback registered for the
+    experiment (``Requests.add_monitor_callback``); `track` registers one that keeps the
+    message and still calls the experiment's own monitor. Callbacks run on gRPC threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[dict[str, Any]] = []
+        self._tracked: list[Any] = []
+
+    def track(self, exp: Any) -> None:
+        """Record the scalars streamed for ``exp`` (a Fed-BioMed `Experiment`).
+
+        Args:
+            exp: the experiment; its monitor keeps receiving the messages.
+        """
+        original: Callable[[dict[str, Any]], None] = exp.monitor().on_message_handler
+
+        def handler(msg: dict[str, Any]) -> None:
+            original(msg)
+            with self._lock:
+                self._pending.append(
+                    {
+                        "experiment": exp.id,
+                        "node_id": msg["node_id"],
+                        "train": bool(msg["train"]),
+                        "global": bool(msg.get("test_on_global_updates")),
+                        "metric": {k: float(v) for k, v in msg["metric"].items()},
+                    }
+                )
+
+        exp.requests.add_monitor_callback(exp.id, handler)
+        self._tracked.append(exp)
+
+    def take(self, experiment_id: str) -> list[dict[str, Any]]:
+        """Remove and return the scalars received so far for one experiment.
+
+        Args:
+            experiment_id: the experiment's Fed-BioMed id.
+
+        Returns:
+            Dicts with ``node_id``, ``train`` (training or validation), ``global`` (validation
+            of the received global model) and ``metric`` (name -> value), in arrival order.
+        """
+        with self._lock:
+            mine = [m for m in self._pending if m["experiment"] == experiment_id]
+            self._pending = [m for m in self._pending if m["experiment"] != experiment_id]
+        return mine
+
+    def reset(self) -> None:
+        """Stop tracking every experiment and drop what they sent (late messages of a run must
+        not reach the next one)."""
+        for exp in self._tracked:
+            with contextlib.suppress(KeyError):
+                exp.requests.remove_monitor_callback(exp.id)
+        self._tracked = []
+        with self._lock:
+            self._pending = []
+
+
+def wire_bytes(record: logging.LogRecord) -> tuple[str, int] | None:
+    """The direction and size of a message in one of Fed-BioMed's transport debug records.
+
+    Fed-BioMed 6.4.1 serializes each message in its gRPC servicer (transport/server.py:
+    ``GetTaskUnary`` sends, ``ReplyTask`` receives) and reports the size only in the debug
+    records ``"[WIRE][S->N][TX] ... bytes=%d"`` and ``"[WIRE][N->S][RX] ... bytes=%d"``, the
+    size being the record's last argument. No API returns it, and measuring the messages
+    again would serialize every model a second time and miss resends; hence this parser.
+
+    Args:
+        record: any log record of Fed-BioMed's logger.
+
+    Returns:
+        ``("to_sites", n)`` or ``("from_sites", n)``, or None for any other record.
+    """
+    msg = record.msg if isinstance(record.msg, str) else ""
+    if not msg.startswith("[WIRE]") or "bytes=" not in msg or not isinstance(record.args, tuple) or not record.args:
+        return None
+    try:
+        n = int(record.args[-1])  # type: ignore[call-overload]  # checked here: anything else is not ours
+    except (TypeError, ValueError):
+        return None
+    if msg.startswith("[WIRE][S->N][TX]"):
+        return "to_sites", n
+    if msg.startswith("[WIRE][N->S][RX]"):
+        return "from_sites", n
+    return None
+
+
+class WireCounter(logging.Handler):
+    """Sums the bytes of `wire_bytes` records per direction until `take`.
+
+    Fed-BioMed's logger must pass DEBUG records for it to see them (its own handlers keep
+    their levels).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self._lock = threading.Lock()
+        self._counts = {"to_sites": 0, "from_sites": 0}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Count one record if it reports a message on the wire."""
+        found = wire_bytes(record)
+        if found is not None:
+            with self._lock:
+                self._counts[found[0]] += found[1]
+
+    def take(self) -> dict[str, int]:
+        """Return ``{"to_sites": bytes, "from_sites": bytes}`` since the last call, and restart."""
+        with self._lock:
+            out = dict(self._counts)
+            self._counts = {"to_sites": 0, "from_sites": 0}
+        return out
