@@ -14,6 +14,7 @@ Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per cla
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,8 @@ from coordinator import runs
 from coordinator import spec as spec_mod
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _settings(run_dir: Path):
@@ -71,16 +74,16 @@ def evaluate_run(
     run_dir: Path,
     dataset: Path,
     merge_lesions: str = "auto",
-    log: Callable[[str], None] = print,
     progress: Callable | None = None,
 ) -> dict:
     """Score the run's models on `dataset`; write and return the evaluation record.
+
+    Logs a line per stage (preprocessing, each model) at INFO.
 
     Args:
         run_dir: the run's directory.
         dataset: a prepared dataset (site-agent prepare) that took no part in training.
         merge_lesions: auto, yes or no (see the module docstring).
-        log: receives a line per stage (preprocessing, each model).
         progress: called as progress(step, done, total) per case; step is "preprocessing"
             or the model's key.
 
@@ -125,7 +128,7 @@ def evaluate_run(
 
             # classes no site labels were never trained: fold them into background (as the loss did)
             settings = dataclasses.replace(settings, predict_classes=tuple(trained))
-            log(f"predicting only the classes the sites label: {', '.join(names[c] for c in trained)}")
+            log.info("predicting only the classes the sites label: %s", ", ".join(names[c] for c in trained))
     models = _models(run_dir, metrics)
     if not models:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
@@ -134,7 +137,7 @@ def evaluate_run(
     cases = [c for c in prepared.cases if c.label is not None]
     if not cases:
         raise UserError(f"{dataset}: no labelled cases to score")
-    log(f"{prepared.name}: preprocessing {len(cases)} labelled cases on the run's grid, then scoring {len(models)} model(s)")
+    log.info("%s: preprocessing %d labelled cases on the run's grid, then scoring %d model(s)", prepared.name, len(cases), len(models))
     volumes = []
     for i, c in enumerate(cases):
         out = chain({"image": str(c.image), "label": str(c.label)})
@@ -153,7 +156,7 @@ def evaluate_run(
     }
     net = build_network(out_channels=schema.num_classes, **settings.network)
     for n, (key, (label, path)) in enumerate(models.items(), 1):
-        log(f"model {n}/{len(models)}: {label}")
+        log.info("model %d/%d: %s", n, len(models), label)
         state = torch.load(path, map_location="cpu")
         net.load_state_dict(state)
         per_case = []

@@ -133,10 +133,10 @@ def test_classes_no_site_labels_are_not_predicted(tmp_path_factory, organs_only)
     runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val}}}], "best_global": {"model_round": 1}})
     metrics = runs.read_metrics(run)
     assert trained_classes(metrics, SCHEMA) == sorted(SCHEMA.classes[c] for c in ("kidney", "liver", "spleen"))
-    record = evaluate_run(run, organs_only, log=lambda m: None)
+    record = evaluate_run(run, organs_only)
     assert record["predicted_classes"] == ["kidney", "liver", "spleen"]
     # a run that validated every class predicts every class (nothing to fold)
-    assert evaluate_run(run_dir_all(tmp_path_factory), organs_only, log=lambda m: None)["predicted_classes"] == "all"
+    assert evaluate_run(run_dir_all(tmp_path_factory), organs_only)["predicted_classes"] == "all"
 
 
 def run_dir_all(tmp_path_factory):
