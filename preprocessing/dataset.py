@@ -1,46 +1,62 @@
-"""The prepared-dataset format: what a site registers with its node and trains on.
+"""Prepared datasets on disk: write one from arrays, read and check one (files, checksums, grids).
 
-Layout (readable by MONAI's decathlon loader and by nnU-Net-style tools)::
-
-    <root>/dataset.json      name, labels, channel names, "training" list of image/label pairs
-    <root>/manifest.json     format version, per-case geometry and sha256 of every output
-    <root>/imagesTr/<case>.nii.gz
-    <root>/labelsTr/<case>.nii.gz
-
-Case ids are sequential (``case_0000``); nothing identifying a patient is stored.
+The format (``manifest.json``, ``dataset.json``, ``imagesTr/``, ``labelsTr/``) is defined by
+the models of `fedimg_core.dataset_manifest`; this module adds the NIfTI side. Case ids are
+sequential (``case_0000``); nothing identifying a patient is stored.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import nibabel as nib
 import numpy as np
 
 from fedimg_core import atomic
-from fedimg_core.errors import FedimgError
+from fedimg_core.dataset_manifest import (
+    CONVERTER_VERSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    CaseRecord,
+    DatasetDescription,
+    DatasetError,
+    DatasetSchemaError,
+    Manifest,
+    read_description,
+    read_manifest,
+    write_description,
+    write_manifest,
+)
 from fedimg_core.hashing import sha256_file
 from preprocessing.nifti import clean_image, save_atomic
 
-FORMAT_NAME = "fedimg-prepared-dataset"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)  # v1: before the DICOM converter (no schema block); read as-is
-CONVERTER_VERSION = "0.2.0"
-
-
-class DatasetError(FedimgError):
-    """A folder is not a valid prepared dataset. The message names the file and the problem."""
+__all__ = [
+    "CONVERTER_VERSION",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "DatasetError",
+    "DatasetSchemaError",
+    "PreparedCase",
+    "PreparedDataset",
+    "check_schema",
+    "load_dataset",
+    "sha256_file",
+    "write_dataset",
+]
 
 
 @dataclass
 class PreparedCase:
+    """One case of a loaded dataset: its id and the absolute paths of its files."""
+
     case_id: str
     image: Path
     label: Path | None
@@ -48,6 +64,8 @@ class PreparedCase:
 
 @dataclass
 class PreparedDataset:
+    """A loaded (checked) prepared dataset."""
+
     root: Path
     name: str
     modality: str
@@ -59,11 +77,7 @@ class PreparedDataset:
         """A one-line description built only from allowlisted fields (name, count, modality,
         labelled class names), each reduced to a short safe token so free text cannot ride along."""
         labeled = set(self.labeled_classes) if self.labeled_classes is not None else None
-        classes = ", ".join(
-            _token(k)
-            for k, v in sorted(self.labels.items(), key=lambda kv: kv[1])
-            if v != 0 and (labeled is None or v in labeled)
-        )
+        classes = ", ".join(_token(k) for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0 and (labeled is None or v in labeled))
         return f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
 
 
@@ -90,7 +104,8 @@ def write_dataset(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     os.chmod(staging, atomic.default_mode(directory=True))
     try:
-        entries, manifest_cases = [], []
+        entries: list[dict[str, str]] = []
+        manifest_cases: list[CaseRecord] = []
         for i, (image, label, affine) in enumerate(cases):
             case_id = f"case_{i:04d}"
             img_rel = f"imagesTr/{case_id}.nii.gz"
@@ -106,44 +121,50 @@ def write_dataset(
                 sums["label"] = sha256_file(staging / lab_rel)
             entries.append(entry)
             manifest_cases.append(
-                {
-                    "case_id": case_id,
-                    **entry,
-                    "shape": list(image.shape),
-                    "spacing": [float(x) for x in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))],
-                    "affine": np.asarray(affine, dtype=float).round(6).tolist(),
-                    "intensity_range": [float(np.min(image)), float(np.max(image))],
-                    "sha256": sums,
-                    "qc_flags": [],
-                }
+                CaseRecord.model_validate(
+                    {
+                        "case_id": case_id,
+                        **entry,
+                        "shape": [int(n) for n in image.shape],
+                        "spacing": [float(x) for x in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))],
+                        "affine": np.asarray(affine, dtype=float).round(6).tolist(),
+                        "intensity_range": [float(np.min(image)), float(np.max(image))],
+                        "sha256": sums,
+                        "qc_flags": [],
+                    }
+                )
             )
         if not entries:
             raise DatasetError(f"{root}: no cases to write")
-        atomic.write_json(
-            staging / "dataset.json",
-            {
-                "name": name,
-                "description": f"{name} (fedimg prepared dataset)",
-                "channel_names": {"0": modality},
-                "modality": {"0": modality},
-                "labels": labels,
-                "numTraining": len(entries),
-                "file_ending": ".nii.gz",
-                "training": entries,
-            },
+        write_description(
+            staging,
+            DatasetDescription.model_validate(
+                {
+                    "name": name,
+                    "description": f"{name} (fedimg prepared dataset)",
+                    "channel_names": {"0": modality},
+                    "modality": {"0": modality},
+                    "labels": labels,
+                    "numTraining": len(entries),
+                    "file_ending": ".nii.gz",
+                    "training": entries,
+                }
+            ),
         )
-        atomic.write_json(
-            staging / "manifest.json",
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "converter_version": CONVERTER_VERSION,
-                "schema": None,
-                "modality": modality,
-                "labeled_classes": sorted(v for v in labels.values() if v != 0),
-                "cases": manifest_cases,
-                "refused": [],
-            },
+        write_manifest(
+            staging,
+            Manifest.model_validate(
+                {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "converter_version": CONVERTER_VERSION,
+                    "schema": None,
+                    "modality": modality,
+                    "labeled_classes": sorted(v for v in labels.values() if v != 0),
+                    "cases": manifest_cases,
+                    "refused": [],
+                }
+            ),
         )
         os.replace(staging, root)
     except BaseException:
@@ -152,13 +173,21 @@ def write_dataset(
     return load_dataset(root)
 
 
-class DatasetSchemaError(FedimgError, ValueError):
-    """A prepared dataset does not fit the federation's label schema."""
+def check_schema(manifest: Mapping[str, Any] | Manifest, schema: Any, where: str) -> None:
+    """Refuse a dataset prepared with another schema (or another major version of it).
 
+    Args:
+        manifest: the dataset's manifest (parsed ``manifest.json`` or its model).
+        schema: the federation's `preprocessing.schema.LabelSchema`.
+        where: the dataset, as named in the message.
 
-def check_schema(manifest: dict, schema, where: str) -> None:
-    """A dataset prepared with another schema (or another major version) cannot join."""
-    used = manifest.get("schema")
+    Raises:
+        DatasetSchemaError: naming both schemas and what to do.
+    """
+    if isinstance(manifest, Manifest):
+        used = manifest.schema_ref.model_dump() if manifest.schema_ref is not None else None
+    else:
+        used = manifest.get("schema")
     if not used:  # format v1 (before schemas): class ids are checked against the schema's classes instead
         return
     name, version = used.get("name"), str(used.get("version", "0"))
@@ -167,18 +196,6 @@ def check_schema(manifest: dict, schema, where: str) -> None:
             f"{where}: prepared with label schema {name} {version}, but the experiment uses {schema.name} "
             f"{schema.version}; re-run `site-agent prepare` with the federation's schema"
         )
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing (this folder is not a prepared dataset)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def _finite_4x4(value) -> bool:
@@ -216,57 +233,36 @@ def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> Pre
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     manifest_path = root / "manifest.json"
-    manifest = _read_json(manifest_path)
-    if manifest.get("format") != FORMAT_NAME:
-        raise DatasetError(f"{manifest_path}: 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("format_version") not in SUPPORTED_VERSIONS:
-        raise DatasetError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported (expected one of {list(SUPPORTED_VERSIONS)})"
-        )
-    desc_path = root / "dataset.json"
-    desc = _read_json(desc_path)
-    for key in ("name", "labels", "training"):
-        if key not in desc:
-            raise DatasetError(f"{desc_path}: missing key {key!r}")
-    labels = desc["labels"]
-    if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
-        raise DatasetError(f"{desc_path}: 'labels' must map class names to integer ids")
-    cases_meta = manifest.get("cases")
-    if not isinstance(cases_meta, list) or not cases_meta:
-        raise DatasetError(f"{manifest_path}: 'cases' must be a non-empty list")
+    manifest = read_manifest(root)
+    desc = read_description(root)
     cases = []
-    for i, meta in enumerate(cases_meta):
-        if not isinstance(meta, dict) or "image" not in meta or "case_id" not in meta:
-            raise DatasetError(f"{manifest_path}: case #{i} lacks 'case_id' or 'image'")
+    for meta in manifest.cases:
         paths = {}
         for kind in ("image", "label"):
-            rel = meta.get(kind)
+            rel = meta.image if kind == "image" else meta.label
             if rel is None:
                 continue
             p = (root / rel).resolve()
             if root.resolve() not in p.parents:
-                raise DatasetError(f"{manifest_path}: case {meta['case_id']}: {kind} path {rel!r} leaves the dataset folder")
+                raise DatasetError(f"{manifest_path}: case {meta.case_id}: {kind} path {rel!r} leaves the dataset folder")
             if not p.is_file():
                 raise DatasetError(f"{root / rel}: listed in manifest.json but missing")
             if verify_checksums:
-                expected = (meta.get("sha256") or {}).get(kind)
+                expected = meta.sha256.get(kind)
                 if expected is None:
-                    raise DatasetError(f"{manifest_path}: case {meta['case_id']}: no sha256 for {kind}")
+                    raise DatasetError(f"{manifest_path}: case {meta.case_id}: no sha256 for {kind}")
                 if sha256_file(p) != expected:
                     raise DatasetError(f"{root / rel}: checksum does not match manifest.json (file changed or corrupt)")
             _check_grid(p, root / rel)
             paths[kind] = p
-        affine = meta.get("affine")
-        if affine is not None and not _finite_4x4(affine):
-            raise DatasetError(f"{manifest_path}: case {meta['case_id']}: 'affine' is not a 4x4 matrix of finite numbers (re-run `site-agent prepare`)")
-        cases.append(PreparedCase(case_id=meta["case_id"], image=paths["image"], label=paths.get("label")))
-    modality = (desc.get("channel_names") or desc.get("modality") or {}).get("0", "unknown")
-    labeled = manifest.get("labeled_classes")
+        if meta.affine is not None and not _finite_4x4(meta.affine):
+            raise DatasetError(f"{manifest_path}: case {meta.case_id}: 'affine' is not a 4x4 matrix of finite numbers (re-run `site-agent prepare`)")
+        cases.append(PreparedCase(case_id=meta.case_id, image=paths["image"], label=paths.get("label")))
     return PreparedDataset(
         root=root,
-        name=str(desc["name"]),
-        modality=str(modality),
-        labels=labels,
+        name=desc.name,
+        modality=desc.modality_name(),
+        labels=dict(desc.labels),
         cases=cases,
-        labeled_classes=[int(v) for v in labeled] if isinstance(labeled, list) else None,
+        labeled_classes=list(manifest.labeled_classes) if manifest.labeled_classes is not None else None,
     )

@@ -13,31 +13,77 @@ returned is in RAS+ world millimetres (DICOM's LPS with x and y negated), as NIf
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import warnings
 from collections import defaultdict
-import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import pydicom
+from highdicom.spatial import create_affine_matrix_from_attributes
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
-from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
-from fedimg_core.errors import FedimgError
+# pixel decoding and the refusal limits live in their own modules; their names stay importable from here
+from preprocessing.dicom_pixels import (
+    DECODE_TIMEOUT_S,
+    ISOLATED_PLUGINS,
+    IsolatedDecoder,
+    check_pixel_length,
+    decoding_plugins,
+    in_process_plugins_only,
+    plugins_for,
+    read_pixels,
+)
+from preprocessing.refusals import (
+    MAX_ABS_POSITION_MM,
+    MAX_DATA_BYTES,
+    MAX_VOXELS,
+    SPACING_RANGE_MM,
+    SeriesError,
+    check_affine,
+    check_size,
+    short_error,
+)
+
+__all__ = [
+    "DECODE_TIMEOUT_S",
+    "ISOLATED_PLUGINS",
+    "MAX_ABS_POSITION_MM",
+    "MAX_DATA_BYTES",
+    "MAX_VOXELS",
+    "NIFTI_SUFFIXES",
+    "ORIENTATION_TOLERANCE",
+    "POSITION_TOLERANCE_MM",
+    "SEG_SOP_CLASS",
+    "SPACING_RANGE_MM",
+    "Discovery",
+    "Geometry",
+    "IsolatedDecoder",
+    "Series",
+    "SeriesError",
+    "SliceHeader",
+    "Volume",
+    "check_affine",
+    "check_pixel_length",
+    "check_size",
+    "decoding_plugins",
+    "discover",
+    "group_series",
+    "in_process_plugins_only",
+    "iter_files",
+    "load_series",
+    "read_header",
+    "read_pixels",
+    "series_geometry",
+    "slice_headers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +95,12 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # (the issue's 0.01 mm), and in-plane drift between slices beyond it means gantry tilt.
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-4
-# What one volume (image or label) may declare, checked before a voxel is read or memory is
-# allocated: a header is cheap to forge (Rows 65535 over a few bytes, a gzip bomb), the
-# memory it asks for is not. 2**28 voxels is 512 x 512 x 1024; 512 MiB is that volume as int16.
-MAX_VOXELS = 2**28
-MAX_DATA_BYTES = 2**29
-# Geometry a scanner can produce: voxel spacing from 1 um to 1 m, every voxel within 100 m
-# of the scanner origin (NIfTI stores the affine as float32, whose step there is 0.008 mm,
-# still under the 0.01 mm tolerance). Anything else is a corrupt or forged header.
-SPACING_RANGE_MM = (1e-3, 1e3)
-MAX_ABS_POSITION_MM = 1e5
-
-
-class SeriesError(FedimgError):
-    """A series cannot be converted exactly. `code` is a short reason (allowlisted)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
 class SliceHeader:
+    """What one image slice (a file, or a frame of an enhanced multi-frame file) declares: identity, geometry, pixel layout."""
+
     path: Path
     sop_uid: str
     series_uid: str
@@ -107,14 +137,17 @@ class Series:
 
     @property
     def first(self) -> SliceHeader:
+        """The first slice (its header stands for the series)."""
         return self.slices[0]
 
     @property
     def modality(self) -> str:
+        """The series' Modality (CT, MR, ...)."""
         return self.first.modality
 
     @property
     def folder(self) -> Path:
+        """The folder of the first slice."""
         return self.first.path.parent
 
     def source_identifiers(self) -> list[str]:
@@ -126,6 +159,8 @@ class Series:
 
 @dataclass
 class Discovery:
+    """What `discover` found: image series, DICOM SEG files, NIfTI files and the files skipped (with a reason)."""
+
     series: list[Series] = field(default_factory=list)
     segs: list[Path] = field(default_factory=list)
     nifti: list[Path] = field(default_factory=list)
@@ -139,67 +174,6 @@ def _str(ds, keyword: str) -> str:
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
-
-
-def check_size(shape, bytes_per_voxel: float, where: str) -> None:
-    """Refuse a volume whose declared size is over the limits, before anything is read.
-
-    Args:
-        shape: the declared dimensions.
-        bytes_per_voxel: bytes each voxel takes as stored (or decoded).
-        where: the file or series, for the message.
-
-    Raises:
-        SeriesError: code ``too_large``, naming the declared size and the limits.
-    """
-    voxels = 1
-    for d in shape:
-        voxels *= int(d)
-    nbytes = int(voxels * bytes_per_voxel)
-    if voxels > MAX_VOXELS or nbytes > MAX_DATA_BYTES:
-        dims = " x ".join(str(int(d)) for d in shape)
-        raise SeriesError(
-            f"{where}: declares {dims} voxels ({_mib(nbytes)} of voxel data); the limit per volume is {MAX_VOXELS:,} voxels "
-            f"and {_mib(MAX_DATA_BYTES)} (a corrupt or forged header? otherwise crop the volume or store it as int16)",
-            "too_large",
-        )
-
-
-def check_affine(affine: np.ndarray, shape, where: str) -> None:
-    """Refuse a voxel-to-world affine no scanner makes: non-finite values, a voxel spacing
-    outside `SPACING_RANGE_MM`, or a voxel further than `MAX_ABS_POSITION_MM` from the origin.
-
-    Args:
-        affine: 4x4 voxel -> world (mm).
-        shape: the grid's dimensions (its corners are checked).
-        where: the file or series, for the message.
-
-    Raises:
-        SeriesError: code ``bad_geometry``.
-    """
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-        raise SeriesError(f"{where}: the voxel-to-world affine has non-finite values (NaN or infinite spacing or position)", "bad_geometry")
-    with np.errstate(over="ignore", invalid="ignore"):
-        spacing = np.sqrt((a[:3, :3] ** 2).sum(0))
-        lo, hi = SPACING_RANGE_MM
-        if not np.all((spacing >= lo) & (spacing <= hi)):
-            raise SeriesError(
-                f"{where}: voxel spacing {[float(f'{x:.6g}') for x in spacing]} mm is outside the plausible range [{lo:g}, {hi:g}] mm",
-                "bad_geometry",
-            )
-        ext = [max(int(d) - 1, 0) for d in tuple(shape)[:3]]
-        corners = np.array([[i, j, k, 1.0] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])]) @ a.T
-        far = float(np.max(np.abs(corners[:, :3])))
-    if not far <= MAX_ABS_POSITION_MM:
-        raise SeriesError(
-            f"{where}: voxels lie up to {far:.6g} mm from the scanner origin (plausible: within {MAX_ABS_POSITION_MM:g} mm)",
-            "bad_geometry",
-        )
 
 
 def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
@@ -341,6 +315,7 @@ def _is_nifti(path: Path) -> bool:
 
 
 def iter_files(roots: Iterable[Path]) -> list[Path]:
+    """The non-hidden files under ``roots`` (a file root is itself), sorted per folder."""
     files: list[Path] = []
     for root in roots:
         root = Path(root)
@@ -386,7 +361,7 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             out.skipped.append((path, "unreadable", f"{path}: permission denied"))
             continue
         except Exception as exc:  # noqa: BLE001 - truncated/garbled files raise many types
-            out.skipped.append((path, "corrupt_dicom", f"{path}: unreadable DICOM ({type(exc).__name__}: {_short(exc)})"))
+            out.skipped.append((path, "corrupt_dicom", f"{path}: unreadable DICOM ({type(exc).__name__}: {short_error(exc)})"))
             continue
         sop_class = _str(ds, "SOPClassUID")
         if sop_class == SEG_SOP_CLASS:
@@ -400,13 +375,9 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
         except SeriesError as exc:
             out.skipped.append((path, exc.code, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a header garbled in a way no check foresaw skips its file, not the run
-            out.skipped.append((path, "bad_header", f"{path}: unusable DICOM header ({type(exc).__name__}: {_short(exc)})"))
+            out.skipped.append((path, "bad_header", f"{path}: unusable DICOM header ({type(exc).__name__}: {short_error(exc)})"))
     out.series = group_series(headers)
     return out
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def _sop_name(uid: str) -> str:
@@ -472,6 +443,8 @@ def _split_acquisitions(slices: list[SliceHeader], grouping: str, note: str = ""
 
 @dataclass
 class Geometry:
+    """A series' exact voxel grid: RAS+ affine, slice order and spacing, and what was noticed (flags)."""
+
     affine_ras: np.ndarray  # 4x4
     order: list[int]  # slice index k -> index into series.slices
     spacing: tuple[float, float, float]
@@ -558,11 +531,9 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
             raise SeriesError(msg + "; refused (pass --allow-irregular to convert it with a flag)", code)
         flags.append(code)
     ps_row, ps_col = first.pixel_spacing  # DICOM: [between rows, between columns]
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps_col  # i: along a row (increasing column index)
-    lps[:3, 1] = col_dir * ps_row  # j: down a column (increasing row index)
-    lps[:3, 2] = normal * dz
-    lps[:3, 3] = p0
+    # highdicom's LPS affine (i along a row, j down a column, k along row x column), fed the
+    # normalised directions: bit for bit the matrix written out by hand before.
+    lps = create_affine_matrix_from_attributes(p0, [*row_dir, *col_dir], (ps_row, ps_col), dz)
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(ras, (first.cols, first.rows, n), where)
     return Geometry(affine_ras=ras, order=[int(o) for o in order], spacing=(ps_col, ps_row, dz), max_position_error_mm=err, flags=flags)
@@ -570,6 +541,8 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
 
 @dataclass
 class Volume:
+    """A loaded series: voxels on its exact grid, affine, modality, flags and geometry."""
+
     array: np.ndarray  # [i, j, k]; int16 when exact (CT in HU), else float32
     affine_ras: np.ndarray
     modality: str
@@ -577,288 +550,9 @@ class Volume:
     geometry: Geometry
 
 
-def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
-    """Refuse native pixel data shorter than Rows x Columns x frames x samples x
-    BitsAllocated, before decoding: a decoder allocates what the header declares (Rows 65535
-    over a few bytes). The length comes from the element's header, the value is not loaded.
-    Encapsulated (compressed) pixel data is left to its decoder: its size says nothing.
-
-    Raises:
-        SeriesError: code ``pixel_data_length`` (or ``bad_image_tag`` for non-integer tags).
-    """
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is not None and (not UID(str(ts)).is_transfer_syntax or UID(str(ts)).is_encapsulated):
-        return  # an unknown transfer syntax is reported by the decoder
-    keyword, bits = next(((k, b) for k, b in (("PixelData", 0), ("FloatPixelData", 32), ("DoubleFloatPixelData", 64)) if k in ds), (None, 0))
-    if keyword is None:
-        return
-    try:
-        dims = [int(ds.get(k, d) or d) for k, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1))]
-        bits = bits or int(ds.get("BitsAllocated", 0) or 0)
-    except (TypeError, ValueError):
-        raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated are not integers", "bad_image_tag") from None
-    needed = (dims[0] * dims[1] * dims[2] * dims[3] * bits + 7) // 8
-    if keyword == "PixelData" and "PhotometricInterpretation" in ds:
-        try:  # pydicom's own rule also knows 1-bit packing and YBR_FULL_422's 2/3 length
-            needed = get_expected_length(ds)
-        except (AttributeError, TypeError, ValueError, KeyError):
-            pass  # a malformed tag: the plain product above still bounds what a decoder would allocate
-    elem = ds.get_item(keyword)  # a raw element while deferred: its length without its value
-    value = elem.value
-    have = len(value) if isinstance(value, (bytes, bytearray)) else getattr(elem, "length", None)
-    if have is None or have == 0xFFFFFFFF:
-        return
-    if have < needed:
-        raise SeriesError(
-            f"{path}: pixel data cannot be decoded: it holds {have:,} bytes but Rows x Columns x frames x samples x "
-            f"BitsAllocated ({' x '.join(map(str, dims))} x {bits}) need {needed:,}",
-            "pixel_data_length",
-        )
-
-
-# Pixel-data decoding. pydicom 3 tries every installed plugin for a transfer syntax; GDCM
-# (C++) ends the process with abort() on some corrupt or crafted data (an uncaught C++
-# exception, e.g. in a JPEG 2000 codestream), which would stop the whole run with no
-# manifest. The other plugins report bad data as Python exceptions, so they run here, in
-# this order of preference; GDCM runs only in a child process (`preprocessing.decode_worker`),
-# for the syntaxes only it decodes (lossless JPEG, 12-bit JPEG) or when the others fail.
-ISOLATED_PLUGINS = ("gdcm",)
-_PLUGIN_PREFERENCE = ("pydicom", "pylibjpeg", "pyjpegls", "pillow")
-# A decoder stuck on one file (seconds per slice are normal) is killed after this long.
-DECODE_TIMEOUT_S = 300
-_WORKER = Path(__file__).with_name("decode_worker.py")
-
-
-def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return UID(str(ts)) if ts else None
-
-
-def _plugins_for(ds: pydicom.Dataset) -> tuple[list[str], bool]:
-    try:
-        bits = int(ds.get("BitsStored")) if ds.get("BitsStored") not in (None, "") else None
-    except (TypeError, ValueError):
-        bits = None
-    return decoding_plugins(_transfer_syntax(ds), bits)
-
-
-def decoding_plugins(ts: UID | None, bits_stored: int | None = None) -> tuple[list[str], bool]:
-    """The pydicom decoding plugins for a transfer syntax, split by where they may run.
-
-    Args:
-        ts: the file's transfer syntax (None: unknown).
-        bits_stored: the file's BitsStored, where known (Pillow decodes only 8-bit JPEG
-            Extended: a 12-bit series goes to GDCM at once instead of failing slice by slice).
-
-    Returns:
-        (plugins that run in this process, in order of preference; whether an isolated
-        plugin (GDCM) can decode it in a child process). ``([], False)`` for a native or
-        unknown syntax: pydicom's own decoder, or its error, applies as usual.
-    """
-    if ts is None or not ts.is_transfer_syntax or not ts.is_encapsulated:
-        return [], False
-    from pydicom.pixels.decoders.base import get_decoder
-
-    try:
-        available = get_decoder(ts).available_plugins
-    except NotImplementedError:
-        return [], False
-    rank = {name: i for i, name in enumerate(_PLUGIN_PREFERENCE)}
-    in_process = sorted((p for p in available if p not in ISOLATED_PLUGINS), key=lambda p: (rank.get(p, len(rank)), p))
-    if ts == pydicom.uid.JPEGExtended12Bit and bits_stored not in (None, 8):
-        in_process = [p for p in in_process if p != "pillow"]
-    return in_process, any(p in ISOLATED_PLUGINS for p in available)
-
-
-class _NeedsIsolation(Exception):
-    """No in-process plugin decoded a file that GDCM may decode in a child process."""
-
-    def __init__(self, errors: list[str]):
-        super().__init__("; ".join(errors))
-        self.errors = errors
-
-
-def _undecodable(path: Path, ds: pydicom.Dataset, detail: str) -> SeriesError:
-    ts = _transfer_syntax(ds)
-    return SeriesError(f"{path}: pixel data cannot be decoded ({ts.name if ts else '?'}): {detail}", "undecodable_pixels")
-
-
-def _decode_in_process(path: Path, ds: pydicom.Dataset) -> np.ndarray:
-    """Decode with the plugins that run in this process; raise `_NeedsIsolation` when they
-    cannot and GDCM could (in a child), `SeriesError` when nothing can."""
-    in_process, isolated = _plugins_for(ds)
-    if not in_process and not isolated:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return ds.pixel_array  # native (uncompressed) data, or pydicom's own error
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types
-            raise _undecodable(path, ds, _short(exc)) from None
-    errors = []
-    for plugin in in_process:
-        ds.pixel_array_options(decoding_plugin=plugin)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types
-            errors.append(f"{plugin}: {_short(exc, 120)}")
-    if isolated:
-        raise _NeedsIsolation(errors)
-    raise _undecodable(path, ds, "; ".join(errors) or "no decoder installed")
-
-
-class IsolatedDecoder:
-    """Decode files with GDCM in one child process, in the order given; a file on which
-    the decoder crashes (or exceeds `DECODE_TIMEOUT_S`) is refused as ``decoder_crashed``.
-
-    Use as a context manager; `decode` must be called for the files in the order given.
-    """
-
-    def __init__(self, paths: list[Path]):
-        self.paths = [Path(p) for p in paths]
-        self._next = 0
-        self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", str(_WORKER), str(DECODE_TIMEOUT_S)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-        self._proc.stdin.write(json.dumps([str(p) for p in self.paths]).encode())
-        self._proc.stdin.close()
-
-    def __enter__(self) -> IsolatedDecoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        self._proc.stdout.close()
-        self._stderr.close()
-
-    def decode(self, path: Path, ds: pydicom.Dataset, earlier: list[str] = ()) -> np.ndarray:
-        """The next file's pixel array.
-
-        Args:
-            path: the file (must be the next one of the list given).
-            ds: its dataset (for the messages).
-            earlier: what the in-process decoders said about it, for the message.
-
-        Raises:
-            SeriesError: ``undecodable_pixels`` (GDCM refused it too) or ``decoder_crashed``.
-        """
-        if self._next >= len(self.paths) or Path(path) != self.paths[self._next]:
-            raise RuntimeError(f"IsolatedDecoder: {path} requested out of order")
-        self._next += 1
-        line = self._proc.stdout.readline()
-        record = json.loads(line) if line.endswith(b"\n") else None
-        if record is not None and not record["ok"]:
-            raise _undecodable(path, ds, "; ".join([*earlier, f"gdcm: {record['error'][:160]}"]))
-        if record is not None:
-            arr = np.empty(record["shape"], dtype=np.dtype(record["dtype"]))
-            view = memoryview(arr).cast("B")
-            got = 0
-            while got < len(view):
-                n = self._proc.stdout.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got == len(view):
-                return arr
-        raise self._crashed(path, ds)
-
-    def _crashed(self, path: Path, ds: pydicom.Dataset) -> SeriesError:
-        try:
-            rc = self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            rc = self._proc.wait()
-        if rc < 0:
-            try:
-                how = f"killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                how = f"killed by signal {-rc}"
-            if -rc == signal.SIGALRM:
-                how += f": over {DECODE_TIMEOUT_S} s"
-        else:
-            how = f"exit status {rc}"
-        self._stderr.seek(0)
-        log.debug("%s: GDCM decoder process ended (%s); its stderr: %s", path, how, self._stderr.read()[-2000:].decode(errors="replace"))
-        ts = _transfer_syntax(ds)
-        return SeriesError(
-            f"{path}: the pixel-data decoder (GDCM, {ts.name if ts else '?'}) crashed on this file ({how}): "
-            "a corrupt or crafted file; the other cases are not affected",
-            "decoder_crashed",
-        )
-
-
-def read_pixels(path: Path, ds: pydicom.Dataset | None = None, isolated: IsolatedDecoder | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
-    """One file's pixel array, decoded without ever risking this process.
-
-    Args:
-        path: the DICOM file.
-        ds: its dataset, if already read (pixel data may be deferred).
-        isolated: a running `IsolatedDecoder` whose next file is `path`, for a file only
-            GDCM decodes (a series shares one child process). Without it, the plugins that
-            run in this process are tried first, then GDCM in a child for this file alone.
-
-    Returns:
-        (pixel array, dataset).
-
-    Raises:
-        SeriesError: ``no_pixel_data``, ``pixel_data_length``, ``undecodable_pixels`` or
-            ``decoder_crashed``, naming the file.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if ds is None:
-            ds = pydicom.dcmread(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise SeriesError(f"{path}: no pixel data", "no_pixel_data")
-    check_pixel_length(path, ds)
-    if isolated is not None:
-        return isolated.decode(path, ds), ds  # only GDCM decodes it: straight to the child
-    try:
-        return _decode_in_process(path, ds), ds
-    except _NeedsIsolation as exc:
-        with IsolatedDecoder([path]) as one:
-            return one.decode(path, ds, exc.errors), ds
-
-
 def _needs_gdcm(s: SliceHeader) -> bool:
-    in_process, isolated = _plugins_for(s.dataset) if s.dataset is not None else ([], False)
+    in_process, isolated = plugins_for(s.dataset) if s.dataset is not None else ([], False)
     return isolated and not in_process
-
-
-_SAFE_PLUGINS_LOCK = threading.Lock()
-
-
-@contextmanager
-def in_process_plugins_only() -> Iterator[None]:
-    """Within the block, pydicom decodes with no isolated plugin (GDCM): for code that
-    decodes through pydicom without choosing a plugin (highdicom reading a DICOM SEG).
-    Data only GDCM decodes then fails with a Python exception instead of risking abort()."""
-    from pydicom.pixels.decoders.base import get_decoder
-
-    removed = []
-    with _SAFE_PLUGINS_LOCK:
-        try:
-            for uid in pydicom.uid.AllTransferSyntaxes:
-                try:
-                    decoder = get_decoder(uid)
-                except NotImplementedError:
-                    continue
-                for plugin in ISOLATED_PLUGINS:
-                    if plugin in decoder.available_plugins:
-                        decoder.remove_plugin(plugin)
-                        removed.append((decoder, plugin))
-            yield
-        finally:
-            for decoder, plugin in removed:
-                decoder.add_plugin(plugin, (f"pydicom.pixels.decoders.{plugin}", "_decode_frame"))
 
 
 def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Volume:

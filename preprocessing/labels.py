@@ -1,13 +1,17 @@
-"""Label sources (NIfTI label maps, DICOM SEG) remapped to the federation schema."""
+"""Label sources (NIfTI label maps, DICOM SEG) remapped to the federation schema through the site label map."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 
-from preprocessing.dicom import Series, SeriesError, in_process_plugins_only
+from preprocessing.dicom import Series
+from preprocessing.dicom_pixels import in_process_plugins_only
+from preprocessing.refusals import SeriesError
 from preprocessing.schema import IGNORE, LabelSchema, SchemaError, SiteLabelMap
 
 
@@ -43,6 +47,7 @@ def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, sourc
 
 
 def seg_referenced_series(path: Path) -> str:
+    """The SeriesInstanceUID a DICOM SEG was drawn on (see `seg_references`)."""
     return seg_references(path)[0]
 
 
@@ -59,8 +64,6 @@ def seg_references(path: Path) -> tuple[str, set[str]]:
     Raises:
         SeriesError: the SEG references no series (code ``seg_unreferenced``).
     """
-    import pydicom
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -80,8 +83,6 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
     segment number). Frames are placed by the source SOP instances they reference, so the
     label lands on exactly the image's slices.
     """
-    import highdicom as hd
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""The federation label schema and a site's label map, both files validated at load time.
+"""The federation label schema and a site's label map: read, validated, and the objects the code uses.
 
 * The **label schema** (one per federation, versioned) names the classes and their ids,
   groups organs with their lesions and says how each modality is normalised. The default
@@ -7,12 +7,12 @@
   site means in the schema, e.g. ``{0: background, 1: liver, 2: liver_tumor}``; a value
   can also be mapped to ``ignore`` (the schema's ignore label, masked by losses).
 
-Errors are ``SchemaError`` with the file and the key at fault.
+The file formats are the models of `fedimg_core.label_schema`; errors are ``SchemaError``
+(a `ConfigError`) naming the file and the key at fault.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,47 +23,53 @@ import numpy as np
 import yaml
 
 from fedimg_core.atomic import FileReadError, read_small_file
-from fedimg_core.errors import FedimgError
+from fedimg_core.config import format_problems, validate_config
+from fedimg_core.label_schema import IGNORE, LABEL_MAP_FORMAT, SCHEMA_FORMAT, LabelSchemaFile, SchemaError, SiteLabelMapFile
 
-SCHEMA_FORMAT = "fedimg-label-schema"
-LABEL_MAP_FORMAT = "fedimg-site-labels"
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "IGNORE",
+    "LABEL_MAP_FORMAT",
+    "SCHEMA_FORMAT",
+    "LabelSchema",
+    "ModalityRule",
+    "SchemaError",
+    "SiteLabelMap",
+    "builtin_schema_path",
+    "label_map_for_classes",
+    "load_label_map",
+    "load_schema",
+    "parse_label_map",
+    "parse_schema",
+]
+
 DEFAULT_SCHEMA = Path(__file__).with_name("schemas") / "abdominal-ct.yaml"
-IGNORE = "ignore"
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
-
-
-class SchemaError(FedimgError):
-    """A schema or label-map file is invalid; the message names the file and the key."""
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
         text = read_small_file(path, what).decode("utf-8")
     except FileReadError as exc:
-        raise SchemaError(str(exc)) from None
+        raise SchemaError(str(exc), file=path) from None
     except OSError as exc:
-        raise SchemaError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise SchemaError(f"{path}: cannot read ({exc.strerror or exc})", file=path) from None
     except UnicodeDecodeError:
-        raise SchemaError(f"{path}: not a UTF-8 text file") from None
+        raise SchemaError(f"{path}: not a UTF-8 text file", file=path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SchemaError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        raise SchemaError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})", file=path) from None
     if not isinstance(data, dict):
-        raise SchemaError(f"{path}: expected a mapping at the top level")
+        raise SchemaError(f"{path}: expected a mapping at the top level", file=path)
     return data
 
 
 @dataclass(frozen=True)
 class ModalityRule:
+    """How images of one modality are normalised (``modalities.<name>`` of the schema)."""
+
     normalisation: str  # "ct_window" | "zscore" | "none"
     clip: tuple[float, float] | None = None
     centre: float = 0.0
@@ -72,6 +78,8 @@ class ModalityRule:
 
 @dataclass(frozen=True)
 class LabelSchema:
+    """A federation's label schema: classes and ids, organ groups, ignore label, intensity rules."""
+
     name: str
     version: str
     classes: dict[str, int]  # name -> id, background 0
@@ -84,13 +92,16 @@ class LabelSchema:
 
     @property
     def major(self) -> int:
+        """The major version (datasets and label maps of another one are refused)."""
         return int(self.version.split(".")[0])
 
     @property
     def num_classes(self) -> int:
+        """Output channels of a network for this schema (largest class id + 1)."""
         return max(self.classes.values()) + 1
 
     def class_id(self, name: str) -> int:
+        """The id of class ``name`` (KeyError when it is not a class)."""
         return self.classes[name]
 
     def organ_of(self, class_name: str) -> str | None:
@@ -120,6 +131,7 @@ class LabelSchema:
         return groups
 
     def summary(self) -> dict[str, Any]:
+        """Name, version and classes, for reports and run records."""
         return {"name": self.name, "version": self.version, "classes": dict(self.classes)}
 
 
@@ -140,103 +152,44 @@ def load_schema(path: str | os.PathLike | None = None) -> LabelSchema:
         path = builtin
     elif not path.exists():
         names = sorted(p.stem for p in DEFAULT_SCHEMA.parent.glob("*.yaml"))
-        raise SchemaError(f"{path}: no such schema file, and not a built-in schema name ({', '.join(names)})")
+        raise SchemaError(f"{path}: no such schema file, and not a built-in schema name ({', '.join(names)})", file=path)
     raw = _read_yaml(path, "schema")
     return parse_schema(raw, str(path))
 
 
 def parse_schema(raw: Mapping[str, Any], source: str) -> LabelSchema:
-    def err(key: str, msg: str) -> SchemaError:
-        return SchemaError(f"{source}: {key}: {msg}")
+    """Validate a label schema document and build its `LabelSchema`.
 
-    known = {"format", "name", "version", "ignore_label", "classes", "groups", "target_spacing", "modalities", "class_notes"}
-    for key in raw:
-        if key not in known:
-            raise err(str(key), f"unknown key{_did_you_mean(key, known)}")
-    if raw.get("format") != SCHEMA_FORMAT:
-        raise err("format", f"must be {SCHEMA_FORMAT!r}, got {raw.get('format')!r}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
-        raise err("name", f"must be a short name (letters, digits, _ . -), got {name!r}")
-    version = str(raw.get("version", ""))
-    if not _VERSION.match(version):
-        raise err("version", f"must look like MAJOR.MINOR.PATCH, got {raw.get('version')!r}")
-    classes = raw.get("classes")
-    if not isinstance(classes, dict) or not classes:
-        raise err("classes", "must map class names to integer ids")
-    for cname, cid in classes.items():
-        if not isinstance(cname, str) or not _NAME.match(cname):
-            raise err(f"classes.{cname}", "class names are lower-case letters, digits and _")
-        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid <= 254:
-            raise err(f"classes.{cname}", f"id must be an integer in [0, 254], got {cid!r}")
-    if classes.get("background") != 0:
-        raise err("classes", "must contain 'background: 0'")
-    ids = sorted(classes.values())
-    if ids != list(range(len(ids))):
-        raise err("classes", f"ids must be unique and contiguous from 0, got {ids}")
-    ignore = raw.get("ignore_label", 255)
-    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 < ignore <= 255 or ignore in ids:
-        raise err("ignore_label", f"must be an integer in [1, 255] that is not a class id, got {ignore!r}")
-    groups_raw = raw.get("groups") or {}
-    if not isinstance(groups_raw, dict):
-        raise err("groups", "must map organ names to lists of lesion class names")
-    groups: dict[str, tuple[str, ...]] = {}
-    seen: set[str] = set()
-    for organ, lesions in groups_raw.items():
-        if organ not in classes or organ == "background":
-            raise err(f"groups.{organ}", f"not a foreground class{_did_you_mean(organ, classes)}")
-        lesions = lesions or []
-        if not isinstance(lesions, list):
-            raise err(f"groups.{organ}", "must be a list of lesion class names")
-        for lesion in [organ, *lesions]:
-            if lesion not in classes or lesion == "background":
-                raise err(f"groups.{organ}", f"{lesion!r} is not a foreground class{_did_you_mean(lesion, classes)}")
-            if lesion in seen:
-                raise err(f"groups.{organ}", f"{lesion!r} is in more than one group")
-            seen.add(lesion)
-        groups[organ] = tuple(lesions)
-    for cname in classes:
-        if cname != "background" and cname not in seen:
-            groups[cname] = ()  # an ungrouped class is an organ of its own
-    spacing = raw.get("target_spacing", [1.5, 1.5, 1.5])
-    if (
-        not isinstance(spacing, list)
-        or len(spacing) != 3
-        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 50 for s in spacing)
-    ):
-        raise err("target_spacing", f"must be three positive numbers in mm, got {spacing!r}")
-    modalities: dict[str, ModalityRule] = {}
-    for mod, rule in (raw.get("modalities") or {"CT": {"normalisation": "ct_window", "clip": [-54, 258], "centre": 100, "scale": 50}}).items():
-        key = f"modalities.{mod}"
-        if not isinstance(rule, dict):
-            raise err(key, "must be a mapping")
-        norm = rule.get("normalisation")
-        if norm not in ("ct_window", "zscore", "none"):
-            raise err(f"{key}.normalisation", f"must be ct_window, zscore or none, got {norm!r}")
-        clip = rule.get("clip")
-        if norm == "ct_window":
-            if not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(c, (int, float)) for c in clip) and clip[0] < clip[1]):
-                raise err(f"{key}.clip", f"must be [low, high] with low < high, got {clip!r}")
-            scale = rule.get("scale", 1.0)
-            if not isinstance(scale, (int, float)) or scale <= 0:
-                raise err(f"{key}.scale", f"must be a positive number, got {scale!r}")
-        modalities[str(mod)] = ModalityRule(
-            normalisation=norm,
-            clip=(float(clip[0]), float(clip[1])) if norm == "ct_window" else None,
-            centre=float(rule.get("centre", 0.0)),
-            scale=float(rule.get("scale", 1.0)),
+    Args:
+        raw: the parsed schema (a mapping from YAML, or a spec's inlined ``schema_definition``).
+        source: where it came from, named in messages and kept as ``LabelSchema.source``.
+
+    Returns:
+        The schema.
+
+    Raises:
+        SchemaError: listing every problem as ``<source>: <key>: <problem>``.
+    """
+    doc = validate_config(LabelSchemaFile, raw, where=source, error=SchemaError)
+    modalities = {
+        name: ModalityRule(
+            normalisation=rule.normalisation,
+            clip=(float(rule.clip[0]), float(rule.clip[1])) if rule.normalisation == "ct_window" and rule.clip is not None else None,
+            centre=float(rule.centre),
+            scale=float(rule.scale),
         )
-    notes = raw.get("class_notes") or {}
+        for name, rule in doc.modality_rules().items()
+    }
     return LabelSchema(
-        name=name,
-        version=version,
-        classes=dict(classes),
-        groups=groups,
-        ignore_label=ignore,
-        target_spacing=tuple(float(s) for s in spacing),
+        name=doc.name,
+        version=doc.version,
+        classes=dict(doc.classes),
+        groups=doc.organ_groups(),
+        ignore_label=doc.ignore_label,
+        target_spacing=(float(doc.target_spacing[0]), float(doc.target_spacing[1]), float(doc.target_spacing[2])),
         modalities=modalities,
         source=source,
-        class_notes={str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {},
+        class_notes=dict(doc.class_notes or {}),
     )
 
 
@@ -250,6 +203,7 @@ class SiteLabelMap:
     source: str = "<memory>"
 
     def labeled_class_ids(self, schema: LabelSchema) -> list[int]:
+        """The foreground class ids this map labels."""
         return sorted({schema.classes[c] for c in self.mapping.values() if c not in (IGNORE, "background")})
 
     def lookup_table(self, schema: LabelSchema, values: np.ndarray, source: str, unknown_to_ignore: bool = False) -> dict[int, int]:
@@ -274,44 +228,37 @@ class SiteLabelMap:
 
 
 def load_label_map(path: str | os.PathLike, schema: LabelSchema) -> SiteLabelMap:
+    """Read and validate a site label map file (see `parse_label_map`).
+
+    Raises:
+        SchemaError: the file cannot be read, is not YAML, or does not fit the schema.
+    """
     path = Path(path)
     raw = _read_yaml(path, "label map")
     return parse_label_map(raw, schema, str(path))
 
 
 def parse_label_map(raw: Mapping[str, Any], schema: LabelSchema, source: str) -> SiteLabelMap:
-    def err(key: str, msg: str) -> SchemaError:
-        return SchemaError(f"{source}: {key}: {msg}")
+    """Validate a site label map document against the federation's schema.
 
-    known = {"format", "schema", "schema_version", "labels"}
-    for key in raw:
-        if key not in known:
-            raise err(str(key), f"unknown key{_did_you_mean(key, known)}")
-    if raw.get("format") != LABEL_MAP_FORMAT:
-        raise err("format", f"must be {LABEL_MAP_FORMAT!r}, got {raw.get('format')!r}")
-    if raw.get("schema") != schema.name:
-        raise err("schema", f"is {raw.get('schema')!r} but the federation schema is {schema.name!r} ({schema.source})")
-    version = str(raw.get("schema_version", ""))
-    m = _VERSION.match(version)
-    if not m:
-        raise err("schema_version", f"must look like MAJOR.MINOR.PATCH, got {raw.get('schema_version')!r}")
-    if int(m.group(1)) != schema.major:
-        raise err("schema_version", f"{version} was written for another major version than the schema's {schema.version}")
-    labels = raw.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise err("labels", "must map local label values (or segment names) to schema class names")
-    mapping: dict[int | str, str] = {}
-    for local, target in labels.items():
-        if isinstance(local, bool) or not isinstance(local, (int, str)):
-            raise err(f"labels.{local}", "keys are integer label values or segment names")
-        if isinstance(local, int) and not 0 <= local <= 65535:
-            raise err(f"labels.{local}", "label values must be in [0, 65535]")
-        if target != IGNORE and target not in schema.classes:
-            raise err(f"labels.{local}", f"{target!r} is not a class of schema {schema.name}{_did_you_mean(target, [*schema.classes, IGNORE])}")
-        mapping[local] = target
-    if not any(t not in ("background", IGNORE) for t in mapping.values()):
-        raise err("labels", "maps nothing to a foreground class")
-    return SiteLabelMap(schema_name=schema.name, schema_version=version, mapping=mapping, source=source)
+    Args:
+        raw: the parsed label map.
+        schema: the federation's label schema (name, major version and classes must fit).
+        source: where the map came from, named in messages.
+
+    Returns:
+        The label map.
+
+    Raises:
+        SchemaError: listing every problem as ``<source>: <key>: <problem>``.
+    """
+    doc = validate_config(SiteLabelMapFile, raw, where=source, error=SchemaError)
+    problems = doc.problems_against(schema.name, schema.version, schema.classes, schema.source)
+    if problems:
+        err = SchemaError(format_problems(source, problems), file=source, key=problems[0][0])
+        err.problems = problems
+        raise err
+    return SiteLabelMap(schema_name=schema.name, schema_version=doc.schema_version, mapping=dict(doc.labels), source=source)
 
 
 def label_map_for_classes(schema: LabelSchema, class_names: list[str]) -> dict[str, Any]:

@@ -25,8 +25,9 @@ def test_library_errors_join_the_family_and_keep_their_standard_base():
     from preprocessing.dataset import DatasetError, DatasetSchemaError
     from preprocessing.schema import SchemaError
 
-    for cls in (SchemaError, DatasetError, DatasetSchemaError, KeyConfigError, PlanArgsError, atomic.FileReadError):
+    for cls in (DatasetError, DatasetSchemaError, KeyConfigError, PlanArgsError, atomic.FileReadError):
         assert issubclass(cls, FedimgError) and not issubclass(cls, UserError), cls  # run_cli's handling is unchanged
+    assert issubclass(SchemaError, ConfigError)  # a label schema / label map is a config file the user wrote
     for cls in (DatasetSchemaError, KeyConfigError, PlanArgsError, atomic.FileReadError):
         assert issubclass(cls, ValueError), cls
     err = PlanArgsError("lr", "must be positive")

@@ -339,7 +339,7 @@ def test_infer_refuses_two_inputs_that_would_write_the_same_output(model_file, t
         (tmp_path / parent).mkdir()
         nib.save(nib.Nifti1Image(vol.hu.astype(np.float32), np.diag([6.0, 6.0, 10.0, 1.0])), tmp_path / parent / "ct.nii.gz")
     with pytest.raises(UserError) as err:
-        run_infer(model_file, [str(tmp_path / "p1" / "ct.nii.gz"), str(tmp_path / "p2" / "ct.nii.gz")], tmp_path / "out", modality="CT", log=lambda m: None)
+        run_infer(model_file, [str(tmp_path / "p1" / "ct.nii.gz"), str(tmp_path / "p2" / "ct.nii.gz")], tmp_path / "out", modality="CT")
     assert "p1/ct.nii.gz" in str(err.value) and "p2/ct.nii.gz" in str(err.value) and "ct.nii.gz" in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 

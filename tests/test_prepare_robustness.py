@@ -381,7 +381,7 @@ def test_unexpected_error_of_one_case_is_a_refusal_naming_its_file(site, monkeyp
 def test_failure_while_writing_a_case_leaves_none_of_its_files(site, monkeypatch):
     import preprocessing.prepare as prep
 
-    real = prep._write_case
+    real = prep.write_case
 
     def write(out, case_id, source_hash, src, *args):
         if "case_b" in src.display:
@@ -389,7 +389,7 @@ def test_failure_while_writing_a_case_leaves_none_of_its_files(site, monkeypatch
             raise ValueError("something no check foresaw")
         return real(out, case_id, source_hash, src, *args)
 
-    monkeypatch.setattr(prep, "_write_case", write)
+    monkeypatch.setattr(prep, "write_case", write)
     rc, stdout, stderr, out = _run(site, [])
     assert rc == 3 and "Traceback" not in stdout + stderr
     assert "something no check foresaw" in _refusal_line(stdout, "unexpected_error")
@@ -507,7 +507,7 @@ def test_series_only_gdcm_decodes_goes_through_one_child_that_names_the_crashing
         edit(f, lambda ds: ds.compress(pydicom.uid.JPEGLSLossless, encoding_plugin="pyjpegls"))
     started = []
     real_popen = subprocess.Popen
-    monkeypatch.setattr(dicom.subprocess, "Popen", lambda *a, **k: started.append(a) or real_popen(*a, **k))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or real_popen(*a, **k))
     monkeypatch.setattr(dicom, "_needs_gdcm", lambda s: True)  # as if only GDCM decoded them
     vol = dicom.load_series(dicom.discover([site / "dicom" / "case_b"]).series[0])
     assert len(started) == 1 and np.array_equal(vol.array, _arrays(site)[0])
@@ -525,7 +525,7 @@ def test_uncompressed_and_in_process_decodable_data_start_no_child(site, monkeyp
     def no_child(*args, **kwargs):
         raise AssertionError("a decoder child process was started")
 
-    monkeypatch.setattr(dicom.subprocess, "Popen", no_child)
+    monkeypatch.setattr("subprocess.Popen", no_child)
     for case in ("case_a", "case_b"):
         if case == "case_b":
             for f in _series(site):

@@ -1,0 +1,226 @@
+"""The folder `site-agent prepare` writes: whose it is, its lock, each case's files and record, the final metadata.
+
+Each finished case leaves its NIfTI files and a record in ``.state/cases/``; dataset.json and
+manifest.json (models of `fedimg_core.dataset_manifest`) are written last, so a folder without
+them is never taken for a dataset, and a re-run resumes from the records.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fedimg_core.dataset_manifest import (
+    CONVERTER_VERSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CaseRecord,
+    DatasetDescription,
+    Manifest,
+    write_description,
+    write_manifest,
+)
+from fedimg_core.hashing import sha256_file
+from preprocessing.inputs import PrepareError, is_prepared_dataset
+from preprocessing.nifti import clean_image, save_atomic
+from preprocessing.qc_flags import case_flags
+from preprocessing.schema import LabelSchema
+
+__all__ = ["STATE_DIR", "OutputLock", "check_out_folder", "clean_temp_files", "outputs_intact", "write_case", "write_metadata"]
+
+STATE_DIR = ".state"  # inside the dataset folder: salt, lock, per-case records
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output folder that holds files which are not a dataset this command wrote.
+
+    Ours: a `.state/` folder (every prepare run makes one) with no manifest.json (a run that
+    was interrupted) or with our manifest.json. Anything else non-empty is somebody else's
+    and is never written into (prepare would overwrite its manifest.json, dataset.json and
+    case files, or mix its cases with ours).
+    """
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    has_state = (out / STATE_DIR).is_dir()
+    manifest = out / "manifest.json"
+    if has_state and (not manifest.exists() or is_prepared_dataset(out)):
+        return
+    if is_prepared_dataset(out):
+        why = f"holds a prepared dataset that `site-agent prepare` did not write (no {STATE_DIR}/ folder): adding cases would overwrite its own"
+    elif manifest.exists():
+        why = f"holds a manifest.json that is not a {FORMAT_NAME} manifest"
+    else:
+        why = "is not empty and is not a prepared dataset"
+    raise PrepareError(f"{out}: folder exists and {why}; refusing to write into it: choose a new or empty output folder")
+
+
+def _orientation(affine: np.ndarray) -> list[str]:
+    return list(nib.aff2axcodes(affine))
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [round(float(x), 6) for x in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+
+
+class OutputLock:
+    """An exclusive lock on an output folder (``.state/lock``): one prepare at a time writes it."""
+
+    def __init__(self, out: Path):
+        self.path = out / STATE_DIR / "lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "w")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise PrepareError(f"{self.path.parent.parent}: another prepare is running on this output folder") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def clean_temp_files(out: Path) -> None:
+    """Remove what an interrupted atomic write left in imagesTr/ and labelsTr/."""
+    for sub in ("imagesTr", "labelsTr"):
+        for tmp in (out / sub).glob(".*"):
+            tmp.unlink(missing_ok=True)  # leftovers of an interrupted atomic write
+
+
+def outputs_intact(out: Path, rec: dict) -> bool:
+    """Whether the files a case record lists are there with the recorded checksums."""
+    for kind in ("image", "label"):
+        rel = rec.get(kind)
+        if rel is None:
+            continue
+        p = out / rel
+        if not p.is_file() or sha256_file(p) != rec["sha256"][kind]:
+            return False
+    return True
+
+
+def write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled) -> dict:
+    """Write one converted case's NIfTI files and return its record (the manifest entry, plus status).
+
+    Args:
+        out: the dataset folder.
+        case_id: the case's id (case_0000...).
+        source_hash: the salted hash of its source.
+        src: its source (kind and label kind are recorded, nothing identifying).
+        image: the canonical image (nibabel).
+        label: the canonical label in schema ids, or None.
+        flags: the conversion's flags (QC flags are added).
+        fingerprint: the input fingerprint (a re-run with the same one skips the case).
+        modality: the dataset's modality.
+        schema: the federation's label schema.
+        labeled: the class ids the site labels.
+
+    Returns:
+        The record: every key of `fedimg_core.dataset_manifest.CaseRecord`.
+    """
+    data = np.asanyarray(image.dataobj)
+    if data.dtype.kind in "iu" and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16, copy=False)  # CT stays integer HU
+    else:
+        data = data.astype(np.float32, copy=False)
+    img_rel = f"imagesTr/{case_id}.nii.gz"
+    sums = {"image": save_atomic(clean_image(data, image.affine), out / img_rel)}
+    label_rel = None
+    label_data = None
+    if label is not None:
+        label_data = np.asanyarray(label.dataobj).astype(np.uint8)
+        label_rel = f"labelsTr/{case_id}.nii.gz"
+        sums["label"] = save_atomic(clean_image(label_data, image.affine), out / label_rel)
+    spacing = _spacing(image.affine)
+    qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled)
+    flags = list(dict.fromkeys(flags + qc))
+    status = "flagged" if [f for f in flags if f != "unlabeled"] else "ok"
+    return {
+        "case_id": case_id,
+        "image": img_rel,
+        "label": label_rel,
+        "source_hash": source_hash,
+        "source_kind": src.kind,
+        "label_source_kind": src.label_kind,
+        "shape": [int(x) for x in data.shape],
+        "spacing": spacing,
+        "affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
+        "orientation": _orientation(image.affine),
+        "dtype": str(data.dtype),
+        "intensity_range": [float(data.min()), float(data.max())],
+        "schema_version": schema.version,
+        "labeled_classes": labeled if label is not None else [],
+        "label_voxels": voxels,
+        "converter_version": CONVERTER_VERSION,
+        "input_sha256": fingerprint,
+        "sha256": sums,
+        "qc_flags": flags,
+        "status": status,
+    }
+
+
+def write_metadata(
+    out: Path, records: dict[str, dict], refused: list[dict[str, str]], schema: LabelSchema, modality: str, labeled: list[int], name: str
+) -> None:
+    """Write dataset.json and manifest.json (atomically, last: a folder without them is no dataset).
+
+    Args:
+        out: the dataset folder.
+        records: the per-case records of `write_case`, by source hash.
+        refused: {source: salted hash, reason_code} per refused source.
+        schema: the federation's label schema.
+        modality: the dataset's modality.
+        labeled: the class ids the site labels.
+        name: the dataset's name (reduced to letters, digits, _ . + -).
+    """
+    # the manifest allowlist is CaseRecord's keys: nothing else from a record reaches it
+    keys = CaseRecord.model_fields
+    cases = sorted((CaseRecord.model_validate({k: r.get(k) for k in keys}) for r in records.values()), key=lambda c: c.case_id)
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_")[:48] or "dataset"
+    training = [{"image": c.image, **({"label": c.label} if c.label else {})} for c in cases]
+    write_description(
+        out,
+        DatasetDescription.model_validate(
+            {
+                "name": name,
+                "description": f"{name} (fedimg prepared dataset, schema {schema.name} {schema.version})",
+                "tensorImageSize": "3D",
+                "channel_names": {"0": modality},
+                "modality": {"0": modality},
+                "labels": dict(sorted(schema.classes.items(), key=lambda kv: kv[1])),
+                "numTraining": len(training),
+                "file_ending": ".nii.gz",
+                "training": training,
+            }
+        ),
+    )
+    write_manifest(
+        out,
+        Manifest.model_validate(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "converter_version": CONVERTER_VERSION,
+                "schema": {"name": schema.name, "version": schema.version},
+                "modality": modality,
+                "labeled_classes": labeled,
+                "ignore_label": schema.ignore_label,
+                "cases": cases,
+                "refused": refused,
+                "counts": {
+                    "ok": sum(c.status == "ok" for c in cases),
+                    "flagged": sum(c.status == "flagged" for c in cases),
+                    "refused": len(refused),
+                },
+            }
+        ),
+    )
