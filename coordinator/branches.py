@@ -1,6 +1,6 @@
 """Segmentation branches pushed by source sites: what the coordinator accepts, by construction.
 
-A branch is exactly two files (see pipelines/adaptation/networks.py):
+A branch is exactly two files (the format: pipelines/adaptation/branch_file.py):
 
 * ``branch.json`` -- its configuration: format and version, the class names it segments
   (background first), the generator feature channels and resolution it reads, its layer
@@ -14,23 +14,70 @@ is stored is the rebuilt branch serialised afresh, never the pushed bytes. The b
 name a factory version this registry holds (same generator checksum, feature channels and
 resolution) and segment classes of its schema. The record's ``meta`` is built by the
 coordinator (who pushed, that site's client id, the factory and classes from the validated
-configuration); the site contributes only per-class validation Dice and a step count. A branch is a small per-pixel classifier over generator features; like
-any trained weights it is a function of its training data, and that is all it carries.
+configuration); the site contributes only per-class validation Dice and a step count
+(`PushedMeta`). A branch is a small per-pixel classifier over generator features; like any
+trained weights it is a function of its training data, and that is all it carries.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ValidationError, ValidationInfo, field_validator
 
 from coordinator import registry as R
+from fedimg_core.config import ConfigModel, problems_of, short
+from pipelines.config_fields import is_number, worded_integer
 
 KIND = "segmentation-branch"
-META_KEYS = {"source_site", "source_client_id", "factory", "classes", "validation_dice", "steps", "published_by"}
+
+
+def _dice(value: Any) -> dict[str, float | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError("must map class names to numbers in [0, 1] or null")
+    for k, v in value.items():
+        if not (v is None or (is_number(v) and 0 <= v <= 1)):
+            raise ValueError(f"{short(k)}: keys must be the branch's classes, values numbers in [0, 1] or null")
+    return {str(k): None if v is None else float(v) for k, v in value.items()}
+
+
+class PushedMeta(ConfigModel):
+    """The ``meta`` a site pushes with a branch. Only ``validation_dice`` and ``steps`` are kept;
+    the other keys are allowed (a site's own record may carry them) but the coordinator writes them."""
+
+    source_site: Any = None
+    source_client_id: Any = None
+    factory: Any = None
+    classes: Any = None
+    published_by: Any = None
+    validation_dice: Annotated[dict[str, float | None], BeforeValidator(_dice)] = {}  # {class: Dice in [0, 1] or null}
+    steps: Annotated[int | None, worded_integer(1, 10**9 - 1, message="must be a positive integer", optional=True)] = None
+
+    @field_validator("validation_dice")
+    @classmethod
+    def _branch_classes(cls, value: dict[str, float | None], info: ValidationInfo) -> dict[str, float | None]:
+        classes = (info.context or {}).get("classes", ())
+        for k in value:
+            if k not in classes:
+                raise ValueError(f"{k!r}: keys must be the branch's classes, values numbers in [0, 1] or null")
+        return value
+
+
+META_KEYS = set(PushedMeta.model_fields)
 
 
 def validate_files(files: Mapping[str, bytes]) -> None:
-    from pipelines.adaptation.networks import validate_branch_files
+    """Refuse anything but a valid branch (`pipelines.adaptation.branch_file.validate_branch_files`).
+
+    Raises:
+        RegistryError: naming the file and the problem.
+    """
+    # torch is imported only when a branch is pushed: the coordinator's other commands stay light
+    from pipelines.adaptation.branch_file import validate_branch_files
 
     try:
         validate_branch_files(dict(files))
@@ -47,7 +94,7 @@ def canonical_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
 
     import torch
 
-    from pipelines.adaptation.networks import branch_files, validate_branch_files
+    from pipelines.adaptation.branch_file import branch_files, validate_branch_files
 
     try:
         branch = validate_branch_files(dict(files))
@@ -61,7 +108,7 @@ def canonical_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
     return branch_files(branch)
 
 
-def _factory_json(reg: R.Registry, name: str, version: str) -> tuple[dict, dict]:
+def _factory_json(reg: R.Registry, name: str, version: str) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         record = reg.get("factory", name, version)
         folder = reg.path("factory", name, record["version"])
@@ -74,7 +121,7 @@ def _factory_json(reg: R.Registry, name: str, version: str) -> tuple[dict, dict]
     return record, meta
 
 
-def check_factory(reg: R.Registry, files: Mapping[str, bytes]) -> dict:
+def check_factory(reg: R.Registry, files: Mapping[str, bytes]) -> dict[str, Any]:
     """The branch must read a factory version this registry holds (same generator checksum,
     same feature channels and resolution) and segment classes of that factory's schema,
     background first. Returns the factory's description (factory.json)."""
@@ -104,7 +151,7 @@ def check_factory(reg: R.Registry, files: Mapping[str, bytes]) -> dict:
     return meta
 
 
-def server_meta(meta: Mapping[str, Any], files: Mapping[str, bytes], factory_meta: dict, site: str) -> dict:
+def server_meta(meta: Mapping[str, Any], files: Mapping[str, bytes], factory_meta: dict[str, Any], site: str) -> dict[str, Any]:
     """The record's meta, built by the coordinator: who pushed it, that site's client id in
     the factory, the factory and classes from the validated branch.json; from the pushing
     site only ``validation_dice`` ({class: number in [0, 1] or null}) and ``steps`` (int)."""
@@ -112,15 +159,12 @@ def server_meta(meta: Mapping[str, Any], files: Mapping[str, bytes], factory_met
     if unknown:
         raise R.RegistryError(f"meta: key(s) {', '.join(unknown)} not allowed for a {KIND}; allowed: {', '.join(sorted(META_KEYS))}")
     config = json.loads(files["branch.json"])
-    dice = meta.get("validation_dice") or {}
-    if not isinstance(dice, dict):
-        raise R.RegistryError("meta.validation_dice: must map class names to numbers in [0, 1] or null")
-    for k, v in dice.items():
-        if k not in config["class_names"][1:] or not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)):
-            raise R.RegistryError(f"meta.validation_dice: {k!r}: keys must be the branch's classes, values numbers in [0, 1] or null")
-    steps = meta.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps < 10**9):
-        raise R.RegistryError("meta.steps: must be a positive integer")
+    try:
+        pushed = PushedMeta.model_validate(dict(meta), context={"classes": config["class_names"][1:]})
+    except ValidationError as exc:
+        key, problem = problems_of(exc, PushedMeta, "meta.")[0]
+        raise R.RegistryError(f"{key}: {problem}") from None
+    dice, steps = pushed.validation_dice, pushed.steps
     clients = factory_meta.get("clients") or {}
     return {
         "source_site": site,

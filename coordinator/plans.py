@@ -12,7 +12,6 @@ uses exactly the researcher's class ids, groups, spacing and intensity rules.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,13 @@ from typing import Any
 
 import yaml
 
-from fedimg_core.errors import FedimgError
+from pipelines.config_fields import ConfigValueError
+
+# the argument checks import neither torch nor MONAI: `coordinator validate` stays fast
+from pipelines.factory.plan_args import parse_factory_args
+from pipelines.plan_args import PLAN_ARG_KEYS, PlanArgs, parse_plan_args
+from pipelines.plan_args_common import InvalidPlanArgs, validate_plan_args
+from preprocessing.schema import SchemaError, parse_schema
 
 PLANS: dict[str, str] = {
     "condistfl": "pipelines.plans.condistfl:ConDistFLPlan",
@@ -33,23 +38,33 @@ FACTORY_PLANS = ("data_factory",)
 FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids")
 
 
-class PlanArgsError(FedimgError, ValueError):
+class PlanArgsError(ConfigValueError):
+    """One problem of a spec's ``plan_args``: ``.key`` (relative to plan_args) and ``.problem``.
+
+    Args:
+        key: the key path under plan_args (``roi_size``, ``gin.prob``).
+        problem: what is wrong, and what is allowed.
+    """
+
     def __init__(self, key: str, problem: str):
-        super().__init__(f"{key}: {problem}")
-        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}", key=key)
+        self.problem = problem
+        self.problems = [(key, problem)]
 
 
-def resolve(name: str):
+def resolve(name: str) -> Any:
+    """The training-plan class registered as ``name`` (importing it imports Fed-BioMed)."""
     module, _, attr = PLANS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def builtin_schemas() -> list[str]:
+    """Names of the label schemas shipped in preprocessing/schemas."""
     folder = resources.files("preprocessing").joinpath("schemas")
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) -> tuple[dict, str]:
+def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) -> tuple[dict[str, Any], str]:
     """(raw schema mapping, where it came from) for ``plan_args.schema``.
 
     Args:
@@ -62,8 +77,6 @@ def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) 
     Raises:
         PlanArgsError: key ``schema``, naming the problem.
     """
-    from preprocessing.schema import SchemaError, parse_schema
-
     if isinstance(value, dict):
         raw, source = value, "plan_args.schema (inline)"
     elif isinstance(value, str) and value:
@@ -82,9 +95,7 @@ def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) 
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
             if not path.is_file():
-                raise PlanArgsError(
-                    "schema", f"{shown} is neither a built-in schema ({', '.join(builtin_schemas())}) nor a schema file"
-                )
+                raise PlanArgsError("schema", f"{shown} is neither a built-in schema ({', '.join(builtin_schemas())}) nor a schema file")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -101,7 +112,7 @@ def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) 
     return raw, source
 
 
-def model_args_for(name: str, args: dict, base_dir: Path | None = None, allow_files: bool = True) -> dict:
+def model_args_for(name: str, args: dict[str, Any], base_dir: Path | None = None, allow_files: bool = True) -> dict[str, Any]:
     """The model arguments sent to the sites, checked before anything is sent.
 
     Raises PlanArgsError(key, problem) naming the plan_args key (the first problem found)."""
@@ -111,12 +122,13 @@ def model_args_for(name: str, args: dict, base_dir: Path | None = None, allow_fi
     return out
 
 
-def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_files: bool = True) -> tuple[dict, list[PlanArgsError]]:
+def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = None, allow_files: bool = True) -> tuple[dict[str, Any], list[PlanArgsError]]:
     """Check ``plan_args`` of plan ``name`` and build the model arguments sent to the sites.
 
-    The schema and every unknown key are reported together; the plan's own parser (which
-    stops at its first problem) runs once those are fine. Nothing here imports torch, MONAI
-    or Fed-BioMed (`pipelines.plan_args`, `pipelines.factory.plan_args`).
+    Every problem is reported: what the coordinator fills in, the schema, and each problem
+    the plan's model finds (unknown keys, values); the model's errors carry their key path,
+    so nothing is recovered from a message. Nothing here imports torch, MONAI or Fed-BioMed
+    (`pipelines.plan_args`, `pipelines.factory.plan_args`).
 
     Args:
         name: a plan of PLANS.
@@ -125,7 +137,8 @@ def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_f
         allow_files: whether plan_args.schema may name a file (see resolve_schema).
 
     Returns:
-        (model_args, problems): model_args is {} when there are problems.
+        (model_args, problems): model_args is {} when there are problems; each problem has
+        ``.key`` (relative to plan_args) and ``.problem``.
     """
     if name not in SEGMENTATION_PLANS + FACTORY_PLANS:
         return dict(args), []
@@ -135,38 +148,25 @@ def check_plan_args(name: str, args: dict, base_dir: Path | None = None, allow_f
     for key in FILLED_ARGS:
         if key in args:
             problems.append(PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps), the run and the sites"))
-    raw = None
+    schema = None
+    raw: dict[str, Any] | None = None
     try:
         raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir, allow_files)
+        schema = parse_schema(raw, source)
     except PlanArgsError as exc:
         problems.append(exc)
-    # the argument checks import neither torch nor MONAI: `coordinator validate` stays fast
-    if name in FACTORY_PLANS:
-        from pipelines.factory.plan_args import FACTORY_ARG_KEYS as allowed
-    else:
-        from pipelines.plan_args import PLAN_ARG_KEYS as allowed
-    special = {"schema_definition", "num_classes", *FILLED_ARGS}  # the plan's parser explains these itself
-    for key in args:
-        if key not in allowed and key not in special:
-            close = difflib.get_close_matches(str(key)[:100], [k for k in allowed if k not in special], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(k for k in allowed if k not in special)})"
-            problems.append(PlanArgsError(str(key), f"unknown key{hint}"))
+    checked = {k: v for k, v in args.items() if k != "schema_definition" and k not in FILLED_ARGS}
+    try:
+        if name in FACTORY_PLANS:
+            parse_factory_args(checked)
+        elif schema is not None:
+            parse_plan_args(checked, schema)
+        else:  # the schema's own problem is reported above; check the rest without its class names
+            validate_plan_args(PlanArgs, checked, PLAN_ARG_KEYS, context={"schema": None})
+    except InvalidPlanArgs as exc:
+        problems += [PlanArgsError(key.removeprefix("plan_args."), problem) for key, problem in exc.problems]
     if problems:
         return {}, problems
     out = {k: v for k, v in args.items() if k != "schema"}
-    try:
-        if name in FACTORY_PLANS:
-            from pipelines.factory.plan_args import parse_factory_args
-
-            parse_factory_args(out)
-        else:
-            from pipelines.plan_args import parse_plan_args
-            from preprocessing.schema import parse_schema
-
-            parse_plan_args(out, parse_schema(raw, source))
-    except ValueError as exc:
-        msg = str(exc)
-        key, _, problem = msg.partition(": ")
-        return {}, [PlanArgsError(key.removeprefix("plan_args."), problem or msg)]
     out["schema_definition"] = raw
     return out, []

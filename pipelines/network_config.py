@@ -8,11 +8,16 @@ sizes. Every name here is also importable from `pipelines.networks`.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ConfigDict, model_validator
+
+from fedimg_core.config import ConfigModel, ConfigProblem, did_you_mean, short
+from fedimg_core.config_types import Flag, integer
+from pipelines.config_fields import ConfigValueError, check_model
 
 
 NETWORKS = ("basic_unet", "dynunet", "mednext")
@@ -84,23 +89,23 @@ MONAI_OPTIONS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
-def _did_you_mean(value: Any, choices: Sequence[str], hint_first: bool = False) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
-    if hint_first:  # a long list: a spec error quotes a few hundred characters, keep the hint in
-        return f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of {', '.join(choices)}"
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+def _choose(value: Any, choices: Sequence[str], hint_first: bool = False) -> str:
+    """``choose one of ...`` with the did-you-mean hint (first, for a long list: a spec error quotes a few hundred characters)."""
+    hint = did_you_mean(value, choices, cutoff=0.5)
+    if hint_first:
+        return f"{hint.removeprefix('; ') + ' ' if hint else ''}choose one of {', '.join(choices)}"
     return f"choose one of {', '.join(choices)}{hint}"
 
 
 def _check_name(name: Any) -> str:
     if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}; {_did_you_mean(name, NETWORKS)}")
+        raise ValueError(f"unknown network {name!r}; {_choose(name, NETWORKS)}")
     return name
 
 
 def _check_size(name: str, size: Any) -> str:
     if size not in NETWORK_SIZES[name]:
-        choices = _did_you_mean(size, tuple(NETWORK_SIZES[name]))
+        choices = _choose(size, tuple(NETWORK_SIZES[name]))
         raise ValueError(f"unknown size {size!r} for network {name!r}; {choices}")
     return size
 
@@ -119,11 +124,7 @@ def _monai_defaults(name: str) -> dict[str, Any]:
     from monai.networks.nets import BasicUNet, MedNeXt
 
     params = inspect.signature({"basic_unet": BasicUNet, "mednext": MedNeXt}[name].__init__).parameters
-    return {
-        k: p.default
-        for k, p in params.items()
-        if k not in _RESERVED and p.default is not inspect.Parameter.empty
-    }
+    return {k: p.default for k, p in params.items() if k not in _RESERVED and p.default is not inspect.Parameter.empty}
 
 
 def _nnunet_filters(levels: int, spatial_dims: int) -> tuple[int, ...]:
@@ -187,9 +188,7 @@ def resolve_config(
             _check_positive_ints("features", feats)
             if len(feats) > 1:
                 if any(f != feats[0] * 2**i for i, f in enumerate(feats)):
-                    raise ValueError(
-                        f"mednext doubles its width per level: features must be (f, 2f, 4f, ...), got {list(feats)}"
-                    )
+                    raise ValueError(f"mednext doubles its width per level: features must be (f, 2f, 4f, ...), got {list(feats)}")
                 depth = len(feats) - 1  # number of down/up stages
                 for key in ("blocks_down", "encoder_expansion_ratio"):  # listed fine -> coarse
                     cfg[key] = _fit_stages(cfg[key], depth, keep="start")
@@ -255,9 +254,7 @@ def check_patch_size(
         spatial_dims = len(roi)
     _check_dims(spatial_dims)
     if len(roi) != spatial_dims or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in roi):
-        raise ValueError(
-            f"roi_size must be {spatial_dims} positive integers (spatial_dims={spatial_dims}), got {list(roi)!r}"
-        )
+        raise ValueError(f"roi_size must be {spatial_dims} positive integers (spatial_dims={spatial_dims}), got {list(roi)!r}")
     cfg = resolve_config(name, size, spatial_dims, **overrides)
     divs = patch_divisors(name, cfg, spatial_dims)
     levels = network_levels(name, cfg)
@@ -289,59 +286,100 @@ def check_patch_size(
 _SPEC_KEYS = ("name", "size", "spatial_dims", "in_channels", "features", "deep_supervision")
 
 
-def _constructor_args(name: str) -> list[str]:
-    return list(MONAI_OPTIONS[name])
+def _spec_name(value: Any) -> str:
+    return _check_name(value)
 
 
-def network_config_from_spec(
-    network: Mapping[str, Any] | None, roi_size: Sequence[int] | int | None = None
-) -> dict[str, Any]:
-    """Validate a spec's ``plan_args.network`` mapping and return keyword arguments for
-    ``build_network`` (``out_channels`` comes from ``plan_args.num_classes``, not from here).
-    With ``roi_size``, the patch is checked against the network too. Raises ValueError with a
-    message naming the offending key."""
+def _spec_size(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be one of {', '.join(SIZES)} (got {short(value)})")
+    return value
+
+
+def _spec_dims(value: Any) -> int:
+    if isinstance(value, bool) or value not in (2, 3):
+        raise ValueError(f"must be 2 or 3 (got {short(value)})")
+    return int(value)
+
+
+def _spec_features(value: Any) -> int | list[int]:
+    feats = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(feats, (list, tuple)) or not feats or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in feats):
+        raise ValueError(f"must be a list of positive integers (got {short(value)})")
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+class NetworkSpec(ConfigModel):
+    """A spec's ``plan_args.network``: the backbone, its size and shape, and MONAI options of that network.
+
+    Keys other than these must be constructor options of the named MONAI network (MONAI_OPTIONS);
+    ``out_channels`` comes from the label schema.
+    """
+
+    model_config = ConfigDict(extra="allow")  # the named network's MONAI options, checked below
+    name: Annotated[str, BeforeValidator(_spec_name)] = "basic_unet"
+    size: Annotated[str, BeforeValidator(_spec_size)] = DEFAULT_SIZE
+    spatial_dims: Annotated[int, BeforeValidator(_spec_dims)] = 3
+    in_channels: Annotated[int, integer(1)] = 1
+    deep_supervision: Flag = False
+    features: Annotated[int | list[int] | None, BeforeValidator(_spec_features)] = None  # None: the size's
+
+    @model_validator(mode="after")
+    def _fits_the_network(self) -> NetworkSpec:
+        name = self.name
+        if self.size not in NETWORK_SIZES[name]:
+            raise ConfigProblem("size", f"unknown size {self.size!r} for network {name!r}; {_choose(self.size, tuple(NETWORK_SIZES[name]))}")
+        if self.deep_supervision and name == "basic_unet":
+            raise ConfigProblem("deep_supervision", "basic_unet has no deep supervision heads; use mednext or dynunet")
+        allowed = MONAI_OPTIONS[name]
+        for key in self.model_extra or {}:
+            if key == "out_channels":
+                raise ConfigProblem("out_channels", "not allowed: the number of output channels is set from the label schema (plan_args.num_classes)")
+            if key not in allowed:
+                options = list(_SPEC_KEYS) + [a for a in allowed if a not in ("features", "filters")]
+                raise ConfigProblem(key, f"unknown network option {key!r} for {name}; {_choose(key, options, hint_first=True)}")
+        try:  # resolving catches inconsistent features/options before anything is sent
+            resolve_config(name, self.size, self.spatial_dims, self.features, **(self.model_extra or {}))
+        except ValueError as exc:
+            raise ConfigProblem("features" if self.features is not None else "", str(exc)) from None
+        return self
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `pipelines.networks.build_network` (without ``out_channels``)."""
+        out: dict[str, Any] = {"name": self.name, "spatial_dims": self.spatial_dims, "size": self.size}
+        out.update(in_channels=self.in_channels, deep_supervision=self.deep_supervision)
+        if self.features is not None:
+            out["features"] = self.features
+        out.update(self.model_extra or {})
+        return out
+
+
+def network_config_from_spec(network: Mapping[str, Any] | None, roi_size: Sequence[int] | int | None = None, where: str = "network") -> dict[str, Any]:
+    """Validate a spec's ``plan_args.network`` (`NetworkSpec`) and return keyword arguments for ``build_network``.
+
+    Args:
+        network: the mapping (None: the defaults).
+        roi_size: the training patch; when given, it is checked against the network too.
+        where: key path of ``network`` in its file, starting every message.
+
+    Returns:
+        ``name``, ``spatial_dims``, ``size``, ``in_channels``, ``deep_supervision`` and any
+        ``features`` / MONAI options (``out_channels`` comes from ``plan_args.num_classes``).
+
+    Raises:
+        ConfigValueError: (a ValueError) ``"<where>.<key>: <problem>"``; a patch that does not
+            fit names ``<where>`` (``roi_size [30, 30, 30] does not fit mednext ...``).
+    """
     if network is None:
         network = {}
     if not isinstance(network, Mapping):
-        raise ValueError(f"network must be a mapping (name, size, spatial_dims, ...), got {type(network).__name__}")
-    net = dict(network)
-    name = _check_name(net.pop("name", "basic_unet"))
-    out: dict[str, Any] = {"name": name}
-    out["spatial_dims"] = _check_dims(net.pop("spatial_dims", 3))
-    size = net.pop("size", DEFAULT_SIZE)
-    if not isinstance(size, str):
-        raise ValueError(f"network.size must be one of {', '.join(SIZES)}, got {size!r}")
-    out["size"] = _check_size(name, size)
-    in_ch = net.pop("in_channels", 1)
-    if isinstance(in_ch, bool) or not isinstance(in_ch, int) or in_ch < 1:
-        raise ValueError(f"network.in_channels must be a positive integer, got {in_ch!r}")
-    out["in_channels"] = in_ch
-    ds = net.pop("deep_supervision", False)
-    if not isinstance(ds, bool):
-        raise ValueError(f"network.deep_supervision must be true or false, got {ds!r}")
-    if ds and name == "basic_unet":
-        raise ValueError("network.deep_supervision: basic_unet has no deep supervision heads; use mednext or dynunet")
-    out["deep_supervision"] = ds
-    if "features" in net:
-        feats = net.pop("features")
-        if isinstance(feats, bool) or not (
-            isinstance(feats, int) or (isinstance(feats, (list, tuple)) and feats)
-        ):
-            raise ValueError(f"network.features must be a list of positive integers, got {feats!r}")
-        _check_positive_ints("network.features", [feats] if isinstance(feats, int) else list(feats))
-        out["features"] = list(feats) if isinstance(feats, (list, tuple)) else feats
-    if "out_channels" in net:
-        raise ValueError("network.out_channels is not allowed: it is set from plan_args.num_classes")
-    allowed = _constructor_args(name)
-    for key in net:
-        if key not in allowed:
-            options = list(_SPEC_KEYS) + [a for a in allowed if a not in ("features", "filters")]
-            raise ValueError(f"unknown network option {key!r} for {name}; {_did_you_mean(key, options, hint_first=True)}")
-    out.update(net)
-    # resolving catches inconsistent features/options before anything is sent
-    extra = {k: v for k, v in out.items() if k not in _SPEC_KEYS}
-    resolve_config(name, out["size"], out["spatial_dims"], out.get("features"), **extra)
+        raise ConfigValueError.of(where, f"network must be a mapping (name, size, spatial_dims, ...), got {type(network).__name__}")
+    out = check_model(NetworkSpec, network, where).build_kwargs()
     if roi_size is not None:
+        extra = {k: v for k, v in out.items() if k not in _SPEC_KEYS}
         overrides = dict(extra, **({"features": out["features"]} if "features" in out else {}))
-        check_patch_size(name, out["size"], roi_size, out["spatial_dims"], **overrides)
+        try:
+            check_patch_size(out["name"], out["size"], roi_size, out["spatial_dims"], **overrides)
+        except ValueError as exc:
+            raise ConfigValueError.of(where, str(exc)) from None
     return out

@@ -1,21 +1,28 @@
-"""The segmentation plans' arguments (``plan_args``): keys, defaults, checks.
+"""The segmentation plans' arguments (``plan_args``): the `PlanArgs` model, defaults, `SegmentationSettings`.
 
 `parse_plan_args` validates an experiment spec's ``plan_args`` for the segmentation plans
-with messages naming the key; the coordinator checks them before sending, the node again on
+with messages naming the key (`pipelines.plan_args_common`); the coordinator checks them before sending, the node again on
 arrival. Checking needs no network, so this module imports neither torch nor MONAI
 (``coordinator validate`` answers in a second); `pipelines.training` re-exports its names.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar
 
-from pipelines.gin_args import parse_gin_args
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+
+from fedimg_core.config import ConfigModel, ConfigProblem, short
+from fedimg_core.config_types import Flag, integer, number
+from pipelines.config_fields import ConfigValueError, choice, is_int, is_number
+from pipelines.gin_args import GinArgs
 from pipelines.network_config import network_config_from_spec
-from pipelines.site_state import is_plain_name
+from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_plan_args
 from preprocessing.schema import LabelSchema
+
+__all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "SegmentationSettings", "parse_plan_args"]
 
 
 PLAN_ARG_KEYS = (
@@ -37,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class SegmentationSettings:
+    """The segmentation plans' settings, defaults filled in (what `parse_plan_args` returns)."""
+
     schema: LabelSchema
     network: dict[str, Any]
     roi_size: tuple[int, ...]
@@ -57,10 +66,12 @@ class SegmentationSettings:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of the label schema, background included."""
         return self.schema.num_classes
 
     @property
     def spatial_dims(self) -> int:
+        """2 or 3: the network's spatial dimensions."""
         return int(self.network["spatial_dims"])
 
     @property
@@ -69,18 +80,101 @@ class SegmentationSettings:
         return self.roi_size if self.spatial_dims == 3 else (*self.roi_size, 1)
 
 
-def _bad(key: str, problem: str) -> ValueError:
-    return ValueError(f"plan_args.{key}: {problem}")
+def _roi_size(value: Any) -> int | tuple[int, ...]:
+    if is_int(value) and value >= 8:
+        return int(value)
+    if isinstance(value, (list, tuple)) and all(is_int(v) and v >= 8 for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"must be an integer or a list of integers >= 8 (got {short(value)})")
 
 
-def _number(args, key, lo=None, hi=None, integer=False, default=None):
-    value = args.get(key, default)
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise _bad(key, f"must be {'an integer' if integer else 'a number'} (got {value!r})")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(key, f"must be in [{lo}, {hi}] (got {value!r})")
+def _lambda(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(is_number(v) and 0 <= v <= 100 for v in value):
+        raise ValueError(f"must be [start, end], two numbers >= 0 (got {short(value)})")
+    return float(value[0]), float(value[1])
+
+
+def _gin(value: Any) -> Any:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping ({', '.join(GinArgs.model_fields)}), true or false (got {short(value)})")
     return value
+
+
+class Inference(ConfigModel):
+    """``plan_args.inference``: the sliding-window settings of evaluation."""
+
+    overlap: Annotated[float, number(0.0, 0.9)] = DEFAULTS["inference"]["overlap"]
+    sw_batch_size: Annotated[int, integer(1)] = DEFAULTS["inference"]["sw_batch_size"]
+
+
+def _inference(value: Any) -> Any:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or set(value) - set(Inference.model_fields):
+        raise ValueError(f"must be a mapping with overlap and/or sw_batch_size (got {short(value)})")
+    return value
+
+
+class PlanArgs(PlanArgsBase):
+    """A spec's ``plan_args`` for the segmentation plans (condistfl, marginal).
+
+    Validate with `parse_plan_args` (it passes the label schema ``predict_classes`` is checked against).
+    """
+
+    REFUSED: ClassVar[dict[str, str]] = {"num_classes": "comes from the schema"}
+
+    network: Any = None  # checked with roi_size (pipelines.network_config); None: tiny MedNeXt
+    roi_size: Annotated[int | tuple[int, ...], BeforeValidator(_roi_size)] = DEFAULTS["roi_size"]
+    patches_per_volume: Annotated[int, integer(1, 64)] = DEFAULTS["patches_per_volume"]
+    temperature: Annotated[float, number(1e-3, 100.0)] = DEFAULTS["temperature"]
+    lambda_: Annotated[tuple[float, float], BeforeValidator(_lambda)] = Field(default=(0.01, 1.0), alias="lambda")
+    lr_schedule: Annotated[str, choice(("cosine", "constant"))] = DEFAULTS["lr_schedule"]
+    augment: Flag = DEFAULTS["augment"]
+    gin: Annotated[GinArgs | None, BeforeValidator(_gin)] = None  # None: GIN off
+    predict_classes: tuple[int, ...] | None = None  # class names in a spec, ids once validated
+    inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
+
+    @field_validator("predict_classes", mode="before")
+    @classmethod
+    def _class_ids(cls, value: Any, info: ValidationInfo) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        context = info.context or {}
+        if "schema" not in context:
+            raise ValueError("needs the federation label schema to check class names (validate with parse_plan_args)")
+        schema: LabelSchema | None = context["schema"]
+        if schema is None:  # the schema itself has a problem, reported by the caller
+            return ()
+        names = [c for c in schema.classes if c != "background"]
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) for c in value):
+            raise ValueError(f"must be a non-empty list of class names of schema {schema.name} (got {short(value)})")
+        unknown = [c for c in value if c not in names]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} not foreground classes of schema {schema.name} ({', '.join(names)})")
+        return tuple(sorted(schema.classes[c] for c in set(value)))
+
+    @model_validator(mode="after")
+    def _network_fits(self) -> PlanArgs:
+        network = self.network or {}
+        if isinstance(network, Mapping):
+            network = {"name": "mednext", "size": "tiny", **network}  # the paper's backbone unless named
+        dims = network.get("spatial_dims", 3) if isinstance(network, Mapping) else 3
+        roi = self.roi_size
+        if isinstance(roi, int):
+            roi = (roi,) * (dims if dims in (2, 3) else 3)
+        if dims in (2, 3) and len(roi) != dims:
+            raise ConfigProblem("roi_size", f"must have {dims} entries for a {dims}D network (got {list(roi)!r})")
+        try:
+            self.network = network_config_from_spec(network, roi_size=list(roi))
+        except ConfigValueError as exc:  # its key path, under plan_args
+            key, problem = exc.problems[0]
+            raise ConfigProblem(key, problem) from None
+        self.roi_size = tuple(roi)
+        return self
 
 
 def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> SegmentationSettings:
@@ -94,101 +188,25 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         The settings, defaults filled in.
 
     Raises:
-        ValueError: ``"plan_args.<key>: <problem>"`` for the first problem found.
+        InvalidPlanArgs: (a ValueError) ``"plan_args.<key>: <problem>"``, one line per problem.
     """
-    if not isinstance(args, Mapping):
-        raise ValueError("plan_args: must be a mapping")
-    if "num_classes" in args:
-        raise _bad("num_classes", "comes from the schema")
-    unknown = [k for k in args if k not in PLAN_ARG_KEYS]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(str(unknown[0]), PLAN_ARG_KEYS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(k for k in PLAN_ARG_KEYS if k != 'schema_definition')})"
-        raise _bad(str(unknown[0]), f"unknown key{hint}")
-    network = args.get("network") or {}
-    if isinstance(network, Mapping):
-        network = {"name": "mednext", "size": "tiny", **network}  # the paper's backbone unless named
-    dims = network.get("spatial_dims", 3) if isinstance(network, Mapping) else 3
-    roi = args.get("roi_size", DEFAULTS["roi_size"])
-    if isinstance(roi, int) and not isinstance(roi, bool):
-        roi = [roi] * (dims if dims in (2, 3) else 3)
-    if not isinstance(roi, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in roi):
-        raise _bad("roi_size", f"must be an integer or a list of integers >= 8 (got {roi!r})")
-    if dims in (2, 3) and len(roi) != dims:
-        raise _bad("roi_size", f"must have {dims} entries for a {dims}D network (got {roi!r})")
-    try:
-        net = network_config_from_spec(network, roi_size=list(roi))
-    except ValueError as exc:
-        raise ValueError(f"plan_args.network: {exc}") from None
-
-    spacing = args.get("spacing", DEFAULTS["spacing"])
-    if spacing == "native":
-        spacing = None
-    elif spacing != "schema":
-        if not isinstance(spacing, (list, tuple)) or len(spacing) != 3 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing
-        ):
-            raise _bad("spacing", f"must be 'schema', 'native' or three positive numbers in mm (got {spacing!r})")
-        spacing = tuple(float(v) for v in spacing)
-    lam = args.get("lambda", DEFAULTS["lambda"])
-    if not isinstance(lam, (list, tuple)) or len(lam) != 2 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 for v in lam
-    ):
-        raise _bad("lambda", f"must be [start, end], two numbers >= 0 (got {lam!r})")
-    schedule = args.get("lr_schedule", DEFAULTS["lr_schedule"])
-    if schedule not in ("cosine", "constant"):
-        raise _bad("lr_schedule", f"must be 'cosine' or 'constant' (got {schedule!r})")
-    augment = args.get("augment", DEFAULTS["augment"])
-    if not isinstance(augment, bool):
-        raise _bad("augment", f"must be true or false (got {augment!r})")
-    gin = parse_gin_args(args.get("gin"), "plan_args.gin")
-    predict_classes = args.get("predict_classes")
-    if predict_classes is not None:
-        names = [c for c in schema.classes if c != "background"]
-        if not isinstance(predict_classes, (list, tuple)) or not predict_classes or not all(isinstance(c, str) for c in predict_classes):
-            raise _bad("predict_classes", f"must be a non-empty list of class names of schema {schema.name} (got {predict_classes!r})")
-        unknown = [c for c in predict_classes if c not in names]
-        if unknown:
-            raise _bad("predict_classes", f"{', '.join(map(repr, unknown))} not foreground classes of schema {schema.name} ({', '.join(names)})")
-        predict_classes = tuple(sorted(schema.classes[c] for c in set(predict_classes)))
-    keep_opt = args.get("keep_optimizer_state", DEFAULTS["keep_optimizer_state"])
-    if not isinstance(keep_opt, bool):
-        raise _bad("keep_optimizer_state", f"must be true or false (got {keep_opt!r})")
-    run_id = args.get("run_id")
-    if run_id is not None and not is_plain_name(run_id):
-        raise _bad("run_id", f"must be a plain name (got {run_id!r})")
-    given = args.get("inference") or {}
-    if not isinstance(given, Mapping) or set(given) - {"overlap", "sw_batch_size"}:
-        raise _bad("inference", f"must be a mapping with overlap and/or sw_batch_size (got {given!r})")
-    inference = {**DEFAULTS["inference"], **given}
-    try:
-        overlap = _number(inference, "overlap", lo=0.0, hi=0.9)
-        sw_batch = _number(inference, "sw_batch_size", lo=1, integer=True)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("plan_args.", "plan_args.inference.", 1)) from None
-    rounds = args.get("rounds_total")
-    steps = args.get("local_steps")
-    for key, v in (("rounds_total", rounds), ("local_steps", steps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise _bad(key, f"must be a positive integer (got {v!r})")
+    m = validate_plan_args(PlanArgs, args, PLAN_ARG_KEYS, context={"schema": schema})
     return SegmentationSettings(
         schema=schema,
-        network=net,
-        roi_size=tuple(roi),
-        patches_per_volume=_number(args, "patches_per_volume", lo=1, hi=64, integer=True, default=DEFAULTS["patches_per_volume"]),
-        spacing=spacing,
-        temperature=float(_number(args, "temperature", lo=1e-3, hi=100.0, default=DEFAULTS["temperature"])),
-        lambda_range=(float(lam[0]), float(lam[1])),
-        lr_schedule=schedule,
-        augment=augment,
-        gin=gin,
-        predict_classes=predict_classes,
-        keep_optimizer_state=keep_opt,
-        run_id=run_id,
-        overlap=float(overlap),
-        sw_batch_size=int(sw_batch),
-        rounds_total=rounds,
-        local_steps=steps,
+        network=m.network,
+        roi_size=tuple(m.roi_size) if isinstance(m.roi_size, tuple) else (m.roi_size,),
+        patches_per_volume=m.patches_per_volume,
+        spacing=m.spacing,
+        temperature=m.temperature,
+        lambda_range=m.lambda_,
+        lr_schedule=m.lr_schedule,
+        augment=m.augment,
+        gin=m.gin.model_dump() if m.gin is not None else None,
+        predict_classes=m.predict_classes,
+        keep_optimizer_state=m.keep_optimizer_state,
+        run_id=m.run_id,
+        overlap=m.inference.overlap,
+        sw_batch_size=m.inference.sw_batch_size,
+        rounds_total=m.rounds_total,
+        local_steps=m.local_steps,
     )

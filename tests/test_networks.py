@@ -175,17 +175,17 @@ def test_spec_validation_is_clear():
     assert network_config_from_spec(None)["name"] == "basic_unet"
     assert network_config_from_spec({"name": "dynunet", "res_block": True})["res_block"] is True
     bad = [
-        ({"name": "medneXt"}, r"unknown network 'medneXt'.*did you mean 'mednext'"),
+        ({"name": "medneXt"}, r"network\.name: unknown network 'medneXt'.*did you mean 'mednext'"),
         ({"name": "vnet"}, r"unknown network 'vnet'; choose one of"),
         ({"name": "mednext", "size": "bse"}, r"unknown size 'bse' for network 'mednext'.*did you mean 'base'"),
-        ({"name": "dynunet", "spatial_dims": 4}, r"spatial_dims must be 2 or 3, got 4"),
-        ({"name": "dynunet", "spatial_dims": True}, r"spatial_dims must be 2 or 3"),
+        ({"name": "dynunet", "spatial_dims": 4}, r"network\.spatial_dims: must be 2 or 3 \(got 4\)"),
+        ({"name": "dynunet", "spatial_dims": True}, r"network\.spatial_dims: must be 2 or 3"),
         ({"name": "basic_unet", "deep_supervision": True}, r"basic_unet has no deep supervision"),
-        ({"name": "mednext", "deep_supervision": "yes"}, r"deep_supervision must be true or false"),
+        ({"name": "mednext", "deep_supervision": "yes"}, r"network\.deep_supervision: must be true or false"),
         ({"name": "mednext", "kernal_size": 5}, r"unknown network option 'kernal_size'.*did you mean 'kernel_size'"),
-        ({"name": "mednext", "out_channels": 3}, r"out_channels is not allowed.*num_classes"),
-        ({"name": "basic_unet", "features": [4, 4, 8]}, r"basic_unet needs 6 feature sizes"),
-        ({"name": "dynunet", "features": [8, -16, 32]}, r"features must be positive integers"),
+        ({"name": "mednext", "out_channels": 3}, r"network\.out_channels: not allowed.*num_classes"),
+        ({"name": "basic_unet", "features": [4, 4, 8]}, r"network\.features: basic_unet needs 6 feature sizes"),
+        ({"name": "dynunet", "features": [8, -16, 32]}, r"network\.features: must be a list of positive integers"),
         ("mednext", r"network must be a mapping"),
     ]
     for spec, message in bad:

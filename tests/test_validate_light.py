@@ -57,7 +57,7 @@ def test_validate_example_loads_no_heavy_package(spec):
     [
         # the MONAI option check, without MONAI
         ("{network: {name: mednext, kernal_size: 5}}",
-         "plan_args.network: unknown network option 'kernal_size' for mednext; did you mean 'kernel_size'? choose one of"),
+         "plan_args.network.kernal_size: unknown network option 'kernal_size' for mednext; did you mean 'kernel_size'? choose one of"),
         ("{network: {name: dynunet, size: small}, roi_size: [40, 40, 40]}",
          "plan_args.network: roi_size [40, 40, 40] does not fit dynunet size 'small'"),
         ("{gin: {prob: 2}}", "plan_args.gin.prob: must be within [0, 1] (got 2)"),

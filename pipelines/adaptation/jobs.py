@@ -43,19 +43,23 @@ def _now() -> str:
 
 
 def config_digest(config: dict) -> str:
+    """sha256 of a job configuration (canonical JSON): what tells a resumable job from another."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rng_state() -> dict:
+    """The torch and Python random states, for a checkpoint."""
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the random states `rng_state` saved."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
 
 
 def tensor_blob(obj: Any) -> bytes:
+    """``obj`` as `torch.save` writes it, in memory (for an atomic write)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -77,27 +81,33 @@ class JobDir:
 
     @property
     def record_file(self) -> Path:
+        """job.json: kind, configuration and its sha256, status, step, times."""
         return self.root / "job.json"
 
     @property
     def checkpoint_file(self) -> Path:
+        """checkpoint.pt: the latest training state."""
         return self.root / "checkpoint.pt"
 
     @property
     def metrics_file(self) -> Path:
+        """metrics.jsonl: one JSON line per logged step."""
         return self.root / "metrics.jsonl"
 
     @property
     def model_file(self) -> Path:
+        """model.pt: the finished job's model."""
         return self.root / "model.pt"
 
     @property
     def report_dir(self) -> Path:
+        """report/: the job's HTML report and figures."""
         return self.root / "report"
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def record(self) -> dict | None:
+        """The job record (job.json), or None before the job first started."""
         try:
             return json.loads(self.record_file.read_text())
         except FileNotFoundError:
@@ -135,6 +145,7 @@ class JobDir:
         return resume
 
     def write_record(self, **fields: Any) -> None:
+        """Update job.json with ``fields`` (atomically), keeping kind, configuration and digest."""
         current = self.record() or {}
         current.update({"kind": self.kind, "config": self.config, "config_sha256": self.digest, "updated": _now(), **fields})
         atomic.write_json(self.record_file, current)
@@ -142,10 +153,12 @@ class JobDir:
     # -- state ------------------------------------------------------------------------------
 
     def save_checkpoint(self, state: dict, step: int) -> None:
+        """Write the training state of ``step`` atomically and record the step."""
         atomic.write_bytes(self.checkpoint_file, tensor_blob({**state, "step": step, "config_sha256": self.digest}))
         self.write_record(step=step)
 
     def load_checkpoint(self) -> dict:
+        """The saved training state; refuses one written by another configuration."""
         try:
             state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as exc:  # our own file: a torn write is impossible (atomic), corruption is not
@@ -155,10 +168,12 @@ class JobDir:
         return state
 
     def log_metrics(self, row: dict) -> None:
+        """Append one row to metrics.jsonl."""
         with open(self.metrics_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
     def metrics(self) -> list[dict]:
+        """Every logged row (a line cut by a crash is skipped)."""
         if not self.metrics_file.is_file():
             return []
         rows = []
@@ -175,7 +190,9 @@ class JobDir:
         atomic.write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def finish(self, **fields: Any) -> None:
+        """Mark the job done."""
         self.write_record(status="done", finished=_now(), **fields)
 
     def fail(self, error: str) -> None:
+        """Mark the job failed with ``error``."""
         self.write_record(status="failed", error=error)

@@ -1,5 +1,8 @@
 """Sizes of the data factory's networks (`FactoryConfig`, presets), checked without torch.
 
+`PresetConfig` is the base of the frozen size configs with named presets (this one and
+`pipelines.adaptation.config.AdaptConfig`).
+
 Checking an experiment spec's ``plan_args.factory`` needs no network, so this module
 imports neither torch nor MONAI; `pipelines.factory.networks` builds the networks and
 re-exports these names.
@@ -8,9 +11,16 @@ re-exports these names.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import BeforeValidator, ConfigDict, ValidationError, model_validator
+
+from fedimg_core.config import ConfigModel, ConfigProblem, problems_of, short
+from fedimg_core.config_types import Flag, integer, number
+from pipelines.config_fields import ConfigValueError, integer_list, problem_lines, refuse_unknown_keys
+
+__all__ = ["PRESETS", "FactoryConfig", "PresetConfig", "preset_values"]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,111 +42,152 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _fmt(value: Any) -> str:
-    return repr(value)
+class PresetConfig(ConfigModel):
+    """A frozen size config built from ``{preset: NAME, field: value, ...}``.
+
+    The fields' defaults, then the preset's values (default ``tiny``), then the overrides.
+    Constructing one directly (``FactoryConfig(resolution=32)``) validates it too; every
+    error is a `ConfigValueError` (a ValueError) naming ``<where>.<key>``.
+    """
+
+    model_config = ConfigDict(frozen=True)  # merged with ConfigModel's
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}}
+    WHERE: ClassVar[str] = "config"  # what messages call it by default
+    WHAT: ClassVar[str] = "settings"  # what its mapping holds, in words
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = problems_of(exc, type(self), f"{self.WHERE}.")
+            error = ConfigValueError(problem_lines(problems, self.WHERE), key=problems[0][0])
+            error.problems = problems
+            raise error from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        refuse_unknown_keys(data, ["preset", *cls.model_fields])
+        preset = data.get("preset", "tiny")
+        if not isinstance(preset, str) or preset not in cls.PRESETS:
+            raise ConfigProblem("preset", f"must be one of {', '.join(cls.PRESETS)} (got {short(preset)})")
+        return {**cls.PRESETS[preset], **{k: v for k, v in data.items() if k != "preset"}}
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Self:
+        """A named preset with field overrides.
+
+        Args:
+            name: the preset (a key of PRESETS).
+            **overrides: field values replacing the preset's.
+
+        Returns:
+            The config.
+        """
+        return cls.from_dict({"preset": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None, where: str | None = None) -> Self:
+        """Build from a plain dict (YAML/JSON): optional ``preset`` plus field overrides.
+
+        Args:
+            raw: the mapping (None: the defaults).
+            where: key path of ``raw`` in its file, starting every message (default WHERE).
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigValueError: ``"<where>.<key>: <problem>"`` for every problem.
+        """
+        where = where or cls.WHERE
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigValueError.of(where, f"must be a mapping of {cls.WHAT} (got {type(raw).__name__})")
+        raw = raw or {}
+        bad = [k for k in raw if not isinstance(k, str)]
+        if bad:
+            raise ConfigValueError.of(f"{where}.{bad[0]}", "unknown key; keys are strings")
+        try:
+            return cls(**raw)  # a custom __init__ is what pydantic runs, so validate through it
+        except ConfigValueError as exc:
+            if where == cls.WHERE:
+                raise
+            problems = [(where + key[len(cls.WHERE) :], problem) for key, problem in exc.problems]
+            error = ConfigValueError(problem_lines(problems, where), key=problems[0][0])
+            error.problems = problems
+            raise error from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field; ``type(cfg).from_dict(cfg.to_dict()) == cfg``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
 
 
-def _int(where: str, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where}.{key}: must be an integer >= {minimum} (got {_fmt(value)})")
-    return int(value)
+def preset_values(cls: type[PresetConfig], raw: Mapping[str, Any] | None, where: str, presets: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, Any]:
+    """A config's field values from ``{preset: NAME, field: value, ...}`` (checked).
+
+    Args:
+        cls: the config class.
+        raw: the mapping (None: the defaults).
+        where: key path of ``raw``, starting every message.
+        presets: unused (the class's PRESETS); kept for callers of the old signature.
+        what: unused (the class's WHAT).
+
+    Returns:
+        Every field's value.
+
+    Raises:
+        ConfigValueError: naming ``<where>.<key>``.
+    """
+    return dict(cls.from_dict(raw, where).model_dump())
 
 
-def _float(where: str, key: str, value: Any, low: float, high: float | None, low_open: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{where}.{key}: must be a finite number {bound} (got {_fmt(value)})")
-    return float(value)
+def _resolution(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value & (value - 1):
+        raise ValueError(f"must be a power of two >= 8 (got {short(value)})")
+    return value
 
 
-def _check_fields(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate and normalise every field; errors name ``{where}.{key}``."""
-    out: dict[str, Any] = {}
-    res = values["resolution"]
-    if isinstance(res, bool) or not isinstance(res, int) or res < 8 or res & (res - 1):
-        raise ValueError(f"{where}.resolution: must be a power of two >= 8 (got {_fmt(res)})")
-    out["resolution"] = int(res)
-    n_levels = int(math.log2(res)) - 1
-    ch = values["channels"]
-    if isinstance(ch, (str, bytes)) or not isinstance(ch, Sequence):
-        raise ValueError(f"{where}.channels: must be a list of positive integers (got {_fmt(ch)})")
-    for c in ch:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"{where}.channels: must be a list of positive integers (got {_fmt(ch)})")
-    if len(ch) != n_levels:
-        raise ValueError(
-            f"{where}.channels: must have log2(resolution) - 1 = {n_levels} entries, one per "
-            f"resolution 4..{res} (got {len(ch)}: {_fmt(list(ch))})"
-        )
-    out["channels"] = tuple(int(c) for c in ch)
-    out["z_dim"] = _int(where, "z_dim", values["z_dim"], 1)
-    out["w_dim"] = _int(where, "w_dim", values["w_dim"], 1)
-    out["mapping_layers"] = _int(where, "mapping_layers", values["mapping_layers"], 1)
-    out["mapping_lr_mul"] = _float(where, "mapping_lr_mul", values["mapping_lr_mul"], 0.0, None, low_open=True)
-    out["label_lr_mul"] = _float(where, "label_lr_mul", values["label_lr_mul"], 0.0, None, low_open=True)
-    out["n_clients"] = _int(where, "n_clients", values["n_clients"], 1)
-    out["n_bins"] = _int(where, "n_bins", values["n_bins"], 0)
-    out["key_dim"] = _int(where, "key_dim", values["key_dim"], 0)
-    out["key_mix"] = _float(where, "key_mix", values["key_mix"], 0.0, 1.0)
-    out["style_mixing_prob"] = _float(where, "style_mixing_prob", values["style_mixing_prob"], 0.0, 1.0)
-    out["mbstd_group"] = _int(where, "mbstd_group", values["mbstd_group"], 1)
-    if not isinstance(values["d_unconditional"], bool):
-        raise ValueError(f"{where}.d_unconditional: must be true or false (got {_fmt(values['d_unconditional'])})")
-    out["d_unconditional"] = values["d_unconditional"]
-    return out
-
-
-def preset_values(cls, raw: Mapping[str, Any] | None, where: str, presets: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, Any]:
-    """A config dataclass's field values from ``{preset: NAME, field: value, ...}``: the
-    dataclass defaults, then the preset's (default ``tiny``), then the overrides. Unknown keys
-    and presets raise ValueError naming ``{where}.{key}``; values are checked by the caller."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{where}: must be a mapping of {what} (got {type(raw).__name__})")
-    names = [f.name for f in fields(cls)]
-    allowed = ["preset", *names]
-    for key in raw:
-        if key not in allowed:
-            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
-    preset = raw.get("preset", "tiny")
-    if not isinstance(preset, str) or preset not in presets:
-        raise ValueError(f"{where}.preset: must be one of {', '.join(presets)} (got {_fmt(preset)})")
-    defaults = {f.name: f.default for f in fields(cls)}
-    return {**defaults, **presets[preset], **{k: v for k, v in raw.items() if k != "preset"}}
-
-
-@dataclass(frozen=True)
-class FactoryConfig:
+class FactoryConfig(PresetConfig):
     """Sizes of the factory's generator and discriminator (validated on construction)."""
 
-    resolution: int = 64  # power of two >= 8; images are (1, resolution, resolution)
-    channels: tuple[int, ...] = (64, 64, 64, 32, 16)  # at 4, 8, ..., resolution
-    z_dim: int = 64
-    w_dim: int = 64  # also the condition embedding width and the D projection width
-    mapping_layers: int = 2
-    mapping_lr_mul: float = 0.01
-    label_lr_mul: float = 1.0  # learning-rate multiplier of the client-id / slice-bin embeddings (G and D)
-    n_clients: int = 2  # client-id one-hot size
-    n_bins: int = 29  # slice-position bins (0: no bin conditioning)
-    key_dim: int = 0  # domain-key width (0: no key conditioning)
-    key_mix: float = 0.8  # condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
-    style_mixing_prob: float = 0.9
-    mbstd_group: int = 4
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    WHERE: ClassVar[str] = "factory"
+    WHAT: ClassVar[str] = "factory settings"
+
+    resolution: Annotated[int, BeforeValidator(_resolution)] = 64  # power of two >= 8; images are (1, resolution, resolution)
+    # at 4, 8, ..., resolution
+    channels: Annotated[tuple[int, ...], integer_list(lo=1, message="must be a list of positive integers (got {got})")] = (64, 64, 64, 32, 16)
+    z_dim: Annotated[int, integer(1)] = 64
+    w_dim: Annotated[int, integer(1)] = 64  # also the condition embedding width and the D projection width
+    mapping_layers: Annotated[int, integer(1)] = 2
+    mapping_lr_mul: Annotated[float, number(positive=True)] = 0.01
+    label_lr_mul: Annotated[float, number(positive=True)] = 1.0  # learning-rate multiplier of the client-id / slice-bin embeddings (G and D)
+    n_clients: Annotated[int, integer(1)] = 2  # client-id one-hot size
+    n_bins: Annotated[int, integer(0)] = 29  # slice-position bins (0: no bin conditioning)
+    key_dim: Annotated[int, integer(0)] = 0  # domain-key width (0: no key conditioning)
+    key_mix: Annotated[float, number(0.0, 1.0)] = 0.8  # condition = PixelNorm(key_mix * key_emb + (1 - key_mix) * label_emb)
+    style_mixing_prob: Annotated[float, number(0.0, 1.0)] = 0.9
+    mbstd_group: Annotated[int, integer(1)] = 4
     # D's score = unconditional head + projection on the condition; false: projection only, so
     # everything D knows about a site has to go through its client-id embedding
-    d_unconditional: bool = True
+    d_unconditional: Flag = True
 
-    def __post_init__(self) -> None:
-        checked = _check_fields({f.name: getattr(self, f.name) for f in fields(self)}, "factory")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+    @model_validator(mode="after")
+    def _one_width_per_level(self) -> FactoryConfig:
+        n_levels = int(math.log2(self.resolution)) - 1
+        if len(self.channels) != n_levels:
+            raise ConfigProblem(
+                "channels",
+                f"must have log2(resolution) - 1 = {n_levels} entries, one per resolution 4..{self.resolution} "
+                f"(got {len(self.channels)}: {list(self.channels)!r})",
+            )
+        return self
 
     @property
     def log2_resolution(self) -> int:
+        """log2 of the image size."""
         return int(math.log2(self.resolution))
 
     @property
@@ -146,20 +197,5 @@ class FactoryConfig:
 
     @property
     def label_dim(self) -> int:
+        """Width of the condition one-hot: client ids then slice bins."""
         return self.n_clients + self.n_bins
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "FactoryConfig":
-        """A named preset ("tiny", "small", "paper") with field overrides."""
-        return cls.from_dict({"preset": name, **overrides})
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None, where: str = "factory") -> "FactoryConfig":
-        """Build from a plain dict (e.g. from YAML/JSON): optional ``preset`` plus field overrides."""
-        return cls(**_check_fields(preset_values(cls, raw, where, PRESETS, "factory settings"), where))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field; ``FactoryConfig.from_dict(cfg.to_dict()) == cfg``."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["channels"] = list(self.channels)
-        return out

@@ -1,23 +1,33 @@
-"""The data-factory plan's arguments (``plan_args``): keys, checks, `FactorySettings`.
+"""The data-factory plan's arguments (``plan_args``): the `FactoryPlanArgs` model, `FactorySettings`.
 
 `parse_factory_args` validates an experiment spec's ``plan_args`` for the data-factory plan
-with messages naming the key; the coordinator checks them before sending, the node again on
+with messages naming the key (`pipelines.plan_args_common`, shared with the segmentation plans); the coordinator checks them before sending, the node again on
 arrival. Checking needs no network, so this module imports neither torch nor MONAI;
 `pipelines.factory.training` re-exports its names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field
+
+from fedimg_core.config import ConfigModel, ConfigProblem, short
+from fedimg_core.config_types import integer, number
+from pipelines.config_fields import ConfigValueError, is_int, worded_number
 from pipelines.factory.config import FactoryConfig
 from pipelines.factory.key_config import validate_key_config
-from pipelines.site_state import is_plain_name
+from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_plan_args
+
+__all__ = ["FACTORY_ARG_KEYS", "DiffAugment", "FactoryPlanArgs", "FactorySettings", "InvalidPlanArgs", "key_dim_of", "parse_factory_args"]
 
 
 @dataclass(frozen=True)
 class FactorySettings:
+    """The data-factory plan's settings, defaults filled in (what `parse_factory_args` returns)."""
+
     config: FactoryConfig
     key: dict[str, Any] | None = field(default_factory=dict)  # key-function config; None: no key (ablation)
     r1_gamma: float = 10.0
@@ -42,6 +52,7 @@ class FactorySettings:
     client_ids: dict[str, int] = field(default_factory=dict)  # node id -> client id (coordinator)
 
     def refining(self, round_index: int) -> bool:
+        """Whether round ``round_index`` (0-based) is one of the last ``refine_rounds``, which add the key-alignment loss."""
         total = self.rounds_total or 1
         return self.refine_rounds > 0 and round_index >= total - self.refine_rounds
 
@@ -53,58 +64,106 @@ FACTORY_ARG_KEYS = (
 )  # fmt: skip
 
 
-def _bad(key: str, problem: str) -> ValueError:
-    return ValueError(f"plan_args.{key}: {problem}")
+def key_dim_of(key: dict[str, Any] | None, where: str = "plan_args.key") -> int:
+    """Width of the key a key-function config produces (known without building it).
+
+    Args:
+        key: the key config (None: no key).
+        where: key path of ``key``, starting messages.
+
+    Returns:
+        The key width (0 for no key).
+
+    Raises:
+        KeyConfigError: the config is invalid, or an encoder key has no ``dim``.
+    """
+    if key is None:
+        return 0
+    cfg = validate_key_config(key, where=where)
+    kind = cfg["kind"]
+    if kind == "encoder":
+        if cfg.get("dim") is None:
+            raise ConfigValueError.of(f"{where}.dim", "required for an encoder key: the width of the encoder's output")
+        return int(cfg["dim"])
+    return (int(cfg["proj_dim"]) if "random_cnn" in kind else 0) + (int(cfg["bins"]) if "histogram" in kind else 0)
 
 
-def _num(args, key, default, lo=None, hi=None, integer=False):
-    value = args.get(key, default)
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok:
-        raise _bad(key, f"must be {'an integer' if integer else 'a number'} (got {value!r})")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(key, f"must be in [{lo}, {hi}] (got {value!r})")
+_FRACTION = "must be a fraction of the image size in [0, 1] (got {got})"
+
+
+class DiffAugment(ConfigModel):
+    """``plan_args.diff_augment``: DiffAugment of the discriminator's inputs."""
+
+    translation: Annotated[float, worded_number(0.0, 1.0, message=_FRACTION)] = 0.125
+    cutout: Annotated[float, worded_number(0.0, 1.0, message=_FRACTION)] = 0.5
+
+
+def _diff_augment(value: Any) -> Any:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping {{translation, cutout}}, true or null (got {short(value)})")
     return value
 
 
-def key_dim_of(key: dict[str, Any] | None) -> int:
-    """Width of the key a key-function config produces (known without building it)."""
-    if key is None:
-        return 0
-    cfg = validate_key_config(key, where="plan_args.key")
-    kind = cfg["kind"]
-    if kind == "none":
-        return 0
-    dim = 0
-    if "random_cnn" in kind:
-        dim += int(cfg.get("proj_dim", 64))
-    if "histogram" in kind:
-        dim += int(cfg.get("bins", 32))
-    if kind == "encoder":
-        if not isinstance(cfg.get("dim"), int):
-            raise _bad("key.dim", "required for an encoder key: the width of the encoder's output")
-        dim = int(cfg["dim"])
-    return dim
+def _client_ids(value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(is_int(v) and v >= 0 for v in value.values()):
+        raise ValueError("must map node ids to client ids >= 0 (filled in by the coordinator)")
+    return {str(k): int(v) for k, v in value.items()}
 
 
-def _diff_augment_arg(raw) -> dict[str, float] | None:
-    if raw is None or raw is False:
-        return None
-    if raw is True:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _bad("diff_augment", f"must be a mapping {{translation, cutout}}, true or null (got {raw!r})")
-    unknown = sorted(set(raw) - {"translation", "cutout"})
-    if unknown:
-        raise _bad(f"diff_augment.{unknown[0]}", "unknown key; allowed: translation, cutout")
-    out = {"translation": 0.125, "cutout": 0.5, **raw}
-    for k, v in out.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise _bad(f"diff_augment.{k}", f"must be a fraction of the image size in [0, 1] (got {v!r})")
-    return {k: float(v) for k, v in out.items()}
+def _key(value: Any) -> Any:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError("must be a mapping (e.g. {kind: random_cnn+histogram}) or null for no key")
+    return value
 
 
-def parse_factory_args(args: dict[str, Any]) -> FactorySettings:
+def _factory(value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping (e.g. {preset: tiny})")
+    for filled in ("n_clients", "key_dim"):
+        if filled in value:
+            raise ConfigProblem(filled, "is filled in from the federation (sites) and the key function")
+    return value
+
+
+class FactoryPlanArgs(PlanArgsBase):
+    """A spec's ``plan_args`` for the data-factory plan (plus ``client_ids``, filled in by the coordinator)."""
+
+    factory: Annotated[dict[str, Any], BeforeValidator(_factory)] = Field(default_factory=lambda: {"preset": "tiny"})
+    key: Annotated[dict[str, Any] | None, BeforeValidator(_key)] = Field(default_factory=dict)  # None: no key (ablation)
+    r1_gamma: Annotated[float, number(0.0)] = 10.0
+    r1_interval: Annotated[int, integer(1)] = 16
+    pl_weight: Annotated[float, number(0.0)] = 2.0
+    pl_interval: Annotated[int, integer(1)] = 4
+    pl_decay: Annotated[float, number(0.0, 1.0)] = 0.01
+    pl_batch_shrink: Annotated[int, integer(1)] = 2
+    ema_decay: Annotated[float, number(0.0, 1.0)] = 0.9978
+    key_drop: Annotated[float, number(0.0, 1.0)] = 0.5
+    mismatch_weight: Annotated[float, number(0.0)] = 0.0
+    diff_augment: Annotated[DiffAugment | None, BeforeValidator(_diff_augment)] = None
+    key_align_weight: Annotated[float, number(0.0)] = 50.0
+    refine_rounds: Annotated[int, integer(0)] = 0
+    min_foreground: Annotated[float, number(0.0, 1.0)] = 0.05
+    sample_every: Annotated[int, integer(1)] = 5
+    client_ids: Annotated[dict[str, int], BeforeValidator(_client_ids)] = Field(default_factory=dict)
+
+    def factory_config(self) -> FactoryConfig:
+        """The factory's sizes: ``factory`` plus the number of clients and the key width.
+
+        Raises:
+            ConfigValueError: naming ``plan_args.key...`` or ``plan_args.factory.<key>``.
+        """
+        key_dim = key_dim_of(self.key)
+        n_clients = max(self.client_ids.values()) + 1 if self.client_ids else 1
+        return FactoryConfig.from_dict({"preset": "tiny", **self.factory, "n_clients": n_clients, "key_dim": key_dim}, where="plan_args.factory")
+
+
+def parse_factory_args(args: Mapping[str, Any]) -> FactorySettings:
     """``plan_args`` of the data-factory plan, validated (messages name the key).
 
     Args:
@@ -114,67 +173,34 @@ def parse_factory_args(args: dict[str, Any]) -> FactorySettings:
         The settings, defaults filled in.
 
     Raises:
-        ValueError: ``"plan_args.<key>: <problem>"`` for the first problem found.
+        InvalidPlanArgs: (a ValueError) ``"plan_args.<key>: <problem>"``, one line per problem.
     """
-    if not isinstance(args, dict):
-        raise _bad("", "must be a mapping")
-    unknown = sorted(set(args) - set(FACTORY_ARG_KEYS))
-    if unknown:
-        raise _bad(unknown[0], f"unknown key; allowed: {', '.join(k for k in FACTORY_ARG_KEYS if k != 'schema_definition')}")
-    key = args.get("key", {})
-    if key is not None and not isinstance(key, dict):
-        raise _bad("key", "must be a mapping (e.g. {kind: random_cnn+histogram}) or null for no key")
+    m = validate_plan_args(FactoryPlanArgs, args, FACTORY_ARG_KEYS)
     try:
-        key_dim = key_dim_of(key)
-    except ValueError as exc:
-        msg = str(exc)
-        raise ValueError(msg if msg.startswith("plan_args.") else f"plan_args.key: {msg}") from None
-    raw_cfg = args.get("factory", {"preset": "tiny"})
-    if not isinstance(raw_cfg, dict):
-        raise _bad("factory", "must be a mapping (e.g. {preset: tiny})")
-    for filled in ("n_clients", "key_dim"):
-        if filled in raw_cfg:
-            raise _bad(f"factory.{filled}", "is filled in from the federation (sites) and the key function")
-    client_ids = args.get("client_ids", {}) or {}
-    if not isinstance(client_ids, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in client_ids.values()):
-        raise _bad("client_ids", "must map node ids to client ids >= 0 (filled in by the coordinator)")
-    n_clients = max(client_ids.values()) + 1 if client_ids else 1
-    try:
-        config = FactoryConfig.from_dict(
-            {"preset": "tiny", **raw_cfg, "n_clients": n_clients, "key_dim": key_dim}, where="plan_args.factory"
-        )
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-    spacing = args.get("spacing", "schema")
-    if not (spacing in ("schema", "native") or (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in spacing))):
-        raise _bad("spacing", f"must be 'schema', 'native' or three positive numbers in mm (got {spacing!r})")
-    keep = args.get("keep_optimizer_state", True)
-    if not isinstance(keep, bool):
-        raise _bad("keep_optimizer_state", f"must be true or false (got {keep!r})")
-    run_id = args.get("run_id")
-    if run_id is not None and not is_plain_name(run_id):  # it names the site's state files
-        raise _bad("run_id", f"must be a plain name: letters, digits, '-', '_', '.' (got {run_id!r})")
+        config = m.factory_config()
+    except ConfigValueError as exc:
+        raise InvalidPlanArgs(str(exc), key=exc.key).with_problems(exc.problems) from None
     return FactorySettings(
         config=config,
-        key=key,
-        r1_gamma=float(_num(args, "r1_gamma", 10.0, lo=0)),
-        r1_interval=_num(args, "r1_interval", 16, lo=1, integer=True),
-        pl_weight=float(_num(args, "pl_weight", 2.0, lo=0)),
-        pl_interval=_num(args, "pl_interval", 4, lo=1, integer=True),
-        pl_decay=float(_num(args, "pl_decay", 0.01, lo=0, hi=1)),
-        pl_batch_shrink=_num(args, "pl_batch_shrink", 2, lo=1, integer=True),
-        ema_decay=float(_num(args, "ema_decay", 0.9978, lo=0, hi=1)),
-        key_drop=float(_num(args, "key_drop", 0.5, lo=0, hi=1)),
-        mismatch_weight=float(_num(args, "mismatch_weight", 0.0, lo=0)),
-        diff_augment=_diff_augment_arg(args.get("diff_augment")),
-        key_align_weight=float(_num(args, "key_align_weight", 50.0, lo=0)),
-        refine_rounds=_num(args, "refine_rounds", 0, lo=0, integer=True),
-        spacing=None if spacing == "native" else (tuple(float(v) for v in spacing) if isinstance(spacing, list) else spacing),
-        min_foreground=float(_num(args, "min_foreground", 0.05, lo=0, hi=1)),
-        sample_every=_num(args, "sample_every", 5, lo=1, integer=True),
-        keep_optimizer_state=keep,
-        rounds_total=args.get("rounds_total"),
-        local_steps=args.get("local_steps"),
-        run_id=run_id,
-        client_ids={str(k): int(v) for k, v in client_ids.items()},
+        key=m.key,
+        r1_gamma=m.r1_gamma,
+        r1_interval=m.r1_interval,
+        pl_weight=m.pl_weight,
+        pl_interval=m.pl_interval,
+        pl_decay=m.pl_decay,
+        pl_batch_shrink=m.pl_batch_shrink,
+        ema_decay=m.ema_decay,
+        key_drop=m.key_drop,
+        mismatch_weight=m.mismatch_weight,
+        diff_augment=m.diff_augment.model_dump() if m.diff_augment is not None else None,
+        key_align_weight=m.key_align_weight,
+        refine_rounds=m.refine_rounds,
+        spacing=m.spacing,
+        min_foreground=m.min_foreground,
+        sample_every=m.sample_every,
+        keep_optimizer_state=m.keep_optimizer_state,
+        rounds_total=m.rounds_total,
+        local_steps=m.local_steps,
+        run_id=m.run_id,
+        client_ids=m.client_ids,
     )
