@@ -25,6 +25,7 @@ FEDBIOMED_LOGGER = "fedbiomed"
 MIRRORED_PREFIX = "[fedimg]"
 
 _LEVELS = {QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}
+_OTHER_LIBRARIES_LEVELS = {QUIET: logging.CRITICAL, NORMAL: logging.CRITICAL, VERBOSE: logging.WARNING}
 _FEDBIOMED_LEVELS = {QUIET: logging.WARNING, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}
 
 _console = Console(stderr=True)  # resolves sys.stderr on each write (redirections and pytest's capture work)
@@ -79,6 +80,20 @@ class StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+class _OtherLibrariesQuiet(logging.Filter):
+    """Lets other libraries' records (pydicom, nibabel, matplotlib...) through only from
+    ``minimum`` up: they report what fedimg already reports in its own words (a refused
+    case), so at the default level they would only repeat it, often with a traceback."""
+
+    def __init__(self, minimum: int) -> None:
+        super().__init__()
+        self.minimum = minimum
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        top = record.name.split(".")[0]
+        return top in FEDIMG_LOGGERS or top == FEDBIOMED_LOGGER or record.levelno >= self.minimum
+
+
 class _NotMirrored(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg.startswith(MIRRORED_PREFIX))
@@ -105,8 +120,9 @@ def _make_handler(verbosity: int, terminal: bool) -> logging.Handler:
 def setup_logging(verbosity: int = NORMAL, terminal: bool | None = None) -> None:
     """Send fedimg's log records to stderr at the level ``verbosity`` asks for.
 
-    Safe to call again (the previous handler is replaced). Other libraries show their
-    warnings; Fed-BioMed's records take the same route where `route_fedbiomed` is called.
+    Safe to call again (the previous handler is replaced). Other libraries' records show
+    only with ``--verbose`` (from WARNING; CRITICAL always); Fed-BioMed's records take the
+    same route where `route_fedbiomed` is called.
 
     Args:
         verbosity: ``QUIET`` (warnings and errors), ``NORMAL`` (also information lines and
@@ -125,6 +141,8 @@ def setup_logging(verbosity: int = NORMAL, terminal: bool | None = None) -> None
     if old is not None:
         root.removeHandler(old)
     handler = _make_handler(verbosity, terminal)
+    handler.setLevel(_LEVELS[verbosity])  # a test or a library may lower one logger's level
+    handler.addFilter(_OtherLibrariesQuiet(_OTHER_LIBRARIES_LEVELS[verbosity]))
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
