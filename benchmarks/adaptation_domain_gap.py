@@ -46,12 +46,21 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedimg_testing.phantom import make_phantom, mr_like  # noqa: E402
 from pipelines.adaptation import report  # noqa: E402
 from pipelines.adaptation.factory import Factory, load_factory  # noqa: E402
 from pipelines.adaptation.jobs import JobDir  # noqa: E402
 from pipelines.adaptation.networks import invert  # noqa: E402
 from pipelines.adaptation.training import (  # noqa: E402
-    SOURCE, TARGET, AdaptSettings, evaluate_cases, label_table, schema_class_ids, target_split, train_source, train_target,
+    SOURCE,
+    TARGET,
+    AdaptSettings,
+    evaluate_cases,
+    label_table,
+    schema_class_ids,
+    target_split,
+    train_source,
+    train_target,
 )  # fmt: skip
 from pipelines.adaptation.volumes import labelled_slices  # noqa: E402
 from pipelines.factory.networks import FactoryConfig  # noqa: E402
@@ -59,7 +68,6 @@ from pipelines.factory.slices import SliceSettings  # noqa: E402
 from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, make_optimizer  # noqa: E402
 from pipelines.losses import IGNORE_INDEX, MarginalDiceCELoss  # noqa: E402
 from preprocessing.dataset import write_dataset  # noqa: E402
-from fedimg_testing.phantom import make_phantom, mr_like  # noqa: E402
 from preprocessing.schema import load_schema  # noqa: E402
 
 CLASSES = {"background": 0, "kidney": 1, "liver": 3, "spleen": 7}
@@ -233,7 +241,9 @@ def main() -> int:
     adapted_mean = results["adapted (S_t + S_s average)"]["mean"]
     console.print(f"adapted / source-only (E_s + S_s) mean Dice: {adapted_mean:.3f} / {base:.3f} = {adapted_mean / max(base, 1e-6):.2f}x")
     console.print(f"adapted / source-only (U-Net) mean Dice: {adapted_mean:.3f} / {results['source only (2D U-Net)']['mean']:.3f}")
-    src_eval = evaluate_cases(source_model.predict, src, list(range(len(src.case_ids))), label_table(schema_class_ids(schema), names, src.ignore_label, src.num_classes), len(names))
+    src_eval = evaluate_cases(
+        source_model.predict, src, list(range(len(src.case_ids))), label_table(schema_class_ids(schema), names, src.ignore_label, src.num_classes), len(names)
+    )
     console.print(f"(source model on its own training volumes: mean Dice {np.nanmean(list(src_eval['mean'].values())):.3f})")
 
     # report
@@ -257,7 +267,9 @@ def main() -> int:
     x = tgt.images[pick]
     with torch.no_grad():
         report.overlay_grid(out / "overlays.png", x, adapted.predict(x).argmax(1), table[tgt.labels[pick]], names, "adapted model on held-out MR-like slices")
-        report.overlay_grid(out / "overlays_source_only.png", x, source_model.predict(x).argmax(1), table[tgt.labels[pick]], names, "source-only model on the same slices")
+        report.overlay_grid(
+            out / "overlays_source_only.png", x, source_model.predict(x).argmax(1), table[tgt.labels[pick]], names, "source-only model on the same slices"
+        )
         g, e, fs = adapted.generator, adapted.encoder, adapted.feature_scale
         grid = []
         for dom, other in ((TARGET, SOURCE),):
@@ -265,7 +277,13 @@ def main() -> int:
             tr, _, _ = invert(g, e, x, other, fs)
             cyc, _, _ = invert(g, e, tr.clamp(-1, 1), dom, fs)
             grid += [[x[i, 0], rec[i, 0].clamp(-1, 1), tr[i, 0].clamp(-1, 1), cyc[i, 0].clamp(-1, 1)] for i in range(x.shape[0])]
-        report.image_grid(out / "translations.png", grid, [f"MR-like {i}" for i in range(x.shape[0])], ["image", "reconstruction", "to source (CT)", "back"], "target -> source -> target")
+        report.image_grid(
+            out / "translations.png",
+            grid,
+            [f"MR-like {i}" for i in range(x.shape[0])],
+            ["image", "reconstruction", "to source (CT)", "back"],
+            "target -> source -> target",
+        )
     timing = {"factory_s": round(t_factory, 1), "source_s": round(t_source, 1), "target_s": round(t_target, 1), "unet_baselines_s": round(t_unet, 1),
               "total_s": round(time.perf_counter() - t_all, 1)}  # fmt: skip
     summary_out = {"args": {k: str(v) for k, v in vars(args).items()}, "dice": results, "eval_volumes": len(eval_cases), "few_shot_slices": int(few.numel()),

@@ -229,7 +229,7 @@ def main() -> int:
     for i in range(args.sites):
         vols = volumes_of(bed.dataset_dir(i), settings)
         rng.shuffle(vols)
-        train += vols[math.floor(len(vols) * base["test_ratio"]):]  # Fed-BioMed's split: floor(n * test_ratio) held back
+        train += vols[math.floor(len(vols) * base["test_ratio"]) :]  # Fed-BioMed's split: floor(n * test_ratio) held back
     steps = args.rounds * args.steps * args.sites
     settings = dataclasses.replace(settings, predict_classes=tuple(class_ids))  # the classes it is trained on, as evaluate infers
     central_s = {}

@@ -242,8 +242,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--phases", default="arterial,portal_venous,delayed")
-    ap.add_argument("--engine", choices=("fedbiomed", "inprocess"), default="fedbiomed",
-                    help="fedbiomed: real nodes on loopback; inprocess: pipelines.factory.simulate (same algorithm, no transport)")
+    ap.add_argument(
+        "--engine",
+        choices=("fedbiomed", "inprocess"),
+        default="fedbiomed",
+        help="fedbiomed: real nodes on loopback; inprocess: pipelines.factory.simulate (same algorithm, no transport)",
+    )
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=200, help="updates per sampled site per round")
     ap.add_argument("--batch", type=int, default=8)
@@ -251,22 +255,31 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="inprocess: train for this long instead of --rounds")
     ap.add_argument("--device", default="cpu", help="inprocess: torch device (e.g. cuda)")
     ap.add_argument("--samples", type=int, default=300, help="generated slices per site")
-    ap.add_argument("--score-every", type=int, default=None, metavar="N",
-                    help="inprocess: also score the federated G_ema every N rounds (a learning curve)")
+    ap.add_argument("--score-every", type=int, default=None, metavar="N", help="inprocess: also score the federated G_ema every N rounds (a learning curve)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
     ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
     ap.add_argument("--timing-only", action="store_true", help="only the update-time table")
     ap.add_argument("--skip-timing", action="store_true", help="skip the update-time table")
-    ap.add_argument("--centralised-updates", type=int, default=3000,
-                    help="updates of the centralised baseline: the same factory trained in this process on all sites' "
-                         "slices pooled, every batch mixing client ids (0: skip; -1: as many as the federation ran in all)")
-    ap.add_argument("--only", choices=("both", "federated", "centralised"), default="both",
-                    help="inprocess: train only one of the two (e.g. one process each on a GPU)")
+    ap.add_argument(
+        "--centralised-updates",
+        type=int,
+        default=3000,
+        help="updates of the centralised baseline: the same factory trained in this process on all sites' "
+        "slices pooled, every batch mixing client ids (0: skip; -1: as many as the federation ran in all)",
+    )
+    ap.add_argument(
+        "--only", choices=("both", "federated", "centralised"), default="both", help="inprocess: train only one of the two (e.g. one process each on a GPU)"
+    )
     ap.add_argument("--reuse", action="store_true", help="reuse the federation already trained in --workdir")
     ap.add_argument("--slices", type=Path, default=None, help="inprocess: real slices from --export-slices (no site setup)")
     ap.add_argument("--export-slices", type=Path, default=None, help="set up the phantom sites, save their slices there, stop")
-    ap.add_argument("--plan-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one of the spec's plan_args (VALUE is YAML), e.g. --plan-arg mismatch_weight=0")
+    ap.add_argument(
+        "--plan-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the spec's plan_args (VALUE is YAML), e.g. --plan-arg mismatch_weight=0",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/factory-<time>")
     args = ap.parse_args()
     if args.engine == "inprocess" and args.only == "centralised" and args.centralised_updates < 0 and args.budget_s is None:
@@ -452,7 +465,7 @@ def control(args, console, workdir, report, summary, phases, bed) -> int:
             keys[cid] = torch.load(folder / f"{run_dir.name}-domain-key.pt")["key"].float()
             layers = torch.load(folder / f"{run_dir.name}-key-layers.pt")
             site_g[cid] = copy.deepcopy(g)
-            site_g[cid].load_state_dict({n[len("g_ema."):]: v for n, v in layers.items() if n.startswith("g_ema.")}, strict=False)
+            site_g[cid].load_state_dict({n[len("g_ema.") :]: v for n, v in layers.items() if n.startswith("g_ema.")}, strict=False)
     real_x, real_y = torch.cat(real_x), torch.cat(real_y)
     generators = {"client id only": {cid: (g, None) for cid in range(k)}}
     if keys:

@@ -23,8 +23,8 @@ from coordinator.results import class_dice, ordered_classes
 from coordinator.site_tokens import SiteTokens
 from fedimg_core.cli import run_cli
 from fedimg_core.errors import UserError
-from fedimg_core.site_config import site_json_schema
 from fedimg_core.logs import show_progress, stderr_console, verbosity_options
+from fedimg_core.site_config import site_json_schema
 
 # deferred: start-up time (`--help` stays fast): the engine, the service, evaluation, reports
 # and the testbed import Fed-BioMed, torch or MONAI, so the commands import them when run.
@@ -42,7 +42,9 @@ grpc_options = [
     click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Address the Fed-BioMed server binds."),
     click.option("--grpc-port", default=50051, show_default=True, type=int, help="Port sites connect to."),
     click.option(
-        "--public-host", envvar="FEDIMG_PUBLIC_HOST", default=None,
+        "--public-host",
+        envvar="FEDIMG_PUBLIC_HOST",
+        default=None,
         help="Name sites dial (put in the TLS certificate; default: --grpc-host, or localhost).",
     ),
 ]
@@ -443,15 +445,26 @@ def report(run_id, home) -> None:
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Where the federation lives (default: .testbed/<time>).")
 @click.option("--port", default=0, type=int, help="gRPC port (default: a free one).")
 @click.option("--no-approve", is_flag=True, help="Sites do not approve plans (shows the refusal path).")
-@click.option("--oof-phase", default="non_contrast", show_default=True,
-              type=click.Choice(["non_contrast", "arterial", "portal_venous", "delayed", "none"]),
-              help="Contrast phase of the out-of-federation test set scored after the run (none: skip).")
-@click.option("--phases", default="portal_venous", show_default=True,
-              help="Contrast phase of each site's scanner, comma-separated, cycled over the sites "
-                   "(e.g. arterial,portal_venous,delayed: a domain shift between sites).")
-@click.option("--modalities", default="CT", show_default=True,
-              help="Each site's scanner, CT or MR (MR-like intensities of the same anatomy), comma-separated, "
-                   "cycled over the sites (e.g. CT,MR: a cross-modality federation).")
+@click.option(
+    "--oof-phase",
+    default="non_contrast",
+    show_default=True,
+    type=click.Choice(["non_contrast", "arterial", "portal_venous", "delayed", "none"]),
+    help="Contrast phase of the out-of-federation test set scored after the run (none: skip).",
+)
+@click.option(
+    "--phases",
+    default="portal_venous",
+    show_default=True,
+    help="Contrast phase of each site's scanner, comma-separated, cycled over the sites (e.g. arterial,portal_venous,delayed: a domain shift between sites).",
+)
+@click.option(
+    "--modalities",
+    default="CT",
+    show_default=True,
+    help="Each site's scanner, CT or MR (MR-like intensities of the same anatomy), comma-separated, "
+    "cycled over the sites (e.g. CT,MR: a cross-modality federation).",
+)
 @click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
 def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""

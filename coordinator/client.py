@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
-from pathlib import Path
 import urllib.request
+from pathlib import Path
 
 from fedimg_core.errors import UserError
 
@@ -44,6 +44,4 @@ def client_token(home: Path, token: str | None) -> str:
     try:
         return path.read_text().strip()
     except OSError:
-        raise UserError(
-            f"no API token: pass --token or set FEDIMG_API_TOKEN (the coordinator keeps it in {path} on its host)"
-        ) from None
+        raise UserError(f"no API token: pass --token or set FEDIMG_API_TOKEN (the coordinator keeps it in {path} on its host)") from None

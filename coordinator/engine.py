@@ -271,9 +271,7 @@ class Federation:
                 # Stopped after Fed-BioMed saved the breakpoint but before our record: the
                 # round's model is in the breakpoint; its per-site metrics are gone.
                 checkpoints.save_global(run_dir, done, _params(exp))
-                metrics["rounds"].append(
-                    {"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True}
-                )
+                metrics["rounds"].append({"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True})
             self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
@@ -446,9 +444,7 @@ def _plan_hash(exp) -> str:
     from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
 
     try:
-        digest, _, _ = TrainingPlanSecurityManager._create_hash(
-            SimpleNamespace(_hashing="SHA256"), exp.training_plan().source(), from_string=True
-        )
+        digest, _, _ = TrainingPlanSecurityManager._create_hash(SimpleNamespace(_hashing="SHA256"), exp.training_plan().source(), from_string=True)
         return digest
     except Exception:  # noqa: BLE001 - only for the message
         return "unknown"

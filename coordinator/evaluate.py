@@ -64,7 +64,7 @@ def trained_classes(metrics: dict, schema) -> list[int]:
         for row in r.get("sites", {}).values():
             for key in ("val_global", "val_local", "val_final"):
                 for k in row.get(key) or {}:
-                    name = k[len("dice_"):] if k.startswith("dice_") else None
+                    name = k[len("dice_") :] if k.startswith("dice_") else None
                     if name in schema.classes and name != "background":
                         found.add(schema.classes[name])
     return sorted(found)
@@ -115,7 +115,9 @@ def evaluate_run(
     if prepared.modality not in schema.modalities:
         raise UserError(f"{dataset}: modality {prepared.modality!r} has no rule in schema {schema.name}")
     names = {v: k for k, v in schema.classes.items()}
-    organs_only = [o for o, lesions in schema.groups.items() if schema.classes[o] in labeled and lesions and not any(schema.classes[l] in labeled for l in lesions)]
+    organs_only = [
+        o for o, lesions in schema.groups.items() if schema.classes[o] in labeled and lesions and not any(schema.classes[l] in labeled for l in lesions)
+    ]
     if merge_lesions not in ("auto", "yes", "no"):
         raise UserError(f"merge_lesions must be auto, yes or no (got {merge_lesions!r})")
     merge = bool(organs_only) if merge_lesions == "auto" else merge_lesions == "yes"

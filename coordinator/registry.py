@@ -181,9 +181,7 @@ def check_flat_state_dict(filename: str, data: bytes) -> None:
         if not isinstance(key, str):
             raise RegistryError(f"{filename}: key {key!r} is not a string; only a flat dict[str, Tensor] is accepted")
         if not isinstance(value, torch.Tensor):
-            raise RegistryError(
-                f"{filename}: entry {key!r} is a {type(value).__name__}, not a tensor; only a flat dict[str, Tensor] is accepted"
-            )
+            raise RegistryError(f"{filename}: entry {key!r} is a {type(value).__name__}, not a tensor; only a flat dict[str, Tensor] is accepted")
 
 
 def _now_utc() -> str:
@@ -207,29 +205,20 @@ def _check_kind(kind: str) -> str:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or name.startswith("."):
-        raise RegistryError(
-            f"artifact name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', not starting with '.'"
-        )
+        raise RegistryError(f"artifact name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', not starting with '.'")
     return name
 
 
 def _check_filename(filename: str) -> str:
-    if (
-        not isinstance(filename, str)
-        or not _FILENAME.match(filename)
-        or filename.startswith(".")
-        or ".." in filename
-    ):
+    if not isinstance(filename, str) or not _FILENAME.match(filename) or filename.startswith(".") or ".." in filename:
         raise RegistryError(
-            f"file name {filename!r} is not allowed: use a plain name (letters, digits, '_', '.', '-'; "
-            "no folders, no '..', not starting with '.')"
+            f"file name {filename!r} is not allowed: use a plain name (letters, digits, '_', '.', '-'; no folders, no '..', not starting with '.')"
         )
     if filename == RECORD_FILE:
         raise RegistryError(f"file name {RECORD_FILE!r} is reserved for the registry's own record")
     if not filename.endswith(ALLOWED_SUFFIXES):
         raise RegistryError(
-            f"{filename}: only weights and configs can be published ({', '.join(ALLOWED_SUFFIXES)}); "
-            "images, volumes and other data never leave a site"
+            f"{filename}: only weights and configs can be published ({', '.join(ALLOWED_SUFFIXES)}); images, volumes and other data never leave a site"
         )
     return filename
 
@@ -320,11 +309,7 @@ class Registry:
         base = self._name_dir(kind, name)
         if not base.is_dir():
             return []
-        found = [
-            (n, d.name)
-            for d in base.iterdir()
-            if (n := _version_number(d.name)) is not None and d.is_dir() and (d / RECORD_FILE).is_file()
-        ]
+        found = [(n, d.name) for d in base.iterdir() if (n := _version_number(d.name)) is not None and d.is_dir() and (d / RECORD_FILE).is_file()]
         return [v for _, v in sorted(found)]
 
     def _resolve(self, kind: str, name: str, version: str | None) -> str:

@@ -189,9 +189,7 @@ class RegistryRoutes(LimitedRequestMixin):
                 return self._reg_json(HTTPStatus.OK, reg.get(kind, name, resolved))
             record = reg.get(kind, name, resolved)
             if filename not in record["files"]:
-                raise ArtifactNotFound(
-                    f"{kind} {name} {resolved}: no file {filename!r}; it has {', '.join(sorted(record['files'])) or 'none'}"
-                )
+                raise ArtifactNotFound(f"{kind} {name} {resolved}: no file {filename!r}; it has {', '.join(sorted(record['files'])) or 'none'}")
         except ArtifactNotFound as exc:
             raise _Refusal(HTTPStatus.NOT_FOUND, str(exc)) from None
         try:
@@ -224,8 +222,7 @@ class RegistryRoutes(LimitedRequestMixin):
         if kind not in PUSHABLE_KINDS:
             raise _Refusal(
                 HTTPStatus.FORBIDDEN,
-                f"{kind} artifacts are published by the coordinator's own federation runs; sites may push only "
-                f"{', '.join(PUSHABLE_KINDS)}",
+                f"{kind} artifacts are published by the coordinator's own federation runs; sites may push only {', '.join(PUSHABLE_KINDS)}",
             )
         try:
             R._check_name(name)
@@ -326,9 +323,7 @@ class RegistryRoutes(LimitedRequestMixin):
         return files, dict(meta)
 
 
-def make_registry_handler(
-    home: str | Path, api_token: str | None = None, max_push_bytes: int = MAX_PUSH_BYTES, limits: HTTPLimits | None = None
-):
+def make_registry_handler(home: str | Path, api_token: str | None = None, max_push_bytes: int = MAX_PUSH_BYTES, limits: HTTPLimits | None = None):
     """A handler class serving only the registry routes of `home`."""
 
     class RegistryHandler(RegistryRoutes, BaseHTTPRequestHandler):

@@ -208,9 +208,7 @@ def make_handler(coord: Coordinator, token: str, limits: HTTPLimits | None = Non
                         return self._send(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
                     if length > MAX_SPEC_BYTES:
                         self.close_connection = True  # the body is not read
-                        return self._send(
-                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"spec of {length} bytes is over the limit of {MAX_SPEC_BYTES} bytes"}
-                        )
+                        return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"spec of {length} bytes is over the limit of {MAX_SPEC_BYTES} bytes"})
                     data = self.read_body(length)
                     if len(data) != length:
                         return self._send(HTTPStatus.BAD_REQUEST, {"error": f"spec cut short ({len(data)} of {length} bytes)"})

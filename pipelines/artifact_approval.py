@@ -35,8 +35,8 @@ from typing import Any, Iterator, Mapping
 
 from filelock import FileLock
 
-from pipelines.terminal_text import escape_controls
 from fedimg_core import atomic
+from pipelines.terminal_text import escape_controls
 
 STORE_ENV = "FEDIMG_ARTIFACT_STORE"
 STORE_FILE = "artifacts.json"

@@ -30,8 +30,15 @@ IGNORE_LABEL = 255
 def _augmentations(spatial_dims: int) -> Compose:
     keys = ["image", "label"]
     steps = [
-        RandZoomd(keys=keys, prob=0.2, min_zoom=0.9, max_zoom=1.1, mode=("trilinear" if spatial_dims == 3 else "bilinear", "nearest"),
-                  keep_size=True, padding_mode="constant"),  # fmt: skip
+        RandZoomd(
+            keys=keys,
+            prob=0.2,
+            min_zoom=0.9,
+            max_zoom=1.1,
+            mode=("trilinear" if spatial_dims == 3 else "bilinear", "nearest"),
+            keep_size=True,
+            padding_mode="constant",
+        ),  # fmt: skip
         *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)],
         RandGaussianNoised(keys="image", prob=0.15, mean=0.0, std=0.1),
         RandGaussianSmoothd(keys="image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),

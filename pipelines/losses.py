@@ -69,8 +69,7 @@ def _check_foreground(foreground, num_classes: int) -> tuple[int, ...]:
     for c in ids:
         if not 0 < c < num_classes:
             raise ValueError(
-                f"foreground class id {c} out of range: must be in [1, {num_classes - 1}] "
-                f"(0 is the background, always in the merged background channel)"
+                f"foreground class id {c} out of range: must be in [1, {num_classes - 1}] (0 is the background, always in the merged background channel)"
             )
     if len(set(ids)) != len(ids):
         raise ValueError(f"foreground class ids must be unique, got {ids}")
@@ -103,14 +102,11 @@ def _index_label(label: torch.Tensor, logits: torch.Tensor, num_classes: int, ig
     batch = logits.shape[0]
     if label.dim() == logits.dim():
         if label.shape[1] != 1:
-            raise ValueError(
-                f"label with a channel dim must be (B, 1, *spatial); got {tuple(label.shape)} for logits {tuple(logits.shape)}"
-            )
+            raise ValueError(f"label with a channel dim must be (B, 1, *spatial); got {tuple(label.shape)} for logits {tuple(logits.shape)}")
         label = label[:, 0]
     if label.dim() != logits.dim() - 1 or label.shape[0] != batch or tuple(label.shape[1:]) != spatial:
         raise ValueError(
-            f"label shape {tuple(label.shape)} does not match logits {tuple(logits.shape)}: "
-            f"expected {(batch, 1, *spatial)} or {(batch, *spatial)}"
+            f"label shape {tuple(label.shape)} does not match logits {tuple(logits.shape)}: expected {(batch, 1, *spatial)} or {(batch, *spatial)}"
         )
     if label.is_floating_point():
         if not torch.equal(label, torch.round(label)):
@@ -121,9 +117,7 @@ def _index_label(label: torch.Tensor, logits: torch.Tensor, num_classes: int, ig
     bad = (label < 0) | ((label >= num_classes) & (label != ignore_index))
     if bool(bad.any()):
         values = torch.unique(label[bad]).tolist()[:10]
-        raise ValueError(
-            f"label values {values} are neither class ids in [0, {num_classes - 1}] nor the ignore label {ignore_index}"
-        )
+        raise ValueError(f"label values {values} are neither class ids in [0, {num_classes - 1}] nor the ignore label {ignore_index}")
     return label
 
 
@@ -310,12 +304,7 @@ class ConDistDiceLoss(torch.nn.Module):
         self.num_classes = _check_num_classes(num_classes)
         self.foreground = _check_foreground(foreground, self.num_classes)
         self.groups = _check_background(background, self.foreground, self.num_classes)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.ignore_index = _check_ignore_index(ignore_index, self.num_classes)
@@ -348,9 +337,7 @@ class ConDistDiceLoss(torch.nn.Module):
         _check_logits(student_logits, self.num_classes, "student_logits")
         _check_logits(teacher_logits, self.num_classes, "teacher_logits")
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}"
-            )
+            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}")
         if label is not None:
             label = _index_label(label, student_logits, self.num_classes, self.ignore_index)
         device = student_logits.device
@@ -447,9 +434,7 @@ def deep_supervision_loss(
     elif label.dim() == n_sp + 1:
         lab = label.unsqueeze(1)
     else:
-        raise ValueError(
-            f"label shape {tuple(label.shape)} does not fit heads with {n_sp} spatial dims: expected (B, 1, *spatial) or (B, *spatial)"
-        )
+        raise ValueError(f"label shape {tuple(label.shape)} does not fit heads with {n_sp} spatial dims: expected (B, 1, *spatial) or (B, *spatial)")
     full = tuple(lab.shape[2:])
     for i, head in enumerate(heads):
         if head.dim() != n_sp + 2 or head.shape[0] != lab.shape[0]:

@@ -19,7 +19,6 @@ from fedimg_core.config import ConfigModel, ConfigProblem, did_you_mean, short
 from fedimg_core.config_types import Flag, integer
 from pipelines.config_fields import ConfigValueError, check_model
 
-
 NETWORKS = ("basic_unet", "dynunet", "mednext")
 SIZES = ("tiny", "small", "base", "medium", "large")
 DEFAULT_SIZE = "tiny"

@@ -37,9 +37,7 @@ class PartialLabelObjective:
         self.foreground = foreground
         self.background = schema.background_groups(set(foreground))
         self.marginal = MarginalDiceCELoss(foreground, schema.num_classes, ignore_index=schema.ignore_label)
-        self.condist = ConDistDiceLoss(
-            schema.num_classes, foreground, self.background, temperature, ignore_index=schema.ignore_label
-        )
+        self.condist = ConDistDiceLoss(schema.num_classes, foreground, self.background, temperature, ignore_index=schema.ignore_label)
 
     def __call__(self, outputs, label: torch.Tensor, teacher: torch.Tensor | None = None, weight: float = 0.0):
         heads = all_heads(outputs, self.spatial_dims)

@@ -107,8 +107,7 @@ def _modality_rule(schema: LabelSchema, modality: str) -> ModalityRule:
         return schema.modalities[modality]
     except KeyError:
         raise ValueError(
-            f"schema {schema.name} {schema.version} ({schema.source}) has no rule for modality {modality!r}; "
-            f"it has {sorted(schema.modalities)}"
+            f"schema {schema.name} {schema.version} ({schema.source}) has no rule for modality {modality!r}; it has {sorted(schema.modalities)}"
         ) from None
 
 
@@ -209,9 +208,7 @@ def deterministic_transforms(
     if label_keys:
         steps.append(EnsureTyped(keys=label_keys, dtype=label_dtype, allow_missing_keys=True))
     chain = Compose(steps)
-    chain.fingerprint = transforms_fingerprint(
-        schema, modality, spacing, keys, image_mode=image_mode, label_dtype=label_dtype, zscore_nonzero=zscore_nonzero
-    )
+    chain.fingerprint = transforms_fingerprint(schema, modality, spacing, keys, image_mode=image_mode, label_dtype=label_dtype, zscore_nonzero=zscore_nonzero)
     return chain
 
 

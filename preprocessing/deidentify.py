@@ -30,12 +30,12 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MediaStorageDirectoryStorage,
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
 )
 
 from fedimg_core import atomic
@@ -89,18 +89,22 @@ _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _DATE_VRS = {"DA", "DT", "TM"}
 
 # UI attributes that name a class, syntax or coding scheme rather than an instance: kept.
-_EXTRA_CLASS_UIDS = {"ImplementationClassUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID",
-                     "SegmentationTemplateUID"}
+_EXTRA_CLASS_UIDS = {"ImplementationClassUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "SegmentationTemplateUID"}
 # Removed although not in the table (they carry original data or signatures over it).
-_EXTRA_REMOVE = {Tag("EncryptedAttributesSequence"), Tag("MACParametersSequence"),
-                 Tag("DataSetTrailingPadding"), Tag("DigitalSignaturesSequence")}
+_EXTRA_REMOVE = {Tag("EncryptedAttributesSequence"), Tag("MACParametersSequence"), Tag("DataSetTrailingPadding"), Tag("DigitalSignaturesSequence")}
 _PATIENT_ID = Tag("PatientID")
 _PATIENT_NAME = Tag("PatientName")
 
 # Table E.1-1 category (dicom-anonymizer's list name) -> the action we apply.
 _CATEGORY_ACTION = {
-    "X_TAGS": "X", "Z_TAGS": "Z", "D_TAGS": "D", "U_TAGS": "U",
-    "X_Z_TAGS": "Z", "Z_D_TAGS": "D", "X_D_TAGS": "D", "X_Z_D_TAGS": "D",
+    "X_TAGS": "X",
+    "Z_TAGS": "Z",
+    "D_TAGS": "D",
+    "U_TAGS": "U",
+    "X_Z_TAGS": "Z",
+    "Z_D_TAGS": "D",
+    "X_D_TAGS": "D",
+    "X_Z_D_TAGS": "D",
     "X_Z_U_STAR_TAGS": "U*",
 }
 
@@ -222,10 +226,7 @@ def load_secret(path: str | os.PathLike) -> bytes:
             f"anyone holding it can link pseudonyms back to patients: run chmod o-rwx {path}"
         )
     if len(data) < MIN_SECRET_BYTES:
-        raise DeidentifyError(
-            f"secret file {path}: {len(data)} bytes, need at least {MIN_SECRET_BYTES} "
-            f"(e.g. head -c 32 /dev/urandom | base64 > {path})"
-        )
+        raise DeidentifyError(f"secret file {path}: {len(data)} bytes, need at least {MIN_SECRET_BYTES} (e.g. head -c 32 /dev/urandom | base64 > {path})")
     return data
 
 
@@ -448,9 +449,7 @@ def _deidentify(ds: Dataset, secret: bytes, allow_burned_in_annotation: bool) ->
     _check_secret(secret)
     secret = bytes(secret)
     if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" and not allow_burned_in_annotation:
-        raise DeidentifyError(
-            "BurnedInAnnotation is YES: the basic profile does not remove text burned into the pixels"
-        )
+        raise DeidentifyError("BurnedInAnnotation is YES: the basic profile does not remove text burned into the pixels")
     ctx = _Ctx(secret, patient_pseudonym(_patient_key(ds), secret))
     old_meta = getattr(ds, "file_meta", None)
     _clean(ds, ctx)

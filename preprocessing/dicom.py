@@ -152,9 +152,7 @@ class Series:
 
     def source_identifiers(self) -> list[str]:
         """What identifies this series at the site (hashed with a salt before it is stored)."""
-        return sorted({s.study_uid for s in self.slices} | {s.series_uid for s in self.slices}) + sorted(
-            s.sop_uid for s in self.slices
-        )
+        return sorted({s.study_uid for s in self.slices} | {s.series_uid for s in self.slices}) + sorted(s.sop_uid for s in self.slices)
 
 
 @dataclass
@@ -421,9 +419,11 @@ def group_series(headers: list[SliceHeader]) -> list[Series]:
             for sub in parts.values():
                 result.extend(_split_acquisitions(sub, "series_uid+split", f"SeriesInstanceUID shared by {len(parts)} geometries/echoes/studies"))
     for slices in fallback.values():
-        result.extend(_split_acquisitions(slices, "fallback", "SeriesInstanceUID empty: grouped by study, frame of reference, geometry, series/acquisition/echo numbers"))
+        result.extend(
+            _split_acquisitions(slices, "fallback", "SeriesInstanceUID empty: grouped by study, frame of reference, geometry, series/acquisition/echo numbers")
+        )
     for series in result:
-        series.slices.sort(key=lambda s: (str(s.path)))
+        series.slices.sort(key=lambda s: str(s.path))
     result.sort(key=lambda se: (str(se.folder), se.first.series_number, str(se.first.path)))
     return result
 
@@ -462,7 +462,9 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
         if s.samples_per_pixel != 1:
             raise SeriesError(f"{s.path}: colour image (SamplesPerPixel={s.samples_per_pixel}); only greyscale is supported", "colour_image")
         if s.position is None or s.orientation is None or s.pixel_spacing is None:
-            missing = [k for k, v in (("ImagePositionPatient", s.position), ("ImageOrientationPatient", s.orientation), ("PixelSpacing", s.pixel_spacing)) if v is None]
+            missing = [
+                k for k, v in (("ImagePositionPatient", s.position), ("ImageOrientationPatient", s.orientation), ("PixelSpacing", s.pixel_spacing)) if v is None
+            ]
             raise SeriesError(f"{s.path}: missing {', '.join(missing)}: the slice cannot be placed in space", "missing_geometry")
         if s.rows <= 0 or s.cols <= 0:
             raise SeriesError(f"{s.path}: Rows/Columns missing or zero", "bad_image_tag")
@@ -592,7 +594,6 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise SeriesError(f"series in {series.folder}: pixel values are not finite after rescale", "non_finite")
     return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)
-
 
 
 def _place_slice(series: Series, first: SliceHeader, s: SliceHeader, k: int, arr, ds, out16: np.ndarray, out32: np.ndarray | None) -> np.ndarray | None:

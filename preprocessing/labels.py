@@ -14,7 +14,6 @@ from preprocessing.dicom_pixels import in_process_plugins_only
 from preprocessing.refusals import SeriesError
 from preprocessing.schema import IGNORE, LabelSchema, SchemaError, SiteLabelMap
 
-
 _DENSE_LUT_MAX = 65535  # label values up to this map through a table indexed by value
 
 
@@ -28,7 +27,9 @@ def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, sourc
     values = np.unique(local)
     if values.size and values.min() < 0:
         raise SeriesError(f"{source}: negative label values {values[values < 0][:5].tolist()}", "label_outside_schema")
-    int_map = SiteLabelMap(label_map.schema_name, label_map.schema_version, {k: v for k, v in label_map.mapping.items() if isinstance(k, int)}, label_map.source)
+    int_map = SiteLabelMap(
+        label_map.schema_name, label_map.schema_version, {k: v for k, v in label_map.mapping.items() if isinstance(k, int)}, label_map.source
+    )
     try:
         table = int_map.lookup_table(schema, values, source, unknown_to_ignore)
     except SchemaError as exc:
@@ -121,13 +122,10 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
         # frame) out of this process
         with warnings.catch_warnings(), in_process_plugins_only():
             warnings.simplefilter("ignore")
-            pixels = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=uids, combine_segments=True, ignore_spatial_locations=True, dtype=np.uint16
-            )
+            pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True, ignore_spatial_locations=True, dtype=np.uint16)
     except Exception as exc:  # noqa: BLE001
         raise SeriesError(
-            f"{path}: SEG frames do not match the slices of series {series.first.series_uid[-12:]}… "
-            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})",
+            f"{path}: SEG frames do not match the slices of series {series.first.series_uid[-12:]}… ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})",
             "seg_grid_mismatch",
         ) from None
     if pixels.shape[1:] != (series.first.rows, series.first.cols):

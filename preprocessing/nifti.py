@@ -40,7 +40,9 @@ def _check_declared(path: Path, img) -> None:
                 "corrupt_nifti",
             )
     elif nbytes > size - int(hdr.get_data_offset()):
-        raise SeriesError(f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, the file is {size:,} bytes: truncated)", "corrupt_nifti")
+        raise SeriesError(
+            f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, the file is {size:,} bytes: truncated)", "corrupt_nifti"
+        )
 
 
 def _check_pixdim(path: Path, img, kind: str) -> None:

@@ -46,11 +46,11 @@ from preprocessing.inputs import (
     MIN_SLICES_MULTI_ORIENTATION,
     CaseSource,
     PrepareError,
-    file_identity,
-    scan_inputs,
     collect_sources,
+    file_identity,
     is_prepared_dataset,
     pair_labels,
+    scan_inputs,
     source_location,
 )
 from preprocessing.labels import read_seg, remap

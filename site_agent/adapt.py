@@ -238,7 +238,9 @@ def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
         )
     cfg = branch.config()
     if tuple(cfg["feature_channels"]) != tuple(factory.config.channels) or cfg["resolution"] != factory.config.resolution:
-        raise UserError(f"{folder}: the branch reads features {cfg['feature_channels']} at {cfg['resolution']} px, the factory has {list(factory.config.channels)} at {factory.config.resolution}")
+        raise UserError(
+            f"{folder}: the branch reads features {cfg['feature_channels']} at {cfg['resolution']} px, the factory has {list(factory.config.channels)} at {factory.config.resolution}"
+        )
     unknown = [n for n in cfg["class_names"][1:] if n not in factory.schema.classes]
     if unknown:
         raise UserError(f"{folder}: the branch segments {', '.join(unknown)}, which the factory's label schema does not have")
@@ -331,7 +333,9 @@ def _target_report(jd, model, data, summary: dict, factory) -> None:
                           "source -> target and target -> source through W+")  # fmt: skip
         pred = model.predict(xt).argmax(1)
     has_ref = bool(((labels[pick] != 255).any()))
-    report.overlay_grid(out / "overlays.png", xt, pred, labels[pick] if has_ref else None, model.class_names, "adapted model (S_t + S_s average) on target slices")
+    report.overlay_grid(
+        out / "overlays.png", xt, pred, labels[pick] if has_ref else None, model.class_names, "adapted model (S_t + S_s average) on target slices"
+    )
     tables = []
     for mode, r in summary.get("evaluation", {}).items():
         tables.append((f"Dice on held-out labelled target cases: {mode}", ["class", "mean Dice"], _rows(r["mean"], model.class_names)))

@@ -109,10 +109,18 @@ def dataset() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--tag", "tags", multiple=True, required=True, help="Tag researchers select the dataset by (repeatable).")
 @click.option("--name", default=None, help="Name shown to researchers (default: the dataset's own name).")
-@click.option("--allow-unlabelled", "--allow-unlabeled", "allow_unlabelled", is_flag=True,
-              help="Register even when some or all cases have no label (e.g. for the data factory, which trains on images only).")
-@click.option("--allow-suspect-images", is_flag=True,
-              help="Register even when cases are flagged as probably not images (looks_like_label, ct_values_not_hu; see the QC report).")
+@click.option(
+    "--allow-unlabelled",
+    "--allow-unlabeled",
+    "allow_unlabelled",
+    is_flag=True,
+    help="Register even when some or all cases have no label (e.g. for the data factory, which trains on images only).",
+)
+@click.option(
+    "--allow-suspect-images",
+    is_flag=True,
+    help="Register even when cases are flagged as probably not images (looks_like_label, ct_values_not_hu; see the QC report).",
+)
 @click.pass_context
 def dataset_add(ctx, path, tags, name, allow_unlabelled, allow_suspect_images) -> None:
     """Register the prepared dataset at PATH (checked: manifest, files, checksums).
@@ -129,8 +137,13 @@ def dataset_add(ctx, path, tags, name, allow_unlabelled, allow_suspect_images) -
 @dataset.command("where")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("case_ids", nargs=-1)
-@click.option("--case-map", "case_map", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="The case map, if prepare was given --case-map (default: <PATH>.case-map.json next to the dataset folder).")
+@click.option(
+    "--case-map",
+    "case_map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The case map, if prepare was given --case-map (default: <PATH>.case-map.json next to the dataset folder).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dataset_where(path, case_ids, case_map, as_json) -> None:
     """Show the source folder or file of CASE_IDS (all cases when none) of the dataset at PATH.
@@ -195,8 +208,13 @@ class _StageProgress:
 
     def __init__(self):
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=stderr_console(), transient=False, disable=not sys.stderr.isatty() or not show_progress(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr_console(),
+            transient=False,
+            disable=not sys.stderr.isatty() or not show_progress(),
         )
         self.tasks: dict[str, int] = {}
 
@@ -217,21 +235,54 @@ class _StageProgress:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Prepared dataset folder (created or updated).")
 @click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path), help="Folder or file of label maps (NIfTI or DICOM SEG); repeatable.")
-@click.option("--label-map", default=None, type=click.Path(path_type=Path), help="Site label map: local value/segment name -> schema class (needed when there are labels).")
+@click.option(
+    "--label-map",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Site label map: local value/segment name -> schema class (needed when there are labels).",
+)
 @click.option("--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in abdominal-ct).")
 @click.option("--modality", default=None, help="CT, MR, ... (required for NIfTI inputs; filters DICOM series).")
 @click.option("--name", default="dataset", show_default=True, help="Dataset name shown to researchers (no patient data!).")
 @click.option("--tolerance-mm", default=0.01, show_default=True, type=float, help="Largest distance of a slice from its voxel plane.")
 @click.option("--allow-irregular", is_flag=True, help="Convert series with missing slices/irregular spacing with a QC flag instead of refusing.")
-@click.option("--unknown-labels", type=click.Choice(["error", "ignore"]), default="error", show_default=True, help="Local label values not in the label map: refuse the case, or map to the ignore label.")
+@click.option(
+    "--unknown-labels",
+    type=click.Choice(["error", "ignore"]),
+    default="error",
+    show_default=True,
+    help="Local label values not in the label map: refuse the case, or map to the ignore label.",
+)
 @click.option("--require-labels", is_flag=True, help="Refuse images that have no label.")
 @click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
 @click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
 @click.option("--salt-file", default=None, type=click.Path(path_type=Path), help="Secret salt for source hashes (default: <out>/.state/salt, created).")
-@click.option("--case-map", "case_map", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Site-local file mapping case ids to source folders (default: <out>.case-map.json, next to --out; never inside it).")
+@click.option(
+    "--case-map",
+    "case_map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Site-local file mapping case ids to source folders (default: <out>.case-map.json, next to --out; never inside it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def prepare(images, out, labels, label_map, schema_path, modality, name, tolerance_mm, allow_irregular, unknown_labels, require_labels, prune, no_qc, salt_file, case_map, as_json) -> None:
+def prepare(
+    images,
+    out,
+    labels,
+    label_map,
+    schema_path,
+    modality,
+    name,
+    tolerance_mm,
+    allow_irregular,
+    unknown_labels,
+    require_labels,
+    prune,
+    no_qc,
+    salt_file,
+    case_map,
+    as_json,
+) -> None:
     """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
 
     Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
@@ -247,8 +298,14 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
     except SchemaError as exc:
         raise UserError(str(exc)) from None
     opts = PrepareOptions(
-        name=name, modality=modality.upper() if modality else None, tolerance_mm=tolerance_mm, allow_irregular=allow_irregular,
-        unknown_labels=unknown_labels, require_labels=require_labels, prune=prune, qc_report=not no_qc,
+        name=name,
+        modality=modality.upper() if modality else None,
+        tolerance_mm=tolerance_mm,
+        allow_irregular=allow_irregular,
+        unknown_labels=unknown_labels,
+        require_labels=require_labels,
+        prune=prune,
+        qc_report=not no_qc,
     )
     try:
         with _StageProgress() as progress:  # refusals are listed in the table below, with their reasons
@@ -258,11 +315,18 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
         raise UserError(str(exc)) from None
     refused = [o for o in result.outcomes if o.status == "refused"]
     if as_json:
-        click.echo(json.dumps({
-            "dataset": str(result.root), "report": str(result.report) if result.report else None, "case_map": str(result.case_map),
-            "notes": result.notes,
-            "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "dataset": str(result.root),
+                    "report": str(result.report) if result.report else None,
+                    "case_map": str(result.case_map),
+                    "notes": result.notes,
+                    "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
+                },
+                indent=2,
+            )
+        )
     else:
         table = Table("case", "status", "flags / reason")
         for o in sorted(result.outcomes, key=lambda o: (o.case_id or "~", o.display)):
@@ -290,7 +354,12 @@ def prepare(images, out, labels, label_map, schema_path, modality, name, toleran
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--secret-file", required=True, type=click.Path(path_type=Path), help="Site secret (>= 16 bytes, not world-readable): UIDs and pseudonyms are derived from it.")
+@click.option(
+    "--secret-file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Site secret (>= 16 bytes, not world-readable): UIDs and pseudonyms are derived from it.",
+)
 @click.option("--non-dicom", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="What to do with files that are not DICOM.")
 @click.option("--allow-burned-in", is_flag=True, help="Copy images marked BurnedInAnnotation=YES (their pixels may show names).")
 def deidentify(src, dst, secret_file, non_dicom, allow_burned_in) -> None:
@@ -306,8 +375,12 @@ def deidentify(src, dst, secret_file, non_dicom, allow_burned_in) -> None:
         secret = load_secret(secret_file)
         with _StageProgress() as progress:
             report = deidentify_tree(
-                src, dst, secret, progress=lambda d, t: progress("deidentify", d, t),
-                non_dicom=non_dicom, allow_burned_in_annotation=allow_burned_in,
+                src,
+                dst,
+                secret,
+                progress=lambda d, t: progress("deidentify", d, t),
+                non_dicom=non_dicom,
+                allow_burned_in_annotation=allow_burned_in,
             )
     except DeidentifyError as exc:
         raise UserError(str(exc)) from None
@@ -325,8 +398,7 @@ def plans() -> None:
 
 
 @plans.command("list")
-@click.option("--status", type=click.Choice(plan_review.STATUSES, case_sensitive=False), default=None,
-              help="Filter by status (any case).")
+@click.option("--status", type=click.Choice(plan_review.STATUSES, case_sensitive=False), default=None, help="Filter by status (any case).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (full ids, hashes, dates).")
 @click.pass_context
 def plans_list(ctx, status, as_json) -> None:
@@ -402,9 +474,7 @@ def _set_plan_status(ctx, plan_id: str, approve: bool, note: str | None) -> None
 
 # -- lifecycle ---------------------------------------------------------------------------
 
-_runtime_option = click.option(
-    "--runtime", type=click.Choice(site_config.RUNTIMES), default=None, help="Override the config's runtime."
-)
+_runtime_option = click.option("--runtime", type=click.Choice(site_config.RUNTIMES), default=None, help="Override the config's runtime.")
 
 
 @cli.command()
@@ -598,7 +668,9 @@ def adapt() -> None:
 @click.option("--no-publish", is_flag=True, help="Train and keep the branch locally without pushing it.")
 @_training_options
 @click.pass_context
-def adapt_source(ctx, dataset, factory_ref, branch_name, no_publish, steps, batch, lr_encoder, lr_branch, seed, preset, settings_file, job, restart, as_json) -> None:
+def adapt_source(
+    ctx, dataset, factory_ref, branch_name, no_publish, steps, batch, lr_encoder, lr_branch, seed, preset, settings_file, job, restart, as_json
+) -> None:
     """Train a source encoder + segmentation branch on this site's labels and publish the branch."""
     from site_agent.adapt import run_source
 
@@ -642,8 +714,13 @@ def adapt_target(ctx, dataset, factory_ref, branch_ref, few_shot_volumes, few_sh
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_path", required=True, help="model.pt of an adaptation job, or the job folder.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the label volumes.")
-@click.option("--mode", type=click.Choice(["average", "target", "source"]), default="average", show_default=True,
-              help="Target models: average of both branches, the target branch, or the source branch on the translation.")
+@click.option(
+    "--mode",
+    type=click.Choice(["average", "target", "source"]),
+    default="average",
+    show_default=True,
+    help="Target models: average of both branches, the target branch, or the source branch on the translation.",
+)
 @click.option("--modality", default=None, help="CT or MR, for NIfTI inputs (DICOM and prepared datasets know theirs).")
 @click.option("--dicom-seg", is_flag=True, help="For DICOM series input, also write a DICOM SEG next to the NIfTI.")
 @click.option("--overwrite", is_flag=True, help="Replace output files already in --out (refused otherwise, before anything is written).")

@@ -248,10 +248,10 @@ def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSu
     if not pr.reachable:
         return {
             "refused": f"nothing listens at {host}:{port}: is the coordinator running (`coordinator serve` or a `coordinator run`)? "
-                       f"Is {port} its gRPC port (default 50051)? Check {where}",
+            f"Is {port} its gRPC port (default 50051)? Check {where}",
             "dns": f"{host!r} does not resolve from this machine: fix {where}, or the site's DNS / /etc/hosts",
             "timeout": f"{host}:{port} does not answer: a firewall or proxy drops the traffic; outbound TCP from this machine to "
-                       f"{host}:{port} must be allowed (the site needs no inbound port)",
+            f"{host}:{port} must be allowed (the site needs no inbound port)",
             "unreachable": f"no network route to {host}: check the machine's network and {where}",
         }.get(pr.errno_name, f"check {where} and the network between this machine and the coordinator")
     if pr.cert_matches is False:
@@ -269,9 +269,7 @@ def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSu
             "`site-agent logs`")  # fmt: skip
 
 
-def assess(
-    host: str, port: int, pid: int | None, log_lines: list[str], audit_log: Path | None = None, config_path: str = "the site config"
-) -> Connectivity:
+def assess(host: str, port: int, pid: int | None, log_lines: list[str], audit_log: Path | None = None, config_path: str = "the site config") -> Connectivity:
     """Everything `site-agent status` says about the link to the coordinator.
 
     Args:

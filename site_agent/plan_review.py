@@ -52,7 +52,7 @@ class PlanRecord:
 
 
 def _uuid_part(plan_id: str) -> str:
-    return plan_id[len(ID_PREFIX):] if plan_id.startswith(ID_PREFIX) else plan_id
+    return plan_id[len(ID_PREFIX) :] if plan_id.startswith(ID_PREFIX) else plan_id
 
 
 def _parse_date(text: str) -> datetime:

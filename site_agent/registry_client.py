@@ -123,17 +123,13 @@ class RegistryClient:
         reg = getattr(cfg, "registry", None)
         where = str(cfg.path) if getattr(cfg, "path", None) else "the site config"
         if reg is None:
-            raise RegistryClientError(
-                f"{where}: no registry section; add `registry: {{url: http://<coordinator>:8750, token_file: /abs/path}}`"
-            )
+            raise RegistryClientError(f"{where}: no registry section; add `registry: {{url: http://<coordinator>:8750, token_file: /abs/path}}`")
         return cls(reg.url, read_token(reg.token_file, env), work_dir=cfg.work_dir, timeout=timeout)
 
     # ------------------------------------------------------------------ HTTP
 
     @contextlib.contextmanager
-    def _open(
-        self, method: str, path: str, body: bytes | None = None, what: str = "", query: dict | None = None
-    ) -> Iterator[httpx.Response]:
+    def _open(self, method: str, path: str, body: bytes | None = None, what: str = "", query: dict | None = None) -> Iterator[httpx.Response]:
         """One request, its response streamed (the body is read by the caller).
 
         Raises:
@@ -359,8 +355,7 @@ class RegistryClient:
                 raise RegistryClientError(f"{kind} {name}: file name {filename!r} is not allowed (a plain name)")
             if not filename.endswith(ALLOWED_SUFFIXES):
                 raise RegistryClientError(
-                    f"{filename}: only weights and configs can be pushed ({', '.join(ALLOWED_SUFFIXES)}); "
-                    "images, volumes and other data never leave a site"
+                    f"{filename}: only weights and configs can be pushed ({', '.join(ALLOWED_SUFFIXES)}); images, volumes and other data never leave a site"
                 )
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise RegistryClientError(f"{filename}: content must be bytes, got {type(data).__name__}")
@@ -370,9 +365,7 @@ class RegistryClient:
         except (TypeError, ValueError) as exc:
             raise RegistryClientError(f"{kind} {name}: meta must be JSON-serialisable ({exc})") from None
         if len(body) > MAX_PUSH_BYTES:
-            raise RegistryClientError(
-                f"{kind} {name}: push of {len(body)} bytes (base64 included) is over the registry's limit of {MAX_PUSH_BYTES}"
-            )
+            raise RegistryClientError(f"{kind} {name}: push of {len(body)} bytes (base64 included) is over the registry's limit of {MAX_PUSH_BYTES}")
         record = self._json("POST", f"/registry/{kind}/{name}", body, what=f"push of {kind} {name}")
         if record.get("kind") != kind or record.get("name") != name or not isinstance(record.get("files"), dict):
             raise RegistryClientError(f"{kind} {name}: the registry answered the push with something that is not its record")
@@ -388,7 +381,7 @@ STAGING_PREFIX = "pull-"
 
 def _pid_of(folder: Path) -> int | None:
     try:
-        return int(folder.name[len(STAGING_PREFIX):].split("-", 1)[0])
+        return int(folder.name[len(STAGING_PREFIX) :].split("-", 1)[0])
     except ValueError:
         return None
 

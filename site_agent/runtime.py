@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.artifact_approval import STORE_ENV, store_dir
 from fedimg_core import atomic
+from pipelines.artifact_approval import STORE_ENV, store_dir
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 from site_agent.node import SECURITY_SETTINGS

@@ -9,12 +9,12 @@ import pydicom
 import pytest
 import torch
 import yaml
-
 from conftest import cli
+
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch
 from pipelines.adaptation.training import AdaptedModel
 from pipelines.factory.networks import FactoryConfig, Generator
-from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 
 SCHEMA_FILE = "preprocessing/schemas/abdominal-ct.yaml"
 

@@ -561,8 +561,10 @@ def test_timing_tiny(fcfg, gen):
             opt.step()
             times.append(time.perf_counter() - t0)
         best = min(times[1:])
-        print(f"\ntiny encoder ({count_parameters(enc):,} params) + synthesis fwd/bwd, batch 8, 2 threads: "
-              f"median {sorted(times[1:])[len(times[1:]) // 2]:.3f} s, best {best:.3f} s")
+        print(
+            f"\ntiny encoder ({count_parameters(enc):,} params) + synthesis fwd/bwd, batch 8, 2 threads: "
+            f"median {sorted(times[1:])[len(times[1:]) // 2]:.3f} s, best {best:.3f} s"
+        )
         assert math.isfinite(loss.item())
     finally:
         torch.set_num_threads(threads)

@@ -9,17 +9,24 @@ import pytest
 import torch
 import yaml
 
+from fedimg_testing.phantom import make_phantom, mr_like
 from pipelines.adaptation.factory import Factory, FactoryError, load_factory
 from pipelines.adaptation.jobs import JobDir, JobError
 from pipelines.adaptation.losses import PerceptualDistance, ReconstructionLoss, cycle_consistency, ms_ssim, ms_ssim_scales, segmentation_loss
 from pipelines.adaptation.training import (
-    AdaptedModel, AdaptSettings, branch_classes, label_table, schema_class_ids, synthetic_source, train_source, train_target,
+    AdaptedModel,
+    AdaptSettings,
+    branch_classes,
+    label_table,
+    schema_class_ids,
+    synthetic_source,
+    train_source,
+    train_target,
 )  # fmt: skip
 from pipelines.adaptation.volumes import labelled_slices
 from pipelines.factory.networks import FactoryConfig, Generator, requires_grad
 from pipelines.factory.slices import SliceSettings
 from preprocessing.dataset import write_dataset
-from fedimg_testing.phantom import make_phantom, mr_like
 from preprocessing.schema import load_schema
 
 ORGANS = {"background": 0, "kidney": 1, "liver": 3}

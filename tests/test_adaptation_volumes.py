@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedimg_core import atomic
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from pipelines import transforms as T
 from pipelines.adaptation import volumes as V
 from pipelines.adaptation.volumes import (
@@ -19,9 +21,7 @@ from pipelines.adaptation.volumes import (
 )
 from pipelines.factory import slices as S
 from pipelines.factory.slices import SliceSettings, dataset_slices
-from fedimg_core import atomic
 from preprocessing.dataset import DatasetSchemaError, write_dataset
-from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from preprocessing.schema import load_schema
 
 LABELS = {"background": 0, "liver": 3, "liver_tumor": 4}
@@ -406,9 +406,7 @@ def test_predict_dicom_series_and_seg_round_trip(phantom_series, schema, tmp_pat
     canonical = nib.as_closest_canonical(nib.Nifti1Image(pred.label, pred.affine))
     assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S") and nib.aff2axcodes(pred.affine) != ("R", "A", "S")
     write_dicom_seg(canonical, paths, {3: "liver", 7: "spleen"}, tmp_path / "canonical.dcm", schema)
-    again = hd.seg.segread(tmp_path / "canonical.dcm").get_pixels_by_source_instance(
-        uids, combine_segments=True, assert_missing_frames_are_empty=True
-    )
+    again = hd.seg.segread(tmp_path / "canonical.dcm").get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
     assert np.array_equal(again, expected)
 
     with pytest.raises(ValueError, match=r"label values \[7\] have no class name"):

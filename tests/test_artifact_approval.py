@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import yaml
+from attack_modules import SecretReader
 from click.testing import CliRunner
 
 from pipelines.artifact_approval import (
@@ -21,8 +22,6 @@ from pipelines.artifact_approval import (
 )
 from pipelines.factory.domain_key import build_domain_key
 from pipelines.site_errors import SiteError, sanitize, site_boundary
-
-from attack_modules import SecretReader
 
 SECRET = "PATIENT-LIST-7f3a: Doe^Jane 1961-02-03"
 

@@ -85,7 +85,11 @@ def test_anything_but_a_branch_of_a_held_factory_is_refused(setup):
         (files, {"patient_name": "x"}, r"meta: key\(s\) patient_name not allowed"),
         (files, {"validation_dice": {"liver": "see notes"}}, "meta.validation_dice"),
         (files, {"validation_dice": {"Jane Doe": 0.5}}, "meta.validation_dice"),
-        ({"branch.pt": blob({k: v.double() if v.is_floating_point() else v for k, v in state.items()}), "branch.json": files["branch.json"]}, {}, "float64, expected torch.float32"),
+        (
+            {"branch.pt": blob({k: v.double() if v.is_floating_point() else v for k, v in state.items()}), "branch.json": files["branch.json"]},
+            {},
+            "float64, expected torch.float32",
+        ),
         (branch_files(SegmentationBranch.for_factory(cfg, ["background", "brain"], factory=identity)), {}, "brain are not foreground classes"),
         (branch_files(SegmentationBranch.for_factory(cfg, ["liver", "background"], factory=identity)), {}, "must start with background"),
     ]

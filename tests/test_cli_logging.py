@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import cli, write_untrained_target_model
 from rich.logging import RichHandler
 
-from conftest import cli, write_untrained_target_model
 from coordinator import runs
 from coordinator.cli import cli as coordinator_cli
 from fedimg_core import logs

@@ -4,7 +4,6 @@ import re
 import socket
 
 import pytest
-
 from conftest import cli
 
 GOOD = "name: t\nplan: marginal\nsites: {tags: [nobody], min_sites: 1, wait_s: 1}\nrounds: 1\nplan_args: {schema: abdominal-ct}\n"

@@ -6,10 +6,10 @@ import logging
 import re
 
 import pytest
-
 from conftest import cli
-from coordinator import runs
 from test_evaluate_run import organs_only, run_dir  # noqa: F401 - a scored run and an out-of-federation set
+
+from coordinator import runs
 
 ANSI = re.compile(r"\x1b\[")
 

@@ -78,10 +78,25 @@ PLANTED_UIDS = {
     "volume_for": "1.2.826.0.1.3680043.99.7.2222222",  # a UID attribute Table E.1-1 does not list
 }
 GEOMETRY = [
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
-    "PhotometricInterpretation", "Modality", "SamplesPerPixel", "SOPClassUID", "NumberOfFrames",
-    "SpacingBetweenSlices", "PixelData",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PhotometricInterpretation",
+    "Modality",
+    "SamplesPerPixel",
+    "SOPClassUID",
+    "NumberOfFrames",
+    "SpacingBetweenSlices",
+    "PixelData",
 ]
 
 
@@ -186,13 +201,27 @@ def _build_src(root: Path) -> Path:
     mask = np.zeros((len(slices), slices[0].Rows, slices[0].Columns), dtype=bool)
     mask[1:4, 4:9, 5:11] = True
     seg = hd.seg.Segmentation(
-        source_images=slices, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="test", manufacturer_model_name="test", software_versions="1",
-        device_serial_number=PHI["serial"], series_description=PHI["series_desc"],
+        source_images=slices,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="lesion",
+                segmented_property_category=codes.SCT.Tissue,
+                segmented_property_type=codes.SCT.Tissue,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=99,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number=PHI["serial"],
+        series_description=PHI["series_desc"],
     )
     _save(seg, patient / "seg" / "seg.dcm")
     for name in ("JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm"):
@@ -308,16 +337,22 @@ def test_deidentification_attributes_and_pseudonyms(src, run):
         assert b.PatientIdentityRemoved == "YES"
         assert b.DeidentificationMethod[0] == "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile"
         code = b.DeidentificationMethodCodeSequence[0]
-        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
-            "113100", "DCM", "Basic Application Confidentiality Profile")
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("113100", "DCM", "Basic Application Confidentiality Profile")
         assert b.LongitudinalTemporalInformationModified == "REMOVED"
         pid = PHI["other_pid2"] if PHI["other_name"] in str(rel) else PHI["pid"]
         assert b.PatientID == b.PatientName == patient_pseudonym(pid, SECRET)
         assert b.file_meta.MediaStorageSOPInstanceUID == b.SOPInstanceUID
         assert b.file_meta.MediaStorageSOPClassUID == b.SOPClassUID
         assert {e.keyword for e in b.file_meta} == {
-            "FileMetaInformationGroupLength", "FileMetaInformationVersion", "MediaStorageSOPClassUID",
-            "MediaStorageSOPInstanceUID", "TransferSyntaxUID", "ImplementationClassUID", "ImplementationVersionName"}
+            "FileMetaInformationGroupLength",
+            "FileMetaInformationVersion",
+            "MediaStorageSOPClassUID",
+            "MediaStorageSOPInstanceUID",
+            "TransferSyntaxUID",
+            "ImplementationClassUID",
+            "ImplementationVersionName",
+        }
+
         # no real date survives; no private, overlay, curve or unknown public element anywhere
         def visit(d, e):
             assert not e.tag.is_private, (rel, e)
@@ -325,6 +360,7 @@ def test_deidentification_attributes_and_pseudonyms(src, run):
             assert e.tag.group != 0x0030, (rel, e)
             if e.VR in ("DA", "DT") and e.value:
                 assert str(e.value).startswith("1900"), (rel, e)
+
         b.walk(visit)
         assert b.get("StudyDate", "") == "" and "PatientBirthDate" in b and b.PatientBirthDate == ""
         assert "OtherPatientIDs" not in b and "RequestAttributesSequence" not in b

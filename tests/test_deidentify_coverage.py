@@ -223,10 +223,29 @@ def test_text_outside_the_table_is_emptied_and_allowlisted_text_kept():
 # -- every attribute of Table E.1-1 gets its action ------------------------------------------
 
 _SAMPLE = {
-    "DA": "20200102", "TM": "101112", "DT": "20200102101112", "AS": "042Y", "DS": "1.5", "IS": "3",
-    "CS": "ZZMKCS", "UR": "http://zzmk.example", "AT": 0x00100010,
-    "US": 7, "SS": 7, "UL": 7, "SL": 7, "UV": 7, "SV": 7, "FL": 7.0, "FD": 7.0,
-    "OB": b"ZZMKBYTES", "OW": b"ZZMKWORD", "OD": b"ZZMKDOUB", "OF": b"ZZMKFLOA", "OL": b"ZZMKLONG", "OV": b"ZZMKVERY",
+    "DA": "20200102",
+    "TM": "101112",
+    "DT": "20200102101112",
+    "AS": "042Y",
+    "DS": "1.5",
+    "IS": "3",
+    "CS": "ZZMKCS",
+    "UR": "http://zzmk.example",
+    "AT": 0x00100010,
+    "US": 7,
+    "SS": 7,
+    "UL": 7,
+    "SL": 7,
+    "UV": 7,
+    "SV": 7,
+    "FL": 7.0,
+    "FD": 7.0,
+    "OB": b"ZZMKBYTES",
+    "OW": b"ZZMKWORD",
+    "OD": b"ZZMKDOUB",
+    "OF": b"ZZMKFLOA",
+    "OL": b"ZZMKLONG",
+    "OV": b"ZZMKVERY",
     "UN": b"ZZMKUNKN",
 }
 

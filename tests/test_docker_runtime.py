@@ -208,9 +208,7 @@ def _sdk_client_with_stubbed_engine(monkeypatch):
 
     monkeypatch.setattr(client.api, "create_container", create_container)
     monkeypatch.setattr(client.api, "start", lambda *a, **k: None)
-    monkeypatch.setattr(
-        client.api, "inspect_container", lambda cid: {"Id": cid, "Name": "/x", "State": {"Status": "running"}}
-    )
+    monkeypatch.setattr(client.api, "inspect_container", lambda cid: {"Id": cid, "Name": "/x", "State": {"Status": "running"}})
     return client, created
 
 
@@ -224,9 +222,7 @@ def test_the_docker_sdk_accepts_the_spec(tmp_path, monkeypatch, host):
     hc = created["host_config"]
     assert created["image"] == site.docker.image
     assert created["user"] == container_spec(site)["user"]
-    assert sorted(hc["Binds"]) == sorted(
-        [f"{site.work_dir}:{site.work_dir}:rw", f"{site.data_dir}:{site.data_dir}:ro", f"{site.path}:{site.path}:ro"]
-    )
+    assert sorted(hc["Binds"]) == sorted([f"{site.work_dir}:{site.work_dir}:rw", f"{site.data_dir}:{site.data_dir}:ro", f"{site.path}:{site.path}:ro"])
     assert hc["CapDrop"] == ["ALL"] and hc["SecurityOpt"] == ["no-new-privileges:true"]
     assert hc["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 5}
     assert hc["NetworkMode"] == ("host" if host == "127.0.0.1" else "fedimg")

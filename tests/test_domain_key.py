@@ -194,8 +194,7 @@ def test_reference_is_site_independent_and_seeded():
     assert not torch.equal(a, smooth_random_fields(4, 32, seed=1))
     assert float(a.min()) == pytest.approx(-1.0) and float(a.max()) == pytest.approx(1.0)
     fn = RandomCNNKey(seed=0, widths=(8,))
-    assert torch.equal(DomainKey(fn, reference_size=32, reference_count=4).reference,
-                       DomainKey(fn, reference_size=32, reference_count=4).reference)
+    assert torch.equal(DomainKey(fn, reference_size=32, reference_count=4).reference, DomainKey(fn, reference_size=32, reference_count=4).reference)
 
 
 # --------------------------------------------------------------------------- soft histogram
@@ -203,7 +202,7 @@ def test_reference_is_site_independent_and_seeded():
 
 def test_soft_histogram_follows_intensity_shift_and_has_gradient():
     h = SoftHistogramKey(bins=16)
-    x = (torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(0)) * 0.4 - 0.6)  # in [-0.6, -0.2]
+    x = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(0)) * 0.4 - 0.6  # in [-0.6, -0.2]
     hist = h.histogram(x)
     assert torch.allclose(hist.sum(1), torch.ones(2), atol=1e-5)
     centres = h.centres

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import cli
+
 from coordinator import runs
 from coordinator.evaluate import evaluate_run
 from coordinator.spec import parse
-from pipelines.networks import build_network
 from fedimg_testing.phantom import write_phantom_site
+from pipelines.networks import build_network
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from site_agent.errors import UserError

@@ -283,9 +283,7 @@ def test_return_features(nets, cfg):
         img, features = G(_z(2), 0, noise_mode="const", return_features=True)
         img2, ws, features2 = G(_z(2), 0, noise_mode="const", return_features=True, return_ws=True)
     assert torch.equal(img, img2) and ws.shape == (2, 10, 64)
-    assert [tuple(f.shape) for f in features] == [
-        (2, c, r, r) for c, r in zip(cfg.channels, (4, 8, 16, 32, 64))
-    ]
+    assert [tuple(f.shape) for f in features] == [(2, c, r, r) for c, r in zip(cfg.channels, (4, 8, 16, 32, 64))]
     assert all(torch.equal(a, b) for a, b in zip(features, features2))
 
 
@@ -370,7 +368,11 @@ def test_config_presets_and_round_trip():
     assert tiny == FactoryConfig()
     small = FactoryConfig.preset("small", n_clients=4)
     assert (small.resolution, small.channels, small.z_dim, small.mapping_layers, small.n_clients) == (
-        128, (128, 128, 128, 64, 32, 16), 128, 4, 4,
+        128,
+        (128, 128, 128, 64, 32, 16),
+        128,
+        4,
+        4,
     )
     paper = FactoryConfig.from_dict({"preset": "paper", "key_dim": 512, "n_clients": 3})
     assert paper.resolution == 512 and paper.w_dim == 512 and paper.key_dim == 512 and paper.mapping_layers == 8

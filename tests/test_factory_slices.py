@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedimg_testing.phantom import make_phantom
 from pipelines import transforms as T
 from pipelines.factory import slices as S
 from pipelines.factory.slices import SliceSettings, dataset_slices, intensity_to_unit, volume_slices
 from preprocessing.dataset import write_dataset
-from fedimg_testing.phantom import make_phantom
 from preprocessing.schema import ModalityRule, load_schema
 
 CT_LABELS = {"background": 0, "liver": 3}
@@ -198,9 +198,10 @@ def test_min_foreground_on_a_dataset(phantom_ct, schema):
 def test_disk_and_memory_cache(phantom_ct, schema, tmp_path, monkeypatch):
     settings = SliceSettings(size=32, n_bins=8)
     # the cache key is computed without building the chain; it must be the chain's fingerprint
-    assert S._chain_fingerprint(schema, "CT", "schema") == T.deterministic_transforms(
-        schema, "CT", spacing="schema", keys=("image",), **S._CHAIN_OPTIONS
-    ).fingerprint
+    assert (
+        S._chain_fingerprint(schema, "CT", "schema")
+        == T.deterministic_transforms(schema, "CT", spacing="schema", keys=("image",), **S._CHAIN_OPTIONS).fingerprint
+    )
     first = dataset_slices(phantom_ct, schema, settings, cache_dir=tmp_path)
     files = list((tmp_path / "factory-slices").iterdir())
     assert len(files) == 1 and files[0].suffix == ".pt" and len(files[0].stem) == 64

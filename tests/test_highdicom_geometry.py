@@ -18,8 +18,8 @@ def _by_hand(origin, row_dir, col_dir, spacing_cols, spacing_rows, dz):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_series_geometry_affine_is_the_hand_written_one(seed, tmp_path):
-    from preprocessing.dicom import Series, series_geometry, slice_headers, read_header
     from fedimg_testing.phantom import PlantedIdentifiers, write_dicom_series
+    from preprocessing.dicom import Series, read_header, series_geometry, slice_headers
 
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))

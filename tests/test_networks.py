@@ -95,9 +95,7 @@ def test_monai_stacked_dynunet_output_is_understood():
     from monai.networks.nets import DynUNet
 
     for dims in (2, 3):
-        raw = DynUNet(
-            dims, 1, 3, [3] * 4, [1, 2, 2, 2], [2, 2, 2], filters=[4, 8, 16, 32], deep_supervision=True, deep_supr_num=2
-        )
+        raw = DynUNet(dims, 1, 3, [3] * 4, [1, 2, 2, 2], [2, 2, 2], filters=[4, 8, 16, 32], deep_supervision=True, deep_supr_num=2)
         x = torch.randn((1, 1) + (16,) * dims)
         stacked = raw(x)
         assert stacked.shape == (1, 3, 3) + (16,) * dims  # (B, heads, C, *spatial), all at full resolution

@@ -302,9 +302,7 @@ def test_oblique_geometry_matches_itk(tmp_path, volume, ids):
     assert np.allclose(affine, volume_affine_lps(volume, origin, OBLIQUE), atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless]
-)
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless])
 def test_transfer_syntaxes_round_trip_losslessly(tmp_path, volume, ids, syntax):
     reference = write_dicom_series(volume, tmp_path / "ref", ids)
     paths = write_dicom_series(volume, tmp_path / "ts", ids, transfer_syntax=syntax)
@@ -341,6 +339,7 @@ def test_planted_identifiers_in_raw_bytes(tmp_path, volume, ids, syntax):
         assert ids.ae_title.encode() in raw[132 : 144 + meta_len]
     ds = pydicom.dcmread(paths[0])
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+
     def text(v):  # implicit VR: private tags read as UN
         return v.decode().rstrip() if isinstance(v, bytes) else v
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.networks import build_network, count_parameters
 from fedimg_testing.synthetic import make_case
+from pipelines.networks import build_network, count_parameters
 
 
 def test_synthetic_cases_are_deterministic_and_labelled():
@@ -28,5 +28,3 @@ def test_networks_build_in_2d_and_3d(name, dims):
 def test_unknown_network_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown network 'vnet'"):
         build_network("vnet")
-
-

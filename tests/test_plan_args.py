@@ -81,9 +81,7 @@ def test_schema_keys_are_accepted_and_ignored(schema):
     assert s.schema is schema
 
 
-@pytest.mark.parametrize(
-    "network,roi,expected", [(None, 48, (48, 48, 48)), (TINY_2D, 32, (32, 32)), (TINY_2D, [48, 16], (48, 16))]
-)
+@pytest.mark.parametrize("network,roi,expected", [(None, 48, (48, 48, 48)), (TINY_2D, 32, (32, 32)), (TINY_2D, [48, 16], (48, 16))])
 def test_roi_size_int_expands_to_the_network_dims(schema, network, roi, expected):
     args = {"roi_size": roi} if network is None else {"roi_size": roi, "network": network}
     s = parse_plan_args(args, schema)
@@ -182,7 +180,7 @@ def test_inference(schema):
     s = parse_plan_args({"inference": {"sw_batch_size": 1}}, schema)
     assert s.overlap == 0.25 and s.sw_batch_size == 1
     assert parse_plan_args({"inference": None}, schema).overlap == 0.25
-    assert _error({"inference": {"overlp": 0.5}}, schema) .startswith("plan_args.inference: must be a mapping with overlap and/or sw_batch_size")
+    assert _error({"inference": {"overlp": 0.5}}, schema).startswith("plan_args.inference: must be a mapping with overlap and/or sw_batch_size")
     for bad in ({"overlap": 0.95}, {"overlap": -0.1}, {"overlap": "0.5"}, {"sw_batch_size": 0}, {"sw_batch_size": 2.0},
                 {"sw_batch_size": True}, {"overlap": float("nan")}):  # fmt: skip
         msg = _error({"inference": bad}, schema)

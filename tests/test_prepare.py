@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from fedimg_testing.phantom import PhantomSite, PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing import prepare as prepare_mod
 from preprocessing.dataset import load_dataset
 from preprocessing.dicom import discover, load_series
-from fedimg_testing.phantom import PhantomSite, PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from tests.conftest import BIN, cli
@@ -43,7 +43,7 @@ def assert_slices_on_grid(series_dir, nifti_path, hu_check=True):
             row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
             ps = [float(x) for x in ds.PixelSpacing]
             hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-            for (r, c) in [(0, 0), (ds.Rows - 1, 0), (3, ds.Columns - 2), (ds.Rows // 2, ds.Columns // 2)]:
+            for r, c in [(0, 0), (ds.Rows - 1, 0), (3, ds.Columns - 2), (ds.Rows // 2, ds.Columns // 2)]:
                 world = np.asarray(ds.ImagePositionPatient, float) + c * ps[1] * row + r * ps[0] * col
                 v = np.round(inv @ np.append(lps_to_ras(world), 1))[:3].astype(int)
                 assert data[tuple(v)] == hu[r, c], (f.name, r, c)
@@ -94,8 +94,14 @@ def test_rerun_skips_unchanged_and_redoes_changed_case(liver_site, tmp_path):
     site_copy = tmp_path / "site"
     shutil.copytree(liver_site.root, site_copy)
     site = PhantomSite(  # same layout, copied
-        root=site_copy, dicom_dir=site_copy / "dicom", labels_dir=site_copy / "labels", label_map=site_copy / "site-labels.yaml",
-        cases=liver_site.cases, identifiers=liver_site.identifiers, classes=liver_site.classes, phase=liver_site.phase,
+        root=site_copy,
+        dicom_dir=site_copy / "dicom",
+        labels_dir=site_copy / "labels",
+        label_map=site_copy / "site-labels.yaml",
+        cases=liver_site.cases,
+        identifiers=liver_site.identifiers,
+        classes=liver_site.classes,
+        phase=liver_site.phase,
     )
     out = tmp_path / "ds"
     run(site, out)

@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import yaml
 
+from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.dicom import discover, load_series
 from preprocessing.nifti import canonical, clean_image, save_atomic
-from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series, write_phantom_site
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
+from tests.conftest import cli as run_console_script
 from tests.conftest import site_agent_in_process as site_agent
 from tests.conftest import write_untrained_target_model
-from tests.conftest import cli as run_console_script
 
 SHAPE = (24, 24, 10)
 SPACING = (1.5, 1.5, 2.5)
@@ -298,7 +298,16 @@ def test_config_file_that_is_not_a_small_regular_file_is_one_error_line(docker_l
     else:
         bad.write_text("# padding\n" * 200_000)
     args = {"--label-map": site.label_map, "--schema": None, "--salt-file": None, option: bad}
-    cmd = [str(Path(sys.executable).with_name("site-agent")), "prepare", str(site.root), "--labels", str(site.labels_dir), "--out", str(tmp_path / "ds"), "--no-qc"]
+    cmd = [
+        str(Path(sys.executable).with_name("site-agent")),
+        "prepare",
+        str(site.root),
+        "--labels",
+        str(site.labels_dir),
+        "--out",
+        str(tmp_path / "ds"),
+        "--no-qc",
+    ]
     for opt, value in args.items():
         if value is not None:
             cmd += [opt, str(value)]

@@ -28,8 +28,8 @@ import yaml
 from rich.console import Console
 
 import site_agent.cli
-from preprocessing.dataset import DatasetError, load_dataset
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series
+from preprocessing.dataset import DatasetError, load_dataset
 from tests.test_prepare_malformed import edit, run_prepare
 
 SHAPE = (24, 24, 10)
@@ -226,13 +226,25 @@ BAD = [
     # --- case 5: a slice on which a native decoder (GDCM) would abort() the whole process ---
     ("dicom-jpeg2000-gdcm-abort", _crafted_first_slice, [], "decoder_crashed", "crashed on this file (killed by SIGABRT)"),
     # --- case 5/6: impossible DICOM geometry ---
-    ("dicom-pixel-spacing-1e-40", _break_series(_set_tag("PixelSpacing", [1e-40, 1e-40])), [], "bad_geometry_tag", "outside the plausible range [0.001, 1000] mm"),
+    (
+        "dicom-pixel-spacing-1e-40",
+        _break_series(_set_tag("PixelSpacing", [1e-40, 1e-40])),
+        [],
+        "bad_geometry_tag",
+        "outside the plausible range [0.001, 1000] mm",
+    ),
     ("dicom-pixel-spacing-1e39", _break_series(_set_tag("PixelSpacing", [1e39, 1e39])), [], "bad_geometry_tag", "outside the plausible range"),
     ("dicom-ipp-1e39", _break_series(_ipp_x(1e39)), [], "bad_geometry_tag", "further than 100000 mm"),
     ("dicom-ipp-far", _break_series(_ipp_x(2e5)), [], "bad_geometry_tag", "further than 100000 mm"),
     # --- case 5: NIfTI values no float32/int32 holds ---
     ("nifti-float64-1e300", lambda s: _nifti(s, np.full(SHAPE, 1e300)), ["--modality", "CT"], "non_finite", "beyond float32's range"),
-    ("nifti-int64-huge", lambda s: _nifti(s, _arrays(s)[0].astype(np.int64) << 40, dtype=np.int64), ["--modality", "CT"], "values_out_of_range", "do not fit 32 bits"),
+    (
+        "nifti-int64-huge",
+        lambda s: _nifti(s, _arrays(s)[0].astype(np.int64) << 40, dtype=np.int64),
+        ["--modality", "CT"],
+        "values_out_of_range",
+        "do not fit 32 bits",
+    ),
     # --- case 6: impossible NIfTI geometry ---
     ("nifti-spacing-1e39", lambda s: _forged_affine(s, _spacing(1e39)), ["--modality", "CT"], "bad_affine", "non-finite values"),
     ("nifti-position-1e39", lambda s: _forged_affine(s, _shifted(1e39)), ["--modality", "CT"], "bad_affine", "non-finite values"),
@@ -374,8 +386,9 @@ def test_unexpected_error_of_one_case_is_a_refusal_naming_its_file(site, monkeyp
 
     schema = load_schema(None)
     with pytest.raises(MemoryError):
-        prep.prepare([site / "dicom"], out, schema, load_label_map(site / "map.yaml", schema), labels=[site / "labels"],
-                     options=prep.PrepareOptions(qc_report=False))
+        prep.prepare(
+            [site / "dicom"], out, schema, load_label_map(site / "map.yaml", schema), labels=[site / "labels"], options=prep.PrepareOptions(qc_report=False)
+        )
 
 
 def test_failure_while_writing_a_case_leaves_none_of_its_files(site, monkeypatch):

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.dataset import DatasetError, load_dataset, write_dataset
 from fedimg_testing.synthetic import write_synthetic_dataset
+from preprocessing.dataset import DatasetError, load_dataset, write_dataset
 
 
 def test_synthetic_dataset_round_trip(tmp_path):

@@ -201,14 +201,29 @@ def test_write_report(tmp_path):
         png = tmp_path / "qc" / f"{case['case_id']}.png"
         assert mpimg.imread(png).shape[1] >= 600
     text = index.read_text(encoding="utf-8")
-    for needle in ["case_0000", "case_0001", "case_0002", "irregular_spacing", "gantry_tilt", "label_empty",
-                   "3f9a1c2b7d", "not_a_volume", SCHEMA.name, SCHEMA.version, 'href="case_0000.png"',
-                   "radiological convention", "[-1024, 1500.5]", "0.8×0.8×3", "24×24×12", "RAS"]:
+    for needle in [
+        "case_0000",
+        "case_0001",
+        "case_0002",
+        "irregular_spacing",
+        "gantry_tilt",
+        "label_empty",
+        "3f9a1c2b7d",
+        "not_a_volume",
+        SCHEMA.name,
+        SCHEMA.version,
+        'href="case_0000.png"',
+        "radiological convention",
+        "[-1024, 1500.5]",
+        "0.8×0.8×3",
+        "24×24×12",
+        "RAS",
+    ]:
         assert needle in text, needle
     voxel_ml = 0.8 * 0.8 * 3.0 / 1000
     assert f"{216 * voxel_ml:.2f}" in text and f"{150 * voxel_ml:.2f}" in text  # kidney, liver mL
     assert "<th>kidney (mL)</th>" in text and "<th>liver (mL)</th>" in text and "spleen (mL)" not in text
-    row = text[text.index("<td><code>case_0001</code>"):]
+    row = text[text.index("<td><code>case_0001</code>") :]
     row = row[: row.index("</tr>")]
     assert row.count("&mdash;") == 2 and '<td class="num">0</td>' not in row  # no label: no volumes, not 0 mL
     # summary counts: 3 cases, 1 ok, 2 flagged, 1 refused

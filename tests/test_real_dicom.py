@@ -42,12 +42,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import BIN, cli
 from public_dicom import public_index, public_series
+
 from fedimg_testing.public_dicom import PYDICOM_SERIES, SOURCES
 from preprocessing.deidentify import DUMMY_DATE, DUMMY_DATETIME, DUMMY_TIME, deidentify_tree, pseudonymize_relpath
-from preprocessing.dicom import load_series, Series, SeriesError, discover, series_geometry
+from preprocessing.dicom import Series, SeriesError, discover, load_series, series_geometry
 from preprocessing.prepare import PrepareError, PrepareOptions, collect_sources, prepare
 from preprocessing.schema import load_schema
 
@@ -613,13 +613,36 @@ def test_non_volumes_are_refused_or_split_exactly(name, work):
 
 ID_KEYWORDS = (
     # asked for by the acceptance criterion
-    "PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "InstitutionAddress", "StationName",
-    "DeviceSerialNumber", "ReferringPhysicianName", "OperatorsName", "AccessionNumber", "StudyID",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StationName",
+    "DeviceSerialNumber",
+    "ReferringPhysicianName",
+    "OperatorsName",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
     # also removed or emptied by the basic profile, and present in these files
-    "OtherPatientIDs", "PatientAddress", "InstitutionalDepartmentName", "PerformingPhysicianName",
-    "PhysiciansOfRecord", "RequestingPhysician", "PatientAge", "PatientWeight", "PatientBirthTime",
-    "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "AcquisitionDateTime",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "InstitutionalDepartmentName",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "PatientAge",
+    "PatientWeight",
+    "PatientBirthTime",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "AcquisitionDateTime",
 )
 MIN_LEN = 4
 REGISTRY_ROOT = "1.2.840.10008."
@@ -789,9 +812,23 @@ def scan_tree(root: Path, values: tuple[str, ...]) -> tuple[list[str], dict[str,
 # --------------------------------------------------------------------------- 4. de-identification
 
 GEOMETRY_AND_PIXEL_KEYWORDS = (
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
-    "RescaleSlope", "RescaleIntercept", "Modality", "SOPClassUID", "NumberOfFrames", "SliceThickness",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "Modality",
+    "SOPClassUID",
+    "NumberOfFrames",
+    "SliceThickness",
 )
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedimg_core.reporting import Section, Table, cell, render, render_markdown, render_sections
-from fedimg_core.reporting import figures
+from fedimg_core.reporting import Section, Table, cell, figures, render, render_markdown, render_sections
 
 EVIL = "<script>alert('x')</script> & | pipe"
 

@@ -7,9 +7,9 @@ import json
 import logging
 from types import SimpleNamespace
 
+from conftest import cli
 from fedbiomed.common.message import ErrorMessage, TrainReply
 
-from conftest import cli
 from coordinator import runs
 from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter, wire_bytes
 

@@ -239,8 +239,12 @@ def test_sixteen_concurrent_submits_all_get_answers(tmp_path):
             with socket.create_connection(("127.0.0.1", port), timeout=2.5) as s:
                 s.settimeout(60)
                 s.sendall(
-                    b"POST /runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API.encode()
-                    + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                    b"POST /runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + API.encode()
+                    + b"\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
                 )
                 reply = b""
                 while chunk := s.recv(65536):

@@ -6,8 +6,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import cli
+
 from fedimg_testing.synthetic import write_synthetic_dataset
 
 

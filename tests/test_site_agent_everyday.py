@@ -11,8 +11,8 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import cli
+
 from coordinator.testbed import free_port
 from preprocessing import qc
 from preprocessing.schema import load_schema
@@ -117,11 +117,11 @@ def test_plans_show_diffs_against_the_last_approved_plan_of_the_same_name(plan_s
     assert "name: liver-seg/SegPlan" in out and f"researcher: {RESEARCHER}" in out
     assert "changes since approved plan aaaa1111 (liver-seg/SegPlan, same name" in out
     assert "-        return 1" in out and "+        return 2" in out
-    diff = out[out.index("--- changes"): out.index("--- source ---")]
+    diff = out[out.index("--- changes") : out.index("--- source ---")]
     changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     assert changed == ["-        return 1", "+        return 2"]  # only the change (with its context lines)
     assert out.index("--- changes") < out.index("--- source ---")  # the diff comes before the whole source
-    assert "class SegPlan(TorchTrainingPlan)" in out[out.index("--- source ---"):]
+    assert "class SegPlan(TorchTrainingPlan)" in out[out.index("--- source ---") :]
     first = cli("site-agent", "--config", plan_site, "plans", "show", "aaaa1", "--no-source").stdout
     assert "no approved plan of the same name or class" in first and "--- source ---" not in first
 
@@ -249,7 +249,7 @@ def test_qc_picture_is_large_and_shows_slices_across_the_whole_label(tmp_path):
     assert png.shape[1] >= 1600 and png.shape[0] >= 1200  # was 1200 x 500
     # the strips (lower half) show the label too, in the class colour
     want = qc.OVERLAY_ALPHA * (np.array(qc.class_colour(schema.classes["kidney"])) - np.mean(qc.class_colour(schema.classes["kidney"])))
-    lower = png[png.shape[0] // 2:, :, :3].astype(np.float64)
+    lower = png[png.shape[0] // 2 :, :, :3].astype(np.float64)
     chroma = lower - lower.mean(axis=-1, keepdims=True)
     assert (np.abs(chroma - want).max(axis=-1) < 0.03).sum() > 2000
 

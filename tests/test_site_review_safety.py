@@ -169,8 +169,9 @@ def test_plans_show_escapes_the_source_and_warns():
 
 def test_plans_show_command_on_a_real_node_database(tmp_path):
     from conftest import cli
-    from coordinator.testbed import free_port
     from test_site_agent_everyday import _init_site, _send_plans
+
+    from coordinator.testbed import free_port
 
     cfg = _init_site(tmp_path, free_port())
     source = f"import torch\n\n\nclass P(TorchTrainingPlan):\n    def f(self):\n        return open('/etc/passwd').read()\n        # {ESC}[1A{ESC}[2K{ESC}[1A\n"

@@ -4,8 +4,8 @@ import json
 import stat
 
 import pytest
-
 from conftest import cli
+
 from coordinator.site_tokens import TOKENS_FILE, SiteTokens
 from site_agent.errors import UserError
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import cli
+
 from coordinator import spec as spec_mod
 
 GOOD = """\

@@ -106,10 +106,7 @@ def test_objective_deep_supervision_is_weighted_sum_over_heads(schema):
     loss, parts = PartialLabelObjective(schema, fg)(heads, label)
     marginal = MarginalDiceCELoss(fg, N, ignore_index=IGN)
     # by hand: weights 4/7, 2/7, 1/7; label nearest-downsampled to each head's size
-    by_hand = sum(
-        w * marginal(h, F.interpolate(label.float(), size=h.shape[2:], mode="nearest-exact").long())
-        for w, h in zip((4 / 7, 2 / 7, 1 / 7), heads)
-    )
+    by_hand = sum(w * marginal(h, F.interpolate(label.float(), size=h.shape[2:], mode="nearest-exact").long()) for w, h in zip((4 / 7, 2 / 7, 1 / 7), heads))
     torch.testing.assert_close(loss, by_hand)
     torch.testing.assert_close(loss, deep_supervision_loss(heads, label, marginal))
     assert parts["sup_loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)

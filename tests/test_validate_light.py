@@ -32,12 +32,10 @@ _PROBE = (
 
 
 def _validate(spec: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
-    res = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(spec)], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(spec)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("LOADED ")]
     assert lines, res.stdout + res.stderr
-    return res, set(json.loads(lines[-1][len("LOADED "):]))
+    return res, set(json.loads(lines[-1][len("LOADED ") :]))
 
 
 def test_examples_exist():

@@ -11,7 +11,7 @@ panels, cost), `tables`, `figures`, `run_report` (the run report), `compare` (co
 Pages and figures are drawn with the shared reporting layer, `fedimg_core.reporting`.
 """
 
-from coordinator.report.compare import comparison_sections, comparison_table, compare_runs, method_record, oof_summary
+from coordinator.report.compare import compare_runs, comparison_sections, comparison_table, method_record, oof_summary
 from coordinator.report.figures import plot_boxplots, plot_dice_global, plot_grouped_bars, plot_learning_curves
 from coordinator.report.numbers import MB, Curves, cost_summary, federation_box_panels, learning_curves, oof_box_panels
 from coordinator.report.reading import (

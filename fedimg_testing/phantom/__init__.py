@@ -35,7 +35,8 @@ from fedimg_testing.phantom.identifiers import PlantedIdentifiers
 from fedimg_testing.phantom.site import PhantomSite, site_label_volume, write_phantom_site
 from fedimg_testing.phantom.tissues import HU_MAX, HU_MIN, PHASES, SITES, TISSUES
 from fedimg_testing.phantom.volume import PhantomVolume, make_phantom, mr_like
-from preprocessing.seg import segment_codes as _seg_codes, write_seg  # noqa: F401 (former homes)
+from preprocessing.seg import segment_codes as _seg_codes  # noqa: F401 (former homes)
+from preprocessing.seg import write_seg  # noqa: F401 (former home)
 
 __all__ = [
     "PHASES",

@@ -14,15 +14,15 @@ from highdicom.spatial import create_affine_matrix_from_attributes
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     CTImageStorage,
-    MRImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
+    MRImageStorage,
     RLELossless,
-    UID,
     generate_uid,
 )
 from pydicom.valuerep import DSfloat
@@ -30,7 +30,6 @@ from pydicom.valuerep import DSfloat
 from fedimg_core import atomic
 from fedimg_testing.phantom.identifiers import PlantedIdentifiers
 from fedimg_testing.phantom.volume import PhantomVolume, mr_like
-
 
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 _COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)

@@ -6,8 +6,6 @@ import hashlib
 from dataclasses import dataclass, fields
 
 
-
-
 @dataclass(frozen=True)
 class PlantedIdentifiers:
     """Identifying values planted in every usual place of a written series.

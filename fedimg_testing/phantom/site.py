@@ -15,13 +15,13 @@ from pydicom.uid import (
 )
 
 from fedimg_core import atomic
-from preprocessing.nifti import clean_image, save_atomic
-from preprocessing.schema import LABEL_MAP_FORMAT, LabelSchema
-from preprocessing.seg import write_seg
 from fedimg_testing.phantom.dicom_series import _uid, volume_affine_ras, write_dicom_series
 from fedimg_testing.phantom.identifiers import PlantedIdentifiers
 from fedimg_testing.phantom.tissues import _default_schema
 from fedimg_testing.phantom.volume import make_phantom
+from preprocessing.nifti import clean_image, save_atomic
+from preprocessing.schema import LABEL_MAP_FORMAT, LabelSchema
+from preprocessing.seg import write_seg
 
 
 @dataclass
@@ -66,8 +66,16 @@ def site_label_volume(label: np.ndarray, classes: Sequence[str], local_values: d
     return out.astype(np.uint8 if out.max() <= 255 else np.uint16)
 
 
-def _write_seg(series: list[Path], local: np.ndarray, segment_names: list[str], classes: list[str], out: Path,
-               identifiers: PlantedIdentifiers, schema: LabelSchema, uid_seed: str) -> None:
+def _write_seg(
+    series: list[Path],
+    local: np.ndarray,
+    segment_names: list[str],
+    classes: list[str],
+    out: Path,
+    identifiers: PlantedIdentifiers,
+    schema: LabelSchema,
+    uid_seed: str,
+) -> None:
     """A BINARY DICOM SEG of the series, one segment per labelled class (``local`` holds
     segment numbers 1..n on the image grid); UIDs deterministic and free of planted strings."""
     avoid = identifiers.strings()
@@ -178,8 +186,15 @@ def write_phantom_site(
         # Where the table put the patient differs from scan to scan.
         origin = tuple(float(v) for v in np.round(np.array([-150.0, -180.0, -300.0]) + jrng.uniform(-10, 10, 3), 2))
         paths = write_dicom_series(
-            vol, dicom_dir / case, ids, origin=origin, orientation=orientation, transfer_syntax=transfer_syntax,
-            file_names=file_names, seed=case_seed, modality=modality,
+            vol,
+            dicom_dir / case,
+            ids,
+            origin=origin,
+            orientation=orientation,
+            transfer_syntax=transfer_syntax,
+            file_names=file_names,
+            seed=case_seed,
+            modality=modality,
         )
         series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
         if label_format == "nifti":

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-
 from preprocessing.schema import LabelSchema, load_schema
-
 
 TISSUES: tuple[str, ...] = (
     "air",
@@ -63,9 +61,7 @@ _PHASE_TABLE: dict[str, tuple[float, float, float, float]] = {
     "kidney_medulla": (30, 80, 150, 135),
     "kidney_tumor": (36, 110, 95, 72),
 }
-PHASES: dict[str, dict[str, float]] = {
-    phase: {tissue: float(values[i]) for tissue, values in _PHASE_TABLE.items()} for i, phase in enumerate(_PHASE_NAMES)
-}
+PHASES: dict[str, dict[str, float]] = {phase: {tissue: float(values[i]) for tissue, values in _PHASE_TABLE.items()} for i, phase in enumerate(_PHASE_NAMES)}
 
 # Which schema class each tissue belongs to (everything else is background).
 _TISSUE_CLASS = {

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from preprocessing.schema import LabelSchema
 from fedimg_testing.phantom.tissues import _T, _TISSUE_CLASS, HU_MAX, HU_MIN, PHASES, TISSUES, _default_schema
+from preprocessing.schema import LabelSchema
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: the generated __eq__ would compare arrays ambiguously

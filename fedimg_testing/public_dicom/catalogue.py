@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEST = REPO_ROOT / ".cache" / "public-dicom"
 INDEX_NAME = "index.json"
@@ -103,17 +102,11 @@ SOURCES: tuple[Source, ...] = (
         package="pylinac",
         version="0.1.3",
         filename="pylinac-0.1.3.zip",
-        url=(
-            "https://files.pythonhosted.org/packages/70/1e/"
-            "23dc892836da66475dbc9475ebb9b6451f56c1d3923381bce8190baec1e8/pylinac-0.1.3.zip"
-        ),
+        url=("https://files.pythonhosted.org/packages/70/1e/23dc892836da66475dbc9475ebb9b6451f56c1d3923381bce8190baec1e8/pylinac-0.1.3.zip"),
         sha256="3077623cb0d2ee57a64f4f1daae3e9d257555db2c3f07f0d6db1141a805069e3",
         size=23128478,
         licence="MIT",
-        licence_note=(
-            "pylinac 0.1.3 (2014) sdist, classifier 'MIT License'. CBCT demo files: Varian OBI "
-            "cone-beam CT of a Catphan phantom (no patient)."
-        ),
+        licence_note=("pylinac 0.1.3 (2014) sdist, classifier 'MIT License'. CBCT demo files: Varian OBI cone-beam CT of a Catphan phantom (no patient)."),
         series=(
             SeriesSpec(
                 name="cbct-pelvis",
@@ -149,10 +142,7 @@ SOURCES: tuple[Source, ...] = (
         package="pycerr",
         version="2.5.1",
         filename="pycerr-2.5.1.tar.gz",
-        url=(
-            "https://files.pythonhosted.org/packages/d1/90/"
-            "a4c1b144ee2f528e86b484c3cdd183f1a28d4b8f36cd718adaf58cf73889/pycerr-2.5.1.tar.gz"
-        ),
+        url=("https://files.pythonhosted.org/packages/d1/90/a4c1b144ee2f528e86b484c3cdd183f1a28d4b8f36cd718adaf58cf73889/pycerr-2.5.1.tar.gz"),
         sha256="5c9dd91d2e12d689329e91d8cf16b0c323bdf2489393ce457199ffd98b36e687",
         size=32296126,
         licence="CC-BY-NC-3.0 (data); package GPL-3.0",
@@ -178,11 +168,7 @@ SOURCES: tuple[Source, ...] = (
         package="dicom-parser",
         version="1.0.0",
         filename="dicom_parser-1.0.0-py3-none-any.whl",
-        url=(
-            "https://files.pythonhosted.org/packages/e6/ad/"
-            "fbd1403cf666bfceaf00554aa816e36299efa71f32e506c5238885b500e2/"
-            "dicom_parser-1.0.0-py3-none-any.whl"
-        ),
+        url=("https://files.pythonhosted.org/packages/e6/ad/fbd1403cf666bfceaf00554aa816e36299efa71f32e506c5238885b500e2/dicom_parser-1.0.0-py3-none-any.whl"),
         sha256="9190ce820b541dd2c64198525a968ef66ade88268f11c3e62dde93b6716591ec",
         size=10320181,
         licence="AGPL-3.0",
@@ -198,8 +184,7 @@ SOURCES: tuple[Source, ...] = (
                 recursive=True,
                 n_files=11,
                 description=(
-                    "Siemens Prisma 3T localizer: one series, 11 slices 512x512 in three orientations "
-                    "(5 sagittal, 3 coronal, 3 axial), implicit VR LE"
+                    "Siemens Prisma 3T localizer: one series, 11 slices 512x512 in three orientations (5 sagittal, 3 coronal, 3 axial), implicit VR LE"
                 ),
                 notes=(
                     "NOT a volume: mixed orientations in one SeriesInstanceUID (a stacking reader must "
@@ -215,10 +200,7 @@ SOURCES: tuple[Source, ...] = (
         package="dcm-classifier",
         version="0.9.9",
         filename="dcm_classifier-0.9.9.tar.gz",
-        url=(
-            "https://files.pythonhosted.org/packages/fd/0d/"
-            "9435ad0cf15ca50deee062e2c0c3126effe04e50160535201e57aac51b6b/dcm_classifier-0.9.9.tar.gz"
-        ),
+        url=("https://files.pythonhosted.org/packages/fd/0d/9435ad0cf15ca50deee062e2c0c3126effe04e50160535201e57aac51b6b/dcm_classifier-0.9.9.tar.gz"),
         sha256="7a18e352e48562996dd540bc8bc8cd07a7a878e64100a81b5b4b96d6e31668f3",
         size=2417248,
         licence="Apache-2.0",

@@ -41,9 +41,7 @@ def _describe_quiet(files: list[Path]) -> dict:
             ts_names.append(uid)
     iops = [floats(ds, "ImageOrientationPatient") for ds in dss]
     ipps = [floats(ds, "ImagePositionPatient") for ds in dss]
-    has_geom = all(v is not None and len(v) == 6 for v in iops) and all(
-        v is not None and len(v) == 3 for v in ipps
-    )
+    has_geom = all(v is not None and len(v) == 6 for v in iops) and all(v is not None and len(v) == 3 for v in ipps)
     single_orientation = False
     oblique = None
     n_positions = len({tuple(round(x, 3) for x in p) for p in ipps if p})

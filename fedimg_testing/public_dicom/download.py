@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from fedimg_core.hashing import sha256_file
-from fedimg_testing.public_dicom.catalogue import HTTP_TIMEOUT_S, SeriesSpec, Source, USER_AGENT, _pypi_json
+from fedimg_testing.public_dicom.catalogue import HTTP_TIMEOUT_S, USER_AGENT, SeriesSpec, Source, _pypi_json
 
 
 def _warn(msg: str) -> None:

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import pydicom
-
 from filelock import FileLock
 
 from fedimg_testing.public_dicom.catalogue import (
@@ -55,9 +54,7 @@ def _source_meta(src: Source) -> dict:
     return meta
 
 
-def _install_series(
-    dest: Path, src: Source, spec: SeriesSpec, files: dict[str, bytes], quiet: bool
-) -> dict:
+def _install_series(dest: Path, src: Source, spec: SeriesSpec, files: dict[str, bytes], quiet: bool) -> dict:
     """Write one series' files atomically under dest/<source>/<series> and describe it."""
     # Only image instances (drops e.g. an RTSTRUCT next to the slices), of the wanted series.
     kept = {}
@@ -100,8 +97,7 @@ def _install_series(
     }
     entry.update(_describe([final / n for n in names]))
     _info(
-        f"  {entry['name']}: {entry['n_files']} x {entry['modality']} "
-        f"{entry['rows']}x{entry['columns']} {', '.join(entry['transfer_syntax_names'])}",
+        f"  {entry['name']}: {entry['n_files']} x {entry['modality']} {entry['rows']}x{entry['columns']} {', '.join(entry['transfer_syntax_names'])}",
         quiet,
     )
     return entry
@@ -227,9 +223,7 @@ def ensure_public_dicom(
                         raise RuntimeError(offline_reason)
                     archive = _download(src, dest / "_archives", quiet, down_hosts)
                     collected = _collect(src, archive)
-                entries = [
-                    _install_series(dest, src, spec, collected[spec.name], quiet) for spec in src.series
-                ]
+                entries = [_install_series(dest, src, spec, collected[spec.name], quiet) for spec in src.series]
                 series.extend(entries)
                 _remove_stale(dest / src.name, {s.name for s in src.series})
                 if src.registry != "installed" and not keep_archives:

@@ -24,8 +24,8 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from fedimg_core.config import ConfigModel, format_problems, problems_of, short
 from pipelines.config_fields import ConfigValueError, is_int, worded_number
 from pipelines.factory.networks import FactoryConfig, Generator, requires_grad
-from pipelines.plan_args_common import parse_spacing
 from pipelines.factory.slices import SliceSettings
+from pipelines.plan_args_common import parse_spacing
 from preprocessing.schema import LabelSchema, parse_schema
 
 GENERATOR_FILE = "generator.pt"

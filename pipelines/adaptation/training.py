@@ -604,7 +604,6 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
                "synthetic": int(syn_x.shape[0])}  # fmt: skip
     if eval_cases:
         summary["evaluation"] = {
-            mode: evaluate_cases(lambda x, m=mode: model.predict(x, m), data, eval_cases, table, len(names))
-            for mode in ("average", "target", "source")
+            mode: evaluate_cases(lambda x, m=mode: model.predict(x, m), data, eval_cases, table, len(names)) for mode in ("average", "target", "source")
         }
     return model, summary

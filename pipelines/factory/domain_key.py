@@ -368,10 +368,7 @@ class DomainKey:
     def _check(self, images: Tensor) -> Tensor:
         images = _check_images(images)
         if tuple(images.shape[-2:]) != (self.reference_size, self.reference_size):
-            raise ValueError(
-                f"images must be {self.reference_size}x{self.reference_size} (the reference size), "
-                f"got {tuple(images.shape[-2:])}"
-            )
+            raise ValueError(f"images must be {self.reference_size}x{self.reference_size} (the reference size), got {tuple(images.shape[-2:])}")
         return images
 
     def site_key(self, batches: Iterable[Tensor]) -> Tensor:
@@ -418,8 +415,12 @@ class DomainKey:
 
 
 def build_domain_key(
-    raw: Mapping | None, image_size: int, models_dir: str | os.PathLike | None = None, where: str = "key",
-    origin: dict | None = None, store=None,
+    raw: Mapping | None,
+    image_size: int,
+    models_dir: str | os.PathLike | None = None,
+    where: str = "key",
+    origin: dict | None = None,
+    store=None,
 ) -> DomainKey | None:
     """Build the domain key a configuration describes; `None` for the no-key ablation.
 
@@ -442,10 +443,7 @@ def build_domain_key(
     if kind == "encoder":
         mdir = models_dir if models_dir is not None else os.environ.get("FEDIMG_MODELS_DIR")
         if not mdir:
-            raise KeyConfigError(
-                f"{where}.file: no models directory (pass models_dir or set FEDIMG_MODELS_DIR): "
-                f"a real encoder needs its weights on disk"
-            )
+            raise KeyConfigError(f"{where}.file: no models directory (pass models_dir or set FEDIMG_MODELS_DIR): a real encoder needs its weights on disk")
         mdir = Path(mdir)
         path = mdir / cfg["file"]
         missing = None
@@ -460,8 +458,13 @@ def build_domain_key(
                 ArtifactUnavailable(path, "torchscript", missing))  # fmt: skip
         try:
             fn = TorchScriptKey(
-                path, sha256=cfg["sha256"], input_size=cfg["input_size"], dim=cfg["dim"],
-                channels=cfg["channels"], probe_size=image_size, origin={"setting": f"{where}.file", **(origin or {})},
+                path,
+                sha256=cfg["sha256"],
+                input_size=cfg["input_size"],
+                dim=cfg["dim"],
+                channels=cfg["channels"],
+                probe_size=image_size,
+                origin={"setting": f"{where}.file", **(origin or {})},
                 store=store,
             )
         except KeyConfigError as e:
@@ -473,5 +476,4 @@ def build_domain_key(
         if kind in ("histogram", "random_cnn+histogram"):
             parts.append(SoftHistogramKey(bins=cfg["bins"], lo=cfg["lo"], hi=cfg["hi"], bandwidth=cfg["bandwidth"]))
         fn = parts[0] if len(parts) == 1 else ConcatKey(parts)
-    return DomainKey(fn, reference_seed=cfg["reference_seed"], reference_size=image_size,
-                     reference_count=cfg["reference_count"])
+    return DomainKey(fn, reference_seed=cfg["reference_seed"], reference_size=image_size, reference_count=cfg["reference_count"])

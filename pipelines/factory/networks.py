@@ -182,10 +182,7 @@ class EqualLinear(nn.Module):
         return lrelu(x) if self.activation == "lrelu" else x
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-            f"lr_mul={self.lr_mul}, activation={self.activation}"
-        )
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, lr_mul={self.lr_mul}, activation={self.activation}"
 
 
 class EqualConv2d(nn.Module):
@@ -428,10 +425,7 @@ class SynthesisNetwork(nn.Module):
                 hooked = feature_hook(block.resolution, x)
                 if not isinstance(hooked, torch.Tensor) or hooked.shape != x.shape:
                     got = tuple(hooked.shape) if isinstance(hooked, torch.Tensor) else type(hooked).__name__
-                    raise ValueError(
-                        f"feature_hook at resolution {block.resolution}: must return a tensor of shape "
-                        f"{tuple(x.shape)} (got {got})"
-                    )
+                    raise ValueError(f"feature_hook at resolution {block.resolution}: must return a tensor of shape {tuple(x.shape)} (got {got})")
                 x = hooked
             features.append(x)
         return (img, features) if return_features else img
@@ -531,10 +525,7 @@ class MappingNetwork(nn.Module):
     def __init__(self, cfg: FactoryConfig):
         super().__init__()
         dims = [cfg.z_dim + cfg.w_dim] + [cfg.w_dim] * cfg.mapping_layers
-        self.layers = nn.ModuleList(
-            EqualLinear(dims[i], dims[i + 1], lr_mul=cfg.mapping_lr_mul, activation="lrelu")
-            for i in range(cfg.mapping_layers)
-        )
+        self.layers = nn.ModuleList(EqualLinear(dims[i], dims[i + 1], lr_mul=cfg.mapping_lr_mul, activation="lrelu") for i in range(cfg.mapping_layers))
 
     def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         x = torch.cat([pixel_norm(z), condition], dim=1)
@@ -624,9 +615,7 @@ class Generator(nn.Module):
         ``callable(resolution: int, x: Tensor) -> Tensor`` applied to each block's output feature
         (after its ToRGB, before the next block); the returned features are the hooked ones
         (phase-2 encoders inject their residual features this way)."""
-        return self.synthesis_network(
-            ws, noise_mode=noise_mode, noise=noise, return_features=return_features, feature_hook=feature_hook
-        )
+        return self.synthesis_network(ws, noise_mode=noise_mode, noise=noise, return_features=return_features, feature_hook=feature_hook)
 
     def noise_shapes(self, batch: int) -> list[tuple[int, int, int, int]]:
         return self.synthesis_network.noise_shapes(batch)
@@ -728,9 +717,7 @@ class Discriminator(nn.Module):
         ch = {res: c for res, c in zip(cfg.resolutions, cfg.channels)}
         self.cmap_dim = cfg.w_dim
         self.from_rgb = EqualConv2d(1, ch[cfg.resolution], 1)
-        self.blocks = nn.ModuleList(
-            DiscriminatorBlock(ch[res], ch[res // 2]) for res in reversed(cfg.resolutions[1:])
-        )
+        self.blocks = nn.ModuleList(DiscriminatorBlock(ch[res], ch[res // 2]) for res in reversed(cfg.resolutions[1:]))
         c4 = ch[4]
         self.conv = EqualConv2d(c4 + 1, c4, 3)
         self.fc = EqualLinear(c4 * 16, self.cmap_dim, activation="lrelu")

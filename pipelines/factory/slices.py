@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from monai.transforms import Resize, SpatialPad
 
-from pipelines import transforms as _transforms
 from fedimg_core import atomic
+from pipelines import transforms as _transforms
 from preprocessing.dataset import load_dataset
 from preprocessing.schema import LabelSchema, ModalityRule
 

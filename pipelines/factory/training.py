@@ -154,7 +154,7 @@ def reinit_key_pathway(model: FactoryModel, generator: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
     for n, p in params.items():
         if n.startswith("g_ema.") and is_key_pathway(n):
-            p.copy_(params["generator." + n[len("g_ema."):]])
+            p.copy_(params["generator." + n[len("g_ema.") :]])
 
 
 def make_optimizer(model: FactoryModel, lr: float = 0.002, r1_interval: int = 16, pl_interval: int = 4) -> torch.optim.Adam:

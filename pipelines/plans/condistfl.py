@@ -1,6 +1,5 @@
 """ConDistFL: marginal loss + lambda * conditional distillation from the received global model."""
 
-
 from pipelines.plans.segmentation import PartialLabelSegmentationPlan
 
 

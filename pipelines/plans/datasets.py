@@ -79,8 +79,7 @@ class PreparedSegmentationDataset(CustomDataset):
         self.labeled_classes = sorted(int(c) for c in labeled)
         if prepared.modality not in self.schema.modalities:
             raise DatasetSchemaError(
-                f"{where}: modality {prepared.modality!r} has no rule in schema {self.schema.name} "
-                f"(modalities: {', '.join(self.schema.modalities)})"
+                f"{where}: modality {prepared.modality!r} has no rule in schema {self.schema.name} (modalities: {', '.join(self.schema.modalities)})"
             )
         self.modality = prepared.modality
         self._items = _volumes(self.path, self.schema, self.modality, self.spacing)

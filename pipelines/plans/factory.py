@@ -112,9 +112,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         self.model().train()
         samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         self._updater.after_step()  # G_ema follows the last G update before the weights are sent
-        self._state_store.write(
-            {"round": self._round_index(), "optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()}
-        )
+        self._state_store.write({"round": self._round_index(), "optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()})
         self._key_layer_store().write(key_pathway_state(self.model()))
         metric = {
             **self._updater.means(),

@@ -61,13 +61,9 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
 
     def init_optimizer(self, optimizer_args):
         self._base_lr = float(optimizer_args.get("lr", 1e-3))
-        self._adamw = torch.optim.AdamW(
-            self.model().parameters(), lr=self._base_lr, weight_decay=float(optimizer_args.get("weight_decay", 1e-5))
-        )
+        self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=float(optimizer_args.get("weight_decay", 1e-5)))
         s = self._settings
-        self._opt_store = OptimizerStateStore(
-            os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None, s.run_id, type(self).__name__
-        )
+        self._opt_store = OptimizerStateStore(os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None, s.run_id, type(self).__name__)
         self._opt_restored = False
         return self._adamw
 

@@ -11,14 +11,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-
 from conftest import cli
+
 from coordinator.registry import Registry
 from coordinator.registry_http import serve_registry
 from coordinator.site_tokens import SiteTokens
 from coordinator.testbed import Testbed
-from preprocessing.dataset import load_dataset, write_dataset
 from fedimg_testing.phantom import make_phantom, mr_like
+from preprocessing.dataset import load_dataset, write_dataset
 from site_agent.runtime import pid_alive
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 import yaml
-
 from attack_modules import SecretReader
 from conftest import cli
+
 from coordinator.testbed import Testbed
 from site_agent.runtime import pid_alive
 
@@ -68,8 +68,10 @@ def _run(bed, name: str, key_file: str, sha256: str | None = None):
         "batch_size": 2,
         "clients_per_round": 1,
         "seed": 1,
-        "plan_args": {"factory": {"preset": "tiny"},
-                      "key": {"kind": "encoder", "file": key_file, "dim": 4, "reference_count": 4, **({"sha256": sha256} if sha256 else {})}},
+        "plan_args": {
+            "factory": {"preset": "tiny"},
+            "key": {"kind": "encoder", "file": key_file, "dim": 4, "reference_count": 4, **({"sha256": sha256} if sha256 else {})},
+        },
         "approval": {"request": True, "wait_s": 60},  # the testbed's site approves the plan (not the artifact)
     }
     spec = bed.workdir / f"{name}.yaml"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import cli
+
 from coordinator.testbed import Testbed
 from site_agent.runtime import pid_alive
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import cli
+
 from coordinator.registry import Registry
-from pipelines.sampling import sample_sites
 from coordinator.testbed import Testbed
+from pipelines.sampling import sample_sites
 from site_agent.runtime import pid_alive
 
 pytestmark = pytest.mark.integration
@@ -35,8 +35,15 @@ def factory_run(tmp_path_factory):
             "batch_size": 4,
             "clients_per_round": 2,
             "seed": 3,
-            "plan_args": {"factory": {"preset": "tiny"}, "refine_rounds": 1, "sample_every": 2, "r1_interval": 2, "pl_interval": 2,
-                          "mismatch_weight": 0.5, "diff_augment": {"translation": 0.1}},
+            "plan_args": {
+                "factory": {"preset": "tiny"},
+                "refine_rounds": 1,
+                "sample_every": 2,
+                "r1_interval": 2,
+                "pl_interval": 2,
+                "mismatch_weight": 0.5,
+                "diff_augment": {"translation": 0.1},
+            },
             "approval": {"request": True, "wait_s": 60},  # the testbed's sites approve automatically
         }
         spec = bed.workdir / "factory.yaml"
@@ -174,8 +181,8 @@ def test_outputs_samples_and_published_factory(factory_run):
     for part in ("generator.", "discriminator.", "g_ema."):
         assert any(not torch.equal(c0[k], c3[k]) for k in c0 if k.startswith(part)), part
     # G_ema is an average of G, not G itself
-    g = {k[len("generator."):]: v for k, v in c3.items() if k.startswith("generator.")}
-    e = {k[len("g_ema."):]: v for k, v in c3.items() if k.startswith("g_ema.")}
+    g = {k[len("generator.") :]: v for k, v in c3.items() if k.startswith("generator.")}
+    e = {k[len("g_ema.") :]: v for k, v in c3.items() if k.startswith("g_ema.")}
     assert g.keys() == e.keys() and any(not torch.equal(g[k], e[k]) for k in g)
     # published to the coordinator's registry, checksums verified
     assert metrics["published"] == {"kind": "factory", "name": "factory-it", "version": "v0001"}

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import cli
+
 from coordinator.testbed import Testbed, default_spec_text, free_port
 from site_agent.runtime import pid_alive
 

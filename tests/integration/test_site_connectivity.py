@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cli
+
 from coordinator.testbed import free_port
 
 pytestmark = pytest.mark.integration

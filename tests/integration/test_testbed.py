@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import cli
+
 from coordinator.testbed import default_spec_text
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,6 @@ from preprocessing.dicom import SEG_SOP_CLASS, Series, SeriesError, load_series,
 from preprocessing.schema import LabelSchema
 from preprocessing.seg import write_seg
 
-
 GRID_TOLERANCE_MM = 0.01  # a label and a DICOM series are the same grid within this
 
 
@@ -129,10 +128,7 @@ def _label_on_series_grid(label, grid: SeriesGrid, where: str) -> np.ndarray:
                 f"(tolerance {GRID_TOLERANCE_MM} mm); predict on this series (predict_dicom_series)"
             )
     elif data.shape != grid.shape:
-        raise ValueError(
-            f"{where}: label shape {data.shape} does not match the DICOM series grid {grid.shape} "
-            "(columns, rows, slices sorted along the normal)"
-        )
+        raise ValueError(f"{where}: label shape {data.shape} does not match the DICOM series grid {grid.shape} (columns, rows, slices sorted along the normal)")
     return np.ascontiguousarray(data)
 
 
@@ -178,9 +174,7 @@ def write_dicom_seg(
     for number, value in enumerate(values, start=1):
         lut[value] = number
     local = lut[data]
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version
-    )
+    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
     write_seg(
         grid.sources,
         local,

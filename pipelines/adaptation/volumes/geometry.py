@@ -3,12 +3,10 @@ squaring a slice (symmetric pad) and its inverse."""
 
 from __future__ import annotations
 
-
 import torch
 from monai.transforms import Resize, SpatialPad
 
 from pipelines.factory import slices as _slices
-
 
 _KEYS = ("image", "label")
 _IMAGE_KEYS = ("image",)

@@ -16,11 +16,10 @@ import torch
 from monai.data import MetaTensor
 
 from pipelines import transforms as _transforms
-from pipelines.factory.slices import SliceSettings, intensity_to_unit, slice_bins, square_slices
-from preprocessing.schema import LabelSchema
 from pipelines.adaptation.volumes.geometry import _CHAIN_OPTIONS, _IMAGE_KEYS, unsquare
 from pipelines.adaptation.volumes.nifti import _load_reference, write_label_nifti
-
+from pipelines.factory.slices import SliceSettings, intensity_to_unit, slice_bins, square_slices
+from preprocessing.schema import LabelSchema
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
 
@@ -129,9 +128,7 @@ def predict_volume_2d(
     probs = torch.cat(outputs)  # (Z, C, S, S)
     n_classes = probs.shape[1]
     if n_classes != schema.num_classes:
-        raise ValueError(
-            f"{where}: predict_fn returned {n_classes} channels, schema {schema.name} {schema.version} has {schema.num_classes} classes"
-        )
+        raise ValueError(f"{where}: predict_fn returned {n_classes} channels, schema {schema.name} {schema.version} has {schema.num_classes} classes")
     del outputs, stack, unit, all_slices
 
     out_shape = tuple(int(s) for s in reference.shape[:3])
@@ -142,9 +139,7 @@ def predict_volume_2d(
         c1 = min(c0 + channel_chunk, n_classes)
         part = probs[:, c0:c1].reshape(depth * (c1 - c0), size, size)
         part = unsquare(part, width, height).reshape(depth, c1 - c0, width, height).permute(1, 2, 3, 0)
-        meta_image = MetaTensor(
-            part.contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations)
-        )
+        meta_image = MetaTensor(part.contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations))
         back = chain.inverse({"image": meta_image})["image"]
         back = back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)
         if tuple(back.shape[1:]) != out_shape:  # pragma: no cover - MONAI's inverse restores the input shape

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedimg_core import atomic
 from pipelines import transforms as _transforms
+from pipelines.adaptation.volumes.geometry import _CHAIN_OPTIONS, _KEYS, square_labels
 from pipelines.factory import slices as _slices
 from pipelines.factory.slices import SliceSettings, foreground_keep, intensity_to_unit, slice_bins, square_slices
-from fedimg_core import atomic
 from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import LabelSchema
-from pipelines.adaptation.volumes.geometry import _CHAIN_OPTIONS, _KEYS, square_labels
-
 
 # Bump when the output of `labelled_slices` changes in a way its arguments do not show (it
 # is part of the disk cache key, with `pipelines.factory.slices.SLICES_VERSION`).
