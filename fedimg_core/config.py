@@ -4,8 +4,11 @@ Every config surface of fedimg (experiment spec, site config, label schema, plan
 network / factory / GIN configs, metrics.json, ...) is a pydantic model derived from
 `ConfigModel` and validated with `validate_config`, which turns pydantic's errors into one
 `ConfigError` whose message lists every problem as ``<file>: <key.path>: <problem>`` with a
-"did you mean" suggestion for misspelt keys. Cross-field rules raise `ConfigProblem` (from a
-``model_validator``) to name the key they are about.
+"did you mean" suggestion for misspelt keys. A config inside another file (plan arguments,
+a network or factory config) goes through `check_model` instead, which raises a
+`ConfigValueError` (a ValueError) whose lines start with the key path; the caller adds the
+file. Cross-field rules raise `ConfigProblem` (from a ``model_validator``) to name the key
+they are about. The field types are in `fedimg_core.config_types`.
 
 `ConfigModel` refuses unknown keys and silent type coercion (``"1"`` is not a number, ``true``
 is not an integer; an integer is a valid float). YAML has no tuples: declare sequences as
@@ -17,21 +20,26 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Self, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedimg_core.errors import ConfigError
+from fedimg_core.errors import ConfigError, FedimgError
 
 __all__ = [
     "ConfigModel",
     "ConfigProblem",
+    "ConfigValueError",
+    "check_model",
     "closest",
     "did_you_mean",
     "finite",
     "format_problems",
     "key_path",
+    "problem_lines",
     "problems_of",
+    "refuse_unknown_keys",
     "short",
     "validate_config",
 ]
@@ -129,29 +137,48 @@ def key_path(loc: Sequence[int | str]) -> str:
 
 
 def _allowed_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str] | None:
-    """The keys a mapping at ``loc`` accepts, following nested models (None: unknown)."""
+    """The keys a mapping at ``loc`` accepts, following nested models, lists and dicts of them (None: unknown)."""
     current: Any = model
     for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
-            return None
-        current = _model_in(fields[part].annotation)
+        current = _step(current, part)
         if current is None:
             return None
-    fields = getattr(current, "model_fields", None)
-    return sorted(info.alias or name for name, info in fields.items()) if fields is not None else None
+    found = _model_at(current)
+    return sorted(info.alias or name for name, info in found.model_fields.items()) if found is not None else None
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The model class inside an annotation (``Sub``, ``Sub | None``, ``list[Sub]``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation may hold: ``Annotated[X, ...]`` is X, ``X | Y`` is X and Y (None dropped)."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
+    return [annotation]
+
+
+def _model_at(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (``Sub``, ``Sub | None``, ``Annotated[Sub, ...]``), if any."""
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            return member
+    return None
+
+
+def _step(annotation: Any, part: int | str) -> Any:
+    """The annotation of ``part`` inside a value of ``annotation``: a model's field, a dict's value, a list's item (None: unknown)."""
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            for name, info in member.model_fields.items():
+                if part in (name, info.alias):
+                    return info.annotation
+            continue
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
+            return args[1]  # ``part`` is a key of the dict (``modalities.CT``)
+        if isinstance(part, int) and isinstance(origin, type) and issubclass(origin, (list, tuple, Sequence)) and args:
+            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                return args[part] if part < len(args) else None
+            return args[0]
     return None
 
 
@@ -233,6 +260,23 @@ def format_problems(where: str, problems: Sequence[tuple[str, str]]) -> str:
     return f"{where}: {len(problems)} problems:\n  " + "\n  ".join(lines)
 
 
+def _validate(
+    model: type[ModelT], data: Mapping[Any, Any], prefix: str, context: Mapping[str, Any] | None, keys: Sequence[str] | None, hidden: Sequence[str]
+) -> tuple[ModelT | None, list[tuple[str, str]]]:
+    """Validate a mapping: the model (None when there are problems) and every (key path, problem) found."""
+    problems: list[tuple[str, str]] = []
+    if keys is not None:
+        # unknown keys listed in the documented order (pydantic's extra="forbid" sorts them)
+        allowed = " (allowed: " + ", ".join(k for k in keys if k not in hidden) + ")"
+        problems += [(f"{prefix}{key}", "unknown key" + (did_you_mean(key, keys) or allowed)) for key in data if key not in keys]
+        data = {k: v for k, v in data.items() if k in keys}
+    try:
+        validated = model.model_validate(data, context=dict(context) if context is not None else None)
+    except ValidationError as exc:
+        return None, problems + problems_of(exc, model, prefix)
+    return (validated, []) if not problems else (None, problems)
+
+
 def validate_config(
     model: type[ModelT],
     data: object,
@@ -242,6 +286,9 @@ def validate_config(
     error: type[ConfigError] = ConfigError,
 ) -> ModelT:
     """Validate ``data`` against ``model``; report every problem in one ConfigError.
+
+    For a config file of its own (site config, spec, label schema); `check_model` is the same
+    for a config inside another one.
 
     Args:
         model: the config model.
@@ -259,13 +306,138 @@ def validate_config(
     """
     if not isinstance(data, Mapping):
         raise error(f"{where}: expected a mapping{' at ' + prefix.rstrip('.') if prefix else ' at the top level'} (got {type(data).__name__})", file=where)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = problems_of(exc, model, prefix)
-        raised = error(format_problems(where, problems), file=where, key=problems[0][0] if problems else None)
-        raised.problems = problems
-        raise raised from None
+    validated, problems = _validate(model, data, prefix, None, None, ())
+    if validated is not None:
+        return validated
+    raised = error(format_problems(where, problems), file=where, key=problems[0][0] if problems else None)
+    raised.problems = problems
+    raise raised from None
+
+
+class ConfigValueError(FedimgError, ValueError):
+    """A config inside another file (plan arguments, a network or factory config) is invalid.
+
+    ``.problems`` holds every (key path, problem), ``.key`` the first. Like the other
+    input-format errors of the libraries (`fedimg_core.errors`), a `FedimgError` that keeps its
+    standard base: ``except ValueError`` clauses still catch it, and the CLIs turn it into a
+    `UserError` naming the file.
+
+    Args:
+        *args: the exception arguments; the first is the message.
+        file: the file the error is about, if known.
+        key: the key path of the (first) problem.
+    """
+
+    def __init__(self, *args: object, file: str | None = None, key: str | None = None) -> None:
+        super().__init__(*args, file=file, key=key)
+        self.problems: list[tuple[str, str]] = []
+
+    def with_problems(self, problems: Sequence[tuple[str, str]]) -> Self:
+        """This error, with ``problems`` set (for re-raising another config's problems as this kind).
+
+        Args:
+            problems: the (key path, problem) pairs.
+
+        Returns:
+            ``self``.
+        """
+        self.problems = list(problems)
+        return self
+
+    @classmethod
+    def of(cls, key: str, problem: str) -> Self:
+        """The error for one problem: message ``"<key>: <problem>"``.
+
+        Args:
+            key: the key path (``plan_args.gin``).
+            problem: what is wrong, and what is allowed.
+
+        Returns:
+            The error (to raise).
+        """
+        error = cls(f"{key}: {problem}" if key else problem, key=key or None)
+        error.problems = [(key, problem)]
+        return error
+
+
+def problem_lines(problems: Sequence[tuple[str, str]], where: str) -> str:
+    """The message for (key path, problem) pairs whose key paths already start with their config's name.
+
+    Args:
+        problems: the pairs (``plan_args.gin.prob``, ``must be within [0, 1] (got 2)``).
+        where: what to call the config in the first line when there are several (``plan_args``).
+
+    Returns:
+        ``"<key>: <problem>"`` for one problem; for several, a count and one such line each.
+    """
+    lines = [f"{key}: {problem}" if key else problem for key, problem in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"... and {len(problems) - MAX_LISTED} more")
+    return lines[0] if len(problems) == 1 else f"{where}: {len(problems)} problems:\n  " + "\n  ".join(lines)
+
+
+def check_model(
+    model: type[ModelT],
+    data: Any,
+    where: str,
+    error: type[ConfigValueError] = ConfigValueError,
+    context: Mapping[str, Any] | None = None,
+    keys: Sequence[str] | None = None,
+    hidden: Sequence[str] = (),
+) -> ModelT:
+    """Validate a config that sits inside another file; problems are reported as ``<where>.<key>: <problem>``.
+
+    For ``plan_args.gin`` of a spec or ``factory`` of factory.json: the messages start with
+    the key path, the caller adds the file (`validate_config` is the same for a file of its own).
+
+    Args:
+        model: the config model.
+        data: the raw config (a mapping).
+        where: the config's key path (``plan_args.gin``), prefixed to every problem's key.
+        error: the error class raised.
+        context: passed to the model's validators.
+        keys: the top-level keys in their documented order: each other key is reported
+            (``unknown key; did you mean 'x'?`` or ``unknown key (allowed: ...)``) together
+            with the model's problems with the rest.
+        hidden: keys of ``keys`` not advertised in the list (filled in by the coordinator).
+
+    Returns:
+        The validated model.
+
+    Raises:
+        ConfigValueError: (or ``error``) one line per problem; ``.problems`` and ``.key`` set.
+    """
+    if not isinstance(data, Mapping):
+        raise error.of(where, f"must be a mapping (got {type(data).__name__})")
+    validated, problems = _validate(model, data, f"{where}." if where else "", context or {}, keys, hidden)
+    if validated is not None:
+        return validated
+    raised = error(problem_lines(problems, where), key=problems[0][0])
+    raised.problems = problems
+    raise raised
+
+
+def refuse_unknown_keys(data: Any, allowed: Sequence[str], hidden: Sequence[str] = ()) -> None:
+    """Refuse the first key of ``data`` not in ``allowed``, with a did-you-mean or the list of keys.
+
+    For a ``model_validator(mode="before")``, where the keys are listed in their documented
+    order (pydantic's extra="forbid" reports them sorted).
+
+    Args:
+        data: the raw config (anything but a mapping is left to the model).
+        allowed: the keys the config takes.
+        hidden: allowed keys not advertised in the list (filled in by the coordinator).
+
+    Raises:
+        ConfigProblem: naming the unknown key.
+    """
+    if not isinstance(data, Mapping):
+        return
+    for key in data:
+        if key not in allowed:
+            shown = [k for k in allowed if k not in hidden]
+            hint = did_you_mean(key, allowed) or f" (allowed: {', '.join(shown)})"
+            raise ConfigProblem(str(key), f"unknown key{hint}")
 
 
 def finite(value: float) -> float:

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from coordinator.plans import PlanArgsError, check_plan_args
+from fedimg_core.config import ConfigValueError
 from fedimg_core.errors import FedimgError, UserError
-from pipelines.config_fields import ConfigValueError
 from pipelines.factory.config import FactoryConfig
 from pipelines.factory.plan_args import FactoryPlanArgs, parse_factory_args
 from pipelines.plan_args import PlanArgs, parse_plan_args
