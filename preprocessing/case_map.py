@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from fedimg_core import atomic
 from preprocessing.inputs import CaseSource, PrepareError, source_location
@@ -19,7 +20,14 @@ CASE_MAP_FORMAT = "fedimg-case-map"
 
 
 def default_case_map(out: Path) -> Path:
-    """Where prepare keeps the site-local case map: next to the dataset folder, outside it."""
+    """Where prepare keeps the site-local case map: next to the dataset folder, outside it.
+
+    Args:
+        out: the dataset folder.
+
+    Returns:
+        ``<out>.case-map.json`` in the dataset folder's parent.
+    """
     out = Path(out)
     return out.parent / f"{out.name}.case-map.json"
 
@@ -39,14 +47,14 @@ def write_case_map(path: Path, out: Path, by_hash: dict[str, CaseSource]) -> Non
     """
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     old = read_case_map(path) if path.exists() else {}
-    cases: dict[str, dict] = {}
+    cases: dict[str, dict[str, Any]] = {}
     for case in manifest["cases"]:
         src = by_hash.get(case["source_hash"])
         if src is None:
             if case["case_id"] in old:
                 cases[case["case_id"]] = old[case["case_id"]]
             continue
-        entry: dict = {"kind": src.kind, "source": os.path.abspath(source_location(src))}
+        entry: dict[str, Any] = {"kind": src.kind, "source": os.path.abspath(source_location(src))}
         if src.series is not None:
             entry["files"] = len(src.series.slices)
             entry["series_uid"] = src.series.first.series_uid
@@ -61,8 +69,14 @@ def write_case_map(path: Path, out: Path, by_hash: dict[str, CaseSource]) -> Non
     )  # fmt: skip
 
 
-def read_case_map(path: Path) -> dict[str, dict]:
+def read_case_map(path: Path) -> dict[str, dict[str, Any]]:
     """The case id -> source entries of a case map written by prepare.
+
+    Args:
+        path: the case map file.
+
+    Returns:
+        Case id -> its entry (kind, source, files, series UID, label), as `write_case_map` wrote it.
 
     Raises:
         PrepareError: the file is missing, unreadable or not a case map.
@@ -77,4 +91,5 @@ def read_case_map(path: Path) -> dict[str, dict]:
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != CASE_MAP_FORMAT or not isinstance(doc.get("cases"), dict):
         raise PrepareError(f"{path}: not a case map (no JSON with format {CASE_MAP_FORMAT!r}); refusing to use or overwrite it (pass --case-map)")
-    return doc["cases"]
+    cases: dict[str, dict[str, Any]] = doc["cases"]
+    return cases

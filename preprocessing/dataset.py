@@ -36,6 +36,7 @@ from fedimg_core.dataset_manifest import (
 )
 from fedimg_core.hashing import sha256_file
 from preprocessing.nifti import clean_image, save_atomic
+from preprocessing.schema import LabelSchema
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -75,7 +76,11 @@ class PreparedDataset:
 
     def description(self) -> str:
         """A one-line description built only from allowlisted fields (name, count, modality,
-        labelled class names), each reduced to a short safe token so free text cannot ride along."""
+        labelled class names), each reduced to a short safe token so free text cannot ride along.
+
+        Returns:
+            ``"<name>: <n> <modality> cases, classes: <names>"``.
+        """
         labeled = set(self.labeled_classes) if self.labeled_classes is not None else None
         classes = ", ".join(_token(k) for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0 and (labeled is None or v in labeled))
         return f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
@@ -86,7 +91,7 @@ def _token(text: str, limit: int = 48) -> str:
 
 
 def write_dataset(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     name: str,
     modality: str,
     labels: dict[str, int],
@@ -96,6 +101,19 @@ def write_dataset(
 
     The dataset is built in a sibling temporary folder and renamed into place, so an
     interrupted run never leaves a half-written dataset at `root`. `root` must not exist.
+
+    Args:
+        root: the dataset folder to create.
+        name: the dataset's name (dataset.json).
+        modality: the images' modality (CT, MR, ...).
+        labels: class name -> id, as dataset.json lists them.
+        cases: (image, label or None, 4x4 affine) per case; case ids follow their order.
+
+    Returns:
+        The dataset written, as `load_dataset` reads it.
+
+    Raises:
+        DatasetError: `root` exists, there are no cases, or a label's shape differs from its image's.
     """
     root = Path(root)
     if root.exists():
@@ -173,12 +191,12 @@ def write_dataset(
     return load_dataset(root)
 
 
-def check_schema(manifest: Mapping[str, Any] | Manifest, schema: Any, where: str) -> None:
+def check_schema(manifest: Mapping[str, Any] | Manifest, schema: LabelSchema, where: str) -> None:
     """Refuse a dataset prepared with another schema (or another major version of it).
 
     Args:
         manifest: the dataset's manifest (parsed ``manifest.json`` or its model).
-        schema: the federation's `preprocessing.schema.LabelSchema`.
+        schema: the federation's label schema.
         where: the dataset, as named in the message.
 
     Raises:
@@ -198,7 +216,7 @@ def check_schema(manifest: Mapping[str, Any] | Manifest, schema: Any, where: str
         )
 
 
-def _finite_4x4(value) -> bool:
+def _finite_4x4(value: object) -> bool:
     try:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -210,7 +228,8 @@ def _check_grid(path: Path, shown: Path) -> None:
     """A volume whose header places its voxels nowhere (NaN/infinite or singular affine, as a
     float32 overflow of an absurd spacing leaves) cannot be trained on: refuse the dataset."""
     try:
-        hdr = nib.load(str(path)).header
+        # whatever format nibabel recognised: a header without these methods is refused below
+        hdr: Any = nib.load(str(path)).header
         with np.errstate(all="ignore"):
             forms = [(name, *getter(coded=True)) for name, getter in (("sform", hdr.get_sform), ("qform", hdr.get_qform))]
             best = hdr.get_best_affine()
@@ -223,11 +242,23 @@ def _check_grid(path: Path, shown: Path) -> None:
         raise DatasetError(f"{shown}: the voxel-to-world affine is non-finite or singular; re-run `site-agent prepare`")
 
 
-def load_dataset(root: str | os.PathLike, verify_checksums: bool = False) -> PreparedDataset:
-    """Read and check a prepared dataset; raise DatasetError naming the file and problem.
+def load_dataset(root: str | os.PathLike[str], verify_checksums: bool = False) -> PreparedDataset:
+    """Read and check a prepared dataset.
 
-    Always checks the structure and that every listed file exists; with
-    `verify_checksums` also re-hashes every file against the manifest (slower).
+    Always checks the structure, that every listed file exists inside the folder and that
+    every volume's header places its voxels somewhere; with `verify_checksums` also
+    re-hashes every file against the manifest (slower).
+
+    Args:
+        root: the dataset folder.
+        verify_checksums: re-hash every file against manifest.json.
+
+    Returns:
+        The dataset: its name, modality, labels and cases.
+
+    Raises:
+        DatasetError: naming the file and the problem (missing, changed, outside the folder,
+            an unusable grid, or a manifest/dataset.json that does not fit its model).
     """
     root = Path(root)
     if not root.is_dir():

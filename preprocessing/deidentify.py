@@ -19,15 +19,18 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import pydicom
-from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector  # type: ignore[import-untyped]  # ships no type information
 from pydicom.datadict import dictionary_has_tag, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_fragments
 from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import Collection, codes
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -115,6 +118,10 @@ class DeidentifyError(FedimgError):
 
 @dataclass
 class DeidReport:
+    """What `deidentify_tree` did: files in and out, what was skipped, how many UIDs and
+    patients/studies/series it wrote (no identifier, only counts and relative input paths).
+    """
+
     files_in: int  # regular files found under src (DICOM or not)
     files_out: int  # de-identified DICOM files written under dst
     skipped: list[tuple[str, str]]  # (relative input path, reason): DICOMDIR, and non-DICOM with non_dicom="skip"
@@ -178,7 +185,16 @@ def _hmac(secret: bytes, domain: bytes, value: str) -> bytes:
 
 
 def deidentify_uid(uid: str, secret: bytes) -> str:
-    """The replacement for `uid`: ``2.25.<decimal of a version-8 UUID from HMAC(secret, uid)>``."""
+    """The keyed replacement of a UID.
+
+    Args:
+        uid: the original UID (surrounding whitespace and NUL padding ignored).
+        secret: the site secret.
+
+    Returns:
+        ``2.25.<decimal of a version-8 UUID from HMAC(secret, uid)>``: the same for the same
+        UID and secret, unlinkable without the secret.
+    """
     b = bytearray(_hmac(secret, b"uid", str(uid).strip().rstrip("\0"))[:16])
     b[6] = (b[6] & 0x0F) | 0x80  # UUID version 8 (custom, RFC 9562)
     b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -186,7 +202,15 @@ def deidentify_uid(uid: str, secret: bytes) -> str:
 
 
 def patient_pseudonym(patient_key: str, secret: bytes) -> str:
-    """``anon-<16 hex>`` for a patient key (the original PatientID)."""
+    """The keyed pseudonym of a patient.
+
+    Args:
+        patient_key: the patient key (the original PatientID).
+        secret: the site secret.
+
+    Returns:
+        ``anon-<16 hex>``.
+    """
     return "anon-" + _hmac(secret, b"patient", patient_key.strip()).hex()[:16]
 
 
@@ -196,8 +220,17 @@ def _path_component(name: str, secret: bytes, is_file: bool) -> str:
     return digest + (suffix if suffix in KEPT_SUFFIXES else "")
 
 
-def pseudonymize_relpath(rel: str | os.PathLike, secret: bytes) -> Path:
-    """The output path for an input file at relative path `rel` (every component replaced)."""
+def pseudonymize_relpath(rel: str | os.PathLike[str], secret: bytes) -> Path:
+    """The output path for an input file at relative path `rel`.
+
+    Args:
+        rel: the input file's path relative to the source folder.
+        secret: the site secret.
+
+    Returns:
+        The same depth of path, every component replaced by a keyed pseudonym (a file keeps
+        an allowlisted suffix such as ``.dcm``).
+    """
     parts = Path(rel).parts
     return Path(*[_path_component(p, secret, i == len(parts) - 1) for i, p in enumerate(parts)])
 
@@ -207,9 +240,20 @@ def _check_secret(secret: bytes) -> None:
         raise DeidentifyError(f"the site secret must be at least {MIN_SECRET_BYTES} bytes")
 
 
-def load_secret(path: str | os.PathLike) -> bytes:
-    """Read a site secret file: at least 16 bytes once surrounding whitespace is stripped,
-    not readable or writable by other users (group access is allowed, for service groups)."""
+def load_secret(path: str | os.PathLike[str]) -> bytes:
+    """Read a site secret file.
+
+    Args:
+        path: the secret file: at least 16 bytes once surrounding whitespace is stripped,
+            not readable or writable by other users (group access is allowed, for service groups).
+
+    Returns:
+        The secret (stripped).
+
+    Raises:
+        DeidentifyError: the file is missing, unreadable, not a regular file, open to other
+            users, or too short (the message says how to fix it).
+    """
     path = Path(path)
     try:
         st = path.stat()
@@ -245,7 +289,7 @@ def _is_class_uid(tag: BaseTag) -> bool:
     return "SOPClass" in kw or "TransferSyntax" in kw or kw in _EXTRA_CLASS_UIDS
 
 
-def _new_uid(value, ctx: _Ctx):
+def _new_uid(value: object, ctx: _Ctx) -> str:
     value = str(value).strip().rstrip("\0")
     if not value or value.startswith("1.2.840.10008."):  # empty, or a DICOM registry UID
         return value
@@ -306,8 +350,6 @@ def _dummy(elem: DataElement, ctx: _Ctx) -> None:
 def _standard_codes() -> dict[tuple[str, str], tuple[str, ...]]:
     """(coding scheme designator, code value) -> meanings, for every code of pydicom's
     dictionary of the codes the DICOM standard uses (PS3.16: DCM, SCT, LN, UCUM, FMA...)."""
-    from pydicom.sr.codedict import Collection, codes
-
     index: dict[tuple[str, str], list[str]] = {}
     for scheme in codes.schemes():
         for code in Collection(scheme).concepts.values():
@@ -462,8 +504,19 @@ def _deidentify(ds: Dataset, secret: bytes, allow_burned_in_annotation: bool) ->
 
 
 def deidentify_dataset(ds: Dataset, secret: bytes, *, allow_burned_in_annotation: bool = False) -> Dataset:
-    """De-identify `ds` in place (its file meta is rebuilt, its preamble zeroed) and return it.
-    Raises DeidentifyError for a short secret or BurnedInAnnotation = YES (unless allowed)."""
+    """De-identify a dataset in place (its file meta is rebuilt, its preamble zeroed).
+
+    Args:
+        ds: the dataset.
+        secret: the site secret (keys the UID and patient pseudonyms).
+        allow_burned_in_annotation: de-identify it even when BurnedInAnnotation is YES.
+
+    Returns:
+        ``ds``, de-identified.
+
+    Raises:
+        DeidentifyError: a short secret, or BurnedInAnnotation = YES (unless allowed).
+    """
     _deidentify(ds, secret, allow_burned_in_annotation)
     return ds
 
@@ -481,7 +534,8 @@ def _check_integrity(ds: Dataset, size: int) -> None:
     keys = list(ds.keys())
     if not keys:
         raise ValueError("no data elements")
-    last = ds.get_item(keys[-1])
+    # pydicom's overload types it DataElement, but an element not yet accessed comes back raw
+    last = cast(DataElement | RawDataElement, ds.get_item(keys[-1]))
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if isinstance(last, RawDataElement) and last.value is not None and not (ts and UID(ts).is_deflated):
         length = last.length if last.length != 0xFFFFFFFF else len(last.value) + 8  # + delimiter
@@ -489,7 +543,7 @@ def _check_integrity(ds: Dataset, size: int) -> None:
         if end != size:
             raise ValueError(f"truncated or damaged: its last element ends at byte {end}, the file has {size} bytes")
     for tag in keys:
-        raw = ds.get_item(tag)
+        raw = cast(DataElement | RawDataElement, ds.get_item(tag))
         if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.length != 0xFFFFFFFF:
             if len(raw.value) < raw.length:
                 raise ValueError(f"truncated: {keyword_for_tag(tag) or tag} has {len(raw.value)} of {raw.length} bytes")
@@ -498,13 +552,9 @@ def _check_integrity(ds: Dataset, size: int) -> None:
     if "PixelData" in ds:
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         if ts and UID(ts).is_encapsulated:
-            from pydicom.encaps import generate_fragments
-
             if not any(True for _ in generate_fragments(ds.PixelData)):
                 raise ValueError("encapsulated PixelData has no fragments")
         else:
-            from pydicom.pixels.utils import get_expected_length
-
             missing = [k for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel") if k not in ds]
             if missing:
                 raise ValueError(f"PixelData without {', '.join(missing)}")
@@ -600,7 +650,16 @@ def _check_dst(src: Path, dst: Path) -> None:
         raise DeidentifyError(f"{dst}: must not be inside {src} (or contain it)")
 
 
-def _one_file(src, rel, staging, secret, allow_burned_in_annotation, outputs, report, seen) -> tuple[str, str] | None:
+def _one_file(
+    src: Path,
+    rel: Path,
+    staging: Path,
+    secret: bytes,
+    allow_burned_in_annotation: bool,
+    outputs: dict[Path, Path],
+    report: DeidReport,
+    seen: dict[str, set[str]],
+) -> tuple[str, str] | None:
     """Read, de-identify and write one file. Returns None, or (kind, reason) with kind
     "skip" (DICOMDIR), "non-dicom" or "error". Write failures raise DeidentifyError."""
     path = src / rel
@@ -640,27 +699,40 @@ def _one_file(src, rel, staging, secret, allow_burned_in_annotation, outputs, re
 
 
 def deidentify_tree(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     secret: bytes,
     *,
     progress: Callable[[int, int], None] | None = None,
     non_dicom: str = "error",
     allow_burned_in_annotation: bool = False,
 ) -> DeidReport:
-    """De-identify every DICOM file under `src` into `dst` (which must not exist, or be an
-    empty folder).  Each output path is the input's relative path with every component
-    replaced by a keyed pseudonym.  The tree is built in a hidden staging folder next to
-    `dst` and renamed to `dst` only when every file succeeded: on any error or interruption
-    nothing appears at `dst` (a killed process may leave ``.<dst name>.deid-*`` behind).
+    """De-identify every DICOM file under `src` into `dst`.
 
-    non_dicom: "error" (default): non-DICOM files make the run fail, listing them all;
-    "skip": they are left out and listed in the report's `skipped`.
-    DICOMDIR files are always skipped and reported.  A damaged or unreadable DICOM file, or
-    one with BurnedInAnnotation = YES (unless `allow_burned_in_annotation`), fails the run:
-    the DeidentifyError lists every such file with its reason.
-    progress: called as progress(0, total) first, then progress(n_done, total) per file.
-    Returns a DeidReport; files_out + (files skipped) == files_in is checked before the rename.
+    Each output path is the input's relative path with every component replaced by a keyed
+    pseudonym. The tree is built in a hidden staging folder next to `dst` and renamed to
+    `dst` only when every file succeeded: on any error or interruption nothing appears at
+    `dst` (a killed process may leave ``.<dst name>.deid-*`` behind). DICOMDIR files are
+    always skipped and reported. A damaged or unreadable DICOM file, or one with
+    BurnedInAnnotation = YES (unless `allow_burned_in_annotation`), fails the run.
+
+    Args:
+        src: the source folder.
+        dst: the output folder: must not exist, or be an empty folder.
+        secret: the site secret (`load_secret`).
+        progress: called as progress(0, total) first, then progress(n_done, total) per file.
+        non_dicom: "error" (default): non-DICOM files make the run fail, listing them all;
+            "skip": they are left out and listed in the report's `skipped`.
+        allow_burned_in_annotation: de-identify files with BurnedInAnnotation = YES too.
+
+    Returns:
+        The report; files_out + (files skipped) == files_in is checked before the rename.
+
+    Raises:
+        DeidentifyError: listing every problem file with its reason (nothing is written to
+            `dst`), a short secret, a `src` that is not a folder, or a `dst` that is not
+        allowed (a file, not empty, inside `src` or containing it).
+        ValueError: `non_dicom` is neither "error" nor "skip".
     """
     if non_dicom not in ("error", "skip"):
         raise ValueError("non_dicom must be 'error' or 'skip'")
@@ -671,8 +743,8 @@ def deidentify_tree(
     files, odd = _walk(src)
     problems: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for rel, reason in odd:
-        (skipped.append((rel, reason)) if non_dicom == "skip" else problems.append(f"{rel}: {reason}"))
+    for odd_rel, reason in odd:
+        (skipped.append((odd_rel, reason)) if non_dicom == "skip" else problems.append(f"{odd_rel}: {reason}"))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.deid-", dir=dst.parent))

@@ -21,13 +21,14 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import numpy as np
 import pydicom
 from highdicom.spatial import create_affine_matrix_from_attributes
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 # pixel decoding and the refusal limits live in their own modules; their names stay importable from here
@@ -151,7 +152,11 @@ class Series:
         return self.first.path.parent
 
     def source_identifiers(self) -> list[str]:
-        """What identifies this series at the site (hashed with a salt before it is stored)."""
+        """What identifies this series at the site (hashed with a salt before it is stored).
+
+        Returns:
+            Its study and series UIDs, sorted, then its SOP instance UIDs, sorted.
+        """
         return sorted({s.study_uid for s in self.slices} | {s.series_uid for s in self.slices}) + sorted(s.sop_uid for s in self.slices)
 
 
@@ -165,7 +170,7 @@ class Discovery:
     skipped: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, code, message)
 
 
-def _str(ds, keyword: str) -> str:
+def _str(ds: pydicom.Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -174,7 +179,7 @@ def _str(ds, keyword: str) -> str:
     return str(value).strip()
 
 
-def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray | None:
+def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -196,10 +201,20 @@ def read_header(path: Path) -> pydicom.Dataset:
     Parsing stops at the first top-level element after the pixel data: some exporters pad
     files with megabytes of zeros there, which pydicom would otherwise read as hundreds of
     thousands of empty elements (seconds per file).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its dataset, pixel data deferred.
+
+    Raises:
+        pydicom.errors.InvalidDicomError: not a DICOM file (no DICM preamble).
+        OSError: the file cannot be read; pydicom raises other types on a garbled file.
     """
     seen_pixels = False
 
-    def after_pixel_data(tag, vr, length) -> bool:
+    def after_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
         nonlocal seen_pixels
         if seen_pixels:
             return True
@@ -212,18 +227,18 @@ def read_header(path: Path) -> pydicom.Dataset:
             return read_partial(fh, after_pixel_data, defer_size=4096)
 
 
-def _functional(ds, frame_item, sequence: str, keyword: str):
+def _functional(ds: pydicom.Dataset, frame_item: pydicom.Dataset, sequence: str, keyword: str) -> pydicom.Dataset | None:
     """A value from the per-frame functional group of a frame, else from the shared one."""
     for groups in (frame_item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
         if groups is None or sequence not in groups or not len(groups[sequence].value):
             continue
-        item = groups[sequence].value[0]
+        item: pydicom.Dataset = groups[sequence].value[0]
         if keyword in item:
             return item
     return None
 
 
-def _enhanced_headers(path: Path, ds: pydicom.Dataset, base: dict) -> list[SliceHeader]:
+def _enhanced_headers(path: Path, ds: pydicom.Dataset, base: dict[str, Any]) -> list[SliceHeader]:
     """One header per frame of an enhanced multi-frame image (PS3.3 C.7.6.16): position,
     orientation, pixel spacing and rescale from the per-frame or shared functional groups."""
     per_frame = ds.PerFrameFunctionalGroupsSequence
@@ -231,7 +246,7 @@ def _enhanced_headers(path: Path, ds: pydicom.Dataset, base: dict) -> list[Slice
         raise SeriesError(f"{path}: {len(per_frame)} per-frame functional groups for NumberOfFrames {base['frames']}", "bad_image_tag")
     headers = []
     for f, item in enumerate(per_frame):
-        geo = {}
+        geo: dict[str, np.ndarray | None] = {}
         for sequence, keyword, n in (
             ("PlanePositionSequence", "ImagePositionPatient", 3),
             ("PlaneOrientationSequence", "ImageOrientationPatient", 6),
@@ -269,14 +284,26 @@ def _is_localizer(ds: pydicom.Dataset) -> bool:
 
 
 def slice_headers(path: Path, ds: pydicom.Dataset) -> list[SliceHeader]:
-    """The header of a classic single-frame image, or one per frame of an enhanced one."""
+    """The header of a classic single-frame image, or one per frame of an enhanced one.
+
+    Args:
+        path: the file.
+        ds: its dataset (`read_header`).
+
+    Returns:
+        One `SliceHeader` per image slice (per frame for an enhanced multi-frame image).
+
+    Raises:
+        SeriesError: image or geometry tags that are not numbers of the right count
+            (``bad_image_tag``, ``bad_geometry_tag``, ``bad_rescale``).
+    """
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError):
         raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel are not integers", "bad_image_tag") from None
-    base = dict(
+    base: dict[str, Any] = dict(
         path=path,
         sop_uid=_str(ds, "SOPInstanceUID"),
         series_uid=_str(ds, "SeriesInstanceUID"),
@@ -313,7 +340,18 @@ def _is_nifti(path: Path) -> bool:
 
 
 def iter_files(roots: Iterable[Path]) -> list[Path]:
-    """The non-hidden files under ``roots`` (a file root is itself), sorted per folder."""
+    """The non-hidden files under ``roots`` (a file root is itself), sorted per folder.
+
+    Args:
+        roots: files and folders.
+
+    Returns:
+        The files, hidden names (and hidden folders' contents) left out.
+
+    Raises:
+        FileNotFoundError: a root does not exist.
+        OSError: a folder cannot be listed.
+    """
     files: list[Path] = []
     for root in roots:
         root = Path(root)
@@ -337,6 +375,13 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
 
     DICOM image files are grouped into series (see `group_series`); everything that is not
     usable is listed in `skipped` with a reason code, never silently dropped.
+
+    Args:
+        roots: files and folders to scan.
+        progress: called as ``progress(done, total)`` after each file.
+
+    Returns:
+        The series, SEG files, NIfTI files and skipped files found.
     """
     out = Discovery()
     headers: list[SliceHeader] = []
@@ -385,7 +430,7 @@ def _sop_name(uid: str) -> str:
         return uid
 
 
-def _geometry_key(s: SliceHeader) -> tuple:
+def _geometry_key(s: SliceHeader) -> tuple[object, ...]:
     iop = tuple(np.round(s.orientation, 4)) if s.orientation is not None else None
     ps = tuple(round(v, 4) for v in s.pixel_spacing) if s.pixel_spacing else None
     return (s.frame_uid, iop, s.rows, s.cols, ps, s.samples_per_pixel)
@@ -398,9 +443,15 @@ def group_series(headers: list[SliceHeader]) -> list[Series]:
     acquisition (a duplicated UID, or a multi-echo series) is split on those attributes.
     Slices with an empty SeriesInstanceUID fall back to study + frame of reference +
     geometry + series/acquisition/echo numbers. Every group records how it was made.
+
+    Args:
+        headers: the slices of every file discovered.
+
+    Returns:
+        The series, sorted by folder, series number and first file.
     """
     by_uid: dict[str, list[SliceHeader]] = defaultdict(list)
-    fallback: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    fallback: dict[tuple[object, ...], list[SliceHeader]] = defaultdict(list)
     for s in headers:
         if s.series_uid:
             by_uid[s.series_uid].append(s)
@@ -409,7 +460,7 @@ def group_series(headers: list[SliceHeader]) -> list[Series]:
             fallback[key].append(s)
     result: list[Series] = []
     for uid, slices in by_uid.items():
-        parts: dict[tuple, list[SliceHeader]] = defaultdict(list)
+        parts: dict[tuple[object, ...], list[SliceHeader]] = defaultdict(list)
         for s in slices:
             parts[(s.study_uid, *_geometry_key(s), s.echo_number)].append(s)
         if len(parts) == 1:
@@ -453,19 +504,34 @@ class Geometry:
 
 
 def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, allow_irregular: bool = False) -> Geometry:
-    """Slice order, spacing and RAS affine from IPP/IOP/PixelSpacing; refuse what is not exact."""
+    """Slice order, spacing and RAS affine from IPP/IOP/PixelSpacing; refuse what is not exact.
+
+    Args:
+        series: the series.
+        tolerance_mm: how far a slice origin may lie from a regular grid.
+        allow_irregular: flag missing slices, irregular spacing and in-plane drift instead of
+            refusing them.
+
+    Returns:
+        The exact grid: RAS+ affine, slice order, spacing, largest position error and flags.
+
+    Raises:
+        SeriesError: what no exact grid can represent, with its code (``missing_geometry``,
+            ``duplicate_position``, ``gantry_tilt``, ``missing_slices``, ``mixed_orientation``, ...).
+    """
     first = series.first
     where = f"series in {series.folder} ({len(series.slices)} files)"
+    placed: list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] = []  # (IPP, IOP, PixelSpacing) of each slice, once present
     for s in series.slices:
         if s.frames != 1:
             raise SeriesError(f"{s.path}: multi-frame image ({s.frames} frames) in a series of single frames is not supported", "multiframe_unsupported")
         if s.samples_per_pixel != 1:
             raise SeriesError(f"{s.path}: colour image (SamplesPerPixel={s.samples_per_pixel}); only greyscale is supported", "colour_image")
         if s.position is None or s.orientation is None or s.pixel_spacing is None:
-            missing = [
+            absent = [
                 k for k, v in (("ImagePositionPatient", s.position), ("ImageOrientationPatient", s.orientation), ("PixelSpacing", s.pixel_spacing)) if v is None
             ]
-            raise SeriesError(f"{s.path}: missing {', '.join(missing)}: the slice cannot be placed in space", "missing_geometry")
+            raise SeriesError(f"{s.path}: missing {', '.join(absent)}: the slice cannot be placed in space", "missing_geometry")
         if s.rows <= 0 or s.cols <= 0:
             raise SeriesError(f"{s.path}: Rows/Columns missing or zero", "bad_image_tag")
         if min(s.pixel_spacing) <= 0:
@@ -478,18 +544,19 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
                 f"{s.path}: ImagePositionPatient {[float(v) for v in s.position]} mm is further than {MAX_ABS_POSITION_MM:g} mm from the scanner origin",
                 "bad_geometry_tag",
             )
+        placed.append((s.position, s.orientation, s.pixel_spacing))
     if len(series.slices) < 2:
         raise SeriesError(f"{first.path}: single-slice series: no slice spacing can be derived from positions", "single_slice")
-    iop = first.orientation
+    iop = placed[0][1]
     row_dir, col_dir = iop[:3], iop[3:]
     if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
         raise SeriesError(f"{first.path}: ImageOrientationPatient is not two orthogonal unit vectors ({[float(v) for v in iop]})", "bad_orientation")
     row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
-    for s in series.slices:
-        if np.max(np.abs(s.orientation - iop)) > ORIENTATION_TOLERANCE * 10:
+    for s, (_, orientation, _) in zip(series.slices, placed):
+        if np.max(np.abs(orientation - iop)) > ORIENTATION_TOLERANCE * 10:
             raise SeriesError(f"{where}: slices have different ImageOrientationPatient (e.g. {s.path})", "mixed_orientation")
-    positions = np.stack([s.position for s in series.slices])
+    positions = np.stack([position for position, _, _ in placed])
     dist = positions @ normal
     order = list(np.argsort(dist, kind="stable"))
     d = dist[order]
@@ -532,7 +599,7 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
         if not allow_irregular:
             raise SeriesError(msg + "; refused (pass --allow-irregular to convert it with a flag)", code)
         flags.append(code)
-    ps_row, ps_col = first.pixel_spacing  # DICOM: [between rows, between columns]
+    ps_row, ps_col = placed[0][2]  # DICOM: [between rows, between columns]
     # highdicom's LPS affine (i along a row, j down a column, k along row x column), fed the
     # normalised directions: bit for bit the matrix written out by hand before.
     lps = create_affine_matrix_from_attributes(p0, [*row_dir, *col_dir], (ps_row, ps_col), dz)
@@ -563,6 +630,18 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     The volume is Fortran-ordered [i, j, k], the order NIfTI stores, so each slice is one
     contiguous copy and writing needs no transpose. Integer pixels with slope 1 and an
     integer intercept (CT) stay exact int16 HU; anything else becomes float32.
+
+    Args:
+        series: the series.
+        tolerance_mm: see `series_geometry`.
+        allow_irregular: see `series_geometry`.
+
+    Returns:
+        The volume, its RAS+ affine, modality, flags and geometry.
+
+    Raises:
+        SeriesError: the geometry is refused, pixel data is too large, short, undecodable or
+            of the wrong shape, or values are not finite after rescale.
     """
     geometry = series_geometry(series, tolerance_mm, allow_irregular)
     first = series.first
@@ -588,7 +667,8 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
                 if s.path not in frames:
                     whole, _ = read_pixels(s.path, s.dataset, isolated if s.path in batch else None)
                     frames[s.path] = whole.reshape((-1, *whole.shape[-2:]))
-                arr, ds = frames[s.path][s.frame], s.dataset
+                # an enhanced image's frames keep its dataset (only single-frame slices drop theirs)
+                arr, ds = frames[s.path][s.frame], cast(pydicom.Dataset, s.dataset)
             out32 = _place_slice(series, first, s, k, arr, ds, out16, out32)
     array = out16 if out32 is None else out32
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
@@ -596,7 +676,9 @@ def load_series(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM, all
     return Volume(array=array, affine_ras=geometry.affine_ras, modality=first.modality, flags=list(geometry.flags), geometry=geometry)
 
 
-def _place_slice(series: Series, first: SliceHeader, s: SliceHeader, k: int, arr, ds, out16: np.ndarray, out32: np.ndarray | None) -> np.ndarray | None:
+def _place_slice(
+    series: Series, first: SliceHeader, s: SliceHeader, k: int, arr: np.ndarray, ds: pydicom.Dataset, out16: np.ndarray, out32: np.ndarray | None
+) -> np.ndarray | None:
     """Write slice `k` (rescaled) into the volume; returns the float32 volume once a slice
     is not exact int16 (None while every slice so far was)."""
     if arr.shape != (first.rows, first.cols):

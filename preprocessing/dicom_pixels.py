@@ -10,6 +10,7 @@ the syntaxes only it decodes (lossless JPEG, 12-bit JPEG) or when the others fai
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence, cast
 
 import numpy as np
 import pydicom
@@ -60,10 +61,16 @@ def _pydicom_decoder_log_off() -> Iterator[None]:
 
 
 def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
-    """Refuse native pixel data shorter than Rows x Columns x frames x samples x
-    BitsAllocated, before decoding: a decoder allocates what the header declares (Rows 65535
-    over a few bytes). The length comes from the element's header, the value is not loaded.
-    Encapsulated (compressed) pixel data is left to its decoder: its size says nothing.
+    """Refuse native pixel data shorter than its header declares, before decoding.
+
+    A decoder allocates what the header declares (Rows 65535 over a few bytes): native pixel
+    data must hold Rows x Columns x frames x samples x BitsAllocated. The length comes from
+    the element's header, the value is not loaded. Encapsulated (compressed) pixel data is
+    left to its decoder: its size says nothing.
+
+    Args:
+        path: the file, for the message.
+        ds: its dataset (pixel data deferred).
 
     Raises:
         SeriesError: code ``pixel_data_length`` (or ``bad_image_tag`` for non-integer tags).
@@ -111,7 +118,14 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
 
 
 def plugins_for(ds: pydicom.Dataset) -> tuple[list[str], bool]:
-    """`decoding_plugins` for a dataset: its transfer syntax and BitsStored."""
+    """`decoding_plugins` for a dataset: its transfer syntax and BitsStored.
+
+    Args:
+        ds: the file's dataset.
+
+    Returns:
+        (in-process plugins in order of preference, whether GDCM may decode it in a child).
+    """
     try:
         bits = int(ds.get("BitsStored")) if ds.get("BitsStored") not in (None, "") else None
     except (TypeError, ValueError):
@@ -184,13 +198,17 @@ def _decode_in_process(path: Path, ds: pydicom.Dataset) -> np.ndarray:
 
 
 class IsolatedDecoder:
-    """Decode files with GDCM in one child process, in the order given; a file on which
-    the decoder crashes (or exceeds `DECODE_TIMEOUT_S`) is refused as ``decoder_crashed``.
+    """Decode files with GDCM in one child process, in the order given.
 
-    Use as a context manager; `decode` must be called for the files in the order given.
+    A file on which the decoder crashes (or exceeds `DECODE_TIMEOUT_S`) is refused as
+    ``decoder_crashed``. Use as a context manager; `decode` must be called for the files in
+    the order given.
+
+    Args:
+        paths: the files the child decodes, in order.
     """
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path]) -> None:
         self.paths = [Path(p) for p in paths]
         self._next = 0
         self._stderr = tempfile.TemporaryFile()
@@ -198,13 +216,16 @@ class IsolatedDecoder:
             [sys.executable, "-I", str(_WORKER), str(DECODE_TIMEOUT_S)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
-        self._proc.stdin.write(json.dumps([str(p) for p in self.paths]).encode())
-        self._proc.stdin.close()
+        # both pipes exist (PIPE) and are buffered binary files (bufsize -1, the default)
+        stdin = cast(io.BufferedWriter, self._proc.stdin)
+        self._stdout = cast(io.BufferedReader, self._proc.stdout)
+        stdin.write(json.dumps([str(p) for p in self.paths]).encode())
+        stdin.close()
 
     def __enter__(self) -> IsolatedDecoder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -212,10 +233,10 @@ class IsolatedDecoder:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
-        self._proc.stdout.close()
+        self._stdout.close()
         self._stderr.close()
 
-    def decode(self, path: Path, ds: pydicom.Dataset, earlier: list[str] = ()) -> np.ndarray:
+    def decode(self, path: Path, ds: pydicom.Dataset, earlier: Sequence[str] = ()) -> np.ndarray:
         """The next file's pixel array.
 
         Args:
@@ -223,22 +244,26 @@ class IsolatedDecoder:
             ds: its dataset (for the messages).
             earlier: what the in-process decoders said about it, for the message.
 
+        Returns:
+            The decoded pixel array, as pydicom's ``pixel_array`` gives it.
+
         Raises:
             SeriesError: ``undecodable_pixels`` (GDCM refused it too) or ``decoder_crashed``.
+            RuntimeError: a file requested out of order (a programming error).
         """
         if self._next >= len(self.paths) or Path(path) != self.paths[self._next]:
             raise RuntimeError(f"IsolatedDecoder: {path} requested out of order")
         self._next += 1
-        line = self._proc.stdout.readline()
+        line = self._stdout.readline()
         record = json.loads(line) if line.endswith(b"\n") else None
         if record is not None and not record["ok"]:
             raise _undecodable(path, ds, "; ".join([*earlier, f"gdcm: {record['error'][:160]}"]))
         if record is not None:
             arr = np.empty(record["shape"], dtype=np.dtype(record["dtype"]))
-            view = memoryview(arr).cast("B")
+            view = arr.data.cast("B")
             got = 0
             while got < len(view):
-                n = self._proc.stdout.readinto(view[got:])
+                n = self._stdout.readinto(view[got:])
                 if not n:
                     break
                 got += n
@@ -309,10 +334,16 @@ _SAFE_PLUGINS_LOCK = threading.Lock()
 
 @contextmanager
 def in_process_plugins_only() -> Iterator[None]:
-    """Within the block, pydicom decodes with no isolated plugin (GDCM): for code that
-    decodes through pydicom without choosing a plugin (highdicom reading a DICOM SEG).
-    Data only GDCM decodes then fails with a Python exception instead of risking abort(),
-    which the caller reports (pydicom's own log of it is dropped)."""
+    """Within the block, pydicom decodes with no isolated plugin (GDCM).
+
+    For code that decodes through pydicom without choosing a plugin (highdicom reading a
+    DICOM SEG). Data only GDCM decodes then fails with a Python exception instead of risking
+    abort(), which the caller reports (pydicom's own log of it is dropped). The plugins are
+    put back on exit; one block at a time (a lock).
+
+    Yields:
+        None, inside the block.
+    """
     removed = []
     with _SAFE_PLUGINS_LOCK, _pydicom_decoder_log_off():
         try:

@@ -12,8 +12,10 @@ import json
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -71,7 +73,14 @@ def _image_stem(name: str) -> str:
 
 
 def source_location(src: CaseSource) -> str:
-    """Where a source is on disk, for console messages and the case map: its folder or file."""
+    """Where a source is on disk, for console messages and the case map.
+
+    Args:
+        src: a DICOM series or NIfTI source.
+
+    Returns:
+        The series' folder, or the NIfTI file.
+    """
     return str(src.series.folder) if src.series is not None else str(src.nifti)
 
 
@@ -79,13 +88,15 @@ def _parts(src: CaseSource) -> tuple[str, ...]:
     """Path components that name an image: its folder (DICOM) or folder + stem (NIfTI)."""
     if src.series is not None:
         return src.series.folder.parts
+    assert src.nifti is not None  # a source is a series or a NIfTI file
     return (*src.nifti.parent.parts, _image_stem(src.nifti.name))
 
 
-def _grid_corners(shape, affine: np.ndarray) -> np.ndarray:
+def _grid_corners(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """World positions of a grid's 8 corner voxels."""
     idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
-    return (idx @ np.asarray(affine, dtype=float).T)[:, :3]
+    corners: np.ndarray = (idx @ np.asarray(affine, dtype=float).T)[:, :3]
+    return corners
 
 
 def _corner_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,18 +106,19 @@ def _corner_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(d.min(axis=1).max(), d.min(axis=0).max()))
 
 
-def _image_grid(src: CaseSource):
+def _image_grid(src: CaseSource) -> tuple[Sequence[int], np.ndarray]:
+    """A source's voxel grid: (shape, voxel-to-world affine)."""
     if src.series is not None:
         geo = series_geometry(src.series, allow_irregular=True)
         return (src.series.first.cols, src.series.first.rows, len(src.series.slices)), geo.affine_ras
-    img = nib.load(str(src.nifti))
+    img = cast(nib.Nifti1Image, nib.load(str(src.nifti)))  # a .nii/.nii.gz file (NIfTI-2 images are NIfTI-1 subclasses)
     return img.shape[:3], img.affine
 
 
 def _grid_hint(label: Path, candidates: list[CaseSource]) -> str:
     """Which candidates share the label's voxel grid (a hint for staff; pairing never guesses)."""
     try:
-        lab = nib.load(str(label))
+        lab = cast(nib.Nifti1Image, nib.load(str(label)))  # a .nii/.nii.gz file
         lab_shape, lab_corners = sorted(lab.shape[:3]), _grid_corners(lab.shape[:3], lab.affine)
     except Exception:  # noqa: BLE001 - only a hint: an unreadable label is reported when it is read
         return ""
@@ -193,7 +205,7 @@ def pair_labels(
             continue
         candidates = by_series_uid.get(uid, [])
         if len(candidates) > 1 and sops:
-            candidates = [c for c in candidates if sops & {sl.sop_uid for sl in c.series.slices}] or candidates
+            candidates = [c for c in candidates if c.series is not None and sops & {sl.sop_uid for sl in c.series.slices}] or candidates
         if not candidates:
             unmatched.append((seg, "unpaired_label", f"{seg}: DICOM SEG references a series that is not among the inputs"))
         elif len(candidates) > 1:
@@ -220,7 +232,14 @@ def pair_labels(
 
 
 def is_prepared_dataset(folder: Path) -> bool:
-    """Whether `folder` holds a dataset in our format (manifest.json with our format marker)."""
+    """Whether `folder` holds a dataset in our format (manifest.json with our format marker).
+
+    Args:
+        folder: any folder.
+
+    Returns:
+        True when its manifest.json is readable JSON naming `fedimg_core.dataset_manifest.FORMAT_NAME`.
+    """
     try:
         manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -229,7 +248,14 @@ def is_prepared_dataset(folder: Path) -> bool:
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a path, so a path given twice under two names is recognised; None when it does not exist."""
+    """The (device, inode) of a path, so a path given twice under two names is recognised.
+
+    Args:
+        path: a file or folder (links are followed).
+
+    Returns:
+        (st_dev, st_ino), or None when the path does not exist or cannot be examined.
+    """
     try:
         st = os.stat(path)
     except OSError:
@@ -241,9 +267,13 @@ def scan_inputs(
     roots: list[Path], excluded: dict[tuple[int, int], str], what: str
 ) -> tuple[list[Path], dict[Path, Path], list[tuple[Path, str, str]], list[str]]:
     """The regular files under `roots` (hidden names skipped, as by `discover`), never
-    entering the paths given for something else (`excluded`: file/folder identity -> the
-    option that named it) nor prepared datasets, and never opening FIFOs, sockets or
-    devices (reading one blocks forever or never ends).
+    entering the paths given for something else (`excluded`) nor prepared datasets, and never
+    opening FIFOs, sockets or devices (reading one blocks forever or never ends).
+
+    Args:
+        roots: the files and folders given for one purpose.
+        excluded: (device, inode) -> the option that named that file or folder (not scanned).
+        what: what is being scanned for ("images", "labels"), for the messages.
 
     Returns:
         (files, file -> root folder it was found under, skipped files as (path, code,
@@ -252,7 +282,7 @@ def scan_inputs(
     Raises:
         PrepareError: a root is itself given for something else, or is not a regular file
             or folder.
-        OSError: a folder cannot be listed.
+        OSError: a root cannot be examined or a folder cannot be listed.
     """
     files: list[Path] = []
     found_under: dict[Path, Path] = {}
@@ -324,7 +354,7 @@ def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[Ca
     """
     sources: list[CaseSource] = []
     skipped: list[tuple[Path, str, str]] = []
-    orientations: dict[str, set] = {}
+    orientations: dict[str, set[tuple[float, ...]]] = {}
     for series in discovery.series:
         if series.grouping.startswith("series_uid+split") and series.first.orientation is not None:
             orientations.setdefault(series.first.series_uid, set()).add(tuple(np.round(series.first.orientation, 3)))

@@ -18,7 +18,22 @@ _DENSE_LUT_MAX = 65535  # label values up to this map through a table indexed by
 
 
 def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, source: str, unknown_to_ignore: bool = False) -> np.ndarray:
-    """Local integer labels -> schema ids (uint8). Non-integer values are refused."""
+    """Local integer labels -> schema ids through the site label map.
+
+    Args:
+        local: the label volume in the site's values.
+        label_map: the site label map (its integer entries are used).
+        schema: the federation's label schema.
+        source: the label file, named in messages.
+        unknown_to_ignore: map values the map does not list to the ignore label instead of refusing.
+
+    Returns:
+        The volume in schema ids (uint8), same shape.
+
+    Raises:
+        SeriesError: non-finite or non-integer values (``non_finite``, ``label_not_integer``),
+            negative values or values the map does not list (``label_outside_schema``).
+    """
     if local.dtype.kind == "f":
         if not np.all(np.isfinite(local)):
             raise SeriesError(f"{source}: label map contains NaN or infinite values", "non_finite")
@@ -48,7 +63,17 @@ def remap(local: np.ndarray, label_map: SiteLabelMap, schema: LabelSchema, sourc
 
 
 def seg_referenced_series(path: Path) -> str:
-    """The SeriesInstanceUID a DICOM SEG was drawn on (see `seg_references`)."""
+    """The SeriesInstanceUID a DICOM SEG was drawn on (see `seg_references`).
+
+    Args:
+        path: the SEG file.
+
+    Returns:
+        The referenced series' UID.
+
+    Raises:
+        SeriesError: the SEG references no series (code ``seg_unreferenced``).
+    """
     return seg_references(path)[0]
 
 
@@ -83,6 +108,21 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
     Segments are matched to the label map by their SegmentLabel (or, failing that, their
     segment number). Frames are placed by the source SOP instances they reference, so the
     label lands on exactly the image's slices.
+
+    Args:
+        path: the SEG file.
+        series: the series it was drawn on.
+        order: slice index k -> index into ``series.slices`` (`Geometry.order`).
+        label_map: the site label map.
+        schema: the federation's label schema.
+        unknown_to_ignore: map segments the map does not list to the ignore label instead of refusing.
+
+    Returns:
+        The label volume in schema ids (uint8), [column, row, slice].
+
+    Raises:
+        SeriesError: an unreadable SEG (``corrupt_seg``), frames that do not fit the series
+            (``seg_grid_mismatch``), or segments the map does not list (``label_outside_schema``).
     """
     try:
         with warnings.catch_warnings():
@@ -130,4 +170,5 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
         ) from None
     if pixels.shape[1:] != (series.first.rows, series.first.cols):
         raise SeriesError(f"{path}: SEG frames are {pixels.shape[1:]} but the images are {(series.first.rows, series.first.cols)}", "seg_grid_mismatch")
-    return lut[np.transpose(pixels, (2, 1, 0))]
+    label: np.ndarray = lut[np.transpose(pixels, (2, 1, 0))]
+    return label

@@ -1,4 +1,8 @@
-"""NIfTI input and output: validated reads, canonical RAS+ orientation, PHI-free writes."""
+"""NIfTI input and output: validated reads, canonical RAS+ orientation, PHI-free writes.
+
+nibabel (and isal) leave most of their functions unannotated: calls to them are marked
+``type: ignore[no-untyped-call]``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import hashlib
 import io
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -23,13 +29,13 @@ GZIP_MAX_RATIO = 1032
 _INT32 = np.iinfo(np.int32)
 
 
-def _check_declared(path: Path, img) -> None:
+def _check_declared(path: Path, img: nib.Nifti1Image) -> None:
     """Voxel type and data size from the header alone, against the limits and the file size."""
     hdr = img.header
-    dtype = hdr.get_data_dtype()
+    dtype = hdr.get_data_dtype()  # type: ignore[no-untyped-call]
     if dtype.kind not in "biuf":
         raise SeriesError(f"{path}: unsupported voxel type {dtype} (complex or RGB)", "bad_dtype")
-    shape = hdr.get_data_shape()
+    shape = hdr.get_data_shape()  # type: ignore[no-untyped-call]
     check_size(shape, dtype.itemsize, str(path))
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else 0
     size = os.stat(path).st_size
@@ -39,13 +45,13 @@ def _check_declared(path: Path, img) -> None:
                 f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, more than a {size:,}-byte gzip file can hold: truncated or forged)",
                 "corrupt_nifti",
             )
-    elif nbytes > size - int(hdr.get_data_offset()):
+    elif nbytes > size - int(hdr.get_data_offset()):  # type: ignore[no-untyped-call]
         raise SeriesError(
             f"{path}: unreadable NIfTI (the header declares {nbytes:,} bytes of voxel data, the file is {size:,} bytes: truncated)", "corrupt_nifti"
         )
 
 
-def _check_pixdim(path: Path, img, kind: str) -> None:
+def _check_pixdim(path: Path, img: nib.Nifti1Image, kind: str) -> None:
     """Refuse a voxel size of 0, negative or non-finite where the affine is built from it.
 
     Without an sform the grid comes from the qform (or the header's fallback), whose voxel
@@ -57,7 +63,7 @@ def _check_pixdim(path: Path, img, kind: str) -> None:
     if int(hdr["sform_code"]) > 0:
         return  # the sform gives the grid (checked with the affine); pixdim is not used
     with ImageOpener(str(path)) as fh:
-        raw = type(hdr).from_fileobj(fh, check=False)
+        raw = type(hdr).from_fileobj(fh, check=False)  # type: ignore[no-untyped-call]
     n = max(0, min(3, int(raw["dim"][0])))
     zooms = np.asarray(raw["pixdim"][1 : 1 + n], dtype=np.float64)
     if not np.all(np.isfinite(zooms) & (zooms > 0)):
@@ -125,7 +131,7 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
             data = data.astype(np.int32)
         elif kind == "image":
             raise SeriesError(f"{path}: {data.dtype} voxel values from {lo} to {hi} do not fit 32 bits; not an image's intensities", "values_out_of_range")
-    slope, inter = img.header.get_slope_inter()
+    slope, inter = img.header.get_slope_inter()  # type: ignore[no-untyped-call]
     if data.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, not as a warning line
             data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -136,32 +142,65 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
     data = np.asarray(data)
     # a label whose values do not fit 32 bits stays int64 (an explicit type: nibabel
     # refuses it otherwise); its values are checked against the label map
-    return nib.Nifti1Image(data, affine, dtype=data.dtype if data.dtype.itemsize == 8 and data.dtype.kind in "iu" else None)
+    return nib.Nifti1Image(data, affine, dtype=data.dtype if data.dtype.itemsize == 8 and data.dtype.kind in "iu" else None)  # type: ignore[no-untyped-call]
 
 
 def qform_sform_disagree(path: Path, tol_mm: float = 1e-3) -> bool:
-    img = nib.load(str(path))
+    """Whether a NIfTI file's qform and sform (both set) place the grid differently.
+
+    Args:
+        path: a NIfTI file that `load_nifti` accepted.
+        tol_mm: the largest difference of an affine entry that counts as the same.
+
+    Returns:
+        True when both forms are coded and differ by more than ``tol_mm``.
+    """
+    img = cast(nib.Nifti1Image, nib.load(str(path)))  # a NIfTI-1/2 file: load_nifti has read it
     hdr = img.header
-    q, qc = hdr.get_qform(coded=True)
-    s, sc = hdr.get_sform(coded=True)
+    q, qc = hdr.get_qform(coded=True)  # type: ignore[no-untyped-call]
+    s, sc = hdr.get_sform(coded=True)  # type: ignore[no-untyped-call]
     if q is None or s is None or not qc or not sc:
         return False
     return bool(np.max(np.abs(q - s)) > tol_mm)
 
 
 def canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
-    """Reorder/flip voxel axes to the closest RAS+ orientation: exact, no resampling."""
-    return nib.as_closest_canonical(img)
+    """Reorder/flip voxel axes to the closest RAS+ orientation: exact, no resampling.
+
+    Args:
+        img: a NIfTI image.
+
+    Returns:
+        The same voxels on the same grid, axes in RAS+ order.
+    """
+    out: nib.Nifti1Image = nib.as_closest_canonical(img)  # type: ignore[no-untyped-call]
+    return out
 
 
-def grid_difference_mm(a_affine: np.ndarray, b_affine: np.ndarray, shape) -> float:
-    """Largest distance between where two affines put the corners of a grid of `shape`."""
+def grid_difference_mm(a_affine: np.ndarray, b_affine: np.ndarray, shape: Sequence[int]) -> float:
+    """Largest distance between where two affines put the corners of a grid.
+
+    Args:
+        a_affine: a 4x4 voxel -> world (mm) affine.
+        b_affine: another one.
+        shape: the grid's dimensions (its 8 corner voxels are compared).
+
+    Returns:
+        The distance in mm.
+    """
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
     return float(np.max(np.linalg.norm((corners @ a_affine.T - corners @ b_affine.T)[:, :3], axis=1)))
 
 
 def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """A NIfTI image with qform = sform (scanner space) and no free-text header fields.
+
+    Args:
+        array: the voxels.
+        affine: 4x4 voxel -> world (mm).
+
+    Returns:
+        The image, spatial units mm, every text field of the header empty.
 
     Raises:
         ValueError: the affine is not finite in float32, as NIfTI stores it (never write a
@@ -170,24 +209,31 @@ def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     with np.errstate(over="ignore", invalid="ignore"):
         if not np.all(np.isfinite(np.asarray(affine, dtype=np.float64).astype(np.float32))):
             raise ValueError("the voxel-to-world affine is not finite in float32 (absurd spacing or position)")
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img = nib.Nifti1Image(array, affine)  # type: ignore[no-untyped-call]
+    img.set_qform(affine, code=1)  # type: ignore[no-untyped-call]
+    img.set_sform(affine, code=1)  # type: ignore[no-untyped-call]
     hdr = img.header
     # Allowlist: every text field of the NIfTI-1 header is emptied (nibabel writes its own
     # version into descrip otherwise; converters put patient or protocol names there).
     for key in ("descrip", "aux_file", "intent_name", "db_name"):
         hdr[key] = b""
-    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_xyzt_units("mm", "sec")  # type: ignore[no-untyped-call]
     return img
 
 
 def save_atomic(img: nib.Nifti1Image, path: Path) -> str:
-    """Write `img` as gzip'd NIfTI atomically; return the sha256 of the bytes written.
+    """Write an image as (gzip'd) NIfTI atomically.
 
     Serialised in memory and compressed with ISA-L (gzip level 1, as nibabel's default,
     several times faster than zlib; two threads where there are two cores), mtime 0 so
     identical volumes give identical files.
+
+    Args:
+        img: the image.
+        path: the file; compressed when its name ends with ``.gz``.
+
+    Returns:
+        The sha256 (hex) of the bytes written.
     """
     data = img.to_bytes()
     if path.name.endswith(".gz"):
@@ -201,6 +247,6 @@ def _gzip(data: bytes) -> bytes:
     if threads < 2 or len(data) < (8 << 20):
         return igzip.compress(data, compresslevel=1, mtime=0)
     buf = io.BytesIO()
-    with igzip_threaded.open(buf, "wb", compresslevel=1, threads=threads) as fh:
+    with igzip_threaded.open(buf, "wb", compresslevel=1, threads=threads) as fh:  # type: ignore[no-untyped-call]
         fh.write(data)
     return buf.getvalue()

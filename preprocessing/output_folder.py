@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import re
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +26,7 @@ from fedimg_core.dataset_manifest import (
     write_manifest,
 )
 from fedimg_core.hashing import sha256_file
-from preprocessing.inputs import PrepareError, is_prepared_dataset
+from preprocessing.inputs import CaseSource, PrepareError, is_prepared_dataset
 from preprocessing.nifti import clean_image, save_atomic
 from preprocessing.qc_flags import case_flags
 from preprocessing.schema import LabelSchema
@@ -42,6 +43,12 @@ def check_out_folder(out: Path) -> None:
     was interrupted) or with our manifest.json. Anything else non-empty is somebody else's
     and is never written into (prepare would overwrite its manifest.json, dataset.json and
     case files, or mix its cases with ours).
+
+    Args:
+        out: the output folder (it need not exist).
+
+    Raises:
+        PrepareError: `out` is a file, or a non-empty folder that is not ours.
     """
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder")
@@ -61,7 +68,7 @@ def check_out_folder(out: Path) -> None:
 
 
 def _orientation(affine: np.ndarray) -> list[str]:
-    return list(nib.aff2axcodes(affine))
+    return list(nib.aff2axcodes(affine))  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
 
 
 def _spacing(affine: np.ndarray) -> list[float]:
@@ -69,12 +76,19 @@ def _spacing(affine: np.ndarray) -> list[float]:
 
 
 class OutputLock:
-    """An exclusive lock on an output folder (``.state/lock``): one prepare at a time writes it."""
+    """An exclusive lock on an output folder (``.state/lock``): one prepare at a time writes it.
 
-    def __init__(self, out: Path):
+    Used as a context manager; entering it raises `PrepareError` when another prepare holds
+    the lock (it never waits).
+
+    Args:
+        out: the output folder (its ``.state/`` is created on entry).
+    """
+
+    def __init__(self, out: Path) -> None:
         self.path = out / STATE_DIR / "lock"
 
-    def __enter__(self):
+    def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "w")
         try:
@@ -84,20 +98,32 @@ class OutputLock:
             raise PrepareError(f"{self.path.parent.parent}: another prepare is running on this output folder") from None
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
 
 
 def clean_temp_files(out: Path) -> None:
-    """Remove what an interrupted atomic write left in imagesTr/ and labelsTr/."""
+    """Remove what an interrupted atomic write left in imagesTr/ and labelsTr/.
+
+    Args:
+        out: the dataset folder.
+    """
     for sub in ("imagesTr", "labelsTr"):
         for tmp in (out / sub).glob(".*"):
             tmp.unlink(missing_ok=True)  # leftovers of an interrupted atomic write
 
 
-def outputs_intact(out: Path, rec: dict) -> bool:
-    """Whether the files a case record lists are there with the recorded checksums."""
+def outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
+    """Whether the files a case record lists are there with the recorded checksums.
+
+    Args:
+        out: the dataset folder.
+        rec: the case record (`write_case`).
+
+    Returns:
+        True when the image (and label) exist and their sha256 matches the record.
+    """
     for kind in ("image", "label"):
         rel = rec.get(kind)
         if rel is None:
@@ -108,7 +134,19 @@ def outputs_intact(out: Path, rec: dict) -> bool:
     return True
 
 
-def write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled) -> dict:
+def write_case(
+    out: Path,
+    case_id: str,
+    source_hash: str,
+    src: CaseSource,
+    image: nib.Nifti1Image,
+    label: nib.Nifti1Image | None,
+    flags: list[str],
+    fingerprint: str,
+    modality: str,
+    schema: LabelSchema,
+    labeled: list[int],
+) -> dict[str, Any]:
     """Write one converted case's NIfTI files and return its record (the manifest entry, plus status).
 
     Args:
@@ -169,7 +207,7 @@ def write_case(out, case_id, source_hash, src, image, label, flags, fingerprint,
 
 
 def write_metadata(
-    out: Path, records: dict[str, dict], refused: list[dict[str, str]], schema: LabelSchema, modality: str, labeled: list[int], name: str
+    out: Path, records: dict[str, dict[str, Any]], refused: list[dict[str, str]], schema: LabelSchema, modality: str, labeled: list[int], name: str
 ) -> None:
     """Write dataset.json and manifest.json (atomically, last: a folder without them is no dataset).
 

@@ -14,7 +14,8 @@ record in `<out>/.state/cases/`; manifest.json and dataset.json are written last
 so a folder without them is never taken for a dataset.
 
 Nothing identifying a patient is written: case ids are sequential, sources are stored as
-salted hashes, refusals as reason codes, and every written field comes from an allowlist.
+salted hashes (`preprocessing.source_hash`), refusals as reason codes, and every written
+field comes from an allowlist.
 Refusals are logged (logger ``preprocessing.prepare``, local to the site) naming the files, so
 staff can fix them, and a case map next to the output folder (never inside it,
 `preprocessing.case_map`) maps each case id to its source for staff. The manifest and
@@ -23,11 +24,9 @@ dataset.json are the models of `fedimg_core.dataset_manifest`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from preprocessing.nifti import canonical, grid_difference_mm, load_nifti, qform
 from preprocessing.output_folder import STATE_DIR, OutputLock, check_out_folder, clean_temp_files, outputs_intact, write_case, write_metadata
 from preprocessing.qc_flags import LABEL_LIKE_MAX_VALUES, SUSPECT_IMAGE_FLAGS, looks_like_label
 from preprocessing.schema import LabelSchema, SiteLabelMap
+from preprocessing.source_hash import input_fingerprint, read_or_create_salt, salted_hash
 
 # the public names of this module and of the modules it was split into (preprocessing.inputs,
 # .case_map, .qc_flags, .output_folder): the old import paths keep working
@@ -103,8 +103,12 @@ class PrepareOptions:
     prune: bool = False  # drop cases of earlier runs whose sources were not given this time
     qc_report: bool = True
 
-    def fingerprint(self) -> dict:
-        """The options that change a converted case (part of each case's input fingerprint)."""
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that change a converted case (part of each case's input fingerprint).
+
+        Returns:
+            Tolerances, irregular-series and unknown-label choices by name.
+        """
         return {
             "tolerance_mm": self.tolerance_mm,
             "allow_irregular": self.allow_irregular,
@@ -139,41 +143,18 @@ class PrepareResult:
     case_map: Path | None = None  # site-local case id -> source (never part of the dataset)
 
     def count(self, status: str) -> int:
-        """How many outcomes have ``status`` (ok, flagged, refused, unchanged)."""
+        """How many outcomes have a status.
+
+        Args:
+            status: ok, flagged, refused or unchanged.
+
+        Returns:
+            The number of sources with that outcome.
+        """
         return sum(o.status == status for o in self.outcomes)
 
 
 Progress = Callable[[str, int, int], None]
-
-
-def _salt(out: Path, salt_file: Path | None) -> bytes:
-    path = salt_file or out / STATE_DIR / "salt"
-    try:
-        data = atomic.read_small_file(path, "salt file").strip()
-    except atomic.FileReadError as exc:
-        raise PrepareError(str(exc)) from None
-    except FileNotFoundError:
-        data = None
-    if data is not None:
-        if len(data) < 16:
-            raise PrepareError(f"{path}: salt file is shorter than 16 bytes")
-        return data
-    if salt_file is not None:
-        raise PrepareError(f"{salt_file}: salt file not found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
-    return path.read_bytes().strip()
-
-
-def _hash(salt: bytes, parts: list[str]) -> str:
-    return hashlib.sha256(salt + b"\0" + "\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _fingerprint(src: CaseSource, context: dict) -> str:
-    h = hashlib.sha256(json.dumps(context, sort_keys=True).encode())
-    for f in sorted(src.files, key=str):
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
@@ -191,7 +172,9 @@ def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
     return mods[0] if mods else "OT"
 
 
-def convert_case(src: CaseSource, schema: LabelSchema, label_map: SiteLabelMap, opts: PrepareOptions) -> tuple[Any, Any, list[str]]:
+def convert_case(
+    src: CaseSource, schema: LabelSchema, label_map: SiteLabelMap, opts: PrepareOptions
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, list[str]]:
     """Read one source and bring it to the prepared form: canonical RAS+, labels in schema ids.
 
     Args:
@@ -208,23 +191,28 @@ def convert_case(src: CaseSource, schema: LabelSchema, label_map: SiteLabelMap, 
     """
     flags: list[str] = []
     unknown_to_ignore = opts.unknown_labels == "ignore"
+    # a DICOM source has its series, a NIfTI source its file, a paired one its label file
+    label: nib.Nifti1Image | None = None
     if src.kind == "dicom":
+        assert src.series is not None
         vol = load_series(src.series, opts.tolerance_mm, opts.allow_irregular)
         flags += vol.flags
-        image = nib.Nifti1Image(vol.array, vol.affine_ras)
-        label_arr = None
+        image = nib.Nifti1Image(vol.array, vol.affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
         if src.label_kind == "seg":
+            assert src.label is not None
             label_arr = read_seg(src.label, src.series, vol.geometry.order, label_map, schema, unknown_to_ignore)
-            label = nib.Nifti1Image(label_arr, vol.affine_ras)
+            label = nib.Nifti1Image(label_arr, vol.affine_ras)  # type: ignore[no-untyped-call]  # idem
         elif src.label_kind == "nifti":
+            assert src.label is not None
             label = load_nifti(src.label, "label")
-        else:
-            label = None
     else:
+        assert src.nifti is not None
         image = load_nifti(src.nifti, "image")
         if qform_sform_disagree(src.nifti):
             flags.append("qform_sform_mismatch")
-        label = load_nifti(src.label, "label") if src.label_kind == "nifti" else None
+        if src.label_kind == "nifti":
+            assert src.label is not None
+            label = load_nifti(src.label, "label")
     image = canonical(image)
     if label is not None:
         label = canonical(label)
@@ -241,7 +229,7 @@ def convert_case(src: CaseSource, schema: LabelSchema, label_map: SiteLabelMap, 
             )
         data = np.asanyarray(label.dataobj)
         mapped = data if src.label_kind == "seg" else remap(data, label_map, schema, str(src.label), unknown_to_ignore)
-        label = nib.Nifti1Image(mapped.astype(np.uint8), image.affine)  # the image's affine: identical grid
+        label = nib.Nifti1Image(mapped.astype(np.uint8), image.affine)  # type: ignore[no-untyped-call]  # idem; the image's affine: identical grid
     return image, label, flags
 
 
@@ -338,8 +326,8 @@ def prepare(
         out.mkdir(parents=True, exist_ok=True)
         with OutputLock(out):
             result = _run(sources, unmatched, skipped, disc, out, schema, label_map, modality, opts, salt_file, progress)
-            salt = _salt(out, salt_file)
-            write_case_map(case_map, out, {_hash(salt, s.identifiers): s for s in sources})
+            salt = read_or_create_salt(out / STATE_DIR / "salt", salt_file)
+            write_case_map(case_map, out, {salted_hash(salt, s.identifiers): s for s in sources})
     except BaseException:
         if created and out.exists() and not (out / "manifest.json").exists():
             # nothing of value yet (no case finished): leave no trace, not even the salt
@@ -352,12 +340,24 @@ def prepare(
     return result
 
 
-def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modality, opts, salt_file, progress) -> PrepareResult:
-    salt = _salt(out, salt_file)
+def _run(
+    sources: list[CaseSource],
+    unmatched: list[tuple[Path, str, str]],
+    skipped: list[tuple[Path, str, str]],
+    disc: Discovery,
+    out: Path,
+    schema: LabelSchema,
+    label_map: SiteLabelMap,
+    modality: str,
+    opts: PrepareOptions,
+    salt_file: Path | None,
+    progress: Progress | None,
+) -> PrepareResult:
+    salt = read_or_create_salt(out / STATE_DIR / "salt", salt_file)
     state = out / STATE_DIR / "cases"
     state.mkdir(parents=True, exist_ok=True)
     clean_temp_files(out)
-    records: dict[str, dict] = {}
+    records: dict[str, dict[str, Any]] = {}
     for f in state.glob("*.json"):
         try:
             rec = json.loads(f.read_text())
@@ -375,9 +375,11 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
     }
     outcomes: list[Outcome] = []
     for path, code, message in unmatched:
-        outcomes.append(Outcome(_hash(salt, ["label", sha256_file(path) if path.is_file() else str(path)]), str(path), "refused", code=code, message=message))
+        outcomes.append(
+            Outcome(salted_hash(salt, ["label", sha256_file(path) if path.is_file() else str(path)]), str(path), "refused", code=code, message=message)
+        )
         log.debug("refused: %s", message)
-    keyed = sorted(((_hash(salt, s.identifiers), s) for s in sources), key=lambda t: t[0])
+    keyed = sorted(((salted_hash(salt, s.identifiers), s) for s in sources), key=lambda t: t[0])
     seen: set[str] = set()
     for n, (source_hash, src) in enumerate(keyed, 1):
         if progress:
@@ -389,7 +391,7 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
             log.debug("refused: %s", msg)
             continue
         try:
-            fingerprint = _fingerprint(src, context)
+            fingerprint = input_fingerprint(src, context)
         except OSError as exc:
             msg = f"{exc.filename}: {exc.strerror}"
             outcomes.append(Outcome(source_hash, src.display, "refused", code="unreadable", message=msg))
@@ -431,9 +433,9 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
     kept = {h: r for h, r in records.items() if h in seen or not opts.prune}
     for h, r in records.items():
         if h not in kept:
-            for rel in (r.get("image"), r.get("label")):
-                if rel:
-                    (out / rel).unlink(missing_ok=True)
+            for written in (r.get("image"), r.get("label")):
+                if written:
+                    (out / written).unlink(missing_ok=True)
             (state / f"{h}.json").unlink(missing_ok=True)
     if not kept:
         # image refusals first: an unpaired label is usually a consequence, not the cause
@@ -442,8 +444,8 @@ def _run(sources, unmatched, skipped, disc, out: Path, schema, label_map, modali
             raise PrepareError(refused[0].message)
         first = refused[0].message if refused else "no inputs"
         raise PrepareError(f"no case could be prepared: {len(refused)} refused (first: {first})")
-    refused = [{"source": o.source_hash, "reason_code": o.code} for o in outcomes if o.status == "refused"]
-    write_metadata(out, kept, refused, schema, modality, labeled, opts.name)
+    refused_entries = [{"source": o.source_hash, "reason_code": o.code} for o in outcomes if o.status == "refused"]
+    write_metadata(out, kept, refused_entries, schema, modality, labeled, opts.name)
     report = None
     if opts.qc_report:
         report = _qc_report(out, schema, progress)
@@ -479,8 +481,10 @@ def _series_context(src: CaseSource, skipped: list[tuple[Path, str, str]]) -> st
     return extra
 
 
-def _qc_report(out: Path, schema: LabelSchema, progress) -> Path | None:
+def _qc_report(out: Path, schema: LabelSchema, progress: Progress | None) -> Path | None:
     try:
+        # deferred on purpose: the report pulls in matplotlib, which a run without a QC report
+        # (and every importer of this module) need not load; without it the report is skipped
         from preprocessing import qc
     except ImportError:
         return None

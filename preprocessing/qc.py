@@ -15,6 +15,7 @@ no text metadata chunk.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -90,21 +91,30 @@ def _inside(root: Path, rel: Any) -> Path | None:
 
 
 def write_report(
-    dataset_root,
+    dataset_root: str | os.PathLike[str],
     manifest: Mapping[str, Any],
     schema: LabelSchema,
     *,
     progress: Callable[[int, int], Any] | None = None,
 ) -> Path:
-    """Write ``<dataset_root>/qc/<case_id>.png`` for every case of ``manifest`` and
-    ``<dataset_root>/qc/index.html``; return the index path.
+    """Write the QC report of a prepared dataset: a PNG per case and an HTML index.
 
-    A PNG newer than both its image and its label is kept as is (fast re-runs). A case
-    whose figure cannot be rendered (missing or unreadable file, label on another grid) is
-    listed with ``render_failed`` and no thumbnail instead of stopping the report. Every
-    value shown is checked against an allowlist pattern (case ids, codes, numbers, schema
-    class names) and HTML-escaped; refused inputs are shown by source hash and reason code
-    only, never by message. ``progress(done, total)`` is called after each case.
+    Writes ``<dataset_root>/qc/<case_id>.png`` for every case of ``manifest`` and
+    ``<dataset_root>/qc/index.html``. A PNG newer than both its image and its label is kept as
+    is (fast re-runs). A case whose figure cannot be rendered (missing or unreadable file,
+    label on another grid) is listed with ``render_failed`` and no thumbnail instead of
+    stopping the report. Every value shown is checked against an allowlist pattern (case ids,
+    codes, numbers, schema class names) and HTML-escaped; refused inputs are shown by source
+    hash and reason code only, never by message.
+
+    Args:
+        dataset_root: the dataset folder.
+        manifest: its parsed manifest.json.
+        schema: the federation's label schema (class names, ids and colours).
+        progress: called as ``progress(done, total)`` after each case.
+
+    Returns:
+        The path of ``index.html``.
     """
     root = Path(dataset_root)
     qc_dir = root / "qc"
@@ -199,19 +209,28 @@ def _case_row(root: Path, qc_dir: Path, case: Mapping[str, Any], schema: LabelSc
     return row
 
 
-def _render_html(rows, refused, columns, labeled_ids, schema: LabelSchema, modality: str, manifest) -> str:
+def _render_html(
+    rows: list[dict[str, Any]],
+    refused: list[Mapping[str, Any]],
+    columns: list[int],
+    labeled_ids: list[int],
+    schema: LabelSchema,
+    modality: str,
+    manifest: Mapping[str, Any],
+) -> str:
     """The page (template ``qc.html.j2``) from allowlisted values only; the template escapes them."""
     id_to_name = {cid: name for name, cid in schema.classes.items()}
     flag_totals: dict[str, int] = {}
     for r in rows:
         for f in r["flags"]:
             flag_totals[f] = flag_totals.get(f, 0) + 1
-    schema_info = manifest.get("schema") if isinstance(manifest.get("schema"), Mapping) else {}
+    named = manifest.get("schema")
+    schema_info: Mapping[str, Any] = named if isinstance(named, Mapping) else {}
     # The schema named in the manifest, shown only when it is the one we validated against.
     mismatch = bool(schema_info) and (schema_info.get("name"), str(schema_info.get("version"))) != (schema.name, schema.version)
     table_rows = []
     for r in rows:
-        cells = []
+        cells: list[str | None] = []
         for cid in columns:
             name = id_to_name[cid]
             if name in r["volumes"]:

@@ -12,8 +12,10 @@ class. The PNG carries no text metadata chunk; its title holds only a safe case 
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -47,7 +49,14 @@ _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def class_colour(class_id: int) -> tuple[float, float, float]:
-    """The overlay colour (RGB in [0, 1]) of a schema class id; ``IGNORE_COLOUR`` is for the ignore label."""
+    """The overlay colour of a schema class id (``IGNORE_COLOUR`` is for the ignore label).
+
+    Args:
+        class_id: a foreground class id.
+
+    Returns:
+        (r, g, b) in [0, 1]: one fixed colour per id, cycling after 20.
+    """
     r, g, b = _PALETTE[(int(class_id) - 1) % len(_PALETTE)]
     return (r / 255.0, g / 255.0, b / 255.0)
 
@@ -59,7 +68,7 @@ def _safe_case_id(case_id: Any) -> str | None:
 # ---------------------------------------------------------------------------- volumes
 
 
-def _voxel_ml(spacing) -> float:
+def _voxel_ml(spacing: Sequence[float]) -> float:
     sx, sy, sz = (float(s) for s in spacing)
     return sx * sy * sz / 1000.0
 
@@ -75,10 +84,19 @@ def _class_counts(label_array: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def label_volumes_ml(label_array: np.ndarray, spacing, schema: LabelSchema) -> dict[str, float]:
-    """Volume in mL of each foreground schema class present in ``label_array`` (voxel count
-    times the voxel volume from ``spacing``, three values in mm), ordered by class id.
-    Background, the ignore label and values that are not schema ids are left out."""
+def label_volumes_ml(label_array: np.ndarray, spacing: Sequence[float], schema: LabelSchema) -> dict[str, float]:
+    """Volume in mL of each foreground schema class present in a label volume.
+
+    Background, the ignore label and values that are not schema ids are left out.
+
+    Args:
+        label_array: the label volume in schema ids.
+        spacing: voxel spacing, three values in mm.
+        schema: the federation's label schema.
+
+    Returns:
+        Class name -> voxel count times the voxel volume, ordered by class id.
+    """
     counts = _class_counts(label_array)
     voxel = _voxel_ml(spacing)
     out: dict[str, float] = {}
@@ -91,19 +109,19 @@ def label_volumes_ml(label_array: np.ndarray, spacing, schema: LabelSchema) -> d
 # ---------------------------------------------------------------------------- rendering
 
 
-def _load_canonical(path) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _load_canonical(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Array (3D, RAS+ voxel axes) and voxel spacing (mm) of a NIfTI file."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
+    img = nib.as_closest_canonical(nib.load(str(path)))  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
     data = np.asanyarray(img.dataobj)
     while data.ndim > 3:  # a 4D file: its first volume
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume, got {data.ndim} dimensions")
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data, spacing  # type: ignore[return-value]
+    zooms = img.header.get_zooms()
+    return data, (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
-def _slice_centre(label: np.ndarray | None, schema: LabelSchema, spacing, shape) -> tuple[int, int, int]:
+def _slice_centre(label: np.ndarray | None, schema: LabelSchema, spacing: Sequence[float], shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The labelled voxel nearest to the label's centre of mass (so that every view shows
     label even when the centre falls between two organs), or the volume centre."""
     if label is not None:
@@ -113,11 +131,12 @@ def _slice_centre(label: np.ndarray | None, schema: LabelSchema, spacing, shape)
             com = [c.mean() for c in coords]
             d2 = sum(((c - m) * s) ** 2 for c, m, s in zip(coords, com, spacing))
             k = int(np.argmin(d2))
-            return tuple(int(c[k]) for c in coords)  # type: ignore[return-value]
-    return tuple(n // 2 for n in shape)  # type: ignore[return-value]
+            return int(coords[0][k]), int(coords[1][k]), int(coords[2][k])
+    i, j, k = shape
+    return i // 2, j // 2, k // 2
 
 
-def _views(volume: np.ndarray, centre, spacing) -> list[tuple[np.ndarray, float]]:
+def _views(volume: np.ndarray, centre: tuple[int, int, int], spacing: Sequence[float]) -> list[tuple[np.ndarray, float]]:
     """(2D display array, aspect) of the axial, coronal and sagittal slices through
     ``centre`` of a RAS+ volume, oriented for display with row 0 at the top and column 0
     on the left: R on the left and A/S at the top; A on the left of the sagittal view.
@@ -138,11 +157,12 @@ def _foreground(label: np.ndarray, schema: LabelSchema) -> np.ndarray:
     if label.dtype == np.uint8:  # a lookup table is ~10x faster than isin on a CT volume
         lut = np.zeros(256, dtype=bool)
         lut[ids] = True
-        return lut[label]
+        mask: np.ndarray = lut[label]
+        return mask
     return np.isin(label, ids)
 
 
-def strip_positions(label: np.ndarray | None, schema: LabelSchema, shape, n: int = STRIP_SLICES) -> list[list[int]]:
+def strip_positions(label: np.ndarray | None, schema: LabelSchema, shape: Sequence[int], n: int = STRIP_SLICES) -> list[list[int]]:
     """Slice indices of the axial (k), coronal (j) and sagittal (i) strips: ``n`` evenly
     spread from the first to the last labelled slice along each view's axis, or over the
     middle 80% of the volume when there is no (or an empty) label.
@@ -213,24 +233,38 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 def case_figure(
-    image_path,
-    label_path,
-    out_png,
+    image_path: str | os.PathLike[str],
+    label_path: str | os.PathLike[str] | None,
+    out_png: str | os.PathLike[str],
     schema: LabelSchema,
     modality: str = "CT",
     case_id: str = "",
 ) -> None:
-    """Write ``out_png``: the axial, coronal and sagittal slices of the image (with the
-    label overlaid when ``label_path`` is given) through the labelled voxel nearest to the
-    label's centre of mass, or through the volume centre without (or with an empty) label.
+    """Write a case's QC figure: three orthogonal views through its label, and strips.
+
+    The axial, coronal and sagittal slices of the image (with the label overlaid when
+    ``label_path`` is given) go through the labelled voxel nearest to the label's centre of
+    mass, or through the volume centre without (or with an empty) label; below them, strips
+    of `STRIP_SLICES` slices per view across the label's extent.
 
     Radiological convention throughout (R on the left of axial/coronal, A on the left of
     sagittal; each panel is titled so and its edges lettered), pixels drawn with the
     physical aspect ratio of the voxel spacing; CT in a soft-tissue window (W400 L40), other
     modalities between their 1st and 99th percentiles; one fixed colour per schema class
-    (``class_colour``) at alpha 0.4 with a legend of the classes present in the volume.
+    (`class_colour`) at alpha 0.4 with a legend of the classes present in the volume.
     The title holds only the case id (when it is a safe token), shape and spacing. The
     file is written atomically and has no text metadata chunk.
+
+    Args:
+        image_path: the image (NIfTI).
+        label_path: its label in schema ids (NIfTI), or None.
+        out_png: the PNG to write.
+        schema: the federation's label schema.
+        modality: the image's modality (CT gets the soft-tissue window).
+        case_id: shown in the title when it is a safe token.
+
+    Raises:
+        ValueError: a volume is not 3D, or the label's grid differs from the image's.
     """
     image, spacing = _load_canonical(image_path)
     label = None
@@ -246,7 +280,8 @@ def case_figure(
     label_views = _views(label, centre, spacing) if label is not None else [None, None, None]
 
     fig = figures.new_figure(FIGURE_SIZE, dpi=100, facecolor="black", layout="constrained")
-    main_views, strips = fig.subfigures(2, 1, height_ratios=[5, 6])
+    # two rows of subfigures come back as an array (matplotlib types the result SubFigure | ndarray)
+    main_views, strips = cast(np.ndarray, fig.subfigures(2, 1, height_ratios=[5, 6]))
     main_views.set_facecolor("black")
     strips.set_facecolor("black")
     axes = main_views.subplots(1, 3)
@@ -282,8 +317,8 @@ def case_figure(
             ax.imshow(overlay, aspect=aspect, interpolation="nearest")
         ax.set_axis_off()
         width = tiles[0].shape[1] + gap
-        for n, index in enumerate(indices):
-            ax.text(n * width + 1, 1, f"{('k', 'j', 'i')[view]}={index}", color="white", fontsize=8, va="top", ha="left", path_effects=outline)
+        for n, slice_index in enumerate(indices):
+            ax.text(n * width + 1, 1, f"{('k', 'j', 'i')[view]}={slice_index}", color="white", fontsize=8, va="top", ha="left", path_effects=outline)
         ax.set_title(f"{VIEW_TITLES[view]}: {len(indices)} slices across the label", color="white", fontsize=10)
 
     shape = "×".join(str(n) for n in image.shape)

@@ -7,6 +7,8 @@ refused source) and a message naming the file (console only). `check_size` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from fedimg_core.errors import FedimgError
@@ -26,15 +28,28 @@ MAX_ABS_POSITION_MM = 1e5
 
 
 class SeriesError(FedimgError):
-    """A series cannot be converted exactly. `code` is a short reason (allowlisted)."""
+    """A series or file cannot be converted exactly.
 
-    def __init__(self, message: str, code: str):
+    Args:
+        message: what is wrong, naming the file (console only: it may carry paths).
+        code: a short allowlisted reason, written to manifest.json for the refused source.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:
-    """An exception's message on one line, at most ``limit`` characters (its type name when empty)."""
+    """An exception's message on one line, at most ``limit`` characters.
+
+    Args:
+        exc: the exception.
+        limit: the most characters kept.
+
+    Returns:
+        The message with its whitespace collapsed, or the exception's type name when it is empty.
+    """
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
@@ -42,7 +57,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
 
 
-def check_size(shape, bytes_per_voxel: float, where: str) -> None:
+def check_size(shape: Sequence[int], bytes_per_voxel: float, where: str) -> None:
     """Refuse a volume whose declared size is over the limits, before anything is read.
 
     Args:
@@ -66,7 +81,7 @@ def check_size(shape, bytes_per_voxel: float, where: str) -> None:
         )
 
 
-def check_affine(affine: np.ndarray, shape, where: str) -> None:
+def check_affine(affine: np.ndarray, shape: Sequence[int], where: str) -> None:
     """Refuse a voxel-to-world affine no scanner makes: non-finite values, a voxel spacing
     outside `SPACING_RANGE_MM`, or a voxel further than `MAX_ABS_POSITION_MM` from the origin.
 

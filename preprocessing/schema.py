@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information (types-PyYAML is not installed)
 
 from fedimg_core.atomic import FileReadError, read_small_file
 from fedimg_core.config import format_problems, validate_config
@@ -46,7 +46,7 @@ __all__ = [
 DEFAULT_SCHEMA = Path(__file__).with_name("schemas") / "abdominal-ct.yaml"
 
 
-def _read_yaml(path: Path, what: str) -> dict:
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         text = read_small_file(path, what).decode("utf-8")
     except FileReadError as exc:
@@ -101,18 +101,41 @@ class LabelSchema:
         return max(self.classes.values()) + 1
 
     def class_id(self, name: str) -> int:
-        """The id of class ``name`` (KeyError when it is not a class)."""
+        """The id of a class.
+
+        Args:
+            name: a class name of this schema.
+
+        Returns:
+            Its id.
+
+        Raises:
+            KeyError: ``name`` is not a class of this schema.
+        """
         return self.classes[name]
 
     def organ_of(self, class_name: str) -> str | None:
-        """The organ group a class belongs to (itself for an organ), None for background."""
+        """The organ group a class belongs to.
+
+        Args:
+            class_name: a class name of this schema.
+
+        Returns:
+            The organ (itself for an organ, its organ for a lesion class), None for background or
+            a class in no group.
+        """
         for organ, lesions in self.groups.items():
             if class_name == organ or class_name in lesions:
                 return organ
         return None
 
     def lesion_merge_table(self) -> np.ndarray:
-        """Lookup table id -> id that merges each lesion class into its organ."""
+        """Lookup table id -> id that merges each lesion class into its organ.
+
+        Returns:
+            An int64 table indexed by class id (covering the ignore label), identity except for
+            lesion ids, which map to their organ's id.
+        """
         table = np.arange(max(self.num_classes, self.ignore_label + 1), dtype=np.int64)
         for organ, lesions in self.groups.items():
             for lesion in lesions:
@@ -120,8 +143,15 @@ class LabelSchema:
         return table
 
     def background_groups(self, labeled: set[int]) -> list[int | list[int]]:
-        """ConDistFL's background groups for a site labelling the class ids `labeled`:
-        0 first, then each organ group the site does not label (organ + lesions)."""
+        """ConDistFL's background groups for a site labelling the class ids `labeled`.
+
+        Args:
+            labeled: the class ids the site labels.
+
+        Returns:
+            0 first, then, for each organ group the site does not fully label, its unlabelled ids
+            (one id, or a list of ids).
+        """
         groups: list[int | list[int]] = [0]
         for organ, lesions in self.groups.items():
             ids = [self.classes[organ], *(self.classes[l] for l in lesions)]
@@ -131,22 +161,44 @@ class LabelSchema:
         return groups
 
     def summary(self) -> dict[str, Any]:
-        """Name, version and classes, for reports and run records."""
+        """Name, version and classes, for reports and run records.
+
+        Returns:
+            ``{"name", "version", "classes"}``.
+        """
         return {"name": self.name, "version": self.version, "classes": dict(self.classes)}
 
 
 def builtin_schema_path(name: str) -> Path | None:
-    """``preprocessing/schemas/<name>.yaml`` when ``name`` is a built-in schema name (as
-    experiment specs name them, e.g. ``abdominal-ct``), else None."""
+    """The file of a built-in schema, as experiment specs name them (e.g. ``abdominal-ct``).
+
+    Args:
+        name: a schema name.
+
+    Returns:
+        ``preprocessing/schemas/<name>.yaml`` when ``name`` is a safe token and that file
+        exists, else None.
+    """
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", str(name)):
         return None
     path = DEFAULT_SCHEMA.parent / f"{name}.yaml"
     return path if path.is_file() else None
 
 
-def load_schema(path: str | os.PathLike | None = None) -> LabelSchema:
-    """Load and validate a label schema: a file, or a built-in name (``abdominal-ct``) when
-    no file of that name exists; None gives the default schema."""
+def load_schema(path: str | os.PathLike[str] | None = None) -> LabelSchema:
+    """Load and validate a label schema.
+
+    Args:
+        path: a schema file, or a built-in schema name (``abdominal-ct``) when no file of that
+            name exists; None gives the default schema.
+
+    Returns:
+        The schema.
+
+    Raises:
+        SchemaError: no such file or built-in name, the file cannot be read, is not YAML, or
+            does not fit the schema format (every problem listed with its key).
+    """
     path = Path(path) if path is not None else DEFAULT_SCHEMA
     if not path.exists() and (builtin := builtin_schema_path(str(path))) is not None:
         path = builtin
@@ -203,11 +255,31 @@ class SiteLabelMap:
     source: str = "<memory>"
 
     def labeled_class_ids(self, schema: LabelSchema) -> list[int]:
-        """The foreground class ids this map labels."""
+        """The foreground class ids this map labels.
+
+        Args:
+            schema: the federation's label schema.
+
+        Returns:
+            The sorted ids of the schema classes the map's values name (not background or ignore).
+        """
         return sorted({schema.classes[c] for c in self.mapping.values() if c not in (IGNORE, "background")})
 
     def lookup_table(self, schema: LabelSchema, values: np.ndarray, source: str, unknown_to_ignore: bool = False) -> dict[int, int]:
-        """Local value -> schema id for every value present; raise naming unknown values."""
+        """Local value -> schema id for every value present.
+
+        Args:
+            schema: the federation's label schema.
+            values: the distinct local values of a label volume.
+            source: the label file, named in the message.
+            unknown_to_ignore: map values the map does not list to the ignore label instead of refusing.
+
+        Returns:
+            Local value -> schema id (the ignore label for values mapped to ``ignore``).
+
+        Raises:
+            SchemaError: naming the values the map does not list (unless `unknown_to_ignore`).
+        """
         table: dict[int, int] = {}
         unknown = []
         for v in (int(x) for x in values):
@@ -227,8 +299,15 @@ class SiteLabelMap:
         return table
 
 
-def load_label_map(path: str | os.PathLike, schema: LabelSchema) -> SiteLabelMap:
+def load_label_map(path: str | os.PathLike[str], schema: LabelSchema) -> SiteLabelMap:
     """Read and validate a site label map file (see `parse_label_map`).
+
+    Args:
+        path: the label map file (YAML).
+        schema: the federation's label schema it must fit.
+
+    Returns:
+        The label map.
 
     Raises:
         SchemaError: the file cannot be read, is not YAML, or does not fit the schema.
@@ -262,7 +341,15 @@ def parse_label_map(raw: Mapping[str, Any], schema: LabelSchema, source: str) ->
 
 
 def label_map_for_classes(schema: LabelSchema, class_names: list[str]) -> dict[str, Any]:
-    """The label-map document of a site whose local values already are schema ids."""
+    """The label-map document of a site whose local values already are schema ids.
+
+    Args:
+        schema: the federation's label schema.
+        class_names: the classes the site labels.
+
+    Returns:
+        A document `parse_label_map` accepts: background 0 and each class at its schema id.
+    """
     return {
         "format": LABEL_MAP_FORMAT,
         "schema": schema.name,

@@ -20,8 +20,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from fedimg_core import atomic
 from preprocessing.schema import LabelSchema
@@ -29,11 +33,19 @@ from preprocessing.schema import LabelSchema
 __all__ = ["segment_codes", "write_seg"]
 
 
-def segment_codes(name: str, schema: LabelSchema):
-    """``(category, property type, anatomic region or None)`` coded concepts for a schema class."""
-    from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
+def segment_codes(name: str, schema: LabelSchema) -> tuple[Code | CodedConcept, Code | CodedConcept, Code | None]:
+    """The SNOMED CT concepts that code a schema class in a DICOM SEG.
 
+    An organ is an anatomical structure of its own type; a lesion class is a morphologically
+    altered structure (neoplasm) of its organ's region.
+
+    Args:
+        name: a class name of ``schema``.
+        schema: the federation's label schema (gives the organ of a lesion class).
+
+    Returns:
+        (segmented property category, segmented property type, anatomic region or None).
+    """
     organ = schema.organ_of(name) or name
     organ_code = {"liver": codes.SCT.Liver, "kidney": codes.SCT.Kidney, "pancreas": codes.SCT.Pancreas, "spleen": codes.SCT.Spleen}.get(organ)
     if name != organ:  # a lesion class
@@ -44,11 +56,11 @@ def segment_codes(name: str, schema: LabelSchema):
 
 
 def write_seg(
-    source_images: Sequence[str | os.PathLike | pydicom.Dataset],
+    source_images: Sequence[str | os.PathLike[str] | pydicom.Dataset],
     local: np.ndarray,
     segment_labels: Sequence[str],
     classes: Sequence[str],
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     schema: LabelSchema,
     *,
     series_instance_uid: str | None = None,
@@ -60,7 +72,7 @@ def write_seg(
     software_versions: str = "fedimg",
     device_serial_number: str = "0",
     series_description: str | None = None,
-    algorithm=None,
+    algorithm: hd.AlgorithmIdentificationSequence | None = None,
 ) -> None:
     """Write a BINARY DICOM SEG of `source_images` (slice order) to `out`, atomically.
 
@@ -69,9 +81,29 @@ def write_seg(
     chooses the codes) labelled ``segment_labels[s - 1]``. ``algorithm`` (a
     ``highdicom.AlgorithmIdentificationSequence``) makes every segment AUTOMATIC; without it
     they are MANUAL. UIDs default to new random ones.
-    """
-    import highdicom as hd
 
+    Args:
+        source_images: the series' images (files or datasets), in slice order.
+        local: segment numbers on the image grid, ``[column, row, slice]``.
+        segment_labels: each segment's SegmentLabel.
+        classes: each segment's schema class name (chooses its codes).
+        out: the SEG file to write.
+        schema: the federation's label schema.
+        series_instance_uid: the SEG's series UID (default: a new one).
+        sop_instance_uid: the SEG's SOP instance UID (default: a new one).
+        series_number: the SEG's SeriesNumber.
+        instance_number: the SEG's InstanceNumber.
+        manufacturer: the SEG's Manufacturer.
+        manufacturer_model_name: the SEG's ManufacturerModelName.
+        software_versions: the SEG's SoftwareVersions.
+        device_serial_number: the SEG's DeviceSerialNumber.
+        series_description: the SEG's SeriesDescription.
+        algorithm: makes every segment AUTOMATIC, produced by this algorithm.
+
+    Raises:
+        ValueError: labels and classes differ in number, or ``local`` is not integer segment
+            numbers with one slice per source image.
+    """
     if len(segment_labels) != len(classes):
         raise ValueError(f"{len(segment_labels)} segment labels for {len(classes)} classes")
     sources = [s if isinstance(s, pydicom.Dataset) else pydicom.dcmread(s, stop_before_pixels=True) for s in source_images]
