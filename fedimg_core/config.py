@@ -21,7 +21,7 @@ import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import UnionType
-from typing import Annotated, Any, Self, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -182,6 +182,46 @@ def _step(annotation: Any, part: int | str) -> Any:
     return None
 
 
+# pydantic's type errors in fedimg's words (its own say "Input should be a valid ...")
+_PLAIN_WORDS = {
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _what_it_takes(model: type[BaseModel], loc: Sequence[int | str]) -> str:
+    """For a missing key: ``": 'fedimg-label-schema'"`` (a fixed value) or ``": a mapping with keys a, b"``."""
+    parent: Any = model
+    for part in loc[:-1]:
+        parent = _step(parent, part)
+        if parent is None:
+            return ""
+    annotation = _step(parent, loc[-1]) if loc else None
+    if annotation is None:
+        return ""
+    owner = _model_at(parent)
+    info = owner.model_fields.get(str(loc[-1])) if owner is not None else None
+    for item in info.metadata if info is not None else ():
+        for piece in item if isinstance(item, Iterable) else (item,):
+            extra = getattr(piece, "json_schema_extra", None)  # a field type's allowed values (config_types.one_of)
+            if isinstance(extra, dict) and isinstance(extra.get("enum"), list):
+                return ": " + " or ".join(repr(v) for v in extra["enum"])
+    for member in _members(annotation):
+        if get_origin(member) is Literal:
+            return ": " + " or ".join(repr(v) for v in get_args(member))
+    sub = _model_at(annotation)
+    if sub is not None:
+        return ": a mapping with keys " + ", ".join(sorted(info.alias or name for name, info in sub.model_fields.items()))
+    return ""
+
+
 def _clip(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= PROBLEM_CHARS else text[: PROBLEM_CHARS - 3] + "..."
@@ -225,7 +265,15 @@ def problems_of(exc: ValidationError, model: type[BaseModel], prefix: str = "") 
             continue
         if kind == "missing":
             if (loc[:-1], loc[-1]) not in typos:
-                out.append((prefix + key_path(loc), "required"))
+                out.append((prefix + key_path(loc), "required" + _what_it_takes(model, loc)))
+            continue
+        if kind == "invalid_key":  # a YAML key that is not a string (``12345:``)
+            allowed = _allowed_keys(model, loc[:-1]) or []
+            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            out.append((prefix + key_path((*loc[:-1], short(loc[-1]))), f"unknown key{hint}"))
+            continue
+        if kind in _PLAIN_WORDS:
+            out.append((prefix + key_path(loc), f"{_PLAIN_WORDS[kind]} (got {short(err.get('input'))})"))
             continue
         if kind in ("model_type", "dict_type"):
             keys = _allowed_keys(model, loc)
@@ -235,6 +283,8 @@ def problems_of(exc: ValidationError, model: type[BaseModel], prefix: str = "") 
         for lead in ("Value error, ", "Assertion failed, "):
             if message.startswith(lead):
                 message = message[len(lead) :]
+        if message.startswith("Input should be "):  # pydantic's wording for its own constraints
+            message = "must be " + message[len("Input should be ") :]
         if kind not in ("value_error", "assertion_error") and "input" in err:
             message += f" (got {short(err['input'])})"
         out.append((prefix + key_path(loc), _clip(message)))

@@ -52,7 +52,14 @@ class FactorySettings:
     client_ids: dict[str, int] = field(default_factory=dict)  # node id -> client id (coordinator)
 
     def refining(self, round_index: int) -> bool:
-        """Whether round ``round_index`` (0-based) is one of the last ``refine_rounds``, which add the key-alignment loss."""
+        """Whether a round is one of the last ``refine_rounds``, which add the key-alignment loss.
+
+        Args:
+            round_index: the round (0-based).
+
+        Returns:
+            True in the refinement stage.
+        """
         total = self.rounds_total or 1
         return self.refine_rounds > 0 and round_index >= total - self.refine_rounds
 

@@ -12,10 +12,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, TypedDict
 
 import torch
-from monai.transforms import Resize, SpatialPad
+from monai.transforms.croppad.array import SpatialPad
+from monai.transforms.spatial.array import Resize
 
 from fedimg_core import atomic
 from pipelines import transforms as _transforms
@@ -32,9 +33,16 @@ FOREGROUND_LEVEL = -0.95  # a voxel above this counts as foreground for `min_for
 SLICES_VERSION = 1
 _CACHE_SUBDIR = "factory-slices"
 
+
+class _ChainOptions(TypedDict):
+    image_mode: str
+    label_dtype: torch.dtype
+    zscore_nonzero: bool
+
+
 # Image-only chain; explicit options so the cache key (`transforms_fingerprint`) is
 # computed without building the chain, and matches the chain's own fingerprint.
-_CHAIN_OPTIONS = {"image_mode": "bilinear", "label_dtype": torch.long, "zscore_nonzero": True}
+_CHAIN_OPTIONS: _ChainOptions = {"image_mode": "bilinear", "label_dtype": torch.long, "zscore_nonzero": True}
 _IMAGE_KEYS = ("image",)
 
 
@@ -66,7 +74,8 @@ class SliceSettings:
         if self.spacing is not None and not isinstance(self.spacing, str):
             object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
 
-    def key(self) -> dict:
+    def key(self) -> dict[str, Any]:
+        """The settings as JSON-serialisable values (part of the slice cache's key)."""
         return {
             "size": self.size,
             "n_bins": self.n_bins,
@@ -90,6 +99,16 @@ def intensity_to_unit(image: torch.Tensor, rule: ModalityRule) -> torch.Tensor:
       would otherwise become mid-grey, unlike the -1 padding of non-square slices.
     * ``none``: per-volume 0.5 and 99.5 percentiles map linearly to [-1, 1], clipped; a
       volume whose percentiles coincide becomes all -1.
+
+    Args:
+        image: a schema-normalised volume (any shape).
+        rule: the modality's intensity rule of the schema.
+
+    Returns:
+        The volume in [-1, 1], float32, same shape.
+
+    Raises:
+        ValueError: ``ct_window`` without a clip window, or an unknown normalisation.
     """
     x = torch.as_tensor(image).float()
     if rule.normalisation == "ct_window":
@@ -108,10 +127,11 @@ def intensity_to_unit(image: torch.Tensor, rule: ModalityRule) -> torch.Tensor:
             return x.clone()
         if flat.numel() > 16_000_000:  # torch.quantile's input limit; a strided sample is plenty
             flat = flat[:: -(-flat.numel() // 16_000_000)]
-        lo, hi = torch.quantile(flat, torch.tensor([0.005, 0.995], dtype=flat.dtype)).tolist()
-        if not hi > lo:
+        quantiles: list[float] = torch.quantile(flat, torch.tensor([0.005, 0.995], dtype=flat.dtype)).tolist()
+        p_lo, p_hi = quantiles
+        if not p_hi > p_lo:
             return torch.full_like(x, BACKGROUND)
-        return ((x - lo) / (hi - lo) * 2.0 - 1.0).clamp_(-1.0, 1.0)
+        return ((x - p_lo) / (p_hi - p_lo) * 2.0 - 1.0).clamp_(-1.0, 1.0)
     raise ValueError(f"unknown normalisation {rule.normalisation!r} (ct_window, zscore or none)")
 
 
@@ -119,7 +139,15 @@ def intensity_to_unit(image: torch.Tensor, rule: ModalityRule) -> torch.Tensor:
 
 
 def slice_bins(depth: int, n_bins: int) -> torch.Tensor:
-    """Bin of each slice index of a volume with ``depth`` slices: ``index * n_bins // depth``."""
+    """Bin of each slice index of a volume: ``index * n_bins // depth``.
+
+    Args:
+        depth: number of slices.
+        n_bins: number of bins (0: every bin is 0).
+
+    Returns:
+        (depth,) long bins.
+    """
     if n_bins <= 0:
         return torch.zeros(depth, dtype=torch.long)
     return torch.arange(depth, dtype=torch.long) * n_bins // max(depth, 1)
@@ -138,6 +166,17 @@ def volume_slices(image: torch.Tensor, rule: ModalityRule, settings: SliceSettin
     the anti-aliasing filter assumes is the -1 background, not mid-grey: padded borders
     stay exactly -1, and content touching the frame is darkened only in the outermost
     output row/column when downsampling (the outside of the frame counts as background).
+
+    Args:
+        image: (1, X, Y, Z) schema-normalised volume (tensor or MetaTensor).
+        rule: the modality's intensity rule (`intensity_to_unit`).
+        settings: slice size, bins and foreground threshold.
+
+    Returns:
+        ``(slices, bins)`` as above.
+
+    Raises:
+        ValueError: not a single-channel 3D volume.
     """
     image = torch.as_tensor(image)
     if hasattr(image, "as_tensor"):
@@ -155,16 +194,29 @@ def volume_slices(image: torch.Tensor, rule: ModalityRule, settings: SliceSettin
 
 
 def foreground_keep(stack: torch.Tensor, min_foreground: float) -> torch.Tensor:
-    """Which slices of a ``(N, X, Y)`` stack in [-1, 1] `volume_slices` keeps for
-    ``min_foreground``: a bool mask ``(N,)``, True where the fraction of voxels above
-    ``FOREGROUND_LEVEL`` is at least ``min_foreground``."""
+    """Which slices of a stack `volume_slices` keeps for ``min_foreground``.
+
+    Args:
+        stack: (N, X, Y) slices in [-1, 1].
+        min_foreground: the smallest kept fraction of voxels above ``FOREGROUND_LEVEL``.
+
+    Returns:
+        (N,) bool mask, True where the fraction is at least ``min_foreground``.
+    """
     fraction = (stack > FOREGROUND_LEVEL).flatten(1).float().mean(1)
     return fraction >= min_foreground
 
 
 def square_slices(stack: torch.Tensor, size: int) -> torch.Tensor:
-    """Slices ``(N, X, Y)`` in [-1, 1] -> ``(N, 1, size, size)`` float32: padded to a square
-    with -1, then resized, exactly as described in `volume_slices`."""
+    """Square slices: padded to a square with -1, then resized, exactly as described in `volume_slices`.
+
+    Args:
+        stack: (N, X, Y) slices in [-1, 1].
+        size: the output side.
+
+    Returns:
+        (N, 1, size, size) float32 slices in [-1, 1].
+    """
     if stack.shape[0] == 0:
         return torch.zeros((0, 1, size, size), dtype=torch.float32)
     side = max(stack.shape[1], stack.shape[2])
@@ -188,7 +240,7 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
-def _modality_rule(path, schema: LabelSchema, modality: str) -> ModalityRule:
+def _modality_rule(path: str | os.PathLike[str], schema: LabelSchema, modality: str) -> ModalityRule:
     rule = schema.modalities.get(modality)
     if rule is None:
         raise ValueError(
@@ -211,7 +263,7 @@ def _cache_key(manifest: bytes, settings: SliceSettings, fingerprint: str, schem
     return h.hexdigest()
 
 
-def _chain_fingerprint(schema: LabelSchema, modality: str, spacing) -> str:
+def _chain_fingerprint(schema: LabelSchema, modality: str, spacing: str | None | tuple[float, float, float]) -> str:
     return _transforms.transforms_fingerprint(schema, modality, spacing, _IMAGE_KEYS, **_CHAIN_OPTIONS)
 
 
@@ -221,9 +273,18 @@ def _quantise(images: torch.Tensor) -> torch.Tensor:
 
 
 def read_tensor_cache(path: Path, keys: Sequence[str], aligned: Sequence[str], what: str) -> dict[str, torch.Tensor] | None:
-    """The tensors ``keys`` of a cache file written with torch.save, or None when it is
-    missing or damaged (logged; the caller recomputes and overwrites it). ``aligned``: keys
-    whose first dimension must agree."""
+    """Read tensors from a cache file written with torch.save (weights only).
+
+    Args:
+        path: the cache file.
+        keys: the tensors to read.
+        aligned: keys whose first dimension must agree.
+        what: what the cache holds, for the log message.
+
+    Returns:
+        ``{key: tensor}``, or None when the file is missing or damaged (logged; the caller
+        recomputes and overwrites it).
+    """
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         if not all(isinstance(data.get(k), torch.Tensor) for k in keys):
@@ -244,10 +305,10 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def dataset_slices(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     schema: LabelSchema,
     settings: SliceSettings = SliceSettings(),
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slices of every case of the prepared dataset at ``path``: ``(images, bins)``.
 
@@ -255,8 +316,6 @@ def dataset_slices(
     precision of the cache, whether or not a cache is used), ``bins`` ``(N,)`` long; cases
     are concatenated in dataset order. Labels are ignored (and may be absent).
 
-    Raises ValueError naming the dataset and modality when the schema has no intensity rule
-    for the dataset's modality; `preprocessing.dataset.DatasetError` for a broken dataset.
     The dataset is not checked against the schema's classes (labels are not used).
 
     Caching: with ``cache_dir``, the result is kept in
@@ -265,6 +324,20 @@ def dataset_slices(
     sha256), the settings, the transform chain's fingerprint (schema rule, spacing, MONAI
     version), the schema name and version and `SLICES_VERSION`. A file that cannot be read
     is recomputed. The last result is also kept in memory (one dataset at a time).
+
+    Args:
+        path: the prepared dataset.
+        schema: the federation's label schema (intensity rule, spacing).
+        settings: how the volumes become slices.
+        cache_dir: where the slice cache lives, or None for no disk cache.
+
+    Returns:
+        ``(images, bins)`` as above.
+
+    Raises:
+        ValueError: naming the dataset and modality when the schema has no intensity rule
+            for the dataset's modality.
+        preprocessing.dataset.DatasetError: a broken dataset.
     """
     root = Path(path)
     dataset = load_dataset(root)
@@ -281,8 +354,10 @@ def dataset_slices(
     cached = _read_cache(cache_file) if cache_file is not None else None
     if cached is None:
         chain = _transforms.deterministic_transforms(schema, modality, spacing=settings.spacing, keys=_IMAGE_KEYS, **_CHAIN_OPTIONS)
-        if chain.fingerprint != fingerprint:  # the cache key must describe the chain that ran
-            raise RuntimeError(f"transform fingerprint mismatch: {chain.fingerprint} != {fingerprint}")
+        # set by deterministic_transforms on the Compose (an attribute Compose's type does not declare)
+        ran = getattr(chain, "fingerprint", None)
+        if ran != fingerprint:  # the cache key must describe the chain that ran
+            raise RuntimeError(f"transform fingerprint mismatch: {ran} != {fingerprint}")
         parts, part_bins = [], []
         for case in dataset.cases:
             out = chain({"image": str(case.image)})

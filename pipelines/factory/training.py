@@ -9,37 +9,77 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 
-from pipelines.factory.networks import Discriminator, FactoryConfig, Generator, requires_grad
+from pipelines.factory.config import FactoryConfig
+from pipelines.factory.discriminator import Discriminator
+from pipelines.factory.domain_key import DomainKey
+from pipelines.factory.generator import Generator
+from pipelines.factory.layers import requires_grad
 
 # The arguments' checks import no torch (spec checks); their names stay importable from here.
-from pipelines.factory.plan_args import FACTORY_ARG_KEYS, FactorySettings, key_dim_of, parse_factory_args  # noqa: F401
+from pipelines.factory.plan_args import FACTORY_ARG_KEYS as FACTORY_ARG_KEYS
+from pipelines.factory.plan_args import FactorySettings as FactorySettings
+from pipelines.factory.plan_args import key_dim_of as key_dim_of
+from pipelines.factory.plan_args import parse_factory_args as parse_factory_args
 
 # -- losses ------------------------------------------------------------------------------
 
 
 def d_logistic_loss(real_pred: torch.Tensor, fake_pred: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logistic loss: softplus(D(fake)) + softplus(-D(real)), batch means.
+
+    Args:
+        real_pred: (B,) scores of real images.
+        fake_pred: (B,) scores of generated images.
+
+    Returns:
+        The scalar loss.
+    """
     return F.softplus(fake_pred).mean() + F.softplus(-real_pred).mean()
 
 
 def g_nonsaturating_loss(fake_pred: torch.Tensor) -> torch.Tensor:
+    """The generator's non-saturating loss: mean softplus(-D(fake)).
+
+    Args:
+        fake_pred: (B,) scores of generated images.
+
+    Returns:
+        The scalar loss.
+    """
     return F.softplus(-fake_pred).mean()
 
 
 def r1_penalty(real_pred: torch.Tensor, real_img: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ||d D(x) / d x||^2 on real images (``real_img`` must require grad)."""
+    """R1 penalty: mean over the batch of ||d D(x) / d x||^2 on real images.
+
+    Args:
+        real_pred: (B,) scores of ``real_img``.
+        real_img: (B, 1, R, R) real images; must require grad.
+
+    Returns:
+        The scalar penalty (differentiable: its graph is kept).
+    """
     (grad,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
-def path_length_penalty(fake_img: torch.Tensor, ws: torch.Tensor, mean_length: float, decay: float = 0.01):
-    """StyleGAN2 path-length regulariser. Returns (penalty, new running mean, mean length).
+def path_length_penalty(fake_img: torch.Tensor, ws: torch.Tensor, mean_length: float, decay: float = 0.01) -> tuple[torch.Tensor, float, float]:
+    """StyleGAN2 path-length regulariser.
 
-    ``ws`` (B, num_ws, w_dim) must be part of the graph that produced ``fake_img``."""
+    Args:
+        fake_img: (B, 1, R, R) generated images.
+        ws: (B, num_ws, w_dim) styles; must be part of the graph that produced ``fake_img``.
+        mean_length: the running mean path length so far.
+        decay: the running mean's update rate.
+
+    Returns:
+        (penalty, new running mean, this batch's mean length).
+    """
     noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
     (grad,) = torch.autograd.grad((fake_img * noise).sum(), ws, create_graph=True)
     lengths = grad.pow(2).sum(2).mean(1).sqrt()
@@ -49,7 +89,15 @@ def path_length_penalty(fake_img: torch.Tensor, ws: torch.Tensor, mean_length: f
 
 
 def key_alignment_loss(centred_fake: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Mean squared angle between each fake's (centred) key embedding and the site key."""
+    """Mean squared angle between each fake's (centred) key embedding and the site key.
+
+    Args:
+        centred_fake: (B, dim) centred key embeddings of generated images (`DomainKey.centred`).
+        key: the site's (dim,) domain key.
+
+    Returns:
+        The scalar loss.
+    """
     cos = F.cosine_similarity(centred_fake, key.reshape(1, -1).expand_as(centred_fake), dim=1)
     return torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
 
@@ -59,7 +107,17 @@ def diff_augment(x: torch.Tensor, translation: float = 0.0, cutout: float = 0.0,
     for what the discriminator sees of real and fake slices alike: each image shifted by up
     to ``translation`` of its size (the uncovered part filled with ``background``) and one
     square of side ``cutout`` of its size set to ``background``. Intensities are never
-    changed: the sites' contrast is what the factory has to learn."""
+    changed: the sites' contrast is what the factory has to learn.
+
+    Args:
+        x: (B, C, H, W) images.
+        translation: largest shift, as a fraction of the image size (0: none).
+        cutout: side of the cut-out square, as a fraction of the image size (0: none).
+        background: the value of uncovered and cut-out pixels.
+
+    Returns:
+        The augmented (B, C, H, W) images.
+    """
     b, _, h, w = x.shape
     if translation > 0:
         th, tw = int(h * translation + 0.5), int(w * translation + 0.5)
@@ -84,13 +142,29 @@ def diff_augment(x: torch.Tensor, translation: float = 0.0, cutout: float = 0.0,
 
 
 def lazy_adam_settings(lr: float, interval: int, beta2: float = 0.99) -> tuple[float, tuple[float, float]]:
-    """Adam lr and betas corrected for a regulariser applied every ``interval`` updates."""
+    """Adam lr and betas corrected for a regulariser applied every ``interval`` updates.
+
+    Args:
+        lr: the uncorrected learning rate.
+        interval: updates between two regulariser steps (0: no correction).
+        beta2: Adam's uncorrected beta2 (beta1 is 0).
+
+    Returns:
+        (lr, (beta1, beta2)).
+    """
     ratio = interval / (interval + 1) if interval > 0 else 1.0
     return lr * ratio, (0.0, beta2**ratio)
 
 
 @torch.no_grad()
 def accumulate(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Move ``ema``'s parameters towards ``model``'s: ema = decay * ema + (1 - decay) * model.
+
+    Args:
+        ema: the moving average (updated in place).
+        model: the network it follows (same parameter layout).
+        decay: weight of the old average.
+    """
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
@@ -100,7 +174,11 @@ def accumulate(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 class FactoryModel(torch.nn.Module):
     """G, D and G_ema in one module: the federation averages all their parameters (there
-    are no persistent buffers). G_ema never receives gradients."""
+    are no persistent buffers). G_ema never receives gradients.
+
+    Args:
+        config: the factory configuration.
+    """
 
     def __init__(self, config: FactoryConfig):
         super().__init__()
@@ -110,7 +188,15 @@ class FactoryModel(torch.nn.Module):
         self.g_ema = copy.deepcopy(self.generator).eval()
         requires_grad(self.g_ema, False)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
+        """Set training mode of G and D; G_ema stays in eval mode.
+
+        Args:
+            mode: training (True) or eval (False).
+
+        Returns:
+            This module.
+        """
         super().train(mode)
         self.g_ema.eval()  # G_ema is only ever sampled
         return self
@@ -125,16 +211,40 @@ KEY_PATHWAY = ("generator.embed.key_embed.", "g_ema.embed.key_embed.", "discrimi
 
 
 def is_key_pathway(name: str) -> bool:
+    """Whether a parameter of `FactoryModel` belongs to the site-local key layers (`KEY_PATHWAY`).
+
+    Args:
+        name: a parameter name of `FactoryModel`.
+
+    Returns:
+        True for the key layers' parameters.
+    """
     return name.startswith(KEY_PATHWAY)
 
 
 def key_pathway_state(model: FactoryModel) -> dict[str, torch.Tensor]:
+    """A detached copy of the site-local key layers' parameters.
+
+    Args:
+        model: the site's model.
+
+    Returns:
+        ``{parameter name: tensor}`` for every key-pathway parameter.
+    """
     return {n: p.detach().clone() for n, p in model.named_parameters() if is_key_pathway(n)}
 
 
 @torch.no_grad()
 def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor]) -> bool:
-    """Load a site's key layers; False (nothing changed) when they do not fit this model."""
+    """Load a site's key layers (`key_pathway_state`).
+
+    Args:
+        model: the site's model (changed in place).
+        state: the saved key layers.
+
+    Returns:
+        True when loaded; False (nothing changed) when they do not fit this model.
+    """
     params = dict(model.named_parameters())
     mine = {n for n in params if is_key_pathway(n)}
     if set(state) != mine or any(params[n].shape != state[n].shape for n in mine):
@@ -147,7 +257,12 @@ def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor]) -> boo
 @torch.no_grad()
 def reinit_key_pathway(model: FactoryModel, generator: torch.Generator) -> None:
     """Fresh key layers from ``generator`` (equalized-lr init: standard normal); G_ema's
-    start as a copy of G's."""
+    start as a copy of G's.
+
+    Args:
+        model: the site's model (changed in place).
+        generator: the site-secret source of randomness.
+    """
     params = dict(model.named_parameters())
     for n, p in params.items():
         if is_key_pathway(n) and not n.startswith("g_ema."):
@@ -160,7 +275,17 @@ def reinit_key_pathway(model: FactoryModel, generator: torch.Generator) -> None:
 def make_optimizer(model: FactoryModel, lr: float = 0.002, r1_interval: int = 16, pl_interval: int = 4) -> torch.optim.Adam:
     """One Adam with a G group and a D group, each with its lazy-regularisation corrected lr
     and betas. Adam keeps per-parameter state, so this is exactly two Adams; a frozen
-    network has no gradients in an update and Adam skips it (no moment decay, no step)."""
+    network has no gradients in an update and Adam skips it (no moment decay, no step).
+
+    Args:
+        model: the factory.
+        lr: the uncorrected learning rate.
+        r1_interval: D updates between R1 steps.
+        pl_interval: G updates between path-length steps.
+
+    Returns:
+        The optimizer (groups named ``generator`` and ``discriminator``).
+    """
     g_lr, g_betas = lazy_adam_settings(lr, pl_interval)
     d_lr, d_betas = lazy_adam_settings(lr, r1_interval)
     return torch.optim.Adam(
@@ -178,11 +303,18 @@ def make_optimizer(model: FactoryModel, lr: float = 0.002, r1_interval: int = 16
 class FactoryUpdater:
     """The site's training state and its next update.
 
-    ``key``: the site's domain key (dim,) or None; ``domain_key``: the key function (needed
-    only for the key-alignment loss of the refinement stage)."""
+    Args:
+        model: the site's factory.
+        settings: the training settings.
+        client_id: the site's client id.
+        key: the site's domain key (dim,), or None.
+        domain_key: the key function (needed only for the key-alignment loss of the
+            refinement stage).
+        refine: the refinement stage (key alignment; needs ``key`` and ``domain_key``).
+    """
 
     def __init__(self, model: FactoryModel, settings: FactorySettings, client_id: int, key: torch.Tensor | None = None,
-                 domain_key=None, refine: bool = False):  # fmt: skip
+                 domain_key: DomainKey | None = None, refine: bool = False):  # fmt: skip
         self.model = model
         self.s = settings
         self.client_id = int(client_id)
@@ -199,9 +331,15 @@ class FactoryUpdater:
 
     # state that a long-lived client would keep across rounds (with the optimizer's)
     def state_dict(self) -> dict[str, Any]:
+        """The update counters and the path-length mean (JSON-serialisable)."""
         return {"updates": self.updates, "d_steps": self.d_steps, "g_steps": self.g_steps, "pl_mean": self.pl_mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` gave.
+
+        Args:
+            state: a `state_dict` result.
+        """
         self.updates = int(state["updates"])
         self.d_steps = int(state["d_steps"])
         self.g_steps = int(state["g_steps"])
@@ -209,14 +347,16 @@ class FactoryUpdater:
 
     @property
     def next_phase(self) -> str:
+        """``"D"`` or ``"G"``: which network the next update trains (they alternate)."""
         return "D" if self.updates % 2 == 0 else "G"
 
-    def _track(self, **values: float) -> None:
+    def _track(self, **values: float | torch.Tensor) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
+        """The mean of every tracked value (losses, penalties, timings) since this updater was made."""
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
     def _ids(self, n: int, ids: torch.Tensor | None) -> torch.Tensor:
@@ -229,7 +369,7 @@ class FactoryUpdater:
         """What D sees of a real or fake batch (the same augmentation for both)."""
         return diff_augment(x, **self.s.diff_augment) if self.s.diff_augment else x
 
-    def _fake_condition(self, n: int, bins: torch.Tensor | None, ids: torch.Tensor | None):
+    def _fake_condition(self, n: int, bins: torch.Tensor | None, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Conditions for ``n`` fakes drawn from the real batch's (the site's own slice
         positions; with per-sample client ids, their ids too)."""
         pick = torch.randint(self._batch, (n,), device=self._device)
@@ -238,8 +378,15 @@ class FactoryUpdater:
     def loss(self, real: torch.Tensor, bins: torch.Tensor | None = None, client_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of the next update; the other network is frozen (requires_grad False).
 
-        ``client_ids`` (B,): per-sample client ids of a pooled batch (the centralised
-        baseline); a site's own updates leave it None (every slice is its own id)."""
+        Args:
+            real: (B, 1, R, R) real slices.
+            bins: (B,) their slice bins, or None.
+            client_ids: (B,) per-sample client ids of a pooled batch (the centralised
+                baseline); a site's own updates leave it None (every slice is its own id).
+
+        Returns:
+            The scalar loss; call ``backward``, step the optimizer, then `after_step`.
+        """
         if self._ema_pending:
             self.after_step()
         self._device = real.device
@@ -249,6 +396,7 @@ class FactoryUpdater:
         batch = real.shape[0]
         z_dim = self.model.config.z_dim
         t0 = time.perf_counter()
+        loss: torch.Tensor
         if self.next_phase == "D":
             requires_grad(G, False)
             requires_grad(D, True)
@@ -297,7 +445,7 @@ class FactoryUpdater:
                 fake = G(torch.randn(batch, z_dim, device=self._device), fc, fb, key)
                 loss = g_nonsaturating_loss(D(self._aug(fake), fc, fb, key))
                 self._track(g_loss=loss.detach())
-                if self.refine and key is not None:
+                if self.refine and key is not None and self.domain_key is not None:  # refine implies a domain_key
                     align = key_alignment_loss(self.domain_key.centred(fake), key)
                     loss = loss + self.s.key_align_weight * align
                     self._track(key_align=align.detach())
@@ -315,10 +463,20 @@ class FactoryUpdater:
 
     def train_step(self, optimizer: torch.optim.Optimizer, real: torch.Tensor, bins: torch.Tensor | None = None,
                    client_ids: torch.Tensor | None = None) -> float:  # fmt: skip
-        """One whole update outside Fed-BioMed (benchmarks, tests)."""
+        """One whole update outside Fed-BioMed (benchmarks, tests).
+
+        Args:
+            optimizer: the model's optimizer (`make_optimizer`).
+            real: (B, 1, R, R) real slices.
+            bins: (B,) their slice bins, or None.
+            client_ids: (B,) per-sample client ids of a pooled batch, or None.
+
+        Returns:
+            The update's loss.
+        """
         optimizer.zero_grad(set_to_none=True)
         loss = self.loss(real, bins, client_ids)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         optimizer.step()
         self.after_step()
         return float(loss.detach())
