@@ -21,6 +21,7 @@ trained weights it is a function of its training data, and that is all it carrie
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -76,7 +77,7 @@ def validate_files(files: Mapping[str, bytes]) -> None:
     Raises:
         RegistryError: naming the file and the problem.
     """
-    # torch is imported only when a branch is pushed: the coordinator's other commands stay light
+    # deferred: start-up time (torch is imported only when a branch is pushed: the coordinator's other commands stay light)
     from pipelines.adaptation.branch_file import validate_branch_files
 
     try:
@@ -90,8 +91,6 @@ def canonical_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
     the pushed bytes, so nothing outside the validated configuration and weights (an extra
     zip member, a tensor's hidden storage, duplicate JSON keys, padding) survives. Weights
     must be float32 (int64 for batch-norm counters)."""
-    import io
-
     import torch
 
     from pipelines.adaptation.branch_file import branch_files, validate_branch_files

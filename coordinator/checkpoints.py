@@ -36,6 +36,24 @@ def save_tensors(target: Path, params: Params) -> None:
     os.replace(tmp, target)
 
 
+def load_tensors(source: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by `save_tensors`: plain tensors and plain data only.
+
+    ``weights_only=True`` makes ``torch.load`` refuse any pickled callable or class, so a
+    checkpoint file cannot run code when it is read.
+
+    Args:
+        source: the ``.pt`` file.
+
+    Returns:
+        Parameter name -> tensor, on the CPU.
+
+    Raises:
+        pickle.UnpicklingError: the file holds more than tensors and plain data.
+    """
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
 def save_global(run_dir: Path, r: int, params: Params) -> None:
     """Keep the global model after round ``r`` and point ``latest.txt`` at it.
 
@@ -84,7 +102,7 @@ def select_best(run_dir: Path, metrics: dict[str, Any], record: dict[str, Any], 
         src = ckpt / f"global_round_{model_round:04d}.pt"
         if score is not None and score > best.get("score", -1.0) and src.is_file():
             metrics["best_global"] = {"model_round": model_round, "score": score}
-            save_tensors(ckpt / "best_global.pt", torch.load(src))
+            save_tensors(ckpt / "best_global.pt", load_tensors(src))
     for nid, row in record["sites"].items():
         if nid in local:
             last = local_last(run_dir, sites.get(nid, nid))
@@ -107,4 +125,4 @@ def select_best_local(metrics: dict[str, Any], nid: str, row: dict[str, Any], la
     name = row.get("name", nid)
     if score is not None and score > best.get(name, {}).get("score", -1.0) and last.is_file():
         best[name] = {"round": r, "score": score}
-        save_tensors(last.with_name(f"{runs.safe_name(name, 'site')}_best.pt"), torch.load(last))
+        save_tensors(last.with_name(f"{runs.safe_name(name, 'site')}_best.pt"), load_tensors(last))

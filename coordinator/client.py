@@ -12,6 +12,22 @@ from fedimg_core.errors import UserError
 
 
 def call(url: str, method: str, path: str, token: str | None, body: bytes | None = None, timeout: float = 30.0) -> dict:
+    """Call the coordinator's HTTP API and return its JSON answer.
+
+    Args:
+        url: the API's base URL.
+        method: ``GET`` or ``POST``.
+        path: the route, e.g. ``/runs``.
+        token: the researcher API token (sent as a bearer token), or None.
+        body: a request body (a spec's YAML), or None.
+        timeout: seconds to wait for the answer.
+
+    Returns:
+        The decoded JSON reply (an empty dict for an empty body).
+
+    Raises:
+        UserError: the coordinator refused (with its error message) or cannot be reached.
+    """
     req = urllib.request.Request(url.rstrip("/") + path, data=body, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")

@@ -18,17 +18,18 @@ import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from coordinator import checkpoints, runs
+from coordinator import checkpoints, factory, runs
 from coordinator import plans as plan_registry
 from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter
 from coordinator.spec import Spec
 from fedimg_core.errors import UserError
+from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 from pipelines.site_errors import mark_researcher_process
 
 Log = Callable[[str], None]
@@ -65,9 +66,8 @@ class Federation:
         os.environ["FBM_RESEARCHER_COMPONENT_ROOT"] = str(self.home / "researcher")
         os.environ["FBM_SERVER_HOST"] = public_host  # certificate CN when the component is created
         os.environ["FBM_SERVER_PORT"] = str(port)
-        from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
-
         quiet_fedbiomed_console()
+        # deferred: Fed-BioMed creates its researcher config at import time, from the environment set above
         from fedbiomed.common.logger import logger
         from fedbiomed.researcher.config import config
         from fedbiomed.researcher.requests import Requests
@@ -282,8 +282,6 @@ class Federation:
             checkpoints.save_global(run_dir, 0, params_before)  # the initial global model: the teacher of round 1
         metrics["model"] = _model_size(params_before)
         if spec.is_factory:
-            from coordinator import factory
-
             ids = exp.model_args().get("client_ids", {})
             metrics["clients"] = {sites.get(nid, nid): cid for nid, cid in sorted(ids.items(), key=lambda kv: kv[1])}
         self._wire.take()
@@ -329,7 +327,7 @@ class Federation:
         metrics["model"] = _model_size(_params(first))
         self._wire.take()
         for r in range(1, spec.rounds + 1):
-            record = {"round": r, "wall_s": 0.0, "update_norm": 0.0, "sites": {}}
+            record: dict[str, Any] = {"round": r, "wall_s": 0.0, "update_norm": 0.0, "sites": {}}
             squared = 0.0
             for nid, exp in exps.items():
                 before = _params(exp)
@@ -463,6 +461,7 @@ def _server_optimizer(spec: Spec):
     opt = dict(spec.server_optimizer)
     name = opt.pop("name")
     lr = float(opt.pop("lr", 1.0))
+    module: MomentumModule | AdamModule | YogiModule
     if name == "momentum":
         module = MomentumModule(beta=float(opt.get("momentum", 0.9)))
     elif name == "adam":

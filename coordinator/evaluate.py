@@ -13,32 +13,37 @@ Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per cla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import pickle
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from coordinator import runs
 from coordinator import spec as spec_mod
+from coordinator.checkpoints import load_tensors
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
+from pipelines import training  # module attribute calls: tests swap `training.evaluate_case`
+from pipelines.networks import build_network
+from pipelines.transforms import deterministic_transforms
+from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
+from preprocessing.schema import parse_schema
 
 log = logging.getLogger(__name__)
 
 
 def _settings(run_dir: Path):
-    from pipelines.training import parse_plan_args
-    from preprocessing.schema import parse_schema
-
     spec = spec_mod.load(runs.spec_file(run_dir))
     args = spec.experiment_model_args()
     raw = args.get("schema_definition")
     if not isinstance(raw, dict):
         raise UserError(f"{run_dir}: plan {spec.plan} is not a segmentation plan; nothing to evaluate")
-    return parse_plan_args(args, parse_schema(raw, f"{run_dir}/spec"))
+    return training.parse_plan_args(args, parse_schema(raw, f"{run_dir}/spec"))
 
 
 def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
@@ -93,11 +98,6 @@ def evaluate_run(
     Raises:
         UserError: a dataset or run that cannot be scored.
     """
-    from pipelines.networks import build_network
-    from pipelines.training import class_means, evaluate_case
-    from pipelines.transforms import deterministic_transforms
-    from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
-
     run_dir = Path(run_dir)
     settings = _settings(run_dir)
     schema = settings.schema
@@ -126,8 +126,6 @@ def evaluate_run(
     if settings.predict_classes is None:
         trained = trained_classes(metrics, schema)
         if trained and len(trained) < schema.num_classes - 1:
-            import dataclasses
-
             # classes no site labels were never trained: fold them into background (as the loss did)
             settings = dataclasses.replace(settings, predict_classes=tuple(trained))
             log.info("predicting only the classes the sites label: %s", ", ".join(names[c] for c in trained))
@@ -147,7 +145,7 @@ def evaluate_run(
         if progress:
             progress("preprocessing", i + 1, len(cases))
 
-    record = {
+    record: dict[str, Any] = {
         "dataset": prepared.name,
         "cases": len(volumes),
         "merge_lesions": merge,
@@ -159,14 +157,17 @@ def evaluate_run(
     net = build_network(out_channels=schema.num_classes, **settings.network)
     for n, (key, (label, path)) in enumerate(models.items(), 1):
         log.info("model %d/%d: %s", n, len(models), label)
-        state = torch.load(path, map_location="cpu")
+        try:
+            state = load_tensors(path)
+        except pickle.UnpicklingError as e:  # weights_only refused a pickled callable or class
+            raise UserError(f"{path}: not a checkpoint of plain tensors (refused: {str(e).splitlines()[0]})") from None
         net.load_state_dict(state)
         per_case = []
         for i, (image, lab) in enumerate(volumes):
-            per_case.append(evaluate_case(net, image, lab, settings, classes, merge_lesion_classes=merge))
+            per_case.append(training.evaluate_case(net, image, lab, settings, classes, merge_lesion_classes=merge))
             if progress:
                 progress(key, i + 1, len(volumes))
-        means = class_means(per_case, classes)
+        means = training.class_means(per_case, classes)
         record["models"][key] = {
             "label": label,
             "checkpoint": str(path.relative_to(run_dir)),

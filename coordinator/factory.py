@@ -21,6 +21,7 @@ from coordinator.registry import Registry
 from coordinator.run_metrics import RunMetrics
 from fedimg_core import atomic
 from fedimg_core.reporting import Section, Table, figures, render_sections
+from pipelines.factory.training import parse_factory_args
 
 log = logging.getLogger(__name__)
 SAMPLE_BINS = 8  # columns of a sample grid: slice positions from top to bottom
@@ -28,8 +29,6 @@ SAMPLE_BINS = 8  # columns of a sample grid: slice positions from top to bottom
 
 def settings_of(exp):
     """The factory settings of an experiment, parsed from its model args (the schema left out)."""
-    from pipelines.factory.training import parse_factory_args
-
     return parse_factory_args({k: v for k, v in exp.model_args().items() if k != "schema_definition"})
 
 

@@ -1,38 +1,10 @@
-"""The coordinator's artifact registry: published weights that sites pull later.
+"""The coordinator's artifact registry: published weights and configs (never images) that sites pull later.
 
-What is published: the data factory (the federated generator), later the segmentation
-branches of source sites. Only weights and configuration files, never images or volumes.
-Layout under the coordinator home::
-
-    <home>/registry/<kind>/<name>/<version>/          one published version, immutable
-        <file>...                                     the weights / configs (.pt, .json, .yaml)
-        artifact.json                                 {kind, name, version, created, files, meta}
-    <home>/registry/<kind>/<name>/latest              text: the latest version, e.g. "v0002"
-    <home>/registry/.staging/                         versions being written (temporary)
-    <home>/registry/.lock                             serialises publishers (flock)
-
-``artifact.json``::
-
-    {"kind": "factory", "name": "abdomen-gan", "version": "v0001",
-     "created": "2025-01-01T12:00:00+00:00",        # UTC
-     "files": {"generator.pt": {"sha256": "...", "bytes": 123}, ...},
-     "meta": {...}}                                   # any JSON the publisher adds
-
-Versions are ``v0001``, ``v0002``, ... assigned on publish. A version is written in a
-staging folder and renamed into place in one step, then ``latest`` is replaced atomically,
-so a reader never sees a half-written version and a failed publish leaves nothing behind.
-This module is the storage; ``coordinator.registry_http`` serves it over HTTP.
-
-Per-kind validators: ``register_validator(kind, fn)`` installs ``fn(files: dict[str, bytes])``
-that raises (RegistryError/UserError/ValueError, the message says why) when the files are not
-an acceptable artifact of that kind. ``publish`` runs it before anything is written; the HTTP
-push refuses any kind without one, so nothing unvalidated can be pushed by a site.
-
-A ``.pt`` must be the zip archive ``torch.save`` writes, entries stored uncompressed, the
-sizes its directory declares adding up to at most its own size (``pt_archive_problem``);
-this is checked before any ``torch.load``, so a small deflated file cannot inflate to
-hundreds of megabytes, and the legacy format (which allocates the storage sizes its pickle
-declares) is refused.
+``Registry`` stores immutable versions (``<home>/registry/<kind>/<name>/vNNNN/`` with an
+``artifact.json``, a ``latest`` pointer), written in staging and renamed into place; per-kind
+validators (``register_validator``) and ``.pt`` checks (``pt_archive_problem``) refuse anything
+else before it is written. ``coordinator.registry_http`` serves it. Layout, record format and
+why: docs/design/registry-storage.md.
 """
 
 from __future__ import annotations
@@ -41,15 +13,18 @@ import builtins
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
+import yaml
 from filelock import FileLock
 
 from fedimg_core import atomic
@@ -124,9 +99,7 @@ def pt_archive_problem(source: bytes | os.PathLike, max_entries: int = MAX_PT_EN
     Returns:
         A one-line problem, or None when the declared sizes add up to at most the file's size.
     """
-    import io
-    import zipfile
-
+    opened: IO[bytes] | os.PathLike
     if isinstance(source, (bytes, bytearray, memoryview)):
         size, head, opened = len(source), bytes(source[:4]), io.BytesIO(source)
     else:
@@ -163,9 +136,7 @@ def check_flat_state_dict(filename: str, data: bytes) -> None:
     reads it as a flat ``dict[str, Tensor]`` (no numbers, strings or nested containers).
     The archive's declared sizes are checked first (``pt_archive_problem``), so nothing is
     inflated beyond the bytes received."""
-    import io
-
-    import torch
+    import torch  # deferred: start-up time (the CLI lists the registry without torch)
 
     problem = pt_archive_problem(data)
     if problem:
@@ -258,8 +229,6 @@ def _check_content(path: Path, filename: str) -> None:
         except (ValueError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{filename}: not valid JSON ({exc})") from None
     elif filename.endswith(".yaml"):
-        import yaml
-
         try:
             yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -463,11 +432,12 @@ class Registry:
             raise RegistryError(f"{kind} {name}: meta must be JSON-serialisable ({exc})") from None
         if require_validator or VALIDATORS.get(kind) is not None:
             # The validator and the writer see the same bytes (a file could change in between).
-            files = {f: bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes() for f, src in files.items()}
-            for f, data in files.items():  # validators torch.load: nothing inflates past its bytes
+            content = {f: bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes() for f, src in files.items()}
+            for f, data in content.items():  # validators torch.load: nothing inflates past its bytes
                 if f.endswith(".pt") and (problem := pt_archive_problem(data)):
                     raise RegistryError(f"{f}: not a PyTorch weights file that torch.load(weights_only=True) reads: {problem}")
-            run_validator(kind, files, required=require_validator)
+            run_validator(kind, content, required=require_validator)
+            files = content
 
         staging_root = self.root / _STAGING
         staging_root.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from coordinator import branches  # also registers the segmentation-branch validator
 from coordinator import registry as R
-from coordinator.http_limits import GATE_BODY_BYTES, MAX_JSON_DEPTH, HTTPLimits, LimitedHTTPServer, LimitedRequestMixin, json_depth
+from coordinator.http_limits import GATE_BODY_BYTES, MAX_JSON_DEPTH, HTTPLimits, LimitedRequestMixin, json_depth
+from coordinator.http_server import LimitedHTTPServer
 from coordinator.registry import ArtifactNotFound, Registry, RegistryError
 from coordinator.site_tokens import SiteTokens
 from fedimg_core.errors import UserError
@@ -120,6 +121,13 @@ class RegistryRoutes(LimitedRequestMixin):
         return ("site", site) if site else None
 
     def handle_registry(self, method: str) -> None:
+        """Answer a ``/registry/...`` request: authenticate, then list, fetch or push an artifact.
+
+        Refusals are answered as capped JSON errors (404, 400, 401, 413, ...), never raised.
+
+        Args:
+            method: ``GET`` or ``POST``.
+        """
         self._reg_body_read = False
         try:
             split = urllib.parse.urlsplit(self.path)
@@ -171,7 +179,8 @@ class RegistryRoutes(LimitedRequestMixin):
             return self._reg_json(HTTPStatus.OK, {"artifacts": reg.list(kind)})
         if len(parts) > 4:
             raise _Refusal(HTTPStatus.NOT_FOUND, "no such endpoint /registry/" + "/".join(parts))
-        kind, name, version, filename = (parts + [None] * 4)[:4]
+        kind = parts[0]  # not empty: answered above
+        name, version, filename = (parts[1:] + [None] * 3)[:3]
         self._reg_target(kind, name, version)
         if name is None:
             return self._reg_json(HTTPStatus.OK, {"artifacts": reg.list(kind)})

@@ -51,6 +51,15 @@ def selection_score(site_rows: Iterable[Mapping], key: str) -> float | None:
 
 
 def ordered_classes(names: Iterable[str], schema_classes: Mapping[str, int] | None = None) -> list[str]:
+    """Class names in schema order (by class id), unknown names after them, sorted.
+
+    Args:
+        names: the class names to order.
+        schema_classes: class name -> id of the label schema, or None (then alphabetical).
+
+    Returns:
+        The names, ordered.
+    """
     names = set(names)
     if schema_classes:
         known = [c for c, _ in sorted(schema_classes.items(), key=lambda kv: kv[1]) if c in names]

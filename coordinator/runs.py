@@ -41,6 +41,14 @@ FEDBIOMED_FOLDER = "fedbiomed"  # Fed-BioMed's experimentation folder inside a r
 
 
 def runs_dir(home: Path) -> Path:
+    """The folder holding a coordinator home's run directories.
+
+    Args:
+        home: the coordinator home.
+
+    Returns:
+        ``<home>/runs``.
+    """
     return Path(home) / "runs"
 
 
@@ -73,6 +81,17 @@ def _now() -> str:
 
 
 def read_state(run_dir: Path) -> dict:
+    """Read a run's ``state.json`` (status, timestamps, error).
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The state record.
+
+    Raises:
+        UserError: the folder has no readable ``state.json`` (not a run directory).
+    """
     try:
         return json.loads((Path(run_dir) / "state.json").read_text())
     except (OSError, ValueError):
@@ -80,10 +99,28 @@ def read_state(run_dir: Path) -> dict:
 
 
 def write_state(run_dir: Path, state: dict) -> None:
+    """Write a run's ``state.json`` atomically.
+
+    Args:
+        run_dir: the run directory.
+        state: the whole state record.
+    """
     atomic.write_json(Path(run_dir) / "state.json", state)
 
 
 def update_state(run_dir: Path, **changes) -> dict:
+    """Change some fields of a run's state and write it back.
+
+    Args:
+        run_dir: the run directory.
+        changes: the fields to set.
+
+    Returns:
+        The updated state record.
+
+    Raises:
+        UserError: the run has no readable state.
+    """
     state = read_state(run_dir)
     state.update(changes)
     write_state(run_dir, state)
@@ -91,6 +128,16 @@ def update_state(run_dir: Path, **changes) -> dict:
 
 
 def mark(run_dir: Path, status: str, **extra) -> dict:
+    """Set a run's status and stamp when it started or finished.
+
+    Args:
+        run_dir: the run directory.
+        status: one of ``STATUSES``.
+        extra: more state fields to set (``started``/``finished`` default to now).
+
+    Returns:
+        The updated state record.
+    """
     assert status in STATUSES
     stamp = {"running": "started", "done": "finished", "failed": "finished", "interrupted": "finished"}.get(status)
     if stamp:
@@ -187,6 +234,14 @@ def find_run(home: Path, run: str) -> Path:
 
 
 def list_runs(home: Path) -> list[dict]:
+    """Summaries of a home's runs, oldest first (folders without a state are skipped).
+
+    Args:
+        home: the coordinator home.
+
+    Returns:
+        One `summary` per run directory.
+    """
     base = runs_dir(home)
     out = []
     for d in sorted(base.iterdir()) if base.is_dir() else []:
@@ -196,6 +251,17 @@ def list_runs(home: Path) -> list[dict]:
 
 
 def summary(run_dir: Path) -> dict:
+    """A run's state with its progress: rounds done and planned, its folder, its last round.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The state record plus ``rounds_done``, ``rounds_planned``, ``run_dir`` and ``last_round``.
+
+    Raises:
+        UserError: the run has no readable state.
+    """
     state = read_state(run_dir)
     metrics = read_metrics(run_dir)
     rounds = metrics.get("rounds", [])
@@ -279,6 +345,14 @@ class RunLogFilter(logging.Filter):
         self._last_written: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Keep a record for ``run.log``, or drop it (Fed-BioMed noise, repeats within ``repeat_s``).
+
+        Args:
+            record: the log record.
+
+        Returns:
+            True to write it.
+        """
         line = _run_log_line(record, self.keep_info)
         if line is None:
             return False
@@ -301,6 +375,14 @@ class RunLogFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        """Format a record as one plain line (a logged traceback follows it as plain text).
+
+        Args:
+            record: the log record.
+
+        Returns:
+            The text written to ``run.log``.
+        """
         line = _run_log_line(record, True)
         fields = {**record.__dict__, "msg": line if line is not None else "", "args": None, "exc_info": None, "exc_text": None}
         if line is not None and line.startswith(OWN_PREFIX) and record.levelno == logging.WARNING:

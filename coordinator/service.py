@@ -45,7 +45,8 @@ from pathlib import Path
 
 from coordinator import runs
 from coordinator import spec as spec_mod
-from coordinator.http_limits import MAX_YAML_DEPTH, HTTPLimits, LimitedHTTPServer, yaml_depth_problem
+from coordinator.http_limits import MAX_YAML_DEPTH, HTTPLimits, yaml_depth_problem
+from coordinator.http_server import LimitedHTTPServer
 from coordinator.registry_http import RegistryRoutes, is_registry_path
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
@@ -76,6 +77,13 @@ def api_token(home: Path) -> str:
 
 
 class Coordinator:
+    """The service's run queue: accepts specs and resumes, runs queued runs one at a time.
+
+    Args:
+        home: the coordinator home (its ``runs/`` hold the queue).
+        federation: the `coordinator.engine.Federation` that runs them.
+    """
+
     def __init__(self, home: Path, federation):
         self.home = Path(home)
         self.federation = federation
@@ -87,6 +95,17 @@ class Coordinator:
     # -- queue ---------------------------------------------------------------------------
 
     def submit(self, text: str) -> str:
+        """Queue a submitted spec as a new run.
+
+        Args:
+            text: the spec's YAML text.
+
+        Returns:
+            The new run's id.
+
+        Raises:
+            UserError: the spec does not validate (every problem listed).
+        """
         parsed = spec_mod.parse(text, "submitted spec")
         with self.lock:
             run_dir = runs.new_run(self.home, text, parsed.name, resolved=parsed.resolved_raw())
@@ -94,6 +113,17 @@ class Coordinator:
         return run_dir.name
 
     def resume(self, run_id: str) -> str:
+        """Re-queue an interrupted or failed run to continue from its last breakpoint.
+
+        Args:
+            run_id: the run's id or id prefix.
+
+        Returns:
+            The run's id.
+
+        Raises:
+            UserError: no such run, a run that is not interrupted or failed, or one without a breakpoint.
+        """
         with self.lock:
             run_dir = _run_dir(self.home, run_id)
             state = runs.read_state(run_dir)
@@ -113,6 +143,7 @@ class Coordinator:
         return None
 
     def loop(self) -> None:
+        """Run queued runs in order until ``stopping`` is set (stale 'running' runs are marked interrupted first)."""
         for run_id in runs.recover_stale(self.home):
             log.info("run %s was interrupted by a previous stop; `coordinator resume %s` continues it", run_id, run_id)
         log.info("coordinator ready: sites connect to %s", self.federation.address)
@@ -125,6 +156,11 @@ class Coordinator:
             self.run_one(run_dir)
 
     def run_one(self, run_dir: Path) -> None:
+        """Run (or resume) one queued run; a user error marks it failed and the loop goes on.
+
+        Args:
+            run_dir: the run directory.
+        """
         state = runs.read_state(run_dir)
         self.current = run_dir.name
         try:

@@ -1,33 +1,9 @@
-"""Experiment spec (YAML): what a researcher submits. Validated with clear messages.
+"""Experiment spec (YAML): what a researcher submits, its model (`SpecFile`), checks and loading.
 
-Example::
-
-    name: demo-condistfl
-    plan: condistfl         # condistfl | marginal (FedAvg, FedProx, FedOpt, standalone baselines) | data_factory
-    mode: federated         # or standalone: each site trains alone (same plan, no aggregation)
-    sites: {tags: [fedimg-demo], min_sites: 2}     # optional ids: [NODE_...] restricts to those nodes
-    rounds: 3
-    local_steps: 4          # optimizer updates per site per round
-    batch_size: 1           # volumes per step (segmentation plans draw plan_args.patches_per_volume patches from each)
-    optimizer: {lr: 0.001}  # site-side optimizer arguments (AdamW: lr, weight_decay)
-    aggregator: fedavg      # fedavg | scaffold
-    server_optimizer: null  # or {name: momentum, lr: 1.0, momentum: 0.6} | {name: adam, lr: 0.01}
-    fedprox_mu: null        # FedProx proximal term
-    test_ratio: 0.25        # share of each site's cases held out for validation
-    seed: 0                 # also seeds which sites a round samples
-    clients_per_round: null # sites sampled per round (seeded, logged); null = all (data_factory default: 2)
-    plan_args: {schema: abdominal-ct, network: {name: mednext, size: tiny}, roi_size: [32, 32, 32]}
-    approval: {request: true, wait_s: 0}
-
-The keys, their types, defaults and allowed values are the model `SpecFile` (JSON Schema:
-``coordinator schema spec``, docs/schemas/spec.schema.json). `validate` reports every problem
-at once (file, key path, problem, what is allowed): those of single keys (pydantic), those of
-``plan_args`` (the plan's own checks, `coordinator.plans.check_plan_args`) and the rules across
-keys (`plan_rules`), which run on the keys that validated. Legal but risky values are listed
-as ``Spec.warnings``. A spec is at most MAX_SPEC_BYTES, its YAML aliases may expand to
-MAX_YAML_NODES values, and messages quote at most a few dozen characters of a value. A spec
-parsed without ``base_dir`` (one submitted over the network) may name only built-in schemas
-or carry one inline, never a file.
+`validate` reports every problem at once (file, key path, problem, what is allowed): single
+keys (pydantic), ``plan_args`` (the plan's own checks) and the rules across keys (`plan_rules`);
+legal but risky values become ``Spec.warnings``. JSON Schema: ``coordinator schema spec``.
+An annotated example and the size bounds: docs/design/experiment-spec.md.
 """
 
 from __future__ import annotations

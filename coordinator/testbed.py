@@ -34,12 +34,22 @@ TAG = "fedimg-demo"
 
 
 def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it).
+
+    Returns:
+        The port number.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def default_spec_text() -> str:
+    """The built-in demo spec (``coordinator/examples/phantom_condistfl.yaml``).
+
+    Returns:
+        Its YAML text.
+    """
     return resources.files("coordinator").joinpath("examples/phantom_condistfl.yaml").read_text()
 
 
@@ -88,22 +98,30 @@ class Testbed:
     # -- children ------------------------------------------------------------------------
 
     def _spawn(self, cmd: list[str], log_path: Path | None = None, **kw) -> subprocess.Popen:
-        out = open(log_path, "ab") if log_path else subprocess.PIPE
+        log_file = open(log_path, "ab") if log_path else None
         proc = subprocess.Popen(
             cmd,
-            stdout=out,
+            stdout=log_file or subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=parent_death_signal(os.getpid()),
             **kw,
         )
-        if log_path:
-            out.close()
+        if log_file:
+            log_file.close()
         self.children.append(proc)
         return proc
 
     def modality(self, i: int) -> str:
+        """Site i's scanner modality (the list is cycled over the sites).
+
+        Args:
+            i: the site's index, from 0.
+
+        Returns:
+            ``CT`` or ``MR``.
+        """
         return self.modalities[i % len(self.modalities)]
 
     def dataset_dir(self, i: int) -> Path:
@@ -111,6 +129,14 @@ class Testbed:
         return self.sites[i].data_dir / self.modality(i).lower()
 
     def site_config_path(self, i: int) -> Path:
+        """Site i's ``site.yaml``.
+
+        Args:
+            i: the site's index, from 0.
+
+        Returns:
+            ``<workdir>/sites/site-<i+1>/site.yaml``.
+        """
         return self.workdir / "sites" / f"site-{i + 1}" / "site.yaml"
 
     def setup_sites(self) -> None:
@@ -130,6 +156,7 @@ class Testbed:
                 raise UserError(f"site-{i + 1} setup failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
 
         def oof() -> None:
+            assert self.oof_phase  # submitted only when there is one
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "data", "--out", str(self.oof_dataset),
                 "--seed", "99", "--phase", self.oof_phase, "--name", "out-of-federation", "--modality", self.oof_modality,
@@ -155,10 +182,12 @@ class Testbed:
 
     @property
     def oof_dataset(self) -> Path:
+        """The prepared out-of-federation test set (named after its modality)."""
         return self.workdir / "out-of-federation" / self.oof_modality.lower()
 
     @property
     def home(self) -> Path:
+        """The coordinator home of the testbed (``<workdir>/coordinator``)."""
         return self.workdir / "coordinator"
 
     def evaluate_and_report(self) -> int:
@@ -175,6 +204,7 @@ class Testbed:
         steps.append(["report", run_id, "--home", str(self.home)])
         for args in steps:
             proc = self._spawn([sys.executable, "-m", "coordinator.cli", *verbosity_args(), *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert proc.stdout is not None  # _spawn pipes stdout when given no log file
             for line in proc.stdout:
                 self.out(line.decode("utf-8", "replace").rstrip())
             if proc.wait() != 0:
@@ -204,6 +234,7 @@ class Testbed:
         return lines
 
     def start_nodes(self) -> None:
+        """Start every site's Fed-BioMed node (and its plan approver unless ``auto_approve`` is off), sharing the cores."""
         # All nodes share this machine's cores: without a thread budget each torch process
         # starts one OpenMP thread per core and they spin against each other.
         threads = str(max(1, (os.cpu_count() or 1) // self.n_sites))
@@ -219,6 +250,18 @@ class Testbed:
                 )
 
     def run_spec(self, spec_text: str, rounds: int | None = None) -> int:
+        """Run a spec on the testbed's sites with `coordinator run` in a child process.
+
+        Args:
+            spec_text: the spec's YAML; its site selection is replaced by the testbed's sites.
+            rounds: overrides the spec's rounds when given.
+
+        Returns:
+            The exit code of `coordinator run`.
+
+        Raises:
+            UserError: the spec is not a mapping.
+        """
         raw = yaml.safe_load(spec_text)
         if not isinstance(raw, dict):
             raise UserError("testbed spec: expected a mapping")
@@ -235,11 +278,17 @@ class Testbed:
         ]  # fmt: skip
         log.info("coordinator: running %s on localhost:%s, waiting for %d sites", raw.get("name"), self.port, self.n_sites)
         proc = self._spawn(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None  # _spawn pipes stdout when given no log file
         for line in proc.stdout:
             self.out(line.decode("utf-8", "replace").rstrip())
         return proc.wait()
 
     def pids(self) -> list[int]:
+        """Process ids of the testbed's children and site nodes (for checks that none is left).
+
+        Returns:
+            The pids.
+        """
         pids = [c.pid for c in self.children]
         for site in self.sites:
             st = ProcessRuntime(site).status()
@@ -248,6 +297,7 @@ class Testbed:
         return pids
 
     def teardown(self) -> None:
+        """Stop every child process and site node (signal them all, then wait); a second call does nothing."""
         if self._stopped:
             return
         self._stopped = True

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from fedimg_core import atomic
+from fedimg_testing.phantom import SITES, write_phantom_site
 from site_agent import config as site_config
 
 
@@ -26,7 +27,7 @@ def setup(args) -> None:
     """Create the site like its staff would: config + node, then the hospital's "own" data
     (phantom DICOM series with planted identifiers, labels for this site's organs only),
     `site-agent prepare` on it (the real CLI, in its own process), and registration."""
-    from site_agent import node
+    from site_agent import node  # deferred: start-up time (Fed-BioMed's node; the `data` step needs none)
 
     base = Path(args.config).resolve().parent
     site = site_config.validate(
@@ -82,8 +83,6 @@ def _drop_stale(hospital: Path, dataset: Path, params: dict) -> None:
 
 
 def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | None = None) -> None:
-    from fedimg_testing.phantom import SITES, write_phantom_site
-
     organs = classes or (SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)])
     if not (hospital / "site-labels.yaml").exists():
         write_phantom_site(
@@ -112,6 +111,11 @@ def data(args) -> None:
 
 
 def approve(args) -> None:
+    """Approve every pending training plan of a site, forever (the testbed's stand-in for its staff).
+
+    Args:
+        args: the parsed ``approve`` arguments (``config``).
+    """
     from site_agent import node
 
     site = site_config.load(args.config)
@@ -123,6 +127,14 @@ def approve(args) -> None:
 
 
 def main(argv=None) -> int:
+    """Run a testbed site step: ``setup``, ``data`` or ``approve``.
+
+    Args:
+        argv: the command line (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
     p = argparse.ArgumentParser(prog="python -m coordinator.testbed_site")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("setup")

@@ -120,7 +120,7 @@ def test_testbed_ends_with_where_to_look(tmp_path):
 
 
 def test_plain_progress_prints_first_last_and_at_intervals(monkeypatch):
-    from coordinator import cli as coordinator_cli
+    from coordinator.commands import evaluation as coordinator_cli
 
     clock = iter([0.0, 1.0, 2.0, 11.0, 12.0, 13.0])
     monkeypatch.setattr(coordinator_cli.time, "monotonic", lambda: next(clock))

@@ -1,6 +1,8 @@
 """`coordinator evaluate`: out-of-federation scoring of a run's checkpoints (no FL processes)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +95,26 @@ def test_lesion_labelling_dataset_is_not_merged_unless_asked(run_dir, tmp_path):
     assert evaluate_run(run_dir, ds)["classes"] == ["liver", "liver_tumor"]
     forced = evaluate_run(run_dir, ds, merge_lesions="yes")
     assert forced["merge_lesions"] is True and forced["classes"] == ["liver"]
+
+
+class _Payload:
+    """Unpickling this would touch a marker file: code run at load time."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_holding_a_callable_is_refused(run_dir, organs_only, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    marker = tmp_path / "ran"
+    torch.save({"x": _Payload(marker)}, run / "checkpoints" / "local" / "site-a_last.pt")
+    with pytest.raises(UserError, match=r"site-a_last.pt: not a checkpoint of plain tensors"):
+        evaluate_run(run, organs_only)
+    assert not marker.exists()
 
 
 def test_dataset_of_another_schema_is_refused(run_dir, organs_only, tmp_path):

@@ -1,0 +1,171 @@
+"""`coordinator run|resume|status|results`: run a spec in the foreground, follow and read runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from coordinator import runs
+from coordinator import spec as spec_mod
+from coordinator.client import call, client_token
+from coordinator.commands.common import console, find_run, grpc_options, home_option, load_spec, log, require_home, token_option, url_option, with_options
+from coordinator.results import class_dice, ordered_classes
+from fedimg_core.errors import UserError
+
+
+def _print_run_footer(info: dict) -> None:
+    click.echo(f"run {info['run_id']}: {info['status']}, {info['rounds_done']}/{info.get('rounds_planned')} rounds, dir {info['run_dir']}")
+    if info.get("error"):
+        click.echo(f"error: {info['error']}")
+
+
+def _print_factory_results(info: dict, metrics: dict) -> None:
+    table = Table("round", "sampled", "site", "client", "D loss", "G loss", "R1", "path length", "key used", "s/update", "MB")
+    fmt = lambda d, k, f=".3f": format(d[k], f) if k in d else "-"  # noqa: E731
+    for r in metrics.get("rounds", []):
+        mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.1f}" if r.get("bytes") else "-"
+        for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+            t = row.get("train", {})
+            table.add_row(str(r["round"]), ", ".join(r.get("sampled", [])) if mb else "", row.get("name", "?"),
+                          fmt(t, "client_id", ".0f"), fmt(t, "d_loss"), fmt(t, "g_loss"), fmt(t, "r1"), fmt(t, "path_length"),
+                          fmt(t, "key_used", ".2f"), fmt(t, "update_s"), mb)  # fmt: skip
+            mb = ""
+    console.print(table)
+    for sample in metrics.get("samples", [])[-1:]:
+        click.echo(f"latest samples: {Path(info['run_dir']) / sample}")
+    if metrics.get("published"):
+        p = metrics["published"]
+        click.echo(f"published: {p['kind']}/{p['name']} {p['version']} (coordinator registry)")
+    _print_run_footer(info)
+
+
+def _print_results(run_dir: Path) -> None:
+    info = runs.summary(run_dir)
+    metrics = runs.read_metrics(run_dir)
+    if metrics.get("plan") == "data_factory":
+        _print_factory_results(info, metrics)
+        return
+    # "global" = the model the site received at the start of the round (validated before local
+    # training); "local" = the site's model after local training; "final" = after the last round.
+    table = Table("round", "site", "samples", "train loss", "lambda", "dice (global)", "dice (local)", "MB sent+received")
+    fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+    for r in metrics.get("rounds", []):
+        mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.2f}" if r.get("bytes") else "-"
+        for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+            vg, vl, tr = row.get("val_global", {}), row.get("val_local", {}), row.get("train", {})
+            table.add_row(
+                str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "loss_mean" if "loss_mean" in tr else "Loss"),
+                fmt(tr, "lambda"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), mb,
+            )  # fmt: skip
+            mb = ""
+    console.print(table)
+    last = metrics.get("rounds", [])[-1:]
+    final = {row.get("name", n): row.get("val_final") or row.get("val_global") or {} for r in last for n, row in r["sites"].items()}
+    if final:
+        classes = ordered_classes({c for row in final.values() for c in class_dice(row)}, metrics.get("classes"))
+        dice_table = Table("site", *classes, "mean", title="final global model: Dice per class on each site's validation cases")
+        for site, row in sorted(final.items()):
+            d = class_dice(row)
+            dice_table.add_row(site, *[f"{d[c]:.3f}" if c in d else "" for c in classes], fmt(row, "dice_mean"))
+        console.print(dice_table)
+        click.echo("final global model: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}" for k, v in sorted(final.items())))
+    if metrics.get("best_global"):
+        b = metrics["best_global"]
+        click.echo(f"best global model: round {b['model_round']} (mean Dice over classes across sites {b['score']:.3f})")
+    _print_run_footer(info)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a stopped run is recorded as interrupted (resumable), not left "running"
+
+
+def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, resume: bool, make_run_dir) -> None:
+    from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed, torch)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
+    run_dir = make_run_dir()  # only once the server runs: a failed start leaves no queued run behind
+    log.info("run %s: sites connect to %s", run_dir.name, fed.address)
+    try:
+        fed.run(run_dir, spec, resume=resume)
+    except KeyboardInterrupt:
+        log.info("interrupted; continue with `coordinator resume %s --home %s`", run_dir.name, home)
+        sys.exit(130)
+    _print_results(run_dir)
+
+
+@click.command()
+@click.argument("spec_file", type=click.Path())
+@home_option
+@with_options(grpc_options)
+def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
+    """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
+    s = load_spec(spec_file)
+    text = Path(spec_file).read_text(encoding="utf-8")
+    _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name, resolved=s.resolved_raw()))
+
+
+@click.command()
+@click.argument("run_id")
+@home_option
+@with_options(grpc_options)
+@url_option
+@token_option
+def resume(run_id, home, grpc_host, grpc_port, public_host, url, token) -> None:
+    """Continue an interrupted run from its last breakpoint (via --url: re-queue it on the service)."""
+    if url:
+        reply = call(url, "POST", f"/runs/{run_id}/resume", client_token(Path(home), token))
+        click.echo(f"re-queued {reply['run_id']}")
+        return
+    run_dir = find_run(home, run_id)
+    state = runs.read_state(run_dir)
+    if state["status"] == "done":
+        raise UserError(f"run {run_dir.name} is already done")
+    if state["status"] == "running":
+        runs.recover_stale(Path(home))
+        if runs.read_state(run_dir)["status"] == "running":
+            raise UserError(f"run {run_dir.name} is running in process {state.get('pid')}")
+    s = spec_mod.load(runs.spec_file(run_dir))
+    _foreground(home, grpc_host, grpc_port, public_host, s, True, lambda: run_dir)
+
+
+@click.command()
+@home_option
+@url_option
+@token_option
+@click.option("--json", "as_json", is_flag=True)
+def status(home, url, token, as_json) -> None:
+    """List runs and their state."""
+    if url:
+        rows = call(url, "GET", "/runs", client_token(Path(home), token))["runs"]
+    else:
+        require_home(home)
+        for stale in runs.recover_stale(Path(home)):  # runs whose process died show as interrupted, not running
+            log.info("run %s: its coordinator process is gone; marked interrupted (`coordinator resume %s` continues it)", stale, stale)
+        rows = runs.list_runs(Path(home))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("run", "status", "rounds", "error")
+    for r in rows:
+        table.add_row(r["run_id"], r["status"], f"{r['rounds_done']}/{r.get('rounds_planned') or '?'}", (r.get("error") or "")[:80])
+    console.print(table if rows else "no runs yet")
+
+
+@click.command()
+@click.argument("run_id")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
+def results(run_id, home, as_json) -> None:
+    """Per-round metrics of RUN_ID (id, id prefix or run directory)."""
+    run_dir = find_run(home, run_id)
+    if as_json:
+        click.echo(json.dumps({**runs.summary(run_dir), "metrics": runs.read_metrics(run_dir)}, indent=2, default=str))
+    else:
+        _print_results(run_dir)

@@ -1,0 +1,68 @@
+"""`coordinator testbed`: a coordinator and N site nodes on loopback, running one spec."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from coordinator import spec as spec_mod
+from preprocessing.schema import load_schema
+
+
+@click.command()
+@click.option("--sites", "n_sites", default=4, show_default=True, help="Number of site nodes (site i labels organ group i: kidney, liver, pancreas, spleen).")
+@click.option("--rounds", default=None, type=int, help="Override the spec's rounds.")
+@click.option("--spec", "spec_file", default=None, type=click.Path(), help="Spec to run (default: the built-in demo).")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Where the federation lives (default: .testbed/<time>).")
+@click.option("--port", default=0, type=int, help="gRPC port (default: a free one).")
+@click.option("--no-approve", is_flag=True, help="Sites do not approve plans (shows the refusal path).")
+@click.option(
+    "--oof-phase",
+    default="non_contrast",
+    show_default=True,
+    type=click.Choice(["non_contrast", "arterial", "portal_venous", "delayed", "none"]),
+    help="Contrast phase of the out-of-federation test set scored after the run (none: skip).",
+)
+@click.option(
+    "--phases",
+    default="portal_venous",
+    show_default=True,
+    help="Contrast phase of each site's scanner, comma-separated, cycled over the sites (e.g. arterial,portal_venous,delayed: a domain shift between sites).",
+)
+@click.option(
+    "--modalities",
+    default="CT",
+    show_default=True,
+    help="Each site's scanner, CT or MR (MR-like intensities of the same anatomy), comma-separated, "
+    "cycled over the sites (e.g. CT,MR: a cross-modality federation).",
+)
+@click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes) -> None:
+    """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
+    from coordinator import testbed as tb  # deferred: start-up time (the site agent, Fed-BioMed)
+    from fedimg_testing.phantom import PHASES
+
+    text = None
+    if spec_file:
+        spec_mod.load(spec_file)  # its warnings are printed by the run itself
+        text = Path(spec_file).read_text(encoding="utf-8")
+    wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
+    phase_list = [p.strip() for p in phases.split(",") if p.strip()]
+    bad = [p for p in phase_list if p not in PHASES]
+    if bad or not phase_list:
+        raise click.BadParameter(f"unknown phase(s) {bad or phases!r}; known: {', '.join(PHASES)}", param_hint="--phases")
+    mods = [m.strip().upper() for m in modalities.split(",") if m.strip()]
+    if not mods or set(mods) - {"CT", "MR"}:
+        raise click.BadParameter(f"must be CT and/or MR, comma-separated (got {modalities!r})", param_hint="--modalities")
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if class_list:
+        unknown = [c for c in class_list if c not in load_schema().classes or c == "background"]
+        if unknown:
+            raise click.BadParameter(f"not foreground classes of the built-in schema: {', '.join(unknown)}", param_hint="--classes")
+    code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve,
+                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list)  # fmt: skip
+    if code != 0:
+        sys.exit(code)
