@@ -108,8 +108,19 @@ def resolve_schema(value: Any, base_dir: Path | None, allow_files: bool = True) 
     try:
         parse_schema(raw, source)
     except SchemaError as exc:
+        if len(exc.problems) > 1:  # one problem per line, each with its key path under plan_args.schema
+            raise _SchemaProblems(exc.problems, source) from None
         raise PlanArgsError("schema", str(exc)) from None
     return raw, source
+
+
+class _SchemaProblems(PlanArgsError):
+    """Several problems of the label schema that plan_args.schema names, each with its own key path."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str) -> None:
+        where = "" if source.endswith("(inline)") else f" (in {source})"
+        self.each = [PlanArgsError(f"schema.{key}" if key else "schema", problem + where) for key, problem in problems]
+        super().__init__("schema", f"{source}: {len(problems)} problems: " + "; ".join(f"{k}: {p}" for k, p in problems))
 
 
 def model_args_for(name: str, args: dict[str, Any], base_dir: Path | None = None, allow_files: bool = True) -> dict[str, Any]:
@@ -153,6 +164,8 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
     try:
         raw, source = resolve_schema(args.get("schema", "abdominal-ct"), base_dir, allow_files)
         schema = parse_schema(raw, source)
+    except _SchemaProblems as exc:
+        problems += exc.each
     except PlanArgsError as exc:
         problems.append(exc)
     checked = {k: v for k, v in args.items() if k != "schema_definition" and k not in FILLED_ARGS}
