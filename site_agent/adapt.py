@@ -23,26 +23,37 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from fedimg_core import atomic
+from pipelines.adaptation import report
 from pipelines.adaptation import volumes as V
 from pipelines.adaptation.factory import FactoryError, load_factory
 from pipelines.adaptation.jobs import JobDir, JobError, tensor_blob
-from pipelines.adaptation.networks import branch_files, validate_branch_files
-from pipelines.adaptation.training import AdaptedModel, AdaptSettings, train_source, train_target
+from pipelines.adaptation.networks import branch_files, invert, validate_branch_files
+from pipelines.adaptation.training import (
+    SOURCE,
+    TARGET,
+    AdaptedModel,
+    AdaptSettings,
+    label_table,
+    schema_class_ids,
+    synthetic_source,
+    train_source,
+    train_target,
+)
 from pipelines.adaptation.volumes import labelled_slices
 from pipelines.artifact_approval import STORE_ENV, store_dir
 from pipelines.factory.slices import SliceSettings
 from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
-from preprocessing.schema import parse_schema
+from preprocessing.schema import LabelSchema, parse_schema
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 from site_agent.registry_client import RegistryClient, StagedPulls
 
-# This module is itself imported only when an adapt or infer command runs (site_agent.cli
+# This module is itself imported only when an adapt or infer command runs (site_agent.commands.adapt
 # defers it), so it imports torch and the adaptation library at the top.
 log = logging.getLogger(__name__)
 _REF = re.compile(r"^([A-Za-z0-9_.-]{1,64})(?:@(v\d{4,}|latest))?$")
@@ -50,7 +61,18 @@ BRANCH_KIND = "segmentation-branch"
 
 
 def parse_ref(ref: str, what: str) -> tuple[str, str]:
-    """``name`` or ``name@v0003`` / ``name@latest`` -> (name, version)."""
+    """``name`` or ``name@v0003`` / ``name@latest`` -> (name, version).
+
+    Args:
+        ref: the reference the user gave.
+        what: what it names (``factory``, ``branch``), for the message.
+
+    Returns:
+        (name, version), version ``latest`` when none is given.
+
+    Raises:
+        UserError: not a valid reference.
+    """
     m = _REF.match(ref or "")
     if not m:
         raise UserError(f"{what} {ref!r}: expected NAME or NAME@vNNNN (letters, digits, _ . -)")
@@ -91,7 +113,17 @@ def _job_dir(site: SiteConfig, job: str) -> Path:
 
 def staged_pulls(site: SiteConfig):
     """This command's registry pulls: staged under ``<work_dir>/staging`` (outside the models
-    folder), moved into ``<work_dir>/models/registry`` only if the command succeeds."""
+    folder), moved into ``<work_dir>/models/registry`` only if the command succeeds.
+
+    Args:
+        site: the site (its config names the registry).
+
+    Returns:
+        A `StagedPulls` (a context manager: it commits on success).
+
+    Raises:
+        UserError: the site config has no registry section.
+    """
     return StagedPulls(_client(site), site.work_dir / "models" / "registry", site.work_dir / "staging")
 
 
@@ -112,9 +144,20 @@ def _command(site: SiteConfig):
 
 
 def pull_factory(site: SiteConfig, ref: str, pulls=None):
-    """Pull (or reuse the verified cached copy of) a factory; returns (Factory, folder).
+    """Pull (or reuse the verified cached copy of) a factory.
 
-    With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
+    Args:
+        site: the site.
+        ref: ``NAME`` or ``NAME@vNNNN``.
+        pulls: a `StagedPulls`: a download stays staged until the command succeeds
+            (None: pull straight into the registry folder).
+
+    Returns:
+        (the loaded factory, its folder).
+
+    Raises:
+        UserError: a bad reference, a registry refusal, or a factory that does not load.
+    """
     name, version = parse_ref(ref, "factory")
     folder = pulls.pull("factory", name, version) if pulls else _client(site).pull("factory", name, version)
     try:
@@ -147,7 +190,25 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
     """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``.
 
     What it pulls reaches the site's registry folder only if it succeeds. Notes and the
-    published version are logged at INFO."""
+    published version are logged at INFO.
+
+    Args:
+        site: the site.
+        dataset: a labelled prepared dataset (path, or relative to ``data_dir``).
+        factory_ref: the factory, ``NAME`` or ``NAME@vNNNN``.
+        branch_name: the name to publish the branch under.
+        settings_raw: adaptation settings (keys of `AdaptSettings`).
+        job: the job's name under ``<work_dir>/adapt/`` (default ``source-<branch>``).
+        publish: push the branch to the registry.
+        restart: start the job again (its old folder is kept aside).
+        progress: called as ``progress(done, total, row)`` while training.
+
+    Returns:
+        The job folder, model, report, classes, validation Dice and published version.
+
+    Raises:
+        UserError: bad settings, dataset, factory or job; a registry refusal.
+    """
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     _settings(settings_raw)
@@ -197,9 +258,20 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
 
 
 def pull_branch(site: SiteConfig, ref: str, pulls=None):
-    """Pull a published source branch; returns (branch, record meta, folder).
+    """Pull a published source branch and check its files (the security boundary).
 
-    With `pulls` (a `StagedPulls`) a download stays staged until the command succeeds."""
+    Args:
+        site: the site.
+        ref: ``NAME`` or ``NAME@vNNNN``.
+        pulls: a `StagedPulls`: a download stays staged until the command succeeds
+            (None: pull straight into the registry folder).
+
+    Returns:
+        (the branch, its record's ``meta``, its folder).
+
+    Raises:
+        UserError: a bad reference, a registry refusal, or branch files that do not validate.
+    """
     name, version = parse_ref(ref, "branch")
     folder = pulls.pull(BRANCH_KIND, name, version) if pulls else _client(site).pull(BRANCH_KIND, name, version)
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name in ("branch.pt", "branch.json")}
@@ -215,7 +287,25 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
                restart: bool = False, progress: Callable | None = None) -> dict:  # fmt: skip
     """Adapt to this site's domain with its few labels; no coordinator round, pulls only.
 
-    What it pulls reaches the site's registry folder only if it succeeds."""
+    What it pulls reaches the site's registry folder only if it succeeds.
+
+    Args:
+        site: the site.
+        dataset: this site's prepared dataset (a few labelled cases, the rest may be unlabelled).
+        factory_ref: the factory, ``NAME`` or ``NAME@vNNNN``.
+        branch_ref: the source branch, ``NAME`` or ``NAME@vNNNN``.
+        settings_raw: adaptation settings (keys of `AdaptSettings`).
+        job: the job's name under ``<work_dir>/adapt/`` (default ``target-<branch>``).
+        restart: start the job again (its old folder is kept aside).
+        progress: called as ``progress(done, total, row)`` while training.
+
+    Returns:
+        The job folder, model, report, classes, few-shot slices and evaluation Dice.
+
+    Raises:
+        UserError: bad settings, dataset, factory, branch or job; a branch that does not fit
+            the factory; a registry refusal.
+    """
     _settings(settings_raw)
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
@@ -281,10 +371,6 @@ def _rows(values: dict, names: list[str]) -> list[list]:
 
 
 def _source_report(jd, model, data, summary: dict, factory) -> None:
-    from pipelines.adaptation import report
-    from pipelines.adaptation.networks import invert
-    from pipelines.adaptation.training import SOURCE, label_table, schema_class_ids
-
     out = jd.report_dir
     report.loss_plot(out / "losses.png", jd.metrics())
     table = label_table(schema_class_ids(factory.schema), model.class_names, data.ignore_label, data.num_classes)
@@ -307,10 +393,6 @@ def _source_report(jd, model, data, summary: dict, factory) -> None:
 
 
 def _target_report(jd, model, data, summary: dict, factory) -> None:
-    from pipelines.adaptation import report
-    from pipelines.adaptation.networks import invert
-    from pipelines.adaptation.training import SOURCE, TARGET, label_table, schema_class_ids, synthetic_source
-
     out = jd.report_dir
     report.loss_plot(out / "losses.png", jd.metrics(), ["loss", "loss_rec", "loss_cycle", "loss_seg", "loss_translate_seg", "loss_cycle_seg"])
     g, e, s = model.generator, model.encoder, model.feature_scale
@@ -393,7 +475,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         full[:, ids] = p
         return full
 
-    jobs: list[tuple[str, str, Any, str]] = []  # (name, kind, source, modality)
+    jobs: list[tuple[str, str, Path, str | None]] = []  # (name, kind, source, modality)
     for item in inputs:
         p = Path(item)
         if (p / "manifest.json").is_file():
@@ -410,7 +492,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
             jobs.append((_output_stem(V, p), "nifti", p, modality))
         else:
             raise UserError(f"{p}: no such file or folder")
-    seen: dict[str, Any] = {}
+    seen: dict[str, Path] = {}
     for name, _, src, _ in jobs:  # one output per name: refuse before writing anything over another
         if name in seen:
             raise UserError(f"{seen[name]} and {src} would both write {out / name}.nii.gz; run them with separate --out folders (or rename one)")
@@ -437,6 +519,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
                 files = sorted(f for f in Path(src).rglob("*") if f.is_file() and not f.name.startswith("."))
                 pred = V.predict_dicom_series(files, schema, settings, predict_fn, modality=mod)
             else:
+                assert mod is not None  # a NIfTI job always has one: its dataset's, or --modality (checked above)
                 pred = V.predict_volume_2d(src, mod, schema, settings, predict_fn)
         except (ValueError, OSError) as exc:
             raise UserError(f"{src}: {exc}") from None
@@ -445,6 +528,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         row = {"input": str(src), "label": str(target), "voxels": {schema_name(schema, c): int((pred.label == c).sum()) for c in ids[1:]}}
         if kind == "dicom" and dicom_seg:
             seg_path = out / f"{name}.seg.dcm"
+            assert pred.sources is not None  # predict_dicom_series gives the instance files
             V.write_dicom_seg(pred.label, pred.sources, {c: schema_name(schema, c) for c in ids[1:]}, seg_path, schema)
             row["dicom_seg"] = str(seg_path)
         log.info("%s: %s", name, target)
@@ -459,5 +543,14 @@ def _output_stem(volumes, path: Path) -> str:
         raise UserError(str(exc)) from None
 
 
-def schema_name(schema, class_id: int) -> str:
+def schema_name(schema: LabelSchema, class_id: int) -> str:
+    """The name of a class of the label schema.
+
+    Args:
+        schema: the federation's label schema.
+        class_id: one of its class ids.
+
+    Returns:
+        The class's name.
+    """
     return next(k for k, v in schema.classes.items() if v == class_id)

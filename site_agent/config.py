@@ -1,18 +1,9 @@
 """The site configuration file (YAML): reading, validating and writing it.
 
 Its keys, types and allowed values are the model `fedimg_core.site_config.SiteConfigFile`
-(JSON Schema: ``coordinator schema site``, docs/schemas/site.schema.json); every problem of
-a file is reported at once, as ``<file>: <key.path>: <problem>``. Example::
-
-    site_name: hospital-a
-    coordinator: {host: coordinator.example.org, port: 50051}
-    data_dir: /srv/fedimg/data        # prepared datasets live below here
-    work_dir: /srv/fedimg/work        # Fed-BioMed node component, pid file, logs
-    runtime: auto                     # auto | process | docker
-    docker: {image: fedimg-site:0.1.0}
-    registry:                         # optional: the coordinator's artifact registry
-      url: http://coordinator.example.org:8750
-      token_file: /srv/fedimg/site-token   # optional; else $FEDIMG_SITE_TOKEN
+(JSON Schema: ``coordinator schema site``, docs/schemas/site.schema.json; a commented
+example: docs/guide/site.md); every problem of a file is reported at once, as
+``<file>: <key.path>: <problem>``.
 """
 
 from __future__ import annotations
@@ -90,7 +81,11 @@ class SiteConfig:
         return self.work_dir / "node.log"
 
     def to_dict(self) -> dict[str, Any]:
-        """The config file's content (what `save` writes; `validate` reads it back unchanged)."""
+        """The config file's content (what `save` writes; `validate` reads it back unchanged).
+
+        Returns:
+            The file's keys and values, ready for YAML.
+        """
         out: dict[str, Any] = {
             "config_version": 1,
             "site_name": self.site_name,

@@ -15,6 +15,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import psutil
+from cryptography import x509
 
 # Fed-BioMed's console format: "2026-12-05 00:56:33,610 fedbiomed INFO - message"
 _FBM_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ fedbiomed (\w+) - (.*)$")
@@ -38,6 +42,14 @@ class Probe:
 
 @dataclass
 class LogSummary:
+    """What the node's console log says since its last start.
+
+    Args:
+        started: when the node process last started.
+        last_contact: the last message the node got from the coordinator.
+        last_error: ``"<time>: <message>"`` of the last connection error since the start.
+    """
+
     started: str | None = None  # when the node process last started
     last_contact: str | None = None  # the last message the node got from the coordinator
     last_error: str | None = None  # "time: message" of the last connection error since the start
@@ -57,7 +69,12 @@ class Connectivity:
     last_error: str | None
     hint: str | None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (``status --json``).
+
+        Returns:
+            Its fields by name.
+        """
         return asdict(self)
 
 
@@ -75,9 +92,14 @@ def _classify(exc: OSError) -> str:
 
 def certificate_names(pem: str) -> list[str]:
     """The names a server certificate is valid for: its subjectAltName entries, or its CN
-    when it has none (how gRPC checks a host name against it)."""
-    from cryptography import x509
+    when it has none (how gRPC checks a host name against it).
 
+    Args:
+        pem: the certificate, PEM-encoded.
+
+    Returns:
+        The DNS names and IP addresses it names.
+    """
     cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -135,22 +157,20 @@ def _addresses(host: str, port: int) -> set[str]:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except OSError:
         return set()
-    out = set()
+    out: set[str] = set()
     for *_, addr in infos:
-        ip = addr[0]
+        ip = str(addr[0])
         out.add(ip)
         if ":" not in ip:
             out.add(f"::ffff:{ip}")  # an IPv4 peer seen on a dual-stack socket
     return out
 
 
-def _established(pid: int, addresses: set[str], port: int) -> set[tuple] | None:
-    import psutil
-
+def _established(pid: int, addresses: set[str], port: int) -> set[tuple[tuple[Any, ...], tuple[Any, ...]]] | None:
     try:
         procs = [psutil.Process(pid)]
         procs += procs[0].children(recursive=True)  # `fedbiomed node start` runs the node in a child
-        conns = set()
+        conns: set[tuple[tuple[Any, ...], tuple[Any, ...]]] = set()
         for p in procs:
             for c in p.net_connections(kind="tcp"):
                 if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port and c.raddr.ip in addresses:
@@ -163,8 +183,17 @@ def _established(pid: int, addresses: set[str], port: int) -> set[tuple] | None:
 def node_connected(pid: int, host: str, port: int, interval: float = 0.7) -> bool | None:
     """Whether node process ``pid`` holds a lasting connection to the coordinator: the same
     established TCP connection in two samples ``interval`` seconds apart (a node failing its
-    TLS handshake reconnects every ~2 s, each time on a new port). None when the process
-    cannot be inspected."""
+    TLS handshake reconnects every ~2 s, each time on a new port).
+
+    Args:
+        pid: the node's process id (its children count too).
+        host: the coordinator's host, as in the site config.
+        port: its gRPC port.
+        interval: seconds between the two samples.
+
+    Returns:
+        True or False; None when the process cannot be inspected.
+    """
     addresses = _addresses(host, port)
     first = _established(pid, addresses, port)
     if first is None:
@@ -179,7 +208,15 @@ def node_connected(pid: int, host: str, port: int, interval: float = 0.7) -> boo
 def parse_node_log(lines: list[str], year: int | None = None) -> LogSummary:
     """Start time, last contact and last connection error from the node's console log
     (the process runtime's ``node.log``, or the container's log); only lines after the last
-    start count."""
+    start count.
+
+    Args:
+        lines: the end of the log.
+        year: the year of gRPC's lines, which carry none (default: this year).
+
+    Returns:
+        What the log says.
+    """
     year = year or datetime.now().year
     out = LogSummary()
     for line in lines:
@@ -204,7 +241,15 @@ def parse_node_log(lines: list[str], year: int | None = None) -> LogSummary:
 def last_contact_from_audit(path: Path | None, tail_bytes: int = 1 << 20) -> str | None:
     """Time (UTC) of the last message the node received from the coordinator, from the
     node's security audit log (Fed-BioMed writes one JSON record per line, among them
-    ``message_received_from_researcher``); None when there is none or no such log."""
+    ``message_received_from_researcher``).
+
+    Args:
+        path: the node's ``log/security_audit.log`` (None: no log).
+        tail_bytes: how much of the end of the log to read.
+
+    Returns:
+        The record's timestamp; None when there is none or no such log.
+    """
     if path is None:
         return None
     try:
@@ -241,7 +286,19 @@ def _age_s(started: str | None) -> float | None:
 
 
 def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSummary, config_path: str = "the site config") -> str | None:
-    """What to check or do when the node is not connected (None when it is)."""
+    """What to check or do when the node is not connected.
+
+    Args:
+        host: the coordinator's host, as in the site config.
+        port: its gRPC port.
+        pr: the probe from this machine.
+        connected: whether the node holds a connection (None: cannot tell).
+        log: what the node's log says.
+        config_path: the site config, named in the hint.
+
+    Returns:
+        One or two sentences; None when connected or when nothing can be pointed at.
+    """
     if connected:
         return None
     where = f"coordinator.host/port in {config_path}"

@@ -6,31 +6,55 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from preprocessing.dataset import DatasetError, load_dataset
 from site_agent import config as site_config
-from site_agent import connectivity
+from site_agent import connectivity, node
 from site_agent.errors import UserError
+from site_agent.runtime import ProcessRuntime
 
 MIN_FREE_GB = 5.0
 
 
 @dataclass
 class Check:
-    """One row of the doctor's table. ``ok`` None: not applicable now (not a failure)."""
+    """One row of the doctor's table.
+
+    Args:
+        name: what is checked.
+        ok: passed, failed, or None: not applicable now (not a failure).
+        detail: what was found.
+        hint: for a failing row, what to check or do.
+    """
 
     name: str
     ok: bool | None
     detail: str
     hint: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict (``doctor --json``).
+
+        Returns:
+            Its fields by name.
+        """
         return asdict(self)
 
 
 def check_coordinator(host: str, port: int, timeout: float = 3.0, config_path: str = "the site config") -> list[Check]:
     """Rows "coordinator reachable" and, when it is, "coordinator certificate" (the name
-    this site dials must be one the coordinator's TLS certificate is valid for)."""
+    this site dials must be one the coordinator's TLS certificate is valid for).
+
+    Args:
+        host: the coordinator's host, as in the site config.
+        port: its Fed-BioMed (gRPC) port.
+        timeout: seconds for the connection and the TLS handshake each.
+        config_path: the site config, named in hints.
+
+    Returns:
+        One or two rows.
+    """
     pr = connectivity.probe(host, port, timeout=timeout)
     if not pr.reachable:
         hint = connectivity.hint_for(host, port, pr, False, connectivity.LogSummary(), config_path) or ""
@@ -52,14 +76,13 @@ def _config_hint(path: str | None) -> str:
     if not p.is_file():
         return (f"create it with `site-agent --config {p} init --site-name ... --coordinator-host ... --data-dir ... --work-dir ...`, "
                 f"or point --config / ${site_config.CONFIG_ENV} at the existing one")  # fmt: skip
-    return f"fix the key named in the detail in {p} (see the example in site_agent/config.py or the README)"
+    return (f"fix the key named in the detail in {p} (every key, with an example: docs/guide/site.md; its JSON Schema: "
+            "`coordinator schema site` or docs/schemas/site.schema.json)")  # fmt: skip
 
 
-def _node_connection(site) -> Check | None:
+def _node_connection(site: site_config.SiteConfig) -> Check | None:
     """The running node's link to the coordinator; None when it runs in a container (the
     process is not ours to inspect) or cannot be told."""
-    from site_agent.runtime import ProcessRuntime
-
     rt = ProcessRuntime(site)
     st = rt.status()
     if not st.running:
@@ -84,8 +107,6 @@ def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> lis
     Returns:
         The rows, each failing one (``ok`` False) with a hint.
     """
-    from site_agent import node
-
     checks: list[Check] = []
     try:
         site = site_config.load(config_path)
@@ -94,6 +115,7 @@ def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> lis
     checks.append(Check("site config valid", True, str(site.path)))
     cfg = str(site.path)
 
+    settings: dict[str, Any] | None
     try:
         settings = node.node_settings(site)
         checks.append(Check("node component", True, f"{settings['node_id']} in {site.node_dir}"))
@@ -107,7 +129,7 @@ def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> lis
     except UserError as exc:
         hint = f"create the node with `site-agent --config {cfg} init ... --force` (the config is rewritten)"
         checks.append(Check("node component", False, str(exc), hint))
-        settings = None
+        settings = None  # no node: the rows that need one are left out
 
     checks.extend(check_coordinator(site.coordinator_host, site.coordinator_port, config_path=cfg))
     if settings is not None and site.runtime != "docker":

@@ -1,18 +1,21 @@
-"""The site's Fed-BioMed node component: creation, dataset registry, plan approvals.
-
-Fed-BioMed is imported lazily so `site-agent --help` stays fast.
-"""
+"""The site's Fed-BioMed node component: creation, dataset registry, plan approvals."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
-from preprocessing.dataset import DatasetError, load_dataset
+from preprocessing.dataset import DatasetError, PreparedDataset, load_dataset
+from preprocessing.qc_flags import SUSPECT_IMAGE_FLAGS
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
+
+# deferred: start-up time: Fed-BioMed takes seconds to import; the functions that talk to the
+# node import it, so commands that do not (and `site-agent --help`) stay fast.
 
 # Security settings every site runs with; also forced through the environment at start so
 # a stray FBM_SECURITY_* variable cannot switch approval off.
@@ -32,7 +35,14 @@ def _scrubbed_env() -> None:
 
 
 def create_node(site: SiteConfig) -> str:
-    """Create (or re-open) the node component with approval ON and default plans OFF; return its id."""
+    """Create (or re-open) the node component with approval ON and default plans OFF.
+
+    Args:
+        site: the site (the node lives in its ``node_dir``).
+
+    Returns:
+        The node's id.
+    """
     _scrubbed_env()
     quiet_fedbiomed_console()
     from fedbiomed.node.config import NodeComponent
@@ -49,7 +59,7 @@ def create_node(site: SiteConfig) -> str:
     return config.get("default", "id")
 
 
-def _config(site: SiteConfig):
+def _config(site: SiteConfig) -> Any:
     if not (site.node_dir / "etc" / "config.ini").is_file():
         raise UserError(f"{site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
     _scrubbed_env()
@@ -61,8 +71,19 @@ def _config(site: SiteConfig):
     return config
 
 
-def node_settings(site: SiteConfig) -> dict:
-    """Identity and security settings as the node will read them."""
+def node_settings(site: SiteConfig) -> dict[str, Any]:
+    """Identity and security settings as the node will read them.
+
+    Args:
+        site: the site.
+
+    Returns:
+        ``node_id``, ``name``, ``training_plan_approval``, ``allow_default_training_plans``
+        and ``db`` (the node database's path).
+
+    Raises:
+        UserError: no node was created here (`site-agent init`).
+    """
     config = _config(site)
     return {
         "node_id": config.get("default", "id"),
@@ -91,7 +112,7 @@ def _node_db(site: SiteConfig) -> str:
     return path
 
 
-def _dataset_manager(site: SiteConfig):
+def _dataset_manager(site: SiteConfig) -> Any:
     from fedbiomed.node.dataset_manager import DatasetManager
 
     return DatasetManager(path=_node_db(site))
@@ -99,6 +120,17 @@ def _dataset_manager(site: SiteConfig):
 
 @dataclass
 class DatasetEntry:
+    """A dataset registered with the node, as `site-agent dataset list` shows it.
+
+    Args:
+        dataset_id: the node's id for it.
+        name: the name shown to researchers.
+        tags: the tags researchers select it by.
+        description: the description shown to researchers (allowlisted fields only).
+        path: the prepared dataset folder.
+        data_type: Fed-BioMed's data type (``custom`` for prepared datasets).
+    """
+
     dataset_id: str
     name: str
     tags: list[str]
@@ -108,6 +140,17 @@ class DatasetEntry:
 
 
 def list_datasets(site: SiteConfig) -> list[DatasetEntry]:
+    """The datasets registered with the node.
+
+    Args:
+        site: the site.
+
+    Returns:
+        One entry per dataset, in the node's order.
+
+    Raises:
+        UserError: no node was created here.
+    """
     rows = _dataset_manager(site).list_my_datasets(verbose=False)
     return [
         DatasetEntry(
@@ -123,7 +166,7 @@ def list_datasets(site: SiteConfig) -> list[DatasetEntry]:
 
 
 def add_dataset(
-    site: SiteConfig, path: str | os.PathLike, tags: list[str], name: str | None = None,
+    site: SiteConfig, path: str | os.PathLike[str], tags: list[str], name: str | None = None,
     allow_unlabelled: bool = False, allow_suspect_images: bool = False,
 ) -> DatasetEntry:  # fmt: skip
     """Register a prepared dataset; refuse folders that are not valid prepared datasets.
@@ -179,11 +222,8 @@ def add_dataset(
     return next(d for d in list_datasets(site) if d.dataset_id == dataset_id)
 
 
-def _check_cases(path: Path, prepared, allow_unlabelled: bool, allow_suspect_images: bool) -> None:
+def _check_cases(path: Path, prepared: PreparedDataset, allow_unlabelled: bool, allow_suspect_images: bool) -> None:
     """Refuse unlabelled cases and cases whose image is probably not an image, unless allowed."""
-    import json
-
-    from preprocessing.prepare import SUSPECT_IMAGE_FLAGS
 
     def listed(ids: list[str]) -> str:
         return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
@@ -211,13 +251,21 @@ def _check_cases(path: Path, prepared, allow_unlabelled: bool, allow_suspect_ima
 
 
 def remove_dataset(site: SiteConfig, dataset_id: str) -> None:
-    """Unregister a dataset. The files on disk are left untouched."""
+    """Unregister a dataset. The files on disk are left untouched.
+
+    Args:
+        site: the site.
+        dataset_id: the node's id of the dataset.
+
+    Raises:
+        UserError: no dataset with this id.
+    """
     if not any(d.dataset_id == dataset_id for d in list_datasets(site)):
         raise UserError(f"no dataset with id {dataset_id!r} on this node (see `site-agent dataset list`)")
     _dataset_manager(site).delete_dataset_by_id(dataset_id)
 
 
-def _plan_manager(site: SiteConfig):
+def _plan_manager(site: SiteConfig) -> Any:
     from fedbiomed.node.training_plan_security_manager import TrainingPlanSecurityManager
 
     config = _config(site)
@@ -231,8 +279,16 @@ def _plan_manager(site: SiteConfig):
     )
 
 
-def list_plans(site: SiteConfig, status: str | None = None) -> list[dict]:
-    """Plans known to the node (sent by a researcher for approval, or registered)."""
+def list_plans(site: SiteConfig, status: str | None = None) -> list[dict[str, Any]]:
+    """Plans known to the node (sent by a researcher for approval, or registered).
+
+    Args:
+        site: the site.
+        status: only plans with this status (``Pending``, ``Approved``, ``Rejected``).
+
+    Returns:
+        One dict per plan: id, name, status, type, hash, researcher_id, date_registered.
+    """
     mgr = _plan_manager(site)
     out = []
     for row in mgr.list_training_plans(verbose=False):
@@ -251,7 +307,19 @@ def list_plans(site: SiteConfig, status: str | None = None) -> list[dict]:
     return out
 
 
-def show_plan(site: SiteConfig, plan_id: str) -> dict:
+def show_plan(site: SiteConfig, plan_id: str) -> dict[str, Any]:
+    """One plan as the node stores it, its source included.
+
+    Args:
+        site: the site.
+        plan_id: the plan's full id.
+
+    Returns:
+        The node's record of the plan.
+
+    Raises:
+        UserError: no plan with this id.
+    """
     full = _plan_manager(site).get_training_plan_by_id(plan_id, secure=False)
     if not full:
         raise UserError(f"no training plan with id {plan_id!r} on this node (see `site-agent plans list`)")
@@ -259,6 +327,17 @@ def show_plan(site: SiteConfig, plan_id: str) -> dict:
 
 
 def set_plan_status(site: SiteConfig, plan_id: str, approve: bool, note: str | None = None) -> None:
+    """Approve or reject a plan: the node runs only approved plans.
+
+    Args:
+        site: the site.
+        plan_id: the plan's full id.
+        approve: True approves, False rejects.
+        note: why (kept in the node's records).
+
+    Raises:
+        UserError: no plan with this id.
+    """
     show_plan(site, plan_id)  # raises a clear error for an unknown id
     mgr = _plan_manager(site)
     if approve:

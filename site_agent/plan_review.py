@@ -10,6 +10,7 @@ import difflib
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from pipelines.terminal_text import escape_controls, has_controls
 from site_agent.config import SiteConfig
@@ -44,8 +45,12 @@ class PlanRecord:
     description: str
     source: str
 
-    def summary(self) -> dict:
-        """The record without its source (for listings and JSON)."""
+    def summary(self) -> dict[str, Any]:
+        """The record without its source (for listings and JSON).
+
+        Returns:
+            Its fields by name, ``source`` left out.
+        """
         out = asdict(self)
         out.pop("source")
         return out
@@ -63,20 +68,41 @@ def _parse_date(text: str) -> datetime:
 
 
 def iso_date(text: str) -> str:
-    """Fed-BioMed's '05-12-2026 01:17:06.396650' as '2026-12-05 01:17' (the text as is when it does not parse)."""
+    """Fed-BioMed's '05-12-2026 01:17:06.396650' as '2026-12-05 01:17'.
+
+    Args:
+        text: a date as the node stores it.
+
+    Returns:
+        The ISO form, or the text as is (escaped, cut) when it does not parse.
+    """
     when = _parse_date(text)
     return when.strftime("%Y-%m-%d %H:%M") if when != datetime.min else escape_controls(text or "", limit=40)
 
 
 def short_researcher(researcher_id: str) -> str:
-    """``RESEARCHER_e2e83205-...`` -> ``e2e83205`` (enough to tell coordinators apart)."""
+    """``RESEARCHER_e2e83205-...`` -> ``e2e83205`` (enough to tell coordinators apart).
+
+    Args:
+        researcher_id: the researcher id a plan came with.
+
+    Returns:
+        Its short form, control characters escaped (``?`` when empty).
+    """
     rid = escape_controls(researcher_id or "")
     return rid.split("_", 1)[1][:SHORT_ID_LEN] if rid.upper().startswith("RESEARCHER_") else rid[:SHORT_ID_LEN] or "?"
 
 
 def readable_name(description: str, source: str) -> tuple[str, str, str, str]:
-    """(name, experiment, plan key, plan class) derived from a plan's description and source,
-    control characters escaped (they are printed)."""
+    """The names a plan is shown by, derived from its description and source.
+
+    Args:
+        description: the plan's description (``fedimg plan <key> for experiment <name>``).
+        source: the plan's source (its last class is the plan class).
+
+    Returns:
+        (name, experiment, plan key, plan class), control characters escaped (they are printed).
+    """
     match = _DESCRIPTION.match(" ".join(str(description or "").split()))
     experiment = escape_controls(match["experiment"] if match else (" ".join(str(description or "").split()) or "-"), limit=200)
     key = escape_controls(match["key"], limit=100) if match else ""
@@ -97,14 +123,26 @@ def _short_ids(ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _manager(site: SiteConfig):
+def _manager(site: SiteConfig) -> Any:
+    # deferred: start-up time (`site-agent --help` imports this module for STATUSES; the node
+    # module imports nibabel and Fed-BioMed)
     from site_agent import node
 
     return node._plan_manager(site)
 
 
 def load_plans(site: SiteConfig) -> list[PlanRecord]:
-    """Every plan of the node's database, oldest first."""
+    """Every plan of the node's database, oldest first.
+
+    Args:
+        site: the site.
+
+    Returns:
+        The plans, with their short ids and readable names.
+
+    Raises:
+        UserError: no node was created here.
+    """
     mgr = _manager(site)
     fulls = []
     for row in mgr.list_training_plans(verbose=False):
@@ -162,6 +200,13 @@ def approved_baseline(plans: list[PlanRecord], plan: PlanRecord) -> tuple[PlanRe
 
     The most recently registered approved plan of the same name (other than ``plan``);
     failing that, of the same plan class (another experiment), said so in the second value.
+
+    Args:
+        plans: every plan of the node.
+        plan: the plan under review.
+
+    Returns:
+        (the baseline or None, ``"same name"`` / ``"same plan class"`` / ``""``).
     """
     approved = [p for p in plans if p.status == "Approved" and p.id != plan.id]
     for how, same in (("same name", lambda p: p.name == plan.name), ("same plan class", lambda p: p.plan_class == plan.plan_class)):
@@ -173,14 +218,30 @@ def approved_baseline(plans: list[PlanRecord], plan: PlanRecord) -> tuple[PlanRe
 
 def source_lines(source: str) -> list[str]:
     """The lines of a source, split at ``\n`` only (not at ``\r``, ``\f``, ``\u2028``... as
-    ``str.splitlines`` does), so every other control character stays inside its line."""
+    ``str.splitlines`` does), so every other control character stays inside its line.
+
+    Args:
+        source: a plan's source.
+
+    Returns:
+        Its lines, without a last empty one.
+    """
     lines = str(source or "").split("\n")
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def source_diff(old: PlanRecord, new: PlanRecord, context: int = 3) -> list[str]:
     """Unified diff lines (no trailing newlines) from ``old``'s source to ``new``'s, raw (escape
-    them before printing)."""
+    them before printing).
+
+    Args:
+        old: the approved baseline.
+        new: the plan under review.
+        context: lines of context around each change.
+
+    Returns:
+        The diff's lines.
+    """
     return list(difflib.unified_diff(
         source_lines(old.source), source_lines(new.source),
         fromfile=f"approved {old.short_id} ({old.name})", tofile=f"{new.status.lower() or 'plan'} {new.short_id} ({new.name})",
@@ -189,7 +250,15 @@ def source_diff(old: PlanRecord, new: PlanRecord, context: int = 3) -> list[str]
 
 
 def change_summary(plans: list[PlanRecord], plan: PlanRecord) -> str:
-    """One phrase for listings: 'new', 'identical to X', 'changed from X (+a -b lines)'."""
+    """One phrase for listings: 'new', 'identical to X', 'changed from X (+a -b lines)'.
+
+    Args:
+        plans: every plan of the node.
+        plan: the plan listed.
+
+    Returns:
+        The phrase (``-`` for an approved plan with no baseline).
+    """
     base, _ = approved_baseline(plans, plan)
     if base is None:
         return "new" if plan.status != "Approved" else "-"
@@ -204,7 +273,16 @@ def change_summary(plans: list[PlanRecord], plan: PlanRecord) -> str:
 def show_lines(plans: list[PlanRecord], plan: PlanRecord, with_source: bool = True) -> list[str]:
     """What `site-agent plans show` prints: metadata, the changes since the last approved
     plan of the same name, and the full source, every line escaped (`escape_controls`);
-    a WARNING first when the source holds control or bidi characters."""
+    a WARNING first when the source holds control or bidi characters.
+
+    Args:
+        plans: every plan of the node.
+        plan: the plan shown.
+        with_source: include the full source.
+
+    Returns:
+        The lines to print.
+    """
     e = escape_controls
     lines = []
     if any(has_controls(line) for line in source_lines(plan.source)):

@@ -43,6 +43,7 @@ from fedimg_core.hashing import sha256_file
 from fedimg_core.registry_wire import ALLOWED_SUFFIXES, KINDS, MAX_PUSH_BYTES, RECORD_FILE, SHA256_HEADER, TOKEN_ENV
 from fedimg_core.registry_wire import FILENAME as _FILENAME
 from fedimg_core.registry_wire import NAME as _NAME
+from site_agent.processes import pid_alive
 
 _VERSION = re.compile(r"^v\d{4,}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -79,7 +80,19 @@ def _safe_filename(filename: object, where: str) -> str:
 
 
 def read_token(token_file: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> str:
-    """The site token: $FEDIMG_SITE_TOKEN, else the first line of `token_file`."""
+    """The site token: $FEDIMG_SITE_TOKEN, else the first line of `token_file`.
+
+    Args:
+        token_file: the config's ``registry.token_file``, if any.
+        env: the environment to read (default: this process's).
+
+    Returns:
+        The token (never printed or logged).
+
+    Raises:
+        RegistryClientError: no token, a file that cannot be read, or one that does not hold the
+            token alone on one line.
+    """
     env = os.environ if env is None else env
     if env.get(TOKEN_ENV, "").strip():
         return env[TOKEN_ENV].strip()
@@ -99,7 +112,17 @@ def read_token(token_file: str | os.PathLike | None, env: Mapping[str, str] | No
 
 
 class RegistryClient:
-    """Pull from and push to the registry at `url` with a site token."""
+    """Pull from and push to the registry at `url` with a site token.
+
+    Args:
+        url: the registry's ``http(s)://host:port``.
+        token: this site's token.
+        work_dir: the site's work folder (``pull`` then defaults to its registry folder).
+        timeout: seconds for each request.
+
+    Raises:
+        RegistryClientError: a bad URL or no token.
+    """
 
     def __init__(self, url: str, token: str, work_dir: str | os.PathLike | None = None, timeout: float = 60.0):
         parts = urllib.parse.urlsplit(url or "")
@@ -119,7 +142,19 @@ class RegistryClient:
     @classmethod
     def from_site_config(cls, cfg, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> "RegistryClient":
         """From a loaded ``SiteConfig`` (its ``registry`` section; the token from
-        $FEDIMG_SITE_TOKEN or ``registry.token_file``)."""
+        $FEDIMG_SITE_TOKEN or ``registry.token_file``).
+
+        Args:
+            cfg: the site config.
+            env: the environment to read the token from (default: this process's).
+            timeout: seconds for each request.
+
+        Returns:
+            The client (pulls go to ``<work_dir>/models/registry``).
+
+        Raises:
+            RegistryClientError: no registry section, or no token.
+        """
         reg = getattr(cfg, "registry", None)
         where = str(cfg.path) if getattr(cfg, "path", None) else "the site config"
         if reg is None:
@@ -201,16 +236,40 @@ class RegistryClient:
     # ------------------------------------------------------------------ reading
 
     def list(self, kind: str | None = None) -> list[dict]:
-        """Records of every published version (of `kind`, when given)."""
+        """Records of every published version (of `kind`, when given).
+
+        Args:
+            kind: only this kind of artifact.
+
+        Returns:
+            The records.
+        """
         query = None if kind is None else {"kind": _check_kind(kind)}
         return [*(self._json("GET", "/registry", query=query, what="the artifact list").get("artifacts") or [])]
 
     def versions(self, kind: str, name: str) -> dict:
-        """``{"kind", "name", "versions": [...], "latest"}``."""
+        """The published versions of one artifact.
+
+        Args:
+            kind: the artifact's kind.
+            name: its name.
+
+        Returns:
+            ``{"kind", "name", "versions": [...], "latest"}``.
+        """
         return self._json("GET", f"/registry/{_check_kind(kind)}/{_check_name(name)}", what=f"{kind} {name}")
 
     def record(self, kind: str, name: str, version: str = "latest") -> dict:
-        """The artifact record of one version (``latest``: the newest)."""
+        """The artifact record of one version, checked to be the one asked for.
+
+        Args:
+            kind: the artifact's kind.
+            name: its name.
+            version: ``vNNNN``, or ``latest`` (the newest).
+
+        Returns:
+            The record (files with their sha256 and size, meta, publisher).
+        """
         self._check_version(version)
         record = self._json("GET", f"/registry/{_check_kind(kind)}/{_check_name(name)}/{version}", what=f"{kind} {name} {version}")
         self._check_record(record, kind, name, version)
@@ -251,7 +310,17 @@ class RegistryClient:
         """Download a version into ``<dest>/<kind>/<name>/<version>/`` and return that folder.
 
         Every file is verified (record and header SHA-256, size) before the folder appears;
-        a complete cached copy that still verifies is reused without downloading."""
+        a complete cached copy that still verifies is reused without downloading.
+
+        Args:
+            kind: the artifact's kind.
+            name: its name.
+            version: ``vNNNN``, or ``latest``.
+            dest: the registry folder (default: ``<work_dir>/models/registry``).
+
+        Returns:
+            The version's folder.
+        """
         _check_kind(kind)
         _check_name(name)
         if dest is None:
@@ -344,7 +413,17 @@ class RegistryClient:
     def push(self, kind: str, name: str, files: Mapping[str, bytes], meta: Mapping | None = None) -> dict:
         """Push a new version of ``<kind>/<name>`` (file name -> bytes); return its record.
 
-        The coordinator validates everything and records this site as ``published_by``."""
+        The coordinator validates everything and records this site as ``published_by``.
+
+        Args:
+            kind: the artifact's kind.
+            name: its name.
+            files: file name -> bytes.
+            meta: the record's ``meta`` (JSON).
+
+        Returns:
+            The new version's record.
+        """
         _check_kind(kind)
         _check_name(name)
         if not isinstance(files, Mapping) or not files:
@@ -414,8 +493,6 @@ class StagedPulls:
     def _staging(self) -> Path:
         if self._dir is None:
             self.staging_root.mkdir(parents=True, exist_ok=True)
-            from site_agent.runtime import pid_alive
-
             for old in self.staging_root.glob(f"{STAGING_PREFIX}*"):  # left by a command that was killed
                 pid = _pid_of(old)
                 if pid is not None and pid != os.getpid() and not pid_alive(pid):
@@ -425,7 +502,16 @@ class StagedPulls:
 
     def pull(self, kind: str, name: str, version: str = "latest") -> Path:
         """A verified folder of the version: the registry folder's copy when it still
-        verifies, else a staged download (moved into the registry folder by `commit`)."""
+        verifies, else a staged download (moved into the registry folder by `commit`).
+
+        Args:
+            kind: the artifact's kind.
+            name: its name.
+            version: ``vNNNN``, or ``latest``.
+
+        Returns:
+            The version's folder (staged or in the registry folder).
+        """
         _check_kind(kind)
         _check_name(name)
         record = self.client.record(kind, name, version)
@@ -437,7 +523,11 @@ class StagedPulls:
         return folder
 
     def commit(self) -> list[Path]:
-        """Move every staged version into the registry folder; return their folders there."""
+        """Move every staged version into the registry folder.
+
+        Returns:
+            Their folders there.
+        """
         done = []
         for folder, target, record in self._staged:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,28 +20,51 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import docker
+import psutil
 
 from fedimg_core import atomic
 from pipelines.artifact_approval import STORE_ENV, store_dir
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 from site_agent.node import SECURITY_SETTINGS
+from site_agent.processes import parent_death_signal as parent_death_signal  # re-exported: testbeds import them from here
+from site_agent.processes import pid_alive as pid_alive
+from site_agent.processes import signal_group as signal_group
 
 NODE_ARGS = {"gpu": False, "gpu_num": 1, "gpu_only": False, "debug": False}
 CONTAINER_LABEL = "org.fedimg.site"
 
 
 def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
+    """The command line that runs the site's node (Fed-BioMed's single-process entry).
+
+    Args:
+        site: the site (its node folder is the node's config root).
+        python: the interpreter to run it with.
+
+    Returns:
+        The argument list, for `subprocess.Popen` or `os.execve`.
+    """
     return [python, "-m", "fedbiomed.node.node_pm", "--config", str(site.node_dir), "--node-args", json.dumps(NODE_ARGS)]
 
 
-def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, str]:
+def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the node: coordinator address from the site config, security forced on,
     the site's work folders (cache, models, artifact approvals).
 
     Every inherited FBM_* variable is dropped: Fed-BioMed reads FBM_<SECTION>_<KEY> over its
     config file, so a stray one could switch approval off or point the node at another database.
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``: no ``torch.load`` in the node unpickles code.
+
+    Args:
+        site: the site.
+        base: the environment to start from (default: this process's).
+
+    Returns:
+        The node's environment.
     """
     env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("FBM_")}
     env["FBM_RESEARCHER_IP"] = site.coordinator_host
@@ -63,46 +86,33 @@ def node_environment(site: SiteConfig, base: dict | None = None) -> dict[str, st
 
 @dataclass
 class Status:
+    """What a runtime says about the node.
+
+    Args:
+        running: whether the node runs.
+        runtime: ``process`` or ``docker``.
+        pid: the node's process id (process runtime), if known.
+        detail: a short sentence for the user (since when, stale pid file, container state).
+    """
+
     running: bool
     runtime: str
     pid: int | None = None
     detail: str = ""
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); reap it if it is ours.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return True
-
-
 def _create_time(pid: int) -> float | None:
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
 
-def _pid_record(pid: int) -> dict:
+def _pid_record(pid: int) -> dict[str, Any]:
     return {"pid": pid, "create_time": _create_time(pid), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _is_our_node(info: dict) -> bool:
+def _is_our_node(info: dict[str, Any]) -> bool:
     """The pid file names a live process that is the node it recorded.
 
     A bare pid is not enough: after a reboot the pid may belong to anything, and a pid
@@ -117,18 +127,31 @@ def _is_our_node(info: dict) -> bool:
 
 
 class ProcessRuntime:
+    """The node as one local process in its own session, with a pid file (testbeds, laptops,
+    and inside the site container).
+
+    Args:
+        site: the site.
+    """
+
     name = "process"
 
-    def __init__(self, site: SiteConfig):
+    def __init__(self, site: SiteConfig) -> None:
         self.site = site
 
-    def _read_pid(self) -> dict | None:
+    def _read_pid(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.site.pid_file.read_text())
+            info = json.loads(self.site.pid_file.read_text())
         except (OSError, ValueError):
             return None
+        return info if isinstance(info, dict) else None
 
     def status(self) -> Status:
+        """Whether the node the pid file names runs (a reused pid does not count).
+
+        Returns:
+            The node's status.
+        """
         info = self._read_pid()
         if not info:
             return Status(False, self.name, detail="not started")
@@ -138,8 +161,13 @@ class ProcessRuntime:
         return Status(False, self.name, pid=pid, detail="stopped (stale pid file)")
 
     def owns_running_node(self) -> bool:
+        """Whether this runtime started the node that runs now (its pid file names it).
+
+        Returns:
+            True when the pid file names a live node process.
+        """
         info = self._read_pid()
-        return bool(info) and _is_our_node(info)
+        return info is not None and bool(info) and _is_our_node(info)
 
     def _check_ready(self) -> None:
         if not (self.site.node_dir / "etc" / "config.ini").is_file():
@@ -148,8 +176,16 @@ class ProcessRuntime:
     def start(self, die_with_parent: bool = False, extra_env: dict[str, str] | None = None) -> Status:
         """Start the node in the background; idempotent when it already runs.
 
-        `die_with_parent` ties the node to the calling process (testbeds): the kernel sends
-        it SIGTERM when the caller dies, even by SIGKILL.
+        Args:
+            die_with_parent: tie the node to the calling process (testbeds): the kernel sends
+                it SIGTERM when the caller dies, even by SIGKILL.
+            extra_env: variables added to the node's environment.
+
+        Returns:
+            The node's status once started.
+
+        Raises:
+            UserError: no node created here yet, or it exited at once.
         """
         self._check_ready()
         current = self.status()
@@ -177,7 +213,11 @@ class ProcessRuntime:
         return self.status()
 
     def run_foreground(self) -> None:
-        """Replace this process with the node (container entrypoint: signals reach the node)."""
+        """Replace this process with the node (container entrypoint: signals reach the node).
+
+        Raises:
+            UserError: no node created here yet.
+        """
         self._check_ready()
         self.site.work_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(self.site.pid_file, _pid_record(os.getpid()))  # exec keeps pid and start time
@@ -185,7 +225,14 @@ class ProcessRuntime:
         os.execve(cmd[0], cmd, node_environment(self.site))
 
     def stop(self, timeout: float = 15.0) -> Status:
-        """SIGTERM the node's process group, wait, then SIGKILL what is left."""
+        """SIGTERM the node's process group, wait, then SIGKILL what is left.
+
+        Args:
+            timeout: seconds to wait after SIGTERM.
+
+        Returns:
+            The status (not running).
+        """
         info = self._read_pid()
         if not info:
             return Status(False, self.name, detail="not started")
@@ -202,6 +249,14 @@ class ProcessRuntime:
         return Status(False, self.name, pid=pid, detail="stopped")
 
     def logs(self, lines: int = 50) -> list[str]:
+        """The end of the node's log file.
+
+        Args:
+            lines: how many lines from the end.
+
+        Returns:
+            The lines (none when there is no log yet).
+        """
         if not self.site.log_file.is_file():
             return []
         with open(self.site.log_file, "rb") as fh:
@@ -212,39 +267,28 @@ class ProcessRuntime:
         return tail[-lines:]
 
 
-def parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
-    """A preexec_fn asking Linux to send `sig` to the child when its parent dies."""
-
-    def _set() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return _set
-
-
-def signal_group(pid: int, sig: int) -> None:
-    """Signal the process group `pid` leads (our children start their own session), else the process."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def container_name(site: SiteConfig) -> str:
+    """The docker runtime's container name for this site.
+
+    Args:
+        site: the site.
+
+    Returns:
+        ``fedimg-site-<site name>``.
+    """
     return f"fedimg-site-{site.site_name}"
 
 
-def container_spec(site: SiteConfig) -> dict:
+def container_spec(site: SiteConfig) -> dict[str, Any]:
     """Keyword arguments for ``docker.from_env().containers.run(**spec)``.
 
     Pure function (no engine needed), so the spec is tested where no Docker engine runs.
+
+    Args:
+        site: the site.
+
+    Returns:
+        The container's image, command, user, environment, mounts, restart policy and limits.
     """
     config_path = Path(site.path) if site.path else site.work_dir / "site.yaml"
     st = site.work_dir.stat() if site.work_dir.exists() else None
@@ -257,7 +301,10 @@ def container_spec(site: SiteConfig) -> dict:
         str(config_path): {"bind": str(config_path), "mode": "ro"},
     }
     loopback = site.coordinator_host in ("localhost", "127.0.0.1", "::1") or site.coordinator_host.startswith("127.")
-    spec = {
+    restart_policy: dict[str, Any] = {"Name": site.docker.restart} if site.docker.restart != "no" else {"Name": ""}
+    if site.docker.restart == "on-failure":
+        restart_policy["MaximumRetryCount"] = 5
+    spec: dict[str, Any] = {
         "image": site.docker.image,
         # --config belongs to the `site-agent` group: it goes before the subcommand.
         "command": ["--config", str(config_path), "start", "--foreground", "--runtime", "process"],
@@ -269,14 +316,12 @@ def container_spec(site: SiteConfig) -> dict:
             **{k: v for k, v in node_environment(site, base={}).items()},
         },
         "volumes": volumes,
-        "restart_policy": {"Name": site.docker.restart} if site.docker.restart != "no" else {"Name": ""},
+        "restart_policy": restart_policy,
         "labels": {CONTAINER_LABEL: site.site_name},
         "read_only": False,
         "security_opt": ["no-new-privileges:true"],
         "cap_drop": ["ALL"],
     }
-    if site.docker.restart == "on-failure":
-        spec["restart_policy"]["MaximumRetryCount"] = 5
     if loopback:
         spec["network_mode"] = "host"  # a loopback coordinator is only reachable from the host network
     elif site.docker.network:
@@ -285,9 +330,15 @@ def container_spec(site: SiteConfig) -> dict:
 
 
 def docker_engine_available(timeout: float = 2.0) -> bool:
-    try:
-        import docker
+    """Whether a Docker engine answers a ping.
 
+    Args:
+        timeout: seconds to wait for it.
+
+    Returns:
+        False on any failure (no SDK configuration, no socket, no answer).
+    """
+    try:
         client = docker.from_env(timeout=timeout)
         client.ping()
         return True
@@ -296,17 +347,27 @@ def docker_engine_available(timeout: float = 2.0) -> bool:
 
 
 class DockerRuntime:
+    """The node in the site image's container, through the Docker SDK.
+
+    Args:
+        site: the site.
+        client: a Docker SDK client (default: one from the environment, made when first used).
+    """
+
     name = "docker"
 
-    def __init__(self, site: SiteConfig, client=None):
+    def __init__(self, site: SiteConfig, client: docker.DockerClient | None = None) -> None:
         self.site = site
         self._client = client
 
     @property
-    def client(self):
-        if self._client is None:
-            import docker
+    def client(self) -> docker.DockerClient:
+        """The Docker SDK client, connected and pinged on first use.
 
+        Raises:
+            UserError: no Docker engine answers.
+        """
+        if self._client is None:
             try:
                 self._client = docker.from_env(timeout=10)
                 self._client.ping()
@@ -314,21 +375,29 @@ class DockerRuntime:
                 raise UserError(f"no Docker engine answers ({exc.__class__.__name__}); use --runtime process") from None
         return self._client
 
-    def _container(self):
-        import docker
-
+    def _container(self) -> Any:
         try:
             return self.client.containers.get(container_name(self.site))
         except docker.errors.NotFound:
             return None
 
     def status(self) -> Status:
+        """Whether the site's container runs.
+
+        Returns:
+            The node's status (no pid: the container's process is not ours to inspect).
+        """
         c = self._container()
         if c is None:
             return Status(False, self.name, detail="no container")
         return Status(c.status == "running", self.name, detail=f"container {c.name}: {c.status}")
 
     def start(self) -> Status:
+        """Start the site's container (created from `container_spec` when there is none).
+
+        Returns:
+            The node's status once started.
+        """
         c = self._container()
         if c is not None:
             if c.status != "running":
@@ -338,6 +407,14 @@ class DockerRuntime:
         return self.status()
 
     def stop(self, timeout: float = 15.0) -> Status:
+        """Stop and remove the site's container (the work folder keeps everything).
+
+        Args:
+            timeout: seconds docker waits before it kills the node.
+
+        Returns:
+            The status (not running).
+        """
         c = self._container()
         if c is not None:
             c.stop(timeout=int(timeout))
@@ -345,16 +422,42 @@ class DockerRuntime:
         return Status(False, self.name, detail="stopped")
 
     def logs(self, lines: int = 50) -> list[str]:
+        """The end of the container's log.
+
+        Args:
+            lines: how many lines from the end.
+
+        Returns:
+            The lines (none without a container).
+        """
         c = self._container()
         if c is None:
             return []
         return c.logs(tail=lines).decode("utf-8", "replace").splitlines()
 
     def run_foreground(self) -> None:
+        """Refused: running in the foreground is the process runtime's (the container's entrypoint).
+
+        Raises:
+            UserError: always.
+        """
         raise UserError("--foreground is for the process runtime (the container entrypoint)")
 
 
-def get_runtime(site: SiteConfig, override: str | None = None):
+def get_runtime(site: SiteConfig, override: str | None = None) -> ProcessRuntime | DockerRuntime:
+    """The runtime to drive the node with: ``override``, else the config's; ``auto`` picks the
+    process runtime when it started the running node or no Docker engine answers.
+
+    Args:
+        site: the site.
+        override: ``process``, ``docker`` or ``auto`` (None: the config's runtime).
+
+    Returns:
+        The runtime.
+
+    Raises:
+        UserError: an unknown runtime name.
+    """
     choice = override or site.runtime
     if choice == "auto":
         # A pid file means the process runtime started the node: keep talking to it.

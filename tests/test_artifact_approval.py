@@ -195,9 +195,10 @@ def test_a_site_error_carries_a_code_and_allowlisted_fields_only(site_files, mon
 
 
 def test_site_agent_artifacts_commands(site_files, tmp_path, monkeypatch, capsys):
-    from site_agent.artifacts_cli import echo_plan_artifacts
     from site_agent.cli import cli
+    from site_agent.commands.artifacts import echo_plan_artifacts
     from site_agent.config import validate
+    from site_agent.errors import UserError
 
     raw = {"site_name": "site-a", "coordinator": {"host": "localhost", "port": 50051}, "data_dir": str(tmp_path / "data"),
            "work_dir": str(site_files), "runtime": "process"}  # fmt: skip
@@ -233,6 +234,8 @@ def test_site_agent_artifacts_commands(site_files, tmp_path, monkeypatch, capsys
     assert res.exit_code == 0 and ApprovalStore(store_dir(site_files)).status(sha) == "rejected"
     # approving ahead (nothing asked yet) needs the full sha256 and what it is
     other = "cd" * 32
+    res = run(cli, ["--config", str(cfg_path), "artifacts", "show", other])  # a full sha256 nothing asked for: one clear error
+    assert res.exit_code != 0 and isinstance(res.exception, UserError) and "no artifact with this sha256" in str(res.exception)
     res = run(cli, ["--config", str(cfg_path), "artifacts", "approve", other])
     assert res.exit_code != 0 and "--kind" in str(res.exception)
     res = run(cli, ["--config", str(cfg_path), "artifacts", "approve", other, "--kind", "torchscript"])

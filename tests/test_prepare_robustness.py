@@ -27,7 +27,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-import site_agent.cli
+import site_agent.commands.common
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, volume_affine_ras, write_dicom_series
 from preprocessing.dataset import DatasetError, load_dataset
 from tests.test_prepare_malformed import edit, run_prepare
@@ -64,7 +64,7 @@ def template(tmp_path_factory):
 
 @pytest.fixture
 def site(template, tmp_path, monkeypatch):
-    monkeypatch.setattr(site_agent.cli, "console", Console(width=4000))  # one table row per line
+    monkeypatch.setattr(site_agent.commands.common, "console", Console(width=4000))  # one table row per line
     monkeypatch.delenv("FEDIMG_DEBUG", raising=False)
     root = tmp_path / "site"
     shutil.copytree(template, root)

@@ -42,3 +42,13 @@ def test_reused_pid_is_left_alone(tmp_path, site_yaml):
         if other.poll() is None:
             other.kill()
     assert os.path.exists(site.pid_file) is False
+
+
+def test_a_pid_file_that_is_not_a_record_means_not_started(tmp_path, site_yaml):
+    # e.g. a bare pid another tool wrote: no record of ours, so nothing runs that we started (no crash)
+    site = _site(tmp_path, site_yaml)
+    site.pid_file.write_text("12345\n")
+    rt = ProcessRuntime(site)
+    assert rt.status().running is False and rt.status().detail == "not started"
+    assert rt.owns_running_node() is False
+    assert rt.stop().running is False

@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
+from fedimg_core.site_config import SiteConfigFile
 from site_agent import config as site_config
 from site_agent.errors import ConfigError
 
@@ -71,3 +74,20 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, site_yaml):
     cfg.save(tmp_path / "site.yaml")
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["site.yaml"]
     assert yaml.safe_load((tmp_path / "site.yaml").read_text())["site_name"] == "site-a"
+
+
+def test_the_guide_s_example_is_a_valid_config_naming_every_key():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "site.md").read_text()
+    block = guide.split("## The site config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    raw = yaml.safe_load(block)
+    cfg = site_config.validate(raw, "docs/guide/site.md")
+    assert cfg.registry is not None and cfg.docker.restart == "unless-stopped"
+    shown = set(raw) | {f"{k}.{sub}" for k, v in raw.items() if isinstance(v, dict) for sub in v}
+    every = set(SiteConfigFile.model_fields) | {
+        f"{k}.{sub}"
+        for k, f in SiteConfigFile.model_fields.items()
+        for m in getattr(f.annotation, "__args__", (f.annotation,))
+        if hasattr(m, "model_fields")
+        for sub in m.model_fields
+    }
+    assert every <= shown, f"keys the guide's example leaves out: {sorted(every - shown)}"

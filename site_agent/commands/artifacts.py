@@ -16,27 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from pipelines.artifact_approval import KINDS, STATUSES, ApprovalStore, ArtifactStoreError, store_dir
 from pipelines.terminal_text import escape_controls as _safe
+from site_agent import config as site_config
+from site_agent.commands import common
 from site_agent.errors import UserError
-
-console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _store(ctx: click.Context) -> ApprovalStore:
-    from site_agent import config as site_config
-
     return ApprovalStore(store_dir(site_config.load(ctx.obj["config_path"]).work_dir))
 
 
-def _came_from(origin: dict) -> str:
+def _came_from(origin: dict[str, Any]) -> str:
     """Where the file was and the registry entry it came from, escaped for the terminal."""
     reg = origin.get("registry")
     path = _safe(origin.get("path", "?"))
@@ -47,14 +44,14 @@ def _came_from(origin: dict) -> str:
     return path
 
 
-def _asked_by(origin: dict) -> str:
+def _asked_by(origin: dict[str, Any]) -> str:
     """Plan, run, round and setting that asked (the run as the coordinator named it), escaped."""
     parts = [_safe(origin.get("plan_class") or ""), f"run {_safe(origin['run_id'])}" if origin.get("run_id") else "",
              f"round {_safe(origin['round'])}" if origin.get("round") else "", _safe(origin.get("setting") or "")]  # fmt: skip
     return ", ".join(p for p in parts if p) or "?"
 
 
-def _decision(record: dict) -> str:
+def _decision(record: dict[str, Any]) -> str:
     d = record.get("decision") or {}
     if not d:
         return ""
@@ -71,7 +68,7 @@ def artifacts() -> None:
 @click.option("--status", type=click.Choice(STATUSES, case_sensitive=False), default=None, help="Only artifacts with this status.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def artifacts_list(ctx, status, as_json) -> None:
+def artifacts_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
     """List the artifacts plans and jobs asked to load, pending ones included."""
     try:
         rows = _store(ctx).records(status)  # click's Choice gives the canonical lower-case value
@@ -91,7 +88,7 @@ def artifacts_list(ctx, status, as_json) -> None:
                  _asked_by(origin) if last else "", _came_from(origin) if last else "",
                  str(sum(int(q.get("count", 1)) for q in r.get("requests", []))), r.get("last_requested", "")]  # fmt: skip
         table.add_row(*(Text(_safe(c)) for c in cells))  # Text: no rich markup is interpreted in others' text
-    console.print(table)
+    common.console.print(table)
     pending = sum(1 for r in rows if r.get("status") == "pending")
     if pending:
         click.echo(f"{pending} pending: review with `site-agent artifacts show SHA`, then `site-agent artifacts approve SHA` or `reject SHA`")
@@ -100,13 +97,16 @@ def artifacts_list(ctx, status, as_json) -> None:
 @artifacts.command("show")
 @click.argument("sha")
 @click.pass_context
-def artifacts_show(ctx, sha) -> None:
+def artifacts_show(ctx: click.Context, sha: str) -> None:
     """Show one artifact (SHA: its sha256 or a unique prefix): status, decision, every request."""
     store = _store(ctx)
     try:
-        record = store.get(store.resolve(sha))
+        full = store.resolve(sha)
+        record = store.get(full)
     except ArtifactStoreError as exc:
         raise UserError(str(exc)) from None
+    if record is None:  # a full sha256 resolves to itself, known or not
+        raise UserError(f"{full[:12]}...: no artifact with this sha256 in {store.path} (see `site-agent artifacts list`)")
     click.echo(f"sha256: {_safe(record['sha256'])}")
     click.echo(f"status: {_safe(record.get('status', '?'))}")
     click.echo(f"kind: {_safe(', '.join(map(str, record.get('kinds', [])))) or '?'}")
@@ -120,7 +120,7 @@ def artifacts_show(ctx, sha) -> None:
                "approve only a file whose origin you trust.")  # fmt: skip
 
 
-def _decide(ctx, sha: str, approve: bool, note: str | None, kind: str | None) -> None:
+def _decide(ctx: click.Context, sha: str, approve: bool, note: str | None, kind: str | None) -> None:
     store = _store(ctx)
     try:
         full = store.resolve(sha)
@@ -137,7 +137,7 @@ def _decide(ctx, sha: str, approve: bool, note: str | None, kind: str | None) ->
 @click.option("--note", default=None, help="Why it was approved (kept in the store).")
 @click.option("--kind", type=click.Choice(KINDS), default=None, help="What it is, to approve an artifact nothing has asked for yet.")
 @click.pass_context
-def artifacts_approve(ctx, sha, note, kind) -> None:
+def artifacts_approve(ctx: click.Context, sha: str, note: str | None, kind: str | None) -> None:
     """Approve the artifact SHA (sha256 or unique prefix): plans and jobs may load it."""
     _decide(ctx, sha, True, note, kind)
 
@@ -146,14 +146,19 @@ def artifacts_approve(ctx, sha, note, kind) -> None:
 @click.argument("sha")
 @click.option("--note", default=None, help="Why it was rejected.")
 @click.pass_context
-def artifacts_reject(ctx, sha, note) -> None:
+def artifacts_reject(ctx: click.Context, sha: str, note: str | None) -> None:
     """Reject the artifact SHA (sha256 or unique prefix): it is refused, and no longer pending."""
     _decide(ctx, sha, False, note, None)
 
 
-def echo_plan_artifacts(site, plan: dict) -> None:
-    """For ``plans show``: the artifacts this plan asked to load, where they came from and
-    whether the site approved them (matched by the sha256 of the plan's source)."""
+def echo_plan_artifacts(site: site_config.SiteConfig, plan: dict[str, Any]) -> None:
+    """Print, for ``plans show``, the artifacts a plan asked to load, where they came from and
+    whether the site approved them (matched by the sha256 of the plan's source).
+
+    Args:
+        site: the site (its work folder holds the approval store).
+        plan: the plan as the node stores it (``training_plan``: its source).
+    """
     source = plan.get("training_plan") or ""
     try:
         rows = ApprovalStore(store_dir(site.work_dir)).for_plan(hashlib.sha256(source.encode("utf-8")).hexdigest())

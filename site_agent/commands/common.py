@@ -1,0 +1,33 @@
+"""What the `site-agent` verbs share: the invocation's site config, the stdout console, the logger."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from site_agent import config as site_config
+
+# Results (tables) go to stdout; a pipe or a file gets a fixed width so rows are not cut at 80.
+console = Console(width=None if sys.stdout.isatty() else 160)
+# The CLI's own records: -v output names them "site_agent.cli", whichever module of the CLI logs.
+log = logging.getLogger("site_agent.cli")
+
+
+def load_site(ctx: click.Context) -> site_config.SiteConfig:
+    """Read the site config the invocation names (``--config`` or $FEDIMG_SITE_CONFIG).
+
+    Args:
+        ctx: the click context of a `site-agent` verb (its root holds ``config_path``).
+
+    Returns:
+        The validated site config.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or has problems (every one listed).
+    """
+    site = site_config.load(ctx.obj["config_path"])
+    log.debug("site config %s: site %s, work dir %s, runtime %s", ctx.obj["config_path"], site.site_name, site.work_dir, site.runtime)
+    return site

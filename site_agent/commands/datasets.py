@@ -1,0 +1,307 @@
+"""`site-agent dataset add|where|list|remove`, `prepare`, `deidentify`: the site's data, from
+DICOM/NIfTI files to datasets registered with the node."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import TracebackType
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedimg_core.logs import show_progress, stderr_console
+from site_agent.commands import common
+from site_agent.commands.common import load_site
+from site_agent.errors import UserError
+
+# deferred: start-up time (`--help` stays fast): site_agent.node and preprocessing import
+# nibabel, numpy and pydicom (the node, Fed-BioMed); the commands import them when they run.
+
+
+@click.group()
+def dataset() -> None:
+    """Register, list and remove prepared datasets with the node."""
+
+
+@dataset.command("add")
+@click.argument("path", type=click.Path())
+@click.option("--tag", "tags", multiple=True, required=True, help="Tag researchers select the dataset by (repeatable).")
+@click.option("--name", default=None, help="Name shown to researchers (default: the dataset's own name).")
+@click.option(
+    "--allow-unlabelled",
+    "--allow-unlabeled",
+    "allow_unlabelled",
+    is_flag=True,
+    help="Register even when some or all cases have no label (e.g. for the data factory, which trains on images only).",
+)
+@click.option(
+    "--allow-suspect-images",
+    is_flag=True,
+    help="Register even when cases are flagged as probably not images (looks_like_label, ct_values_not_hu; see the QC report).",
+)
+@click.pass_context
+def dataset_add(ctx: click.Context, path: str, tags: tuple[str, ...], name: str | None, allow_unlabelled: bool, allow_suspect_images: bool) -> None:
+    """Register the prepared dataset at PATH (checked: manifest, files, checksums).
+
+    Refused unless told otherwise: cases without a label (--allow-unlabelled) and cases
+    whose image QC says is probably not an image (--allow-suspect-images).
+    """
+    from site_agent import node
+
+    entry = node.add_dataset(load_site(ctx), path, list(tags), name=name, allow_unlabelled=allow_unlabelled, allow_suspect_images=allow_suspect_images)
+    click.echo(f"registered {entry.dataset_id}: {entry.description} [tags: {', '.join(entry.tags)}]")
+
+
+@dataset.command("where")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("case_ids", nargs=-1)
+@click.option(
+    "--case-map",
+    "case_map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The case map, if prepare was given --case-map (default: <PATH>.case-map.json next to the dataset folder).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def dataset_where(path: Path, case_ids: tuple[str, ...], case_map: Path | None, as_json: bool) -> None:
+    """Show the source folder or file of CASE_IDS (all cases when none) of the dataset at PATH.
+
+    Reads the site-local case map `site-agent prepare` keeps next to the dataset folder
+    (never inside it, never sent anywhere).
+    """
+    from preprocessing.prepare import PrepareError, default_case_map, read_case_map
+
+    try:
+        cases = read_case_map(case_map or default_case_map(path))
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    unknown = [c for c in case_ids if c not in cases]
+    if unknown:
+        raise UserError(f"{case_map or default_case_map(path)}: no case {', '.join(unknown)} (cases: {', '.join(sorted(cases)) or 'none'})")
+    chosen = {c: cases[c] for c in (case_ids or sorted(cases))}
+    if as_json:
+        click.echo(json.dumps(chosen, indent=2))
+        return
+    for case_id, e in chosen.items():
+        what = f"DICOM series, {e.get('files')} files, SeriesInstanceUID {e.get('series_uid')}" if e.get("kind") == "dicom" else "NIfTI"
+        click.echo(f"{case_id}: {e.get('source')} ({what})" + (f"; label {e['label']}" if e.get("label") else "; no label"))
+
+
+@dataset.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def dataset_list(ctx: click.Context, as_json: bool) -> None:
+    """List the datasets registered with the node."""
+    from site_agent import node
+
+    entries = node.list_datasets(load_site(ctx))
+    if as_json:
+        click.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    table = Table("id", "name", "tags", "description", "path")
+    for e in entries:
+        table.add_row(e.dataset_id, e.name, ",".join(e.tags), e.description, e.path)
+    common.console.print(table if entries else "no dataset registered")
+
+
+@dataset.command("remove")
+@click.argument("dataset_id")
+@click.pass_context
+def dataset_remove(ctx: click.Context, dataset_id: str) -> None:
+    """Unregister DATASET_ID (files on disk are kept)."""
+    from site_agent import node
+
+    node.remove_dataset(load_site(ctx), dataset_id)
+    click.echo(f"removed {dataset_id}")
+
+
+class StageProgress:
+    """Rich progress bars on stderr, one per stage (scan, convert, qc, deidentify); silent
+    when not a TTY and under --quiet. Called as ``progress(stage, done, total)``."""
+
+    LABELS = {"scan": "reading headers", "convert": "converting cases", "qc": "QC report", "deidentify": "de-identifying"}
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr_console(),
+            transient=False,
+            disable=not sys.stderr.isatty() or not show_progress(),
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> StageProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.__exit__(exc_type, exc, tb)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage), total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Prepared dataset folder (created or updated).")
+@click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path), help="Folder or file of label maps (NIfTI or DICOM SEG); repeatable.")
+@click.option(
+    "--label-map",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Site label map: local value/segment name -> schema class (needed when there are labels).",
+)
+@click.option("--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in abdominal-ct).")
+@click.option("--modality", default=None, help="CT, MR, ... (required for NIfTI inputs; filters DICOM series).")
+@click.option("--name", default="dataset", show_default=True, help="Dataset name shown to researchers (no patient data!).")
+@click.option("--tolerance-mm", default=0.01, show_default=True, type=float, help="Largest distance of a slice from its voxel plane.")
+@click.option("--allow-irregular", is_flag=True, help="Convert series with missing slices/irregular spacing with a QC flag instead of refusing.")
+@click.option(
+    "--unknown-labels",
+    type=click.Choice(["error", "ignore"]),
+    default="error",
+    show_default=True,
+    help="Local label values not in the label map: refuse the case, or map to the ignore label.",
+)
+@click.option("--require-labels", is_flag=True, help="Refuse images that have no label.")
+@click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
+@click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
+@click.option("--salt-file", default=None, type=click.Path(path_type=Path), help="Secret salt for source hashes (default: <out>/.state/salt, created).")
+@click.option(
+    "--case-map",
+    "case_map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Site-local file mapping case ids to source folders (default: <out>.case-map.json, next to --out; never inside it).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def prepare(
+    images: tuple[Path, ...],
+    out: Path,
+    labels: tuple[Path, ...],
+    label_map: Path | None,
+    schema_path: Path | None,
+    modality: str | None,
+    name: str,
+    tolerance_mm: float,
+    allow_irregular: bool,
+    unknown_labels: str,
+    require_labels: bool,
+    prune: bool,
+    no_qc: bool,
+    salt_file: Path | None,
+    case_map: Path | None,
+    as_json: bool,
+) -> None:
+    """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
+
+    Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
+    reasons are printed); 2: nothing prepared (one error line).
+    """
+    from preprocessing.prepare import PrepareError, PrepareOptions
+    from preprocessing.prepare import prepare as run_prepare
+    from preprocessing.schema import SchemaError, load_label_map, load_schema
+
+    try:
+        schema = load_schema(schema_path)
+        lmap = load_label_map(label_map, schema) if label_map is not None else None
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    opts = PrepareOptions(
+        name=name,
+        modality=modality.upper() if modality else None,
+        tolerance_mm=tolerance_mm,
+        allow_irregular=allow_irregular,
+        unknown_labels=unknown_labels,
+        require_labels=require_labels,
+        prune=prune,
+        qc_report=not no_qc,
+    )
+    try:
+        with StageProgress() as progress:  # refusals are listed in the table below, with their reasons
+            result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress,
+                                 case_map=case_map)  # fmt: skip
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    refused = [o for o in result.outcomes if o.status == "refused"]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "dataset": str(result.root),
+                    "report": str(result.report) if result.report else None,
+                    "case_map": str(result.case_map),
+                    "notes": result.notes,
+                    "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
+                },
+                indent=2,
+            )
+        )
+    else:
+        table = Table("case", "status", "flags / reason")
+        for o in sorted(result.outcomes, key=lambda o: (o.case_id or "~", o.display)):
+            table.add_row(o.case_id or "-", o.status, ", ".join(o.flags) if o.status != "refused" else f"{o.code}: {o.message}")
+        common.console.print(table)
+        for note in result.grouping_notes:
+            click.echo(f"grouping: {note}")
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        if result.skipped_files:
+            codes: dict[str, int] = {}
+            for _, code, _ in result.skipped_files:
+                codes[code] = codes.get(code, 0) + 1
+            click.echo("skipped files: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))
+        ok, flagged, unchanged = result.count("ok"), result.count("flagged"), result.count("unchanged")
+        click.echo(f"{ok} ok, {flagged} flagged, {unchanged} unchanged, {len(refused)} refused -> {result.root}")
+        if result.report:
+            click.echo(f"QC report: {result.report}")
+        click.echo(f"case map (site-local, never sent): {result.case_map}; `site-agent dataset where {result.root} CASE_ID`")
+    if refused:
+        click.echo(f"site-agent: {len(refused)} case(s) refused; see the reasons above", err=True)
+        sys.exit(3)
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--secret-file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Site secret (>= 16 bytes, not world-readable): UIDs and pseudonyms are derived from it.",
+)
+@click.option("--non-dicom", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="What to do with files that are not DICOM.")
+@click.option("--allow-burned-in", is_flag=True, help="Copy images marked BurnedInAnnotation=YES (their pixels may show names).")
+def deidentify(src: Path, dst: Path, secret_file: Path, non_dicom: str, allow_burned_in: bool) -> None:
+    """Write de-identified copies of the DICOM files under SRC to DST (PS3.15 Annex E basic profile).
+
+    UIDs are replaced consistently (same input + same secret -> same UID), patients get a
+    keyed pseudonym, folder and file names are pseudonymised; geometry and pixels are kept
+    byte for byte. DST must not exist (or be empty); it appears only when every file is done.
+    """
+    from preprocessing.deidentify import DeidentifyError, deidentify_tree, load_secret
+
+    try:
+        secret = load_secret(secret_file)
+        with StageProgress() as progress:
+            report = deidentify_tree(
+                src,
+                dst,
+                secret,
+                progress=lambda d, t: progress("deidentify", d, t),
+                non_dicom=non_dicom,
+                allow_burned_in_annotation=allow_burned_in,
+            )
+    except DeidentifyError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"{report.files_out} of {report.files_in} files de-identified -> {dst}")
+    for rel, reason in report.skipped:
+        click.echo(f"skipped {rel}: {reason}")
