@@ -43,6 +43,7 @@ from fedimg_core.hashing import sha256_file
 from fedimg_core.registry_wire import ALLOWED_SUFFIXES, KINDS, MAX_PUSH_BYTES, RECORD_FILE, SHA256_HEADER, TOKEN_ENV
 from fedimg_core.registry_wire import FILENAME as _FILENAME
 from fedimg_core.registry_wire import NAME as _NAME
+from pipelines.terminal_text import escape_controls
 from site_agent.processes import pid_alive
 
 _VERSION = re.compile(r"^v\d{4,}$")
@@ -196,6 +197,12 @@ class RegistryClient:
                         detail = json.loads(resp.read() or b"{}").get("error") or resp.reason_phrase
                     except (ValueError, AttributeError, OSError, httpx.HTTPError):
                         detail = resp.reason_phrase
+                    if resp.is_redirect:
+                        target = escape_controls(resp.headers.get("location", "?")[:200])
+                        raise RegistryClientError(
+                            f"the registry at {self.url} refused {what} ({resp.status_code}): it answered with a redirect to {target}; "
+                            "redirects are not followed, so the site token goes only to registry.url: set registry.url to the final address"
+                        )
                     raise self._refusal(resp.status_code, str(detail), what)
                 yield resp
             finally:
