@@ -30,8 +30,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from filelock import FileLock
 
@@ -87,14 +88,14 @@ class ArtifactNotApproved(PermissionError):
 
     code = "artifact_not_approved"
 
-    def __init__(self, sha256: str, kind: str, status: str, path: str | os.PathLike, store: Path | None):
+    def __init__(self, sha256: str, kind: str, status: str, path: str | os.PathLike[str], store: Path | None):
         self.sha256, self.kind, self.status, self.path = sha256, kind, status, str(path)
         self.disclose = False
         if status == "no_store":
             msg = (f"{path}: {kind} artifact sha256 {sha256} cannot be loaded: no artifact approval store "
                    f"(${STORE_ENV} is not set; the site agent sets it for the node and its jobs)")  # fmt: skip
         elif status == "rejected":
-            msg = f"{path}: {kind} artifact sha256 {sha256} was rejected by this site ({store / STORE_FILE})"
+            msg = f"{path}: {kind} artifact sha256 {sha256} was rejected by this site ({store / STORE_FILE if store else STORE_FILE})"
         else:
             msg = (f"{path}: {kind} artifact sha256 {sha256} is not approved by this site; the request is recorded, "
                    f"review it with `site-agent artifacts show {sha256[:12]}` and approve it with "
@@ -108,7 +109,7 @@ class ArtifactUnavailable(ArtifactNotApproved):
     an unapproved artifact (same code, no sha256), so a request cannot probe which files a
     site holds; the reason is in the message, which stays in the site's log."""
 
-    def __init__(self, path: str | os.PathLike, kind: str, reason: str):
+    def __init__(self, path: str | os.PathLike[str], kind: str, reason: str):
         PermissionError.__init__(self, f"{path}: {kind} artifact cannot be loaded: {reason}")
         self.sha256, self.kind, self.status, self.path, self.disclose = "", kind, "pending", str(path), False
 
@@ -117,8 +118,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def store_dir(work_dir: str | os.PathLike) -> Path:
-    """Where a site keeps its approval store: ``<work_dir>/artifacts``."""
+def store_dir(work_dir: str | os.PathLike[str]) -> Path:
+    """Where a site keeps its approval store.
+
+    Args:
+        work_dir: the site's work folder.
+
+    Returns:
+        ``<work_dir>/artifacts``.
+    """
     return Path(work_dir) / "artifacts"
 
 
@@ -134,9 +142,16 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def registry_source(path: str | os.PathLike) -> dict | None:
-    """The registry entry a pulled file came from (``kind``, ``name``, ``version``,
-    ``published_by``), read from the ``artifact.json`` next to it; None for other files."""
+def registry_source(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The registry entry a pulled file came from, read from the ``artifact.json`` next to it.
+
+    Args:
+        path: the artifact file.
+
+    Returns:
+        ``kind``, ``name``, ``version``, ``published_by``, ``published_at`` (those present, escaped
+        for a terminal), or None for a file that did not come from the registry.
+    """
     record_file = Path(path).parent / "artifact.json"
     try:
         record = json.loads(record_file.read_text())
@@ -148,7 +163,7 @@ def registry_source(path: str | os.PathLike) -> dict | None:
     return {k: escape_controls(v, limit=MAX_TEXT) for k, v in out.items()} or None
 
 
-def _clean_origin(origin: Mapping[str, Any] | None) -> dict:
+def _clean_origin(origin: Mapping[str, Any] | None) -> dict[str, Any]:
     """The origin keys a request records, each checked (identifiers) or escaped and cut (text):
     they come from plan arguments and registry records, and staff read them on a terminal."""
     clean: dict[str, Any] = {}
@@ -177,7 +192,7 @@ class ApprovalStore:
         root: the store's folder (created on first write), e.g. `store_dir(work_dir)`.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.path = self.root / STORE_FILE
 
@@ -185,8 +200,15 @@ class ApprovalStore:
         return f"ApprovalStore({str(self.root)!r})"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ApprovalStore | None":
-        """The store named by ``$FEDIMG_ARTIFACT_STORE``; None when it is not set."""
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ApprovalStore | None:
+        """The store named by ``$FEDIMG_ARTIFACT_STORE``.
+
+        Args:
+            env: the environment to read (default ``os.environ``).
+
+        Returns:
+            The store, or None when the variable is not set.
+        """
         value = (os.environ if env is None else env).get(STORE_ENV, "").strip()
         return cls(value) if value else None
 
@@ -200,7 +222,7 @@ class ApprovalStore:
         with FileLock(self.root / ".lock"):
             yield
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -212,25 +234,52 @@ class ApprovalStore:
             raise ArtifactStoreError(f"{self.path}: not an approval store (no 'artifacts' mapping)")
         return doc
 
-    def _write(self, doc: dict) -> None:
+    def _write(self, doc: dict[str, Any]) -> None:
         atomic.write_json(self.path, doc)
 
     # -- reading ---------------------------------------------------------------------------
 
-    def records(self, status: str | None = None) -> list[dict]:
-        """Every artifact record (newest request first), optionally only those with `status`."""
+    def records(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Every artifact record, newest request first.
+
+        Args:
+            status: only the records with this status (None: all).
+
+        Returns:
+            The records.
+
+        Raises:
+            ArtifactStoreError: an unknown status or an unreadable store.
+        """
         if status is not None and status not in STATUSES:
             raise ArtifactStoreError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         rows = [r for r in self._read()["artifacts"].values() if isinstance(r, dict)]
         rows = [r for r in rows if status is None or r.get("status") == status]
         return sorted(rows, key=lambda r: str(r.get("last_requested") or r.get("decision", {}).get("at") or ""), reverse=True)
 
-    def get(self, sha256: str) -> dict | None:
-        """The record of `sha256`, or None."""
-        return self._read()["artifacts"].get(_check_sha(sha256))
+    def get(self, sha256: str) -> dict[str, Any] | None:
+        """The record of `sha256`.
+
+        Args:
+            sha256: the artifact's full sha256.
+
+        Returns:
+            Its record, or None when the store has none.
+
+        Raises:
+            ArtifactStoreError: a malformed sha256 or an unreadable store.
+        """
+        record: dict[str, Any] | None = self._read()["artifacts"].get(_check_sha(sha256))
+        return record
 
     def resolve(self, prefix: str) -> str:
         """The full sha256 a unique prefix (at least 6 hex digits) of a known artifact names.
+
+        Args:
+            prefix: a sha256 or a prefix of one.
+
+        Returns:
+            The full sha256.
 
         Raises:
             ArtifactStoreError: unknown, ambiguous or malformed prefix.
@@ -240,7 +289,7 @@ class ApprovalStore:
             return p
         if not re.fullmatch(r"[0-9a-f]{6,63}", p):
             raise ArtifactStoreError(f"{prefix!r}: expected a sha256 or a prefix of at least 6 hex digits")
-        hits = [s for s in self._read()["artifacts"] if s.startswith(p)]
+        hits: list[str] = [s for s in self._read()["artifacts"] if s.startswith(p)]
         if not hits:
             raise ArtifactStoreError(f"{prefix!r}: no artifact with this sha256 prefix in {self.path} (see `site-agent artifacts list`)")
         if len(hits) > 1:
@@ -248,13 +297,27 @@ class ApprovalStore:
         return hits[0]
 
     def status(self, sha256: str) -> str:
-        """``approved``, ``rejected``, ``pending`` or ``unknown``."""
-        record = self.get(sha256)
-        return record.get("status", "unknown") if record else "unknown"
+        """The decision on `sha256`.
 
-    def for_plan(self, source_sha256: str) -> list[dict]:
-        """Records requested by the plan whose shipped source has this sha256, each with only
-        that plan's requests."""
+        Args:
+            sha256: the artifact's full sha256.
+
+        Returns:
+            ``approved``, ``rejected``, ``pending`` or ``unknown``.
+        """
+        record = self.get(sha256)
+        status: str = record.get("status", "unknown") if record else "unknown"
+        return status
+
+    def for_plan(self, source_sha256: str) -> list[dict[str, Any]]:
+        """The records a plan requested, each with only that plan's requests.
+
+        Args:
+            source_sha256: the sha256 of the plan's shipped source (`pipelines.plans.reporting.plan_source_sha256`).
+
+        Returns:
+            The records, newest request first.
+        """
         out = []
         for r in self.records():
             reqs = [q for q in r.get("requests", []) if q.get("origin", {}).get("plan_source_sha256") == source_sha256]
@@ -264,19 +327,33 @@ class ApprovalStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def request(self, sha256: str, kind: str, origin: Mapping[str, Any] | None = None) -> dict:
+    def request(self, sha256: str, kind: str, origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Record that something asked to load `sha256`; a new artifact becomes ``pending``.
 
-        A request equal to a recorded one (same origin) only updates its time and count."""
+        A request equal to a recorded one (same origin) only updates its time and count.
+
+        Args:
+            sha256: the artifact's full sha256.
+            kind: one of `KINDS`.
+            origin: who asks and where the file came from (each value checked or escaped).
+
+        Returns:
+            The updated record.
+
+        Raises:
+            ArtifactStoreError: a malformed sha256, an unknown kind or an unreadable store.
+        """
         sha256, kind = _check_sha(sha256), _check_kind(kind)
         clean = _clean_origin(origin)
         now = _now()
         with self._locked():
             doc = self._read()
-            record = doc["artifacts"].setdefault(sha256, {"sha256": sha256, "kinds": [], "status": "pending", "requests": [], "first_requested": now})
+            record: dict[str, Any] = doc["artifacts"].setdefault(
+                sha256, {"sha256": sha256, "kinds": [], "status": "pending", "requests": [], "first_requested": now}
+            )
             if kind not in record["kinds"]:
                 record["kinds"].append(kind)
-            same = next((q for q in record["requests"] if q.get("origin") == clean and q.get("kind") == kind), None)
+            same: dict[str, Any] | None = next((q for q in record["requests"] if q.get("origin") == clean and q.get("kind") == kind), None)
             if same is None:
                 same = {"kind": kind, "origin": clean, "first": now, "count": 0}
                 record["requests"].append(same)
@@ -286,7 +363,7 @@ class ApprovalStore:
             self._write(doc)
             return record
 
-    def decide(self, sha256: str, approve: bool, note: str | None = None, by: str | None = None, kind: str | None = None) -> dict:
+    def decide(self, sha256: str, approve: bool, note: str | None = None, by: str | None = None, kind: str | None = None) -> dict[str, Any]:
         """Approve or reject `sha256` (an artifact not requested yet can be approved ahead).
 
         Args:
@@ -304,9 +381,10 @@ class ApprovalStore:
             _check_kind(kind)
         with self._locked():
             doc = self._read()
-            record = doc["artifacts"].get(sha256)
+            record: dict[str, Any] | None = doc["artifacts"].get(sha256)
             if record is None:
-                record = doc["artifacts"][sha256] = {"sha256": sha256, "kinds": [], "requests": []}
+                record = {"sha256": sha256, "kinds": [], "requests": []}
+                doc["artifacts"][sha256] = record
             if kind and kind not in record["kinds"]:
                 record["kinds"].append(kind)
             record["status"] = "approved" if approve else "rejected"
@@ -314,7 +392,7 @@ class ApprovalStore:
             self._write(doc)
             return record
 
-    def check(self, data: bytes, kind: str, path: str | os.PathLike, origin: Mapping[str, Any] | None = None,
+    def check(self, data: bytes, kind: str, path: str | os.PathLike[str], origin: Mapping[str, Any] | None = None,
               disclose: bool = False, digest: str | None = None) -> str:  # fmt: skip
         """The sha256 of `data` when the site approved it; otherwise raise.
 
@@ -355,7 +433,7 @@ def _user() -> str:
         return f"uid {os.getuid()}"
 
 
-def load_approved_bytes(path: str | os.PathLike, kind: str, origin: Mapping[str, Any] | None = None,
+def load_approved_bytes(path: str | os.PathLike[str], kind: str, origin: Mapping[str, Any] | None = None,
                         store: ApprovalStore | None = None, expected_sha256: str | None = None) -> tuple[bytes, str]:  # fmt: skip
     """Read `path` once and return ``(bytes, sha256)`` when the site approved that content.
 

@@ -6,21 +6,20 @@ with its own random stream. The set and its rules: docs/design/augmentation.md.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from monai.transforms import (
-    Compose,
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import RandCropByPosNegLabeld, SpatialPadd
+from monai.transforms.intensity.dictionary import (
     RandAdjustContrastd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandZoomd,
-    SpatialPadd,
 )
+from monai.transforms.spatial.dictionary import RandFlipd, RandZoomd
 
 from pipelines.gin import GINAugmentation
 
@@ -56,6 +55,17 @@ class PatchSampler:
     (image with its minimum, label with background). Labels come back as int64.
     ``gin``: keyword arguments for `GINAugmentation` (image only, after the augmentations);
     ``None`` leaves it off.
+
+    Args:
+        roi_size: the patch size, ``spatial_dims`` positive integers.
+        num_samples: patches per volume (half centred on foreground, half on background).
+        spatial_dims: 3, or 2 for axial slices of the volume.
+        augment: apply the random augmentation set.
+        ignore_label: the label value that never counts as foreground.
+        gin: GIN's keyword arguments, or None.
+
+    Raises:
+        ValueError: a bad ``spatial_dims``, ``roi_size`` or ``num_samples``.
     """
 
     def __init__(
@@ -95,13 +105,25 @@ class PatchSampler:
             self._gin.set_random_state(seed + 2)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of one volume, augmented.
+
+        Args:
+            image: (C, X, Y, Z).
+            label: (1, X, Y, Z), on the image's grid.
+
+        Returns:
+            ``(images (num_samples, C, *roi), labels (num_samples, 1, *roi))``, labels int64.
+
+        Raises:
+            ValueError: shapes that do not fit.
+        """
         if image.dim() != 4 or label.dim() != 4 or label.shape[0] != 1 or image.shape[1:] != label.shape[1:]:
             raise ValueError(f"expected image (C, X, Y, Z) and label (1, X, Y, Z) on one grid, got {tuple(image.shape)} and {tuple(label.shape)}")
         self._reseed()
         label = label.long()
         fg = ((label > 0) & (label != self.ignore_label)).to(torch.uint8)
         lo = float(image.min())
-        data = {"image": image.float() - lo, "label": label, "fg": fg}  # pad value 0 == the image minimum
+        data: dict[Hashable, torch.Tensor] = {"image": image.float() - lo, "label": label, "fg": fg}  # pad value 0 == the image minimum
         data = self._pad(data)
         patches = self._crop(data)
         images, labels = [], []
@@ -119,8 +141,17 @@ class PatchSampler:
         return torch.stack(images), torch.stack(labels)
 
 
-def patch_batch(sampler: PatchSampler, volumes, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training batch of one step: ``sampler``'s patches of each (volume, label), concatenated."""
+def patch_batch(sampler: PatchSampler, volumes: Iterable[torch.Tensor], labels: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of one step: ``sampler``'s patches of each (volume, label), concatenated.
+
+    Args:
+        sampler: draws the patches of one volume.
+        volumes: the loader's batch of whole volumes, each (C, X, Y, Z).
+        labels: their label maps, each (1, X, Y, Z).
+
+    Returns:
+        ``(images, labels)``: (B * num_samples, C, *roi) and (B * num_samples, 1, *roi), labels int64.
+    """
     images, targets = [], []
     for volume, label in zip(volumes, labels):
         i, t = sampler(volume, label)

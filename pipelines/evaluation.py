@@ -13,11 +13,12 @@ lesion merged into its organ, in both prediction and reference (`merge_lesions`)
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.inferers.utils import sliding_window_inference
 
 IGNORE_LABEL = 255
 
@@ -29,7 +30,7 @@ def predict_volume(
     sw_batch_size: int = 2,
     overlap: float = 0.25,
     mode: str = "gaussian",
-    head: Callable[[object], torch.Tensor] | None = None,
+    head: Callable[[torch.Tensor | Sequence[torch.Tensor]], torch.Tensor] | None = None,
     allowed: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Argmax label map (spatial only) of one image (C, *spatial) by sliding-window inference.
@@ -39,20 +40,34 @@ def predict_volume(
     every other class is folded into background before the argmax, as the marginal loss
     treats a class no site labels: its logits were never constrained, so letting it win
     would paint the background (None: every class competes).
+
+    Args:
+        model: the network (its train/eval mode is restored afterwards).
+        image: the preprocessed volume (C, *spatial).
+        roi_size: the sliding window.
+        sw_batch_size: windows per forward pass.
+        overlap: overlap of neighbouring windows.
+        mode: how overlapping windows are blended (MONAI's ``gaussian`` or ``constant``).
+        head: picks the main output.
+        allowed: the classes the model may predict.
+
+    Returns:
+        The label map (*spatial), on the model's device.
     """
     was_training = model.training
     model.eval()
 
-    def forward(x):
+    def forward(x: torch.Tensor) -> torch.Tensor:
         out = model(x)
-        return head(out) if head is not None else out
+        return head(out) if head is not None else cast(torch.Tensor, out)
 
     try:
         with torch.inference_mode():
-            logits = sliding_window_inference(
+            # one tensor in, one tensor out (the predictor returns a tensor, not a tuple or dict)
+            logits = cast(torch.Tensor, sliding_window_inference(
                 image.unsqueeze(0).float(), roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=forward,
                 overlap=overlap, mode=mode, padding_mode="constant",
-            )  # fmt: skip
+            ))  # fmt: skip
     finally:
         model.train(was_training)
     if allowed is None:
@@ -65,7 +80,15 @@ def predict_volume(
 
 
 def merge_lesions(label: np.ndarray | torch.Tensor, merge_table: np.ndarray) -> np.ndarray:
-    """Map every lesion id to its organ id (table from `LabelSchema.lesion_merge_table()`)."""
+    """Map every lesion id to its organ id.
+
+    Args:
+        label: an integer label map.
+        merge_table: class id -> class id to score it as (`LabelSchema.lesion_merge_table()`).
+
+    Returns:
+        The merged label map.
+    """
     arr = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
     return np.asarray(merge_table)[arr.astype(np.int64)]
 
@@ -76,7 +99,20 @@ def dice_per_class(
     classes: Iterable[int],
     ignore_label: int = IGNORE_LABEL,
 ) -> dict[int, float]:
-    """Dice of each class in `classes` for one case, with the empty-mask rule above."""
+    """Dice of each class in `classes` for one case, with the empty-mask rule above.
+
+    Args:
+        pred: the predicted label map.
+        ref: the reference label map, same shape.
+        classes: the classes to score.
+        ignore_label: the reference value left out of both maps.
+
+    Returns:
+        Class id -> Dice (NaN: not scorable).
+
+    Raises:
+        ValueError: shapes differ.
+    """
     p = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     r = ref.cpu().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     if p.shape != r.shape:
@@ -94,7 +130,15 @@ def dice_per_class(
 
 
 def summarise(per_case: list[dict[int, float]], classes: Sequence[int]) -> dict[str, float]:
-    """Mean (NaN-excluded) Dice per class over cases, plus their mean over scored classes."""
+    """Mean (NaN-excluded) Dice per class over cases, plus their mean over scored classes.
+
+    Args:
+        per_case: Dice per class of each case (`dice_per_class`).
+        classes: the classes to summarise.
+
+    Returns:
+        ``str(class id)`` -> mean Dice, and ``mean`` (NaN where nothing was scored).
+    """
     out: dict[str, float] = {}
     means = []
     for c in classes:

@@ -11,13 +11,14 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import TransformBackends, convert_to_dst_type
+from monai.config.type_definitions import KeysCollection
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms.transform import MapTransform, RandomizableTransform
+from monai.utils.enums import TransformBackends
+from monai.utils.type_conversion import convert_to_dst_type
 
 # The argument checks import neither torch nor MONAI (spec checks); their names stay importable here.
-from pipelines.gin_args import (  # noqa: F401
+from pipelines.gin_args import (
     DEFAULTS,
     _check_alpha,
     _check_channels,
@@ -27,6 +28,19 @@ from pipelines.gin_args import (  # noqa: F401
     _check_slope,
     parse_gin_args,
 )
+
+__all__ = [
+    "DEFAULTS",
+    "GINAugmentation",
+    "GINAugmentationd",
+    "_check_alpha",
+    "_check_channels",
+    "_check_kernel_sizes",
+    "_check_n_layers",
+    "_check_prob",
+    "_check_slope",
+    "parse_gin_args",
+]
 
 # --------------------------------------------------------------------------- transforms
 
@@ -75,6 +89,11 @@ class GINAugmentation(RandomizableTransform):
         self._seed = 0
 
     def randomize(self, data: Any = None) -> None:
+        """Draw whether to apply GIN and, if so, a new network (layers, kernel sizes, weights seed) and alpha.
+
+        Args:
+            data: not used (MONAI's signature).
+        """
         super().randomize(None)
         if not self._do_transform:
             return
@@ -104,6 +123,19 @@ class GINAugmentation(RandomizableTransform):
         return x
 
     def __call__(self, img: Any, randomize: bool = True) -> Any:
+        """Remap the intensities of `img` through the random network.
+
+        Args:
+            img: a channel-first floating-point image (tensor, MetaTensor or numpy array).
+            randomize: draw a new network first (False: reuse the last one).
+
+        Returns:
+            The augmented image, of the input's type, shape and dtype (the input itself when not applied).
+
+        Raises:
+            ValueError: not a (C, X, Y) or (C, X, Y, Z) image, or not floating point.
+            RuntimeError: ``randomize=False`` before any network was drawn.
+        """
         if randomize:
             self.randomize(None)
         if not self._do_transform:
@@ -136,6 +168,12 @@ class GINAugmentationd(MapTransform, RandomizableTransform):
     every key in ``keys`` (several images of one case get the same intensity mapping, when
     they have the same number of channels). ``keys`` must name images only, never labels:
     GIN remaps values. Other keys pass through as the same objects.
+
+    Args:
+        keys: the image keys.
+        prob: probability of applying GIN on a call.
+        alpha, n_layers, channels, kernel_sizes, negative_slope: as for `GINAugmentation`.
+        allow_missing_keys: skip keys absent from a case instead of failing.
     """
 
     backend = GINAugmentation.backend
@@ -158,17 +196,39 @@ class GINAugmentationd(MapTransform, RandomizableTransform):
         self.gin.set_random_state(state=self.R)
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> GINAugmentationd:
+        """Seed the transform; the inner `GINAugmentation` shares its random stream.
+
+        Args:
+            seed: a seed for a new stream.
+            state: a stream to use instead.
+
+        Returns:
+            This transform.
+        """
         super().set_random_state(seed, state)
         # one shared stream: the prob draw and the network draws do not repeat each other
         self.gin.set_random_state(state=self.R)
         return self
 
     def randomize(self, data: Any = None) -> None:
+        """Draw whether to apply GIN on this call and, if so, the network and alpha.
+
+        Args:
+            data: not used (MONAI's signature).
+        """
         super().randomize(None)
         if self._do_transform:
             self.gin.randomize(None)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Apply one drawn network to every image key.
+
+        Args:
+            data: a case; ``keys`` must name images.
+
+        Returns:
+            A new dict with the image keys augmented and the others unchanged.
+        """
         d = dict(data)
         self.randomize(None)
         if not self._do_transform:

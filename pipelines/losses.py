@@ -10,7 +10,7 @@ the classes the site does not label).
   on the background groups, with the foreground filter mask.
 * `lambda_schedule` -- the linear ConDist weight over the rounds.
 * `deep_supervision_loss` -- a loss applied to every deep-supervision head, weights halving
-  per level.
+  per level (`pipelines.deep_supervision`, importable from here).
 
 Conventions shared by both losses:
 
@@ -30,13 +30,16 @@ Conventions shared by both losses:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DeepSupervisionLoss
+
+from pipelines.deep_supervision import deep_supervision_loss
 
 EPS = 1e-5
 IGNORE_INDEX = 255
@@ -47,20 +50,20 @@ __all__ = ["MarginalDiceCELoss", "ConDistDiceLoss", "lambda_schedule", "deep_sup
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_int(value, what: str) -> int:
+def _check_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer, got {value!r}")
     return int(value)
 
 
-def _check_num_classes(num_classes) -> int:
+def _check_num_classes(num_classes: object) -> int:
     num_classes = _check_int(num_classes, "num_classes")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
     return num_classes
 
 
-def _check_foreground(foreground, num_classes: int) -> tuple[int, ...]:
+def _check_foreground(foreground: object, num_classes: int) -> tuple[int, ...]:
     if isinstance(foreground, (str, bytes, torch.Tensor)) or not hasattr(foreground, "__iter__"):
         raise ValueError(f"foreground must be a list of class ids, got {foreground!r}")
     ids = [_check_int(c, "foreground class id") for c in foreground]
@@ -76,7 +79,7 @@ def _check_foreground(foreground, num_classes: int) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _check_ignore_index(ignore_index, num_classes: int) -> int:
+def _check_ignore_index(ignore_index: object, num_classes: int) -> int:
     ignore_index = _check_int(ignore_index, "ignore_index")
     if 0 <= ignore_index < num_classes:
         raise ValueError(f"ignore_index {ignore_index} must not be a class id (classes are 0..{num_classes - 1})")
@@ -129,12 +132,10 @@ def _soft_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - 2.0 * inter / (denom + EPS)).mean()
 
 
-def _no_autocast(device_type: str):
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     try:
         return torch.autocast(device_type=device_type, enabled=False)
     except RuntimeError:  # device type without autocast support
-        import contextlib
-
         return contextlib.nullcontext()
 
 
@@ -162,7 +163,22 @@ class MarginalDiceCELoss(torch.nn.Module):
 
     Voxels labelled ``ignore_index`` are excluded from both terms; if every voxel is
     ignored, the CE term is 0 and each Dice channel is 1 (no gradient).
+
+    Args:
+        foreground: the class ids the site labels (``F_k``, not 0).
+        num_classes: the number of classes, background included (>= 2).
+        lambda_dice: weight of the Dice term (finite, >= 0).
+        lambda_ce: weight of the cross-entropy term (finite, >= 0).
+        ignore_index: the label value left out of both terms (not a class id).
+
+    Raises:
+        ValueError: an argument out of range (the message names it).
     """
+
+    # buffers (register_buffer), declared for the type checker
+    _merge_table: torch.Tensor
+    _bg_index: torch.Tensor
+    _fg_index: torch.Tensor
 
     def __init__(
         self,
@@ -196,7 +212,18 @@ class MarginalDiceCELoss(torch.nn.Module):
         return f"foreground={list(self.foreground)}, num_classes={self.num_classes}, lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}"
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The loss of ``logits`` (B, C, *spatial) against ``label`` (see the class); ValueError for bad shapes or label values."""
+        """The loss of ``logits`` against ``label`` (see the class).
+
+        Args:
+            logits: (B, C, *spatial).
+            label: (B, 1, *spatial) or (B, *spatial) integer labels.
+
+        Returns:
+            A float32 scalar.
+
+        Raises:
+            ValueError: bad shapes or label values.
+        """
         _check_logits(logits, self.num_classes)
         label = _index_label(label, logits, self.num_classes, self.ignore_index)
         device = logits.device
@@ -231,7 +258,7 @@ class MarginalDiceCELoss(torch.nn.Module):
 # --------------------------------------------------------------------------- ConDist loss
 
 
-def _check_background(background, foreground: tuple[int, ...], num_classes: int) -> tuple[tuple[int, ...], ...]:
+def _check_background(background: object, foreground: tuple[int, ...], num_classes: int) -> tuple[tuple[int, ...], ...]:
     if background is None:  # every non-foreground class its own group
         return tuple((c,) for c in range(num_classes) if c not in foreground)
     if isinstance(background, (int, str, bytes)) or not isinstance(background, Sequence):
@@ -289,7 +316,23 @@ class ConDistDiceLoss(torch.nn.Module):
     the caller passes. Note that this soft Dice is not zero for ``student == teacher``
     unless the conditional distribution ``Q`` is (close to) one-hot; it equals
     ``1 - sum Q^2 / (sum Q + 5e-6)`` per group then (the paper's / note's formula).
+
+    Args:
+        num_classes: the number of classes, background included (>= 2).
+        foreground: the class ids the site labels (``F_k``, not 0).
+        background: the background groups ``O_k`` as above (None: one group per class).
+        temperature: the softmax temperature ``tau`` (finite, > 0).
+        ignore_index: the label value left out of the mask (not a class id).
+
+    Raises:
+        ValueError: an argument out of range, or groups that overlap or do not cover the classes.
     """
+
+    # buffers (register_buffer), declared for the type checker
+    _member: torch.Tensor
+    _is_fg: torch.Tensor
+    _fg_index: torch.Tensor
+    _bg_index: torch.Tensor
 
     def __init__(
         self,
@@ -333,7 +376,19 @@ class ConDistDiceLoss(torch.nn.Module):
         return g / (not_fg + EPS)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
-        """The distillation loss of the student against the teacher (see the class); ValueError for bad shapes."""
+        """The distillation loss of the student against the teacher (see the class).
+
+        Args:
+            student_logits: (B, C, *spatial).
+            teacher_logits: the same shape; detached here.
+            label: the patch labels (None: the teacher's mask only).
+
+        Returns:
+            A float32 scalar.
+
+        Raises:
+            ValueError: bad shapes or label values.
+        """
         _check_logits(student_logits, self.num_classes, "student_logits")
         _check_logits(teacher_logits, self.num_classes, "teacher_logits")
         if teacher_logits.shape != student_logits.shape:
@@ -359,7 +414,7 @@ class ConDistDiceLoss(torch.nn.Module):
             return _soft_dice(q_s, q_t)
 
 
-# --------------------------------------------------------------------------- schedule, deep supervision
+# --------------------------------------------------------------------------- schedule
 
 
 def lambda_schedule(round_index: int, total_rounds: int, start: float = 0.01, end: float = 1.0) -> float:
@@ -368,6 +423,18 @@ def lambda_schedule(round_index: int, total_rounds: int, start: float = 0.01, en
 
     With a single round (R = 1) the weight is ``start``: round 0 always gets ``start``
     (its teacher is the initial global model), as for every R >= 2.
+
+    Args:
+        round_index: 0-based round.
+        total_rounds: the run's rounds (>= 1).
+        start: the weight of round 0.
+        end: the weight of the last round.
+
+    Returns:
+        The weight.
+
+    Raises:
+        ValueError: a round outside the run, or a weight that is not a finite number.
     """
     r = _check_int(round_index, "round_index")
     n = _check_int(total_rounds, "total_rounds")
@@ -381,86 +448,3 @@ def lambda_schedule(round_index: int, total_rounds: int, start: float = 0.01, en
     if n == 1:
         return float(start)
     return float(start) + (float(end) - float(start)) * r / (n - 1)
-
-
-def deep_supervision_loss(
-    outputs: torch.Tensor | Sequence[torch.Tensor],
-    label: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """``loss_fn`` on every deep-supervision head, weights ``2**-i`` normalised to sum 1.
-
-    ``outputs``: a list/tuple of ``(B, C, *spatial_i)`` heads, main (full resolution) head
-    first, or a stacked tensor ``(B, heads, C, *spatial)`` as MONAI's DynUNet returns in
-    training with ``deep_supervision=True`` (all heads already at the label's size; a
-    plain tensor is always read as stacked). 3 heads -> 4/7, 2/7, 1/7; no head is zeroed.
-
-    A head at lower resolution than the label gets the label downsampled to its size by
-    nearest-neighbour interpolation (``nearest-exact``, as nnU-Net and MONAI's
-    DeepSupervisionLoss do: logits are not upsampled). Label values, including the ignore
-    label, are preserved by nearest interpolation. ConDist applies to the main head only.
-
-    The weighting and resizing are MONAI's `DeepSupervisionLoss` (with these weights), which
-    hands ``loss_fn`` float32 heads; the losses here compute in float32 anyway.
-
-    Args:
-        outputs: the heads, as above.
-        label: ``(B, 1, *spatial)`` or ``(B, *spatial)`` integer label at full resolution.
-        loss_fn: the loss of one head, ``loss_fn(logits, label)``.
-
-    Returns:
-        The weighted sum, a scalar tensor.
-
-    Raises:
-        ValueError: heads or label of the wrong shape (stacked heads not at the label's size,
-            a head larger than the label).
-    """
-    if isinstance(outputs, torch.Tensor):
-        if outputs.dim() < 4:
-            raise ValueError(f"stacked deep-supervision outputs must be (B, heads, C, *spatial), got {tuple(outputs.shape)}")
-        heads = list(torch.unbind(outputs, dim=1))
-        n_sp = outputs.dim() - 3
-        stacked = True
-    elif isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, torch.Tensor) for o in outputs):
-        heads = list(outputs)
-        n_sp = heads[0].dim() - 2
-        stacked = False
-    else:
-        raise ValueError("outputs must be a non-empty list/tuple of (B, C, *spatial) tensors or a stacked (B, heads, C, *spatial) tensor")
-    if not isinstance(label, torch.Tensor):
-        raise ValueError(f"label must be a torch.Tensor, got {type(label).__name__}")
-    if label.dim() == n_sp + 2 and label.shape[1] == 1:
-        lab = label
-    elif label.dim() == n_sp + 1:
-        lab = label.unsqueeze(1)
-    else:
-        raise ValueError(f"label shape {tuple(label.shape)} does not fit heads with {n_sp} spatial dims: expected (B, 1, *spatial) or (B, *spatial)")
-    full = tuple(lab.shape[2:])
-    for i, head in enumerate(heads):
-        if head.dim() != n_sp + 2 or head.shape[0] != lab.shape[0]:
-            raise ValueError(f"head {i} has shape {tuple(head.shape)}; expected (B={lab.shape[0]}, C, {n_sp} spatial dims)")
-        size = tuple(head.shape[2:])
-        if size != full:
-            if stacked:
-                raise ValueError(f"stacked heads must match the label's spatial size {full}, got {size}")
-            if any(s > f for s, f in zip(size, full)):
-                raise ValueError(f"head {i} spatial size {size} is larger than the label's {full}")
-    weights = [0.5**i for i in range(len(heads))]
-    total_w = sum(weights)
-    # MONAI sums weight * loss(head, label resized "nearest-exact" to the head); it resizes a
-    # float target, so the label travels as float (ids <= 255 are exact) and goes back to its
-    # integer dtype before `loss_fn` sees it.
-    criterion = DeepSupervisionLoss(_IntegerLabel(loss_fn, lab.dtype), weights=[w / total_w for w in weights])
-    return criterion(heads, lab.float())
-
-
-class _IntegerLabel(torch.nn.Module):
-    """`loss_fn` with the label cast back to its integer dtype (for `DeepSupervisionLoss`)."""
-
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype):
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.dtype = dtype
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, label.to(self.dtype))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BeforeValidator, ConfigDict, model_validator
 
@@ -28,8 +28,13 @@ DEFAULT_SIZE = "tiny"
 _MEDNEXT_COMMON: dict[str, Any] = {"init_filters": 32, "kernel_size": 3, "use_residual_connection": True, "norm_type": "group"}
 
 
-def _mednext_blocks(down, bottleneck, up, enc_ratio, dec_ratio, bottleneck_ratio) -> dict[str, Any]:
-    as4 = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * 4  # noqa: E731
+_Stages = int | tuple[int, ...]  # one value for every stage, or one per stage
+
+
+def _mednext_blocks(down: _Stages, bottleneck: int, up: _Stages, enc_ratio: _Stages, dec_ratio: _Stages, bottleneck_ratio: int) -> dict[str, Any]:
+    def as4(v: _Stages) -> tuple[int, ...]:
+        return tuple(v) if isinstance(v, tuple) else (v,) * 4
+
     return {
         "blocks_down": as4(down),
         "blocks_bottleneck": bottleneck,
@@ -99,14 +104,14 @@ def _choose(value: Any, choices: Sequence[str], hint_first: bool = False) -> str
 def _check_name(name: Any) -> str:
     if name not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; {_choose(name, NETWORKS)}")
-    return name
+    return str(name)
 
 
 def _check_size(name: str, size: Any) -> str:
     if size not in NETWORK_SIZES[name]:
         choices = _choose(size, tuple(NETWORK_SIZES[name]))
         raise ValueError(f"unknown size {size!r} for network {name!r}; {choices}")
-    return size
+    return str(size)
 
 
 def _check_dims(spatial_dims: Any) -> int:
@@ -120,9 +125,11 @@ def _monai_defaults(name: str) -> dict[str, Any]:
     if name == "dynunet":
         return {"filters": "nnunet", "levels": 6}
     # only for a config given as a mapping (build_network, never a spec): MONAI is needed here
-    from monai.networks.nets import BasicUNet, MedNeXt
+    from monai.networks.nets.basic_unet import BasicUNet
+    from monai.networks.nets.mednext import MedNeXt
 
-    params = inspect.signature({"basic_unet": BasicUNet, "mednext": MedNeXt}[name].__init__).parameters
+    networks: dict[str, type[Any]] = {"basic_unet": BasicUNet, "mednext": MedNeXt}
+    params = inspect.signature(networks[name].__init__).parameters
     return {k: p.default for k, p in params.items() if k not in _RESERVED and p.default is not inspect.Parameter.empty}
 
 
@@ -138,9 +145,21 @@ def resolve_config(
     features: Sequence[int] | int | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """The MONAI constructor arguments for ``name`` at ``size`` (a size name or a config dict),
-    with ``features`` and ``kwargs`` overriding the size's values. Does not include
-    spatial_dims / in_channels / out_channels / deep_supervision."""
+    """The MONAI constructor arguments for ``name`` at ``size``, with ``features`` and ``kwargs`` overriding the size's values.
+
+    Args:
+        name: ``basic_unet``, ``dynunet`` or ``mednext``.
+        size: a size name (None: `DEFAULT_SIZE`) or a mapping of constructor arguments.
+        spatial_dims: 2 or 3.
+        features: the widths (see `pipelines.networks.build_network`).
+        kwargs: further constructor arguments.
+
+    Returns:
+        The arguments, without spatial_dims / in_channels / out_channels / deep_supervision.
+
+    Raises:
+        ValueError: an unknown name or size, or widths that do not fit the network.
+    """
     _check_name(name)
     _check_dims(spatial_dims)
     if size is None:
@@ -215,7 +234,15 @@ def _check_positive_ints(key: str, values: Sequence[Any]) -> None:
 
 
 def network_levels(name: str, config: Mapping[str, Any]) -> int:
-    """Number of resolution levels (full resolution included) of a resolved config."""
+    """Number of resolution levels (full resolution included) of a resolved config.
+
+    Args:
+        name: the network.
+        config: its arguments (`resolve_config`).
+
+    Returns:
+        The number of levels.
+    """
     if name == "mednext":
         return len(tuple(config["blocks_down"])) + 1
     if name == "dynunet":
@@ -224,7 +251,16 @@ def network_levels(name: str, config: Mapping[str, Any]) -> int:
 
 
 def patch_divisors(name: str, config: Mapping[str, Any], spatial_dims: int) -> tuple[int, ...]:
-    """Per axis, what every side of the patch must be divisible by (total downsampling)."""
+    """Per axis, what every side of the patch must be divisible by (total downsampling).
+
+    Args:
+        name: the network.
+        config: its arguments (`resolve_config`).
+        spatial_dims: 2 or 3.
+
+    Returns:
+        One divisor per axis.
+    """
     if name == "dynunet":
         divs = [1] * spatial_dims
         for s in config["strides"]:
@@ -241,14 +277,23 @@ def check_patch_size(
     spatial_dims: int | None = None,
     **overrides: Any,
 ) -> None:
-    """Raise ValueError unless ``roi_size`` fits network ``name`` at ``size`` (a size name or a
-    config such as ``resolve_config`` returns): every side divisible by the total downsampling,
-    and more than one voxel at the coarsest level."""
+    """Check that a training patch fits a network: every side divisible by the total downsampling, more than one voxel at the coarsest level.
+
+    Args:
+        name: the network.
+        size: a size name or a config such as `resolve_config` returns.
+        roi_size: the patch (an int: the same on every axis).
+        spatial_dims: 2 or 3 (None: from ``roi_size``, else 3).
+        overrides: the network's other arguments.
+
+    Raises:
+        ValueError: the patch does not fit (the message names the nearest valid one).
+    """
     _check_name(name)
     if isinstance(roi_size, int) and not isinstance(roi_size, bool):
         roi = (roi_size,) * (spatial_dims or 3)
     else:
-        roi = tuple(roi_size)
+        roi = tuple(cast(Sequence[int], roi_size))  # a bool is not a patch: tuple() refuses it
     if spatial_dims is None:
         spatial_dims = len(roi)
     _check_dims(spatial_dims)

@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.nets import BasicUNet, DynUNet, MedNeXt
+from monai.networks.nets.basic_unet import BasicUNet
+from monai.networks.nets.dynunet import DynUNet
+from monai.networks.nets.mednext import MedNeXt
 
 # The plain-argument part (sizes, spec and patch checks) imports neither torch nor MONAI, so
 # that checking a spec stays fast; its names stay importable from here.
-from pipelines.network_config import (  # noqa: F401
+from pipelines.network_config import (
     DEFAULT_SIZE,
     MONAI_OPTIONS,
     NETWORK_SIZES,
@@ -31,6 +33,26 @@ from pipelines.network_config import (  # noqa: F401
     resolve_config,
 )
 
+__all__ = [
+    "DEFAULT_SIZE",
+    "MONAI_OPTIONS",
+    "NETWORKS",
+    "NETWORK_SIZES",
+    "SIZES",
+    "_check_dims",
+    "_check_name",
+    "all_heads",
+    "build_network",
+    "check_patch_size",
+    "count_parameters",
+    "deep_supervision_weights",
+    "main_output",
+    "network_config_from_spec",
+    "network_levels",
+    "patch_divisors",
+    "resolve_config",
+]
+
 
 class _DynUNet(DynUNet):
     """MONAI DynUNet whose deep-supervision training output is a tuple of heads, each at its own
@@ -39,7 +61,7 @@ class _DynUNet(DynUNet):
     The intermediate head tensors MONAI leaves on the module are dropped after each forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        out = self.output_block(self.skip_layers(x))
+        out: torch.Tensor = self.output_block(self.skip_layers(x))
         heads = tuple(self.heads)
         for i in range(len(self.heads)):  # same list object as the skip layers': clear in place
             self.heads[i] = _PLACEHOLDER
@@ -64,15 +86,26 @@ def build_network(
 ) -> torch.nn.Module:
     """Build a MONAI segmentation network.
 
-    - ``name``: ``mednext``, ``dynunet`` or ``basic_unet``.
-    - ``size``: ``tiny`` (default: seconds-fast CPU tests), ``small``, ``base`` (MedNeXt-B of the
-      paper; nnU-Net-like DynUNet), ``medium``, ``large``; or a mapping of constructor arguments.
-      See the module docstring for the table.
-    - ``features``: overrides the size's widths: BasicUNet's 6 features, DynUNet's filters per
-      level (their number sets the levels), MedNeXt's (f, 2f, 4f, ...) per level (or just f).
-    - ``deep_supervision``: MedNeXt / DynUNet only; see the module docstring for the outputs.
-    - ``roi_size``: when given, checked with ``check_patch_size``.
-    - ``kwargs``: further MONAI constructor arguments (override the size's).
+    Args:
+        name: ``mednext``, ``dynunet`` or ``basic_unet``.
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: classes, background included.
+        features: overrides the size's widths: BasicUNet's 6 features, DynUNet's filters per
+            level (their number sets the levels), MedNeXt's (f, 2f, 4f, ...) per level (or just f).
+        size: ``tiny`` (default: seconds-fast CPU tests), ``small``, ``base`` (MedNeXt-B of the
+            paper; nnU-Net-like DynUNet), ``medium``, ``large``; or a mapping of constructor
+            arguments (docs/design/networks.md has the table).
+        deep_supervision: MedNeXt / DynUNet only (what they then return: docs/design/networks.md).
+        roi_size: when given, checked with ``check_patch_size``.
+        kwargs: further MONAI constructor arguments (override the size's).
+
+    Returns:
+        The network.
+
+    Raises:
+        ValueError: an unknown name or size, bad widths, a patch that does not fit, deep
+            supervision on basic_unet.
     """
     _check_name(name)
     _check_dims(spatial_dims)
@@ -82,7 +115,7 @@ def build_network(
         check_patch_size(name, size, roi_size, spatial_dims, **overrides)
     if not isinstance(deep_supervision, bool):
         raise ValueError(f"deep_supervision must be true or false, got {deep_supervision!r}")
-    common = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels}
+    common: dict[str, Any] = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels}
     if name == "basic_unet":
         if deep_supervision:
             raise ValueError("basic_unet has no deep supervision heads; use mednext or dynunet")
@@ -95,6 +128,15 @@ def build_network(
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """The number of parameters of `model`.
+
+    Args:
+        model: the network.
+        trainable_only: count only the parameters that require a gradient.
+
+    Returns:
+        The number of scalar parameters.
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -109,6 +151,17 @@ def all_heads(outputs: torch.Tensor | Sequence[torch.Tensor], spatial_dims: int 
     - MONAI's stacked DynUNet tensor (B, heads, C, *spatial): unbound along dim 1; all heads are
       then at full resolution (MONAI upsampled them), returned as given. A 5-D tensor is read as
       a plain 3-D output unless ``spatial_dims=2`` is passed; a 6-D tensor is always stacked 3-D.
+
+    Args:
+        outputs: what the network returned.
+        spatial_dims: 2 or 3 (None: guess from the number of dimensions, as above).
+
+    Returns:
+        The heads.
+
+    Raises:
+        ValueError: no output, or a tensor that does not fit ``spatial_dims``.
+        TypeError: neither a tensor nor a sequence of tensors.
     """
     if isinstance(outputs, (list, tuple)):
         if not outputs:
@@ -126,12 +179,30 @@ def all_heads(outputs: torch.Tensor | Sequence[torch.Tensor], spatial_dims: int 
 
 
 def main_output(outputs: torch.Tensor | Sequence[torch.Tensor], spatial_dims: int | None = None) -> torch.Tensor:
-    """Full-resolution main-head logits (B, C, *spatial), whatever the network returned."""
+    """Full-resolution main-head logits, whatever the network returned.
+
+    Args:
+        outputs: what the network returned (see `all_heads`).
+        spatial_dims: 2 or 3 (None: guess).
+
+    Returns:
+        The main head (B, C, *spatial).
+    """
     return all_heads(outputs, spatial_dims)[0]
 
 
 def deep_supervision_weights(n_heads: int) -> list[float]:
-    """Loss weights per head (main first), halving per level, normalised to sum to 1."""
+    """Loss weights per head (main first), halving per level, normalised to sum to 1.
+
+    Args:
+        n_heads: the number of heads (>= 1).
+
+    Returns:
+        The weights.
+
+    Raises:
+        ValueError: ``n_heads`` < 1.
+    """
     if n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {n_heads}")
     w = [0.5**i for i in range(n_heads)]

@@ -58,6 +58,10 @@ Spacing = Annotated[str | tuple[float, ...] | None, BeforeValidator(parse_spacin
 _POSITIVE = "must be a positive integer (got {got})"
 
 
+# keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids)
+FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids")
+
+
 class PlanArgsBase(ConfigModel):
     """The keys every plan with a label schema takes (the coordinator fills in the last three)."""
 
@@ -92,4 +96,5 @@ def validate_plan_args(model: type[ModelT], args: Any, keys: Sequence[str], cont
     for key, problem in model.REFUSED.items():  # a misunderstanding, said before anything else
         if key in args:
             raise InvalidPlanArgs.of(f"plan_args.{key}", problem)
-    return check_model(model, args, "plan_args", InvalidPlanArgs, context, keys=keys, hidden=("schema_definition",))
+    # what the coordinator fills in is accepted but never offered to a researcher as an allowed key
+    return check_model(model, args, "plan_args", InvalidPlanArgs, context, keys=keys, hidden=FILLED_IN)

@@ -7,8 +7,17 @@ import random
 
 
 def sample_sites(node_ids: list[str], k: int | None, seed: int, round_i: int) -> list[str]:
-    """The sites a round trains: ``k`` of ``node_ids`` (all when k is None or >= K),
-    seeded by (seed, round) so a resumed run draws the same sites."""
+    """The sites a round trains: ``k`` of ``node_ids``, drawn with a seed of (seed, round).
+
+    Args:
+        node_ids: every site of the federation.
+        k: how many sites train per round (None, or at least their number: all of them).
+        seed: the run's seed.
+        round_i: the round, so a resumed run draws the same sites again.
+
+    Returns:
+        The sampled node ids, sorted.
+    """
     nodes = sorted(node_ids)
     if k is None or k >= len(nodes):
         return nodes

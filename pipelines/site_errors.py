@@ -2,7 +2,7 @@
 
 The plans wrap their entry points with `site_boundary`: the full failure goes to the site's own log under an
 incident id and leaves as a `SiteError` built from a fixed code and checked fields. Why and what it looks like:
-docs/design/site-boundary.md. Standard library only (plans import it without the site agent).
+docs/design/site-boundary.md. Imports no site-agent code: plans import it on a node.
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ import logging
 import re
 import secrets
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ParamSpec, TextIO, TypeVar
+
+from pipelines.artifact_approval import ArtifactNotApproved
+
+__all__ = ["CODES", "FIELDS", "SiteError", "mark_researcher_process", "sanitize", "site_boundary", "site_logger"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # The only text that leaves a site in an error: these codes, and these fields if they match.
 CODES = {
@@ -34,15 +42,15 @@ _PREFIX = "fedimg site error"
 _log = logging.getLogger("fedimg.site")
 
 
-class _Stderr(logging.StreamHandler):
+class _Stderr(logging.StreamHandler[TextIO]):
     """Writes to the current ``sys.stderr`` (the node's log file; replaced under test capture)."""
 
-    @property
-    def stream(self):
+    @property  # the current sys.stderr, where the base class keeps the stream it was given
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:
+    def stream(self, value: TextIO) -> None:
         pass
 
 
@@ -72,10 +80,8 @@ class SiteError(RuntimeError):
         super().__init__(f"{_PREFIX} {self.code} [{detail}]: {CODES[self.code]}; details are in the site's log (site-agent logs)")
 
 
-def _classify(exc: BaseException) -> tuple[str, dict]:
+def _classify(exc: BaseException) -> tuple[str, dict[str, Any]]:
     """Error code and candidate fields for an exception, by its type (never its text)."""
-    from pipelines.artifact_approval import ArtifactNotApproved
-
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:  # the refusal may arrive wrapped by another error
@@ -97,7 +103,15 @@ def _classify(exc: BaseException) -> tuple[str, dict]:
 
 
 def sanitize(exc: BaseException, stage: str) -> SiteError:
-    """Log `exc` in full to the site's log and return the `SiteError` to raise instead."""
+    """Log `exc` in full to the site's log and return the `SiteError` to raise instead.
+
+    Args:
+        exc: the failure (a `SiteError` is returned as it is).
+        stage: ``init``, ``data``, ``training`` or ``testing``.
+
+    Returns:
+        The error to report: a code and allowlisted fields, with a new incident id that the log line carries too.
+    """
     if isinstance(exc, SiteError):
         return exc
     incident = secrets.token_hex(4)
@@ -131,18 +145,24 @@ def _researcher_process() -> bool:
     return _RESEARCHER_PROCESS
 
 
-def site_boundary(stage: str) -> Callable:
+def site_boundary(stage: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate an entry point Fed-BioMed calls: any exception leaves it as a `SiteError`.
 
     Args:
         stage: ``init``, ``data``, ``training`` or ``testing`` (reported with the error).
+
+    Returns:
+        The decorator (in the coordinator's process, see `mark_researcher_process`, errors pass unchanged).
+
+    Raises:
+        ValueError: an unknown stage.
     """
     if not FIELDS["stage"].match(stage):
         raise ValueError(f"unknown stage {stage!r}")
 
-    def wrap(fn: Callable) -> Callable:
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
-        def inner(*args, **kwargs):
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - every failure is reported the same way

@@ -16,7 +16,7 @@ _UNSAFE_RE = re.compile(f"[{_UNSAFE}]")
 _UNSAFE_OR_TAB_RE = re.compile(f"[\t{_UNSAFE}]")
 
 
-def _visible(match: re.Match) -> str:
+def _visible(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
@@ -45,6 +45,14 @@ def escape_controls(text: object, keep_tabs: bool = False, limit: int | None = N
 
 
 def has_controls(text: object, allow_tabs: bool = True) -> bool:
-    """Whether `text` holds any character `escape_controls` escapes (tabs counted unless allowed)."""
+    """Whether `text` holds any character `escape_controls` escapes.
+
+    Args:
+        text: what would be printed; None counts as "".
+        allow_tabs: tab characters are fine (not counted).
+
+    Returns:
+        True when `text` holds a control, bidi or zero-width character.
+    """
     s = "" if text is None else str(text)
     return bool((_UNSAFE_RE if allow_tabs else _UNSAFE_OR_TAB_RE).search(s))

@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from pipelines.deep_supervision import deep_supervision_loss
 from pipelines.evaluation import dice_per_class, merge_lesions, predict_volume
-from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_loss
+from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss
 from pipelines.networks import all_heads, main_output
-from pipelines.plan_args import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args  # noqa: F401
-from pipelines.site_state import SiteStateStore, is_plain_name  # noqa: F401 - is_plain_name: importable here
+from pipelines.plan_args import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args
+from pipelines.site_state import SiteStateStore, is_plain_name
 from preprocessing.schema import LabelSchema
+
+__all__ = [
+    "DEFAULTS",  # the plan-argument names are re-exported: plans and tests import them from here
+    "PLAN_ARG_KEYS",
+    "OptimizerStateStore",
+    "PartialLabelObjective",
+    "SegmentationSettings",
+    "class_means",
+    "cosine_lr",
+    "evaluate_case",
+    "frozen_teacher",
+    "is_plain_name",
+    "parameter_checksum",
+    "parse_plan_args",
+    "predict",
+    "teacher_logits",
+]
 
 
 class PartialLabelObjective:
@@ -27,6 +45,15 @@ class PartialLabelObjective:
     ``teacher`` logits present: ``marginal + weight * ConDist`` (ConDistFL); absent:
     ``marginal`` only (FedAvg / FedProx / FedOpt / standalone baselines). Returns the loss
     and its parts as floats for reporting.
+
+    Args:
+        schema: the federation label schema.
+        foreground: the schema ids the site labels.
+        temperature: ConDist's softmax temperature.
+        spatial_dims: 2 or 3 (how the network's outputs are read).
+
+    Raises:
+        ValueError: the site labels no class.
     """
 
     def __init__(self, schema: LabelSchema, foreground: Sequence[int], temperature: float = 0.5, spatial_dims: int = 3):
@@ -39,7 +66,20 @@ class PartialLabelObjective:
         self.marginal = MarginalDiceCELoss(foreground, schema.num_classes, ignore_index=schema.ignore_label)
         self.condist = ConDistDiceLoss(schema.num_classes, foreground, self.background, temperature, ignore_index=schema.ignore_label)
 
-    def __call__(self, outputs, label: torch.Tensor, teacher: torch.Tensor | None = None, weight: float = 0.0):
+    def __call__(
+        self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor, teacher: torch.Tensor | None = None, weight: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one step.
+
+        Args:
+            outputs: what the network returned (one tensor, or its deep-supervision heads).
+            label: the patches' labels, (B, 1, *spatial).
+            teacher: the frozen global model's main-head logits (None: no distillation).
+            weight: ConDist's weight (lambda) this round.
+
+        Returns:
+            ``(loss, parts)``: ``parts`` holds ``sup_loss`` and, with a teacher, ``condist_loss``.
+        """
         heads = all_heads(outputs, self.spatial_dims)
         sup = deep_supervision_loss(heads, label, self.marginal) if len(heads) > 1 else self.marginal(heads[0], label)
         parts = {"sup_loss": float(sup.detach())}
@@ -51,12 +91,19 @@ class PartialLabelObjective:
 
 
 def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    """An independent frozen copy (eval mode, no gradients) of the model as it is now."""
+    """An independent frozen copy of the model as it is now.
+
+    Args:
+        model: the received global model.
+
+    Returns:
+        A deep copy in eval mode, without gradients (and without MedNeXt's deep-supervision heads).
+    """
     teacher = copy.deepcopy(model)
     teacher.eval()
     teacher.requires_grad_(False)
     if getattr(teacher, "do_ds", False):
-        teacher.do_ds = False  # MONAI's MedNeXt computes its deep-supervision heads even in eval mode
+        setattr(teacher, "do_ds", False)  # MedNeXt's attribute, not Module's: MONAI's MedNeXt computes its deep-supervision heads even in eval mode
     return teacher
 
 
@@ -65,14 +112,32 @@ def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, spatial_dims:
     version counters: the cheapest forward torch offers; `benchmarks/condistfl_step_cost.py`
     measured it ~6 % of a step cheaper than no_grad on CPU, while bf16 autocast and
     channels-last were slower there). The clone turns the inference tensor into an
-    ordinary one the student's loss may use."""
+    ordinary one the student's loss may use.
+
+    Args:
+        teacher: the frozen teacher (`frozen_teacher`).
+        images: the step's patches.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        The main head's logits (B, C, *spatial).
+    """
     with torch.inference_mode():
         out = main_output(teacher(images), spatial_dims)
     return out.clone()
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    """Cosine annealing from ``base_lr`` at step 0 to 0 at ``total_steps``."""
+    """Cosine annealing from ``base_lr`` at step 0 to 0 at ``total_steps``.
+
+    Args:
+        base_lr: the learning rate at step 0.
+        step: the step of the run (clamped to [0, total_steps]).
+        total_steps: the run's steps (<= 0: constant ``base_lr``).
+
+    Returns:
+        The learning rate of this step.
+    """
     if total_steps <= 0:
         return base_lr
     t = min(max(step, 0), total_steps) / total_steps
@@ -80,8 +145,14 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 
 
 def parameter_checksum(params: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]) -> tuple[float, float]:
-    """(sum, sum of squares) over parameters in float64, in name order: two numbers that
-    identify a parameter set well enough to check two copies are the same weights."""
+    """Two numbers that identify a parameter set well enough to check two copies are the same weights.
+
+    Args:
+        params: name -> tensor, as a mapping or (name, tensor) pairs.
+
+    Returns:
+        ``(sum, sum of squares)`` over every value in float64, in name order.
+    """
     items = sorted(params.items() if isinstance(params, Mapping) else params, key=lambda kv: kv[0])
     s = sq = 0.0
     for _, t in items:
@@ -99,12 +170,21 @@ class _SliceWise(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return main_output(self.net(x[..., 0]), 2).unsqueeze(-1)
 
 
 def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationSettings) -> torch.Tensor:
-    """Argmax label map (X, Y, Z) of a preprocessed volume (C, X, Y, Z)."""
+    """Argmax label map of a preprocessed volume by sliding-window inference (2D models slice by slice).
+
+    Args:
+        model: the network.
+        image: the volume (C, X, Y, Z).
+        settings: window, overlap and the classes inference may output.
+
+    Returns:
+        The label map (X, Y, Z).
+    """
     if settings.spatial_dims == 2:
         wrapper = _SliceWise(model).train(model.training)  # predict_volume restores the wrapper's mode
         return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes)
@@ -124,8 +204,18 @@ def evaluate_case(
 ) -> dict[int, float]:
     """Dice per class of one whole volume (empty-mask rule of `pipelines.evaluation`).
 
-    ``merge_lesion_classes``: score organs with their lesions merged in (out-of-federation
-    test sets that do not label lesions)."""
+    Args:
+        model: the network.
+        image: the preprocessed volume (C, X, Y, Z).
+        label: its label map, (1, X, Y, Z) or (X, Y, Z).
+        settings: the plan's settings (window, schema).
+        classes: the classes to score.
+        merge_lesion_classes: score organs with their lesions merged in (out-of-federation
+            test sets that do not label lesions).
+
+    Returns:
+        Class id -> Dice.
+    """
     pred = predict(model, image, settings).cpu().numpy()
     ref = label.reshape(pred.shape).cpu().numpy() if label.numel() == pred.size else label[0].cpu().numpy()
     if merge_lesion_classes:
@@ -135,8 +225,16 @@ def evaluate_case(
 
 
 def class_means(per_case: Sequence[Mapping[int, float]], classes: Sequence[int]) -> dict[int, float]:
-    """NaN-excluded mean Dice per class over cases (classes never scored are left out)."""
-    out = {}
+    """NaN-excluded mean Dice per class over cases.
+
+    Args:
+        per_case: Dice per class of each case.
+        classes: the classes to average.
+
+    Returns:
+        Class id -> mean Dice (classes never scored are left out).
+    """
+    out: dict[int, float] = {}
     for c in classes:
         vals = [case[c] for case in per_case if c in case and not np.isnan(case[c])]
         if vals:
@@ -151,6 +249,14 @@ class OptimizerStateStore(SiteStateStore):
     optimizer (another network) is ignored and training starts with fresh moments."""
 
     def load_into(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Restore the stored state into `optimizer`.
+
+        Args:
+            optimizer: the plan's optimizer, freshly built.
+
+        Returns:
+            Whether a stored state was loaded (False: none, or it does not fit).
+        """
         state = self.read()
         if state is None:
             return False
@@ -161,4 +267,9 @@ class OptimizerStateStore(SiteStateStore):
         return True
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
+        """Store `optimizer`'s state for this site's next round of the run.
+
+        Args:
+            optimizer: the plan's optimizer after the round.
+        """
         self.write(optimizer.state_dict())

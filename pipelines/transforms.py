@@ -23,25 +23,21 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import monai
 import torch
-from monai.data import PersistentDataset
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Identityd,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
-    Transform,
-)
-from monai.transforms.transform import RandomizableTrait
+from monai.data.dataset import PersistentDataset
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms.compose import Compose
+from monai.transforms.intensity.dictionary import NormalizeIntensityd, ScaleIntensityRanged
+from monai.transforms.io.dictionary import LoadImaged
+from monai.transforms.spatial.dictionary import Orientationd, Spacingd
+from monai.transforms.traits import RandomizableTrait
+from monai.transforms.transform import Transform
+from monai.transforms.utility.dictionary import EnsureChannelFirstd, EnsureTyped, Identityd
 
 from preprocessing.schema import LabelSchema, ModalityRule, load_schema
 
@@ -60,6 +56,16 @@ TRANSFORMS_VERSION = 1
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 _SCHEMA_SPACING = "schema"
+
+__all__ = [
+    "RAS_LABELS",
+    "TRANSFORMS_VERSION",
+    "cached_dataset",
+    "default_schema",
+    "deterministic_transforms",
+    "intensity_transform",
+    "transforms_fingerprint",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,6 +88,17 @@ def intensity_transform(rule: ModalityRule, key: str = "image", zscore_nonzero: 
       does the same for MR). Exact zeros inside the body are rare in MR, whose noise floor is
       not zero. A case with no non-zero voxel is left unchanged.
     * ``none``: identity.
+
+    Args:
+        rule: the schema's rule for the case's modality.
+        key: the image key.
+        zscore_nonzero: z-score statistics over the non-zero voxels only.
+
+    Returns:
+        The transform.
+
+    Raises:
+        ValueError: an unknown normalisation, or ``ct_window`` without a clip window.
     """
     if rule.normalisation == "ct_window":
         if rule.clip is None:
@@ -111,7 +128,7 @@ def _modality_rule(schema: LabelSchema, modality: str) -> ModalityRule:
         ) from None
 
 
-def _resolve_spacing(schema: LabelSchema, spacing) -> tuple[float, ...] | None:
+def _resolve_spacing(schema: LabelSchema, spacing: Sequence[float] | str | None) -> tuple[float, ...] | None:
     if isinstance(spacing, str):
         if spacing != _SCHEMA_SPACING:
             raise ValueError(f"spacing must be 'schema', None or three numbers in mm, got {spacing!r}")
@@ -137,6 +154,19 @@ def transforms_fingerprint(
     depends on: schema name and version, the modality's rule, the resolved spacing, the keys,
     the other options, `TRANSFORMS_VERSION` and MONAI's version (resampling numerics and the
     cache file format may change with it).
+
+    Args:
+        schema: the federation schema.
+        modality: the case's modality (a rule of the schema).
+        spacing: as for `deterministic_transforms`.
+        keys: the image key, then the label keys.
+        options: the chain's other arguments.
+
+    Returns:
+        The name.
+
+    Raises:
+        ValueError: no rule for the modality, or a bad spacing.
     """
     rule = _modality_rule(schema, modality)
     doc = {
@@ -178,6 +208,21 @@ def deterministic_transforms(
 
     The returned Compose has a ``fingerprint`` attribute (see `transforms_fingerprint`),
     which `cached_dataset` uses as its cache folder name.
+
+    Args:
+        schema: as above.
+        modality: the case's modality (a rule of the schema).
+        spacing: as above.
+        keys: the image key, then the label keys.
+        image_mode: as above.
+        label_dtype: as above.
+        zscore_nonzero: see `intensity_transform`.
+
+    Returns:
+        The chain, with its ``fingerprint``.
+
+    Raises:
+        ValueError: no keys, no rule for the modality, or a bad spacing.
     """
     schema = schema if schema is not None else default_schema()
     keys = list(keys)
@@ -198,7 +243,7 @@ def deterministic_transforms(
             Spacingd(
                 keys=keys,
                 pixdim=pixdim,
-                mode=[image_mode] + ["nearest"] * len(label_keys),
+                mode=[image_mode] + ["nearest"] * len(label_keys),  # type: ignore[arg-type]  # MONAI takes spline orders (ints) too
                 padding_mode=["border"] + ["zeros"] * len(label_keys),
                 allow_missing_keys=True,
             )
@@ -208,7 +253,10 @@ def deterministic_transforms(
     if label_keys:
         steps.append(EnsureTyped(keys=label_keys, dtype=label_dtype, allow_missing_keys=True))
     chain = Compose(steps)
-    chain.fingerprint = transforms_fingerprint(schema, modality, spacing, keys, image_mode=image_mode, label_dtype=label_dtype, zscore_nonzero=zscore_nonzero)
+    # an attribute, not a Compose subclass: MONAI's flatten() inlines only exact Compose instances
+    chain.fingerprint = transforms_fingerprint(  # type: ignore[attr-defined]
+        schema, modality, spacing, keys, image_mode=image_mode, label_dtype=label_dtype, zscore_nonzero=zscore_nonzero
+    )
     return chain
 
 
@@ -233,30 +281,31 @@ def _item_hash(item: Any) -> bytes:
     return hashlib.sha256(json.dumps(stamp(item), sort_keys=True, default=str).encode()).hexdigest().encode()
 
 
-def _fingerprint_of(transform: Callable) -> str | None:
-    fp = getattr(transform, "fingerprint", None)
+def _fingerprint_of(transform: Callable[..., Any]) -> str | None:
+    fp: str | None = getattr(transform, "fingerprint", None)
     if fp is not None:
         return fp
     # Compose([deterministic_transforms(...), <random steps>]): accepted when the cached part
     # (everything before the first random step) is exactly that first chain.
     if isinstance(transform, Compose) and transform.transforms:
         first = transform.transforms[0]
-        fp = getattr(first, "fingerprint", None)
-        if fp is not None and isinstance(first, Compose):
-            if _first_random(transform.flatten().transforms) == len(first.flatten().transforms):
-                return fp
+        first_fp: str | None = getattr(first, "fingerprint", None)
+        if first_fp is not None and isinstance(first, Compose):
+            # MONAI's Compose.flatten has no annotations
+            if _first_random(transform.flatten().transforms) == len(first.flatten().transforms):  # type: ignore[no-untyped-call]
+                return first_fp
     return None
 
 
-def _first_random(steps: Sequence) -> int:
+def _first_random(steps: Sequence[Any]) -> int:
     """Index of the first step PersistentDataset will not cache (random, or not a MONAI Transform)."""
     return next((i for i, t in enumerate(steps) if isinstance(t, RandomizableTrait) or not isinstance(t, Transform)), len(steps))
 
 
 def cached_dataset(
-    items: list[dict],
-    transform: Callable,
-    cache_dir: str | os.PathLike,
+    items: list[dict[str, Any]],
+    transform: Callable[..., Any],
+    cache_dir: str | os.PathLike[str],
     fingerprint: str | None = None,
 ) -> PersistentDataset:
     """A MONAI PersistentDataset whose deterministic part is computed once and kept on disk.
@@ -277,6 +326,18 @@ def cached_dataset(
     ``track_meta=False`` a miss returns MetaTensors and a hit plain tensors; with
     ``track_meta=True`` the cached MetaTensor's metadata fails ``torch.load(weights_only=True)``,
     the file is taken as corrupt, deleted and recomputed on every access (a warning only).
+
+    Args:
+        items: the cases, dicts of file paths.
+        transform: the chain (its deterministic head is cached).
+        cache_dir: the cache root.
+        fingerprint: the chain's folder name (default: as above).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        ValueError: no fingerprint can be found, or it is not a plain folder name.
     """
     fingerprint = fingerprint if fingerprint is not None else _fingerprint_of(transform)
     if not fingerprint:
@@ -286,7 +347,7 @@ def cached_dataset(
         )
     if not all(c.isalnum() or c in "-_." for c in fingerprint) or fingerprint.startswith("."):
         raise ValueError(f"fingerprint must be a plain folder name, got {fingerprint!r}")
-    chain = transform.flatten() if isinstance(transform, Compose) else Compose([transform])
+    chain = transform.flatten() if isinstance(transform, Compose) else Compose([transform])  # type: ignore[no-untyped-call]  # MONAI's flatten has no annotations
     # A nested Compose counts as "random" for PersistentDataset (Compose is Randomizable), which
     # would cache nothing: flatten, then strip metadata so hit and miss return the same types.
     steps = list(chain.transforms)
@@ -302,10 +363,10 @@ def cached_dataset(
 class _StripMeta(Transform):
     """MetaTensor -> plain tensor, keeping each affine as ``<key>_affine`` (float64)."""
 
-    def __call__(self, data):
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key, value in data.items():
-            if isinstance(value, monai.data.MetaTensor):
+            if isinstance(value, MetaTensor):
                 out[key] = value.as_tensor()
                 out[f"{key}_affine"] = torch.as_tensor(value.affine, dtype=torch.float64).clone()
         return out

@@ -162,6 +162,28 @@ def test_settings_are_validated_with_the_key_named():
     assert [s.feature_scale(i) for i in (0, 4, 9)] == [0.2, 1.0, 1.0]
 
 
+def test_settings_list_every_problem_with_its_key_and_keep_what_the_job_digest_covers():
+    from pipelines.adaptation.settings import AdaptSettingsError
+
+    with pytest.raises(AdaptSettingsError) as info:
+        AdaptSettings.from_dict({"stepz": 3, "batch": 1, "network": {"preset": "huge"}}, "s.yaml")
+    err = info.value
+    assert isinstance(err, ValueError) and err.file == "s.yaml" and err.key == "batch"
+    assert err.problems == [
+        ("batch", "must be an integer >= 2 (got 1)"),
+        ("network.preset", "must be one of tiny, paper (got 'huge')"),
+        ("stepz", "unknown key; did you mean 'steps'?"),
+    ]
+    assert str(err).splitlines()[0] == "s.yaml: 3 problems:"
+    with pytest.raises(ValueError, match=r"^adaptation settings: few_shot_seed: must be an integer >= 0 \(got -1\)$"):
+        AdaptSettings(few_shot_seed=-1)  # direct construction words it the same way
+    # a job's configuration digest covers to_dict(): values stay as written (an int weight stays an int)
+    s = AdaptSettings.from_dict({"mse": 1, "lr_encoder": 0.001, "network": {"preset": "paper"}, "few_shot_slice": 2})
+    assert s.to_dict()["mse"] == 1 and type(s.to_dict()["mse"]) is int and s.to_dict()["network"] == {"preset": "paper"}
+    assert AdaptSettings.from_dict(s.to_dict()) == s and s.adapt_config().stem_stride == 2
+    assert AdaptSettings.from_dict(None) == AdaptSettings() and AdaptSettings().to_dict()["network"] == {}
+
+
 def test_label_table_maps_schema_ids_to_branch_indices(schema):
     names = branch_classes(schema, [7, 3])
     assert names == ["background", "liver", "spleen"]

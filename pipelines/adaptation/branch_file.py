@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fedimg_core.config import short
+from pipelines.adaptation.branch import SegmentationBranch
 from pipelines.adaptation.config import BRANCH_FORMAT, FACTORY_KEYS, BranchConfig
-from pipelines.adaptation.networks import SegmentationBranch
 from pipelines.config_fields import ConfigValueError, check_model
 
 __all__ = [
@@ -71,8 +71,18 @@ def validate_branch_config(config: Any, where: str = "branch") -> dict[str, Any]
 
 
 def load_branch(config: Mapping[str, Any], state: Mapping[str, Any]) -> SegmentationBranch:
-    """Rebuild a published branch from its config and tensor state dict, refusing anything but
-    exactly the expected weights (ValueError naming the problem). Returned in eval mode."""
+    """Rebuild a published branch from its config and tensor state dict, refusing anything but exactly the expected weights.
+
+    Args:
+        config: the ``branch.json`` content.
+        state: tensor name -> tensor (as ``torch.load(weights_only=True)`` read it).
+
+    Returns:
+        The branch, in eval mode (CPU, the configuration's dtypes).
+
+    Raises:
+        BranchFileError: (a ValueError) naming the key or tensor and the problem.
+    """
     branch = SegmentationBranch.from_config(validate_branch_config(config))
     if not isinstance(state, Mapping):
         raise BranchFileError(f"branch weights: must be a mapping of names to tensors (got {type(state).__name__})")
@@ -113,7 +123,14 @@ def load_branch(config: Mapping[str, Any], state: Mapping[str, Any]) -> Segmenta
 
 
 def branch_files(branch: SegmentationBranch) -> dict[str, bytes]:
-    """{"branch.json": config (UTF-8 JSON), "branch.pt": state dict, CPU tensors only}."""
+    """The files a branch is published as.
+
+    Args:
+        branch: the trained branch.
+
+    Returns:
+        ``{"branch.json": config (UTF-8 JSON), "branch.pt": state dict, CPU tensors only}``.
+    """
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().clone().contiguous() for k, v in branch.state_dict().items()}, buf)
     text = json.dumps(branch.config(), indent=2, sort_keys=True) + "\n"
@@ -124,9 +141,17 @@ _MAX_CONFIG_BYTES = 1 << 20
 
 
 def validate_branch_files(files: Mapping[str, bytes]) -> SegmentationBranch:
-    """Check a published branch: exactly branch.json + branch.pt, the JSON a valid config,
-    the weights a weights-only torch file matching it (`load_branch`). Returns the branch (eval
-    mode); raises ValueError naming the file and the problem."""
+    """Check a published branch: exactly branch.json + branch.pt, the JSON a valid config, the weights a weights-only torch file matching it.
+
+    Args:
+        files: file name -> bytes, as uploaded.
+
+    Returns:
+        The branch (`load_branch`), in eval mode.
+
+    Raises:
+        BranchFileError: (a ValueError) naming the file and the problem.
+    """
     if not isinstance(files, Mapping):
         raise BranchFileError(f"branch files: must map file names to bytes (got {type(files).__name__})")
     expected = {BRANCH_CONFIG_FILE, BRANCH_WEIGHTS_FILE}

@@ -214,7 +214,11 @@ class BranchConfig(ConfigModel):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (lists, not tuples)."""
+        """The JSON form of ``branch.json``.
+
+        Returns:
+            Every key, lists rather than tuples.
+        """
         out = self.model_dump()
         out["feature_channels"] = list(self.feature_channels)
         return out

@@ -78,7 +78,17 @@ class FactoryDescription(ConfigModel):
 
 @dataclass
 class Factory:
-    """A published factory loaded for adaptation: frozen G_ema, its config, client ids, slice settings and label schema."""
+    """A published factory loaded for adaptation: frozen G_ema, its config, client ids, slice settings and label schema.
+
+    Args:
+        generator: G_ema, eval mode, no gradients.
+        config: its sizes.
+        clients: site name -> client id.
+        slices: the slice settings it was trained on.
+        schema: the label schema.
+        identity: name, version, sha256 of generator.pt.
+        meta: the whole ``factory.json``.
+    """
 
     generator: Generator  # G_ema, eval mode, no gradients
     config: FactoryConfig
@@ -89,11 +99,22 @@ class Factory:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def client_id(self, site: str | None) -> int | None:
-        """The client id a site trained the factory under; None for a site that was not a member."""
+        """The client id a site trained the factory under.
+
+        Args:
+            site: the site name (None: none).
+
+        Returns:
+            The client id, or None for a site that was not a member.
+        """
         return None if site is None else self.clients.get(site)
 
     def describe(self) -> dict[str, Any]:
-        """Identity, resolution and client ids, for reports and job records."""
+        """Identity, resolution and client ids, for reports and job records.
+
+        Returns:
+            ``{name, version, sha256, resolution, clients}``.
+        """
         return {**self.identity, "resolution": self.config.resolution, "clients": dict(self.clients)}
 
 
@@ -110,8 +131,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_factory(folder: str | Path, name: str = "", version: str = "") -> Factory:
-    """Load the factory published in ``folder`` (a registry version folder, already checksum
-    verified by whoever fetched it). Raises `FactoryError` naming the file and the problem."""
+    """Load the factory published in a registry version folder (already checksum verified by whoever fetched it).
+
+    Args:
+        folder: the version folder (``factory.json``, ``generator.pt``).
+        name: the factory's name (default: the one ``factory.json`` records).
+        version: its version.
+
+    Returns:
+        The factory, its generator frozen.
+
+    Raises:
+        FactoryError: (a ValueError) naming the file and the problem.
+    """
     folder = Path(folder)
     meta = _read_json(folder / CONFIG_FILE)
     where = str(folder / CONFIG_FILE)

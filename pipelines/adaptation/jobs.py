@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +43,64 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def config_digest(config: dict) -> str:
-    """sha256 of a job configuration (canonical JSON): what tells a resumable job from another."""
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of a job configuration (canonical JSON): what tells a resumable job from another.
+
+    Args:
+        config: the job's resolved configuration (JSON-able; other values are written with ``str``).
+
+    Returns:
+        The hex digest.
+    """
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def rng_state() -> dict:
-    """The torch and Python random states, for a checkpoint."""
+def rng_state() -> dict[str, Any]:
+    """The torch and Python random states, for a checkpoint.
+
+    Returns:
+        ``{"torch": <byte tensor>, "python": <random.getstate()>}``.
+    """
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore the random states `rng_state` saved."""
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the random states `rng_state` saved.
+
+    Args:
+        state: what `rng_state` returned (read back from a checkpoint).
+    """
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
 
 
 def tensor_blob(obj: Any) -> bytes:
-    """``obj`` as `torch.save` writes it, in memory (for an atomic write)."""
+    """``obj`` as `torch.save` writes it, in memory (for an atomic write).
+
+    Args:
+        obj: tensors, or containers of them.
+
+    Returns:
+        The bytes of the torch file.
+    """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
 class JobDir:
-    """One job's folder. ``open`` checks it against the configuration and says whether to
-    resume; every write is atomic."""
+    """One job's folder. ``open`` checks it against the configuration and says whether to resume; every write is atomic.
 
-    def __init__(self, root: str | Path, kind: str, config: dict):
+    Args:
+        root: the job folder (its name is the job name: 1-64 of ``A-Z a-z 0-9 _ . -``).
+        kind: ``"source"`` or ``"target"``.
+        config: the job's resolved configuration (JSON-able); its digest tells a resumable job from another.
+
+    Raises:
+        JobError: the folder name is not a job name.
+    """
+
+    def __init__(self, root: str | Path, kind: str, config: dict[str, Any]) -> None:
         self.root = Path(root)
         if not _NAME.match(self.root.name):
             raise JobError(f"{self.root}: a job name is 1-64 of A-Z a-z 0-9 _ . - (got {self.root.name!r})")
@@ -106,19 +137,37 @@ class JobDir:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def record(self) -> dict | None:
-        """The job record (job.json), or None before the job first started."""
+    def record(self) -> dict[str, Any] | None:
+        """The job record (job.json).
+
+        Returns:
+            The record, or None before the job first started.
+
+        Raises:
+            JobError: job.json is unreadable.
+        """
         try:
-            return json.loads(self.record_file.read_text())
+            record: dict[str, Any] = json.loads(self.record_file.read_text())
+            return record
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             raise JobError(f"{self.record_file}: unreadable ({exc}); move the folder aside or use another job name") from None
 
     def open(self, restart: bool = False) -> bool:
-        """Prepare the folder. Returns True when a checkpoint of this configuration exists
-        (resume). Refuses a folder holding another configuration or kind, or a finished
-        job, unless ``restart`` (then the old folder is renamed, not deleted)."""
+        """Prepare the folder and say whether to resume.
+
+        Args:
+            restart: move an existing folder aside (renamed ``<job>.replaced-<time>``, not
+                deleted) and start afresh.
+
+        Returns:
+            True when a checkpoint of this configuration exists (resume).
+
+        Raises:
+            JobError: the folder holds another configuration or kind, or a finished job
+                (and ``restart`` is False).
+        """
         old = self.record()
         if old is None and restart and self.root.exists():  # leftovers without a record: keep them aside too
             os.replace(self.root, self.root.with_name(f"{self.root.name}.replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
@@ -145,38 +194,62 @@ class JobDir:
         return resume
 
     def write_record(self, **fields: Any) -> None:
-        """Update job.json with ``fields`` (atomically), keeping kind, configuration and digest."""
+        """Update job.json with ``fields`` (atomically), keeping kind, configuration and digest.
+
+        Args:
+            **fields: record entries to set (``status``, ``step``, ...).
+        """
         current = self.record() or {}
         current.update({"kind": self.kind, "config": self.config, "config_sha256": self.digest, "updated": _now(), **fields})
         atomic.write_json(self.record_file, current)
 
     # -- state ------------------------------------------------------------------------------
 
-    def save_checkpoint(self, state: dict, step: int) -> None:
-        """Write the training state of ``step`` atomically and record the step."""
+    def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        """Write the training state of ``step`` atomically and record the step.
+
+        Args:
+            state: tensors and plain values (weights-only loadable).
+            step: the number of steps done.
+        """
         atomic.write_bytes(self.checkpoint_file, tensor_blob({**state, "step": step, "config_sha256": self.digest}))
         self.write_record(step=step)
 
-    def load_checkpoint(self) -> dict:
-        """The saved training state; refuses one written by another configuration."""
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The saved training state.
+
+        Returns:
+            What `save_checkpoint` wrote, with ``step`` and ``config_sha256``.
+
+        Raises:
+            JobError: the checkpoint is unreadable or was written by another configuration.
+        """
         try:
             state = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as exc:  # our own file: a torn write is impossible (atomic), corruption is not
             raise JobError(f"{self.checkpoint_file}: unreadable ({exc}); restart the job") from None
         if state.get("config_sha256") != self.digest:
             raise JobError(f"{self.checkpoint_file}: written by another configuration; restart the job")
-        return state
+        return dict(state)
 
-    def log_metrics(self, row: dict) -> None:
-        """Append one row to metrics.jsonl."""
+    def log_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one row to metrics.jsonl.
+
+        Args:
+            row: the step and its losses (JSON-able).
+        """
         with open(self.metrics_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def metrics(self) -> list[dict]:
-        """Every logged row (a line cut by a crash is skipped)."""
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every logged row (a line cut by a crash is skipped).
+
+        Returns:
+            The rows, in the order logged.
+        """
         if not self.metrics_file.is_file():
             return []
-        rows = []
+        rows: list[dict[str, Any]] = []
         for line in self.metrics_file.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
@@ -185,14 +258,26 @@ class JobDir:
         return rows
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop metric rows after ``step`` (logged after the checkpoint a resume restarts from)."""
+        """Drop metric rows after ``step`` (logged after the checkpoint a resume restarts from).
+
+        Args:
+            step: the checkpoint's step.
+        """
         rows = [r for r in self.metrics() if r.get("step", 0) <= step]
         atomic.write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def finish(self, **fields: Any) -> None:
-        """Mark the job done."""
+        """Mark the job done.
+
+        Args:
+            **fields: further record entries (the summary).
+        """
         self.write_record(status="done", finished=_now(), **fields)
 
     def fail(self, error: str) -> None:
-        """Mark the job failed with ``error``."""
+        """Mark the job failed.
+
+        Args:
+            error: the message recorded.
+        """
         self.write_record(status="failed", error=error)

@@ -14,8 +14,9 @@ are never part of what a site publishes. Drawn with the shared reporting layer
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def _view(img: torch.Tensor) -> np.ndarray:
     return img.detach().float().cpu().T.flip(0).numpy()
 
 
-def loss_plot(path: Path, rows: Sequence[dict], keys: Sequence[str] | None = None) -> Path | None:
+def loss_plot(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> Path | None:
     """One panel per loss key found in the metric rows (``step`` on the x axis).
 
     Args:

@@ -25,9 +25,7 @@ Target site t (few labels), `train_target`, with G and S_s frozen:
     detach prevented); the three passes run in one step rather than alternating steps; S_t
     starts as a copy of S_s instead of untrained; Adam replaces Ranger.
 
-Inference (`AdaptedModel.predict`): 0.5 * softmax(S_t(features of E_t(x, target))) +
-0.5 * softmax(S_s(features of E_t(x, source))), i.e. the target branch on the image's own
-reconstruction and the source branch on its translation to the source domain.
+Inference: `pipelines.adaptation.model.AdaptedModel`. The settings: `pipelines.adaptation.settings`.
 
 Every loop is resumable through `pipelines.adaptation.jobs.JobDir`: networks, optimizers,
 RNG, step and the synthetic pool are checkpointed atomically every ``checkpoint_every``
@@ -37,264 +35,54 @@ steps and at the end.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipelines.adaptation.branch import SegmentationBranch
+from pipelines.adaptation.classes import PartialLabelLoss, branch_classes, case_branch_sets, label_table, schema_class_ids
 from pipelines.adaptation.factory import Factory
 from pipelines.adaptation.jobs import JobDir, rng_state, set_rng_state
 from pipelines.adaptation.losses import ReconstructionLoss, cycle_consistency, segmentation_loss
-from pipelines.adaptation.networks import AdaptConfig, InversionEncoder, SegmentationBranch, invert, latent_avgs, load_branch, requires_grad
+from pipelines.adaptation.model import MODEL_FORMAT, SOURCE, TARGET, AdaptedModel
+from pipelines.adaptation.networks import InversionEncoder, invert, latent_avgs, requires_grad
+from pipelines.adaptation.settings import AdaptSettings, AdaptSettingsError
 from pipelines.adaptation.volumes import LabelledSlices, few_shot_selection
 from pipelines.evaluation import dice_per_class
-from pipelines.factory.networks import FactoryConfig, Generator
+from pipelines.factory.networks import Generator
 from pipelines.losses import IGNORE_INDEX
 
+__all__ = [
+    "MODEL_FORMAT",
+    "SOURCE",
+    "TARGET",
+    "AdaptSettings",
+    "AdaptSettingsError",
+    "AdaptedModel",
+    "PartialLabelLoss",
+    "Progress",
+    "branch_classes",
+    "case_branch_sets",
+    "evaluate_cases",
+    "label_table",
+    "schema_class_ids",
+    "source_batch_indices",
+    "split_cases",
+    "synthetic_source",
+    "target_split",
+    "train_source",
+    "train_target",
+]
+
 log = logging.getLogger(__name__)
-SOURCE, TARGET = 0, 1
-MODEL_FORMAT = "fedimg-adapted-model"
-Progress = Callable[[int, int, dict], None]
-
-
-# -- settings -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdaptSettings:
-    """One adaptation job's training settings (validated; errors name the key)."""
-
-    steps: int = 1000
-    batch: int = 8
-    lr_encoder: float = 5e-4  # authors: Ranger 1e-4 over 15-20k steps; CPU budgets are ~100x shorter
-    lr_branch: float = 1e-3
-    feature_ramp: float = 0.25  # fraction of the steps over which the injection strength s goes 0 -> 1
-    foreground_fraction: float = 0.5  # share of each source batch drawn from slices showing a labelled class
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    mse: float = 1.0
-    ms_ssim: float = 0.8
-    perceptual: str | None = None  # TorchScript perceptual distance on disk (LPIPS-like), else none
-    val_fraction: float = 0.2  # source jobs: share of labelled cases held out for validation
-    n_synthetic: int = 512  # target jobs: synthetic source samples labelled by S_s
-    few_shot_volumes: int = 3
-    few_shot_slice: str | int = "middle"  # per volume: "middle", "random" or a number of slices
-    few_shot_seed: int | None = None  # None: the first volumes in dataset order
-    latent_samples: int = 4096  # z per domain for the mean latents
-    network: dict = dataclasses.field(default_factory=dict)  # AdaptConfig.from_dict input
-
-    def __post_init__(self) -> None:
-        def num(key, lo=None, hi=None, integer=False, allow_none=False):
-            v = getattr(self, key)
-            if v is None and allow_none:
-                return
-            ok = not isinstance(v, bool) and isinstance(v, (int,) if integer else (int, float)) and math.isfinite(v)
-            if not ok or (lo is not None and v < lo) or (hi is not None and v > hi):
-                rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
-                raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'}{rng} (got {v!r})")
-
-        for key in ("steps", "batch", "checkpoint_every", "log_every", "few_shot_volumes", "latent_samples"):
-            num(key, 1, None, integer=True)
-        num("batch", 2, None, integer=True)  # batch statistics of the encoder's batch norms need 2
-        num("n_synthetic", 1, None, integer=True)
-        num("seed", 0, None, integer=True)
-        num("few_shot_seed", 0, None, integer=True, allow_none=True)
-        for key in ("lr_encoder", "lr_branch"):
-            num(key, 1e-8, 1.0)
-        for key in ("feature_ramp", "foreground_fraction", "val_fraction"):
-            num(key, 0.0, 1.0)
-        num("val_fraction", 0.0, 0.9)
-        for key in ("mse", "ms_ssim"):
-            num(key, 0.0, 100.0)
-        fs = self.few_shot_slice
-        if not (fs in ("middle", "random") or (isinstance(fs, int) and not isinstance(fs, bool) and fs >= 1)):
-            raise ValueError(f"few_shot_slice: must be 'middle', 'random' or a positive integer (got {fs!r})")
-        AdaptConfig.from_dict(self.network, "network")
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None, where: str = "adaptation settings") -> "AdaptSettings":
-        raw = dict(raw or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-        try:
-            return cls(**raw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def adapt_config(self) -> AdaptConfig:
-        return AdaptConfig.from_dict(self.network, "network")
-
-    def feature_scale(self, step: int) -> float:
-        """Injection strength at ``step`` (0-based): linear 0 -> 1 over ``feature_ramp * steps``."""
-        ramp = self.feature_ramp * self.steps
-        return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
-
-
-# -- class tables -----------------------------------------------------------------------------
-
-
-def schema_class_ids(schema) -> dict[str, int]:
-    """{class name: id} of a `LabelSchema` (background included)."""
-    return {str(k): int(v) for k, v in schema.classes.items()}
-
-
-def branch_classes(schema, class_ids: list[int]) -> list[str]:
-    """Branch class names for schema ids: background first, then the ids in ascending order."""
-    by_id = {v: k for k, v in schema_class_ids(schema).items()}
-    unknown = [c for c in class_ids if c not in by_id]
-    if unknown:
-        raise ValueError(f"class id(s) {unknown} not in label schema {schema.name}")
-    return ["background"] + [by_id[c] for c in sorted(class_ids) if c != 0]
-
-
-def label_table(schema_ids: Mapping[str, int], class_names: list[str], ignore_label: int, size: int) -> torch.Tensor:
-    """Lookup table schema id -> branch index (classes not in the branch -> 0, ignore -> IGNORE_INDEX)."""
-    table = torch.zeros(max(size, ignore_label + 1), dtype=torch.long)
-    for i, name in enumerate(class_names[1:], start=1):
-        table[schema_ids[name]] = i
-    table[ignore_label] = IGNORE_INDEX
-    return table
-
-
-class PartialLabelLoss:
-    """Dice + CE where each sample carries the branch classes its labels mark: samples are
-    grouped by that set and each group gets the marginal loss over its own classes (the
-    others merged with the background, not taught as background); groups are weighted by
-    size. A sample whose set is empty gives no supervision."""
-
-    def __init__(self, n_classes: int):
-        self.n_classes = n_classes
-        self._losses: dict[tuple[int, ...], torch.nn.Module] = {}
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, sets: list[tuple[int, ...]]) -> torch.Tensor:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, key in enumerate(sets):
-            if key:
-                groups.setdefault(key, []).append(i)
-        total = logits.new_zeros((), dtype=torch.float32)
-        for key, idx in groups.items():
-            if key not in self._losses:
-                self._losses[key] = segmentation_loss(self.n_classes, list(key))
-            ix = torch.tensor(idx, dtype=torch.long)
-            total = total + self._losses[key](logits[ix], labels[ix]) * (len(idx) / len(sets))
-        return total
-
-
-def case_branch_sets(data: LabelledSlices, names: list[str], schema_ids: Mapping[str, int]) -> list[tuple[int, ...]]:
-    """Per case of ``data``: the branch class indices its labels mark."""
-    index = {schema_ids[n]: i for i, n in enumerate(names) if i}
-    return [tuple(sorted(index[c] for c in classes if c in index)) for classes in data.labeled_classes]
-
-
-# -- models -----------------------------------------------------------------------------------
-
-
-def _generator_from(cfg_dict: dict, state: dict) -> Generator:
-    g = Generator(FactoryConfig.from_dict(cfg_dict, "model.factory"))
-    g.load_state_dict(state, strict=True)
-    g.eval()
-    requires_grad(g, False)
-    return g
-
-
-class AdaptedModel:
-    """What a finished job leaves in ``model.pt``: the frozen generator, the encoder and the
-    branch(es), with everything `predict` needs. ``kind`` "source" (E_s + S_s) or "target"
-    (E_t + S_t + S_s)."""
-
-    def __init__(self, kind: str, generator: Generator, encoder: InversionEncoder, branch_source: SegmentationBranch,
-                 branch_target: SegmentationBranch | None, feature_scale: float, meta: dict):  # fmt: skip
-        self.kind = kind
-        self.generator = generator
-        self.encoder = encoder
-        self.branch_source = branch_source
-        self.branch_target = branch_target
-        self.feature_scale = float(feature_scale)
-        self.meta = meta  # factory identity, schema_definition, slices, class ids, domains
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.branch_source.class_names)
-
-    @property
-    def class_ids(self) -> list[int]:
-        """Schema id of each branch class (background 0 first)."""
-        return [int(c) for c in self.meta["class_ids"]]
-
-    def eval(self) -> "AdaptedModel":
-        for m in (self.generator, self.encoder, self.branch_source, self.branch_target):
-            if m is not None:
-                m.eval()
-        return self
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, mode: str = "average") -> torch.Tensor:
-        """Branch-class probabilities (B, n_classes, R, R) of slices ``x`` (B, 1, R, R).
-
-        ``mode``: "average" (target models: S_t on the reconstruction + S_s on the translation
-        to the source domain; source models: S_s), "target" (S_t only), "source" (S_s on the
-        translation only)."""
-        g, e, s = self.generator, self.encoder, self.feature_scale
-        if self.kind == "source":  # E_s + S_s on the image's own reconstruction
-            _, feats, _ = invert(g, e, x, SOURCE, s)
-            return torch.softmax(self.branch_source(feats), 1)
-        out = []
-        if mode in ("average", "target"):
-            _, ft, _ = invert(g, e, x, TARGET, s)
-            out.append(torch.softmax(self.branch_target(ft), 1))
-        if mode in ("average", "source"):
-            _, fs, _ = invert(g, e, x, SOURCE, s)
-            out.append(torch.softmax(self.branch_source(fs), 1))
-        if not out:
-            raise ValueError(f"mode must be average, target or source (got {mode!r})")
-        return sum(out) / len(out)
-
-    def state(self) -> dict:
-        return {
-            "format": MODEL_FORMAT,
-            "kind": self.kind,
-            "factory_config": self.generator.cfg.to_dict(),
-            "generator": {k: v.detach().clone() for k, v in self.generator.state_dict().items()},
-            "adapt_config": self.encoder.cfg.to_dict(),
-            "encoder": {k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
-            "branch_source": {"config": self.branch_source.config(), "state": self.branch_source.state_dict()},
-            "branch_target": None if self.branch_target is None else {"config": self.branch_target.config(), "state": self.branch_target.state_dict()},
-            "feature_scale": self.feature_scale,
-            "meta": self.meta,
-        }
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], where: str = "model") -> "AdaptedModel":
-        if not isinstance(state, Mapping) or state.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{where}: not an adapted model (format {state.get('format') if isinstance(state, Mapping) else None!r})")
-        generator = _generator_from(state["factory_config"], state["generator"])
-        encoder = InversionEncoder(generator.cfg, AdaptConfig.from_dict(state["adapt_config"], f"{where}: adapt_config"))
-        encoder.load_state_dict(state["encoder"], strict=True)
-        bs = load_branch(state["branch_source"]["config"], state["branch_source"]["state"])
-        bt = None if state.get("branch_target") is None else load_branch(state["branch_target"]["config"], state["branch_target"]["state"])
-        model = cls(state["kind"], generator, encoder, bs, bt, state["feature_scale"], dict(state["meta"]))
-        return model.eval()
-
-    @classmethod
-    def load(cls, path) -> "AdaptedModel":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such model file") from None
-        except Exception as exc:
-            raise ValueError(f"{path}: not a model file ({exc})") from None
-        return cls.from_state(state, str(path))
+Progress = Callable[[int, int, dict[str, Any]], None]
+"""``progress(steps done, steps in all, the metric row just logged)``."""
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -302,10 +90,21 @@ class AdaptedModel:
 
 @torch.no_grad()
 def evaluate_cases(predict: Callable[[torch.Tensor], torch.Tensor], data: LabelledSlices, cases: list[int], table: torch.Tensor,
-                   n_classes: int, batch: int = 16) -> dict:  # fmt: skip
-    """Per-case Dice of each branch class, pooled over all slices of the case (a 3D Dice in
-    the factory's slice space). Returns {"per_case": [{class_index: dice}], "mean": {...}}."""
-    per_case = []
+                   n_classes: int, batch: int = 16) -> dict[str, Any]:  # fmt: skip
+    """Per-case Dice of each branch class, pooled over all slices of the case (a 3D Dice in the factory's slice space).
+
+    Args:
+        predict: slices ``(B, 1, R, R)`` -> probabilities ``(B, n_classes, R, R)``.
+        data: the dataset's slices.
+        cases: the cases to evaluate (indices into ``data``'s cases).
+        table: schema id -> branch index (`label_table`).
+        n_classes: the branch's classes, background included.
+        batch: slices per ``predict`` call.
+
+    Returns:
+        ``{"per_case": [{class_index: dice}], "mean": {class_index: mean dice (NaN: never present)}}``.
+    """
+    per_case: list[dict[int, float]] = []
     for c in cases:
         idx = torch.nonzero(data.case_index == c).flatten()
         if idx.numel() == 0:
@@ -321,7 +120,7 @@ def evaluate_cases(predict: Callable[[torch.Tensor], torch.Tensor], data: Labell
         pred = torch.cat(preds)
         ref = table[data.labels[idx]]
         per_case.append(dice_per_class(pred, ref, range(1, n_classes), ignore_label=IGNORE_INDEX))
-    mean = {}
+    mean: dict[int, float] = {}
     for k in range(1, n_classes):
         vals = [d[k] for d in per_case if not math.isnan(d[k])]
         mean[k] = float(np.mean(vals)) if vals else float("nan")
@@ -336,6 +135,18 @@ def _draw(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def source_batch_indices(train_idx: torch.Tensor, fg_idx: torch.Tensor, batch: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Draw a source batch, ``round(batch * fraction)`` of it from the slices showing a labelled class.
+
+    Args:
+        train_idx: the training slices.
+        fg_idx: the training slices showing a labelled class (none: all drawn from ``train_idx``).
+        batch: the batch size.
+        fraction: the foreground share.
+        gen: the sampler's random generator.
+
+    Returns:
+        ``(batch,)`` slice indices, foreground draws first.
+    """
     n_fg = int(round(batch * fraction)) if fg_idx.numel() else 0
     parts = [_draw(fg_idx, n_fg, gen)] if n_fg else []
     parts.append(_draw(train_idx, batch - n_fg, gen))
@@ -343,8 +154,19 @@ def source_batch_indices(train_idx: torch.Tensor, fg_idx: torch.Tensor, batch: i
 
 
 def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) case indices; validation gets round(n * fraction) cases, at least
-    one when the fraction is positive and there are two or more cases, never all of them."""
+    """Split cases into training and validation, seeded.
+
+    Validation gets round(n * fraction) cases, at least one when the fraction is positive and
+    there are two or more cases, never all of them.
+
+    Args:
+        n_cases: the number of cases.
+        val_fraction: the share held out.
+        seed: the seed of the permutation.
+
+    Returns:
+        ``(train, validation)`` case indices, ascending.
+    """
     if n_cases < 2 or val_fraction <= 0:
         return list(range(n_cases)), []
     n_val = min(n_cases - 1, max(1, int(round(n_cases * val_fraction))))
@@ -368,13 +190,14 @@ class _TrainingLoop:
     optimizer step, loss averaging, and a metric row every ``log_every`` steps."""
 
     def __init__(self, s: AdaptSettings, job: JobDir, progress: Progress | None, modules: dict[str, torch.nn.Module],
-                 opt: torch.optim.Optimizer, sampler: torch.Generator):  # fmt: skip
+                 opt: torch.optim.Optimizer, sampler: torch.Generator) -> None:  # fmt: skip
         self.s, self.job, self.progress = s, job, progress
         self.modules, self.opt, self.sampler = modules, opt, sampler
-        self.extra: Callable[[], dict] = dict
-        self.t0, self.acc = time.perf_counter(), {}
+        self.extra: Callable[[], dict[str, Any]] = dict
+        self.t0 = time.perf_counter()
+        self.acc: dict[str, list[float]] = {}
 
-    def resume(self) -> tuple[int, dict]:
+    def resume(self) -> tuple[int, dict[str, Any]]:
         """Load the job's checkpoint; returns (step to continue from, the checkpoint)."""
         ck = self.job.load_checkpoint()
         for name, module in self.modules.items():
@@ -388,13 +211,13 @@ class _TrainingLoop:
         return start, ck
 
     def checkpoint(self, step: int) -> None:
-        state = {name: module.state_dict() for name, module in self.modules.items()}
+        state: dict[str, Any] = {name: module.state_dict() for name, module in self.modules.items()}
         state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.get_state(), rng=rng_state(), **self.extra())
         self.job.save_checkpoint(state, step)
 
     def step(self, step: int, feature_scale: float, losses: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        torch.autograd.backward(losses["loss"])
         self.opt.step()
         for k, v in losses.items():
             self.acc.setdefault(k, []).append(float(v.detach()))
@@ -411,8 +234,25 @@ class _TrainingLoop:
 
 
 def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings, job: JobDir, site_client: int | None,
-                 resume: bool = False, progress: Progress | None = None) -> tuple[AdaptedModel, dict]:  # fmt: skip
-    """Train E_s and S_s on a labelled dataset's slices. Returns (model, summary)."""
+                 resume: bool = False, progress: Progress | None = None) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
+    """Train E_s and S_s on a labelled dataset's slices.
+
+    Args:
+        factory: the published factory (frozen).
+        data: the labelled dataset's slices.
+        settings: the training settings.
+        job: the job folder (checkpoints, metrics).
+        site_client: the client id the site trained the factory under (None: not a member).
+        resume: continue from the job's checkpoint.
+        progress: called after every logged step.
+
+    Returns:
+        ``(model, summary)``: the source model (E_s + S_s) and what the job did (classes,
+        cases, slices, validation Dice).
+
+    Raises:
+        ValueError: naming the job, when the dataset labels no class or has no training slice.
+    """
     s = settings
     cfg = s.adapt_config()
     schema_ids = schema_class_ids(factory.schema)
@@ -458,7 +298,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     meta = {"factory": identity, "schema_definition": factory.meta.get("schema_definition"), "slices": factory.slices.key(),
             "class_ids": [0] + sorted(class_ids), "domains": {"source_client_id": src_id}}  # fmt: skip
     model = AdaptedModel("source", g, encoder, branch, None, s.feature_scale(s.steps - 1), meta).eval()
-    summary = {"classes": names, "train_cases": len(train_cases), "val_cases": len(val_cases), "train_slices": int(train_idx.numel())}
+    summary: dict[str, Any] = {"classes": names, "train_cases": len(train_cases), "val_cases": len(val_cases), "train_slices": int(train_idx.numel())}
     if val_cases:
         summary["validation"] = evaluate_cases(model.predict, data, val_cases, table, len(names))
     return model, summary
@@ -470,9 +310,22 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
 @torch.no_grad()
 def synthetic_source(generator: Generator, branch: SegmentationBranch, source_client: int | None, n: int, seed: int,
                      chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``n`` synthetic source slices and S_s's labels: seeded z, the source's client id (all
-    client ids in turn when the source was not a factory member), uniform slice bins, no key,
-    constant noise. Returns (images (n,1,R,R) in [-1,1], labels (n,R,R) branch indices)."""
+    """Synthetic source slices labelled by the source branch S_s on their own generation features.
+
+    Seeded z, the source's client id (random client ids when the source was not a factory
+    member), uniform slice bins, no key, constant noise.
+
+    Args:
+        generator: the factory generator (frozen).
+        branch: S_s.
+        source_client: the source site's client id (None: not a factory member).
+        n: the number of slices.
+        seed: the seed (the pool does not depend on ``chunk``).
+        chunk: slices generated at a time.
+
+    Returns:
+        ``(images (n, 1, R, R) in [-1, 1], labels (n, R, R) branch indices)``.
+    """
     cfg = generator.cfg
     gen = torch.Generator().manual_seed(seed)
     z_all = torch.randn(n, cfg.z_dim, generator=gen)  # drawn up front: the pool does not depend on `chunk`
@@ -492,9 +345,19 @@ def synthetic_source(generator: Generator, branch: SegmentationBranch, source_cl
 
 
 def target_split(data: LabelledSlices, settings: AdaptSettings) -> tuple[torch.Tensor, list[int], list[int]]:
-    """(few-shot slice indices, training cases, evaluation cases) of a target dataset: the
-    few-shot volumes train (their labels only on the chosen slices); other labelled cases
-    are held out entirely for evaluation; unlabelled cases train (images only)."""
+    """Split a target dataset: the few-shot volumes train (their labels only on the chosen slices),
+    other labelled cases are held out entirely for evaluation, unlabelled cases train (images only).
+
+    Args:
+        data: the target dataset's slices.
+        settings: the few-shot settings (volumes, slices per volume, seed).
+
+    Returns:
+        ``(few-shot slice indices, training cases, evaluation cases)``.
+
+    Raises:
+        ValueError: fewer labelled volumes with foreground than ``few_shot_volumes``.
+    """
     few = few_shot_selection(data, n_volumes=settings.few_shot_volumes, per_volume=settings.few_shot_slice, seed=settings.few_shot_seed)
     few_cases = sorted({int(c) for c in data.case_index[few].tolist()})
     eval_cases = [i for i, has in enumerate(data.has_label) if has and i not in few_cases]
@@ -504,8 +367,28 @@ def target_split(data: LabelledSlices, settings: AdaptSettings) -> tuple[torch.T
 
 def train_target(factory: Factory, source_branch: SegmentationBranch, source_client: int | None, target_client: int | None,
                  data: LabelledSlices, settings: AdaptSettings, job: JobDir, resume: bool = False,
-                 progress: Progress | None = None) -> tuple[AdaptedModel, dict]:  # fmt: skip
-    """Train E_t and S_t with the frozen G and S_s (see the module docstring)."""
+                 progress: Progress | None = None) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
+    """Train E_t and S_t with the frozen G and S_s (see the module docstring).
+
+    Args:
+        factory: the published factory (frozen).
+        source_branch: S_s, the source site's published branch (frozen).
+        source_client: the source site's client id (None: not a factory member).
+        target_client: this site's client id (None: not a factory member).
+        data: the target dataset's slices (unlabelled cases included).
+        settings: the training settings.
+        job: the job folder (checkpoints, metrics).
+        resume: continue from the job's checkpoint.
+        progress: called after every logged step.
+
+    Returns:
+        ``(model, summary)``: the target model (E_t + S_t + S_s) and what the job did
+        (few-shot slices, classes, cases, evaluation Dice per inference mode).
+
+    Raises:
+        ValueError: naming the problem, when the branch's classes are not the schema's or the
+            few target labels show none of them.
+    """
     s = settings
     cfg = s.adapt_config()
     g = factory.generator
@@ -519,7 +402,7 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     if few.numel() == 0:
         raise ValueError(f"{job.root}: the target dataset has no labelled slice showing a class; few-shot adaptation needs some")
     few_labels = table[data.labels[few]]
-    labelled_here = sorted({int(v) for v in few_labels.unique().tolist() if 0 < v < len(names)})
+    labelled_here = sorted({int(v) for v in torch.unique(few_labels).tolist() if 0 < v < len(names)})
     missing = [names[i] for i in range(1, len(names)) if i not in labelled_here]
     if not labelled_here:
         raise ValueError(f"{job.root}: the few target labels show none of the branch's classes ({', '.join(names[1:])})")
@@ -548,9 +431,13 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         start = 0
         log.info("labelling %d synthetic source slices with the source branch", s.n_synthetic)
         syn_x, syn_y = synthetic_source(g, s_src, source_client, s.n_synthetic, s.seed)
-    loop.extra = lambda: {"synthetic_images": syn_x.half(), "synthetic_labels": syn_y.to(torch.uint8)}
     syn_x = syn_x.half().float()  # what a checkpoint holds (float16), so a resumed job sees the same pool
     syn_y = syn_y.long()
+
+    def synthetic_pool() -> dict[str, Any]:  # what a checkpoint holds besides the networks
+        return {"synthetic_images": syn_x.half(), "synthetic_labels": syn_y.to(torch.uint8)}
+
+    loop.extra = synthetic_pool
     syn_idx = torch.arange(syn_x.shape[0])
     n_t = max(1, s.batch - 1)
     encoder.train()
@@ -598,12 +485,12 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
             "class_ids": class_ids, "domains": {"source_client_id": source_client, "target_client_id": target_client},
             "source_branch": source_branch.config()}  # fmt: skip
     model = AdaptedModel("target", g, encoder, s_src, s_tgt, s.feature_scale(s.steps - 1), meta).eval()
-    summary = {"classes": names, "few_shot_slices": int(few.numel()), "few_shot_cases": sorted({int(c) for c in data.case_index[few]}),
+    summary: dict[str, Any] = {"classes": names, "few_shot_slices": int(few.numel()), "few_shot_cases": sorted({int(c) for c in data.case_index[few]}),
                "classes_in_few_labels": [names[i] for i in labelled_here], "classes_missing_in_few_labels": missing,
                "train_cases": len(train_cases), "eval_cases": len(eval_cases), "train_slices": int(train_idx.numel()),
                "synthetic": int(syn_x.shape[0])}  # fmt: skip
     if eval_cases:
         summary["evaluation"] = {
-            mode: evaluate_cases(lambda x, m=mode: model.predict(x, m), data, eval_cases, table, len(names)) for mode in ("average", "target", "source")
+            mode: evaluate_cases(functools.partial(model.predict, mode=mode), data, eval_cases, table, len(names)) for mode in ("average", "target", "source")
         }
     return model, summary

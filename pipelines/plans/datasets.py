@@ -13,31 +13,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from fedbiomed.common.dataset import CustomDataset
 
+from pipelines.factory.slices import SliceSettings, dataset_slices
 from pipelines.site_errors import site_boundary
 from pipelines.transforms import cached_dataset, deterministic_transforms
 from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import LabelSchema
 
-_CACHE: dict[tuple, list] = {}
+__all__ = ["PreparedSegmentationDataset", "PreparedSliceDataset"]
+
+_Volumes = list[tuple[torch.Tensor, torch.Tensor]]  # (image, label) per case
+_CACHE: dict[tuple[str, str, str], _Volumes] = {}
 _CACHE_MAX_BYTES = 6 * 1024**3
+_Spacing = str | Sequence[float] | None  # "schema", None (native grid) or mm per axis
 
 
-def _volumes(path: str, schema: LabelSchema, modality: str, spacing) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _volumes(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -> _Volumes:
     prepared = load_dataset(path)
     chain = deterministic_transforms(schema, modality, spacing=spacing, label_dtype=torch.uint8)
     manifest = Path(path) / "manifest.json"
-    key = (str(Path(path).resolve()), hashlib.sha256(manifest.read_bytes()).hexdigest(), chain.fingerprint)
+    fingerprint: str = getattr(chain, "fingerprint")  # set by deterministic_transforms, on a plain Compose
+    key = (str(Path(path).resolve()), hashlib.sha256(manifest.read_bytes()).hexdigest(), fingerprint)
     if key in _CACHE:
         return _CACHE[key]
     items = [{"image": str(c.image), "label": str(c.label)} for c in prepared.cases if c.label is not None]
     cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
-    source = cached_dataset(items, chain, cache_dir) if cache_dir else [chain(item) for item in items]
-    volumes = []
+    # a PersistentDataset iterates through __getitem__, which its type does not say
+    source = cast(Iterable[Mapping[str, Any]], cached_dataset(items, chain, cache_dir)) if cache_dir else [chain(item) for item in items]
+    volumes: _Volumes = []
     for out in source:
         image, label = out["image"], out["label"]
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -49,7 +58,7 @@ def _volumes(path: str, schema: LabelSchema, modality: str, spacing) -> list[tup
     return volumes
 
 
-class PreparedSegmentationDataset(CustomDataset):
+class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Labelled cases of a prepared dataset as whole preprocessed volumes.
 
     The plan sets `schema` (the federation's) and `spacing` before the node loads it;
@@ -58,12 +67,18 @@ class PreparedSegmentationDataset(CustomDataset):
     """
 
     schema: LabelSchema | None = None
-    spacing = "schema"
+    spacing: _Spacing = "schema"
     labeled_classes: list[int] = []
     modality: str = "CT"
+    path: str  # set by the node
 
     @site_boundary("data")
     def read(self) -> None:
+        """Check the dataset against the federation schema and load its labelled cases (cached).
+
+        Raises:
+            SiteError: code ``dataset`` for a dataset that does not fit (the text stays in the site's log).
+        """
         if self.schema is None:
             raise DatasetSchemaError("the training plan did not set the federation schema")
         prepared = load_dataset(self.path)
@@ -84,14 +99,22 @@ class PreparedSegmentationDataset(CustomDataset):
         self.modality = prepared.modality
         self._items = _volumes(self.path, self.schema, self.modality, self.spacing)
 
-    def get_item(self, index):
+    def get_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One case.
+
+        Args:
+            index: the case's position.
+
+        Returns:
+            ``(image (C, X, Y, Z) float32, label (1, X, Y, Z) uint8)``.
+        """
         return self._items[index]
 
     def __len__(self) -> int:
         return len(self._items)
 
 
-class PreparedSliceDataset(CustomDataset):
+class PreparedSliceDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Every case of a prepared dataset (labels not needed) as 2D axial slices in [-1, 1]
     with their slice-position bins (`pipelines.factory.slices`), for the data factory.
 
@@ -101,13 +124,17 @@ class PreparedSliceDataset(CustomDataset):
     schema: LabelSchema | None = None
     size: int = 64
     n_bins: int = 29
-    spacing = "schema"
+    spacing: str | tuple[float, float, float] | None = "schema"  # as `SliceSettings` takes it
     min_foreground: float = 0.0
+    path: str  # set by the node
 
     @site_boundary("data")
     def read(self) -> None:
-        from pipelines.factory.slices import SliceSettings, dataset_slices
+        """Check the dataset against the federation schema and load its slices (cached).
 
+        Raises:
+            SiteError: code ``dataset`` for a dataset that does not fit or has no slice left.
+        """
         if self.schema is None:
             raise DatasetSchemaError("the training plan did not set the federation schema")
         prepared = load_dataset(self.path)
@@ -122,7 +149,15 @@ class PreparedSliceDataset(CustomDataset):
         digest.update(repr((settings, self.schema.name, self.schema.version, self.schema.modalities, self.schema.target_spacing)).encode())
         self.fingerprint = digest.hexdigest()
 
-    def get_item(self, index):
+    def get_item(self, index: int) -> tuple[torch.Tensor, Any]:
+        """One slice.
+
+        Args:
+            index: the slice's position.
+
+        Returns:
+            ``(image (1, size, size) float32, slice-position bin)``.
+        """
         return self.images[index].float(), self.bins[index]
 
     def __len__(self) -> int:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import torch
 from fedbiomed.common.datamanager import DataManager
+from fedbiomed.common.logger import logger
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
-from pipelines.factory.domain_key import build_domain_key
+from pipelines.factory.domain_key import DomainKey, build_domain_key
+from pipelines.factory.plan_args import FactorySettings, parse_factory_args
 from pipelines.factory.training import (
     FactoryModel,
     FactoryUpdater,
@@ -21,7 +24,6 @@ from pipelines.factory.training import (
     key_pathway_state,
     load_key_pathway,
     make_optimizer,
-    parse_factory_args,
     reinit_key_pathway,
 )
 from pipelines.plans.datasets import PreparedSliceDataset
@@ -31,7 +33,9 @@ from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
 from preprocessing.schema import parse_schema
 
-_KEYS: dict[tuple, tuple] = {}  # (dataset fingerprint, key checksum) -> (DomainKey, key); one node process
+__all__ = ["DataFactoryPlanBase"]
+
+_KEYS: dict[tuple[str, str], tuple[DomainKey, torch.Tensor]] = {}  # (dataset fingerprint, key checksum) -> (DomainKey, key); one node process
 
 
 def _checksum_float(hexdigest: str) -> float:
@@ -39,15 +43,45 @@ def _checksum_float(hexdigest: str) -> float:
     return float(int(hexdigest[:8], 16))
 
 
-class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
-    def init_dependencies(self):
+class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+    """The data factory's Fed-BioMed plumbing: settings, model, optimizer, site data, one round, the domain key.
+
+    Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).
+    """
+
+    _settings: FactorySettings
+
+    def init_dependencies(self) -> list[str]:
+        """The imports Fed-BioMed prepends to the shipped source of a registered subclass.
+
+        Returns:
+            Import statements: this base class comes from the site image, not from the source.
+        """
         return ["from pipelines.plans.factory import DataFactoryPlanBase"]
 
-    def tag_parameters(self, name):
-        """The layers that read the domain key stay at the site (see KEY_PATHWAY)."""
+    def tag_parameters(self, name: str) -> set[str]:
+        """The layers that read the domain key stay at the site (see KEY_PATHWAY).
+
+        Args:
+            name: a parameter's name.
+
+        Returns:
+            ``{"local"}`` for a key-pathway parameter, else an empty set.
+        """
         return {"local"} if is_key_pathway(name) else set()
 
-    def init_model(self, model_args):
+    def init_model(self, model_args: dict[str, Any]) -> FactoryModel:
+        """Validate the schema and plan arguments, and build the generator/discriminator pair.
+
+        Args:
+            model_args: the spec's plan arguments with the embedded schema.
+
+        Returns:
+            The factory model (G, D and G_ema).
+
+        Raises:
+            ValueError: no embedded schema; `InvalidPlanArgs` (a ValueError) for bad arguments.
+        """
         raw = model_args.get("schema_definition")
         if not isinstance(raw, dict):
             raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
@@ -55,7 +89,15 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         self._settings = parse_factory_args({k: v for k, v in model_args.items() if k != "schema_definition"})
         return FactoryModel(self._settings.config)
 
-    def init_optimizer(self, optimizer_args):
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
+        """The lazy-regularisation Adam of G and D, and the store of its state between this site's rounds.
+
+        Args:
+            optimizer_args: ``lr``.
+
+        Returns:
+            The optimizer Fed-BioMed steps.
+        """
         s = self._settings
         self._optimizer_obj = make_optimizer(self.model(), float(optimizer_args.get("lr", 0.002)), s.r1_interval, s.pl_interval)
         root = os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None
@@ -63,7 +105,12 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         return self._optimizer_obj
 
     @site_boundary("data")
-    def training_data(self):
+    def training_data(self) -> DataManager:
+        """The site's prepared dataset as axial slices with their position bins.
+
+        Returns:
+            Fed-BioMed's data manager over a `PreparedSliceDataset`.
+        """
         dataset = PreparedSliceDataset()
         dataset.schema = self._schema
         dataset.size = self._settings.config.resolution
@@ -75,7 +122,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
 
     # -- training ------------------------------------------------------------------------
 
-    def _site_key(self):
+    def _site_key(self) -> tuple[DomainKey | None, torch.Tensor | None]:
         """The site's domain key from all its slices (this process caches it per dataset)."""
         s = self._settings
         domain_key = build_domain_key(s.key, s.config.resolution, models_dir=os.environ.get("FEDIMG_MODELS_DIR"),
@@ -96,7 +143,19 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         return domain_key, key
 
     @site_boundary("training")
-    def training_routine(self, history_monitor=None, node_args=None):
+    def training_routine(self, history_monitor: Any = None, node_args: dict[str, Any] | None = None) -> int:
+        """One round at the site: domain key, saved state, alternating D/G updates, report.
+
+        Args:
+            history_monitor: Fed-BioMed's metric channel to the coordinator (None: no report).
+            node_args: the node's arguments (device), passed on to Fed-BioMed.
+
+        Returns:
+            The number of samples trained on.
+
+        Raises:
+            SiteError: any failure, e.g. a site with no client id in the experiment.
+        """
         s = self._settings
         node = self.node_id()
         if node not in s.client_ids:
@@ -110,7 +169,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         restored = self._restore_site_state()
         key_layers = self._restore_key_pathway()
         self.model().train()
-        samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         self._updater.after_step()  # G_ema follows the last G update before the weights are sent
         self._state_store.write({"round": self._round_index(), "optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()})
         self._key_layer_store().write(key_pathway_state(self.model()))
@@ -143,8 +202,6 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         state = self._state_store.read()
         if state is None:
             return False
-        from fedbiomed.common.logger import logger
-
         # Paths and exception text stay in the site's log; the coordinator gets a fixed line.
         where = self._state_store.path
         if not isinstance(state, dict) or not isinstance(state.get("round"), int) or state["round"] >= self._round_index():
@@ -176,10 +233,26 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):
         reinit_key_pathway(self.model(), torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")))
         return False
 
-    def training_step(self, data, target):
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one update (a D or a G step, alternating; `FactoryUpdater.loss`).
+
+        Args:
+            data: a batch of slices.
+            target: their slice-position bins.
+
+        Returns:
+            The loss Fed-BioMed back-propagates.
+        """
         return self._updater.loss(data, target)
 
     @site_boundary("testing")
-    def testing_routine(self, metric, metric_args, history_monitor, before_train):
-        """The factory has no validation split (spec test_ratio is 0)."""
+    def testing_routine(self, metric: Any, metric_args: dict[str, Any], history_monitor: Any, before_train: bool) -> None:
+        """Nothing: the factory has no validation split (spec test_ratio is 0).
+
+        Args:
+            metric: not used.
+            metric_args: not used.
+            history_monitor: not used.
+            before_train: not used.
+        """
         return

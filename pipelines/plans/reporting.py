@@ -14,10 +14,26 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["plan_origin", "plan_source_sha256"]
 
 
-def plan_source_sha256(plan) -> str | None:
-    """sha256 of the source file the node wrote for this plan (the shipped source), or None."""
+class _Plan(Protocol):
+    """What `plan_origin` reads of a Fed-BioMed training plan."""
+
+    def round(self) -> int | None: ...
+
+
+def plan_source_sha256(plan: object) -> str | None:
+    """sha256 of the source file the node wrote for this plan (the shipped source).
+
+    Args:
+        plan: a training plan instance.
+
+    Returns:
+        The hex digest, or None when the plan's module has no readable file (a plan defined in a test).
+    """
     module = sys.modules.get(type(plan).__module__)
     file = getattr(module, "__file__", None)
     try:
@@ -26,10 +42,18 @@ def plan_source_sha256(plan) -> str | None:
         return None
 
 
-def plan_origin(plan, setting: str | None = None) -> dict:
-    """The origin recorded with an artifact request made by `plan`."""
+def plan_origin(plan: _Plan, setting: str | None = None) -> dict[str, Any]:
+    """The origin recorded with an artifact request made by `plan` (`pipelines.artifact_approval`).
+
+    Args:
+        plan: the training plan asking.
+        setting: the plan argument that named the artifact (``plan_args.key.file``).
+
+    Returns:
+        ``plan_class``, ``plan_source_sha256``, ``run_id``, ``round`` (1-based) and ``setting``, those known.
+    """
     settings = getattr(plan, "_settings", None)
-    origin = {"plan_class": type(plan).__name__, "plan_source_sha256": plan_source_sha256(plan),
+    origin: dict[str, Any] = {"plan_class": type(plan).__name__, "plan_source_sha256": plan_source_sha256(plan),
               "run_id": getattr(settings, "run_id", None)}  # fmt: skip
     try:
         origin["round"] = int(plan.round() or 0) + 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from fedbiomed.common.datamanager import DataManager
@@ -17,6 +19,7 @@ from fedbiomed.common.training_plans import TorchTrainingPlan
 from pipelines.augment import PatchSampler, patch_batch
 from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
+from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.site_errors import site_boundary
@@ -28,13 +31,25 @@ from pipelines.training import (
     evaluate_case,
     frozen_teacher,
     parameter_checksum,
-    parse_plan_args,
     teacher_logits,
 )
 from preprocessing.schema import parse_schema
 
+__all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
 
-def settings_from_model_args(model_args: dict):
+
+def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSettings:
+    """The plan's settings from Fed-BioMed's ``model_args`` (the spec's plan arguments and the embedded schema).
+
+    Args:
+        model_args: ``plan_args`` as the coordinator sent them, with ``schema_definition``.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ValueError: no embedded schema; `InvalidPlanArgs` (a ValueError) for bad arguments.
+    """
     raw = model_args.get("schema_definition")
     if not isinstance(raw, dict):
         raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
@@ -42,24 +57,49 @@ def settings_from_model_args(model_args: dict):
     return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
-class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
-    """Marginal loss on the classes the site labels; with `distill = True`, ConDistFL."""
+class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+    """Marginal loss on the classes the site labels; with `distill = True`, ConDistFL.
+
+    Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).
+    """
 
     distill = False
+    _settings: SegmentationSettings
 
-    def init_dependencies(self):
+    def init_dependencies(self) -> list[str]:
+        """The imports Fed-BioMed prepends to the shipped source of a registered subclass.
+
+        Returns:
+            Import statements: this base class comes from the site image, not from the source.
+        """
         return [
             "from pipelines.plans.segmentation import PartialLabelSegmentationPlan",
         ]
 
     # -- model, optimizer, data ----------------------------------------------------------
 
-    def init_model(self, model_args):
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        """Validate the plan arguments and build the network.
+
+        Args:
+            model_args: the spec's plan arguments with the embedded schema.
+
+        Returns:
+            The MONAI network (``out_channels`` from the schema).
+        """
         self._settings = settings_from_model_args(model_args)
         net = dict(self._settings.network)
         return build_network(out_channels=self._settings.num_classes, **net)
 
-    def init_optimizer(self, optimizer_args):
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
+        """AdamW, and the store of its moments between this site's rounds (``keep_optimizer_state``).
+
+        Args:
+            optimizer_args: ``lr`` and ``weight_decay``.
+
+        Returns:
+            The optimizer Fed-BioMed steps.
+        """
         self._base_lr = float(optimizer_args.get("lr", 1e-3))
         self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=float(optimizer_args.get("weight_decay", 1e-5)))
         s = self._settings
@@ -68,7 +108,12 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
         return self._adamw
 
     @site_boundary("data")
-    def training_data(self):
+    def training_data(self) -> DataManager:
+        """The site's prepared dataset as whole volumes (patches are drawn per step).
+
+        Returns:
+            Fed-BioMed's data manager over a `PreparedSegmentationDataset`.
+        """
         dataset = PreparedSegmentationDataset()
         dataset.schema = self._settings.schema
         dataset.spacing = self._settings.spacing
@@ -78,7 +123,16 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
     # -- training ------------------------------------------------------------------------
 
     @site_boundary("training")
-    def training_routine(self, history_monitor=None, node_args=None):
+    def training_routine(self, history_monitor: Any = None, node_args: dict[str, Any] | None = None) -> int:
+        """One round at the site: reseed, set up the objective, sampler and teacher, train, report.
+
+        Args:
+            history_monitor: Fed-BioMed's metric channel to the coordinator (None: no report).
+            node_args: the node's arguments (device), passed on to Fed-BioMed.
+
+        Returns:
+            The number of samples trained on.
+        """
         s = self._settings
         self.reseed_for_round(self._round_index())
         self._objective = PartialLabelObjective(s.schema, self._dataset.labeled_classes, s.temperature, s.spatial_dims)
@@ -93,13 +147,22 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
         self._opt_restored = self._round_index() > 0 and self._opt_store.load_into(self._adamw)
-        samples = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         self._opt_store.save(self._adamw)
         self._report_round(history_monitor, received, samples)
         self._teacher = None
         return samples
 
-    def training_step(self, data, target):
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one step: patches of the loader's volumes, student forward, teacher logits.
+
+        Args:
+            data: the loader's batch of preprocessed volumes.
+            target: their label maps.
+
+        Returns:
+            The loss Fed-BioMed back-propagates.
+        """
         t0 = time.perf_counter()
         s = self._settings
         if s.lr_schedule == "cosine" and s.local_steps and s.rounds_total:
@@ -108,7 +171,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
                 group["lr"] = cosine_lr(self._base_lr, step, s.rounds_total * s.local_steps)
         images, labels = patch_batch(self._sampler, data, target)  # loader batch: whole volumes, patches drawn here
         outputs = self.model()(images)
-        teacher = None
+        teacher: torch.Tensor | None = None
         if self._teacher is not None:
             t1 = time.perf_counter()
             teacher = teacher_logits(self._teacher, images, s.spatial_dims)
@@ -121,7 +184,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
         self._sums["step_s"] += time.perf_counter() - t0
         return loss
 
-    def _report_round(self, history_monitor, received, samples) -> None:
+    def _report_round(self, history_monitor: Any, received: dict[str, torch.Tensor], samples: int) -> None:
         n = max(self._step_in_round, 1)
         metric = {
             "loss_mean": self._sums["loss"] / n,
@@ -134,7 +197,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
             "optimizer_state_restored": float(self._opt_restored),
             "gin_prob": float(self._settings.gin["prob"]) if self._settings.gin else 0.0,  # GIN on (its probability) or off
         }
-        if self.distill:
+        if self._teacher is not None:  # distill: the round's frozen teacher
             teacher = dict(self._teacher.named_parameters())
             fbm_initial = self.initial_parameters()
             names = [k for k in received if k in teacher]
@@ -161,14 +224,21 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):
     # -- validation ----------------------------------------------------------------------
 
     @site_boundary("testing")
-    def testing_routine(self, metric, metric_args, history_monitor, before_train):
-        """Whole-volume validation of the current model on the site's validation cases."""
+    def testing_routine(self, metric: Any, metric_args: dict[str, Any], history_monitor: Any, before_train: bool) -> None:
+        """Whole-volume validation of the current model on the site's validation cases.
+
+        Args:
+            metric: Fed-BioMed's metric choice (not used: Dice per class is reported).
+            metric_args: not used.
+            history_monitor: Fed-BioMed's metric channel (None: no report).
+            before_train: whether this runs on the received global model (else on the local update).
+        """
         if self.testing_data_loader is None:
             return
         s = self._settings
         classes = self._dataset.labeled_classes
         names = {v: k for k, v in s.schema.classes.items()}
-        per_case = []
+        per_case: list[dict[int, float]] = []
         for data, target in self.testing_data_loader:
             for volume, label in zip(data, target):
                 per_case.append(evaluate_case(self.model(), volume, label, s, classes))

@@ -1,12 +1,16 @@
 """2D inference on a DICOM series (converted as `site-agent prepare` converts it) and the
-result written as a DICOM SEG of that series."""
+result written as a DICOM SEG of that series.
+
+nibabel leaves most of its functions unannotated: calls to them are marked
+``type: ignore[no-untyped-call]``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import highdicom as hd
 import nibabel as nib
@@ -22,11 +26,21 @@ from preprocessing.seg import write_seg
 
 GRID_TOLERANCE_MM = 0.01  # a label and a DICOM series are the same grid within this
 
+LabelInput = np.ndarray | nib.spatialimages.SpatialImage | VolumePrediction
+"""A label volume: an array on a series grid, or an image of that grid in any orientation."""
+
 
 @dataclass
 class SeriesGrid:
-    """A DICOM series' voxel grid as `preprocessing.dicom.load_series` builds it: ``shape``
-    (columns, rows, slices), ``affine`` RAS+, ``sources`` the instance files in slice order."""
+    """A DICOM series' voxel grid as `preprocessing.dicom.load_series` builds it.
+
+    Args:
+        series: the series' slice headers.
+        shape: (columns, rows, slices).
+        affine: the RAS+ voxel-to-world affine.
+        sources: the instance files in slice order.
+        order: the position of each slice's header in ``series``, in slice order.
+    """
 
     series: Series
     shape: tuple[int, int, int]
@@ -35,10 +49,19 @@ class SeriesGrid:
     order: list[int]
 
 
-def series_grid(source_series: Sequence[str | os.PathLike]) -> SeriesGrid:
-    """Read the headers of one DICOM series (a list of single-frame instance files) and
-    return its voxel grid; ValueError naming a file for anything that is not one series
-    with an exact geometry (see `preprocessing.dicom.series_geometry`)."""
+def series_grid(source_series: Sequence[str | os.PathLike[str]]) -> SeriesGrid:
+    """Read the headers of one DICOM series and return its voxel grid.
+
+    Args:
+        source_series: the series' single-frame instance files, any order.
+
+    Returns:
+        The grid.
+
+    Raises:
+        ValueError: naming a file, for anything that is not one series with an exact geometry
+            (see `preprocessing.dicom.series_geometry`).
+    """
     files = [Path(p) for p in source_series]
     if not files:
         raise ValueError("no DICOM files given for the source series")
@@ -75,7 +98,7 @@ def series_grid(source_series: Sequence[str | os.PathLike]) -> SeriesGrid:
 
 
 def predict_dicom_series(
-    source_series: Sequence[str | os.PathLike],
+    source_series: Sequence[str | os.PathLike[str]],
     schema: LabelSchema,
     settings: SliceSettings,
     predict_fn: PredictFn,
@@ -83,28 +106,47 @@ def predict_dicom_series(
     batch: int = 16,
     return_probabilities: bool = False,
 ) -> VolumePrediction:
-    """`predict_volume_2d` on a DICOM series, converted exactly as `site-agent prepare` does
-    (`preprocessing.dicom.load_series`: HU after rescale, RAS affine from the headers, no
-    interpolation). The prediction is on the series' own grid: ``label[i, j, k]`` is column
-    ``i``, row ``j`` of ``sources[k]`` (instances sorted along the slice normal), ready for
-    `write_dicom_seg` with the same files. ``modality`` defaults to the series' Modality."""
+    """`predict_volume_2d` on a DICOM series, converted exactly as `site-agent prepare` does.
+
+    The conversion is `preprocessing.dicom.load_series` (HU after rescale, RAS affine from the
+    headers, no interpolation). The prediction is on the series' own grid: ``label[i, j, k]``
+    is column ``i``, row ``j`` of ``sources[k]`` (instances sorted along the slice normal),
+    ready for `write_dicom_seg` with the same files.
+
+    Args:
+        source_series: the series' instance files, any order.
+        schema: the label schema.
+        settings: the factory's slice settings.
+        predict_fn: the 2D model (see `predict_volume_2d`).
+        modality: the intensity rule to apply (default: the series' Modality).
+        batch: slices per ``predict_fn`` call.
+        return_probabilities: also return the probabilities.
+
+    Returns:
+        The prediction, with ``sources`` set.
+
+    Raises:
+        ValueError: naming a file or the series, for anything `series_grid`,
+            `preprocessing.dicom.load_series` or `predict_volume_2d` refuses.
+    """
     grid = series_grid(source_series)
     try:
         volume = load_series(grid.series)
     except SeriesError as exc:
         raise ValueError(str(exc)) from None
-    image = nib.Nifti1Image(volume.array, volume.affine_ras)
-    image.set_qform(volume.affine_ras, code=1)
-    image.set_sform(volume.affine_ras, code=1)
+    image = nib.Nifti1Image(volume.array, volume.affine_ras)  # type: ignore[no-untyped-call]
+    image.set_qform(volume.affine_ras, code=1)  # type: ignore[no-untyped-call]
+    image.set_sform(volume.affine_ras, code=1)  # type: ignore[no-untyped-call]
     pred = predict_volume_2d(image, modality or volume.modality, schema, settings, predict_fn, batch, return_probabilities)
     pred.sources = list(grid.sources)
     return pred
 
 
-def _label_on_series_grid(label, grid: SeriesGrid, where: str) -> np.ndarray:
+def _label_on_series_grid(label: LabelInput, grid: SeriesGrid, where: str) -> np.ndarray:
     """A label given as an array on the series grid, or as an image (nibabel or
     `VolumePrediction`) of the same grid in any axis order/orientation (e.g. the canonical
     RAS+ NIfTI `site-agent prepare` writes): reoriented exactly (no interpolation)."""
+    affine: np.ndarray | None
     if isinstance(label, VolumePrediction):
         data, affine = label.label, label.affine
     elif isinstance(label, nib.spatialimages.SpatialImage):
@@ -114,10 +156,10 @@ def _label_on_series_grid(label, grid: SeriesGrid, where: str) -> np.ndarray:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if affine is not None:
-        transform = ornt_transform(io_orientation(affine), io_orientation(grid.affine))
+        transform = ornt_transform(io_orientation(affine), io_orientation(grid.affine))  # type: ignore[no-untyped-call]
         shape = data.shape
-        data = apply_orientation(data, transform)
-        affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(transform, shape)
+        data = apply_orientation(data, transform)  # type: ignore[no-untyped-call]
+        affine = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(transform, shape)  # type: ignore[no-untyped-call]
         if data.shape != grid.shape:
             raise ValueError(f"{where}: label grid {data.shape} (reoriented) does not match the DICOM series grid {grid.shape}")
         corners = np.array([[i, j, k, 1.0] for i in (0, grid.shape[0] - 1) for j in (0, grid.shape[1] - 1) for k in (0, grid.shape[2] - 1)])
@@ -133,10 +175,10 @@ def _label_on_series_grid(label, grid: SeriesGrid, where: str) -> np.ndarray:
 
 
 def write_dicom_seg(
-    label,
-    source_series: Sequence[str | os.PathLike],
+    label: LabelInput,
+    source_series: Sequence[str | os.PathLike[str]],
     class_names: Mapping[int, str] | None,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     schema: LabelSchema,
     *,
     algorithm_name: str = "fedimg 2D segmentation",
@@ -144,18 +186,32 @@ def write_dicom_seg(
     series_number: int = 301,
     series_description: str | None = "fedimg segmentation",
 ) -> Path:
-    """Write a label volume as a BINARY DICOM SEG of the series ``source_series`` (its instance
-    files, any order), one segment per class of ``class_names`` (label value -> schema class
-    name; None: every foreground class of ``schema``). Segments are AUTOMATIC, identified by
+    """Write a label volume as a BINARY DICOM SEG of a series, atomically (`preprocessing.seg`).
+
+    One segment per class of ``class_names``. Segments are AUTOMATIC, identified by
     ``algorithm_name``/``algorithm_version``, numbered 1..n in increasing label value;
     classes absent from the label are still described (empty segments).
 
-    ``label``: an array on the series grid (``[column, row, slice]``, slices sorted along
-    the normal, as `predict_dicom_series` and `preprocessing.dicom.load_series` give), or a
-    nibabel image / `VolumePrediction` of the same grid in any orientation (e.g. on the
-    prepared, canonical RAS+ NIfTI of this series), reoriented exactly; a grid that differs
-    by more than 0.01 mm is refused. Label values other than 0 and those of
-    ``class_names`` are refused (ValueError). Written atomically (`preprocessing.seg`).
+    Args:
+        label: an array on the series grid (``[column, row, slice]``, slices sorted along the
+            normal, as `predict_dicom_series` and `preprocessing.dicom.load_series` give), or a
+            nibabel image / `VolumePrediction` of the same grid in any orientation (e.g. on the
+            prepared, canonical RAS+ NIfTI of this series), reoriented exactly.
+        source_series: the series' instance files, any order.
+        class_names: label value -> schema class name (None: every foreground class of ``schema``).
+        path: the SEG file to write.
+        schema: the label schema (segment descriptions).
+        algorithm_name: the segmenting algorithm's name.
+        algorithm_version: its version.
+        series_number: the SEG's SeriesNumber.
+        series_description: the SEG's SeriesDescription.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a grid that differs from the series' by more than 0.01 mm, non-integer
+            label values, or values other than 0 and those of ``class_names``.
     """
     out = Path(path)
     grid = series_grid(source_series)

@@ -3,29 +3,52 @@ squaring a slice (symmetric pad) and its inverse."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from monai.transforms import Resize, SpatialPad
+from monai.transforms.croppad.array import SpatialPad
+from monai.transforms.spatial.array import Resize
 
 from pipelines.factory import slices as _slices
 
 _KEYS = ("image", "label")
 _IMAGE_KEYS = ("image",)
+
+
 # The factory's chain options: the images must be those of `dataset_slices`, bit for bit.
 _CHAIN_OPTIONS = _slices._CHAIN_OPTIONS
 
 
 def pad_widths(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The symmetric padding that squares an ``X x Y`` slice: ``((before_x, after_x),
-    (before_y, after_y))``, as MONAI's `SpatialPad` (method="symmetric") computes it."""
+    """The symmetric padding that squares an ``X x Y`` slice, as MONAI's `SpatialPad` (method="symmetric") computes it.
+
+    Args:
+        width: the slice's X size.
+        height: the slice's Y size.
+
+    Returns:
+        ``((before_x, after_x), (before_y, after_y))``.
+    """
     side = max(width, height)
-    pad = SpatialPad(spatial_size=(side, side), method="symmetric").compute_pad_width((width, height))
-    return (tuple(pad[1]), tuple(pad[2]))  # type: ignore[return-value]
+    # one (before, after) per axis, channel first (MONAI annotates it as a 1-tuple)
+    pad: Sequence[tuple[int, int]] = SpatialPad(spatial_size=(side, side), method="symmetric").compute_pad_width((width, height))
+    (bx, ax), (by, ay) = pad[1], pad[2]
+    return (int(bx), int(ax)), (int(by), int(ay))
 
 
 def square_labels(stack: torch.Tensor, size: int) -> torch.Tensor:
-    """Label slices ``(N, X, Y)`` (integer) -> ``(N, size, size)`` int64 on the geometry of
-    `square_slices`: padded symmetrically with 0 (background), resized with nearest
-    neighbour at pixel centres ("nearest-exact"), so only input values occur."""
+    """Label slices on the geometry of `square_slices`, so only input values occur.
+
+    Padded symmetrically with 0 (background), resized with nearest neighbour at pixel
+    centres ("nearest-exact").
+
+    Args:
+        stack: integer label slices ``(N, X, Y)``.
+        size: the side of the squared slices.
+
+    Returns:
+        ``(N, size, size)`` int64.
+    """
     if stack.shape[0] == 0:
         return torch.zeros((0, size, size), dtype=torch.long)
     side = max(stack.shape[1], stack.shape[2])
@@ -38,9 +61,19 @@ def square_labels(stack: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def unsquare(maps: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Inverse geometry of `square_slices` for dense maps ``(N, size, size)`` (e.g. one class'
-    probabilities of every slice): resized to the padded square (bilinear, align_corners
-    False), then the symmetric padding cropped: ``(N, width, height)`` float32."""
+    """Inverse geometry of `square_slices` for dense maps (e.g. one class' probabilities of every slice).
+
+    Resized to the padded square (bilinear, align_corners False), then the symmetric
+    padding cropped.
+
+    Args:
+        maps: ``(N, size, size)`` maps.
+        width: the original slices' X size.
+        height: the original slices' Y size.
+
+    Returns:
+        ``(N, width, height)`` float32.
+    """
     side = max(width, height)
     x = Resize(spatial_size=(side, side), mode="bilinear", align_corners=False, anti_aliasing=False)(maps.float())
     x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)

@@ -1,19 +1,23 @@
 """Whole-volume inference with a 2D model: every axial slice through the training chain,
-probabilities mapped back onto the input's own voxel grid."""
+probabilities mapped back onto the input's own voxel grid.
+
+nibabel and MONAI's ``Compose.inverse`` are unannotated: calls to them are marked
+``type: ignore[no-untyped-call]``.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data.meta_tensor import MetaTensor
 
 from pipelines import transforms as _transforms
 from pipelines.adaptation.volumes.geometry import _CHAIN_OPTIONS, _IMAGE_KEYS, unsquare
@@ -28,11 +32,13 @@ PredictFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
 class VolumePrediction:
     """A 2D model's segmentation of one volume, on the input's own voxel grid.
 
-    ``label`` (X, Y, Z) uint8 (uint16 beyond 256 classes), the argmax of the probabilities;
-    ``affine`` the input's 4x4 affine; ``probabilities`` (C, X, Y, Z) float32 when asked for;
-    ``reference`` the input image (header source for `write_label_nifti`); ``sources``: for
-    a DICOM series, its instance files in slice order (``label[:, :, k]`` is
-    ``sources[k]``; ``label[i, j, k]`` is column i, row j).
+    Args:
+        label: ``(X, Y, Z)`` uint8 (uint16 beyond 256 classes), the argmax of the probabilities.
+        affine: the input's 4x4 affine.
+        reference: the input image (header source for `write_label_nifti`).
+        probabilities: ``(C, X, Y, Z)`` float32 when asked for.
+        sources: for a DICOM series, its instance files in slice order (``label[:, :, k]``
+            is ``sources[k]``; ``label[i, j, k]`` is column i, row j).
     """
 
     label: np.ndarray
@@ -41,12 +47,19 @@ class VolumePrediction:
     probabilities: np.ndarray | None = None
     sources: list[Path] | None = None
 
-    def save_nifti(self, path: str | os.PathLike) -> str:
-        """Write ``label`` as a NIfTI label map on the input's grid (`write_label_nifti`); returns its sha256."""
+    def save_nifti(self, path: str | os.PathLike[str]) -> str:
+        """Write ``label`` as a NIfTI label map on the input's grid (`write_label_nifti`).
+
+        Args:
+            path: the output, ``*.nii.gz`` or ``*.nii``.
+
+        Returns:
+            The sha256 of the bytes written.
+        """
         return write_label_nifti(self.label, self.reference, path)
 
 
-def _as_probabilities(out, n: int, size: int, where: str) -> torch.Tensor:
+def _as_probabilities(out: torch.Tensor | np.ndarray, n: int, size: int, where: str) -> torch.Tensor:
     p = torch.as_tensor(out).detach()
     if p.ndim != 4 or p.shape[0] != n or tuple(p.shape[2:]) != (size, size):
         raise ValueError(f"{where}: predict_fn returned shape {tuple(p.shape)}, expected ({n}, C, {size}, {size})")
@@ -57,7 +70,7 @@ def _as_probabilities(out, n: int, size: int, where: str) -> torch.Tensor:
 
 
 def predict_volume_2d(
-    image: str | os.PathLike | nib.spatialimages.SpatialImage,
+    image: str | os.PathLike[str] | nib.spatialimages.SpatialImage,
     modality: str,
     schema: LabelSchema,
     settings: SliceSettings,
@@ -67,11 +80,6 @@ def predict_volume_2d(
     channel_chunk: int = 4,
 ) -> VolumePrediction:
     """Segment a 3D NIfTI (path or nibabel image, any orientation and spacing) with a 2D model.
-
-    ``predict_fn(slices, bins)`` gets ``(n, 1, S, S)`` float32 slices in [-1, 1] (``n <=
-    batch``) and their ``(n,)`` int64 slice-position bins and returns ``(n, C, S, S)``
-    probabilities (tensor or array; C = ``schema.num_classes``), e.g. a softmax. It is called
-    under ``torch.no_grad()``; moving data to a device is its business.
 
     Steps: the chain of `labelled_slices` (RAS+, resampling to ``settings.spacing``, schema
     intensity, `intensity_to_unit`, pad/resize, float16 rounding) on *every* axial slice
@@ -83,9 +91,27 @@ def predict_volume_2d(
     image's bilinear interpolation, then Orientation's axis permutation/flips). The label
     is the argmax over classes on the input grid (ties: the lowest class id).
 
-    Returns a `VolumePrediction` whose ``label`` has the input's exact shape and whose
-    ``affine`` is the input's. ValueError naming the input for an unreadable or non-3D
-    image or a predict_fn output of the wrong shape / channel count.
+    Args:
+        image: a NIfTI path or nibabel image.
+        modality: the modality whose intensity rule of ``schema`` applies.
+        schema: the label schema (classes, intensity rules).
+        settings: the factory's slice settings.
+        predict_fn: ``predict_fn(slices, bins)`` gets ``(n, 1, S, S)`` float32 slices in
+            [-1, 1] (``n <= batch``) and their ``(n,)`` int64 slice-position bins and returns
+            ``(n, C, S, S)`` probabilities (tensor or array; C = ``schema.num_classes``), e.g.
+            a softmax. It is called under ``torch.no_grad()``; moving data to a device is its
+            business.
+        batch: slices per ``predict_fn`` call.
+        return_probabilities: also return the probabilities on the input grid.
+        channel_chunk: class channels mapped back at a time (bounds memory).
+
+    Returns:
+        A `VolumePrediction` whose ``label`` has the input's exact shape and whose ``affine``
+        is the input's.
+
+    Raises:
+        ValueError: naming the input, for an unreadable or non-3D image, a modality the schema
+            has no rule for, or a predict_fn output of the wrong shape / channel count.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -107,7 +133,7 @@ def predict_volume_2d(
             data = np.asanyarray(reference.dataobj)
             data = data[..., 0] if data.ndim == 4 else data
             source = str(Path(tmp) / "input.nii")
-            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)
+            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)  # type: ignore[no-untyped-call]
         loaded = chain({"image": source})["image"]
     if not isinstance(loaded, MetaTensor) or loaded.ndim != 4 or loaded.shape[0] != 1:
         raise ValueError(f"{where}: expected a single-channel 3D image after loading, got shape {tuple(loaded.shape)}")
@@ -140,7 +166,7 @@ def predict_volume_2d(
         part = probs[:, c0:c1].reshape(depth * (c1 - c0), size, size)
         part = unsquare(part, width, height).reshape(depth, c1 - c0, width, height).permute(1, 2, 3, 0)
         meta_image = MetaTensor(part.contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations))
-        back = chain.inverse({"image": meta_image})["image"]
+        back = chain.inverse({"image": meta_image})["image"]  # type: ignore[no-untyped-call]
         back = back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)
         if tuple(back.shape[1:]) != out_shape:  # pragma: no cover - MONAI's inverse restores the input shape
             raise RuntimeError(f"{where}: inverse resampling gave shape {tuple(back.shape[1:])}, expected {out_shape}")

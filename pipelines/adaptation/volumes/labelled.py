@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from pipelines import transforms as _transforms
 from pipelines.adaptation.volumes.geometry import _CHAIN_OPTIONS, _KEYS, square_labels
 from pipelines.factory import slices as _slices
 from pipelines.factory.slices import SliceSettings, foreground_keep, intensity_to_unit, slice_bins, square_slices
-from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
-from preprocessing.schema import LabelSchema
+from preprocessing.dataset import DatasetSchemaError, PreparedDataset, check_schema, load_dataset
+from preprocessing.schema import LabelSchema, ModalityRule
 
 # Bump when the output of `labelled_slices` changes in a way its arguments do not show (it
 # is part of the disk cache key, with `pipelines.factory.slices.SLICES_VERSION`).
@@ -31,13 +32,21 @@ _CACHE_SUBDIR = "adaptation-slices"
 class LabelledSlices:
     """2D training pairs of a prepared dataset (see `labelled_slices`).
 
-    Per slice: ``images`` (N, 1, S, S) float32 in [-1, 1], ``labels`` (N, S, S) int64 schema
-    ids (or ``ignore_label``), ``bins`` (N,) slice-position bins, ``case_index`` (N,) index
-    into the per-case lists below, ``slice_index`` (N,) position of the slice in its
-    resampled volume (0 = most inferior). Per case (the cases kept, in dataset order):
-    ``case_ids``, ``depth`` (slices of the resampled volume, before any ``min_foreground``
-    filtering), ``labeled_classes`` (schema ids the case labels; [] for a case without
-    label) and ``has_label``.
+    Per slice (N of them) and per case (the cases kept, in dataset order):
+
+    Args:
+        images: ``(N, 1, S, S)`` float32 in [-1, 1].
+        labels: ``(N, S, S)`` int64 schema ids (or ``ignore_label``).
+        bins: ``(N,)`` slice-position bins.
+        case_index: ``(N,)`` index into the per-case lists.
+        slice_index: ``(N,)`` position of the slice in its resampled volume (0 = most inferior).
+        depth: per case, the slices of the resampled volume, before any ``min_foreground`` filtering.
+        case_ids: per case, its id.
+        labeled_classes: per case, the schema ids it labels ([] for a case without label).
+        has_label: per case, whether it has a label file.
+        ignore_label: the schema's label for unknown voxels.
+        num_classes: the schema's number of classes.
+        settings: the slice settings they were cut with.
     """
 
     images: torch.Tensor
@@ -58,12 +67,16 @@ class LabelledSlices:
 
     @property
     def dataset_labeled_classes(self) -> list[int]:
-        """Every schema id some kept case labels."""
+        """Every schema id some kept case labels, ascending."""
         return sorted({c for cs in self.labeled_classes for c in cs})
 
     def foreground(self) -> torch.Tensor:
-        """(N,) bool: the slice shows at least one pixel of a foreground class (not background,
-        not the ignore label)."""
+        """Which slices show a foreground class.
+
+        Returns:
+            ``(N,)`` bool: the slice shows at least one pixel of a foreground class (not
+            background, not the ignore label).
+        """
         lab = self.labels
         fg = (lab > 0) & (lab < self.num_classes)
         return fg.flatten(1).any(1)
@@ -77,14 +90,14 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
-def _case_labeled_classes(dataset, manifest: dict, schema: LabelSchema, where: str) -> list[list[int]]:
+def _case_labeled_classes(dataset: PreparedDataset, manifest: dict[str, Any], schema: LabelSchema, where: str) -> list[list[int]]:
     """Schema ids each case labels: the case's ``labeled_classes`` in manifest.json (written by
     `site-agent prepare`), else the dataset's, else every class of dataset.json's labels."""
     by_id = {c.get("case_id"): c for c in manifest.get("cases", []) if isinstance(c, dict)}
     default = dataset.labeled_classes
     if default is None:
         default = sorted(v for v in dataset.labels.values() if v != 0)
-    out = []
+    out: list[list[int]] = []
     for case in dataset.cases:
         if case.label is None:
             out.append([])
@@ -134,10 +147,10 @@ def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def labelled_slices(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     schema: LabelSchema,
     settings: SliceSettings = SliceSettings(),
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     only_labelled: bool = True,
 ) -> LabelledSlices:
     """Axial (image, label) slice pairs of the prepared dataset at ``path``.
@@ -146,23 +159,31 @@ def labelled_slices(
     ``settings`` (float16-rounded values, ``min_foreground`` applied the same way), case by
     case; ``labels`` are the schema labels of the same slices (see the module docstring).
 
-    * ``only_labelled=True`` (default): cases without a label file are skipped; ValueError
-      naming the dataset when no case has one.
-    * ``only_labelled=False``: every case is kept (then ``images`` equal `dataset_slices`'s
-      whole output); a case without a label gets ``ignore_label`` everywhere and
-      ``labeled_classes == []``.
-
-    Raises `preprocessing.dataset.DatasetError` for a broken dataset,
-    `DatasetSchemaError` when it was prepared with another schema or labels classes the
-    schema lacks, ValueError naming the file when a label holds values that are neither
-    schema ids nor the ignore label, or when the schema has no rule for the modality.
-
     Caching as `dataset_slices`: with ``cache_dir`` the tensors are kept in
     ``<cache_dir>/adaptation-slices/<sha256>.pt`` (atomic write); the key covers
     manifest.json's bytes (with every image's and label's sha256), the settings, the chain's
     fingerprint, the schema (name, version, classes, ignore label), ``only_labelled`` and
     the versions of this module and of the factory slices. The last result is also kept in
     memory.
+
+    Args:
+        path: the prepared dataset folder.
+        schema: the federation's label schema (the dataset must have been prepared with it).
+        settings: the factory's slice settings.
+        cache_dir: where to keep the tensors between calls (None: memory only).
+        only_labelled: True (default): cases without a label file are skipped; False: every
+            case is kept (then ``images`` equal `dataset_slices`'s whole output), a case
+            without a label gets ``ignore_label`` everywhere and ``labeled_classes == []``.
+
+    Returns:
+        The slice pairs.
+
+    Raises:
+        preprocessing.dataset.DatasetError: a broken dataset.
+        DatasetSchemaError: it was prepared with another schema, or labels classes the schema lacks.
+        ValueError: naming the file, when a label holds values that are neither schema ids nor
+            the ignore label, when the schema has no rule for the modality, or (naming the
+            dataset) when ``only_labelled`` and no case has a label.
     """
     root = Path(path)
     dataset = load_dataset(root)
@@ -207,16 +228,19 @@ def labelled_slices(
     )
 
 
-def _compute_labelled(dataset, keep_cases, schema, modality, rule, settings: SliceSettings, fingerprint: str) -> dict[str, torch.Tensor]:
+def _compute_labelled(
+    dataset: PreparedDataset, keep_cases: list[int], schema: LabelSchema, modality: str, rule: ModalityRule, settings: SliceSettings, fingerprint: str
+) -> dict[str, torch.Tensor]:
     chain = _transforms.deterministic_transforms(schema, modality, spacing=settings.spacing, keys=_KEYS, **_CHAIN_OPTIONS)
-    if chain.fingerprint != fingerprint:  # the cache key must describe the chain that ran
-        raise RuntimeError(f"transform fingerprint mismatch: {chain.fingerprint} != {fingerprint}")
+    ran = getattr(chain, "fingerprint", None)  # set on the Compose by deterministic_transforms
+    if ran != fingerprint:  # the cache key must describe the chain that ran
+        raise RuntimeError(f"transform fingerprint mismatch: {ran} != {fingerprint}")
     size = settings.size
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "labels", "bins", "case_index", "slice_index")}
-    depths = []
+    depths: list[int] = []
     for j, i in enumerate(keep_cases):
         case = dataset.cases[i]
-        item = {"image": str(case.image)}
+        item: dict[str, str] = {"image": str(case.image)}
         if case.label is not None:
             item["label"] = str(case.label)
         out = chain(item)
@@ -268,8 +292,7 @@ def few_shot_selection(
     per_volume: str | int = "middle",
     seed: int | None = None,
 ) -> torch.Tensor:
-    """Indices (into ``slices``, sorted, int64) of the few labelled target slices a few-shot
-    experiment may train on.
+    """The few labelled target slices a few-shot experiment may train on.
 
     Eligible volumes are the labelled cases with at least one *foreground* slice (a pixel of
     a class in 1..num_classes-1; the ignore label does not count). ``n_volumes`` of them
@@ -283,7 +306,19 @@ def few_shot_selection(
     * an integer ``k``: ``k`` slices evenly spread, the ``floor((j + 0.5) * m / k)``-th for
       ``j < k`` (``k = 1`` is the middle; every foreground slice when ``k >= m``).
 
-    Deterministic. ValueError when fewer than ``n_volumes`` volumes are eligible.
+    Deterministic.
+
+    Args:
+        slices: a target dataset's slices (`labelled_slices`).
+        n_volumes: how many labelled volumes to take slices from.
+        per_volume: ``"middle"`` or a positive number of slices per volume.
+        seed: None: the first eligible volumes in dataset order; else a seeded random choice.
+
+    Returns:
+        Indices into ``slices``, sorted, int64.
+
+    Raises:
+        ValueError: a bad argument, or fewer than ``n_volumes`` volumes are eligible.
     """
     if isinstance(n_volumes, bool) or not isinstance(n_volumes, int) or n_volumes < 1:
         raise ValueError(f"n_volumes must be a positive integer, got {n_volumes!r}")

@@ -1,10 +1,15 @@
 """NIfTI in and out for 2D inference: the reference image read and checked, the output's name,
-and a label map written on the reference grid."""
+and a label map written on the reference grid.
+
+nibabel leaves most of its functions unannotated: calls to them are marked
+``type: ignore[no-untyped-call]``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +17,8 @@ import numpy as np
 from preprocessing.nifti import save_atomic
 
 
-def _load_reference(image) -> nib.spatialimages.SpatialImage:
+def _load_reference(image: str | os.PathLike[str] | Any) -> nib.spatialimages.SpatialImage:
+    """The reference image (a path, or a nibabel image already loaded), checked to be a 3D NIfTI with a usable affine."""
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
         if not p.is_file():
@@ -35,7 +41,7 @@ def _load_reference(image) -> nib.spatialimages.SpatialImage:
     return img
 
 
-def output_stem(source: str | os.PathLike) -> str:
+def output_stem(source: str | os.PathLike[str]) -> str:
     """The name an inference output of `source` takes (``<out>/<name>.nii.gz``): the last part
     of its absolute, normalised path, less ``.nii`` / ``.nii.gz``. Normalising first makes
     ``.`` inside a series folder name that folder (``Path('.').name`` is empty, which wrote the
@@ -57,17 +63,27 @@ def output_stem(source: str | os.PathLike) -> str:
     return stem
 
 
-def write_label_nifti(label: np.ndarray, reference: nib.spatialimages.SpatialImage | str | os.PathLike, path: str | os.PathLike) -> str:
-    """Write ``label`` (X, Y, Z) integer on the grid of ``reference`` as a NIfTI-1 label map at
-    ``path`` (``.nii.gz`` or ``.nii``), atomically; returns the sha256 of the bytes written.
+def write_label_nifti(label: np.ndarray, reference: nib.spatialimages.SpatialImage | str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """Write an integer label map on the grid of ``reference`` as a NIfTI-1 file, atomically.
 
-    uint8 when the values fit, else uint16 (ValueError above 65535, for negative or
-    non-integer values, or a shape different from the reference's). The reference's affine
-    and its qform/sform (matrices and codes) are copied; every free-text header field
-    (descrip, aux_file, intent_name, db_name) is blank and no header extension is written,
-    so nothing about the patient rides along. A reference with neither form coded (both
-    codes 0) gets its affine written as qform and sform with code 1 (scanner), so every
-    reader places the label where nibabel places the reference.
+    uint8 when the values fit, else uint16. The reference's affine and its qform/sform
+    (matrices and codes) are copied; every free-text header field (descrip, aux_file,
+    intent_name, db_name) is blank and no header extension is written, so nothing about the
+    patient rides along. A reference with neither form coded (both codes 0) gets its affine
+    written as qform and sform with code 1 (scanner), so every reader places the label where
+    nibabel places the reference.
+
+    Args:
+        label: ``(X, Y, Z)`` integer values in [0, 65535].
+        reference: the image whose grid the label is on (a nibabel image or a NIfTI path).
+        path: the output, ``*.nii.gz`` or ``*.nii``.
+
+    Returns:
+        The sha256 of the bytes written.
+
+    Raises:
+        ValueError: a bad output name, an unreadable reference, a shape different from the
+            reference's, or negative, non-integer or too large values.
     """
     out = Path(path)
     if not out.name.endswith((".nii.gz", ".nii")):
@@ -87,17 +103,17 @@ def write_label_nifti(label: np.ndarray, reference: nib.spatialimages.SpatialIma
     if lo < 0 or hi > 65535:
         raise ValueError(f"{out}: label values must be in [0, 65535], got [{lo}, {hi}]")
     dtype = np.uint8 if hi <= 255 else np.uint16
-    img = nib.Nifti1Image(label.astype(dtype), np.asarray(reference.affine, dtype=np.float64))
-    header = getattr(reference, "header", None)
+    img = nib.Nifti1Image(label.astype(dtype), np.asarray(reference.affine, dtype=np.float64))  # type: ignore[no-untyped-call]
+    header: Any = getattr(reference, "header", None)  # a NIfTI header has the coded forms; others may not
     qform, qcode = header.get_qform(coded=True) if hasattr(header, "get_qform") else (None, 0)
     sform, scode = header.get_sform(coded=True) if hasattr(header, "get_sform") else (None, 0)
     if qform is None and sform is None:  # a reference without coded forms: the affine, code 1 (scanner)
         qform, qcode, sform, scode = reference.affine, 1, reference.affine, 1
-    img.set_qform(qform if qform is not None else reference.affine, code=int(qcode))
-    img.set_sform(sform if sform is not None else reference.affine, code=int(scode))
+    img.set_qform(qform if qform is not None else reference.affine, code=int(qcode))  # type: ignore[no-untyped-call]
+    img.set_sform(sform if sform is not None else reference.affine, code=int(scode))  # type: ignore[no-untyped-call]
     hdr = img.header
     for key in ("descrip", "aux_file", "intent_name", "db_name"):
         hdr[key] = b""
-    hdr.set_xyzt_units("mm", "sec")
-    hdr.set_data_dtype(dtype)
+    hdr.set_xyzt_units("mm", "sec")  # type: ignore[no-untyped-call]
+    hdr.set_data_dtype(dtype)  # type: ignore[no-untyped-call]
     return save_atomic(img, out)
