@@ -17,7 +17,7 @@ from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
 from pipelines.sampling import sample_sites
 
 
-class SampledSitesStrategy(DefaultStrategy):
+class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Fed-BioMed strategy that trains a seeded sample of the sites each round.
 
     Args:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, cast
 
 import pydicom
-from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector  # type: ignore[import-untyped]  # ships no type information
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from pydicom.datadict import dictionary_has_tag, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information (types-PyYAML is not installed)
+import yaml
 
 from fedimg_core.atomic import FileReadError, read_small_file
 from fedimg_core.config import format_problems, validate_config

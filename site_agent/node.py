@@ -108,7 +108,7 @@ def _node_db(site: SiteConfig) -> str:
     if connector is not None and getattr(connector, "_fedimg_db_path", None) != path:
         connector._db.close()
         TinyDBConnector._instance = None
-    TinyDBConnector(path)._fedimg_db_path = path  # type: ignore[attr-defined]
+    TinyDBConnector(path)._fedimg_db_path = path  # a marker on Fed-BioMed's (untyped) singleton
     return path
 
 

@@ -212,6 +212,17 @@ def test_few_shot_selection(phantom_ds, schema):
         few_shot_selection(ls, per_volume="first")
 
 
+def test_few_shot_random_slice_is_one_seeded_foreground_slice_per_volume(phantom_ds, schema):
+    # the settings and the CLI offered "random"; the selection refused it after the factory had loaded
+    ls = labelled_slices(phantom_ds, schema, SliceSettings(size=16, n_bins=5), only_labelled=False)
+    fg = ls.foreground()
+    picked = few_shot_selection(ls, per_volume="random", seed=5)
+    assert ls.case_index[picked].tolist() == sorted(set(ls.case_index[picked].tolist())) and len(picked) == 3 and fg[picked].all()
+    assert torch.equal(picked, few_shot_selection(ls, per_volume="random", seed=5))
+    draws = {tuple(few_shot_selection(ls, n_volumes=1, per_volume="random", seed=s).tolist()) for s in range(8)}
+    assert len(draws) > 1  # not always the same slice (the phantom's volumes have several foreground slices)
+
+
 # ------------------------------------------------------------------------------ inference
 
 

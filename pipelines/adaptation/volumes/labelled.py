@@ -303,15 +303,16 @@ def few_shot_selection(
 
     * ``"middle"``: the middle one (index ``m // 2`` of ``m``; the upper middle when ``m`` is
       even), i.e. the slice through the middle of the labelled structures;
+    * ``"random"``: one of them at random (seeded by ``seed``, 0 when None);
     * an integer ``k``: ``k`` slices evenly spread, the ``floor((j + 0.5) * m / k)``-th for
       ``j < k`` (``k = 1`` is the middle; every foreground slice when ``k >= m``).
 
-    Deterministic.
+    Deterministic (the same arguments give the same slices).
 
     Args:
         slices: a target dataset's slices (`labelled_slices`).
         n_volumes: how many labelled volumes to take slices from.
-        per_volume: ``"middle"`` or a positive number of slices per volume.
+        per_volume: ``"middle"``, ``"random"`` or a positive number of slices per volume.
         seed: None: the first eligible volumes in dataset order; else a seeded random choice.
 
     Returns:
@@ -322,12 +323,12 @@ def few_shot_selection(
     """
     if isinstance(n_volumes, bool) or not isinstance(n_volumes, int) or n_volumes < 1:
         raise ValueError(f"n_volumes must be a positive integer, got {n_volumes!r}")
-    if per_volume == "middle":
+    if per_volume in ("middle", "random"):
         k = 1
     elif isinstance(per_volume, int) and not isinstance(per_volume, bool) and per_volume >= 1:
         k = per_volume
     else:
-        raise ValueError(f"per_volume must be 'middle' or a positive integer, got {per_volume!r}")
+        raise ValueError(f"per_volume must be 'middle', 'random' or a positive integer, got {per_volume!r}")
     fg = slices.foreground()
     eligible = []
     for c, labelled in enumerate(slices.has_label):
@@ -344,11 +345,14 @@ def few_shot_selection(
     else:
         chosen = eligible[:n_volumes]
     picked: list[int] = []
+    slice_rng = np.random.default_rng([0 if seed is None else seed, 1])  # apart from the volumes' draw
     for c in chosen:
         idx = torch.nonzero(fg & (slices.case_index == c)).flatten()
         idx = idx[torch.argsort(slices.slice_index[idx], stable=True)]
         m = len(idx)
-        if k >= m:
+        if per_volume == "random":
+            picked.append(int(idx[int(slice_rng.integers(m))]))
+        elif k >= m:
             picked.extend(idx.tolist())
         else:
             picked.extend(int(idx[int((j + 0.5) * m / k)]) for j in range(k))
