@@ -32,6 +32,15 @@ def default_mode(directory: bool = False) -> int:
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary sibling, fsync, then rename.
+
+    A reader sees the old file or the new one, never part of one; a failure leaves the old.
+
+    Args:
+        path: the file to write (its folder is created).
+        data: the bytes.
+        mode: the file's permissions (default: what a plain open() would give).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -84,10 +93,22 @@ def _swap_in(new: Path, target: Path) -> None:
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically (`write_bytes`).
+
+    Args:
+        path: the file to write.
+        text: the text.
+    """
     write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (`write_bytes`).
+
+    Args:
+        path: the file to write.
+        obj: a JSON-serialisable value.
+    """
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

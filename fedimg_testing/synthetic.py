@@ -17,6 +17,8 @@ from preprocessing.dataset import PreparedDataset, write_dataset
 
 @dataclass(frozen=True)
 class SyntheticCase:
+    """One synthetic CT-like case: image, label and voxel spacing."""
+
     image: np.ndarray  # float32, (X, Y, Z), CT-like Hounsfield units
     label: np.ndarray  # uint8, (X, Y, Z), 0 = background, 1..num_classes-1 = structures
     spacing: tuple[float, float, float]
@@ -70,6 +72,21 @@ def write_synthetic_dataset(
     intensity_shift: float = 0.0,
     name: str = "synthetic",
 ) -> PreparedDataset:
+    """Write a prepared dataset of synthetic cases (`make_case`) to ``root``.
+
+    Args:
+        root: the dataset folder to create.
+        seed: seeds every case (case ``i`` uses ``seed * 1000 + i``).
+        n_cases: how many cases.
+        shape: the volume shape.
+        num_classes: classes including background (at most len(CLASS_NAMES)).
+        intensity_shift: added to every image (a scanner-like domain shift).
+        name: the dataset's name.
+
+    Returns:
+        The dataset as loaded back.
+    """
+
     def cases():
         for i in range(n_cases):
             case = make_case(seed * 1000 + i, shape=shape, num_classes=num_classes, intensity_shift=intensity_shift)

@@ -26,6 +26,11 @@ PATTERN = re.compile(r'^@torch\.library\.register_fake\("(torchvision::q?nms)"\)
 
 
 def main() -> int:
+    """Make torchvision importable next to the CPU torch build, if it is not.
+
+    Returns:
+        The exit status (0: importable, or made so).
+    """
     if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0:
         return 0  # already importable: nothing to do
     spec = importlib.util.find_spec("torchvision")
