@@ -1,33 +1,6 @@
 """`coordinator serve`: the long-running coordinator.
 
-One process owns the Fed-BioMed gRPC server (sites connect to it and stay connected
-between experiments) and runs submitted specs one after another. Researchers talk to it
-through a small HTTP API (bearer token; bound to loopback unless told otherwise):
-
-    GET  /health                 liveness (no token): status, current run, queue length
-    GET  /runs                   run summaries
-    GET  /runs/<id>              one run: state + metrics
-    POST /runs                   body = spec YAML -> 201 {"run_id": ...}; 400 with the validation error
-    POST /runs/<id>/resume       re-queue an interrupted/failed run from its last breakpoint
-
-The same port serves the artifact registry (``coordinator.registry_http``) to sites and
-researchers; these routes also accept a site token (``coordinator site-token issue``), which
-opens nothing else:
-
-    GET  /registry[?kind=K]                         published artifacts (their records)
-    GET  /registry/<kind>/<name>                    versions and latest
-    GET  /registry/<kind>/<name>/<version>          one record (version may be "latest")
-    GET  /registry/<kind>/<name>/<version>/<file>   the file, checksum-verified, header X-Content-SHA256
-    POST /registry/<kind>/<name>                    a site pushes a new version (site token only;
-                                                    validated kinds only, weights and configs only)
-
-Sites on other hosts need ``--api-host`` on an address they can reach.
-
-The server stays up under bad clients (``coordinator.http_limits``): a listen backlog of
-128 and a bounded number of handler threads, deadlines on every connection (headers, body,
-each socket operation), spec bodies of at most ``MAX_SPEC_BYTES`` nesting at most
-``MAX_YAML_DEPTH`` levels (checked before parsing), and every error reply one JSON line
-whose message is capped; an unexpected error answers 500 and is logged, never echoed.
+Details: docs/design/http-service.md, "`coordinator serve` and its routes".
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """Site approval of executable artifacts: nothing beyond plain tensors loads without it.
 
-A plan's approval covers its source, not the files it is told to load. A TorchScript file
-(and any other format whose loading runs code: pickles, ``torch.load`` without
-``weights_only``) can read the site's files, so such an artifact loads only when the site
-itself has approved its sha256. The store lives in the site's work folder::
-
-    <work_dir>/artifacts/artifacts.json   {"version": 1, "artifacts": {sha256: record}}
-
-A record holds ``sha256``, ``kinds``, ``status`` (pending / approved / rejected), the
-``requests`` that asked for it (plan or job, run, path, registry entry it came from, time)
-and the ``decision`` (who, when, note). Origin values come from plan arguments and the
-coordinator's registry records: identifiers are checked and free text is stored with its
-control characters escaped and cut (`pipelines.terminal_text`). A loader meeting an
-artifact the site has not approved refuses it with `ArtifactNotApproved` and records a pending request (loads of
-approved ones are recorded too), which staff review with ``site-agent artifacts list|show|approve|reject`` and ``site-agent plans show``.
-
-The node (and every ``site-agent`` command that runs a job) finds the store through
-``$FEDIMG_ARTIFACT_STORE``, set by the site agent; without a store nothing executable
-loads. The bytes are read once, hashed and deserialised from memory, so the file checked is
-the file loaded. Standard library only: plan code imports this without the site agent.
+Details: docs/design/site-boundary.md, "Executable artifacts approved by sha256".
 """
 
 from __future__ import annotations

@@ -1,31 +1,6 @@
 """ConDistFL losses for partially labelled federated segmentation (softmax outputs, no FL code).
 
-Notation (see ``shared/notes/condistfl-method.md``): ``N`` classes including background 0;
-a site labels the foreground set ``F_k``; ``B_k`` is every other class (background 0 plus
-the classes the site does not label).
-
-* `MarginalDiceCELoss` -- the supervised loss: marginal Dice + marginal cross-entropy on
-  the distribution where the classes of ``B_k`` are merged into one channel.
-* `ConDistDiceLoss` -- conditional distillation from the frozen global model (the teacher)
-  on the background groups, with the foreground filter mask.
-* `lambda_schedule` -- the linear ConDist weight over the rounds.
-* `deep_supervision_loss` -- a loss applied to every deep-supervision head, weights halving
-  per level (`pipelines.deep_supervision`, importable from here).
-
-Conventions shared by both losses:
-
-* ``logits`` are ``(B, C, *spatial)`` for 2D or 3D; ``label`` is an integer index map
-  ``(B, 1, *spatial)`` or ``(B, *spatial)``.
-* Voxels whose label is ``ignore_index`` (the schema's ignore label, 255 by default)
-  contribute nothing: they are left out of every Dice sum, of the cross-entropy mean and
-  of the ConDist mask. Any other label value outside ``[0, num_classes)`` is an error.
-* Softmax / log-sum-exp are computed in float32 with autocast disabled, so fp16/bf16
-  logits (autocast) and saturated logits (e.g. +-1e4) give finite losses and gradients.
-  The returned loss is a float32 scalar.
-* Dice is pooled over batch and space per channel,
-  ``1 - 2 * sum(p * y) / (sum(p) + sum(y) + 1e-5)``, then averaged over channels. With no
-  numerator smoothing, a channel empty in both prediction and reference scores 1 (this is
-  the note's formula; MONAI's default would add 1e-5 to the numerator too).
+Details: docs/design/segmentation-training.md, "The ConDistFL losses".
 """
 
 from __future__ import annotations

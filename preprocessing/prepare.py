@@ -1,25 +1,6 @@
 """`site-agent prepare`: a site's DICOM/NIfTI images and labels -> a prepared dataset.
 
-What it does, per case:
-  discover inputs (regular files only; never the paths given for labels, label map, output,
-  salt or case map, nor prepared datasets) -> group DICOM series (preprocessing.dicom) ->
-  pair each image with its label (DICOM SEG by the series it references; a NIfTI label by
-  name, never guessing between same-named images: `preprocessing.inputs`)
-  -> exact geometry, rescale -> remap labels to the federation schema -> check label and
-  image share the grid -> canonical RAS+ NIfTI (qform = sform, empty text fields) -> QC.
-
-Re-runs skip unchanged cases (an input fingerprint: source bytes, label map, schema,
-converter version, options) and resume after an interruption: each finished case leaves a
-record in `<out>/.state/cases/`; manifest.json and dataset.json are written last, atomically,
-so a folder without them is never taken for a dataset.
-
-Nothing identifying a patient is written: case ids are sequential, sources are stored as
-salted hashes (`preprocessing.source_hash`), refusals as reason codes, and every written
-field comes from an allowlist.
-Refusals are logged (logger ``preprocessing.prepare``, local to the site) naming the files, so
-staff can fix them, and a case map next to the output folder (never inside it,
-`preprocessing.case_map`) maps each case id to its source for staff. The manifest and
-dataset.json are the models of `fedimg_core.dataset_manifest`.
+Details: docs/guide/preparing-data.md, "How `prepare` works".
 """
 
 from __future__ import annotations

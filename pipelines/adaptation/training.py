@@ -1,35 +1,6 @@
 """Asynchronous local domain adaptation on the data factory (phase 2; no FL code).
 
-Method: ../shared/notes/data-factory-method.md "Phase 2" and the paper's section 3.2; the
-details below follow the authors' code where the paper is silent, and say where we differ.
-
-Source site s (has labels), `train_source`:
-    w = E_s(x, source)  ->  x~, features = G(w) with E_s's residual features injected
-    loss = Lr(x, x~) + Ls(S_s(features), y)          (G frozen; E_s and S_s train)
-    S_s is what the site publishes (weights + config, nothing else).
-
-Target site t (few labels), `train_target`, with G and S_s frozen:
-    synthetic source samples x_s = G(z, client id of s, slice bin), labelled by S_s on their
-    own generation features (y_s = argmax S_s), generated once per job;
-    one step, for x_s and a target batch x_t holding one of the few labelled target slices:
-      reconstruction  x~ = G(E_t(x, own domain))             Lr(x, x~) for both domains
-                      Ls(S_s(feat(x_s~)), y_s) + Ls(S_t(feat(x_t~) detached), y_t)
-      translation     x^ = G(E_t(x, other domain))
-                      Ls(S_t(feat(x_s->t) detached), y_s) + Ls(S_s(feat(x_t->s)), y_t)
-      cycle           x^^ = G(E_t(x^, own domain))            Lr(x, x^^) for both domains
-                      Ls(S_s(feat(x_s^^)), y_s) + Ls(S_t(feat(x_t^^) detached), y_t)
-    E_t reconstructs and translates: flipping the domain index switches its domain-specific
-    batch norms, style modulation and per-domain mean latent (`InversionEncoder`).
-    Differences from the authors' code: the translated image is not detached before the
-    cycle pass (the paper's cycle loss then trains the translation, which the code's
-    detach prevented); the three passes run in one step rather than alternating steps; S_t
-    starts as a copy of S_s instead of untrained; Adam replaces Ranger.
-
-Inference: `pipelines.adaptation.model.AdaptedModel`. The settings: `pipelines.adaptation.settings`.
-
-Every loop is resumable through `pipelines.adaptation.jobs.JobDir`: networks, optimizers,
-RNG, step and the synthetic pool are checkpointed atomically every ``checkpoint_every``
-steps and at the end.
+Details: docs/design/adaptation.md, "The adaptation training loops".
 """
 
 from __future__ import annotations

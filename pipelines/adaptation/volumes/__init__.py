@@ -4,35 +4,7 @@ Modules: `geometry` (squaring a slice and back), `labelled` (training pairs, few
 choice), `inference` (2D model on a volume), `nifti` (reference in, label map out) and
 `dicom` (DICOM series in, DICOM SEG out); every name is importable from this package.
 
-Three things, all on exactly the slice geometry of `pipelines.factory.slices` (the GAN's):
-
-* `labelled_slices` -- a prepared dataset's labelled cases as 2D training pairs: images
-  identical to `dataset_slices` (same settings, same chain, same pad/resize) and the schema
-  labels of the same slices (resampled nearest, padded with background 0, resized nearest).
-  `few_shot_selection` picks the few target slices a few-shot experiment may use.
-* `predict_volume_2d` -- whole-volume inference with a 2D model: every axial slice through
-  the same chain, probabilities mapped back (resize, un-pad, then MONAI's inverse of the
-  Orientation/Spacing steps) onto the input's own voxel grid, argmax there.
-  `predict_dicom_series` does the same for a DICOM series (converted exactly as
-  `site-agent prepare` converts it).
-* `write_label_nifti` / `write_dicom_seg` -- the result as a NIfTI label map on the
-  reference grid, or as a DICOM SEG of the source series; atomic writes, nothing partial.
-
-Slice geometry (per case)::
-
-    NIfTI -> pipelines.transforms.deterministic_transforms(keys=("image", "label"))
-      (RAS+, resampled to the settings' spacing: image bilinear, label nearest)
-    -> image: intensity_to_unit, slices along the last axis, pad to a square with -1,
-       resize to size x size (bilinear, anti-aliased)          = `dataset_slices`
-    -> label: slices along the last axis, pad with 0 (background), resize to size x size
-       with nearest neighbour ("nearest-exact": sampling at pixel centres, the same
-       alignment as the image's bilinear resize with align_corners=False)
-
-Labels are schema ids. Voxels a site marked as unknown carry the schema's ignore label
-(`LabelledSlices.ignore_label`, 255 by default), which the losses of `pipelines.losses`
-(``ignore_index``) and `pipelines.evaluation.dice_per_class` leave out; classes a case does
-not label are 0 in its label map (partial labels): `LabelledSlices.labeled_classes` says
-which classes each case labels, for the marginal loss. No Fed-BioMed import.
+Details: docs/design/adaptation.md, "Slice geometry and I/O".
 """
 
 from __future__ import annotations
