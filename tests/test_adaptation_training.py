@@ -228,6 +228,10 @@ def test_load_factory_checks_its_files(tmp_path, factory):
     (folder / "factory.json").write_text(json.dumps({**meta, "clients": {"a": 5}}))
     with pytest.raises(FactoryError, match=r"client ids of a outside \[0, 2\)"):
         load_factory(folder)
+    # a bad factory section is a FactoryError too (site-agent adapt turns it into one clear line)
+    (folder / "factory.json").write_text(json.dumps({**meta, "factory": {**meta["factory"], "resolution": 48}}))
+    with pytest.raises(FactoryError, match="factory.resolution: must be a power of two"):
+        load_factory(folder)
 
 
 # -- training -------------------------------------------------------------------------------

@@ -154,7 +154,10 @@ def load_factory(folder: str | Path, name: str = "", version: str = "") -> Facto
     except ValidationError as exc:
         problems = problems_of(exc, FactoryDescription)
         raise FactoryError(format_problems(where, problems), file=where, key=problems[0][0]).with_problems(problems) from None
-    cfg = FactoryConfig.from_dict(desc.factory, where=f"{where}: factory")
+    try:
+        cfg = FactoryConfig.from_dict(desc.factory, where=f"{where}: factory")
+    except ConfigValueError as exc:  # callers catch FactoryError (site-agent adapt: one clear line)
+        raise FactoryError(str(exc), file=where, key=exc.key).with_problems(exc.problems) from None
     bad = [s for s, i in desc.clients.items() if not 0 <= i < cfg.n_clients]
     if bad:
         raise FactoryError(f"{where}: client ids of {', '.join(bad)} outside [0, {cfg.n_clients})")
