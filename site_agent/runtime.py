@@ -20,12 +20,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import docker
 import psutil
-
-if TYPE_CHECKING:
-    import docker
 
 from fedimg_core import atomic
 from pipelines.artifact_approval import STORE_ENV, store_dir
@@ -341,8 +339,6 @@ def docker_engine_available(timeout: float = 2.0) -> bool:
         False on any failure (no SDK configuration, no socket, no answer).
     """
     try:
-        import docker  # deferred: a broken Docker SDK means "no engine" (auto then runs the node as a process)
-
         client = docker.from_env(timeout=timeout)
         client.ping()
         return True
@@ -373,8 +369,6 @@ class DockerRuntime:
         """
         if self._client is None:
             try:
-                import docker  # deferred: only the docker runtime needs the SDK
-
                 self._client = docker.from_env(timeout=10)
                 self._client.ping()
             except Exception as exc:  # noqa: BLE001
