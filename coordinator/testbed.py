@@ -70,6 +70,7 @@ class Testbed:
         phases: each site's scanner phase, cycled over the sites.
         modalities: each site's scanner (CT or MR-like), cycled over the sites.
         classes: every site labels these (None: an organ group chosen by seed).
+        cases: each site's number of cases, cycled over the sites (None: 4 each).
 
     Raises:
         UserError: fewer than one site.
@@ -79,7 +80,7 @@ class Testbed:
 
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
-                 classes: list[str] | None = None):  # fmt: skip
+                 classes: list[str] | None = None, cases: list[int] | None = None):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -88,6 +89,7 @@ class Testbed:
         self.phases = list(phases or ["portal_venous"])  # each site's scanner phase, cycled over the sites
         self.modalities = list(modalities or ["CT"])  # each site's scanner (CT or MR-like), cycled over the sites
         self.classes = list(classes) if classes else None  # every site labels these (None: an organ group by seed)
+        self.cases = list(cases) if cases else None  # cases per site, cycled (None: the site tool's default)
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
@@ -150,6 +152,7 @@ class Testbed:
                 "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1), "--tag", TAG,
                 "--phase", self.phases[i % len(self.phases)], "--modality", self.modality(i),
                 *(["--classes", ",".join(self.classes)] if self.classes else []),
+                *(["--cases", str(self.cases[i % len(self.cases)])] if self.cases else []),
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:
