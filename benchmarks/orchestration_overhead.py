@@ -75,7 +75,7 @@ def main() -> int:
     console = Console()
 
     spec = yaml.safe_load(default_spec_text())
-    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", test_ratio=0.0, plan="marginal")
+    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", split={"validation": 0, "test": 0}, plan="marginal")
     spec["sites"] = {"tags": ["fedimg-demo"], "min_sites": args.sites, "wait_s": 180}
 
     with tempfile.TemporaryDirectory(prefix="fedimg-bench-") as tmp:

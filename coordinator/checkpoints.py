@@ -6,6 +6,9 @@ and each site's last and best local model (torch state dicts, written atomically
     checkpoints/best_global.pt         the best global model (`select_best`)
     checkpoints/local/<site>_last.pt   the model a site sent after its last local training
     checkpoints/local/<site>_best.pt   the site's local model with its best own validation Dice
+
+Selection reads the validation rows only; the test rows of the selected model are recorded
+beside its score (``test_score``) and never take part in the choice.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from coordinator import runs
-from coordinator.results import selection_score
+from coordinator.results import TEST_ROWS, selection_score
 from fedimg_core import atomic
 
 Params = Mapping[str, torch.Tensor]
@@ -83,25 +86,27 @@ def local_last(run_dir: Path, site_name: str) -> Path:
 def select_best(run_dir: Path, metrics: dict[str, Any], record: dict[str, Any], local: Mapping[str, Params], sites: Mapping[str, str]) -> None:
     """Update the best global model and each site's last and best local model after a round.
 
-    Best global model: the highest mean Dice over all classes across sites (the global model of
-    round r-1 is what the sites scored at the start of round r; the final model is scored after
-    the last round). Best local model per site: its own validation Dice (`select_best_local`).
+    Best global model: the highest mean Dice over all classes across sites on their validation
+    cases (the global model of round r-1 is what the sites scored at the start of round r; the
+    final model is scored after the last round); the same score on their test cases is kept as
+    its ``test_score``. Best local model per site: its own validation Dice (`select_best_local`).
 
     Args:
         run_dir: the run directory.
         metrics: the run's metrics; ``best_global`` and ``best_local`` are updated in place.
-        record: the round's record (``round``, ``sites`` rows with ``val_global``/``val_final``/``val_local``).
+        record: the round's record (``round``, ``sites`` rows with ``val_global``/``val_final``/``val_local``
+            and, when the sites have test cases, the matching ``test_*`` rows).
         local: node id -> the parameters the site sent this round.
         sites: node id -> site name.
     """
     ckpt = Path(run_dir) / "checkpoints"
     rows = list(record["sites"].values())
     for key, model_round in (("val_global", record["round"] - 1), ("val_final", record["round"])):
-        score = selection_score(rows, key)
+        score = selection_score(rows, key)  # validation only: the test rows never choose
         best = metrics.get("best_global") or {}
         src = ckpt / f"global_round_{model_round:04d}.pt"
         if score is not None and score > best.get("score", -1.0) and src.is_file():
-            metrics["best_global"] = {"model_round": model_round, "score": score}
+            metrics["best_global"] = {"model_round": model_round, "score": score, "test_score": selection_score(rows, TEST_ROWS[key])}
             save_tensors(ckpt / "best_global.pt", load_tensors(src))
     for nid, row in record["sites"].items():
         if nid in local:
@@ -113,10 +118,13 @@ def select_best(run_dir: Path, metrics: dict[str, Any], record: dict[str, Any], 
 def select_best_local(metrics: dict[str, Any], nid: str, row: dict[str, Any], last: Path, r: int) -> None:
     """Copy a site's last local model to ``<site>_best.pt`` when its validation Dice is its best.
 
+    The choice reads ``val_local`` only; the model's Dice on the site's test cases
+    (``test_local``) is kept as its ``test_score`` (None without test cases).
+
     Args:
         metrics: the run's metrics; ``best_local[<site>]`` is updated in place.
         nid: the site's node id (its name when the row has none).
-        row: the site's row of the round record (``name``, ``val_local``).
+        row: the site's row of the round record (``name``, ``val_local``, ``test_local``).
         last: the file of the site's last local model.
         r: the round.
     """
@@ -124,5 +132,5 @@ def select_best_local(metrics: dict[str, Any], nid: str, row: dict[str, Any], la
     best = metrics.setdefault("best_local", {})
     name = row.get("name", nid)
     if score is not None and score > best.get(name, {}).get("score", -1.0) and last.is_file():
-        best[name] = {"round": r, "score": score}
+        best[name] = {"round": r, "score": score, "test_score": (row.get("test_local") or {}).get("dice_mean")}
         save_tensors(last.with_name(f"{runs.safe_name(name, 'site')}_best.pt"), load_tensors(last))

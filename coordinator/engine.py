@@ -27,10 +27,12 @@ from cryptography.x509.oid import NameOID
 from coordinator import checkpoints, factory, runs
 from coordinator import plans as plan_registry
 from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter
+from coordinator.results import TEST_ROWS, split_test_keys
 from coordinator.spec import Spec
 from fedimg_core.errors import UserError
 from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 from pipelines.site_errors import mark_researcher_process
+from pipelines.splits import SPLITS
 
 Log = Callable[[str], None]
 
@@ -141,18 +143,12 @@ class Federation:
         from fedbiomed.researcher.aggregators import FedAverage, Scaffold
         from fedbiomed.researcher.federated_workflows import Experiment
 
-        from coordinator.strategy import SampledSitesStrategy
-
         mark_researcher_process()  # the plan's post_init runs here: its errors are the researcher's own
         # Fed-BioMed writes everything (breakpoints, the sites' replies, the plan source) into
         # EXPERIMENTS_DIR/<experimentation_folder>: <run>/fedbiomed, away from the run's own files.
         folder = folder or runs.fedbiomed_dir(run_dir)
         self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)
         aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
-        strategy = None
-        if spec.clients_per_round is not None or spec.is_factory:
-            # the factory weights sites uniformly (the method); segmentation by sample counts
-            strategy = SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=spec.is_factory)
         return Experiment(
             tags=spec.site_tags,
             nodes=nodes or spec.site_ids or None,
@@ -161,7 +157,7 @@ class Federation:
             training_args=spec.training_args(),
             aggregator=aggregator,
             agg_optimizer=_server_optimizer(spec),
-            node_selection_strategy=strategy,
+            node_selection_strategy=selection_strategy(spec),
             round_limit=spec.rounds,
             save_breakpoints=True,
             experimentation_folder=folder.name,
@@ -223,6 +219,8 @@ class Federation:
         metrics["mode"] = spec.mode
         metrics["plan"] = spec.plan
         metrics["local_steps"] = spec.local_steps
+        metrics["split"] = dict(spec.split)
+        metrics["weights"] = spec.weights
         schema = spec.model_args.get("schema_definition")
         if isinstance(schema, dict):
             metrics["classes"] = dict(schema.get("classes") or {})
@@ -295,9 +293,10 @@ class Federation:
             record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
             record["bytes"] = self._wire.take()
             sampled = getattr(exp.strategy(), "history", {}).get(r - 1)
-            if sampled is not None:
+            if sampled is not None and (spec.clients_per_round is not None or spec.is_factory):  # equal weights alone sample every site
                 record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
             metrics["rounds"].append(record)
+            record_split_sizes(metrics, record)
             checkpoints.save_global(run_dir, r, params_after)
             if spec.is_factory:
                 factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
@@ -344,6 +343,7 @@ class Federation:
             record["update_norm"] = squared**0.5  # the sites' updates taken together
             record["bytes"] = self._wire.take()
             metrics["rounds"].append(record)
+            record_split_sizes(metrics, record)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
 
@@ -359,13 +359,71 @@ class Federation:
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
         for m in self._scalars.take(exp.id):
-            row = site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])})
-            key = "train" if m["train"] else ("val_global" if m["global"] else "val_local")
-            if key == "val_global" and key in row:
-                key = "val_final"  # the second global validation: the final model, after the last round
-            row[key] = {**row.get(key, {}), **m["metric"]} if key == "train" else m["metric"]
+            add_site_scalar(site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])}), m)
         delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
+
+
+def selection_strategy(spec: Spec):
+    """The Fed-BioMed node selection strategy of a spec's experiments.
+
+    Sampled sites (``clients_per_round``) and equal aggregation weights (the data factory, and
+    ``weights: equal``: the ConDistFL paper's setting) need `SampledSitesStrategy`; otherwise
+    Fed-BioMed's default strategy trains every site and weights them by their training cases.
+
+    Args:
+        spec: the experiment spec.
+
+    Returns:
+        A `SampledSitesStrategy`, or None for Fed-BioMed's default.
+    """
+    from coordinator.strategy import SampledSitesStrategy  # deferred: Fed-BioMed's import needs the researcher's environment
+
+    uniform = spec.is_factory or spec.weights == "equal"
+    if spec.clients_per_round is None and not uniform:
+        return None
+    return SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=uniform)
+
+
+def add_site_scalar(row: dict[str, Any], message: dict[str, Any]) -> None:
+    """Put one scalar message a site streamed into its row of the round record.
+
+    Training scalars merge into ``train``. A testing message scores one model on the site's
+    validation cases and, under ``test_``-prefixed keys, on its test cases: the first goes to
+    ``val_global`` (the received global model) or ``val_local`` (after local training), the
+    second, prefix stripped, to ``test_global`` / ``test_local``. A second global testing
+    message in a round is the final model's (after the last round): ``val_final`` / ``test_final``.
+
+    Args:
+        row: the site's row (updated in place).
+        message: a `ScalarFeed` message (``train``, ``global``, ``metric``).
+    """
+    if message["train"]:
+        row["train"] = {**row.get("train", {}), **message["metric"]}
+        return
+    key = "val_global" if message["global"] else "val_local"
+    if key == "val_global" and ("val_global" in row or "test_global" in row):
+        key = "val_final"  # the second global validation: the final model, after the last round
+    validation, test = split_test_keys(message["metric"])
+    row[key] = validation
+    if test:
+        row[TEST_ROWS[key]] = test
+
+
+def record_split_sizes(metrics: dict[str, Any], record: dict[str, Any]) -> None:
+    """Keep each site's split sizes (``metrics["splits"][<site>]``) from its training scalars.
+
+    The sites report ``cases_training``, ``cases_validation`` and ``cases_test`` with their
+    training scalars; a site that reports none (an older site, the data factory) is left out.
+
+    Args:
+        metrics: the run's metrics (updated in place).
+        record: the round's record.
+    """
+    for nid, row in record.get("sites", {}).items():
+        train = row.get("train") or {}
+        if all(f"cases_{name}" in train for name in SPLITS):
+            metrics.setdefault("splits", {})[row.get("name", nid)] = {name: int(train[f"cases_{name}"]) for name in SPLITS}
 
 
 def client_ids(sites: dict[str, str]) -> dict[str, int]:

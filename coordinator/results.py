@@ -4,7 +4,13 @@ Validation rows per site and round (written by the engine from what the sites re
 ``val_global`` (the model the site received, scored before local training), ``val_local``
 (the site's model after local training), ``val_final`` (the final global model, after the
 last round). Each holds ``dice_<class>`` means over the site's validation cases, for the
-classes that site labels, and ``case<j>_dice_<class>`` per case.
+classes that site labels, ``dice_mean``, ``cases`` and ``case<j>_dice_<class>`` per case.
+
+Test rows ``test_global``, ``test_local`` and ``test_final`` hold the same keys for the same
+models on the site's test cases. A site reports both in one metric dict, the test keys
+prefixed ``test_`` (`split_test_keys` separates them). Validation selects the models (best
+global, best local); test rows only score them and never select. Runs written before the
+test split (or a site without test cases) have no test rows.
 """
 
 from __future__ import annotations
@@ -14,6 +20,25 @@ import re
 from typing import Iterable, Mapping
 
 _CASE = re.compile(r"^case(\d+)_dice_(.+)$")
+TEST_PREFIX = "test_"  # a site's metric keys on its test cases; the unprefixed keys are on its validation cases
+TEST_ROWS = {"val_global": "test_global", "val_local": "test_local", "val_final": "test_final"}
+
+
+def split_test_keys(metric: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """A site's testing metric dict as its validation row and its test row.
+
+    Args:
+        metric: what the site reported for one model: validation keys (``dice_<class>``,
+            ``dice_mean``, ``cases``, ``case<j>_dice_<class>``) and the same keys prefixed
+            ``test_`` for its test cases.
+
+    Returns:
+        ``(validation, test)``: the unprefixed keys, and the prefixed keys with the prefix
+        stripped (empty when the site reported no test cases).
+    """
+    validation = {k: v for k, v in metric.items() if not k.startswith(TEST_PREFIX)}
+    test = {k[len(TEST_PREFIX) :]: v for k, v in metric.items() if k.startswith(TEST_PREFIX)}
+    return validation, test
 
 
 def class_dice(row: Mapping[str, float]) -> dict[str, float]:

@@ -6,8 +6,10 @@ the same model (`coordinator.runs.load_metrics`). Every field is optional and un
 kept (``extra="allow"``): run directories written by older versions still open, and a file
 round-trips unchanged (dumped with ``exclude_unset``, NaN kept as JSON ``NaN``).
 
-Validation rows (``val_global``, ``val_local``, ``val_final``) are described in
-`coordinator.results`.
+Validation rows (``val_global``, ``val_local``, ``val_final``) and test rows (``test_global``,
+``test_local``, ``test_final``) are described in `coordinator.results`. Runs written before the
+test split have no test rows and no ``split`` / ``weights`` / ``splits``: those fields stay None
+or empty.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class _Record(BaseModel):
 
 
 class SiteRound(_Record):
-    """One site's row of a round: training timings and scalars, and its validation rows.
+    """One site's row of a round: training timings and scalars, its validation rows and its test rows.
 
     Attributes:
         name: the site's name (the key of its row is its Fed-BioMed node id).
@@ -34,6 +36,9 @@ class SiteRound(_Record):
         val_global: the received global model on the site's validation cases, before local training.
         val_local: the site's model after local training.
         val_final: the final global model (after the last round).
+        test_global: ``val_global``'s model on the site's test cases (None: no test cases, or an older run).
+        test_local: ``val_local``'s model on the site's test cases.
+        test_final: ``val_final``'s model on the site's test cases.
     """
 
     name: str | None = None
@@ -44,6 +49,9 @@ class SiteRound(_Record):
     val_global: dict[str, float] | None = None
     val_local: dict[str, float] | None = None
     val_final: dict[str, float] | None = None
+    test_global: dict[str, float] | None = None
+    test_local: dict[str, float] | None = None
+    test_final: dict[str, float] | None = None
 
 
 class WireBytes(_Record):
@@ -83,10 +91,10 @@ class RoundRecord(_Record):
         return sorted(((row.name or nid, row) for nid, row in self.sites.items()), key=lambda kv: kv[0])
 
     def rows(self, key: str) -> dict[str, dict[str, float]]:
-        """site name -> validation row ``key`` (``val_global``, ``val_local``, ``val_final``) for the sites that have it.
+        """site name -> row ``key`` (``val_global``, ``val_local``, ``val_final``, ``test_global``, ...) for the sites that have it.
 
         Args:
-            key: the validation row's name.
+            key: the validation or test row's name.
 
         Returns:
             The non-empty rows by site name.
@@ -102,17 +110,31 @@ class ModelSize(_Record):
 
 
 class BestGlobal(_Record):
-    """The best global model so far: the round after which it was aggregated, and its selection score."""
+    """The best global model so far, selected on the sites' validation cases only.
+
+    Attributes:
+        model_round: the round after which it was aggregated (0: the initial model).
+        score: its selection score (mean Dice over all classes across sites, validation cases).
+        test_score: the same score on the sites' test cases (None: no test rows, or an older run).
+    """
 
     model_round: int | None = None
     score: float | None = None
+    test_score: float | None = None
 
 
 class BestLocal(_Record):
-    """A site's best local model: the round it was trained in and its mean Dice on the site's validation cases."""
+    """A site's best local model, selected on the site's validation cases only.
+
+    Attributes:
+        round: the round it was trained in.
+        score: its mean Dice on the site's validation cases.
+        test_score: its mean Dice on the site's test cases (None: no test cases, or an older run).
+    """
 
     round: int | None = None
     score: float | None = None
+    test_score: float | None = None
 
 
 class Published(_Record):
@@ -134,8 +156,11 @@ class RunMetrics(_Record):
         local_steps: local steps per round.
         classes: the label schema's classes (name -> id).
         model: model size.
-        best_global: the best global model (selection score over the sites' validation cases).
+        best_global: the best global model (selected on the sites' validation cases; its test score beside).
         best_local: site name -> its best local model.
+        split: the spec's split (``{"validation", "test", "seed"}``); None for older runs.
+        weights: the aggregation weights, ``samples`` or ``equal``; None for older runs.
+        splits: site name -> its case counts per split (``training``, ``validation``, ``test``), as the sites reported them.
         clients: factory runs: site name -> client id.
         key_checksums32: factory runs: the key-function checksums the sites reported.
         samples: factory runs: sample grids written (paths relative to the run directory).
@@ -151,6 +176,9 @@ class RunMetrics(_Record):
     model: ModelSize | None = None
     best_global: BestGlobal | None = None
     best_local: dict[str, BestLocal] = Field(default_factory=dict)
+    split: dict[str, Any] | None = None
+    weights: str | None = None
+    splits: dict[str, dict[str, int]] = Field(default_factory=dict)
     clients: dict[str, int] = Field(default_factory=dict)
     key_checksums32: list[float] = Field(default_factory=list)
     samples: list[str] = Field(default_factory=list)

@@ -4,6 +4,12 @@
 keys (pydantic), ``plan_args`` (the plan's own checks) and the rules across keys (`plan_rules`);
 legal but risky values become ``Spec.warnings``. JSON Schema: ``coordinator schema spec``.
 An annotated example and the size bounds: docs/design/experiment-spec.md.
+
+The evaluation protocol: ``split`` gives the shares of each site's cases held out for
+validation (which selects the best global and local models) and for test (which scores the
+selected models only); ``weights`` how the coordinator averages the sites' models. A spec of
+the old form (``test_ratio: X``) still loads: X held out validation cases only, so it means
+``split: {validation: X, test: 0}``, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from coordinator.spec_yaml import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigModel, ConfigProblem, format_problems, short, validate_config
 from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
 from fedimg_core.errors import ConfigError
+from pipelines.splits import SplitSettings
 
 __all__ = [
     "AGGREGATORS",
@@ -29,9 +36,11 @@ __all__ = [
     "MAX_YAML_NODES",
     "MODES",
     "SERVER_OPTIMIZERS",
+    "WEIGHTS",
     "Spec",
     "SpecError",
     "SpecFile",
+    "deprecations",
     "load",
     "parse",
     "plan_rules",
@@ -43,6 +52,8 @@ __all__ = [
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AGGREGATORS = ("fedavg", "scaffold")
 MODES = ("federated", "standalone")
+WEIGHTS = ("samples", "equal")
+MAX_HELD_OUT = 0.9  # validation + test: at least a tenth of each site's cases trains
 SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "beta_2"}, "yogi": {"lr", "beta_1", "beta_2"}}
 SCHEMA_ID = "urn:fedimg:schema:experiment-spec"
 
@@ -115,6 +126,29 @@ class ServerOptimizer(ConfigModel):
         return self
 
 
+class SplitSection(ConfigModel):
+    """How each site's cases are split into training, validation and test (segmentation plans)."""
+
+    validation: Annotated[float, number(0, MAX_HELD_OUT)] = Field(
+        default=0.2, description="Share of each site's cases that score the models for selection (best global, best local). Default 0.2."
+    )
+    test: Annotated[float, number(0, MAX_HELD_OUT)] = Field(
+        default=0.2, description="Share of each site's cases that score the selected models only: never trained on, never used to select. Default 0.2."
+    )
+    seed: Annotated[int, integer(0)] = Field(
+        default=0, description="Seed of the split (default 0), independent of `seed`: training seeds vary the training, not the split."
+    )
+
+    @model_validator(mode="after")
+    def _some_cases_train(self) -> SplitSection:
+        if self.validation + self.test > MAX_HELD_OUT + 1e-9:
+            raise ConfigProblem("", f"validation + test must be at most {MAX_HELD_OUT:g} so that every site trains (got {self.validation + self.test:g})")
+        if self.test > 0 and self.validation == 0:
+            # the sites score test cases in Fed-BioMed's testing step, which runs only with validation cases
+            raise ConfigProblem("test", "the test cases are scored alongside validation; set split.validation > 0")
+        return self
+
+
 class ApprovalSection(ConfigModel):
     """Whether the plan is sent to the sites for review first, and how long to wait for them."""
 
@@ -146,10 +180,25 @@ class SpecFile(ConfigModel):
     aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(default="fedavg", description="How the coordinator combines the sites' updates.")
     server_optimizer: ServerOptimizer | None = Field(default=None, description="FedOpt server optimizer (null: plain averaging; not with scaffold).")
     fedprox_mu: Annotated[float, number(0)] | None = Field(default=None, description="FedProx proximal term (null: off).")
-    test_ratio: Annotated[float, number(0, 0.9)] | None = Field(
-        default=None, description="Share of each site's cases held out for validation (default 0.25; data_factory: 0, the only value it takes)."
+    split: SplitSection | None = Field(
+        default=None,
+        description="Each site's training / validation / test split (default {validation: 0.2, test: 0.2, seed: 0}; "
+        "data_factory: none, {validation: 0, test: 0} the only value it takes).",
     )
-    seed: Annotated[int, integer(0)] = Field(default=0, description="Random seed (also seeds which sites a round samples).")
+    weights: Annotated[str, one_of(*WEIGHTS)] | None = Field(
+        default=None,
+        description="Aggregation weights: samples (Fed-BioMed's FedAvg, by training cases; the default) or equal (every site counts the same, "
+        "as in the ConDistFL paper; data_factory: always equal).",
+    )
+    test_ratio: Annotated[float, number(0, MAX_HELD_OUT)] | None = Field(
+        default=None,
+        description="Deprecated: write split. The share of each site's cases held out for validation only; "
+        "test_ratio: X means split: {validation: X, test: 0}.",
+        json_schema_extra={"deprecated": True},  # editors strike it through
+    )
+    seed: Annotated[int, integer(0)] = Field(
+        default=0, description="Training seed (also seeds which sites a round samples); the split has its own, split.seed."
+    )
     clients_per_round: Annotated[int, integer(1)] | None = Field(
         default=None, description="data_factory only: sites sampled per round (seeded, logged; default 2; null: every site)."
     )
@@ -183,8 +232,10 @@ class Spec:
     """A validated spec with the plan's defaults filled in: what the coordinator runs.
 
     The attributes mirror the file's keys (``sites.tags`` -> ``site_tags``, ``approval.wait_s``
-    -> ``approval_wait_s``); ``model_args`` is what the sites receive (the label schema
-    embedded), ``raw`` the spec as written and ``warnings`` its risky but legal values.
+    -> ``approval_wait_s``); ``split`` is the resolved split (``{"validation", "test", "seed"}``,
+    a legacy ``test_ratio`` turned into it), ``weights`` the aggregation weights (``samples`` or
+    ``equal``); ``model_args`` is what the sites receive (the label schema embedded), ``raw`` the
+    spec as written and ``warnings`` its risky but legal values.
     """
 
     name: str
@@ -200,7 +251,8 @@ class Spec:
     aggregator: str = "fedavg"
     server_optimizer: dict[str, Any] | None = None
     fedprox_mu: float | None = None
-    test_ratio: float = 0.25
+    split: dict[str, Any] = field(default_factory=lambda: SplitSettings().to_dict())  # {"validation", "test", "seed"}, resolved
+    weights: str = "samples"  # aggregation weights: "samples" | "equal"
     seed: int = 0
     plan_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)  # what the sites receive (schema embedded)
@@ -211,19 +263,29 @@ class Spec:
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
+    @property
+    def held_out(self) -> float:
+        """The share of each site's cases that never trains: validation + test."""
+        return float(self.split["validation"]) + float(self.split["test"])
+
     def training_args(self) -> dict[str, Any]:
         """Fed-BioMed training_args (its schema is fixed; extra values travel in model_args).
+
+        Fed-BioMed's ``test_ratio`` is the held-out share (validation + test): it only switches
+        Fed-BioMed's testing step on; the plan's data manager decides which cases are which
+        (``model_args["split"]``). Testing runs on both updates when there are validation cases.
 
         Returns:
             The training arguments of every round.
         """
+        validates = float(self.split["validation"]) > 0
         args: dict[str, Any] = {
             "loader_args": {"batch_size": self.batch_size, "shuffle": True},
             "optimizer_args": dict(self.optimizer),
             "num_updates": self.local_steps,
-            "test_ratio": self.test_ratio,
-            "test_on_global_updates": self.test_ratio > 0,
-            "test_on_local_updates": self.test_ratio > 0,
+            "test_ratio": self.held_out,
+            "test_on_global_updates": validates,
+            "test_on_local_updates": validates,
             "test_batch_size": 1 if self.plan in SEGMENTATION_PLANS else self.batch_size,  # whole volumes
             "shuffle_testing_dataset": False,
             "random_seed": self.seed,
@@ -243,7 +305,8 @@ class Spec:
 
         The checked plan arguments plus the run's length, which the plans need for their
         schedules, the run id, which keys what a site keeps between rounds (its optimizer
-        state), and (data factory) each site's client id.
+        state), (segmentation plans) the split, which the site's data manager applies to its
+        cases, and (data factory) each site's client id.
 
         Args:
             run_id: the run's id.
@@ -257,6 +320,8 @@ class Spec:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
             if run_id:
                 args["run_id"] = run_id
+        if self.plan in SEGMENTATION_PLANS:
+            args["split"] = dict(self.split)
         if self.is_factory:
             args["client_ids"] = dict(client_ids or {})
         return args
@@ -302,6 +367,8 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
                                   f"(got {values['batch_size']})"))  # fmt: skip
     if mode == "standalone" and (server_opt is not None or aggregator != "fedavg"):
         out.append(("mode", "standalone runs have no aggregation: drop server_optimizer / aggregator"))
+    if values.get("split") is not None and values.get("test_ratio") is not None:
+        out.append(("test_ratio", "is deprecated and cannot be combined with split: drop it (test_ratio: X meant split: {validation: X, test: 0})"))
     if values.get("clients_per_round") is not None and plan is not None and not factory:
         # segmentation runs select the best model on every site's validation each round
         out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
@@ -314,12 +381,41 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     refine = plan_args.get("refine_rounds", 0) if isinstance(plan_args, dict) else 0
     if isinstance(refine, int) and not isinstance(refine, bool) and isinstance(rounds, int) and refine > rounds:
         out.append(("plan_args.refine_rounds", f"must be at most rounds ({rounds}); got {refine}"))
-    test_ratio = values.get("test_ratio")
+    test_ratio, split = values.get("test_ratio"), values.get("split")
     if test_ratio:
-        out.append(("test_ratio", f"must be 0 for {plan}: the data factory has no validation split (got {test_ratio:g})"))
+        out.append(("test_ratio", f"must be 0 for {plan}: the data factory holds out no cases (got {test_ratio:g})"))
+    if isinstance(split, dict) and any(_split_of(split)[k] for k in ("validation", "test")):
+        out.append(("split", f"{plan} holds out no cases: drop split (or write split: {{validation: 0, test: 0}}); got {short(split)}"))
+    if values.get("weights") == "samples":
+        out.append(("weights", f"{plan} weights every site equally (each client's generator counts the same): drop weights or write weights: equal"))
     if mode != "federated" or aggregator != "fedavg" or server_opt is not None or values.get("fedprox_mu") is not None:
         out.append(("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu"))
     return out
+
+
+def _split_of(given: dict[str, Any]) -> dict[str, Any]:
+    """A written ``split`` with the defaults of its missing keys."""
+    return {**SplitSettings().to_dict(), **given}
+
+
+def deprecations(raw: dict[str, Any], plan: str) -> list[tuple[str, str]]:
+    """Keys of an older spec form that still load, and what to write instead.
+
+    Args:
+        raw: the spec as written.
+        plan: its plan.
+
+    Returns:
+        (key path, warning) pairs.
+    """
+    if raw.get("test_ratio") is None or raw.get("split") is not None:
+        return []
+    x = raw["test_ratio"]
+    if plan in FACTORY_PLANS:
+        return [("test_ratio", "test_ratio is deprecated: drop it (the data factory holds out no cases)")]
+    return [
+        ("test_ratio", f"test_ratio is deprecated: write split: {{validation: {x:g}, test: 0.2}} (test_ratio held out validation cases only; no test split)")
+    ]
 
 
 def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
@@ -366,7 +462,7 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
         problems.sort(key=lambda kp: rank.get(kp[0].partition(".")[0].partition("[")[0], len(order)))
         raise SpecError(format_problems(where, problems), problems, file=where, key=problems[0][0] if problems else None)
     spec = _resolve(model, model_args, raw)
-    spec.warnings = [f"{where}: {key}: {problem}" for key, problem in risky_values(spec)]
+    spec.warnings = [f"{where}: {key}: {problem}" for key, problem in deprecations(raw, spec.plan) + risky_values(spec)]
     return spec
 
 
@@ -379,6 +475,14 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         optimizer = {"lr": 0.002, **(given or {})}
     else:
         optimizer = given if given is not None else {"lr": 1e-3}
+    if factory:
+        split = SplitSettings(validation=0.0, test=0.0).to_dict()
+    elif m.split is not None:
+        split = SplitSettings.from_mapping(m.split.model_dump()).to_dict()
+    elif m.test_ratio is not None:  # the old form: test_ratio held out validation cases only
+        split = SplitSettings(validation=float(m.test_ratio), test=0.0).to_dict()
+    else:
+        split = SplitSettings().to_dict()
     return Spec(
         name=m.name,
         plan=m.plan,
@@ -393,7 +497,8 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         aggregator=m.aggregator,
         server_optimizer=m.server_optimizer.model_dump(exclude_none=True) if m.server_optimizer is not None else None,
         fedprox_mu=m.fedprox_mu,
-        test_ratio=m.test_ratio if m.test_ratio is not None else (0.0 if factory else 0.25),
+        split=split,
+        weights="equal" if factory else (m.weights or "samples"),
         seed=m.seed,
         plan_args=dict(m.plan_args),
         model_args=model_args,
@@ -422,11 +527,19 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
     """
     out = []
     if spec.plan in SEGMENTATION_PLANS:
-        if spec.test_ratio == 0:
-            out.append(("test_ratio", "0 holds out no validation cases: no Dice per round and no best-model selection "
-                                      "(the last round's model is kept); use e.g. 0.25"))  # fmt: skip
-        elif spec.test_ratio > 0.5:
-            out.append(("test_ratio", f"{spec.test_ratio:g} trains on less than half of each site's cases"))
+        # a spec of the old form has no split key: name the key it wrote
+        key = "test_ratio" if spec.raw.get("test_ratio") is not None and spec.raw.get("split") is None else "split"
+        validation, test = float(spec.split["validation"]), float(spec.split["test"])
+        if validation == 0:
+            out.append((f"{key}.validation" if key == "split" else key,
+                        "no validation cases: no Dice per round and no best-model selection (the last round's model is kept); "
+                        "use e.g. split: {validation: 0.2, test: 0.2}"))  # fmt: skip
+        elif test == 0:
+            out.append((f"{key}.test" if key == "split" else key,
+                        "no test cases: the in-federation numbers are on the validation cases that selected the model, which is optimistic; "
+                        "use e.g. split: {validation: 0.2, test: 0.2}"))  # fmt: skip
+        if validation + test > 0.5:
+            out.append((key, f"{validation + test:g} held out: trains on less than half of each site's cases"))
         updates = spec.rounds * spec.local_steps
         if updates < MIN_UPDATES:
             out.append(("rounds", f"{spec.rounds} rounds x {spec.local_steps} local_steps = {updates} updates per site: "

@@ -4,7 +4,9 @@ Fed-BioMed's `DefaultStrategy` trains every node every round and weights the agg
 by sample counts. `SampledSitesStrategy` samples ``clients_per_round`` of the K sites
 (seeded by (seed, round): the same run draws the same sites, also after a resume) and
 can weight the sampled sites uniformly (the data factory: every site's generator counts
-the same, whatever its number of slices). The draw is logged and kept in `history`.
+the same, whatever its number of slices; segmentation runs with ``weights: equal``, the
+ConDistFL paper's setting, where it samples every site). The draw is logged and kept in
+`history`.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ def _spec(**over):
 
 def test_factory_spec_defaults_and_model_args():
     s = _spec()
-    assert s.is_factory and s.batch_size == 8 and s.test_ratio == 0 and s.clients_per_round == 2
+    assert s.is_factory and s.batch_size == 8 and s.held_out == 0 and s.clients_per_round == 2 and s.weights == "equal"
     args = s.experiment_model_args(run_id="r1", client_ids={"n-a": 0, "n-b": 1})
     assert args["client_ids"] == {"n-a": 0, "n-b": 1} and args["run_id"] == "r1" and args["rounds_total"] == 4
     assert args["schema_definition"]["name"] == "abdominal-ct"
-    assert s.training_args()["test_ratio"] == 0
+    assert s.training_args()["test_ratio"] == 0 and "split" not in args
     # segmentation plans keep every site every round unless asked
     seg = spec_mod.validate({**BASE, "plan": "condistfl", "plan_args": {}}, "spec.yaml")
     assert seg.clients_per_round is None and "client_ids" not in seg.experiment_model_args("r")
@@ -43,6 +43,8 @@ def test_factory_spec_defaults_and_model_args():
     "over, key",
     [
         ({"test_ratio": 0.2}, "test_ratio"),
+        ({"split": {"validation": 0.2, "test": 0}}, "split"),
+        ({"weights": "samples"}, "weights"),
         ({"server_optimizer": {"name": "adam"}}, "plan"),
         ({"mode": "standalone"}, "plan"),
         ({"clients_per_round": 0}, "clients_per_round"),

@@ -45,6 +45,8 @@ def test_defaults_and_training_args():
         ),
         ("server_optimizer: {name: momentum, lr: 1.0, beta: 0.6}\n", "server_optimizer.beta: unknown key; did you mean 'beta_"),
         ("test_ratio: 2\n", r"test_ratio: must be in \[0, 0.9\]"),
+        ("split: {validation: 2}\n", r"split.validation: must be in \[0, 0.9\]"),
+        ("weights: mean\n", "weights: must be one of samples, equal"),
         ("approval: {request: maybe}\n", "approval.request"),
         ("batch_size: 2\n", "batch_size: must be 1 for marginal"),
         ("mode: solo\n", "mode: must be one of federated, standalone"),

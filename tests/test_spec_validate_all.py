@@ -50,23 +50,23 @@ def test_six_typos_give_six_errors_in_one_run(tmp_path):
 
 
 def test_independent_value_errors_are_all_listed():
-    text = GOOD.replace("rounds: 10", "rounds: 0") + "aggregator: median\ntest_ratio: 2\napproval: {request: maybe}\n"
+    text = GOOD.replace("rounds: 10", "rounds: 0") + "aggregator: median\nsplit: {validation: 2}\ntest_ratio: 2\napproval: {request: maybe}\n"
     with pytest.raises(spec_mod.SpecError) as info:
         spec_mod.parse(text, "exp.yaml")
     keys = [key for key, _ in info.value.problems]
-    assert keys == ["rounds", "aggregator", "test_ratio", "approval.request"], info.value
-    assert str(info.value).startswith("exp.yaml: 4 problems")
+    assert keys == ["rounds", "aggregator", "split.validation", "test_ratio", "approval.request"], info.value
+    assert str(info.value).startswith("exp.yaml: 5 problems")
     assert all(f"exp.yaml: {k}: " in str(info.value) for k in keys)
 
 
 def test_risky_values_are_warned_about_not_refused(tmp_path):
     path = tmp_path / "risky.yaml"
     path.write_text(GOOD.replace("min_sites: 2", "min_sites: 1").replace("rounds: 10", "rounds: 2")
-                    + "test_ratio: 0\noptimizer: {lr: 5.0}\n")  # fmt: skip
+                    + "split: {validation: 0, test: 0}\noptimizer: {lr: 5.0}\n")  # fmt: skip
     res = cli("coordinator", "validate", path)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert f"warning: {path}: test_ratio: 0 holds out no validation cases" in out, out
+    assert f"warning: {path}: split.validation: no validation cases: no Dice per round and no best-model selection" in out, out
     assert f"warning: {path}: rounds: 2 rounds x 10 local_steps = 20 updates" in out
     assert f"warning: {path}: optimizer.lr: 5 is outside" in out
     assert f"warning: {path}: sites.min_sites: 1" in out
@@ -188,10 +188,23 @@ def test_spec_error_is_a_config_error_naming_file_and_first_key():
 
 def test_plan_dependent_defaults():
     seg = spec_mod.parse(GOOD, "x")
-    assert (seg.batch_size, seg.test_ratio, seg.clients_per_round, seg.optimizer) == (1, 0.25, None, {"lr": 1e-3})
+    assert (seg.batch_size, seg.split, seg.weights, seg.clients_per_round, seg.optimizer) == (
+        1,
+        {"validation": 0.2, "test": 0.2, "seed": 0},
+        "samples",
+        None,
+        {"lr": 1e-3},
+    )
     factory = "name: f\nplan: data_factory\nsites: {tags: [demo], ids: [N1, N2, N3]}\nrounds: 4\n"
     s = spec_mod.parse(factory, "x")
-    assert (s.batch_size, s.test_ratio, s.clients_per_round, s.optimizer, s.min_sites) == (8, 0.0, 2, {"lr": 0.002}, 3)
+    assert (s.batch_size, s.split, s.weights, s.clients_per_round, s.optimizer, s.min_sites) == (
+        8,
+        {"validation": 0.0, "test": 0.0, "seed": 0},
+        "equal",
+        2,
+        {"lr": 0.002},
+        3,
+    )
     assert spec_mod.parse(factory + "clients_per_round: null\n", "x").clients_per_round is None  # every site each round
     assert spec_mod.parse(GOOD + "optimizer: {lr: 0.01, weight_decay: 0.1, amsgrad: true}\n", "x").optimizer == {
         "lr": 0.01,

@@ -15,7 +15,7 @@ from coordinator import runs
 from coordinator import spec as spec_mod
 from coordinator.client import call, client_token
 from coordinator.commands.common import console, find_run, grpc_options, home_option, load_spec, log, require_home, token_option, url_option, with_options
-from coordinator.results import class_dice, ordered_classes
+from coordinator.results import TEST_ROWS, class_dice, ordered_classes
 from fedimg_core.errors import UserError
 
 
@@ -51,33 +51,49 @@ def _print_results(run_dir: Path) -> None:
     if metrics.get("plan") == "data_factory":
         _print_factory_results(info, metrics)
         return
-    # "global" = the model the site received at the start of the round (validated before local
+    # "global" = the model the site received at the start of the round (scored before local
     # training); "local" = the site's model after local training; "final" = after the last round.
-    table = Table("round", "site", "samples", "train loss", "lambda", "dice (global)", "dice (local)", "MB sent+received")
+    # "val" = the site's validation cases (they select the models), "test" = its test cases
+    # (they only score them); runs without a test split have no test columns.
+    rounds = metrics.get("rounds", [])
+    tested = any(row.get(k) for r in rounds for row in r["sites"].values() for k in TEST_ROWS.values())
+    dice_cols = ("dice global val", "dice global test", "dice local val", "dice local test") if tested else ("dice global val", "dice local val")
+    table = Table("round", "site", "samples", "train loss", "lambda", *dice_cols, "MB sent+received")
     fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
-    for r in metrics.get("rounds", []):
+    for r in rounds:
         mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.2f}" if r.get("bytes") else "-"
         for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
-            vg, vl, tr = row.get("val_global", {}), row.get("val_local", {}), row.get("train", {})
+            tr = row.get("train", {})
+            keys = ("val_global", "test_global", "val_local", "test_local") if tested else ("val_global", "val_local")
             table.add_row(
                 str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "loss_mean" if "loss_mean" in tr else "Loss"),
-                fmt(tr, "lambda"), fmt(vg, "dice_mean"), fmt(vl, "dice_mean"), mb,
+                fmt(tr, "lambda"), *[fmt(row.get(k) or {}, "dice_mean") for k in keys], mb,
             )  # fmt: skip
             mb = ""
     console.print(table)
-    last = metrics.get("rounds", [])[-1:]
-    final = {row.get("name", n): row.get("val_final") or row.get("val_global") or {} for r in last for n, row in r["sites"].items()}
-    if final:
+    last = [row for r in rounds[-1:] for row in r["sites"].values()]
+    for split, label in (("val", "validation cases (they select the models)"), ("test", "test cases (never trained on, never used to select)")):
+        final = {}
+        for row in last:
+            key = "val_final" if row.get("val_final") else "val_global"  # the final model, else the last one received
+            final[row.get("name", "?")] = row.get(key if split == "val" else TEST_ROWS[key]) or {}
+        final = {site: row for site, row in final.items() if row}
+        if not final:
+            continue
         classes = ordered_classes({c for row in final.values() for c in class_dice(row)}, metrics.get("classes"))
-        dice_table = Table("site", *classes, "mean", title="final global model: Dice per class on each site's validation cases")
+        dice_table = Table("site", *classes, "mean", title=f"final global model: Dice per class on each site's {label}")
         for site, row in sorted(final.items()):
             d = class_dice(row)
             dice_table.add_row(site, *[f"{d[c]:.3f}" if c in d else "" for c in classes], fmt(row, "dice_mean"))
         console.print(dice_table)
-        click.echo("final global model: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}" for k, v in sorted(final.items())))
+        which = "validation" if split == "val" else "test"
+        click.echo(f"final global model: {which} cases: " + " | ".join(f"{k}: dice {v.get('dice_mean', float('nan')):.3f}" for k, v in sorted(final.items())))
+    if rounds and not tested:
+        click.echo("no test split in this run: the Dice above is on the validation cases that selected the model")
     if metrics.get("best_global"):
         b = metrics["best_global"]
-        click.echo(f"best global model: round {b['model_round']} (mean Dice over classes across sites {b['score']:.3f})")
+        test = f", on test cases {b['test_score']:.3f}" if b.get("test_score") is not None else ""
+        click.echo(f"best global model: round {b['model_round']} (selected on validation: mean Dice over classes across sites {b['score']:.3f}{test})")
     _print_run_footer(info)
 
 
