@@ -412,10 +412,9 @@ def deprecations(raw: dict[str, Any], plan: str) -> list[tuple[str, str]]:
         return []
     x = raw["test_ratio"]
     if plan in FACTORY_PLANS:
-        return [("test_ratio", "test_ratio is deprecated: drop it (the data factory holds out no cases)")]
-    return [
-        ("test_ratio", f"test_ratio is deprecated: write split: {{validation: {x:g}, test: 0.2}} (test_ratio held out validation cases only; no test split)")
-    ]
+        return [("test_ratio", "is deprecated: drop it (the data factory holds out no cases)")]
+    test = min(0.2, round(0.9 - x, 2))  # a suggestion that itself validates (validation + test <= 0.9)
+    return [("test_ratio", f"is deprecated: write split: {{validation: {x:g}, test: {test:g}}} (test_ratio held out validation cases only; no test split)")]
 
 
 def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:

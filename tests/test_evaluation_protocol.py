@@ -76,7 +76,7 @@ def test_an_old_spec_with_test_ratio_still_loads_with_a_warning():
     # test_ratio held out validation cases only: no test split
     assert s.split == {"validation": 0.25, "test": 0.0, "seed": 0}
     assert s.warnings[0] == (
-        "old.yaml: test_ratio: test_ratio is deprecated: write split: {validation: 0.25, test: 0.2} (test_ratio held out validation cases only; no test split)"
+        "old.yaml: test_ratio: is deprecated: write split: {validation: 0.25, test: 0.2} (test_ratio held out validation cases only; no test split)"
     )
     assert any("no test cases: the in-federation numbers are on the validation cases that selected the model, which is optimistic" in w for w in s.warnings)
     # Fed-BioMed still tests on 0.25 of the cases, as the run did before
