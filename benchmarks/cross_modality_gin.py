@@ -8,7 +8,8 @@ patients, one CT and one MR-like, are scored per class.
     fed            FedAvg (`plan: marginal`), the spec `coordinator/examples/phantom_cross_modality.yaml` without GIN
     fed + GIN      the same spec with `plan_args.gin` (the example's setting)
     centralised    the same network, objective, patches, optimizer and schedule in this process on every
-                   site's cases pooled (the same share of each site's cases held back, other cases), with GIN,
+                   site's training cases pooled (each site's split from `pipelines.splits` with the spec's
+                   `split`: the same cases the federation trained on), with GIN,
                    for as many optimizer steps as the federation ran in all (rounds x local steps x sites)
 
 Federated models are the coordinator's best global model (selected on the sites'
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import subprocess
 import sys
@@ -44,11 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coordinator import runs  # noqa: E402
+from coordinator import spec as spec_mod  # noqa: E402
 from coordinator.evaluate import evaluate_run  # noqa: E402
 from coordinator.testbed import Testbed  # noqa: E402
 from fedimg_core.logs import setup_logging  # noqa: E402
 from pipelines.augment import PatchSampler, patch_batch  # noqa: E402
 from pipelines.networks import build_network  # noqa: E402
+from pipelines.plan_args import SegmentationSettings  # noqa: E402
+from pipelines.splits import SplitSettings, split_indices  # noqa: E402
 from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case, parse_plan_args  # noqa: E402
 from pipelines.transforms import deterministic_transforms  # noqa: E402
 from preprocessing.dataset import load_dataset  # noqa: E402
@@ -58,16 +61,29 @@ SPEC = ROOT / "coordinator" / "examples" / "phantom_cross_modality.yaml"
 CENTRAL = "centralised + GIN"  # the reference of the ratio
 
 
-def volumes_of(dataset: Path, settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def volumes_of(dataset: Path, settings: SegmentationSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The labelled cases of a prepared dataset through the plans' deterministic chain."""
+    return labelled_volumes(dataset, settings)[1]
+
+
+def labelled_volumes(dataset: Path, settings: SegmentationSettings) -> tuple[list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The labelled cases' ids (manifest order, as the plans' dataset lists them) and volumes through the plans' deterministic chain."""
     prepared = load_dataset(dataset)
     chain = deterministic_transforms(settings.schema, prepared.modality, spacing=settings.spacing, label_dtype=torch.uint8)
-    out = []
+    ids, out = [], []
     for c in prepared.cases:
         if c.label is not None:
             d = chain({"image": str(c.image), "label": str(c.label)})
+            ids.append(c.case_id)
             out.append((torch.as_tensor(d["image"]).float(), torch.as_tensor(d["label"])))
-    return out
+    return ids, out
+
+
+def training_volumes(dataset: Path, settings: SegmentationSettings, split: SplitSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A site's training cases as the federation's sites split them (`pipelines.splits`): its
+    validation and test cases are held out of the centralised model's training too."""
+    ids, volumes = labelled_volumes(dataset, settings)
+    return [volumes[i] for i in split_indices(ids, split).training]
 
 
 def train_centralised(train: list, settings, classes: list[int], steps: int, lr: float, weight_decay: float, seed: int, console) -> torch.nn.Module:
@@ -223,13 +239,11 @@ def main() -> int:
             mean = record["models"]["global"]["mean"]
             table[modality][variant] = {**mean, "mean": sum(mean.values()) / len(mean)}
 
-    # centralised: every site's training cases pooled, the same share held back as the federation's validation
-    rng = random.Random(args.seed)
+    # centralised: every site's training cases pooled; the split is the spec's (the same cases as the federation's sites hold out)
+    split = SplitSettings.from_mapping(spec_mod.parse(SPEC.read_text(), str(SPEC)).split)
     train = []
     for i in range(args.sites):
-        vols = volumes_of(bed.dataset_dir(i), settings)
-        rng.shuffle(vols)
-        train += vols[math.floor(len(vols) * base["test_ratio"]) :]  # Fed-BioMed's split: floor(n * test_ratio) held back
+        train += training_volumes(bed.dataset_dir(i), settings, split)
     steps = args.rounds * args.steps * args.sites
     settings = dataclasses.replace(settings, predict_classes=tuple(class_ids))  # the classes it is trained on, as evaluate infers
     central_s = {}
@@ -248,7 +262,7 @@ def main() -> int:
     for col in ("test set", "model", *classes, "mean", "/ centralised"):
         t.add_column(col, justify="right")
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "gin": gin, "run_dirs": {k: str(v) for k, v in run_dirs.items()},
-               "centralised_steps": steps, "centralised_s": central_s, "dice": table, "ratio": {}}  # fmt: skip
+               "centralised_steps": steps, "centralised_s": central_s, "split": split.to_dict(), "dice": table, "ratio": {}}  # fmt: skip
     for modality, rows in table.items():
         central = rows[CENTRAL]["mean"]
         for label, dice in rows.items():

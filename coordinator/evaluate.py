@@ -63,11 +63,11 @@ def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
 
 
 def trained_classes(metrics: dict, schema) -> list[int]:
-    """Schema ids of the classes some site validated during the run (= labels somewhere)."""
+    """Schema ids of the classes some site scored during the run, on its validation or test cases (= labels somewhere)."""
     found = set()
     for r in metrics.get("rounds", []):
         for row in r.get("sites", {}).values():
-            for key in ("val_global", "val_local", "val_final"):
+            for key in ("val_global", "val_local", "val_final", "test_global", "test_local", "test_final"):
                 for k in row.get(key) or {}:
                     name = k[len("dice_") :] if k.startswith("dice_") else None
                     if name in schema.classes and name != "background":

@@ -155,6 +155,9 @@ def test_classes_no_site_labels_are_not_predicted(tmp_path_factory, organs_only)
     runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val}}}], "best_global": {"model_round": 1}})
     metrics = runs.read_metrics(run)
     assert trained_classes(metrics, SCHEMA) == sorted(SCHEMA.classes[c] for c in ("kidney", "liver", "spleen"))
+    # a class a site scores only on its test cases (its validation cases lack it) was labelled, so trained
+    with_test = {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val, "test_global": {"dice_pancreas": 0.3}}}}]}
+    assert trained_classes(with_test, SCHEMA) == sorted(SCHEMA.classes[c] for c in ("kidney", "liver", "spleen", "pancreas"))
     record = evaluate_run(run, organs_only)
     assert record["predicted_classes"] == ["kidney", "liver", "spleen"]
     # a run that validated every class predicts every class (nothing to fold)

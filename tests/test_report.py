@@ -37,7 +37,7 @@ def val_row(cases: dict[str, list[float]], shift: float = 0.0) -> dict:
         row[f"dice_{cls}"] = sum(values) / len(values)
         means.append(row[f"dice_{cls}"])
     row["dice_mean"] = sum(means) / len(means)
-    row["cases"] = 2.0
+    row["cases"] = float(max(len(v) for v in cases.values()))
     return row
 
 
@@ -198,7 +198,9 @@ def test_page_is_self_contained_and_references_images_relatively(built):
 def test_global_table_has_hand_computed_means_across_sites(built):
     _, out, _ = built
     page = (out / "index.html").read_text()
-    assert "final global model (after round 3)" in page
+    assert "best global model (after round 3, selected on validation), validation cases" in page
+    # a run from before issue 19: validation numbers as before, and the report says there is no test split
+    assert "No test split in this run" in page and "never used for training or selection" not in page
     order = ["liver", "kidney", "spleen", "pancreas"]  # schema order; stomach never scored: empty column
     assert "<th>liver</th><th>kidney</th><th>spleen</th><th>pancreas</th><th>stomach</th><th>mean</th>" in page
     selection = sum(GLOBAL_MEANS.values()) / 4
@@ -213,12 +215,12 @@ def test_global_table_has_hand_computed_means_across_sites(built):
 def test_local_table_scores_only_labelled_classes(built):
     _, out, _ = built
     page = (out / "index.html").read_text()
-    assert "local models (after local training in round 3)" in page
+    assert "best local models (selected on each site&#x27;s validation cases; trained in round 3), validation cases" in page
     assert "only on the classes that site labels" in page
     assert html_row("site-b", "0.850", "", "0.550", "", "", "0.700") in page
     order = ["liver", "kidney", "spleen", "pancreas"]
     assert html_row("mean across sites", *[fmt(LOCAL_MEANS[c]) for c in order], "", fmt(sum(LOCAL_MEANS.values()) / 4)) in page
-    assert html_row("site-c", "3", "0.700") in page  # best local round and score
+    assert html_row("site-c", "3", "2", "0.400", "", "") in page  # best local round, validation cases and Dice; no test cells
 
 
 def test_out_of_federation_table(built):
@@ -281,7 +283,7 @@ def test_failed_run_with_lost_round_and_no_val_final(tmp_path):
     out = report.write_report(run_dir, log=lambda _m: None)
     page = (out / "index.html").read_text()
     # the best global model (after round 1) was scored by the sites at the start of round 2
-    assert "best global model (after round 1)" in page
+    assert "best global model (after round 1, selected on validation)" in page
     assert html_row("site-a", "0.500", "0.400", "", "", "", "0.450") in page  # round 2: shift -0.2
     assert html_row("rounds done", "3 / 3 (1 with metrics lost)") in page
     assert html_row("sent + received, total (MB)", "5.000") in page  # round 1 only
@@ -377,14 +379,18 @@ def test_compare_runs(tmp_path):
     assert a["oof"] == {}
     assert a["rounds_done"] == 3 and a["mb_total"] == pytest.approx(15.0) and a["wall_s"] == pytest.approx(100.0)
 
+    # runs without test cases: in-fed columns fall back to validation, marked and explained
+    assert a["split"] == c["split"] == "validation"
+    assert c["global_validation"]["mean"] == pytest.approx(sum(GLOBAL_MEANS.values()) / 4)
     page = (out / "index.html").read_text()
-    assert '<th colspan="6">global in-fed</th>' in page
+    assert '<th colspan="6">global in-fed, validation (no test split)</th>' in page
+    assert "No test split in these runs (FedAvg, ConDistFL)" in page
     selection = fmt(sum(GLOBAL_MEANS.values()) / 4)
-    row = html_row("ConDistFL", *[fmt(GLOBAL_MEANS[k]) for k in ("liver", "kidney", "spleen", "pancreas")], "", selection)
+    row = html_row("ConDistFL *", *[fmt(GLOBAL_MEANS[k]) for k in ("liver", "kidney", "spleen", "pancreas")], "", selection)
     assert row[: -len("</tr>")] in page
     assert re.search(r"<td>0\.675</td><td>3</td><td>15\.000</td><td>100\.0</td></tr>", page)
     md = (out / "comparison.md").read_text()
-    assert "| global in-fed: liver |" in md and "| FedAvg |" in md
+    assert "| global in-fed, validation (no test split): liver |" in md and "| FedAvg * |" in md
 
 
 def test_compare_runs_default_labels_and_missing_data(tmp_path):

@@ -29,16 +29,20 @@ def plot_boxplots(panels: list[BoxPanel], title: str) -> bytes:
 
 
 def plot_learning_curves(c: Curves) -> bytes:
-    """learning_curves.png: loss, global Dice and selection score, local Dice, lambda."""
+    """learning_curves.png: loss, global Dice and selection score (validation; test score where recorded), local Dice, lambda."""
     fig = figures.new_figure((11, 8))
     axes = [fig.add_subplot(2, 2, k) for k in range(1, 5)]
     figures.line_panel(axes[0], c.loss, "training loss (loss_mean) per site", "loss", "round")
-    figures.line_panel(axes[1], c.global_dice, "global model Dice per site (dice_mean)", "Dice", "global model after round")
+    figures.line_panel(axes[1], c.global_dice, "global model Dice per site, validation cases (dice_mean)", "Dice", "global model after round")
     if c.selection:
         xs, ys = zip(*c.selection)
-        axes[1].plot(xs, ys, "k-", lw=2.5, marker="s", label="selection score (mean over classes across sites)")
+        axes[1].plot(xs, ys, "k-", lw=2.5, marker="s", label="selection score, validation (mean over classes across sites)")
+    if c.test_score:
+        xs, ys = zip(*c.test_score)
+        axes[1].plot(xs, ys, "k--", lw=2.0, marker="^", label="same score, test cases (not used for selection)")
+    if c.selection or c.test_score:
         axes[1].legend(fontsize="small")
-    figures.line_panel(axes[2], c.local_dice, "local model Dice per site (after local training)", "Dice", "round")
+    figures.line_panel(axes[2], c.local_dice, "local model Dice per site (after local training), validation cases", "Dice", "round")
     if c.lam:
         figures.line_panel(axes[3], {"lambda": c.lam}, "ConDistFL lambda per round", "lambda", "round")
     else:

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from coordinator.report.reading import Evaluation, Metrics, Scored, mapping, mean, num, row_mean, scored_mean
-from coordinator.results import case_dice, ordered_classes
+from coordinator.results import TEST_ROWS, case_dice, ordered_classes
 from coordinator.run_metrics import RunMetrics
 from fedimg_core.reporting.figures import BoxPanel, Points
 
@@ -21,15 +21,17 @@ class Curves:
     """Per-round series of the learning-curve figure (x: round, or the global model's round)."""
 
     loss: dict[str, Points] = field(default_factory=dict)
-    global_dice: dict[str, Points] = field(default_factory=dict)  # x: the global model's round
-    selection: Points = field(default_factory=list)
+    global_dice: dict[str, Points] = field(default_factory=dict)  # x: the global model's round, validation cases
+    selection: Points = field(default_factory=list)  # the selection score (validation cases)
+    test_score: Points = field(default_factory=list)  # the same mean on the test cases (not used for selection)
     local_dice: dict[str, Points] = field(default_factory=dict)
     lam: Points = field(default_factory=list)
 
 
 def learning_curves(metrics: Metrics) -> Curves:
-    """Per round: training loss, global Dice (``val_global`` scores the model after round
-    r-1, ``val_final`` the model after the last round), local Dice, lambda.
+    """Per round: training loss, global Dice on the validation cases (``val_global`` scores the
+    model after round r-1, ``val_final`` the model after the last round) and the selection score,
+    the same score on the test cases where recorded, local Dice (validation), lambda.
 
     Args:
         metrics: the run's metrics.
@@ -49,6 +51,8 @@ def learning_curves(metrics: Metrics) -> Curves:
                 _add(c.global_dice, name, x, row_mean(vrow))
             if (score := scored_mean(Scored("", rows))) is not None:
                 c.selection.append((x, score))
+            if (score := scored_mean(Scored("", record.rows(TEST_ROWS[key])))) is not None:
+                c.test_score.append((x, score))
         lam = mean(row.train.get("lambda") for _, row in record.named_sites())
         if lam is not None:
             c.lam.append((r, lam))
@@ -56,6 +60,7 @@ def learning_curves(metrics: Metrics) -> Curves:
         for points in series.values():
             points.sort()
     c.selection.sort()
+    c.test_score.sort()
     return c
 
 
@@ -103,7 +108,7 @@ def oof_box_panels(evaluations: list[Evaluation]) -> list[BoxPanel]:
 
 
 def _pooled_cases(rows: Iterable[Mapping[str, float]]) -> dict[str, list[float]]:
-    """class -> per-case Dice pooled over validation rows (``case<j>_dice_<class>``)."""
+    """class -> per-case Dice pooled over rows (``case<j>_dice_<class>``)."""
     out: dict[str, list[float]] = {}
     for row in rows:
         for c, values in case_dice(row).items():

@@ -1,20 +1,25 @@
 """Reading a run for its report: metrics (through `RunMetrics`), state and out-of-federation evaluations,
-and which validation rows score the global and the local models."""
+and which rows score the selected global and local models on the validation and the test cases.
+
+Selection uses the validation cases only (``val_*`` rows); the test cases (``test_*`` rows, runs
+since issue 19) score the selected models and nothing else. Older runs have no test rows."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from coordinator import runs
 from coordinator.results import class_dice, ordered_classes, per_class_across_sites, selection_score
-from coordinator.run_metrics import RunMetrics
+from coordinator.run_metrics import RoundRecord, RunMetrics
 
 EVALUATIONS_DIR = "evaluations"
 MEAN_ACROSS_SITES = "mean across sites"
+SPLIT_PREFIX = {"validation": "val", "test": "test"}  # a split -> the prefix of its rows in metrics.json
+NO_TEST_SPLIT = "no test split in this run"
 
 Log = Callable[[str], Any]
 Metrics = RunMetrics | Mapping[str, Any]  # a dict is validated by RunMetrics
@@ -61,10 +66,21 @@ class Run:
 
 @dataclass
 class Scored:
-    """Validation rows of one model kind, site name -> row (``dice_<class>``, ``case<j>_dice_<class>``)."""
+    """One model kind's rows on one split, site name -> row (``dice_<class>``, ``case<j>_dice_<class>``, ``cases``).
+
+    Attributes:
+        label: which model and which split.
+        rows: site name -> row.
+        split: ``validation`` or ``test``.
+        rounds: local models: site name -> the round its model was trained in.
+        model: which model, without the split.
+    """
 
     label: str
     rows: dict[str, dict[str, float]]
+    split: str = "validation"
+    rounds: dict[str, int] = field(default_factory=dict)
+    model: str = ""
 
 
 def load_run(run_dir: Path, log: Log = print) -> Run:
@@ -137,47 +153,168 @@ def mean(values: Iterable[object]) -> float | None:
     return sum(nums) / len(nums) if nums else None
 
 
-def global_rows(metrics: Metrics) -> Scored:
-    """The rows that score the global model.
+def split_key(kind: str, split: str) -> str:
+    """The metrics.json row of a model kind on a split: ``val_global`` / ``test_global``, ``val_local``, ``val_final``, ...
 
     Args:
-        metrics: the run's metrics.
+        kind: ``global``, ``local`` or ``final``.
+        split: ``validation`` or ``test``.
 
     Returns:
-        The final global model's rows (``val_final`` of the last round); without them, the
-        rows that scored the best global model (``val_global`` of the round after it); else
-        the last ``val_global`` rows.
+        The row's key.
+
+    Raises:
+        ValueError: an unknown split.
     """
-    m = RunMetrics.of(metrics)
+    if split not in SPLIT_PREFIX:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_PREFIX)} (got {split!r})")
+    return f"{SPLIT_PREFIX[split]}_{kind}"
+
+
+def _selected_global(m: RunMetrics) -> tuple[str, RoundRecord, str] | None:
+    """The selected global model: (label, the round record whose rows score it, ``global`` or ``final``).
+
+    The best global model (selected on validation) is scored by ``val_global`` of the round after it,
+    or by ``val_final`` when it is the last round's; without a best, the final model; else the last
+    global model the sites scored.
+    """
     scored = m.scored_rounds()
-    last = scored[-1] if scored else None
-    if last is not None and (rows := last.rows("val_final")):
-        return Scored(f"final global model (after round {last.round})", rows)
     best = m.best_global.model_round if m.best_global is not None else None
     if best is not None:
-        for record in m.rounds:
-            if record.round == best + 1 and (rows := record.rows("val_global")):
-                return Scored(f"best global model (after round {best})", rows)
-            if record.round == best and (rows := record.rows("val_final")):
-                return Scored(f"best global model (after round {best})", rows)
-    if last is not None and (rows := last.rows("val_global")):
-        return Scored(f"global model (after round {last.round - 1})", rows)
-    return Scored("global model", {})
+        for record in scored:
+            if record.round == best + 1 and record.rows("val_global"):
+                return f"best global model (after round {best}, selected on validation)", record, "global"
+            if record.round == best and record.rows("val_final"):
+                return f"best global model (after round {best}, selected on validation)", record, "final"
+    last = scored[-1] if scored else None
+    if last is not None and last.rows("val_final"):
+        return f"final global model (after round {last.round})", last, "final"
+    for record in reversed(scored):
+        if record.rows("val_global"):
+            return f"global model (after round {record.round - 1})", record, "global"
+    return None
 
 
-def local_rows(metrics: Metrics) -> Scored:
-    """Each site's model after local training in the last round that has ``val_local`` rows.
+def global_rows(metrics: Metrics, split: str = "validation") -> Scored:
+    """The rows that score the selected global model on one split.
+
+    Args:
+        metrics: the run's metrics.
+        split: ``validation`` (the cases that selected the model) or ``test`` (never used for
+            training or selection).
+
+    Returns:
+        The best global model's rows (``val_global`` / ``test_global`` of the round after it, or
+        ``val_final`` / ``test_final`` when it is the last round's); without a best, the final
+        model's (last round's ``*_final``); else the last ``*_global`` rows. The same model for
+        both splits; empty rows when the run has none on that split (a run without test cases).
+
+    Raises:
+        ValueError: an unknown split.
+    """
+    split_key("global", split)  # an unknown split fails here, also for a run without rows
+    selected = _selected_global(RunMetrics.of(metrics))
+    if selected is None:
+        return Scored(f"global model, {split} cases", {}, split, model="global model")
+    label, record, kind = selected
+    return Scored(f"{label}, {split} cases", record.rows(split_key(kind, split)), split, model=label)
+
+
+def local_rows(metrics: Metrics, split: str = "validation") -> Scored:
+    """Each site's best local model (selected on the site's validation cases) on one split.
+
+    Args:
+        metrics: the run's metrics.
+        split: ``validation`` or ``test``.
+
+    Returns:
+        Site name -> ``val_local`` / ``test_local`` row of the round of the site's best local model;
+        for a site without a recorded best (or without rows that round), the last round that has
+        its local rows. ``rounds`` holds each site's round.
+
+    Raises:
+        ValueError: an unknown split.
+    """
+    key = split_key("local", split)
+    m = RunMetrics.of(metrics)
+    by_round = {r.round: r for r in m.scored_rounds()}
+    sites = sorted({name for r in by_round.values() for name in r.rows("val_local")})
+    rows: dict[str, dict[str, float]] = {}
+    rounds: dict[str, int] = {}
+    best_used = False
+    for site in sites:
+        best = m.best_local.get(site)
+        record = by_round.get(best.round) if best is not None and best.round is not None else None
+        if record is not None and site in record.rows("val_local"):
+            best_used = True
+        else:  # no best recorded for this site: its last local model scored
+            record = next(r for r in reversed(list(by_round.values())) if site in r.rows("val_local"))
+        rounds[site] = record.round
+        if (row := record.rows(key).get(site)) is not None:
+            rows[site] = row
+    details = ["selected on each site's validation cases"] if best_used else []
+    if rounds and len(set(rounds.values())) == 1:
+        details.append(f"trained in round {next(iter(rounds.values()))}")
+    label = ("best local models" if best_used else "last local models") + (f" ({'; '.join(details)})" if details else "")
+    return Scored(f"{label}, {split} cases", rows, split, {s: r for s, r in rounds.items() if s in rows}, label)
+
+
+@dataclass
+class InFederation:
+    """The selected global and local models' rows on the validation and the test cases of the sites."""
+
+    global_validation: Scored
+    global_test: Scored
+    local_validation: Scored
+    local_test: Scored
+
+    @property
+    def has_test(self) -> bool:
+        """Whether the run scored any model on test cases (runs before issue 19, and runs with ``split.test: 0``, did not)."""
+        return bool(self.global_test.rows or self.local_test.rows)
+
+    @property
+    def split(self) -> str:
+        """The split the report's primary numbers are on: ``test``, else ``validation``."""
+        return "test" if self.has_test else "validation"
+
+    @property
+    def glob(self) -> Scored:
+        """The global model's primary rows (test; validation in a run without test cases)."""
+        return self.global_test if self.has_test else self.global_validation
+
+    @property
+    def local(self) -> Scored:
+        """The local models' primary rows (test; validation in a run without test cases)."""
+        return self.local_test if self.has_test else self.local_validation
+
+
+def in_federation(metrics: Metrics) -> InFederation:
+    """The selected global and local models on both splits (`global_rows`, `local_rows`).
 
     Args:
         metrics: the run's metrics.
 
     Returns:
-        The rows by site name (none when no round has them).
+        The four sets of rows.
     """
-    for record in reversed(RunMetrics.of(metrics).rounds):
-        if rows := record.rows("val_local"):
-            return Scored(f"local models (after local training in round {record.round})", rows)
-    return Scored("local models", {})
+    m = RunMetrics.of(metrics)
+    return InFederation(global_rows(m, "validation"), global_rows(m, "test"), local_rows(m, "validation"), local_rows(m, "test"))
+
+
+def split_settings(metrics: Metrics) -> dict[str, Any] | None:
+    """The run's split shares and seed (``metrics.split``), None for runs before issue 19."""
+    return RunMetrics.of(metrics).split or None
+
+
+def aggregation_weights(metrics: Metrics) -> str | None:
+    """The run's aggregation weights (``samples`` or ``equal``), None where not recorded."""
+    return RunMetrics.of(metrics).weights or None
+
+
+def split_sizes(metrics: Metrics) -> dict[str, dict[str, int]]:
+    """Site name -> cases per split (``training``, ``validation``, ``test``) as the sites reported them."""
+    return dict(RunMetrics.of(metrics).splits)
 
 
 def class_means(scored: Scored) -> dict[str, float]:

@@ -1,4 +1,8 @@
-"""The run report: ``<run_dir>/report/`` with index.html, report.md and the PNG figures."""
+"""The run report: ``<run_dir>/report/`` with index.html, report.md and the PNG figures.
+
+In-federation numbers are on each site's test cases (never used for training or selection), with
+the validation cases that selected the models beside them; a run without test cases (older runs,
+``split.test: 0``) reports its validation cases and says so."""
 
 from __future__ import annotations
 
@@ -6,10 +10,10 @@ from pathlib import Path
 
 from coordinator.report.figures import plot_boxplots, plot_dice_global, plot_learning_curves
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
-from coordinator.report.reading import EVALUATIONS_DIR, Log, Run, Scored, foreground_classes, global_rows, load_run, local_rows
-from coordinator.report.tables import best_local_table, cost_table, dice_table, evaluation_table, header_table
+from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run, split_sizes
+from coordinator.report.tables import cost_table, dice_table, evaluation_table, header_table, split_sizes_table, split_table
 from fedimg_core import atomic
-from fedimg_core.reporting import Section, render_markdown, render_sections
+from fedimg_core.reporting import Section, Table, render_markdown, render_sections
 
 REPORT_DIR = "report"
 
@@ -48,16 +52,16 @@ def build_report(run: Run, folder: Path) -> None:
         run: the run.
         folder: an empty folder.
     """
-    glob, local = global_rows(run.metrics), local_rows(run.metrics)
-    classes = foreground_classes(run.schema, glob, local)
+    fed = in_federation(run.metrics)
+    classes = foreground_classes(run.schema, fed.global_validation, fed.global_test, fed.local_validation, fed.local_test)
     figures = {
-        "dice_global.png": plot_dice_global(glob, classes),
-        "boxplots.png": plot_boxplots(federation_box_panels(glob, local, run.schema), "per-case Dice, in federation"),
+        "dice_global.png": plot_dice_global(fed.glob, classes),
+        "boxplots.png": plot_boxplots(federation_box_panels(fed.glob, fed.local, run.schema), f"per-case Dice, in federation, {fed.split} cases"),
         "learning_curves.png": plot_learning_curves(learning_curves(run.metrics)),
     }
     if oof := oof_box_panels(run.evaluations):
         figures["boxplots_oof.png"] = plot_boxplots(oof, "per-case Dice, out of federation")
-    sections = report_sections(run, glob, local, classes, set(figures))
+    sections = report_sections(run, fed, classes, set(figures))
     for name, data in figures.items():
         atomic.write_bytes(folder / name, data)
     title = f"Run report: {run.run_id}"
@@ -65,13 +69,22 @@ def build_report(run: Run, folder: Path) -> None:
     atomic.write_text(folder / "report.md", render_markdown(title, sections))
 
 
-def report_sections(run: Run, glob: Scored, local: Scored, classes: list[str], figures: set[str]) -> list[Section]:
+SPLITS_TEXT = (
+    "Validation cases selected the model (best global model: best mean Dice over all classes across sites; best local model: "
+    "best mean Dice on the site's own validation cases), so their numbers are optimistic; test cases were never used for "
+    "training or selection. Each site's split is fixed by the split seed and its case numbers."
+)
+NO_TEST_TEXT = (
+    f"{NO_TEST_SPLIT[0].upper()}{NO_TEST_SPLIT[1:]}: the numbers below are on the validation cases that also selected the model, which is optimistic."
+)
+
+
+def report_sections(run: Run, fed: InFederation, classes: list[str], figures: set[str]) -> list[Section]:
     """The report's sections: run, global model, local models, out of federation, per-case Dice, learning curves, cost.
 
     Args:
         run: the run.
-        glob: the rows scoring the global model.
-        local: the rows scoring the local models.
+        fed: the selected global and local models' rows on the validation and the test cases.
         classes: the Dice columns.
         figures: the figure files written.
 
@@ -79,26 +92,30 @@ def report_sections(run: Run, glob: Scored, local: Scored, classes: list[str], f
         The sections.
     """
     standalone = ["Standalone mode: the sites never share weights, so each site's 'global' model is its own model."] if run.metrics.mode == "standalone" else []
+    split_note = [SPLITS_TEXT] if fed.has_test else [NO_TEST_TEXT]
+    run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if split_sizes(run.metrics) else [])
     return [
-        Section("Run", tables=[header_table(run)]),
+        Section("Run", tables=run_tables),
         Section(
             "Global model, in federation",
             [
-                f"Model: {glob.label}. Dice per class on each site's validation cases; each site scores the classes it labels. "
-                "The last row is, per class, the mean across the sites that score it; its mean over classes is the "
-                "model-selection score.",
+                f"Model: {fed.global_validation.model}. Dice per class on each site's {fed.split} cases; each site "
+                "scores the classes it labels. The last row is, per class, the mean across the sites that score it; its mean over "
+                "classes on the validation cases is the model-selection score.",
+                *split_note,
                 *standalone,
             ],
-            [dice_table(glob, classes, f"{glob.label}: Dice per site and class")],
-            [("dice_global.png", "global model: Dice per class and site")],
+            _split_tables(fed.global_validation, fed.global_test, classes, "global model"),
+            [("dice_global.png", f"global model: Dice per class and site, {fed.split} cases")],
         ),
         Section(
             "Local models, in federation",
             [
-                f"Models: {local.label}. Each site's own model is scored on that site's validation cases only, "
-                "so only on the classes that site labels: the other cells are empty."
+                f"Models: {fed.local_validation.model}. Each site's own model is scored on that site's cases "
+                "only, so only on the classes that site labels: the other cells are empty.",
+                *split_note,
             ],
-            [dice_table(local, classes, f"{local.label}: Dice per site and class"), best_local_table(run.metrics)],
+            _split_tables(fed.local_validation, fed.local_test, classes, "local models"),
         ),
         Section(
             "Out of federation",
@@ -108,13 +125,13 @@ def report_sections(run: Run, glob: Scored, local: Scored, classes: list[str], f
         Section(
             "Per-case Dice",
             [
-                "Boxes of per-case Dice per class: the global model pooled over all sites' validation cases, and each "
-                "local model on its own site's cases (a site without labels for a class has no box)."
+                f"Boxes of per-case Dice per class on the {fed.split} cases: the global model pooled over all sites' cases, and "
+                "each local model on its own site's cases (a site without labels for a class has no box)." + ("" if fed.has_test else f" ({NO_TEST_SPLIT}.)")
             ],
             images=[
                 (name, alt)
                 for name, alt in (
-                    ("boxplots.png", "per-case Dice in federation"),
+                    ("boxplots.png", f"per-case Dice in federation, {fed.split} cases"),
                     ("boxplots_oof.png", "per-case Dice out of federation"),
                 )
                 if name in figures
@@ -124,9 +141,27 @@ def report_sections(run: Run, glob: Scored, local: Scored, classes: list[str], f
             "Learning curves",
             [
                 "Global Dice is plotted at the round of the model scored: a site scores the global model after round r-1 "
-                "at the start of round r, and the final model after the last round."
+                "at the start of round r, and the final model after the last round. The per-site lines and the selection "
+                "score are on the validation cases (what selection sees)"
+                + ("; the dashed line is the same score on the test cases, never used for selection." if fed.has_test else ".")
             ],
             images=[("learning_curves.png", "learning curves")],
         ),
         Section("Cost", tables=[cost_table(cost_summary(run.metrics, run.state))]),
+    ]
+
+
+def _split_tables(val: Scored, test: Scored, classes: list[str], what: str) -> list[Table]:
+    """The Dice tables of one model kind: on the test cases, on the validation cases, and both side by side
+    (only the validation table for a run without test cases)."""
+    plural = "s" if val.rounds else ""  # local models: one per site
+    if not test.rows:  # local models: the side-by-side table still gives each site's round (its test cells empty)
+        sides = [split_table(val, test, f"{what}: round and validation cases ({NO_TEST_SPLIT})")] if val.rounds else []
+        return [dice_table(val, classes, f"{val.label}: Dice per site and class"), *sides]
+    return [
+        dice_table(test, classes, f"{test.label} (never used for training or selection): Dice per site and class"),
+        dice_table(val, classes, f"{val.label} (selected the model{plural}): Dice per site and class"),
+        split_table(
+            val, test, f"{what}: validation (selected the model{plural}) and test (never used for training or selection), mean Dice over each site's classes"
+        ),
     ]

@@ -1,14 +1,28 @@
-"""The run report's tables: Dice per site and class, best local models, out-of-federation
-evaluations, cost, and the run's header."""
+"""The run report's tables: Dice per site and class, validation and test side by side,
+out-of-federation evaluations, cost, the run's header and its split sizes."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from coordinator.report.numbers import model_order
-from coordinator.report.reading import MEAN_ACROSS_SITES, Evaluation, Metrics, Run, Scored, class_means, mapping, mean, num, row_mean, scored_mean
+from coordinator.report.reading import (
+    MEAN_ACROSS_SITES,
+    Evaluation,
+    Metrics,
+    Run,
+    Scored,
+    aggregation_weights,
+    class_means,
+    mapping,
+    mean,
+    num,
+    row_mean,
+    scored_mean,
+    split_settings,
+    split_sizes,
+)
 from coordinator.results import class_dice
-from coordinator.run_metrics import RunMetrics
 from fedimg_core.reporting import Table, cell, fixed
 
 
@@ -33,11 +47,46 @@ def dice_table(scored: Scored, classes: list[str], caption: str) -> Table:
     return Table(["site", *classes, "mean"], rows, caption)
 
 
-def best_local_table(metrics: Metrics) -> Table:
-    """Each site's best local model: its round and its mean Dice on the site's validation cases."""
-    best = RunMetrics.of(metrics).best_local
-    rows: list[list[Any]] = [[site, b.round, num(b.score)] for site, b in sorted(best.items())]
-    return Table(["site", "best round", "Dice (mean over its classes)"], rows, "best local model per site (own validation cases)")
+def split_table(val: Scored, test: Scored, caption: str) -> Table:
+    """Validation and test side by side, per site: cases and mean Dice on each split.
+
+    Args:
+        val: the model kind's rows on the validation cases (what selected it).
+        test: the same models' rows on the test cases.
+        caption: the table's caption.
+
+    Returns:
+        Rows: sites (with the round of each local model where ``val.rounds`` has it), then the
+        mean across sites (cases summed; Dice: mean over classes of the per-class means across
+        sites, on validation the selection score); columns: validation cases, validation Dice,
+        test cases, test Dice.
+    """
+    with_round = bool(val.rounds)
+    rows: list[list[Any]] = []
+    for site in sorted(set(val.rows) | set(test.rows)):
+        v, t = val.rows.get(site, {}), test.rows.get(site, {})
+        rounds = [val.rounds.get(site)] if with_round else []
+        rows.append([site, *rounds, _cases(v), row_mean(v) if v else None, _cases(t), row_mean(t) if t else None])
+    if rows:
+        rounds = [None] if with_round else []
+        rows.append([MEAN_ACROSS_SITES, *rounds, _total_cases(val), scored_mean(val), _total_cases(test), scored_mean(test)])
+    columns = ["site", *(["round"] if with_round else []), "validation cases", "validation Dice", "test cases", "test Dice"]
+    return Table(columns, rows, caption)
+
+
+def _count(value: object) -> int | None:
+    v = num(value)
+    return int(v) if v is not None else None
+
+
+def _cases(row: Mapping[str, float]) -> int | None:
+    """The number of cases a row scored (``cases``), None where not recorded."""
+    return _count(row.get("cases"))
+
+
+def _total_cases(scored: Scored) -> int | None:
+    counts = [c for c in (_cases(row) for row in scored.rows.values()) if c is not None]
+    return sum(counts) if counts else None
 
 
 def evaluation_table(ev: Evaluation) -> Table:
@@ -90,13 +139,15 @@ def cost_table(cost: Mapping[str, Any]) -> Table:
 
 
 def header_table(run: Run) -> Table:
-    """The run's id, name, plan, mode, status, rounds, times, best global model and error."""
+    """The run's id, name, plan, mode, status, rounds, times, split, weights, best global model and error."""
     m, s = run.metrics, run.state
     rounds = len(m.rounds)
     best = m.best_global
     best_text = ""
     if best is not None and best.model_round is not None:
-        best_text = f"after round {best.model_round} (selection score {cell(num(best.score))})"
+        best_text = f"after round {best.model_round} (selection score on validation {cell(num(best.score))}"
+        test_score = num(best.test_score)
+        best_text += f"; on test {cell(test_score)})" if test_score is not None else ")"
     rows: list[list[Any]] = [
         ["run id", run.run_id],
         ["name", str(s.get("name") or "")],
@@ -107,8 +158,26 @@ def header_table(run: Run) -> Table:
         ["local steps per round", str(m.local_steps) if m.local_steps is not None else ""],
         ["started", str(s.get("started") or "")],
         ["finished", str(s.get("finished") or "")],
+        ["split (shares of each site's cases)", split_text(split_settings(m))],
+        ["aggregation weights", aggregation_weights(m) or ""],
         ["best global model", best_text],
     ]
     if s.get("error"):
         rows.append(["error", str(s["error"])])
     return Table(["field", "value"], rows)
+
+
+def split_text(split: Mapping[str, Any] | None) -> str:
+    """``validation 0.25, test 0.25, split seed 0``; empty for a run that did not record its split."""
+    if not split:
+        return ""
+    shares = ", ".join(f"{name} {v:g}" for name in ("validation", "test") if (v := num(split.get(name))) is not None)
+    seed = split.get("seed")
+    return shares + (f", split seed {seed}" if seed is not None else "")
+
+
+def split_sizes_table(metrics: Metrics) -> Table:
+    """Cases per site and split as the sites reported them (``metrics.splits``)."""
+    sizes = split_sizes(metrics)
+    rows: list[list[Any]] = [[site, *(_count(n.get(k)) for k in ("training", "validation", "test"))] for site, n in sorted(sizes.items())]
+    return Table(["site", "training cases", "validation cases", "test cases"], rows, "cases per site and split")
