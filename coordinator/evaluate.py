@@ -2,8 +2,9 @@
 that never took part in training (out-of-federation test).
 
 Models scored: the best global model (the paper's selection: best mean Dice over all
-classes across sites; `checkpoints/best_global.pt`, else the last round's), and each site's
-last local model (`checkpoints/local/<site>_last.pt`). The dataset is preprocessed with the
+classes across sites on validation cases; `checkpoints/best_global.pt`, else the last round's),
+and each site's best local model (selected on its validation cases, `checkpoints/local/<site>_best.pt`;
+else its last one, `<site>_last.pt`): the models the run report shows. The dataset is preprocessed with the
 run's own schema, spacing and intensity rules and scored on that grid, whole volumes by
 sliding window. When it labels an organ but none of its lesion classes, lesions are merged
 into their organ in prediction and reference (``merge_lesions="auto"``).
@@ -56,9 +57,14 @@ def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
         rounds = sorted(ckpt.glob("global_round_*.pt"))
         if rounds:
             models["global"] = (f"global (round {int(rounds[-1].stem.rsplit('_', 1)[1])})", rounds[-1])
+    best_local = {runs.safe_name(name, "site"): row for name, row in (metrics.get("best_local") or {}).items() if isinstance(row, dict)}
     for path in sorted((ckpt / "local").glob("*_last.pt")):
         site = path.name[: -len("_last.pt")]
-        models[f"local:{site}"] = (f"local {site} (last round)", path)
+        best_file = path.with_name(f"{site}_best.pt")
+        if best_file.is_file():
+            models[f"local:{site}"] = (f"local {site} (best on validation, round {best_local.get(site, {}).get('round', '?')})", best_file)
+        else:
+            models[f"local:{site}"] = (f"local {site} (last round)", path)
     return models
 
 

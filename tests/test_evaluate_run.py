@@ -53,6 +53,25 @@ def run_dir(tmp_path_factory):
     return run
 
 
+def test_a_sites_best_local_model_is_scored_when_the_run_selected_one(tmp_path, organs_only):
+    """The local model out of federation is the one selected on the site's validation cases, as in the report."""
+    run = runs.new_run(tmp_path, SPEC, "oof-best", resolved=parse(SPEC, "spec").resolved_raw())
+    torch.manual_seed(0)
+    best = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+    last = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+    (run / "checkpoints" / "local").mkdir(parents=True)
+    torch.save(best.state_dict(), run / "checkpoints" / "best_global.pt")
+    torch.save(best.state_dict(), run / "checkpoints" / "local" / "site-a_best.pt")
+    torch.save(last.state_dict(), run / "checkpoints" / "local" / "site-a_last.pt")
+    torch.save(last.state_dict(), run / "checkpoints" / "local" / "site-b_last.pt")  # no best: its last model
+    runs.write_metrics(run, {"rounds": [], "best_global": {"model_round": 1, "score": 0.5}, "best_local": {"site-a": {"round": 2, "score": 0.4}}})
+    record = evaluate_run(run, organs_only)
+    assert record["models"]["local:site-a"]["label"] == "local site-a (best on validation, round 2)"
+    assert record["models"]["local:site-b"]["label"] == "local site-b (last round)"
+    assert record["models"]["local:site-a"]["per_case"] == record["models"]["global"]["per_case"]  # the best file was scored
+    assert record["models"]["local:site-b"]["per_case"] != record["models"]["global"]["per_case"]
+
+
 @pytest.fixture(scope="module")
 def organs_only(tmp_path_factory):
     return _dataset(tmp_path_factory.mktemp("oof"), ["kidney", "liver", "spleen"], "organs-only")
