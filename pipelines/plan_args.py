@@ -3,7 +3,9 @@
 `parse_plan_args` validates an experiment spec's ``plan_args`` for the segmentation plans
 with messages naming the key (`pipelines.plan_args_common`); the coordinator checks them before sending, the node again on
 arrival. Checking needs no network, so this module imports neither torch nor MONAI
-(``coordinator validate`` answers in a second); `pipelines.training` re-exports its names.
+(``coordinator validate`` answers in a second); `pipelines.training` re-exports its names. ``split`` (each site's
+training / validation / test shares and split seed, `pipelines.splits`) is the spec's top-level ``split``, which the
+coordinator copies into the plan arguments.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from pipelines.config_fields import ConfigValueError, choice, is_int, is_number
 from pipelines.gin_args import GinArgs
 from pipelines.network_config import network_config_from_spec
 from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.splits import SplitSettings
 from preprocessing.schema import LabelSchema
 
-__all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "SegmentationSettings", "parse_plan_args"]
+__all__ = ["DEFAULTS", "LEGACY_SPLIT", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "SegmentationSettings", "parse_plan_args"]
 
 
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
-    "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "rounds_total", "local_steps", "run_id",
+    "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -40,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "keep_optimizer_state": True,
     "inference": {"overlap": 0.25, "sw_batch_size": 2},
 }
+# The split when the plan arguments hold none: a coordinator from before the three-way split sent
+# only Fed-BioMed's test_ratio (0.25 by default), which held out validation cases only.
+LEGACY_SPLIT = SplitSettings(validation=0.25, test=0.0, seed=0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class SegmentationSettings:
     overlap: float = 0.25
     sw_batch_size: int = 2
     keep_optimizer_state: bool = True
+    split: SplitSettings = LEGACY_SPLIT  # the site's training / validation / test shares and split seed
     rounds_total: int | None = None  # filled in by the coordinator
     local_steps: int | None = None
     run_id: str | None = None
@@ -104,6 +111,20 @@ def _gin(value: Any) -> Any:
     return value
 
 
+def _split(value: Any) -> SplitSettings | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping with validation, test and/or seed (got {short(value)})")
+    if not all(isinstance(k, str) for k in value):
+        raise ValueError(f"must be a mapping with validation, test and/or seed (got {short(value)})")
+    try:
+        return SplitSettings.from_mapping(value)
+    except ValueError as exc:  # "split.<key>: <problem>" -> that key, under plan_args.split
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigProblem(key.removeprefix("split").lstrip("."), problem or str(exc)) from None
+
+
 class Inference(ConfigModel):
     """``plan_args.inference``: the sliding-window settings of evaluation."""
 
@@ -137,6 +158,7 @@ class PlanArgs(PlanArgsBase):
     gin: Annotated[GinArgs | None, BeforeValidator(_gin)] = None  # None: GIN off
     predict_classes: tuple[int, ...] | None = None  # class names in a spec, ids once validated
     inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
+    split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: LEGACY_SPLIT
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -204,6 +226,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         gin=m.gin.model_dump() if m.gin is not None else None,
         predict_classes=m.predict_classes,
         keep_optimizer_state=m.keep_optimizer_state,
+        split=m.split if m.split is not None else LEGACY_SPLIT,
         run_id=m.run_id,
         overlap=m.inference.overlap,
         sw_batch_size=m.inference.sw_batch_size,

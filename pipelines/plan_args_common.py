@@ -58,8 +58,8 @@ Spacing = Annotated[str | tuple[float, ...] | None, BeforeValidator(parse_spacin
 _POSITIVE = "must be a positive integer (got {got})"
 
 
-# keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids)
-FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids")
+# keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids, the spec's split)
+FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split")
 
 
 class PlanArgsBase(ConfigModel):

@@ -15,9 +15,10 @@ falls in block ``k // B``; each block of ``B`` consecutive numbers holds exactly
 
 Case ids of another form (datasets written elsewhere) fall back to hashing: ``u`` from
 sha256(seed, id) in [0, 1), test when ``u < test``, validation when ``u < test + validation``,
-else training; when a share is positive but its split got no case (small sites) the training case
-nearest that split's interval moves in, and training is never left empty. Pure Python: no torch,
-no Fed-BioMed.
+else training. Small sites are repaired: training is never left empty, and (from
+``MIN_CASES_FOR_HELD_OUT`` cases) a positive share whose split got no case takes one; the case that
+moves is the one nearest that split's interval, taken from training when training keeps a case,
+else from another split that keeps one. Pure Python: no torch, no Fed-BioMed.
 """
 
 from __future__ import annotations
@@ -199,17 +200,24 @@ def _hashed_splits(case_ids: Sequence[str], settings: SplitSettings) -> dict[str
     def members(split: str) -> list[str]:
         return [c for c in case_ids if out[c] == split]
 
+    def move_into(split: str) -> None:
+        # a case whose split keeps another one: from training first, else from the other splits
+        for pool in (("training",), ("test", "validation")):
+            donors = [c for c in case_ids if out[c] in pool and out[c] != split and len(members(out[c])) > 1]
+            if donors:
+                target = _interval(split, settings)
+                out[min(donors, key=lambda c: (_distance(units[c], target), c))] = split
+                return
+
+    if case_ids and not members("training"):
+        move_into("training")
+        if not members("training"):  # one case per held-out split: training still comes first
+            target = _interval("training", settings)
+            out[min(case_ids, key=lambda c: (_distance(units[c], target), c))] = "training"
     if len(case_ids) >= MIN_CASES_FOR_HELD_OUT:
         for split in ("test", "validation"):
-            share = getattr(settings, split)
-            training = members("training")
-            if share > 0 and not members(split) and len(training) > 1:
-                target = _interval(split, settings)
-                out[min(training, key=lambda c: (_distance(units[c], target), c))] = split
-    if case_ids and not members("training"):
-        target = _interval("training", settings)
-        held = [c for c in case_ids if out[c] != "training"]
-        out[min(held, key=lambda c: (_distance(units[c], target), c))] = "training"
+            if getattr(settings, split) > 0 and not members(split):
+                move_into(split)
     return out
 
 

@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from coordinator.plans import PlanArgsError, builtin_schemas, model_args_for, resolve_schema
+from pipelines.plan_args import LEGACY_SPLIT
+from pipelines.splits import SplitSettings
 from pipelines.training import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args
 from preprocessing.schema import DEFAULT_SCHEMA, load_schema, parse_schema
 
@@ -45,6 +47,7 @@ def test_defaults(schema):
     assert s.augment is True
     assert s.overlap == 0.25 and s.sw_batch_size == 2
     assert s.rounds_total is None and s.local_steps is None
+    assert s.split == LEGACY_SPLIT == SplitSettings(validation=0.25, test=0.0, seed=0)  # an older coordinator sent no split
     assert DEFAULTS["roi_size"] == 32  # the module's documented defaults are what comes back
 
 
@@ -118,7 +121,8 @@ def test_unknown_key_with_did_you_mean(schema):
 def test_unknown_key_without_close_match_lists_allowed_keys(schema):
     msg = _error({"zzz": 1}, schema)
     assert msg.startswith("plan_args.zzz: unknown key (allowed: ")
-    filled_in = ("schema_definition", "rounds_total", "local_steps", "run_id")  # by the coordinator: never advertised
+    # by the coordinator (split: from the spec's top-level `split`): never advertised as plan_args keys
+    filled_in = ("schema_definition", "rounds_total", "local_steps", "run_id", "split")
     for key in PLAN_ARG_KEYS:
         assert (key in msg) != (key in filled_in), key
 
@@ -206,6 +210,29 @@ def test_numbers(schema):
         assert getattr(parse_plan_args({key: 3}, schema), key) == 3
         for bad in (0, -1, 2.5, True, "3"):
             assert _error({key: bad}, schema) == f"plan_args.{key}: must be a positive integer (got {bad!r})"
+
+
+def test_split_from_the_coordinator(schema):
+    s = parse_plan_args({"split": {"validation": 0.25, "test": 0.25, "seed": 3}}, schema)
+    assert s.split == SplitSettings(validation=0.25, test=0.25, seed=3)
+    assert parse_plan_args({"split": {"test": 0.1}}, schema).split == SplitSettings(validation=0.2, test=0.1, seed=0)
+    assert parse_plan_args({"split": None}, schema).split == LEGACY_SPLIT
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ({"validation": 1.2}, "plan_args.split.validation: must be a number in [0, 1) (got 1.2)"),
+        ({"test": "0.2"}, "plan_args.split.test: must be a number in [0, 1) (got '0.2')"),
+        ({"seed": -1}, "plan_args.split.seed: must be an integer >= 0 (got -1)"),
+        ({"validation": 0.5, "test": 0.5}, "plan_args.split: validation + test must be below 1 so that some cases train (got 1)"),
+        ({"ratio": 0.2}, "plan_args.split: unknown key(s) ratio (known: validation, test, seed)"),
+        (0.2, "plan_args.split: must be a mapping with validation, test and/or seed (got 0.2)"),
+        ({1: 0.2}, "plan_args.split: must be a mapping with validation, test and/or seed (got {1: 0.2})"),
+    ],
+)
+def test_bad_split_names_its_key(schema, split, message):
+    assert _error({"split": split}, schema) == message
 
 
 def test_not_a_mapping(schema):

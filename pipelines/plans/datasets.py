@@ -63,12 +63,15 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
 
     The plan sets `schema` (the federation's) and `spacing` before the node loads it;
     `self.path` is set by the node from its dataset registry (the plan never sees it).
-    After loading, `labeled_classes` holds the schema ids this site labels.
+    After loading, `labeled_classes` holds the schema ids this site labels and `case_ids`
+    the id of each item (the labelled cases in manifest order), which the case split
+    (`pipelines.plans.split_data`) reads; they never leave the site.
     """
 
     schema: LabelSchema | None = None
     spacing: _Spacing = "schema"
     labeled_classes: list[int] = []
+    case_ids: list[str] = []
     modality: str = "CT"
     path: str  # set by the node
 
@@ -98,6 +101,10 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
             )
         self.modality = prepared.modality
         self._items = _volumes(self.path, self.schema, self.modality, self.spacing)
+        # the same cases, in the same order, as _volumes reads them
+        self.case_ids = [c.case_id for c in prepared.cases if c.label is not None]
+        if len(self.case_ids) != len(self._items):  # a cache entry of another manifest: never split by the wrong ids
+            raise DatasetSchemaError(f"{where}: {len(self._items)} volumes for {len(self.case_ids)} labelled cases")
 
     def get_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One case.

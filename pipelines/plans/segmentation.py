@@ -2,7 +2,10 @@
 
 `PartialLabelSegmentationPlan` holds the Fed-BioMed plumbing (the science: `pipelines.training`); the
 registered plans are thin subclasses (`pipelines.plans.condistfl`, `pipelines.plans.marginal`), the only
-source shipped and hashed for approval. A site's round step by step: docs/design/segmentation-training.md.
+source shipped and hashed for approval. The site's cases are split into training, validation and test
+(`pipelines.plans.split_data`): training batches come from the training cases only, and every scoring of a
+model covers validation (selection) and test (reporting). A site's round step by step:
+docs/design/segmentation-training.md.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from fedbiomed.common.datamanager import DataManager
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
 from pipelines.augment import PatchSampler, patch_batch
@@ -22,6 +24,7 @@ from pipelines.networks import build_network
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.seeding import PerRoundSeed
+from pipelines.plans.split_data import CaseSplitDataManager
 from pipelines.site_errors import site_boundary
 from pipelines.training import (
     OptimizerStateStore,
@@ -108,17 +111,19 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         return self._adamw
 
     @site_boundary("data")
-    def training_data(self) -> DataManager:
-        """The site's prepared dataset as whole volumes (patches are drawn per step).
+    def training_data(self) -> CaseSplitDataManager:
+        """The site's prepared dataset as whole volumes (patches are drawn per step), split by case.
 
         Returns:
-            Fed-BioMed's data manager over a `PreparedSegmentationDataset`.
+            Fed-BioMed's data manager over a `PreparedSegmentationDataset`, with the training /
+            validation / test split of ``plan_args.split`` (`pipelines.plans.split_data`).
         """
         dataset = PreparedSegmentationDataset()
         dataset.schema = self._settings.schema
         dataset.spacing = self._settings.spacing
         self._dataset = dataset
-        return DataManager(dataset=dataset, shuffle=True)
+        self._data = CaseSplitDataManager(dataset, self._settings.split, self._settings.run_id, shuffle=True)
+        return self._data
 
     # -- training ------------------------------------------------------------------------
 
@@ -197,6 +202,10 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             "optimizer_state_restored": float(self._opt_restored),
             "gin_prob": float(self._settings.gin["prob"]) if self._settings.gin else 0.0,  # GIN on (its probability) or off
         }
+        data = getattr(self, "_data", None)
+        indices = data.indices if data is not None else None
+        if indices is not None:  # the site's split sizes (counts only: no case ids leave the site)
+            metric.update({f"cases_{name}": float(n) for name, n in indices.counts().items()})
         if self._teacher is not None:  # distill: the round's frozen teacher
             teacher = dict(self._teacher.named_parameters())
             fbm_initial = self.initial_parameters()
@@ -225,7 +234,12 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
 
     @site_boundary("testing")
     def testing_routine(self, metric: Any, metric_args: dict[str, Any], history_monitor: Any, before_train: bool) -> None:
-        """Whole-volume validation of the current model on the site's validation cases.
+        """Whole-volume scoring of the current model on the site's validation and test cases.
+
+        Validation (Fed-BioMed's testing loader) gives ``dice_<class>``, ``dice_mean``, ``cases``
+        and ``case<j>_dice_<class>``; the test cases (the data manager's test loader) the same keys
+        prefixed ``test_``, absent when the site has no test case. One message per evaluation;
+        per-case values in case order only (no identifiers leave the site).
 
         Args:
             metric: Fed-BioMed's metric choice (not used: Dice per class is reported).
@@ -235,23 +249,32 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         """
         if self.testing_data_loader is None:
             return
+        result, n_validation = self._dice_report(self.testing_data_loader, "")
+        data = getattr(self, "_data", None)
+        test_loader = data.test_loader() if data is not None else None
+        if test_loader is not None:
+            result.update(self._dice_report(test_loader, "test_")[0])
+        if history_monitor is not None:
+            history_monitor.add_scalar(
+                metric=result, iteration=1, epoch=None, test=True, test_on_local_updates=not before_train,
+                test_on_global_updates=before_train, total_samples=n_validation, batch_samples=n_validation,
+                num_batches=max(1, n_validation),
+            )  # fmt: skip
+
+    def _dice_report(self, loader: Any, prefix: str) -> tuple[dict[str, float], int]:
+        """Dice per class (mean over cases), their mean, the case count and per-case values, keys prefixed."""
         s = self._settings
         classes = self._dataset.labeled_classes
         names = {v: k for k, v in s.schema.classes.items()}
         per_case: list[dict[int, float]] = []
-        for data, target in self.testing_data_loader:
+        for data, target in loader:
             for volume, label in zip(data, target):
                 per_case.append(evaluate_case(self.model(), volume, label, s, classes))
         means = class_means(per_case, classes)
-        result = {f"dice_{names[c]}": v for c, v in means.items()}
+        result = {f"{prefix}dice_{names[c]}": v for c, v in means.items()}
         if means:
-            result["dice_mean"] = sum(means.values()) / len(means)
-        result["cases"] = float(len(per_case))
+            result[f"{prefix}dice_mean"] = sum(means.values()) / len(means)
+        result[f"{prefix}cases"] = float(len(per_case))
         for j, case in enumerate(per_case):  # case order only: no identifiers leave the site
-            result.update({f"case{j}_dice_{names[c]}": v for c, v in case.items() if v == v})
-        if history_monitor is not None:
-            history_monitor.add_scalar(
-                metric=result, iteration=1, epoch=None, test=True, test_on_local_updates=not before_train,
-                test_on_global_updates=before_train, total_samples=len(per_case), batch_samples=len(per_case),
-                num_batches=max(1, len(per_case)),
-            )  # fmt: skip
+            result.update({f"{prefix}case{j}_dice_{names[c]}": v for c, v in case.items() if v == v})
+        return result, len(per_case)
