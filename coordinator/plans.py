@@ -159,6 +159,8 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
     for key in FILLED_ARGS:
         if key in args:
             problems.append(PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps), the run and the sites"))
+    if "split" in args:
+        problems.append(PlanArgsError("split", "is a top-level key of the spec: move it out of plan_args (split: {validation: 0.2, test: 0.2, seed: 0})"))
     schema = None
     raw: dict[str, Any] | None = None
     try:
@@ -168,7 +170,7 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
         problems += exc.each
     except PlanArgsError as exc:
         problems.append(exc)
-    checked = {k: v for k, v in args.items() if k != "schema_definition" and k not in FILLED_ARGS}
+    checked = {k: v for k, v in args.items() if k not in ("schema_definition", "split") and k not in FILLED_ARGS}
     try:
         if name in FACTORY_PLANS:
             parse_factory_args(checked)

@@ -323,3 +323,15 @@ def test_results_show_validation_and_test_dice(tmp_path):
     runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"N1": {"name": "site-a", "val_global": {"dice_liver": 0.41, "dice_mean": 0.41}}}}]})
     out = CliRunner().invoke(cli, ["results", run.name, "--home", str(home)], terminal_width=200).output
     assert "dice global test" not in out and "no test split in this run" in out
+
+
+def test_split_under_plan_args_is_refused_with_where_it_belongs(tmp_path):
+    """A researcher who nests split under plan_args is told to move it, not silently overridden."""
+    spec_file = tmp_path / "nested.yaml"
+    spec_file.write_text(
+        "name: nested\nplan: condistfl\nsites: {tags: [t], min_sites: 2}\nrounds: 10\nlocal_steps: 80\n"
+        "plan_args: {schema: abdominal-ct, split: {validation: 0.3, test: 0.3}}\n"
+    )
+    with pytest.raises(spec_mod.SpecError) as info:
+        spec_mod.load(spec_file)
+    assert "plan_args.split: is a top-level key of the spec: move it out of plan_args" in str(info.value)
