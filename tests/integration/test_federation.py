@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2)
+    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2, cases=[4, 6])  # unequal sites: sample weights differ
     bed.setup_sites()
     bed.start_nodes()
     yield bed
@@ -55,9 +55,33 @@ def _run_dirs(home: Path, name: str) -> list[Path]:
     return sorted(p for p in (home / "runs").iterdir() if f"-{name}-" in p.name) if (home / "runs").is_dir() else []
 
 
+def _site_splits(bed, settings) -> dict[str, dict[str, list[str]]]:
+    """site name -> split -> case ids, as `pipelines.splits` assigns the site's labelled cases."""
+    from pipelines.splits import assign_splits
+
+    out = {}
+    for i, site in enumerate(bed.sites):
+        manifest = json.loads((bed.dataset_dir(i) / "manifest.json").read_text())
+        ids = [c["case_id"] for c in manifest["cases"] if c.get("label")]
+        assigned = assign_splits(ids, settings)
+        out[site.site_name] = {name: [c for c in ids if assigned[c] == name] for name in ("training", "validation", "test")}
+    return out
+
+
+def _local_mean(run_dir: Path, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The weighted mean of the sites' last local models (weights normalised)."""
+    total = sum(weights.values())
+    local = {name: torch.load(run_dir / "checkpoints" / "local" / f"{name}_last.pt") for name in weights}
+    keys = set.intersection(*(set(p) for p in local.values()))
+    return {k: sum(local[n][k].double() * (w / total) for n, w in weights.items()) for k in keys}
+
+
 def test_two_rounds_every_site_trains_and_params_change(bed):
+    """Also the evaluation protocol: each site's three-way split, validation and test rows, equal weights."""
+    from pipelines.splits import SplitSettings
+
     home = bed.workdir / "coordinator"
-    spec = _spec(bed, rounds=2, name="two-rounds")
+    spec = _spec(bed, rounds=2, name="two-rounds", split={"validation": 0.25, "test": 0.25, "seed": 0}, weights="equal")
     res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr  # progress lines are log records (stderr), the summary is the output
@@ -90,6 +114,32 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     assert "[fedimg] round 2/2" in (run_dir / "run.log").read_text()
     res = cli("coordinator", "results", run_dir.name, "--home", home, "--json")
     assert json.loads(res.stdout)["rounds_done"] == 2
+
+    # every site split its cases as pipelines.splits says (4 cases: 2/1/1, 6 cases: 4/1/1) and reported the sizes
+    splits = _site_splits(bed, SplitSettings(0.25, 0.25, 0))
+    assert metrics["split"] == {"validation": 0.25, "test": 0.25, "seed": 0} and metrics["weights"] == "equal"
+    assert metrics["splits"] == {name: {k: len(v) for k, v in s.items()} for name, s in splits.items()}
+    assert {name: s["training"].__len__() for name, s in splits.items()} == {"site-1": 2, "site-2": 4}
+    for r in metrics["rounds"]:
+        for row in r["sites"].values():
+            sizes = metrics["splits"][row["name"]]
+            assert row["samples"] == sizes["training"]  # Fed-BioMed's sample count: the training cases only
+            for kind in ("global", "local"):  # validation and test scored apart, each on its own cases
+                assert row[f"val_{kind}"]["cases"] == sizes["validation"] and row[f"test_{kind}"]["cases"] == sizes["test"]
+                assert 0.0 <= row[f"test_{kind}"]["dice_mean"] <= 1.0
+    assert all("test_final" in row for row in metrics["rounds"][-1]["sites"].values())
+    # the site's own record of its split (it stays at the site) names exactly those cases
+    for i, site in enumerate(bed.sites):
+        (record,) = [json.loads(p.read_text()) for p in site.work_dir.rglob(f"splits/{run_dir.name}.json")]
+        assert record["cases"] == splits[site.site_name]
+    # equal weights: the last aggregate is the plain mean of the sites' last local models (FedAvg, no server optimizer)
+    want = _local_mean(run_dir, {"site-1": 1.0, "site-2": 1.0})
+    got = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
+    assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
+    by_samples = _local_mean(run_dir, {"site-1": 2.0, "site-2": 4.0})
+    assert any(not torch.allclose(got[k].double(), by_samples[k], atol=1e-6) for k in want)  # the weights mattered
+    # selection on validation; the selected model's test score recorded beside it
+    assert metrics["best_global"]["test_score"] is not None
 
 
 def _killed_after_round_1(bed, spec: Path, home: Path, name: str) -> Path:
@@ -240,7 +290,7 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
     from pipelines.training import parameter_checksum
 
     home = bed.workdir / "coordinator"
-    spec = _spec(bed, rounds=2, name="condist-teacher")
+    spec = _spec(bed, rounds=2, name="condist-teacher", weights="samples")
     res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "condist-teacher")
@@ -270,6 +320,11 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
     assert (run_dir / "checkpoints" / "best_global.pt").is_file()
     assert {p.name for p in (run_dir / "checkpoints" / "local").iterdir()} == {
         "site-1_last.pt", "site-1_best.pt", "site-2_last.pt", "site-2_best.pt"}  # fmt: skip
+    # weights: samples: the last aggregate weights each site by its training cases (2 and 4)
+    assert metrics["weights"] == "samples"
+    want = _local_mean(run_dir, {"site-1": 2.0, "site-2": 4.0})
+    got = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
+    assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
 
     # out-of-federation scoring on a dataset labelled differently (site-2's liver cases,
     # scored with the lesion merged into the organ), and the run report
