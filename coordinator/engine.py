@@ -219,8 +219,9 @@ class Federation:
         metrics["mode"] = spec.mode
         metrics["plan"] = spec.plan
         metrics["local_steps"] = spec.local_steps
-        metrics["split"] = dict(spec.split)
-        metrics["weights"] = spec.weights
+        if not resume:  # a resumed run keeps what its breakpoint sends the sites (`resumed_protocol`)
+            metrics["split"] = dict(spec.split)
+            metrics["weights"] = spec.weights if spec.mode == "federated" else "none"  # standalone: no aggregation
         schema = spec.model_args.get("schema_definition")
         if isinstance(schema, dict):
             metrics["classes"] = dict(schema.get("classes") or {})
@@ -271,6 +272,7 @@ class Federation:
                 checkpoints.save_global(run_dir, done, _params(exp))
                 metrics["rounds"].append({"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True})
             self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
+            metrics["split"], metrics["weights"] = resumed_protocol(exp)
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
         self._check_approval(exp, spec, sites)
@@ -296,7 +298,9 @@ class Federation:
             if sampled is not None and (spec.clients_per_round is not None or spec.is_factory):  # equal weights alone sample every site
                 record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
             metrics["rounds"].append(record)
-            record_split_sizes(metrics, record)
+            for name in record_split_sizes(metrics, record):
+                self.log(f"warning: {name} has test cases but no validation case: it takes no part in model selection "
+                         "and its test cases are not scored (raise split.validation, or give the site more cases)")  # fmt: skip
             checkpoints.save_global(run_dir, r, params_after)
             if spec.is_factory:
                 factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
@@ -343,7 +347,9 @@ class Federation:
             record["update_norm"] = squared**0.5  # the sites' updates taken together
             record["bytes"] = self._wire.take()
             metrics["rounds"].append(record)
-            record_split_sizes(metrics, record)
+            for name in record_split_sizes(metrics, record):
+                self.log(f"warning: {name} has test cases but no validation case: it takes no part in model selection "
+                         "and its test cases are not scored (raise split.validation, or give the site more cases)")  # fmt: skip
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
 
@@ -410,7 +416,7 @@ def add_site_scalar(row: dict[str, Any], message: dict[str, Any]) -> None:
         row[TEST_ROWS[key]] = test
 
 
-def record_split_sizes(metrics: dict[str, Any], record: dict[str, Any]) -> None:
+def record_split_sizes(metrics: dict[str, Any], record: dict[str, Any]) -> list[str]:
     """Keep each site's split sizes (``metrics["splits"][<site>]``) from its training scalars.
 
     The sites report ``cases_training``, ``cases_validation`` and ``cases_test`` with their
@@ -419,11 +425,46 @@ def record_split_sizes(metrics: dict[str, Any], record: dict[str, Any]) -> None:
     Args:
         metrics: the run's metrics (updated in place).
         record: the round's record.
+
+    Returns:
+        The sites first seen in this record with test cases but no validation case: Fed-BioMed
+        scores nothing at such a site, so it drops out of selection (the caller warns).
     """
+    unscored = []
     for nid, row in record.get("sites", {}).items():
         train = row.get("train") or {}
         if all(f"cases_{name}" in train for name in SPLITS):
-            metrics.setdefault("splits", {})[row.get("name", nid)] = {name: int(train[f"cases_{name}"]) for name in SPLITS}
+            name = row.get("name", nid)
+            sizes = {split: int(train[f"cases_{split}"]) for split in SPLITS}
+            splits = metrics.setdefault("splits", {})
+            if sizes["validation"] == 0 and sizes["test"] > 0 and name not in splits:
+                unscored.append(name)
+            splits[name] = sizes
+    return unscored
+
+
+def resumed_protocol(exp) -> tuple[dict[str, Any], str]:
+    """The split and weights a resumed experiment really uses: its breakpoint's, not the spec's.
+
+    Fed-BioMed resumes with the model arguments, training arguments, aggregator and strategy
+    saved in the breakpoint. A run started before the three-way split sent no ``split``: its
+    sites hold out ``test_ratio`` of their cases for validation and none for test.
+
+    Args:
+        exp: the Fed-BioMed experiment loaded from a breakpoint.
+
+    Returns:
+        ``(split, weights)`` as ``metrics.json`` records them.
+    """
+    from fedbiomed.researcher.aggregators import Scaffold
+
+    split = (exp.model_args() or {}).get("split")
+    if not isinstance(split, dict):
+        ratio = float((exp.training_args() or {}).get("test_ratio") or 0.0)
+        split = {"validation": ratio, "test": 0.0, "seed": 0}
+    uniform = bool((getattr(exp.strategy(), "_parameters", None) or {}).get("uniform"))
+    weights = "equal" if uniform or isinstance(exp.aggregator(), Scaffold) else "samples"
+    return dict(split), weights
 
 
 def client_ids(sites: dict[str, str]) -> dict[str, int]:

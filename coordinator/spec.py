@@ -362,6 +362,9 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     server_opt = values.get("server_optimizer")
     if server_opt is not None and aggregator == "scaffold":
         out.append(("server_optimizer", "cannot be combined with the scaffold aggregator"))
+    if aggregator == "scaffold" and values.get("weights") == "samples":
+        # Fed-BioMed's Scaffold ignores the strategy's weights: it averages the sites' corrections equally
+        out.append(("weights", "scaffold averages the sites' updates equally (Fed-BioMed's Scaffold takes no weights): drop weights or write weights: equal"))
     if plan in SEGMENTATION_PLANS and values.get("batch_size", 1) != 1:
         out.append(("batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it "
                                   f"(got {values['batch_size']})"))  # fmt: skip
@@ -413,7 +416,7 @@ def deprecations(raw: dict[str, Any], plan: str) -> list[tuple[str, str]]:
     x = raw["test_ratio"]
     if plan in FACTORY_PLANS:
         return [("test_ratio", "is deprecated: drop it (the data factory holds out no cases)")]
-    test = min(0.2, round(0.9 - x, 2))  # a suggestion that itself validates (validation + test <= 0.9)
+    test = min(0.2, round(0.9 - x, 2)) if x else 0  # a suggestion that itself validates (validation + test <= 0.9; test needs validation)
     return [("test_ratio", f"is deprecated: write split: {{validation: {x:g}, test: {test:g}}} (test_ratio held out validation cases only; no test split)")]
 
 
@@ -497,7 +500,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         server_optimizer=m.server_optimizer.model_dump(exclude_none=True) if m.server_optimizer is not None else None,
         fedprox_mu=m.fedprox_mu,
         split=split,
-        weights="equal" if factory else (m.weights or "samples"),
+        weights="equal" if factory or m.aggregator == "scaffold" else (m.weights or "samples"),
         seed=m.seed,
         plan_args=dict(m.plan_args),
         model_args=model_args,

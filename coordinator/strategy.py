@@ -47,7 +47,8 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         chosen = sample_sites(list(from_nodes), p["clients_per_round"], p["seed"], round_i)
         self._sampling_node_history[round_i] = list(chosen)
         self.history[round_i] = list(chosen)
-        logger.info(f"[fedimg] round {round_i + 1}: sampled {len(chosen)} of {len(from_nodes)} sites: {', '.join(chosen)}")
+        if len(chosen) < len(from_nodes):  # equal weights alone train every site: nothing drawn to log
+            logger.info(f"[fedimg] round {round_i + 1}: sampled {len(chosen)} of {len(from_nodes)} sites: {', '.join(chosen)}")
         return chosen
 
     def refine(self, training_replies, round_i):

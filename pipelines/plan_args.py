@@ -25,7 +25,7 @@ from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_p
 from pipelines.splits import SplitSettings
 from preprocessing.schema import LabelSchema
 
-__all__ = ["DEFAULTS", "LEGACY_SPLIT", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "SegmentationSettings", "parse_plan_args"]
+__all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "SegmentationSettings", "parse_plan_args"]
 
 
 PLAN_ARG_KEYS = (
@@ -43,9 +43,6 @@ DEFAULTS: dict[str, Any] = {
     "keep_optimizer_state": True,
     "inference": {"overlap": 0.25, "sw_batch_size": 2},
 }
-# The split when the plan arguments hold none: a coordinator from before the three-way split sent
-# only Fed-BioMed's test_ratio (0.25 by default), which held out validation cases only.
-LEGACY_SPLIT = SplitSettings(validation=0.25, test=0.0, seed=0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,9 @@ class SegmentationSettings:
     overlap: float = 0.25
     sw_batch_size: int = 2
     keep_optimizer_state: bool = True
-    split: SplitSettings = LEGACY_SPLIT  # the site's training / validation / test shares and split seed
+    # the site's training / validation / test shares and split seed; None: the coordinator sent none (one from before
+    # the three-way split), and Fed-BioMed's test_ratio is the validation share as it was then (pipelines.plans.split_data)
+    split: SplitSettings | None = None
     rounds_total: int | None = None  # filled in by the coordinator
     local_steps: int | None = None
     run_id: str | None = None
@@ -158,7 +157,7 @@ class PlanArgs(PlanArgsBase):
     gin: Annotated[GinArgs | None, BeforeValidator(_gin)] = None  # None: GIN off
     predict_classes: tuple[int, ...] | None = None  # class names in a spec, ids once validated
     inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
-    split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: LEGACY_SPLIT
+    split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: none sent
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -226,7 +225,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         gin=m.gin.model_dump() if m.gin is not None else None,
         predict_classes=m.predict_classes,
         keep_optimizer_state=m.keep_optimizer_state,
-        split=m.split if m.split is not None else LEGACY_SPLIT,
+        split=m.split,
         run_id=m.run_id,
         overlap=m.inference.overlap,
         sw_batch_size=m.inference.sw_batch_size,

@@ -73,6 +73,7 @@ def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> di
         env[f"FBM_SECURITY_{key.upper()}"] = value
     env["PYTHONUNBUFFERED"] = "1"
     env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
+    env["FEDIMG_SPLITS_DIR"] = str(site.work_dir / "splits")  # which cases each run held out: a record, not a cache
     # pretrained encoder weights for the data factory's domain key, where the site has them
     env["FEDIMG_MODELS_DIR"] = str(site.work_dir / "models")
     # the site's approvals of executable artifacts (TorchScript, pickles): nothing else loads

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from coordinator import checkpoints, runs
 from coordinator import spec as spec_mod
 from coordinator.cli import cli
-from coordinator.engine import Federation, add_site_scalar, record_split_sizes, selection_strategy
+from coordinator.engine import Federation, add_site_scalar, record_split_sizes, resumed_protocol, selection_strategy
 from coordinator.fedbiomed_hooks import ScalarFeed
 from coordinator.results import split_test_keys
 from coordinator.run_metrics import RunMetrics
@@ -335,3 +335,44 @@ def test_split_under_plan_args_is_refused_with_where_it_belongs(tmp_path):
     with pytest.raises(spec_mod.SpecError) as info:
         spec_mod.load(spec_file)
     assert "plan_args.split: is a top-level key of the spec: move it out of plan_args" in str(info.value)
+
+
+def test_scaffold_weights_sites_equally_and_refuses_sample_weights():
+    """Fed-BioMed's Scaffold takes no weights: the run records what it does (equal), and `samples` is refused."""
+    s = spec_mod.parse(SEG + "aggregator: scaffold\n", "x")
+    assert s.weights == "equal"
+    problems = _problems(SEG + "aggregator: scaffold\nweights: samples\n")
+    assert list(problems) == ["weights"] and "Fed-BioMed's Scaffold takes no weights" in problems["weights"]
+
+
+def test_the_deprecation_suggestion_for_test_ratio_zero_validates():
+    s = spec_mod.parse(SEG + "test_ratio: 0\n", "old.yaml")
+    (deprecation,) = [w for w in s.warnings if "deprecated" in w]
+    assert "write split: {validation: 0, test: 0}" in deprecation
+    spec_mod.parse(SEG + "split: {validation: 0, test: 0}\n", "new.yaml")  # the suggestion itself is a valid spec
+
+
+def test_a_site_with_test_cases_but_no_validation_case_is_named_once():
+    """Fed-BioMed scores nothing at such a site: the engine warns about it (once per site)."""
+    metrics: dict = {}
+    record = {"sites": {"N1": {"name": "small", "train": {"cases_training": 2.0, "cases_validation": 0.0, "cases_test": 1.0}},
+                        "N2": {"name": "big", "train": {"cases_training": 6.0, "cases_validation": 2.0, "cases_test": 2.0}}}}  # fmt: skip
+    assert record_split_sizes(metrics, record) == ["small"]
+    assert record_split_sizes(metrics, record) == []  # already named
+    assert metrics["splits"]["small"] == {"training": 2, "validation": 0, "test": 1}
+
+
+def test_a_resumed_run_records_the_split_and_weights_of_its_breakpoint():
+    """Fed-BioMed resumes with the breakpoint's arguments, aggregator and strategy: metrics.json says those."""
+    from fedbiomed.researcher.aggregators import FedAverage, Scaffold
+
+    def exp(model_args, test_ratio, uniform, aggregator):
+        strategy = SampledSitesStrategy(None, 0, uniform=uniform)
+        return SimpleNamespace(model_args=lambda: model_args, training_args=lambda: {"test_ratio": test_ratio},
+                               strategy=lambda: strategy, aggregator=lambda: aggregator)  # fmt: skip
+
+    new = {"split": {"validation": 0.25, "test": 0.25, "seed": 1}}
+    assert resumed_protocol(exp(new, 0.5, True, FedAverage())) == ({"validation": 0.25, "test": 0.25, "seed": 1}, "equal")
+    # a run started before the three-way split: its sites validate on test_ratio of their cases, and test on none
+    assert resumed_protocol(exp({}, 0.3, False, FedAverage())) == ({"validation": 0.3, "test": 0.0, "seed": 0}, "samples")
+    assert resumed_protocol(exp({}, 0.3, False, Scaffold(server_lr=1.0)))[1] == "equal"

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from coordinator.plans import PlanArgsError, builtin_schemas, model_args_for, resolve_schema
-from pipelines.plan_args import LEGACY_SPLIT
 from pipelines.splits import SplitSettings
 from pipelines.training import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args
 from preprocessing.schema import DEFAULT_SCHEMA, load_schema, parse_schema
@@ -47,7 +46,7 @@ def test_defaults(schema):
     assert s.augment is True
     assert s.overlap == 0.25 and s.sw_batch_size == 2
     assert s.rounds_total is None and s.local_steps is None
-    assert s.split == LEGACY_SPLIT == SplitSettings(validation=0.25, test=0.0, seed=0)  # an older coordinator sent no split
+    assert s.split is None  # an older coordinator sent no split: the site keeps its old rule (test_ratio = validation)
     assert DEFAULTS["roi_size"] == 32  # the module's documented defaults are what comes back
 
 
@@ -216,7 +215,7 @@ def test_split_from_the_coordinator(schema):
     s = parse_plan_args({"split": {"validation": 0.25, "test": 0.25, "seed": 3}}, schema)
     assert s.split == SplitSettings(validation=0.25, test=0.25, seed=3)
     assert parse_plan_args({"split": {"test": 0.1}}, schema).split == SplitSettings(validation=0.2, test=0.1, seed=0)
-    assert parse_plan_args({"split": None}, schema).split == LEGACY_SPLIT
+    assert parse_plan_args({"split": None}, schema).split is None
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from pipelines import site_errors
 from pipelines.plans.marginal import MarginalSegmentationPlan
 from pipelines.plans.split_data import CaseSplitDataManager, split_record_path
 from pipelines.site_errors import SiteError
-from pipelines.splits import SplitSettings, assign_splits
+from pipelines.splits import SplitSettings, assign_splits, split_indices
 
 N_CASES = 10
 RUN_ID = "run-split-1"
@@ -221,9 +221,10 @@ def test_the_plan_reports_validation_and_test_in_one_message(fedbiomed_round, da
 
 def test_no_test_keys_when_the_site_has_no_test_case(fedbiomed_round, dataset_root, cache):
     plan = _plan(None, test_ratio=0.25)  # an older coordinator: no split, Fed-BioMed's test_ratio held out validation only
-    assert plan._settings.split == SplitSettings(validation=0.25, test=0.0, seed=0)
+    assert plan._settings.split is None
     _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.25)
     assert plan._data.test_loader() is None
+    assert plan._data.indices == split_indices(plan._dataset.case_ids, SplitSettings(validation=0.25, test=0.0, seed=0))
     monitor = Monitor()
     plan.testing_routine(metric=None, metric_args={}, history_monitor=monitor, before_train=False)
     metric = monitor.scalars[0]["metric"]
@@ -239,6 +240,41 @@ def test_a_test_ratio_of_zero_trains_on_every_case(fedbiomed_round, dataset_root
     assert sorted(_cases_of(plan.training_data_loader, _by_key(plan))) == sorted(plan._dataset.case_ids)
     record = json.loads(split_record_path(cache, RUN_ID).read_text())
     assert record["cases"]["training"] == sorted(plan._dataset.case_ids) and record["split"]["test"] == 0.0
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5])
+def test_without_a_split_the_sent_test_ratio_is_the_validation_share(fedbiomed_round, dataset_root, cache, ratio):
+    """An older coordinator's test_ratio keeps its meaning: that share validates, nothing is held out for test."""
+    plan = _plan(None, test_ratio=ratio)
+    _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=ratio)
+    assert plan._data.indices == split_indices(plan._dataset.case_ids, SplitSettings(validation=ratio, test=0.0, seed=0))
+    assert plan._data.indices.counts()["validation"] == round(N_CASES * ratio)
+
+
+def test_held_out_cases_never_train_even_when_fedbiomeds_test_ratio_is_zero(fedbiomed_round, dataset_root, cache):
+    """Fail closed: the split the coordinator sent decides which cases train, whatever test_ratio says."""
+    plan = _plan({"validation": 0.2, "test": 0.2, "seed": 0}, test_ratio=0.0)
+    _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.0)
+    by_key = _by_key(plan)
+    trained = set(_cases_of(plan.training_data_loader, by_key, epochs=5))
+    ids = plan._dataset.case_ids
+    held_out = {ids[i] for i in plan._data.indices.validation + plan._data.indices.test}
+    assert held_out and not trained & held_out
+    assert trained == {ids[i] for i in plan._data.indices.training}
+
+
+def test_split_records_go_to_the_sites_splits_folder_and_a_failed_write_is_not_fatal(fedbiomed_round, dataset_root, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDIMG_SPLITS_DIR", str(tmp_path / "work" / "splits"))
+    plan = _plan({"validation": 0.2, "test": 0.2, "seed": 0}, test_ratio=0.4)
+    _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.4)
+    record = json.loads((tmp_path / "work" / "splits" / f"{RUN_ID}.json").read_text())
+    assert sorted(sum(record["cases"].values(), [])) == sorted(plan._dataset.case_ids)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FEDIMG_SPLITS_DIR", str(blocker))  # the record cannot be written there
+    plan = _plan({"validation": 0.2, "test": 0.2, "seed": 0}, test_ratio=0.4)
+    _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.4)
+    assert plan.training_data_loader is not None and plan._data.indices.counts()["test"] == 2
 
 
 def test_without_a_cache_folder_no_record_is_written(fedbiomed_round, dataset_root, tmp_path, monkeypatch):

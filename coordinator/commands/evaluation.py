@@ -25,7 +25,7 @@ from fedimg_core.logs import show_progress, stderr_console
 @home_option
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
 def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
-    """Score RUN_ID's best global model and last local models on an out-of-federation dataset."""
+    """Score RUN_ID's best global model and best local models on an out-of-federation dataset."""
     from coordinator.evaluate import evaluate_run  # deferred: start-up time (torch, MONAI)
 
     run_dir = find_run(home, run_id)

@@ -159,7 +159,7 @@ def header_table(run: Run) -> Table:
         ["started", str(s.get("started") or "")],
         ["finished", str(s.get("finished") or "")],
         ["split (shares of each site's cases)", split_text(split_settings(m))],
-        ["aggregation weights", aggregation_weights(m) or ""],
+        ["aggregation weights", "none (standalone: no aggregation)" if m.mode == "standalone" else (aggregation_weights(m) or "not recorded")],
         ["best global model", best_text],
     ]
     if s.get("error"):
@@ -168,9 +168,9 @@ def header_table(run: Run) -> Table:
 
 
 def split_text(split: Mapping[str, Any] | None) -> str:
-    """``validation 0.25, test 0.25, split seed 0``; empty for a run that did not record its split."""
+    """``validation 0.25, test 0.25, split seed 0``; for a run that did not record its split, says so."""
     if not split:
-        return ""
+        return "not recorded (a run from before the three-way split)"
     shares = ", ".join(f"{name} {v:g}" for name in ("validation", "test") if (v := num(split.get(name))) is not None)
     seed = split.get("seed")
     return shares + (f", split seed {seed}" if seed is not None else "")

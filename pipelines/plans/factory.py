@@ -247,7 +247,7 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc
 
     @site_boundary("testing")
     def testing_routine(self, metric: Any, metric_args: dict[str, Any], history_monitor: Any, before_train: bool) -> None:
-        """Nothing: the factory has no validation split (spec test_ratio is 0).
+        """Nothing: the factory holds out no cases (its spec split is {validation: 0, test: 0}).
 
         Args:
             metric: not used.

@@ -8,12 +8,15 @@ TorchDataManager classes (subsets, loaders; pinned 6.4.1) but replaces its rando
 training cases, Fed-BioMed's testing loader the validation cases, and `test_loader` the test
 cases (the plan scores them next to validation; they never reach a training batch). The split
 is recomputed from the case ids every round, so the state Fed-BioMed saves between rounds
-cannot move a case. With ``$FEDIMG_CACHE_DIR`` set, which case is in which split is written to
-``$FEDIMG_CACHE_DIR/splits/<run id>.json`` at the site (case ids never leave it).
+cannot move a case. Which case is in which split is written to ``$FEDIMG_SPLITS_DIR/<run id>.json``
+(the site agent points it at ``<work>/splits``, outside the cache staff may clear), else
+``$FEDIMG_CACHE_DIR/splits/``; case ids never leave the site, and a record that cannot be written
+is logged, not fatal to the round.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +35,17 @@ from pipelines.splits import SPLITS, SplitIndices, SplitSettings, split_indices
 __all__ = ["CaseSplitDataManager", "split_record_path", "write_split_record"]
 
 NO_RUN_ID = "no-run-id"
+SPLITS_DIR_ENV = "FEDIMG_SPLITS_DIR"
+
+log = logging.getLogger(__name__)
+
+
+def split_records_dir() -> Path | None:
+    """The folder of the site's split records: ``$FEDIMG_SPLITS_DIR``, else ``$FEDIMG_CACHE_DIR/splits``, else None."""
+    if folder := os.environ.get(SPLITS_DIR_ENV):
+        return Path(folder)
+    cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
+    return Path(cache_dir) / "splits" if cache_dir else None
 
 
 def split_record_path(cache_dir: str | os.PathLike[str], run_id: str | None) -> Path:
@@ -64,7 +78,7 @@ def write_split_record(path: str | os.PathLike[str], settings: SplitSettings, ca
 class _CaseSplitTorchDataManager(TorchDataManager):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Fed-BioMed's TorchDataManager with the case split instead of its random one."""
 
-    def __init__(self, dataset: Dataset, settings: SplitSettings, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, settings: SplitSettings | None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._settings = settings
         self.indices: SplitIndices | None = None
@@ -75,8 +89,10 @@ class _CaseSplitTorchDataManager(TorchDataManager):  # type: ignore[misc]  # Fed
         """Training and validation loaders over the case split (Fed-BioMed's random split is not used).
 
         Args:
-            test_ratio: Fed-BioMed's share for testing; 0 switches its testing off and then every case trains
-                (the coordinator sends validation + test, so 0 means the spec holds out nothing).
+            test_ratio: Fed-BioMed's share for testing. With split settings it only switches Fed-BioMed's testing
+                on or off: the settings alone decide which cases train, so the held-out cases never train (fail
+                closed). Without settings (a coordinator from before the three-way split) it is the validation
+                share, as it was then, and there is no test split.
             test_batch_size: the validation loader's batch size (None: all validation cases).
             is_shuffled_testing_dataset: ignored: the split is a function of the case ids, never reshuffled.
 
@@ -94,8 +110,7 @@ class _CaseSplitTorchDataManager(TorchDataManager):  # type: ignore[misc]  # Fed
         case_ids = list(getattr(self._dataset, "case_ids", []))
         if len(case_ids) != len(wrapped):
             raise FedbiomedError(f"{ErrorNumbers.FB632.value}: the dataset gives {len(case_ids)} case ids for {len(wrapped)} items")
-        s = self._settings
-        self.applied = s if test_ratio else SplitSettings(validation=0.0, test=0.0, seed=s.seed)
+        self.applied = self._settings if self._settings is not None else SplitSettings(validation=float(test_ratio), test=0.0, seed=0)
         self.indices = split_indices(case_ids, self.applied)
         self._subset_train = self._subset_class(wrapped, self.indices.training)
         self._subset_test = self._subset_class(wrapped, self.indices.validation) if self.indices.validation else None
@@ -121,12 +136,13 @@ class CaseSplitDataManager(DataManager):  # type: ignore[misc]  # Fed-BioMed shi
     Args:
         dataset: a Fed-BioMed dataset with ``case_ids`` aligned with its items once loaded
             (`pipelines.plans.datasets.PreparedSegmentationDataset`).
-        settings: the split shares and seed (``plan_args.split``).
+        settings: the split shares and seed (``plan_args.split``); None when the coordinator sent none
+            (then Fed-BioMed's ``test_ratio`` is the validation share, as before the three-way split).
         run_id: the run, naming the site's split record (None: ``no-run-id``).
         kwargs: loader arguments, as Fed-BioMed's DataManager takes them.
     """
 
-    def __init__(self, dataset: Dataset, settings: SplitSettings, run_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, settings: SplitSettings | None, run_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._settings = settings
         self._run_id = run_id
@@ -178,9 +194,13 @@ class CaseSplitDataManager(DataManager):  # type: ignore[misc]  # Fed-BioMed shi
         """
         manager = self._manager()
         loaders = manager.split(test_ratio, test_batch_size, is_shuffled_testing_dataset)
-        cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
-        if cache_dir and manager.applied is not None and manager.indices is not None:
-            write_split_record(split_record_path(cache_dir, self._run_id), manager.applied, list(self._dataset.case_ids), manager.indices)
+        folder = split_records_dir()
+        if folder is not None and manager.applied is not None and manager.indices is not None:
+            target = folder / f"{self._run_id or NO_RUN_ID}.json"
+            try:
+                write_split_record(target, manager.applied, list(self._dataset.case_ids), manager.indices)
+            except OSError as exc:  # the record is for the site's staff; the round does not depend on it
+                log.warning("could not write the split record %s: %s", target, exc.strerror or exc)
         return loaders
 
     @property
