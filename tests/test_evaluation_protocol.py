@@ -376,3 +376,11 @@ def test_a_resumed_run_records_the_split_and_weights_of_its_breakpoint():
     # a run started before the three-way split: its sites validate on test_ratio of their cases, and test on none
     assert resumed_protocol(exp({}, 0.3, False, FedAverage())) == ({"validation": 0.3, "test": 0.0, "seed": 0}, "samples")
     assert resumed_protocol(exp({}, 0.3, False, Scaffold(server_lr=1.0)))[1] == "equal"
+
+
+def test_validate_prints_the_split_and_the_weights(tmp_path):
+    spec_file = tmp_path / "exp.yaml"
+    spec_file.write_text(SEG + "split: {validation: 0.25, test: 0.25, seed: 3}\nweights: equal\n")
+    res = CliRunner().invoke(cli, ["validate", str(spec_file)])
+    assert res.exit_code == 0, res.output
+    assert "held out per site: validation 0.25, test 0.25 (split seed 3); weights equal" in res.output

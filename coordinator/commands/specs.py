@@ -20,7 +20,9 @@ def validate(spec_file) -> None:
     risky values (no validation split, very few updates, an unusual learning rate)."""
     s = load_spec(spec_file)
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
-    click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites})")
+    held_out = f"held out per site: validation {s.split['validation']:g}, test {s.split['test']:g} (split seed {s.split['seed']})"
+    weights = f"weights {s.weights}" if s.mode == "federated" else "no aggregation"
+    click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites}); {held_out}; {weights}")
 
 
 SCHEMAS = {"spec": spec_mod.spec_json_schema, "site": site_json_schema}
