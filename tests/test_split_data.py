@@ -209,6 +209,7 @@ def test_the_plan_reports_validation_and_test_in_one_message(fedbiomed_round, da
     metric = call["metric"]
     assert call["test"] is True and call["test_on_global_updates"] is True and call["total_samples"] == counts["validation"]
     assert metric["cases"] == counts["validation"] == 2 and metric["test_cases"] == counts["test"] == 2
+    assert metric["eval_s"] > 0  # what the scoring cost, for the run report's cost table
     names = {v: k for k, v in plan._settings.schema.classes.items()}
     classes = [names[c] for c in plan._dataset.labeled_classes]
     for prefix in ("", "test_"):

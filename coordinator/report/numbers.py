@@ -186,7 +186,15 @@ def cost_summary(metrics: Metrics, state: Mapping[str, Any]) -> dict[str, Any]:
         "train_s_mean": mean(row.train_s for row in trains),
         "step_ms_mean": _ms(mean(row.train.get("step_s") for row in trains)),
         "teacher_ms_mean": _ms(mean(row.train.get("teacher_s") for row in trains)),
+        "eval_s_mean": mean(_scoring_s(row) for row in trains),
     }
+
+
+def _scoring_s(row: Any) -> float | None:
+    """Seconds a site spent scoring models in a round (validation + test, every model it scored), None if not recorded."""
+    times = [num(v.get("eval_s")) for key in ("val_global", "val_local", "val_final") if (v := getattr(row, key, None))]
+    recorded = [t for t in times if t is not None]
+    return sum(recorded) if recorded else None
 
 
 def _ms(seconds: float | None) -> float | None:

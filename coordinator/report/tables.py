@@ -134,6 +134,7 @@ def cost_table(cost: Mapping[str, Any]) -> Table:
         ["local training per site and round, mean (s)", fixed(cost["train_s_mean"], 3)],
         ["local step, mean (ms)", fixed(cost["step_ms_mean"], 1)],
         ["teacher forward per step, mean (ms)", fixed(cost["teacher_ms_mean"], 1)],
+        ["scoring models per site and round, mean (s): validation + test, global and local", fixed(cost.get("eval_s_mean"), 3)],
     ]
     return Table(["quantity", "value"], rows, "communication and time (MB = 10^6 bytes)")
 

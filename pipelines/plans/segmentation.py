@@ -238,7 +238,8 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
 
         Validation (Fed-BioMed's testing loader) gives ``dice_<class>``, ``dice_mean``, ``cases``
         and ``case<j>_dice_<class>``; the test cases (the data manager's test loader) the same keys
-        prefixed ``test_``, absent when the site has no test case. One message per evaluation;
+        prefixed ``test_``, absent when the site has no test case; ``eval_s`` the seconds this scoring
+        took (both sets). One message per evaluation;
         per-case values in case order only (no identifiers leave the site).
 
         Args:
@@ -249,11 +250,13 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         """
         if self.testing_data_loader is None:
             return
+        t0 = time.perf_counter()
         result, n_validation = self._dice_report(self.testing_data_loader, "")
         data = getattr(self, "_data", None)
         test_loader = data.test_loader() if data is not None else None
         if test_loader is not None:
             result.update(self._dice_report(test_loader, "test_")[0])
+        result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test): what a round spends besides training
         if history_monitor is not None:
             history_monitor.add_scalar(
                 metric=result, iteration=1, epoch=None, test=True, test_on_local_updates=not before_train,
