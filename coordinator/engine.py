@@ -219,6 +219,8 @@ class Federation:
         metrics["mode"] = spec.mode
         metrics["plan"] = spec.plan
         metrics["local_steps"] = spec.local_steps
+        if not spec.is_factory:
+            metrics["validate_every"] = spec.validate_every
         if not resume:  # a resumed run keeps what its breakpoint sends the sites (`resumed_protocol`)
             metrics["split"] = dict(spec.split)
             metrics["weights"] = spec.weights if spec.mode == "federated" else "none"  # standalone: no aggregation
@@ -285,8 +287,11 @@ class Federation:
             ids = exp.model_args().get("client_ids", {})
             metrics["clients"] = {sites.get(nid, nid): cid for nid, cid in sorted(ids.items(), key=lambda kv: kv[1])}
         self._wire.take()
+        validates = _validates(metrics)
         while exp.round_current() < spec.rounds:
             r = exp.round_current() + 1
+            if validates:
+                schedule_scoring(exp, r, spec.rounds, spec.validate_every)
             t0 = time.monotonic()
             # After the last round the sites also validate the final aggregated model.
             exp.run_once(test_after=(r == spec.rounds))
@@ -329,10 +334,13 @@ class Federation:
         first = next(iter(exps.values()))
         metrics["model"] = _model_size(_params(first))
         self._wire.take()
+        validates = _validates(metrics)
         for r in range(1, spec.rounds + 1):
             record: dict[str, Any] = {"round": r, "wall_s": 0.0, "update_norm": 0.0, "sites": {}}
             squared = 0.0
             for nid, exp in exps.items():
+                if validates:
+                    schedule_scoring(exp, r, spec.rounds, spec.validate_every)
                 before = _params(exp)
                 t0 = time.monotonic()
                 exp.run_once(test_after=(r == spec.rounds))
@@ -370,6 +378,51 @@ class Federation:
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
 
 
+def scoring_flags(r: int, rounds: int, every: int) -> tuple[bool, bool]:
+    """Which models the sites score in round ``r`` of ``rounds`` under ``validate_every: every``.
+
+    The global model after round r-1 is scored at the start of round r when (r - 1) % every == 0
+    (so the initial model always is), and at the start of the last round too: Fed-BioMed's final
+    validation (``run_once(test_after=True)``) runs with the last round's training arguments, so
+    the final model can only be scored when that round scores the global model at its start. Each
+    site's local model is scored after training in round r when r % every == 0. ``every`` = 1
+    scores everything every round.
+
+    Args:
+        r: the round, from 1.
+        rounds: the run's rounds.
+        every: the spec's ``validate_every`` (>= 1).
+
+    Returns:
+        (score the global model at the start of round r, score the local models after round r's training):
+        Fed-BioMed's ``test_on_global_updates`` and ``test_on_local_updates`` for the round.
+    """
+    return (r - 1) % every == 0 or r == rounds, r % every == 0
+
+
+def schedule_scoring(exp: Any, r: int, rounds: int, every: int) -> None:
+    """Set Fed-BioMed's testing flags of an experiment for round ``r`` (`scoring_flags`).
+
+    Fed-BioMed's own setters change these two training arguments and keep the others (what a
+    resumed experiment loaded from its breakpoint included); the breakpoint saves them, and they
+    are set again before every round, so a resumed run keeps the schedule of its spec.
+
+    Args:
+        exp: the Fed-BioMed `Experiment`, before its ``run_once`` for round ``r``.
+        r: the round about to run, from 1.
+        rounds: the run's rounds.
+        every: the spec's ``validate_every``.
+    """
+    score_global, score_local = scoring_flags(r, rounds, every)
+    exp.set_test_on_global_updates(score_global)
+    exp.set_test_on_local_updates(score_local)
+
+
+def _validates(metrics: dict[str, Any]) -> bool:
+    """Whether the run's sites hold validation cases (its split, the breakpoint's for a resumed run)."""
+    return float((metrics.get("split") or {}).get("validation") or 0.0) > 0
+
+
 def selection_strategy(spec: Spec):
     """The Fed-BioMed node selection strategy of a spec's experiments.
 
@@ -398,7 +451,8 @@ def add_site_scalar(row: dict[str, Any], message: dict[str, Any]) -> None:
     validation cases and, under ``test_``-prefixed keys, on its test cases: the first goes to
     ``val_global`` (the received global model) or ``val_local`` (after local training), the
     second, prefix stripped, to ``test_global`` / ``test_local``. A second global testing
-    message in a round is the final model's (after the last round): ``val_final`` / ``test_final``.
+    message in a round is the final model's (after the last round): ``val_final`` / ``test_final``
+    (whatever ``validate_every``, the last round scores the global model at its start too: `scoring_flags`).
 
     Args:
         row: the site's row (updated in place).

@@ -160,6 +160,7 @@ class RunMetrics(_Record):
         best_local: site name -> its best local model.
         split: the spec's split (``{"validation", "test", "seed"}``); None for older runs.
         weights: the aggregation weights, ``samples`` or ``equal``; None for older runs.
+        validate_every: the models were scored every this many rounds (the spec's ``validate_every``); None for older runs (every round).
         splits: site name -> its case counts per split (``training``, ``validation``, ``test``), as the sites reported them.
         clients: factory runs: site name -> client id.
         key_checksums32: factory runs: the key-function checksums the sites reported.
@@ -178,6 +179,7 @@ class RunMetrics(_Record):
     best_local: dict[str, BestLocal] = Field(default_factory=dict)
     split: dict[str, Any] | None = None
     weights: str | None = None
+    validate_every: int | None = None
     splits: dict[str, dict[str, int]] = Field(default_factory=dict)
     clients: dict[str, int] = Field(default_factory=dict)
     key_checksums32: list[float] = Field(default_factory=list)

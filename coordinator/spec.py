@@ -9,7 +9,8 @@ The evaluation protocol: ``split`` gives the shares of each site's cases held ou
 validation (which selects the best global and local models) and for test (which scores the
 selected models only); ``weights`` how the coordinator averages the sites' models. A spec of
 the old form (``test_ratio: X``) still loads: X held out validation cases only, so it means
-``split: {validation: X, test: 0}``, with a warning.
+``split: {validation: X, test: 0}``, with a warning. ``validate_every: k`` has the sites score
+the models every k rounds instead of every round (`coordinator.engine.scoring_flags`).
 """
 
 from __future__ import annotations
@@ -199,6 +200,12 @@ class SpecFile(ConfigModel):
     seed: Annotated[int, integer(0)] = Field(
         default=0, description="Training seed (also seeds which sites a round samples); the split has its own, split.seed."
     )
+    validate_every: Annotated[int, integer(1)] = Field(
+        default=1,
+        description="Score the models on the sites' validation and test cases every k rounds (default 1: every round): the global model "
+        "at the start of rounds 1, k+1, 2k+1, ... and of the last round, each site's local model after rounds k, 2k, ..., the final "
+        "model always. Models not scored are no candidates for the best global or local model. Segmentation plans only.",
+    )
     clients_per_round: Annotated[int, integer(1)] | None = Field(
         default=None, description="data_factory only: sites sampled per round (seeded, logged; default 2; null: every site)."
     )
@@ -234,7 +241,7 @@ class Spec:
     The attributes mirror the file's keys (``sites.tags`` -> ``site_tags``, ``approval.wait_s``
     -> ``approval_wait_s``); ``split`` is the resolved split (``{"validation", "test", "seed"}``,
     a legacy ``test_ratio`` turned into it), ``weights`` the aggregation weights (``samples`` or
-    ``equal``); ``model_args`` is what the sites receive (the label schema embedded), ``raw`` the
+    ``equal``), ``validate_every`` how often the sites score the models; ``model_args`` is what the sites receive (the label schema embedded), ``raw`` the
     spec as written and ``warnings`` its risky but legal values.
     """
 
@@ -254,6 +261,7 @@ class Spec:
     split: dict[str, Any] = field(default_factory=lambda: SplitSettings().to_dict())  # {"validation", "test", "seed"}, resolved
     weights: str = "samples"  # aggregation weights: "samples" | "equal"
     seed: int = 0
+    validate_every: int = 1  # score the models every k rounds (`coordinator.engine.scoring_flags`)
     plan_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)  # what the sites receive (schema embedded)
     mode: str = "federated"
@@ -377,6 +385,8 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
     if not factory:
         return out
+    if values.get("validate_every") is not None:
+        out.append(("validate_every", f"{plan} scores no models during training (it holds out no cases): drop validate_every"))
     optimizer = values.get("optimizer")
     if isinstance(optimizer, dict) and set(optimizer) - {"lr"}:
         out.append(("optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, corrected per network for lazy regularisation); got {short(optimizer)}"))
@@ -502,6 +512,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         split=split,
         weights="equal" if factory or m.aggregator == "scaffold" else (m.weights or "samples"),
         seed=m.seed,
+        validate_every=m.validate_every,
         plan_args=dict(m.plan_args),
         model_args=model_args,
         mode=m.mode,
@@ -542,6 +553,11 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
                         "use e.g. split: {validation: 0.2, test: 0.2}"))  # fmt: skip
         if validation + test > 0.5:
             out.append((key, f"{validation + test:g} held out: trains on less than half of each site's cases"))
+        if spec.validate_every > 1 and validation == 0:
+            out.append(("validate_every", f"{spec.validate_every} has no effect: without validation cases no model is scored"))
+        elif spec.validate_every > spec.rounds:
+            out.append(("validate_every", f"{spec.validate_every} > rounds ({spec.rounds}): only the initial model, the model before the last round "
+                                          "and the final model are scored, and no local model (no best local model is selected)"))  # fmt: skip
         updates = spec.rounds * spec.local_steps
         if updates < MIN_UPDATES:
             out.append(("rounds", f"{spec.rounds} rounds x {spec.local_steps} local_steps = {updates} updates per site: "

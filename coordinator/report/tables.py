@@ -140,7 +140,7 @@ def cost_table(cost: Mapping[str, Any]) -> Table:
 
 
 def header_table(run: Run) -> Table:
-    """The run's id, name, plan, mode, status, rounds, times, split, weights, best global model and error."""
+    """The run's id, name, plan, mode, status, rounds, times, scoring schedule (when not every round), split, weights, best global model and error."""
     m, s = run.metrics, run.state
     rounds = len(m.rounds)
     best = m.best_global
@@ -157,6 +157,7 @@ def header_table(run: Run) -> Table:
         ["status", str(s.get("status") or "")],
         ["rounds", f"{rounds} / {m.rounds_planned}" if m.rounds_planned is not None else str(rounds)],
         ["local steps per round", str(m.local_steps) if m.local_steps is not None else ""],
+        *([["scoring schedule", scoring_text(m.validate_every)]] if m.validate_every is not None and m.validate_every > 1 else []),
         ["started", str(s.get("started") or "")],
         ["finished", str(s.get("finished") or "")],
         ["split (shares of each site's cases)", split_text(split_settings(m))],
@@ -166,6 +167,12 @@ def header_table(run: Run) -> Table:
     if s.get("error"):
         rows.append(["error", str(s["error"])])
     return Table(["field", "value"], rows)
+
+
+def scoring_text(every: int) -> str:
+    """What a run scored under ``validate_every`` > 1 (see docs/design/evaluation-protocol.md, "Scoring schedule")."""
+    return (f"models scored every {every} rounds: the global model at the start of rounds 1, {every + 1}, {2 * every + 1}, ... and of the last round, "
+            f"the local models after rounds {every}, {2 * every}, ..., and the final model; only these are candidates for the best models")  # fmt: skip
 
 
 def split_text(split: Mapping[str, Any] | None) -> str:

@@ -171,7 +171,7 @@ def _resume(bed, run_dir: Path, home: Path):
 
 def test_interrupted_run_resumes_from_its_last_breakpoint(bed):
     home = bed.workdir / "coordinator"
-    spec = _spec(bed, rounds=3, name="resumable")
+    spec = _spec(bed, rounds=3, name="resumable", validate_every=2)
     run_dir = _killed_after_round_1(bed, spec, home, "resumable")
     round1 = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
     res = _resume(bed, run_dir, home)
@@ -187,6 +187,11 @@ def test_interrupted_run_resumes_from_its_last_breakpoint(bed):
     assert any(not torch.equal(final[k], round1[k]) for k in round1)  # and training went on from it
     assert json.loads((run_dir / "state.json").read_text())["status"] == "done"
     assert sorted(p.name for p in (run_dir / "fedbiomed").glob("breakpoint_*")) == [f"breakpoint_{i:04d}" for i in range(3)]
+    # validate_every: 2, kept across the resume: round 1 scores the initial model, round 2 the local models,
+    # round 3 the global model after round 2 and the final model
+    scored = [{key for row in rec["sites"].values() for key in ("val_global", "val_local", "val_final") if key in row} for rec in metrics["rounds"]]
+    assert scored == [{"val_global"}, {"val_local"}, {"val_global", "val_final"}], scored
+    assert metrics["validate_every"] == 2 and {best["round"] for best in metrics["best_local"].values()} == {2}
 
 
 def _to_old_layout(run_dir: Path) -> None:
