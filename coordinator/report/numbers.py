@@ -186,8 +186,17 @@ def cost_summary(metrics: Metrics, state: Mapping[str, Any]) -> dict[str, Any]:
         "train_s_mean": mean(row.train_s for row in trains),
         "step_ms_mean": _ms(mean(row.train.get("step_s") for row in trains)),
         "teacher_ms_mean": _ms(mean(row.train.get("teacher_s") for row in trains)),
-        "eval_s_mean": mean(_scoring_s(row) for row in trains),
+        "eval_s_mean": _scoring_mean(trains),
     }
+
+
+def _scoring_mean(rows: list[Any]) -> float | None:
+    """Mean seconds of scoring per site and round; a round a site scored nothing in (``validate_every``) counts 0
+    once the run records scoring times at all (older runs: None)."""
+    times = [_scoring_s(row) for row in rows]
+    if all(t is None for t in times):
+        return None
+    return mean(0.0 if t is None else t for t in times)
 
 
 def _scoring_s(row: Any) -> float | None:
