@@ -384,3 +384,6 @@ def test_validate_prints_the_split_and_the_weights(tmp_path):
     res = CliRunner().invoke(cli, ["validate", str(spec_file)])
     assert res.exit_code == 0, res.output
     assert "held out per site: validation 0.25, test 0.25 (split seed 3); weights equal" in res.output
+    spec_file.write_text(SEG + "validate_every: 3\n")
+    res = CliRunner().invoke(cli, ["validate", str(spec_file)])
+    assert "test 0.2 (split seed 0), models scored every 3 rounds; weights samples" in res.output, res.output

@@ -22,6 +22,8 @@ def validate(spec_file) -> None:
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
     held_out = f"held out per site: validation {s.split['validation']:g}, test {s.split['test']:g} (split seed {s.split['seed']})"
     weights = f"weights {s.weights}" if s.mode == "federated" else "no aggregation"
+    if s.validate_every > 1:
+        held_out += f", models scored every {s.validate_every} rounds"
     click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites}); {held_out}; {weights}")
 
 
