@@ -21,6 +21,19 @@ def cli(name: str, *args: str, env: dict | None = None, timeout: float = 300, cw
     )
 
 
+# a data_factory spec of three sites, for the rules that treat the factory apart
+FACTORY_SPEC = "name: f\nplan: data_factory\nsites: {tags: [demo], ids: [N1, N2, N3]}\nrounds: 4\n"
+
+
+def spec_problems(text: str) -> dict[str, str]:
+    """The problems a spec text is refused with: key path -> problem (the test fails when it is accepted)."""
+    from coordinator import spec as spec_mod
+
+    with pytest.raises(spec_mod.SpecError) as info:
+        spec_mod.parse(text, "exp.yaml")
+    return dict(info.value.problems)
+
+
 def site_agent_in_process(*args) -> tuple[int, str, str]:
     """`site-agent ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
     import io

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FACTORY_SPEC
+from conftest import spec_problems as _problems
 
 from coordinator import checkpoints, runs
 from coordinator import spec as spec_mod
@@ -24,13 +26,7 @@ sites: {tags: [demo], min_sites: 2}
 rounds: 7
 local_steps: 10
 """
-FACTORY = "name: f\nplan: data_factory\nsites: {tags: [demo], ids: [N1, N2, N3]}\nrounds: 4\n"
-
-
-def _problems(text: str) -> dict[str, str]:
-    with pytest.raises(spec_mod.SpecError) as info:
-        spec_mod.parse(text, "exp.yaml")
-    return dict(info.value.problems)
+FACTORY = FACTORY_SPEC
 
 
 # -- the spec --------------------------------------------------------------------------------
