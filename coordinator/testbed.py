@@ -329,7 +329,7 @@ class Testbed:
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
         auto_approve: bool = True, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
-        modalities: list[str] | None = None, classes: list[str] | None = None) -> int:  # fmt: skip
+        modalities: list[str] | None = None, classes: list[str] | None = None, cases: list[int] | None = None) -> int:  # fmt: skip
     """Set up, run one spec, score it out of federation, report, tear down (`coordinator testbed`).
 
     The coordinator CLI's output and, last, where to look at the run go to stdout; the
@@ -346,12 +346,13 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         phases: each site's scanner phase, cycled over the sites.
         modalities: each site's scanner, cycled over the sites.
         classes: classes every site labels (None: organ group i at site i).
+        cases: cases per site, cycled over the sites (None: 4 each).
 
     Returns:
         The coordinator's exit code (130 when interrupted).
     """
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, out=lambda line: print(line, flush=True),
-                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes)  # fmt: skip
+                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes, cases=cases)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

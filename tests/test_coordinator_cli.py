@@ -108,6 +108,8 @@ def test_client_never_invents_a_token(tmp_path, monkeypatch):
     [
         (["--modalities", "CT,PET"], "must be CT and/or MR"),
         (["--classes", "liver,brain"], "not foreground classes of the built-in schema: brain"),
+        (["--cases", "4,0"], "must be integers >= 1, comma-separated (got '4,0')"),
+        (["--cases", "many"], "must be integers >= 1, comma-separated (got 'many')"),
     ],
 )
 def test_testbed_refuses_bad_modalities_and_classes_before_starting(tmp_path, args, message):
@@ -121,3 +123,30 @@ def test_testbed_cycles_modalities_and_names_datasets_after_them(tmp_path):
 
     bed = Testbed(tmp_path, n_sites=3, modalities=["CT", "MR"], classes=["liver"])
     assert [bed.modality(i) for i in range(3)] == ["CT", "MR", "CT"]
+
+
+def test_testbed_passes_the_cases_per_site_on(tmp_path, monkeypatch):
+    """`--cases 10,6` reaches the testbed: sites of 10 and 6 cases, cycled."""
+    from click.testing import CliRunner
+
+    from coordinator import testbed as tb
+    from coordinator.cli import cli as coordinator_cli
+
+    seen = {}
+    monkeypatch.setattr(tb, "run", lambda *args, **kwargs: seen.update(kwargs) or 0)
+    res = CliRunner().invoke(coordinator_cli, ["testbed", "--workdir", str(tmp_path / "bed"), "--cases", "10,6"])
+    assert res.exit_code == 0, res.output
+    assert seen["cases"] == [10, 6]
+    # each site's setup gets its count, cycled over the sites
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        raise RuntimeError("stop after the command is built")
+
+    monkeypatch.setattr(tb.subprocess, "run", fake_run)
+    bed = tb.Testbed(tmp_path, n_sites=3, cases=seen["cases"])
+    with pytest.raises(RuntimeError, match="stop after"):
+        bed.setup_sites()
+    counts = {cmd[cmd.index("--name") + 1]: cmd[cmd.index("--cases") + 1] for cmd in commands}
+    assert counts == {"site-1": "10", "site-2": "6", "site-3": "10"}

@@ -40,7 +40,13 @@ from preprocessing.schema import load_schema
     "cycled over the sites (e.g. CT,MR: a cross-modality federation).",
 )
 @click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes) -> None:
+@click.option(
+    "--cases",
+    default="4",
+    show_default=True,
+    help="Cases per site, comma-separated, cycled over the sites (e.g. 10: more held-out cases per site; 4,8: sites of unequal size).",
+)
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb  # deferred: start-up time (the site agent, Fed-BioMed)
     from fedimg_testing.phantom import PHASES
@@ -62,7 +68,14 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
         unknown = [c for c in class_list if c not in load_schema().classes or c == "background"]
         if unknown:
             raise click.BadParameter(f"not foreground classes of the built-in schema: {', '.join(unknown)}", param_hint="--classes")
+    try:
+        case_counts = [int(c) for c in cases.split(",") if c.strip()]
+    except ValueError:
+        case_counts = []
+    if not case_counts or min(case_counts) < 1:
+        raise click.BadParameter(f"must be integers >= 1, comma-separated (got {cases!r})", param_hint="--cases")
     code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve,
-                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list)  # fmt: skip
+                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list,
+                  cases=case_counts)  # fmt: skip
     if code != 0:
         sys.exit(code)
