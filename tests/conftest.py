@@ -21,6 +21,17 @@ def cli(name: str, *args: str, env: dict | None = None, timeout: float = 300, cw
     )
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package), for testing its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # a data_factory spec of three sites, for the rules that treat the factory apart
 FACTORY_SPEC = "name: f\nplan: data_factory\nsites: {tags: [demo], ids: [N1, N2, N3]}\nrounds: 4\n"
 

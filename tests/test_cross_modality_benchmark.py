@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conftest import load_benchmark
 
 from fedimg_testing.phantom import write_phantom_site
 from pipelines.splits import SplitSettings, assign_splits
@@ -12,15 +11,11 @@ from preprocessing.dataset import load_dataset
 from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema()
 
 
 def test_centralised_training_cases_are_the_splits_training_cases(tmp_path):
-    spec = importlib.util.spec_from_file_location("cross_modality_gin", ROOT / "benchmarks" / "cross_modality_gin.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("cross_modality_gin")
     site = write_phantom_site(tmp_path / "src", ["liver"], n_cases=5, seed=3, shape=(16, 16, 8))
     out = tmp_path / "ds"
     prepare([site.dicom_dir], out, SCHEMA, load_label_map(site.label_map, SCHEMA), labels=[site.labels_dir],

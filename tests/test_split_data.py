@@ -178,7 +178,7 @@ def test_test_and_validation_cases_never_reach_a_training_batch_over_two_rounds(
         report = monitor.scalars[-1]["metric"]
         assert (report["cases_training"], report["cases_validation"], report["cases_test"]) == (6.0, 2.0, 2.0)
 
-        record = json.loads(split_record_path(cache, RUN_ID).read_text())
+        record = json.loads(split_record_path(cache / "splits", RUN_ID).read_text())
         assert record == {"split": settings, "cases": by_split}
         state = r._testing_indexes  # what Fed-BioMed keeps for the next round
         assert sorted(state["testing_index"]) == sorted(plan._dataset.case_ids.index(c) for c in by_split["validation"])
@@ -239,7 +239,7 @@ def test_a_test_ratio_of_zero_trains_on_every_case(fedbiomed_round, dataset_root
     _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.0)
     assert plan.testing_data_loader is None and plan._data.test_loader() is None
     assert sorted(_cases_of(plan.training_data_loader, _by_key(plan))) == sorted(plan._dataset.case_ids)
-    record = json.loads(split_record_path(cache, RUN_ID).read_text())
+    record = json.loads(split_record_path(cache / "splits", RUN_ID).read_text())
     assert record["cases"]["training"] == sorted(plan._dataset.case_ids) and record["split"]["test"] == 0.0
 
 
@@ -268,7 +268,7 @@ def test_split_records_go_to_the_sites_splits_folder_and_a_failed_write_is_not_f
     monkeypatch.setenv("FEDIMG_SPLITS_DIR", str(tmp_path / "work" / "splits"))
     plan = _plan({"validation": 0.2, "test": 0.2, "seed": 0}, test_ratio=0.4)
     _fedbiomed_round(fedbiomed_round, plan, dataset_root, {"testing_index": [], "training_index": [], "test_ratio": None}, test_ratio=0.4)
-    record = json.loads((tmp_path / "work" / "splits" / f"{RUN_ID}.json").read_text())
+    record = json.loads(split_record_path(tmp_path / "work" / "splits", RUN_ID).read_text())
     assert sorted(sum(record["cases"].values(), [])) == sorted(plan._dataset.case_ids)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

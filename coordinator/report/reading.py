@@ -302,21 +302,6 @@ def in_federation(metrics: Metrics) -> InFederation:
     return InFederation(global_rows(m, "validation"), global_rows(m, "test"), local_rows(m, "validation"), local_rows(m, "test"))
 
 
-def split_settings(metrics: Metrics) -> dict[str, Any] | None:
-    """The run's split shares and seed (``metrics.split``), None for runs before issue 19."""
-    return RunMetrics.of(metrics).split or None
-
-
-def aggregation_weights(metrics: Metrics) -> str | None:
-    """The run's aggregation weights (``samples`` or ``equal``), None where not recorded."""
-    return RunMetrics.of(metrics).weights or None
-
-
-def split_sizes(metrics: Metrics) -> dict[str, dict[str, int]]:
-    """Site name -> cases per split (``training``, ``validation``, ``test``) as the sites reported them."""
-    return dict(RunMetrics.of(metrics).splits)
-
-
 def class_means(scored: Scored) -> dict[str, float]:
     """Per class, the mean Dice across the sites that score it."""
     return per_class_across_sites(({"row": row} for row in scored.rows.values()), "row")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from coordinator.report.figures import plot_boxplots, plot_dice_global, plot_learning_curves
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
-from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run, split_sizes
+from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run
 from coordinator.report.tables import cost_table, dice_table, evaluation_table, header_table, split_sizes_table, split_table
 from fedimg_core import atomic
 from fedimg_core.reporting import Section, Table, render_markdown, render_sections
@@ -93,7 +93,7 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
     """
     standalone = ["Standalone mode: the sites never share weights, so each site's 'global' model is its own model."] if run.metrics.mode == "standalone" else []
     split_note = [SPLITS_TEXT] if fed.has_test else [NO_TEST_TEXT]
-    run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if split_sizes(run.metrics) else [])
+    run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if run.metrics.splits else [])
     return [
         Section("Run", tables=run_tables),
         Section(

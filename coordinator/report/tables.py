@@ -12,17 +12,15 @@ from coordinator.report.reading import (
     Metrics,
     Run,
     Scored,
-    aggregation_weights,
     class_means,
     mapping,
     mean,
     num,
     row_mean,
     scored_mean,
-    split_settings,
-    split_sizes,
 )
 from coordinator.results import class_dice
+from coordinator.run_metrics import RunMetrics
 from fedimg_core.reporting import Table, cell, fixed
 
 
@@ -160,8 +158,8 @@ def header_table(run: Run) -> Table:
         *([["scoring schedule", scoring_text(m.validate_every)]] if m.validate_every is not None and m.validate_every > 1 else []),
         ["started", str(s.get("started") or "")],
         ["finished", str(s.get("finished") or "")],
-        ["split (shares of each site's cases)", split_text(split_settings(m))],
-        ["aggregation weights", "none (standalone: no aggregation)" if m.mode == "standalone" else (aggregation_weights(m) or "not recorded")],
+        ["split (shares of each site's cases)", split_text(m.split)],
+        ["aggregation weights", "none (standalone: no aggregation)" if m.mode == "standalone" else (m.weights or "not recorded")],
         ["best global model", best_text],
     ]
     if s.get("error"):
@@ -186,6 +184,6 @@ def split_text(split: Mapping[str, Any] | None) -> str:
 
 def split_sizes_table(metrics: Metrics) -> Table:
     """Cases per site and split as the sites reported them (``metrics.splits``)."""
-    sizes = split_sizes(metrics)
+    sizes = RunMetrics.of(metrics).splits
     rows: list[list[Any]] = [[site, *(_count(n.get(k)) for k in ("training", "validation", "test"))] for site, n in sorted(sizes.items())]
     return Table(["site", "training cases", "validation cases", "test cases"], rows, "cases per site and split")

@@ -48,17 +48,17 @@ def split_records_dir() -> Path | None:
     return Path(cache_dir) / "splits" if cache_dir else None
 
 
-def split_record_path(cache_dir: str | os.PathLike[str], run_id: str | None) -> Path:
+def split_record_path(folder: str | os.PathLike[str], run_id: str | None) -> Path:
     """Where a site keeps the record of a run's split.
 
     Args:
-        cache_dir: the site's cache folder (``$FEDIMG_CACHE_DIR``).
+        folder: the site's split records folder (`split_records_dir`).
         run_id: the run (a plain name, checked with the plan arguments); None: ``no-run-id``.
 
     Returns:
-        ``<cache_dir>/splits/<run_id>.json``.
+        ``<folder>/<run_id>.json``.
     """
-    return Path(cache_dir) / "splits" / f"{run_id or NO_RUN_ID}.json"
+    return Path(folder) / f"{run_id or NO_RUN_ID}.json"
 
 
 def write_split_record(path: str | os.PathLike[str], settings: SplitSettings, case_ids: Sequence[str], indices: SplitIndices) -> None:
@@ -196,7 +196,7 @@ class CaseSplitDataManager(DataManager):  # type: ignore[misc]  # Fed-BioMed shi
         loaders = manager.split(test_ratio, test_batch_size, is_shuffled_testing_dataset)
         folder = split_records_dir()
         if folder is not None and manager.applied is not None and manager.indices is not None:
-            target = folder / f"{self._run_id or NO_RUN_ID}.json"
+            target = split_record_path(folder, self._run_id)
             try:
                 write_split_record(target, manager.applied, list(self._dataset.case_ids), manager.indices)
             except OSError as exc:  # the record is for the site's staff; the round does not depend on it
