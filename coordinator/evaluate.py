@@ -9,7 +9,10 @@ run's own schema, spacing and intensity rules and scored on that grid, whole vol
 sliding window. When it labels an organ but none of its lesion classes, lesions are merged
 into their organ in prediction and reference (``merge_lesions="auto"``).
 
-Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per class, per model).
+Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per class, per model) and,
+for the first cases (``overlays``, default 3), the best global model's overlays (image, reference,
+prediction per class: `coordinator.report.overlays`) as ``<run>/report/overlays/oof_case<j>.png``,
+listed in the record's ``overlays``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from coordinator.checkpoints import load_tensors
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
 from pipelines import training  # module attribute calls: tests swap `training.evaluate_case`
+from pipelines.evaluation import dice_per_class
+from pipelines.evaluation import merge_lesions as merged_into_organs  # (the name `merge_lesions` is evaluate_run's option)
 from pipelines.networks import build_network
 from pipelines.transforms import deterministic_transforms
 from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
@@ -68,6 +73,33 @@ def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
     return models
 
 
+def _write_overlays(run_dir: Path, net: torch.nn.Module, volumes: list, settings, classes: list[int], merge: bool, title: str) -> list[dict]:
+    """Draw the overlay of each of ``volumes`` (image, label) with ``net`` (`coordinator.report.overlays`),
+    predicted and merged as `training.evaluate_case` scores it; returns the record's ``overlays`` entries."""
+    from coordinator.report import REPORT_DIR
+    from coordinator.report import overlays as figures  # deferred: matplotlib
+
+    names = {v: k for k, v in settings.schema.classes.items()}
+    table = settings.schema.lesion_merge_table() if merge else None
+    entries = []
+    for j, (image, label) in enumerate(volumes, 1):
+        pred = training.predict(net, image, settings).cpu().numpy()
+        ref = label.reshape(pred.shape).cpu().numpy()
+        if table is not None:
+            pred, ref = merged_into_organs(pred, table), merged_into_organs(ref, table)
+        dice = dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+        rows = figures.overlay_rows(ref, pred, {c: names[c] for c in classes}, dice)
+        path = run_dir / REPORT_DIR / figures.OVERLAYS_DIR / figures.overlay_name(j)
+        figures.write_case(path, image[0].cpu().numpy(), ref, pred, rows, f"{title}, out-of-federation case {j}")
+        entries.append({
+            "case": j,
+            "path": path.relative_to(run_dir).as_posix(),
+            "dice": {r.name: r.dice for r in rows},
+            "slices": {r.name: r.slice_index for r in rows},
+        })  # fmt: skip
+    return entries
+
+
 def trained_classes(metrics: dict, schema) -> list[int]:
     """Schema ids of the classes some site scored during the run, on its validation or test cases (= labels somewhere)."""
     found = set()
@@ -86,6 +118,7 @@ def evaluate_run(
     dataset: Path,
     merge_lesions: str = "auto",
     progress: Callable | None = None,
+    overlays: int = 3,
 ) -> dict:
     """Score the run's models on `dataset`; write and return the evaluation record.
 
@@ -97,6 +130,7 @@ def evaluate_run(
         merge_lesions: auto, yes or no (see the module docstring).
         progress: called as progress(step, done, total) per case; step is "preprocessing"
             or the model's key.
+        overlays: how many cases (the first ones) get an overlay figure of the best global model (0: none).
 
     Returns:
         The evaluation record (also written to ``<run>/evaluations/<dataset>.json``).
@@ -126,6 +160,8 @@ def evaluate_run(
     ]
     if merge_lesions not in ("auto", "yes", "no"):
         raise UserError(f"merge_lesions must be auto, yes or no (got {merge_lesions!r})")
+    if overlays < 0:
+        raise UserError(f"overlays must be 0 or more (got {overlays})")
     merge = bool(organs_only) if merge_lesions == "auto" else merge_lesions == "yes"
     classes = [c for c in labeled if not (merge and schema.organ_of(names[c]) != names[c])]
     metrics = runs.read_metrics(run_dir)
@@ -181,6 +217,9 @@ def evaluate_run(
             "mean": {names[c]: v for c, v in means.items()},
             "mean_all": sum(means.values()) / len(means) if means else None,
         }
+        if key == "global" and overlays:
+            log.info("drawing the best global model on %d out-of-federation case(s)", min(overlays, len(volumes)))
+            record["overlays"] = _write_overlays(run_dir, net, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}")
     out = run_dir / "evaluations" / f"{runs.safe_name(prepared.name, 'dataset')}.json"
     out.parent.mkdir(exist_ok=True)
     atomic.write_json(out, record)

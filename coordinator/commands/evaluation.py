@@ -22,15 +22,17 @@ from fedimg_core.logs import show_progress, stderr_console
 @click.option("--data", "dataset", required=True, type=click.Path(), help="A prepared dataset (site-agent prepare) that took no part in training.")
 @click.option("--merge-lesions", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Score lesions as their organ (auto: when the dataset labels an organ but not its lesions).")  # fmt: skip
+@click.option("--overlays", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Draw the best global model on this many cases (the first ones; 0: none): report/overlays/oof_case<j>.png.")  # fmt: skip
 @home_option
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
-def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
+def evaluate(run_id, dataset, merge_lesions, overlays, home, as_json) -> None:
     """Score RUN_ID's best global model and best local models on an out-of-federation dataset."""
     from coordinator.evaluate import evaluate_run  # deferred: start-up time (torch, MONAI)
 
     run_dir = find_run(home, run_id)
     if not sys.stderr.isatty():  # a log file or a pipe: plain progress lines (log records), at most every PROGRESS_EVERY_S
-        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=_plain_progress(log.info))
+        record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=_plain_progress(log.info), overlays=overlays)
     else:  # a bar on the console the log lines use: they scroll above it (--quiet: no bar)
         with Progress(console=stderr_console(), transient=True, disable=not show_progress()) as bar:
             task = bar.add_task("evaluating", total=None)
@@ -38,7 +40,7 @@ def evaluate(run_id, dataset, merge_lesions, home, as_json) -> None:
             def progress(model, done, total):
                 bar.update(task, description=f"{model}" if model == "preprocessing" else f"scoring {model}", completed=done, total=total)
 
-            record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress)
+            record = evaluate_run(run_dir, Path(dataset), merge_lesions=merge_lesions, progress=progress, overlays=overlays)
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
@@ -71,6 +73,8 @@ def _print_evaluation(record: dict) -> None:
                       f"{m['mean_all']:.3f}" if m.get("mean_all") is not None else "")  # fmt: skip
     console.print(table)
     click.echo(f"written: {record['path']}")
+    if record.get("overlays"):  # paths relative to the run directory; `coordinator report` shows them
+        click.echo(f"overlays (in the run directory): {', '.join(e['path'] for e in record['overlays'])}")
 
 
 @click.command()
