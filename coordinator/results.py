@@ -11,6 +11,12 @@ models on the site's test cases. A site reports both in one metric dict, the tes
 prefixed ``test_`` (`split_test_keys` separates them). Validation selects the models (best
 global, best local); test rows only score them and never select. Runs written before the
 test split (or a site without test cases) have no test rows.
+
+A site that holds test-only reference labels of classes it does not train on also scores each
+model on those classes on its test cases: the test row then holds ``ref_dice_<class>``,
+``ref_dice_mean``, ``ref_cases`` and ``ref_case<j>_dice_<class>`` (`reference_dice`,
+`reference_case_dice`). They measure forgetting and never select; `class_dice` and
+`selection_score` do not read them. Runs without reference labels have none of these keys.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Iterable, Mapping
 _CASE = re.compile(r"^case(\d+)_dice_(.+)$")
 TEST_PREFIX = "test_"  # a site's metric keys on its test cases; the unprefixed keys are on its validation cases
 TEST_ROWS = {"val_global": "test_global", "val_local": "test_local", "val_final": "test_final"}
+REFERENCE_PREFIX = "ref_"  # a test row's keys on the reference classes (test-only labels of classes the site does not train on)
 
 
 def split_test_keys(metric: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
@@ -30,11 +37,13 @@ def split_test_keys(metric: Mapping[str, float]) -> tuple[dict[str, float], dict
     Args:
         metric: what the site reported for one model: validation keys (``dice_<class>``,
             ``dice_mean``, ``cases``, ``case<j>_dice_<class>``) and the same keys prefixed
-            ``test_`` for its test cases.
+            ``test_`` for its test cases; on the test cases, with reference labels, also
+            ``test_ref_dice_<class>``, ``test_ref_dice_mean``, ``test_ref_cases``, ``test_ref_case<j>_dice_<class>``.
 
     Returns:
         ``(validation, test)``: the unprefixed keys, and the prefixed keys with the prefix
-        stripped (empty when the site reported no test cases).
+        stripped (empty when the site reported no test cases): the reference keys become
+        ``ref_dice_<class>``, ``ref_dice_mean``, ``ref_cases``, ``ref_case<j>_dice_<class>``.
     """
     validation = {k: v for k, v in metric.items() if not k.startswith(TEST_PREFIX)}
     test = {k[len(TEST_PREFIX) :]: v for k, v in metric.items() if k.startswith(TEST_PREFIX)}
@@ -54,6 +63,27 @@ def case_dice(row: Mapping[str, float]) -> dict[str, list[float]]:
         if m and _finite(v):
             out.setdefault(m.group(2), []).append(float(v))
     return out
+
+
+def reference_dice(row: Mapping[str, float]) -> dict[str, float]:
+    """{class name: mean Dice} on the reference classes of one test row (``ref_dice_<class>``; empty without reference labels)."""
+    return class_dice(_reference_keys(row))
+
+
+def reference_case_dice(row: Mapping[str, float]) -> dict[str, list[float]]:
+    """{class name: [Dice per case]} on the reference classes of one test row (``ref_case<j>_dice_<class>``)."""
+    return case_dice(_reference_keys(row))
+
+
+def reference_cases(row: Mapping[str, float]) -> int | None:
+    """The number of test cases of one test row that have a reference label (``ref_cases``), None where not recorded."""
+    v = row.get(f"{REFERENCE_PREFIX}cases")
+    return int(v) if v is not None and _finite(v) else None
+
+
+def _reference_keys(row: Mapping[str, float]) -> dict[str, float]:
+    """The ``ref_`` keys of a test row, prefix stripped."""
+    return {k[len(REFERENCE_PREFIX) :]: v for k, v in row.items() if k.startswith(REFERENCE_PREFIX)}
 
 
 def _finite(v) -> bool:

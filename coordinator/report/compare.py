@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from coordinator.report.figures import plot_grouped_bars
+from coordinator.report.forgetting import COMPARE_FORGETTING_TEXT, FORGETTING_TITLE, forgetting_comparison_table, forgetting_record
 from coordinator.report.numbers import cost_summary
 from coordinator.report.reading import Evaluation, Run, class_means, foreground_classes, in_federation, load_run, mapping, mean, num, scored_mean
 from coordinator.report.tables import evaluation_mean
@@ -27,7 +28,7 @@ def method_record(run: Run, label: str | None = None) -> dict[str, Any]:
         Global and local Dice per class and mean on the test cases (``split``: ``test``; a run without
         test cases falls back to its validation cases, ``split``: ``validation``), the selected global
         model on its validation cases (``global_validation``), out-of-federation summaries, rounds,
-        bytes, wall time.
+        bytes, wall time; ``forgetting``: Dice on the classes each site does not train on (`forgetting_record`).
     """
     fed = in_federation(run.metrics)
     cost = cost_summary(run.metrics, run.state)
@@ -45,6 +46,7 @@ def method_record(run: Run, label: str | None = None) -> dict[str, Any]:
         "local": {"model": fed.local.label, "dice": class_means(fed.local), "mean": scored_mean(fed.local)},
         "global_validation": {"model": fed.global_validation.label, "dice": class_means(fed.global_validation), "mean": scored_mean(fed.global_validation)},
         "oof": {ev.dataset: oof_summary(ev) for ev in run.evaluations},
+        "forgetting": forgetting_record(run.metrics),  # classes a site does not train on (test-only reference labels); None without
         "rounds_done": cost["rounds_done"],
         "rounds_planned": cost["rounds_planned"],
         "mb_to_sites": cost["mb_to_sites_total"],
@@ -229,4 +231,11 @@ def comparison_sections(records: list[dict[str, Any]], classes: list[str], datas
             [comparison_table(records, classes, datasets)],
             [("methods_global.png", "global model Dice per class and method, test cases")],
         ),
+        *_forgetting_sections(records, classes),
     ]
+
+
+def _forgetting_sections(records: list[dict[str, Any]], classes: list[str]) -> list[Section]:
+    """The forgetting section when some run has reference scores (none otherwise)."""
+    table = forgetting_comparison_table(records, {c: i for i, c in enumerate(classes)})
+    return [Section(FORGETTING_TITLE, [COMPARE_FORGETTING_TEXT], [table])] if table is not None else []

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.report.figures import plot_boxplots, plot_dice_global, plot_learning_curves
+from coordinator.report.forgetting import forgetting_section
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
+from coordinator.report.overlays import copy_overlays, overlay_section, report_overlays
 from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run
 from coordinator.report.tables import cost_table, dice_table, evaluation_table, header_table, split_sizes_table, split_table
 from fedimg_core import atomic
@@ -62,6 +64,9 @@ def build_report(run: Run, folder: Path) -> None:
     if oof := oof_box_panels(run.evaluations):
         figures["boxplots_oof.png"] = plot_boxplots(oof, "per-case Dice, out of federation")
     sections = report_sections(run, fed, classes, set(figures))
+    if shown := report_overlays(run.run_dir, REPORT_DIR):  # drawn by `coordinator evaluate`: carried into the new folder
+        copy_overlays(shown, folder)
+        sections.insert(next((i + 1 for i, s in enumerate(sections) if s.title == "Out of federation"), len(sections)), overlay_section(shown))
     for name, data in figures.items():
         atomic.write_bytes(folder / name, data)
     title = f"Run report: {run.run_id}"
@@ -80,7 +85,8 @@ NO_TEST_TEXT = (
 
 
 def report_sections(run: Run, fed: InFederation, classes: list[str], figures: set[str]) -> list[Section]:
-    """The report's sections: run, global model, local models, out of federation, per-case Dice, learning curves, cost.
+    """The report's sections: run, global model, local models, forgetting (runs with reference labels), out of federation, per-case Dice,
+    learning curves, cost.
 
     Args:
         run: the run.
@@ -117,6 +123,7 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
             ],
             _split_tables(fed.local_validation, fed.local_test, classes, "local models"),
         ),
+        *([forgetting] if (forgetting := forgetting_section(run.metrics, run.schema)) else []),  # runs with test-only reference labels
         Section(
             "Out of federation",
             [] if run.evaluations else [f"No out-of-federation evaluation ({EVALUATIONS_DIR}/<dataset>.json) for this run."],

@@ -4,12 +4,14 @@
 registered plans are thin subclasses (`pipelines.plans.condistfl`, `pipelines.plans.marginal`), the only
 source shipped and hashed for approval. The site's cases are split into training, validation and test
 (`pipelines.plans.split_data`): training batches come from the training cases only, and every scoring of a
-model covers validation (selection) and test (reporting). A site's round step by step:
+model covers validation (selection) and test (reporting); a site that holds test-only reference labels of
+classes it does not train on is also scored on those, on its test cases (forgetting). A site's round step by step:
 docs/design/segmentation-training.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ import torch
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
 from pipelines.augment import PatchSampler, patch_batch
+from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
@@ -34,11 +37,14 @@ from pipelines.training import (
     evaluate_case,
     frozen_teacher,
     parameter_checksum,
+    predict,
     teacher_logits,
 )
 from preprocessing.schema import parse_schema
 
 __all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
+
+log = logging.getLogger(__name__)
 
 
 def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSettings:
@@ -238,8 +244,10 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
 
         Validation (Fed-BioMed's testing loader) gives ``dice_<class>``, ``dice_mean``, ``cases``
         and ``case<j>_dice_<class>``; the test cases (the data manager's test loader) the same keys
-        prefixed ``test_``, absent when the site has no test case; ``eval_s`` the seconds this scoring
-        took (both sets). One message per evaluation;
+        prefixed ``test_``, absent when the site has no test case; where the dataset holds test-only
+        reference labels of classes the site does not train on, the test cases also give the same keys
+        on those classes prefixed ``test_ref_`` (`_test_report`; validation never does); ``eval_s`` the
+        seconds this scoring took (all of it). One message per evaluation;
         per-case values in case order only (no identifiers leave the site).
 
         Args:
@@ -253,10 +261,9 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         t0 = time.perf_counter()
         result, n_validation = self._dice_report(self.testing_data_loader, "")
         data = getattr(self, "_data", None)
-        test_loader = data.test_loader() if data is not None else None
-        if test_loader is not None:
-            result.update(self._dice_report(test_loader, "test_")[0])
-        result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test): what a round spends besides training
+        if data is not None and data.test_loader() is not None:
+            result.update(self._test_report(data))
+        result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test + reference): what a round spends besides training
         if history_monitor is not None:
             history_monitor.add_scalar(
                 metric=result, iteration=1, epoch=None, test=True, test_on_local_updates=not before_train,
@@ -268,11 +275,50 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         """Dice per class (mean over cases), their mean, the case count and per-case values, keys prefixed."""
         s = self._settings
         classes = self._dataset.labeled_classes
-        names = {v: k for k, v in s.schema.classes.items()}
         per_case: list[dict[int, float]] = []
         for data, target in loader:
             for volume, label in zip(data, target):
                 per_case.append(evaluate_case(self.model(), volume, label, s, classes))
+        return self._summary(per_case, classes, prefix), len(per_case)
+
+    def _test_report(self, data: CaseSplitDataManager) -> dict[str, float]:
+        """The test cases' keys: Dice on the classes the site labels (``test_``) and on its reference classes (``test_ref_``).
+
+        Reference labels (`PreparedSegmentationDataset.reference_classes` / ``reference_label(index)``) hold
+        classes the site does not train on, for testing only: Dice on them, on the site's own test cases,
+        measures how much of those classes a model keeps (forgetting). ``test_ref_cases`` counts the test
+        cases that have one; without reference classes, or no test case with a reference label, there are
+        no ``test_ref_`` keys. Each case is predicted once for both.
+
+        Args:
+            data: the site's data manager, split.
+
+        Returns:
+            ``test_dice_<class>``, ``test_dice_mean``, ``test_cases``, ``test_case<j>_dice_<class>`` and the
+            same with ``test_ref_`` on the reference classes.
+        """
+        s = self._settings
+        classes = self._dataset.labeled_classes
+        held = [int(c) for c in getattr(self._dataset, "reference_classes", None) or []]  # a dataset without the accessor: none
+        # schema classes only, never one the site trains on (those are scored above, on the training labels)
+        ref_classes = [c for c in held if c in s.schema.classes.values() and c != 0 and c not in classes]
+        reference_label = getattr(self._dataset, "reference_label", None) if ref_classes else None
+        per_case: list[dict[int, float]] = []
+        per_ref: list[dict[int, float]] = []
+        for index, volume, label in data.test_cases():
+            pred = predict(self.model(), volume, s)
+            per_case.append(_case_dice(pred, label, classes, s))  # what evaluate_case computes, on the shared prediction
+            ref = _reference_of(reference_label, index) if reference_label is not None else None
+            if ref is not None:
+                per_ref.append(_case_dice(pred, ref, ref_classes, s))
+        result = self._summary(per_case, classes, "test_")
+        if per_ref:
+            result.update(self._summary(per_ref, ref_classes, "test_ref_"))
+        return result
+
+    def _summary(self, per_case: list[dict[int, float]], classes: list[int], prefix: str) -> dict[str, float]:
+        """Per-case Dice as report keys: per class (mean over cases), their mean, the case count, per case; prefixed."""
+        names = {v: k for k, v in self._settings.schema.classes.items()}
         means = class_means(per_case, classes)
         result = {f"{prefix}dice_{names[c]}": v for c, v in means.items()}
         if means:
@@ -280,4 +326,24 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         result[f"{prefix}cases"] = float(len(per_case))
         for j, case in enumerate(per_case):  # case order only: no identifiers leave the site
             result.update({f"{prefix}case{j}_dice_{names[c]}": v for c, v in case.items() if v == v})
-        return result, len(per_case)
+        return result
+
+
+def _reference_of(reference_label: Any, index: int) -> torch.Tensor | None:
+    """A test case's reference label, None when it has none or it cannot be read.
+
+    A reference label only measures forgetting: one that fails to read is left out of
+    ``test_ref_cases`` (and logged at the site) rather than failing the round's scoring.
+    """
+    try:
+        ref = reference_label(index)
+    except Exception as exc:  # noqa: BLE001  # any reading failure: the scores on the training labels stand
+        log.warning("test case %d: its reference label is left out of the scores: %s", index, exc)
+        return None
+    return ref if isinstance(ref, torch.Tensor) else None
+
+
+def _case_dice(pred: torch.Tensor, label: torch.Tensor, classes: list[int], settings: SegmentationSettings) -> dict[int, float]:
+    """Dice per class of one predicted volume against a label map, (1, X, Y, Z) or (X, Y, Z), as `evaluate_case` scores it."""
+    ref = label.reshape(pred.shape) if label.numel() == pred.numel() else label[0]
+    return dice_per_class(pred, ref, classes, settings.schema.ignore_label)

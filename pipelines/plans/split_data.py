@@ -6,7 +6,8 @@ manager the plan returns. `CaseSplitDataManager` keeps that sequence and Fed-Bio
 TorchDataManager classes (subsets, loaders; pinned 6.4.1) but replaces its random
 ``test_ratio`` split by the case split of `pipelines.splits`: the training loader covers the
 training cases, Fed-BioMed's testing loader the validation cases, and `test_loader` the test
-cases (the plan scores them next to validation; they never reach a training batch). The split
+cases (the plan scores them next to validation, through `test_cases` with their positions in the dataset;
+they never reach a training batch). The split
 is recomputed from the case ids every round, so the state Fed-BioMed saves between rounds
 cannot move a case. Which case is in which split is written to ``$FEDIMG_SPLITS_DIR/<run id>.json``
 (the site agent points it at ``<work>/splits``, outside the cache staff may clear), else
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,32 @@ class CaseSplitDataManager(DataManager):  # type: ignore[misc]  # Fed-BioMed shi
         """The test cases' loader, one case per batch (None without test cases or before `split`)."""
         manager = self._loaded()
         return manager.test_loader() if manager is not None else None
+
+    def test_cases(self) -> Iterator[tuple[int, Any, Any]]:
+        """The test cases one by one, with their positions in the dataset (nothing without test cases or before `split`).
+
+        The plan needs each test case's position to fetch what the dataset holds beside the loader's items
+        (its reference label: `pipelines.plans.datasets.PreparedSegmentationDataset.reference_label`).
+
+        Yields:
+            ``(index, image, label)``: the case's position in the dataset (as in ``indices.test``) and the
+            test loader's item, batch dimension removed.
+
+        Raises:
+            FedbiomedError: the test loader gives another number of cases than the test split holds.
+        """
+        loader, indices = self.test_loader(), self.indices
+        if loader is None or indices is None:
+            return
+        batches = iter(loader)  # one case per batch, in the order of indices.test (the loader never shuffles)
+        for index in indices.test:
+            batch = next(batches, None)
+            if batch is None:
+                raise FedbiomedError(f"{ErrorNumbers.FB632.value}: the test loader ran out before the {len(indices.test)} test cases")
+            data, target = batch
+            yield index, data[0], target[0]
+        if next(batches, None) is not None:
+            raise FedbiomedError(f"{ErrorNumbers.FB632.value}: the test loader gives more cases than the {len(indices.test)} test cases")
 
     def _loaded(self) -> _CaseSplitTorchDataManager | None:
         manager = self.__dict__.get("_data_manager_instance")  # not through __getattr__, which Fed-BioMed forwards
