@@ -71,6 +71,9 @@ class Testbed:
         modalities: each site's scanner (CT or MR-like), cycled over the sites.
         classes: every site labels these (None: an organ group chosen by seed).
         cases: each site's number of cases, cycled over the sites (None: 4 each).
+        reference_labels: each site also holds test-only reference labels of every organ group
+            it does not label (`coordinator.testbed_site.reference_classes_for`), prepared with
+            ``--reference-labels`` and scored on its test cases only (the forgetting measure).
 
     Raises:
         UserError: fewer than one site.
@@ -80,7 +83,7 @@ class Testbed:
 
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
-                 classes: list[str] | None = None, cases: list[int] | None = None):  # fmt: skip
+                 classes: list[str] | None = None, cases: list[int] | None = None, reference_labels: bool = True):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -90,6 +93,7 @@ class Testbed:
         self.modalities = list(modalities or ["CT"])  # each site's scanner (CT or MR-like), cycled over the sites
         self.classes = list(classes) if classes else None  # every site labels these (None: an organ group by seed)
         self.cases = list(cases) if cases else None  # cases per site, cycled (None: the site tool's default)
+        self.reference_labels = reference_labels  # test-only reference labels of the classes a site does not label
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
@@ -153,6 +157,7 @@ class Testbed:
                 "--phase", self.phases[i % len(self.phases)], "--modality", self.modality(i),
                 *(["--classes", ",".join(self.classes)] if self.classes else []),
                 *(["--cases", str(self.cases[i % len(self.cases)])] if self.cases else []),
+                *([] if self.reference_labels else ["--no-reference-labels"]),
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:

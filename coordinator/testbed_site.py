@@ -1,6 +1,7 @@
 """One testbed site's chores, run as its own process (as a hospital's staff would):
 
     python -m coordinator.testbed_site setup   --config C --seed S [...]   # init + phantom DICOM + prepare + register
+                                                                        # (+ test-only reference labels; --no-reference-labels: none)
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
     python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P [--modality MR]  # a test set only
 
@@ -20,12 +21,14 @@ from pathlib import Path
 
 from fedimg_core import atomic
 from fedimg_testing.phantom import SITES, write_phantom_site
+from preprocessing.schema import load_schema
 from site_agent import config as site_config
 
 
 def setup(args) -> None:
     """Create the site like its staff would: config + node, then the hospital's "own" data
-    (phantom DICOM series with planted identifiers, labels for this site's organs only),
+    (phantom DICOM series with planted identifiers, labels for this site's organs only, and
+    test-only reference labels of the other organ groups unless ``--no-reference-labels``),
     `site-agent prepare` on it (the real CLI, in its own process), and registration."""
     from site_agent import node  # deferred: start-up time (Fed-BioMed's node; the `data` step needs none)
 
@@ -61,9 +64,27 @@ PARAMS_FILE = "testbed-phantom.json"
 
 
 def _phantom_params(args, classes: list[str] | None) -> dict:
-    """What the phantom hospital's content depends on."""
-    return {"modality": args.modality, "phase": args.phase, "seed": args.seed, "cases": args.cases, "size": args.size,
-            "organs": getattr(args, "organs", None), "classes": classes}  # fmt: skip
+    """What the phantom hospital's content depends on (reference labels named only when on, so
+    a workdir written before they existed keeps its out-of-federation set)."""
+    params = {"modality": args.modality, "phase": args.phase, "seed": args.seed, "cases": args.cases, "size": args.size,
+              "organs": getattr(args, "organs", None), "classes": classes}  # fmt: skip
+    if getattr(args, "reference_labels", False):
+        params["reference_labels"] = True
+    return params
+
+
+def reference_classes_for(organs: list[str]) -> list[str]:
+    """The classes a phantom site holds test-only reference labels of: every class of the schema
+    whose organ group the site does not label (the organ and its lesions).
+
+    Args:
+        organs: the classes the site labels.
+
+    Returns:
+        The schema's foreground classes outside the site's organ groups, in schema id order.
+    """
+    schema = load_schema(None)
+    return [c for c, _ in sorted(schema.classes.items(), key=lambda kv: kv[1]) if c != "background" and c not in organs and schema.organ_of(c) not in organs]
 
 
 def _drop_stale(hospital: Path, dataset: Path, params: dict) -> None:
@@ -84,10 +105,11 @@ def _drop_stale(hospital: Path, dataset: Path, params: dict) -> None:
 
 def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | None = None) -> None:
     organs = classes or (SITES[args.organs] if args.organs else list(SITES.values())[(args.seed - 1) % len(SITES)])
+    reference = reference_classes_for(organs) if getattr(args, "reference_labels", False) else []
     if not (hospital / "site-labels.yaml").exists():
         write_phantom_site(
             hospital, organs, n_cases=args.cases, seed=args.seed, phase=args.phase, modality=args.modality,
-            shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0),
+            shape=(args.size, args.size, max(16, args.size // 2)), spacing=(2.0, 2.0, 3.0), reference_classes=reference or None,
         )  # fmt: skip
         atomic.write_json(hospital / PARAMS_FILE, _phantom_params(args, classes))
     cmd = [
@@ -95,6 +117,8 @@ def _prepare_phantom(args, hospital: Path, dataset: Path, classes: list[str] | N
         "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
         "--out", str(dataset), "--name", f"{args.name}-{organs[0] if classes is None else args.phase}-{args.modality.lower()}", "--require-labels",
     ]  # fmt: skip
+    if reference:  # test-only: scored on the site's test cases, never trained on
+        cmd += ["--reference-labels", str(hospital / "reference-labels"), "--reference-label-map", str(hospital / "reference-label-map.yaml")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"site-agent prepare failed ({res.returncode}): {res.stderr.strip() or res.stdout[-500:]}")
@@ -150,6 +174,10 @@ def main(argv=None) -> int:
     s.add_argument("--classes", default=None, help="classes the site labels, comma-separated (instead of an organ group)")
     s.add_argument("--modality", default="CT", choices=("CT", "MR"), help="the site's scanner: CT, or MR (same anatomy, MR-like intensities)")
     s.add_argument("--tag", default="fedimg-demo")
+    s.add_argument(
+        "--no-reference-labels", dest="reference_labels", action="store_false",
+        help="no test-only reference labels (by default the site holds them for every organ group it does not label)",
+    )  # fmt: skip
     a = sub.add_parser("approve")
     a.add_argument("--config", required=True)
     d = sub.add_parser("data")
@@ -161,7 +189,7 @@ def main(argv=None) -> int:
     d.add_argument("--phase", default="non_contrast")
     d.add_argument("--classes", default="kidney,liver,pancreas,spleen", help="classes the test set labels (comma-separated)")
     d.add_argument("--modality", default="CT", choices=("CT", "MR"))
-    d.set_defaults(organs=None)
+    d.set_defaults(organs=None, reference_labels=False)
     args = p.parse_args(argv)
     try:
         {"setup": setup, "approve": approve, "data": data}[args.cmd](args)

@@ -7,6 +7,8 @@ A prepared dataset (``site-agent prepare``) is a folder::
     <root>/manifest.json     format version, schema, per-case geometry and sha256 of every output
     <root>/imagesTr/<case>.nii.gz
     <root>/labelsTr/<case>.nii.gz
+    <root>/labelsRef/<case>.nii.gz  optional test-only reference labels (classes the site does
+                             not train on; never in dataset.json, never used for training)
 
 The models are what the writers write and the readers check. Readers are lenient where a
 manifest may come from another version of fedimg (keys they do not know are kept, not
@@ -82,8 +84,11 @@ class ManifestCase(_Lenient):
     case_id: str = Field(description="case_0000, case_0001, ...: sequential, nothing identifying.")
     image: str = Field(description="The image, relative to the dataset folder (imagesTr/<case>.nii.gz).")
     label: str | None = Field(None, description="The label map, relative to the dataset folder; absent or null when unlabelled.")
+    reference_label: str | None = Field(
+        None, description="The test-only reference label map (labelsRef/<case>.nii.gz, classes the site does not train on); absent or null when none."
+    )
     affine: list[list[float]] | None = Field(None, description="Voxel-to-world (RAS+) 4x4 matrix.")
-    sha256: dict[str, str] = Field(default_factory=dict, description="'image' / 'label' -> sha256 of the file.")
+    sha256: dict[str, str] = Field(default_factory=dict, description="'image' / 'label' / 'reference_label' -> sha256 of the file.")
 
 
 class CaseRecord(ManifestCase):
@@ -119,6 +124,9 @@ class Manifest(_Lenient):
     schema_ref: SchemaRef | None = Field(None, alias="schema", description="The label schema used (null for format 1 and synthetic data).")
     modality: str | None = None
     labeled_classes: list[int] | None = Field(None, description="The schema ids this site labels (absent: every class).")
+    reference_classes: list[int] | None = Field(
+        None, description="The schema ids of the test-only reference labels (disjoint from labeled_classes; absent or null: none)."
+    )
     ignore_label: int | None = None
     # SerializeAsAny: a writer's CaseRecord is written whole, not cut down to ManifestCase's keys
     cases: list[SerializeAsAny[ManifestCase]] = Field(description="One entry per case (at least one).")

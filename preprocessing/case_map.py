@@ -60,6 +60,8 @@ def write_case_map(path: Path, out: Path, by_hash: dict[str, CaseSource]) -> Non
             entry["series_uid"] = src.series.first.series_uid
         if src.label is not None:
             entry["label"] = os.path.abspath(src.label)
+        if src.reference_label is not None:
+            entry["reference_label"] = os.path.abspath(src.reference_label)
         cases[case["case_id"]] = entry
     atomic.write_bytes(
         path,

@@ -1,6 +1,7 @@
 """Prepared datasets on disk: write one from arrays, read and check one (files, checksums, grids).
 
-The format (``manifest.json``, ``dataset.json``, ``imagesTr/``, ``labelsTr/``) is defined by
+The format (``manifest.json``, ``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional
+``labelsRef/`` of test-only reference labels) is defined by
 the models of `fedimg_core.dataset_manifest`; this module adds the NIfTI side. Case ids are
 sequential (``case_0000``); nothing identifying a patient is stored.
 """
@@ -56,11 +57,16 @@ __all__ = [
 
 @dataclass
 class PreparedCase:
-    """One case of a loaded dataset: its id and the absolute paths of its files."""
+    """One case of a loaded dataset: its id and the absolute paths of its files.
+
+    ``reference_label`` is the case's test-only reference label map (classes the site does
+    not train on, `PreparedDataset.reference_classes`), or None.
+    """
 
     case_id: str
     image: Path
     label: Path | None
+    reference_label: Path | None = None
 
 
 @dataclass
@@ -73,17 +79,26 @@ class PreparedDataset:
     labels: dict[str, int]
     cases: list[PreparedCase] = field(default_factory=list)
     labeled_classes: list[int] | None = None  # schema ids this site labels (None: every class)
+    reference_classes: list[int] | None = None  # schema ids of the test-only reference labels (None: none)
 
     def description(self) -> str:
         """A one-line description built only from allowlisted fields (name, count, modality,
-        labelled class names), each reduced to a short safe token so free text cannot ride along.
+        labelled class names, and the class names and case count of test-only reference labels
+        when there are any), each reduced to a short safe token so free text cannot ride along.
 
         Returns:
-            ``"<name>: <n> <modality> cases, classes: <names>"``.
+            ``"<name>: <n> <modality> cases, classes: <names>"``, followed by
+            ``"; test-only reference labels: <names> (<k> cases)"`` when the dataset has some.
         """
+        by_id = sorted(self.labels.items(), key=lambda kv: kv[1])
         labeled = set(self.labeled_classes) if self.labeled_classes is not None else None
-        classes = ", ".join(_token(k) for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0 and (labeled is None or v in labeled))
-        return f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
+        classes = ", ".join(_token(k) for k, v in by_id if v != 0 and (labeled is None or v in labeled))
+        text = f"{_token(self.name)}: {len(self.cases)} {_token(self.modality, 16)} cases, classes: {classes or 'none'}"
+        with_ref = sum(c.reference_label is not None for c in self.cases)
+        if self.reference_classes and with_ref:
+            ref = ", ".join(_token(k) for k, v in by_id if v in set(self.reference_classes))
+            text += f"; test-only reference labels: {ref or 'none'} ({with_ref} cases)"
+        return text
 
 
 def _token(text: str, limit: int = 48) -> str:
@@ -245,9 +260,9 @@ def _check_grid(path: Path, shown: Path) -> None:
 def load_dataset(root: str | os.PathLike[str], verify_checksums: bool = False) -> PreparedDataset:
     """Read and check a prepared dataset.
 
-    Always checks the structure, that every listed file exists inside the folder and that
-    every volume's header places its voxels somewhere; with `verify_checksums` also
-    re-hashes every file against the manifest (slower).
+    Always checks the structure, that every listed file (image, label, test-only reference
+    label) exists inside the folder and that every volume's header places its voxels
+    somewhere; with `verify_checksums` also re-hashes every file against the manifest (slower).
 
     Args:
         root: the dataset folder.
@@ -269,8 +284,8 @@ def load_dataset(root: str | os.PathLike[str], verify_checksums: bool = False) -
     cases = []
     for meta in manifest.cases:
         paths = {}
-        for kind in ("image", "label"):
-            rel = meta.image if kind == "image" else meta.label
+        for kind in ("image", "label", "reference_label"):
+            rel = {"image": meta.image, "label": meta.label, "reference_label": meta.reference_label}[kind]
             if rel is None:
                 continue
             p = (root / rel).resolve()
@@ -288,7 +303,7 @@ def load_dataset(root: str | os.PathLike[str], verify_checksums: bool = False) -
             paths[kind] = p
         if meta.affine is not None and not _finite_4x4(meta.affine):
             raise DatasetError(f"{manifest_path}: case {meta.case_id}: 'affine' is not a 4x4 matrix of finite numbers (re-run `site-agent prepare`)")
-        cases.append(PreparedCase(case_id=meta.case_id, image=paths["image"], label=paths.get("label")))
+        cases.append(PreparedCase(case_id=meta.case_id, image=paths["image"], label=paths.get("label"), reference_label=paths.get("reference_label")))
     return PreparedDataset(
         root=root,
         name=desc.name,
@@ -296,4 +311,5 @@ def load_dataset(root: str | os.PathLike[str], verify_checksums: bool = False) -
         labels=dict(desc.labels),
         cases=cases,
         labeled_classes=list(manifest.labeled_classes) if manifest.labeled_classes is not None else None,
+        reference_classes=list(manifest.reference_classes) if manifest.reference_classes is not None else None,
     )

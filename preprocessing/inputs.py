@@ -2,8 +2,8 @@
 
 Scanning reads regular files only and never enters the paths given for something else (labels,
 output, salt, case map, label map, schema) nor prepared datasets. Each DICOM series or NIfTI
-image becomes a `CaseSource`; `pair_labels` attaches each label to its image and never guesses
-between images of the same name.
+image becomes a `CaseSource`; `pair_labels` attaches each label (and, with ``reference=True``,
+each test-only reference label) to its image and never guesses between images of the same name.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class CaseSource:
     nifti: Path | None = None
     label: Path | None = None
     label_kind: str | None = None  # "nifti" | "seg"
+    reference_label: Path | None = None  # test-only reference label (classes the site does not train on)
+    reference_label_kind: str | None = None  # "nifti" | "seg"
     modality: str = ""
     refusal: tuple[str, str] | None = None  # (code, message): refused before conversion (ambiguous pairing)
 
@@ -138,7 +140,12 @@ def _grid_hint(label: Path, candidates: list[CaseSource]) -> str:
 
 
 def pair_labels(
-    sources: list[CaseSource], label_files: list[Path], segs: list[Path], label_roots: dict[Path, Path] | None = None
+    sources: list[CaseSource],
+    label_files: list[Path],
+    segs: list[Path],
+    label_roots: dict[Path, Path] | None = None,
+    *,
+    reference: bool = False,
 ) -> list[tuple[Path, str, str]]:
     """Attach labels to images; return the labels that matched no image as refusals.
 
@@ -153,6 +160,10 @@ def pair_labels(
     candidate: a name shared by two patients never decides which one gets the label. The
     label's voxel grid must then match its image's (checked at conversion).
 
+    Test-only reference labels (``reference=True``) follow the same rules and go to
+    ``reference_label``/``reference_label_kind``; an ambiguous one is refused alone: its
+    images are not refused (a reference label never stops its case).
+
     Args:
         sources: the images; a paired one gets ``label``/``label_kind``, an ambiguous one
             ``refusal`` (code, message).
@@ -160,6 +171,7 @@ def pair_labels(
         segs: DICOM SEG files.
         label_roots: for each NIfTI label, the folder it was found under (for the
             sub-folder rule); labels given as files have none.
+        reference: pair test-only reference labels instead of training labels.
 
     Returns:
         (label path, reason code, message) for each label not attached.
@@ -180,16 +192,30 @@ def pair_labels(
         elif s.series is not None and folder_counts[s.series.folder] == 1:
             by_name.setdefault(s.series.folder.name, []).append(s)
 
+    what = "reference label" if reference else "label"
+
     def attach(src: CaseSource, path: Path, kind: str) -> None:
-        if src.label is not None:
-            unmatched.append((path, "duplicate_label", f"{path}: a second label for {src.display} (already {src.label})"))
+        already = src.reference_label if reference else src.label
+        if already is not None:
+            unmatched.append((path, "duplicate_label", f"{path}: a second {what} for {src.display} (already {already})"))
             return
-        src.label, src.label_kind = path, kind
-        src.files.append(path)
+        if reference:
+            src.reference_label, src.reference_label_kind = path, kind
+        else:
+            src.label, src.label_kind = path, kind
+        src.files.append(path)  # part of the case's input fingerprint: a changed label redoes the case
 
     def ambiguous(path: Path, candidates: list[CaseSource], how: str, hint: str = "", fix: str = "") -> None:
         where = ", ".join(source_location(c) for c in candidates)
-        unmatched.append((path, "ambiguous_label", f"{path}: {how} matches {len(candidates)} images ({where}); not paired{hint}{fix}"))
+        unmatched.append(
+            (
+                path,
+                "ambiguous_label",
+                f"{path}: {how} matches {len(candidates)} images ({where}); {'reference label ' if reference else ''}not paired{hint}{fix}",
+            )
+        )
+        if reference:
+            return  # the images keep their training labels and are prepared without this reference label
         for c in candidates:
             if c.refusal is None:
                 c.refusal = (

@@ -1,6 +1,7 @@
 """The folder `site-agent prepare` writes: whose it is, its lock, each case's files and record, the final metadata.
 
-Each finished case leaves its NIfTI files and a record in ``.state/cases/``; dataset.json and
+Each finished case leaves its NIfTI files (``imagesTr/``, ``labelsTr/``, test-only reference
+labels in ``labelsRef/``) and a record in ``.state/cases/``; dataset.json and
 manifest.json (models of `fedimg_core.dataset_manifest`) are written last, so a folder without
 them is never taken for a dataset, and a re-run resumes from the records.
 """
@@ -104,12 +105,12 @@ class OutputLock:
 
 
 def clean_temp_files(out: Path) -> None:
-    """Remove what an interrupted atomic write left in imagesTr/ and labelsTr/.
+    """Remove what an interrupted atomic write left in imagesTr/, labelsTr/ and labelsRef/.
 
     Args:
         out: the dataset folder.
     """
-    for sub in ("imagesTr", "labelsTr"):
+    for sub in ("imagesTr", "labelsTr", "labelsRef"):
         for tmp in (out / sub).glob(".*"):
             tmp.unlink(missing_ok=True)  # leftovers of an interrupted atomic write
 
@@ -122,9 +123,9 @@ def outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
         rec: the case record (`write_case`).
 
     Returns:
-        True when the image (and label) exist and their sha256 matches the record.
+        True when the image (and label, reference label) exist and their sha256 matches the record.
     """
-    for kind in ("image", "label"):
+    for kind in ("image", "label", "reference_label"):
         rel = rec.get(kind)
         if rel is None:
             continue
@@ -146,6 +147,7 @@ def write_case(
     modality: str,
     schema: LabelSchema,
     labeled: list[int],
+    reference: nib.Nifti1Image | None = None,
 ) -> dict[str, Any]:
     """Write one converted case's NIfTI files and return its record (the manifest entry, plus status).
 
@@ -161,6 +163,7 @@ def write_case(
         modality: the dataset's modality.
         schema: the federation's label schema.
         labeled: the class ids the site labels.
+        reference: the canonical test-only reference label in schema ids (``labelsRef/``), or None.
 
     Returns:
         The record: every key of `fedimg_core.dataset_manifest.CaseRecord`.
@@ -178,6 +181,10 @@ def write_case(
         label_data = np.asanyarray(label.dataobj).astype(np.uint8)
         label_rel = f"labelsTr/{case_id}.nii.gz"
         sums["label"] = save_atomic(clean_image(label_data, image.affine), out / label_rel)
+    reference_rel = None
+    if reference is not None:
+        reference_rel = f"labelsRef/{case_id}.nii.gz"
+        sums["reference_label"] = save_atomic(clean_image(np.asanyarray(reference.dataobj).astype(np.uint8), image.affine), out / reference_rel)
     spacing = _spacing(image.affine)
     qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled)
     flags = list(dict.fromkeys(flags + qc))
@@ -186,6 +193,7 @@ def write_case(
         "case_id": case_id,
         "image": img_rel,
         "label": label_rel,
+        "reference_label": reference_rel,
         "source_hash": source_hash,
         "source_kind": src.kind,
         "label_source_kind": src.label_kind,
@@ -207,7 +215,14 @@ def write_case(
 
 
 def write_metadata(
-    out: Path, records: dict[str, dict[str, Any]], refused: list[dict[str, str]], schema: LabelSchema, modality: str, labeled: list[int], name: str
+    out: Path,
+    records: dict[str, dict[str, Any]],
+    refused: list[dict[str, str]],
+    schema: LabelSchema,
+    modality: str,
+    labeled: list[int],
+    name: str,
+    reference_classes: list[int] | None = None,
 ) -> None:
     """Write dataset.json and manifest.json (atomically, last: a folder without them is no dataset).
 
@@ -219,6 +234,8 @@ def write_metadata(
         modality: the dataset's modality.
         labeled: the class ids the site labels.
         name: the dataset's name (reduced to letters, digits, _ . + -).
+        reference_classes: the class ids of the test-only reference labels (None: none); they
+            are listed in the manifest only (dataset.json describes the training labels).
     """
     # the manifest allowlist is CaseRecord's keys: nothing else from a record reaches it
     keys = CaseRecord.model_fields
@@ -251,6 +268,7 @@ def write_metadata(
                 "schema": {"name": schema.name, "version": schema.version},
                 "modality": modality,
                 "labeled_classes": labeled,
+                "reference_classes": reference_classes,
                 "ignore_label": schema.ignore_label,
                 "cases": cases,
                 "refused": refused,

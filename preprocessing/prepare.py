@@ -1,6 +1,10 @@
 """`site-agent prepare`: a site's DICOM/NIfTI images and labels -> a prepared dataset.
 
-Details: docs/guide/preparing-data.md, "How `prepare` works".
+Test-only reference labels (classes the site does not train on, scored on its test cases
+only) go through the same pairing, grid check and remapping as labels, into ``labelsRef/``;
+a reference label that fails is refused alone, its case is prepared without it.
+
+Details: docs/guide/preparing-data.md, "How `prepare` works" and "Test-only reference labels".
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from fedimg_core import atomic
 from fedimg_core.dataset_manifest import CONVERTER_VERSION
 from fedimg_core.hashing import sha256_file
 from preprocessing.case_map import CASE_MAP_FORMAT, default_case_map, read_case_map, write_case_map
-from preprocessing.dicom import Discovery, SeriesError, discover, load_series
+from preprocessing.dicom import Discovery, SeriesError, discover, load_series, series_geometry
 from preprocessing.inputs import (
     GRID_TOLERANCE_MM,
     MIN_SLICES_MULTI_ORIENTATION,
@@ -57,6 +61,7 @@ __all__ = [
     "PrepareResult",
     "collect_sources",
     "convert_case",
+    "convert_reference_label",
     "default_case_map",
     "is_prepared_dataset",
     "looks_like_label",
@@ -109,6 +114,7 @@ class Outcome:
     flags: list[str] = field(default_factory=list)
     code: str = ""
     message: str = ""  # console only
+    reference: bool = False  # a refused test-only reference label (its case, if any, is prepared without it)
 
 
 @dataclass
@@ -153,6 +159,47 @@ def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
     return mods[0] if mods else "OT"
 
 
+def _read_label(
+    path: Path, kind: str, src: CaseSource, order: list[int] | None, affine_ras: np.ndarray | None, label_map: SiteLabelMap, schema: LabelSchema,
+    opts: PrepareOptions,
+) -> nib.Nifti1Image:  # fmt: skip
+    """A label (or reference label) file as read: a NIfTI as stored, a DICOM SEG on its series' grid
+    in schema ids (``order``/``affine_ras``: the series' slice order and affine).
+
+    Raises:
+        SeriesError: an unreadable or unfitting file (see `load_nifti`, `read_seg`).
+    """
+    if kind == "seg":
+        assert src.series is not None and order is not None  # a SEG pairs with a DICOM series only
+        arr = read_seg(path, src.series, order, label_map, schema, opts.unknown_labels == "ignore")
+        return nib.Nifti1Image(arr, affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
+    return load_nifti(path, "label")
+
+
+def _fit_label(
+    label: nib.Nifti1Image, kind: str, path: Path, image: nib.Nifti1Image, src: CaseSource, label_map: SiteLabelMap, schema: LabelSchema,
+    opts: PrepareOptions, what: str = "label",
+) -> nib.Nifti1Image:  # fmt: skip
+    """A read label (or reference label) on the canonical image's exact grid, in schema ids (uint8).
+
+    Raises:
+        SeriesError: another grid (``label_grid_mismatch``) or values the map refuses (see `remap`).
+    """
+    label = canonical(label)
+    if label.shape != image.shape:
+        raise SeriesError(f"{path}: {what} grid {label.shape} does not match image grid {image.shape} of {src.display}", "label_grid_mismatch")
+    diff = grid_difference_mm(image.affine, label.affine, image.shape)
+    if diff > opts.grid_tolerance_mm:
+        raise SeriesError(
+            f"{path}: {what} and image grids differ by up to {diff:.4f} mm (max affine difference; tolerance {opts.grid_tolerance_mm} mm)",
+            "label_grid_mismatch",
+        )
+    data = np.asanyarray(label.dataobj)
+    # a SEG was mapped to schema ids while read (by segment name); a NIfTI holds local values
+    mapped = data if kind == "seg" else remap(data, label_map, schema, str(path), opts.unknown_labels == "ignore")
+    return nib.Nifti1Image(mapped.astype(np.uint8), image.affine)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated; the image's affine: identical grid
+
+
 def convert_case(
     src: CaseSource, schema: LabelSchema, label_map: SiteLabelMap, opts: PrepareOptions
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, list[str]]:
@@ -171,47 +218,60 @@ def convert_case(
         SeriesError: the case is refused (its ``code`` says why).
     """
     flags: list[str] = []
-    unknown_to_ignore = opts.unknown_labels == "ignore"
     # a DICOM source has its series, a NIfTI source its file, a paired one its label file
-    label: nib.Nifti1Image | None = None
+    order: list[int] | None = None
+    affine_ras: np.ndarray | None = None
     if src.kind == "dicom":
         assert src.series is not None
         vol = load_series(src.series, opts.tolerance_mm, opts.allow_irregular)
         flags += vol.flags
+        order, affine_ras = vol.geometry.order, vol.affine_ras
         image = nib.Nifti1Image(vol.array, vol.affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
-        if src.label_kind == "seg":
-            assert src.label is not None
-            label_arr = read_seg(src.label, src.series, vol.geometry.order, label_map, schema, unknown_to_ignore)
-            label = nib.Nifti1Image(label_arr, vol.affine_ras)  # type: ignore[no-untyped-call]  # idem
-        elif src.label_kind == "nifti":
-            assert src.label is not None
-            label = load_nifti(src.label, "label")
     else:
         assert src.nifti is not None
         image = load_nifti(src.nifti, "image")
         if qform_sform_disagree(src.nifti):
             flags.append("qform_sform_mismatch")
-        if src.label_kind == "nifti":
-            assert src.label is not None
-            label = load_nifti(src.label, "label")
+    label: nib.Nifti1Image | None = None
+    if src.label is not None and src.label_kind is not None:
+        label = _read_label(src.label, src.label_kind, src, order, affine_ras, label_map, schema, opts)
     image = canonical(image)
     if label is not None:
-        label = canonical(label)
-        if label.shape != image.shape:
-            raise SeriesError(
-                f"{src.label}: label grid {label.shape} does not match image grid {image.shape} of {src.display}",
-                "label_grid_mismatch",
-            )
-        diff = grid_difference_mm(image.affine, label.affine, image.shape)
-        if diff > opts.grid_tolerance_mm:
-            raise SeriesError(
-                f"{src.label}: label and image grids differ by up to {diff:.4f} mm (max affine difference; tolerance {opts.grid_tolerance_mm} mm)",
-                "label_grid_mismatch",
-            )
-        data = np.asanyarray(label.dataobj)
-        mapped = data if src.label_kind == "seg" else remap(data, label_map, schema, str(src.label), unknown_to_ignore)
-        label = nib.Nifti1Image(mapped.astype(np.uint8), image.affine)  # type: ignore[no-untyped-call]  # idem; the image's affine: identical grid
+        assert src.label is not None and src.label_kind is not None
+        label = _fit_label(label, src.label_kind, src.label, image, src, label_map, schema, opts)
     return image, label, flags
+
+
+def convert_reference_label(src: CaseSource, image: nib.Nifti1Image, schema: LabelSchema, reference_map: SiteLabelMap, opts: PrepareOptions) -> nib.Nifti1Image:
+    """A case's test-only reference label, brought to the prepared form like its label (`convert_case`).
+
+    The same readers, grid check and remapping as a training label, through the reference
+    label map: on the canonical image's exact grid, in schema ids (uint8).
+
+    Args:
+        src: the source, with ``reference_label`` paired.
+        image: the case's canonical image (`convert_case`).
+        schema: the federation's label schema.
+        reference_map: the site's reference label map.
+        opts: the prepare options (grid tolerance, unknown labels).
+
+    Returns:
+        The canonical reference label in schema ids.
+
+    Raises:
+        SeriesError: the reference label is refused (its ``code`` says why); the case itself is not.
+    """
+    path, kind = src.reference_label, src.reference_label_kind
+    assert path is not None and kind is not None
+    order: list[int] | None = None
+    affine_ras: np.ndarray | None = None
+    if kind == "seg":
+        assert src.series is not None  # a SEG pairs with a DICOM series only
+        # the image's slice order and affine, as load_series found them (same series, same options)
+        geo = series_geometry(src.series, opts.tolerance_mm, opts.allow_irregular)
+        order, affine_ras = geo.order, geo.affine_ras
+    label = _read_label(path, kind, src, order, affine_ras, reference_map, schema, opts)
+    return _fit_label(label, kind, path, image, src, reference_map, schema, opts, what="reference label")
 
 
 def prepare(
@@ -224,6 +284,8 @@ def prepare(
     salt_file: Path | None = None,
     progress: Progress | None = None,
     case_map: Path | None = None,
+    reference_labels: list[Path] | None = None,
+    reference_label_map: SiteLabelMap | None = None,
 ) -> PrepareResult:
     """Convert images (+ labels) into the prepared dataset at `out` (see the module docstring).
 
@@ -238,21 +300,28 @@ def prepare(
         progress: called with (stage, done, total). Each refusal is logged as a warning
             (logger ``preprocessing.prepare``) naming its files.
         case_map: the site-local case id -> source file (default `default_case_map(out)`).
+        reference_labels: test-only reference label files or folders (classes the site does
+            not train on; paired to images like `labels`, written to ``labelsRef/``).
+        reference_label_map: the label map of the reference labels (its classes must be
+            disjoint from `label_map`'s).
 
     Returns:
-        The outcome per case, skipped files and notes.
+        The outcome per case (and per refused reference label), skipped files and notes.
 
     Raises:
-        PrepareError: wrong options or inputs, an output folder that is not ours, or no case
+        PrepareError: wrong options or inputs (reference labels without their map or with
+            classes the label map also labels), an output folder that is not ours, or no case
             could be prepared (nothing is left behind in a folder this call created).
     """
     opts = options or PrepareOptions()
     out = Path(out)
+    reference_labels = list(reference_labels or [])
+    _check_reference_options(schema, label_map, reference_labels, reference_label_map)
     if opts.modality and opts.modality not in MODALITIES:
         raise PrepareError(f"--modality {opts.modality!r} is not one of {', '.join(MODALITIES)}")
     if opts.modality and opts.modality not in schema.modalities:
         raise PrepareError(f"modality {opts.modality} has no rule in schema {schema.source} (modalities: {', '.join(schema.modalities)})")
-    for p in [*images, *(labels or [])]:
+    for p in [*images, *(labels or []), *reference_labels]:
         if not Path(p).exists():
             raise PrepareError(f"{p}: no such file or folder")
         if not os.access(p, os.R_OK):
@@ -267,27 +336,33 @@ def prepare(
     # folder became "CT images"; an output folder inside it was ingested on each re-run).
     excluded: dict[tuple[int, int], str] = {}
     for path, option in [
-        *((Path(lab), "--labels") for lab in labels or []), (out, "--out"), (case_map, "case map"),
+        *((Path(lab), "--labels") for lab in labels or []), *((Path(ref), "--reference-labels") for ref in reference_labels),
+        (out, "--out"), (case_map, "case map"),
         (salt_file, "--salt-file"), (Path(label_map.source) if label_map is not None else None, "--label-map"),
+        (Path(reference_label_map.source) if reference_label_map is not None else None, "--reference-label-map"),
         (Path(schema.source), "--schema"),
     ]:  # fmt: skip
         key = file_identity(path) if path is not None else None
         if key is not None:
             excluded.setdefault(key, option)
     label_excluded = {k: v for k, v in excluded.items() if v != "--labels"}
+    reference_excluded = {k: v for k, v in excluded.items() if v != "--reference-labels"}
     created = not out.exists()
     try:
         try:
             files, _, scan_skipped, notes = scan_inputs(list(images), excluded, "images")
             label_files, label_roots, label_skipped, label_notes = scan_inputs(list(labels or []), label_excluded, "labels")
+            ref_files, ref_roots, ref_skipped, ref_notes = scan_inputs(reference_labels, reference_excluded, "reference labels")
             disc = discover(files, progress=(lambda n, t: progress("scan", n, t)) if progress else None)
             label_disc = discover(label_files, progress=None) if label_files else Discovery()
+            ref_disc = discover(ref_files, progress=None) if ref_files else Discovery()
         except OSError as exc:
             raise PrepareError(f"{exc.filename or exc}: {exc.strerror or exc}") from None
-        notes += label_notes
+        notes += label_notes + ref_notes
         sources, skipped = collect_sources(disc, opts.modality)
         skipped = scan_skipped + list(disc.skipped) + skipped
         skipped += label_skipped + [s for s in label_disc.skipped if s[1] != "dicomdir"]
+        skipped += ref_skipped + [s for s in ref_disc.skipped if s[1] != "dicomdir"]
         if not sources:
             detail = f" ({len(skipped)} files skipped; first: {skipped[0][2]})" if skipped else ""
             raise PrepareError(f"no image series or NIfTI image found under {', '.join(str(p) for p in images)}{detail}")
@@ -297,6 +372,10 @@ def prepare(
         label_nifti = [p for p in label_disc.nifti]
         label_segs = disc.segs + label_disc.segs
         unmatched = pair_labels(sources, label_nifti, label_segs, label_roots)
+        # the same pairing for reference labels; one that fits no image is refused alone
+        ref_unmatched = [
+            (p, code, f"reference label {msg}") for p, code, msg in pair_labels(sources, list(ref_disc.nifti), list(ref_disc.segs), ref_roots, reference=True)
+        ]
         # images whose pairing was ambiguous are refused as cases; the others go on
         unmatched += [(Path(source_location(s)), *s.refusal) for s in sources if s.refusal is not None]
         sources = [s for s in sources if s.refusal is None]
@@ -306,7 +385,7 @@ def prepare(
             label_map = SiteLabelMap(schema.name, schema.version, {0: "background"}, "<none>")
         out.mkdir(parents=True, exist_ok=True)
         with OutputLock(out):
-            result = _run(sources, unmatched, skipped, disc, out, schema, label_map, modality, opts, salt_file, progress)
+            result = _run(sources, unmatched, skipped, disc, out, schema, label_map, modality, opts, salt_file, progress, reference_label_map, ref_unmatched)
             salt = read_or_create_salt(out / STATE_DIR / "salt", salt_file)
             write_case_map(case_map, out, {salted_hash(salt, s.identifiers): s for s in sources})
     except BaseException:
@@ -321,6 +400,31 @@ def prepare(
     return result
 
 
+def _check_reference_options(schema: LabelSchema, label_map: SiteLabelMap | None, reference_labels: list[Path], reference_map: SiteLabelMap | None) -> None:
+    """Reference labels need their own map, whose classes the site does not train on.
+
+    Raises:
+        PrepareError: one without the other, a map naming no class, or classes both maps label
+            (naming both files and the classes).
+    """
+    if reference_labels and reference_map is None:
+        raise PrepareError("reference labels were given (--reference-labels) but no reference label map (--reference-label-map): their values cannot be mapped")
+    if reference_map is None:
+        return
+    if not reference_labels:
+        raise PrepareError(f"a reference label map ({reference_map.source}) was given without reference labels (--reference-labels)")
+    ref_ids = reference_map.labeled_class_ids(schema)
+    if not ref_ids:
+        raise PrepareError(f"the reference label map {reference_map.source} names no class of schema {schema.name}")
+    both = sorted(set(ref_ids) & set(label_map.labeled_class_ids(schema) if label_map is not None else []))
+    if both:
+        names = ", ".join(n for n, v in sorted(schema.classes.items(), key=lambda kv: kv[1]) if v in both)
+        raise PrepareError(
+            f"the reference label map {reference_map.source} and the label map {label_map.source if label_map else '-'} both label {names}: "
+            "reference labels must be of classes the site does not train on"
+        )
+
+
 def _run(
     sources: list[CaseSource],
     unmatched: list[tuple[Path, str, str]],
@@ -333,6 +437,8 @@ def _run(
     opts: PrepareOptions,
     salt_file: Path | None,
     progress: Progress | None,
+    reference_map: SiteLabelMap | None = None,
+    ref_unmatched: list[tuple[Path, str, str]] | None = None,
 ) -> PrepareResult:
     salt = read_or_create_salt(out / STATE_DIR / "salt", salt_file)
     state = out / STATE_DIR / "cases"
@@ -354,11 +460,18 @@ def _run(
         "modality": modality,
         "options": opts.fingerprint(),
     }
+    reference_classes = reference_map.labeled_class_ids(schema) if reference_map is not None else None
+    if reference_map is not None:  # only then: datasets without reference labels keep their fingerprints
+        context["reference_label_map"] = sorted((str(k), v) for k, v in reference_map.mapping.items())
     outcomes: list[Outcome] = []
     for path, code, message in unmatched:
         outcomes.append(
             Outcome(salted_hash(salt, ["label", sha256_file(path) if path.is_file() else str(path)]), str(path), "refused", code=code, message=message)
         )
+        log.debug("refused: %s", message)
+    for path, code, message in ref_unmatched or []:
+        ref_hash = salted_hash(salt, ["reference_label", sha256_file(path) if path.is_file() else str(path)])
+        outcomes.append(Outcome(ref_hash, str(path), "refused", code=code, message=message, reference=True))
         log.debug("refused: %s", message)
     keyed = sorted(((salted_hash(salt, s.identifiers), s) for s in sources), key=lambda t: t[0])
     seen: set[str] = set()
@@ -381,6 +494,10 @@ def _run(
         rec = records.get(source_hash)
         if rec and rec.get("input_sha256") == fingerprint and outputs_intact(out, rec):
             outcomes.append(Outcome(source_hash, src.display, "unchanged", case_id=rec["case_id"], flags=rec["qc_flags"]))
+            if rec.get("reference_refusal"):  # still refused: the same files as when it was refused
+                msg = f"{src.reference_label}: reference label of {rec['case_id']} refused ({rec['reference_refusal']}, unchanged since); the case is prepared without it"
+                outcomes.append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
+                                        code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
             continue
         try:
             image, label, flags = convert_case(src, schema, label_map, opts)
@@ -398,23 +515,32 @@ def _run(
             nxt = max(used_ids, default=-1) + 1
             used_ids.add(nxt)
             case_id = f"case_{nxt:04d}"
+        reference, ref_refused = None, None
+        if src.reference_label is not None and reference_map is not None:
+            reference, ref_refused = _reference(src, image, schema, reference_map, opts, case_id, salted_hash(salt, ["reference_label", source_hash]))
+        had_reference = bool(rec and rec.get("reference_label"))
         try:
-            rec = write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled)
+            rec = write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled, reference)
+            rec["reference_refusal"] = ref_refused.code if ref_refused is not None else None  # .state only (never in the manifest)
             atomic.write_json(state / f"{source_hash}.json", rec)
         except Exception as exc:  # noqa: BLE001 - idem; what this case wrote goes, so the manifest stays true
-            for rel in (f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz", f"{STATE_DIR}/cases/{source_hash}.json"):
+            for rel in (f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz", f"labelsRef/{case_id}.nii.gz", f"{STATE_DIR}/cases/{source_hash}.json"):
                 (out / rel).unlink(missing_ok=True)
             records.pop(source_hash, None)
             outcomes.append(_unexpected(src, source_hash, exc, "writing"))
             continue
+        if had_reference and reference is None:
+            (out / f"labelsRef/{case_id}.nii.gz").unlink(missing_ok=True)  # an earlier run's reference label this run did not give
         records[source_hash] = rec
         outcomes.append(Outcome(source_hash, src.display, rec["status"], case_id=case_id, flags=rec["qc_flags"]))
+        if ref_refused is not None:
+            outcomes.append(ref_refused)
     if progress:
         progress("convert", len(keyed), len(keyed))
     kept = {h: r for h, r in records.items() if h in seen or not opts.prune}
     for h, r in records.items():
         if h not in kept:
-            for written in (r.get("image"), r.get("label")):
+            for written in (r.get("image"), r.get("label"), r.get("reference_label")):
                 if written:
                     (out / written).unlink(missing_ok=True)
             (state / f"{h}.json").unlink(missing_ok=True)
@@ -425,13 +551,35 @@ def _run(
             raise PrepareError(refused[0].message)
         first = refused[0].message if refused else "no inputs"
         raise PrepareError(f"no case could be prepared: {len(refused)} refused (first: {first})")
-    refused_entries = [{"source": o.source_hash, "reason_code": o.code} for o in outcomes if o.status == "refused"]
-    write_metadata(out, kept, refused_entries, schema, modality, labeled, opts.name)
+    refused_entries = [
+        {"source": o.source_hash, "reason_code": o.code, **({"kind": "reference_label"} if o.reference else {})} for o in outcomes if o.status == "refused"
+    ]
+    write_metadata(out, kept, refused_entries, schema, modality, labeled, opts.name, reference_classes=reference_classes)
     report = None
     if opts.qc_report:
         report = _qc_report(out, schema, progress)
     notes = sorted({f"{se.grouping}: {se.note}" for se in disc.series if se.note})
     return PrepareResult(root=out, outcomes=outcomes, skipped_files=skipped, grouping_notes=notes, report=report)
+
+
+def _reference(
+    src: CaseSource, image: nib.Nifti1Image, schema: LabelSchema, reference_map: SiteLabelMap, opts: PrepareOptions, case_id: str, ref_hash: str
+) -> tuple[nib.Nifti1Image | None, Outcome | None]:
+    """A case's reference label converted, or its refusal: either way the case goes on without
+    stopping (an unforeseen error too, unless FEDIMG_DEBUG=1 asks for it to be raised)."""
+    try:
+        return convert_reference_label(src, image, schema, reference_map, opts), None
+    except SeriesError as exc:
+        code, msg = exc.code, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a reference label never stops its case
+        if os.environ.get("FEDIMG_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        code = "out_of_memory" if isinstance(exc, MemoryError) else "unexpected_error"
+        msg = f"{src.reference_label}: unexpected error while converting the reference label ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        log.debug("reference label refused: %s", msg, exc_info=exc)
+    msg = f"{msg}; {case_id} is prepared without a reference label"
+    log.debug("refused: %s", msg)
+    return None, Outcome(ref_hash, str(src.reference_label), "refused", code=code, message=msg, reference=True)
 
 
 def _unexpected(src: CaseSource, source_hash: str, exc: Exception, stage: str) -> Outcome:

@@ -1,4 +1,5 @@
-"""A whole phantom site: DICOM series, the site's labels (NIfTI or DICOM SEG) and its label map."""
+"""A whole phantom site: DICOM series, the site's labels (NIfTI or DICOM SEG) and its label map,
+optionally with test-only reference labels of classes the site does not label (NIfTI)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from preprocessing.seg import write_seg
 class PhantomSite:
     """What :func:`write_phantom_site` wrote. ``cases[i]`` has its series in
     ``dicom_dir / cases[i]``, its labels in ``label_paths[i]`` and the identifiers
-    ``identifiers[i]`` planted in its headers."""
+    ``identifiers[i]`` planted in its headers. With reference classes, ``reference_label_paths[i]``
+    is its test-only reference label and ``reference_label_map`` their label map."""
 
     root: Path
     dicom_dir: Path
@@ -44,6 +46,9 @@ class PhantomSite:
     series_uids: list[str] | None = None
     origins: list[tuple[float, float, float]] | None = None
     orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0)
+    reference_classes: list[str] | None = None
+    reference_label_paths: list[Path] | None = None
+    reference_label_map: Path | None = None
 
     def series_dir(self, i: int) -> Path:
         """The folder of case ``i``'s DICOM series."""
@@ -114,6 +119,7 @@ def write_phantom_site(
     file_names: str = "random",
     schema: LabelSchema | None = None,
     modality: str = "CT",
+    reference_classes: Sequence[str] | None = None,
 ) -> PhantomSite:
     """Write a phantom site under `root`, labelling only `classes`.
 
@@ -126,6 +132,8 @@ def write_phantom_site(
         root/labels/case_000.nii.gz      label_format="nifti": site-local values on the image grid
         root/labels/case_000.dcm         label_format="seg": DICOM SEG, one segment per class
         root/site-labels.yaml            the site label map (local value or segment -> class)
+        root/reference-labels/case_000.nii.gz   with `reference_classes`: test-only reference labels
+        root/reference-label-map.yaml    their label map (local values 1..m in the order given)
 
     Case ``i`` is :func:`make_phantom` of seed ``seed * 1000 + i`` with identifiers
     ``PlantedIdentifiers.for_case(seed, i)`` and an origin jittered per case. Local label
@@ -134,6 +142,13 @@ def write_phantom_site(
     DICOM voxel order with the affine :func:`volume_affine_ras` (qform = sform, code 1),
     as ITK or 3D Slicer writes it. SEG segment labels are the class names unless
     `segment_labels` renames them; the label map then keys segments by label.
+
+    `reference_classes` (disjoint from `classes`) are written as NIfTI reference labels the
+    same way as NIfTI labels (whatever `label_format` is: SEG reference labels are not
+    written), for ``site-agent prepare --reference-labels``.
+
+    Raises:
+        ValueError: unknown, repeated or overlapping classes, or bad local values.
     """
     schema = schema or _default_schema()
     classes = list(classes)
@@ -154,6 +169,15 @@ def write_phantom_site(
         values.update({k: int(v) for k, v in local_values.items()})
     if len(set(values.values())) != len(values) or not all(1 <= v <= 65535 for v in values.values()):
         raise ValueError(f"local label values must be distinct integers in [1, 65535], got {values}")
+    ref_classes = list(reference_classes or [])
+    for cname in ref_classes:
+        if cname not in schema.classes or cname == "background":
+            raise ValueError(f"reference class {cname!r} is not a foreground class of schema {schema.name}")
+    if len(set(ref_classes)) != len(ref_classes):
+        raise ValueError(f"reference classes repeat: {ref_classes}")
+    if set(ref_classes) & set(classes):
+        raise ValueError(f"reference classes {sorted(set(ref_classes) & set(classes))} are also labelled classes: they must be disjoint")
+    ref_values = {c: i for i, c in enumerate(ref_classes, start=1)}
     seg_names = [(segment_labels or {}).get(c, c) for c in classes]
     if len(set(seg_names)) != len(seg_names):
         raise ValueError(f"segment labels repeat: {seg_names}")
@@ -177,6 +201,10 @@ def write_phantom_site(
         origins=[],
         orientation=tuple(float(v) for v in orientation),
     )
+    if ref_classes:
+        site.reference_classes = ref_classes
+        site.reference_label_paths = []
+        site.reference_label_map = root / "reference-label-map.yaml"
     for i in range(int(n_cases)):
         case_seed = int(seed) * 1000 + i
         case = f"case_{i:03d}"
@@ -206,6 +234,12 @@ def write_phantom_site(
             local = site_label_volume(vol.label, classes, seg_numbers, schema)
             label_path = labels_dir / f"{case}.dcm"
             _write_seg(paths, local, seg_names, classes, label_path, ids, schema, uid_seed=f"{series_uid}:{case}")
+        if ref_classes:
+            assert site.reference_label_paths is not None
+            ref_path = root / "reference-labels" / f"{case}.nii.gz"
+            ref_local = site_label_volume(vol.label, ref_classes, ref_values, schema)
+            save_atomic(clean_image(ref_local, volume_affine_ras(vol, origin, orientation)), ref_path)
+            site.reference_label_paths.append(ref_path)
         site.cases.append(case)
         site.identifiers.append(ids)
         site.label_paths.append(label_path)
@@ -218,4 +252,7 @@ def write_phantom_site(
         labels = {name: c for name, c in zip(seg_names, classes)}
     doc = {"format": LABEL_MAP_FORMAT, "schema": schema.name, "schema_version": schema.version, "labels": labels}
     atomic.write_text(site.label_map, yaml.safe_dump(doc, sort_keys=False))
+    if site.reference_label_map is not None:
+        ref_doc = {**doc, "labels": {0: "background", **{ref_values[c]: c for c in ref_classes}}}
+        atomic.write_text(site.reference_label_map, yaml.safe_dump(ref_doc, sort_keys=False))
     return site

@@ -6,6 +6,10 @@ window over all of it. The deterministic preprocessing runs once: on disk in
 ``$FEDIMG_CACHE_DIR`` (the site's work folder, set by the site agent) and in memory for the
 life of the node process. Reading failures leave as `pipelines.site_errors.SiteError`
 (their text, which names the site's files, stays in the site's log).
+
+Test-only reference labels (classes the site does not train on, ``labelsRef/``) are read
+on demand through the same chain (`PreparedSegmentationDataset.reference_label`), for
+scoring test cases only; items never carry them.
 """
 
 from __future__ import annotations
@@ -30,16 +34,26 @@ __all__ = ["PreparedSegmentationDataset", "PreparedSliceDataset"]
 
 _Volumes = list[tuple[torch.Tensor, torch.Tensor]]  # (image, label) per case
 _CACHE: dict[tuple[str, str, str], _Volumes] = {}
+_REFERENCE_CACHE: dict[tuple[str, str, str, int], torch.Tensor] = {}  # (dataset key, item index) -> reference label
 _CACHE_MAX_BYTES = 6 * 1024**3
 _Spacing = str | Sequence[float] | None  # "schema", None (native grid) or mm per axis
 
 
-def _volumes(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -> _Volumes:
-    prepared = load_dataset(path)
+def _chain_and_key(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -> tuple[Any, tuple[str, str, str]]:
+    """The deterministic chain of a dataset's cases and its in-memory cache key (folder, manifest, chain)."""
     chain = deterministic_transforms(schema, modality, spacing=spacing, label_dtype=torch.uint8)
     manifest = Path(path) / "manifest.json"
     fingerprint: str = getattr(chain, "fingerprint")  # set by deterministic_transforms, on a plain Compose
-    key = (str(Path(path).resolve()), hashlib.sha256(manifest.read_bytes()).hexdigest(), fingerprint)
+    return chain, (str(Path(path).resolve()), hashlib.sha256(manifest.read_bytes()).hexdigest(), fingerprint)
+
+
+def _plain(value: Any) -> torch.Tensor:
+    return cast(torch.Tensor, value.as_tensor() if hasattr(value, "as_tensor") else value)
+
+
+def _volumes(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -> _Volumes:
+    prepared = load_dataset(path)
+    chain, key = _chain_and_key(path, schema, modality, spacing)
     if key in _CACHE:
         return _CACHE[key]
     items = [{"image": str(c.image), "label": str(c.label)} for c in prepared.cases if c.label is not None]
@@ -48,9 +62,7 @@ def _volumes(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -
     source = cast(Iterable[Mapping[str, Any]], cached_dataset(items, chain, cache_dir)) if cache_dir else [chain(item) for item in items]
     volumes: _Volumes = []
     for out in source:
-        image, label = out["image"], out["label"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else image
-        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        image, label = _plain(out["image"]), _plain(out["label"])
         volumes.append((image.float().contiguous(), label.to(torch.uint8).contiguous()))
     if sum(i.numel() * 4 + l.numel() for i, l in volumes) <= _CACHE_MAX_BYTES:
         _CACHE.clear()  # one dataset per node process in practice; never grow without bound
@@ -65,12 +77,16 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
     `self.path` is set by the node from its dataset registry (the plan never sees it).
     After loading, `labeled_classes` holds the schema ids this site labels and `case_ids`
     the id of each item (the labelled cases in manifest order), which the case split
-    (`pipelines.plans.split_data`) reads; they never leave the site.
+    (`pipelines.plans.split_data`) reads; they never leave the site. `reference_classes`
+    holds the schema ids of the site's test-only reference labels ([] when none), which
+    `reference_label` reads per item for scoring test cases; `get_item` never returns them,
+    so training and validation never see them.
     """
 
     schema: LabelSchema | None = None
     spacing: _Spacing = "schema"
     labeled_classes: list[int] = []
+    reference_classes: list[int] = []
     case_ids: list[str] = []
     modality: str = "CT"
     path: str  # set by the node
@@ -105,6 +121,51 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
         self.case_ids = [c.case_id for c in prepared.cases if c.label is not None]
         if len(self.case_ids) != len(self._items):  # a cache entry of another manifest: never split by the wrong ids
             raise DatasetSchemaError(f"{where}: {len(self._items)} volumes for {len(self.case_ids)} labelled cases")
+        reference = sorted(int(c) for c in prepared.reference_classes or [])
+        bad = [c for c in reference if not 0 < c < self.schema.num_classes]
+        if bad:
+            raise DatasetSchemaError(f"{where}: reference labels {bad} are not classes of schema {self.schema.name}")
+        self.reference_classes = reference
+        # the image is read with each reference label so both go through the very chain of the items
+        self._reference_items = [
+            {"image": str(c.image), "label": str(c.reference_label)} if c.reference_label is not None else None for c in prepared.cases if c.label is not None
+        ]
+
+    @site_boundary("data")
+    def reference_label(self, index: int) -> torch.Tensor | None:
+        """The test-only reference label of one case, on the grid of `get_item`'s label.
+
+        Read through the same deterministic chain as the items (schema spacing, nearest
+        neighbour), then kept in memory for the life of the node process (and on disk in
+        ``$FEDIMG_CACHE_DIR`` when set, like the volumes). For scoring test cases only.
+
+        Args:
+            index: the case's position (as in `get_item`).
+
+        Returns:
+            The reference label in schema ids, ``(1, X, Y, Z)`` uint8, or None when the case has none.
+
+        Raises:
+            SiteError: code ``dataset`` when the file cannot be read or lands on another grid than the case's label.
+        """
+        item = self._reference_items[index]
+        if item is None:
+            return None
+        assert self.schema is not None  # read() checked it
+        chain, key = _chain_and_key(self.path, self.schema, self.modality, self.spacing)
+        cached = _REFERENCE_CACHE.get((*key, index))
+        if cached is not None:
+            return cached
+        cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
+        out = cached_dataset([item], chain, cache_dir)[0] if cache_dir else chain(item)
+        reference = _plain(out["label"]).to(torch.uint8).contiguous()
+        expected = self._items[index][1].shape
+        if reference.shape != expected:
+            raise DatasetSchemaError(f"case {self.case_ids[index]}: reference label grid {tuple(reference.shape)} differs from its label's {tuple(expected)}")
+        if any(k[:3] != key for k in _REFERENCE_CACHE):
+            _REFERENCE_CACHE.clear()  # another dataset (or manifest): one per node process in practice
+        _REFERENCE_CACHE[(*key, index)] = reference
+        return reference
 
     def get_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One case.

@@ -159,6 +159,20 @@ class StageProgress:
     type=click.Path(path_type=Path),
     help="Site label map: local value/segment name -> schema class (needed when there are labels).",
 )
+@click.option(
+    "--reference-labels",
+    "reference_labels",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Folder or file of test-only reference labels (NIfTI or DICOM SEG; classes the site does not train on, used only to score models "
+    "on its test cases; never sent); paired like --labels; repeatable.",
+)
+@click.option(
+    "--reference-label-map",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Label map of the reference labels (same format as --label-map); its classes must differ from --label-map's.",
+)
 @click.option("--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in abdominal-ct).")
 @click.option("--modality", default=None, help="CT, MR, ... (required for NIfTI inputs; filters DICOM series).")
 @click.option("--name", default="dataset", show_default=True, help="Dataset name shown to researchers (no patient data!).")
@@ -188,6 +202,8 @@ def prepare(
     out: Path,
     labels: tuple[Path, ...],
     label_map: Path | None,
+    reference_labels: tuple[Path, ...],
+    reference_label_map: Path | None,
     schema_path: Path | None,
     modality: str | None,
     name: str,
@@ -204,7 +220,8 @@ def prepare(
     """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
 
     Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
-    reasons are printed); 2: nothing prepared (one error line).
+    reasons are printed); 2: nothing prepared (one error line). A refused reference label
+    counts as a refusal; its case is prepared without it.
     """
     from preprocessing.prepare import PrepareError, PrepareOptions
     from preprocessing.prepare import prepare as run_prepare
@@ -213,6 +230,7 @@ def prepare(
     try:
         schema = load_schema(schema_path)
         lmap = load_label_map(label_map, schema) if label_map is not None else None
+        ref_map = load_label_map(reference_label_map, schema) if reference_label_map is not None else None
     except SchemaError as exc:
         raise UserError(str(exc)) from None
     opts = PrepareOptions(
@@ -228,7 +246,7 @@ def prepare(
     try:
         with StageProgress() as progress:  # refusals are listed in the table below, with their reasons
             result = run_prepare(list(images), out, schema, lmap, labels=list(labels), options=opts, salt_file=salt_file, progress=progress,
-                                 case_map=case_map)  # fmt: skip
+                                 case_map=case_map, reference_labels=list(reference_labels), reference_label_map=ref_map)  # fmt: skip
     except PrepareError as exc:
         raise UserError(str(exc)) from None
     refused = [o for o in result.outcomes if o.status == "refused"]
@@ -240,7 +258,16 @@ def prepare(
                     "report": str(result.report) if result.report else None,
                     "case_map": str(result.case_map),
                     "notes": result.notes,
-                    "cases": [{"case_id": o.case_id, "status": o.status, "flags": o.flags, "reason_code": o.code} for o in result.outcomes],
+                    "cases": [
+                        {
+                            "case_id": o.case_id,
+                            "status": o.status,
+                            "flags": o.flags,
+                            "reason_code": o.code,
+                            **({"reference_label": True} if o.reference else {}),
+                        }
+                        for o in result.outcomes
+                    ],
                 },
                 indent=2,
             )
@@ -248,7 +275,9 @@ def prepare(
     else:
         table = Table("case", "status", "flags / reason")
         for o in sorted(result.outcomes, key=lambda o: (o.case_id or "~", o.display)):
-            table.add_row(o.case_id or "-", o.status, ", ".join(o.flags) if o.status != "refused" else f"{o.code}: {o.message}")
+            table.add_row(
+                o.case_id or ("reference label" if o.reference else "-"), o.status, ", ".join(o.flags) if o.status != "refused" else f"{o.code}: {o.message}"
+            )
         common.console.print(table)
         for note in result.grouping_notes:
             click.echo(f"grouping: {note}")
@@ -260,12 +289,21 @@ def prepare(
                 codes[code] = codes.get(code, 0) + 1
             click.echo("skipped files: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))
         ok, flagged, unchanged = result.count("ok"), result.count("flagged"), result.count("unchanged")
-        click.echo(f"{ok} ok, {flagged} flagged, {unchanged} unchanged, {len(refused)} refused -> {result.root}")
+        n_ref = sum(o.reference for o in refused)
+        click.echo(
+            f"{ok} ok, {flagged} flagged, {unchanged} unchanged, {len(refused)} refused"
+            + (f" ({n_ref} reference labels)" if n_ref else "")
+            + f" -> {result.root}"
+        )
         if result.report:
             click.echo(f"QC report: {result.report}")
         click.echo(f"case map (site-local, never sent): {result.case_map}; `site-agent dataset where {result.root} CASE_ID`")
     if refused:
-        click.echo(f"site-agent: {len(refused)} case(s) refused; see the reasons above", err=True)
+        n_ref = sum(o.reference for o in refused)
+        what = (
+            f"{len(refused) - n_ref} case(s)" + (f" and {n_ref} reference label(s)" if n_ref else "") if len(refused) > n_ref else f"{n_ref} reference label(s)"
+        )
+        click.echo(f"site-agent: {what} refused; see the reasons above", err=True)
         sys.exit(3)
 
 
