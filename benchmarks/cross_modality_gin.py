@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import subprocess
 import sys
 import time
@@ -37,24 +36,22 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # method_baselines (the name "benchmarks" is taken by opacus)
+
+from method_baselines import labelled_volumes, train_centralised, training_volumes  # noqa: E402
 
 from coordinator import runs  # noqa: E402
 from coordinator import spec as spec_mod  # noqa: E402
 from coordinator.evaluate import evaluate_run  # noqa: E402
 from coordinator.testbed import Testbed  # noqa: E402
 from fedimg_core.logs import setup_logging  # noqa: E402
-from pipelines.augment import PatchSampler, patch_batch  # noqa: E402
-from pipelines.networks import build_network  # noqa: E402
 from pipelines.plan_args import SegmentationSettings  # noqa: E402
-from pipelines.splits import SplitSettings, split_indices  # noqa: E402
-from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case, parse_plan_args  # noqa: E402
-from pipelines.transforms import deterministic_transforms  # noqa: E402
-from preprocessing.dataset import load_dataset  # noqa: E402
+from pipelines.splits import SplitSettings  # noqa: E402
+from pipelines.training import class_means, evaluate_case, parse_plan_args  # noqa: E402
 from preprocessing.schema import load_schema  # noqa: E402
 
 SPEC = ROOT / "coordinator" / "examples" / "phantom_cross_modality.yaml"
@@ -64,52 +61,6 @@ CENTRAL = "centralised + GIN"  # the reference of the ratio
 def volumes_of(dataset: Path, settings: SegmentationSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The labelled cases of a prepared dataset through the plans' deterministic chain."""
     return labelled_volumes(dataset, settings)[1]
-
-
-def labelled_volumes(dataset: Path, settings: SegmentationSettings) -> tuple[list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The labelled cases' ids (manifest order, as the plans' dataset lists them) and volumes through the plans' deterministic chain."""
-    prepared = load_dataset(dataset)
-    chain = deterministic_transforms(settings.schema, prepared.modality, spacing=settings.spacing, label_dtype=torch.uint8)
-    ids, out = [], []
-    for c in prepared.cases:
-        if c.label is not None:
-            d = chain({"image": str(c.image), "label": str(c.label)})
-            ids.append(c.case_id)
-            out.append((torch.as_tensor(d["image"]).float(), torch.as_tensor(d["label"])))
-    return ids, out
-
-
-def training_volumes(dataset: Path, settings: SegmentationSettings, split: SplitSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A site's training cases as the federation's sites split them (`pipelines.splits`): its
-    validation and test cases are held out of the centralised model's training too."""
-    ids, volumes = labelled_volumes(dataset, settings)
-    return [volumes[i] for i in split_indices(ids, split).training]
-
-
-def train_centralised(train: list, settings, classes: list[int], steps: int, lr: float, weight_decay: float, seed: int, console) -> torch.nn.Module:
-    """The plans' training step (patches, augmentation, marginal Dice + CE on every deep-
-    supervision head, AdamW, cosine schedule) on pooled volumes, one volume per step."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    net = build_network(out_channels=settings.num_classes, **settings.network)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    objective = PartialLabelObjective(settings.schema, classes, settings.temperature, settings.spatial_dims)
-    sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, augment=settings.augment,
-                           ignore_label=settings.schema.ignore_label, gin=settings.gin)  # fmt: skip
-    net.train()
-    with Progress(console=console) as bar:
-        task = bar.add_task("centralised", total=steps)
-        for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, step, steps)
-            volume, label = train[rng.randrange(len(train))]
-            images, labels = patch_batch(sampler, [volume], [label])  # one volume per step, as the plans' loader
-            loss, _ = objective(net(images), labels, None, 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.advance(task)
-    return net.eval()
 
 
 def score(net, test: list, settings, classes: list[int]) -> dict[int, float]:
@@ -243,7 +194,7 @@ def main() -> int:
     split = SplitSettings.from_mapping(spec_mod.parse(SPEC.read_text(), str(SPEC)).split)
     train = []
     for i in range(args.sites):
-        train += training_volumes(bed.dataset_dir(i), settings, split)
+        train += [(image, label, tuple(class_ids)) for image, label in training_volumes(bed.dataset_dir(i), settings, split)]
     steps = args.rounds * args.steps * args.sites
     settings = dataclasses.replace(settings, predict_classes=tuple(class_ids))  # the classes it is trained on, as evaluate infers
     central_s = {}
@@ -251,7 +202,7 @@ def main() -> int:
     # is budget, as many as one site ran (what FedAvg's averaged model has progressed at most)
     for label, n in ((CENTRAL, steps), (f"centralised + GIN, {args.rounds * args.steps} steps", args.rounds * args.steps)):
         t0 = time.monotonic()
-        net = train_centralised(train, settings, class_ids, n, base["optimizer"]["lr"], base["optimizer"]["weight_decay"], args.seed, console)
+        net = train_centralised(train, settings, n, base["optimizer"]["lr"], base["optimizer"]["weight_decay"], args.seed, console)
         central_s[label] = time.monotonic() - t0
         for modality, path in tests.items():
             dice = score(net, volumes_of(path, settings), settings, class_ids)
