@@ -214,8 +214,10 @@ class PartialLabelEnsemble(torch.nn.Module):
     """The ConDistFL paper's ensemble of standalone models trained on partial labels.
 
     Each foreground class's probability is the mean softmax probability of the members whose site labels it;
-    background is the mean over all members of their merged background (the softmax mass of every class the
-    member's site does not label, background included); classes no member labels get probability 0. The output is
+    background is the smallest merged background of the members (the softmax mass of every class a member's site
+    does not label, background included): a voxel is background only when no member claims it for one of its own
+    classes, so an organ its owner finds with probability 0.6 wins although the other members, which never saw it
+    labelled, call it background. Classes no member labels get probability 0. The output is
     the log of these probabilities, so an argmax over it (`pipelines.training.predict`) picks the class the rule
     picks.
 
@@ -252,18 +254,21 @@ class PartialLabelEnsemble(torch.nn.Module):
             (B, num_classes, *spatial).
         """
         total: torch.Tensor | None = None
+        background: torch.Tensor | None = None
         count = [0] * self.num_classes
         for model, classes in zip(self.models, self.labelled):
             p = torch.softmax(main_output(model(x), self.spatial_dims).float(), dim=1)
             if total is None:
                 total = torch.zeros_like(p)
             others = [c for c in range(self.num_classes) if c not in classes]  # background and the classes the site does not label
-            total[:, 0] += p[:, others].sum(dim=1)
+            merged = p[:, others].sum(dim=1)
+            background = merged if background is None else torch.minimum(background, merged)
             total[:, classes] += p[:, classes]
             for c in classes:
                 count[c] += 1
-        assert total is not None  # at least one member (checked in __init__)
-        scale = torch.tensor([len(self.models)] + [max(n, 1) for n in count[1:]], dtype=total.dtype, device=total.device)
+        assert total is not None and background is not None  # at least one member (checked in __init__)
+        total[:, 0] = background
+        scale = torch.tensor([1] + [max(n, 1) for n in count[1:]], dtype=total.dtype, device=total.device)
         probs = total / scale.view(1, -1, *([1] * (total.dim() - 2)))
         return torch.log(probs.clamp_min(self.eps))
 

@@ -164,11 +164,11 @@ def test_ensemble_takes_each_class_from_its_sites_and_merges_background(mb):
     b = _Fixed([[0.8, 0.1, 0.05, 0.05], [0.1, 0.05, 0.8, 0.05], [0.1, 0.1, 0.2, 0.6]], heads=True)
     ens = mb.PartialLabelEnsemble([(a, [1]), (b, [2])], num_classes=4, spatial_dims=3)
     probs = ens(torch.zeros(1, 1, 3, 1, 1)).exp()[0, :, :, 0, 0].T  # (voxel, class)
-    # voxel 1: background = mean(A 0.2+0.05+0.05, B 0.8+0.1+0.05) = 0.625 < class 1 from A alone (0.7): class 1,
+    # voxel 1: background = min(A 0.2+0.05+0.05, B 0.8+0.1+0.05) = 0.3 < class 1 from A alone (0.7): class 1,
     # although the plain mean of the softmaxes (background 0.5, class 1 0.4) would say background
-    assert probs[0].tolist() == pytest.approx([0.625, 0.7, 0.05, 1e-6], abs=1e-6)
-    # voxel 2: class 2 from B (0.8) over the merged background (0.9 + 0.2) / 2 = 0.55
-    assert probs[1, :3].tolist() == pytest.approx([0.55, 0.1, 0.8], abs=1e-6)
+    assert probs[0].tolist() == pytest.approx([0.3, 0.7, 0.05, 1e-6], abs=1e-6)
+    # voxel 2: class 2 from B (0.8) over the merged background min(0.9, 0.2) = 0.2
+    assert probs[1, :3].tolist() == pytest.approx([0.2, 0.1, 0.8], abs=1e-6)
     # voxel 3: both models put 0.6 on class 3, which no site labels: it is background for both
     assert probs[2, :3].tolist() == pytest.approx([0.8, 0.2, 0.2], abs=1e-6)
     assert probs.argmax(dim=1).tolist() == [1, 2, 0]
