@@ -8,6 +8,7 @@ what deep supervision returns: docs/design/networks.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,6 +126,64 @@ def build_network(
             cfg.setdefault("deep_supr_num", max(1, len(cfg["strides"]) - 2))
         return _DynUNet(**common, deep_supervision=deep_supervision, **cfg)
     return MedNeXt(**common, deep_supervision=deep_supervision, **cfg)
+
+
+# The modules whose outputs are the network's class logits (main output and deep-supervision heads), per network.
+_OUTPUT_LAYER_PREFIXES = {"mednext": ("out_0.conv_out", "out_blocks."), "dynunet": ("output_block.", "deep_supervision_heads."), "basic_unet": ("final_conv",)}
+
+
+def output_biases(model: torch.nn.Module, out_channels: int) -> list[torch.nn.Parameter]:
+    """The bias vectors of the layers that produce the network's class logits (every deep-supervision head too).
+
+    Args:
+        model: a network of `build_network`.
+        out_channels: its number of classes.
+
+    Returns:
+        The biases, one per output layer (each of ``out_channels`` values).
+
+    Raises:
+        ValueError: a network whose output layers are not known here.
+    """
+    inner = getattr(model, "net", model)
+    kind = "mednext" if isinstance(inner, MedNeXt) else "dynunet" if isinstance(inner, DynUNet) else "basic_unet" if isinstance(inner, BasicUNet) else None
+    if kind is None:
+        raise ValueError(f"no known output layers for {type(inner).__name__}")
+    prefixes = _OUTPUT_LAYER_PREFIXES[kind]
+    biases = [
+        p for name, p in inner.named_parameters()
+        if name.endswith("bias") and name.startswith(prefixes) and p.dim() == 1 and p.shape[0] == out_channels
+    ]  # fmt: skip
+    if not biases:
+        raise ValueError(f"{type(inner).__name__}: no output layer bias with {out_channels} channels")
+    return biases
+
+
+def set_background_prior(model: torch.nn.Module, out_channels: int, probability: float) -> None:
+    """Start the model predicting background with `probability` at every voxel, like a detector's prior initialisation.
+
+    Sets every output layer's bias to ``log(probability * (C - 1) / (1 - probability))`` for class 0 and 0 for the
+    others (C classes), so softmax starts at ``probability`` for background wherever the features are still near
+    zero. Why: with partially labelled sites, no site supervises background against the classes it does not label
+    (they are one merged channel), and from MONAI's initialisation an arbitrary one of them wins that merged mass at
+    three of four sites and, averaged, everywhere; starting from background keeps it background
+    (docs/design/segmentation-training.md, "The initial model").
+
+    Args:
+        model: a network of `build_network`.
+        out_channels: its number of classes (C >= 2).
+        probability: the background probability to start from, in (0, 1).
+
+    Raises:
+        ValueError: a probability outside (0, 1) or an unknown network.
+    """
+    if not 0.0 < probability < 1.0 or out_channels < 2:
+        raise ValueError(f"background prior must be in (0, 1) with at least 2 classes, got {probability!r} and {out_channels}")
+    value = math.log(probability * (out_channels - 1) / (1.0 - probability))
+    with torch.no_grad():
+        for bias in output_biases(model, out_channels):
+            bias.zero_()
+            bias[0] = value
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -31,6 +31,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
+    "background_prior",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -63,6 +64,8 @@ class SegmentationSettings:
     overlap: float = 0.25
     sw_batch_size: int = 2
     keep_optimizer_state: bool = True
+    # the initial model's background probability at every voxel (output bias of class 0); None: MONAI's initialisation
+    background_prior: float | None = None
     # the site's training / validation / test shares and split seed; None: the coordinator sent none (one from before
     # the three-way split), and Fed-BioMed's test_ratio is the validation share as it was then (pipelines.plans.split_data)
     split: SplitSettings | None = None
@@ -158,6 +161,7 @@ class PlanArgs(PlanArgsBase):
     predict_classes: tuple[int, ...] | None = None  # class names in a spec, ids once validated
     inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
     split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: none sent
+    background_prior: Annotated[float, number(0.01, 0.999)] | None = None  # initial background probability (None: MONAI's init)
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -225,6 +229,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         gin=m.gin.model_dump() if m.gin is not None else None,
         predict_classes=m.predict_classes,
         keep_optimizer_state=m.keep_optimizer_state,
+        background_prior=m.background_prior,
         split=m.split,
         run_id=m.run_id,
         overlap=m.inference.overlap,

@@ -23,7 +23,7 @@ from fedbiomed.common.training_plans import TorchTrainingPlan
 from pipelines.augment import PatchSampler, patch_batch
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
-from pipelines.networks import build_network
+from pipelines.networks import build_network, set_background_prior
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.seeding import PerRoundSeed
@@ -94,11 +94,15 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             model_args: the spec's plan arguments with the embedded schema.
 
         Returns:
-            The MONAI network (``out_channels`` from the schema).
+            The MONAI network (``out_channels`` from the schema), its output biases set to
+            ``plan_args.background_prior`` when given.
         """
         self._settings = settings_from_model_args(model_args)
         net = dict(self._settings.network)
-        return build_network(out_channels=self._settings.num_classes, **net)
+        model = build_network(out_channels=self._settings.num_classes, **net)
+        if self._settings.background_prior is not None:  # the initial global model is built here, at the coordinator
+            set_background_prior(model, self._settings.num_classes, self._settings.background_prior)
+        return model
 
     def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
         """AdamW, and the store of its moments between this site's rounds (``keep_optimizer_state``).
