@@ -35,7 +35,7 @@ gives ConDistFL's global / centralised ratio. Printed, and written to
     .venv/bin/python benchmarks/federation_methods.py --rounds 3 --steps 10 --seeds 0 --methods fedavg,condistfl   # quick look
 
 ``--rounds`` / ``--steps`` default to the demo spec's rounds and local steps, ``--cases`` to the
-testbed's cases per site. The numbers are printed as measured, whichever method wins.
+main job's cases per site. The numbers are printed as measured, whichever method wins.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # method_baselines ("benchmarks" i
 
 from coordinator import runs  # noqa: E402
 from coordinator.report import compare_runs, seed_summary  # noqa: E402
-from coordinator.testbed import Testbed, default_spec_text  # noqa: E402
+from coordinator.testbed import DEMO_CASES_PER_SITE, Testbed, default_spec_text  # noqa: E402
 from fedimg_core.logs import setup_logging  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -485,7 +485,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=rounds0, help=f"default: the demo spec's ({rounds0})")
     ap.add_argument("--steps", type=int, default=steps0, help=f"local steps per round; default: the demo spec's ({steps0})")
-    ap.add_argument("--cases", default=None, help="cases per site, comma-separated, cycled over the sites (default: the testbed's)")
+    ap.add_argument("--cases", default=str(DEMO_CASES_PER_SITE), help="cases per site, comma-separated, cycled over the sites (default: the main job's)")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: every method runs once per seed")
     ap.add_argument("--split-seed", type=int, default=0, help="the split's seed: the same held-out cases for every method and seed")

@@ -32,6 +32,11 @@ from site_agent.runtime import ProcessRuntime, parent_death_signal, pid_alive, s
 log = logging.getLogger(__name__)
 TAG = "fedimg-demo"
 
+# Cases per phantom site in the main job (`coordinator testbed`, `./scripts/demo.sh`) and the methods benchmark: enough
+# for 2 validation and 4 test cases per site besides 4 training cases (the demo spec's split). `Testbed` itself
+# defaults to the site tool's 4, which keeps the tests fast.
+DEMO_CASES_PER_SITE = 10
+
 
 def free_port() -> int:
     """A TCP port free on loopback now (the OS picks it).

@@ -285,3 +285,12 @@ def test_results_markdown_states_command_machine_and_n(bench):
     for part in ("`.venv/bin/python benchmarks/federation_methods.py --seeds 0,1`", "2026-12-05", "2 CPU cores", "3200 steps",
                  "site-1 4", "out-of-federation cases: 4", "### (a) table", "- In federation, global (organ mean): ..."):  # fmt: skip
         assert part in text
+
+
+def test_main_job_and_benchmark_use_the_same_cases_per_site(bench):
+    from coordinator.commands.testbed import testbed as testbed_command
+    from coordinator.testbed import DEMO_CASES_PER_SITE
+
+    option = next(p for p in testbed_command.params if p.name == "cases")
+    assert option.default == str(DEMO_CASES_PER_SITE)
+    assert bench.parse_cases(str(DEMO_CASES_PER_SITE)) == [DEMO_CASES_PER_SITE]

@@ -42,7 +42,7 @@ from preprocessing.schema import load_schema
 @click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
 @click.option(
     "--cases",
-    default="4",
+    default="10",  # coordinator.testbed.DEMO_CASES_PER_SITE (not imported here: start-up time)
     show_default=True,
     help="Cases per site, comma-separated, cycled over the sites (e.g. 10: more held-out cases per site; 4,8: sites of unequal size).",
 )
