@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TAG = "fedimg-demo"
 
 # Cases per phantom site in the main job (`coordinator testbed`, `./scripts/demo.sh`) and the methods benchmark: enough
-# for 2 validation and 4 test cases per site besides 4 training cases (the demo spec's split). `Testbed` itself
+# for 4 test cases per site besides 1 validation and 5 training cases (the demo spec's split). `Testbed` itself
 # defaults to the site tool's 4, which keeps the tests fast.
 DEMO_CASES_PER_SITE = 10
 

@@ -115,9 +115,17 @@ def test_training_args_and_model_args_carry_the_split():
 def test_the_examples_hold_out_validation_and_test_cases():
     from importlib import resources
 
+    from coordinator.testbed import DEMO_CASES_PER_SITE
+    from pipelines.splits import SplitSettings, split_indices
+
     for name, weights in (("phantom_condistfl.yaml", "equal"), ("phantom_cross_modality.yaml", "samples")):
         s = spec_mod.parse(resources.files("coordinator").joinpath("examples", name).read_text(), name)
-        assert s.split == {"validation": 0.25, "test": 0.25, "seed": 0} and s.weights == weights and s.warnings == []
+        assert s.split["validation"] > 0 and s.split["test"] > 0 and s.weights == weights and s.warnings == []
+    # the main job: every phantom site has at least 4 test cases besides the ones that select the model (issue 20)
+    main = spec_mod.parse(resources.files("coordinator").joinpath("examples", "phantom_condistfl.yaml").read_text(), "main")
+    ids = [f"case_{i:04d}" for i in range(DEMO_CASES_PER_SITE)]
+    counts = split_indices(ids, SplitSettings(validation=main.split["validation"], test=main.split["test"], seed=main.split["seed"])).counts()
+    assert counts["test"] >= 4 and counts["validation"] >= 1 and counts["training"] >= 4
 
 
 # -- the round record --------------------------------------------------------------------------
