@@ -103,7 +103,9 @@ def confusion(net: torch.nn.Module, case: tuple[torch.Tensor, torch.Tensor], set
     return out
 
 
-def score(net: torch.nn.Module, sites: list[dict[str, Any]], oof: list, settings: SegmentationSettings, tag: str) -> dict[str, Any]:
+def score(
+    net: torch.nn.Module, sites: list[dict[str, Any]], oof: list[tuple[torch.Tensor, torch.Tensor]], settings: SegmentationSettings, tag: str
+) -> dict[str, Any]:
     """The global (or centralised) model on each site's test cases (its own classes) and out of federation (lesions merged)."""
     schema = settings.schema
     names = {v: k for k, v in schema.classes.items()}
@@ -220,14 +222,14 @@ def main() -> int:
                     print(json.dumps({"local": s["name"], "round": r + 1, "dice": {schema_name(schema, c): round(d, 3) for c, d in own.items()}}), flush=True)
                 updates.append(local.state_dict())
             before = net.state_dict()
-            merged = {}
-            for k in updates[0]:
-                if not updates[0][k].is_floating_point():
-                    merged[k] = updates[0][k]
+            merged: dict[str, torch.Tensor] = {}
+            for name in updates[0]:
+                if not updates[0][name].is_floating_point():
+                    merged[name] = updates[0][name]
                     continue
-                delta = sum(u[k].float() for u in updates) / len(updates) - before[k].float()  # FedAvg's update (equal weights)
-                velocity[k] = args.server_momentum * velocity.get(k, torch.zeros_like(delta)) + delta
-                merged[k] = before[k].float() + args.server_lr * velocity[k]
+                delta = sum(u[name].float() for u in updates) / len(updates) - before[name].float()  # FedAvg's update (equal weights)
+                velocity[name] = args.server_momentum * velocity.get(name, torch.zeros_like(delta)) + delta
+                merged[name] = before[name].float() + args.server_lr * velocity[name]
             net.load_state_dict(merged)
             if args.eval_every and (r + 1) % args.eval_every == 0 and r + 1 < args.rounds:
                 score(net, sites, oof, settings, f"round {r + 1}")
