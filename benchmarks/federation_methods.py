@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # method_baselines ("benchmarks" i
 from coordinator import runs  # noqa: E402
 from coordinator.report import compare_runs, seed_summary  # noqa: E402
 from coordinator.testbed import DEMO_CASES_PER_SITE, Testbed, default_spec_text  # noqa: E402
+from fedimg_core import atomic  # noqa: E402
 from fedimg_core.logs import setup_logging  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -619,8 +620,8 @@ def main() -> int:
     if "condistfl" in metrics and base_round:
         summary["condistfl_over_fedavg_round_time"] = summary["round_s"]["condistfl"] / base_round
         console.print(f"ConDistFL / FedAvg round time (same benchmark, seed {seeds[0]}): {summary['condistfl_over_fedavg_round_time']:.3f}")
-    (out / "benchmark.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "results.md").write_text(results_markdown(summary, md_tables))
+    atomic.write_text(out / "benchmark.json", json.dumps(summary, indent=2, default=str))  # never a truncated result
+    atomic.write_text(out / "results.md", results_markdown(summary, md_tables))
     if run_dirs:
         console.print(f"comparison page: {out / 'index.html'}")
     console.print(f"results: {out / 'results.md'}  (total {summary['total_wall_s'] / 60:.1f} min)")

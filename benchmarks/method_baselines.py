@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pipelines.augment import PatchSampler, patch_batch
-from pipelines.networks import build_network, main_output
+from pipelines.networks import build_network, main_output, set_background_prior
 from pipelines.plan_args import SegmentationSettings
 from pipelines.splits import SplitIndices, SplitSettings, split_indices
 from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case
@@ -186,6 +186,8 @@ def train_centralised(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     net = build_network(out_channels=settings.num_classes, **settings.network)
+    if settings.background_prior is not None:  # the federation's initial model, as the plans build it
+        set_background_prior(net, settings.num_classes, settings.background_prior)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     objectives: dict[tuple[int, ...], PartialLabelObjective] = {}
     sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, augment=settings.augment,

@@ -73,7 +73,7 @@ def _models(run_dir: Path, metrics: dict) -> dict[str, tuple[str, Path]]:
     return models
 
 
-def _write_overlays(run_dir: Path, net: torch.nn.Module, volumes: list, settings, classes: list[int], merge: bool, title: str) -> list[dict]:
+def _write_overlays(run_dir: Path, net: torch.nn.Module, volumes: list, settings, classes: list[int], merge: bool, title: str, dataset: str) -> list[dict]:
     """Draw the overlay of each of ``volumes`` (image, label) with ``net`` (`coordinator.report.overlays`),
     predicted and merged as `training.evaluate_case` scores it; returns the record's ``overlays`` entries."""
     from coordinator.report import REPORT_DIR
@@ -89,7 +89,7 @@ def _write_overlays(run_dir: Path, net: torch.nn.Module, volumes: list, settings
             pred, ref = merged_into_organs(pred, table), merged_into_organs(ref, table)
         dice = dice_per_class(pred, ref, classes, settings.schema.ignore_label)
         rows = figures.overlay_rows(ref, pred, {c: names[c] for c in classes}, dice)
-        path = run_dir / REPORT_DIR / figures.OVERLAYS_DIR / figures.overlay_name(j)
+        path = run_dir / REPORT_DIR / figures.OVERLAYS_DIR / figures.overlay_name(j, dataset)
         figures.write_case(path, image[0].cpu().numpy(), ref, pred, rows, f"{title}, out-of-federation case {j}")
         entries.append({
             "case": j,
@@ -219,7 +219,8 @@ def evaluate_run(
         }
         if key == "global" and overlays:
             log.info("drawing the best global model on %d out-of-federation case(s)", min(overlays, len(volumes)))
-            record["overlays"] = _write_overlays(run_dir, net, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}")
+            record["overlays"] = _write_overlays(run_dir, net, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}",
+                                                 runs.safe_name(prepared.name, "dataset"))  # fmt: skip
     out = run_dir / "evaluations" / f"{runs.safe_name(prepared.name, 'dataset')}.json"
     out.parent.mkdir(exist_ok=True)
     atomic.write_json(out, record)

@@ -12,7 +12,7 @@ from conftest import load_benchmark
 
 from coordinator.spec import parse
 from coordinator.testbed import default_spec_text
-from pipelines.networks import main_output
+from pipelines.networks import main_output, output_biases
 from pipelines.training import parameter_checksum, parse_plan_args, predict
 from preprocessing.schema import load_schema
 
@@ -220,6 +220,15 @@ def test_centralised_trainer_learns_and_is_seeded(mb):
     assert parameter_checksum(dict(again.named_parameters())) != parameter_checksum(dict(other.named_parameters()))
     with pytest.raises(ValueError):
         mb.train_centralised([], settings, 3, 1e-2, 1e-5, seed=0)
+
+
+def test_centralised_trainer_starts_from_the_federations_initial_model(mb):
+    # the demo spec's background prior: the centralised model starts where the federated methods start
+    settings = parse_plan_args({"network": TINY_NET, "roi_size": [32, 32, 32], "spacing": "native", "augment": False, "background_prior": 0.8}, SCHEMA)
+    liver = SCHEMA.classes["liver"]
+    net = mb.train_centralised([(*_phantom(liver), (liver,))], settings, 1, 0.0, 0.0, seed=0)  # lr 0: the initial weights
+    expected = math.log(0.8 * (SCHEMA.num_classes - 1) / 0.2)
+    assert all(b[0].item() == pytest.approx(expected) for b in output_biases(net, SCHEMA.num_classes))
 
 
 class _Oracle(torch.nn.Module):

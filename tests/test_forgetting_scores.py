@@ -151,6 +151,21 @@ def _score(plan, before_train: bool = True) -> dict[str, float]:
     return call["metric"]
 
 
+def test_reference_scores_keep_their_test_case_numbers(fedbiomed_round, dataset_root, cache):
+    # the first test case has no reference label: the second one's reference scores are numbered 1, like its test_case1 keys
+    plan = _split_plan(fedbiomed_round, dataset_root)
+    dataset, test = plan._dataset, plan._data.indices.test
+    classes = plan._settings.schema.classes
+    shape = tuple(dataset.get_item(0)[1].shape[1:])
+    labels = {i: _block(shape, {classes["liver"]: 8, classes["spleen"]: 4}) for i in range(len(dataset))}
+    labels[test[0]] = None
+    dataset.reference_classes = [classes["liver"], classes["spleen"]]
+    dataset.reference_label = ReferenceLabels(labels)
+    metric = _score(plan)
+    assert metric["test_ref_cases"] == 1.0
+    assert "test_ref_case1_dice_liver" in metric and not any(k.startswith("test_ref_case0") for k in metric)
+
+
 def test_reference_classes_are_scored_on_the_test_cases_only(fedbiomed_round, dataset_root, cache):
     plan = _split_plan(fedbiomed_round, dataset_root)
     dataset, test = plan._dataset, plan._data.indices.test

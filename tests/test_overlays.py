@@ -112,8 +112,8 @@ def test_evaluate_draws_the_first_cases_of_the_best_global_model(evaluated, oof_
     run, record = evaluated
     entries = record["overlays"]
     assert [e["case"] for e in entries] == [1, 2]  # default 3, the dataset has 2 cases
-    assert [e["path"] for e in entries] == ["report/overlays/oof_case1.png", "report/overlays/oof_case2.png"]
-    assert sorted(p.name for p in (run / "report" / "overlays").iterdir()) == ["oof_case1.png", "oof_case2.png"]
+    assert [e["path"] for e in entries] == ["report/overlays/oof_organs-only_case1.png", "report/overlays/oof_organs-only_case2.png"]
+    assert sorted(p.name for p in (run / "report" / "overlays").iterdir()) == ["oof_organs-only_case1.png", "oof_organs-only_case2.png"]
     for e in entries:
         assert_png(run / e["path"])
         # the figure's Dice are the scores of the same prediction: the classes present in reference or prediction
@@ -139,8 +139,8 @@ def test_evaluate_draws_the_first_cases_of_the_best_global_model(evaluated, oof_
 def test_overlays_option_limits_the_cases_and_zero_draws_none(tmp_path, oof_dataset):
     run = _run(tmp_path, "one")
     record = evaluate_run(run, oof_dataset, overlays=1)
-    assert [e["path"] for e in record["overlays"]] == ["report/overlays/oof_case1.png"]
-    assert [p.name for p in (run / "report" / "overlays").iterdir()] == ["oof_case1.png"]
+    assert [e["path"] for e in record["overlays"]] == ["report/overlays/oof_organs-only_case1.png"]
+    assert [p.name for p in (run / "report" / "overlays").iterdir()] == ["oof_organs-only_case1.png"]
     none = _run(tmp_path, "none")
     record = evaluate_run(none, oof_dataset, overlays=0)
     assert "overlays" not in record and not (none / "report").exists()
@@ -159,11 +159,11 @@ def test_report_shows_the_overlays_and_keeps_them_when_rebuilt(evaluated, tmp_pa
         page = (out / "index.html").read_text()
         assert SECTION in page
         for e in record["overlays"]:
-            assert_png(out / "overlays" / f"oof_case{e['case']}.png")
-            assert f'<img src="overlays/oof_case{e["case"]}.png"' in page
+            assert_png(out / "overlays" / f"oof_organs-only_case{e['case']}.png")
+            assert f'<img src="overlays/oof_organs-only_case{e["case"]}.png"' in page
             scores = ", ".join(f"{c} {v:.3f}" for c, v in e["dice"].items())
             assert f"organs-only, case {e['case']}: Dice {scores}" in page
-        assert "](overlays/oof_case1.png)" in (out / "report.md").read_text()
+        assert "](overlays/oof_organs-only_case1.png)" in (out / "report.md").read_text()
     # the section follows the out-of-federation tables
     assert page.index("<h2>Out of federation</h2>") < page.index(SECTION) < page.index("<h2>Per-case Dice</h2>")
 
@@ -203,7 +203,7 @@ def test_cli_option(tmp_path, oof_dataset):
     run = _run(tmp_path)
     res = cli("coordinator", "evaluate", run.name, "--home", tmp_path, "--data", oof_dataset, "--overlays", "1")
     assert res.returncode == 0, res.stderr
-    assert "overlays (in the run directory): report/overlays/oof_case1.png" in res.stdout
-    assert (run / "report" / "overlays" / "oof_case1.png").is_file() and not (run / "report" / "overlays" / "oof_case2.png").exists()
+    assert "overlays (in the run directory): report/overlays/oof_organs-only_case1.png" in res.stdout
+    assert (run / "report" / "overlays" / "oof_organs-only_case1.png").is_file() and not (run / "report" / "overlays" / "oof_organs-only_case2.png").exists()
     res = cli("coordinator", "evaluate", run.name, "--home", tmp_path, "--data", oof_dataset, "--overlays", "-1")
     assert res.returncode != 0 and "--overlays" in res.stderr

@@ -152,16 +152,17 @@ def forgetting_record(metrics: Metrics) -> dict[str, Any] | None:
     if not f.has_data:
         return None
     out: dict[str, Any] = {}
-    n: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}  # per model kind: class -> test cases with a reference label, summed over sites
     for key, scored in (("global", f.glob), ("local", f.best_local)):
         acc: dict[str, list[float]] = {}
+        n = counts.setdefault(key, {})
         for row in scored.rows.values():
             for c, v in reference_dice(row).items():
                 acc.setdefault(c, []).append(v)
-                if key == "global" and (cases := reference_cases(row)) is not None:
+                if (cases := reference_cases(row)) is not None:
                     n[c] = n.get(c, 0) + cases
         out[key] = {c: sum(v) / len(v) for c, v in acc.items()}
-    out["n"] = n
+    out["n"] = {**counts["local"], **counts["global"]}  # the global rows' count where they hold the class, else the local rows'
     return out
 
 

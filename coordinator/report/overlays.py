@@ -51,16 +51,18 @@ def class_colour(cls: int) -> str:
     return PALETTE[(cls - 1) % len(PALETTE)]
 
 
-def overlay_name(case: int) -> str:
+def overlay_name(case: int, dataset: str | None = None) -> str:
     """The file name of case ``case``'s overlay (1-based order in the dataset).
 
     Args:
         case: the case's order number, from 1.
+        dataset: the evaluated dataset's file-safe name (`coordinator.runs.safe_name`), so that evaluating another
+            out-of-federation set does not overwrite these figures; None: the name of evaluations before it was added.
 
     Returns:
-        ``oof_case<case>.png``.
+        ``oof_<dataset>_case<case>.png`` (``oof_case<case>.png`` without a dataset).
     """
-    return f"oof_case{case}.png"
+    return f"oof_{dataset}_case{case}.png" if dataset else f"oof_case{case}.png"
 
 
 def pick_slice(reference: np.ndarray, prediction: np.ndarray, cls: int) -> int:

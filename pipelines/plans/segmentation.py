@@ -309,26 +309,29 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         reference_label = getattr(self._dataset, "reference_label", None) if ref_classes else None
         per_case: list[dict[int, float]] = []
         per_ref: list[dict[int, float]] = []
-        for index, volume, label in data.test_cases():
+        ref_positions: list[int] = []  # each reference score's test case position: test_ref_case<j> is test_case<j>'s volume
+        for position, (index, volume, label) in enumerate(data.test_cases()):
             pred = predict(self.model(), volume, s)
             per_case.append(_case_dice(pred, label, classes, s))  # what evaluate_case computes, on the shared prediction
             ref = _reference_of(reference_label, index) if reference_label is not None else None
             if ref is not None:
                 per_ref.append(_case_dice(pred, ref, ref_classes, s))
+                ref_positions.append(position)
         result = self._summary(per_case, classes, "test_")
         if per_ref:
-            result.update(self._summary(per_ref, ref_classes, "test_ref_"))
+            result.update(self._summary(per_ref, ref_classes, "test_ref_", ref_positions))
         return result
 
-    def _summary(self, per_case: list[dict[int, float]], classes: list[int], prefix: str) -> dict[str, float]:
-        """Per-case Dice as report keys: per class (mean over cases), their mean, the case count, per case; prefixed."""
+    def _summary(self, per_case: list[dict[int, float]], classes: list[int], prefix: str, positions: list[int] | None = None) -> dict[str, float]:
+        """Per-case Dice as report keys: per class (mean over cases), their mean, the case count, per case (numbered by
+        ``positions``, the cases' places in the split, default 0..n-1); prefixed."""
         names = {v: k for k, v in self._settings.schema.classes.items()}
         means = class_means(per_case, classes)
         result = {f"{prefix}dice_{names[c]}": v for c, v in means.items()}
         if means:
             result[f"{prefix}dice_mean"] = sum(means.values()) / len(means)
         result[f"{prefix}cases"] = float(len(per_case))
-        for j, case in enumerate(per_case):  # case order only: no identifiers leave the site
+        for j, case in zip(positions if positions is not None else range(len(per_case)), per_case):  # case order only: no identifiers leave the site
             result.update({f"{prefix}case{j}_dice_{names[c]}": v for c, v in case.items() if v == v})
         return result
 
