@@ -38,6 +38,8 @@ def _spec(bed, rounds: int, **overrides) -> Path:
     raw = yaml.safe_load(default_spec_text())  # ConDistFL, MedNeXt with deep supervision
     # the native 2 x 2 x 3 mm grid (48 x 48 x 24 voxels) keeps a round at a few seconds
     raw["plan_args"].update({"roi_size": [32, 32, 32], "spacing": "native", "patches_per_volume": 2})
+    # sites of 4 and 6 cases: 2/1/1 and 4/1/1 (the main job's 10-case split would leave the small site no validation case)
+    raw["split"] = {"validation": 0.25, "test": 0.25, "seed": 0}
     raw.update({"rounds": rounds, "local_steps": 2, **overrides})
     raw["sites"] = {"tags": ["fedimg-demo"], "min_sites": 2, "wait_s": 90}
     path = bed.workdir / f"spec-{raw['name']}.yaml"
@@ -296,6 +298,9 @@ def test_condistfl_teacher_is_the_received_global_model_and_lambda_follows_the_s
 
     home = bed.workdir / "coordinator"
     spec = _spec(bed, rounds=2, name="condist-teacher", weights="samples")
+    raw = yaml.safe_load(spec.read_text())
+    raw["plan_args"]["lambda"] = [0.01, 1.0]  # the paper's schedule (the main job distils at full weight from round 1)
+    spec.write_text(yaml.safe_dump(raw))
     res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir,) = _run_dirs(home, "condist-teacher")

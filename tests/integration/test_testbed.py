@@ -33,6 +33,7 @@ def _wait_gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.
 
 def _spec(tmp_path: Path, **overrides) -> Path:
     raw = yaml.safe_load(default_spec_text())
+    raw["split"] = {"validation": 0.25, "test": 0.25, "seed": 0}  # 4 cases per site here (fast): 2/1/1
     raw.update(overrides)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -42,7 +43,7 @@ def _spec(tmp_path: Path, **overrides) -> Path:
 def test_unapproved_plan_is_refused_and_the_researcher_is_told(tmp_path):
     spec = _spec(tmp_path, rounds=1, approval={"request": True, "wait_s": 3})
     res = cli("coordinator", "testbed", "--sites", "2", "--no-approve", "--spec", spec, "--workdir", tmp_path / "bed",
-              "--oof-phase", "none", timeout=400)  # fmt: skip
+              "--oof-phase", "none", "--cases", "4", timeout=400)  # fmt: skip
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "is not approved by 2 site(s)" in out, out[-3000:]
@@ -66,7 +67,7 @@ def _start_testbed(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Proces
     """Start a long testbed; return it once its nodes and coordinator are all up."""
     spec = _spec(tmp_path, rounds=200, local_steps=1)
     proc = subprocess.Popen(
-        [COORDINATOR, "testbed", "--sites", "2", "--spec", str(spec), "--workdir", str(tmp_path / "bed"), "--oof-phase", "none"],
+        [COORDINATOR, "testbed", "--sites", "2", "--spec", str(spec), "--workdir", str(tmp_path / "bed"), "--oof-phase", "none", "--cases", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         # as from a terminal: a suite started in the background (`cmd &`, nohup) inherits an
         # ignored SIGINT, and Python keeps it ignored, so Ctrl-C could not be simulated
