@@ -99,3 +99,38 @@ def site_yaml(tmp_path):
         "work_dir": str(tmp_path / "work"),
         "runtime": "process",
     }
+
+
+@pytest.fixture
+def site_process(monkeypatch):
+    """The test plays a site: site errors are sanitised, even if an earlier test in this process ran a coordinator
+    experiment (which marks the process as the researcher's; the mark is process-global)."""
+    from pipelines import site_errors
+
+    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False, raising=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: small tensors gain nothing from two intra-op threads on a busy 2-core box."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def fedbiomed_round():
+    """Fed-BioMed's Round class, imported for one test module only.
+
+    A process that imported it is a node process, which `mark_researcher_process` refuses to mark;
+    the import is forgotten afterwards so a later test in the session can still play the coordinator.
+    """
+    imported = "fedbiomed.node.round" in sys.modules
+    from fedbiomed.node.round import Round
+
+    yield Round
+    if not imported:
+        sys.modules.pop("fedbiomed.node.round", None)

@@ -23,6 +23,8 @@ from pipelines.artifact_approval import (
 from pipelines.factory.domain_key import build_domain_key
 from pipelines.site_errors import SiteError, sanitize, site_boundary
 
+pytestmark = pytest.mark.usefixtures("site_process")
+
 SECRET = "PATIENT-LIST-7f3a: Doe^Jane 1961-02-03"
 
 
@@ -53,15 +55,6 @@ def site_files(tmp_path):
 
 
 GOOD = "registry/factory/good/v0001/encoder.pt"
-
-
-@pytest.fixture(autouse=True)
-def _site_process(monkeypatch):
-    """These tests play the site: errors are sanitised (an earlier test in this process may
-    have run a coordinator experiment, which marks the process as the researcher's)."""
-    from pipelines import site_errors
-
-    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False)
 
 
 def test_store_records_requests_and_decisions(tmp_path):

@@ -9,7 +9,6 @@ the forgetting table with the numbers, and leave it out for a run without refere
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ from coordinator.report.forgetting import COMPARE_FORGETTING_TEXT, FORGETTING_TE
 from coordinator.results import class_dice, reference_case_dice, reference_cases, reference_dice, selection_score
 from fedimg_testing.phantom import write_phantom_site
 from fedimg_testing.synthetic import write_synthetic_dataset
-from pipelines import site_errors
 from pipelines.plans.marginal import MarginalSegmentationPlan
+
+pytestmark = pytest.mark.usefixtures("site_process", "one_thread")
 
 RUN_ID = "run-forgetting-1"
 SPLIT = {"validation": 0.2, "test": 0.2, "seed": 2}  # 10 cases: 2 validation, 2 test
@@ -45,30 +45,6 @@ def dataset_root(tmp_path_factory):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def fedbiomed_round():
-    """Fed-BioMed's Round, imported for this module only (a process that imported it is a node process)."""
-    imported = "fedbiomed.node.round" in sys.modules
-    from fedbiomed.node.round import Round
-
-    yield Round
-    if not imported:
-        sys.modules.pop("fedbiomed.node.round", None)
-
-
-@pytest.fixture(autouse=True)
-def _site_process(monkeypatch):
-    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Monitor:

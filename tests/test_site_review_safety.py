@@ -22,13 +22,9 @@ from pipelines.site_errors import SiteError, site_boundary
 from pipelines.site_state import SiteStateStore
 from pipelines.terminal_text import escape_controls, has_controls
 
+pytestmark = pytest.mark.usefixtures("site_process")
+
 ESC = "\x1b"
-
-
-@pytest.fixture(autouse=True)
-def _site_process(monkeypatch):
-    """A site process unless a test says otherwise (the mark is process-global)."""
-    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False, raising=False)
 
 
 class _Encoder(torch.nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import pytest
 import torch
@@ -22,11 +21,12 @@ from fedbiomed.common.training_args import TrainingArgs
 
 from coordinator.plans import model_args_for
 from fedimg_testing.synthetic import write_synthetic_dataset
-from pipelines import site_errors
 from pipelines.plans.marginal import MarginalSegmentationPlan
 from pipelines.plans.split_data import CaseSplitDataManager, split_record_path
 from pipelines.site_errors import SiteError
 from pipelines.splits import SplitSettings, assign_splits, split_indices
+
+pytestmark = pytest.mark.usefixtures("site_process", "one_thread")
 
 N_CASES = 10
 RUN_ID = "run-split-1"
@@ -43,35 +43,6 @@ def dataset_root(tmp_path_factory):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def fedbiomed_round():
-    """Fed-BioMed's Round class, imported for this module only.
-
-    A process that imported it is a node process, which `mark_researcher_process` refuses to mark;
-    the import is forgotten afterwards so a later test in the session can still play the coordinator.
-    """
-    imported = "fedbiomed.node.round" in sys.modules
-    from fedbiomed.node.round import Round
-
-    yield Round
-    if not imported:
-        sys.modules.pop("fedbiomed.node.round", None)
-
-
-@pytest.fixture(autouse=True)
-def _site_process(monkeypatch):
-    """Errors are sanitised, as at a site, even if an earlier test marked the coordinator's process."""
-    monkeypatch.setattr(site_errors, "_RESEARCHER_PROCESS", False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SpyPlan(MarginalSegmentationPlan):
