@@ -130,6 +130,7 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
         self._reference_items = [
             {"image": str(c.image), "label": str(c.reference_label)} if c.reference_label is not None else None for c in prepared.cases if c.label is not None
         ]
+        self._reference_chain: tuple[Any, tuple[str, str, str]] | None = None  # (chain, cache key), on first use
 
     @site_boundary("data")
     def reference_label(self, index: int) -> torch.Tensor | None:
@@ -152,7 +153,9 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
         if item is None:
             return None
         assert self.schema is not None  # read() checked it
-        chain, key = _chain_and_key(self.path, self.schema, self.modality, self.spacing)
+        if self._reference_chain is None:  # built once per dataset object, not per case (it hashes the manifest)
+            self._reference_chain = _chain_and_key(self.path, self.schema, self.modality, self.spacing)
+        chain, key = self._reference_chain
         cached = _REFERENCE_CACHE.get((*key, index))
         if cached is not None:
             return cached
