@@ -38,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # method_baselines (the venv holds another package named benchmarks)
+
+from method_baselines import train_centralised  # noqa: E402
 
 from fedimg_testing.phantom.tissues import SITES  # noqa: E402
 from fedimg_testing.phantom.volume import make_phantom  # noqa: E402
@@ -152,7 +155,9 @@ def main() -> int:
     ap.add_argument("--test", type=int, default=4, help="test cases per site")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-every", type=int, default=0, help="score the global model (and print the local models' own-organ Dice) every k rounds")
+    ap.add_argument(
+        "--eval-every", type=int, default=0, help="federated methods: score the global model (and print the local models' own-organ Dice) every k rounds"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / ".benchmarks" / "partial-label-sweep.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,23 +177,9 @@ def main() -> int:
     print(json.dumps({"parameters": count_parameters(net), "volume": list(sites[0]["train"][0][0].shape)}), flush=True)
     sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, 3, augment=settings.augment, ignore_label=schema.ignore_label)
     t0 = time.monotonic()
-    if args.method == "centralised":
-        total = len(sites) * args.rounds * args.steps
-        opt = make_optimizer(net, args.lr)
+    if args.method == "centralised":  # the methods benchmark's centralised baseline (same prior, objective, schedule)
         pool = [(v, lab, tuple(s["classes"])) for s in sites for v, lab in s["train"]]
-        objectives = {tuple(s["classes"]): PartialLabelObjective(schema, s["classes"], args.temperature) for s in sites}
-        net.train()
-        for step in range(total):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(args.lr, step, total)
-            volume, label, classes = pool[rng.randrange(len(pool))]
-            images, labels = patch_batch(sampler, [volume], [label])
-            loss, _ = objectives[classes](net(images), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if args.eval_every and (step + 1) % (args.eval_every * args.steps * len(sites)) == 0 and step + 1 < total:
-                score(net, sites, oof, settings, f"step {step + 1}")
+        net = train_centralised(pool, settings, len(sites) * args.rounds * args.steps, args.lr, 1e-5, args.seed, threads=args.threads)
     else:
         total = args.rounds * args.steps
         states: list[Any] = [None] * len(sites)  # each site keeps its AdamW moments between rounds, as the plans do
