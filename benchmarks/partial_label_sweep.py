@@ -151,6 +151,11 @@ def main() -> int:
     ap.add_argument("--background-prior", type=float, default=None)
     ap.add_argument("--server-lr", type=float, default=1.0, help="server step on the averaged update (1: FedAvg; the spec's server_optimizer)")
     ap.add_argument("--server-momentum", type=float, default=0.0)
+    ap.add_argument(
+        "--scaffold", action="store_true",
+        help="SCAFFOLD's gradient correction before AdamW (declearn's ScaffoldClientModule: each site's state is its mean raw gradient of the round)",
+    )
+    ap.add_argument("--gin", action="store_true", help="GIN intensity augmentation (plan_args.gin: {}, its defaults)")
     ap.add_argument("--train", type=int, default=2, help="training cases per site")
     ap.add_argument("--test", type=int, default=4, help="test cases per site")
     ap.add_argument("--seed", type=int, default=0)
@@ -164,7 +169,7 @@ def main() -> int:
     schema = load_schema()
     settings = parse_plan_args(
         {"network": json.loads(args.network), "roi_size": args.roi, "spacing": [args.spacing] * 3 if args.spacing else "schema",
-         "temperature": args.temperature, "lambda": args.lambda_, "background_prior": args.background_prior}, schema,
+         "temperature": args.temperature, "lambda": args.lambda_, "background_prior": args.background_prior, "gin": {} if args.gin else None}, schema,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         sites = build_sites(schema, settings, args.train, args.test, Path(tmp))
@@ -175,7 +180,7 @@ def main() -> int:
     if settings.background_prior is not None:
         set_background_prior(net, schema.num_classes, settings.background_prior)
     print(json.dumps({"parameters": count_parameters(net), "volume": list(sites[0]["train"][0][0].shape)}), flush=True)
-    sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, 3, augment=settings.augment, ignore_label=schema.ignore_label)
+    sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, 3, augment=settings.augment, ignore_label=schema.ignore_label, gin=settings.gin)
     t0 = time.monotonic()
     if args.method == "centralised":  # the methods benchmark's centralised baseline (same prior, objective, schedule)
         pool = [(v, lab, tuple(s["classes"])) for s in sites for v, lab in s["train"]]
@@ -184,6 +189,8 @@ def main() -> int:
         total = args.rounds * args.steps
         states: list[Any] = [None] * len(sites)  # each site keeps its AdamW moments between rounds, as the plans do
         velocity: dict[str, torch.Tensor] = {}  # the server optimizer's momentum (FedOpt), per parameter
+        site_state: list[dict[str, torch.Tensor]] = [{} for _ in sites]  # SCAFFOLD: c_i, each site's mean raw gradient
+        shared_state: dict[str, torch.Tensor] = {}  # SCAFFOLD: c, the mean of the sites' states
         for r in range(args.rounds):
             weight = lambda_schedule(r, args.rounds, *settings.lambda_range)
             updates = []
@@ -194,6 +201,8 @@ def main() -> int:
                     opt.load_state_dict(states[i])
                 teacher = frozen_teacher(net) if args.method == "condistfl" else None
                 objective = PartialLabelObjective(schema, s["classes"], args.temperature)
+                grad_sum: dict[str, torch.Tensor] = {}
+                correction = {n: site_state[i][n] - shared_state[n] for n in site_state[i]} if args.scaffold else {}
                 for k in range(args.steps):
                     for group in opt.param_groups:
                         group["lr"] = cosine_lr(args.lr, r * args.steps + k, total)
@@ -204,14 +213,25 @@ def main() -> int:
                     loss, _ = objective(outputs, labels, soft, weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if args.scaffold:
+                        for n, p in local.named_parameters():
+                            if p.grad is None:
+                                continue
+                            grad_sum[n] = grad_sum.get(n, torch.zeros_like(p.grad)) + p.grad
+                            if n in correction:
+                                p.grad.sub_(correction[n])
                     opt.step()
                 states[i] = opt.state_dict()
+                if args.scaffold:
+                    site_state[i] = {n: g / args.steps for n, g in grad_sum.items()}
                 if args.eval_every and (r + 1) % args.eval_every == 0:
                     local.eval()
                     with torch.no_grad():
                         own = class_means([evaluate_case(local, v, lab, settings, s["classes"]) for v, lab in s["test"][:2]], s["classes"])
                     print(json.dumps({"local": s["name"], "round": r + 1, "dice": {schema_name(schema, c): round(d, 3) for c, d in own.items()}}), flush=True)
                 updates.append(local.state_dict())
+            if args.scaffold:
+                shared_state = {n: sum(st[n] for st in site_state) / len(site_state) for n in site_state[0]}
             before = net.state_dict()
             merged: dict[str, torch.Tensor] = {}
             for name in updates[0]:

@@ -140,7 +140,7 @@ class Federation:
 
     def _experiment(self, spec: Spec, run_dir: Path, nodes: list[str] | None = None, folder: Path | None = None,
                     sites: dict[str, str] | None = None):  # fmt: skip
-        from fedbiomed.researcher.aggregators import FedAverage, Scaffold
+        from fedbiomed.researcher.aggregators import FedAverage
         from fedbiomed.researcher.federated_workflows import Experiment
 
         mark_researcher_process()  # the plan's post_init runs here: its errors are the researcher's own
@@ -148,7 +148,10 @@ class Federation:
         # EXPERIMENTS_DIR/<experimentation_folder>: <run>/fedbiomed, away from the run's own files.
         folder = folder or runs.fedbiomed_dir(run_dir)
         self.config.vars["EXPERIMENTS_DIR"] = str(folder.parent)
-        aggregator = Scaffold(server_lr=1.0) if spec.aggregator == "scaffold" else FedAverage()
+        # scaffold: averaging plus declearn's SCAFFOLD server module, whose client half the plans step
+        # before their local optimizer (pipelines.plans.optimizers); Fed-BioMed's own Scaffold aggregator
+        # takes the correction from weight change / learning rate, which is no gradient under Adam
+        aggregator = FedAverage()
         return Experiment(
             tags=spec.site_tags,
             nodes=nodes or spec.site_ids or None,
@@ -606,22 +609,25 @@ def _params(exp) -> dict[str, torch.Tensor]:
 
 
 def _server_optimizer(spec: Spec):
-    if spec.server_optimizer is None:
+    """The coordinator's declearn optimizer: FedOpt's module and/or SCAFFOLD's server half (None: plain averaging)."""
+    if spec.server_optimizer is None and spec.aggregator != "scaffold":
         return None
-    from declearn.optimizer.modules import AdamModule, MomentumModule, YogiModule
+    from declearn.optimizer.modules import AdamModule, MomentumModule, OptiModule, ScaffoldServerModule, YogiModule
     from fedbiomed.common.optimizers import Optimizer
 
-    opt = dict(spec.server_optimizer)
-    name = opt.pop("name")
-    lr = float(opt.pop("lr", 1.0))
-    module: MomentumModule | AdamModule | YogiModule
-    if name == "momentum":
-        module = MomentumModule(beta=float(opt.get("momentum", 0.9)))
-    elif name == "adam":
-        module = AdamModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99)))
-    else:
-        module = YogiModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99)))
-    return Optimizer(lr=lr, modules=[module])
+    modules: list[OptiModule] = [ScaffoldServerModule()] if spec.aggregator == "scaffold" else []
+    lr = 1.0
+    if spec.server_optimizer is not None:
+        opt = dict(spec.server_optimizer)
+        name = opt.pop("name")
+        lr = float(opt.pop("lr", 1.0))
+        if name == "momentum":
+            modules.append(MomentumModule(beta=float(opt.get("momentum", 0.9))))
+        elif name == "adam":
+            modules.append(AdamModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99))))
+        else:
+            modules.append(YogiModule(beta_1=float(opt.get("beta_1", 0.9)), beta_2=float(opt.get("beta_2", 0.99))))
+    return Optimizer(lr=lr, modules=modules)
 
 
 def _format_round(record: dict, total: int) -> str:

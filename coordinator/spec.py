@@ -178,8 +178,8 @@ class SpecFile(ConfigModel):
     optimizer: OptimizerArgs | None = Field(
         default=None, description="Site-side optimizer arguments (default {lr: 0.001}; data_factory: {lr: 0.002}, lr only)."
     )
-    aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(default="fedavg", description="How the coordinator combines the sites' updates.")
-    server_optimizer: ServerOptimizer | None = Field(default=None, description="FedOpt server optimizer (null: plain averaging; not with scaffold).")
+    aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(default="fedavg", description="How the coordinator combines the sites' updates: fedavg, or scaffold (averaging with SCAFFOLD's drift correction, declearn's modules: the segmentation plans step its client half before Adam).")
+    server_optimizer: ServerOptimizer | None = Field(default=None, description="FedOpt server optimizer (null: plain averaging), applied after SCAFFOLD's server step with aggregator scaffold.")
     fedprox_mu: Annotated[float, number(0)] | None = Field(default=None, description="FedProx proximal term (null: off).")
     split: SplitSection | None = Field(
         default=None,
@@ -330,6 +330,7 @@ class Spec:
                 args["run_id"] = run_id
         if self.plan in SEGMENTATION_PLANS:
             args["split"] = dict(self.split)
+            args["aggregator"] = self.aggregator  # scaffold: the sites step SCAFFOLD's correction (pipelines.plans.optimizers)
         if self.is_factory:
             args["client_ids"] = dict(client_ids or {})
         return args
@@ -368,11 +369,9 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     mode = values.get("mode", "federated")
     aggregator = values.get("aggregator", "fedavg")
     server_opt = values.get("server_optimizer")
-    if server_opt is not None and aggregator == "scaffold":
-        out.append(("server_optimizer", "cannot be combined with the scaffold aggregator"))
     if aggregator == "scaffold" and values.get("weights") == "samples":
-        # Fed-BioMed's Scaffold ignores the strategy's weights: it averages the sites' corrections equally
-        out.append(("weights", "scaffold averages the sites' updates equally (Fed-BioMed's Scaffold takes no weights): drop weights or write weights: equal"))
+        # declearn's SCAFFOLD server averages the sites' correction states equally; the model average must match them
+        out.append(("weights", "scaffold averages the sites' correction states equally, and the model updates with them: drop weights or write weights: equal"))
     if plan in SEGMENTATION_PLANS and values.get("batch_size", 1) != 1:
         out.append(("batch_size", f"must be 1 for {plan}: a step takes one whole volume and draws plan_args.patches_per_volume patches from it "
                                   f"(got {values['batch_size']})"))  # fmt: skip

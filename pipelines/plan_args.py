@@ -31,7 +31,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
-    "background_prior",
+    "background_prior", "aggregator",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -72,6 +72,7 @@ class SegmentationSettings:
     rounds_total: int | None = None  # filled in by the coordinator
     local_steps: int | None = None
     run_id: str | None = None
+    aggregator: str = "fedavg"  # the spec's aggregator, filled in: "scaffold" steps SCAFFOLD's correction at the site
 
     @property
     def num_classes(self) -> int:
@@ -162,6 +163,7 @@ class PlanArgs(PlanArgsBase):
     inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
     split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: none sent
     background_prior: Annotated[float, number(0.01, 0.999)] | None = None  # initial background probability (None: MONAI's init)
+    aggregator: Annotated[str, choice(("fedavg", "scaffold"))] = "fedavg"  # filled in from the spec's aggregator
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -236,4 +238,5 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         sw_batch_size=m.inference.sw_batch_size,
         rounds_total=m.rounds_total,
         local_steps=m.local_steps,
+        aggregator=m.aggregator,
     )

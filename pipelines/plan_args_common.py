@@ -58,8 +58,9 @@ Spacing = Annotated[str | tuple[float, ...] | None, BeforeValidator(parse_spacin
 _POSITIVE = "must be a positive integer (got {got})"
 
 
-# keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids, the spec's split)
-FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split")
+# keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids, the spec's split
+# and aggregator)
+FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split", "aggregator")
 
 
 class PlanArgsBase(ConfigModel):

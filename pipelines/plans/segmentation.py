@@ -104,20 +104,29 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             set_background_prior(model, self._settings.num_classes, self._settings.background_prior)
         return model
 
-    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
-        """AdamW, and the store of its moments between this site's rounds (``keep_optimizer_state``).
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> Any:
+        """AdamW and the store of its moments between this site's rounds (``keep_optimizer_state``);
+        under ``aggregator: scaffold``, declearn's SCAFFOLD client before Adam (`pipelines.plans.optimizers`),
+        whose state Fed-BioMed keeps between rounds itself.
 
         Args:
             optimizer_args: ``lr`` and ``weight_decay``.
 
         Returns:
-            The optimizer Fed-BioMed steps.
+            The optimizer Fed-BioMed steps: a torch AdamW, or a Fed-BioMed (declearn) optimizer.
         """
-        self._base_lr = float(optimizer_args.get("lr", 1e-3))
-        self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=float(optimizer_args.get("weight_decay", 1e-5)))
         s = self._settings
+        self._base_lr = float(optimizer_args.get("lr", 1e-3))
+        weight_decay = float(optimizer_args.get("weight_decay", 1e-5))
         self._opt_store = OptimizerStateStore(os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None, s.run_id, type(self).__name__)
         self._opt_restored = False
+        self._adamw: torch.optim.AdamW | None = None
+        if s.aggregator == "scaffold":
+            from pipelines.plans.optimizers import scaffold_adam  # imports declearn: only runs that use it
+
+            total = s.rounds_total * s.local_steps if s.lr_schedule == "cosine" and s.rounds_total and s.local_steps else 0
+            return scaffold_adam(self._base_lr, weight_decay, total)
+        self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=weight_decay)
         return self._adamw
 
     @site_boundary("data")
@@ -161,9 +170,13 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         self._teacher = frozen_teacher(self.model()) if self.distill else None
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
-        self._opt_restored = self._round_index() > 0 and self._opt_store.load_into(self._adamw)
+        if self._adamw is not None:
+            self._opt_restored = self._round_index() > 0 and self._opt_store.load_into(self._adamw)
+        else:  # Fed-BioMed restored the declearn optimizer's state (Adam's moments, SCAFFOLD's c_i and c) before this call
+            self._opt_restored = self._optimizer_report().get("adam_steps", 0.0) > 0
         samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
-        self._opt_store.save(self._adamw)
+        if self._adamw is not None:
+            self._opt_store.save(self._adamw)
         self._report_round(history_monitor, received, samples)
         self._teacher = None
         return samples
@@ -180,7 +193,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         """
         t0 = time.perf_counter()
         s = self._settings
-        if s.lr_schedule == "cosine" and s.local_steps and s.rounds_total:
+        if self._adamw is not None and s.lr_schedule == "cosine" and s.local_steps and s.rounds_total:  # declearn: its schedule module
             step = self._round_index() * s.local_steps + self._step_in_round
             for group in self._adamw.param_groups:
                 group["lr"] = cosine_lr(self._base_lr, step, s.rounds_total * s.local_steps)
@@ -199,6 +212,23 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         self._sums["step_s"] += time.perf_counter() - t0
         return loss
 
+    def _optimizer_report(self) -> dict[str, float]:
+        """SCAFFOLD's correction norm and the optimizer's step counts (empty for AdamW)."""
+        if self._adamw is not None:
+            return {}
+        from pipelines.plans.optimizers import scaffold_state
+
+        return scaffold_state(self.optimizer())
+
+    def _last_lr(self) -> float:
+        """The learning rate of the round's last step."""
+        if self._adamw is not None:
+            return float(self._adamw.param_groups[0]["lr"])
+        s = self._settings
+        if s.lr_schedule == "cosine" and s.local_steps and s.rounds_total:
+            return cosine_lr(self._base_lr, self._round_index() * s.local_steps + max(self._step_in_round - 1, 0), s.rounds_total * s.local_steps)
+        return self._base_lr
+
     def _report_round(self, history_monitor: Any, received: dict[str, torch.Tensor], samples: int) -> None:
         n = max(self._step_in_round, 1)
         metric = {
@@ -208,10 +238,11 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             "round_index": float(self._round_index()),
             "steps": float(self._step_in_round),
             "step_s": self._sums["step_s"] / n,
-            "lr_last": float(self._adamw.param_groups[0]["lr"]),
+            "lr_last": self._last_lr(),
             "optimizer_state_restored": float(self._opt_restored),
             "gin_prob": float(self._settings.gin["prob"]) if self._settings.gin else 0.0,  # GIN on (its probability) or off
         }
+        metric.update(self._optimizer_report())  # SCAFFOLD: the correction this round applied
         data = getattr(self, "_data", None)
         indices = data.indices if data is not None else None
         if indices is not None:  # the site's split sizes (counts only: no case ids leave the site)

@@ -145,6 +145,29 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     assert metrics["best_global"]["test_score"] is not None
 
 
+def test_scaffold_corrects_the_sites_gradients_from_round_two(bed):
+    """aggregator: scaffold: declearn's client module at the sites, its server module at the coordinator,
+    the states carried by Fed-BioMed (auxiliary variables, node optimizer state) between rounds."""
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=2, name="scaffold", aggregator="scaffold", weights="equal")
+    res = _run(bed, spec, home)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "scaffold")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    first, second = ([row["train"] for row in r["sites"].values()] for r in metrics["rounds"])
+    # round 1: no correction yet; Adam's steps and the schedule start at 0
+    assert all(t["scaffold_correction_norm"] == 0.0 and t["adam_steps"] == 2 and t["optimizer_state_restored"] == 0.0 for t in first)
+    # round 2: Fed-BioMed restored each site's optimizer (moments, c_i), and the correction is c_i - c with
+    # c the mean of the two sites' states: opposite at the two sites, so of the same size, and not zero
+    assert all(t["adam_steps"] == 4 and t["optimizer_state_restored"] == 1.0 for t in second)
+    norms = [t["scaffold_correction_norm"] for t in second]
+    assert norms[0] > 0 and norms[0] == pytest.approx(norms[1], rel=1e-3)
+    # SCAFFOLD's server step with server lr 1 is the plain average of the sites' models
+    want = _local_mean(run_dir, {"site-1": 1.0, "site-2": 1.0})
+    got = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
+    assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
+
+
 def _killed_after_round_1(bed, spec: Path, home: Path, name: str) -> Path:
     """`coordinator run SPEC`, killed as soon as round 1 is done; returns the run directory."""
     cmd = [str(Path(sys.executable).parent / "coordinator"), "run", str(spec), "--home", str(home),

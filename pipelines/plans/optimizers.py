@@ -1,0 +1,133 @@
+"""The segmentation plans' site optimizer under SCAFFOLD: declearn's client module before Adam.
+
+With ``aggregator: scaffold`` the coordinator pairs declearn's `ScaffoldServerModule` with plain
+averaging, and each site steps a Fed-BioMed (declearn) optimizer whose modules are: SCAFFOLD's
+client correction (each raw gradient minus ``c_i - c``, where ``c_i`` is this site's mean raw
+gradient of its previous round and ``c`` the sites' mean; Karimireddy et al. 2020, option II as
+declearn computes it), then Adam with torch's AdamW constants, then the run's cosine schedule.
+The correction acts on gradients, before Adam, so it has the scale of a gradient whatever the
+local optimizer: Fed-BioMed's own `Scaffold` aggregator estimates it from the weight change
+divided by the learning rate, which under Adam is a normalised step and not a gradient.
+
+Fed-BioMed keeps this optimizer's state (Adam's moments, ``c_i`` and ``c``) between a site's
+rounds and exchanges the SCAFFOLD states as the optimizer's auxiliary variables, next to the
+model weights; nothing else leaves the site.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from declearn.model.api import Vector
+from declearn.optimizer.modules import AdamModule, OptiModule, ScaffoldClientModule
+from fedbiomed.common.optimizers import Optimizer
+
+from pipelines.training import cosine_lr
+
+__all__ = ["CosineScheduleModule", "scaffold_adam"]
+
+# torch.optim.AdamW's constants, so that a run with and without SCAFFOLD differ by the correction only
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class CosineScheduleModule(OptiModule):  # type: ignore[misc]  # declearn's classes are untyped
+    """Scales the updates by the run's cosine schedule (``pipelines.training.cosine_lr``, relative to 1).
+
+    Fed-BioMed steps a declearn optimizer at its constant base rate, so the schedule is a last
+    module counting the run's steps in its state, which Fed-BioMed keeps between rounds.
+
+    Args:
+        total_steps: the run's local steps at a site (rounds x local steps; <= 0: constant).
+    """
+
+    name = "fedimg-cosine"
+
+    def __init__(self, total_steps: int = 0) -> None:
+        self.total_steps = int(total_steps)
+        self.step = 0
+
+    def run(self, gradients: Vector) -> Vector:
+        """Scale this step's update and count the step.
+
+        Args:
+            gradients: the update the previous modules computed.
+
+        Returns:
+            The update times the schedule's factor at this step.
+        """
+        factor = cosine_lr(1.0, self.step, self.total_steps)
+        self.step += 1
+        return gradients * factor
+
+    def get_config(self) -> dict[str, Any]:
+        """The module's arguments (declearn rebuilds the module from them)."""
+        return {"total_steps": self.total_steps}
+
+    def get_state(self) -> dict[str, Any]:
+        """The steps taken so far in the run."""
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the steps taken so far (a missing count restarts the schedule).
+
+        Args:
+            state: what `get_state` returned.
+        """
+        self.step = int(state.get("step", 0))
+
+
+def scaffold_adam(lr: float, weight_decay: float, total_steps: int) -> Optimizer:
+    """The site optimizer of a SCAFFOLD run: correction, Adam, cosine schedule.
+
+    Args:
+        lr: the base learning rate.
+        weight_decay: AdamW's decoupled weight decay (applied as ``lr * weight_decay`` per step at
+            the base rate, as torch's AdamW does; the schedule does not scale it).
+        total_steps: the run's local steps at the site (the schedule's length; <= 0: constant rate).
+
+    Returns:
+        A Fed-BioMed optimizer (declearn), which Fed-BioMed steps and keeps between rounds.
+    """
+    return Optimizer(
+        lr=lr,
+        decay=lr * weight_decay,
+        modules=[
+            ScaffoldClientModule(),
+            AdamModule(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], eps=ADAM_EPS),
+            CosineScheduleModule(total_steps),
+        ],
+    )
+
+
+def scaffold_state(optimizer: Any) -> dict[str, float]:
+    """How far the SCAFFOLD correction moves this round's gradients (for the round's report).
+
+    Args:
+        optimizer: the plan's Fed-BioMed optimizer wrapper (``TrainingPlan.optimizer()``).
+
+    Returns:
+        ``scaffold_correction_norm`` (L2 norm of ``c_i - c`` over all parameters; 0 in a site's
+        first round), ``adam_steps`` and ``schedule_steps`` (the run's steps so far, as Adam and
+        the schedule count them), each where the optimizer has that module.
+    """
+    fbm_optimizer = getattr(optimizer, "optimizer", None)
+    if not isinstance(fbm_optimizer, Optimizer):
+        return {}
+    out: dict[str, float] = {}
+    for name, state in fbm_optimizer.get_state()["states"]["modules"]:
+        if name == ScaffoldClientModule.name:
+            delta = state["state"] - state["sglob"]
+            coefs = delta.coefs.values() if isinstance(delta, Vector) else [delta]
+            out["scaffold_correction_norm"] = float(sum(float(_squares(v)) for v in coefs)) ** 0.5
+        elif name == AdamModule.name:
+            out["adam_steps"] = float(state.get("steps", 0))
+        elif name == CosineScheduleModule.name:
+            out["schedule_steps"] = float(state.get("step", 0))
+    return out
+
+
+def _squares(value: Any) -> float:
+    if hasattr(value, "detach"):  # a torch tensor
+        return float(value.detach().double().pow(2).sum())
+    return float(value) ** 2
