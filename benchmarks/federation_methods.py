@@ -9,7 +9,9 @@ holds out the same cases at every site):
     fedavg      marginal loss, FedAvg
     fedprox     marginal loss, FedAvg + proximal term (mu 1e-6, the paper's)
     fedopt      marginal loss, server momentum SGD (lr 1.0, momentum 0.6)
-    condistfl   marginal loss + conditional distillation from the received global model
+    scaffold    marginal loss, FedAvg with SCAFFOLD's drift correction (declearn's modules, before AdamW)
+    condistfl   marginal loss + conditional distillation from the received global model (the paper's: FedAvg)
+    condistfl_scaffold  ConDistFL with SCAFFOLD's correction: the main job's method, judged by the verdict
     standalone  marginal loss, every site alone (no aggregation); its joint model is the paper's
                 ensemble of the sites' best local models ("standalone ensemble": each class from the
                 model(s) of the site(s) labelling it, background from every model's merged background)
@@ -26,7 +28,8 @@ organ, as `coordinator evaluate` does). Over the seeds, per method and class: me
 and n of (a) the best global model's in-federation test Dice, (b) its out-of-federation Dice,
 (c) the sites' best local models' in-federation test Dice and out-of-federation Dice (mean over
 sites); organ mean (kidney, liver, pancreas, spleen) and tumours apart. The verdict says, for
-ConDistFL against every other method, in and out of federation, for global and local models,
+the main job's method (ConDistFL + SCAFFOLD; the paper's ConDistFL when that is not measured) against every
+other method, in and out of federation, for global and local models,
 whether the difference of the organ means exceeds the seed-to-seed spread (sd_a + sd_b), and
 gives ConDistFL's global / centralised ratio. Printed, and written to
 ``<workdir>/comparison/benchmark.json`` and ``results.md``.
@@ -65,12 +68,15 @@ from coordinator.testbed import DEMO_CASES_PER_SITE, Testbed, default_spec_text 
 from fedimg_core import atomic  # noqa: E402
 from fedimg_core.logs import setup_logging  # noqa: E402
 
+# the aggregator is set for every method: the demo spec's own (scaffold) must not leak into the paper's baselines
 METHODS: dict[str, dict[str, Any]] = {
-    "fedavg": {"plan": "marginal"},
-    "fedprox": {"plan": "marginal", "fedprox_mu": 1e-6},
-    "fedopt": {"plan": "marginal", "server_optimizer": {"name": "momentum", "lr": 1.0, "momentum": 0.6}},
-    "condistfl": {"plan": "condistfl"},
-    "standalone": {"plan": "marginal", "mode": "standalone"},
+    "fedavg": {"plan": "marginal", "aggregator": "fedavg"},
+    "fedprox": {"plan": "marginal", "aggregator": "fedavg", "fedprox_mu": 1e-6},
+    "fedopt": {"plan": "marginal", "aggregator": "fedavg", "server_optimizer": {"name": "momentum", "lr": 1.0, "momentum": 0.6}},
+    "scaffold": {"plan": "marginal", "aggregator": "scaffold"},
+    "condistfl": {"plan": "condistfl", "aggregator": "fedavg"},
+    "condistfl_scaffold": {"plan": "condistfl", "aggregator": "scaffold"},
+    "standalone": {"plan": "marginal", "aggregator": "fedavg", "mode": "standalone"},
 }
 
 
@@ -124,9 +130,12 @@ def mean_step_s(metrics: dict[str, Any]) -> float | None:
 
 IN_PROCESS = ("centralised",)  # trained in this process, after the federated runs
 ENSEMBLE = "standalone ensemble"  # the standalone run's joint model (`PartialLabelEnsemble`)
-DEFAULT_METHODS = "fedavg,fedprox,fedopt,condistfl,standalone,centralised"
-FEDERATED = ("fedavg", "fedprox", "fedopt")  # ConDistFL's federated baselines, in the verdict's order
-NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedopt": "FedOpt", "condistfl": "ConDistFL", "standalone": "standalone",
+DEFAULT_METHODS = "fedavg,fedprox,fedopt,scaffold,condistfl,condistfl_scaffold,standalone,centralised"
+# the federated methods the judged one is set against, in the verdict's order
+FEDERATED = ("fedavg", "fedprox", "fedopt", "scaffold", "condistfl")
+MAIN_JOB = "condistfl_scaffold"  # the main job's method: judged when measured, else the paper's ConDistFL
+NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedopt": "FedOpt", "scaffold": "SCAFFOLD", "condistfl": "ConDistFL",
+         "condistfl_scaffold": "ConDistFL + SCAFFOLD", "standalone": "standalone",
          ENSEMBLE: "standalone ensemble", "centralised": "centralised"}  # fmt: skip
 MODELS = ("global", "local")
 PLACES = ("in_fed", "oof")
@@ -341,7 +350,7 @@ def verdict(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]], orga
     """
     lines = []
     for model, place in SCOPES:
-        others = [m for m in FEDERATED if m in stats] + [ENSEMBLE if model == "global" else "standalone"]
+        others = [m for m in FEDERATED if m in stats and m != judged] + [ENSEMBLE if model == "global" else "standalone"]
         for other in others:
             if other not in stats and other not in FEDERATED:
                 continue
@@ -574,7 +583,7 @@ def main() -> int:
     tumours = [x for lesions in schema.groups.values() for x in lesions]
     class_order = [c for c in schema.classes if c != "background"]
     stats = seed_statistics(records, organs, tumours)
-    words = verdict(stats, records, organs)
+    words = verdict(stats, records, organs, judged=MAIN_JOB if MAIN_JOB in stats else "condistfl")
     md_tables = []
     for (model, place), title in TABLE_TITLES.items():
         rows = stats_rows(stats, model, place, class_order)

@@ -152,7 +152,8 @@ def main() -> int:
     ap.add_argument("--server-lr", type=float, default=1.0, help="server step on the averaged update (1: FedAvg; the spec's server_optimizer)")
     ap.add_argument("--server-momentum", type=float, default=0.0)
     ap.add_argument(
-        "--scaffold", action="store_true",
+        "--scaffold",
+        action="store_true",
         help="SCAFFOLD's gradient correction before AdamW (declearn's ScaffoldClientModule: each site's state is its mean raw gradient of the round)",
     )
     ap.add_argument("--gin", action="store_true", help="GIN intensity augmentation (plan_args.gin: {}, its defaults)")

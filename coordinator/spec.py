@@ -178,8 +178,13 @@ class SpecFile(ConfigModel):
     optimizer: OptimizerArgs | None = Field(
         default=None, description="Site-side optimizer arguments (default {lr: 0.001}; data_factory: {lr: 0.002}, lr only)."
     )
-    aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(default="fedavg", description="How the coordinator combines the sites' updates: fedavg, or scaffold (averaging with SCAFFOLD's drift correction, declearn's modules: the segmentation plans step its client half before Adam).")
-    server_optimizer: ServerOptimizer | None = Field(default=None, description="FedOpt server optimizer (null: plain averaging), applied after SCAFFOLD's server step with aggregator scaffold.")
+    aggregator: Annotated[str, one_of(*AGGREGATORS)] = Field(
+        default="fedavg",
+        description="How the coordinator combines the sites' updates: fedavg, or scaffold (averaging with SCAFFOLD's drift correction, declearn's modules: the segmentation plans step its client half before Adam).",
+    )
+    server_optimizer: ServerOptimizer | None = Field(
+        default=None, description="FedOpt server optimizer (null: plain averaging), applied after SCAFFOLD's server step with aggregator scaffold."
+    )
     fedprox_mu: Annotated[float, number(0)] | None = Field(default=None, description="FedProx proximal term (null: off).")
     split: SplitSection | None = Field(
         default=None,

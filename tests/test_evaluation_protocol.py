@@ -342,11 +342,11 @@ def test_split_under_plan_args_is_refused_with_where_it_belongs(tmp_path):
 
 
 def test_scaffold_weights_sites_equally_and_refuses_sample_weights():
-    """Fed-BioMed's Scaffold takes no weights: the run records what it does (equal), and `samples` is refused."""
+    """declearn's SCAFFOLD averages the sites' states equally: the run records equal weights, and `samples` is refused."""
     s = spec_mod.parse(SEG + "aggregator: scaffold\n", "x")
     assert s.weights == "equal"
     problems = _problems(SEG + "aggregator: scaffold\nweights: samples\n")
-    assert list(problems) == ["weights"] and "Fed-BioMed's Scaffold takes no weights" in problems["weights"]
+    assert list(problems) == ["weights"] and "scaffold averages the sites' correction states equally" in problems["weights"]
 
 
 def test_the_deprecation_suggestion_for_test_ratio_zero_validates():

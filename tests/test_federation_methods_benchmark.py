@@ -41,6 +41,8 @@ def test_seeds_vary_training_not_the_split(bench):
     assert all(s.split == {"validation": demo["validation"], "test": demo["test"], "seed": 5} for s in specs.values())  # the demo spec's shares
     assert len({s.name for s in specs.values()}) == len(specs)  # one run name per method and seed
     assert parse(yaml.safe_dump(bench.spec_for("fedavg", 2, 3, 0)), "spec").split["seed"] == 0
+    # each method names its aggregator: the main job's (scaffold) reaches only the methods that say so
+    assert {m for (m, _), s in specs.items() if s.aggregator == "scaffold"} == {"scaffold", "condistfl_scaffold"}
 
 
 def test_seed_options(bench):
@@ -61,7 +63,7 @@ def test_budget_follows_the_demo_and_cases_parse(bench):
     for bad in ("", "0", "x", "4,-1"):
         with pytest.raises(ValueError):
             bench.parse_cases(bad)
-    assert bench.DEFAULT_METHODS.split(",") == ["fedavg", "fedprox", "fedopt", "condistfl", "standalone", "centralised"]
+    assert bench.DEFAULT_METHODS.split(",") == ["fedavg", "fedprox", "fedopt", "scaffold", "condistfl", "condistfl_scaffold", "standalone", "centralised"]
 
 
 def test_run_scores_read_test_and_oof_columns(bench):

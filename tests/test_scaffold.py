@@ -46,7 +46,10 @@ def _local_round(start: torch.Tensor, target: torch.Tensor, optimizer: Optimizer
 def _federation(rounds: int, scaffold: bool) -> list[list[torch.Tensor]]:
     """Each round's local end points of the two sites, averaged with equal weights (FedAvg)."""
     server = Optimizer(lr=1.0, modules=[ScaffoldServerModule()])
-    site_opts = [scaffold_adam(0.05, 0.0, 0) if scaffold else Optimizer(lr=0.05, modules=[AdamModule(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], eps=ADAM_EPS)]) for _ in TARGETS]
+    site_opts = [
+        scaffold_adam(0.05, 0.0, 0) if scaffold else Optimizer(lr=0.05, modules=[AdamModule(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], eps=ADAM_EPS)])
+        for _ in TARGETS
+    ]
     w = torch.zeros(3)
     history = []
     for _ in range(rounds):

@@ -31,7 +31,7 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-class CosineScheduleModule(OptiModule):  # type: ignore[misc]  # declearn's classes are untyped
+class CosineScheduleModule(OptiModule[Any]):
     """Scales the updates by the run's cosine schedule (``pipelines.training.cosine_lr``, relative to 1).
 
     Fed-BioMed steps a declearn optimizer at its constant base rate, so the schedule is a last
@@ -47,7 +47,7 @@ class CosineScheduleModule(OptiModule):  # type: ignore[misc]  # declearn's clas
         self.total_steps = int(total_steps)
         self.step = 0
 
-    def run(self, gradients: Vector) -> Vector:
+    def run(self, gradients: Vector[Any]) -> Vector[Any]:
         """Scale this step's update and count the step.
 
         Args:
