@@ -284,7 +284,7 @@ def compare_sentence(scope: str, a_name: str, a: Mapping[str, Any] | None, b_nam
 
     Args:
         scope: e.g. ``"In federation, global"``.
-        a_name: the method judged (ConDistFL).
+        a_name: the method judged (the main job's, ConDistFL + SCAFFOLD, or the paper's ConDistFL).
         a: its `stat` (None: not measured).
         b_name: the method it is compared with.
         b: its `stat`.
@@ -335,9 +335,9 @@ def ratio_stat(records: Sequence[Mapping[str, Any]], num: str, den: str, place: 
 
 
 def verdict(stats: Mapping[str, Any], records: Sequence[Mapping[str, Any]], organs: Sequence[str], judged: str = "condistfl") -> list[str]:
-    """The benchmark's verdict in plain words: ConDistFL against every other method (federated baselines first, then
+    """The benchmark's verdict in plain words: the judged method against every other one (federated baselines first, then
     standalone training: its ensemble for the global model, its local models for the local ones), in and out of
-    federation, for global and local models (organ means over seeds), then ConDistFL's global / centralised ratio.
+    federation, for global and local models (organ means over seeds), then its global / centralised ratio.
 
     Args:
         stats: `seed_statistics`.

@@ -75,7 +75,8 @@ def main() -> int:
     console = Console()
 
     spec = yaml.safe_load(default_spec_text())
-    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", split={"validation": 0, "test": 0}, plan="marginal")
+    spec.update(rounds=args.rounds, local_steps=args.steps, name="overhead-bench", split={"validation": 0, "test": 0}, plan="marginal", aggregator="fedavg")
+    spec["plan_args"]["gin"] = None  # the in-process baseline steps plain AdamW without GIN: the run must too
     spec["sites"] = {"tags": ["fedimg-demo"], "min_sites": args.sites, "wait_s": 180}
 
     with tempfile.TemporaryDirectory(prefix="fedimg-bench-") as tmp:

@@ -374,6 +374,11 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     mode = values.get("mode", "federated")
     aggregator = values.get("aggregator", "fedavg")
     server_opt = values.get("server_optimizer")
+    plan_args = values.get("plan_args")
+    if aggregator == "scaffold" and isinstance(plan_args, dict) and plan_args.get("keep_optimizer_state") is False:
+        # SCAFFOLD's c_i lives in the optimizer state Fed-BioMed keeps between a site's rounds
+        out.append(("plan_args.keep_optimizer_state", "false cannot be used with aggregator scaffold: SCAFFOLD's state is the optimizer's, "
+                                                      "which Fed-BioMed keeps between rounds; drop keep_optimizer_state"))  # fmt: skip
     if aggregator == "scaffold" and values.get("weights") == "samples":
         # declearn's SCAFFOLD server averages the sites' correction states equally; the model average must match them
         out.append(("weights", "scaffold averages the sites' correction states equally, and the model updates with them: drop weights or write weights: equal"))

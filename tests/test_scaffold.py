@@ -145,9 +145,38 @@ def test_the_coordinator_pairs_scaffolds_server_module_with_averaging():
     assert _server_optimizer(plain) is None and plain.experiment_model_args()["aggregator"] == "fedavg"
 
 
+def test_scaffold_refuses_to_drop_the_optimizer_state():
+    with pytest.raises(spec_mod.SpecError, match="plan_args.keep_optimizer_state: false cannot be used with aggregator scaffold"):
+        spec_mod.parse(SEG.replace("plan_args: {schema: abdominal-ct}", "plan_args: {schema: abdominal-ct, keep_optimizer_state: false}")
+                       + "aggregator: scaffold\n", "x")  # fmt: skip
+    spec_mod.parse(SEG.replace("plan_args: {schema: abdominal-ct}", "plan_args: {schema: abdominal-ct, keep_optimizer_state: false}"), "x")
+
+
 def test_aggregator_in_plan_args_is_refused_as_filled_in():
     raw = yaml.safe_load(SEG)
     _, problems = check_plan_args("condistfl", {**raw["plan_args"], "aggregator": "scaffold"})
     assert [(p.key, p.problem) for p in problems] == [
         ("aggregator", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator), the run and the sites")
     ]
+
+
+def _scaffold_plan(round_index: int):
+    from fedbiomed.common.training_args import TrainingArgs
+
+    from coordinator.plans import model_args_for
+    from pipelines.plans.marginal import MarginalSegmentationPlan
+
+    args = model_args_for("marginal", {"network": {"name": "basic_unet", "size": "tiny"}, "roi_size": 32, "spacing": "native"})
+    args.update(run_id="scaffold-unit", rounds_total=3, local_steps=2, aggregator="scaffold")
+    ta = TrainingArgs({"optimizer_args": {"lr": 1e-3}, "num_updates": 2}, only_required=False)
+    plan = MarginalSegmentationPlan()
+    plan.post_init(args, ta, node_id="NODE_A", round=round_index)
+    return plan
+
+
+def test_a_site_whose_scaffold_state_was_lost_stops_instead_of_rejoining_with_a_fresh_one(site_process):
+    first = _scaffold_plan(0)
+    assert isinstance(first.optimizer().optimizer, Optimizer)  # the declearn optimizer, not torch's AdamW
+    assert first._restore_optimizer_state() is False  # round 1: nothing to restore, nothing missing
+    with pytest.raises(RuntimeError, match="round 2: this site's SCAFFOLD optimizer state from its previous round was not restored"):
+        _scaffold_plan(1)._restore_optimizer_state()

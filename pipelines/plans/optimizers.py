@@ -9,9 +9,10 @@ The correction acts on gradients, before Adam, so it has the scale of a gradient
 local optimizer: Fed-BioMed's own `Scaffold` aggregator estimates it from the weight change
 divided by the learning rate, which under Adam is a normalised step and not a gradient.
 
-Fed-BioMed keeps this optimizer's state (Adam's moments, ``c_i`` and ``c``) between a site's
-rounds and exchanges the SCAFFOLD states as the optimizer's auxiliary variables, next to the
-model weights; nothing else leaves the site.
+Fed-BioMed keeps this optimizer's state (Adam's moments, ``c_i`` and ``c``, the schedule's step)
+between a site's rounds, and exchanges the SCAFFOLD states as the optimizer's auxiliary variables
+next to the model weights: each round a site also sends the change of ``c_i``, a mean gradient
+with one value per model parameter (an aggregate over the round's steps, like the model update).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from fedbiomed.common.optimizers import Optimizer
 
 from pipelines.training import cosine_lr
 
-__all__ = ["CosineScheduleModule", "scaffold_adam"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "CosineScheduleModule", "scaffold_adam", "scaffold_state"]
 
-# torch.optim.AdamW's constants, so that a run with and without SCAFFOLD differ by the correction only
+# torch.optim.AdamW's constants, so that a run with and without SCAFFOLD differ by the correction (and by the
+# weight decay, constant at lr * weight_decay here, scheduled with the rate in AdamW: negligible at 1e-5)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 

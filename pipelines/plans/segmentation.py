@@ -170,10 +170,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         self._teacher = frozen_teacher(self.model()) if self.distill else None
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
-        if self._adamw is not None:
-            self._opt_restored = self._round_index() > 0 and self._opt_store.load_into(self._adamw)
-        else:  # Fed-BioMed restored the declearn optimizer's state (Adam's moments, SCAFFOLD's c_i and c) before this call
-            self._opt_restored = self._optimizer_report().get("adam_steps", 0.0) > 0
+        self._opt_restored = self._restore_optimizer_state()
         samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         if self._adamw is not None:
             self._opt_store.save(self._adamw)
@@ -211,6 +208,29 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             self._sums[k] += v
         self._sums["step_s"] += time.perf_counter() - t0
         return loss
+
+    def _restore_optimizer_state(self) -> bool:
+        """AdamW: load the moments of this site's previous round (``keep_optimizer_state``). SCAFFOLD: Fed-BioMed
+        restored the declearn optimizer's state (Adam's moments, ``c_i`` and ``c``, the schedule's step) before the
+        round; check that it did.
+
+        Returns:
+            Whether a previous round's state is in the optimizer.
+
+        Raises:
+            RuntimeError: SCAFFOLD after round 1 without the previous round's state. A fresh state would rejoin as a
+                new SCAFFOLD client with ``c_i = 0`` (the coordinator's ``c`` would then average over one client too
+                many for the rest of the run) and restart the schedule.
+        """
+        if self._adamw is not None:
+            return self._round_index() > 0 and self._opt_store.load_into(self._adamw)
+        restored = self._optimizer_report().get("adam_steps", 0.0) > 0
+        if self._round_index() > 0 and not restored:
+            raise RuntimeError(
+                f"round {self._round_index() + 1}: this site's SCAFFOLD optimizer state from its previous round was not restored "
+                "(Fed-BioMed's node state is missing or unreadable); start the run again"
+            )
+        return restored
 
     def _optimizer_report(self) -> dict[str, float]:
         """SCAFFOLD's correction norm and the optimizer's step counts (empty for AdamW)."""

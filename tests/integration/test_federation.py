@@ -135,7 +135,8 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     for i, site in enumerate(bed.sites):
         (record,) = [json.loads(p.read_text()) for p in site.work_dir.rglob(f"splits/{run_dir.name}.json")]
         assert record["cases"] == splits[site.site_name]
-    # equal weights: the last aggregate is the plain mean of the sites' last local models (FedAvg, no server optimizer)
+    # equal weights: the last aggregate is the plain mean of the sites' last local models (the main job's SCAFFOLD
+    # changes the sites' steps, not the average; no server optimizer)
     want = _local_mean(run_dir, {"site-1": 1.0, "site-2": 1.0})
     got = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
     assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
@@ -156,10 +157,10 @@ def test_scaffold_corrects_the_sites_gradients_from_round_two(bed):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     first, second = ([row["train"] for row in r["sites"].values()] for r in metrics["rounds"])
     # round 1: no correction yet; Adam's steps and the schedule start at 0
-    assert all(t["scaffold_correction_norm"] == 0.0 and t["adam_steps"] == 2 and t["optimizer_state_restored"] == 0.0 for t in first)
+    assert all(t["scaffold_correction_norm"] == 0.0 and t["adam_steps"] == t["schedule_steps"] == 2 and t["optimizer_state_restored"] == 0.0 for t in first)
     # round 2: Fed-BioMed restored each site's optimizer (moments, c_i), and the correction is c_i - c with
     # c the mean of the two sites' states: opposite at the two sites, so of the same size, and not zero
-    assert all(t["adam_steps"] == 4 and t["optimizer_state_restored"] == 1.0 for t in second)
+    assert all(t["adam_steps"] == t["schedule_steps"] == 4 and t["optimizer_state_restored"] == 1.0 for t in second)
     norms = [t["scaffold_correction_norm"] for t in second]
     assert norms[0] > 0 and norms[0] == pytest.approx(norms[1], rel=1e-3)
     # SCAFFOLD's server step with server lr 1 is the plain average of the sites' models
