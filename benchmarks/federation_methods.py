@@ -101,6 +101,35 @@ def spec_for(method: str, rounds: int, steps: int, seed: int, split_seed: int = 
     return raw
 
 
+def finished_run(home: Path, spec: Mapping[str, Any]) -> Path | None:
+    """The newest finished, evaluated run under a coordinator home that ran this spec.
+
+    What lets a benchmark spread over several sittings (``--resume``): a run counts only when it
+    finished every round, was scored out of federation, and its submitted spec equals ``spec``
+    (the site selection aside, which the testbed fills in), so a changed demo spec, budget or
+    seed runs again.
+
+    Args:
+        home: the testbed's coordinator home.
+        spec: the spec this benchmark would submit (`spec_for`).
+
+    Returns:
+        The run's directory, or None when no run qualifies.
+    """
+    wanted = {k: v for k, v in spec.items() if k != "sites"}
+    for info in reversed(runs.list_runs(home)):
+        run_dir = Path(info["run_dir"])
+        if info.get("status") != "done" or info.get("rounds_done") != spec.get("rounds") or not any((run_dir / "evaluations").glob("*.json")):
+            continue
+        try:
+            submitted = yaml.safe_load((run_dir / "spec.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(submitted, dict) and {k: v for k, v in submitted.items() if k != "sites"} == wanted:
+            return run_dir
+    return None
+
+
 def run_label(method: str, seed: int, seeds: list[int]) -> str:
     """The method's name on the comparison page: ``fedavg``, or ``fedavg seed 1`` with several seeds."""
     return method if len(seeds) == 1 else f"{method} seed {seed}"
@@ -416,8 +445,24 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 # -- the in-process baselines -------------------------------------------------------------------
 
 
+def centralised_key(spec_raw: Mapping[str, Any], steps: int, seed: int) -> dict[str, Any]:
+    """What a centralised model's scores depend on: the spec's plan_args, optimizer and split, the steps and the seed (as JSON)."""
+    key = {k: spec_raw.get(k) for k in ("plan_args", "optimizer", "split")} | {"steps": steps, "seed": seed}
+    return dict(json.loads(json.dumps(key, default=str)))
+
+
+def read_kept(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A kept centralised score (``{"key", "record", "seconds"}``) when it was computed for ``key``; None when absent, unreadable or other."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("record"), dict) else None
+
+
 def in_process_baselines(bed: Testbed, spec_raw: dict[str, Any], seeds: list[int], methods: list[str], standalone_runs: Mapping[int, Path],
-                         total_steps: int, console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+                         total_steps: int, console: Console, cache: Path | None = None,
+                         resume: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """The centralised model (per seed) and the standalone ensemble (per standalone run), scored like the federation's models.
 
     Args:
@@ -428,6 +473,9 @@ def in_process_baselines(bed: Testbed, spec_raw: dict[str, Any], seeds: list[int
         standalone_runs: seed -> the standalone run's directory.
         total_steps: the centralised model's steps (sites x rounds x local steps).
         console: progress and messages.
+        cache: a folder where each centralised model's scores are kept (``centralised-seed<k>.json``,
+            with what they depend on: plan_args, optimizer, split, steps, seed).
+        resume: reuse a kept score whose dependencies are this run's instead of training again.
 
     Returns:
         ``(records, facts)``: one record per model as `seed_statistics` takes them; facts (test cases, seconds).
@@ -467,6 +515,14 @@ def in_process_baselines(bed: Testbed, spec_raw: dict[str, Any], seeds: list[int
     if "centralised" in methods:
         train = [(image, label, s.classes) for s in sites for image, label in s.training]
         for seed in seeds:
+            key = centralised_key(spec_raw, total_steps, seed)
+            kept = cache / f"centralised-seed{seed}.json" if cache else None
+            old = read_kept(kept, key) if resume and kept is not None else None
+            if old is not None:
+                console.print(f"centralised seed {seed}: reusing {kept} (same plan_args, optimizer, split, steps)", markup=False, highlight=False)
+                records.append(old["record"])
+                facts["centralised_s"][str(seed)] = old.get("seconds")
+                continue
             console.rule(f"centralised seed {seed}: {total_steps} steps on {len(train)} pooled training cases, {threads} torch threads")
             t0 = time.monotonic()
             net = mb.train_centralised(train, settings, total_steps, float(spec.optimizer["lr"]), float(spec.optimizer.get("weight_decay", 1e-5)),
@@ -474,6 +530,9 @@ def in_process_baselines(bed: Testbed, spec_raw: dict[str, Any], seeds: list[int
             facts["centralised_s"][str(seed)] = time.monotonic() - t0
             with console.status(f"scoring the centralised model (seed {seed})"):
                 records.append({"method": "centralised", "seed": seed, "global": scores(net), "local": None})
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_text(kept, json.dumps({"key": key, "record": records[-1], "seconds": facts["centralised_s"][str(seed)]}, default=str))
     for seed, run_dir in standalone_runs.items():
         found = _models(run_dir, runs.read_metrics(run_dir))
         checkpoints = {key.split(":", 1)[1]: path for key, (_, path) in found.items() if key.startswith("local:")}
@@ -500,7 +559,12 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated: every method runs once per seed")
     ap.add_argument("--split-seed", type=int, default=0, help="the split's seed: the same held-out cases for every method and seed")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/federation-methods-<time>")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse --workdir's finished, evaluated runs whose spec is the one this run would submit, and its "
+                         "centralised models' scores of the same spec and steps (a benchmark spread over several sittings)")  # fmt: skip
     args = ap.parse_args()
+    if args.resume and args.workdir is None:
+        ap.error("--resume needs --workdir: the folder of the benchmark to go on with")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS and m not in IN_PROCESS]
     if unknown:
@@ -520,6 +584,15 @@ def main() -> int:
     bed = Testbed(workdir, n_sites=n_sites, out=lambda line: console.print(line, markup=False, highlight=False),
                   oof_phase="non_contrast", cases=cases)  # fmt: skip
     federated = [m for m in methods if m in METHODS]
+    reused: dict[str, Path] = {}
+    if args.resume and (workdir / "coordinator").is_dir():
+        for seed in seeds:
+            for method in federated:
+                found = finished_run(bed.home, spec_for(method, args.rounds, args.steps, seed, args.split_seed))
+                if found is not None:
+                    reused[run_label(method, seed, seeds)] = found
+        for label, found in reused.items():
+            console.print(f"{label}: reusing {found.name} (finished, evaluated, same spec)", markup=False, highlight=False)
     run_dirs: dict[str, Path] = {}
     method_of: dict[str, str] = {}
     seed_of: dict[str, int] = {}
@@ -527,11 +600,14 @@ def main() -> int:
     try:
         with console.status(f"setting up {n_sites} phantom sites, the out-of-federation set and the nodes"):
             bed.setup_sites()
-            if federated:
+            if len(reused) < len(federated) * len(seeds):
                 bed.start_nodes()
         for seed in seeds:
             for method in federated:
                 label = run_label(method, seed, seeds)
+                if label in reused:
+                    run_dirs[label], method_of[label], seed_of[label] = reused[label], method, seed
+                    continue
                 console.rule(f"{label}: {args.rounds} rounds x {args.steps} steps, split seed {args.split_seed}")
                 spec = spec_for(method, args.rounds, args.steps, seed, args.split_seed)
                 code = bed.run_spec(yaml.safe_dump(spec, sort_keys=False))
@@ -571,7 +647,8 @@ def main() -> int:
     standalone_runs = {seed_of[label]: d for label, d in run_dirs.items() if method_of[label] == "standalone"}
     if "centralised" in methods or standalone_runs:
         base = spec_for(federated[0] if federated else "fedavg", args.rounds, args.steps, seeds[0], args.split_seed)
-        extra, facts = in_process_baselines(bed, base, seeds, methods, standalone_runs, n_sites * args.rounds * args.steps, console)
+        extra, facts = in_process_baselines(bed, base, seeds, methods, standalone_runs, n_sites * args.rounds * args.steps, console,
+                                            cache=workdir / "comparison", resume=args.resume)  # fmt: skip
         records += extra
     order = [m for m in methods if m != "centralised"] + ([ENSEMBLE] if standalone_runs else []) + (["centralised"] if "centralised" in methods else [])
     records.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["seed"]))
@@ -619,7 +696,7 @@ def main() -> int:
     summary: dict[str, Any] = {
         "command": command, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
         "rounds": args.rounds, "steps": args.steps, "cases_per_site": cases, "seeds": seeds, "split_seed": args.split_seed,
-        "methods": methods, "run_dirs": {label: str(d) for label, d in run_dirs.items()}, "method_of": method_of, "seed_of": seed_of,
+        "methods": methods, "reused_runs": {label: str(d) for label, d in reused.items()}, "run_dirs": {label: str(d) for label, d in run_dirs.items()}, "method_of": method_of, "seed_of": seed_of,
         "comparison": table_json, "records": records, "stats": stats, "verdict": words, "baselines": facts,
         "test_dice_over_seeds": seed_summary(table_json["runs"], method_of),
         "round_s": {m: steady_round_s(mt) for m, mt in metrics.items()},
@@ -661,6 +738,9 @@ def results_markdown(summary: Mapping[str, Any], tables: Sequence[str]) -> str:
     ]
     if tests:
         lines.append(f"- Test cases per site: {', '.join(f'{k} {v}' for k, v in tests.items())}; out-of-federation cases: {facts.get('oof_cases', '-')}")
+    if summary.get("reused_runs"):
+        kept = ", ".join(f"{label} ({Path(d).name})" for label, d in summary["reused_runs"].items())
+        lines.append(f"- Reused from an earlier sitting (`--resume`: finished, evaluated, same spec; the wall time counts this sitting only): {kept}")
     lines += [
         "- Cells: mean ± sample sd over seeds (n = seeds with a score). Organ mean: kidney, liver, pancreas, spleen; tumours apart.",
         "",

@@ -3,6 +3,7 @@ over seeds and the verdict, the standalone ensemble's rule and the centralised t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -305,3 +306,57 @@ def test_main_job_and_benchmark_use_the_same_cases_per_site(bench):
     option = next(p for p in testbed_command.params if p.name == "cases")
     assert option.default == str(DEMO_CASES_PER_SITE)
     assert bench.parse_cases(str(DEMO_CASES_PER_SITE)) == [DEMO_CASES_PER_SITE]
+
+
+def _fake_run(home, spec: dict, *, status: str = "done", rounds: int | None = None, evaluated: bool = True):
+    """A run directory as `coordinator run` leaves it: the submitted spec (sites filled in by the testbed), state, metrics."""
+    from coordinator import runs
+
+    submitted = {**spec, "sites": {"tags": ["fedimg-demo"], "min_sites": 4}}
+    run_dir = runs.new_run(home, yaml.safe_dump(submitted, sort_keys=False), spec["name"])
+    runs.mark(run_dir, status)
+    n = spec["rounds"] if rounds is None else rounds
+    runs.write_metrics(run_dir, {"rounds_planned": spec["rounds"], "rounds": [{"round": i + 1} for i in range(n)]})
+    if evaluated:
+        (run_dir / "evaluations").mkdir()
+        (run_dir / "evaluations" / "out-of-federation.json").write_text("{}")
+    return run_dir
+
+
+def test_resume_reuses_only_finished_evaluated_runs_of_the_same_spec(bench, tmp_path):
+    spec = bench.spec_for("fedavg", 2, 3, seed=1)
+    assert bench.finished_run(tmp_path, spec) is None  # an empty home
+    _fake_run(tmp_path, spec, status="failed")
+    _fake_run(tmp_path, spec, rounds=1)  # stopped after round 1 of 2
+    _fake_run(tmp_path, spec, evaluated=False)  # never scored out of federation
+    _fake_run(tmp_path, bench.spec_for("fedavg", 2, 3, seed=2))  # another seed
+    changed = {**spec, "plan_args": {**spec["plan_args"], "gin": {"prob": 0.9}}}
+    _fake_run(tmp_path, changed)  # the demo spec changed since
+    assert bench.finished_run(tmp_path, spec) is None
+    good = _fake_run(tmp_path, spec)
+    assert bench.finished_run(tmp_path, spec) == good.resolve()
+    assert bench.finished_run(tmp_path, changed) is not None and bench.finished_run(tmp_path, changed) != good.resolve()
+
+
+def test_results_markdown_names_the_reused_runs(bench):
+    summary = {
+        "command": "c", "date_utc": "d", "cpu_count": 2, "total_wall_s": 60.0, "rounds": 2, "steps": 3, "seeds": [0], "split_seed": 0,
+        "cases_per_site": None, "baselines": {}, "verdict": [], "reused_runs": {"fedavg seed 0": "/x/runs/20261205-bench-fedavg-seed0-ab12"},
+    }  # fmt: skip
+    assert "fedavg seed 0 (20261205-bench-fedavg-seed0-ab12)" in bench.results_markdown(summary, [])
+    assert "Reused" not in bench.results_markdown({**summary, "reused_runs": {}}, [])
+
+
+def test_kept_centralised_scores_are_reused_only_for_the_same_dependencies(bench, tmp_path):
+    spec = bench.spec_for("fedavg", 2, 3, seed=0)
+    key = bench.centralised_key(spec, 24, 1)
+    kept = tmp_path / "centralised-seed1.json"
+    assert bench.read_kept(kept, key) is None  # nothing kept yet
+    kept.write_text(json.dumps({"key": key, "record": {"method": "centralised", "seed": 1}, "seconds": 5.0}))
+    assert bench.read_kept(kept, key)["record"] == {"method": "centralised", "seed": 1}
+    assert bench.read_kept(kept, bench.centralised_key(spec, 48, 1)) is None  # other steps
+    assert bench.read_kept(kept, bench.centralised_key(spec, 24, 2)) is None  # other seed
+    other = {**spec, "optimizer": {"lr": 0.01}}
+    assert bench.read_kept(kept, bench.centralised_key(other, 24, 1)) is None
+    kept.write_text("{not json")
+    assert bench.read_kept(kept, key) is None
