@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from pipelines.augment import PatchSampler, patch_batch
+from pipelines.augment import patch_batch, sampler_for
 from pipelines.networks import build_network, main_output, set_background_prior
 from pipelines.plan_args import SegmentationSettings
 from pipelines.splits import SplitIndices, SplitSettings, split_indices
@@ -190,8 +190,7 @@ def train_centralised(
         set_background_prior(net, settings.num_classes, settings.background_prior)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     objectives: dict[tuple[int, ...], PartialLabelObjective] = {}
-    sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, augment=settings.augment,
-                           ignore_label=settings.schema.ignore_label, gin=settings.gin)  # fmt: skip
+    sampler = sampler_for(settings)
     net.train()
     with torch_threads(threads), Progress(console=console, disable=console is None) as bar:
         task = bar.add_task(label, total=steps)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.plans import model_args_for  # noqa: E402
 from coordinator.testbed import Testbed, default_spec_text  # noqa: E402
-from pipelines.augment import PatchSampler  # noqa: E402
+from pipelines.augment import sampler_for  # noqa: E402
 from pipelines.networks import build_network  # noqa: E402
 from pipelines.training import PartialLabelObjective, parse_plan_args  # noqa: E402
 from pipelines.transforms import deterministic_transforms  # noqa: E402
@@ -53,7 +53,7 @@ def local_round_seconds(bed: Testbed, spec: dict) -> list[float]:
         net = build_network(out_channels=schema.num_classes, **settings.network)
         opt = torch.optim.AdamW(net.parameters(), lr=spec["optimizer"]["lr"])
         objective = PartialLabelObjective(schema, ds.labeled_classes, settings.temperature, settings.spatial_dims)
-        sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, settings.augment)
+        sampler = sampler_for(settings)
         t0 = time.perf_counter()
         for step in range(spec["local_steps"]):
             x, y = sampler(*volumes[step % len(volumes)])

@@ -44,7 +44,7 @@ from method_baselines import train_centralised  # noqa: E402
 
 from fedimg_testing.phantom.tissues import SITES  # noqa: E402
 from fedimg_testing.phantom.volume import make_phantom  # noqa: E402
-from pipelines.augment import PatchSampler, patch_batch  # noqa: E402
+from pipelines.augment import patch_batch, sampler_for  # noqa: E402
 from pipelines.losses import lambda_schedule  # noqa: E402
 from pipelines.networks import build_network, count_parameters, set_background_prior  # noqa: E402
 from pipelines.training import (  # noqa: E402
@@ -181,7 +181,7 @@ def main() -> int:
     if settings.background_prior is not None:
         set_background_prior(net, schema.num_classes, settings.background_prior)
     print(json.dumps({"parameters": count_parameters(net), "volume": list(sites[0]["train"][0][0].shape)}), flush=True)
-    sampler = PatchSampler(settings.roi_size, settings.patches_per_volume, 3, augment=settings.augment, ignore_label=schema.ignore_label, gin=settings.gin)
+    sampler = sampler_for(settings)
     t0 = time.monotonic()
     if args.method == "centralised":  # the methods benchmark's centralised baseline (same prior, objective, schedule)
         pool = [(v, lab, tuple(s["classes"])) for s in sites for v, lab in s["train"]]

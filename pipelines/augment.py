@@ -22,11 +22,12 @@ from monai.transforms.intensity.dictionary import (
 from monai.transforms.spatial.dictionary import RandFlipd, RandZoomd
 
 from pipelines.gin import GINAugmentation
+from pipelines.plan_args import SegmentationSettings
 
 IGNORE_LABEL = 255
 
 
-def _augmentations(spatial_dims: int) -> Compose:
+def _augmentations(spatial_dims: int, mirror_axes: Sequence[int]) -> Compose:
     keys = ["image", "label"]
     steps = [
         RandZoomd(
@@ -38,7 +39,7 @@ def _augmentations(spatial_dims: int) -> Compose:
             keep_size=True,
             padding_mode="constant",
         ),  # fmt: skip
-        *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)],
+        *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in mirror_axes],
         RandGaussianNoised(keys="image", prob=0.15, mean=0.0, std=0.1),
         RandGaussianSmoothd(keys="image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         RandScaleIntensityd(keys="image", prob=0.15, factors=0.1),
@@ -63,9 +64,14 @@ class PatchSampler:
         augment: apply the random augmentation set.
         ignore_label: the label value that never counts as foreground.
         gin: GIN's keyword arguments, or None.
+        mirror_axes: the axes the augmentation may flip (p 0.5 each), in the volume's RAS+ order
+            (0: left-right, 1: posterior-anterior, 2: inferior-superior); None: every axis
+            (nnU-Net's default). Leave out an axis across which the classes differ, such as 0
+            when the anatomy is lateral (liver right, spleen left): a flipped patch teaches that
+            side does not matter.
 
     Raises:
-        ValueError: a bad ``spatial_dims``, ``roi_size`` or ``num_samples``.
+        ValueError: a bad ``spatial_dims``, ``roi_size``, ``num_samples`` or ``mirror_axes``.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class PatchSampler:
         augment: bool = True,
         ignore_label: int = IGNORE_LABEL,
         gin: Mapping[str, Any] | None = None,
+        mirror_axes: Sequence[int] | None = None,
     ):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -83,6 +90,10 @@ class PatchSampler:
             raise ValueError(f"roi_size must be {spatial_dims} positive integers, got {roi_size!r}")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        axes = tuple(range(spatial_dims)) if mirror_axes is None else tuple(mirror_axes)
+        if not all(isinstance(a, int) and 0 <= a < spatial_dims for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"mirror_axes must be distinct axes in 0..{spatial_dims - 1}, got {mirror_axes!r}")
+        self.mirror_axes = axes
         self.spatial_dims = spatial_dims
         self.roi_size = tuple(roi_size)
         self.num_samples = num_samples
@@ -93,7 +104,7 @@ class PatchSampler:
             keys=["image", "label"], label_key="fg", spatial_size=crop_roi, pos=1, neg=1, num_samples=num_samples,
             allow_smaller=False,
         )  # fmt: skip
-        self._augment = _augmentations(spatial_dims) if augment else None
+        self._augment = _augmentations(spatial_dims, axes) if augment else None
         self._gin = GINAugmentation(**gin) if gin is not None else None
 
     def _reseed(self) -> None:
@@ -139,6 +150,20 @@ class PatchSampler:
             images.append(img.float())
             labels.append(lab.round().long())
         return torch.stack(images), torch.stack(labels)
+
+
+def sampler_for(settings: SegmentationSettings) -> PatchSampler:
+    """The training patch sampler the segmentation plans' settings describe (patch size and count, augmentation,
+    mirror axes, GIN, the schema's ignore label): one construction for the plans and the benchmarks that stand in for them.
+
+    Args:
+        settings: the validated plan settings (`pipelines.plan_args.parse_plan_args`).
+
+    Returns:
+        The sampler.
+    """
+    return PatchSampler(settings.roi_size, settings.patches_per_volume, settings.spatial_dims, augment=settings.augment,
+                        ignore_label=settings.schema.ignore_label, gin=settings.gin, mirror_axes=settings.mirror_axes)  # fmt: skip
 
 
 def patch_batch(sampler: PatchSampler, volumes: Iterable[torch.Tensor], labels: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

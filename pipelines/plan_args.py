@@ -31,7 +31,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
-    "background_prior", "aggregator",
+    "background_prior", "aggregator", "mirror_axes",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -59,6 +59,7 @@ class SegmentationSettings:
     lambda_range: tuple[float, float] = (0.01, 1.0)
     lr_schedule: str = "cosine"
     augment: bool = True
+    mirror_axes: tuple[int, ...] | None = None  # axes the augmentation flips (RAS+: 0 left-right); None: every axis
     gin: dict[str, Any] | None = None  # GINAugmentation kwargs (pipelines.gin); None: off
     predict_classes: tuple[int, ...] | None = None  # classes inference may output (others fold into background); None: all
     overlap: float = 0.25
@@ -114,6 +115,16 @@ def _gin(value: Any) -> Any:
     return value
 
 
+def _mirror_axes(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(is_int(v) and 0 <= v <= 2 for v in value) or len(set(value)) != len(value):
+        raise ValueError(
+            f"must be a list of distinct axes 0-2 (RAS+: 0 left-right, 1 posterior-anterior, 2 inferior-superior), [] for none (got {short(value)})"
+        )
+    return tuple(int(v) for v in value)
+
+
 def _split(value: Any) -> SplitSettings | None:
     if value is None:
         return None
@@ -158,6 +169,8 @@ class PlanArgs(PlanArgsBase):
     lambda_: Annotated[tuple[float, float], BeforeValidator(_lambda)] = Field(default=(0.01, 1.0), alias="lambda")
     lr_schedule: Annotated[str, choice(("cosine", "constant"))] = DEFAULTS["lr_schedule"]
     augment: Flag = DEFAULTS["augment"]
+    # None: every axis (nnU-Net's mirroring); [] or a subset where the classes are lateral (liver right, spleen left)
+    mirror_axes: Annotated[tuple[int, ...] | None, BeforeValidator(_mirror_axes)] = None
     gin: Annotated[GinArgs | None, BeforeValidator(_gin)] = None  # None: GIN off
     predict_classes: tuple[int, ...] | None = None  # class names in a spec, ids once validated
     inference: Annotated[Inference, BeforeValidator(_inference)] = Field(default_factory=Inference)
@@ -201,6 +214,8 @@ class PlanArgs(PlanArgsBase):
             key, problem = exc.problems[0]
             raise ConfigProblem(key, problem) from None
         self.roi_size = tuple(roi)
+        if self.mirror_axes is not None and dims in (2, 3) and any(a >= dims for a in self.mirror_axes):
+            raise ConfigProblem("mirror_axes", f"a {dims}D network's patches have axes 0-{dims - 1} (got {list(self.mirror_axes)!r})")
         return self
 
 
@@ -228,6 +243,7 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         lambda_range=m.lambda_,
         lr_schedule=m.lr_schedule,
         augment=m.augment,
+        mirror_axes=m.mirror_axes,
         gin=m.gin.model_dump() if m.gin is not None else None,
         predict_classes=m.predict_classes,
         keep_optimizer_state=m.keep_optimizer_state,

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from pipelines.augment import IGNORE_LABEL, PatchSampler
+from pipelines.augment import IGNORE_LABEL, PatchSampler, sampler_for
 
 SHAPE = (40, 36, 20)
 IGN = IGNORE_LABEL
@@ -412,3 +412,38 @@ def test_patch_batch_concatenates_each_volumes_patches():
     labs = [(torch.rand(1, 12, 12, 12) > 0.7).long() for _ in range(3)]
     images, labels = patch_batch(sampler, vols, labs)
     assert images.shape == (6, 1, 8, 8, 8) and labels.shape == (6, 1, 8, 8, 8) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("mirror_axes, allowed", [((), set()), ((1,), {2}), (None, {1, 2, 3})])
+def test_mirror_axes_limit_the_flips(mirror_axes, allowed):
+    image, label = coord_image(), blob_label(ignore_rows=8)
+    label[0, 25:30, 3:12, 2:9] = 1
+    roi = (16, 12, 8)
+    sampler = PatchSampler(roi, num_samples=4, augment=True, mirror_axes=mirror_axes)
+    seen: set[int] = set()
+    for _ in range(12):
+        for img in sampler(image, label)[0]:
+            hit = _match_flipped_crop(img, image, roi)
+            if hit is not None:
+                seen |= set(hit[1])
+    assert seen <= allowed, f"flipped tensor dims {sorted(seen - allowed)} outside mirror_axes {mirror_axes}"
+    assert seen == allowed or not allowed, f"mirror_axes {mirror_axes} flipped only {sorted(seen)}"  # 48 patches: each axis flips
+
+
+def test_mirror_axes_are_checked():
+    for bad in ((3,), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="mirror_axes"):
+            PatchSampler((16, 16, 8), mirror_axes=bad)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        PatchSampler((16, 16), spatial_dims=2, mirror_axes=(2,))
+
+
+def test_sampler_for_follows_the_plan_settings():
+    from pipelines.plan_args import parse_plan_args
+    from preprocessing.schema import load_schema
+
+    schema = load_schema()
+    s = sampler_for(parse_plan_args({"roi_size": 48, "patches_per_volume": 3, "mirror_axes": [2], "gin": {"prob": 1.0}}, schema))
+    assert s.roi_size == (48, 48, 48) and s.num_samples == 3 and s.mirror_axes == (2,) and s.ignore_label == schema.ignore_label
+    assert s._gin is not None and s._gin.prob == 1.0
+    assert sampler_for(parse_plan_args({}, schema)).mirror_axes == (0, 1, 2)

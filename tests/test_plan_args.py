@@ -176,6 +176,17 @@ def test_lr_schedule_and_augment(schema):
         assert _error({"augment": bad}, schema).startswith("plan_args.augment: must be true or false")
 
 
+def test_mirror_axes(schema):
+    assert parse_plan_args({}, schema).mirror_axes is None  # every axis, nnU-Net's mirroring
+    assert parse_plan_args({"mirror_axes": []}, schema).mirror_axes == ()  # no flips: lateral anatomy
+    assert parse_plan_args({"mirror_axes": [2, 1]}, schema).mirror_axes == (2, 1)
+    for bad in ([0, 0], [3], [-1], "0", [1.5], [True]):
+        assert _error({"mirror_axes": bad}, schema).startswith("plan_args.mirror_axes: must be a list of distinct axes 0-2")
+    two_d = {"network": {"name": "basic_unet", "spatial_dims": 2}, "roi_size": [32, 32]}
+    assert parse_plan_args({**two_d, "mirror_axes": [1]}, schema).mirror_axes == (1,)
+    assert _error({**two_d, "mirror_axes": [2]}, schema).startswith("plan_args.mirror_axes: a 2D network's patches have axes 0-1")
+
+
 def test_inference(schema):
     s = parse_plan_args({"inference": {"overlap": 0.0}}, schema)
     assert s.overlap == 0.0 and s.sw_batch_size == 2  # the missing key keeps its default

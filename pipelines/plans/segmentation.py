@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
-from pipelines.augment import PatchSampler, patch_batch
+from pipelines.augment import patch_batch, sampler_for
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
 from pipelines.networks import build_network, set_background_prior
@@ -160,7 +160,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         s = self._settings
         self.reseed_for_round(self._round_index())
         self._objective = PartialLabelObjective(s.schema, self._dataset.labeled_classes, s.temperature, s.spatial_dims)
-        self._sampler = PatchSampler(s.roi_size, s.patches_per_volume, s.spatial_dims, augment=s.augment, ignore_label=s.schema.ignore_label, gin=s.gin)
+        self._sampler = sampler_for(s)
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)
         self._step_in_round = 0
         self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
