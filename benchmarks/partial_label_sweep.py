@@ -157,6 +157,9 @@ def main() -> int:
         help="SCAFFOLD's gradient correction before AdamW (declearn's ScaffoldClientModule: each site's state is its mean raw gradient of the round)",
     )
     ap.add_argument("--gin", action="store_true", help="GIN intensity augmentation (plan_args.gin: {}, its defaults)")
+    ap.add_argument(
+        "--mirror-axes", type=int, nargs="*", default=None, help="plan_args.mirror_axes: the axes flips may act on (none given: no flips; default: every axis)"
+    )
     ap.add_argument("--train", type=int, default=2, help="training cases per site")
     ap.add_argument("--test", type=int, default=4, help="test cases per site")
     ap.add_argument("--seed", type=int, default=0)
@@ -170,7 +173,8 @@ def main() -> int:
     schema = load_schema()
     settings = parse_plan_args(
         {"network": json.loads(args.network), "roi_size": args.roi, "spacing": [args.spacing] * 3 if args.spacing else "schema",
-         "temperature": args.temperature, "lambda": args.lambda_, "background_prior": args.background_prior, "gin": {} if args.gin else None}, schema,
+         "temperature": args.temperature, "lambda": args.lambda_, "background_prior": args.background_prior, "gin": {} if args.gin else None,
+         "mirror_axes": args.mirror_axes}, schema,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         sites = build_sites(schema, settings, args.train, args.test, Path(tmp))
