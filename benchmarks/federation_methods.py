@@ -130,6 +130,29 @@ def finished_run(home: Path, spec: Mapping[str, Any]) -> Path | None:
     return None
 
 
+SOURCE_FILE = "benchmark-source.json"  # in each run directory: the checkout that ran it
+
+
+def source_commit() -> str:
+    """The checkout's git commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
+def run_commit(run_dir: Path) -> str:
+    """The commit a benchmark run was made with (`SOURCE_FILE`), or ``unknown`` for a run from before it was recorded."""
+    try:
+        return str(json.loads((Path(run_dir) / SOURCE_FILE).read_text()).get("git_commit", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
 def run_label(method: str, seed: int, seeds: list[int]) -> str:
     """The method's name on the comparison page: ``fedavg``, or ``fedavg seed 1`` with several seeds."""
     return method if len(seeds) == 1 else f"{method} seed {seed}"
@@ -584,6 +607,7 @@ def main() -> int:
     bed = Testbed(workdir, n_sites=n_sites, out=lambda line: console.print(line, markup=False, highlight=False),
                   oof_phase="non_contrast", cases=cases)  # fmt: skip
     federated = [m for m in methods if m in METHODS]
+    commit = source_commit()
     reused: dict[str, Path] = {}
     if args.resume and (workdir / "coordinator").is_dir():
         for seed in seeds:
@@ -592,7 +616,9 @@ def main() -> int:
                 if found is not None:
                     reused[run_label(method, seed, seeds)] = found
         for label, found in reused.items():
-            console.print(f"{label}: reusing {found.name} (finished, evaluated, same spec)", markup=False, highlight=False)
+            console.print(
+                f"{label}: reusing {found.name} (finished, evaluated, same spec; made with commit {run_commit(found)})", markup=False, highlight=False
+            )
     run_dirs: dict[str, Path] = {}
     method_of: dict[str, str] = {}
     seed_of: dict[str, int] = {}
@@ -619,6 +645,7 @@ def main() -> int:
                     console.print(f"[red]{label}: evaluation failed ({code})")
                     return 1
                 run_dirs[label] = Path(runs.list_runs(bed.home)[-1]["run_dir"])
+                atomic.write_text(run_dirs[label] / SOURCE_FILE, json.dumps({"git_commit": commit}))  # what --resume reports
                 method_of[label] = method
                 seed_of[label] = seed
     finally:
@@ -696,7 +723,8 @@ def main() -> int:
     summary: dict[str, Any] = {
         "command": command, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
         "rounds": args.rounds, "steps": args.steps, "cases_per_site": cases, "seeds": seeds, "split_seed": args.split_seed,
-        "methods": methods, "reused_runs": {label: str(d) for label, d in reused.items()}, "run_dirs": {label: str(d) for label, d in run_dirs.items()}, "method_of": method_of, "seed_of": seed_of,
+        "methods": methods, "reused_runs": {label: str(d) for label, d in reused.items()}, "git_commit": commit,
+        "run_commits": {label: run_commit(d) for label, d in run_dirs.items()}, "run_dirs": {label: str(d) for label, d in run_dirs.items()}, "method_of": method_of, "seed_of": seed_of,
         "comparison": table_json, "records": records, "stats": stats, "verdict": words, "baselines": facts,
         "test_dice_over_seeds": seed_summary(table_json["runs"], method_of),
         "round_s": {m: steady_round_s(mt) for m, mt in metrics.items()},
@@ -730,7 +758,8 @@ def results_markdown(summary: Mapping[str, Any], tables: Sequence[str]) -> str:
         "# Federation methods over training seeds",
         "",
         f"- Command: `{summary['command']}`",
-        f"- Date: {summary['date_utc']}; machine: {summary['cpu_count']} CPU cores; wall time {summary['total_wall_s'] / 60:.1f} min",
+        f"- Date: {summary['date_utc']}; machine: {summary['cpu_count']} CPU cores; wall time {summary['total_wall_s'] / 60:.1f} min; "
+        f"commit {summary.get('git_commit', 'unknown')}",
         f"- Budget: {summary['rounds']} rounds x {summary['steps']} local steps per site; centralised: "
         f"{facts.get('centralised_steps', '-')} steps in this process ({facts.get('torch_threads', '-')} torch threads)",
         f"- Seeds {', '.join(map(str, summary['seeds']))}, split seed {summary['split_seed']}; cases per site: "
@@ -739,7 +768,8 @@ def results_markdown(summary: Mapping[str, Any], tables: Sequence[str]) -> str:
     if tests:
         lines.append(f"- Test cases per site: {', '.join(f'{k} {v}' for k, v in tests.items())}; out-of-federation cases: {facts.get('oof_cases', '-')}")
     if summary.get("reused_runs"):
-        kept = ", ".join(f"{label} ({Path(d).name})" for label, d in summary["reused_runs"].items())
+        commits = summary.get("run_commits") or {}
+        kept = ", ".join(f"{label} ({Path(d).name}, commit {commits.get(label, 'unknown')})" for label, d in summary["reused_runs"].items())
         lines.append(f"- Reused from an earlier sitting (`--resume`: finished, evaluated, same spec; the wall time counts this sitting only): {kept}")
     lines += [
         "- Cells: mean ± sample sd over seeds (n = seeds with a score). Organ mean: kidney, liver, pancreas, spleen; tumours apart.",

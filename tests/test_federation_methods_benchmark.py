@@ -343,7 +343,9 @@ def test_results_markdown_names_the_reused_runs(bench):
         "command": "c", "date_utc": "d", "cpu_count": 2, "total_wall_s": 60.0, "rounds": 2, "steps": 3, "seeds": [0], "split_seed": 0,
         "cases_per_site": None, "baselines": {}, "verdict": [], "reused_runs": {"fedavg seed 0": "/x/runs/20261205-bench-fedavg-seed0-ab12"},
     }  # fmt: skip
-    assert "fedavg seed 0 (20261205-bench-fedavg-seed0-ab12)" in bench.results_markdown(summary, [])
+    assert "fedavg seed 0 (20261205-bench-fedavg-seed0-ab12, commit unknown)" in bench.results_markdown(summary, [])
+    summary["run_commits"] = {"fedavg seed 0": "abc123"}
+    assert "fedavg seed 0 (20261205-bench-fedavg-seed0-ab12, commit abc123)" in bench.results_markdown(summary, [])
     assert "Reused" not in bench.results_markdown({**summary, "reused_runs": {}}, [])
 
 
@@ -360,3 +362,13 @@ def test_kept_centralised_scores_are_reused_only_for_the_same_dependencies(bench
     assert bench.read_kept(kept, bench.centralised_key(other, 24, 1)) is None
     kept.write_text("{not json")
     assert bench.read_kept(kept, key) is None
+
+
+def test_run_commit_reads_what_the_benchmark_recorded(bench, tmp_path):
+    assert bench.run_commit(tmp_path) == "unknown"  # a run from before commits were recorded
+    (tmp_path / bench.SOURCE_FILE).write_text(json.dumps({"git_commit": "0123456789ab"}))
+    assert bench.run_commit(tmp_path) == "0123456789ab"
+    (tmp_path / bench.SOURCE_FILE).write_text("[]")
+    assert bench.run_commit(tmp_path) == "unknown"
+    head = bench.source_commit()
+    assert head == "unknown" or len(head.removesuffix("+dirty")) == 12
