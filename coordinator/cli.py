@@ -28,6 +28,7 @@ for _command in (
     runs.status,
     runs.results,
     registry.registry,
+    registry.publish,
     tokens.site_token,
     evaluation.evaluate,
     evaluation.report,

@@ -221,8 +221,8 @@ def _copy_into(source: bytes | os.PathLike, dest: Path, chunk: int = 1 << 20) ->
 
 
 def _check_content(path: Path, filename: str) -> None:
-    """Each published file must be what its suffix says: JSON, YAML, or tensors that
-    ``torch.load(weights_only=True)`` reads (no pickled code reaches the sites)."""
+    """Each published file must be what its suffix says: JSON, YAML, UTF-8 Markdown, safetensors, or
+    tensors that ``torch.load(weights_only=True)`` reads (no pickled code reaches the sites)."""
     if filename.endswith(".json"):
         try:
             json.loads(path.read_text(encoding="utf-8"))
@@ -233,6 +233,20 @@ def _check_content(path: Path, filename: str) -> None:
             yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{filename}: not valid YAML ({exc})") from None
+    elif filename.endswith(".md"):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RegistryError(f"{filename}: not UTF-8 text ({exc})") from None
+    elif filename.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open  # deferred: start-up time
+
+        try:  # reads the header and checks every tensor's bytes lie inside the file; no pickle
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key).get_shape()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RegistryError(f"{filename}: not a safetensors weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     elif filename.endswith(".pt"):
         import torch
 

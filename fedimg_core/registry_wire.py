@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-KINDS = ("factory", "segmentation-branch")  # artifact kinds
-ALLOWED_SUFFIXES = (".pt", ".json", ".yaml")  # file names an artifact may hold
+KINDS = ("factory", "segmentation-branch", "model")  # artifact kinds
+ALLOWED_SUFFIXES = (".pt", ".safetensors", ".json", ".yaml", ".md")  # weights, configs and model cards: never images
 RECORD_FILE = "artifact.json"  # an artifact version's record
 SHA256_HEADER = "X-Content-SHA256"  # the file's checksum, on every file download
 TOKEN_ENV = "FEDIMG_SITE_TOKEN"  # the site's registry token, if not in a token file

@@ -79,6 +79,25 @@ def predict_volume(
     return torch.as_tensor(keep, device=folded.device)[torch.argmax(folded, dim=0)]
 
 
+def fold_untrained(probabilities: torch.Tensor, allowed: Sequence[int] | None) -> torch.Tensor:
+    """Class probabilities with every class outside `allowed` folded into background (as `predict_volume` does before its argmax).
+
+    Args:
+        probabilities: (classes, *spatial) softmax probabilities.
+        allowed: the foreground classes the model was trained to predict (None: all).
+
+    Returns:
+        The same shape; the folded classes are 0 and their probability is added to class 0.
+    """
+    if allowed is None:
+        return probabilities
+    mask = torch.zeros(probabilities.shape[0], dtype=torch.bool, device=probabilities.device)
+    mask[[0, *sorted({int(c) for c in allowed} - {0})]] = True
+    out = probabilities * mask.view(-1, *([1] * (probabilities.ndim - 1)))
+    out[0] = out[0] + probabilities[~mask].sum(0)
+    return out
+
+
 def merge_lesions(label: np.ndarray | torch.Tensor, merge_table: np.ndarray) -> np.ndarray:
     """Map every lesion id to its organ id.
 

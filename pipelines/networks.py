@@ -44,6 +44,8 @@ __all__ = [
     "_check_name",
     "all_heads",
     "build_network",
+    "MONAI_CLASSES",
+    "network_constructor",
     "check_patch_size",
     "count_parameters",
     "deep_supervision_weights",
@@ -108,6 +110,48 @@ def build_network(
         ValueError: an unknown name or size, bad widths, a patch that does not fit, deep
             supervision on basic_unet.
     """
+    cls, kwargs_out = network_constructor(name, spatial_dims, in_channels, out_channels, features, size, deep_supervision, roi_size, **kwargs)
+    return cls(**kwargs_out)
+
+
+# MONAI's class of each network (what a MONAI bundle's config names: `pipelines.model_package`).
+MONAI_CLASSES = {"basic_unet": "monai.networks.nets.BasicUNet", "dynunet": "monai.networks.nets.DynUNet", "mednext": "monai.networks.nets.MedNeXt"}
+
+
+def network_constructor(
+    name: str = "basic_unet",
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    features: tuple[int, ...] | list[int] | int | None = None,
+    size: str | Mapping[str, Any] | None = None,
+    deep_supervision: bool = False,
+    roi_size: Sequence[int] | int | None = None,
+    **kwargs: Any,
+) -> tuple[type[torch.nn.Module], dict[str, Any]]:
+    """The class and the complete constructor arguments `build_network` builds with the same arguments.
+
+    The class is MONAI's (BasicUNet, MedNeXt) or its DynUNet subclass whose parameters and
+    ``state_dict`` keys are MONAI's; `MONAI_CLASSES` names MONAI's class, so the arguments
+    rebuild the same network with MONAI alone (a MONAI bundle's ``network_def``).
+
+    Args:
+        name: as for `build_network`.
+        spatial_dims: as for `build_network`.
+        in_channels: as for `build_network`.
+        out_channels: as for `build_network`.
+        features: as for `build_network`.
+        size: as for `build_network`.
+        deep_supervision: as for `build_network`.
+        roi_size: as for `build_network`.
+        kwargs: as for `build_network`.
+
+    Returns:
+        (class, constructor keyword arguments).
+
+    Raises:
+        ValueError: as `build_network`.
+    """
     _check_name(name)
     _check_dims(spatial_dims)
     cfg = resolve_config(name, size, spatial_dims, features, **kwargs)
@@ -120,12 +164,12 @@ def build_network(
     if name == "basic_unet":
         if deep_supervision:
             raise ValueError("basic_unet has no deep supervision heads; use mednext or dynunet")
-        return BasicUNet(**common, **cfg)
+        return BasicUNet, {**common, **cfg}
     if name == "dynunet":
         if deep_supervision:
             cfg.setdefault("deep_supr_num", max(1, len(cfg["strides"]) - 2))
-        return _DynUNet(**common, deep_supervision=deep_supervision, **cfg)
-    return MedNeXt(**common, deep_supervision=deep_supervision, **cfg)
+        return _DynUNet, {**common, "deep_supervision": deep_supervision, **cfg}
+    return MedNeXt, {**common, "deep_supervision": deep_supervision, **cfg}
 
 
 # The modules whose outputs are the network's class logits (main output and deep-supervision heads), per network.

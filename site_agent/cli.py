@@ -6,7 +6,7 @@ import click
 
 from fedimg_core.logs import verbosity_options
 from site_agent import config as site_config
-from site_agent.commands import adapt, artifacts, datasets, lifecycle, plans
+from site_agent.commands import adapt, artifacts, datasets, lifecycle, models, plans
 from site_agent.errors import run_cli
 
 
@@ -44,6 +44,7 @@ for _command in (
     lifecycle.doctor,
     adapt.adapt,
     adapt.infer,
+    models.models,
     artifacts.artifacts,
 ):
     cli.add_command(_command)

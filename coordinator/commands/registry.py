@@ -14,7 +14,7 @@ from coordinator.registry import Registry
 
 @click.command()
 @home_option
-@click.option("--kind", default=None, help="Only artifacts of this kind (factory, segmentation-branch).")
+@click.option("--kind", default=None, help="Only artifacts of this kind (factory, segmentation-branch, model).")
 @click.option("--verify", is_flag=True, help="Recompute every file's checksum.")
 @click.option("--json", "as_json", is_flag=True)
 def registry(home, kind, verify, as_json) -> None:
@@ -31,3 +31,30 @@ def registry(home, kind, verify, as_json) -> None:
         size = sum(f["bytes"] for f in r["files"].values()) / 1e6
         table.add_row(r["kind"], r["name"], r["version"], r["created"], ", ".join(sorted(r["files"])), f"{size:.1f}")
     console.print(table if rows else "the registry is empty")
+
+
+@click.command()
+@home_option
+@click.argument("run")
+@click.option(
+    "--model", "which", default="best", show_default=True, help="Which global model: best (selected on the sites' validation cases), last, or 'round N'."
+)
+@click.option("--name", default=None, help="Package name in the registry (default: the spec's name); each publish adds a version.")
+@click.option("--description", default="", help="One line for the model card and the MONAI bundle metadata.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write the package folder here (a new folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry record as JSON.")
+def publish(home, run, which, name, description, out, as_json) -> None:
+    """Publish RUN's global model as a versioned model package (kind model) that sites pull and run.
+
+    The package holds the weights (safetensors), the label schema, the preprocessing and
+    inference settings, provenance and a model card, and is a MONAI bundle too."""
+    from coordinator.publish import publish_model  # deferred: torch
+
+    record = publish_model(Path(home), run, model=which, name=name, description=description, out=out)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    meta = record.get("meta") or {}
+    click.echo(f"{record['kind']} {record['name']} {record['version']}: {meta.get('model')} of run {meta.get('run_id')}")
+    click.echo(f"classes: {', '.join(meta.get('classes') or [])}")
+    click.echo(record["path"])

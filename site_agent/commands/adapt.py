@@ -1,5 +1,5 @@
 """`site-agent adapt source|target` and `site-agent infer`: local domain adaptation on the
-federation's data factory, and segmentation with the adapted model."""
+federation's data factory, and segmentation with a published model package or an adapted model."""
 
 from __future__ import annotations
 
@@ -161,33 +161,78 @@ def adapt_target(
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_path", required=True, help="model.pt of an adaptation job, or the job folder.")
+@click.option("--model", "model_ref", required=True,
+              help="A published model (NAME or NAME@vNNNN: pulled from the registry, or this site's copy), a model package folder, "
+                   "or an adaptation job's model.pt / job folder.")  # fmt: skip
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the label volumes.")
 @click.option(
     "--mode",
     type=click.Choice(["average", "target", "source"]),
     default="average",
     show_default=True,
-    help="Target models: average of both branches, the target branch, or the source branch on the translation.",
+    help="Adaptation target models: average of both branches, the target branch, or the source branch on the translation.",
 )
 @click.option("--modality", default=None, help="CT or MR, for NIfTI inputs (DICOM and prepared datasets know theirs).")
-@click.option("--dicom-seg", is_flag=True, help="For DICOM series input, also write a DICOM SEG next to the NIfTI.")
+@click.option("--dicom-seg", is_flag=True, help="For DICOM series input, also write a DICOM SEG (referencing the series).")
+@click.option("--statistics", is_flag=True, help="Model packages: also write <name>.statistics.json (volume in mL and intensity statistics per class).")
+@click.option("--preview", is_flag=True, help="Model packages: also write preview/<name>.png (three views with the label overlaid).")
+@click.option("--resume", is_flag=True, help="Model packages: skip the inputs --out already holds from the same model (an interrupted batch).")
 @click.option("--overwrite", is_flag=True, help="Replace output files already in --out (refused otherwise, before anything is written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def infer(inputs: tuple[str, ...], model_path: str, out: Path, mode: str, modality: str | None, dicom_seg: bool, overwrite: bool, as_json: bool) -> None:
-    """Segment volumes (NIfTI files, DICOM series folders, prepared datasets) with an adapted model.
+@click.pass_context
+def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path, mode: str, modality: str | None, dicom_seg: bool, statistics: bool,
+          preview: bool, resume: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+    """Segment scans: NIfTI files, DICOM series folders, prepared datasets, or folders of them.
 
-    Each output is named after its input (<out>/<name>.nii.gz; '.' names the current folder).
-    Existing output files are never replaced unless --overwrite is given.
+    With a published model (--model NAME[@vNNNN] or a package folder) the label is written on
+    each input's own grid, with optional DICOM SEG, statistics and preview; a failing input
+    is reported and the others go on. Each output is named after its input
+    (<out>/<name>.nii.gz). Existing output files are never replaced unless --overwrite is given.
     """
-    from site_agent.adapt import run_infer
+    p = Path(model_ref)
+    if p.is_file() or (p.is_dir() and (p / "model.pt").is_file()):  # an adaptation job's model
+        if statistics or preview or resume:
+            raise UserError("--statistics, --preview and --resume work with model packages, not adaptation models")
+        from site_agent.adapt import run_infer
 
-    p = Path(model_path)
-    if p.is_dir():
-        p = p / "model.pt"
-    rows = run_infer(p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite)
+        rows = run_infer(p / "model.pt" if p.is_dir() else p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite)
+        failures: list[dict[str, str]] = []
+    else:
+        from site_agent.infer_package import run_package_infer
+        from site_agent.models import open_model
+
+        site = None if p.is_dir() else load_site(ctx)
+        package = open_model(site, model_ref)
+        log.info("model %s: %s", package.ref, ", ".join(k for k in package.class_ids if k != "background"))
+        with CaseProgress("segmenting") as progress:
+            rows, failures = run_package_infer(package, list(inputs), out, modality=modality, dicom_seg=dicom_seg, statistics=statistics,
+                                               preview=preview, overwrite=overwrite, resume=resume, progress=progress)  # fmt: skip
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"outputs": rows, "failed": failures} if failures else rows, indent=2))
     else:
         for r in rows:
             click.echo(f"{r['label']}" + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""))
+    if failures:
+        raise UserError(f"{len(failures)} of {len(failures) + len(rows)} input(s) failed (each named above); the others were segmented")
+
+
+class CaseProgress:
+    """A rich progress bar over inputs (stderr; off when not a TTY, where each input is logged). Called as ``progress(done, total, name)``."""
+
+    def __init__(self, title: str) -> None:
+        self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[name]}"), console=stderr_console(),
+                                 disable=not sys.stderr.isatty() or not show_progress())  # fmt: skip
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> CaseProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.__exit__(exc_type, exc, tb)
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total, name=name)
+        self.progress.update(self.task, completed=done, total=total, name=name)

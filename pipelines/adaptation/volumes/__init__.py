@@ -9,7 +9,7 @@ Details: docs/design/adaptation.md, "Slice geometry and I/O".
 
 from __future__ import annotations
 
-from pipelines.adaptation.volumes.dicom import GRID_TOLERANCE_MM, SeriesGrid, predict_dicom_series, series_grid, write_dicom_seg
+from pipelines.adaptation.volumes.dicom import GRID_TOLERANCE_MM, SeriesGrid, predict_dicom_series, series_grid, series_image, write_dicom_seg
 from pipelines.adaptation.volumes.geometry import pad_widths, square_labels, unsquare
 from pipelines.adaptation.volumes.inference import PredictFn, VolumePrediction, predict_volume_2d
 from pipelines.adaptation.volumes.labelled import VOLUMES_VERSION, LabelledSlices, clear_memory_cache, few_shot_selection, labelled_slices
@@ -30,6 +30,7 @@ __all__ = (
     "predict_dicom_series",
     "predict_volume_2d",
     "series_grid",
+    "series_image",
     "square_labels",
     "unsquare",
     "write_dicom_seg",

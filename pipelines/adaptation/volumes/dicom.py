@@ -129,6 +129,27 @@ def predict_dicom_series(
         ValueError: naming a file or the series, for anything `series_grid`,
             `preprocessing.dicom.load_series` or `predict_volume_2d` refuses.
     """
+    image, series_modality, sources = series_image(source_series)
+    pred = predict_volume_2d(image, modality or series_modality, schema, settings, predict_fn, batch, return_probabilities)
+    pred.sources = sources
+    return pred
+
+
+def series_image(source_series: Sequence[str | os.PathLike[str]]) -> tuple[nib.Nifti1Image, str, list[Path]]:
+    """A DICOM series as the NIfTI image `site-agent prepare` converts it to (HU after rescale,
+    RAS affine from the headers, no interpolation), its modality and its instance files.
+
+    Args:
+        source_series: the series' instance files, any order.
+
+    Returns:
+        (image on the series' own grid, the series' Modality, instance files in slice order:
+        ``image[:, :, k]`` is ``files[k]``).
+
+    Raises:
+        ValueError: naming a file or the series, for anything `series_grid` or
+            `preprocessing.dicom.load_series` refuses.
+    """
     grid = series_grid(source_series)
     try:
         volume = load_series(grid.series)
@@ -137,9 +158,7 @@ def predict_dicom_series(
     image = nib.Nifti1Image(volume.array, volume.affine_ras)  # type: ignore[no-untyped-call]
     image.set_qform(volume.affine_ras, code=1)  # type: ignore[no-untyped-call]
     image.set_sform(volume.affine_ras, code=1)  # type: ignore[no-untyped-call]
-    pred = predict_volume_2d(image, modality or volume.modality, schema, settings, predict_fn, batch, return_probabilities)
-    pred.sources = list(grid.sources)
-    return pred
+    return image, volume.modality, list(grid.sources)
 
 
 def _label_on_series_grid(label: LabelInput, grid: SeriesGrid, where: str) -> np.ndarray:

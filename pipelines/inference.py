@@ -1,0 +1,146 @@
+"""Whole-volume inference with a segmentation network on any input grid, inverted exactly.
+
+The input (a NIfTI image or a DICOM series converted as `site-agent prepare` converts it)
+goes through the training chain (`pipelines.transforms.deterministic_transforms`: RAS+,
+resampling to the training spacing, the schema's intensity rule); the network's class
+probabilities (gaussian-blended sliding windows, untrained classes folded into background)
+are mapped back with MONAI's inverse of that chain (resampling with the image's bilinear
+interpolation, then the orientation's axis permutation and flips) and the label is their
+argmax on the input's own grid: nnU-Net's order (probabilities first, argmax last), so a
+thin structure is not lost to nearest-neighbour resampling of a label map.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data.meta_tensor import MetaTensor
+from monai.inferers.utils import sliding_window_inference
+
+from pipelines.adaptation.volumes.inference import VolumePrediction
+from pipelines.adaptation.volumes.nifti import _load_reference
+from pipelines.evaluation import fold_untrained
+from pipelines.networks import main_output
+from pipelines.plan_args import SegmentationSettings
+from pipelines.transforms import deterministic_transforms
+
+__all__ = ["class_probabilities", "segment_image"]
+
+Progress = Callable[[str], None]
+
+
+def class_probabilities(network: torch.nn.Module, image: torch.Tensor, settings: SegmentationSettings, mode: str = "gaussian") -> torch.Tensor:
+    """Softmax class probabilities of a preprocessed volume, classes the model never trained folded into background.
+
+    Args:
+        network: the network (its train/eval mode is restored afterwards).
+        image: the preprocessed volume (C, X, Y, Z).
+        settings: window, overlap, batch of windows, the classes the model predicts.
+        mode: how overlapping windows are blended (MONAI's ``gaussian`` or ``constant``).
+
+    Returns:
+        (classes, X, Y, Z) float32 probabilities; untrained classes are 0.
+    """
+    spatial_dims = settings.spatial_dims
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if spatial_dims == 2:  # a 2D network slides (X, Y, 1) windows, slice by slice
+            return main_output(network(x[..., 0]), 2).unsqueeze(-1)
+        return main_output(network(x), 3)
+
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                image.unsqueeze(0).float(), roi_size=list(settings.inference_roi), sw_batch_size=settings.sw_batch_size, predictor=forward,
+                overlap=settings.overlap, mode=mode, padding_mode="constant",
+            )  # fmt: skip
+    finally:
+        network.train(was_training)
+    assert isinstance(logits, torch.Tensor)  # one tensor in, one tensor out
+    return fold_untrained(torch.softmax(logits[0].float(), dim=0), settings.predict_classes)
+
+
+def segment_image(
+    network: torch.nn.Module,
+    settings: SegmentationSettings,
+    image: str | os.PathLike[str] | nib.spatialimages.SpatialImage,
+    modality: str,
+    channel_chunk: int = 4,
+    return_probabilities: bool = False,
+    progress: Progress | None = None,
+) -> VolumePrediction:
+    """Segment a 3D image (any orientation and spacing) and return the label on its own grid.
+
+    Args:
+        network: the trained network.
+        settings: its settings (schema, spacing, window; a package's `ModelPackage.settings`).
+        image: a NIfTI path or nibabel image.
+        modality: the schema modality whose intensity rule applies (CT, MR).
+        channel_chunk: class channels mapped back at a time (bounds memory).
+        return_probabilities: also return the probabilities on the input grid.
+        progress: called with a short stage name (``preprocessing``, ``inference``, ``inverting``).
+
+    Returns:
+        The prediction: ``label`` has the input's exact shape and ``affine`` is the input's.
+
+    Raises:
+        ValueError: naming the input, for an unreadable or non-3D image, or a modality the
+            schema has no rule for.
+    """
+    reference = _load_reference(image)
+    where = str(image) if isinstance(image, (str, os.PathLike)) else "image"
+    schema = settings.schema
+    if modality not in schema.modalities:
+        raise ValueError(f"{where}: modality {modality!r} has no intensity rule in schema {schema.name} ({', '.join(sorted(schema.modalities))})")
+    chain = deterministic_transforms(schema, modality, spacing=settings.spacing, keys=("image",))
+    if progress:
+        progress("preprocessing")
+    with tempfile.TemporaryDirectory(prefix="fedimg-infer-") as tmp:
+        if isinstance(image, (str, os.PathLike)) and len(reference.shape) == 3:
+            source = str(image)
+        else:  # an in-memory image (a DICOM series), or a 4D file with one volume: what the loader reads
+            data = np.asanyarray(reference.dataobj)
+            data = data[..., 0] if data.ndim == 4 else data
+            source = str(Path(tmp) / "input.nii")
+            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)  # type: ignore[no-untyped-call]
+        loaded = chain({"image": source})["image"]
+    if not isinstance(loaded, MetaTensor) or loaded.ndim != 4 or loaded.shape[0] != 1:
+        raise ValueError(f"{where}: expected a single-channel 3D image after loading, got shape {tuple(loaded.shape)}")
+    if progress:
+        progress("inference")
+    probs = class_probabilities(network, loaded.as_tensor(), settings)
+    if progress:
+        progress("inverting")
+    n_classes = probs.shape[0]
+    out_shape = tuple(int(s) for s in reference.shape[:3])
+    best = torch.full(out_shape, -torch.inf)
+    label = torch.zeros(out_shape, dtype=torch.long)
+    full = np.empty((n_classes, *out_shape), dtype=np.float32) if return_probabilities else None
+    for c0 in range(0, n_classes, channel_chunk):
+        c1 = min(c0 + channel_chunk, n_classes)
+        part = MetaTensor(probs[c0:c1].contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations))
+        back = chain.inverse({"image": part})["image"]  # type: ignore[no-untyped-call]
+        back = (back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)).float()
+        if tuple(back.shape[1:]) != out_shape:  # pragma: no cover - MONAI's inverse restores the input shape
+            raise RuntimeError(f"{where}: inverse resampling gave shape {tuple(back.shape[1:])}, expected {out_shape}")
+        for offset in range(c1 - c0):  # strictly better: ties go to the lowest class id, as argmax
+            better = back[offset] > best
+            best = torch.where(better, back[offset], best)
+            label[better] = c0 + offset
+        if full is not None:
+            full[c0:c1] = back.numpy()
+    return VolumePrediction(
+        label=label.numpy().astype(np.uint8 if n_classes <= 256 else np.uint16),
+        affine=np.array(reference.affine, dtype=np.float64, copy=True),
+        reference=reference,
+        probabilities=full,
+    )

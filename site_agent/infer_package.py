@@ -1,0 +1,309 @@
+"""`site-agent infer --model NAME|FOLDER`: segment scans with a published model package.
+
+Inputs: NIfTI files, DICOM series folders, prepared datasets, or folders holding any of
+these (one level: each NIfTI file and each sub-folder is an input). Per input ``<name>``:
+
+    <out>/<name>.nii.gz              the label on the input's own grid (`pipelines.inference`)
+    <out>/<name>.seg.dcm             --dicom-seg: a DICOM SEG referencing the series (DICOM inputs)
+    <out>/<name>.statistics.json     --statistics: per class voxels, volume in mL, intensity statistics
+    <out>/preview/<name>.png         --preview: three orthogonal views with the label overlaid
+    <out>/fedimg-infer.json          what was segmented with which model (``--resume`` reads it)
+
+Every output name is checked before anything is written; each file is written atomically;
+an input that fails (unreadable, wrong modality, ...) is reported on one line and the others
+go on; the command exits non-zero when any failed. ``--resume`` skips the inputs the record
+lists as done with the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from fedimg_core import atomic
+from pipelines.adaptation import volumes as V
+from pipelines.inference import segment_image
+from pipelines.model_package import WEIGHTS_FILE, ModelPackage
+from preprocessing.dataset import DatasetError, load_dataset
+from site_agent.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RECORD = "fedimg-infer.json"
+PREVIEW_DIR = "preview"
+_NIFTI = (".nii", ".nii.gz")
+
+__all__ = ["InferJob", "expand_inputs", "image_statistics", "run_package_infer"]
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class InferJob:
+    """One input to segment: its output name, kind (``nifti`` or ``dicom``), source and modality (None: the series' own)."""
+
+    name: str
+    kind: str
+    source: Path
+    modality: str | None
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.is_file() and p.name.endswith(_NIFTI)
+
+
+def _classify(p: Path, modality: str | None, batch_ok: bool) -> list[InferJob]:
+    if (p / "manifest.json").is_file():
+        try:
+            ds = load_dataset(p)
+        except DatasetError as exc:
+            raise UserError(f"{p}: {exc}") from None
+        return [InferJob(c.case_id, "nifti", Path(c.image), ds.modality) for c in ds.cases]
+    if p.is_dir():
+        children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
+        files = [c for c in children if c.is_file()]
+        if batch_ok and (any(_is_nifti(c) for c in files) or (children and not files)):
+            # a folder of inputs: each NIfTI file and each sub-folder (a series or a dataset)
+            jobs: list[InferJob] = []
+            for c in children:
+                if _is_nifti(c) or c.is_dir():
+                    jobs += _classify(c, modality, batch_ok=False)
+            return jobs
+        return [InferJob(_stem(p), "dicom", p, modality)]
+    if p.is_file():
+        if not p.name.endswith(_NIFTI):
+            raise UserError(f"{p}: not a NIfTI file (.nii or .nii.gz), DICOM series folder or prepared dataset")
+        if modality is None:
+            raise UserError(f"{p}: a NIfTI input needs --modality (CT or MR)")
+        return [InferJob(_stem(p), "nifti", p, modality)]
+    raise UserError(f"{p}: no such file or folder")
+
+
+def _stem(p: Path) -> str:
+    try:
+        return V.output_stem(p)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def expand_inputs(inputs: list[str], modality: str | None) -> list[InferJob]:
+    """The inputs to segment, one `InferJob` each, with unique output names.
+
+    Args:
+        inputs: NIfTI files, DICOM series folders, prepared datasets, or folders of these.
+        modality: CT or MR for NIfTI inputs (DICOM series and datasets know theirs).
+
+    Returns:
+        The jobs.
+
+    Raises:
+        UserError: an input that does not exist or cannot be read as any of these, or two
+            inputs that would write the same output name.
+    """
+    jobs: list[InferJob] = []
+    for item in inputs:
+        jobs += _classify(Path(item), modality, batch_ok=True)
+    if not jobs:
+        raise UserError(f"{', '.join(inputs)}: no NIfTI file, DICOM series or prepared dataset to segment")
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        if job.name in seen:
+            raise UserError(f"{seen[job.name]} and {job.source} would both write {job.name}.nii.gz; run them with separate --out folders (or rename one)")
+        seen[job.name] = job.source
+    return jobs
+
+
+def image_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: dict[str, int]) -> dict[str, Any]:
+    """Per class: voxels, volume in mL (voxels x the voxel volume of the affine) and image intensity statistics inside the class.
+
+    Args:
+        image: the input image on its own grid.
+        label: the label on the same grid.
+        affine: the grid's voxel-to-world affine (mm).
+        classes: class name -> label value (background left out).
+
+    Returns:
+        ``{"voxel_volume_ml", "classes": {name: {"voxels", "volume_ml", "intensity": {...} | None}}}``.
+    """
+    voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    out: dict[str, Any] = {"voxel_volume_ml": voxel_ml, "classes": {}}
+    for name, value in classes.items():
+        mask = label == value
+        n = int(mask.sum())
+        stats = None
+        if n:
+            v = image[mask].astype(np.float64)
+            p5, median, p95 = (float(x) for x in np.percentile(v, [5, 50, 95]))
+            stats = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "p5": p5, "median": median, "p95": p95, "max": float(v.max())}
+        out["classes"][name] = {"voxels": n, "volume_ml": n * voxel_ml, "intensity": stats}
+    return out
+
+
+def _targets(out: Path, job: InferJob, dicom_seg: bool, statistics: bool, preview: bool) -> list[Path]:
+    paths = [out / f"{job.name}.nii.gz"]
+    if dicom_seg and job.kind == "dicom":
+        paths.append(out / f"{job.name}.seg.dcm")
+    if statistics:
+        paths.append(out / f"{job.name}.statistics.json")
+    if preview:
+        paths.append(out / PREVIEW_DIR / f"{job.name}.png")
+    return paths
+
+
+def _model_identity(package: ModelPackage) -> dict[str, Any]:
+    return {"ref": package.ref, "weights_sha256": package.config["files"][WEIGHTS_FILE]["sha256"]}
+
+
+def run_package_infer(
+    package: ModelPackage,
+    inputs: list[str],
+    out: Path,
+    *,
+    modality: str | None = None,
+    dicom_seg: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Segment every input with a model package (see the module docstring for the outputs).
+
+    Args:
+        package: the loaded package (`site_agent.models.open_model`).
+        inputs: NIfTI files, DICOM series folders, prepared datasets or folders of these.
+        out: the output folder (created).
+        modality: CT or MR for NIfTI inputs.
+        dicom_seg: also write a DICOM SEG for DICOM series inputs.
+        statistics: also write per-class volume and intensity statistics.
+        preview: also write a PNG overlay per input.
+        overwrite: replace outputs already in `out`.
+        resume: skip inputs `out`'s record lists as done with this model.
+        progress: called as ``progress(done, total, name)`` after each input.
+
+    Returns:
+        (one row per segmented input, one ``{"input", "error"}`` per failed input).
+
+    Raises:
+        UserError: before anything is written: bad inputs, clashing names, outputs already
+            there (without `overwrite` or `resume`), or a record made by another model.
+    """
+    jobs = expand_inputs(inputs, modality)
+    if dicom_seg and not any(j.kind == "dicom" for j in jobs):
+        raise UserError("--dicom-seg needs a DICOM series folder as input")
+    schema = package.schema
+    for job in jobs:
+        if job.modality is not None and job.modality not in schema.modalities:
+            raise UserError(f"{job.source}: modality {job.modality!r} has no intensity rule in schema {schema.name} ({', '.join(schema.modalities)})")
+    identity = _model_identity(package)
+    record_path = out / RECORD
+    record: dict[str, Any] = {"model": identity, "done": {}}
+    if resume and record_path.is_file():
+        try:
+            previous = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{record_path}: unreadable ({exc}); remove it or choose another --out") from None
+        if (previous.get("model") or {}).get("weights_sha256") != identity["weights_sha256"]:
+            raise UserError(
+                f"{record_path}: the outputs there were made with model {(previous.get('model') or {}).get('ref')}, not {package.ref}; choose another --out"
+            )
+        record["done"] = {k: v for k, v in (previous.get("done") or {}).items() if isinstance(v, dict)}
+    done = {j.name for j in jobs if j.name in record["done"] and all(t.is_file() for t in _targets(out, j, dicom_seg, statistics, preview))}
+    todo = [j for j in jobs if j.name not in done]
+    if not overwrite:
+        # An earlier run's label may be another patient's under the same name: never replace it silently.
+        existing = [t for j in todo for t in _targets(out, j, dicom_seg, statistics, preview) if os.path.lexists(t)]
+        if existing:
+            more = f" (and {len(existing) - 1} more output(s) of this run)" if len(existing) > 1 else ""
+            raise UserError(
+                f"{existing[0]} already exists{more}; pass --overwrite to replace it, --resume to go on with an interrupted run, or choose another --out"
+            )
+    if done:
+        log.info("resuming: %d of %d input(s) already segmented with %s", len(done), len(jobs), package.ref)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = {k: v for k, v in package.class_ids.items() if v != 0}
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    for i, job in enumerate(todo, 1):
+        start = time.perf_counter()
+        try:
+            rows.append(_segment_one(package, job, out, classes, dicom_seg, statistics, preview))
+        except (ValueError, OSError, UserError) as exc:
+            message = " ".join(str(exc).split())
+            failures.append({"input": str(job.source), "error": message})
+            log.error("%s: %s", job.source, message)
+        else:
+            rows[-1]["seconds"] = round(time.perf_counter() - start, 2)
+            record["done"][job.name] = {
+                "input": str(job.source),
+                "outputs": [str(t.relative_to(out)) for t in _targets(out, job, dicom_seg, statistics, preview)],
+            }
+            atomic.write_json(record_path, record)
+            log.info("%d/%d %s: %s (%.1f s)", i, len(todo), job.name, rows[-1]["label"], rows[-1]["seconds"])
+        if progress:
+            progress(i, len(todo), job.name)
+    return rows, failures
+
+
+def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[str, int], dicom_seg: bool, statistics: bool, preview: bool) -> dict[str, Any]:
+    if job.kind == "dicom":
+        files = sorted(f for f in job.source.rglob("*") if f.is_file() and not f.name.startswith("."))
+        image, series_modality, sources = V.series_image(files)
+        modality = job.modality or series_modality
+        pred = segment_image(package.network, package.settings, image, modality)
+        pred.sources = sources
+    else:
+        assert job.modality is not None  # expand_inputs: a NIfTI job has its dataset's modality or --modality
+        modality = job.modality
+        pred = segment_image(package.network, package.settings, job.source, modality)
+    target = out / f"{job.name}.nii.gz"
+    pred.save_nifti(target)
+    row: dict[str, Any] = {
+        "input": str(job.source),
+        "label": str(target),
+        "modality": modality,
+        "voxels": {n: int((pred.label == v).sum()) for n, v in classes.items()},
+    }
+    if dicom_seg and job.kind == "dicom":
+        seg_path = out / f"{job.name}.seg.dcm"
+        assert pred.sources is not None
+        V.write_dicom_seg(pred.label, pred.sources, {v: n for n, v in classes.items()}, seg_path, package.schema,
+                          algorithm_name=f"fedimg {package.config['name']}", algorithm_version=package.version or "unpublished",
+                          series_description=f"fedimg {package.ref}"[:64])  # fmt: skip
+        row["dicom_seg"] = str(seg_path)
+    image_array = np.asanyarray(pred.reference.dataobj).astype(np.float32)
+    image_array = image_array[..., 0] if image_array.ndim == 4 else image_array
+    if statistics:
+        stats = {"input": job.name, "model": package.ref, "modality": modality, **image_statistics(image_array, pred.label, pred.affine, classes)}
+        stats_path = out / f"{job.name}.statistics.json"
+        atomic.write_json(stats_path, stats)
+        row["statistics"] = str(stats_path)
+    if preview:
+        row["preview"] = str(_write_preview(out, job.name, image_array, pred, package, modality))
+    return row
+
+
+def _write_preview(out: Path, name: str, image: np.ndarray, pred: Any, package: ModelPackage, modality: str) -> Path:
+    """The QC figure of `site-agent prepare` (`preprocessing.qc_figure.case_figure`) of the input with its predicted label."""
+    from preprocessing.qc_figure import case_figure  # deferred: matplotlib
+
+    target = out / PREVIEW_DIR / f"{name}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedimg-preview-") as tmp:
+        image_path, label_path = Path(tmp) / "image.nii.gz", Path(tmp) / "label.nii.gz"
+        nib.save(nib.Nifti1Image(image, pred.affine), str(image_path))
+        pred.save_nifti(label_path)
+        png = Path(tmp) / "preview.png"
+        case_figure(image_path, label_path, png, package.schema, modality=modality, case_id=name)
+        atomic.write_bytes(target, png.read_bytes())
+    return target

@@ -1,0 +1,146 @@
+"""`site-agent models`: the federation's published model packages at this site: list, pull, resolve.
+
+Pulled versions live in ``<work_dir>/models/registry/model/<name>/<vNNNN>/`` (a verified pull:
+`site_agent.registry_pull`); a pull is staged and kept only when the package also loads
+(`pipelines.model_package.load_package`: checksums, plan arguments, strict weights). Every
+load checks every file again, so a package changed after the pull is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pipelines.model_package import PACKAGE_FILE, ModelPackage, PackageError, load_package
+from site_agent.adapt_common import parse_ref, site_registry, staged_pulls
+from site_agent.config import SiteConfig
+from site_agent.errors import UserError
+from site_agent.registry_transport import RegistryClientError
+
+log = logging.getLogger(__name__)
+
+KIND = "model"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+__all__ = ["KIND", "cached_versions", "list_models", "open_model", "pull_model"]
+
+
+def _cache(site: SiteConfig) -> Path:
+    return site.work_dir / "models" / "registry" / KIND
+
+
+def cached_versions(site: SiteConfig, name: str) -> list[str]:
+    """The versions of `name` pulled to this site, oldest first.
+
+    Args:
+        site: the site.
+        name: the package name.
+
+    Returns:
+        ``vNNNN`` names.
+    """
+    base = _cache(site) / name
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in base.iterdir() if (m := _VERSION.match(d.name)) and (d / PACKAGE_FILE).is_file()]
+    return [v for _, v in sorted(found)]
+
+
+def list_models(site: SiteConfig, remote: bool = True) -> list[dict[str, Any]]:
+    """Model packages: published in the registry (when `remote`) and pulled to this site.
+
+    Args:
+        site: the site.
+        remote: also ask the registry (needs its section in the site config).
+
+    Returns:
+        One row per (name, version): ``name``, ``version``, ``pulled`` (bool), ``published``
+        (bool, None when the registry was not asked), ``classes``, ``model``, ``run_id``.
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    if remote:
+        for rec in site_registry(site).list(KIND):
+            meta = rec.get("meta") or {}
+            rows[(rec["name"], rec["version"])] = {
+                "name": rec["name"], "version": rec["version"], "created": rec.get("created"), "pulled": False, "published": True,
+                "classes": meta.get("classes") or [], "model": meta.get("model"), "run_id": meta.get("run_id"),
+            }  # fmt: skip
+    base = _cache(site)
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        for version in cached_versions(site, folder.name):
+            row = rows.setdefault((folder.name, version), {"name": folder.name, "version": version, "published": None if not remote else False})
+            row["pulled"] = True
+            row.setdefault("classes", [])
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1][1:])))]
+
+
+def pull_model(site: SiteConfig, ref: str) -> ModelPackage:
+    """Pull a model package (or reuse the verified copy already here) and load it.
+
+    Args:
+        site: the site.
+        ref: ``NAME`` (the latest version) or ``NAME@vNNNN``.
+
+    Returns:
+        The loaded package.
+
+    Raises:
+        UserError: a bad reference, a registry refusal or a download that does not verify
+            (nothing kept), or a package that does not load (nothing kept).
+    """
+    name, version = parse_ref(ref, "model")
+    with staged_pulls(site) as pulls:
+        folder = pulls.pull(KIND, name, version)
+        try:
+            package = load_package(folder)
+        except PackageError as exc:
+            raise UserError(f"model {ref}: {exc}") from None
+    # committed: the package now lives in the registry folder
+    final = _cache(site) / name / folder.name
+    return load_package(final) if final.is_dir() else package
+
+
+def open_model(site: SiteConfig | None, model: str) -> ModelPackage:
+    """The model package `model` names: a package folder, or ``NAME[@vNNNN]`` of the registry.
+
+    ``NAME@vNNNN`` already pulled loads from this site's copy; otherwise it is pulled. ``NAME``
+    alone asks the registry for its latest version; when the registry cannot be reached, the
+    newest version pulled here is used (and said so).
+
+    Args:
+        site: the site (None: only folders can be named).
+        model: a folder with ``package.json``, or a registry reference.
+
+    Returns:
+        The loaded, verified package.
+
+    Raises:
+        UserError: no such folder or package, or a package that does not verify or load.
+    """
+    path = Path(model)
+    if path.is_dir():
+        try:
+            return load_package(path)
+        except PackageError as exc:
+            raise UserError(str(exc)) from None
+    if site is None:
+        raise UserError(f"--model {model!r}: no such package folder (a registry name needs a site config)")
+    name, version = parse_ref(model, "model")
+    if version != "latest" and version in cached_versions(site, name):
+        try:
+            return load_package(_cache(site) / name / version)
+        except PackageError as exc:
+            raise UserError(f"{exc}") from None
+    try:
+        return pull_model(site, model)
+    except RegistryClientError as exc:
+        pulled = cached_versions(site, name)
+        if version != "latest" or not pulled or "cannot reach the registry" not in str(exc):
+            raise
+        log.warning("the registry cannot be reached (%s); using %s@%s, the newest version pulled here", exc, name, pulled[-1])
+        try:
+            return load_package(_cache(site) / name / pulled[-1])
+        except PackageError as err:
+            raise UserError(str(err)) from None
