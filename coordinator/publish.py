@@ -182,7 +182,8 @@ def publish_model(home: Path, run: str, model: str = "best", name: str | None = 
     provenance = {
         "run_id": run_dir.name,
         "spec_name": spec.name,
-        "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
+        "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),  # of the spec the run executed (the resolved copy when there is one)
+        "spec_file": runs.spec_file(run_dir).name,
         "method": f"{spec.plan}, aggregator {args.get('aggregator', 'fedavg')}",
         "model": label,
         "model_round": model_round,
