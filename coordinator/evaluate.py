@@ -9,7 +9,11 @@ run's own schema, spacing and intensity rules and scored on that grid, whole vol
 sliding window. When it labels an organ but none of its lesion classes, lesions are merged
 into their organ in prediction and reference (``merge_lesions="auto"``).
 
-Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per class, per model) and,
+Writes ``<run>/evaluations/<dataset name>.json`` (per-case and mean Dice per class, per model; and the
+clinical metrics of `pipelines.metrics` per case and class, ``metrics``, with their NaN-excluded
+mean, median and count of cases per class, ``metrics_mean``: HD95, ASSD and NSD in mm on the
+evaluation grid, whose spacing each case's preprocessed volume carries, NSD at the schema's
+tolerance of each class, relative volume difference and volumes; null where not scorable) and,
 for the first cases (``overlays``, default 3), the best global model's overlays (image, reference,
 prediction per class: `coordinator.report.overlays`) as ``<run>/report/overlays/oof_case<j>.png``,
 listed in the record's ``overlays``.
@@ -20,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -32,11 +35,11 @@ from coordinator import spec as spec_mod
 from coordinator.checkpoints import load_tensors
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
-from pipelines import training  # module attribute calls: tests swap `training.evaluate_case`
+from pipelines import training  # module attribute calls: tests swap `training.case_label_maps`
 from pipelines.evaluation import dice_per_class
 from pipelines.evaluation import merge_lesions as merged_into_organs  # (the name `merge_lesions` is evaluate_run's option)
 from pipelines.networks import build_network
-from pipelines.transforms import deterministic_transforms
+from pipelines.scoring import preprocess_cases, score_model, scoring_plan
 from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import parse_schema
 
@@ -146,24 +149,13 @@ def evaluate_run(
         check_schema(json.loads((Path(dataset) / "manifest.json").read_text()), schema, str(dataset))
     except (DatasetError, DatasetSchemaError) as exc:
         raise UserError(str(exc)) from None
-    labeled = prepared.labeled_classes
-    if labeled is None:  # format v1: every label of dataset.json
-        labeled = sorted(v for v in prepared.labels.values() if v != 0)
-    bad = [c for c in labeled if not 0 < c < schema.num_classes]
-    if bad or not labeled:
-        raise UserError(f"{dataset}: labels {bad or '(none)'} are not foreground classes of schema {schema.name}")
-    if prepared.modality not in schema.modalities:
-        raise UserError(f"{dataset}: modality {prepared.modality!r} has no rule in schema {schema.name}")
-    names = {v: k for k, v in schema.classes.items()}
-    organs_only = [
-        o for o, lesions in schema.groups.items() if schema.classes[o] in labeled and lesions and not any(schema.classes[l] in labeled for l in lesions)
-    ]
-    if merge_lesions not in ("auto", "yes", "no"):
-        raise UserError(f"merge_lesions must be auto, yes or no (got {merge_lesions!r})")
     if overlays < 0:
         raise UserError(f"overlays must be 0 or more (got {overlays})")
-    merge = bool(organs_only) if merge_lesions == "auto" else merge_lesions == "yes"
-    classes = [c for c in labeled if not (merge and schema.organ_of(names[c]) != names[c])]
+    try:
+        plan = scoring_plan(prepared, schema, merge_lesions, where=str(dataset))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    names, classes, merge = plan.names, plan.classes, plan.merge
     metrics = runs.read_metrics(run_dir)
     if settings.predict_classes is None:
         trained = trained_classes(metrics, schema)
@@ -175,17 +167,15 @@ def evaluate_run(
     if not models:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
 
-    chain = deterministic_transforms(schema, prepared.modality, spacing=settings.spacing, label_dtype=torch.uint8)
-    cases = [c for c in prepared.cases if c.label is not None]
-    if not cases:
+    n_cases = sum(c.label is not None for c in prepared.cases)
+    if not n_cases:
         raise UserError(f"{dataset}: no labelled cases to score")
-    log.info("%s: preprocessing %d labelled cases on the run's grid, then scoring %d model(s)", prepared.name, len(cases), len(models))
-    volumes = []
-    for i, c in enumerate(cases):
-        out = chain({"image": str(c.image), "label": str(c.label)})
-        volumes.append((torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"])))
-        if progress:
-            progress("preprocessing", i + 1, len(cases))
+    log.info("%s: preprocessing %d labelled cases on the run's grid, then scoring %d model(s)", prepared.name, n_cases, len(models))
+    try:
+        cases = preprocess_cases(prepared, settings, progress=(lambda i, n: progress("preprocessing", i, n)) if progress else None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    volumes = cases.volumes
 
     record: dict[str, Any] = {
         "dataset": prepared.name,
@@ -194,6 +184,8 @@ def evaluate_run(
         "classes": [names[c] for c in classes],
         "spacing": "schema" if settings.spacing == "schema" else settings.spacing,
         "predicted_classes": [names[c] for c in settings.predict_classes] if settings.predict_classes else "all",
+        "case_spacing_mm": cases.spacings,
+        "surface_tolerance_mm": {names[c]: schema.surface_tolerance(names[c]) for c in classes},
         "models": {},
     }
     net = build_network(out_channels=schema.num_classes, **settings.network)
@@ -204,19 +196,8 @@ def evaluate_run(
         except pickle.UnpicklingError as e:  # weights_only refused a pickled callable or class
             raise UserError(f"{path}: not a checkpoint of plain tensors (refused: {str(e).splitlines()[0]})") from None
         net.load_state_dict(state)
-        per_case = []
-        for i, (image, lab) in enumerate(volumes):
-            per_case.append(training.evaluate_case(net, image, lab, settings, classes, merge_lesion_classes=merge))
-            if progress:
-                progress(key, i + 1, len(volumes))
-        means = training.class_means(per_case, classes)
-        record["models"][key] = {
-            "label": label,
-            "checkpoint": str(path.relative_to(run_dir)),
-            "per_case": [{names[c]: v for c, v in case.items() if not math.isnan(v)} for case in per_case],
-            "mean": {names[c]: v for c, v in means.items()},
-            "mean_all": sum(means.values()) / len(means) if means else None,
-        }
+        scores = score_model(net, cases, settings, plan, progress=(lambda i, n, k=key: progress(k, i, n)) if progress else None)
+        record["models"][key] = {"label": label, "checkpoint": str(path.relative_to(run_dir)), **scores}
         if key == "global" and overlays:
             log.info("drawing the best global model on %d out-of-federation case(s)", min(overlays, len(volumes)))
             record["overlays"] = _write_overlays(run_dir, net, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}",

@@ -20,6 +20,7 @@ from fedimg_core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODALITIES",
+    "DEFAULT_SURFACE_TOLERANCE_MM",
     "IGNORE",
     "LABEL_MAP_FORMAT",
     "NORMALISATIONS",
@@ -40,6 +41,10 @@ CLASS_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
 SCHEMA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CLASS_ID = 254
 MAX_LOCAL_VALUE = 65535
+# normalised surface Dice tolerance of a class the schema's ``surface_tolerance_mm`` does not name
+# (the lesion tolerance of the FLARE 2023 evaluation), and the largest one a schema may declare
+DEFAULT_SURFACE_TOLERANCE_MM = 2.0
+MAX_SURFACE_TOLERANCE_MM = 50.0
 # the rule of a schema that names no modality: the ConDistFL abdominal CT window
 DEFAULT_MODALITIES: dict[str, dict[str, Any]] = {"CT": {"normalisation": "ct_window", "clip": [-54, 258], "centre": 100, "scale": 50}}
 
@@ -104,6 +109,13 @@ class LabelSchemaFile(ConfigModel):
     )
     modalities: dict[str, ModalityRuleFile] | None = Field(None, description="Modality -> intensity rule (default: the CT window).")
     class_notes: dict[str, str] | None = Field(None, description="Free-text notes per class for annotators (not used by code).")
+    surface_tolerance_mm: dict[str, Annotated[float, number(0, MAX_SURFACE_TOLERANCE_MM, exclusive_minimum=True)]] | None = Field(
+        None,
+        description=(
+            "Foreground class name -> tolerance in mm of its normalised surface Dice (NSD) in out-of-federation "
+            f"evaluation; a class not named here uses {DEFAULT_SURFACE_TOLERANCE_MM} mm."
+        ),
+    )
 
     @field_validator("target_spacing")
     @classmethod
@@ -131,6 +143,9 @@ class LabelSchemaFile(ConfigModel):
                 if member in seen:
                     raise ConfigProblem(f"groups.{organ}", f"{member!r} is in more than one group")
                 seen.add(member)
+        for name in self.surface_tolerance_mm or {}:
+            if name not in classes or name == "background":
+                raise ConfigProblem(f"surface_tolerance_mm.{name}", f"not a foreground class{did_you_mean(name, [c for c in classes if c != 'background'])}")
         return self
 
     def organ_groups(self) -> dict[str, tuple[str, ...]]:

@@ -16,6 +16,7 @@ import torch
 from pipelines.deep_supervision import deep_supervision_loss
 from pipelines.evaluation import dice_per_class, merge_lesions, predict_volume
 from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss
+from pipelines.metrics import case_metrics
 from pipelines.networks import all_heads, main_output
 from pipelines.plan_args import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args
 from pipelines.site_state import SiteStateStore, is_plain_name
@@ -27,9 +28,11 @@ __all__ = [
     "OptimizerStateStore",
     "PartialLabelObjective",
     "SegmentationSettings",
+    "case_label_maps",
     "class_means",
     "cosine_lr",
     "evaluate_case",
+    "evaluate_case_metrics",
     "frozen_teacher",
     "is_plain_name",
     "parameter_checksum",
@@ -216,12 +219,67 @@ def evaluate_case(
     Returns:
         Class id -> Dice.
     """
+    pred, ref = case_label_maps(model, image, label, settings, merge_lesion_classes)
+    return dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+
+
+def case_label_maps(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    settings: SegmentationSettings,
+    merge_lesion_classes: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted and reference label maps of one whole volume, as `evaluate_case` scores them.
+
+    Args:
+        model: the network.
+        image: the preprocessed volume (C, X, Y, Z).
+        label: its label map, (1, X, Y, Z) or (X, Y, Z).
+        settings: the plan's settings (window, schema).
+        merge_lesion_classes: merge every lesion into its organ in both maps.
+
+    Returns:
+        (prediction, reference), both (X, Y, Z).
+    """
     pred = predict(model, image, settings).cpu().numpy()
     ref = label.reshape(pred.shape).cpu().numpy() if label.numel() == pred.size else label[0].cpu().numpy()
     if merge_lesion_classes:
         table = settings.schema.lesion_merge_table()
         pred, ref = merge_lesions(pred, table), merge_lesions(ref, table)
-    return dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+    return pred, ref
+
+
+def evaluate_case_metrics(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    settings: SegmentationSettings,
+    classes: Sequence[int],
+    spacing: Sequence[float],
+    merge_lesion_classes: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Clinical metrics per class of one whole volume (`pipelines.metrics.case_metrics`): Dice
+    (the value `evaluate_case` gives), HD95, ASSD, NSD at the schema's tolerance of each class
+    (`LabelSchema.surface_tolerance`), relative volume difference and volumes.
+
+    Args:
+        model: the network.
+        image: the preprocessed volume (C, X, Y, Z).
+        label: its label map, (1, X, Y, Z) or (X, Y, Z).
+        settings: the plan's settings (window, schema).
+        classes: the classes to score.
+        spacing: the voxel size in mm of the volume's grid, per axis.
+        merge_lesion_classes: score organs with their lesions merged in (the organ's tolerance applies).
+
+    Returns:
+        Class id -> {metric: value}.
+    """
+    pred, ref = case_label_maps(model, image, label, settings, merge_lesion_classes)
+    schema = settings.schema
+    names = {v: k for k, v in schema.classes.items()}
+    tolerances = {c: schema.surface_tolerance(names[c]) for c in classes}
+    return case_metrics(pred, ref, classes, spacing, tolerances, schema.ignore_label)
 
 
 def class_means(per_case: Sequence[Mapping[int, float]], classes: Sequence[int]) -> dict[int, float]:

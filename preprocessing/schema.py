@@ -24,10 +24,19 @@ import yaml
 
 from fedimg_core.atomic import FileReadError, read_small_file
 from fedimg_core.config import format_problems, validate_config
-from fedimg_core.label_schema import IGNORE, LABEL_MAP_FORMAT, SCHEMA_FORMAT, LabelSchemaFile, SchemaError, SiteLabelMapFile
+from fedimg_core.label_schema import (
+    DEFAULT_SURFACE_TOLERANCE_MM,
+    IGNORE,
+    LABEL_MAP_FORMAT,
+    SCHEMA_FORMAT,
+    LabelSchemaFile,
+    SchemaError,
+    SiteLabelMapFile,
+)
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "DEFAULT_SURFACE_TOLERANCE_MM",
     "IGNORE",
     "LABEL_MAP_FORMAT",
     "SCHEMA_FORMAT",
@@ -89,6 +98,7 @@ class LabelSchema:
     modalities: dict[str, ModalityRule]
     source: str = "<memory>"
     class_notes: dict[str, str] = field(default_factory=dict)
+    surface_tolerance_mm: dict[str, float] = field(default_factory=dict)  # as declared; see `surface_tolerance`
 
     @property
     def major(self) -> int:
@@ -113,6 +123,17 @@ class LabelSchema:
             KeyError: ``name`` is not a class of this schema.
         """
         return self.classes[name]
+
+    def surface_tolerance(self, class_name: str) -> float:
+        """The tolerance of a class's normalised surface Dice (``surface_tolerance_mm`` of the schema).
+
+        Args:
+            class_name: a class name of this schema.
+
+        Returns:
+            The declared tolerance in mm, else `DEFAULT_SURFACE_TOLERANCE_MM` (2.0 mm).
+        """
+        return float(self.surface_tolerance_mm.get(class_name, DEFAULT_SURFACE_TOLERANCE_MM))
 
     def organ_of(self, class_name: str) -> str | None:
         """The organ group a class belongs to.
@@ -242,6 +263,7 @@ def parse_schema(raw: Mapping[str, Any], source: str) -> LabelSchema:
         modalities=modalities,
         source=source,
         class_notes=dict(doc.class_notes or {}),
+        surface_tolerance_mm={k: float(v) for k, v in (doc.surface_tolerance_mm or {}).items()},
     )
 
 

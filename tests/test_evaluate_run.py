@@ -93,20 +93,55 @@ def test_organs_only_dataset_is_scored_with_lesions_merged(run_dir, organs_only)
 
 
 def test_a_perfect_model_scores_one(run_dir, organs_only, tmp_path, monkeypatch):
-    """Replace the network's prediction by the reference itself: every scored Dice is 1."""
+    """Replace the network's prediction by the reference itself: every scored Dice and NSD is 1,
+    every distance 0 mm, every volume difference 0."""
     import coordinator.evaluate as ev
     import pipelines.training as tr
 
-    def oracle(model, image, label, settings, classes, merge_lesion_classes=False):
+    def oracle(model, image, label, settings, merge_lesion_classes=False):
         ref = label[0].numpy() if label.dim() == 4 else label.numpy()
         table = settings.schema.lesion_merge_table()
         ref = table[ref] if merge_lesion_classes else ref
-        return tr.dice_per_class(ref, ref, classes)
+        return ref, ref
 
-    monkeypatch.setattr(tr, "evaluate_case", oracle)
+    monkeypatch.setattr(tr, "case_label_maps", oracle)
     record = ev.evaluate_run(run_dir, organs_only)
     for m in record["models"].values():
         assert m["mean"] == {"kidney": 1.0, "liver": 1.0, "spleen": 1.0} and m["mean_all"] == 1.0
+        for organ, row in m["metrics_mean"].items():
+            assert row["dice"]["mean"] == row["nsd"]["mean"] == 1.0 and row["hd95"]["mean"] == row["assd"]["mean"] == row["rvd"]["mean"] == 0.0, organ
+            assert row["dice"]["n"] == row["hd95"]["n"] == sum(organ in case for case in m["per_case"]) > 0
+            assert row["volume_ref_ml"]["mean"] == row["volume_pred_ml"]["mean"] > 0
+
+
+def test_clinical_metrics_are_recorded_per_case_and_class_with_nulls_and_counts(run_dir, organs_only):
+    """Beside the Dice keys: per case and class every metric of `pipelines.metrics` (null where
+    undefined), per class their mean, median and count, the NSD tolerances and each case's grid
+    spacing; the file is strict JSON (no NaN)."""
+    from pipelines.metrics import METRICS
+
+    record = evaluate_run(run_dir, organs_only)
+    text = (run_dir / "evaluations" / "organs-only.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the evaluation file"))
+    assert saved["surface_tolerance_mm"] == {"kidney": SCHEMA.surface_tolerance("kidney"), "liver": SCHEMA.surface_tolerance("liver"),
+                                             "spleen": SCHEMA.surface_tolerance("spleen")}  # fmt: skip
+    assert len(saved["case_spacing_mm"]) == 2 and all(len(s) == 3 and all(v > 0 for v in s) for s in saved["case_spacing_mm"])
+    for key, m in saved["models"].items():
+        assert len(m["metrics"]) == len(m["per_case"]) == 2
+        for dice, case in zip(m["per_case"], m["metrics"]):
+            assert set(case) == set(dice) and all(case[c]["dice"] == dice[c] for c in dice)  # the same Dice
+            for row in case.values():
+                assert set(row) == set(METRICS) and all(v is None or isinstance(v, float) for v in row.values())
+        assert set(m["metrics_mean"]) == {"kidney", "liver", "spleen"}
+        for organ, row in m["metrics_mean"].items():
+            assert set(row) == set(METRICS)
+            assert row["dice"]["n"] == sum(organ in case for case in m["per_case"])
+            if organ in m["mean"]:
+                assert row["dice"]["mean"] == pytest.approx(m["mean"][organ])
+            for metric, s in row.items():
+                values = [case[organ][metric] for case in m["metrics"] if organ in case and case[organ][metric] is not None]
+                assert s["n"] == len(values) and (s["mean"] is None) == (not values), (key, organ, metric)
+    assert record["models"]["global"]["metrics"] == saved["models"]["global"]["metrics"]
 
 
 def test_lesion_labelling_dataset_is_not_merged_unless_asked(run_dir, tmp_path):

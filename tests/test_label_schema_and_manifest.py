@@ -66,6 +66,8 @@ def test_the_shipped_schema_reads_as_before():
         (_schema(modalities={"CT": {"normalisation": "window"}}), "modalities.CT.normalisation", "did you mean 'ct_window'?"),
         (_schema(modalities={"CT": {"normalisation": "ct_window", "clip": [0, 1], "scale": 0}}), "modalities.CT.scale", "positive"),
         (_schema(modalities={"CT": {"normalisation": "zscore", "centr": 1}}), "modalities.CT.centr", "unknown key"),
+        (_schema(surface_tolerance_mm={"livr": 2}), "surface_tolerance_mm.livr", "not a foreground class; did you mean 'liver'?"),
+        (_schema(surface_tolerance_mm={"liver": -1}), "surface_tolerance_mm.liver", "must be > 0 and <= 50 (got -1)"),
     ],
 )
 def test_schema_problems_name_the_file_the_key_and_what_is_allowed(raw, key, words):

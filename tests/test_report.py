@@ -232,6 +232,33 @@ def test_out_of_federation_table(built):
     assert html_row("local site-a (round 3)", "0.300", "0.500", "", "0.000", "0.200") in page  # NaN: empty
 
 
+def test_out_of_federation_clinical_metrics_table(tmp_path):
+    """An evaluation with clinical metrics (``metrics_mean``) gets a second table under its Dice
+    table: per model and class the means, the NSD tolerance and the two counts; an older
+    evaluation (Dice only) gets none."""
+
+    def summary(mean, n):
+        return {"mean": mean, "median": mean, "n": n}
+
+    liver = {"dice": summary(0.9, 3), "hd95": summary(4.25, 2), "assd": summary(1.5, 2), "nsd": summary(0.8, 3), "rvd": summary(-0.1, 3)}
+    spleen = {m: summary(None, 0) for m in ("dice", "hd95", "assd", "nsd", "rvd")}
+    global_model = {**EVALUATION["models"]["global"], "metrics_mean": {"liver": liver, "spleen": spleen}}
+    evaluation = {**EVALUATION, "classes": ["liver", "spleen"], "models": {"global": global_model}, "surface_tolerance_mm": {"liver": 5.0, "spleen": 2.0}}
+    run_dir = make_run(tmp_path, metrics=make_metrics(), state=STATE, evaluation=evaluation)
+    (ev,) = report.read_evaluations(run_dir)
+    table = report.evaluation_metrics_table(ev)
+    assert table.columns == ["model", "class", "Dice", "HD95 (mm)", "ASSD (mm)", "NSD", "NSD tolerance (mm)", "RVD", "cases scored", "cases with both masks"]
+    assert table.rows == [
+        ["global (round 3)", "liver", 0.9, 4.25, 1.5, 0.8, "5", -0.1, 3, 2],
+        ["global (round 3)", "spleen", None, None, None, None, "2", None, 0, 0],
+    ]
+    page = (report.write_report(run_dir, log=lambda _: None) / "index.html").read_text()
+    assert "<th>HD95 (mm)</th>" in page and "Metrics and empty masks" in page
+    assert html_row("global (round 3)", "liver", "0.900", "4.250", "1.500", "0.800", "5", "-0.100", "3", "2") in page
+    (old,) = report.read_evaluations(make_run(tmp_path, "old", metrics=make_metrics(), state=STATE, evaluation=EVALUATION))
+    assert report.evaluation_metrics_table(old) is None
+
+
 def test_cost_table(built):
     _, out, _ = built
     page = (out / "index.html").read_text()

@@ -36,7 +36,16 @@ from coordinator.report.reading import (
     scored_mean,
 )
 from coordinator.report.run_report import REPORT_DIR, build_report, report_sections, write_report
-from coordinator.report.tables import cost_table, dice_table, evaluation_mean, evaluation_table, header_table, split_sizes_table, split_table
+from coordinator.report.tables import (
+    cost_table,
+    dice_table,
+    evaluation_mean,
+    evaluation_metrics_table,
+    evaluation_table,
+    header_table,
+    split_sizes_table,
+    split_table,
+)
 from fedimg_core.reporting import Section, Table, cell, render_markdown
 from fedimg_core.reporting import render_sections as render_html
 from fedimg_core.reporting.figures import BoxPanel, Points
@@ -45,7 +54,7 @@ __all__ = [
     "EVALUATIONS_DIR", "MB", "MEAN_ACROSS_SITES", "NO_TEST_SPLIT", "REPORT_DIR", "BoxPanel", "Curves", "Evaluation",
     "InFederation", "Points", "Run", "Scored", "Section", "Table", "build_report", "cell", "class_means", "compare_runs",
     "comparison_sections", "comparison_table", "cost_summary", "cost_table", "dice_table", "evaluation_mean",
-    "evaluation_table", "federation_box_panels", "foreground_classes", "global_rows", "header_table", "in_federation",
+    "evaluation_metrics_table", "evaluation_table", "federation_box_panels", "foreground_classes", "global_rows", "header_table", "in_federation",
     "learning_curves", "load_run", "local_rows", "method_record", "oof_box_panels", "oof_summary", "plot_boxplots",
     "plot_dice_global", "plot_grouped_bars", "plot_learning_curves", "read_evaluations", "render_html", "render_markdown",
     "report_sections", "row_mean", "scored_mean", "seed_summary", "split_sizes_table", "split_table", "write_report",

@@ -35,6 +35,8 @@ class Evaluation:
         models: model key (``global``, ``local:<site>``) -> label, per_case, mean, mean_all.
         cases: number of cases, as recorded.
         merge_lesions: whether lesions were merged into their organs.
+        surface_tolerance_mm: class -> the NSD tolerance its ``metrics_mean`` used (empty in
+            evaluations from before the clinical metrics).
     """
 
     dataset: str
@@ -42,6 +44,7 @@ class Evaluation:
     models: dict[str, dict[str, Any]]
     cases: Any = None
     merge_lesions: Any = None
+    surface_tolerance_mm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def read_evaluations(run_dir: Path, log: Log = print) -> list[Evaluation]:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             classes = sorted({c for m in models.values() for c in mapping(m.get("mean"))})
         dataset = str(data.get("dataset") or path.stem)
-        out.append(Evaluation(dataset, classes, models, data.get("cases"), data.get("merge_lesions")))
+        out.append(Evaluation(dataset, classes, models, data.get("cases"), data.get("merge_lesions"), mapping(data.get("surface_tolerance_mm"))))
     return out
 
 

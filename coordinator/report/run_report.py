@@ -13,7 +13,7 @@ from coordinator.report.forgetting import forgetting_section
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
 from coordinator.report.overlays import copy_overlays, overlay_section, report_overlays
 from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run
-from coordinator.report.tables import cost_table, dice_table, evaluation_table, header_table, split_sizes_table, split_table
+from coordinator.report.tables import cost_table, dice_table, evaluation_metrics_table, evaluation_table, header_table, split_sizes_table, split_table
 from fedimg_core import atomic
 from fedimg_core.reporting import Section, Table, render_markdown, render_sections
 
@@ -100,6 +100,11 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
     standalone = ["Standalone mode: the sites never share weights, so each site's 'global' model is its own model."] if run.metrics.mode == "standalone" else []
     split_note = [SPLITS_TEXT] if fed.has_test else [NO_TEST_TEXT]
     run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if run.metrics.splits else [])
+    oof_tables = [t for ev in run.evaluations for t in (evaluation_table(ev), evaluation_metrics_table(ev)) if t is not None]
+    oof_text = [] if run.evaluations else [f"No out-of-federation evaluation ({EVALUATIONS_DIR}/<dataset>.json) for this run."]
+    if len(oof_tables) > len(run.evaluations):  # evaluations with clinical metrics
+        oof_text.append("Under each evaluation's Dice table, where it recorded them, its boundary and volume metrics per model and class "
+                        '(pipelines.metrics; their empty-mask rules: README, "Metrics and empty masks").')  # fmt: skip
     return [
         Section("Run", tables=run_tables),
         Section(
@@ -126,8 +131,8 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
         *([forgetting] if (forgetting := forgetting_section(run.metrics, run.schema)) else []),  # runs with test-only reference labels
         Section(
             "Out of federation",
-            [] if run.evaluations else [f"No out-of-federation evaluation ({EVALUATIONS_DIR}/<dataset>.json) for this run."],
-            [evaluation_table(ev) for ev in run.evaluations],
+            oof_text,
+            oof_tables,
         ),
         Section(
             "Per-case Dice",

@@ -101,6 +101,35 @@ def evaluation_table(ev: Evaluation) -> Table:
     return Table(["model", *ev.classes, "mean"], rows, caption)
 
 
+def evaluation_metrics_table(ev: Evaluation) -> Table | None:
+    """One out-of-federation evaluation's clinical metrics (``metrics_mean``, `pipelines.metrics`):
+    rows model and class, columns the means of Dice, HD95, ASSD, NSD and RVD, and the cases behind them.
+
+    Returns:
+        The table, or None for an evaluation from before these metrics.
+    """
+    if not any(isinstance(m.get("metrics_mean"), dict) for m in ev.models.values()):
+        return None
+    rows: list[list[Any]] = []
+    for key in model_order(ev.models):
+        model = ev.models[key]
+        summary = mapping(model.get("metrics_mean"))
+        label = str(model.get("label") or key)
+        for c in ev.classes:
+            row = mapping(summary.get(c))
+            mean_of = {m: num(mapping(row.get(m)).get("mean")) for m in ("dice", "hd95", "assd", "nsd", "rvd")}
+            tolerance = num(ev.surface_tolerance_mm.get(c))
+            rows.append([
+                label, c, mean_of["dice"], mean_of["hd95"], mean_of["assd"], mean_of["nsd"], f"{tolerance:g}" if tolerance is not None else "",
+                mean_of["rvd"], _count(mapping(row.get("dice")).get("n")), _count(mapping(row.get("hd95")).get("n")),
+            ])  # fmt: skip
+    caption = (f"{ev.dataset}: boundary and volume metrics, means over cases (HD95, ASSD in mm; NSD at the class's tolerance; "
+               "RVD = (predicted - reference volume) / reference volume). Distances leave out the cases where only one of "
+               "prediction and reference has the class: the two counts differ by those cases.")  # fmt: skip
+    columns = ["model", "class", "Dice", "HD95 (mm)", "ASSD (mm)", "NSD", "NSD tolerance (mm)", "RVD", "cases scored", "cases with both masks"]
+    return Table(columns, rows, caption)
+
+
 def evaluation_mean(model: Mapping[str, Any], classes: list[str]) -> float | None:
     """The evaluation's own overall mean (``mean_all``), else the mean of its class means."""
     v = num(model.get("mean_all"))
