@@ -22,6 +22,7 @@ listed in the record's ``overlays``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pickle
@@ -172,7 +173,7 @@ def evaluate_run(
         raise UserError(f"{dataset}: no labelled cases to score")
     log.info("%s: preprocessing %d labelled cases on the run's grid, then scoring %d model(s)", prepared.name, n_cases, len(models))
     try:
-        cases = preprocess_cases(prepared, settings, progress=(lambda i, n: progress("preprocessing", i, n)) if progress else None)
+        cases = preprocess_cases(prepared, settings, progress=functools.partial(progress, "preprocessing") if progress else None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     volumes = cases.volumes
@@ -196,7 +197,7 @@ def evaluate_run(
         except pickle.UnpicklingError as e:  # weights_only refused a pickled callable or class
             raise UserError(f"{path}: not a checkpoint of plain tensors (refused: {str(e).splitlines()[0]})") from None
         net.load_state_dict(state)
-        scores = score_model(net, cases, settings, plan, progress=(lambda i, n, k=key: progress(k, i, n)) if progress else None)
+        scores = score_model(net, cases, settings, plan, progress=functools.partial(progress, key) if progress else None)
         record["models"][key] = {"label": label, "checkpoint": str(path.relative_to(run_dir)), **scores}
         if key == "global" and overlays:
             log.info("drawing the best global model on %d out-of-federation case(s)", min(overlays, len(volumes)))
