@@ -3,7 +3,9 @@ that never took part in training (out-of-federation test).
 
 Models scored: the best global model (the paper's selection: best mean Dice over all
 classes across sites on validation cases; `checkpoints/best_global.pt`, else the last round's),
-and each site's best local model (selected on its validation cases, `checkpoints/local/<site>_best.pt`;
+for a standalone run the paper's standalone ensemble of the sites' local models instead
+(``ensemble``: each class from the models of the sites labelling it,
+`pipelines.ensemble.PartialLabelEnsemble`), and each site's best local model (selected on its validation cases, `checkpoints/local/<site>_best.pt`;
 else its last one, `<site>_last.pt`): the models the run report shows. The dataset is preprocessed with the
 run's own schema, spacing and intensity rules and scored on that grid, whole volumes by
 sliding window. When it labels an organ but none of its lesion classes, lesions are merged
@@ -37,6 +39,7 @@ from coordinator.checkpoints import load_tensors
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
 from pipelines import training  # module attribute calls: tests swap `training.case_label_maps`
+from pipelines.ensemble import PartialLabelEnsemble
 from pipelines.evaluation import dice_per_class
 from pipelines.evaluation import merge_lesions as merged_into_organs  # (the name `merge_lesions` is evaluate_run's option)
 from pipelines.networks import build_network
@@ -117,6 +120,51 @@ def trained_classes(metrics: dict, schema) -> list[int]:
     return sorted(found)
 
 
+def site_classes(metrics: dict, schema) -> dict[str, list[int]]:
+    """Per site (safe file name, as its checkpoints are named): the schema ids of the classes it scored on its own
+    validation or test cases during the run, i.e. the classes it labels.
+
+    Args:
+        metrics: the run's metrics.
+        schema: the run's label schema.
+
+    Returns:
+        Site -> class ids.
+    """
+    found: dict[str, set[int]] = {}
+    for r in metrics.get("rounds", []):
+        for node_id, row in r.get("sites", {}).items():
+            site = runs.safe_name(str(row.get("name", node_id)), "site")
+            for key in ("val_global", "val_local", "val_final", "test_global", "test_local", "test_final"):
+                for k in row.get(key) or {}:
+                    name = k[len("dice_") :] if k.startswith("dice_") else None
+                    if name in schema.classes and name != "background":
+                        found.setdefault(site, set()).add(schema.classes[name])
+    return {site: sorted(ids) for site, ids in found.items()}
+
+
+def _ensemble(models: dict[str, tuple[str, Path]], classes_of: dict[str, list[int]], settings) -> tuple[PartialLabelEnsemble | None, list[str]]:
+    """The standalone ensemble (`pipelines.ensemble.PartialLabelEnsemble`) of the sites' local models, each with the
+    classes its site labels (a site that scored no class is left out), and the keys of its members; None without any."""
+    members, keys = [], []
+    for key, (_, path) in models.items():
+        site = key.split(":", 1)[1] if key.startswith("local:") else None
+        if site is None or not classes_of.get(site):
+            continue
+        net = build_network(out_channels=settings.schema.num_classes, **settings.network)
+        net.load_state_dict(_load(path))
+        members.append((net.eval(), classes_of[site]))
+        keys.append(key)
+    return (PartialLabelEnsemble(members, settings.schema.num_classes, settings.spatial_dims) if members else None), keys
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_tensors(path)
+    except pickle.UnpicklingError as e:  # weights_only refused a pickled callable or class
+        raise UserError(f"{path}: not a checkpoint of plain tensors (refused: {str(e).splitlines()[0]})") from None
+
+
 def evaluate_run(
     run_dir: Path,
     dataset: Path,
@@ -164,6 +212,7 @@ def evaluate_run(
             # classes no site labels were never trained: fold them into background (as the loss did)
             settings = dataclasses.replace(settings, predict_classes=tuple(trained))
             log.info("predicting only the classes the sites label: %s", ", ".join(names[c] for c in trained))
+    standalone = spec_mod.load(runs.spec_file(run_dir)).mode == "standalone"
     models = _models(run_dir, metrics)
     if not models:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
@@ -189,19 +238,24 @@ def evaluate_run(
         "surface_tolerance_mm": {names[c]: schema.surface_tolerance(names[c]) for c in classes},
         "models": {},
     }
+    ensemble, members = _ensemble(models, site_classes(metrics, schema), settings) if standalone else (None, [])
+    jobs: list[tuple[str, str, Path | None]] = [(key, label, path) for key, (label, path) in models.items()]
+    if ensemble is not None:  # the paper's standalone baseline: each class from the sites that label it
+        jobs.insert(0, ("ensemble", f"standalone ensemble ({len(ensemble.labelled)} local models)", None))
     net = build_network(out_channels=schema.num_classes, **settings.network)
-    for n, (key, (label, path)) in enumerate(models.items(), 1):
-        log.info("model %d/%d: %s", n, len(models), label)
-        try:
-            state = load_tensors(path)
-        except pickle.UnpicklingError as e:  # weights_only refused a pickled callable or class
-            raise UserError(f"{path}: not a checkpoint of plain tensors (refused: {str(e).splitlines()[0]})") from None
-        net.load_state_dict(state)
-        scores = score_model(net, cases, settings, plan, progress=functools.partial(progress, key) if progress else None)
-        record["models"][key] = {"label": label, "checkpoint": str(path.relative_to(run_dir)), **scores}
-        if key == "global" and overlays:
-            log.info("drawing the best global model on %d out-of-federation case(s)", min(overlays, len(volumes)))
-            record["overlays"] = _write_overlays(run_dir, net, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}",
+    for n, (key, label, path) in enumerate(jobs, 1):
+        log.info("model %d/%d: %s", n, len(jobs), label)
+        if path is not None:
+            net.load_state_dict(_load(path))
+        model = ensemble if path is None and ensemble is not None else net
+        scores = score_model(model, cases, settings, plan, progress=functools.partial(progress, key) if progress else None)
+        entry: dict[str, Any] = {"label": label, "checkpoint": str(path.relative_to(run_dir)) if path is not None else None, **scores}
+        if path is None:
+            entry["members"] = members
+        record["models"][key] = entry
+        if key in ("global", "ensemble") and overlays:
+            log.info("drawing the %s on %d out-of-federation case(s)", label, min(overlays, len(volumes)))
+            record["overlays"] = _write_overlays(run_dir, model, volumes[:overlays], settings, classes, merge, f"{prepared.name}: {label}",
                                                  runs.safe_name(prepared.name, "dataset"))  # fmt: skip
     out = run_dir / "evaluations" / f"{runs.safe_name(prepared.name, 'dataset')}.json"
     out.parent.mkdir(exist_ok=True)

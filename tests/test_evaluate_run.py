@@ -227,3 +227,33 @@ def run_dir_all(tmp_path_factory):
     val = {f"dice_{c}": 0.5 for c in SCHEMA.classes if c != "background"}
     runs.write_metrics(run, {"rounds": [{"round": 1, "sites": {"n1": {"val_global": val}}}], "best_global": {"model_round": 1}})
     return run
+
+
+def test_a_standalone_run_is_scored_as_the_papers_ensemble_of_its_local_models(tmp_path, organs_only):
+    """Standalone training has no global model: its joint model is the ensemble of the sites' local models, each
+    class taken from the models of the sites that label it (the classes a site scored during the run)."""
+    import coordinator.evaluate as ev
+    from pipelines.ensemble import PartialLabelEnsemble
+    from pipelines.scoring import preprocess_cases, score_model, scoring_plan
+    from preprocessing.dataset import load_dataset
+
+    spec = SPEC.replace("plan: marginal", "plan: marginal\nmode: standalone")
+    run = runs.new_run(tmp_path, spec, "alone", resolved=parse(spec, "spec").resolved_raw())
+    (run / "checkpoints" / "local").mkdir(parents=True)
+    nets = {}
+    for seed, site in enumerate(("site-a", "site-b", "site-c")):
+        torch.manual_seed(seed)
+        nets[site] = build_network("basic_unet", features=[4, 4, 8, 8, 16, 4], out_channels=SCHEMA.num_classes)
+        torch.save(nets[site].state_dict(), run / "checkpoints" / "local" / f"{site}_last.pt")
+    rows = {"N1": {"name": "site-a", "val_local": {"dice_liver": 0.5}}, "N2": {"name": "site-b", "val_local": {"dice_kidney": 0.4, "dice_spleen": 0.3}}}
+    runs.write_metrics(run, {"rounds": [{"round": 1, "sites": rows}]})  # site-c scored nothing: its classes are unknown
+    record = evaluate_run(run, organs_only, overlays=0)
+    assert set(record["models"]) == {"ensemble", "local:site-a", "local:site-b", "local:site-c"}
+    entry = record["models"]["ensemble"]
+    assert entry["label"] == "standalone ensemble (2 local models)" and entry["checkpoint"] is None
+    assert entry["members"] == ["local:site-a", "local:site-b"] and len(entry["per_case"]) == 2
+    settings = ev._settings(run)
+    ensemble = PartialLabelEnsemble([(nets["site-a"].eval(), [3]), (nets["site-b"].eval(), [1, 7])], SCHEMA.num_classes, 3)
+    prepared = load_dataset(organs_only)
+    expected = score_model(ensemble, preprocess_cases(prepared, settings), settings, scoring_plan(prepared, SCHEMA))
+    assert entry["per_case"] == expected["per_case"]
