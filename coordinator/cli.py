@@ -29,6 +29,7 @@ for _command in (
     runs.results,
     registry.registry,
     registry.publish,
+    registry.site_evaluations,
     tokens.site_token,
     evaluation.evaluate,
     evaluation.report,

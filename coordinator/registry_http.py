@@ -139,7 +139,7 @@ class RegistryRoutes(LimitedRequestMixin):
                 raise _Refusal(HTTPStatus.UNAUTHORIZED, "missing or wrong token (a site token or the API token)")
             reg = Registry(self.registry_home)
             if method == "GET":
-                self._reg_get(reg, parts[1:], urllib.parse.parse_qs(split.query, keep_blank_values=True))
+                self._reg_get(reg, parts[1:], urllib.parse.parse_qs(split.query, keep_blank_values=True), caller)
             elif method == "POST":
                 self._reg_push(reg, parts[1:], caller)
             else:
@@ -168,7 +168,9 @@ class RegistryRoutes(LimitedRequestMixin):
         if version is not None and version != "latest" and R._version_number(version) is None:
             raise _Refusal(HTTPStatus.NOT_FOUND, f"version {version!r} is not a registry version (v0001, v0002, ... or latest)")
 
-    def _reg_get(self, reg: Registry, parts: list[str], query: dict[str, list[str]]) -> None:
+    def _reg_get(self, reg: Registry, parts: list[str], query: dict[str, list[str]], caller: tuple[str, str | None] = ("site", None)) -> None:
+        if len(parts) == 4 and parts[0] == "model" and parts[3] == "evaluations":
+            return self._reg_model_evaluation(reg, parts, caller, "GET")
         if not parts:
             unknown = set(query) - {"kind"}
             if unknown:
@@ -219,7 +221,49 @@ class RegistryRoutes(LimitedRequestMixin):
 
     # ------------------------------------------------------------------ pushing
 
+    def _reg_model_evaluation(self, reg: Registry, parts: list[str], caller: tuple[str, str | None], method: str) -> None:
+        """``/registry/model/<name>/<version>/evaluations``: a site sends its aggregate (POST, site token);
+        the researcher reads every site's (GET, API token). `coordinator.model_evaluations`."""
+        from coordinator import model_evaluations
+
+        _, name, version, _ = parts
+        self._reg_target("model", name, version)
+        role, site = caller
+        try:
+            resolved = reg.latest("model", name) if version == "latest" else version
+            reg.get("model", name, resolved)
+        except RegistryError as exc:
+            raise _Refusal(HTTPStatus.NOT_FOUND, str(exc)) from None
+        if method == "GET":
+            if role != "researcher":
+                raise _Refusal(HTTPStatus.FORBIDDEN, "only the researcher's API token reads the sites' evaluations")
+            return self._reg_json(HTTPStatus.OK, {"evaluations": model_evaluations.read_evaluations(self.registry_home, name, resolved)})
+        if role != "site" or not site:
+            raise _Refusal(HTTPStatus.FORBIDDEN, "only a site token may send an evaluation")
+        raw_length = self.headers.get("Content-Length")
+        try:
+            length = int(raw_length or "")
+        except ValueError:
+            raise _Refusal(HTTPStatus.LENGTH_REQUIRED, "an evaluation needs a Content-Length") from None
+        if not 0 < length <= GATE_BODY_BYTES:
+            raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"an evaluation is at most {GATE_BODY_BYTES} bytes of JSON (aggregates only)")
+        self._reg_body_read = True
+        body = self.read_body(length)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, "the evaluation is not JSON") from None
+        if json_depth(doc) > MAX_JSON_DEPTH:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, "the evaluation nests too deep")
+        try:
+            stored = model_evaluations.store_evaluation(self.registry_home, name, resolved, site, doc)
+        except RegistryError as exc:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        self._reg_json(HTTPStatus.CREATED, stored)
+
     def _reg_push(self, reg: Registry, parts: list[str], caller: tuple[str, str | None]) -> None:
+        if len(parts) == 4 and parts[0] == "model" and parts[3] == "evaluations":
+            return self._reg_model_evaluation(reg, parts, caller, "POST")
         if len(parts) != 2:
             raise _Refusal(HTTPStatus.NOT_FOUND, "push to /registry/<kind>/<name>")
         kind, name = parts

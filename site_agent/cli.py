@@ -45,6 +45,7 @@ for _command in (
     adapt.adapt,
     adapt.infer,
     models.models,
+    models.evaluate,
     artifacts.artifacts,
 ):
     cli.add_command(_command)

@@ -78,6 +78,24 @@ class RegistryClient(RegistryReader):
             raise RegistryClientError(f"{where}: no registry section; add `registry: {{url: http://<coordinator>:8750, token_file: /abs/path}}`")
         return cls(reg.url, read_token(reg.token_file, env), work_dir=cfg.work_dir, timeout=timeout)
 
+    def send_evaluation(self, name: str, version: str, aggregate: Mapping) -> dict:
+        """Send this site's aggregate evaluation of a published model (`site_agent.evaluate_model.aggregate`).
+
+        Args:
+            name: the model package's name.
+            version: its version (``vNNNN``).
+            aggregate: per-class summaries and counts (the coordinator refuses anything else).
+
+        Returns:
+            What the coordinator stored.
+        """
+        check_name(name)
+        try:
+            body = json.dumps(dict(aggregate), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise RegistryClientError(f"model {name} {version}: the evaluation is not JSON-serialisable ({exc})") from None
+        return self._json("POST", f"/registry/model/{name}/{version}/evaluations", body, what=f"evaluation of model {name} {version}")
+
     def push(self, kind: str, name: str, files: Mapping[str, bytes], meta: Mapping | None = None) -> dict:
         """Push a new version of ``<kind>/<name>`` (file name -> bytes); return its record.
 

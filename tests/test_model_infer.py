@@ -195,3 +195,65 @@ def test_real_public_series_get_labels_on_their_exact_grid(federation, tmp_path,
     (row,) = json.loads(out)
     assert row["modality"] == modality
     assert_on_series_grid(row["label"], entry["file_paths"])
+
+
+@pytest.fixture(scope="module")
+def labelled_dataset(federation, tmp_path_factory):
+    """A labelled prepared dataset in the site's data_dir (kidney, liver and spleen labelled)."""
+    from preprocessing.prepare import PrepareOptions, prepare
+    from preprocessing.schema import load_label_map, load_schema
+
+    home, cfg, work = federation
+    data_dir = work.parent / "data"
+    schema = load_schema()
+    src = write_phantom_site(tmp_path_factory.mktemp("labelled"), ["kidney", "liver", "spleen"], n_cases=3, seed=8, phase="non_contrast", shape=(40, 36, 16))
+    prepare([src.dicom_dir], data_dir / "organs", schema, load_label_map(src.label_map, schema), labels=[src.labels_dir],
+            options=PrepareOptions(name="organs", qc_report=False))  # fmt: skip
+    return data_dir / "organs"
+
+
+def test_site_evaluate_reproduces_the_coordinators_scores_and_sends_only_aggregates(federation, labelled_dataset):
+    from coordinator.evaluate import evaluate_run
+    from coordinator.model_evaluations import read_evaluations
+
+    home, cfg, work = federation
+    code, out, err = _agent(cfg, "evaluate", "--model", "abdomen@v0001", "--dataset", "organs", "--send", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    run = next((home / "runs").iterdir())
+    coordinator = evaluate_run(run, labelled_dataset, overlays=0)["models"]["global"]  # the published model is the run's best
+    # scored: the classes the dataset labels and the model predicts (the run's sites labelled kidney and liver)
+    assert record["classes"] == ["kidney", "liver"] and record["not_predicted"] == ["spleen"] and record["cases"] == 3
+    assert record["per_case"] == [{c: v for c, v in case.items() if c != "spleen"} for case in coordinator["per_case"]]
+    assert record["metrics_mean"] == {c: v for c, v in coordinator["metrics_mean"].items() if c != "spleen"}
+    report = work / "evaluations" / "abdomen-v0001" / "organs" / "report"
+    assert {"index.html", "dice.png", "hd95.png", "worst1.png", "worst3.png"} <= {p.name for p in report.iterdir()}
+    assert "worst" in (report / "index.html").read_text()
+    # what reached the coordinator: aggregates only, under the token's site name
+    (sent,) = read_evaluations(home, "abdomen", "v0001")
+    assert sent["site"] == "site-a" and sent["cases"] == 3 and sent["model"] == "abdomen@v0001"
+    assert set(sent) == {"site", "model", "weights_sha256", "modality", "cases", "merge_lesions", "classes"}
+    assert sent["classes"]["liver"]["dice"] == record["metrics_mean"]["liver"]["dice"]
+    text = json.dumps(sent)
+    assert "case_" not in text and "organs" not in text  # no case ids, no dataset name
+
+
+def test_the_coordinator_refuses_an_evaluation_that_is_more_than_aggregates(federation, labelled_dataset):
+    from site_agent.registry_client import RegistryClient
+    from site_agent.registry_transport import RegistryClientError
+
+    home, cfg, work = federation
+    site_cfg = yaml.safe_load(cfg.read_text())
+    client = RegistryClient(site_cfg["registry"]["url"], (work.parent / "site-token").read_text().strip())
+    weights = Registry(home).get("model", "abdomen", "v0001")["files"]["model.safetensors"]["sha256"]
+    good = {"model": "abdomen@v0001", "weights_sha256": weights, "modality": "CT", "cases": 2, "merge_lesions": False,
+            "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 2}}}}  # fmt: skip
+    assert client.send_evaluation("abdomen", "v0001", good)["site"] == "site-a"
+    for bad, problem in (
+        ({**good, "case_ids": ["case_0001"]}, "case_ids"),  # anything per case
+        ({**good, "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 2, "values": [0.4, 0.6]}}}}, "values"),
+        ({**good, "classes": {"pancreas": {"dice": {"mean": 0.5, "median": 0.5, "n": 2}}}}, "not classes the model predicts"),
+        ({**good, "weights_sha256": "0" * 64}, "other weights"),
+    ):
+        with pytest.raises(RegistryClientError, match=problem):
+            client.send_evaluation("abdomen", "v0001", bad)

@@ -77,8 +77,8 @@ def test_missing_artifacts_are_clear_errors(tmp_path):
         reg.get("factory", "gan", "v0007")
     with pytest.raises(RegistryError, match="not a registry version"):
         reg.get("factory", "gan", "../gan")
-    with pytest.raises(RegistryError, match="unknown artifact kind 'model'"):
-        reg.get("model", "gan")
+    with pytest.raises(RegistryError, match="unknown artifact kind 'images'"):
+        reg.get("images", "gan")
     with pytest.raises(RegistryError, match="no file 'd.pt'; it has g.pt"):
         reg.load("factory", "gan", "d.pt")
     assert issubclass(RegistryError, UserError)
@@ -227,4 +227,4 @@ def test_published_files_get_ordinary_permissions(tmp_path):
 
 
 def test_kinds():
-    assert KINDS == ("factory", "segmentation-branch")
+    assert KINDS == ("factory", "segmentation-branch", "model")

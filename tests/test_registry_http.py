@@ -146,13 +146,13 @@ def test_not_found_routes(server):
         ("/registry/factory/nope", "no factory artifact 'nope'"),
         ("/registry/factory/gan/v0009", "has no version v0009"),
         ("/registry/factory/gan/v0001/d.pt", "no file 'd.pt'"),
-        ("/registry/model/gan", "unknown artifact kind"),
+        ("/registry/images/gan", "unknown artifact kind"),
         ("/registry/factory/gan/..", "not a registry version"),
         ("/registry/factory/gan/v0001/..%2Fartifact.json", "no file"),
     ]:
         status, _, data = request(url, "GET", path, token)
         assert status == 404 and needle in error(data), (path, data)
-    assert request(url, "GET", "/registry?kind=model", token)[0] == 400
+    assert request(url, "GET", "/registry?kind=images", token)[0] == 400
     with pytest.raises(UserError, match="not in the registry .*no factory artifact 'nope'"):
         RegistryClient(url, token).pull("factory", "nope", dest=home / "x")
 
@@ -297,8 +297,8 @@ def test_validator_runs_before_anything_is_written_on_publish(tmp_path, monkeypa
     assert reg.list() == [] and not (tmp_path / "registry" / "segmentation-branch").exists()
 
     monkeypatch.setattr(R, "VALIDATORS", {})
-    with pytest.raises(R.RegistryError, match="unknown artifact kind 'model'"):
-        R.register_validator("model", refuse)
+    with pytest.raises(R.RegistryError, match="unknown artifact kind .images."):
+        R.register_validator("images", refuse)
     with pytest.raises(TypeError, match="must be callable"):
         R.register_validator("segmentation-branch", "not a function")
     R.register_validator("segmentation-branch", lambda files: None)

@@ -58,3 +58,30 @@ def publish(home, run, which, name, description, out, as_json) -> None:
     click.echo(f"{record['kind']} {record['name']} {record['version']}: {meta.get('model')} of run {meta.get('run_id')}")
     click.echo(f"classes: {', '.join(meta.get('classes') or [])}")
     click.echo(record["path"])
+
+
+@click.command("site-evaluations")
+@home_option
+@click.argument("name")
+@click.option("--version", default=None, help="One version (vNNNN); default: every version.")
+@click.option("--json", "as_json", is_flag=True)
+def site_evaluations(home, name, version, as_json) -> None:
+    """What sites sent about model package NAME (`site-agent evaluate --send`): per-class means and counts on their own cases."""
+    from coordinator.model_evaluations import read_evaluations
+
+    rows = read_evaluations(Path(home), name, version)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "site", "modality", "cases", "class", "Dice", "HD95 mm", "NSD", "n")
+    for r in rows:
+        for cls, m in r["classes"].items():
+
+            def val(metric: str, digits: int = 3, m: dict = m) -> str:
+                v = (m.get(metric) or {}).get("mean")
+                return "-" if v is None else f"{v:.{digits}f}"
+
+            table.add_row(
+                r["model"], r["site"], r["modality"], str(r["cases"]), cls, val("dice"), val("hd95", 1), val("nsd"), str((m.get("dice") or {}).get("n", 0))
+            )
+    console.print(table if rows else f"no site has sent an evaluation of model {name}")

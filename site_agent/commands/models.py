@@ -63,3 +63,43 @@ def models_show(ctx: click.Context, ref: str) -> None:
 
     package = open_model(None if Path(ref).is_dir() else load_site(ctx), ref)
     click.echo((package.folder / CARD_FILE).read_text(encoding="utf-8"))
+
+
+@click.command()
+@click.option("--model", "model_ref", required=True, help="A published model (NAME or NAME@vNNNN) or a model package folder.")
+@click.option("--dataset", required=True, help="A labelled prepared dataset (its path, absolute or relative to data_dir).")
+@click.option("--merge-lesions", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Score organs with their lesions merged in (auto: when the dataset labels an organ but none of its lesions).")  # fmt: skip
+@click.option("--worst", type=int, default=3, show_default=True, help="Overlays of this many worst cases in the report (0: none).")
+@click.option("--send", is_flag=True, help="Also send the aggregate numbers (per-class means, medians and counts; nothing per case) to the coordinator.")
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
+@click.pass_context
+def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: str, worst: int, send: bool, as_json: bool) -> None:
+    """Score a published model on this site's own labelled cases (no federation round): Dice, HD95, ASSD, NSD, RVD per
+    class, and an HTML report with boxplots and the worst cases. Nothing leaves the site unless --send."""
+    from site_agent.commands.adapt import CaseProgress
+    from site_agent.evaluate_model import evaluate_model, send_aggregate
+    from site_agent.models import open_model
+
+    site = load_site(ctx)
+    package = open_model(site, model_ref)
+    with CaseProgress("evaluating") as bar:
+        record = evaluate_model(site, package, dataset, merge_lesions=merge_lesions, worst=worst,
+                                progress=lambda step, done, total: bar(done, total, step))  # fmt: skip
+    sent = send_aggregate(site, package, record) if send else None
+    if as_json:
+        click.echo(json.dumps({**record, "sent": sent}, indent=2, allow_nan=False))
+        return
+    table = Table("class", "Dice", "HD95 mm", "NSD", "RVD", "n", title=f"{record['model']} on {record['dataset']} ({record['cases']} cases)")
+    for c in record["classes"]:
+        m = record["metrics_mean"].get(c) or {}
+
+        def val(metric: str, digits: int = 3, m: dict = m) -> str:
+            v = (m.get(metric) or {}).get("mean")
+            return "-" if v is None else f"{v:.{digits}f}"
+
+        table.add_row(c, val("dice"), val("hd95", 1), val("nsd"), val("rvd", 2), str((m.get("dice") or {}).get("n", 0)))
+    console.print(table)
+    click.echo(f"report: {record['path']}/report/index.html")
+    if sent:
+        click.echo(f"sent the aggregate numbers to the coordinator ({sent})")
