@@ -409,3 +409,62 @@ def test_condistfl_2d_network_trains_on_axial_slices(bed):
         assert 0.0 <= row["val_global"]["dice_mean"] <= 1.0 and row["val_global"]["cases"] >= 1
     weights = torch.load(run_dir / "checkpoints" / "global_round_0001.pt")
     assert all(w.dim() in (1, 4) for w in weights.values())  # 2D convolutions: (out, in, kx, ky)
+
+
+def test_the_trained_model_goes_home(bed, tmp_path):
+    """A real run's global model: `coordinator publish` -> the registry over HTTP -> `site-agent models pull` at a site
+    -> `site-agent infer` on one of its hospital's DICOM series: the label lands on the series' own grid, with a DICOM
+    SEG that references the series and statistics whose volumes are the label's voxel counts times the voxel volume."""
+    import highdicom as hd
+    import nibabel as nib
+    import numpy as np
+    import pydicom
+    from conftest import site_agent_in_process
+
+    from coordinator.registry_http import serve_registry
+    from coordinator.site_tokens import SiteTokens
+
+    home = bed.workdir / "coordinator"
+    spec = _spec(bed, rounds=1, name="goes-home")
+    res = _run(bed, spec, home)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = _run_dirs(home, "goes-home")
+    res = cli("coordinator", "publish", run_dir.name, "--home", home, "--name", "goes-home", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["version"] == "v0001"
+
+    httpd = serve_registry(home, "127.0.0.1", 0)
+    try:
+        site = yaml.safe_load(bed.site_config_path(0).read_text())
+        token = tmp_path / "token"
+        token.write_text(SiteTokens(home).issue(site["site_name"]) + "\n")
+        site["registry"] = {"url": f"http://127.0.0.1:{httpd.server_address[1]}", "token_file": str(token)}
+        cfg = tmp_path / "site.yaml"
+        cfg.write_text(yaml.safe_dump(site))
+        code, out, err = site_agent_in_process("--config", cfg, "models", "pull", "goes-home")
+        assert code == 0, err
+        series = sorted(p for p in bed.workdir.rglob("case_000") if p.is_dir() and p.parent.name == "dicom")[0]
+        code, out, err = site_agent_in_process("--config", cfg, "infer", series, "--model", "goes-home", "--out", tmp_path / "labels",
+                                               "--dicom-seg", "--statistics", "--json")  # fmt: skip
+        assert code == 0, err
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    (row,) = json.loads(out)
+    files = sorted(p for p in series.iterdir() if p.is_file())
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    label = nib.load(row["label"])
+    assert label.shape == (headers[0].Columns, headers[0].Rows, len(files))
+    for ds in headers:  # each instance's first pixel is voxel (0, 0, k) of the label's grid
+        world = np.diag([-1.0, -1.0, 1.0]) @ np.array([float(v) for v in ds.ImagePositionPatient])
+        k = np.linalg.solve(label.affine[:3, :3], world - label.affine[:3, 3])
+        assert np.allclose(k[:2], 0, atol=1e-3) and abs(k[2] - round(k[2])) < 1e-3
+    seg = hd.seg.segread(row["dicom_seg"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == headers[0].SeriesInstanceUID
+    stats = json.loads(Path(row["statistics"]).read_text())
+    data = np.asarray(label.dataobj)
+    voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
+    package = json.loads((bed.sites[0].work_dir / "models" / "registry" / "model" / "goes-home" / "v0001" / "package.json").read_text())
+    for name, value in package["classes"].items():
+        if name != "background":
+            assert stats["classes"][name]["volume_ml"] == pytest.approx(int((data == value).sum()) * voxel_ml, rel=1e-9)
