@@ -12,19 +12,15 @@ thin structure is not lost to nearest-neighbour resampling of a label map.
 
 from __future__ import annotations
 
-import copy
 import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data.meta_tensor import MetaTensor
 from monai.inferers.utils import sliding_window_inference
 
-from pipelines.adaptation.volumes.inference import VolumePrediction
+from pipelines.adaptation.volumes.inference import VolumePrediction, argmax_on_input_grid, load_through_chain
 from pipelines.adaptation.volumes.nifti import _load_reference
 from pipelines.evaluation import fold_untrained
 from pipelines.networks import main_output
@@ -104,43 +100,13 @@ def segment_image(
     chain = deterministic_transforms(schema, modality, spacing=settings.spacing, keys=("image",))
     if progress:
         progress("preprocessing")
-    with tempfile.TemporaryDirectory(prefix="fedimg-infer-") as tmp:
-        if isinstance(image, (str, os.PathLike)) and len(reference.shape) == 3:
-            source = str(image)
-        else:  # an in-memory image (a DICOM series), or a 4D file with one volume: what the loader reads
-            data = np.asanyarray(reference.dataobj)
-            data = data[..., 0] if data.ndim == 4 else data
-            source = str(Path(tmp) / "input.nii")
-            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)  # type: ignore[no-untyped-call]
-        loaded = chain({"image": source})["image"]
-    if not isinstance(loaded, MetaTensor) or loaded.ndim != 4 or loaded.shape[0] != 1:
-        raise ValueError(f"{where}: expected a single-channel 3D image after loading, got shape {tuple(loaded.shape)}")
+    loaded = load_through_chain(image, reference, chain, where)
     if progress:
         progress("inference")
     probs = class_probabilities(network, loaded.as_tensor(), settings)
     if progress:
         progress("inverting")
     n_classes = probs.shape[0]
-    out_shape = tuple(int(s) for s in reference.shape[:3])
-    best = torch.full(out_shape, -torch.inf)
-    label = torch.zeros(out_shape, dtype=torch.long)
-    full = np.empty((n_classes, *out_shape), dtype=np.float32) if return_probabilities else None
-    for c0 in range(0, n_classes, channel_chunk):
-        c1 = min(c0 + channel_chunk, n_classes)
-        part = MetaTensor(probs[c0:c1].contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations))
-        back = chain.inverse({"image": part})["image"]  # type: ignore[no-untyped-call]
-        back = (back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)).float()
-        if tuple(back.shape[1:]) != out_shape:  # pragma: no cover - MONAI's inverse restores the input shape
-            raise RuntimeError(f"{where}: inverse resampling gave shape {tuple(back.shape[1:])}, expected {out_shape}")
-        for offset in range(c1 - c0):  # strictly better: ties go to the lowest class id, as argmax
-            better = back[offset] > best
-            best = torch.where(better, back[offset], best)
-            label[better] = c0 + offset
-        if full is not None:
-            full[c0:c1] = back.numpy()
-    return VolumePrediction(
-        label=label.numpy().astype(np.uint8 if n_classes <= 256 else np.uint16),
-        affine=np.array(reference.affine, dtype=np.float64, copy=True),
-        reference=reference,
-        probabilities=full,
-    )
+    chunks = ((c0, probs[c0 : c0 + channel_chunk]) for c0 in range(0, n_classes, channel_chunk))
+    label, full = argmax_on_input_grid(chunks, loaded, chain, reference, n_classes, where, return_probabilities)
+    return VolumePrediction(label=label, affine=np.array(reference.affine, dtype=np.float64, copy=True), reference=reference, probabilities=full)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -126,17 +127,7 @@ def predict_volume_2d(
             f"(it has {', '.join(sorted(schema.modalities)) or 'none'})"
         )
     chain = _transforms.deterministic_transforms(schema, modality, spacing=settings.spacing, keys=_IMAGE_KEYS, **_CHAIN_OPTIONS)
-    with tempfile.TemporaryDirectory(prefix="fedimg-predict-") as tmp:
-        if isinstance(image, (str, os.PathLike)) and len(reference.shape) == 3:
-            source = str(image)
-        else:  # an in-memory image, or a 4D file with one volume: what the loader reads
-            data = np.asanyarray(reference.dataobj)
-            data = data[..., 0] if data.ndim == 4 else data
-            source = str(Path(tmp) / "input.nii")
-            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)  # type: ignore[no-untyped-call]
-        loaded = chain({"image": source})["image"]
-    if not isinstance(loaded, MetaTensor) or loaded.ndim != 4 or loaded.shape[0] != 1:
-        raise ValueError(f"{where}: expected a single-channel 3D image after loading, got shape {tuple(loaded.shape)}")
+    loaded = load_through_chain(image, reference, chain, where)
 
     unit = intensity_to_unit(loaded.as_tensor()[0], rule)  # (X, Y, Z) RAS+, resampled
     width, height, depth = unit.shape
@@ -157,30 +148,89 @@ def predict_volume_2d(
         raise ValueError(f"{where}: predict_fn returned {n_classes} channels, schema {schema.name} {schema.version} has {schema.num_classes} classes")
     del outputs, stack, unit, all_slices
 
+    def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+        for c0 in range(0, n_classes, channel_chunk):
+            c1 = min(c0 + channel_chunk, n_classes)
+            part = probs[:, c0:c1].reshape(depth * (c1 - c0), size, size)
+            yield c0, unsquare(part, width, height).reshape(depth, c1 - c0, width, height).permute(1, 2, 3, 0)
+
+    label, full = argmax_on_input_grid(chunks(), loaded, chain, reference, n_classes, where, return_probabilities)
+    return VolumePrediction(label=label, affine=np.array(reference.affine, dtype=np.float64, copy=True), reference=reference, probabilities=full)
+
+
+def load_through_chain(image: str | os.PathLike[str] | nib.spatialimages.SpatialImage, reference: nib.spatialimages.SpatialImage, chain: Any,
+                       where: str) -> MetaTensor:  # fmt: skip
+    """`image` (a path, or an image in memory) through the deterministic chain: the MetaTensor whose
+    ``applied_operations`` `argmax_on_input_grid` inverts.
+
+    Args:
+        image: the input, as given.
+        reference: the input read and checked (`_load_reference`).
+        chain: `pipelines.transforms.deterministic_transforms` with the image key only.
+        where: the input's name for messages.
+
+    Returns:
+        The (1, X, Y, Z) preprocessed image.
+
+    Raises:
+        ValueError: the chain did not give one single-channel 3D image.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedimg-predict-") as tmp:
+        if isinstance(image, (str, os.PathLike)) and len(reference.shape) == 3:
+            source = str(image)
+        else:  # an in-memory image, or a 4D file with one volume: what the loader reads
+            data = np.asanyarray(reference.dataobj)
+            data = data[..., 0] if data.ndim == 4 else data
+            source = str(Path(tmp) / "input.nii")
+            nib.save(nib.Nifti1Image(np.asarray(data), reference.affine), source)  # type: ignore[no-untyped-call]
+        loaded = chain({"image": source})["image"]
+    if not isinstance(loaded, MetaTensor) or loaded.ndim != 4 or loaded.shape[0] != 1:
+        raise ValueError(f"{where}: expected a single-channel 3D image after loading, got shape {tuple(loaded.shape)}")
+    return loaded
+
+
+def argmax_on_input_grid(
+    chunks: Iterable[tuple[int, torch.Tensor]],
+    loaded: MetaTensor,
+    chain: Any,
+    reference: nib.spatialimages.SpatialImage,
+    n_classes: int,
+    where: str,
+    return_probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities on the chain's grid mapped back onto the input's grid, and their argmax there.
+
+    Each chunk of classes is inverted with MONAI's inverse of the chain (``Compose.inverse`` on a MetaTensor
+    carrying the loaded image's ``applied_operations``: Spacing's resampling back with the image's interpolation,
+    then Orientation's axis permutation and flips); the label is the argmax over classes (ties: the lowest id).
+
+    Args:
+        chunks: ``(first class, (k, X', Y', Z') probabilities of classes first..first+k-1)`` on the chain's grid.
+        loaded: `load_through_chain`'s output (its metadata and operations).
+        chain: the chain it went through.
+        reference: the input image (its shape).
+        n_classes: the number of classes.
+        where: the input's name for messages.
+        return_probabilities: also return the probabilities on the input grid.
+
+    Returns:
+        (label ``(X, Y, Z)`` uint8, uint16 beyond 256 classes; probabilities ``(C, X, Y, Z)`` float32 or None).
+    """
     out_shape = tuple(int(s) for s in reference.shape[:3])
     best = torch.full(out_shape, -torch.inf)
     label = torch.zeros(out_shape, dtype=torch.long)
     full = np.empty((n_classes, *out_shape), dtype=np.float32) if return_probabilities else None
-    for c0 in range(0, n_classes, channel_chunk):
-        c1 = min(c0 + channel_chunk, n_classes)
-        part = probs[:, c0:c1].reshape(depth * (c1 - c0), size, size)
-        part = unsquare(part, width, height).reshape(depth, c1 - c0, width, height).permute(1, 2, 3, 0)
+    for c0, part in chunks:
         meta_image = MetaTensor(part.contiguous(), meta=copy.deepcopy(dict(loaded.meta)), applied_operations=copy.deepcopy(loaded.applied_operations))
-        back = chain.inverse({"image": meta_image})["image"]  # type: ignore[no-untyped-call]
+        back = chain.inverse({"image": meta_image})["image"]
         back = back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)
         if tuple(back.shape[1:]) != out_shape:  # pragma: no cover - MONAI's inverse restores the input shape
             raise RuntimeError(f"{where}: inverse resampling gave shape {tuple(back.shape[1:])}, expected {out_shape}")
         back = back.float()
-        for offset in range(c1 - c0):
+        for offset in range(back.shape[0]):  # strictly better: ties go to the lowest class id, as argmax
             better = back[offset] > best
             best = torch.where(better, back[offset], best)
             label[better] = c0 + offset
         if full is not None:
-            full[c0:c1] = back.numpy()
-    dtype = np.uint8 if n_classes <= 256 else np.uint16
-    return VolumePrediction(
-        label=label.numpy().astype(dtype),
-        affine=np.array(reference.affine, dtype=np.float64, copy=True),
-        reference=reference,
-        probabilities=full,
-    )
+            full[c0 : c0 + back.shape[0]] = back.numpy()
+    return label.numpy().astype(np.uint8 if n_classes <= 256 else np.uint16), full
