@@ -38,6 +38,7 @@ from coordinator import spec as spec_mod
 from coordinator.checkpoints import load_tensors
 from fedimg_core import atomic
 from fedimg_core.errors import UserError
+from fedimg_core.hashing import sha256_file
 from pipelines import training  # module attribute calls: tests swap `training.case_label_maps`
 from pipelines.ensemble import PartialLabelEnsemble
 from pipelines.evaluation import dice_per_class
@@ -235,6 +236,7 @@ def evaluate_run(
         "spacing": "schema" if settings.spacing == "schema" else settings.spacing,
         "predicted_classes": [names[c] for c in settings.predict_classes] if settings.predict_classes else "all",
         "case_spacing_mm": cases.spacings,
+        "failed_cases": cases.failed,  # unreadable: left out of the scores
         "surface_tolerance_mm": {names[c]: schema.surface_tolerance(names[c]) for c in classes},
         "models": {},
     }
@@ -249,7 +251,8 @@ def evaluate_run(
             net.load_state_dict(_load(path))
         model = ensemble if path is None and ensemble is not None else net
         scores = score_model(model, cases, settings, plan, progress=functools.partial(progress, key) if progress else None)
-        entry: dict[str, Any] = {"label": label, "checkpoint": str(path.relative_to(run_dir)) if path is not None else None, **scores}
+        entry: dict[str, Any] = {"label": label, "checkpoint": str(path.relative_to(run_dir)) if path is not None else None,
+                                 "checkpoint_sha256": sha256_file(path) if path is not None else None, **scores}  # fmt: skip
         if path is None:
             entry["members"] = members
         record["models"][key] = entry

@@ -1,8 +1,9 @@
 """What sites chose to send about a published model on their own cases (`site-agent evaluate --send`).
 
 Only aggregates are accepted, by construction (`SentEvaluation`): per class of the model and
-per metric of `pipelines.metrics` the mean, median and n; the number of cases; the modality;
-whether lesions were merged. Anything else (a case id, a per-case list, a dataset name, an
+per metric of `pipelines.metrics` the mean, median and n (no mean or median behind fewer than
+``MIN_CASES_SENT`` cases, and at least that many cases in all); the number of cases; the
+modality; whether lesions were merged. Anything else (a case id, a per-case list, a dataset name, an
 unknown key) is refused. The site is the token's, never the body's claim. Stored as
 ``<home>/model-evaluations/<name>/<version>/<site>.json`` (a site's newest evaluation of a
 version replaces its older one), outside the registry's immutable versions.
@@ -21,6 +22,7 @@ from coordinator import registry as R
 from fedimg_core import atomic
 from fedimg_core.config import ConfigModel, problems_of
 from fedimg_core.errors import UserError
+from fedimg_core.registry_wire import MIN_CASES_SENT
 from pipelines.metrics import METRICS
 
 FOLDER = "model-evaluations"
@@ -88,6 +90,12 @@ def store_evaluation(home: Path, name: str, version: str, site: str, body: Any) 
         for metric, s in metrics.items():
             if not (_finite(s.mean) and _finite(s.median)):
                 raise R.RegistryError(f"classes.{cls}.{metric}: mean and median must be finite numbers or null")
+    if sent.cases < MIN_CASES_SENT:
+        raise R.RegistryError(f"an evaluation of {sent.cases} cases: at least {MIN_CASES_SENT} are needed (fewer would say too much about each patient)")
+    for cls, metrics in sent.classes.items():
+        for metric, s in metrics.items():
+            if s.n < MIN_CASES_SENT and (s.mean is not None or s.median is not None):
+                raise R.RegistryError(f"classes.{cls}.{metric}: a mean or median of {s.n} cases; send null below {MIN_CASES_SENT} cases")
     if sent.modality not in config.get("modalities", []):
         raise R.RegistryError(f"modality {sent.modality!r} is not one the model has an intensity rule for")
     stored = {"site": site, "model": f"{name}@{version}", **sent.model_dump(exclude={"site", "model"})}

@@ -121,13 +121,18 @@ def _round_scores(metrics: Mapping[str, Any], model_round: int, kind: str, order
 def _out_of_federation(run_dir: Path, checkpoint: Path, order: Mapping[str, int]) -> dict[str, dict[str, dict[str, float | int]]]:
     """Per-class Dice (mean, n) of this checkpoint in every evaluation record of the run."""
     out: dict[str, dict[str, dict[str, float | int]]] = {}
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     for path in sorted((run_dir / "evaluations").glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         for entry in (record.get("models") or {}).values():
-            if isinstance(entry, dict) and entry.get("checkpoint") == str(checkpoint.relative_to(run_dir)):
+            # the checkpoint's content when the record has it (a file of that name may have been replaced since); its path for older records
+            same = entry.get("checkpoint_sha256") == digest if isinstance(entry, dict) and entry.get("checkpoint_sha256") else None
+            if same is None:
+                same = isinstance(entry, dict) and entry.get("checkpoint") == str(checkpoint.relative_to(run_dir))
+            if same:
                 pooled: dict[str, list[float]] = {}
                 for case in entry.get("per_case") or []:
                     for cls, v in case.items():
@@ -189,7 +194,7 @@ def publish_model(home: Path, run: str, model: str = "best", name: str | None = 
         "model_round": model_round,
         "rounds": f"{len(metrics.get('rounds') or [])} of {metrics.get('rounds_planned', spec.rounds)}",
         "run_status": state.get("status"),
-        "sites": [f"{s['name']} ({s['node_id']})" for s in _sites(metrics)],
+        "sites": [s["name"] for s in _sites(metrics)],
         "validation": _round_scores(metrics, model_round, "val", schema.classes),
         "test": _round_scores(metrics, model_round, "test", schema.classes),
         "out_of_federation": _out_of_federation(run_dir, checkpoint, schema.classes),
@@ -201,10 +206,12 @@ def publish_model(home: Path, run: str, model: str = "best", name: str | None = 
         files = build_package_files(name=package_name, plan_args=args, state_dict=state_dict, provenance=provenance, description=description)
     except PackageError as exc:
         raise UserError(str(exc)) from None
-    if out is not None:
-        write_folder(Path(out), files)
+    if out is not None and os.path.lexists(out):
+        raise UserError(f"{out} already exists; give a new folder for --out")
     meta = {"run_id": run_dir.name, "model": label, "classes": [c for c in json.loads(files["package.json"])["classes"] if c != "background"]}
     record = R.Registry(Path(home)).publish(KIND, package_name, files, meta=meta)
+    if out is not None:  # after the registry accepted it: a refused package leaves no folder behind
+        write_folder(Path(out), files)
     record["path"] = str(R.Registry(Path(home)).path(KIND, package_name, record["version"]))
     log.info("published %s %s %s from %s (%s)", KIND, package_name, record["version"], run_dir.name, label)
     return record

@@ -16,4 +16,5 @@ SHA256_HEADER = "X-Content-SHA256"  # the file's checksum, on every file downloa
 TOKEN_ENV = "FEDIMG_SITE_TOKEN"  # the site's registry token, if not in a token file
 MAX_PUSH_BYTES = 256 * 1024 * 1024  # a push request body, base64 included
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an artifact name (and not starting with '.')
+MIN_CASES_SENT = 5  # a site's evaluation sent to the coordinator: at least this many cases behind every number sent
 FILENAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # a file name within an artifact

@@ -78,8 +78,8 @@ def bundle_files(config: Mapping[str, Any], network: tuple[str, dict[str, Any]])
     if min(class_mask) == 0.0:
         postprocessing.append({
             "_target_": "Lambdad", "keys": "pred",
-            "func": "$lambda p: torch.cat([p[:1] + ((1 - @class_mask)[:, None, None, None] * p).sum(0, keepdim=True), "
-                    "p[1:] * @class_mask[1:, None, None, None]])",
+            "func": "$lambda p: torch.cat([p[:1] + ((1 - @class_mask.to(p.device))[:, None, None, None] * p).sum(0, keepdim=True), "
+                    "p[1:] * @class_mask.to(p.device)[1:, None, None, None]])",
         })  # fmt: skip
     postprocessing += [
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False, "to_tensor": True},

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fedimg_core.registry_wire import NAME as _NAME
 from pipelines.networks import build_network, count_parameters
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from preprocessing.schema import LabelSchema, parse_schema
@@ -327,6 +328,7 @@ def verify_package_files(folder: str | Path) -> dict[str, Any]:
         raise PackageError(f"{folder}: not a model package (no {PACKAGE_FILE})")
     record_path = folder / RECORD_FILE
     listed: dict[str, Any] = {}
+    record: dict[str, Any] = {}
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -346,8 +348,15 @@ def verify_package_files(folder: str | Path) -> dict[str, Any]:
     if config.get("format_version") != FORMAT_VERSION:
         raise PackageError(f"{pkg}: format_version {config.get('format_version')!r}; this fedimg reads version {FORMAT_VERSION} (update fedimg)")
     files = config.get("files")
-    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
-        raise PackageError(f"{pkg}: no 'files' list naming {WEIGHTS_FILE}")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files or CARD_FILE not in files:
+        raise PackageError(f"{pkg}: no 'files' list naming {WEIGHTS_FILE} and {CARD_FILE}")
+    name = config.get("name")
+    if not isinstance(name, str) or not _NAME.match(name) or name.startswith("."):
+        raise PackageError(f"{pkg}: name {name!r} is not a package name (1-64 letters, digits, '_', '.' or '-', not starting with '.')")
+    if listed and set(listed) != {PACKAGE_FILE, *files}:
+        raise PackageError(f"{record_path}: lists other files than {PACKAGE_FILE} does ({', '.join(sorted(set(listed) ^ {PACKAGE_FILE, *files}))})")
+    if listed and record.get("name") != name:
+        raise PackageError(f"{record_path}: the registry record is of {record.get('name')!r}, the package is {name!r}")
     for filename, entry in files.items():
         _check_file(folder, filename, entry, str(pkg))
     known = {PACKAGE_FILE, RECORD_FILE, *files, *listed}
@@ -385,7 +394,9 @@ def load_package(folder: str | Path) -> ModelPackage:
             weights that do not fit the network.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
+
+    from pipelines.model_bundle import bundle_files
 
     folder = Path(folder)
     config = verify_package_files(folder)
@@ -404,12 +415,20 @@ def load_package(folder: str | Path) -> ModelPackage:
     except ValueError as exc:
         raise PackageError(f"{where}: {exc}") from None
     classes = config.get("classes")
-    if not isinstance(classes, dict) or any(schema.classes.get(k) != v for k, v in classes.items()):
-        raise PackageError(f"{where}: classes must map class names of schema {schema.name} to their ids")
+    predicted = {0, *settings.predict_classes} if settings.predict_classes else set(schema.classes.values())
+    if not isinstance(classes, dict) or any(schema.classes.get(k) != v for k, v in classes.items()) or set(classes.values()) != predicted:
+        raise PackageError(f"{where}: classes must map the classes the model predicts (background and plan_args.predict_classes) to their schema ids")
+    expected_bundle = bundle_files(config, network_kwargs(settings)).get(BUNDLE_CONFIG_FILE)
+    present_bundle = (folder / BUNDLE_CONFIG_FILE).read_bytes() if BUNDLE_CONFIG_FILE in config["files"] else None
+    if present_bundle != expected_bundle:
+        # MONAI executes a bundle config's expressions: a site may run only the one fedimg builds from package.json
+        raise PackageError(f"{folder / BUNDLE_CONFIG_FILE}: not the MONAI bundle config fedimg builds for this package (its code could run at the site)")
     network = build_network(out_channels=schema.num_classes, **settings.network)
     try:
-        state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-        network.load_state_dict(state, strict=True)
+        data = (folder / WEIGHTS_FILE).read_bytes()
+        if _sha256(data) != config["files"][WEIGHTS_FILE]["sha256"]:  # the bytes loaded are the bytes checked
+            raise PackageError(f"{folder / WEIGHTS_FILE}: changed while it was being loaded")
+        network.load_state_dict(load_safetensors(data), strict=True)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise PackageError(f"{folder / WEIGHTS_FILE}: weights that do not load into the package's network ({str(exc).splitlines()[0]})") from None
     network.eval()

@@ -13,9 +13,10 @@ mean, median and n. No FL imports.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ from pipelines.plan_args import SegmentationSettings
 from pipelines.transforms import deterministic_transforms
 from preprocessing.dataset import PreparedDataset
 from preprocessing.schema import LabelSchema
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PreparedCases", "ScoringPlan", "grid_spacing", "preprocess_cases", "score_model", "scoring_plan"]
 
@@ -57,11 +60,13 @@ class PreparedCases:
         case_ids: the cases' ids, in order.
         volumes: (image (C, X, Y, Z), label) per case.
         spacings: each volume's voxel size in mm per axis.
+        failed: ``{"case", "error"}`` of each labelled case that could not be read (left out of the scores).
     """
 
     case_ids: list[str]
     volumes: list[tuple[torch.Tensor, torch.Tensor]]
     spacings: list[list[float]]
+    failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def scoring_plan(prepared: PreparedDataset, schema: LabelSchema, merge_lesions: str = "auto", where: str = "dataset") -> ScoringPlan:
@@ -131,7 +136,7 @@ def preprocess_cases(prepared: PreparedDataset, settings: SegmentationSettings, 
         The cases.
 
     Raises:
-        ValueError: no labelled case.
+        ValueError: no labelled case, or none that could be read (an unreadable case is left out, in ``failed``).
     """
     chain = deterministic_transforms(settings.schema, prepared.modality, spacing=settings.spacing, label_dtype=torch.uint8)
     cases = [c for c in prepared.cases if c.label is not None]
@@ -139,12 +144,21 @@ def preprocess_cases(prepared: PreparedDataset, settings: SegmentationSettings, 
         raise ValueError(f"{prepared.name}: no labelled cases to score")
     out = PreparedCases(case_ids=[], volumes=[], spacings=[])
     for i, c in enumerate(cases):
-        item = chain({"image": str(c.image), "label": str(c.label)})
-        out.case_ids.append(c.case_id)
-        out.spacings.append(grid_spacing(item["image"], settings))
-        out.volumes.append((torch.as_tensor(item["image"]).float(), torch.as_tensor(item["label"])))
+        try:
+            item = chain({"image": str(c.image), "label": str(c.label)})
+            spacing = grid_spacing(item["image"], settings)
+        except Exception as exc:  # noqa: BLE001 - one unreadable case never stops the others (MONAI wraps reader errors)
+            message = " ".join(str(exc).split())[:300] or type(exc).__name__
+            log.warning("%s: case %s left out of the scores: %s", prepared.name, c.case_id, message)
+            out.failed.append({"case": c.case_id, "error": message})
+        else:
+            out.case_ids.append(c.case_id)
+            out.spacings.append(spacing)
+            out.volumes.append((torch.as_tensor(item["image"]).float(), torch.as_tensor(item["label"])))
         if progress:
             progress(i + 1, len(cases))
+    if not out.volumes:
+        raise ValueError(f"{prepared.name}: none of its {len(cases)} labelled cases could be read (first: {out.failed[0]['error']})")
     return out
 
 

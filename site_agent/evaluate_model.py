@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedimg_core import atomic
+from fedimg_core.registry_wire import MIN_CASES_SENT
 from fedimg_core.reporting import Section, Table, figures, render_sections
 from pipelines import training
 from pipelines.metrics import METRICS
@@ -115,6 +116,7 @@ def evaluate_model(
         "classes": [names[c] for c in plan.classes],
         "not_predicted": not_predicted,
         "case_spacing_mm": cases.spacings,
+        "failed_cases": cases.failed,  # unreadable: left out of the scores
         "surface_tolerance_mm": {names[c]: package.schema.surface_tolerance(names[c]) for c in plan.classes},
         **scores,
     }
@@ -202,7 +204,7 @@ def _hd95_boxplots(panels: list) -> bytes:
 
 def aggregate(record: dict[str, Any], site_name: str) -> dict[str, Any]:
     """What `--send` sends: per class and metric the mean, median and n, the number of cases, the modality. No case
-    ids, per-case values, dataset names or paths.
+    ids, per-case values, dataset names or paths; no mean or median behind fewer than `MIN_CASES_SENT` cases.
 
     Args:
         record: the evaluation record.
@@ -210,7 +212,18 @@ def aggregate(record: dict[str, Any], site_name: str) -> dict[str, Any]:
 
     Returns:
         The aggregate.
+
+    Raises:
+        UserError: fewer than `MIN_CASES_SENT` cases were scored.
     """
+    if record["cases"] < MIN_CASES_SENT:
+        raise UserError(
+            f"--send needs at least {MIN_CASES_SENT} scored cases (a mean of fewer says too much about each patient); {record['dataset']} has {record['cases']}: nothing was sent"
+        )
+
+    def kept(summary: dict[str, Any]) -> dict[str, Any]:  # a number behind fewer than MIN_CASES_SENT cases is not sent, only its n
+        return dict(summary) if summary.get("n", 0) >= MIN_CASES_SENT else {"mean": None, "median": None, "n": summary.get("n", 0)}
+
     return {
         "site": site_name,
         "model": record["model"],
@@ -218,7 +231,7 @@ def aggregate(record: dict[str, Any], site_name: str) -> dict[str, Any]:
         "modality": record["modality"],
         "cases": record["cases"],
         "merge_lesions": record["merge_lesions"],
-        "classes": {c: {m: dict(record["metrics_mean"][c][m]) for m in METRICS if m in record["metrics_mean"][c]} for c in record["classes"]},
+        "classes": {c: {m: kept(record["metrics_mean"][c][m]) for m in METRICS if m in record["metrics_mean"][c]} for c in record["classes"]},
     }
 
 

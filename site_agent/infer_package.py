@@ -9,10 +9,14 @@ these (one level: each NIfTI file and each sub-folder is an input). Per input ``
     <out>/preview/<name>.png         --preview: three orthogonal views with the label overlaid
     <out>/fedimg-infer.json          what was segmented with which model (``--resume`` reads it)
 
-Every output name is checked before anything is written; each file is written atomically;
-an input that fails (unreadable, wrong modality, ...) is reported on one line and the others
-go on; the command exits non-zero when any failed. ``--resume`` skips the inputs the record
-lists as done with the same model.
+Every output name is checked before anything is written. An input's outputs are written in a
+staging folder inside ``<out>`` and moved into place only when all of them succeeded, so an
+input that fails (unreadable, not one series, ...) leaves nothing behind; it is reported on
+one line and the others go on; the command exits non-zero when any failed. The record keeps
+every input a model segmented into ``<out>``; a record of another model refuses the run
+(unless ``--overwrite``). ``--resume`` skips the inputs the record lists as done whose outputs
+are all there, and may redo the others. ``--modality`` applies to NIfTI inputs; a DICOM series
+uses its own Modality.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -79,7 +84,7 @@ def _classify(p: Path, modality: str | None, batch_ok: bool) -> list[InferJob]:
                 if _is_nifti(c) or c.is_dir():
                     jobs += _classify(c, modality, batch_ok=False)
             return jobs
-        return [InferJob(_stem(p), "dicom", p, modality)]
+        return [InferJob(_stem(p), "dicom", p, None)]  # a series knows its modality (--modality is for NIfTI files)
     if p.is_file():
         if not p.name.endswith(_NIFTI):
             raise UserError(f"{p}: not a NIfTI file (.nii or .nii.gz), DICOM series folder or prepared dataset")
@@ -208,21 +213,29 @@ def run_package_infer(
     identity = _model_identity(package)
     record_path = out / RECORD
     record: dict[str, Any] = {"model": identity, "done": {}}
-    if resume and record_path.is_file():
+    if record_path.is_file():
         try:
             previous = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise UserError(f"{record_path}: unreadable ({exc}); remove it or choose another --out") from None
-        if (previous.get("model") or {}).get("weights_sha256") != identity["weights_sha256"]:
+        same_model = (previous.get("model") or {}).get("weights_sha256") == identity["weights_sha256"]
+        if not same_model and not overwrite:
             raise UserError(
-                f"{record_path}: the outputs there were made with model {(previous.get('model') or {}).get('ref')}, not {package.ref}; choose another --out"
+                f"{record_path}: the outputs there were made with model {(previous.get('model') or {}).get('ref')}, not {package.ref}; "
+                "choose another --out (or --overwrite to replace them)"
             )
-        record["done"] = {k: v for k, v in (previous.get("done") or {}).items() if isinstance(v, dict)}
-    done = {j.name for j in jobs if j.name in record["done"] and all(t.is_file() for t in _targets(out, j, dicom_seg, statistics, preview))}
+        if same_model:  # the record keeps every input this model segmented here
+            record["done"] = {k: v for k, v in (previous.get("done") or {}).items() if isinstance(v, dict)}
+    elif resume:
+        log.warning("%s: no record of an earlier run there; segmenting every input", out)
+    targets = {j.name: _targets(out, j, dicom_seg, statistics, preview) for j in jobs}
+    done = {j.name for j in jobs if resume and j.name in record["done"] and all(t.is_file() for t in targets[j.name])}
     todo = [j for j in jobs if j.name not in done]
     if not overwrite:
-        # An earlier run's label may be another patient's under the same name: never replace it silently.
-        existing = [t for j in todo for t in _targets(out, j, dicom_seg, statistics, preview) if os.path.lexists(t)]
+        # An earlier run's label may be another patient's under the same name: never replace it silently. With
+        # --resume, an input this model began here (its record is this model's) may be redone.
+        ours = set(record["done"]) if resume else set()
+        existing = [t for j in todo if j.name not in ours for t in targets[j.name] if os.path.lexists(t)]
         if existing:
             more = f" (and {len(existing) - 1} more output(s) of this run)" if len(existing) > 1 else ""
             raise UserError(
@@ -236,20 +249,27 @@ def run_package_infer(
     failures: list[dict[str, str]] = []
     for i, job in enumerate(todo, 1):
         start = time.perf_counter()
+        # every output of an input is written in a staging folder and moved into place only when all succeeded:
+        # a failing input leaves nothing behind
+        staging = Path(tempfile.mkdtemp(prefix=".fedimg-infer-", dir=out))
         try:
-            rows.append(_segment_one(package, job, out, classes, dicom_seg, statistics, preview))
-        except (ValueError, OSError, UserError) as exc:
-            message = " ".join(str(exc).split())
+            row = _segment_one(package, job, staging, classes, dicom_seg, statistics, preview)
+            for target in targets[job.name]:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / target.relative_to(out), target)
+        except Exception as exc:  # noqa: BLE001 - one bad input never stops the others (MONAI wraps reader errors as RuntimeError)
+            message = " ".join(str(exc).split())[:500] or type(exc).__name__
             failures.append({"input": str(job.source), "error": message})
             log.error("%s: %s", job.source, message)
         else:
-            rows[-1]["seconds"] = round(time.perf_counter() - start, 2)
-            record["done"][job.name] = {
-                "input": str(job.source),
-                "outputs": [str(t.relative_to(out)) for t in _targets(out, job, dicom_seg, statistics, preview)],
-            }
+            row = {k: (str(out / Path(v).relative_to(staging)) if isinstance(v, str) and v.startswith(str(staging)) else v) for k, v in row.items()}
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            rows.append(row)
+            record["done"][job.name] = {"input": str(job.source), "outputs": [str(t.relative_to(out)) for t in targets[job.name]]}
             atomic.write_json(record_path, record)
-            log.info("%d/%d %s: %s (%.1f s)", i, len(todo), job.name, rows[-1]["label"], rows[-1]["seconds"])
+            log.info("%d/%d %s: %s (%.1f s)", i, len(todo), job.name, row["label"], row["seconds"])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if progress:
             progress(i, len(todo), job.name)
     return rows, failures
@@ -259,7 +279,7 @@ def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[
     if job.kind == "dicom":
         files = sorted(f for f in job.source.rglob("*") if f.is_file() and not f.name.startswith("."))
         image, series_modality, sources = V.series_image(files)
-        modality = job.modality or series_modality
+        modality = series_modality
         pred = segment_image(package.network, package.settings, image, modality)
         pred.sources = sources
     else:

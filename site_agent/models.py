@@ -8,12 +8,13 @@ load checks every file again, so a package changed after the pull is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.model_package import PACKAGE_FILE, ModelPackage, PackageError, load_package
+from pipelines.model_package import RECORD_FILE, ModelPackage, PackageError, load_package
 from site_agent.adapt_common import parse_ref, site_registry, staged_pulls
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
@@ -44,8 +45,27 @@ def cached_versions(site: SiteConfig, name: str) -> list[str]:
     base = _cache(site) / name
     if not base.is_dir():
         return []
-    found = [(int(m.group(1)), d.name) for d in base.iterdir() if (m := _VERSION.match(d.name)) and (d / PACKAGE_FILE).is_file()]
+    found = [(int(m.group(1)), d.name) for d in base.iterdir() if (m := _VERSION.match(d.name)) and _record_matches(d, name)]
     return [v for _, v in sorted(found)]
+
+
+def _record_matches(folder: Path, name: str) -> bool:
+    """Whether `folder` holds a pulled version: the registry's record, of this kind, name and version."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == KIND and record.get("name") == name and record.get("version") == folder.name
+
+
+def _load_cached(site: SiteConfig, name: str, version: str) -> ModelPackage:
+    folder = _cache(site) / name / version
+    if not _record_matches(folder, name):
+        raise UserError(f"{folder}: not a pulled version of model {name} (no registry record of it); pull it again: site-agent models pull {name}@{version}")
+    try:
+        return load_package(folder)
+    except PackageError as exc:
+        raise UserError(str(exc)) from None
 
 
 def list_models(site: SiteConfig, remote: bool = True) -> list[dict[str, Any]]:
@@ -128,11 +148,8 @@ def open_model(site: SiteConfig | None, model: str) -> ModelPackage:
     if site is None:
         raise UserError(f"--model {model!r}: no such package folder (a registry name needs a site config)")
     name, version = parse_ref(model, "model")
-    if version != "latest" and version in cached_versions(site, name):
-        try:
-            return load_package(_cache(site) / name / version)
-        except PackageError as exc:
-            raise UserError(f"{exc}") from None
+    if version != "latest" and (_cache(site) / name / version).is_dir():
+        return _load_cached(site, name, version)
     try:
         return pull_model(site, model)
     except RegistryClientError as exc:
@@ -140,7 +157,4 @@ def open_model(site: SiteConfig | None, model: str) -> ModelPackage:
         if version != "latest" or not pulled or "cannot reach the registry" not in str(exc):
             raise
         log.warning("the registry cannot be reached (%s); using %s@%s, the newest version pulled here", exc, name, pulled[-1])
-        try:
-            return load_package(_cache(site) / name / pulled[-1])
-        except PackageError as err:
-            raise UserError(str(err)) from None
+        return _load_cached(site, name, pulled[-1])

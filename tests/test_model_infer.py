@@ -156,10 +156,12 @@ def test_a_batch_goes_on_past_a_bad_input_and_resumes(federation, tmp_path):
     _scan(batch / "a.nii.gz", seed=1)
     _scan(batch / "c.nii.gz", seed=2)
     (batch / "b.nii.gz").write_bytes(b"not a nifti file")
+    (batch / "d.nii.gz").write_bytes((batch / "c.nii.gz").read_bytes()[:2000])  # truncated: its header reads, its voxels do not
     out = tmp_path / "out"
     code, stdout, err = _agent(cfg, "infer", str(batch), "--modality", "CT", "--model", "abdomen", "--out", str(out), "--statistics")
     assert code != 0
-    assert "b.nii.gz" in err and "1 of 3 input(s) failed" in err
+    assert "b.nii.gz" in err and "d.nii.gz" in err and "2 of 4 input(s) failed" in err
+    (batch / "d.nii.gz").unlink()
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a.statistics.json", "c.nii.gz", "c.statistics.json", "fedimg-infer.json"]
     for name in ("a", "c"):
         assert nib.load(out / f"{name}.nii.gz").shape == nib.load(batch / f"{name}.nii.gz").shape
@@ -175,6 +177,8 @@ def test_a_batch_goes_on_past_a_bad_input_and_resumes(federation, tmp_path):
     code, stdout, err = _agent(cfg, "infer", str(batch), "--modality", "CT", "--model", "abdomen", "--out", str(out), "--statistics", "--resume")
     assert code == 0, err
     assert stdout.split() == [str(out / "b.nii.gz")] and (out / "a.nii.gz").stat().st_mtime_ns == before
+    record = json.loads((out / "fedimg-infer.json").read_text())
+    assert sorted(record["done"]) == ["a", "b", "c"]
     # another model's outputs are never mixed in
     publish_model(home, next((home / "runs").iterdir()).name, model="round 0", name="abdomen")
     code, _, err = _agent(cfg, "infer", str(batch), "--modality", "CT", "--model", "abdomen", "--out", str(out), "--resume")
@@ -206,7 +210,7 @@ def labelled_dataset(federation, tmp_path_factory):
     home, cfg, work = federation
     data_dir = work.parent / "data"
     schema = load_schema()
-    src = write_phantom_site(tmp_path_factory.mktemp("labelled"), ["kidney", "liver", "spleen"], n_cases=3, seed=8, phase="non_contrast", shape=(40, 36, 16))
+    src = write_phantom_site(tmp_path_factory.mktemp("labelled"), ["kidney", "liver", "spleen"], n_cases=5, seed=8, phase="non_contrast", shape=(40, 36, 16))
     prepare([src.dicom_dir], data_dir / "organs", schema, load_label_map(src.label_map, schema), labels=[src.labels_dir],
             options=PrepareOptions(name="organs", qc_report=False))  # fmt: skip
     return data_dir / "organs"
@@ -223,15 +227,16 @@ def test_site_evaluate_reproduces_the_coordinators_scores_and_sends_only_aggrega
     run = next((home / "runs").iterdir())
     coordinator = evaluate_run(run, labelled_dataset, overlays=0)["models"]["global"]  # the published model is the run's best
     # scored: the classes the dataset labels and the model predicts (the run's sites labelled kidney and liver)
-    assert record["classes"] == ["kidney", "liver"] and record["not_predicted"] == ["spleen"] and record["cases"] == 3
+    assert record["classes"] == ["kidney", "liver"] and record["not_predicted"] == ["spleen"] and record["cases"] == 5
     assert record["per_case"] == [{c: v for c, v in case.items() if c != "spleen"} for case in coordinator["per_case"]]
     assert record["metrics_mean"] == {c: v for c, v in coordinator["metrics_mean"].items() if c != "spleen"}
     report = work / "evaluations" / "abdomen-v0001" / "organs" / "report"
     assert {"index.html", "dice.png", "hd95.png", "worst1.png", "worst3.png"} <= {p.name for p in report.iterdir()}
+    assert record["failed_cases"] == []
     assert "worst" in (report / "index.html").read_text()
     # what reached the coordinator: aggregates only, under the token's site name
     (sent,) = read_evaluations(home, "abdomen", "v0001")
-    assert sent["site"] == "site-a" and sent["cases"] == 3 and sent["model"] == "abdomen@v0001"
+    assert sent["site"] == "site-a" and sent["cases"] == 5 and sent["model"] == "abdomen@v0001"
     assert set(sent) == {"site", "model", "weights_sha256", "modality", "cases", "merge_lesions", "classes"}
     assert sent["classes"]["liver"]["dice"] == record["metrics_mean"]["liver"]["dice"]
     text = json.dumps(sent)
@@ -246,14 +251,41 @@ def test_the_coordinator_refuses_an_evaluation_that_is_more_than_aggregates(fede
     site_cfg = yaml.safe_load(cfg.read_text())
     client = RegistryClient(site_cfg["registry"]["url"], (work.parent / "site-token").read_text().strip())
     weights = Registry(home).get("model", "abdomen", "v0001")["files"]["model.safetensors"]["sha256"]
-    good = {"model": "abdomen@v0001", "weights_sha256": weights, "modality": "CT", "cases": 2, "merge_lesions": False,
-            "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 2}}}}  # fmt: skip
+    good = {"model": "abdomen@v0001", "weights_sha256": weights, "modality": "CT", "cases": 6, "merge_lesions": False,
+            "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 6}, "hd95": {"mean": None, "median": None, "n": 3}}}}  # fmt: skip
     assert client.send_evaluation("abdomen", "v0001", good)["site"] == "site-a"
     for bad, problem in (
         ({**good, "case_ids": ["case_0001"]}, "case_ids"),  # anything per case
-        ({**good, "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 2, "values": [0.4, 0.6]}}}}, "values"),
-        ({**good, "classes": {"pancreas": {"dice": {"mean": 0.5, "median": 0.5, "n": 2}}}}, "not classes the model predicts"),
+        ({**good, "classes": {"liver": {"dice": {"mean": 0.5, "median": 0.5, "n": 6, "values": [0.4, 0.6]}}}}, "values"),
+        ({**good, "classes": {"pancreas": {"dice": {"mean": 0.5, "median": 0.5, "n": 6}}}}, "not classes the model predicts"),
         ({**good, "weights_sha256": "0" * 64}, "other weights"),
+        ({**good, "cases": 4}, "at least 5 are needed"),  # too few patients behind the numbers
+        ({**good, "classes": {"liver": {"hd95": {"mean": 3.0, "median": 3.0, "n": 3}}}}, "send null below 5 cases"),
     ):
         with pytest.raises(RegistryClientError, match=problem):
             client.send_evaluation("abdomen", "v0001", bad)
+
+
+def test_a_failing_output_leaves_nothing_of_its_input_and_resume_redoes_it(federation, phantom, tmp_path, monkeypatch):
+    """The DICOM SEG of one series fails after its label was computed: nothing of that input is left in --out (no
+    label without its SEG), the other series is complete; --resume then redoes only the failed one."""
+    from pipelines.adaptation import volumes as V
+
+    home, cfg, work = federation
+    real = V.write_dicom_seg
+
+    def failing(label, sources, names, path, schema, **kw):
+        if "case_001" in str(path):
+            raise ValueError("the SEG writer failed")
+        return real(label, sources, names, path, schema, **kw)
+
+    monkeypatch.setattr(V, "write_dicom_seg", failing)
+    out = tmp_path / "out"
+    code, _, err = _agent(cfg, "infer", str(phantom), "--model", "abdomen@v0001", "--out", str(out), "--dicom-seg", "--modality", "MR")
+    assert code != 0 and "case_001" in err and "the SEG writer failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["case_000.nii.gz", "case_000.seg.dcm", "fedimg-infer.json"]  # no staging left either
+    monkeypatch.setattr(V, "write_dicom_seg", real)
+    code, stdout, err = _agent(cfg, "infer", str(phantom), "--model", "abdomen@v0001", "--out", str(out), "--dicom-seg", "--resume", "--json")
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    assert row["label"] == str(out / "case_001.nii.gz") and row["modality"] == "CT"  # a series keeps its own modality (--modality is for NIfTI)

@@ -121,6 +121,50 @@ def test_extra_and_missing_files_are_refused(package_dir, tmp_path):
         verify_package_files(copy)
 
 
+def _rewrite(folder, filename, data):
+    """Replace a file and update package.json's checksum of it, as someone forging a package would."""
+    (folder / filename).write_bytes(data)
+    config = json.loads((folder / "package.json").read_text())
+    config["files"][filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (folder / "package.json").write_text(json.dumps(config))
+
+
+def test_a_forged_bundle_config_is_refused_even_with_matching_checksums(package_dir, tmp_path):
+    """MONAI executes a bundle config's expressions: a package whose inference.json is not the one fedimg builds from its
+    package.json is refused, even when package.json lists the forged file's checksum (a folder without a registry record)."""
+    copy = _write(tmp_path / "forged", {p.name: p.read_bytes() for p in package_dir.iterdir()})
+    config = json.loads((copy / "inference.json").read_text())
+    config["initialize"].append("$__import__('os').system('touch /tmp/pwned')")
+    _rewrite(copy, "inference.json", json.dumps(config).encode())
+    verify_package_files(copy)  # the checksums agree with package.json...
+    with pytest.raises(PackageError, match="not the MONAI bundle config fedimg builds"):
+        load_package(copy)  # ...but the config is not fedimg's
+
+
+def test_a_package_name_that_is_a_path_is_refused(package_dir, tmp_path):
+    copy = _write(tmp_path / "named", {p.name: p.read_bytes() for p in package_dir.iterdir()})
+    config = json.loads((copy / "package.json").read_text())
+    config["name"] = "../../elsewhere"
+    (copy / "package.json").write_text(json.dumps(config))
+    with pytest.raises(PackageError, match="is not a package name"):
+        load_package(copy)
+
+
+def test_a_registry_record_must_list_exactly_the_package_files(tmp_path):
+    home = tmp_path / "coord"
+    files = build_package_files(name="abdomen", plan_args=_plan_args(), state_dict=_net().state_dict(), provenance={})
+    with pytest.raises(RegistryError, match="not part of the package: notes.json"):  # the registry refuses it outright
+        Registry(home).publish("model", "abdomen", {**files, "notes.json": b"{}"})
+    Registry(home).publish("model", "abdomen", files)
+    folder = Registry(home).path("model", "abdomen")
+    (folder / "notes.json").write_bytes(b"{}")  # slipped in later, with a record that lists it
+    record = json.loads((folder / "artifact.json").read_text())
+    record["files"]["notes.json"] = {"sha256": hashlib.sha256(b"{}").hexdigest(), "bytes": 2}
+    (folder / "artifact.json").write_text(json.dumps(record))
+    with pytest.raises(PackageError, match="lists other files than package.json does"):
+        load_package(folder)
+
+
 def test_the_registry_refuses_a_model_that_does_not_load(tmp_path):
     files = build_package_files(name="abdomen", plan_args=_plan_args(), state_dict=_net().state_dict(), provenance={})
     files["model.safetensors"] = build_package_files(name="x", plan_args=_plan_args(), state_dict=_net(1).state_dict(), provenance={})["model.safetensors"]
@@ -233,7 +277,7 @@ def test_publish_writes_a_versioned_package_with_provenance(tmp_path, one_thread
     assert prov["run_id"] == run.name and prov["model_round"] == 1
     assert prov["spec_sha256"] == hashlib.sha256((run / prov["spec_file"]).read_bytes()).hexdigest()
     assert prov["spec_file"] == runs.spec_file(run).name
-    assert prov["sites"] == ["site-a (NODE_a)", "site-b (NODE_b)"]
+    assert prov["sites"] == ["site-a", "site-b"]  # names only: no Fed-BioMed node ids go to every site
     # the best model is the global model of round 1: the sites scored it at the start of round 2
     assert prov["validation"] == {"kidney": {"mean": 0.5, "n": 1}, "liver": {"mean": 0.7, "n": 2}}
     card = (folder / "model-card.md").read_text()

@@ -207,8 +207,8 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
         with CaseProgress("segmenting") as progress:
             rows, failures = run_package_infer(package, list(inputs), out, modality=modality, dicom_seg=dicom_seg, statistics=statistics,
                                                preview=preview, overwrite=overwrite, resume=resume, progress=progress)  # fmt: skip
-    if as_json:
-        click.echo(json.dumps({"outputs": rows, "failed": failures} if failures else rows, indent=2))
+    if as_json:  # one row per input: its outputs, or its error
+        click.echo(json.dumps([*rows, *failures], indent=2))
     else:
         for r in rows:
             click.echo(f"{r['label']}" + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""))

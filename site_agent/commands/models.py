@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from site_agent.commands.common import console, load_site
+from site_agent.errors import UserError
 
 
 @click.group()
@@ -77,12 +78,17 @@ def models_show(ctx: click.Context, ref: str) -> None:
 def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: str, worst: int, send: bool, as_json: bool) -> None:
     """Score a published model on this site's own labelled cases (no federation round): Dice, HD95, ASSD, NSD, RVD per
     class, and an HTML report with boxplots and the worst cases. Nothing leaves the site unless --send."""
+    from site_agent.adapt_common import site_registry
     from site_agent.commands.adapt import CaseProgress
     from site_agent.evaluate_model import evaluate_model, send_aggregate
     from site_agent.models import open_model
 
     site = load_site(ctx)
     package = open_model(site, model_ref)
+    if send:  # refused before the evaluation runs, not after
+        if not package.version:
+            raise UserError(f"{package.folder}: --send needs a published model (NAME@vNNNN pulled from the registry), not a package folder")
+        site_registry(site)  # the registry section and token are there
     with CaseProgress("evaluating") as bar:
         record = evaluate_model(site, package, dataset, merge_lesions=merge_lesions, worst=worst,
                                 progress=lambda step, done, total: bar(done, total, step))  # fmt: skip
