@@ -360,3 +360,36 @@ def test_the_comparison_shows_forgetting_per_method(tmp_path):
     assert runs_json[0]["forgetting"]["n"] == {"spleen": 2, "pancreas": 5} and runs_json[1]["forgetting"] is None
     only_without = report.compare_runs([without], tmp_path / "cmp2")
     assert "Forgetting" not in (only_without / "index.html").read_text()
+
+
+def test_the_final_global_model_also_gets_boundary_metrics_on_the_test_cases(fedbiomed_round, dataset_root, cache, monkeypatch):
+    """Fed-BioMed's validation-only request after the last round (round == rounds_total) scores the final model: its
+    test keys add per class the mean HD95, ASSD, NSD and RVD and their counts; earlier rounds do not pay for them."""
+    plan = _split_plan(fedbiomed_round, dataset_root)
+    classes = plan._settings.schema.classes
+    kidney = classes["kidney"]
+    fixed = FixedNet(plan._settings.num_classes, predicted=kidney)  # kidney everywhere
+    monkeypatch.setattr(plan, "model", lambda: fixed)
+    assert not any(k.startswith("test_hd95") for k in _score(plan))  # round 0 of 2: Dice only
+    monkeypatch.setattr(plan, "round", lambda: 2)  # the final validation request
+    metric = _score(plan)
+    assert metric["test_hd95_n_kidney"] == 2.0 and metric["test_rvd_n_kidney"] == 2.0
+    assert metric["test_hd95_kidney"] > 0 and 0 <= metric["test_nsd_kidney"] < 1
+    assert metric["test_rvd_kidney"] > 0  # kidney predicted everywhere: over-segmented
+    assert not any(k.startswith(("hd95", "nsd")) for k in metric)  # validation keeps Dice only
+    assert not any("volume" in k for k in metric)  # volumes stay at the site
+    assert not any(k.startswith("test_ref_hd95") for k in metric)
+    assert not plan._data.indices.validation or metric["cases"] > 0
+
+
+def test_the_run_report_shows_the_final_models_boundary_metrics(tmp_path):
+    metrics = split_metrics()
+    final = next(row for record in metrics["rounds"] for row in record["sites"].values() if "test_final" in row)
+    (cls,) = [k[len("dice_") :] for k in final["test_final"] if k.startswith("dice_") and k != "dice_mean"][:1]
+    final["test_final"].update({f"hd95_{cls}": 4.25, f"assd_{cls}": 1.5, f"nsd_{cls}": 0.8, f"rvd_{cls}": -0.125,
+                                f"hd95_n_{cls}": 2.0, f"assd_n_{cls}": 2.0, f"nsd_n_{cls}": 2.0, f"rvd_n_{cls}": 3.0})  # fmt: skip
+    out = report.write_report(make_run(tmp_path, metrics=metrics, state=STATE), log=lambda _m: None)
+    html = (out / "index.html").read_text()
+    assert html_row(final["name"], cls, f"{final['test_final'][f'dice_{cls}']:.3f}", "4.250", "1.500", "0.800", "-0.125", "2/3") in html
+    plain = make_run(tmp_path / "plain", metrics=split_metrics(), state=STATE)
+    assert "HD95 (mm)" not in (report.write_report(plain, log=lambda _m: None) / "index.html").read_text()  # an older run: no table

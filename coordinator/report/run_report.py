@@ -13,7 +13,16 @@ from coordinator.report.forgetting import forgetting_section
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
 from coordinator.report.overlays import copy_overlays, overlay_section, report_overlays
 from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run
-from coordinator.report.tables import cost_table, dice_table, evaluation_metrics_table, evaluation_table, header_table, split_sizes_table, split_table
+from coordinator.report.tables import (
+    cost_table,
+    dice_table,
+    evaluation_metrics_table,
+    evaluation_table,
+    final_metrics_table,
+    header_table,
+    split_sizes_table,
+    split_table,
+)
 from fedimg_core import atomic
 from fedimg_core.reporting import Section, Table, render_markdown, render_sections
 
@@ -116,7 +125,8 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
                 *split_note,
                 *standalone,
             ],
-            _split_tables(fed.global_validation, fed.global_test, classes, "global model"),
+            _split_tables(fed.global_validation, fed.global_test, classes, "global model")
+            + ([final] if (final := final_metrics_table(run.metrics, classes)) is not None else []),
             [("dice_global.png", f"global model: Dice per class and site, {fed.split} cases")],
         ),
         Section(

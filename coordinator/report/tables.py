@@ -216,3 +216,36 @@ def split_sizes_table(metrics: Metrics) -> Table:
     sizes = RunMetrics.of(metrics).splits
     rows: list[list[Any]] = [[site, *(_count(n.get(k)) for k in ("training", "validation", "test"))] for site, n in sorted(sizes.items())]
     return Table(["site", "training cases", "validation cases", "test cases"], rows, "cases per site and split")
+
+
+FINAL_METRICS = ("hd95", "assd", "nsd", "rvd")  # what the sites add to the final global model's test rows (pipelines.plans.segmentation)
+
+
+def final_metrics_table(metrics: RunMetrics, classes: list[str]) -> Table | None:
+    """The final global model's boundary and volume metrics on each site's test cases (its ``test_final`` row):
+    per site and class the means of HD95, ASSD, NSD and RVD, and the cases behind each.
+
+    Args:
+        metrics: the run's metrics.
+        classes: the classes, in display order.
+
+    Returns:
+        The table, or None when no site reported them (an older run, or no test cases).
+    """
+    rows: list[list[Any]] = []
+    for record in metrics.rounds:
+        for site in record.sites.values():
+            row = site.test_final or {}
+            dice = class_dice(row)
+            for c in classes:
+                if f"hd95_n_{c}" not in row:
+                    continue
+                means = [num(row.get(f"{m}_{c}")) for m in FINAL_METRICS]
+                counts = f"{_count(row.get(f'hd95_n_{c}'))}/{_count(row.get(f'rvd_n_{c}'))}"
+                rows.append([site.name or "?", c, dice.get(c), *means, counts])
+    if not rows:
+        return None
+    caption = ("Final global model on each site's test cases: Dice, and means over the cases of HD95 and ASSD (mm, on the scoring "
+               "grid), NSD (at the class's tolerance of the schema) and RVD; n: the cases behind HD95 / RVD (distances leave out a "
+               "case where only one of prediction and reference has the class).")  # fmt: skip
+    return Table(["site", "class", "Dice", "HD95 (mm)", "ASSD (mm)", "NSD", "RVD", "n"], rows, caption)

@@ -131,6 +131,25 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
             {"image": str(c.image), "label": str(c.reference_label)} if c.reference_label is not None else None for c in prepared.cases if c.label is not None
         ]
         self._reference_chain: tuple[Any, tuple[str, str, str]] | None = None  # (chain, cache key), on first use
+        self._images = [str(c.image) for c in prepared.cases if c.label is not None]
+
+    def voxel_spacing(self, index: int) -> list[float]:
+        """Item `index`'s voxel size in mm per axis, as scored: the dataset's spacing when it resamples, else the
+        case's own (prepared images are RAS+, so their header's zooms are in the items' axis order).
+
+        Args:
+            index: the item.
+
+        Returns:
+            Three spacings in mm.
+        """
+        if self.spacing == "schema" and self.schema is not None:
+            return [float(v) for v in self.schema.target_spacing]
+        if self.spacing is not None and not isinstance(self.spacing, str):
+            return [float(v) for v in self.spacing]
+        import nibabel as nib  # header only
+
+        return [float(v) for v in nib.load(self._images[index]).header.get_zooms()[:3]]  # type: ignore[attr-defined]  # a NIfTI header
 
     @site_boundary("data")
     def reference_label(self, index: int) -> torch.Tensor | None:

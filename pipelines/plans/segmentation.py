@@ -23,6 +23,7 @@ from fedbiomed.common.training_plans import TorchTrainingPlan
 from pipelines.augment import patch_batch, sampler_for
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
+from pipelines.metrics import case_metrics, summarise_metrics
 from pipelines.networks import build_network, set_background_prior
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
@@ -317,7 +318,11 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         result, n_validation = self._dice_report(self.testing_data_loader, "")
         data = getattr(self, "_data", None)
         if data is not None and data.test_loader() is not None:
-            result.update(self._test_report(data))
+            # the final global model (Fed-BioMed's validation-only request after the last round, numbered rounds_total)
+            # also gets the boundary and volume metrics on the test cases: once per run, not every round
+            total = self._settings.rounds_total
+            final = before_train and total is not None and int(self.round() or 0) >= total
+            result.update(self._test_report(data, clinical=final))
         result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test + reference): what a round spends besides training
         if history_monitor is not None:
             history_monitor.add_scalar(
@@ -336,7 +341,7 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
                 per_case.append(evaluate_case(self.model(), volume, label, s, classes))
         return self._summary(per_case, classes, prefix), len(per_case)
 
-    def _test_report(self, data: CaseSplitDataManager) -> dict[str, float]:
+    def _test_report(self, data: CaseSplitDataManager, clinical: bool = False) -> dict[str, float]:
         """The test cases' keys: Dice on the classes the site labels (``test_``) and on its reference classes (``test_ref_``).
 
         Reference labels (`PreparedSegmentationDataset.reference_classes` / ``reference_label(index)``) hold
@@ -345,8 +350,14 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         cases that have one; without reference classes, or no test case with a reference label, there are
         no ``test_ref_`` keys. Each case is predicted once for both.
 
+        With `clinical` (the final global model), also per class the mean over the test cases of HD95, ASSD, NSD
+        and RVD (`pipelines.metrics`, on the scoring grid's spacing; NaN-excluded) and how many cases each mean
+        has: ``test_<metric>_<class>`` and ``test_<metric>_n_<class>``. Per class and metric only, no per-case
+        values or volumes.
+
         Args:
             data: the site's data manager, split.
+            clinical: also the boundary and volume metrics.
 
         Returns:
             ``test_dice_<class>``, ``test_dice_mean``, ``test_cases``, ``test_case<j>_dice_<class>`` and the
@@ -361,14 +372,24 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         per_case: list[dict[int, float]] = []
         per_ref: list[dict[int, float]] = []
         ref_positions: list[int] = []  # each reference score's test case position: test_ref_case<j> is test_case<j>'s volume
+        per_metrics: list[dict[int, dict[str, float]]] = []
         for position, (index, volume, label) in enumerate(data.test_cases()):
             pred = predict(self.model(), volume, s)
             per_case.append(_case_dice(pred, label, classes, s))  # what evaluate_case computes, on the shared prediction
+            if clinical:
+                per_metrics.append(_case_clinical(pred, label, self._dataset.voxel_spacing(index), classes, s))
             ref = _reference_of(reference_label, index) if reference_label is not None else None
             if ref is not None:
                 per_ref.append(_case_dice(pred, ref, ref_classes, s))
                 ref_positions.append(position)
         result = self._summary(per_case, classes, "test_")
+        names = {v: k for k, v in s.schema.classes.items()}
+        if per_metrics:
+            for c, row in summarise_metrics(per_metrics, classes, CLINICAL_METRICS).items():
+                for metric, summary in row.items():
+                    if summary["n"]:
+                        result[f"test_{metric}_{names[c]}"] = summary["mean"]
+                    result[f"test_{metric}_n_{names[c]}"] = float(summary["n"])
         if per_ref:
             result.update(self._summary(per_ref, ref_classes, "test_ref_", ref_positions))
         return result
@@ -399,6 +420,19 @@ def _reference_of(reference_label: Any, index: int) -> torch.Tensor | None:
         log.warning("test case %d: its reference label is left out of the scores: %s", index, exc)
         return None
     return ref if isinstance(ref, torch.Tensor) else None
+
+
+CLINICAL_METRICS = ("hd95", "assd", "nsd", "rvd")  # what the final model's test rows add to Dice (volumes stay at the site)
+
+
+def _case_clinical(
+    pred: torch.Tensor, label: torch.Tensor, spacing: list[float], classes: list[int], settings: SegmentationSettings
+) -> dict[int, dict[str, float]]:
+    """`pipelines.metrics.case_metrics` of one predicted test volume, on the scoring grid's spacing."""
+    ref = label.reshape(pred.shape) if label.numel() == pred.numel() else label[0]
+    names = {v: k for k, v in settings.schema.classes.items()}
+    tolerances = {c: settings.schema.surface_tolerance(names[c]) for c in classes}
+    return case_metrics(pred, ref, classes, spacing, tolerances, settings.schema.ignore_label)
 
 
 def _case_dice(pred: torch.Tensor, label: torch.Tensor, classes: list[int], settings: SegmentationSettings) -> dict[int, float]:
