@@ -11,8 +11,10 @@ RAS+ orientation, resampling to the training spacing (bilinear), the schema's in
 (``intensity`` picks the modality: ``@intensity_CT`` by default, ``--intensity "@intensity_MR"``
 for MR), gaussian-blended sliding windows, softmax, classes the model never trained folded
 into background, MONAI's inverse of the chain on the probabilities, argmax, and the label saved
-on the input's grid (``<output_dir>/<input name>_seg.nii.gz``). fedimg itself never executes
-this config (`pipelines.model_package`); it is written for the tools sites already use.
+on the input's grid (``<output_dir>/<input name>_seg.nii.gz``). The same config runs in the
+package's flat folder and in MONAI's standard layout (``configs/``, ``models/``, ``docs/``) that
+`export_bundle` writes. fedimg itself never executes this config (`pipelines.model_package`); it
+is written for the tools sites already use.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import monai
 import numpy as np
 import torch
 
-__all__ = ["bundle_files"]
+__all__ = ["bundle_files", "export_bundle"]
 
 
 def _intensity(rule: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,6 +94,9 @@ def bundle_files(config: Mapping[str, Any], network: tuple[str, dict[str, Any]])
         "bundle_root": ".",
         "output_dir": "$os.path.join(@bundle_root, 'eval')",
         "input_image": "",
+        # the package's flat layout, or MONAI's standard one (`site-agent models export`: models/model.safetensors)
+        "weights": "$os.path.join(@bundle_root, 'models', 'model.safetensors') if os.path.isdir(os.path.join(@bundle_root, 'models')) "
+        "else os.path.join(@bundle_root, 'model.safetensors')",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network_def": {"_target_": target, **kwargs},
         "network": "$@network_def.to(@device)",
@@ -123,7 +128,7 @@ def bundle_files(config: Mapping[str, Any], network: tuple[str, dict[str, Any]])
             "amp": False,
         },  # fmt: skip
         "initialize": [
-            "$@network_def.load_state_dict(load_safetensors(os.path.join(@bundle_root, 'model.safetensors')))",
+            "$@network_def.load_state_dict(load_safetensors(@weights))",
             "$@network_def.eval()",
         ],
         "run": ["$@evaluator.run()"],
@@ -181,3 +186,44 @@ def _version(module: str) -> str:
     from importlib.metadata import version
 
     return version(module)
+
+
+def export_bundle(package_folder: Any, target: Any) -> Any:
+    """Copy a verified package into MONAI's standard bundle layout::
+
+        <target>/configs/metadata.json, configs/inference.json, models/model.safetensors,
+        docs/README.md (the model card), docs/package.json (fedimg's description)
+
+    Args:
+        package_folder: the package folder (verify it first: `pipelines.model_package.load_package`).
+        target: the bundle folder to create (must not exist).
+
+    Returns:
+        ``target`` as a Path.
+
+    Raises:
+        ValueError: ``target`` exists, or the package has no bundle view (a 2D network).
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src, out = Path(package_folder), Path(target)
+    if os.path.lexists(out):
+        raise ValueError(f"{out} already exists; give a new folder")
+    if not (src / "inference.json").is_file():
+        raise ValueError(f"{src}: this package has no MONAI bundle view (2D networks have none)")
+    layout = {"configs/metadata.json": "metadata.json", "configs/inference.json": "inference.json", "models/model.safetensors": "model.safetensors",
+              "docs/README.md": "model-card.md", "docs/package.json": "package.json"}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for dest, name in layout.items():
+            (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, tmp / dest)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -218,15 +218,25 @@ def test_resampled_inference_lands_on_the_input_grid(tmp_path, one_thread):
     assert (pred.label[~block] == 3).mean() < 0.01  # only next to the block's edges and the spot
 
 
-def test_monai_bundle_runner_gives_the_same_label_as_fedimg(package_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["flat", "standard"])
+def test_monai_bundle_runner_gives_the_same_label_as_fedimg(package_dir, tmp_path, layout):
     """The package is a MONAI bundle: MONAI's own runner (`python -m monai.bundle run`) segments a NIfTI file and
-    writes the label fedimg's inference writes, on the input's grid."""
+    writes the label fedimg's inference writes, on the input's grid; as the package's flat folder, and exported
+    (`pipelines.model_bundle.export_bundle`) into MONAI's standard layout."""
+    from pipelines.model_bundle import export_bundle
+
     scan = _scan(tmp_path / "scan.nii.gz")
     out = tmp_path / "bundle-out"
+    root, configs = package_dir, package_dir
+    if layout == "standard":
+        root = export_bundle(package_dir, tmp_path / "bundle")
+        configs = root / "configs"
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+            "configs/inference.json", "configs/metadata.json", "docs/README.md", "docs/package.json", "models/model.safetensors"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(package_dir), "--config_file", str(package_dir / "inference.json"),
-         "--meta_file", str(package_dir / "metadata.json"), "--input_image", str(scan), "--output_dir", str(out)],
+        [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root), "--config_file", str(configs / "inference.json"),
+         "--meta_file", str(configs / "metadata.json"), "--input_image", str(scan), "--output_dir", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

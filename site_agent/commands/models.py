@@ -1,8 +1,9 @@
-"""`site-agent models list|pull|show`: the federation's published model packages at this site."""
+"""`site-agent models list|pull|show|export` and `site-agent evaluate`: the federation's published model packages at this site."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -57,8 +58,6 @@ def models_pull(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def models_show(ctx: click.Context, ref: str) -> None:
     """Print the model card of REF (NAME[@vNNNN] or a package folder), after checking every file."""
-    from pathlib import Path
-
     from pipelines.model_package import CARD_FILE
     from site_agent.models import open_model
 
@@ -109,3 +108,20 @@ def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: st
     click.echo(f"report: {record['path']}/report/index.html")
     if sent:
         click.echo(f"sent the aggregate numbers to the coordinator ({sent})")
+
+
+@models.command("export")
+@click.argument("ref")
+@click.option("--bundle", "target", required=True, type=click.Path(file_okay=False, path_type=Path), help="The MONAI bundle folder to create.")
+@click.pass_context
+def models_export(ctx: click.Context, ref: str, target: Path) -> None:
+    """Write REF (NAME[@vNNNN] or a package folder) as a MONAI bundle in MONAI's standard layout (configs/, models/, docs/),
+    after checking every file; `python -m monai.bundle run --bundle_root DIR --config_file DIR/configs/inference.json` runs it."""
+    from pipelines.model_bundle import export_bundle
+    from site_agent.models import open_model
+
+    package = open_model(None if Path(ref).is_dir() else load_site(ctx), ref)
+    try:
+        click.echo(str(export_bundle(package.folder, target)))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
