@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from coordinator import spec as spec_mod
 from coordinator.checkpoints import load_tensors
 from coordinator.evaluate import trained_classes
 from coordinator.results import case_dice
+from fedimg_core import atomic
 from fedimg_core.errors import UserError
 from pipelines.model_package import PackageError, build_package_files, load_package, provenance_scores
 from preprocessing.schema import parse_schema
@@ -218,7 +218,7 @@ def publish_model(home: Path, run: str, model: str = "best", name: str | None = 
 
 
 def write_folder(out: Path, files: Mapping[str, bytes]) -> None:
-    """Write a package's files into a new folder, atomically (a temporary folder renamed into place).
+    """Write a package's files into a new folder, atomically (`fedimg_core.atomic.publish_dir`).
 
     Args:
         out: the folder to create (must not exist).
@@ -230,11 +230,9 @@ def write_folder(out: Path, files: Mapping[str, bytes]) -> None:
     if os.path.lexists(out):
         raise UserError(f"{out} already exists; give a new folder for --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         for filename, data in files.items():
             (tmp / filename).write_bytes(data)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.publish_dir(out, build)

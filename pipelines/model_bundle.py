@@ -206,8 +206,9 @@ def export_bundle(package_folder: Any, target: Any) -> Any:
     """
     import os
     import shutil
-    import tempfile
     from pathlib import Path
+
+    from fedimg_core import atomic
 
     src, out = Path(package_folder), Path(target)
     if os.path.lexists(out):
@@ -217,13 +218,11 @@ def export_bundle(package_folder: Any, target: Any) -> Any:
     layout = {"configs/metadata.json": "metadata.json", "configs/inference.json": "inference.json", "models/model.safetensors": "model.safetensors",
               "docs/README.md": "model-card.md", "docs/package.json": "package.json"}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         for dest, name in layout.items():
             (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, tmp / dest)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.publish_dir(out, build)
     return out
