@@ -19,6 +19,7 @@ folders (NIfTI files included).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ __all__ = [
     "Manifest",
     "ManifestCase",
     "SchemaRef",
+    "NnunetCase",
     "TrainingEntry",
+    "describe_cases",
     "read_description",
     "read_manifest",
     "write_description",
@@ -148,8 +151,20 @@ class TrainingEntry(_Lenient):
     label: str | None = None
 
 
+class NnunetCase(_Lenient):
+    """One case of ``dataset.json`` ``dataset``: nnU-Net v2's explicit file list (its channel files and label)."""
+
+    images: list[str] = Field(description="The case's channel files, relative to the dataset folder (one: imagesTr/<case>.nii.gz).")
+    label: str = Field(description="The case's label map, relative to the dataset folder.")
+
+
 class DatasetDescription(_Lenient):
-    """``dataset.json``: the decathlon / nnU-Net description of a prepared dataset."""
+    """``dataset.json``: the decathlon / nnU-Net v2 description of a prepared dataset.
+
+    MONAI reads ``training`` (``monai.data.load_decathlon_datalist``); nnU-Net v2 reads
+    ``dataset``, which names each case's files, so our ``<case>.nii.gz`` names need no
+    channel suffix, and counts the labelled cases in ``numTraining``.
+    """
 
     name: str = Field(description="The dataset's name (letters, digits, _ . + -).")
     description: str | None = None
@@ -157,9 +172,10 @@ class DatasetDescription(_Lenient):
     channel_names: dict[str, str] | None = Field(None, description="{'0': modality}.")
     modality: dict[str, str] | None = Field(None, description="{'0': modality} (decathlon's name for channel_names).")
     labels: dict[str, int] = Field(description="Class name -> id.")
-    numTraining: int | None = None
+    numTraining: int | None = Field(None, description="The number of labelled cases (the entries of 'dataset').")
     file_ending: str | None = None
     training: list[TrainingEntry] = Field(description="Image/label pairs, paths relative to the dataset folder.")
+    dataset: dict[str, NnunetCase] | None = Field(None, description="Case id -> its files, for nnU-Net v2 (labelled cases only).")
 
     def modality_name(self) -> str:
         """The modality of channel 0 (``unknown`` when the file names none).
@@ -168,6 +184,39 @@ class DatasetDescription(_Lenient):
             The modality code (CT, MR, ...).
         """
         return (self.channel_names or self.modality or {}).get("0", "unknown")
+
+
+def describe_cases(name: str, description: str, modality: str, labels: dict[str, int], cases: Sequence[ManifestCase]) -> DatasetDescription:
+    """The ``dataset.json`` of a prepared dataset: one builder for every writer.
+
+    Args:
+        name: the dataset's name.
+        description: one line saying what the dataset is.
+        modality: the images' modality (CT, MR, ...), channel 0's name.
+        labels: class name -> id (background 0, ids contiguous).
+        cases: the cases, in order; unlabelled ones are listed in ``training`` only.
+
+    Returns:
+        The description, valid for MONAI's decathlon datalist loader and as an nnU-Net v2
+        raw dataset (whose integrity check refuses label values outside ``labels``: a
+        dataset holding the schema's ignore label needs `preprocessing.nnunet_export`).
+    """
+    training = [TrainingEntry(image=c.image, label=c.label) if c.label else TrainingEntry(image=c.image) for c in cases]
+    labelled = {c.case_id: NnunetCase(images=[c.image], label=c.label) for c in cases if c.label}
+    return DatasetDescription.model_validate(
+        {
+            "name": name,
+            "description": description,
+            "tensorImageSize": "3D",
+            "channel_names": {"0": modality},
+            "modality": {"0": modality},
+            "labels": dict(sorted(labels.items(), key=lambda kv: kv[1])),
+            "numTraining": len(labelled),
+            "file_ending": ".nii.gz",
+            "training": [t.model_dump(exclude_unset=True) for t in training],
+            "dataset": {k: v.model_dump() for k, v in labelled.items()},
+        }
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

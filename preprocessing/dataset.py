@@ -26,10 +26,10 @@ from fedimg_core.dataset_manifest import (
     FORMAT_VERSION,
     SUPPORTED_VERSIONS,
     CaseRecord,
-    DatasetDescription,
     DatasetError,
     DatasetSchemaError,
     Manifest,
+    describe_cases,
     read_description,
     read_manifest,
     write_description,
@@ -169,21 +169,7 @@ def write_dataset(
             )
         if not entries:
             raise DatasetError(f"{root}: no cases to write")
-        write_description(
-            staging,
-            DatasetDescription.model_validate(
-                {
-                    "name": name,
-                    "description": f"{name} (fedimg prepared dataset)",
-                    "channel_names": {"0": modality},
-                    "modality": {"0": modality},
-                    "labels": labels,
-                    "numTraining": len(entries),
-                    "file_ending": ".nii.gz",
-                    "training": entries,
-                }
-            ),
-        )
+        write_description(staging, describe_cases(name, f"{name} (fedimg prepared dataset)", modality, labels, manifest_cases))
         write_manifest(
             staging,
             Manifest.model_validate(

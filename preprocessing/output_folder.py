@@ -21,8 +21,8 @@ from fedimg_core.dataset_manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CaseRecord,
-    DatasetDescription,
     Manifest,
+    describe_cases,
     write_description,
     write_manifest,
 )
@@ -241,23 +241,7 @@ def write_metadata(
     keys = CaseRecord.model_fields
     cases = sorted((CaseRecord.model_validate({k: r.get(k) for k in keys}) for r in records.values()), key=lambda c: c.case_id)
     name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_")[:48] or "dataset"
-    training = [{"image": c.image, **({"label": c.label} if c.label else {})} for c in cases]
-    write_description(
-        out,
-        DatasetDescription.model_validate(
-            {
-                "name": name,
-                "description": f"{name} (fedimg prepared dataset, schema {schema.name} {schema.version})",
-                "tensorImageSize": "3D",
-                "channel_names": {"0": modality},
-                "modality": {"0": modality},
-                "labels": dict(sorted(schema.classes.items(), key=lambda kv: kv[1])),
-                "numTraining": len(training),
-                "file_ending": ".nii.gz",
-                "training": training,
-            }
-        ),
-    )
+    write_description(out, describe_cases(name, f"{name} (fedimg prepared dataset, schema {schema.name} {schema.version})", modality, schema.classes, cases))
     write_manifest(
         out,
         Manifest.model_validate(

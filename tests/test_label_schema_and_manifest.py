@@ -232,8 +232,21 @@ def test_the_writers_write_the_same_files_as_before(tmp_path):
     keys = ["affine", "case_id", "image", "intensity_range", "qc_flags", "sha256", "shape", "spacing"]
     assert sorted(manifest["cases"][0]) == sorted([*keys, "label"]) and sorted(manifest["cases"][1]) == keys  # no "label": null
     desc = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    assert sorted(desc) == ["channel_names", "description", "file_ending", "labels", "modality", "name", "numTraining", "training"]
+    # the decathlon keys, and nnU-Net v2's explicit file list of the labelled cases
+    assert sorted(desc) == [
+        "channel_names",
+        "dataset",
+        "description",
+        "file_ending",
+        "labels",
+        "modality",
+        "name",
+        "numTraining",
+        "tensorImageSize",
+        "training",
+    ]
     assert desc["training"][1] == {"image": "imagesTr/case_0001.nii.gz"}
+    assert desc["dataset"] == {"case_0000": {"images": ["imagesTr/case_0000.nii.gz"], "label": "labelsTr/case_0000.nii.gz"}} and desc["numTraining"] == 1
     # a prepare record: every allowlisted key is written, null or not
     record = CaseRecord.model_validate({k: None for k in CaseRecord.model_fields} | {"case_id": "case_0000", "image": "i", "sha256": {}, "qc_flags": []})
     dumped = Manifest.model_validate({"cases": [record]}).model_dump(by_alias=True, exclude_unset=True)["cases"][0]

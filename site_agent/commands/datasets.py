@@ -1,4 +1,4 @@
-"""`site-agent dataset add|where|list|remove`, `prepare`, `deidentify`: the site's data, from
+"""`site-agent dataset add|where|export-nnunet|list|remove`, `prepare`, `deidentify`: the site's data, from
 DICOM/NIfTI files to datasets registered with the node."""
 
 from __future__ import annotations
@@ -88,6 +88,50 @@ def dataset_where(path: Path, case_ids: tuple[str, ...], case_map: Path | None, 
     for case_id, e in chosen.items():
         what = f"DICOM series, {e.get('files')} files, SeriesInstanceUID {e.get('series_uid')}" if e.get("kind") == "dicom" else "NIfTI"
         click.echo(f"{case_id}: {e.get('source')} ({what})" + (f"; label {e['label']}" if e.get("label") else "; no label"))
+
+
+@dataset.command("export-nnunet")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "raw_root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="nnU-Net's raw folder ($nnUNet_raw); the dataset goes in DatasetNNN_NAME/ inside it.",
+)
+@click.option("--id", "dataset_id", required=True, type=click.IntRange(1, 999), help="nnU-Net dataset id (1..999, not taken in --out).")
+@click.option("--name", default=None, help="Name after the id (default: the dataset's own name).")
+@click.option(
+    "--classes",
+    type=click.Choice(["labelled", "all"]),
+    default="labelled",
+    show_default=True,
+    help="labelled: only the classes this site labels, renumbered 1..K (nnU-Net would learn the others as background); all: every schema class with its schema id.",
+)
+@click.option("--copy", is_flag=True, help="Copy the images instead of hard-linking them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str | None, classes: str, copy: bool, as_json: bool) -> None:
+    """Export the prepared dataset at PATH as an nnU-Net v2 raw dataset.
+
+    Writes DatasetNNN_NAME/ (imagesTr/<case>_0000.nii.gz, labelsTr/, dataset.json) with the
+    labelled cases; the schema's ignore label becomes nnU-Net's (highest label value), and
+    dataset.json's "fedimg" block maps the exported ids back to the schema's classes. Then:
+    nnUNetv2_plan_and_preprocess -d NNN --verify_dataset_integrity.
+    """
+    from preprocessing.nnunet_export import export_nnunet
+    from site_agent.commands.adapt import CaseProgress
+
+    with CaseProgress("exporting") as bar:
+        done = export_nnunet(path, raw_root, dataset_id, name=name, classes="all" if classes == "all" else "labelled", copy=copy, progress=bar)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"folder": str(done.folder), "cases": done.cases, "labels": done.labels, "schema_ids": done.schema_ids, "ignore_voxels": done.ignore_voxels},
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"wrote {done.folder}: {done.cases} cases, labels {done.labels}")
 
 
 @dataset.command("list")
