@@ -26,6 +26,7 @@ from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, check_pl
 from coordinator.spec_yaml import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_spec_yaml
 from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigModel, ConfigProblem, format_problems, short, validate_config
 from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
+from fedimg_core.devices import GPU_POLICIES, PRECISIONS
 from fedimg_core.errors import ConfigError
 from pipelines.splits import SplitSettings
 
@@ -157,6 +158,21 @@ class ApprovalSection(ConfigModel):
     wait_s: Annotated[float, number(0)] = Field(default=0.0, description="Seconds to wait for every site to approve.")
 
 
+class DeviceSection(ConfigModel):
+    """Where the sites train and in which precision (each site's own ``device`` setting applies within this)."""
+
+    gpu: Annotated[str, one_of(*GPU_POLICIES)] = Field(
+        default="optional",
+        description="optional: each site trains where its device setting says (a GPU when it has one); required: a site without a GPU "
+        "refuses the round; forbidden: every site trains on its CPU.",
+    )
+    precision: Annotated[str, one_of(*PRECISIONS)] = Field(
+        default="auto",
+        description="auto: bf16 on GPUs that have it, else fp16 with a loss scale, fp32 on CPUs; or fp32, bf16 (GPUs since Ampere, CPUs), "
+        "fp16 (GPUs; not with fedprox_mu).",
+    )
+
+
 class SpecFile(ConfigModel):
     """An experiment spec, as a researcher writes it (plan-dependent defaults are left None)."""
 
@@ -220,6 +236,14 @@ class SpecFile(ConfigModel):
         "network, roi_size, ...): checked by the plan's own rules, see the README.",
     )
     approval: ApprovalSection = Field(default_factory=ApprovalSection, description="Plan approval by the sites.")
+    device: DeviceSection = Field(default_factory=DeviceSection, description="GPU use and precision at the sites (segmentation plans).")
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> SpecFile:
+        if self.device.precision == "fp16" and self.fedprox_mu:
+            # the loss scale multiplies the plan's loss, not the proximal term Fed-BioMed adds after it
+            raise ConfigProblem("device.precision", "fp16 cannot be combined with fedprox_mu; set precision: bf16, fp32 or auto")
+        return self
 
 
 def spec_json_schema() -> dict[str, Any]:
@@ -273,6 +297,7 @@ class Spec:
     clients_per_round: int | None = None  # None: every site every round
     request_approval: bool = True
     approval_wait_s: float = 0.0
+    device: dict[str, str] = field(default_factory=lambda: DeviceSection().model_dump())  # {"gpu", "precision"}
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
@@ -303,6 +328,8 @@ class Spec:
             "shuffle_testing_dataset": False,
             "random_seed": self.seed,
             "log_interval": max(1, self.local_steps),
+            # informative: the segmentation plans place themselves (pipelines.device.plan_device, from device.gpu)
+            "use_gpu": self.device["gpu"] != "forbidden",
         }
         if self.fedprox_mu is not None:
             args["fedprox_mu"] = float(self.fedprox_mu)
@@ -336,6 +363,7 @@ class Spec:
         if self.plan in SEGMENTATION_PLANS:
             args["split"] = dict(self.split)
             args["aggregator"] = self.aggregator  # scaffold: the sites step SCAFFOLD's correction (pipelines.plans.optimizers)
+            args["device"] = dict(self.device)  # where the site trains, in which precision (pipelines.device)
         if self.is_factory:
             args["client_ids"] = dict(client_ids or {})
         return args
@@ -529,6 +557,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         clients_per_round=m.clients_per_round if "clients_per_round" in m.model_fields_set else (2 if factory else None),
         request_approval=m.approval.request,
         approval_wait_s=m.approval.wait_s,
+        device=m.device.model_dump(),
         raw=raw,
     )
 

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field
 
 from fedimg_core.config import ConfigModel
 from fedimg_core.config_types import AbsolutePath, Text, integer, json_schema, matches, one_of
+from fedimg_core.devices import DEVICE_PATTERN
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -88,6 +89,11 @@ class SiteConfigFile(ConfigModel):
         default="auto", description="How the node runs: process (this machine), docker (a container), auto (docker if available)."
     )
     docker: DockerSection | None = Field(default=None, description="Settings of the docker runtime (null: the defaults).")
+    device: Annotated[str, matches(DEVICE_PATTERN, "auto, cpu, cuda or cuda:N")] = Field(
+        default="auto",
+        description="Where training and local jobs run: auto (a GPU when torch sees one and the experiment allows it), cpu, "
+        "cuda or cuda:N (that GPU; the node refuses to start without it).",
+    )
     registry: RegistrySection | None = Field(default=None, description="The coordinator's artifact registry (optional).")
 
 

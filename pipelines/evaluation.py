@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from monai.inferers.utils import sliding_window_inference
 
+from pipelines.device import accumulation_device
+
 IGNORE_LABEL = 255
 
 
@@ -52,7 +54,8 @@ def predict_volume(
         allowed: the classes the model may predict.
 
     Returns:
-        The label map (*spatial), on the model's device.
+        The label map (*spatial), on the image's device (the windows run on the model's
+        device; the output accumulates there when it fits, `pipelines.device.accumulation_device`).
     """
     was_training = model.training
     model.eval()
@@ -61,22 +64,25 @@ def predict_volume(
         out = model(x)
         return head(out) if head is not None else cast(torch.Tensor, out)
 
+    first = next(model.parameters(), None)
+    window_device = first.device if first is not None else image.device  # the windows run where the model is
     try:
         with torch.inference_mode():
             # one tensor in, one tensor out (the predictor returns a tensor, not a tuple or dict)
             logits = cast(torch.Tensor, sliding_window_inference(
                 image.unsqueeze(0).float(), roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=forward,
-                overlap=overlap, mode=mode, padding_mode="constant",
+                overlap=overlap, mode=mode, padding_mode="constant", sw_device=window_device,
+                device=accumulation_device(window_device, int(image[0].numel())),
             ))  # fmt: skip
     finally:
         model.train(was_training)
     if allowed is None:
-        return torch.argmax(logits, dim=1)[0]
+        return torch.argmax(logits, dim=1)[0].to(image.device)
     keep = [0, *sorted({int(c) for c in allowed} - {0})]
     probs = torch.softmax(logits[0].float(), dim=0)
     folded = probs[keep]
     folded[0] = folded[0] + probs.sum(0) - folded.sum(0)  # untrained classes count as background
-    return torch.as_tensor(keep, device=folded.device)[torch.argmax(folded, dim=0)]
+    return torch.as_tensor(keep, device=folded.device)[torch.argmax(folded, dim=0)].to(image.device)
 
 
 def fold_untrained(probabilities: torch.Tensor, allowed: Sequence[int] | None) -> torch.Tensor:

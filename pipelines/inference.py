@@ -22,6 +22,7 @@ from monai.inferers.utils import sliding_window_inference
 
 from pipelines.adaptation.volumes.inference import VolumePrediction, argmax_on_input_grid, load_through_chain
 from pipelines.adaptation.volumes.nifti import _load_reference
+from pipelines.device import accumulation_device
 from pipelines.evaluation import fold_untrained
 from pipelines.networks import main_output
 from pipelines.plan_args import SegmentationSettings
@@ -42,7 +43,8 @@ def class_probabilities(network: torch.nn.Module, image: torch.Tensor, settings:
         mode: how overlapping windows are blended (MONAI's ``gaussian`` or ``constant``).
 
     Returns:
-        (classes, X, Y, Z) float32 probabilities; untrained classes are 0.
+        (classes, X, Y, Z) float32 probabilities on the image's device; untrained classes are 0. The
+        windows run on the network's device, the blending accumulates there when it fits.
     """
     spatial_dims = settings.spatial_dims
 
@@ -53,16 +55,19 @@ def class_probabilities(network: torch.nn.Module, image: torch.Tensor, settings:
 
     was_training = network.training
     network.eval()
+    first = next(network.parameters(), None)
+    window_device = first.device if first is not None else image.device  # the windows run where the network is
     try:
         with torch.inference_mode():
             logits = sliding_window_inference(
                 image.unsqueeze(0).float(), roi_size=list(settings.inference_roi), sw_batch_size=settings.sw_batch_size, predictor=forward,
-                overlap=settings.overlap, mode=mode, padding_mode="constant",
+                overlap=settings.overlap, mode=mode, padding_mode="constant", sw_device=window_device,
+                device=accumulation_device(window_device, int(image[0].numel()), settings.num_classes),
             )  # fmt: skip
     finally:
         network.train(was_training)
     assert isinstance(logits, torch.Tensor)  # one tensor in, one tensor out
-    return fold_untrained(torch.softmax(logits[0].float(), dim=0), settings.predict_classes)
+    return fold_untrained(torch.softmax(logits[0].float(), dim=0), settings.predict_classes).to(image.device)
 
 
 def segment_image(

@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 
 from fedimg_core.config import ConfigModel, ConfigProblem, short
 from fedimg_core.config_types import Flag, integer, number
+from fedimg_core.devices import GPU_POLICIES, PRECISIONS
 from pipelines.config_fields import ConfigValueError, choice, is_int, is_number
 from pipelines.gin_args import GinArgs
 from pipelines.network_config import network_config_from_spec
@@ -31,7 +32,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
-    "background_prior", "aggregator", "mirror_axes",
+    "background_prior", "aggregator", "mirror_axes", "device",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -74,6 +75,8 @@ class SegmentationSettings:
     local_steps: int | None = None
     run_id: str | None = None
     aggregator: str = "fedavg"  # the spec's aggregator, filled in: "scaffold" steps SCAFFOLD's correction at the site
+    gpu: str = "optional"  # the spec's device.gpu, filled in: optional | required | forbidden (fedimg_core.devices)
+    precision: str = "auto"  # the spec's device.precision, filled in: auto | fp32 | bf16 | fp16
 
     @property
     def num_classes(self) -> int:
@@ -154,6 +157,13 @@ def _inference(value: Any) -> Any:
     return value
 
 
+class DeviceArgs(ConfigModel):
+    """The spec's ``device`` section as the sites receive it (filled in by the coordinator)."""
+
+    gpu: Annotated[str, choice(GPU_POLICIES)] = "optional"
+    precision: Annotated[str, choice(PRECISIONS)] = "auto"
+
+
 class PlanArgs(PlanArgsBase):
     """A spec's ``plan_args`` for the segmentation plans (condistfl, marginal).
 
@@ -177,6 +187,7 @@ class PlanArgs(PlanArgsBase):
     split: Annotated[Any, BeforeValidator(_split)] = None  # a SplitSettings once validated; None: none sent
     background_prior: Annotated[float, number(0.01, 0.999)] | None = None  # initial background probability (None: MONAI's init)
     aggregator: Annotated[str, choice(("fedavg", "scaffold"))] = "fedavg"  # filled in from the spec's aggregator
+    device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -255,4 +266,6 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         rounds_total=m.rounds_total,
         local_steps=m.local_steps,
         aggregator=m.aggregator,
+        gpu=m.device.gpu,
+        precision=m.device.precision,
     )

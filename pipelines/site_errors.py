@@ -27,6 +27,7 @@ CODES = {
     "artifact_not_approved": "the site refused an executable artifact it has not approved (its staff review it with `site-agent artifacts show SHA`)",
     "key_config": "the data-factory key configuration cannot be used at this site",
     "dataset": "the site's dataset does not fit the experiment",
+    "device": "the site cannot train on the device the experiment asks for (device.gpu: required at a site without a GPU, or a GPU the site's torch does not see)",
     "out_of_memory": "the site ran out of memory",
     "site_error": "the plan failed at the site",
 }
@@ -97,6 +98,8 @@ def _classify(exc: BaseException) -> tuple[str, dict[str, Any]]:
         return "key_config", {}
     if names & {"DatasetError", "DatasetSchemaError"}:
         return "dataset", {}
+    if "DeviceError" in names:
+        return "device", {}
     if isinstance(exc, MemoryError):
         return "out_of_memory", {}
     return "site_error", {}

@@ -53,6 +53,7 @@ class SiteConfig:
         docker: the docker runtime's settings.
         path: the file it was loaded from (None: not loaded from a file).
         registry: the coordinator's artifact registry, if configured.
+        device: auto, cpu, cuda or cuda:N (`fedimg_core.devices`).
     """
 
     site_name: str
@@ -64,6 +65,7 @@ class SiteConfig:
     docker: DockerSettings = field(default_factory=DockerSettings)
     path: Path | None = None  # where it was loaded from
     registry: RegistrySettings | None = None
+    device: str = "auto"
 
     @property
     def node_dir(self) -> Path:
@@ -94,6 +96,7 @@ class SiteConfig:
             "work_dir": str(self.work_dir),
             "runtime": self.runtime,
             "docker": self.docker.model_dump(),
+            "device": self.device,
         }
         if self.registry is not None:
             out["registry"] = self.registry.model_dump(mode="json", exclude_none=True)
@@ -143,6 +146,7 @@ def validate(raw: object, where: str) -> SiteConfig:
         runtime=model.runtime,
         docker=model.docker or DockerSettings(),
         registry=model.registry,
+        device=model.device,
     )
 
 

@@ -71,6 +71,37 @@ def check_coordinator(host: str, port: int, timeout: float = 3.0, config_path: s
     return rows
 
 
+def check_device(setting: str, config_path: str = "the site config") -> list[Check]:
+    """What torch sees (build, CUDA, driver, every GPU) and whether the configured device computes.
+
+    Args:
+        setting: the site's device setting (auto, cpu, cuda, cuda:N).
+        config_path: the config file, for the hints.
+
+    Returns:
+        Two rows: ``torch devices`` (informational) and ``device <setting>`` (a tiny 3D convolution
+        on the device, compared with the CPU's result).
+    """
+    from pipelines.device import DeviceError, describe_devices, resolve_device, smoke_test  # torch: only when doctor runs
+
+    seen = describe_devices()
+    gpus = "; ".join(f"cuda:{g['index']} {g['name']} {g['memory_mb']} MB, capability {g['capability']}{', bf16' if g['bf16'] else ''}" for g in seen["gpus"])
+    build = f"torch {seen['torch']}, " + (f"CUDA {seen['cuda_build']}" if seen["cuda_build"] else "CPU-only build")
+    driver = f", driver {seen['driver']}" if seen["driver"] else ""
+    cudnn = f", cuDNN {seen['cudnn']}" if seen["cudnn"] else ""
+    rows = [Check("torch devices", None if not seen["cuda_available"] else True, f"{build}{cudnn}{driver}; " + (gpus or "no CUDA GPU visible"))]
+    try:
+        device = resolve_device(setting)
+    except DeviceError as exc:
+        rows.append(Check(f"device {setting}", False, str(exc), f"set device: auto or cpu in {config_path}, or give the node a GPU (CUDA image, --gpus)"))
+        return rows
+    ok, detail = smoke_test(device)
+    rows.append(
+        Check(f"device {setting}", ok, detail, "" if ok else "the GPU computes wrongly or not at all: check the driver (nvidia-smi) and the CUDA build")
+    )
+    return rows
+
+
 def _config_hint(path: str | None) -> str:
     p = site_config.resolve_config_path(path)
     if not p.is_file():
@@ -136,6 +167,8 @@ def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> lis
         row = _node_connection(site)
         if row is not None:
             checks.append(row)
+
+    checks.extend(check_device(site.device, cfg))
 
     probe = site.work_dir if site.work_dir.exists() else Path(site.work_dir.anchor)
     free_gb = shutil.disk_usage(probe).free / 1e9

@@ -158,3 +158,30 @@ def open_model(site: SiteConfig | None, model: str) -> ModelPackage:
             raise
         log.warning("the registry cannot be reached (%s); using %s@%s, the newest version pulled here", exc, name, pulled[-1])
         return _load_cached(site, name, pulled[-1])
+
+
+def place_model(package: ModelPackage, site: SiteConfig | None, option: str | None) -> str:
+    """Put a package's network on the device a local job runs on: ``--device``, else the site's, else auto.
+
+    Args:
+        package: the loaded package (its network moves).
+        site: the site (None: a package folder named without a site config).
+        option: the job's ``--device`` (None: not given).
+
+    Returns:
+        The device, as torch names it (``cpu``, ``cuda:0``).
+
+    Raises:
+        UserError: a device this machine does not have (one line saying what to set).
+    """
+    from pipelines.device import DeviceError, resolve_device
+
+    setting = option or (site.device if site is not None else "auto")
+    try:
+        device = resolve_device(setting)
+    except DeviceError as exc:
+        where = "--device" if option else (str(site.path) if site is not None and site.path else "the site config")
+        raise UserError(f"{where}: {exc}") from None
+    package.network.to(device)
+    log.info("model %s runs on %s", package.ref, device)
+    return str(device)

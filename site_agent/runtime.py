@@ -26,6 +26,7 @@ import docker
 import psutil
 
 from fedimg_core import atomic
+from fedimg_core.devices import DEVICE_ENV, cuda_index, node_args_for
 from pipelines.artifact_approval import STORE_ENV, store_dir
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
@@ -34,7 +35,6 @@ from site_agent.processes import parent_death_signal as parent_death_signal  # r
 from site_agent.processes import pid_alive as pid_alive
 from site_agent.processes import signal_group as signal_group
 
-NODE_ARGS = {"gpu": False, "gpu_num": 1, "gpu_only": False, "debug": False}
 CONTAINER_LABEL = "org.fedimg.site"
 
 
@@ -48,7 +48,7 @@ def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
     Returns:
         The argument list, for `subprocess.Popen` or `os.execve`.
     """
-    return [python, "-m", "fedbiomed.node.node_pm", "--config", str(site.node_dir), "--node-args", json.dumps(NODE_ARGS)]
+    return [python, "-m", "fedbiomed.node.node_pm", "--config", str(site.node_dir), "--node-args", json.dumps(node_args_for(site.device))]
 
 
 def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -72,6 +72,7 @@ def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> di
     for key, value in SECURITY_SETTINGS.items():
         env[f"FBM_SECURITY_{key.upper()}"] = value
     env["PYTHONUNBUFFERED"] = "1"
+    env[DEVICE_ENV] = site.device  # where the plans train and score (pipelines.device.plan_device)
     env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
     env["FEDIMG_SPLITS_DIR"] = str(site.work_dir / "splits")  # which cases each run held out: a record, not a cache
     # pretrained encoder weights for the data factory's domain key, where the site has them
@@ -173,6 +174,13 @@ class ProcessRuntime:
     def _check_ready(self) -> None:
         if not (self.site.node_dir / "etc" / "config.ini").is_file():
             raise UserError(f"{self.site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
+        if self.site.device.startswith("cuda"):  # a forced GPU must exist before the node starts, not at its first round
+            from pipelines.device import DeviceError, resolve_device  # imports torch: only for this check
+
+            try:
+                resolve_device(self.site.device)
+            except DeviceError as exc:
+                raise UserError(f"{self.site.path or 'site config'}: {exc}") from None
 
     def start(self, die_with_parent: bool = False, extra_env: dict[str, str] | None = None) -> Status:
         """Start the node in the background; idempotent when it already runs.
@@ -280,16 +288,20 @@ def container_name(site: SiteConfig) -> str:
     return f"fedimg-site-{site.site_name}"
 
 
-def container_spec(site: SiteConfig) -> dict[str, Any]:
+def container_spec(site: SiteConfig, engine_has_gpus: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``docker.from_env().containers.run(**spec)``.
 
     Pure function (no engine needed), so the spec is tested where no Docker engine runs.
 
     Args:
         site: the site.
+        engine_has_gpus: the engine has the NVIDIA runtime (``docker info``); with device
+            ``auto`` the container then gets every GPU.
 
     Returns:
-        The container's image, command, user, environment, mounts, restart policy and limits.
+        The container's image, command, user, environment, mounts, restart policy, limits and,
+        for a GPU device (``cuda``, ``cuda:N``, or ``auto`` on a GPU engine), a device request
+        (the image must be the CUDA variant).
     """
     config_path = Path(site.path) if site.path else site.work_dir / "site.yaml"
     st = site.work_dir.stat() if site.work_dir.exists() else None
@@ -323,6 +335,17 @@ def container_spec(site: SiteConfig) -> dict[str, Any]:
         "security_opt": ["no-new-privileges:true"],
         "cap_drop": ["ALL"],
     }
+    if site.device.startswith("cuda") or (site.device == "auto" and engine_has_gpus):
+        index = cuda_index(site.device)
+        # cuda:N: that card only, which the container sees as cuda:0 (its node is started with --device cuda:0)
+        request = (
+            docker.types.DeviceRequest(device_ids=[str(index)], capabilities=[["gpu"]])
+            if index is not None
+            else docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
+        )
+        spec["device_requests"] = [request]
+        if index is not None:
+            spec["command"] = [*spec["command"], "--device", "cuda:0"]
     if loopback:
         spec["network_mode"] = "host"  # a loopback coordinator is only reachable from the host network
     elif site.docker.network:
@@ -404,8 +427,16 @@ class DockerRuntime:
             if c.status != "running":
                 c.start()
             return self.status()
-        self.client.containers.run(**container_spec(self.site))
+        self.client.containers.run(**container_spec(self.site, engine_has_gpus=self._engine_has_gpus()))
         return self.status()
+
+    def _engine_has_gpus(self) -> bool:
+        """Whether the engine has the NVIDIA container runtime (what GPU device requests need)."""
+        try:
+            runtimes = self.client.info().get("Runtimes") or {}
+        except docker.errors.DockerException:
+            return False
+        return "nvidia" in runtimes
 
     def stop(self, timeout: float = 15.0) -> Status:
         """Stop and remove the site's container (the work folder keeps everything).

@@ -276,6 +276,10 @@ class FakeContainers:
 class FakeClient:
     def __init__(self):
         self.containers = FakeContainers()
+        self.runtimes = {"runc": {"path": "runc"}}
+
+    def info(self):
+        return {"Runtimes": self.runtimes}
 
 
 @pytest.fixture
@@ -294,6 +298,17 @@ def test_start_runs_exactly_the_container_spec(site, fake):
     assert fake.containers.run_calls == [container_spec(site)]
     assert st.running and st.runtime == "docker"
     assert container_name(site) in st.detail
+
+
+def test_start_asks_for_gpus_only_where_the_engine_has_the_nvidia_runtime(site, fake):
+    site.device = "auto"
+    DockerRuntime(site, client=fake).start()
+    assert "device_requests" not in fake.containers.run_calls[-1]
+    fake.runtimes["nvidia"] = {"path": "nvidia-container-runtime"}
+    fake.containers = FakeContainers()
+    DockerRuntime(site, client=fake).start()
+    (request,) = fake.containers.run_calls[-1]["device_requests"]
+    assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
 
 
 def test_start_is_idempotent_and_restarts_a_stopped_container(site, fake):

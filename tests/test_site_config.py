@@ -30,7 +30,7 @@ def test_valid_config_round_trips(tmp_path, site_yaml):
         ({"runtime": "k8s"}, "runtime: must be one of auto, process, docker (got 'k8s')"),
         ({"docker": {"restart": "sometimes"}}, "docker.restart: must be one of no, always, unless-stopped, on-failure"),
         ({"docker": {"tag": "x"}}, "docker.tag: unknown key"),
-        ({"colour": "blue"}, "colour: unknown key; allowed: config_version, coordinator, data_dir, docker, registry, runtime, site_name, work_dir"),
+        ({"colour": "blue"}, "colour: unknown key; allowed: config_version, coordinator, data_dir, device, docker, registry, runtime, site_name, work_dir"),
     ],
 )
 def test_invalid_config_names_the_field(site_yaml, change, message):

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
+from fedimg_core.devices import DEVICE_ENV
 from pipelines.augment import patch_batch, sampler_for
+from pipelines.device import LossScale, Precision, autocast, on_device, plan_device, precision_for
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
 from pipelines.metrics import case_metrics, summarise_metrics
@@ -169,6 +171,9 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         # snapshot (initial_parameters()) only once training starts, and both are compared below.
         received = {k: v.detach().clone() for k, v in self.model().named_parameters()}
         self._teacher = frozen_teacher(self.model()) if self.distill else None
+        self._precision: Precision | None = None  # known at the first step, on the step's device
+        self._loss_scale: LossScale | None = None
+        self._scale_optimizer_steps()
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
         self._opt_restored = self._restore_optimizer_state()
@@ -196,19 +201,88 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
             for group in self._adamw.param_groups:
                 group["lr"] = cosine_lr(self._base_lr, step, s.rounds_total * s.local_steps)
         images, labels = patch_batch(self._sampler, data, target)  # loader batch: whole volumes, patches drawn here
-        outputs = self.model()(images)
-        teacher: torch.Tensor | None = None
-        if self._teacher is not None:
-            t1 = time.perf_counter()
-            teacher = teacher_logits(self._teacher, images, s.spatial_dims)
-            self._sums["teacher_s"] += time.perf_counter() - t1
-        loss, parts = self._objective(outputs, labels, teacher, self._lambda)
+        device = images.device  # Fed-BioMed moved the batch and the model there (`_set_device`)
+        precision = self._step_precision(device)
+        if self._teacher is not None and next(self._teacher.parameters()).device != device:
+            self._teacher.to(device)  # built from the received model before Fed-BioMed moved the model
+        with autocast(device, precision):
+            outputs = self.model()(images)
+            teacher: torch.Tensor | None = None
+            if self._teacher is not None:
+                t1 = time.perf_counter()
+                teacher = teacher_logits(self._teacher, images, s.spatial_dims)
+                self._sums["teacher_s"] += time.perf_counter() - t1
+            loss, parts = self._objective(outputs, labels, teacher, self._lambda)
+        loss = loss.float()
         self._step_in_round += 1
         self._sums["loss"] += float(loss.detach())
         for k, v in parts.items():
             self._sums[k] += v
         self._sums["step_s"] += time.perf_counter() - t0
+        if self._loss_scale is not None:  # fp16: gradients are unscaled before the optimizer steps (`_scale_optimizer_steps`)
+            return self._loss_scale.scale_backward(loss)
         return loss
+
+    # -- device and precision ------------------------------------------------------------
+
+    def _set_device(self, use_gpu: Any, node_args: dict[str, Any]) -> None:
+        """Place training where `pipelines.device.plan_device` says (Fed-BioMed calls this before its loop).
+
+        One rule for training and scoring: the site's device setting (``FEDIMG_DEVICE``, set by
+        `site-agent` for its node) within the experiment's ``device.gpu``. Fed-BioMed's own rule
+        (node ``gpu``/``gpu_only`` and ``use_gpu``) cannot forbid a GPU a node forces.
+
+        Args:
+            use_gpu: the researcher's ``use_gpu`` (informative; ``device.gpu`` decides).
+            node_args: the node's arguments (informative; the site's device setting decides).
+
+        Raises:
+            DeviceError: the experiment requires a GPU this site lacks, or the site forces one torch does not see.
+        """
+        device = plan_device(os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
+        self._device = str(device)
+        if device.type == "cuda":
+            self._optimizer.send_to_device(True, device.index)
+        else:
+            self._optimizer.send_to_device(False)
+        log.info("training on %s (site device %s, experiment gpu %s)", device, os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
+
+    def _scoring_device(self) -> torch.device:
+        """Where the plan scores models: the training device (the model moves there and back)."""
+        return plan_device(os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
+
+    def _step_precision(self, device: torch.device) -> Precision:
+        """The round's precision on the step's device, fixed at its first step; fp16 brings a loss scale."""
+        if self._precision is None:
+            precision = precision_for(device, self._settings.precision)
+            if precision.loss_scale and self._fedprox_mu is not None:  # only under auto: the spec refuses fp16 with fedprox_mu
+                log.warning("precision auto means fp16 on %s, which cannot scale FedProx's term: training in fp32", device)
+                precision = Precision(None)
+            self._precision = precision
+            self._loss_scale = LossScale() if precision.loss_scale else None
+            log.info("training precision %s on %s", precision.name, device)
+        return self._precision
+
+    def _scale_optimizer_steps(self) -> None:
+        """Under fp16, unscale the gradients before the optimizer steps and skip steps whose gradients overflowed.
+
+        Fed-BioMed back-propagates the plan's (scaled) loss and then calls ``self._optimizer.step()`` (a
+        torch or a declearn optimizer behind Fed-BioMed's wrapper); the wrapper's step is wrapped once per
+        plan instance, and does nothing more than the original while there is no loss scale.
+        """
+        optimizer = self._optimizer
+        if getattr(optimizer, "_fedimg_scaled", False):
+            return
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self._loss_scale is not None and not self._loss_scale.unscale(self.model().parameters()):
+                log.debug("fp16 step skipped: gradients overflowed (loss scale now %g)", self._loss_scale.scale)
+                return None
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+        optimizer._fedimg_scaled = True
 
     def _restore_optimizer_state(self) -> bool:
         """AdamW: load the moments of this site's previous round (``keep_optimizer_state``). SCAFFOLD: Fed-BioMed
@@ -315,14 +389,15 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
         if self.testing_data_loader is None:
             return
         t0 = time.perf_counter()
-        result, n_validation = self._dice_report(self.testing_data_loader, "")
-        data = getattr(self, "_data", None)
-        if data is not None and data.test_loader() is not None:
-            # the final global model (Fed-BioMed's validation-only request after the last round, numbered rounds_total)
-            # also gets the boundary and volume metrics on the test cases: once per run, not every round
-            total = self._settings.rounds_total
-            final = before_train and total is not None and int(self.round() or 0) >= total
-            result.update(self._test_report(data, clinical=final))
+        with on_device(self.model(), self._scoring_device()):  # Fed-BioMed scores on the CPU; the windows run on the site's device
+            result, n_validation = self._dice_report(self.testing_data_loader, "")
+            data = getattr(self, "_data", None)
+            if data is not None and data.test_loader() is not None:
+                # the final global model (Fed-BioMed's validation-only request after the last round, numbered rounds_total)
+                # also gets the boundary and volume metrics on the test cases: once per run, not every round
+                total = self._settings.rounds_total
+                final = before_train and total is not None and int(self.round() or 0) >= total
+                result.update(self._test_report(data, clinical=final))
         result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test + reference): what a round spends besides training
         if history_monitor is not None:
             history_monitor.add_scalar(

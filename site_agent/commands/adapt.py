@@ -14,7 +14,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedimg_core.logs import show_progress, stderr_console
-from site_agent.commands.common import load_site, log
+from site_agent.commands.common import device_option, load_site, log
 from site_agent.errors import UserError
 
 # deferred: start-up time (`--help` stays fast): site_agent.adapt imports torch, MONAI and
@@ -178,10 +178,12 @@ def adapt_target(
 @click.option("--preview", is_flag=True, help="Model packages: also write preview/<name>.png (three views with the label overlaid).")
 @click.option("--resume", is_flag=True, help="Model packages: skip the inputs --out already holds from the same model (an interrupted batch).")
 @click.option("--overwrite", is_flag=True, help="Replace output files already in --out (refused otherwise, before anything is written).")
+@click.option("--device", default=None, callback=device_option,
+              help="Model packages: where the network runs (auto, cpu, cuda, cuda:N; default: the site's device, auto without a site config).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @click.pass_context
 def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path, mode: str, modality: str | None, dicom_seg: bool, statistics: bool,
-          preview: bool, resume: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+          preview: bool, resume: bool, overwrite: bool, device: str | None, as_json: bool) -> None:  # fmt: skip
     """Segment scans: NIfTI files, DICOM series folders, prepared datasets, or folders of them.
 
     With a published model (--model NAME[@vNNNN] or a package folder) the label is written on
@@ -199,10 +201,11 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
         failures: list[dict[str, str]] = []
     else:
         from site_agent.infer_package import run_package_infer
-        from site_agent.models import open_model
+        from site_agent.models import open_model, place_model
 
         site = None if p.is_dir() else load_site(ctx)
         package = open_model(site, model_ref)
+        place_model(package, site, device)
         log.info("model %s: %s", package.ref, ", ".join(k for k in package.class_ids if k != "background"))
         with CaseProgress("segmenting") as progress:
             rows, failures = run_package_infer(package, list(inputs), out, modality=modality, dicom_seg=dicom_seg, statistics=statistics,

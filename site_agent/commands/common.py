@@ -31,3 +31,27 @@ def load_site(ctx: click.Context) -> site_config.SiteConfig:
     site = site_config.load(ctx.obj["config_path"])
     log.debug("site config %s: site %s, work dir %s, runtime %s", ctx.obj["config_path"], site.site_name, site.work_dir, site.runtime)
     return site
+
+
+def device_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback of a ``--device`` option: auto, cpu, cuda or cuda:N (None: the config's).
+
+    Args:
+        ctx: the click context.
+        param: the option.
+        value: what was given.
+
+    Returns:
+        The checked setting, or None when the option was not given.
+
+    Raises:
+        click.BadParameter: another value.
+    """
+    from fedimg_core.devices import parse_device
+
+    if value is None:
+        return None
+    try:
+        return parse_device(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None

@@ -87,10 +87,18 @@ def init(
 @click.command()
 @_runtime_option
 @click.option("--foreground", is_flag=True, help="Run the node in this process (container entrypoint).")
+@click.option(
+    "--device",
+    default=None,
+    callback=common.device_option,
+    help="Where this node trains, instead of the config's device: auto, cpu, cuda or cuda:N (the container entrypoint passes cuda:0 for the one card it sees).",
+)
 @click.pass_context
-def start(ctx: click.Context, runtime: str | None, foreground: bool) -> None:
+def start(ctx: click.Context, runtime: str | None, foreground: bool, device: str | None) -> None:
     """Start the node (it connects out to the coordinator; no inbound port)."""
     site = load_site(ctx)
+    if device is not None:
+        site.device = device
     if foreground:
         _runtime(site, "process").run_foreground()  # the container's entrypoint: always the process runtime
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from site_agent.commands.common import console, load_site
+from site_agent.commands.common import console, device_option, load_site
 from site_agent.errors import UserError
 
 
@@ -72,18 +72,20 @@ def models_show(ctx: click.Context, ref: str) -> None:
               help="Score organs with their lesions merged in (auto: when the dataset labels an organ but none of its lesions).")  # fmt: skip
 @click.option("--worst", type=int, default=3, show_default=True, help="Overlays of this many worst cases in the report (0: none).")
 @click.option("--send", is_flag=True, help="Also send the aggregate numbers (per-class means, medians and counts; nothing per case) to the coordinator.")
+@click.option("--device", default=None, callback=device_option, help="Where the network runs (auto, cpu, cuda, cuda:N; default: the site's device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
 @click.pass_context
-def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: str, worst: int, send: bool, as_json: bool) -> None:
+def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: str, worst: int, send: bool, device: str | None, as_json: bool) -> None:
     """Score a published model on this site's own labelled cases (no federation round): Dice, HD95, ASSD, NSD, RVD per
     class, and an HTML report with boxplots and the worst cases. Nothing leaves the site unless --send."""
     from site_agent.adapt_common import site_registry
     from site_agent.commands.adapt import CaseProgress
     from site_agent.evaluate_model import evaluate_model, send_aggregate
-    from site_agent.models import open_model
+    from site_agent.models import open_model, place_model
 
     site = load_site(ctx)
     package = open_model(site, model_ref)
+    place_model(package, site, device)
     if send:  # refused before the evaluation runs, not after
         if not package.version:
             raise UserError(f"{package.folder}: --send needs a published model (NAME@vNNNN pulled from the registry), not a package folder")
