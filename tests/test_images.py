@@ -209,7 +209,7 @@ def test_entrypoint_and_cmd_are_the_project_clis(kind):
 
 def test_site_cmd_parses_with_the_site_agent_cli():
     name, group_params, params = _parse_cli(_site_cli(), EXPECTED["site"]["cmd"])
-    assert name == "start" and params == {"foreground": True, "runtime": "process"}
+    assert name == "start" and params == {"foreground": True, "runtime": "process", "device": None}
 
 
 def test_coordinator_cmd_parses_with_the_coordinator_cli():
@@ -496,4 +496,46 @@ def test_site_entrypoint_inits_once_then_runs_the_node(compose):
         cmd, group, p = _parse_cli(_site_cli(), start[2:])
         assert start[1] == "site-agent"
         assert cmd == "start" and group["config_path"] == "/site/site.yaml"
-        assert p == {"foreground": True, "runtime": "process"}
+        assert p == {"foreground": True, "runtime": "process", "device": None}  # the config's device
+
+
+# -- the GPU override and the CUDA variant ------------------------------------------------------
+
+COMPOSE_GPU_FILE = ROOT / "docker-compose.gpu.yml"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's merge of mappings for the keys used here (override wins, mappings merge)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def test_gpu_override_validates_and_reserves_gpus_for_every_site(compose):
+    gpu = yaml.safe_load(COMPOSE_GPU_FILE.read_text(encoding="utf-8"))
+    assert set(gpu["services"]) == set(SITE_SERVICES), "the override covers exactly the sites"
+    merged = _merge(compose, gpu)
+    if COMPOSE_SCHEMA.is_file():
+        import jsonschema
+
+        validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8")))
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(merged)]
+        assert not errors, "\n".join(errors)
+    dockerfile_args = {i["value"].split("=", 1)[0] for i in _instructions("site") if i["instruction"] == "ARG"}
+    for name in SITE_SERVICES:
+        svc = merged["services"][name]
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        build = svc["build"]
+        assert build["dockerfile"] == "images/site/Dockerfile" and set(build["args"]) <= dockerfile_args
+        assert re.match(r"^https://download\.pytorch\.org/whl/cu\d+$", build["args"]["TORCH_INDEX_URL"])
+        assert svc["image"].endswith(f"-{build['args']['TORCH_VARIANT']}") and svc["image"] != compose["services"][name]["image"]
+        assert svc["entrypoint"] == compose["services"][name]["entrypoint"]  # the same site, only its torch and GPUs differ
+
+
+def test_the_site_image_names_its_torch_variant():
+    p = _parser("site")
+    assert p.labels.get("org.fedimg.torch-variant") == "cpu"  # the ARG default, as the parser expands it
+    final_args = [i["value"] for i in _final_stage("site") if i["instruction"] == "ARG"]
+    assert "TORCH_VARIANT=cpu" in final_args, "the default build is the CPU variant"

@@ -39,6 +39,8 @@ def _runtime(site: site_config.SiteConfig, override: str | None) -> ProcessRunti
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False), help="Folder for the node, logs, pid file.")
 @click.option("--runtime", type=click.Choice(site_config.RUNTIMES), default="auto", show_default=True)
 @click.option("--image", default=site_config.DEFAULT_IMAGE, show_default=True, help="Site image for the docker runtime.")
+@click.option("--device", default="auto", show_default=True, callback=common.device_option,
+              help="Where the node trains and local jobs run: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")  # fmt: skip
 @click.option("--registry-url", default=None, help="The coordinator's artifact registry, e.g. http://coordinator:8750 (for `adapt`).")
 @click.option("--registry-token-file", default=None, type=click.Path(dir_okay=False), help="File holding this site's registry token.")
 @click.option("--force", is_flag=True, help="Overwrite an existing site config (the node and its data are kept).")
@@ -52,6 +54,7 @@ def init(
     work_dir: str,
     runtime: str,
     image: str,
+    device: str,
     registry_url: str | None,
     registry_token_file: str | None,
     force: bool,
@@ -69,6 +72,7 @@ def init(
         "work_dir": str(Path(work_dir).resolve()),
         "runtime": runtime,
         "docker": {"image": image},
+        "device": device,
     }
     if registry_url:
         raw["registry"] = {"url": registry_url}
