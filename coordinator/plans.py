@@ -35,7 +35,7 @@ PLANS: dict[str, str] = {
 SEGMENTATION_PLANS = ("condistfl", "marginal")
 FACTORY_PLANS = ("data_factory",)
 # filled in by the coordinator from the spec, the run and the connected sites
-FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids", "aggregator")
+FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids", "aggregator", "device")
 
 
 class PlanArgsError(ConfigValueError):
@@ -158,7 +158,9 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
         problems.append(PlanArgsError("schema_definition", "is filled in by the coordinator; name the schema with plan_args.schema"))
     for key in FILLED_ARGS:
         if key in args:
-            problems.append(PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps, aggregator), the run and the sites"))
+            problems.append(
+                PlanArgsError(key, "is filled in by the coordinator from the spec (rounds, local_steps, aggregator, device), the run and the sites")
+            )
     if "split" in args:
         problems.append(PlanArgsError("split", "is a top-level key of the spec: move it out of plan_args (split: {validation: 0.2, test: 0.2, seed: 0})"))
     schema = None

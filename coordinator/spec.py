@@ -243,6 +243,8 @@ class SpecFile(ConfigModel):
         if self.device.precision == "fp16" and self.fedprox_mu:
             # the loss scale multiplies the plan's loss, not the proximal term Fed-BioMed adds after it
             raise ConfigProblem("device.precision", "fp16 cannot be combined with fedprox_mu; set precision: bf16, fp32 or auto")
+        if self.plan in FACTORY_PLANS and self.device.precision not in ("auto", "fp32"):
+            raise ConfigProblem("device.precision", "the data factory trains in fp32 (StyleGAN2's regularisers are not autocast-safe); leave precision at auto")
         return self
 
 
@@ -365,6 +367,7 @@ class Spec:
             args["aggregator"] = self.aggregator  # scaffold: the sites step SCAFFOLD's correction (pipelines.plans.optimizers)
             args["device"] = dict(self.device)  # where the site trains, in which precision (pipelines.device)
         if self.is_factory:
+            args["device"] = {"gpu": self.device["gpu"]}  # the factory trains in fp32
             args["client_ids"] = dict(client_ids or {})
         return args
 

@@ -31,6 +31,7 @@ __all__ = [
     "accumulation_device",
     "autocast",
     "describe_devices",
+    "move_optimizer_state",
     "on_device",
     "plan_device",
     "precision_for",
@@ -269,6 +270,22 @@ def accumulation_device(device: torch.device, voxels: int, channels: int = 16) -
         return device
     free, _total = torch.cuda.mem_get_info(device)
     return device if 3 * 4 * channels * voxels * 2 < free else torch.device("cpu")
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move a torch optimizer's state tensors to a device (where its parameters are about to go).
+
+    ``step`` counters stay where torch keeps them (on the CPU, for the non-fused optimizers),
+    as ``Optimizer.load_state_dict`` leaves them.
+
+    Args:
+        optimizer: the optimizer.
+        device: the device.
+    """
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key != "step" and isinstance(value, torch.Tensor):
+                state[key] = value.to(device)
 
 
 def _driver_version() -> str | None:

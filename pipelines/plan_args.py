@@ -18,11 +18,10 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 
 from fedimg_core.config import ConfigModel, ConfigProblem, short
 from fedimg_core.config_types import Flag, integer, number
-from fedimg_core.devices import GPU_POLICIES, PRECISIONS
 from pipelines.config_fields import ConfigValueError, choice, is_int, is_number
 from pipelines.gin_args import GinArgs
 from pipelines.network_config import network_config_from_spec
-from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, validate_plan_args
 from pipelines.splits import SplitSettings
 from preprocessing.schema import LabelSchema
 
@@ -155,13 +154,6 @@ def _inference(value: Any) -> Any:
     if not isinstance(value, Mapping) or set(value) - set(Inference.model_fields):
         raise ValueError(f"must be a mapping with overlap and/or sw_batch_size (got {short(value)})")
     return value
-
-
-class DeviceArgs(ConfigModel):
-    """The spec's ``device`` section as the sites receive it (filled in by the coordinator)."""
-
-    gpu: Annotated[str, choice(GPU_POLICIES)] = "optional"
-    precision: Annotated[str, choice(PRECISIONS)] = "auto"
 
 
 class PlanArgs(PlanArgsBase):

@@ -16,11 +16,19 @@ from pydantic import BeforeValidator, Field
 
 from fedimg_core.config import ConfigModel, short
 from fedimg_core.config_types import Flag
-from pipelines.config_fields import ConfigValueError, check_model, is_number, plain_name, worded_integer
+from fedimg_core.devices import GPU_POLICIES, PRECISIONS
+from pipelines.config_fields import ConfigValueError, check_model, choice, is_number, plain_name, worded_integer
 
-__all__ = ["InvalidPlanArgs", "PlanArgsBase", "Spacing", "parse_spacing", "validate_plan_args"]
+__all__ = ["DeviceArgs", "InvalidPlanArgs", "PlanArgsBase", "Spacing", "parse_spacing", "validate_plan_args"]
 
 ModelT = TypeVar("ModelT", bound="PlanArgsBase")
+
+
+class DeviceArgs(ConfigModel):
+    """The spec's ``device`` section as the sites receive it (filled in by the coordinator)."""
+
+    gpu: Annotated[str, choice(GPU_POLICIES)] = "optional"
+    precision: Annotated[str, choice(PRECISIONS)] = "auto"
 
 
 class InvalidPlanArgs(ConfigValueError):
@@ -60,7 +68,7 @@ _POSITIVE = "must be a positive integer (got {got})"
 
 # keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids, the spec's split
 # and aggregator)
-FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split", "aggregator")
+FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split", "aggregator", "device")
 
 
 class PlanArgsBase(ConfigModel):

@@ -57,7 +57,7 @@ def test_check_plan_args_takes_keys_from_the_error_not_its_message():
     out, problems = check_plan_args("condistfl", {"gin": {"prob": 2}, "lambda": [1], "zzz": 1, "rounds_total": 3})
     assert out == {}
     assert [(p.key, p.problem) for p in problems] == [
-        ("rounds_total", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator), the run and the sites"),
+        ("rounds_total", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator, device), the run and the sites"),
         ("zzz", "unknown key (allowed: schema, network, roi_size, patches_per_volume, spacing, temperature, lambda, lr_schedule, augment, gin, "
                 "predict_classes, inference, keep_optimizer_state, background_prior, mirror_axes)"),
         ("lambda", "must be [start, end], two numbers >= 0 (got [1])"),

@@ -346,3 +346,29 @@ def test_gpu_round_sends_cpu_float32_parameters(plan_round):
     assert plan._device.startswith("cuda")
     params = plan.after_training_params()
     assert all(v.device.type == "cpu" for v in params.values()) and all(v.dtype == torch.float32 for v in params.values() if v.is_floating_point())
+
+
+def test_optimizer_state_follows_the_model_and_step_counters_stay():
+    from pipelines.device import move_optimizer_state
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    move_optimizer_state(opt, torch.device("meta"))  # a device other than the CPU, on any machine
+    states = list(opt.state.values())
+    assert states and all(s["exp_avg"].device.type == "meta" and s["exp_avg_sq"].device.type == "meta" for s in states)
+    assert all(s["step"].device.type == "cpu" for s in states)  # where torch keeps them (load_state_dict does the same)
+
+
+def test_the_factory_spec_trains_in_fp32(tmp_path):
+    from fedimg_core.errors import ConfigError
+
+    path = tmp_path / "factory.yaml"
+    path.write_text("name: f\nplan: data_factory\nsites: {tags: [t]}\nrounds: 2\ndevice: {precision: bf16}\n")
+    from coordinator.spec import load
+
+    with pytest.raises(ConfigError, match=r"device\.precision: the data factory trains in fp32"):
+        load(path)
+    path.write_text("name: f\nplan: data_factory\nsites: {tags: [t]}\nrounds: 2\ndevice: {gpu: forbidden}\n")
+    assert load(path).experiment_model_args(run_id="r", client_ids={"NODE_A": 0})["device"] == {"gpu": "forbidden"}

@@ -156,7 +156,7 @@ def test_aggregator_in_plan_args_is_refused_as_filled_in():
     raw = yaml.safe_load(SEG)
     _, problems = check_plan_args("condistfl", {**raw["plan_args"], "aggregator": "scaffold"})
     assert [(p.key, p.problem) for p in problems] == [
-        ("aggregator", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator), the run and the sites")
+        ("aggregator", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator, device), the run and the sites")
     ]
 
 

@@ -19,7 +19,7 @@ from fedimg_core.config_types import integer, number
 from pipelines.config_fields import ConfigValueError, is_int, worded_number
 from pipelines.factory.config import FactoryConfig
 from pipelines.factory.key_config import validate_key_config
-from pipelines.plan_args_common import InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, validate_plan_args
 
 __all__ = ["FACTORY_ARG_KEYS", "DiffAugment", "FactoryPlanArgs", "FactorySettings", "InvalidPlanArgs", "key_dim_of", "parse_factory_args"]
 
@@ -50,6 +50,7 @@ class FactorySettings:
     local_steps: int | None = None
     run_id: str | None = None
     client_ids: dict[str, int] = field(default_factory=dict)  # node id -> client id (coordinator)
+    gpu: str = "optional"  # the spec's device.gpu, filled in (the factory trains in fp32: StyleGAN2's regularisers are not autocast-safe)
 
     def refining(self, round_index: int) -> bool:
         """Whether a round is one of the last ``refine_rounds``, which add the key-alignment loss.
@@ -67,7 +68,7 @@ class FactorySettings:
 FACTORY_ARG_KEYS = (
     "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
     "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "spacing",
-    "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids",
+    "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids", "device",
 )  # fmt: skip
 
 
@@ -158,6 +159,7 @@ class FactoryPlanArgs(PlanArgsBase):
     min_foreground: Annotated[float, number(0.0, 1.0)] = 0.05
     sample_every: Annotated[int, integer(1)] = 5
     client_ids: Annotated[dict[str, int], BeforeValidator(_client_ids)] = Field(default_factory=dict)
+    device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
 
     def factory_config(self) -> FactoryConfig:
         """The factory's sizes: ``factory`` plus the number of clients and the key width.
@@ -210,4 +212,5 @@ def parse_factory_args(args: Mapping[str, Any]) -> FactorySettings:
         local_steps=m.local_steps,
         run_id=m.run_id,
         client_ids=m.client_ids,
+        gpu=m.device.gpu,
     )

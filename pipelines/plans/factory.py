@@ -27,6 +27,7 @@ from pipelines.factory.training import (
     reinit_key_pathway,
 )
 from pipelines.plans.datasets import PreparedSliceDataset
+from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.reporting import plan_origin
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.site_errors import site_boundary, site_logger
@@ -43,7 +44,7 @@ def _checksum_float(hexdigest: str) -> float:
     return float(int(hexdigest[:8], 16))
 
 
-class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """The data factory's Fed-BioMed plumbing: settings, model, optimizer, site data, one round, the domain key.
 
     Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).
@@ -103,6 +104,10 @@ class DataFactoryPlanBase(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc
         root = os.environ.get("FEDIMG_CACHE_DIR") if s.keep_optimizer_state else None
         self._state_store = SiteStateStore(root, s.run_id, type(self).__name__)
         return self._optimizer_obj
+
+    def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The G/D Adam, whose restored moments must follow the model to the device."""
+        return [self._optimizer_obj]
 
     @site_boundary("data")
     def training_data(self) -> DataManager:

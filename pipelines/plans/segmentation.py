@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
-from fedimg_core.devices import DEVICE_ENV
 from pipelines.augment import patch_batch, sampler_for
-from pipelines.device import LossScale, Precision, autocast, on_device, plan_device, precision_for
+from pipelines.device import LossScale, Precision, autocast, on_device, precision_for
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
 from pipelines.metrics import case_metrics, summarise_metrics
 from pipelines.networks import build_network, set_background_prior
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
+from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.plans.split_data import CaseSplitDataManager
 from pipelines.site_errors import site_boundary
@@ -69,7 +69,7 @@ def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSetti
     return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
-class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Marginal loss on the classes the site labels; with `distill = True`, ConDistFL.
 
     Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).
@@ -225,31 +225,13 @@ class PartialLabelSegmentationPlan(PerRoundSeed, TorchTrainingPlan):  # type: ig
 
     # -- device and precision ------------------------------------------------------------
 
-    def _set_device(self, use_gpu: Any, node_args: dict[str, Any]) -> None:
-        """Place training where `pipelines.device.plan_device` says (Fed-BioMed calls this before its loop).
-
-        One rule for training and scoring: the site's device setting (``FEDIMG_DEVICE``, set by
-        `site-agent` for its node) within the experiment's ``device.gpu``. Fed-BioMed's own rule
-        (node ``gpu``/``gpu_only`` and ``use_gpu``) cannot forbid a GPU a node forces.
-
-        Args:
-            use_gpu: the researcher's ``use_gpu`` (informative; ``device.gpu`` decides).
-            node_args: the node's arguments (informative; the site's device setting decides).
-
-        Raises:
-            DeviceError: the experiment requires a GPU this site lacks, or the site forces one torch does not see.
-        """
-        device = plan_device(os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
-        self._device = str(device)
-        if device.type == "cuda":
-            self._optimizer.send_to_device(True, device.index)
-        else:
-            self._optimizer.send_to_device(False)
-        log.info("training on %s (site device %s, experiment gpu %s)", device, os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
+    def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW, whose restored moments must follow the model to the device (SCAFFOLD's declearn optimizer moves itself)."""
+        return [self._adamw] if self._adamw is not None else []
 
     def _scoring_device(self) -> torch.device:
         """Where the plan scores models: the training device (the model moves there and back)."""
-        return plan_device(os.environ.get(DEVICE_ENV, "cpu"), self._settings.gpu)
+        return self._training_device()
 
     def _step_precision(self, device: torch.device) -> Precision:
         """The round's precision on the step's device, fixed at its first step; fp16 brings a loss scale."""
