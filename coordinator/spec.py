@@ -15,6 +15,7 @@ the models every k rounds instead of every round (`coordinator.engine.scoring_fl
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",
     "MODES",
+    "SCALES",
     "SERVER_OPTIMIZERS",
     "WEIGHTS",
     "Spec",
@@ -47,6 +49,7 @@ __all__ = [
     "parse",
     "plan_rules",
     "risky_values",
+    "scale_raw",
     "spec_json_schema",
     "validate",
 ]
@@ -612,7 +615,54 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
-def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
+SCALES = ("full", "tiny")
+TINY_ROUNDS, TINY_STEPS, TINY_ROI = 2, 2, 32
+
+
+def scale_raw(raw: Any, scale: str = "full") -> Any:
+    """A spec scaled down to run anywhere through the same code path (``--scale tiny``).
+
+    ``tiny`` keeps the plan, method, sites, split, schema, optimizer and aggregation, and
+    shrinks what costs: at most 2 rounds of 2 steps (batch at most 2), the network's ``tiny``
+    size with 32-voxel patches and one window at a time, the data factory's ``tiny`` preset,
+    ``device.gpu: required`` relaxed to ``optional``; the name gets ``-tiny``. A paper
+    configuration (`coordinator/examples/paper_*.yaml`) then runs on a laptop's CPU.
+
+    Args:
+        raw: the parsed spec (anything else is returned as it is, for validation to report).
+        scale: ``full`` (unchanged) or ``tiny``.
+
+    Returns:
+        The spec to validate.
+    """
+    if scale == "full" or not isinstance(raw, dict):
+        return raw
+    out = copy.deepcopy(raw)
+    out["name"] = f"{out.get('name', 'spec')}-tiny"
+    for key, limit in (("rounds", TINY_ROUNDS), ("local_steps", TINY_STEPS), ("batch_size", 2)):
+        if isinstance(out.get(key), int):
+            out[key] = min(out[key], limit)
+    out.setdefault("local_steps", TINY_STEPS)
+    device = out.get("device")
+    if isinstance(device, dict) and device.get("gpu") == "required":
+        out["device"] = {**device, "gpu": "optional"}
+    args = out.get("plan_args")
+    if isinstance(args, dict):
+        if out.get("plan") in FACTORY_PLANS:
+            args["factory"] = {"preset": "tiny"}
+            if isinstance(args.get("refine_rounds"), int):
+                args["refine_rounds"] = min(args["refine_rounds"], 1)  # the refinement stage still runs (the last round)
+        else:
+            network = args.get("network")
+            dims = network.get("spatial_dims", 3) if isinstance(network, dict) else 3
+            if isinstance(network, dict):
+                args["network"] = {k: v for k, v in network.items() if k not in ("features", "filters")} | {"size": "tiny"}
+            args["roi_size"] = [TINY_ROI] * (dims if dims in (2, 3) else 3)
+            args["inference"] = {**(args.get("inference") or {}), "sw_batch_size": 1}
+    return out
+
+
+def parse(text: str, where: str, base_dir: Path | None = None, scale: str = "full") -> Spec:
     """Parse and validate spec text.
 
     Args:
@@ -620,6 +670,7 @@ def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
         where: what to call the spec in messages.
         base_dir: folder schema file paths are relative to; None refuses schema files
             (see ``validate``).
+        scale: ``full``, or ``tiny`` (`scale_raw`).
 
     Returns:
         The validated Spec.
@@ -628,14 +679,15 @@ def parse(text: str, where: str, base_dir: Path | None = None) -> Spec:
         SpecError: too large, not YAML, or listing every problem of the spec.
     """
     raw = read_spec_yaml(text, where, error=SpecError)
-    return validate(raw, where, base_dir)
+    return validate(scale_raw(raw, scale), where, base_dir)
 
 
-def load(path: str | os.PathLike[str]) -> Spec:
+def load(path: str | os.PathLike[str], scale: str = "full") -> Spec:
     """Read and validate a spec file; schema paths in it are relative to its folder.
 
     Args:
         path: the spec file.
+        scale: ``full``, or ``tiny`` (`scale_raw`).
 
     Returns:
         The validated Spec.
@@ -652,4 +704,4 @@ def load(path: str | os.PathLike[str]) -> Spec:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{p}: cannot read ({exc})", file=p) from None
-    return parse(text, str(p), base_dir=p.resolve().parent)
+    return parse(text, str(p), base_dir=p.resolve().parent, scale=scale)

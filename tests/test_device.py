@@ -372,3 +372,16 @@ def test_the_factory_spec_trains_in_fp32(tmp_path):
         load(path)
     path.write_text("name: f\nplan: data_factory\nsites: {tags: [t]}\nrounds: 2\ndevice: {gpu: forbidden}\n")
     assert load(path).experiment_model_args(run_id="r", client_ids={"NODE_A": 0})["device"] == {"gpu": "forbidden"}
+
+
+def test_the_device_suite_measures_through_the_plans_code(one_thread):
+    from tests.conftest import load_benchmark
+
+    suite = load_benchmark("device_suite")
+    step = suite.measure_step("tiny", 16, "cpu", "auto", repeats=1)
+    assert step["precision"] == "fp32" and step["fedavg_s"] > 0 and step["condistfl_s"] > 0
+    assert step["ratio"] == pytest.approx(step["condistfl_s"] / step["fedavg_s"]) and step["condistfl_peak_mb"] >= step["fedavg_peak_mb"] > 0
+    infer = suite.measure_infer("tiny", (24, 24, 20), 16, "cpu", repeats=1)
+    assert infer["seconds"] > 0 and infer["peak_mb"] > 0
+    text = suite._markdown([{"kind": "step", **step}, {"kind": "infer", **infer}, {"kind": "factory", "resolution": 512, "error": "out of memory"}], "header")
+    assert "| tiny | 16^3 |" in text and f"**{step['ratio']:.3f}**" in text and "| 512 px | 16 | error: out of memory |" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
+import yaml
 from rich.console import Console
 
 from coordinator import runs
@@ -59,11 +60,12 @@ def with_options(options: list[Callable[[F], F]]) -> Callable[[F], F]:
     return deco
 
 
-def load_spec(spec_file: str | Path) -> spec_mod.Spec:
+def load_spec(spec_file: str | Path, scale: str = "full") -> spec_mod.Spec:
     """Load and validate a spec file (every problem at once); print its warnings.
 
     Args:
         spec_file: the spec's path.
+        scale: ``full``, or ``tiny``: the same spec shrunk to run anywhere (`coordinator.spec.scale_raw`).
 
     Returns:
         The validated spec.
@@ -71,7 +73,7 @@ def load_spec(spec_file: str | Path) -> spec_mod.Spec:
     Raises:
         UserError: the file cannot be read or does not validate (file, key path, problem for each).
     """
-    s = spec_mod.load(spec_file)
+    s = spec_mod.load(spec_file, scale=scale)
     for warning in s.warnings:
         click.echo(f"warning: {warning}")
     return s
@@ -114,3 +116,28 @@ def find_run(home: str | Path, run_id: str) -> Path:
         UserError: no such home or run, or an ambiguous prefix.
     """
     return runs.find_run(Path(home) if Path(run_id).is_dir() else require_home(home), run_id)
+
+
+scale_option = click.option(
+    "--scale",
+    type=click.Choice(["full", "tiny"]),
+    default="full",
+    show_default=True,
+    help="tiny: the same spec shrunk to run on any CPU (2 rounds x 2 steps, tiny network, 32-voxel patches, GPU optional).",
+)
+
+
+def spec_text(spec_file: str | Path, s: spec_mod.Spec, scale: str) -> str:
+    """The spec text a run records: the file as written, or the scaled spec it really runs.
+
+    Args:
+        spec_file: the spec's path.
+        s: the validated spec.
+        scale: the ``--scale`` given.
+
+    Returns:
+        YAML text.
+    """
+    if scale == "full":
+        return Path(spec_file).read_text(encoding="utf-8")
+    return f"# {spec_file} with --scale {scale}\n" + yaml.safe_dump(s.raw, sort_keys=False)

@@ -14,7 +14,20 @@ from rich.table import Table
 from coordinator import runs
 from coordinator import spec as spec_mod
 from coordinator.client import call, client_token
-from coordinator.commands.common import console, find_run, grpc_options, home_option, load_spec, log, require_home, token_option, url_option, with_options
+from coordinator.commands.common import (
+    console,
+    find_run,
+    grpc_options,
+    home_option,
+    load_spec,
+    log,
+    require_home,
+    scale_option,
+    spec_text,
+    token_option,
+    url_option,
+    with_options,
+)
 from coordinator.results import TEST_ROWS, class_dice, ordered_classes
 from fedimg_core.errors import UserError
 
@@ -120,10 +133,11 @@ def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, re
 @click.argument("spec_file", type=click.Path())
 @home_option
 @with_options(grpc_options)
-def run(spec_file, home, grpc_host, grpc_port, public_host) -> None:
+@scale_option
+def run(spec_file, home, grpc_host, grpc_port, public_host, scale) -> None:
     """Run SPEC_FILE in the foreground (this process hosts the Fed-BioMed server)."""
-    s = load_spec(spec_file)
-    text = Path(spec_file).read_text(encoding="utf-8")
+    s = load_spec(spec_file, scale)
+    text = spec_text(spec_file, s, scale)
     _foreground(home, grpc_host, grpc_port, public_host, s, False, lambda: runs.new_run(Path(home), text, s.name, resolved=s.resolved_raw()))
 
 

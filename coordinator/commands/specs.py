@@ -7,24 +7,28 @@ import json
 import click
 
 from coordinator import spec as spec_mod
-from coordinator.commands.common import load_spec
+from coordinator.commands.common import load_spec, scale_option
 from fedimg_core.site_config import site_json_schema
 
 
 @click.command()
 @click.argument("spec_file", type=click.Path())
-def validate(spec_file) -> None:
+@scale_option
+def validate(spec_file, scale) -> None:
     """Check SPEC_FILE and print what it will run.
 
     Lists every problem at once (file, key, what is allowed) and warns about legal but
     risky values (no validation split, very few updates, an unusual learning rate)."""
-    s = load_spec(spec_file)
+    s = load_spec(spec_file, scale)
     sel = f"tags {s.site_tags}" + (f" among nodes {s.site_ids}" if s.site_ids else "")
     held_out = f"held out per site: validation {s.split['validation']:g}, test {s.split['test']:g} (split seed {s.split['seed']})"
     weights = f"weights {s.weights}" if s.mode == "federated" else "no aggregation"
     if s.validate_every > 1:
         held_out += f", models scored every {s.validate_every} rounds"
-    click.echo(f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites}); {held_out}; {weights}")
+    device = f"; gpu {s.device['gpu']}, precision {s.device['precision']}" if s.device != {"gpu": "optional", "precision": "auto"} else ""
+    click.echo(
+        f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites}); {held_out}; {weights}{device}"
+    )
 
 
 SCHEMAS = {"spec": spec_mod.spec_json_schema, "site": site_json_schema}

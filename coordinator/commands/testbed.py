@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from coordinator import spec as spec_mod
+from coordinator.commands.common import scale_option, spec_text
 from preprocessing.schema import load_schema
 
 
@@ -46,15 +47,16 @@ from preprocessing.schema import load_schema
     show_default=True,
     help="Cases per site, comma-separated, cycled over the sites (e.g. 10: more held-out cases per site; 4,8: sites of unequal size).",
 )
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases) -> None:
+@scale_option
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases, scale) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb  # deferred: start-up time (the site agent, Fed-BioMed)
     from fedimg_testing.phantom import PHASES
 
     text = None
     if spec_file:
-        spec_mod.load(spec_file)  # its warnings are printed by the run itself
-        text = Path(spec_file).read_text(encoding="utf-8")
+        scaled = spec_mod.load(spec_file, scale=scale)  # its warnings are printed by the run itself
+        text = spec_text(spec_file, scaled, scale)
     wd = Path(workdir) if workdir else Path(".testbed") / time.strftime("%Y%m%d-%H%M%S")
     phase_list = [p.strip() for p in phases.split(",") if p.strip()]
     bad = [p for p in phase_list if p not in PHASES]
