@@ -88,7 +88,8 @@ class Testbed:
 
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
-                 classes: list[str] | None = None, cases: list[int] | None = None, reference_labels: bool = True):  # fmt: skip
+                 classes: list[str] | None = None, cases: list[int] | None = None, reference_labels: bool = True,
+                 device: str = "auto"):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -99,6 +100,7 @@ class Testbed:
         self.classes = list(classes) if classes else None  # every site labels these (None: an organ group by seed)
         self.cases = list(cases) if cases else None  # cases per site, cycled (None: the site tool's default)
         self.reference_labels = reference_labels  # test-only reference labels of the classes a site does not label
+        self.device = device  # every site's device setting (auto: a GPU when torch sees one)
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
@@ -163,6 +165,7 @@ class Testbed:
                 *(["--classes", ",".join(self.classes)] if self.classes else []),
                 *(["--cases", str(self.cases[i % len(self.cases)])] if self.cases else []),
                 *([] if self.reference_labels else ["--no-reference-labels"]),
+                "--device", self.device,
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
             if res.returncode != 0:
@@ -339,7 +342,8 @@ class Testbed:
 
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
         auto_approve: bool = True, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
-        modalities: list[str] | None = None, classes: list[str] | None = None, cases: list[int] | None = None) -> int:  # fmt: skip
+        modalities: list[str] | None = None, classes: list[str] | None = None, cases: list[int] | None = None,
+        device: str = "auto") -> int:  # fmt: skip
     """Set up, run one spec, score it out of federation, report, tear down (`coordinator testbed`).
 
     The coordinator CLI's output and, last, where to look at the run go to stdout; the
@@ -357,12 +361,13 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         modalities: each site's scanner, cycled over the sites.
         classes: classes every site labels (None: organ group i at site i).
         cases: cases per site, cycled over the sites (None: 4 each).
+        device: every site's device setting (auto, cpu, cuda, cuda:N).
 
     Returns:
         The coordinator's exit code (130 when interrupted).
     """
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, out=lambda line: print(line, flush=True),
-                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes, cases=cases)  # fmt: skip
+                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes, cases=cases, device=device)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -40,6 +40,7 @@ def setup(args) -> None:
             "data_dir": str(base / "data"),
             "work_dir": str(base / "work"),
             "runtime": "process",
+            "device": args.device,
         },
         "testbed",
     )
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     s.add_argument("--classes", default=None, help="classes the site labels, comma-separated (instead of an organ group)")
     s.add_argument("--modality", default="CT", choices=("CT", "MR"), help="the site's scanner: CT, or MR (same anatomy, MR-like intensities)")
     s.add_argument("--tag", default="fedimg-demo")
+    s.add_argument("--device", default="auto", help="the site's device setting: auto, cpu, cuda or cuda:N")
     s.add_argument(
         "--no-reference-labels", dest="reference_labels", action="store_false",
         help="no test-only reference labels (by default the site holds them for every organ group it does not label)",

@@ -48,7 +48,8 @@ from preprocessing.schema import load_schema
     help="Cases per site, comma-separated, cycled over the sites (e.g. 10: more held-out cases per site; 4,8: sites of unequal size).",
 )
 @scale_option
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases, scale) -> None:
+@click.option("--device", default="auto", show_default=True, help="Every site's device setting: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases, scale, device) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb  # deferred: start-up time (the site agent, Fed-BioMed)
     from fedimg_testing.phantom import PHASES
@@ -78,6 +79,6 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
         raise click.BadParameter(f"must be integers >= 1, comma-separated (got {cases!r})", param_hint="--cases")
     code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve,
                   oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list,
-                  cases=case_counts)  # fmt: skip
+                  cases=case_counts, device=device)  # fmt: skip
     if code != 0:
         sys.exit(code)

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2, cases=[4, 6])  # unequal sites: sample weights differ
+    # unequal sites: sample weights differ; device: cpu set explicitly, the federation runs as before it existed
+    bed = Testbed(tmp_path_factory.mktemp("fed"), n_sites=2, cases=[4, 6], device="cpu")
     bed.setup_sites()
     bed.start_nodes()
     yield bed
@@ -84,6 +85,7 @@ def test_two_rounds_every_site_trains_and_params_change(bed):
     from pipelines.splits import SplitSettings
 
     home = bed.workdir / "coordinator"
+    assert all(yaml.safe_load(bed.site_config_path(i).read_text())["device"] == "cpu" for i in range(2))  # set explicitly
     spec = _spec(bed, rounds=2, name="two-rounds", split={"validation": 0.25, "test": 0.25, "seed": 0}, weights="equal")
     res = _run(bed, spec, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
