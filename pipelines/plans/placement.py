@@ -69,6 +69,8 @@ class DevicePlacement:
         for optimizer in self._torch_optimizers():
             move_optimizer_state(optimizer, device)
         if device.type == "cuda":
+            # fixed patch shapes: cuDNN picks its fastest kernels once per shape (nnU-Net does the same)
+            torch.backends.cudnn.benchmark = True
             self._optimizer.send_to_device(True, device.index)  # declearn optimizers keep their own state
         else:
             self._optimizer.send_to_device(False)
