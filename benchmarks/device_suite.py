@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CPU_DEFAULTS = {"sizes": "tiny,small", "rois": "64", "infer_shape": "128,128,96", "factory_res": "64", "repeats": 3}
+CPU_DEFAULTS = {"sizes": "tiny,small", "rois": "32", "infer_shape": "96,96,64", "factory_res": "64", "repeats": 5}
 GPU_FULL = {"sizes": "tiny,small,base", "rois": "64,128", "infer_shape": "256,256,160", "factory_res": "64,512", "repeats": 10}
 
 
