@@ -14,16 +14,21 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.adaptation.factory import FactoryError, load_factory
 from pipelines.adaptation.jobs import JobDir, JobError
 from pipelines.adaptation.networks import validate_branch_files
 from pipelines.adaptation.training import AdaptSettings
 from pipelines.artifact_approval import STORE_ENV, store_dir
+from pipelines.device import DeviceError, resolve_device
 from preprocessing.dataset import DatasetSchemaError, check_schema
 from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 from site_agent.registry_client import RegistryClient, StagedPulls
+
+if TYPE_CHECKING:
+    import torch
 
 # One logger for the adapt and infer commands, under the name their log lines have always had.
 log = logging.getLogger("site_agent.adapt")
@@ -151,6 +156,34 @@ def adapt_command(site: SiteConfig):
             os.environ.pop(STORE_ENV, None)
         else:
             os.environ[STORE_ENV] = previous
+
+
+def job_device(site: SiteConfig | None, option: str | None) -> torch.device:
+    """The torch device a local job (adapt source/target, infer) runs on: ``--device``, else
+    the site's ``device``, else auto (the GPU when torch sees one), as `site_agent.models.place_model`.
+
+    Called before the job pulls, reads or writes anything, so a device this machine lacks
+    costs nothing.
+
+    Args:
+        site: the site (None: no site config, e.g. ``infer`` with a model file).
+        option: the job's ``--device`` (None: not given).
+
+    Returns:
+        The `torch.device` (``cpu``, ``cuda:0``).
+
+    Raises:
+        UserError: a device this machine does not have, in one line naming where it was set
+            (``--device`` or the site config) and what to set instead.
+    """
+    setting = option or (site.device if site is not None else None) or "auto"
+    try:
+        device = resolve_device(setting)
+    except DeviceError as exc:
+        where = "--device" if option else (str(site.path) if site is not None and site.path else "the site config")
+        raise UserError(f"{where}: {exc}") from None
+    log.info("the job runs on %s", device)
+    return device
 
 
 def pull_factory(site: SiteConfig, ref: str, pulls=None):

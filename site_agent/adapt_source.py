@@ -24,6 +24,7 @@ from site_agent.adapt_common import (
     checked_dataset,
     dice_rows,
     finite_values,
+    job_device,
     job_dir,
     log,
     open_job,
@@ -38,7 +39,7 @@ __all__ = ["run_source"]
 
 
 def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None = None,
-               publish: bool = True, restart: bool = False, progress: Callable | None = None) -> dict:  # fmt: skip
+               publish: bool = True, restart: bool = False, progress: Callable | None = None, device: str | None = None) -> dict:  # fmt: skip
     """Train E_s + S_s on a labelled prepared dataset and publish S_s as ``branch_name``.
 
     What it pulls reaches the site's registry folder only if it succeeds. Notes and the
@@ -54,22 +55,26 @@ def run_source(site: SiteConfig, dataset: str, factory_ref: str, branch_name: st
         publish: push the branch to the registry.
         restart: start the job again (its old folder is kept aside).
         progress: called as ``progress(done, total, row)`` while training.
+        device: where the job trains: auto, cpu, cuda or cuda:N (None: the site's ``device``).
 
     Returns:
-        The job folder, model, report, classes, validation Dice and published version.
+        The job folder, model, report, classes, validation Dice, published version and the
+        device it trained on.
 
     Raises:
-        UserError: bad settings, dataset, factory or job; a registry refusal.
+        UserError: bad settings, dataset, factory or job; a device this machine lacks
+            (before anything is pulled or written); a registry refusal.
     """
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     adapt_settings(settings_raw)
+    resolved = job_device(site, device)
     with adapt_command(site) as pulls:
-        return _run_source(pulls, site, dataset, factory_ref, branch_name, settings_raw, job, publish, restart, progress)
+        return _run_source(pulls, site, dataset, factory_ref, branch_name, settings_raw, job, publish, restart, progress, resolved)
 
 
 def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_name: str, settings_raw: dict, job: str | None,
-                publish: bool, restart: bool, progress: Callable | None) -> dict:  # fmt: skip
+                publish: bool, restart: bool, progress: Callable | None, device: torch.device) -> dict:  # fmt: skip
     parse_ref(branch_name, "branch")
     parse_ref(factory_ref, "factory")
     settings = adapt_settings(settings_raw)
@@ -79,6 +84,7 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
     config = {"dataset": str(path), "factory": factory.identity, "branch": branch_name, "settings": settings.to_dict(), "site_client_id": client_id}
     jd, resume = open_job(job_dir(site, job or f"source-{branch_name}"), "source", config, restart)
     try:
+        jd.write_record(device=str(device))  # where it ran, not what it is: a job may resume on another device
         if client_id is None:
             log.info("note: site %s did not train factory %s; its domain is the mean over all client ids", site.site_name, factory.identity["name"])
         try:
@@ -86,11 +92,11 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
         try:
-            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress)
+            model, summary = train_source(factory, data, settings, jd, client_id, resume=resume, progress=progress, device=device)
         except ValueError as exc:
             raise UserError(f"source job {jd.root}: {exc}") from None
-        atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
-        files = branch_files(model.branch_source)
+        atomic.write_bytes(jd.model_file, tensor_blob(model.state()))  # CPU tensors: loads on any machine
+        files = branch_files(model.branch_source)  # CPU tensors too
         for name, blob in files.items():
             atomic.write_bytes(jd.root / "branch" / name, blob)
         _source_report(jd, model, data, summary, factory)
@@ -106,7 +112,7 @@ def _run_source(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
         jd.fail(f"{type(exc).__name__}: {exc}")
         raise
     return {"job": str(jd.root), "model": str(jd.model_file), "report": str(jd.report_dir / "index.html"), "classes": model.class_names,
-            "validation_dice": finite_values(validation), "published": record["version"] if record else None}  # fmt: skip
+            "validation_dice": finite_values(validation), "published": record["version"] if record else None, "device": str(device)}  # fmt: skip
 
 
 def _source_report(jd, model, data, summary: dict, factory) -> None:
@@ -118,7 +124,7 @@ def _source_report(jd, model, data, summary: dict, factory) -> None:
     pick = fg[torch.linspace(0, fg.numel() - 1, min(6, fg.numel())).long()] if fg.numel() else torch.arange(min(6, len(data)))
     x = data.images[pick]
     with torch.no_grad():
-        rec, _, _ = invert(model.generator, model.encoder, x, SOURCE, model.feature_scale)
+        rec, _, _ = invert(model.generator, model.encoder, x.to(model.device), SOURCE, model.feature_scale)
         pred = model.predict(x).argmax(1)
     report.image_grid(out / "translations.png", [[x[i, 0], rec[i, 0].clamp(-1, 1)] for i in range(x.shape[0])],
                       [f"slice {i}" for i in range(x.shape[0])], ["image", "reconstruction"], "source encoder: inversion into the factory")  # fmt: skip

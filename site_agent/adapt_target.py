@@ -23,6 +23,7 @@ from site_agent.adapt_common import (
     checked_dataset,
     dice_rows,
     finite_values,
+    job_device,
     job_dir,
     open_job,
     parse_ref,
@@ -36,7 +37,7 @@ __all__ = ["run_target"]
 
 
 def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None = None,
-               restart: bool = False, progress: Callable | None = None) -> dict:  # fmt: skip
+               restart: bool = False, progress: Callable | None = None, device: str | None = None) -> dict:  # fmt: skip
     """Adapt to this site's domain with its few labels; no coordinator round, pulls only.
 
     What it pulls reaches the site's registry folder only if it succeeds.
@@ -50,23 +51,27 @@ def run_target(site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str
         job: the job's name under ``<work_dir>/adapt/`` (default ``target-<branch>``).
         restart: start the job again (its old folder is kept aside).
         progress: called as ``progress(done, total, row)`` while training.
+        device: where the job trains: auto, cpu, cuda or cuda:N (None: the site's ``device``).
 
     Returns:
-        The job folder, model, report, classes, few-shot slices and evaluation Dice.
+        The job folder, model, report, classes, few-shot slices, evaluation Dice and the
+        device it trained on.
 
     Raises:
         UserError: bad settings, dataset, factory, branch or job; a branch that does not fit
-            the factory; a registry refusal.
+            the factory; a device this machine lacks (before anything is pulled or written);
+            a registry refusal.
     """
     adapt_settings(settings_raw)
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
+    resolved = job_device(site, device)
     with adapt_command(site) as pulls:
-        return _run_target(pulls, site, dataset, factory_ref, branch_ref, settings_raw, job, restart, progress)
+        return _run_target(pulls, site, dataset, factory_ref, branch_ref, settings_raw, job, restart, progress, resolved)
 
 
 def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_ref: str, settings_raw: dict, job: str | None,
-                restart: bool, progress: Callable | None) -> dict:  # fmt: skip
+                restart: bool, progress: Callable | None, device: torch.device) -> dict:  # fmt: skip
     settings = adapt_settings(settings_raw)
     parse_ref(factory_ref, "factory")
     parse_ref(branch_ref, "branch")
@@ -95,15 +100,17 @@ def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
               "settings": settings.to_dict(), "source_client_id": source_client, "target_client_id": target_client}  # fmt: skip
     jd, resume = open_job(job_dir(site, job or f"target-{folder.parent.name}"), "target", config, restart)
     try:
+        jd.write_record(device=str(device))  # where it ran, not what it is: a job may resume on another device
         try:
             data = labelled_slices(path, factory.schema, factory.slices, cache_dir=site.work_dir / "cache", only_labelled=False)
         except (ValueError, DatasetError) as exc:
             raise UserError(f"{path}: {exc}") from None
         try:  # messages of training name the job folder, the branch or the dataset themselves
-            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress)
+            model, summary = train_target(factory, branch, source_client, target_client, data, settings, jd, resume=resume, progress=progress,
+                                          device=device)  # fmt: skip
         except ValueError as exc:
             raise UserError(f"target job {jd.root}: {exc}") from None
-        atomic.write_bytes(jd.model_file, tensor_blob(model.state()))
+        atomic.write_bytes(jd.model_file, tensor_blob(model.state()))  # CPU tensors: loads on any machine
         _target_report(jd, model, data, summary, factory)
         ev = summary.get("evaluation", {})
         dice = {mode: finite_values({model.class_names[int(k)]: v for k, v in r["mean"].items()}) for mode, r in ev.items()}
@@ -112,7 +119,7 @@ def _run_target(pulls, site: SiteConfig, dataset: str, factory_ref: str, branch_
         jd.fail(f"{type(exc).__name__}: {exc}")
         raise
     return {"job": str(jd.root), "model": str(jd.model_file), "report": str(jd.report_dir / "index.html"), "classes": model.class_names,
-            "few_shot_slices": summary["few_shot_slices"], "evaluation_dice": dice}  # fmt: skip
+            "few_shot_slices": summary["few_shot_slices"], "evaluation_dice": dice, "device": str(device)}  # fmt: skip
 
 
 def _target_report(jd, model, data, summary: dict, factory) -> None:
@@ -128,7 +135,8 @@ def _target_report(jd, model, data, summary: dict, factory) -> None:
     xt = data.images[pick]
     with torch.no_grad():
         rows = []
-        for x, own, other, name in ((xs, SOURCE, TARGET, "synthetic source"), (xt, TARGET, SOURCE, "target")):
+        for x_cpu, own, other, name in ((xs, SOURCE, TARGET, "synthetic source"), (xt, TARGET, SOURCE, "target")):
+            x = x_cpu.to(model.device)
             rec, _, _ = invert(g, e, x, own, s)
             tr, _, _ = invert(g, e, x, other, s)
             cyc, _, _ = invert(g, e, tr.clamp(-1, 1), own, s)

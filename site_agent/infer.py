@@ -16,14 +16,16 @@ from pipelines.adaptation.training import AdaptedModel
 from pipelines.factory.slices import SliceSettings
 from preprocessing.dataset import DatasetError, load_dataset
 from preprocessing.schema import LabelSchema, parse_schema
-from site_agent.adapt_common import log
+from site_agent.adapt_common import job_device, log
+from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 
 __all__ = ["run_infer", "schema_name"]
 
 
 def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = "average", dicom_seg: bool = False,
-              modality: str | None = None, overwrite: bool = False) -> list[dict]:  # fmt: skip
+              modality: str | None = None, overwrite: bool = False, device: str | None = None,
+              site: SiteConfig | None = None) -> list[dict]:  # fmt: skip
     """Segment NIfTI volumes, DICOM series folders or prepared datasets with an adapted model;
     writes ``<out>/<name>.nii.gz`` (label on the input grid) and, for DICOM input with
     ``dicom_seg``, ``<out>/<name>.seg.dcm``. ``<name>`` is the input's name
@@ -42,15 +44,21 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
         dicom_seg: also write a DICOM SEG for DICOM series inputs.
         modality: CT or MR, for NIfTI inputs.
         overwrite: replace output files that already exist.
+        device: where the network runs: auto, cpu, cuda or cuda:N (None: the site's
+            ``device``, auto without a site); the labels are the same wherever it runs, up
+            to the device's float rounding.
+        site: the site whose ``device`` is the default (None: none).
 
     Returns:
         One row per written volume (input, label path, voxels per class, DICOM SEG path).
 
     Raises:
-        UserError: a bad model or input, clashing or existing outputs (nothing written then).
+        UserError: a device this machine lacks, a bad model or input, clashing or existing
+            outputs (nothing written then).
     """
+    on = job_device(site, device)  # first: a device this machine lacks is refused before any work
     try:
-        model = AdaptedModel.load(model_path)
+        model = AdaptedModel.load(model_path).to(on)  # model.pt holds CPU tensors
     except ValueError as exc:
         raise UserError(str(exc)) from None
     schema = parse_schema(model.meta["schema_definition"], f"{model_path}: schema_definition")
@@ -62,6 +70,7 @@ def run_infer(model_path: str | Path, inputs: list[str], out: Path, mode: str = 
 
     def predict_fn(x, bins):
         p = model.predict(x, mode) if x.shape[0] > 1 else model.predict(torch.cat([x, x]), mode)[:1]
+        p = p.cpu()  # the branch's few classes leave the device, not the schema's many
         full = torch.zeros(p.shape[0], schema.num_classes, *p.shape[2:])
         full[:, ids] = p
         return full

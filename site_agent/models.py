@@ -174,14 +174,9 @@ def place_model(package: ModelPackage, site: SiteConfig | None, option: str | No
     Raises:
         UserError: a device this machine does not have (one line saying what to set).
     """
-    from pipelines.device import DeviceError, resolve_device
+    from site_agent.adapt_common import job_device  # torch: only when a job runs
 
-    setting = option or (site.device if site is not None else "auto")
-    try:
-        device = resolve_device(setting)
-    except DeviceError as exc:
-        where = "--device" if option else (str(site.path) if site is not None and site.path else "the site config")
-        raise UserError(f"{where}: {exc}") from None
+    device = job_device(site, option)
     package.network.to(device)
     log.info("model %s runs on %s", package.ref, device)
     return str(device)

@@ -89,7 +89,7 @@ class PartialLabelLoss:
 
         Args:
             logits: ``(B, n_classes, H, W)``.
-            labels: ``(B, H, W)`` branch indices (or IGNORE_INDEX).
+            labels: ``(B, H, W)`` branch indices (or IGNORE_INDEX), on the logits' device.
             sets: per sample, the branch classes its labels mark.
 
         Returns:
@@ -103,7 +103,7 @@ class PartialLabelLoss:
         for key, idx in groups.items():
             if key not in self._losses:
                 self._losses[key] = segmentation_loss(self.n_classes, list(key))
-            ix = torch.tensor(idx, dtype=torch.long)
+            ix = torch.tensor(idx, dtype=torch.long, device=logits.device)
             part: torch.Tensor = self._losses[key](logits[ix], labels[ix])
             total = total + part * (len(idx) / len(sets))
         return total

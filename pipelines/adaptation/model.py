@@ -20,10 +20,37 @@ from pipelines.adaptation.config import AdaptConfig
 from pipelines.adaptation.networks import InversionEncoder, invert
 from pipelines.factory.networks import FactoryConfig, Generator, requires_grad
 
-__all__ = ["MODEL_FORMAT", "SOURCE", "TARGET", "AdaptedModel"]
+__all__ = ["MODEL_FORMAT", "SOURCE", "TARGET", "AdaptedModel", "cpu_state", "module_device"]
 
 SOURCE, TARGET = 0, 1  # the encoder's domain indices
 MODEL_FORMAT = "fedimg-adapted-model"
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's parameters (else its buffers) live.
+
+    Args:
+        module: the module (its tensors all on one device).
+
+    Returns:
+        The device; the CPU for a module without tensors.
+    """
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as CPU copies: what a saved file holds whatever device trained it,
+    so a CPU-only machine loads it and later training does not change it.
+
+    Args:
+        module: the module.
+
+    Returns:
+        Name -> detached CPU tensor (a copy, also for a module already on the CPU).
+    """
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _generator_from(cfg_dict: Mapping[str, Any], state: Mapping[str, Any]) -> Generator:
@@ -75,15 +102,35 @@ class AdaptedModel:
         """Schema id of each branch class (background 0 first)."""
         return [int(c) for c in self.meta["class_ids"]]
 
+    def _networks(self) -> list[torch.nn.Module]:
+        return [m for m in (self.generator, self.encoder, self.branch_source, self.branch_target) if m is not None]
+
     def eval(self) -> AdaptedModel:
         """Put every network in eval mode.
 
         Returns:
             ``self``.
         """
-        for m in (self.generator, self.encoder, self.branch_source, self.branch_target):
-            if m is not None:
-                m.eval()
+        for m in self._networks():
+            m.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run (the encoder's device; `to` keeps them all on one)."""
+        return module_device(self.encoder)
+
+    def to(self, device: torch.device | str) -> AdaptedModel:
+        """Move every network to a device (in place).
+
+        Args:
+            device: a torch device (``cpu``, ``cuda:0``).
+
+        Returns:
+            ``self``.
+        """
+        for m in self._networks():
+            m.to(device)
         return self
 
     @torch.no_grad()
@@ -91,18 +138,19 @@ class AdaptedModel:
         """Branch-class probabilities of slices.
 
         Args:
-            x: slices ``(B, 1, R, R)`` in [-1, 1].
+            x: slices ``(B, 1, R, R)`` in [-1, 1], on any device (moved to the model's).
             mode: ``"average"`` (target models: S_t on the reconstruction + S_s on the
                 translation to the source domain; source models: S_s), ``"target"`` (S_t
                 only) or ``"source"`` (S_s on the translation only).
 
         Returns:
-            ``(B, n_classes, R, R)`` probabilities.
+            ``(B, n_classes, R, R)`` probabilities, on the model's device.
 
         Raises:
             ValueError: an unknown ``mode``, or a target mode for a model without a target branch.
         """
         g, e, s = self.generator, self.encoder, self.feature_scale
+        x = x.to(self.device)
         if self.kind == "source":  # E_s + S_s on the image's own reconstruction
             _, feats, _ = invert(g, e, x, SOURCE, s)
             return torch.softmax(self.branch_source(feats), 1)
@@ -126,17 +174,18 @@ class AdaptedModel:
         """Everything ``model.pt`` holds (tensors and plain values; weights-only loadable).
 
         Returns:
-            The state `from_state` rebuilds the model from.
+            The state `from_state` rebuilds the model from; its tensors are CPU copies
+            wherever the model runs (`cpu_state`).
         """
         return {
             "format": MODEL_FORMAT,
             "kind": self.kind,
             "factory_config": self.generator.cfg.to_dict(),
-            "generator": {k: v.detach().clone() for k, v in self.generator.state_dict().items()},
+            "generator": cpu_state(self.generator),
             "adapt_config": self.encoder.cfg.to_dict(),
-            "encoder": {k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
-            "branch_source": {"config": self.branch_source.config(), "state": self.branch_source.state_dict()},
-            "branch_target": None if self.branch_target is None else {"config": self.branch_target.config(), "state": self.branch_target.state_dict()},
+            "encoder": cpu_state(self.encoder),
+            "branch_source": {"config": self.branch_source.config(), "state": cpu_state(self.branch_source)},
+            "branch_target": None if self.branch_target is None else {"config": self.branch_target.config(), "state": cpu_state(self.branch_target)},
             "feature_scale": self.feature_scale,
             "meta": self.meta,
         }

@@ -1,5 +1,11 @@
 """Asynchronous local domain adaptation on the data factory (phase 2; no FL code).
 
+Both jobs run on the device they are given (the CPU by default): the networks live there,
+the dataset's slices and the synthetic pool stay on the CPU and each batch moves per step.
+Random draws (batch sampling, the synthetic pool, latent means, initial weights) come from
+CPU generators and are moved afterwards, so a seed gives the same draws on any device; what
+a job saves (checkpoints, models, branches) is CPU tensors, so any machine resumes or loads it.
+
 Details: docs/design/adaptation.md, "The adaptation training loops".
 """
 
@@ -21,7 +27,7 @@ from pipelines.adaptation.classes import PartialLabelLoss, branch_classes, case_
 from pipelines.adaptation.factory import Factory
 from pipelines.adaptation.jobs import JobDir, rng_state, set_rng_state
 from pipelines.adaptation.losses import ReconstructionLoss, cycle_consistency, segmentation_loss
-from pipelines.adaptation.model import MODEL_FORMAT, SOURCE, TARGET, AdaptedModel
+from pipelines.adaptation.model import MODEL_FORMAT, SOURCE, TARGET, AdaptedModel, module_device
 from pipelines.adaptation.networks import InversionEncoder, invert, latent_avgs, requires_grad
 from pipelines.adaptation.settings import AdaptSettings, AdaptSettingsError
 from pipelines.adaptation.volumes import LabelledSlices, few_shot_selection
@@ -54,6 +60,38 @@ __all__ = [
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict[str, Any]], None]
 """``progress(steps done, steps in all, the metric row just logged)``."""
+CPU = torch.device("cpu")
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    """A torch device with its index: ``cuda`` means the current GPU (as `pipelines.device.resolve_device` spells it)."""
+    device = torch.device(device)
+    index: int | None = device.index  # None for a bare "cuda" (torch's stubs say int)
+    if device.type == "cuda" and index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _generator_on(generator: Generator, device: torch.device) -> Generator:
+    """The frozen factory generator on ``device``: itself when it is there, else a copy there.
+
+    A copy, not a move: the caller's `Factory` keeps its generator where it was (a job on a
+    GPU does not leave a factory loaded for the CPU half on the GPU).
+    """
+    if module_device(generator) == device:
+        return generator
+    return copy.deepcopy(generator).to(device)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors of a (nested) checkpoint entry on the CPU: a checkpoint written on a GPU resumes anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -65,7 +103,8 @@ def evaluate_cases(predict: Callable[[torch.Tensor], torch.Tensor], data: Labell
     """Per-case Dice of each branch class, pooled over all slices of the case (a 3D Dice in the factory's slice space).
 
     Args:
-        predict: slices ``(B, 1, R, R)`` -> probabilities ``(B, n_classes, R, R)``.
+        predict: slices ``(B, 1, R, R)`` (the dataset's, on the CPU) -> probabilities
+            ``(B, n_classes, R, R)`` on any device (an `AdaptedModel` moves the slices to its own).
         data: the dataset's slices.
         cases: the cases to evaluate (indices into ``data``'s cases).
         table: schema id -> branch index (`label_table`).
@@ -87,7 +126,7 @@ def evaluate_cases(predict: Callable[[torch.Tensor], torch.Tensor], data: Labell
                 p = predict(torch.cat([chunk, chunk]))[:1]
             else:
                 p = predict(chunk)
-            preds.append(p.argmax(1))
+            preds.append(p.argmax(1).cpu())  # the Dice is counted on the CPU, beside the labels
         pred = torch.cat(preds)
         ref = table[data.labels[idx]]
         per_case.append(dice_per_class(pred, ref, range(1, n_classes), ignore_label=IGNORE_INDEX))
@@ -157,8 +196,8 @@ def _optimizer(encoder: torch.nn.Module, branches: list[torch.nn.Module], s: Ada
 
 class _TrainingLoop:
     """The bookkeeping both training loops share: resume from and write checkpoints (the
-    named modules, the optimizer, the batch sampler, the RNG and any ``extra`` tensors), the
-    optimizer step, loss averaging, and a metric row every ``log_every`` steps."""
+    named modules, the optimizer, the batch sampler, the RNG and any ``extra`` tensors, all as
+    CPU tensors), the optimizer step, loss averaging, and a metric row every ``log_every`` steps."""
 
     def __init__(self, s: AdaptSettings, job: JobDir, progress: Progress | None, modules: dict[str, torch.nn.Module],
                  opt: torch.optim.Optimizer, sampler: torch.Generator) -> None:  # fmt: skip
@@ -166,14 +205,14 @@ class _TrainingLoop:
         self.modules, self.opt, self.sampler = modules, opt, sampler
         self.extra: Callable[[], dict[str, Any]] = dict
         self.t0 = time.perf_counter()
-        self.acc: dict[str, list[float]] = {}
+        self.acc: dict[str, list[torch.Tensor]] = {}
 
     def resume(self) -> tuple[int, dict[str, Any]]:
         """Load the job's checkpoint; returns (step to continue from, the checkpoint)."""
-        ck = self.job.load_checkpoint()
+        ck = self.job.load_checkpoint()  # CPU tensors, whatever device wrote them
         for name, module in self.modules.items():
-            module.load_state_dict(ck[name])
-        self.opt.load_state_dict(ck["optimizer"])
+            module.load_state_dict(ck[name])  # copied into the parameters, on their device
+        self.opt.load_state_dict(ck["optimizer"])  # torch moves the moments to their parameters' device
         self.sampler.set_state(ck["sampler"])
         set_rng_state(ck["rng"])
         start = int(ck["step"])
@@ -182,20 +221,20 @@ class _TrainingLoop:
         return start, ck
 
     def checkpoint(self, step: int) -> None:
-        state: dict[str, Any] = {name: module.state_dict() for name, module in self.modules.items()}
-        state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.get_state(), rng=rng_state(), **self.extra())
+        state: dict[str, Any] = {name: _to_cpu(module.state_dict()) for name, module in self.modules.items()}
+        state.update(optimizer=_to_cpu(self.opt.state_dict()), sampler=self.sampler.get_state(), rng=rng_state(), **_to_cpu(self.extra()))
         self.job.save_checkpoint(state, step)
 
     def step(self, step: int, feature_scale: float, losses: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)
         torch.autograd.backward(losses["loss"])
         self.opt.step()
-        for k, v in losses.items():
-            self.acc.setdefault(k, []).append(float(v.detach()))
+        for k, v in losses.items():  # kept as tensors: reading a GPU value every step would wait for the GPU every step
+            self.acc.setdefault(k, []).append(v.detach())
         done, s = step + 1, self.s
         if done % s.log_every == 0 or done == s.steps:
-            row = {"step": done, "feature_scale": feature_scale, "step_s": (time.perf_counter() - self.t0) / len(self.acc["loss"]),
-                   **{k: float(np.mean(v)) for k, v in self.acc.items()}}  # fmt: skip
+            means = {k: float(np.mean([float(t) for t in v])) for k, v in self.acc.items()}
+            row = {"step": done, "feature_scale": feature_scale, "step_s": (time.perf_counter() - self.t0) / len(self.acc["loss"]), **means}
             self.job.log_metrics(row)
             if self.progress:
                 self.progress(done, s.steps, row)
@@ -205,7 +244,8 @@ class _TrainingLoop:
 
 
 def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings, job: JobDir, site_client: int | None,
-                 resume: bool = False, progress: Progress | None = None) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
+                 resume: bool = False, progress: Progress | None = None,
+                 device: torch.device | str = CPU) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
     """Train E_s and S_s on a labelled dataset's slices.
 
     Args:
@@ -214,12 +254,15 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
         settings: the training settings.
         job: the job folder (checkpoints, metrics).
         site_client: the client id the site trained the factory under (None: not a member).
-        resume: continue from the job's checkpoint.
+        resume: continue from the job's checkpoint (written on any device).
         progress: called after every logged step.
+        device: where the networks train and the validation runs (the factory's own
+            generator is not moved: a copy of it runs there).
 
     Returns:
-        ``(model, summary)``: the source model (E_s + S_s) and what the job did (classes,
-        cases, slices, validation Dice).
+        ``(model, summary)``: the source model (E_s + S_s), on ``device`` (its `state` and
+        `branch_files` are CPU tensors), and what the job did (classes, cases, slices,
+        validation Dice).
 
     Raises:
         ValueError: naming the job, when the dataset labels no class or has no training slice.
@@ -241,14 +284,15 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     if train_idx.numel() == 0:
         raise ValueError(f"{job.root}: no training slices")
 
-    torch.manual_seed(s.seed)
-    g = factory.generator
+    device = _as_device(device)
+    torch.manual_seed(s.seed)  # the initial weights: drawn on the CPU, then moved, so the same on every device
+    g = _generator_on(factory.generator, device)
     src_id = site_client
-    encoder = InversionEncoder(factory.config, cfg, latent_avgs(g, [src_id, src_id], n=s.latent_samples, seed=s.seed))
+    encoder = InversionEncoder(factory.config, cfg, latent_avgs(g, [src_id, src_id], n=s.latent_samples, seed=s.seed)).to(device)
     identity = {k: factory.identity.get(k, "") for k in ("name", "version", "sha256")}
-    branch = SegmentationBranch.for_factory(factory.config, names, cfg, identity)
+    branch = SegmentationBranch.for_factory(factory.config, names, cfg, identity).to(device)
     opt = _optimizer(encoder, [branch], s)
-    rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual)
+    rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual).to(device)
     seg = PartialLabelLoss(len(names))
     case_sets = case_branch_sets(data, names, schema_ids)
     gen = torch.Generator().manual_seed(s.seed + 1)
@@ -258,7 +302,7 @@ def train_source(factory: Factory, data: LabelledSlices, settings: AdaptSettings
     branch.train()
     for step in range(start, s.steps):
         idx = source_batch_indices(train_idx, fg_idx, s.batch, s.foreground_fraction, gen)
-        x, y = data.images[idx], labels[idx]
+        x, y = data.images[idx].to(device), labels[idx].to(device)
         fs = s.feature_scale(step)
         img, feats, _ = invert(g, encoder, x, SOURCE, fs)
         l_rec = rec(img, x)
@@ -284,7 +328,9 @@ def synthetic_source(generator: Generator, branch: SegmentationBranch, source_cl
     """Synthetic source slices labelled by the source branch S_s on their own generation features.
 
     Seeded z, the source's client id (random client ids when the source was not a factory
-    member), uniform slice bins, no key, constant noise.
+    member), uniform slice bins, no key, constant noise. It runs on the generator's device
+    (the branch must be there too); the draws are made on the CPU, so a seed gives the same
+    pool on any device up to the device's float rounding.
 
     Args:
         generator: the factory generator (frozen).
@@ -295,9 +341,11 @@ def synthetic_source(generator: Generator, branch: SegmentationBranch, source_cl
         chunk: slices generated at a time.
 
     Returns:
-        ``(images (n, 1, R, R) in [-1, 1], labels (n, R, R) branch indices)``.
+        ``(images (n, 1, R, R) in [-1, 1], labels (n, R, R) branch indices)``, on the CPU (the
+        pool a target job keeps and checkpoints).
     """
     cfg = generator.cfg
+    device = module_device(generator)
     gen = torch.Generator().manual_seed(seed)
     z_all = torch.randn(n, cfg.z_dim, generator=gen)  # drawn up front: the pool does not depend on `chunk`
     ids_all = torch.full((n,), source_client, dtype=torch.long) if source_client is not None else torch.randint(0, cfg.n_clients, (n,), generator=gen)
@@ -307,10 +355,10 @@ def synthetic_source(generator: Generator, branch: SegmentationBranch, source_cl
     images, labels = [], []
     for i in range(0, n, chunk):
         part = slice(i, min(i + chunk, n))
-        bins = bins_all[part] if bins_all is not None else None
-        img, feats = generator(z_all[part], ids_all[part], bins, None, noise_mode="const", return_features=True)
-        images.append(img.clamp(-1, 1))
-        labels.append(branch(feats).argmax(1))
+        bins = bins_all[part].to(device) if bins_all is not None else None
+        img, feats = generator(z_all[part].to(device), ids_all[part].to(device), bins, None, noise_mode="const", return_features=True)
+        images.append(img.clamp(-1, 1).cpu())
+        labels.append(branch(feats).argmax(1).cpu())
     branch.train(was)
     return torch.cat(images), torch.cat(labels)
 
@@ -338,7 +386,7 @@ def target_split(data: LabelledSlices, settings: AdaptSettings) -> tuple[torch.T
 
 def train_target(factory: Factory, source_branch: SegmentationBranch, source_client: int | None, target_client: int | None,
                  data: LabelledSlices, settings: AdaptSettings, job: JobDir, resume: bool = False,
-                 progress: Progress | None = None) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
+                 progress: Progress | None = None, device: torch.device | str = CPU) -> tuple[AdaptedModel, dict[str, Any]]:  # fmt: skip
     """Train E_t and S_t with the frozen G and S_s (see the module docstring).
 
     Args:
@@ -349,12 +397,15 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         data: the target dataset's slices (unlabelled cases included).
         settings: the training settings.
         job: the job folder (checkpoints, metrics).
-        resume: continue from the job's checkpoint.
+        resume: continue from the job's checkpoint (written on any device).
         progress: called after every logged step.
+        device: where the networks train and the evaluation runs (``source_branch`` and the
+            factory's own generator are not moved: copies of them run there).
 
     Returns:
-        ``(model, summary)``: the target model (E_t + S_t + S_s) and what the job did
-        (few-shot slices, classes, cases, evaluation Dice per inference mode).
+        ``(model, summary)``: the target model (E_t + S_t + S_s), on ``device`` (its `state`
+        is CPU tensors), and what the job did (few-shot slices, classes, cases, evaluation
+        Dice per inference mode).
 
     Raises:
         ValueError: naming the problem, when the branch's classes are not the schema's or the
@@ -362,7 +413,6 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     """
     s = settings
     cfg = s.adapt_config()
-    g = factory.generator
     schema_ids = schema_class_ids(factory.schema)
     names = list(source_branch.class_names)
     unknown = [n for n in names[1:] if n not in schema_ids]
@@ -385,14 +435,16 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
     seg_few = PartialLabelLoss(len(names))
     case_sets = case_branch_sets(data, names, schema_ids)
 
-    torch.manual_seed(s.seed)
-    encoder = InversionEncoder(factory.config, cfg, latent_avgs(g, [source_client, target_client], n=s.latent_samples, seed=s.seed))
-    s_src = copy.deepcopy(source_branch).eval()  # frozen: eval-mode batch norm, no gradient
+    device = _as_device(device)
+    torch.manual_seed(s.seed)  # the initial weights: drawn on the CPU, then moved, so the same on every device
+    g = _generator_on(factory.generator, device)
+    encoder = InversionEncoder(factory.config, cfg, latent_avgs(g, [source_client, target_client], n=s.latent_samples, seed=s.seed)).to(device)
+    s_src = copy.deepcopy(source_branch).to(device).eval()  # frozen: eval-mode batch norm, no gradient
     requires_grad(s_src, False)
-    s_tgt = copy.deepcopy(source_branch).train()
+    s_tgt = copy.deepcopy(source_branch).to(device).train()
     requires_grad(s_tgt, True)
     opt = _optimizer(encoder, [s_tgt], s)
-    rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual)
+    rec = ReconstructionLoss(s.mse, s.ms_ssim, s.perceptual).to(device)
     gen = torch.Generator().manual_seed(s.seed + 1)
     loop = _TrainingLoop(s, job, progress, {"encoder": encoder, "branch_target": s_tgt}, opt, gen)
     if resume:
@@ -417,9 +469,9 @@ def train_target(factory: Factory, source_branch: SegmentationBranch, source_cli
         si = _draw(syn_idx, s.batch, gen)
         ti = _draw(train_idx, n_t, gen)
         li = _draw(few, 1, gen)
-        xs, ys = syn_x[si], syn_y[si]
-        xt = torch.cat([data.images[ti], data.images[li]])
-        yt = table[data.labels[li]]
+        xs, ys = syn_x[si].to(device), syn_y[si].to(device)
+        xt = torch.cat([data.images[ti], data.images[li]]).to(device)
+        yt = table[data.labels[li]].to(device)
         sl = slice(n_t, n_t + 1)  # the labelled target slice's position in the target batch
         fsc = s.feature_scale(step)
 

@@ -85,6 +85,8 @@ def _training_options(f: _F) -> _F:
                      help="YAML file of adaptation settings (keys of AdaptSettings); flags override it."),
         click.option("--job", default=None, help="Job name under <work_dir>/adapt/ (default derived from the branch)."),
         click.option("--restart", is_flag=True, help="Start the job again; its old folder is kept aside, not deleted."),
+        click.option("--device", default=None, callback=device_option,
+                     help="Where the job trains (auto, cpu, cuda, cuda:N; default: the site's device). A resumed job may change it."),
         click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
     ]):  # fmt: skip
         f = opt(f)
@@ -114,7 +116,7 @@ def adapt() -> None:
 def adapt_source(
     ctx: click.Context, dataset: str, factory_ref: str, branch_name: str, no_publish: bool, steps: int | None, batch: int | None,
     lr_encoder: float | None, lr_branch: float | None, seed: int | None, preset: str | None, settings_file: str | None, job: str | None,
-    restart: bool, as_json: bool,
+    restart: bool, device: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Train a source encoder + segmentation branch on this site's labels and publish the branch."""
     from site_agent.adapt import run_source
@@ -123,7 +125,7 @@ def adapt_source(
     raw = _adapt_settings(settings_file, steps=steps, batch=batch, lr_encoder=lr_encoder, lr_branch=lr_branch, seed=seed, preset=preset)
     with StepProgress("source branch") as progress:
         result = run_source(site, dataset, factory_ref, branch_name, raw, job=job, publish=not no_publish, restart=restart,
-                            progress=progress)  # fmt: skip
+                            progress=progress, device=device)  # fmt: skip
     _print_outcome(result, as_json)
 
 
@@ -140,7 +142,7 @@ def adapt_source(
 def adapt_target(
     ctx: click.Context, dataset: str, factory_ref: str, branch_ref: str, few_shot_volumes: int | None, few_shot_slice: str | None,
     few_shot_seed: int | None, synthetic: int | None, steps: int | None, batch: int | None, lr_encoder: float | None, lr_branch: float | None,
-    seed: int | None, preset: str | None, settings_file: str | None, job: str | None, restart: bool, as_json: bool,
+    seed: int | None, preset: str | None, settings_file: str | None, job: str | None, restart: bool, device: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Adapt a published source branch to this site's images with a few of its labels."""
     from site_agent.adapt import run_target
@@ -155,7 +157,7 @@ def adapt_target(
     raw = _adapt_settings(settings_file, steps=steps, batch=batch, lr_encoder=lr_encoder, lr_branch=lr_branch, seed=seed, preset=preset,
                           few_shot_volumes=few_shot_volumes, few_shot_slice=few_shot, few_shot_seed=few_shot_seed, n_synthetic=synthetic)  # fmt: skip
     with StepProgress("target adaptation") as progress:
-        result = run_target(site, dataset, factory_ref, branch_ref, raw, job=job, restart=restart, progress=progress)
+        result = run_target(site, dataset, factory_ref, branch_ref, raw, job=job, restart=restart, progress=progress, device=device)
     _print_outcome(result, as_json)
 
 
@@ -179,7 +181,7 @@ def adapt_target(
 @click.option("--resume", is_flag=True, help="Model packages: skip the inputs --out already holds from the same model (an interrupted batch).")
 @click.option("--overwrite", is_flag=True, help="Replace output files already in --out (refused otherwise, before anything is written).")
 @click.option("--device", default=None, callback=device_option,
-              help="Model packages: where the network runs (auto, cpu, cuda, cuda:N; default: the site's device, auto without a site config).")  # fmt: skip
+              help="Where the network runs (auto, cpu, cuda, cuda:N; default: the site's device, auto without a site config).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @click.pass_context
 def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path, mode: str, modality: str | None, dicom_seg: bool, statistics: bool,
@@ -197,7 +199,8 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
             raise UserError("--statistics, --preview and --resume work with model packages, not adaptation models")
         from site_agent.adapt import run_infer
 
-        rows = run_infer(p / "model.pt" if p.is_dir() else p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite)
+        rows = run_infer(p / "model.pt" if p.is_dir() else p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite,
+                         device=device)  # fmt: skip
         failures: list[dict[str, str]] = []
     else:
         from site_agent.infer_package import run_package_infer
