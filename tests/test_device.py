@@ -135,9 +135,11 @@ def plan_round(fedbiomed_round, tmp_path_factory, tmp_path, monkeypatch, site_pr
     write_synthetic_dataset(root, seed=4, n_cases=4, shape=(32, 32, 32))
     monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path / "cache"))
 
-    def make(device: dict, site_device: str = "cpu"):
+    def make(device: dict, site_device: str = "cpu", **plan_args):
         monkeypatch.setenv(DEVICE_ENV, site_device)
-        args = model_args_for("marginal", {"network": {"name": "basic_unet", "size": "tiny"}, "roi_size": 32, "spacing": "native", "augment": False})
+        args = model_args_for(
+            "marginal", {"network": {"name": "basic_unet", "size": "tiny"}, "roi_size": 32, "spacing": "native", "augment": False, **plan_args}
+        )
         args.update(run_id="run-device", rounds_total=2, local_steps=2, device=device, split={"validation": 0.25, "test": 0.0, "seed": 0})
         plan = MarginalSegmentationPlan()
         plan.post_init(args, _training_args(0.25), node_id="NODE_A", round=0)
@@ -341,7 +343,8 @@ def test_gpu_smoke_and_precision():
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_round_sends_cpu_float32_parameters(plan_round):
-    plan = plan_round({"gpu": "required", "precision": "auto"}, site_device="cuda")
+    # augmentation and GIN on: MONAI's crops and random transforms, and GIN, on CUDA tensors
+    plan = plan_round({"gpu": "required", "precision": "auto"}, site_device="cuda", augment=True, gin={"prob": 0.5})
     plan.training_routine(history_monitor=None, node_args={"gpu": True})
     assert plan._device.startswith("cuda")
     params = plan.after_training_params()
