@@ -6,6 +6,11 @@
 # The venv needs torch's CUDA build: scripts/venv.sh installs the CPU one; on a GPU machine run
 #   .venv/bin/pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 torchvision==0.28.0
 # (or run it in the CUDA variant of the site image, docs/guide/docker.md).
+# On a machine whose Python already has CUDA torch but not the project (e.g. Python 3.12, where
+# Fed-BioMed does not install), the suite alone runs with PYTHON=python3 and, carried as wheels,
+# monai, nibabel, pydantic, pydantic-core, annotated-types and typing-inspection on PYTHONPATH:
+#   PYTHONPATH=/tmp/site:. python3 benchmarks/device_suite.py --device cuda --full
+# (the `gpu` tests of the plans need Fed-BioMed, hence Python 3.11).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$ROOT/gpu-results}"
