@@ -172,7 +172,7 @@ class DeviceSection(ConfigModel):
     precision: Annotated[str, one_of(*PRECISIONS)] = Field(
         default="auto",
         description="auto: bf16 on GPUs that have it, else fp16 with a loss scale, fp32 on CPUs; or fp32, bf16 (GPUs since Ampere, CPUs), "
-        "fp16 (GPUs; not with fedprox_mu).",
+        "fp16 (with gpu: required; not with fedprox_mu).",
     )
 
 
@@ -243,6 +243,8 @@ class SpecFile(ConfigModel):
 
     @model_validator(mode="after")
     def _precision_fits(self) -> SpecFile:
+        if self.device.precision == "fp16" and self.device.gpu != "required":
+            raise ConfigProblem("device.precision", "fp16 runs on GPUs only: set device.gpu: required, or precision: auto (fp16 only where it fits)")
         if self.device.precision == "fp16" and self.fedprox_mu:
             # the loss scale multiplies the plan's loss, not the proximal term Fed-BioMed adds after it
             raise ConfigProblem("device.precision", "fp16 cannot be combined with fedprox_mu; set precision: bf16, fp32 or auto")
@@ -638,7 +640,7 @@ def scale_raw(raw: Any, scale: str = "full") -> Any:
     if scale == "full" or not isinstance(raw, dict):
         return raw
     out = copy.deepcopy(raw)
-    out["name"] = f"{out.get('name', 'spec')}-tiny"
+    out["name"] = f"{str(out.get('name', 'spec'))[:59]}-tiny"  # names are at most 64 characters
     for key, limit in (("rounds", TINY_ROUNDS), ("local_steps", TINY_STEPS), ("batch_size", 2)):
         if isinstance(out.get(key), int):
             out[key] = min(out[key], limit)
@@ -646,6 +648,8 @@ def scale_raw(raw: Any, scale: str = "full") -> Any:
     device = out.get("device")
     if isinstance(device, dict) and device.get("gpu") == "required":
         out["device"] = {**device, "gpu": "optional"}
+        if device.get("precision") == "fp16":
+            out["device"]["precision"] = "auto"  # fp16 where a site has a GPU, fp32 on CPUs
     args = out.get("plan_args")
     if isinstance(args, dict):
         if out.get("plan") in FACTORY_PLANS:

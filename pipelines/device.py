@@ -88,8 +88,8 @@ def resolve_device(setting: str = "auto") -> torch.device:
 def plan_device(site_setting: str, experiment_gpu: str = "optional") -> torch.device:
     """Where a plan's own work (scoring) runs: the device Fed-BioMed would train on.
 
-    Fed-BioMed 6.4.1 trains on CUDA when it is available and the node either offers a GPU
-    and the researcher asks for one, or forces it (`fedimg_core.devices.node_args_for`).
+    ``forbidden`` keeps every site on its CPU; otherwise the site's setting decides (``cpu``,
+    ``auto``: a GPU when torch sees one, ``cuda[:N]``: that GPU or an error).
 
     Args:
         site_setting: the site's device setting (the node's ``FEDIMG_DEVICE``).
@@ -103,12 +103,10 @@ def plan_device(site_setting: str, experiment_gpu: str = "optional") -> torch.de
             or the site forces a GPU torch does not see.
     """
     setting = parse_device(site_setting)
-    if setting.startswith("cuda"):  # the site forces its GPU, whatever the experiment says (as Fed-BioMed's gpu_only)
-        device = resolve_device(setting)
-    elif setting == "auto" and experiment_gpu != "forbidden":
-        device = resolve_device("auto")
+    if experiment_gpu == "forbidden" or setting == "cpu":
+        device = torch.device("cpu")  # an experiment that forbids GPUs (bit-for-bit CPU runs) overrides a site's GPU
     else:
-        device = torch.device("cpu")
+        device = resolve_device(setting)  # cuda[:N] insists on that GPU; auto takes one when torch sees it
     if experiment_gpu == "required" and device.type != "cuda":
         why = "its device setting is cpu" if setting == "cpu" else f"torch sees no CUDA GPU ({_torch_build()})"
         raise DeviceError(f"the experiment requires a GPU but this site trains on the CPU: {why}")
@@ -129,7 +127,9 @@ class Precision:
 
 
 def _bf16_on(device: torch.device) -> bool:
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    # native bf16 from Ampere (capability 8.0); torch.cuda.is_bf16_supported() also counts the slow
+    # emulation of older GPUs, where fp16 with a loss scale is the fast choice
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_properties(device).major >= 8)
 
 
 def precision_for(device: torch.device, setting: str = "auto") -> Precision:
@@ -235,10 +235,16 @@ class LossScale:
             zeroed otherwise, so a step taken anyway changes nothing but the optimizer's state).
         """
         grads = [p.grad for p in parameters if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = True
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault((g.device, g.dtype), []).append(g)
+        for (device, _dtype), group in by_device.items():
+            # torch's fused kernel (GradScaler's): unscales in place and flags a non-finite value, one sync per device
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.full((1,), 1.0 / self.scale, device=device))
+            finite = finite and not bool(found.item())
         if finite:
-            if grads:
-                torch._foreach_mul_(grads, 1.0 / self.scale)
             self.finite_streak += 1
             if self.finite_streak >= self.growth_interval:
                 self.scale *= 2.0
@@ -252,7 +258,7 @@ class LossScale:
         return finite
 
 
-def accumulation_device(device: torch.device, voxels: int, channels: int = 16) -> torch.device:
+def accumulation_device(device: torch.device, voxels: int, channels: int = 32) -> torch.device:
     """Where a sliding window's output accumulates: on the GPU when it fits comfortably, else on the CPU.
 
     MONAI keeps the blended logits and a count map of the whole volume; with the class

@@ -34,6 +34,7 @@ def predict_volume(
     mode: str = "gaussian",
     head: Callable[[torch.Tensor | Sequence[torch.Tensor]], torch.Tensor] | None = None,
     allowed: Sequence[int] | None = None,
+    channels: int = 32,
 ) -> torch.Tensor:
     """Argmax label map (spatial only) of one image (C, *spatial) by sliding-window inference.
 
@@ -52,6 +53,7 @@ def predict_volume(
         mode: how overlapping windows are blended (MONAI's ``gaussian`` or ``constant``).
         head: picks the main output.
         allowed: the classes the model may predict.
+        channels: the network's output channels (an upper bound), for where the output accumulates.
 
     Returns:
         The label map (*spatial), on the image's device (the windows run on the model's
@@ -72,7 +74,7 @@ def predict_volume(
             logits = cast(torch.Tensor, sliding_window_inference(
                 image.unsqueeze(0).float(), roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=forward,
                 overlap=overlap, mode=mode, padding_mode="constant", sw_device=window_device,
-                device=accumulation_device(window_device, int(image[0].numel())),
+                device=accumulation_device(window_device, int(image[0].numel()), channels),
             ))  # fmt: skip
     finally:
         model.train(was_training)

@@ -27,7 +27,7 @@ CODES = {
     "artifact_not_approved": "the site refused an executable artifact it has not approved (its staff review it with `site-agent artifacts show SHA`)",
     "key_config": "the data-factory key configuration cannot be used at this site",
     "dataset": "the site's dataset does not fit the experiment",
-    "device": "the site cannot train on the device the experiment asks for (device.gpu: required at a site without a GPU, or a GPU the site's torch does not see)",
+    "device": "the site cannot train where or how the experiment asks (device.gpu: required at a site without a GPU, a precision its device lacks, or a GPU the site's torch does not see)",
     "out_of_memory": "the site ran out of memory",
     "site_error": "the plan failed at the site",
 }

@@ -190,10 +190,11 @@ def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationS
     """
     if settings.spatial_dims == 2:
         wrapper = _SliceWise(model).train(model.training)  # predict_volume restores the wrapper's mode
-        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes)
+        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes,
+                              channels=settings.num_classes)  # fmt: skip
     return predict_volume(
         model, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3),
-        allowed=settings.predict_classes,
+        allowed=settings.predict_classes, channels=settings.num_classes,
     )  # fmt: skip
 
 

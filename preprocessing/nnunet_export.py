@@ -16,11 +16,14 @@ export is for what nnU-Net cannot express in place:
   ``labelsTr/<case>.nii.gz``, a ``dataset.json`` whose ``fedimg`` block maps the exported
   ids back to the schema's classes.
 
-Images are hard-linked (copied across file systems or with ``copy=True``): nnU-Net reads
-raw files and never writes them. Label files are rewritten through the id lookup table
-on their own grid (the prepared label's affine, the same clean header). Test-only reference labels (``labelsRef/``)
-and unlabelled cases are left out: they are not training data. The folder is built next
-to its target and renamed into place; an existing folder is never overwritten.
+Images are copied (``link=True`` hard-links them instead, which costs no space, but an image
+edited in place under ``nnUNet_raw`` would then change the checksummed prepared dataset too).
+Label files are rewritten through the id lookup table on their own grid (the prepared label's
+affine, the same clean header). Test-only reference labels (``labelsRef/``) and unlabelled
+cases are left out: they are not training data. A case whose own labelled classes are fewer
+than the exported ones (its manifest's ``labeled_classes``) is left out too, with a warning:
+its background would teach nnU-Net that the missing classes are background. The folder is
+built next to its target and renamed into place; an existing folder is never overwritten.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +63,11 @@ class NnunetExport:
     labels: dict[str, int]  # nnU-Net's labels block: background, classes, ignore when present
     schema_ids: dict[str, int]  # exported class name -> its schema id
     ignore_voxels: int  # voxels carrying the ignore label over all cases
+    left_out: list[str]  # case ids that label fewer classes than the export has
 
 
-def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
-    if not copy:
+def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+    if link:
         try:
             os.link(src, dst)
             return
@@ -77,7 +82,7 @@ def export_nnunet(
     dataset_id: int,
     name: str | None = None,
     classes: ClassChoice = "labelled",
-    copy: bool = False,
+    link: bool = False,
     progress: Progress | None = None,
 ) -> NnunetExport:
     """Write a prepared dataset's labelled cases as nnU-Net v2 raw dataset ``DatasetNNN_Name``.
@@ -90,7 +95,7 @@ def export_nnunet(
         classes: ``labelled`` keeps the classes the site labels, renumbered 1..K (the
             default: nnU-Net would learn unlabelled classes as background); ``all`` keeps
             every schema id.
-        copy: copy images instead of hard-linking them.
+        link: hard-link the images instead of copying them.
         progress: called as ``progress(done, total, case_id)`` after each case.
 
     Returns:
@@ -113,13 +118,20 @@ def export_nnunet(
     taken = sorted(p.name for p in raw.glob(f"Dataset{int(dataset_id):03d}_*")) if raw.is_dir() else []
     if taken:
         raise DatasetError(f"{raw / taken[0]}: nnU-Net dataset id {dataset_id} is taken; choose another --id")
-    cases = [c for c in dataset.cases if c.label is not None]
-    if not cases:
-        raise DatasetError(f"{dataset.root}: no labelled case to export (nnU-Net trains on labelled cases only)")
-
     by_id = {v: k for k, v in dataset.labels.items()}
     labelled = sorted(dataset.labeled_classes if dataset.labeled_classes is not None else (v for v in by_id if v != 0))
     kept = labelled if classes == "labelled" else sorted(v for v in by_id if v != 0)
+    per_case: dict[str, list[int]] = {}
+    for meta in manifest.cases:
+        own = (meta.model_extra or {}).get("labeled_classes")
+        if isinstance(own, list):
+            per_case[meta.case_id] = [int(c) for c in own]
+    left_out = [c.case_id for c in dataset.cases if c.label is not None and c.case_id in per_case and not set(labelled) <= set(per_case[c.case_id])]
+    for case_id in left_out:
+        logger.warning("%s: labels only %s of the site's classes %s: left out", case_id, per_case[case_id], labelled)
+    cases = [c for c in dataset.cases if c.label is not None and c.case_id not in left_out]
+    if not cases:
+        raise DatasetError(f"{dataset.root}: no labelled case to export (nnU-Net trains on labelled cases only)")
     new_id = {schema_id: i + 1 for i, schema_id in enumerate(kept)} if classes == "labelled" else {v: v for v in kept}
     top = max(new_id.values(), default=0)
     schema_ignore = manifest.ignore_label
@@ -136,7 +148,7 @@ def export_nnunet(
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for done, case in enumerate(cases, start=1):
-            _link_or_copy(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz", copy)
+            _link_or_copy(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz", link)
             img: Any = nib.load(str(case.label))
             values = np.asarray(img.dataobj)
             if values.size and (values.min() < 0 or values.max() > 255):
@@ -171,6 +183,17 @@ def export_nnunet(
         )
 
     raw.mkdir(parents=True, exist_ok=True)
-    atomic.publish_dir(target, build)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".tmp", dir=raw))
+    try:
+        os.chmod(tmp, atomic.default_mode(directory=True))
+        build(tmp)
+        try:
+            os.rename(tmp, target)  # fails on a folder that appeared meanwhile (not empty): never replaced
+        except OSError:
+            raise DatasetError(f"{target}: appeared while exporting; refusing to overwrite it") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("wrote nnU-Net raw dataset %s (%d cases)", target, len(cases))
-    return NnunetExport(folder=target, cases=len(cases), labels=labels, schema_ids={by_id[s]: s for s in kept}, ignore_voxels=ignore_voxels)
+    return NnunetExport(folder=target, cases=len(cases), labels=labels, schema_ids={by_id[s]: s for s in kept}, ignore_voxels=ignore_voxels,
+                        left_out=left_out)  # fmt: skip

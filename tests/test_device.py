@@ -58,6 +58,7 @@ def test_a_cuda_setting_without_cuda_is_one_clear_error(setting):
 def test_the_experiment_policy_decides_within_the_site_setting(monkeypatch):
     assert plan_device("cpu", "optional").type == "cpu"
     assert plan_device("auto", "forbidden").type == "cpu"
+    assert plan_device("cuda:1", "forbidden").type == "cpu"  # forbidden wins over a site that insists on its GPU
     with pytest.raises(DeviceError, match="requires a GPU but this site trains on the CPU: its device setting is cpu"):
         plan_device("cpu", "required")
     if not HAS_CUDA:
@@ -126,6 +127,8 @@ def test_loss_scale_skips_overflowing_steps_and_grows_after_a_streak():
 @pytest.fixture
 def plan_round(fedbiomed_round, tmp_path_factory, tmp_path, monkeypatch, site_process, one_thread):
     """A marginal plan with its data loaded by Fed-BioMed's own Round code, ready for `training_routine`."""
+    from fedbiomed.common.training_args import TrainingArgs
+
     from coordinator.plans import model_args_for
     from fedimg_testing.synthetic import write_synthetic_dataset
     from pipelines.plans.marginal import MarginalSegmentationPlan
@@ -135,14 +138,17 @@ def plan_round(fedbiomed_round, tmp_path_factory, tmp_path, monkeypatch, site_pr
     write_synthetic_dataset(root, seed=4, n_cases=4, shape=(32, 32, 32))
     monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path / "cache"))
 
-    def make(device: dict, site_device: str = "cpu", **plan_args):
+    def make(device: dict, site_device: str = "cpu", plan_cls=MarginalSegmentationPlan, fedprox_mu: float | None = None, **plan_args):
         monkeypatch.setenv(DEVICE_ENV, site_device)
         args = model_args_for(
             "marginal", {"network": {"name": "basic_unet", "size": "tiny"}, "roi_size": 32, "spacing": "native", "augment": False, **plan_args}
         )
         args.update(run_id="run-device", rounds_total=2, local_steps=2, device=device, split={"validation": 0.25, "test": 0.0, "seed": 0})
-        plan = MarginalSegmentationPlan()
-        plan.post_init(args, _training_args(0.25), node_id="NODE_A", round=0)
+        plan = plan_cls()
+        training_args = _training_args(0.25)
+        if fedprox_mu is not None:
+            training_args = TrainingArgs({**training_args.dict(), "fedprox_mu": fedprox_mu}, only_required=False)
+        plan.post_init(args, training_args, node_id="NODE_A", round=0)
         _fedbiomed_round(fedbiomed_round, plan, root, {}, test_ratio=0.25)
         return plan
 
@@ -224,7 +230,8 @@ def test_the_spec_device_section_reaches_the_sites(tmp_path):
     "extra,words",
     [
         ("device: {gpu: sometimes}\n", "device.gpu: must be one of optional, required, forbidden"),
-        ("device: {precision: fp16}\nfedprox_mu: 0.01\n", "device.precision: fp16 cannot be combined with fedprox_mu"),
+        ("device: {gpu: required, precision: fp16}\nfedprox_mu: 0.01\n", "device.precision: fp16 cannot be combined with fedprox_mu"),
+        ("device: {precision: fp16}\n", "device.precision: fp16 runs on GPUs only: set device.gpu: required"),
     ],
 )
 def test_bad_spec_device_sections_name_the_key(tmp_path, extra, words):
@@ -338,6 +345,22 @@ def test_gpu_smoke_and_precision():
     net = torch.nn.Conv3d(1, 2, 3, padding=1).to(device)
     with autocast(device, precision):
         assert net(torch.randn(1, 1, 8, 8, 8, device=device)).dtype == precision.dtype
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_condistfl_fedprox_round_scores_and_reports_on_the_cpu(plan_round):
+    """ConDistFL's teacher and Fed-BioMed's FedProx snapshot follow the model to the GPU and back; scoring runs there."""
+    from pipelines.plans.condistfl import ConDistFLPlan
+    from tests.test_split_data import Monitor
+
+    plan = plan_round({"gpu": "required", "precision": "auto"}, site_device="cuda", plan_cls=ConDistFLPlan, fedprox_mu=0.01)
+    monitor = Monitor()
+    plan.training_routine(history_monitor=monitor, node_args={"gpu": True})
+    report = monitor.scalars[-1]["metric"]
+    assert report["teacher_max_abs_diff"] == 0.0 and next(plan.model().parameters()).device.type == "cpu"
+    plan.testing_routine(None, {}, monitor, before_train=False)
+    assert "dice_mean" in monitor.scalars[-1]["metric"] and next(plan.model().parameters()).device.type == "cpu"
 
 
 @gpu

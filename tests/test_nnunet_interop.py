@@ -19,7 +19,11 @@ from preprocessing.prepare import PrepareOptions, prepare
 from preprocessing.schema import load_label_map, load_schema
 from tests.conftest import cli
 
-nnunet_integrity = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+
+def _nnunet():
+    """nnU-Net's own integrity check (a dev dependency; the tests that need it skip without it)."""
+    return pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+
 
 SCHEMA = load_schema()
 SHAPE = (24, 20, 10)
@@ -59,7 +63,7 @@ def _fails(*args: str) -> tuple[int, str]:
 
 def _verify(folder: Path, capsys) -> str:
     """nnU-Net's own check (raises on a bad dataset); returns what it printed."""
-    nnunet_integrity.verify_dataset_integrity(str(folder), num_processes=1)
+    _nnunet().verify_dataset_integrity(str(folder), num_processes=1)
     return capsys.readouterr().out
 
 
@@ -92,7 +96,7 @@ def test_ignore_label_is_refused_by_nnunet_in_place_and_export_fixes_it(prepared
         _verify(prepared_with_ignore, capsys)
     capsys.readouterr()
 
-    done = export_nnunet(prepared_with_ignore, tmp_path / "raw", 501)
+    done = export_nnunet(prepared_with_ignore, tmp_path / "raw", 501, link=True)
     assert done.folder == tmp_path / "raw" / "Dataset501_liver" and done.cases == 3
     assert done.labels == {"background": 0, "liver": 1, "ignore": 2}  # the site labels liver only; ignore = max + 1
     printed = _verify(done.folder, capsys)
@@ -115,13 +119,13 @@ def test_ignore_label_is_refused_by_nnunet_in_place_and_export_fixes_it(prepared
 
 
 def test_export_all_classes_keeps_schema_ids_and_says_what_is_learned_as_background(prepared, tmp_path, capsys):
-    done = export_nnunet(prepared, tmp_path / "raw", 7, name="all", classes="all", copy=True)
+    done = export_nnunet(prepared, tmp_path / "raw", 7, name="all", classes="all")
     assert done.labels == SCHEMA.classes and "ignore" not in done.labels
     meta = json.loads((done.folder / "dataset.json").read_text())["fedimg"]
     assert set(meta["unlabelled_classes_learned_as_background"]) == set(SCHEMA.classes) - {"background", "liver", "liver_tumor"}
     case = load_dataset(prepared).cases[0]
     assert np.array_equal(np.asarray(nib.load(done.folder / "labelsTr" / f"{case.case_id}.nii.gz").dataobj), np.asarray(nib.load(case.label).dataobj))
-    assert not os.path.samefile(done.folder / "imagesTr" / f"{case.case_id}_0000.nii.gz", case.image)  # --copy
+    assert not os.path.samefile(done.folder / "imagesTr" / f"{case.case_id}_0000.nii.gz", case.image)  # copied by default
     assert "Error" not in _verify(done.folder, capsys)
 
 
@@ -148,3 +152,17 @@ def test_cli_export_refuses_taken_ids_tampered_datasets_and_writes_nothing(prepa
     label.write_bytes(bytes(data))
     rc, stderr = _fails("site-agent", "dataset", "export-nnunet", str(tampered), "--out", str(raw), "--id", "13")
     assert rc != 0 and "checksum" in stderr and not list(raw.glob("Dataset013_*"))
+
+
+def test_a_case_labelling_fewer_classes_is_left_out_not_taught_as_background(prepared, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(prepared, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    first = manifest["cases"][0]
+    first["labeled_classes"] = [SCHEMA.classes["liver"]]  # this case's annotator drew the liver only
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    done = export_nnunet(partial, tmp_path / "raw", 42)
+    assert done.left_out == [first["case_id"]] and done.cases == 2
+    assert not (done.folder / "labelsTr" / f"{first['case_id']}.nii.gz").exists()

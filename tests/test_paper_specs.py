@@ -73,9 +73,9 @@ def test_validate_and_the_recorded_spec_say_tiny(tmp_path):
     assert again.name == "paper-condistfl-3d-tiny" and again.rounds == 2 and again.model_args["roi_size"] == [32, 32, 32]
 
 
-def test_the_tiny_condistfl_3d_round_trains_on_the_cpu(fedbiomed_round, tmp_path, monkeypatch, site_process, one_thread):
+def test_the_tiny_condistfl_3d_round_trains_on_the_sites_device(fedbiomed_round, tmp_path, monkeypatch, site_process, one_thread):
     """A site's round of the tiny paper spec: the spec's own model and training arguments, Fed-BioMed's Round
-    loading the data, the ConDistFL plan training on the CPU (the spec asks for a GPU only at full scale)."""
+    loading the data, the ConDistFL plan training where the site's `auto` says (the CPU here; a GPU where there is one)."""
     from fedbiomed.common.training_args import TrainingArgs
 
     from fedimg_testing.synthetic import write_synthetic_dataset

@@ -33,6 +33,7 @@ class DevicePlacement:
 
     _settings: Any
     _optimizer: Any
+    _model: Any
     _device: str
 
     def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -68,6 +69,9 @@ class DevicePlacement:
         self._device = str(device)
         for optimizer in self._torch_optimizers():
             move_optimizer_state(optimizer, device)
+        init_params = getattr(getattr(self, "_model", None), "init_params", None)
+        if init_params:  # Fed-BioMed's snapshot of the round's start, which its FedProx term subtracts from the moved model
+            self._model.init_params = {k: v.to(device) for k, v in init_params.items()}
         if device.type == "cuda":
             # fixed patch shapes: cuDNN picks its fastest kernels once per shape (nnU-Net does the same)
             torch.backends.cudnn.benchmark = True

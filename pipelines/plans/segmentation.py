@@ -49,6 +49,8 @@ __all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
 
 log = logging.getLogger(__name__)
 
+_LOSS_SCALES: dict[tuple[str, str], LossScale] = {}  # fp16: (run id, plan) -> the site's loss scale, kept between rounds
+
 
 def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSettings:
     """The plan's settings from Fed-BioMed's ``model_args`` (the spec's plan arguments and the embedded schema).
@@ -177,7 +179,11 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
         self._opt_restored = self._restore_optimizer_state()
-        samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        try:
+            samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+        finally:
+            if self._teacher is not None:
+                self._teacher.to("cpu")  # Fed-BioMed moved the model back; the report compares them on the CPU
         if self._adamw is not None:
             self._opt_store.save(self._adamw)
         self._report_round(history_monitor, received, samples)
@@ -241,7 +247,12 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 log.warning("precision auto means fp16 on %s, which cannot scale FedProx's term: training in fp32", device)
                 precision = Precision(None)
             self._precision = precision
-            self._loss_scale = LossScale() if precision.loss_scale else None
+            if precision.loss_scale:
+                # the node process lives across rounds: the scale goes on from where this site's last round left it
+                key = (self._settings.run_id or "no-run", type(self).__name__)
+                self._loss_scale = _LOSS_SCALES.setdefault(key, LossScale())
+            else:
+                self._loss_scale = None
             log.info("training precision %s on %s", precision.name, device)
         return self._precision
 

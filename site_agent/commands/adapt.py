@@ -14,7 +14,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedimg_core.logs import show_progress, stderr_console
-from site_agent.commands.common import device_option, load_site, log
+from site_agent.commands.common import device_option, load_site, load_site_if_present, log
 from site_agent.errors import UserError
 
 # deferred: start-up time (`--help` stays fast): site_agent.adapt imports torch, MONAI and
@@ -200,13 +200,13 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
         from site_agent.adapt import run_infer
 
         rows = run_infer(p / "model.pt" if p.is_dir() else p, list(inputs), out, mode=mode, dicom_seg=dicom_seg, modality=modality, overwrite=overwrite,
-                         device=device)  # fmt: skip
+                         device=device, site=load_site_if_present(ctx))  # fmt: skip
         failures: list[dict[str, str]] = []
     else:
         from site_agent.infer_package import run_package_infer
         from site_agent.models import open_model, place_model
 
-        site = None if p.is_dir() else load_site(ctx)
+        site = load_site_if_present(ctx) if p.is_dir() else load_site(ctx)  # a folder needs no site; its device setting still applies
         package = open_model(site, model_ref)
         place_model(package, site, device)
         log.info("model %s: %s", package.ref, ", ".join(k for k in package.class_ids if k != "background"))

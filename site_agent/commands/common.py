@@ -33,6 +33,22 @@ def load_site(ctx: click.Context) -> site_config.SiteConfig:
     return site
 
 
+def load_site_if_present(ctx: click.Context) -> site_config.SiteConfig | None:
+    """The site config when its file exists (a job that can run without one, e.g. `infer` with a model file).
+
+    Args:
+        ctx: the click context of a `site-agent` verb.
+
+    Returns:
+        The validated site config, or None when the file does not exist.
+
+    Raises:
+        ConfigError: the file exists but is not valid.
+    """
+    path = site_config.resolve_config_path(ctx.obj["config_path"])
+    return load_site(ctx) if path.is_file() else None
+
+
 def device_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Click callback of a ``--device`` option: auto, cpu, cuda or cuda:N (None: the config's).
 

@@ -108,9 +108,13 @@ def dataset_where(path: Path, case_ids: tuple[str, ...], case_map: Path | None, 
     show_default=True,
     help="labelled: only the classes this site labels, renumbered 1..K (nnU-Net would learn the others as background); all: every schema class with its schema id.",
 )
-@click.option("--copy", is_flag=True, help="Copy the images instead of hard-linking them.")
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Hard-link the images instead of copying them (no space used; an image edited under --out then changes the prepared dataset too).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str | None, classes: str, copy: bool, as_json: bool) -> None:
+def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str | None, classes: str, link: bool, as_json: bool) -> None:
     """Export the prepared dataset at PATH as an nnU-Net v2 raw dataset.
 
     Writes DatasetNNN_NAME/ (imagesTr/<case>_0000.nii.gz, labelsTr/, dataset.json) with the
@@ -122,7 +126,7 @@ def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str
     from site_agent.commands.adapt import CaseProgress
 
     with CaseProgress("exporting") as bar:
-        done = export_nnunet(path, raw_root, dataset_id, name=name, classes="all" if classes == "all" else "labelled", copy=copy, progress=bar)
+        done = export_nnunet(path, raw_root, dataset_id, name=name, classes="all" if classes == "all" else "labelled", link=link, progress=bar)
     if as_json:
         click.echo(
             json.dumps(
