@@ -182,7 +182,7 @@ def job_device(site: SiteConfig | None, option: str | None) -> torch.device:
     except DeviceError as exc:
         where = "--device" if option else (str(site.path) if site is not None and site.path else "the site config")
         raise UserError(f"{where}: {exc}") from None
-    log.info("the job runs on %s", device)
+    log.debug("the job runs on %s", device)
     return device
 
 
