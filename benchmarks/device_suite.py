@@ -237,7 +237,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (the spec's device.precision)")
+    ap.add_argument(
+        "--precision", default="auto", help="auto, fp32, bf16 or fp16 (the spec's device.precision); comma-separated: each, side by side in this run"
+    )
     ap.add_argument("--full", action="store_true", help="the GPU set: MedNeXt tiny/small/base at 64^3 and 128^3, factory at 64 and 512 px")
     ap.add_argument("--sizes", default=None)
     ap.add_argument("--rois", default=None)
@@ -267,7 +269,8 @@ def main() -> int:
     common = {"device": device, "repeats": repeats, "threads": args.threads}
     specs: list[dict[str, Any]] = []
     if "step" in tables:
-        specs += [{"kind": "step", "size": s, "roi": r, "precision": args.precision, **common} for s in sizes for r in rois]
+        precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+        specs += [{"kind": "step", "size": s, "roi": r, "precision": p, **common} for s in sizes for r in rois for p in precisions]
     if "infer" in tables:
         specs += [{"kind": "infer", "size": s, "shape": shape, "roi": min(rois), **common} for s in sizes]
     if "factory" in tables:

@@ -324,7 +324,7 @@ def describe_devices() -> dict[str, Any]:
                     "name": props.name,
                     "memory_mb": int(props.total_memory // 2**20),
                     "capability": f"{props.major}.{props.minor}",
-                    "bf16": props.major >= 8,  # Ampere and later
+                    "bf16": _bf16_on(torch.device("cuda", i)),
                 }
             )
     return {

@@ -235,10 +235,6 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         """AdamW, whose restored moments must follow the model to the device (SCAFFOLD's declearn optimizer moves itself)."""
         return [self._adamw] if self._adamw is not None else []
 
-    def _scoring_device(self) -> torch.device:
-        """Where the plan scores models: the training device (the model moves there and back)."""
-        return self._training_device()
-
     def _step_precision(self, device: torch.device) -> Precision:
         """The round's precision on the step's device, fixed at its first step; fp16 brings a loss scale."""
         if self._precision is None:
@@ -382,7 +378,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         if self.testing_data_loader is None:
             return
         t0 = time.perf_counter()
-        with on_device(self.model(), self._scoring_device()):  # Fed-BioMed scores on the CPU; the windows run on the site's device
+        with on_device(self.model(), self._training_device()):  # Fed-BioMed scores on the CPU; the windows run on the site's device
             result, n_validation = self._dice_report(self.testing_data_loader, "")
             data = getattr(self, "_data", None)
             if data is not None and data.test_loader() is not None:
