@@ -47,6 +47,14 @@ class RunError(UserError):
     exit_code = 1
 
 
+class SitesMissingError(RunError):
+    """Too few sites: fewer than ``min_sites`` connected in time, or fewer than the round's
+    quorum answered. The run's state records ``error_kind: sites``: it can go on once enough
+    sites are back (`coordinator serve` resumes such runs by itself)."""
+
+    error_kind = "sites"
+
+
 class Federation:
     """Owns the Fed-BioMed researcher component and its gRPC server for this process."""
 
@@ -130,7 +138,7 @@ class Federation:
                 return sites
             if time.monotonic() >= deadline:
                 what = f"tags {spec.site_tags}" + (f" among nodes {spec.site_ids}" if spec.site_ids else "")
-                raise RunError(
+                raise SitesMissingError(
                     f"only {len(sites)} of the {spec.min_sites} required sites with {what} connected within "
                     f"{spec.wait_for_sites_s:g}s (is each site's node started and pointed at {self.address}?)"
                 )
