@@ -89,7 +89,8 @@ def select_best(run_dir: Path, metrics: dict[str, Any], record: dict[str, Any], 
     Best global model: the highest mean Dice over all classes across sites on their validation
     cases (the global model of round r-1 is what the sites scored at the start of round r; the
     final model is scored after the last round); the same score on their test cases is kept as
-    its ``test_score``. Best local model per site: its own validation Dice (`select_best_local`).
+    its ``test_score``. A model scored by fewer sites than have scored so far (one missed the
+    round) is no candidate: its mean is over other cases (``metrics["scoring_sites"]``). Best local model per site: its own validation Dice (`select_best_local`).
 
     Args:
         run_dir: the run directory.
@@ -102,6 +103,12 @@ def select_best(run_dir: Path, metrics: dict[str, Any], record: dict[str, Any], 
     ckpt = Path(run_dir) / "checkpoints"
     rows = list(record["sites"].values())
     for key, model_round in (("val_global", record["round"] - 1), ("val_final", record["round"])):
+        scored = sorted(row.get("name", "") for row in rows if key in row)
+        seen = set(metrics.get("scoring_sites") or []) | set(scored)
+        metrics["scoring_sites"] = sorted(seen)
+        if scored and set(scored) != seen:
+            # a mean over fewer sites (one missed the round) is not comparable with the others: no candidate
+            continue
         score = selection_score(rows, key)  # validation only: the test rows never choose
         best = metrics.get("best_global") or {}
         src = ckpt / f"global_round_{model_round:04d}.pt"

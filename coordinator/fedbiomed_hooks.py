@@ -5,6 +5,10 @@
   logs them.
 - `ScalarFeed`: the scalars sites stream during a round (validation metrics, training loss),
   through the experiment's monitor callback.
+- `RoundOutcomes`: what became of each site's training request (answered, failed, disconnected,
+  timed out), read from the request objects, and the policies that end a round (the deadline,
+  ``round_timeout_s``, and a lost site staying lost) added to those requests: Fed-BioMed sends
+  training requests without any.
 - `WireCounter`: the bytes Fed-BioMed's gRPC server puts on the wire. Fed-BioMed 6.4.1 has no
   API for these: they exist only in its transport's debug log records, so this is the one place
   where the coordinator reads Fed-BioMed's logging (see `wire_bytes`).
@@ -19,7 +23,7 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
+__all__ = ["RoundOutcomes", "ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
 
 
 class SiteErrors:
@@ -91,6 +95,123 @@ class SiteErrors:
         """Forget the lines kept so far (a new run starts)."""
         with self._lock:
             self._lines.clear()
+
+
+OUTCOMES = ("ok", "failed", "timeout", "not_sampled")  # a site's part in a round, as metrics.json records it
+
+
+class RoundOutcomes:
+    """What each site's training request came to, per (experiment, round), and the round's policies.
+
+    Fed-BioMed's training job sends its requests without a policy, so a round waits until every
+    site answers or its connection is declared lost (~2 minutes for a stopped process), and it
+    keeps only the replies. `watch` wraps ``send`` on the `Requests` singleton: a training
+    request gets the policies ``round_policies(timeout_s)`` returns (the deadline when set) and,
+    when its context ends, each site's outcome is kept: ``ok``, ``failed`` (an error, an
+    unsuccessful reply, a lost connection, a site not connected) or ``timeout``, with a short reason.
+
+    Args:
+        is_training_request: tells a training request message (Fed-BioMed's ``TrainRequest``).
+        round_policies: the request policies of a round with this deadline in seconds (None: no deadline).
+    """
+
+    def __init__(self, is_training_request: Callable[[Any], bool], round_policies: Callable[[float | None], list[Any]]):
+        self.timeout_s: float | None = None
+        self._is_training_request = is_training_request
+        self._round_policies = round_policies
+        self._lock = threading.Lock()
+        self._outcomes: dict[tuple[str, int, bool], dict[str, dict[str, str]]] = {}
+
+    def watch(self, requests: Any) -> None:
+        """Add the deadline to, and read the outcomes of, every training request sent through ``requests``.
+
+        Args:
+            requests: the researcher's `Requests` singleton; its ``send`` is wrapped once.
+        """
+        send = getattr(requests.send, "fedimg_outcomes_original", requests.send)
+
+        @contextlib.contextmanager
+        def send_with_deadline(message: Any, nodes: list[str] | None = None, policies: list[Any] | None = None) -> Iterator[Any]:
+            key = self._training_key(message)
+            timeout = self.timeout_s
+            if key is not None:
+                policies = [*(policies or []), *self._round_policies(timeout)]
+            with send(message, nodes, policies) as federated_request:
+                try:
+                    yield federated_request
+                finally:
+                    if key is not None:
+                        try:
+                            self._record(key, federated_request, nodes, timeout)
+                        except (AttributeError, TypeError):  # a request of a shape we do not know: the run goes on
+                            logging.getLogger(__name__).debug("unreadable training request", exc_info=True)
+
+        send_with_deadline.fedimg_outcomes_original = send  # type: ignore[attr-defined]  # watching twice wraps once
+        requests.send = send_with_deadline
+
+    def _training_key(self, message: Any) -> tuple[str, int, bool] | None:
+        """(experiment id, round from 0, training) of a training request, else None."""
+        if not isinstance(message, dict) or not message:  # Fed-BioMed's MessagesByNode: node id -> message
+            return None
+        first = next(iter(message.values()))
+        if not all(self._is_training_request(m) for m in message.values()):
+            return None
+        return str(first.experiment_id), int(first.round), bool(first.training)
+
+    def _record(self, key: tuple[str, int, bool], federated_request: Any, nodes: list[str] | None, timeout: float | None) -> None:
+        found: dict[str, dict[str, str]] = {}
+        for request in federated_request.requests:
+            found[request.node.id] = outcome_of(request, timeout)
+        for nid in nodes or []:  # asked, but not connected: Fed-BioMed made no request for it
+            found.setdefault(nid, {"status": "failed", "reason": "not connected"})
+        with self._lock:
+            self._outcomes[key] = found
+
+    def take(self, experiment_id: str, round_i: int, training: bool = True) -> dict[str, dict[str, str]]:
+        """Remove and return the outcomes of one round's request.
+
+        Args:
+            experiment_id: the experiment's Fed-BioMed id.
+            round_i: the round, from 0.
+            training: the training request (False: the validation-only request after the last round).
+
+        Returns:
+            node id -> ``{"status": ok|failed|timeout, "reason": ...}`` (no reason when ok); empty
+            when no such request was seen.
+        """
+        with self._lock:
+            return self._outcomes.pop((experiment_id, round_i, training), {})
+
+
+def outcome_of(request: Any, timeout: float | None) -> dict[str, str]:
+    """A site's outcome of one request, from Fed-BioMed's `Request` object.
+
+    Args:
+        request: the request (``reply``, ``error``, ``status``: a `RequestStatus`).
+        timeout: the deadline the request had, if any (for the reason).
+
+    Returns:
+        ``{"status": ...}`` plus ``reason`` unless ok.
+    """
+    reply, error = getattr(request, "reply", None), getattr(request, "error", None)
+    status = getattr(getattr(request, "status", None), "value", None)
+    if reply is not None:
+        if getattr(reply, "success", True) is False:
+            return {"status": "failed", "reason": _one_line(getattr(reply, "msg", None) or "training failed without a message")}
+        return {"status": "ok"}
+    if error is not None:
+        code = f"{error.errnum}: " if getattr(error, "errnum", None) else ""
+        return {"status": "failed", "reason": _one_line(code + str(getattr(error, "extra_msg", "") or "error"))}
+    if status == "DISCONNECT":
+        return {"status": "failed", "reason": "disconnected during the round"}
+    if timeout:
+        return {"status": "timeout", "reason": f"no update within round_timeout_s ({timeout:g} s)"}
+    return {"status": "failed", "reason": "no answer"}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class ScalarFeed:

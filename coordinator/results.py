@@ -120,3 +120,30 @@ def ordered_classes(names: Iterable[str], schema_classes: Mapping[str, int] | No
         known = [c for c, _ in sorted(schema_classes.items(), key=lambda kv: kv[1]) if c in names]
         return known + sorted(names - set(known))
     return sorted(names)
+
+
+def participation(rounds: Iterable[Mapping]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Each site's part in each round, for the rounds a site was left out of.
+
+    Args:
+        rounds: the run's round records (``site_status``, ``aggregated_from``; older runs have neither).
+
+    Returns:
+        ``(sites, rows, lines)``: the site names; one row per round some sampled site was left
+        out of (round, ``k of n``, each site's status); one line per such round with the reasons.
+        Empty when every site took part in every round it was asked to.
+    """
+    rounds = [r for r in rounds if r.get("site_status")]
+    sites = sorted({name for r in rounds for name in r["site_status"]})
+    rows, lines = [], []
+    for r in rounds:
+        status = r["site_status"]
+        asked = [name for name, row in status.items() if row.get("status") != "not_sampled"]
+        left = {name: row for name, row in status.items() if row.get("status") in ("failed", "timeout")}
+        if not left:
+            continue
+        taken = r.get("aggregated_from")
+        rows.append([str(r["round"]), f"{taken} of {len(asked)}", *[status.get(name, {}).get("status", "-") for name in sites]])
+        why = "; ".join(f"{name} {row['status']}: {row.get('reason') or 'no reason recorded'}" for name, row in sorted(left.items()))
+        lines.append(f"round {r['round']}: aggregated from {taken} of {len(asked)} sites ({why})")
+    return sites, rows, lines

@@ -61,6 +61,27 @@ class WireBytes(_Record):
     from_sites: int | float | None = None
 
 
+class SiteStatus(_Record):
+    """A site's part in one round.
+
+    Attributes:
+        status: ``ok`` (its update was aggregated), ``failed`` (an error, a lost connection, not
+            connected), ``timeout`` (no update within ``round_timeout_s``) or ``not_sampled``.
+        reason: why, for every status but ``ok``.
+    """
+
+    status: str
+    reason: str | None = None
+
+
+class Quorum(_Record):
+    """What a round needed to be aggregated (the spec's ``sites.min_per_round``, ``sites.mandatory``, ``round_timeout_s``)."""
+
+    min_per_round: int | None = None
+    mandatory: list[str] = Field(default_factory=list)
+    round_timeout_s: float | None = None
+
+
 class RoundRecord(_Record):
     """One round: its timing, the global update's norm, bytes on the wire and the sites' rows.
 
@@ -72,6 +93,8 @@ class RoundRecord(_Record):
         metrics_lost: the round ran (its model is in the breakpoint) but its per-site rows are gone.
         bytes: wire bytes of the round.
         sampled: names of the sites the strategy sampled.
+        site_status: site name -> its part in the round (every site of the run; None for older runs).
+        aggregated_from: how many sites' updates the round's aggregate holds (None for older runs).
     """
 
     round: int
@@ -81,6 +104,8 @@ class RoundRecord(_Record):
     metrics_lost: bool = False
     bytes: WireBytes | None = None
     sampled: list[str] | None = None
+    site_status: dict[str, SiteStatus] | None = None
+    aggregated_from: int | None = None
 
     def named_sites(self) -> list[tuple[str, SiteRound]]:
         """(site name, row) of this round, sorted by name.
@@ -166,6 +191,8 @@ class RunMetrics(_Record):
         key_checksums32: factory runs: the key-function checksums the sites reported.
         samples: factory runs: sample grids written (paths relative to the run directory).
         published: factory runs: the published factory.
+        quorum: what each round needed (None for older runs: every site).
+        scoring_sites: the sites that scored a global model so far (a model scored by fewer is no candidate for best_global).
     """
 
     rounds: list[RoundRecord] = Field(default_factory=list)
@@ -185,6 +212,8 @@ class RunMetrics(_Record):
     key_checksums32: list[float] = Field(default_factory=list)
     samples: list[str] = Field(default_factory=list)
     published: Published | None = None
+    quorum: Quorum | None = None
+    scoring_sites: list[str] = Field(default_factory=list)
 
     @classmethod
     def of(cls, metrics: RunMetrics | Mapping[str, Any]) -> RunMetrics:

@@ -16,6 +16,7 @@ the models every k rounds instead of every round (`coordinator.engine.scoring_fl
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,16 @@ class SitesSection(ConfigModel):
     )
     min_sites: Annotated[int, integer(1)] | None = Field(default=None, description="Sites needed to start (default: the number of ids, else 1).")
     wait_s: Annotated[float, number(0)] = Field(default=120.0, description="Seconds to wait for min_sites sites to connect.")
+    min_per_round: Annotated[int, integer(1)] | None = Field(
+        default=None,
+        description="Sites whose updates a round needs: a site that fails, disconnects or misses round_timeout_s is left out of that round's "
+        "aggregate (the weights renormalised over the sites that answered) and asked again next round; the run stops when fewer answer "
+        "(default: half of min_sites, rounded up).",
+    )
+    mandatory: Annotated[list[str], strings()] = Field(
+        default_factory=list,
+        description="Sites (names or node ids) without which no round is aggregated: the run stops when one of them does not answer.",
+    )
 
     @model_validator(mode="after")
     def _tags_given(self) -> SitesSection:
@@ -233,6 +244,11 @@ class SpecFile(ConfigModel):
     clients_per_round: Annotated[int, integer(1)] | None = Field(
         default=None, description="data_factory only: sites sampled per round (seeded, logged; default 2; null: every site)."
     )
+    round_timeout_s: Annotated[float, number(1)] | None = Field(
+        default=None,
+        description="Seconds a round waits for the sites' updates; a site that has not answered by then is left out of the round "
+        "(recorded as timeout) and asked again next round (default null: wait until every site answers or disconnects).",
+    )
     plan_args: dict[str, Any] = Field(
         default_factory=dict,
         description="The plan's arguments (schema: a built-in label schema name, a schema file next to the spec, or the schema inline; "
@@ -288,6 +304,9 @@ class Spec:
     site_ids: list[str] = field(default_factory=list)
     min_sites: int = 1
     wait_for_sites_s: float = 120.0
+    min_per_round: int = 1  # sites a round's aggregate needs (`coordinator.strategy.SampledSitesStrategy`)
+    mandatory_sites: list[str] = field(default_factory=list)  # names or node ids that every round needs
+    round_timeout_s: float | None = None  # None: a round waits for every site's answer or disconnection
     local_steps: int = 4
     batch_size: int = 2
     optimizer: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3})
@@ -425,6 +444,18 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("mode", "standalone runs have no aggregation: drop server_optimizer / aggregator"))
     if values.get("split") is not None and values.get("test_ratio") is not None:
         out.append(("test_ratio", "is deprecated and cannot be combined with split: drop it (test_ratio: X meant split: {validation: X, test: 0})"))
+    sites = values.get("sites")
+    quorum = sites.get("min_per_round") if isinstance(sites, dict) else None
+    sampled = values.get("clients_per_round", 2 if factory else None)
+    if isinstance(sites, dict) and isinstance(quorum, int):
+        ids, given = sites.get("ids"), sites.get("min_sites")
+        start = given if isinstance(given, int) else (len(ids) if isinstance(ids, list) and ids else 1)
+        if quorum > start:
+            out.append(("sites.min_per_round", f"must be at most min_sites ({start}): a run may start with min_sites sites (got {quorum})"))
+    if isinstance(quorum, int) and isinstance(sampled, int) and quorum > sampled:
+        out.append(("sites.min_per_round", f"must be at most clients_per_round ({sampled}): a round asks only that many sites (got {quorum})"))
+    if values.get("mode") == "standalone" and isinstance(sites, dict) and (quorum is not None or sites.get("mandatory")):
+        out.append(("sites", "standalone sites train alone: drop min_per_round and mandatory (a failing site stops the run)"))
     if values.get("clients_per_round") is not None and plan is not None and not factory:
         # segmentation runs select the best model on every site's validation each round
         out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
@@ -540,14 +571,20 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         split = SplitSettings(validation=float(m.test_ratio), test=0.0).to_dict()
     else:
         split = SplitSettings().to_dict()
+    min_sites = m.sites.min_sites if m.sites.min_sites is not None else (len(ids) or 1)
+    # data_factory samples 2 sites a round unless told otherwise; `clients_per_round: null` means all of them
+    clients_per_round = m.clients_per_round if "clients_per_round" in m.model_fields_set else (2 if factory else None)
     return Spec(
         name=m.name,
         plan=m.plan,
         rounds=m.rounds,
         site_tags=list(m.sites.tags),
         site_ids=ids,
-        min_sites=m.sites.min_sites if m.sites.min_sites is not None else (len(ids) or 1),
+        min_sites=min_sites,
         wait_for_sites_s=m.sites.wait_s,
+        min_per_round=m.sites.min_per_round if m.sites.min_per_round is not None else default_min_per_round(min_sites, clients_per_round),
+        mandatory_sites=list(m.sites.mandatory),
+        round_timeout_s=m.round_timeout_s,
         local_steps=m.local_steps,
         batch_size=m.batch_size if m.batch_size is not None else (1 if segmentation else 8 if factory else 2),
         optimizer=optimizer,
@@ -561,13 +598,29 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         plan_args=dict(m.plan_args),
         model_args=model_args,
         mode=m.mode,
-        # data_factory samples 2 sites a round unless told otherwise; `clients_per_round: null` means all of them
-        clients_per_round=m.clients_per_round if "clients_per_round" in m.model_fields_set else (2 if factory else None),
+        clients_per_round=clients_per_round,
         request_approval=m.approval.request,
         approval_wait_s=m.approval.wait_s,
         device=m.device.model_dump(),
         raw=raw,
     )
+
+
+def default_min_per_round(min_sites: int, clients_per_round: int | None = None) -> int:
+    """The quorum of a round when the spec sets none: half of the sites needed to start, rounded up.
+
+    A federation keeps training through one failing site of two, two of four; it stops when most
+    of it is gone (then `coordinator serve` resumes it once the sites are back).
+
+    Args:
+        min_sites: the sites the run needs to start.
+        clients_per_round: sites sampled per round (None: every site).
+
+    Returns:
+        At least 1, at most the sites a round samples.
+    """
+    quorum = max(1, math.ceil(min_sites / 2))
+    return min(quorum, clients_per_round) if clients_per_round else quorum
 
 
 # Below / above these a run is legal but most likely not what was meant.

@@ -20,6 +20,7 @@ from coordinator.report.tables import (
     evaluation_table,
     final_metrics_table,
     header_table,
+    participation_table,
     split_sizes_table,
     split_table,
 )
@@ -109,6 +110,8 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
     standalone = ["Standalone mode: the sites never share weights, so each site's 'global' model is its own model."] if run.metrics.mode == "standalone" else []
     split_note = [SPLITS_TEXT] if fed.has_test else [NO_TEST_TEXT]
     run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if run.metrics.splits else [])
+    if (left_out := participation_table(run.metrics)) is not None:
+        run_tables.append(left_out)
     oof_tables = [t for ev in run.evaluations for t in (evaluation_table(ev), evaluation_metrics_table(ev)) if t is not None]
     oof_text = [] if run.evaluations else [f"No out-of-federation evaluation ({EVALUATIONS_DIR}/<dataset>.json) for this run."]
     if len(oof_tables) > len(run.evaluations):  # evaluations with clinical metrics

@@ -19,7 +19,7 @@ from coordinator.report.reading import (
     row_mean,
     scored_mean,
 )
-from coordinator.results import class_dice
+from coordinator.results import class_dice, participation
 from coordinator.run_metrics import RunMetrics
 from fedimg_core.reporting import Table, cell, fixed
 
@@ -249,3 +249,12 @@ def final_metrics_table(metrics: RunMetrics, classes: list[str]) -> Table | None
                "grid), NSD (at the class's tolerance of the schema) and RVD; n: the cases behind HD95 / RVD (distances leave out a "
                "case where only one of prediction and reference has the class).")  # fmt: skip
     return Table(["site", "class", "Dice", "HD95 (mm)", "ASSD (mm)", "NSD", "RVD", "n"], rows, caption)
+
+
+def participation_table(metrics: Metrics) -> Table | None:
+    """The rounds some site was left out of (failed, timed out), each site's status; None when there were none."""
+    rounds = [r.model_dump() for r in RunMetrics.of(metrics).rounds]
+    sites, rows, _ = participation(rounds)
+    if not rows:
+        return None
+    return Table(["round", "aggregated from", *sites], rows, f"rounds aggregated from fewer sites: {len(rows)} of {len(rounds)} (the reasons: run.log, metrics.json site_status)")

@@ -388,6 +388,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 final = before_train and total is not None and int(self.round() or 0) >= total
                 result.update(self._test_report(data, clinical=final))
         result["eval_s"] = time.perf_counter() - t0  # scoring cost (validation + test + reference): what a round spends besides training
+        result["round_index"] = float(int(self.round() or 0))  # the request's round: the coordinator drops a late message of an earlier one
         if history_monitor is not None:
             history_monitor.add_scalar(
                 metric=result, iteration=1, epoch=None, test=True, test_on_local_updates=not before_train,
