@@ -27,8 +27,10 @@ import os
 import re
 import secrets
 import time
+from datetime import datetime
 from pathlib import Path
 
+import psutil
 import yaml
 
 from coordinator.run_metrics import RunMetrics
@@ -257,12 +259,12 @@ def summary(run_dir: Path) -> dict:
         run_dir: the run directory.
 
     Returns:
-        The state record plus ``rounds_done``, ``rounds_planned``, ``run_dir`` and ``last_round``.
+        The state record (as `shown_state` shows it) plus ``rounds_done``, ``rounds_planned``, ``run_dir`` and ``last_round``.
 
     Raises:
         UserError: the run has no readable state.
     """
-    state = read_state(run_dir)
+    state = shown_state(read_state(run_dir))
     metrics = read_metrics(run_dir)
     rounds = metrics.get("rounds", [])
     return {
@@ -274,24 +276,96 @@ def summary(run_dir: Path) -> dict:
     }
 
 
+_PID_START_SLACK_S = 5.0  # a run's process starts before the run; stamps have one-second resolution
+
+
+def _started_epoch(state: dict) -> float | None:
+    """When the run last started (its ``started`` stamp), in seconds since the epoch; None if unknown."""
+    try:
+        return datetime.strptime(str(state.get("started")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
+def run_process_alive(state: dict, own_pid_alive: bool = True) -> bool:
+    """Whether the process recorded in a ``running`` run's state still runs it.
+
+    The recorded ``pid`` must exist, not be a zombie, and have started no later than the run
+    (its ``started`` stamp, with a few seconds of slack): a process started after the run is
+    another one that was given the same pid.
+
+    Args:
+        state: the run's state record (``pid``, ``started``).
+        own_pid_alive: what to answer when the pid is this process's own (False at the start of
+            `coordinator serve`, before it runs anything: a previous process had that pid).
+
+    Returns:
+        True while the run's process is alive (also when it cannot be inspected).
+    """
+    try:
+        pid = int(state.get("pid") or 0)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    if pid == os.getpid() and not own_pid_alive:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = proc.create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # access denied: assume it is the run's process
+        return True
+    started = _started_epoch(state)
+    return started is None or created <= started + _PID_START_SLACK_S
+
+
+def shown_state(state: dict) -> dict:
+    """A state as read-only commands show it: a ``running`` run whose process is gone is ``interrupted``.
+
+    Nothing is written (the file belongs to the process running the run, or to the next
+    `coordinator serve`, which records the change).
+
+    Args:
+        state: the run's state record.
+
+    Returns:
+        The record, or a copy with ``status: interrupted``, ``process_gone: true`` and an error saying why.
+    """
+    if state.get("status") != "running" or run_process_alive(state):
+        return state
+    return {**state, "status": "interrupted", "process_gone": True,
+            "error": f"the coordinator process running it (pid {state.get('pid')}) is gone"}  # fmt: skip
+
+
 def recover_stale(home: Path) -> list[str]:
-    """Runs left 'running' by a process that died are 'interrupted' (resumable)."""
+    """Record runs left ``running`` by a process that died as ``interrupted`` (resumable).
+
+    Called by the processes that run runs (`coordinator serve` at start, `coordinator resume`),
+    never by read-only commands (they show such runs as interrupted: `shown_state`). A run
+    recorded with this process's own pid is stale too (a previous process had the pid).
+
+    Args:
+        home: the coordinator home.
+
+    Returns:
+        The ids of the runs marked interrupted.
+    """
     stale = []
-    for info in list_runs(home):
-        if info["status"] == "running":
-            pid = info.get("pid")
-            alive = False
-            if pid:
-                try:
-                    os.kill(int(pid), 0)
-                    alive = int(pid) != os.getpid()
-                except (ProcessLookupError, ValueError):
-                    alive = False
-                except PermissionError:
-                    alive = True
-            if not alive:
-                mark(Path(info["run_dir"]), "interrupted", error="the coordinator stopped during the run")
-                stale.append(info["run_id"])
+    base = runs_dir(home)
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        if not (d / "state.json").is_file():
+            continue
+        try:
+            state = read_state(d)
+        except UserError:
+            continue
+        if state.get("status") == "running" and not run_process_alive(state, own_pid_alive=False):
+            mark(d, "interrupted", error="the coordinator stopped during the run")
+            stale.append(state.get("run_id", d.name))
     return stale
 
 
@@ -305,7 +379,9 @@ _RELAYED = re.compile(r"^\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*\n\s*NODE\s+(\
 _KEPT_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 # Fed-BioMed INFO lines worth keeping: a few per round, saying who took part and what was saved.
 _KEPT_INFO = ("Sampled nodes in round", "Nodes that successfully reply in round", "breakpoint number",
-              "Training plan has been approved by the node")  # fmt: skip
+              "Training plan has been approved by the node",
+              # a site's answer to a round that ended without it (deadline, lost connection): dropped by Fed-BioMed
+              "Received late reply", "Received a reply from a stopped request")  # fmt: skip
 
 
 def plain_text(text: str) -> str:

@@ -12,9 +12,12 @@ import re
 import secrets
 import signal
 import threading
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Callable
 
 from coordinator import runs
 from coordinator import spec as spec_mod
@@ -49,21 +52,79 @@ def api_token(home: Path) -> str:
     return path.read_text().strip()
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """How `coordinator serve` recovers its runs by itself (docs/design/http-service.md, "Recovery").
+
+    Args:
+        max_auto_resumes: automatic resumes allowed per run (state.json ``auto_resumes``); 0 disables recovery.
+        retry_wait_s: after an automatic resume, the least time before the next one of the same run.
+        sites_poll_s: how often the sites are checked for a run that failed for lack of sites (queue idle only).
+    """
+
+    max_auto_resumes: int = 3
+    retry_wait_s: float = 60.0
+    sites_poll_s: float = 15.0
+
+
+def recovery_action(state: dict, max_auto_resumes: int) -> tuple[str, str]:
+    """What `coordinator serve` does by itself with a run, from its state alone.
+
+    Only runs this service ran (``runner: serve``) recover: an interrupted run is re-queued
+    at once; a run failed with ``error_kind: sites`` waits until enough sites are back; after
+    ``max_auto_resumes`` automatic resumes a run is left for an operator. Any other run (done,
+    queued, running, failed for another reason: a plan not approved, a site's error) is left alone.
+
+    Args:
+        state: the run's state record.
+        max_auto_resumes: the service's limit (0: no automatic recovery).
+
+    Returns:
+        ``(action, reason)``: action ``"requeue"`` (go on now), ``"wait_sites"`` (go on once
+        enough sites are connected), ``"exhausted"`` (would recover, but the limit is reached)
+        or ``"none"``; reason is a few words for the log.
+    """
+    status = state.get("status")
+    if status == "interrupted":
+        why = "interrupted"
+    elif status == "failed" and state.get("error_kind") == "sites":
+        why = "failed for lack of sites"
+    else:
+        return "none", f"{status}" + (" (not for lack of sites)" if status == "failed" else "")
+    if max_auto_resumes <= 0:
+        return "none", "automatic recovery is off (--max-auto-resumes 0)"
+    if state.get("runner") != "serve":
+        return "none", f"{why}, but not run by `coordinator serve`"
+    used = int(state.get("auto_resumes") or 0)
+    if used >= max_auto_resumes:
+        return "exhausted", f"{why}; {used} of {max_auto_resumes} automatic resumes used"
+    return ("requeue" if status == "interrupted" else "wait_sites"), why
+
+
 class Coordinator:
-    """The service's run queue: accepts specs and resumes, runs queued runs one at a time.
+    """The service's run queue: accepts specs and resumes, runs queued runs one at a time,
+    and recovers its interrupted runs and those that failed for lack of sites (`Recovery`).
 
     Args:
         home: the coordinator home (its ``runs/`` hold the queue).
-        federation: the `coordinator.engine.Federation` that runs them.
+        federation: the `coordinator.engine.Federation` that runs them (``matching_sites``
+            is all recovery asks of it).
+        recovery: the automatic recovery settings (default `Recovery()`).
+        clock: monotonic seconds (tests pass a fake one).
     """
 
-    def __init__(self, home: Path, federation):
+    def __init__(self, home: Path, federation, recovery: Recovery | None = None, clock: Callable[[], float] = time.monotonic):
         self.home = Path(home)
         self.federation = federation
+        self.recovery = recovery or Recovery()
+        self.clock = clock
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.current: str | None = None
         self.lock = threading.Lock()  # serialises queue changes (submit/resume vs. the runner)
+        self._not_before: dict[str, float] = {}  # run id -> no recovery step before this time
+        self._told: dict[str, str] = {}  # run id -> the last decision logged (each is logged once)
+        self._ran: set[str] = set()  # runs this process ran
 
     # -- queue ---------------------------------------------------------------------------
 
@@ -99,14 +160,104 @@ class Coordinator:
         """
         with self.lock:
             run_dir = _run_dir(self.home, run_id)
-            state = runs.read_state(run_dir)
+            state = runs.shown_state(runs.read_state(run_dir))  # a 'running' run whose process died is interrupted
             if state["status"] not in ("interrupted", "failed"):
                 raise UserError(f"run {run_dir.name} is {state['status']}; only interrupted or failed runs resume")
             if runs.latest_breakpoint(run_dir) is None:
                 raise UserError(f"run {run_dir.name} has no breakpoint (it never completed a round); submit it again")
-            runs.update_state(run_dir, status="queued", resume=True)
+            # an operator's resume starts a new series of automatic ones
+            runs.update_state(run_dir, status="queued", resume=True, auto_resumes=0, auto_recovery=None, error_kind=None)
         self.wake.set()
         return run_dir.name
+
+    # -- automatic recovery ----------------------------------------------------------------
+
+    def _tell(self, run_id: str, message: str, level: int = logging.INFO) -> None:
+        """Log one recovery decision about a run, once (the loop re-checks every few seconds)."""
+        if self._told.get(run_id) != message:
+            self._told[run_id] = message
+            log.log(level, "run %s: %s", run_id, message)
+
+    def recover(self) -> list[str]:
+        """One pass of automatic recovery over the runs (`recovery_action` decides each one).
+
+        An interrupted run is re-queued; a run that failed for lack of sites is re-queued
+        once ``federation.matching_sites(spec)`` finds the spec's ``min_sites`` (checked every
+        ``sites_poll_s`` at most). A re-queued run resumes from its last complete breakpoint,
+        or starts again in the same run directory when it has none (it never completed a round:
+        nothing was aggregated, metrics.json has no round). Each re-queue counts in the run's
+        ``auto_resumes``, and the run is not re-queued again before ``retry_wait_s``. A run
+        whose automatic resumes are used up keeps its status, with ``auto_recovery`` saying so.
+
+        Returns:
+            The ids of the runs re-queued.
+        """
+        limit = self.recovery.max_auto_resumes
+        requeued: list[str] = []
+        base = runs.runs_dir(self.home)
+        for run_dir in sorted(base.iterdir()) if base.is_dir() else []:
+            if self.stopping.is_set():
+                break
+            if not (run_dir / "state.json").is_file():
+                continue
+            run_id = run_dir.name
+            try:
+                state = runs.read_state(run_dir)
+            except UserError:
+                continue
+            action, why = recovery_action(state, limit)
+            if action == "none":
+                if run_id in self._ran and state.get("status") in ("interrupted", "failed"):
+                    self._tell(run_id, f"not resumed automatically: {why}")  # runs of earlier processes: said then
+                continue
+            if action == "exhausted":
+                note = f"not resumed automatically: {why} (`coordinator resume {run_id}` continues it)"
+                if state.get("auto_recovery") != note:  # said once, in the log and in its state
+                    log.warning("run %s: %s", run_id, note)
+                    with self.lock:
+                        runs.update_state(run_dir, auto_recovery=note)
+                continue
+            now = self.clock()
+            if now < self._not_before.get(run_id, 0.0):
+                continue
+            if action == "wait_sites":
+                try:
+                    spec = spec_mod.load(runs.spec_file(run_dir))
+                    found = len(self.federation.matching_sites(spec))
+                except UserError as exc:
+                    self._tell(run_id, f"not resumed automatically: its spec no longer loads ({exc})", logging.WARNING)
+                    self._not_before[run_id] = now + self.recovery.retry_wait_s
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a failed search is retried at the next poll
+                    log.debug("run %s: site search failed: %s", run_id, exc)
+                    found = 0
+                    spec = None
+                if spec is None or found < spec.min_sites:
+                    need = spec.min_sites if spec is not None else "?"
+                    self._tell(run_id, f"failed for lack of sites: waiting for {need} sites to resume it (checked every {self.recovery.sites_poll_s:g}s)")
+                    self._not_before[run_id] = now + self.recovery.sites_poll_s
+                    continue
+                why = f"{found} of the {spec.min_sites} required sites are back"
+            if self._requeue(run_dir, why):
+                requeued.append(run_id)
+        if requeued:
+            self.wake.set()
+        return requeued
+
+    def _requeue(self, run_dir: Path, why: str) -> bool:
+        """Re-queue a run for an automatic resume (or a new start without a breakpoint); False if it changed meanwhile."""
+        with self.lock:
+            state = runs.read_state(run_dir)
+            action, _ = recovery_action(state, self.recovery.max_auto_resumes)
+            if action not in ("requeue", "wait_sites"):
+                return False  # an operator or another pass got there first
+            used = int(state.get("auto_resumes") or 0) + 1
+            bkpt = runs.latest_breakpoint(run_dir)
+            runs.update_state(run_dir, status="queued", resume=bkpt is not None, auto_resumes=used, error_kind=None)
+        self._not_before[run_dir.name] = self.clock() + self.recovery.retry_wait_s
+        how = f"resumes from {bkpt.name}" if bkpt is not None else "starts again from round 1 (no complete round to resume from)"
+        self._tell(run_dir.name, f"{why}: re-queued, {how} (automatic resume {used} of {self.recovery.max_auto_resumes})")
+        return True
 
     def _next_queued(self) -> Path | None:
         with self.lock:
@@ -116,13 +267,19 @@ class Coordinator:
         return None
 
     def loop(self) -> None:
-        """Run queued runs in order until ``stopping`` is set (stale 'running' runs are marked interrupted first)."""
+        """Run queued runs in order until ``stopping`` is set.
+
+        Runs left ``running`` by a process that died are marked interrupted first; while the
+        queue is idle, `recover` re-queues what can go on by itself.
+        """
         for run_id in runs.recover_stale(self.home):
-            log.info("run %s was interrupted by a previous stop; `coordinator resume %s` continues it", run_id, run_id)
+            log.info("run %s: its coordinator process stopped during the run; marked interrupted", run_id)
         log.info("coordinator ready: sites connect to %s", self.federation.address)
         while not self.stopping.is_set():
             run_dir = self._next_queued()
             if run_dir is None:
+                if self.recover():
+                    continue
                 self.wake.wait(timeout=2.0)
                 self.wake.clear()
                 continue
@@ -136,8 +293,10 @@ class Coordinator:
         """
         state = runs.read_state(run_dir)
         self.current = run_dir.name
+        self._ran.add(run_dir.name)
         try:
             parsed = spec_mod.load(runs.spec_file(run_dir))
+            runs.update_state(run_dir, runner="serve")  # this service recovers it if it stops (`recovery_action`)
             log.info("run %s: starting (%s)", run_dir.name, "resume" if state.get("resume") else "new")
             self.federation.run(run_dir, parsed, resume=bool(state.get("resume")))
             log.info("run %s: done", run_dir.name)
@@ -149,6 +308,7 @@ class Coordinator:
             with self.lock:  # a resume request may have re-queued the run meanwhile: keep its flag
                 if runs.read_state(run_dir)["status"] != "queued":
                     runs.update_state(run_dir, resume=False)
+            self._not_before[run_dir.name] = self.clock() + self.recovery.retry_wait_s  # no automatic resume right away
             self.current = None
 
 
@@ -258,7 +418,8 @@ def make_server(coord: Coordinator, token: str, host: str, port: int, limits: HT
     return LimitedHTTPServer((host, port), make_handler(coord, token, limits), limits)
 
 
-def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None) -> None:
+def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: int, public_host=None,
+          recovery: Recovery | None = None) -> None:  # fmt: skip
     """Run the long-lived coordinator: the Fed-BioMed server, the API and registry, the run queue.
 
     Progress lines go to this module's logger (and the engine's); returns after SIGTERM or
@@ -271,13 +432,20 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
         api_host: address of the researcher API.
         api_port: port of the researcher API.
         public_host: name sites dial (in the TLS certificate); None: derived from ``grpc_host``.
+        recovery: automatic recovery settings (`Recovery`; default ``Recovery()``).
     """
+    from coordinator import late_replies
     from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed and torch)
 
     home = Path(home).resolve()
     token = api_token(home)
+    late_replies.install()  # replies owed to a previous coordinator process: a log line, not a traceback
     federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
-    coord = Coordinator(home, federation)
+    coord = Coordinator(home, federation, recovery)
+    if coord.recovery.max_auto_resumes > 0:
+        log.info("automatic recovery: up to %d resumes per run, %gs apart", coord.recovery.max_auto_resumes, coord.recovery.retry_wait_s)
+    else:
+        log.info("automatic recovery is off (--max-auto-resumes 0): `coordinator resume ID` continues a run")
     httpd = make_server(coord, token, api_host, api_port)
     threading.Thread(target=httpd.serve_forever, name="api", daemon=True).start()
     log.info("API on http://%s:%s (token in %s or $FEDIMG_API_TOKEN)", api_host, api_port, home / TOKEN_FILE)

@@ -28,7 +28,7 @@ from coordinator.commands.common import (
     url_option,
     with_options,
 )
-from coordinator.results import TEST_ROWS, class_dice, ordered_classes
+from coordinator.results import TEST_ROWS, class_dice, ordered_classes, participation
 from fedimg_core.errors import UserError
 
 
@@ -50,12 +50,26 @@ def _print_factory_results(info: dict, metrics: dict) -> None:
                           fmt(t, "key_used", ".2f"), fmt(t, "update_s"), mb)  # fmt: skip
             mb = ""
     console.print(table)
+    _print_participation(metrics.get("rounds", []))
     for sample in metrics.get("samples", [])[-1:]:
         click.echo(f"latest samples: {Path(info['run_dir']) / sample}")
     if metrics.get("published"):
         p = metrics["published"]
         click.echo(f"published: {p['kind']}/{p['name']} {p['version']} (coordinator registry)")
     _print_run_footer(info)
+
+
+def _print_participation(rounds: list[dict]) -> None:
+    """The rounds some site was left out of (failed, timeout), with the reasons; nothing when there were none."""
+    sites, rows, lines = participation(rounds)
+    if not rows:
+        return
+    table = Table("round", "aggregated from", *sites, title=f"rounds aggregated from fewer sites: {len(rows)} of {len(rounds)}")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in lines:
+        click.echo(line)
 
 
 def _print_results(run_dir: Path) -> None:
@@ -84,6 +98,7 @@ def _print_results(run_dir: Path) -> None:
             )  # fmt: skip
             mb = ""
     console.print(table)
+    _print_participation(rounds)
     last = [row for r in rounds[-1:] for row in r["sites"].values()]
     for split, label in (("val", "validation cases (they select the models)"), ("test", "test cases (never trained on, never used to select)")):
         final = {}
@@ -115,8 +130,10 @@ def _on_sigterm(signum, frame):
 
 
 def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, resume: bool, make_run_dir) -> None:
+    from coordinator import late_replies
     from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed, torch)
 
+    late_replies.install()  # replies owed to a previous coordinator process: a log line, not a traceback
     signal.signal(signal.SIGTERM, _on_sigterm)
     fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
     run_dir = make_run_dir()  # only once the server runs: a failed start leaves no queued run behind
@@ -176,9 +193,7 @@ def status(home, url, token, as_json) -> None:
         rows = call(url, "GET", "/runs", client_token(Path(home), token))["runs"]
     else:
         require_home(home)
-        for stale in runs.recover_stale(Path(home)):  # runs whose process died show as interrupted, not running
-            log.info("run %s: its coordinator process is gone; marked interrupted (`coordinator resume %s` continues it)", stale, stale)
-        rows = runs.list_runs(Path(home))
+        rows = runs.list_runs(Path(home))  # a run whose process died shows as interrupted (nothing is written)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return

@@ -16,11 +16,18 @@ from coordinator.commands.common import DEFAULT_URL, grpc_options, home_option, 
 @with_options(grpc_options)
 @click.option("--api-host", default="127.0.0.1", show_default=True, help="Address of the researcher API.")
 @click.option("--api-port", default=8750, show_default=True, type=int, help="Port of the researcher API.")
-def serve(home, grpc_host, grpc_port, public_host, api_host, api_port) -> None:
-    """Long-running coordinator: hosts the Fed-BioMed server, runs submitted specs in order."""
+@click.option("--max-auto-resumes", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Automatic resumes per run (interrupted, or failed for lack of sites); 0 turns automatic recovery off.")  # fmt: skip
+@click.option("--auto-resume-wait", default=60.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Least time between two automatic resumes of a run.")  # fmt: skip
+def serve(home, grpc_host, grpc_port, public_host, api_host, api_port, max_auto_resumes, auto_resume_wait) -> None:
+    """Long-running coordinator: hosts the Fed-BioMed server, runs submitted specs in order,
+    and resumes its interrupted runs, and those that failed for lack of sites once they are back, by itself."""
+    from coordinator.service import Recovery
     from coordinator.service import serve as _serve  # deferred: start-up time (Fed-BioMed, torch)
 
-    _serve(Path(home), grpc_host, grpc_port, api_host, api_port, public_host=public_host)
+    recovery = Recovery(max_auto_resumes=max_auto_resumes, retry_wait_s=auto_resume_wait)
+    _serve(Path(home), grpc_host, grpc_port, api_host, api_port, public_host=public_host, recovery=recovery)
 
 
 @click.command()
