@@ -269,7 +269,12 @@ def test_results_and_the_report_show_the_rounds_aggregated_from_fewer_sites():
     ok = {"status": "ok"}
     rounds = [
         {"round": 1, "sites": {}, "aggregated_from": 2, "site_status": {"a": ok, "b": ok}},
-        {"round": 2, "sites": {}, "aggregated_from": 1, "site_status": {"a": ok, "b": {"status": "timeout", "reason": "no update within round_timeout_s (6 s)"}}},
+        {
+            "round": 2,
+            "sites": {},
+            "aggregated_from": 1,
+            "site_status": {"a": ok, "b": {"status": "timeout", "reason": "no update within round_timeout_s (6 s)"}},
+        },
         {"round": 3, "sites": {}},  # a round of an older run: no status
     ]
     sites, rows, lines = participation(rounds)
@@ -283,3 +288,33 @@ def test_results_and_the_report_show_the_rounds_aggregated_from_fewer_sites():
 def test_the_quorum_is_checked_against_the_sites_named_by_id():
     problems = spec_problems(SPEC.replace("sites: {tags: [demo], min_sites: 4}", "sites: {tags: [demo], ids: [N1, N2], min_per_round: 3}"))
     assert "at most min_sites (2)" in problems["sites.min_per_round"], problems
+
+
+def test_the_soak_benchmark_plans_its_kills_and_counts_rounds_from_fewer_sites():
+    from conftest import load_benchmark
+
+    soak = load_benchmark("site_failure_soak")
+    import random
+
+    assert soak.kill_rounds(20, 3) == [3, 6, 9, 12, 15, 18]
+    picks = [soak.pick_site(random.Random(0), 3, {0}, {1: 5}, 6, 3) for _ in range(5)]
+    assert set(picks) == {2}  # site 0 is down, site 1 came back after round 5: too recently to be killed again
+    assert soak.pick_site(random.Random(0), 2, {0}, {1: 5}, 6, 3) is None
+    assert soak.pick_site(random.Random(1), 8, set(), {}, 3, 3) == soak.pick_site(random.Random(1), 8, set(), {}, 3, 3)  # seeded
+    ok, gone = {"status": "ok"}, {"status": "failed", "reason": "disconnected during the round"}
+    metrics = {
+        "rounds_planned": 3,
+        "rounds": [
+            {"round": 1, "wall_s": 2.0, "aggregated_from": 2, "site_status": {"a": ok, "b": ok}},
+            {"round": 2, "wall_s": 12.0, "aggregated_from": 1, "site_status": {"a": ok, "b": gone}},
+            {"round": 3, "wall_s": 4.0, "aggregated_from": 2, "site_status": {"a": ok, "b": ok}},
+        ],
+    }
+    out = soak.summarise(metrics, "done", [{"killed_after_round": 1, "site": "b"}])
+    assert out["rounds_done"] == 3 and out["rounds_from_fewer_sites"] == 1 and out["fewest_sites_in_a_round"] == 1
+    assert out["round_time"]["full"] == {"n": 2, "median_s": 3.0, "mean_s": 3.0} and out["round_time"]["partial"]["n"] == 1
+    spec = soak.soak_spec("soak", 8, 20, 4, 60)
+    from coordinator import spec as spec_mod
+
+    parsed = spec_mod.validate(spec, "soak")
+    assert parsed.min_per_round == 4 and parsed.round_timeout_s == 60 and parsed.min_sites == 8
