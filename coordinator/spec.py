@@ -40,6 +40,7 @@ __all__ = [
     "MAX_YAML_NODES",
     "MODES",
     "SCALES",
+    "SECAGG_SCHEMES",
     "SERVER_OPTIMIZERS",
     "WEIGHTS",
     "Spec",
@@ -61,6 +62,8 @@ MODES = ("federated", "standalone")
 WEIGHTS = ("samples", "equal")
 MAX_HELD_OUT = 0.9  # validation + test: at least a tenth of each site's cases trains
 SERVER_OPTIMIZERS = {"momentum": {"lr", "momentum"}, "adam": {"lr", "beta_1", "beta_2"}, "yogi": {"lr", "beta_1", "beta_2"}}
+SECAGG_SCHEMES = ("lom", "joye-libert")  # Fed-BioMed's SecureAggregationSchemes LOM and JOYE_LIBERT
+SECAGG_CLIPPING_RANGE = 3  # Fed-BioMed's default (SAParameters.CLIPPING_RANGE)
 SCHEMA_ID = "urn:fedimg:schema:experiment-spec"
 
 
@@ -187,6 +190,21 @@ class DeviceSection(ConfigModel):
     )
 
 
+class SecaggSection(ConfigModel):
+    """Secure aggregation (Fed-BioMed's): the coordinator sees only the sum of the sites' masked, quantised models."""
+
+    scheme: Annotated[str, one_of(*SECAGG_SCHEMES)] = Field(
+        default="lom",
+        description="lom (Low-Overhead Masking: pairwise Diffie-Hellman masks, fast) or joye-libert (additively homomorphic encryption, "
+        "a server key shared among the sites; slower).",
+    )
+    clipping_range: Annotated[int, integer(1)] = Field(
+        default=SECAGG_CLIPPING_RANGE,
+        description="Model values are clipped to [-c, c] and quantised to 2^13 levels before encryption: the aggregate is off by up to "
+        "2c/8191 per value and round (c = 3: about 7e-4); raise it only for weights beyond it.",
+    )
+
+
 class SpecFile(ConfigModel):
     """An experiment spec, as a researcher writes it (plan-dependent defaults are left None)."""
 
@@ -256,6 +274,11 @@ class SpecFile(ConfigModel):
     )
     approval: ApprovalSection = Field(default_factory=ApprovalSection, description="Plan approval by the sites.")
     device: DeviceSection = Field(default_factory=DeviceSection, description="GPU use and precision at the sites (segmentation plans).")
+    secagg: SecaggSection | None = Field(
+        default=None,
+        description="Secure aggregation (null: off): the coordinator only ever decrypts the weighted sum of the sites' models; every "
+        "sampled site must answer each round (a site that drops stops the run, resumable). Segmentation plans, federated mode.",
+    )
 
     @model_validator(mode="after")
     def _precision_fits(self) -> SpecFile:
@@ -293,7 +316,8 @@ class Spec:
     The attributes mirror the file's keys (``sites.tags`` -> ``site_tags``, ``approval.wait_s``
     -> ``approval_wait_s``); ``split`` is the resolved split (``{"validation", "test", "seed"}``,
     a legacy ``test_ratio`` turned into it), ``weights`` the aggregation weights (``samples`` or
-    ``equal``), ``validate_every`` how often the sites score the models; ``model_args`` is what the sites receive (the label schema embedded), ``raw`` the
+    ``equal``), ``validate_every`` how often the sites score the models, ``secagg`` the secure
+    aggregation settings (None: off); ``model_args`` is what the sites receive (the label schema embedded), ``raw`` the
     spec as written and ``warnings`` its risky but legal values.
     """
 
@@ -324,6 +348,7 @@ class Spec:
     request_approval: bool = True
     approval_wait_s: float = 0.0
     device: dict[str, str] = field(default_factory=lambda: DeviceSection().model_dump())  # {"gpu", "precision"}
+    secagg: dict[str, Any] | None = None  # {"scheme", "clipping_range"}; None: plain aggregation
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
@@ -459,6 +484,8 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     if values.get("clients_per_round") is not None and plan is not None and not factory:
         # segmentation runs select the best model on every site's validation each round
         out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
+    if isinstance(values.get("secagg"), dict):
+        out.extend(_secagg_rules(values, factory))
     if not factory:
         return out
     if values.get("validate_every") is not None:
@@ -479,6 +506,39 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("weights", f"{plan} weights every site equally (each client's generator counts the same): drop weights or write weights: equal"))
     if mode != "federated" or aggregator != "fedavg" or server_opt is not None or values.get("fedprox_mu") is not None:
         out.append(("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu"))
+    return out
+
+
+def _secagg_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]]:
+    """What Fed-BioMed's secure aggregation cannot be combined with (`plan_rules`, ``secagg`` given).
+
+    Args:
+        values: the spec's top-level values that validated.
+        factory: the plan is the data factory.
+
+    Returns:
+        (key path, problem) for each rule broken.
+    """
+    out: list[tuple[str, str]] = []
+    if factory:
+        out.append(("secagg", f"{values['plan']} weights its sites equally and samples them per round; secure aggregation weights by "
+                              "training cases and needs every site: drop secagg"))  # fmt: skip
+    elif values.get("mode") == "standalone":
+        out.append(("secagg", "standalone sites train alone: there is nothing to aggregate securely; drop secagg"))
+    elif values.get("aggregator") == "scaffold":
+        # Fed-BioMed averages the encrypted correction updates by training cases; declearn's SCAFFOLD server needs their sum
+        out.append(("aggregator", "scaffold cannot be combined with secagg (Fed-BioMed's secure aggregation averages SCAFFOLD's "
+                                  "correction updates where it needs their sum): use aggregator: fedavg or drop secagg"))  # fmt: skip
+    if values.get("weights") == "equal" and not factory:
+        # each site multiplies its quantised model by its training cases before masking: the weights are the sites' own
+        out.append(("weights", "equal cannot be combined with secagg: secure aggregation weights the sites by training cases; "
+                               "drop weights (or write weights: samples)"))  # fmt: skip
+    sites = values.get("sites")
+    if isinstance(sites, dict) and not factory and values.get("mode", "federated") == "federated":
+        ids, given = sites.get("ids"), sites.get("min_sites")
+        start = given if isinstance(given, int) else (len(ids) if isinstance(ids, list) and ids else 1)
+        if start < 2:
+            out.append(("sites.min_sites", f"must be at least 2 with secagg: secure aggregation needs 2 or more sites a round (got {start})"))
     return out
 
 
@@ -506,7 +566,7 @@ def deprecations(raw: dict[str, Any], plan: str) -> list[tuple[str, str]]:
     return [("test_ratio", f"is deprecated: write split: {{validation: {x:g}, test: {test:g}}} (test_ratio held out validation cases only; no test split)")]
 
 
-def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
+def validate(raw: Any, where: str, base_dir: Path | None = None, scale: str = "full") -> Spec:
     """Check a spec's mapping and return the Spec; every problem is reported at once.
 
     The keys are checked by the model (`SpecFile`), ``plan_args`` by the plan's own checks
@@ -519,6 +579,7 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
         base_dir: folder that ``plan_args.schema`` file paths are relative to. None (a spec
             that came over the network) refuses schema files: only built-in names or an
             inline schema, so a submitted spec cannot make the coordinator read its files.
+        scale: ``tiny`` for a spec `scale_raw` shrank: its few updates are meant, not warned about.
 
     Returns:
         The validated Spec; ``Spec.warnings`` lists risky but legal values.
@@ -550,7 +611,7 @@ def validate(raw: Any, where: str, base_dir: Path | None = None) -> Spec:
         problems.sort(key=lambda kp: rank.get(kp[0].partition(".")[0].partition("[")[0], len(order)))
         raise SpecError(format_problems(where, problems), problems, file=where, key=problems[0][0] if problems else None)
     spec = _resolve(model, model_args, raw)
-    spec.warnings = [f"{where}: {key}: {problem}" for key, problem in deprecations(raw, spec.plan) + risky_values(spec)]
+    spec.warnings = [f"{where}: {key}: {problem}" for key, problem in deprecations(raw, spec.plan) + risky_values(spec, scaled=scale != "full")]
     return spec
 
 
@@ -602,6 +663,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         request_approval=m.approval.request,
         approval_wait_s=m.approval.wait_s,
         device=m.device.model_dump(),
+        secagg=m.secagg.model_dump() if m.secagg is not None else None,
         raw=raw,
     )
 
@@ -628,11 +690,12 @@ MIN_UPDATES = 50  # rounds x local_steps of a segmentation run
 LR_RANGE = (1e-5, 0.1)
 
 
-def risky_values(spec: Spec) -> list[tuple[str, str]]:
+def risky_values(spec: Spec, scaled: bool = False) -> list[tuple[str, str]]:
     """Legal values that most likely spoil a run (printed as warnings, not refused).
 
     Args:
         spec: the validated spec.
+        scaled: the spec was shrunk on purpose (``--scale tiny``): too few updates is what was asked for.
 
     Returns:
         (key path, warning) pairs.
@@ -658,7 +721,7 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
             out.append(("validate_every", f"{spec.validate_every} > rounds ({spec.rounds}): only the initial model, the model before the last round "
                                           "and the final model are scored, and no local model (no best local model is selected)"))  # fmt: skip
         updates = spec.rounds * spec.local_steps
-        if updates < MIN_UPDATES:
+        if updates < MIN_UPDATES and not scaled:
             out.append(("rounds", f"{spec.rounds} rounds x {spec.local_steps} local_steps = {updates} updates per site: "
                                   f"too few to learn much (the examples use >= {MIN_UPDATES}; raise rounds or local_steps)"))  # fmt: skip
     lr = spec.optimizer.get("lr")
@@ -667,6 +730,12 @@ def risky_values(spec: Spec) -> list[tuple[str, str]]:
     if spec.mode == "federated" and spec.min_sites == 1 and not spec.is_factory:
         out.append(("sites.min_sites", "1: a federated run may start with a single site (no federation); "
                                        "set it to the number of sites you expect"))  # fmt: skip
+    given = spec.raw.get("sites")
+    sites: dict[str, Any] = given if isinstance(given, dict) else {}
+    for key in ("min_per_round", "mandatory"):
+        if spec.secagg is not None and sites.get(key):
+            out.append((f"sites.{key}", "has no effect with secagg: the sites' masks cancel only in the sum of all of them, so every "
+                                        "sampled site must answer each round (a missing one stops the run; it resumes once the site is back)"))  # fmt: skip
     return out
 
 
@@ -736,7 +805,7 @@ def parse(text: str, where: str, base_dir: Path | None = None, scale: str = "ful
         SpecError: too large, not YAML, or listing every problem of the spec.
     """
     raw = read_spec_yaml(text, where, error=SpecError)
-    return validate(scale_raw(raw, scale), where, base_dir)
+    return validate(scale_raw(raw, scale), where, base_dir, scale=scale)
 
 
 def load(path: str | os.PathLike[str], scale: str = "full") -> Spec:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from coordinator import spec as spec_mod
 from coordinator.plans import FACTORY_PLANS
@@ -66,6 +67,9 @@ def test_tiny_scale_keeps_the_method_and_shrinks_the_cost(path):
 def test_validate_and_the_recorded_spec_say_tiny(tmp_path):
     done = cli("coordinator", "validate", str(CONDISTFL_3D), "--scale", "tiny")
     assert done.returncode == 0 and "ok: paper-condistfl-3d-tiny: plan condistfl (federated), 2 rounds x 2 steps" in done.stdout
+    assert "too few to learn much" not in done.stdout + done.stderr  # shrunk on purpose: not warned about
+    shrunk = spec_mod.scale_raw(yaml.safe_load(CONDISTFL_3D.read_text()), "tiny")
+    assert any("too few to learn much" in w for w in spec_mod.validate(shrunk, "written small").warnings)  # a spec written that small is
     from coordinator.commands.common import spec_text
 
     text = spec_text(CONDISTFL_3D, spec_mod.load(CONDISTFL_3D, scale="tiny"), "tiny")
