@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from coordinator.commands import evaluation, registry, runs, service, specs, testbed, tokens
+from coordinator.commands import evaluation, registry, runs, service, specs, testbed, tokens, trust
 from fedimg_core.cli import run_cli
 from fedimg_core.logs import verbosity_options
 
@@ -31,6 +31,9 @@ for _command in (
     registry.publish,
     registry.site_evaluations,
     tokens.site_token,
+    trust.fingerprint,
+    trust.certificate,
+    trust.sites,
     evaluation.evaluate,
     evaluation.report,
     testbed.testbed,

@@ -24,9 +24,11 @@ from typing import Callable
 import yaml
 
 from coordinator import runs
+from coordinator.pki import CoordinatorPKI
 from fedimg_core.errors import UserError
 from fedimg_core.logs import verbosity_args
 from site_agent import config as site_config
+from site_agent import trust
 from site_agent.runtime import ProcessRuntime, parent_death_signal, pid_alive, signal_group
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,25 @@ def default_spec_text() -> str:
         Its YAML text.
     """
     return resources.files("coordinator").joinpath("examples/phantom_condistfl.yaml").read_text()
+
+
+def enroll_site(home: Path, site: site_config.SiteConfig, public_host: str = "localhost") -> dict:
+    """The whole enrolment of one site in one process (testbeds and tests; real sites use the CLIs):
+    the site's key and CSR, signed with the coordinator home's site CA, installed with the pin.
+
+    Args:
+        home: the coordinator home (its PKI is created for ``public_host`` if missing).
+        site: the site (its node must exist).
+        public_host: the name the site dials.
+
+    Returns:
+        What `site_agent.trust.install` returns.
+    """
+    pki = CoordinatorPKI(home)
+    pki.ensure(public_host)
+    csr = trust.request(site)
+    cert, _ = pki.sign_csr(csr.read_bytes(), site.site_name)
+    return trust.install(site, cert, pki.fingerprint())
 
 
 class Testbed:
@@ -188,7 +209,9 @@ class Testbed:
             for job in jobs:
                 job.result()
         self.sites = [site_config.load(self.site_config_path(i)) for i in range(self.n_sites)]
-        log.info("%d sites prepared under %s", self.n_sites, self.workdir / "sites")
+        for site in self.sites:
+            enroll_site(self.home, site)
+        log.info("%d sites prepared and enrolled under %s", self.n_sites, self.workdir / "sites")
 
     @property
     def oof_modality(self) -> str:

@@ -6,7 +6,7 @@ import click
 
 from fedimg_core.logs import verbosity_options
 from site_agent import config as site_config
-from site_agent.commands import adapt, artifacts, datasets, lifecycle, models, plans
+from site_agent.commands import adapt, artifacts, datasets, lifecycle, models, plans, trust
 from site_agent.errors import run_cli
 
 
@@ -33,6 +33,8 @@ def cli(ctx: click.Context, config_path: str) -> None:
 
 for _command in (
     lifecycle.init,
+    trust.enroll,
+    trust.trust,
     datasets.dataset,
     datasets.prepare,
     datasets.deidentify,

@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 from cryptography import x509
 
+from fedimg_core.tls_pins import fingerprint
+
 # Fed-BioMed's console format: "2026-12-05 00:56:33,610 fedbiomed INFO - message"
 _FBM_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ fedbiomed (\w+) - (.*)$")
 # gRPC core (C++) log lines: "E1205 00:57:50.237199    6693 ssl_transport_security.cc:2801] message"
@@ -38,6 +40,7 @@ class Probe:
     errno_name: str = ""  # refused | timeout | dns | unreachable | other
     cert_names: list[str] | None = None  # names the coordinator's certificate is valid for
     cert_matches: bool | None = None
+    cert_fingerprint: str | None = None  # SHA256:<hex> of the certificate it presents (what sites pin)
 
 
 @dataclass
@@ -144,6 +147,7 @@ def probe(host: str, port: int, timeout: float = 3.0, tls: bool = True) -> Probe
         try:
             pem = ssl.get_server_certificate((host, port), timeout=timeout)
             result.cert_names = certificate_names(pem)
+            result.cert_fingerprint = fingerprint(pem)
             result.cert_matches = _name_matches(host, result.cert_names)
         except (OSError, ssl.SSLError, ValueError) as exc:
             result.detail += f"; no TLS certificate could be read ({type(exc).__name__}): is this the coordinator's gRPC port?"
@@ -285,7 +289,8 @@ def _age_s(started: str | None) -> float | None:
         return None
 
 
-def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSummary, config_path: str = "the site config") -> str | None:
+def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSummary, config_path: str = "the site config",
+             refused: str | None = None) -> str | None:  # fmt: skip
     """What to check or do when the node is not connected.
 
     Args:
@@ -295,12 +300,16 @@ def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSu
         connected: whether the node holds a connection (None: cannot tell).
         log: what the node's log says.
         config_path: the site config, named in the hint.
+        refused: the node's line when it refused the coordinator's certificate (not pinned).
 
     Returns:
         One or two sentences; None when connected or when nothing can be pointed at.
     """
     if connected:
         return None
+    if refused and pr.reachable:
+        return (f"{refused}. Check the fingerprint with the coordinator's operator (`coordinator fingerprint`): if they "
+                "rotated the certificate, `site-agent trust add SHA256:...`; if not, something else answers at this address")  # fmt: skip
     where = f"coordinator.host/port in {config_path}"
     if not pr.reachable:
         return {
@@ -321,12 +330,13 @@ def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSu
     age = _age_s(log.started)
     if age is not None and age < STARTUP_GRACE_S:
         return f"the node started {age:.0f} s ago and connects within ~15 s: run `site-agent status` again"
-    return ("the coordinator answers but the node holds no connection: restart the node (`site-agent stop && site-agent "
-            "start`; a node keeps the certificate of the first coordinator it reached until it restarts) and read "
-            "`site-agent logs`")  # fmt: skip
+    return ("the coordinator answers but the node holds no connection: read `site-agent logs` (a coordinator that "
+            "refuses this site's certificate, e.g. after `coordinator sites revoke`, shows there), then restart the node "
+            "(`site-agent stop && site-agent start`)")  # fmt: skip
 
 
-def assess(host: str, port: int, pid: int | None, log_lines: list[str], audit_log: Path | None = None, config_path: str = "the site config") -> Connectivity:
+def assess(host: str, port: int, pid: int | None, log_lines: list[str], audit_log: Path | None = None, config_path: str = "the site config",
+           refused: str | None = None) -> Connectivity:  # fmt: skip
     """Everything `site-agent status` says about the link to the coordinator.
 
     Args:
@@ -336,6 +346,7 @@ def assess(host: str, port: int, pid: int | None, log_lines: list[str], audit_lo
         log_lines: the end of the node's console log.
         audit_log: the node's ``log/security_audit.log`` (last message from the coordinator).
         config_path: named in hints.
+        refused: the node's line when it refused the coordinator's certificate (`site_agent.trust.read_status`).
 
     Returns:
         A ``Connectivity``.
@@ -356,5 +367,5 @@ def assess(host: str, port: int, pid: int | None, log_lines: list[str], audit_lo
     return Connectivity(
         coordinator=f"{host}:{port}", connected=connected, evidence=evidence, reachable=pr.reachable, reach_detail=pr.detail,
         node_started=log.started, last_contact=log.last_contact, last_error=log.last_error,
-        hint=hint_for(host, port, pr, connected, log, config_path),
+        hint=hint_for(host, port, pr, connected, log, config_path, refused),
     )  # fmt: skip

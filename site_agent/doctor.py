@@ -10,7 +10,7 @@ from typing import Any
 
 from preprocessing.dataset import DatasetError, load_dataset
 from site_agent import config as site_config
-from site_agent import connectivity, node
+from site_agent import connectivity, node, trust
 from site_agent.errors import UserError
 from site_agent.runtime import ProcessRuntime
 
@@ -71,6 +71,46 @@ def check_coordinator(host: str, port: int, timeout: float = 3.0, config_path: s
     return rows
 
 
+def check_trust(site: site_config.SiteConfig, timeout: float = 3.0, reachable: bool = True) -> list[Check]:
+    """Rows "site enrolled" (key, certificate from the coordinator, a pin) and "coordinator pinned"
+    (the certificate the coordinator presents now is one the site pins; also what the node last saw).
+
+    Args:
+        site: the site.
+        timeout: seconds for the connection and the TLS handshake.
+        reachable: whether the coordinator's port answered (False: its certificate is not fetched again).
+
+    Returns:
+        One or two rows.
+    """
+    info = trust.summary(site)
+    if not info["enrolled"]:
+        return [Check("site enrolled", False, info["problem"] or "not enrolled", "enrol the site: docs/guide/security.md")]
+    cert = info["certificate"]
+    refusal = info["refused_by_coordinator"]
+    if refusal:
+        rows = [Check("site enrolled", False, f"the coordinator refused this site at {refusal['time']}: {refusal['reason']}",
+                      "ask the coordinator's operator (`coordinator sites list`); a revoked site enrols again with a new request")]  # fmt: skip
+    else:
+        rows = [Check("site enrolled", True, f"{cert['subject']}, valid until {cert['not_after']}")]
+    pr = connectivity.probe(site.coordinator_host, site.coordinator_port, timeout=timeout) if reachable else connectivity.Probe(False, "")
+    last = info["last"] or {}
+    if pr.cert_fingerprint is None:
+        if last.get("state") == "refused":
+            rows.append(Check("coordinator pinned", False, last.get("message", ""), "check the fingerprint with the coordinator's operator"))
+        return rows
+    if pr.cert_fingerprint in info["pins"]:
+        rows.append(Check("coordinator pinned", True, f"{site.coordinator_host}:{site.coordinator_port} presents {pr.cert_fingerprint}"))
+    else:
+        rows.append(Check(
+            "coordinator pinned", False,
+            f"{site.coordinator_host}:{site.coordinator_port} presents {pr.cert_fingerprint}, pinned: {', '.join(info['pins'])}; the node refuses it",
+            "check the fingerprint with the coordinator's operator (`coordinator fingerprint`): if they rotated the certificate, "
+            "`site-agent trust add SHA256:...`; otherwise something else answers at this address",
+        ))  # fmt: skip
+    return rows
+
+
 def check_device(setting: str, config_path: str = "the site config") -> list[Check]:
     """What torch sees (build, CUDA, driver, every GPU) and whether the configured device computes.
 
@@ -120,8 +160,10 @@ def _node_connection(site: site_config.SiteConfig) -> Check | None:
         if site.runtime == "auto":
             return None  # it may run in a container, which is not ours to inspect
         return Check("node connected", None, "the node is not running (process runtime)", "start it with `site-agent start`")
+    last = trust.read_status(trust.TrustFiles.of(site)) or {}
+    refused = last.get("message") if last.get("state") == "refused" else None
     conn = connectivity.assess(site.coordinator_host, site.coordinator_port, st.pid, rt.logs(5000),
-                               site.node_dir / "log" / "security_audit.log", str(site.path))  # fmt: skip
+                               site.node_dir / "log" / "security_audit.log", str(site.path), refused)  # fmt: skip
     if conn.connected is None:
         return None
     detail = conn.evidence + (f"; last message from the coordinator {conn.last_contact}" if conn.last_contact else "")
@@ -162,7 +204,10 @@ def run_checks(config_path: str | None, min_free_gb: float = MIN_FREE_GB) -> lis
         checks.append(Check("node component", False, str(exc), hint))
         settings = None  # no node: the rows that need one are left out
 
-    checks.extend(check_coordinator(site.coordinator_host, site.coordinator_port, config_path=cfg))
+    coordinator_rows = check_coordinator(site.coordinator_host, site.coordinator_port, config_path=cfg)
+    checks.extend(coordinator_rows)
+    if settings is not None:
+        checks.extend(check_trust(site, reachable=bool(coordinator_rows[0].ok)))
     if settings is not None and site.runtime != "docker":
         row = _node_connection(site)
         if row is not None:

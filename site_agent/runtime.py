@@ -1,7 +1,8 @@
 """Node lifecycle behind one interface, two runtimes.
 
-- ``process``: the node runs as one local process (Fed-BioMed's single-process entry,
-  ``python -m fedbiomed.node.node_pm``) in its own session, with a pid file and a clean
+- ``process``: the node runs as one local process (Fed-BioMed's single-process entry through
+  ``python -m site_agent.node_entry``, which pins the coordinator and presents the site's
+  certificate) in its own session, with a pid file and a clean
   SIGTERM -> SIGKILL stop. Used where no Docker engine exists (tests, testbed, laptops) and
   inside the site container, where ``start --foreground`` execs the same command.
 - ``docker``: the site image runs the same entrypoint through the Docker SDK, with the
@@ -34,12 +35,15 @@ from site_agent.node import SECURITY_SETTINGS
 from site_agent.processes import parent_death_signal as parent_death_signal  # re-exported: testbeds import them from here
 from site_agent.processes import pid_alive as pid_alive
 from site_agent.processes import signal_group as signal_group
+from site_agent.trust import TRUST_DIR_ENV, TrustFiles, check_enrolled
 
 CONTAINER_LABEL = "org.fedimg.site"
 
 
 def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
-    """The command line that runs the site's node (Fed-BioMed's single-process entry).
+    """The command line that runs the site's node: Fed-BioMed's single-process entry
+    (``fedbiomed.node.node_pm``) behind `site_agent.node_entry`, which installs the coordinator
+    pin and the site's client certificate first.
 
     Args:
         site: the site (its node folder is the node's config root).
@@ -48,7 +52,7 @@ def node_command(site: SiteConfig, python: str = sys.executable) -> list[str]:
     Returns:
         The argument list, for `subprocess.Popen` or `os.execve`.
     """
-    return [python, "-m", "fedbiomed.node.node_pm", "--config", str(site.node_dir), "--node-args", json.dumps(node_args_for(site.device))]
+    return [python, "-m", "site_agent.node_entry", "--config", str(site.node_dir), "--node-args", json.dumps(node_args_for(site.device))]
 
 
 def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -72,6 +76,7 @@ def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> di
     for key, value in SECURITY_SETTINGS.items():
         env[f"FBM_SECURITY_{key.upper()}"] = value
     env["PYTHONUNBUFFERED"] = "1"
+    env[TRUST_DIR_ENV] = str(TrustFiles.of(site).dir)  # pins, site key and certificate (site_agent.node_entry)
     env[DEVICE_ENV] = site.device  # where the plans train and score (pipelines.device.plan_device)
     env["FEDIMG_CACHE_DIR"] = str(site.work_dir / "cache")  # preprocessed volumes, kept across rounds and runs
     env["FEDIMG_SPLITS_DIR"] = str(site.work_dir / "splits")  # which cases each run held out: a record, not a cache
@@ -181,6 +186,7 @@ class ProcessRuntime:
                 resolve_device(self.site.device)
             except DeviceError as exc:
                 raise UserError(f"{self.site.path or 'site config'}: {exc}") from None
+        check_enrolled(self.site)  # no key, certificate or coordinator pin: one line saying how to enrol
 
     def start(self, die_with_parent: bool = False, extra_env: dict[str, str] | None = None) -> Status:
         """Start the node in the background; idempotent when it already runs.

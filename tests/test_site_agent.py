@@ -86,13 +86,33 @@ def test_doctor_reports_pass_and_fail(site):
     assert "training-plan approval on" in res.stdout and "PASS" in res.stdout
 
 
+def _enroll_with_the_clis(base, cfg) -> None:
+    """The enrolment as the site's staff and the coordinator's operator run it (docs/guide/security.md)."""
+    home = base / "coordinator-home"
+    res = cli("site-agent", "--config", cfg, "enroll", "request")
+    assert res.returncode == 0, res.stderr
+    csr = res.stdout.strip()
+    res = cli("coordinator", "sites", "enroll", "--csr", csr, "--home", home, "--out", base / "site-t.crt")
+    assert res.returncode == 0, res.stderr
+    pin = cli("coordinator", "fingerprint", "--home", home).stdout.strip()
+    assert pin.startswith("SHA256:") and len(pin) == 7 + 64
+    res = cli("site-agent", "--config", cfg, "enroll", "install", base / "site-t.crt", "--coordinator-fingerprint", pin)
+    assert res.returncode == 0, res.stderr
+    listed = json.loads(cli("coordinator", "sites", "list", "--home", home, "--json").stdout)
+    assert [r["site"] for r in listed] == ["site-t"] and listed[0]["revoked"] is None
+
+
 def test_process_runtime_start_status_stop_leaves_nothing(site):
     base, cfg = site
+    res = cli("site-agent", "--config", cfg, "start", "--runtime", "process")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr  # one line: how to enrol
+    assert "is not enrolled" in res.stderr and "site-agent enroll request" in res.stderr and not (base / "work" / "node.pid").exists()
+    _enroll_with_the_clis(base, cfg)
     res = cli("site-agent", "--config", cfg, "start", "--runtime", "process", env={"FBM_DEFAULT_DB": "/tmp/other.json"})
     assert res.returncode == 0, res.stderr
     pid = json.loads((base / "work" / "node.pid").read_text())["pid"]
     proc = psutil.Process(pid)
-    assert "fedbiomed.node.node_pm" in " ".join(proc.cmdline())
+    assert "site_agent.node_entry" in " ".join(proc.cmdline())  # Fed-BioMed's node_pm behind the pinned transport
     env = proc.environ()
     assert env["FBM_SECURITY_TRAINING_PLAN_APPROVAL"] == "True"
     assert "FBM_DEFAULT_DB" not in env  # inherited FBM_* overrides never reach the node

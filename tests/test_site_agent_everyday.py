@@ -152,8 +152,12 @@ def _wait_for_log(path, needle: str, timeout: float = 60.0) -> None:
 
 
 def test_status_says_not_connected_when_the_coordinator_is_unreachable(tmp_path):
+    from coordinator.testbed import enroll_site
+    from site_agent import config as site_config
+
     port = free_port()  # nothing listens there
     cfg = _init_site(tmp_path, port)
+    enroll_site(tmp_path / "home", site_config.load(cfg), public_host="127.0.0.1")  # a node starts only enrolled
     try:
         assert cli("site-agent", "--config", cfg, "start").returncode == 0
         _wait_for_log(tmp_path / "work-site-e" / "node.log", "Launching node")
@@ -186,6 +190,7 @@ def test_doctor_gives_a_hint_for_each_failing_row(tmp_path):
     assert "nothing listens" in rows["coordinator reachable"]["hint"] and str(cfg) in rows["coordinator reachable"]["hint"]
     assert "free space" in rows["disk space"]["hint"]
     assert "site-agent dataset add" in rows["datasets"]["hint"]
+    assert rows["site enrolled"]["ok"] is False and "site-agent enroll request" in rows["site enrolled"]["detail"]
     assert rows["node connected"]["ok"] is None and "site-agent start" in rows["node connected"]["hint"]
     text = cli("site-agent", "--config", cfg, "doctor", "--min-free-gb", "1e9").stdout
     assert "hint for coordinator reachable: nothing listens" in text and "hint for datasets:" in text

@@ -43,6 +43,8 @@ def _runtime(site: site_config.SiteConfig, override: str | None) -> ProcessRunti
               help="Where the node trains and local jobs run: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")  # fmt: skip
 @click.option("--registry-url", default=None, help="The coordinator's artifact registry, e.g. http://coordinator:8750 (for `adapt`).")
 @click.option("--registry-token-file", default=None, type=click.Path(dir_okay=False), help="File holding this site's registry token.")
+@click.option("--coordinator-fingerprint", "fingerprint", default=None,
+              help="The coordinator's certificate fingerprint (SHA256:..., from its operator: `coordinator fingerprint`); the node refuses any other.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing site config (the node and its data are kept).")
 @click.pass_context
 def init(
@@ -57,10 +59,16 @@ def init(
     device: str,
     registry_url: str | None,
     registry_token_file: str | None,
+    fingerprint: str | None,
     force: bool,
 ) -> None:
-    """Write the site config and create the Fed-BioMed node (plan approval ON, default plans OFF)."""
+    """Write the site config, create the Fed-BioMed node (plan approval ON, default plans OFF) and
+    the site's key and certificate request (`site-agent enroll request`); with
+    --coordinator-fingerprint, pin the coordinator's certificate. Then install the certificate
+    the coordinator issues (`site-agent enroll install`, docs/guide/security.md)."""
+    from fedimg_core.tls_pins import parse_pin
     from site_agent import node
+    from site_agent import trust as site_trust
 
     path = Path(ctx.obj["config_path"])
     if path.exists() and not force:
@@ -81,11 +89,17 @@ def init(
     elif registry_token_file:
         raise UserError("--registry-token-file needs --registry-url")
     site = site_config.validate(raw, "command line")
+    pin = parse_pin(fingerprint) if fingerprint else None  # a typo fails before anything is written
     site.data_dir.mkdir(parents=True, exist_ok=True)
     site.work_dir.mkdir(parents=True, exist_ok=True)
     node_id = node.create_node(site)
     site.save(path)
+    if pin:
+        site_trust.add_pin(site_trust.TrustFiles.of(site), pin)
+    csr = site_trust.request(site)  # the site's key stays here; the request goes to the coordinator's operator
     click.echo(f"site {site.site_name}: config {path}, node {node_id} in {site.node_dir}")
+    click.echo(f"enrolment: send {csr} to the coordinator's operator (`coordinator sites enroll --csr FILE`), then "
+               f"`site-agent --config {path} enroll install CERT{'' if pin else ' --coordinator-fingerprint SHA256:...'}`", err=True)  # fmt: skip
 
 
 @click.command()
@@ -100,9 +114,12 @@ def init(
 @click.pass_context
 def start(ctx: click.Context, runtime: str | None, foreground: bool, device: str | None) -> None:
     """Start the node (it connects out to the coordinator; no inbound port)."""
+    from site_agent.trust import check_enrolled
+
     site = load_site(ctx)
     if device is not None:
         site.device = device
+    check_enrolled(site)  # any runtime: one line saying how to enrol, before a container is made
     if foreground:
         _runtime(site, "process").run_foreground()  # the container's entrypoint: always the process runtime
         return
@@ -132,18 +149,24 @@ def status(ctx: click.Context, runtime: str | None, as_json: bool, no_connection
     last contact, the last connection error and a hint). Exit code 0 when running, 3 when
     not (4 with --require-connection when running but not connected)."""
     from site_agent.connectivity import assess
+    from site_agent.trust import summary
 
     site = load_site(ctx)
     rt = _runtime(site, runtime)
     st = rt.status()
+    trust = summary(site)
     conn = None
     if st.running and not no_connection:
         pid = st.pid if rt.name == "process" else None  # a container's process is not ours to inspect
-        conn = assess(site.coordinator_host, site.coordinator_port, pid, rt.logs(5000), site.node_dir / "log" / "security_audit.log", str(site.path))
+        last = trust["last"] or {}
+        refused = last.get("message") if last.get("state") == "refused" else None
+        conn = assess(site.coordinator_host, site.coordinator_port, pid, rt.logs(5000), site.node_dir / "log" / "security_audit.log", str(site.path),
+                      refused)  # fmt: skip
     if as_json:
-        click.echo(json.dumps({**st.__dict__, "connected": conn.connected if conn else None, "connection": conn.to_dict() if conn else None}))
+        click.echo(json.dumps({**st.__dict__, "connected": conn.connected if conn else None, "connection": conn.to_dict() if conn else None, "trust": trust}))
     else:
         click.echo(f"{'running' if st.running else 'stopped'} ({st.runtime}): {st.detail}")
+        click.echo(f"coordinator trust: {trust_line(trust)}")
         if conn is not None:
             states: dict[bool | None, str] = {True: "connected", False: "NOT CONNECTED"}
             click.echo(f"coordinator {conn.coordinator}: {states.get(conn.connected, 'connection unknown')} ({conn.evidence})")
@@ -158,6 +181,29 @@ def status(ctx: click.Context, runtime: str | None, as_json: bool, no_connection
     if not st.running:
         sys.exit(3)
     sys.exit(4 if require_connection and not (conn and conn.connected) else 0)
+
+
+def trust_line(trust: dict[str, Any]) -> str:
+    """One line on the site's enrolment and what the node last saw of the coordinator's certificate.
+
+    Args:
+        trust: `site_agent.trust.summary`.
+
+    Returns:
+        The line.
+    """
+    if not trust["enrolled"]:
+        return f"NOT ENROLLED: {trust['problem']}"
+    last = trust["last"]
+    pinned = f"pinned {', '.join(p[:19] + '..' for p in trust['pins'])}"
+    if last and last.get("state") == "refused":
+        return f"REFUSED at {last['time']}: {last['message']}"
+    if trust.get("refused_by_coordinator"):
+        refusal = trust["refused_by_coordinator"]
+        return f"REFUSED BY THE COORDINATOR at {refusal['time']}: {refusal['reason']} (ask its operator: `coordinator sites list`)"
+    if last:
+        return f"{pinned}; {last['message']} ({last['time']})"
+    return f"{pinned}; the node has not connected yet"
 
 
 @click.command()

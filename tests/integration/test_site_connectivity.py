@@ -11,7 +11,8 @@ import time
 import pytest
 from conftest import ROOT, cli
 
-from coordinator.testbed import free_port
+from coordinator.testbed import enroll_site, free_port
+from site_agent import config as site_config
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,7 @@ def _init(base, name: str, host: str, port: int):
     res = cli("site-agent", "--config", cfg, "init", "--site-name", name, "--coordinator-host", host, "--coordinator-port", port,
               "--data-dir", base / "data", "--work-dir", base / f"work-{name}", "--runtime", "process")  # fmt: skip
     assert res.returncode == 0, res.stderr
+    enroll_site(base / "home", site_config.load(cfg))  # the coordinator of this test, pinned (test_site_trust covers the CLIs)
     return cfg
 
 
