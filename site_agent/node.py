@@ -26,6 +26,12 @@ SECURITY_SETTINGS = {
     "allow_federated_analytics": "False",
     "allow_preproc": "False",
 }
+# Secure aggregation (a spec's ``secagg``): a new node takes part when a run asks for it and trains
+# plain runs too. The site's own choice, kept in the node's etc/config.ini ``[security]`` (never
+# forced: any FBM_* variable is dropped at start, so the file decides): ``secure_aggregation =
+# False`` refuses securely aggregated runs, ``force_secure_aggregation = True`` refuses the others;
+# a refused round fails naming the site ("Could not configure secure aggregation on node").
+SECAGG_DEFAULTS = {"secure_aggregation": "True", "force_secure_aggregation": "False"}
 DATA_TYPE = "custom"  # prepared datasets are read by pipelines.plans.datasets.PreparedSegmentationDataset
 
 
@@ -35,7 +41,8 @@ def _scrubbed_env() -> None:
 
 
 def create_node(site: SiteConfig) -> str:
-    """Create (or re-open) the node component with approval ON and default plans OFF.
+    """Create (or re-open) the node component with approval ON and default plans OFF (and, on a
+    new node, secure aggregation accepted but not required: `SECAGG_DEFAULTS`).
 
     Args:
         site: the site (the node lives in its ``node_dir``).
@@ -48,10 +55,14 @@ def create_node(site: SiteConfig) -> str:
     from fedbiomed.node.config import NodeComponent
 
     site.node_dir.parent.mkdir(parents=True, exist_ok=True)
+    new = not (site.node_dir / "etc" / "config.ini").is_file()
     config = NodeComponent().initiate(root=str(site.node_dir), alias=site.site_name)
     quiet_fedbiomed_console()
     for key, value in SECURITY_SETTINGS.items():
         config.set("security", key, value)
+    if new:  # an existing node keeps its operator's choice
+        for key, value in SECAGG_DEFAULTS.items():
+            config.set("security", key, value)
     config.set("default", "name", site.site_name)
     config.set("researcher", "ip", site.coordinator_host)
     config.set("researcher", "port", str(site.coordinator_port))
@@ -78,8 +89,8 @@ def node_settings(site: SiteConfig) -> dict[str, Any]:
         site: the site.
 
     Returns:
-        ``node_id``, ``name``, ``training_plan_approval``, ``allow_default_training_plans``
-        and ``db`` (the node database's path).
+        ``node_id``, ``name``, ``training_plan_approval``, ``allow_default_training_plans``,
+        ``secure_aggregation``, ``force_secure_aggregation`` and ``db`` (the node database's path).
 
     Raises:
         UserError: no node was created here (`site-agent init`).
@@ -90,6 +101,8 @@ def node_settings(site: SiteConfig) -> dict[str, Any]:
         "name": config.get("default", "name"),
         "training_plan_approval": config.getbool("security", "training_plan_approval"),
         "allow_default_training_plans": config.getbool("security", "allow_default_training_plans"),
+        "secure_aggregation": config.getbool("security", "secure_aggregation"),
+        "force_secure_aggregation": config.getbool("security", "force_secure_aggregation"),
         "db": str(Path(config.root) / "etc" / config.get("default", "db")),
     }
 
