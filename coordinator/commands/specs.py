@@ -26,6 +26,8 @@ def validate(spec_file, scale) -> None:
     if s.validate_every > 1:
         held_out += f", models scored every {s.validate_every} rounds"
     device = f"; gpu {s.device['gpu']}, precision {s.device['precision']}" if s.device != {"gpu": "optional", "precision": "auto"} else ""
+    if s.dp is not None:
+        device += f"; dp {s.dp['type']} (sigma {s.dp['sigma']:g}, clip {s.dp['clip']:g}, epsilon at delta {s.dp['delta']:g})"
     click.echo(
         f"ok: {s.name}: plan {s.plan} ({s.mode}), {s.rounds} rounds x {s.local_steps} steps, sites with {sel} (>= {s.min_sites}); {held_out}; {weights}{device}"
     )

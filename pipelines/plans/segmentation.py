@@ -31,6 +31,16 @@ from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.plans.split_data import CaseSplitDataManager
+from pipelines.privacy import (
+    TRAINING_LOSSES,
+    WithoutTrainingLoss,
+    case_noise_multiplier,
+    disable_inplace,
+    is_empty_batch,
+    network_dp_problem,
+    probe_patch,
+    volume_list_collate,
+)
 from pipelines.site_errors import site_boundary
 from pipelines.training import (
     OptimizerStateStore,
@@ -107,7 +117,17 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         model = build_network(out_channels=self._settings.num_classes, **net)
         if self._settings.background_prior is not None:  # the initial global model is built here, at the coordinator
             set_background_prior(model, self._settings.num_classes, self._settings.background_prior)
+        if self._dp() is not None:  # Opacus: no in-place activations, no layer that mixes a batch's samples
+            disable_inplace(model)
+            problem = network_dp_problem(model, str(net.get("name")), int(net.get("in_channels", 1)), self._settings.spatial_dims, probe_patch(net))
+            if problem:
+                raise ValueError(f"differential privacy: {problem}")
         return model
+
+    def _dp(self) -> dict[str, Any] | None:
+        """Fed-BioMed's DP arguments of this experiment (``type``, ``clip``, ``sigma``; central: ``sigma_CDP``), None without DP."""
+        controller = getattr(self, "_dp_controller", None)  # set by Fed-BioMed's post_init before the model is built
+        return dict(controller._dp_args) if controller is not None and controller._is_active else None
 
     def init_optimizer(self, optimizer_args: dict[str, Any]) -> Any:
         """AdamW and the store of its moments between this site's rounds (``keep_optimizer_state``);
@@ -168,6 +188,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         self._sampler = sampler_for(s)
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)
         self._step_in_round = 0
+        self._empty_steps = 0
         self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
         # The model as the node set it from the researcher's message; Fed-BioMed takes its own
         # snapshot (initial_parameters()) only once training starts, and both are compared below.
@@ -176,11 +197,15 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         self._precision: Precision | None = None  # known at the first step, on the step's device
         self._loss_scale: LossScale | None = None
         self._scale_optimizer_steps()
+        if self._dp() is not None:  # Poisson sampling draws any number of cases, each of its own shape (Opacus keeps this collate)
+            self.training_data_loader.collate_fn = volume_list_collate
         self.model().train()
         # moments from this site's previous round of the same run (lr is set per step below)
         self._opt_restored = self._restore_optimizer_state()
         try:
-            samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
+            # dp: Fed-BioMed's own per-batch "Loss" is computed on training cases outside the private mechanism: not sent
+            monitor = history_monitor if self._dp() is None or history_monitor is None else WithoutTrainingLoss(history_monitor)
+            samples: int = super().training_routine(history_monitor=monitor, node_args=node_args)
         finally:
             if self._teacher is not None:
                 self._teacher.to("cpu")  # Fed-BioMed moved the model back; the report compares them on the CPU
@@ -206,6 +231,8 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
             step = self._round_index() * s.local_steps + self._step_in_round
             for group in self._adamw.param_groups:
                 group["lr"] = cosine_lr(self._base_lr, step, s.rounds_total * s.local_steps)
+        if self._dp() is not None and is_empty_batch(data):
+            return self._empty_private_step()
         images, labels = patch_batch(self._sampler, data, target)  # loader batch: whole volumes, patches drawn here
         device = images.device  # Fed-BioMed moved the batch and the model there (`_set_device`)
         precision = self._step_precision(device)
@@ -218,7 +245,10 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 t1 = time.perf_counter()
                 teacher = teacher_logits(self._teacher, images, s.spatial_dims)
                 self._sums["teacher_s"] += time.perf_counter() - t1
-            loss, parts = self._objective(outputs, labels, teacher, self._lambda)
+            if self._dp() is not None:
+                loss, parts = self._per_case_objective(outputs, labels, teacher, len(data))
+            else:
+                loss, parts = self._objective(outputs, labels, teacher, self._lambda)
         loss = loss.float()
         self._step_in_round += 1
         self._sums["loss"] += float(loss.detach())
@@ -228,6 +258,70 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         if self._loss_scale is not None:  # fp16: gradients are unscaled before the optimizer steps (`_scale_optimizer_steps`)
             return self._loss_scale.scale_backward(loss)
         return loss
+
+    # -- differential privacy (Fed-BioMed's DPController: Opacus) ------------------------
+
+    def _per_case_objective(self, outputs: Any, labels: torch.Tensor, teacher: torch.Tensor | None, cases: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective of each case's patches on their own, averaged: no case's loss depends on another's (batch Dice would mix them).
+
+        Args:
+            outputs: the student's outputs of the step's patches (deep supervision: a tuple of heads), case by case.
+            labels: their labels.
+            teacher: the teacher's logits of the patches (None: no teacher).
+            cases: how many cases the patches come from (each gave the same number of patches).
+
+        Returns:
+            The mean loss and the mean of each part.
+        """
+        per = labels.shape[0] // max(1, cases)
+        losses: list[torch.Tensor] = []
+        sums: dict[str, float] = {}
+        for j in range(max(1, cases)):
+            rows = slice(j * per, (j + 1) * per)
+            out = tuple(o[rows] for o in outputs) if isinstance(outputs, (tuple, list)) else outputs[rows]
+            loss, parts = self._objective(out, labels[rows], teacher[rows] if teacher is not None else None, self._lambda)
+            losses.append(loss.float())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / max(1, cases)
+        return torch.stack(losses).mean(), sums
+
+    def _empty_private_step(self) -> torch.Tensor:
+        """A step whose Poisson batch drew no case: Opacus's optimizer then adds noise alone (the sampling is what the accountant assumes).
+
+        The networks cannot run on zero samples; the per-sample gradients of an empty batch are set
+        here (zero rows), and the returned loss gives every parameter a zero gradient.
+
+        Returns:
+            A zero loss connected to the parameters.
+        """
+        params = [p for p in self.model().parameters() if p.requires_grad]
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self._step_in_round += 1
+        self._empty_steps += 1
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def _dp_report(self) -> dict[str, float]:
+        """The round's DP scalars: type, clip, the steps Opacus took, its sample rate and (local) the noise multiplier per case.
+
+        The coordinator composes ``dp_noise_multiplier``, ``dp_sample_rate`` and ``dp_steps`` over the site's
+        rounds into epsilon (`pipelines.privacy.epsilon_spent`); these are Opacus's own accounting of the round
+        (its accountant's history), the noise multiplier divided by ``patches_per_volume`` (the unit is a case).
+        """
+        dp = self._dp() or {}
+        engine = getattr(self._dp_controller, "_privacy_engine", None)
+        history = list(getattr(getattr(engine, "accountant", None), "history", None) or [])
+        out = {
+            "dp_local": float(dp.get("type") == "local"),
+            "dp_clip": float(dp.get("clip", 0.0)),
+            "dp_steps": float(sum(int(n) for _, _, n in history)),
+            "dp_empty_batches": float(self._empty_steps),
+        }
+        if history:
+            out["dp_sample_rate"] = float(history[-1][1])
+        if dp.get("type") == "local" and history:
+            out["dp_noise_multiplier"] = case_noise_multiplier(float(history[-1][0]), self._settings.patches_per_volume)
+        return out
 
     # -- device and precision ------------------------------------------------------------
 
@@ -239,6 +333,8 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         """The round's precision on the step's device, fixed at its first step; fp16 brings a loss scale."""
         if self._precision is None:
             precision = precision_for(device, self._settings.precision)
+            if self._dp() is not None:  # Opacus clips per-sample gradients in fp32 (the spec refuses bf16 and fp16 with dp)
+                precision = Precision(None)
             if precision.loss_scale and self._fedprox_mu is not None:  # only under auto: the spec refuses fp16 with fedprox_mu
                 log.warning("precision auto means fp16 on %s, which cannot scale FedProx's term: training in fp32", device)
                 precision = Precision(None)
@@ -314,10 +410,11 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         return self._base_lr
 
     def _report_round(self, history_monitor: Any, received: dict[str, torch.Tensor], samples: int) -> None:
-        n = max(self._step_in_round, 1)
+        drawn = self._step_in_round - self._empty_steps  # dp: a step whose Poisson batch drew no case has no loss
+        n = max(drawn, 1)
         metric = {
-            "loss_mean": self._sums["loss"] / n,
-            "sup_loss": self._sums["sup_loss"] / n,
+            "loss_mean": self._sums["loss"] / n if drawn else float("nan"),
+            "sup_loss": self._sums["sup_loss"] / n if drawn else float("nan"),
             "lambda": self._lambda,
             "round_index": float(self._round_index()),
             "steps": float(self._step_in_round),
@@ -327,6 +424,8 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
             "gin_prob": float(self._settings.gin["prob"]) if self._settings.gin else 0.0,  # GIN on (its probability) or off
         }
         metric.update(self._optimizer_report())  # SCAFFOLD: the correction this round applied
+        if self._dp() is not None:
+            metric.update(self._dp_report())
         data = getattr(self, "_data", None)
         indices = data.indices if data is not None else None
         if indices is not None:  # the site's split sizes (counts only: no case ids leave the site)
@@ -349,6 +448,9 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                     "teacher_params": float(len(names)),
                 }
             )
+        if self._dp() is not None:  # losses are computed on training cases outside the private mechanism: they stay at the site
+            for key in TRAINING_LOSSES:
+                metric.pop(key, None)
         if history_monitor is not None:
             history_monitor.add_scalar(
                 metric=metric, iteration=self._step_in_round, epoch=None, total_samples=samples,
