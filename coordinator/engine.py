@@ -21,12 +21,11 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from coordinator import checkpoints, factory, runs
 from coordinator import plans as plan_registry
-from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter
+from coordinator.fedbiomed_hooks import RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
+from coordinator.privacy import privacy_line, privacy_settings, record_privacy
 from coordinator.results import TEST_ROWS, split_test_keys
 from coordinator.spec import Spec
 from fedimg_core.errors import UserError
@@ -94,9 +93,21 @@ class Federation:
         self.config = config
         _ensure_certificate(config, public_host, log)
         os.environ["FBM_SERVER_HOST"] = host  # Fed-BioMed reads env over its config: bind here
+        # Fed-BioMed 6.4.1 accepts any client; `Requests` builds the server by its module-global
+        # name `GrpcServer`: point that name at our subclass (mutual TLS, enrolled sites only).
+        from coordinator import fedbiomed_transport, late_replies  # deferred: import Fed-BioMed (see their docstrings)
+
+        fedbiomed_transport.install(self.home)
+        late_replies.install()  # replies owed to a previous coordinator process: a log line, not a traceback
         self.requests = Requests(config)
         self._site_errors = SiteErrors()  # what sites answer with errors (Fed-BioMed only logs them)
         self._site_errors.watch(self.requests)
+        from fedbiomed.common.message import TrainRequest
+
+        from coordinator.request_policies import round_policies
+
+        self._outcomes = RoundOutcomes(lambda m: isinstance(m, TrainRequest), round_policies)  # when a round ends, who answered
+        self._outcomes.watch(self.requests)
         self.address = f"{public_host}:{port}"
 
     # -- sites --------------------------------------------------------------------------
@@ -134,10 +145,16 @@ class Federation:
             if len(sites) != last:
                 self.log(f"sites ready: {len(sites)}/{spec.min_sites} ({', '.join(sorted(sites.values())) or 'none yet'})")
                 last = len(sites)
-            if len(sites) >= spec.min_sites:
+            absent = missing_mandatory(spec.mandatory_sites, sites)
+            if len(sites) >= spec.min_sites and not absent:
                 return sites
             if time.monotonic() >= deadline:
                 what = f"tags {spec.site_tags}" + (f" among nodes {spec.site_ids}" if spec.site_ids else "")
+                if len(sites) >= spec.min_sites:
+                    raise SitesMissingError(
+                        f"mandatory site(s) {', '.join(absent)} did not connect within {spec.wait_for_sites_s:g}s "
+                        f"(connected with {what}: {', '.join(sorted(sites.values()))})"
+                    )
                 raise SitesMissingError(
                     f"only {len(sites)} of the {spec.min_sites} required sites with {what} connected within "
                     f"{spec.wait_for_sites_s:g}s (is each site's node started and pointed at {self.address}?)"
@@ -168,8 +185,9 @@ class Federation:
             training_args=spec.training_args(),
             aggregator=aggregator,
             agg_optimizer=_server_optimizer(spec),
-            node_selection_strategy=selection_strategy(spec),
+            node_selection_strategy=selection_strategy(spec, sites or {}),
             round_limit=spec.rounds,
+            secagg=secure_aggregation(spec),
             save_breakpoints=True,
             experimentation_folder=folder.name,
             tensorboard=False,
@@ -230,6 +248,8 @@ class Federation:
         metrics["mode"] = spec.mode
         metrics["plan"] = spec.plan
         metrics["local_steps"] = spec.local_steps
+        if spec.dp is not None:
+            metrics["privacy"] = privacy_settings(spec.dp)  # what each round's per-site epsilon is stated at (`record_privacy`)
         if not spec.is_factory:
             metrics["validate_every"] = spec.validate_every
         if not resume:  # a resumed run keeps what its breakpoint sends the sites (`resumed_protocol`)
@@ -251,16 +271,17 @@ class Federation:
             runs.mark(run_dir, "done")
             return metrics
         except KeyboardInterrupt:
-            runs.mark(run_dir, "interrupted", error="interrupted by the user")
+            runs.mark(run_dir, "interrupted", error="interrupted by the user", error_kind=None)
             raise
         except UserError as exc:
-            runs.mark(run_dir, "failed", error=str(exc))
+            # error_kind "sites" (SitesMissingError): `coordinator serve` resumes the run once enough sites are back
+            runs.mark(run_dir, "failed", error=str(exc), error_kind=getattr(exc, "error_kind", None))
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a clear message for the researcher
             nodes = "; ".join(self._site_errors.lines())
             msg = " ".join(str(exc).split()) or type(exc).__name__
             error = f"{msg}" + (f" | site errors: {nodes}" if nodes else "")
-            runs.mark(run_dir, "failed", error=error)
+            runs.mark(run_dir, "failed", error=error, error_kind=None)
             raise RunError(error) from exc
         finally:
             self._scalars.reset()  # late messages of this run must not reach the next one
@@ -286,6 +307,8 @@ class Federation:
                 metrics["rounds"].append({"round": done, "wall_s": 0.0, "update_norm": float("nan"), "sites": {}, "metrics_lost": True})
             self.log(f"resuming {run_dir.name} from {bkpt.name} (round {exp.round_current()}/{spec.rounds})")
             metrics["split"], metrics["weights"] = resumed_protocol(exp)
+            restore_quorum(exp, spec, sites, metrics["weights"])
+            fresh_secure_aggregation(exp)
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
         self._check_approval(exp, spec, sites)
@@ -299,13 +322,20 @@ class Federation:
             metrics["clients"] = {sites.get(nid, nid): cid for nid, cid in sorted(ids.items(), key=lambda kv: kv[1])}
         self._wire.take()
         validates = _validates(metrics)
+        metrics["quorum"] = {"min_per_round": spec.min_per_round, "mandatory": list(spec.mandatory_sites), "round_timeout_s": spec.round_timeout_s}
+        self._outcomes.timeout_s = spec.round_timeout_s
+        from coordinator.strategy import QuorumNotMet  # deferred: Fed-BioMed's import needs the researcher's environment
+
         while exp.round_current() < spec.rounds:
             r = exp.round_current() + 1
             if validates:
                 schedule_scoring(exp, r, spec.rounds, spec.validate_every)
             t0 = time.monotonic()
-            # After the last round the sites also validate the final aggregated model.
-            exp.run_once(test_after=(r == spec.rounds))
+            try:
+                # After the last round the sites also validate the final aggregated model.
+                exp.run_once(test_after=(r == spec.rounds))
+            except QuorumNotMet as exc:  # nothing was aggregated: the breakpoint stays at the round before
+                raise quorum_error(exc, self._outcomes.take(exp.id, r - 1), sites, r, spec.rounds) from None
             elapsed = time.monotonic() - t0
             params_after = _params(exp)
             record = self._round_record(exp, r, elapsed, sites, params_before, params_after)
@@ -313,10 +343,20 @@ class Federation:
             sampled = getattr(exp.strategy(), "history", {}).get(r - 1)
             if sampled is not None and (spec.clients_per_round is not None or spec.is_factory):  # equal weights alone sample every site
                 record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
+            answered = exp.strategy()._success_node_history.get(r - 1, [])
+            record["site_status"] = site_status(sites, sampled, answered, self._outcomes.take(exp.id, r - 1))
+            self._outcomes.take(exp.id, r, training=False)  # the final validation's request: scored, never aggregated
+            record["aggregated_from"] = len(answered)
+            left_out = {name: row for name, row in record["site_status"].items() if row["status"] in ("failed", "timeout")}
+            if left_out:
+                self.log(f"round {r}/{spec.rounds}: aggregated from {len(answered)} site(s); left out: "
+                         + "; ".join(f"{name} ({row['status']}: {row.get('reason', '')})" for name, row in sorted(left_out.items())))  # fmt: skip
             metrics["rounds"].append(record)
             for name in record_split_sizes(metrics, record):
                 self.log(f"warning: {name} has test cases but no validation case: it takes no part in model selection "
                          "and its test cases are not scored (raise split.validation, or give the site more cases)")  # fmt: skip
+            if spent := record_privacy(metrics, record):
+                self.log(privacy_line(record["round"], spec.rounds, spent, metrics["privacy"]))
             checkpoints.save_global(run_dir, r, params_after)
             if spec.is_factory:
                 factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
@@ -369,6 +409,8 @@ class Federation:
             for name in record_split_sizes(metrics, record):
                 self.log(f"warning: {name} has test cases but no validation case: it takes no part in model selection "
                          "and its test cases are not scored (raise split.validation, or give the site more cases)")  # fmt: skip
+            if spent := record_privacy(metrics, record):
+                self.log(privacy_line(record["round"], spec.rounds, spent, metrics["privacy"]))
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))
 
@@ -384,6 +426,11 @@ class Federation:
                 "request_s": round(float(timing.get("rtime_total", 0.0)), 3),
             }
         for m in self._scalars.take(exp.id):
+            sent = m["metric"].get("round_index")
+            if sent is not None and int(sent) not in (r - 1, r):  # r: the validation-only request after the last round
+                # a site that missed its deadline reports an earlier round late: not this round's
+                self._fbm_logger.info("[fedimg] late message of round %d from %s dropped", int(sent) + 1, sites.get(m["node_id"], m["node_id"]))
+                continue
             add_site_scalar(site_rows.setdefault(m["node_id"], {"name": sites.get(m["node_id"], m["node_id"])}), m)
         delta = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum() for k in after)).item()
         return {"round": r, "wall_s": round(elapsed, 3), "update_norm": delta, "sites": site_rows}
@@ -434,25 +481,148 @@ def _validates(metrics: dict[str, Any]) -> bool:
     return float((metrics.get("split") or {}).get("validation") or 0.0) > 0
 
 
-def selection_strategy(spec: Spec):
-    """The Fed-BioMed node selection strategy of a spec's experiments.
+def selection_strategy(spec: Spec, sites: dict[str, str] | None = None):
+    """The Fed-BioMed node selection strategy of a spec's experiments: `SampledSitesStrategy`.
 
-    Sampled sites (``clients_per_round``) and equal aggregation weights (the data factory, and
-    ``weights: equal``: the ConDistFL paper's setting) need `SampledSitesStrategy`; otherwise
-    Fed-BioMed's default strategy trains every site and weights them by their training cases.
+    It samples ``clients_per_round`` sites (every site by default), weights them equally (the
+    data factory, and ``weights: equal``: the ConDistFL paper's setting) or by training cases
+    (Fed-BioMed's FedAvg), and aggregates a round from the sites that answered when at least
+    ``sites.min_per_round`` did, every sampled ``sites.mandatory`` one among them. A standalone
+    site's experiment needs its one site.
 
     Args:
         spec: the experiment spec.
+        sites: node id -> site name of the run's sites (to find the mandatory ones by name).
 
     Returns:
-        A `SampledSitesStrategy`, or None for Fed-BioMed's default.
+        The strategy.
     """
     from coordinator.strategy import SampledSitesStrategy  # deferred: Fed-BioMed's import needs the researcher's environment
 
     uniform = spec.is_factory or spec.weights == "equal"
-    if spec.clients_per_round is None and not uniform:
-        return None
-    return SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=uniform)
+    quorum = spec.min_per_round if spec.mode == "federated" else 1
+    return SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=uniform, min_per_round=quorum,
+                                mandatory=mandatory_node_ids(spec.mandatory_sites, sites or {}), secure=spec.secagg is not None)  # fmt: skip
+
+
+def restore_quorum(exp: Any, spec: Spec, sites: dict[str, str], weights: str) -> None:
+    """Give a resumed experiment the spec's quorum (a run started before quorums trained with
+    Fed-BioMed's default strategy, which fails a round on any missing site).
+
+    Args:
+        exp: the experiment loaded from a breakpoint.
+        spec: the run's spec.
+        sites: node id -> site name of the sites connected now.
+        weights: the aggregation weights the breakpoint uses (`resumed_protocol`).
+    """
+    from coordinator.strategy import SampledSitesStrategy  # deferred: Fed-BioMed's import needs the researcher's environment
+
+    mandatory = mandatory_node_ids(spec.mandatory_sites, sites)
+    strategy = exp.strategy()
+    if isinstance(strategy, SampledSitesStrategy):
+        strategy.set_quorum(spec.min_per_round, mandatory)
+    else:
+        exp.set_strategy(SampledSitesStrategy(spec.clients_per_round, spec.seed, uniform=weights == "equal",
+                                              min_per_round=spec.min_per_round, mandatory=mandatory))  # fmt: skip
+
+
+def mandatory_node_ids(mandatory: list[str], sites: dict[str, str]) -> list[str]:
+    """The node ids of the mandatory sites (named by site name or node id) among ``sites``.
+
+    Args:
+        mandatory: the spec's ``sites.mandatory``.
+        sites: node id -> site name.
+
+    Returns:
+        Node ids, in the order given.
+    """
+    return [nid for want in mandatory for nid, name in sorted(sites.items()) if want in (nid, name)]
+
+
+def missing_mandatory(mandatory: list[str], sites: dict[str, str]) -> list[str]:
+    """The mandatory sites (names or node ids) that are not among ``sites`` (node id -> name)."""
+    return [want for want in mandatory if want not in sites and want not in sites.values()]
+
+
+def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list[str], outcomes: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Each site's part in a round: ``ok``, ``failed``, ``timeout`` or ``not_sampled``, with a reason.
+
+    Args:
+        sites: node id -> site name of the run's sites.
+        sampled: the node ids the round asked (None: all of them).
+        answered: the node ids whose updates were aggregated.
+        outcomes: node id -> the outcome of its training request (`RoundOutcomes.take`).
+
+    Returns:
+        site name -> ``{"status": ..., "reason": ...}`` (no reason when ok).
+    """
+    asked = set(sites if sampled is None else sampled)
+    out: dict[str, dict[str, str]] = {}
+    for nid, name in sorted(sites.items(), key=lambda kv: kv[1]):
+        if nid in answered:
+            out[name] = {"status": "ok"}
+        elif nid not in asked:
+            out[name] = {"status": "not_sampled", "reason": "not sampled this round"}
+        else:
+            found = outcomes.get(nid) or {"status": "failed", "reason": "no answer"}
+            out[name] = found if found["status"] != "ok" else {"status": "failed", "reason": "its update could not be used (no sample count)"}
+    return out
+
+
+ABSENT = ("disconnected during the round", "not connected", "no answer")  # failed reasons that mean "not there", not "said no"
+
+
+def quorum_error(exc: Any, outcomes: dict[str, dict[str, str]], sites: dict[str, str], r: int, rounds: int) -> RunError:
+    """The error of a round that could not be aggregated: `SitesMissingError` (``error_kind: sites``,
+    which `coordinator serve` resumes once the sites are back) when a missing site was absent (lost,
+    not connected, past the deadline); a plain `RunError` when every missing site answered with an
+    error (a site that refuses or fails does not come back by waiting).
+
+    Args:
+        exc: the strategy's `QuorumNotMet`.
+        outcomes: node id -> the outcome of its training request.
+        sites: node id -> site name.
+        r: the round, from 1.
+        rounds: the run's rounds.
+
+    Returns:
+        The error to raise, its message from `quorum_message`.
+    """
+    missing = [outcomes.get(nid) or {"status": "failed", "reason": "no answer"} for nid in exc.sampled if nid not in exc.answered]
+    absent = any(o["status"] == "timeout" or o.get("reason") in ABSENT for o in missing)
+    message = quorum_message(exc, outcomes, sites, r, rounds)
+    if absent:
+        return SitesMissingError(message)
+    return RunError(message.replace("once enough sites are back (`coordinator resume`, or by itself under `coordinator serve`)",
+                                    "once the sites' errors are fixed (`coordinator resume`)"))  # fmt: skip
+
+
+def quorum_message(exc: Any, outcomes: dict[str, dict[str, str]], sites: dict[str, str], r: int, rounds: int) -> str:
+    """The one-line reason a round could not be aggregated.
+
+    Args:
+        exc: the strategy's `QuorumNotMet` (answered, sampled, min_per_round, mandatory_missing).
+        outcomes: node id -> the outcome of its training request.
+        sites: node id -> site name.
+        r: the round, from 1.
+        rounds: the run's rounds.
+
+    Returns:
+        The message: the round, how many answered of how many needed, each missing site with its reason.
+    """
+    missing = []
+    for nid in exc.sampled:
+        if nid in exc.answered:
+            continue
+        found = outcomes.get(nid) or {"status": "failed", "reason": "no answer"}
+        missing.append(f"{sites.get(nid, nid)} ({found['status']}: {found.get('reason', 'its update could not be used')})")
+    mandatory = [sites.get(nid, nid) for nid in exc.mandatory_missing]
+    need = f"mandatory site(s) {', '.join(mandatory)} did not answer" if mandatory else f"min_per_round is {exc.min_per_round}"
+    if getattr(exc, "secure", False) and not mandatory:
+        need = "secure aggregation needs every sampled site"  # the others' masks do not cancel without it
+    return (f"round {r}/{rounds}: {len(exc.answered)} of {len(exc.sampled)} sites answered and {need}; missing: {'; '.join(missing)}. "
+            "Nothing of this round was aggregated: the run continues from it once enough sites are back "
+            "(`coordinator resume`, or by itself under `coordinator serve`)")  # fmt: skip
 
 
 def add_site_scalar(row: dict[str, Any], message: dict[str, Any]) -> None:
@@ -557,7 +727,7 @@ def _local_params(exp, r: int) -> dict[str, dict]:
             from fedbiomed.common.serializer import Serializer
 
             params = Serializer.load(reply["params_path"])
-        if params is not None:
+        if isinstance(params, dict):  # secure aggregation: a flat list of masked integers, no model
             out[nid] = {k: torch.as_tensor(v) for k, v in params.items()}
     return out
 
@@ -573,26 +743,22 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _ensure_certificate(config, public_host: str, log: Log) -> None:
-    """Regenerate the server certificate when its CN is not the name sites dial."""
-    from fedbiomed.common.certificate_manager import CertificateManager
-    from fedbiomed.common.constants import SERVER_certificate_prefix
+    """Point Fed-BioMed's researcher at the coordinator's own server certificate (`coordinator.pki`).
 
-    etc = Path(config.root) / "etc"
-    pem = etc / config.get("certificate", "public_key")
-    try:
-        cert = x509.load_pem_x509_certificate(pem.read_bytes())
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    except (OSError, ValueError, IndexError):
-        cn = None
-    if cn == public_host:
-        return
-    CertificateManager.generate_self_signed_ssl_certificate(
-        certificate_folder=str(pem.parent),
-        certificate_name=SERVER_certificate_prefix,
-        component_id=config.get("default", "id"),
-        subject={"CommonName": public_host},
-    )
-    log(f"server certificate issued for {public_host!r} (was {cn!r})")
+    The certificate is created once and never regenerated silently: sites pin it. A public
+    host it is not valid for is an error asking for an explicit rotation. Fed-BioMed's
+    researcher id is set to the one the certificate carries (nodes compare the two).
+    """
+    from coordinator.pki import CoordinatorPKI  # imported here: the rest of this module is another change's
+
+    pki = CoordinatorPKI(Path(config.root).parent)
+    if pki.ensure(public_host):
+        log(f"server certificate issued for {public_host!r}: {pki.fingerprint()} (sites pin it: `coordinator fingerprint`)")
+    config.set("certificate", "private_key", str(pki.server_key.resolve()))  # Fed-BioMed joins etc/ with it: absolute wins
+    config.set("certificate", "public_key", str(pki.server_cert.resolve()))
+    if config.get("default", "id") != pki.researcher_id():
+        config.set("default", "id", pki.researcher_id())
+        config.write()
 
 
 def _approved(reply) -> bool:
@@ -614,6 +780,50 @@ def _plan_hash(exp) -> str:
 
 def _params(exp) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in exp.training_plan().get_model_params().items()}
+
+
+def secure_aggregation(spec: Spec) -> Any:
+    """Fed-BioMed's `SecureAggregation` of a spec's ``secagg`` (False: plain aggregation).
+
+    Each site quantises its model (clipped to ``[-clipping_range, clipping_range]``, 2^13 levels),
+    multiplies it by its training cases and masks it (LOM: pairwise Diffie-Hellman masks;
+    Joye-Libert: encryption under a share of a server key); the coordinator decrypts only the sum,
+    divides it by the total cases and de-quantises it. The keys are set up before the first round,
+    and again whenever the round's sites change (`fresh_secure_aggregation` on resume).
+
+    Args:
+        spec: the experiment spec.
+
+    Returns:
+        The `SecureAggregation` to pass as ``Experiment(secagg=...)``, or False (Fed-BioMed refuses None).
+    """
+    if spec.secagg is None:
+        return False
+    from fedbiomed.common.constants import SecureAggregationSchemes
+    from fedbiomed.researcher.secagg import SecureAggregation
+
+    scheme = SecureAggregationSchemes.JOYE_LIBERT if spec.secagg["scheme"] == "joye-libert" else SecureAggregationSchemes.LOM
+    return SecureAggregation(scheme=scheme, clipping_range=int(spec.secagg["clipping_range"]))
+
+
+def fresh_secure_aggregation(exp: Any) -> None:
+    """Give a resumed experiment new secure-aggregation keys (a no-op without secure aggregation).
+
+    A breakpoint keeps the keys' context, and LOM derives its masks from the keys and the round
+    number: redoing a round that failed with the same keys would mask the sites' new updates with
+    the masks of their first attempt, whose difference the coordinator may then learn. A new
+    `SecureAggregation` of the same scheme and clipping range sets up new keys with the round's
+    sites before it runs.
+
+    Args:
+        exp: the experiment loaded from a breakpoint.
+    """
+    secagg = exp.secagg
+    if secagg is None or not secagg.active:
+        return
+    from fedbiomed.researcher.secagg import SecureAggregation
+
+    exp.set_secagg(SecureAggregation(scheme=secagg.scheme, clipping_range=secagg.clipping_range))
 
 
 def _server_optimizer(spec: Spec):
@@ -653,4 +863,7 @@ def _format_round(record: dict, total: int) -> str:
             bits.append(f"loss={loss:.3f}")
         parts.append(" ".join(bits))
     mb = sum((record.get("bytes") or {}).values()) / 1e6
-    return f"round {record['round']}/{total} ({record['wall_s']:.1f}s, {mb:.1f} MB, |update|={record['update_norm']:.4f}) " + " | ".join(parts)
+    status = record.get("site_status") or {}
+    asked = [row for row in status.values() if row["status"] != "not_sampled"]
+    taken = f", {record.get('aggregated_from')} of {len(asked)} sites" if len(asked) > (record.get("aggregated_from") or 0) else ""
+    return f"round {record['round']}/{total} ({record['wall_s']:.1f}s, {mb:.1f} MB, |update|={record['update_norm']:.4f}{taken}) " + " | ".join(parts)

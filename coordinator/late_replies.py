@@ -72,8 +72,8 @@ class LateReplyStore:
 def install() -> None:
     """Make Fed-BioMed's researcher server drop replies to a previous process quietly (idempotent).
 
-    Call before the server starts (before ``coordinator.engine.Federation`` is built): the
-    servicer takes its agent store when the server starts.
+    Called by ``coordinator.engine.Federation`` before its server starts: the servicer takes
+    its agent store when the server starts.
     """
     from fedbiomed.transport.server import ResearcherServicer
 

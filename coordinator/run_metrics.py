@@ -24,6 +24,42 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class SitePrivacy(_Record):
+    """A site's differential-privacy budget after a round, composed over every round it trained in so far.
+
+    Attributes:
+        epsilon: epsilon at ``delta`` (Opacus's RDP accountant over the site's steps; None: central DP, which states none).
+        delta: the delta epsilon is stated at (the spec's ``dp.delta``).
+        steps: the private optimizer steps the site took so far.
+        rounds: the rounds it trained in so far (a round it missed spent nothing).
+        incomplete: a round of the run lost its metrics: its steps are not in epsilon, which is then too low.
+    """
+
+    epsilon: float | None = None
+    delta: float | None = None
+    steps: int | None = None
+    rounds: int | None = None
+    incomplete: bool = False
+
+
+class PrivacySettings(_Record):
+    """The run's differential privacy (the spec's ``dp``): how the sites trained and what epsilon is stated at.
+
+    Attributes:
+        type: ``local`` (noise at every step: epsilon per site) or ``central`` (noise once per round on the parameters sent).
+        sigma: Opacus's noise multiplier (per patch).
+        clip: the per-sample gradient norm bound.
+        delta: the delta every epsilon is stated at.
+        unit: what one privacy unit is (``case``: a volume, all its patches).
+    """
+
+    type: str | None = None
+    sigma: float | None = None
+    clip: float | None = None
+    delta: float | None = None
+    unit: str | None = None
+
+
 class SiteRound(_Record):
     """One site's row of a round: training timings and scalars, its validation rows and its test rows.
 
@@ -39,6 +75,7 @@ class SiteRound(_Record):
         test_global: ``val_global``'s model on the site's test cases (None: no test cases, or an older run).
         test_local: ``val_local``'s model on the site's test cases.
         test_final: ``val_final``'s model on the site's test cases.
+        privacy: the site's privacy budget spent so far (runs with ``dp`` only).
     """
 
     name: str | None = None
@@ -52,6 +89,7 @@ class SiteRound(_Record):
     test_global: dict[str, float] | None = None
     test_local: dict[str, float] | None = None
     test_final: dict[str, float] | None = None
+    privacy: SitePrivacy | None = None
 
 
 class WireBytes(_Record):
@@ -193,6 +231,7 @@ class RunMetrics(_Record):
         published: factory runs: the published factory.
         quorum: what each round needed (None for older runs: every site).
         scoring_sites: the sites that scored a global model so far (a model scored by fewer is no candidate for best_global).
+        privacy: the run's differential privacy (None: none).
     """
 
     rounds: list[RoundRecord] = Field(default_factory=list)
@@ -214,6 +253,7 @@ class RunMetrics(_Record):
     published: Published | None = None
     quorum: Quorum | None = None
     scoring_sites: list[str] = Field(default_factory=list)
+    privacy: PrivacySettings | None = None
 
     @classmethod
     def of(cls, metrics: RunMetrics | Mapping[str, Any]) -> RunMetrics:

@@ -434,12 +434,10 @@ def serve(home: Path, grpc_host: str, grpc_port: int, api_host: str, api_port: i
         public_host: name sites dial (in the TLS certificate); None: derived from ``grpc_host``.
         recovery: automatic recovery settings (`Recovery`; default ``Recovery()``).
     """
-    from coordinator import late_replies
     from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed and torch)
 
     home = Path(home).resolve()
     token = api_token(home)
-    late_replies.install()  # replies owed to a previous coordinator process: a log line, not a traceback
     federation = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
     coord = Coordinator(home, federation, recovery)
     if coord.recovery.max_auto_resumes > 0:

@@ -30,6 +30,7 @@ from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigMod
 from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
 from fedimg_core.devices import GPU_POLICIES, PRECISIONS
 from fedimg_core.errors import ConfigError
+from pipelines.privacy import DEFAULT_DELTA, DP_TYPES
 from pipelines.splits import SplitSettings
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "SpecError",
     "SpecFile",
     "deprecations",
+    "dp_network_problems",
     "load",
     "parse",
     "plan_rules",
@@ -205,6 +207,32 @@ class SecaggSection(ConfigModel):
     )
 
 
+class DPSection(ConfigModel):
+    """Differential privacy at the sites (Fed-BioMed's DP through Opacus); the privacy unit is a case."""
+
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "sigma", "clip"]})
+
+    type: Annotated[str, one_of(*DP_TYPES)] = Field(
+        description="local: every step clips each patch's gradient to clip and adds Gaussian noise of standard deviation sigma * clip "
+        "(DP-SGD; each site's epsilon is reported); central: the steps clip without noise and each site adds noise of standard "
+        "deviation sigma * clip to the parameters it sends, once per round (no epsilon can be stated: nothing bounds one case's effect "
+        "on the parameters)."
+    )
+    sigma: Annotated[float, number(positive=True)] = Field(
+        description="Noise multiplier (Opacus's, per patch: a case's is sigma / plan_args.patches_per_volume)."
+    )
+    clip: Annotated[float, number(positive=True)] = Field(description="Per-sample gradient norm bound (max_grad_norm).")
+    delta: Annotated[float, number(0, 1)] = Field(
+        default=DEFAULT_DELTA, description=f"The delta epsilon is stated at (default {DEFAULT_DELTA:g}); below 1 / training cases."
+    )
+
+    @model_validator(mode="after")
+    def _delta_inside(self) -> DPSection:
+        if not 0 < self.delta < 1:
+            raise ConfigProblem("delta", f"must be between 0 and 1, exclusive (got {self.delta:g})")
+        return self
+
+
 class SpecFile(ConfigModel):
     """An experiment spec, as a researcher writes it (plan-dependent defaults are left None)."""
 
@@ -274,6 +302,11 @@ class SpecFile(ConfigModel):
     )
     approval: ApprovalSection = Field(default_factory=ApprovalSection, description="Plan approval by the sites.")
     device: DeviceSection = Field(default_factory=DeviceSection, description="GPU use and precision at the sites (segmentation plans).")
+    dp: DPSection | None = Field(
+        default=None,
+        description="Differential privacy (null: off): {type: local | central, sigma, clip, delta}; segmentation plans with fedavg, "
+        "trained in fp32; each site's epsilon at delta is reported per round (local).",
+    )
     secagg: SecaggSection | None = Field(
         default=None,
         description="Secure aggregation (null: off): the coordinator only ever decrypts the weighted sum of the sites' models; every "
@@ -349,6 +382,7 @@ class Spec:
     approval_wait_s: float = 0.0
     device: dict[str, str] = field(default_factory=lambda: DeviceSection().model_dump())  # {"gpu", "precision"}
     secagg: dict[str, Any] | None = None  # {"scheme", "clipping_range"}; None: plain aggregation
+    dp: dict[str, Any] | None = None  # {"type", "sigma", "clip", "delta"}; None: no differential privacy
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # risky but legal values, "file: key: why"
 
@@ -384,6 +418,8 @@ class Spec:
         }
         if self.fedprox_mu is not None:
             args["fedprox_mu"] = float(self.fedprox_mu)
+        if self.dp is not None:  # Fed-BioMed's DPController (Opacus); delta stays here, for the accounting
+            args["dp_args"] = {"type": self.dp["type"], "sigma": float(self.dp["sigma"]), "clip": float(self.dp["clip"])}
         return args
 
     @property
@@ -486,6 +522,8 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("clients_per_round", f"is only for the data_factory plan; {plan} trains and validates every site every round"))
     if isinstance(values.get("secagg"), dict):
         out.extend(_secagg_rules(values, factory))
+    if isinstance(values.get("dp"), dict):
+        out.extend(_dp_rules(values, factory))
     if not factory:
         return out
     if values.get("validate_every") is not None:
@@ -540,6 +578,58 @@ def _secagg_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]
         if start < 2:
             out.append(("sites.min_sites", f"must be at least 2 with secagg: secure aggregation needs 2 or more sites a round (got {start})"))
     return out
+
+
+def _dp_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]]:
+    """What Fed-BioMed's differential privacy (Opacus) cannot be combined with (`plan_rules`, ``dp`` given).
+
+    Args:
+        values: the spec's top-level values that validated.
+        factory: the plan is the data factory.
+
+    Returns:
+        (key path, problem) for each rule broken.
+    """
+    out: list[tuple[str, str]] = []
+    if factory:
+        out.append(("dp", f"{values['plan']} trains two networks with their own optimizers and regularisers, which Opacus cannot make private: drop dp"))
+        return out
+    if values.get("aggregator") == "scaffold":
+        # Fed-BioMed's DPController needs a torch optimizer; SCAFFOLD's client is a declearn optimizer
+        out.append(("aggregator", "scaffold cannot be combined with dp (Fed-BioMed's differential privacy needs a torch optimizer, "
+                                  "SCAFFOLD's client is declearn's): use aggregator: fedavg or drop dp"))  # fmt: skip
+    if values.get("fedprox_mu") is not None:
+        # Opacus steps with the clipped per-sample gradients of the plan's loss: the proximal term's gradient is dropped
+        out.append(("fedprox_mu", "cannot be combined with dp: Opacus builds each step from the per-sample gradients of the plan's loss, "
+                                  "which the proximal term is not part of; drop fedprox_mu or dp"))  # fmt: skip
+    device = values.get("device")
+    precision = device.get("precision") if isinstance(device, dict) else None
+    if precision in ("bf16", "fp16"):
+        out.append(("device.precision", f"{precision} cannot be combined with dp: per-sample gradients are clipped in fp32; "
+                                        "set precision: fp32 or auto (auto trains in fp32 under dp)"))  # fmt: skip
+    return out
+
+
+def dp_network_problems(model_args: dict[str, Any]) -> list[tuple[str, str]]:
+    """Whether Opacus can train the spec's network (``dp`` given): built at its ``tiny`` size, probed (`pipelines.privacy`).
+
+    Imports torch and MONAI: only specs with ``dp`` pay for it.
+
+    Args:
+        model_args: the checked plan arguments (`check_plan_args`).
+
+    Returns:
+        (``plan_args.network``, problem) when it cannot.
+    """
+    from pipelines.network_config import network_config_from_spec
+    from pipelines.privacy import spec_network_dp_problem
+
+    try:
+        network = network_config_from_spec(model_args.get("network"))
+    except ValueError:  # reported by the plan's own checks
+        return []
+    problem = spec_network_dp_problem(network)
+    return [("plan_args.network", _clip(problem))] if problem else []
 
 
 def _split_of(given: dict[str, Any]) -> dict[str, Any]:
@@ -605,6 +695,8 @@ def validate(raw: Any, where: str, base_dir: Path | None = None, scale: str = "f
             key = key if len(key) <= SHOWN_CHARS else short(key)
             problems.append((f"plan_args.{key}", _clip(found.problem)))
     problems.extend(plan_rules(values))
+    if isinstance(values.get("dp"), dict) and values.get("plan") in SEGMENTATION_PLANS and model_args and not problems:
+        problems.extend(dp_network_problems(model_args))  # builds the network: only once everything else holds
     if problems or model is None:
         order = list(SpecFile.model_fields)
         rank = {key: i for i, key in enumerate(order)}
@@ -664,6 +756,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         approval_wait_s=m.approval.wait_s,
         device=m.device.model_dump(),
         secagg=m.secagg.model_dump() if m.secagg is not None else None,
+        dp=m.dp.model_dump() if m.dp is not None else None,
         raw=raw,
     )
 
@@ -724,6 +817,11 @@ def risky_values(spec: Spec, scaled: bool = False) -> list[tuple[str, str]]:
         if updates < MIN_UPDATES and not scaled:
             out.append(("rounds", f"{spec.rounds} rounds x {spec.local_steps} local_steps = {updates} updates per site: "
                                   f"too few to learn much (the examples use >= {MIN_UPDATES}; raise rounds or local_steps)"))  # fmt: skip
+    patches = spec.model_args.get("patches_per_volume", 2) if spec.plan in SEGMENTATION_PLANS else 1
+    if spec.dp is not None and spec.dp["type"] == "local" and isinstance(patches, int) and patches > 1:
+        out.append(("dp.sigma", f"each case gives plan_args.patches_per_volume ({patches}) patches, each clipped to clip: the noise per case is "
+                                f"sigma / {patches} = {spec.dp['sigma'] / patches:g}, which spends the budget faster; "
+                                "plan_args.patches_per_volume: 1 keeps it at sigma"))  # fmt: skip
     lr = spec.optimizer.get("lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not LR_RANGE[0] <= lr <= LR_RANGE[1]:
         out.append(("optimizer.lr", f"{lr:g} is outside the usual [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}] for AdamW/Adam"))

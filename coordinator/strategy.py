@@ -10,8 +10,12 @@ uniformly: the data factory, and segmentation runs with ``weights: equal``), and
 `QuorumNotMet` before anything is aggregated when fewer than ``min_per_round`` sites, or not
 every sampled ``mandatory`` site, answered. The draw is logged and kept in `history`.
 
-`round_policies` are the request policies that end a round's wait: the deadline
-(``round_timeout_s``, Fed-BioMed's `StopOnTimeout`) and `LostStaysLost`.
+With secure aggregation (``secure``, or any reply that came encrypted) every sampled site must
+answer: each site's masks cancel only in the sum of all the sampled sites' updates, so the
+remaining ones cannot be aggregated (Fed-BioMed's LOM and Joye-Libert tolerate no dropout);
+the round raises `QuorumNotMet` instead, whatever ``min_per_round`` says.
+
+The request policies that end a round's wait are in `coordinator.request_policies`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ from typing import Any
 
 from fedbiomed.common.exceptions import FedbiomedStrategyError
 from fedbiomed.common.logger import logger
-from fedbiomed.researcher.requests import RequestPolicy, StopOnTimeout
-from fedbiomed.researcher.requests._status import PolicyStatus, RequestStatus
 from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
 
 from pipelines.sampling import sample_sites
@@ -36,9 +38,12 @@ class QuorumNotMet(FedbiomedStrategyError):  # type: ignore[misc]  # Fed-BioMed 
         sampled: node ids the round asked.
         min_per_round: the updates the round needed.
         mandatory_missing: mandatory node ids that did not answer.
+        secure: the round was securely aggregated (every sampled site was needed).
     """
 
-    def __init__(self, round_i: int, answered: list[str], sampled: list[str], min_per_round: int, mandatory_missing: list[str]):
+    def __init__(self, round_i: int, answered: list[str], sampled: list[str], min_per_round: int, mandatory_missing: list[str],
+                 secure: bool = False):  # fmt: skip
+        self.secure = secure
         self.round_i = round_i
         self.answered = list(answered)
         self.sampled = list(sampled)
@@ -46,51 +51,11 @@ class QuorumNotMet(FedbiomedStrategyError):  # type: ignore[misc]  # Fed-BioMed 
         self.mandatory_missing = list(mandatory_missing)
         missing = [n for n in sampled if n not in answered]
         super().__init__(
-            f"round {round_i + 1}: {len(answered)} of {len(sampled)} sites answered (min_per_round {min_per_round}"
+            f"round {round_i + 1}: {len(answered)} of {len(sampled)} sites answered ("
+            + ("secure aggregation needs every sampled site" if secure else f"min_per_round {min_per_round}")
             + (f", mandatory not answering: {', '.join(mandatory_missing)}" if mandatory_missing else "")
             + f"); missing: {', '.join(missing) or 'none'}"
         )
-
-
-class LostStaysLost(RequestPolicy):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
-    """A request whose site was declared disconnected is over, even if the site connects again.
-
-    Fed-BioMed counts a request as finished while its node is disconnected, and as pending again
-    once the node reconnects; but a message sent while the node was disconnected was dropped,
-    and a restarted process never answers its predecessor's request, so the round would wait
-    for nothing (until its deadline, or for ever without one). This policy ends the wait when
-    every request has finished or was once seen disconnected (Fed-BioMed's `Request.has_finished`
-    marks it ``DISCONNECT``, and only a reply changes that).
-    """
-
-    def continue_(self, requests: list[Any]) -> PolicyStatus:
-        """Keep waiting while a request is pending and its site was never seen disconnected.
-
-        Args:
-            requests: the federated request's requests.
-
-        Returns:
-            ``CONTINUE``, or ``COMPLETED`` when nothing is left to wait for.
-        """
-        for request in requests:
-            if not request.has_finished() and not (request.status == RequestStatus.DISCONNECT and request.reply is None and request.error is None):
-                return self.keep()
-        return self.completed()
-
-
-def round_policies(timeout_s: float | None) -> list[Any]:
-    """The request policies of a training round (`coordinator.fedbiomed_hooks.RoundOutcomes` adds them).
-
-    Args:
-        timeout_s: the round's deadline in seconds (None: none).
-
-    Returns:
-        `LostStaysLost`, and Fed-BioMed's `StopOnTimeout` for the deadline.
-    """
-    policies: list[Any] = [LostStaysLost()]
-    if timeout_s:
-        policies.append(StopOnTimeout(int(timeout_s)))
-    return policies
 
 
 class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
@@ -102,12 +67,13 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         uniform: weight the sampled sites equally instead of by sample count.
         min_per_round: successful updates a round needs (None: every sampled site's, Fed-BioMed's rule).
         mandatory: node ids that must answer whenever they are sampled.
+        secure: the experiment aggregates securely: every sampled site must answer (``min_per_round`` is moot).
     """
 
     def __init__(self, clients_per_round: int | None = None, seed: int = 0, uniform: bool = False,
-                 min_per_round: int | None = None, mandatory: list[str] | None = None):  # fmt: skip
+                 min_per_round: int | None = None, mandatory: list[str] | None = None, secure: bool = False):  # fmt: skip
         super().__init__()
-        self._parameters: dict[str, Any] = {"clients_per_round": clients_per_round, "seed": int(seed), "uniform": bool(uniform)}
+        self._parameters: dict[str, Any] = {"clients_per_round": clients_per_round, "seed": int(seed), "uniform": bool(uniform), "secure": bool(secure)}
         self.set_quorum(min_per_round, mandatory)
         self.history: dict[int, list[str]] = {}
 
@@ -154,7 +120,8 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
             ``(params, weights, total, factors)`` as `DefaultStrategy.refine` returns them.
 
         Raises:
-            QuorumNotMet: fewer than ``min_per_round`` sites answered, or a sampled mandatory one did not.
+            QuorumNotMet: fewer than ``min_per_round`` sites answered, or a sampled mandatory one did
+                not, or (secure aggregation) any sampled site did not.
         """
         sampled = list(self._sampling_node_history.get(round_i) or training_replies)
         answered = {nid: reply for nid, reply in training_replies.items() if reply.get("success") is True and reply.get("sample_size") is not None}
@@ -162,10 +129,12 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
             if nid not in answered:
                 logger.warning(f"[fedimg] round {round_i + 1}: {nid} left out: " + (reply.get("msg") or "its reply has no sample_size"))
         p = self._parameters
-        need = len(sampled) if p.get("min_per_round") is None else p["min_per_round"]
+        # masked updates: the masks cancel only in the sum over every sampled site
+        secure = bool(p.get("secure")) or any(reply.get("encrypted") for reply in training_replies.values())
+        need = len(sampled) if p.get("min_per_round") is None or secure else p["min_per_round"]
         mandatory_missing = [nid for nid in p.get("mandatory") or [] if nid in sampled and nid not in answered]
-        if len(answered) < need or mandatory_missing or not answered:
-            raise QuorumNotMet(round_i, list(answered), sampled, need, mandatory_missing)
+        if len(answered) < need or mandatory_missing or not answered or (secure and set(sampled) - set(answered)):
+            raise QuorumNotMet(round_i, list(answered), sampled, need, mandatory_missing, secure=secure)
         self._success_node_history[round_i] = list(answered)
         params = {nid: reply["params"] for nid, reply in answered.items()}
         factors = {nid: reply.get("encryption_factor") for nid, reply in answered.items()}
@@ -194,5 +163,6 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
             state: what `save_state_breakpoint` returned.
         """
         super().load_state_breakpoint(state)
-        self._parameters = {"clients_per_round": None, "seed": 0, "uniform": False, "min_per_round": None, "mandatory": [], **(self._parameters or {})}
+        self._parameters = {"clients_per_round": None, "seed": 0, "uniform": False, "min_per_round": None, "mandatory": [], "secure": False,
+                            **(self._parameters or {})}  # fmt: skip
         self.history = {int(k): list(v) for k, v in (state.get("history") or {}).items()}

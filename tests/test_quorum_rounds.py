@@ -161,13 +161,14 @@ def test_training_requests_get_the_deadline_and_each_sites_outcome_is_kept():
     assert outcome_of(_request("E", status=_Status.NO_REPLY_YET), None) == {"status": "failed", "reason": "no answer"}
 
 
-def test_a_site_seen_disconnected_is_not_waited_for_once_it_reconnects():
+def test_a_site_seen_disconnected_is_not_waited_for_once_it_reconnects(monkeypatch, tmp_path):
     """Fed-BioMed's request counts as pending again when its node reconnects, though the message
     sent while it was away was dropped: `LostStaysLost` ends the wait anyway."""
+    monkeypatch.setenv("FBM_RESEARCHER_COMPONENT_ROOT", str(tmp_path / "researcher"))  # Fed-BioMed makes its config on import
     from fedbiomed.researcher.requests import PolicyController
     from fedbiomed.researcher.requests._status import PolicyStatus, RequestStatus
 
-    from coordinator.strategy import LostStaysLost, round_policies
+    from coordinator.request_policies import LostStaysLost, round_policies
 
     back = SimpleNamespace(has_finished=lambda: False, status=RequestStatus.DISCONNECT, reply=None, error=None)
     answered = SimpleNamespace(has_finished=lambda: True, status=RequestStatus.SUCCESS, reply=object(), error=None)
@@ -179,8 +180,9 @@ def test_a_site_seen_disconnected_is_not_waited_for_once_it_reconnects():
     assert [type(p).__name__ for p in round_policies(30)] == ["LostStaysLost", "StopOnTimeout"]
 
 
-def test_a_real_stop_on_timeout_policy_ends_the_wait():
+def test_a_real_stop_on_timeout_policy_ends_the_wait(monkeypatch, tmp_path):
     """Fed-BioMed's DiscardOnTimeout only marks a request; StopOnTimeout ends the wait (why the hook uses it)."""
+    monkeypatch.setenv("FBM_RESEARCHER_COMPONENT_ROOT", str(tmp_path / "researcher"))
     from fedbiomed.researcher.requests import DiscardOnTimeout, PolicyController, StopOnTimeout
     from fedbiomed.researcher.requests._status import PolicyStatus
 
@@ -318,3 +320,19 @@ def test_the_soak_benchmark_plans_its_kills_and_counts_rounds_from_fewer_sites()
 
     parsed = spec_mod.validate(spec, "soak")
     assert parsed.min_per_round == 4 and parsed.round_timeout_s == 60 and parsed.min_sites == 8
+
+
+def test_absent_sites_can_be_waited_for_erring_ones_cannot():
+    from coordinator.engine import RunError, SitesMissingError, quorum_error
+
+    sites = {"N1": "site-1", "N2": "site-2", "N3": "site-3"}
+    exc = QuorumNotMet(0, ["N1"], ["N1", "N2", "N3"], 2, [])
+    erring = {
+        "N2": {"status": "failed", "reason": "Could not configure secure aggregation on node"},
+        "N3": {"status": "failed", "reason": "FB313: plan raised"},
+    }
+    refused = quorum_error(exc, erring, sites, 1, 3)
+    assert type(refused) is RunError and "once the sites' errors are fixed" in str(refused)  # serve does not retry it
+    lost = quorum_error(exc, {**erring, "N3": {"status": "failed", "reason": "disconnected during the round"}}, sites, 1, 3)
+    assert isinstance(lost, SitesMissingError) and lost.error_kind == "sites" and "once enough sites are back" in str(lost)
+    assert isinstance(quorum_error(exc, {"N2": {"status": "timeout", "reason": "x"}}, sites, 1, 3), SitesMissingError)

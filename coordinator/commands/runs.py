@@ -28,6 +28,7 @@ from coordinator.commands.common import (
     url_option,
     with_options,
 )
+from coordinator.privacy import privacy_summary
 from coordinator.results import TEST_ROWS, class_dice, ordered_classes, participation
 from fedimg_core.errors import UserError
 
@@ -85,7 +86,8 @@ def _print_results(run_dir: Path) -> None:
     rounds = metrics.get("rounds", [])
     tested = any(row.get(k) for r in rounds for row in r["sites"].values() for k in TEST_ROWS.values())
     dice_cols = ("dice global val", "dice global test", "dice local val", "dice local test") if tested else ("dice global val", "dice local val")
-    table = Table("round", "site", "samples", "train loss", "lambda", *dice_cols, "MB sent+received")
+    private = isinstance(metrics.get("privacy"), dict)  # dp: each site's epsilon so far (`coordinator.privacy`)
+    table = Table("round", "site", "samples", "train loss", "lambda", *dice_cols, *(("epsilon",) if private else ()), "MB sent+received")
     fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
     for r in rounds:
         mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.2f}" if r.get("bytes") else "-"
@@ -94,11 +96,13 @@ def _print_results(run_dir: Path) -> None:
             keys = ("val_global", "test_global", "val_local", "test_local") if tested else ("val_global", "val_local")
             table.add_row(
                 str(r["round"]), row.get("name", "?"), str(row.get("samples", "-")), fmt(tr, "loss_mean" if "loss_mean" in tr else "Loss"),
-                fmt(tr, "lambda"), *[fmt(row.get(k) or {}, "dice_mean") for k in keys], mb,
+                fmt(tr, "lambda"), *[fmt(row.get(k) or {}, "dice_mean") for k in keys], *((_epsilon(row),) if private else ()), mb,
             )  # fmt: skip
             mb = ""
     console.print(table)
     _print_participation(rounds)
+    if (line := privacy_summary(metrics)) is not None:
+        click.echo(line)
     last = [row for r in rounds[-1:] for row in r["sites"].values()]
     for split, label in (("val", "validation cases (they select the models)"), ("test", "test cases (never trained on, never used to select)")):
         final = {}
@@ -125,15 +129,21 @@ def _print_results(run_dir: Path) -> None:
     _print_run_footer(info)
 
 
+def _epsilon(row: dict) -> str:
+    """A site row's epsilon so far ("-": no private steps reported; "n/a": central DP, which states none)."""
+    privacy = row.get("privacy")
+    if not isinstance(privacy, dict):
+        return "-"
+    return "n/a" if privacy.get("epsilon") is None else f"{privacy['epsilon']:.3g}"
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # a stopped run is recorded as interrupted (resumable), not left "running"
 
 
 def _foreground(home: str, grpc_host: str, grpc_port: int, public_host, spec, resume: bool, make_run_dir) -> None:
-    from coordinator import late_replies
     from coordinator.engine import Federation  # deferred: start-up time (Fed-BioMed, torch)
 
-    late_replies.install()  # replies owed to a previous coordinator process: a log line, not a traceback
     signal.signal(signal.SIGTERM, _on_sigterm)
     fed = Federation(home, host=grpc_host, port=grpc_port, public_host=public_host, log=logging.getLogger("coordinator.engine").info)
     run_dir = make_run_dir()  # only once the server runs: a failed start leaves no queued run behind

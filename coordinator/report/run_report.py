@@ -21,6 +21,7 @@ from coordinator.report.tables import (
     final_metrics_table,
     header_table,
     participation_table,
+    privacy_table,
     split_sizes_table,
     split_table,
 )
@@ -112,6 +113,8 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
     run_tables = [header_table(run)] + ([split_sizes_table(run.metrics)] if run.metrics.splits else [])
     if (left_out := participation_table(run.metrics)) is not None:
         run_tables.append(left_out)
+    if (privacy := privacy_table(run.metrics)) is not None:
+        run_tables.append(privacy)
     oof_tables = [t for ev in run.evaluations for t in (evaluation_table(ev), evaluation_metrics_table(ev)) if t is not None]
     oof_text = [] if run.evaluations else [f"No out-of-federation evaluation ({EVALUATIONS_DIR}/<dataset>.json) for this run."]
     if len(oof_tables) > len(run.evaluations):  # evaluations with clinical metrics

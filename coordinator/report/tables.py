@@ -257,4 +257,44 @@ def participation_table(metrics: Metrics) -> Table | None:
     sites, rows, _ = participation(rounds)
     if not rows:
         return None
-    return Table(["round", "aggregated from", *sites], rows, f"rounds aggregated from fewer sites: {len(rows)} of {len(rounds)} (the reasons: run.log, metrics.json site_status)")
+    return Table(
+        ["round", "aggregated from", *sites],
+        rows,
+        f"rounds aggregated from fewer sites: {len(rows)} of {len(rounds)} (the reasons: run.log, metrics.json site_status)",
+    )
+
+
+def privacy_table(metrics: Metrics) -> Table | None:
+    """Each site's epsilon at the stated delta after each round (``dp: local``); the settings alone for ``central``; None without ``dp``.
+
+    Args:
+        metrics: the run's metrics.
+
+    Returns:
+        The table, or None.
+    """
+    m = RunMetrics.of(metrics)
+    p = m.privacy
+    if p is None:
+        return None
+    settings = f"sigma {p.sigma:g}, clip {p.clip:g}" if p.sigma is not None and p.clip is not None else "settings not recorded"
+    if p.type != "local":
+        return Table(
+            ["type", "sigma", "clip", "epsilon"],
+            [[p.type, cell(p.sigma), cell(p.clip), "not stated"]],
+            "differential privacy, central: each site adds noise of standard deviation sigma * clip to the parameters it sends, once per "
+            "round; nothing bounds how far one case moves those parameters, so no epsilon is stated",
+        )
+    sites = sorted({name for r in m.rounds for name, row in r.named_sites() if row.privacy is not None})
+    rows: list[list[Any]] = []
+    for r in m.rounds:
+        named = dict(r.named_sites())
+        cells = [f"{e:.3g}" if (row := named.get(s)) is not None and row.privacy is not None and (e := row.privacy.epsilon) is not None else "-" for s in sites]
+        if any(c != "-" for c in cells):
+            rows.append([str(r.round), *cells])
+    return Table(
+        ["round", *sites],
+        rows,
+        f"differential privacy, local ({settings}): each site's epsilon at delta {p.delta:g} after each round, composed over the rounds it "
+        "trained in (Opacus's RDP accountant; the privacy unit is a case; '-': the site did not train that round)",
+    )

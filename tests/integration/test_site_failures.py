@@ -128,7 +128,12 @@ def test_a_killed_and_a_hung_site_are_left_out_and_come_back(bed):
     assert second["wall_s"] < 40 - 5  # it ended when both were declared gone, not at the deadline
     later = metrics["rounds"][2:]
     assert any(r["site_status"]["site-2"]["status"] == "ok" for r in later), [r["site_status"] for r in later]
-    assert any(r["site_status"]["site-3"]["status"] == "ok" for r in later), [r["site_status"] for r in later]  # rejoined after restart
+    back = [r for r in later if r["site_status"]["site-3"]["status"] == "ok"]
+    assert back, [r["site_status"] for r in later]  # rejoined after restart
+    for r in back:  # ConDistFL after missed rounds: the round's lambda, and the global model it received as its teacher
+        rows = {row["name"]: row["train"] for row in r["sites"].values()}
+        assert rows["site-3"]["lambda"] == pytest.approx(rows["site-1"]["lambda"]) and rows["site-3"]["round_index"] == r["round"] - 1
+        assert rows["site-3"]["teacher_max_abs_diff"] == 0.0
     assert f"round 2/{rounds}: aggregated from 1 site(s); left out: site-2 (failed: disconnected during the round)" in out
 
 
