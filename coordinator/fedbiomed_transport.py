@@ -12,7 +12,10 @@ This is the one module where the coordinator extends Fed-BioMed's transport. It 
   ``Feedback`` first check the peer's certificate against ``<home>/sites.json``
   (`coordinator.pki.SiteRegistry`, re-read when it changes: revocation needs no restart) and
   that the node id the message claims is the certificate's CN; otherwise the call is aborted
-  with PERMISSION_DENIED and one log line names the peer and the reason.
+  with PERMISSION_DENIED and one log line names the peer and the reason (at most one line a
+  minute per peer address, certificate and kind of refusal: the claimed node id, the peer's own
+  text, does not make a new line). A reply without a node id is refused the same way;
+  one reassembled larger than `MAX_REPLY_BYTES` is aborted with RESOURCE_EXHAUSTED.
 
 `install` points ``fedbiomed.researcher.requests._requests.GrpcServer`` (the name
 ``Requests.__init__`` constructs) at `EnrolledGrpcServer`. `check_upstream` fails loudly when
@@ -25,6 +28,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -38,14 +42,19 @@ from fedbiomed.transport.node_agent import AgentStore
 from fedbiomed.transport.protocols import researcher_pb2_grpc
 from fedbiomed.transport.protocols.researcher_pb2 import Empty
 
-from coordinator.pki import SiteRegistry
+from coordinator.pki import SiteRegistry, clip
 from fedimg_core.tls_pins import fingerprint
 
-__all__ = ["FEDBIOMED_VERSION", "EnrolledGrpcServer", "EnrolledServicer", "check_upstream", "install", "peer_certificate"]
+__all__ = ["FEDBIOMED_VERSION", "MAX_REPLY_BYTES", "EnrolledGrpcServer", "EnrolledServicer", "check_upstream", "install", "peer_certificate"]
 
 FEDBIOMED_VERSION = "6.4.1"  # the version whose server.py this module mirrors
 log = logging.getLogger("coordinator.trust")
-_LOG_EVERY_S = 60.0  # one line per refused peer and reason per minute: a refused node polls every few seconds
+_LOG_EVERY_S = 60.0  # one line per refused peer, certificate and kind of refusal per minute: a refused node polls every few seconds
+_LOG_KEYS = 1000  # peers remembered for that rate limit (least recently refused forgotten first)
+# A reply is sent in chunks and reassembled in memory before it is read. Fed-BioMed caps each
+# gRPC message at 100 MiB but not their number; model updates of the networks this project
+# trains are far below 1 GiB, so a larger reply is a broken or hostile site, not a model.
+MAX_REPLY_BYTES = 1 << 30
 
 
 def check_upstream() -> None:
@@ -95,32 +104,53 @@ class EnrolledServicer(fbm_server.ResearcherServicer):  # type: ignore[misc]  # 
     def __init__(self, agent_store: AgentStore, on_message: Any, registry: SiteRegistry) -> None:
         super().__init__(agent_store=agent_store, on_message=on_message)
         self._registry = registry
-        self._logged: dict[tuple[str, str], float] = {}
+        self._logged: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
-    def _refuse_line(self, context: Any, who: str, reason: str) -> None:
-        key = (who, reason)
+    def _refuse_line(self, context: Any, who: str, sha: str, kind: str, reason: str) -> None:
+        """Log one refusal, at most once a minute per peer address, certificate and kind (bounded: `_LOG_KEYS`)."""
+        peer = str(context.peer())
+        key = (peer.rsplit(":", 1)[0], sha, kind)  # without the port: every reconnection has a new one
         now = time.monotonic()
         if now - self._logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._logged[key] = now
-            line = f"refused {context.peer()} ({who}): {reason}"
+            self._logged.move_to_end(key)
+            while len(self._logged) > _LOG_KEYS:
+                self._logged.popitem(last=False)
+            line = f"refused {peer} ({who}): {reason}"
             log.warning("%s", line)
             fbm_logger.warning(line)
 
-    async def _check(self, context: Any, node_id: str | None) -> bool:
+    async def _check(self, context: Any, node_id: object, claim_required: bool = False) -> bool:
+        """Whether the peer's certificate is enrolled, not revoked, and names ``node_id``; else abort the call.
+
+        Args:
+            context: the call's context.
+            node_id: the node id the message claims (None with ``claim_required`` False: not checked).
+            claim_required: refuse a message whose node id is missing or not a string.
+
+        Returns:
+            True when allowed (otherwise the call is aborted: ``context.abort`` raises).
+        """
         pem = peer_certificate(context)
         if pem is None:  # require_client_auth makes this unreachable; kept as a second lock
-            reason, who = "no client certificate", "unknown"
+            reason, told, who, sha, kind = "no client certificate", "", "unknown", "", "no certificate"
         else:
             sha = fingerprint(pem)
-            try:
-                record, reason = self._registry.authorize(sha, node_id)
-            except Exception as exc:  # noqa: BLE001 - an unreadable sites.json refuses everyone
-                record, reason = None, f"enrolled sites unreadable ({exc})"
+            told = ""
+            if claim_required and not isinstance(node_id, str):
+                record, reason, kind = None, f"the message claims no node id (got {clip(node_id)})", "no claim"
+            else:
+                try:
+                    record, reason = self._registry.authorize(sha, node_id if isinstance(node_id, str) else None)
+                except Exception as exc:  # noqa: BLE001 - an unreadable sites.json refuses everyone
+                    record, reason = None, f"enrolled sites unreadable ({exc})"
+                    told = "the coordinator cannot read its enrolled sites now"  # the detail is for its log only
+                kind = "unreadable" if told else "not enrolled" if record is None else "revoked" if record.revoked else "claim"
             who = f"site {record.site}" if record else f"certificate {sha[:19]}.."
             if not reason:
                 return True
-        self._refuse_line(context, who, reason)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not an enrolled site: {reason}")
+        self._refuse_line(context, who, sha, kind, reason)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not an enrolled site: {told or reason}")
         return False  # abort raises; not reached
 
     async def GetTaskUnary(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -134,13 +164,13 @@ class EnrolledServicer(fbm_server.ResearcherServicer):  # type: ignore[misc]  # 
             The task's chunks, as Fed-BioMed's servicer yields them.
         """
         claimed = TaskRequest.from_proto(request).get_dict().get("node")
-        if not await self._check(context, claimed):
+        if not await self._check(context, claimed, claim_required=True):
             return
         inner = super().GetTaskUnary(request, context)
         try:
             async for chunk in inner:
                 # the long poll may have waited for minutes: a site revoked meanwhile gets nothing
-                if not await self._check(context, claimed):
+                if not await self._check(context, claimed, claim_required=True):
                     return
                 yield chunk
         finally:
@@ -148,7 +178,8 @@ class EnrolledServicer(fbm_server.ResearcherServicer):  # type: ignore[misc]  # 
 
     async def ReplyTask(self, request_iterator: Any, unused_context: Any) -> Any:
         """Replies from a site; mirrors Fed-BioMed's ``ResearcherServicer.ReplyTask``, with every
-        reply's ``node_id`` checked against the certificate.
+        reply's ``node_id`` checked against the certificate (a reply without one is refused) and
+        a reply reassembled larger than `MAX_REPLY_BYTES` aborted (RESOURCE_EXHAUSTED).
 
         Args:
             request_iterator: the reply's chunks.
@@ -162,11 +193,18 @@ class EnrolledServicer(fbm_server.ResearcherServicer):  # type: ignore[misc]  # 
             return Empty()
         reply = b""
         async for answer in request_iterator:
+            if len(reply) + len(answer.bytes_) > MAX_REPLY_BYTES:
+                line = f"aborted a reply from {context.peer()}: over {MAX_REPLY_BYTES} bytes reassembled"
+                log.warning("%s", line)
+                fbm_logger.warning(line)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"reply larger than {MAX_REPLY_BYTES} bytes")
+                return Empty()  # abort raises; not reached
             reply += answer.bytes_
             if answer.size != answer.iteration:
                 continue
             message = Serializer.loads(reply)
-            if not await self._check(context, message.get("node_id")):
+            claimed = message.get("node_id") if isinstance(message, dict) else None
+            if not await self._check(context, claimed, claim_required=True):
                 return Empty()
             fbm_logger.debug(
                 "[WIRE][N->S][RX] node=%s req=%s type=%s bytes=%d",
@@ -193,7 +231,7 @@ class EnrolledServicer(fbm_server.ResearcherServicer):  # type: ignore[misc]  # 
         one_of = request.WhichOneof("feedback_type")
         param = FeedbackMessage.from_proto(request).get_param(one_of)
         claimed = param.get("node_id") if isinstance(param, dict) else getattr(param, "node_id", None)
-        if not await self._check(unused_context, claimed):
+        if not await self._check(unused_context, claimed, claim_required=True):
             return Empty()
         self._on_message(param, MessageType.convert(one_of))
         return Empty()

@@ -32,8 +32,8 @@ from fedimg_core import atomic
 from fedimg_core.errors import UserError
 
 TOKENS_FILE = "site-tokens.json"
-_SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as site_agent.config's site_name
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SITE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as site_agent.config's site_name; fullmatch: no trailing newline
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_site_name(site: object) -> str:
@@ -48,7 +48,7 @@ def check_site_name(site: object) -> str:
     Raises:
         UserError: not 1-63 of a-z 0-9 _ - starting with a letter or digit.
     """
-    if not isinstance(site, str) or not _SITE_RE.match(site):
+    if not isinstance(site, str) or not _SITE_RE.fullmatch(site):
         raise UserError(f"site name must be 1-63 of a-z 0-9 _ - starting with a letter or digit (got {site!r})")
     return site
 
@@ -79,7 +79,7 @@ class SiteTokens:
             raise UserError(f"{self.path}: not valid JSON ({exc}); fix or remove it and issue the site tokens again") from None
         sites = raw.get("sites") if isinstance(raw, dict) else None
         if not isinstance(sites, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("sha256"), str) and _HEX64.match(v["sha256"]) for v in sites.values()
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and _HEX64.fullmatch(v["sha256"]) for v in sites.values()
         ):
             raise UserError(f"{self.path}: not a site-token file (expected {{'sites': {{site: {{sha256, created}}}}}})")
         return sites

@@ -320,7 +320,7 @@ def matches(regex: str, wording: str) -> FieldRule:
     compiled = re.compile(regex)
 
     def phrase(value: object) -> object:
-        if not isinstance(value, str) or not compiled.match(value):
+        if not isinstance(value, str) or not compiled.fullmatch(value):  # fullmatch: `$` also matches before a final newline
             raise ValueError(f"must be {wording} (got {short(value)})")
         return value
 

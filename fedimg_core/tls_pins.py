@@ -16,7 +16,7 @@ from fedimg_core.errors import UserError
 __all__ = ["PIN_PREFIX", "fingerprint", "parse_pin", "short"]
 
 PIN_PREFIX = "SHA256:"
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch
 
 
 def _der(cert: bytes | str) -> bytes:
@@ -60,7 +60,7 @@ def parse_pin(text: str) -> str:
     raw = (text or "").strip()
     body = raw[len(PIN_PREFIX) :] if raw.upper().startswith(PIN_PREFIX) else raw
     body = body.replace(":", "").replace(" ", "").lower()
-    if not _HEX.match(body):
+    if not _HEX.fullmatch(body):
         raise UserError(f"{raw!r} is not a certificate fingerprint: expected SHA256: and 64 hex digits, as `coordinator fingerprint` prints it")
     return PIN_PREFIX + body
 

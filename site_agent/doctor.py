@@ -25,13 +25,15 @@ class Check:
         name: what is checked.
         ok: passed, failed, or None: not applicable now (not a failure).
         detail: what was found.
-        hint: for a failing row, what to check or do.
+        hint: for a failing row (or a warning), what to check or do.
+        warning: passed, but needs attention soon (shown as WARN; not a failure).
     """
 
     name: str
     ok: bool | None
     detail: str
     hint: str = ""
+    warning: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a JSON-ready dict (``doctor --json``).
@@ -72,8 +74,10 @@ def check_coordinator(host: str, port: int, timeout: float = 3.0, config_path: s
 
 
 def check_trust(site: site_config.SiteConfig, timeout: float = 3.0, reachable: bool = True) -> list[Check]:
-    """Rows "site enrolled" (key, certificate from the coordinator, a pin) and "coordinator pinned"
-    (the certificate the coordinator presents now is one the site pins; also what the node last saw).
+    """Rows "trust files" (only when group or others may write them), "site enrolled" (key,
+    certificate from the coordinator, a pin), "site certificate" (valid now; a warning within
+    `trust.EXPIRY_WARNING_DAYS` of its expiry) and "coordinator pinned" (the certificate the
+    coordinator presents now is one the site pins; also what the node last saw).
 
     Args:
         site: the site.
@@ -81,25 +85,38 @@ def check_trust(site: site_config.SiteConfig, timeout: float = 3.0, reachable: b
         reachable: whether the coordinator's port answered (False: its certificate is not fetched again).
 
     Returns:
-        One or two rows.
+        One to four rows.
     """
     info = trust.summary(site)
+    rows: list[Check] = []
+    if info.get("unsafe"):
+        rows.append(Check("trust files", False, info["unsafe"], "the node refuses to start until they are writable by their owner only"))
     if not info["enrolled"]:
-        return [Check("site enrolled", False, info["problem"] or "not enrolled", "enrol the site: docs/guide/security.md")]
+        return [*rows, Check("site enrolled", False, info["problem"] or "not enrolled", "enrol the site: docs/guide/security.md")]
     cert = info["certificate"]
     refusal = info["refused_by_coordinator"]
     if refusal:
-        rows = [Check("site enrolled", False, f"the coordinator refused this site at {refusal['time']}: {refusal['reason']}",
-                      "ask the coordinator's operator (`coordinator sites list`); a revoked site enrols again with a new request")]  # fmt: skip
+        rows.append(Check("site enrolled", False, f"the coordinator refused this site at {refusal['time']}: {refusal['reason']}",
+                          "ask the coordinator's operator (`coordinator sites list`); a revoked site enrols again with a new request"))  # fmt: skip
     else:
-        rows = [Check("site enrolled", True, f"{cert['subject']}, valid until {cert['not_after']}")]
+        rows.append(Check("site enrolled", True, cert["subject"]))
+    if cert["validity"] in ("expired", "not yet valid"):
+        hint = trust.RENEW_HINT if cert["validity"] == "expired" else "check this machine's clock (and the coordinator's)"
+        rows.append(Check("site certificate", False, f"{cert['validity_line']}; the coordinator refuses it", hint))
+    elif cert["validity"] == "expiring":
+        rows.append(Check("site certificate", True, cert["validity_line"], trust.RENEW_HINT, warning=True))
+    else:
+        rows.append(Check("site certificate", True, cert["validity_line"]))
     pr = connectivity.probe(site.coordinator_host, site.coordinator_port, timeout=timeout) if reachable else connectivity.Probe(False, "")
     last = info["last"] or {}
     if pr.cert_fingerprint is None:
         if last.get("state") == "refused":
             rows.append(Check("coordinator pinned", False, last.get("message", ""), "check the fingerprint with the coordinator's operator"))
         return rows
-    if pr.cert_fingerprint in info["pins"]:
+    if pr.cert_fingerprint in info["pins"] and last.get("state") == "refused" and last.get("seen") == pr.cert_fingerprint:
+        # pinned, but the node refused it (outside its validity, or not for the host this site dials)
+        rows.append(Check("coordinator pinned", False, last.get("message", ""), "see the detail; the node retries every few seconds"))
+    elif pr.cert_fingerprint in info["pins"]:
         rows.append(Check("coordinator pinned", True, f"{site.coordinator_host}:{site.coordinator_port} presents {pr.cert_fingerprint}"))
     else:
         rows.append(Check(

@@ -17,6 +17,9 @@ connection); the channel also presents the site's certificate and key (mutual TL
 certificate is never trusted: the channel gets a root that verifies nothing, so every
 handshake fails, one log line says why and ``trust/status.json`` records it for
 ``site-agent status`` and ``doctor``. The pins are on disk, so this holds across restarts.
+A pinned certificate that is outside its validity, or not valid for the host the site dials, is
+refused the same way, with that reason (gRPC would fail the handshake anyway); a site
+certificate outside its validity is logged and recorded too (the coordinator refuses it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc  # type: ignore[import-untyped]
 from cryptography import x509
@@ -40,6 +43,7 @@ from cryptography.x509.oid import NameOID
 
 from fedimg_core.tls_pins import fingerprint, short
 from site_agent import trust
+from site_agent.connectivity import _name_matches, certificate_names
 from site_agent.errors import UserError
 
 __all__ = ["FEDBIOMED_VERSION", "PinnedChannels", "check_upstream", "fetch_certificate", "install", "main"]
@@ -132,8 +136,39 @@ class PinnedChannels:
 
     files: trust.TrustFiles
     _root_never: bytes = b""
-    _last: tuple[str, str | None] | None = None
+    _last: tuple[str, str] | None = None
     _researcher: Any
+
+    @staticmethod
+    def server_problem(host: str, pem: bytes | str) -> str | None:
+        """Why a pinned coordinator certificate cannot work now: outside its validity, or not for ``host``.
+
+        Args:
+            host: the host this site dials (``coordinator.host`` in site.yaml).
+            pem: the certificate (PEM).
+
+        Returns:
+            One line, or None when it is valid now for ``host``.
+        """
+        text = pem.decode("ascii") if isinstance(pem, bytes) else pem
+        try:
+            cert = x509.load_pem_x509_certificate(text.encode("ascii"))
+            names = certificate_names(text)
+        except ValueError as exc:
+            return f"the coordinator's certificate cannot be read ({exc})"
+        state, line = trust.certificate_validity(cert)
+        if state in ("expired", "not yet valid"):
+            return (
+                f"the coordinator's certificate {short(fingerprint(text))} (pinned) is {line}: ask the coordinator's operator to rotate it "
+                "(`coordinator certificate rotate`), then pin the new fingerprint (`site-agent trust add SHA256:...`)"
+            )
+        if not _name_matches(host, names):
+            return (
+                f"the coordinator's certificate {short(fingerprint(text))} (pinned) is for {', '.join(names) or 'no name'}, not the host this "
+                f"site dials {host!r}: update coordinator.host in site.yaml to one of those names (`site-agent init --force ...` or edit "
+                f"the file, then restart the node), or ask the coordinator's operator to rotate its certificate for {host!r}"
+            )
+        return None
 
     @classmethod
     def judge(cls, host: str, port: int, seen: bytes | str | None) -> bytes | None:
@@ -153,8 +188,16 @@ class PinnedChannels:
             allowed = []
             _log("error", str(exc))
         got = fingerprint(seen) if seen else None
-        if got is not None and got in allowed:
-            cls._record("trusted", got, f"coordinator {host}:{port} presents the pinned certificate {short(got)}")
+        if got is not None and seen is not None and got in allowed:
+            problem = cls.server_problem(host, seen)
+            if problem is not None:
+                cls._record("refused", got, problem)
+                return None
+            own = trust.own_certificate_problem(cls.files)
+            if own is not None:  # the coordinator refuses it: say so, instead of "trusted"
+                cls._record("refused", got, own)
+            else:
+                cls._record("trusted", got, f"coordinator {host}:{port} presents the pinned certificate {short(got)}")
             return seen if isinstance(seen, bytes) else str(seen).encode("ascii")
         line = (
             f"coordinator certificate {got or 'unavailable'} at {host}:{port} is not the pinned "
@@ -166,8 +209,8 @@ class PinnedChannels:
 
     @classmethod
     def _record(cls, state: str, seen: str | None, line: str) -> None:
-        if cls._last != (state, seen):  # one line per change, not one per reconnection attempt
-            cls._last = (state, seen)
+        if cls._last != (state, line):  # one line per change, not one per reconnection attempt (a line names what it judged)
+            cls._last = (state, line)
             _log("error" if state == "refused" else "info", line)
             trust.write_status(cls.files, state, seen, line)
 
@@ -254,7 +297,8 @@ def install(folder: str | os.PathLike[str]) -> type:
         The ``Channels`` subclass now in ``fedbiomed.transport.client``.
 
     Raises:
-        UserError: the site is not enrolled (no key, certificate or pin).
+        UserError: the site is not enrolled (no key, certificate or pin), or its trust folder or
+            pins file is writable by group or others.
     """
     from fedbiomed.transport import client, controller
 
@@ -263,7 +307,14 @@ def install(folder: str | os.PathLike[str]) -> type:
     missing = [p.name for p in (files.key, files.cert, files.pins) if not p.is_file()]
     if missing or not trust.pins(files):
         raise UserError(f"{files.dir}: not enrolled ({', '.join(missing) or 'no pin'}); see `site-agent enroll --help`")
-    channels = type("PinnedChannels", (PinnedChannels, _original(client.Channels)), {"files": files, "_root_never": _unverifiable_root(), "_last": None})
+    trust.check_permissions(files)
+    channels = cast(
+        "type[PinnedChannels]",
+        type("PinnedChannels", (PinnedChannels, _original(client.Channels)), {"files": files, "_root_never": _unverifiable_root(), "_last": None}),
+    )
+    own = trust.own_certificate_problem(files)
+    if own is not None:  # started anyway: the coordinator decides (this machine's clock may be wrong)
+        channels._record("refused", None, own)
     client.Channels = channels  # GrpcClient.__init__ reads this module-global name
     controller.GrpcClient = type("PinnedGrpcClient", (PinnedConnect, _original(controller.GrpcClient)), {"channels_class": channels})
     return channels

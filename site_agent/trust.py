@@ -2,7 +2,7 @@
 
 Everything lives in ``<work_dir>/trust/`` (the node reads it there, also inside the container)::
 
-    coordinator-pins   the coordinator certificate fingerprints this site accepts, one per line
+    coordinator-pins   the coordinator certificate fingerprints this site accepts, one per line (mode 0600)
     site.key           the site's private key (mode 0600; it never leaves the site)
     site.csr           the certificate request the coordinator's operator signs
     site.crt           the certificate the coordinator issued (CN = node id, O = site name)
@@ -11,7 +11,8 @@ Everything lives in ``<work_dir>/trust/`` (the node reads it there, also inside 
 Enrolment: `request` (``site-agent enroll request``) writes the key and the CSR; the
 coordinator's operator signs it (``coordinator sites enroll --csr``); `install`
 (``site-agent enroll install``) checks the certificate against the key and the node id and
-stores it with the pin. A node without these files does not start (`check_enrolled`).
+stores it with the pin. A node without these files does not start (`check_enrolled`), nor one
+whose trust folder or pins file others may write (`check_permissions`; the folder is made 0700).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,17 @@ from site_agent.config import SiteConfig
 from site_agent.errors import UserError
 
 __all__ = [
+    "EXPIRY_WARNING_DAYS",
+    "RENEW_HINT",
     "TRUST_DIR_ENV",
     "TrustFiles",
     "add_pin",
+    "certificate_validity",
     "check_enrolled",
+    "check_permissions",
     "install",
     "node_id",
+    "own_certificate_problem",
     "pins",
     "read_status",
     "remove_pin",
@@ -51,6 +58,7 @@ __all__ = [
 ]
 
 TRUST_DIR_ENV = "FEDIMG_TRUST_DIR"  # set for the node by site_agent.runtime.node_environment
+EXPIRY_WARNING_DAYS = 30  # `site-agent doctor` warns this long before the site's certificate expires
 
 
 class TrustFiles:
@@ -133,8 +141,91 @@ def pins(files: TrustFiles) -> list[str]:
     return out
 
 
+def _make_dir(files: TrustFiles) -> None:
+    """Create the trust folder, mode 0700 (an existing one is left as it is: `check_permissions` judges it)."""
+    if not files.dir.is_dir():
+        files.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(files.dir, 0o700)
+
+
 def _write_pins(files: TrustFiles, values: list[str]) -> None:
-    atomic.write_text(files.pins, "".join(f"{p}\n" for p in values))
+    _make_dir(files)
+    atomic.write_bytes(files.pins, "".join(f"{p}\n" for p in values).encode("utf-8"), mode=0o600)
+
+
+def check_permissions(files: TrustFiles) -> None:
+    """Refuse a trust folder or pins file that group or others may write: whoever can write
+    the pins chooses which coordinator this site trusts.
+
+    Args:
+        files: the trust folder.
+
+    Raises:
+        UserError: one line naming the path, its mode and the fix.
+    """
+    for path in (files.dir, files.pins):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read its permissions ({exc.strerror or exc})") from None
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UserError(
+                f"{path} is writable by group or others (mode {mode:o}): they could pin another coordinator; "
+                f"`chmod go-w {path}` (the folder 0700, the pins file 0600), then check its pins (`site-agent trust list`)"
+            )
+
+
+def certificate_validity(cert: x509.Certificate, now: _dt.datetime | None = None) -> tuple[str, str]:
+    """Whether a certificate is valid now, and one line saying so with its dates.
+
+    Args:
+        cert: the certificate.
+        now: the time to judge at (default: now, UTC).
+
+    Returns:
+        ``(state, line)``: state ``valid``, ``expiring`` (valid, expiring within
+        `EXPIRY_WARNING_DAYS`), ``expired`` or ``not yet valid``.
+    """
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    start = cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
+    end = cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+    dates = f"valid from {start.isoformat()} until {end.isoformat()}"
+    if now < start:
+        return "not yet valid", f"not yet valid ({dates}; is this machine's clock right?)"
+    if now > end:
+        return "expired", f"expired at {end.isoformat()} ({dates})"
+    left = end - now
+    if left < _dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        return "expiring", f"expires in {left.days} day(s), at {end.isoformat()} ({dates})"
+    return "valid", dates
+
+
+RENEW_HINT = (
+    "enrol again: `site-agent enroll request`, send the .csr to the coordinator's operator (`coordinator sites enroll --csr FILE`), "
+    "then `site-agent enroll install CERT`"
+)
+
+
+def own_certificate_problem(files: TrustFiles, now: _dt.datetime | None = None) -> str | None:
+    """One line when the site's own certificate is outside its validity (the coordinator refuses it).
+
+    Args:
+        files: the trust folder.
+        now: the time to judge at (default: now).
+
+    Returns:
+        The line, or None when it is valid (or expiring) or cannot be read.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    state, line = certificate_validity(cert, now)
+    if state in ("valid", "expiring"):
+        return None
+    return f"this site's certificate {files.cert} is {line}: the coordinator refuses it; {RENEW_HINT}"
 
 
 def add_pin(files: TrustFiles, pin: str) -> list[str]:
@@ -193,6 +284,7 @@ def request(site: SiteConfig) -> Path:
     """
     files = TrustFiles.of(site)
     nid = node_id(site)
+    _make_dir(files)
     key: ec.EllipticCurvePrivateKey
     if files.key.is_file():
         loaded = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
@@ -249,17 +341,18 @@ def install(site: SiteConfig, cert_pem: bytes, pin: str | None = None) -> dict[s
     return {"site": site.site_name, "node_id": nid, "certificate": str(files.cert), "pins": pins(files)}
 
 
-def check_enrolled(site: SiteConfig) -> TrustFiles:
+def check_enrolled(site: SiteConfig, permissions: bool = True) -> TrustFiles:
     """Refuse to go on without the site's key, certificate and a coordinator pin.
 
     Args:
         site: the site.
+        permissions: also refuse a trust folder or pins file others may write (`check_permissions`).
 
     Returns:
         Its trust files.
 
     Raises:
-        UserError: one line saying what is missing and how to enrol.
+        UserError: one line saying what is missing (or unsafe) and how to enrol.
     """
     files = TrustFiles.of(site)
     missing = [p.name for p in (files.key, files.cert, files.pins) if not p.is_file()]
@@ -270,6 +363,8 @@ def check_enrolled(site: SiteConfig) -> TrustFiles:
             "the coordinator's operator (`coordinator sites enroll --csr FILE`), then `site-agent enroll install CERT "
             "--coordinator-fingerprint SHA256:...` (docs/guide/security.md)"
         )
+    if permissions:
+        check_permissions(files)
     return files
 
 
@@ -284,6 +379,7 @@ def write_status(files: TrustFiles, state: str, seen: str | None, message: str) 
     """
     record = {"state": state, "seen": seen, "message": message, "time": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()}
     with contextlib.suppress(OSError):  # a read-only work folder must not stop the node
+        _make_dir(files)
         atomic.write_bytes(files.status, (json.dumps(record) + "\n").encode("utf-8"))
 
 
@@ -344,22 +440,42 @@ def summary(site: SiteConfig) -> dict[str, Any]:
         site: the site.
 
     Returns:
-        ``enrolled`` (bool), ``pins``, ``certificate`` (subject and expiry, or None),
-        ``last`` (the node's last record, or None), ``refused_by_coordinator`` (the coordinator's last
-        refusal of this site after the node last connected, `coordinator_refusal`, or None),
-        ``problem`` (a line, or None).
+        ``enrolled`` (bool), ``pins``, ``certificate`` (``subject``, ``not_before``, ``not_after``,
+        ``validity``: `certificate_validity`'s state, ``validity_line``; or None), ``last`` (the
+        node's last record, or None), ``refused_by_coordinator`` (the coordinator's last refusal of
+        this site after the node last connected, `coordinator_refusal`, or None), ``problem`` (a
+        line, or None), ``unsafe`` (`check_permissions`' line, or None).
     """
     files = TrustFiles.of(site)
     last = read_status(files)
     refusal = coordinator_refusal(site.node_dir / "log" / "security_audit.log")
     if refusal and last and last.get("time", "") > refusal["time"].replace("Z", "+00:00"):
         refusal = None  # older than the node's last connection
-    out: dict[str, Any] = {"enrolled": False, "pins": [], "certificate": None, "last": last, "refused_by_coordinator": refusal, "problem": None}
+    out: dict[str, Any] = {
+        "enrolled": False,
+        "pins": [],
+        "certificate": None,
+        "last": last,
+        "refused_by_coordinator": refusal,
+        "problem": None,
+        "unsafe": None,
+    }
+    try:
+        check_permissions(files)
+    except UserError as exc:
+        out["unsafe"] = str(exc)
     try:
         out["pins"] = pins(files)
-        check_enrolled(site)
+        check_enrolled(site, permissions=False)
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
-        out["certificate"] = {"subject": cert.subject.rfc4514_string(), "not_after": cert.not_valid_after.replace(tzinfo=_dt.timezone.utc).isoformat()}
+        state, line = certificate_validity(cert)
+        out["certificate"] = {
+            "subject": cert.subject.rfc4514_string(),
+            "not_before": cert.not_valid_before.replace(tzinfo=_dt.timezone.utc).isoformat(),
+            "not_after": cert.not_valid_after.replace(tzinfo=_dt.timezone.utc).isoformat(),
+            "validity": state,
+            "validity_line": line,
+        }
         out["enrolled"] = True
     except (UserError, ValueError, OSError) as exc:
         out["problem"] = str(exc)

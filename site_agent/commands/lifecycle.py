@@ -192,8 +192,13 @@ def trust_line(trust: dict[str, Any]) -> str:
     Returns:
         The line.
     """
+    if trust.get("unsafe"):
+        return f"UNSAFE: {trust['unsafe']}"
     if not trust["enrolled"]:
         return f"NOT ENROLLED: {trust['problem']}"
+    cert = trust.get("certificate") or {}
+    if cert.get("validity") in ("expired", "not yet valid"):
+        return f"SITE CERTIFICATE {str(cert['validity']).upper()}: {cert['validity_line']}; the coordinator refuses it (`site-agent doctor`)"
     last = trust["last"]
     pinned = f"pinned {', '.join(p[:19] + '..' for p in trust['pins'])}"
     if last and last.get("state") == "refused":
@@ -201,9 +206,10 @@ def trust_line(trust: dict[str, Any]) -> str:
     if trust.get("refused_by_coordinator"):
         refusal = trust["refused_by_coordinator"]
         return f"REFUSED BY THE COORDINATOR at {refusal['time']}: {refusal['reason']} (ask its operator: `coordinator sites list`)"
+    expiring = f"; site certificate {cert['validity_line']}" if cert.get("validity") == "expiring" else ""
     if last:
-        return f"{pinned}; {last['message']} ({last['time']})"
-    return f"{pinned}; the node has not connected yet"
+        return f"{pinned}; {last['message']} ({last['time']}){expiring}"
+    return f"{pinned}; the node has not connected yet{expiring}"
 
 
 @click.command()
@@ -233,10 +239,10 @@ def doctor(ctx: click.Context, min_free_gb: float, as_json: bool) -> None:
     results: dict[bool | None, str] = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]"}
     table = Table("check", "result", "detail")
     for c in checks:
-        table.add_row(c.name, results.get(c.ok, "SKIP"), c.detail)
+        table.add_row(c.name, "[yellow]WARN[/yellow]" if c.warning else results.get(c.ok, "SKIP"), c.detail)
     common.console.print(table)
     for c in checks:
-        if c.ok is not True and c.hint:
+        if (c.ok is not True or c.warning) and c.hint:
             click.echo(f"hint for {c.name}: {c.hint}")  # after the table: hints are sentences, too long for a cell
     click.echo(f"{sum(1 for c in checks if c.ok)} passed, {len(failed)} failed")
     sys.exit(1 if failed else 0)

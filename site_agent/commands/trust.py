@@ -57,7 +57,9 @@ def trust_list(ctx: click.Context, as_json: bool) -> None:
     for pin in info["pins"]:
         click.echo(f"pinned {pin}")
     if info["certificate"]:
-        click.echo(f"site certificate {info['certificate']['subject']}, valid until {info['certificate']['not_after']}")
+        click.echo(f"site certificate {info['certificate']['subject']}: {info['certificate']['validity_line']}")
+    if info["unsafe"]:
+        click.echo(f"UNSAFE: {info['unsafe']}")
     if info["last"]:
         click.echo(f"node: {info['last']['state']} at {info['last']['time']}: {info['last']['message']}")
     if info["problem"]:
