@@ -307,6 +307,8 @@ def hint_for(host: str, port: int, pr: Probe, connected: bool | None, log: LogSu
     """
     if connected:
         return None
+    if refused and pr.reachable and "(pinned)" in refused:  # the pinned certificate, refused for its dates or host: the line says what to do
+        return refused
     if refused and pr.reachable:
         return (f"{refused}. Check the fingerprint with the coordinator's operator (`coordinator fingerprint`): if they "
                 "rotated the certificate, `site-agent trust add SHA256:...`; if not, something else answers at this address")  # fmt: skip

@@ -28,7 +28,7 @@ def test_ct_and_mr_sites_train_one_model_with_gin(tmp_path):
         raw["plan_args"].update({"spacing": "native", "roi_size": [32, 32, 32]})
         spec = tmp_path / "xmod.yaml"
         spec.write_text(yaml.safe_dump(raw))
-        home = tmp_path / "coordinator"
+        home = bed.home  # the coordinator the sites were enrolled with (they pin its certificate)
         res = cli("coordinator", "run", spec, "--home", home, "--grpc-host", "127.0.0.1", "--grpc-port", bed.port,
                   "--public-host", "localhost", timeout=400)  # fmt: skip
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

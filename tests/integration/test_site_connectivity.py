@@ -57,7 +57,8 @@ def test_status_and_doctor_tell_connected_from_not_connected(tmp_path):
 
         st = _status(wrong)
         assert st["connected"] is False and st["connection"]["reachable"] is True
-        assert "TLS certificate is for localhost" in st["connection"]["hint"]
+        assert "is for localhost, not the host this site dials '127.0.0.1'" in st["connection"]["hint"]  # the node's own refusal
+        assert "trust add" not in st["connection"]["hint"]  # pinned: nothing to rotate
         rows = {r["name"]: r for r in json.loads(cli("site-agent", "--config", wrong, "doctor", "--json", "--min-free-gb", "0").stdout)}
         assert rows["coordinator reachable"]["ok"] is True
         assert rows["coordinator certificate"]["ok"] is False and "--public-host 127.0.0.1" in rows["coordinator certificate"]["hint"]

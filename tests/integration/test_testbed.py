@@ -82,7 +82,7 @@ def _start_testbed(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Proces
         pytest.fail("testbed ended before training: " + "".join(seen)[-3000:])
     kids = _descendants(proc.pid)
     cmdlines = [" ".join(k.cmdline()) for k in kids]
-    assert sum("fedbiomed.node.node_pm" in c for c in cmdlines) == 2, cmdlines
+    assert sum("site_agent.node_entry" in c for c in cmdlines) == 2, cmdlines  # Fed-BioMed's node behind the pinned transport
     assert any("coordinator.cli run" in c for c in cmdlines), cmdlines
     return proc, kids
 
