@@ -509,8 +509,7 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     quorum = sites.get("min_per_round") if isinstance(sites, dict) else None
     sampled = values.get("clients_per_round", 2 if factory else None)
     if isinstance(sites, dict) and isinstance(quorum, int):
-        ids, given = sites.get("ids"), sites.get("min_sites")
-        start = given if isinstance(given, int) else (len(ids) if isinstance(ids, list) and ids else 1)
+        start = _start_sites(sites)
         if quorum > start:
             out.append(("sites.min_per_round", f"must be at most min_sites ({start}): a run may start with min_sites sites (got {quorum})"))
     if isinstance(quorum, int) and isinstance(sampled, int) and quorum > sampled:
@@ -547,6 +546,12 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _start_sites(sites: dict[str, Any]) -> int:
+    """The sites a run needs to start, from a written ``sites`` mapping: ``min_sites``, else the number of ``ids``, else 1."""
+    ids, given = sites.get("ids"), sites.get("min_sites")
+    return given if isinstance(given, int) else (len(ids) if isinstance(ids, list) and ids else 1)
+
+
 def _secagg_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]]:
     """What Fed-BioMed's secure aggregation cannot be combined with (`plan_rules`, ``secagg`` given).
 
@@ -573,8 +578,7 @@ def _secagg_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]
                                "drop weights (or write weights: samples)"))  # fmt: skip
     sites = values.get("sites")
     if isinstance(sites, dict) and not factory and values.get("mode", "federated") == "federated":
-        ids, given = sites.get("ids"), sites.get("min_sites")
-        start = given if isinstance(given, int) else (len(ids) if isinstance(ids, list) and ids else 1)
+        start = _start_sites(sites)
         if start < 2:
             out.append(("sites.min_sites", f"must be at least 2 with secagg: secure aggregation needs 2 or more sites a round (got {start})"))
     return out

@@ -7,7 +7,6 @@ probe from here; why each: docs/design/site-boundary.md.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import ssl
@@ -21,6 +20,7 @@ import psutil
 from cryptography import x509
 
 from fedimg_core.tls_pins import fingerprint
+from site_agent.trust import tail_lines
 
 # Fed-BioMed's console format: "2026-12-05 00:56:33,610 fedbiomed INFO - message"
 _FBM_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ fedbiomed (\w+) - (.*)$")
@@ -256,12 +256,8 @@ def last_contact_from_audit(path: Path | None, tail_bytes: int = 1 << 20) -> str
     """
     if path is None:
         return None
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - tail_bytes))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    lines = tail_lines(path, tail_bytes)
+    if lines is None:
         return None
     for line in reversed(lines):
         if "message_received_from_researcher" not in line:

@@ -402,6 +402,25 @@ def read_status(files: TrustFiles) -> dict[str, Any] | None:
 _DENIED = re.compile(r'PERMISSION_DENIED\s*details = "([^"]*)"')
 
 
+def tail_lines(path: str | os.PathLike[str], tail_bytes: int) -> list[str] | None:
+    """The lines of the last ``tail_bytes`` of a log file (the node's logs grow without bound).
+
+    Args:
+        path: the file.
+        tail_bytes: how much of its end to read.
+
+    Returns:
+        The lines (the first may be cut), or None when the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            return fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+
+
 def coordinator_refusal(audit_log: Path, tail_bytes: int = 1 << 20) -> dict[str, str] | None:
     """The last time the coordinator refused this site (revoked, not enrolled), from the node's
     security audit log (Fed-BioMed logs failed calls there, not on the console).
@@ -413,12 +432,8 @@ def coordinator_refusal(audit_log: Path, tail_bytes: int = 1 << 20) -> dict[str,
     Returns:
         ``{"time", "reason"}``, or None when the end of the log holds no refusal.
     """
-    try:
-        with open(audit_log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - tail_bytes))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    lines = tail_lines(audit_log, tail_bytes)
+    if lines is None:
         return None
     for line in reversed(lines):
         if "PERMISSION_DENIED" not in line:
