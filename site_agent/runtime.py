@@ -91,6 +91,19 @@ def node_environment(site: SiteConfig, base: dict[str, str] | None = None) -> di
     return env
 
 
+def require_node(site: SiteConfig) -> None:
+    """Refuse a site whose Fed-BioMed node was never created (checked before enrolment: it needs the node's id).
+
+    Args:
+        site: the site.
+
+    Raises:
+        UserError: no node in the site's node folder.
+    """
+    if not (site.node_dir / "etc" / "config.ini").is_file():
+        raise UserError(f"{site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
+
+
 @dataclass
 class Status:
     """What a runtime says about the node.
@@ -177,8 +190,7 @@ class ProcessRuntime:
         return info is not None and bool(info) and _is_our_node(info)
 
     def _check_ready(self) -> None:
-        if not (self.site.node_dir / "etc" / "config.ini").is_file():
-            raise UserError(f"{self.site.node_dir}: no Fed-BioMed node here; run `site-agent init` first")
+        require_node(self.site)
         if self.site.device.startswith("cuda"):  # a forced GPU must exist before the node starts, not at its first round
             from pipelines.device import DeviceError, resolve_device  # imports torch: only for this check
 

@@ -113,7 +113,7 @@ def test_fedbiomed_records_take_the_same_route(capsys, monkeypatch):
 
 
 def _stale_run(home):
-    """A run left 'running' by a process that is gone: `status` marks it interrupted and says so."""
+    """A run left 'running' by a process that is gone: `status` shows it interrupted and says so (writing nothing)."""
     gone = subprocess.Popen(["true"])
     gone.wait()
     run_dir = runs.new_run(home, "name: x\n", "x")

@@ -258,7 +258,7 @@ def test_fedbiomed_strategy_and_fedaverage_weights(uniform, expected):
 def test_the_spec_picks_the_strategy():
     default = selection_strategy(spec_mod.parse(SEG, "x"))  # weights by training cases, as Fed-BioMed's FedAvg
     assert isinstance(default, SampledSitesStrategy)
-    assert default._parameters == {"clients_per_round": None, "seed": 0, "uniform": False, "min_per_round": 1, "mandatory": []}
+    assert default._parameters == {"clients_per_round": None, "seed": 0, "uniform": False, "min_per_round": 1, "mandatory": [], "secure": False}
     equal = selection_strategy(spec_mod.parse(SEG + "weights: equal\n", "x"))
     assert isinstance(equal, SampledSitesStrategy) and equal._parameters["uniform"] is True
     standalone = selection_strategy(spec_mod.parse(SEG + "weights: equal\nmode: standalone\n", "x"))

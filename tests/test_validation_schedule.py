@@ -17,7 +17,7 @@ from conftest import spec_problems as _problems
 from coordinator import checkpoints, runs
 from coordinator import spec as spec_mod
 from coordinator.engine import Federation, RunError, scoring_flags
-from coordinator.fedbiomed_hooks import ScalarFeed, SiteErrors, WireCounter
+from coordinator.fedbiomed_hooks import RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
 
 SEG = """\
 name: t1
@@ -116,6 +116,7 @@ class _Experiment:
         self._callbacks: dict = {}
         self.requests = SimpleNamespace(add_monitor_callback=self._callbacks.__setitem__, remove_monitor_callback=self._callbacks.pop)
         self._replies: dict = {}
+        self._answered: dict[int, list[str]] = {}  # round (from 0) -> the sites aggregated, as the strategy records them
         self._params = {"w": torch.tensor([float(done)])}
         self.aggregator = lambda: FedAverage()
 
@@ -132,7 +133,12 @@ class _Experiment:
         return self._replies
 
     def strategy(self):
-        return SimpleNamespace(history={}, _parameters={})
+        return SimpleNamespace(history={}, _parameters={}, _success_node_history=self._answered)
+
+    def set_strategy(self, strategy) -> None:  # a resumed run gets the spec's quorum (the stand-in keeps its own strategy)
+        self.strategy_set = strategy
+
+    secagg = None  # no secure aggregation
 
     def model_args(self) -> dict:
         return {"split": {"validation": 0.25, "test": 0.25, "seed": 0}}
@@ -153,6 +159,7 @@ class _Experiment:
             if score_local:
                 self._score(nid, False, _local_dice(r))
         self._replies[r - 1] = {nid: {"sample_size": 2, "params": {"w": torch.tensor([10.0 * r + i])}} for i, nid in enumerate(self.nodes)}
+        self._answered[r - 1] = list(self.nodes)
         self._round = r
         self._params = {"w": torch.tensor([float(r)])}
         self.breakpoint = self._training_args.get_state_breakpoint()  # what Fed-BioMed's breakpoint of the round keeps of them
@@ -166,6 +173,7 @@ def _federation(tmp_path, experiments: list[_Experiment]) -> Federation:
     fed = object.__new__(Federation)  # no gRPC server: the experiments stand in for Fed-BioMed's
     fed.home, fed.log = tmp_path, lambda msg: None
     fed._scalars, fed._wire, fed._site_errors = ScalarFeed(), WireCounter(), SiteErrors()
+    fed._outcomes = RoundOutcomes(lambda message: False, lambda timeout_s: [])  # no requests here: every site answers
     fed.wait_for_sites = lambda spec: dict(SITES)
     fed._check_approval = lambda exp, spec, sites: None
     queue = list(experiments)

@@ -204,6 +204,9 @@ def status(home, url, token, as_json) -> None:
     else:
         require_home(home)
         rows = runs.list_runs(Path(home))  # a run whose process died shows as interrupted (nothing is written)
+        for row in rows:
+            if row.get("process_gone"):
+                log.info("run %s: its coordinator process is gone; shown as interrupted (`coordinator resume %s` continues it)", row["run_id"], row["run_id"])
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return

@@ -114,11 +114,13 @@ def init(
 @click.pass_context
 def start(ctx: click.Context, runtime: str | None, foreground: bool, device: str | None) -> None:
     """Start the node (it connects out to the coordinator; no inbound port)."""
+    from site_agent.runtime import require_node
     from site_agent.trust import check_enrolled
 
     site = load_site(ctx)
     if device is not None:
         site.device = device
+    require_node(site)  # enrolment names the node: a site without one is told to init first
     check_enrolled(site)  # any runtime: one line saying how to enrol, before a container is made
     if foreground:
         _runtime(site, "process").run_foreground()  # the container's entrypoint: always the process runtime
