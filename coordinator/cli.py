@@ -30,6 +30,7 @@ for _command in (
     registry.registry,
     registry.publish,
     registry.site_evaluations,
+    registry.atlas,
     tokens.site_token,
     trust.fingerprint,
     trust.certificate,

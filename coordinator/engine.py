@@ -250,7 +250,7 @@ class Federation:
         metrics["local_steps"] = spec.local_steps
         if spec.dp is not None:
             metrics["privacy"] = privacy_settings(spec.dp)  # what each round's per-site epsilon is stated at (`record_privacy`)
-        if not spec.is_factory:
+        if not spec.is_factory and not spec.is_fedsr:
             metrics["validate_every"] = spec.validate_every
         if not resume:  # a resumed run keeps what its breakpoint sends the sites (`resumed_protocol`)
             metrics["split"] = dict(spec.split)
@@ -360,7 +360,7 @@ class Federation:
             checkpoints.save_global(run_dir, r, params_after)
             if spec.is_factory:
                 factory.after_round(run_dir, exp, r, spec.rounds, metrics, self.log)
-            else:
+            elif not spec.is_fedsr:  # FedSR sites score and keep their personalised models themselves
                 checkpoints.select_best(run_dir, metrics, record, _local_params(exp, r), sites)
             runs.write_metrics(run_dir, metrics)
             self.log(_format_round(record, spec.rounds))

@@ -23,6 +23,7 @@ from pipelines.config_fields import ConfigValueError
 
 # the argument checks import neither torch nor MONAI: `coordinator validate` stays fast
 from pipelines.factory.plan_args import parse_factory_args
+from pipelines.fedsr.plan_args import parse_fedsr_args
 from pipelines.plan_args import PLAN_ARG_KEYS, PlanArgs, parse_plan_args
 from pipelines.plan_args_common import InvalidPlanArgs, validate_plan_args
 from preprocessing.schema import SchemaError, parse_schema
@@ -31,9 +32,11 @@ PLANS: dict[str, str] = {
     "condistfl": "pipelines.plans.condistfl:ConDistFLPlan",
     "marginal": "pipelines.plans.marginal:MarginalSegmentationPlan",
     "data_factory": "pipelines.plans.data_factory:DataFactoryPlan",
+    "fedsr": "pipelines.plans.fedsr:FedSRPlan",
 }
 SEGMENTATION_PLANS = ("condistfl", "marginal")
 FACTORY_PLANS = ("data_factory",)
+FEDSR_PLANS = ("fedsr",)  # unlabelled sites, one atlas, personal decoders
 # filled in by the coordinator from the spec, the run and the connected sites
 FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids", "aggregator", "device")
 
@@ -151,7 +154,7 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
         (model_args, problems): model_args is {} when there are problems; each problem has
         ``.key`` (relative to plan_args) and ``.problem``.
     """
-    if name not in SEGMENTATION_PLANS + FACTORY_PLANS:
+    if name not in SEGMENTATION_PLANS + FACTORY_PLANS + FEDSR_PLANS:
         return dict(args), []
     problems: list[PlanArgsError] = []
     if "schema_definition" in args:
@@ -176,6 +179,8 @@ def check_plan_args(name: str, args: dict[str, Any], base_dir: Path | None = Non
     try:
         if name in FACTORY_PLANS:
             parse_factory_args(checked)
+        elif name in FEDSR_PLANS:
+            parse_fedsr_args(checked)
         elif schema is not None:
             parse_plan_args(checked, schema)
         else:  # the schema's own problem is reported above; check the rest without its class names

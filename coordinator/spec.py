@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from coordinator.plans import FACTORY_PLANS, PLANS, SEGMENTATION_PLANS, check_plan_args
+from coordinator.plans import FACTORY_PLANS, FEDSR_PLANS, PLANS, SEGMENTATION_PLANS, check_plan_args
 from coordinator.spec_yaml import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_spec_yaml
 from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigModel, ConfigProblem, format_problems, short, validate_config
 from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
@@ -427,6 +427,11 @@ class Spec:
         """Whether the plan is the data factory (no labels, sampled sites, no validation split)."""
         return self.plan in FACTORY_PLANS
 
+    @property
+    def is_fedsr(self) -> bool:
+        """Whether the plan is FedSR (unlabelled sites, one atlas, personal decoders; sites score themselves)."""
+        return self.plan in FEDSR_PLANS
+
     def experiment_model_args(self, run_id: str | None = None, client_ids: dict[str, int] | None = None) -> dict[str, Any]:
         """model_args for Fed-BioMed.
 
@@ -443,7 +448,7 @@ class Spec:
             The model arguments.
         """
         args = dict(self.model_args)
-        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
+        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS + FEDSR_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
             if run_id:
                 args["run_id"] = run_id
@@ -454,6 +459,8 @@ class Spec:
         if self.is_factory:
             args["device"] = {"gpu": self.device["gpu"]}  # the factory trains in fp32
             args["client_ids"] = dict(client_ids or {})
+        if self.is_fedsr:
+            args["device"] = dict(self.device)
         return args
 
     def resolved_raw(self) -> dict[str, Any]:
@@ -463,7 +470,7 @@ class Spec:
             The spec mapping, ``plan_args.schema`` replaced by the schema's content.
         """
         raw = dict(self.raw)
-        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS:
+        if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS + FEDSR_PLANS:
             raw["plan_args"] = {**self.plan_args, "schema": self.model_args["schema_definition"]}
         return raw
 
@@ -523,6 +530,8 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.extend(_secagg_rules(values, factory))
     if isinstance(values.get("dp"), dict):
         out.extend(_dp_rules(values, factory))
+    if plan in FEDSR_PLANS:
+        return out + _fedsr_rules(values)
     if not factory:
         return out
     if values.get("validate_every") is not None:
@@ -543,6 +552,40 @@ def plan_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("weights", f"{plan} weights every site equally (each client's generator counts the same): drop weights or write weights: equal"))
     if mode != "federated" or aggregator != "fedavg" or server_opt is not None or values.get("fedprox_mu") is not None:
         out.append(("plan", f"{plan} runs federated with uniform FedAvg: drop mode, aggregator, server_optimizer and fedprox_mu"))
+    return out
+
+
+def _fedsr_rules(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the FedSR plan takes (`plan_rules`, ``plan: fedsr``).
+
+    Args:
+        values: the spec's top-level values that validated.
+
+    Returns:
+        (key path, problem) for each rule broken.
+    """
+    out: list[tuple[str, str]] = []
+    plan = values["plan"]
+    split = values.get("split")
+    if isinstance(split, dict) and any(_split_of(split)[k] for k in ("validation", "test")):
+        out.append(("split", f"{plan} splits nothing: a site's labelled cases are its evaluation cases, never trained on; drop split"))
+    if values.get("test_ratio"):
+        out.append(("test_ratio", f"must be 0 for {plan}: a site's labelled cases are its evaluation cases; drop test_ratio"))
+    if values.get("validate_every") is not None:
+        out.append(("validate_every", f"{plan} sites score their personalised model themselves: use plan_args.evaluate_every"))
+    if values.get("aggregator", "fedavg") != "fedavg" or values.get("server_optimizer") is not None or values.get("fedprox_mu") is not None:
+        out.append(("aggregator", f"{plan} averages its shared parts with FedAvg: drop aggregator, server_optimizer and fedprox_mu"))
+    if values.get("secagg") is not None:
+        out.append(("secagg", f"{plan} is not run with secure aggregation yet: drop secagg"))
+    if values.get("dp") is not None:
+        out.append(("dp", f"{plan} trains registration with per-volume losses Opacus does not make private yet: drop dp"))
+    optimizer = values.get("optimizer")
+    if isinstance(optimizer, dict) and set(optimizer) - {"lr"}:
+        out.append(("optimizer", f"{plan} takes only {{lr: <positive number>}} (Adam, as in the paper); got {short(optimizer)}"))
+    plan_args, rounds = values.get("plan_args"), values.get("rounds")
+    finetune = plan_args.get("finetune_rounds", 0) if isinstance(plan_args, dict) else 0
+    if isinstance(finetune, int) and not isinstance(finetune, bool) and isinstance(rounds, int) and finetune >= rounds:
+        out.append(("plan_args.finetune_rounds", f"must be below rounds ({rounds}): some rounds must train the shared encoder; got {finetune}"))
     return out
 
 
@@ -713,14 +756,16 @@ def validate(raw: Any, where: str, base_dir: Path | None = None, scale: str = "f
 
 def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Spec:
     """The Spec of a valid SpecFile: the plan's defaults filled in."""
-    segmentation, factory = m.plan in SEGMENTATION_PLANS, m.plan in FACTORY_PLANS
+    segmentation, factory, fedsr = m.plan in SEGMENTATION_PLANS, m.plan in FACTORY_PLANS, m.plan in FEDSR_PLANS
     ids = list(m.sites.ids or [])
     given = m.optimizer.model_dump(exclude_none=True) if m.optimizer is not None else None
     if factory:
         optimizer = {"lr": 0.002, **(given or {})}
+    elif fedsr:
+        optimizer = {"lr": 1e-4, **(given or {})}  # the paper's Adam learning rate
     else:
         optimizer = given if given is not None else {"lr": 1e-3}
-    if factory:
+    if factory or fedsr:
         split = SplitSettings(validation=0.0, test=0.0).to_dict()
     elif m.split is not None:
         split = SplitSettings.from_mapping(m.split.model_dump()).to_dict()
@@ -743,7 +788,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         mandatory_sites=list(m.sites.mandatory),
         round_timeout_s=m.round_timeout_s,
         local_steps=m.local_steps,
-        batch_size=m.batch_size if m.batch_size is not None else (1 if segmentation else 8 if factory else 2),
+        batch_size=m.batch_size if m.batch_size is not None else (1 if segmentation or fedsr else 8 if factory else 2),
         optimizer=optimizer,
         aggregator=m.aggregator,
         server_optimizer=m.server_optimizer.model_dump(exclude_none=True) if m.server_optimizer is not None else None,

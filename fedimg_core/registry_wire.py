@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-KINDS = ("factory", "segmentation-branch", "model")  # artifact kinds
+KINDS = ("factory", "segmentation-branch", "model", "atlas")  # artifact kinds (atlas: FedSR's one labelled image)
 ALLOWED_SUFFIXES = (".pt", ".safetensors", ".json", ".yaml", ".md")  # weights, configs and model cards: never images
 RECORD_FILE = "artifact.json"  # an artifact version's record
 SHA256_HEADER = "X-Content-SHA256"  # the file's checksum, on every file download

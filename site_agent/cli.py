@@ -6,7 +6,7 @@ import click
 
 from fedimg_core.logs import verbosity_options
 from site_agent import config as site_config
-from site_agent.commands import adapt, artifacts, datasets, lifecycle, models, plans, trust
+from site_agent.commands import adapt, artifacts, atlas, datasets, lifecycle, models, plans, trust
 from site_agent.errors import run_cli
 
 
@@ -49,6 +49,7 @@ for _command in (
     models.models,
     models.evaluate,
     artifacts.artifacts,
+    atlas.atlas,
 ):
     cli.add_command(_command)
 del _command

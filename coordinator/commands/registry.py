@@ -85,3 +85,50 @@ def site_evaluations(home, name, version, as_json) -> None:
                 r["model"], r["site"], r["modality"], str(r["cases"]), cls, val("dice"), val("hd95", 1), val("nsd"), str((m.get("dice") or {}).get("n", 0))
             )
     console.print(table if rows else f"no site has sent an evaluation of model {name}")
+
+
+@click.group()
+def atlas() -> None:
+    """FedSR atlases: the one labelled image every site of a FedSR run registers to its scans."""
+
+
+@atlas.command("publish")
+@home_option
+@click.option("--name", required=True, help="The atlas's registry name (each publish adds a version).")
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The atlas image (NIfTI).")
+@click.option("--labels", "label_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Its labels (NIfTI, same grid), in the schema's class ids.")  # fmt: skip
+@click.option("--schema", required=True, help="The federation's label schema: a built-in name (brain-mri) or a schema file.")
+@click.option("--modality", default="MR", show_default=True, help="The image's modality (a rule of the schema).")
+@click.option("--source", required=True, help="Where the atlas comes from (e.g. 'VoxelMorph public atlas').")
+@click.option("--sharing", required=True, help="Why it may go to every site (e.g. 'public, CC-BY 4.0' or 'consented for research sharing').")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry record as JSON.")
+def atlas_publish(home, name, image_path, label_path, schema, modality, source, sharing, as_json) -> None:
+    """Publish an atlas (image + labels) as kind atlas; prints the plan_args.atlas entry for a FedSR spec."""
+    from coordinator.atlas import publish_atlas  # deferred: nibabel, numpy
+
+    record = publish_atlas(Path(home), name, image_path, label_path, schema, modality, source, sharing)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    entry = record["spec"]
+    click.echo(f"atlas {entry['name']} {entry['version']} published: {record['path']}")
+    click.echo(f"spec: plan_args: {{atlas: {{name: {entry['name']}, version: {entry['version']}, sha256: {entry['sha256']}}}}}")
+    click.echo(f"sites: site-agent atlas pull {entry['name']}@{entry['version']}")
+
+
+@atlas.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+def atlas_list(home, as_json) -> None:
+    """Published atlas versions, with the sha256 a spec names."""
+    from coordinator.atlas import atlas_spec_entry
+
+    rows = [{**atlas_spec_entry(r), "created": r["created"], "meta": r.get("meta") or {}} for r in Registry(Path(home)).list("atlas")]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("name", "version", "created", "sha256", "source")
+    for r in rows:
+        table.add_row(r["name"], r["version"], r["created"], r["sha256"], str(r["meta"].get("source", "")))
+    console.print(table if rows else "no atlas published")

@@ -20,6 +20,11 @@ identifying data in every usual header place) plus a site's labels (NIfTI like I
 * :func:`write_phantom_site` -- a whole site: ``dicom/<case>/``, ``labels/<case>``,
   ``site-labels.yaml``, labelling only the site's classes with site-local values.
 
+The `brain` module is a second phantom, T1 brain MRI for atlas-registration federations
+(FedSR): a template head, subjects as smooth random deformations of it, per-site scanner
+profiles (:data:`BRAIN_SITES`), MR DICOM sites labelled for none, some or all cases
+(:func:`write_brain_site`) and the federation's atlas (:func:`write_brain_atlas`).
+
 Geometry conventions (the same as DICOM/ITK): the volume is indexed ``[x, y, z]`` =
 ``[column, row, slice]``; voxel ``(i, j, k)`` sits at ``origin + i*dx*r + j*dy*c +
 k*dz*n`` in patient LPS, where ``r`` (first three values of ImageOrientationPatient)
@@ -30,6 +35,27 @@ is the direction of increasing column index, ``c`` that of increasing row index 
 
 from __future__ import annotations
 
+from fedimg_testing.phantom.brain import (
+    ATLAS_CONTRAST,
+    BRAIN_FOV_MM,
+    BRAIN_SITES,
+    BRAIN_TISSUES,
+    FREESURFER_VALUES,
+    BrainAtlas,
+    BrainScan,
+    BrainSite,
+    BrainSiteProfile,
+    BrainVolume,
+    brain_schema,
+    make_brain_atlas,
+    make_brain_scan,
+    make_brain_subject,
+    make_brain_template,
+    t1_intensities,
+    warp_nearest,
+    write_brain_atlas,
+    write_brain_site,
+)
 from fedimg_testing.phantom.dicom_series import PRIVATE_CREATOR, PRIVATE_GROUP, volume_affine_lps, volume_affine_ras, write_dicom_series
 from fedimg_testing.phantom.identifiers import PlantedIdentifiers
 from fedimg_testing.phantom.site import PhantomSite, site_label_volume, write_phantom_site
@@ -56,4 +82,23 @@ __all__ = [
     "volume_affine_ras",
     "write_phantom_site",
     "site_label_volume",
+    "ATLAS_CONTRAST",
+    "BRAIN_FOV_MM",
+    "BRAIN_SITES",
+    "BRAIN_TISSUES",
+    "FREESURFER_VALUES",
+    "BrainAtlas",
+    "BrainScan",
+    "BrainSite",
+    "BrainSiteProfile",
+    "BrainVolume",
+    "brain_schema",
+    "make_brain_atlas",
+    "make_brain_scan",
+    "make_brain_subject",
+    "make_brain_template",
+    "t1_intensities",
+    "warp_nearest",
+    "write_brain_atlas",
+    "write_brain_site",
 ]

@@ -109,13 +109,18 @@ def write_dicom_series(
     series_number: int = 2,
     instance_order: str = "shuffled",
     modality: str = "CT",
+    pixel_values: np.ndarray | None = None,
+    body_part: str = "ABDOMEN",
 ) -> list[Path]:
     """Write `volume` as a CT Image Storage series, one file per slice, into `out_dir`.
 
     ``modality="MR"`` writes an MR Image Storage series of the same anatomy instead: the
     pixel values are :func:`mr_like` of the volume (seeded by `seed`), stored as unsigned
     integers without a rescale (MR has no Hounsfield scale; `rescale` is not used), with MR
-    acquisition attributes in place of the CT ones.
+    acquisition attributes in place of the CT ones. With `pixel_values` (MR only; an array of
+    the volume's shape, values in [0, 65535]) those values, rounded, are stored instead of
+    :func:`mr_like`'s: for phantoms that render their own MR contrast (the brain phantom).
+    `body_part` is written as BodyPartExamined.
 
     Slice ``k`` (``volume.hu[:, :, k]``, transposed to DICOM's [row, column]) is at
     ``ImagePositionPatient = origin + k * slice_spacing * normal``. Stored values are
@@ -151,7 +156,16 @@ def write_dicom_series(
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     mr = modality == "MR"
-    if mr:
+    if pixel_values is not None:
+        if not mr:
+            raise ValueError("pixel_values is for MR series only (a CT series stores the volume's HU)")
+        given = np.rint(np.asarray(pixel_values, dtype=np.float64))
+        if given.shape != volume.hu.shape:
+            raise ValueError(f"pixel_values has shape {given.shape}, the volume {volume.hu.shape}")
+        if given.size and (given.min() < 0 or given.max() > 65535):
+            raise ValueError(f"pixel_values must lie in [0, 65535], got [{given.min()}, {given.max()}]")
+        stored, pixel_rep = given.astype(np.uint16), 0
+    elif mr:
         stored, pixel_rep = np.rint(mr_like(volume, seed)).astype(np.uint16), 0
     else:
         stored, pixel_rep = _stored_values(volume.hu, rescale)
@@ -219,7 +233,7 @@ def write_dicom_series(
         ds.OtherPatientIDsSequence = DicomSequence([other])
         ds.PatientAge = ids.patient_age
         ds.PatientAddress = ids.patient_address
-        ds.BodyPartExamined = "ABDOMEN"
+        ds.BodyPartExamined = body_part
         if contrast:
             ds.ContrastBolusAgent = "GADOTERATE" if mr else "IOHEXOL 350"
             ds.ContrastBolusRoute = "IV"

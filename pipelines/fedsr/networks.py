@@ -31,6 +31,7 @@ __all__ = [
     "DecoderOutput",
     "FedSRNetwork",
     "FedSROutput",
+    "encoder_summary",
     "fedsr_config",
     "set_encoder_frozen",
     "warp_image",
@@ -73,6 +74,11 @@ class FedSRConfig:
             raise ValueError(f"FedSRConfig: channels must be {N_SCALES} positive widths, got {self.channels}")
         if self.integration_steps < 1:
             raise ValueError(f"FedSRConfig: integration_steps must be >= 1, got {self.integration_steps}")
+        if self.sa_dim != self.channels[SCIE_SCALE_INDEX]:
+            # the SA representation is a pooled 1/4-scale encoder feature (pipelines.fedsr.training)
+            raise ValueError(
+                f"FedSRConfig: sa_dim must equal the 1/4-scale width channels[{SCIE_SCALE_INDEX}] = {self.channels[SCIE_SCALE_INDEX]}, got {self.sa_dim}"
+            )
 
 
 # `tiny`: CPU tests on 32^3 volumes. `paper`: the paper gives no widths; these are the usual
@@ -203,7 +209,15 @@ class FedSRDecoder(nn.Module):
     SCIE injects the SA representation into f_d1 before the path goes on to full resolution.
     """
 
-    def __init__(self, skip_channels: Sequence[int], out_channels: int, sa_dim: int, widths: Sequence[int] | None = None, zero_init_head: bool = False) -> None:
+    def __init__(
+        self,
+        skip_channels: Sequence[int],
+        out_channels: int,
+        sa_dim: int,
+        widths: Sequence[int] | None = None,
+        zero_init_head: bool = False,
+        use_scie: bool = True,
+    ) -> None:
         """
         Args:
             skip_channels: channels of the input features at full, 1/2, 1/4, 1/8 resolution
@@ -215,6 +229,7 @@ class FedSRDecoder(nn.Module):
                 encoder's widths, so their pooled features have the same length.
             zero_init_head: start the output convolution at zero (a registration decoder then
                 starts from the identity transform).
+            use_scie: False leaves f_d1 unmodulated (the "without SCIE" ablation, FedRep, FedAvg).
 
         Raises:
             ValueError: when `skip_channels` or `widths` does not have one width per scale.
@@ -232,6 +247,7 @@ class FedSRDecoder(nn.Module):
         self.feature_width = decoder_widths[SCIE_SCALE_INDEX]
         self.feature_conv = nn.Conv3d(self.feature_width, self.feature_width, kernel_size=3, padding=1)
         self.scie = SiteCommonInformationEnhancer(sa_dim, self.feature_width)
+        self.use_scie = use_scie
         self.head = nn.Conv3d(decoder_widths[0], out_channels, kernel_size=3, padding=1)
         if zero_init_head:
             nn.init.zeros_(self.head.weight)
@@ -262,7 +278,7 @@ class FedSRDecoder(nn.Module):
             if level == SCIE_SCALE_INDEX:
                 decoder_feature = self.feature_conv(hidden)
                 pooled_feature = decoder_feature.mean(dim=(2, 3, 4))
-                hidden = self.scie(decoder_feature, sa_representation)
+                hidden = self.scie(decoder_feature, sa_representation) if self.use_scie else decoder_feature
         if pooled_feature is None:  # pragma: no cover - the loop always passes SCIE_SCALE_INDEX
             raise RuntimeError("FedSRDecoder: the SCIE scale was never reached")
         output: torch.Tensor = self.head(hidden)
@@ -275,24 +291,32 @@ class FedSROutput(NamedTuple):
     ddf: displacement field (B, 3, D, H, W) taking the atlas onto the unlabelled image, in voxels.
     segmentation_logits: (B, num_classes, D, H, W) for the unlabelled image.
     registration_feature / segmentation_feature: the decoders' pooled f_d1^p, for the MI term.
+    encoder_summary: the unlabelled image's globally pooled 1/4-scale encoder feature (B, sa_dim):
+        what a site's SA representation summarises, and the MI term's other side.
     """
 
     ddf: torch.Tensor
     segmentation_logits: torch.Tensor
     registration_feature: torch.Tensor
     segmentation_feature: torch.Tensor
+    encoder_summary: torch.Tensor
 
 
 class FedSRNetwork(nn.Module):
     """Shared encoder plus the personal registration and segmentation decoders."""
 
-    def __init__(self, config: FedSRConfig) -> None:
+    def __init__(self, config: FedSRConfig, use_scie: bool = True) -> None:
+        """
+        Args:
+            config: the network's sizes.
+            use_scie: whether the decoders inject the SA representation (False: the ablation).
+        """
         super().__init__()
         self.config = config
         self.encoder = SharedEncoder(config)
         widths = list(config.channels)
-        self.registration_decoder = FedSRDecoder([2 * w for w in widths], SPATIAL_DIMS, config.sa_dim, widths=widths, zero_init_head=True)
-        self.segmentation_decoder = FedSRDecoder(widths, config.num_classes, config.sa_dim)
+        self.registration_decoder = FedSRDecoder([2 * w for w in widths], SPATIAL_DIMS, config.sa_dim, widths=widths, zero_init_head=True, use_scie=use_scie)
+        self.segmentation_decoder = FedSRDecoder(widths, config.num_classes, config.sa_dim, use_scie=use_scie)
         self.velocity_integrator: DVF2DDF | None = DVF2DDF(num_steps=config.integration_steps) if config.integrate_velocity else None
 
     def forward(self, unlabelled_image: torch.Tensor, atlas_image: torch.Tensor, sa_representation: torch.Tensor) -> FedSROutput:
@@ -326,7 +350,33 @@ class FedSRNetwork(nn.Module):
             segmentation_logits=segmentation.output,
             registration_feature=registration.pooled_feature,
             segmentation_feature=segmentation.pooled_feature,
+            encoder_summary=encoder_summary(unlabelled_features),
         )
+
+    def segment(self, image: torch.Tensor, sa_representation: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits of an image, without the atlas (what a site deploys).
+
+        Args:
+            image: (B, in_channels, D, H, W).
+            sa_representation: (sa_dim,) or (B, sa_dim).
+
+        Returns:
+            Logits (B, num_classes, D, H, W).
+        """
+        logits: torch.Tensor = self.segmentation_decoder(self.encoder(image), sa_representation).output
+        return logits
+
+
+def encoder_summary(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The globally pooled 1/4-scale encoder feature: (B, channels[2]) = (B, sa_dim).
+
+    Args:
+        features: the encoder's features, finest first.
+
+    Returns:
+        The pooled feature of each image of the batch.
+    """
+    return features[SCIE_SCALE_INDEX].mean(dim=(2, 3, 4))
 
 
 def set_encoder_frozen(network: FedSRNetwork, frozen: bool) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "FedSRLossWeights",
     "MutualInformationCritic",
     "aggregate_sa_representations",
+    "jensen_shannon_from_scores",
     "jensen_shannon_mutual_information",
     "pseudo_label_dice_loss",
     "registration_dice_loss",
@@ -181,6 +182,19 @@ def jensen_shannon_mutual_information(critic: MutualInformationCritic, features:
         raise ValueError("the Jensen-Shannon MI estimate needs at least two pairs (one makes the negatives)")
     joint_scores = critic(features, representations)
     marginal_scores = critic(features, representations.roll(shifts=1, dims=0))
+    return jensen_shannon_from_scores(joint_scores, marginal_scores)
+
+
+def jensen_shannon_from_scores(joint_scores: torch.Tensor, marginal_scores: torch.Tensor) -> torch.Tensor:
+    """The Jensen-Shannon MI estimate from critic scores of joint and of product-of-marginal pairs.
+
+    Args:
+        joint_scores: T(x, y) for pairs drawn together (N,).
+        marginal_scores: T(x, y') for pairs drawn apart (M,), M >= 1.
+
+    Returns:
+        E_joint[-softplus(-T)] - E_marginal[softplus(T)] + 2 log 2 (about 0 for independent inputs).
+    """
     estimate: torch.Tensor = (-F.softplus(-joint_scores)).mean() - F.softplus(marginal_scores).mean() + 2.0 * math.log(2.0)
     return estimate
 
