@@ -921,7 +921,12 @@ def scale_raw(raw: Any, scale: str = "full") -> Any:
             out["device"]["precision"] = "auto"  # fp16 where a site has a GPU, fp32 on CPUs
     args = out.get("plan_args")
     if isinstance(args, dict):
-        if out.get("plan") in FACTORY_PLANS:
+        if out.get("plan") in FEDSR_PLANS:
+            args["network"] = {**(args.get("network") if isinstance(args.get("network"), dict) else {}), "size": "tiny"}
+            args["volume_size"] = [TINY_ROI] * 3
+            if isinstance(args.get("finetune_rounds"), int) and isinstance(out.get("rounds"), int):
+                args["finetune_rounds"] = min(args["finetune_rounds"], out["rounds"] - 1)  # the encoder still trains
+        elif out.get("plan") in FACTORY_PLANS:
             args["factory"] = {"preset": "tiny"}
             if isinstance(args.get("refine_rounds"), int):
                 args["refine_rounds"] = min(args["refine_rounds"], 1)  # the refinement stage still runs (the last round)

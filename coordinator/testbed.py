@@ -8,8 +8,10 @@ with PR_SET_PDEATHSIG, so even a SIGKILL of the testbed takes them down.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from typing import Callable
 
 import yaml
 
+from coordinator import registry as R
 from coordinator import runs
 from coordinator.pki import CoordinatorPKI
 from fedimg_core.errors import UserError
@@ -101,6 +104,9 @@ class Testbed:
         reference_labels: each site also holds test-only reference labels of every organ group
             it does not label (`coordinator.testbed_site.reference_classes_for`), prepared with
             ``--reference-labels`` and scored on its test cases only (the forgetting measure).
+        brain: FedSR sites instead: each site's brain-MRI scanner profile (``site-a`` ... ``site-d``
+            of `fedimg_testing.phantom.BRAIN_SITES`), cycled over the sites; None: abdominal CT/MR.
+        labelled: brain sites: how many of each site's cases have labels (its evaluation cases).
 
     Raises:
         UserError: fewer than one site.
@@ -111,7 +117,7 @@ class Testbed:
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
                  classes: list[str] | None = None, cases: list[int] | None = None, reference_labels: bool = True,
-                 device: str = "auto"):  # fmt: skip
+                 device: str = "auto", brain: list[str] | None = None, labelled: int = 0):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -123,6 +129,8 @@ class Testbed:
         self.cases = list(cases) if cases else None  # cases per site, cycled (None: the site tool's default)
         self.reference_labels = reference_labels  # test-only reference labels of the classes a site does not label
         self.device = device  # every site's device setting (auto: a GPU when torch sees one)
+        self.brain = list(brain) if brain else None  # FedSR sites: brain-MRI scanner profiles, cycled
+        self.labelled = labelled
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
@@ -157,11 +165,11 @@ class Testbed:
         Returns:
             ``CT`` or ``MR``.
         """
-        return self.modalities[i % len(self.modalities)]
+        return "MR" if self.brain else self.modalities[i % len(self.modalities)]
 
     def dataset_dir(self, i: int) -> Path:
-        """Site i's prepared dataset (named after its modality)."""
-        return self.sites[i].data_dir / self.modality(i).lower()
+        """Site i's prepared dataset (named after its modality; ``brain`` for FedSR sites)."""
+        return self.sites[i].data_dir / ("brain" if self.brain else self.modality(i).lower())
 
     def site_config_path(self, i: int) -> Path:
         """Site i's ``site.yaml``.
@@ -187,6 +195,7 @@ class Testbed:
                 *(["--classes", ",".join(self.classes)] if self.classes else []),
                 *(["--cases", str(self.cases[i % len(self.cases)])] if self.cases else []),
                 *([] if self.reference_labels else ["--no-reference-labels"]),
+                *(["--brain", self.brain[i % len(self.brain)], "--labelled", str(self.labelled)] if self.brain else []),
                 "--device", self.device,
             ]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=parent_death_signal(os.getpid()))
@@ -230,14 +239,57 @@ class Testbed:
         """The coordinator home of the testbed (``<workdir>/coordinator``)."""
         return self.workdir / "coordinator"
 
+    def install_atlas(self, name: str = "brain-atlas", size: int = 32) -> dict[str, str]:
+        """FedSR: publish the phantom's atlas to the coordinator's registry and put it at every site.
+
+        The atlas is the brain phantom's template in a neutral contrast
+        (`fedimg_testing.phantom.make_brain_atlas`), on the grid the sites' phantom heads use. Each
+        site gets the registry's files in ``<work_dir>/models/registry/atlas/<name>/<version>/``,
+        where `site-agent atlas pull` leaves them (the testbed runs no registry server); the plan
+        checks their sha256 against the spec's. A version already published is reused.
+
+        Args:
+            name: the atlas's registry name.
+            size: voxels per axis (the sites' ``--brain-size``).
+
+        Returns:
+            The ``plan_args.atlas`` entry of a FedSR spec (name, version, sha256).
+        """
+        from coordinator.atlas import atlas_spec_entry, publish_atlas_arrays
+        from fedimg_testing.phantom import make_brain_atlas
+        from pipelines.fedsr.atlas import ATLAS_FILE, atlas_files
+        from preprocessing.schema import load_schema
+
+        registry = R.Registry(self.home)
+        atlas = make_brain_atlas(shape=(size, size, size))
+        source_text, sharing = "fedimg brain phantom template", "synthetic: no person"
+        content = atlas_files(atlas.image, atlas.labels, atlas.affine, load_schema("brain-mri"), "MR", source_text, sharing)[ATLAS_FILE]
+        digest = hashlib.sha256(content).hexdigest()
+        # the phantom is deterministic: a version with this content already published is reused
+        same = [r for r in registry.list("atlas") if r["name"] == name and r["files"][ATLAS_FILE]["sha256"] == digest]
+        if same:
+            entry = atlas_spec_entry(same[-1])
+        else:
+            entry = publish_atlas_arrays(self.home, name, atlas.image, atlas.labels, atlas.affine, "brain-mri", "MR", source_text, sharing)["spec"]
+        source = registry.path("atlas", name, entry["version"])
+        for site in self.sites:
+            target = site.work_dir / "models" / "registry" / "atlas" / name / entry["version"]
+            target.mkdir(parents=True, exist_ok=True)
+            for file in source.iterdir():
+                if file.is_file():
+                    shutil.copyfile(file, target / file.name)
+        return entry
+
     def evaluate_and_report(self) -> int:
         """After a run: score it on the out-of-federation set, then write its report."""
         done = [r for r in runs.list_runs(self.home) if r["status"] == "done"]
         if not done:
             return 1
         run_id = done[-1]["run_id"]
-        if runs.read_metrics(runs.find_run(self.home, run_id)).get("plan") == "data_factory":
-            return 0  # no segmentation to score: its samples and registry entry are written by the run
+        if runs.read_metrics(runs.find_run(self.home, run_id)).get("plan") in ("data_factory", "fedsr"):
+            # the factory: no segmentation to score (its samples and registry entry are written by the run);
+            # FedSR: each site scored its own personalised model on its labelled cases (metrics.json)
+            return 0
         steps = []
         if self.oof_phase and (self.oof_dataset / "manifest.json").is_file():
             steps.append(["evaluate", run_id, "--home", str(self.home), "--data", str(self.oof_dataset)])
@@ -390,8 +442,17 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
     Returns:
         The coordinator's exit code (130 when interrupted).
     """
+    text = spec_text or default_spec_text()
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        loaded = None  # `coordinator run` reports it, naming the line
+    plan = loaded.get("plan") if isinstance(loaded, dict) else None
+    fedsr = plan == "fedsr"  # FedSR needs brain-MRI sites (unlabelled but for 2 evaluation cases each) and the atlas
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, out=lambda line: print(line, flush=True),
-                  oof_phase=oof_phase, phases=phases, modalities=modalities, classes=classes, cases=cases, device=device)  # fmt: skip
+                  oof_phase=None if fedsr else oof_phase, phases=phases, modalities=modalities, classes=classes,
+                  cases=cases or ([8] if fedsr else None), device=device,
+                  brain=["site-a", "site-b", "site-c"] if fedsr else None, labelled=2 if fedsr else 0)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -401,8 +462,11 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         bed.workdir.mkdir(parents=True, exist_ok=True)
         (bed.workdir / "testbed.pid").write_text(f"{os.getpid()}\n")
         bed.setup_sites()
+        if fedsr:
+            entry = bed.install_atlas()
+            log.info("atlas %s %s at every site (sha256 %s...)", entry["name"], entry["version"], entry["sha256"][:12])
         bed.start_nodes()
-        code = bed.run_spec(spec_text or default_spec_text(), rounds=rounds)
+        code = bed.run_spec(text, rounds=rounds)
         if code == 0:
             code = bed.evaluate_and_report()
         return code

@@ -4,6 +4,8 @@
                                                                         # (+ test-only reference labels; --no-reference-labels: none)
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
     python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P [--modality MR]  # a test set only
+    python -m coordinator.testbed_site setup   --config C --seed S --brain site-a --labelled 2 [...]  # a FedSR site: brain MRI,
+                                                                        # unlabelled but for --labelled evaluation cases
 
 The testbed runs these in separate processes so each site's Fed-BioMed state (its
 logger, its database) stays in a process of its own, like on a real site.
@@ -48,17 +50,23 @@ def setup(args) -> None:
     node.create_node(site)
     site.save(args.config)
     site = site_config.load(args.config)
-    dataset = site.data_dir / args.modality.lower()
     classes = args.classes.split(",") if args.classes else None
-    _drop_stale(base / "hospital", dataset, _phantom_params(args, classes))
-    if not (dataset / "manifest.json").exists():
-        _prepare_phantom(args, base / "hospital", dataset, classes=classes)
+    if getattr(args, "brain", None):
+        dataset = site.data_dir / "brain"
+        _drop_stale(base / "hospital", dataset, _brain_params(args))
+        if not (dataset / "manifest.json").exists():
+            _prepare_brain(args, base / "hospital", dataset)
+    else:
+        dataset = site.data_dir / args.modality.lower()
+        _drop_stale(base / "hospital", dataset, _phantom_params(args, classes))
+        if not (dataset / "manifest.json").exists():
+            _prepare_phantom(args, base / "hospital", dataset, classes=classes)
     # a reused workdir may hold another modality's dataset registered: the node serves this one
     for entry in node.list_datasets(site):
         if args.tag in entry.tags and Path(entry.path).resolve() != dataset.resolve():
             node.remove_dataset(site, entry.dataset_id)
     if not any(Path(e.path).resolve() == dataset.resolve() for e in node.list_datasets(site)):
-        node.add_dataset(site, dataset, [args.tag])
+        node.add_dataset(site, dataset, [args.tag], allow_unlabelled=bool(getattr(args, "brain", None)))  # FedSR trains on images only
 
 
 PARAMS_FILE = "testbed-phantom.json"
@@ -72,6 +80,31 @@ def _phantom_params(args, classes: list[str] | None) -> dict:
     if getattr(args, "reference_labels", False):
         params["reference_labels"] = True
     return params
+
+
+def _brain_params(args) -> dict:
+    """What a FedSR phantom site's content depends on."""
+    return {"brain": args.brain, "seed": args.seed, "cases": args.cases, "labelled": args.labelled, "size": args.brain_size}
+
+
+def _prepare_brain(args, hospital: Path, dataset: Path) -> None:
+    """A FedSR site's brain MRI (`fedimg_testing.phantom.brain`): `--cases` subjects scanned with
+    the `--brain` site profile, the last `--labelled` of them with labels (evaluation cases),
+    prepared with the brain-mri schema by the real `site-agent prepare`."""
+    from fedimg_testing.phantom import write_brain_site
+
+    if not (hospital / "dicom").is_dir():
+        labelled = list(range(args.cases - args.labelled, args.cases)) if args.labelled else False
+        size = args.brain_size
+        write_brain_site(hospital, args.brain, n_cases=args.cases, seed=1000 * args.seed, labelled=labelled, shape=(size, size, size))
+        atomic.write_json(hospital / PARAMS_FILE, _brain_params(args))
+    cmd = [str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "dicom"), "--schema", "brain-mri",
+           "--out", str(dataset), "--name", f"{args.name}-brain"]  # fmt: skip
+    if args.labelled:
+        cmd += ["--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"site-agent prepare failed ({res.returncode}): {res.stderr.strip() or res.stdout[-500:]}")
 
 
 def reference_classes_for(organs: list[str]) -> list[str]:
@@ -174,6 +207,9 @@ def main(argv=None) -> int:
     s.add_argument("--organs", default=None, help="organ group the site labels (default: by seed)")
     s.add_argument("--classes", default=None, help="classes the site labels, comma-separated (instead of an organ group)")
     s.add_argument("--modality", default="CT", choices=("CT", "MR"), help="the site's scanner: CT, or MR (same anatomy, MR-like intensities)")
+    s.add_argument("--brain", default=None, help="a FedSR site: brain MRI with this scanner profile (site-a, site-b, site-c, site-d)")
+    s.add_argument("--labelled", type=int, default=0, help="brain sites: how many cases have labels (evaluation cases, never trained on)")
+    s.add_argument("--brain-size", type=int, default=32, help="brain sites: voxels per axis of the phantom head (192 mm field of view)")
     s.add_argument("--tag", default="fedimg-demo")
     s.add_argument("--device", default="auto", help="the site's device setting: auto, cpu, cuda or cuda:N")
     s.add_argument(

@@ -25,6 +25,8 @@ def validate(spec_file, scale) -> None:
     weights = f"weights {s.weights}" if s.mode == "federated" else "no aggregation"
     if s.validate_every > 1:
         held_out += f", models scored every {s.validate_every} rounds"
+    if s.is_fedsr:
+        held_out = "evaluation: each site's labelled cases (never trained on), by its personalised model"
     device = f"; gpu {s.device['gpu']}, precision {s.device['precision']}" if s.device != {"gpu": "optional", "precision": "auto"} else ""
     if s.dp is not None:
         device += f"; dp {s.dp['type']} (sigma {s.dp['sigma']:g}, clip {s.dp['clip']:g}, epsilon at delta {s.dp['delta']:g})"

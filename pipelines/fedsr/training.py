@@ -16,7 +16,7 @@ cannot train anything. This module reads f as what the note says it is, a summar
 features: f is the mean over the site's volumes of the pooled 1/4-scale encoder feature f_1^p.
 It starts as the atlas's f_1^p (the same at every site, as the paper says), a site's round
 replaces it by ``(1 - alpha) f_received + alpha mean_round(f_1^p)`` (eq. 7), and the server
-averages the sites' f (FedAvg of a shared buffer). The MI term is maximised per volume between
+averages the sites' f (FedAvg, like the encoder). The MI term is maximised per volume between
 f_d1^p(x) and f_1^p(x) (Jensen-Shannon estimator; negatives pair a feature with other volumes'
 f_1^p kept from the site's recent steps), which ties each decoder's SCIE-scale feature to the
 representation the SA vector summarises; SCIE injects the federation's f into both decoders.
@@ -96,7 +96,7 @@ FEDSR_METHODS: dict[str, FedSRMethod] = {
 
 
 class FedSRModel(nn.Module):
-    """The FedSR network, the site's SA representation (a buffer) and the two MI critics.
+    """The FedSR network, the site's SA representation (a parameter set by eq. 7) and the two MI critics.
 
     Parameter names: ``network.encoder.*`` (shared), ``network.registration_decoder.*`` and
     ``network.segmentation_decoder.*`` (personal unless the method shares them),
@@ -104,7 +104,6 @@ class FedSRModel(nn.Module):
     """
 
     network: FedSRNetwork
-    sa_representation: torch.Tensor
     segmentation_critic: MutualInformationCritic
     registration_critic: MutualInformationCritic
 
@@ -118,8 +117,10 @@ class FedSRModel(nn.Module):
         self.config = config
         self.method = method
         self.network = FedSRNetwork(config, use_scie=method.use_scie)
-        # zeros until a site initialises it from the atlas (`FedSRUpdater.initialise_sa`)
-        self.register_buffer("sa_representation", torch.zeros(config.sa_dim))
+        # Zeros until a site initialises it from the atlas (`FedSRUpdater.initialise_sa`). A parameter
+        # without gradient, not a buffer: eq. 7 sets it, never the optimizer, and Fed-BioMed sends,
+        # averages and checkpoints parameters whatever its buffer settings.
+        self.sa_representation = nn.Parameter(torch.zeros(config.sa_dim), requires_grad=False)
         feature_width = self.network.segmentation_decoder.feature_width
         self.segmentation_critic = MutualInformationCritic(feature_width, config.sa_dim, hidden_dim=32)
         self.registration_critic = MutualInformationCritic(feature_width, config.sa_dim, hidden_dim=32)

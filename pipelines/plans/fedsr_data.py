@@ -42,7 +42,7 @@ class PreparedVolumeDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed 
     """A prepared dataset's unlabelled cases as training volumes (labelled ones kept for scoring).
 
     The plan sets `schema`, `spacing` and `volume_size`; the node sets `path`. Items are
-    ``(image (1, X, Y, Z) float32, 0)``: no target, FedSR reads no label to train.
+    ``(image (1, X, Y, Z) float32, tensor(0))``: no target, FedSR reads no label to train.
     """
 
     schema: LabelSchema | None = None
@@ -96,16 +96,16 @@ class PreparedVolumeDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed 
             return [float(v) for v in self.spacing]
         return [1.0, 1.0, 1.0]  # native grids: distances in voxels
 
-    def get_item(self, index: int) -> tuple[torch.Tensor, int]:
+    def get_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One training volume.
 
         Args:
             index: the volume's position.
 
         Returns:
-            ``(image (1, X, Y, Z) float32, 0)``.
+            ``(image (1, X, Y, Z) float32, tensor(0))``: Fed-BioMed needs a tensor target; it is never read.
         """
-        return self.training[index], 0
+        return self.training[index], torch.zeros((), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.training)
