@@ -147,3 +147,21 @@ def participation(rounds: Iterable[Mapping]) -> tuple[list[str], list[list[str]]
         why = "; ".join(f"{name} {row['status']}: {row.get('reason') or 'no reason recorded'}" for name, row in sorted(left.items()))
         lines.append(f"round {r['round']}: aggregated from {taken} of {len(asked)} sites ({why})")
     return sites, rows, lines
+
+
+def fedsr_scores(metrics: Mapping) -> dict[str, dict]:
+    """FedSR: each site's latest scores of its personalised model (its ``eval_*`` training scalars).
+
+    Args:
+        metrics: a FedSR run's metrics.
+
+    Returns:
+        site name -> the ``eval_*`` values of the last round it scored, plus ``round`` (from 1).
+    """
+    out: dict[str, dict] = {}
+    for r in metrics.get("rounds", []):
+        for row in r.get("sites", {}).values():
+            train = row.get("train") or {}
+            if "eval_cases" in train:
+                out[row.get("name", "?")] = {"round": r["round"], **{k: v for k, v in train.items() if k.startswith("eval_")}}
+    return out

@@ -922,7 +922,8 @@ def scale_raw(raw: Any, scale: str = "full") -> Any:
     args = out.get("plan_args")
     if isinstance(args, dict):
         if out.get("plan") in FEDSR_PLANS:
-            args["network"] = {**(args.get("network") if isinstance(args.get("network"), dict) else {}), "size": "tiny"}
+            network = args.get("network")
+            args["network"] = {**(network if isinstance(network, dict) else {}), "size": "tiny"}
             args["volume_size"] = [TINY_ROI] * 3
             if isinstance(args.get("finetune_rounds"), int) and isinstance(out.get("rounds"), int):
                 args["finetune_rounds"] = min(args["finetune_rounds"], out["rounds"] - 1)  # the encoder still trains

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 KIND = "model"
 _VERSION = re.compile(r"^v(\d{4,})$")
 
-__all__ = ["KIND", "cached_versions", "list_models", "open_model", "pull_model"]
+__all__ = ["KIND", "PERSONAL_PREFIX", "cached_versions", "list_models", "list_personal_models", "open_model", "open_personal_model", "pull_model"]
+
+PERSONAL_PREFIX = "personal:"  # --model personal:<run>: this site's personalised FedSR model of that run
 
 
 def _cache(site: SiteConfig) -> Path:
@@ -139,6 +141,10 @@ def open_model(site: SiteConfig | None, model: str) -> ModelPackage:
     Raises:
         UserError: no such folder or package, or a package that does not verify or load.
     """
+    if model.startswith(PERSONAL_PREFIX):
+        if site is None:
+            raise UserError(f"--model {model!r}: a personalised model is a site's own: it needs the site config")
+        return open_personal_model(site, model[len(PERSONAL_PREFIX) :])
     path = Path(model)
     if path.is_dir():
         try:
@@ -180,3 +186,71 @@ def place_model(package: ModelPackage, site: SiteConfig | None, option: str | No
     package.network.to(device)
     log.info("model %s runs on %s", package.ref, device)
     return str(device)
+
+
+def _personal_dir(site: SiteConfig) -> Path:
+    return site.work_dir / "cache" / "fedsr"
+
+
+def list_personal_models(site: SiteConfig) -> list[dict[str, Any]]:
+    """This site's personalised FedSR models (one per run; the last round that scored).
+
+    Args:
+        site: the site.
+
+    Returns:
+        One row per run: ``ref`` (what --model takes), ``run_id``, ``round`` (from 1), ``method``, ``atlas``,
+        ``path``; or ``problem`` for a file that does not load.
+    """
+    from pipelines.fedsr.personal import load_personal_model
+
+    rows: list[dict[str, Any]] = []
+    folder = _personal_dir(site)
+    for path in sorted(folder.glob("*-model.pt")) if folder.is_dir() else []:
+        run = path.name[: -len("-model.pt")]
+        try:
+            meta = load_personal_model(path).meta
+        except ValueError as exc:
+            rows.append({"ref": f"{PERSONAL_PREFIX}{run}", "run_id": run, "path": str(path), "problem": str(exc)})
+            continue
+        atlas = meta["atlas"]
+        rows.append({"ref": f"{PERSONAL_PREFIX}{run}", "run_id": run, "round": meta["round"] + 1, "method": meta["method"],
+                     "atlas": f"{atlas['name']}@{atlas['version']}", "path": str(path)})  # fmt: skip
+    return rows
+
+
+def open_personal_model(site: SiteConfig, run_id: str) -> ModelPackage:
+    """This site's personalised FedSR model of a run, in the form `site-agent infer` and `evaluate` run.
+
+    Args:
+        site: the site.
+        run_id: the FedSR run.
+
+    Returns:
+        A package view of it: its segmentation path as the network, the schema's preprocessing, the
+        training volume as the window; never published (``--send`` refuses it: it stays at the site).
+
+    Raises:
+        UserError: no such run here, or a file that does not load.
+    """
+    from fedimg_core.config_types import is_plain_name
+    from pipelines.fedsr.personal import load_personal_model
+    from pipelines.model_package import WEIGHTS_FILE
+
+    if not is_plain_name(run_id):
+        raise UserError(f"--model {PERSONAL_PREFIX}{run_id}: a run id is a plain name (letters, digits, '-', '_', '.')")
+    path = _personal_dir(site) / f"{run_id}-model.pt"
+    if not path.is_file():
+        known = ", ".join(r["ref"] for r in list_personal_models(site)) or "none"
+        raise UserError(f"{path}: no personalised model of run {run_id} at this site (this site has: {known})")
+    try:
+        personal = load_personal_model(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    config = {
+        "name": f"fedsr-personal-{run_id}",
+        "classes": dict(personal.schema.classes),
+        "files": {WEIGHTS_FILE: {"sha256": personal.meta["sha256"]}},
+        "personal": {k: personal.meta[k] for k in ("run_id", "round", "method", "atlas")},
+    }
+    return ModelPackage(folder=path.parent, config=config, settings=personal.settings, network=personal.segmenter)

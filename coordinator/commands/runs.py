@@ -79,6 +79,9 @@ def _print_results(run_dir: Path) -> None:
     if metrics.get("plan") == "data_factory":
         _print_factory_results(info, metrics)
         return
+    if metrics.get("plan") == "fedsr":
+        _print_fedsr_results(info, metrics)
+        return
     # "global" = the model the site received at the start of the round (scored before local
     # training); "local" = the site's model after local training; "final" = after the last round.
     # "val" = the site's validation cases (they select the models), "test" = its test cases
@@ -126,6 +129,43 @@ def _print_results(run_dir: Path) -> None:
         b = metrics["best_global"]
         test = f", on test cases {b['test_score']:.3f}" if b.get("test_score") is not None else ""
         click.echo(f"best global model: round {b['model_round']} (selected on validation: mean Dice over classes across sites {b['score']:.3f}{test})")
+    _print_run_footer(info)
+
+
+def _print_fedsr_results(info: dict, metrics: dict) -> None:
+    """FedSR: per round the sites' losses; then each site's personalised model on its labelled cases."""
+    from coordinator.results import fedsr_scores
+
+    rounds = metrics.get("rounds", [])
+    table = Table("round", "site", "volumes", "L_reg", "L_seg", "MI seg", "f moved", "stage", "MB sent+received")
+    fmt = lambda d, k, digits=3: f"{d[k]:.{digits}f}" if isinstance(d.get(k), (int, float)) else "-"  # noqa: E731
+    for r in rounds:
+        mb = f"{sum((r.get('bytes') or {}).values()) / 1e6:.2f}" if r.get("bytes") else "-"
+        for _, row in sorted(r["sites"].items(), key=lambda kv: kv[1].get("name", kv[0])):
+            tr = row.get("train", {})
+            stage = "fine-tune" if tr.get("finetune") else "federated"
+            table.add_row(str(r["round"]), row.get("name", "?"), fmt(tr, "volumes_training", 0), fmt(tr, "loss_registration"),
+                          fmt(tr, "loss_segmentation"), fmt(tr, "mi_segmentation"), fmt(tr, "sa_shift"), stage, mb)  # fmt: skip
+            mb = ""
+    console.print(table)
+    _print_participation(rounds)
+    scores = fedsr_scores(metrics)
+    if scores:
+        title = "personalised models (global encoder + each site's decoders) on each site's labelled cases (never trained on)"
+        out = Table("site", "round", "n", "S-Dice", "Jaccard", "HD95 mm", "ASD mm", "AVD %", "R-Dice", "NCC", "local NCC", title=title)
+        for site, row in sorted(scores.items()):
+            out.add_row(site, str(row["round"]), fmt(row, "eval_cases", 0), fmt(row, "eval_seg_dice"), fmt(row, "eval_seg_jaccard"),
+                        fmt(row, "eval_seg_hd95_mm", 1), fmt(row, "eval_seg_asd_mm", 1), fmt(row, "eval_seg_avd_percent", 1),
+                        fmt(row, "eval_reg_dice_mean"), fmt(row, "eval_reg_ncc"), fmt(row, "eval_reg_local_ncc"))  # fmt: skip
+        console.print(out)
+        classes = ordered_classes({k.split(".", 1)[1] for row in scores.values() for k in row if k.startswith("eval_seg_dice.")}, metrics.get("classes"))
+        per = Table("site", *classes, title="segmentation Dice per structure (personalised models)")
+        for site, row in sorted(scores.items()):
+            per.add_row(site, *[fmt(row, f"eval_seg_dice.{c}") for c in classes])
+        console.print(per)
+        click.echo("S-Dice, HD95: segmentation by the site's model; R-Dice, NCC: the atlas registered by it (means over structures and cases)")
+    elif rounds:
+        click.echo("no site scored a personalised model (sites without labelled cases report losses only)")
     _print_run_footer(info)
 
 

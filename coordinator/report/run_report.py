@@ -65,6 +65,11 @@ def build_report(run: Run, folder: Path) -> None:
         run: the run.
         folder: an empty folder.
     """
+    if run.metrics.plan == "fedsr":  # personalised models scored at the sites: a report of its own
+        from coordinator.report.fedsr import build_fedsr_report
+
+        build_fedsr_report(run, folder)
+        return
     fed = in_federation(run.metrics)
     classes = foreground_classes(run.schema, fed.global_validation, fed.global_test, fed.local_validation, fed.local_test)
     figures = {

@@ -16,7 +16,8 @@ shipped and hashed for approval. What a site does per round:
 4. the SA representation is smoothed (eq. 7) and sent with the encoder; the personal parts are
    saved, and, in the rounds that score, the personalised model is scored on the site's
    labelled cases (never trained on) and saved as the site's model
-   (``cache/fedsr/<run>-model.pt``). Only means over cases and case counts are sent.
+   (``cache/fedsr/<run>-model.pt``, `pipelines.fedsr.personal`: what `site-agent infer --model
+   personal:<run>` runs). Only means over cases and case counts are sent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipelines.fedsr.atlas import atlas_folder, load_atlas, prepared_atlas
 from pipelines.fedsr.metrics import registration_case_metrics, segmentation_case_metrics, summarise
 from pipelines.fedsr.networks import FEDSR_PRESETS, FedSRConfig
 from pipelines.fedsr.objectives import FedSRLossWeights
+from pipelines.fedsr.personal import personal_model_record
 from pipelines.fedsr.plan_args import FedSRSettings, parse_fedsr_args
 from pipelines.fedsr.training import FEDSR_METHODS, FedSRModel, FedSRUpdater, is_shared_parameter, register_atlas, segment_volume
 from pipelines.plans.fedsr_data import PreparedVolumeDataset
@@ -125,6 +127,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
         if not isinstance(raw, dict):
             raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
         self._schema = parse_schema(raw, "the experiment's label schema")
+        self._schema_raw = raw
         self._settings = parse_fedsr_args({k: v for k, v in model_args.items() if k != "schema_definition"})
         return FedSRModel(fedsr_network_config(self._settings, self._schema), FEDSR_METHODS[self._settings.method])
 
@@ -231,16 +234,17 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
         train_s = time.perf_counter() - t0
         scores: dict[str, float] = {}
         if s.evaluates(r):
-            scores = self._score(atlas_image, atlas_label)  # with the f the decoders trained with, before eq. 7
+            # with the f the decoders trained with, before eq. 7 moves it: what the site deploys
+            scores = self._score(atlas_image, atlas_label)
+            self._store("model").write(
+                personal_model_record(model, run_id=s.run_id or "no-run", round_index=r, method=s.method, size=s.size,
+                                      integrate_velocity=s.integrate_velocity, volume_size=s.volume_size, spacing=s.spacing,
+                                      schema_definition=self._schema_raw, atlas=s.atlas)
+            )  # fmt: skip
         round_means = self._updater.finish_round()
         model.cpu()
         personal = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not is_shared_parameter(k, model.method)}
         self._store("personal").write({"round": r, "weights": personal, "optimizer": self._optimizer_obj.state_dict()})
-        if scores:  # the site's model: global encoder (frozen while fine-tuning) + its decoders + f
-            self._store("model").write(
-                {"round": r, "method": s.method, "size": s.size, "volume_size": list(s.volume_size), "schema": self._schema.name,
-                 "atlas": dict(s.atlas), "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            )  # fmt: skip
         metric = {
             **round_means,
             **scores,

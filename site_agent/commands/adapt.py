@@ -165,7 +165,7 @@ def adapt_target(
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_ref", required=True,
               help="A published model (NAME or NAME@vNNNN: pulled from the registry, or this site's copy), a model package folder, "
-                   "or an adaptation job's model.pt / job folder.")  # fmt: skip
+                   "personal:RUN (this site's personalised FedSR model), or an adaptation job's model.pt / job folder.")  # fmt: skip
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the label volumes.")
 @click.option(
     "--mode",

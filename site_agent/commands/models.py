@@ -37,6 +37,23 @@ def models_list(ctx: click.Context, local_only: bool, as_json: bool) -> None:
     console.print(table if rows else "no model packages" + (" pulled here" if local_only else " published"))
 
 
+@models.command("personal")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def models_personal(ctx: click.Context, as_json: bool) -> None:
+    """This site's personalised FedSR models (global encoder + this site's decoders): --model personal:RUN runs one."""
+    from site_agent.models import list_personal_models
+
+    rows = list_personal_models(load_site(ctx))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "round", "method", "atlas", "problem")
+    for r in rows:
+        table.add_row(r["ref"], str(r.get("round", "")), str(r.get("method", "")), str(r.get("atlas", "")), str(r.get("problem", "")))
+    console.print(table if rows else "no personalised model at this site (a FedSR run leaves one per run)")
+
+
 @models.command("pull")
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -66,7 +83,12 @@ def models_show(ctx: click.Context, ref: str) -> None:
 
 
 @click.command()
-@click.option("--model", "model_ref", required=True, help="A published model (NAME or NAME@vNNNN) or a model package folder.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="A published model (NAME or NAME@vNNNN), a model package folder, or personal:RUN (this site's personalised FedSR model).",
+)
 @click.option("--dataset", required=True, help="A labelled prepared dataset (its path, absolute or relative to data_dir).")
 @click.option("--merge-lesions", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Score organs with their lesions merged in (auto: when the dataset labels an organ but none of its lesions).")  # fmt: skip
