@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,10 @@ def load_personal_model(path: str | os.PathLike[str]) -> PersonalModel:
     try:
         data = path.read_bytes()
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read as a personalised FedSR model ({' '.join(str(exc).split())[:200]})") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        # the reason's first line only: torch's text for a refused pickle runs over many lines
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path}: cannot read as a personalised FedSR model ({reason})") from None
     if not isinstance(saved, dict) or saved.get("format") != PERSONAL_FORMAT or set(saved) != set(_KEYS):
         raise ValueError(f"{path}: not a personalised FedSR model ({PERSONAL_FORMAT})")
     schema = parse_schema(saved["schema_definition"], f"{path}: schema_definition")
