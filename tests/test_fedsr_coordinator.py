@@ -156,8 +156,8 @@ def personal_site(tmp_path):
     """A site whose work folder holds a personalised model of run 'run-1' (an untrained tiny FedSR model)."""
     from pipelines.fedsr.personal import personal_model_record
     from pipelines.fedsr.plan_args import parse_fedsr_args
-    from pipelines.plans.fedsr_base import fedsr_network_config
     from pipelines.fedsr.training import FEDSR_METHODS, FedSRModel
+    from pipelines.plans.fedsr_base import fedsr_network_config
     from preprocessing.schema import load_schema, parse_schema
 
     raw = yaml.safe_load((ROOT / "preprocessing" / "schemas" / "brain-mri.yaml").read_text())
