@@ -1,4 +1,4 @@
-"""The coordinator's artifact registry: published weights and configs (never images) that sites pull later.
+"""The coordinator's artifact registry: published weights and configs that sites pull later (no site image ever; a FedSR atlas is the one public or consented image).
 
 ``Registry`` stores immutable versions (``<home>/registry/<kind>/<name>/vNNNN/`` with an
 ``artifact.json``, a ``latest`` pointer), written in staging and renamed into place; per-kind

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 KINDS = ("factory", "segmentation-branch", "model", "atlas")  # artifact kinds (atlas: FedSR's one labelled image)
-ALLOWED_SUFFIXES = (".pt", ".safetensors", ".json", ".yaml", ".md")  # weights, configs and model cards: never images
+ALLOWED_SUFFIXES = (".pt", ".safetensors", ".json", ".yaml", ".md")  # weights, configs and model cards; images only as a FedSR atlas (tensors in safetensors)
 RECORD_FILE = "artifact.json"  # an artifact version's record
 SHA256_HEADER = "X-Content-SHA256"  # the file's checksum, on every file download
 TOKEN_ENV = "FEDIMG_SITE_TOKEN"  # the site's registry token, if not in a token file
