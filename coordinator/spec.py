@@ -238,7 +238,7 @@ class SpecFile(ConfigModel):
 
     name: Annotated[str, matches(NAME_PATTERN, "1-64 of letters, digits, _ . -")] = Field(description="Name of the experiment (runs are named after it).")
     plan: Annotated[str, one_of(*sorted(PLANS), what="plan")] = Field(
-        description="Training plan: condistfl, marginal (FedAvg, FedProx, FedOpt, standalone baselines) or data_factory."
+        description="Training plan: condistfl, marginal (FedAvg, FedProx, FedOpt, standalone baselines), data_factory or fedsr (unlabelled sites and one atlas)."
     )
     mode: Annotated[str, one_of(*MODES)] = Field(
         default="federated", description="federated, or standalone: each site trains alone (same plan, no aggregation)."

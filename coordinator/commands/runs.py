@@ -151,7 +151,8 @@ def _print_fedsr_results(info: dict, metrics: dict) -> None:
     _print_participation(rounds)
     scores = fedsr_scores(metrics)
     if scores:
-        title = "personalised models (global encoder + each site's decoders) on each site's labelled cases (never trained on)"
+        who = "each site's own model (standalone)" if metrics.get("mode") == "standalone" else "personalised models (global encoder + each site's decoders)"
+        title = f"{who} on each site's labelled cases (never trained on)"
         out = Table("site", "round", "n", "S-Dice", "Jaccard", "HD95 mm", "ASD mm", "AVD %", "R-Dice", "NCC", "local NCC", title=title)
         for site, row in sorted(scores.items()):
             out.add_row(site, str(row["round"]), fmt(row, "eval_cases", 0), fmt(row, "eval_seg_dice"), fmt(row, "eval_seg_jaccard"),
