@@ -227,4 +227,4 @@ def test_published_files_get_ordinary_permissions(tmp_path):
 
 
 def test_kinds():
-    assert KINDS == ("factory", "segmentation-branch", "model")
+    assert KINDS == ("factory", "segmentation-branch", "model", "atlas")

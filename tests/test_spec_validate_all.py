@@ -183,7 +183,7 @@ def test_spec_error_is_a_config_error_naming_file_and_first_key():
         spec_mod.parse(GOOD.replace("plan: marginal", "plan: marginl"), "exp.yaml")
     assert isinstance(info.value, spec_mod.SpecError)
     assert info.value.file == "exp.yaml" and info.value.key == "plan"
-    assert str(info.value) == "exp.yaml: plan: unknown plan 'marginl'; did you mean 'marginal'? (known: condistfl, data_factory, marginal)"
+    assert str(info.value) == "exp.yaml: plan: unknown plan 'marginl'; did you mean 'marginal'? (known: condistfl, data_factory, fedsr, marginal)"
 
 
 def test_plan_dependent_defaults():
