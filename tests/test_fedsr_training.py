@@ -217,6 +217,7 @@ def test_plan_args_defaults_and_stages():
     [
         ({}, "plan_args.atlas"),
         ({"atlas": {**ATLAS, "sha256": "xyz"}}, "plan_args.atlas.sha256"),
+        ({"atlas": {**ATLAS, "name": ".."}}, "plan_args.atlas.name"),  # never a path out of the site's atlas folder
         ({"atlas": ATLAS, "volume_size": [30, 32, 32]}, "plan_args.volume_size"),
         ({"atlas": ATLAS, "method": "fedprox"}, "plan_args.method"),
         ({"atlas": ATLAS, "rounds_total": 2, "finetune_rounds": 2}, "plan_args.finetune_rounds"),

@@ -36,7 +36,7 @@ FEDSR_METHOD_NAMES = ("fedsr", "fedsr_no_mi", "fedsr_no_scie", "fedrep", "fedavg
 FEDSR_SIZES = {"tiny": 32, "small": 64, "paper": 128}  # network preset -> default volume edge
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^v\d{4,}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")  # a registry name, never "." or ".."
 
 
 def _matching(pattern: re.Pattern[str], wanted: str) -> Any:
@@ -51,7 +51,7 @@ def _matching(pattern: re.Pattern[str], wanted: str) -> Any:
 class AtlasRef(ConfigModel):
     """``plan_args.atlas``: the registry's atlas every site registers (pulled to each site first)."""
 
-    name: Annotated[str, _matching(_NAME, "the atlas's registry name: letters, digits, '-', '_', '.'")]
+    name: Annotated[str, _matching(_NAME, "the atlas's registry name: letters, digits, '-', '_', '.', not starting with '.'")]
     version: Annotated[str, _matching(_VERSION, "a registry version such as v0001 (a run names the exact one)")]
     sha256: Annotated[str, _matching(_SHA256, "the 64 lowercase hex digits of atlas.safetensors' sha256 (`coordinator atlas list` prints it)")]
 
