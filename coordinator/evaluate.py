@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 def _settings(run_dir: Path):
     spec = spec_mod.load(runs.spec_file(run_dir))
+    if spec.is_fedsr:  # the coordinator holds no decoder: each site scored its own model
+        raise UserError(f"{run_dir}: a FedSR run has no global segmentation model: each site scored its personalised model "
+                        "(coordinator results); at a site: site-agent evaluate --model personal:RUN")  # fmt: skip
     args = spec.experiment_model_args()
     raw = args.get("schema_definition")
     if not isinstance(raw, dict):

@@ -170,6 +170,9 @@ def publish_model(home: Path, run: str, model: str = "best", name: str | None = 
     """
     run_dir = runs.find_run(Path(home), run)
     spec = spec_mod.load(runs.spec_file(run_dir))
+    if spec.is_fedsr:  # its decoders never left the sites: what the coordinator holds is no model
+        raise UserError(f"{run_dir.name}: a FedSR run's models are personal: each site keeps its own "
+                        "(site-agent models personal; site-agent infer --model personal:RUN); nothing to publish")  # fmt: skip
     args = dict(spec.experiment_model_args())
     raw_schema = args.get("schema_definition")
     if not isinstance(raw_schema, dict):

@@ -47,22 +47,22 @@ def test_what_is_shared_follows_the_method():
 def test_sa_representation_starts_from_the_atlas_and_moves_by_eq7():
     model = _model()
     atlas_image, atlas_label = _sphere(0)
-    updater = FedSRUpdater(model, atlas_image, atlas_label, alpha=0.5)
+    updater = FedSRUpdater(model, atlas_image, atlas_label, alpha=0.25)
     assert updater.initialise_sa() is True
     start = model.sa_representation.clone()
     assert torch.any(start != 0)
     assert updater.initialise_sa() is False  # only an all-zero f is initialised
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    summaries = []
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # like the plan's: every parameter, f included (no gradient: never moved)
     for shift in (-2, 2):
         image, _ = _sphere(shift)
         optimizer.zero_grad()
         updater.loss(image).backward()
         optimizer.step()
-        summaries.append(updater.running.summary_sum)
+    assert torch.equal(model.sa_representation, start)  # the optimizer never moves f; eq. 7 does, at the round's end
     local_mean = updater.running.summary_sum / updater.running.volumes
     means = updater.finish_round()
-    assert torch.allclose(model.sa_representation, 0.5 * start + 0.5 * local_mean, atol=1e-6)
+    assert torch.allclose(model.sa_representation, 0.75 * start + 0.25 * local_mean, atol=1e-6)
+    assert not torch.allclose(model.sa_representation, 0.25 * start + 0.75 * local_mean, atol=1e-4)
     assert means["sa_shift"] > 0 and means["steps"] == 2
 
 
@@ -84,7 +84,9 @@ def test_finetuning_leaves_the_encoder_untouched_and_trains_the_decoders():
     updater.initialise_sa()
     encoder_before = {k: v.clone() for k, v in model.network.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.network.segmentation_decoder.state_dict().items()}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)  # the plan's: every parameter, with moments from earlier rounds
+    for p in model.network.encoder.parameters():  # moments as an earlier, unfrozen round leaves them
+        optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.ones_like(p), "exp_avg_sq": torch.ones_like(p)}
     for shift in (-2, 2, 1):
         optimizer.zero_grad()
         updater.loss(_sphere(shift)[0]).backward()
@@ -227,3 +229,58 @@ def test_plan_args_problems_name_the_key(args, key):
     with pytest.raises(ValueError) as err:
         parse_fedsr_args(args)
     assert key in str(err.value)
+
+
+# -- the plan's own bookkeeping (pipelines.plans.fedsr_base) ----------------------------------------
+
+
+def _plan(round_index: int, cache):
+    from fedbiomed.common.training_args import TrainingArgs
+
+    from coordinator.plans import model_args_for
+    from pipelines.plans.fedsr import FedSRPlan
+
+    args = model_args_for("fedsr", {"schema": "brain-mri", "atlas": ATLAS})
+    args.update(run_id="run-a", rounds_total=3, local_steps=1)
+    ta = TrainingArgs({"optimizer_args": {"lr": 1e-3}, "num_updates": 1, "random_seed": 3}, only_required=False)
+    plan = FedSRPlan()
+    plan.post_init(args, ta, node_id="NODE_A", round=round_index)
+    return plan
+
+
+def _head(plan) -> torch.Tensor:
+    return plan.model().network.segmentation_decoder.head.weight
+
+
+def test_plan_keeps_decoders_at_the_site_and_a_replayed_round_starts_from_the_round_before(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path))
+    plans = {}
+    for r, value in ((0, 1.0), (1, 2.0)):
+        plans[r] = plan = _plan(r, tmp_path)
+        assert plan._restore_personal() is (r > 0)
+        if r == 1:
+            assert torch.all(_head(plan) == 1.0)  # round 0's decoder, from the site's folder
+        with torch.no_grad():
+            _head(plan).fill_(value)
+        plan._save_personal(r)
+    replay = _plan(1, tmp_path)  # round 2 failed its quorum: the coordinator replays it
+    assert replay._restore_personal() and torch.all(_head(replay) == 1.0)  # not round 1's own result
+    later = _plan(2, tmp_path)
+    assert later._restore_personal() and torch.all(_head(later) == 2.0)
+    later._save_personal(2)
+    kept = sorted(p.name for p in (tmp_path / "fedsr").glob("run-a-personal-r*.pt"))
+    assert kept == ["run-a-personal-r0001.pt", "run-a-personal-r0002.pt"]
+    # what Fed-BioMed never sends: the decoders and critics; the encoder and f go
+    plan = plans[0]
+    names = list(plan.model().state_dict())
+    local = {n for n in names if plan.tag_parameters(n) == {"local"}}
+    assert local and all(n.startswith(("network.registration_decoder.", "network.segmentation_decoder.", "segmentation_critic.", "registration_critic."))
+                         for n in local)  # fmt: skip
+    assert plan.tag_parameters("sa_representation") == set() and plan.tag_parameters("network.encoder.stages.0.0.weight") == set()
+
+
+def test_plan_refuses_to_train_without_a_site_work_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("FEDIMG_CACHE_DIR", raising=False)
+    plan = _plan(0, tmp_path)
+    with pytest.raises(FileNotFoundError, match="FEDIMG_CACHE_DIR"):
+        plan._save_personal(0)

@@ -165,6 +165,8 @@ def _print_fedsr_results(info: dict, metrics: dict) -> None:
             per.add_row(site, *[fmt(row, f"eval_seg_dice.{c}") for c in classes])
         console.print(per)
         click.echo("S-Dice, HD95: segmentation by the site's model; R-Dice, NCC: the atlas registered by it (means over structures and cases)")
+        if transductive := sorted(site for site, row in scores.items() if row.get("eval_trained_on_images")):
+            click.echo(f"{', '.join(transductive)}: every case has labels, so the site trained on these cases' images (never their labels)")
     elif rounds:
         click.echo("no site scored a personalised model (sites without labelled cases report losses only)")
     _print_run_footer(info)

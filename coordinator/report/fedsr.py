@@ -8,6 +8,7 @@ representation moved, one line per site.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,15 @@ def _curves(metrics: Mapping[str, Any]) -> list[tuple[str, dict[str, list[tuple[
         for r in metrics.get("rounds", []):
             for row in r.get("sites", {}).values():
                 value = (row.get("train") or {}).get(key)
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and math.isfinite(value):
                     series.setdefault(str(row.get("name", "?")), []).append((float(r["round"]), float(value)))
         panels.append((title, series))
     return panels
 
 
 def _round(value: Any, digits: int) -> Any:
-    return round(float(value), digits) if isinstance(value, (int, float)) else None
+    """A number for a table; None (shown as nothing recorded) for a missing or NaN one (e.g. HD95 of an empty prediction)."""
+    return round(float(value), digits) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def build_fedsr_report(run: Run, folder: Path) -> None:
@@ -72,6 +74,9 @@ def build_fedsr_report(run: Run, folder: Path) -> None:
         for metric, caption in (("eval_seg_dice", "segmentation Dice per structure"), ("eval_reg_dice", "registration Dice per structure")):
             per = [[site, *[_round(row.get(f"{metric}.{c}"), 3) for c in classes]] for site, row in sorted(scores.items())]
             tables.append(Table(["site", *classes], per, caption))
+        if transductive := sorted(site for site, row in scores.items() if row.get("eval_trained_on_images")):
+            text.append(f"{', '.join(transductive)}: every case has labels, so the site trained on these cases' images (never their labels): "
+                        "its numbers are on images the networks saw.")  # fmt: skip
     else:
         text.append("No site scored a personalised model: sites without labelled cases report their losses only.")
     run_tables = [header_table(run)]

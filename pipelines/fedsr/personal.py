@@ -1,9 +1,9 @@
 """A site's personalised FedSR model, as `site-agent infer` and `site-agent evaluate` run it.
 
 After the rounds that score (always the last), a FedSR site saves its model in its work folder
-(``cache/fedsr/<run>-model.pt``: plain tensors and the settings that rebuild it): the global
-encoder (frozen while fine-tuning, so exactly the federation's), the site's own decoders and
-the SA representation. `load_personal_model` rebuilds it; `FedSRSegmenter` is its
+(``cache/fedsr/<run>-model.pt``: plain tensors and the settings that rebuild it): the encoder as
+it left that round (with ``finetune_rounds`` the federation's own, frozen while fine-tuning; else
+the site's last local update of it), the site's own decoders and the SA representation. `load_personal_model` rebuilds it; `FedSRSegmenter` is its
 segmentation path (encoder, segmentation decoder, SCIE with f) as a plain network from image
 to logits, so the site's usual inference (`pipelines.inference.segment_image`: the schema's
 preprocessing, a sliding window of the training volume size, labels on the input's own grid)
@@ -13,6 +13,7 @@ and scoring run it unchanged. The registration path needs the atlas and is not p
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def load_personal_model(path: str | os.PathLike[str]) -> PersonalModel:
     path = Path(path)
     try:
         data = path.read_bytes()
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # the bytes hashed are the bytes loaded
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         # the reason's first line only: torch's text for a refused pickle runs over many lines
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

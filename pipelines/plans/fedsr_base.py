@@ -5,7 +5,8 @@ shipped and hashed for approval. What a site does per round:
 
 1. the shared parts arrive (the encoder and the SA representation; everything for FedAvg);
    the site's personal parts (both decoders and the MI critics) and its Adam moments are
-   read from its work folder (``cache/fedsr/<run>-personal.pt``), so they carry over rounds
+   read from its work folder (``cache/fedsr/<run>-personal-rNNNN.pt``, one per round, so a round
+   replayed after a coordinator resume starts from the round before), so they carry over rounds
    and never leave the site: they are tagged ``local``, which Fed-BioMed never sends or
    averages;
 2. the atlas named by the spec is read from the site's models folder, checked against its
@@ -14,7 +15,8 @@ shipped and hashed for approval. What a site does per round:
    (`pipelines.fedsr.training.FedSRUpdater`); in the last ``finetune_rounds`` the encoder is
    frozen, so the site's model is then exactly the global encoder plus its own decoders;
 4. the SA representation is smoothed (eq. 7) and sent with the encoder; the personal parts are
-   saved, and, in the rounds that score, the personalised model is scored on the site's
+   saved, and, in the rounds that score, the personalised model (the encoder as it left the
+   round: the global one in a fine-tuning round) is scored on the site's
    labelled cases (never trained on) and saved as the site's model
    (``cache/fedsr/<run>-model.pt``, `pipelines.fedsr.personal`: what `site-agent infer --model
    personal:<run>` runs). Only means over cases and case counts are sent.
@@ -31,6 +33,7 @@ from fedbiomed.common.datamanager import DataManager
 from fedbiomed.common.logger import logger
 from fedbiomed.common.training_plans import TorchTrainingPlan
 
+from pipelines.device import on_device
 from pipelines.fedsr.atlas import atlas_folder, load_atlas, prepared_atlas
 from pipelines.fedsr.metrics import registration_case_metrics, segmentation_case_metrics, summarise
 from pipelines.fedsr.networks import FEDSR_PRESETS, FedSRConfig
@@ -47,7 +50,7 @@ from preprocessing.schema import LabelSchema, parse_schema
 
 __all__ = ["FedSRPlanBase", "fedsr_network_config"]
 
-_ATLASES: dict[tuple[str, str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}  # one node process
+_ATLASES: dict[tuple[str, str, tuple[int, ...], str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # one node process
 
 
 def fedsr_network_config(settings: FedSRSettings, schema: LabelSchema) -> FedSRConfig:
@@ -164,12 +167,16 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
     # -- the site's own files -----------------------------------------------------------------
 
     def _store(self, name: str) -> SiteStateStore:
-        return SiteStateStore(os.environ.get("FEDIMG_CACHE_DIR"), self._settings.run_id or "no-run", name, folder="fedsr")
+        store = SiteStateStore(os.environ.get("FEDIMG_CACHE_DIR"), self._settings.run_id or "no-run", name, folder="fedsr")
+        if store.path is None:
+            # without it the decoders would start afresh every round and no personalised model would be kept
+            raise FileNotFoundError("no site work folder (FEDIMG_CACHE_DIR): FedSR keeps each site's decoders there between rounds")
+        return store
 
     def _atlas(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The spec's atlas, verified and prepared like the site's cases (cached per process)."""
         ref = self._settings.atlas
-        key = (ref["sha256"], str(self._settings.spacing), tuple(self._settings.volume_size))
+        key = (ref["sha256"], str(self._settings.spacing), tuple(self._settings.volume_size), self._schema.name, self._schema.version)
         if key not in _ATLASES:
             models_dir = os.environ.get("FEDIMG_MODELS_DIR")
             if not models_dir:
@@ -180,16 +187,32 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
         image, label = _ATLASES[key]
         return image.to(device), label.to(device)
 
+    def _personal_store(self, round_index: int) -> SiteStateStore:
+        """This site's decoders, critics and Adam moments after round `round_index` (one file per round)."""
+        return self._store(f"personal-r{round_index:04d}")
+
     def _restore_personal(self) -> bool:
-        """This site's decoders, critics and Adam moments from its last round of this run."""
-        saved = self._store("personal").read()
-        if not isinstance(saved, dict) or not isinstance(saved.get("round"), int) or saved["round"] >= self._round_index():
+        """This site's decoders, critics and Adam moments from its latest earlier round of this run.
+
+        One file per round, so a round replayed after a coordinator resume (nothing of it was
+        aggregated) starts again from the round before, not from a state it already trained.
+        """
+        r = self._round_index()
+        saved = None
+        for earlier in range(r - 1, -1, -1):
+            saved = self._personal_store(earlier).read()
+            if saved is not None:
+                break
+        if saved is None:
+            if r > 0:
+                site_logger().warning(f"no saved FedSR decoders before round {r + 1} in {self._personal_store(r - 1).path.parent}; starting them afresh")  # type: ignore[union-attr]
+                logger.warning("[fedimg] no saved FedSR decoders of an earlier round: starting them afresh")
             return False
         model = self.model()
         own = {k: v for k, v in model.state_dict().items() if not is_shared_parameter(k, model.method)}
-        weights = saved.get("weights")
+        weights = saved.get("weights") if isinstance(saved, dict) else None
         if not isinstance(weights, dict) or set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-            site_logger().warning(f"{self._store('personal').path}: does not fit this model; starting this site's decoders afresh")
+            site_logger().warning("saved FedSR decoders do not fit this model; starting them afresh")
             logger.warning("[fedimg] saved personal FedSR parts do not fit this model; starting afresh")
             return False
         model.load_state_dict(weights, strict=False)
@@ -200,6 +223,18 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
             except (ValueError, KeyError, RuntimeError):
                 site_logger().warning("saved FedSR optimizer state does not fit; fresh Adam moments")
         return True
+
+    def _save_personal(self, round_index: int) -> None:
+        """Save this round's personal parts; drop the files a replay can no longer need (before round - 1)."""
+        model = self.model()
+        personal = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not is_shared_parameter(k, model.method)}
+        store = self._personal_store(round_index)
+        store.write({"round": round_index, "weights": personal, "optimizer": self._optimizer_obj.state_dict()})
+        assert store.path is not None  # _store refuses a missing work folder
+        for old in store.path.parent.glob(f"{self._settings.run_id or 'no-run'}-personal-r*.pt"):
+            number = old.stem.rsplit("-r", 1)[-1]
+            if number.isdigit() and int(number) < round_index - 1:
+                old.unlink(missing_ok=True)
 
     # -- one round ------------------------------------------------------------------------------
 
@@ -243,8 +278,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
             )  # fmt: skip
         round_means = self._updater.finish_round()
         model.cpu()
-        personal = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not is_shared_parameter(k, model.method)}
-        self._store("personal").write({"round": r, "weights": personal, "optimizer": self._optimizer_obj.state_dict()})
+        self._save_personal(r)
         metric = {
             **round_means,
             **scores,
@@ -266,9 +300,14 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
 
     def _score(self, atlas_image: torch.Tensor, atlas_label: torch.Tensor) -> dict[str, float]:
         """The personalised model on the site's labelled cases: means over cases, and their count."""
-        cases = self._dataset.evaluation
-        if not cases:
+        if not self._dataset.evaluation:
             return {}
+        # Fed-BioMed moves the model back to the CPU after training: score on the site's device
+        with on_device(self.model(), atlas_image.device):
+            return self._score_on_device(atlas_image, atlas_label)
+
+    def _score_on_device(self, atlas_image: torch.Tensor, atlas_label: torch.Tensor) -> dict[str, float]:
+        cases = self._dataset.evaluation
         model = self.model()
         device = atlas_image.device
         classes = {name: idx for name, idx in self._schema.classes.items() if idx != 0}
@@ -282,7 +321,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
             registration.append(registration_case_metrics(reg.warped_label[0, 0].cpu(), reference, reg.warped_image[0, 0].cpu(), image[0], classes))
         model.train()
         seg, reg_summary = summarise(segmentation), summarise(registration)
-        out: dict[str, float] = {"eval_cases": float(len(cases))}
+        out: dict[str, float] = {"eval_cases": float(len(cases)), "eval_trained_on_images": float(self._dataset.trains_on_evaluation_images)}
         for metric in ("dice", "jaccard", "hd95_mm", "asd_mm", "avd_percent"):
             out[f"eval_seg_{metric}"] = float(seg["mean_over_structures"][metric]["mean"])
         nan = float("nan")

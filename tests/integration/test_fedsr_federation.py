@@ -102,8 +102,11 @@ def test_decoders_never_reach_the_coordinator_and_the_sa_representation_does(fed
     # the SA representation was sent and averaged: it left its all-zero start
     assert torch.count_nonzero(c0["sa_representation"]) == 0 and torch.count_nonzero(last["sa_representation"]) > 0
     # each site's own decoders, trained, kept in its work folder, different from the other sites'
-    stores = [torch.load(s.work_dir / "cache" / "fedsr" / f"{run_dir.name}-personal.pt") for s in bed.sites]
+    stores = [torch.load(s.work_dir / "cache" / "fedsr" / f"{run_dir.name}-personal-r{ROUNDS - 1:04d}.pt") for s in bed.sites]
     assert all(st["round"] == ROUNDS - 1 for st in stores)
+    for site in bed.sites:  # one file per round, the two a replayed round may need kept
+        kept = sorted(p.name for p in (site.work_dir / "cache" / "fedsr").glob(f"{run_dir.name}-personal-r*.pt"))
+        assert kept == [f"{run_dir.name}-personal-r{r:04d}.pt" for r in (ROUNDS - 2, ROUNDS - 1)]
     weight = "network.segmentation_decoder.head.weight"
     heads = [st["weights"][weight] for st in stores]
     assert all(not torch.equal(h, c0[weight]) for h in heads)
