@@ -151,7 +151,7 @@ def _print_fedsr_results(info: dict, metrics: dict) -> None:
     _print_participation(rounds)
     scores = fedsr_scores(metrics)
     if scores:
-        who = "each site's own model (standalone)" if metrics.get("mode") == "standalone" else "personalised models (global encoder + each site's decoders)"
+        who = "each site's own model (standalone)" if metrics.get("mode") == "standalone" else "personalised models (shared encoder + each site's decoders)"
         title = f"{who} on each site's labelled cases (never trained on)"
         out = Table("site", "round", "n", "S-Dice", "Jaccard", "HD95 mm", "ASD mm", "AVD %", "R-Dice", "NCC", "local NCC", title=title)
         for site, row in sorted(scores.items()):

@@ -1,6 +1,6 @@
 """The report of a FedSR run: each site's personalised model on its labelled cases, and the training curves.
 
-FedSR sites score their own personalised models (global encoder + their decoders) on their
+FedSR sites score their own personalised models (shared encoder + their decoders) on their
 labelled cases, which never train; the report shows those numbers per site and per structure,
 each with its case count, and the per-round losses, the MI estimate and how far the SA
 representation moved, one line per site.
@@ -61,8 +61,9 @@ def build_fedsr_report(run: Run, folder: Path) -> None:
     metrics = runs.read_metrics(run.run_dir)
     scores = fedsr_scores(metrics)
     text = [
-        "Each site's personalised model (the global encoder, frozen in the fine-tuning rounds, with the site's own registration and "
-        "segmentation decoders and the SA representation) scored at the site on its labelled cases, which never train. "
+        "Each site's personalised model (the encoder as it left the round: the global one, frozen, in the fine-tuning rounds; "
+        "with the site's own registration and segmentation decoders and the SA representation) scored at the site on its labelled "
+        "cases, which never train. "
         "S-Dice, Jaccard, HD95, ASD and AVD: its segmentation (means over structures, then cases); R-Dice and NCC: the atlas "
         "registered to each case by its registration decoder. n: the cases behind each number."
     ]
