@@ -28,11 +28,10 @@ from pipelines.factory.training import (
 )
 from pipelines.plans.datasets import PreparedSliceDataset
 from pipelines.plans.placement import DevicePlacement
-from pipelines.plans.reporting import plan_origin
+from pipelines.plans.reporting import embedded_schema, plan_origin, report_training
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
-from preprocessing.schema import parse_schema
 
 __all__ = ["DataFactoryPlanBase"]
 
@@ -83,10 +82,7 @@ class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # 
         Raises:
             ValueError: no embedded schema; `InvalidPlanArgs` (a ValueError) for bad arguments.
         """
-        raw = model_args.get("schema_definition")
-        if not isinstance(raw, dict):
-            raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
-        self._schema = parse_schema(raw, "the experiment's label schema")
+        self._schema, _ = embedded_schema(model_args)
         self._settings = parse_factory_args({k: v for k, v in model_args.items() if k != "schema_definition"})
         return FactoryModel(self._settings.config)
 
@@ -192,12 +188,7 @@ class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # 
             "key_layers_restored": float(key_layers),
             "key_checksum32": _checksum_float(domain_key.checksum()) if domain_key is not None else -1.0,
         }
-        if history_monitor is not None:
-            n = int(metric.get("updates", 0))
-            history_monitor.add_scalar(
-                metric=metric, iteration=n, epoch=None, total_samples=samples, batch_samples=samples,
-                num_batches=n, num_samples_trained=samples, train=True,
-            )  # fmt: skip
+        report_training(history_monitor, metric, samples, int(metric.get("updates", 0)))
         return samples
 
     def _restore_site_state(self) -> bool:

@@ -43,10 +43,11 @@ from pipelines.fedsr.plan_args import FedSRSettings, parse_fedsr_args
 from pipelines.fedsr.training import FEDSR_METHODS, FedSRModel, FedSRUpdater, is_shared_parameter, register_atlas, segment_volume
 from pipelines.plans.fedsr_data import PreparedVolumeDataset
 from pipelines.plans.placement import DevicePlacement
+from pipelines.plans.reporting import embedded_schema, report_training
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
-from preprocessing.schema import LabelSchema, parse_schema
+from preprocessing.schema import LabelSchema
 
 __all__ = ["FedSRPlanBase", "fedsr_network_config"]
 
@@ -126,11 +127,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
         Raises:
             ValueError: no embedded schema; `InvalidPlanArgs` (a ValueError) for bad arguments.
         """
-        raw = model_args.get("schema_definition")
-        if not isinstance(raw, dict):
-            raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
-        self._schema = parse_schema(raw, "the experiment's label schema")
-        self._schema_raw = raw
+        self._schema, self._schema_raw = embedded_schema(model_args)
         self._settings = parse_fedsr_args({k: v for k, v in model_args.items() if k != "schema_definition"})
         return FedSRModel(fedsr_network_config(self._settings, self._schema), FEDSR_METHODS[self._settings.method])
 
@@ -290,12 +287,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
             "volumes_training": float(len(self._dataset.training)),
             "cases_evaluation": float(len(self._dataset.evaluation)),
         }
-        if history_monitor is not None:
-            n = int(metric.get("steps", 0))
-            history_monitor.add_scalar(
-                metric=metric, iteration=n, epoch=None, total_samples=samples, batch_samples=samples,
-                num_batches=n, num_samples_trained=samples, train=True,
-            )  # fmt: skip
+        report_training(history_monitor, metric, samples, int(metric.get("steps", 0)))
         return samples
 
     def _score(self, atlas_image: torch.Tensor, atlas_label: torch.Tensor) -> dict[str, float]:

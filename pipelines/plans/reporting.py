@@ -4,6 +4,8 @@ Failures leave a plan as `pipelines.site_errors.SiteError` (a code and allowlist
 the full text stays in the site's log): the plans decorate their entry points (init in
 `pipelines.plans.seeding`, data, training, testing) with `site_boundary`.
 
+- `report_training`: a site's round summary, streamed to the coordinator as training scalars.
+- `embedded_schema`: the federation schema the coordinator embedded in the model arguments.
 - `plan_origin`: who asks when a plan wants to load an artifact (plan class, sha256 of the
   source the node received, run, round), recorded in the site's approval store so that
   ``site-agent plans show`` lists what each plan asked for.
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["plan_origin", "plan_source_sha256"]
+__all__ = ["embedded_schema", "plan_origin", "plan_source_sha256", "report_training"]
 
 
 class _Plan(Protocol):
@@ -62,3 +65,40 @@ def plan_origin(plan: _Plan, setting: str | None = None) -> dict[str, Any]:
     if setting:
         origin["setting"] = setting
     return {k: v for k, v in origin.items() if v is not None}
+
+
+def report_training(history_monitor: Any, metric: dict[str, float], samples: int, updates: int) -> None:
+    """Stream a round's training summary to the coordinator (Fed-BioMed's training scalars).
+
+    Args:
+        history_monitor: Fed-BioMed's metric channel (None outside a node round: nothing is sent).
+        metric: the values, all floats (the coordinator keeps them under the site's ``train`` row).
+        samples: samples trained on in the round.
+        updates: updates made in the round.
+    """
+    if history_monitor is None:
+        return
+    history_monitor.add_scalar(
+        metric=metric, iteration=updates, epoch=None, total_samples=samples, batch_samples=samples,
+        num_batches=updates, num_samples_trained=samples, train=True,
+    )  # fmt: skip
+
+
+def embedded_schema(model_args: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The federation's label schema the coordinator embedded in the model arguments.
+
+    Args:
+        model_args: what the plan received (``schema_definition`` and the plan's own arguments).
+
+    Returns:
+        (the parsed `LabelSchema`, the raw mapping).
+
+    Raises:
+        ValueError: no embedded schema; `SchemaError` for one that does not parse.
+    """
+    from preprocessing.schema import parse_schema
+
+    raw = model_args.get("schema_definition")
+    if not isinstance(raw, dict):
+        raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
+    return parse_schema(raw, "the experiment's label schema"), raw

@@ -29,6 +29,7 @@ from pipelines.networks import build_network, set_background_prior
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.placement import DevicePlacement
+from pipelines.plans.reporting import embedded_schema, report_training
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.plans.split_data import CaseSplitDataManager
 from pipelines.privacy import (
@@ -53,7 +54,6 @@ from pipelines.training import (
     predict,
     teacher_logits,
 )
-from preprocessing.schema import parse_schema
 
 __all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
 
@@ -74,10 +74,7 @@ def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSetti
     Raises:
         ValueError: no embedded schema; `InvalidPlanArgs` (a ValueError) for bad arguments.
     """
-    raw = model_args.get("schema_definition")
-    if not isinstance(raw, dict):
-        raise ValueError("model_args.schema_definition is missing: the coordinator embeds the federation schema")
-    schema = parse_schema(raw, "the experiment's label schema")
+    schema, _ = embedded_schema(model_args)
     return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
@@ -451,11 +448,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         if self._dp() is not None:  # losses are computed on training cases outside the private mechanism: they stay at the site
             for key in TRAINING_LOSSES:
                 metric.pop(key, None)
-        if history_monitor is not None:
-            history_monitor.add_scalar(
-                metric=metric, iteration=self._step_in_round, epoch=None, total_samples=samples,
-                batch_samples=samples, num_batches=self._step_in_round, num_samples_trained=samples, train=True,
-            )  # fmt: skip
+        report_training(history_monitor, metric, samples, self._step_in_round)
 
     # -- validation ----------------------------------------------------------------------
 
