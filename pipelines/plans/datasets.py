@@ -30,7 +30,7 @@ from pipelines.transforms import cached_dataset, deterministic_transforms
 from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import LabelSchema
 
-__all__ = ["PreparedSegmentationDataset", "PreparedSliceDataset"]
+__all__ = ["PreparedSegmentationDataset", "PreparedSliceDataset", "checked_dataset"]
 
 _Volumes = list[tuple[torch.Tensor, torch.Tensor]]  # (image, label) per case
 _CACHE: dict[tuple[str, str, str], _Volumes] = {}
@@ -70,6 +70,26 @@ def _volumes(path: str, schema: LabelSchema, modality: str, spacing: _Spacing) -
     return volumes
 
 
+def checked_dataset(path: str, schema: LabelSchema | None) -> Any:
+    """A site's prepared dataset, checked against the federation schema the plan set.
+
+    Args:
+        path: the dataset folder (the node's registry entry).
+        schema: the federation schema (None: the plan set none, refused).
+
+    Returns:
+        The loaded `preprocessing.dataset.PreparedDataset`.
+
+    Raises:
+        DatasetSchemaError: no schema, or a dataset built with another schema.
+    """
+    if schema is None:
+        raise DatasetSchemaError("the training plan did not set the federation schema")
+    prepared = load_dataset(path)
+    check_schema(json.loads((Path(path) / "manifest.json").read_text()), schema, f"dataset {prepared.name!r}")
+    return prepared
+
+
 class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Labelled cases of a prepared dataset as whole preprocessed volumes.
 
@@ -98,12 +118,9 @@ class PreparedSegmentationDataset(CustomDataset):  # type: ignore[misc]  # Fed-B
         Raises:
             SiteError: code ``dataset`` for a dataset that does not fit (the text stays in the site's log).
         """
-        if self.schema is None:
-            raise DatasetSchemaError("the training plan did not set the federation schema")
-        prepared = load_dataset(self.path)
-        manifest = json.loads((Path(self.path) / "manifest.json").read_text())
+        prepared = checked_dataset(self.path, self.schema)
+        assert self.schema is not None  # checked_dataset refuses None
         where = f"dataset {prepared.name!r}"
-        check_schema(manifest, self.schema, where)
         labeled = prepared.labeled_classes
         if labeled is None:
             labeled = sorted(v for v in prepared.labels.values() if v != 0)
@@ -225,11 +242,8 @@ class PreparedSliceDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed s
         Raises:
             SiteError: code ``dataset`` for a dataset that does not fit or has no slice left.
         """
-        if self.schema is None:
-            raise DatasetSchemaError("the training plan did not set the federation schema")
-        prepared = load_dataset(self.path)
-        manifest = json.loads((Path(self.path) / "manifest.json").read_text())
-        check_schema(manifest, self.schema, f"dataset {prepared.name!r}")
+        prepared = checked_dataset(self.path, self.schema)
+        assert self.schema is not None  # checked_dataset refuses None
         settings = SliceSettings(size=self.size, n_bins=self.n_bins, spacing=self.spacing, min_foreground=self.min_foreground)
         images, self.bins = dataset_slices(self.path, self.schema, settings, os.environ.get("FEDIMG_CACHE_DIR"))
         self.images = images.half()  # half the memory; items are float32

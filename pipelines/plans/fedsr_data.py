@@ -13,10 +13,8 @@ plan's ``volume_size`` — the frame the atlas is prepared in too (`pipelines.fe
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -24,9 +22,10 @@ import torch
 from fedbiomed.common.dataset import CustomDataset
 from monai.transforms.croppad.dictionary import ResizeWithPadOrCropd
 
+from pipelines.plans.datasets import checked_dataset
 from pipelines.site_errors import site_boundary
 from pipelines.transforms import cached_dataset, deterministic_transforms
-from preprocessing.dataset import DatasetSchemaError, check_schema, load_dataset
+from preprocessing.dataset import DatasetSchemaError
 from preprocessing.schema import LabelSchema
 
 __all__ = ["EvaluationCase", "PreparedVolumeDataset"]
@@ -57,12 +56,9 @@ class PreparedVolumeDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed 
         Raises:
             SiteError: code ``dataset`` for a dataset that does not fit (the text stays in the site's log).
         """
-        if self.schema is None:
-            raise DatasetSchemaError("the training plan did not set the federation schema")
-        prepared = load_dataset(self.path)
-        manifest = json.loads((Path(self.path) / "manifest.json").read_text())
+        prepared = checked_dataset(self.path, self.schema)
+        assert self.schema is not None  # checked_dataset refuses None
         where = f"dataset {prepared.name!r}"
-        check_schema(manifest, self.schema, where)
         if prepared.modality not in self.schema.modalities:
             raise DatasetSchemaError(f"{where}: modality {prepared.modality!r} has no rule in schema {self.schema.name}")
         if not prepared.cases:
