@@ -204,6 +204,7 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
                 "diff_augment",
                 "key_align_weight",
                 "refine_rounds",
+                "prox_mu",
                 "keep_optimizer_state",
             )
         },

@@ -346,3 +346,55 @@ def test_discriminator_sees_augmented_slices_when_diff_augment_is_on():
     with pytest.raises(ValueError, match="plan_args.diff_augment.colour"):
         parse_factory_args({"diff_augment": {"colour": 0.5}})
     assert parse_factory_args({"diff_augment": True}).diff_augment == {"translation": 0.125, "cutout": 0.5}
+
+
+# -- the proximal term (issue 25, option 1) ----------------------------------------------------------
+
+
+def _prox_model():
+    from pipelines.factory.config import FactoryConfig
+    from pipelines.factory.training import FactoryModel
+
+    torch.manual_seed(0)
+    return FactoryModel(FactoryConfig.preset("tiny", n_clients=3, key_dim=0, n_bins=29))
+
+
+def test_proximal_term_is_zero_at_the_global_weights_and_spares_the_conditional_pathway():
+    from pipelines.factory.training import is_conditional_pathway, is_key_pathway, proximal_anchor, proximal_term
+
+    model = _prox_model()
+    anchor = proximal_anchor(model)
+    assert anchor and not any(is_conditional_pathway(n) or is_key_pathway(n) or n.startswith("g_ema.") for n in anchor)
+    assert "generator.embed.label_embed.weight" not in anchor and "discriminator.label_embed.weight" not in anchor
+    for network in ("generator", "discriminator"):
+        assert float(proximal_term(model, anchor, network)) == 0.0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(0.01)
+    term = proximal_term(model, anchor, "generator")
+    shared = sum(p.numel() for n, p in model.named_parameters() if n.startswith("generator.") and n in anchor)
+    assert float(term) == pytest.approx(0.5 * shared * 0.01**2, rel=1e-3)
+    model.zero_grad()
+    term.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["generator.embed.label_embed.weight"] is None  # the client id's path is free
+    assert all(grads[n] is None for n in grads if n.startswith("discriminator."))  # only the trained network is pulled
+    assert any(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if n.startswith("generator.mapping_network."))
+
+
+def test_updater_adds_the_proximal_term_only_when_asked():
+    from pipelines.factory.plan_args import parse_factory_args
+    from pipelines.factory.training import FactoryUpdater, make_optimizer
+
+    real, bins = torch.rand(4, 1, 64, 64) * 2 - 1, torch.randint(0, 29, (4,))
+    for mu, expect in ((0.0, False), (0.5, True)):
+        model = _prox_model()
+        settings = parse_factory_args({"key": None, "prox_mu": mu, "r1_gamma": 0, "pl_weight": 0})
+        updater = FactoryUpdater(model, settings, client_id=1)
+        optimizer = make_optimizer(model)
+        for _ in range(4):
+            updater.train_step(optimizer, real, bins)
+        means = updater.means()
+        assert ("prox" in means) is expect
+        if expect:
+            assert means["prox"] > 0  # the site moved away from the round's start, and is pulled back

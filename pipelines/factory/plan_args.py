@@ -42,6 +42,7 @@ class FactorySettings:
     diff_augment: dict[str, float] | None = None  # {translation, cutout}: DiffAugment for D's inputs
     key_align_weight: float = 50.0
     refine_rounds: int = 0  # the last N rounds of the run add the key-alignment loss
+    prox_mu: float = 0.0  # FedProx-style term on G's and D's shared weights, none on the client-id embeddings (0: off)
     spacing: Any = "schema"
     min_foreground: float = 0.05
     sample_every: int = 5  # sample grids and kept checkpoints every N rounds (coordinator side)
@@ -67,7 +68,7 @@ class FactorySettings:
 
 FACTORY_ARG_KEYS = (
     "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
-    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "spacing",
+    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "prox_mu", "spacing",
     "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids", "device",
 )  # fmt: skip
 
@@ -156,6 +157,10 @@ class FactoryPlanArgs(PlanArgsBase):
     diff_augment: Annotated[DiffAugment | None, BeforeValidator(_diff_augment)] = None
     key_align_weight: Annotated[float, number(0.0)] = 50.0
     refine_rounds: Annotated[int, integer(0)] = 0
+    prox_mu: Annotated[float, number(0.0)] = Field(
+        default=0.0,
+        description="FedProx-style proximal weight on the shared weights of G and D (not the client-id embeddings); 0: off",
+    )
     min_foreground: Annotated[float, number(0.0, 1.0)] = 0.05
     sample_every: Annotated[int, integer(1)] = 5
     client_ids: Annotated[dict[str, int], BeforeValidator(_client_ids)] = Field(default_factory=dict)
@@ -204,6 +209,7 @@ def parse_factory_args(args: Mapping[str, Any]) -> FactorySettings:
         diff_augment=m.diff_augment.model_dump() if m.diff_augment is not None else None,
         key_align_weight=m.key_align_weight,
         refine_rounds=m.refine_rounds,
+        prox_mu=m.prox_mu,
         spacing=m.spacing,
         min_foreground=m.min_foreground,
         sample_every=m.sample_every,

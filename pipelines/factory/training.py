@@ -210,6 +210,61 @@ class FactoryModel(torch.nn.Module):
 KEY_PATHWAY = ("generator.embed.key_embed.", "g_ema.embed.key_embed.", "discriminator.key_embed.")
 
 
+# The client-id (and slice-bin) embeddings: the conditional pathway a site meets its objective
+# through. The proximal term (``prox_mu``) spares them, so that a site pulled back towards the
+# global synthesis weights has to express its domain through its id's embedding instead.
+CONDITIONAL_PATHWAY = ("generator.embed.label_embed.", "g_ema.embed.label_embed.", "discriminator.label_embed.")
+
+
+def is_conditional_pathway(name: str) -> bool:
+    """Whether a parameter of `FactoryModel` embeds the client id and slice bin (`CONDITIONAL_PATHWAY`).
+
+    Args:
+        name: a parameter name of `FactoryModel`.
+
+    Returns:
+        True for the label embeddings' parameters.
+    """
+    return name.startswith(CONDITIONAL_PATHWAY)
+
+
+def proximal_anchor(model: FactoryModel) -> dict[str, torch.Tensor]:
+    """The round's starting point of the weights the proximal term holds a site near.
+
+    G's and D's shared weights as received (G_ema has no gradient; the site-local key layers
+    and the conditional pathway are left free).
+
+    Args:
+        model: the site's model, the global weights just loaded.
+
+    Returns:
+        ``{parameter name: detached copy}``.
+    """
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.startswith(("generator.", "discriminator.")) and not is_key_pathway(n) and not is_conditional_pathway(n)
+    }
+
+
+def proximal_term(model: FactoryModel, anchor: dict[str, torch.Tensor], network: str) -> torch.Tensor:
+    """FedProx's term on one network: 0.5 * sum of squared distances to the anchor.
+
+    Args:
+        model: the site's model.
+        anchor: `proximal_anchor` of the round.
+        network: ``"generator"`` or ``"discriminator"``: the network this update trains.
+
+    Returns:
+        The scalar term (0 at the anchor; its gradient never reaches the conditional pathway or the key layers).
+    """
+    prefix = f"{network}."
+    terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n.startswith(prefix) and n in anchor]
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return 0.5 * torch.stack(terms).sum()
+
+
 def is_key_pathway(name: str) -> bool:
     """Whether a parameter of `FactoryModel` belongs to the site-local key layers (`KEY_PATHWAY`).
 
@@ -328,6 +383,8 @@ class FactoryUpdater:
         self._ema_pending = False
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        # FedProx-style pull towards the weights this round started from (the global ones)
+        self.anchor = proximal_anchor(model) if settings.prox_mu > 0 else None
 
     # state that a long-lived client would keep across rounds (with the optimizer's)
     def state_dict(self) -> dict[str, Any]:
@@ -451,6 +508,10 @@ class FactoryUpdater:
                     self._track(key_align=align.detach())
             self.g_steps += 1
             self._ema_pending = True
+        if self.anchor is not None:
+            prox = proximal_term(self.model, self.anchor, "discriminator" if self.next_phase == "D" else "generator")
+            loss = loss + self.s.prox_mu * prox
+            self._track(prox=prox.detach())
         self.updates += 1
         self._track(key_used=float(use_key), update_s=time.perf_counter() - t0)
         return loss
