@@ -234,7 +234,7 @@ def test_plan_args_problems_name_the_key(args, key):
 # -- the plan's own bookkeeping (pipelines.plans.fedsr_base) ----------------------------------------
 
 
-def _plan(round_index: int, cache):
+def _plan(round_index: int):
     from fedbiomed.common.training_args import TrainingArgs
 
     from coordinator.plans import model_args_for
@@ -256,16 +256,16 @@ def test_plan_keeps_decoders_at_the_site_and_a_replayed_round_starts_from_the_ro
     monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path))
     plans = {}
     for r, value in ((0, 1.0), (1, 2.0)):
-        plans[r] = plan = _plan(r, tmp_path)
+        plans[r] = plan = _plan(r)
         assert plan._restore_personal() is (r > 0)
         if r == 1:
             assert torch.all(_head(plan) == 1.0)  # round 0's decoder, from the site's folder
         with torch.no_grad():
             _head(plan).fill_(value)
         plan._save_personal(r)
-    replay = _plan(1, tmp_path)  # round 2 failed its quorum: the coordinator replays it
+    replay = _plan(1)  # round 2 failed its quorum: the coordinator replays it
     assert replay._restore_personal() and torch.all(_head(replay) == 1.0)  # not round 1's own result
-    later = _plan(2, tmp_path)
+    later = _plan(2)
     assert later._restore_personal() and torch.all(_head(later) == 2.0)
     later._save_personal(2)
     kept = sorted(p.name for p in (tmp_path / "fedsr").glob("run-a-personal-r*.pt"))
@@ -281,6 +281,6 @@ def test_plan_keeps_decoders_at_the_site_and_a_replayed_round_starts_from_the_ro
 
 def test_plan_refuses_to_train_without_a_site_work_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("FEDIMG_CACHE_DIR", raising=False)
-    plan = _plan(0, tmp_path)
+    plan = _plan(0)
     with pytest.raises(FileNotFoundError, match="FEDIMG_CACHE_DIR"):
         plan._save_personal(0)

@@ -202,7 +202,7 @@ class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: 
                 break
         if saved is None:
             if r > 0:
-                site_logger().warning(f"no saved FedSR decoders before round {r + 1} in {self._personal_store(r - 1).path.parent}; starting them afresh")  # type: ignore[union-attr]
+                site_logger().warning(f"no saved FedSR decoders before round {r + 1} (run {self._settings.run_id}); starting them afresh")
                 logger.warning("[fedimg] no saved FedSR decoders of an earlier round: starting them afresh")
             return False
         model = self.model()

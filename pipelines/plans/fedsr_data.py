@@ -13,8 +13,10 @@ plan's ``volume_size`` — the frame the atlas is prepared in too (`pipelines.fe
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -31,6 +33,8 @@ from preprocessing.schema import LabelSchema
 __all__ = ["EvaluationCase", "PreparedVolumeDataset"]
 
 EvaluationCase = tuple[torch.Tensor, torch.Tensor, list[float]]  # image (1, X, Y, Z), label (1, X, Y, Z), spacing mm
+# (dataset folder, manifest sha256, chain fingerprint, volume size) -> (training volumes, evaluation cases); one per node process
+_VOLUMES: dict[tuple[str, str, str, tuple[int, ...]], tuple[list[torch.Tensor], list[EvaluationCase]]] = {}
 
 
 def _plain(value: Any) -> torch.Tensor:
@@ -64,26 +68,36 @@ class PreparedVolumeDataset(CustomDataset):  # type: ignore[misc]  # Fed-BioMed 
         if not prepared.cases:
             raise DatasetSchemaError(f"{where}: no cases")
         chain = deterministic_transforms(self.schema, prepared.modality, spacing=self.spacing, label_dtype=torch.uint8)
-        items = [{"image": str(c.image), **({"label": str(c.label)} if c.label is not None else {})} for c in prepared.cases]
-        cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
-        source = cast(Iterable[Mapping[str, Any]], cached_dataset(items, chain, cache_dir)) if cache_dir else [chain(item) for item in items]
-        resize = ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=list(self.volume_size), mode="constant", allow_missing_keys=True)
-        self.training: list[torch.Tensor] = []
-        self.evaluation: list[EvaluationCase] = []
-        spacing = self._spacing()
-        for out in source:
-            sized = resize(dict(out))  # type: ignore[arg-type]  # MONAI's Mapping[Hashable, ...]
-            image = _plain(sized["image"]).float().contiguous()
-            if "label" in sized:
-                self.evaluation.append((image, _plain(sized["label"]).to(torch.uint8).contiguous(), spacing))
-            else:
-                self.training.append(image)
+        manifest = hashlib.sha256((Path(self.path) / "manifest.json").read_bytes()).hexdigest()
+        key = (str(Path(self.path).resolve()), manifest, str(getattr(chain, "fingerprint")), tuple(self.volume_size))
+        if key not in _VOLUMES:  # Fed-BioMed asks for the data every round: read and size the cases once per node process
+            _VOLUMES.clear()
+            _VOLUMES[key] = self._load(prepared, chain)
+        self.training, self.evaluation = list(_VOLUMES[key][0]), list(_VOLUMES[key][1])
         if not self.training:  # every case labelled: train on their images (the labels still only score)
             self.training = [image for image, _, _ in self.evaluation]
             self.trains_on_evaluation_images = True
         else:
             self.trains_on_evaluation_images = False
         self.modality = prepared.modality
+
+    def _load(self, prepared: Any, chain: Any) -> tuple[list[torch.Tensor], list[EvaluationCase]]:
+        """Every case through the chain (cached on disk in ``$FEDIMG_CACHE_DIR``), padded or cropped to the volume."""
+        items = [{"image": str(c.image), **({"label": str(c.label)} if c.label is not None else {})} for c in prepared.cases]
+        cache_dir = os.environ.get("FEDIMG_CACHE_DIR")
+        source = cast(Iterable[Mapping[str, Any]], cached_dataset(items, chain, cache_dir)) if cache_dir else [chain(item) for item in items]
+        resize = ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=list(self.volume_size), mode="constant", allow_missing_keys=True)
+        training: list[torch.Tensor] = []
+        evaluation: list[EvaluationCase] = []
+        spacing = self._spacing()
+        for out in source:
+            sized = resize(dict(out))  # type: ignore[arg-type]  # MONAI's Mapping[Hashable, ...]
+            image = _plain(sized["image"]).float().contiguous()
+            if "label" in sized:
+                evaluation.append((image, _plain(sized["label"]).to(torch.uint8).contiguous(), spacing))
+            else:
+                training.append(image)
+        return training, evaluation
 
     def _spacing(self) -> list[float]:
         if self.spacing == "schema" and self.schema is not None:
