@@ -255,6 +255,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="inprocess: train for this long instead of --rounds")
     ap.add_argument("--device", default="cpu", help="inprocess: torch device (e.g. cuda)")
     ap.add_argument("--samples", type=int, default=300, help="generated slices per site")
+    ap.add_argument("--seed", type=int, default=0, help="inprocess: seed of the factories' initial weights, site draws and batches")
     ap.add_argument("--score-every", type=int, default=None, metavar="N", help="inprocess: also score the federated G_ema every N rounds (a learning curve)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the update-time measurement")
     ap.add_argument("--repeats", type=int, default=25, help="updates of each kind timed (median)")
@@ -399,7 +400,7 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
                     console.log(f"round {i + 1}: {row['updates_per_s']:.0f} updates/s, sampled {', '.join(sampled)}")
 
             t0 = time.monotonic()
-            model, history = simulate_federation(sites, settings, total, args.steps, args.batch, args.clients_per_round, seed=0,
+            model, history = simulate_federation(sites, settings, total, args.steps, args.batch, args.clients_per_round, seed=args.seed,
                                                  device=device, budget_s=args.budget_s, on_round=on_round)  # fmt: skip
         fed_updates = sum(r["updates"] for r in history)
         summary["federated"] = {"rounds": len(history), "updates_total": fed_updates, "updates_per_site": {
@@ -418,7 +419,7 @@ def inprocess(args, console, report, summary, spec, per_site) -> int:
         with console.status("centralised reference: pooled slices, batches mixing client ids") as st:
             t0 = time.monotonic()
             model, done = train_pooled(real_x.to(device), torch.cat([real_bins[c] for c in clients.values()]).to(device), real_y.to(device),
-                                       settings, n, args.batch, budget_s=budget, on_progress=lambda d: st.update(f"centralised: {d} updates") if console.is_terminal else console.log(f"centralised: {d} updates"))  # fmt: skip
+                                       settings, n, args.batch, seed=args.seed, budget_s=budget, on_progress=lambda d: st.update(f"centralised: {d} updates") if console.is_terminal else console.log(f"centralised: {d} updates"))  # fmt: skip
         summary["centralised"] = {"updates": done, "wall_s": time.monotonic() - t0, "updates_per_s": done / (time.monotonic() - t0)}
         generators[f"centralised, pooled ({done} updates)"] = {cid: (model.g_ema.eval(), None) for cid in clients.values()}
         torch.save({"factory": cfg.to_dict(), "g_ema": model.g_ema.state_dict()}, report / "g_ema_centralised.pt")

@@ -205,6 +205,7 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
                 "key_align_weight",
                 "refine_rounds",
                 "prox_mu",
+                "local_discriminator",
                 "keep_optimizer_state",
             )
         },

@@ -111,3 +111,21 @@ def test_on_round_sees_each_rounds_aggregate():
     assert all(x[2] == 4 for x in seen)
     assert any(not torch.equal(seen[0][3][k], seen[2][3][k]) for k in seen[0][3])  # the aggregate moves between rounds
     assert all(torch.equal(v, model.g_ema.state_dict()[k]) for k, v in seen[-1][3].items())  # the last one is the result
+
+
+def test_a_local_discriminator_is_never_averaged_nor_overwritten():
+    s = _settings(local_discriminator="all")
+    sites = _sites()
+    model, history = simulate_federation(sites, s, rounds=3, local_steps=4, batch_size=4, clients_per_round=3, seed=2)
+    ds = [{n: p for n, p in x.require_model().named_parameters() if n.startswith("discriminator.")} for x in sites]
+    for name, p in model.named_parameters():
+        per_site = torch.stack([x.require_model().get_parameter(name) for x in sites])
+        if name.startswith("discriminator."):
+            # each site's own D, trained on its slices only; the global copy is still the initial one
+            assert not torch.allclose(per_site[0], per_site[1])
+        else:
+            assert torch.allclose(p, per_site.mean(0), atol=1e-6)  # G and G_ema: the uniform mean
+    torch.manual_seed(2)
+    initial = FactoryModel(s.config)
+    assert all(torch.equal(p, initial.get_parameter(n)) for n, p in model.named_parameters() if n.startswith("discriminator."))
+    assert all(len(d) > 0 for d in ds)

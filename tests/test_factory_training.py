@@ -398,3 +398,106 @@ def test_updater_adds_the_proximal_term_only_when_asked():
         assert ("prox" in means) is expect
         if expect:
             assert means["prox"] > 0  # the site moved away from the round's start, and is pulled back
+
+
+def _offset_generator(**over):
+    from pipelines.factory.config import FactoryConfig
+    from pipelines.factory.generator import Generator
+
+    torch.manual_seed(0)
+    return Generator(FactoryConfig.preset("tiny", resolution=16, channels=[8, 8, 8], n_clients=3, key_dim=0, n_bins=4, w_offset=True, **over)).eval()
+
+
+def test_w_offset_starts_at_zero_and_changes_outputs_only_through_its_id():
+    from pipelines.factory.config import FactoryConfig
+    from pipelines.factory.generator import Generator
+
+    g = _offset_generator()
+    z = torch.randn(4, g.cfg.z_dim)
+    torch.manual_seed(0)
+    plain = Generator(FactoryConfig.preset("tiny", resolution=16, channels=[8, 8, 8], n_clients=3, key_dim=0, n_bins=4)).eval()
+    plain.load_state_dict({k: v for k, v in g.state_dict().items() if not k.startswith("id_offset.")})
+    # zero at the start: the factory begins exactly as one without the offset
+    assert torch.equal(g.mapping(z, 1, 2), plain.mapping(z, 1, 2))
+    with torch.no_grad():
+        g.id_offset.weight[:, 1] = torch.randn(g.cfg.w_dim)  # id 1's offset only
+    # id 1's styles move by exactly its offset; ids 0 and 2 are untouched
+    assert torch.allclose(g.mapping(z, 1, 2) - plain.mapping(z, 1, 2), g.w_offset(1, 4), atol=1e-6)
+    assert float(g.w_offset(1, 4).abs().sum()) > 0
+    for other in (0, 2):
+        assert torch.equal(g.mapping(z, other, 2), plain.mapping(z, other, 2))
+    noise = g.const_noise()
+    assert not torch.allclose(g(z, 1, 2, noise=noise), plain(z, 1, 2, noise=noise))
+    assert torch.equal(g(z, 0, 2, noise=noise), plain(z, 0, 2, noise=noise))
+    # truncation pulls towards the id's own centre, offset included
+    assert torch.allclose(g.mean_w(1, 2) - plain.mean_w(1, 2), g.w_offset(1, 1), atol=1e-5)
+    w_half = g.mapping(z, 1, 2, truncation_psi=0.5)
+    assert torch.allclose(w_half, g.mean_w(1, 2) + 0.5 * (g.mapping(z, 1, 2) - g.mean_w(1, 2)), atol=1e-5)
+
+
+def test_w_offset_learns_at_its_lr_multiplier_and_is_on_the_conditional_pathway():
+    from pipelines.factory.training import CONDITIONAL_PATHWAY, is_conditional_pathway
+
+    grads = {}
+    for lr_mul in (1.0, 0.01):
+        g = _offset_generator(w_offset_lr_mul=lr_mul).train()
+        g.mapping(torch.randn(4, g.cfg.z_dim), torch.tensor([0, 0, 2, 2])).sum().backward()
+        grad = g.id_offset.weight.grad
+        assert float(grad[:, 1].abs().sum()) == 0.0  # an id not in the batch gets nothing
+        grads[lr_mul] = float(grad[:, 0].abs().sum())
+    # equalized lr: the stored weight is scaled by lr_mul, so its gradient (and Adam's step in w) is too
+    assert grads[0.01] == pytest.approx(grads[1.0] * 0.01, rel=1e-4)
+    assert "generator.id_offset." in CONDITIONAL_PATHWAY and is_conditional_pathway("g_ema.id_offset.weight")
+
+
+def test_local_discriminator_parts_stay_at_the_site():
+    from pipelines.factory.plan_args import parse_factory_args
+    from pipelines.factory.training import is_key_pathway, proximal_anchor, site_local_predicate
+
+    model = _prox_model()
+    names = [n for n, _ in model.named_parameters()]
+    expect = {
+        "none": set(),
+        "projection": {n for n in names if n.startswith("discriminator.label_embed.")},
+        "all": {n for n in names if n.startswith("discriminator.")},
+    }
+    for choice, local_d in expect.items():
+        settings = parse_factory_args({"key": {"kind": "histogram", "bins": 8}, "local_discriminator": choice, "prox_mu": 1.0})
+        is_local = site_local_predicate(settings)
+        keys = {n for n in names if is_key_pathway(n)}
+        assert {n for n in names if is_local(n)} == keys | local_d
+        assert not any(is_local(n) for n in names if n.startswith(("generator.", "g_ema.")) and not is_key_pathway(n))
+        assert not any(is_local(n) for n in proximal_anchor(model, is_local))  # a local network is not pulled to the others
+    with pytest.raises(ValueError, match="plan_args.local_discriminator"):
+        parse_factory_args({"local_discriminator": "half"})
+
+
+def test_plan_keeps_a_local_discriminator_at_the_site_between_rounds(tmp_path, monkeypatch):
+    from fedbiomed.common.training_args import TrainingArgs
+
+    from coordinator.plans import model_args_for
+    from pipelines.plans.data_factory import DataFactoryPlan
+
+    monkeypatch.setenv("FEDIMG_CACHE_DIR", str(tmp_path))
+
+    def plan_for(local_d: str):
+        args = model_args_for("data_factory", {"schema": "abdominal-ct", "key": None, "local_discriminator": local_d})
+        args.update(run_id="run-a", rounds_total=3, local_steps=1, client_ids={"NODE_A": 0, "NODE_B": 1})
+        ta = TrainingArgs({"optimizer_args": {"lr": 1e-3}, "num_updates": 1, "random_seed": 3}, only_required=False)
+        plan = DataFactoryPlan()
+        plan.post_init(args, ta, node_id="NODE_A", round=0)
+        return plan
+
+    plan = plan_for("all")
+    names = list(plan.model().state_dict())
+    local = {n for n in names if plan.tag_parameters(n) == {"local"}}
+    assert local == {n for n in names if n.startswith("discriminator.")}  # Fed-BioMed never sends them
+    assert not plan._restore_key_pathway()  # the run's first round: D as initialised
+    with torch.no_grad():
+        plan.model().discriminator.fc.weight.fill_(0.25)
+    plan._save_key_pathway()
+    later = plan_for("all")  # Fed-BioMed rebuilds the model every round: the site's own D comes back from its folder
+    assert later._restore_key_pathway() and torch.all(later.model().discriminator.fc.weight == 0.25)
+    shared = plan_for("projection")
+    assert {n for n in names if shared.tag_parameters(n) == {"local"}} == {n for n in names if n.startswith("discriminator.label_embed.")}
+    assert plan_for("none").tag_parameters("discriminator.fc.weight") == set()

@@ -173,6 +173,10 @@ class FactoryConfig(PresetConfig):
     # D's score = unconditional head + projection on the condition; false: projection only, so
     # everything D knows about a site has to go through its client-id embedding
     d_unconditional: Flag = True
+    # a per-client-id offset added to w after the mapping network: a direct path from the id to
+    # the styles, where the mapping network's lr multiplier (0.01) makes the id's path through it slow
+    w_offset: Flag = False
+    w_offset_lr_mul: Annotated[float, number(positive=True)] = 1.0  # learning-rate multiplier of that offset
 
     @model_validator(mode="after")
     def _one_width_per_level(self) -> FactoryConfig:

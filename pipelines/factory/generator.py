@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines.factory.conditioning import ConditionEmbedding, IndexLike, KeyLike
+from pipelines.factory.conditioning import ConditionEmbedding, IndexLike, KeyLike, label_onehot
 from pipelines.factory.config import FactoryConfig
 from pipelines.factory.layers import EqualLinear, pixel_norm
 from pipelines.factory.synthesis import FeatureHook, NoiseInput, SynthesisNetwork
@@ -63,6 +63,12 @@ class Generator(nn.Module):
         self.cfg = cfg if cfg is not None else FactoryConfig()
         self.embed = ConditionEmbedding(self.cfg)
         self.mapping_network = MappingNetwork(self.cfg)
+        # ``w_offset``: one learned vector per client id added to w (zero at the start: the
+        # factory begins as without it); it reads nothing but the id
+        self.id_offset: EqualLinear | None = None
+        if self.cfg.w_offset:
+            self.id_offset = EqualLinear(self.cfg.n_clients, self.cfg.w_dim, bias=False, lr_mul=self.cfg.w_offset_lr_mul)
+            nn.init.zeros_(self.id_offset.weight)
         self.synthesis_network = SynthesisNetwork(self.cfg)
         self.num_ws = self.synthesis_network.num_ws
         self.num_noise = self.synthesis_network.num_noise
@@ -84,21 +90,46 @@ class Generator(nn.Module):
         cond: torch.Tensor = self.embed(client_id, slice_bin, key, batch=batch)
         return cond
 
-    def _map(self, z: torch.Tensor, cond: torch.Tensor, truncation_psi: float, w_avg: torch.Tensor | None) -> torch.Tensor:
+    def w_offset(self, client_id: IndexLike, batch: int) -> torch.Tensor | None:
+        """The per-client-id offset in W space (``cfg.w_offset``), or None without one.
+
+        Args:
+            client_id: int or (B,) client ids.
+            batch: B (a scalar id is broadcast to it).
+
+        Returns:
+            (B, w_dim) offsets, or None when the factory has no offset.
+
+        Raises:
+            ValueError: invalid client ids.
+        """
+        if self.id_offset is None:
+            return None
+        like = self.id_offset.weight
+        onehot = label_onehot(client_id, None, batch, self.cfg.n_clients, 0, like.device).to(like.dtype)
+        offset: torch.Tensor = self.id_offset(onehot)
+        return offset
+
+    def _map(self, z: torch.Tensor, cond: torch.Tensor, truncation_psi: float, w_avg: torch.Tensor | None, offset: torch.Tensor | None = None) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"z: expected shape (B, {self.cfg.z_dim}) (got {tuple(z.shape)})")
         w: torch.Tensor = self.mapping_network(z.to(cond.dtype), cond)
+        if offset is not None:
+            w = w + offset
         if truncation_psi != 1.0:
             assert w_avg is not None  # _w_avg gives one whenever truncation_psi != 1
             w = w_avg + truncation_psi * (w - w_avg)
         return w
 
-    def _w_avg(self, cond: torch.Tensor, truncation_psi: float, w_avg: torch.Tensor | None, n: int = 1024) -> torch.Tensor | None:
+    def _w_avg(
+        self, cond: torch.Tensor, truncation_psi: float, w_avg: torch.Tensor | None, offset: torch.Tensor | None = None, n: int = 1024
+    ) -> torch.Tensor | None:
         if truncation_psi == 1.0:
             return None
         if w_avg is not None:
             return torch.as_tensor(w_avg, device=cond.device, dtype=cond.dtype)
-        return self._mean_w_for(cond, n=n, seed=0)
+        mean = self._mean_w_for(cond, n=n, seed=0)
+        return mean if offset is None else mean + offset.detach()
 
     @torch.no_grad()
     def _mean_w_for(self, cond: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -126,7 +157,9 @@ class Generator(nn.Module):
             (B, w_dim) average styles.
         """
         cond = self.condition(client_id, slice_bin, key, batch=batch).detach()
-        return self._mean_w_for(cond, n=n, seed=seed)
+        mean = self._mean_w_for(cond, n=n, seed=seed)
+        offset = self.w_offset(client_id, cond.shape[0])
+        return mean if offset is None else mean + offset.detach()
 
     def mapping(
         self,
@@ -154,7 +187,8 @@ class Generator(nn.Module):
             ValueError: misshapen ``z`` or an invalid condition.
         """
         cond = self.condition(client_id, slice_bin, key, batch=z.shape[0])
-        return self._map(z, cond, truncation_psi, self._w_avg(cond, truncation_psi, w_avg))
+        offset = self.w_offset(client_id, z.shape[0])
+        return self._map(z, cond, truncation_psi, self._w_avg(cond, truncation_psi, w_avg, offset), offset)
 
     # synthesis
 
@@ -248,14 +282,15 @@ class Generator(nn.Module):
             ValueError: misshapen inputs or an invalid condition.
         """
         cond = self.condition(client_id, slice_bin, key, batch=z.shape[0])
-        avg = self._w_avg(cond, truncation_psi, w_avg)
-        w = self._map(z, cond, truncation_psi, avg)
+        offset = self.w_offset(client_id, z.shape[0])
+        avg = self._w_avg(cond, truncation_psi, w_avg, offset)
+        w = self._map(z, cond, truncation_psi, avg, offset)
         ws = w[:, None].expand(-1, self.num_ws, -1)
         p = self.cfg.style_mixing_prob
         if self.training and p > 0 and self.num_ws > 1 and float(torch.rand(())) < p:
             cutoff = int(torch.randint(1, self.num_ws, ()))
             z2 = mix_z if mix_z is not None else torch.randn_like(z)
-            w2 = self._map(z2, cond, truncation_psi, avg)
+            w2 = self._map(z2, cond, truncation_psi, avg, offset)
             ws = torch.cat([ws[:, :cutoff], w2[:, None].expand(-1, self.num_ws - cutoff, -1)], dim=1)
         out = self.synthesis(ws, noise_mode=noise_mode, noise=noise, return_features=return_features)
         # a tuple exactly when return_features

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, is_key_pathway, make_optimizer, reinit_key_pathway
+from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, is_key_pathway, make_optimizer, reinit_key_pathway, site_local_predicate
 from pipelines.sampling import sample_sites
 
 
@@ -54,31 +54,33 @@ class SimulatedSite:
 
 
 @torch.no_grad()
-def load_shared(dst: FactoryModel, src: FactoryModel) -> None:
-    """Copy every parameter the federation exchanges (all but the key layers) from ``src``.
+def load_shared(dst: FactoryModel, src: FactoryModel, is_local: Callable[[str], bool] = is_key_pathway) -> None:
+    """Copy every parameter the federation exchanges (all but the site-local ones) from ``src``.
 
     Args:
         dst: the model that changes (in place).
         src: the model copied.
+        is_local: which parameters stay at the site (`site_local_predicate`; default: the key layers).
     """
     src_params = dict(src.named_parameters())
     for name, p in dst.named_parameters():
-        if not is_key_pathway(name):
+        if not is_local(name):
             p.copy_(src_params[name])
 
 
 @torch.no_grad()
-def average_into(dst: FactoryModel, sources: list[FactoryModel]) -> None:
+def average_into(dst: FactoryModel, sources: list[FactoryModel], is_local: Callable[[str], bool] = is_key_pathway) -> None:
     """dst's exchanged parameters := uniform mean of the sources' (the factory's weighting:
     every sampled site counts the same, whatever its number of slices).
 
     Args:
         dst: the model that changes (in place).
         sources: the models averaged (same layout).
+        is_local: which parameters stay at the site (`site_local_predicate`; default: the key layers).
     """
     params = [dict(m.named_parameters()) for m in sources]
     for name, p in dst.named_parameters():
-        if not is_key_pathway(name):
+        if not is_local(name):
             p.copy_(torch.stack([ps[name] for ps in params]).mean(0))
 
 
@@ -127,6 +129,7 @@ def simulate_federation(
         # the refinement stage needs each site's key function; the replay does not model it
         raise ValueError("refine_rounds: the in-process replay has no refinement stage (set refine_rounds 0)")
     device = torch.device(device)
+    is_local = site_local_predicate(settings)
     torch.manual_seed(seed)
     global_model = FactoryModel(settings.config).to(device)
     for site in sites:
@@ -146,7 +149,7 @@ def simulate_federation(
         for name in sampled:
             site = by_name[name]
             model = site.require_model()
-            load_shared(model, global_model)
+            load_shared(model, global_model, is_local)
             if not settings.keep_optimizer_state or site.updater_state is None or site.optimizer is None:
                 site.optimizer = make_optimizer(model, lr, settings.r1_interval, settings.pl_interval)
             optimizer = site.optimizer
@@ -160,7 +163,7 @@ def simulate_federation(
                 row["updates"] += 1
             site.updater_state = updater.state_dict()
             row[name] = {k: v for k, v in updater.means().items() if k != "update_s"}
-        average_into(global_model, [by_name[n].require_model() for n in sampled])
+        average_into(global_model, [by_name[n].require_model() for n in sampled], is_local)
         row["updates_per_s"] = row["updates"] / max(time.monotonic() - t0, 1e-9)
         history.append(row)
         if on_round is not None:

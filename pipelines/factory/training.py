@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 import torch
@@ -213,7 +214,37 @@ KEY_PATHWAY = ("generator.embed.key_embed.", "g_ema.embed.key_embed.", "discrimi
 # The client-id (and slice-bin) embeddings: the conditional pathway a site meets its objective
 # through. The proximal term (``prox_mu``) spares them, so that a site pulled back towards the
 # global synthesis weights has to express its domain through its id's embedding instead.
-CONDITIONAL_PATHWAY = ("generator.embed.label_embed.", "g_ema.embed.label_embed.", "discriminator.label_embed.")
+CONDITIONAL_PATHWAY = (
+    "generator.embed.label_embed.",
+    "g_ema.embed.label_embed.",
+    "generator.id_offset.",  # the W-space offset per client id (``factory.w_offset``)
+    "g_ema.id_offset.",
+    "discriminator.label_embed.",
+)
+
+# What ``local_discriminator`` keeps at the site besides the key layers: D's projection
+# embedding of the client id, or all of D. Such a D only ever sees its own site's slices and
+# is never averaged with the others, so it stays sharp on its site's contrast; only G (and
+# G_ema) are averaged, and phase 2 uses only G_ema.
+LOCAL_DISCRIMINATOR_PARTS = {"none": (), "projection": ("discriminator.label_embed.",), "all": ("discriminator.",)}
+
+
+def site_local_predicate(settings: FactorySettings | None = None) -> Callable[[str], bool]:
+    """Which parameters of `FactoryModel` stay at the site: the key layers, and the
+    discriminator parts ``settings.local_discriminator`` names.
+
+    Args:
+        settings: the training settings (None: the key layers only).
+
+    Returns:
+        ``is_local(name) -> bool``.
+    """
+    parts = KEY_PATHWAY + LOCAL_DISCRIMINATOR_PARTS[settings.local_discriminator if settings is not None else "none"]
+
+    def is_local(name: str) -> bool:
+        return name.startswith(parts)
+
+    return is_local
 
 
 def is_conditional_pathway(name: str) -> bool:
@@ -228,22 +259,24 @@ def is_conditional_pathway(name: str) -> bool:
     return name.startswith(CONDITIONAL_PATHWAY)
 
 
-def proximal_anchor(model: FactoryModel) -> dict[str, torch.Tensor]:
+def proximal_anchor(model: FactoryModel, is_local: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The round's starting point of the weights the proximal term holds a site near.
 
-    G's and D's shared weights as received (G_ema has no gradient; the site-local key layers
+    G's and D's shared weights as received (G_ema has no gradient; the site-local layers
     and the conditional pathway are left free).
 
     Args:
         model: the site's model, the global weights just loaded.
+        is_local: which parameters stay at the site (`site_local_predicate`; default: the key layers).
 
     Returns:
         ``{parameter name: detached copy}``.
     """
+    is_local = is_local or is_key_pathway
     return {
         n: p.detach().clone()
         for n, p in model.named_parameters()
-        if n.startswith(("generator.", "discriminator.")) and not is_key_pathway(n) and not is_conditional_pathway(n)
+        if n.startswith(("generator.", "discriminator.")) and not is_local(n) and not is_conditional_pathway(n)
     }
 
 
@@ -277,31 +310,35 @@ def is_key_pathway(name: str) -> bool:
     return name.startswith(KEY_PATHWAY)
 
 
-def key_pathway_state(model: FactoryModel) -> dict[str, torch.Tensor]:
-    """A detached copy of the site-local key layers' parameters.
+def key_pathway_state(model: FactoryModel, is_local: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of the site-local parameters (the key layers, and a local discriminator's).
 
     Args:
         model: the site's model.
+        is_local: which parameters stay at the site (`site_local_predicate`; default: the key layers).
 
     Returns:
-        ``{parameter name: tensor}`` for every key-pathway parameter.
+        ``{parameter name: tensor}`` for every site-local parameter.
     """
-    return {n: p.detach().clone() for n, p in model.named_parameters() if is_key_pathway(n)}
+    is_local = is_local or is_key_pathway
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_local(n)}
 
 
 @torch.no_grad()
-def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor]) -> bool:
-    """Load a site's key layers (`key_pathway_state`).
+def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor], is_local: Callable[[str], bool] | None = None) -> bool:
+    """Load a site's local parameters (`key_pathway_state`).
 
     Args:
         model: the site's model (changed in place).
-        state: the saved key layers.
+        state: the saved parameters.
+        is_local: which parameters stay at the site (`site_local_predicate`; default: the key layers).
 
     Returns:
         True when loaded; False (nothing changed) when they do not fit this model.
     """
+    is_local = is_local or is_key_pathway
     params = dict(model.named_parameters())
-    mine = {n for n in params if is_key_pathway(n)}
+    mine = {n for n in params if is_local(n)}
     if set(state) != mine or any(params[n].shape != state[n].shape for n in mine):
         return False
     for n in mine:
@@ -384,7 +421,7 @@ class FactoryUpdater:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         # FedProx-style pull towards the weights this round started from (the global ones)
-        self.anchor = proximal_anchor(model) if settings.prox_mu > 0 else None
+        self.anchor = proximal_anchor(model, site_local_predicate(settings)) if settings.prox_mu > 0 else None
 
     # state that a long-lived client would keep across rounds (with the optimizer's)
     def state_dict(self) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from pipelines.factory.plan_args import FactorySettings, parse_factory_args
 from pipelines.factory.training import (
     FactoryModel,
     FactoryUpdater,
-    is_key_pathway,
     key_pathway_state,
     load_key_pathway,
     make_optimizer,
     reinit_key_pathway,
+    site_local_predicate,
 )
 from pipelines.plans.datasets import PreparedSliceDataset
 from pipelines.plans.placement import DevicePlacement
@@ -60,15 +60,16 @@ class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # 
         return ["from pipelines.plans.factory import DataFactoryPlanBase"]
 
     def tag_parameters(self, name: str) -> set[str]:
-        """The layers that read the domain key stay at the site (see KEY_PATHWAY).
+        """The layers that read the domain key stay at the site (see KEY_PATHWAY), and the
+        discriminator parts ``local_discriminator`` names.
 
         Args:
             name: a parameter's name.
 
         Returns:
-            ``{"local"}`` for a key-pathway parameter, else an empty set.
+            ``{"local"}`` for a site-local parameter, else an empty set.
         """
-        return {"local"} if is_key_pathway(name) else set()
+        return {"local"} if site_local_predicate(self._settings)(name) else set()
 
     def init_model(self, model_args: dict[str, Any]) -> FactoryModel:
         """Validate the schema and plan arguments, and build the generator/discriminator pair.
@@ -173,7 +174,7 @@ class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # 
         samples: int = super().training_routine(history_monitor=history_monitor, node_args=node_args)
         self._updater.after_step()  # G_ema follows the last G update before the weights are sent
         self._state_store.write({"round": self._round_index(), "optimizer": self._optimizer_obj.state_dict(), "updater": self._updater.state_dict()})
-        self._key_layer_store().write(key_pathway_state(self.model()))
+        self._save_key_pathway()
         metric = {
             **self._updater.means(),
             "updates": float(self._updater.updates),
@@ -220,11 +221,17 @@ class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # 
     def _key_layer_store(self) -> SiteStateStore:
         return SiteStateStore(os.environ.get("FEDIMG_CACHE_DIR"), self._settings.run_id or "no-run", "key-layers", folder="factory-keys")
 
+    def _save_key_pathway(self) -> None:
+        """Keep this site's key layers (and local discriminator parts) in its work folder:
+        Fed-BioMed neither sends them nor keeps them between rounds."""
+        self._key_layer_store().write(key_pathway_state(self.model(), site_local_predicate(self._settings)))
+
     def _restore_key_pathway(self) -> bool:
-        """This site's own key layers from its work folder; the first time in a run, fresh
-        ones from site-secret randomness (nobody else can know their starting point)."""
+        """This site's own key layers (and local discriminator parts) from its work folder;
+        the first time in a run, fresh key layers from site-secret randomness (nobody else can
+        know their starting point) and the discriminator as initialised."""
         saved = self._key_layer_store().read()
-        if isinstance(saved, dict) and load_key_pathway(self.model(), saved):
+        if isinstance(saved, dict) and load_key_pathway(self.model(), saved, site_local_predicate(self._settings)):
             return True
         reinit_key_pathway(self.model(), torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")))
         return False

@@ -36,7 +36,8 @@ def factory_run(tmp_path_factory):
             "clients_per_round": 2,
             "seed": 3,
             "plan_args": {
-                "factory": {"preset": "tiny"},
+                "factory": {"preset": "tiny", "w_offset": True},  # issue 25's options, over the real transport
+                "local_discriminator": "projection",
                 "refine_rounds": 1,
                 "sample_every": 2,
                 "r1_interval": 2,
@@ -131,17 +132,19 @@ def test_key_never_leaves_the_site(factory_run):
     # site: no reply holds them, and the coordinator's copy is still the round-0 one
     from fedbiomed.common.serializer import Serializer
 
-    from pipelines.factory.training import is_key_pathway
+    from pipelines.factory.training import is_key_pathway, parse_factory_args, site_local_predicate
 
+    is_local = site_local_predicate(parse_factory_args({"local_discriminator": "projection"}))
     replies = [r for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
     assert len(replies) == 2 * ROUNDS  # the parameters each sampled site sent, kept by Fed-BioMed
     for reply in replies:
         names = set(reply)
-        assert names and not any(is_key_pathway(n) for n in names)
+        assert names and not any(is_local(n) for n in names)  # key layers and D's client-id projection stay at the site
         assert any(n.startswith("generator.") for n in names) and any(n.startswith("g_ema.") for n in names)
     c0 = torch.load(run_dir / "checkpoints" / "global_round_0000.pt")
-    local_names = [n for n in ckpt if is_key_pathway(n)]
-    assert local_names and all(torch.equal(c0[n], ckpt[n]) for n in local_names)
+    local_names = [n for n in ckpt if is_local(n)]
+    assert any(map(is_key_pathway, local_names)) and "discriminator.label_embed.weight" in local_names
+    assert all(torch.equal(c0[n], ckpt[n]) for n in local_names)
     site_layers = [torch.load(p) for s in bed.sites for p in (s.work_dir / "cache" / "factory-keys").glob(f"{run_dir.name}-key-layers.pt")]
     assert len(site_layers) >= 2
     for layers in site_layers:  # each site's own, trained, from a secret start
@@ -193,6 +196,8 @@ def test_outputs_samples_and_published_factory(factory_run):
     assert config["clients"] == metrics["clients"] and config["factory"]["n_clients"] == 3
     # how it was trained travels with it; the matching-aware D term ran at every site
     assert config["training"]["mismatch_weight"] == 0.5 and config["training"]["diff_augment"] == {"translation": 0.1, "cutout": 0.5}
+    assert config["training"]["local_discriminator"] == "projection" and config["factory"]["w_offset"] is True
+    assert any(not torch.equal(c0[k], c3[k]) for k in c0 if k.startswith("g_ema.id_offset."))  # the ids' offsets were learnt and averaged
     assert all("d_mismatch" in row["train"] for r in metrics["rounds"] for row in r["sites"].values())
     gen = torch.load(reg.load("factory", "factory-it", "generator.pt"))
     assert all(torch.equal(gen[k], e[k]) for k in e)
