@@ -238,7 +238,7 @@ def main() -> int:
         factory_args[key] = yaml.safe_load(value)
     network = yaml.safe_load(args.adapt_network) if args.adapt_network else {}
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets whole table rows
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)
