@@ -128,17 +128,17 @@ class Generator(nn.Module):
             return None
         if w_avg is not None:
             return torch.as_tensor(w_avg, device=cond.device, dtype=cond.dtype)
-        mean = self._mean_w_for(cond, n=n, seed=0)
-        return mean if offset is None else mean + offset.detach()
+        return self._mean_w_for(cond, n=n, seed=0, offset=offset)
 
     @torch.no_grad()
-    def _mean_w_for(self, cond: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    def _mean_w_for(self, cond: torch.Tensor, n: int, seed: int, offset: torch.Tensor | None = None) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.cfg.z_dim, generator=gen).to(device=cond.device, dtype=cond.dtype)
         out = []
         for c in cond:  # one condition at a time keeps memory at n x w_dim
             out.append(self.mapping_network(z, c[None].expand(n, -1)).mean(0))
-        return torch.stack(out)
+        mean = torch.stack(out)
+        return mean if offset is None else mean + offset  # the id's offset moves its whole cloud of w
 
     def mean_w(
         self, client_id: IndexLike, slice_bin: IndexLike | None = None, key: KeyLike | None = None, n: int = 1024, seed: int = 0, *, batch: int | None = None
@@ -157,9 +157,7 @@ class Generator(nn.Module):
             (B, w_dim) average styles.
         """
         cond = self.condition(client_id, slice_bin, key, batch=batch).detach()
-        mean = self._mean_w_for(cond, n=n, seed=seed)
-        offset = self.w_offset(client_id, cond.shape[0])
-        return mean if offset is None else mean + offset.detach()
+        return self._mean_w_for(cond, n=n, seed=seed, offset=self.w_offset(client_id, cond.shape[0]))
 
     def mapping(
         self,

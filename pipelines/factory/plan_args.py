@@ -43,7 +43,7 @@ class FactorySettings:
     key_align_weight: float = 50.0
     refine_rounds: int = 0  # the last N rounds of the run add the key-alignment loss
     prox_mu: float = 0.0  # FedProx-style term on G's and D's shared weights, none on the client-id embeddings (0: off)
-    local_discriminator: str = "none"  # none | projection | all: the D parts that stay at the site (only the rest is averaged)
+    local_discriminator: Literal["none", "projection", "all"] = "none"  # none | projection | all: the D parts that stay at the site (only the rest is averaged)
     spacing: Any = "schema"
     min_foreground: float = 0.05
     sample_every: int = 5  # sample grids and kept checkpoints every N rounds (coordinator side)

@@ -247,6 +247,18 @@ def site_local_predicate(settings: FactorySettings | None = None) -> Callable[[s
     return is_local
 
 
+def is_key_pathway(name: str) -> bool:
+    """Whether a parameter of `FactoryModel` belongs to the site-local key layers (`KEY_PATHWAY`).
+
+    Args:
+        name: a parameter name of `FactoryModel`.
+
+    Returns:
+        True for the key layers' parameters.
+    """
+    return name.startswith(KEY_PATHWAY)
+
+
 def is_conditional_pathway(name: str) -> bool:
     """Whether a parameter of `FactoryModel` embeds the client id and slice bin (`CONDITIONAL_PATHWAY`).
 
@@ -259,7 +271,7 @@ def is_conditional_pathway(name: str) -> bool:
     return name.startswith(CONDITIONAL_PATHWAY)
 
 
-def proximal_anchor(model: FactoryModel, is_local: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def proximal_anchor(model: FactoryModel, is_local: Callable[[str], bool] = is_key_pathway) -> dict[str, torch.Tensor]:
     """The round's starting point of the weights the proximal term holds a site near.
 
     G's and D's shared weights as received (G_ema has no gradient; the site-local layers
@@ -272,7 +284,6 @@ def proximal_anchor(model: FactoryModel, is_local: Callable[[str], bool] | None 
     Returns:
         ``{parameter name: detached copy}``.
     """
-    is_local = is_local or is_key_pathway
     return {
         n: p.detach().clone()
         for n, p in model.named_parameters()
@@ -298,19 +309,7 @@ def proximal_term(model: FactoryModel, anchor: dict[str, torch.Tensor], network:
     return 0.5 * torch.stack(terms).sum()
 
 
-def is_key_pathway(name: str) -> bool:
-    """Whether a parameter of `FactoryModel` belongs to the site-local key layers (`KEY_PATHWAY`).
-
-    Args:
-        name: a parameter name of `FactoryModel`.
-
-    Returns:
-        True for the key layers' parameters.
-    """
-    return name.startswith(KEY_PATHWAY)
-
-
-def key_pathway_state(model: FactoryModel, is_local: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def key_pathway_state(model: FactoryModel, is_local: Callable[[str], bool] = is_key_pathway) -> dict[str, torch.Tensor]:
     """A detached copy of the site-local parameters (the key layers, and a local discriminator's).
 
     Args:
@@ -320,12 +319,11 @@ def key_pathway_state(model: FactoryModel, is_local: Callable[[str], bool] | Non
     Returns:
         ``{parameter name: tensor}`` for every site-local parameter.
     """
-    is_local = is_local or is_key_pathway
     return {n: p.detach().clone() for n, p in model.named_parameters() if is_local(n)}
 
 
 @torch.no_grad()
-def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor], is_local: Callable[[str], bool] | None = None) -> bool:
+def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor], is_local: Callable[[str], bool] = is_key_pathway) -> bool:
     """Load a site's local parameters (`key_pathway_state`).
 
     Args:
@@ -336,7 +334,6 @@ def load_key_pathway(model: FactoryModel, state: dict[str, torch.Tensor], is_loc
     Returns:
         True when loaded; False (nothing changed) when they do not fit this model.
     """
-    is_local = is_local or is_key_pathway
     params = dict(model.named_parameters())
     mine = {n for n in params if is_local(n)}
     if set(state) != mine or any(params[n].shape != state[n].shape for n in mine):
