@@ -501,3 +501,53 @@ def test_plan_keeps_a_local_discriminator_at_the_site_between_rounds(tmp_path, m
     shared = plan_for("projection")
     assert {n for n in names if shared.tag_parameters(n) == {"local"}} == {n for n in names if n.startswith("discriminator.label_embed.")}
     assert plan_for("none").tag_parameters("discriminator.fc.weight") == set()
+
+
+def test_drift_correction_adds_c_minus_c_i_to_the_shared_gradients_and_learns_the_mean_gradient():
+    from pipelines.factory.training import DriftCorrection, drift_corrected, is_conditional_pathway, is_key_pathway, zero_control_variates
+
+    model = _prox_model()
+    c = zero_control_variates(model)
+    assert c and not any(is_conditional_pathway(n) or is_key_pathway(n) or n.startswith("g_ema.") for n in c)
+    assert all(drift_corrected(n) == (n in c) for n, _ in model.named_parameters())
+    torch.manual_seed(3)
+    c = {n: torch.randn_like(v) for n, v in c.items()}
+    c_i = {n: torch.randn_like(v) for n, v in c.items()}
+    real, bins = torch.rand(2, 1, 64, 64) * 2 - 1, torch.randint(0, 29, (2,))
+    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def raw_grads(net: str) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(9)  # z and the synthesis noise
+        fake_or_real = model.generator(torch.randn(2, model.config.z_dim), torch.ones(2, dtype=torch.long), bins)
+        out = model.discriminator(fake_or_real if net == "generator" else real, torch.ones(2, dtype=torch.long), bins).sum()
+        out.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = [raw_grads("generator"), raw_grads("discriminator")]
+    correction = DriftCorrection(model, c, c_i)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad_before  # hooks leave the flags
+    corrected = [raw_grads("generator"), raw_grads("discriminator")]
+    for before, after in zip(plain, corrected, strict=True):
+        assert before.keys() == after.keys()
+        for n in before:
+            want = before[n] + (c[n] - c_i[n]) if n in c else before[n]  # the conditional pathway: uncorrected
+            assert torch.allclose(after[n], want, atol=1e-6), n
+    new_c_i = correction.close()
+    for n in c:  # c_i: the mean raw gradient over the passes that reached the weight (G: one, D: both)
+        seen = [g[n] for g in plain if n in g]
+        assert len(seen) == (1 if n.startswith("generator.") else 2)
+        assert torch.allclose(new_c_i[n], torch.stack(seen).mean(0), atol=1e-6), n
+    after_close = raw_grads("generator")
+    assert all(torch.allclose(after_close[n], plain[0][n]) for n in after_close)  # close() removed the hooks
+    unstepped = DriftCorrection(model, c, c_i).close()
+    assert all(torch.equal(unstepped[n], c_i[n]) for n in c)  # a weight the round never stepped keeps its c_i
+
+
+def test_drift_correction_is_an_option_checked_at_the_boundary():
+    from pipelines.factory.plan_args import InvalidPlanArgs, parse_factory_args
+
+    assert parse_factory_args({"key": None}).drift_correction == "none"
+    assert parse_factory_args({"key": None, "drift_correction": "scaffold"}).drift_correction == "scaffold"
+    with pytest.raises(InvalidPlanArgs, match="plan_args.drift_correction"):
+        parse_factory_args({"key": None, "drift_correction": "fedprox"})
