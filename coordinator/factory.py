@@ -206,7 +206,6 @@ def publish(home: Path, run_dir: Path, spec, exp, metrics: dict) -> dict:
                 "refine_rounds",
                 "prox_mu",
                 "local_discriminator",
-                "drift_correction",
                 "keep_optimizer_state",
             )
         },

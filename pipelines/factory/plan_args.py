@@ -44,7 +44,6 @@ class FactorySettings:
     refine_rounds: int = 0  # the last N rounds of the run add the key-alignment loss
     prox_mu: float = 0.0  # FedProx-style term on G's and D's shared weights, none on the client-id embeddings (0: off)
     local_discriminator: Literal["none", "projection", "all"] = "none"  # none | projection | all: the D parts that stay at the site (only the rest is averaged)
-    drift_correction: Literal["none", "scaffold"] = "none"  # scaffold: SCAFFOLD's control variates on G's and D's shared weights
     spacing: Any = "schema"
     min_foreground: float = 0.05
     sample_every: int = 5  # sample grids and kept checkpoints every N rounds (coordinator side)
@@ -70,7 +69,7 @@ class FactorySettings:
 
 FACTORY_ARG_KEYS = (
     "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
-    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "prox_mu", "local_discriminator", "drift_correction", "spacing",
+    "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "prox_mu", "local_discriminator", "spacing",
     "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids", "device",
 )  # fmt: skip
 
@@ -167,11 +166,6 @@ class FactoryPlanArgs(PlanArgsBase):
         default="none",
         description="the discriminator parts that stay at each site, never sent or averaged: none, projection (its client-id embedding) or all",
     )
-    drift_correction: Literal["none", "scaffold"] = Field(
-        default="none",
-        description="none, or scaffold: SCAFFOLD's control variates correct each site's gradients on the shared weights of G and D "
-        "(not the client-id embeddings) towards the federation's",
-    )
     min_foreground: Annotated[float, number(0.0, 1.0)] = 0.05
     sample_every: Annotated[int, integer(1)] = 5
     client_ids: Annotated[dict[str, int], BeforeValidator(_client_ids)] = Field(default_factory=dict)
@@ -222,7 +216,6 @@ def parse_factory_args(args: Mapping[str, Any]) -> FactorySettings:
         refine_rounds=m.refine_rounds,
         prox_mu=m.prox_mu,
         local_discriminator=m.local_discriminator,
-        drift_correction=m.drift_correction,
         spacing=m.spacing,
         min_foreground=m.min_foreground,
         sample_every=m.sample_every,

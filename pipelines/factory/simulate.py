@@ -13,17 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.factory.training import (
-    DriftCorrection,
-    FactoryModel,
-    FactorySettings,
-    FactoryUpdater,
-    is_key_pathway,
-    make_optimizer,
-    reinit_key_pathway,
-    site_local_predicate,
-    zero_control_variates,
-)
+from pipelines.factory.training import FactoryModel, FactorySettings, FactoryUpdater, is_key_pathway, make_optimizer, reinit_key_pathway, site_local_predicate
 from pipelines.sampling import sample_sites
 
 
@@ -41,7 +31,6 @@ class SimulatedSite:
         model: its model copy (`simulate_federation` makes it).
         optimizer: its optimizer (made at the site's first round).
         updater_state: its `FactoryUpdater.state_dict` between rounds.
-        control_variates: its SCAFFOLD ``c_i`` (``drift_correction: scaffold``), None before its first round.
     """
 
     name: str
@@ -52,7 +41,6 @@ class SimulatedSite:
     model: FactoryModel | None = None
     optimizer: torch.optim.Optimizer | None = None
     updater_state: dict[str, Any] | None = None
-    control_variates: dict[str, torch.Tensor] | None = None
 
     def require_model(self) -> FactoryModel:
         """The site's model copy.
@@ -127,8 +115,7 @@ def simulate_federation(
 
     Returns:
         The global model and one history row per round:
-        ``{"round", "sampled", "updates", "updates_per_s", "<site>": mean losses}`` (and ``scaffold_c_norm``,
-        the norm of SCAFFOLD's c, under ``drift_correction: scaffold``).
+        ``{"round", "sampled", "updates", "updates_per_s", "<site>": mean losses}``.
 
     Raises:
         ValueError: neither ``rounds`` nor ``budget_s``, no sites or repeated client ids, or a
@@ -150,9 +137,7 @@ def simulate_federation(
         site.model.load_state_dict(global_model.state_dict())
         # each site's own key layers, as the plan draws them (there from site-secret randomness)
         reinit_key_pathway(site.model, torch.Generator().manual_seed(seed * 1009 + site.client_id))
-        site.optimizer, site.updater_state, site.control_variates = None, None, None  # made at the site's first round
-    # SCAFFOLD's c: the mean of the sites' c_i (zero for a site not sampled yet), kept by the server
-    global_c = zero_control_variates(global_model, is_local) if settings.drift_correction == "scaffold" else None
+        site.optimizer, site.updater_state = None, None  # made at the site's first round
     by_name = {s.name: s for s in sites}
     history: list[dict[str, Any]] = []
     t_start = time.monotonic()
@@ -161,7 +146,6 @@ def simulate_federation(
         sampled = sample_sites(list(by_name), clients_per_round, seed, round_i)
         t0 = time.monotonic()
         row: dict[str, Any] = {"round": round_i, "sampled": sampled, "updates": 0}
-        deltas: list[dict[str, torch.Tensor]] = []
         for name in sampled:
             site = by_name[name]
             model = site.require_model()
@@ -173,22 +157,13 @@ def simulate_federation(
             if settings.keep_optimizer_state and site.updater_state is not None:
                 updater.load_state_dict(site.updater_state)
             model.train()
-            correction = DriftCorrection(model, global_c, site.control_variates, is_local) if global_c is not None else None
             for _ in range(local_steps):
                 idx = torch.randint(len(site.images), (batch_size,), device=site.images.device)
                 updater.train_step(optimizer, site.images[idx], site.bins[idx])
                 row["updates"] += 1
-            if correction is not None:
-                new_c = correction.close()
-                deltas.append({n: new_c[n] - correction.local_c[n] for n in new_c})
-                site.control_variates = new_c
             site.updater_state = updater.state_dict()
             row[name] = {k: v for k, v in updater.means().items() if k != "update_s"}
         average_into(global_model, [by_name[n].require_model() for n in sampled], is_local)
-        if global_c is not None:  # SCAFFOLD's server step: c += (1/N) sum of the sampled sites' changes of c_i
-            for n in global_c:
-                global_c[n] += torch.stack([d[n] for d in deltas]).sum(0) / len(sites)
-            row["scaffold_c_norm"] = float(torch.sqrt(sum((v.double() ** 2).sum() for v in global_c.values())))
         row["updates_per_s"] = row["updates"] / max(time.monotonic() - t0, 1e-9)
         history.append(row)
         if on_round is not None:

@@ -284,7 +284,11 @@ def proximal_anchor(model: FactoryModel, is_local: Callable[[str], bool] = is_ke
     Returns:
         ``{parameter name: detached copy}``.
     """
-    return {n: p.detach().clone() for n, p in model.named_parameters() if drift_corrected(n, is_local)}
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.startswith(("generator.", "discriminator.")) and not is_local(n) and not is_conditional_pathway(n)
+    }
 
 
 def proximal_term(model: FactoryModel, anchor: dict[str, torch.Tensor], network: str) -> torch.Tensor:
@@ -303,87 +307,6 @@ def proximal_term(model: FactoryModel, anchor: dict[str, torch.Tensor], network:
     if not terms:
         return torch.zeros((), device=next(model.parameters()).device)
     return 0.5 * torch.stack(terms).sum()
-
-
-def drift_corrected(name: str, is_local: Callable[[str], bool] = is_key_pathway) -> bool:
-    """Whether SCAFFOLD's correction (``drift_correction: scaffold``) applies to a parameter: G's and D's
-    shared weights, as the proximal term (not G_ema, the site-local layers or the conditional pathway).
-
-    Args:
-        name: a parameter name of `FactoryModel`.
-        is_local: which parameters stay at the site (`site_local_predicate`).
-
-    Returns:
-        True for the corrected parameters.
-    """
-    return name.startswith(("generator.", "discriminator.")) and not is_local(name) and not is_conditional_pathway(name)
-
-
-class DriftCorrection:
-    """SCAFFOLD's control variates on the factory's shared weights for one round at one site
-    (Karimireddy et al. 2020): every gradient of a corrected parameter becomes ``g + c - c_i``
-    before the optimizer sees it, where ``c`` is the federation's control variate (received) and
-    ``c_i`` the site's own (kept at the site). Under Adam the correction goes in before the moments,
-    as declearn's SCAFFOLD module does for the segmentation plans. ``c_i`` after the round is the mean
-    raw gradient of each parameter over the round's steps (SCAFFOLD's option I, without the extra
-    pass); a parameter the round never stepped keeps its ``c_i``.
-
-    The correction is installed as gradient hooks on the parameters, so it applies whoever calls
-    ``backward`` and steps (Fed-BioMed's loop or `FactoryUpdater.train_step`). Call `close` after
-    the round's last step.
-
-    Args:
-        model: the site's model, the round's global weights loaded.
-        global_c: ``{name: c}`` for every corrected parameter (`drift_corrected`).
-        local_c: ``{name: c_i}``; None or missing names: zeros (a site's first round).
-        is_local: which parameters stay at the site (`site_local_predicate`).
-    """
-
-    def __init__(self, model: FactoryModel, global_c: dict[str, torch.Tensor], local_c: dict[str, torch.Tensor] | None = None,
-                 is_local: Callable[[str], bool] = is_key_pathway):  # fmt: skip
-        params = {n: p for n, p in model.named_parameters() if drift_corrected(n, is_local)}
-        local_c = local_c or {}
-        self.local_c = {n: local_c[n].to(p.device) if n in local_c else torch.zeros_like(p) for n, p in params.items()}
-        self._sums = {n: torch.zeros_like(p) for n, p in params.items()}
-        self._counts = dict.fromkeys(params, 0)
-        self._handles = []
-        for n, p in params.items():
-            frozen = not p.requires_grad  # the phase's other network: a hook needs requires_grad only to be registered
-            p.requires_grad_(True)
-            self._handles.append(p.register_hook(self._hook(n, (global_c[n].to(p.device) - self.local_c[n]).detach())))
-            p.requires_grad_(not frozen)
-
-    def _hook(self, name: str, correction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            self._sums[name] += grad.detach()
-            self._counts[name] += 1
-            return grad + correction
-
-        return hook
-
-    def close(self) -> dict[str, torch.Tensor]:
-        """Remove the hooks; the site's new control variates.
-
-        Returns:
-            ``{name: c_i}`` after this round.
-        """
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        return {n: self._sums[n] / self._counts[n] if self._counts[n] else self.local_c[n] for n in self._sums}
-
-
-def zero_control_variates(model: FactoryModel, is_local: Callable[[str], bool] = is_key_pathway) -> dict[str, torch.Tensor]:
-    """The federation's control variate ``c`` before round 1: zeros for every corrected parameter.
-
-    Args:
-        model: the factory.
-        is_local: which parameters stay at the site (`site_local_predicate`).
-
-    Returns:
-        ``{name: zeros}``.
-    """
-    return {n: torch.zeros_like(p.detach()) for n, p in model.named_parameters() if drift_corrected(n, is_local)}
 
 
 def key_pathway_state(model: FactoryModel, is_local: Callable[[str], bool] = is_key_pathway) -> dict[str, torch.Tensor]:
