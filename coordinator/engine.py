@@ -347,6 +347,12 @@ class Federation:
             record["site_status"] = site_status(sites, sampled, answered, self._outcomes.take(exp.id, r - 1))
             self._outcomes.take(exp.id, r, training=False)  # the final validation's request: scored, never aggregated
             record["aggregated_from"] = len(answered)
+            if spec.aggregator == "scaffold":
+                for name in scaffold_state_lost(metrics["rounds"], record):
+                    record["site_status"][name]["warning"] = "its SCAFFOLD state of an earlier round was lost: it joined again as a new SCAFFOLD client"
+                    self.log(f"warning: round {r}/{spec.rounds}: {name} trained without its SCAFFOLD state of an earlier round "
+                             "(its node state is missing or unreadable) and joined again as a new SCAFFOLD client: the "
+                             "correction averages over one client too many from now on; restart the run to undo that")  # fmt: skip
             left_out = {name: row for name, row in record["site_status"].items() if row["status"] in ("failed", "timeout")}
             if left_out:
                 self.log(f"round {r}/{spec.rounds}: aggregated from {len(answered)} site(s); left out: "
@@ -567,6 +573,29 @@ def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list
             found = outcomes.get(nid) or {"status": "failed", "reason": "no answer"}
             out[name] = found if found["status"] != "ok" else {"status": "failed", "reason": "its update could not be used (no sample count)"}
     return out
+
+
+def scaffold_state_lost(earlier: list[dict[str, Any]], record: dict[str, Any]) -> list[str]:
+    """Sites that trained a round of a SCAFFOLD run without their SCAFFOLD state although the coordinator
+    aggregated an update of theirs in an earlier round: the state was lost at the site (node state
+    missing or unreadable), and it joined again as a new SCAFFOLD client, so declearn's server module
+    now counts it twice and its ``c`` averages over one client too many. A site none of whose earlier
+    updates was aggregated (timed out, failed) joins fresh, rightly: not listed.
+
+    Args:
+        earlier: the run's earlier round records (their ``site_status``).
+        record: this round's record (its sites' ``train`` scalars, ``optimizer_state_restored``).
+
+    Returns:
+        The names of the sites whose state was lost, sorted.
+    """
+    aggregated_before = {name for r in earlier for name, row in (r.get("site_status") or {}).items() if row.get("status") == "ok"}
+    lost = {
+        row["name"]
+        for row in record.get("sites", {}).values()
+        if (row.get("train") or {}).get("optimizer_state_restored") == 0.0 and row.get("name") in aggregated_before
+    }
+    return sorted(lost)
 
 
 ABSENT = ("disconnected during the round", "not connected", "no answer")  # failed reasons that mean "not there", not "said no"

@@ -19,7 +19,7 @@ from conftest import spec_problems
 
 from coordinator import checkpoints
 from coordinator import spec as spec_mod
-from coordinator.engine import mandatory_node_ids, missing_mandatory, quorum_message, site_status
+from coordinator.engine import mandatory_node_ids, missing_mandatory, quorum_message, scaffold_state_lost, site_status
 from coordinator.fedbiomed_hooks import RoundOutcomes, outcome_of
 from coordinator.run_metrics import RunMetrics
 from coordinator.strategy import QuorumNotMet, SampledSitesStrategy
@@ -336,3 +336,25 @@ def test_absent_sites_can_be_waited_for_erring_ones_cannot():
     lost = quorum_error(exc, {**erring, "N3": {"status": "failed", "reason": "disconnected during the round"}}, sites, 1, 3)
     assert isinstance(lost, SitesMissingError) and lost.error_kind == "sites" and "once enough sites are back" in str(lost)
     assert isinstance(quorum_error(exc, {"N2": {"status": "timeout", "reason": "x"}}, sites, 1, 3), SitesMissingError)
+
+
+def test_a_lost_scaffold_state_is_told_apart_from_a_first_join_after_timeouts():
+    """SCAFFOLD: a site that reports no restored state although an earlier update of it was aggregated lost
+    its state (listed); one whose earlier rounds all timed out or failed joins fresh, rightly (not listed)."""
+    earlier = [
+        {"round": 1, "site_status": {"site-1": {"status": "ok"}, "site-2": {"status": "timeout", "reason": "x"}, "site-3": {"status": "ok"}}},
+        {"round": 2, "site_status": {"site-1": {"status": "ok"}, "site-2": {"status": "failed", "reason": "y"}, "site-3": {"status": "not_sampled"}}},
+    ]
+    record = {
+        "round": 3,
+        "sites": {
+            "N1": {"name": "site-1", "train": {"optimizer_state_restored": 0.0}},
+            "N2": {"name": "site-2", "train": {"optimizer_state_restored": 0.0}},
+            "N3": {"name": "site-3", "train": {"optimizer_state_restored": 1.0}},
+            "N4": {"name": "site-4"},  # no training scalars this round
+        },
+    }
+    assert scaffold_state_lost(earlier, record) == ["site-1"]
+    assert scaffold_state_lost([], record) == []  # round 1: nothing could have been lost
+    record["sites"]["N3"]["train"]["optimizer_state_restored"] = 0.0
+    assert scaffold_state_lost(earlier, record) == ["site-1", "site-3"]

@@ -369,23 +369,27 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
     def _restore_optimizer_state(self) -> bool:
         """AdamW: load the moments of this site's previous round (``keep_optimizer_state``). SCAFFOLD: Fed-BioMed
         restored the declearn optimizer's state (Adam's moments, ``c_i`` and ``c``, the schedule's step) before the
-        round; check that it did.
+        round, when the coordinator held one for this site; say so when it did not.
+
+        A SCAFFOLD site without a previous state after round 1 joins as a new SCAFFOLD client (``c_i = 0``, a new
+        client id in declearn's server module). That is right when none of its earlier updates reached the
+        coordinator (its first rounds timed out or failed: the coordinator counted no state of it, and Fed-BioMed
+        sends it no state id). When an earlier update was aggregated, the state was lost at the site, and the
+        coordinator's ``c`` averages over one client too many from then on: the coordinator, which knows which
+        updates it aggregated, warns and records it (`coordinator.engine.scaffold_state_lost`) from the
+        ``optimizer_state_restored`` this round reports.
 
         Returns:
             Whether a previous round's state is in the optimizer.
-
-        Raises:
-            RuntimeError: SCAFFOLD after round 1 without the previous round's state. A fresh state would rejoin as a
-                new SCAFFOLD client with ``c_i = 0`` (the coordinator's ``c`` would then average over one client too
-                many for the rest of the run) and restart the schedule.
         """
         if self._adamw is not None:
             return self._round_index() > 0 and self._opt_store.load_into(self._adamw)
         restored = self._optimizer_report().get("adam_steps", 0.0) > 0
         if self._round_index() > 0 and not restored:
-            raise RuntimeError(
-                f"round {self._round_index() + 1}: this site's SCAFFOLD optimizer state from its previous round was not restored "
-                "(Fed-BioMed's node state is missing or unreadable); start the run again"
+            log.warning(
+                "round %d: no SCAFFOLD optimizer state from an earlier round of this site: it joins as a new SCAFFOLD client "
+                "(expected when its earlier updates never reached the coordinator)",
+                self._round_index() + 1,
             )
         return restored
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,13 +42,14 @@ def bed(tmp_path_factory):
     assert not [p for p in bed.pids() if pid_alive(p)]
 
 
-def _spec(bed, name: str, rounds: int, timeout_s: float, local_steps: int) -> Path:
+def _spec(bed, name: str, rounds: int, timeout_s: float, local_steps: int, extra: dict | None = None) -> Path:
     raw = yaml.safe_load(default_spec_text())
     raw["plan_args"].update({"roi_size": [32, 32, 32], "spacing": "native", "patches_per_volume": 2})
     raw["plan_args"]["network"] = {"name": "mednext", "size": "tiny", "spatial_dims": 3, "deep_supervision": False}
     raw.update({"name": name, "rounds": rounds, "local_steps": local_steps, "round_timeout_s": timeout_s, "validate_every": rounds})
     raw["split"] = {"validation": 0.25, "test": 0.0, "seed": 0}
     raw["sites"] = {"tags": ["fedimg-demo"], "min_sites": 3, "min_per_round": 1, "wait_s": 90}
+    raw.update(extra or {})
     path = bed.workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -60,7 +62,7 @@ def _node_pid(site) -> int:
 
 
 def _run_with_faults(
-    bed, name: str, rounds: int, timeout_s: float, faults: dict[int, Callable[[], None]], local_steps: int = 2
+    bed, name: str, rounds: int, timeout_s: float, faults: dict[int, Callable[[], None]], local_steps: int = 2, extra: dict | None = None
 ) -> tuple[Path, dict, str, dict[int, float]]:
     """`coordinator run` on the bed's sites; ``faults[r]`` runs when the run prints round r's line.
 
@@ -68,7 +70,7 @@ def _run_with_faults(
         The run directory, its metrics, the coordinator's output, and when each round's line came (monotonic s).
     """
     home = bed.workdir / "coordinator"
-    cmd = [str(Path(sys.executable).parent / "coordinator"), "run", str(_spec(bed, name, rounds, timeout_s, local_steps)), "--home", str(home),
+    cmd = [str(Path(sys.executable).parent / "coordinator"), "run", str(_spec(bed, name, rounds, timeout_s, local_steps, extra)), "--home", str(home),
            "--grpc-host", "127.0.0.1", "--grpc-port", str(bed.port), "--public-host", "localhost"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -154,3 +156,45 @@ def test_a_site_past_the_round_deadline_times_out_and_the_run_goes_on(bed):
     assert second["aggregated_from"] == 2 and "site-2" not in {row["name"] for row in second["sites"].values() if row.get("train")}
     assert timeout_s - 1 <= seen[2] - seen[1] < timeout_s + 5  # the deadline ended the round, not Fed-BioMed's keepalive (~2 min)
     assert metrics["rounds"][-1]["site_status"]["site-2"] == {"status": "ok"}
+
+
+def _stop_at_first_task(site, pid: int, timeout_s: float = 180.0) -> threading.Event:
+    """SIGSTOP the node as soon as its log shows the next task (a training request) arriving."""
+    start = site.log_file.stat().st_size
+    stopped = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with open(site.log_file, "rb") as fh:
+                fh.seek(start)
+                if b"[TASKS QUEUE] Task received" in fh.read():
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.set()
+                    return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return stopped
+
+
+def test_a_scaffold_site_whose_first_round_timed_out_joins_fresh_and_the_run_goes_on(bed):
+    """SCAFFOLD: a site whose round-1 update misses the deadline has no state at the coordinator, so
+    Fed-BioMed sends it none in round 2: it joins as a new SCAFFOLD client (not a lost state: no
+    warning), the run goes on, and from round 3 its state is restored like the others'."""
+    _, site2, _ = bed.sites
+    timeout_s = 6
+    rounds = 3
+    pid = _node_pid(site2)
+    stopped = _stop_at_first_task(site2, pid)
+    _, metrics, out, _ = _run_with_faults(
+        bed, "scaffold-late-join", rounds, timeout_s, {1: lambda: os.kill(pid, signal.SIGCONT)},
+        extra={"aggregator": "scaffold", "weights": "equal"},
+    )  # fmt: skip
+    assert stopped.is_set()
+    first, second, third = metrics["rounds"]
+    assert first["site_status"]["site-2"]["status"] == "timeout" and first["aggregated_from"] == 2
+    assert second["site_status"]["site-2"] == {"status": "ok"} and third["site_status"]["site-2"] == {"status": "ok"}
+    restored = {r["round"]: {row["name"]: row["train"]["optimizer_state_restored"] for row in r["sites"].values() if row.get("train")} for r in (second, third)}
+    assert restored == {2: {"site-1": 1.0, "site-2": 0.0, "site-3": 1.0}, 3: {"site-1": 1.0, "site-2": 1.0, "site-3": 1.0}}
+    assert "joined again as a new SCAFFOLD client" not in out
