@@ -116,6 +116,12 @@ class CaseRecord(ManifestCase):
     converter_version: str | None = None
     input_sha256: str | None = None
     status: str | None = None
+    radiograph: dict[str, str] | None = Field(
+        None,
+        description="A projection radiograph (CR, DX), prepared in its image plane: spacing_source (PixelSpacing, ImagerPixelSpacing, "
+        "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor or declared), values (voi_lut, window or modality), photometric, "
+        "view (ViewPosition) and patient_orientation (what +column and +row point to); null for volumes.",
+    )
 
 
 class Manifest(_Lenient):
@@ -207,7 +213,7 @@ def describe_cases(name: str, description: str, modality: str, labels: dict[str,
         {
             "name": name,
             "description": description,
-            "tensorImageSize": "3D",
+            "tensorImageSize": "2D" if modality in ("CR", "DX") else "3D",  # a radiograph is stored with a singleton third axis
             "channel_names": {"0": modality},
             "modality": {"0": modality},
             "labels": dict(sorted(labels.items(), key=lambda kv: kv[1])),

@@ -167,6 +167,7 @@ class Discovery:
     series: list[Series] = field(default_factory=list)
     segs: list[Path] = field(default_factory=list)
     nifti: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)  # PNG label masks (radiographs), when asked for
     skipped: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, code, message)
 
 
@@ -370,7 +371,7 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
-def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None = None) -> Discovery:
+def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None = None, masks: bool = False) -> Discovery:
     """Find DICOM images, DICOM SEG files and NIfTI files under `roots` (any file names).
 
     DICOM image files are grouped into series (see `group_series`); everything that is not
@@ -379,9 +380,10 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
     Args:
         roots: files and folders to scan.
         progress: called as ``progress(done, total)`` after each file.
+        masks: also collect PNG files (``*.png``) as label masks (label folders only).
 
     Returns:
-        The series, SEG files, NIfTI files and skipped files found.
+        The series, SEG files, NIfTI files, PNG masks and skipped files found.
     """
     out = Discovery()
     headers: list[SliceHeader] = []
@@ -391,6 +393,9 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             progress(n, len(files))
         if _is_nifti(path):
             out.nifti.append(path)
+            continue
+        if masks and path.name.lower().endswith(".png"):
+            out.masks.append(path)
             continue
         if path.name.upper() == "DICOMDIR":
             out.skipped.append((path, "dicomdir", f"{path}: DICOMDIR index file (not an image)"))

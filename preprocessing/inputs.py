@@ -1,9 +1,10 @@
 """What `site-agent prepare` reads: the input files, the image sources in them, and each image's label.
 
 Scanning reads regular files only and never enters the paths given for something else (labels,
-output, salt, case map, label map, schema) nor prepared datasets. Each DICOM series or NIfTI
-image becomes a `CaseSource`; `pair_labels` attaches each label (and, with ``reference=True``,
-each test-only reference label) to its image and never guesses between images of the same name.
+output, salt, case map, label map, schema) nor prepared datasets. Each DICOM series, NIfTI image
+or projection radiograph (one CR/DX file) becomes a `CaseSource`; `pair_labels` attaches each label
+(and, with ``reference=True``, each test-only reference label) to its image and never guesses between
+images of the same name.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedimg_core.errors import FedimgError
 from fedimg_core.hashing import sha256_file
 from preprocessing.dicom import Discovery, Series, SeriesError, series_geometry
 from preprocessing.labels import seg_references
+from preprocessing.radiograph import is_radiograph
 
 __all__ = [
     "GRID_TOLERANCE_MM",
@@ -32,6 +34,7 @@ __all__ = [
     "CaseSource",
     "PrepareError",
     "collect_sources",
+    "label_kind",
     "source_location",
     "is_prepared_dataset",
     "pair_labels",
@@ -47,20 +50,21 @@ class PrepareError(FedimgError):
 
 @dataclass
 class CaseSource:
-    """One image to prepare (a DICOM series or a NIfTI file), with its label once paired."""
+    """One image to prepare (a DICOM series, a NIfTI file or a radiograph), with its label once paired."""
 
-    kind: str  # "dicom" | "nifti"
+    kind: str  # "dicom" | "nifti" | "radiograph" (one CR/DX file: ``series`` holds its one image)
     display: str  # for console messages only (a path); never written
     identifiers: list[str]  # hashed with the salt
     files: list[Path]
     series: Series | None = None
     nifti: Path | None = None
     label: Path | None = None
-    label_kind: str | None = None  # "nifti" | "seg"
+    label_kind: str | None = None  # "nifti" | "seg" | "png"
     reference_label: Path | None = None  # test-only reference label (classes the site does not train on)
-    reference_label_kind: str | None = None  # "nifti" | "seg"
+    reference_label_kind: str | None = None  # "nifti" | "seg" | "png"
     modality: str = ""
     refusal: tuple[str, str] | None = None  # (code, message): refused before conversion (ambiguous pairing)
+    radiograph: dict[str, str] | None = None  # a converted radiograph's spacing source, view, ... (`Radiograph.details`)
 
 
 def _strip_nii(name: str) -> str:
@@ -68,6 +72,28 @@ def _strip_nii(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _label_stem(name: str) -> str:
+    """A label file's name without its suffix (NIfTI, or a PNG mask of a radiograph)."""
+    return name[:-4] if name.lower().endswith(".png") else _strip_nii(name)
+
+
+def _radiograph_stem(path: Path) -> str:
+    """The name a radiograph file is paired by: the file name without a .dcm/.dicom suffix."""
+    return re.sub(r"\.(dcm|dicom)$", "", path.name, flags=re.IGNORECASE)
+
+
+def label_kind(path: Path) -> str:
+    """How a label file is read: ``png`` (a radiograph's mask) or ``nifti``.
+
+    Args:
+        path: a label file found by `preprocessing.dicom.discover` (a SEG is ``seg``, found apart).
+
+    Returns:
+        ``png`` or ``nifti``.
+    """
+    return "png" if path.name.lower().endswith(".png") else "nifti"
 
 
 def _image_stem(name: str) -> str:
@@ -81,13 +107,17 @@ def source_location(src: CaseSource) -> str:
         src: a DICOM series or NIfTI source.
 
     Returns:
-        The series' folder, or the NIfTI file.
+        The series' folder, the radiograph's file, or the NIfTI file.
     """
+    if src.kind == "radiograph" and src.series is not None:
+        return str(src.series.first.path)
     return str(src.series.folder) if src.series is not None else str(src.nifti)
 
 
 def _parts(src: CaseSource) -> tuple[str, ...]:
-    """Path components that name an image: its folder (DICOM) or folder + stem (NIfTI)."""
+    """Path components that name an image: its folder (DICOM), folder + stem (NIfTI, radiograph)."""
+    if src.kind == "radiograph" and src.series is not None:
+        return (*src.series.folder.parts, _radiograph_stem(src.series.first.path))
     if src.series is not None:
         return src.series.folder.parts
     assert src.nifti is not None  # a source is a series or a NIfTI file
@@ -110,6 +140,8 @@ def _corner_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def _image_grid(src: CaseSource) -> tuple[Sequence[int], np.ndarray]:
     """A source's voxel grid: (shape, voxel-to-world affine)."""
+    if src.kind == "radiograph" and src.series is not None:  # its image plane; the spacing does not matter to a hint
+        return (src.series.first.cols, src.series.first.rows, 1), np.eye(4)
     if src.series is not None:
         geo = series_geometry(src.series, allow_irregular=True)
         return (src.series.first.cols, src.series.first.rows, len(src.series.slices)), geo.affine_ras
@@ -189,8 +221,12 @@ def pair_labels(
     for s in sources:
         if s.nifti is not None:
             by_name.setdefault(_image_stem(s.nifti.name), []).append(s)
-        elif s.series is not None and folder_counts[s.series.folder] == 1:
-            by_name.setdefault(s.series.folder.name, []).append(s)
+        elif s.series is not None:
+            names = {s.series.folder.name} if folder_counts[s.series.folder] == 1 else set()
+            if s.kind == "radiograph":  # also by its file's name: images/cxr_07.dcm <-> labels/cxr_07.png
+                names.add(_radiograph_stem(s.series.first.path))
+            for name in sorted(names):
+                by_name.setdefault(name, []).append(s)
 
     what = "reference label" if reference else "label"
 
@@ -239,7 +275,7 @@ def pair_labels(
         else:
             attach(candidates[0], seg, "seg")
     for lab in label_files:
-        stem = _strip_nii(lab.name)
+        stem = _label_stem(lab.name)
         candidates = by_name.get(stem, [])
         root = (label_roots or {}).get(lab)
         sub = lab.parent.relative_to(root).parts if root is not None and root in lab.parents else ()
@@ -247,13 +283,13 @@ def pair_labels(
             want = (*sub, stem)
             candidates = [c for c in candidates if _parts(c)[-len(want) :] == want] or candidates
         if not candidates:
-            unmatched.append((lab, "unpaired_label", f"{lab}: no image named {stem!r} (NIfTI image of that name or DICOM folder of that name)"))
+            unmatched.append((lab, "unpaired_label", f"{lab}: no image named {stem!r} (NIfTI image, radiograph file or DICOM folder of that name)"))
         elif len(candidates) > 1:
             example = Path(*_parts(candidates[0])[-2:])
             ambiguous(lab, candidates, f"its name {stem!r}", _grid_hint(lab, candidates),
                       f". Give the folders unique names, or put each label in sub-folders mirroring its image (e.g. labels/{example}.nii.gz)")  # fmt: skip
         else:
-            attach(candidates[0], lab, "nifti")
+            attach(candidates[0], lab, label_kind(lab))
     return unmatched
 
 
@@ -369,7 +405,7 @@ def _raise(exc: OSError) -> None:
 
 def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[CaseSource], list[tuple[Path, str, str]]]:
     """The image sources of a discovery: its DICOM series (localizers and other modalities
-    skipped) and its NIfTI images.
+    skipped), each radiograph file (CR, DX) on its own, and its NIfTI images.
 
     Args:
         discovery: what `preprocessing.dicom.discover` found.
@@ -397,6 +433,21 @@ def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[Ca
             continue
         if modality and first.modality != modality:
             skipped.append((series.folder, "other_modality", f"{display}: modality {first.modality}, not {modality}; skipped"))
+            continue
+        if is_radiograph(first.modality):
+            # a projection has no slices: each file (a PA and a lateral view, say) is its own case
+            for image in series.slices:
+                one = Series([image], series.grouping, series.note)
+                sources.append(
+                    CaseSource(
+                        kind="radiograph",
+                        display=f"radiograph {image.path}",
+                        identifiers=["radiograph", *one.source_identifiers()],
+                        files=[image.path],
+                        series=one,
+                        modality=first.modality,
+                    )
+                )
             continue
         sources.append(
             CaseSource(

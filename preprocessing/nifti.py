@@ -75,7 +75,7 @@ def _check_pixdim(path: Path, img: nib.Nifti1Image, kind: str) -> None:
         )
 
 
-def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
+def load_nifti(path: Path, kind: str = "image", planar: bool = False) -> nib.Nifti1Image:
     """Read a NIfTI file and check it is a usable 3D volume on a plausible grid.
 
     The declared size is checked against `preprocessing.dicom.MAX_VOXELS` /
@@ -86,6 +86,7 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
         path: a .nii or .nii.gz file.
         kind: "image" or "label", for messages; labels keep 64-bit integers (their values
             are checked against the label map).
+        planar: also accept a 2D image (a radiograph's mask), returned with a singleton third axis.
 
     Returns:
         The volume (3D) with its affine.
@@ -110,6 +111,8 @@ def load_nifti(path: Path, kind: str = "image") -> nib.Nifti1Image:
         raise SeriesError(f"{path}: unreadable NIfTI ({msg})", "corrupt_nifti") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if planar and data.ndim == 2:
+        data = data[:, :, None]
     if data.ndim != 3:
         raise SeriesError(f"{path}: {kind} must be a 3D volume, got shape {tuple(data.shape)}", "wrong_dimensions")
     if min(data.shape) < 1:

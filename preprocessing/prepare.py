@@ -24,7 +24,7 @@ from fedimg_core import atomic
 from fedimg_core.dataset_manifest import CONVERTER_VERSION
 from fedimg_core.hashing import sha256_file
 from preprocessing.case_map import CASE_MAP_FORMAT, default_case_map, read_case_map, write_case_map
-from preprocessing.dicom import Discovery, SeriesError, discover, load_series, series_geometry
+from preprocessing.dicom import Discovery, SeriesError, discover, load_series, read_header, series_geometry
 from preprocessing.inputs import (
     GRID_TOLERANCE_MM,
     MIN_SLICES_MULTI_ORIENTATION,
@@ -41,6 +41,7 @@ from preprocessing.labels import read_seg, remap
 from preprocessing.nifti import canonical, grid_difference_mm, load_nifti, qform_sform_disagree
 from preprocessing.output_folder import STATE_DIR, OutputLock, check_out_folder, clean_temp_files, outputs_intact, write_case, write_metadata
 from preprocessing.qc_flags import LABEL_LIKE_MAX_VALUES, SUSPECT_IMAGE_FLAGS, looks_like_label
+from preprocessing.radiograph import load_radiograph, read_mask
 from preprocessing.schema import LabelSchema, SiteLabelMap
 from preprocessing.source_hash import input_fingerprint, read_or_create_salt, salted_hash
 
@@ -88,6 +89,7 @@ class PrepareOptions:
     require_labels: bool = False
     prune: bool = False  # drop cases of earlier runs whose sources were not given this time
     qc_report: bool = True
+    pixel_spacing: tuple[float, float] | None = None  # radiographs without a pixel spacing in their header: (row, column) mm
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change a converted case (part of each case's input fingerprint).
@@ -100,6 +102,7 @@ class PrepareOptions:
             "allow_irregular": self.allow_irregular,
             "unknown_labels": self.unknown_labels,
             "grid_tolerance_mm": self.grid_tolerance_mm,
+            **({"pixel_spacing": list(self.pixel_spacing)} if self.pixel_spacing is not None else {}),  # absent: old fingerprints stay valid
         }
 
 
@@ -147,7 +150,7 @@ Progress = Callable[[str, int, int], None]
 def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
     if requested:
         return requested
-    mods = sorted({s.modality for s in sources if s.kind == "dicom"})
+    mods = sorted({s.modality for s in sources if s.kind in ("dicom", "radiograph")})
     nifti = [str(s.nifti) for s in sources if s.kind == "nifti"]
     if nifti:
         found = ", ".join(nifti[:3]) + (f" and {len(nifti) - 3} more" if len(nifti) > 3 else "")
@@ -167,8 +170,16 @@ def _read_label(
     in schema ids (``order``/``affine_ras``: the series' slice order and affine).
 
     Raises:
-        SeriesError: an unreadable or unfitting file (see `load_nifti`, `read_seg`).
+        SeriesError: an unreadable or unfitting file (see `load_nifti`, `read_seg`, `read_mask`).
     """
+    if src.kind == "radiograph":
+        if kind == "seg":
+            raise SeriesError(f"{path}: DICOM SEG labels of radiographs are not read yet; give the mask as a PNG or NIfTI file", "unsupported_label")
+        assert affine_ras is not None  # the radiograph's, from convert_case
+        shape = (src.series.first.cols, src.series.first.rows, 1) if src.series is not None else (0, 0, 1)
+        return nib.Nifti1Image(read_mask(path, kind, shape), affine_ras)  # type: ignore[no-untyped-call]  # the image's grid: the mask has no place of its own
+    if kind == "png":
+        raise SeriesError(f"{path}: a PNG mask labels a radiograph (CR, DX) only; {src.display} is a volume", "unsupported_label")
     if kind == "seg":
         assert src.series is not None and order is not None  # a SEG pairs with a DICOM series only
         arr = read_seg(path, src.series, order, label_map, schema, opts.unknown_labels == "ignore")
@@ -221,7 +232,15 @@ def convert_case(
     # a DICOM source has its series, a NIfTI source its file, a paired one its label file
     order: list[int] | None = None
     affine_ras: np.ndarray | None = None
-    if src.kind == "dicom":
+    if src.kind == "radiograph":
+        assert src.series is not None
+        header = src.series.first
+        radiograph = load_radiograph(header.path, header.dataset if header.dataset is not None else read_header(header.path), opts.pixel_spacing)
+        header.dataset = None  # pixel data cached on the dataset: dropped once copied
+        src.radiograph = radiograph.details()
+        affine_ras = radiograph.affine_ras
+        image = nib.Nifti1Image(radiograph.array, radiograph.affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
+    elif src.kind == "dicom":
         assert src.series is not None
         vol = load_series(src.series, opts.tolerance_mm, opts.allow_irregular)
         flags += vol.flags
@@ -265,7 +284,9 @@ def convert_reference_label(src: CaseSource, image: nib.Nifti1Image, schema: Lab
     assert path is not None and kind is not None
     order: list[int] | None = None
     affine_ras: np.ndarray | None = None
-    if kind == "seg":
+    if src.kind == "radiograph":
+        affine_ras = image.affine  # the radiograph's own grid (its plane; canonical leaves it as it is)
+    elif kind == "seg":
         assert src.series is not None  # a SEG pairs with a DICOM series only
         # the image's slice order and affine, as load_series found them (same series, same options)
         geo = series_geometry(src.series, opts.tolerance_mm, opts.allow_irregular)
@@ -354,8 +375,8 @@ def prepare(
             label_files, label_roots, label_skipped, label_notes = scan_inputs(list(labels or []), label_excluded, "labels")
             ref_files, ref_roots, ref_skipped, ref_notes = scan_inputs(reference_labels, reference_excluded, "reference labels")
             disc = discover(files, progress=(lambda n, t: progress("scan", n, t)) if progress else None)
-            label_disc = discover(label_files, progress=None) if label_files else Discovery()
-            ref_disc = discover(ref_files, progress=None) if ref_files else Discovery()
+            label_disc = discover(label_files, progress=None, masks=True) if label_files else Discovery()
+            ref_disc = discover(ref_files, progress=None, masks=True) if ref_files else Discovery()
         except OSError as exc:
             raise PrepareError(f"{exc.filename or exc}: {exc.strerror or exc}") from None
         notes += label_notes + ref_notes
@@ -365,16 +386,17 @@ def prepare(
         skipped += ref_skipped + [s for s in ref_disc.skipped if s[1] != "dicomdir"]
         if not sources:
             detail = f" ({len(skipped)} files skipped; first: {skipped[0][2]})" if skipped else ""
-            raise PrepareError(f"no image series or NIfTI image found under {', '.join(str(p) for p in images)}{detail}")
+            raise PrepareError(f"no image series, radiograph or NIfTI image found under {', '.join(str(p) for p in images)}{detail}")
         modality = _choose_modality(sources, opts.modality)
         if modality not in schema.modalities:
             raise PrepareError(f"modality {modality} has no rule in schema {schema.source} (modalities: {', '.join(schema.modalities)})")
-        label_nifti = [p for p in label_disc.nifti]
+        label_files = [*label_disc.nifti, *label_disc.masks]  # a PNG mask pairs with a radiograph only (checked when read)
         label_segs = disc.segs + label_disc.segs
-        unmatched = pair_labels(sources, label_nifti, label_segs, label_roots)
+        unmatched = pair_labels(sources, label_files, label_segs, label_roots)
         # the same pairing for reference labels; one that fits no image is refused alone
         ref_unmatched = [
-            (p, code, f"reference label {msg}") for p, code, msg in pair_labels(sources, list(ref_disc.nifti), list(ref_disc.segs), ref_roots, reference=True)
+            (p, code, f"reference label {msg}")
+            for p, code, msg in pair_labels(sources, [*ref_disc.nifti, *ref_disc.masks], list(ref_disc.segs), ref_roots, reference=True)
         ]
         # images whose pairing was ambiguous are refused as cases; the others go on
         unmatched += [(Path(source_location(s)), *s.refusal) for s in sources if s.refusal is not None]

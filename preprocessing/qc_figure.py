@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
 from fedimg_core.reporting import figures
+from preprocessing.radiograph import RADIOGRAPH_MODALITIES
 from preprocessing.schema import LabelSchema
 
 # One fixed colour per schema class id (Trubetskoy's "20 distinct colours"), cycling
@@ -274,8 +275,11 @@ def case_figure(
             raise ValueError(f"label grid {label.shape} differs from image grid {image.shape}")
         if not np.issubdtype(label.dtype, np.integer):
             label = np.rint(label).astype(np.int32)
-    centre = _slice_centre(label, schema, spacing, image.shape)
     vmin, vmax = _display_window(image, str(modality))
+    if str(modality) in RADIOGRAPH_MODALITIES and image.shape[2] == 1:
+        _planar_figure(image, label, spacing, vmin, vmax, out_png, schema, case_id)
+        return
+    centre = _slice_centre(label, schema, spacing, image.shape)
     image_views = _views(image, centre, spacing)
     label_views = _views(label, centre, spacing) if label is not None else [None, None, None]
 
@@ -321,6 +325,31 @@ def case_figure(
             ax.text(n * width + 1, 1, f"{('k', 'j', 'i')[view]}={slice_index}", color="white", fontsize=8, va="top", ha="left", path_effects=outline)
         ax.set_title(f"{VIEW_TITLES[view]}: {len(indices)} slices across the label", color="white", fontsize=10)
 
+    _title_and_legend(fig, image, label, spacing, schema, case_id)
+    figures.write_png(out_png, fig, dpi=100, tight=False)  # no text metadata chunk
+
+
+def _planar_figure(
+    image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float], vmin: float, vmax: float, out_png: str | os.PathLike[str],
+    schema: LabelSchema, case_id: str,
+) -> None:  # fmt: skip
+    """A radiograph's QC figure: the image as a viewer displays it (first row at the top, first column on the
+    left; `preprocessing.radiograph` stores column x row), the label overlaid."""
+    fig = figures.new_figure(FIGURE_SIZE, dpi=100, facecolor="black", layout="constrained")
+    ax = fig.subplots(1, 1)
+    aspect = spacing[1] / spacing[0]
+    ax.set_facecolor("black")
+    ax.imshow(image[:, :, 0].T.astype(np.float32, copy=False), cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="antialiased")
+    if label is not None:
+        ax.imshow(_overlay_rgba(label[:, :, 0].T, schema), aspect=aspect, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title("radiograph, as displayed (first row at the top)", color="white", fontsize=10)
+    _title_and_legend(fig, image, label, spacing, schema, case_id)
+    figures.write_png(out_png, fig, dpi=100, tight=False)  # no text metadata chunk
+
+
+def _title_and_legend(fig: Any, image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float], schema: LabelSchema, case_id: str) -> None:
+    """The figure's title (safe case id, shape, spacing) and the legend of the classes present."""
     shape = "×".join(str(n) for n in image.shape)
     space = "×".join(_fmt(s) for s in spacing)
     safe_id = _safe_case_id(case_id)
@@ -338,5 +367,3 @@ def case_figure(
             fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), frameon=False, labelcolor="white", fontsize=9)
         else:
             fig.text(0.5, 0.01, "label empty", color="white", ha="center", va="bottom", fontsize=9)
-
-    figures.write_png(out_png, fig, dpi=100, tight=False)  # no text metadata chunk

@@ -15,8 +15,9 @@ __all__ = ["LABEL_LIKE_MAX_VALUES", "SUSPECT_IMAGE_FLAGS", "case_flags", "looks_
 
 
 def case_flags(
-    image_data: np.ndarray, label_data: np.ndarray | None, spacing: list[float], modality: str, schema: LabelSchema, labeled: list[int]
-) -> tuple[list[str], dict[str, int]]:
+    image_data: np.ndarray, label_data: np.ndarray | None, spacing: list[float], modality: str, schema: LabelSchema, labeled: list[int],
+    planar: bool = False,
+) -> tuple[list[str], dict[str, int]]:  # fmt: skip
     """The QC flags of one converted case, and its label's voxel count per class.
 
     Args:
@@ -26,6 +27,7 @@ def case_flags(
         modality: the dataset's modality.
         schema: the federation's label schema.
         labeled: the class ids the site labels.
+        planar: a 2D image (a radiograph) with a singleton third axis: its two in-plane axes are checked.
 
     Returns:
         (flags, class name -> voxel count; ``ignore`` for ignore-label voxels).
@@ -45,9 +47,10 @@ def case_flags(
             flags.append("label_empty")
         else:
             flags += [f"missing_{names[c]}" for c in labeled if counts[c] == 0 and names[c] not in {l for ls in schema.groups.values() for l in ls}]
-    if min(image_data.shape) < 16:
-        flags.append("few_slices")
-    if max(spacing) / min(spacing) > 4:
+    axes = 2 if planar else 3  # a radiograph's third axis is its singleton, not a slice count
+    if min(image_data.shape[:axes]) < 16:
+        flags.append("small_image" if planar else "few_slices")
+    if max(spacing[:axes]) / min(spacing[:axes]) > 4:
         flags.append("anisotropic")
     if modality == "CT":
         lo, hi = float(image_data.min()), float(image_data.max())

@@ -197,10 +197,33 @@ class StageProgress:
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
+def _pixel_spacing(text: str) -> tuple[float, float]:
+    """``--pixel-spacing ROW_MM,COL_MM`` (one value: square pixels) as two positive numbers.
+
+    Raises:
+        UserError: not one or two positive numbers.
+    """
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(0 < v < 100 for v in values):
+        raise UserError(f"--pixel-spacing {text!r}: give the pixel size in mm as ROW_MM,COL_MM (e.g. 0.15,0.15), each above 0 and below 100")
+    return values[0], values[1]
+
+
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Prepared dataset folder (created or updated).")
-@click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path), help="Folder or file of label maps (NIfTI or DICOM SEG); repeatable.")
+@click.option(
+    "--labels",
+    "labels",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Folder or file of label maps (NIfTI or DICOM SEG; PNG masks for radiographs); repeatable.",
+)
 @click.option(
     "--label-map",
     default=None,
@@ -233,6 +256,14 @@ class StageProgress:
     show_default=True,
     help="Local label values not in the label map: refuse the case, or map to the ignore label.",
 )
+@click.option(
+    "--pixel-spacing",
+    "pixel_spacing",
+    default=None,
+    metavar="ROW_MM,COL_MM",
+    help="Radiographs (CR, DX) whose header gives no PixelSpacing or ImagerPixelSpacing: the detector's pixel size in mm "
+    "(e.g. 0.15,0.15); a header's own spacing is always used first, and the manifest records which was used.",
+)
 @click.option("--require-labels", is_flag=True, help="Refuse images that have no label.")
 @click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
 @click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
@@ -258,6 +289,7 @@ def prepare(
     tolerance_mm: float,
     allow_irregular: bool,
     unknown_labels: str,
+    pixel_spacing: str | None,
     require_labels: bool,
     prune: bool,
     no_qc: bool,
@@ -265,7 +297,7 @@ def prepare(
     case_map: Path | None,
     as_json: bool,
 ) -> None:
-    """Convert DICOM series / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
+    """Convert DICOM series, radiographs (CR, DX) / NIfTI IMAGES (+ labels) into a prepared dataset at --out.
 
     Exit code 0: every case prepared; 3: some cases refused (the rest are prepared; the
     reasons are printed); 2: nothing prepared (one error line). A refused reference label
@@ -281,6 +313,7 @@ def prepare(
         ref_map = load_label_map(reference_label_map, schema) if reference_label_map is not None else None
     except SchemaError as exc:
         raise UserError(str(exc)) from None
+    spacing = _pixel_spacing(pixel_spacing) if pixel_spacing is not None else None
     opts = PrepareOptions(
         name=name,
         modality=modality.upper() if modality else None,
@@ -290,6 +323,7 @@ def prepare(
         require_labels=require_labels,
         prune=prune,
         qc_report=not no_qc,
+        pixel_spacing=spacing,
     )
     try:
         with StageProgress() as progress:  # refusals are listed in the table below, with their reasons
