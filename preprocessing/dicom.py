@@ -168,6 +168,7 @@ class Discovery:
     segs: list[Path] = field(default_factory=list)
     nifti: list[Path] = field(default_factory=list)
     masks: list[Path] = field(default_factory=list)  # PNG label masks (radiographs), when asked for
+    pictures: list[Path] = field(default_factory=list)  # PNG/JPEG radiographs, when asked for
     skipped: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, code, message)
 
 
@@ -371,7 +372,7 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
-def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None = None, masks: bool = False) -> Discovery:
+def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None = None, masks: bool = False, pictures: bool = False) -> Discovery:
     """Find DICOM images, DICOM SEG files and NIfTI files under `roots` (any file names).
 
     DICOM image files are grouped into series (see `group_series`); everything that is not
@@ -381,6 +382,7 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
         roots: files and folders to scan.
         progress: called as ``progress(done, total)`` after each file.
         masks: also collect PNG files (``*.png``) as label masks (label folders only).
+        pictures: also collect PNG/JPEG files as radiographs (image folders).
 
     Returns:
         The series, SEG files, NIfTI files, PNG masks and skipped files found.
@@ -396,6 +398,9 @@ def discover(roots: Iterable[Path], progress: Callable[[int, int], None] | None 
             continue
         if masks and path.name.lower().endswith(".png"):
             out.masks.append(path)
+            continue
+        if pictures and path.name.lower().endswith((".png", ".jpg", ".jpeg")):
+            out.pictures.append(path)
             continue
         if path.name.upper() == "DICOMDIR":
             out.skipped.append((path, "dicomdir", f"{path}: DICOMDIR index file (not an image)"))

@@ -52,12 +52,13 @@ class PrepareError(FedimgError):
 class CaseSource:
     """One image to prepare (a DICOM series, a NIfTI file or a radiograph), with its label once paired."""
 
-    kind: str  # "dicom" | "nifti" | "radiograph" (one CR/DX file: ``series`` holds its one image)
+    kind: str  # "dicom" | "nifti" | "radiograph" (one CR/DX file: ``series`` holds its one image) | "picture" (a PNG/JPEG radiograph)
     display: str  # for console messages only (a path); never written
     identifiers: list[str]  # hashed with the salt
     files: list[Path]
     series: Series | None = None
     nifti: Path | None = None
+    picture: Path | None = None  # a PNG/JPEG radiograph
     label: Path | None = None
     label_kind: str | None = None  # "nifti" | "seg" | "png"
     reference_label: Path | None = None  # test-only reference label (classes the site does not train on)
@@ -65,6 +66,11 @@ class CaseSource:
     modality: str = ""
     refusal: tuple[str, str] | None = None  # (code, message): refused before conversion (ambiguous pairing)
     radiograph: dict[str, str] | None = None  # a converted radiograph's spacing source, view, ... (`Radiograph.details`)
+
+    @property
+    def planar(self) -> bool:
+        """Whether the image is a radiograph (a DICOM file or a picture), prepared in its plane."""
+        return self.kind in ("radiograph", "picture")
 
 
 def _strip_nii(name: str) -> str:
@@ -80,8 +86,8 @@ def _label_stem(name: str) -> str:
 
 
 def _radiograph_stem(path: Path) -> str:
-    """The name a radiograph file is paired by: the file name without a .dcm/.dicom suffix."""
-    return re.sub(r"\.(dcm|dicom)$", "", path.name, flags=re.IGNORECASE)
+    """The name a radiograph file is paired by: the file name without a .dcm/.dicom/.png/.jpg/.jpeg suffix."""
+    return re.sub(r"\.(dcm|dicom|png|jpe?g)$", "", path.name, flags=re.IGNORECASE)
 
 
 def label_kind(path: Path) -> str:
@@ -111,6 +117,8 @@ def source_location(src: CaseSource) -> str:
     """
     if src.kind == "radiograph" and src.series is not None:
         return str(src.series.first.path)
+    if src.picture is not None:
+        return str(src.picture)
     return str(src.series.folder) if src.series is not None else str(src.nifti)
 
 
@@ -118,6 +126,8 @@ def _parts(src: CaseSource) -> tuple[str, ...]:
     """Path components that name an image: its folder (DICOM), folder + stem (NIfTI, radiograph)."""
     if src.kind == "radiograph" and src.series is not None:
         return (*src.series.folder.parts, _radiograph_stem(src.series.first.path))
+    if src.picture is not None:
+        return (*src.picture.parent.parts, _radiograph_stem(src.picture))
     if src.series is not None:
         return src.series.folder.parts
     assert src.nifti is not None  # a source is a series or a NIfTI file
@@ -142,6 +152,11 @@ def _image_grid(src: CaseSource) -> tuple[Sequence[int], np.ndarray]:
     """A source's voxel grid: (shape, voxel-to-world affine)."""
     if src.kind == "radiograph" and src.series is not None:  # its image plane; the spacing does not matter to a hint
         return (src.series.first.cols, src.series.first.rows, 1), np.eye(4)
+    if src.picture is not None:
+        from PIL import Image
+
+        with Image.open(src.picture) as im:
+            return (im.width, im.height, 1), np.eye(4)
     if src.series is not None:
         geo = series_geometry(src.series, allow_irregular=True)
         return (src.series.first.cols, src.series.first.rows, len(src.series.slices)), geo.affine_ras
@@ -221,6 +236,8 @@ def pair_labels(
     for s in sources:
         if s.nifti is not None:
             by_name.setdefault(_image_stem(s.nifti.name), []).append(s)
+        elif s.picture is not None:
+            by_name.setdefault(_radiograph_stem(s.picture), []).append(s)
         elif s.series is not None:
             names = {s.series.folder.name} if folder_counts[s.series.folder] == 1 else set()
             if s.kind == "radiograph":  # also by its file's name: images/cxr_07.dcm <-> labels/cxr_07.png
@@ -405,7 +422,7 @@ def _raise(exc: OSError) -> None:
 
 def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[CaseSource], list[tuple[Path, str, str]]]:
     """The image sources of a discovery: its DICOM series (localizers and other modalities
-    skipped), each radiograph file (CR, DX) on its own, and its NIfTI images.
+    skipped), each radiograph file (CR, DX) on its own, its NIfTI images and its PNG/JPEG radiographs.
 
     Args:
         discovery: what `preprocessing.dicom.discover` found.
@@ -461,4 +478,8 @@ def collect_sources(discovery: Discovery, modality: str | None) -> tuple[list[Ca
         )
     for path in discovery.nifti:
         sources.append(CaseSource(kind="nifti", display=str(path), identifiers=["nifti", sha256_file(path)], files=[path], nifti=path, modality=modality or ""))
+    for path in discovery.pictures:
+        sources.append(
+            CaseSource(kind="picture", display=str(path), identifiers=["picture", sha256_file(path)], files=[path], picture=path, modality=modality or "")
+        )
     return sources, skipped

@@ -186,7 +186,7 @@ def write_case(
         reference_rel = f"labelsRef/{case_id}.nii.gz"
         sums["reference_label"] = save_atomic(clean_image(np.asanyarray(reference.dataobj).astype(np.uint8), image.affine), out / reference_rel)
     spacing = _spacing(image.affine)
-    qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled, planar=src.kind == "radiograph")
+    qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled, planar=src.planar)
     flags = list(dict.fromkeys(flags + qc))
     status = "flagged" if [f for f in flags if f != "unlabeled"] else "ok"
     return {

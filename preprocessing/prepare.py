@@ -41,7 +41,7 @@ from preprocessing.labels import read_seg, remap
 from preprocessing.nifti import canonical, grid_difference_mm, load_nifti, qform_sform_disagree
 from preprocessing.output_folder import STATE_DIR, OutputLock, check_out_folder, clean_temp_files, outputs_intact, write_case, write_metadata
 from preprocessing.qc_flags import LABEL_LIKE_MAX_VALUES, SUSPECT_IMAGE_FLAGS, looks_like_label
-from preprocessing.radiograph import load_radiograph, read_mask
+from preprocessing.radiograph import RADIOGRAPH_MODALITIES, load_picture, load_radiograph, read_mask
 from preprocessing.schema import LabelSchema, SiteLabelMap
 from preprocessing.source_hash import input_fingerprint, read_or_create_salt, salted_hash
 
@@ -164,20 +164,20 @@ def _choose_modality(sources: list[CaseSource], requested: str | None) -> str:
 
 def _read_label(
     path: Path, kind: str, src: CaseSource, order: list[int] | None, affine_ras: np.ndarray | None, label_map: SiteLabelMap, schema: LabelSchema,
-    opts: PrepareOptions,
+    opts: PrepareOptions, image_shape: tuple[int, ...] | None = None,
 ) -> nib.Nifti1Image:  # fmt: skip
     """A label (or reference label) file as read: a NIfTI as stored, a DICOM SEG on its series' grid
-    in schema ids (``order``/``affine_ras``: the series' slice order and affine).
+    in schema ids (``order``/``affine_ras``: the series' slice order and affine), a radiograph's mask on its
+    pixel grid (``affine_ras``/``image_shape``: the radiograph's).
 
     Raises:
         SeriesError: an unreadable or unfitting file (see `load_nifti`, `read_seg`, `read_mask`).
     """
-    if src.kind == "radiograph":
+    if src.planar:
         if kind == "seg":
             raise SeriesError(f"{path}: DICOM SEG labels of radiographs are not read yet; give the mask as a PNG or NIfTI file", "unsupported_label")
-        assert affine_ras is not None  # the radiograph's, from convert_case
-        shape = (src.series.first.cols, src.series.first.rows, 1) if src.series is not None else (0, 0, 1)
-        return nib.Nifti1Image(read_mask(path, kind, shape), affine_ras)  # type: ignore[no-untyped-call]  # the image's grid: the mask has no place of its own
+        assert affine_ras is not None and image_shape is not None  # the radiograph's, from convert_case
+        return nib.Nifti1Image(read_mask(path, kind, image_shape), affine_ras)  # type: ignore[no-untyped-call]  # the image's grid: the mask has no place of its own
     if kind == "png":
         raise SeriesError(f"{path}: a PNG mask labels a radiograph (CR, DX) only; {src.display} is a volume", "unsupported_label")
     if kind == "seg":
@@ -232,11 +232,14 @@ def convert_case(
     # a DICOM source has its series, a NIfTI source its file, a paired one its label file
     order: list[int] | None = None
     affine_ras: np.ndarray | None = None
-    if src.kind == "radiograph":
-        assert src.series is not None
-        header = src.series.first
-        radiograph = load_radiograph(header.path, header.dataset if header.dataset is not None else read_header(header.path), opts.pixel_spacing)
-        header.dataset = None  # pixel data cached on the dataset: dropped once copied
+    if src.planar:
+        if src.picture is not None:
+            radiograph = load_picture(src.picture, src.modality, opts.pixel_spacing)
+        else:
+            assert src.series is not None
+            header = src.series.first
+            radiograph = load_radiograph(header.path, header.dataset if header.dataset is not None else read_header(header.path), opts.pixel_spacing)
+            header.dataset = None  # pixel data cached on the dataset: dropped once copied
         src.radiograph = radiograph.details()
         affine_ras = radiograph.affine_ras
         image = nib.Nifti1Image(radiograph.array, radiograph.affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
@@ -253,7 +256,7 @@ def convert_case(
             flags.append("qform_sform_mismatch")
     label: nib.Nifti1Image | None = None
     if src.label is not None and src.label_kind is not None:
-        label = _read_label(src.label, src.label_kind, src, order, affine_ras, label_map, schema, opts)
+        label = _read_label(src.label, src.label_kind, src, order, affine_ras, label_map, schema, opts, image.shape)
     image = canonical(image)
     if label is not None:
         assert src.label is not None and src.label_kind is not None
@@ -284,14 +287,14 @@ def convert_reference_label(src: CaseSource, image: nib.Nifti1Image, schema: Lab
     assert path is not None and kind is not None
     order: list[int] | None = None
     affine_ras: np.ndarray | None = None
-    if src.kind == "radiograph":
+    if src.planar:
         affine_ras = image.affine  # the radiograph's own grid (its plane; canonical leaves it as it is)
     elif kind == "seg":
         assert src.series is not None  # a SEG pairs with a DICOM series only
         # the image's slice order and affine, as load_series found them (same series, same options)
         geo = series_geometry(src.series, opts.tolerance_mm, opts.allow_irregular)
         order, affine_ras = geo.order, geo.affine_ras
-    label = _read_label(path, kind, src, order, affine_ras, reference_map, schema, opts)
+    label = _read_label(path, kind, src, order, affine_ras, reference_map, schema, opts, image.shape)
     return _fit_label(label, kind, path, image, src, reference_map, schema, opts, what="reference label")
 
 
@@ -374,7 +377,8 @@ def prepare(
             files, _, scan_skipped, notes = scan_inputs(list(images), excluded, "images")
             label_files, label_roots, label_skipped, label_notes = scan_inputs(list(labels or []), label_excluded, "labels")
             ref_files, ref_roots, ref_skipped, ref_notes = scan_inputs(reference_labels, reference_excluded, "reference labels")
-            disc = discover(files, progress=(lambda n, t: progress("scan", n, t)) if progress else None)
+            # PNG/JPEG files are radiographs only when the site says so (--modality CR/DX): a CT folder's screenshots are not images
+            disc = discover(files, progress=(lambda n, t: progress("scan", n, t)) if progress else None, pictures=opts.modality in RADIOGRAPH_MODALITIES)
             label_disc = discover(label_files, progress=None, masks=True) if label_files else Discovery()
             ref_disc = discover(ref_files, progress=None, masks=True) if ref_files else Discovery()
         except OSError as exc:

@@ -14,6 +14,10 @@ patient), else ImagerPixelSpacing as it is (the detector plane; a chest PA magni
 the spacing the site declares (``--pixel-spacing``); none of these refuses the image. Which one was
 used is recorded with the case.
 
+A PNG or JPEG radiograph (an export, or a public dataset's file) is prepared the same way: its grey
+levels as stored are the displayed ones (scaled to [0, 1] by the bit depth), and its pixel spacing,
+which such files do not carry, is the one the site declares; without one it is refused.
+
 Grey values follow the display pipeline of the standard (PS3.4 N.2.1): Modality LUT (rescale or
 LUT sequence), then the first VOI transform the header gives (VOI LUT sequence or window, with
 its VOILUTFunction), then MONOCHROME1 inverted; the result is scaled to [0, 1] over the range of
@@ -37,18 +41,21 @@ from preprocessing.refusals import SPACING_RANGE_MM, SeriesError, check_affine, 
 
 __all__ = [
     "DX_FOR_PROCESSING_SOP_CLASS",
+    "PICTURE_SUFFIXES",
     "RADIOGRAPH_MODALITIES",
     "RADIOGRAPH_SOP_CLASSES",
     "SPACING_SOURCES",
     "VIEW_POSITIONS",
     "Radiograph",
     "is_radiograph",
+    "load_picture",
     "load_radiograph",
     "presentation_values",
     "radiograph_spacing",
 ]
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # radiographs as pictures: the spacing is declared
 DX_FOR_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1.1"
 RADIOGRAPH_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
@@ -72,7 +79,8 @@ class Radiograph:
         affine_ras: diagonal affine of the pixel spacing (column, row, 1 mm).
         spacing: (between columns, between rows) in mm.
         spacing_source: one of `SPACING_SOURCES`.
-        values: which step of the display pipeline set the grey levels: ``voi_lut``, ``window`` or ``modality``.
+        values: which step of the display pipeline set the grey levels: ``voi_lut``, ``window`` or ``modality``;
+            ``picture`` for a PNG/JPEG file (its grey levels as stored).
         photometric: MONOCHROME1 (inverted here) or MONOCHROME2.
         view: ViewPosition from `VIEW_POSITIONS`, ``other`` or ``""`` (absent).
         patient_orientation: what +column and +row point to in the patient (e.g. ``("L", "F")``), or None.
@@ -366,3 +374,68 @@ def read_mask(path: Path, kind: str, image_shape: tuple[int, ...]) -> np.ndarray
     if tuple(data.shape) != (cols, rows, 1):
         raise SeriesError(f"{path}: mask grid {tuple(data.shape)} does not match the radiograph's {(cols, rows, 1)}", "label_grid_mismatch")
     return data
+
+
+def load_picture(path: Path, modality: str, declared_spacing: tuple[float, float] | None) -> Radiograph:
+    """Read a PNG or JPEG radiograph into its image plane (see the module docstring).
+
+    Greyscale of 8 or 16 bits (or RGB with equal channels, as some exports are) is scaled to
+    [0, 1] by its bit depth; nothing in the file but its pixels is read (text chunks, EXIF and
+    comments never are).
+
+    Args:
+        path: the file.
+        modality: the site's ``--modality`` (CR or DX): a picture carries none.
+        declared_spacing: (between rows, between columns) in mm: required, a picture carries none.
+
+    Returns:
+        The radiograph: (columns, rows, 1) values in [0, 1], ``spacing_source`` ``declared``.
+
+    Raises:
+        SeriesError: ``no_pixel_spacing``, ``corrupt_image``, ``colour_image``, ``bad_dtype``,
+            ``constant_image``, or a size beyond the limits (`check_size`).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if declared_spacing is None:
+        raise SeriesError(
+            f"{path}: a PNG/JPEG image carries no pixel spacing; declare the detector's pixel size with --pixel-spacing ROW_MM,COL_MM", "no_pixel_spacing"
+        )
+    row_mm, col_mm = float(declared_spacing[0]), float(declared_spacing[1])
+    try:
+        with Image.open(path) as im:
+            check_size((im.width, im.height, 1), 4, f"image {path}")  # before any pixel is decoded
+            mode = im.mode
+            arr = np.asarray(im.convert("L") if mode == "P" else im)
+    except SeriesError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise SeriesError(f"{path}: unreadable image ({' '.join(str(exc).split())[:120]})", "corrupt_image") from None
+    if arr.ndim == 3:
+        colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
+        if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[2])):
+            raise SeriesError(f"{path}: a colour image; a radiograph is greyscale", "colour_image")
+        arr = colour[..., 0]
+    if arr.dtype == np.uint8:
+        top = 255.0
+    elif arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4 and (arr.size == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= 65535)):
+        top = 65535.0  # 16-bit greyscale (Pillow's I;16 and I modes)
+    else:
+        raise SeriesError(f"{path}: pixel type {arr.dtype} ({mode}); give 8- or 16-bit greyscale", "bad_dtype")
+    values = arr.astype(np.float64) / top
+    if values.size and float(values.max() - values.min()) == 0.0:
+        raise SeriesError(f"{path}: every pixel has the same value (a blank image)", "constant_image")
+    rows, cols = values.shape
+    affine = np.diag([col_mm, row_mm, SINGLETON_SPACING_MM, 1.0])
+    check_affine(affine, (cols, rows, 1), f"image {path}")
+    return Radiograph(
+        array=np.asfortranarray(values.astype(np.float32).T[:, :, None]),
+        affine_ras=affine,
+        spacing=(col_mm, row_mm),
+        spacing_source="declared",
+        values="picture",
+        photometric="MONOCHROME2",
+        view="",
+        patient_orientation=None,
+        modality=modality,
+    )

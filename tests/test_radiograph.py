@@ -256,3 +256,43 @@ def test_a_bad_pixel_spacing_option_is_one_error_line(files, tmp_path):
     res = cli("site-agent", "prepare", img, "--out", tmp_path / "out", "--schema", SCHEMA, "--pixel-spacing", "0.15")
     assert res.returncode == 0, res.stdout + res.stderr  # their own ImagerPixelSpacing is used, the option is not
     assert {c["radiograph"]["spacing_source"] for c in json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]} == {"ImagerPixelSpacing"}
+
+
+def test_png_and_jpeg_radiographs_with_a_declared_spacing(files, tmp_path):
+    """Pictures derived from a real CR file: a 16-bit PNG gives its grey levels back to 1/65535, an 8-bit
+    JPEG to its quantisation; they are images only with --modality CR/DX, and only with a declared spacing."""
+    (path,) = _need(files, "deid/cat.dcm")
+    reference = load_radiograph(path, pydicom.dcmread(path)).array[:, :, 0].T  # rows x columns in [0, 1]
+    img, lab = tmp_path / "images", tmp_path / "labels"
+    img.mkdir()
+    lab.mkdir()
+    Image.fromarray(np.round(reference * 65535).astype(np.uint16)).save(img / "cat16.png")
+    Image.fromarray(np.round(reference * 255).astype(np.uint8)).save(img / "cat8.jpg", quality=95)
+    Image.fromarray(np.round(reference * 255).astype(np.uint8)).convert("RGB").save(img / "catrgb.png")
+    (img / "notes.txt").write_text("not an image")
+    mask = np.zeros(reference.shape, np.uint8)
+    mask[500:1500, 800:2000] = 1
+    Image.fromarray(mask).save(lab / "cat16.png")
+    label_map = tmp_path / "site-labels.yaml"
+    label_map.write_text("format: fedimg-site-labels\nschema: chest-xr\nschema_version: 0.1.0\nlabels:\n  0: background\n  1: heart\n")
+    common = ["--labels", lab, "--label-map", label_map, "--schema", SCHEMA]
+    res = cli("site-agent", "prepare", img, "--out", tmp_path / "no-modality", *common)
+    assert res.returncode == 2 and "no image series, radiograph or NIfTI image found" in res.stderr  # PNG/JPEG are no images without --modality
+    res = cli("site-agent", "prepare", img, "--out", tmp_path / "no-spacing", *common, "--modality", "DX", "--json")
+    assert res.returncode == 2 and "carries no pixel spacing" in res.stderr and "--pixel-spacing" in res.stderr
+    out = tmp_path / "out"
+    res = cli("site-agent", "prepare", img, "--out", out, *common, "--modality", "DX", "--pixel-spacing", "0.14")
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 3 and manifest["modality"] == "DX"
+    for case in manifest["cases"]:
+        assert case["source_kind"] == "picture" and case["shape"] == [reference.shape[1], reference.shape[0], 1] and case["spacing"] == [0.14, 0.14, 1.0]
+        assert case["radiograph"] == {"spacing_source": "declared", "values": "picture", "photometric": "MONOCHROME2", "view": "", "patient_orientation": ""}
+        shown = np.asanyarray(nib.load(out / case["image"]).dataobj)[:, :, 0].T
+        error = np.abs(shown - reference)
+        if case["label"]:  # the 16-bit PNG, labelled
+            assert float(error.max()) <= 0.5 / 65535 + 1e-6
+            label = np.asanyarray(nib.load(out / case["label"]).dataobj)[:, :, 0].T
+            assert np.array_equal(label == 3, mask == 1)
+        else:  # 8 bits (JPEG: lossy too)
+            assert float(error.mean()) < 0.01
