@@ -174,9 +174,11 @@ def _read_label(
         SeriesError: an unreadable or unfitting file (see `load_nifti`, `read_seg`, `read_mask`).
     """
     if src.planar:
-        if kind == "seg":
-            raise SeriesError(f"{path}: DICOM SEG labels of radiographs are not read yet; give the mask as a PNG or NIfTI file", "unsupported_label")
         assert affine_ras is not None and image_shape is not None  # the radiograph's, from convert_case
+        if kind == "seg":  # frames placed by the one SOP instance they reference: [column, row, 0] like the image
+            assert src.series is not None  # a SEG pairs with a DICOM image only
+            arr = read_seg(path, src.series, [0], label_map, schema, opts.unknown_labels == "ignore")
+            return nib.Nifti1Image(arr, affine_ras)  # type: ignore[no-untyped-call]  # nibabel leaves it unannotated
         return nib.Nifti1Image(read_mask(path, kind, image_shape), affine_ras)  # type: ignore[no-untyped-call]  # the image's grid: the mask has no place of its own
     if kind == "png":
         raise SeriesError(f"{path}: a PNG mask labels a radiograph (CR, DX) only; {src.display} is a volume", "unsupported_label")

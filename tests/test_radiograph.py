@@ -296,3 +296,38 @@ def test_png_and_jpeg_radiographs_with_a_declared_spacing(files, tmp_path):
             assert np.array_equal(label == 3, mask == 1)
         else:  # 8 bits (JPEG: lossy too)
             assert float(error.mean()) < 0.01
+
+
+def test_a_dicom_seg_drawn_on_a_real_radiograph_lands_on_its_pixels(files, tmp_path):
+    """highdicom writes a SEG on the real CR file (no frame of reference, no position: a projection);
+    prepare pairs it by the instance it references and maps its segment by name."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    img, lab = tmp_path / "images", tmp_path / "labels"
+    img.mkdir()
+    lab.mkdir()
+    shutil.copy(files["pydicom/6154"], img / "a.dcm")
+    shutil.copy(files["pydicom/6247"], img / "b.dcm")
+    ds = pydicom.dcmread(img / "a.dcm")
+    drawn = np.zeros((1, 16, 16), np.uint8)  # frames x rows x columns
+    drawn[0, 2:9, 9:14] = 1
+    segment = hd.seg.SegmentDescription(segment_number=1, segment_label="right lung", segmented_property_category=codes.SCT.Organ,
+                                        segmented_property_type=codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)  # fmt: skip
+    seg = hd.seg.Segmentation(source_images=[ds], pixel_array=drawn, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                              segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=90, sop_instance_uid=hd.UID(),
+                              instance_number=1, manufacturer="fedimg-tests", manufacturer_model_name="tests", software_versions="1",
+                              device_serial_number="1")  # fmt: skip
+    seg.save_as(lab / "whatever-name.dcm")
+    label_map = tmp_path / "site-labels.yaml"
+    label_map.write_text("format: fedimg-site-labels\nschema: chest-xr\nschema_version: 0.1.0\nlabels:\n  0: background\n  right lung: right_lung\n")
+    schema = load_schema(SCHEMA)
+    res = prepare([img], tmp_path / "out", schema, load_label_map(label_map, schema), labels=[lab], options=PrepareOptions(name="cxr"))
+    assert sorted(o.status for o in res.outcomes) == ["ok", "ok"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (case,) = [c for c in manifest["cases"] if c["label"]]
+    assert case["label_source_kind"] == "seg" and case["label_voxels"] == {"right_lung": 35}
+    label = np.asanyarray(nib.load(tmp_path / "out" / case["label"]).dataobj)[:, :, 0].T
+    assert np.array_equal(label == 2, drawn[0] == 1)
+    image = np.asanyarray(nib.load(tmp_path / "out" / case["image"]).dataobj)[:, :, 0].T
+    np.testing.assert_allclose(image, _window_then_invert(ds), atol=1e-5)  # the SEG went to a.dcm, not b.dcm
