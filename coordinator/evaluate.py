@@ -98,7 +98,7 @@ def _write_overlays(run_dir: Path, net: torch.nn.Module, volumes: list, settings
         ref = label.reshape(pred.shape).cpu().numpy()
         if table is not None:
             pred, ref = merged_into_organs(pred, table), merged_into_organs(ref, table)
-        dice = dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+        dice = dice_per_class(pred, ref, classes, settings.schema.ignore_label, settings.schema.empty_mask_one)
         rows = figures.overlay_rows(ref, pred, {c: names[c] for c in classes}, dice)
         path = run_dir / REPORT_DIR / figures.OVERLAYS_DIR / figures.overlay_name(j, dataset)
         figures.write_case(path, image[0].cpu().numpy(), ref, pred, rows, f"{title}, out-of-federation case {j}")

@@ -10,7 +10,7 @@ the YAML files, validates them with these models and builds the objects the code
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -109,6 +109,14 @@ class LabelSchemaFile(ConfigModel):
     )
     modalities: dict[str, ModalityRuleFile] | None = Field(None, description="Modality -> intensity rule (default: the CT window).")
     class_notes: dict[str, str] | None = Field(None, description="Free-text notes per class for annotators (not used by code).")
+    empty_mask_dice: dict[str, Literal["skip", "one"]] | None = Field(
+        None,
+        description=(
+            "Foreground class name -> what an image whose reference has none of the class scores for it: 'skip' (the default: "
+            "not scored, a false positive scores 0) or 'one' (Dice 1 when the prediction is empty too, 0 otherwise: "
+            "SIIM-ACR's pneumothorax rule, for a finding most images do not have; an empty mask is then a full label)."
+        ),
+    )
     surface_tolerance_mm: dict[str, Annotated[float, number(0, MAX_SURFACE_TOLERANCE_MM, exclusive_minimum=True)]] | None = Field(
         None,
         description=(
@@ -143,6 +151,9 @@ class LabelSchemaFile(ConfigModel):
                 if member in seen:
                     raise ConfigProblem(f"groups.{organ}", f"{member!r} is in more than one group")
                 seen.add(member)
+        for name in self.empty_mask_dice or {}:
+            if name not in classes or name == "background":
+                raise ConfigProblem(f"empty_mask_dice.{name}", f"not a foreground class{did_you_mean(name, [c for c in classes if c != 'background'])}")
         for name in self.surface_tolerance_mm or {}:
             if name not in classes or name == "background":
                 raise ConfigProblem(f"surface_tolerance_mm.{name}", f"not a foreground class{did_you_mean(name, [c for c in classes if c != 'background'])}")

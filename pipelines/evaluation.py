@@ -5,7 +5,9 @@ Empty-mask rule (stated once, used everywhere):
     reference cannot tell a right prediction from a wrong one;
   * a labelled class absent from a case's reference: Dice is NaN (excluded from means)
     when the prediction is empty too, and 0.0 when the model predicts it anyway (a false
-    positive is an error, not a free pass);
+    positive is an error, not a free pass); for a class the schema marks
+    ``empty_mask_dice: one`` (a finding most images lack, e.g. pneumothorax: SIIM-ACR's rule),
+    an empty prediction on an empty reference is right and scores 1.0;
   * voxels with the ignore label (255) are left out of both prediction and reference.
 Out-of-federation test sets that label organs but not lesions are scored with every
 lesion merged into its organ, in both prediction and reference (`merge_lesions`).
@@ -125,6 +127,7 @@ def dice_per_class(
     ref: np.ndarray | torch.Tensor,
     classes: Iterable[int],
     ignore_label: int = IGNORE_LABEL,
+    empty_scores_one: Iterable[int] = (),
 ) -> dict[int, float]:
     """Dice of each class in `classes` for one case, with the empty-mask rule above.
 
@@ -133,6 +136,8 @@ def dice_per_class(
         ref: the reference label map, same shape.
         classes: the classes to score.
         ignore_label: the reference value left out of both maps.
+        empty_scores_one: classes for which an empty prediction on an empty reference scores 1.0
+            (the schema's ``empty_mask_one``) instead of NaN.
 
     Returns:
         Class id -> Dice (NaN: not scorable).
@@ -145,12 +150,13 @@ def dice_per_class(
     if p.shape != r.shape:
         raise ValueError(f"prediction shape {p.shape} != reference shape {r.shape}")
     valid = r != ignore_label
+    one = set(empty_scores_one)
     scores: dict[int, float] = {}
     for c in classes:
         pc, rc = (p == c) & valid, (r == c) & valid
         n_ref, n_pred = int(rc.sum()), int(pc.sum())
         if n_ref == 0:
-            scores[c] = float("nan") if n_pred == 0 else 0.0
+            scores[c] = (1.0 if c in one else float("nan")) if n_pred == 0 else 0.0
         else:
             scores[c] = 2.0 * int((pc & rc).sum()) / (n_ref + n_pred)
     return scores

@@ -118,6 +118,7 @@ def case_metrics(
     spacing: Sequence[float],
     tolerances_mm: Mapping[int, float] | None = None,
     ignore_label: int = IGNORE_LABEL,
+    empty_scores_one: Iterable[int] = (),
 ) -> dict[int, dict[str, float]]:
     """The clinical metrics of each class in `classes` for one case, with the empty-mask rules above.
 
@@ -129,6 +130,8 @@ def case_metrics(
         tolerances_mm: class id -> NSD tolerance in mm (`LabelSchema.surface_tolerance`); a class
             not in it, or None, uses `DEFAULT_SURFACE_TOLERANCE_MM` (2.0 mm).
         ignore_label: the reference value whose voxels are background in both maps.
+        empty_scores_one: classes whose empty prediction on an empty reference is right (the schema's
+            ``empty_mask_one``): Dice and NSD 1, volumes 0, the distances NaN.
 
     Returns:
         Class id -> {metric: value} for every metric of `METRICS` (NaN: not scorable).
@@ -148,7 +151,8 @@ def case_metrics(
     bad = {c: t for c, t in tolerances.items() if not (math.isfinite(t) and t >= 0)}
     if bad:
         raise ValueError(f"NSD tolerances must be finite numbers >= 0 mm, got {bad}")
-    dice = dice_per_class(p, r, classes, ignore_label)
+    one = {int(c) for c in empty_scores_one}
+    dice = dice_per_class(p, r, classes, ignore_label, one)
     valid = r != ignore_label
     voxel_ml = float(np.prod(sp)) / 1000.0
     out: dict[int, dict[str, float]] = {}
@@ -162,6 +166,8 @@ def case_metrics(
                 row["rvd"] = (n_pred - n_ref) / n_ref
             if n_pred and n_ref:
                 row["hd95"], row["assd"], row["nsd"] = _surface(pc, rc, sp, tolerances[c])
+        elif c in one:  # nothing to find, and nothing found
+            row.update(dice=1.0, nsd=1.0, volume_ref_ml=0.0, volume_pred_ml=0.0)
         out[c] = row
     return out
 

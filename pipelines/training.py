@@ -221,7 +221,7 @@ def evaluate_case(
         Class id -> Dice.
     """
     pred, ref = case_label_maps(model, image, label, settings, merge_lesion_classes)
-    return dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+    return dice_per_class(pred, ref, classes, settings.schema.ignore_label, settings.schema.empty_mask_one)
 
 
 def case_label_maps(
@@ -280,7 +280,7 @@ def evaluate_case_metrics(
     schema = settings.schema
     names = {v: k for k, v in schema.classes.items()}
     tolerances = {c: schema.surface_tolerance(names[c]) for c in classes}
-    return case_metrics(pred, ref, classes, spacing, tolerances, schema.ignore_label)
+    return case_metrics(pred, ref, classes, spacing, tolerances, schema.ignore_label, schema.empty_mask_one)
 
 
 def class_means(per_case: Sequence[Mapping[int, float]], classes: Sequence[int]) -> dict[int, float]:

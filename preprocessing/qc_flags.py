@@ -43,10 +43,14 @@ def case_flags(
         if counts[schema.ignore_label]:
             voxels["ignore"] = int(counts[schema.ignore_label])
             flags.append("ignore_voxels")
+        # a class whose empty mask is a full label (``empty_mask_dice: one``) is never missing, nor makes a label empty
+        expected = [c for c in labeled if c not in schema.empty_mask_one]
         if not any(counts[i] for i in range(1, schema.num_classes)):
-            flags.append("label_empty")
+            if expected or not labeled:
+                flags.append("label_empty")
         else:
-            flags += [f"missing_{names[c]}" for c in labeled if counts[c] == 0 and names[c] not in {l for ls in schema.groups.values() for l in ls}]
+            lesions = {l for ls in schema.groups.values() for l in ls}
+            flags += [f"missing_{names[c]}" for c in expected if counts[c] == 0 and names[c] not in lesions]
     axes = 2 if planar else 3  # a radiograph's third axis is its singleton, not a slice count
     if min(image_data.shape[:axes]) < 16:
         flags.append("small_image" if planar else "few_slices")

@@ -99,6 +99,7 @@ class LabelSchema:
     source: str = "<memory>"
     class_notes: dict[str, str] = field(default_factory=dict)
     surface_tolerance_mm: dict[str, float] = field(default_factory=dict)  # as declared; see `surface_tolerance`
+    empty_mask_one: frozenset[int] = frozenset()  # class ids whose empty reference scores Dice 1 with an empty prediction (``empty_mask_dice: one``)
 
     @property
     def major(self) -> int:
@@ -264,6 +265,7 @@ def parse_schema(raw: Mapping[str, Any], source: str) -> LabelSchema:
         source=source,
         class_notes=dict(doc.class_notes or {}),
         surface_tolerance_mm={k: float(v) for k, v in (doc.surface_tolerance_mm or {}).items()},
+        empty_mask_one=frozenset(doc.classes[k] for k, v in (doc.empty_mask_dice or {}).items() if v == "one"),
     )
 
 

@@ -596,10 +596,10 @@ def _case_clinical(
     ref = label.reshape(pred.shape) if label.numel() == pred.numel() else label[0]
     names = {v: k for k, v in settings.schema.classes.items()}
     tolerances = {c: settings.schema.surface_tolerance(names[c]) for c in classes}
-    return case_metrics(pred, ref, classes, spacing, tolerances, settings.schema.ignore_label)
+    return case_metrics(pred, ref, classes, spacing, tolerances, settings.schema.ignore_label, settings.schema.empty_mask_one)
 
 
 def _case_dice(pred: torch.Tensor, label: torch.Tensor, classes: list[int], settings: SegmentationSettings) -> dict[int, float]:
     """Dice per class of one predicted volume against a label map, (1, X, Y, Z) or (X, Y, Z), as `evaluate_case` scores it."""
     ref = label.reshape(pred.shape) if label.numel() == pred.numel() else label[0]
-    return dice_per_class(pred, ref, classes, settings.schema.ignore_label)
+    return dice_per_class(pred, ref, classes, settings.schema.ignore_label, settings.schema.empty_mask_one)
