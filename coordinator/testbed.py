@@ -63,6 +63,15 @@ def default_spec_text() -> str:
     return resources.files("coordinator").joinpath("examples/phantom_condistfl.yaml").read_text()
 
 
+def chest_spec_text() -> str:
+    """The radiograph demo spec (``coordinator/examples/chest_condistfl.yaml``).
+
+    Returns:
+        Its YAML text.
+    """
+    return resources.files("coordinator").joinpath("examples/chest_condistfl.yaml").read_text()
+
+
 def enroll_site(home: Path, site: site_config.SiteConfig, public_host: str = "localhost") -> dict:
     """The whole enrolment of one site in one process (testbeds and tests; real sites use the CLIs):
     the site's key and CSR, signed with the coordinator home's site CA, installed with the pin.
@@ -107,6 +116,9 @@ class Testbed:
         brain: FedSR sites instead: each site's brain-MRI scanner profile (``site-a`` ... ``site-d``
             of `fedimg_testing.phantom.BRAIN_SITES`), cycled over the sites; None: abdominal CT/MR.
         labelled: brain sites: how many of each site's cases have labels (its evaluation cases).
+        body: ``abdomen`` (CT/MR phantoms) or ``chest``: radiograph sites after the ConDistFL paper's 2D
+            setting (site i: scanner i of `fedimg_testing.phantom.chest.SCANNERS`, labelling left lung,
+            right lung, heart or pneumothorax; cycled), prepared with the chest-xr schema.
 
     Raises:
         UserError: fewer than one site.
@@ -117,7 +129,7 @@ class Testbed:
     def __init__(self, workdir: Path, n_sites: int, port: int = 0, auto_approve: bool = True, out: Callable[[str], None] | None = None,
                  oof_phase: str | None = None, phases: list[str] | None = None, modalities: list[str] | None = None,
                  classes: list[str] | None = None, cases: list[int] | None = None, reference_labels: bool = True,
-                 device: str = "auto", brain: list[str] | None = None, labelled: int = 0):  # fmt: skip
+                 device: str = "auto", brain: list[str] | None = None, labelled: int = 0, body: str = "abdomen"):  # fmt: skip
         if n_sites < 1:
             raise UserError("a testbed needs at least one site")
         self.workdir = Path(workdir).resolve()
@@ -131,6 +143,7 @@ class Testbed:
         self.device = device  # every site's device setting (auto: a GPU when torch sees one)
         self.brain = list(brain) if brain else None  # FedSR sites: brain-MRI scanner profiles, cycled
         self.labelled = labelled
+        self.body = body  # abdomen (CT/MR) or chest (radiographs)
         self.port = port or free_port()
         self.auto_approve = auto_approve
         self.out = out or (lambda line: log.debug("%s", line))  # the coordinator's own (already timestamped) lines
@@ -163,12 +176,18 @@ class Testbed:
             i: the site's index, from 0.
 
         Returns:
-            ``CT`` or ``MR``.
+            ``CT`` or ``MR``; ``CR`` or ``DX`` for chest sites.
         """
+        if self.body == "chest":
+            from fedimg_testing.phantom.chest import SCANNERS
+
+            return SCANNERS[i % len(SCANNERS)].modality
         return "MR" if self.brain else self.modalities[i % len(self.modalities)]
 
     def dataset_dir(self, i: int) -> Path:
-        """Site i's prepared dataset (named after its modality; ``brain`` for FedSR sites)."""
+        """Site i's prepared dataset (named after its modality; ``brain`` for FedSR sites, ``chest`` for radiograph sites)."""
+        if self.body == "chest":
+            return self.sites[i].data_dir / "chest"
         return self.sites[i].data_dir / ("brain" if self.brain else self.modality(i).lower())
 
     def site_config_path(self, i: int) -> Path:
@@ -191,7 +210,8 @@ class Testbed:
             cmd = [
                 sys.executable, "-m", "coordinator.testbed_site", "setup", "--config", str(cfg),
                 "--name", f"site-{i + 1}", "--port", str(self.port), "--seed", str(i + 1), "--tag", TAG,
-                "--phase", self.phases[i % len(self.phases)], "--modality", self.modality(i),
+                "--phase", self.phases[i % len(self.phases)],
+                *(["--body", "chest"] if self.body == "chest" else ["--modality", self.modality(i)]),
                 *(["--classes", ",".join(self.classes)] if self.classes else []),
                 *(["--cases", str(self.cases[i % len(self.cases)])] if self.cases else []),
                 *([] if self.reference_labels else ["--no-reference-labels"]),
@@ -419,7 +439,7 @@ class Testbed:
 def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int | None = None, port: int = 0,
         auto_approve: bool = True, oof_phase: str | None = "non_contrast", phases: list[str] | None = None,
         modalities: list[str] | None = None, classes: list[str] | None = None, cases: list[int] | None = None,
-        device: str = "auto") -> int:  # fmt: skip
+        device: str = "auto", body: str = "abdomen") -> int:  # fmt: skip
     """Set up, run one spec, score it out of federation, report, tear down (`coordinator testbed`).
 
     The coordinator CLI's output and, last, where to look at the run go to stdout; the
@@ -438,11 +458,12 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
         classes: classes every site labels (None: organ group i at site i).
         cases: cases per site, cycled over the sites (None: 4 each).
         device: every site's device setting (auto, cpu, cuda, cuda:N).
+        body: ``abdomen`` or ``chest`` (radiograph sites; the default spec is then `chest_spec_text`).
 
     Returns:
         The coordinator's exit code (130 when interrupted).
     """
-    text = spec_text or default_spec_text()
+    text = spec_text or (chest_spec_text() if body == "chest" else default_spec_text())
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -452,7 +473,7 @@ def run(workdir: Path, n_sites: int, spec_text: str | None = None, rounds: int |
     bed = Testbed(workdir, n_sites, port=port, auto_approve=auto_approve, out=lambda line: print(line, flush=True),
                   oof_phase=None if fedsr else oof_phase, phases=phases, modalities=modalities, classes=classes,
                   cases=cases or ([8] if fedsr else None), device=device,
-                  brain=["site-a", "site-b", "site-c"] if fedsr else None, labelled=2 if fedsr else 0)  # fmt: skip
+                  brain=["site-a", "site-b", "site-c"] if fedsr else None, labelled=2 if fedsr else 0, body=body)  # fmt: skip
 
     def _on_signal(signum, frame):
         raise KeyboardInterrupt

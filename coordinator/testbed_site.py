@@ -4,6 +4,7 @@
                                                                         # (+ test-only reference labels; --no-reference-labels: none)
     python -m coordinator.testbed_site approve --config C                   # approve every plan sent (loop)
     python -m coordinator.testbed_site data    --out DIR --seed S --classes kidney,liver --phase P [--modality MR]  # a test set only
+    python -m coordinator.testbed_site setup   --config C --seed S --body chest [...]  # a radiograph site (CR/DX, structure by seed)
     python -m coordinator.testbed_site setup   --config C --seed S --brain site-a --labelled 2 [...]  # a FedSR site: brain MRI,
                                                                         # unlabelled but for --labelled evaluation cases
 
@@ -51,7 +52,12 @@ def setup(args) -> None:
     site.save(args.config)
     site = site_config.load(args.config)
     classes = args.classes.split(",") if args.classes else None
-    if getattr(args, "brain", None):
+    if getattr(args, "body", "abdomen") == "chest":
+        dataset = site.data_dir / "chest"
+        _drop_stale(base / "hospital", dataset, _chest_params(args))
+        if not (dataset / "manifest.json").exists():
+            _prepare_chest(args, base / "hospital", dataset)
+    elif getattr(args, "brain", None):
         dataset = site.data_dir / "brain"
         _drop_stale(base / "hospital", dataset, _brain_params(args))
         if not (dataset / "manifest.json").exists():
@@ -80,6 +86,41 @@ def _phantom_params(args, classes: list[str] | None) -> dict:
     if getattr(args, "reference_labels", False):
         params["reference_labels"] = True
     return params
+
+
+def _chest_params(args) -> dict:
+    """What decides a chest site's phantom (a reused workdir with other values is written again)."""
+    return {"body": "chest", "seed": args.seed, "cases": args.cases, "scale": args.chest_scale, "references": bool(args.reference_labels)}
+
+
+def _prepare_chest(args, hospital: Path, dataset: Path) -> None:
+    """A radiograph site (`fedimg_testing.phantom.chest`), after the ConDistFL paper's 2D setting: site i has
+    scanner i and labels structure i (left lung, right lung, heart, pneumothorax; cycled), and holds test-only
+    reference masks of the structures it does not label; prepared with the chest-xr schema by the real
+    `site-agent prepare`."""
+    from fedimg_testing.phantom.chest import SCANNERS, write_chest_site
+
+    index = (args.seed - 1) % len(SCANNERS)
+    classes = CHEST_SITES[index]
+    reference = [c for c in ("left_lung", "right_lung", "heart", "pneumothorax") if c not in classes] if args.reference_labels else []
+    if not (hospital / "site-labels.yaml").exists():
+        write_chest_site(hospital, seed=args.seed, n_cases=args.cases, scanner=SCANNERS[index], classes=classes,
+                         reference_classes=reference or None, scale=args.chest_scale, pneumothorax=0.5)  # fmt: skip
+        atomic.write_json(hospital / PARAMS_FILE, _chest_params(args))
+    cmd = [
+        str(Path(sys.executable).with_name("site-agent")), "prepare", str(hospital / "images"), "--schema", "chest-xr",
+        "--labels", str(hospital / "labels"), "--label-map", str(hospital / "site-labels.yaml"),
+        "--out", str(dataset), "--name", f"{args.name}-{classes[0]}-{SCANNERS[index].modality.lower()}", "--require-labels",
+    ]  # fmt: skip
+    if reference:
+        cmd += ["--reference-labels", str(hospital / "reference-labels"), "--reference-label-map", str(hospital / "reference-labels.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"site-agent prepare failed ({res.returncode}): {res.stderr.strip() or res.stdout[-500:]}")
+
+
+# The ConDistFL paper's 2D sites: Montgomery (left lung), Shenzhen (right lung), JSRT (heart), SIIM-ACR (pneumothorax).
+CHEST_SITES = (["left_lung"], ["right_lung"], ["heart"], ["pneumothorax"])
 
 
 def _brain_params(args) -> dict:
@@ -207,6 +248,10 @@ def main(argv=None) -> int:
     s.add_argument("--organs", default=None, help="organ group the site labels (default: by seed)")
     s.add_argument("--classes", default=None, help="classes the site labels, comma-separated (instead of an organ group)")
     s.add_argument("--modality", default="CT", choices=("CT", "MR"), help="the site's scanner: CT, or MR (same anatomy, MR-like intensities)")
+    s.add_argument(
+        "--body", default="abdomen", choices=("abdomen", "chest"), help="abdominal CT/MR phantom, or chest radiographs (CR/DX; by seed: scanner and structure)"
+    )
+    s.add_argument("--chest-scale", type=float, default=0.1, help="chest sites: matrix size relative to the scanner's (0.1: ~1.5-2 mm pixels)")
     s.add_argument("--brain", default=None, help="a FedSR site: brain MRI with this scanner profile (site-a, site-b, site-c, site-d)")
     s.add_argument("--labelled", type=int, default=0, help="brain sites: how many cases have labels (evaluation cases, never trained on)")
     s.add_argument("--brain-size", type=int, default=32, help="brain sites: voxels per axis of the phantom head (192 mm field of view)")

@@ -100,7 +100,16 @@ def _crop(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _surface(pred: np.ndarray, ref: np.ndarray, spacing: list[float], tolerance: float) -> tuple[float, float, float]:
-    """HD95, ASSD and NSD (MONAI's functions) of two non-empty boolean masks."""
+    """HD95, ASSD and NSD (MONAI's functions) of two non-empty boolean masks.
+
+    An axis of one voxel (a radiograph's plane, stored with a singleton third axis) is not a
+    dimension: the masks' edges are found in the others (a 3D edge on a one-voxel-thick mask
+    would be every voxel).
+    """
+    flat = [axis for axis, n in enumerate(pred.shape) if n == 1]
+    if flat and pred.ndim - len(flat) >= 2:
+        pred, ref = pred.squeeze(axis=tuple(flat)), ref.squeeze(axis=tuple(flat))
+        spacing = [s for axis, s in enumerate(spacing) if axis not in flat]
     p, r = _crop(pred, ref)
     yp, yr = torch.from_numpy(np.ascontiguousarray(p))[None, None].float(), torch.from_numpy(np.ascontiguousarray(r))[None, None].float()
     with warnings.catch_warnings():  # MONAI 1.6 passes its own deprecated argument to get_mask_edges: not ours to fix

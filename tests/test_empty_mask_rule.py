@@ -53,3 +53,16 @@ def test_the_rule_is_checked_at_the_boundary():
         parse_schema({**raw, "empty_mask_dice": {"lesoin": "one"}}, "s.yaml")
     with pytest.raises(SchemaError, match="empty_mask_dice.lesion"):
         parse_schema({**raw, "empty_mask_dice": {"lesion": "zero"}}, "s.yaml")
+
+
+def test_surface_distances_of_a_radiograph_are_taken_in_its_plane():
+    """(X, Y, 1) as prepared: the same HD95/ASSD/NSD as the 2D masks, not those of a one-voxel-thick 3D shape."""
+    ref = np.zeros((40, 40), np.uint8)
+    ref[10:30, 10:30] = 1
+    pred = np.zeros_like(ref)
+    pred[12:32, 10:30] = 1  # shifted two pixels
+    flat = case_metrics(pred, ref, [1], (0.5, 0.5))[1]
+    planar = case_metrics(pred[:, :, None], ref[:, :, None], [1], (0.5, 0.5, 1.0))[1]
+    for key in ("dice", "hd95", "assd", "nsd"):
+        assert planar[key] == pytest.approx(flat[key]), key
+    assert planar["hd95"] == pytest.approx(1.0)  # two pixels of 0.5 mm

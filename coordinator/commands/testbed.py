@@ -40,6 +40,15 @@ from preprocessing.schema import load_schema
     help="Each site's scanner, CT or MR (MR-like intensities of the same anatomy), comma-separated, "
     "cycled over the sites (e.g. CT,MR: a cross-modality federation).",
 )
+@click.option(
+    "--body",
+    default="abdomen",
+    show_default=True,
+    type=click.Choice(["abdomen", "chest"]),
+    help="abdomen: CT/MR phantoms (the main job); chest: radiograph sites after the ConDistFL paper's 2D setting (site i: its own "
+    "CR/DX machine, labelling left lung, right lung, heart or pneumothorax), running coordinator/examples/chest_condistfl.yaml "
+    "unless --spec is given (--phases, --modalities, --classes and --oof-phase are for abdomen sites).",
+)
 @click.option("--classes", default=None, help="Classes every site labels, comma-separated (default: organ group i at site i).")  # fmt: skip
 @click.option(
     "--cases",
@@ -49,7 +58,7 @@ from preprocessing.schema import load_schema
 )
 @scale_option
 @click.option("--device", default="auto", show_default=True, help="Every site's device setting: auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
-def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, classes, cases, scale, device) -> None:
+def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, phases, modalities, body, classes, cases, scale, device) -> None:
     """Start a coordinator and N site nodes on loopback, run a spec, tear everything down."""
     from coordinator import testbed as tb  # deferred: start-up time (the site agent, Fed-BioMed)
     from fedimg_testing.phantom import PHASES
@@ -77,8 +86,10 @@ def testbed(n_sites, rounds, spec_file, workdir, port, no_approve, oof_phase, ph
         case_counts = []
     if not case_counts or min(case_counts) < 1:
         raise click.BadParameter(f"must be integers >= 1, comma-separated (got {cases!r})", param_hint="--cases")
+    if body == "chest" and class_list:
+        raise click.BadParameter("chest sites each label their own structure (site i: left lung, right lung, heart, pneumothorax)", param_hint="--classes")
     code = tb.run(wd, n_sites, spec_text=text, rounds=rounds, port=port, auto_approve=not no_approve,
-                  oof_phase=None if oof_phase == "none" else oof_phase, phases=phase_list, modalities=mods, classes=class_list,
-                  cases=case_counts, device=device)  # fmt: skip
+                  oof_phase=None if oof_phase == "none" or body == "chest" else oof_phase, phases=phase_list, modalities=mods,
+                  classes=class_list, cases=case_counts, device=device, body=body)  # fmt: skip
     if code != 0:
         sys.exit(code)
