@@ -19,7 +19,7 @@ from fedimg_core.config import ConfigModel, ConfigProblem, did_you_mean, short
 from fedimg_core.config_types import Flag, integer
 from pipelines.config_fields import ConfigValueError, check_model
 
-NETWORKS = ("basic_unet", "dynunet", "mednext")
+NETWORKS = ("basic_unet", "dynunet", "mednext", "flexible_unet")
 SIZES = ("tiny", "small", "base", "medium", "large")
 DEFAULT_SIZE = "tiny"
 
@@ -65,6 +65,16 @@ NETWORK_SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "medium": {"filters": "nnunet", "levels": 6, "res_block": True},
         "large": {"filters": (64, 96, 128, 192, 256, 384), "res_block": True},
     },
+    # MONAI's FlexibleUNet: a classification encoder (EfficientNet or ResNet, MONAI's own code, so there
+    # offline; random init: pretrained weights are a download) and a U-Net decoder of 5 stages (/32).
+    # Its encoder normalises with batch norm (buffers averaged by Fed-BioMed like the weights).
+    "flexible_unet": {
+        "tiny": {"backbone": "efficientnet-b0", "decoder_channels": (32, 16, 16, 8, 8)},
+        "small": {"backbone": "efficientnet-b0", "decoder_channels": (128, 64, 32, 16, 16)},
+        "base": {"backbone": "efficientnet-b2", "decoder_channels": (256, 128, 64, 32, 16)},
+        "medium": {"backbone": "efficientnet-b4", "decoder_channels": (256, 128, 64, 32, 16)},
+        "large": {"backbone": "efficientnet-b7", "decoder_channels": (256, 128, 64, 32, 16)},
+    },
     "basic_unet": {
         "tiny": {"features": (4, 4, 8, 16, 32, 4)},
         "small": {"features": (16, 16, 32, 64, 128, 16)},
@@ -90,7 +100,13 @@ MONAI_OPTIONS: dict[str, tuple[str, ...]] = {
         "kernel_size", "use_residual_connection", "blocks_down", "blocks_bottleneck", "blocks_up", "norm_type",
         "global_resp_norm",
     ),
+    "flexible_unet": (
+        "backbone", "pretrained", "decoder_channels", "norm", "act", "dropout", "decoder_bias", "upsample", "pre_conv",
+        "interp_mode", "is_pad",
+    ),
 }  # fmt: skip
+# FlexibleUNet's encoders in MONAI 1.6.1 (monai.networks.nets.flexible_unet.FLEXUNET_BACKBONE)
+FLEXIBLE_BACKBONES = tuple(f"efficientnet-b{i}" for i in range(9)) + ("efficientnet-l2",) + tuple(f"resnet{d}" for d in (10, 18, 34, 50, 101, 152, 200))
 
 
 def _choose(value: Any, choices: Sequence[str], hint_first: bool = False) -> str:
@@ -124,6 +140,8 @@ def _monai_defaults(name: str) -> dict[str, Any]:
     """MONAI's constructor defaults (for configs given as a partial mapping)."""
     if name == "dynunet":
         return {"filters": "nnunet", "levels": 6}
+    if name == "flexible_unet":
+        return dict(NETWORK_SIZES["flexible_unet"]["base"])  # MONAI requires a backbone: the base size's, unless given
     # only for a config given as a mapping (build_network, never a spec): MONAI is needed here
     from monai.networks.nets.basic_unet import BasicUNet
     from monai.networks.nets.mednext import MedNeXt
@@ -200,6 +218,19 @@ def resolve_config(
         cfg.setdefault("kernel_size", [[3] * spatial_dims] * n)
         cfg.setdefault("strides", [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1))
         cfg.setdefault("upsample_kernel_size", list(cfg["strides"])[1:])
+    elif name == "flexible_unet":
+        if features is not None:
+            cfg["decoder_channels"] = (features,) * 5 if isinstance(features, int) else tuple(features)
+        channels = tuple(cfg.get("decoder_channels", ()))
+        if len(channels) != 5:
+            raise ValueError(f"flexible_unet needs 5 decoder channel sizes (features), got {len(channels)}")
+        _check_positive_ints("features", channels)
+        cfg["decoder_channels"] = channels
+        if cfg.get("backbone") not in FLEXIBLE_BACKBONES:
+            raise ValueError(f"unknown flexible_unet backbone {cfg.get('backbone')!r}; {_choose(cfg.get('backbone'), FLEXIBLE_BACKBONES, hint_first=True)}")
+        if cfg.get("pretrained"):
+            raise ValueError("flexible_unet pretrained: true downloads ImageNet weights at run time, which sites cannot do; leave it false")
+        cfg["pretrained"] = False
     else:  # mednext
         if features is not None:
             feats = (features,) if isinstance(features, int) else tuple(features)
@@ -247,6 +278,8 @@ def network_levels(name: str, config: Mapping[str, Any]) -> int:
         return len(tuple(config["blocks_down"])) + 1
     if name == "dynunet":
         return len(tuple(config["strides"]))
+    if name == "flexible_unet":
+        return 6  # 5 downsamplings (/32), whatever the backbone
     return 5  # BasicUNet: 4 poolings
 
 
@@ -373,8 +406,8 @@ class NetworkSpec(ConfigModel):
         name = self.name
         if self.size not in NETWORK_SIZES[name]:
             raise ConfigProblem("size", f"unknown size {self.size!r} for network {name!r}; {_choose(self.size, tuple(NETWORK_SIZES[name]))}")
-        if self.deep_supervision and name == "basic_unet":
-            raise ConfigProblem("deep_supervision", "basic_unet has no deep supervision heads; use mednext or dynunet")
+        if self.deep_supervision and name in ("basic_unet", "flexible_unet"):
+            raise ConfigProblem("deep_supervision", f"{name} has no deep supervision heads; use mednext or dynunet")
         allowed = MONAI_OPTIONS[name]
         for key in self.model_extra or {}:
             if key == "out_channels":
@@ -382,6 +415,11 @@ class NetworkSpec(ConfigModel):
             if key not in allowed:
                 options = list(_SPEC_KEYS) + [a for a in allowed if a not in ("features", "filters")]
                 raise ConfigProblem(key, f"unknown network option {key!r} for {name}; {_choose(key, options, hint_first=True)}")
+        extra = self.model_extra or {}
+        if name == "flexible_unet" and extra.get("pretrained"):
+            raise ConfigProblem("pretrained", "true downloads ImageNet weights at run time, which sites cannot do; leave it false")
+        if name == "flexible_unet" and "backbone" in extra and extra["backbone"] not in FLEXIBLE_BACKBONES:
+            raise ConfigProblem("backbone", f"unknown backbone {extra['backbone']!r}; {_choose(extra['backbone'], FLEXIBLE_BACKBONES, hint_first=True)}")
         try:  # resolving catches inconsistent features/options before anything is sent
             resolve_config(name, self.size, self.spatial_dims, self.features, **(self.model_extra or {}))
         except ValueError as exc:

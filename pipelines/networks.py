@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from monai.networks.nets.basic_unet import BasicUNet
 from monai.networks.nets.dynunet import DynUNet
+from monai.networks.nets.flexible_unet import FlexibleUNet
 from monai.networks.nets.mednext import MedNeXt
 
 # The plain-argument part (sizes, spec and patch checks) imports neither torch nor MONAI, so
@@ -57,6 +58,24 @@ __all__ = [
 ]
 
 
+# EfficientNet's image classifier (head convolution, its norm, the fully connected layer): built by MONAI's
+# encoder, never used by FlexibleUNet's forward.
+_UNUSED_ENCODER_PARTS = ("encoder._conv_head.", "encoder._bn1.", "encoder._fc.")
+
+
+class _FlexibleUNet(FlexibleUNet):
+    """MONAI FlexibleUNet whose unused EfficientNet classifier gets zero gradients instead of none: an optimizer
+    that steps every weight with its gradient (declearn's, with weight decay, through Fed-BioMed) fails on a
+    weight without one. Outputs, parameters and state_dict keys are MONAI's."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = super().forward(inputs)
+        unused = [p for n, p in self.named_parameters() if n.startswith(_UNUSED_ENCODER_PARTS) and p.requires_grad]
+        if unused and torch.is_grad_enabled():
+            out = out + 0.0 * sum(p.view(-1)[0] for p in unused)
+        return out
+
+
 class _DynUNet(DynUNet):
     """MONAI DynUNet whose deep-supervision training output is a tuple of heads, each at its own
     resolution (full resolution first), instead of MONAI's stacked tensor of heads
@@ -90,7 +109,8 @@ def build_network(
     """Build a MONAI segmentation network.
 
     Args:
-        name: ``mednext``, ``dynunet`` or ``basic_unet``.
+        name: ``mednext``, ``dynunet``, ``basic_unet`` or ``flexible_unet`` (MONAI's FlexibleUNet: an EfficientNet
+            or ResNet encoder, random init, and a U-Net decoder).
         spatial_dims: 2 or 3.
         in_channels: image channels.
         out_channels: classes, background included.
@@ -115,7 +135,12 @@ def build_network(
 
 
 # MONAI's class of each network (what a MONAI bundle's config names: `pipelines.model_package`).
-MONAI_CLASSES = {"basic_unet": "monai.networks.nets.BasicUNet", "dynunet": "monai.networks.nets.DynUNet", "mednext": "monai.networks.nets.MedNeXt"}
+MONAI_CLASSES = {
+    "basic_unet": "monai.networks.nets.BasicUNet",
+    "dynunet": "monai.networks.nets.DynUNet",
+    "mednext": "monai.networks.nets.MedNeXt",
+    "flexible_unet": "monai.networks.nets.FlexibleUNet",
+}
 
 
 def network_constructor(
@@ -169,11 +194,20 @@ def network_constructor(
         if deep_supervision:
             cfg.setdefault("deep_supr_num", max(1, len(cfg["strides"]) - 2))
         return _DynUNet, {**common, "deep_supervision": deep_supervision, **cfg}
+    if name == "flexible_unet":
+        if deep_supervision:
+            raise ValueError("flexible_unet has no deep supervision heads; use mednext or dynunet")
+        return _FlexibleUNet, {**common, **cfg}
     return MedNeXt, {**common, "deep_supervision": deep_supervision, **cfg}
 
 
 # The modules whose outputs are the network's class logits (main output and deep-supervision heads), per network.
-_OUTPUT_LAYER_PREFIXES = {"mednext": ("out_0.conv_out", "out_blocks."), "dynunet": ("output_block.", "deep_supervision_heads."), "basic_unet": ("final_conv",)}
+_OUTPUT_LAYER_PREFIXES = {
+    "mednext": ("out_0.conv_out", "out_blocks."),
+    "dynunet": ("output_block.", "deep_supervision_heads."),
+    "basic_unet": ("final_conv",),
+    "flexible_unet": ("segmentation_head.",),
+}
 
 
 def output_biases(model: torch.nn.Module, out_channels: int) -> list[torch.nn.Parameter]:
@@ -190,7 +224,8 @@ def output_biases(model: torch.nn.Module, out_channels: int) -> list[torch.nn.Pa
         ValueError: a network whose output layers are not known here.
     """
     inner = getattr(model, "net", model)
-    kind = "mednext" if isinstance(inner, MedNeXt) else "dynunet" if isinstance(inner, DynUNet) else "basic_unet" if isinstance(inner, BasicUNet) else None
+    kinds = {MedNeXt: "mednext", DynUNet: "dynunet", BasicUNet: "basic_unet", FlexibleUNet: "flexible_unet"}
+    kind = next((k for cls, k in kinds.items() if isinstance(inner, cls)), None)
     if kind is None:
         raise ValueError(f"no known output layers for {type(inner).__name__}")
     prefixes = _OUTPUT_LAYER_PREFIXES[kind]

@@ -50,6 +50,7 @@ _BATCH_NORM_FIX = {
     "basic_unet": "set plan_args.network.norm: instance",
     "dynunet": "set plan_args.network.norm_name: instance",
     "mednext": "set plan_args.network.norm_type: group",
+    "flexible_unet": "use network name basic_unet or mednext (flexible_unet's encoder always uses batch norm)",
 }
 
 

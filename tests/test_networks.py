@@ -19,6 +19,7 @@ from pipelines.networks import (
 )
 
 DS_NETWORKS = ("mednext", "dynunet")
+UNET_NETWORKS = ("mednext", "dynunet", "basic_unet")  # scalable to a few thousand parameters; flexible_unet's encoder is a classifier's
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +36,12 @@ def _seed_and_plain_cpu_kernels():
 
 
 def test_every_network_has_every_size():
-    assert set(NETWORK_SIZES) == set(NETWORKS) == {"mednext", "dynunet", "basic_unet"}
+    assert set(NETWORK_SIZES) == set(NETWORKS) == {"mednext", "dynunet", "basic_unet", "flexible_unet"}
     for name in NETWORKS:
         assert tuple(NETWORK_SIZES[name]) == SIZES
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", UNET_NETWORKS)
 @pytest.mark.parametrize("dims", [2, 3])
 def test_tiny_builds_forwards_and_backwards(name, dims):
     net = build_network(name, spatial_dims=dims, in_channels=1, out_channels=3, size="tiny")
@@ -201,3 +202,54 @@ def test_spec_config_builds_in_2d():
     net = build_network(out_channels=4, **kwargs)
     heads = all_heads(net(torch.randn(1, 1, 64, 64)))
     assert [h.shape[-1] for h in heads] == [64, 32, 16, 8, 4]
+
+
+def test_flexible_unet_an_offline_encoder_in_2d_and_3d():
+    """MONAI's FlexibleUNet: EfficientNet/ResNet encoder (random init: pretrained weights are a download), U-Net decoder, /32."""
+    from monai.networks.nets import FlexibleUNet
+
+    from pipelines.networks import output_biases
+
+    torch.backends.mkldnn.enabled = True  # EfficientNet's depthwise convolutions take seconds per pass on the plain kernels (the fixture restores it)
+    net = build_network("flexible_unet", spatial_dims=2, out_channels=5, size="tiny", roi_size=[64, 64])
+    assert isinstance(net, FlexibleUNet)
+    net.eval()
+    x = torch.randn(1, 1, 64, 96)
+    assert torch.equal(net(x), FlexibleUNet.forward(net, x))  # MONAI's output, exactly
+    net.train()
+    out = net(x)
+    assert out.shape == (1, 5, 64, 96)
+    out.mean().backward()
+    # every weight has a gradient: EfficientNet's unused classifier a zero one (an optimizer stepping every weight needs one)
+    assert all(p.grad is not None for p in net.parameters())
+    classifier = {n: p.grad for n, p in net.named_parameters() if n.startswith(("encoder._conv_head.", "encoder._bn1.", "encoder._fc."))}
+    assert len(classifier) == 5 and all(float(g.abs().sum()) == 0.0 for g in classifier.values())
+    assert set(net.state_dict()) == set(FlexibleUNet(1, 5, "efficientnet-b0", spatial_dims=2, decoder_channels=(32, 16, 16, 8, 8)).state_dict())
+    assert len(output_biases(net, 5)) == 1
+    resnet = build_network("flexible_unet", spatial_dims=2, out_channels=3, size={"backbone": "resnet18"}, features=16)
+    assert resnet(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    conv3d = build_network("flexible_unet", spatial_dims=3, out_channels=2, size="tiny").segmentation_head[0]
+    assert isinstance(conv3d, torch.nn.Conv3d) and conv3d.out_channels == 2  # 3D too (not run here: slow on plain CPU kernels)
+    for kwargs, message in (
+        ({"roi_size": [48, 48]}, r"divisible by 32.*nearest valid roi_size: \[64, 64\]"),
+        ({"size": {"backbone": "efficientnet-b0", "pretrained": True}}, "downloads ImageNet weights"),
+        ({"size": {"backbone": "efficentnet-b0"}}, "did you mean 'efficientnet-b0'"),
+        ({"deep_supervision": True}, "no deep supervision heads"),
+        ({"features": [8, 8]}, "needs 5 decoder channel sizes"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_network("flexible_unet", spatial_dims=2, **kwargs)
+
+
+def test_flexible_unet_spec_errors_name_their_key():
+    from fedimg_core.errors import ConfigError
+    from pipelines.network_config import network_config_from_spec
+
+    assert network_config_from_spec({"name": "flexible_unet", "spatial_dims": 2, "backbone": "resnet34"}, roi_size=[64, 64])["backbone"] == "resnet34"
+    for network, key in (
+        ({"name": "flexible_unet", "spatial_dims": 2, "backbone": "resnet19"}, "backbone"),
+        ({"name": "flexible_unet", "spatial_dims": 2, "pretrained": True}, "pretrained"),
+        ({"name": "flexible_unet", "spatial_dims": 2, "deep_supervision": True}, "deep_supervision"),
+    ):
+        with pytest.raises((ConfigError, ValueError), match=key):
+            network_config_from_spec(network, roi_size=[64, 64])

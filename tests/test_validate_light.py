@@ -92,9 +92,9 @@ def test_factory_errors_still_reported_without_heavy_packages(tmp_path, plan_arg
 def test_network_option_table_matches_monai_signatures():
     """The options a spec may give each network are exactly MONAI's constructor arguments
     less those build_network sets itself; a MONAI upgrade that changes them fails here."""
-    from monai.networks.nets import BasicUNet, DynUNet, MedNeXt
+    from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, MedNeXt
 
-    classes = {"basic_unet": BasicUNet, "dynunet": DynUNet, "mednext": MedNeXt}
+    classes = {"basic_unet": BasicUNet, "dynunet": DynUNet, "mednext": MedNeXt, "flexible_unet": FlexibleUNet}
     assert set(classes) == set(NETWORKS) == set(MONAI_OPTIONS)
     set_by_build = {"self", "spatial_dims", "in_channels", "out_channels", "deep_supervision", "dimensions"}
     for name, cls in classes.items():
