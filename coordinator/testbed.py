@@ -179,7 +179,7 @@ class Testbed:
             ``CT`` or ``MR``; ``CR`` or ``DX`` for chest sites.
         """
         if self.body == "chest":
-            from fedimg_testing.phantom.chest import SCANNERS
+            from fedimg_testing.phantom import CHEST_SCANNERS as SCANNERS
 
             return SCANNERS[i % len(SCANNERS)].modality
         return "MR" if self.brain else self.modalities[i % len(self.modalities)]

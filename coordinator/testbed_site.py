@@ -98,7 +98,8 @@ def _prepare_chest(args, hospital: Path, dataset: Path) -> None:
     scanner i and labels structure i (left lung, right lung, heart, pneumothorax; cycled), and holds test-only
     reference masks of the structures it does not label; prepared with the chest-xr schema by the real
     `site-agent prepare`."""
-    from fedimg_testing.phantom.chest import SCANNERS, write_chest_site
+    from fedimg_testing.phantom import CHEST_SCANNERS as SCANNERS
+    from fedimg_testing.phantom import write_chest_site
 
     index = (args.seed - 1) % len(SCANNERS)
     classes = CHEST_SITES[index]

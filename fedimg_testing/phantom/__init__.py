@@ -56,6 +56,16 @@ from fedimg_testing.phantom.brain import (
     write_brain_atlas,
     write_brain_site,
 )
+from fedimg_testing.phantom.chest import (
+    CHEST_CLASSES,
+    ChestRadiograph,
+    ChestScanner,
+    ChestSite,
+    make_chest_radiograph,
+    write_chest_radiograph,
+    write_chest_site,
+)
+from fedimg_testing.phantom.chest import SCANNERS as CHEST_SCANNERS
 from fedimg_testing.phantom.dicom_series import PRIVATE_CREATOR, PRIVATE_GROUP, volume_affine_lps, volume_affine_ras, write_dicom_series
 from fedimg_testing.phantom.identifiers import PlantedIdentifiers
 from fedimg_testing.phantom.site import PhantomSite, site_label_volume, write_phantom_site
@@ -65,6 +75,14 @@ from preprocessing.seg import segment_codes as _seg_codes  # noqa: F401 (former 
 from preprocessing.seg import write_seg  # noqa: F401 (former home)
 
 __all__ = [
+    "CHEST_CLASSES",
+    "CHEST_SCANNERS",
+    "ChestRadiograph",
+    "ChestScanner",
+    "ChestSite",
+    "make_chest_radiograph",
+    "write_chest_radiograph",
+    "write_chest_site",
     "PHASES",
     "TISSUES",
     "SITES",
