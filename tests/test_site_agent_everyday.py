@@ -229,7 +229,7 @@ def test_prepare_accepts_a_builtin_schema_name(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()
     bad = cli("site-agent", "prepare", image, "--out", tmp_path / "out2", "--modality", "CT", "--schema", "abdominal")
-    assert bad.returncode == 2 and "built-in schema name (abdominal-ct, brain-mri)" in bad.stderr
+    assert bad.returncode == 2 and "built-in schema name (abdominal-ct, brain-mri, chest-xr)" in bad.stderr
     assert not (tmp_path / "out2").exists()
 
 
