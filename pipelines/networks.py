@@ -68,11 +68,14 @@ class _FlexibleUNet(FlexibleUNet):
     that steps every weight with its gradient (declearn's, with weight decay, through Fed-BioMed) fails on a
     weight without one. Outputs, parameters and state_dict keys are MONAI's."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unused = [p for n, p in self.named_parameters() if n.startswith(_UNUSED_ENCODER_PARTS)]
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = super().forward(inputs)
-        unused = [p for n, p in self.named_parameters() if n.startswith(_UNUSED_ENCODER_PARTS) and p.requires_grad]
-        if unused and torch.is_grad_enabled():
-            out = out + 0.0 * sum(p.view(-1)[0] for p in unused)
+        if torch.is_grad_enabled():
+            out = out + 0.0 * sum(p.view(-1)[0] for p in self._unused if p.requires_grad)
         return out
 
 

@@ -43,7 +43,6 @@ __all__ = [
     "DX_FOR_PROCESSING_SOP_CLASS",
     "PICTURE_SUFFIXES",
     "RADIOGRAPH_MODALITIES",
-    "RADIOGRAPH_SOP_CLASSES",
     "SPACING_SOURCES",
     "VIEW_POSITIONS",
     "Radiograph",
@@ -57,11 +56,6 @@ __all__ = [
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # radiographs as pictures: the spacing is declared
 DX_FOR_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1.1"
-RADIOGRAPH_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    DX_FOR_PROCESSING_SOP_CLASS: "Digital X-Ray Image Storage - For Processing",
-}
 # How the pixel spacing was found, in order of preference (recorded with the case).
 SPACING_SOURCES = ("PixelSpacing", "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor", "ImagerPixelSpacing", "declared")
 # ViewPosition's defined terms (PS3.3 C.8.11.5.1.1): anything else is recorded as "other".
@@ -112,17 +106,16 @@ class Radiograph:
         }
 
 
-def is_radiograph(modality: str, sop_class_uid: str = "") -> bool:
+def is_radiograph(modality: str) -> bool:
     """Whether an image is a projection radiograph prepared in 2D.
 
     Args:
         modality: the Modality (CR, DX, ...).
-        sop_class_uid: the SOP Class UID (a CR or DX storage class also counts, whatever the Modality).
 
     Returns:
         True for CR and DX images.
     """
-    return modality.upper() in RADIOGRAPH_MODALITIES or sop_class_uid in RADIOGRAPH_SOP_CLASSES
+    return modality.upper() in RADIOGRAPH_MODALITIES
 
 
 def _pair(ds: pydicom.Dataset, keyword: str) -> tuple[float, float] | None:
@@ -316,6 +309,17 @@ def load_radiograph(path: object, ds: pydicom.Dataset, declared_spacing: tuple[f
     )
 
 
+def _grey(arr: np.ndarray, path: Path, problem: str, code: str) -> np.ndarray:
+    """A picture's one value per pixel: itself when greyscale, one channel of an RGB(A)/LA picture whose colour
+    channels are equal (exports often save grey that way); anything else is refused with ``problem``/``code``."""
+    if arr.ndim != 3:
+        return arr
+    colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
+    if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[2])):
+        raise SeriesError(f"{path}: {problem}", code)
+    return colour[..., 0]
+
+
 def read_mask(path: Path, kind: str, image_shape: tuple[int, ...]) -> np.ndarray:
     """A radiograph's label mask in the site's values, on the radiograph's pixel grid.
 
@@ -351,11 +355,7 @@ def read_mask(path: Path, kind: str, image_shape: tuple[int, ...]) -> np.ndarray
             raise
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise SeriesError(f"{path}: unreadable PNG mask ({' '.join(str(exc).split())[:120]})", "corrupt_label") from None
-        if arr.ndim == 3:
-            colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
-            if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[2])):
-                raise SeriesError(f"{path}: a colour PNG mask; save one value per pixel (greyscale or palette)", "colour_label")
-            arr = colour[..., 0]
+        arr = _grey(arr, path, "a colour PNG mask; save one value per pixel (greyscale or palette)", "colour_label")
         if arr.dtype == bool:
             arr = arr.astype(np.uint8)
         if arr.shape == (cols, rows) and cols != rows:
@@ -411,11 +411,7 @@ def load_picture(path: Path, modality: str, declared_spacing: tuple[float, float
         raise
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise SeriesError(f"{path}: unreadable image ({' '.join(str(exc).split())[:120]})", "corrupt_image") from None
-    if arr.ndim == 3:
-        colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
-        if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[2])):
-            raise SeriesError(f"{path}: a colour image; a radiograph is greyscale", "colour_image")
-        arr = colour[..., 0]
+    arr = _grey(arr, path, "a colour image; a radiograph is greyscale", "colour_image")
     if arr.dtype == np.uint8:
         top = 255.0
     elif arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4 and (arr.size == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= 65535)):

@@ -177,7 +177,6 @@ def test_the_training_loader_reads_a_prepared_radiograph_on_its_plane(files, tmp
 
 def test_malformed_radiographs_are_refused_one_line_each_and_the_others_prepared(files, tmp_path):
     img, lab, label_map = _site(tmp_path, files)
-    base = pydicom.dcmread(files["pydicom/6278"])
 
     def variant(name: str, **changes) -> None:
         ds = pydicom.dcmread(files["pydicom/6278"])
@@ -199,7 +198,6 @@ def test_malformed_radiographs_are_refused_one_line_each_and_the_others_prepared
     blank.PixelData = np.full((16, 16), 3000, np.uint16).tobytes()
     blank.save_as(img / "blank.dcm")
     Image.fromarray(np.zeros((12, 16), np.uint8)).save(lab / "cr6278.png")  # a mask of another size
-    assert base.Rows == 16
     out = tmp_path / "out"
     res = cli("site-agent", "prepare", img, "--out", out, "--labels", lab, "--label-map", label_map, "--schema", SCHEMA, "--json")
     assert res.returncode == 3, res.stdout + res.stderr

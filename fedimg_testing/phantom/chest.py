@@ -351,6 +351,18 @@ def _label_map_text(local: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_mask(label: np.ndarray, local: dict[str, int], path: Path) -> Path:
+    """A PNG mask of the named classes of a schema-id label, in the site's local values."""
+    from PIL import Image
+
+    mask = np.zeros(label.shape, np.uint8)
+    for name, value in local.items():
+        mask[label == CHEST_CLASSES[name]] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+    return path
+
+
 def write_chest_site(
     root: str | os.PathLike, seed: int, n_cases: int, scanner: ChestScanner, classes: list[str], reference_classes: list[str] | None = None,
     scale: float = 0.25, pneumothorax: float = 0.3,
@@ -374,8 +386,6 @@ def write_chest_site(
     Returns:
         What was written.
     """
-    from PIL import Image
-
     root = Path(root)
     local = {name: CHEST_CLASSES[name] + 10 for name in classes}
     ref_local = {name: CHEST_CLASSES[name] + 10 for name in reference_classes or []}
@@ -384,19 +394,9 @@ def write_chest_site(
         case = make_chest_radiograph(seed, i, scanner, pneumothorax=pneumothorax, scale=scale)
         planted = PlantedIdentifiers.for_case(seed, i)
         images.append(write_chest_radiograph(case, scanner, root / "images" / f"cxr_{i:03d}.dcm", planted, seed, i))
-        mask = np.zeros(case.label.shape, np.uint8)
-        for name, value in local.items():
-            mask[case.label == CHEST_CLASSES[name]] = value
-        labels.append(root / "labels" / f"cxr_{i:03d}.png")
-        labels[-1].parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask).save(labels[-1])
+        labels.append(_write_mask(case.label, local, root / "labels" / f"cxr_{i:03d}.png"))
         if ref_local:
-            ref = np.zeros(case.label.shape, np.uint8)
-            for name, value in ref_local.items():
-                ref[case.label == CHEST_CLASSES[name]] = value
-            refs.append(root / "reference-labels" / f"cxr_{i:03d}.png")
-            refs[-1].parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(ref).save(refs[-1])
+            refs.append(_write_mask(case.label, ref_local, root / "reference-labels" / f"cxr_{i:03d}.png"))
         ids.append(planted)
         ptx.append(case.pneumothorax)
     label_map = root / "site-labels.yaml"
