@@ -101,7 +101,7 @@ def spec_for(method: str, rounds: int, steps: int, seed: int, split_seed: int = 
     return raw
 
 
-def finished_run(home: Path, spec: Mapping[str, Any]) -> Path | None:
+def finished_run(home: Path, spec: Mapping[str, Any], evaluated: bool = True) -> Path | None:
     """The newest finished, evaluated run under a coordinator home that ran this spec.
 
     What lets a benchmark spread over several sittings (``--resume``): a run counts only when it
@@ -112,6 +112,7 @@ def finished_run(home: Path, spec: Mapping[str, Any]) -> Path | None:
     Args:
         home: the testbed's coordinator home.
         spec: the spec this benchmark would submit (`spec_for`).
+        evaluated: also require an out-of-federation evaluation (a benchmark without such a set: False).
 
     Returns:
         The run's directory, or None when no run qualifies.
@@ -119,7 +120,8 @@ def finished_run(home: Path, spec: Mapping[str, Any]) -> Path | None:
     wanted = {k: v for k, v in spec.items() if k != "sites"}
     for info in reversed(runs.list_runs(home)):
         run_dir = Path(info["run_dir"])
-        if info.get("status") != "done" or info.get("rounds_done") != spec.get("rounds") or not any((run_dir / "evaluations").glob("*.json")):
+        unscored = evaluated and not any((run_dir / "evaluations").glob("*.json"))
+        if info.get("status") != "done" or info.get("rounds_done") != spec.get("rounds") or unscored:
             continue
         try:
             submitted = yaml.safe_load((run_dir / "spec.yaml").read_text())

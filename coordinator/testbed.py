@@ -118,7 +118,9 @@ class Testbed:
         labelled: brain sites: how many of each site's cases have labels (its evaluation cases).
         body: ``abdomen`` (CT/MR phantoms) or ``chest``: radiograph sites after the ConDistFL paper's 2D
             setting (site i: scanner i of `fedimg_testing.phantom.chest.SCANNERS`, labelling left lung,
-            right lung, heart or pneumothorax; cycled), prepared with the chest-xr schema.
+            right lung, heart or pneumothorax; cycled), prepared with the chest-xr schema; their reference
+            labels are the paper's (`coordinator.testbed_site.CHEST_REFERENCES`: the other lung, or both lungs
+            at the heart site, none at the pneumothorax site).
 
     Raises:
         UserError: fewer than one site.

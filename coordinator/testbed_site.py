@@ -90,20 +90,25 @@ def _phantom_params(args, classes: list[str] | None) -> dict:
 
 def _chest_params(args) -> dict:
     """What decides a chest site's phantom (a reused workdir with other values is written again)."""
-    return {"body": "chest", "seed": args.seed, "cases": args.cases, "scale": args.chest_scale, "references": bool(args.reference_labels)}
+    return {"body": "chest", "seed": args.seed, "cases": args.cases, "scale": args.chest_scale, "references": _chest_references(args)}
+
+
+def _chest_references(args) -> list[str]:
+    """The test-only reference classes of a chest site: the paper's (`CHEST_REFERENCES`), none with ``--no-reference-labels``."""
+    return list(CHEST_REFERENCES[(args.seed - 1) % len(CHEST_REFERENCES)]) if args.reference_labels else []
 
 
 def _prepare_chest(args, hospital: Path, dataset: Path) -> None:
     """A radiograph site (`fedimg_testing.phantom.chest`), after the ConDistFL paper's 2D setting: site i has
     scanner i and labels structure i (left lung, right lung, heart, pneumothorax; cycled), and holds test-only
-    reference masks of the structures it does not label; prepared with the chest-xr schema by the real
-    `site-agent prepare`."""
+    reference masks of the structures the paper's dataset of that kind held (`CHEST_REFERENCES`); prepared with
+    the chest-xr schema by the real `site-agent prepare`."""
     from fedimg_testing.phantom import CHEST_SCANNERS as SCANNERS
     from fedimg_testing.phantom import write_chest_site
 
     index = (args.seed - 1) % len(SCANNERS)
     classes = CHEST_SITES[index]
-    reference = [c for c in ("left_lung", "right_lung", "heart", "pneumothorax") if c not in classes] if args.reference_labels else []
+    reference = _chest_references(args)
     if not (hospital / "site-labels.yaml").exists():
         write_chest_site(hospital, seed=args.seed, n_cases=args.cases, scanner=SCANNERS[index], classes=classes,
                          reference_classes=reference or None, scale=args.chest_scale, pneumothorax=0.5)  # fmt: skip
@@ -122,6 +127,9 @@ def _prepare_chest(args, hospital: Path, dataset: Path) -> None:
 
 # The ConDistFL paper's 2D sites: Montgomery (left lung), Shenzhen (right lung), JSRT (heart), SIIM-ACR (pneumothorax).
 CHEST_SITES = (["left_lung"], ["right_lung"], ["heart"], ["pneumothorax"])
+# Their test-only labels (the paper's Table 3): Montgomery's right lung, Shenzhen's left lung, JSRT's two lungs; SIIM-ACR none.
+# (A pneumothorax reference would mostly be empty masks that an empty prediction scores 1 on: it would measure nothing.)
+CHEST_REFERENCES = (["right_lung"], ["left_lung"], ["left_lung", "right_lung"], [])
 
 
 def _brain_params(args) -> dict:

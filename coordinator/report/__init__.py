@@ -8,7 +8,8 @@ several runs side by side (``index.html``, ``comparison.md``, ``comparison.json`
 
 Modules: `reading` (a run's metrics, state and evaluations), `numbers` (curves, per-case
 panels, cost), `tables`, `figures`, `forgetting` (classes a site does not train on, scored on its
-test-only reference labels), `run_report` (the run report), `compare` (comparisons).
+test-only reference labels), `site_classes` (per site, trained and test-only classes: the
+ConDistFL paper's Table 5 shape), `run_report` (the run report), `compare` (comparisons).
 In-federation numbers are on the sites' test cases, beside the validation cases that selected the
 models; runs without test cases (older runs) report their validation cases and say so.
 Pages and figures are drawn with the shared reporting layer, `fedimg_core.reporting`.

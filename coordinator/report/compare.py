@@ -11,6 +11,7 @@ from coordinator.report.figures import plot_grouped_bars
 from coordinator.report.forgetting import COMPARE_FORGETTING_TEXT, FORGETTING_TITLE, forgetting_comparison_table, forgetting_record
 from coordinator.report.numbers import cost_summary
 from coordinator.report.reading import Evaluation, Run, class_means, foreground_classes, in_federation, load_run, mapping, mean, num, scored_mean
+from coordinator.report.site_classes import site_classes_comparison, site_classes_records
 from coordinator.report.tables import evaluation_mean
 from coordinator.results import ordered_classes
 from fedimg_core import atomic
@@ -28,7 +29,8 @@ def method_record(run: Run, label: str | None = None) -> dict[str, Any]:
         Global and local Dice per class and mean on the test cases (``split``: ``test``; a run without
         test cases falls back to its validation cases, ``split``: ``validation``), the selected global
         model on its validation cases (``global_validation``), out-of-federation summaries, rounds,
-        bytes, wall time; ``forgetting``: Dice on the classes each site does not train on (`forgetting_record`).
+        bytes, wall time; ``forgetting``: Dice on the classes each site does not train on (`forgetting_record`);
+        ``site_classes``: per site, its trained and test-only classes (`site_classes_records`).
     """
     fed = in_federation(run.metrics)
     cost = cost_summary(run.metrics, run.state)
@@ -47,6 +49,7 @@ def method_record(run: Run, label: str | None = None) -> dict[str, Any]:
         "global_validation": {"model": fed.global_validation.label, "dice": class_means(fed.global_validation), "mean": scored_mean(fed.global_validation)},
         "oof": {ev.dataset: oof_summary(ev) for ev in run.evaluations},
         "forgetting": forgetting_record(run.metrics),  # classes a site does not train on (test-only reference labels); None without
+        "site_classes": site_classes_records(run.metrics),  # per site, trained and test-only classes (the paper's Table 5)
         "rounds_done": cost["rounds_done"],
         "rounds_planned": cost["rounds_planned"],
         "mb_to_sites": cost["mb_to_sites_total"],
@@ -237,5 +240,7 @@ def comparison_sections(records: list[dict[str, Any]], classes: list[str], datas
 
 def _forgetting_sections(records: list[dict[str, Any]], classes: list[str]) -> list[Section]:
     """The forgetting section when some run has reference scores (none otherwise)."""
-    table = forgetting_comparison_table(records, {c: i for i, c in enumerate(classes)})
-    return [Section(FORGETTING_TITLE, [COMPARE_FORGETTING_TEXT], [table])] if table is not None else []
+    schema = {c: i for i, c in enumerate(classes)}
+    table = forgetting_comparison_table(records, schema)
+    per_site = site_classes_comparison(records, schema)
+    return ([per_site] if per_site is not None else []) + ([Section(FORGETTING_TITLE, [COMPARE_FORGETTING_TEXT], [table])] if table is not None else [])

@@ -13,6 +13,7 @@ from coordinator.report.forgetting import forgetting_section
 from coordinator.report.numbers import cost_summary, federation_box_panels, learning_curves, oof_box_panels
 from coordinator.report.overlays import copy_overlays, overlay_section, report_overlays
 from coordinator.report.reading import EVALUATIONS_DIR, NO_TEST_SPLIT, InFederation, Log, Run, Scored, foreground_classes, in_federation, load_run
+from coordinator.report.site_classes import site_classes_section
 from coordinator.report.tables import (
     cost_table,
     dice_table,
@@ -149,7 +150,8 @@ def report_sections(run: Run, fed: InFederation, classes: list[str], figures: se
             ],
             _split_tables(fed.local_validation, fed.local_test, classes, "local models"),
         ),
-        *([forgetting] if (forgetting := forgetting_section(run.metrics, run.schema)) else []),  # runs with test-only reference labels
+        *([per_site] if (per_site := site_classes_section(run.metrics, run.schema)) else []),  # runs with test-only reference labels
+        *([forgetting] if (forgetting := forgetting_section(run.metrics, run.schema)) else []),
         Section(
             "Out of federation",
             oof_text,
