@@ -129,7 +129,7 @@ def _prepare_chest(args, hospital: Path, dataset: Path) -> None:
 CHEST_SITES = (["left_lung"], ["right_lung"], ["heart"], ["pneumothorax"])
 # Their test-only labels (the paper's Table 3): Montgomery's right lung, Shenzhen's left lung, JSRT's two lungs; SIIM-ACR none.
 # (A pneumothorax reference would mostly be empty masks that an empty prediction scores 1 on: it would measure nothing.)
-CHEST_REFERENCES = (["right_lung"], ["left_lung"], ["left_lung", "right_lung"], [])
+CHEST_REFERENCES: tuple[list[str], ...] = (["right_lung"], ["left_lung"], ["left_lung", "right_lung"], [])
 
 
 def _brain_params(args) -> dict:
