@@ -84,7 +84,7 @@ def example_budget() -> tuple[int, int]:
     return int(raw["rounds"]), int(raw["local_steps"])
 
 
-def spec_for(method: str, rounds: int, steps: int, seed: int, split_seed: int = 0) -> dict[str, Any]:
+def spec_for(method: str, rounds: int, steps: int, seed: int, split_seed: int = 0, presence_head: bool = True) -> dict[str, Any]:
     """The chest example spec for one method and training seed, its split seeded by ``split_seed``.
 
     Args:
@@ -93,11 +93,14 @@ def spec_for(method: str, rounds: int, steps: int, seed: int, split_seed: int = 
         steps: local steps per round.
         seed: the training seed.
         split_seed: the split's seed (the same for every method and training seed).
+        presence_head: keep the example's pneumothorax presence head (False: the segmentation network alone).
 
     Returns:
         The spec as a mapping.
     """
     raw: dict[str, Any] = yaml.safe_load(chest_spec_text())
+    if not presence_head:
+        raw["plan_args"].pop("presence_head", None)
     raw.update({"name": f"chest-{method}-seed{seed}", "rounds": rounds, "local_steps": steps, "seed": seed, **METHODS[method]})
     raw["split"] = {**dict(raw.get("split") or {}), "seed": split_seed}
     return raw
@@ -163,6 +166,8 @@ def main() -> int:
     ap.add_argument("--split-seed", type=int, default=0, help="the split's seed: the same held-out cases for every method and seed")
     ap.add_argument("--workdir", type=Path, default=None, help="default: .benchmarks/chest-methods-<time>")
     ap.add_argument("--resume", action="store_true", help="reuse --workdir's finished runs of the very spec this run would submit")
+    ap.add_argument("--no-presence-head", dest="presence_head", action="store_false",
+                    help="drop the example's pneumothorax presence head (plan_args.presence_head) from every method's spec")  # fmt: skip
     args = ap.parse_args()
     if args.resume and args.workdir is None:
         ap.error("--resume needs --workdir: the folder of the benchmark to go on with")
@@ -190,7 +195,7 @@ def main() -> int:
     if args.resume and (workdir / "coordinator").is_dir():
         for seed in seeds:
             for method in methods:
-                found = finished_run(bed.home, spec_for(method, args.rounds, args.steps, seed, args.split_seed), evaluated=False)
+                found = finished_run(bed.home, spec_for(method, args.rounds, args.steps, seed, args.split_seed, args.presence_head), evaluated=False)
                 if found is not None:
                     reused[run_label(method, seed, seeds)] = found
         for label, found in reused.items():
@@ -212,7 +217,8 @@ def main() -> int:
                     run_dirs[label] = reused[label]
                     continue
                 console.rule(f"{label}: {args.rounds} rounds x {args.steps} steps, split seed {args.split_seed}")
-                code = bed.run_spec(yaml.safe_dump(spec_for(method, args.rounds, args.steps, seed, args.split_seed), sort_keys=False))
+                spec = spec_for(method, args.rounds, args.steps, seed, args.split_seed, args.presence_head)
+                code = bed.run_spec(yaml.safe_dump(spec, sort_keys=False))
                 if code == 0:
                     code = bed.evaluate_and_report()  # the run's report (no out-of-federation set for radiographs)
                 if code != 0:
@@ -277,7 +283,7 @@ def main() -> int:
     summary: dict[str, Any] = {
         "command": command, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
         "rounds": args.rounds, "steps": args.steps, "cases_per_site": args.cases, "seeds": seeds, "split_seed": args.split_seed,
-        "methods": methods, "git_commit": commit, "reused_runs": {k: str(v) for k, v in reused.items()},
+        "methods": methods, "presence_head": args.presence_head, "git_commit": commit, "reused_runs": {k: str(v) for k, v in reused.items()},
         "run_commits": {label: run_commit(d) for label, d in run_dirs.items()}, "run_dirs": {k: str(v) for k, v in run_dirs.items()},
         "tables": tables, "timing": timing, "ratios": ratios, "total_wall_s": time.monotonic() - t_start,
     }  # fmt: skip
@@ -313,7 +319,8 @@ def results_markdown(summary: Mapping[str, Any], tables: Sequence[str], records:
         f"- Command: `{summary['command']}`",
         f"- Date: {summary['date_utc']}; machine: {summary['cpu_count']} CPU cores; wall time {summary['total_wall_s'] / 60:.1f} min; commit {summary['git_commit']}",
         f"- Budget: {summary['rounds']} rounds x {summary['steps']} local steps per site; {summary['cases_per_site']} radiographs per site; "
-        f"seeds {', '.join(map(str, summary['seeds']))}, split seed {summary['split_seed']}",
+        f"seeds {', '.join(map(str, summary['seeds']))}, split seed {summary['split_seed']}; pneumothorax presence head: "
+        f"{'yes (the example spec)' if summary.get('presence_head', True) else 'no (--no-presence-head)'}",
         "- Test cases per site (with a test-only reference label): " + ", ".join(f"{s} {n} ({k})" for s, (n, k) in sorted(cases.items())),
         "- Cells: Dice, mean ± sample sd over seeds; `*`: a class the site holds test-only reference labels of (never in its loss or in "
         "model selection). Averages over cells, as the paper's Table 5. Pneumothorax scores an empty prediction on an empty mask as 1 (SIIM-ACR).",

@@ -27,10 +27,10 @@ from rich.progress import Progress
 
 from pipelines.augment import patch_batch, sampler_for
 from pipelines.ensemble import PartialLabelEnsemble  # noqa: F401 - the benchmarks use it as mb.PartialLabelEnsemble
-from pipelines.networks import build_network, set_background_prior
+from pipelines.networks import set_background_prior
 from pipelines.plan_args import SegmentationSettings
 from pipelines.splits import SplitIndices, SplitSettings, split_indices
-from pipelines.training import PartialLabelObjective, class_means, cosine_lr, evaluate_case
+from pipelines.training import PartialLabelObjective, build_model, class_means, cosine_lr, evaluate_case
 from pipelines.transforms import deterministic_transforms
 from preprocessing.dataset import load_dataset
 
@@ -186,7 +186,7 @@ def train_centralised(
         raise ValueError(f"steps must be >= 1 (got {steps})")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    net = build_network(out_channels=settings.num_classes, **settings.network)
+    net = build_model(settings)
     if settings.background_prior is not None:  # the federation's initial model, as the plans build it
         set_background_prior(net, settings.num_classes, settings.background_prior)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -312,7 +312,7 @@ def load_members(checkpoints: dict[str, Path], sites: Sequence[SiteCases], setti
         path = checkpoints.get(site.name)
         if path is None:
             continue
-        net = build_network(out_channels=settings.num_classes, **settings.network)
+        net = build_model(settings)
         state: dict[str, Any] = load_tensors(path)
         net.load_state_dict(state)
         members.append((net.eval(), site.classes))

@@ -46,10 +46,11 @@ from fedimg_testing.phantom.tissues import SITES  # noqa: E402
 from fedimg_testing.phantom.volume import make_phantom  # noqa: E402
 from pipelines.augment import patch_batch, sampler_for  # noqa: E402
 from pipelines.losses import lambda_schedule  # noqa: E402
-from pipelines.networks import build_network, count_parameters, set_background_prior  # noqa: E402
+from pipelines.networks import count_parameters, set_background_prior  # noqa: E402
 from pipelines.training import (  # noqa: E402
     PartialLabelObjective,
     SegmentationSettings,
+    build_model,
     class_means,
     cosine_lr,
     evaluate_case,
@@ -181,7 +182,7 @@ def main() -> int:
         oof = [phantom_case(OOF_SEED * 1000 + i, OOF_PHASE, settings, Path(tmp)) for i in range(4)]
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    net = build_network(out_channels=schema.num_classes, **settings.network)
+    net = build_model(settings)
     if settings.background_prior is not None:
         set_background_prior(net, schema.num_classes, settings.background_prior)
     print(json.dumps({"parameters": count_parameters(net), "volume": list(sites[0]["train"][0][0].shape)}), flush=True)

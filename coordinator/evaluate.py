@@ -43,7 +43,6 @@ from pipelines import training  # module attribute calls: tests swap `training.c
 from pipelines.ensemble import PartialLabelEnsemble
 from pipelines.evaluation import dice_per_class
 from pipelines.evaluation import merge_lesions as merged_into_organs  # (the name `merge_lesions` is evaluate_run's option)
-from pipelines.networks import build_network
 from pipelines.scoring import preprocess_cases, score_model, scoring_plan
 from preprocessing.dataset import DatasetError, DatasetSchemaError, check_schema, load_dataset
 from preprocessing.schema import parse_schema
@@ -155,7 +154,7 @@ def _ensemble(models: dict[str, tuple[str, Path]], classes_of: dict[str, list[in
         site = key.split(":", 1)[1] if key.startswith("local:") else None
         if site is None or not classes_of.get(site):
             continue
-        net = build_network(out_channels=settings.schema.num_classes, **settings.network)
+        net = training.build_model(settings)
         net.load_state_dict(_load(path))
         members.append((net.eval(), classes_of[site]))
         keys.append(key)
@@ -247,7 +246,7 @@ def evaluate_run(
     jobs: list[tuple[str, str, Path | None]] = [(key, label, path) for key, (label, path) in models.items()]
     if ensemble is not None:  # the paper's standalone baseline: each class from the sites that label it
         jobs.insert(0, ("ensemble", f"standalone ensemble ({len(ensemble.labelled)} local models)", None))
-    net = build_network(out_channels=schema.num_classes, **settings.network)
+    net = training.build_model(settings)
     for n, (key, label, path) in enumerate(jobs, 1):
         log.info("model %d/%d: %s", n, len(jobs), label)
         if path is not None:

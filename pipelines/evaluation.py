@@ -37,6 +37,7 @@ def predict_volume(
     head: Callable[[torch.Tensor | Sequence[torch.Tensor]], torch.Tensor] | None = None,
     allowed: Sequence[int] | None = None,
     channels: int = 32,
+    absent: Callable[[], Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Argmax label map (spatial only) of one image (C, *spatial) by sliding-window inference.
 
@@ -56,6 +57,8 @@ def predict_volume(
         head: picks the main output.
         allowed: the classes the model may predict.
         channels: the network's output channels (an upper bound), for where the output accumulates.
+        absent: called once the windows ran: classes found absent from the image (a presence head's gate,
+            `pipelines.presence.absent_classes`), folded into background like untrained classes.
 
     Returns:
         The label map (*spatial), on the image's device (the windows run on the model's
@@ -80,9 +83,11 @@ def predict_volume(
             ))  # fmt: skip
     finally:
         model.train(was_training)
-    if allowed is None:
+    gone = {int(c) for c in absent()} if absent is not None else set()
+    if allowed is None and not gone:
         return torch.argmax(logits, dim=1)[0].to(image.device)
-    keep = [0, *sorted({int(c) for c in allowed} - {0})]
+    candidates = set(range(logits.shape[1])) if allowed is None else {int(c) for c in allowed}
+    keep = [0, *sorted(candidates - gone - {0})]
     probs = torch.softmax(logits[0].float(), dim=0)
     folded = probs[keep]
     folded[0] = folded[0] + probs.sum(0) - folded.sum(0)  # untrained classes count as background

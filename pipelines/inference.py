@@ -26,6 +26,7 @@ from pipelines.device import accumulation_device
 from pipelines.evaluation import fold_untrained
 from pipelines.networks import main_output
 from pipelines.plan_args import SegmentationSettings
+from pipelines.presence import PresenceWindows, absent_classes, has_presence_head
 from pipelines.transforms import deterministic_transforms
 
 __all__ = ["class_probabilities", "segment_image"]
@@ -43,15 +44,18 @@ def class_probabilities(network: torch.nn.Module, image: torch.Tensor, settings:
         mode: how overlapping windows are blended (MONAI's ``gaussian`` or ``constant``).
 
     Returns:
-        (classes, X, Y, Z) float32 probabilities on the image's device; untrained classes are 0. The
-        windows run on the network's device, the blending accumulates there when it fits.
+        (classes, X, Y, Z) float32 probabilities on the image's device; untrained classes are 0, and so are the
+        classes a presence head's gate finds absent (`pipelines.presence.absent_classes`). The windows run on
+        the network's device, the blending accumulates there when it fits.
     """
     spatial_dims = settings.spatial_dims
+    windows = PresenceWindows(network) if settings.presence_classes and has_presence_head(network) else None
+    run: torch.nn.Module = windows if windows is not None else network
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if spatial_dims == 2:  # a 2D network slides (X, Y, 1) windows, slice by slice
-            return main_output(network(x[..., 0]), 2).unsqueeze(-1)
-        return main_output(network(x), 3)
+            return main_output(run(x[..., 0]), 2).unsqueeze(-1)
+        return main_output(run(x), 3)
 
     was_training = network.training
     network.eval()
@@ -67,7 +71,11 @@ def class_probabilities(network: torch.nn.Module, image: torch.Tensor, settings:
     finally:
         network.train(was_training)
     assert isinstance(logits, torch.Tensor)  # one tensor in, one tensor out
-    return fold_untrained(torch.softmax(logits[0].float(), dim=0), settings.predict_classes).to(image.device)
+    probs = fold_untrained(torch.softmax(logits[0].float(), dim=0), settings.predict_classes)
+    if windows is not None and (gone := absent_classes(windows.probabilities(settings.presence_classes), settings.presence_threshold)):
+        kept = set(settings.predict_classes or range(probs.shape[0])) - set(gone)
+        probs = fold_untrained(probs, sorted(kept))  # the presence head's gate: absent classes count as background
+    return probs.to(image.device)
 
 
 def segment_image(

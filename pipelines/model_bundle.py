@@ -53,10 +53,10 @@ def bundle_files(config: Mapping[str, Any], network: tuple[str, dict[str, Any]])
         network: MONAI's class name and constructor arguments (`pipelines.model_package.network_kwargs`).
 
     Returns:
-        File name -> content (empty for 2D networks).
+        File name -> content (empty for 2D networks and for networks with a presence head).
     """
-    if config["network"]["spatial_dims"] != 3:
-        return {}
+    if config["network"]["spatial_dims"] != 3 or (config.get("plan_args") or {}).get("presence_head"):
+        return {}  # MONAI's runner would build the network without fedimg's presence head (and refuse its weights)
     import safetensors
 
     pre = config["preprocessing"]

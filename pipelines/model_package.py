@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from fedimg_core.registry_wire import NAME as _NAME
-from pipelines.networks import build_network, count_parameters
+from pipelines.networks import count_parameters
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
+from pipelines.training import build_model
 from preprocessing.schema import LabelSchema, parse_schema
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ CARD_FILE = "model-card.md"
 RECORD_FILE = "artifact.json"  # the registry's record of a pulled version (fedimg_core.registry_wire.RECORD_FILE)
 
 # plan_args keys a package keeps: what rebuilds the network and its pre/post-processing (no training settings)
-PACKAGE_PLAN_ARGS = ("network", "roi_size", "spacing", "inference", "predict_classes")
+PACKAGE_PLAN_ARGS = ("network", "roi_size", "spacing", "inference", "predict_classes", "presence_head")
 
 __all__ = [
     "BUNDLE_CONFIG_FILE",
@@ -129,7 +130,11 @@ def _package_plan_args(settings: SegmentationSettings) -> dict[str, Any]:
         "spacing": spacing,
         "inference": {"overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size},
         "predict_classes": [names[c] for c in settings.predict_classes] if settings.predict_classes else None,
-    }
+        "presence_head": {
+            "classes": [names[c] for c in settings.presence_classes], "weight": settings.presence_weight,
+            "gate": settings.presence_threshold is not None, "threshold": settings.presence_threshold if settings.presence_threshold is not None else 0.5,
+        } if settings.presence_classes else None,
+    }  # fmt: skip
 
 
 def _preprocessing(settings: SegmentationSettings, plan_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,7 +197,7 @@ def build_package_files(
     except ValueError as exc:
         raise PackageError(f"{name}: {exc}") from None
     kept = _package_plan_args(settings)
-    network = build_network(out_channels=schema.num_classes, **settings.network)
+    network = build_model(settings)
     try:
         network.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as exc:
@@ -423,7 +428,7 @@ def load_package(folder: str | Path) -> ModelPackage:
     if present_bundle != expected_bundle:
         # MONAI executes a bundle config's expressions: a site may run only the one fedimg builds from package.json
         raise PackageError(f"{folder / BUNDLE_CONFIG_FILE}: not the MONAI bundle config fedimg builds for this package (its code could run at the site)")
-    network = build_network(out_channels=schema.num_classes, **settings.network)
+    network = build_model(settings)
     try:
         data = (folder / WEIGHTS_FILE).read_bytes()
         if _sha256(data) != config["files"][WEIGHTS_FILE]["sha256"]:  # the bytes loaded are the bytes checked

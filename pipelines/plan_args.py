@@ -31,7 +31,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
-    "background_prior", "aggregator", "mirror_axes", "device",
+    "background_prior", "aggregator", "mirror_axes", "device", "presence_head",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -76,6 +76,11 @@ class SegmentationSettings:
     aggregator: str = "fedavg"  # the spec's aggregator, filled in: "scaffold" steps SCAFFOLD's correction at the site
     gpu: str = "optional"  # the spec's device.gpu, filled in: optional | required | forbidden (fedimg_core.devices)
     precision: str = "auto"  # the spec's device.precision, filled in: auto | fp32 | bf16 | fp16
+    # the image-level presence head (`pipelines.presence`): its classes (schema ids; () without a head), the weight of
+    # its loss, and the probability below which inference removes a class from a label map (None: never)
+    presence_classes: tuple[int, ...] = ()
+    presence_weight: float = 0.5
+    presence_threshold: float | None = 0.5
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +161,15 @@ def _inference(value: Any) -> Any:
     return value
 
 
+class PresenceHeadArgs(ConfigModel):
+    """``plan_args.presence_head``: an image-level head on the encoder that says whether a patch shows each of its classes."""
+
+    classes: list[str]  # class names of the schema
+    weight: Annotated[float, number(0.0, 100.0)] = 0.5  # its binary cross-entropy's weight beside the segmentation loss
+    gate: Flag = True  # inference removes a class from an image whose largest window probability is below threshold
+    threshold: Annotated[float, number(0.0, 1.0)] = 0.5
+
+
 class PlanArgs(PlanArgsBase):
     """A spec's ``plan_args`` for the segmentation plans (condistfl, marginal).
 
@@ -180,6 +194,20 @@ class PlanArgs(PlanArgsBase):
     background_prior: Annotated[float, number(0.01, 0.999)] | None = None  # initial background probability (None: MONAI's init)
     aggregator: Annotated[str, choice(("fedavg", "scaffold"))] = "fedavg"  # filled in from the spec's aggregator
     device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
+    presence_head: PresenceHeadArgs | None = None  # None: no presence head
+
+    @field_validator("presence_head", mode="after")
+    @classmethod
+    def _presence_classes(cls, value: PresenceHeadArgs | None, info: ValidationInfo) -> PresenceHeadArgs | None:
+        schema: LabelSchema | None = (info.context or {}).get("schema")
+        if value is None or schema is None:
+            return value
+        names = [c for c in schema.classes if c != "background"]
+        if not value.classes or len(set(value.classes)) != len(value.classes):
+            raise ConfigProblem("classes", f"must be a non-empty list of distinct class names of schema {schema.name} ({', '.join(names)})")
+        if unknown := [c for c in value.classes if c not in names]:
+            raise ConfigProblem("classes", f"{', '.join(map(repr, unknown))} not foreground classes of schema {schema.name} ({', '.join(names)})")
+        return value
 
     @field_validator("predict_classes", mode="before")
     @classmethod
@@ -260,4 +288,16 @@ def parse_plan_args(args: Mapping[str, Any], schema: LabelSchema) -> Segmentatio
         aggregator=m.aggregator,
         gpu=m.device.gpu,
         precision=m.device.precision,
+        **_presence_settings(m.presence_head, schema),
     )
+
+
+def _presence_settings(head: PresenceHeadArgs | None, schema: LabelSchema) -> dict[str, Any]:
+    """`SegmentationSettings`' presence fields of a validated ``presence_head`` (none: no head)."""
+    if head is None:
+        return {}
+    return {
+        "presence_classes": tuple(schema.classes[c] for c in head.classes),
+        "presence_weight": head.weight,
+        "presence_threshold": head.threshold if head.gate else None,
+    }

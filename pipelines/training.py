@@ -17,8 +17,9 @@ from pipelines.deep_supervision import deep_supervision_loss
 from pipelines.evaluation import dice_per_class, merge_lesions, predict_volume
 from pipelines.losses import ConDistDiceLoss, MarginalDiceCELoss
 from pipelines.metrics import case_metrics
-from pipelines.networks import all_heads, main_output
+from pipelines.networks import all_heads, build_network, main_output
 from pipelines.plan_args import DEFAULTS, PLAN_ARG_KEYS, SegmentationSettings, parse_plan_args
+from pipelines.presence import PresenceWindows, absent_classes, attach_presence_head, has_presence_head, presence_logits
 from pipelines.site_state import SiteStateStore, is_plain_name
 from preprocessing.schema import LabelSchema
 
@@ -28,6 +29,7 @@ __all__ = [
     "OptimizerStateStore",
     "PartialLabelObjective",
     "SegmentationSettings",
+    "build_model",
     "case_label_maps",
     "class_means",
     "cosine_lr",
@@ -38,6 +40,7 @@ __all__ = [
     "parameter_checksum",
     "parse_plan_args",
     "predict",
+    "predict_with_presence",
     "teacher_logits",
 ]
 
@@ -127,6 +130,7 @@ def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, spatial_dims:
     """
     with torch.inference_mode():
         out = main_output(teacher(images), spatial_dims)
+    presence_logits(teacher)  # a teacher with a presence head: its logits are not needed (and not kept)
     return out.clone()
 
 
@@ -165,6 +169,22 @@ def parameter_checksum(params: Mapping[str, torch.Tensor] | Sequence[tuple[str, 
     return s, sq
 
 
+def build_model(settings: SegmentationSettings) -> torch.nn.Module:
+    """The network the plan arguments describe: `pipelines.networks.build_network` with the schema's classes, and
+    the presence head (`pipelines.presence`) when ``plan_args.presence_head`` asks for one.
+
+    Args:
+        settings: the validated plan arguments.
+
+    Returns:
+        The network, randomly initialised.
+    """
+    net = build_network(out_channels=settings.num_classes, **settings.network)
+    if settings.presence_classes:
+        attach_presence_head(net, str(settings.network["name"]), len(settings.presence_classes), settings.spatial_dims, settings.roi_size)
+    return net
+
+
 class _SliceWise(torch.nn.Module):
     """A 2D network applied to (B, C, X, Y, 1) windows, so 3D sliding-window inference
     segments a volume slice by slice."""
@@ -178,7 +198,8 @@ class _SliceWise(torch.nn.Module):
 
 
 def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationSettings) -> torch.Tensor:
-    """Argmax label map of a preprocessed volume by sliding-window inference (2D models slice by slice).
+    """Argmax label map of a preprocessed volume by sliding-window inference (2D models slice by slice); a model with
+    a presence head has its absent classes removed (`predict_with_presence`).
 
     Args:
         model: the network.
@@ -188,14 +209,44 @@ def predict(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationS
     Returns:
         The label map (X, Y, Z).
     """
+    return predict_with_presence(model, image, settings)[0]
+
+
+def predict_with_presence(model: torch.nn.Module, image: torch.Tensor, settings: SegmentationSettings) -> tuple[torch.Tensor, dict[int, float]]:
+    """The label map of `predict` and, for a model with a presence head, each headed class's image probability.
+
+    The image's probability of a class is the largest of its sliding windows' (a window that shows the class
+    is enough); with ``presence_threshold`` set, a class below it is absent: its probability is folded into
+    background before the argmax (`pipelines.presence.absent_classes`).
+
+    Args:
+        model: the network.
+        image: the volume (C, X, Y, Z).
+        settings: window, overlap, the classes inference may output, the presence head's classes and threshold.
+
+    Returns:
+        ``(label map (X, Y, Z), {headed class id: probability})``; the mapping is empty without a head.
+    """
+    headed = settings.presence_classes if has_presence_head(model) else ()
+    windows = PresenceWindows(model).train(model.training) if headed else None
+    net: torch.nn.Module = windows if windows is not None else model
+
+    def probabilities() -> dict[int, float]:
+        return windows.probabilities(headed) if windows is not None else {}
+
+    def absent() -> list[int]:  # called once the windows ran
+        return absent_classes(probabilities(), settings.presence_threshold)
+
     if settings.spatial_dims == 2:
-        wrapper = _SliceWise(model).train(model.training)  # predict_volume restores the wrapper's mode
-        return predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes,
-                              channels=settings.num_classes)  # fmt: skip
-    return predict_volume(
-        model, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3),
-        allowed=settings.predict_classes, channels=settings.num_classes,
-    )  # fmt: skip
+        wrapper = _SliceWise(net).train(model.training)  # predict_volume restores the wrapper's mode
+        label_map = predict_volume(wrapper, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, allowed=settings.predict_classes,
+                                   channels=settings.num_classes, absent=absent)  # fmt: skip
+    else:
+        label_map = predict_volume(
+            net, image, settings.inference_roi, settings.sw_batch_size, settings.overlap, head=lambda o: main_output(o, 3),
+            allowed=settings.predict_classes, channels=settings.num_classes, absent=absent,
+        )  # fmt: skip
+    return label_map, probabilities()
 
 
 def evaluate_case(

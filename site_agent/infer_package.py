@@ -1,11 +1,14 @@
 """`site-agent infer --model NAME|FOLDER`: segment scans with a published model package.
 
-Inputs: NIfTI files, DICOM series folders, prepared datasets, or folders holding any of
-these (one level: each NIfTI file and each sub-folder is an input). Per input ``<name>``:
+Inputs: NIfTI files, DICOM series folders, CR/DX radiograph files (or a folder of them: each
+file is an image), prepared datasets, or folders holding any of these (one level: each NIfTI
+file and each sub-folder is an input). A radiograph is read as `site-agent prepare` reads it
+(`preprocessing.radiograph`: its image plane, display grey levels, pixel spacing) and named
+without its ``.dcm``. Per input ``<name>``:
 
     <out>/<name>.nii.gz              the label on the input's own grid (`pipelines.inference`)
-    <out>/<name>.seg.dcm             --dicom-seg: a DICOM SEG referencing the series (DICOM inputs)
-    <out>/<name>.statistics.json     --statistics: per class voxels, volume in mL, intensity statistics
+    <out>/<name>.seg.dcm             --dicom-seg: a DICOM SEG referencing the series or the radiograph (DICOM inputs)
+    <out>/<name>.statistics.json     --statistics: per class voxels, volume in mL (radiographs: area in cm^2), intensity statistics
     <out>/preview/<name>.png         --preview: three orthogonal views with the label overlaid
     <out>/fedimg-infer.json          what was segmented with which model (``--resume`` reads it)
 
@@ -40,6 +43,8 @@ from pipelines.adaptation import volumes as V
 from pipelines.inference import segment_image
 from pipelines.model_package import WEIGHTS_FILE, ModelPackage
 from preprocessing.dataset import DatasetError, load_dataset
+from preprocessing.dicom import SeriesError, read_header
+from preprocessing.radiograph import is_radiograph, load_radiograph
 from site_agent.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,8 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass
 class InferJob:
-    """One input to segment: its output name, kind (``nifti`` or ``dicom``), source and modality (None: the series' own)."""
+    """One input to segment: its output name, kind (``nifti``, ``dicom``: a series folder, ``radiograph``: one CR/DX file),
+    source and modality (None: the series' own)."""
 
     name: str
     kind: str
@@ -77,6 +83,9 @@ def _classify(p: Path, modality: str | None, batch_ok: bool) -> list[InferJob]:
     if p.is_dir():
         children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
         files = [c for c in children if c.is_file()]
+        radiographs = [f for f in files if _radiograph_modality(f)]
+        if radiographs and len(radiographs) == len(files):  # a folder of radiographs: each file is an image (PA and lateral too)
+            return [InferJob(_radiograph_stem(f), "radiograph", f, _radiograph_modality(f)) for f in radiographs]
         if batch_ok and (any(_is_nifti(c) for c in files) or (children and not files)):
             # a folder of inputs: each NIfTI file and each sub-folder (a series or a dataset)
             jobs: list[InferJob] = []
@@ -86,12 +95,30 @@ def _classify(p: Path, modality: str | None, batch_ok: bool) -> list[InferJob]:
             return jobs
         return [InferJob(_stem(p), "dicom", p, None)]  # a series knows its modality (--modality is for NIfTI files)
     if p.is_file():
+        if (radiograph := _radiograph_modality(p)) is not None:
+            return [InferJob(_radiograph_stem(p), "radiograph", p, radiograph)]
         if not p.name.endswith(_NIFTI):
-            raise UserError(f"{p}: not a NIfTI file (.nii or .nii.gz), DICOM series folder or prepared dataset")
+            raise UserError(f"{p}: not a NIfTI file (.nii or .nii.gz), a CR/DX radiograph, DICOM series folder or prepared dataset")
         if modality is None:
             raise UserError(f"{p}: a NIfTI input needs --modality (CT or MR)")
         return [InferJob(_stem(p), "nifti", p, modality)]
     raise UserError(f"{p}: no such file or folder")
+
+
+def _radiograph_modality(p: Path) -> str | None:
+    """A DICOM file's modality when it is a projection radiograph (CR, DX), else None (not DICOM, or another modality)."""
+    if p.name.endswith(_NIFTI) or not p.is_file():
+        return None
+    try:
+        modality = str(read_header(p).get("Modality", "") or "").upper()
+    except Exception:  # noqa: BLE001  # not a DICOM file (or not readable as one): the other input kinds decide
+        return None
+    return modality if is_radiograph(modality) else None
+
+
+def _radiograph_stem(p: Path) -> str:
+    """A radiograph file's output name: its name without a DICOM suffix (``cxr_001.dcm`` -> ``cxr_001``)."""
+    return _stem(p.with_suffix("") if p.suffix.lower() in (".dcm", ".dicom") else p)
 
 
 def _stem(p: Path) -> str:
@@ -105,7 +132,7 @@ def expand_inputs(inputs: list[str], modality: str | None) -> list[InferJob]:
     """The inputs to segment, one `InferJob` each, with unique output names.
 
     Args:
-        inputs: NIfTI files, DICOM series folders, prepared datasets, or folders of these.
+        inputs: NIfTI files, DICOM series folders, CR/DX radiograph files or folders of them, prepared datasets, or folders of these.
         modality: CT or MR for NIfTI inputs (DICOM series and datasets know theirs).
 
     Returns:
@@ -128,7 +155,7 @@ def expand_inputs(inputs: list[str], modality: str | None) -> list[InferJob]:
     return jobs
 
 
-def image_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: dict[str, int]) -> dict[str, Any]:
+def image_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: dict[str, int], planar: bool = False) -> dict[str, Any]:
     """Per class: voxels, volume in mL (voxels x the voxel volume of the affine) and image intensity statistics inside the class.
 
     Args:
@@ -136,12 +163,17 @@ def image_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray, c
         label: the label on the same grid.
         affine: the grid's voxel-to-world affine (mm).
         classes: class name -> label value (background left out).
+        planar: a radiograph (one plane; its third axis a singleton): areas in cm^2 (in the image plane, the
+            projection's magnification included), no volume.
 
     Returns:
-        ``{"voxel_volume_ml", "classes": {name: {"voxels", "volume_ml", "intensity": {...} | None}}}``.
+        ``{"voxel_volume_ml", "classes": {name: {"voxels", "volume_ml", "intensity": {...} | None}}}``; planar:
+        ``pixel_area_mm2`` and ``area_cm2`` instead.
     """
-    voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    out: dict[str, Any] = {"voxel_volume_ml": voxel_ml, "classes": {}}
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    voxel_ml = float(abs(np.linalg.det(matrix))) / 1000.0
+    pixel_mm2 = float(np.linalg.norm(np.cross(matrix[:, 0], matrix[:, 1])))
+    out: dict[str, Any] = {"pixel_area_mm2": pixel_mm2, "classes": {}} if planar else {"voxel_volume_ml": voxel_ml, "classes": {}}
     for name, value in classes.items():
         mask = label == value
         n = int(mask.sum())
@@ -150,13 +182,14 @@ def image_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray, c
             v = image[mask].astype(np.float64)
             p5, median, p95 = (float(x) for x in np.percentile(v, [5, 50, 95]))
             stats = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "p5": p5, "median": median, "p95": p95, "max": float(v.max())}
-        out["classes"][name] = {"voxels": n, "volume_ml": n * voxel_ml, "intensity": stats}
+        size = {"area_cm2": n * pixel_mm2 / 100.0} if planar else {"volume_ml": n * voxel_ml}
+        out["classes"][name] = {"voxels": n, **size, "intensity": stats}
     return out
 
 
 def _targets(out: Path, job: InferJob, dicom_seg: bool, statistics: bool, preview: bool) -> list[Path]:
     paths = [out / f"{job.name}.nii.gz"]
-    if dicom_seg and job.kind == "dicom":
+    if dicom_seg and job.kind in ("dicom", "radiograph"):
         paths.append(out / f"{job.name}.seg.dcm")
     if statistics:
         paths.append(out / f"{job.name}.statistics.json")
@@ -204,8 +237,8 @@ def run_package_infer(
             there (without `overwrite` or `resume`), or a record made by another model.
     """
     jobs = expand_inputs(inputs, modality)
-    if dicom_seg and not any(j.kind == "dicom" for j in jobs):
-        raise UserError("--dicom-seg needs a DICOM series folder as input")
+    if dicom_seg and not any(j.kind in ("dicom", "radiograph") for j in jobs):
+        raise UserError("--dicom-seg needs DICOM input (a series folder or CR/DX radiographs)")
     schema = package.schema
     for job in jobs:
         if job.modality is not None and job.modality not in schema.modalities:
@@ -282,6 +315,9 @@ def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[
         modality = series_modality
         pred = segment_image(package.network, package.settings, image, modality)
         pred.sources = sources
+    elif job.kind == "radiograph":
+        modality = str(job.modality)
+        pred = segment_image(package.network, package.settings, _radiograph_image(job.source), modality)
     else:
         assert job.modality is not None  # expand_inputs: a NIfTI job has its dataset's modality or --modality
         modality = job.modality
@@ -294,7 +330,13 @@ def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[
         "modality": modality,
         "voxels": {n: int((pred.label == v).sum()) for n, v in classes.items()},
     }
-    if dicom_seg and job.kind == "dicom":
+    if dicom_seg and job.kind == "radiograph":
+        seg_path = out / f"{job.name}.seg.dcm"
+        V.write_radiograph_seg(pred.label, job.source, {v: n for n, v in classes.items()}, seg_path, package.schema,
+                               algorithm_name=f"fedimg {package.config['name']}", algorithm_version=package.version or "unpublished",
+                               series_description=f"fedimg {package.ref}"[:64])  # fmt: skip
+        row["dicom_seg"] = str(seg_path)
+    elif dicom_seg and job.kind == "dicom":
         seg_path = out / f"{job.name}.seg.dcm"
         assert pred.sources is not None
         V.write_dicom_seg(pred.label, pred.sources, {v: n for n, v in classes.items()}, seg_path, package.schema,
@@ -304,13 +346,31 @@ def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[
     image_array = np.asanyarray(pred.reference.dataobj).astype(np.float32)
     image_array = image_array[..., 0] if image_array.ndim == 4 else image_array
     if statistics:
-        stats = {"input": job.name, "model": package.ref, "modality": modality, **image_statistics(image_array, pred.label, pred.affine, classes)}
+        planar = job.kind == "radiograph"
+        stats = {"input": job.name, "model": package.ref, "modality": modality, **image_statistics(image_array, pred.label, pred.affine, classes, planar)}
         stats_path = out / f"{job.name}.statistics.json"
         atomic.write_json(stats_path, stats)
         row["statistics"] = str(stats_path)
     if preview:
         row["preview"] = str(_write_preview(out, job.name, image_array, pred, package, modality))
     return row
+
+
+def _radiograph_image(path: Path) -> nib.Nifti1Image:
+    """A CR/DX file as `site-agent prepare` converts it: its image plane (columns, rows, 1), grey levels through DICOM's display
+    pipeline in [0, 1], its pixel spacing (`preprocessing.radiograph.load_radiograph`).
+
+    Raises:
+        ValueError: naming the file, for a radiograph prepare would refuse (its code's reason).
+    """
+    try:
+        radiograph = load_radiograph(path, read_header(path))
+    except SeriesError as exc:
+        raise ValueError(str(exc)) from None
+    image = nib.Nifti1Image(radiograph.array, radiograph.affine_ras)
+    image.set_qform(radiograph.affine_ras, code=1)
+    image.set_sform(radiograph.affine_ras, code=1)
+    return image
 
 
 def _write_preview(out: Path, name: str, image: np.ndarray, pred: Any, package: ModelPackage, modality: str) -> Path:

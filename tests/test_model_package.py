@@ -314,3 +314,29 @@ def test_publish_refuses_what_the_run_does_not_have(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         publish_model(home, run.name, model="round 2", out=out)
     assert not Registry(home).versions("model", "abdomen")  # nothing published by a refused command
+
+
+def test_a_package_keeps_the_presence_head_and_its_gate(tmp_path, one_thread):
+    """A model with a presence head (`pipelines.presence`) is packaged with its head's weights and settings and loads back
+    gating as it was trained to; MONAI's bundle runner, which would build the network without the head, gets no config."""
+    from pipelines.plan_args import parse_plan_args
+    from pipelines.presence import has_presence_head, presence_logits
+    from pipelines.training import build_model
+    from preprocessing.schema import parse_schema
+
+    plan_args = {**_plan_args(), "presence_head": {"classes": ["liver"], "threshold": 0.4}}
+    settings = parse_plan_args({k: v for k, v in plan_args.items() if k not in ("lr", "split")}, parse_schema(SCHEMA_RAW, "schema"))
+    torch.manual_seed(3)
+    trained = build_model(settings)
+    files = build_package_files(name="headed", plan_args=plan_args, state_dict=trained.state_dict(), provenance={"run_id": "r2"})
+    assert "inference.json" not in files
+    package = load_package(_write(tmp_path / "headed", files))
+    assert has_presence_head(package.network) and package.settings.presence_classes == (3,) and package.settings.presence_threshold == 0.4
+    x = torch.randn(2, 1, 32, 32, 32)
+    trained.eval()
+    with torch.no_grad():
+        trained(x)
+        package.network(x)
+    assert torch.equal(presence_logits(package.network), presence_logits(trained))
+    with pytest.raises(PackageError, match="do not fit"):  # the head's weights without a head in the plan arguments
+        build_package_files(name="headless", plan_args=_plan_args(), state_dict=trained.state_dict(), provenance={})

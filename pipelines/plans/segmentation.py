@@ -25,13 +25,14 @@ from pipelines.device import LossScale, Precision, autocast, on_device, precisio
 from pipelines.evaluation import dice_per_class
 from pipelines.losses import lambda_schedule
 from pipelines.metrics import case_metrics, summarise_metrics
-from pipelines.networks import build_network, set_background_prior
+from pipelines.networks import set_background_prior
 from pipelines.plan_args import SegmentationSettings, parse_plan_args
 from pipelines.plans.datasets import PreparedSegmentationDataset
 from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.reporting import embedded_schema, report_training
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.plans.split_data import CaseSplitDataManager
+from pipelines.presence import presence_logits, presence_loss, presence_report
 from pipelines.privacy import (
     TRAINING_LOSSES,
     WithoutTrainingLoss,
@@ -46,12 +47,13 @@ from pipelines.site_errors import site_boundary
 from pipelines.training import (
     OptimizerStateStore,
     PartialLabelObjective,
+    build_model,
     class_means,
     cosine_lr,
     evaluate_case,
     frozen_teacher,
     parameter_checksum,
-    predict,
+    predict_with_presence,
     teacher_logits,
 )
 
@@ -111,10 +113,12 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         """
         self._settings = settings_from_model_args(model_args)
         net = dict(self._settings.network)
-        model = build_network(out_channels=self._settings.num_classes, **net)
+        model = build_model(self._settings)  # the network, and the presence head when plan_args asks for one
         if self._settings.background_prior is not None:  # the initial global model is built here, at the coordinator
             set_background_prior(model, self._settings.num_classes, self._settings.background_prior)
         if self._dp() is not None:  # Opacus: no in-place activations, no layer that mixes a batch's samples
+            if self._settings.presence_classes:  # its hooks keep features between modules: not per-sample clipping Opacus can check
+                raise ValueError("differential privacy: plan_args.presence_head is not supported with privacy; remove one of them")
             disable_inplace(model)
             problem = network_dp_problem(model, str(net.get("name")), int(net.get("in_channels", 1)), self._settings.spatial_dims, probe_patch(net))
             if problem:
@@ -186,7 +190,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         self._lambda = lambda_schedule(self._round_index(), s.rounds_total or 1, *s.lambda_range)
         self._step_in_round = 0
         self._empty_steps = 0
-        self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
+        self._sums = {"loss": 0.0, "sup_loss": 0.0, "condist_loss": 0.0, "presence_loss": 0.0, "step_s": 0.0, "teacher_s": 0.0}
         # The model as the node set it from the researcher's message; Fed-BioMed takes its own
         # snapshot (initial_parameters()) only once training starts, and both are compared below.
         received = {k: v.detach().clone() for k, v in self.model().named_parameters()}
@@ -237,6 +241,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
             self._teacher.to(device)  # built from the received model before Fed-BioMed moved the model
         with autocast(device, precision):
             outputs = self.model()(images)
+            presence = presence_logits(self.model())  # None without a presence head
             teacher: torch.Tensor | None = None
             if self._teacher is not None:
                 t1 = time.perf_counter()
@@ -246,6 +251,10 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 loss, parts = self._per_case_objective(outputs, labels, teacher, len(data))
             else:
                 loss, parts = self._objective(outputs, labels, teacher, self._lambda)
+            if presence is not None:  # the image-level head: whether each patch shows each headed class the site labels
+                p_loss = presence_loss(presence, labels, s.presence_classes, self._dataset.labeled_classes)
+                loss = loss + s.presence_weight * p_loss
+                parts = {**parts, "presence_loss": float(p_loss.detach())}
         loss = loss.float()
         self._step_in_round += 1
         self._sums["loss"] += float(loss.detach())
@@ -416,6 +425,7 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         metric = {
             "loss_mean": self._sums["loss"] / n if drawn else float("nan"),
             "sup_loss": self._sums["sup_loss"] / n if drawn else float("nan"),
+            **({"presence_loss": self._sums["presence_loss"] / n} if self._settings.presence_classes else {}),
             "lambda": self._lambda,
             "round_index": float(self._round_index()),
             "steps": float(self._step_in_round),
@@ -496,14 +506,26 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
             )  # fmt: skip
 
     def _dice_report(self, loader: Any, prefix: str) -> tuple[dict[str, float], int]:
-        """Dice per class (mean over cases), their mean, the case count and per-case values, keys prefixed."""
+        """Dice per class (mean over cases), their mean, the case count and per-case values, keys prefixed; with a presence
+        head, its scores on the headed classes the site labels (`pipelines.presence.presence_report`)."""
         s = self._settings
         classes = self._dataset.labeled_classes
+        headed = [c for c in s.presence_classes if c in classes]
         per_case: list[dict[int, float]] = []
+        presence: list[tuple[dict[int, float], torch.Tensor]] = []
         for data, target in loader:
             for volume, label in zip(data, target):
-                per_case.append(evaluate_case(self.model(), volume, label, s, classes))
-        return self._summary(per_case, classes, prefix), len(per_case)
+                if headed:
+                    pred, probabilities = predict_with_presence(self.model(), volume, s)
+                    per_case.append(_case_dice(pred, label, classes, s))
+                    presence.append((probabilities, label))
+                else:
+                    per_case.append(evaluate_case(self.model(), volume, label, s, classes))
+        result = self._summary(per_case, classes, prefix)
+        if presence:
+            names = {v: k for k, v in s.schema.classes.items()}
+            result.update({f"{prefix}{k}": v for k, v in presence_report(presence, headed, names, s.presence_threshold).items()})
+        return result, len(per_case)
 
     def _test_report(self, data: CaseSplitDataManager, clinical: bool = False) -> dict[str, float]:
         """The test cases' keys: Dice on the classes the site labels (``test_``) and on its reference classes (``test_ref_``).
@@ -537,8 +559,12 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         per_ref: list[dict[int, float]] = []
         ref_positions: list[int] = []  # each reference score's test case position: test_ref_case<j> is test_case<j>'s volume
         per_metrics: list[dict[int, dict[str, float]]] = []
+        headed = [c for c in s.presence_classes if c in classes]
+        presence: list[tuple[dict[int, float], torch.Tensor]] = []
         for position, (index, volume, label) in enumerate(data.test_cases()):
-            pred = predict(self.model(), volume, s)
+            pred, probabilities = predict_with_presence(self.model(), volume, s)
+            if headed:
+                presence.append((probabilities, label))
             per_case.append(_case_dice(pred, label, classes, s))  # what evaluate_case computes, on the shared prediction
             if clinical:
                 per_metrics.append(_case_clinical(pred, label, self._dataset.voxel_spacing(index), classes, s))
@@ -548,6 +574,8 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 ref_positions.append(position)
         result = self._summary(per_case, classes, "test_")
         names = {v: k for k, v in s.schema.classes.items()}
+        if presence:
+            result.update({f"test_{k}": v for k, v in presence_report(presence, headed, names, s.presence_threshold).items()})
         if per_metrics:
             for c, row in summarise_metrics(per_metrics, classes, CLINICAL_METRICS).items():
                 for metric, summary in row.items():

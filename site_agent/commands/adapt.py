@@ -186,7 +186,7 @@ def adapt_target(
 @click.pass_context
 def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path, mode: str, modality: str | None, dicom_seg: bool, statistics: bool,
           preview: bool, resume: bool, overwrite: bool, device: str | None, as_json: bool) -> None:  # fmt: skip
-    """Segment scans: NIfTI files, DICOM series folders, prepared datasets, or folders of them.
+    """Segment scans: NIfTI files, DICOM series folders, CR/DX radiographs, prepared datasets, or folders of them.
 
     With a published model (--model NAME[@vNNNN] or a package folder) the label is written on
     each input's own grid, with optional DICOM SEG, statistics and preview; a failing input

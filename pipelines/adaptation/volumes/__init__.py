@@ -9,7 +9,15 @@ Details: docs/design/adaptation.md, "Slice geometry and I/O".
 
 from __future__ import annotations
 
-from pipelines.adaptation.volumes.dicom import GRID_TOLERANCE_MM, SeriesGrid, predict_dicom_series, series_grid, series_image, write_dicom_seg
+from pipelines.adaptation.volumes.dicom import (
+    GRID_TOLERANCE_MM,
+    SeriesGrid,
+    predict_dicom_series,
+    series_grid,
+    series_image,
+    write_dicom_seg,
+    write_radiograph_seg,
+)
 from pipelines.adaptation.volumes.geometry import pad_widths, square_labels, unsquare
 from pipelines.adaptation.volumes.inference import PredictFn, VolumePrediction, predict_volume_2d
 from pipelines.adaptation.volumes.labelled import VOLUMES_VERSION, LabelledSlices, clear_memory_cache, few_shot_selection, labelled_slices
@@ -34,5 +42,6 @@ __all__ = (
     "square_labels",
     "unsquare",
     "write_dicom_seg",
+    "write_radiograph_seg",
     "write_label_nifti",
 )

@@ -15,6 +15,7 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.sr.codedict import codes
 
@@ -235,6 +236,78 @@ def write_dicom_seg(
     out = Path(path)
     grid = series_grid(source_series)
     data = _label_on_series_grid(label, grid, str(out))
+    local, segments = _segment_numbers(data, class_names, schema, out)
+    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
+    write_seg(
+        grid.sources,
+        local,
+        segments,
+        segments,
+        out,
+        schema,
+        series_number=series_number,
+        manufacturer="FEDIMG",
+        manufacturer_model_name="fedimg adaptation",
+        software_versions="fedimg",
+        series_description=series_description,
+        algorithm=algorithm,
+    )
+    return out
+
+
+def write_radiograph_seg(
+    label: np.ndarray,
+    source: str | os.PathLike[str],
+    class_names: Mapping[int, str] | None,
+    path: str | os.PathLike[str],
+    schema: LabelSchema,
+    *,
+    algorithm_name: str = "fedimg segmentation",
+    algorithm_version: str = "1",
+    series_number: int = 301,
+    series_description: str | None = "fedimg segmentation",
+) -> Path:
+    """Write a radiograph's label as a BINARY DICOM SEG referencing its one image, atomically (`preprocessing.seg`).
+
+    As `write_dicom_seg`, for a CR/DX file (no frame of reference, one frame): the label is on the image
+    plane `preprocessing.radiograph.load_radiograph` gives, ``[column, row, 0]``.
+
+    Args:
+        label: (columns, rows, 1) or (columns, rows) integer label values.
+        source: the radiograph's DICOM file.
+        class_names: label value -> schema class name (None: every foreground class of ``schema``).
+        path: the SEG file to write.
+        schema: the label schema (segment descriptions).
+        algorithm_name: the segmenting algorithm's name.
+        algorithm_version: its version.
+        series_number: the SEG's SeriesNumber.
+        series_description: the SEG's SeriesDescription.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: a label whose shape is not the image's columns x rows, or values other than 0 and those of ``class_names``.
+    """
+    out = Path(path)
+    data = np.asarray(label)
+    data = data[:, :, None] if data.ndim == 2 else data
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    if data.shape != (int(header.Columns), int(header.Rows), 1):
+        raise ValueError(f"{out}: label of shape {data.shape} is not the radiograph's columns x rows ({int(header.Columns)}, {int(header.Rows)}, 1)")
+    local, segments = _segment_numbers(data, class_names, schema, out)
+    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
+    write_seg([header], local, segments, segments, out, schema, series_number=series_number, manufacturer="FEDIMG",
+              manufacturer_model_name="fedimg", software_versions="fedimg", series_description=series_description, algorithm=algorithm)  # fmt: skip
+    return out
+
+
+def _segment_numbers(data: np.ndarray, class_names: Mapping[int, str] | None, schema: LabelSchema, out: Path) -> tuple[np.ndarray, list[str]]:
+    """Label values as SEG segment numbers 1..n (increasing label value; 0: none) and the n segments' class names.
+
+    Raises:
+        ValueError: non-integer values, or values other than 0 and those of ``class_names``.
+    """
     if data.dtype.kind not in "iub" and not (data.dtype.kind == "f" and np.all(data == np.round(data))):
         raise ValueError(f"{out}: label values must be integers, got dtype {data.dtype}")
     data = data.astype(np.int64)
@@ -248,20 +321,4 @@ def write_dicom_seg(
     lut = np.zeros(max([0, *values, int(data.max()) if data.size else 0]) + 1, dtype=np.int64)
     for number, value in enumerate(values, start=1):
         lut[value] = number
-    local = lut[data]
-    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
-    write_seg(
-        grid.sources,
-        local,
-        [names[v] for v in values],
-        [names[v] for v in values],
-        out,
-        schema,
-        series_number=series_number,
-        manufacturer="FEDIMG",
-        manufacturer_model_name="fedimg adaptation",
-        software_versions="fedimg",
-        series_description=series_description,
-        algorithm=algorithm,
-    )
-    return out
+    return lut[data], [names[v] for v in values]
