@@ -64,7 +64,7 @@ from federation_methods import (  # noqa: E402  (the abdominal benchmark's metho
 )
 
 from coordinator import runs  # noqa: E402
-from coordinator.report import compare_runs  # noqa: E402
+from coordinator.report import compare_runs, global_rows  # noqa: E402
 from coordinator.report.site_classes import TEST_ONLY_MARK, column_layout  # noqa: E402
 from coordinator.testbed import Testbed, chest_spec_text  # noqa: E402
 from fedimg_core import atomic  # noqa: E402
@@ -141,6 +141,12 @@ def seed_table(records: Sequence[Mapping[str, Any]], model: str, methods: Sequen
                     values.setdefault(key, []).append(v)
         out[method] = {key: stat(v) for key, v in values.items()}
     return out
+
+
+def presence_scores(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The presence head's test scores of a run's best global model: ``"<site>: presence_<score>_<class>"`` -> value."""
+    rows = global_rows(metrics, "test").rows
+    return {f"{site}: {k}": float(v) for site, row in rows.items() for k, v in row.items() if k.startswith(("presence_accuracy_", "presence_auc_"))}
 
 
 def cell_text(s: Mapping[str, Any] | None) -> str:
@@ -256,10 +262,21 @@ def main() -> int:
 
     # Table 7's numbers and the round-time ratio, each seed's runs side by side in one sitting
     timing: dict[int, dict[str, float | None]] = {}
+    presence: dict[str, dict[str, list[float]]] = {}  # method -> "<site>: <score>" -> values over seeds
     for label, run_dir in run_dirs.items():
         m = runs.read_metrics(run_dir)
         timing.setdefault(seed_of[label], {})[f"{method_of[label]}_round"] = steady_round_s(m)
         timing[seed_of[label]][f"{method_of[label]}_step"] = mean_step_s(m)
+        for key, value in presence_scores(m).items():
+            presence.setdefault(method_of[label], {}).setdefault(key, []).append(value)
+    if presence:  # the presence head at the site that labels its class: the best global model on that site's test cases
+        keys = sorted({k for per in presence.values() for k in per})
+        presence_stats = {m: {k: stat(presence.get(m, {}).get(k, [])) for k in keys} for m in methods}
+        presence_rows = [[k, *(cell_text(presence_stats[m][k]) for m in methods)] for k in keys]
+        md.append("### Presence head: the best global model on the test cases of the site labelling the class, mean ± sd over seeds\n\n"
+                  + markdown_table(["site: score", *(NAMES.get(m, m) for m in methods)], presence_rows) + "\n")  # fmt: skip
+        for row in presence_rows:
+            say("presence " + " | ".join(row))
     cost_rows = []
     for method in methods:
         mine = [r for r in records if r["method"] == method]
@@ -285,7 +302,7 @@ def main() -> int:
         "rounds": args.rounds, "steps": args.steps, "cases_per_site": args.cases, "seeds": seeds, "split_seed": args.split_seed,
         "methods": methods, "presence_head": args.presence_head, "git_commit": commit, "reused_runs": {k: str(v) for k, v in reused.items()},
         "run_commits": {label: run_commit(d) for label, d in run_dirs.items()}, "run_dirs": {k: str(v) for k, v in run_dirs.items()},
-        "tables": tables, "timing": timing, "ratios": ratios, "total_wall_s": time.monotonic() - t_start,
+        "tables": tables, "presence": presence, "timing": timing, "ratios": ratios, "total_wall_s": time.monotonic() - t_start,
     }  # fmt: skip
     atomic.write_text(out / "benchmark.json", json.dumps(summary, indent=2, default=str))
     atomic.write_text(out / "results.md", results_markdown(summary, md, records))

@@ -48,14 +48,14 @@ DIRECT = """
 import json, sys
 from safetensors.torch import load_file
 from pipelines.inference import segment_image
-from pipelines.networks import build_network
 from pipelines.plan_args import parse_plan_args
+from pipelines.training import build_model
 from preprocessing.schema import parse_schema
 pkg, scan, out = sys.argv[1:4]
 config = json.load(open(pkg + "/package.json"))
 schema = parse_schema(config["schema_definition"], "package")
 settings = parse_plan_args({**config["plan_args"], "schema_definition": config["schema_definition"]}, schema)
-net = build_network(out_channels=schema.num_classes, **settings.network)
+net = build_model(settings)
 net.load_state_dict(load_file(pkg + "/model.safetensors"))
 pred = segment_image(net.eval(), settings, scan, "CT")
 pred.save_nifti(out)
@@ -68,15 +68,14 @@ def build_package(folder: Path) -> Path:
 
     from coordinator.spec import load
     from pipelines.model_package import build_package_files
-    from pipelines.networks import build_network
-    from pipelines.training import parse_plan_args
+    from pipelines.training import build_model, parse_plan_args
     from preprocessing.schema import parse_schema
 
     args = load(ROOT / "coordinator" / "examples" / "phantom_condistfl.yaml").experiment_model_args()
     schema = parse_schema(args["schema_definition"], "spec")
     settings = parse_plan_args(args, schema)
     torch.manual_seed(0)
-    net = build_network(out_channels=schema.num_classes, **settings.network)
+    net = build_model(settings)
     files = build_package_files(name="benchmark", plan_args=args, state_dict=net.state_dict(), provenance={"note": "random weights"})
     folder.mkdir(parents=True)
     for name, data in files.items():

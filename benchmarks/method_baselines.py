@@ -29,6 +29,7 @@ from pipelines.augment import patch_batch, sampler_for
 from pipelines.ensemble import PartialLabelEnsemble  # noqa: F401 - the benchmarks use it as mb.PartialLabelEnsemble
 from pipelines.networks import set_background_prior
 from pipelines.plan_args import SegmentationSettings
+from pipelines.presence import presence_logits, presence_loss
 from pipelines.splits import SplitIndices, SplitSettings, split_indices
 from pipelines.training import PartialLabelObjective, build_model, class_means, cosine_lr, evaluate_case
 from pipelines.transforms import deterministic_transforms
@@ -203,6 +204,8 @@ def train_centralised(
                 objectives[classes] = PartialLabelObjective(settings.schema, classes, settings.temperature, settings.spatial_dims)
             images, labels = patch_batch(sampler, [volume], [target])  # one volume per step, as the plans' loader
             loss, _ = objectives[classes](net(images), labels, None, 0.0)
+            if (presence := presence_logits(net)) is not None:  # a presence head learns as at the case's site
+                loss = loss + settings.presence_weight * presence_loss(presence, labels, settings.presence_classes, classes)
             opt.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             opt.step()

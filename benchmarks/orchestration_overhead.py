@@ -30,8 +30,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator.plans import model_args_for  # noqa: E402
 from coordinator.testbed import Testbed, default_spec_text  # noqa: E402
 from pipelines.augment import sampler_for  # noqa: E402
-from pipelines.networks import build_network  # noqa: E402
-from pipelines.training import PartialLabelObjective, parse_plan_args  # noqa: E402
+from pipelines.training import PartialLabelObjective, build_model, parse_plan_args  # noqa: E402
 from pipelines.transforms import deterministic_transforms  # noqa: E402
 from preprocessing.dataset import load_dataset  # noqa: E402
 from preprocessing.schema import parse_schema  # noqa: E402
@@ -50,7 +49,7 @@ def local_round_seconds(bed: Testbed, spec: dict) -> list[float]:
         volumes = [chain({"image": str(c.image), "label": str(c.label)}) for c in ds.cases]
         volumes = [(v["image"].as_tensor().float(), v["label"].as_tensor()) for v in volumes]
         torch.manual_seed(0)
-        net = build_network(out_channels=schema.num_classes, **settings.network)
+        net = build_model(settings)
         opt = torch.optim.AdamW(net.parameters(), lr=spec["optimizer"]["lr"])
         objective = PartialLabelObjective(schema, ds.labeled_classes, settings.temperature, settings.spatial_dims)
         sampler = sampler_for(settings)

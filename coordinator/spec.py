@@ -649,6 +649,10 @@ def _dp_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]]:
         # Opacus steps with the clipped per-sample gradients of the plan's loss: the proximal term's gradient is dropped
         out.append(("fedprox_mu", "cannot be combined with dp: Opacus builds each step from the per-sample gradients of the plan's loss, "
                                   "which the proximal term is not part of; drop fedprox_mu or dp"))  # fmt: skip
+    plan_args = values.get("plan_args")
+    if isinstance(plan_args, dict) and plan_args.get("presence_head") is not None:
+        out.append(("plan_args.presence_head", "cannot be combined with dp: the head's hooks carry features between modules, which "
+                                                "Opacus's per-sample clipping does not follow; drop presence_head or dp"))  # fmt: skip
     device = values.get("device")
     precision = device.get("precision") if isinstance(device, dict) else None
     if precision in ("bf16", "fp16"):

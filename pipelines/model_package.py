@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "fedimg-model-package"
 FORMAT_VERSION = 1
+PRESENCE_FORMAT_VERSION = 2  # a package whose network has a presence head (`pipelines.presence`): an older fedimg cannot run it
 PACKAGE_FILE = "package.json"
 WEIGHTS_FILE = "model.safetensors"
 BUNDLE_METADATA_FILE = "metadata.json"
@@ -130,10 +131,10 @@ def _package_plan_args(settings: SegmentationSettings) -> dict[str, Any]:
         "spacing": spacing,
         "inference": {"overlap": settings.overlap, "sw_batch_size": settings.sw_batch_size},
         "predict_classes": [names[c] for c in settings.predict_classes] if settings.predict_classes else None,
-        "presence_head": {
+        **({"presence_head": {
             "classes": [names[c] for c in settings.presence_classes], "weight": settings.presence_weight,
             "gate": settings.presence_threshold is not None, "threshold": settings.presence_threshold if settings.presence_threshold is not None else 0.5,
-        } if settings.presence_classes else None,
+        }} if settings.presence_classes else {}),  # only with a head: a package without one stays readable by an older fedimg
     }  # fmt: skip
 
 
@@ -208,7 +209,7 @@ def build_package_files(
     weights = save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}, metadata={"format": FORMAT})
     config: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": PRESENCE_FORMAT_VERSION if settings.presence_classes else FORMAT_VERSION,
         "name": name,
         "description": description,
         "task": "segmentation",
@@ -350,8 +351,10 @@ def verify_package_files(folder: str | Path) -> dict[str, Any]:
         raise PackageError(f"{pkg}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise PackageError(f"{pkg}: not a {FORMAT} file (format {config.get('format') if isinstance(config, dict) else None!r})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise PackageError(f"{pkg}: format_version {config.get('format_version')!r}; this fedimg reads version {FORMAT_VERSION} (update fedimg)")
+    if config.get("format_version") not in (FORMAT_VERSION, PRESENCE_FORMAT_VERSION):
+        raise PackageError(
+            f"{pkg}: format_version {config.get('format_version')!r}; this fedimg reads versions {FORMAT_VERSION} and {PRESENCE_FORMAT_VERSION} (update fedimg)"
+        )
     files = config.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files or CARD_FILE not in files:
         raise PackageError(f"{pkg}: no 'files' list naming {WEIGHTS_FILE} and {CARD_FILE}")
@@ -414,6 +417,8 @@ def load_package(folder: str | Path) -> ModelPackage:
         plan_args = config.get("plan_args")
         if not isinstance(plan_args, dict) or set(plan_args) - set(PACKAGE_PLAN_ARGS):
             raise PackageError(f"{where}: plan_args must be a mapping of {', '.join(PACKAGE_PLAN_ARGS)}")
+        if (plan_args.get("presence_head") is not None) != (config.get("format_version") == PRESENCE_FORMAT_VERSION):
+            raise PackageError(f"{where}: format_version {PRESENCE_FORMAT_VERSION} is for, and only for, packages with plan_args.presence_head")
         settings = parse_plan_args({**plan_args, "schema_definition": raw_schema}, schema)
     except PackageError:
         raise

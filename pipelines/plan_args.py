@@ -207,6 +207,8 @@ class PlanArgs(PlanArgsBase):
             raise ConfigProblem("classes", f"must be a non-empty list of distinct class names of schema {schema.name} ({', '.join(names)})")
         if unknown := [c for c in value.classes if c not in names]:
             raise ConfigProblem("classes", f"{', '.join(map(repr, unknown))} not foreground classes of schema {schema.name} ({', '.join(names)})")
+        if value.gate and value.weight == 0:
+            raise ConfigProblem("weight", "0 leaves the head untrained, and its gate would remove classes at random: give a weight > 0 or gate: false")
         return value
 
     @field_validator("predict_classes", mode="before")

@@ -181,7 +181,9 @@ def build_model(settings: SegmentationSettings) -> torch.nn.Module:
     """
     net = build_network(out_channels=settings.num_classes, **settings.network)
     if settings.presence_classes:
-        attach_presence_head(net, str(settings.network["name"]), len(settings.presence_classes), settings.spatial_dims, settings.roi_size)
+        from pipelines.privacy import probe_patch  # the smallest patch the network takes: a cheap dry forward
+
+        attach_presence_head(net, str(settings.network["name"]), len(settings.presence_classes), settings.spatial_dims, probe_patch(settings.network))
     return net
 
 

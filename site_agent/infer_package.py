@@ -83,9 +83,10 @@ def _classify(p: Path, modality: str | None, batch_ok: bool) -> list[InferJob]:
     if p.is_dir():
         children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
         files = [c for c in children if c.is_file()]
-        radiographs = [f for f in files if _radiograph_modality(f)]
-        if radiographs and len(radiographs) == len(files):  # a folder of radiographs: each file is an image (PA and lateral too)
-            return [InferJob(_radiograph_stem(f), "radiograph", f, _radiograph_modality(f)) for f in radiographs]
+        dicom = [f for f in files if not _is_nifti(f)]
+        if dicom and _radiograph_modality(dicom[0]):  # one header decides; a CT series is not read twice
+            # a folder of radiographs: each file is an image (PA and lateral too); a file of another kind fails alone
+            return [InferJob(_radiograph_stem(f), "radiograph", f, _radiograph_modality(f) or "") for f in dicom]
         if batch_ok and (any(_is_nifti(c) for c in files) or (children and not files)):
             # a folder of inputs: each NIfTI file and each sub-folder (a series or a dataset)
             jobs: list[InferJob] = []
@@ -241,7 +242,7 @@ def run_package_infer(
         raise UserError("--dicom-seg needs DICOM input (a series folder or CR/DX radiographs)")
     schema = package.schema
     for job in jobs:
-        if job.modality is not None and job.modality not in schema.modalities:
+        if job.modality and job.modality not in schema.modalities:  # "": a file in a folder of radiographs that is none (fails alone)
             raise UserError(f"{job.source}: modality {job.modality!r} has no intensity rule in schema {schema.name} ({', '.join(schema.modalities)})")
     identity = _model_identity(package)
     record_path = out / RECORD
@@ -316,7 +317,9 @@ def _segment_one(package: ModelPackage, job: InferJob, out: Path, classes: dict[
         pred = segment_image(package.network, package.settings, image, modality)
         pred.sources = sources
     elif job.kind == "radiograph":
-        modality = str(job.modality)
+        if not job.modality:  # a file beside radiographs that is not one
+            raise ValueError(f"{job.source}: not a CR/DX radiograph (its folder holds radiographs: one image per file)")
+        modality = job.modality
         pred = segment_image(package.network, package.settings, _radiograph_image(job.source), modality)
     else:
         assert job.modality is not None  # expand_inputs: a NIfTI job has its dataset's modality or --modality

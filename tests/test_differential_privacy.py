@@ -88,6 +88,8 @@ def test_dp_refuses_what_opacus_cannot_train_with():
     assert "bf16 cannot be combined with dp" in problems["device.precision"] and "auto" in problems["device.precision"]
     factory = dict(_problems(plan="data_factory", dp=DP, plan_args={}, split=None, sites={"tags": ["x"]}))
     assert "drop dp" in factory["dp"]
+    headed = dict(_problems(dp=DP, plan_args={**_raw()["plan_args"], "presence_head": {"classes": ["liver"]}}))
+    assert "cannot be combined with dp" in headed["plan_args.presence_head"] and "drop presence_head or dp" in headed["plan_args.presence_head"]
 
 
 def test_a_network_with_batch_norm_is_refused_naming_the_layer_and_the_option():

@@ -76,10 +76,12 @@ def test_a_folder_of_radiographs_gives_one_label_each_and_a_bad_file_fails_alone
     raw = pydicom.dcmread(films[1])
     raw.PresentationIntentType = "FOR PROCESSING"
     raw.save_as(folder / "raw.dcm")
+    (folder / "notes.dcm").write_text("not a DICOM file")
     out = tmp_path / "out"
     res = cli("site-agent", "infer", folder, "--model", package, "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{f.stem}.nii.gz" for f in films]
     problem = [line for line in (res.stdout + res.stderr).splitlines() if "raw.dcm" in line and "for processing" in line]
     assert len(problem) == 1, res.stdout + res.stderr
-    assert not (out / "raw.nii.gz").exists()
+    assert any("notes.dcm" in line for line in (res.stdout + res.stderr).splitlines())
+    assert not (out / "raw.nii.gz").exists() and not (out / "notes.nii.gz").exists()

@@ -4,6 +4,7 @@ loads them, run by MONAI's own bundle runner, and inverted exactly onto the inpu
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -340,3 +341,14 @@ def test_a_package_keeps_the_presence_head_and_its_gate(tmp_path, one_thread):
     assert torch.equal(presence_logits(package.network), presence_logits(trained))
     with pytest.raises(PackageError, match="do not fit"):  # the head's weights without a head in the plan arguments
         build_package_files(name="headless", plan_args=_plan_args(), state_dict=trained.state_dict(), provenance={})
+
+
+def test_a_package_without_a_head_stays_version_1_and_a_head_needs_version_2(package_dir, tmp_path):
+    config = json.loads((package_dir / "package.json").read_text())
+    assert config["format_version"] == 1 and "presence_head" not in config["plan_args"]  # an older fedimg still reads it
+    forged = dict(config, plan_args={**config["plan_args"], "presence_head": {"classes": ["liver"]}})
+    folder = tmp_path / "forged"
+    shutil.copytree(package_dir, folder)
+    (folder / "package.json").write_text(json.dumps(forged))
+    with pytest.raises(PackageError, match="format_version 2 is for, and only for, packages with plan_args.presence_head"):
+        load_package(folder)
