@@ -57,6 +57,9 @@ def test_two_radiograph_sites_with_different_labels_train_the_2d_plan(bed):
     assert "dice_left_lung" in final["site-1"] and "dice_right_lung" not in final["site-1"] and "ref_dice_right_lung" in final["site-1"]
     assert "dice_right_lung" in final["site-2"] and "ref_dice_left_lung" in final["site-2"] and "ref_dice_heart" not in final["site-2"]
     weights = torch.load(run_dir / "checkpoints" / "global_round_0002.pt")
-    assert all(w.dim() in (1, 4) for w in weights.values())  # 2D convolutions: (out, in, kx, ky)
+    assert all(w.dim() in (1, 4) for k, w in weights.items() if not k.startswith("presence_head."))  # 2D convolutions: (out, in, kx, ky)
+    # the example's pneumothorax presence head travelled with the model; neither site labels pneumothorax: zero gradients, no loss
+    assert weights["presence_head.fc.weight"].shape[0] == 1
+    assert all(row["train"]["presence_loss"] == 0.0 for r in metrics["rounds"] for row in r["sites"].values())
     report = cli("coordinator", "report", run_dir.name, "--home", home)
     assert report.returncode == 0 and Path(run_dir / "report" / "index.html").is_file(), report.stdout + report.stderr
