@@ -28,6 +28,8 @@ def test_every_method_runs_the_chest_example_with_its_own_objective(bench):
     assert bench.spec_for("condistfl", 1, 1, 0)["plan"] == "condistfl" and bench.spec_for("fedprox", 1, 1, 0)["fedprox_mu"] == 1e-6
     assert "server_optimizer" in bench.spec_for("fedopt", 1, 1, 0)
     assert bench.example_budget() == (example["rounds"], example["local_steps"])
+    assert "presence_head" in bench.spec_for("condistfl", 1, 1, 0)["plan_args"]  # the example's head, by default
+    assert "presence_head" not in bench.spec_for("condistfl", 1, 1, 0, presence_head=False)["plan_args"]
 
 
 def _record(method: str, seed: int, own: float, ref: float) -> dict:
