@@ -329,3 +329,19 @@ def test_a_dicom_seg_drawn_on_a_real_radiograph_lands_on_its_pixels(files, tmp_p
     assert np.array_equal(label == 2, drawn[0] == 1)
     image = np.asanyarray(nib.load(tmp_path / "out" / case["image"]).dataobj)[:, :, 0].T
     np.testing.assert_allclose(image, _window_then_invert(ds), atol=1e-5)  # the SEG went to a.dcm, not b.dcm
+
+
+def test_overlays_show_a_radiograph_as_a_viewer_does():
+    """Run reports' case figures (`fedimg_core.reporting.overlays`): a radiograph's plane (column, row) is shown first row
+    at the top, first column on the left, not flipped like an axial CT slice."""
+    from fedimg_core.reporting.overlays import _display, plot_case
+
+    plane = np.zeros((4, 3), dtype=np.float32)  # 4 columns, 3 rows
+    plane[0, 0] = 1.0  # the first column of the first row
+    shown = _display(plane, planar=True)
+    assert shown.shape == (3, 4) and shown[0, 0] == 1.0
+    assert _display(plane)[-1, -1] == 1.0  # an axial slice: patient's right on the left, anterior up
+    image = np.random.default_rng(0).random((16, 12, 1)).astype(np.float32)
+    label = np.zeros((16, 12, 1), dtype=np.uint8)
+    label[2:6, 3:8, 0] = 1
+    assert plot_case(image, label, label, [], "radiograph")[:8] == b"\x89PNG\r\n\x1a\n"

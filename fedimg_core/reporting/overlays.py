@@ -61,9 +61,10 @@ def pick_slice(reference: np.ndarray, prediction: np.ndarray, cls: int) -> int:
     raise ValueError(f"class {cls} is neither in the reference nor in the prediction")
 
 
-def _display(plane: np.ndarray) -> np.ndarray:
-    """An axial (X, Y) plane of a RAS volume as shown in radiology: patient's right on the left, anterior up."""
-    return np.asarray(plane).T[::-1, ::-1]
+def _display(plane: np.ndarray, planar: bool = False) -> np.ndarray:
+    """An axial (X, Y) plane of a RAS volume as shown in radiology: patient's right on the left, anterior up; a
+    radiograph's plane (column, row), as a viewer shows it: first row at the top, first column on the left."""
+    return np.asarray(plane).T if planar else np.asarray(plane).T[::-1, ::-1]
 
 
 def _mask_rgba(mask: np.ndarray, colour: str) -> np.ndarray:
@@ -110,8 +111,9 @@ def overlay_rows(reference: np.ndarray, prediction: np.ndarray, classes: Mapping
     return rows
 
 
-def plot_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, rows: Sequence[OverlayRow], title: str) -> bytes:
-    """One case's figure: per row, image / reference / prediction on the row's axial slice.
+def plot_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, rows: Sequence[OverlayRow], title: str,
+              planar: bool | None = None) -> bytes:  # fmt: skip
+    """One case's figure: per row, image / reference / prediction on the row's axial slice (a radiograph: its plane).
 
     Args:
         image: the preprocessed image (X, Y, Z), already windowed and normalised (shown with robust limits).
@@ -119,10 +121,13 @@ def plot_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, 
         prediction: the predicted label map, same shape.
         rows: the rows (`overlay_rows`); none: the middle slice with a note.
         title: the figure's title.
+        planar: a radiograph (`preprocessing.radiograph`: (columns, rows, 1)), shown as a viewer shows it; None: an
+            image with one plane on its last axis is one.
 
     Returns:
         The PNG bytes.
     """
+    planar = image.shape[-1] == 1 if planar is None else planar
     lo, hi = (float(v) for v in np.percentile(image, ROBUST_PERCENTILES))
     if hi <= lo:
         hi = lo + 1.0
@@ -130,13 +135,14 @@ def plot_case(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, 
     fig = figures.new_figure((9.0, 3.0 * len(shown) + 0.5))
     axes = fig.subplots(len(shown), 3, squeeze=False)
     for ax_row, row in zip(axes, shown):
-        plane = _display(image[..., row.slice_index])
+        plane = _display(image[..., row.slice_index], planar)
         dice = "" if row.cls < 0 else (f", Dice {row.dice:.3f}" if row.dice is not None else ", Dice not scorable")
-        titles = (f"{row.name}{dice} (axial slice {row.slice_index})", "reference", "prediction")
+        where = "radiograph, as displayed" if planar else f"axial slice {row.slice_index}"
+        titles = (f"{row.name}{dice} ({where})", "reference", "prediction")
         for ax, volume, text in zip(ax_row, (None, reference, prediction), titles):
             ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             if volume is not None and row.cls >= 0:
-                ax.imshow(_mask_rgba(_display(volume[..., row.slice_index] == row.cls), class_colour(row.cls)), interpolation="nearest")
+                ax.imshow(_mask_rgba(_display(volume[..., row.slice_index] == row.cls, planar), class_colour(row.cls)), interpolation="nearest")
             ax.set_title(text, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
