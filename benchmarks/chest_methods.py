@@ -338,7 +338,8 @@ def results_markdown(summary: Mapping[str, Any], tables: Sequence[str], records:
         f"- Budget: {summary['rounds']} rounds x {summary['steps']} local steps per site; {summary['cases_per_site']} radiographs per site; "
         f"seeds {', '.join(map(str, summary['seeds']))}, split seed {summary['split_seed']}; pneumothorax presence head: "
         f"{'yes (the example spec)' if summary.get('presence_head', True) else 'no (--no-presence-head)'}",
-        "- Test cases per site (with a test-only reference label): " + ", ".join(f"{s} {n} ({k if k is not None else 'none'})" for s, (n, k) in sorted(cases.items())),
+        "- Test cases per site (with a test-only reference label): "
+        + ", ".join(f"{s} {n} ({k if k is not None else 'none'})" for s, (n, k) in sorted(cases.items())),
         "- Cells: Dice, mean ± sample sd over seeds; `*`: a class the site holds test-only reference labels of (never in its loss or in "
         "model selection). Averages over cells, as the paper's Table 5. Pneumothorax scores an empty prediction on an empty mask as 1 (SIIM-ACR).",
         "",
