@@ -59,7 +59,7 @@ def test_check_plan_args_takes_keys_from_the_error_not_its_message():
     assert [(p.key, p.problem) for p in problems] == [
         ("rounds_total", "is filled in by the coordinator from the spec (rounds, local_steps, aggregator, device), the run and the sites"),
         ("zzz", "unknown key (allowed: schema, network, roi_size, patches_per_volume, spacing, temperature, lambda, lr_schedule, augment, gin, "
-                "predict_classes, inference, keep_optimizer_state, background_prior, mirror_axes)"),
+                "predict_classes, inference, keep_optimizer_state, background_prior, mirror_axes, presence_head)"),
         ("lambda", "must be [start, end], two numbers >= 0 (got [1])"),
         ("gin.prob", "must be within [0, 1] (got 2)"),
     ]  # fmt: skip

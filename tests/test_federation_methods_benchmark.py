@@ -184,7 +184,7 @@ def test_ensemble_takes_each_class_from_its_sites_and_merges_background(mb):
 def test_ensemble_of_one_model_labelling_everything_predicts_like_it(mb):
     settings = parse_plan_args({"network": TINY_NET, "roi_size": [32, 32, 32], "spacing": "native"}, SCHEMA)
     torch.manual_seed(0)
-    net = mb.build_network(out_channels=SCHEMA.num_classes, **settings.network).eval()
+    net = mb.build_model(settings).eval()
     ens = mb.PartialLabelEnsemble([(net, range(1, SCHEMA.num_classes))], SCHEMA.num_classes, 3)
     image = torch.randn(1, 40, 36, 20)
     x = torch.randn(1, 1, 32, 32, 32)
