@@ -73,7 +73,7 @@ def cell_averages(sites: Mapping[str, Mapping[str, Any]]) -> dict[str, float | N
 
 def has_test_only(record: Mapping[str, Any] | None) -> bool:
     """Whether a `site_cells` record holds any test-only cell (without one, the table says nothing the others do not)."""
-    return bool(record) and any(s.get("test_only") for s in record.get("sites", {}).values())  # type: ignore[union-attr]
+    return record is not None and any(s.get("test_only") for s in record.get("sites", {}).values())
 
 
 def column_layout(records: Sequence[Mapping[str, Any]], schema: Mapping[str, int]) -> list[tuple[str, str, bool]]:

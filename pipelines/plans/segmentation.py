@@ -50,7 +50,6 @@ from pipelines.training import (
     build_model,
     class_means,
     cosine_lr,
-    evaluate_case,
     frozen_teacher,
     parameter_checksum,
     predict_with_presence,
@@ -515,17 +514,21 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
         presence: list[tuple[dict[int, float], torch.Tensor]] = []
         for data, target in loader:
             for volume, label in zip(data, target):
+                pred, probabilities = predict_with_presence(self.model(), volume, s)
+                per_case.append(_case_dice(pred, label, classes, s))  # what evaluate_case computes
                 if headed:
-                    pred, probabilities = predict_with_presence(self.model(), volume, s)
-                    per_case.append(_case_dice(pred, label, classes, s))
                     presence.append((probabilities, label))
-                else:
-                    per_case.append(evaluate_case(self.model(), volume, label, s, classes))
         result = self._summary(per_case, classes, prefix)
-        if presence:
-            names = {v: k for k, v in s.schema.classes.items()}
-            result.update({f"{prefix}{k}": v for k, v in presence_report(presence, headed, names, s.presence_threshold).items()})
+        result.update(self._presence_keys(presence, headed, prefix))
         return result, len(per_case)
+
+    def _presence_keys(self, presence: list[tuple[dict[int, float], torch.Tensor]], headed: list[int], prefix: str) -> dict[str, float]:
+        """`pipelines.presence.presence_report` of the scored cases, keys prefixed (none without headed classes)."""
+        if not presence:
+            return {}
+        s = self._settings
+        names = {v: k for k, v in s.schema.classes.items()}
+        return {f"{prefix}{k}": v for k, v in presence_report(presence, headed, names, s.presence_threshold).items()}
 
     def _test_report(self, data: CaseSplitDataManager, clinical: bool = False) -> dict[str, float]:
         """The test cases' keys: Dice on the classes the site labels (``test_``) and on its reference classes (``test_ref_``).
@@ -573,9 +576,8 @@ class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingP
                 per_ref.append(_case_dice(pred, ref, ref_classes, s))
                 ref_positions.append(position)
         result = self._summary(per_case, classes, "test_")
+        result.update(self._presence_keys(presence, headed, "test_"))
         names = {v: k for k, v in s.schema.classes.items()}
-        if presence:
-            result.update({f"test_{k}": v for k, v in presence_report(presence, headed, names, s.presence_threshold).items()})
         if per_metrics:
             for c, row in summarise_metrics(per_metrics, classes, CLINICAL_METRICS).items():
                 for metric, summary in row.items():
