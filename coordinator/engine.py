@@ -24,7 +24,7 @@ import torch
 
 from coordinator import checkpoints, factory, runs
 from coordinator import plans as plan_registry
-from coordinator.fedbiomed_hooks import RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
+from coordinator.fedbiomed_hooks import OutgoingModels, RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
 from coordinator.privacy import privacy_line, privacy_settings, record_privacy
 from coordinator.results import TEST_ROWS, split_test_keys
 from coordinator.spec import Spec
@@ -32,6 +32,7 @@ from fedimg_core.errors import UserError
 from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 from pipelines.site_errors import mark_researcher_process
 from pipelines.splits import SPLITS
+from pipelines.wire import WireChecksumError, decode_params, transfer_precision
 
 Log = Callable[[str], None]
 
@@ -108,6 +109,8 @@ class Federation:
 
         self._outcomes = RoundOutcomes(lambda m: isinstance(m, TrainRequest), round_policies)  # when a round ends, who answered
         self._outcomes.watch(self.requests)
+        self._outgoing = OutgoingModels()  # the global model leaves in the spec's wire form (transfer.precision)
+        self._outcomes.before_send.append(self._outgoing)
         self.address = f"{public_host}:{port}"
 
     # -- sites --------------------------------------------------------------------------
@@ -311,6 +314,7 @@ class Federation:
             fresh_secure_aggregation(exp)
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
+        self._outgoing.set(exp.id, transfer_precision(exp.model_args()))  # a run started before wire forms: None, plain tensors
         self._check_approval(exp, spec, sites)
         self._scalars.track(exp)
         params_before = _params(exp)
@@ -344,7 +348,8 @@ class Federation:
             if sampled is not None and (spec.clients_per_round is not None or spec.is_factory):  # equal weights alone sample every site
                 record["sampled"] = sorted(sites.get(nid, nid) for nid in sampled)
             answered = exp.strategy()._success_node_history.get(r - 1, [])
-            record["site_status"] = site_status(sites, sampled, answered, self._outcomes.take(exp.id, r - 1))
+            rejected = getattr(exp.strategy(), "rejected", {}).get(r - 1)
+            record["site_status"] = site_status(sites, sampled, answered, self._outcomes.take(exp.id, r - 1), rejected)
             self._outcomes.take(exp.id, r, training=False)  # the final validation's request: scored, never aggregated
             record["aggregated_from"] = len(answered)
             if spec.aggregator == "scaffold":
@@ -385,6 +390,7 @@ class Federation:
             folder = runs.fedbiomed_dir(run_dir) / "standalone" / _safe(name)
             folder.mkdir(parents=True, exist_ok=True)
             exps[nid] = self._experiment(spec, run_dir, nodes=[nid], folder=folder)
+            self._outgoing.set(exps[nid].id, transfer_precision(exps[nid].model_args()))
         for nid, exp in exps.items():
             self._check_approval(exp, spec, {nid: sites[nid]})
             self._scalars.track(exp)
@@ -550,7 +556,8 @@ def missing_mandatory(mandatory: list[str], sites: dict[str, str]) -> list[str]:
     return [want for want in mandatory if want not in sites and want not in sites.values()]
 
 
-def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list[str], outcomes: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list[str], outcomes: dict[str, dict[str, str]],
+                rejected: dict[str, str] | None = None) -> dict[str, dict[str, str]]:  # fmt: skip
     """Each site's part in a round: ``ok``, ``failed``, ``timeout`` or ``not_sampled``, with a reason.
 
     Args:
@@ -558,6 +565,7 @@ def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list
         sampled: the node ids the round asked (None: all of them).
         answered: the node ids whose updates were aggregated.
         outcomes: node id -> the outcome of its training request (`RoundOutcomes.take`).
+        rejected: node id -> why its update, although it arrived, was not used (it failed its check).
 
     Returns:
         site name -> ``{"status": ..., "reason": ...}`` (no reason when ok).
@@ -571,7 +579,8 @@ def site_status(sites: dict[str, str], sampled: list[str] | None, answered: list
             out[name] = {"status": "not_sampled", "reason": "not sampled this round"}
         else:
             found = outcomes.get(nid) or {"status": "failed", "reason": "no answer"}
-            out[name] = found if found["status"] != "ok" else {"status": "failed", "reason": "its update could not be used (no sample count)"}
+            unused = (rejected or {}).get(nid) or "its update could not be used (no sample count)"
+            out[name] = found if found["status"] != "ok" else {"status": "failed", "reason": unused}
     return out
 
 
@@ -757,7 +766,10 @@ def _local_params(exp, r: int) -> dict[str, dict]:
 
             params = Serializer.load(reply["params_path"])
         if isinstance(params, dict):  # secure aggregation: a flat list of masked integers, no model
-            out[nid] = {k: torch.as_tensor(v) for k, v in params.items()}
+            try:
+                out[nid] = decode_params(params)
+            except WireChecksumError:  # left out of the round by the strategy, which says why
+                continue
     return out
 
 

@@ -9,6 +9,8 @@
   timed out), read from the request objects, and the policies that end a round (the deadline,
   ``round_timeout_s``, and a lost site staying lost) added to those requests: Fed-BioMed sends
   training requests without any.
+- `OutgoingModels`: the global model of each training request, put into the experiment's wire
+  form (one checked buffer, optionally in 16 bits; `pipelines.wire`) before it is sent.
 - `WireCounter`: the bytes Fed-BioMed's gRPC server puts on the wire. Fed-BioMed 6.4.1 has no
   API for these: they exist only in its transport's debug log records, so this is the one place
   where the coordinator reads Fed-BioMed's logging (see `wire_bytes`).
@@ -21,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
-__all__ = ["RoundOutcomes", "ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
+from pipelines.wire import encode_params, is_encoded
+
+__all__ = ["OutgoingModels", "RoundOutcomes", "ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
 
 
 class SiteErrors:
@@ -119,6 +124,8 @@ class RoundOutcomes:
         self.timeout_s: float | None = None
         self._is_training_request = is_training_request
         self._round_policies = round_policies
+        # called with a training request's messages (node id -> message) before they are sent (`OutgoingModels`)
+        self.before_send: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.Lock()
         self._outcomes: dict[tuple[str, int, bool], dict[str, dict[str, str]]] = {}
 
@@ -136,6 +143,8 @@ class RoundOutcomes:
             timeout = self.timeout_s
             if key is not None:
                 policies = [*(policies or []), *self._round_policies(timeout)]
+                for hook in self.before_send:
+                    hook(message)
             with send(message, nodes, policies) as federated_request:
                 try:
                     yield federated_request
@@ -181,6 +190,50 @@ class RoundOutcomes:
         """
         with self._lock:
             return self._outcomes.pop((experiment_id, round_i, training), {})
+
+
+class OutgoingModels:
+    """Puts the global model of every training request into its experiment's wire form (`pipelines.wire`).
+
+    Fed-BioMed's training job builds one parameter mapping and gives it to every site's
+    message; this replaces it, once per request, with ``{WIRE_KEY: one checked buffer}`` in the
+    precision `set` gave the experiment. The sites' plans check and decode it before loading
+    (`pipelines.plans.transfer`). Experiments never `set` (no ``transfer`` in their model
+    arguments) send plain tensors, as Fed-BioMed does. Registered as a
+    `RoundOutcomes.before_send` hook, so it sees exactly the training requests.
+    """
+
+    def __init__(self) -> None:
+        self._precision: dict[str, str] = {}
+
+    def set(self, experiment_id: str, precision: str | None) -> None:
+        """Send the models of this experiment in ``precision``.
+
+        Args:
+            experiment_id: the Fed-BioMed experiment id.
+            precision: ``fp32``, ``bf16`` or ``fp16``; None: plain tensors (a run from before wire forms,
+                whose sites neither send nor expect them).
+        """
+        if precision is None:
+            self._precision.pop(str(experiment_id), None)
+        else:
+            self._precision[str(experiment_id)] = precision
+
+    def __call__(self, messages: dict[str, Any]) -> None:
+        """Encode the parameters of one training request's messages in place.
+
+        Args:
+            messages: node id -> Fed-BioMed ``TrainRequest``.
+        """
+        encoded: dict[int, Any] = {}
+        for message in messages.values():
+            precision = self._precision.get(str(getattr(message, "experiment_id", "")))
+            params = getattr(message, "params", None)
+            if precision is None or not isinstance(params, Mapping) or is_encoded(params):
+                continue
+            if id(params) not in encoded:  # the same mapping for every site: encode it once
+                encoded[id(params)] = encode_params(params, precision)
+            message.params = encoded[id(params)]
 
 
 def outcome_of(request: Any, timeout: float | None) -> dict[str, str]:

@@ -38,7 +38,7 @@ SEGMENTATION_PLANS = ("condistfl", "marginal")
 FACTORY_PLANS = ("data_factory",)
 FEDSR_PLANS = ("fedsr",)  # unlabelled sites, one atlas, personal decoders
 # filled in by the coordinator from the spec, the run and the connected sites
-FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids", "aggregator", "device")
+FILLED_ARGS = ("rounds_total", "local_steps", "run_id", "client_ids", "aggregator", "device", "transfer")
 
 
 class PlanArgsError(ConfigValueError):

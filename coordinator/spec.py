@@ -28,7 +28,7 @@ from coordinator.plans import FACTORY_PLANS, FEDSR_PLANS, PLANS, SEGMENTATION_PL
 from coordinator.spec_yaml import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_spec_yaml
 from fedimg_core.config import MAX_LISTED, PROBLEM_CHARS, SHOWN_CHARS, ConfigModel, ConfigProblem, format_problems, short, validate_config
 from fedimg_core.config_types import Flag, integer, json_schema, matches, number, one_of, strings
-from fedimg_core.devices import GPU_POLICIES, PRECISIONS
+from fedimg_core.devices import GPU_POLICIES, PRECISIONS, TRANSFER_PRECISIONS
 from fedimg_core.errors import ConfigError
 from pipelines.privacy import DEFAULT_DELTA, DP_TYPES
 from pipelines.splits import SplitSettings
@@ -192,6 +192,17 @@ class DeviceSection(ConfigModel):
     )
 
 
+class TransferSection(ConfigModel):
+    """How models travel between the coordinator and the sites."""
+
+    precision: Annotated[str, one_of(*TRANSFER_PRECISIONS)] = Field(
+        default="fp32",
+        description="fp32 (exact), bf16 or fp16: the sites and the coordinator send every model with its floating values rounded to "
+        "16 bits, half the bytes; averaging and the models themselves stay float32. bf16 keeps float32's range (7 significant bits), "
+        "fp16 keeps 10 bits but refuses values beyond +-65504. Every model travels as one buffer with its SHA-256, checked on arrival.",
+    )
+
+
 class SecaggSection(ConfigModel):
     """Secure aggregation (Fed-BioMed's): the coordinator sees only the sum of the sites' masked, quantised models."""
 
@@ -301,6 +312,7 @@ class SpecFile(ConfigModel):
         "network, roi_size, ...): checked by the plan's own rules, see the README.",
     )
     approval: ApprovalSection = Field(default_factory=ApprovalSection, description="Plan approval by the sites.")
+    transfer: TransferSection = Field(default_factory=TransferSection, description="How models travel: {precision: fp32 | bf16 | fp16}.")
     device: DeviceSection = Field(default_factory=DeviceSection, description="GPU use and precision at the sites (segmentation plans).")
     dp: DPSection | None = Field(
         default=None,
@@ -381,6 +393,7 @@ class Spec:
     request_approval: bool = True
     approval_wait_s: float = 0.0
     device: dict[str, str] = field(default_factory=lambda: DeviceSection().model_dump())  # {"gpu", "precision"}
+    transfer: dict[str, str] = field(default_factory=lambda: TransferSection().model_dump())  # {"precision"}: how models travel
     secagg: dict[str, Any] | None = None  # {"scheme", "clipping_range"}; None: plain aggregation
     dp: dict[str, Any] | None = None  # {"type", "sigma", "clip", "delta"}; None: no differential privacy
     raw: dict[str, Any] = field(default_factory=dict)
@@ -450,6 +463,7 @@ class Spec:
         args = dict(self.model_args)
         if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS + FEDSR_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
+            args["transfer"] = dict(self.transfer)  # how the sites send their updates (pipelines.plans.transfer)
             if run_id:
                 args["run_id"] = run_id
         if self.plan in SEGMENTATION_PLANS:
@@ -619,6 +633,11 @@ def _secagg_rules(values: dict[str, Any], factory: bool) -> list[tuple[str, str]
         # each site multiplies its quantised model by its training cases before masking: the weights are the sites' own
         out.append(("weights", "equal cannot be combined with secagg: secure aggregation weights the sites by training cases; "
                                "drop weights (or write weights: samples)"))  # fmt: skip
+    transfer = values.get("transfer")
+    if isinstance(transfer, dict) and transfer.get("precision", "fp32") != "fp32":
+        # the sites send secure aggregation's masked integers as they are; only the coordinator's models would be rounded
+        out.append(("transfer.precision", f"{transfer['precision']} cannot be combined with secagg: the sites send masked integers, which "
+                                          "cannot be rounded; drop transfer.precision or secagg"))  # fmt: skip
     sites = values.get("sites")
     if isinstance(sites, dict) and not factory and values.get("mode", "federated") == "federated":
         start = _start_sites(sites)
@@ -808,6 +827,7 @@ def _resolve(m: SpecFile, model_args: dict[str, Any], raw: dict[str, Any]) -> Sp
         request_approval=m.approval.request,
         approval_wait_s=m.approval.wait_s,
         device=m.device.model_dump(),
+        transfer=m.transfer.model_dump(),
         secagg=m.secagg.model_dump() if m.secagg is not None else None,
         dp=m.dp.model_dump() if m.dp is not None else None,
         raw=raw,

@@ -20,6 +20,7 @@ The request policies that end a round's wait are in `coordinator.request_policie
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fedbiomed.common.exceptions import FedbiomedStrategyError
@@ -27,6 +28,7 @@ from fedbiomed.common.logger import logger
 from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
 
 from pipelines.sampling import sample_sites
+from pipelines.wire import WireChecksumError, decode_params
 
 
 class QuorumNotMet(FedbiomedStrategyError):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
@@ -76,6 +78,7 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         self._parameters: dict[str, Any] = {"clients_per_round": clients_per_round, "seed": int(seed), "uniform": bool(uniform), "secure": bool(secure)}
         self.set_quorum(min_per_round, mandatory)
         self.history: dict[int, list[str]] = {}
+        self.rejected: dict[int, dict[str, str]] = {}  # round -> node id -> why its update was not used (it failed its check)
 
     def set_quorum(self, min_per_round: int | None, mandatory: list[str] | None = None) -> None:
         """Set what a round needs to be aggregated (also on a strategy restored from a breakpoint).
@@ -128,6 +131,8 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         for nid, reply in training_replies.items():
             if nid not in answered:
                 logger.warning(f"[fedimg] round {round_i + 1}: {nid} left out: " + (reply.get("msg") or "its reply has no sample_size"))
+        received = self._decoded_updates(answered, round_i)
+        answered = {nid: reply for nid, reply in answered.items() if nid in received}
         p = self._parameters
         # masked updates: the masks cancel only in the sum over every sampled site
         secure = bool(p.get("secure")) or any(reply.get("encrypted") for reply in training_replies.values())
@@ -136,7 +141,7 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         if len(answered) < need or mandatory_missing or not answered or (secure and set(sampled) - set(answered)):
             raise QuorumNotMet(round_i, list(answered), sampled, need, mandatory_missing, secure=secure)
         self._success_node_history[round_i] = list(answered)
-        params = {nid: reply["params"] for nid, reply in answered.items()}
+        params = {nid: received[nid] for nid in answered}
         factors = {nid: reply.get("encryption_factor") for nid, reply in answered.items()}
         sizes = {nid: reply["sample_size"] for nid, reply in answered.items()}
         total = sum(sizes.values())
@@ -145,6 +150,26 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
         else:
             weights = {nid: size / total for nid, size in sizes.items()}
         return params, weights, total, factors
+
+    def _decoded_updates(self, answered: dict[str, Any], round_i: int) -> dict[str, Any]:
+        """Each answering site's update as float32 tensors, checked against the digest it was sent with
+        (`pipelines.wire`); an update that fails its check is left out of the round and recorded in `rejected`.
+        Secure aggregation's masked vectors pass as they are."""
+        out: dict[str, Any] = {}
+        for nid, reply in answered.items():
+            params = reply["params"]
+            if not isinstance(params, Mapping):
+                out[nid] = params
+                continue
+            try:
+                out[nid] = decode_params(params)
+            except WireChecksumError as exc:
+                reason = f"its update failed its check ({exc})"
+                logger.warning(f"[fedimg] round {round_i + 1}: {nid} left out: {reason}")
+                if not hasattr(self, "rejected"):  # a strategy Fed-BioMed restored from a breakpoint
+                    self.rejected = {}
+                self.rejected.setdefault(round_i, {})[nid] = reason
+        return out
 
     def save_state_breakpoint(self) -> dict[str, Any]:
         """The strategy's breakpoint state, with the draw history.

@@ -25,6 +25,7 @@ __all__ = [
     "DEVICE_PATTERN",
     "GPU_POLICIES",
     "PRECISIONS",
+    "TRANSFER_PRECISIONS",
     "cuda_index",
     "node_args_for",
     "parse_device",
@@ -34,6 +35,8 @@ DEVICE_ENV = "FEDIMG_DEVICE"  # the site's device setting, in its node's environ
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
 GPU_POLICIES = ("optional", "required", "forbidden")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# how models travel between coordinator and sites (spec `transfer.precision`, pipelines.wire)
+TRANSFER_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_device(value: str) -> str:

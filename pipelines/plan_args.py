@@ -21,7 +21,7 @@ from fedimg_core.config_types import Flag, integer, number
 from pipelines.config_fields import ConfigValueError, choice, is_int, is_number
 from pipelines.gin_args import GinArgs
 from pipelines.network_config import network_config_from_spec
-from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, TransferArgs, validate_plan_args
 from pipelines.splits import SplitSettings
 from preprocessing.schema import LabelSchema
 
@@ -31,7 +31,7 @@ __all__ = ["DEFAULTS", "PLAN_ARG_KEYS", "InvalidPlanArgs", "PlanArgs", "Segmenta
 PLAN_ARG_KEYS = (
     "schema", "schema_definition", "network", "roi_size", "patches_per_volume", "spacing", "temperature", "lambda",
     "lr_schedule", "augment", "gin", "predict_classes", "inference", "keep_optimizer_state", "split", "rounds_total", "local_steps", "run_id",
-    "background_prior", "aggregator", "mirror_axes", "device", "presence_head",
+    "background_prior", "aggregator", "mirror_axes", "device", "presence_head", "transfer",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "roi_size": 32,
@@ -194,6 +194,7 @@ class PlanArgs(PlanArgsBase):
     background_prior: Annotated[float, number(0.01, 0.999)] | None = None  # initial background probability (None: MONAI's init)
     aggregator: Annotated[str, choice(("fedavg", "scaffold"))] = "fedavg"  # filled in from the spec's aggregator
     device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
+    transfer: TransferArgs = Field(default_factory=TransferArgs)  # filled in from the spec's transfer section (pipelines.plans.transfer)
     presence_head: PresenceHeadArgs | None = None  # None: no presence head
 
     @field_validator("presence_head", mode="after")

@@ -16,10 +16,10 @@ from pydantic import BeforeValidator, Field
 
 from fedimg_core.config import ConfigModel, short
 from fedimg_core.config_types import Flag
-from fedimg_core.devices import GPU_POLICIES, PRECISIONS
+from fedimg_core.devices import GPU_POLICIES, PRECISIONS, TRANSFER_PRECISIONS
 from pipelines.config_fields import ConfigValueError, check_model, choice, is_number, plain_name, worded_integer
 
-__all__ = ["DeviceArgs", "InvalidPlanArgs", "PlanArgsBase", "Spacing", "parse_spacing", "validate_plan_args"]
+__all__ = ["DeviceArgs", "InvalidPlanArgs", "PlanArgsBase", "Spacing", "TransferArgs", "parse_spacing", "validate_plan_args"]
 
 ModelT = TypeVar("ModelT", bound="PlanArgsBase")
 
@@ -29,6 +29,12 @@ class DeviceArgs(ConfigModel):
 
     gpu: Annotated[str, choice(GPU_POLICIES)] = "optional"
     precision: Annotated[str, choice(PRECISIONS)] = "auto"
+
+
+class TransferArgs(ConfigModel):
+    """The spec's ``transfer`` section as the sites receive it (filled in by the coordinator; `pipelines.plans.transfer`)."""
+
+    precision: Annotated[str, choice(TRANSFER_PRECISIONS)] = "fp32"
 
 
 class InvalidPlanArgs(ConfigValueError):
@@ -68,7 +74,7 @@ _POSITIVE = "must be a positive integer (got {got})"
 
 # keys the coordinator fills in (the schema's content, the run's length and id, the sites' client ids, the spec's split
 # and aggregator)
-FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split", "aggregator", "device")
+FILLED_IN = ("schema_definition", "rounds_total", "local_steps", "run_id", "client_ids", "split", "aggregator", "device", "transfer")
 
 
 class PlanArgsBase(ConfigModel):

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TextIO, TypeVar
 
 from pipelines.artifact_approval import ArtifactNotApproved
 
-__all__ = ["CODES", "FIELDS", "SiteError", "mark_researcher_process", "sanitize", "site_boundary", "site_logger"]
+__all__ = ["CODES", "FIELDS", "SiteError", "in_researcher_process", "mark_researcher_process", "sanitize", "site_boundary", "site_logger"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -145,6 +145,15 @@ def mark_researcher_process() -> None:
 
 
 def _researcher_process() -> bool:
+    return _RESEARCHER_PROCESS
+
+
+def in_researcher_process() -> bool:
+    """Whether `mark_researcher_process` marked this process as the coordinator's.
+
+    Returns:
+        True only in the coordinator's process.
+    """
     return _RESEARCHER_PROCESS
 
 

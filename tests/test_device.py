@@ -12,6 +12,7 @@ import torch
 
 from fedimg_core.devices import DEVICE_ENV, node_args_for, parse_device
 from pipelines.device import DeviceError, LossScale, Precision, autocast, plan_device, precision_for, resolve_device, smoke_test
+from pipelines.wire import decode_params
 
 HAS_CUDA = torch.cuda.is_available()
 no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
@@ -163,7 +164,7 @@ def test_bf16_round_on_the_cpu_sends_cpu_float32_parameters(plan_round):
     plan.training_routine(history_monitor=None, node_args={"gpu": False})
     assert plan._precision is not None and plan._precision.name == "bf16"
     assert dtypes and set(dtypes) == {torch.bfloat16}  # the forward passes ran under bf16 autocast
-    params = plan.after_training_params()
+    params = decode_params(plan.after_training_params())  # what the node sends, as the coordinator reads it
     assert all(v.device.type == "cpu" and v.dtype == before[k].dtype for k, v in params.items())
     assert all(v.dtype == torch.float32 for v in params.values() if v.is_floating_point())
     assert any(not torch.equal(params[k], before[k]) for k in params)  # it trained
@@ -370,7 +371,7 @@ def test_gpu_round_sends_cpu_float32_parameters(plan_round):
     plan = plan_round({"gpu": "required", "precision": "auto"}, site_device="cuda", augment=True, gin={"prob": 0.5})
     plan.training_routine(history_monitor=None, node_args={"gpu": True})
     assert plan._device.startswith("cuda")
-    params = plan.after_training_params()
+    params = decode_params(plan.after_training_params())  # what the node sends, as the coordinator reads it
     assert all(v.device.type == "cpu" for v in params.values()) and all(v.dtype == torch.float32 for v in params.values() if v.is_floating_point())
 
 

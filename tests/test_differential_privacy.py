@@ -25,6 +25,7 @@ from pipelines.privacy import (
     spec_network_dp_problem,
     volume_list_collate,
 )
+from pipelines.wire import decode_params
 
 DP = {"type": "local", "sigma": 1.0, "clip": 1.0}
 
@@ -269,7 +270,7 @@ def test_a_private_round_at_a_site_reports_its_accounting_and_sends_the_plain_mo
     assert train["dp_sample_rate"] == pytest.approx(0.5)  # batch size 2 of 4 training cases
     assert train["dp_noise_multiplier"] == pytest.approx(0.5)  # sigma / patches_per_volume
     assert plan._precision is not None and plan._precision.name == "fp32"
-    params = plan.after_training_params()
+    params = decode_params(plan.after_training_params())  # what the node sends, as the coordinator reads it
     assert set(params) == set(before)  # Opacus's `_module.` prefix is gone: the coordinator's model
     assert any(not torch.equal(params[k], before[k]) for k in params)
 
@@ -292,6 +293,6 @@ def test_central_dp_adds_noise_once_to_the_parameters_sent(make_private_plan):
     (train,) = [s["metric"] for s in monitor.scalars if "dp_steps" in s["metric"]]
     assert train["dp_local"] == 0.0 and train["dp_steps"] == 4.0 and "dp_noise_multiplier" not in train  # no epsilon to compose
     trained = {k: v.detach().clone() for k, v in plan.model().state_dict().items()}
-    sent = plan.after_training_params()
+    sent = decode_params(plan.after_training_params())  # what the node sends, as the coordinator reads it
     noise = torch.cat([(sent[k] - trained[f"_module.{k}"]).flatten() for k in sent if f"_module.{k}" in trained])
     assert noise.numel() > 1000 and 0.9 < float(noise.std()) < 1.1  # sigma * clip

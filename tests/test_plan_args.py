@@ -121,7 +121,7 @@ def test_unknown_key_without_close_match_lists_allowed_keys(schema):
     msg = _error({"zzz": 1}, schema)
     assert msg.startswith("plan_args.zzz: unknown key (allowed: ")
     # by the coordinator (split: from the spec's top-level `split`): never advertised as plan_args keys
-    filled_in = ("schema_definition", "rounds_total", "local_steps", "run_id", "split", "aggregator", "device")
+    filled_in = ("schema_definition", "rounds_total", "local_steps", "run_id", "split", "aggregator", "device", "transfer")
     for key in PLAN_ARG_KEYS:
         assert (key in msg) != (key in filled_in), key
 

@@ -19,7 +19,7 @@ from fedimg_core.config_types import integer, number
 from pipelines.config_fields import ConfigValueError, is_int, worded_number
 from pipelines.factory.config import FactoryConfig
 from pipelines.factory.key_config import validate_key_config
-from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, TransferArgs, validate_plan_args
 
 __all__ = ["FACTORY_ARG_KEYS", "DiffAugment", "FactoryPlanArgs", "FactorySettings", "InvalidPlanArgs", "key_dim_of", "parse_factory_args"]
 
@@ -70,7 +70,7 @@ class FactorySettings:
 FACTORY_ARG_KEYS = (
     "schema", "schema_definition", "factory", "key", "r1_gamma", "r1_interval", "pl_weight", "pl_interval",
     "pl_decay", "pl_batch_shrink", "ema_decay", "key_drop", "mismatch_weight", "diff_augment", "key_align_weight", "refine_rounds", "prox_mu", "local_discriminator", "spacing",
-    "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids", "device",
+    "min_foreground", "sample_every", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "client_ids", "device", "transfer",
 )  # fmt: skip
 
 
@@ -170,6 +170,7 @@ class FactoryPlanArgs(PlanArgsBase):
     sample_every: Annotated[int, integer(1)] = 5
     client_ids: Annotated[dict[str, int], BeforeValidator(_client_ids)] = Field(default_factory=dict)
     device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
+    transfer: TransferArgs = Field(default_factory=TransferArgs)  # filled in from the spec's transfer section (pipelines.plans.transfer)
 
     def factory_config(self) -> FactoryConfig:
         """The factory's sizes: ``factory`` plus the number of clients and the key width.

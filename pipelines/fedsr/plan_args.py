@@ -28,7 +28,7 @@ from pydantic import BeforeValidator, Field
 
 from fedimg_core.config import ConfigModel, short
 from fedimg_core.config_types import integer, integer_list, number, one_of
-from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, validate_plan_args
+from pipelines.plan_args_common import DeviceArgs, InvalidPlanArgs, PlanArgsBase, TransferArgs, validate_plan_args
 
 __all__ = ["FEDSR_ARG_KEYS", "FEDSR_METHOD_NAMES", "FEDSR_SIZES", "FedSRPlanArgs", "FedSRSettings", "parse_fedsr_args"]
 
@@ -85,11 +85,12 @@ class FedSRPlanArgs(PlanArgsBase):
     losses: LossArgs = Field(default_factory=LossArgs)
     evaluate_every: Annotated[int, integer(0)] = 0
     device: DeviceArgs = Field(default_factory=DeviceArgs)  # filled in from the spec's device section
+    transfer: TransferArgs = Field(default_factory=TransferArgs)  # filled in from the spec's transfer section (pipelines.plans.transfer)
 
 
 FEDSR_ARG_KEYS = (
     "schema", "schema_definition", "atlas", "method", "network", "volume_size", "finetune_rounds", "alpha", "losses",
-    "evaluate_every", "spacing", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "device",
+    "evaluate_every", "spacing", "keep_optimizer_state", "rounds_total", "local_steps", "run_id", "device", "transfer",
 )  # fmt: skip
 
 

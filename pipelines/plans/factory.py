@@ -30,6 +30,7 @@ from pipelines.plans.datasets import PreparedSliceDataset
 from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.reporting import embedded_schema, plan_origin, report_training
 from pipelines.plans.seeding import PerRoundSeed
+from pipelines.plans.transfer import WireTransfer
 from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
 
@@ -43,7 +44,7 @@ def _checksum_float(hexdigest: str) -> float:
     return float(int(hexdigest[:8], 16))
 
 
-class DataFactoryPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+class DataFactoryPlanBase(WireTransfer, DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """The data factory's Fed-BioMed plumbing: settings, model, optimizer, site data, one round, the domain key.
 
     Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).

@@ -45,6 +45,7 @@ from pipelines.plans.fedsr_data import PreparedVolumeDataset
 from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.reporting import embedded_schema, report_training
 from pipelines.plans.seeding import PerRoundSeed
+from pipelines.plans.transfer import WireTransfer
 from pipelines.site_errors import site_boundary, site_logger
 from pipelines.site_state import SiteStateStore
 from preprocessing.schema import LabelSchema
@@ -88,7 +89,7 @@ def _loss_weights(settings: FedSRSettings) -> FedSRLossWeights:
     )
 
 
-class FedSRPlanBase(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+class FedSRPlanBase(WireTransfer, DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """FedSR's Fed-BioMed plumbing: settings, model, optimizer, site data, one round, scoring.
 
     Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).

@@ -32,6 +32,7 @@ from pipelines.plans.placement import DevicePlacement
 from pipelines.plans.reporting import embedded_schema, report_training
 from pipelines.plans.seeding import PerRoundSeed
 from pipelines.plans.split_data import CaseSplitDataManager
+from pipelines.plans.transfer import WireTransfer
 from pipelines.presence import presence_logits, presence_loss, presence_report
 from pipelines.privacy import (
     TRAINING_LOSSES,
@@ -79,7 +80,7 @@ def settings_from_model_args(model_args: Mapping[str, Any]) -> SegmentationSetti
     return parse_plan_args({k: v for k, v in model_args.items() if k != "schema_definition"}, schema)
 
 
-class PartialLabelSegmentationPlan(DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
+class PartialLabelSegmentationPlan(WireTransfer, DevicePlacement, PerRoundSeed, TorchTrainingPlan):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
     """Marginal loss on the classes the site labels; with `distill = True`, ConDistFL.
 
     Fed-BioMed calls the methods below on the node (and ``init_model`` on the coordinator too).

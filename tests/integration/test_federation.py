@@ -470,3 +470,34 @@ def test_the_trained_model_goes_home(bed, tmp_path):
     for name, value in package["classes"].items():
         if name != "background":
             assert stats["classes"][name]["volume_ml"] == pytest.approx(int((data == value).sum()) * voxel_ml, rel=1e-9)
+
+
+def _bf16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t, t.to(torch.bfloat16).float()))
+
+
+def test_bf16_transfer_halves_the_bytes_and_the_coordinator_averages_in_float32(bed):
+    """transfer.precision: bf16 through real nodes: the sites receive and send 16-bit models (half the bytes of the
+    same run in fp32), the coordinator checks and widens them, and its average is float32."""
+    home = bed.workdir / "coordinator"
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        spec = _spec(bed, rounds=2, name=f"wire-{precision}", aggregator="fedavg", weights="equal", transfer={"precision": precision})
+        res = _run(bed, spec, home)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        (runs[precision],) = _run_dirs(home, f"wire-{precision}")
+    metrics = {p: json.loads((d / "metrics.json").read_text()) for p, d in runs.items()}
+    model_bytes = metrics["fp32"]["model"]["bytes"]
+    # round 1 carries training only (round 2 also the final validation request); 2 sites, to and from
+    totals = {p: m["rounds"][0]["bytes"]["to_sites"] + m["rounds"][0]["bytes"]["from_sites"] for p, m in metrics.items()}
+    assert totals["fp32"] / (2 * 2 * model_bytes) <= 1.02  # one buffer: ~3 kB of request fields per message beyond the model
+    assert totals["bf16"] / totals["fp32"] == pytest.approx(0.5, abs=0.012)
+    assert all(r["site_status"][name]["status"] == "ok" for m in metrics.values() for r in m["rounds"] for name in r["site_status"])
+    local = {p: {s.site_name: torch.load(d / "checkpoints" / "local" / f"{s.site_name}_last.pt") for s in bed.sites} for p, d in runs.items()}
+    floats = [k for k, v in local["bf16"]["site-1"].items() if v.is_floating_point()]
+    assert all(v[k].dtype == torch.float32 and _bf16_exact(v[k]) for v in local["bf16"].values() for k in floats)  # sent in bf16
+    assert not all(_bf16_exact(local["fp32"]["site-1"][k]) for k in floats)  # fp32 runs send every bit
+    got = torch.load(runs["bf16"] / "checkpoints" / "global_round_0002.pt")
+    want = _local_mean(runs["bf16"], {"site-1": 1.0, "site-2": 1.0})
+    assert all(got[k].dtype == torch.float32 and torch.allclose(got[k].double(), want[k], atol=1e-6) for k in floats)
+    assert not all(_bf16_exact(got[k]) for k in floats)  # the average of two bf16 values needs more bits: kept in float32
