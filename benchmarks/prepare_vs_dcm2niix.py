@@ -1,17 +1,24 @@
-"""Wall time of `site-agent prepare` vs dcm2niix on the same DICOM series, side by side.
+"""Wall time of `site-agent prepare` vs dcm2niix on the same DICOM series, side by side; and `--jobs`.
 
-Both run as whole processes (start-up included), alternating, several repeats; the
-script prints the median of each and the ratio prepare / dcm2niix. Both write gzip'd
-NIfTI at compression level 1 (nibabel's default; dcm2niix `-z y -1`). prepare runs with
-`--no-qc` (the QC PNGs are extra work dcm2niix does not do) and also once with QC for
-reference. The series is a phantom CT written as real DICOM (uncompressed by default).
+Both run as whole processes (start-up included), alternating, several repeats; the script
+prints the median of each and the ratio prepare / dcm2niix next to the goal (<= 1.5x at 120
+slices, <= 1.2x at 400). Both write gzip'd NIfTI at level 1 (nibabel's default; dcm2niix
+`-z y -1`); prepare runs with `--no-qc` (the QC figures are extra work dcm2niix does not do;
+one run with QC is timed for reference). The series are phantom CTs written as real DICOM
+(uncompressed by default).
 
-    .venv/bin/python benchmarks/prepare_vs_dcm2niix.py [--slices 200] [--size 512] [--repeats 3]
+Then `--jobs`: a folder of several series prepared with ``--jobs 1`` and with ``--jobs N``
+(QC on: its figures are drawn by the same workers), the speed-up, and whether the two datasets
+are byte for byte the same.
+
+    .venv/bin/python benchmarks/prepare_vs_dcm2niix.py [--slices 120,400] [--size 512] [--repeats 3] [--series 6] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +41,7 @@ TRANSFER_SYNTAXES = {
     "j2k": pydicom.uid.JPEG2000Lossless,
     "rle": pydicom.uid.RLELossless,
 }
+GOALS = {120: 1.5, 400: 1.2}  # issue 27: prepare / dcm2niix, whole processes, QC off
 
 
 def timed(cmd: list[str]) -> float:
@@ -45,38 +53,86 @@ def timed(cmd: list[str]) -> float:
     return dt
 
 
+def prepare_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    # the case map goes next to the output; a fixed salt file makes two outputs comparable byte for byte
+    return [str(BIN / "site-agent"), "prepare", str(src), "--out", str(out), "--modality", "CT", *extra]
+
+
+def write_series(folder: Path, size: int, slices: int, seed: int, syntax: str) -> Path:
+    vol = make_phantom(seed=seed, shape=(size, size, slices), spacing=(0.8, 0.8, 1.25))
+    write_dicom_series(vol, folder, PlantedIdentifiers.for_case(seed, 0), transfer_syntax=TRANSFER_SYNTAXES[syntax])
+    return folder
+
+
+def one_series(work: Path, dcm2niix: str, size: int, slices: int, repeats: int, syntax: str) -> dict[str, float]:
+    """prepare --no-qc and dcm2niix alternating on one series; one prepare with QC."""
+    print(f"writing a {size}x{size}x{slices} phantom CT series ({syntax}) ...", flush=True)
+    series = write_series(work / f"dicom-{slices}" / "case_000", size, slices, 1, syntax)
+    outs = work / f"outs-{slices}"
+    prep, d2n = [], []
+    for r in range(repeats):
+        shutil.rmtree(outs, ignore_errors=True)
+        outs.mkdir()
+        prep.append(timed(prepare_cmd(series, outs / "prep", "--no-qc")))
+        (outs / "d2n").mkdir()
+        d2n.append(timed([dcm2niix, "-z", "y", "-1", "-b", "n", "-f", "case", "-o", str(outs / "d2n"), str(series)]))
+    shutil.rmtree(outs, ignore_errors=True)
+    outs.mkdir()
+    with_qc = timed(prepare_cmd(series, outs / "prep-qc"))
+    shutil.rmtree(outs, ignore_errors=True)
+    return {"prepare": statistics.median(prep), "dcm2niix": statistics.median(d2n), "qc": with_qc, "mb": sum(f.stat().st_size for f in series.iterdir()) / 1e6,
+            "runs_prepare": prep, "runs_dcm2niix": d2n}  # fmt: skip
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same files with the same bytes (hidden ones included)."""
+    cmp = filecmp.dircmp(a, b, ignore=[])
+    if cmp.left_only or cmp.right_only or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    return not mismatch and not errors and all(same_tree(a / d, b / d) for d in cmp.common_dirs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="rows = columns")
-    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--slices", default="120,400", help="series lengths to compare with dcm2niix")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES), default="explicit")
+    ap.add_argument("--series", type=int, default=6, help="series in the --jobs comparison (0: skip it)")
+    ap.add_argument("--series-slices", type=int, default=120)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
     dcm2niix = shutil.which("dcm2niix", path=str(BIN)) or shutil.which("dcm2niix")
     if not dcm2niix:
         raise SystemExit("dcm2niix not found (it is a dev dependency: ./scripts/venv.sh installs it)")
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
-        print(f"writing a {args.size}x{args.size}x{args.slices} phantom CT series ({args.transfer_syntax}) ...", flush=True)
-        vol = make_phantom(seed=1, shape=(args.size, args.size, args.slices), spacing=(0.8, 0.8, 1.25))
-        series = work / "dicom" / "case_000"
-        write_dicom_series(vol, series, PlantedIdentifiers.for_case(1, 0), transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax])
-        size_mb = sum(f.stat().st_size for f in series.iterdir()) / 1e6
-        prep, d2n, prep_qc = [], [], []
-        for r in range(args.repeats):
-            for out in work.glob("out-*"):
-                shutil.rmtree(out)
-            prep.append(timed([str(BIN / "site-agent"), "prepare", str(series), "--out", str(work / f"out-prep-{r}"), "--no-qc", "--modality", "CT"]))
-            (work / f"out-d2n-{r}").mkdir()
-            d2n.append(timed([dcm2niix, "-z", "y", "-1", "-b", "n", "-f", "case", "-o", str(work / f"out-d2n-{r}"), str(series)]))
-        prep_qc.append(timed([str(BIN / "site-agent"), "prepare", str(series), "--out", str(work / "out-prep-qc"), "--modality", "CT"]))
-        p, d = statistics.median(prep), statistics.median(d2n)
-        print(f"series: {args.slices} slices of {args.size}x{args.size}, {size_mb:.0f} MB, {args.transfer_syntax}")
-        print(f"{'converter':<28}{'median s':>10}{'runs':>30}")
-        print(f"{'site-agent prepare --no-qc':<28}{p:>10.2f}{str([round(x, 2) for x in prep]):>30}")
-        print(f"{'dcm2niix -z y -1':<28}{d:>10.2f}{str([round(x, 2) for x in d2n]):>30}")
-        print(f"{'site-agent prepare (QC)':<28}{prep_qc[0]:>10.2f}")
-        print(f"ratio prepare / dcm2niix = {p / d:.2f}x (target <= 2x)")
+        rows = {int(n): one_series(work, dcm2niix, args.size, int(n), args.repeats, args.transfer_syntax) for n in args.slices.split(",") if n}
+        print(f"\nprepare --no-qc vs dcm2niix -z y -1, whole processes, median of {args.repeats} alternating runs ({args.transfer_syntax}, "
+              f"{args.size}x{args.size}, {os.cpu_count()} cores)")  # fmt: skip
+        print(f"{'slices':>7}{'MB':>7}{'prepare s':>11}{'dcm2niix s':>12}{'ratio':>8}{'goal':>8}{'with QC s':>11}   runs (prepare | dcm2niix)")
+        for n, row in rows.items():
+            goal = GOALS.get(n)
+            ratio = row["prepare"] / row["dcm2niix"]
+            verdict = "" if goal is None else ("ok" if ratio <= goal else "MISSED")
+            print(f"{n:>7}{row['mb']:>7.0f}{row['prepare']:>11.2f}{row['dcm2niix']:>12.2f}{ratio:>7.2f}x"
+                  f"{('<=' + format(goal, '.1f') + 'x') if goal else '-':>8}{row['qc']:>11.2f}   "
+                  f"{[round(x, 2) for x in row['runs_prepare']]} | {[round(x, 2) for x in row['runs_dcm2niix']]} {verdict}")  # fmt: skip
+        if args.series:
+            print(f"\nwriting {args.series} series of {args.series_slices} slices for --jobs ...", flush=True)
+            folder = work / "many"
+            for i in range(args.series):
+                write_series(folder / f"series_{i:03d}", args.size, args.series_slices, 10 + i, args.transfer_syntax)
+            salt = work / "salt"
+            salt.write_text(os.urandom(32).hex() + "\n")
+            t1 = timed(prepare_cmd(folder, work / "jobs-1", "--salt-file", str(salt), "--case-map", str(work / "jobs-1.map"), "--jobs", "1"))
+            tn = timed(
+                prepare_cmd(folder, work / f"jobs-{args.jobs}", "--salt-file", str(salt), "--case-map", str(work / "jobs-n.map"), "--jobs", str(args.jobs))
+            )
+            same = same_tree(work / "jobs-1", work / f"jobs-{args.jobs}")
+            print(f"{args.series} series x {args.series_slices} slices, QC on: --jobs 1 {t1:.1f} s, --jobs {args.jobs} {tn:.1f} s, "
+                  f"speed-up {t1 / tn:.2f}x on {os.cpu_count()} cores; datasets byte for byte the same: {same}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,13 +8,14 @@ blocking on a FIFO or reading /dev/zero without end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from fedimg_core.errors import FedimgError
 
@@ -29,6 +30,35 @@ def default_mode(directory: bool = False) -> int:
     """The mode a plain open()/mkdir() would give: mkstemp/mkdtemp use 0600/0700, which
     would hide outputs from a node or container running under another user."""
     return (0o777 if directory else 0o666) & ~_umask()
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` atomically in pieces: a temporary sibling, fsync, then rename on success.
+
+    For outputs too large to build in memory first (`write_bytes` writes one bytes object). An
+    exception inside the block removes the temporary file and leaves the old ``path`` as it was.
+
+    Args:
+        path: the file to write (its folder is created).
+        mode: the file's permissions (default: what a plain open() would give).
+
+    Yields:
+        The open temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode() if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:

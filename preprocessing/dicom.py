@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterable, cast
 
 import numpy as np
 import pydicom
-from highdicom.spatial import create_affine_matrix_from_attributes
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
@@ -612,6 +611,8 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
     ps_row, ps_col = placed[0][2]  # DICOM: [between rows, between columns]
     # highdicom's LPS affine (i along a row, j down a column, k along row x column), fed the
     # normalised directions: bit for bit the matrix written out by hand before.
+    from highdicom.spatial import create_affine_matrix_from_attributes  # here: highdicom's import costs prepare 0.1 s of start-up
+
     lps = create_affine_matrix_from_attributes(p0, [*row_dir, *col_dir], (ps_row, ps_col), dz)
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(ras, (first.cols, first.rows, n), where)
@@ -695,12 +696,12 @@ def _place_slice(
         raise SeriesError(f"{s.path}: pixel array shape {arr.shape} does not match Rows x Columns of the series {(first.rows, first.cols)}", "bad_image_tag")
     slope, intercept = s.rescale or _rescale(ds, s.path)
     if out32 is None and arr.dtype.kind in "iu" and slope == 1.0 and intercept == round(intercept):
-        hu = arr.astype(np.int32)
-        hu += int(intercept)
-        if hu.size and (hu.min() < -32768 or hu.max() > 32767):
+        shift = int(intercept)
+        if arr.size and (int(arr.min()) + shift < -32768 or int(arr.max()) + shift > 32767):
             out32 = out16.astype(np.float32, order="F")
         else:
-            out16[:, :, k] = hu.T
+            # one pass: out16's slice k is laid out as arr.T (i along a row); the sum fits int16 (checked), so the cast is exact
+            np.add(arr.T, shift, out=out16[:, :, k], casting="unsafe", dtype=np.int32)
             return None
     if out32 is None:
         out32 = out16.astype(np.float32, order="F")  # earlier slices were exact: same values

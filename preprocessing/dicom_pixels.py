@@ -60,6 +60,9 @@ def _pydicom_decoder_log_off() -> Iterator[None]:
         _PYDICOM_DECODER_LOG.disabled = previous
 
 
+_EXPECTED: dict[tuple[int | str, ...], int] = {}  # (rows, columns, frames, samples, bits, photometric) -> expected native length
+
+
 def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
     """Refuse native pixel data shorter than its header declares, before decoding.
 
@@ -88,10 +91,17 @@ def check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
         raise SeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated are not integers", "bad_image_tag") from None
     needed = (dims[0] * dims[1] * dims[2] * dims[3] * bits + 7) // 8
     if keyword == "PixelData" and "PhotometricInterpretation" in ds:
-        try:  # pydicom's own rule also knows 1-bit packing and YBR_FULL_422's 2/3 length
-            needed = get_expected_length(ds)
-        except (AttributeError, TypeError, ValueError, KeyError):
-            pass  # a malformed tag: the plain product above still bounds what a decoder would allocate
+        # pydicom's own rule also knows 1-bit packing and YBR_FULL_422's 2/3 length; it depends on these tags
+        # only, the same for every slice of a series: computed once per combination (pydicom's is slow)
+        key: tuple[int | str, ...] = (*dims, bits, str(ds.get("PhotometricInterpretation", "")))
+        if key not in _EXPECTED:
+            try:
+                _EXPECTED[key] = get_expected_length(ds)
+            except (AttributeError, TypeError, ValueError, KeyError):
+                _EXPECTED[key] = needed  # a malformed tag: the plain product still bounds what a decoder would allocate
+            if len(_EXPECTED) > 256:
+                _EXPECTED.pop(next(iter(_EXPECTED)))
+        needed = _EXPECTED[key]
     elem = ds.get_item(keyword)  # a raw element while deferred: its length without its value
     value = elem.value
     have = len(value) if isinstance(value, (bytes, bytearray)) else getattr(elem, "length", None)

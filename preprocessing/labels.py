@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 
@@ -124,6 +123,8 @@ def read_seg(path: Path, series: Series, order: list[int], label_map: SiteLabelM
         SeriesError: an unreadable SEG (``corrupt_seg``), frames that do not fit the series
             (``seg_grid_mismatch``), or segments the map does not list (``label_outside_schema``).
     """
+    import highdicom as hd  # here: only a DICOM SEG label needs it (its import costs 0.1 s of start-up)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -12,7 +12,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 import nibabel as nib
 import numpy as np
@@ -224,12 +224,27 @@ def clean_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
+_COMPRESS_THREADS = min(2, os.cpu_count() or 1)
+
+
+def set_compress_threads(threads: int) -> None:
+    """Threads `save_atomic` compresses a large volume with (a `--jobs` worker uses one: the workers share the cores).
+
+    Args:
+        threads: 1 or more; the files are the same whatever it is.
+    """
+    global _COMPRESS_THREADS
+    _COMPRESS_THREADS = max(1, int(threads))
+
+
 def save_atomic(img: nib.Nifti1Image, path: Path) -> str:
     """Write an image as (gzip'd) NIfTI atomically.
 
-    Serialised in memory and compressed with ISA-L (gzip level 1, as nibabel's default,
-    several times faster than zlib; two threads where there are two cores), mtime 0 so
-    identical volumes give identical files.
+    Compressed with ISA-L (gzip level 1, as nibabel's default, several times faster than
+    zlib), mtime 0 so identical volumes give identical files. A large volume is streamed:
+    nibabel writes header and voxels into a compressor that runs on two threads where there
+    are two cores (`set_compress_threads`), whose output is hashed as it goes to the temporary file; neither the
+    uncompressed nor the compressed bytes are held in memory whole.
 
     Args:
         img: the image.
@@ -238,18 +253,74 @@ def save_atomic(img: nib.Nifti1Image, path: Path) -> str:
     Returns:
         The sha256 (hex) of the bytes written.
     """
-    data = img.to_bytes()
-    if path.name.endswith(".gz"):
-        data = _gzip(data)
-    atomic.write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    nbytes = int(np.prod(img.shape)) * img.get_data_dtype().itemsize  # type: ignore[no-untyped-call]
+    if not path.name.endswith(".gz") or nbytes < (8 << 20):
+        data = img.to_bytes()
+        if path.name.endswith(".gz"):
+            data = igzip.compress(data, compresslevel=1, mtime=0)
+        atomic.write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+    with atomic.open_atomic(path) as fh:
+        hashed = _HashingWriter(fh)
+        # the threaded writer's blocks do not depend on its thread count: the same bytes on one thread or two
+        with igzip_threaded.open(hashed, "wb", compresslevel=1, threads=_COMPRESS_THREADS) as gz:  # type: ignore[no-untyped-call]
+            stream = _ForwardOnly(gz)
+            img.to_file_map(img.make_file_map({"image": stream, "header": stream}))  # type: ignore[no-untyped-call]
+        return hashed.hexdigest()
 
 
-def _gzip(data: bytes) -> bytes:
-    threads = min(2, os.cpu_count() or 1)
-    if threads < 2 or len(data) < (8 << 20):
-        return igzip.compress(data, compresslevel=1, mtime=0)
-    buf = io.BytesIO()
-    with igzip_threaded.open(buf, "wb", compresslevel=1, threads=threads) as fh:  # type: ignore[no-untyped-call]
-        fh.write(data)
-    return buf.getvalue()
+class _ForwardOnly(io.RawIOBase):
+    """A write stream nibabel can "seek" forward in: it seeks to where it is (the header's start) and to the
+    voxel offset right after the header, which a stream reaches by writing zeros, as a file's gap would read."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        super().__init__()
+        self._fh = fh
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # typeshed's ReadableBuffer is 3.12's Buffer
+        n = self._fh.write(data)
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self._pos + pos if whence == 1 else -1
+        if target < self._pos:
+            raise io.UnsupportedOperation(f"cannot seek back in a compressed stream (to {pos}, whence {whence})")
+        if target > self._pos:
+            self.write(bytes(target - self._pos))
+        return self._pos
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A binary sink that hashes what it writes to ``fh`` (the compressor's writer thread calls it)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        super().__init__()
+        self._fh = fh
+        self._sha = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # typeshed's ReadableBuffer is 3.12's Buffer
+        view = memoryview(data)
+        self._sha.update(view)
+        self._fh.write(view)
+        return view.nbytes
+
+    def hexdigest(self) -> str:
+        """The sha256 (hex) of everything written."""
+        return self._sha.hexdigest()

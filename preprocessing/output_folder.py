@@ -32,7 +32,18 @@ from preprocessing.nifti import clean_image, save_atomic
 from preprocessing.qc_flags import case_flags
 from preprocessing.schema import LabelSchema
 
-__all__ = ["STATE_DIR", "OutputLock", "check_out_folder", "clean_temp_files", "outputs_intact", "write_case", "write_metadata"]
+__all__ = [
+    "STATE_DIR",
+    "OutputLock",
+    "check_out_folder",
+    "clean_temp_files",
+    "commit_case",
+    "discard_staged",
+    "outputs_intact",
+    "stage_case",
+    "write_case",
+    "write_metadata",
+]
 
 STATE_DIR = ".state"  # inside the dataset folder: salt, lock, per-case records
 
@@ -135,6 +146,132 @@ def outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
     return True
 
 
+_FOLDERS = {"image": "imagesTr", "label": "labelsTr", "reference_label": "labelsRef"}
+
+
+def stage_case(
+    out: Path,
+    token: str,
+    src: CaseSource,
+    image: nib.Nifti1Image,
+    label: nib.Nifti1Image | None,
+    flags: list[str],
+    fingerprint: str,
+    modality: str,
+    schema: LabelSchema,
+    labeled: list[int],
+    reference: nib.Nifti1Image | None = None,
+) -> dict[str, Any]:
+    """Write one converted case's NIfTI files under hidden staging names and return its record, not yet named.
+
+    The files' bytes do not depend on the case id (it is only in their names), so cases can be
+    staged in parallel and named in order afterwards (`commit_case`); staging names start with a
+    dot, so what an interrupted run staged is removed by `clean_temp_files`.
+
+    Args:
+        out: the dataset folder.
+        token: names the staged files (unique per case of a run: its source hash).
+        src: its source (kind and label kind are recorded, nothing identifying).
+        image: the canonical image (nibabel).
+        label: the canonical label in schema ids, or None.
+        flags: the conversion's flags (QC flags are added).
+        fingerprint: the input fingerprint (a re-run with the same one skips the case).
+        modality: the dataset's modality.
+        schema: the federation's label schema.
+        labeled: the class ids the site labels.
+        reference: the canonical test-only reference label in schema ids (``labelsRef/``), or None.
+
+    Returns:
+        The record of `write_case`, ``case_id`` None and the file keys naming the staged files.
+    """
+    data = np.asanyarray(image.dataobj)
+    lo, hi = data.min(), data.max()  # once: the dtype check, the recorded range and the QC flags all need them
+    if data.dtype.kind in "iu" and lo >= -32768 and hi <= 32767:
+        data = data.astype(np.int16, copy=False)  # CT stays integer HU
+    else:
+        data = data.astype(np.float32, copy=False)
+    value_range = (float(lo), float(hi))
+    staged: dict[str, str | None] = {kind: None for kind in _FOLDERS}
+    sums: dict[str, str] = {}
+    label_data = None
+    volumes: dict[str, np.ndarray | None] = {"image": data, "label": None, "reference_label": None}
+    if label is not None:
+        label_data = np.asanyarray(label.dataobj).astype(np.uint8)
+        volumes["label"] = label_data
+    if reference is not None:
+        volumes["reference_label"] = np.asanyarray(reference.dataobj).astype(np.uint8)
+    try:
+        for kind, volume in volumes.items():
+            if volume is None:
+                continue
+            rel = f"{_FOLDERS[kind]}/.staged-{token}.nii.gz"
+            staged[kind] = rel
+            sums[kind] = save_atomic(clean_image(volume, image.affine), out / rel)
+        spacing = _spacing(image.affine)
+        qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled, planar=src.planar, value_range=value_range)
+    except BaseException:  # what this case staged goes with it
+        discard_staged(out, staged)
+        raise
+    flags = list(dict.fromkeys(flags + qc))
+    status = "flagged" if [f for f in flags if f != "unlabeled"] else "ok"
+    return {
+        "case_id": None,
+        **staged,
+        "source_kind": src.kind,
+        "label_source_kind": src.label_kind,
+        "shape": [int(x) for x in data.shape],
+        "spacing": spacing,
+        "affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
+        "orientation": _orientation(image.affine),
+        "dtype": str(data.dtype),
+        "intensity_range": list(value_range),
+        "schema_version": schema.version,
+        "labeled_classes": labeled if label is not None else [],
+        "label_voxels": voxels,
+        "converter_version": CONVERTER_VERSION,
+        "input_sha256": fingerprint,
+        "sha256": sums,
+        "qc_flags": flags,
+        "status": status,
+        "radiograph": src.radiograph,
+    }
+
+
+def discard_staged(out: Path, staged: dict[str, Any]) -> None:
+    """Remove a case's staged files (a case that failed after staging, or whose staging failed).
+
+    Args:
+        out: the dataset folder.
+        staged: the record of `stage_case` (or its file keys).
+    """
+    for kind in _FOLDERS:
+        rel = staged.get(kind)
+        if isinstance(rel, str) and "/.staged-" in rel:
+            (out / rel).unlink(missing_ok=True)
+
+
+def commit_case(out: Path, case_id: str, source_hash: str, staged: dict[str, Any]) -> dict[str, Any]:
+    """Give a staged case its id: its files renamed (atomically, each) to ``<folder>/<case_id>.nii.gz``.
+
+    Args:
+        out: the dataset folder.
+        case_id: the case's id (case_0000...).
+        source_hash: the salted hash of its source.
+        staged: the record of `stage_case`.
+
+    Returns:
+        The record: every key of `fedimg_core.dataset_manifest.CaseRecord`.
+    """
+    rest = {k: v for k, v in staged.items() if k not in (*_FOLDERS, "case_id", "source_hash")}
+    rec = {"case_id": case_id, **{kind: staged.get(kind) for kind in _FOLDERS}, "source_hash": source_hash, **rest}
+    for kind, folder in _FOLDERS.items():
+        if staged.get(kind) is not None:
+            final = f"{folder}/{case_id}.nii.gz"
+            (out / staged[kind]).replace(out / final)
+            rec[kind] = final
+    return rec
+
+
 def write_case(
     out: Path,
     case_id: str,
@@ -149,7 +286,7 @@ def write_case(
     labeled: list[int],
     reference: nib.Nifti1Image | None = None,
 ) -> dict[str, Any]:
-    """Write one converted case's NIfTI files and return its record (the manifest entry, plus status).
+    """Write one converted case's NIfTI files and return its record (the manifest entry, plus status): `stage_case`, then `commit_case`.
 
     Args:
         out: the dataset folder.
@@ -168,51 +305,8 @@ def write_case(
     Returns:
         The record: every key of `fedimg_core.dataset_manifest.CaseRecord`.
     """
-    data = np.asanyarray(image.dataobj)
-    if data.dtype.kind in "iu" and data.min() >= -32768 and data.max() <= 32767:
-        data = data.astype(np.int16, copy=False)  # CT stays integer HU
-    else:
-        data = data.astype(np.float32, copy=False)
-    img_rel = f"imagesTr/{case_id}.nii.gz"
-    sums = {"image": save_atomic(clean_image(data, image.affine), out / img_rel)}
-    label_rel = None
-    label_data = None
-    if label is not None:
-        label_data = np.asanyarray(label.dataobj).astype(np.uint8)
-        label_rel = f"labelsTr/{case_id}.nii.gz"
-        sums["label"] = save_atomic(clean_image(label_data, image.affine), out / label_rel)
-    reference_rel = None
-    if reference is not None:
-        reference_rel = f"labelsRef/{case_id}.nii.gz"
-        sums["reference_label"] = save_atomic(clean_image(np.asanyarray(reference.dataobj).astype(np.uint8), image.affine), out / reference_rel)
-    spacing = _spacing(image.affine)
-    qc, voxels = case_flags(data, label_data, spacing, modality, schema, labeled, planar=src.planar)
-    flags = list(dict.fromkeys(flags + qc))
-    status = "flagged" if [f for f in flags if f != "unlabeled"] else "ok"
-    return {
-        "case_id": case_id,
-        "image": img_rel,
-        "label": label_rel,
-        "reference_label": reference_rel,
-        "source_hash": source_hash,
-        "source_kind": src.kind,
-        "label_source_kind": src.label_kind,
-        "shape": [int(x) for x in data.shape],
-        "spacing": spacing,
-        "affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
-        "orientation": _orientation(image.affine),
-        "dtype": str(data.dtype),
-        "intensity_range": [float(data.min()), float(data.max())],
-        "schema_version": schema.version,
-        "labeled_classes": labeled if label is not None else [],
-        "label_voxels": voxels,
-        "converter_version": CONVERTER_VERSION,
-        "input_sha256": fingerprint,
-        "sha256": sums,
-        "qc_flags": flags,
-        "status": status,
-        "radiograph": src.radiograph,
-    }
+    staged = stage_case(out, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled, reference)
+    return commit_case(out, case_id, source_hash, staged)
 
 
 def write_metadata(

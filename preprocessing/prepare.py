@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,8 +39,19 @@ from preprocessing.inputs import (
     source_location,
 )
 from preprocessing.labels import read_seg, remap
-from preprocessing.nifti import canonical, grid_difference_mm, load_nifti, qform_sform_disagree
-from preprocessing.output_folder import STATE_DIR, OutputLock, check_out_folder, clean_temp_files, outputs_intact, write_case, write_metadata
+from preprocessing.nifti import canonical, grid_difference_mm, load_nifti, qform_sform_disagree, set_compress_threads
+from preprocessing.output_folder import (
+    STATE_DIR,
+    OutputLock,
+    check_out_folder,
+    clean_temp_files,
+    commit_case,
+    discard_staged,
+    outputs_intact,
+    stage_case,
+    write_metadata,
+)
+from preprocessing.parallel import ordered_map
 from preprocessing.qc_flags import LABEL_LIKE_MAX_VALUES, SUSPECT_IMAGE_FLAGS, looks_like_label
 from preprocessing.radiograph import RADIOGRAPH_MODALITIES, load_picture, load_radiograph, read_mask
 from preprocessing.schema import LabelSchema, SiteLabelMap
@@ -69,6 +81,7 @@ __all__ = [
     "pair_labels",
     "prepare",
     "read_case_map",
+    "write_qc_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +103,7 @@ class PrepareOptions:
     prune: bool = False  # drop cases of earlier runs whose sources were not given this time
     qc_report: bool = True
     pixel_spacing: tuple[float, float] | None = None  # radiographs without a pixel spacing in their header: (row, column) mm
+    jobs: int = 1  # cases converted at once, in worker processes (no part of the fingerprint: the outputs are the same)
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change a converted case (part of each case's input fingerprint).
@@ -503,68 +517,74 @@ def _run(
         log.debug("refused: %s", message)
     keyed = sorted(((salted_hash(salt, s.identifiers), s) for s in sources), key=lambda t: t[0])
     seen: set[str] = set()
-    for n, (source_hash, src) in enumerate(keyed, 1):
-        if progress:
-            progress("convert", n - 1, len(keyed))
+    todo: list[_CaseJob] = []
+    job = _Job(out, schema, label_map, reference_map, opts, context, modality, labeled)
+    for source_hash, src in keyed:
         seen.add(source_hash)
         if opts.require_labels and src.label is None:
             msg = f"{src.display}: no label found (--require-labels)"
             outcomes.append(Outcome(source_hash, src.display, "refused", code="no_label", message=msg))
             log.debug("refused: %s", msg)
             continue
-        try:
-            fingerprint = input_fingerprint(src, context)
-        except OSError as exc:
-            msg = f"{exc.filename}: {exc.strerror}"
-            outcomes.append(Outcome(source_hash, src.display, "refused", code="unreadable", message=msg))
-            log.debug("refused: %s", msg)
-            continue
         rec = records.get(source_hash)
-        if rec and rec.get("input_sha256") == fingerprint and outputs_intact(out, rec):
-            outcomes.append(Outcome(source_hash, src.display, "unchanged", case_id=rec["case_id"], flags=rec["qc_flags"]))
-            if rec.get("reference_refusal"):  # still refused: the same files as when it was refused
-                msg = f"{src.reference_label}: reference label of {rec['case_id']} refused ({rec['reference_refusal']}, unchanged since); the case is prepared without it"
-                outcomes.append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
-                                        code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
+        fingerprint = None
+        if rec:  # a case of an earlier run: redone only when its inputs or the settings changed
+            try:
+                fingerprint = input_fingerprint(src, context)
+            except OSError as exc:
+                outcomes.append(_unreadable(src, source_hash, exc))
+                continue
+            if rec.get("input_sha256") == fingerprint and outputs_intact(out, rec):
+                outcomes.append(Outcome(source_hash, src.display, "unchanged", case_id=rec["case_id"], flags=rec["qc_flags"]))
+                if rec.get("reference_refusal"):  # still refused: the same files as when it was refused
+                    msg = f"{src.reference_label}: reference label of {rec['case_id']} refused ({rec['reference_refusal']}, unchanged since); the case is prepared without it"
+                    outcomes.append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
+                                            code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
+                continue
+        ref_hash = salted_hash(salt, ["reference_label", source_hash])
+        todo.append(_CaseJob(job, source_hash, src, fingerprint, _series_context(src, skipped), ref_hash))
+    if progress:
+        progress("convert", 0, len(todo))
+    for done, staged in enumerate(ordered_map(_stage_one, todo, opts.jobs, on_crash=_crashed), 1):
+        if progress:
+            progress("convert", done, len(todo))
+        source_hash, src = staged.source_hash, staged.src
+        if staged.refused is not None:
+            outcomes.append(staged.refused)
             continue
-        try:
-            image, label, flags = convert_case(src, schema, label_map, opts)
-        except SeriesError as exc:
-            msg = str(exc) + _series_context(src, skipped)
-            outcomes.append(Outcome(source_hash, src.display, "refused", code=exc.code, message=msg))
-            log.debug("refused: %s", msg)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one case's failure never stops the others
-            outcomes.append(_unexpected(src, source_hash, exc, "converting"))
-            continue
+        assert staged.record is not None  # staged: either refused or a record
+        rec = records.get(source_hash)
         if rec:
             case_id = rec["case_id"]
         else:
             nxt = max(used_ids, default=-1) + 1
             used_ids.add(nxt)
             case_id = f"case_{nxt:04d}"
-        reference, ref_refused = None, None
-        if src.reference_label is not None and reference_map is not None:
-            reference, ref_refused = _reference(src, image, schema, reference_map, opts, case_id, salted_hash(salt, ["reference_label", source_hash]))
+        ref_refused = None
+        if staged.reference_refusal is not None:
+            code, msg = staged.reference_refusal
+            msg = f"{msg}; {case_id} is prepared without a reference label"
+            log.debug("refused: %s", msg)
+            ref_refused = Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused", code=code, message=msg,
+                                  reference=True)  # fmt: skip
         had_reference = bool(rec and rec.get("reference_label"))
         try:
-            rec = write_case(out, case_id, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled, reference)
+            rec = commit_case(out, case_id, source_hash, staged.record)
             rec["reference_refusal"] = ref_refused.code if ref_refused is not None else None  # .state only (never in the manifest)
             atomic.write_json(state / f"{source_hash}.json", rec)
         except Exception as exc:  # noqa: BLE001 - idem; what this case wrote goes, so the manifest stays true
+            discard_staged(out, staged.record)
             for rel in (f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz", f"labelsRef/{case_id}.nii.gz", f"{STATE_DIR}/cases/{source_hash}.json"):
                 (out / rel).unlink(missing_ok=True)
             records.pop(source_hash, None)
             outcomes.append(_unexpected(src, source_hash, exc, "writing"))
             continue
-        if had_reference and reference is None:
+        if had_reference and rec.get("reference_label") is None:
             (out / f"labelsRef/{case_id}.nii.gz").unlink(missing_ok=True)  # an earlier run's reference label this run did not give
         records[source_hash] = rec
         outcomes.append(Outcome(source_hash, src.display, rec["status"], case_id=case_id, flags=rec["qc_flags"]))
         if ref_refused is not None:
             outcomes.append(ref_refused)
-    if progress:
-        progress("convert", len(keyed), len(keyed))
     kept = {h: r for h, r in records.items() if h in seen or not opts.prune}
     for h, r in records.items():
         if h not in kept:
@@ -585,29 +605,111 @@ def _run(
     write_metadata(out, kept, refused_entries, schema, modality, labeled, opts.name, reference_classes=reference_classes)
     report = None
     if opts.qc_report:
-        report = _qc_report(out, schema, progress)
+        report = _qc_report(out, schema, progress, opts.jobs)
     notes = sorted({f"{se.grouping}: {se.note}" for se in disc.series if se.note})
     return PrepareResult(root=out, outcomes=outcomes, skipped_files=skipped, grouping_notes=notes, report=report)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What converting any case of one `prepare` call needs (sent to each worker process once per case)."""
+
+    out: Path
+    schema: LabelSchema
+    label_map: SiteLabelMap
+    reference_map: SiteLabelMap | None
+    opts: PrepareOptions
+    context: dict[str, Any]  # the fingerprint's context (converter, schema, maps, options)
+    modality: str
+    labeled: list[int]
+
+
+@dataclass(frozen=True)
+class _CaseJob:
+    """One case to convert: its source, its fingerprint when an earlier run's record made it known."""
+
+    job: _Job
+    source_hash: str
+    src: CaseSource
+    fingerprint: str | None
+    series_context: str  # what else went wrong around its series (for a refusal's message)
+    ref_hash: str
+
+
+@dataclass
+class _Staged:
+    """A converted case, its files staged under hidden names (`stage_case`), or why it was refused."""
+
+    source_hash: str
+    src: CaseSource
+    record: dict[str, Any] | None = None
+    refused: Outcome | None = None
+    reference_refusal: tuple[str, str] | None = None  # (code, message without the case id, which is given later)
+
+
+def _stage_one(case: _CaseJob) -> _Staged:
+    """Convert one case and stage its files: in a `--jobs` worker process, or in this one.
+
+    The input fingerprint of a new case is hashed on a second thread while the case converts
+    (the hashing releases the GIL); a case whose fingerprint an earlier record needed has it.
+    """
+    job, src, source_hash = case.job, case.src, case.source_hash
+    if job.opts.jobs > 1:
+        set_compress_threads(1)  # a worker process: the workers share the cores
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        pending = hasher.submit(input_fingerprint, src, job.context) if case.fingerprint is None else None
+        try:
+            image, label, flags = convert_case(src, job.schema, job.label_map, job.opts)
+        except SeriesError as exc:
+            msg = str(exc) + case.series_context
+            log.debug("refused: %s", msg)
+            return _Staged(source_hash, src, refused=Outcome(source_hash, src.display, "refused", code=exc.code, message=msg))
+        except Exception as exc:  # noqa: BLE001 - one case's failure never stops the others
+            return _Staged(source_hash, src, refused=_unexpected(src, source_hash, exc, "converting"))
+        try:
+            fingerprint = pending.result() if pending is not None else case.fingerprint
+        except OSError as exc:
+            return _Staged(source_hash, src, refused=_unreadable(src, source_hash, exc))
+    assert fingerprint is not None
+    reference, reference_refusal = None, None
+    if src.reference_label is not None and job.reference_map is not None:
+        reference, reference_refusal = _reference(src, image, job.schema, job.reference_map, job.opts)
+    try:
+        record = stage_case(job.out, source_hash, src, image, label, flags, fingerprint, job.modality, job.schema, job.labeled, reference)
+    except Exception as exc:  # noqa: BLE001 - idem (stage_case removed what it staged)
+        return _Staged(source_hash, src, refused=_unexpected(src, source_hash, exc, "writing"))
+    return _Staged(source_hash, src, record=record, reference_refusal=reference_refusal)
+
+
+def _crashed(case: _CaseJob) -> _Staged:
+    """A case whose worker process died twice (a decoder crash, out of memory): refused, the others go on."""
+    msg = (f"{case.src.display}: the process converting this case ended abruptly, twice (a crashing decoder or the system running out of "
+           "memory); the case is refused, the others go on")  # fmt: skip
+    return _Staged(case.source_hash, case.src, refused=Outcome(case.source_hash, case.src.display, "refused", code="converter_crashed", message=msg))
+
+
+def _unreadable(src: CaseSource, source_hash: str, exc: OSError) -> Outcome:
+    msg = f"{exc.filename}: {exc.strerror}"
+    log.debug("refused: %s", msg)
+    return Outcome(source_hash, src.display, "refused", code="unreadable", message=msg)
+
+
 def _reference(
-    src: CaseSource, image: nib.Nifti1Image, schema: LabelSchema, reference_map: SiteLabelMap, opts: PrepareOptions, case_id: str, ref_hash: str
-) -> tuple[nib.Nifti1Image | None, Outcome | None]:
-    """A case's reference label converted, or its refusal: either way the case goes on without
-    stopping (an unforeseen error too, unless FEDIMG_DEBUG=1 asks for it to be raised)."""
+    src: CaseSource, image: nib.Nifti1Image, schema: LabelSchema, reference_map: SiteLabelMap, opts: PrepareOptions
+) -> tuple[nib.Nifti1Image | None, tuple[str, str] | None]:
+    """A case's reference label converted, or why it was refused (code, message; the caller adds the case id):
+    either way the case goes on without stopping (an unforeseen error too, unless FEDIMG_DEBUG=1 asks for it to be raised)."""
     try:
         return convert_reference_label(src, image, schema, reference_map, opts), None
     except SeriesError as exc:
-        code, msg = exc.code, str(exc)
+        return None, (exc.code, str(exc))
     except Exception as exc:  # noqa: BLE001 - a reference label never stops its case
         if os.environ.get("FEDIMG_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         code = "out_of_memory" if isinstance(exc, MemoryError) else "unexpected_error"
         msg = f"{src.reference_label}: unexpected error while converting the reference label ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         log.debug("reference label refused: %s", msg, exc_info=exc)
-    msg = f"{msg}; {case_id} is prepared without a reference label"
-    log.debug("refused: %s", msg)
-    return None, Outcome(ref_hash, str(src.reference_label), "refused", code=code, message=msg, reference=True)
+        return None, (code, msg)
 
 
 def _unexpected(src: CaseSource, source_hash: str, exc: Exception, stage: str) -> Outcome:
@@ -638,7 +740,7 @@ def _series_context(src: CaseSource, skipped: list[tuple[Path, str, str]]) -> st
     return extra
 
 
-def _qc_report(out: Path, schema: LabelSchema, progress: Progress | None) -> Path | None:
+def _qc_report(out: Path, schema: LabelSchema, progress: Progress | None, jobs: int = 1) -> Path | None:
     try:
         # deferred on purpose: the report pulls in matplotlib, which a run without a QC report
         # (and every importer of this module) need not load; without it the report is skipped
@@ -646,4 +748,45 @@ def _qc_report(out: Path, schema: LabelSchema, progress: Progress | None) -> Pat
     except ImportError:
         return None
     manifest = json.loads((out / "manifest.json").read_text())
-    return qc.write_report(out, manifest, schema, progress=(lambda d, t: progress("qc", d, t)) if progress else None)
+    return qc.write_report(out, manifest, schema, progress=(lambda d, t: progress("qc", d, t)) if progress else None, jobs=jobs)
+
+
+def write_qc_report(out: Path, schema: LabelSchema | None = None, jobs: int = 1, progress: Progress | None = None) -> Path:
+    """Write (or bring up to date) the QC report of a prepared dataset, apart from `prepare`.
+
+    For a dataset prepared with ``--no-qc``, or one of thousands of cases whose figures a site
+    draws later (or at night, in the background): figures newer than their case's files are
+    kept, the others are drawn, ``jobs`` at a time. It holds the folder's lock, so it never
+    runs beside a `prepare` of the same folder.
+
+    Args:
+        out: the prepared dataset.
+        schema: the federation's label schema (None: the built-in schema the manifest names).
+        jobs: figures drawn at once, each in a worker process.
+        progress: called with ("qc", done, total).
+
+    Returns:
+        The report's index.html.
+
+    Raises:
+        PrepareError: not a prepared dataset, a schema other than the manifest's, or a folder another prepare is writing.
+    """
+    from preprocessing.schema import builtin_schema_path, load_schema
+
+    out = Path(out)
+    if not is_prepared_dataset(out):
+        raise PrepareError(f"{out}: not a prepared dataset (no manifest.json of `site-agent prepare`)")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    named = manifest.get("schema") if isinstance(manifest.get("schema"), dict) else {}
+    if schema is None:
+        path = builtin_schema_path(str(named.get("name", "")))
+        if path is None:
+            raise PrepareError(f"{out}: its schema {named.get('name')!r} is not built in: pass the schema file (--schema)")
+        schema = load_schema(path)
+    if (schema.name, schema.version) != (named.get("name"), named.get("version")):
+        raise PrepareError(f"{out}: prepared with schema {named.get('name')} {named.get('version')}, not {schema.name} {schema.version} ({schema.source})")
+    with OutputLock(out):
+        report = _qc_report(out, schema, progress, jobs)
+    if report is None:
+        raise PrepareError("the QC report needs matplotlib, which is not installed here")
+    return report

@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import quote
 
 from fedimg_core import atomic
 from fedimg_core.reporting import render
+from preprocessing.parallel import ordered_map
 from preprocessing.qc_figure import (  # noqa: F401 - re-exported: the QC API has always been this module
     CT_WINDOW,
     FIGURE_SIZE,
@@ -96,6 +98,7 @@ def write_report(
     schema: LabelSchema,
     *,
     progress: Callable[[int, int], Any] | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Write the QC report of a prepared dataset: a PNG per case and an HTML index.
 
@@ -112,6 +115,7 @@ def write_report(
         manifest: its parsed manifest.json.
         schema: the federation's label schema (class names, ids and colours).
         progress: called as ``progress(done, total)`` after each case.
+        jobs: cases drawn at once, each in a worker process (`preprocessing.parallel.ordered_map`).
 
     Returns:
         The path of ``index.html``.
@@ -130,8 +134,8 @@ def write_report(
 
     rows: list[dict[str, Any]] = []
     total = len(cases)
-    for done, case in enumerate(cases, start=1):
-        row = _case_row(root, qc_dir, case, schema, modality, done - 1)
+    work = [_RowJob(root, qc_dir, dict(case), schema, modality, n) for n, case in enumerate(cases)]
+    for done, row in enumerate(ordered_map(_row_of, work, jobs, on_crash=_row_crashed), start=1):
         rows.append(row)
         if progress is not None:
             progress(done, total)
@@ -140,6 +144,29 @@ def write_report(
     index = qc_dir / "index.html"
     atomic.write_text(index, _render_html(rows, refused, columns, labeled_ids, schema, modality, manifest))
     return index
+
+
+@dataclass(frozen=True)
+class _RowJob:
+    """One case of the report (sent to a worker process with ``jobs``)."""
+
+    root: Path
+    qc_dir: Path
+    case: dict[str, Any]
+    schema: LabelSchema
+    modality: str
+    n: int
+
+
+def _row_of(job: _RowJob) -> dict[str, Any]:
+    return _case_row(job.root, job.qc_dir, job.case, job.schema, job.modality, job.n)
+
+
+def _row_crashed(job: _RowJob) -> dict[str, Any]:
+    """The row of a case whose drawing process died twice: listed, flagged, without a thumbnail."""
+    row = _case_row(job.root, job.qc_dir, {**job.case, "image": None, "label": None}, job.schema, job.modality, job.n)
+    row["render"], row["render_error"] = "render_failed", "WorkerCrashed"
+    return row
 
 
 def _case_row(root: Path, qc_dir: Path, case: Mapping[str, Any], schema: LabelSchema, modality: str, n: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ __all__ = ["LABEL_LIKE_MAX_VALUES", "SUSPECT_IMAGE_FLAGS", "case_flags", "looks_
 
 def case_flags(
     image_data: np.ndarray, label_data: np.ndarray | None, spacing: list[float], modality: str, schema: LabelSchema, labeled: list[int],
-    planar: bool = False,
+    planar: bool = False, value_range: tuple[float, float] | None = None,
 ) -> tuple[list[str], dict[str, int]]:  # fmt: skip
     """The QC flags of one converted case, and its label's voxel count per class.
 
@@ -28,6 +28,7 @@ def case_flags(
         schema: the federation's label schema.
         labeled: the class ids the site labels.
         planar: a 2D image (a radiograph) with a singleton third axis: its two in-plane axes are checked.
+        value_range: the image's (min, max) when the caller has it (None: computed here).
 
     Returns:
         (flags, class name -> voxel count; ``ignore`` for ignore-label voxels).
@@ -57,7 +58,7 @@ def case_flags(
     if max(spacing[:axes]) / min(spacing[:axes]) > 4:
         flags.append("anisotropic")
     if modality == "CT":
-        lo, hi = float(image_data.min()), float(image_data.max())
+        lo, hi = value_range if value_range is not None else (float(image_data.min()), float(image_data.max()))
         if hi < 100 or lo > -500:
             flags.append("ct_values_not_hu")
     if looks_like_label(image_data):

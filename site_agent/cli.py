@@ -4,21 +4,44 @@ from __future__ import annotations
 
 import click
 
+from fedimg_core.cli import LazyGroup
 from fedimg_core.logs import verbosity_options
-from site_agent import config as site_config
-from site_agent.commands import adapt, artifacts, atlas, datasets, lifecycle, models, plans, trust
+from site_agent.config_location import CONFIG_ENV, DEFAULT_CONFIG
 from site_agent.errors import run_cli
 
+# command -> where it lives; imported when it runs (`fedimg_core.cli.LazyGroup`): `prepare` starts without
+# the node, trust and config modules of the other verbs
+COMMANDS = {
+    "init": "site_agent.commands.lifecycle:init",
+    "enroll": "site_agent.commands.trust:enroll",
+    "trust": "site_agent.commands.trust:trust",
+    "dataset": "site_agent.commands.datasets:dataset",
+    "prepare": "site_agent.commands.datasets:prepare",
+    "deidentify": "site_agent.commands.datasets:deidentify",
+    "plans": "site_agent.commands.plans:plans",
+    "start": "site_agent.commands.lifecycle:start",
+    "stop": "site_agent.commands.lifecycle:stop",
+    "status": "site_agent.commands.lifecycle:status",
+    "logs": "site_agent.commands.lifecycle:logs",
+    "doctor": "site_agent.commands.lifecycle:doctor",
+    "adapt": "site_agent.commands.adapt:adapt",
+    "infer": "site_agent.commands.adapt:infer",
+    "models": "site_agent.commands.models:models",
+    "evaluate": "site_agent.commands.models:evaluate",
+    "artifacts": "site_agent.commands.artifacts:artifacts",
+    "atlas": "site_agent.commands.atlas:atlas",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
-    envvar=site_config.CONFIG_ENV,
-    default=site_config.DEFAULT_CONFIG,
+    envvar=CONFIG_ENV,
+    default=DEFAULT_CONFIG,
     show_default=True,
     type=click.Path(dir_okay=False),
-    help=f"Site config file (env {site_config.CONFIG_ENV}).",
+    help=f"Site config file (env {CONFIG_ENV}).",
 )
 @verbosity_options
 @click.pass_context
@@ -29,30 +52,6 @@ def cli(ctx: click.Context, config_path: str) -> None:
     only); results (tables, JSON, paths) go to stdout."""
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
-
-
-for _command in (
-    lifecycle.init,
-    trust.enroll,
-    trust.trust,
-    datasets.dataset,
-    datasets.prepare,
-    datasets.deidentify,
-    plans.plans,
-    lifecycle.start,
-    lifecycle.stop,
-    lifecycle.status,
-    lifecycle.logs,
-    lifecycle.doctor,
-    adapt.adapt,
-    adapt.infer,
-    models.models,
-    models.evaluate,
-    artifacts.artifacts,
-    atlas.atlas,
-):
-    cli.add_command(_command)
-del _command
 
 
 def main() -> None:

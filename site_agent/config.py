@@ -21,6 +21,7 @@ from fedimg_core.errors import ConfigError
 from fedimg_core.site_config import DEFAULT_IMAGE, RUNTIMES, SiteConfigFile
 from fedimg_core.site_config import DockerSection as DockerSettings
 from fedimg_core.site_config import RegistrySection as RegistrySettings
+from site_agent.config_location import CONFIG_ENV, DEFAULT_CONFIG
 
 __all__ = [
     "CONFIG_ENV",
@@ -34,9 +35,6 @@ __all__ = [
     "resolve_config_path",
     "validate",
 ]
-
-CONFIG_ENV = "FEDIMG_SITE_CONFIG"
-DEFAULT_CONFIG = "site.yaml"
 
 
 @dataclass

@@ -394,15 +394,17 @@ def test_unexpected_error_of_one_case_is_a_refusal_naming_its_file(site, monkeyp
 def test_failure_while_writing_a_case_leaves_none_of_its_files(site, monkeypatch):
     import preprocessing.prepare as prep
 
-    real = prep.write_case
+    real = prep.commit_case
+    committed = []
 
-    def write(out, case_id, source_hash, src, *args):
-        if "case_b" in src.display:
-            real(out, case_id, source_hash, src, *args)  # its files are written, then it fails
-            raise ValueError("something no check foresaw")
-        return real(out, case_id, source_hash, src, *args)
+    def commit(out, case_id, source_hash, staged):
+        rec = real(out, case_id, source_hash, staged)
+        committed.append(case_id)
+        if len(committed) == 2:
+            raise ValueError("something no check foresaw")  # its files were written and named, then it fails
+        return rec
 
-    monkeypatch.setattr(prep, "write_case", write)
+    monkeypatch.setattr(prep, "commit_case", commit)
     rc, stdout, stderr, out = _run(site, [])
     assert rc == 3 and "Traceback" not in stdout + stderr
     assert "something no check foresaw" in _refusal_line(stdout, "unexpected_error")

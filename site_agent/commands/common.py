@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
-from site_agent import config as site_config
+if TYPE_CHECKING:  # imported where a verb loads its config: `prepare` and `--help` start without the config models
+    from site_agent import config as site_config
 
 # Results (tables) go to stdout; a pipe or a file gets a fixed width so rows are not cut at 80.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -28,6 +30,8 @@ def load_site(ctx: click.Context) -> site_config.SiteConfig:
     Raises:
         ConfigError: the file is missing, not YAML, or has problems (every one listed).
     """
+    from site_agent import config as site_config
+
     site = site_config.load(ctx.obj["config_path"])
     log.debug("site config %s: site %s, work dir %s, runtime %s", ctx.obj["config_path"], site.site_name, site.work_dir, site.runtime)
     return site
@@ -45,6 +49,8 @@ def load_site_if_present(ctx: click.Context) -> site_config.SiteConfig | None:
     Raises:
         ConfigError: the file exists but is not valid.
     """
+    from site_agent import config as site_config
+
     path = site_config.resolve_config_path(ctx.obj["config_path"])
     return load_site(ctx) if path.is_file() else None
 

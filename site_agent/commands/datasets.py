@@ -4,6 +4,7 @@ DICOM/NIfTI files to datasets registered with the node."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -138,6 +139,32 @@ def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str
     click.echo(f"wrote {done.folder}: {done.cases} cases, labels {done.labels}")
 
 
+@dataset.command("qc")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--schema", "schema_path", default=None, type=click.Path(path_type=Path), help="Federation label schema (default: the built-in one the dataset names)."
+)
+@click.option(
+    "--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True, help="Figures drawn at once, each in its own process; 0: one per CPU core."
+)
+def dataset_qc(path: Path, schema_path: Path | None, jobs: int) -> None:
+    """Write, or bring up to date, the QC report of the prepared dataset at PATH (PNG per case + index.html).
+
+    For a dataset prepared with --no-qc, or to draw the figures of many cases later (e.g. at
+    night): figures newer than their case's files are kept, the others drawn.
+    """
+    from preprocessing.prepare import PrepareError, write_qc_report
+    from preprocessing.schema import SchemaError, load_schema
+
+    try:
+        schema = load_schema(schema_path) if schema_path is not None else None
+        with StageProgress() as progress:
+            report = write_qc_report(path, schema, jobs=jobs or (os.cpu_count() or 1), progress=progress)
+    except (PrepareError, SchemaError) as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"QC report: {report}")
+
+
 @dataset.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -266,7 +293,15 @@ def _pixel_spacing(text: str) -> tuple[float, float]:
 )
 @click.option("--require-labels", is_flag=True, help="Refuse images that have no label.")
 @click.option("--prune", is_flag=True, help="Drop cases of earlier runs whose sources are not given this time.")
-@click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html).")
+@click.option("--no-qc", is_flag=True, help="Skip the QC report (PNG per case + index.html); `site-agent dataset qc OUT` writes it later.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Cases converted (and QC figures drawn) at once, each in its own process; 0: one per CPU core. The dataset is byte for byte the same as with 1.",
+)
 @click.option("--salt-file", default=None, type=click.Path(path_type=Path), help="Secret salt for source hashes (default: <out>/.state/salt, created).")
 @click.option(
     "--case-map",
@@ -293,6 +328,7 @@ def prepare(
     require_labels: bool,
     prune: bool,
     no_qc: bool,
+    jobs: int,
     salt_file: Path | None,
     case_map: Path | None,
     as_json: bool,
@@ -324,6 +360,7 @@ def prepare(
         prune=prune,
         qc_report=not no_qc,
         pixel_spacing=spacing,
+        jobs=jobs or (os.cpu_count() or 1),
     )
     try:
         with StageProgress() as progress:  # refusals are listed in the table below, with their reasons
