@@ -45,6 +45,7 @@ from fedimg_core.tls_pins import fingerprint, short
 from site_agent import trust
 from site_agent.connectivity import _name_matches, certificate_names
 from site_agent.errors import UserError
+from site_agent.node_memory import start_trimmer
 
 __all__ = ["FEDBIOMED_VERSION", "PinnedChannels", "check_upstream", "fetch_certificate", "install", "main"]
 
@@ -334,6 +335,7 @@ def main() -> None:
         install(folder)
     except UserError as exc:
         sys.exit(f"site_agent.node_entry: {exc}")
+    start_trimmer()  # a finished round's freed memory goes back to the system (site_agent.node_memory)
     sys.argv = ["fedbiomed.node.node_pm", *sys.argv[1:]]
     runpy.run_module("fedbiomed.node.node_pm", run_name="__main__", alter_sys=True)
 
