@@ -12,6 +12,7 @@ holds out the same cases at every site):
     scaffold    marginal loss, FedAvg with SCAFFOLD's drift correction (declearn's modules, before AdamW)
     condistfl   marginal loss + conditional distillation from the received global model (the paper's: FedAvg)
     condistfl_scaffold  ConDistFL with SCAFFOLD's correction: the main job's method, judged by the verdict
+    condistfl_scaffold_bf16  the same, its models sent in bf16 both ways (transfer.precision: bf16)
     standalone  marginal loss, every site alone (no aggregation); its joint model is the paper's
                 ensemble of the sites' best local models ("standalone ensemble": each class from the
                 model(s) of the site(s) labelling it, background from every model's merged background)
@@ -76,6 +77,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "scaffold": {"plan": "marginal", "aggregator": "scaffold"},
     "condistfl": {"plan": "condistfl", "aggregator": "fedavg"},
     "condistfl_scaffold": {"plan": "condistfl", "aggregator": "scaffold"},
+    # the main job with its models sent in bf16 both ways (half the bytes; averaging stays float32): what the rounding costs
+    "condistfl_scaffold_bf16": {"plan": "condistfl", "aggregator": "scaffold", "transfer": {"precision": "bf16"}},
     "standalone": {"plan": "marginal", "aggregator": "fedavg", "mode": "standalone"},
 }
 
@@ -189,7 +192,7 @@ DEFAULT_METHODS = "fedavg,fedprox,fedopt,scaffold,condistfl,condistfl_scaffold,s
 FEDERATED = ("fedavg", "fedprox", "fedopt", "scaffold", "condistfl")
 MAIN_JOB = "condistfl_scaffold"  # the main job's method: judged when measured, else the paper's ConDistFL
 NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedopt": "FedOpt", "scaffold": "SCAFFOLD", "condistfl": "ConDistFL",
-         "condistfl_scaffold": "ConDistFL + SCAFFOLD", "standalone": "standalone",
+         "condistfl_scaffold": "ConDistFL + SCAFFOLD", "condistfl_scaffold_bf16": "ConDistFL + SCAFFOLD, bf16 transfer", "standalone": "standalone",
          ENSEMBLE: "standalone ensemble", "centralised": "centralised"}  # fmt: skip
 MODELS = ("global", "local")
 PLACES = ("in_fed", "oof")

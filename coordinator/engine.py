@@ -300,6 +300,7 @@ class Federation:
             # The breakpoint names its experimentation folder (bkpt.parent: <run>/fedbiomed, or
             # the run directory itself for runs of the old layout): resume writes on there.
             self.config.vars["EXPERIMENTS_DIR"] = str(bkpt.parent.parent)
+            mark_researcher_process()  # the plan's post_init runs again here; its global model stays plain float32 (pipelines.plans.transfer)
             exp = Experiment.load_breakpoint(str(bkpt))
             done = exp.round_current()
             metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]

@@ -166,3 +166,26 @@ def test_the_plan_sends_its_update_in_the_wire_form_and_checks_what_it_receives(
     with pytest.raises(WireChecksumError):
         plan.set_model_params({**state, **doubled})
     assert set(plan.after_training_params(flatten=True)) != {WIRE_KEY}  # secure aggregation's flat vector: sent as it is
+
+
+SPEC = """\
+name: wire
+plan: condistfl
+sites: {tags: [demo], min_sites: 2}
+rounds: 2
+"""
+
+
+def test_the_spec_sends_its_transfer_precision_to_the_sites_and_refuses_it_with_secagg():
+    from conftest import spec_problems
+
+    from coordinator import spec as spec_mod
+
+    assert spec_mod.parse(SPEC, "exp.yaml").experiment_model_args()["transfer"] == {"precision": "fp32"}  # the default: exact, checked
+    assert spec_mod.parse(SPEC + "transfer: {precision: bf16}\n", "exp.yaml").experiment_model_args()["transfer"] == {"precision": "bf16"}
+    problems = spec_problems(SPEC + "transfer: {precision: int8}\n")
+    assert "fp32, bf16, fp16" in problems["transfer.precision"]
+    problems = spec_problems(SPEC + "transfer: {precision: fp16}\nsecagg: {}\n")
+    assert "cannot be combined with secagg" in problems["transfer.precision"]
+    problems = spec_problems(SPEC + "plan_args: {transfer: {precision: bf16}}\n")  # filled in by the coordinator, not a plan argument
+    assert "filled in by the coordinator" in problems["plan_args.transfer"]
