@@ -17,7 +17,6 @@ are byte for byte the same.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import os
 import shutil
 import statistics
@@ -32,6 +31,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedimg_testing.files import same_tree  # noqa: E402
 from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -82,15 +82,6 @@ def one_series(work: Path, dcm2niix: str, size: int, slices: int, repeats: int, 
     shutil.rmtree(outs, ignore_errors=True)
     return {"prepare": statistics.median(prep), "dcm2niix": statistics.median(d2n), "qc": with_qc, "mb": sum(f.stat().st_size for f in series.iterdir()) / 1e6,
             "runs_prepare": prep, "runs_dcm2niix": d2n}  # fmt: skip
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    """Whether two folders hold the same files with the same bytes (hidden ones included)."""
-    cmp = filecmp.dircmp(a, b, ignore=[])
-    if cmp.left_only or cmp.right_only or cmp.funny_files:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    return not mismatch and not errors and all(same_tree(a / d, b / d) for d in cmp.common_dirs)
 
 
 def main() -> None:

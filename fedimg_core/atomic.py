@@ -71,19 +71,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = No
         data: the bytes.
         mode: the file's permissions (default: what a plain open() would give).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode() if mode is None else mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, mode) as fh:
+        fh.write(data)
 
 
 def publish_dir(target: str | os.PathLike[str], build: Callable[[Path], object]) -> None:

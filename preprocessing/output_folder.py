@@ -1,7 +1,8 @@
 """The folder `site-agent prepare` writes: whose it is, its lock, each case's files and record, the final metadata.
 
 Each finished case leaves its NIfTI files (``imagesTr/``, ``labelsTr/``, test-only reference
-labels in ``labelsRef/``) and a record in ``.state/cases/``; dataset.json and
+labels in ``labelsRef/``; written under hidden staging names by `stage_case`, possibly in a
+worker process, then named by `commit_case`) and a record in ``.state/cases/``; dataset.json and
 manifest.json (models of `fedimg_core.dataset_manifest`) are written last, so a folder without
 them is never taken for a dataset, and a re-run resumes from the records.
 """
@@ -41,7 +42,6 @@ __all__ = [
     "discard_staged",
     "outputs_intact",
     "stage_case",
-    "write_case",
     "write_metadata",
 ]
 
@@ -131,7 +131,7 @@ def outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
 
     Args:
         out: the dataset folder.
-        rec: the case record (`write_case`).
+        rec: the case record (`commit_case`).
 
     Returns:
         True when the image (and label, reference label) exist and their sha256 matches the record.
@@ -182,7 +182,7 @@ def stage_case(
         reference: the canonical test-only reference label in schema ids (``labelsRef/``), or None.
 
     Returns:
-        The record of `write_case`, ``case_id`` None and the file keys naming the staged files.
+        The case's record (`commit_case` completes it), ``case_id`` None and the file keys naming the staged files.
     """
     data = np.asanyarray(image.dataobj)
     lo, hi = data.min(), data.max()  # once: the dtype check, the recorded range and the QC flags all need them
@@ -270,43 +270,6 @@ def commit_case(out: Path, case_id: str, source_hash: str, staged: dict[str, Any
             (out / staged[kind]).replace(out / final)
             rec[kind] = final
     return rec
-
-
-def write_case(
-    out: Path,
-    case_id: str,
-    source_hash: str,
-    src: CaseSource,
-    image: nib.Nifti1Image,
-    label: nib.Nifti1Image | None,
-    flags: list[str],
-    fingerprint: str,
-    modality: str,
-    schema: LabelSchema,
-    labeled: list[int],
-    reference: nib.Nifti1Image | None = None,
-) -> dict[str, Any]:
-    """Write one converted case's NIfTI files and return its record (the manifest entry, plus status): `stage_case`, then `commit_case`.
-
-    Args:
-        out: the dataset folder.
-        case_id: the case's id (case_0000...).
-        source_hash: the salted hash of its source.
-        src: its source (kind and label kind are recorded, nothing identifying).
-        image: the canonical image (nibabel).
-        label: the canonical label in schema ids, or None.
-        flags: the conversion's flags (QC flags are added).
-        fingerprint: the input fingerprint (a re-run with the same one skips the case).
-        modality: the dataset's modality.
-        schema: the federation's label schema.
-        labeled: the class ids the site labels.
-        reference: the canonical test-only reference label in schema ids (``labelsRef/``), or None.
-
-    Returns:
-        The record: every key of `fedimg_core.dataset_manifest.CaseRecord`.
-    """
-    staged = stage_case(out, source_hash, src, image, label, flags, fingerprint, modality, schema, labeled, reference)
-    return commit_case(out, case_id, source_hash, staged)
 
 
 def write_metadata(

@@ -8,7 +8,6 @@ for a dataset prepared with --no-qc. benchmarks/prepare_vs_dcm2niix.py times the
 from __future__ import annotations
 
 import dataclasses
-import filecmp
 import gzip
 import hashlib
 import json
@@ -20,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fedimg_testing.files import same_tree
 from fedimg_testing.phantom import write_phantom_site
 from preprocessing.nifti import save_atomic
 from preprocessing.parallel import ordered_map
@@ -28,14 +28,6 @@ from preprocessing.schema import load_label_map, load_schema
 from tests.conftest import cli
 
 SCHEMA = load_schema()
-
-
-def _same_tree(a: Path, b: Path) -> bool:
-    cmp = filecmp.dircmp(a, b, ignore=[])
-    if cmp.left_only or cmp.right_only or cmp.funny_files:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    return not mismatch and not errors and all(_same_tree(a / d, b / d) for d in cmp.common_dirs)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +56,10 @@ def test_jobs_give_the_serial_dataset_byte_for_byte(site, tmp_path):
     assert [(o.case_id, o.status, o.code) for o in serial.outcomes] == [(o.case_id, o.status, o.code) for o in parallel.outcomes]
     assert serial.count("refused") == 1 and serial.count("ok") + serial.count("flagged") == 3  # the label on another grid: refused alone
     assert (tmp_path / "serial" / "qc" / "case_0000.png").is_file()  # QC figures too (drawn by the workers)
-    assert _same_tree(tmp_path / "serial", tmp_path / "parallel")  # NIfTI, manifest, QC, records: every byte
+    assert same_tree(tmp_path / "serial", tmp_path / "parallel")  # NIfTI, manifest, QC, records: every byte
     assert not list((tmp_path / "parallel").rglob(".staged-*"))  # nothing left under staging names
     again = _prepare(site, tmp_path / "parallel", salt, jobs=2)  # a re-run with jobs finds every case unchanged
-    assert again.count("unchanged") == 3 and again.count("refused") == 1 and _same_tree(tmp_path / "serial", tmp_path / "parallel")
+    assert again.count("unchanged") == 3 and again.count("refused") == 1 and same_tree(tmp_path / "serial", tmp_path / "parallel")
 
 
 def test_the_cli_takes_jobs_and_a_later_qc_report(site, tmp_path):
