@@ -196,6 +196,14 @@ class Federation:
             tensorboard=False,
         )
 
+    def _wire_form(self, exp) -> None:
+        """Models of ``exp`` travel in its wire form both ways (a run started before wire forms: plain tensors)."""
+        precision = transfer_precision(exp.model_args())
+        self._outgoing.set(exp.id, precision)
+        strategy = exp.strategy()
+        if hasattr(strategy, "require_wire_form"):
+            strategy.require_wire_form(precision is not None)
+
     def _check_approval(self, exp, spec: Spec, sites: dict[str, str]) -> None:
         """Make sure every selected site approved this exact plan source before round 1."""
         if spec.request_approval:
@@ -315,7 +323,7 @@ class Federation:
             fresh_secure_aggregation(exp)
         else:
             exp = self._experiment(spec, run_dir, sites=sites)
-        self._outgoing.set(exp.id, transfer_precision(exp.model_args()))  # a run started before wire forms: None, plain tensors
+        self._wire_form(exp)
         self._check_approval(exp, spec, sites)
         self._scalars.track(exp)
         params_before = _params(exp)
@@ -391,7 +399,7 @@ class Federation:
             folder = runs.fedbiomed_dir(run_dir) / "standalone" / _safe(name)
             folder.mkdir(parents=True, exist_ok=True)
             exps[nid] = self._experiment(spec, run_dir, nodes=[nid], folder=folder)
-            self._outgoing.set(exps[nid].id, transfer_precision(exps[nid].model_args()))
+            self._wire_form(exps[nid])
         for nid, exp in exps.items():
             self._check_approval(exp, spec, {nid: sites[nid]})
             self._scalars.track(exp)

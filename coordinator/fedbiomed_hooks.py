@@ -232,7 +232,11 @@ class OutgoingModels:
             if precision is None or not isinstance(params, Mapping) or is_encoded(params):
                 continue
             if id(params) not in encoded:  # the same mapping for every site: encode it once
-                encoded[id(params)] = encode_params(params, precision)
+                try:
+                    encoded[id(params)] = encode_params(params, precision)
+                except ValueError as exc:  # fp16 and a value beyond its range: this model goes exact (the sites read either)
+                    logging.getLogger(__name__).warning("[fedimg] global model: %s; sent in fp32 this round", exc)
+                    encoded[id(params)] = encode_params(params, "fp32")
             message.params = encoded[id(params)]
 
 

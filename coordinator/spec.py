@@ -198,8 +198,8 @@ class TransferSection(ConfigModel):
     precision: Annotated[str, one_of(*TRANSFER_PRECISIONS)] = Field(
         default="fp32",
         description="fp32 (exact), bf16 or fp16: the sites and the coordinator send every model with its floating values rounded to "
-        "16 bits, half the bytes; averaging and the models themselves stay float32. bf16 keeps float32's range (7 significant bits), "
-        "fp16 keeps 10 bits but refuses values beyond +-65504. Every model travels as one buffer with its SHA-256, checked on arrival.",
+        "16 bits, half the bytes; the coordinator averages and keeps its models in float32 (the sites train from the rounded model). bf16 keeps float32's range with 8 significant bits, "
+        "fp16 11 bits but cannot hold values beyond +-65504 (a model with one is sent in fp32 that round). Every model travels as one buffer with its SHA-256, checked on arrival (against corruption; the site itself is authenticated by mutual TLS).",
     )
 
 

@@ -28,7 +28,7 @@ from fedbiomed.common.logger import logger
 from fedbiomed.researcher.strategies.default_strategy import DefaultStrategy
 
 from pipelines.sampling import sample_sites
-from pipelines.wire import WireChecksumError, decode_params
+from pipelines.wire import WireChecksumError, decode_params, is_encoded
 
 
 class QuorumNotMet(FedbiomedStrategyError):  # type: ignore[misc]  # Fed-BioMed ships no types: its classes are Any
@@ -151,10 +151,18 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
             weights = {nid: size / total for nid, size in sizes.items()}
         return params, weights, total, factors
 
+    def require_wire_form(self, required: bool) -> None:
+        """Leave out a plain-tensor update (set when the experiment's sites send the wire form: `pipelines.plans.transfer`).
+
+        Args:
+            required: True for an experiment with ``transfer`` in its model arguments.
+        """
+        self._wire_required = bool(required)
+
     def _decoded_updates(self, answered: dict[str, Any], round_i: int) -> dict[str, Any]:
         """Each answering site's update as float32 tensors, checked against the digest it was sent with
-        (`pipelines.wire`); an update that fails its check is left out of the round and recorded in `rejected`.
-        Secure aggregation's masked vectors pass as they are."""
+        (`pipelines.wire`); an update that fails its check (or, where the wire form is required, comes without
+        it) is left out of the round and recorded in `rejected`. Secure aggregation's masked vectors pass as they are."""
         out: dict[str, Any] = {}
         for nid, reply in answered.items():
             params = reply["params"]
@@ -162,6 +170,8 @@ class SampledSitesStrategy(DefaultStrategy):  # type: ignore[misc]  # Fed-BioMed
                 out[nid] = params
                 continue
             try:
+                if getattr(self, "_wire_required", False) and not is_encoded(params):
+                    raise WireChecksumError("plain tensors where this experiment's sites send a checked buffer")
                 out[nid] = decode_params(params)
             except WireChecksumError as exc:
                 reason = f"its update failed its check ({exc})"

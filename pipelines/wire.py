@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import sys
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +47,7 @@ _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
                                torch.int8, torch.uint8, torch.bool)}  # fmt: skip
 _HEADER = 8  # bytes of the record's length, little-endian
+MAX_RECORD_BYTES = 64 << 20  # a layout record inflates to far less (a 100 M-parameter network's: ~40 kB)
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -108,7 +111,7 @@ def encode_params(params: Mapping[str, Any], precision: str = "fp32") -> dict[st
         chunks.append(_flat_bytes(t))
     data = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
     layout_json = json.dumps(layout, separators=(",", ":")).encode()
-    record = {"format": WIRE_FORMAT, "precision": precision, "layout": layout, "sha256": _digest(layout_json, data.numpy())}
+    record = {"format": WIRE_FORMAT, "precision": precision, "byteorder": sys.byteorder, "layout": layout, "sha256": _digest(layout_json, data.numpy())}
     packed_record = zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 6)
     head = torch.frombuffer(bytearray(len(packed_record).to_bytes(_HEADER, "little") + packed_record), dtype=torch.uint8)
     return {WIRE_KEY: torch.cat([head, data])}
@@ -144,33 +147,53 @@ def decode_params(params: Mapping[str, Any], dtype: torch.dtype = torch.float32)
         raise WireChecksumError(f"the model's wire record is cut short ({raw.size} bytes received)")
     unreadable = WireChecksumError(f"the model's wire record is unreadable (not fedimg wire format {WIRE_FORMAT})")
     try:
-        record = json.loads(zlib.decompress(raw[_HEADER : _HEADER + n].tobytes()))
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(raw[_HEADER : _HEADER + n].tobytes(), MAX_RECORD_BYTES)
+        if inflate.unconsumed_tail:  # a record larger than any model's layout: refused before it fills memory
+            raise WireChecksumError(f"the model's wire record inflates beyond {MAX_RECORD_BYTES:,} bytes")
+        record = json.loads(text)
         layout, sha = record["layout"], record["sha256"]
-    except (zlib.error, ValueError, KeyError, TypeError):
-        raise unreadable from None
+    except (zlib.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise exc if isinstance(exc, WireChecksumError) else unreadable from None
     if record.get("format") != WIRE_FORMAT or not isinstance(sha, str) or not isinstance(layout, list):
         raise unreadable
+    if record.get("byteorder", "little") != sys.byteorder:
+        raise WireChecksumError(f"the model was sent from a {record.get('byteorder')}-endian machine; this one is {sys.byteorder}-endian")
     data = raw[_HEADER + n :]
     layout_json = json.dumps(layout, separators=(",", ":")).encode()
     got = _digest(layout_json, data)
     if got != sha:
         raise WireChecksumError(f"checksum mismatch: the model was sent with sha256 {sha[:16]}..., received {got[:16]}... "
                                 f"({data.size} data bytes)")  # fmt: skip
+    # the digest is no signature (anyone can compute one): every entry is checked before it is used
     out: dict[str, torch.Tensor] = {}
     offset = 0
-    payload = torch.from_numpy(data.copy())  # one copy: the tensors below are views of it, not of the message
-    for name, dtype_name, shape in layout:
-        wire_dtype = _DTYPES.get(dtype_name)
-        if wire_dtype is None:
-            raise WireChecksumError(f"{name}: dtype {dtype_name} is not carried by the wire format")
-        count = int(np.prod(shape)) if shape else 1
+    for entry in layout:
+        name, wire_dtype, shape = _entry(entry)
+        count = math.prod(shape)
         size = count * torch.empty(0, dtype=wire_dtype).element_size()
-        t = payload[offset : offset + size].view(wire_dtype).reshape(shape) if count else torch.empty(shape, dtype=wire_dtype)
+        if offset + size > data.size:
+            raise WireChecksumError(f"{name}: the model's layout runs past its {data.size} data bytes")
+        # a copy per tensor: aligned for its dtype (the buffer packs tensors at any byte), and not a view of the message
+        chunk = torch.from_numpy(data[offset : offset + size].copy())
+        out[name] = _as_float(chunk.view(wire_dtype).reshape(shape), dtype)
         offset += size
-        out[name] = _as_float(t, dtype)
     if offset != data.size:
         raise WireChecksumError(f"the model's layout covers {offset} of {data.size} data bytes")
     return out
+
+
+def _entry(entry: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    """One layout entry, checked: [name, dtype, shape] with a known dtype and a shape of non-negative integers."""
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], list)):
+        raise WireChecksumError("the model's layout has a malformed entry")
+    name, dtype_name, shape = entry
+    wire_dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if wire_dtype is None:
+        raise WireChecksumError(f"{name[:80]}: dtype {str(dtype_name)[:40]} is not carried by the wire format")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape) or len(shape) > 8:
+        raise WireChecksumError(f"{name[:80]}: the shape is not up to 8 non-negative integers")
+    return name, wire_dtype, tuple(shape)
 
 
 def merge_received(weights: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -42,6 +42,7 @@ __all__ = [
     "discard_staged",
     "outputs_intact",
     "stage_case",
+    "staged_names",
     "write_metadata",
 ]
 
@@ -188,9 +189,10 @@ def stage_case(
     lo, hi = data.min(), data.max()  # once: the dtype check, the recorded range and the QC flags all need them
     if data.dtype.kind in "iu" and lo >= -32768 and hi <= 32767:
         data = data.astype(np.int16, copy=False)  # CT stays integer HU
+        value_range = (float(lo), float(hi))
     else:
         data = data.astype(np.float32, copy=False)
-    value_range = (float(lo), float(hi))
+        value_range = (float(np.float32(lo)), float(np.float32(hi)))  # rounding is monotonic: the written volume's extremes
     staged: dict[str, str | None] = {kind: None for kind in _FOLDERS}
     sums: dict[str, str] = {}
     label_data = None
@@ -204,7 +206,7 @@ def stage_case(
         for kind, volume in volumes.items():
             if volume is None:
                 continue
-            rel = f"{_FOLDERS[kind]}/.staged-{token}.nii.gz"
+            rel = staged_names(token)[kind]
             staged[kind] = rel
             sums[kind] = save_atomic(clean_image(volume, image.affine), out / rel)
         spacing = _spacing(image.affine)
@@ -235,6 +237,18 @@ def stage_case(
         "status": status,
         "radiograph": src.radiograph,
     }
+
+
+def staged_names(token: str) -> dict[str, str]:
+    """The files `stage_case` writes for ``token`` (each kind's; not all exist for every case).
+
+    Args:
+        token: the case's staging token.
+
+    Returns:
+        kind -> path relative to the dataset folder.
+    """
+    return {kind: f"{folder}/.staged-{token}.nii.gz" for kind, folder in _FOLDERS.items()}
 
 
 def discard_staged(out: Path, staged: dict[str, Any]) -> None:

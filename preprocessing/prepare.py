@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from preprocessing.output_folder import (
     discard_staged,
     outputs_intact,
     stage_case,
+    staged_names,
     write_metadata,
 )
 from preprocessing.parallel import ordered_map
@@ -518,12 +520,14 @@ def _run(
     keyed = sorted(((salted_hash(salt, s.identifiers), s) for s in sources), key=lambda t: t[0])
     seen: set[str] = set()
     todo: list[_CaseJob] = []
+    # each source's outcomes, in the sources' order whichever worker finishes first (as a serial run lists them)
+    slots: list[list[Outcome]] = [[] for _ in keyed]
     job = _Job(out, schema, label_map, reference_map, opts, context, modality, labeled)
-    for source_hash, src in keyed:
+    for position, (source_hash, src) in enumerate(keyed):
         seen.add(source_hash)
         if opts.require_labels and src.label is None:
             msg = f"{src.display}: no label found (--require-labels)"
-            outcomes.append(Outcome(source_hash, src.display, "refused", code="no_label", message=msg))
+            slots[position].append(Outcome(source_hash, src.display, "refused", code="no_label", message=msg))
             log.debug("refused: %s", msg)
             continue
         rec = records.get(source_hash)
@@ -532,59 +536,27 @@ def _run(
             try:
                 fingerprint = input_fingerprint(src, context)
             except OSError as exc:
-                outcomes.append(_unreadable(src, source_hash, exc))
+                slots[position].append(_unreadable(src, source_hash, exc))
                 continue
             if rec.get("input_sha256") == fingerprint and outputs_intact(out, rec):
-                outcomes.append(Outcome(source_hash, src.display, "unchanged", case_id=rec["case_id"], flags=rec["qc_flags"]))
+                slots[position].append(Outcome(source_hash, src.display, "unchanged", case_id=rec["case_id"], flags=rec["qc_flags"]))
                 if rec.get("reference_refusal"):  # still refused: the same files as when it was refused
                     msg = f"{src.reference_label}: reference label of {rec['case_id']} refused ({rec['reference_refusal']}, unchanged since); the case is prepared without it"
-                    outcomes.append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
-                                            code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
+                    slots[position].append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
+                                                   code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
                 continue
         ref_hash = salted_hash(salt, ["reference_label", source_hash])
-        todo.append(_CaseJob(job, source_hash, src, fingerprint, _series_context(src, skipped), ref_hash))
+        todo.append(_CaseJob(job, source_hash, src, fingerprint, _series_context(src, skipped), ref_hash, token=f"{source_hash[:24]}-{position}",
+                             position=position))  # fmt: skip
     if progress:
         progress("convert", 0, len(todo))
     for done, staged in enumerate(ordered_map(_stage_one, todo, opts.jobs, on_crash=_crashed), 1):
         if progress:
             progress("convert", done, len(todo))
-        source_hash, src = staged.source_hash, staged.src
-        if staged.refused is not None:
-            outcomes.append(staged.refused)
-            continue
-        assert staged.record is not None  # staged: either refused or a record
-        rec = records.get(source_hash)
-        if rec:
-            case_id = rec["case_id"]
-        else:
-            nxt = max(used_ids, default=-1) + 1
-            used_ids.add(nxt)
-            case_id = f"case_{nxt:04d}"
-        ref_refused = None
-        if staged.reference_refusal is not None:
-            code, msg = staged.reference_refusal
-            msg = f"{msg}; {case_id} is prepared without a reference label"
-            log.debug("refused: %s", msg)
-            ref_refused = Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused", code=code, message=msg,
-                                  reference=True)  # fmt: skip
-        had_reference = bool(rec and rec.get("reference_label"))
-        try:
-            rec = commit_case(out, case_id, source_hash, staged.record)
-            rec["reference_refusal"] = ref_refused.code if ref_refused is not None else None  # .state only (never in the manifest)
-            atomic.write_json(state / f"{source_hash}.json", rec)
-        except Exception as exc:  # noqa: BLE001 - idem; what this case wrote goes, so the manifest stays true
-            discard_staged(out, staged.record)
-            for rel in (f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz", f"labelsRef/{case_id}.nii.gz", f"{STATE_DIR}/cases/{source_hash}.json"):
-                (out / rel).unlink(missing_ok=True)
-            records.pop(source_hash, None)
-            outcomes.append(_unexpected(src, source_hash, exc, "writing"))
-            continue
-        if had_reference and rec.get("reference_label") is None:
-            (out / f"labelsRef/{case_id}.nii.gz").unlink(missing_ok=True)  # an earlier run's reference label this run did not give
-        records[source_hash] = rec
-        outcomes.append(Outcome(source_hash, src.display, rec["status"], case_id=case_id, flags=rec["qc_flags"]))
-        if ref_refused is not None:
-            outcomes.append(ref_refused)
+        for level, text in staged.logs:  # what a worker process logged about the case
+            log.log(level, "%s", text)
+        slots[staged.position].extend(_commit(out, state, staged, records, used_ids, salt))
+    outcomes += [o for slot in slots for o in slot]
     kept = {h: r for h, r in records.items() if h in seen or not opts.prune}
     for h, r in records.items():
         if h not in kept:
@@ -608,6 +580,44 @@ def _run(
         report = _qc_report(out, schema, progress, opts.jobs)
     notes = sorted({f"{se.grouping}: {se.note}" for se in disc.series if se.note})
     return PrepareResult(root=out, outcomes=outcomes, skipped_files=skipped, grouping_notes=notes, report=report)
+
+
+def _commit(out: Path, state: Path, staged: _Staged, records: dict[str, dict[str, Any]], used_ids: set[int], salt: bytes) -> list[Outcome]:
+    """Give a staged case its id (its earlier one, or the next free one, in the sources' order) and its record; its outcomes."""
+    source_hash, src = staged.source_hash, staged.src
+    if staged.refused is not None:
+        return [staged.refused]
+    assert staged.record is not None  # staged: either refused or a record
+    rec = records.get(source_hash)
+    if rec:
+        case_id = rec["case_id"]
+    else:
+        nxt = max(used_ids, default=-1) + 1
+        used_ids.add(nxt)
+        case_id = f"case_{nxt:04d}"
+    ref_refused = None
+    if staged.reference_refusal is not None:
+        code, msg = staged.reference_refusal
+        msg = f"{msg}; {case_id} is prepared without a reference label"
+        log.debug("refused: %s", msg)
+        ref_refused = Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused", code=code, message=msg,
+                              reference=True)  # fmt: skip
+    had_reference = bool(rec and rec.get("reference_label"))
+    try:
+        rec = commit_case(out, case_id, source_hash, staged.record)
+        rec["reference_refusal"] = ref_refused.code if ref_refused is not None else None  # .state only (never in the manifest)
+        atomic.write_json(state / f"{source_hash}.json", rec)
+    except Exception as exc:  # noqa: BLE001 - idem; what this case wrote goes, so the manifest stays true
+        discard_staged(out, staged.record)
+        for rel in (f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz", f"labelsRef/{case_id}.nii.gz", f"{STATE_DIR}/cases/{source_hash}.json"):
+            (out / rel).unlink(missing_ok=True)
+        records.pop(source_hash, None)
+        return [_unexpected(src, source_hash, exc, "writing")]
+    if had_reference and rec.get("reference_label") is None:
+        (out / f"labelsRef/{case_id}.nii.gz").unlink(missing_ok=True)  # an earlier run's reference label this run did not give
+    records[source_hash] = rec
+    done = [Outcome(source_hash, src.display, rec["status"], case_id=case_id, flags=rec["qc_flags"])]
+    return done + ([ref_refused] if ref_refused is not None else [])
 
 
 @dataclass(frozen=True)
@@ -634,6 +644,8 @@ class _CaseJob:
     fingerprint: str | None
     series_context: str  # what else went wrong around its series (for a refusal's message)
     ref_hash: str
+    token: str  # names its staged files: unique within the run (two sources may share a hash)
+    position: int  # in the sources' order
 
 
 @dataclass
@@ -642,50 +654,93 @@ class _Staged:
 
     source_hash: str
     src: CaseSource
+    position: int
     record: dict[str, Any] | None = None
     refused: Outcome | None = None
     reference_refusal: tuple[str, str] | None = None  # (code, message without the case id, which is given later)
+    logs: list[tuple[int, str]] = field(default_factory=list)  # a worker's log records of the case (level, text)
 
 
 def _stage_one(case: _CaseJob) -> _Staged:
     """Convert one case and stage its files: in a `--jobs` worker process, or in this one.
 
     The input fingerprint of a new case is hashed on a second thread while the case converts
-    (the hashing releases the GIL); a case whose fingerprint an earlier record needed has it.
+    (the hashing releases the GIL); a case whose fingerprint an earlier record needed has it. In
+    a worker process the log records of the case are carried back to the caller, which logs them.
     """
+    if case.job.opts.jobs <= 1:
+        return _convert_and_stage(case)
+    set_compress_threads(1)  # a worker process: the workers share the cores
+    capture = _CapturedLog()
+    with capture:
+        staged = _convert_and_stage(case)
+    staged.logs = capture.records
+    return staged
+
+
+def _convert_and_stage(case: _CaseJob) -> _Staged:
     job, src, source_hash = case.job, case.src, case.source_hash
-    if job.opts.jobs > 1:
-        set_compress_threads(1)  # a worker process: the workers share the cores
     with ThreadPoolExecutor(max_workers=1) as hasher:
         pending = hasher.submit(input_fingerprint, src, job.context) if case.fingerprint is None else None
         try:
             image, label, flags = convert_case(src, job.schema, job.label_map, job.opts)
-        except SeriesError as exc:
-            msg = str(exc) + case.series_context
-            log.debug("refused: %s", msg)
-            return _Staged(source_hash, src, refused=Outcome(source_hash, src.display, "refused", code=exc.code, message=msg))
         except Exception as exc:  # noqa: BLE001 - one case's failure never stops the others
-            return _Staged(source_hash, src, refused=_unexpected(src, source_hash, exc, "converting"))
+            unreadable = pending.exception() if pending is not None else None
+            if isinstance(unreadable, OSError):  # a file that cannot be read: said as such, as before conversion
+                return _Staged(source_hash, src, case.position, refused=_unreadable(src, source_hash, unreadable))
+            if isinstance(exc, SeriesError):
+                msg = str(exc) + case.series_context
+                log.debug("refused: %s", msg)
+                return _Staged(source_hash, src, case.position, refused=Outcome(source_hash, src.display, "refused", code=exc.code, message=msg))
+            return _Staged(source_hash, src, case.position, refused=_unexpected(src, source_hash, exc, "converting"))
         try:
             fingerprint = pending.result() if pending is not None else case.fingerprint
         except OSError as exc:
-            return _Staged(source_hash, src, refused=_unreadable(src, source_hash, exc))
+            return _Staged(source_hash, src, case.position, refused=_unreadable(src, source_hash, exc))
     assert fingerprint is not None
     reference, reference_refusal = None, None
     if src.reference_label is not None and job.reference_map is not None:
         reference, reference_refusal = _reference(src, image, job.schema, job.reference_map, job.opts)
     try:
-        record = stage_case(job.out, source_hash, src, image, label, flags, fingerprint, job.modality, job.schema, job.labeled, reference)
+        record = stage_case(job.out, case.token, src, image, label, flags, fingerprint, job.modality, job.schema, job.labeled, reference)
     except Exception as exc:  # noqa: BLE001 - idem (stage_case removed what it staged)
-        return _Staged(source_hash, src, refused=_unexpected(src, source_hash, exc, "writing"))
-    return _Staged(source_hash, src, record=record, reference_refusal=reference_refusal)
+        return _Staged(source_hash, src, case.position, refused=_unexpected(src, source_hash, exc, "writing"))
+    return _Staged(source_hash, src, case.position, record=record, reference_refusal=reference_refusal)
+
+
+class _CapturedLog(logging.Handler):
+    """The log records of one case in a worker process (which has no handler of its own), for the caller to log."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[tuple[int, str]] = []
+        self._logger = logging.getLogger("preprocessing")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        self.records.append((record.levelno, text))
+
+    def __enter__(self) -> _CapturedLog:
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
 
 def _crashed(case: _CaseJob) -> _Staged:
-    """A case whose worker process died twice (a decoder crash, out of memory): refused, the others go on."""
+    """A case whose worker process died twice (a decoder crash, out of memory): refused, the others go on; what it staged goes."""
+    discard_staged(case.job.out, staged_names(case.token))
     msg = (f"{case.src.display}: the process converting this case ended abruptly, twice (a crashing decoder or the system running out of "
            "memory); the case is refused, the others go on")  # fmt: skip
-    return _Staged(case.source_hash, case.src, refused=Outcome(case.source_hash, case.src.display, "refused", code="converter_crashed", message=msg))
+    return _Staged(
+        case.source_hash, case.src, case.position, refused=Outcome(case.source_hash, case.src.display, "refused", code="converter_crashed", message=msg)
+    )
 
 
 def _unreadable(src: CaseSource, source_hash: str, exc: OSError) -> Outcome:

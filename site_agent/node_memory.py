@@ -4,9 +4,11 @@ A training round allocates hundreds of MB (volumes, activations, optimizer state
 small and medium blocks; when the task ends Python and torch free them, but glibc keeps the
 freed pages in its heaps, so an idle node between rounds still holds what its last task
 used (measured: 569 MB after start-up, 994 MB after a 2-round run). `start_trimmer` runs
-``malloc_trim(0)`` every few seconds on a daemon thread: glibc returns every free page,
-also those in the middle of its heaps. It costs a few milliseconds per call and never
-frees memory in use. On a C library without ``malloc_trim`` (musl, macOS) it does nothing.
+``malloc_trim(0)`` on a daemon thread after every 10 s in which the node used less than a
+tenth of a core (no task running): glibc returns every free page, also those in the middle of
+its heaps. It costs a few milliseconds per call and never frees memory in use; during a task
+it does nothing (the task would only fault the pages back in). On a C library without
+``malloc_trim`` (musl, macOS) it does nothing at all.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import ctypes
 import ctypes.util
 import logging
 import threading
+import time
 from typing import Any
 
 __all__ = ["TRIM_INTERVAL_S", "Trimmer", "start_trimmer", "trim"]
 
 log = logging.getLogger(__name__)
 TRIM_INTERVAL_S = 10.0
+IDLE_CPU_SHARE = 0.1  # a node that used less than this share of one core over an interval runs no task: trim then
 
 
 def _malloc_trim() -> Any | None:
@@ -60,9 +64,13 @@ class Trimmer(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        """Trim until stopped."""
+        """Trim after every quiet interval until stopped: never during a task, whose pages would only come back."""
+        last = time.process_time()  # CPU seconds of every thread of the process
         while not self._stop_event.wait(self.interval_s):
-            self._malloc_trim(0)
+            now = time.process_time()
+            if (now - last) / self.interval_s < IDLE_CPU_SHARE:
+                self._malloc_trim(0)
+            last = now
 
     def stop(self) -> None:
         """End the thread after its current wait."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
-from site_agent.node_memory import start_trimmer
+from site_agent.node_memory import Trimmer, start_trimmer
 
 PROBE = textwrap.dedent(
     """
@@ -36,9 +37,23 @@ def test_a_trim_returns_freed_heap_pages_to_the_system():
     assert released and freed - trimmed > 150 * 2**20  # the 190 MB the process had freed but glibc kept
 
 
-def test_the_trimmer_runs_on_a_daemon_thread_until_stopped():
-    thread = start_trimmer(interval_s=0.05)
+def test_the_trimmer_trims_only_while_the_process_is_idle():
+    calls = []
+    thread = Trimmer(0.05, calls.append)
+    thread.start()
+    time.sleep(0.3)  # idle: a trim after each quiet interval
+    idle_calls = len(calls)
+    busy_until = time.monotonic() + 0.4
+    while time.monotonic() < busy_until:  # a task: this process uses a whole core
+        sum(range(1000))
+    during = len(calls) - idle_calls
+    thread.stop()
+    thread.join(timeout=5)
+    assert idle_calls >= 3 and during <= 1 and not thread.is_alive()  # at most the interval the task began in
+
+
+def test_the_node_starts_a_daemon_trimmer():
+    thread = start_trimmer(interval_s=60)
     assert thread is not None and thread.daemon and thread.is_alive()
     thread.stop()
     thread.join(timeout=5)
-    assert not thread.is_alive()

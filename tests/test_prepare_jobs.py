@@ -116,3 +116,24 @@ def test_a_qc_report_needs_the_datasets_own_schema(site, tmp_path):
         write_qc_report(tmp_path / "ds", dataclasses.replace(SCHEMA, version="9.9.9"))
     assert not (tmp_path / "ds" / "qc").exists()
     assert write_qc_report(tmp_path / "ds").name == "index.html"  # the built-in schema the manifest names
+
+
+def test_two_copies_of_one_image_stage_apart_and_give_the_serial_dataset(tmp_path):
+    # a NIfTI source is identified by its bytes: two copies share a source hash, and were once staged under one name
+    rng = np.random.default_rng(3)
+    volume = rng.integers(-1000, 1500, size=(40, 40, 20), dtype=np.int16)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        data = volume if name != "c.nii.gz" else volume[::-1].copy()
+        nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 3.0, 1.0])), folder / name)
+    (folder / "b.nii.gz").write_bytes((folder / "a.nii.gz").read_bytes())
+    salt = tmp_path / "salt"
+    salt.write_text(os.urandom(32).hex() + "\n")
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs-{jobs}"
+        results[jobs] = prepare([folder], out, SCHEMA, None, options=PrepareOptions(modality="CT", jobs=jobs), salt_file=salt, case_map=out.with_suffix(".map"))
+    assert [(o.status, o.case_id) for o in results[1].outcomes] == [(o.status, o.case_id) for o in results[2].outcomes]
+    assert not [o for o in results[2].outcomes if o.status == "refused"]
+    assert same_tree(tmp_path / "jobs-1", tmp_path / "jobs-2") and not list((tmp_path / "jobs-2").rglob(".staged-*"))

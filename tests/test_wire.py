@@ -57,6 +57,58 @@ def test_a_model_round_trips_within_its_precision_and_comes_back_float32(precisi
         assert any(not torch.equal(received[k], state[k]) for k in state if state[k].is_floating_point())  # it did round
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_int_buffers_after_any_number_of_bytes_decode(precision):
+    # BatchNorm's int64 counters sit after float tensors of any length: the buffer packs them at odd offsets
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 1, 1), torch.nn.BatchNorm2d(1))
+    state = {**net.state_dict(), "odd": torch.ones(3, dtype=torch.bool), "after_odd": torch.tensor(5), "half": torch.ones(3, dtype=torch.float16)}
+    received = decode_params(_over_the_wire(encode_params(state, precision)))
+    assert set(received) == set(state)
+    assert all(torch.equal(received[k], state[k]) for k in state if not state[k].is_floating_point())
+    assert received["half"].dtype == torch.float32 and torch.equal(received["half"], torch.ones(3))
+
+
+def _forged(state: dict, edit) -> dict:
+    """A wire buffer whose record was edited and whose digest was recomputed (anyone can compute a SHA-256)."""
+    import json
+    import zlib
+
+    from pipelines import wire
+
+    buf = encode_params(state, "fp32")[WIRE_KEY].numpy().tobytes()
+    n = int.from_bytes(buf[:8], "little")
+    record, data = json.loads(zlib.decompress(buf[8 : 8 + n])), buf[8 + n :]
+    edit(record)
+    record["sha256"] = wire._digest(json.dumps(record["layout"], separators=(",", ":")).encode(), torch.frombuffer(bytearray(data), dtype=torch.uint8).numpy())
+    packed = zlib.compress(json.dumps(record).encode())
+    return {WIRE_KEY: torch.frombuffer(bytearray(len(packed).to_bytes(8, "little") + packed + data), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["layout"][0].__setitem__(2, [1000, 1000]), "runs past"),
+        (lambda r: r["layout"][0].__setitem__(2, [-1, 4]), "non-negative"),
+        (lambda r: r["layout"][0].__setitem__(1, "torch.complex64"), "not carried"),
+        (lambda r: r["layout"].append(["x"]), "malformed"),
+        (lambda r: r["layout"].pop(), "covers"),
+    ],
+)
+def test_a_forged_layout_with_a_matching_digest_is_refused_not_crashing(edit, message):
+    with pytest.raises(WireChecksumError, match=message):
+        decode_params(_forged({"w": torch.ones(2, 3), "b": torch.zeros(3)}, edit))
+
+
+def test_a_record_that_inflates_without_end_is_refused():
+    import zlib
+
+    bomb = zlib.compress(b"[" * (80 << 20), 9)  # 80 MB of text from ~80 kB
+    buf = torch.frombuffer(bytearray(len(bomb).to_bytes(8, "little") + bomb), dtype=torch.uint8)
+    with pytest.raises(WireChecksumError, match="inflates beyond"):
+        decode_params({WIRE_KEY: buf})
+
+
 def test_sixteen_bits_halve_the_serialized_model_and_one_buffer_drops_the_per_tensor_framing():
     state = _state()
     plain = len(Serializer.dumps(state))  # Fed-BioMed's own form: each tensor framed on its own
@@ -128,6 +180,12 @@ def test_the_strategy_averages_float32_and_leaves_out_an_update_that_fails_its_c
     aggregate = FedAverage().aggregate(params, weights)["w"]
     third = float(torch.tensor(1.0 / 3.0).to(torch.bfloat16).float())
     assert aggregate.dtype == torch.float32 and aggregate.tolist() == pytest.approx([2.0, third])  # no B; averaged in float32
+    strategy.require_wire_form(True)  # the experiment's sites send the wire form: a plain update is refused, not trusted
+    strategy.sample_nodes(["A", "C"], 1)
+    plain = {"A": _reply(1.0, "bf16"), "C": {**_reply(3.0, "bf16"), "params": {"w": torch.tensor([9.0, 9.0])}}}
+    with pytest.raises(Exception, match="1 of 2 sites answered"):  # C left out, below the quorum of 2
+        strategy.refine(plain, 1)
+    assert "plain tensors" in strategy.rejected[1]["C"]
 
 
 def test_outgoing_models_encode_each_training_request_once_for_the_experiments_set():
@@ -144,6 +202,10 @@ def test_outgoing_models_encode_each_training_request_once_for_the_experiments_s
     old = {"A": SimpleNamespace(experiment_id="exp-old", params=dict(shared))}
     hook(old)
     assert set(old["A"].params) == {"w"}
+    hook.set("exp-fp16", "fp16")  # a value fp16 cannot hold: that model goes in fp32, the run goes on
+    big = {"A": SimpleNamespace(experiment_id="exp-fp16", params={"w": torch.tensor([7.0e4, 1.0 / 3.0])})}
+    hook(big)
+    assert torch.equal(decode_params(big["A"].params)["w"], torch.tensor([7.0e4, 1.0 / 3.0]))  # every float32 bit
 
 
 def test_the_plan_sends_its_update_in_the_wire_form_and_checks_what_it_receives(site_process):

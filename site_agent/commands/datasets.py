@@ -159,7 +159,7 @@ def dataset_qc(path: Path, schema_path: Path | None, jobs: int) -> None:
     try:
         schema = load_schema(schema_path) if schema_path is not None else None
         with StageProgress() as progress:
-            report = write_qc_report(path, schema, jobs=jobs or (os.cpu_count() or 1), progress=progress)
+            report = write_qc_report(path, schema, jobs=jobs or _usable_cores(), progress=progress)
     except (PrepareError, SchemaError) as exc:
         raise UserError(str(exc)) from None
     click.echo(f"QC report: {report}")
@@ -191,6 +191,14 @@ def dataset_remove(ctx: click.Context, dataset_id: str) -> None:
 
     node.remove_dataset(load_site(ctx), dataset_id)
     click.echo(f"removed {dataset_id}")
+
+
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (`--jobs 0`): its affinity, which a container's CPU set narrows."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 class StageProgress:
@@ -360,7 +368,7 @@ def prepare(
         prune=prune,
         qc_report=not no_qc,
         pixel_spacing=spacing,
-        jobs=jobs or (os.cpu_count() or 1),
+        jobs=jobs or _usable_cores(),
     )
     try:
         with StageProgress() as progress:  # refusals are listed in the table below, with their reasons
