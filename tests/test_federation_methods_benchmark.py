@@ -43,7 +43,9 @@ def test_seeds_vary_training_not_the_split(bench):
     assert len({s.name for s in specs.values()}) == len(specs)  # one run name per method and seed
     assert parse(yaml.safe_dump(bench.spec_for("fedavg", 2, 3, 0)), "spec").split["seed"] == 0
     # each method names its aggregator: the main job's (scaffold) reaches only the methods that say so
-    assert {m for (m, _), s in specs.items() if s.aggregator == "scaffold"} == {"scaffold", "condistfl_scaffold"}
+    assert {m for (m, _), s in specs.items() if s.aggregator == "scaffold"} == {"scaffold", "condistfl_scaffold", "condistfl_scaffold_bf16"}
+    # only the bf16 variant of the main job rounds its models on the wire
+    assert {m for (m, _), s in specs.items() if s.transfer["precision"] != "fp32"} == {"condistfl_scaffold_bf16"}
 
 
 def test_seed_options(bench):
