@@ -133,10 +133,11 @@ def test_key_never_leaves_the_site(factory_run):
     from fedbiomed.common.serializer import Serializer
 
     from pipelines.factory.training import is_key_pathway, parse_factory_args, site_local_predicate
+    from pipelines.wire import decode_params
 
     is_local = site_local_predicate(parse_factory_args({"local_discriminator": "projection"}))
-    replies = [r for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
-    assert len(replies) == 2 * ROUNDS  # the parameters each sampled site sent, kept by Fed-BioMed
+    replies = [decode_params(r) for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
+    assert len(replies) == 2 * ROUNDS  # the parameters each sampled site sent, kept by Fed-BioMed (checked and decoded: pipelines.wire)
     for reply in replies:
         names = set(reply)
         assert names and not any(is_local(n) for n in names)  # key layers and D's client-id projection stay at the site

@@ -61,10 +61,13 @@ def _metrics(run_dir):
 
 
 def _replies(run_dir):
-    """The parameters each site sent, as Fed-BioMed received them over gRPC (kept with the breakpoints)."""
+    """The parameters each site sent, as Fed-BioMed received them over gRPC (kept with the breakpoints), checked and decoded
+    from their wire form (`pipelines.wire`)."""
     from fedbiomed.common.serializer import Serializer
 
-    return [r for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
+    from pipelines.wire import decode_params
+
+    return [decode_params(r) for r in map(Serializer.load, sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"))) if r is not None]
 
 
 def test_every_site_trains_on_unlabelled_volumes_and_scores_its_personalised_model(fedsr_run):
@@ -124,8 +127,10 @@ def test_aggregation_weights_by_training_volumes_and_the_last_round_keeps_the_en
     # each round's f is the mean of the three sites' f weighted by training volumes (4 each: the plain mean)
     from fedbiomed.common.serializer import Serializer
 
+    from pipelines.wire import decode_params
+
     files = sorted((run_dir / "fedbiomed").glob("params_NODE_*.mpk"), key=lambda p: p.stat().st_mtime)  # written round by round
-    replies = [r for r in map(Serializer.load, files) if r is not None]
+    replies = [decode_params(r) for r in map(Serializer.load, files) if r is not None]
     for r in range(1, ROUNDS + 1):
         sent = [reply["sa_representation"] for reply in replies[3 * (r - 1) : 3 * r]]
         assert len(sent) == 3 and not torch.allclose(sent[0], sent[1])  # each site's own volumes moved it differently
