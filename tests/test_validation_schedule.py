@@ -17,7 +17,7 @@ from conftest import spec_problems as _problems
 from coordinator import checkpoints, runs
 from coordinator import spec as spec_mod
 from coordinator.engine import Federation, RunError, scoring_flags
-from coordinator.fedbiomed_hooks import RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
+from coordinator.fedbiomed_hooks import OutgoingModels, RoundOutcomes, ScalarFeed, SiteErrors, WireCounter
 
 SEG = """\
 name: t1
@@ -174,6 +174,7 @@ def _federation(tmp_path, experiments: list[_Experiment]) -> Federation:
     fed.home, fed.log = tmp_path, lambda msg: None
     fed._scalars, fed._wire, fed._site_errors = ScalarFeed(), WireCounter(), SiteErrors()
     fed._outcomes = RoundOutcomes(lambda message: False, lambda timeout_s: [])  # no requests here: every site answers
+    fed._outgoing = OutgoingModels()  # no training request goes out here: nothing to encode
     fed.wait_for_sites = lambda spec: dict(SITES)
     fed._check_approval = lambda exp, spec, sites: None
     queue = list(experiments)
