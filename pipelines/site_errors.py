@@ -144,10 +144,6 @@ def mark_researcher_process() -> None:
     _RESEARCHER_PROCESS = True
 
 
-def _researcher_process() -> bool:
-    return _RESEARCHER_PROCESS
-
-
 def in_researcher_process() -> bool:
     """Whether `mark_researcher_process` marked this process as the coordinator's.
 
@@ -178,7 +174,7 @@ def site_boundary(stage: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
-                if _researcher_process():
+                if in_researcher_process():
                     raise
                 raise sanitize(exc, stage) from None
 

@@ -36,7 +36,6 @@ __all__ = [
     "encode_params",
     "is_encoded",
     "merge_received",
-    "tensor_nbytes",
     "transfer_precision",
 ]
 
@@ -242,15 +241,3 @@ def transfer_precision(model_args: Mapping[str, Any] | None) -> str | None:
 
 def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
-
-def tensor_nbytes(params: Mapping[str, Any]) -> int:
-    """Bytes of tensor data in a parameter mapping (what the wire carries besides framing).
-
-    Args:
-        params: name -> tensor.
-
-    Returns:
-        The sum of ``numel * element_size`` over the tensors.
-    """
-    return int(sum(torch.as_tensor(v).numel() * torch.as_tensor(v).element_size() for v in params.values()))

@@ -545,8 +545,7 @@ def _run(
                     slots[position].append(Outcome(salted_hash(salt, ["reference_label", source_hash]), str(src.reference_label), "refused",
                                                    code=rec["reference_refusal"], message=msg, reference=True))  # fmt: skip
                 continue
-        ref_hash = salted_hash(salt, ["reference_label", source_hash])
-        todo.append(_CaseJob(job, source_hash, src, fingerprint, _series_context(src, skipped), ref_hash, token=f"{source_hash[:24]}-{position}",
+        todo.append(_CaseJob(job, source_hash, src, fingerprint, _series_context(src, skipped), token=f"{source_hash[:24]}-{position}",
                              position=position))  # fmt: skip
     if progress:
         progress("convert", 0, len(todo))
@@ -643,7 +642,6 @@ class _CaseJob:
     src: CaseSource
     fingerprint: str | None
     series_context: str  # what else went wrong around its series (for a refusal's message)
-    ref_hash: str
     token: str  # names its staged files: unique within the run (two sources may share a hash)
     position: int  # in the sources' order
 

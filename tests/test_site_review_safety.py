@@ -207,7 +207,7 @@ def test_a_node_process_cannot_be_marked(monkeypatch):
     monkeypatch.setitem(sys.modules, "fedbiomed.node.round", object())
     with pytest.raises(RuntimeError, match="node process"):
         site_errors.mark_researcher_process()
-    assert site_errors._researcher_process() is False
+    assert site_errors.in_researcher_process() is False
 
 
 def test_the_coordinator_marks_its_process_where_it_builds_the_experiment():
