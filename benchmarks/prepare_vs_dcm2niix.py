@@ -7,6 +7,9 @@ slices, <= 1.2x at 400). Both write gzip'd NIfTI at level 1 (nibabel's default; 
 one run with QC is timed for reference). The series are phantom CTs written as real DICOM
 (uncompressed by default).
 
+Then a folder of several series, converted by one process each (``prepare --jobs 1`` against
+dcm2niix on the folder): what a site converting many cases pays per case, start-up paid once.
+
 Then `--jobs`: a folder of several series prepared with ``--jobs 1`` and with ``--jobs N``
 (QC on: its figures are drawn by the same workers), the speed-up, and whether the two datasets
 are byte for byte the same.
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -84,6 +88,25 @@ def one_series(work: Path, dcm2niix: str, size: int, slices: int, repeats: int, 
             "runs_prepare": prep, "runs_dcm2niix": d2n}  # fmt: skip
 
 
+def one_folder(work: Path, folder: Path, dcm2niix: str, repeats: int) -> dict[str, Any]:
+    """prepare --no-qc --jobs 1 and dcm2niix, each one process over a folder of series, alternating."""
+    outs = work / "outs-folder"
+    prep, d2n = [], []
+    for _ in range(repeats):
+        shutil.rmtree(outs, ignore_errors=True)
+        outs.mkdir()
+        prep.append(timed(prepare_cmd(folder, outs / "prep", "--no-qc", "--jobs", "1")))
+        (outs / "d2n").mkdir()
+        d2n.append(timed([dcm2niix, "-z", "y", "-1", "-b", "n", "-o", str(outs / "d2n"), str(folder)]))
+    n_series = len([d for d in folder.iterdir() if d.is_dir()])
+    for tool, written in (("dcm2niix", outs / "d2n"), ("prepare", outs / "prep" / "imagesTr")):
+        n_written = len(list(written.glob("*.nii.gz")))
+        if n_written != n_series:  # both must have converted every series, or the times compare different work
+            raise SystemExit(f"{tool} wrote {n_written} NIfTI files for {n_series} series in {folder}")
+    shutil.rmtree(outs, ignore_errors=True)
+    return {"prepare": statistics.median(prep), "dcm2niix": statistics.median(d2n), "runs_prepare": prep, "runs_dcm2niix": d2n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="rows = columns")
@@ -117,6 +140,11 @@ def main() -> None:
                 write_series(folder / f"series_{i:03d}", args.size, args.series_slices, 10 + i, args.transfer_syntax)
             salt = work / "salt"
             salt.write_text(os.urandom(32).hex() + "\n")
+            batch = one_folder(work, folder, dcm2niix, args.repeats)
+            print(f"\n{args.series} series x {args.series_slices} slices in one process each (prepare --no-qc --jobs 1 | dcm2niix on the folder), "
+                  f"median of {args.repeats} alternating runs: prepare {batch['prepare']:.2f} s, dcm2niix {batch['dcm2niix']:.2f} s, "
+                  f"ratio {batch['prepare'] / batch['dcm2niix']:.2f}x ({batch['prepare'] / args.series:.2f} s | {batch['dcm2niix'] / args.series:.2f} s per series)   "
+                  f"runs {[round(x, 2) for x in batch['runs_prepare']]} | {[round(x, 2) for x in batch['runs_dcm2niix']]}")  # fmt: skip
             t1 = timed(prepare_cmd(folder, work / "jobs-1", "--salt-file", str(salt), "--case-map", str(work / "jobs-1.map"), "--jobs", "1"))
             tn = timed(
                 prepare_cmd(folder, work / f"jobs-{args.jobs}", "--salt-file", str(salt), "--case-map", str(work / "jobs-n.map"), "--jobs", str(args.jobs))

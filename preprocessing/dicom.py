@@ -609,11 +609,13 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
             raise SeriesError(msg + "; refused (pass --allow-irregular to convert it with a flag)", code)
         flags.append(code)
     ps_row, ps_col = placed[0][2]  # DICOM: [between rows, between columns]
-    # highdicom's LPS affine (i along a row, j down a column, k along row x column), fed the
-    # normalised directions: bit for bit the matrix written out by hand before.
-    from highdicom.spatial import create_affine_matrix_from_attributes  # here: highdicom's import costs prepare 0.1 s of start-up
+    # The LPS affine (i along a row, j down a column, k along row x column) from the normalised
+    # directions: the matrix highdicom's create_affine_matrix_from_attributes builds, bit for bit
+    # (tests/test_dicom_affine.py), assembled with nibabel, which prepare imports anyway;
+    # highdicom's own import (its SR code dictionaries) cost every prepare 0.1 s of start-up.
+    from nibabel.affines import from_matvec
 
-    lps = create_affine_matrix_from_attributes(p0, [*row_dir, *col_dir], (ps_row, ps_col), dz)
+    lps = from_matvec(np.column_stack([row_dir * ps_col, col_dir * ps_row, normal * dz]), p0)
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(ras, (first.cols, first.rows, n), where)
     return Geometry(affine_ras=ras, order=[int(o) for o in order], spacing=(ps_col, ps_row, dz), max_position_error_mm=err, flags=flags)

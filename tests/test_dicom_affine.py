@@ -1,5 +1,6 @@
-"""DICOM geometry through highdicom's `create_affine_matrix_from_attributes` (preprocessing.dicom,
-fedimg_testing.phantom) is bit for bit the affine formerly written out by hand."""
+"""DICOM geometry: the affine of a converted series (preprocessing.dicom, built with nibabel) and
+the phantom writer's (fedimg_testing.phantom, highdicom's `create_affine_matrix_from_attributes`)
+are bit for bit the matrix written out by hand, and each other's."""
 
 import numpy as np
 import pytest
@@ -38,6 +39,11 @@ def test_series_geometry_affine_is_the_hand_written_one(seed, tmp_path):
     ps_row, ps_col = first.pixel_spacing
     expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _by_hand(positions[0], row_dir, col_dir, ps_col, ps_row, dz)
     assert np.array_equal(geometry.affine_ras, expected)
+    # and highdicom's matrix for the same attributes
+    from highdicom.spatial import create_affine_matrix_from_attributes
+
+    hd_lps = create_affine_matrix_from_attributes(positions[0], [*row_dir, *col_dir], (ps_row, ps_col), dz)
+    assert np.array_equal(geometry.affine_ras, np.diag([-1.0, -1.0, 1.0, 1.0]) @ hd_lps)
 
 
 def test_phantom_affine_is_the_hand_written_one():
