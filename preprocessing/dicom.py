@@ -615,7 +615,7 @@ def series_geometry(series: Series, tolerance_mm: float = POSITION_TOLERANCE_MM,
     # highdicom's own import (its SR code dictionaries) cost every prepare 0.1 s of start-up.
     from nibabel.affines import from_matvec
 
-    lps = from_matvec(np.column_stack([row_dir * ps_col, col_dir * ps_row, normal * dz]), p0)
+    lps = from_matvec(np.column_stack([row_dir * ps_col, col_dir * ps_row, normal * dz]), p0)  # type: ignore[no-untyped-call]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(ras, (first.cols, first.rows, n), where)
     return Geometry(affine_ras=ras, order=[int(o) for o in order], spacing=(ps_col, ps_row, dz), max_position_error_mm=err, flags=flags)

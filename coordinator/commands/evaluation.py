@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import click
 from rich.progress import Progress
@@ -15,6 +15,7 @@ from rich.table import Table
 from coordinator import runs
 from coordinator.commands.common import console, find_run, home_option, log
 from fedimg_core.logs import show_progress, stderr_console
+from fedimg_core.progress import PROGRESS_EVERY_S, ProgressLines
 
 
 @click.command()
@@ -47,19 +48,13 @@ def evaluate(run_id, dataset, merge_lesions, overlays, home, as_json) -> None:
     _print_evaluation(record)
 
 
-PROGRESS_EVERY_S = 10.0
-
-
-def _plain_progress(say, every_s: float = PROGRESS_EVERY_S):
-    """A progress callback printing plain lines: the first call, then at most every `every_s`
-    seconds, and each step's last case."""
-    last: dict[str, float | None] = {"at": None}
+def _plain_progress(say: Callable[[str], None], every_s: float = PROGRESS_EVERY_S) -> Callable[[str, int, int], None]:
+    """A progress callback printing plain lines (`fedimg_core.progress.ProgressLines`): each
+    step's first and last case, and at most one line every `every_s` seconds between."""
+    lines = ProgressLines(say, unit="cases", every_s=every_s)
 
     def progress(step: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if last["at"] is None or done == total or now - last["at"] >= every_s:
-            last["at"] = now
-            say(f"{step}: {done}/{total} cases" if step == "preprocessing" else f"scoring {step}: {done}/{total} cases")
+        lines(step if step == "preprocessing" else f"scoring {step}", done, total)
 
     return progress
 

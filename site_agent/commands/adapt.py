@@ -14,6 +14,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedimg_core.logs import show_progress, stderr_console
+from fedimg_core.progress import ProgressLines
 from site_agent.commands.common import device_option, load_site, load_site_if_present, log
 from site_agent.errors import UserError
 
@@ -210,7 +211,7 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
         package = open_model(site, model_ref)
         place_model(package, site, device)
         log.info("model %s: %s", package.ref, ", ".join(k for k in package.class_ids if k != "background"))
-        with CaseProgress("segmenting") as progress:
+        with CaseProgress("segmenting", lines=False) as progress:  # each input is logged as it is done
             rows, failures = run_package_infer(package, list(inputs), out, modality=modality, dicom_seg=dicom_seg, statistics=statistics,
                                                preview=preview, overwrite=overwrite, resume=resume, progress=progress)  # fmt: skip
     if as_json:  # one row per input: its outputs, or its error
@@ -223,13 +224,24 @@ def infer(ctx: click.Context, inputs: tuple[str, ...], model_ref: str, out: Path
 
 
 class CaseProgress:
-    """A rich progress bar over inputs (stderr; off when not a TTY, where each input is logged). Called as ``progress(done, total, name)``."""
+    """Progress over inputs on stderr: a rich bar on a terminal; elsewhere plain log lines (the
+    first and last input and at most one every 10 s between); nothing under --quiet. Called as
+    ``progress(done, total, name)``.
 
-    def __init__(self, title: str) -> None:
+    Args:
+        title: the bar's label.
+        name_is_stage: ``name`` names a stage whose count starts again (``preprocessing``,
+            ``scoring``), not the input just done.
+        lines: plain lines when not on a terminal; False where the command logs each input itself.
+    """
+
+    def __init__(self, title: str, name_is_stage: bool = False, lines: bool = True) -> None:
+        self.title, self.tty, self.name_is_stage, self.with_lines = title, sys.stderr.isatty(), name_is_stage, lines
         self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.fields[name]}"), console=stderr_console(),
-                                 disable=not sys.stderr.isatty() or not show_progress())  # fmt: skip
+                                 disable=not self.tty or not show_progress())  # fmt: skip
         self.task: TaskID | None = None
+        self.lines = ProgressLines(log.info, unit="inputs")
 
     def __enter__(self) -> CaseProgress:
         self.progress.__enter__()
@@ -239,6 +251,13 @@ class CaseProgress:
         self.progress.__exit__(exc_type, exc, tb)
 
     def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.tty:
+            if show_progress() and self.with_lines:
+                if self.name_is_stage:
+                    self.lines(f"{self.title} ({name})", done, total)
+                else:
+                    self.lines(self.title, done, total, name)
+            return
         if self.task is None:
             self.task = self.progress.add_task("", total=total, name=name)
         self.progress.update(self.task, completed=done, total=total, name=name)

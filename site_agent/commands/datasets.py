@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from fedimg_core.logs import show_progress, stderr_console
+from fedimg_core.progress import ProgressLines
 from site_agent.commands import common
-from site_agent.commands.common import load_site
+from site_agent.commands.common import load_site, log
 from site_agent.errors import UserError
 
 # deferred: start-up time (`--help` stays fast): site_agent.node and preprocessing import
@@ -202,12 +203,16 @@ def _usable_cores() -> int:
 
 
 class StageProgress:
-    """Rich progress bars on stderr, one per stage (scan, convert, qc, deidentify); silent
-    when not a TTY and under --quiet. Called as ``progress(stage, done, total)``."""
+    """Progress of a dataset command's stages (scan, convert, qc, deidentify) on stderr: rich
+    bars on a terminal; elsewhere (a log file, a pipe, a service's journal) plain log lines, the
+    first and last step of each stage and at most one every 10 s between; nothing under --quiet.
+    Called as ``progress(stage, done, total)``."""
 
     LABELS = {"scan": "reading headers", "convert": "converting cases", "qc": "QC report", "deidentify": "de-identifying"}
+    UNITS = {"scan": "files"}
 
     def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -215,9 +220,10 @@ class StageProgress:
             TimeElapsedColumn(),
             console=stderr_console(),
             transient=False,
-            disable=not sys.stderr.isatty() or not show_progress(),
+            disable=not self.tty or not show_progress(),
         )
         self.tasks: dict[str, TaskID] = {}
+        self.lines = {unit: ProgressLines(log.info, unit=unit) for unit in ("cases", "files")}
 
     def __enter__(self) -> StageProgress:
         self.progress.__enter__()
@@ -227,8 +233,13 @@ class StageProgress:
         self.progress.__exit__(exc_type, exc, tb)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        label = self.LABELS.get(stage, stage)
+        if not self.tty:
+            if show_progress():
+                self.lines[self.UNITS.get(stage, "cases")](label, done, total)
+            return
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage), total=total)
+            self.tasks[stage] = self.progress.add_task(label, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
