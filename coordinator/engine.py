@@ -111,6 +111,7 @@ class Federation:
         self._outcomes.watch(self.requests)
         self._outgoing = OutgoingModels()  # the global model leaves in the spec's wire form (transfer.precision)
         self._outcomes.before_send.append(self._outgoing)
+        self._outcomes.after_replies.append(self._outgoing.received)  # SCAFFOLD states come back in it too
         self.address = f"{public_host}:{port}"
 
     # -- sites --------------------------------------------------------------------------

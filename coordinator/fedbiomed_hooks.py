@@ -9,8 +9,9 @@
   timed out), read from the request objects, and the policies that end a round (the deadline,
   ``round_timeout_s``, and a lost site staying lost) added to those requests: Fed-BioMed sends
   training requests without any.
-- `OutgoingModels`: the global model of each training request, put into the experiment's wire
-  form (one checked buffer, optionally in 16 bits; `pipelines.wire`) before it is sent.
+- `OutgoingModels`: the global model (and SCAFFOLD's state) of each training request, put into
+  the experiment's wire form (one checked buffer, optionally in 16 bits; `pipelines.wire`) before
+  it is sent; the sites' SCAFFOLD states checked and decoded when their replies are in.
 - `WireCounter`: the bytes Fed-BioMed's gRPC server puts on the wire. Fed-BioMed 6.4.1 has no
   API for these: they exist only in its transport's debug log records, so this is the one place
   where the coordinator reads Fed-BioMed's logging (see `wire_bytes`).
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
-from pipelines.wire import encode_params, is_encoded
+from pipelines.wire import encode_or_exact, is_encoded
 
 __all__ = ["OutgoingModels", "RoundOutcomes", "ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
 
@@ -126,6 +127,9 @@ class RoundOutcomes:
         self._round_policies = round_policies
         # called with a training request's messages (node id -> message) before they are sent (`OutgoingModels`)
         self.before_send: list[Callable[[dict[str, Any]], None]] = []
+        # called with a training request's Fed-BioMed request object once its replies are in, before they are read
+        # and its outcomes kept (`OutgoingModels.received`)
+        self.after_replies: list[Callable[[Any], None]] = []
         self._lock = threading.Lock()
         self._outcomes: dict[tuple[str, int, bool], dict[str, dict[str, str]]] = {}
 
@@ -150,6 +154,8 @@ class RoundOutcomes:
                     yield federated_request
                 finally:
                     if key is not None:
+                        for after in self.after_replies:
+                            after(federated_request)
                         try:
                             self._record(key, federated_request, nodes, timeout)
                         except (AttributeError, TypeError):  # a request of a shape we do not know: the run goes on
@@ -232,12 +238,44 @@ class OutgoingModels:
             if precision is None or not isinstance(params, Mapping) or is_encoded(params):
                 continue
             if id(params) not in encoded:  # the same mapping for every site: encode it once
-                try:
-                    encoded[id(params)] = encode_params(params, precision)
-                except ValueError as exc:  # fp16 and a value beyond its range: this model goes exact (the sites read either)
-                    logging.getLogger(__name__).warning("[fedimg] global model: %s; sent in fp32 this round", exc)
-                    encoded[id(params)] = encode_params(params, "fp32")
+                encoded[id(params)] = encode_or_exact(params, precision, _warn, "[fedimg] global model")
             message.params = encoded[id(params)]
+            aux_vars = getattr(message, "optim_aux_var", None)  # SCAFFOLD's c, the same for every site
+            if isinstance(aux_vars, Mapping) and aux_vars:
+                if id(aux_vars) not in encoded:
+                    from pipelines.wire_aux import encode_aux_vars  # imports declearn: runs with auxiliary variables only
+
+                    encoded[id(aux_vars)] = encode_aux_vars(aux_vars, precision, _warn)
+                message.optim_aux_var = encoded[id(aux_vars)]
+
+    def received(self, federated_request: Any) -> None:
+        """Check and decode the SCAFFOLD states in one training request's replies, in place.
+
+        Runs before Fed-BioMed reads them (it sums the sites' states, which must be float32 by
+        then). A reply whose state fails its check becomes an unsuccessful one, so that the site
+        is left out of the round like a failed site, its update with it; the reason names the check.
+
+        Args:
+            federated_request: Fed-BioMed's request of a training round (its ``requests`` hold the replies).
+        """
+        for request in getattr(federated_request, "requests", []):
+            reply: Any = getattr(request, "reply", None)
+            aux_vars = getattr(reply, "optim_aux_var", None)
+            if not isinstance(aux_vars, Mapping) or not aux_vars or getattr(reply, "encrypted", False):
+                continue
+            from pipelines.wire_aux import decode_aux_vars
+
+            try:
+                reply.optim_aux_var = decode_aux_vars(aux_vars)
+            except ValueError as exc:  # WireChecksumError, or a malformed layout
+                node = getattr(getattr(request, "node", None), "id", "?")
+                _warn(f"[fedimg] {node}: SCAFFOLD state failed its check ({_one_line(str(exc))}): its update is left out of the round")
+                reply.success, reply.optim_aux_var = False, None
+                reply.msg = f"its SCAFFOLD state failed its check: {_one_line(str(exc))}"
+
+
+def _warn(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
 
 
 def outcome_of(request: Any, timeout: float | None) -> dict[str, str]:

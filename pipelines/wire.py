@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -216,6 +216,30 @@ def merge_received(weights: Mapping[str, Any], dtype: torch.dtype = torch.float3
         return dict(weights)
     rest = {k: v for k, v in weights.items() if k != WIRE_KEY}
     return {**rest, **decode_params({WIRE_KEY: weights[WIRE_KEY]}, dtype)}
+
+
+def encode_or_exact(params: Mapping[str, Any], precision: str, warn: Callable[[str], None], what: str) -> dict[str, torch.Tensor]:
+    """`encode_params`, falling back to fp32 for this one message where fp16 cannot hold a value.
+
+    Args:
+        params: name -> tensor.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        warn: told why a message goes in fp32 instead (e.g. a logger's ``warning``).
+        what: the message, as the warning names it (``"update"``, ``"global model"``).
+
+    Returns:
+        The one-entry mapping to send.
+
+    Raises:
+        ValueError: what `encode_params` raises, in fp32.
+    """
+    try:
+        return encode_params(params, precision)
+    except ValueError as exc:  # fp16 and a value beyond its range: this message goes exact (the receiver reads either)
+        if precision == "fp32":
+            raise
+        warn(f"{what}: {exc}; sent in fp32 this round")
+        return encode_params(params, "fp32")
 
 
 def transfer_precision(model_args: Mapping[str, Any] | None) -> str | None:

@@ -12,7 +12,8 @@ divided by the learning rate, which under Adam is a normalised step and not a gr
 Fed-BioMed keeps this optimizer's state (Adam's moments, ``c_i`` and ``c``, the schedule's step)
 between a site's rounds, and exchanges the SCAFFOLD states as the optimizer's auxiliary variables
 next to the model weights: each round a site also sends the change of ``c_i``, a mean gradient
-with one value per model parameter (an aggregate over the round's steps, like the model update).
+with one value per model parameter (an aggregate over the round's steps, like the model update),
+in the run's transfer precision and checked like the model (`WireScaffoldClientModule`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 from declearn.model.api import Vector
-from declearn.optimizer.modules import AdamModule, OptiModule, ScaffoldClientModule
+from declearn.optimizer.modules import AdamModule, OptiModule, ScaffoldAuxVar, ScaffoldClientModule
 from fedbiomed.common.optimizers import Optimizer
 
+from pipelines.site_errors import site_logger
 from pipelines.training import cosine_lr
+from pipelines.wire_aux import decode_aux_var, encode_aux_var
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "CosineScheduleModule", "scaffold_adam", "scaffold_state"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "CosineScheduleModule", "WireScaffoldClientModule", "scaffold_adam", "scaffold_state"]
 
 # torch.optim.AdamW's constants, so that a run with and without SCAFFOLD differ by the correction (and by the
 # weight decay, constant at lr * weight_decay here, scheduled with the rate in AdamW: negligible at 1e-5)
@@ -79,7 +82,52 @@ class CosineScheduleModule(OptiModule[Any]):
         self.step = int(state.get("step", 0))
 
 
-def scaffold_adam(lr: float, weight_decay: float, total_steps: int) -> Optimizer:
+class WireScaffoldClientModule(ScaffoldClientModule):
+    """declearn's SCAFFOLD client whose states travel in the experiment's wire form (`pipelines.wire_aux`).
+
+    The change of ``c_i`` it sends is encoded in the run's transfer precision; the ``c`` it
+    receives is checked against its digest and widened to float32 before use (a mismatch fails
+    the round at this site). The computation is declearn's, unchanged. It sends every
+    parameter's state: the segmentation plans keep no parameter local.
+
+    Args:
+        precision: ``fp32``, ``bf16`` or ``fp16`` (the spec's ``transfer.precision``).
+    """
+
+    name = "fedimg-scaffold-client"  # declearn rebuilds the module by this name from the state Fed-BioMed keeps
+
+    def __init__(self, precision: str = "fp32") -> None:
+        super().__init__()
+        self.precision = precision
+
+    def get_config(self) -> dict[str, Any]:
+        """The module's arguments (declearn rebuilds the module from them between rounds)."""
+        return {"precision": self.precision}
+
+    def collect_aux_var(self) -> ScaffoldAuxVar | None:
+        """declearn's change of ``c_i``, in the wire form.
+
+        Returns:
+            The auxiliary variable to send, or None when no step ran.
+        """
+        aux_var = super().collect_aux_var()
+        if aux_var is None:
+            return None
+        return encode_aux_var(aux_var, self.precision, site_logger().warning, "SCAFFOLD state update")  # type: ignore[no-any-return]
+
+    def process_aux_var(self, aux_var: ScaffoldAuxVar) -> None:
+        """Check and decode the received ``c``, then let declearn take it.
+
+        Args:
+            aux_var: the coordinator's SCAFFOLD state, in the wire form or plain.
+
+        Raises:
+            WireChecksumError: it changed on its way (the round fails at this site).
+        """
+        super().process_aux_var(decode_aux_var(aux_var))
+
+
+def scaffold_adam(lr: float, weight_decay: float, total_steps: int, transfer: str | None = None) -> Optimizer:
     """The site optimizer of a SCAFFOLD run: correction, Adam, cosine schedule.
 
     Args:
@@ -87,6 +135,8 @@ def scaffold_adam(lr: float, weight_decay: float, total_steps: int) -> Optimizer
         weight_decay: AdamW's decoupled weight decay (applied as ``lr * weight_decay`` per step at
             the base rate, as torch's AdamW does; the schedule does not scale it).
         total_steps: the run's local steps at the site (the schedule's length; <= 0: constant rate).
+        transfer: the run's transfer precision; with one, the SCAFFOLD states travel in the wire
+            form (`WireScaffoldClientModule`); None (a coordinator without wire forms): plain.
 
     Returns:
         A Fed-BioMed optimizer (declearn), which Fed-BioMed steps and keeps between rounds.
@@ -95,7 +145,7 @@ def scaffold_adam(lr: float, weight_decay: float, total_steps: int) -> Optimizer
         lr=lr,
         decay=lr * weight_decay,
         modules=[
-            ScaffoldClientModule(),
+            WireScaffoldClientModule(transfer) if transfer else ScaffoldClientModule(),
             AdamModule(beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1], eps=ADAM_EPS),
             CosineScheduleModule(total_steps),
         ],
@@ -118,7 +168,7 @@ def scaffold_state(optimizer: Any) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for name, state in fbm_optimizer.get_state()["states"]["modules"]:
-        if name == ScaffoldClientModule.name:
+        if name in (ScaffoldClientModule.name, WireScaffoldClientModule.name):
             delta = state["state"] - state["sglob"]
             coefs = delta.coefs.values() if isinstance(delta, Vector) else [delta]
             out["scaffold_correction_norm"] = float(sum(float(_squares(v)) for v in coefs)) ** 0.5

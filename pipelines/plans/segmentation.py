@@ -56,6 +56,7 @@ from pipelines.training import (
     predict_with_presence,
     teacher_logits,
 )
+from pipelines.wire import transfer_precision
 
 __all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
 
@@ -151,7 +152,7 @@ class PartialLabelSegmentationPlan(WireTransfer, DevicePlacement, PerRoundSeed, 
             from pipelines.plans.optimizers import scaffold_adam  # imports declearn: only runs that use it
 
             total = s.rounds_total * s.local_steps if s.lr_schedule == "cosine" and s.rounds_total and s.local_steps else 0
-            return scaffold_adam(self._base_lr, weight_decay, total)
+            return scaffold_adam(self._base_lr, weight_decay, total, transfer_precision(self.model_args()))
         self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=weight_decay)
         return self._adamw
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipelines.site_errors import in_researcher_process, site_logger
-from pipelines.wire import encode_params, is_encoded, merge_received, transfer_precision
+from pipelines.wire import encode_or_exact, is_encoded, merge_received, transfer_precision
 
 __all__ = ["WireTransfer"]
 
@@ -38,11 +38,7 @@ class WireTransfer:
         precision = transfer_precision(self.model_args())  # type: ignore[attr-defined]  # Fed-BioMed's plan provides it
         if flatten or precision is None or in_researcher_process() or not isinstance(params, Mapping):
             return params
-        try:
-            return encode_params(params, precision)
-        except ValueError as exc:  # fp16 and a value beyond its range: this update goes exact (the coordinator reads either)
-            site_logger().warning("update: %s; sent in fp32 this round", exc)
-            return encode_params(params, "fp32")
+        return encode_or_exact(params, precision, site_logger().warning, "update")
 
     def set_model_params(self, params: dict[str, Any], local_params: list[str] | None = None) -> None:
         """Load weights; a received wire-form model is checked against its digest and decoded first.

@@ -171,6 +171,31 @@ def test_scaffold_corrects_the_sites_gradients_from_round_two(bed):
     assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
 
 
+def test_scaffold_states_travel_in_bf16_with_the_model(bed):
+    """transfer.precision: bf16 under SCAFFOLD: the sites' state updates and the coordinator's c travel in 16 bits
+    beside the model (half the bytes of the same run in fp32, the states included), and the correction still works:
+    in round 2 it is c_i - c at each site, opposite at two sites."""
+    home = bed.workdir / "coordinator"
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        spec = _spec(bed, rounds=2, name=f"scaffold-{precision}", aggregator="scaffold", weights="equal", transfer={"precision": precision})
+        res = _run(bed, spec, home)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        (runs[precision],) = _run_dirs(home, f"scaffold-{precision}")
+    metrics = {p: json.loads((d / "metrics.json").read_text()) for p, d in runs.items()}
+    model_bytes = metrics["fp32"]["model"]["bytes"]
+    # round 2: the model both ways, the sites' state updates up and c down (round 1 sends c = 0, a scalar), and the
+    # final validation request (the model down)
+    totals = {p: m["rounds"][1]["bytes"]["to_sites"] + m["rounds"][1]["bytes"]["from_sites"] for p, m in metrics.items()}
+    assert totals["fp32"] > 1.9 * (2 * 2 * model_bytes)  # the states are about as large as the model
+    assert totals["bf16"] / totals["fp32"] == pytest.approx(0.5, abs=0.015)
+    assert all(r["site_status"][name]["status"] == "ok" for m in metrics.values() for r in m["rounds"] for name in r["site_status"])
+    second = [row["train"] for row in metrics["bf16"]["rounds"][1]["sites"].values()]
+    assert all(t["optimizer_state_restored"] == 1.0 for t in second)
+    norms = [t["scaffold_correction_norm"] for t in second]
+    assert norms[0] > 0 and norms[0] == pytest.approx(norms[1], rel=2e-2)  # c is rounded to bf16 on its way
+
+
 def _killed_after_round_1(bed, spec: Path, home: Path, name: str) -> Path:
     """`coordinator run SPEC`, killed as soon as round 1 is done; returns the run directory."""
     cmd = [str(Path(sys.executable).parent / "coordinator"), "run", str(spec), "--home", str(home),
