@@ -139,9 +139,12 @@ SOURCE_FILE = "benchmark-source.json"  # in each run directory: the checkout tha
 
 
 def source_commit() -> str:
-    """The checkout's git commit (``+dirty`` with uncommitted changes), or ``unknown`` outside git."""
+    """The checkout's git commit (``+dirty`` with uncommitted changes); outside git (a copy of the
+    tree, so that the checkout can change while the benchmark runs) ``FEDIMG_SOURCE_COMMIT``, else ``unknown``."""
     import subprocess
 
+    if not (ROOT / ".git").exists() and os.environ.get("FEDIMG_SOURCE_COMMIT"):
+        return os.environ["FEDIMG_SOURCE_COMMIT"].strip()[:40]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()

@@ -66,10 +66,11 @@ def run_one(bed: Testbed, spec: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def per_round(metrics: dict[str, Any], sites: int) -> dict[str, float]:
-    """Bytes per training round (the last round also carries the final validation request: left out when there are others)."""
+def per_round(metrics: dict[str, Any], sites: int, skip_first: bool = False) -> dict[str, float]:
+    """Bytes per training round (the last round also carries the final validation request: left out when there are others;
+    ``skip_first``: SCAFFOLD's round 1, whose state to the sites is still a scalar, too)."""
     rounds = metrics["rounds"]
-    steady = rounds[:-1] or rounds
+    steady = rounds[1 if skip_first else 0 : -1] or rounds[:-1] or rounds
     to_sites = statistics.median(r["bytes"]["to_sites"] for r in steady)
     from_sites = statistics.median(r["bytes"]["from_sites"] for r in steady)
     model = metrics["model"]["bytes"]
@@ -126,12 +127,14 @@ def main() -> int:
                 rows = {}
                 for precision in precisions:
                     print(f"{precision}: {args.rounds} rounds of {args.steps} steps ...", flush=True)
-                    rows[precision] = per_round(run_one(bed, spec_for(precision, args.rounds, args.steps, large=False, aggregator=args.aggregator)), args.sites)
+                    rows[precision] = per_round(run_one(bed, spec_for(precision, args.rounds, args.steps, large=False, aggregator=args.aggregator)), args.sites,
+                                               skip_first=args.aggregator == "scaffold")  # fmt: skip
             finally:
                 bed.teardown()
             first = next(iter(rows.values()))
+            counted = f"rounds 2..{args.rounds - 1}" if args.aggregator == "scaffold" and args.rounds > 2 else f"rounds 1..{max(1, args.rounds - 1)}"
             print(f"\nbytes per round on the wire: {args.sites} sites, {first['parameters']:,} parameters "
-                  f"({first['model_bytes']:,} bytes in float32); {args.aggregator}; median over rounds 1..{max(1, args.rounds - 1)}; "
+                  f"({first['model_bytes']:,} bytes in float32); {args.aggregator}; median over {counted}; "
                   f"ratio = total / (2 x sites x float32 model)")  # fmt: skip
             table(rows, args.sites, args.aggregator)
             out["small"] = rows

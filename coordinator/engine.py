@@ -32,7 +32,7 @@ from fedimg_core.errors import UserError
 from fedimg_core.fedbiomed_console import quiet_fedbiomed_console
 from pipelines.site_errors import mark_researcher_process
 from pipelines.splits import SPLITS
-from pipelines.wire import WireChecksumError, decode_params, transfer_precision
+from pipelines.wire import WireChecksumError, decode_params, transfer_precision, transfer_states
 
 Log = Callable[[str], None]
 
@@ -200,7 +200,7 @@ class Federation:
     def _wire_form(self, exp) -> None:
         """Models of ``exp`` travel in its wire form both ways (a run started before wire forms: plain tensors)."""
         precision = transfer_precision(exp.model_args())
-        self._outgoing.set(exp.id, precision)
+        self._outgoing.set(exp.id, precision, states=transfer_states(exp.model_args()))
         strategy = exp.strategy()
         if hasattr(strategy, "require_wire_form"):
             strategy.require_wire_form(precision is not None)

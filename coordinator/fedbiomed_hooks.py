@@ -199,49 +199,67 @@ class RoundOutcomes:
 
 
 class OutgoingModels:
-    """Puts the global model of every training request into its experiment's wire form (`pipelines.wire`).
+    """The wire form (`pipelines.wire`) of what training requests carry, and of the SCAFFOLD states the sites answer with.
 
     Fed-BioMed's training job builds one parameter mapping and gives it to every site's
     message; this replaces it, once per request, with ``{WIRE_KEY: one checked buffer}`` in the
-    precision `set` gave the experiment. The sites' plans check and decode it before loading
-    (`pipelines.plans.transfer`). Experiments never `set` (no ``transfer`` in their model
-    arguments) send plain tensors, as Fed-BioMed does. Registered as a
-    `RoundOutcomes.before_send` hook, so it sees exactly the training requests.
+    precision `set` gave the experiment, and likewise the SCAFFOLD state ``c`` the request
+    carries (`pipelines.wire_aux`; runs whose sites send their states in the wire form). The
+    sites' plans check and decode both before use (`pipelines.plans.transfer`,
+    `pipelines.plans.optimizers`). `received` checks the sites' states when their replies are
+    in. Experiments never `set` (no ``transfer`` in their model arguments) send plain tensors, as
+    Fed-BioMed does. Registered as a `RoundOutcomes.before_send` and ``after_replies`` hook, so
+    it sees exactly the training requests.
     """
 
     def __init__(self) -> None:
         self._precision: dict[str, str] = {}
+        self._states: set[str] = set()
+        # per experiment: the floating parameters' shapes of the model last sent (a site's state has those names and
+        # shapes), and each site's node-state id the request started from (a rejected reply goes back to it)
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._started_from: dict[tuple[str, str], Any] = {}
 
-    def set(self, experiment_id: str, precision: str | None) -> None:
+    def set(self, experiment_id: str, precision: str | None, states: bool = False) -> None:
         """Send the models of this experiment in ``precision``.
 
         Args:
             experiment_id: the Fed-BioMed experiment id.
             precision: ``fp32``, ``bf16`` or ``fp16``; None: plain tensors (a run from before wire forms,
                 whose sites neither send nor expect them).
+            states: the SCAFFOLD states travel in the wire form too (``transfer.states``): encode ``c``,
+                and require the sites' states in it.
         """
+        exp = str(experiment_id)
         if precision is None:
-            self._precision.pop(str(experiment_id), None)
+            self._precision.pop(exp, None)
         else:
-            self._precision[str(experiment_id)] = precision
+            self._precision[exp] = precision
+        if states and precision is not None:
+            self._states.add(exp)
+        else:
+            self._states.discard(exp)
 
     def __call__(self, messages: dict[str, Any]) -> None:
-        """Encode the parameters of one training request's messages in place.
+        """Encode the parameters (and SCAFFOLD's ``c``) of one training request's messages in place.
 
         Args:
             messages: node id -> Fed-BioMed ``TrainRequest``.
         """
         encoded: dict[int, Any] = {}
-        for message in messages.values():
-            precision = self._precision.get(str(getattr(message, "experiment_id", "")))
+        for node_id, message in messages.items():
+            exp = str(getattr(message, "experiment_id", ""))
+            precision = self._precision.get(exp)
             params = getattr(message, "params", None)
             if precision is None or not isinstance(params, Mapping) or is_encoded(params):
                 continue
+            self._started_from[(exp, str(node_id))] = getattr(message, "state_id", None)
             if id(params) not in encoded:  # the same mapping for every site: encode it once
+                self._shapes[exp] = {k: tuple(v.shape) for k, v in params.items() if getattr(v, "is_floating_point", lambda: False)()}
                 encoded[id(params)] = encode_or_exact(params, precision, _warn, "[fedimg] global model")
             message.params = encoded[id(params)]
             aux_vars = getattr(message, "optim_aux_var", None)  # SCAFFOLD's c, the same for every site
-            if isinstance(aux_vars, Mapping) and aux_vars:
+            if exp in self._states and isinstance(aux_vars, Mapping) and aux_vars:
                 if id(aux_vars) not in encoded:
                     from pipelines.wire_aux import encode_aux_vars  # imports declearn: runs with auxiliary variables only
 
@@ -252,8 +270,11 @@ class OutgoingModels:
         """Check and decode the SCAFFOLD states in one training request's replies, in place.
 
         Runs before Fed-BioMed reads them (it sums the sites' states, which must be float32 by
-        then). A reply whose state fails its check becomes an unsuccessful one, so that the site
-        is left out of the round like a failed site, its update with it; the reason names the check.
+        then). In a run whose states travel in the wire form, a state must come as a checked
+        buffer whose names and shapes are the model's. A reply whose state fails that becomes
+        an unsuccessful one, so the site is left out of the round like a failed site, its update
+        with it, and its node state goes back to the one the round started from (its optimizer
+        then starts the next round where it started this one, as the coordinator counted it).
 
         Args:
             federated_request: Fed-BioMed's request of a training round (its ``requests`` hold the replies).
@@ -263,15 +284,32 @@ class OutgoingModels:
             aux_vars = getattr(reply, "optim_aux_var", None)
             if not isinstance(aux_vars, Mapping) or not aux_vars or getattr(reply, "encrypted", False):
                 continue
-            from pipelines.wire_aux import decode_aux_vars
-
+            exp, node = str(getattr(reply, "experiment_id", "")), str(getattr(reply, "node_id", ""))
             try:
-                reply.optim_aux_var = decode_aux_vars(aux_vars)
-            except ValueError as exc:  # WireChecksumError, or a malformed layout
-                node = getattr(getattr(request, "node", None), "id", "?")
-                _warn(f"[fedimg] {node}: SCAFFOLD state failed its check ({_one_line(str(exc))}): its update is left out of the round")
+                reply.optim_aux_var = self._checked_states(exp, aux_vars)
+            except Exception as exc:  # noqa: BLE001  # anything wrong with a site's state costs that site its round, not the run
+                reason = _one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+                _warn(f"[fedimg] {node}: SCAFFOLD state failed its check ({reason}): its update is left out of the round")
                 reply.success, reply.optim_aux_var = False, None
-                reply.msg = f"its SCAFFOLD state failed its check: {_one_line(str(exc))}"
+                reply.msg = f"its SCAFFOLD state failed its check: {reason}"
+                if (exp, node) in self._started_from:
+                    reply.state_id = self._started_from[(exp, node)]
+
+    def _checked_states(self, exp: str, aux_vars: Mapping[str, Any]) -> dict[str, Any]:
+        from pipelines.wire_aux import aux_var_encoded, decode_aux_var, vector_fields
+
+        out: dict[str, Any] = {}
+        shapes = self._shapes.get(exp)
+        for module, aux_var in aux_vars.items():
+            if exp in self._states and not aux_var_encoded(aux_var):
+                raise ValueError("plain tensors where this experiment's sites send a checked buffer")
+            decoded = decode_aux_var(aux_var, strict=True)
+            for field, vector in vector_fields(decoded).items():
+                for name, value in vector.coefs.items():
+                    if shapes is not None and (name not in shapes or tuple(value.shape) != shapes[name]):
+                        raise ValueError(f"{module}.{field}: {name} {tuple(value.shape)} is not a parameter of the model sent")
+            out[module] = decoded
+        return out
 
 
 def _warn(message: str) -> None:

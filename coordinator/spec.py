@@ -463,7 +463,8 @@ class Spec:
         args = dict(self.model_args)
         if self.plan in SEGMENTATION_PLANS + FACTORY_PLANS + FEDSR_PLANS:
             args.update({"rounds_total": self.rounds, "local_steps": self.local_steps})
-            args["transfer"] = dict(self.transfer)  # how the sites send their updates (pipelines.plans.transfer)
+            # how the sites send their updates (pipelines.plans.transfer), SCAFFOLD's states included (pipelines.wire_aux)
+            args["transfer"] = {**dict(self.transfer), "states": True}
             if run_id:
                 args["run_id"] = run_id
         if self.plan in SEGMENTATION_PLANS:

@@ -35,6 +35,9 @@ class TransferArgs(ConfigModel):
     """The spec's ``transfer`` section as the sites receive it (filled in by the coordinator; `pipelines.plans.transfer`)."""
 
     precision: Annotated[str, choice(TRANSFER_PRECISIONS)] = "fp32"
+    # SCAFFOLD's states travel in the wire form too (`pipelines.wire_aux`); False in runs started by an earlier
+    # coordinator, whose sites' saved optimizer states hold declearn's own SCAFFOLD module
+    states: bool = False
 
 
 class InvalidPlanArgs(ConfigValueError):

@@ -263,5 +263,18 @@ def transfer_precision(model_args: Mapping[str, Any] | None) -> str | None:
     return str(precision)
 
 
+def transfer_states(model_args: Mapping[str, Any] | None) -> bool:
+    """Whether the experiment's optimizer states (SCAFFOLD's) travel in the wire form too (`pipelines.wire_aux`).
+
+    Args:
+        model_args: the plan's model arguments.
+
+    Returns:
+        True when the coordinator set ``transfer.states`` (runs it started from 2026-12-06 on).
+    """
+    transfer = (model_args or {}).get("transfer")
+    return isinstance(transfer, Mapping) and transfer.get("states") is True
+
+
 def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t

@@ -243,8 +243,8 @@ def test_the_spec_sends_its_transfer_precision_to_the_sites_and_refuses_it_with_
 
     from coordinator import spec as spec_mod
 
-    assert spec_mod.parse(SPEC, "exp.yaml").experiment_model_args()["transfer"] == {"precision": "fp32"}  # the default: exact, checked
-    assert spec_mod.parse(SPEC + "transfer: {precision: bf16}\n", "exp.yaml").experiment_model_args()["transfer"] == {"precision": "bf16"}
+    assert spec_mod.parse(SPEC, "exp.yaml").experiment_model_args()["transfer"] == {"precision": "fp32", "states": True}  # exact, checked; SCAFFOLD's too
+    assert spec_mod.parse(SPEC + "transfer: {precision: bf16}\n", "exp.yaml").experiment_model_args()["transfer"] == {"precision": "bf16", "states": True}
     problems = spec_problems(SPEC + "transfer: {precision: int8}\n")
     assert "fp32, bf16, fp16" in problems["transfer.precision"]
     problems = spec_problems(SPEC + "transfer: {precision: fp16}\nsecagg: {}\n")

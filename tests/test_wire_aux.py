@@ -124,23 +124,95 @@ def test_a_site_without_a_transfer_precision_uses_declearns_own_module():
     assert type(module).__name__ == "ScaffoldClientModule"
 
 
+def test_the_sites_c_i_is_the_sum_of_what_it_sent():
+    """The coordinator adds up the rounded updates; the site keeps the same sum, so the two never drift apart."""
+    optimizer = scaffold_adam(0.05, 0.0, 0, transfer="bf16")
+    module = optimizer._optimizer.modules[0]
+    total = None
+    for target in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-0.3, 0.1, 7.0]), torch.tensor([0.01, -0.02, 0.03])):
+        update = decode_aux_var(_over_the_wire(_steps(optimizer, target).get_aux())["scaffold"]).delta
+        total = update if total is None else total + update
+        optimizer.set_aux({"scaffold": ScaffoldAuxVar(state=0.0)})  # the next round (resets declearn's step counter)
+    assert torch.equal(module.state.coefs["w"], total.coefs["w"])
+
+
+def test_a_renamed_or_reset_scaffold_module_is_not_called_restored():
+    from pipelines.plans.optimizers import scaffold_state_kept
+
+    wrapper = _steps(scaffold_adam(0.05, 0.0, 0, transfer="bf16"), torch.ones(3))
+    assert not scaffold_state_kept(wrapper)  # c_i is computed when the round's state is collected
+    wrapper.get_aux()
+    assert scaffold_state_kept(wrapper)
+    state = wrapper.save_state()
+    # a run whose saved state holds declearn's own module, resumed by this version's plan: Fed-BioMed keeps Adam, not SCAFFOLD
+    state["config"]["modules"][0] = ("scaffold-client", {})
+    state["states"]["modules"][0] = ("scaffold-client", state["states"]["modules"][0][1])
+    fresh = DeclearnOptimizer(TorchModel(Line()), scaffold_adam(0.05, 0.0, 0, transfer="bf16")).load_state(state, load_from_state=True)
+    assert scaffold_state(fresh)["adam_steps"] == 5 and not scaffold_state_kept(fresh)
+
+
+def _replies(states: dict) -> tuple[dict, SimpleNamespace]:
+    replies = {n: SimpleNamespace(experiment_id="exp", node_id=n, success=True, encrypted=False, msg="", state_id=f"{n}-new", optim_aux_var=aux)
+               for n, aux in states.items()}  # fmt: skip
+    return replies, SimpleNamespace(requests=[SimpleNamespace(node=SimpleNamespace(id=n), reply=r) for n, r in replies.items()])
+
+
+def _site_state(seed: int, precision: str = "bf16", **change) -> dict:
+    vector = TorchVector({**_vector(seed).coefs, **change})
+    return _over_the_wire({"scaffold": encode_aux_var(ScaffoldAuxVar(delta=vector, clients={str(seed)}), precision, pytest.fail)})
+
+
+def _sent(hook: OutgoingModels, states: bool = True) -> dict:
+    hook.set("exp", "bf16", states=states)
+    model = {"conv.weight": torch.zeros(8, 4, 3, 3), "conv.bias": torch.zeros(8), "bn.num_batches_tracked": torch.tensor(3)}
+    c = {"scaffold": ScaffoldAuxVar(state=_vector(1))}
+    messages = {n: SimpleNamespace(experiment_id="exp", params=model, optim_aux_var=c, state_id=f"{n}-old") for n in ("A", "B", "C", "D")}
+    hook(messages)
+    return messages
+
+
 def test_the_coordinator_encodes_c_once_per_request_and_checks_the_sites_states():
     hook = OutgoingModels()
-    hook.set("exp", "bf16")
-    c = {"scaffold": ScaffoldAuxVar(state=_vector(1))}
-    messages = {n: SimpleNamespace(experiment_id="exp", params={"w": torch.ones(2)}, optim_aux_var=c) for n in ("A", "B")}
-    hook(messages)
+    messages = _sent(hook)
     assert messages["A"].optim_aux_var is messages["B"].optim_aux_var and aux_var_encoded(messages["A"].optim_aux_var["scaffold"])
-    good = _over_the_wire({"scaffold": encode_aux_var(ScaffoldAuxVar(delta=_vector(2), clients={"a"}), "bf16", pytest.fail)})
-    bad = _over_the_wire({"scaffold": encode_aux_var(ScaffoldAuxVar(delta=_vector(3), clients={"b"}), "bf16", pytest.fail)})
-    bad["scaffold"].delta.coefs[WIRE_KEY][-2] ^= 4
-    replies = {n: SimpleNamespace(success=True, encrypted=False, msg="", optim_aux_var=aux, node_id=n) for n, aux in (("A", good), ("B", bad), ("C", None))}
-    request = SimpleNamespace(requests=[SimpleNamespace(node=SimpleNamespace(id=n), reply=r) for n, r in replies.items()])
+    bad_digest = _site_state(3)
+    bad_digest["scaffold"].delta.coefs[WIRE_KEY][-2] ^= 4
+    plain = {"scaffold": ScaffoldAuxVar(delta=_vector(4), clients={"4"})}  # where this run's sites send checked buffers
+    replies, request = _replies({"A": _site_state(2), "B": bad_digest, "C": plain, "D": None})
     hook.received(request)
-    assert replies["A"].success and not aux_var_encoded(replies["A"].optim_aux_var["scaffold"])
+    assert replies["A"].success and not aux_var_encoded(replies["A"].optim_aux_var["scaffold"]) and replies["A"].state_id == "A-new"
     assert replies["A"].optim_aux_var["scaffold"].delta.coefs["conv.bias"].dtype == torch.float32
-    assert replies["B"].success is False and replies["B"].optim_aux_var is None and "failed its check" in replies["B"].msg
-    assert replies["C"].success and replies["C"].optim_aux_var is None
+    for node in ("B", "C"):  # left out, and its node state back to the round's start: the coordinator did not count this round
+        assert replies[node].success is False and replies[node].optim_aux_var is None and "failed its check" in replies[node].msg
+        assert replies[node].state_id == f"{node}-old"
+    assert "plain tensors" in replies["C"].msg
+    assert replies["D"].success and replies["D"].optim_aux_var is None and replies["D"].state_id == "D-new"
+
+
+def test_a_site_state_must_have_the_models_names_and_shapes_and_nothing_beside_its_buffer():
+    hook = OutgoingModels()
+    _sent(hook)
+    extra = _site_state(5)
+    extra["scaffold"].delta.coefs["smuggled"] = torch.full((2,), 1e9)  # unchecked values beside the checked buffer
+    replies, request = _replies({
+        "A": _site_state(6, **{"other.weight": torch.zeros(2)}),  # a name the model does not have
+        "B": _site_state(7, **{"conv.bias": torch.zeros(9)}),  # a shape it does not have
+        "C": extra,
+        "D": _site_state(8),
+    })  # fmt: skip
+    hook.received(request)
+    assert "other.weight" in replies["A"].msg and "(9,)" in replies["B"].msg and "smuggled" in replies["C"].msg
+    assert [r.success for r in replies.values()] == [False, False, False, True]
+
+
+def test_runs_started_before_states_travelled_in_the_wire_form_keep_them_plain():
+    hook = OutgoingModels()
+    messages = _sent(hook, states=False)
+    assert not aux_var_encoded(messages["A"].optim_aux_var["scaffold"])  # c as before
+    assert set(messages["A"].params) == {WIRE_KEY}  # the model in its wire form, as before
+    replies, request = _replies({"A": {"scaffold": ScaffoldAuxVar(delta=_vector(9), clients={"9"})}})
+    hook.received(request)
+    assert replies["A"].success
 
 
 def test_encoding_twice_is_refused():

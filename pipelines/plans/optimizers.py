@@ -28,7 +28,7 @@ from pipelines.site_errors import site_logger
 from pipelines.training import cosine_lr
 from pipelines.wire_aux import decode_aux_var, encode_aux_var
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "CosineScheduleModule", "WireScaffoldClientModule", "scaffold_adam", "scaffold_state"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "CosineScheduleModule", "WireScaffoldClientModule", "scaffold_adam", "scaffold_state", "scaffold_state_kept"]
 
 # torch.optim.AdamW's constants, so that a run with and without SCAFFOLD differ by the correction (and by the
 # weight decay, constant at lr * weight_decay here, scheduled with the rate in AdamW: negligible at 1e-5)
@@ -110,10 +110,15 @@ class WireScaffoldClientModule(ScaffoldClientModule):
         Returns:
             The auxiliary variable to send, or None when no step ran.
         """
-        aux_var = super().collect_aux_var()
+        before = self.state
+        aux_var = super().collect_aux_var()  # moves this site's c_i on by the update it returns
         if aux_var is None:
             return None
-        return encode_aux_var(aux_var, self.precision, site_logger().warning, "SCAFFOLD state update")  # type: ignore[no-any-return]
+        sent = encode_aux_var(aux_var, self.precision, site_logger().warning, "SCAFFOLD state update")
+        # The coordinator adds up the rounded updates: keep c_i the sum of what was sent, so that the site's and the
+        # coordinator's view of it do not drift apart over the rounds (fp32: the same values).
+        self.state = before + decode_aux_var(sent).delta
+        return sent  # type: ignore[no-any-return]
 
     def process_aux_var(self, aux_var: ScaffoldAuxVar) -> None:
         """Check and decode the received ``c``, then let declearn take it.
@@ -177,6 +182,27 @@ def scaffold_state(optimizer: Any) -> dict[str, float]:
         elif name == CosineScheduleModule.name:
             out["schedule_steps"] = float(state.get("step", 0))
     return out
+
+
+def scaffold_state_kept(optimizer: Any) -> bool:
+    """Whether the optimizer's SCAFFOLD module holds a state from an earlier round (its ``c_i`` is a vector).
+
+    Fed-BioMed keeps a module's saved state only when the module rebuilt from the plan has the same
+    name at the same place; otherwise the module starts afresh while Adam's moments are kept.
+
+    Args:
+        optimizer: the plan's Fed-BioMed optimizer wrapper (``TrainingPlan.optimizer()``).
+
+    Returns:
+        True when a SCAFFOLD module holds a vector state, or the optimizer has no SCAFFOLD module.
+    """
+    fbm_optimizer = getattr(optimizer, "optimizer", None)
+    if not isinstance(fbm_optimizer, Optimizer):
+        return True
+    for name, state in fbm_optimizer.get_state()["states"]["modules"]:
+        if name in (ScaffoldClientModule.name, WireScaffoldClientModule.name):
+            return isinstance(state.get("state"), Vector)
+    return True
 
 
 def _squares(value: Any) -> float:

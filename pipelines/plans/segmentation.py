@@ -56,7 +56,7 @@ from pipelines.training import (
     predict_with_presence,
     teacher_logits,
 )
-from pipelines.wire import transfer_precision
+from pipelines.wire import transfer_precision, transfer_states
 
 __all__ = ["PartialLabelSegmentationPlan", "settings_from_model_args"]
 
@@ -152,7 +152,8 @@ class PartialLabelSegmentationPlan(WireTransfer, DevicePlacement, PerRoundSeed, 
             from pipelines.plans.optimizers import scaffold_adam  # imports declearn: only runs that use it
 
             total = s.rounds_total * s.local_steps if s.lr_schedule == "cosine" and s.rounds_total and s.local_steps else 0
-            return scaffold_adam(self._base_lr, weight_decay, total, transfer_precision(self.model_args()))
+            states_in_wire_form = transfer_states(self.model_args())  # False in a run an earlier coordinator started
+            return scaffold_adam(self._base_lr, weight_decay, total, transfer_precision(self.model_args()) if states_in_wire_form else None)
         self._adamw = torch.optim.AdamW(self.model().parameters(), lr=self._base_lr, weight_decay=weight_decay)
         return self._adamw
 
@@ -394,7 +395,10 @@ class PartialLabelSegmentationPlan(WireTransfer, DevicePlacement, PerRoundSeed, 
         """
         if self._adamw is not None:
             return self._round_index() > 0 and self._opt_store.load_into(self._adamw)
-        restored = self._optimizer_report().get("adam_steps", 0.0) > 0
+        from pipelines.plans.optimizers import scaffold_state_kept
+
+        # Adam's moments and SCAFFOLD's c_i, both: Fed-BioMed could keep one and drop the other (a renamed module)
+        restored = self._optimizer_report().get("adam_steps", 0.0) > 0 and scaffold_state_kept(self.optimizer())
         if self._round_index() > 0 and not restored:
             log.warning(
                 "round %d: no SCAFFOLD optimizer state from an earlier round of this site: it joins as a new SCAFFOLD client "
