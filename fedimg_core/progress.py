@@ -23,9 +23,10 @@ def _duration(seconds: float) -> str:
 class ProgressLines:
     """Progress as plain lines: ``"converting cases: 12/40 cases, 31 s, about 1 min 13 s left"``.
 
-    Each stage (its label) says its first step, then at most one line every ``every_s`` seconds,
-    then its last step (``done == total``) with the time it took. The time left is extrapolated
-    from the stage's pace so far.
+    Each stage (its label) says its first report, then at most one line every ``every_s`` seconds,
+    then its last step (``done == total``) with the time since its first report. The time left
+    is extrapolated from the pace of the steps done since the first report. A stage reported
+    again after its last step (its count lower) starts afresh.
 
     Args:
         say: where a line goes (e.g. a logger's ``info``).
@@ -38,7 +39,7 @@ class ProgressLines:
                  clock: Callable[[], float] | None = None) -> None:  # fmt: skip
         self.say, self.unit, self.every_s = say, unit, every_s
         self.clock = clock or time.monotonic
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, int]] = {}  # label -> (time, steps done) of its first report
         self._last: dict[str, float] = {}
         self._finished: set[str] = set()
 
@@ -51,10 +52,14 @@ class ProgressLines:
             total: all steps of the stage; None when not known yet.
             detail: a short note after the count (the current input's name).
         """
-        if label in self._finished:  # its last step was said (a caller may repeat it)
-            return
         now = self.clock()
-        started = self._started.setdefault(label, now)
+        if label in self._finished:
+            if total is None or done >= total:  # its last step was said (a caller may repeat it)
+                return
+            self._finished.discard(label)  # the stage starts again (a second pass, a next model)
+            self._started.pop(label, None)
+            self._last.pop(label, None)
+        started, done_at_start = self._started.setdefault(label, (now, done))
         last = self._last.get(label)
         finished = total is not None and done >= total
         if last is not None and not finished and now - last < self.every_s:
@@ -63,13 +68,13 @@ class ProgressLines:
         line = f"{label}: {done}/{total}" if total is not None else f"{label}: {done}"
         if self.unit:
             line += f" {self.unit}"
-        elapsed = now - started
+        elapsed = now - started  # since the first report: the pace of the steps done after it
         if finished:
             self._finished.add(label)
             if elapsed > 0:
                 line += f", {_duration(elapsed)}"
-        elif total is not None and done > 0 and elapsed > 0:
-            line += f", {_duration(elapsed)}, about {_duration(elapsed / done * (total - done))} left"
+        elif total is not None and done > done_at_start and elapsed > 0:
+            line += f", {_duration(elapsed)}, about {_duration(elapsed / (done - done_at_start) * (total - done))} left"
         if detail:
             line += f" ({detail})"
         self.say(line)

@@ -120,16 +120,15 @@ def test_testbed_ends_with_where_to_look(tmp_path):
 
 
 def test_plain_progress_prints_first_last_and_at_intervals(monkeypatch):
-    import fedimg_core.progress
     from coordinator.commands import evaluation as coordinator_cli
 
     clock = iter([0.0, 1.0, 2.0, 11.0, 12.0, 13.0])
-    monkeypatch.setattr(fedimg_core.progress.time, "monotonic", lambda: next(clock))
     said = []
-    progress = coordinator_cli._plain_progress(said.append, every_s=10.0)
+    progress = coordinator_cli._plain_progress(said.append, every_s=10.0, clock=lambda: next(clock))
     for done in range(1, 7):
         progress("global", done, 6)
-    assert said == ["scoring global: 1/6 cases", "scoring global: 4/6 cases, 11 s, about 6 s left", "scoring global: 6/6 cases, 13 s"]
+    # 3 cases in the 11 s after the first report: about 7 s for the last 2
+    assert said == ["scoring global: 1/6 cases", "scoring global: 4/6 cases, 11 s, about 7 s left", "scoring global: 6/6 cases, 13 s"]
 
 
 def test_evaluate_shows_progress_when_not_on_a_terminal(run_dir, organs_only):  # noqa: F811

@@ -46,9 +46,23 @@ def test_stages_are_counted_apart_and_a_repeated_last_step_is_said_once():
         "reading headers: 0/2 files",
         "reading headers: 2/2 files",
         "QC report: 1/3 files (case_0001)",
-        "QC report: 2/3 files, 1 min 05 s, about 32 s left",
+        "QC report: 2/3 files, 1 min 05 s, about 1 min 05 s left",
         "QC report: 3/3 files, 1 h 01 min",
     ]
+
+
+def test_the_pace_counts_the_steps_after_the_first_report_and_a_stage_may_start_again():
+    clock, said = Clock(), []
+    lines = ProgressLines(said.append, unit="cases", every_s=10.0, clock=clock)
+    lines("scoring", 1, 5)  # reported after its first case
+    clock.now += 20
+    lines("scoring", 3, 5)  # 2 cases in 20 s: 20 s for the last 2
+    lines("scoring", 5, 5)
+    lines("scoring", 1, 4)  # the next model's scoring: a new stage under the same label
+    clock.now += 1
+    lines("scoring", 4, 4)
+    assert said == ["scoring: 1/5 cases", "scoring: 3/5 cases, 20 s, about 20 s left", "scoring: 5/5 cases, 20 s", "scoring: 1/4 cases",
+                    "scoring: 4/4 cases, 1 s"]  # fmt: skip
 
 
 def test_unknown_total_and_no_unit():

@@ -48,10 +48,10 @@ def evaluate(run_id, dataset, merge_lesions, overlays, home, as_json) -> None:
     _print_evaluation(record)
 
 
-def _plain_progress(say: Callable[[str], None], every_s: float = PROGRESS_EVERY_S) -> Callable[[str, int, int], None]:
+def _plain_progress(say: Callable[[str], None], every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] | None = None) -> Callable[[str, int, int], None]:
     """A progress callback printing plain lines (`fedimg_core.progress.ProgressLines`): each
     step's first and last case, and at most one line every `every_s` seconds between."""
-    lines = ProgressLines(say, unit="cases", every_s=every_s)
+    lines = ProgressLines(say, unit="cases", every_s=every_s, clock=clock)
 
     def progress(step: str, done: int, total: int) -> None:
         lines(step if step == "preprocessing" else f"scoring {step}", done, total)

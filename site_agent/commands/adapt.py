@@ -233,15 +233,16 @@ class CaseProgress:
         name_is_stage: ``name`` names a stage whose count starts again (``preprocessing``,
             ``scoring``), not the input just done.
         lines: plain lines when not on a terminal; False where the command logs each input itself.
+        unit: what is counted, as the plain lines name it.
     """
 
-    def __init__(self, title: str, name_is_stage: bool = False, lines: bool = True) -> None:
+    def __init__(self, title: str, name_is_stage: bool = False, lines: bool = True, unit: str = "inputs") -> None:
         self.title, self.tty, self.name_is_stage, self.with_lines = title, sys.stderr.isatty(), name_is_stage, lines
         self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.fields[name]}"), console=stderr_console(),
                                  disable=not self.tty or not show_progress())  # fmt: skip
         self.task: TaskID | None = None
-        self.lines = ProgressLines(log.info, unit="inputs")
+        self.lines = ProgressLines(log.info, unit=unit)
 
     def __enter__(self) -> CaseProgress:
         self.progress.__enter__()

@@ -127,7 +127,7 @@ def dataset_export_nnunet(path: Path, raw_root: Path, dataset_id: int, name: str
     from preprocessing.nnunet_export import export_nnunet
     from site_agent.commands.adapt import CaseProgress
 
-    with CaseProgress("exporting") as bar:
+    with CaseProgress("exporting", unit="cases") as bar:
         done = export_nnunet(path, raw_root, dataset_id, name=name, classes="all" if classes == "all" else "labelled", link=link, progress=bar)
     if as_json:
         click.echo(

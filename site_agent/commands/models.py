@@ -112,7 +112,7 @@ def evaluate(ctx: click.Context, model_ref: str, dataset: str, merge_lesions: st
         if not package.version:
             raise UserError(f"{package.folder}: --send needs a published model (NAME@vNNNN pulled from the registry), not a package folder")
         site_registry(site)  # the registry section and token are there
-    with CaseProgress("evaluating", name_is_stage=True) as bar:
+    with CaseProgress("evaluating", name_is_stage=True, unit="cases") as bar:
         record = evaluate_model(site, package, dataset, merge_lesions=merge_lesions, worst=worst,
                                 progress=lambda step, done, total: bar(done, total, step))  # fmt: skip
     sent = send_aggregate(site, package, record) if send else None
