@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
-from pipelines.wire import encode_or_exact, is_encoded
+from pipelines.wire import decode_params, encode_or_exact, is_encoded
 
 __all__ = ["OutgoingModels", "RoundOutcomes", "ScalarFeed", "SiteErrors", "WireCounter", "wire_bytes"]
 
@@ -271,10 +271,11 @@ class OutgoingModels:
 
         Runs before Fed-BioMed reads them (it sums the sites' states, which must be float32 by
         then). In a run whose states travel in the wire form, a state must come as a checked
-        buffer whose names and shapes are the model's. A reply whose state fails that becomes
-        an unsuccessful one, so the site is left out of the round like a failed site, its update
-        with it, and its node state goes back to the one the round started from (its optimizer
-        then starts the next round where it started this one, as the coordinator counted it).
+        buffer whose names and shapes are the model's, and the update beside it must pass its
+        own check. A reply that fails becomes an unsuccessful one, so the site is left out of
+        the round like a failed site, update and state, and its node state goes back to the one
+        the round started from (its optimizer then starts the next round where it started this
+        one, as the coordinator counted it).
 
         Args:
             federated_request: Fed-BioMed's request of a training round (its ``requests`` hold the replies).
@@ -285,13 +286,20 @@ class OutgoingModels:
             if not isinstance(aux_vars, Mapping) or not aux_vars or getattr(reply, "encrypted", False):
                 continue
             exp, node = str(getattr(reply, "experiment_id", "")), str(getattr(reply, "node_id", ""))
+            what = "SCAFFOLD state"
             try:
-                reply.optim_aux_var = self._checked_states(exp, aux_vars)
-            except Exception as exc:  # noqa: BLE001  # anything wrong with a site's state costs that site its round, not the run
+                states = self._checked_states(exp, aux_vars)
+                if exp in self._states:
+                    # The update is checked here as well (the strategy decodes it later): Fed-BioMed sums the states of
+                    # every successful reply, so an update refused after this point would leave its state counted.
+                    what = "update"
+                    _check_update(getattr(reply, "params", None))
+                reply.optim_aux_var = states
+            except Exception as exc:  # noqa: BLE001  # anything wrong with a site's reply costs that site its round, not the run
                 reason = _one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
-                _warn(f"[fedimg] {node}: SCAFFOLD state failed its check ({reason}): its update is left out of the round")
+                _warn(f"[fedimg] {node}: its {what} failed its check ({reason}): it is left out of the round")
                 reply.success, reply.optim_aux_var = False, None
-                reply.msg = f"its SCAFFOLD state failed its check: {reason}"
+                reply.msg = f"its {what} failed its check: {reason}"
                 if (exp, node) in self._started_from:
                     reply.state_id = self._started_from[(exp, node)]
 
@@ -310,6 +318,13 @@ class OutgoingModels:
                         raise ValueError(f"{module}.{field}: {name} {tuple(value.shape)} is not a parameter of the model sent")
             out[module] = decoded
         return out
+
+
+def _check_update(params: Any) -> None:
+    """Raise unless a site's update is a wire-form model that passes its check (`pipelines.wire.decode_params`)."""
+    if not isinstance(params, Mapping) or not is_encoded(params):
+        raise ValueError("plain tensors where this experiment's sites send a checked buffer")
+    decode_params(params)
 
 
 def _warn(message: str) -> None:

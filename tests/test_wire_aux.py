@@ -22,7 +22,7 @@ from fedbiomed.common.serializer import Serializer
 
 from coordinator.fedbiomed_hooks import OutgoingModels
 from pipelines.plans.optimizers import WireScaffoldClientModule, scaffold_adam, scaffold_state
-from pipelines.wire import WIRE_KEY, WireChecksumError
+from pipelines.wire import WIRE_KEY, WireChecksumError, encode_params
 from pipelines.wire_aux import aux_var_encoded, decode_aux_var, decode_aux_vars, encode_aux_var, encode_aux_vars
 
 # half a unit in the last place (relative), and half the spacing of fp16's subnormals (absolute), as in test_wire
@@ -151,8 +151,13 @@ def test_a_renamed_or_reset_scaffold_module_is_not_called_restored():
     assert scaffold_state(fresh)["adam_steps"] == 5 and not scaffold_state_kept(fresh)
 
 
-def _replies(states: dict) -> tuple[dict, SimpleNamespace]:
-    replies = {n: SimpleNamespace(experiment_id="exp", node_id=n, success=True, encrypted=False, msg="", state_id=f"{n}-new", optim_aux_var=aux)
+UPDATE = {"conv.weight": torch.zeros(8, 4, 3, 3), "conv.bias": torch.zeros(8)}
+
+
+def _replies(states: dict, updates: dict | None = None) -> tuple[dict, SimpleNamespace]:
+    updates = updates or {}
+    replies = {n: SimpleNamespace(experiment_id="exp", node_id=n, success=True, encrypted=False, msg="", state_id=f"{n}-new", optim_aux_var=aux,
+                                  params=updates.get(n, _over_the_wire(encode_params(UPDATE, "bf16"))))
                for n, aux in states.items()}  # fmt: skip
     return replies, SimpleNamespace(requests=[SimpleNamespace(node=SimpleNamespace(id=n), reply=r) for n, r in replies.items()])
 
@@ -203,6 +208,23 @@ def test_a_site_state_must_have_the_models_names_and_shapes_and_nothing_beside_i
     hook.received(request)
     assert "other.weight" in replies["A"].msg and "(9,)" in replies["B"].msg and "smuggled" in replies["C"].msg
     assert [r.success for r in replies.values()] == [False, False, False, True]
+
+
+def test_a_site_whose_update_fails_its_check_has_its_state_left_out_too():
+    """Fed-BioMed sums the states of every successful reply: an update refused later (by the strategy) would leave
+    its state counted; the hook refuses the reply as a whole, before Fed-BioMed reads it."""
+    hook = OutgoingModels()
+    _sent(hook)
+    broken = _over_the_wire(encode_params(UPDATE, "bf16"))
+    broken[WIRE_KEY][-1] ^= 1
+    replies, request = _replies({"A": _site_state(10), "B": _site_state(11), "C": _site_state(12)},
+                                {"B": broken, "C": {k: v.clone() for k, v in UPDATE.items()}})  # fmt: skip
+    hook.received(request)
+    assert replies["A"].success
+    for node in ("B", "C"):
+        assert replies[node].success is False and replies[node].optim_aux_var is None and replies[node].state_id == f"{node}-old"
+        assert "its update failed its check" in replies[node].msg
+    assert "checksum" in replies["B"].msg and "plain tensors" in replies["C"].msg
 
 
 def test_runs_started_before_states_travelled_in_the_wire_form_keep_them_plain():
