@@ -171,18 +171,24 @@ def test_scaffold_corrects_the_sites_gradients_from_round_two(bed):
     assert all(torch.allclose(got[k].double(), want[k], atol=1e-6) for k in want)
 
 
+def _fp32_and_bf16_runs(bed, aggregator: str) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Two 2-round runs over equal weights, ``transfer.precision`` fp32 and bf16: run directories and metrics."""
+    home = bed.workdir / "coordinator"
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        name = f"wire-{aggregator}-{precision}"
+        spec = _spec(bed, rounds=2, name=name, aggregator=aggregator, weights="equal", transfer={"precision": precision})
+        res = _run(bed, spec, home)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        (runs[precision],) = _run_dirs(home, name)
+    return runs, {p: json.loads((d / "metrics.json").read_text()) for p, d in runs.items()}
+
+
 def test_scaffold_states_travel_in_bf16_with_the_model(bed):
     """transfer.precision: bf16 under SCAFFOLD: the sites' state updates and the coordinator's c travel in 16 bits
     beside the model (half the bytes of the same run in fp32, the states included), and the correction still works:
     in round 2 it is c_i - c at each site, opposite at two sites."""
-    home = bed.workdir / "coordinator"
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        spec = _spec(bed, rounds=2, name=f"scaffold-{precision}", aggregator="scaffold", weights="equal", transfer={"precision": precision})
-        res = _run(bed, spec, home)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        (runs[precision],) = _run_dirs(home, f"scaffold-{precision}")
-    metrics = {p: json.loads((d / "metrics.json").read_text()) for p, d in runs.items()}
+    _, metrics = _fp32_and_bf16_runs(bed, "scaffold")
     model_bytes = metrics["fp32"]["model"]["bytes"]
     # round 2: the model both ways, the sites' state updates up and c down (round 1 sends c = 0, a scalar), and the
     # final validation request (the model down)
@@ -504,14 +510,7 @@ def _bf16_exact(t: torch.Tensor) -> bool:
 def test_bf16_transfer_halves_the_bytes_and_the_coordinator_averages_in_float32(bed):
     """transfer.precision: bf16 through real nodes: the sites receive and send 16-bit models (half the bytes of the
     same run in fp32), the coordinator checks and widens them, and its average is float32."""
-    home = bed.workdir / "coordinator"
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        spec = _spec(bed, rounds=2, name=f"wire-{precision}", aggregator="fedavg", weights="equal", transfer={"precision": precision})
-        res = _run(bed, spec, home)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        (runs[precision],) = _run_dirs(home, f"wire-{precision}")
-    metrics = {p: json.loads((d / "metrics.json").read_text()) for p, d in runs.items()}
+    runs, metrics = _fp32_and_bf16_runs(bed, "fedavg")
     model_bytes = metrics["fp32"]["model"]["bytes"]
     # round 1 carries training only (round 2 also the final validation request); 2 sites, to and from
     totals = {p: m["rounds"][0]["bytes"]["to_sites"] + m["rounds"][0]["bytes"]["from_sites"] for p, m in metrics.items()}
