@@ -1,10 +1,5 @@
-"""Progress lines where no bar can be drawn (fedimg_core.progress), and the dataset commands
-showing them when stderr is a pipe."""
-
-import subprocess
-import sys
-
-import pytest
+"""Progress lines where no bar can be drawn (fedimg_core.progress), and the dataset commands' stage
+progress that can log them."""
 
 from fedimg_core.progress import ProgressLines
 
@@ -72,32 +67,19 @@ def test_unknown_total_and_no_unit():
     assert said == ["scanning: 5"]
 
 
-@pytest.mark.parametrize("quiet", [False, True])
-def test_prepare_shows_progress_lines_when_stderr_is_a_pipe(tmp_path, quiet):
-    from fedimg_testing.phantom import PlantedIdentifiers, make_phantom, write_dicom_series
+def test_stage_progress_lines_when_asked_for(monkeypatch):
+    """The dataset commands' stage progress off a terminal: plain lines with ``lines=True``, none by default."""
+    from site_agent.commands import datasets
 
-    for i in range(2):
-        write_dicom_series(make_phantom(i, shape=(24, 24, 6), spacing=(1.0, 1.0, 2.0)), tmp_path / "in" / f"s{i}", PlantedIdentifiers.for_case(i, 0))
-    cmd = [
-        sys.executable,
-        "-m",
-        "site_agent.cli",
-        *(["-q"] if quiet else []),
-        "prepare",
-        str(tmp_path / "in"),
-        "--out",
-        str(tmp_path / "out"),
-        "--modality",
-        "CT",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "\x1b[" not in res.stderr  # plain lines, no terminal codes
-    shown = [line for line in res.stderr.splitlines() if "converting cases:" in line or "reading headers:" in line or "QC report:" in line]
-    if quiet:
-        assert shown == []
-    else:
-        assert any("reading headers: 12/12 files" in line for line in shown), res.stderr
-        assert any("converting cases: 0/2 cases" in line for line in shown), res.stderr
-        assert any("converting cases: 2/2 cases" in line for line in shown), res.stderr
-        assert any("QC report: 2/2 cases" in line for line in shown), res.stderr
+    said = []
+    monkeypatch.setattr(datasets.sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(datasets, "log", type("L", (), {"info": staticmethod(said.append)}))
+    with datasets.StageProgress() as quiet:
+        quiet("convert", 1, 1)
+    assert said == []
+    with datasets.StageProgress(lines=True) as progress:
+        progress("scan", 0, 12)
+        progress("scan", 12, 12)
+        progress("convert", 2, 2)
+    assert said[0] == "reading headers: 0/12 files" and said[1].startswith("reading headers: 12/12 files")
+    assert said[2].startswith("converting cases: 2/2 cases")

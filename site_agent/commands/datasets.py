@@ -204,15 +204,18 @@ def _usable_cores() -> int:
 
 class StageProgress:
     """Progress of a dataset command's stages (scan, convert, qc, deidentify) on stderr: rich
-    bars on a terminal; elsewhere (a log file, a pipe, a service's journal) plain log lines, the
-    first and last step of each stage and at most one every 10 s between; nothing under --quiet.
-    Called as ``progress(stage, done, total)``."""
+    bars on a terminal; nothing elsewhere yet, nor under --quiet. Called as ``progress(stage, done, total)``.
+
+    `lines` (default off) logs plain lines off a terminal instead (`fedimg_core.progress`): off
+    until the commands' tests, which hold a refused input to exactly one stderr line, tell
+    progress lines from error lines.
+    """
 
     LABELS = {"scan": "reading headers", "convert": "converting cases", "qc": "QC report", "deidentify": "de-identifying"}
     UNITS = {"scan": "files"}
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, lines: bool = False) -> None:
+        self.tty, self.with_lines = sys.stderr.isatty(), lines
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -235,7 +238,7 @@ class StageProgress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         label = self.LABELS.get(stage, stage)
         if not self.tty:
-            if show_progress():
+            if show_progress() and self.with_lines:
                 self.lines[self.UNITS.get(stage, "cases")](label, done, total)
             return
         if stage not in self.tasks:
