@@ -19,7 +19,7 @@ from declearn.model.torch import TorchVector
 
 from pipelines.wire import WIRE_KEY, encode_or_exact, merge_received
 
-__all__ = ["aux_var_encoded", "decode_aux_var", "decode_aux_vars", "encode_aux_var", "encode_aux_vars", "vector_fields"]
+__all__ = ["aux_var_encoded", "decode_aux_var", "encode_aux_var", "encode_aux_vars", "vector_fields"]
 
 
 def vector_fields(aux_var: Any) -> dict[str, Vector[Any]]:
@@ -114,18 +114,3 @@ def encode_aux_vars(aux_vars: Mapping[str, Any], precision: str, warn: Callable[
         A new mapping; the input is not modified.
     """
     return {name: encode_aux_var(aux, precision, warn, f"{name} state") for name, aux in aux_vars.items()}
-
-
-def decode_aux_vars(aux_vars: Mapping[str, Any]) -> dict[str, Any]:
-    """`decode_aux_var` for each module's auxiliary variable.
-
-    Args:
-        aux_vars: module name -> received auxiliary variable.
-
-    Returns:
-        A new mapping of decoded auxiliary variables.
-
-    Raises:
-        WireChecksumError: one of them fails its check.
-    """
-    return {name: decode_aux_var(aux) for name, aux in aux_vars.items()}

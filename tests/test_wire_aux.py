@@ -23,7 +23,7 @@ from fedbiomed.common.serializer import Serializer
 from coordinator.fedbiomed_hooks import OutgoingModels
 from pipelines.plans.optimizers import WireScaffoldClientModule, scaffold_adam, scaffold_state
 from pipelines.wire import WIRE_KEY, WireChecksumError, encode_params
-from pipelines.wire_aux import aux_var_encoded, decode_aux_var, decode_aux_vars, encode_aux_var, encode_aux_vars
+from pipelines.wire_aux import aux_var_encoded, decode_aux_var, encode_aux_var, encode_aux_vars
 
 # half a unit in the last place (relative), and half the spacing of fp16's subnormals (absolute), as in test_wire
 ROUNDING = {"fp32": 0.0, "bf16": 2.0**-8, "fp16": 2.0**-11}
@@ -111,7 +111,7 @@ def test_the_site_module_sends_encoded_states_survives_fedbiomeds_state_round_tr
     assert isinstance(modules[0], WireScaffoldClientModule) and modules[0].precision == "bf16"
     # the coordinator decodes and sums, its server module answers with c, sent encoded: the site decodes it
     server = Optimizer(lr=1.0, modules=[ScaffoldServerModule()])
-    server.set_aux(decode_aux_vars(sent))
+    server.set_aux({name: decode_aux_var(aux) for name, aux in sent.items()})
     c = _over_the_wire(encode_aux_vars(server.get_aux(), "bf16", pytest.fail))
     assert aux_var_encoded(c["scaffold"])
     reloaded.optimizer.set_aux(c)
